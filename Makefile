@@ -1,0 +1,38 @@
+# Two commands: `make demo` (the main job on built-in data) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: demo test install dev-install lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Runtime install (marker file so reruns are instant).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# torch is pinned to the local CPU wheel first, so nothing pulls a CUDA build.
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+dev-install: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m lnfm.demo --out $(DEMO_DIR)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check lnfm tests data_prep pretrain finetune launch bench
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

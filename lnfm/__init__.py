@@ -1,0 +1,3 @@
+"""LNFM: lymph-node foundation model (JAX/Flax)."""
+
+__version__ = "0.1.0"

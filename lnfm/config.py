@@ -1,0 +1,222 @@
+"""Typed configs: dataclasses loaded from YAML with `key.sub=value` overrides.
+
+Every job defines its config as nested dataclasses. `load_config` builds one from
+a packaged preset name or a YAML path, applies command-line overrides, and
+rejects unknown keys with the closest valid key in the message. The resolved
+config is written next to every run by `lnfm.workdir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the typed schema."""
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (tuple, list):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            # Accept "16,16,8" or a scalar where a sequence is expected.
+            value = [v for v in str(value).split(",")] if isinstance(value, str) else [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            inner = args[0] if args else Any
+            items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        full = f"{where}.{key}" if where else key
+        raise ConfigError(f"unknown config key '{full}'{_closest(key, list(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        full = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(value, hints[name], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass (nested) -> plain dict of YAML-safe values."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], 0.001). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def preset_path(kind: str, name_or_path: str) -> Path:
+    """Resolve a packaged preset name (e.g. 'vit_tiny') or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        return path
+    packaged = CONFIG_DIR / kind / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return packaged
+    names = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+    raise ConfigError(f"unknown {kind} config '{name_or_path}'{_closest(name_or_path, names)} (choices: {', '.join(names)})")
+
+
+def read_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_yaml_with_base(path: Path, kind: str) -> dict:
+    """Read a YAML config; a top-level `base: NAME` inherits from another preset."""
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base:
+        data = _merge(load_yaml_with_base(preset_path(kind, base), kind), data)
+    return data
+
+
+def load_config(cls: type[T], source: str | Path | None = None, overrides: list[str] = (), *,
+                kind: str = "", defaults: dict | None = None) -> T:
+    """Dataclass defaults <- `defaults` <- YAML preset/path <- overrides."""
+    data: dict = dict(defaults or {})
+    if source:
+        data = _merge(data, load_yaml_with_base(preset_path(kind, str(source)), kind))
+    data = apply_overrides(data, list(overrides))
+    return from_dict(cls, data)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    return dataclasses.replace(cfg, **changes)

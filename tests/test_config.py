@@ -1,0 +1,76 @@
+"""The typed config loader: YAML presets, overrides, unknown-key errors."""
+
+import dataclasses
+
+import pytest
+
+from lnfm import config as C
+
+
+@dataclasses.dataclass
+class Opt:
+    lr: float = 1e-3  # learning rate
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclasses.dataclass
+class Job:
+    name: str = "job"
+    steps: int = 10
+    patch: tuple[int, int, int] = (96, 96, 96)
+    stores: list[str] = dataclasses.field(default_factory=list)
+    mode: str | None = None
+    flag: bool = False
+    opt: Opt = dataclasses.field(default_factory=Opt)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = C.load_config(Job, None, ["steps=5", "opt.lr=3e-4", "patch=32,32,16", "flag=true", "stores=[a,b]"])
+    assert cfg.steps == 5 and isinstance(cfg.steps, int)
+    assert cfg.opt.lr == pytest.approx(3e-4) and cfg.opt.betas == (0.9, 0.95)
+    assert cfg.patch == (32, 32, 16)
+    assert cfg.flag is True and cfg.stores == ["a", "b"]
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(C.ConfigError, match=r"unknown config key 'opt\.lrr'.*'lr'"):
+        C.load_config(Job, None, ["opt.lrr=1"])
+    with pytest.raises(C.ConfigError, match=r"'stpes'.*'steps'"):
+        C.load_config(Job, None, ["stpes=1"])
+
+
+def test_bad_types_rejected():
+    with pytest.raises(C.ConfigError, match="steps: expected an integer"):
+        C.load_config(Job, None, ["steps=1.5"])
+    with pytest.raises(C.ConfigError, match=r"patch: expected 3 values"):
+        C.load_config(Job, None, ["patch=1,2"])
+    with pytest.raises(C.ConfigError, match="not of the form"):
+        C.load_config(Job, None, ["steps"])
+
+
+def test_yaml_file_base_and_roundtrip(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("steps: 7\nopt:\n  lr: 0.1\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {base}\nname: child\nopt:\n  betas: [0.8, 0.9]\n")
+    cfg = C.load_config(Job, str(child), ["steps=8"])
+    assert (cfg.name, cfg.steps, cfg.opt.lr, cfg.opt.betas) == ("child", 8, 0.1, (0.8, 0.9))
+    # The resolved config written next to a run loads back to the same object.
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(C.dump_yaml(cfg))
+    assert C.load_config(Job, str(dumped)) == cfg
+
+
+def test_missing_and_unknown_presets(tmp_path):
+    with pytest.raises(C.ConfigError, match="config file not found"):
+        C.load_config(Job, str(tmp_path / "nope.yaml"))
+    with pytest.raises(C.ConfigError, match="unknown pretrain config 'vit_tinny'"):
+        C.load_config(Job, "vit_tinny", kind="pretrain")
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(Job, str(bad))
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
