@@ -1,0 +1,156 @@
+"""Grid geometry: canonical (RAS) orientation, resampling, body crop, the inverse mapping
+back to the source grid, and axial short/long-axis diameters of a lesion mask.
+
+Conventions: arrays are (X, Y, Z[, C]); affines map voxel indices to RAS+ mm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import nibabel as nib
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from lnfm.io import Volume
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along each array axis (column norms of the affine)."""
+    a = np.asarray(affine, float)[:3, :3]
+    return tuple(float(v) for v in np.sqrt((a * a).sum(axis=0)))  # type: ignore[return-value]
+
+
+def orientation_of(affine: np.ndarray) -> str:
+    """Axis codes such as 'RAS' or 'LPS' (the world direction each array axis points to)."""
+    return "".join(nib.aff2axcodes(np.asarray(affine, float)))
+
+
+def canonical_grid(affine: np.ndarray, shape) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and shape the grid has after `to_canonical` (no data touched)."""
+    ornt = nib.orientations.io_orientation(affine)
+    shape = tuple(int(s) for s in shape[:3])
+    new_shape = tuple(shape[int(a)] for a in np.argsort(ornt[:, 0]))
+    return np.asarray(affine, float) @ nib.orientations.inv_ornt_aff(ornt, shape), new_shape  # type: ignore[return-value]
+
+
+def to_canonical(vol: Volume) -> Volume:
+    """Flip/permute axes (no interpolation) so the array is closest to RAS."""
+    ornt = nib.orientations.io_orientation(vol.affine)
+    data = nib.orientations.apply_orientation(vol.data, ornt)
+    affine = vol.affine @ nib.orientations.inv_ornt_aff(ornt, vol.data.shape[:3])
+    return Volume(np.ascontiguousarray(data), affine)
+
+
+def _map_channels(data: np.ndarray, fn) -> np.ndarray:
+    if data.ndim == 3:
+        return fn(data)
+    return np.stack([fn(data[..., c]) for c in range(data.shape[-1])], axis=-1)
+
+
+def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                     dst_shape: tuple[int, int, int], order: int, cval: float = 0.0,
+                     edge: bool = True) -> np.ndarray:
+    """Sample `data` (on src_affine) at the voxel centres of the grid (dst_affine, dst_shape).
+
+    order 0 = nearest (labels), 1 = linear, 3 = cubic. With `edge`, points up to one voxel
+    outside the source take the edge value (grids that cover the same extent differ by up
+    to half a voxel); farther points get `cval`.
+    """
+    matrix = np.linalg.inv(np.asarray(src_affine, float)) @ np.asarray(dst_affine, float)
+    shift = 1.0 if edge else 0.0
+
+    def one(x: np.ndarray) -> np.ndarray:
+        src = np.pad(x, 1, mode="edge") if edge else x
+        out_dtype = x.dtype if order == 0 else np.float32
+        work = src if order == 0 else src.astype(np.float32, copy=False)
+        return ndimage.affine_transform(work, matrix[:3, :3], offset=matrix[:3, 3] + shift,
+                                        output_shape=tuple(int(s) for s in dst_shape), order=order,
+                                        mode="constant", cval=cval, prefilter=order > 1,
+                                        output=out_dtype)
+
+    return _map_channels(np.asarray(data), one)
+
+
+def target_grid(affine: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, float, float]
+                ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and shape of the grid with `spacing` covering the same extent; voxel 0's centre is kept."""
+    old = np.asarray(spacing_of(affine))
+    new = np.asarray(spacing, float)
+    shape_new = tuple(int(max(1, round(n * o / s))) for n, o, s in zip(shape[:3], old, new))
+    scaled = np.asarray(affine, float).copy()
+    scaled[:3, :3] = scaled[:3, :3] * (new / old)[None, :]
+    return scaled, shape_new  # type: ignore[return-value]
+
+
+def resample_to_spacing(vol: Volume, spacing, order: int) -> Volume:
+    """Resample to `spacing` mm (per array axis); order 0 for labels, 1 (linear) or 3 for images."""
+    affine, shape = target_grid(vol.affine, vol.data.shape, tuple(spacing))
+    if shape == vol.shape3 and np.allclose(affine, vol.affine):
+        return Volume(vol.data, vol.affine)
+    return Volume(resample_to_grid(vol.data, vol.affine, affine, shape, order), affine)
+
+
+def body_bbox(image: np.ndarray, threshold: float, margin: int = 2) -> tuple[list[int], list[int]]:
+    """[start, stop) box around voxels above `threshold` (the body), plus a margin; the whole
+    array when nothing is above it."""
+    mask = image > threshold
+    if not mask.any():
+        return [0, 0, 0], list(image.shape[:3])
+    start, stop = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        start.append(max(0, int(idx[0]) - margin))
+        stop.append(min(image.shape[axis], int(idx[-1]) + 1 + margin))
+    return start, stop
+
+
+def crop_affine(affine: np.ndarray, start) -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(start, float)
+    return np.asarray(affine, float) @ shift
+
+
+def restore_to_source(array: np.ndarray, record: dict, order: int, cval: float = 0.0) -> np.ndarray:
+    """Map an array on the stored grid back to the source grid in one resampling step.
+
+    This inverts crop, resampling and reorientation together: each source voxel samples the
+    stored array at its own world position (order 0 for labels, 1 for probabilities). Source
+    voxels outside the stored (cropped) extent get `cval`. The result has exactly
+    record["source_shape"] (plus any channel axis) and lives on record["source_affine"].
+    """
+    stored_affine = np.asarray(record["affine"], float)
+    source_affine = np.asarray(record["source_affine"], float)
+    shape = tuple(int(s) for s in record["source_shape"][:3])
+    return resample_to_grid(np.asarray(array), stored_affine, source_affine, shape, order, cval=cval)
+
+
+def axial_diameters(mask: np.ndarray, spacing) -> tuple[float, float]:
+    """(short_mm, long_mm) of a lesion mask measured in axial slices (array axes 0, 1 of a
+    RAS grid). Long axis = the largest Feret diameter over slices; short axis = the largest
+    caliper width perpendicular to that slice's long axis, over slices. Pixels count with
+    their full extent (their corners), so one pixel measures one pixel across."""
+    mask = np.asarray(mask, bool)
+    sx, sy = float(spacing[0]), float(spacing[1])
+    corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    best_long, best_short = 0.0, 0.0
+    for z in np.flatnonzero(mask.any(axis=(0, 1))):
+        ij = np.argwhere(mask[:, :, z]).astype(float)
+        pts = (ij[:, None, :] + corners[None]).reshape(-1, 2) * np.array([sx, sy])
+        pts = np.unique(pts, axis=0)
+        try:
+            pts = pts[ConvexHull(pts).vertices]
+        except QhullError:  # collinear points: all of them are extreme
+            pass
+        d = pts[:, None, :] - pts[None, :, :]
+        dist2 = (d * d).sum(-1)
+        i, j = np.unravel_index(int(np.argmax(dist2)), dist2.shape)
+        long_mm = float(np.sqrt(dist2[i, j]))
+        if long_mm == 0:
+            continue
+        axis = (pts[j] - pts[i]) / long_mm
+        proj = pts @ np.array([-axis[1], axis[0]])
+        short_mm = float(proj.max() - proj.min())
+        best_long = max(best_long, long_mm)
+        best_short = max(best_short, short_mm)
+    return best_short, best_long

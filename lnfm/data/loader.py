@@ -1,0 +1,220 @@
+"""Grain patch loader over TensorStore datasets.
+
+Every training example is a pure function of (seed, global record index): a grain
+IndexSampler hands out indices (sharded per process, shuffled, endless or for
+`num_epochs`), and a RandomMap draws the store (by mixing weight), the case, the patch
+centre (a lymph node for `fg_fraction` of labelled patches) and the augmentation from the
+record's own generator, then reads only the chunks the patch touches. So the iterator
+state (a small JSON blob) is all a resumed job needs to see the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grain
+import numpy as np
+
+from lnfm.data import store as st
+from lnfm.data.augment import context_size, flip_rot90, intensity_jitter, rotate_scale
+
+
+@dataclass
+class LoaderConfig:
+    """Random 3D patches from prepared stores."""
+
+    patch_size: tuple[int, int, int] = (96, 96, 96)  # patch edge in voxels (X, Y, Z)
+    batch_size: int = 2  # patches per batch, per process
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # CT HU mapped linearly to [0, 1] (clipped)
+    pet_scale: float = 10.0  # non-CT channels (PET SUV) are divided by this
+    fg_fraction: float = 0.33  # share of labelled patches centred on a lymph node
+    workers: int = 0  # grain worker processes (0 reads in this process)
+    prefetch: int = 2  # batches buffered per worker
+    flips: bool = True  # random flip of each axis
+    rot90: bool = True  # random in-plane 90-degree turns (square in-plane patches only)
+    intensity_scale: float = 0.1  # multiply normalised intensities by 1 + U(-s, s)
+    intensity_shift: float = 0.1  # add U(-s, s) to normalised intensities
+    rotate_deg: float = 0.0  # random in-plane rotation up to this many degrees (0 = off)
+    scale: float = 0.0  # random zoom by up to this fraction (0 = off)
+    seed: int = 0  # sampling seed (non-negative, 32-bit)
+    epoch_length: int = 10000  # records per epoch of the virtual index the sampler shuffles
+
+
+def normalize(image: np.ndarray, cfg: LoaderConfig, channels: list[str] | None = None) -> np.ndarray:
+    """Raw (..., C) intensities -> model input: CT through the HU window to [0, 1], other
+    channels (PET SUV) divided by pet_scale. Training and inference both use this."""
+    image = np.asarray(image, np.float32)
+    names = channels or ["CT"] + ["PET"] * (image.shape[-1] - 1)
+    lo, hi = cfg.hu_window
+    out = np.empty_like(image)
+    for c, name in enumerate(names):
+        if name.upper() == "CT":
+            out[..., c] = np.clip((image[..., c] - lo) / (hi - lo), 0.0, 1.0)
+        else:
+            out[..., c] = image[..., c] / cfg.pet_scale
+    return out
+
+
+def read_box(arr, start: np.ndarray, size: tuple[int, int, int], fill: float, dtype=np.float32) -> np.ndarray:
+    """arr[start:start+size] with out-of-volume voxels set to `fill`; reads only that box."""
+    shape = np.asarray(arr.shape[:3])
+    start = np.asarray(start)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + np.asarray(size), shape)
+    out = np.full(size, fill, dtype=dtype)
+    if np.all(hi > lo):
+        box = arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].read().result()
+        a, b = lo - start, hi - start
+        out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = box
+    return out
+
+
+def patch_start(centre: np.ndarray, shape: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Box start around `centre`, moved inside the volume where the volume is large enough
+    (the centre stays inside the box); a volume smaller than the box sits inside it."""
+    start = centre - size // 2
+    return np.clip(start, np.minimum(0, shape - size), np.maximum(0, shape - size))
+
+
+class IndexSource(grain.sources.RandomAccessDataSource):
+    """Record i is just i: the patch is drawn from the record's generator in `PatchSampler`."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return int(i)
+
+    def __repr__(self) -> str:
+        return f"IndexSource(n={self.n})"
+
+
+class PatchSampler(grain.transforms.RandomMap):
+    """(record index, rng) -> {"image": (X, Y, Z, C) float32[, "label": (X, Y, Z) int32]}."""
+
+    def __init__(self, stores: list[str], cases: list[list[dict]], weights: list[float], cfg: LoaderConfig,
+                 labels: bool):
+        self.stores, self.cases, self.cfg, self.labels = stores, cases, cfg, labels
+        w = np.asarray(weights, float)
+        self.weights = w / w.sum()
+        self._arrays: dict = {}
+
+    def __getstate__(self):  # TensorStore handles are reopened in each worker process
+        state = dict(self.__dict__)
+        state["_arrays"] = {}
+        return state
+
+    def _array(self, store: str, path: str):
+        key = (store, path)
+        if key not in self._arrays:
+            self._arrays[key] = st.open_array(store, path)
+        return self._arrays[key]
+
+    def random_map(self, element, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        s = int(rng.choice(len(self.stores), p=self.weights))
+        rec = self.cases[s][int(rng.integers(len(self.cases[s])))]
+        shape = np.asarray(rec["shape"][:3])
+        size = np.asarray(cfg.patch_size)
+        nodes = rec.get("nodes") or []
+        if self.labels and nodes and rng.random() < cfg.fg_fraction:
+            lo, hi = (np.asarray(b) for b in nodes[int(rng.integers(len(nodes)))]["bbox"])
+            centre = rng.integers(lo, hi)
+        else:
+            centre = rng.integers(0, shape) if np.all(shape > 0) else np.zeros(3, int)
+        start = patch_start(centre, shape, size)
+        ctx = np.asarray(context_size(tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale))
+        ctx_start = start + size // 2 - ctx // 2
+        chans = []
+        for path, name in zip(rec["image_path"], rec["channels"]):
+            fill = cfg.hu_window[0] if name.upper() == "CT" else 0.0
+            chans.append(read_box(self._array(self.stores[s], path), ctx_start, tuple(ctx), fill))
+        image = normalize(np.stack(chans, axis=-1), cfg, rec["channels"])
+        label = read_box(self._array(self.stores[s], rec["label_path"]), ctx_start, tuple(ctx), 0, np.uint8) \
+            if self.labels else None
+        if tuple(ctx) != tuple(cfg.patch_size):
+            image, label = rotate_scale(image, label, tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, rng)
+        image, label = flip_rot90(image, label, rng, cfg.flips, cfg.rot90)
+        image = intensity_jitter(image, rng, cfg.intensity_scale, cfg.intensity_shift)
+        out = {"image": np.ascontiguousarray(image, np.float32)}
+        if self.labels:
+            out["label"] = np.ascontiguousarray(label, np.int32)
+        return out
+
+
+class GlobalBatchSampler:
+    """Host k's t-th batch of b = slice k of global batch t (b * shard_count records, in order).
+
+    The DataLoader hands host k (of P) with W workers the indices x = k + P*(w + W*m), worker w
+    batching consecutive m; this maps each x to the global index whose position in the
+    global batch sequence matches. Batches therefore do not depend on the process or worker
+    count: P hosts together see exactly what one process with the whole batch sees.
+    """
+
+    def __init__(self, inner: grain.samplers.IndexSampler, batch_size: int, shard_count: int, worker_count: int):
+        self.inner, self.b, self.p, self.w = inner, int(batch_size), int(shard_count), max(1, int(worker_count))
+        block = self.b * self.p * self.w
+        self.length = len(inner) // block * block  # whole blocks only: the map is a bijection on each block
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, x: int):
+        if not 0 <= x < self.length:
+            raise IndexError(f"index {x} is outside 0..{self.length - 1}")
+        r, k = divmod(x, self.p)
+        m, w = divmod(r, self.w)
+        n, i = divmod(m, self.b)
+        return self.inner[(n * self.w + w) * self.p * self.b + k * self.b + i]
+
+    def __repr__(self) -> str:
+        return f"GlobalBatchSampler({self.inner!r}, batch_size={self.b}, shard_count={self.p}, workers={self.w})"
+
+
+def _select(records: list[dict], split: str | None, labels: bool, case_ids: list[str] | None) -> list[dict]:
+    keep = set(case_ids) if case_ids is not None else None
+    return [r for r in records
+            if (split is None or r.get("split") == split) and (not labels or r.get("label_path"))
+            and (keep is None or r["case_id"] in keep)]
+
+
+def make_loader(stores: list[str], cfg: LoaderConfig, *, split: str | None = "train", labels: bool = False,
+                weights: list[float] | None = None, case_ids: list[str] | None = None,
+                num_epochs: int | None = None, shard_index: int | None = None,
+                shard_count: int | None = None) -> grain.DataLoader:
+    """Batches {"image": float32 (B, X, Y, Z, C)[, "label": int32 (B, X, Y, Z)]} of random patches.
+
+    `weights` mix the stores (default: in proportion to their selected cases). Shards default
+    to jax.process_index()/process_count(), so each host of a job reads its own records.
+    Save `iter(loader).get_state()` (JSON bytes) and `set_state` it to resume exactly.
+    """
+    if isinstance(stores, str):
+        stores = [stores]
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    cases = [_select(st.read_manifest(s), split, labels, case_ids) for s in stores]
+    for s, c in zip(stores, cases):
+        if not c:
+            raise ValueError(f"{s}: no {'labelled ' if labels else ''}cases for split={split!r}"
+                             + (" and the given case_ids" if case_ids is not None else ""))
+    n_channels = {len(r["channels"]) for c in cases for r in c}
+    if len(n_channels) > 1:
+        raise ValueError(f"stores {stores} mix cases with {sorted(n_channels)} channels")
+    if weights is None:
+        weights = [float(len(c)) for c in cases]
+    if len(weights) != len(stores) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"weights {weights} must be one non-negative number per store, not all zero")
+    shard = grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(num_records=cfg.epoch_length, shard_options=grain.sharding.NoSharding(),
+                                          shuffle=True, num_epochs=num_epochs, seed=cfg.seed)
+    sampler = GlobalBatchSampler(sampler, cfg.batch_size, shard_count, cfg.workers)
+    ops = [PatchSampler(stores, cases, weights, cfg, labels),
+           grain.transforms.Batch(batch_size=cfg.batch_size, drop_remainder=True)]
+    return grain.DataLoader(data_source=IndexSource(cfg.epoch_length), sampler=sampler, operations=ops,
+                            worker_count=cfg.workers, worker_buffer_size=max(1, cfg.prefetch), shard_options=shard,
+                            read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, cfg.prefetch)))

@@ -1,0 +1,363 @@
+"""Convert raw cases (NIfTI/NRRD/DICOM) into the sharded TensorStore dataset.
+
+Per case: read every channel and the label, check them, reorient to RAS, resample to the
+target spacing (images linear, labels nearest), crop to the body, write one zarr3 array
+per channel plus the label, then write the manifest record last. A case whose record
+exists is finished and skipped on reruns; an interrupted case is redone from scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import logging
+import multiprocessing
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from lnfm.config import load_config, preset_path, read_yaml
+from lnfm.data import store as st
+from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, resolve_salt
+from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
+                                resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
+from lnfm.io import ImageReadError, Volume, read_image
+from lnfm.workdir import progress
+
+log = logging.getLogger("lnfm.data.prepare")
+
+# Affines of two grids agree when every entry differs by less than this (mm).
+GRID_TOL_MM = 1e-3
+
+
+@dataclass
+class PrepareConfig:
+    """Conversion of raw cases into a TensorStore dataset."""
+
+    spacing: tuple[float, float, float] | None = None  # target voxel size in mm (X, Y, Z); None keeps each case's
+    workers: int = 2  # conversion processes; 0 or 1 converts in this process
+    chunk: int = 64  # zarr inner chunk edge (voxels)
+    shard: int = 128  # zarr shard edge (voxels), a multiple of chunk
+    crop_body: bool = True  # crop the air margin around the body
+    body_threshold_hu: float = -500.0  # voxels above this HU count as body (crop and intensity statistics)
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train/val/test shares of the id hash
+    split_seed: int = 0  # seed of the split hash
+    salt: str = ""  # salt for hashed case ids (else the LNFM_ID_SALT environment variable)
+    site: str = ""  # site name for every case (else dataset.json 'site', the CSV column or the folder name)
+    site_preset: str = ""  # site preset (lnfm/configs/sites/NAME.yaml) whose spacing applies when spacing is unset
+    label_map: dict[int, int] = field(default_factory=dict)  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's GTVn as node); empty keeps labels
+    resample_channels: bool = True  # resample co-registered channels on another grid (PET) linearly onto the CT grid; false rejects them
+
+
+@dataclass
+class PrepareResult:
+    converted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+
+class CaseError(ValueError):
+    """A case that cannot be converted: (file, reason)."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = file, reason
+
+
+def preset_spacing(name: str) -> tuple[float, float, float]:
+    """The `site.spacing` of a packaged site preset or a site YAML file."""
+    data = read_yaml(preset_path("sites", name)).get("site", {})
+    if "spacing" not in data:
+        raise ValueError(f"site preset '{name}' has no site.spacing")
+    return tuple(float(v) for v in data["spacing"])  # type: ignore[return-value]
+
+
+def _canonical_resampled(vol: Volume, spacing, order: int) -> Volume:
+    vol = to_canonical(vol)
+    return resample_to_spacing(vol, spacing, order) if spacing is not None else vol
+
+
+def preprocess_volume(vol: Volume, spacing, *, crop_body: bool = True, is_label: bool = False,
+                      body_threshold_hu: float = -500.0, crop: tuple | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The preprocessing prepare applies (and `lnfm predict` applies to a new scan):
+    RAS reorientation, resampling to `spacing` (linear; nearest for labels) and body crop
+    (from channel 0 above `body_threshold_hu`, or the given (start, stop) `crop`).
+    Returns (array, affine of the array, geometry dict for `restore_to_source`)."""
+    out = _canonical_resampled(vol, spacing, 0 if is_label else 1)
+    shape = out.data.shape[:3]
+    if crop is not None:
+        start, stop = list(crop[0]), list(crop[1])
+    elif crop_body and not is_label:
+        start, stop = body_bbox(out.data if out.data.ndim == 3 else out.data[..., 0], body_threshold_hu)
+    else:
+        start, stop = [0, 0, 0], list(shape)
+    data = out.data[tuple(slice(a, b) for a, b in zip(start, stop))]
+    affine = crop_affine(out.affine, start)
+    geometry = {
+        "source_shape": [int(s) for s in vol.data.shape[:3]],
+        "source_affine": np.asarray(vol.affine).tolist(),
+        "source_orientation": orientation_of(vol.affine),
+        "source_spacing": list(spacing_of(vol.affine)),
+        "resampled_shape": [int(s) for s in shape],
+        "crop_start": [int(a) for a in start],
+        "crop_stop": [int(b) for b in stop],
+        "affine": affine.tolist(),
+        "orientation": orientation_of(affine),
+        "spacing": list(spacing_of(affine)),
+        "origin": affine[:3, 3].tolist(),
+        "shape": [int(s) for s in data.shape[:3]],
+    }
+    return data, affine, geometry
+
+
+def _read3d(path: str) -> Volume:
+    try:
+        vol = read_image(path)
+    except ImageReadError as e:
+        raise CaseError(path, str(e).split(": ", 1)[-1]) from None
+    data = vol.data
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise CaseError(path, f"image is {data.ndim}D with shape {tuple(vol.data.shape)}; expected a 3D volume")
+    if data.dtype.kind not in "biuf":
+        raise CaseError(path, f"unsupported voxel type {data.dtype}")
+    return Volume(data, vol.affine)
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    """Same voxel centres in the world; axis order may differ (a LAS label on an LPS series)."""
+    ga, gb = canonical_grid(a.affine, a.shape3), canonical_grid(b.affine, b.shape3)
+    return ga[1] == gb[1] and np.allclose(ga[0], gb[0], atol=GRID_TOL_MM)
+
+
+def _check_label(vol: Volume, path: str, label_map: dict[int, int] | None = None) -> np.ndarray:
+    data = vol.data
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)):
+            raise CaseError(path, "label has NaN or Inf voxels")
+        if not np.all(data == np.round(data)):
+            raise CaseError(path, "label has non-integer values")
+    if data.min() < 0 or data.max() > 255:
+        raise CaseError(path, f"label values {data.min()}..{data.max()} are outside 0..255")
+    if label_map:
+        lut = np.zeros(256, np.uint8)
+        for src, dst in label_map.items():
+            lut[int(src)] = int(dst)
+        data = lut[data.astype(np.uint8)]
+    if not data.any():
+        raise CaseError(path, "empty label (all voxels are 0)")
+    return data.astype(np.uint8)
+
+
+def intensity_stats(values: np.ndarray) -> dict:
+    """nnU-Net-style fingerprint of the voxels of one channel inside the body."""
+    if values.size == 0:
+        return {"mean": None, "std": None, "p00_5": None, "p99_5": None, "voxels": 0}
+    v = values.astype(np.float64)
+    p0, p1 = np.percentile(v, [0.5, 99.5])
+    return {"mean": float(v.mean()), "std": float(v.std()), "p00_5": float(p0), "p99_5": float(p1),
+            "voxels": int(v.size)}
+
+
+def lymph_nodes(label: np.ndarray, spacing) -> list[dict]:
+    """One entry per connected component (26-connectivity) of label > 0, in stored voxels."""
+    comps, n = ndimage.label(label > 0, structure=np.ones((3, 3, 3), bool))
+    voxel_mm3 = float(np.prod(spacing))
+    nodes = []
+    for i, box in enumerate(ndimage.find_objects(comps), start=1):
+        if box is None:
+            continue
+        mask = comps[box] == i
+        classes = np.bincount(label[box][mask], minlength=1)
+        short_mm, long_mm = axial_diameters(mask, spacing)
+        offset = np.array([s.start for s in box])
+        nodes.append({
+            "bbox": [[int(s.start) for s in box], [int(s.stop) for s in box]],  # [start, stop)
+            "centroid": (np.argwhere(mask).mean(axis=0) + offset).round(2).tolist(),
+            "voxels": int(mask.sum()),
+            "volume_mm3": float(mask.sum() * voxel_mm3),
+            "short_axis_mm": round(short_mm, 3),
+            "long_axis_mm": round(long_mm, 3),
+            "class": int(np.argmax(classes)),
+        })
+    return nodes
+
+
+def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig) -> dict:
+    """Convert one case and write its arrays; returns the manifest record (not yet written)."""
+    vols = [_read3d(p) for p in case.images]
+    for p, v in zip(case.images, vols):
+        if v.data.dtype.kind == "f" and not np.all(np.isfinite(v.data)):
+            raise CaseError(p, "image has NaN or Inf voxels")
+    for i, (p, v) in enumerate(zip(case.images[1:], vols[1:]), start=1):
+        if _same_grid(vols[0], v):
+            continue
+        if not cfg.resample_channels:
+            raise CaseError(p, f"channel grid {v.shape3} differs from the first channel's {vols[0].shape3} "
+                               "(shape or affine)")
+        # PET is usually reconstructed on a coarser grid in the same scanner frame: bring it onto the CT grid.
+        vols[i] = Volume(resample_to_grid(v.data.astype(np.float32), v.affine, vols[0].affine, vols[0].shape3, 1),
+                         vols[0].affine)
+    label = None
+    if case.label:
+        lab = _read3d(case.label)
+        if not _same_grid(vols[0], lab):
+            raise CaseError(case.label, f"label grid {lab.shape3} differs from the image grid {vols[0].shape3} "
+                                        "(shape or affine)")
+        label = Volume(_check_label(lab, case.label, cfg.label_map), lab.affine)
+    image = Volume(np.stack([v.data.astype(np.float32) for v in vols], axis=-1), vols[0].affine)
+    del vols
+    img_rs = _canonical_resampled(image, cfg.spacing, 1)
+    start, stop = [0, 0, 0], list(img_rs.data.shape[:3])
+    lab_rs = None
+    if label is not None:
+        lab_rs = _canonical_resampled(label, cfg.spacing, 0)
+    if cfg.crop_body:
+        start, stop = body_bbox(img_rs.data[..., 0], cfg.body_threshold_hu)
+        if lab_rs is not None and lab_rs.data.any():  # never crop away labelled voxels
+            ls, le = body_bbox(lab_rs.data, 0, margin=0)
+            start = [min(a, b) for a, b in zip(start, ls)]
+            stop = [max(a, b) for a, b in zip(stop, le)]
+    data, affine, geometry = preprocess_volume(img_rs, None, crop=(start, stop))
+    geometry.update(source_shape=list(image.shape3), source_affine=image.affine.tolist(),
+                    source_orientation=orientation_of(image.affine), source_spacing=list(spacing_of(image.affine)))
+    base = f"cases/{case.case_id}"
+    image_paths, stats = [], []
+    body = data[..., 0] > cfg.body_threshold_hu
+    for c, name in enumerate(case.channels):
+        chan = data[..., c]
+        if name.upper() == "CT":
+            chan = np.clip(np.round(chan), -32768, 32767).astype(np.int16)
+        else:
+            chan = chan.astype(np.float32)
+        path = f"{base}/image_{c:04d}"
+        st.create_array(output, path, chan, cfg.chunk, cfg.shard)
+        image_paths.append(path)
+        stats.append({"channel": name, **intensity_stats(chan[body])})
+    nodes, label_path = [], None
+    if lab_rs is not None:
+        lab = lab_rs.data[tuple(slice(a, b) for a, b in zip(start, stop))].astype(np.uint8)
+        label_path = f"{base}/label"
+        st.create_array(output, label_path, lab, cfg.chunk, cfg.shard)
+        nodes = lymph_nodes(lab, geometry["spacing"])
+    split = case.split or assign_split(case.case_id, cfg.split_seed, tuple(cfg.split_fractions))
+    return {"case_id": case.case_id, "site": case.site, "split": split, **geometry,
+            "channels": list(case.channels), "image_path": image_paths, "label_path": label_path,
+            "labelled": label_path is not None, "intensity": stats, "nodes": nodes}
+
+
+def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig) -> tuple[str, dict]:
+    try:
+        return "ok", convert_case(case, output, cfg)
+    except CaseError as e:
+        return "failed", {"case_id": case.case_id, "file": e.file, "reason": e.reason}
+    except MemoryError:
+        return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": "out of memory"}
+    except Exception as e:  # an unexpected problem in one case must not stop the others
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": reason}
+
+
+def _write_failures(output: str, shard_index: int, num_shards: int, failures: list[dict]) -> None:
+    st.write_text(output, f"failures.parts/{shard_index}-of-{num_shards}.jsonl",
+                  "".join(json.dumps(f) + "\n" for f in failures))
+    merged = []
+    for i in range(num_shards):
+        text = st.read_text(output, f"failures.parts/{i}-of-{num_shards}.jsonl") or ""
+        merged += [line + "\n" for line in text.splitlines() if line.strip()]
+    st.write_text(output, st.FAILURES, "".join(merged))
+
+
+def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int = 1, shard_index: int = 0,
+                    show_progress: bool = True) -> PrepareResult:
+    """Convert this shard's slice of the input cases into STORE `output`; resumable, idempotent."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard index {shard_index} is outside 0..{num_shards - 1}")
+    if cfg.spacing is None and cfg.site_preset:
+        cfg = dataclasses.replace(cfg, spacing=preset_spacing(cfg.site_preset))
+    salt = resolve_salt(cfg.salt)
+    if not salt:
+        log.warning("no id salt set (salt=... or %s); hashed case ids are unsalted", "LNFM_ID_SALT")
+    cases, errors = discover(input, cfg.site, salt)
+    cases, dup_errors = drop_duplicates(cases)
+    errors += dup_errors
+    cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
+    errors = [e for i, e in enumerate(sorted(errors, key=lambda e: e.file)) if i % num_shards == shard_index]
+    result = PrepareResult()
+    result.failures = [{"file": e.file, "reason": e.reason} for e in errors]
+    done = st.finished_ids(output)
+    todo = [c for c in cases if c.case_id not in done]
+    result.skipped = len(cases) - len(todo)
+    bar = progress(total=len(todo), desc="prepare", disable=not show_progress)
+
+    def finish(status: str, payload: dict) -> None:
+        if status == "ok":
+            st.write_record(output, payload)  # last: only now is the case part of the dataset
+            result.converted += 1
+        else:
+            result.failures.append({"file": payload["file"], "reason": payload["reason"]})
+            log.warning("failed %s: %s", payload["file"], payload["reason"])
+        bar.update(1)
+        bar.set_postfix(ok=result.converted, failed=len(result.failures))
+
+    if cfg.workers <= 1:
+        for case in todo:
+            finish(*_convert_or_fail(case, output, cfg))
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork after TensorStore/JAX threads start
+        with cf.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_convert_or_fail, c, output, cfg): c for c in todo}
+            for fut in cf.as_completed(futures):
+                case = futures[fut]
+                try:
+                    finish(*fut.result())
+                except Exception as e:  # a worker that died (e.g. killed for memory)
+                    finish("failed", {"file": case.images[0], "reason": f"worker died ({type(e).__name__})"})
+    bar.close()
+    result.failed = len(result.failures)
+    _write_failures(output, shard_index, num_shards, result.failures)
+    st.write_manifest(output)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Convert raw CT cases into an LNFM TensorStore dataset.")
+    ap.add_argument("--input", required=True, help="nnU-Net/MSD folder, CSV (case_id,image,label,site[,pet][,split]) "
+                                                   "or a folder of DICOM series")
+    ap.add_argument("--output", required=True, help="store path or URL (file://, gs://, s3://)")
+    ap.add_argument("--config", default=None, help="YAML file with PrepareConfig keys")
+    ap.add_argument("--spacing", default=None, help="target spacing X,Y,Z in mm")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--num-shards", type=int, default=1)
+    ap.add_argument("--shard-index", type=int, default=0)
+    ap.add_argument("--site", default=None, help="site name written into every record")
+    ap.add_argument("--site-preset", default=None, help="site preset whose spacing is used when --spacing is unset")
+    ap.add_argument("--salt", default=None, help="salt for hashed case ids (default: the LNFM_ID_SALT variable)")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides)
+    for key in ("spacing", "workers", "site", "site_preset", "salt"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
+    res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
+    print(f"converted {res.converted}, skipped {res.skipped} (already done), failed {res.failed}")
+    for f in res.failures:
+        print(f"FAILED {f['file']}: {f['reason']}")
+    return 0 if res.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The prepared dataset store: zarr3 arrays (TensorStore, sharded, blosc/zstd) plus a
+JSON-lines manifest, addressed by a local path or a file://, gs:// or s3:// URL.
+
+Layout under STORE:
+  cases/<case_id>/image_<cccc>   zarr3 array per channel (int16 HU for CT, float32 otherwise)
+  cases/<case_id>/label          zarr3 uint8 label array (labelled cases only)
+  records/<case_id>.json         one manifest record, written after the case's arrays
+  manifest.jsonl                 all records merged (rewritten after each conversion run)
+  failures.parts/<i>.jsonl       failures of shard i's last run; failures.jsonl merges them
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import tensorstore as ts
+
+RECORDS = "records/"
+MANIFEST = "manifest.jsonl"
+FAILURES = "failures.jsonl"
+
+
+def kvstore_spec(store: str, sub: str = "") -> dict:
+    """Map a path or URL (file://, gs://, s3://) to a TensorStore kvstore spec for `sub` inside it."""
+    url = urlparse(str(store))
+    if url.scheme in ("gs", "s3"):
+        base = url.path.lstrip("/")
+        path = "/".join(p for p in (base.rstrip("/"), sub) if p)
+        driver = "gcs" if url.scheme == "gs" else "s3"
+        return {"driver": driver, "bucket": url.netloc, "path": path}
+    if url.scheme == "file":
+        local = url.netloc + url.path
+    elif url.scheme in ("", ) or (len(url.scheme) == 1 and os.name == "nt"):
+        local = str(store)
+    else:
+        raise ValueError(f"{store}: unsupported store URL scheme '{url.scheme}' (use a path, file://, gs:// or s3://)")
+    path = str(Path(local).absolute() / sub) if sub else str(Path(local).absolute())
+    return {"driver": "file", "path": path}
+
+
+def open_kvstore(store: str) -> ts.KvStore:
+    spec = kvstore_spec(store)
+    spec["path"] = spec["path"].rstrip("/") + "/"
+    return ts.KvStore.open(spec).result()
+
+
+def read_text(store: str, key: str) -> str | None:
+    res = open_kvstore(store).read(key).result()
+    return None if res.state == "missing" else bytes(res.value).decode()
+
+
+def write_text(store: str, key: str, text: str) -> None:
+    """One kvstore write: atomic per key on every driver (file driver: temp + rename)."""
+    open_kvstore(store).write(key, text.encode()).result()
+
+
+def array_spec(store: str, path: str) -> dict:
+    return {"driver": "zarr3", "kvstore": kvstore_spec(store, path)}
+
+
+def create_array(store: str, path: str, data: np.ndarray, chunk: int = 64, shard: int = 128) -> None:
+    """Write `data` as a new zarr3 array (replacing any partial one from an interrupted run)."""
+    if shard % chunk:
+        raise ValueError(f"shard size {shard} must be a multiple of chunk size {chunk}")
+    dtype = np.dtype(data.dtype)
+    blosc = {"name": "blosc", "configuration": {"cname": "zstd", "clevel": 3, "shuffle": "shuffle",
+                                                  "typesize": dtype.itemsize}}
+    spec = array_spec(store, path)
+    spec.update(create=True, delete_existing=True, metadata={
+        "shape": list(data.shape),
+        "data_type": dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard] * data.ndim}},
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [chunk] * data.ndim,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, blosc],
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+        }}],
+    })
+    arr = ts.open(spec).result()
+    arr.write(np.ascontiguousarray(data)).result()
+
+
+def open_array(store: str, path: str) -> ts.TensorStore:
+    """Open a stored array for reading; slicing it reads only the chunks touched."""
+    return ts.open(array_spec(store, path), open=True, read=True).result()
+
+
+def write_record(store: str, record: dict) -> None:
+    write_text(store, f"{RECORDS}{record['case_id']}.json", json.dumps(record))
+
+
+def _record_ids(store: str) -> list[str]:
+    keys = open_kvstore(store).list(ts.KvStore.KeyRange(RECORDS, RECORDS[:-1] + "0")).result()
+    return sorted(k.decode()[len(RECORDS):-len(".json")] for k in keys if k.decode().endswith(".json"))
+
+
+def read_manifest(store: str) -> list[dict]:
+    """All case records, sorted by case_id. Uses manifest.jsonl when it lists exactly the
+    finished cases, else merges the per-case records (e.g. while shards still convert)."""
+    ids = _record_ids(store)
+    merged = read_text(store, MANIFEST)
+    if merged is not None:
+        rows = [json.loads(line) for line in merged.splitlines() if line.strip()]
+        if sorted(r["case_id"] for r in rows) == ids:
+            return rows
+    return [json.loads(read_text(store, f"{RECORDS}{i}.json") or "{}") for i in ids]
+
+
+def finished_ids(store: str) -> set[str]:
+    return set(_record_ids(store))
+
+
+def write_manifest(store: str) -> list[dict]:
+    """Rewrite manifest.jsonl from the per-case records (one atomic write)."""
+    ids = _record_ids(store)
+    rows = [json.loads(read_text(store, f"{RECORDS}{i}.json") or "{}") for i in ids]
+    write_text(store, MANIFEST, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def read_failures(store: str) -> list[dict]:
+    text = read_text(store, FAILURES) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_case(store: str, record: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """Whole case: image float32 (X, Y, Z, C) in raw units (HU / SUV), label uint8 (X, Y, Z) or None."""
+    chans = [open_array(store, p).read().result().astype(np.float32) for p in record["image_path"]]
+    image = np.stack(chans, axis=-1)
+    label = None
+    if record.get("label_path"):
+        label = open_array(store, record["label_path"]).read().result().astype(np.uint8)
+    return image, label

@@ -1,0 +1,369 @@
+"""Synthetic lymph-node CT phantoms (optionally PET/CT) in the nnU-Net raw layout.
+
+A case is built on a RAS grid in a site frame (anatomy from `synth_anatomy`, nodes from
+`synth_nodes`), turned into HU with tissue texture, partial-volume blur and scanner noise,
+then stored in a randomly chosen orientation (RAS, LPS, LAS, permuted axes ...) with a
+random origin: the array is flipped/permuted together with its affine, so the anatomy in
+world space is unchanged. Case i depends only on (site, seed, i).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from lnfm.config import to_dict
+from lnfm.data import synth_anatomy as A
+from lnfm.data.geometry import axial_diameters
+from lnfm.data.synth_nodes import REAL_SET, node_shape, real_mask_files
+from lnfm.io.nifti import write_nifti
+from lnfm.workdir import atomic_write_text
+
+SITES: tuple[str, ...] = ("head_neck", "axilla", "mediastinum", "abdomen", "pelvis")
+
+# Mean HU (non-contrast, contrast-enhanced) and texture amplitude per tissue id.
+HU = {A.AIR: (-1000, -1000, 4), A.LUNG: (-850, -850, 45), A.FAT: (-100, -100, 10), A.MUSCLE: (50, 55, 9),
+      A.BONE: (750, 750, 120), A.MARROW: (260, 270, 50), A.ARTERY: (42, 230, 8), A.VEIN: (40, 160, 8),
+      A.ORGAN: (58, 105, 7), A.KIDNEY: (32, 170, 10), A.WATER: (8, 10, 4), A.THYROID: (95, 150, 10),
+      A.BOWEL: (40, 70, 8), A.NODE: (40, 55, 9), A.HILUM: (-70, -70, 12)}
+# PET SUV per tissue (background body ~1, nodes get their own uptake).
+SUV = {A.AIR: 0.0, A.LUNG: 0.4, A.FAT: 0.5, A.MUSCLE: 0.9, A.BONE: 0.8, A.MARROW: 1.6, A.ARTERY: 1.6,
+       A.VEIN: 1.5, A.ORGAN: 2.3, A.KIDNEY: 3.5, A.WATER: 1.0, A.THYROID: 1.8, A.BOWEL: 1.8, A.NODE: 1.0,
+       A.HILUM: 1.0}
+SLICE_CHOICES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
+ORIENTATIONS = ("RAS", "LPS", "LAS", "RPS", "LPI", "RAI", "ARS", "PLS", "SRA", "LIP")
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic phantom generation (`data_prep/synth.py`)."""
+
+    site: str = "pelvis"  # one of SITES, or "all"
+    num_cases: int = 8  # cases per site
+    seed: int = 0  # dataset seed; case i depends only on (site, seed, i)
+    shape: tuple[int, int, int] | None = None  # voxel grid (X, Y, Z); None: 160x160 and 32-100 slices
+    pet: bool = False  # also write a PET-like SUV channel (CASE_0001)
+    stations: bool = False  # also write labelsTr_stations/ with per-station node ids
+    use_real_shapes: bool = True  # use real node masks from ../shared/data/ln_masks when present
+    gallery: bool = True  # write gallery/CASE.png (three slices through the largest node)
+    spacing_inplane: tuple[float, float] = (0.6, 1.0)  # in-plane voxel size range, mm
+    slice_thickness: tuple[float, float] = (1.0, 5.0)  # slice spacing range, mm
+    nodes_per_case: tuple[int, int] = (3, 8)  # number of nodes per case (inclusive range)
+    short_axis_mm: tuple[float, float] = (3.0, 30.0)  # node short-axis range, mm (log-uniform)
+    contrast: float = 0.7  # probability a case is contrast-enhanced (bright vessels)
+    real_masks_dir: str = ""  # folder holding NIH_LN_MED/ and NIH_LN_ABD/ zips; "" = ../shared/data/ln_masks
+    real_shape_fraction: float = 0.5  # fraction of nodes that take a real mask shape when available
+    noise_hu: tuple[float, float] = (6.0, 22.0)  # scanner noise standard deviation range, HU
+
+
+@dataclass
+class SynthCase:
+    case_id: str
+    image: np.ndarray  # (X, Y, Z) int16 HU
+    label: np.ndarray  # (X, Y, Z) uint8, 1 = lymph node
+    affine: np.ndarray  # 4x4 voxel -> RAS mm
+    pet: np.ndarray | None = None  # (X, Y, Z) float32 SUV
+    stations: np.ndarray | None = None  # (X, Y, Z) uint8 station ids (1-based index into station_names)
+    nodes: list[dict] = field(default_factory=list)  # world centroid, short/long axis mm, volume, station
+    station_names: list[str] = field(default_factory=list)
+    tissue: np.ndarray | None = None  # (X, Y, Z) uint8 tissue ids (synth_anatomy.TISSUE_NAMES)
+    info: dict = field(default_factory=dict)  # spacing, orientation, contrast, noise
+
+
+def case_seed(seed: int, index: int) -> int:
+    """Per-case seed from the dataset seed and case index."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def _sample_grid(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    sxy = float(rng.uniform(*cfg.spacing_inplane))
+    lo, hi = cfg.slice_thickness
+    choices = [s for s in SLICE_CHOICES if lo <= s <= hi]
+    sz = float(rng.choice(choices)) if choices else float(rng.uniform(lo, hi))
+    if cfg.shape is not None:
+        shape = tuple(int(s) for s in cfg.shape)
+    else:
+        shape = (160, 160, int(np.clip(round(140 / sz), 32, 100)))
+    return np.array([sxy, sxy, sz]), shape  # type: ignore[return-value]
+
+
+def _place_nodes(rng, site, scene, painter, spacing, cfg, contrast):
+    """Paint nodes into scene.tissue; returns the node label map, station map, per-node records."""
+    shape = scene.tissue.shape
+    label = np.zeros(shape, np.uint8)
+    station = np.zeros(shape, np.uint8)
+    hu_offset = np.zeros(shape, np.float32)
+    origin = np.array([painter.x.ravel()[0], painter.y.ravel()[0], painter.z.ravel()[0]])
+    files = real_mask_files(REAL_SET[site], cfg.real_masks_dir) if cfg.use_real_shapes else ()
+    lo, hi = cfg.short_axis_mm
+    n = int(rng.integers(cfg.nodes_per_case[0], cfg.nodes_per_case[1] + 1))
+    solid = np.isin(scene.tissue, A.SOLID)
+    fat_vox = np.argwhere(ndimage.binary_erosion(scene.tissue == A.FAT, iterations=2))
+    occupied = np.zeros(shape, bool)  # nodes grown by 2 voxels: neighbours stay separate components
+    records, placed = [], []
+    fallback_hi = max(lo, min(hi, 0.2 * float(np.min(np.array(shape) * spacing))))
+    for k in range(n + 20):
+        if k >= n and (records or len(fat_vox) == 0):
+            break
+        # Past the drawn count with nothing placed (a small grid): keep trying with nodes that fit.
+        top = hi if k < n else fallback_hi
+        short = float(np.exp(rng.uniform(np.log(lo), np.log(top))))
+        pick = int(rng.integers(1 << 30))
+        use_real = rng.random() < cfg.real_shape_fraction
+        real = files[pick % len(files)] if (files and use_real) else None
+        mask, kind = node_shape(rng, short, spacing, real, lo, hi)
+        if mask.size == 0:
+            continue
+        cluster = placed and rng.random() < 0.3
+        for _ in range(40):
+            if cluster:
+                ai, prev = placed[int(rng.integers(len(placed)))]
+                d = rng.normal(0, 1, 3) * np.array([1, 1, 0.4])
+                d /= np.linalg.norm(d) + 1e-9
+                centre = prev + d * (short + rng.uniform(2, 6))
+            elif k < n:
+                ai = int(rng.integers(len(scene.anchors)))
+                centre = scene.anchors[ai].propose(rng, short / 2)
+            else:  # the stations lie outside a small grid: any fat voxel, named after the nearest station
+                centre = origin + fat_vox[int(rng.integers(len(fat_vox)))] * spacing
+                near = [np.linalg.norm(a.propose(rng, short / 2) - centre) for a in scene.anchors]
+                ai = int(np.argmin(near))
+            start = np.round((centre - origin) / spacing - np.array(mask.shape) / 2).astype(int)
+            if np.any(start < 3) or np.any(start + mask.shape > np.array(shape) - 3):
+                continue
+            box = tuple(slice(s, s + m) for s, m in zip(start, mask.shape))
+            if occupied[box][mask].any():
+                continue
+            if solid[box][mask].mean() > 0.08:
+                continue
+            break
+        else:
+            continue
+        idx = len(records) + 1
+        label[box][mask] = 1
+        pbox = tuple(slice(s - 2, s + m + 2) for s, m in zip(start, mask.shape))
+        occupied[pbox] |= ndimage.binary_dilation(np.pad(mask, 2), iterations=2)
+        sid = scene.anchors[ai].station
+        station_names = [a.station for a in scene.anchors]
+        station[box][mask] = station_names.index(sid) + 1
+        scene.tissue[box][mask] = A.NODE
+        hilum = short >= 6 and rng.random() < 0.35
+        if hilum:
+            dist = ndimage.distance_transform_edt(mask, sampling=spacing)
+            side = rng.normal(0, 1, 3) * np.array([1, 1, 0.3])
+            coords = (np.argwhere(mask) - np.array(mask.shape) / 2) * spacing
+            toward = coords @ (side / np.linalg.norm(side))
+            fat = (toward > 0.2 * short) & (dist[mask] < 0.35 * short)
+            local = scene.tissue[box]
+            pts = np.argwhere(mask)[fat]
+            local[tuple(pts.T)] = A.HILUM
+        offset = rng.uniform(-12, 18)
+        if short >= 15 and rng.random() < 0.3:  # necrotic centre: hypodense core
+            dist = ndimage.distance_transform_edt(mask, sampling=spacing)
+            core = dist > 0.55 * dist.max()
+            hu_offset[box][core & mask] += rng.uniform(-35, -20)
+        hu_offset[box][mask] += offset
+        vox = np.argwhere(mask) + start
+        centroid = origin + vox.mean(0) * spacing
+        s_mm, l_mm = axial_diameters(mask, spacing)
+        records.append({"id": idx, "station": sid, "shape": kind, "fatty_hilum": bool(hilum),
+                        "centroid_site": centroid, "short_axis_mm": round(s_mm, 2), "long_axis_mm": round(l_mm, 2),
+                        "volume_mm3": round(float(mask.sum() * np.prod(spacing)), 1),
+                        "suv": round(float(rng.uniform(3, 15)), 2)})
+        placed.append((ai, centroid))
+    return label, station, hu_offset, records
+
+
+def _intensities(rng, tissue, hu_offset, spacing, contrast, noise_sd):
+    mean = np.array([HU[t][1 if contrast else 0] for t in range(len(A.TISSUE_NAMES))], np.float32)
+    mean += rng.normal(0, 1, mean.size).astype(np.float32) * np.array([0, 15, 6, 5, 60, 25, 20, 15, 6, 10, 3, 8, 5, 4, 6],
+                                                                        np.float32)
+    amp = np.array([HU[t][2] for t in range(len(A.TISSUE_NAMES))], np.float32)
+    field_ = ndimage.gaussian_filter(rng.standard_normal(tissue.shape, np.float32), 1.5 / np.sqrt(spacing / spacing[0]))
+    field_ /= field_.std() + 1e-6
+    img = mean[tissue] + amp[tissue] * field_ + hu_offset
+    # Fat carries thin fibrous septa and small vessels: soft-tissue streaks where a smooth field crosses zero.
+    septa = ndimage.gaussian_filter(rng.standard_normal(tissue.shape, np.float32), 3.0 / spacing)
+    septa = np.abs(septa) < 0.04 * septa.std() * 3
+    img[septa & (tissue == A.FAT)] = rng.uniform(-40, 10)
+    lung = tissue == A.LUNG
+    if lung.any():  # pulmonary vessels: small soft-tissue blobs in the lung
+        vess = ndimage.gaussian_filter(rng.standard_normal(tissue.shape, np.float32), 2.0 / spacing)
+        img[lung & (vess > 2.2 * vess.std())] = 30.0
+    img = ndimage.gaussian_filter(img, 0.6 * spacing.min() / spacing + 0.25)  # partial volume / scanner PSF
+    noise = ndimage.gaussian_filter(rng.standard_normal(tissue.shape, np.float32), 0.7)
+    img += noise * (noise_sd / (noise.std() + 1e-6))
+    return np.clip(np.round(img), -1024, 3071).astype(np.int16)
+
+
+def _pet(rng, tissue, label, records, spacing):
+    suv = np.array([SUV[t] for t in range(len(A.TISSUE_NAMES))], np.float32)[tissue]
+    lab, _ = ndimage.label(label)
+    for r in records:
+        c = np.round((r["_vox"])).astype(int)
+        comp = lab[tuple(c)]
+        if comp:
+            suv[lab == comp] = r["suv"]
+    suv = ndimage.gaussian_filter(suv, 2.5 / spacing)  # ~6 mm FWHM PET resolution
+    suv *= 1 + 0.12 * ndimage.gaussian_filter(rng.standard_normal(suv.shape, np.float32), 1.0) * 2.5
+    return np.clip(suv, 0, None).astype(np.float32)
+
+
+def generate_case(site: str, seed: int, cfg: SynthConfig, case_id: str | None = None) -> SynthCase:
+    """One phantom; the same (site, seed, cfg) gives byte-identical arrays."""
+    if site not in SITES:
+        raise ValueError(f"unknown site '{site}' (choices: {', '.join(SITES)})")
+    rng = np.random.default_rng([SITES.index(site), int(seed)])
+    spacing, shape = _sample_grid(rng, cfg)
+    fov = np.array(A.FOV_CENTRE[site]) + rng.uniform(-8, 8, 3)
+    axes = [(np.arange(n) - (n - 1) / 2) * s + c for n, s, c in zip(shape, spacing, fov)]
+    painter = A.Painter(*axes)
+    scene = A.BUILDERS[site](painter, rng)
+    contrast = bool(rng.random() < cfg.contrast)
+    label, station, hu_offset, records = _place_nodes(rng, site, scene, painter, spacing, cfg, contrast)
+    noise_sd = float(rng.uniform(*cfg.noise_hu))
+    image = _intensities(rng, scene.tissue, hu_offset, spacing, contrast, noise_sd)
+    # RAS grid affine in the site frame, then a random world origin and a random stored orientation.
+    world_shift = rng.uniform(-150, 150, 3)
+    ras = np.diag([*spacing, 1.0])
+    ras[:3, 3] = np.array([axes[0][0], axes[1][0], axes[2][0]]) + world_shift
+    for r in records:
+        r["_vox"] = (r.pop("centroid_site") - ras[:3, 3] + world_shift) / spacing
+    pet = _pet(rng, scene.tissue, label, records, spacing) if cfg.pet else None
+    code = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
+    ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(code))
+    affine = ras @ nib.orientations.inv_ornt_aff(ornt, shape)
+
+    def orient(a):
+        return None if a is None else np.ascontiguousarray(nib.orientations.apply_orientation(a, ornt))
+
+    nodes = []
+    for r in records:
+        vox = r.pop("_vox")
+        world = ras[:3, :3] @ vox + ras[:3, 3]
+        nodes.append({**r, "centroid_world": [round(float(v), 2) for v in world]})
+    return SynthCase(
+        case_id=case_id or f"{site}_{seed}", image=orient(image), label=orient(label), affine=affine,
+        pet=orient(pet), stations=orient(station) if cfg.stations else None, nodes=nodes,
+        station_names=[a.station for a in scene.anchors], tissue=orient(scene.tissue),
+        info={"spacing": [round(float(s), 4) for s in spacing], "orientation": code, "contrast": contrast,
+              "noise_hu": round(noise_sd, 2)})
+
+
+def save_gallery(case: SynthCase, path: str | Path, window: tuple[float, float] = (-160.0, 240.0)) -> None:
+    """Axial, coronal and sagittal slices through the largest node (RAS display, radiological
+    left-right), HU window `window`, node outlines in colour; written via a temporary file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ras = nib.orientations.io_orientation(case.affine)
+    img = nib.orientations.apply_orientation(case.image, ras).astype(np.float32)
+    lab = nib.orientations.apply_orientation(case.label, ras)
+    sp = np.sqrt((case.affine[:3, :3] ** 2).sum(0))[np.argsort(ras[:, 0])]
+    lab_cc, n = ndimage.label(lab)
+    if n:
+        sizes = ndimage.sum_labels(lab, lab_cc, range(1, n + 1))
+        c = np.round(ndimage.center_of_mass(lab_cc == int(np.argmax(sizes)) + 1)).astype(int)
+    else:
+        c = np.array(img.shape) // 2
+    views = [(img[::-1, ::-1, c[2]].T, lab[::-1, ::-1, c[2]].T, sp[0] / sp[1], "axial"),
+             (img[::-1, c[1], ::-1].T, lab[::-1, c[1], ::-1].T, sp[2] / sp[0], "coronal"),
+             (img[c[0], ::-1, ::-1].T, lab[c[0], ::-1, ::-1].T, sp[2] / sp[1], "sagittal")]
+    fig, axs = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
+    for ax, (im, lb, aspect, name) in zip(axs, views):
+        ax.imshow(im, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="nearest")
+        if lb.any():
+            ax.contour(lb > 0, levels=[0.5], colors=["#ff3b30"], linewidths=0.8)
+        ax.set_title(name, color="white", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{case.case_id}  {case.info['orientation']}  spacing {case.info['spacing']}  "
+                 f"{'contrast' if case.info['contrast'] else 'non-contrast'}  nodes {len(case.nodes)}",
+                 color="white", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80, facecolor="black")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _summary(cases: list[SynthCase], sites: list[str]) -> dict:
+    short = np.array([n["short_axis_mm"] for c in cases for n in c.nodes], float)
+    hu = np.concatenate([c.image[c.tissue == t].ravel()[::97] for c in cases for t in (A.FAT, A.MUSCLE)]) \
+        if cases else np.zeros(0)
+    node_hu = np.concatenate([c.image[c.label > 0] for c in cases]) if cases else np.zeros(0)
+    q = (lambda a: [round(float(v), 1) for v in np.percentile(a, [0, 25, 50, 75, 100])] if a.size else [])
+    return {"sites": sites, "cases": len(cases), "nodes": int(short.size),
+            "short_axis_mm_quantiles": q(short), "node_hu_mean": round(float(node_hu.mean()), 1) if node_hu.size else None,
+            "fat_muscle_hu_quantiles": q(hu),
+            "orientations": sorted({c.info["orientation"] for c in cases})}
+
+
+def write_dataset(cfg: SynthConfig, out: str | Path) -> dict:
+    """Generate cfg.num_cases per site into `out` (nnU-Net v2 raw layout); returns a summary."""
+    out = Path(out)
+    sites = list(SITES) if cfg.site == "all" else [cfg.site]
+    for s in sites:
+        if s not in SITES:
+            raise ValueError(f"unknown site '{s}' (choices: {', '.join(SITES)}, all)")
+    cases, entries, station_names = [], [], {}
+    for site in sites:
+        for i in range(cfg.num_cases):
+            cid = f"{site}_{i:03d}"
+            case = generate_case(site, case_seed(cfg.seed, i), cfg, case_id=cid)
+            write_nifti(out / "imagesTr" / f"{cid}_0000.nii.gz", case.image, case.affine)
+            if case.pet is not None:
+                write_nifti(out / "imagesTr" / f"{cid}_0001.nii.gz", case.pet, case.affine)
+            write_nifti(out / "labelsTr" / f"{cid}.nii.gz", case.label, case.affine)
+            if case.stations is not None:
+                write_nifti(out / "labelsTr_stations" / f"{cid}.nii.gz", case.stations, case.affine)
+            if cfg.gallery:
+                save_gallery(case, out / "gallery" / f"{cid}.png")
+            station_names[site] = {str(k + 1): n for k, n in enumerate(case.station_names)}
+            entries.append({"case": cid, "site": site, **case.info, "nodes": case.nodes})
+            cases.append(case)
+    channels = {"0": "CT"} | ({"1": "PET"} if cfg.pet else {})
+    dataset = {"channel_names": channels, "labels": {"background": 0, "lymph_node": 1},
+               "numTraining": len(entries), "file_ending": ".nii.gz",
+               "site": cfg.site, "seed": cfg.seed, "generator": "lnfm.data.synth", "config": to_dict(cfg),
+               "stations": station_names, "cases": entries}
+    atomic_write_text(out / "dataset.json", json.dumps(dataset, indent=1))
+    return _summary(cases, sites)
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    parts = [int(v) for v in text.split(",")]
+    if len(parts) != 3 or min(parts) < 16:
+        raise argparse.ArgumentTypeError(f"--shape wants X,Y,Z with each >= 16, got '{text}'")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Write synthetic lymph-node CT phantoms in the nnU-Net raw layout.")
+    ap.add_argument("--site", default="pelvis", choices=[*SITES, "all"])
+    ap.add_argument("--num-cases", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--pet", action="store_true", help="also write a PET-like SUV channel")
+    ap.add_argument("--stations", action="store_true", help="also write labelsTr_stations/")
+    ap.add_argument("--shape", type=_triple, default=None, help="grid X,Y,Z (default 160,160,32-100)")
+    ap.add_argument("--no-gallery", action="store_true")
+    ap.add_argument("--no-real-shapes", action="store_true", help="ellipsoid/lobulated nodes only")
+    args = ap.parse_args(argv)
+    cfg = SynthConfig(site=args.site, num_cases=args.num_cases, seed=args.seed, shape=args.shape, pet=args.pet,
+                      stations=args.stations, gallery=not args.no_gallery, use_real_shapes=not args.no_real_shapes)
+    summary = write_dataset(cfg, args.out)
+    print(f"wrote {summary['cases']} cases ({', '.join(summary['sites'])}) to {args.out}")
+    print(f"nodes: {summary['nodes']}, short axis mm [min q1 median q3 max]: {summary['short_axis_mm_quantiles']}")
+    print(f"node HU mean: {summary['node_hu_mean']}, fat+muscle HU quantiles: {summary['fat_muscle_hu_quantiles']}")
+    print(f"orientations: {', '.join(summary['orientations'])}")
+    return 0

@@ -1,0 +1,42 @@
+"""NIfTI (.nii, .nii.gz) reading and atomic writing with the full affine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from lnfm.io.volume import ImageReadError, Volume, check_affine
+
+
+def read_nifti(path: str | Path) -> Volume:
+    path = str(path)
+    try:
+        img = nib.load(path)
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise ImageReadError(f"{path}: not a NIfTI image")
+        # The qform/sform affine nibabel picks is the scanner geometry.
+        data = np.asanyarray(img.dataobj)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except Exception as e:  # nibabel raises many types for corrupt files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageReadError(f"{path}: unreadable NIfTI ({reason})") from None
+    return Volume(np.asarray(data), check_affine(img.affine, path))
+
+
+def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write a NIfTI file via a temporary sibling and rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)

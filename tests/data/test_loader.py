@@ -1,0 +1,175 @@
+"""Loader: exact resume, foreground oversampling, padding, per-process shards, mixing."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from raw_cases import affine_lps, phantom, save, write_csv
+
+from lnfm.data.loader import LoaderConfig, make_loader, normalize, read_box
+from lnfm.data.prepare import PrepareConfig, prepare_dataset
+from lnfm.data.store import open_array
+
+PATCH = (16, 16, 16)
+PLAIN = LoaderConfig(patch_size=PATCH, batch_size=4, flips=False, rot90=False, intensity_scale=0.0,
+                     intensity_shift=0.0, hu_window=(-1000.0, 1000.0))
+
+
+def _store(root: Path, shapes, body_hu=None, node=2) -> str:
+    """Cases with a body (noisy ~40 HU, or exactly `body_hu`) and one 70 HU node of label 1."""
+    rows = []
+    for i, shape in enumerate(shapes):
+        c = [s // 2 for s in shape]
+        img, lab = phantom(shape=shape, nodes=((c[0], c[1], c[2], node),), seed=i)
+        if body_hu is not None:
+            img[(img > -500) & (lab == 0)] = body_hu
+        aff = affine_lps(spacing=(1.0, 1.0, 1.0))
+        rows.append({"case_id": f"c{i}", "image": save(root / f"i{i}.nii.gz", img, aff),
+                     "label": save(root / f"l{i}.nii.gz", lab, aff), "split": "train"})
+    csv_path = write_csv(root / "cases.csv", rows)
+    res = prepare_dataset(str(csv_path), str(root / "store"), PrepareConfig(workers=0, crop_body=False, salt="t"),
+                          show_progress=False)
+    assert res.ok, res.failures
+    return str(root / "store")
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory) -> str:
+    """Two 48^3 cases with one 3^3 node each: a random 16^3 patch rarely holds the node."""
+    return _store(tmp_path_factory.mktemp("big"), [(48, 48, 48), (48, 40, 44)], node=1)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_normalize_window_and_pet_scale():
+    cfg = LoaderConfig(hu_window=(-100.0, 300.0), pet_scale=5.0)
+    x = np.array([[-1000.0, 2.0], [100.0, 10.0], [500.0, 0.0]], np.float32)
+    np.testing.assert_allclose(normalize(x, cfg), [[0.0, 0.4], [0.5, 2.0], [1.0, 0.0]])
+
+
+def test_restored_iterator_yields_identical_batches(big_store):
+    cfg = dataclasses.replace(LoaderConfig(patch_size=PATCH, batch_size=3), rotate_deg=15.0, scale=0.1)
+    it = iter(make_loader([big_store], cfg, labels=True, shard_index=0, shard_count=1))
+    _take(it, 2)
+    state = it.get_state()
+    json.loads(state)  # JSON bytes: a training checkpoint can store it as text
+    expected = _take(it, 3)
+    fresh = iter(make_loader([big_store], cfg, labels=True, shard_index=0, shard_count=1))
+    fresh.set_state(state)
+    assert _same(_take(fresh, 3), expected)
+    unrestored = iter(make_loader([big_store], cfg, labels=True, shard_index=0, shard_count=1))
+    assert not _same(_take(unrestored, 3), expected)
+    with pytest.raises(ValueError, match="Sampler in checkpoint does not match"):  # another seed is refused
+        iter(make_loader([big_store], dataclasses.replace(cfg, seed=1), labels=True, shard_index=0,
+                         shard_count=1)).set_state(state)
+
+
+def test_restore_with_worker_processes(big_store):
+    cfg = dataclasses.replace(PLAIN, workers=2, batch_size=2)
+    it = iter(make_loader([big_store], cfg, labels=True, shard_index=0, shard_count=1))
+    _take(it, 3)
+    state = it.get_state()
+    expected = _take(it, 4)
+    fresh = iter(make_loader([big_store], cfg, labels=True, shard_index=0, shard_count=1))
+    fresh.set_state(state)
+    assert _same(_take(fresh, 4), expected)
+
+
+def _fg_share(store, fg_fraction, n_batches=16):
+    cfg = dataclasses.replace(PLAIN, fg_fraction=fg_fraction, batch_size=8)
+    it = iter(make_loader([store], cfg, labels=True, shard_index=0, shard_count=1))
+    labels = np.concatenate([b["label"] for b in _take(it, n_batches)])
+    return (labels.reshape(len(labels), -1).max(axis=1) > 0).mean()
+
+
+def test_foreground_fraction_is_honoured(big_store):
+    assert _fg_share(big_store, 1.0) == 1.0
+    low = _fg_share(big_store, 0.0)
+    assert low < 0.15
+    half = _fg_share(big_store, 0.5)
+    assert 0.3 < half < 0.8  # 128 draws: 0.5 + background hits, binomial sd 0.045
+
+
+def test_small_volume_is_padded_not_read_out_of_bounds(tmp_path):
+    store = _store(tmp_path, [(10, 8, 6)], node=1)
+    it = iter(make_loader([store], dataclasses.replace(PLAIN, fg_fraction=0.0), labels=True, shard_index=0,
+                          shard_count=1))
+    arr = open_array(store, "cases/c0/image_0000").read().result()
+    lab = open_array(store, "cases/c0/label").read().result()
+    for batch in _take(it, 3):
+        for image, label in zip(batch["image"][..., 0], batch["label"]):
+            assert image.shape == PATCH
+            # The whole volume lies inside the patch; everything else is window minimum / label 0.
+            assert label.sum() == lab.sum()
+            assert np.isclose(image, normalize(arr[..., None], PLAIN)[..., 0].max()).sum() \
+                == (arr == arr.max()).sum()
+            assert (image == 0).sum() >= np.prod(PATCH) - arr.size
+    # read_box itself: a box hanging over two faces keeps the inside, pads the rest.
+    box = read_box(open_array(store, "cases/c0/image_0000"), np.array([-3, 4, 2]), (8, 8, 8), -1000.0)
+    np.testing.assert_array_equal(box[3:, :4, :4], arr[:5, 4:8, 2:6])
+    assert (box[:3] == -1000).all() and (box[:, 4:] == -1000).all()
+
+
+def _patch_hashes(store, shard_index, shard_count, n=6):
+    it = iter(make_loader([store], PLAIN, shard_index=shard_index, shard_count=shard_count))
+    return [hashlib.sha1(x.tobytes()).hexdigest() for b in _take(it, n) for x in b["image"]]
+
+
+def test_per_process_shards_are_disjoint(tmp_path):
+    # Random HU everywhere, so two patches are equal only if they are the same draw.
+    img = np.random.default_rng(0).integers(-1000, 1000, (40, 40, 40)).astype(np.int16)
+    path = save(tmp_path / "noise.nii.gz", img, affine_lps())
+    prepare_dataset(str(write_csv(tmp_path / "c.csv", [{"case_id": "n", "image": path, "split": "train"}])),
+                    str(tmp_path / "store"), PrepareConfig(workers=0, crop_body=False, salt="t"), show_progress=False)
+    store = str(tmp_path / "store")
+    a, b = _patch_hashes(store, 0, 2), _patch_hashes(store, 1, 2)
+    assert len(set(a)) == len(a) and len(set(b)) == len(b)
+    assert not set(a) & set(b)
+    assert _patch_hashes(store, 0, 2) == a  # and each shard is reproducible
+
+
+def test_augmentations_keep_image_and_label_aligned(big_store):
+    # Window 0..100 HU: body (~40 HU) -> ~0.4, node (70 HU) -> 0.7. Every augmentation on.
+    cfg = LoaderConfig(patch_size=PATCH, batch_size=8, fg_fraction=1.0, intensity_scale=0.0, intensity_shift=0.0,
+                       rotate_deg=20.0, scale=0.15, hu_window=(0.0, 100.0))
+    it = iter(make_loader([big_store], cfg, labels=True, shard_index=0, shard_count=1))
+    for b in _take(it, 2):
+        img, lab = b["image"][..., 0], b["label"]
+        assert lab.sum() > 0
+        assert (img[lab > 0] > 0.55).mean() > 0.7  # labelled voxels show the node
+        assert (img[lab == 0] > 0.55).mean() < 0.05
+
+
+def test_store_mixing_weights(tmp_path):
+    a = _store(tmp_path / "a", [(24, 24, 24)], body_hu=40)
+    b = _store(tmp_path / "b", [(24, 24, 24)], body_hu=900)
+    for weights, expect_high in (([1.0, 0.0], False), ([0.0, 1.0], True)):
+        it = iter(make_loader([a, b], PLAIN, weights=weights, shard_index=0, shard_count=1))
+        top = np.concatenate([x["image"].reshape(4, -1).max(axis=1) for x in _take(it, 3)])
+        assert np.all(top > 0.9) if expect_high else np.all(top < 0.6)
+    it = iter(make_loader([a, b], PLAIN, weights=[1.0, 1.0], shard_index=0, shard_count=1))
+    top = np.concatenate([x["image"].reshape(4, -1).max(axis=1) for x in _take(it, 8)])
+    assert 0.2 < (top > 0.9).mean() < 0.8
+    with pytest.raises(ValueError, match="no cases for split='val'"):
+        make_loader([a], PLAIN, split="val", shard_index=0, shard_count=1)
+
+
+def test_two_hosts_together_see_the_single_process_batches(big_store):
+    one = iter(make_loader([big_store], dataclasses.replace(PLAIN, batch_size=4), shard_index=0, shard_count=1))
+    hosts = [iter(make_loader([big_store], dataclasses.replace(PLAIN, batch_size=2), shard_index=k, shard_count=2))
+             for k in range(2)]
+    for _ in range(3):
+        whole = next(one)["image"]
+        halves = np.concatenate([next(h)["image"] for h in hosts])
+        np.testing.assert_array_equal(halves, whole)

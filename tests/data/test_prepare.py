@@ -1,0 +1,252 @@
+"""prepare: conversion, manifest, bad inputs, resume, sharding and DICOM privacy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from raw_cases import affine_lps, nnunet_folder, phantom, save, write_csv
+
+from lnfm.data.cases import assign_split, hashed_id
+from lnfm.data.geometry import spacing_of
+from lnfm.data.prepare import PrepareConfig, main, prepare_dataset
+from lnfm.data.store import open_array, read_case, read_failures, read_manifest
+
+CFG = PrepareConfig(workers=0, salt="pepper")
+
+
+def test_nnunet_folder_converts_with_full_manifest(tmp_path):
+    raw = nnunet_folder(tmp_path / "raw", n=3, pet=True)
+    store = tmp_path / "store"
+    res = prepare_dataset(str(raw), f"file://{store}", CFG, show_progress=False)
+    assert (res.converted, res.failed, res.skipped) == (3, 0, 0)
+    rows = read_manifest(str(store))
+    assert [r["case_id"] for r in rows] == ["case000", "case001", "case002"]
+    lines = (store / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(x)["case_id"] for x in lines] == ["case000", "case001", "case002"]
+    r = rows[1]
+    assert r["site"] == "testsite" and r["channels"] == ["CT", "PET"] and r["orientation"] == "RAS"
+    assert r["source_orientation"] == "LPS" and r["source_shape"] == [40, 36, 24]
+    assert r["split"] == assign_split("case001", 0, (0.7, 0.1, 0.2))
+    assert r["spacing"] == pytest.approx([1.0, 1.2, 2.0])
+    # Arrays: int16 HU, float32 PET, uint8 labels, sharded zarr3 with blosc/zstd.
+    ct, pet, lab = (open_array(str(store), p) for p in r["image_path"] + [r["label_path"]])
+    assert (ct.dtype.name, pet.dtype.name, lab.dtype.name) == ("int16", "float32", "uint8")
+    meta = json.loads((store / r["image_path"][0] / "zarr.json").read_text())
+    codec = meta["codecs"][0]
+    assert codec["name"] == "sharding_indexed" and codec["configuration"]["chunk_shape"] == [64, 64, 64]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [128, 128, 128]
+    assert any(c["name"] == "blosc" and c["configuration"]["cname"] == "zstd"
+               for c in codec["configuration"]["codecs"])
+    # Stored data = source reoriented to RAS (LPS -> flip x, y) and cropped to the body.
+    img, _ = phantom(nodes=((15, 18, 12, 2), (28, 20, 8, 1)), seed=1)
+    image, label = read_case(str(store), r)
+    s0, s1 = r["crop_start"], r["crop_stop"]
+    ras = img[::-1, ::-1, :][s0[0]:s1[0], s0[1]:s1[1], s0[2]:s1[2]]
+    np.testing.assert_array_equal(image[..., 0], ras)
+    assert s1[0] - s0[0] < 40 and s1[1] - s0[1] < 36  # air margin dropped
+    # Nodes: two components with volume, bbox and axial diameters (5x5 voxels of 1 x 1.2 mm).
+    nodes = sorted(r["nodes"], key=lambda n: -n["volume_mm3"])
+    assert len(nodes) == 2
+    assert nodes[0]["volume_mm3"] == pytest.approx(125 * 1.0 * 1.2 * 2.0)
+    assert nodes[0]["long_axis_mm"] == pytest.approx(np.hypot(5, 6), abs=1e-3)  # box diagonal 5 x 6 mm
+    (x0, y0, z0), (x1, y1, z1) = nodes[0]["bbox"]
+    assert label[x0:x1, y0:y1, z0:z1].all() and (x1 - x0, y1 - y0, z1 - z0) == (5, 5, 5)
+    # Intensity statistics of body voxels (HU above -500), nnU-Net style.
+    body = image[..., 0][image[..., 0] > -500]
+    st = r["intensity"][0]
+    assert st["mean"] == pytest.approx(body.mean()) and st["p99_5"] == pytest.approx(np.percentile(body, 99.5))
+
+
+def test_resampled_conversion_in_worker_processes(tmp_path):
+    raw = nnunet_folder(tmp_path / "raw", n=2)
+    cfg = PrepareConfig(workers=2, spacing=(2.0, 2.0, 2.0), salt="x", crop_body=False)
+    res = prepare_dataset(str(raw), str(tmp_path / "store"), cfg, show_progress=False)
+    assert res.ok and res.converted == 2
+    r = read_manifest(str(tmp_path / "store"))[0]
+    assert spacing_of(np.asarray(r["affine"])) == pytest.approx((2.0, 2.0, 2.0))
+    assert r["shape"] == [20, 22, 24]
+
+
+def _bad_inputs(root: Path) -> tuple[Path, dict]:
+    aff = affine_lps()
+    img, lab = phantom()
+    good = [save(root / f"good{i}.nii.gz", img, aff) for i in range(2)]
+    good_lab = save(root / "good_lab.nii.gz", lab, aff)
+    nan = img.astype(np.float32)
+    nan[3, 3, 3] = np.nan
+    corrupt = root / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b" + b"garbage" * 30)
+    rows = [
+        {"case_id": "ok1", "image": good[0], "label": good_lab},
+        {"case_id": "ok2", "image": good[1]},  # unlabelled is fine
+        {"case_id": "corrupt", "image": str(corrupt)},
+        {"case_id": "nan", "image": save(root / "nan.nii.gz", nan, aff)},
+        {"case_id": "grid", "image": good[0], "label": save(root / "shifted.nii.gz", lab, affine_lps(origin=(0, 0, 0)))},
+        {"case_id": "flat", "image": save(root / "flat.nii.gz", img[:, :, 0], aff)},
+        {"case_id": "empty", "image": good[0], "label": save(root / "empty.nii.gz", lab * 0, aff)},
+        {"case_id": "frac", "image": good[0], "label": save(root / "frac.nii.gz", lab * 0.5, aff)},
+        {"case_id": "missing", "image": str(root / "nowhere.nii.gz")},
+        {"case_id": "ok1", "image": good[1]},  # duplicate id
+    ]
+    reasons = {"corrupt.nii.gz": "unreadable", "nan.nii.gz": "NaN", "shifted.nii.gz": "grid",
+               "flat.nii.gz": "2D", "empty.nii.gz": "empty label", "frac.nii.gz": "non-integer",
+               "nowhere.nii.gz": "not found", "good1.nii.gz": "duplicate case id"}
+    return write_csv(root / "cases.csv", rows), reasons
+
+
+def test_each_bad_input_is_reported_and_the_rest_converts(tmp_path):
+    csv_path, reasons = _bad_inputs(tmp_path)
+    store = tmp_path / "store"
+    rc = main(["--input", str(csv_path), "--output", str(store), "--workers", "0", "salt=s"])
+    assert rc == 1
+    assert [r["case_id"] for r in read_manifest(str(store))] == ["ok1", "ok2"]
+    fails = read_failures(str(store))
+    assert len(fails) == len(reasons)
+    for f in fails:
+        name = Path(f["file"]).name
+        assert reasons[name] in f["reason"], f
+        assert "\n" not in f["reason"]
+    # No array of a failed case is left in the store.
+    assert sorted(p.name for p in (store / "cases").iterdir()) == ["ok1", "ok2"]
+    # A rerun skips the converted cases and changes nothing of them.
+    before = (store / "records" / "ok1.json").read_bytes()
+    res = prepare_dataset(str(csv_path), str(store), CFG, show_progress=False)
+    assert (res.converted, res.skipped, res.failed) == (0, 2, len(reasons))
+    assert (store / "records" / "ok1.json").read_bytes() == before
+
+
+def _snapshot(store: Path) -> dict:
+    out = {}
+    for r in read_manifest(str(store)):
+        image, label = read_case(str(store), r)
+        out[r["case_id"]] = (json.dumps(r, sort_keys=True), image.tobytes(), None if label is None else label.tobytes())
+    return out
+
+
+def test_interrupted_sharded_conversion_resumes_to_the_same_result(tmp_path):
+    raw = nnunet_folder(tmp_path / "raw", n=4)
+    full = tmp_path / "full"
+    assert prepare_dataset(str(raw), str(full), CFG, show_progress=False).converted == 4
+    part = tmp_path / "part"
+    # Host 0 of 2 finishes its slice; host 1 dies mid-case, leaving half-written arrays.
+    r0 = prepare_dataset(str(raw), str(part), CFG, num_shards=2, shard_index=0, show_progress=False)
+    assert r0.converted == 2
+    assert len(read_manifest(str(part))) == 2
+    done = {r["case_id"] for r in read_manifest(str(part))}
+    half = next(c for c in ["case000", "case001", "case002", "case003"] if c not in done)
+    (part / "cases" / half / "image_0000").mkdir(parents=True)
+    (part / "cases" / half / "image_0000" / "zarr.json").write_text("{truncated")
+    assert half not in {r["case_id"] for r in read_manifest(str(part))}
+    res = prepare_dataset(str(raw), str(part), CFG, show_progress=False)
+    assert (res.converted, res.skipped, res.failed) == (2, 2, 0)
+    assert _snapshot(part) == _snapshot(full)
+
+
+def test_split_column_overrides_and_hash_split_is_deterministic(tmp_path):
+    img, lab = phantom()
+    p = save(tmp_path / "a.nii.gz", img, affine_lps())
+    csv_path = write_csv(tmp_path / "c.csv", [{"case_id": f"k{i}", "image": p, "split": "val" if i == 0 else ""}
+                                               for i in range(3)])
+    prepare_dataset(str(csv_path), str(tmp_path / "s"), CFG, show_progress=False)
+    splits = {r["case_id"]: r["split"] for r in read_manifest(str(tmp_path / "s"))}
+    assert splits["k0"] == "val"
+    assert splits["k1"] == assign_split("k1", 0, (0.7, 0.1, 0.2))
+    ids = [f"id{i}" for i in range(4000)]
+    got = [assign_split(i, 3, (0.7, 0.1, 0.2)) for i in ids]
+    assert got == [assign_split(i, 3, (0.7, 0.1, 0.2)) for i in ids]
+    assert abs(got.count("train") / 4000 - 0.7) < 0.03 and abs(got.count("test") / 4000 - 0.2) < 0.03
+
+
+def test_dicom_identifiers_never_reach_the_store(shared_data, tmp_path, caplog):
+    series = shared_data / "ct/totalsegmentator/example_ct_dicom"
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "series").symlink_to(series)
+    store = tmp_path / "store"
+    res = prepare_dataset(str(root), str(store), PrepareConfig(workers=0, salt="s3cret", spacing=(4.0, 4.0, 4.0)),
+                          show_progress=False)
+    assert res.ok and res.converted == 1
+    identifiers = set()
+    for f in sorted(series.iterdir())[:20]:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for key in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyInstanceUID",
+                    "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID", "StudyID"):
+            value = str(ds.get(key, "") or "").strip()
+            if len(value) >= 4:
+                identifiers.add(value)
+        identifiers.add(f.name.removeprefix("CT."))  # these file names are SOP instance UIDs
+    assert any("." in v for v in identifiers)  # the UIDs at least are present in the source
+    blobs = [p.read_bytes() for p in store.rglob("*") if p.is_file()] + [caplog.text.encode()]
+    for ident in identifiers:
+        assert not any(ident.encode() in b for b in blobs), ident
+    # This series has an emptied SeriesInstanceUID, so its id hashes the folder path.
+    uid = str(pydicom.dcmread(sorted(series.iterdir())[0], stop_before_pixels=True).SeriesInstanceUID)
+    key = uid or str((root / "series").absolute())
+    case_id = read_manifest(str(store))[0]["case_id"]
+    assert case_id == hashed_id(key, "s3cret") != hashed_id(key, "other")
+
+
+def test_site_preset_spacing_and_cli_flags(tmp_path):
+    raw = nnunet_folder(tmp_path / "raw", n=1)
+    rc = main(["--input", str(raw), "--output", str(tmp_path / "s"), "--workers", "0", "--site-preset", "abdomen",
+               "--site", "hospital_b", "salt=x"])
+    assert rc == 0
+    r = read_manifest(str(tmp_path / "s"))[0]
+    assert r["site"] == "hospital_b" and r["spacing"] == pytest.approx([1.0, 1.0, 2.0])
+    rc = main(["--input", str(raw), "--output", str(tmp_path / "t"), "--spacing", "2,2,4", "--site-preset", "abdomen"])
+    assert rc == 0 and read_manifest(str(tmp_path / "t"))[0]["spacing"] == pytest.approx([2.0, 2.0, 4.0])
+
+
+def test_multi_site_folder_takes_site_per_case(tmp_path):
+    """Phantoms made with `--site all` record each case's site in dataset.json."""
+    import json
+
+    from lnfm.data.cases import discover
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for cid in ("pelvis_000", "axilla_000"):
+        (tmp_path / "imagesTr" / f"{cid}_0000.nii.gz").write_bytes(b"")
+        (tmp_path / "labelsTr" / f"{cid}.nii.gz").write_bytes(b"")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "site": "all",
+        "cases": [{"case": "pelvis_000", "site": "pelvis"}, {"case": "axilla_000", "site": "axilla"}]}))
+    cases, errors = discover(str(tmp_path))
+    assert not errors
+    assert {c.case_id: c.site for c in cases} == {"pelvis_000": "pelvis", "axilla_000": "axilla"}
+
+
+def test_pet_on_coarser_grid_is_resampled_and_labels_mapped(tmp_path):
+    """HECKTOR-style case: PET on a 2x coarser grid in the same frame, label 2 = nodal GTV."""
+    img, lab = phantom(shape=(40, 36, 24), nodes=((20, 18, 12, 3),))
+    lab = lab * 2  # nodes carry value 2; value 1 (primary tumour) marks a separate box
+    lab[5:8, 5:8, 5:8] = 1
+    ct_aff = affine_lps()
+    pet_aff = ct_aff.copy()
+    pet_aff[:3, :3] *= 2.0
+    # PET value = world x coordinate, so a linear resampling reproduces it exactly inside the grid.
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in (20, 18, 12)], indexing="ij"), -1)
+    pet = (ijk @ pet_aff[:3, :3].T + pet_aff[:3, 3])[..., 0].astype(np.float32)
+    rows = [{"case_id": "h1", "image": save(tmp_path / "ct.nii.gz", img, ct_aff),
+             "pet": save(tmp_path / "pet.nii.gz", pet, pet_aff), "label": save(tmp_path / "lab.nii.gz", lab, ct_aff),
+             "site": "head_neck"}]
+    store = tmp_path / "store"
+    res = prepare_dataset(str(write_csv(tmp_path / "cases.csv", rows)), str(store),
+                          PrepareConfig(workers=0, crop_body=False, label_map={2: 1}), show_progress=False)
+    assert res.ok, res.failures
+    rec = read_manifest(str(store))[0]
+    image, label = read_case(str(store), rec)
+    assert image.shape[-1] == 2 and set(np.unique(label)) == {0, 1}
+    assert len(rec["nodes"]) == 1 and label.sum() == 7 ** 3  # the value-1 box is dropped
+    aff = np.asarray(rec["affine"])
+    world_x = (np.stack(np.meshgrid(*[np.arange(s) for s in image.shape[:3]], indexing="ij"), -1)
+               @ aff[:3, :3].T + aff[:3, 3])[..., 0]
+    inner = (slice(2, -2),) * 3  # away from the PET grid's half-voxel edge
+    np.testing.assert_allclose(image[..., 1][inner], world_x[inner], atol=1e-3)
+    strict = prepare_dataset(str(tmp_path / "cases.csv"), str(tmp_path / "s2"),
+                             PrepareConfig(workers=0, resample_channels=False), show_progress=False)
+    assert not strict.ok and "channel grid" in strict.failures[0]["reason"]

@@ -1,0 +1,46 @@
+"""Store: URL -> kvstore mapping, sharded zarr3 arrays, manifest merging."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lnfm.data import store as st
+
+
+def test_kvstore_spec_maps_paths_and_urls(tmp_path):
+    assert st.kvstore_spec("gs://bucket/data/ln", "cases/a") == {"driver": "gcs", "bucket": "bucket",
+                                                                 "path": "data/ln/cases/a"}
+    assert st.kvstore_spec("s3://b/x/") == {"driver": "s3", "bucket": "b", "path": "x"}
+    assert st.kvstore_spec(f"file://{tmp_path}", "m") == {"driver": "file", "path": f"{tmp_path}/m"}
+    assert st.kvstore_spec(str(tmp_path)) == {"driver": "file", "path": str(tmp_path)}
+    with pytest.raises(ValueError, match="unsupported store URL scheme 'ftp'"):
+        st.kvstore_spec("ftp://host/x")
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+def test_sharded_array_round_trip_and_partial_reads(tmp_path, dtype):
+    data = (np.random.default_rng(0).normal(size=(70, 40, 130)) * 100).astype(dtype)
+    st.create_array(str(tmp_path), "cases/a/x", data, chunk=32, shard=64)
+    arr = st.open_array(f"file://{tmp_path}", "cases/a/x")
+    assert arr.shape == data.shape and arr.dtype.name == np.dtype(dtype).name
+    np.testing.assert_array_equal(arr[5:50, 3:9, 60:129].read().result(), data[5:50, 3:9, 60:129])
+    # 3 x 1 x 3 shards of 64^3 hold the 70 x 40 x 130 array.
+    assert len(list((tmp_path / "cases/a/x/c").rglob("*"))) - len(
+        [p for p in (tmp_path / "cases/a/x/c").rglob("*") if p.is_dir()]) == 6
+    with pytest.raises(ValueError, match="multiple of chunk"):
+        st.create_array(str(tmp_path), "y", data, chunk=48, shard=64)
+
+
+def test_manifest_merges_records_until_rewritten(tmp_path):
+    s = str(tmp_path)
+    st.write_record(s, {"case_id": "b", "v": 1})
+    st.write_record(s, {"case_id": "a", "v": 2})
+    assert [r["case_id"] for r in st.read_manifest(s)] == ["a", "b"]
+    st.write_manifest(s)
+    assert [json.loads(x)["case_id"] for x in (tmp_path / "manifest.jsonl").read_text().splitlines()] == ["a", "b"]
+    st.write_record(s, {"case_id": "c", "v": 3})  # another host finished a case meanwhile
+    assert [r["case_id"] for r in st.read_manifest(s)] == ["a", "b", "c"]
+    assert st.read_manifest(str(tmp_path / "empty")) == []

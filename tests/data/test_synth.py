@@ -1,0 +1,184 @@
+"""Synthetic phantoms: determinism, written grids, node sizes, HU, orientation, PET, every site."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from lnfm.data import synth_anatomy as A
+from lnfm.data.synth import SITES, SynthConfig, case_seed, generate_case, main, write_dataset
+
+SMALL = SynthConfig(shape=(64, 64, 32), gallery=False)
+
+
+def small(**kw) -> SynthConfig:
+    return SynthConfig(**{**SMALL.__dict__, **kw})
+
+
+def _min_width_mm(mask2d: np.ndarray, sx: float, sy: float) -> float:
+    """Reference short axis of one axial slice: the smallest caliper width over 180 directions
+    of the pixel-corner point set (independent of the project's Feret-based measure)."""
+    ij = np.argwhere(mask2d).astype(float)
+    corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    pts = (ij[:, None] + corners[None]).reshape(-1, 2) * [sx, sy]
+    t = np.deg2rad(np.arange(0, 180, 0.5))
+    proj = pts @ np.stack([np.cos(t), np.sin(t)])
+    return float((proj.max(0) - proj.min(0)).min())
+
+
+def _canonical(arr, affine):
+    ornt = nib.orientations.io_orientation(affine)
+    data = nib.orientations.apply_orientation(arr, ornt)
+    return data, affine @ nib.orientations.inv_ornt_aff(ornt, arr.shape)
+
+
+def test_deterministic_by_seed():
+    a, b, c = generate_case("pelvis", 7, SMALL), generate_case("pelvis", 7, SMALL), generate_case("pelvis", 8, SMALL)
+    assert a.image.tobytes() == b.image.tobytes() and a.label.tobytes() == b.label.tobytes()
+    assert np.array_equal(a.affine, b.affine) and a.nodes == b.nodes
+    assert a.image.shape != c.image.shape or a.image.tobytes() != c.image.tobytes()
+
+
+def test_written_dataset_grids_and_prefix_property(tmp_path):
+    cfg = small(site="mediastinum", num_cases=3, seed=3, pet=True, stations=True, gallery=True)
+    summary = write_dataset(cfg, tmp_path)
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "lymph_node": 1} and meta["numTraining"] == 3 == summary["cases"]
+    assert meta["channel_names"] == {"0": "CT", "1": "PET"} and meta["file_ending"] == ".nii.gz"
+    for entry in meta["cases"]:
+        cid = entry["case"]
+        img = nib.load(tmp_path / "imagesTr" / f"{cid}_0000.nii.gz")
+        pet = nib.load(tmp_path / "imagesTr" / f"{cid}_0001.nii.gz")
+        lab = nib.load(tmp_path / "labelsTr" / f"{cid}.nii.gz")
+        st = nib.load(tmp_path / "labelsTr_stations" / f"{cid}.nii.gz")
+        assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint8
+        assert pet.get_data_dtype() == np.float32
+        for other in (pet, lab, st):
+            assert other.shape == img.shape and np.allclose(other.affine, img.affine)
+        lab_a, st_a = np.asarray(lab.dataobj), np.asarray(st.dataobj)
+        assert lab_a.any() and np.array_equal(st_a > 0, lab_a > 0)
+        names = meta["stations"]["mediastinum"]
+        assert {names[str(v)] for v in np.unique(st_a[st_a > 0])} == {n["station"] for n in entry["nodes"]}
+        assert (tmp_path / "gallery" / f"{cid}.png").stat().st_size > 1000
+    # Case i depends only on (site, seed, i): the written case 2 equals a direct generation.
+    direct = generate_case("mediastinum", case_seed(3, 2), cfg)
+    written = np.asarray(nib.load(tmp_path / "imagesTr" / "mediastinum_002_0000.nii.gz").dataobj)
+    assert np.array_equal(direct.image, written)
+    assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_node_short_axis_in_range_and_records_match():
+    lo, hi = SMALL.short_axis_mm
+    checked = 0
+    for i in range(4):
+        case = generate_case("abdomen", i, SMALL)
+        lab, aff = _canonical(case.label, case.affine)
+        sp = np.sqrt((aff[:3, :3] ** 2).sum(0))
+        cc, n = ndimage.label(lab)
+        assert n == len(case.nodes) >= 1
+        recorded = sorted(r["short_axis_mm"] for r in case.nodes)
+        measured = []
+        for k in range(1, n + 1):
+            comp = cc == k
+            widths = [_min_width_mm(comp[:, :, z], sp[0], sp[1]) for z in np.flatnonzero(comp.any((0, 1)))]
+            measured.append(max(widths))
+        measured.sort()
+        for m, r in zip(measured, recorded):
+            assert lo - 1e-6 <= r <= hi + 1e-6
+            assert 0.75 * r - 1e-6 <= m <= r + 1e-6  # min caliper width never exceeds the Feret-perpendicular width
+            checked += 1
+    assert checked >= 4
+
+
+def test_hu_of_tissues():
+    means: dict[int, list[float]] = {}
+    # A wide thin chest slab shows lung; the small neck shows air, bone and muscle.
+    for site, seed, shape in (("head_neck", 0, (64, 64, 32)), ("mediastinum", 1, (144, 144, 12)), ("pelvis", 2, (64, 64, 32))):
+        case = generate_case(site, seed, small(noise_hu=(10.0, 10.0), shape=shape))
+        for t in (A.AIR, A.FAT, A.MUSCLE, A.BONE, A.NODE, A.LUNG):
+            # Cortical bone is only a few voxels thick: take all of it; erode the rest past the blur.
+            core = case.tissue == t if t == A.BONE else ndimage.binary_erosion(case.tissue == t, iterations=2)
+            if core.sum() > 30:
+                means.setdefault(t, []).append(float(case.image[core].mean()))
+    assert all(-120 <= m <= -80 for m in means[A.FAT]), means[A.FAT]
+    assert all(25 <= m <= 80 for m in means[A.MUSCLE]), means[A.MUSCLE]
+    assert all(m > 400 for m in means[A.BONE]), means[A.BONE]
+    assert all(m < -960 for m in means[A.AIR]), means[A.AIR]
+    assert all(-900 <= m <= -780 for m in means[A.LUNG]), means[A.LUNG]
+    case = generate_case("pelvis", 5, SMALL)
+    node = case.image[(case.tissue == A.NODE)]
+    assert -10 <= node.mean() <= 90
+
+
+def test_orientations_vary_and_world_centroids_agree():
+    codes = set()
+    for i in range(8):
+        case = generate_case(SITES[i % 5], 100 + i, SMALL)
+        codes.add(case.info["orientation"])
+        assert abs(np.linalg.det(case.affine[:3, :3])) > 1e-3
+        assert "".join(nib.aff2axcodes(case.affine)) == case.info["orientation"]
+        zooms = nib.Nifti1Image(case.image, case.affine).header.get_zooms()
+        assert np.allclose(sorted(zooms), sorted(case.info["spacing"]), atol=1e-4)
+        cc, n = ndimage.label(case.label)
+        coms = np.array(ndimage.center_of_mass(case.label, cc, range(1, n + 1)))
+        world = coms @ case.affine[:3, :3].T + case.affine[:3, 3]
+        for node in case.nodes:
+            assert np.min(np.linalg.norm(world - node["centroid_world"], axis=1)) < 0.05
+    assert len(codes) >= 3
+
+
+def test_same_anatomy_in_world_whatever_the_orientation():
+    """Two cases that differ only in stored orientation hold the same world-space image."""
+    case = generate_case("pelvis", 11, SMALL)
+    can, aff = _canonical(case.image, case.affine)
+    assert "".join(nib.aff2axcodes(aff)) == "RAS"
+    # Sampling the stored array at the world points of the canonical grid gives the canonical array.
+    idx = np.array([[0, 0, 0], [5, 9, 3], [63, 10, 31], [20, 40, 7]])
+    world = idx @ aff[:3, :3].T + aff[:3, 3]
+    src = np.round((world - case.affine[:3, 3]) @ np.linalg.inv(case.affine[:3, :3]).T).astype(int)
+    shape_ok = np.all((src >= 0) & (src < case.image.shape), axis=1)
+    assert shape_ok.all()
+    assert np.array_equal(can[tuple(idx.T)], case.image[tuple(src.T)])
+
+
+def test_pet_uptake_higher_in_nodes():
+    case = generate_case("axilla", 4, small(pet=True))
+    body = (case.tissue != A.AIR) & (case.label == 0)
+    assert case.pet.dtype == np.float32
+    assert case.pet[case.label > 0].mean() > 2 * np.median(case.pet[body])
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_every_site_generates(site):
+    case = generate_case(site, 0, SMALL)
+    assert case.image.shape in {tuple(np.array((64, 64, 32))[list(p)]) for p in
+                                ((0, 1, 2), (1, 0, 2), (2, 0, 1), (0, 2, 1), (1, 2, 0), (2, 1, 0))}
+    assert case.label.any() and case.image.dtype == np.int16 and case.label.dtype == np.uint8
+    assert {n["station"] for n in case.nodes} <= set(case.station_names)
+
+
+@pytest.mark.parametrize("kw", [{"use_real_shapes": False}, {"real_masks_dir": "/nonexistent", "real_shape_fraction": 1.0}])
+def test_fallback_shapes_without_real_masks(kw):
+    case = generate_case("abdomen", 3, small(nodes_per_case=(6, 6), **kw))
+    assert case.nodes and {n["shape"] for n in case.nodes} <= {"ovoid", "lobulated"}
+
+
+def test_real_shapes_used_when_present(shared_data):
+    kinds = {n["shape"] for i in range(3) for n in generate_case("mediastinum", i, small(real_shape_fraction=1.0)).nodes}
+    assert "real" in kinds
+
+
+def test_unknown_site_is_one_line_error():
+    with pytest.raises(ValueError, match="unknown site 'liver'"):
+        generate_case("liver", 0, SMALL)
+
+
+def test_cli_summary(tmp_path, capsys):
+    assert main(["--site", "head_neck", "--num-cases", "2", "--out", str(tmp_path), "--shape", "48,48,24",
+                 "--no-gallery"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 2 cases" in out and "short axis" in out
+    assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["head_neck_000.nii.gz", "head_neck_001.nii.gz"]
+    assert not (tmp_path / "gallery").exists()

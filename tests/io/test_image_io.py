@@ -1,0 +1,126 @@
+"""Image readers against independent references (SimpleITK, pydicom) and real scanner files."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from lnfm.io import ImageReadError, read_image, write_nifti, write_nrrd
+
+DICOM_SERIES = "ct/totalsegmentator/example_ct_dicom"
+
+
+def sitk_ras_affine(img: sitk.Image) -> np.ndarray:
+    """SimpleITK (LPS, origin/direction/spacing) -> RAS voxel->world affine of the (X, Y, Z) array."""
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    a = np.eye(4)
+    a[:3, :3] = d @ np.diag(img.GetSpacing())
+    a[:3, 3] = img.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ a
+
+
+def sitk_xyz(img: sitk.Image) -> np.ndarray:
+    return np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
+
+
+def test_nifti_write_read_round_trip(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    aff = np.array([[0, -0.8, 0, 10], [0.9, 0, 0, -4], [0, 0, 2.5, 7], [0, 0, 0, 1]], float)
+    write_nifti(tmp_path / "a.nii.gz", data, aff)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]  # no temporary file left
+    vol = read_image(tmp_path / "a.nii.gz")
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-5)
+    ref = sitk.ReadImage(str(tmp_path / "a.nii.gz"))
+    np.testing.assert_allclose(sitk_ras_affine(ref), aff, atol=1e-4)
+
+
+def test_nrrd_lps_space_matches_simpleitk(tmp_path):
+    data = np.random.default_rng(0).integers(-1000, 1000, (6, 7, 5)).astype(np.int16)
+    header = {"space": "left-posterior-superior",
+              "space directions": np.array([[0.7, 0.1, 0], [-0.1, 0.7, 0], [0, 0, 2.0]]),
+              "space origin": np.array([-12.0, 30.0, 4.0])}
+    nrrd.write(str(tmp_path / "a.nrrd"), data, header, index_order="F")
+    vol = read_image(tmp_path / "a.nrrd")
+    ref = sitk.ReadImage(str(tmp_path / "a.nrrd"))
+    np.testing.assert_array_equal(vol.data, sitk_xyz(ref))
+    np.testing.assert_allclose(vol.affine, sitk_ras_affine(ref), atol=1e-6)
+    write_nrrd(tmp_path / "b.nrrd", vol.data, vol.affine)
+    back = read_image(tmp_path / "b.nrrd")
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-9)
+    np.testing.assert_array_equal(back.data, vol.data)
+
+
+def test_real_nifti_lps_matches_simpleitk(shared_data):
+    path = shared_data / "ct/totalsegmentator/chest_vessels/ct_cropped.nii.gz"
+    vol = read_image(path)
+    ref = sitk.ReadImage(str(path))
+    np.testing.assert_array_equal(vol.data, sitk_xyz(ref))
+    np.testing.assert_allclose(vol.affine, sitk_ras_affine(ref), atol=1e-3)
+
+
+def test_dicom_series_matches_simpleitk_and_its_nifti_label(shared_data):
+    folder = shared_data / DICOM_SERIES
+    vol = read_image(folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    ref = reader.Execute()
+    assert vol.data.dtype == np.int16
+    np.testing.assert_array_equal(vol.data, sitk_xyz(ref))
+    np.testing.assert_allclose(vol.affine, sitk_ras_affine(ref), atol=1e-3)
+    # The label was made from this series: same world grid (it stores y flipped, LAS).
+    seg = nib.load(shared_data / "ct/totalsegmentator/example_seg_dicom.nii.gz")
+    assert seg.shape == vol.data.shape
+    corners = np.array([[i, j, k, 1] for i in (0, 511) for j in (0, 511) for k in (0, 19)], float).T
+    ours = {tuple(np.round(c, 2)) for c in (vol.affine @ corners)[:3].T}
+    theirs = {tuple(np.round(c, 2)) for c in (seg.affine @ corners)[:3].T}
+    assert ours == theirs
+
+
+def test_single_dicom_file_applies_rescale(shared_data):
+    path = shared_data / "dicom_small/pydicom_CT_small.dcm"
+    vol = read_image(path)
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert vol.data.shape == (128, 128, 1)
+    np.testing.assert_array_equal(vol.data[:, :, 0], hu.T)
+    spacing = np.linalg.norm(vol.affine[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing[:2], [float(ds.PixelSpacing[1]), float(ds.PixelSpacing[0])])
+
+
+def test_dicom_sorted_by_position_not_file_name(shared_data, tmp_path):
+    src = shared_data / "dicom_small/lungmask"
+    # Reverse the names so name order and position order disagree.
+    for name, target in (("0.dcm", "b.dcm"), ("1.dcm", "a.dcm")):
+        (tmp_path / target).write_bytes((src / name).read_bytes())
+    vol = read_image(tmp_path)
+    z0 = [float(pydicom.dcmread(src / n).ImagePositionPatient[2]) for n in ("0.dcm", "1.dcm")]
+    assert vol.affine[2, 3] == pytest.approx(min(z0))
+    assert vol.affine[2, 2] == pytest.approx(abs(z0[1] - z0[0]))
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt_gz", "garbage_nii", "unknown_ext", "nonuniform_dicom"])
+def test_unreadable_inputs_raise_one_line_error_with_path(case, tmp_path, shared_data):
+    if case == "missing":
+        path = tmp_path / "none.nii.gz"
+    elif case == "corrupt_gz":
+        path = tmp_path / "bad.nii.gz"
+        path.write_bytes(gzip.compress(b"\x00" * 40)[:30])
+    elif case == "garbage_nii":
+        path = tmp_path / "bad.nii"
+        path.write_bytes(b"this is not an image" * 20)
+    elif case == "unknown_ext":
+        path = tmp_path / "scan.png"
+        path.write_bytes(b"x")
+    else:
+        path = shared_data / "dicom_small/monai_ct_dicom"
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and "\n" not in msg and len(msg) > len(str(path)) + 5
