@@ -1,0 +1,35 @@
+"""Model configuration shared by the ViT/MAE and Swin/SimMIM builders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and self-supervised head settings (`model:` section)."""
+
+    arch: str = "vit"  # backbone family: "vit" or "swin"
+    size: str = "tiny"  # preset size; vit: tiny, s, b, l, h; swin: see lnfm.models.swin
+    patch_size: tuple[int, int, int] = (16, 16, 16)  # ViT patch in voxels along (X, Y, Z); anisotropic allowed
+    in_channels: int = 1  # input channels (1 for CT, 2 for CT+PET)
+    img_size: tuple[int, int, int] = (96, 96, 96)  # training crop (X, Y, Z); sets stored position-embedding grids
+    cls_token: bool = False  # prepend a learned class token (no position embedding on it)
+    pos_embed: str = "sincos"  # ViT position embedding: "sincos" (fixed, any grid) or "learnable" (interpolated)
+    qkv_bias: bool = True  # bias on the packed qkv projection (MONAI's default is False)
+    width: int | None = None  # override the preset's embedding width
+    depth: int | None = None  # override the preset's number of transformer blocks
+    heads: int | None = None  # override the preset's number of attention heads
+    mlp_dim: int | None = None  # override the preset's MLP hidden size (default 4 x width)
+    dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
+    param_dtype: str = "float32"  # parameter (master weight) dtype
+    remat: str = "none"  # per-block rematerialisation: none, full, dots_saveable, dots_with_no_batch_dims_saveable
+    mask_ratio: float = 0.75  # fraction of patches hidden from the MAE/SimMIM encoder
+    norm_pix: bool = True  # MAE target: per-patch normalised voxels
+    decoder_width: int | None = None  # MAE decoder width (default: 64 for tiny, 512 otherwise)
+    decoder_depth: int | None = None  # MAE decoder blocks (default: 1 for tiny, 8 otherwise)
+    decoder_heads: int | None = None  # MAE decoder heads (default: 4 for tiny, 16 otherwise)
+    decoder_mlp_dim: int | None = None  # MAE decoder MLP hidden size (default 4 x decoder width)
+    feature_layers: tuple[int, ...] | None = None  # 1-based blocks whose outputs feed decoders (default: 4 evenly spaced)
+    window_size: tuple[int, int, int] = (7, 7, 7)  # Swin attention window (tokens)
+    swin_patch_size: tuple[int, int, int] = (2, 2, 2)  # Swin patch embedding stride (voxels)
