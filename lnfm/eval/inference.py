@@ -1,0 +1,160 @@
+"""Sliding-window inference over a whole volume with Gaussian blending.
+
+Window placement and the importance map are those of MONAI's
+`sliding_window_inference` (`dense_patch_slices` with step
+``int(roi * (1 - overlap))``, last window flush with the far edge; Gaussian
+weights ``exp(-x^2 / (2 (sigma_scale * roi)^2))`` centred on the window and
+clamped below at 1e-3), so the two give the same result for the same predictor.
+
+Memory: the blended output (X, Y, Z, K) and the weight sum (X, Y, Z) live on
+the host in float32; the device only ever sees one batch of `sw_batch_size`
+windows. Peak host memory is about the (padded) input plus 4 * X*Y*Z * (K + 1)
+bytes plus two window batches; the output is cast to `out_dtype` at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+
+@dataclass
+class InferenceConfig:
+    """Sliding-window inference settings (keyword arguments of `sliding_window_inference`)."""
+
+    roi: tuple[int, int, int] = (96, 96, 96)  # window size in voxels (X, Y, Z)
+    overlap: float = 0.5  # fraction of a window shared with its neighbour along each axis
+    mode: Literal["gaussian", "constant"] = "gaussian"  # blending weights of window outputs
+    sigma_scale: float = 0.125  # Gaussian sigma as a fraction of the window size
+    sw_batch_size: int = 4  # windows per predict_fn call
+    tta_flips: bool = False  # average over all 8 axis-flip combinations
+
+
+def importance_map(roi: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+    """Per-voxel blending weight of one window (float32, shape roi)."""
+    if mode == "constant":
+        return np.ones(tuple(roi), np.float32)
+    if mode != "gaussian":
+        raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
+    w = np.ones((), np.float64)
+    for size in roi:
+        x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+        g = np.exp(-(x**2) / (2.0 * (sigma_scale * size) ** 2))
+        w = w[..., None] * g
+    return np.maximum(w, max(float(w.min()), 1e-3)).astype(np.float32)
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window start positions along one axis (size >= roi)."""
+    if roi >= size:
+        return [0]
+    step = max(int(roi * (1 - overlap)), 1)
+    starts = []
+    for i in range(-(-size // step)):
+        start = i * step
+        if start + roi >= size:
+            starts.append(size - roi)
+            break
+        starts.append(start)
+    return starts
+
+
+def flip_sets(tta_flips) -> list[tuple[int, ...]]:
+    """Spatial axes to flip for each TTA pass: False -> [()], True -> all 8 subsets of (0, 1, 2)."""
+    if tta_flips is False or tta_flips is None:
+        return [()]
+    if tta_flips is True:
+        return [c for r in range(4) for c in itertools.combinations(range(3), r)]
+    sets = [tuple(sorted(int(a) for a in s)) for s in tta_flips]
+    if not sets or any(a not in (0, 1, 2) for s in sets for a in s):
+        raise ValueError(f"tta_flips must be a bool or a list of axis tuples from (0, 1, 2), got {tta_flips!r}")
+    return sets
+
+
+def sliding_window_inference(
+    predict_fn: Callable,
+    volume: np.ndarray,
+    roi: Sequence[int],
+    *,
+    overlap: float = 0.5,
+    mode: str = "gaussian",
+    sigma_scale: float = 0.125,
+    sw_batch_size: int = 4,
+    tta_flips=False,
+    num_classes: int | None = None,
+    pad_value: float = 0.0,
+    out_dtype=np.float32,
+) -> np.ndarray:
+    """Blend `predict_fn` over overlapping windows of `volume` (X, Y, Z, C) -> (X, Y, Z, K).
+
+    `predict_fn` maps a batch (sw_batch_size, *roi, C) to (sw_batch_size, *roi, K);
+    it is always called with exactly that shape (the last batch is filled up with
+    repeats), so a jitted function compiles once. Its outputs (logits or
+    probabilities, the caller's choice) are averaged with the window weights.
+    Volumes smaller than `roi` are padded with `pad_value` and the result is
+    cropped back. `tta_flips` averages each window over axis flips (True: all 8;
+    or a list such as [(), (0,), (1,), (2,)]), flipping predictions back before
+    blending. `num_classes` checks K when given.
+    """
+    volume = np.asarray(volume)
+    roi = tuple(int(r) for r in roi)
+    if volume.ndim != 4:
+        raise ValueError(f"volume must be (X, Y, Z, C), got shape {volume.shape}")
+    if len(roi) != 3 or min(roi) < 1:
+        raise ValueError(f"roi must be 3 positive sizes, got {roi}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    flips = flip_sets(tta_flips)
+
+    shape = volume.shape[:3]
+    pad = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, shape)]
+    if any(a or b for a, b in pad):
+        volume = np.pad(volume, pad + [(0, 0)], constant_values=pad_value)
+    size = volume.shape[:3]
+    corners = list(itertools.product(*(window_starts(s, r, overlap) for s, r in zip(size, roi))))
+    weight = importance_map(roi, mode, sigma_scale)
+
+    out = None
+    norm = np.zeros(size, np.float32)
+    for c in corners:
+        norm[tuple(slice(a, a + r) for a, r in zip(c, roi))] += weight
+
+    def run(batch_corners):
+        windows = [volume[tuple(slice(a, a + r) for a, r in zip(c, roi))] for c in batch_corners]
+        windows += [windows[0]] * (sw_batch_size - len(windows))
+        x = np.stack(windows).astype(np.float32, copy=False)
+        # Dispatch every flip before reading any result back, so the device keeps busy.
+        return [(axes, predict_fn(np.flip(x, [a + 1 for a in axes]) if axes else x)) for axes in flips]
+
+    batches = [corners[i : i + sw_batch_size] for i in range(0, len(corners), sw_batch_size)]
+    pending = run(batches[0])
+    for b, batch_corners in enumerate(batches):
+        results = pending
+        if b + 1 < len(batches):
+            pending = run(batches[b + 1])  # overlap the next batch's compute with this accumulation
+        pred = None
+        for axes, y in results:
+            y = np.asarray(y, np.float32)
+            if y.ndim != 5 or y.shape[:4] != (sw_batch_size, *roi):
+                raise ValueError(f"predict_fn returned shape {y.shape}, expected ({sw_batch_size}, {roi[0]}, "
+                                 f"{roi[1]}, {roi[2]}, K)")
+            y = np.flip(y, [a + 1 for a in axes]) if axes else y
+            pred = y if pred is None else pred + y
+        if len(flips) > 1:
+            pred = pred / len(flips)
+        if out is None:
+            k = pred.shape[-1]
+            if num_classes is not None and k != num_classes:
+                raise ValueError(f"predict_fn returned {k} channels, expected num_classes={num_classes}")
+            out = np.zeros((*size, k), np.float32)
+        for c, p in zip(batch_corners, pred):
+            out[tuple(slice(a, a + r) for a, r in zip(c, roi))] += p * weight[..., None]
+
+    out /= norm[..., None]
+    crop = tuple(slice(a, a + s) for (a, _), s in zip(pad, shape))
+    return out[crop].astype(out_dtype, copy=False)
