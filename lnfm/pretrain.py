@@ -1,0 +1,281 @@
+"""Self-supervised pretraining job (MAE on ViT, SimMIM on Swin) over prepared CT stores.
+
+    python pretrain/pretrain.py --config vit_tiny --data STORE[,STORE...] --workdir DIR [key=value ...]
+
+The job resumes from the newest checkpoint in DIR/checkpoints, writes
+DIR/metrics.jsonl, TensorBoard events and preview PNGs, and exits 0 after a
+SIGTERM/SIGINT once the current step is saved. See docs/pretraining.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lnfm.config import ConfigError, load_config, to_dict
+from lnfm.data.loader import LoaderConfig, make_loader
+from lnfm.data.store import read_manifest
+from lnfm.models import ModelConfig, build_ssl_model
+from lnfm.models.sharding import MeshConfig, batch_sharding, create_sharded_model, make_mesh, use_rules
+from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
+from lnfm.train.distributed import DistributedConfigError, initialize
+from lnfm.train.loop import Hook, NonFiniteLoss, Throughput, parse_profile_steps, run_loop, trim_metrics
+from lnfm.train.mfu import forward_flops, train_flops
+from lnfm.train.optim import OptimConfig, make_optimizer
+from lnfm.train.state import abstract_state, create_train_state, merge_model, step_key
+from lnfm.train.step import make_train_step
+from lnfm.workdir import open_workdir
+
+log = logging.getLogger("lnfm.pretrain")
+
+SPACING_RTOL = 0.02  # prepared spacings within 2% count as the configured one
+
+
+@dataclasses.dataclass
+class PretrainDataConfig(LoaderConfig):
+    """The loader settings plus which cases to draw; patch_size and batch_size are set by the job."""
+
+    weights: tuple[float, ...] = ()  # mixing weight per --data store (empty: in proportion to case counts)
+    split: str | None = "train"  # manifest split to pretrain on (null: every case, labelled or not)
+    spacing: tuple[float, float, float] | None = None  # voxel size (mm) the stores must be prepared at; null: any
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 100_000  # optimizer steps in the whole run
+    global_batch: int = 64  # volumes per optimizer step over all hosts (split evenly across processes)
+    accum_steps: int = 1  # gradient-accumulation microbatches per step (must divide the per-step batch)
+    seed: int = 0  # model initialisation and mask RNG
+    log_every: int = 10  # write metrics every N steps
+    image_every: int = 1000  # preview PNG (input / masked / reconstruction) every N steps; 0 disables
+    profile_steps: str = ""  # 'A:B' traces steps A..B-1 into DIR/profile (also --profile-steps)
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # backbone + SSL head
+    data: PretrainDataConfig = dataclasses.field(default_factory=PretrainDataConfig)  # HU window, augmentation, mixing
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh and sharding rules
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW + LR schedule
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # run length, batch, logging
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax saving
+
+
+def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> PretrainConfig:
+    return load_config(PretrainConfig, name_or_yaml, list(overrides), kind="pretrain")
+
+
+class DataError(ValueError):
+    """A dataset path that is missing, empty or unreadable."""
+
+
+def check_stores(stores: list[str], split: str | None = None,
+                 spacing: tuple[float, float, float] | None = None) -> list[int]:
+    """Usable cases per store; a missing or empty store, or one at another spacing, is a one-line DataError."""
+    if not stores:
+        raise DataError("no dataset given: pass --data STORE[,STORE...]")
+    counts = []
+    for store in stores:
+        if "://" not in store and not Path(store).is_dir():
+            raise DataError(f"{store}: dataset not found (expected a prepared store; see data_prep/prepare.py)")
+        try:
+            records = read_manifest(store)
+        except Exception as e:  # unreadable manifest or records
+            raise DataError(f"{store}: cannot read the dataset manifest ({str(e).splitlines()[0][:200]})") from None
+        if not records:
+            raise DataError(f"{store}: dataset is empty (no prepared cases)")
+        records = [r for r in records if split is None or r.get("split") == split]
+        if not records:
+            raise DataError(f"{store}: no cases in split '{split}' (set data.split=null to use every case)")
+        if spacing is not None:
+            off = [r["case_id"] for r in records
+                   if not np.allclose(r.get("spacing", spacing), spacing, rtol=SPACING_RTOL)]
+            if off:
+                raise DataError(f"{store}: {len(off)} of {len(records)} cases are not at data.spacing={list(spacing)} "
+                                f"mm (re-prepare with --spacing, or set data.spacing=null)")
+        counts.append(len(records))
+    return counts
+
+
+def preview_png(images, aux: dict, patch: tuple[int, int, int], norm_pix: bool):
+    """Middle axial slice of sample 0: input | masked input | reconstruction -> (RGB uint8 (H, W, 3), PNG bytes)."""
+    import jax.numpy as jnp
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lnfm.models.mae import patchify, reconstruct, unpatchify  # ViT MAE only
+
+    img = jnp.asarray(images[:1], jnp.float32)
+    mask = jnp.asarray(aux["mask"][:1])
+    masked = unpatchify(patchify(img, patch) * (1 - mask[..., None]), patch, img.shape[1:4], img.shape[-1])
+    recon = reconstruct(img, jnp.asarray(aux["pred"][:1]), mask, patch, norm_pix)
+    z = img.shape[3] // 2
+    panels = [np.asarray(v[0, :, :, z, 0]).T[::-1] for v in (img, masked, recon)]  # rows = anterior at top
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2), dpi=80)
+    for ax, panel, title in zip(axes, panels, ("input", "masked input", "reconstruction")):
+        ax.imshow(panel, cmap="gray", vmin=0.0, vmax=1.0)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return np.asarray(plt.imread(buf, format="png")[..., :3] * 255, np.uint8), buf.getvalue()
+
+
+def _check_batch(tc: TrainConfig, nproc: int, batch_shards: int) -> None:
+    if tc.global_batch % nproc:
+        raise ConfigError(f"train.global_batch={tc.global_batch} is not divisible by {nproc} processes")
+    if tc.global_batch % (batch_shards * tc.accum_steps):
+        raise ConfigError(f"train.global_batch={tc.global_batch} must be a multiple of the {batch_shards} batch "
+                          f"shards (mesh data x fsdp) times train.accum_steps={tc.accum_steps}")
+
+
+def _preview_hook(cfg: PretrainConfig, graphdef: Any, last: dict, workdir: Path, writer: Any) -> Hook:
+    """Every train.image_every steps: PNG of the latest batch's first volume into DIR/images and TensorBoard."""
+    @jax.jit
+    def preview_aux(params, frozen, rest, images, rng):
+        return merge_model(graphdef, params, frozen, rest)(images, step_key(rng, 0))[1]
+
+    def write(step: int, state: dict) -> None:
+        images = last["image"]
+        aux = preview_aux(state["params"], state["frozen"], state["rest"], images, state["rng"])
+        # This host's first volume (the global batch may span hosts).
+        sample = np.asarray(images.addressable_shards[0].data)
+        aux = {k: np.asarray(v.addressable_shards[0].data) for k, v in aux.items()}
+        rgb, png = preview_png(sample, aux, tuple(cfg.model.patch_size), cfg.model.norm_pix)
+        if jax.process_index() == 0:
+            path = workdir / "images" / f"step_{step}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(png)
+            tmp.replace(path)
+            writer.image("reconstruction", step, rgb)
+
+    return Hook(cfg.train.image_every, write)
+
+
+def build_training(cfg: PretrainConfig, mesh: jax.sharding.Mesh) -> tuple[Any, dict, Any, Any]:
+    """Sharded SSL model + optimizer -> (graphdef, train state, state shardings, jitted step)."""
+    tc = cfg.train
+    model = create_sharded_model(lambda: build_ssl_model(cfg.model, nnx.Rngs(tc.seed)), mesh, cfg.mesh.rules)
+    tx, schedule = make_optimizer(cfg.optim, nnx.state(model, nnx.Param), tc.steps, tc.global_batch)
+    graphdef, state, shardings = create_train_state(model, tx, tc.seed, NamedSharding(mesh, PartitionSpec()))
+
+    def loss_fn(params, frozen, rest, batch, key):
+        return merge_model(graphdef, params, frozen, rest)(batch["image"], key)
+
+    step_fn = make_train_step(loss_fn, tx, schedule, shardings, batch_sharding(mesh), accum_steps=tc.accum_steps)
+    return graphdef, state, shardings, step_fn
+
+
+def step_flops(cfg: PretrainConfig, graphdef: Any, state: dict) -> float | None:
+    """Model FLOPs of one optimizer step on the global batch (3 x the SSL forward pass)."""
+    images = jax.ShapeDtypeStruct((cfg.train.global_batch, *cfg.model.img_size, cfg.model.in_channels), np.float32)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+    def forward(params, frozen, rest, images, rng):
+        return merge_model(graphdef, params, frozen, rest)(images, step_key(rng, 0))[0]
+
+    return train_flops(forward_flops(forward, abstract["params"], abstract["frozen"], abstract["rest"], images,
+                                     abstract["rng"]))
+
+
+def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None = None) -> int:
+    """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
+    workdir = Path(workdir)
+    counts = check_stores(stores, cfg.data.split, cfg.data.spacing)  # before anything compiles
+    weights = list(cfg.data.weights) or None
+    if weights is not None and len(weights) != len(stores):
+        raise ConfigError(f"data.weights has {len(weights)} values for {len(stores)} datasets")
+    tc = cfg.train
+    nproc, pid = jax.process_count(), jax.process_index()
+    profile = parse_profile_steps(profile_steps if profile_steps is not None else tc.profile_steps)
+    mesh = make_mesh(cfg.mesh)
+    _check_batch(tc, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
+
+    writer = open_workdir(workdir, cfg, is_main=pid == 0)
+    log.info("datasets: %s (%s cases; weights %s)", ", ".join(stores), counts, weights or "by case count")
+    log.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), jax.device_count(),
+             jax.devices()[0].device_kind, nproc)
+    graphdef, state, shardings, step_fn = build_training(cfg, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    log.info("model %s-%s: %.2fM trainable parameters", cfg.model.arch, cfg.model.size, n_params / 1e6)
+
+    data_cfg = dataclasses.replace(cfg.data, batch_size=tc.global_batch // nproc, patch_size=cfg.model.img_size)
+    loader = make_loader(stores, data_cfg, split=cfg.data.split, labels=False, weights=weights,
+                         shard_index=pid, shard_count=nproc)
+    data_iter = iter(loader)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    restored = ckpt.restore_latest(abstract_state(state, shardings), data_iter)
+    start = 0
+    if restored is not None:
+        state, start = restored
+        log.info("resumed from step %d", start)
+        if pid == 0:
+            trim_metrics(workdir, start)
+
+    bsh = batch_sharding(mesh)
+    last: dict = {}
+
+    def next_batch() -> dict:
+        host = next(data_iter)
+        last["image"] = jax.make_array_from_process_local_data(bsh, np.asarray(host["image"], np.float32))
+        return {"image": last["image"]}
+
+    hooks = (_preview_hook(cfg, graphdef, last, workdir, writer),) if tc.image_every and cfg.model.arch == "vit" else ()
+    patch = cfg.model.patch_size if cfg.model.arch == "vit" else cfg.model.swin_patch_size
+    tokens = tc.global_batch * math.prod(s // p for s, p in zip(cfg.model.img_size, patch))
+    throughput = Throughput(tc.global_batch, tokens, step_flops(cfg, graphdef, state))
+    with use_rules(mesh, cfg.mesh.rules):
+        result = run_loop(step_fn, state, next_batch, start_step=start, total_steps=tc.steps, writer=writer,
+                          throughput=throughput, checkpointer=ckpt, ckpt_every=cfg.checkpoint.every,
+                          data_iter=data_iter, config=to_dict(cfg), log_every=tc.log_every, hooks=hooks,
+                          profile=profile, profile_dir=workdir / "profile", desc="pretrain")
+    ckpt.close()
+    writer.close()
+    log.info("%s at step %d", "preempted" if result.preempted else "finished", result.step)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Self-supervised pretraining (MAE / SimMIM) on prepared CT stores.")
+    ap.add_argument("--config", required=True, help="packaged preset (vit_tiny, vit_b, vit_l, vit_h, swin_b) or YAML")
+    ap.add_argument("--data", required=True, help="comma-separated prepared stores (mix with data.weights=...)")
+    ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
+    ap.add_argument("--profile-steps", default=None, help="A:B traces steps A..B-1 into WORKDIR/profile")
+    ap.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
+    ap.add_argument("--num-processes", type=int, default=None, help="total processes (multi-process runs)")
+    ap.add_argument("--process-id", type=int, default=None, help="rank of this process (multi-process runs)")
+    ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=100")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
+        cfg = load_pretrain_config(args.config, args.overrides)
+        stores = [s for s in args.data.split(",") if s]
+        return run(cfg, stores, args.workdir, args.profile_steps)
+    except (DataError, ConfigError, CheckpointError, DistributedConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 3

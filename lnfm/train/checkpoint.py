@@ -1,0 +1,145 @@
+"""Orbax checkpoints of the train state, the Grain iterator position and the resolved config.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,config,meta}`. Saves are async
+(the train loop keeps running while arrays are written) and committed
+atomically: a killed process leaves no half-visible checkpoint. Restores take
+an abstract target carrying the *current* shardings, so a checkpoint written on
+one mesh or device count loads onto another. A latest checkpoint that fails to
+restore is moved aside to `corrupt_<step>` and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("lnfm.train")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in the folder can be restored into the current train state."""
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 1000  # save every N steps (and always at the end or on preemption)
+    keep: int = 3  # number of most recent checkpoints kept
+    async_save: bool = True  # write in a background thread while training continues
+
+
+def _meta() -> dict:
+    return {"process_count": jax.process_count(), "device_count": jax.device_count()}
+
+
+class Checkpointer:
+    """Save/restore (state, data iterator, config) under `directory` with Orbax."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iter: Any = None, config: dict | None = None) -> None:
+        """Start an async save of `state` at `step` (no-op if that step is already saved)."""
+        if step in self.manager.all_steps():
+            return
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(_meta())}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def _restore_step(self, step: int, target: Any, data_iter: Any) -> Any:
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        if data_iter is not None:
+            saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if saved.get("process_count") == jax.process_count():
+                self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+            else:
+                log.warning("checkpoint %d was written by %s processes, this job has %d: the data order restarts",
+                            step, saved.get("process_count"), jax.process_count())
+        return out["state"]
+
+    def restore_latest(self, target: Any, data_iter: Any = None) -> tuple[Any, int] | None:
+        """Restore the newest readable checkpoint into `target` (abstract, with shardings).
+
+        Returns (state, step), or None when there is no checkpoint. A checkpoint that
+        fails to restore is skipped with a warning; once an older one restores, the
+        failed newer ones are moved aside. If none restores (e.g. the model config
+        changed), nothing is moved and the first error is raised.
+        """
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state = self._restore_step(step, target, data_iter)
+            except Exception as e:  # any read failure means this checkpoint is unusable
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                log.warning("checkpoint %d in %s cannot be restored (%s); falling back to the previous one",
+                            step, self.directory, first)
+                failed.append((step, first))
+                continue
+            for bad, _ in failed:
+                self._move_aside(bad)
+            return state, step
+        if failed:
+            raise CheckpointError(f"{self.directory}: no checkpoint could be restored; newest ({failed[0][0]}): "
+                               f"{failed[0][1]}")
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            if src.exists():
+                src.rename(self.directory / f"corrupt_{step}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"lnfm_ckpt_aside_{step}")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def restore_params(directory: str | Path, target: Any, step: int | None = None, key: str = "params") -> Any:
+    """Read only `state[key]` (e.g. the pretrained params) of a checkpoint into `target` (abstract).
+
+    Used to initialise finetuning from a pretraining run without its optimizer state.
+    """
+    directory = Path(directory).absolute()
+    if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+        raise FileNotFoundError(f"{directory}: no checkpoint found")
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint found")
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore({key: target}, partial_restore=True,
+                                         restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}))))
+    return restored["state"][key]

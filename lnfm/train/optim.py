@@ -1,0 +1,109 @@
+"""AdamW with warmup + cosine, global-norm clipping, decay masks and per-leaf LR scales.
+
+The optimizer sees only the trainable parameters: frozen parameters live in a
+separate pytree of the train state (see `lnfm.train.state`), so they carry no
+Adam moments at all. Layer-wise LR decay for finetuning is a per-leaf scale
+pytree built by `layer_lr_scales` and passed as `lr_scales`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lnfm.train.state import path_str
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # LR per 256 samples: peak lr = base_lr * global_batch / 256
+    lr: float | None = None  # absolute peak LR; when set it replaces the base_lr scaling
+    schedule: Literal["cosine", "constant"] = "cosine"  # decay after warmup
+    warmup_steps: int = 1000  # linear warmup from 0 (capped at the run length)
+    min_lr_ratio: float = 0.0  # final LR as a fraction of the peak (cosine)
+    weight_decay: float = 0.05  # decoupled AdamW weight decay
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.95  # Adam second-moment decay
+    eps: float = 1e-8  # Adam denominator epsilon
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+    no_decay: tuple[str, ...] = ("pos_embed", "cls_token", "mask_token")  # path parts without decay (1-D: never)
+    layer_decay: float = 1.0  # layer-wise LR decay for jobs that pass lr_scales (finetuning); 1.0 = off
+
+
+def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
+    return cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256.0
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int, global_batch: int) -> optax.Schedule:
+    """Linear warmup to the peak LR, then cosine to min_lr_ratio * peak (or constant)."""
+    peak = peak_lr(cfg, global_batch)
+    warmup = max(0, min(cfg.warmup_steps, total_steps - 1))
+    if cfg.schedule == "constant":
+        rest = optax.constant_schedule(peak)
+    else:
+        rest = optax.cosine_decay_schedule(peak, max(1, total_steps - warmup), alpha=cfg.min_lr_ratio)
+    if warmup == 0:
+        return rest
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), rest], [warmup])
+
+
+def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
+    """True where weight decay applies: leaves with >= 2 dims not named in `no_decay`."""
+    def keep(path, leaf):
+        name = path_str(path)
+        return leaf.ndim >= 2 and not any(s in name for s in no_decay)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def layer_lr_scales(params: Any, layer_of: Callable[[str], int], num_layers: int, decay: float) -> Any:
+    """Per-leaf LR factor decay ** (num_layers - layer) for layer-wise LR decay.
+
+    `layer_of(path)` maps a parameter path like 'encoder/blocks/3/attn/kernel' to
+    0 (embeddings) .. num_layers (head); deeper layers get larger factors.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: float(decay ** (num_layers - layer_of(path_str(p)))), params)
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+    """Multiply each update leaf by a fixed per-leaf factor."""
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(cfg: OptimConfig, params: Any, total_steps: int, global_batch: int,
+                   lr_scales: Any | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW for the trainable `params` pytree; returns (transformation, lr schedule)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    schedule = make_schedule(cfg, total_steps, global_batch)
+    parts = []
+    if cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    if cfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(params, cfg.no_decay)))
+    if lr_scales is not None:
+        parts.append(scale_by_tree(lr_scales))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*parts), schedule
+
+
+def global_norm(tree: Any) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+

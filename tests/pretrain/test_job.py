@@ -1,0 +1,89 @@
+"""The pretraining job end to end on phantom CT: learning, sharding equivalence, preemption, resume, failures."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+from pretrain_helpers import checkpoint_steps, finish, losses, output, start, wait_for
+
+from lnfm import pretrain
+from lnfm.pretrain import main
+from lnfm.train.loop import NonFiniteLoss
+
+
+def test_missing_or_empty_data_fails_before_compiling(tmp_path, capsys):
+    assert main(["--config", "vit_tiny", "--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nowhere: dataset not found" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["--config", "vit_tiny", "--data", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w")]) == 2
+    assert "empty: dataset is empty" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_fsdp_matches_1_device_learns_and_resumes_exactly_after_kill9_and_sigterm(phantom_store, tmp_path):
+    """One test so the four runs overlap: an uninterrupted 8-device FSDP reference, the same on 1
+    device, and an 8-device run killed with -9 then resumed and stopped with SIGTERM."""
+    args = ["train.steps=40", "checkpoint.every=5"]
+    ref_dir, one_dir, run = tmp_path / "ref", tmp_path / "one", tmp_path / "run"
+    ref = start(phantom_store, ref_dir, *args, "mesh.fsdp=8", "train.image_every=20", devices=8)
+    one = start(phantom_store, one_dir, *args, devices=1)
+    # 1) kill -9 once a checkpoint exists and later steps have run
+    proc = start(phantom_store, run, *args, "mesh.fsdp=8")
+    wait_for(lambda: checkpoint_steps(run) and max(losses(run), default=0) >= checkpoint_steps(run)[-1] + 2,
+             proc, run, what="a checkpoint and two more steps")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    resumed_from = checkpoint_steps(run)[-1]
+    assert max(losses(run)) > resumed_from  # these rows are dropped and redone on resume
+    # 2) resume, then SIGTERM: the current step finishes, a checkpoint is saved, exit 0
+    proc = start(phantom_store, run, *args, "mesh.fsdp=8")
+    wait_for(lambda: checkpoint_steps(run)[-1] > resumed_from, proc, run, what="a checkpoint after resuming")
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc, run) == 0, output(run)
+    stopped = max(losses(run))
+    assert stopped < 40 and checkpoint_steps(run)[-1] == stopped, output(run)
+    assert f"resumed from step {resumed_from}" in (run / "log.txt").read_text()
+    # 3) the reference learns, logs and previews; 1 device gives the same losses as 8-device FSDP
+    assert finish(ref, ref_dir) == 0, output(ref_dir)
+    assert finish(one, one_dir) == 0, output(one_dir)
+    want, single = losses(ref_dir), losses(one_dir)
+    assert sorted(want) == sorted(single) == list(range(1, 41))
+    seq = [want[s] for s in sorted(want)]
+    assert np.mean(seq[-5:]) < 0.6 * np.mean(seq[:5])  # the MAE loss falls on phantoms
+    np.testing.assert_allclose([single[s] for s in sorted(want)], seq, rtol=2e-4)
+    assert "'fsdp': 8" in (ref_dir / "log.txt").read_text()
+    assert (ref_dir / "images" / "step_40.png").stat().st_size > 1000
+    assert checkpoint_steps(ref_dir) == [30, 35, 40]  # keep 3, the last at the end
+    # 4) the interrupted-and-resumed run reproduces the reference (same data order and masks)
+    got = losses(run)
+    assert sorted(got) == list(range(1, stopped + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], seq[:stopped], rtol=1e-6)
+
+
+def test_nan_loss_exits_3_with_the_message(phantom_store, tmp_path, capsys, monkeypatch):
+    def diverge(*args, **kwargs):
+        raise NonFiniteLoss("loss is nan at step 7; stopping (the last good checkpoint is kept)")
+
+    monkeypatch.setattr(pretrain, "run", diverge)  # the loop itself is tested in tests/train/test_loop.py
+    assert pretrain.main(["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path)]) == 3
+    assert "error: loss is nan at step 7" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("train.global_batch=6", "multiple of the 8 batch shards"),
+    ("data.weights=[1,2]", "data.weights has 2 values for 1 datasets"),
+    ("data.spacing=[1.0,1.0,1.0]", "4 of 4 cases are not at data.spacing=[1.0, 1.0, 1.0] mm"),
+    ("data.split=val", "no cases in split 'val'")])
+def test_config_errors_are_one_line(phantom_store, tmp_path, capsys, bad, message):
+    assert main(["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path / "w"), bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+
+
+def test_partial_multiprocess_flags_are_one_line_errors(tmp_path, capsys):
+    args = ["--config", "vit_tiny", "--data", str(tmp_path), "--workdir", str(tmp_path / "w"), "--num-processes", "2"]
+    assert main(args) == 2
+    assert "must be given together" in capsys.readouterr().err

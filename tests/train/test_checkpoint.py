@@ -1,0 +1,95 @@
+import logging
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from lnfm.train import state as st
+from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, restore_params
+from train_toy import make_mesh, toy_setup
+
+
+def leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def loader(n=64):
+    return grain.DataLoader(data_source=grain.sources.RangeDataSource(0, n, 1),
+                            sampler=grain.samplers.IndexSampler(n, shuffle=True, seed=3, num_epochs=1),
+                            operations=[grain.transforms.Batch(4)], worker_count=0)
+
+
+def test_restore_onto_a_different_mesh_reshards(tmp_path):
+    saved = toy_setup(make_mesh(8), shard_kernels=True, seed=1)
+    ck = Checkpointer(tmp_path / "ck", CheckpointConfig(keep=2))
+    ck.save(7, saved["state"], config={"note": "x"})
+    ck.close()
+    fresh = toy_setup(make_mesh(2), shard_kernels=True, seed=2)  # other values, other mesh
+    target = st.abstract_state(fresh["state"], fresh["shardings"])
+    with Checkpointer(tmp_path / "ck", CheckpointConfig()) as ck:
+        state, step = ck.restore_latest(target)
+    assert step == 7 and leaves_equal(state, saved["state"])
+    kernel = state["params"]["decoder"]["kernel"].value
+    assert kernel.sharding.mesh.size == 2 and kernel.sharding.spec == jax.sharding.PartitionSpec("data", None)
+    params = restore_params(tmp_path / "ck", target["params"])
+    assert leaves_equal(params, saved["state"]["params"])
+
+
+def test_data_iterator_position_is_restored(tmp_path, mesh8):
+    setup = toy_setup(mesh8)
+    it = loader().__iter__()
+    for _ in range(3):
+        next(it)
+    ck = Checkpointer(tmp_path / "ck", CheckpointConfig())
+    ck.save(3, setup["state"], it)
+    ck.wait()
+    expected = [next(it) for _ in range(2)]
+    fresh = loader().__iter__()
+    ck.restore_latest(st.abstract_state(setup["state"], setup["shardings"]), fresh)
+    ck.close()
+    got = [next(fresh) for _ in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+
+
+def test_corrupt_latest_falls_back_with_warning(tmp_path, mesh8, caplog):
+    setup = toy_setup(mesh8)
+    ck = Checkpointer(tmp_path / "ck", CheckpointConfig(keep=3))
+    ck.save(1, setup["state"])
+    ck.wait()
+    later = dict(setup["state"], step=setup["state"]["step"] + 5)
+    ck.save(2, later)
+    ck.close()
+    for f in (tmp_path / "ck" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    logger = logging.getLogger("lnfm")  # may not propagate to the root once a workdir set up logging
+    logger.addHandler(caplog.handler)
+    try:
+        with Checkpointer(tmp_path / "ck", CheckpointConfig()) as ck:
+            state, step = ck.restore_latest(st.abstract_state(setup["state"], setup["shardings"]))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert step == 1 and int(state["step"]) == 0
+    assert "checkpoint 2" in caplog.text and "falling back" in caplog.text
+    assert (tmp_path / "ck" / "corrupt_2").is_dir() and not (tmp_path / "ck" / "2").exists()
+
+
+def test_unrestorable_everywhere_raises_and_moves_nothing(tmp_path, mesh8):
+    small = toy_setup(mesh8)
+    ck = Checkpointer(tmp_path / "ck", CheckpointConfig())
+    ck.save(1, small["state"])
+    ck.close()
+    other = toy_setup(mesh8, hidden=48)  # a changed model: no checkpoint fits it
+    with Checkpointer(tmp_path / "ck", CheckpointConfig()) as ck, \
+            pytest.raises(CheckpointError, match="no checkpoint could be restored"):
+        ck.restore_latest(st.abstract_state(other["state"], other["shardings"]))
+    assert (tmp_path / "ck" / "1").is_dir()
+
+
+def test_no_checkpoint_and_missing_params(tmp_path, mesh8):
+    setup = toy_setup(mesh8)
+    with Checkpointer(tmp_path / "ck", CheckpointConfig()) as ck:
+        assert ck.restore_latest(st.abstract_state(setup["state"], setup["shardings"])) is None
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        restore_params(tmp_path / "ck", setup["state"]["params"])

@@ -1,0 +1,82 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lnfm.train import optim
+
+
+def test_peak_lr_scales_with_global_batch():
+    assert optim.peak_lr(optim.OptimConfig(base_lr=1.5e-4), 512) == pytest.approx(3e-4)
+    assert optim.peak_lr(optim.OptimConfig(base_lr=1.5e-4, lr=1e-3), 512) == 1e-3
+
+
+def test_warmup_cosine_matches_hand_formula():
+    cfg = optim.OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    sched = optim.make_schedule(cfg, 110, 256)
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(0.5)
+    assert float(sched(10)) == pytest.approx(1.0)
+    for s in (35, 60, 109):
+        t = (s - 10) / 100
+        assert float(sched(s)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)), rel=1e-5)
+
+
+def test_constant_schedule_and_warmup_capped_to_run_length():
+    sched = optim.make_schedule(optim.OptimConfig(lr=2.0, warmup_steps=1000, schedule="constant"), 5, 256)
+    assert float(sched(2)) == pytest.approx(1.0)  # warmup shrinks to 4 steps
+    assert float(sched(4)) == pytest.approx(2.0)
+
+
+PARAMS = {"blocks": {"0": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))}},
+          "pos_embed": jnp.ones((5, 4)), "head": {"kernel": jnp.ones((3, 2))}}
+
+
+def test_decay_mask_skips_vectors_and_named_leaves():
+    mask = optim.decay_mask(PARAMS, ("pos_embed",))
+    assert mask == {"blocks": {"0": {"kernel": True, "bias": False}}, "pos_embed": False, "head": {"kernel": True}}
+
+
+def test_adamw_matches_optax_reference():
+    cfg = optim.OptimConfig(lr=1e-2, warmup_steps=3, weight_decay=0.05, clip_norm=0.5, no_decay=("pos_embed",))
+    tx, sched = optim.make_optimizer(cfg, PARAMS, 20, 256)
+    ref = optax.chain(optax.clip_by_global_norm(0.5),
+                      optax.adamw(sched, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
+                                  mask=optim.decay_mask(PARAMS, ("pos_embed",))))
+    def run(opt):
+        def step(carry, g):
+            p, s = carry
+            u, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), grads)[0][0])(PARAMS)
+
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=(5, *x.shape)), jnp.float32), PARAMS)
+    p1, p2 = run(tx), run(ref)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_layer_lr_scales_multiply_updates():
+    def layer_of(path):
+        return 1 if path.startswith("blocks") else (0 if path == "pos_embed" else 2)
+
+    scales = optim.layer_lr_scales(PARAMS, layer_of, 2, 0.5)
+    assert scales["blocks"]["0"]["kernel"] == 0.5 and scales["pos_embed"] == 0.25 and scales["head"]["kernel"] == 1.0
+    cfg = optim.OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0, clip_norm=0.0, schedule="constant")
+    plain, _ = optim.make_optimizer(cfg, PARAMS, 10, 256)
+    scaled, _ = optim.make_optimizer(cfg, PARAMS, 10, 256, lr_scales=scales)
+    g = jax.tree.map(lambda x: jnp.full(x.shape, 0.3), PARAMS)
+    u_plain, _ = plain.update(g, plain.init(PARAMS), PARAMS)
+    u_scaled, _ = scaled.update(g, scaled.init(PARAMS), PARAMS)
+    np.testing.assert_allclose(u_scaled["pos_embed"], 0.25 * u_plain["pos_embed"], rtol=1e-6)
+    np.testing.assert_allclose(u_scaled["blocks"]["0"]["bias"], 0.5 * u_plain["blocks"]["0"]["bias"], rtol=1e-6)
+
+
+def test_global_norm():
+    tree = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
+    assert float(optim.global_norm(tree)) == pytest.approx(5.0)
