@@ -1,0 +1,501 @@
+"""Scale planner: compile the real pretraining step ahead of time for a device mesh, without running it.
+
+    python launch/plan.py --model vit_h --patch 160 --global-batch 1024 --mesh fsdp=256 --device h100
+
+The pretraining job's own pieces (model builder, sharding rules, optimizer, train
+step) are assembled over abstract arrays (`jax.ShapeDtypeStruct` with shardings),
+lowered and compiled by XLA for a mesh of virtual CPU devices, so nothing is
+allocated. Reported per device:
+- memory: XLA's `memory_analysis()` of the compiled step (arguments, outputs,
+  temporaries = activations and workspace, generated code) and the exact split of
+  the arguments into parameters and optimizer state from their shardings;
+- FLOPs per step: model FLOPs (3 x the SSL forward, `lnfm.pretrain.step_flops`)
+  and XLA's cost analysis of the compiled per-device program (includes remat);
+- expected step time = model FLOPs / (devices x peak bf16 FLOP/s x assumed MFU),
+  with peaks from `lnfm.train.mfu` and the assumed MFU stated.
+
+XLA's CPU backend plans memory differently from GPU/TPU backends (fusion, layouts),
+so treat the figures as estimates of the accelerator's (typically within tens of
+percent); parameter and optimizer bytes are exact. The process must see exactly
+mesh-size devices: `main` runs itself in a fresh interpreter with
+XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Any
+
+GIB = 1024**3
+
+# Per-device HBM (GiB) and bandwidth (TB/s) by accelerator, plus the jax device_kind
+# string that lnfm.train.mfu matches for the peak FLOP/s.
+DEVICES: dict[str, dict[str, Any]] = {
+    "h100": {"kind": "NVIDIA H100 80GB HBM3", "hbm_gib": 80, "hbm_tbps": 3.35},
+    "h200": {"kind": "NVIDIA H200", "hbm_gib": 141, "hbm_tbps": 4.8},
+    "a100": {"kind": "NVIDIA A100-SXM4-80GB", "hbm_gib": 80, "hbm_tbps": 2.04},
+    "v4": {"kind": "TPU v4", "hbm_gib": 32, "hbm_tbps": 1.2},
+    "v5e": {"kind": "TPU v5 lite", "hbm_gib": 16, "hbm_tbps": 0.82},
+    "v5p": {"kind": "TPU v5p", "hbm_gib": 95, "hbm_tbps": 2.76},
+    "v6e": {"kind": "TPU v6 lite", "hbm_gib": 32, "hbm_tbps": 1.64},
+}
+USABLE_FRACTION = 0.9  # share of HBM a job can count on (runtime, allocator and fragmentation keep the rest)
+DEFAULT_MFU = 0.4  # assumed model FLOPs utilisation for the step-time estimate
+
+
+@dataclasses.dataclass
+class PlanRequest:
+    model: str = "vit_b"  # pretraining preset (lnfm/configs/pretrain) or YAML path
+    patch: int = 96  # cubic training crop side in voxels (model.img_size)
+    global_batch: int = 256  # volumes per optimizer step
+    mesh: dict = dataclasses.field(default_factory=lambda: {"fsdp": 8})  # mesh axis sizes (data, fsdp, tensor)
+    rules: str | None = None  # sharding rules (dp, fsdp, fsdp_tp); default: dp when fsdp=tensor=1, else the preset's
+    device: str = "h100"  # accelerator for fit and step time (see DEVICES)
+    remat: str | None = None  # rematerialisation policy override (none, full, ...)
+    dtype: str | None = None  # compute dtype override (float32, bfloat16)
+    accum_steps: int | None = None  # gradient-accumulation microbatches override
+    assumed_mfu: float = DEFAULT_MFU  # MFU assumed for the step-time estimate
+    overrides: tuple[str, ...] = ()  # extra pretraining config overrides key=value
+
+    def num_devices(self) -> int:
+        return math.prod(int(v) for v in self.mesh.values())
+
+
+def parse_mesh(text: str) -> dict:
+    """'fsdp=64,data=4' -> {'fsdp': 64, 'data': 4}, with a one-line error for anything else."""
+    mesh = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("data", "fsdp", "tensor") or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh: '{part}' is not data=N, fsdp=N or tensor=N")
+        mesh[key] = int(value)
+    if not mesh:
+        raise ValueError("--mesh is empty (e.g. fsdp=8 or data=4,fsdp=2)")
+    return mesh
+
+
+def pretrain_config(req: PlanRequest):
+    """The pretraining config the job would run with these planner settings."""
+    from lnfm.pretrain import load_pretrain_config
+
+    sets = [f"model.img_size={req.patch},{req.patch},{req.patch}", f"train.global_batch={req.global_batch}",
+            f"mesh.data={req.mesh.get('data', 1)}", f"mesh.fsdp={req.mesh.get('fsdp', 1)}",
+            f"mesh.tensor={req.mesh.get('tensor', 1)}"]
+    rules = req.rules or ("dp" if req.mesh.get("fsdp", 1) == 1 and req.mesh.get("tensor", 1) == 1 else None)
+    if rules:
+        sets.append(f"mesh.rules={rules}")
+    if req.remat:
+        sets.append(f"model.remat={req.remat}")
+    if req.dtype:
+        sets.append(f"model.dtype={req.dtype}")
+    if req.accum_steps:
+        sets.append(f"train.accum_steps={req.accum_steps}")
+    return load_pretrain_config(req.model, [*sets, *req.overrides])
+
+
+def abstract_training(cfg, mesh):
+    """`lnfm.pretrain.build_training` over abstract arrays: (graphdef, abstract state, step_fn).
+
+    Same model builder, sharding rules, optimizer and step builder as the job,
+    with every array a ShapeDtypeStruct carrying its sharding instead of data.
+    """
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lnfm.models import build_ssl_model
+    from lnfm.models.sharding import batch_sharding, state_sharding
+    from lnfm.train.optim import make_optimizer
+    from lnfm.train.state import merge_model, opt_state_shardings, split_model
+    from lnfm.train.step import make_train_step
+
+    tc = cfg.train
+    model = nnx.eval_shape(lambda: build_ssl_model(cfg.model, nnx.Rngs(tc.seed)))
+    graphdef, params, frozen, rest = split_model(model)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    tx, schedule = make_optimizer(cfg.optim, params, tc.steps, tc.global_batch)
+    param_sh = state_sharding(params, mesh, cfg.mesh.rules)
+    shardings = {"step": replicated, "params": param_sh,
+                 "opt_state": opt_state_shardings(tx, params, param_sh, replicated), "rng": replicated,
+                 "frozen": state_sharding(frozen, mesh, cfg.mesh.rules),
+                 "rest": state_sharding(rest, mesh, cfg.mesh.rules)}
+    shapes = {"step": jax.ShapeDtypeStruct((), "int32"), "params": params,
+              "opt_state": jax.eval_shape(tx.init, params),
+              "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+              "frozen": frozen, "rest": rest}
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+    def loss_fn(params, frozen, rest, batch, key):
+        return merge_model(graphdef, params, frozen, rest)(batch["image"], key)
+
+    step_fn = make_train_step(loss_fn, tx, schedule, shardings, batch_sharding(mesh), accum_steps=tc.accum_steps)
+    return graphdef, state, step_fn
+
+
+def abstract_batch(cfg, mesh) -> dict:
+    import jax
+
+    from lnfm.models.sharding import batch_sharding
+
+    shape = (cfg.train.global_batch, *cfg.model.img_size, cfg.model.in_channels)
+    return {"image": jax.ShapeDtypeStruct(shape, "float32", sharding=batch_sharding(mesh))}
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds for a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def memory_figures(compiled) -> dict:
+    """XLA's per-device memory analysis of a compiled executable, in bytes."""
+    m = compiled.memory_analysis()
+    fig = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+           ("argument", "output", "alias", "temp", "generated_code")}
+    # Donated state: outputs reuse the argument buffers (alias), so only the rest is extra.
+    fig["peak"] = fig["argument"] + fig["output"] - fig["alias"] + fig["temp"] + fig["generated_code"]
+    return fig
+
+
+def _cost_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = float((cost or {}).get("flops", 0.0))
+    return flops if flops > 0 else None
+
+
+def plan(req: PlanRequest) -> dict:
+    """Compile the step for `req` on this process's devices and return every figure (JSON-ready)."""
+    import jax
+
+    from lnfm.models.sharding import make_mesh, use_rules
+    from lnfm.pretrain import step_flops
+    from lnfm.train.mfu import peak_flops
+
+    if req.device not in DEVICES:
+        raise ValueError(f"unknown device '{req.device}' (choices: {', '.join(DEVICES)})")
+    n = req.num_devices()
+    if jax.device_count() != n:
+        raise ValueError(f"the mesh needs {n} devices but this process sees {jax.device_count()}")
+    cfg = pretrain_config(req)
+    mesh = make_mesh(cfg.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.global_batch % shards:
+        raise ValueError(f"global batch {cfg.train.global_batch} is not divisible by the {shards} batch shards")
+    graphdef, state, step_fn = abstract_training(cfg, mesh)  # outside use_rules, as the job builds it
+    with use_rules(mesh, cfg.mesh.rules):
+        compiled = step_fn.lower(state, abstract_batch(cfg, mesh)).compile()
+    mem = memory_figures(compiled)
+    model_flops = step_flops(cfg, graphdef, state)
+    dev = DEVICES[req.device]
+    peak = peak_flops(dev["kind"])
+    step_time = model_flops / (n * peak * req.assumed_mfu) if model_flops and peak else None
+    usable = dev["hbm_gib"] * GIB * USABLE_FRACTION
+    params_b, opt_b = per_device_bytes(state["params"]), per_device_bytes(state["opt_state"])
+    out = {
+        "model": req.model, "arch": cfg.model.arch, "size": cfg.model.size, "patch": req.patch,
+        "global_batch": cfg.train.global_batch, "accum_steps": cfg.train.accum_steps,
+        "mesh": dict(mesh.shape), "rules": cfg.mesh.rules, "remat": cfg.model.remat, "dtype": cfg.model.dtype,
+        "devices": n, "device": req.device, "hbm_gib": dev["hbm_gib"],
+        "params": int(sum(x.size for x in jax.tree.leaves(state["params"]))),
+        "memory": {**mem, "params": params_b, "opt_state": opt_b,
+                   "other_args": mem["argument"] - params_b - opt_b},
+        "model_flops_per_step": model_flops, "xla_flops_per_device": _cost_flops(compiled),
+        "peak_flops": peak, "assumed_mfu": req.assumed_mfu, "step_time_s": step_time,
+        "usable_bytes": usable, "fits": mem["peak"] <= usable, "source": "compiled",
+    }
+    out["advice"] = advice(out)
+    return out
+
+
+def _act_bytes_per_token_layer(width: int, heads: int, seq: int, remat: str) -> tuple[float, float]:
+    """(kept per layer, working set of one layer) in 16-bit activation bytes per token.
+
+    After Korthikanti et al. 2022 (Reducing Activation Recomputation in Large Transformer
+    Models): a block keeps about 34 h + 5 a s bytes per token without recomputation; with
+    full remat only its 2 h-byte input is kept and one block's set is rebuilt at a time;
+    dots_saveable keeps the matmul outputs (about 24 h + 4 a s).
+    """
+    full = 34 * width + 5 * heads * seq
+    kept = {"none": full, "full": 2 * width, "dots_saveable": 24 * width + 4 * heads * seq,
+            "dots_with_no_batch_dims_saveable": 24 * width + 4 * heads * seq}.get(remat, full)
+    return kept, full
+
+
+def analytic_plan(req: PlanRequest) -> dict:
+    """The same figures from closed-form estimates, for meshes too large to compile here.
+
+    Parameter and optimizer bytes are exact (abstract model + sharding rules, shard
+    shapes rounded up as XLA pads them); activations follow `_act_bytes_per_token_layer`
+    for the MAE encoder (visible tokens) and decoder (all tokens), plus float32 gradients
+    and updates the size of the local parameter shard.
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from lnfm.models import build_ssl_model
+    from lnfm.models.mae import decoder_dims, num_visible
+    from lnfm.models.sharding import logical_to_mesh_spec
+    from lnfm.models.vit import token_grid, vit_dims
+    from lnfm.train.mfu import peak_flops
+
+    cfg = pretrain_config(req)
+    if cfg.model.arch != "vit":
+        raise ValueError("the analytic model covers ViT MAE only")
+    n = req.num_devices()
+    sizes = {"data": req.mesh.get("data", 1), "fsdp": req.mesh.get("fsdp", 1), "tensor": req.mesh.get("tensor", 1)}
+    model = nnx.eval_shape(lambda: build_ssl_model(cfg.model, nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    specs = nnx.get_partition_spec(params)
+
+    def local_bytes(x, spec) -> int:
+        mesh_spec = logical_to_mesh_spec(tuple(spec), cfg.mesh.rules)
+        shape = list(x.shape)
+        for i, axes in enumerate(mesh_spec):
+            for ax in (axes,) if isinstance(axes, str) else (axes or ()):
+                shape[i] = -(-shape[i] // sizes[ax])
+        return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+    leaves = jax.tree.leaves(params)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    params_b = sum(local_bytes(x, s) for x, s in zip(leaves, spec_leaves))
+    opt_b = 2 * params_b  # Adam first and second moments, float32, sharded like the parameters
+    shards = sizes["data"] * sizes["fsdp"]
+    local_batch = cfg.train.global_batch // shards // cfg.train.accum_steps
+    tokens = math.prod(token_grid(cfg.model.img_size, cfg.model.patch_size))
+    visible = num_visible(tokens, cfg.model.mask_ratio)
+    enc = vit_dims(cfg.model)
+    dec_w, dec_d, dec_h, _ = decoder_dims(cfg.model)
+    scale = 1.0 if cfg.model.dtype in ("bfloat16", "float16") else 2.0
+    act = 0.0
+    for width, depth, heads, seq in ((enc.width, enc.depth, enc.heads, visible), (dec_w, dec_d, dec_h, tokens)):
+        kept, full = _act_bytes_per_token_layer(width, heads, seq, cfg.model.remat)
+        act += local_batch * seq * (kept * depth + (full if cfg.model.remat != "none" else 0)) * scale
+    temp = act + 2 * params_b  # float32 gradients and updates of the local shard
+    batch_b = local_batch * cfg.train.accum_steps * math.prod(cfg.model.img_size) * cfg.model.in_channels * 4
+    n_params = sum(x.size for x in leaves)
+    # 6 N flops per token through the encoder (visible) and decoder (all), the usual dense estimate.
+    dec_params = 12 * dec_w * dec_w * dec_d
+    model_flops = 6.0 * cfg.train.global_batch * ((n_params - dec_params) * visible + dec_params * tokens)
+    dev = DEVICES[req.device]
+    peak = peak_flops(dev["kind"])
+    mem = {"argument": params_b + opt_b + batch_b, "output": 0, "alias": 0, "temp": int(temp), "generated_code": 0,
+           "params": params_b, "opt_state": opt_b, "other_args": batch_b}
+    mem["peak"] = mem["argument"] + mem["temp"]
+    usable = dev["hbm_gib"] * GIB * USABLE_FRACTION
+    out = {
+        "model": req.model, "arch": cfg.model.arch, "size": cfg.model.size, "patch": req.patch,
+        "global_batch": cfg.train.global_batch, "accum_steps": cfg.train.accum_steps, "mesh": sizes,
+        "rules": cfg.mesh.rules, "remat": cfg.model.remat, "dtype": cfg.model.dtype, "devices": n,
+        "device": req.device, "hbm_gib": dev["hbm_gib"], "params": int(n_params), "memory": mem,
+        "model_flops_per_step": model_flops, "xla_flops_per_device": None, "peak_flops": peak,
+        "assumed_mfu": req.assumed_mfu, "step_time_s": model_flops / (n * peak * req.assumed_mfu) if peak else None,
+        "usable_bytes": usable, "fits": mem["peak"] <= usable, "source": "analytic",
+    }
+    out["advice"] = advice(out)
+    return out
+
+
+def advice(p: dict) -> list[str]:
+    """What would make a configuration that does not fit fit (empty when it fits)."""
+    if p["fits"]:
+        return []
+    mem, usable, tips = p["memory"], p["usable_bytes"], []
+    state_b = mem["params"] + mem["opt_state"]
+    fsdp = p["mesh"].get("fsdp", 1)
+    if fsdp < p["devices"] and state_b > 0.25 * usable:
+        tips.append(f"shard parameters and optimizer state: --mesh fsdp={p['devices']} "
+                    f"(state {state_b / GIB:.1f} GiB -> about {state_b * fsdp / p['devices'] / GIB:.2f} GiB per device)")
+    if p["remat"] in ("none", None):
+        tips.append("rematerialise each block: --remat full (activations shrink to about one block's worth)")
+    room = usable - (mem["peak"] - mem["temp"])
+    if room > 0 and mem["temp"] > room:
+        k = 2 ** math.ceil(math.log2(mem["temp"] / room))
+        tips.append(f"split the step into microbatches: train.accum_steps={k} (same global batch)")
+    if room <= 0:
+        tips.append("the state alone exceeds the device: more devices in fsdp, or a larger-memory device")
+    return tips
+
+
+def fmt_gib(b: float | None) -> str:
+    if b is None:
+        return "n/a"
+    return f"{b / GIB:.2f} GiB" if abs(b) >= GIB / 10 else f"{b / 1024**2:.2f} MiB"
+
+
+def report(p: dict) -> str:
+    """Human-readable summary of one plan."""
+    m = p["memory"]
+    lines = [
+        f"{p['model']} ({p['arch']}-{p['size']}, {p['params'] / 1e6:.1f}M trainable params), crop {p['patch']}^3, "
+        f"global batch {p['global_batch']} (accum {p['accum_steps']}), remat {p['remat']}, compute {p['dtype']}",
+        f"mesh {p['mesh']} ({p['devices']} devices), rules '{p['rules']}', on {p['device']} "
+        f"({p['hbm_gib']} GiB HBM, {USABLE_FRACTION:.0%} usable)",
+        "per-device memory (" + ("XLA memory analysis of the compiled step" if p["source"] == "compiled"
+                                 else "analytic estimate, no compile") + "):",
+        f"  parameters        {fmt_gib(m['params'])}",
+        f"  optimizer state   {fmt_gib(m['opt_state'])}",
+        f"  batch + other     {fmt_gib(m['other_args'])}",
+        f"  activations/temp  {fmt_gib(m['temp'])}",
+        f"  outputs (not aliased) {fmt_gib(m['output'] - m['alias'])}, generated code {fmt_gib(m['generated_code'])}",
+        f"  peak estimate     {fmt_gib(m['peak'])}  -> {'fits' if p['fits'] else 'DOES NOT FIT'}",
+    ]
+    mf, xf = p["model_flops_per_step"], p["xla_flops_per_device"]
+    lines.append(f"FLOPs per step: model {mf:.3e} (3 x forward); XLA per device {xf:.3e} "
+                 f"(x{p['devices']} = {xf * p['devices']:.3e}, includes remat)" if mf and xf
+                 else f"FLOPs per step: model {mf:.3e} (analytic 6 x params x tokens); XLA per device n/a"
+                 if mf else "FLOPs per step: n/a")
+    if p["step_time_s"]:
+        lines.append(f"expected step time {p['step_time_s'] * 1e3:.2f} ms = model FLOPs / ({p['devices']} x "
+                     f"{p['peak_flops'] / 1e12:.0f} TFLOP/s peak x assumed MFU {p['assumed_mfu']:.0%}); "
+                     f"{p['global_batch'] / p['step_time_s']:.1f} volumes/s")
+    for tip in p["advice"]:
+        lines.append(f"to fit: {tip}")
+    return "\n".join(lines)
+
+
+TABLE_MODELS = ("vit_b", "vit_l", "vit_h")
+TABLE_PATCHES = (96, 160)
+TABLE_DEVICES = (8, 64, 256)
+TABLE_BATCH_PER_DEVICE = 4
+
+
+def _compiled_cell(req: PlanRequest, timeout_s: float) -> dict | None:
+    """Plan one cell in a fresh interpreter with the right device count; None on timeout or failure."""
+    cmd = [sys.executable, "-m", "lnfm.plan", "--model", req.model, "--patch", str(req.patch),
+           "--global-batch", str(req.global_batch), "--mesh", ",".join(f"{k}={v}" for k, v in req.mesh.items()),
+           "--device", req.device, "--json"]
+    try:
+        res = subprocess.run(cmd, env=device_env(req.num_devices()), capture_output=True, text=True,
+                             timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+    return json.loads(res.stdout) if res.returncode == 0 else None
+
+
+def table(compile_max_devices: int, compile_models: tuple[str, ...], timeout_s: float,
+          device: str = "h100") -> tuple[str, list[dict]]:
+    """Markdown table of per-device memory for ViT-B/L/H MAE under DP and FSDP; compiled where asked."""
+    rows, cells = [], []
+    head = ("| model | crop | devices | global batch | strategy | remat | params+opt / device | "
+            "activations (temp) / device | peak / device | fits h100 (80 GiB) | fits v5e (16 GiB) | source |")
+    rows += [head, "|" + "---|" * 12]
+    for model in TABLE_MODELS:
+        for patch in TABLE_PATCHES:
+            for n in TABLE_DEVICES:
+                for strategy in ("dp", "fsdp"):
+                    mesh = {"data": n} if strategy == "dp" else {"fsdp": n}
+                    req = PlanRequest(model=model, patch=patch, global_batch=TABLE_BATCH_PER_DEVICE * n,
+                                      mesh=mesh, device=device)
+                    p = None
+                    if n <= compile_max_devices and model in compile_models:
+                        p = _compiled_cell(req, timeout_s)
+                    if p is None:
+                        p = analytic_plan(req)
+                    cells.append(p)
+                    m = p["memory"]
+                    fits = {d: m["peak"] <= DEVICES[d]["hbm_gib"] * GIB * USABLE_FRACTION for d in ("h100", "v5e")}
+                    rows.append(f"| {model} | {patch}^3 | {n} | {p['global_batch']} | {strategy} | {p['remat']} | "
+                                f"{fmt_gib(m['params'] + m['opt_state'])} | {fmt_gib(m['temp'])} | "
+                                f"{fmt_gib(m['peak'])} | {'yes' if fits['h100'] else 'NO'} | "
+                                f"{'yes' if fits['v5e'] else 'NO'} | {p['source']} |")
+    return "\n".join(rows) + "\n", cells
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Compile the pretraining step for a device mesh and report "
+                                             "per-device memory, FLOPs and expected step time.")
+    ap.add_argument("--model", default="vit_b", help="pretraining preset (vit_tiny, vit_b, vit_l, vit_h) or YAML")
+    ap.add_argument("--patch", type=int, default=96, help="cubic crop side in voxels")
+    ap.add_argument("--global-batch", type=int, default=256, help="volumes per optimizer step")
+    ap.add_argument("--mesh", default="fsdp=8", help="mesh axis sizes, e.g. fsdp=256 or data=32,fsdp=8")
+    ap.add_argument("--rules", default=None, help="sharding rules: dp, fsdp, fsdp_tp (default: dp without fsdp)")
+    ap.add_argument("--device", default="h100", choices=sorted(DEVICES), help="accelerator to plan for")
+    ap.add_argument("--remat", default=None, help="rematerialisation: none, full, dots_saveable, ...")
+    ap.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
+    ap.add_argument("--accum-steps", type=int, default=None, help="gradient-accumulation microbatches")
+    ap.add_argument("--assumed-mfu", type=float, default=DEFAULT_MFU, help="MFU assumed for the step time")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON instead of text")
+    ap.add_argument("--analytic", action="store_true", help="closed-form estimate only, no compile (any mesh size)")
+    ap.add_argument("--table", default=None, help="write the ViT-B/L/H scaling table (markdown) to this file")
+    ap.add_argument("--compile-max-devices", type=int, default=8, help="--table: compile cells up to this many devices")
+    ap.add_argument("--compile-models", default="vit_b", help="--table: comma list of presets to compile")
+    ap.add_argument("--compile-timeout", type=float, default=900, help="--table: seconds per compiled cell")
+    ap.add_argument("overrides", nargs="*", help="extra pretraining config overrides key.sub=value")
+    return ap.parse_args(argv)
+
+
+def request_from_args(args: argparse.Namespace) -> PlanRequest:
+    return PlanRequest(model=args.model, patch=args.patch, global_batch=args.global_batch,
+                       mesh=parse_mesh(args.mesh), rules=args.rules, device=args.device, remat=args.remat,
+                       dtype=args.dtype, accum_steps=args.accum_steps, assumed_mfu=args.assumed_mfu,
+                       overrides=tuple(args.overrides))
+
+
+def device_env(n: int) -> dict:
+    """Environment for a process that must see exactly n virtual CPU devices."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count=")]
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={n}"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.table:
+        from lnfm.workdir import atomic_write_text
+
+        text, cells = table(args.compile_max_devices, tuple(filter(None, args.compile_models.split(","))),
+                            args.compile_timeout)
+        atomic_write_text(args.table, text)
+        atomic_write_text(args.table + ".json", json.dumps(cells, indent=1))
+        print(text)
+        return 0
+    try:
+        req = request_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.analytic:
+        from lnfm.config import ConfigError
+
+        try:
+            p = analytic_plan(req)
+        except (ValueError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(p, indent=1) if args.json else report(p))
+        return 0
+    env = device_env(req.num_devices())
+    if "jax" in sys.modules or os.environ.get("XLA_FLAGS") != env["XLA_FLAGS"] \
+            or os.environ.get("JAX_PLATFORMS") != "cpu":
+        # XLA reads the device count once, at backend start: run in a fresh interpreter.
+        return subprocess.call([sys.executable, "-m", "lnfm.plan", *argv], env=env)
+    from lnfm.config import ConfigError
+
+    try:
+        p = plan(req)
+    except (ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p, indent=1) if args.json else report(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

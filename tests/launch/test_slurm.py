@@ -1,0 +1,146 @@
+"""The sbatch scripts, run by bash against stand-ins for srun / scancel / scontrol.
+
+The stand-ins record their arguments and behave like SLURM where it matters:
+srun runs the command as one local task, scancel --signal delivers the signal
+to that task, scontrol prints host names. This checks the requeue protocol
+(USR1 -> SIGTERM to the steps -> the job exits 0 -> scontrol requeue) for real.
+"""
+
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+FAKES = {
+    "srun": """#!/bin/bash
+echo "srun $*" >> "$FAKE_LOG"
+while [[ "$1" == --* ]]; do shift; done
+export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0 SLURM_GPUS_ON_NODE=4
+echo $$ > "$FAKE_DIR/srun.pid"
+exec "$@"
+""",
+    "scancel": """#!/bin/bash
+echo "scancel $*" >> "$FAKE_LOG"
+sig=${1#--signal=}
+kill -"$sig" "$(cat "$FAKE_DIR/srun.pid")"
+""",
+    "scontrol": """#!/bin/bash
+echo "scontrol $*" >> "$FAKE_LOG"
+if [[ "$1 $2" == "show hostnames" ]]; then printf 'gpu-node-007\\ngpu-node-008\\n'; fi
+""",
+}
+
+# A stand-in training job: reports its rendezvous settings, saves and exits 0 on SIGTERM.
+JOB = ('trap "echo checkpoint saved; exit 0" TERM; '
+       'echo "started coord=${LNFM_COORDINATOR:-auto} n=${LNFM_NUM_PROCESSES:-auto} '
+       'rank=${LNFM_PROCESS_ID:-auto} local=${LNFM_LOCAL_DEVICE_IDS:-auto}"; '
+       'if [ -n "$FAIL_WITH" ]; then exit "$FAIL_WITH"; fi; '
+       'while true; do sleep 0.05; done')
+
+
+@pytest.fixture
+def slurm(tmp_path, repo_root):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKES.items():
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
+               FAKE_LOG=str(tmp_path / "calls.log"), SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(repo_root),
+               SLURM_JOB_NODELIST="gpu-node-[007-008]", SLURM_JOB_NUM_NODES="2",
+               LNFM_COORDINATOR="stale:1")  # a leftover that the scripts must clear
+
+    def start(script: str, extra_env: dict | None = None) -> subprocess.Popen:
+        return subprocess.Popen(["bash", str(repo_root / "launch" / "slurm" / script), "bash", "-c", JOB],
+                                env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+    def calls() -> list[str]:
+        log = tmp_path / "calls.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    return start, calls
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 30.0) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if line.startswith(needle):
+            return lines
+    proc.kill()
+    raise AssertionError(f"{needle!r} not printed; got {lines}")
+
+
+def test_usr1_checkpoints_then_requeues(slurm):
+    start, calls = slurm
+    proc = start("per_gpu.sbatch")
+    lines = _wait_for_line(proc, "started coord=")
+    assert "coord=auto n=auto rank=auto" in lines[-1]  # per-GPU tasks use jax's SLURM auto-detection
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "checkpoint saved" in out
+    log = calls()
+    assert log[0].startswith("srun --kill-on-bad-exit=1")
+    assert "scancel --signal=TERM 4242" in log
+    assert log[-1] == "scontrol requeue 4242"
+
+
+def test_failure_is_reported_and_not_requeued(slurm):
+    start, calls = slurm
+    proc = start("per_gpu.sbatch", {"FAIL_WITH": "3"})
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3, out
+    assert not any(c.startswith(("scontrol requeue", "scancel")) for c in calls())
+
+
+def test_plain_sigterm_waits_for_the_step_without_requeue(slurm, tmp_path):
+    start, calls = slurm
+    proc = start("per_gpu.sbatch")
+    _wait_for_line(proc, "started coord=")
+    # On scancel or preemption SLURM signals the steps and the batch shell alike.
+    os.kill(int((tmp_path / "srun.pid").read_text()), signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "checkpoint saved" in out
+    assert not any(c.startswith(("scontrol requeue", "scancel")) for c in calls())
+
+
+def test_per_node_passes_explicit_rendezvous(slurm):
+    start, calls = slurm
+    proc = start("per_node.sbatch")
+    lines = _wait_for_line(proc, "started coord=")
+    port = 20000 + 4242 % 20000
+    assert f"coord=gpu-node-007:{port} n=1 rank=0 local=0,1,2,3" in lines[-1]
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert calls()[-1] == "scontrol requeue 4242"
+    assert any(c.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1") for c in calls())
+
+
+def test_dry_run_prints_the_srun_command(slurm, repo_root):
+    start, calls = slurm
+    proc = start("per_gpu.sbatch", {"LNFM_DRY_RUN": "1"})
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "srun --kill-on-bad-exit=1 --cpu-bind=none bash -c" in out
+    assert calls() == []
+
+
+def test_sbatch_headers_request_requeue_and_warning_signal(repo_root):
+    for script in ("per_gpu.sbatch", "per_node.sbatch"):
+        text = (repo_root / "launch" / "slurm" / script).read_text()
+        headers = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("#SBATCH")]
+        assert "--requeue" in headers
+        assert "--signal=B:USR1@120" in headers
+        assert "--open-mode=append" in headers
