@@ -1,0 +1,595 @@
+"""Lymph-node segmentation finetuning of a pretrained encoder at one anatomical site.
+
+    python finetune/finetune.py --site pelvis --data STORE --init PRETRAIN_DIR_OR_EXPORT --workdir DIR
+        [--num-labeled N] [--repeats R] [--quick] [key=value ...]
+
+The site preset (lnfm/configs/sites/<site>.yaml) sets spacing, patch, HU window,
+labels, head and strategy. The architecture comes from the pretraining run's
+config when `--init` names one. Each repeat draws its few-shot subset and its
+head initialisation from seed train.seed + repeat, trains with Orbax
+checkpoints (resumable), validates by sliding-window inference and keeps the
+best model by validation Dice in DIR/best, then evaluates it on the test split
+into DIR/summary.json. With R > 1 repeats, repeat r lives in DIR/repeat_<r>.
+`load_finetuned(DIR)` rebuilds the best model from the workdir alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
+from lnfm.data.loader import LoaderConfig, make_loader, normalize
+from lnfm.data.store import read_case, read_manifest
+from lnfm.eval.inference import InferenceConfig, sliding_window_inference
+from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
+from lnfm.eval.surface import dice as dice_score
+from lnfm.models import ModelConfig
+from lnfm.models.heads import head_flops, head_param_count
+from lnfm.models.segmenter import build_segmenter, load_encoder_state
+from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
+                                  use_rules)
+from lnfm.pretrain import DataError, check_stores
+from lnfm.segmentation.fewshot import check_disjoint, select_subset
+from lnfm.segmentation.losses import LossConfig, deep_supervision_loss, segmentation_loss
+from lnfm.segmentation.sites import SiteConfig, check_spacing
+from lnfm.segmentation.strategies import StrategyConfig, count_params, layer_index_fn, trainable_filter
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
+from lnfm.train.distributed import initialize
+from lnfm.train.loop import Hook, NonFiniteLoss, Throughput, run_loop, trim_metrics
+from lnfm.train.optim import OptimConfig, layer_lr_scales, make_optimizer
+from lnfm.train.state import abstract_state, create_train_state, merge_model, split_model
+from lnfm.train.step import make_train_step
+from lnfm.workdir import atomic_write_text, open_workdir
+
+log = logging.getLogger("lnfm.finetune")
+
+METRICS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume", "sens_lt5", "sens_5to10", "sens_ge10")
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    kind: Literal["unetr", "light", "linear"] = "light"  # decoder head (lnfm.models.heads)
+    deep_supervision: bool = False  # also supervise the head's coarser outputs
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra head arguments, e.g. feature_size: 8 for unetr
+
+
+@dataclasses.dataclass
+class FinetuneTrainConfig:
+    steps: int = 2000  # optimizer steps per repeat
+    global_batch: int = 2  # patches per step over all hosts
+    accum_steps: int = 1  # gradient-accumulation microbatches per step
+    seed: int = 0  # repeat r uses seed + r for its few-shot subset, head init and sampling
+    log_every: int = 10  # write training metrics every N steps
+    eval_every: int = 200  # validate (and keep the best model) every N steps; 0: only at the end
+    num_labeled: int | None = None  # labelled training cases per repeat (null: the whole training split)
+    repeats: int = 1  # independent runs (subset + init seeds); summary.json reports mean and std
+    val_fraction: float = 0.15  # share of training cases held out for validation when the store has no val split
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    site: SiteConfig = dataclasses.field(default_factory=SiteConfig)  # anatomical site preset values
+    init: str = "scratch"  # pretraining workdir, its checkpoints dir, an export dir, or scratch
+    data: list[str] = dataclasses.field(default_factory=list)  # prepared stores with labelled cases
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # backbone (taken from the checkpoint with --init)
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)  # segmentation head
+    strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)  # which parameters train
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # segmentation loss
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW + schedule (+ LLRD scales)
+    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)  # patch sampling; patch, window and batch come from site/train
+    train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
+    inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
+    metrics: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # test metrics settings
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh and sharding rules
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax saving
+
+
+# Finetuning defaults that differ from the shared dataclass defaults (presets and overrides go on top).
+DEFAULTS: dict = {
+    "optim": {"lr": 1e-3, "warmup_steps": 50, "weight_decay": 1e-4, "b2": 0.999},
+    "loader": {"fg_fraction": 0.5, "workers": 0},
+    "inference": {"overlap": 0.5, "sw_batch_size": 2},
+    "checkpoint": {"every": 500, "keep": 2},
+}
+
+# `--quick`: the tiny run of `make demo` (32^3 patches, a few hundred steps on a laptop CPU). The
+# linear probe keeps a CPU step at tens of milliseconds; XLA's CPU 3D convolutions make the conv
+# decoders (light, unetr) seconds per step there.
+QUICK = ["site.patch=[32,32,32]", "train.steps=400", "train.global_batch=2", "train.eval_every=100",
+         "train.log_every=20", "checkpoint.every=200", "optim.warmup_steps=20", "optim.lr=3e-3",
+         "head.kind=linear", "strategy.freeze=none", "strategy.llrd=0.9", "inference.overlap=0.25",
+         "model.img_size=[32,32,32]", "model.patch_size=[8,8,8]"]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def resolve_init(init: str) -> tuple[str, Path | None, dict | None]:
+    """--init -> (kind, path, model config dict); kind is scratch | pretrain | export.
+
+    pretrain: a pretraining workdir (config.yaml + checkpoints/) or its checkpoints dir.
+    export: a folder holding model.json (read with lnfm.export.load_export)."""
+    if init == "scratch":
+        return "scratch", None, None
+    path = Path(init)
+    if not path.is_dir():
+        raise ConfigError(f"{init}: --init must be a pretraining workdir, its checkpoints dir, an export dir or "
+                          f"'scratch'")
+    if (path / "model.json").is_file():
+        data = json.loads((path / "model.json").read_text())
+        return "export", path, data.get("model", data)
+    if path.name == "checkpoints" and (path.parent / "config.yaml").is_file():
+        path = path.parent
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        model = read_yaml(path / "config.yaml").get("model")
+        if not isinstance(model, dict):
+            raise ConfigError(f"{path / 'config.yaml'}: no model section to rebuild the encoder from")
+        return "pretrain", path, model
+    raise ConfigError(f"{init}: neither a pretraining workdir (config.yaml + checkpoints/) nor an export "
+                      f"(model.json)")
+
+
+def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "scratch", data: list[str] = (),
+                         num_labeled: int | None = None, repeats: int | None = None,
+                         quick: bool = False) -> FinetuneConfig:
+    """Dataclass defaults <- DEFAULTS <- site preset <- QUICK (with quick) <- overrides; with a
+    checkpoint --init the model section is the checkpoint's, plus any model.* overrides."""
+    extra = [f"init={json.dumps(init)}", f"data={json.dumps(list(data))}"]
+    if num_labeled is not None:
+        extra.append(f"train.num_labeled={num_labeled}")
+    if repeats is not None:
+        extra.append(f"train.repeats={repeats}")
+    user = (QUICK if quick else []) + list(overrides)
+    cfg = load_config(FinetuneConfig, site, user + extra, kind="sites", defaults=DEFAULTS)
+    kind, _, model = resolve_init(cfg.init)
+    if model is not None:
+        tree = to_dict(cfg)
+        tree["model"] = apply_overrides(model, [o.split(".", 1)[1] for o in overrides if o.startswith("model.")])
+        cfg = from_dict(FinetuneConfig, tree)
+    if cfg.train.repeats < 1:
+        raise ConfigError(f"train.repeats must be at least 1, got {cfg.train.repeats}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Splits:
+    pool: list[str]  # training cases the few-shot subsets are drawn from
+    val: list[str]
+    test: list[str]
+
+
+@dataclasses.dataclass
+class Case:
+    case_id: str
+    image: np.ndarray  # normalised (X, Y, Z, C)
+    label: np.ndarray  # (X, Y, Z) int
+    spacing: tuple[float, float, float]
+
+
+def make_splits(records: list[dict], val_fraction: float) -> Splits:
+    """Train pool, validation and test case ids from the manifest `split` field. Without a
+    val split, a fixed share of the training cases (seed-independent) becomes validation."""
+    by = {s: sorted(r["case_id"] for r in records if r.get("split") == s and r.get("label_path"))
+          for s in ("train", "val", "test")}
+    if not by["train"]:
+        raise DataError("no labelled cases in the train split of the store")
+    if not by["test"]:
+        raise DataError("no labelled cases in the test split of the store (prepare with split fractions that "
+                        "leave test cases)")
+    pool, val = by["train"], by["val"]
+    if not val:
+        if len(pool) < 2:
+            raise DataError("the store has no val split and a single training case: nothing to validate on")
+        n_val = max(1, round(val_fraction * len(pool)))
+        order = np.random.default_rng(np.random.SeedSequence([0, 0x56414C])).permutation(len(pool))
+        val = sorted(pool[i] for i in order[:n_val])
+        pool = sorted(set(pool) - set(val))
+        log.info("the store has no val split: %d training case(s) held out for validation", len(val))
+    check_disjoint(pool, val=val, test=by["test"])
+    check_disjoint(val, test=by["test"])
+    return Splits(pool, val, by["test"])
+
+
+def load_cases(stores: list[str], records: dict[str, tuple[str, dict]], ids: list[str],
+               loader_cfg: LoaderConfig) -> list[Case]:
+    out = []
+    for cid in ids:
+        store, rec = records[cid]
+        image, label = read_case(store, rec)
+        out.append(Case(cid, normalize(image, loader_cfg, rec.get("channels")), label.astype(np.int32),
+                        tuple(float(s) for s in rec["spacing"])))
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.Module:
+    """Sharded segmenter (+ LoRA adapters with strategy.freeze=lora), pretrained encoder loaded."""
+    num_classes = len(cfg.site.labels)
+
+    def build():
+        return build_segmenter(cfg.model, cfg.head.kind, num_classes, nnx.Rngs(seed),
+                               deep_supervision=cfg.head.deep_supervision, **cfg.head.options)
+
+    model = create_sharded_model(build, mesh, cfg.mesh.rules)
+    kind, path, _ = resolve_init(cfg.init)
+    if kind == "pretrain":
+        # Pretraining saved nnx.State trees; restore only params["encoder"] into our shardings.
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                              nnx.state(model.encoder, nnx.Param))
+        encoder = restore_params(path / "checkpoints", nnx.State({"encoder": target}))["encoder"]
+        load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
+        log.info("encoder initialised from %s", path / "checkpoints")
+    elif kind == "export":
+        from lnfm.export import ExportError, load_export
+
+        try:
+            exported = load_export(path)
+        except ExportError as e:
+            raise ConfigError(str(e)) from None
+        load_encoder_state(model, exported.encoder)
+        log.info("encoder initialised from export %s", path)
+    if cfg.strategy.freeze == "lora":
+        from lnfm.models.lora import apply_lora
+
+        apply_lora(model.encoder, cfg.strategy.lora_rank, cfg.strategy.lora_alpha, rngs=nnx.Rngs(seed + 1))
+    if kind == "export" or cfg.strategy.freeze == "lora":
+        # Exported weights and new adapters are created off-mesh: lay every array out on the mesh again.
+        state = nnx.state(model)
+        nnx.update(model, jax.device_put(state, state_sharding(state, mesh, cfg.mesh.rules)))
+    return model
+
+
+def _predict_fn(graphdef: nnx.GraphDef):
+    @jax.jit
+    def predict(states, x):
+        out = nnx.merge(graphdef, *states)(x)
+        logits = out[0] if isinstance(out, tuple) else out
+        return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+    return predict
+
+
+def segment(predict, states: tuple, case: Case, cfg: FinetuneConfig, num_classes: int) -> np.ndarray:
+    """Label map (X, Y, Z) by sliding-window inference over the whole case."""
+    inf = cfg.inference
+    probs = sliding_window_inference(lambda x: np.asarray(predict(states, x)), case.image, cfg.site.patch,
+                                     overlap=inf.overlap, mode=inf.mode, sigma_scale=inf.sigma_scale,
+                                     sw_batch_size=inf.sw_batch_size, tta_flips=inf.tta_flips,
+                                     num_classes=num_classes)
+    return np.argmax(probs, axis=-1).astype(np.int32)
+
+
+def _full_state(graphdef, params, frozen, rest) -> dict:
+    return nnx.to_pure_dict(nnx.state(merge_model(graphdef, params, frozen, rest)))
+
+
+def load_finetuned(workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.Module, FinetuneConfig]:
+    """The best model of a finetuning workdir (or of DIR/repeat_0 for a multi-repeat run) and its config."""
+    workdir = Path(workdir)
+    if not (workdir / "best").is_dir() and (workdir / "repeat_0" / "best").is_dir():
+        workdir = workdir / "repeat_0"
+    if not (workdir / "config.yaml").is_file() or not (workdir / "best").is_dir():
+        raise FileNotFoundError(f"{workdir}: not a finetuning workdir (config.yaml and best/ expected)")
+    cfg = from_dict(FinetuneConfig, read_yaml(workdir / "config.yaml"))
+    cfg = dataclasses.replace(cfg, init="scratch")
+    mesh = mesh or make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    model = build_model(cfg, 0, mesh)
+    state = nnx.state(model)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          nnx.to_pure_dict(state))
+    ckpt = Checkpointer(workdir / "best", CheckpointConfig(keep=1, async_save=False))
+    restored = ckpt.restore_latest({"model": target})
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir / 'best'}: no saved model")
+    nnx.replace_by_pure_dict(state, restored[0]["model"])
+    nnx.update(model, state)
+    return model, cfg
+
+
+# ----------------------------------------------------------------------------- one repeat
+
+
+def _check_batch(tc: FinetuneTrainConfig, nproc: int, shards: int) -> None:
+    if tc.global_batch % nproc or tc.global_batch % (shards * tc.accum_steps):
+        raise ConfigError(f"train.global_batch={tc.global_batch} must be a multiple of the {shards} batch shards "
+                          f"(mesh data x fsdp) times train.accum_steps={tc.accum_steps} and of {nproc} processes")
+
+
+@dataclasses.dataclass
+class Training:
+    """What one repeat trains with (see `build_training`)."""
+
+    graphdef: nnx.GraphDef
+    state: dict  # lnfm.train.state train state (params = trainable leaves only)
+    shardings: Any
+    step_fn: Any  # jitted step(state, batch) -> (state, metrics)
+    filt: Any  # the strategy's trainable filter
+    full_target: Any  # abstract full model state (pure dict, with shardings): the best-model restore target
+    head_params: int
+    head_flops: float
+    trainable_params: int
+    total_params: int
+
+
+def build_training(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> Training:
+    """Sharded segmenter + strategy split + optimizer (LLRD scales) -> train state and jitted step."""
+    model = build_model(cfg, seed, mesh)
+    hp = head_param_count(model.head)
+    hf = head_flops(model.head, (1, *cfg.site.patch, cfg.model.in_channels))
+    log.info("head %s: %.4fM parameters, %.4f GFLOPs per %s patch", cfg.head.kind, hp / 1e6, hf / 1e9,
+             "x".join(map(str, cfg.site.patch)))
+    filt = trainable_filter(model, cfg.strategy)
+    trainable = nnx.state(model, nnx.All(nnx.Param, filt))
+    total_params = count_params(nnx.state(model, nnx.Param))
+    n_train = count_params(trainable)
+    scales = None
+    if cfg.strategy.llrd != 1.0 and cfg.strategy.freeze in ("none", "first_k"):
+        layer_of, n_units = layer_index_fn(model)
+        scales = layer_lr_scales(trainable, layer_of, n_units, cfg.strategy.llrd)
+    tx, schedule = make_optimizer(cfg.optim, trainable, cfg.train.steps, cfg.train.global_batch, scales)
+    full_target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                               nnx.to_pure_dict(nnx.state(model)))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    graphdef, state, shardings = create_train_state(model, tx, seed, replicated, trainable=filt)
+    del model  # its arrays now belong to the train state (donated every step)
+    log.info("strategy %s: %.3fM of %.3fM parameters train", cfg.strategy.freeze, n_train / 1e6, total_params / 1e6)
+    loss_cfg, ds = cfg.loss, cfg.head.deep_supervision
+
+    def loss_fn(params, frozen, rest, batch, key):
+        out = merge_model(graphdef, params, frozen, rest)(batch["image"])
+        if ds:
+            return deep_supervision_loss(loss_cfg, [out[0], *out[1]], batch["label"]), {}
+        return segmentation_loss(loss_cfg, out, batch["label"]), {}
+
+    step_fn = make_train_step(loss_fn, tx, schedule, shardings, batch_sharding(mesh),
+                              accum_steps=cfg.train.accum_steps)
+    return Training(graphdef, state, shardings, step_fn, filt, full_target, hp, hf, n_train, total_params)
+
+
+def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.Mesh, splits: Splits,
+               val_cases: list[Case], test_cases: list[Case], records: dict) -> dict | None:
+    """Train, validate, keep the best and test one repeat; returns its summary (None if preempted)."""
+    tc, pid = cfg.train, jax.process_index()
+    seed = tc.seed + repeat
+    num_classes = len(cfg.site.labels)
+    train_ids = select_subset(splits.pool, tc.num_labeled, seed)
+    check_disjoint(train_ids, val=splits.val, test=splits.test)
+    writer = open_workdir(rdir, cfg, is_main=pid == 0)
+    log.info("repeat %d (seed %d): %d labelled training case(s), %d val, %d test", repeat, seed, len(train_ids),
+             len(splits.val), len(splits.test))
+
+    t_build = time.time()
+    tr = build_training(cfg, seed, mesh)
+    graphdef, state, shardings, step_fn, filt = tr.graphdef, tr.state, tr.shardings, tr.step_fn, tr.filt
+    best_target = tr.full_target
+    hp, hf, n_train, total_params = tr.head_params, tr.head_flops, tr.trainable_params, tr.total_params
+    writer.write(0, head_params=hp, head_gflops=hf / 1e9, trainable_params=n_train, total_params=total_params)
+    bsh = batch_sharding(mesh)
+    nproc = jax.process_count()
+    loader_cfg = dataclasses.replace(cfg.loader, patch_size=cfg.site.patch, hu_window=cfg.site.window,
+                                     batch_size=tc.global_batch // nproc, seed=seed)
+    loader = make_loader(cfg.data, loader_cfg, split="train", labels=True, case_ids=train_ids,
+                         shard_index=pid, shard_count=nproc)
+    data_iter = iter(loader)
+    ckpt = Checkpointer(rdir / "checkpoints", cfg.checkpoint)
+    best_ckpt = Checkpointer(rdir / "best", CheckpointConfig(keep=1, async_save=False))
+    best_file = rdir / "best.json"
+    best = json.loads(best_file.read_text()) if best_file.is_file() else {"step": -1, "val_dice": -1.0}
+    start = 0
+    restored = ckpt.restore_latest(abstract_state(state, shardings), data_iter)
+    if restored is not None:
+        state, start = restored
+        log.info("resumed from step %d", start)
+        if pid == 0:
+            trim_metrics(rdir, start)
+    if best["step"] > start:  # a best model saved after the restored step is from the lost future
+        best = {"step": -1, "val_dice": -1.0}
+    predict = _predict_fn(graphdef)
+
+    def validate(step: int, st: dict) -> None:
+        states = (st["params"], st["frozen"], st["rest"])
+        scores = [dice_score(segment(predict, states, c_, cfg, num_classes) > 0, c_.label > 0) for c_ in val_cases]
+        val_dice = float(np.mean(scores))
+        writer.write(step, val_dice=val_dice)
+        log.info("step %d: validation Dice %.4f (best %.4f)", step, val_dice, max(best["val_dice"], 0.0))
+        if val_dice >= best["val_dice"]:  # ties go to the later, longer-trained model
+            best.update(step=step, val_dice=val_dice)
+            for old in best_ckpt.all_steps():
+                best_ckpt.manager.delete(old)
+            best_ckpt.save(step, {"model": _full_state(graphdef, *states)}, config=to_dict(cfg))
+            best_ckpt.wait()
+            if pid == 0:
+                atomic_write_text(best_file, json.dumps(best))
+
+    def next_batch() -> dict:
+        host = next(data_iter)
+        return {"image": jax.make_array_from_process_local_data(bsh, np.asarray(host["image"], np.float32)),
+                "label": jax.make_array_from_process_local_data(bsh, np.asarray(host["label"], np.int32))}
+
+    hooks = (Hook(tc.eval_every, validate),) if tc.eval_every else ()
+    tokens = tc.global_batch * math.prod(cfg.site.patch)
+    with use_rules(mesh, cfg.mesh.rules):
+        result = run_loop(step_fn, state, next_batch, start_step=start, total_steps=tc.steps, writer=writer,
+                          throughput=Throughput(tc.global_batch, tokens, None), checkpointer=ckpt,
+                          ckpt_every=cfg.checkpoint.every, data_iter=data_iter, config=to_dict(cfg),
+                          log_every=tc.log_every, hooks=hooks, desc=f"finetune[{repeat}]")
+        if result.preempted:
+            ckpt.close()
+            best_ckpt.close()
+            writer.close()
+            return None
+        if best["step"] != result.step and (not tc.eval_every or result.step % tc.eval_every):
+            validate(result.step, result.state)
+        train_time = time.time() - t_build
+        ckpt.close()
+        restored_best = best_ckpt.restore_latest({"model": best_target})
+        best_ckpt.close()
+        if restored_best is None:
+            raise RuntimeError(f"{rdir / 'best'}: the best model was not saved")
+        # Put the best weights into the train-state layout, so the validation predictor is reused.
+        best_model = merge_model(graphdef, result.state["params"], result.state["frozen"], result.state["rest"])
+        full = nnx.state(best_model)
+        nnx.replace_by_pure_dict(full, restored_best[0]["model"])
+        nnx.update(best_model, full)
+        _, *best_states = split_model(best_model, filt)
+        cases = []
+        for case in test_cases:
+            pred = segment(predict, tuple(best_states), case, cfg, num_classes)
+            metrics = evaluate_case(pred > 0, case.label > 0, case.spacing, **cfg.metrics.kwargs())
+            cases.append({"case_id": case.case_id, **metrics})
+    agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])
+    summary = {**{k: agg.get(k) for k in METRICS}, "cases": cases, "aggregate": agg,
+               "repeat": repeat, "seed": seed, "num_labeled": len(train_ids), "train_ids": train_ids,
+               "best_step": best["step"], "best_val_dice": best["val_dice"],
+               "trainable_params": n_train, "total_params": total_params, "head_params": hp,
+               "head_gflops": hf / 1e9, "train_time_s": train_time}
+    writer.write(result.step, **{f"test_{k}": v for k, v in summary.items() if k in METRICS and v is not None})
+    writer.close()
+    log.info("repeat %d test: %s", repeat, ", ".join(f"{k}={summary[k]:.4f}" for k in METRICS[:6]
+                                                        if isinstance(summary.get(k), float)))
+    return summary
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def combine(cfg: FinetuneConfig, runs: list[dict]) -> dict:
+    """summary.json: test metrics (means over repeats when R > 1) with per-case rows and per-repeat summaries."""
+    head = {"site": cfg.site.name, "init": cfg.init, "head": cfg.head.kind, "strategy": cfg.strategy.freeze,
+            "labels": cfg.site.labels}
+    if len(runs) == 1:
+        return {**head, **runs[0]}
+    keys = list(METRICS) + ["best_val_dice", "train_time_s"]
+    mean, std = {}, {}
+    for k in keys:
+        mean[k], std[k] = _mean_std([r.get(k) for r in runs])
+    cases = [{"repeat": r["repeat"], **c} for r in runs for c in r["cases"]]
+    first = runs[0]
+    return {**head, **{k: mean[k] for k in METRICS}, "mean": mean, "std": std, "cases": cases,
+            "repeats": runs, "num_labeled": first["num_labeled"], "trainable_params": first["trainable_params"],
+            "total_params": first["total_params"], "head_params": first["head_params"],
+            "head_gflops": first["head_gflops"], "train_time_s": float(sum(r["train_time_s"] for r in runs))}
+
+
+def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
+    """Finetune (or resume) into `workdir` and write summary.json. Returns the exit code."""
+    workdir = Path(workdir)
+    check_stores(cfg.data)
+    records: dict[str, tuple[str, dict]] = {}
+    for store in cfg.data:
+        for rec in read_manifest(store):
+            if rec["case_id"] in records:
+                raise DataError(f"{store}: case id {rec['case_id']} also occurs in {records[rec['case_id']][0]}")
+            records[rec["case_id"]] = (store, rec)
+    all_records = [r for _, r in records.values()]
+    splits = make_splits(all_records, cfg.train.val_fraction)
+    channels = {len(r["channels"]) for r in all_records}
+    if len(channels) != 1:
+        raise DataError(f"the stores mix cases with {sorted(channels)} channels")
+    n_ch = channels.pop()
+    if cfg.model.in_channels != n_ch:
+        if resolve_init(cfg.init)[0] != "scratch":
+            raise DataError(f"the data has {n_ch} channel(s) but the pretrained encoder takes "
+                            f"{cfg.model.in_channels}")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
+    labelled = [records[i][1] for i in splits.pool + splits.val + splits.test]
+    max_class = max((int(n.get("class", 1)) for r in labelled for n in r.get("nodes", [])), default=1)
+    if max_class >= len(cfg.site.labels):
+        raise DataError(f"the labels reach class {max_class} but site.labels names only {len(cfg.site.labels)} "
+                        f"classes ({cfg.site.labels})")
+    mesh = make_mesh(cfg.mesh)
+    _check_batch(cfg.train, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
+    pid = jax.process_index()
+    writer = open_workdir(workdir, cfg, is_main=pid == 0, tensorboard=False)
+    writer.close()
+    check_spacing(cfg.site, labelled)
+    log.info("site %s, init %s, head %s, strategy %s; mesh %s over %d devices", cfg.site.name, cfg.init,
+             cfg.head.kind, cfg.strategy.freeze, dict(mesh.shape), jax.device_count())
+    loader_cfg = dataclasses.replace(cfg.loader, hu_window=cfg.site.window)
+    val_cases = load_cases(cfg.data, records, splits.val, loader_cfg)
+    test_cases = load_cases(cfg.data, records, splits.test, loader_cfg)
+    runs = []
+    for r in range(cfg.train.repeats):
+        rdir = workdir if cfg.train.repeats == 1 else workdir / f"repeat_{r}"
+        out = run_repeat(cfg, r, rdir, mesh, splits, val_cases, test_cases, records)
+        if out is None:
+            log.warning("preempted: rerun the same command to resume")
+            return 0
+        runs.append(out)
+    summary = combine(cfg, runs)
+    if pid == 0:
+        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1, default=_json_safe))
+    log.info("summary: %s", ", ".join(f"{k}={summary[k]:.4f}" if isinstance(summary.get(k), float)
+                                      else f"{k}={summary.get(k)}" for k in METRICS[:6]))
+    return 0
+
+
+def _json_safe(x: Any) -> Any:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Finetune a pretrained encoder for lymph-node segmentation.")
+    ap.add_argument("--site", required=True, help="site preset (head_neck, axilla, mediastinum, abdomen, pelvis) "
+                                                  "or a YAML file")
+    ap.add_argument("--data", required=True, help="comma-separated prepared stores with labelled cases")
+    ap.add_argument("--init", required=True, help="pretraining workdir, its checkpoints dir, export dir, or scratch")
+    ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
+    ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
+    ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
+    ap.add_argument("--quick", action="store_true", help="tiny demo settings (32^3 patches, 400 steps, linear probe)")
+    ap.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
+    ap.add_argument("--num-processes", type=int, default=None, help="total processes (multi-process runs)")
+    ap.add_argument("--process-id", type=int, default=None, help="rank of this process (multi-process runs)")
+    ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
+        cfg = load_finetune_config(args.site, args.overrides, init=args.init,
+                                   data=[s for s in args.data.split(",") if s], num_labeled=args.num_labeled,
+                                   repeats=args.repeats, quick=args.quick)
+        return run(cfg, args.workdir)
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+
+
+__all__ = ["FinetuneConfig", "HeadConfig", "FinetuneTrainConfig", "QUICK", "load_finetune_config", "run", "main",
+           "load_finetuned", "resolve_init", "make_splits", "dump_yaml"]

@@ -1,0 +1,1 @@
+"""Lymph-node segmentation finetuning: losses, frozen-layer strategies, few-shot subsets, site presets."""

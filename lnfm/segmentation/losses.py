@@ -1,0 +1,127 @@
+"""Segmentation losses on channel-last logits: Dice + cross-entropy (default), focal, Tversky.
+
+Logits are float (B, X, Y, Z, C), labels int (B, X, Y, Z). Soft Dice/Tversky are
+computed over the whole batch by default ("batch dice"): lymph nodes are small
+and many training patches hold none, and a per-patch Dice of an empty class is
+either meaningless or explodes the gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass
+class LossConfig:
+    name: Literal["dice_ce", "dice_focal", "focal", "tversky", "ce"] = "dice_ce"  # loss family
+    dice_weight: float = 1.0  # weight of the soft Dice (or Tversky) term in dice_ce / dice_focal
+    ce_weight: float = 1.0  # weight of the cross-entropy (or focal) term
+    include_background: bool = False  # whether class 0 enters the Dice/Tversky mean
+    batch_dice: bool = True  # pool Dice sums over the batch instead of averaging per patch
+    smooth: float = 1e-5  # additive smoothing of Dice/Tversky numerator and denominator
+    focal_gamma: float = 2.0  # focusing exponent of the focal loss
+    focal_alpha: float | None = None  # focal class balance: 1-alpha for background, alpha for the rest
+    tversky_alpha: float = 0.3  # Tversky weight of false positives
+    tversky_beta: float = 0.7  # Tversky weight of false negatives (>alpha favours sensitivity)
+    deep_supervision_decay: float = 0.5  # weight of deep-supervision output i is decay**i (normalised)
+
+
+def _probs_onehot(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    return probs, onehot
+
+
+def _reduce_axes(ndim: int, batch: bool) -> tuple[int, ...]:
+    # Spatial axes, plus the batch axis when pooling over the batch; the class axis is last.
+    return tuple(range(0 if batch else 1, ndim - 1))
+
+
+def _select_classes(score: jax.Array, include_background: bool) -> jax.Array:
+    return score if include_background else score[..., 1:]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy over all voxels."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return -jnp.mean(picked)
+
+
+def tversky_loss(logits: jax.Array, labels: jax.Array, alpha: float = 0.5, beta: float = 0.5, *,
+                 include_background: bool = False, batch: bool = True, smooth: float = 1e-5) -> jax.Array:
+    """1 - TP / (TP + alpha FP + beta FN), soft, averaged over classes (and patches unless `batch`).
+
+    alpha = beta = 0.5 is the soft Dice loss."""
+    probs, onehot = _probs_onehot(logits, labels)
+    axes = _reduce_axes(probs.ndim, batch)
+    tp = jnp.sum(probs * onehot, axis=axes)
+    fp = jnp.sum(probs * (1.0 - onehot), axis=axes)
+    fn = jnp.sum((1.0 - probs) * onehot, axis=axes)
+    score = (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+    return jnp.mean(1.0 - _select_classes(score, include_background))
+
+
+def dice_loss(logits: jax.Array, labels: jax.Array, *, include_background: bool = False, batch: bool = True,
+              smooth: float = 1e-5) -> jax.Array:
+    """Soft Dice loss 1 - 2|P.G| / (|P| + |G|) on softmax probabilities."""
+    return tversky_loss(logits, labels, 0.5, 0.5, include_background=include_background, batch=batch, smooth=smooth)
+
+
+def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0, alpha: float | None = None) -> jax.Array:
+    """Mean over voxels of -alpha_t (1 - p_t)^gamma log p_t (gamma = 0, alpha = None is cross-entropy)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp_t = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    loss = -((1.0 - jnp.exp(logp_t)) ** gamma) * logp_t
+    if alpha is not None:
+        loss = loss * jnp.where(labels == 0, 1.0 - alpha, alpha)
+    return jnp.mean(loss)
+
+
+def segmentation_loss(cfg: LossConfig, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The configured loss for one output at the labels' resolution."""
+    region = dict(include_background=cfg.include_background, batch=cfg.batch_dice, smooth=cfg.smooth)
+    if cfg.name == "dice_ce":
+        return cfg.dice_weight * dice_loss(logits, labels, **region) + cfg.ce_weight * cross_entropy(logits, labels)
+    if cfg.name == "dice_focal":
+        return (cfg.dice_weight * dice_loss(logits, labels, **region)
+                + cfg.ce_weight * focal_loss(logits, labels, cfg.focal_gamma, cfg.focal_alpha))
+    if cfg.name == "focal":
+        return focal_loss(logits, labels, cfg.focal_gamma, cfg.focal_alpha)
+    if cfg.name == "tversky":
+        return tversky_loss(logits, labels, cfg.tversky_alpha, cfg.tversky_beta, **region)
+    if cfg.name == "ce":
+        return cross_entropy(logits, labels)
+    raise ValueError(f"unknown loss '{cfg.name}'")
+
+
+def downsample_labels(labels: jax.Array, spatial: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour label map at a coarser resolution: output voxel i takes the label
+    at the centre of the input span it covers (for an integer factor f: index i*f + f//2),
+    so thin structures keep their class."""
+    out = labels
+    for axis, size in enumerate(spatial, start=1):
+        full = labels.shape[axis]
+        if full == size:
+            continue
+        if size > full:
+            raise ValueError(f"output size {size} exceeds the label size {full} on axis {axis}")
+        idx = jnp.floor((jnp.arange(size) + 0.5) * (full / size)).astype(jnp.int32)
+        out = jnp.take(out, idx, axis=axis)
+    return out
+
+
+def deep_supervision_loss(cfg: LossConfig, outputs: Sequence[jax.Array], labels: jax.Array) -> jax.Array:
+    """Weighted loss over outputs ordered full resolution first; labels are subsampled to
+    each coarser output. Weights decay**i, normalised to sum to one."""
+    weights = [cfg.deep_supervision_decay ** i for i in range(len(outputs))]
+    total = sum(weights)
+    loss = 0.0
+    for w, out in zip(weights, outputs):
+        loss = loss + (w / total) * segmentation_loss(cfg, out, downsample_labels(labels, out.shape[1:-1]))
+    return loss

@@ -1,0 +1,50 @@
+"""Anatomical site presets: spacing, patch, intensity window, labels, default head and strategy.
+
+A preset is a partial finetuning config in `lnfm/configs/sites/<site>.yaml`
+(shipped in the wheel); the YAML comments give the rationale of each value.
+The `site` section is described by `SiteConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from lnfm.config import CONFIG_DIR
+
+log = logging.getLogger("lnfm.finetune")
+
+SITES = ("head_neck", "axilla", "mediastinum", "abdomen", "pelvis")
+
+
+@dataclasses.dataclass
+class SiteConfig:
+    name: str = "pelvis"  # anatomical site of the preset
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # voxel spacing (mm, X Y Z) the store is prepared at
+    patch: tuple[int, int, int] = (96, 96, 96)  # training patch and sliding-window ROI in voxels (X, Y, Z)
+    window: tuple[float, float] = (-160.0, 240.0)  # CT HU window (lo, hi) mapped to [0, 1]
+    labels: list[str] = dataclasses.field(default_factory=lambda: ["background", "lymph_node"])  # class names; index = label value
+    stations: list[str] = dataclasses.field(default_factory=list)  # nodal stations of the region (documentation and reports)
+
+
+def site_names() -> list[str]:
+    """Packaged site presets."""
+    return sorted(p.stem for p in (CONFIG_DIR / "sites").glob("*.yaml"))
+
+
+def check_spacing(site: SiteConfig, records: list[dict], tol: float = 0.05) -> list[str]:
+    """Case ids whose stored spacing differs from the preset's (each logged once as a warning)."""
+    off = []
+    for r in records:
+        spacing = r.get("spacing")
+        if spacing is None:
+            continue
+        if any(abs(float(a) - float(b)) > tol * float(b) for a, b in zip(spacing, site.spacing)):
+            off.append(r["case_id"])
+    if off:
+        first = next(r for r in records if r["case_id"] == off[0])
+        log.warning("%d case(s) are stored at a spacing other than the %s preset's %s mm (e.g. %s: %s); "
+                    "prepare the store with --spacing %s for the intended resolution",
+                    len(off), site.name, list(site.spacing), off[0], first.get("spacing"),
+                    ",".join(f"{s:g}" for s in site.spacing))
+    return off

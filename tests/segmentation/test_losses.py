@@ -1,0 +1,99 @@
+"""Segmentation losses against MONAI / torch references and hand-computed cases."""
+
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceLoss, FocalLoss, TverskyLoss
+
+import jax.numpy as jnp
+
+from lnfm.segmentation import losses as L
+
+
+def _case(seed=0, b=2, shape=(6, 5, 4), c=3):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(b, *shape, c)).astype(np.float32) * 2
+    labels = rng.integers(0, c, size=(b, *shape)).astype(np.int32)
+    return logits, labels
+
+
+def _torch(logits, labels):
+    # MONAI is channel-first with a singleton label channel.
+    x = torch.from_numpy(np.moveaxis(logits, -1, 1).copy())
+    y = torch.from_numpy(labels[:, None].astype(np.int64))
+    return x, y
+
+
+@pytest.mark.parametrize("batch", [True, False])
+@pytest.mark.parametrize("include_background", [True, False])
+def test_tversky_matches_monai(batch, include_background):
+    logits, labels = _case()
+    ref = TverskyLoss(include_background=include_background, to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7,
+                      batch=batch)(*_torch(logits, labels)).item()
+    got = L.tversky_loss(jnp.asarray(logits), jnp.asarray(labels), 0.3, 0.7, include_background=include_background,
+                         batch=batch)
+    assert float(got) == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_dice_matches_monai_dice():
+    logits, labels = _case(1)
+    ref = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=0.0,
+                   smooth_dr=1e-12)(*_torch(logits, labels)).item()
+    got = L.dice_loss(jnp.asarray(logits), jnp.asarray(labels), include_background=False, batch=True, smooth=0.0)
+    assert float(got) == pytest.approx(ref, rel=1e-5)
+
+
+def test_cross_entropy_matches_torch():
+    logits, labels = _case(2)
+    x, y = _torch(logits, labels)
+    ref = torch.nn.functional.cross_entropy(x, y[:, 0]).item()
+    assert float(L.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.25])
+def test_focal_matches_monai(alpha):
+    logits, labels = _case(3)
+    c = logits.shape[-1]
+    ref = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, alpha=alpha)(*_torch(logits, labels)).item()
+    got = L.focal_loss(jnp.asarray(logits), jnp.asarray(labels), 2.0, alpha)
+    # MONAI averages over the class axis as well; ours sums it (one non-zero term per voxel).
+    assert float(got) == pytest.approx(ref * c, rel=1e-5)
+
+
+def test_focal_gamma_zero_is_cross_entropy():
+    logits, labels = _case(4)
+    assert float(L.focal_loss(jnp.asarray(logits), jnp.asarray(labels), 0.0)) == pytest.approx(
+        float(L.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))), rel=1e-6)
+
+
+def test_hand_computed_dice():
+    # One patch, 4 voxels, 2 classes; hard logits so probabilities are exactly 0/1.
+    labels = jnp.array([[1, 1, 0, 0]])
+    pred = jnp.array([[1, 0, 0, 0]])
+    logits = jnp.where(jnp.arange(2) == pred[..., None], 50.0, -50.0)
+    # foreground: tp=1, |P|=1, |G|=2 -> Dice 2/3
+    assert float(L.dice_loss(logits, labels, smooth=0.0)) == pytest.approx(1 / 3, abs=1e-6)
+    perfect = jnp.where(jnp.arange(2) == labels[..., None], 50.0, -50.0)
+    for name in ("dice_ce", "dice_focal", "focal", "tversky", "ce"):
+        assert float(L.segmentation_loss(L.LossConfig(name=name), perfect, labels)) == pytest.approx(0.0, abs=1e-5)
+        assert float(L.segmentation_loss(L.LossConfig(name=name), logits, labels)) > 0.01
+
+
+def test_deep_supervision_and_label_downsampling():
+    labels = jnp.zeros((1, 8, 8, 4), jnp.int32).at[:, 4:6, 4:6, 2:4].set(1)
+    small = L.downsample_labels(labels, (4, 4, 2))
+    # Block centres are at index 1, 3, 5, 7 (and 1, 3 on the last axis).
+    assert small.shape == (1, 4, 4, 2)
+    np.testing.assert_array_equal(np.argwhere(np.asarray(small[0])), [[2, 2, 1]])
+    full = jnp.where(jnp.arange(2) == labels[..., None], 50.0, -50.0)
+    half = jnp.where(jnp.arange(2) == small[..., None], 50.0, -50.0)
+    cfg = L.LossConfig()
+    assert float(L.deep_supervision_loss(cfg, [full, half], labels)) == pytest.approx(0.0, abs=1e-5)
+    wrong = -half
+    expect = (1 / 1.5) * 0 + (0.5 / 1.5) * float(L.segmentation_loss(cfg, wrong, small))
+    assert float(L.deep_supervision_loss(cfg, [full, wrong], labels)) == pytest.approx(expect, rel=1e-5)
+    # Non-integer factor 8 -> 3: centres of the spans [0, 2.67), [2.67, 5.33), [5.33, 8) are 1, 4, 6.
+    ramp = jnp.broadcast_to(jnp.arange(8)[None, :, None, None], (1, 8, 2, 2))
+    np.testing.assert_array_equal(np.asarray(L.downsample_labels(ramp, (3, 2, 2)))[0, :, 0, 0], [1, 4, 6])
+    with pytest.raises(ValueError, match="exceeds"):
+        L.downsample_labels(labels, (16, 4, 2))
