@@ -1,0 +1,512 @@
+"""Portable exports of a finetuned segmenter (or a pretrained encoder) and their loading.
+
+    lnfm export --checkpoint DIR --out EXPORT_DIR --format {orbax,safetensors,stablehlo,monai} [--force]
+    lnfm export --verify EXPORT_DIR
+
+DIR is a finetuning workdir (or its best/ or checkpoints/ folder): the export holds
+the best model; or a pretraining workdir (or its checkpoints/): the export holds the
+encoder only. Every export folder has `model.json` (architecture, preprocessing,
+labels, site, a training-data summary without case ids, lnfm version, git revision)
+and `checksums.sha256` (sha256 of every other file). Formats:
+
+- orbax: `params/`, the parameter tree (no optimizer state). The standard artefact:
+  `load_export(dir)` rebuilds the model; finetuning `--init` and `lnfm predict` take it.
+- safetensors: `model.safetensors`, every parameter under its dotted name
+  (`encoder.blocks.0.attn.qkv.kernel`, `head....`); the `encoder.` names are the encoder.
+  Reading it needs only numpy and the safetensors package.
+- stablehlo: `inference.stablehlo`, a serialized `jax.export` function mapping a
+  normalised patch (B, *patch, C) to softmax probabilities (B, *patch, K); runs with
+  jax alone (`jax.export.deserialize(bytes).call(x)`).
+- monai: `encoder_monai.pt` (torch.save of tensors) and `encoder_monai.safetensors`,
+  the ViT encoder as a MONAI `ViT` state dict.
+
+The same checkpoint gives byte-identical files. An existing export is replaced only
+with `force`, by writing a temporary folder and swapping it in, so a failed export
+leaves the old one intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lnfm import __version__
+from lnfm import export_formats as fmt
+
+log = logging.getLogger("lnfm.export")
+
+FORMATS = ("orbax", "safetensors", "stablehlo", "monai")
+MODEL_JSON = "model.json"
+CHECKSUMS = "checksums.sha256"
+SCHEMA_VERSION = 1
+# Predicted components smaller than this are dropped by `lnfm predict` (a 3 mm node is about 14 mm^3).
+DEFAULT_MIN_VOLUME_MM3 = 10.0
+
+
+class ExportError(ValueError):
+    """An export that cannot be written or read; the message is one line naming the path."""
+
+
+@dataclasses.dataclass
+class Exported:
+    """A loaded export: `model` is the segmenter (None for an encoder-only export)."""
+
+    meta: dict  # the parsed model.json
+    encoder: object  # the encoder nnx.Module
+    model: object | None  # the Segmenter nnx.Module, or None
+
+
+@dataclasses.dataclass
+class _Source:
+    kind: str  # "segmenter" (finetuning workdir) or "encoder" (pretraining workdir)
+    flat: dict  # parameters by dotted name; an encoder-only source has only 'encoder.' names
+    meta: dict  # model.json without the format-specific fields
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@functools.lru_cache(maxsize=1)
+def git_revision() -> str | None:
+    """HEAD of the git checkout lnfm runs from, or None (an installed wheel, no git). Read once
+    per process: the code already imported does not change when the checkout moves on."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = out.stdout.strip()
+    return rev if out.returncode == 0 and len(rev) == 40 else None
+
+
+def _manifests(stores: list[str]) -> list[dict] | None:
+    from lnfm.data.store import read_manifest
+
+    records = []
+    try:
+        for store in stores:
+            records += read_manifest(store)
+    except Exception as e:  # a moved or deleted store only costs the summary its counts
+        log.warning("training data summary without case counts: %s", str(e).splitlines()[0] if str(e) else e)
+        return None
+    return records
+
+
+def data_summary(stores: list[str], extra: dict | None = None) -> dict:
+    """Counts, sites, spacings and channels of the training stores; never a case id."""
+    records = _manifests(stores)
+    out: dict = {"stores": len(stores)}
+    if records is not None:
+        splits: dict[str, int] = {}
+        for r in records:
+            splits[str(r.get("split"))] = splits.get(str(r.get("split")), 0) + 1
+        out.update(
+            cases=len(records),
+            labelled_cases=sum(1 for r in records if r.get("label_path")),
+            splits=dict(sorted(splits.items())),
+            sites=sorted({str(r.get("site", "")) for r in records}),
+            spacing_mm=sorted({tuple(round(float(s), 3) for s in r["spacing"]) for r in records if r.get("spacing")}),
+            channels=sorted({",".join(r.get("channels") or ["CT"]) for r in records}),
+        )
+        out["spacing_mm"] = [list(s) for s in out["spacing_mm"]]
+    out.update(extra or {})
+    return out
+
+
+def _channel_names(stores: list[str], n: int) -> list[str]:
+    records = _manifests(stores) or []
+    for r in records:
+        if r.get("channels") and len(r["channels"]) == n:
+            return list(r["channels"])
+    return ["CT"] + ["PET"] * (n - 1)
+
+
+def _finetune_dir(path: Path) -> Path | None:
+    if path.name in ("best", "checkpoints") and (path.parent / "config.yaml").is_file():
+        path = path.parent
+    if (path / "config.yaml").is_file() and ((path / "best").is_dir() or (path / "repeat_0" / "best").is_dir()):
+        return path
+    return None
+
+
+def _pretrain_dir(path: Path) -> Path | None:
+    if path.name == "checkpoints" and (path.parent / "config.yaml").is_file():
+        path = path.parent
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return path
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
+    """The Params of the best model in a finetuning run, read straight from its checkpoint."""
+    import jax
+    from flax import nnx
+
+    from lnfm.models.segmenter import build_segmenter
+    from lnfm.train.checkpoint import restore_params
+
+    if cfg.strategy.freeze == "lora":  # adapters are folded into the kernels: the export is a plain segmenter
+        from lnfm.finetune import load_finetuned
+        from lnfm.models.lora import merge_lora
+
+        model, _ = load_finetuned(run_dir)
+        merge_lora(model.encoder)
+        return fmt.flat_params(model)
+    abstract = nnx.eval_shape(lambda: build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0),
+                                                      deep_supervision=cfg.head.deep_supervision,
+                                                      **cfg.head.options))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    try:
+        return fmt.flatten_tree(restore_params(run_dir / "best", target, key="model"))
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
+
+
+def _load_finetuned(workdir: Path) -> _Source:
+    from lnfm.config import from_dict, read_yaml, to_dict
+    from lnfm.data.prepare import PrepareConfig
+    from lnfm.finetune import FinetuneConfig
+
+    run_dir = workdir if (workdir / "best").is_dir() else workdir / "repeat_0"
+    cfg = from_dict(FinetuneConfig, read_yaml(run_dir / "config.yaml"))
+    flat = _finetuned_params(run_dir, cfg)
+    best = _read_json(run_dir / "best.json")
+    summary = _read_json(workdir / "summary.json")
+    prep = PrepareConfig()
+    inference = to_dict(cfg.inference)
+    inference["roi"] = list(cfg.site.patch)
+    meta = {
+        "kind": "segmenter",
+        "model": to_dict(cfg.model),
+        "head": to_dict(cfg.head),
+        "num_classes": len(cfg.site.labels),
+        "labels": list(cfg.site.labels),
+        "site": {"name": cfg.site.name, "stations": list(cfg.site.stations)},
+        "preprocessing": {
+            "spacing_mm": [float(s) for s in cfg.site.spacing],
+            "orientation": "RAS",
+            "hu_window": [float(w) for w in cfg.site.window],
+            "pet_scale": float(cfg.loader.pet_scale),
+            "patch_size": [int(p) for p in cfg.site.patch],
+            "channels": _channel_names(cfg.data, cfg.model.in_channels),
+            "crop_body": bool(prep.crop_body),
+            "body_threshold_hu": float(prep.body_threshold_hu),
+            "ct_storage": "int16",
+        },
+        "inference": inference,
+        "postprocess": {"min_volume_mm3": DEFAULT_MIN_VOLUME_MM3, "body_threshold_hu": float(prep.body_threshold_hu)},
+        "training_data": data_summary(cfg.data, {
+            "num_labeled": summary.get("num_labeled", cfg.train.num_labeled),
+            "repeats": int(cfg.train.repeats),
+            "steps": int(cfg.train.steps),
+            "best_step": best.get("step"),
+            "best_val_dice": best.get("val_dice"),
+            "test_dice": summary.get("dice"),
+            "init": "scratch" if cfg.init == "scratch" else "pretrained",
+        }),
+    }
+    return _Source("segmenter", flat, meta)
+
+
+def _load_pretrained(workdir: Path) -> _Source:
+    import jax
+    from flax import nnx
+
+    from lnfm.config import from_dict, read_yaml, to_dict
+    from lnfm.data.prepare import PrepareConfig
+    from lnfm.models import ModelConfig, build_encoder
+    from lnfm.train.checkpoint import restore_params
+
+    data = read_yaml(workdir / "config.yaml")
+    if not isinstance(data.get("model"), dict):
+        raise ExportError(f"{workdir / 'config.yaml'}: no model section to rebuild the encoder from")
+    cfg = from_dict(ModelConfig, data["model"], "model")
+    abstract = nnx.eval_shape(lambda: build_encoder(cfg, nnx.Rngs(0)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nnx.state(abstract, nnx.Param))
+    try:
+        try:  # the pretraining job saves nnx.State trees (as finetuning's --init reads them)
+            restored = restore_params(workdir / "checkpoints", nnx.State({"encoder": target}))["encoder"]
+        except (TypeError, ValueError):  # a checkpoint of plain nested dicts
+            restored = restore_params(workdir / "checkpoints", {"encoder": nnx.to_pure_dict(target)})["encoder"]
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
+    pure = nnx.to_pure_dict(restored if isinstance(restored, nnx.State) else nnx.State(restored))
+    flat = fmt.flatten_tree(pure, "encoder.")
+    dcfg = data.get("data", {}) if isinstance(data.get("data"), dict) else {}
+    prep = PrepareConfig()
+    meta = {
+        "kind": "encoder",
+        "model": to_dict(cfg),
+        "head": None,
+        "num_classes": None,
+        "labels": None,
+        "site": None,
+        "preprocessing": {
+            "spacing_mm": dcfg.get("spacing"),
+            "orientation": "RAS",
+            "hu_window": [float(w) for w in dcfg.get("hu_window", (-1000.0, 1000.0))],
+            "pet_scale": float(dcfg.get("pet_scale", 10.0)),
+            "patch_size": [int(p) for p in cfg.img_size],
+            "channels": ["CT"] + ["PET"] * (cfg.in_channels - 1),
+            "crop_body": bool(prep.crop_body),
+            "body_threshold_hu": float(prep.body_threshold_hu),
+            "ct_storage": "int16",
+        },
+        "inference": None,
+        "postprocess": None,
+        # The pretraining config does not name its stores, so no case counts here.
+        "training_data": {"cases": None, "steps": (data.get("train") or {}).get("steps"),
+                          "spacing_mm": dcfg.get("spacing"), "split": dcfg.get("split")},
+    }
+    return _Source("encoder", flat, meta)
+
+
+def load_source(checkpoint: str | Path) -> _Source:
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise ExportError(f"{path}: checkpoint folder not found")
+    ft = _finetune_dir(path)
+    if ft is not None:
+        return _load_finetuned(ft)
+    pre = _pretrain_dir(path)
+    if pre is not None:
+        return _load_pretrained(pre)
+    raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
+                      f"(config.yaml + checkpoints/)")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+
+
+def _write(source: _Source, folder: Path, format: str) -> None:
+    meta = dict(source.meta)
+    meta.update(schema_version=SCHEMA_VERSION, format=format, lnfm_version=__version__, git_revision=git_revision())
+    if format == "orbax":
+        fmt.write_orbax(folder, source.flat)
+        meta["files"] = {"params": fmt.PARAMS_DIR}
+    elif format == "safetensors":
+        fmt.write_safetensors(folder / fmt.SAFETENSORS_FILE, source.flat, {"format": "np"})
+        meta["files"] = {"params": fmt.SAFETENSORS_FILE}
+    elif format == "stablehlo":
+        if source.kind != "segmenter":
+            raise ExportError("the stablehlo format exports a segmentation model; a pretraining workdir holds only "
+                              "an encoder (export a finetuning workdir)")
+        pre = meta["preprocessing"]
+        model, _ = build_from_meta(meta, source.flat)
+        meta["stablehlo"] = fmt.write_stablehlo(folder / fmt.STABLEHLO_FILE, model,
+                                                tuple(pre["patch_size"]), len(pre["channels"]))
+        meta["files"] = {"function": fmt.STABLEHLO_FILE}
+    elif format == "monai":
+        if meta["model"].get("arch") != "vit":
+            raise ExportError(f"the monai format holds a MONAI ViT; this model's encoder is "
+                              f"'{meta['model'].get('arch')}' (use orbax or safetensors)")
+        _, encoder = build_from_meta(meta, source.flat)
+        names = fmt.write_monai(folder, encoder)
+        meta["files"] = {"encoder_pt": names[0], "encoder_safetensors": names[1]}
+    else:
+        raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
+    (folder / MODEL_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_checksums(folder)
+
+
+def write_checksums(folder: Path) -> None:
+    lines = [f"{fmt.file_sha256(folder / rel)}  {rel}\n" for rel in fmt.list_files(folder) if rel != CHECKSUMS]
+    (folder / CHECKSUMS).write_text("".join(lines))
+
+
+def verify_export(folder: str | Path) -> int:
+    """Check every file against checksums.sha256; returns the number of files checked."""
+    folder = Path(folder)
+    listing = folder / CHECKSUMS
+    if not (folder / MODEL_JSON).is_file():
+        raise ExportError(f"{folder}: not an export (no {MODEL_JSON})")
+    if not listing.is_file():
+        raise ExportError(f"{listing}: checksum list missing")
+    expected = {}
+    for n, line in enumerate(listing.read_text().splitlines(), start=1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise ExportError(f"{listing}: line {n} is not '<sha256>  <path>'")
+        expected[rel] = digest
+    present = [rel for rel in fmt.list_files(folder) if rel != CHECKSUMS]
+    for rel in present:
+        if rel not in expected:
+            raise ExportError(f"{folder / rel}: file not listed in {CHECKSUMS}")
+    for rel, digest in expected.items():
+        path = folder / rel
+        if not path.is_file():
+            raise ExportError(f"{path}: listed in {CHECKSUMS} but missing")
+        if fmt.file_sha256(path) != digest:
+            raise ExportError(f"{path}: checksum mismatch (the file changed or is corrupt)")
+    return len(expected)
+
+
+def _occupied(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax", force: bool = False) -> Path:
+    """Write an export of `checkpoint` into `out` (see the module docstring); returns `out`."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
+    out = Path(out).absolute()
+    if _occupied(out) and not force:
+        raise ExportError(f"{out}: already exists (pass --force to replace it)")
+    source = load_source(checkpoint)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write(source, tmp, format)
+        verify_export(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+    log.info("exported %s (%s) to %s", source.kind, format, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_meta(folder: str | Path) -> dict:
+    """model.json of an export (no JAX needed)."""
+    path = Path(folder) / MODEL_JSON
+    if not path.is_file():
+        raise ExportError(f"{folder}: not an export (no {MODEL_JSON})")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "model" not in meta or "format" not in meta:
+        raise ExportError(f"{path}: missing the 'model' or 'format' entry")
+    return meta
+
+
+def build_from_meta(meta: dict, flat: dict[str, np.ndarray], where: str = "export"):
+    """(segmenter or None, encoder) of the architecture in `meta` carrying the weights `flat`
+    (dotted names; the encoder's start with 'encoder.'). Nothing is randomly initialised."""
+    from flax import nnx
+
+    from lnfm.config import from_dict
+    from lnfm.models import ModelConfig, build_encoder
+    from lnfm.models.segmenter import build_segmenter
+
+    cfg = from_dict(ModelConfig, meta["model"], "model")
+    try:
+        if meta.get("kind") == "segmenter":
+            head = meta["head"]
+            model = fmt.module_from_flat(
+                lambda: build_segmenter(cfg, head["kind"], int(meta["num_classes"]), nnx.Rngs(0),
+                                        deep_supervision=bool(head.get("deep_supervision", False)),
+                                        **(head.get("options") or {})), flat, where)
+            return model, model.encoder
+        return None, fmt.module_from_flat(lambda: build_encoder(cfg, nnx.Rngs(0)), flat, where, prefix="encoder.")
+    except ValueError as e:
+        raise ExportError(str(e).splitlines()[0]) from None
+
+
+def load_export(folder: str | Path, verify: bool = True) -> Exported:
+    """Rebuild the model of an orbax, safetensors or monai export (checksums verified first).
+
+    `Exported.encoder` feeds `lnfm.models.segmenter.load_encoder_state` (finetuning --init);
+    `Exported.model` is the segmenter `lnfm predict` runs (None for encoder-only exports)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if verify:
+        verify_export(folder)
+    kind = meta["format"]
+    if kind == "stablehlo":
+        raise ExportError(f"{folder}: a stablehlo export holds a compiled function, not weights (use "
+                          f"lnfm.export_formats.read_stablehlo, or export orbax/safetensors)")
+    if kind == "monai":
+        from lnfm.config import from_dict
+        from lnfm.models import ModelConfig
+        from lnfm.models.interop import from_monai_vit
+
+        cfg = from_dict(ModelConfig, meta["model"], "model")
+        try:
+            encoder = from_monai_vit(fmt.read_safetensors(folder / fmt.MONAI_SAFETENSORS), cfg)
+        except ValueError as e:
+            raise ExportError(f"{folder / fmt.MONAI_SAFETENSORS}: {e}") from None
+        return Exported(meta, encoder, None)
+    if kind == "orbax":
+        flat = fmt.read_orbax(folder)
+    elif kind == "safetensors":
+        flat = fmt.read_safetensors(folder / fmt.SAFETENSORS_FILE)
+    else:
+        raise ExportError(f"{folder / MODEL_JSON}: unknown format '{kind}'")
+    model, encoder = build_from_meta(meta, flat, str(folder))
+    return Exported(meta, encoder, model)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    ap = ap or argparse.ArgumentParser(prog="lnfm export", description="Export a finetuned or pretrained model.")
+    ap.add_argument("--checkpoint", help="finetuning workdir (or its best/ or checkpoints/), or a pretraining workdir")
+    ap.add_argument("--out", help="export folder to write")
+    ap.add_argument("--format", default="orbax", choices=FORMATS, help="export format (default: orbax)")
+    ap.add_argument("--force", action="store_true", help="replace an existing export (atomically)")
+    ap.add_argument("--verify", metavar="DIR", default=None, help="check an export's files against its checksums")
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.verify:
+            n = verify_export(args.verify)
+            print(f"{args.verify}: {n} files match {CHECKSUMS}")
+            return 0
+        if not args.checkpoint or not args.out:
+            raise ExportError("export needs --checkpoint DIR and --out EXPORT_DIR (or --verify DIR)")
+        out = export_model(args.checkpoint, args.out, args.format, force=args.force)
+        print(f"wrote {args.format} export to {out}")
+        return 0
+    except (ExportError, ValueError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run(build_parser().parse_args(argv))
+
+
+__all__ = ["FORMATS", "Exported", "ExportError", "export_model", "load_export", "read_meta", "verify_export",
+           "build_from_meta", "git_revision", "data_summary", "main"]

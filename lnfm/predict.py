@@ -1,0 +1,394 @@
+"""Segment lymph nodes in new scans with an export (`lnfm predict`).
+
+    lnfm predict --model EXPORT_DIR --input SCAN[,PET] --output MASK.nii.gz
+                 [--probabilities P.nii.gz] [--report nodes.csv] [--overlay preview.png]
+    lnfm predict --model EXPORT_DIR --input FOLDER --output OUT_FOLDER [...]
+
+SCAN is NIfTI, NRRD or a DICOM series folder; a model with two channels takes
+`--input ct.nii.gz,pet.nii.gz`. The pipeline is the one training used, read from
+model.json: RAS reorientation, resampling to the model spacing (linear) and body
+crop (`lnfm.data.prepare.preprocess_volume`), CT rounded to int16 as the store
+holds it, `lnfm.data.loader.normalize`, Gaussian sliding-window inference, argmax,
+then post-processing on the model grid (prediction kept inside the body, components
+under `min_volume_mm3` removed). The label map goes back to the scan's grid by
+nearest-neighbour sampling (`restore_to_source`, order 0): each scan voxel takes the
+label of the model voxel it falls in, which is the mapping evaluation uses, so the
+mask equals the finetuning job's own prediction mapped to the source grid. The
+foreground probability map is resampled linearly. Outputs have exactly the input's
+shape and affine; every file is written under a temporary name and renamed only
+when all of a case's outputs are ready.
+
+Batch mode: `--input FOLDER` holding NIfTI/NRRD files and/or DICOM series
+subfolders (multi-channel cases as CASE_0000.nii.gz, CASE_0001.nii.gz, ...);
+`--output` and any --probabilities/--report/--overlay name folders that receive
+CASE.nii.gz, CASE.csv and CASE.png. JAX runs on a GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lnfm.data.geometry import restore_to_source, spacing_of
+from lnfm.export import ExportError, read_meta
+from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image
+
+log = logging.getLogger("lnfm.predict")
+
+MAX_SPACING_MM = 20.0  # coarser voxels than this are not a diagnostic CT
+GRID_TOL_MM = 1e-3  # channel grids agree when their affines differ by less than this
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+
+
+class PredictError(ValueError):
+    """A scan or an option `lnfm predict` cannot use; one line naming the file."""
+
+
+@dataclasses.dataclass
+class PredictOptions:
+    """Settings that default to model.json's values when None."""
+
+    overlap: float | None = None  # sliding-window overlap
+    tta: bool | None = None  # average over the 8 axis flips
+    sw_batch_size: int | None = None  # windows per forward pass
+    min_volume_mm3: float | None = None  # smaller predicted components are removed
+
+
+@dataclasses.dataclass
+class Prediction:
+    labels: np.ndarray  # (X, Y, Z) uint8 on the source grid
+    probability: np.ndarray  # (X, Y, Z) foreground probability (or (X, Y, Z, K-1) per class) on the source grid
+    affine: np.ndarray  # the source affine
+    hu: np.ndarray  # (X, Y, Z) channel 0 of the scan (HU) on the source grid
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """(fn, model.json): fn maps normalised patches (B, *patch, C) to probabilities (B, *patch, K).
+
+    orbax and safetensors exports rebuild the model; a stablehlo export runs its
+    serialized function. Checksums are verified first."""
+    import jax
+
+    from lnfm.export import load_export, verify_export
+
+    meta = read_meta(export_dir)
+    if meta.get("kind") != "segmenter":
+        raise ExportError(f"{export_dir}: an encoder-only export cannot segment (export a finetuning workdir)")
+    if meta["format"] == "stablehlo":
+        from lnfm.export_formats import STABLEHLO_FILE, read_stablehlo
+
+        verify_export(export_dir)
+        exported = read_stablehlo(Path(export_dir) / STABLEHLO_FILE)
+        return (lambda x: np.asarray(exported.call(np.asarray(x, np.float32)))), meta
+    if meta["format"] not in ("orbax", "safetensors"):
+        raise ExportError(f"{export_dir}: a {meta['format']} export holds no segmentation head (use orbax, "
+                          f"safetensors or stablehlo)")
+    from flax import nnx
+
+    model = load_export(export_dir).model
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state)
+
+    @jax.jit
+    def probabilities(state, x):
+        out = nnx.merge(graphdef, state)(x)
+        logits = out[0] if isinstance(out, tuple) else out
+        return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+    log.info("model %s-%s (%s export) on %s", meta["model"].get("arch"), meta["model"].get("size"), meta["format"],
+             jax.devices()[0].platform)
+    return (lambda x: np.asarray(probabilities(state, x))), meta
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def _read_channel(path: str) -> Volume:
+    try:
+        vol = read_image(path)
+    except ImageReadError as e:
+        raise PredictError(str(e).splitlines()[0]) from None
+    data = vol.data
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (3, 4) or min(data.shape[:3]) < 1:
+        raise PredictError(f"{path}: image has shape {tuple(vol.data.shape)}; expected a 3D volume")
+    if data.dtype.kind not in "biuf":
+        raise PredictError(f"{path}: unsupported voxel type {data.dtype}")
+    return Volume(data, vol.affine)
+
+
+def read_scan(paths: list[str], meta: dict) -> Volume:
+    """Channels stacked (X, Y, Z, C) float32 on the first file's grid, checked for the model."""
+    channels = meta["preprocessing"]["channels"]
+    vols = [_read_channel(p) for p in paths]
+    first, name = vols[0], paths[0]
+    for vol, path in zip(vols[1:], paths[1:]):
+        if vol.shape3 != first.shape3 or not np.allclose(vol.affine, first.affine, atol=GRID_TOL_MM):
+            raise PredictError(f"{path}: grid {vol.shape3} differs from {name}'s {first.shape3} (shape or affine); "
+                               f"channels must share one grid")
+    data = np.concatenate([v.data[..., None] if v.data.ndim == 3 else v.data for v in vols], axis=-1)
+    if data.shape[-1] != len(channels):
+        hint = ",".join(f"{c.lower()}.nii.gz" for c in channels)
+        raise PredictError(f"{name}: the model expects {len(channels)} channel(s) ({', '.join(channels)}) but got "
+                           f"{data.shape[-1]}; pass them as --input {hint}")
+    spacing = spacing_of(first.affine)
+    if not all(np.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in spacing):
+        raise PredictError(f"{name}: absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm (expected "
+                           f"0 < spacing <= {MAX_SPACING_MM:g} mm)")
+    data = data.astype(np.float32)
+    if not np.all(np.isfinite(data)):
+        raise PredictError(f"{name}: image has NaN or Inf voxels")
+    for c, ch in enumerate(channels):
+        lo, hi = float(data[..., c].min()), float(data[..., c].max())
+        if lo == hi:
+            src = paths[c] if len(paths) == len(channels) else name
+            raise PredictError(f"{src}: the {ch} image is constant ({lo:g} everywhere): nothing to segment")
+    return Volume(data, first.affine)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def predict_volume(predictor: Callable, meta: dict, vol: Volume, options: PredictOptions | None = None
+                   ) -> Prediction:
+    """The whole pipeline (see the module docstring) for one checked scan."""
+    from lnfm.data.loader import LoaderConfig, normalize
+    from lnfm.data.prepare import preprocess_volume
+    from lnfm.eval.inference import sliding_window_inference
+    from lnfm.eval.postprocess import PostprocessConfig, postprocess
+
+    options = options or PredictOptions()
+    pre, inf, post = meta["preprocessing"], meta["inference"], meta["postprocess"]
+    channels = pre["channels"]
+    data, _, geometry = preprocess_volume(vol, tuple(pre["spacing_mm"]), crop_body=pre["crop_body"],
+                                          body_threshold_hu=pre["body_threshold_hu"])
+    data = np.array(data, np.float32)
+    for c, name in enumerate(channels):  # the store holds CT as int16 HU: the model saw rounded values
+        if name.upper() == "CT":
+            data[..., c] = np.clip(np.round(data[..., c]), -32768, 32767)
+    image = normalize(data, LoaderConfig(hu_window=tuple(pre["hu_window"]), pet_scale=pre["pet_scale"]), channels)
+    num_classes = int(meta["num_classes"])
+    probs = sliding_window_inference(
+        predictor, image, tuple(pre["patch_size"]),
+        overlap=inf["overlap"] if options.overlap is None else options.overlap,
+        mode=inf.get("mode", "gaussian"), sigma_scale=inf.get("sigma_scale", 0.125),
+        sw_batch_size=inf["sw_batch_size"] if options.sw_batch_size is None else options.sw_batch_size,
+        tta_flips=inf.get("tta_flips", False) if options.tta is None else options.tta,
+        num_classes=num_classes)
+    labels = np.argmax(probs, axis=-1).astype(np.uint8)
+    min_volume = post["min_volume_mm3"] if options.min_volume_mm3 is None else options.min_volume_mm3
+    ct = channels.index("CT") if "CT" in channels else None
+    keep = postprocess(labels > 0, geometry["spacing"],
+                       PostprocessConfig(min_volume_mm3=float(min_volume), body_threshold_hu=post["body_threshold_hu"]),
+                       hu=data[..., ct] if ct is not None else None)
+    labels = labels * keep.astype(np.uint8)
+    fg = probs[..., 1:] if num_classes > 2 else probs[..., 1]
+    labels_src = restore_to_source(labels, geometry, order=0)
+    prob_src = np.clip(restore_to_source(fg, geometry, order=1), 0.0, 1.0).astype(np.float32)
+    return Prediction(labels_src.astype(np.uint8), prob_src, np.asarray(vol.affine), vol.data[..., 0])
+
+
+def _temp(path: Path) -> Path:
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    return path.with_name(f".{path.name[:-len(suffix)] if suffix else path.name}.part{os.getpid()}{suffix}")
+
+
+def write_outputs(pred: Prediction, meta: dict, output: Path, probabilities: Path | None = None,
+                  report: Path | None = None, overlay: Path | None = None, title: str = "") -> None:
+    """Write every requested output under a temporary name, then rename them all."""
+    from lnfm.io import write_nifti
+    from lnfm.report import node_table, report_csv, write_overlay
+    from lnfm.workdir import atomic_write_text
+
+    pending: list[tuple[Path, Path]] = []
+    try:
+        for final in (output, probabilities, report, overlay):
+            if final is not None:
+                final.parent.mkdir(parents=True, exist_ok=True)
+        pending.append((_temp(output), output))
+        write_nifti(pending[-1][0], pred.labels, pred.affine)
+        if probabilities is not None:
+            pending.append((_temp(probabilities), probabilities))
+            write_nifti(pending[-1][0], pred.probability, pred.affine)
+        if report is not None:
+            prob = pred.probability if pred.probability.ndim == 3 else pred.probability.max(axis=-1)
+            rows = node_table(pred.labels, pred.affine, pred.hu, prob, meta.get("labels"))
+            pending.append((_temp(report), report))
+            atomic_write_text(pending[-1][0], report_csv(rows))
+        if overlay is not None:
+            pending.append((_temp(overlay), overlay))
+            write_overlay(pending[-1][0], pred.hu, pred.labels, pred.affine,
+                          tuple(meta["preprocessing"]["hu_window"]), title)
+    except BaseException:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in pending:
+        os.replace(tmp, final)
+
+
+def _check_output(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
+    if not path.name.lower().endswith(suffixes):
+        raise PredictError(f"{path}: {what} must end with {' or '.join(suffixes)}")
+
+
+def check_outputs(output, probabilities=None, overlay=None) -> None:
+    _check_output(Path(output), "--output", (".nii", ".nii.gz"))
+    if probabilities is not None:
+        _check_output(Path(probabilities), "--probabilities", (".nii", ".nii.gz"))
+    if overlay is not None:
+        _check_output(Path(overlay), "--overlay", (".png",))
+
+
+def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str | Path,
+                 probabilities: str | Path | None = None, report: str | Path | None = None,
+                 overlay: str | Path | None = None, options: PredictOptions | None = None,
+                 vol: Volume | None = None) -> Prediction:
+    """Read and check one scan (unless `vol` holds it already read by `read_scan`), segment it
+    and write its outputs (see the module docstring)."""
+    output = Path(output)
+    check_outputs(output, probabilities, overlay)
+    vol = read_scan(list(inputs), meta) if vol is None else vol
+    pred = predict_volume(predictor, meta, vol, options)
+    write_outputs(pred, meta, output, Path(probabilities) if probabilities else None,
+                  Path(report) if report else None, Path(overlay) if overlay else None,
+                  title=Path(inputs[0]).name)
+    log.info("%s: %d node(s) predicted", inputs[0], _count_nodes(pred.labels))
+    return pred
+
+
+def _count_nodes(labels: np.ndarray) -> int:
+    from scipy import ndimage
+
+    return int(ndimage.label(labels > 0, structure=np.ones((3, 3, 3), bool))[1])
+
+
+# ----------------------------------------------------------------------------- batch
+
+
+def _strip_suffix(name: str) -> str:
+    for s in _IMAGE_SUFFIXES:
+        if name.lower().endswith(s):
+            return name[:-len(s)]
+    return name
+
+
+def find_cases(folder: Path, n_channels: int) -> dict[str, list[str]]:
+    """Case name -> channel files of a batch folder: image files and DICOM series subfolders;
+    with several channels, CASE_0000, CASE_0001, ... files form one case."""
+    cases: dict[str, list[str]] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and is_dicom_path(entry) and any(p.is_file() for p in entry.iterdir()):
+            cases[entry.name] = [str(entry)]
+        elif entry.is_file() and entry.name.lower().endswith(_IMAGE_SUFFIXES):
+            stem = _strip_suffix(entry.name)
+            m = _CHANNEL_SUFFIX.match(stem)
+            if m and (n_channels > 1 or m.group("ch") == "0000"):
+                cases.setdefault(m.group("case"), []).append(str(entry))
+            else:
+                cases[stem] = [str(entry)]
+    return {k: sorted(v) for k, v in sorted(cases.items())}
+
+
+def is_batch_input(path: Path) -> bool:
+    """A folder that is not itself a DICOM series."""
+    if not path.is_dir():
+        return False
+    return not any(p.is_file() and is_dicom_path(p) for p in path.iterdir())
+
+
+def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str | Path,
+                   probabilities: str | Path | None = None, report: str | Path | None = None,
+                   overlay: str | Path | None = None, options: PredictOptions | None = None,
+                   show_progress: bool = True) -> dict[str, str]:
+    """Segment every case of `folder`; returns {case: error} for the cases that failed."""
+    from lnfm.workdir import progress
+
+    folder, out = Path(folder), Path(out)
+    cases = find_cases(folder, len(meta["preprocessing"]["channels"]))
+    if not cases:
+        raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
+    failed = {}
+    bar = progress(total=len(cases), desc="predict", disable=not show_progress)
+    for case, inputs in cases.items():
+        try:
+            predict_case(predictor, meta, inputs, out / f"{case}.nii.gz",
+                         Path(probabilities) / f"{case}.nii.gz" if probabilities else None,
+                         Path(report) / f"{case}.csv" if report else None,
+                         Path(overlay) / f"{case}.png" if overlay else None, options)
+        except (PredictError, ValueError) as e:
+            failed[case] = str(e).splitlines()[0]
+            log.warning("failed %s", failed[case])
+        bar.update(1)
+        bar.set_postfix(failed=len(failed))
+    bar.close()
+    return failed
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    ap = ap or argparse.ArgumentParser(prog="lnfm predict", description="Segment lymph nodes with an export.")
+    ap.add_argument("--model", required=True, help="export folder (orbax, safetensors or stablehlo)")
+    ap.add_argument("--input", required=True, help="scan (NIfTI, NRRD, DICOM series folder), comma-separated "
+                                                   "channels (ct.nii.gz,pet.nii.gz), or a folder of scans")
+    ap.add_argument("--output", required=True, help="mask .nii.gz (or a folder in batch mode)")
+    ap.add_argument("--probabilities", default=None, help="foreground probability .nii.gz (folder in batch mode)")
+    ap.add_argument("--report", default=None, help="node report .csv (folder in batch mode)")
+    ap.add_argument("--overlay", default=None, help="preview .png (folder in batch mode)")
+    ap.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: model.json)")
+    ap.add_argument("--tta", action="store_true", default=None, help="average over the 8 axis flips")
+    ap.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: model.json)")
+    ap.add_argument("--min-volume-mm3", type=float, default=None,
+                    help="remove predicted components smaller than this (default: model.json)")
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    options = PredictOptions(args.overlap, args.tta, args.batch_size, args.min_volume_mm3)
+    try:
+        meta = read_meta(args.model)
+        inputs = [p for p in str(args.input).split(",") if p]
+        batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
+        vol = None
+        if not batch:  # check the scan before the model loads: bad input fails fast
+            check_outputs(args.output, args.probabilities, args.overlay)
+            vol = read_scan(inputs, meta)
+        predictor, meta = load_predictor(args.model)
+        if batch:
+            failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,
+                                    args.overlay, options)
+            for case, err in failed.items():
+                print(f"FAILED {case}: {err}", file=sys.stderr)
+            return 1 if failed else 0
+        predict_case(predictor, meta, inputs, args.output, args.probabilities, args.report, args.overlay, options,
+                     vol=vol)
+        return 0
+    except (PredictError, ExportError, ValueError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run(build_parser().parse_args(argv))
+
+
+__all__ = ["PredictError", "PredictOptions", "Prediction", "load_predictor", "read_scan", "predict_volume",
+           "predict_case", "predict_folder", "find_cases", "write_outputs", "main"]

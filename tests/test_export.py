@@ -1,0 +1,260 @@
+"""`lnfm export`: formats, determinism, checksums, atomic replacement, loading without lnfm."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from export_helpers import tiny  # noqa: F401  (session fixture)
+
+from lnfm import export as ex
+from lnfm import export_formats as fmt
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {rel: hashlib.sha256((folder / rel).read_bytes()).hexdigest() for rel in fmt.list_files(folder)}
+
+
+def _params(model) -> dict[str, np.ndarray]:
+    return fmt.flat_params(model)
+
+
+@pytest.fixture(scope="session")
+def exports(tiny, tmp_path_factory):  # noqa: F811
+    """One export per format (orbax comes from the shared fixture)."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {"orbax": tiny.orbax}
+    for f in ("safetensors", "stablehlo", "monai"):
+        out[f] = ex.export_model(tiny.workdir, root / f, f)
+    return out
+
+
+def test_orbax_export_rebuilds_the_model_and_describes_it(tiny):  # noqa: F811
+    loaded = ex.load_export(tiny.orbax)
+    ref = _params(tiny.model)
+    got = _params(loaded.model)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    meta = json.loads((tiny.orbax / "model.json").read_text())
+    assert meta["format"] == "orbax" and meta["kind"] == "segmenter"
+    assert meta["preprocessing"]["spacing_mm"] == [6.0, 6.0, 6.0]
+    assert meta["preprocessing"]["hu_window"] == [-160.0, 240.0]
+    assert meta["preprocessing"]["patch_size"] == [32, 32, 32]
+    assert meta["preprocessing"]["channels"] == ["CT"] and meta["preprocessing"]["orientation"] == "RAS"
+    assert meta["labels"] == ["background", "lymph_node"] and meta["site"]["name"] == "pelvis"
+    assert meta["model"]["width"] == 32 and meta["model"]["depth"] == 2
+    assert meta["training_data"]["cases"] == 2 and meta["training_data"]["sites"] == ["pelvis"]
+    assert meta["lnfm_version"] == "0.1.0"
+    assert meta["git_revision"] is None or len(meta["git_revision"]) == 40
+    text = (tiny.orbax / "model.json").read_text()
+    for rec in tiny.records:  # no case identifier leaks into the artefact
+        assert rec["case_id"] not in text
+    # Params only: no optimizer state, one zarr array per parameter.
+    assert sorted(p.name for p in (tiny.orbax / "params").iterdir() if p.is_dir()) == sorted(ref)
+
+
+def test_every_format_is_byte_identical_when_repeated(tiny, exports, tmp_path):  # noqa: F811
+    for f, first in exports.items():
+        again = ex.export_model(tiny.workdir, tmp_path / f, f)
+        assert _digests(again) == _digests(first), f
+        listed = [line.split("  ", 1)[1] for line in (first / "checksums.sha256").read_text().splitlines()]
+        assert listed == [rel for rel in fmt.list_files(first) if rel != "checksums.sha256"]
+        assert "model.json" in listed
+
+
+def test_verify_catches_a_changed_missing_or_extra_file(tiny, tmp_path):  # noqa: F811
+    import shutil
+
+    from lnfm.__main__ import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny.orbax, copy)
+    assert ex.verify_export(copy) > 3
+    assert main(["export", "--verify", str(copy)]) == 0
+    victim = copy / "params" / "head.classify.kernel" / "0.0.0.0.0"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ex.ExportError, match="head.classify.kernel.*checksum mismatch"):
+        ex.verify_export(copy)
+    with pytest.raises(ex.ExportError, match="checksum mismatch"):
+        ex.load_export(copy)
+    assert main(["export", "--verify", str(copy)]) == 2
+    victim.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))
+    ex.verify_export(copy)
+    (copy / "notes.txt").write_text("x")
+    with pytest.raises(ex.ExportError, match="notes.txt: file not listed"):
+        ex.verify_export(copy)
+    (copy / "notes.txt").unlink()
+    (copy / "model.json").unlink()
+    with pytest.raises(ex.ExportError, match="not an export"):
+        ex.verify_export(copy)
+
+
+def test_overwrite_needs_force_and_a_failed_replace_keeps_the_old_export(tiny, tmp_path, monkeypatch):  # noqa: F811
+    out = ex.export_model(tiny.workdir, tmp_path / "exp", "safetensors")
+    before = _digests(out)
+    with pytest.raises(ex.ExportError, match="already exists.*--force"):
+        ex.export_model(tiny.workdir, out, "orbax")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fmt, "write_orbax", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ex.export_model(tiny.workdir, out, "orbax", force=True)
+    assert _digests(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temporary folder left behind
+    monkeypatch.undo()
+    ex.export_model(tiny.workdir, out, "orbax", force=True)
+    assert json.loads((out / "model.json").read_text())["format"] == "orbax"
+    assert not (out / fmt.SAFETENSORS_FILE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_safetensors_loads_with_numpy_and_safetensors_alone(tiny, exports):  # noqa: F811
+    path = exports["safetensors"] / "model.safetensors"
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        from safetensors.numpy import load_file
+        tensors = load_file({str(path)!r})
+        assert "jax" not in sys.modules and "flax" not in sys.modules and "lnfm" not in sys.modules
+        print(json.dumps({{k: [list(v.shape), float(np.asarray(v, np.float64).sum())] for k, v in tensors.items()}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    ref = _params(tiny.model)
+    assert set(got) == set(ref)
+    assert "encoder.blocks.0.attn.qkv.kernel" in got and "head.classify.kernel" in got
+    for k, v in ref.items():
+        assert got[k][0] == list(v.shape)
+        assert got[k][1] == pytest.approx(float(v.astype(np.float64).sum()), rel=1e-9, abs=1e-9)
+    assert ex.load_export(exports["safetensors"]).model is not None
+
+
+def test_stablehlo_runs_in_a_fresh_process_without_lnfm_models(tiny, exports, tmp_path):  # noqa: F811
+    import jax
+
+    x = np.random.default_rng(1).random((2, 32, 32, 32, 1), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(f"""
+        import sys
+        import jax
+        import numpy as np
+        fn = jax.export.deserialize(bytearray(open({str(exports["stablehlo"] / "inference.stablehlo")!r}, "rb").read()))
+        y = np.asarray(fn.call(np.load({str(tmp_path / "x.npy")!r})))
+        np.save({str(tmp_path / "y.npy")!r}, y)
+        assert not any(m == "lnfm" or m.startswith("lnfm.") for m in sys.modules), "lnfm was imported"
+        assert "flax" not in sys.modules
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/",
+                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    y = np.load(tmp_path / "y.npy")
+    from flax import nnx
+
+    graphdef, state = nnx.split(tiny.model)
+    # Optimisation level 0 compiles the in-process reference a few times faster on CPU; results stay float32-close.
+    forward = jax.jit(lambda s, v: jax.nn.softmax(nnx.merge(graphdef, s)(v), axis=-1),
+                      compiler_options={"xla_backend_optimization_level": 0})
+    ref = np.asarray(forward(state, x))
+    assert y.shape == (2, 32, 32, 32, 2)
+    np.testing.assert_allclose(y, ref, atol=1e-5)
+    np.testing.assert_allclose(y.sum(-1), 1.0, atol=1e-5)
+    meta = ex.read_meta(exports["stablehlo"])
+    assert meta["stablehlo"]["input_shape"] == ["B", 32, 32, 32, 1]
+    with pytest.raises(ex.ExportError, match="compiled function"):
+        ex.load_export(exports["stablehlo"])
+
+
+def test_monai_export_loads_into_a_monai_vit(tiny, exports):  # noqa: F811
+    import torch
+    from monai.networks.nets import ViT as MonaiViT
+    from safetensors.numpy import load_file
+
+    pt = torch.load(exports["monai"] / "encoder_monai.pt", weights_only=True)
+    st = load_file(exports["monai"] / "encoder_monai.safetensors")
+    assert set(pt) == set(st)
+    for k in st:
+        np.testing.assert_array_equal(pt[k].numpy(), st[k])
+    # MONAI's own sin-cos table needs a width divisible by 6; the export carries the table, so load it as learnable.
+    net = MonaiViT(in_channels=1, img_size=32, patch_size=8, hidden_size=32, mlp_dim=128, num_layers=2, num_heads=2,
+                   pos_embed_type="learnable", qkv_bias=True)
+    net.load_state_dict(pt, strict=True)
+    ours = _params(tiny.model)["encoder.blocks.1.mlp.fc1.kernel"]
+    np.testing.assert_array_equal(net.blocks[1].mlp.linear1.weight.detach().numpy(), ours.T)
+    enc = ex.load_export(exports["monai"]).encoder  # back through the interop
+    np.testing.assert_allclose(fmt.flat_params(enc)["blocks.1.mlp.fc1.kernel"], ours, atol=0)
+
+
+def test_monai_needs_a_vit_and_stablehlo_needs_a_head(tmp_path):
+    swin = ex._Source("segmenter", {}, {"model": {"arch": "swin"}, "preprocessing": {}})
+    with pytest.raises(ex.ExportError, match="MONAI ViT.*'swin'"):
+        ex._write(swin, tmp_path, "monai")
+    enc = ex._Source("encoder", {}, {"model": {"arch": "vit"}, "preprocessing": {}})
+    with pytest.raises(ex.ExportError, match="stablehlo.*encoder"):
+        ex._write(enc, tmp_path, "stablehlo")
+
+
+def test_pretraining_workdir_gives_an_encoder_export_finetuning_accepts(tiny, tmp_path):  # noqa: F811
+    from flax import nnx
+
+    from lnfm.config import dump_yaml
+    from lnfm.finetune import resolve_init
+    from lnfm.models.segmenter import load_encoder_state
+    from lnfm.pretrain import PretrainConfig
+    from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
+
+    # The pretraining job saves the nnx.State of the SSL model: the encoder lives at params/encoder.
+    # A checkpoint of plain nested dicts is read as well.
+    enc_state = nnx.state(tiny.model.encoder, nnx.Param)
+    for name, tree in (("plain", nnx.to_pure_dict(enc_state)), ("pretrain", nnx.State({"encoder": enc_state}))):
+        pre = tmp_path / name
+        pre.mkdir()
+        (pre / "config.yaml").write_text(dump_yaml(PretrainConfig(model=tiny.cfg.model)))
+        ckpt = Checkpointer(pre / "checkpoints", CheckpointConfig(keep=1, async_save=False))
+        ckpt.save(5, {"params": {"encoder": tree} if name == "plain" else tree})
+        ckpt.close()
+        out = ex.export_model(pre / "checkpoints", tmp_path / f"enc_{name}", "orbax")
+        got = fmt.flat_params(ex.load_export(out).encoder)
+        assert all(np.array_equal(got[k], v) for k, v in fmt.flat_params(tiny.model.encoder).items()), name
+    meta = ex.read_meta(out)
+    assert meta["kind"] == "encoder" and meta["labels"] is None
+    loaded = ex.load_export(out)
+    assert loaded.model is None
+    ref = fmt.flat_params(tiny.model.encoder)
+    got = fmt.flat_params(loaded.encoder)
+    assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+    kind, path, model_cfg = resolve_init(str(out))
+    assert kind == "export" and model_cfg["width"] == 32
+    # What `finetune --init EXPORT` does with it: copy the encoder into a segmenter.
+    target = ex.build_from_meta(ex.read_meta(tiny.orbax), fmt.flat_params(tiny.model))[0]
+    for v in nnx.state(target.encoder, nnx.Param).flat_state():
+        v[1].set_value(v[1][...] * 0)
+    load_encoder_state(target, loaded.encoder)
+    assert np.array_equal(fmt.flat_params(target.encoder)["blocks.0.attn.qkv.kernel"], ref["blocks.0.attn.qkv.kernel"])
+    with pytest.raises(ex.ExportError, match="stablehlo"):
+        ex.export_model(pre, tmp_path / "hlo", "stablehlo")
+    assert not (tmp_path / "hlo").exists()
+
+
+def test_bad_checkpoint_folders_fail_with_one_line(tmp_path):
+    from lnfm.__main__ import main
+
+    with pytest.raises(ex.ExportError, match="neither a finetuning workdir"):
+        ex.export_model(tmp_path, tmp_path / "out", "orbax")
+    with pytest.raises(ex.ExportError, match="not found"):
+        ex.export_model(tmp_path / "missing", tmp_path / "out", "orbax")
+    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()

@@ -1,0 +1,227 @@
+"""`lnfm predict`: same masks as training-time inference, geometry on real scans, report, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from export_helpers import tiny  # noqa: F401  (session fixture)
+from scipy import ndimage
+
+from lnfm import predict as pr
+from lnfm.io import read_image
+from lnfm.report import read_report
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = {
+    "ras_nifti": "ct/totalsegmentator/example_ct.nii.gz",
+    "lps_nifti": "ct/totalsegmentator/chest_vessels/ct_cropped.nii.gz",
+    "dicom_series": "ct/totalsegmentator/example_ct_dicom",
+}
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny):  # noqa: F811
+    return pr.load_predictor(tiny.orbax)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_cli_in_a_fresh_process_equals_the_finetuning_inference(tiny, tmp_path):  # noqa: F811
+    from lnfm.data.geometry import restore_to_source
+    from lnfm.data.loader import LoaderConfig
+    from lnfm.data.store import read_case
+    from lnfm.eval.postprocess import PostprocessConfig, postprocess
+    from lnfm.finetune import _predict_fn, load_cases, segment
+    from flax import nnx
+
+    rec = next(r for r in tiny.records if r["split"] == "test")
+    scan = tiny.raw / "imagesTr" / f"{rec['case_id']}_0000.nii.gz"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(tiny.orbax), "--input", str(scan),
+           "--output", str(out / "mask.nii.gz"), "--probabilities", str(out / "prob.nii.gz"),
+           "--report", str(out / "nodes.csv"), "--overlay", str(out / "preview.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # The finetuning job's own validation/test inference on the stored case, then mapped to the scan grid.
+    cfg = tiny.cfg
+    loader_cfg = LoaderConfig(hu_window=cfg.site.window)
+    case = load_cases([tiny.store], {rec["case_id"]: (tiny.store, rec)}, [rec["case_id"]], loader_cfg)[0]
+    graphdef, state = nnx.split(tiny.model)
+    label = segment(_predict_fn(graphdef), (state,), case, cfg, len(cfg.site.labels))
+    hu = read_case(tiny.store, rec)[0][..., 0]  # the stored HU (the model saw it windowed)
+    keep = postprocess(label > 0, rec["spacing"], PostprocessConfig(min_volume_mm3=10.0), hu=hu)
+    expected = restore_to_source(label * keep, rec, order=0)
+
+    img = nib.load(out / "mask.nii.gz")
+    src = nib.load(scan)
+    got = np.asarray(img.dataobj)
+    assert got.shape == src.shape and np.allclose(img.affine, src.affine, atol=1e-5)
+    assert 0 < (got > 0).sum() < 0.2 * got.size  # a real, partial prediction
+    np.testing.assert_array_equal(got, expected)
+
+    prob = np.asarray(nib.load(out / "prob.nii.gz").dataobj)
+    assert prob.shape == src.shape and 0.0 <= prob.min() and prob.max() <= 1.0
+    assert prob[got > 0].mean() > prob[got == 0].mean()
+
+    rows = read_report(out / "nodes.csv")
+    comps, n = ndimage.label(got > 0, structure=np.ones((3, 3, 3), bool))
+    assert len(rows) == n
+    voxel_ml = abs(np.linalg.det(src.affine[:3, :3])) / 1000
+    assert sum(r["voxels"] for r in rows) == (got > 0).sum()
+    assert sum(r["volume_ml"] for r in rows) == pytest.approx((got > 0).sum() * voxel_ml, rel=1e-3)
+    big = rows[0]
+    assert big["voxels"] == np.bincount(comps.ravel())[1:].max()
+    # Centroid in RAS mm: the affine applied to the mean voxel index of that component.
+    biggest = int(np.argmax(np.bincount(comps.ravel())[1:]) + 1)
+    centre = src.affine @ np.append(np.argwhere(comps == biggest).mean(0), 1)
+    assert [big["centroid_ras_x_mm"], big["centroid_ras_y_mm"], big["centroid_ras_z_mm"]] == \
+        pytest.approx(list(centre[:3]), abs=2e-3)
+    hu_src = np.asarray(src.dataobj, np.float64)
+    assert big["mean_hu"] == pytest.approx(hu_src[comps == biggest].mean(), abs=2e-3)
+    assert big["max_probability"] == pytest.approx(prob[comps == biggest].max(), abs=2e-3)
+    assert 0 < big["short_axis_mm"] <= big["long_axis_mm"]
+    assert (out / "nodes.csv").read_text().startswith("# ") and "RAS" in (out / "nodes.csv").read_text()
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_scans_keep_their_grid(name, shared_data, predictor, tmp_path):
+    path = shared_data / REAL[name]
+    fn, meta = predictor
+    fast = pr.PredictOptions(overlap=0.0)  # geometry is the point here: fewest windows
+    pred = pr.predict_case(fn, meta, [str(path)], tmp_path / "mask.nii.gz", probabilities=tmp_path / "p.nii.gz",
+                           options=fast)
+    src = read_image(path)
+    out = nib.load(tmp_path / "mask.nii.gz")
+    assert out.shape == src.shape3 and pred.labels.shape == src.shape3
+    np.testing.assert_allclose(out.affine, src.affine, atol=1e-4)
+    assert nib.load(tmp_path / "p.nii.gz").shape == src.shape3
+    if name == "lps_nifti":
+        # The same scan stored RAS must give the same mask, flipped back: geometry, not array order, decides.
+        ras = nib.as_closest_canonical(nib.load(path))
+        assert "".join(nib.aff2axcodes(ras.affine)) == "RAS"
+        nib.save(ras, tmp_path / "ras.nii.gz")
+        pred_ras = pr.predict_case(fn, meta, [str(tmp_path / "ras.nii.gz")], tmp_path / "mask_ras.nii.gz",
+                                   options=fast)
+        back = nib.orientations.apply_orientation(
+            pred_ras.labels, nib.orientations.ornt_transform(nib.io_orientation(ras.affine),
+                                                             nib.io_orientation(src.affine)))
+        np.testing.assert_array_equal(back, pred.labels)
+        assert pred.labels.any()
+
+
+def _write(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def _nrrd(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    from lnfm.io import write_nrrd
+
+    write_nrrd(path, data, affine)
+    return path
+
+
+def _bad_inputs(tiny, tmp_path: Path) -> dict:  # noqa: F811
+    scan = tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz"
+    ct = np.asarray(nib.load(scan).dataobj)
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really a gzip stream")
+    return {
+        "unreadable": ([str(corrupt)], "corrupt.nii.gz", "unreadable"),
+        "channels": ([str(scan), str(scan)], scan.name, "expects 1 channel"),
+        "coarse": ([str(_write(tmp_path / "coarse.nii.gz", ct, np.diag([25.0, 1.0, 1.0, 1.0])))], "coarse.nii.gz",
+                   "absurd voxel spacing"),
+        # NIfTI readers turn a zero pixdim into 1 mm; NRRD keeps the zero voxel size.
+        "zero": ([str(_nrrd(tmp_path / "zero.nrrd", ct, np.diag([0.0, 1.0, 1.0, 1.0])))], "zero.nrrd",
+                 "invalid voxel-to-world affine"),
+        "constant": ([str(_write(tmp_path / "flat.nii.gz", np.full((40, 40, 20), -1000, np.int16), np.eye(4)))],
+                     "flat.nii.gz", "constant"),
+        "missing": ([str(tmp_path / "absent.nii.gz")], "absent.nii.gz", "not found"),
+    }
+
+
+def test_bad_inputs_fail_with_one_line_and_leave_no_file(tiny, tmp_path, capsys):  # noqa: F811
+    for name, (inputs, fname, reason) in _bad_inputs(tiny, tmp_path).items():
+        out = tmp_path / f"out_{name}"
+        out.mkdir()
+        capsys.readouterr()
+        rc = pr.main(["--model", str(tiny.orbax), "--input", ",".join(inputs), "--output", str(out / "m.nii.gz"),
+                      "--report", str(out / "n.csv"), "--overlay", str(out / "o.png")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, name
+        assert err[-1].startswith("error: ") and fname in err[-1] and reason in err[-1], (name, err)
+        assert list(out.iterdir()) == [], name
+
+
+def test_bad_input_exit_code_from_the_console_command(tiny, tmp_path):  # noqa: F811
+    flat = _write(tmp_path / "flat.nii.gz", np.zeros((30, 30, 10), np.int16), np.eye(4))
+    proc = subprocess.run([sys.executable, "-m", "lnfm", "predict", "--model", str(tiny.orbax), "--input", str(flat),
+                           "--output", str(tmp_path / "m.nii.gz")], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "flat.nii.gz" in last and "constant" in last
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_a_two_channel_model_refuses_one_channel(tiny, tmp_path):  # noqa: F811
+    meta = pr.read_meta(tiny.orbax)
+    meta["preprocessing"]["channels"] = ["CT", "PET"]
+    scan = tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz"
+    with pytest.raises(pr.PredictError, match=r"expects 2 channel\(s\) \(CT, PET\) but got 1; pass them as "
+                                              r"--input ct.nii.gz,pet.nii.gz"):
+        pr.read_scan([str(scan)], meta)
+    other = _write(tmp_path / "pet.nii.gz", np.ones((8, 8, 8), np.float32), np.eye(4))
+    with pytest.raises(pr.PredictError, match="pet.nii.gz: grid"):
+        pr.read_scan([str(scan), str(other)], meta)
+
+
+def test_batch_folder_segments_each_case_and_reports_failures(tiny, predictor, tmp_path):  # noqa: F811
+    import shutil
+
+    fn, meta = predictor
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rec = tiny.records[0]
+    shutil.copy(tiny.raw / "imagesTr" / f"{rec['case_id']}_0000.nii.gz", folder / f"{rec['case_id']}.nii.gz")
+    _write(folder / "blank.nii.gz", np.zeros((20, 20, 10), np.int16), np.eye(4))
+    cases = pr.find_cases(folder, 1)
+    assert sorted(cases) == sorted([rec["case_id"], "blank"])
+    failed = pr.predict_folder(fn, meta, folder, tmp_path / "out", report=tmp_path / "csv", show_progress=False)
+    assert list(failed) == ["blank"] and "constant" in failed["blank"]
+    for rec in tiny.records[:1]:
+        mask = nib.load(tmp_path / "out" / f"{rec['case_id']}.nii.gz")
+        assert mask.shape == tuple(rec["source_shape"])
+        assert (tmp_path / "csv" / f"{rec['case_id']}.csv").is_file()
+    assert not (tmp_path / "out" / "blank.nii.gz").exists()
+    # nnU-Net style channel files group into one case for a two-channel model.
+    (folder / "x_0000.nii.gz").write_bytes(b"")
+    (folder / "x_0001.nii.gz").write_bytes(b"")
+    grouped = pr.find_cases(folder, 2)
+    assert [Path(p).name for p in grouped["x"]] == ["x_0000.nii.gz", "x_0001.nii.gz"]
+
+
+def test_a_stablehlo_export_predicts_like_the_orbax_one(tiny, predictor, tmp_path):  # noqa: F811
+    from lnfm.export import export_model
+
+    hlo = export_model(tiny.workdir, tmp_path / "hlo", "stablehlo")
+    fn_hlo, meta = pr.load_predictor(hlo)
+    fn, _ = predictor
+    x = np.random.default_rng(2).random((2, 32, 32, 32, 1), dtype=np.float32)
+    np.testing.assert_allclose(fn_hlo(x), fn(x), atol=1e-5)
+    scan = tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz"
+    a = pr.predict_case(fn_hlo, meta, [str(scan)], tmp_path / "a.nii.gz")
+    b = pr.predict_case(fn, meta, [str(scan)], tmp_path / "b.nii.gz")
+    assert (a.labels == b.labels).mean() > 0.999 and a.labels.any()
