@@ -1,0 +1,12 @@
+"""Few-shot transfer study on phantoms; see `lnfm.study` and docs/results/.
+
+python finetune/study.py --quick --workdir runs/study --out docs/results [key=value ...]
+python finetune/study.py --config full --workdir runs/study_full --out docs/results_full
+"""
+
+import sys
+
+from lnfm.study import main
+
+if __name__ == "__main__":
+    sys.exit(main())

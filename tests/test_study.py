@@ -1,0 +1,62 @@
+"""The transfer study's bookkeeping: presets, cell grid, aggregation, table and plots."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from lnfm import study as S
+from lnfm.config import ConfigError, load_config
+
+
+def _summary(dices, sens, params=1000):
+    return {"repeats": [{"repeat": i, "dice": d, "node_sensitivity": s, "hd95": 3.0 + i, "nsd": 0.5,
+                         "fp_per_volume": 1.0, "trainable_params": params, "total_params": 5000,
+                         "train_time_s": 10.0 + i} for i, (d, s) in enumerate(zip(dices, sens))]}
+
+
+def test_presets_load_and_grid_covers_every_cell():
+    quick = load_config(S.StudyConfig, "quick", kind="study")
+    full = load_config(S.StudyConfig, "full", kind="study")
+    for cfg in (quick, full):
+        S.check(cfg)
+        assert cfg.repeats >= 3 and cfg.num_labeled == [1, 2, 4, 8, 16]
+        assert set(cfg.strategies) == set(S.STRATEGIES) and set(cfg.inits) == {"scratch", "pretrained"}
+    grid = S.cells(quick)
+    assert len(grid) == 2 * 4 * 2 * 5
+    assert len({tuple(c.values()) for c in grid}) == len(grid)
+
+
+def test_invalid_study_config_is_rejected():
+    with pytest.raises(ConfigError, match="unknown strategy 'frozen'"):
+        S.check(S.StudyConfig(strategies=["frozen"]))
+    with pytest.raises(ConfigError, match="unknown head"):
+        S.check(S.StudyConfig(heads=["big"]))
+
+
+def test_scratch_cells_use_the_pretrained_architecture():
+    over = S.scratch_model_overrides(S.StudyConfig(pretrain_config="vit_tiny"))
+    assert "model.patch_size=[8, 8, 8]" in over and 'model.size="tiny"' in over
+
+
+def test_aggregate_table_and_plots(tmp_path):
+    rows = []
+    data = {("scratch", 1): [0.2, 0.4, 0.3], ("pretrained", 1): [0.5, 0.6, 0.7],
+            ("scratch", 4): [0.5, 0.5, 0.5], ("pretrained", 4): [0.6, 0.7, 0.8]}
+    for (init, n), d in data.items():
+        cell = {"init": init, "strategy": "freeze_all", "head": "light", "num_labeled": n}
+        rows += S.rows_of(cell, _summary(d, [x / 2 for x in d]))
+    assert len(rows) == 12 and rows[0]["trainable_params"] == 1000
+    agg = {(a["init"], a["num_labeled"]): a for a in S.aggregate(rows)}
+    for key, d in data.items():
+        assert agg[key]["dice_mean"] == pytest.approx(np.mean(d))
+        assert agg[key]["dice_std"] == pytest.approx(np.std(d))
+        assert agg[key]["node_sensitivity_mean"] == pytest.approx(np.mean(d) / 2)
+        assert agg[key]["repeats"] == 3
+    md = S.markdown(list(agg.values()), S.StudyConfig(), "python finetune/study.py --quick")
+    assert "| freeze_all | light | 1 | +0.300 |" in md and "| freeze_all | light | 4 | +0.200 |" in md
+    S.write_csv(tmp_path / "study.csv", rows)
+    with open(tmp_path / "study.csv") as f:
+        assert len(list(csv.DictReader(f))) == 12
+    S.plot(list(agg.values()), "dice", "Dice", tmp_path / "dice.png")
+    assert (tmp_path / "dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
