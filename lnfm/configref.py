@@ -74,7 +74,8 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             nested.append((f"{prefix}{f.name}.", tp))
             continue
         desc = comments.get(f.name, "").replace("|", "\\|")
-        rows.append(f"| `{prefix}{f.name}` | `{_type_name(tp)}` | {_default(f)} | {desc} |")
+        tname = _type_name(tp).replace("|", "\\|")  # a union's bar would split the table cell
+        rows.append(f"| `{prefix}{f.name}` | `{tname}` | {_default(f).replace('|', chr(92) + '|')} | {desc} |")
     for sub_prefix, tp in nested:
         rows.extend(describe(tp, sub_prefix))
     return rows
