@@ -101,7 +101,7 @@ stop_all() {
   done
 }
 
-# shellcheck disable=SC2317  # called by the trap below
+# shellcheck disable=SC2317,SC2329  # called by the trap below
 on_signal() {
   stopping=1
   echo "local.sh: interrupted, stopping all processes" >&3
