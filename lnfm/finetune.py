@@ -410,7 +410,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         scores = [dice_score(segment(predict, states, c_, cfg, num_classes) > 0, c_.label > 0) for c_ in val_cases]
         val_dice = float(np.mean(scores))
         writer.write(step, val_dice=val_dice)
-        log.info("step %d: validation Dice %.4f (best %.4f)", step, val_dice, max(best["val_dice"], 0.0))
+        log.info("step %d: validation Dice %.4f (previous best %.4f)", step, val_dice, max(best["val_dice"], 0.0))
         if val_dice >= best["val_dice"]:  # ties go to the later, longer-trained model
             best.update(step=step, val_dice=val_dice)
             for old in best_ckpt.all_steps():
