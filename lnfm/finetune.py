@@ -46,8 +46,9 @@ from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import LossConfig, deep_supervision_loss, segmentation_loss
 from lnfm.segmentation.sites import SiteConfig, check_spacing
 from lnfm.segmentation.strategies import StrategyConfig, count_params, layer_index_fn, trainable_filter
-from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
-from lnfm.train.distributed import initialize
+from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, restore_params
+from lnfm.train.distributed import DistributedConfigError, initialize
+from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, NonFiniteLoss, Throughput, run_loop, trim_metrics
 from lnfm.train.optim import OptimConfig, layer_lr_scales, make_optimizer
 from lnfm.train.state import abstract_state, create_train_state, merge_model, split_model
@@ -566,10 +567,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
-    ap.add_argument("--quick", action="store_true", help="tiny demo settings (32^3 patches, 400 steps, linear probe)")
-    ap.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
-    ap.add_argument("--num-processes", type=int, default=None, help="total processes (multi-process runs)")
-    ap.add_argument("--process-id", type=int, default=None, help="rank of this process (multi-process runs)")
+    ap.add_argument("--quick", action="store_true", help="CPU demo settings (lnfm.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
+    add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
     return ap.parse_args(argv)
 
@@ -582,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                                    data=[s for s in args.data.split(",") if s], num_labeled=args.num_labeled,
                                    repeats=args.repeats, quick=args.quick)
         return run(cfg, args.workdir)
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, CheckpointError, DistributedConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

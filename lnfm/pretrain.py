@@ -30,6 +30,7 @@ from lnfm.models import ModelConfig, build_ssl_model
 from lnfm.models.sharding import MeshConfig, batch_sharding, create_sharded_model, make_mesh, use_rules
 from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
 from lnfm.train.distributed import DistributedConfigError, initialize
+from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, NonFiniteLoss, Throughput, parse_profile_steps, run_loop, trim_metrics
 from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
@@ -258,9 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", required=True, help="comma-separated prepared stores (mix with data.weights=...)")
     ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     ap.add_argument("--profile-steps", default=None, help="A:B traces steps A..B-1 into WORKDIR/profile")
-    ap.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
-    ap.add_argument("--num-processes", type=int, default=None, help="total processes (multi-process runs)")
-    ap.add_argument("--process-id", type=int, default=None, help="rank of this process (multi-process runs)")
+    add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=100")
     return ap.parse_args(argv)
 

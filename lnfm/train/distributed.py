@@ -46,6 +46,13 @@ class ProcessSpec:
     source: str = "single"  # flags | env | slurm | tpu | jobset | mpi | single
 
 
+def add_arguments(ap) -> None:
+    """The explicit multi-process flags every job takes (clusters are detected without them)."""
+    ap.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
+    ap.add_argument("--num-processes", type=int, default=None, help="total processes (multi-process runs)")
+    ap.add_argument("--process-id", type=int, default=None, help="rank of this process (multi-process runs)")
+
+
 def _int_env(name: str) -> int | None:
     value = os.environ.get(name)
     if value in (None, ""):
