@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from lnfm.workdir import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.build_parser(sub.add_parser("predict", help="segment lymph nodes in scans with an export",
                                         description=predict.__doc__.splitlines()[0]))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     return export.run(args) if args.command == "export" else predict.run(args)
 
 

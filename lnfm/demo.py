@@ -38,7 +38,7 @@ def _shared_ct() -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="folder for every demo output")
-    ap.add_argument("--cases", type=int, default=12, help="pelvis phantoms to generate")
+    ap.add_argument("--cases", type=int, default=16, help="pelvis phantoms to generate")
     args = ap.parse_args(argv)
 
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
@@ -68,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
 
     pre = out / "pretrain"
     _run([py, "pretrain/pretrain.py", "--config", "vit_tiny", "--data", ",".join(stores),
-          "--workdir", str(pre), "train.steps=60", "checkpoint.every=30"], env)
+          "--workdir", str(pre), "train.steps=300", "checkpoint.every=100"], env)
 
+    # --quick shrinks patches to 32^3 for the CPU; the site's own head (light) and
+    # strategy (first_k) are kept, so the demo finetunes as `--site pelvis` does.
     ft = out / "finetune_pelvis"
     _run([py, "finetune/finetune.py", "--site", "pelvis", "--data", str(store), "--init", str(pre),
-          "--workdir", str(ft), "--quick"], env)
+          "--workdir", str(ft), "--quick", "head.kind=light", "strategy.freeze=first_k", "strategy.k=2",
+          "train.steps=300", "train.eval_every=100", "checkpoint.every=100"], env)
 
     export = out / "export_pelvis"
     _run([py, "-m", "lnfm", "export", "--checkpoint", str(ft), "--out", str(export), "--format", "orbax", "--force"], env)

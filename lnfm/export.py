@@ -42,6 +42,7 @@ import numpy as np
 
 from lnfm import __version__
 from lnfm import export_formats as fmt
+from lnfm.workdir import setup_logging
 
 log = logging.getLogger("lnfm.export")
 
@@ -504,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     return run(build_parser().parse_args(argv))
 
 

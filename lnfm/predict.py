@@ -386,7 +386,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from lnfm.workdir import setup_logging
+
+    setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     return run(build_parser().parse_args(argv))
 
 

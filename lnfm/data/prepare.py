@@ -26,7 +26,7 @@ from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, r
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
 from lnfm.io import ImageReadError, Volume, read_image
-from lnfm.workdir import progress
+from lnfm.workdir import progress, setup_logging
 
 log = logging.getLogger("lnfm.data.prepare")
 
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("spacing", "workers", "site", "site_preset", "salt"):
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
     res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
     print(f"converted {res.converted}, skipped {res.skipped} (already done), failed {res.failed}")
