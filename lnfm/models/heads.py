@@ -90,10 +90,12 @@ def conv(cin: int, cout: int, kernel: int = 3, *, groups: int = 1, bias: bool = 
 
 
 class UpConv3D(nnx.Module):
-    """Transposed convolution with kernel = stride = `factor` (nnx.ConvTranspose's
-    parameter layout). The windows do not overlap, so every input voxel becomes one
-    factor^3 output block: a matmul and a reshape, fast on every backend (XLA's CPU
-    transposed convolution is not)."""
+    """Transposed convolution with kernel = stride = `factor`, kernel shape
+    (*factor, cin, cout) as nnx.ConvTranspose's. The windows do not overlap, so every
+    input voxel becomes one factor^3 output block: a matmul and a reshape, fast on
+    every backend (XLA's CPU transposed convolution is not). Tap (i, j, k) fills
+    offset (i, j, k) of each block, as PyTorch's ConvTranspose3d does; lax.conv_transpose
+    (and so nnx.ConvTranspose) without transpose_kernel uses the taps mirrored."""
 
     def __init__(self, cin: int, cout: int, factor: Stride, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
