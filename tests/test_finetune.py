@@ -207,3 +207,48 @@ def test_finetuning_beats_the_untrained_model(sphere_store, tmp_path):
     after = json.loads((tmp_path / "trained" / "summary.json").read_text())
     assert after["dice"] > before["dice"] + 0.2, (before["dice"], after["dice"])
     assert after["node_sensitivity"] > 0.5
+
+
+def test_sigterm_saves_and_a_rerun_resumes_to_the_uninterrupted_result(store, tmp_path, monkeypatch):
+    """Preemption mid-run (SIGTERM during step 3, on 8 devices with FSDP), then the same command
+    again: the resumed run's losses and test metrics equal an uninterrupted run's."""
+    import os
+    import signal
+
+    import lnfm.finetune as ft
+
+    over = TINY + ["mesh.fsdp=2", "train.steps=6", "checkpoint.every=2", "train.eval_every=2"]
+    cfg = load_finetune_config("pelvis", over, data=[store], num_labeled=3)
+
+    def losses(wd):
+        rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    assert run(cfg, tmp_path / "ref") == 0
+    real = ft.make_train_step
+
+    def preempting(*args, **kwargs):
+        step, calls = real(*args, **kwargs), [0]
+
+        def wrapped(state, batch):
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # the loop finishes this step, saves and returns
+            return step(state, batch)
+
+        return wrapped
+
+    monkeypatch.setattr(ft, "make_train_step", preempting)
+    wd = tmp_path / "run"
+    assert run(cfg, wd) == 0
+    assert not (wd / "summary.json").exists() and max(losses(wd)) == 3
+    monkeypatch.setattr(ft, "make_train_step", real)
+    assert run(cfg, wd) == 0
+    assert "resumed from step 3" in (wd / "log.txt").read_text()
+    ref, got = losses(tmp_path / "ref"), losses(wd)
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=1e-6)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "ref", wd))
+    for key in KEYS:  # None where a metric is undefined (no predicted node in 6 steps)
+        assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    assert a["best_step"] == b["best_step"]
