@@ -121,7 +121,7 @@ def main() -> None:
         rows.append(("full-volume EDT HD95 + ASSD", t_full))
         print(f"hd95 full EDT {h_f:.6f}; assd full EDT {a_f:.6f}")
 
-    print(f"\n| method | seconds | time / lnfm hd95+assd |\n|---|---|---|")
+    print("\n| method | seconds | time / lnfm hd95+assd |\n|---|---|---|")
     for name, t in rows:
         print(f"| {name} | {t:.2f} | {t / t_ours:.1f}x |")
 

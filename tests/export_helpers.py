@@ -38,7 +38,6 @@ def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
     Returns (workdir, model, cfg)."""
     import math
 
-    import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
