@@ -186,13 +186,17 @@ def plot(agg: list[dict], metric: str, label: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(heads), figsize=(5.5 * len(heads), 4.2), squeeze=False, sharey=True)
     for ax, head in zip(axes[0], heads):
         lines = sorted({(a["init"], a["strategy"]) for a in agg if a["head"] == head})
+        strategies = sorted({s for _, s in lines})
         for init, strat in lines:
             pts = sorted((a for a in agg if (a["head"], a["init"], a["strategy"]) == (head, init, strat)),
                          key=lambda a: a["num_labeled"])
             ax.errorbar([p["num_labeled"] for p in pts], [p[f"{metric}_mean"] for p in pts],
                         yerr=[p[f"{metric}_std"] for p in pts], marker="o" if init == "pretrained" else "s",
-                        linestyle="-" if init == "pretrained" else "--", capsize=3, label=f"{init} / {strat}")
+                        linestyle="-" if init == "pretrained" else "--", capsize=3, label=f"{init} / {strat}",
+                        color=f"C{strategies.index(strat)}")  # one colour per strategy, style per init
         ax.set_xscale("log", base=2)
+        ns = sorted({a["num_labeled"] for a in agg})
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("labelled training cases")
         ax.set_title(f"head: {head}")
         ax.grid(alpha=0.3)
