@@ -22,12 +22,12 @@ def test_presets_load_and_grid_covers_every_cell():
         S.check(cfg)
         assert cfg.repeats >= 3 and set(cfg.inits) == {"scratch", "pretrained"}
     # The full (GPU) preset is the whole grid; the quick (CPU) one a slice of it with
-    # one line per strategy family and the curve's two ends and middle.
+    # every strategy, the light head, and the curve's two ends and middle.
     assert full.num_labeled == [1, 2, 4, 8, 16] and set(full.strategies) == set(S.STRATEGIES)
     assert set(full.heads) == {"unetr", "light"} and not full.quick
     assert quick.quick and quick.num_labeled == [1, 4, 16] and quick.heads == ["light"]
-    assert set(quick.strategies) == {"freeze_all", "full_llrd", "lora"}
-    for cfg, n in ((full, 2 * 4 * 2 * 5), (quick, 2 * 3 * 1 * 3)):
+    assert set(quick.strategies) == set(S.STRATEGIES)
+    for cfg, n in ((full, 2 * 4 * 2 * 5), (quick, 2 * 4 * 1 * 3)):
         grid = S.cells(cfg)
         assert len(grid) == n and len({tuple(c.values()) for c in grid}) == n
 
