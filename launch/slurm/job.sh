@@ -60,12 +60,20 @@ lnfm_run_step() {
   trap lnfm_on_term TERM
   srun "${srun_args[@]}" "$@" &
   lnfm_step_pid=$!
-  local code=0
+  local code=0 again=0
   while true; do
     code=0
     wait "$lnfm_step_pid" || code=$?
-    # wait also returns (status > 128) when a trapped signal arrives; keep waiting until the step is gone.
-    kill -0 "$lnfm_step_pid" 2> /dev/null || break
+    # wait also returns (status > 128) when a trapped signal arrives: keep waiting while the step runs.
+    if (( code > 128 )) && kill -0 "$lnfm_step_pid" 2> /dev/null; then continue; fi
+    if (( code > 128 )); then
+      # The step exited between the signal and the check: collect its own status (127 means the
+      # first wait already had it, so that status stands).
+      again=0
+      wait "$lnfm_step_pid" || again=$?
+      (( again == 127 )) || code=$again
+    fi
+    break
   done
   if (( lnfm_requeue )); then
     echo "lnfm: step exited with status ${code}; requeueing job ${SLURM_JOB_ID}"

@@ -76,7 +76,8 @@ def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 30.0) -
         if line.startswith(needle):
             return lines
     proc.kill()
-    raise AssertionError(f"{needle!r} not printed; got {lines}")
+    rest = proc.stdout.read()
+    raise AssertionError(f"{needle!r} not printed; got {lines} {rest!r}, exit {proc.wait()}")
 
 
 def test_usr1_checkpoints_then_requeues(slurm):
