@@ -1,6 +1,6 @@
 """Portable exports of a finetuned segmenter (or a pretrained encoder) and their loading.
 
-    lnfm export --checkpoint DIR --out EXPORT_DIR --format {orbax,safetensors,stablehlo,monai} [--force]
+    lnfm export --checkpoint DIR --out EXPORT_DIR --format {orbax,safetensors,stablehlo,onnx,monai} [--force]
     lnfm export --verify EXPORT_DIR
 
 DIR is a finetuning workdir (or its best/ or checkpoints/ folder): the export holds
@@ -14,6 +14,10 @@ and `checksums.sha256` (sha256 of every other file). Formats:
 - safetensors: `model.safetensors`, every parameter under its dotted name
   (`encoder.blocks.0.attn.qkv.kernel`, `head....`); the `encoder.` names are the encoder.
   Reading it needs only numpy and the safetensors package.
+- onnx: `model.onnx`, the inference function of the stablehlo format as an ONNX
+  graph (opset `lnfm.export_onnx.ONNX_OPSET`, dynamic batch) that `lnfm predict
+  --backend onnxruntime` runs, plus `model.safetensors` so the JAX backend and
+  finetuning `--init` can rebuild the model (`lnfm.export_onnx`).
 - stablehlo: `inference.stablehlo`, a serialized `jax.export` function mapping a
   normalised patch (B, *patch, C) to softmax probabilities (B, *patch, K); runs with
   jax alone (`jax.export.deserialize(bytes).call(x)`).
@@ -46,7 +50,7 @@ from lnfm.workdir import setup_logging
 
 log = logging.getLogger("lnfm.export")
 
-FORMATS = ("orbax", "safetensors", "stablehlo", "monai")
+FORMATS = ("orbax", "safetensors", "stablehlo", "onnx", "monai")
 MODEL_JSON = "model.json"
 CHECKSUMS = "checksums.sha256"
 SCHEMA_VERSION = 1
@@ -323,6 +327,17 @@ def _write(source: _Source, folder: Path, format: str) -> None:
         meta["stablehlo"] = fmt.write_stablehlo(folder / fmt.STABLEHLO_FILE, model,
                                                 tuple(pre["patch_size"]), len(pre["channels"]))
         meta["files"] = {"function": fmt.STABLEHLO_FILE}
+    elif format == "onnx":
+        if source.kind != "segmenter":
+            raise ExportError("the onnx format exports a segmentation model; a pretraining workdir holds only "
+                              "an encoder (export a finetuning workdir)")
+        from lnfm.export_onnx import ONNX_FILE, write_onnx
+
+        pre = meta["preprocessing"]
+        model, _ = build_from_meta(meta, source.flat)
+        meta["onnx"] = write_onnx(folder / ONNX_FILE, model, tuple(pre["patch_size"]), len(pre["channels"]))
+        fmt.write_safetensors(folder / fmt.SAFETENSORS_FILE, source.flat, {"format": "np"})
+        meta["files"] = {"onnx": ONNX_FILE, "params": fmt.SAFETENSORS_FILE}
     elif format == "monai":
         if meta["model"].get("arch") != "vit":
             raise ExportError(f"the monai format holds a MONAI ViT; this model's encoder is "
@@ -442,7 +457,7 @@ def build_from_meta(meta: dict, flat: dict[str, np.ndarray], where: str = "expor
 
 
 def load_export(folder: str | Path, verify: bool = True) -> Exported:
-    """Rebuild the model of an orbax, safetensors or monai export (checksums verified first).
+    """Rebuild the model of an orbax, safetensors, onnx or monai export (checksums verified first).
 
     `Exported.encoder` feeds `lnfm.models.segmenter.load_encoder_state` (finetuning --init);
     `Exported.model` is the segmenter `lnfm predict` runs (None for encoder-only exports)."""
@@ -467,7 +482,7 @@ def load_export(folder: str | Path, verify: bool = True) -> Exported:
         return Exported(meta, encoder, None)
     if kind == "orbax":
         flat = fmt.read_orbax(folder)
-    elif kind == "safetensors":
+    elif kind in ("safetensors", "onnx"):
         flat = fmt.read_safetensors(folder / fmt.SAFETENSORS_FILE)
     else:
         raise ExportError(f"{folder / MODEL_JSON}: unknown format '{kind}'")

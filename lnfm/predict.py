@@ -21,7 +21,11 @@ when all of a case's outputs are ready.
 Batch mode: `--input FOLDER` holding NIfTI/NRRD files and/or DICOM series
 subfolders (multi-channel cases as CASE_0000.nii.gz, CASE_0001.nii.gz, ...);
 `--output` and any --probabilities/--report/--overlay name folders that receive
-CASE.nii.gz, CASE.csv and CASE.png. JAX runs on a GPU when one is present.
+CASE.nii.gz, CASE.csv and CASE.png.
+
+`--backend auto|jax|onnxruntime` picks the network's runtime (`lnfm.eval.backends`):
+auto runs JAX on a GPU and ONNX Runtime on a CPU-only machine when the export
+holds model.onnx (`lnfm export --format onnx`).
 """
 
 from __future__ import annotations
@@ -74,42 +78,33 @@ class Prediction:
 # ----------------------------------------------------------------------------- model
 
 
-def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """(fn, model.json): fn maps normalised patches (B, *patch, C) to probabilities (B, *patch, K).
-
-    orbax and safetensors exports rebuild the model; a stablehlo export runs its
-    serialized function. Checksums are verified first."""
-    import jax
-
+def load_predictor(export_dir: str | Path, backend: str = "auto"
+                   ) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """(fn, model.json): fn maps normalised patches (B, *patch, C) to probabilities (B, *patch, K),
+    on the backend `lnfm.eval.backends` resolves `backend` to. Checksums are verified first."""
+    from lnfm.eval import backends
     from lnfm.export import load_export, verify_export
 
     meta = read_meta(export_dir)
     if meta.get("kind") != "segmenter":
         raise ExportError(f"{export_dir}: an encoder-only export cannot segment (export a finetuning workdir)")
-    if meta["format"] == "stablehlo":
+    if meta["format"] not in ("orbax", "safetensors", "stablehlo", "onnx"):
+        raise ExportError(f"{export_dir}: a {meta['format']} export holds no segmentation head (use orbax, "
+                          f"safetensors, stablehlo or onnx)")
+    verify_export(export_dir)
+    files = meta.get("files") or {}
+    name = backends.choose_backend(backend, export_dir, meta["format"], "onnx" in files)
+    if name == "onnxruntime":
+        fn = backends.onnx_network(Path(export_dir) / files["onnx"])
+    elif meta["format"] == "stablehlo":
         from lnfm.export_formats import STABLEHLO_FILE, read_stablehlo
 
-        verify_export(export_dir)
-        exported = read_stablehlo(Path(export_dir) / STABLEHLO_FILE)
-        return (lambda x: np.asarray(exported.call(np.asarray(x, np.float32)))), meta
-    if meta["format"] not in ("orbax", "safetensors"):
-        raise ExportError(f"{export_dir}: a {meta['format']} export holds no segmentation head (use orbax, "
-                          f"safetensors or stablehlo)")
-    from flax import nnx
-
-    model = load_export(export_dir).model
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state)
-
-    @jax.jit
-    def probabilities(state, x):
-        out = nnx.merge(graphdef, state)(x)
-        logits = out[0] if isinstance(out, tuple) else out
-        return jax.nn.softmax(logits.astype(np.float32), axis=-1)
-
+        fn = backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
+    else:
+        fn = backends.jax_network(load_export(export_dir, verify=False).model)
     log.info("model %s-%s (%s export) on %s", meta["model"].get("arch"), meta["model"].get("size"), meta["format"],
-             jax.devices()[0].platform)
-    return (lambda x: np.asarray(probabilities(state, x))), meta
+             name)
+    return fn, meta
 
 
 # ----------------------------------------------------------------------------- input
@@ -345,7 +340,10 @@ def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str
 
 def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     ap = ap or argparse.ArgumentParser(prog="lnfm predict", description="Segment lymph nodes with an export.")
-    ap.add_argument("--model", required=True, help="export folder (orbax, safetensors or stablehlo)")
+    ap.add_argument("--model", required=True, help="export folder (orbax, safetensors, stablehlo or onnx)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "jax", "onnxruntime"),
+                    help="network runtime: auto = JAX on a GPU, onnxruntime on a CPU when the export has "
+                         "model.onnx, else JAX (default: auto)")
     ap.add_argument("--input", required=True, help="scan (NIfTI, NRRD, DICOM series folder), comma-separated "
                                                    "channels (ct.nii.gz,pet.nii.gz), or a folder of scans")
     ap.add_argument("--output", required=True, help="mask .nii.gz (or a folder in batch mode)")
@@ -370,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
         if not batch:  # check the scan before the model loads: bad input fails fast
             check_outputs(args.output, args.probabilities, args.overlay)
             vol = read_scan(inputs, meta)
-        predictor, meta = load_predictor(args.model)
+        predictor, meta = load_predictor(args.model, args.backend)
         if batch:
             failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,
                                     args.overlay, options)

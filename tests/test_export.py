@@ -32,7 +32,7 @@ def exports(tiny, tmp_path_factory):  # noqa: F811
     """One export per format (orbax comes from the shared fixture)."""
     root = tmp_path_factory.mktemp("exports")
     out = {"orbax": tiny.orbax}
-    for f in ("safetensors", "stablehlo", "monai"):
+    for f in ("safetensors", "stablehlo", "onnx", "monai"):
         out[f] = ex.export_model(tiny.workdir, root / f, f)
     return out
 
