@@ -530,6 +530,12 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     writer = open_workdir(workdir, cfg, is_main=pid == 0, tensorboard=False)
     writer.close()
     check_spacing(cfg.site, labelled)
+    if pid == 0:
+        from lnfm.finetune_cpu import cpu_notice
+
+        notice = cpu_notice(cfg)
+        if notice:
+            print(notice, file=sys.stderr)
     log.info("site %s, init %s, head %s, strategy %s; mesh %s over %d devices", cfg.site.name, cfg.init,
              cfg.head.kind, cfg.strategy.freeze, dict(mesh.shape), jax.device_count())
     loader_cfg = dataclasses.replace(cfg.loader, hu_window=cfg.site.window)

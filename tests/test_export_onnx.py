@@ -75,6 +75,7 @@ def test_onnxruntime_matches_jax_on_real_ct_patches(tiny, onnx_export, shared_da
         assert 0.01 < ref[..., 1].mean() < 0.99  # the patches hold both classes, not a saturated output
 
 
+@pytest.mark.slow  # jax2onnx converts each head in about a minute on 2 free cores
 @pytest.mark.parametrize("head", ["light", "unetr"])
 def test_conv_heads_convert_and_match_jax_on_a_real_ct_patch(head, shared_data, tmp_path):
     """The heads' dense, depth-wise, transposed and partial convs, Sobel stem and upsampling in ONNX."""
