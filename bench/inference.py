@@ -9,7 +9,15 @@ isolates the sliding-window machinery (window gathering, blending) from the spee
 of each framework's convolutions; the time of one window batch through each
 network is printed too.
 
+With `--predict pelvis,mediastinum` it times `lnfm predict` end to end instead
+(fresh process per run: start-up, model load, reading, resampling, sliding window,
+post-processing, writing) on a CT of `--ct-shape` voxels at `--ct-spacing` mm (the
+real TotalSegmentator example CT of ../shared/data resampled up), for each site
+preset's model size (random weights: the time does not depend on them), exported
+once as onnx (which holds the weights for the JAX backend too), per `--backends`.
+
 Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32] [--batch 4]
+       .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300]
 """
 
 from __future__ import annotations
@@ -52,6 +60,77 @@ def build_models(in_ch: int, width: int, out_ch: int, seed: int = 0):
     return predict, torch_net
 
 
+def write_ct(path, shape, spacing) -> None:
+    """The real example CT (3 mm) resampled (linear) to `shape` voxels of `spacing` mm, int16 HU."""
+    from pathlib import Path
+
+    import nibabel as nib
+    from scipy import ndimage
+
+    src = nib.load(Path(__file__).resolve().parents[1].parent / "shared/data/ct/totalsegmentator/example_ct.nii.gz")
+    data = np.asarray(src.dataobj, np.float32)
+    up = ndimage.zoom(data, [n / s for n, s in zip(shape, data.shape)], order=1, mode="nearest")
+    nib.save(nib.Nifti1Image(np.round(up).astype(np.int16), np.diag([*spacing, 1.0])), path)
+
+
+def write_export(site: str, out) -> None:
+    """An onnx export (model.onnx + model.safetensors) of the site preset's model, random weights."""
+    from flax import nnx
+
+    from lnfm import export as ex
+    from lnfm import export_formats as fmt
+    from lnfm.config import to_dict
+    from lnfm.finetune import load_finetune_config
+    from lnfm.models.segmenter import build_segmenter
+
+    cfg = load_finetune_config(site, [])
+    model = build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0), **cfg.head.options)
+    inference = to_dict(cfg.inference)
+    inference["roi"] = list(cfg.site.patch)
+    meta = {"kind": "segmenter", "model": to_dict(cfg.model), "head": to_dict(cfg.head),
+            "num_classes": len(cfg.site.labels), "labels": list(cfg.site.labels),
+            "site": {"name": site, "stations": list(cfg.site.stations)},
+            "preprocessing": {"spacing_mm": list(cfg.site.spacing), "orientation": "RAS",
+                              "hu_window": list(cfg.site.window), "pet_scale": 10.0,
+                              "patch_size": list(cfg.site.patch), "channels": ["CT"], "crop_body": True,
+                              "body_threshold_hu": -500.0, "ct_storage": "int16"},
+            "inference": inference, "postprocess": {"min_volume_mm3": 10.0, "body_threshold_hu": -500.0},
+            "training_data": {}}
+    out.mkdir(parents=True)
+    ex._write(ex._Source("segmenter", fmt.flat_params(model), meta), out, "onnx")  # the job's own writer
+
+
+def bench_predict(args) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    shape = tuple(int(s) for s in args.ct_shape.split(","))
+    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
+    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_predict_"))
+    ct = root / "ct.nii.gz"
+    write_ct(ct, shape, spacing)
+    print(f"CT {shape} at {spacing} mm; lnfm predict wall time per run (fresh process, reading and writing included)")
+    repo = Path(__file__).resolve().parents[1]
+    for site in args.predict.split(","):
+        export = root / f"export_{site}"
+        t = time.perf_counter()
+        write_export(site, export)
+        print(f"{site}: onnx export written in {time.perf_counter() - t:.0f} s")
+        for backend in args.backends.split(","):
+            out = root / f"{site}_{backend}.nii.gz"
+            cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(export), "--input", str(ct),
+                   "--output", str(out), "--backend", backend]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo,
+                                  env=dict(os.environ, PYTHONPATH=str(repo)))
+            wall = time.perf_counter() - t
+            status = "ok" if proc.returncode == 0 else f"FAILED: {proc.stderr.strip().splitlines()[-1:]}"
+            print(f"  {site} {backend}: {wall:.1f} s ({status})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="160,160,96")
@@ -60,7 +139,14 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.5)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--predict", default=None, help="comma-separated site presets: time `lnfm predict` instead")
+    ap.add_argument("--backends", default="onnxruntime,jax", help="with --predict: backends to time")
+    ap.add_argument("--ct-shape", default="512,512,300", help="with --predict: CT size in voxels")
+    ap.add_argument("--ct-spacing", default="0.8,0.8,1.5", help="with --predict: CT spacing in mm")
     args = ap.parse_args()
+    if args.predict:
+        bench_predict(args)
+        return
     shape = tuple(int(s) for s in args.shape.split(","))
     roi = tuple(int(s) for s in args.roi.split(","))
 

@@ -67,12 +67,24 @@ class PredictOptions:
     min_volume_mm3: float | None = None  # smaller predicted components are removed
 
 
-@dataclasses.dataclass
 class Prediction:
-    labels: np.ndarray  # (X, Y, Z) uint8 on the source grid
-    probability: np.ndarray  # (X, Y, Z) foreground probability (or (X, Y, Z, K-1) per class) on the source grid
-    affine: np.ndarray  # the source affine
-    hu: np.ndarray  # (X, Y, Z) channel 0 of the scan (HU) on the source grid
+    """A case's outputs on the source grid. The probability map is resampled there only when first
+    read (an order-1 resampling of the whole scan: the costliest step after the network)."""
+
+    def __init__(self, labels: np.ndarray, affine: np.ndarray, hu: np.ndarray, model_probability: np.ndarray,
+                 geometry: dict):
+        self.labels = labels  # (X, Y, Z) uint8 on the source grid
+        self.affine = affine  # the source affine
+        self.hu = hu  # (X, Y, Z) channel 0 of the scan (HU) on the source grid
+        self._model_probability, self._geometry, self._probability = model_probability, geometry, None
+
+    @property
+    def probability(self) -> np.ndarray:
+        """(X, Y, Z) foreground probability (or (X, Y, Z, K-1) per class) on the source grid."""
+        if self._probability is None:
+            prob = restore_to_source(self._model_probability, self._geometry, order=1)
+            self._probability = np.clip(prob, 0.0, 1.0).astype(np.float32)
+        return self._probability
 
 
 # ----------------------------------------------------------------------------- model
@@ -192,8 +204,7 @@ def predict_volume(predictor: Callable, meta: dict, vol: Volume, options: Predic
     labels = labels * keep.astype(np.uint8)
     fg = probs[..., 1:] if num_classes > 2 else probs[..., 1]
     labels_src = restore_to_source(labels, geometry, order=0)
-    prob_src = np.clip(restore_to_source(fg, geometry, order=1), 0.0, 1.0).astype(np.float32)
-    return Prediction(labels_src.astype(np.uint8), prob_src, np.asarray(vol.affine), vol.data[..., 0])
+    return Prediction(labels_src.astype(np.uint8), np.asarray(vol.affine), vol.data[..., 0], fg, geometry)
 
 
 def _temp(path: Path) -> Path:
