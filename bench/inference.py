@@ -77,10 +77,10 @@ def write_export(site: str, out) -> None:
     """An onnx export (model.onnx + model.safetensors) of the site preset's model, random weights."""
     from flax import nnx
 
-    from lnfm import export as ex
-    from lnfm import export_formats as fmt
+    from lnfm.jobs import export as ex
+    from lnfm.models import export_formats as fmt
     from lnfm.config import to_dict
-    from lnfm.finetune import load_finetune_config
+    from lnfm.jobs.finetune import load_finetune_config
     from lnfm.models.segmenter import build_segmenter
 
     cfg = load_finetune_config(site, [])

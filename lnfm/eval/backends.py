@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lnfm.models.export_onnx import ONNX_INPUT, ONNX_OUTPUT
+
 BACKENDS = ("auto", "jax", "onnxruntime")
-ONNX_INPUT, ONNX_OUTPUT = "patch", "probabilities"  # tensor names in an exported model.onnx
 Network = Callable[[np.ndarray], np.ndarray]
 
 

@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 
 from lnfm.data.geometry import restore_to_source, spacing_of
-from lnfm.export import ExportError, read_meta
+from lnfm.jobs.export import ExportError, read_meta
 from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image
 
 log = logging.getLogger("lnfm.predict")
@@ -95,7 +95,7 @@ def load_predictor(export_dir: str | Path, backend: str = "auto"
     """(fn, model.json): fn maps normalised patches (B, *patch, C) to probabilities (B, *patch, K),
     on the backend `lnfm.eval.backends` resolves `backend` to. Checksums are verified first."""
     from lnfm.eval import backends
-    from lnfm.export import load_export, verify_export
+    from lnfm.jobs.export import load_export, verify_export
 
     meta = read_meta(export_dir)
     if meta.get("kind") != "segmenter":
@@ -109,7 +109,7 @@ def load_predictor(export_dir: str | Path, backend: str = "auto"
     if name == "onnxruntime":
         fn = backends.onnx_network(Path(export_dir) / files["onnx"])
     elif meta["format"] == "stablehlo":
-        from lnfm.export_formats import STABLEHLO_FILE, read_stablehlo
+        from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
 
         fn = backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
     else:
@@ -216,7 +216,7 @@ def write_outputs(pred: Prediction, meta: dict, output: Path, probabilities: Pat
                   report: Path | None = None, overlay: Path | None = None, title: str = "") -> None:
     """Write every requested output under a temporary name, then rename them all."""
     from lnfm.io import write_nifti
-    from lnfm.report import node_table, report_csv, write_overlay
+    from lnfm.eval.report import node_table, report_csv, write_overlay
     from lnfm.workdir import atomic_write_text
 
     pending: list[tuple[Path, Path]] = []

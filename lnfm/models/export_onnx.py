@@ -10,7 +10,7 @@ are fast; the shifted-sum forms JAX uses on CPU would be 27 nodes each). Opset
 jax2onnx 0.17 lowers 1D and 2D `conv_general_dilated` only: its lowering is
 dimension-generic apart from its layout tables, which `_allow_3d_convs` extends
 with the 3D layouts (NDHWC inputs, DHWIO kernels -> ONNX NCDHW / OIDHW). Parity
-with JAX is tested on real CT patches (tests/test_export_onnx.py). It runs with
+with JAX is tested on real CT patches (tests/jobs/test_export_onnx.py). It runs with
 `lnfm.eval.backends.onnx_network`.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lnfm.eval.backends import ONNX_INPUT, ONNX_OUTPUT
+ONNX_INPUT, ONNX_OUTPUT = "patch", "probabilities"  # tensor names of model.onnx
 
 ONNX_FILE = "model.onnx"
 ONNX_OPSET = 21  # ONNX Runtime >= 1.16 runs it

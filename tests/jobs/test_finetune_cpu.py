@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax
 
-from lnfm import finetune_cpu
-from lnfm.finetune import load_finetune_config
+from lnfm.jobs import finetune_cpu
+from lnfm.jobs.finetune import load_finetune_config
 
 
 def test_accelerator_preset_on_a_cpu_names_the_estimate_and_the_cpu_preset():

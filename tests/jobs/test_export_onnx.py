@@ -14,16 +14,16 @@ import pytest
 from export_helpers import tiny  # noqa: F401  (session fixture)
 from scipy import ndimage
 
-from lnfm import predict as pr
+from lnfm.jobs import predict as pr
 from lnfm.eval import backends
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CT = "ct/totalsegmentator/example_ct.nii.gz"
 
 
 @pytest.fixture(scope="module")
 def onnx_export(tiny, tmp_path_factory):  # noqa: F811
-    from lnfm.export import export_model
+    from lnfm.jobs.export import export_model
 
     return export_model(tiny.workdir, tmp_path_factory.mktemp("onnx") / "export", "onnx")
 
@@ -49,8 +49,8 @@ def _real_patches(shared_data: Path, meta: dict, n: int = 4) -> np.ndarray:
 def test_onnx_export_is_listed_checksummed_and_has_a_dynamic_batch(onnx_export):
     import onnx
 
-    from lnfm.export import verify_export
-    from lnfm.export_onnx import ONNX_OPSET
+    from lnfm.jobs.export import verify_export
+    from lnfm.models.export_onnx import ONNX_OPSET
 
     meta = json.loads((onnx_export / "model.json").read_text())
     assert meta["format"] == "onnx" and meta["files"] == {"onnx": "model.onnx", "params": "model.safetensors"}
@@ -82,7 +82,7 @@ def test_conv_heads_convert_and_match_jax_on_a_real_ct_patch(head, shared_data, 
     import jax
     from flax import nnx
 
-    from lnfm.export_onnx import write_onnx
+    from lnfm.models.export_onnx import write_onnx
     from lnfm.models.config import ModelConfig
     from lnfm.models.segmenter import build_segmenter
 

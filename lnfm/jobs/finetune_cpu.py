@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from lnfm.train.mfu import forward_flops, train_flops
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
-CPU_PRESET = "--quick"  # lnfm.finetune.QUICK: 32^3 patches, linear probe, 400 steps
+CPU_PRESET = "--quick"  # lnfm.jobs.finetune.QUICK: 32^3 patches, linear probe, 400 steps
 
 
 def cpu_conv_rate() -> float:
