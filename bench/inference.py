@@ -131,6 +131,90 @@ def bench_predict(args) -> None:
             print(f"  {site} {backend}: {wall:.1f} s ({status})", flush=True)
 
 
+def bench_networks(args) -> None:
+    """One batch of windows through each site preset's network, per backend (same export, same batch)."""
+    import tempfile
+    from pathlib import Path
+
+    from lnfm.jobs.predict import load_predictor
+
+    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_networks_"))
+    for site in args.networks.split(","):
+        export = root / site
+        write_export(site, export)
+        outputs = {}
+        for backend in args.backends.split(","):
+            t = time.perf_counter()
+            fn, meta = load_predictor(export, backend)
+            x = np.random.default_rng(0).normal(size=(args.batch, *meta["preprocessing"]["patch_size"], 1))
+            x = x.astype(np.float32)
+            outputs[backend] = fn(x)
+            first = time.perf_counter() - t
+            best = np.inf
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                fn(x)
+                best = min(best, time.perf_counter() - t)
+            print(f"{site} {backend}: load + first batch {first:.1f} s, batch of {args.batch} windows {best:.2f} s",
+                  flush=True)
+        if len(outputs) == 2:
+            a, b = outputs.values()
+            print(f"{site}: max |probability difference| between backends {float(np.abs(a - b).max()):.1e}")
+
+
+def bench_stages(args) -> None:
+    """Stage times of the predict pipeline on one CT with a per-voxel linear network (so the network
+    costs nothing), and linear resampling to the model grid by scipy (what predict uses) vs SimpleITK."""
+    import tempfile
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    from lnfm.data.geometry import restore_to_source
+    from lnfm.data.prepare import preprocess_volume
+    from lnfm.jobs import predict as pr
+
+    shape = tuple(int(s) for s in args.ct_shape.split(","))
+    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
+    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_stages_"))
+    ct = root / "ct.nii.gz"
+    write_ct(ct, shape, spacing)
+    target = (1.5, 1.5, 1.5)
+    meta = {"preprocessing": {"spacing_mm": list(target), "orientation": "RAS", "hu_window": [-160.0, 240.0],
+                              "pet_scale": 10.0, "patch_size": [96, 96, 96], "channels": ["CT"], "crop_body": True,
+                              "body_threshold_hu": -500.0},
+            "inference": {"overlap": 0.5, "sw_batch_size": 2, "mode": "gaussian", "sigma_scale": 0.125},
+            "postprocess": {"min_volume_mm3": 10.0, "body_threshold_hu": -500.0}, "num_classes": 2}
+    times = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        times[name] = time.perf_counter() - t
+        return out
+
+    vol = timed("read + check (nibabel)", lambda: pr.read_scan([str(ct)], meta))
+    _, _, geometry = timed("RAS + resample to 1.5 mm + body crop (scipy, order 1)",
+                           lambda: preprocess_volume(vol, target))
+    img = sitk.GetImageFromArray(np.ascontiguousarray(vol.data[..., 0].transpose(2, 1, 0)))
+    img.SetSpacing(spacing)
+    size = [int(round(n * s / t)) for n, s, t in zip(img.GetSize(), spacing, target)]
+    timed("resample to 1.5 mm (SimpleITK linear, same grid size)",
+          lambda: sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), target,
+                                img.GetDirection(), 0.0, sitk.sitkFloat32))
+    w = np.array([[1.5, -0.5]], np.float32)
+    pred = timed("predict_volume, whole (linear network)", lambda: pr.predict_volume(lambda x: x @ w, meta, vol))
+    model_labels = np.zeros(np.asarray(pred._model_probability).shape[:3], np.uint8)
+    timed("labels back to the source grid (order 0; inside predict_volume)",
+          lambda: restore_to_source(model_labels, geometry, order=0))
+    timed("probability map back to the source grid (order 1; only with --probabilities/--report)",
+          lambda: pred.probability)
+    timed("write mask .nii.gz", lambda: pr.write_outputs(pred, meta, root / "mask.nii.gz"))
+    print(f"CT {shape} at {spacing} mm, one run:")
+    for name, t in times.items():
+        print(f"  {name}: {t:.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="160,160,96")
@@ -143,7 +227,15 @@ def main() -> None:
     ap.add_argument("--backends", default="onnxruntime,jax", help="with --predict: backends to time")
     ap.add_argument("--ct-shape", default="512,512,300", help="with --predict: CT size in voxels")
     ap.add_argument("--ct-spacing", default="0.8,0.8,1.5", help="with --predict: CT spacing in mm")
+    ap.add_argument("--networks", default=None, help="comma-separated site presets: one window batch per backend")
+    ap.add_argument("--stages", action="store_true", help="stage times of the predict pipeline on --ct-shape")
     args = ap.parse_args()
+    if args.networks:
+        bench_networks(args)
+        return
+    if args.stages:
+        bench_stages(args)
+        return
     if args.predict:
         bench_predict(args)
         return
