@@ -1,14 +1,20 @@
-"""DICOM CT series written with pydicom from a phantom volume, with any orientation, and a copy of
-the real series in ../shared/data with the UIDs its anonymisation blanked restored."""
+"""DICOM CT series written with pydicom from a phantom volume, with any orientation; a copy of the
+real series in ../shared/data with the UIDs its anonymisation blanked restored; and independent
+readers of DICOM-SEG (highdicom) and RTSTRUCT (highdicom's patient->image transform, skimage's
+polygon fill, even-odd rule) that place every frame by its source file's own position."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from skimage.draw import polygon2mask
+
+from lnfm.io.volume import LPS_TO_RAS
 
 REAL_SERIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ct" / "totalsegmentator" / \
     "example_ct_dicom"
@@ -69,3 +75,48 @@ def restored_real_series(folder: Path, patient_name: str = PATIENT_NAME) -> Path
         ds.PatientName, ds.PatientID = patient_name, PATIENT_ID
         ds.save_as(folder / f"{n:03d}.dcm")
     return folder
+
+
+def read_sources(folder: Path) -> dict[str, pydicom.Dataset]:
+    return {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f, stop_before_pixels=True)
+                                             for f in sorted(folder.iterdir()))}
+
+
+def slice_index(ds: pydicom.Dataset, affine: np.ndarray) -> int:
+    """Which slice of the (RAS) volume a source file is, from its own position."""
+    ijk = np.linalg.solve(affine, np.append(LPS_TO_RAS[:3, :3] @ np.asarray(ds.ImagePositionPatient, float), 1))
+    assert np.allclose(ijk[:2], 0, atol=1e-3)
+    return int(round(ijk[2]))
+
+
+def expected_frame(volume: np.ndarray, ds: pydicom.Dataset, affine: np.ndarray) -> np.ndarray:
+    return volume[:, :, slice_index(ds, affine)].T
+
+
+def seg_frames(path: Path, sources: dict) -> dict[str, np.ndarray]:
+    seg = hd.seg.segread(path)
+    uids = list(sources)
+    pixels = seg.get_pixels_by_source_instance(uids, combine_segments=True, ignore_spatial_locations=False)
+    return dict(zip(uids, pixels))
+
+
+def rasterise_rtstruct(path: Path, sources: dict, affine: np.ndarray, shape) -> dict[str, np.ndarray]:
+    """ROI name -> (X, Y, Z) mask: every contour mapped to its slice by highdicom's patient->image
+    transform, filled by point-in-polygon and combined by the even-odd rule."""
+    rt = pydicom.dcmread(path)
+    names = {r.ROINumber: r.ROIName for r in rt.StructureSetROISequence}
+    out = {}
+    for roi in rt.ROIContourSequence:
+        mask = np.zeros(shape, bool)
+        for c in roi.ContourSequence:
+            assert c.ContourGeometricType == "CLOSED_PLANAR"
+            src = sources[c.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            tf = hd.spatial.ReferenceToImageTransformer(src.ImagePositionPatient, src.ImageOrientationPatient,
+                                                        src.PixelSpacing)
+            img = tf(np.asarray(c.ContourData, float).reshape(-1, 3))
+            assert np.abs(img[:, 2]).max() < 1e-3  # on the slice plane
+            rows_cols = img[:, [1, 0]] - 0.5  # image coordinates put pixel centres at +0.5
+            k = slice_index(src, affine)
+            mask[:, :, k] ^= polygon2mask((int(src.Rows), int(src.Columns)), rows_cols).T
+        out[names[roi.ReferencedROINumber]] = mask
+    return out

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
-import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 from scipy import ndimage
-from skimage.draw import polygon2mask
+
+from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, expected_frame, rasterise_rtstruct,
+                            read_sources, restored_real_series, seg_frames, write_series)
 
 from lnfm.io import ImageReadError, read_image
 from lnfm.io.dicom_seg import write_dicom_seg
 from lnfm.io.dicom_source import Provenance, read_source_series, rank_nodes
 from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
-from lnfm.io.volume import LPS_TO_RAS
-from dicom_phantoms import PATIENT_ID, PATIENT_NAME, REAL_SERIES, restored_real_series, write_series
 
 PROV = Provenance("0.1.0", "0123456789abcdef" * 4, "vit-tiny")
 SITE = "pelvis"
@@ -80,58 +78,13 @@ def phantom(request, tmp_path_factory):
     return folder, vol, np.ascontiguousarray(labels)
 
 
-def _sources(folder: Path) -> dict[str, pydicom.Dataset]:
-    return {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f, stop_before_pixels=True)
-                                             for f in sorted(folder.iterdir()))}
-
-
-def _slice_index(ds: pydicom.Dataset, affine: np.ndarray) -> int:
-    """Which slice of the (RAS) volume a source file is, from its own position."""
-    ijk = np.linalg.solve(affine, np.append(LPS_TO_RAS[:3, :3] @ np.asarray(ds.ImagePositionPatient, float), 1))
-    assert np.allclose(ijk[:2], 0, atol=1e-3)
-    return int(round(ijk[2]))
-
-
-def _expected_frame(volume: np.ndarray, ds: pydicom.Dataset, affine: np.ndarray) -> np.ndarray:
-    return volume[:, :, _slice_index(ds, affine)].T
-
-
-def _seg_frames(path: Path, sources: dict) -> dict[str, np.ndarray]:
-    seg = hd.seg.segread(path)
-    uids = list(sources)
-    pixels = seg.get_pixels_by_source_instance(uids, combine_segments=True, ignore_spatial_locations=False)
-    return dict(zip(uids, pixels))
-
-
-def _rasterise_rtstruct(path: Path, sources: dict, affine: np.ndarray, shape) -> dict[str, np.ndarray]:
-    """ROI name -> (X, Y, Z) mask: every contour mapped to its slice by highdicom's patient->image
-    transform, filled by point-in-polygon and combined by the even-odd rule."""
-    rt = pydicom.dcmread(path)
-    names = {r.ROINumber: r.ROIName for r in rt.StructureSetROISequence}
-    out = {}
-    for roi in rt.ROIContourSequence:
-        mask = np.zeros(shape, bool)
-        for c in roi.ContourSequence:
-            assert c.ContourGeometricType == "CLOSED_PLANAR"
-            src = sources[c.ContourImageSequence[0].ReferencedSOPInstanceUID]
-            tf = hd.spatial.ReferenceToImageTransformer(src.ImagePositionPatient, src.ImageOrientationPatient,
-                                                        src.PixelSpacing)
-            img = tf(np.asarray(c.ContourData, float).reshape(-1, 3))
-            assert np.abs(img[:, 2]).max() < 1e-3  # on the slice plane
-            rows_cols = img[:, [1, 0]] - 0.5  # image coordinates put pixel centres at +0.5
-            k = _slice_index(src, affine)
-            mask[:, :, k] ^= polygon2mask((int(src.Rows), int(src.Columns)), rows_cols).T
-        out[names[roi.ReferencedROINumber]] = mask
-    return out
-
-
 def _dice(a, b) -> float:
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 def _check_rtstruct(path, sources, vol, labels, all_nodes: bool):
     nodes, classes = rank_nodes(labels, vol.affine)
-    masks = _rasterise_rtstruct(path, sources, vol.affine, vol.shape3)
+    masks = rasterise_rtstruct(path, sources, vol.affine, vol.shape3)
     expected = [f"LN_{SITE}_{n:02d}" for n in range(1, len(classes) + 1)] + ([f"LN_{SITE}_all"] if all_nodes else [])
     assert list(masks) == expected
     for n in range(1, len(classes) + 1):
@@ -145,13 +98,13 @@ def _check_rtstruct(path, sources, vol, labels, all_nodes: bool):
 
 def test_phantom_seg_equals_mask(phantom, tmp_path):
     folder, vol, labels = phantom
-    sources = _sources(folder)
+    sources = read_sources(folder)
     path = tmp_path / "seg.dcm"
     write_dicom_seg(path, read_source_series(folder), labels, vol.affine, ["background", "node", "station"], SITE,
                     PROV)
-    frames = _seg_frames(path, sources)
+    frames = seg_frames(path, sources)
     for uid, ds in sources.items():
-        assert np.array_equal(frames[uid], _expected_frame(labels, ds, vol.affine)), uid
+        assert np.array_equal(frames[uid], expected_frame(labels, ds, vol.affine)), uid
     seg = pydicom.dcmread(path)
     assert seg.SegmentationType == "BINARY"
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["node", "station"]
@@ -171,15 +124,15 @@ def test_phantom_seg_equals_mask(phantom, tmp_path):
 
 def test_phantom_seg_per_node(phantom, tmp_path):
     folder, vol, labels = phantom
-    sources = _sources(folder)
+    sources = read_sources(folder)
     path = tmp_path / "seg_nodes.dcm"
     write_dicom_seg(path, read_source_series(folder), labels, vol.affine, ["background", "node", "station"], SITE,
                     PROV, per_node=True)
     nodes, classes = rank_nodes(labels, vol.affine)
     assert len(classes) == 5  # the corner-touching block is one node with its neighbour
-    frames = _seg_frames(path, sources)
+    frames = seg_frames(path, sources)
     for uid, ds in sources.items():
-        assert np.array_equal(frames[uid], _expected_frame(nodes, ds, vol.affine))
+        assert np.array_equal(frames[uid], expected_frame(nodes, ds, vol.affine))
     labels_out = [s.SegmentLabel for s in pydicom.dcmread(path).SegmentSequence]
     assert labels_out == [f"LN_{SITE}_{n:02d}" for n in range(1, 6)]
 
@@ -188,7 +141,7 @@ def test_phantom_rtstruct_round_trip(phantom, tmp_path):
     folder, vol, labels = phantom
     path = tmp_path / "rt.dcm"
     write_rtstruct(path, build_rtstruct(read_source_series(folder), labels, vol.affine, SITE, PROV, all_nodes=True))
-    _check_rtstruct(path, _sources(folder), vol, labels, all_nodes=True)
+    _check_rtstruct(path, read_sources(folder), vol, labels, all_nodes=True)
     rt = pydicom.dcmread(path)
     colours = [tuple(r.ROIDisplayColor) for r in rt.ROIContourSequence]
     assert len(set(colours)) == len(colours)
@@ -221,13 +174,13 @@ def real(tmp_path_factory):
 
 def test_real_series_round_trip(real, tmp_path):
     folder, vol, labels = real
-    sources = _sources(folder)
+    sources = read_sources(folder)
     series = read_source_series(folder)
     seg_path, rt_path = tmp_path / "seg.dcm", tmp_path / "rt.dcm"
     write_dicom_seg(seg_path, series, labels, vol.affine, ["background", "lymph_node"], SITE, PROV)
-    frames = _seg_frames(seg_path, sources)
+    frames = seg_frames(seg_path, sources)
     for uid, ds in sources.items():
-        assert np.array_equal(frames[uid], _expected_frame(labels, ds, vol.affine))
+        assert np.array_equal(frames[uid], expected_frame(labels, ds, vol.affine))
     assert pydicom.dcmread(seg_path).file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
     write_rtstruct(rt_path, build_rtstruct(series, labels, vol.affine, SITE, PROV))
     _check_rtstruct(rt_path, sources, vol, labels, all_nodes=False)
@@ -265,7 +218,7 @@ def test_no_nodes(phantom, tmp_path):
     assert build_rtstruct(series, np.zeros_like(labels), vol.affine, SITE, PROV) is None
     path = tmp_path / "empty.dcm"
     write_dicom_seg(path, series, np.zeros_like(labels), vol.affine, ["background", "node"], SITE, PROV)
-    frames = _seg_frames(path, _sources(folder))
+    frames = seg_frames(path, read_sources(folder))
     assert not any(f.any() for f in frames.values())
 
 
