@@ -11,6 +11,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from matplotlib import colormaps
 from pydicom.sr.coding import Code
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
@@ -26,6 +27,12 @@ def node_name(site: str, node: int) -> str:
     return f"LN_{site}_{node:02d}"
 
 
+def roi_colour(index: int) -> list[int]:
+    """RGB of the index-th segment or ROI (0-based): the same in the DICOM-SEG and the RTSTRUCT."""
+    rgb = colormaps["tab20"](index % 20)[:3]
+    return [int(round(255 * v)) for v in rgb]
+
+
 def _segment(number: int, label: str, provenance: Provenance) -> hd.seg.SegmentDescription:
     algorithm = hd.AlgorithmIdentificationSequence(
         name="LNFM", family=hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence"),
@@ -34,7 +41,8 @@ def _segment(number: int, label: str, provenance: Provenance) -> hd.seg.SegmentD
     return hd.seg.SegmentDescription(
         segment_number=number, segment_label=label[:64], segmented_property_category=ANATOMICAL_STRUCTURE,
         segmented_property_type=LYMPH_NODE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm, tracking_uid=generate_uid(), tracking_id=label[:64])
+        algorithm_identification=algorithm, tracking_uid=generate_uid(), tracking_id=label[:64],
+        display_color=hd.color.CIELabColor.from_rgb(*roi_colour(number - 1)))
 
 
 def build_dicom_seg(series: SourceSeries, labels: np.ndarray, affine: np.ndarray, label_names: list[str],

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from matplotlib import colormaps
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from skimage.measure import find_contours
 
-from lnfm.io.dicom_seg import LYMPH_NODE, node_name
+from lnfm.io.dicom_seg import LYMPH_NODE, node_name, roi_colour
 from lnfm.io.dicom_source import Provenance, SourceSeries, frame, rank_nodes
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -54,11 +53,6 @@ def to_patient(rc: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     dr, dc = (float(v) for v in ds.PixelSpacing)  # spacing between rows, between columns
     return (np.asarray(ds.ImagePositionPatient, float) + np.outer(rc[:, 1] * dc, iop[:3])
             + np.outer(rc[:, 0] * dr, iop[3:]))
-
-
-def roi_colour(index: int) -> list[int]:
-    rgb = colormaps["tab20"](index % 20)[:3]
-    return [int(round(255 * v)) for v in rgb]
 
 
 def _image_ref(ds: pydicom.Dataset) -> Dataset:

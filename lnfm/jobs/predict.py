@@ -18,6 +18,9 @@ foreground probability map is resampled linearly. Outputs have exactly the input
 shape and affine; every file is written under a temporary name and renamed only
 when all of a case's outputs are ready.
 
+`--format nifti,dicom-seg,rtstruct` also writes a DICOM-SEG and an RTSTRUCT of the same mask
+onto the source slices of a DICOM series input (`lnfm.jobs.predict_dicom`).
+
 Batch mode: `--input FOLDER` holding NIfTI/NRRD files and/or DICOM series
 subfolders (multi-channel cases as CASE_0000.nii.gz, CASE_0001.nii.gz, ...);
 `--output` and any --probabilities/--report/--overlay name folders that receive
