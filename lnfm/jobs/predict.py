@@ -35,15 +35,15 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from lnfm.data.geometry import restore_to_source, spacing_of
 from lnfm.jobs.export import ExportError, read_meta
 from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image
-from lnfm.jobs.predict_dicom import FORMATS, OutputFormats, output_paths, source_series
+from lnfm.jobs.predict_dicom import FORMATS, OutputFormats, check_outside_inputs, output_paths, source_series
 
 log = logging.getLogger("lnfm.predict")
 
@@ -275,6 +275,7 @@ def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str
     formats = formats or OutputFormats()
     paths = output_paths(output, formats.formats)
     check_outputs(output, probabilities, overlay, formats.formats)
+    check_outside_inputs(paths, list(inputs))
     series = source_series(list(inputs), formats) if series is None else series
     vol = read_scan(list(inputs), meta) if vol is None else vol
     pred = predict_volume(predictor, meta, vol, options)
@@ -396,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
         vol = series = None
         if not batch:  # check the scan before the model loads: bad input fails fast
             check_outputs(args.output, args.probabilities, args.overlay, formats.formats)
+            check_outside_inputs(output_paths(args.output, formats.formats), inputs)
             series = source_series(inputs, formats)
             vol = read_scan(inputs, meta)
         predictor, meta = load_predictor(args.model)

@@ -74,6 +74,14 @@ def output_paths(output: str | Path, formats: tuple[str, ...]) -> dict[str, Path
     return paths
 
 
+def check_outside_inputs(paths: dict[str, Path], inputs: list[str]) -> None:
+    """No output goes into an input series folder: it would become a slice of that series."""
+    folders = {Path(p).resolve() for p in inputs if Path(p).is_dir()}
+    for path in paths.values():
+        if path.resolve().parent in folders:
+            raise DicomOutputError(f"{path}: inside the input series folder; write outputs elsewhere")
+
+
 def source_series(inputs: list[str], formats: OutputFormats) -> SourceSeries | None:
     """The DICOM series the outputs go onto (the first channel), or None when no DICOM format is asked."""
     if not formats.dicom:

@@ -117,3 +117,16 @@ def test_anonymised_series_without_uids_is_one_line(tiny, tmp_path, capsys):  # 
                                               str(tmp_path / "case"), "--format", "dicom-seg"]))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "lacks StudyInstanceUID" in err
+
+
+def test_outputs_never_go_into_the_input_series(tiny, tmp_path, capsys):  # noqa: F811
+    if not REAL_SERIES.is_dir():
+        pytest.skip("../shared/data is absent")
+    series = restored_real_series(tmp_path / "study")
+    before = sorted(p.name for p in series.iterdir())
+    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(series), "--output",
+                                              str(series / "case"), "--format", "dicom-seg"]))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "inside the input series folder" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in series.iterdir()) == before
+
