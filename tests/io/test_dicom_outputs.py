@@ -251,3 +251,17 @@ def test_dciodvfy_finds_no_error(real, phantom, tmp_path):
         res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
         report = res.stdout + res.stderr
         assert "Error" not in report, (path.name, report)
+
+
+def test_sop_uids_missing_from_the_dataset_come_from_the_file_meta(phantom, tmp_path):
+    folder, vol, labels = phantom
+    copy = tmp_path / "series"
+    copy.mkdir()
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        del ds.SOPInstanceUID
+        ds.save_as(copy / f.name)
+    series = read_source_series(copy)
+    assert [d.SOPInstanceUID for d in series.datasets] == [
+        d.file_meta.MediaStorageSOPInstanceUID for d in series.datasets]
+    assert np.allclose(series.affine, vol.affine)

@@ -130,3 +130,25 @@ def test_outputs_never_go_into_the_input_series(tiny, tmp_path, capsys):  # noqa
     assert rc == 2 and "inside the input series folder" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in series.iterdir()) == before
 
+
+
+def test_batch_writes_dicom_outputs_for_dicom_cases_and_lists_the_others(tiny, tmp_path, capsys):  # noqa: F811
+    from dicom_phantoms import write_series
+
+    folder = tmp_path / "batch"
+    hu = np.random.default_rng(1).normal(20, 40, (48, 40, 12)).astype(np.int16)
+    hu[:8] = -1000  # air beside the body
+    write_series(folder / "series_a", hu, [1, 0, 0], [0, 1, 0], (3.0, 3.0), [0, 0, 3.0], [0, 0, 0])
+    nib.save(nib.Nifti1Image(hu, np.diag([3.0, 3.0, 3.0, 1.0])), folder / "plain.nii.gz")
+    out = tmp_path / "out"
+    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(folder), "--output",
+                                              str(out), "--format", "nifti,dicom-seg"]))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "FAILED plain: " in err and "needs a DICOM series" in err
+    assert sorted(p.name for p in out.iterdir()) == ["series_a.nii.gz", "series_a.seg.dcm"]
+    frames = seg_frames(out / "series_a.seg.dcm", read_sources(folder / "series_a"))
+    vol = read_image(folder / "series_a")
+    labels = np.asarray(nib.load(out / "series_a.nii.gz").dataobj)
+    for uid, ds in read_sources(folder / "series_a").items():
+        assert np.array_equal(frames[uid], expected_frame(labels, ds, vol.affine))
