@@ -17,7 +17,7 @@ import pytest
 from scipy import ndimage
 
 from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, expected_frame, rasterise_rtstruct,
-                            read_sources, restored_real_series, seg_frames, write_series)
+                            read_sources, restored_real_series, seg_frames, slice_index, write_series)
 
 from lnfm.io import ImageReadError, read_image
 from lnfm.io.dicom_seg import write_dicom_seg
@@ -93,6 +93,10 @@ def _check_rtstruct(path, sources, vol, labels, all_nodes: bool):
         assert _dice(got, want) >= 0.95
         assert np.abs(np.subtract(ndimage.center_of_mass(got), ndimage.center_of_mass(want))).max() <= 1.0
         assert np.array_equal(got, want)  # the 0.5 iso-contour encloses exactly the node's voxel centres
+    comps, count = ndimage.label(labels > 0, np.ones((3, 3, 3), bool))  # independent of rank_nodes
+    sizes = [int(masks[f"LN_{SITE}_{n:02d}"].sum()) for n in range(1, count + 1)]
+    assert len(classes) == count and sizes == sorted(sizes, reverse=True)
+    assert sorted(sizes) == sorted(np.bincount(comps.ravel())[1:].tolist())
     if all_nodes:
         assert np.array_equal(masks[f"LN_{SITE}_all"], labels > 0)
 
@@ -129,11 +133,16 @@ def test_phantom_seg_per_node(phantom, tmp_path):
     path = tmp_path / "seg_nodes.dcm"
     write_dicom_seg(path, read_source_series(folder), labels, vol.affine, ["background", "node", "station"], SITE,
                     PROV, per_node=True)
-    nodes, classes = rank_nodes(labels, vol.affine)
-    assert len(classes) == 5  # the corner-touching block is one node with its neighbour
+    comps, count = ndimage.label(labels > 0, np.ones((3, 3, 3), bool))
+    assert count == 5  # the corner-touching block is one node with its neighbour
+    got = np.zeros(labels.shape, np.int64)
     frames = seg_frames(path, sources)
     for uid, ds in sources.items():
-        assert np.array_equal(frames[uid], expected_frame(nodes, ds, vol.affine))
+        got[:, :, slice_index(ds, vol.affine)] = frames[uid].T
+    sizes = [int((got == n).sum()) for n in range(1, count + 1)]
+    assert sizes == sorted(sizes, reverse=True)  # numbered largest first, as in the report
+    for n in range(1, count + 1):  # each segment is exactly one connected component
+        assert len(np.unique(comps[got == n])) == 1 and (comps == comps[got == n][0]).sum() == sizes[n - 1]
     segments = pydicom.dcmread(path).SegmentSequence
     assert [s.SegmentLabel for s in segments] == [f"LN_{SITE}_{n:02d}" for n in range(1, 6)]
     rt = build_rtstruct(read_source_series(folder), labels, vol.affine, SITE, PROV)
