@@ -100,6 +100,8 @@ def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: dict, seri
     from lnfm.io.dicom_seg import write_dicom_seg
     from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
 
+    if not formats.export_sha256:  # a caller's bug: the outputs must identify the model
+        raise RuntimeError("OutputFormats.export_sha256 is empty; set it to export_digest(export_dir)")
     model = meta.get("model", {})
     provenance = Provenance(__version__, formats.export_sha256,
                             f"LNFM {model.get('arch', '')}-{model.get('size', '')}".strip("- "))
