@@ -391,7 +391,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         meta = read_meta(args.model)
         formats = OutputFormats(parse_formats(args.format), args.seg_per_node, args.rtstruct_all_nodes,
-                                args.seg_compression, export_digest(args.model))
+                                args.seg_compression)
+        if formats.dicom:  # the DICOM outputs name the export by its checksum
+            formats.export_sha256 = export_digest(args.model)
         inputs = [p for p in str(args.input).split(",") if p]
         batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
         vol = series = None
