@@ -22,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from skimage.measure import find_contours
+from skimage.measure import approximate_polygon, find_contours
 
 from lnfm.io.dicom_seg import LYMPH_NODE, node_name, roi_colour
 from lnfm.io.dicom_source import Provenance, SourceSeries, frame, rank_nodes
@@ -44,7 +44,8 @@ def slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
     """Closed contours of a (rows, columns) mask as (n, 2) arrays of fractional (row, column)
     indices: outer boundaries and holes, without the repeated closing vertex."""
     padded = np.pad(np.asarray(mask2d, np.float32), 1)  # contours close at the image border too
-    return [c[:-1] - 1.0 for c in find_contours(padded, 0.5) if len(c) > 3]
+    # a tolerance of 1e-6 pixel drops only vertices on a straight run: the polygon itself is unchanged
+    return [approximate_polygon(c, tolerance=1e-6)[:-1] - 1.0 for c in find_contours(padded, 0.5) if len(c) > 3]
 
 
 def to_patient(rc: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
