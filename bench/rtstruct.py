@@ -31,7 +31,7 @@ from scipy import ndimage
 from skimage.draw import polygon2mask
 
 from lnfm.io import read_image
-from lnfm.io.dicom_source import Provenance, read_source_series, rank_nodes
+from lnfm.io.dicom_source import Provenance, find_nodes, node_map, read_source_series
 from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -122,8 +122,9 @@ def main() -> None:
     try:
         folder = series_with_uids(tmp / "series")
         vol = read_image(folder)
-        nodes, classes = rank_nodes(node_masks(vol, args.nodes), vol.affine)
-        names = [f"LN_bench_{n:02d}" for n in range(1, len(classes) + 1)]
+        found = find_nodes(node_masks(vol, args.nodes), vol.affine)
+        nodes = node_map(found, vol.shape3)
+        names = [f"LN_bench_{n:02d}" for n in range(1, len(found) + 1)]
         voxel_ml = abs(np.linalg.det(vol.affine[:3, :3])) / 1000.0
         sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f, stop_before_pixels=True)
                                                     for f in sorted(folder.iterdir()))}
@@ -137,8 +138,8 @@ def main() -> None:
             rt.add_roi(mask=np.ascontiguousarray(np.transpose(nodes == n, (1, 0, 2))), name=name)
         rt.save(str(tmp / "rtutils.dcm"))
         t_rtutils = time.perf_counter() - t0
-        print(f"machine: {platform.processor() or platform.machine()}, {len(classes)} nodes, "
-              f"median {np.median([(nodes == n).sum() for n in range(1, len(classes) + 1)]) * voxel_ml:.2f} ml")
+        print(f"machine: {platform.processor() or platform.machine()}, {len(found)} nodes, "
+              f"median {np.median([(nodes == n).sum() for n in range(1, len(found) + 1)]) * voxel_ml:.2f} ml")
         print("| writer | reader | Dice mean | Dice min | voxel volume / true | polygon volume / true | write s |")
         print("|---|---|---|---|---|---|---|")
         for label, path, secs in (("lnfm", tmp / "lnfm.dcm", t_lnfm), ("rt-utils 1.2.7", tmp / "rtutils.dcm",

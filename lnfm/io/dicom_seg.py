@@ -15,7 +15,7 @@ from matplotlib import colormaps
 from pydicom.sr.coding import Code
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from lnfm.io.dicom_source import Provenance, SourceSeries, frame, rank_nodes
+from lnfm.io.dicom_source import Provenance, SourceSeries, find_nodes, frame, node_map
 
 LYMPH_NODE = Code("59441001", "SCT", "Structure of lymph node")
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical structure")
@@ -55,8 +55,9 @@ def build_dicom_seg(series: SourceSeries, labels: np.ndarray, affine: np.ndarray
     series.check_grid(labels.shape, affine, "DICOM-SEG")
     labels = np.asarray(labels)
     if per_node:
-        segmap, classes = rank_nodes(labels, affine)
-        names = [node_name(site, n) for n in range(1, len(classes) + 1)]
+        nodes = find_nodes(labels, affine)
+        segmap = node_map(nodes, labels.shape)
+        names = [node_name(site, n) for n in range(1, len(nodes) + 1)]
     else:
         segmap = labels
         names = [str(n) for n in label_names[1:]] or ["lymph_node"]

@@ -98,22 +98,34 @@ def read_source_series(path: str | Path) -> SourceSeries:
     return SourceSeries(datasets, LPS_TO_RAS @ lps)
 
 
-def rank_nodes(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """(node map, class of each node): node n (1-based) is the n-th row of `lnfm.report.node_table`:
-    26-connected components of `labels > 0`, largest first, ties by world centroid; a node's class
-    is its most frequent label."""
+@dataclasses.dataclass
+class Node:
+    box: tuple[slice, slice, slice]  # bounding box in the (X, Y, Z) grid
+    mask: np.ndarray  # bool, the node's voxels inside `box`
+    label: int  # its most frequent class
+
+
+def find_nodes(labels: np.ndarray, affine: np.ndarray) -> list[Node]:
+    """The nodes of a label map in the order of `lnfm.eval.report.node_table` (node n is row n):
+    26-connected components of `labels > 0`, largest first, ties by world centroid. Each node is
+    kept inside its bounding box, so a scan with many nodes never holds one full-size array per node."""
     labels = np.asarray(labels)
-    comps, n = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), bool))
-    keys = []
+    comps, _ = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), bool))
+    keyed = []
     for i, box in enumerate(ndimage.find_objects(comps), start=1):
         mask = comps[box] == i
         idx = np.argwhere(mask) + np.array([s.start for s in box])
         centroid = (affine @ np.append(idx.mean(axis=0), 1.0))[:3]
         counts = np.bincount(labels[box][mask].astype(np.int64))
-        cls = int(np.argmax(counts[1:]) + 1) if counts.size > 1 else 1
-        keys.append((-int(mask.sum()), *(float(c) for c in centroid), i, cls))
-    keys.sort()
-    lut = np.zeros(n + 1, np.int32)
-    for rank, key in enumerate(keys, start=1):
-        lut[key[4]] = rank
-    return lut[comps], [key[5] for key in keys]
+        label = int(np.argmax(counts[1:]) + 1) if counts.size > 1 else 1
+        keyed.append(((-int(mask.sum()), *(float(c) for c in centroid)), Node(box, mask, label)))
+    keyed.sort(key=lambda kn: kn[0])
+    return [node for _, node in keyed]
+
+
+def node_map(nodes: list[Node], shape: tuple[int, ...]) -> np.ndarray:
+    """(X, Y, Z) uint16 map: n on the voxels of nodes[n - 1], 0 elsewhere."""
+    out = np.zeros(shape[:3], np.uint16)
+    for n, node in enumerate(nodes, start=1):
+        out[node.box][node.mask] = n
+    return out

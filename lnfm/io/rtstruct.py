@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from skimage.measure import approximate_polygon, find_contours
 
 from lnfm.io.dicom_seg import LYMPH_NODE, node_name, roi_colour
-from lnfm.io.dicom_source import Provenance, SourceSeries, frame, rank_nodes
+from lnfm.io.dicom_source import Provenance, SourceSeries, find_nodes, frame
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # what RTReferencedStudySequence items conventionally reference
@@ -63,17 +63,20 @@ def _image_ref(ds: pydicom.Dataset) -> Dataset:
     return ref
 
 
-def _contour_sequence(series: SourceSeries, mask: np.ndarray) -> Sequence:
+def _contour_sequence(series: SourceSeries, mask: np.ndarray, box: tuple[slice, ...]) -> Sequence:
+    """Contours of `mask`, the (X, Y, Z) voxels inside `box` of the series grid."""
     seq = Sequence()
+    offset = np.array([box[1].start or 0, box[0].start or 0], float)  # (row, column) of the box corner
+    z0 = box[2].start or 0
     for k in np.flatnonzero(mask.any(axis=(0, 1))):
-        ds = series.datasets[k]
+        ds = series.datasets[z0 + k]
         for rc in slice_contours(frame(mask, k)):
             item = Dataset()
             item.ContourImageSequence = Sequence([_image_ref(ds)])
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(rc)
             item.ContourNumber = len(seq) + 1
-            item.ContourData = [round(float(v), 4) for v in to_patient(rc, ds).ravel()]
+            item.ContourData = [round(float(v), 4) for v in to_patient(rc + offset, ds).ravel()]
             seq.append(item)
     return seq
 
@@ -127,7 +130,8 @@ def _base(series: SourceSeries, provenance: Provenance, site: str) -> Dataset:
     return ds
 
 
-def _add_roi(ds: Dataset, series: SourceSeries, mask: np.ndarray, name: str, provenance: Provenance) -> None:
+def _add_roi(ds: Dataset, series: SourceSeries, mask: np.ndarray, box: tuple[slice, ...], name: str,
+             provenance: Provenance) -> None:
     number = len(ds.StructureSetROISequence) + 1
     roi = Dataset()
     roi.ROINumber = number
@@ -139,7 +143,7 @@ def _add_roi(ds: Dataset, series: SourceSeries, mask: np.ndarray, name: str, pro
     contour = Dataset()
     contour.ReferencedROINumber = number
     contour.ROIDisplayColor = roi_colour(number - 1)
-    contour.ContourSequence = _contour_sequence(series, mask)
+    contour.ContourSequence = _contour_sequence(series, mask, box)
     ds.ROIContourSequence.append(contour)
     obs = Dataset()
     obs.ObservationNumber = number
@@ -158,14 +162,14 @@ def build_rtstruct(series: SourceSeries, labels: np.ndarray, affine: np.ndarray,
     """The structure set of `labels` (X, Y, Z) on the source grid; None when no node was found
     (a structure set needs at least one ROI)."""
     series.check_grid(labels.shape, affine, "RTSTRUCT")
-    nodes, classes = rank_nodes(labels, affine)
-    if not classes:
+    nodes = find_nodes(labels, affine)
+    if not nodes:
         return None
     ds = _base(series, provenance, site)
-    for n in range(1, len(classes) + 1):
-        _add_roi(ds, series, nodes == n, node_name(site, n), provenance)
+    for n, node in enumerate(nodes, start=1):
+        _add_roi(ds, series, node.mask, node.box, node_name(site, n), provenance)
     if all_nodes:
-        _add_roi(ds, series, nodes > 0, f"LN_{site}_all", provenance)
+        _add_roi(ds, series, np.asarray(labels) > 0, (slice(None),) * 3, f"LN_{site}_all", provenance)
     return ds
 
 

@@ -21,7 +21,7 @@ from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, expected_fram
 
 from lnfm.io import ImageReadError, read_image
 from lnfm.io.dicom_seg import write_dicom_seg
-from lnfm.io.dicom_source import Provenance, read_source_series, rank_nodes
+from lnfm.io.dicom_source import Provenance, find_nodes, node_map, read_source_series
 from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
 
 PROV = Provenance("0.1.0", "0123456789abcdef" * 4, "vit-tiny")
@@ -84,18 +84,19 @@ def _dice(a, b) -> float:
 
 
 def _check_rtstruct(path, sources, vol, labels, all_nodes: bool):
-    nodes, classes = rank_nodes(labels, vol.affine)
+    found = find_nodes(labels, vol.affine)
+    nodes = node_map(found, vol.shape3)
     masks = rasterise_rtstruct(path, sources, vol.affine, vol.shape3)
-    expected = [f"LN_{SITE}_{n:02d}" for n in range(1, len(classes) + 1)] + ([f"LN_{SITE}_all"] if all_nodes else [])
+    expected = [f"LN_{SITE}_{n:02d}" for n in range(1, len(found) + 1)] + ([f"LN_{SITE}_all"] if all_nodes else [])
     assert list(masks) == expected
-    for n in range(1, len(classes) + 1):
+    for n in range(1, len(found) + 1):
         got, want = masks[f"LN_{SITE}_{n:02d}"], nodes == n
         assert _dice(got, want) >= 0.95
         assert np.abs(np.subtract(ndimage.center_of_mass(got), ndimage.center_of_mass(want))).max() <= 1.0
         assert np.array_equal(got, want)  # the 0.5 iso-contour encloses exactly the node's voxel centres
-    comps, count = ndimage.label(labels > 0, np.ones((3, 3, 3), bool))  # independent of rank_nodes
+    comps, count = ndimage.label(labels > 0, np.ones((3, 3, 3), bool))  # independent of find_nodes
     sizes = [int(masks[f"LN_{SITE}_{n:02d}"].sum()) for n in range(1, count + 1)]
-    assert len(classes) == count and sizes == sorted(sizes, reverse=True)
+    assert len(found) == count and sizes == sorted(sizes, reverse=True)
     assert sorted(sizes) == sorted(np.bincount(comps.ravel())[1:].tolist())
     if all_nodes:
         assert np.array_equal(masks[f"LN_{SITE}_all"], labels > 0)
@@ -210,8 +211,9 @@ def test_real_series_rt_utils_reads_it(real, tmp_path):
     path = tmp_path / "rt.dcm"
     write_rtstruct(path, build_rtstruct(read_source_series(folder), labels, vol.affine, SITE, PROV))
     rt = rt_utils.RTStructBuilder.create_from(str(folder), str(path))
-    nodes, classes = rank_nodes(labels, vol.affine)
-    for n in range(1, len(classes) + 1):
+    found = find_nodes(labels, vol.affine)
+    nodes = node_map(found, vol.shape3)
+    for n in range(1, len(found) + 1):
         # (rows, columns, slices), slices ascending along the normal as read_dicom_series stacks them
         got = np.transpose(rt.get_roi_mask_by_name(f"LN_{SITE}_{n:02d}"), (1, 0, 2))
         want = nodes == n

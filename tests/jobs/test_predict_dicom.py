@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from lnfm.eval.report import read_report
 from lnfm.io import read_image
-from lnfm.io.dicom_source import rank_nodes
+from lnfm.io.dicom_source import find_nodes, node_map
 from lnfm.jobs import predict as pr
 from lnfm.jobs.predict_dicom import export_digest, output_paths, parse_formats
 
@@ -60,8 +60,9 @@ def test_real_series_end_to_end(marking, tmp_path, capsys, caplog):
     nii = nib.load(out / "case.nii.gz")
     assert np.allclose(nii.affine, vol.affine, atol=1e-4)
     labels = np.asarray(nii.dataobj).astype(np.uint8)
-    nodes, classes = rank_nodes(labels, vol.affine)
-    assert 0 < len(classes) < 200, "the tiny model should mark a few nodes on this scan"
+    found = find_nodes(labels, vol.affine)
+    nodes = node_map(found, vol.shape3)
+    assert 0 < len(found) < 200, "the tiny model should mark a few nodes on this scan"
     sources = read_sources(series)
 
     # DICOM-SEG: exactly the NIfTI mask, frame by frame, placed by each source file's position
