@@ -17,13 +17,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lnfm.errors import LnfmError
+
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A config key or value that does not fit the typed schema."""
+class ConfigError(LnfmError, ValueError):
+    """A config key, value or command-line option that does not fit the typed schema or cannot work."""
 
 
 def _closest(key: str, valid: list[str]) -> str:

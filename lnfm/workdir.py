@@ -13,7 +13,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 from lnfm.config import dump_yaml
 
@@ -174,7 +175,7 @@ class progress:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> "progress":
+    def __enter__(self) -> progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

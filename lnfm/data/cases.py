@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lnfm.config import ConfigError
 from lnfm.io import is_dicom_path, series_uid
 from lnfm.io.dicom import dicom_files
 
@@ -54,7 +55,7 @@ def assign_split(case_id: str, seed: int, fractions: tuple[float, float, float])
     """Deterministic train/val/test from a hash of (seed, case_id)."""
     total = sum(fractions)
     if total <= 0 or min(fractions) < 0:
-        raise ValueError(f"split fractions {fractions} must be non-negative and not all zero")
+        raise ConfigError(f"split fractions {fractions} must be non-negative and not all zero")
     u = int.from_bytes(hashlib.sha256(f"{seed}:{case_id}".encode()).digest()[:8], "big") / 2**64
     edges = [sum(fractions[: i + 1]) / total for i in range(3)]
     return "train" if u < edges[0] else "val" if u < edges[1] else "test"

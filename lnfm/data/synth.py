@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lnfm.config import to_dict
+from lnfm.config import ConfigError, to_dict
 from lnfm.data import synth_anatomy as A
 from lnfm.data.geometry import axial_diameters
 from lnfm.data.synth_nodes import REAL_SET, node_shape, real_mask_files
@@ -206,7 +206,7 @@ def _pet(rng, tissue, label, records, spacing):
     suv = np.array([SUV[t] for t in range(len(A.TISSUE_NAMES))], np.float32)[tissue]
     lab, _ = ndimage.label(label)
     for r in records:
-        c = np.round((r["_vox"])).astype(int)
+        c = np.round(r["_vox"]).astype(int)
         comp = lab[tuple(c)]
         if comp:
             suv[lab == comp] = r["suv"]
@@ -218,7 +218,7 @@ def _pet(rng, tissue, label, records, spacing):
 def generate_case(site: str, seed: int, cfg: SynthConfig, case_id: str | None = None) -> SynthCase:
     """One phantom; the same (site, seed, cfg) gives byte-identical arrays."""
     if site not in SITES:
-        raise ValueError(f"unknown site '{site}' (choices: {', '.join(SITES)})")
+        raise ConfigError(f"unknown site '{site}' (choices: {', '.join(SITES)})")
     rng = np.random.default_rng([SITES.index(site), int(seed)])
     spacing, shape = _sample_grid(rng, cfg)
     fov = np.array(A.FOV_CENTRE[site]) + rng.uniform(-8, 8, 3)
@@ -314,7 +314,7 @@ def write_dataset(cfg: SynthConfig, out: str | Path) -> dict:
     sites = list(SITES) if cfg.site == "all" else [cfg.site]
     for s in sites:
         if s not in SITES:
-            raise ValueError(f"unknown site '{s}' (choices: {', '.join(SITES)}, all)")
+            raise ConfigError(f"unknown site '{s}' (choices: {', '.join(SITES)}, all)")
     cases, entries, station_names = [], [], {}
     for site in sites:
         for i in range(cfg.num_cases):

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from lnfm.data.geometry import axial_diameters
+from lnfm.errors import DataError
 
 REAL_MASKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ln_masks"
 # Which real collection gives shapes to which site.
@@ -40,7 +41,7 @@ def load_real_mask(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     img = nib.Nifti1Image.from_bytes(raw)
     data = np.asarray(img.dataobj).reshape(img.shape[:3]) > 0.5
     if not data.any():
-        raise ValueError(f"{path}: empty lymph-node mask")
+        raise DataError(f"{path}: empty lymph-node mask")
     # Crop first: the file is mostly empty.
     box = tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1])))
                 for a in (data.any(axis=(1, 2)), data.any(axis=(0, 2)), data.any(axis=(0, 1))))
