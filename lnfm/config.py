@@ -184,7 +184,8 @@ def preset_path(kind: str, name_or_path: str) -> Path:
     if packaged.is_file():
         return packaged
     names = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
-    raise ConfigError(f"unknown {kind} config '{name_or_path}'{_closest(name_or_path, names)} (choices: {', '.join(names)})")
+    raise ConfigError(f"unknown {kind} config '{name_or_path}'{_closest(name_or_path, names)} "
+                      f"(choices: {', '.join(names)})")
 
 
 def read_yaml(path: str | Path) -> dict:

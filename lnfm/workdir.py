@@ -168,7 +168,8 @@ class progress:
             if self.total and self.n > 0:
                 eta = f" eta {elapsed / self.n * (self.total - self.n):.0f}s"
             of = f"/{self.total}" if self.total else ""
-            print(f"{self.desc} {self.n}{of} ({elapsed:.0f}s{eta}) {self._postfix}".rstrip(), file=sys.stderr, flush=True)
+            print(f"{self.desc} {self.n}{of} ({elapsed:.0f}s{eta}) {self._postfix}".rstrip(), file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

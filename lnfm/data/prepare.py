@@ -50,8 +50,9 @@ class PrepareConfig:
     salt: str = ""  # salt for hashed case ids (else the LNFM_ID_SALT environment variable)
     site: str = ""  # site name for every case (else dataset.json 'site', the CSV column or the folder name)
     site_preset: str = ""  # site preset (lnfm/configs/sites/NAME.yaml) whose spacing applies when spacing is unset
-    label_map: dict[int, int] = field(default_factory=dict)  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's GTVn as node); empty keeps labels
-    resample_channels: bool = True  # resample co-registered channels on another grid (PET) linearly onto the CT grid; false rejects them
+    label_map: dict[int, int] = field(  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's
+        default_factory=dict)  # GTVn as node); empty keeps labels
+    resample_channels: bool = True  # resample other-grid channels (PET) linearly onto the CT grid; false rejects them
 
 
 @dataclass

@@ -182,8 +182,8 @@ def _place_nodes(rng, site, scene, painter, spacing, cfg, contrast):
 
 def _intensities(rng, tissue, hu_offset, spacing, contrast, noise_sd):
     mean = np.array([HU[t][1 if contrast else 0] for t in range(len(A.TISSUE_NAMES))], np.float32)
-    mean += rng.normal(0, 1, mean.size).astype(np.float32) * np.array([0, 15, 6, 5, 60, 25, 20, 15, 6, 10, 3, 8, 5, 4, 6],
-                                                                        np.float32)
+    spread = np.array([0, 15, 6, 5, 60, 25, 20, 15, 6, 10, 3, 8, 5, 4, 6], np.float32)
+    mean += rng.normal(0, 1, mean.size).astype(np.float32) * spread
     amp = np.array([HU[t][2] for t in range(len(A.TISSUE_NAMES))], np.float32)
     field_ = ndimage.gaussian_filter(rng.standard_normal(tissue.shape, np.float32), 1.5 / np.sqrt(spacing / spacing[0]))
     field_ /= field_.std() + 1e-6
@@ -303,7 +303,8 @@ def _summary(cases: list[SynthCase], sites: list[str]) -> dict:
     node_hu = np.concatenate([c.image[c.label > 0] for c in cases]) if cases else np.zeros(0)
     q = (lambda a: [round(float(v), 1) for v in np.percentile(a, [0, 25, 50, 75, 100])] if a.size else [])
     return {"sites": sites, "cases": len(cases), "nodes": int(short.size),
-            "short_axis_mm_quantiles": q(short), "node_hu_mean": round(float(node_hu.mean()), 1) if node_hu.size else None,
+            "short_axis_mm_quantiles": q(short),
+            "node_hu_mean": round(float(node_hu.mean()), 1) if node_hu.size else None,
             "fat_muscle_hu_quantiles": q(hu),
             "orientations": sorted({c.info["orientation"] for c in cases})}
 

@@ -51,7 +51,8 @@ def load_real_mask(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return crop(data), tuple(float(z) for z in zooms)  # type: ignore[return-value]
 
 
-def _ellipsoids(rng: np.random.Generator, short_mm: float, lobulated: bool) -> list[tuple[np.ndarray, np.ndarray, float]]:
+def _ellipsoids(rng: np.random.Generator, short_mm: float, lobulated: bool
+                ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """(centre_mm, radii_mm, in-plane angle) of the lobes; the first lobe is the main body."""
     ratio = rng.uniform(1.0, 2.2)
     r0 = np.array([short_mm / 2 * ratio, short_mm / 2, short_mm / 2 * rng.uniform(0.9, ratio + 0.3)])

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
           f"train.steps={args.steps}", f"train.eval_every={every}", f"checkpoint.every={every}"], env)
 
     export = out / "export_pelvis"
-    _run([py, "-m", "lnfm", "export", "--checkpoint", str(ft), "--out", str(export), "--format", "orbax", "--force"], env)
+    _run([py, "-m", "lnfm", "export", "--checkpoint", str(ft), "--out", str(export), "--format", "orbax",
+          "--force"], env)
 
     records = [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines() if line.strip()]
     test_case = next(r for r in records if r["split"] == "test")["case_id"]

@@ -66,7 +66,8 @@ METRICS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume", "
 class HeadConfig:
     kind: Literal["unetr", "light", "linear"] = "light"  # decoder head (lnfm.models.heads)
     deep_supervision: bool = False  # also supervise the head's coarser outputs
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra head arguments, e.g. feature_size: 8 for unetr
+    options: dict[str, Any] = dataclasses.field(  # extra head arguments, e.g. feature_size: 8 for unetr
+        default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -87,12 +88,14 @@ class FinetuneConfig:
     site: SiteConfig = dataclasses.field(default_factory=SiteConfig)  # anatomical site preset values
     init: str = "scratch"  # pretraining workdir, its checkpoints dir, an export dir, or scratch
     data: list[str] = dataclasses.field(default_factory=list)  # prepared stores with labelled cases
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # backbone (taken from the checkpoint with --init)
+    model: ModelConfig = dataclasses.field(  # backbone (taken from the checkpoint with --init)
+        default_factory=ModelConfig)
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)  # segmentation head
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)  # which parameters train
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # segmentation loss
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW + schedule (+ LLRD scales)
-    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)  # patch sampling; patch, window and batch come from site/train
+    loader: LoaderConfig = dataclasses.field(  # patch sampling; patch, window and batch come from site/train
+        default_factory=LoaderConfig)
     train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
     inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
     metrics: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # test metrics settings
@@ -544,7 +547,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="lnfm finetune", description="Finetune a pretrained encoder for lymph-node segmentation.")
+    ap = argparse.ArgumentParser(prog="lnfm finetune",
+                                 description="Finetune a pretrained encoder for lymph-node segmentation.")
     ap.add_argument("--site", required=True, help="site preset (head_neck, axilla, mediastinum, abdomen, pelvis) "
                                                   "or a YAML file")
     ap.add_argument("--data", required=True, help="comma-separated prepared stores with labelled cases")
@@ -552,8 +556,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
-    ap.add_argument("--quick", action="store_true", help="CPU demo settings (lnfm.jobs.finetune.QUICK: 32^3 patches, 400 steps, "
-                                                       "linear probe)")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU demo settings (lnfm.jobs.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
     return ap.parse_args(argv)

@@ -4,8 +4,8 @@
 
 The pretraining job's own builder, `lnfm.jobs.pretrain.build_training(cfg, mesh,
 abstract=True)` (same model, sharding rules, optimizer, loss and train step), gives the
-state as abstract arrays (`jax.ShapeDtypeStruct` with shardings), which are lowered and compiled by XLA for a mesh of virtual CPU devices, so nothing is
-allocated. Reported per device:
+state as abstract arrays (`jax.ShapeDtypeStruct` with shardings), which are lowered and
+compiled by XLA for a mesh of virtual CPU devices, so nothing is allocated. Reported per device:
 - memory: XLA's `memory_analysis()` of the compiled step (arguments, outputs,
   temporaries = activations and workspace, generated code) and the exact split of
   the arguments into parameters and optimizer state from their shardings;
@@ -269,7 +269,8 @@ def advice(p: dict) -> list[str]:
     fsdp = p["mesh"].get("fsdp", 1)
     if fsdp < p["devices"] and state_b > 0.25 * usable:
         tips.append(f"shard parameters and optimizer state: --mesh fsdp={p['devices']} "
-                    f"(state {state_b / GIB:.1f} GiB -> about {state_b * fsdp / p['devices'] / GIB:.2f} GiB per device)")
+                    f"(state {state_b / GIB:.1f} GiB -> about {state_b * fsdp / p['devices'] / GIB:.2f} GiB "
+                    f"per device)")
     if p["remat"] in ("none", None):
         tips.append("rematerialise each block: --remat full (activations shrink to about one block's worth)")
     room = usable - (mem["peak"] - mem["temp"])

@@ -269,7 +269,8 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lnfm study", description="Few-shot transfer study on phantoms: scratch vs pretrained.")
+    ap = argparse.ArgumentParser(prog="lnfm study",
+                                 description="Few-shot transfer study on phantoms: scratch vs pretrained.")
     ap.add_argument("--config", default=None, help="study preset (quick, full) or a YAML file")
     ap.add_argument("--quick", action="store_true", help="same as --config quick: minutes on a laptop CPU")
     ap.add_argument("--workdir", required=True, help="benchmark data, pretraining and one folder per cell")

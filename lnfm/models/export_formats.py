@@ -75,7 +75,8 @@ def module_from_flat(build, flat: dict[str, np.ndarray], where: str, prefix: str
         leaves.append((path, var.replace(value)))
     extra = sorted(k for k in flat if k.startswith(prefix) and k not in used)
     if extra:
-        raise WeightsMismatch(f"{where}: the weights do not fit the architecture in model.json (unexpected '{extra[0]}')")
+        raise WeightsMismatch(f"{where}: the weights do not fit the architecture in model.json "
+                              f"(unexpected '{extra[0]}')")
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 

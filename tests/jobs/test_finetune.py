@@ -11,7 +11,8 @@ import yaml
 
 from lnfm.config import ConfigError
 from lnfm.cli import run_job
-from lnfm.jobs.finetune import QUICK, build_training, load_finetune_config, load_finetuned, make_splits, resolve_init, run
+from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, make_splits, resolve_init,
+                                run)
 from lnfm.segmentation.sites import SITES, site_names
 
 KEYS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume")

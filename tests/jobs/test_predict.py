@@ -159,7 +159,8 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_file(tiny, tmp_path, capsys)
         out.mkdir()
         capsys.readouterr()
         rc = run_job("predict", ["--model", str(tiny.orbax), "--input", ",".join(inputs), "--output",
-                                 str(out / "m.nii.gz"), "--report", str(out / "n.csv"), "--overlay", str(out / "o.png")])
+                                 str(out / "m.nii.gz"), "--report", str(out / "n.csv"), "--overlay",
+                                 str(out / "o.png")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, name
         assert err[-1].startswith("lnfm predict: error: ") and fname in err[-1] and reason in err[-1], (name, err)

@@ -14,11 +14,13 @@ from lnfm.errors import NonFiniteLoss
 
 
 def test_missing_or_empty_data_fails_before_compiling(tmp_path, capsys):
-    assert run_job("pretrain", ["--config", "vit_tiny", "--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w")]) == 2
+    assert run_job("pretrain", ["--config", "vit_tiny", "--data", str(tmp_path / "nowhere"),
+                                "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nowhere: dataset not found" in err
     (tmp_path / "empty").mkdir()
-    assert run_job("pretrain", ["--config", "vit_tiny", "--data", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w")]) == 2
+    assert run_job("pretrain", ["--config", "vit_tiny", "--data", str(tmp_path / "empty"),
+                                "--workdir", str(tmp_path / "w")]) == 2
     assert "empty: dataset is empty" in capsys.readouterr().err
     assert not (tmp_path / "w" / "checkpoints").exists()
 
@@ -78,7 +80,8 @@ def test_nan_loss_exits_3_with_the_message(phantom_store, tmp_path, capsys, monk
     ("data.spacing=[1.0,1.0,1.0]", "4 of 4 cases are not at data.spacing=[1.0, 1.0, 1.0] mm"),
     ("data.split=val", "no cases in split 'val'")])
 def test_config_errors_are_one_line(phantom_store, tmp_path, capsys, bad, message):
-    assert run_job("pretrain", ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path / "w"), bad]) == 2
+    assert run_job("pretrain", ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path / "w"),
+                                bad]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0
 
