@@ -441,7 +441,6 @@ def load_export(folder: str | Path, verify: bool = True) -> Exported:
         raise ExportError(f"{folder}: a stablehlo export holds a compiled function, not weights (use "
                           f"lnfm.models.export_formats.read_stablehlo, or export orbax/safetensors)")
     if kind == "monai":
-
         cfg = from_dict(ModelConfig, meta["model"], "model")
         try:
             encoder = from_monai_vit(fmt.read_safetensors(folder / fmt.MONAI_SAFETENSORS), cfg)

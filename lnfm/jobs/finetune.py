@@ -244,7 +244,6 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
         log.info("encoder initialised from %s", path / "checkpoints")
     elif kind == "export":
-
         try:
             exported = load_export(path)
         except ExportError as e:
@@ -252,7 +251,6 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         load_encoder_state(model, exported.encoder)
         log.info("encoder initialised from export %s", path)
     if cfg.strategy.freeze == "lora":
-
         apply_lora(model.encoder, cfg.strategy.lora_rank, cfg.strategy.lora_alpha, rngs=nnx.Rngs(seed + 1))
     if kind == "export" or cfg.strategy.freeze == "lora":
         # Exported weights and new adapters are created off-mesh: lay every array out on the mesh again.

@@ -94,7 +94,6 @@ def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.nd
     if meta.get("kind") != "segmenter":
         raise ExportError(f"{export_dir}: an encoder-only export cannot segment (export a finetuning workdir)")
     if meta["format"] == "stablehlo":
-
         verify_export(export_dir)
         exported = read_stablehlo(Path(export_dir) / STABLEHLO_FILE)
         return (lambda x: np.asarray(exported.call(np.asarray(x, np.float32)))), meta
