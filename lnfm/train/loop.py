@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lnfm.config import ConfigError
 from lnfm.errors import NonFiniteLoss
 from lnfm.train.checkpoint import Checkpointer
 from lnfm.train.mfu import expected_step_time, mfu
@@ -70,9 +71,9 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
     try:
         a, b = (int(v) for v in text.split(":"))
     except ValueError:
-        raise ValueError(f"profile steps must look like A:B (e.g. 10:15), got {text!r}") from None
+        raise ConfigError(f"profile steps must look like A:B (e.g. 10:15), got {text!r}") from None
     if not 0 <= a < b:
-        raise ValueError(f"profile steps A:B need 0 <= A < B, got {text!r}")
+        raise ConfigError(f"profile steps A:B need 0 <= A < B, got {text!r}")
     return a, b
 
 
