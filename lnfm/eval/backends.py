@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lnfm.errors import LnfmError
 from lnfm.models.export_onnx import ONNX_INPUT, ONNX_OUTPUT
 
 BACKENDS = ("auto", "jax", "onnxruntime")
 Network = Callable[[np.ndarray], np.ndarray]
 
 
-class BackendError(ValueError):
+class BackendError(LnfmError, ValueError):
     """A backend the export or the machine cannot provide; one line naming the export."""
 
 

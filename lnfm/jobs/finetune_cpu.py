@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from lnfm.train.mfu import forward_flops, train_flops
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
+FAST_CPU_FLOPS = 2e12  # above any CPU's reach on these convs: runs that fit at this rate skip the measurement
 CPU_PRESET = "--quick"  # lnfm.jobs.finetune.QUICK: 32^3 patches, linear probe, 400 steps
 
 
@@ -56,7 +57,7 @@ def cpu_notice(cfg, rate: float | None = None) -> str | None:
     if jax.default_backend() != "cpu":
         return None
     flops = step_flops(cfg)
-    if not flops:
+    if not flops or flops * cfg.train.steps / FAST_CPU_FLOPS <= CPU_BUDGET_S:
         return None
     per_step = flops / (rate or cpu_conv_rate())
     total = per_step * cfg.train.steps
