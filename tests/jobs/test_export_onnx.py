@@ -15,6 +15,7 @@ from export_helpers import tiny  # noqa: F401  (session fixture)
 from scipy import ndimage
 
 from lnfm.jobs import predict as pr
+from lnfm.cli import run_job
 from lnfm.eval import backends
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,12 +125,14 @@ def test_predict_backends_give_the_same_masks(tiny, onnx_export, shared_data, tm
     assert ndimage.label(a, structure)[1] == ndimage.label(b, structure)[1]
 
 
-def test_backend_choice(tiny, onnx_export, monkeypatch, capsys):  # noqa: F811
+def test_backend_choice(tiny, onnx_export, monkeypatch, capsys, tmp_path):  # noqa: F811
     assert backends.choose_backend("auto", onnx_export, "onnx", True) == "onnxruntime"  # this machine has no GPU
     assert backends.choose_backend("auto", tiny.orbax, "orbax", False) == "jax"
     monkeypatch.setattr(backends, "accelerator_present", lambda: True)
     assert backends.choose_backend("auto", onnx_export, "onnx", True) == "jax"
-    rc = pr.main(["--model", str(tiny.orbax), "--input", str(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}"
-                  "_0000.nii.gz"), "--output", "/nonexistent/never.nii.gz", "--backend", "onnxruntime"])
+    scan = tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz"
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(scan), "--output", str(tmp_path / "m.nii.gz"),
+                             "--backend", "onnxruntime"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "no model.onnx" in err
+    assert not (tmp_path / "m.nii.gz").exists()
