@@ -14,15 +14,17 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import re
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
-from lnfm.config import load_config, preset_path, read_yaml
+from lnfm.config import ConfigError, load_config, preset_path, read_yaml
 from lnfm.data import store as st
-from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, resolve_salt
+from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
+from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing, check_target_spacing
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
 from lnfm.io import ImageReadError, Volume, read_image
@@ -30,6 +32,7 @@ from lnfm.workdir import progress, setup_logging
 
 log = logging.getLogger("lnfm.data.prepare")
 
+_PATHLIKE = re.compile(r"\S*[/\\]\S*")
 # Affines of two grids agree when every entry differs by less than this (mm).
 GRID_TOL_MM = 1e-3
 
@@ -50,6 +53,7 @@ class PrepareConfig:
     site: str = ""  # site name for every case (else dataset.json 'site', the CSV column or the folder name)
     site_preset: str = ""  # site preset (lnfm/configs/sites/NAME.yaml) whose spacing applies when spacing is unset
     label_map: dict[int, int] = field(default_factory=dict)  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's GTVn as node); empty keeps labels
+    series: list[str] = field(default_factory=list)  # SeriesInstanceUIDs to read where a DICOM folder holds several
     resample_channels: bool = True  # resample co-registered channels on another grid (PET) linearly onto the CT grid; false rejects them
 
 
@@ -65,6 +69,10 @@ class PrepareResult:
         return self.failed == 0
 
 
+class PrepareError(ValueError):
+    """A prepare option that cannot work (shard numbers, output); one line."""
+
+
 class CaseError(ValueError):
     """A case that cannot be converted: (file, reason)."""
 
@@ -77,7 +85,7 @@ def preset_spacing(name: str) -> tuple[float, float, float]:
     """The `site.spacing` of a packaged site preset or a site YAML file."""
     data = read_yaml(preset_path("sites", name)).get("site", {})
     if "spacing" not in data:
-        raise ValueError(f"site preset '{name}' has no site.spacing")
+        raise ConfigError(f"site preset '{name}' has no site.spacing")
     return tuple(float(v) for v in data["spacing"])  # type: ignore[return-value]
 
 
@@ -120,9 +128,9 @@ def preprocess_volume(vol: Volume, spacing, *, crop_body: bool = True, is_label:
     return data, affine, geometry
 
 
-def _read3d(path: str) -> Volume:
+def _read3d(path: str, series: str | None = None) -> Volume:
     try:
-        vol = read_image(path)
+        vol = read_image(path, series)
     except ImageReadError as e:
         raise CaseError(path, str(e).split(": ", 1)[-1]) from None
     data = vol.data
@@ -196,8 +204,14 @@ def lymph_nodes(label: np.ndarray, spacing) -> list[dict]:
 
 def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig) -> dict:
     """Convert one case and write its arrays; returns the manifest record (not yet written)."""
-    vols = [_read3d(p) for p in case.images]
-    for p, v in zip(case.images, vols):
+    vols = [_read3d(p, case.series) for p in case.images]
+    for p, v, name in zip(case.images, vols, case.channels):
+        try:
+            check_source_spacing(spacing_of(v.affine), p)
+            if name.upper() == "CT":
+                check_ct(v.data, p, cfg.body_threshold_hu)
+        except ScanError as e:
+            raise CaseError(p, str(e).split(": ", 1)[-1]) from None
         if v.data.dtype.kind == "f" and not np.all(np.isfinite(v.data)):
             raise CaseError(p, "image has NaN or Inf voxels")
     for i, (p, v) in enumerate(zip(case.images[1:], vols[1:]), start=1):
@@ -269,9 +283,21 @@ def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig) -> tuple[s
         return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": reason}
 
 
-def _write_failures(output: str, shard_index: int, num_shards: int, failures: list[dict]) -> None:
+def _scrub(text: str) -> str:
+    """A reason without any path in it (file and folder names may hold patient names)."""
+    return _PATHLIKE.sub("<path>", text)
+
+
+def stored_failure(failure: dict, salt: str) -> dict:
+    """What failures.jsonl keeps of a failure: the case id when there is one, else a salted hash
+    of the file (the same file always gives the same ref), and the reason without paths."""
+    return {"case_id": failure.get("case_id"), "ref": hashed_id(str(failure["file"]), salt),
+            "reason": _scrub(failure["reason"])}
+
+
+def _write_failures(output: str, shard_index: int, num_shards: int, failures: list[dict], salt: str) -> None:
     st.write_text(output, f"failures.parts/{shard_index}-of-{num_shards}.jsonl",
-                  "".join(json.dumps(f) + "\n" for f in failures))
+                  "".join(json.dumps(stored_failure(f, salt)) + "\n" for f in failures))
     merged = []
     for i in range(num_shards):
         text = st.read_text(output, f"failures.parts/{i}-of-{num_shards}.jsonl") or ""
@@ -282,20 +308,22 @@ def _write_failures(output: str, shard_index: int, num_shards: int, failures: li
 def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int = 1, shard_index: int = 0,
                     show_progress: bool = True) -> PrepareResult:
     """Convert this shard's slice of the input cases into STORE `output`; resumable, idempotent."""
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard index {shard_index} is outside 0..{num_shards - 1}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise PrepareError(f"--shard-index {shard_index} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
+    st.check_local_store(output)
     if cfg.spacing is None and cfg.site_preset:
         cfg = dataclasses.replace(cfg, spacing=preset_spacing(cfg.site_preset))
+    cfg = dataclasses.replace(cfg, spacing=check_target_spacing(cfg.spacing, "spacing"))
     salt = resolve_salt(cfg.salt)
     if not salt:
         log.warning("no id salt set (salt=... or %s); hashed case ids are unsalted", "LNFM_ID_SALT")
-    cases, errors = discover(input, cfg.site, salt)
+    cases, errors = discover(input, cfg.site or cfg.site_preset, salt, cfg.series)
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
     errors = [e for i, e in enumerate(sorted(errors, key=lambda e: e.file)) if i % num_shards == shard_index]
     result = PrepareResult()
-    result.failures = [{"file": e.file, "reason": e.reason} for e in errors]
+    result.failures = [{"case_id": None, "file": e.file, "reason": e.reason} for e in errors]
     done = st.finished_ids(output)
     todo = [c for c in cases if c.case_id not in done]
     result.skipped = len(cases) - len(todo)
@@ -306,8 +334,8 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
             st.write_record(output, payload)  # last: only now is the case part of the dataset
             result.converted += 1
         else:
-            result.failures.append({"file": payload["file"], "reason": payload["reason"]})
-            log.warning("failed %s: %s", payload["file"], payload["reason"])
+            result.failures.append(payload)
+            log.warning("failed case %s: %s", payload["case_id"], _scrub(payload["reason"]))
         bar.update(1)
         bar.set_postfix(ok=result.converted, failed=len(result.failures))
 
@@ -323,10 +351,11 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
                 try:
                     finish(*fut.result())
                 except Exception as e:  # a worker that died (e.g. killed for memory)
-                    finish("failed", {"file": case.images[0], "reason": f"worker died ({type(e).__name__})"})
+                    finish("failed", {"case_id": case.case_id, "file": case.images[0],
+                                      "reason": f"worker died ({type(e).__name__})"})
     bar.close()
     result.failed = len(result.failures)
-    _write_failures(output, shard_index, num_shards, result.failures)
+    _write_failures(output, shard_index, num_shards, result.failures, salt)
     st.write_manifest(output)
     return result
 
@@ -343,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-index", type=int, default=0)
     ap.add_argument("--site", default=None, help="site name written into every record")
     ap.add_argument("--site-preset", default=None, help="site preset whose spacing is used when --spacing is unset")
+    ap.add_argument("--series", default=None, help="SeriesInstanceUID(s), comma-separated, to read from DICOM "
+                                                   "folders that hold several series")
     ap.add_argument("--salt", default=None, help="salt for hashed case ids (default: the LNFM_ID_SALT variable)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
@@ -351,8 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
-    cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
-    res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
+    try:
+        cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
+        if args.series:
+            cfg = dataclasses.replace(cfg, series=[s for s in args.series.split(",") if s])
+        res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
+    except (ConfigError, PrepareError, st.StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"converted {res.converted}, skipped {res.skipped} (already done), failed {res.failed}")
     for f in res.failures:
         print(f"FAILED {f['file']}: {f['reason']}")
