@@ -40,16 +40,19 @@ def _header(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def series_of(files: list[Path]) -> dict[str, list[Path]]:
-    """Files grouped by SeriesInstanceUID (files that cannot be parsed form no group)."""
+def series_of(files: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
+    """(files grouped by SeriesInstanceUID, '' for slices without one; files whose header
+    cannot be parsed)."""
     groups: dict[str, list[Path]] = {}
+    unreadable = []
     for f in files:
         try:
-            uid = str(_header(f).get("SeriesInstanceUID", ""))
-        except Exception:  # unreadable: read_dicom_series reports it as a file of the series
-            uid = ""
+            uid = str(_header(f).get("SeriesInstanceUID", "") or "")
+        except Exception:  # read_dicom_series reports it, as a file of the series it reads
+            unreadable.append(f)
+            continue
         groups.setdefault(uid, []).append(f)
-    return groups
+    return groups, unreadable
 
 
 def describe_series(groups: dict[str, list[Path]]) -> str:
@@ -65,17 +68,16 @@ def select_series(path: Path, series: str | None = None) -> tuple[str, list[Path
     files = dicom_files(path)
     if not files:
         raise ImageReadError(f"{path}: folder holds no DICOM files")
-    groups = series_of(files)
-    unnamed = groups.pop("", [])  # unreadable files, or slices without a UID: they belong to the series read
+    groups, unreadable = series_of(files)
     if series:
         if series not in groups:
             raise SeriesChoiceError(f"{path}: no DICOM series {series} here (found: {describe_series(groups)})")
-        return series, groups[series]
+        return series, sorted(groups[series] + unreadable)
     if len(groups) > 1:
         raise SeriesChoiceError(f"{path}: folder holds {len(groups)} DICOM series: {describe_series(groups)}; "
                                 f"choose one with --series UID")
     uid, group = next(iter(groups.items()), ("", []))
-    return uid, sorted(group + unnamed)
+    return uid, sorted(group + unreadable)
 
 
 def series_uid_of_file(path: Path) -> str:
