@@ -23,10 +23,11 @@ from scipy import ndimage
 
 from lnfm.config import ConfigError, load_config, preset_path, read_yaml
 from lnfm.data import store as st
-from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
-from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing, check_target_spacing
+from lnfm.data.cases import CaseSpec, InputError, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
+from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing, check_target_spacing
+from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
 from lnfm.workdir import progress, setup_logging
 
@@ -69,7 +70,7 @@ class PrepareResult:
         return self.failed == 0
 
 
-class PrepareError(ValueError):
+class PrepareError(LnfmError, ValueError):
     """A prepare option that cannot work (shard numbers, output); one line."""
 
 
@@ -318,6 +319,9 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     if not salt:
         log.warning("no id salt set (salt=... or %s); hashed case ids are unsalted", "LNFM_ID_SALT")
     cases, errors = discover(input, cfg.site or cfg.site_preset, salt, cfg.series)
+    if not cases and not errors:
+        errors = [InputError(input, "no cases found (expected an nnU-Net/MSD folder with imagesTr/ or imagesTs/, "
+                                    "a CSV, or a folder holding DICOM series)")]
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
@@ -387,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.series:
             cfg = dataclasses.replace(cfg, series=[s for s in args.series.split(",") if s])
         res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
-    except (ConfigError, PrepareError, st.StoreError) as e:
+    except (ConfigError, LnfmError) as e:  # user errors: one line; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"converted {res.converted}, skipped {res.skipped} (already done), failed {res.failed}")

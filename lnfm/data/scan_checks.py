@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from lnfm.config import ConfigError
+from lnfm.errors import LnfmError
 
 # Voxels coarser than this are not a diagnostic CT; finer than MIN_SPACING_MM would make a
 # volume too large to hold (a 0.01 mm grid of a 30 cm body is 3e13 voxels).
@@ -24,7 +25,7 @@ MIN_EXTENT = 2
 INT16_MAX, INT16_MIN = 32767, -32768
 
 
-class ScanError(ValueError):
+class ScanError(LnfmError, ValueError):
     """A scan that cannot be used; the message is one line naming the file."""
 
 

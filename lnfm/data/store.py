@@ -19,7 +19,9 @@ from urllib.parse import urlparse
 import numpy as np
 import tensorstore as ts
 
-class StoreError(ValueError):
+from lnfm.errors import LnfmError
+
+class StoreError(LnfmError, ValueError):
     """A store that cannot be opened, read or written; one line naming the store."""
 
 

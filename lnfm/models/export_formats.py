@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lnfm.errors import LnfmError
+
 PARAMS_DIR = "params"  # orbax: the parameter tree
 SAFETENSORS_FILE = "model.safetensors"  # safetensors: full model (or encoder) under flat dotted names
 STABLEHLO_FILE = "inference.stablehlo"  # stablehlo: serialized jax.export inference function
@@ -149,7 +151,7 @@ def write_safetensors(path: Path, flat: dict[str, np.ndarray], metadata: dict[st
     path.write_bytes(save(arrays, metadata=dict(metadata)))
 
 
-class FormatError(ValueError):
+class FormatError(LnfmError, ValueError):
     """An export file that cannot be parsed; one line naming the file."""
 
 
