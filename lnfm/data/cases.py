@@ -113,7 +113,7 @@ def discover_nnunet(root: Path, site: str) -> tuple[list[CaseSpec], list[InputEr
 def _choose_series(folder: Path, series: list[str]) -> str | None:
     """The SeriesInstanceUID to read from a DICOM folder: None when it holds one series, the one
     listed in `series` when it holds several; ImageReadError (listing them) otherwise."""
-    groups = series_of(dicom_files(folder))[0]
+    groups = {uid: files for uid, files in series_of(dicom_files(folder))[0].items() if uid}
     if len(groups) <= 1:
         return None
     chosen = [uid for uid in groups if uid in series]

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from lnfm.config import ConfigError, load_config, preset_path, read_yaml
 from lnfm.data import store as st
-from lnfm.data.cases import CaseSpec, InputError, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
+from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing, check_target_spacing
@@ -80,6 +80,17 @@ class CaseError(ValueError):
     def __init__(self, file: str, reason: str):
         super().__init__(f"{file}: {reason}")
         self.file, self.reason = file, reason
+
+
+def check_config(cfg: PrepareConfig) -> None:
+    """Values that would fail every case fail once, before anything is read or written."""
+    if cfg.chunk < 1 or cfg.shard < 1 or cfg.shard % cfg.chunk:
+        raise ConfigError(f"shard: {cfg.shard} must be a positive multiple of chunk ({cfg.chunk})")
+    if len(cfg.split_fractions) != 3 or min(cfg.split_fractions) < 0 or sum(cfg.split_fractions) <= 0:
+        raise ConfigError(f"split_fractions: {list(cfg.split_fractions)} must be three non-negative shares, "
+                          f"not all zero")
+    if any(not 0 <= int(k) <= 255 or not 0 <= int(v) <= 255 for k, v in cfg.label_map.items()):
+        raise ConfigError(f"label_map: {cfg.label_map} maps labels outside 0..255")
 
 
 def preset_spacing(name: str) -> tuple[float, float, float]:
@@ -315,13 +326,17 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     if cfg.spacing is None and cfg.site_preset:
         cfg = dataclasses.replace(cfg, spacing=preset_spacing(cfg.site_preset))
     cfg = dataclasses.replace(cfg, spacing=check_target_spacing(cfg.spacing, "spacing"))
+    check_config(cfg)
     salt = resolve_salt(cfg.salt)
     if not salt:
         log.warning("no id salt set (salt=... or %s); hashed case ids are unsalted", "LNFM_ID_SALT")
     cases, errors = discover(input, cfg.site or cfg.site_preset, salt, cfg.series)
-    if not cases and not errors:
-        errors = [InputError(input, "no cases found (expected an nnU-Net/MSD folder with imagesTr/ or imagesTs/, "
-                                    "a CSV, or a folder holding DICOM series)")]
+    if not cases:  # nothing to convert: one error, and no store is created
+        if not errors:
+            raise PrepareError(f"{input}: no cases found (expected an nnU-Net/MSD folder with imagesTr/ or "
+                               f"imagesTs/, a CSV, or a folder holding DICOM series)")
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise PrepareError(f"{errors[0].file}: {errors[0].reason}{more}")
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]

@@ -69,6 +69,8 @@ def select_series(path: Path, series: str | None = None) -> tuple[str, list[Path
     if not files:
         raise ImageReadError(f"{path}: folder holds no DICOM files")
     groups, unreadable = series_of(files)
+    if len(groups) > 1 and "" in groups:  # slices without a UID go with the series read (and fail there if foreign)
+        unreadable += groups.pop("")
     if series:
         if series not in groups:
             raise SeriesChoiceError(f"{path}: no DICOM series {series} here (found: {describe_series(groups)})")
