@@ -35,6 +35,7 @@ from lnfm.data.loader import LoaderConfig, make_loader, normalize
 from lnfm.data.store import read_case, read_manifest
 from lnfm.eval.inference import InferenceConfig, sliding_window_inference
 from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
+from lnfm.errors import LnfmError
 from lnfm.eval.surface import dice as dice_score
 from lnfm.models import ModelConfig
 from lnfm.models.heads import head_flops, head_param_count
@@ -130,7 +131,12 @@ def resolve_init(init: str) -> tuple[str, Path | None, dict | None]:
         raise ConfigError(f"{init}: --init must be a pretraining workdir, its checkpoints dir, an export dir or "
                           f"'scratch'")
     if (path / "model.json").is_file():
-        data = json.loads((path / "model.json").read_text())
+        try:
+            data = json.loads((path / "model.json").read_text())
+        except ValueError as e:
+            raise ConfigError(f"{path / 'model.json'}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path / 'model.json'}: not an export's model.json (not a JSON object)")
         return "export", path, data.get("model", data)
     if path.name == "checkpoints" and (path.parent / "config.yaml").is_file():
         path = path.parent
@@ -510,6 +516,18 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
             records[rec["case_id"]] = (store, rec)
     all_records = [r for _, r in records.values()]
     splits = make_splits(all_records, cfg.train.val_fraction)
+    kind, init_path, _ = resolve_init(cfg.init)
+    if kind == "export":  # a damaged export fails before the workdir is written
+        from lnfm.jobs.export import ExportError, check_weights_export
+
+        try:
+            check_weights_export(init_path)
+        except (ExportError, LnfmError) as e:
+            raise ConfigError(str(e)) from None
+    n = cfg.train.num_labeled
+    if n is not None and not 1 <= n <= len(splits.pool):
+        raise ConfigError(f"train.num_labeled: {n} is not between 1 and the {len(splits.pool)} labelled training "
+                          f"case(s) of the data")
     channels = {len(r["channels"]) for r in all_records}
     if len(channels) != 1:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")
@@ -581,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                                    data=[s for s in args.data.split(",") if s], num_labeled=args.num_labeled,
                                    repeats=args.repeats, quick=args.quick)
         return run(cfg, args.workdir)
-    except (DataError, ConfigError, CheckpointError, DistributedConfigError) as e:
+    except (DataError, ConfigError, CheckpointError, DistributedConfigError, LnfmError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lnfm.config import ConfigError, load_config, to_dict
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import read_manifest
+from lnfm.errors import LnfmError
 from lnfm.models import ModelConfig, build_ssl_model
 from lnfm.models.sharding import MeshConfig, batch_sharding, create_sharded_model, make_mesh, use_rules
 from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_pretrain_config(args.config, args.overrides)
         stores = [s for s in args.data.split(",") if s]
         return run(cfg, stores, args.workdir, args.profile_steps)
-    except (DataError, ConfigError, CheckpointError, DistributedConfigError) as e:
+    except (DataError, ConfigError, CheckpointError, DistributedConfigError, LnfmError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

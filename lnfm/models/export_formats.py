@@ -160,6 +160,17 @@ def _unreadable(path: Path, what: str, e: Exception) -> FormatError:
     return FormatError(f"{path}: not a readable {what} file ({reason[:200]})")
 
 
+def check_safetensors(path: Path) -> None:
+    """Parse only the header (names, shapes, offsets): a damaged file fails here, cheaply."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            list(f.keys())
+    except Exception as e:  # the Rust parser raises its own SafetensorError
+        raise _unreadable(path, "safetensors", e) from None
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 

@@ -35,7 +35,8 @@ class World:
 
     root: Path  # the world folder (models, inputs shared by cases)
     raw: Path  # nnU-Net raw folder of the tiny phantoms
-    store: str  # their prepared store
+    store: str  # their prepared store (two cases, train and test)
+    ft_store: str  # four labelled phantoms split train/train/val/test: finetuning gets past its data checks
     workdir: Path  # a finetuning workdir
     orbax: Path  # exports of it
     safetensors: Path
@@ -148,6 +149,23 @@ def world(tiny, tmp_path_factory) -> World:  # noqa: F811
     stablehlo = export_model(tiny.workdir, root / "export_stablehlo", "stablehlo")
     scan = root / "scan.nii.gz"
     shutil.copy(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz", scan)
+    ft_store = _finetune_store(root)
     tiny_root = Path(tiny.store).parent
-    return World(root, tiny.raw, tiny.store, tiny.workdir, tiny.orbax, safetensors, stablehlo, scan,
+    return World(root, tiny.raw, tiny.store, ft_store, tiny.workdir, tiny.orbax, safetensors, stablehlo, scan,
                  [root, tiny_root])
+
+
+def _finetune_store(root: Path) -> str:
+    from inputs import body, csv_file, nii
+
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+
+    rows = []
+    for i, split in enumerate(("train", "train", "val", "test")):
+        image, label = body(seed=i)
+        rows.append({"case_id": f"ft{i}", "image": nii(root / "ft_raw" / f"ft{i}.nii.gz", image),
+                     "label": nii(root / "ft_raw" / f"ft{i}_label.nii.gz", label), "split": split})
+    res = prepare_dataset(str(csv_file(root / "ft_raw" / "cases.csv", rows)), str(root / "ft_store"),
+                          PrepareConfig(workers=0, salt="s"), show_progress=False)
+    assert res.ok, res.failures
+    return str(root / "ft_store")
