@@ -116,7 +116,9 @@ def read_orbax(folder: Path) -> dict[str, np.ndarray]:
     target = (folder / PARAMS_DIR).absolute()
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckpt:
-            meta = ckpt.metadata(target)
+            meta = ckpt.metadata(target) if target.is_dir() else None
+            if meta is None:
+                raise OSError("no parameter tree found")
             tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
             restored = ckpt.restore(target, args=ocp.args.PyTreeRestore(restore_args=restore_args))
