@@ -81,7 +81,8 @@ def discover_nnunet(root: Path, site: str) -> tuple[list[CaseSpec], list[InputEr
             return [], [InputError(str(meta_path), f"not valid JSON ({e.msg})")]
     site = site or str(meta.get("site", "")) or UNSPECIFIED_SITE
     # A multi-site folder (e.g. phantoms made with --site all) records the site per case.
-    case_sites = {str(c.get("case")): str(c["site"]) for c in meta.get("cases", []) if isinstance(c, dict) and c.get("site")}
+    case_sites = {str(c.get("case")): str(c["site"]) for c in meta.get("cases", [])
+                  if isinstance(c, dict) and c.get("site")}
     names = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
     n_channels = len(names)
     channels = [str(names[str(i)]) for i in range(n_channels)] if all(str(i) in names for i in range(n_channels)) \
@@ -214,9 +215,11 @@ def drop_duplicates(cases: list[CaseSpec]) -> tuple[list[CaseSpec], list[InputEr
     errors = []
     for c in cases:
         if not SAFE_ID.match(c.case_id):
-            errors.append(InputError(c.images[0], f"case id '{c.case_id}' may only hold letters, digits, '.', '_', '-'"))
+            errors.append(InputError(c.images[0], f"case id '{c.case_id}' may only hold letters, digits, '.', '_', "
+                                                  f"'-'"))
         elif c.case_id in seen:
-            errors.append(InputError(c.images[0], f"duplicate case id '{c.case_id}' (first: {seen[c.case_id].images[0]})"))
+            errors.append(InputError(c.images[0], f"duplicate case id '{c.case_id}' (first: "
+                                                  f"{seen[c.case_id].images[0]})"))
         else:
             seen[c.case_id] = c
     return list(seen.values()), errors

@@ -288,6 +288,8 @@ def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig) -> tuple[s
         return "ok", convert_case(case, output, cfg)
     except CaseError as e:
         return "failed", {"case_id": case.case_id, "file": e.file, "reason": e.reason}
+    except st.StoreError:  # the store cannot be written (e.g. a full disk): every case would fail, so stop
+        raise
     except MemoryError:
         return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": "out of memory"}
     except Exception as e:  # an unexpected problem in one case must not stop the others
@@ -369,6 +371,8 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
                 case = futures[fut]
                 try:
                     finish(*fut.result())
+                except st.StoreError:
+                    raise
                 except Exception as e:  # a worker that died (e.g. killed for memory)
                     finish("failed", {"case_id": case.case_id, "file": case.images[0],
                                       "reason": f"worker died ({type(e).__name__})"})

@@ -106,8 +106,13 @@ def create_array(store: str, path: str, data: np.ndarray, chunk: int = 64, shard
             "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
         }}],
     })
-    arr = ts.open(spec).result()
-    arr.write(np.ascontiguousarray(data)).result()
+    try:
+        arr = ts.open(spec).result()
+        arr.write(np.ascontiguousarray(data)).result()
+    except ValueError as e:
+        if "os_error_code" in str(e):  # a full disk or a read-only folder: the store, not the case, is at fault
+            raise _failure(store, f"write {path}", e) from None
+        raise
 
 
 def open_array(store: str, path: str) -> ts.TensorStore:

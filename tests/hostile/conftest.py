@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

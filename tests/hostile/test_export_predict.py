@@ -146,8 +146,8 @@ def model_case(id: str, build, says: tuple, named_file: str | None = None) -> Ca
 IMG, _ = body()
 
 
-def _img(inp, data, affine=np.diag([1.5, 1.5, 2.0, 1]), name="bad.nii.gz"):
-    p = nii(inp / name, data, affine)
+def _img(inp, data, affine=None, name="bad.nii.gz"):
+    p = nii(inp / name, data, np.diag([1.5, 1.5, 2.0, 1]) if affine is None else affine)
     return p, p
 
 
