@@ -51,7 +51,7 @@ class PrepareConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train/val/test shares of the id hash
     split_seed: int = 0  # seed of the split hash
     salt: str = ""  # salt for hashed case ids (else the LNFM_ID_SALT environment variable)
-    site: str = ""  # site name for every case (else dataset.json 'site', the CSV column or the folder name)
+    site: str = ""  # site for every case (else dataset.json's, the CSV column, or 'unspecified'; never a folder name)
     site_preset: str = ""  # site preset (lnfm/configs/sites/NAME.yaml) whose spacing applies when spacing is unset
     label_map: dict[int, int] = field(default_factory=dict)  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's GTVn as node); empty keeps labels
     series: list[str] = field(default_factory=list)  # SeriesInstanceUIDs to read where a DICOM folder holds several
