@@ -70,14 +70,15 @@ def test_unknown_series_names_the_ones_present(shared_data, tmp_path):
 
 
 def test_prepare_refuses_the_folder_or_takes_the_chosen_series(shared_data, tmp_path):
-    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+    from lnfm.data.prepare import PrepareConfig, PrepareError, prepare_dataset
     from lnfm.data.store import read_case, read_manifest
 
     root = tmp_path / "in"
     two_series_folder(shared_data, root / "scans")
     cfg = PrepareConfig(workers=0, salt="s", crop_body=False)
-    res = prepare_dataset(str(root), str(tmp_path / "st1"), cfg, show_progress=False)
-    assert res.converted == 0 and res.failed == 1 and "2 DICOM series" in res.failures[0]["reason"]
+    with pytest.raises(PrepareError, match=f"^{root / 'scans'}: folder holds 2 DICOM series"):
+        prepare_dataset(str(root), str(tmp_path / "st1"), cfg, show_progress=False)
+    assert not (tmp_path / "st1").exists()  # no usable case: no store
     cfg.series = [UID_B]
     res = prepare_dataset(str(root), str(tmp_path / "st2"), cfg, show_progress=False)
     assert res.ok and res.converted == 1
