@@ -1,7 +1,7 @@
 """Segment lymph nodes in new scans with an export (`lnfm predict`).
 
     lnfm predict --model EXPORT_DIR --input SCAN[,PET] --output MASK.nii.gz
-                 [--probabilities P.nii.gz] [--report nodes.csv] [--overlay preview.png]
+                 [--probabilities P.nii.gz] [--report nodes.csv] [--overlay preview.png] [--series UID]
     lnfm predict --model EXPORT_DIR --input FOLDER --output OUT_FOLDER [...]
 
 SCAN is NIfTI, NRRD or a DICOM series folder; a model with two channels takes
@@ -155,7 +155,8 @@ def read_scan(paths: list[str], meta: dict, series: str | None = None) -> Volume
         if lo == hi:
             raise PredictError(f"{src}: the {ch} image is constant ({lo:g} everywhere): nothing to segment")
         try:
-            check_source_spacing(spacing_of(first.affine), name)
+            if c == 0:
+                check_source_spacing(spacing_of(first.affine), name)
             if ch.upper() == "CT":
                 check_ct(data[..., c], src, float(meta["preprocessing"]["body_threshold_hu"]))
         except ScanError as e:
