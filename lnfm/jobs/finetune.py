@@ -525,9 +525,11 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
         except (ExportError, LnfmError) as e:
             raise ConfigError(str(e)) from None
     n = cfg.train.num_labeled
-    if n is not None and not 1 <= n <= len(splits.pool):
-        raise ConfigError(f"train.num_labeled: {n} is not between 1 and the {len(splits.pool)} labelled training "
-                          f"case(s) of the data")
+    if n is not None and n < 1:  # fails before the workdir is written (select_subset would, after)
+        raise ConfigError(f"train.num_labeled: {n} must be at least 1")
+    if n is not None and n > len(splits.pool):  # documented: the whole split is used (studies rely on it)
+        log.warning("train.num_labeled=%d but the data has %d labelled training case(s): all of them are used",
+                    n, len(splits.pool))
     channels = {len(r["channels"]) for r in all_records}
     if len(channels) != 1:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")
