@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lnfm.config import ConfigError
 from lnfm.io import ImageReadError, is_dicom_path, series_uid
 from lnfm.io.dicom import describe_series, dicom_files, series_of
 
@@ -58,7 +59,7 @@ def assign_split(case_id: str, seed: int, fractions: tuple[float, float, float])
     """Deterministic train/val/test from a hash of (seed, case_id)."""
     total = sum(fractions)
     if total <= 0 or min(fractions) < 0:
-        raise ValueError(f"split fractions {fractions} must be non-negative and not all zero")
+        raise ConfigError(f"split fractions {fractions} must be non-negative and not all zero")
     u = int.from_bytes(hashlib.sha256(f"{seed}:{case_id}".encode()).digest()[:8], "big") / 2**64
     edges = [sum(fractions[: i + 1]) / total for i in range(3)]
     return "train" if u < edges[0] else "val" if u < edges[1] else "test"
@@ -215,11 +216,11 @@ def drop_duplicates(cases: list[CaseSpec]) -> tuple[list[CaseSpec], list[InputEr
     errors = []
     for c in cases:
         if not SAFE_ID.match(c.case_id):
-            errors.append(InputError(c.images[0], f"case id '{c.case_id}' may only hold letters, digits, '.', '_', "
-                                                  f"'-'"))
+            errors.append(InputError(c.images[0],
+                                     f"case id '{c.case_id}' may only hold letters, digits, '.', '_', '-'"))
         elif c.case_id in seen:
-            errors.append(InputError(c.images[0], f"duplicate case id '{c.case_id}' (first: "
-                                                  f"{seen[c.case_id].images[0]})"))
+            errors.append(InputError(c.images[0],
+                                     f"duplicate case id '{c.case_id}' (first: {seen[c.case_id].images[0]})"))
         else:
             seen[c.case_id] = c
     return list(seen.values()), errors

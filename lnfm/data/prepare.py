@@ -53,9 +53,10 @@ class PrepareConfig:
     salt: str = ""  # salt for hashed case ids (else the LNFM_ID_SALT environment variable)
     site: str = ""  # site for every case (else dataset.json's, the CSV column, or 'unspecified'; never a folder name)
     site_preset: str = ""  # site preset (lnfm/configs/sites/NAME.yaml) whose spacing applies when spacing is unset
-    label_map: dict[int, int] = field(default_factory=dict)  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's GTVn as node); empty keeps labels
+    label_map: dict[int, int] = field(  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's
+        default_factory=dict)  # GTVn as node); empty keeps labels
     series: list[str] = field(default_factory=list)  # SeriesInstanceUIDs to read where a DICOM folder holds several
-    resample_channels: bool = True  # resample co-registered channels on another grid (PET) linearly onto the CT grid; false rejects them
+    resample_channels: bool = True  # resample other-grid channels (PET) linearly onto the CT grid; false rejects them
 
 
 @dataclass
@@ -74,7 +75,7 @@ class PrepareError(LnfmError, ValueError):
     """A prepare option that cannot work (shard numbers, output); one line."""
 
 
-class CaseError(ValueError):
+class CaseError(LnfmError, ValueError):
     """A case that cannot be converted: (file, reason)."""
 
     def __init__(self, file: str, reason: str):
@@ -292,7 +293,8 @@ def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig) -> tuple[s
         raise
     except MemoryError:
         return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": "out of memory"}
-    except Exception as e:  # an unexpected problem in one case must not stop the others
+    except Exception as e:  # a bug in one case must not stop the others, but it keeps its traceback in the log
+        log.exception("unexpected error converting a case (a bug, not bad input)")
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
         return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": reason}
 
@@ -405,14 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
-    try:
-        cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
-        if args.series:
-            cfg = dataclasses.replace(cfg, series=[s for s in args.series.split(",") if s])
-        res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
-    except (ConfigError, LnfmError) as e:  # user errors: one line; anything else keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
+    if args.series:
+        cfg = dataclasses.replace(cfg, series=[s for s in args.series.split(",") if s])
+    res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
     print(f"converted {res.converted}, skipped {res.skipped} (already done), failed {res.failed}")
     for f in res.failures:
         print(f"FAILED {f['file']}: {f['reason']}")

@@ -10,7 +10,8 @@ import pytest
 from raw_cases import affine_lps, phantom, save, write_csv
 
 from lnfm.config import ConfigError
-from lnfm.data.prepare import PrepareConfig, main, prepare_dataset
+from lnfm.cli import run_job
+from lnfm.data.prepare import PrepareConfig, prepare_dataset
 from lnfm.data.scan_checks import check_target_spacing
 
 
@@ -34,10 +35,10 @@ def test_spacing_flag_error_is_one_line_and_exit_2(tmp_path, capsys):
     img, _ = phantom()
     csv_path = write_csv(tmp_path / "cases.csv", [{"case_id": "a", "image": save(tmp_path / "a.nii.gz", img,
                                                                                   affine_lps())}])
-    rc = main(["--input", str(csv_path), "--output", str(tmp_path / "store"), "--spacing=-1,1,1"])
+    rc = run_job("prepare", ["--input", str(csv_path), "--output", str(tmp_path / "store"), "--spacing=-1,1,1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == ["error: spacing: [-1.0, 1.0, 1.0] is not a voxel size (three values from 0.05 to "
-                               "20 mm)"]
+    assert rc == 2 and err == ["lnfm prepare: error: spacing: [-1.0, 1.0, 1.0] is not a voxel size (three values "
+                               "from 0.05 to 20 mm)"]
 
 
 def _bad_scans(root):

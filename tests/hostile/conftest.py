@@ -76,21 +76,12 @@ def tree_digest(paths: list[Path]) -> dict[str, str]:
 
 
 def run_job(job: str, argv: list[str]) -> int:
-    """The job's command-line entry in this process; argparse errors exit 2 as in a shell."""
-    if job == "prepare":
-        from lnfm.data.prepare import main
-    elif job == "synth":
-        from lnfm.data.synth import main
-    elif job == "pretrain":
-        from lnfm.jobs.pretrain import main
-    elif job == "finetune":
-        from lnfm.jobs.finetune import main
-    else:
-        from lnfm.__main__ import main
+    """The job through `lnfm <job>`'s entry (lnfm.cli.run_job, the one error boundary) in this
+    process; argparse errors exit 2 as in a shell."""
+    from lnfm.cli import run_job as run
 
-        argv = [job, *argv]
     try:
-        return int(main(argv) or 0)
+        return int(run(job, argv) or 0)
     except SystemExit as e:
         return int(e.code or 0)
 
