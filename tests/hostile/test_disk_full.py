@@ -39,9 +39,10 @@ def test_full_disk_stops_in_one_line_keeps_earlier_cases_and_a_rerun_completes(t
         label = name.replace("_0000", "")
         os.replace(tmp_path / "more" / "raw" / "labelsTr" / label, raw / "labelsTr" / label)
     full = _prepare(raw, store, file_limit=1500)
-    lines = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+    lines = [line for line in full.stderr.splitlines() if ": error: " in line]
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {store}: cannot write") and "File too large" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"lnfm prepare: error: {store}: cannot write"), lines
+    assert "File too large" in lines[0]
     assert (store / "records" / "case0.json").read_bytes() == first
     assert sorted(p.name for p in (store / "records").iterdir()) == ["case0.json"]
     done = _prepare(raw, store)
