@@ -62,7 +62,7 @@ METRICS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume", "
 
 @dataclasses.dataclass
 class HeadConfig:
-    kind: Literal["unetr", "light", "linear"] = "light"  # decoder head (lnfm.models.heads)
+    kind: Literal["unetr", "light", "fine", "linear"] = "light"  # decoder head (lnfm.models.heads)
     deep_supervision: bool = False  # also supervise the head's coarser outputs
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra head arguments, e.g. feature_size: 8 for unetr
 

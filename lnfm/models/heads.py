@@ -9,7 +9,8 @@ full-resolution output). `images` are the (padded) encoder inputs: X, Y, Z are
 multiples of the deepest feature stride.
 
 Heads: `LinearProbe` (here), `UNETRHead` (heads_unetr.py), `LightHead`
-(heads_light.py); `build_head(name, ...)` picks one.
+(heads_light.py), `FineHead` (heads_fine.py: image skips at strides 1, 2, 4);
+`build_head(name, ...)` picks one.
 """
 
 from __future__ import annotations
@@ -223,17 +224,19 @@ def head_flops(head: nnx.Module, input_shape: Sequence[int]) -> float:
     return float(cost.get("flops", 0.0))
 
 
-HEADS = ("unetr", "light", "linear")
+HEADS = ("unetr", "light", "fine", "linear")
 
 
 def build_head(name: str, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
                deep_supervision: bool = False, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                **kwargs) -> nnx.Module:
-    """Head by name: 'unetr', 'light' or 'linear'; extra keyword arguments go to its constructor."""
+    """Head by name: 'unetr', 'light', 'fine' or 'linear'; extra keyword arguments go to its constructor."""
     if name == "unetr":
         from lnfm.models.heads_unetr import UNETRHead as cls
     elif name == "light":
         from lnfm.models.heads_light import LightHead as cls
+    elif name == "fine":
+        from lnfm.models.heads_fine import FineHead as cls
     elif name == "linear":
         cls = LinearProbe
     else:
