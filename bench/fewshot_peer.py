@@ -71,79 +71,91 @@ def patch_stream(cases, steps: int, batch: int, patch: int, seed: int, fg: float
     return xs, ys
 
 
-def train_lnfm(head: str, xs, ys, patch: int, lr: float, seed: int):
-    import jax
-    import optax
-    from flax import nnx
+class LnfmArm:
+    """ViT-tiny (8^3 patches) + an LNFM head from scratch; AdamW, cosine to a 10% floor."""
 
-    from lnfm.models import ModelConfig
-    from lnfm.models.heads import head_param_count
-    from lnfm.models.segmenter import build_segmenter
-    from lnfm.segmentation.losses import LossConfig, segmentation_loss
-    from lnfm.train.optim import OptimConfig, make_optimizer
+    def __init__(self, head: str, xs, ys, patch: int, lr: float, seed: int):
+        import jax
+        import optax
+        from flax import nnx
 
-    cfg = ModelConfig(size="tiny", img_size=(patch,) * 3, patch_size=(8, 8, 8))
-    kw = {"feature_size": 8} if head == "unetr" else {}
-    model = build_segmenter(cfg, head, 2, nnx.Rngs(seed), **kw)
-    n_head = head_param_count(model.head)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    steps = len(xs)
-    tx, _ = make_optimizer(OptimConfig(lr=lr, warmup_steps=20, min_lr_ratio=0.1, weight_decay=1e-4, b2=0.999),
-                           params, steps, xs.shape[1])
-    opt = tx.init(params)
+        from lnfm.models import ModelConfig
+        from lnfm.models.heads import head_param_count
+        from lnfm.models.segmenter import build_segmenter
+        from lnfm.segmentation.losses import LossConfig, segmentation_loss
+        from lnfm.train.optim import OptimConfig, make_optimizer
 
-    @jax.jit
-    def step(params, opt, x, y):
-        def loss_fn(p):
-            return segmentation_loss(LossConfig(), nnx.merge(graphdef, p, rest)(x), y)
+        cfg = ModelConfig(size="tiny", img_size=(patch,) * 3, patch_size=(8, 8, 8))
+        model = build_segmenter(cfg, head, 2, nnx.Rngs(seed), **({"feature_size": 8} if head == "unetr" else {}))
+        self.n_params = head_param_count(model.head)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        tx, _ = make_optimizer(OptimConfig(lr=lr, warmup_steps=20, min_lr_ratio=0.1, weight_decay=1e-4,
+                                           b2=0.999), params, len(xs), xs.shape[1])
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, loss
+        def step(params, opt, x, y):
+            def loss_fn(p):
+                return segmentation_loss(LossConfig(), nnx.merge(graphdef, p, rest)(x), y)
 
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), opt, loss
+
+        self.params, self.opt = params, tx.init(params)
+        t0 = time.time()
+        self._step = jax.jit(step).lower(self.params, self.opt, xs[0], ys[0]).compile()
+        self.compile_s = time.time() - t0
+        self._predict = jax.jit(lambda p, x: jax.nn.softmax(nnx.merge(graphdef, p, rest)(x), axis=-1))
+        self._sync = jax.block_until_ready
+
+    def step(self, x, y) -> None:
+        self.params, self.opt, loss = self._step(self.params, self.opt, x, y)
+        self._sync(loss)
+
+    def predict(self, x):
+        return np.asarray(self._predict(self.params, x))
+
+
+class UNetArm:
+    """MONAI UNet 16-32-64-128, 2 residual units, Dice+CE, AdamW 1e-3 (PyTorch)."""
+
+    def __init__(self, seed: int, threads: int):
+        import torch
+        from monai.losses import DiceCELoss
+        from monai.networks.nets import UNet
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.torch = torch
+        self.net = UNet(3, 1, 2, (16, 32, 64, 128), (2, 2, 2), num_res_units=2)
+        self.opt = torch.optim.AdamW(self.net.parameters(), 1e-3)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.n_params = sum(p.numel() for p in self.net.parameters())
+        self.compile_s = 0.0
+
+    def step(self, x, y) -> None:
+        self.net.train()
+        x = self.torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
+        y = self.torch.from_numpy(np.ascontiguousarray(y[:, None])).long()
+        self.opt.zero_grad()
+        self.loss_fn(self.net(x), y).backward()
+        self.opt.step()
+
+    def predict(self, x):
+        self.net.eval()
+        with self.torch.no_grad():
+            out = self.net(self.torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))))
+            return self.torch.softmax(out, 1).numpy().transpose(0, 2, 3, 4, 1)
+
+
+def evaluate(arm, test, patch: int) -> tuple[list[float], float]:
+    """Per-case Dice over whole test volumes and seconds per volume."""
     t0 = time.time()
-    step = step.lower(params, opt, xs[0], ys[0]).compile()
-    compile_s = time.time() - t0
-    t0 = time.time()
-    for s in range(steps):
-        params, opt, loss = step(params, opt, xs[s], ys[s])
-    jax.block_until_ready(loss)
-    train_s = time.time() - t0
-    print(f"{head}: compile {compile_s:.0f}s (not in the train time)", flush=True)
-
-    @jax.jit
-    def predict(x):
-        return jax.nn.softmax(nnx.merge(graphdef, params, rest)(x), axis=-1)
-
-    return (lambda x: np.asarray(predict(x))), train_s, n_head
-
-
-def train_unet(xs, ys, seed: int, threads: int):
-    import torch
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import UNet
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    net = UNet(3, 1, 2, (16, 32, 64, 128), (2, 2, 2), num_res_units=2)
-    opt = torch.optim.AdamW(net.parameters(), 1e-3)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    t0 = time.time()
-    for s in range(len(xs)):
-        x = torch.from_numpy(np.ascontiguousarray(xs[s].transpose(0, 4, 1, 2, 3)))
-        y = torch.from_numpy(np.ascontiguousarray(ys[s][:, None])).long()
-        opt.zero_grad()
-        loss_fn(net(x), y).backward()
-        opt.step()
-    train_s = time.time() - t0
-    net.eval()
-
-    def predict(x):
-        with torch.no_grad():
-            out = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))))
-            return torch.softmax(out, 1).numpy().transpose(0, 2, 3, 4, 1)
-
-    return predict, train_s, sum(p.numel() for p in net.parameters())
+    scores = []
+    for img, lab in test:
+        probs = sliding_window_inference(arm.predict, img, (patch,) * 3, overlap=0.25, sw_batch_size=2,
+                                         num_classes=2)
+        scores.append(dice(probs.argmax(-1) > 0, lab > 0))
+    return scores, (time.time() - t0) / len(test)
 
 
 def main(argv=None) -> int:
@@ -155,7 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3, help="LNFM peak LR")
     ap.add_argument("--shape", default="96,96,64", help="phantom grid (voxels of 1.5 mm)")
-    ap.add_argument("--arms", default="fine,light,unet")
+    ap.add_argument("--arms", default="fine,light,unet", help="the last one is the reference of the paired tests")
+    ap.add_argument("--eval-at", default="100,200", help="also score the test set after these steps (curve)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/results/fewshot_peer")
@@ -167,27 +180,34 @@ def main(argv=None) -> int:
     xs, ys = patch_stream(train, args.steps, args.batch, args.patch, args.seed)
     print(f"data: {args.labelled} train / {args.test} test phantoms, {args.steps}x{args.batch} patches of "
           f"{args.patch}^3 ({time.time() - t0:.0f}s)", flush=True)
+    names = args.arms.split(",")
+    arms = {n: UNetArm(args.seed, args.threads) if n == "unet" else LnfmArm(n, xs, ys, args.patch, args.lr, args.seed)
+            for n in names}
+    for n, a in arms.items():
+        print(f"{n}: {a.n_params} parameters (LNFM: head), compile {a.compile_s:.0f}s (not in the train time)",
+              flush=True)
+    evals = sorted({int(v) for v in args.eval_at.split(",") if v} | {args.steps})
+    train_s = dict.fromkeys(names, 0.0)
     rows, summary = [], []
-    for arm in args.arms.split(","):
-        if arm == "unet":
-            predict, train_s, n_params = train_unet(xs, ys, args.seed, args.threads)
-        else:
-            predict, train_s, n_params = train_lnfm(arm, xs, ys, args.patch, args.lr, args.seed)
-        t1 = time.time()
-        scores = []
-        for i, (img, lab) in enumerate(test):
-            probs = sliding_window_inference(predict, img, (args.patch,) * 3, overlap=0.25, sw_batch_size=2,
-                                             num_classes=2)
-            scores.append(dice(probs.argmax(-1) > 0, lab > 0))
-            rows.append({"arm": arm, "case": i, "dice": round(scores[-1], 4)})
-        infer_s = (time.time() - t1) / len(test)
-        summary.append((arm, float(np.mean(scores)), float(np.std(scores)), train_s, infer_s, n_params, scores))
-        print(f"{arm}: Dice {np.mean(scores):.3f} +- {np.std(scores):.3f}, train {train_s:.0f}s, "
-              f"infer {infer_s:.1f}s/volume, params {n_params}", flush=True)
+    for s in range(args.steps):
+        # Arms alternate step by step, so a busy machine slows them alike.
+        for n, a in arms.items():
+            t1 = time.time()
+            a.step(xs[s], ys[s])
+            train_s[n] += time.time() - t1
+        if s + 1 in evals:
+            for n, a in arms.items():
+                scores, infer_s = evaluate(a, test, args.patch)
+                rows += [{"arm": n, "step": s + 1, "case": i, "dice": round(d, 4)} for i, d in enumerate(scores)]
+                if s + 1 == args.steps:
+                    summary.append((n, float(np.mean(scores)), float(np.std(scores)), train_s[n], infer_s,
+                                    a.n_params, scores))
+                print(f"step {s + 1} {n}: test Dice {np.mean(scores):.3f} +- {np.std(scores):.3f}, "
+                      f"train {train_s[n]:.0f}s, infer {infer_s:.1f}s/volume", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, ["arm", "case", "dice"])
+        w = csv.DictWriter(f, ["arm", "step", "case", "dice"])
         w.writeheader()
         w.writerows(rows)
     lines = ["# Few-shot phantoms: LNFM heads vs MONAI U-Net (equal patch budget)\n",
