@@ -6,7 +6,7 @@ import torch
 from flax import nnx
 
 from lnfm.models.heads import build_head, head_param_count
-from lnfm.models.heads_fine import DownConv3D, FineHead
+from lnfm.models.heads.fine import DownConv3D, FineHead
 from numpy_init import numpy_init, quick_jit
 
 VIT = ([(8, 8, 8)] * 4, [64] * 4)

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.heads import (CONV_NAMES, _conv_init, as_stride, conv, instance_norm, level_strides, lrelu,
-                               step_factor, up_conv)
+from lnfm.models.heads.blocks import (CONV_NAMES, _conv_init, as_stride, conv, instance_norm, level_strides,
+                                      lrelu, step_factor, up_conv)
 from lnfm.models.layers import no_eager_sharding
 
 
