@@ -141,8 +141,9 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
     def check(done: int, metrics: dict) -> dict:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(values["loss"]):
-            raise NonFiniteLoss(f"loss is {values['loss']} at step {done}; stopping "
-                                f"(the last good checkpoint is kept)")
+            message = f"loss is {values['loss']} at step {done}; stopping (the last good checkpoint is kept)"
+            log.error("%s", message)  # into the workdir's log.txt as well
+            raise NonFiniteLoss(message)
         return values
 
     def finish(done: int, metrics: dict) -> None:
