@@ -9,6 +9,7 @@ launch/plan.py) are shims over `run_job`.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import NamedTuple
 
@@ -48,9 +49,12 @@ def run_job(name: str, argv: list[str]) -> int:
     try:
         return main(argv)
     except LnfmError as e:
+        logging.getLogger("lnfm").debug("user error", exc_info=True)
         print(f"lnfm {name}: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:  # the training loop has logged it into the workdir's log.txt
+    except NonFiniteLoss as e:
+        # into the workdir's log.txt; the console gets the one line below
+        logging.getLogger("lnfm").error("%s", e, extra={"console": False})
         print(f"lnfm {name}: error: {e}", file=sys.stderr)
         return 3
 

@@ -30,14 +30,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class _Console(logging.StreamHandler):
+    """Console handler bound to whatever `sys.stderr` is when a record is emitted, not when the
+    handler was made: a caller that swaps stderr (a notebook, a test capturing output) then never
+    meets a handler writing to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(workdir: Path | None = None, level: int = logging.INFO) -> None:
     root = logging.getLogger("lnfm")
     root.setLevel(level)
     root.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_lnfm_console", False) for h in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
+        console = _Console()
         console.setFormatter(fmt)
+        console.addFilter(lambda record: getattr(record, "console", True))  # extra={"console": False}: file only
         console._lnfm_console = True  # type: ignore[attr-defined]
         root.addHandler(console)
     if workdir is not None:

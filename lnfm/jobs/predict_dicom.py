@@ -18,7 +18,9 @@ import numpy as np
 from lnfm import __version__
 from lnfm.errors import LnfmError
 from lnfm.io import is_dicom_path
+from lnfm.io.dicom_seg import write_dicom_seg
 from lnfm.io.dicom_source import Provenance, SourceSeries, read_source_series
+from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
 from lnfm.jobs.export import CHECKSUMS
 
 log = logging.getLogger("lnfm.predict")
@@ -96,9 +98,6 @@ def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: dict, seri
                         paths: dict[str, Path], formats: OutputFormats, temp: Callable[[Path], Path],
                         pending: list[tuple[Path, Path]]) -> None:
     """Write the requested DICOM outputs under temporary names, appending (temporary, final) to `pending`."""
-    # Imported here: highdicom takes seconds to import, and most predictions write NIfTI only.
-    from lnfm.io.dicom_seg import write_dicom_seg
-    from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
 
     if not formats.export_sha256:  # a caller's bug: the outputs must identify the model
         raise RuntimeError("OutputFormats.export_sha256 is empty; set it to export_digest(export_dir)")
