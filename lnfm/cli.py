@@ -60,7 +60,11 @@ def run_job(name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv is None:  # the real command line: job parsers without their own prog print "usage: lnfm <job>"
+        argv = sys.argv[1:]
+        if argv and argv[0] in JOBS:
+            sys.argv[0] = f"lnfm {argv[0]}"
+    argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2

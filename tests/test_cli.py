@@ -73,3 +73,9 @@ def test_a_shim_script_goes_through_the_same_boundary(repo_root, tmp_path):
         f"lnfm pretrain: error: {tmp_path / 'nowhere'}: dataset not found (expected a prepared store; see "
         "data_prep/prepare.py)"]
     assert not (tmp_path / "w").exists()
+
+
+def test_job_usage_names_the_lnfm_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lnfm", "synth", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: lnfm synth ")

@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from lnfm.eval.detection import connectivity_structure
+from lnfm.eval.surface import dice
 
 
 @dataclass
@@ -74,8 +75,6 @@ def tune_size_prior(masks, truths, spacings, short_axes=(0.0, 3.0, 4.0, 5.0, 6.0
     """(min_short_axis_mm, max_elongation, mean Dice) maximising the mean Dice of the filtered
     `masks` against `truths` over the grid. Pass validation cases only, never test cases.
     Ties keep the earlier (milder) setting."""
-    from lnfm.eval.surface import dice
-
     best = (0.0, 0.0, -1.0)
     for s in short_axes:
         for e in elongations:

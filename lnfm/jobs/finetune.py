@@ -37,8 +37,8 @@ from lnfm.errors import DataError, LnfmError
 from lnfm.eval.inference import InferenceConfig, sliding_window_inference
 from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
 from lnfm.eval.surface import dice as dice_score
-from lnfm.jobs.export import ExportError, load_export
 from lnfm.jobs.finetune_cpu import cpu_notice
+from lnfm.jobs.export import ExportError, check_weights_export, load_export
 from lnfm.models.lora import apply_lora
 from lnfm.models import ModelConfig
 from lnfm.models.heads import head_flops, head_param_count
@@ -506,8 +506,6 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     splits = make_splits(all_records, cfg.train.val_fraction)
     kind, init_path, _ = resolve_init(cfg.init)
     if kind == "export":  # a damaged export fails before the workdir is written
-        from lnfm.jobs.export import ExportError, check_weights_export
-
         try:
             check_weights_export(init_path)
         except (ExportError, LnfmError) as e:

@@ -48,6 +48,7 @@ from lnfm.data.geometry import restore_to_source, spacing_of
 from lnfm.data.loader import LoaderConfig, normalize
 from lnfm.data.prepare import preprocess_volume
 from lnfm.eval import backends
+from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
 from lnfm.errors import LnfmError
 from lnfm.eval.inference import sliding_window_inference
 from lnfm.eval.postprocess import PostprocessConfig, postprocess
@@ -148,8 +149,6 @@ def _read_channel(path: str, series: str | None = None) -> Volume:
 def read_scan(paths: list[str], meta: dict, series: str | None = None) -> Volume:
     """Channels stacked (X, Y, Z, C) float32 on the first file's grid, checked for the model
     (the checks prepare applies, `lnfm.data.scan_checks`). `series` picks a DICOM series."""
-    from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
-
     channels = meta["preprocessing"]["channels"]
     vols = [_read_channel(p, series) for p in paths]
     first, name = vols[0], paths[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lnfm.config import ConfigError
+
 # Preset size names per architecture (the dimensions live in lnfm.models.vit.SIZES and
 # lnfm.models.swin.SWIN_SIZES; tests/models/test_config.py keeps the lists equal).
 SIZE_NAMES = {"vit": ("tiny", "s", "b", "l", "h"), "swin": ("tiny", "s", "b")}
@@ -41,8 +43,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # Checked here so a bad `model.arch` or `model.size` is a config error when the config
         # loads, not a traceback when the model is first built.
-        from lnfm.config import ConfigError
-
         if self.arch not in SIZE_NAMES:
             raise ConfigError(f"model.arch: '{self.arch}' is not one of {list(SIZE_NAMES)}")
         if self.size not in SIZE_NAMES[self.arch]:
