@@ -41,7 +41,7 @@ def marking(tiny, tmp_path_factory):  # noqa: F811
     from lnfm.jobs.export import export_model
 
     root = tmp_path_factory.mktemp("marking")
-    workdir, _, _ = make_finetune_workdir(root, tiny.store, bias=-0.3)
+    workdir, _, _ = make_finetune_workdir(root, tiny.store, bias=-0.1)
     return export_model(workdir, root / "export", "orbax")
 
 
