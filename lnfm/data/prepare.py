@@ -9,11 +9,9 @@ exists is finished and skipped on reruns; an interrupted case is redone from scr
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import json
 import logging
-import multiprocessing
 import sys
 from dataclasses import dataclass, field
 
@@ -26,7 +24,10 @@ from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, r
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
 from lnfm.io import ImageReadError, Volume, read_image
-from lnfm.workdir import progress, setup_logging
+from lnfm.data.workers import map_in_workers
+from lnfm.errors import LnfmError
+from lnfm.safety import check_apart
+from lnfm.workdir import LOCK_FILE, lock_folder, progress, setup_logging
 
 log = logging.getLogger("lnfm.data.prepare")
 
@@ -290,6 +291,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     if not salt:
         log.warning("no id salt set (salt=... or %s); hashed case ids are unsalted", "LNFM_ID_SALT")
     cases, errors = discover(input, cfg.site, salt)
+    check_apart({"--output": output}, {"--input": [input] + [p for c in cases for p in [*c.images, c.label] if p]})
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
@@ -311,23 +313,18 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
         bar.update(1)
         bar.set_postfix(ok=result.converted, failed=len(result.failures))
 
-    if cfg.workers <= 1:
-        for case in todo:
-            finish(*_convert_or_fail(case, output, cfg))
-    else:
-        ctx = multiprocessing.get_context("spawn")  # no fork after TensorStore/JAX threads start
-        with cf.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_convert_or_fail, c, output, cfg): c for c in todo}
-            for fut in cf.as_completed(futures):
-                case = futures[fut]
-                try:
-                    finish(*fut.result())
-                except Exception as e:  # a worker that died (e.g. killed for memory)
-                    finish("failed", {"file": case.images[0], "reason": f"worker died ({type(e).__name__})"})
-    bar.close()
-    result.failed = len(result.failures)
-    _write_failures(output, shard_index, num_shards, result.failures)
-    st.write_manifest(output)
+    with lock_folder(output, f"{LOCK_FILE}.shard-{shard_index}-of-{num_shards}", enabled="://" not in output):
+        if cfg.workers <= 1:
+            for case in todo:
+                finish(*_convert_or_fail(case, output, cfg))
+        else:
+            map_in_workers(_convert_or_fail, todo, (output, cfg), cfg.workers, lambda case, res: finish(*res),
+                           lambda case, how: finish("failed", {"file": case.images[0],
+                                                               "reason": f"the conversion process died ({how})"}))
+        bar.close()
+        result.failed = len(result.failures)
+        _write_failures(output, shard_index, num_shards, result.failures)
+        st.write_manifest(output)
     return result
 
 
@@ -352,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{key}={getattr(args, key)}")
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
-    res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
+    try:
+        res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
+    except LnfmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"converted {res.converted}, skipped {res.skipped} (already done), failed {res.failed}")
     for f in res.failures:
         print(f"FAILED {f['file']}: {f['reason']}")

@@ -42,6 +42,7 @@ import numpy as np
 
 from lnfm import __version__
 from lnfm.models import export_formats as fmt
+from lnfm.safety import check_apart
 from lnfm.workdir import setup_logging
 
 log = logging.getLogger("lnfm.export")
@@ -164,7 +165,7 @@ def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
     from flax import nnx
 
     from lnfm.models.segmenter import build_segmenter
-    from lnfm.train.checkpoint import restore_params
+    from lnfm.train.checkpoint import CheckpointError, restore_params
 
     if cfg.strategy.freeze == "lora":  # adapters are folded into the kernels: the export is a plain segmenter
         from lnfm.jobs.finetune import load_finetuned
@@ -181,7 +182,7 @@ def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     try:
         return fmt.flatten_tree(restore_params(run_dir / "best", target, key="model"))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise ExportError(str(e)) from None
 
 
@@ -238,7 +239,7 @@ def _load_pretrained(workdir: Path) -> _Source:
     from lnfm.config import from_dict, read_yaml, to_dict
     from lnfm.data.prepare import PrepareConfig
     from lnfm.models import ModelConfig, build_encoder
-    from lnfm.train.checkpoint import restore_params
+    from lnfm.train.checkpoint import CheckpointError, restore_params
 
     data = read_yaml(workdir / "config.yaml")
     if not isinstance(data.get("model"), dict):
@@ -253,7 +254,7 @@ def _load_pretrained(workdir: Path) -> _Source:
             restored = restore_params(workdir / "checkpoints", nnx.State({"encoder": target}))["encoder"]
         except (TypeError, ValueError):  # a checkpoint of plain nested dicts
             restored = restore_params(workdir / "checkpoints", {"encoder": nnx.to_pure_dict(target)})["encoder"]
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise ExportError(str(e)) from None
     pure = nnx.to_pure_dict(restored if isinstance(restored, nnx.State) else nnx.State(restored))
     flat = fmt.flatten_tree(pure, "encoder.")
@@ -286,18 +287,21 @@ def _load_pretrained(workdir: Path) -> _Source:
     return _Source("encoder", flat, meta)
 
 
-def load_source(checkpoint: str | Path) -> _Source:
+def source_dir(checkpoint: str | Path) -> Path:
+    """The whole workdir (finetuning or pretraining run) that `checkpoint` names or lies in."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise ExportError(f"{path}: checkpoint folder not found")
-    ft = _finetune_dir(path)
-    if ft is not None:
-        return _load_finetuned(ft)
-    pre = _pretrain_dir(path)
-    if pre is not None:
-        return _load_pretrained(pre)
-    raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
-                      f"(config.yaml + checkpoints/)")
+    found = _finetune_dir(path) or _pretrain_dir(path)
+    if found is None:
+        raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
+                          f"(config.yaml + checkpoints/)")
+    return found
+
+
+def load_source(checkpoint: str | Path) -> _Source:
+    root = source_dir(checkpoint)
+    return _load_finetuned(root) if _finetune_dir(root) else _load_pretrained(root)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -372,13 +376,28 @@ def _occupied(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
+def check_replaceable(out: Path, force: bool) -> None:
+    """`out` is free, or (with force) an intact export: its model.json and every file matching
+    checksums.sha256. Anything else (a workdir, a data folder, an edited export) is never deleted."""
+    if not _occupied(out):
+        return
+    if not force:
+        raise ExportError(f"{out}: already exists (pass --force to replace it)")
+    try:
+        read_meta(out)
+        verify_export(out)
+    except ExportError as e:
+        raise ExportError(f"{out}: --force replaces only an intact lnfm export, and this is not one "
+                          f"({str(e).split(': ', 1)[-1]}); nothing was deleted") from None
+
+
 def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax", force: bool = False) -> Path:
     """Write an export of `checkpoint` into `out` (see the module docstring); returns `out`."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
     out = Path(out).absolute()
-    if _occupied(out) and not force:
-        raise ExportError(f"{out}: already exists (pass --force to replace it)")
+    check_apart({"--out": out}, {"--checkpoint": source_dir(checkpoint)})
+    check_replaceable(out, force)
     source = load_source(checkpoint)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

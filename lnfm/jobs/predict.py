@@ -40,6 +40,7 @@ import numpy as np
 from lnfm.data.geometry import restore_to_source, spacing_of
 from lnfm.jobs.export import ExportError, read_meta
 from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image
+from lnfm.safety import check_apart
 
 log = logging.getLogger("lnfm.predict")
 
@@ -261,6 +262,8 @@ def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str
     and write its outputs (see the module docstring)."""
     output = Path(output)
     check_outputs(output, probabilities, overlay)
+    check_apart({"--output": output, "--probabilities": probabilities, "--report": report, "--overlay": overlay},
+                {"--input": list(inputs)})
     vol = read_scan(list(inputs), meta) if vol is None else vol
     pred = predict_volume(predictor, meta, vol, options)
     write_outputs(pred, meta, output, Path(probabilities) if probabilities else None,
@@ -277,6 +280,14 @@ def _count_nodes(labels: np.ndarray) -> int:
 
 
 # ----------------------------------------------------------------------------- batch
+
+
+def check_batch_paths(folder, out, probabilities=None, report=None, overlay=None, model=None) -> None:
+    """Output folders apart from the input folder and the model; mask and probability folders
+    apart from each other (both receive CASE.nii.gz)."""
+    outputs = {"--output": out, "--probabilities": probabilities, "--report": report, "--overlay": overlay}
+    check_apart(outputs, {"--input": folder, "--model": model}, distinct=False)
+    check_apart({"--output": out, "--probabilities": probabilities}, {})
 
 
 def _strip_suffix(name: str) -> str:
@@ -320,6 +331,7 @@ def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str
     from lnfm.workdir import progress
 
     folder, out = Path(folder), Path(out)
+    check_batch_paths(folder, out, probabilities, report, overlay)
     cases = find_cases(folder, len(meta["preprocessing"]["channels"]))
     if not cases:
         raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
@@ -366,6 +378,11 @@ def run(args: argparse.Namespace) -> int:
         meta = read_meta(args.model)
         inputs = [p for p in str(args.input).split(",") if p]
         batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
+        if batch:
+            check_batch_paths(inputs[0], args.output, args.probabilities, args.report, args.overlay, args.model)
+        else:
+            check_apart({"--output": args.output, "--probabilities": args.probabilities, "--report": args.report,
+                         "--overlay": args.overlay}, {"--input": inputs, "--model": args.model})
         vol = None
         if not batch:  # check the scan before the model loads: bad input fails fast
             check_outputs(args.output, args.probabilities, args.overlay)

@@ -28,7 +28,9 @@ from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import read_manifest
 from lnfm.models import ModelConfig, build_ssl_model
 from lnfm.models.sharding import MeshConfig, batch_sharding, create_sharded_model, make_mesh, use_rules
-from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
+from lnfm.errors import LnfmError
+from lnfm.safety import check_apart
+from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, has_checkpoints
 from lnfm.train.distributed import DistributedConfigError, initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, NonFiniteLoss, Throughput, parse_profile_steps, run_loop, trim_metrics
@@ -36,11 +38,12 @@ from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.state import abstract_state, create_train_state, merge_model, step_key
 from lnfm.train.step import make_train_step
-from lnfm.workdir import open_workdir
+from lnfm.workdir import check_resume, lock_folder, open_workdir
 
 log = logging.getLogger("lnfm.pretrain")
 
 SPACING_RTOL = 0.02  # prepared spacings within 2% count as the configured one
+RESUME_KEYS = ("model",)  # config sections a resumed run must keep (the checkpoint's shapes follow them)
 
 
 @dataclasses.dataclass
@@ -198,6 +201,13 @@ def step_flops(cfg: PretrainConfig, graphdef: Any, state: dict) -> float | None:
 
 def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None = None) -> int:
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
+    check_apart({"--workdir": workdir}, {"--data": stores})
+    with lock_folder(workdir, enabled=jax.process_index() == 0):
+        check_resume(workdir, cfg, RESUME_KEYS, has_run=has_checkpoints(Path(workdir) / "checkpoints"))
+        return _run(cfg, stores, workdir, profile_steps)
+
+
+def _run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None) -> int:
     workdir = Path(workdir)
     counts = check_stores(stores, cfg.data.split, cfg.data.spacing)  # before anything compiles
     weights = list(cfg.data.weights) or None
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_pretrain_config(args.config, args.overrides)
         stores = [s for s in args.data.split(",") if s]
         return run(cfg, stores, args.workdir, args.profile_steps)
-    except (DataError, ConfigError, CheckpointError, DistributedConfigError) as e:
+    except (DataError, ConfigError, CheckpointError, DistributedConfigError, LnfmError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

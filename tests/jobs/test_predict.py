@@ -225,3 +225,39 @@ def test_a_stablehlo_export_predicts_like_the_orbax_one(tiny, predictor, tmp_pat
     a = pr.predict_case(fn_hlo, meta, [str(scan)], tmp_path / "a.nii.gz")
     b = pr.predict_case(fn, meta, [str(scan)], tmp_path / "b.nii.gz")
     assert (a.labels == b.labels).mean() > 0.999 and a.labels.any()
+
+
+# ----------------------------------------------------------------------------- outputs never touch inputs
+
+
+def test_an_output_naming_the_input_or_the_model_is_refused_and_nothing_changes(tiny, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    from tree_helpers import tree_digest
+
+    scan = tmp_path / "scan.nii.gz"
+    shutil.copy(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz", scan)
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    shutil.copy(scan, batch / "a.nii.gz")
+    ok = str(tmp_path / "ok.nii.gz")
+    cases = {
+        "output": (["--input", str(scan), "--output", str(scan)], "--output is --input"),
+        "report": (["--input", str(scan), "--output", ok, "--report", str(scan)], "--report is --input"),
+        "probabilities": (["--input", str(scan), "--output", ok, "--probabilities", str(scan)],
+                          "--probabilities is --input"),
+        "overlay_in_model": (["--input", str(scan), "--output", ok, "--overlay", str(tiny.orbax / "x.png")],
+                             "--overlay lies inside --model"),
+        "same_two_outputs": (["--input", str(scan), "--output", ok, "--probabilities", ok], "name the same path"),
+        "batch_same_dir": (["--input", str(batch), "--output", str(batch)], "--output is --input"),
+        "batch_inside": (["--input", str(batch), "--output", str(batch / "masks")], "--output lies inside --input"),
+        "batch_parent": (["--input", str(batch), "--output", str(tmp_path)], "--output contains --input"),
+    }
+    before = tree_digest(tmp_path, tiny.orbax)
+    for name, (args, reason) in cases.items():
+        capsys.readouterr()
+        rc = pr.main(["--model", str(tiny.orbax), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, name
+        assert len(err) == 1 and err[0].startswith("error: ") and reason in err[0], (name, err)
+        assert tree_digest(tmp_path, tiny.orbax) == before, name
