@@ -49,8 +49,8 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True)
 
     flock(2) on FOLDER/.lnfm.lock: the kernel drops it when the holder exits, however it dies,
     so a crashed job never blocks the next one. A second job gets a one-line `WorkdirError`
-    naming the holder (pid, host, start time). A folder this call created and the block left
-    empty is removed again, so a job refused before writing leaves nothing behind."""
+    naming the holder (pid, host, start time). The lock file is removed on release, and so is
+    a folder this call created if the block left it empty: a refused job leaves nothing behind."""
     if not enabled:
         yield
         return
@@ -58,26 +58,35 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(path, folder)
     try:
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a waiter then finds the file gone and retries
+        os.close(fd)  # closing the descriptor releases the lock
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _acquire(path: Path, folder: Path) -> int:
+    """An fd holding the flock of `path`, retried while a releasing holder unlinks the file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise WorkdirError(f"{folder}: in use by another lnfm job ({holder}); wait for it to finish or choose "
                                f"another folder") from None
-        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
         try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            if created and [p.name for p in folder.iterdir()] == [name]:
-                path.unlink()
-                folder.rmdir()
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a file its holder had just removed: take the new one
 
 
 def _differences(old: Any, new: Any, prefix: str) -> list[str]:

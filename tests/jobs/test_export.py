@@ -281,7 +281,7 @@ def test_force_replaces_only_an_intact_export_and_never_the_source(tiny, tmp_pat
         "parent": (work.parent, "--out contains --checkpoint"),
         "inside": (work / "export", "--out lies inside --checkpoint"),
         "best_of_source": (work / "best", "--out lies inside --checkpoint"),
-        "not_an_export": (notes, "not an intact lnfm export"),
+        "not_an_export": (notes, "replaces only an intact lnfm export"),
         "edited_export": (edited, "checksum mismatch"),
     }
     before = tree_digest(tmp_path)
