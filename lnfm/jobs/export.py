@@ -21,8 +21,10 @@ and `checksums.sha256` (sha256 of every other file). Formats:
   the ViT encoder as a MONAI `ViT` state dict.
 
 The same checkpoint gives byte-identical files. An existing export is replaced only
-with `force`, by writing a temporary folder and swapping it in, so a failed export
-leaves the old one intact.
+with `force` and only when it is an intact export (model.json and every file matching
+checksums.sha256; anything else is refused, nothing deleted), by writing a temporary
+folder and swapping it in, so a failed export leaves the old one intact. `out` may not
+equal, contain or lie inside the source workdir (`lnfm.safety`).
 """
 
 from __future__ import annotations
@@ -502,7 +504,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--checkpoint", help="finetuning workdir (or its best/ or checkpoints/), or a pretraining workdir")
     ap.add_argument("--out", help="export folder to write")
     ap.add_argument("--format", default="orbax", choices=FORMATS, help="export format (default: orbax)")
-    ap.add_argument("--force", action="store_true", help="replace an existing export (atomically)")
+    ap.add_argument("--force", action="store_true", help="replace an existing, intact export (atomically)")
     ap.add_argument("--verify", metavar="DIR", default=None, help="check an export's files against its checksums")
     return ap
 
