@@ -261,3 +261,29 @@ def test_an_output_naming_the_input_or_the_model_is_refused_and_nothing_changes(
         assert rc == 2, name
         assert len(err) == 1 and err[0].startswith("error: ") and reason in err[0], (name, err)
         assert tree_digest(tmp_path, tiny.orbax) == before, name
+
+
+def test_a_full_disk_keeps_the_previous_outputs_and_a_rerun_completes(tiny, predictor, tmp_path):  # noqa: F811
+    """`ulimit -f` in a real `lnfm predict` process: writing the new mask fails with EFBIG; the
+    previous mask and report are intact, no partial file is left, and the rerun succeeds."""
+    import resource
+
+    from tree_helpers import leftovers, tree_digest
+
+    fn, meta = predictor
+    scan = str(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz")
+    out = tmp_path / "out"
+    pr.predict_case(fn, meta, [scan], out / "mask.nii.gz", report=out / "nodes.csv")
+    before = tree_digest(out)
+    cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(tiny.orbax), "--input", scan,
+           "--output", str(out / "mask.nii.gz"), "--report", str(out / "nodes.csv"),
+           "--probabilities", str(out / "prob.nii.gz")]
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert tree_digest(out) == before and leftovers(out) == []
+    pr.predict_case(fn, meta, [scan], out / "mask.nii.gz", probabilities=out / "prob.nii.gz",
+                    report=out / "nodes.csv")
+    assert (out / "prob.nii.gz").is_file() and leftovers(out) == []
