@@ -32,7 +32,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:  # a full disk: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -55,6 +59,8 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True)
         yield
         return
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise WorkdirError(f"{folder}: exists and is not a folder")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name

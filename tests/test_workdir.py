@@ -88,6 +88,11 @@ def test_a_folder_the_lock_created_is_removed_when_left_empty(tmp_path):
     with W.lock_folder(tmp_path / "old"):
         pass
     assert (tmp_path / "old").is_dir()  # it existed before: kept
+    (tmp_path / "file").write_text("data")
+    with pytest.raises(W.WorkdirError, match="file: exists and is not a folder"):
+        with W.lock_folder(tmp_path / "file"):
+            pass
+    assert (tmp_path / "file").read_text() == "data"
 
 
 def test_check_resume_refuses_another_model_and_keeps_config(tmp_path):
