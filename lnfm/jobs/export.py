@@ -37,14 +37,24 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from lnfm import __version__
+from lnfm.config import from_dict, read_yaml, to_dict
+from lnfm.data.prepare import PrepareConfig
+from lnfm.data.store import read_manifest
+from lnfm.errors import LnfmError, WeightsMismatch
+from lnfm.models import ModelConfig, build_encoder
 from lnfm.models import export_formats as fmt
+from lnfm.models.interop import from_monai_vit
+from lnfm.models.lora import merge_lora
+from lnfm.models.segmenter import build_segmenter
 from lnfm.safety import check_apart
+from lnfm.train.checkpoint import CheckpointError, restore_params
 from lnfm.workdir import setup_logging
 
 log = logging.getLogger("lnfm.export")
@@ -57,14 +67,13 @@ SCHEMA_VERSION = 1
 DEFAULT_MIN_VOLUME_MM3 = 10.0
 
 
-class ExportError(ValueError):
+class ExportError(LnfmError, ValueError):
     """An export that cannot be written or read; the message is one line naming the path."""
 
 
 @dataclasses.dataclass
 class Exported:
     """A loaded export: `model` is the segmenter (None for an encoder-only export)."""
-
     meta: dict  # the parsed model.json
     encoder: object  # the encoder nnx.Module
     model: object | None  # the Segmenter nnx.Module, or None
@@ -97,8 +106,6 @@ def git_revision() -> str | None:
 
 
 def _manifests(stores: list[str]) -> list[dict] | None:
-    from lnfm.data.store import read_manifest
-
     records = []
     try:
         for store in stores:
@@ -163,15 +170,8 @@ def _read_json(path: Path) -> dict:
 
 def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
     """The Params of the best model in a finetuning run, read straight from its checkpoint."""
-    import jax
-    from flax import nnx
-
-    from lnfm.models.segmenter import build_segmenter
-    from lnfm.train.checkpoint import CheckpointError, restore_params
-
     if cfg.strategy.freeze == "lora":  # adapters are folded into the kernels: the export is a plain segmenter
         from lnfm.jobs.finetune import load_finetuned
-        from lnfm.models.lora import merge_lora
 
         model, _ = load_finetuned(run_dir)
         merge_lora(model.encoder)
@@ -189,8 +189,6 @@ def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
 
 
 def _load_finetuned(workdir: Path) -> _Source:
-    from lnfm.config import from_dict, read_yaml, to_dict
-    from lnfm.data.prepare import PrepareConfig
     from lnfm.jobs.finetune import FinetuneConfig
 
     run_dir = workdir if (workdir / "best").is_dir() else workdir / "repeat_0"
@@ -235,14 +233,6 @@ def _load_finetuned(workdir: Path) -> _Source:
 
 
 def _load_pretrained(workdir: Path) -> _Source:
-    import jax
-    from flax import nnx
-
-    from lnfm.config import from_dict, read_yaml, to_dict
-    from lnfm.data.prepare import PrepareConfig
-    from lnfm.models import ModelConfig, build_encoder
-    from lnfm.train.checkpoint import CheckpointError, restore_params
-
     data = read_yaml(workdir / "config.yaml")
     if not isinstance(data.get("model"), dict):
         raise ExportError(f"{workdir / 'config.yaml'}: no model section to rebuild the encoder from")
@@ -442,11 +432,7 @@ def read_meta(folder: str | Path) -> dict:
 def build_from_meta(meta: dict, flat: dict[str, np.ndarray], where: str = "export"):
     """(segmenter or None, encoder) of the architecture in `meta` carrying the weights `flat`
     (dotted names; the encoder's start with 'encoder.'). Nothing is randomly initialised."""
-    from flax import nnx
 
-    from lnfm.config import from_dict
-    from lnfm.models import ModelConfig, build_encoder
-    from lnfm.models.segmenter import build_segmenter
 
     cfg = from_dict(ModelConfig, meta["model"], "model")
     try:
@@ -458,7 +444,7 @@ def build_from_meta(meta: dict, flat: dict[str, np.ndarray], where: str = "expor
                                         **(head.get("options") or {})), flat, where)
             return model, model.encoder
         return None, fmt.module_from_flat(lambda: build_encoder(cfg, nnx.Rngs(0)), flat, where, prefix="encoder.")
-    except ValueError as e:
+    except WeightsMismatch as e:
         raise ExportError(str(e).splitlines()[0]) from None
 
 
@@ -476,14 +462,10 @@ def load_export(folder: str | Path, verify: bool = True) -> Exported:
         raise ExportError(f"{folder}: a stablehlo export holds a compiled function, not weights (use "
                           f"lnfm.models.export_formats.read_stablehlo, or export orbax/safetensors)")
     if kind == "monai":
-        from lnfm.config import from_dict
-        from lnfm.models import ModelConfig
-        from lnfm.models.interop import from_monai_vit
-
         cfg = from_dict(ModelConfig, meta["model"], "model")
         try:
             encoder = from_monai_vit(fmt.read_safetensors(folder / fmt.MONAI_SAFETENSORS), cfg)
-        except ValueError as e:
+        except WeightsMismatch as e:
             raise ExportError(f"{folder / fmt.MONAI_SAFETENSORS}: {e}") from None
         return Exported(meta, encoder, None)
     if kind == "orbax":
@@ -510,19 +492,15 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.verify:
-            n = verify_export(args.verify)
-            print(f"{args.verify}: {n} files match {CHECKSUMS}")
-            return 0
-        if not args.checkpoint or not args.out:
-            raise ExportError("export needs --checkpoint DIR and --out EXPORT_DIR (or --verify DIR)")
-        out = export_model(args.checkpoint, args.out, args.format, force=args.force)
-        print(f"wrote {args.format} export to {out}")
+    if args.verify:
+        n = verify_export(args.verify)
+        print(f"{args.verify}: {n} files match {CHECKSUMS}")
         return 0
-    except (ExportError, ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    if not args.checkpoint or not args.out:
+        raise ExportError("export needs --checkpoint DIR and --out EXPORT_DIR (or --verify DIR)")
+    out = export_model(args.checkpoint, args.out, args.format, force=args.force)
+    print(f"wrote {args.format} export to {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,10 +26,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lnfm.errors import LnfmError
+
 log = logging.getLogger("lnfm.train")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LnfmError, RuntimeError):
     """No checkpoint in the folder can be restored into the current train state."""
 
 
@@ -187,7 +189,7 @@ class Checkpointer:
         self.wait()
         self.manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

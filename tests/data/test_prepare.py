@@ -85,7 +85,8 @@ def _bad_inputs(root: Path) -> tuple[Path, dict]:
         {"case_id": "ok2", "image": good[1]},  # unlabelled is fine
         {"case_id": "corrupt", "image": str(corrupt)},
         {"case_id": "nan", "image": save(root / "nan.nii.gz", nan, aff)},
-        {"case_id": "grid", "image": good[0], "label": save(root / "shifted.nii.gz", lab, affine_lps(origin=(0, 0, 0)))},
+        {"case_id": "grid", "image": good[0],
+         "label": save(root / "shifted.nii.gz", lab, affine_lps(origin=(0, 0, 0)))},
         {"case_id": "flat", "image": save(root / "flat.nii.gz", img[:, :, 0], aff)},
         {"case_id": "empty", "image": good[0], "label": save(root / "empty.nii.gz", lab * 0, aff)},
         {"case_id": "frac", "image": good[0], "label": save(root / "frac.nii.gz", lab * 0.5, aff)},
@@ -257,6 +258,8 @@ def test_output_apart_from_the_input_and_a_held_store_is_refused(tmp_path, capsy
     import subprocess
     import sys
 
+    from lnfm.cli import run_job
+
     from tree_helpers import tree_digest
 
     raw = nnunet_folder(tmp_path / "raw", n=1)
@@ -271,17 +274,18 @@ def test_output_apart_from_the_input_and_a_held_store_is_refused(tmp_path, capsy
     before = tree_digest(tmp_path)
     for name, (args, reason) in cases.items():
         capsys.readouterr()
-        rc = main(args + ["workers=0", "salt=x"])
+        rc = run_job("prepare", args + ["workers=0", "salt=x"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and err[-1].startswith("error: ") and reason in err[-1], (name, err)
+        assert rc == 2 and "error: " in err[-1] and reason in err[-1], (name, err)
         assert tree_digest(tmp_path) == before, name
     hold = ("import sys, time; from lnfm.workdir import lock_folder\n"
-            "with lock_folder(sys.argv[1], '.lnfm.lock.shard-0-of-1'):\n    print('locked', flush=True); time.sleep(60)\n")
+            "with lock_folder(sys.argv[1], '.lnfm.lock.shard-0-of-1'):\n"
+            "    print('locked', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "store")], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     try:
         assert proc.stdout.readline().strip() == "locked"
-        rc = main(["--input", str(raw), "--output", str(tmp_path / "store"), "workers=0", "salt=x"])
+        rc = run_job("prepare", ["--input", str(raw), "--output", str(tmp_path / "store"), "workers=0", "salt=x"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and f"in use by another lnfm job (pid {proc.pid} on" in err[-1]
     finally:

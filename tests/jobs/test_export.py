@@ -266,6 +266,8 @@ def test_bad_checkpoint_folders_fail_with_one_line(tmp_path):
 def test_force_replaces_only_an_intact_export_and_never_the_source(tiny, tmp_path, capsys):  # noqa: F811
     import shutil
 
+    from lnfm.cli import run_job
+
     from tree_helpers import tree_digest
 
     work = tmp_path / "runs" / "ft"
@@ -287,12 +289,12 @@ def test_force_replaces_only_an_intact_export_and_never_the_source(tiny, tmp_pat
     before = tree_digest(tmp_path)
     for name, (out, reason) in cases.items():
         capsys.readouterr()
-        rc = ex.main(["--checkpoint", str(work), "--out", str(out), "--format", "orbax", "--force"])
+        rc = run_job("export", ["--checkpoint", str(work), "--out", str(out), "--format", "orbax", "--force"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and reason in err[0], (name, err)
         assert tree_digest(tmp_path) == before, name
     out = ex.export_model(work, tmp_path / "exp", "safetensors")
-    assert ex.main(["--checkpoint", str(work), "--out", str(out), "--format", "orbax", "--force"]) == 0
+    assert run_job("export", ["--checkpoint", str(work), "--out", str(out), "--format", "orbax", "--force"]) == 0
     assert json.loads((out / "model.json").read_text())["format"] == "orbax"
 
 

