@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -239,9 +240,13 @@ def write_outputs(pred: Prediction, meta: dict, output: Path | None, probabiliti
             pending.append((_temp(overlay), overlay))
             write_overlay(pending[-1][0], pred.hu, pred.labels, pred.affine,
                           tuple(meta["preprocessing"]["hu_window"]), title)
-    except BaseException:
+    except BaseException as e:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            # a full disk or quota is the user's to fix, not a bug: one line, the old outputs are intact
+            raise PredictError(f"{pending[-1][1] if pending else output}: cannot write ({e.strerror}); "
+                               f"nothing was replaced") from None
         raise
     for tmp, final in pending:
         os.replace(tmp, final)
