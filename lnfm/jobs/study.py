@@ -40,7 +40,7 @@ STRATEGIES: dict[str, list[str]] = {
     "full_llrd": ["strategy.freeze=none", "strategy.llrd=0.75"],
     "lora": ["strategy.freeze=lora"],
 }
-HEADS = ("unetr", "light", "linear")
+HEADS = ("unetr", "light", "fine", "linear")
 METRIC_KEYS = ("dice", "node_sensitivity", "hd95", "nsd", "fp_per_volume")
 
 

@@ -5,7 +5,8 @@ units in input-to-output order: embedding, then blocks or stages) and `.head`.
 
 - `all`: the encoder is frozen; only the head trains.
 - `first_k`: the first `k` units are frozen; later units, leftover encoder
-  parameters (e.g. the final norm) and the head train.
+  parameters (e.g. the final norm) and the head train. The embedding is unit 1,
+  so k=2 freezes the embedding plus block 1 (Swin: stage 1).
 - `none`: everything trains, with layer-wise LR decay: unit i of n gets
   lr * llrd ** (n - i), the head gets lr.
 - `lora`: the encoder's weights are frozen; low-rank adapters on the attention
@@ -31,7 +32,7 @@ from lnfm.models.lora import LoRAParam
 @dataclasses.dataclass
 class StrategyConfig:
     freeze: Literal["all", "first_k", "none", "lora"] = "all"  # what the optimizer may change (see docs/finetuning.md)
-    k: int = 2  # number of leading encoder units frozen with freeze=first_k
+    k: int = 2  # leading encoder units frozen with freeze=first_k (the embedding counts: k=2 = embedding + block 1)
     llrd: float = 1.0  # layer-wise LR decay for trainable encoder units (1.0 = off; 0.75 is typical with freeze=none)
     lora_rank: int = 8  # LoRA adapter rank with freeze=lora
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scale = alpha / rank)

@@ -256,6 +256,17 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_uninterrupted_result(store, tm
     assert a["best_step"] == b["best_step"]
 
 
+def test_finetune_schedule_ends_at_a_floor_not_zero():
+    """Few-shot validation Dice still rises late in a run: the default cosine stops at 10% of the peak."""
+    from lnfm.train.optim import make_schedule, peak_lr
+
+    cfg = load_finetune_config("pelvis")
+    sched = make_schedule(cfg.optim, cfg.train.steps, cfg.train.global_batch)
+    peak = peak_lr(cfg.optim, cfg.train.global_batch)
+    assert float(sched(cfg.train.steps)) == pytest.approx(0.1 * peak, rel=1e-4)
+    assert float(sched(cfg.train.steps // 2 + cfg.optim.warmup_steps // 2)) == pytest.approx(0.55 * peak, rel=1e-2)
+
+
 # ----------------------------------------------------------------------------- nothing lost
 
 

@@ -38,7 +38,7 @@ def test_levels_and_assignment():
         level_strides((12, 12, 12))
 
 
-@pytest.mark.parametrize("name", ["unetr", "light", "linear"])
+@pytest.mark.parametrize("name", ["unetr", "light", "fine", "linear"])
 @pytest.mark.parametrize("layout", [VIT, SWIN], ids=["vit", "swin"])
 def test_head_shapes_with_deep_supervision(name, layout):
     spatial = (32, 32, 32)

@@ -8,8 +8,8 @@ Every head is built from the encoder's feature layout (`feature_strides`, one
 full-resolution output). `images` are the (padded) encoder inputs: X, Y, Z are
 multiples of the deepest feature stride.
 
-Heads: `LinearProbe` (linear.py), `UNETRHead` (unetr.py), `LightHead` (light.py);
-`registry.build_head(name, ...)` picks one.
+Heads: `LinearProbe` (linear.py), `UNETRHead` (unetr.py), `LightHead` (light.py),
+`FineHead` (fine.py: image skips at strides 1, 2, 4); `registry.build_head(name, ...)` picks one.
 """
 
 from __future__ import annotations
