@@ -9,11 +9,9 @@ exists is finished and skipped on reruns; an interrupted case is redone from scr
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import json
 import logging
-import multiprocessing
 import re
 import sys
 from dataclasses import dataclass, field
@@ -27,9 +25,11 @@ from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, h
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing, check_target_spacing
+from lnfm.data.workers import map_in_workers
 from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
-from lnfm.workdir import progress, setup_logging
+from lnfm.safety import check_apart
+from lnfm.workdir import LOCK_FILE, lock_folder, progress, setup_logging
 
 log = logging.getLogger("lnfm.data.prepare")
 
@@ -341,6 +341,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
                                f"imagesTs/, a CSV, or a folder holding DICOM series)")
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise PrepareError(f"{errors[0].file}: {errors[0].reason}{more}")
+    check_apart({"--output": output}, {"--input": [input] + [p for c in cases for p in [*c.images, c.label] if p]})
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
@@ -362,26 +363,18 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
         bar.update(1)
         bar.set_postfix(ok=result.converted, failed=len(result.failures))
 
-    if cfg.workers <= 1:
-        for case in todo:
-            finish(*_convert_or_fail(case, output, cfg))
-    else:
-        ctx = multiprocessing.get_context("spawn")  # no fork after TensorStore/JAX threads start
-        with cf.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_convert_or_fail, c, output, cfg): c for c in todo}
-            for fut in cf.as_completed(futures):
-                case = futures[fut]
-                try:
-                    finish(*fut.result())
-                except st.StoreError:
-                    raise
-                except Exception as e:  # a worker that died (e.g. killed for memory)
-                    finish("failed", {"case_id": case.case_id, "file": case.images[0],
-                                      "reason": f"worker died ({type(e).__name__})"})
-    bar.close()
-    result.failed = len(result.failures)
-    _write_failures(output, shard_index, num_shards, result.failures, salt)
-    st.write_manifest(output)
+    with lock_folder(output, f"{LOCK_FILE}.shard-{shard_index}-of-{num_shards}", enabled="://" not in output):
+        if cfg.workers <= 1:
+            for case in todo:
+                finish(*_convert_or_fail(case, output, cfg))
+        else:  # store errors raised in a worker propagate (as in-process); a dead worker fails only its case
+            map_in_workers(_convert_or_fail, todo, (output, cfg), cfg.workers, lambda case, res: finish(*res),
+                           lambda case, how: finish("failed", {"case_id": case.case_id, "file": case.images[0],
+                                                               "reason": f"the conversion process died ({how})"}))
+        bar.close()
+        result.failed = len(result.failures)
+        _write_failures(output, shard_index, num_shards, result.failures, salt)
+        st.write_manifest(output)
     return result
 
 

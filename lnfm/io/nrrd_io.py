@@ -74,5 +74,9 @@ def write_nrrd(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
               "space origin": np.asarray(affine, float)[:3, 3]}
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    nrrd.write(str(tmp), np.asarray(data), header, index_order="F")
+    try:
+        nrrd.write(str(tmp), np.asarray(data), header, index_order="F")
+    except BaseException:  # a full disk: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

@@ -25,8 +25,10 @@ and `checksums.sha256` (sha256 of every other file). Formats:
   the ViT encoder as a MONAI `ViT` state dict.
 
 The same checkpoint gives byte-identical files. An existing export is replaced only
-with `force`, by writing a temporary folder and swapping it in, so a failed export
-leaves the old one intact.
+with `force` and only when it is an intact export (model.json and every file matching
+checksums.sha256; anything else is refused, nothing deleted), by writing a temporary
+folder and swapping it in, so a failed export leaves the old one intact. `out` may not
+equal, contain or lie inside the source workdir (`lnfm.safety`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ from lnfm.models import export_formats as fmt
 from lnfm.models.interop import from_monai_vit
 from lnfm.models.lora import merge_lora
 from lnfm.models.segmenter import build_segmenter
-from lnfm.train.checkpoint import restore_params
+from lnfm.safety import check_apart
+from lnfm.train.checkpoint import CheckpointError, restore_params
 from lnfm.workdir import setup_logging
 
 log = logging.getLogger("lnfm.export")
@@ -185,7 +188,7 @@ def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     try:
         return fmt.flatten_tree(restore_params(run_dir / "best", target, key="model"))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise ExportError(str(e)) from None
 
 
@@ -247,7 +250,7 @@ def _load_pretrained(workdir: Path) -> _Source:
             restored = restore_params(workdir / "checkpoints", nnx.State({"encoder": target}))["encoder"]
         except (TypeError, ValueError):  # a checkpoint of plain nested dicts
             restored = restore_params(workdir / "checkpoints", {"encoder": nnx.to_pure_dict(target)})["encoder"]
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise ExportError(str(e)) from None
     pure = nnx.to_pure_dict(restored if isinstance(restored, nnx.State) else nnx.State(restored))
     flat = fmt.flatten_tree(pure, "encoder.")
@@ -280,18 +283,21 @@ def _load_pretrained(workdir: Path) -> _Source:
     return _Source("encoder", flat, meta)
 
 
-def load_source(checkpoint: str | Path) -> _Source:
+def source_dir(checkpoint: str | Path) -> Path:
+    """The whole workdir (finetuning or pretraining run) that `checkpoint` names or lies in."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise ExportError(f"{path}: checkpoint folder not found")
-    ft = _finetune_dir(path)
-    if ft is not None:
-        return _load_finetuned(ft)
-    pre = _pretrain_dir(path)
-    if pre is not None:
-        return _load_pretrained(pre)
-    raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
-                      f"(config.yaml + checkpoints/)")
+    found = _finetune_dir(path) or _pretrain_dir(path)
+    if found is None:
+        raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
+                          f"(config.yaml + checkpoints/)")
+    return found
+
+
+def load_source(checkpoint: str | Path) -> _Source:
+    root = source_dir(checkpoint)
+    return _load_finetuned(root) if _finetune_dir(root) else _load_pretrained(root)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -390,13 +396,28 @@ def _occupied(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
+def check_replaceable(out: Path, force: bool) -> None:
+    """`out` is free, or (with force) an intact export: its model.json and every file matching
+    checksums.sha256. Anything else (a workdir, a data folder, an edited export) is never deleted."""
+    if not _occupied(out):
+        return
+    if not force:
+        raise ExportError(f"{out}: already exists (pass --force to replace it)")
+    try:
+        read_meta(out)
+        verify_export(out)
+    except ExportError as e:
+        raise ExportError(f"{out}: --force replaces only an intact lnfm export, and this is not one "
+                          f"({str(e).split(': ', 1)[-1]}); nothing was deleted") from None
+
+
 def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax", force: bool = False) -> Path:
     """Write an export of `checkpoint` into `out` (see the module docstring); returns `out`."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
     out = Path(out).absolute()
-    if _occupied(out) and not force:
-        raise ExportError(f"{out}: already exists (pass --force to replace it)")
+    check_apart({"--out": out}, {"--checkpoint": source_dir(checkpoint)})
+    check_replaceable(out, force)
     source = load_source(checkpoint)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -493,7 +514,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--checkpoint", help="finetuning workdir (or its best/ or checkpoints/), or a pretraining workdir")
     ap.add_argument("--out", help="export folder to write")
     ap.add_argument("--format", default="orbax", choices=FORMATS, help="export format (default: orbax)")
-    ap.add_argument("--force", action="store_true", help="replace an existing export (atomically)")
+    ap.add_argument("--force", action="store_true", help="replace an existing, intact export (atomically)")
     ap.add_argument("--verify", metavar="DIR", default=None, help="check an export's files against its checksums")
     return ap
 

@@ -49,7 +49,8 @@ from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import LossConfig, deep_supervision_loss, segmentation_loss
 from lnfm.segmentation.sites import SiteConfig, check_spacing
 from lnfm.segmentation.strategies import StrategyConfig, count_params, layer_index_fn, trainable_filter
-from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
+from lnfm.safety import check_apart
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints, restore_params
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput
@@ -57,10 +58,11 @@ from lnfm.train.optim import OptimConfig, layer_lr_scales, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, split_model
 from lnfm.train.job import check_batch, device_batch, fit
 from lnfm.train.step import make_train_step
-from lnfm.workdir import atomic_write_text, open_workdir
+from lnfm.workdir import atomic_write_text, check_resume, lock_folder, open_workdir
 
 log = logging.getLogger("lnfm.finetune")
 
+RESUME_KEYS = ("model", "head", "strategy", "site")  # a resumed run keeps these (checkpoint shapes follow them)
 METRICS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume", "sens_lt5", "sens_5to10", "sens_ge10")
 
 
@@ -369,6 +371,18 @@ def build_training(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> T
     return Training(graphdef, state, shardings, step_fn, filt, full_target, hp, hf, n_train, total_params)
 
 
+def save_best(ckpt: Checkpointer, step: int, tree: dict, config: dict) -> None:
+    """Commit the new best model before the previous one goes: the keep=1 manager removes older
+    steps only after the new step is committed, so a kill or a full disk during the save leaves
+    the previous best intact. Steps at or after `step` come from a future that a resume from an
+    earlier checkpoint discarded; they are dropped first (the manager keeps the highest step)."""
+    for old in ckpt.all_steps():
+        if old >= step:
+            ckpt.manager.delete(old)
+    ckpt.save(step, tree, config=config)
+    ckpt.wait()
+
+
 def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.Mesh, splits: Splits,
                val_cases: list[Case], test_cases: list[Case], records: dict) -> dict | None:
     """Train, validate, keep the best and test one repeat; returns its summary (None if preempted)."""
@@ -412,10 +426,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         log.info("step %d: validation Dice %.4f (previous best %.4f)", step, val_dice, max(best["val_dice"], 0.0))
         if val_dice >= best["val_dice"]:  # ties go to the later, longer-trained model
             best.update(step=step, val_dice=val_dice)
-            for old in best_ckpt.all_steps():
-                best_ckpt.manager.delete(old)
-            best_ckpt.save(step, {"model": _full_state(graphdef, *states)}, config=to_dict(cfg))
-            best_ckpt.wait()
+            save_best(best_ckpt, step, {"model": _full_state(graphdef, *states)}, to_dict(cfg))
             if pid == 0:
                 atomic_write_text(best_file, json.dumps(best))
 
@@ -494,6 +505,16 @@ def combine(cfg: FinetuneConfig, runs: list[dict]) -> dict:
 
 def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     """Finetune (or resume) into `workdir` and write summary.json. Returns the exit code."""
+    init = resolve_init(cfg.init)[1]
+    check_apart({"--workdir": workdir}, {"--init": init, "--data": cfg.data})
+    with lock_folder(workdir, enabled=jax.process_index() == 0):
+        runs = [Path(workdir)] + sorted(Path(workdir).glob("repeat_*"))
+        check_resume(workdir, cfg, RESUME_KEYS, has_run=any(has_checkpoints(d / "checkpoints") or
+                                                            has_checkpoints(d / "best") for d in runs))
+        return _run(cfg, workdir)
+
+
+def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     workdir = Path(workdir)
     check_stores(cfg.data)
     records: dict[str, tuple[str, dict]] = {}
@@ -596,4 +617,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["FinetuneConfig", "HeadConfig", "FinetuneTrainConfig", "QUICK", "load_finetune_config", "run", "main",
-           "load_finetuned", "resolve_init", "make_splits", "dump_yaml"]
+           "save_best", "load_finetuned", "resolve_init", "make_splits", "dump_yaml"]

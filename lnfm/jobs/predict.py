@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -58,6 +59,7 @@ from lnfm.jobs.export import ExportError, load_export, read_meta, verify_export
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
 from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
+from lnfm.safety import check_apart
 from lnfm.workdir import atomic_write_text, progress, setup_logging
 
 log = logging.getLogger("lnfm.predict")
@@ -248,9 +250,13 @@ def write_outputs(pred: Prediction, meta: dict, output: Path | None, probabiliti
             pending.append((_temp(overlay), overlay))
             write_overlay(pending[-1][0], pred.hu, pred.labels, pred.affine,
                           tuple(meta["preprocessing"]["hu_window"]), title)
-    except BaseException:
+    except BaseException as e:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            # a full disk or quota is the user's to fix, not a bug: one line, the old outputs are intact
+            raise PredictError(f"{pending[-1][1] if pending else output}: cannot write ({e.strerror}); "
+                               f"nothing was replaced") from None
         raise
     for tmp, final in pending:
         os.replace(tmp, final)
@@ -270,6 +276,15 @@ def check_outputs(output, probabilities=None, overlay=None, formats: tuple[str, 
         _check_output(Path(overlay), "--overlay", (".png",))
 
 
+def check_case_paths(paths: dict[str, Path], probabilities, report, overlay, inputs: list[str], model=None) -> None:
+    """Every output of one case (each --format file of --output, --probabilities, --report,
+    --overlay) apart from the input channels and the model, and from each other."""
+    check_outside_inputs(paths, inputs)  # the DICOM-specific wording for a file inside a series folder
+    outputs = {("--output" if fmt == "nifti" else f"--output ({fmt})"): p for fmt, p in paths.items()}
+    outputs.update({"--probabilities": probabilities, "--report": report, "--overlay": overlay})
+    check_apart(outputs, {"--input": inputs, "--model": model})
+
+
 def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str | Path,
                  probabilities: str | Path | None = None, report: str | Path | None = None,
                  overlay: str | Path | None = None, options: PredictOptions | None = None,
@@ -282,7 +297,7 @@ def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str
     formats = formats or OutputFormats()
     paths = output_paths(output, formats.formats)
     check_outputs(output, probabilities, overlay, formats.formats)
-    check_outside_inputs(paths, list(inputs))
+    check_case_paths(paths, probabilities, report, overlay, list(inputs))
     series = source_series(list(inputs), formats, series_uid) if series is None else series
     vol = read_scan(list(inputs), meta, series_uid) if vol is None else vol
     pred = predict_volume(predictor, meta, vol, options)
@@ -302,6 +317,14 @@ def _count_nodes(labels: np.ndarray) -> int:
 
 
 # ----------------------------------------------------------------------------- batch
+
+
+def check_batch_paths(folder, out, probabilities=None, report=None, overlay=None, model=None) -> None:
+    """Output folders apart from the input folder and the model; mask and probability folders
+    apart from each other (both receive CASE.nii.gz)."""
+    outputs = {"--output": out, "--probabilities": probabilities, "--report": report, "--overlay": overlay}
+    check_apart(outputs, {"--input": folder, "--model": model}, distinct=False)
+    check_apart({"--output": out, "--probabilities": probabilities}, {})
 
 
 def _strip_suffix(name: str) -> str:
@@ -343,6 +366,7 @@ def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str
                    show_progress: bool = True, formats: OutputFormats | None = None) -> dict[str, str]:
     """Segment every case of `folder`; returns {case: error} for the cases that failed."""
     folder, out = Path(folder), Path(out)
+    check_batch_paths(folder, out, probabilities, report, overlay)
     cases = find_cases(folder, len(meta["preprocessing"]["channels"]))
     if not cases:
         raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
@@ -404,6 +428,11 @@ def run(args: argparse.Namespace) -> int:
         formats.export_sha256 = export_digest(args.model)
     inputs = [p for p in str(args.input).split(",") if p]
     batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
+    if batch:
+        check_batch_paths(inputs[0], args.output, args.probabilities, args.report, args.overlay, args.model)
+    else:
+        check_case_paths(output_paths(args.output, formats.formats), args.probabilities, args.report,
+                         args.overlay, inputs, args.model)
     vol = series = None
     if batch and args.series:
         raise PredictError(f"{inputs[0]}: --series picks the series of one scan; it does not apply to a folder "

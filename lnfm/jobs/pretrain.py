@@ -28,7 +28,8 @@ from lnfm.data.store import check_stores
 from lnfm.models import ModelConfig, build_ssl_model
 from lnfm.models.mae import patchify, reconstruct, unpatchify
 from lnfm.models.sharding import (MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model, make_mesh)
-from lnfm.train.checkpoint import CheckpointConfig
+from lnfm.train.checkpoint import CheckpointConfig, has_checkpoints
+from lnfm.safety import check_apart
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput, parse_profile_steps
@@ -37,10 +38,11 @@ from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, step_key
 from lnfm.train.job import check_batch, device_batch, fit
 from lnfm.train.step import make_train_step
-from lnfm.workdir import open_workdir
+from lnfm.workdir import check_resume, lock_folder, open_workdir
 
 log = logging.getLogger("lnfm.pretrain")
 
+RESUME_KEYS = ("model",)  # config sections a resumed run must keep (the checkpoint's shapes follow them)
 
 
 @dataclasses.dataclass
@@ -161,6 +163,13 @@ def step_flops(cfg: PretrainConfig, graphdef: Any, state: dict) -> float | None:
 
 def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None = None) -> int:
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
+    check_apart({"--workdir": workdir}, {"--data": stores})
+    with lock_folder(workdir, enabled=jax.process_index() == 0):
+        check_resume(workdir, cfg, RESUME_KEYS, has_run=has_checkpoints(Path(workdir) / "checkpoints"))
+        return _run(cfg, stores, workdir, profile_steps)
+
+
+def _run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None) -> int:
     workdir = Path(workdir)
     counts = check_stores(stores, cfg.data.split, cfg.data.spacing)  # before anything compiles
     weights = list(cfg.data.weights) or None

@@ -90,3 +90,29 @@ def test_partial_multiprocess_flags_are_one_line_errors(tmp_path, capsys):
     args = ["--config", "vit_tiny", "--data", str(tmp_path), "--workdir", str(tmp_path / "w"), "--num-processes", "2"]
     assert run_job("pretrain", args) == 2
     assert "must be given together" in capsys.readouterr().err
+
+
+def test_workdir_apart_from_data_and_a_refused_resume_writes_nothing(phantom_store, tmp_path, capsys):
+    from pathlib import Path
+
+    from tree_helpers import tree_digest
+
+    from lnfm.jobs.pretrain import load_pretrain_config
+    from lnfm.workdir import open_workdir
+
+    wd = tmp_path / "wd"
+    open_workdir(wd, load_pretrain_config("vit_tiny", ["model.depth=2"])).close()
+    (wd / "checkpoints" / "5").mkdir(parents=True)  # a run to resume
+    cases = {
+        "in_data": (["--data", phantom_store, "--workdir", str(Path(phantom_store) / "run")],
+                    "--workdir lies inside --data"),
+        "is_data": (["--data", phantom_store, "--workdir", phantom_store], "--workdir is --data"),
+        "other_model": (["--data", phantom_store, "--workdir", str(wd), "model.depth=3"], "model.depth=2 (new: 3)"),
+    }
+    before = tree_digest(tmp_path, phantom_store)
+    for name, (args, reason) in cases.items():
+        capsys.readouterr()
+        assert run_job("pretrain", ["--config", "vit_tiny", *args]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and reason in err[0], (name, err)
+        assert tree_digest(tmp_path, phantom_store) == before, name
