@@ -8,6 +8,7 @@ Install on a fresh CUDA 12 machine (one H100/H200), from the repository root:
 It prints one markdown table and writes the same rows as JSON. Sections (each timed
 after warm-up steps, compile excluded from the step figures and reported apart):
 
+0. Attention: cuDNN's fused kernel against XLA's on the ViT-B shape (max difference).
 1. ViT-B/16 MAE pretraining step at 128^3, bf16 compute, fp32 parameters: step time,
    volumes/s, tokens/s, MFU, and the scale planner's expected step time beside it.
 2. The same model in PyTorch (MONAI `MaskedAutoEncoderViT`, bf16 autocast, AdamW), and
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 from absl import flags
@@ -79,6 +81,26 @@ DRY = Sizes(vit=["model.size=tiny", "model.img_size=[32,32,32]", "model.patch_si
             batch=2, steps=1, warmup=1, phantoms=3, phantom_shape="48,48,24", loader_patches=4, loader_workers=0,
             ct_shape=(64, 64, 30), torch_compile=False,
             finetune=("site.patch=[32,32,32]", "model.img_size=[32,32,32]", "model.patch_size=[8,8,8]"))
+
+
+def bench_attention() -> dict:
+    """cuDNN fused attention against XLA's on the ViT-B shape (2 x 512 tokens, 12 heads of 64), bf16.
+
+    The model picks cuDNN on a GPU (`lnfm.models.layers.attention_implementation`); this
+    checks that both paths give the same output where both run. On a CPU only XLA runs,
+    and it is checked against a float64 numpy softmax instead.
+    """
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 512, 12, 64)), jnp.bfloat16) for _ in range(3))
+    xla = np.asarray(jax.nn.dot_product_attention(q, k, v, implementation="xla"), np.float64)
+    if jax.default_backend() == "gpu":
+        other, name = np.asarray(jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), np.float64), "cudnn"
+    else:
+        qf, kf, vf = (np.asarray(a, np.float64).transpose(0, 2, 1, 3) for a in (q, k, v))
+        s = qf @ kf.transpose(0, 1, 3, 2) / 8.0
+        w = np.exp(s - s.max(-1, keepdims=True))
+        other, name = ((w / w.sum(-1, keepdims=True)) @ vf).transpose(0, 2, 1, 3), "numpy float64"
+    return {"section": f"attention: xla vs {name} (bf16)", "max_abs_diff": float(np.abs(xla - other).max())}
 
 
 def _device() -> str:
@@ -176,7 +198,7 @@ def bench_predict(store: Path, sz: Sizes, work: Path) -> dict:
 
 def markdown(rows: list[dict], device: str) -> str:
     cols = ["section", "step_s", "planner_step_s", "volumes_per_s", "tokens_per_s", "mfu", "lnfm_speedup",
-            "patches_per_s", "step_consumes_per_s", "headroom", "verdict", "wall_s", "error"]
+            "patches_per_s", "step_consumes_per_s", "headroom", "verdict", "wall_s", "max_abs_diff", "error"]
     used = [c for c in cols if any(c in r and r[c] is not None for r in rows)]
 
     def cell(col: str, v) -> str:
@@ -193,7 +215,7 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 def run(sz: Sizes, work: Path) -> list[dict]:
-    rows = []
+    rows = [bench_attention()]
     vit_row, vit_cfg = bench_vit(sz)
     rows.append(vit_row)
     rows += bench_monai(vit_cfg, sz, vit_row["step_s"])

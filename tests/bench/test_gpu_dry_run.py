@@ -26,7 +26,9 @@ def test_every_section_runs_and_reports(tmp_path):
     result = json.loads(out.read_text())
     rows = {r["section"].split(" (")[0]: r for r in result["rows"]}
     assert result["dry_run"] and "cpu" in result["device"].lower()
-    assert set(rows) == {"ViT MAE", "Swin SimMIM", "loader", "lnfm predict 64x64x30 CT"}
+    assert set(rows) == {"attention: xla vs numpy float64", "ViT MAE", "Swin SimMIM", "loader",
+                         "lnfm predict 64x64x30 CT"}
+    assert rows["attention: xla vs numpy float64"]["max_abs_diff"] < 0.05  # bf16 inputs and output
     sections = [r["section"] for r in result["rows"]]
     assert "ViT MAE (LNFM, JAX)" in sections and "ViT MAE (MONAI, PyTorch autocast)" in sections
     for r in result["rows"]:
