@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from lnfm.config import ConfigError, from_dict, to_dict
 from lnfm.data import store as st
+from lnfm.workdir import atomic_write_text
 
 CONTRACT = "contract.json"
 CONTRACT_VERSION = 1
@@ -53,6 +55,31 @@ class Normalization:
 
     hu_window: tuple[float, float]  # CT HU (lo, hi) mapped linearly to [0, 1], clipped
     pet_scale: float  # non-CT channels (PET SUV) are divided by this
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """What a scan goes through before the network: the stores' contract, the intensity
+    normalisation and the window the network sees. Runs record it (preprocessing.json) and
+    exports copy it into model.json."""
+
+    contract: PrepareContract  # spacing: the training spacing (null only for an encoder pretrained at native spacing)
+    normalization: Normalization
+    patch_size: tuple[int, int, int]  # training patch = sliding-window ROI (voxels, X Y Z)
+
+
+def read_preprocessing(path: Path) -> Preprocessing | None:
+    """A run's recorded preprocessing, or None when the run records none."""
+    if not path.is_file():
+        return None
+    try:
+        return from_dict(Preprocessing, json.loads(path.read_text()))
+    except (ValueError, ConfigError) as e:
+        raise ContractError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
+def write_preprocessing(path: Path, prep: Preprocessing) -> None:
+    atomic_write_text(path, json.dumps(to_dict(prep), indent=1) + "\n")
 
 
 def contract_from_dict(data: dict, where: str) -> PrepareContract:
