@@ -5,12 +5,15 @@
     lnfm predict --model EXPORT_DIR --input FOLDER --output OUT_FOLDER [...]
 
 SCAN is NIfTI, NRRD or a DICOM series folder; a model with two channels takes
-`--input ct.nii.gz,pet.nii.gz`. The pipeline is the one training used, read from
-model.json: RAS reorientation, resampling to the model spacing (linear) and body
-crop (`lnfm.data.prepare.preprocess_volume`), CT rounded to int16 as the store
-holds it, `lnfm.data.loader.normalize`, Gaussian sliding-window inference, argmax,
-then post-processing on the model grid (prediction kept inside the body, components
-under `min_volume_mm3` removed). The label map goes back to the scan's grid by
+`--input ct.nii.gz,pet.nii.gz`; a PET on a coarser grid is resampled onto the CT's
+as prepare does. The pipeline is the one training used, read from model.json's
+preprocessing contract and applied by prepare's own code
+(`lnfm.data.prepare.read_channels` and `preprocess_case`: RAS reorientation,
+resampling to the training spacing, body crop, CT as stored), then
+`lnfm.data.loader.normalize` with the training normalisation and the finetuning
+job's inference path (`lnfm.eval.predictor`: Gaussian sliding window, argmax,
+prediction kept inside the body, components under `min_volume_mm3` removed).
+The label map goes back to the scan's grid by
 nearest-neighbour sampling (`restore_to_source`, order 0): each scan voxel takes the
 label of the model voxel it falls in, which is the mapping evaluation uses, so the
 mask equals the finetuning job's own prediction mapped to the source grid. The
@@ -33,18 +36,20 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from lnfm.data.geometry import restore_to_source, spacing_of
-from lnfm.export import ExportError, read_meta
-from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image
+from lnfm.data.loader import LoaderConfig, normalize
+from lnfm.data.prepare import CaseError, preprocess_case, read_channels
+from lnfm.eval.predictor import Predictor, softmax_fn
+from lnfm.export_meta import ExportError, ExportMeta, read_meta
+from lnfm.io import Volume, is_dicom_path
 
 log = logging.getLogger("lnfm.predict")
 
 MAX_SPACING_MM = 20.0  # coarser voxels than this are not a diagnostic CT
-GRID_TOL_MM = 1e-3  # channel grids agree when their affines differ by less than this
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 
@@ -74,7 +79,7 @@ class Prediction:
 # ----------------------------------------------------------------------------- model
 
 
-def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], ExportMeta]:
     """(fn, model.json): fn maps normalised patches (B, *patch, C) to probabilities (B, *patch, K).
 
     orbax and safetensors exports rebuild the model; a stablehlo export runs its
@@ -84,73 +89,49 @@ def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.nd
     from lnfm.export import load_export, verify_export
 
     meta = read_meta(export_dir)
-    if meta.get("kind") != "segmenter":
+    if meta.kind != "segmenter":
         raise ExportError(f"{export_dir}: an encoder-only export cannot segment (export a finetuning workdir)")
-    if meta["format"] == "stablehlo":
+    if meta.format == "stablehlo":
         from lnfm.export_formats import STABLEHLO_FILE, read_stablehlo
 
         verify_export(export_dir)
         exported = read_stablehlo(Path(export_dir) / STABLEHLO_FILE)
         return (lambda x: np.asarray(exported.call(np.asarray(x, np.float32)))), meta
-    if meta["format"] not in ("orbax", "safetensors"):
-        raise ExportError(f"{export_dir}: a {meta['format']} export holds no segmentation head (use orbax, "
+    if meta.format not in ("orbax", "safetensors"):
+        raise ExportError(f"{export_dir}: a {meta.format} export holds no segmentation head (use orbax, "
                           f"safetensors or stablehlo)")
     from flax import nnx
 
     model = load_export(export_dir).model
     graphdef, state = nnx.split(model)
     state = jax.device_put(state)
-
-    @jax.jit
-    def probabilities(state, x):
-        out = nnx.merge(graphdef, state)(x)
-        logits = out[0] if isinstance(out, tuple) else out
-        return jax.nn.softmax(logits.astype(np.float32), axis=-1)
-
-    log.info("model %s-%s (%s export) on %s", meta["model"].get("arch"), meta["model"].get("size"), meta["format"],
+    probabilities = softmax_fn(graphdef)
+    log.info("model %s-%s (%s export) on %s", meta.model.arch, meta.model.size, meta.format,
              jax.devices()[0].platform)
-    return (lambda x: np.asarray(probabilities(state, x))), meta
+    return (lambda x: np.asarray(probabilities((state,), x))), meta
 
 
 # ----------------------------------------------------------------------------- input
 
 
-def _read_channel(path: str) -> Volume:
-    try:
-        vol = read_image(path)
-    except ImageReadError as e:
-        raise PredictError(str(e).splitlines()[0]) from None
-    data = vol.data
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim not in (3, 4) or min(data.shape[:3]) < 1:
-        raise PredictError(f"{path}: image has shape {tuple(vol.data.shape)}; expected a 3D volume")
-    if data.dtype.kind not in "biuf":
-        raise PredictError(f"{path}: unsupported voxel type {data.dtype}")
-    return Volume(data, vol.affine)
-
-
-def read_scan(paths: list[str], meta: dict) -> Volume:
-    """Channels stacked (X, Y, Z, C) float32 on the first file's grid, checked for the model."""
-    channels = meta["preprocessing"]["channels"]
-    vols = [_read_channel(p) for p in paths]
-    first, name = vols[0], paths[0]
-    for vol, path in zip(vols[1:], paths[1:]):
-        if vol.shape3 != first.shape3 or not np.allclose(vol.affine, first.affine, atol=GRID_TOL_MM):
-            raise PredictError(f"{path}: grid {vol.shape3} differs from {name}'s {first.shape3} (shape or affine); "
-                               f"channels must share one grid")
-    data = np.concatenate([v.data[..., None] if v.data.ndim == 3 else v.data for v in vols], axis=-1)
-    if data.shape[-1] != len(channels):
+def read_scan(paths: list[str], meta: ExportMeta) -> Volume:
+    """Channels stacked (X, Y, Z, C) float32 on the first file's grid (read as prepare reads
+    them), checked for the model."""
+    channels = meta.channels
+    name = paths[0]
+    if len(paths) != len(channels):
         hint = ",".join(f"{c.lower()}.nii.gz" for c in channels)
         raise PredictError(f"{name}: the model expects {len(channels)} channel(s) ({', '.join(channels)}) but got "
-                           f"{data.shape[-1]}; pass them as --input {hint}")
+                           f"{len(paths)}; pass them as --input {hint}")
+    try:
+        first = read_channels(list(paths), meta.preprocessing.contract.resample_channels)
+    except CaseError as e:
+        raise PredictError(str(e).splitlines()[0]) from None
+    data = first.data
     spacing = spacing_of(first.affine)
     if not all(np.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in spacing):
         raise PredictError(f"{name}: absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm (expected "
                            f"0 < spacing <= {MAX_SPACING_MM:g} mm)")
-    data = data.astype(np.float32)
-    if not np.all(np.isfinite(data)):
-        raise PredictError(f"{name}: image has NaN or Inf voxels")
     for c, ch in enumerate(channels):
         lo, hi = float(data[..., c].min()), float(data[..., c].max())
         if lo == hi:
@@ -162,41 +143,30 @@ def read_scan(paths: list[str], meta: dict) -> Volume:
 # ----------------------------------------------------------------------------- pipeline
 
 
-def predict_volume(predictor: Callable, meta: dict, vol: Volume, options: PredictOptions | None = None
+def make_predictor(probabilities: Callable, meta: ExportMeta, options: PredictOptions | None = None) -> Predictor:
+    """The finetuning job's inference path with model.json's settings (and any options)."""
+    options = options or PredictOptions()
+    inf, post = meta.inference, meta.postprocess
+    inf = dataclasses.replace(inf, **{k: v for k, v in (("overlap", options.overlap), ("tta_flips", options.tta),
+                                                        ("sw_batch_size", options.sw_batch_size)) if v is not None})
+    if options.min_volume_mm3 is not None:
+        post = dataclasses.replace(post, min_volume_mm3=float(options.min_volume_mm3))
+    return Predictor(probabilities, tuple(meta.preprocessing.patch_size), int(meta.num_classes), inf, post)
+
+
+def predict_volume(probabilities: Callable, meta: ExportMeta, vol: Volume, options: PredictOptions | None = None
                    ) -> Prediction:
     """The whole pipeline (see the module docstring) for one checked scan."""
-    from lnfm.data.loader import LoaderConfig, normalize
-    from lnfm.data.prepare import preprocess_volume
-    from lnfm.eval.inference import sliding_window_inference
-    from lnfm.eval.postprocess import PostprocessConfig, postprocess
-
-    options = options or PredictOptions()
-    pre, inf, post = meta["preprocessing"], meta["inference"], meta["postprocess"]
-    channels = pre["channels"]
-    data, _, geometry = preprocess_volume(vol, tuple(pre["spacing_mm"]), crop_body=pre["crop_body"],
-                                          body_threshold_hu=pre["body_threshold_hu"])
-    data = np.array(data, np.float32)
-    for c, name in enumerate(channels):  # the store holds CT as int16 HU: the model saw rounded values
-        if name.upper() == "CT":
-            data[..., c] = np.clip(np.round(data[..., c]), -32768, 32767)
-    image = normalize(data, LoaderConfig(hu_window=tuple(pre["hu_window"]), pet_scale=pre["pet_scale"]), channels)
-    num_classes = int(meta["num_classes"])
-    probs = sliding_window_inference(
-        predictor, image, tuple(pre["patch_size"]),
-        overlap=inf["overlap"] if options.overlap is None else options.overlap,
-        mode=inf.get("mode", "gaussian"), sigma_scale=inf.get("sigma_scale", 0.125),
-        sw_batch_size=inf["sw_batch_size"] if options.sw_batch_size is None else options.sw_batch_size,
-        tta_flips=inf.get("tta_flips", False) if options.tta is None else options.tta,
-        num_classes=num_classes)
-    labels = np.argmax(probs, axis=-1).astype(np.uint8)
-    min_volume = post["min_volume_mm3"] if options.min_volume_mm3 is None else options.min_volume_mm3
-    ct = channels.index("CT") if "CT" in channels else None
-    keep = postprocess(labels > 0, geometry["spacing"],
-                       PostprocessConfig(min_volume_mm3=float(min_volume), body_threshold_hu=post["body_threshold_hu"]),
-                       hu=data[..., ct] if ct is not None else None)
-    labels = labels * keep.astype(np.uint8)
-    fg = probs[..., 1:] if num_classes > 2 else probs[..., 1]
-    labels_src = restore_to_source(labels, geometry, order=0)
+    pre = meta.preprocessing
+    data, _, geometry = preprocess_case(vol, pre.contract)
+    norm = LoaderConfig(hu_window=pre.normalization.hu_window, pet_scale=pre.normalization.pet_scale)
+    image = normalize(data, norm, list(meta.channels))
+    names = [c.upper() for c in meta.channels]
+    hu = data[..., names.index("CT")] if "CT" in names else None
+    seg = make_predictor(probabilities, meta, options)(image, geometry["spacing"], hu)
+    probs = seg.probabilities
+    fg = probs[..., 1:] if probs.shape[-1] > 2 else probs[..., 1]
+    labels_src = restore_to_source(seg.labels, geometry, order=0)
     prob_src = np.clip(restore_to_source(fg, geometry, order=1), 0.0, 1.0).astype(np.float32)
     return Prediction(labels_src.astype(np.uint8), prob_src, np.asarray(vol.affine), vol.data[..., 0])
 
@@ -206,7 +176,7 @@ def _temp(path: Path) -> Path:
     return path.with_name(f".{path.name[:-len(suffix)] if suffix else path.name}.part{os.getpid()}{suffix}")
 
 
-def write_outputs(pred: Prediction, meta: dict, output: Path, probabilities: Path | None = None,
+def write_outputs(pred: Prediction, meta: ExportMeta, output: Path, probabilities: Path | None = None,
                   report: Path | None = None, overlay: Path | None = None, title: str = "") -> None:
     """Write every requested output under a temporary name, then rename them all."""
     from lnfm.io import write_nifti
@@ -225,13 +195,13 @@ def write_outputs(pred: Prediction, meta: dict, output: Path, probabilities: Pat
             write_nifti(pending[-1][0], pred.probability, pred.affine)
         if report is not None:
             prob = pred.probability if pred.probability.ndim == 3 else pred.probability.max(axis=-1)
-            rows = node_table(pred.labels, pred.affine, pred.hu, prob, meta.get("labels"))
+            rows = node_table(pred.labels, pred.affine, pred.hu, prob, meta.labels)
             pending.append((_temp(report), report))
             atomic_write_text(pending[-1][0], report_csv(rows))
         if overlay is not None:
             pending.append((_temp(overlay), overlay))
             write_overlay(pending[-1][0], pred.hu, pred.labels, pred.affine,
-                          tuple(meta["preprocessing"]["hu_window"]), title)
+                          tuple(meta.preprocessing.normalization.hu_window), title)
     except BaseException:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
@@ -253,7 +223,7 @@ def check_outputs(output, probabilities=None, overlay=None) -> None:
         _check_output(Path(overlay), "--overlay", (".png",))
 
 
-def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str | Path,
+def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], output: str | Path,
                  probabilities: str | Path | None = None, report: str | Path | None = None,
                  overlay: str | Path | None = None, options: PredictOptions | None = None,
                  vol: Volume | None = None) -> Prediction:
@@ -312,7 +282,7 @@ def is_batch_input(path: Path) -> bool:
     return not any(p.is_file() and is_dicom_path(p) for p in path.iterdir())
 
 
-def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str | Path,
+def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, out: str | Path,
                    probabilities: str | Path | None = None, report: str | Path | None = None,
                    overlay: str | Path | None = None, options: PredictOptions | None = None,
                    show_progress: bool = True) -> dict[str, str]:
@@ -320,7 +290,7 @@ def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str
     from lnfm.workdir import progress
 
     folder, out = Path(folder), Path(out)
-    cases = find_cases(folder, len(meta["preprocessing"]["channels"]))
+    cases = find_cases(folder, len(meta.channels))
     if not cases:
         raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
     failed = {}

@@ -24,9 +24,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, load_config, to_dict
+from lnfm.data.contract import ContractError, Normalization, Preprocessing, common_contract, write_preprocessing
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import read_manifest
 from lnfm.models import ModelConfig, build_ssl_model
+from lnfm.runs import PretrainRun
 from lnfm.models.sharding import MeshConfig, batch_sharding, create_sharded_model, make_mesh, use_rules
 from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
 from lnfm.train.distributed import DistributedConfigError, initialize
@@ -107,6 +109,12 @@ def check_stores(stores: list[str], split: str | None = None,
                                 f"mm (re-prepare with --spacing, or set data.spacing=null)")
         counts.append(len(records))
     return counts
+
+
+def pretrain_preprocessing(cfg: PretrainConfig, stores: list[str]) -> Preprocessing:
+    """What finetuning and export repeat: the stores' one contract and the intensity normalisation."""
+    return Preprocessing(common_contract(stores), Normalization(cfg.data.hu_window, cfg.data.pet_scale),
+                         cfg.model.img_size)
 
 
 def preview_png(images, aux: dict, patch: tuple[int, int, int], norm_pix: bool):
@@ -200,6 +208,7 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
     workdir = Path(workdir)
     counts = check_stores(stores, cfg.data.split, cfg.data.spacing)  # before anything compiles
+    prep = pretrain_preprocessing(cfg, stores)
     weights = list(cfg.data.weights) or None
     if weights is not None and len(weights) != len(stores):
         raise ConfigError(f"data.weights has {len(weights)} values for {len(stores)} datasets")
@@ -210,6 +219,8 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
     _check_batch(tc, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
 
     writer = open_workdir(workdir, cfg, is_main=pid == 0)
+    if pid == 0:
+        write_preprocessing(PretrainRun(workdir).preprocessing, prep)
     log.info("datasets: %s (%s cases; weights %s)", ", ".join(stores), counts, weights or "by case count")
     log.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), jax.device_count(),
              jax.devices()[0].device_kind, nproc)
@@ -221,7 +232,7 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
     loader = make_loader(stores, data_cfg, split=cfg.data.split, labels=False, weights=weights,
                          shard_index=pid, shard_count=nproc)
     data_iter = iter(loader)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(PretrainRun(workdir).checkpoints, cfg.checkpoint)
     restored = ckpt.restore_latest(abstract_state(state, shardings), data_iter)
     start = 0
     if restored is not None:
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_pretrain_config(args.config, args.overrides)
         stores = [s for s in args.data.split(",") if s]
         return run(cfg, stores, args.workdir, args.profile_steps)
-    except (DataError, ConfigError, CheckpointError, DistributedConfigError) as e:
+    except (DataError, ConfigError, ContractError, CheckpointError, DistributedConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
