@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 dev-install: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m lnfm.demo --out $(DEMO_DIR)
+	$(BIN)/python -m lnfm.jobs.demo --out $(DEMO_DIR)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from lnfm.errors import LnfmError
 from lnfm.config import ConfigError, from_dict, to_dict
 from lnfm.data.contract import Preprocessing
 from lnfm.eval.inference import InferenceConfig
@@ -24,7 +25,7 @@ SCHEMA_VERSION = 2  # 1: untyped model.json of lnfm 0.1.0 (preprocessing from de
 FORMATS = ("orbax", "safetensors", "stablehlo", "monai")
 
 
-class ExportError(ValueError):
+class ExportError(LnfmError, ValueError):
     """An export that cannot be written or read; the message is one line naming the path."""
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from lnfm.errors import LnfmError
 from lnfm.config import ConfigError, from_dict, to_dict
 from lnfm.data import store as st
 from lnfm.workdir import atomic_write_text
@@ -25,7 +26,7 @@ ORIENTATION = "RAS"  # prepare reorients every case to the closest RAS+ axis ord
 CT_STORAGE = "int16"  # CT channels are rounded to whole HU and stored as int16
 
 
-class ContractError(ValueError):
+class ContractError(LnfmError, ValueError):
     """A store or run whose recorded preprocessing contract is missing, unreadable or conflicting."""
 
 

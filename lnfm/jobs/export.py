@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 
 from lnfm import __version__
-from lnfm import export_formats as fmt
 from lnfm.config import from_dict, read_yaml, to_dict
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
 from lnfm.models import ModelConfig
+from lnfm.models import export_formats as fmt
 from lnfm.runs import CHECKSUMS, MODEL_JSON, FinetuneRun, PretrainRun, read_json
 from lnfm.workdir import setup_logging
 
@@ -83,7 +83,7 @@ class _Source:
 def git_revision() -> str | None:
     """HEAD of the git checkout lnfm runs from, or None (an installed wheel, no git). Read once
     per process: the code already imported does not change when the checkout moves on."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     if not (repo / ".git").exists():
         return None
     try:
@@ -150,7 +150,7 @@ def _finetuned_params(run_dir, cfg) -> dict[str, np.ndarray]:
     from lnfm.train.checkpoint import restore_params
 
     if cfg.strategy.freeze == "lora":  # adapters are folded into the kernels: the export is a plain segmenter
-        from lnfm.finetune import load_finetuned
+        from lnfm.jobs.finetune import load_finetuned
         from lnfm.models.lora import merge_lora
 
         model, _ = load_finetuned(run_dir.root)
@@ -169,7 +169,7 @@ def _finetuned_params(run_dir, cfg) -> dict[str, np.ndarray]:
 
 
 def _load_finetuned(run: FinetuneRun) -> _Source:
-    from lnfm.finetune import FinetuneConfig
+    from lnfm.jobs.finetune import FinetuneConfig
 
     first = run.first()
     cfg = from_dict(FinetuneConfig, read_yaml(first.config))
@@ -385,7 +385,7 @@ def load_export(folder: str | Path, verify: bool = True) -> Exported:
     kind = meta.format
     if kind == "stablehlo":
         raise ExportError(f"{folder}: a stablehlo export holds a compiled function, not weights (use "
-                          f"lnfm.export_formats.read_stablehlo, or export orbax/safetensors)")
+                          f"lnfm.models.export_formats.read_stablehlo, or export orbax/safetensors)")
     if kind == "monai":
         from lnfm.models.interop import from_monai_vit
 

@@ -47,7 +47,7 @@ def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
     from lnfm.data.store import read_manifest
     from lnfm.runs import FinetuneRun
     from lnfm.train.preprocessing import training_preprocessing
-    from lnfm.finetune import load_finetune_config
+    from lnfm.jobs.finetune import load_finetune_config
     from lnfm.models.segmenter import build_segmenter
     from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
 
@@ -101,7 +101,7 @@ _BUILT: list[Tiny] = []  # one build per test process, whichever module asks fir
 def tiny(tmp_path_factory) -> Tiny:
     """Imported by several test modules (each then holds its own fixture), so the build is cached here."""
     from lnfm.data.store import read_manifest
-    from lnfm.export import export_model
+    from lnfm.jobs.export import export_model
 
     if not _BUILT:
         root = tmp_path_factory.mktemp("tiny_model")
