@@ -255,9 +255,10 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         # Pretraining saved nnx.State trees; restore only params["encoder"] into our shardings.
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                               nnx.state(model.encoder, nnx.Param))
-        encoder = restore_params(path / "checkpoints", nnx.State({"encoder": target}))["encoder"]
+        checkpoints = PretrainRun(path).checkpoints
+        encoder = restore_params(checkpoints, nnx.State({"encoder": target}))["encoder"]
         load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
-        log.info("encoder initialised from %s", path / "checkpoints")
+        log.info("encoder initialised from %s", checkpoints)
     elif kind == "export":
         from lnfm.jobs.export import ExportError, load_export
 
