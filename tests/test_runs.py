@@ -39,7 +39,8 @@ def test_finetune_run_with_one_or_several_repeats(tmp_path):
         assert FinetuneRun.detect(path) == FinetuneRun(many)
     run = FinetuneRun.detect(many)
     assert run.first().root == many / "repeat_0" and run.repeat(1, 2).checkpoints == many / "repeat_1/checkpoints"
-    assert run.summary == many / "summary.json" and run.repeat(1, 2).test_mask("c1") == many / "repeat_1/test_masks/c1.nii.gz"
+    assert run.summary == many / "summary.json"
+    assert run.repeat(1, 2).test_mask("c1") == many / "repeat_1/test_masks/c1.nii.gz"
     # A finetuning run killed before its first validation has no best/ yet: neither kind.
     early = _mk(tmp_path / "early", "checkpoints", config={"site": {}})
     assert FinetuneRun.detect(early) is None and PretrainRun.detect(early) is None
