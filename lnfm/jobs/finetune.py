@@ -101,9 +101,9 @@ class FinetuneConfig:
     train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
     inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)  # mask clean-up
-    # CT window and PET scale: "encoder" = as the --init encoder was pretrained (recorded in its run or
-    # export); "site" = the site preset's window. Scratch runs use the site window.
-    normalization: Literal["encoder", "site"] = "encoder"
+    # "encoder": the CT window and PET scale the --init encoder was pretrained with (recorded in its run or
+    # export); "site": the site preset's window. Scratch runs use the site window.
+    normalization: Literal["encoder", "site"] = "encoder"  # intensities as the encoder was pretrained, or the site's
     metrics: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # test metrics settings
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh and sharding rules
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax saving
