@@ -17,13 +17,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lnfm.errors import LnfmError
+
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A config key or value that does not fit the typed schema."""
+class ConfigError(LnfmError, ValueError):
+    """A config key, value or command-line option that does not fit the typed schema or cannot work."""
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -187,7 +189,8 @@ def preset_path(kind: str, name_or_path: str) -> Path:
     if packaged.is_file():
         return packaged
     names = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
-    raise ConfigError(f"unknown {kind} config '{name_or_path}'{_closest(name_or_path, names)} (choices: {', '.join(names)})")
+    raise ConfigError(f"unknown {kind} config '{name_or_path}'{_closest(name_or_path, names)} "
+                      f"(choices: {', '.join(names)})")
 
 
 def read_yaml(path: str | Path) -> dict:

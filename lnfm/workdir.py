@@ -13,7 +13,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 from lnfm.config import dump_yaml
 
@@ -29,14 +30,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class _Console(logging.StreamHandler):
+    """Console handler bound to whatever `sys.stderr` is when a record is emitted, not when the
+    handler was made: a caller that swaps stderr (a notebook, a test capturing output) then never
+    meets a handler writing to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(workdir: Path | None = None, level: int = logging.INFO) -> None:
     root = logging.getLogger("lnfm")
     root.setLevel(level)
     root.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_lnfm_console", False) for h in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
+        console = _Console()
         console.setFormatter(fmt)
+        console.addFilter(lambda record: getattr(record, "console", True))  # extra={"console": False}: file only
         console._lnfm_console = True  # type: ignore[attr-defined]
         root.addHandler(console)
     if workdir is not None:
@@ -167,14 +183,15 @@ class progress:
             if self.total and self.n > 0:
                 eta = f" eta {elapsed / self.n * (self.total - self.n):.0f}s"
             of = f"/{self.total}" if self.total else ""
-            print(f"{self.desc} {self.n}{of} ({elapsed:.0f}s{eta}) {self._postfix}".rstrip(), file=sys.stderr, flush=True)
+            print(f"{self.desc} {self.n}{of} ({elapsed:.0f}s{eta}) {self._postfix}".rstrip(), file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> "progress":
+    def __enter__(self) -> progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

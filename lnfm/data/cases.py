@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lnfm.config import ConfigError
 from lnfm.io import is_dicom_path, series_uid
 from lnfm.io.dicom import dicom_files
 
@@ -54,7 +55,7 @@ def assign_split(case_id: str, seed: int, fractions: tuple[float, float, float])
     """Deterministic train/val/test from a hash of (seed, case_id)."""
     total = sum(fractions)
     if total <= 0 or min(fractions) < 0:
-        raise ValueError(f"split fractions {fractions} must be non-negative and not all zero")
+        raise ConfigError(f"split fractions {fractions} must be non-negative and not all zero")
     u = int.from_bytes(hashlib.sha256(f"{seed}:{case_id}".encode()).digest()[:8], "big") / 2**64
     edges = [sum(fractions[: i + 1]) / total for i in range(3)]
     return "train" if u < edges[0] else "val" if u < edges[1] else "test"
@@ -77,7 +78,8 @@ def discover_nnunet(root: Path, site: str) -> tuple[list[CaseSpec], list[InputEr
             return [], [InputError(str(meta_path), f"not valid JSON ({e.msg})")]
     site = site or str(meta.get("site", "")) or root.name
     # A multi-site folder (e.g. phantoms made with --site all) records the site per case.
-    case_sites = {str(c.get("case")): str(c["site"]) for c in meta.get("cases", []) if isinstance(c, dict) and c.get("site")}
+    case_sites = {str(c.get("case")): str(c["site"]) for c in meta.get("cases", [])
+                  if isinstance(c, dict) and c.get("site")}
     names = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
     n_channels = len(names)
     channels = [str(names[str(i)]) for i in range(n_channels)] if all(str(i) in names for i in range(n_channels)) \
@@ -112,7 +114,8 @@ def discover_csv(path: Path, site: str, salt: str) -> tuple[list[CaseSpec], list
         reader = csv.DictReader(f)
         fields = set(reader.fieldnames or [])
         if "image" not in fields:
-            return [], [InputError(str(path), "CSV has no 'image' column (expected case_id,image,label,site[,pet][,split])")]
+            return [], [InputError(str(path), "CSV has no 'image' column "
+                                              "(expected case_id,image,label,site[,pet][,split])")]
         rows = list(reader)
     cases, errors = [], []
     for row in rows:
@@ -175,9 +178,11 @@ def drop_duplicates(cases: list[CaseSpec]) -> tuple[list[CaseSpec], list[InputEr
     errors = []
     for c in cases:
         if not SAFE_ID.match(c.case_id):
-            errors.append(InputError(c.images[0], f"case id '{c.case_id}' may only hold letters, digits, '.', '_', '-'"))
+            errors.append(InputError(c.images[0],
+                                     f"case id '{c.case_id}' may only hold letters, digits, '.', '_', '-'"))
         elif c.case_id in seen:
-            errors.append(InputError(c.images[0], f"duplicate case id '{c.case_id}' (first: {seen[c.case_id].images[0]})"))
+            errors.append(InputError(c.images[0],
+                                     f"duplicate case id '{c.case_id}' (first: {seen[c.case_id].images[0]})"))
         else:
             seen[c.case_id] = c
     return list(seen.values()), errors

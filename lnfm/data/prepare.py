@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from lnfm.config import load_config, preset_path, read_yaml
+from lnfm.config import ConfigError, load_config, preset_path, read_yaml
+from lnfm.errors import LnfmError
 from lnfm.data import store as st
 from lnfm.data.contract import (CONTRACT, CONTRACT_VERSION, CT_STORAGE, ORIENTATION, ContractError,
                                 PrepareContract, read_contract, write_contract)
@@ -51,8 +52,9 @@ class PrepareConfig:
     salt: str = ""  # salt for hashed case ids (else the LNFM_ID_SALT environment variable)
     site: str = ""  # site name for every case (else dataset.json 'site', the CSV column or the folder name)
     site_preset: str = ""  # site preset (lnfm/configs/sites/NAME.yaml) whose spacing applies when spacing is unset
-    label_map: dict[int, int] = field(default_factory=dict)  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's GTVn as node); empty keeps labels
-    resample_channels: bool = True  # resample co-registered channels on another grid (PET) linearly onto the CT grid; false rejects them
+    label_map: dict[int, int] = field(  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's
+        default_factory=dict)  # GTVn as node); empty keeps labels
+    resample_channels: bool = True  # resample other-grid channels (PET) linearly onto the CT grid; false rejects them
 
 
 @dataclass
@@ -67,7 +69,7 @@ class PrepareResult:
         return self.failed == 0
 
 
-class CaseError(ValueError):
+class CaseError(LnfmError, ValueError):
     """A case that cannot be converted: (file, reason)."""
 
     def __init__(self, file: str, reason: str):
@@ -79,7 +81,7 @@ def preset_spacing(name: str) -> tuple[float, float, float]:
     """The `site.spacing` of a packaged site preset or a site YAML file."""
     data = read_yaml(preset_path("sites", name)).get("site", {})
     if "spacing" not in data:
-        raise ValueError(f"site preset '{name}' has no site.spacing")
+        raise ConfigError(f"site preset '{name}' has no site.spacing")
     return tuple(float(v) for v in data["spacing"])  # type: ignore[return-value]
 
 
@@ -302,7 +304,8 @@ def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig, contract: 
         return "failed", {"case_id": case.case_id, "file": e.file, "reason": e.reason}
     except MemoryError:
         return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": "out of memory"}
-    except Exception as e:  # an unexpected problem in one case must not stop the others
+    except Exception as e:  # a bug in one case must not stop the others, but it keeps its traceback in the log
+        log.exception("unexpected error converting a case (a bug, not bad input)")
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
         return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": reason}
 
@@ -347,7 +350,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
                     show_progress: bool = True) -> PrepareResult:
     """Convert this shard's slice of the input cases into STORE `output`; resumable, idempotent."""
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard index {shard_index} is outside 0..{num_shards - 1}")
+        raise ConfigError(f"shard index {shard_index} is outside 0..{num_shards - 1}")
     if cfg.spacing is None and cfg.site_preset:
         cfg = dataclasses.replace(cfg, spacing=preset_spacing(cfg.site_preset))
     salt = resolve_salt(cfg.salt)
@@ -417,11 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{key}={getattr(args, key)}")
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
-    try:
-        res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
-    except ContractError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
     print(f"converted {res.converted}, skipped {res.skipped} (already done), failed {res.failed}")
     for f in res.failures:
         print(f"FAILED {f['file']}: {f['reason']}")

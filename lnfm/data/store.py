@@ -19,9 +19,12 @@ from urllib.parse import urlparse
 import numpy as np
 import tensorstore as ts
 
+from lnfm.errors import DataError
+
 RECORDS = "records/"
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.jsonl"
+SPACING_RTOL = 0.02  # prepared spacings within 2% count as the configured one
 
 
 def kvstore_spec(store: str, sub: str = "") -> dict:
@@ -37,7 +40,7 @@ def kvstore_spec(store: str, sub: str = "") -> dict:
     elif url.scheme in ("", ) or (len(url.scheme) == 1 and os.name == "nt"):
         local = str(store)
     else:
-        raise ValueError(f"{store}: unsupported store URL scheme '{url.scheme}' (use a path, file://, gs:// or s3://)")
+        raise DataError(f"{store}: unsupported store URL scheme '{url.scheme}' (use a path, file://, gs:// or s3://)")
     path = str(Path(local).absolute() / sub) if sub else str(Path(local).absolute())
     return {"driver": "file", "path": path}
 
@@ -135,3 +138,31 @@ def read_case(store: str, record: dict) -> tuple[np.ndarray, np.ndarray | None]:
     if record.get("label_path"):
         label = open_array(store, record["label_path"]).read().result().astype(np.uint8)
     return image, label
+
+
+def check_stores(stores: list[str], split: str | None = None,
+                 spacing: tuple[float, float, float] | None = None) -> list[int]:
+    """Usable cases per store; a missing or empty store, or one at another spacing, is a one-line DataError."""
+    if not stores:
+        raise DataError("no dataset given: pass --data STORE[,STORE...]")
+    counts = []
+    for store in stores:
+        if "://" not in store and not Path(store).is_dir():
+            raise DataError(f"{store}: dataset not found (expected a prepared store; see data_prep/prepare.py)")
+        try:
+            records = read_manifest(store)
+        except (OSError, ValueError, KeyError) as e:  # unreadable or malformed manifest
+            raise DataError(f"{store}: cannot read the dataset manifest ({str(e).splitlines()[0][:200]})") from None
+        if not records:
+            raise DataError(f"{store}: dataset is empty (no prepared cases)")
+        records = [r for r in records if split is None or r.get("split") == split]
+        if not records:
+            raise DataError(f"{store}: no cases in split '{split}' (set data.split=null to use every case)")
+        if spacing is not None:
+            off = [r["case_id"] for r in records
+                   if not np.allclose(r.get("spacing", spacing), spacing, rtol=SPACING_RTOL)]
+            if off:
+                raise DataError(f"{store}: {len(off)} of {len(records)} cases are not at data.spacing={list(spacing)} "
+                                f"mm (re-prepare with --spacing, or set data.spacing=null)")
+        counts.append(len(records))
+    return counts

@@ -80,7 +80,8 @@ def read_report(path: str | Path) -> list[dict]:
     lines = [line for line in Path(path).read_text().splitlines() if not line.startswith("#")]
     rows = []
     for row in csv.DictReader(lines):
-        rows.append({k: (v if k == "label" else int(v) if k in ("node", "voxels") else float(v)) for k, v in row.items()})
+        rows.append({k: (v if k == "label" else int(v) if k in ("node", "voxels") else float(v))
+                     for k, v in row.items()})
     return rows
 
 

@@ -34,17 +34,24 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from lnfm import __version__
 from lnfm.config import from_dict, read_yaml, to_dict
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
-from lnfm.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
-from lnfm.models import ModelConfig
+from lnfm.data.store import read_manifest
+from lnfm.errors import WeightsMismatch
+from lnfm.jobs.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
+from lnfm.models import ModelConfig, build_encoder
 from lnfm.models import export_formats as fmt
+from lnfm.models.interop import from_monai_vit
+from lnfm.models.lora import merge_lora
+from lnfm.models.segmenter import build_segmenter
+from lnfm.train.checkpoint import restore_params
 from lnfm.runs import CHECKSUMS, MODEL_JSON, FinetuneRun, PretrainRun, read_json
 from lnfm.workdir import setup_logging
 
@@ -96,8 +103,6 @@ def git_revision() -> str | None:
 
 
 def _manifests(stores: list[str]) -> list[dict] | None:
-    from lnfm.data.store import read_manifest
-
     records = []
     try:
         for store in stores:
@@ -143,15 +148,8 @@ def _preprocessing(path: Path) -> Preprocessing:
 
 def _finetuned_params(run_dir, cfg) -> dict[str, np.ndarray]:
     """The Params of the best model in a finetuning run, read straight from its checkpoint."""
-    import jax
-    from flax import nnx
-
-    from lnfm.models.segmenter import build_segmenter
-    from lnfm.train.checkpoint import restore_params
-
     if cfg.strategy.freeze == "lora":  # adapters are folded into the kernels: the export is a plain segmenter
         from lnfm.jobs.finetune import load_finetuned
-        from lnfm.models.lora import merge_lora
 
         model, _ = load_finetuned(run_dir.root)
         merge_lora(model.encoder)
@@ -193,12 +191,6 @@ def _load_finetuned(run: FinetuneRun) -> _Source:
 
 
 def _load_pretrained(run: PretrainRun) -> _Source:
-    import jax
-    from flax import nnx
-
-    from lnfm.models import build_encoder
-    from lnfm.train.checkpoint import restore_params
-
     data = read_yaml(run.config)
     if not isinstance(data.get("model"), dict):
         raise ExportError(f"{run.config}: no model section to rebuild the encoder from")
@@ -354,11 +346,6 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
 def build_from_meta(meta: ExportMeta, flat: dict[str, np.ndarray], where: str = "export"):
     """(segmenter or None, encoder) of the architecture in `meta` carrying the weights `flat`
     (dotted names; the encoder's start with 'encoder.'). Nothing is randomly initialised."""
-    from flax import nnx
-
-    from lnfm.models import build_encoder
-    from lnfm.models.segmenter import build_segmenter
-
     cfg = meta.model
     try:
         if meta.kind == "segmenter":
@@ -369,7 +356,7 @@ def build_from_meta(meta: ExportMeta, flat: dict[str, np.ndarray], where: str = 
                                         **(head.get("options") or {})), flat, where)
             return model, model.encoder
         return None, fmt.module_from_flat(lambda: build_encoder(cfg, nnx.Rngs(0)), flat, where, prefix="encoder.")
-    except ValueError as e:
+    except WeightsMismatch as e:
         raise ExportError(str(e).splitlines()[0]) from None
 
 
@@ -387,11 +374,9 @@ def load_export(folder: str | Path, verify: bool = True) -> Exported:
         raise ExportError(f"{folder}: a stablehlo export holds a compiled function, not weights (use "
                           f"lnfm.models.export_formats.read_stablehlo, or export orbax/safetensors)")
     if kind == "monai":
-        from lnfm.models.interop import from_monai_vit
-
         try:
             encoder = from_monai_vit(fmt.read_safetensors(folder / fmt.MONAI_SAFETENSORS), meta.model)
-        except ValueError as e:
+        except WeightsMismatch as e:
             raise ExportError(f"{folder / fmt.MONAI_SAFETENSORS}: {e}") from None
         return Exported(meta, encoder, None)
     if kind == "orbax":
@@ -418,19 +403,15 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.verify:
-            n = verify_export(args.verify)
-            print(f"{args.verify}: {n} files match {CHECKSUMS}")
-            return 0
-        if not args.checkpoint or not args.out:
-            raise ExportError("export needs --checkpoint DIR and --out EXPORT_DIR (or --verify DIR)")
-        out = export_model(args.checkpoint, args.out, args.format, force=args.force)
-        print(f"wrote {args.format} export to {out}")
+    if args.verify:
+        n = verify_export(args.verify)
+        print(f"{args.verify}: {n} files match {CHECKSUMS}")
         return 0
-    except (ExportError, ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    if not args.checkpoint or not args.out:
+        raise ExportError("export needs --checkpoint DIR and --out EXPORT_DIR (or --verify DIR)")
+    out = export_model(args.checkpoint, args.out, args.format, force=args.force)
+    print(f"wrote {args.format} export to {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

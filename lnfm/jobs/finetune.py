@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,34 +30,37 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
-from lnfm.data.contract import ContractError, Normalization, write_preprocessing
+from lnfm.data.contract import Normalization, write_preprocessing
 from lnfm.data.loader import LoaderConfig, make_loader, normalize
-from lnfm.data.store import read_case, read_manifest
+from lnfm.data.store import check_stores, read_case, read_manifest
+from lnfm.errors import DataError
 from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.surface import dice as dice_score
-from lnfm.export_meta import read_meta
+from lnfm.jobs.export_meta import read_meta
 from lnfm.io import write_nifti
+from lnfm.jobs.export import ExportError, load_export
+from lnfm.models.lora import apply_lora
 from lnfm.models import ModelConfig
 from lnfm.models.heads import head_flops, head_param_count
 from lnfm.models.segmenter import build_segmenter, load_encoder_state
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
-from lnfm.jobs.pretrain import DataError, check_stores
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import LossConfig, deep_supervision_loss, segmentation_loss
 from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, RepeatRun
 from lnfm.segmentation.sites import SiteConfig
 from lnfm.segmentation.strategies import StrategyConfig, count_params, layer_index_fn, trainable_filter
-from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, restore_params
-from lnfm.train.distributed import DistributedConfigError, initialize
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
+from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
-from lnfm.train.loop import Hook, NonFiniteLoss, Throughput, run_loop, trim_metrics
+from lnfm.train.loop import Hook, Throughput
 from lnfm.train.optim import OptimConfig, layer_lr_scales, make_optimizer
-from lnfm.train.preprocessing import encoder_normalization, training_preprocessing
-from lnfm.train.state import abstract_state, create_train_state, merge_model, split_model
+from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessing
+from lnfm.train.state import create_train_state, merge_model, split_model
+from lnfm.train.job import check_batch, device_batch, fit
 from lnfm.train.step import make_train_step
 from lnfm.workdir import atomic_write_text, open_workdir
 
@@ -71,7 +73,8 @@ METRICS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume", "
 class HeadConfig:
     kind: Literal["unetr", "light", "linear"] = "light"  # decoder head (lnfm.models.heads)
     deep_supervision: bool = False  # also supervise the head's coarser outputs
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra head arguments, e.g. feature_size: 8 for unetr
+    options: dict[str, Any] = dataclasses.field(  # extra head arguments, e.g. feature_size: 8 for unetr
+        default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -92,12 +95,14 @@ class FinetuneConfig:
     site: SiteConfig = dataclasses.field(default_factory=SiteConfig)  # anatomical site preset values
     init: str = "scratch"  # pretraining workdir, its checkpoints dir, an export dir, or scratch
     data: list[str] = dataclasses.field(default_factory=list)  # prepared stores with labelled cases
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # backbone (taken from the checkpoint with --init)
+    model: ModelConfig = dataclasses.field(  # backbone (taken from the checkpoint with --init)
+        default_factory=ModelConfig)
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)  # segmentation head
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)  # which parameters train
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # segmentation loss
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW + schedule (+ LLRD scales)
-    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)  # patch sampling; patch, window and batch come from site/train
+    loader: LoaderConfig = dataclasses.field(  # patch sampling; patch, window and batch come from site/train
+        default_factory=LoaderConfig)
     train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
     inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)  # mask clean-up
@@ -260,8 +265,6 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
         log.info("encoder initialised from %s", checkpoints)
     elif kind == "export":
-        from lnfm.jobs.export import ExportError, load_export
-
         try:
             exported = load_export(path)
         except ExportError as e:
@@ -269,8 +272,6 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         load_encoder_state(model, exported.encoder)
         log.info("encoder initialised from export %s", path)
     if cfg.strategy.freeze == "lora":
-        from lnfm.models.lora import apply_lora
-
         apply_lora(model.encoder, cfg.strategy.lora_rank, cfg.strategy.lora_alpha, rngs=nnx.Rngs(seed + 1))
     if kind == "export" or cfg.strategy.freeze == "lora":
         # Exported weights and new adapters are created off-mesh: lay every array out on the mesh again.
@@ -315,16 +316,9 @@ def load_finetuned(workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -
 # ----------------------------------------------------------------------------- one repeat
 
 
-def _check_batch(tc: FinetuneTrainConfig, nproc: int, shards: int) -> None:
-    if tc.global_batch % nproc or tc.global_batch % (shards * tc.accum_steps):
-        raise ConfigError(f"train.global_batch={tc.global_batch} must be a multiple of the {shards} batch shards "
-                          f"(mesh data x fsdp) times train.accum_steps={tc.accum_steps} and of {nproc} processes")
-
-
 @dataclasses.dataclass
 class Training:
     """What one repeat trains with (see `build_training`)."""
-
     graphdef: nnx.GraphDef
     state: dict  # lnfm.train.state train state (params = trainable leaves only)
     shardings: Any
@@ -397,18 +391,13 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     loader = make_loader(cfg.data, loader_cfg, split="train", labels=True, case_ids=train_ids,
                          shard_index=pid, shard_count=nproc)
     data_iter = iter(loader)
-    ckpt = Checkpointer(rrun.checkpoints, cfg.checkpoint)
     best_ckpt = Checkpointer(rrun.best, CheckpointConfig(keep=1, async_save=False))
     best = rrun.best_record() or {"step": -1, "val_dice": -1.0}
-    start = 0
-    restored = ckpt.restore_latest(abstract_state(state, shardings), data_iter)
-    if restored is not None:
-        state, start = restored
-        log.info("resumed from step %d", start)
-        if pid == 0:
-            trim_metrics(rdir, start)
-    if best["step"] > start:  # a best model saved after the restored step is from the lost future
-        best = {"step": -1, "val_dice": -1.0}
+
+    def forget_lost_best(start: int) -> None:
+        if best["step"] > start:  # a best model saved after the restored step is from the lost future
+            best.update(step=-1, val_dice=-1.0)
+
     softmax = softmax_fn(graphdef)
 
     def validate(step: int, st: dict) -> None:
@@ -428,26 +417,22 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
                 atomic_write_text(rrun.best_json, json.dumps(best))
 
     def next_batch() -> dict:
-        host = next(data_iter)
-        return {"image": jax.make_array_from_process_local_data(bsh, np.asarray(host["image"], np.float32)),
-                "label": jax.make_array_from_process_local_data(bsh, np.asarray(host["label"], np.int32))}
+        return device_batch(next(data_iter), bsh, {"image": np.float32, "label": np.int32})
 
     hooks = (Hook(tc.eval_every, validate),) if tc.eval_every else ()
     tokens = tc.global_batch * math.prod(cfg.site.patch)
+    result = fit(step_fn, state, shardings, next_batch, data_iter, workdir=rdir, checkpoint=cfg.checkpoint, mesh=mesh,
+                 rules=cfg.mesh.rules, total_steps=tc.steps, writer=writer,
+                 throughput=Throughput(tc.global_batch, tokens, None), config=to_dict(cfg), log_every=tc.log_every,
+                 hooks=hooks, desc=f"finetune[{repeat}]", on_resume=forget_lost_best)
+    if result.preempted:
+        best_ckpt.close()
+        writer.close()
+        return None
     with use_rules(mesh, cfg.mesh.rules):
-        result = run_loop(step_fn, state, next_batch, start_step=start, total_steps=tc.steps, writer=writer,
-                          throughput=Throughput(tc.global_batch, tokens, None), checkpointer=ckpt,
-                          ckpt_every=cfg.checkpoint.every, data_iter=data_iter, config=to_dict(cfg),
-                          log_every=tc.log_every, hooks=hooks, desc=f"finetune[{repeat}]")
-        if result.preempted:
-            ckpt.close()
-            best_ckpt.close()
-            writer.close()
-            return None
         if best["step"] != result.step and (not tc.eval_every or result.step % tc.eval_every):
             validate(result.step, result.state)
         train_time = time.time() - t_build
-        ckpt.close()
         restored_best = best_ckpt.restore_latest({"model": best_target})
         best_ckpt.close()
         if restored_best is None:
@@ -538,7 +523,8 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
                                   cfg.site.spacing, Normalization(cfg.loader.hu_window, cfg.loader.pet_scale),
                                   cfg.site.patch)
     mesh = make_mesh(cfg.mesh)
-    _check_batch(cfg.train, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
+    check_batch(cfg.train.global_batch, cfg.train.accum_steps, jax.process_count(),
+                mesh.shape["data"] * mesh.shape["fsdp"])
     pid = jax.process_index()
     run_dirs = FinetuneRun(workdir)
     writer = open_workdir(workdir, cfg, is_main=pid == 0, tensorboard=False)
@@ -577,7 +563,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Finetune a pretrained encoder for lymph-node segmentation.")
+    ap = argparse.ArgumentParser(prog="lnfm finetune",
+                                 description="Finetune a pretrained encoder for lymph-node segmentation.")
     ap.add_argument("--site", required=True, help="site preset (head_neck, axilla, mediastinum, abdomen, pelvis) "
                                                   "or a YAML file")
     ap.add_argument("--data", required=True, help="comma-separated prepared stores with labelled cases")
@@ -585,7 +572,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
-    ap.add_argument("--quick", action="store_true", help="CPU demo settings (lnfm.jobs.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU demo settings (lnfm.jobs.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
     return ap.parse_args(argv)
@@ -593,19 +581,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
-        cfg = load_finetune_config(args.site, args.overrides, init=args.init,
-                                   data=[s for s in args.data.split(",") if s], num_labeled=args.num_labeled,
-                                   repeats=args.repeats, quick=args.quick)
-        return run(cfg, args.workdir)
-    except (DataError, ConfigError, ContractError, CheckpointError, DistributedConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
+    cfg = load_finetune_config(args.site, args.overrides, init=args.init,
+                               data=[s for s in args.data.split(",") if s], num_labeled=args.num_labeled,
+                               repeats=args.repeats, quick=args.quick)
+    return run(cfg, args.workdir)
 
 
 __all__ = ["FinetuneConfig", "HeadConfig", "FinetuneTrainConfig", "QUICK", "load_finetune_config", "run", "main",

@@ -41,15 +41,23 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from lnfm.data.geometry import restore_to_source, spacing_of
 from lnfm.data.loader import LoaderConfig, normalize
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
+from lnfm.errors import LnfmError
 from lnfm.eval.predictor import Predictor, softmax_fn
-from lnfm.export_meta import ExportError, ExportMeta, read_meta
-from lnfm.io import Volume, is_dicom_path
-from lnfm.jobs.predict_dicom import FORMATS, OutputFormats, check_outside_inputs, output_paths, source_series
+from lnfm.eval.report import node_table, report_csv, write_overlay
+from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta
+from lnfm.io import Volume, is_dicom_path, write_nifti
+from lnfm.jobs.export import load_export, verify_export
+from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
+                                     parse_formats, source_series, write_dicom_outputs)
+from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
+from lnfm.workdir import atomic_write_text, progress, setup_logging
 
 log = logging.getLogger("lnfm.predict")
 
@@ -58,14 +66,13 @@ _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 
 
-class PredictError(ValueError):
+class PredictError(LnfmError, ValueError):
     """A scan or an option `lnfm predict` cannot use; one line naming the file."""
 
 
 @dataclasses.dataclass
 class PredictOptions:
     """Settings that default to model.json's values when None."""
-
     overlap: float | None = None  # sliding-window overlap
     tta: bool | None = None  # average over the 8 axis flips
     sw_batch_size: int | None = None  # windows per forward pass
@@ -88,23 +95,18 @@ def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.nd
 
     orbax and safetensors exports rebuild the model; a stablehlo export runs its
     serialized function. Checksums are verified first."""
-    import jax
 
-    from lnfm.jobs.export import load_export, verify_export
 
     meta = read_meta(export_dir)
     if meta.kind != "segmenter":
         raise ExportError(f"{export_dir}: an encoder-only export cannot segment (export a finetuning workdir)")
     if meta.format == "stablehlo":
-        from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
-
         verify_export(export_dir)
         exported = read_stablehlo(Path(export_dir) / STABLEHLO_FILE)
         return (lambda x: np.asarray(exported.call(np.asarray(x, np.float32)))), meta
     if meta.format not in ("orbax", "safetensors"):
         raise ExportError(f"{export_dir}: a {meta.format} export holds no segmentation head (use orbax, "
                           f"safetensors or stablehlo)")
-    from flax import nnx
 
     model = load_export(export_dir).model
     graphdef, state = nnx.split(model)
@@ -185,10 +187,6 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
                   dicom: tuple | None = None) -> None:
     """Write every requested output under a temporary name, then rename them all. `output` is the
     NIfTI mask (None: not asked for); `dicom` = (source series, {format: path}, OutputFormats)."""
-    from lnfm.io import write_nifti
-    from lnfm.eval.report import node_table, report_csv, write_overlay
-    from lnfm.workdir import atomic_write_text
-
     pending: list[tuple[Path, Path]] = []
     try:
         for final in (output, probabilities, report, overlay, *(dicom[1].values() if dicom else ())):
@@ -198,8 +196,6 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
             pending.append((_temp(output), output))
             write_nifti(pending[-1][0], pred.labels, pred.affine)
         if dicom is not None:
-            from lnfm.jobs.predict_dicom import write_dicom_outputs
-
             series, paths, formats = dicom
             write_dicom_outputs(pred.labels, pred.affine, meta, series, paths, formats, _temp, pending)
         if probabilities is not None:
@@ -303,8 +299,6 @@ def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, ou
                    overlay: str | Path | None = None, options: PredictOptions | None = None,
                    show_progress: bool = True, formats: OutputFormats | None = None) -> dict[str, str]:
     """Segment every case of `folder`; returns {case: error} for the cases that failed."""
-    from lnfm.workdir import progress
-
     folder, out = Path(folder), Path(out)
     cases = find_cases(folder, len(meta.channels))
     if not cases:
@@ -317,7 +311,7 @@ def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, ou
                          Path(probabilities) / f"{case}.nii.gz" if probabilities else None,
                          Path(report) / f"{case}.csv" if report else None,
                          Path(overlay) / f"{case}.png" if overlay else None, options, formats=formats)
-        except (PredictError, ValueError) as e:
+        except LnfmError as e:  # a bad scan fails alone; a bug stops the batch with its traceback
             failed[case] = str(e).splitlines()[0]
             log.warning("failed %s", failed[case])
         bar.update(1)
@@ -355,41 +349,33 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 
 def run(args: argparse.Namespace) -> int:
-    from lnfm.jobs.predict_dicom import export_digest, parse_formats
-
     options = PredictOptions(args.overlap, args.tta, args.batch_size, args.min_volume_mm3)
-    try:
-        meta = read_meta(args.model)
-        formats = OutputFormats(parse_formats(args.format), args.seg_per_node, args.rtstruct_all_nodes,
-                                args.seg_compression)
-        if formats.dicom:  # the DICOM outputs name the export by its checksum
-            formats.export_sha256 = export_digest(args.model)
-        inputs = [p for p in str(args.input).split(",") if p]
-        batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
-        vol = series = None
-        if not batch:  # check the scan before the model loads: bad input fails fast
-            check_outputs(args.output, args.probabilities, args.overlay, formats.formats)
-            check_outside_inputs(output_paths(args.output, formats.formats), inputs)
-            series = source_series(inputs, formats)
-            vol = read_scan(inputs, meta)
-        predictor, meta = load_predictor(args.model)
-        if batch:
-            failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,
-                                    args.overlay, options, formats=formats)
-            for case, err in failed.items():
-                print(f"FAILED {case}: {err}", file=sys.stderr)
-            return 1 if failed else 0
-        predict_case(predictor, meta, inputs, args.output, args.probabilities, args.report, args.overlay, options,
-                     vol=vol, formats=formats, series=series)
-        return 0
-    except (PredictError, ExportError, ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    meta = read_meta(args.model)
+    formats = OutputFormats(parse_formats(args.format), args.seg_per_node, args.rtstruct_all_nodes,
+                            args.seg_compression)
+    if formats.dicom:  # the DICOM outputs name the export by its checksum
+        formats.export_sha256 = export_digest(args.model)
+    inputs = [p for p in str(args.input).split(",") if p]
+    batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
+    vol = series = None
+    if not batch:  # check the scan before the model loads: bad input fails fast
+        check_outputs(args.output, args.probabilities, args.overlay, formats.formats)
+        check_outside_inputs(output_paths(args.output, formats.formats), inputs)
+        series = source_series(inputs, formats)
+        vol = read_scan(inputs, meta)
+    predictor, meta = load_predictor(args.model)
+    if batch:
+        failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,
+                                args.overlay, options, formats=formats)
+        for case, err in failed.items():
+            print(f"FAILED {case}: {err}", file=sys.stderr)
+        return 1 if failed else 0
+    predict_case(predictor, meta, inputs, args.output, args.probabilities, args.report, args.overlay, options,
+                 vol=vol, formats=formats, series=series)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lnfm.workdir import setup_logging
-
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     return run(build_parser().parse_args(argv))
 

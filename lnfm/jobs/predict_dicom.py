@@ -17,9 +17,12 @@ import numpy as np
 
 from lnfm import __version__
 from lnfm.errors import LnfmError
-from lnfm.export_meta import ExportMeta
+from lnfm.jobs.export_meta import ExportMeta
 from lnfm.io import is_dicom_path
+from lnfm.io.dicom_seg import write_dicom_seg
 from lnfm.io.dicom_source import Provenance, SourceSeries, read_source_series
+from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
+from lnfm.jobs.export import CHECKSUMS
 
 log = logging.getLogger("lnfm.predict")
 
@@ -57,8 +60,6 @@ def parse_formats(values: list[str] | None) -> tuple[str, ...]:
 
 def export_digest(export_dir: str | Path) -> str:
     """One checksum for a whole export: the sha256 of its checksums.sha256 (which lists every file)."""
-    from lnfm.jobs.export import CHECKSUMS
-
     return hashlib.sha256((Path(export_dir) / CHECKSUMS).read_bytes()).hexdigest()
 
 
@@ -98,8 +99,6 @@ def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: ExportMeta
                         paths: dict[str, Path], formats: OutputFormats, temp: Callable[[Path], Path],
                         pending: list[tuple[Path, Path]]) -> None:
     """Write the requested DICOM outputs under temporary names, appending (temporary, final) to `pending`."""
-    from lnfm.io.dicom_seg import write_dicom_seg
-    from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
 
     if not formats.export_sha256:  # a caller's bug: the outputs must identify the model
         raise RuntimeError("OutputFormats.export_sha256 is empty; set it to export_digest(export_dir)")

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from lnfm.config import ConfigError, load_config, to_dict
+from lnfm.errors import LnfmError
+from lnfm.jobs.pretrain import PretrainConfig
 from lnfm.runs import FinetuneRun
 from lnfm.workdir import atomic_write_text, open_workdir, progress
 
@@ -41,6 +43,10 @@ STRATEGIES: dict[str, list[str]] = {
 }
 HEADS = ("unetr", "light", "linear")
 METRIC_KEYS = ("dice", "node_sensitivity", "hd95", "nsd", "fp_per_volume")
+
+
+class StageFailed(LnfmError):
+    """A stage of the study (a child `python -m lnfm <job>`) exited non-zero; its log names the cause."""
 
 
 @dataclasses.dataclass
@@ -78,10 +84,10 @@ def check(cfg: StudyConfig) -> None:
 def _run(cmd: list[str], env: dict, logfile: Path) -> None:
     log.info("$ %s", shlex.join(cmd))
     with open(logfile, "a") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = logfile.read_text().strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"{shlex.join(cmd[:3])}... failed (exit {proc.returncode}): {tail[0]} (log: {logfile})")
+        raise StageFailed(f"{logfile}: {shlex.join(cmd[1:4])}... failed (exit {proc.returncode}): {tail[0]}")
 
 
 def build_benchmark(cfg: StudyConfig, workdir: Path, env: dict) -> tuple[Path, Path]:
@@ -89,13 +95,13 @@ def build_benchmark(cfg: StudyConfig, workdir: Path, env: dict) -> tuple[Path, P
     py = sys.executable
     phantoms, store, pre = workdir / "phantoms", workdir / "store", workdir / "pretrain"
     if not (phantoms / "dataset.json").is_file():
-        _run([py, "data_prep/synth.py", "--site", cfg.site, "--num-cases", str(cfg.cases), "--seed", str(cfg.seed),
+        _run([py, "-m", "lnfm", "synth", "--site", cfg.site, "--num-cases", str(cfg.cases), "--seed", str(cfg.seed),
               "--shape", ",".join(map(str, cfg.shape)), "--out", str(phantoms), "--no-gallery"], env,
              workdir / "build.log")
-    _run([py, "data_prep/prepare.py", "--input", str(phantoms), "--output", str(store),
+    _run([py, "-m", "lnfm", "prepare", "--input", str(phantoms), "--output", str(store),
           "--spacing", ",".join(map(str, cfg.spacing)), "--workers", "2"], env, workdir / "build.log")
     if "pretrained" in cfg.inits and not (pre / "done.json").is_file():
-        _run([py, "pretrain/pretrain.py", "--config", cfg.pretrain_config, "--data", str(store),
+        _run([py, "-m", "lnfm", "pretrain", "--config", cfg.pretrain_config, "--data", str(store),
               "--workdir", str(pre), *cfg.pretrain_overrides], env, workdir / "build.log")
         atomic_write_text(pre / "done.json", "{}")
     return store, pre
@@ -112,8 +118,6 @@ def cell_dir(workdir: Path, c: dict) -> Path:
 
 def scratch_model_overrides(cfg: StudyConfig) -> list[str]:
     """Scratch cells use the pretrained model's architecture, so only the init differs."""
-    from lnfm.jobs.pretrain import PretrainConfig
-
     model = to_dict(load_config(PretrainConfig, cfg.pretrain_config, cfg.pretrain_overrides, kind="pretrain").model)
     return [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
 
@@ -123,7 +127,7 @@ def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, e
     summary = FinetuneRun(out).summary
     if not summary.is_file():
         init = str(pre) if c["init"] == "pretrained" else "scratch"
-        cmd = [sys.executable, "finetune/finetune.py", "--site", cfg.site, "--data", str(store), "--init", init,
+        cmd = [sys.executable, "-m", "lnfm", "finetune", "--site", cfg.site, "--data", str(store), "--init", init,
                "--workdir", str(out), "--num-labeled", str(c["num_labeled"]), "--repeats", str(cfg.repeats)]
         if cfg.quick:
             cmd.append("--quick")
@@ -267,7 +271,8 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Few-shot transfer study on phantoms: scratch vs pretrained.")
+    ap = argparse.ArgumentParser(prog="lnfm study",
+                                 description="Few-shot transfer study on phantoms: scratch vs pretrained.")
     ap.add_argument("--config", default=None, help="study preset (quick, full) or a YAML file")
     ap.add_argument("--quick", action="store_true", help="same as --config quick: minutes on a laptop CPU")
     ap.add_argument("--workdir", required=True, help="benchmark data, pretraining and one folder per cell")
@@ -275,15 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. repeats=5 heads=[light]")
     args = ap.parse_args(argv)
     name = "quick" if args.quick else (args.config or "full")
-    try:
-        cfg = load_config(StudyConfig, name, args.overrides, kind="study")
-        command = "python finetune/study.py " + shlex.join(
-            (["--quick"] if args.quick else ["--config", name]) + ["--workdir", args.workdir, "--out", args.out]
-            + list(args.overrides))
-        return run(cfg, args.workdir, args.out, command)
-    except (ConfigError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(StudyConfig, name, args.overrides, kind="study")
+    command = "python finetune/study.py " + shlex.join(
+        (["--quick"] if args.quick else ["--config", name]) + ["--workdir", args.workdir, "--out", args.out]
+        + list(args.overrides))
+    return run(cfg, args.workdir, args.out, command)
 
 
 if __name__ == "__main__":

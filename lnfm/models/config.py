@@ -30,6 +30,6 @@ class ModelConfig:
     decoder_depth: int | None = None  # MAE decoder blocks (default: 1 for tiny, 8 otherwise)
     decoder_heads: int | None = None  # MAE decoder heads (default: 4 for tiny, 16 otherwise)
     decoder_mlp_dim: int | None = None  # MAE decoder MLP hidden size (default 4 x decoder width)
-    feature_layers: tuple[int, ...] | None = None  # 1-based blocks whose outputs feed decoders (default: 4 evenly spaced)
+    feature_layers: tuple[int, ...] | None = None  # 1-based blocks whose outputs feed heads (default: 4 evenly spaced)
     window_size: tuple[int, int, int] = (7, 7, 7)  # Swin attention window (tokens)
     swin_patch_size: tuple[int, int, int] = (2, 2, 2)  # Swin patch embedding stride (voxels)

@@ -16,6 +16,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lnfm.errors import LnfmError, WeightsMismatch
+from lnfm.models.interop import to_monai_vit
+
 PARAMS_DIR = "params"  # orbax: the parameter tree
 SAFETENSORS_FILE = "model.safetensors"  # safetensors: full model (or encoder) under flat dotted names
 STABLEHLO_FILE = "inference.stablehlo"  # stablehlo: serialized jax.export inference function
@@ -58,10 +61,10 @@ def module_from_flat(build, flat: dict[str, np.ndarray], where: str, prefix: str
         key = prefix + ".".join(str(p) for p in path)
         if isinstance(var, nnx.Param):
             if key not in flat:
-                raise ValueError(f"{where}: the weights do not fit the architecture in model.json (no '{key}')")
+                raise WeightsMismatch(f"{where}: the weights do not fit the architecture in model.json (no '{key}')")
             value = np.asarray(flat[key])
             if value.shape != tuple(var.shape):
-                raise ValueError(f"{where}: '{key}' has shape {value.shape}, the architecture expects "
+                raise WeightsMismatch(f"{where}: '{key}' has shape {value.shape}, the architecture expects "
                                  f"{tuple(var.shape)}")
             used.add(key)
             value = jnp.asarray(value, var.dtype)
@@ -72,7 +75,8 @@ def module_from_flat(build, flat: dict[str, np.ndarray], where: str, prefix: str
         leaves.append((path, var.replace(value)))
     extra = sorted(k for k in flat if k.startswith(prefix) and k not in used)
     if extra:
-        raise ValueError(f"{where}: the weights do not fit the architecture in model.json (unexpected '{extra[0]}')")
+        raise WeightsMismatch(f"{where}: the weights do not fit the architecture in model.json "
+                              f"(unexpected '{extra[0]}')")
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -190,14 +194,12 @@ def read_stablehlo(path: Path):
 
 def write_monai(out: Path, encoder: nnx.Module) -> list[str]:
     """MONAI ViT state dict: a pickle-free safetensors file and torch.save of tensors."""
-    from lnfm.models.interop import to_monai_vit
-
     sd = dict(sorted(to_monai_vit(encoder).items()))
     write_safetensors(out / MONAI_SAFETENSORS, sd, {"format": "pt"})
     try:
-        import torch
+        import torch  # optional (the dev extra): only this format needs it
     except ImportError:
-        raise ValueError("the monai format writes encoder_monai.pt with torch, which is not installed "
+        raise LnfmError("the monai format writes encoder_monai.pt with torch, which is not installed "
                          "(pip install torch)") from None
     buf = io.BytesIO()  # saving to a buffer names the archive 'archive', not after the file: same bytes every time
     torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}, buf)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from lnfm.errors import WeightsMismatch
 from lnfm.models.config import ModelConfig
 from lnfm.models.layers import sincos_3d
 from lnfm.models.mae import MAE, decoder_dims
@@ -113,7 +114,7 @@ def _check_sincos(sd: dict, key: str, grid: tuple, width: int, cfg_hint: str) ->
     table = _to_numpy(sd[key])[0]
     ours = sincos_3d(grid, width)
     if table.shape != ours.shape or not np.allclose(table, ours, atol=_SINCOS_ATOL):
-        raise ValueError(f"MONAI state dict: '{key}' is not the fixed sin-cos table for grid {grid}; {cfg_hint}")
+        raise WeightsMismatch(f"MONAI state dict: '{key}' is not the fixed sin-cos table for grid {grid}; {cfg_hint}")
 
 
 def _load(model: nnx.Module, sd: dict, pairs: list, handled: set) -> nnx.Module:
@@ -122,18 +123,18 @@ def _load(model: nnx.Module, sd: dict, pairs: list, handled: set) -> nnx.Module:
     used = set(handled)
     for path, key, kind in pairs:
         if key not in sd:
-            raise ValueError(f"MONAI state dict: missing '{key}' (check the config: depth, cls_token, qkv_bias, "
+            raise WeightsMismatch(f"MONAI state dict: missing '{key}' (check the config: depth, cls_token, qkv_bias, "
                              f"pos_embed)")
         value = _from_torch_layout(_to_numpy(sd[key]), kind)
         var = flat[path]
         if value.shape != var.shape:
-            raise ValueError(f"MONAI state dict: '{key}' has shape {tuple(_to_numpy(sd[key]).shape)}, the config "
+            raise WeightsMismatch(f"MONAI state dict: '{key}' has shape {tuple(_to_numpy(sd[key]).shape)}, the config "
                              f"expects {tuple(_to_torch_layout(np.zeros(var.shape), kind).shape)}")
         var.set_value(np.asarray(value, dtype=var.dtype))
         used.add(key)
     extra = sorted(k for k in sd if k not in used and not any(tag in k for tag in _IGNORED))
     if extra:
-        raise ValueError(f"MONAI state dict: {len(extra)} unexpected keys, e.g. '{extra[0]}' "
+        raise WeightsMismatch(f"MONAI state dict: {len(extra)} unexpected keys, e.g. '{extra[0]}' "
                          f"(check the config: depth, cls_token, qkv_bias, pos_embed)")
     nnx.update(model, state)
     return model

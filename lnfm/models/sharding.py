@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -127,6 +127,15 @@ def create_sharded_model(build_fn: Callable[[], nnx.Module], mesh: Mesh, rules: 
     with use_rules(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def abstract_sharded_model(build_fn: Callable[[], nnx.Module], mesh: Mesh, rules: str | tuple) -> nnx.Module:
+    """`create_sharded_model` without allocating: every variable a ShapeDtypeStruct carrying
+    the sharding the real model would get (what the scale planner compiles against)."""
+    graphdef, abs_state = nnx.split(nnx.eval_shape(build_fn))
+    shardings = state_sharding(abs_state, mesh, rules)
+    return nnx.merge(graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                            abs_state, shardings))
 
 
 _ACTIVE: list[tuple] = []

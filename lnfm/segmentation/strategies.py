@@ -18,9 +18,14 @@ to the `frozen` pytree and never meet the optimizer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Literal
+from collections.abc import Callable
 
+import jax
 from flax import nnx
+
+from lnfm.config import ConfigError
+from lnfm.models.lora import LoRAParam
 
 
 @dataclasses.dataclass
@@ -56,8 +61,6 @@ def _under(path: Path, prefix: Path) -> bool:
 
 
 def _is_lora(value: Any) -> bool:
-    from lnfm.models.lora import LoRAParam
-
     return isinstance(value, LoRAParam) or (isinstance(value, type) and issubclass(value, LoRAParam))
 
 
@@ -73,10 +76,10 @@ def trainable_filter(model: nnx.Module, cfg: StrategyConfig) -> Callable[[Path, 
     if cfg.freeze == "first_k":
         units = unit_paths(model)
         if not 0 <= cfg.k <= len(units):
-            raise ValueError(f"strategy.k={cfg.k} is outside 0..{len(units)} (the encoder has {len(units)} units)")
+            raise ConfigError(f"strategy.k={cfg.k} is outside 0..{len(units)} (the encoder has {len(units)} units)")
         frozen = units[:cfg.k]
         return lambda path, value: not any(_under(path, p) for p in frozen)
-    raise ValueError(f"unknown strategy.freeze '{cfg.freeze}'")
+    raise ConfigError(f"unknown strategy.freeze '{cfg.freeze}'")
 
 
 def layer_index_fn(model: nnx.Module) -> tuple[Callable[[str], int], int]:
@@ -97,6 +100,4 @@ def layer_index_fn(model: nnx.Module) -> tuple[Callable[[str], int], int]:
 
 
 def count_params(tree: Any) -> int:
-    import jax
-
     return int(sum(x.size for x in jax.tree.leaves(tree)))

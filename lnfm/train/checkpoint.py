@@ -19,10 +19,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lnfm.errors import LnfmError
+
 log = logging.getLogger("lnfm.train")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LnfmError, RuntimeError):
     """No checkpoint in the folder can be restored into the current train state."""
 
 
@@ -120,7 +122,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

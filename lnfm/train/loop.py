@@ -20,11 +20,13 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
+from lnfm.config import ConfigError
 from lnfm.errors import NonFiniteLoss
 from lnfm.train.checkpoint import Checkpointer
 from lnfm.train.mfu import mfu
@@ -66,9 +68,9 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
     try:
         a, b = (int(v) for v in text.split(":"))
     except ValueError:
-        raise ValueError(f"profile steps must look like A:B (e.g. 10:15), got {text!r}") from None
+        raise ConfigError(f"profile steps must look like A:B (e.g. 10:15), got {text!r}") from None
     if not 0 <= a < b:
-        raise ValueError(f"profile steps A:B need 0 <= A < B, got {text!r}")
+        raise ConfigError(f"profile steps A:B need 0 <= A < B, got {text!r}")
     return a, b
 
 
@@ -85,7 +87,7 @@ class PreemptionGuard:
         self.requested = True
         log.warning("received %s: finishing the current step, then saving", signal.Signals(signum).name)
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)

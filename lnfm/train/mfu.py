@@ -11,7 +11,8 @@ most specific first. Unknown kinds and CPUs have no peak: MFU is then None (n/a)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 

@@ -9,12 +9,14 @@ pytree built by `layer_lr_scales` and passed as `lr_scales`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Literal
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lnfm.config import ConfigError
 from lnfm.train.state import path_str
 
 
@@ -87,7 +89,7 @@ def make_optimizer(cfg: OptimConfig, params: Any, total_steps: int, global_batch
                    lr_scales: Any | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW for the trainable `params` pytree; returns (transformation, lr schedule)."""
     if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
+        raise ConfigError(f"total_steps must be positive, got {total_steps}")
     schedule = make_schedule(cfg, total_steps, global_batch)
     parts = []
     if cfg.clip_norm > 0:

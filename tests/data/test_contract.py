@@ -11,7 +11,8 @@ import pytest
 from lnfm.config import ConfigError, from_dict, to_dict
 from lnfm.data import store as st
 from lnfm.data.contract import (ContractError, PrepareContract, common_contract, read_contract, require_contract)
-from lnfm.data.prepare import PrepareConfig, main, prepare_dataset, preprocess_case, read_channels
+from lnfm.cli import run_job
+from lnfm.data.prepare import PrepareConfig, prepare_dataset, preprocess_case, read_channels
 from lnfm.io import read_image
 from raw_cases import nnunet_folder
 
@@ -48,17 +49,17 @@ def test_rerun_with_other_settings_is_refused_before_anything_is_written(tmp_pat
     raw = nnunet_folder(tmp_path / "raw", n=2)
     store = tmp_path / "store"
     base = ["--input", str(raw), "--output", str(store), "--workers", "0", "--salt", "s"]
-    assert main(base + ["--spacing", "1.5,1.5,1.5"]) == 0
+    assert run_job("prepare", base + ["--spacing", "1.5,1.5,1.5"]) == 0
     before = _tree_digest(store)
     capsys.readouterr()
-    assert main(base + ["--spacing", "1.0,1.0,1.0"]) == 2
+    assert run_job("prepare", base + ["--spacing", "1.0,1.0,1.0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(store) in err and "spacing: [1.0, 1.0, 1.0] != [1.5, 1.5, 1.5]" in err
-    assert main(base + ["--spacing", "1.5,1.5,1.5", "crop_body=false"]) == 2
+    assert run_job("prepare", base + ["--spacing", "1.5,1.5,1.5", "crop_body=false"]) == 2
     assert "crop_body: False != True" in capsys.readouterr().err
     assert _tree_digest(store) == before
     # The same settings again: nothing to redo, the store stays as it was.
-    assert main(base + ["--spacing", "1.5,1.5,1.5"]) == 0
+    assert run_job("prepare", base + ["--spacing", "1.5,1.5,1.5"]) == 0
     assert "skipped 2" in capsys.readouterr().out
     assert _tree_digest(store) == before
 

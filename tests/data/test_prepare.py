@@ -85,7 +85,8 @@ def _bad_inputs(root: Path) -> tuple[Path, dict]:
         {"case_id": "ok2", "image": good[1]},  # unlabelled is fine
         {"case_id": "corrupt", "image": str(corrupt)},
         {"case_id": "nan", "image": save(root / "nan.nii.gz", nan, aff)},
-        {"case_id": "grid", "image": good[0], "label": save(root / "shifted.nii.gz", lab, affine_lps(origin=(0, 0, 0)))},
+        {"case_id": "grid", "image": good[0],
+         "label": save(root / "shifted.nii.gz", lab, affine_lps(origin=(0, 0, 0)))},
         {"case_id": "flat", "image": save(root / "flat.nii.gz", img[:, :, 0], aff)},
         {"case_id": "empty", "image": good[0], "label": save(root / "empty.nii.gz", lab * 0, aff)},
         {"case_id": "frac", "image": good[0], "label": save(root / "frac.nii.gz", lab * 0.5, aff)},

@@ -95,7 +95,8 @@ def test_node_short_axis_in_range_and_records_match():
 def test_hu_of_tissues():
     means: dict[int, list[float]] = {}
     # A wide thin chest slab shows lung; the small neck shows air, bone and muscle.
-    for site, seed, shape in (("head_neck", 0, (64, 64, 32)), ("mediastinum", 1, (144, 144, 12)), ("pelvis", 2, (64, 64, 32))):
+    for site, seed, shape in (("head_neck", 0, (64, 64, 32)), ("mediastinum", 1, (144, 144, 12)),
+                              ("pelvis", 2, (64, 64, 32))):
         case = generate_case(site, seed, small(noise_hu=(10.0, 10.0), shape=shape))
         for t in (A.AIR, A.FAT, A.MUSCLE, A.BONE, A.NODE, A.LUNG):
             # Cortical bone is only a few voxels thick: take all of it; erode the rest past the blur.
@@ -159,14 +160,16 @@ def test_every_site_generates(site):
     assert {n["station"] for n in case.nodes} <= set(case.station_names)
 
 
-@pytest.mark.parametrize("kw", [{"use_real_shapes": False}, {"real_masks_dir": "/nonexistent", "real_shape_fraction": 1.0}])
+@pytest.mark.parametrize("kw", [{"use_real_shapes": False},
+                                {"real_masks_dir": "/nonexistent", "real_shape_fraction": 1.0}])
 def test_fallback_shapes_without_real_masks(kw):
     case = generate_case("abdomen", 3, small(nodes_per_case=(6, 6), **kw))
     assert case.nodes and {n["shape"] for n in case.nodes} <= {"ovoid", "lobulated"}
 
 
 def test_real_shapes_used_when_present(shared_data):
-    kinds = {n["shape"] for i in range(3) for n in generate_case("mediastinum", i, small(real_shape_fraction=1.0)).nodes}
+    kinds = {n["shape"] for i in range(3)
+             for n in generate_case("mediastinum", i, small(real_shape_fraction=1.0)).nodes}
     assert "real" in kinds
 
 

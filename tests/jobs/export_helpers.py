@@ -46,7 +46,7 @@ def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
     from lnfm.data.contract import Normalization, write_preprocessing
     from lnfm.data.store import read_manifest
     from lnfm.runs import FinetuneRun
-    from lnfm.train.preprocessing import training_preprocessing
+    from lnfm.jobs.preprocessing import training_preprocessing
     from lnfm.jobs.finetune import load_finetune_config
     from lnfm.models.segmenter import build_segmenter
     from lnfm.train.checkpoint import CheckpointConfig, Checkpointer

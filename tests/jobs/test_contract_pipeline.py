@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from lnfm.cli import run_job
 from lnfm.data.contract import read_contract
 from lnfm.data.geometry import restore_to_source
 from lnfm.data.prepare import PrepareConfig, prepare_dataset
@@ -19,7 +20,6 @@ from lnfm.data.synth import SynthConfig, write_dataset
 from lnfm.eval.metrics import evaluate_case
 from lnfm.eval.surface import dice
 from lnfm.jobs import finetune as ft
-from lnfm.jobs import predict as pr
 from lnfm.jobs.export import export_model, read_meta
 
 NATIVE = (0.8, 0.8, 2.5)
@@ -50,7 +50,8 @@ def native_store(tmp_path_factory):
 def test_finetune_refuses_a_store_at_another_spacing_than_the_preset(native_store, tmp_path, capsys):
     _, store = native_store
     wd = tmp_path / "wd"
-    rc = ft.main(["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), *TINY])
+    argv = ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), *TINY]
+    rc = run_job("finetune", argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert store in err and "--spacing 1.5,1.5,1.5" in err and "[0.8, 0.8, 2.5]" in err
@@ -87,7 +88,7 @@ def test_predict_on_the_raw_scan_equals_finetunings_own_evaluation(native_store,
 
         scan = raw / "imagesTr" / f"{cid}_0000.nii.gz"
         mask = tmp_path / f"{cid}.nii.gz"
-        assert pr.main(["--model", str(out), "--input", str(scan), "--output", str(mask)]) == 0
+        assert run_job("predict", ["--model", str(out), "--input", str(scan), "--output", str(mask)]) == 0
         got = np.asarray(nib.load(mask).dataobj)
         expected = restore_to_source(own, rec, order=0)
         assert got.shape == nib.load(scan).shape and 0.001 < (expected > 0).mean() < 0.9

@@ -11,7 +11,9 @@ import yaml
 
 from lnfm.config import ConfigError
 from lnfm.data.contract import ContractError
-from lnfm.jobs.finetune import QUICK, build_training, load_finetune_config, load_finetuned, main, make_splits, resolve_init, run
+from lnfm.cli import run_job
+from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, make_splits, resolve_init,
+                                run)
 from lnfm.segmentation.sites import SITES, site_names
 
 KEYS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume")
@@ -172,8 +174,8 @@ def test_few_shot_repeats_summary_and_best_model(store, tmp_path):
 
 
 def test_bad_store_is_a_one_line_error(tmp_path, capsys):
-    rc = main(["--site", "pelvis", "--data", str(tmp_path / "nope"), "--init", "scratch", "--workdir",
-               str(tmp_path / "wd")])
+    rc = run_job("finetune", ["--site", "pelvis", "--data", str(tmp_path / "nope"), "--init", "scratch",
+                              "--workdir", str(tmp_path / "wd")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "dataset not found" in err and len(err.splitlines()) == 1
 

@@ -14,6 +14,7 @@ import pytest
 from export_helpers import tiny  # noqa: F401  (session fixture)
 from scipy import ndimage
 
+from lnfm.cli import run_job
 from lnfm.jobs import predict as pr
 from lnfm.io import read_image
 from lnfm.eval.report import read_report
@@ -154,11 +155,12 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_file(tiny, tmp_path, capsys)
         out = tmp_path / f"out_{name}"
         out.mkdir()
         capsys.readouterr()
-        rc = pr.main(["--model", str(tiny.orbax), "--input", ",".join(inputs), "--output", str(out / "m.nii.gz"),
-                      "--report", str(out / "n.csv"), "--overlay", str(out / "o.png")])
+        rc = run_job("predict", ["--model", str(tiny.orbax), "--input", ",".join(inputs), "--output",
+                                 str(out / "m.nii.gz"), "--report", str(out / "n.csv"), "--overlay",
+                                 str(out / "o.png")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, name
-        assert err[-1].startswith("error: ") and fname in err[-1] and reason in err[-1], (name, err)
+        assert err[-1].startswith("lnfm predict: error: ") and fname in err[-1] and reason in err[-1], (name, err)
         assert list(out.iterdir()) == [], name
 
 
@@ -169,7 +171,7 @@ def test_bad_input_exit_code_from_the_console_command(tiny, tmp_path):  # noqa: 
                           cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "flat.nii.gz" in last and "constant" in last
+    assert last.startswith("lnfm predict: error: ") and "flat.nii.gz" in last and "constant" in last
     assert not (tmp_path / "m.nii.gz").exists()
 
 

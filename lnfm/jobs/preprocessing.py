@@ -9,7 +9,7 @@ import numpy as np
 
 from lnfm.config import ConfigError, read_yaml
 from lnfm.data.contract import (ContractError, Normalization, Preprocessing, common_contract, read_preprocessing)
-from lnfm.export_meta import read_meta
+from lnfm.jobs.export_meta import read_meta
 from lnfm.runs import ExportFolder, PretrainRun
 
 SPACING_RTOL = 0.01  # a stored case within 1% of the training spacing counts as at that spacing

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lnfm.data.contract import ContractError, Normalization, read_preprocessing, write_preprocessing
-from lnfm.train.preprocessing import check_spacing, training_preprocessing
+from lnfm.jobs.preprocessing import check_spacing, training_preprocessing
 
 CONTRACT = {"version": 1, "spacing": None, "orientation": "RAS", "crop_body": True, "body_threshold_hu": -500.0,
             "channels": ["CT"], "ct_storage": "int16", "label_map": {}, "resample_channels": True}
