@@ -217,7 +217,13 @@ def load_config(cls: type[T], source: str | Path | None = None, overrides: list[
     """Dataclass defaults <- `defaults` <- YAML preset/path <- overrides."""
     data: dict = dict(defaults or {})
     if source:
-        data = _merge(data, load_yaml_with_base(preset_path(kind, str(source)), kind))
+        path = preset_path(kind, str(source))
+        data = _merge(data, load_yaml_with_base(path, kind))
+        if Path(str(source)).suffix in (".yaml", ".yml"):
+            try:  # a bad key or value in the user's own file: name the file
+                from_dict(cls, data)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
     data = apply_overrides(data, list(overrides))
     return from_dict(cls, data)
 

@@ -348,10 +348,17 @@ def _triple(text: str) -> tuple[int, int, int]:
     return tuple(parts)  # type: ignore[return-value]
 
 
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--num-cases wants at least 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write synthetic lymph-node CT phantoms in the nnU-Net raw layout.")
     ap.add_argument("--site", default="pelvis", choices=[*SITES, "all"])
-    ap.add_argument("--num-cases", type=int, default=8)
+    ap.add_argument("--num-cases", type=_count, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--pet", action="store_true", help="also write a PET-like SUV channel")
@@ -360,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gallery", action="store_true")
     ap.add_argument("--no-real-shapes", action="store_true", help="ellipsoid/lobulated nodes only")
     args = ap.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"{args.out}: exists and is not a folder (--out names the dataset folder)")
     cfg = SynthConfig(site=args.site, num_cases=args.num_cases, seed=args.seed, shape=args.shape, pet=args.pet,
                       stations=args.stations, gallery=not args.no_gallery, use_real_shapes=not args.no_real_shapes)
     summary = write_dataset(cfg, args.out)

@@ -307,6 +307,19 @@ def verify_export(folder: str | Path) -> int:
     return len(expected)
 
 
+def check_weights_export(folder: str | Path) -> dict:
+    """model.json of an export that `load_export` can rebuild weights from, checked without
+    building the model (checksums, format, safetensors header): jobs call it before they write."""
+    meta = read_meta(folder)
+    verify_export(folder)
+    if meta["format"] not in ("orbax", "safetensors", "monai"):
+        raise ExportError(f"{folder}: a {meta['format']} export holds no weights to start from (use orbax, "
+                          f"safetensors or monai)")
+    if meta["format"] == "safetensors":
+        fmt.check_safetensors(Path(folder) / fmt.SAFETENSORS_FILE)
+    return meta
+
+
 def _occupied(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 

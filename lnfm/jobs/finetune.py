@@ -33,7 +33,7 @@ from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load
 from lnfm.data.contract import Normalization, write_preprocessing
 from lnfm.data.loader import LoaderConfig, make_loader, normalize
 from lnfm.data.store import check_stores, read_case, read_manifest
-from lnfm.errors import DataError
+from lnfm.errors import DataError, LnfmError
 from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
 from lnfm.eval.postprocess import PostprocessConfig
@@ -504,6 +504,20 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
             records[rec["case_id"]] = (store, rec)
     all_records = [r for _, r in records.values()]
     splits = make_splits(all_records, cfg.train.val_fraction)
+    kind, init_path, _ = resolve_init(cfg.init)
+    if kind == "export":  # a damaged export fails before the workdir is written
+        from lnfm.jobs.export import ExportError, check_weights_export
+
+        try:
+            check_weights_export(init_path)
+        except (ExportError, LnfmError) as e:
+            raise ConfigError(str(e)) from None
+    n = cfg.train.num_labeled
+    if n is not None and n < 1:  # fails before the workdir is written (select_subset would, after)
+        raise ConfigError(f"train.num_labeled: {n} must be at least 1")
+    if n is not None and n > len(splits.pool):  # documented: the whole split is used (studies rely on it)
+        log.warning("train.num_labeled=%d but the data has %d labelled training case(s): all of them are used",
+                    n, len(splits.pool))
     channels = {len(r["channels"]) for r in all_records}
     if len(channels) != 1:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")

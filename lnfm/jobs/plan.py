@@ -42,7 +42,7 @@ from lnfm.models import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
 from lnfm.models.sharding import batch_sharding, logical_to_mesh_spec, make_mesh, use_rules
 from lnfm.models.vit import token_grid, vit_dims
-from lnfm.train.mfu import peak_flops
+from lnfm.train.mfu import ASSUMED_MFU, expected_step_time, peak_flops
 from lnfm.workdir import atomic_write_text
 
 GIB = 1024**3
@@ -59,7 +59,7 @@ DEVICES: dict[str, dict[str, Any]] = {
     "v6e": {"kind": "TPU v6 lite", "hbm_gib": 32, "hbm_tbps": 1.64},
 }
 USABLE_FRACTION = 0.9  # share of HBM a job can count on (runtime, allocator and fragmentation keep the rest)
-DEFAULT_MFU = 0.4  # assumed model FLOPs utilisation for the step-time estimate
+DEFAULT_MFU = ASSUMED_MFU  # assumed model FLOPs utilisation for the step-time estimate
 
 
 @dataclasses.dataclass
@@ -162,7 +162,7 @@ def plan(req: PlanRequest) -> dict:
     model_flops = step_flops(cfg, graphdef, state)
     dev = DEVICES[req.device]
     peak = peak_flops(dev["kind"])
-    step_time = model_flops / (n * peak * req.assumed_mfu) if model_flops and peak else None
+    step_time = expected_step_time(model_flops, dev["kind"], n, req.assumed_mfu)
     usable = dev["hbm_gib"] * GIB * USABLE_FRACTION
     params_b, opt_b = per_device_bytes(state["params"]), per_device_bytes(state["opt_state"])
     out = {
@@ -253,7 +253,7 @@ def analytic_plan(req: PlanRequest) -> dict:
         "rules": cfg.mesh.rules, "remat": cfg.model.remat, "dtype": cfg.model.dtype, "devices": n,
         "device": req.device, "hbm_gib": dev["hbm_gib"], "params": int(n_params), "memory": mem,
         "model_flops_per_step": model_flops, "xla_flops_per_device": None, "peak_flops": peak,
-        "assumed_mfu": req.assumed_mfu, "step_time_s": model_flops / (n * peak * req.assumed_mfu) if peak else None,
+        "assumed_mfu": req.assumed_mfu, "step_time_s": expected_step_time(model_flops, dev["kind"], n, req.assumed_mfu),
         "usable_bytes": usable, "fits": mem["peak"] <= usable, "source": "analytic",
     }
     out["advice"] = advice(out)

@@ -1,7 +1,7 @@
 """Segment lymph nodes in new scans with an export (`lnfm predict`).
 
     lnfm predict --model EXPORT_DIR --input SCAN[,PET] --output MASK.nii.gz
-                 [--probabilities P.nii.gz] [--report nodes.csv] [--overlay preview.png]
+                 [--probabilities P.nii.gz] [--report nodes.csv] [--overlay preview.png] [--series UID]
     lnfm predict --model EXPORT_DIR --input FOLDER --output OUT_FOLDER [...]
 
 SCAN is NIfTI, NRRD or a DICOM series folder; a model with two channels takes
@@ -48,6 +48,7 @@ from flax import nnx
 from lnfm.data.geometry import restore_to_source, spacing_of
 from lnfm.data.loader import LoaderConfig, normalize
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
+from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
 from lnfm.errors import LnfmError
 from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.report import node_table, report_csv, write_overlay
@@ -61,7 +62,6 @@ from lnfm.workdir import atomic_write_text, progress, setup_logging
 
 log = logging.getLogger("lnfm.predict")
 
-MAX_SPACING_MM = 20.0  # coarser voxels than this are not a diagnostic CT
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 
@@ -120,9 +120,10 @@ def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.nd
 # ----------------------------------------------------------------------------- input
 
 
-def read_scan(paths: list[str], meta: ExportMeta) -> Volume:
-    """Channels stacked (X, Y, Z, C) float32 on the first file's grid (read as prepare reads
-    them), checked for the model."""
+def read_scan(paths: list[str], meta: ExportMeta, series: str | None = None) -> Volume:
+    """Channels stacked (X, Y, Z, C) float32 on the first file's grid, read as prepare reads them
+    (a coarser PET is resampled onto the CT grid) and checked with prepare's checks
+    (`lnfm.data.scan_checks`). `series` picks a DICOM series."""
     channels = meta.channels
     name = paths[0]
     if len(paths) != len(channels):
@@ -130,19 +131,22 @@ def read_scan(paths: list[str], meta: ExportMeta) -> Volume:
         raise PredictError(f"{name}: the model expects {len(channels)} channel(s) ({', '.join(channels)}) but got "
                            f"{len(paths)}; pass them as --input {hint}")
     try:
-        first = read_channels(list(paths), meta.preprocessing.contract.resample_channels)
+        first = read_channels(list(paths), meta.preprocessing.contract.resample_channels, series)
     except CaseError as e:
         raise PredictError(str(e).splitlines()[0]) from None
     data = first.data
-    spacing = spacing_of(first.affine)
-    if not all(np.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in spacing):
-        raise PredictError(f"{name}: absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm (expected "
-                           f"0 < spacing <= {MAX_SPACING_MM:g} mm)")
     for c, ch in enumerate(channels):
+        src = paths[c] if len(paths) == len(channels) else name
         lo, hi = float(data[..., c].min()), float(data[..., c].max())
         if lo == hi:
-            src = paths[c] if len(paths) == len(channels) else name
             raise PredictError(f"{src}: the {ch} image is constant ({lo:g} everywhere): nothing to segment")
+        try:
+            if c == 0:
+                check_source_spacing(spacing_of(first.affine), name)
+            if ch.upper() == "CT":
+                check_ct(data[..., c], src, meta.preprocessing.contract.body_threshold_hu)
+        except ScanError as e:
+            raise PredictError(str(e)) from None
     return Volume(data, first.affine)
 
 
@@ -235,20 +239,25 @@ def check_outputs(output, probabilities=None, overlay=None, formats: tuple[str, 
 def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], output: str | Path,
                  probabilities: str | Path | None = None, report: str | Path | None = None,
                  overlay: str | Path | None = None, options: PredictOptions | None = None,
-                 vol: Volume | None = None, formats: OutputFormats | None = None, series=None) -> Prediction:
+                 vol: Volume | None = None, formats: OutputFormats | None = None, series=None,
+                 series_uid: str | None = None) -> Prediction:
     """Read and check one scan (unless `vol` holds it already read by `read_scan`, and `series` its
-    DICOM source headers), segment it and write its outputs (see the module docstring)."""
+    DICOM source headers), segment it and write its outputs (see the module docstring).
+    `series_uid` picks the series of a DICOM folder holding several. No input path reaches an
+    output or the log: folder and file names often hold patient names."""
     formats = formats or OutputFormats()
     paths = output_paths(output, formats.formats)
     check_outputs(output, probabilities, overlay, formats.formats)
     check_outside_inputs(paths, list(inputs))
-    series = source_series(list(inputs), formats) if series is None else series
-    vol = read_scan(list(inputs), meta) if vol is None else vol
+    series = source_series(list(inputs), formats, series_uid) if series is None else series
+    vol = read_scan(list(inputs), meta, series_uid) if vol is None else vol
     pred = predict_volume(predictor, meta, vol, options)
+    site = (meta.get("site") or {}).get("name")
     write_outputs(pred, meta, paths.pop("nifti", None), Path(probabilities) if probabilities else None,
                   Path(report) if report else None, Path(overlay) if overlay else None,
-                  title=Path(inputs[0]).name, dicom=(series, paths, formats) if formats.dicom else None)
-    log.info("%s: %d node(s) predicted", inputs[0], _count_nodes(pred.labels))
+                  title=f"lnfm predict: {site} model" if site else "lnfm predict",
+                  dicom=(series, paths, formats) if formats.dicom else None)
+    log.info("%d node(s) predicted", _count_nodes(pred.labels))
     return pred
 
 
@@ -305,7 +314,7 @@ def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, ou
         raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
     failed = {}
     bar = progress(total=len(cases), desc="predict", disable=not show_progress)
-    for case, inputs in cases.items():
+    for n, (case, inputs) in enumerate(cases.items(), start=1):
         try:
             predict_case(predictor, meta, inputs, out / f"{case}.nii.gz",
                          Path(probabilities) / f"{case}.nii.gz" if probabilities else None,
@@ -313,7 +322,7 @@ def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, ou
                          Path(overlay) / f"{case}.png" if overlay else None, options, formats=formats)
         except LnfmError as e:  # a bad scan fails alone; a bug stops the batch with its traceback
             failed[case] = str(e).splitlines()[0]
-            log.warning("failed %s", failed[case])
+            log.warning("case %d of %d failed (listed at the end)", n, len(cases))
         bar.update(1)
         bar.set_postfix(failed=len(failed))
     bar.close()
@@ -340,6 +349,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--probabilities", default=None, help="foreground probability .nii.gz (folder in batch mode)")
     ap.add_argument("--report", default=None, help="node report .csv (folder in batch mode)")
     ap.add_argument("--overlay", default=None, help="preview .png (folder in batch mode)")
+    ap.add_argument("--series", default=None, help="SeriesInstanceUID to read when a DICOM folder holds several")
     ap.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: model.json)")
     ap.add_argument("--tta", action="store_true", default=None, help="average over the 8 axis flips")
     ap.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: model.json)")
@@ -358,11 +368,14 @@ def run(args: argparse.Namespace) -> int:
     inputs = [p for p in str(args.input).split(",") if p]
     batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
     vol = series = None
+    if batch and args.series:
+        raise PredictError(f"{inputs[0]}: --series picks the series of one scan; it does not apply to a folder "
+                           f"of scans")
     if not batch:  # check the scan before the model loads: bad input fails fast
         check_outputs(args.output, args.probabilities, args.overlay, formats.formats)
         check_outside_inputs(output_paths(args.output, formats.formats), inputs)
-        series = source_series(inputs, formats)
-        vol = read_scan(inputs, meta)
+        series = source_series(inputs, formats, args.series)
+        vol = read_scan(inputs, meta, args.series)
     predictor, meta = load_predictor(args.model)
     if batch:
         failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,

@@ -84,15 +84,16 @@ def check_outside_inputs(paths: dict[str, Path], inputs: list[str]) -> None:
             raise DicomOutputError(f"{path}: inside the input series folder; write outputs elsewhere")
 
 
-def source_series(inputs: list[str], formats: OutputFormats) -> SourceSeries | None:
-    """The DICOM series the outputs go onto (the first channel), or None when no DICOM format is asked."""
+def source_series(inputs: list[str], formats: OutputFormats, series_uid: str | None = None) -> SourceSeries | None:
+    """The DICOM series the outputs go onto (the first channel; `series_uid` picks it in a folder
+    holding several), or None when no DICOM format is asked."""
     if not formats.dicom:
         return None
     if not is_dicom_path(Path(inputs[0])):
         wanted = " and ".join(f for f in formats.formats if f in DICOM_FORMATS)
         raise DicomOutputError(f"{inputs[0]}: --format {wanted} needs a DICOM series as input (DICOM outputs "
                                f"reference their source); this scan is not DICOM")
-    return read_source_series(inputs[0])
+    return read_source_series(inputs[0], series_uid)
 
 
 def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: ExportMeta, series: SourceSeries,

@@ -116,11 +116,16 @@ def write_orbax(out: Path, flat: dict[str, np.ndarray]) -> None:
 def read_orbax(folder: Path) -> dict[str, np.ndarray]:
     ocp = _orbax()
     target = (folder / PARAMS_DIR).absolute()
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckpt:
-        meta = ckpt.metadata(target)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = ckpt.restore(target, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckpt:
+            meta = ckpt.metadata(target) if target.is_dir() else None
+            if meta is None:
+                raise OSError("no parameter tree found")
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            restored = ckpt.restore(target, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except (ValueError, KeyError, OSError, TypeError) as e:  # a damaged or foreign params/ tree
+        raise _unreadable(folder / PARAMS_DIR, "Orbax parameter", e) from None
     flat = {}
 
     def walk(node, prefix):
@@ -150,10 +155,34 @@ def write_safetensors(path: Path, flat: dict[str, np.ndarray], metadata: dict[st
     path.write_bytes(save(arrays, metadata=dict(metadata)))
 
 
+class FormatError(LnfmError, ValueError):
+    """An export file that cannot be parsed; one line naming the file."""
+
+
+def _unreadable(path: Path, what: str, e: Exception) -> FormatError:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return FormatError(f"{path}: not a readable {what} file ({reason[:200]})")
+
+
+def check_safetensors(path: Path) -> None:
+    """Parse only the header (names, shapes, offsets): a damaged file fails here, cheaply."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            list(f.keys())
+    except Exception as e:  # the Rust parser raises its own SafetensorError
+        raise _unreadable(path, "safetensors", e) from None
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
-    return dict(load(path.read_bytes()))
+    data = path.read_bytes()
+    try:
+        return dict(load(data))
+    except Exception as e:  # the Rust parser raises its own SafetensorError, struct.error and others
+        raise _unreadable(path, "safetensors", e) from None
 
 
 # ----------------------------------------------------------------------------- stablehlo
@@ -186,7 +215,11 @@ def write_stablehlo(path: Path, model: nnx.Module, patch: tuple[int, int, int], 
 
 def read_stablehlo(path: Path):
     """The deserialized jax.export.Exported; call it with `.call(x)`."""
-    return jax.export.deserialize(bytearray(path.read_bytes()))
+    data = bytearray(path.read_bytes())
+    try:
+        return jax.export.deserialize(data)
+    except Exception as e:  # a damaged flatbuffer fails anywhere in the parser
+        raise _unreadable(path, "StableHLO", e) from None
 
 
 # ----------------------------------------------------------------------------- monai

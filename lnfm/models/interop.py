@@ -5,8 +5,9 @@ numpy arrays keyed by MONAI names (no torch needed), ready for
 `torch_module.load_state_dict({k: torch.from_numpy(v) ...})`.
 
 Layout notes: MONAI's Linear weights are (out, in) (ours (in, out)); its conv
-kernel is (out, C, kx, ky, kz) (ours (kx, ky, kz, C, out)); both pack qkv as
-(3, heads, head_dim) along the output axis like we do; its cls token carries no
+kernel is (out, C, kx, ky, kz) (ours (kx, ky, kz, C, out)); it packs qkv as
+(3, heads, head_dim) along the output axis, ours is head-major (heads, 3, head_dim)
+so tensor parallelism splits whole heads; its cls token carries no
 position embedding; the MAE keeps its final norms as the last entry of
 `blocks` / `decoder_blocks`.
 """
@@ -34,10 +35,10 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _block_pairs(ours: tuple, theirs: str, qkv_bias: bool) -> list[tuple[tuple, str, str]]:
+def _block_pairs(ours: tuple, theirs: str, qkv_bias: bool, heads: int) -> list[tuple[tuple, str, str]]:
     pairs = [(ours + ("norm1", "scale"), f"{theirs}.norm1.weight", "vec"),
              (ours + ("norm1", "bias"), f"{theirs}.norm1.bias", "vec"),
-             (ours + ("attn", "qkv", "kernel"), f"{theirs}.attn.qkv.weight", "linear"),
+             (ours + ("attn", "qkv", "kernel"), f"{theirs}.attn.qkv.weight", f"qkv_linear:{heads}"),
              (ours + ("attn", "proj", "kernel"), f"{theirs}.attn.out_proj.weight", "linear"),
              (ours + ("attn", "proj", "bias"), f"{theirs}.attn.out_proj.bias", "vec"),
              (ours + ("norm2", "scale"), f"{theirs}.norm2.weight", "vec"),
@@ -47,12 +48,12 @@ def _block_pairs(ours: tuple, theirs: str, qkv_bias: bool) -> list[tuple[tuple, 
              (ours + ("mlp", "fc2", "kernel"), f"{theirs}.mlp.linear2.weight", "linear"),
              (ours + ("mlp", "fc2", "bias"), f"{theirs}.mlp.linear2.bias", "vec")]
     if qkv_bias:
-        pairs.append((ours + ("attn", "qkv", "bias"), f"{theirs}.attn.qkv.bias", "vec"))
+        pairs.append((ours + ("attn", "qkv", "bias"), f"{theirs}.attn.qkv.bias", f"qkv_vec:{heads}"))
     return pairs
 
 
 def _encoder_pairs(cfg: ModelConfig, ours: tuple, final_norm: str) -> list[tuple[tuple, str, str]]:
-    depth = vit_dims(cfg).depth
+    depth, heads = vit_dims(cfg).depth, vit_dims(cfg).heads
     pairs = [(ours + ("embed", "patch", "proj", "kernel"), "patch_embedding.patch_embeddings.weight", "conv"),
              (ours + ("embed", "patch", "proj", "bias"), "patch_embedding.patch_embeddings.bias", "vec")]
     if cfg.pos_embed == "learnable":
@@ -60,7 +61,7 @@ def _encoder_pairs(cfg: ModelConfig, ours: tuple, final_norm: str) -> list[tuple
     if cfg.cls_token:
         pairs.append((ours + ("embed", "cls_token"), "cls_token", "vec"))
     for i in range(depth):
-        pairs += _block_pairs(ours + ("blocks", i), f"blocks.{i}", cfg.qkv_bias)
+        pairs += _block_pairs(ours + ("blocks", i), f"blocks.{i}", cfg.qkv_bias, heads)
     pairs += [(ours + ("norm", "scale"), f"{final_norm}.weight", "vec"),
               (ours + ("norm", "bias"), f"{final_norm}.bias", "vec")]
     return pairs
@@ -68,7 +69,7 @@ def _encoder_pairs(cfg: ModelConfig, ours: tuple, final_norm: str) -> list[tuple
 
 def _mae_pairs(cfg: ModelConfig) -> list[tuple[tuple, str, str]]:
     depth = vit_dims(cfg).depth
-    dec_depth = decoder_dims(cfg)[1]
+    _, dec_depth, dec_heads, _ = decoder_dims(cfg)
     pairs = _encoder_pairs(cfg, ("encoder",), f"blocks.{depth}")
     pairs += [(("decoder_embed", "kernel"), "decoder_embed.weight", "linear"),
               (("decoder_embed", "bias"), "decoder_embed.bias", "vec"),
@@ -78,11 +79,21 @@ def _mae_pairs(cfg: ModelConfig) -> list[tuple[tuple, str, str]]:
               (("decoder_pred", "kernel"), "decoder_pred.weight", "linear"),
               (("decoder_pred", "bias"), "decoder_pred.bias", "vec")]
     for i in range(dec_depth):
-        pairs += _block_pairs(("decoder_blocks", i), f"decoder_blocks.{i}", cfg.qkv_bias)
+        pairs += _block_pairs(("decoder_blocks", i), f"decoder_blocks.{i}", cfg.qkv_bias, dec_heads)
     return pairs
 
 
+def _swap_qkv_heads(value: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Permute the packed qkv axis (the last) from an (a, b, head_dim) to a (b, a, head_dim) layout."""
+    lead = value.shape[:-1]
+    return value.reshape(*lead, a, b, -1).swapaxes(-3, -2).reshape(*lead, -1)
+
+
 def _from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    if kind.startswith("qkv_"):  # MONAI (3, heads, hd) -> ours (heads, 3, hd)
+        base, heads = kind.split(":")
+        value = value.T if base == "qkv_linear" else value
+        return _swap_qkv_heads(value, 3, int(heads))
     if kind == "linear":
         return value.T
     if kind == "conv":
@@ -93,6 +104,10 @@ def _from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    if kind.startswith("qkv_"):  # ours (heads, 3, hd) -> MONAI (3, heads, hd)
+        base, heads = kind.split(":")
+        value = _swap_qkv_heads(value, int(heads), 3)
+        return value.T if base == "qkv_linear" else value
     if kind == "linear":
         return value.T
     if kind == "conv":

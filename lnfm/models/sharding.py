@@ -30,18 +30,22 @@ BATCH_AXES = ("data", "fsdp")
 # Logical names. Parameters: embed (model width), mlp (MLP hidden), qkv (packed
 # q/k/v outputs), heads (attention output = heads x head_dim), patch (voxels per
 # patch / input channels), pos (position table rows), norm (LayerNorm vectors).
-# Activations: batch, length (tokens), act_embed (width of the residual stream).
+# Activations: batch, length (tokens), act_embed (width of the residual stream),
+# act_heads (the heads axis inside attention).
 _COMMON = (("batch", BATCH_AXES), ("length", None), ("act_embed", None),
            ("patch", None), ("pos", None), ("norm", None),
            ("conv_in", None), ("conv_out", None))  # decoder-head convolutions: small, replicated
 
 RULES: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
     # Parameters replicated; batch split over every device.
-    "dp": _COMMON + (("embed", None), ("mlp", None), ("qkv", None), ("heads", None)),
+    "dp": _COMMON + (("embed", None), ("mlp", None), ("qkv", None), ("heads", None), ("act_heads", None)),
     # Parameters split along their width axis over 'fsdp' (gathered per layer by XLA).
-    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", None), ("qkv", None), ("heads", None)),
-    # FSDP plus Megatron-style tensor parallel MLP and attention over 'tensor'.
-    "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"), ("heads", "tensor")),
+    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", None), ("qkv", None), ("heads", None), ("act_heads", None)),
+    # FSDP plus Megatron-style tensor parallel MLP and attention over 'tensor': the packed
+    # qkv axis is head-major, so its 'tensor' shards hold whole heads and attention
+    # activations ('act_heads') stay split by heads.
+    "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"), ("heads", "tensor"),
+                          ("act_heads", "tensor")),
 }
 
 

@@ -50,6 +50,18 @@ def mfu(flops_per_step: float | None, step_time_s: float, device_kind: str, num_
     return float(flops_per_step) / (step_time_s * peak * num_devices)
 
 
+ASSUMED_MFU = 0.4  # the scale planner's default MFU for its step-time estimate
+
+
+def expected_step_time(flops_per_step: float | None, device_kind: str, num_devices: int,
+                       assumed_mfu: float = ASSUMED_MFU) -> float | None:
+    """Step time the scale planner predicts: model FLOPs / (devices x peak x assumed MFU); None when unknown."""
+    peak = peak_flops(device_kind)
+    if peak is None or not flops_per_step or num_devices <= 0:
+        return None
+    return float(flops_per_step) / (num_devices * peak * assumed_mfu)
+
+
 def forward_flops(fn: Callable, *args: Any) -> float | None:
     """FLOPs of one call `fn(*args)` (args may be ShapeDtypeStructs); None if XLA reports none."""
     cost = jax.jit(fn).lower(*args).cost_analysis()

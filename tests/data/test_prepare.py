@@ -99,18 +99,22 @@ def _bad_inputs(root: Path) -> tuple[Path, dict]:
     return write_csv(root / "cases.csv", rows), reasons
 
 
-def test_each_bad_input_is_reported_and_the_rest_converts(tmp_path):
+def test_each_bad_input_is_reported_and_the_rest_converts(tmp_path, capsys):
     csv_path, reasons = _bad_inputs(tmp_path)
     store = tmp_path / "store"
     rc = main(["--input", str(csv_path), "--output", str(store), "--workers", "0", "salt=s"])
     assert rc == 1
     assert [r["case_id"] for r in read_manifest(str(store))] == ["ok1", "ok2"]
+    # The console names each bad file; failures.jsonl keeps a salted hash of it and no path.
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED ")]
+    assert sorted(Path(line[7:].split(": ", 1)[0]).name for line in printed) == sorted(reasons)
+    refs = {hashed_id(str(tmp_path / name), "s"): name for name in reasons}
     fails = read_failures(str(store))
     assert len(fails) == len(reasons)
     for f in fails:
-        name = Path(f["file"]).name
+        name = refs[f["ref"]]
         assert reasons[name] in f["reason"], f
-        assert "\n" not in f["reason"]
+        assert "\n" not in f["reason"] and str(tmp_path) not in json.dumps(f) and tmp_path.name not in json.dumps(f)
     # No array of a failed case is left in the store.
     assert sorted(p.name for p in (store / "cases").iterdir()) == ["ok1", "ok2"]
     # A rerun skips the converted cases and changes nothing of them.
