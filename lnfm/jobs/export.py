@@ -307,15 +307,15 @@ def verify_export(folder: str | Path) -> int:
     return len(expected)
 
 
-def check_weights_export(folder: str | Path) -> dict:
+def check_weights_export(folder: str | Path) -> ExportMeta:
     """model.json of an export that `load_export` can rebuild weights from, checked without
     building the model (checksums, format, safetensors header): jobs call it before they write."""
     meta = read_meta(folder)
     verify_export(folder)
-    if meta["format"] not in ("orbax", "safetensors", "monai"):
-        raise ExportError(f"{folder}: a {meta['format']} export holds no weights to start from (use orbax, "
+    if meta.format not in ("orbax", "safetensors", "monai"):
+        raise ExportError(f"{folder}: a {meta.format} export holds no weights to start from (use orbax, "
                           f"safetensors or monai)")
-    if meta["format"] == "safetensors":
+    if meta.format == "safetensors":
         fmt.check_safetensors(Path(folder) / fmt.SAFETENSORS_FILE)
     return meta
 

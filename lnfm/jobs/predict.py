@@ -252,7 +252,7 @@ def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], outpu
     series = source_series(list(inputs), formats, series_uid) if series is None else series
     vol = read_scan(list(inputs), meta, series_uid) if vol is None else vol
     pred = predict_volume(predictor, meta, vol, options)
-    site = (meta.get("site") or {}).get("name")
+    site = meta.site.name if meta.site else None
     write_outputs(pred, meta, paths.pop("nifti", None), Path(probabilities) if probabilities else None,
                   Path(report) if report else None, Path(overlay) if overlay else None,
                   title=f"lnfm predict: {site} model" if site else "lnfm predict",
