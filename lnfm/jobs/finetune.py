@@ -622,8 +622,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
+    data = [s for s in args.data.split(",") if s]
+    # The path rule first: reading --init's records must not be what reports a workdir that is --init.
+    check_apart({"--workdir": args.workdir}, {"--init": None if args.init == "scratch" else args.init, "--data": data})
     cfg = load_finetune_config(args.site, args.overrides, init=args.init,
-                               data=[s for s in args.data.split(",") if s], num_labeled=args.num_labeled,
+                               data=data, num_labeled=args.num_labeled,
                                repeats=args.repeats, quick=args.quick)
     return run(cfg, args.workdir)
 

@@ -74,7 +74,7 @@ EXPORT = [
     export("checkpoint-not-a-workdir", lambda w, inp, out: ["--checkpoint", inp, "--out", out / "exp"], 2,
            ("neither a finetuning workdir",), lambda w, inp, out: str(inp)),
     export("format-unknown", lambda w, inp, out: ["--checkpoint", w.workdir, "--out", out / "exp", "--format",
-                                                  "onnx"], 2, ("invalid choice: 'onnx'",)),
+                                                  "tflite"], 2, ("invalid choice: 'tflite'",)),
     export("nothing-to-do", lambda w, inp, out: ["--checkpoint", w.workdir], 2, ("needs --checkpoint",)),
     export("out-exists-without-force", lambda w, inp, out: ["--checkpoint", w.workdir, "--out",
                                                             _pretend_export(w, inp, out)], 2, ("--force",),

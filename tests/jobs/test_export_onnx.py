@@ -3,6 +3,7 @@ run through the model's own preprocessing, identical masks across backends."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from scipy import ndimage
 from lnfm.jobs import predict as pr
 from lnfm.cli import run_job
 from lnfm.eval import backends
+from lnfm.jobs.export_meta import read_meta
 
 REPO = Path(__file__).resolve().parents[2]
 CT = "ct/totalsegmentator/example_ct.nii.gz"
@@ -29,18 +31,18 @@ def onnx_export(tiny, tmp_path_factory):  # noqa: F811
     return export_model(tiny.workdir, tmp_path_factory.mktemp("onnx") / "export", "onnx")
 
 
-def _real_patches(shared_data: Path, meta: dict, n: int = 4) -> np.ndarray:
-    """n windows of the real CT after predict's own preprocessing (resampling, body crop, int16, window)."""
+def _real_patches(shared_data: Path, meta, n: int = 4) -> np.ndarray:
+    """n windows of the real CT after predict's own preprocessing (the model.json contract: resampling,
+    body crop, int16 storage, the encoder's window)."""
     from lnfm.data.loader import LoaderConfig, normalize
-    from lnfm.data.prepare import preprocess_volume
+    from lnfm.data.prepare import preprocess_case
 
-    pre = meta["preprocessing"]
+    pre = meta.preprocessing
     vol = pr.read_scan([str(shared_data / CT)], meta)
-    data, _, _ = preprocess_volume(vol, tuple(pre["spacing_mm"]), crop_body=pre["crop_body"],
-                                   body_threshold_hu=pre["body_threshold_hu"])
-    data = np.round(np.asarray(data, np.float32))
-    image = normalize(data, LoaderConfig(hu_window=tuple(pre["hu_window"])), pre["channels"])
-    p = pre["patch_size"]
+    data, _, _ = preprocess_case(vol, pre.contract)
+    norm = LoaderConfig(hu_window=pre.normalization.hu_window, pet_scale=pre.normalization.pet_scale)
+    image = normalize(data, norm, list(meta.channels))
+    p = pre.patch_size
     image = np.pad(image, [(0, max(s - n_, 0)) for s, n_ in zip(p, image.shape[:3])] + [(0, 0)], mode="edge")
     rng = np.random.default_rng(0)
     starts = [[int(rng.integers(0, image.shape[a] - p[a] + 1)) for a in range(3)] for _ in range(n)]
@@ -78,7 +80,7 @@ def test_onnxruntime_matches_jax_on_real_ct_patches(tiny, onnx_export, shared_da
 
 @pytest.mark.slow  # jax2onnx converts each head in about a minute on 2 free cores
 @pytest.mark.parametrize("head", ["light", "unetr"])
-def test_conv_heads_convert_and_match_jax_on_a_real_ct_patch(head, shared_data, tmp_path):
+def test_conv_heads_convert_and_match_jax_on_a_real_ct_patch(head, shared_data, onnx_export, tmp_path):
     """The heads' dense, depth-wise, transposed and partial convs, Sobel stem and upsampling in ONNX."""
     import jax
     from flax import nnx
@@ -91,8 +93,8 @@ def test_conv_heads_convert_and_match_jax_on_a_real_ct_patch(head, shared_data, 
     cfg = ModelConfig(size="tiny", width=32, depth=2, heads=2, patch_size=(8, 8, 8), img_size=patch)
     options = {"base_channels": 4} if head == "light" else {"feature_size": 4}
     model = build_segmenter(cfg, head, 2, nnx.Rngs(0), **options)
-    meta = {"preprocessing": {"spacing_mm": [3.0, 3.0, 3.0], "crop_body": True, "body_threshold_hu": -500.0,
-                              "hu_window": [-160.0, 240.0], "patch_size": list(patch), "channels": ["CT"]}}
+    meta = read_meta(onnx_export)  # a real contract, with this test's window size
+    meta = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, patch_size=patch))
     x = _real_patches(shared_data, meta, n=2)
     write_onnx(tmp_path / "m.onnx", model, patch, 1)
     got = backends.onnx_network(tmp_path / "m.onnx")(x)
