@@ -4,7 +4,9 @@
 - `dynunet`: MONAI `DynUNet` with nnU-Net's 3d_fullres topology for the benchmark's
   spacing and patch (`nnunet_plan`), deep supervision, and nnU-Net's optimiser
   (SGD, Nesterov momentum 0.99, lr 0.01, poly decay, weight decay 3e-5);
-- `swinunetr`: MONAI `SwinUNETR` from scratch (feature size 24), Dice + CE, AdamW.
+- `swinunetr`: MONAI `SwinUNETR` from scratch (feature size 24), Dice + CE, AdamW. Its
+  bottleneck is 1/32 of the patch: below 64^3 patches that is 1 voxel, where instance
+  norm is undefined, so smaller patches use group norm (12 groups) instead.
 
 Each trains on the patches of LNFM's own loader (same store, labelled cases,
 patch size, batch, foreground share and seed) for a budget of steps or of seconds.
@@ -64,7 +66,9 @@ def build_peer(name: str, in_channels: int, num_classes: int, spacing, patch, se
         opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
         return Peer(name, net, opt, 1e-2, True, plan.ds_weights if plan.deep_supr_num else None)
     if name == "swinunetr":
-        net = SwinUNETR(in_channels=in_channels, out_channels=num_classes, feature_size=24, spatial_dims=3)
+        norm = "instance" if min(patch) >= 64 else ("group", {"num_groups": 12})
+        net = SwinUNETR(in_channels=in_channels, out_channels=num_classes, feature_size=24, spatial_dims=3,
+                        norm_name=norm)
         return Peer(name, net, torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-5), 1e-3, False, None)
     raise ValueError(f"unknown peer '{name}' (choices: {', '.join(PEERS)})")
 
