@@ -79,7 +79,7 @@ def _store(csv_path: Path, rows: list, out: Path, spacing) -> None:
 
 def build(spec: BenchmarkSpec, workdir: str | Path) -> Benchmark:
     """Write (or reuse) the three phantom sets and their two stores under `workdir`."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()  # the CSVs name the phantoms by absolute path
     base = SynthConfig(site=spec.site, shape=tuple(spec.shape), gallery=False)
     unl, lab, test = workdir / "phantoms_unlabelled", workdir / "phantoms_labelled", workdir / "phantoms_heldout"
     _phantoms(unl, dataclasses.replace(base, num_cases=spec.unlabelled, seed=SEEDS["unlabelled"]))
