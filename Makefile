@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 dev-install: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m lnfm.demo --out $(DEMO_DIR)
+	$(BIN)/python -m lnfm.jobs.demo --out $(DEMO_DIR)
 
 # The second run is a user's fresh clone: the tests that depend on ../shared/data again, with it hidden.
 test: $(VENV)/.installed-dev

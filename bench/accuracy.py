@@ -42,7 +42,10 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import torch
+from accuracy_peers import Budget, build_peer, probability_fn, train_peer
 
 from lnfm.config import to_dict
 from lnfm.data import benchmark as B
@@ -51,6 +54,10 @@ from lnfm.data.loader import make_loader
 from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.io import read_image
+from lnfm.jobs import finetune as F
+from lnfm.jobs import pretrain as P
+from lnfm.jobs.export import export_model
+from lnfm.jobs.predict import load_predictor, predict_volume, read_meta, read_scan
 from lnfm.segmentation.fewshot import select_subset
 from lnfm.workdir import atomic_write_text
 
@@ -92,7 +99,6 @@ PRESETS = {
 
 
 def pretrain(preset: Preset, bench: B.Benchmark, workdir: Path) -> Path:
-    from lnfm import pretrain as P
 
     out = workdir / "pretrain"
     if not (out / "done.json").is_file():
@@ -111,8 +117,6 @@ def _pretrain_overrides(preset: Preset) -> list[str]:
 
 def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed: int):
     """The site's default head and strategy; the scratch arm gets the pretrained architecture."""
-    from lnfm import finetune as F
-    from lnfm import pretrain as P
 
     site = preset.data.site
     over = [f"train.seed={seed}", f"train.steps={preset.steps}", "train.eval_every=0",
@@ -127,9 +131,6 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
 
 
 def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, seed: int, workdir: Path) -> dict:
-    from lnfm import finetune as F
-    from lnfm.export import export_model
-    from lnfm.predict import load_predictor
 
     init = str(pre) if arm == "lnfm_pretrained" else "scratch"
     cfg = finetune_config(preset, bench, init, n, seed)
@@ -150,9 +151,6 @@ def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, se
 
 def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int, seed: int, workdir: Path,
              lnfm_time: float) -> dict:
-    from accuracy_peers import Budget, build_peer, probability_fn, train_peer
-
-    from lnfm.predict import read_meta
 
     cfg = finetune_config(preset, bench, "scratch", n, seed)  # the loader and patch LNFM trains with
     meta = read_meta(workdir / "runs" / f"lnfm_pretrained_n{n}_s{seed}_export")
@@ -176,7 +174,6 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
 
 def evaluate(fn, meta: dict, test: list[B.TestCase]) -> tuple[list[dict], float]:
     """Predict every raw held-out scan with `fn` through lnfm.predict and score it on its own grid."""
-    from lnfm.predict import predict_volume, read_scan
 
     pre = meta["preprocessing"]
     fn(np.zeros((int(meta["inference"]["sw_batch_size"]), *pre["patch_size"], len(pre["channels"])), np.float32))
@@ -223,9 +220,6 @@ def _values(rows, arm, budget, n, key) -> dict[int, float]:
 
 
 def machine() -> str:
-    import jax
-    import torch
-
     dev = jax.devices()[0]
     return (f"{platform.node() or 'host'}: {platform.machine()}, {os.cpu_count()} CPU cores, "
             f"JAX {jax.__version__} on {dev.platform} ({dev.device_kind}), torch {torch.__version__} "
@@ -370,9 +364,6 @@ def report(results: dict, out: Path, preset_name: str, preset: Preset, command: 
 
 
 def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str) -> int:
-    import jax
-    import torch
-
     torch.set_num_threads(os.cpu_count() or 1)
     workdir.mkdir(parents=True, exist_ok=True)
     # Seeds and arms of one shape compile the same programs: compile each once.

@@ -2,7 +2,7 @@
 
 Each row times forward + backward (jitted, gradient w.r.t. input and kernel) of one
 layer in both forms on the same input, side by side in one run, and checks that the
-two agree. The forms are what `lnfm.models.heads` uses for the light and UNETR decoders.
+two agree. The forms are what `lnfm.models.heads.blocks` gives for the light and UNETR decoders.
 
     python bench/conv.py [--size 32] [--channels 32] [--batch 2] [--repeat 5]
 """
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lnfm.models.heads import Conv3D, UpConv3D
+from lnfm.models.heads.blocks import Conv3D, UpConv3D
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 

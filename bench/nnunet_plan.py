@@ -21,7 +21,7 @@ patches); nnU-Net would also pick it from the median image shape and GPU memory.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 MIN_FEATURE_MAP = 4
 BASE_FEATURES = 32

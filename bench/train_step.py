@@ -22,7 +22,7 @@ import numpy as np
 from lnfm.models.mae import decoder_dims
 from lnfm.models.sharding import batch_sharding, make_mesh, use_rules
 from lnfm.models.vit import vit_dims
-from lnfm.pretrain import build_training, load_pretrain_config, step_flops
+from lnfm.jobs.pretrain import build_training, load_pretrain_config, step_flops
 from lnfm.train.mfu import mfu
 
 

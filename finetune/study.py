@@ -1,4 +1,4 @@
-"""Few-shot transfer study on phantoms; see `lnfm.study` and docs/results/.
+"""Few-shot transfer study on phantoms; see `lnfm.jobs.study` and docs/results/.
 
 python finetune/study.py --quick --workdir runs/study --out docs/results [key=value ...]
 python finetune/study.py --config full --workdir runs/study_full --out docs/results_full
@@ -6,7 +6,7 @@ python finetune/study.py --config full --workdir runs/study_full --out docs/resu
 
 import sys
 
-from lnfm.study import main
+from lnfm.jobs.study import main
 
 if __name__ == "__main__":
     sys.exit(main())

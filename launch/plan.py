@@ -1,4 +1,4 @@
-"""Scale planner: per-device memory, FLOPs and step time of the real pretraining step; see lnfm/plan.py.
+"""Scale planner: per-device memory, FLOPs and step time of the real pretraining step; see lnfm/jobs/plan.py.
 
 python launch/plan.py --model vit_h --patch 160 --global-batch 1024 --mesh fsdp=256 --device h100 [--remat full]
 python launch/plan.py --table docs/scaling_table.md    # the ViT-B/L/H table of docs/scaling.md
@@ -6,7 +6,7 @@ python launch/plan.py --table docs/scaling_table.md    # the ViT-B/L/H table of 
 
 import sys
 
-from lnfm.plan import main
+from lnfm.jobs.plan import main
 
 if __name__ == "__main__":
     sys.exit(main())

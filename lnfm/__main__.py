@@ -9,7 +9,7 @@ from lnfm.workdir import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lnfm import export, predict
+    from lnfm.jobs import export, predict
 
     ap = argparse.ArgumentParser(prog="lnfm", description="Lymph-node foundation model: export and predict.")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -1,4 +1,4 @@
-"""Self-supervised pretraining (MAE on ViT, SimMIM on Swin); see `lnfm.pretrain` and docs/pretraining.md.
+"""Self-supervised pretraining (MAE on ViT, SimMIM on Swin); see `lnfm.jobs.pretrain` and docs/pretraining.md.
 
 python pretrain/pretrain.py --config NAME_OR_YAML --data STORE[,STORE...] --workdir DIR
     [--profile-steps A:B] [--coordinator HOST:PORT --num-processes N --process-id I] [key=value ...]
@@ -6,7 +6,7 @@ python pretrain/pretrain.py --config NAME_OR_YAML --data STORE[,STORE...] --work
 
 import sys
 
-from lnfm.pretrain import main
+from lnfm.jobs.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

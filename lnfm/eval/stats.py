@@ -9,7 +9,7 @@ paired differences get both the paired t-test and the Wilcoxon signed-rank test
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats

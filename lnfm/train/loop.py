@@ -25,15 +25,12 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from lnfm.errors import NonFiniteLoss
 from lnfm.train.checkpoint import Checkpointer
 from lnfm.train.mfu import mfu
 from lnfm.workdir import MetricsWriter, atomic_write_text, progress
 
 log = logging.getLogger("lnfm.train")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; the job stops and keeps the last good checkpoint."""
 
 
 @dataclasses.dataclass

@@ -213,7 +213,8 @@ def test_heldout_variant_differs_in_every_listed_way():
     train = [generate_case("pelvis", i, SMALL) for i in range(4)]
     held = [generate_case("pelvis", i, heldout_config(SMALL)) for i in range(4)]
     lo, hi = HELDOUT_RANGES["spacing_inplane"]
-    assert all(0.6 <= c.info["spacing"][0] <= 1.0 for c in train) and all(lo <= c.info["spacing"][0] <= hi for c in held)
+    assert all(0.6 <= c.info["spacing"][0] <= 1.0 for c in train)
+    assert all(lo <= c.info["spacing"][0] <= hi for c in held)
     assert {c.info["orientation"] for c in held} <= set(VARIANTS["heldout"].orientations)
     assert not set(VARIANTS["heldout"].orientations) & set(VARIANTS["train"].orientations)
     assert not set(VARIANTS["heldout"].slice_choices) & set(VARIANTS["train"].slice_choices)

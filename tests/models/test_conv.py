@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lnfm.models.heads import Conv3D
+from lnfm.models.heads.blocks import Conv3D
 
 
 def _native(x, w, groups):
@@ -45,7 +45,7 @@ def test_conv3d_rejects_unsupported_groups():
 
 def test_upconv3d_places_one_block_per_input_voxel():
     """Hand reference: output block (x*f+i, y*f+j, z*f+k) = input voxel @ kernel[i, j, k] + bias."""
-    from lnfm.models.heads import UpConv3D
+    from lnfm.models.heads.blocks import UpConv3D
 
     up = UpConv3D(3, 2, (2, 2, 1), rngs=nnx.Rngs(0))
     up.bias[...] = jnp.asarray([0.5, -1.0])

@@ -7,9 +7,9 @@ import pytest
 import scipy.ndimage as ndi
 from flax import nnx
 
-from lnfm.models.heads import (LinearProbe, assign_levels, build_head, head_flops, head_param_count,
-                               level_strides)
-from lnfm.models.heads_light import LightHead, sobel_magnitude
+from lnfm.models.heads import LinearProbe, build_head, head_flops, head_param_count
+from lnfm.models.heads.blocks import assign_levels, level_strides
+from lnfm.models.heads.light import LightHead, sobel_magnitude
 from numpy_init import numpy_init, quick_jit
 
 VIT = ([(16, 16, 16)] * 4, [64] * 4)  # ViT-tiny: 4 block outputs at the patch stride

@@ -4,14 +4,14 @@ import dataclasses
 import importlib
 from pathlib import Path
 
-from lnfm import configref
+from lnfm.jobs import configref
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def test_configuration_reference_is_current():
     assert DOC.read_text() == configref.render(), (
-        "docs/configuration.md is stale: run `python -m lnfm.configref > docs/configuration.md`")
+        "docs/configuration.md is stale: run `python -m lnfm.jobs.configref > docs/configuration.md`")
 
 
 def _leaf_fields(cls, prefix=""):

@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from lnfm import study as S
+from lnfm.jobs import study as S
 from lnfm.config import ConfigError, load_config
 
 

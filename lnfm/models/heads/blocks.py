@@ -1,4 +1,4 @@
-"""Segmentation heads: shared building blocks, the linear probe, and size/cost reports.
+"""Building blocks shared by the segmentation heads: convolutions, norms, decoder stride ladders.
 
 Every head is built from the encoder's feature layout (`feature_strides`, one
 (sx, sy, sz) per feature grid, and `feature_channels`) and is called as
@@ -8,14 +8,14 @@ Every head is built from the encoder's feature layout (`feature_strides`, one
 full-resolution output). `images` are the (padded) encoder inputs: X, Y, Z are
 multiples of the deepest feature stride.
 
-Heads: `LinearProbe` (here), `UNETRHead` (heads_unetr.py), `LightHead`
-(heads_light.py); `build_head(name, ...)` picks one.
+Heads: `LinearProbe` (linear.py), `UNETRHead` (unetr.py), `LightHead` (light.py);
+`registry.build_head(name, ...)` picks one.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -169,74 +169,3 @@ def assign_levels(strides: Sequence[Stride], levels: list[Stride]) -> list[int]:
             break
         out[i] = previous = lvl
     return out
-
-
-class LinearProbe(nnx.Module):
-    """1x1x1 conv of the deepest features to class logits, then upsampling to the input
-    grid: 'trilinear' (fixed interpolation) or 'transposed' (learned 2x steps)."""
-
-    def __init__(self, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
-                 upsample: str = "trilinear", deep_supervision: bool = False, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
-        del in_channels  # the probe looks at features only
-        if upsample not in ("trilinear", "transposed"):
-            raise ValueError(f"unknown probe upsample '{upsample}' (choices: trilinear, transposed)")
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.feature_strides = tuple(as_stride(s) for s in feature_strides)
-        self.feature_channels = tuple(feature_channels)
-        self.deep_supervision = deep_supervision
-        self.classify = conv(self.feature_channels[-1], num_classes, 1, **kw)
-        levels = level_strides(self.feature_strides[-1])
-        self.ups = nnx.List([up_conv(num_classes, num_classes, step_factor(levels, lvl), **kw)
-                             for lvl in range(len(levels) - 1, 0, -1)] if upsample == "transposed" else [])
-
-    def __call__(self, images: jax.Array, features: Sequence[jax.Array]):
-        coarse = self.classify(features[-1])
-        x = coarse
-        for up in self.ups:
-            x = up(x)
-        logits = resize_to(x, images.shape[1:4])
-        return (logits, [coarse]) if self.deep_supervision else logits
-
-
-def head_param_count(head: nnx.Module) -> int:
-    """Number of trainable parameters (nnx.Param, adapters included) in `head`."""
-    return int(sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(head, nnx.Param))))
-
-
-def head_flops(head: nnx.Module, input_shape: Sequence[int]) -> float:
-    """Forward FLOPs of `head` for images of `input_shape` (B, X, Y, Z, C) and the matching
-    feature grids, from XLA's cost analysis of the lowered (uncompiled) computation."""
-    b, *spatial, c = input_shape
-    images = jax.ShapeDtypeStruct((b, *spatial, c), jnp.float32)
-    feats = [jax.ShapeDtypeStruct((b, *(n // s for n, s in zip(spatial, st)), ch), jnp.float32)
-             for st, ch in zip(head.feature_strides, head.feature_channels)]
-    graphdef, state = nnx.split(head)
-
-    def forward(state, images, feats):
-        return nnx.merge(graphdef, state)(images, feats)
-
-    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    cost = jax.jit(forward).lower(abstract_state, images, feats).cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost.get("flops", 0.0))
-
-
-HEADS = ("unetr", "light", "linear")
-
-
-def build_head(name: str, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
-               deep_supervision: bool = False, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               **kwargs) -> nnx.Module:
-    """Head by name: 'unetr', 'light' or 'linear'; extra keyword arguments go to its constructor."""
-    if name == "unetr":
-        from lnfm.models.heads_unetr import UNETRHead as cls
-    elif name == "light":
-        from lnfm.models.heads_light import LightHead as cls
-    elif name == "linear":
-        cls = LinearProbe
-    else:
-        raise ValueError(f"unknown head '{name}' (choices: {', '.join(HEADS)})")
-    return cls(feature_strides, feature_channels, in_channels, num_classes, deep_supervision=deep_supervision,
-               rngs=rngs, dtype=dtype, param_dtype=param_dtype, **kwargs)

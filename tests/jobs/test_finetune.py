@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lnfm.config import ConfigError
-from lnfm.finetune import QUICK, build_training, load_finetune_config, load_finetuned, main, make_splits, resolve_init, run
+from lnfm.jobs.finetune import QUICK, build_training, load_finetune_config, load_finetuned, main, make_splits, resolve_init, run
 from lnfm.segmentation.sites import SITES, site_names
 
 KEYS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume")
@@ -43,7 +43,7 @@ def test_every_site_preset_loads_with_rationale():
         assert cfg.site.window[0] < cfg.site.window[1] and min(cfg.site.spacing) > 0
         assert cfg.head.kind in ("unetr", "light", "linear")
         assert cfg.strategy.freeze in ("all", "first_k", "none", "lora")
-        text = (Path(__file__).parents[1] / "lnfm/configs/sites" / f"{site}.yaml").read_text()
+        text = (Path(__file__).parents[2] / "lnfm/configs/sites" / f"{site}.yaml").read_text()
         assert text.count("#") >= 3  # every preset explains its choices
     pelvis = load_finetune_config("pelvis")
     assert {"obturator", "internal_iliac", "external_iliac", "common_iliac", "presacral"} <= set(pelvis.site.stations)
@@ -215,7 +215,7 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_uninterrupted_result(store, tm
     import os
     import signal
 
-    import lnfm.finetune as ft
+    import lnfm.jobs.finetune as ft
 
     over = TINY + ["mesh.fsdp=2", "train.steps=6", "checkpoint.every=2", "train.eval_every=2"]
     cfg = load_finetune_config("pelvis", over, data=[store], num_labeled=3)

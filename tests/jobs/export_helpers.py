@@ -32,7 +32,7 @@ def make_store(root: Path) -> tuple[Path, str]:
 
 
 def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
-    """config.yaml + best/ + best.json laid out exactly as `lnfm.finetune.run_repeat` writes them,
+    """config.yaml + best/ + best.json laid out exactly as `lnfm.jobs.finetune.run_repeat` writes them,
     holding a segmenter with random (numpy-drawn: nothing compiles) weights. `bias` is added to
     the foreground logits so the untrained head marks a minority of voxels.
     Returns (workdir, model, cfg)."""
@@ -43,7 +43,7 @@ def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
     from flax import nnx
 
     from lnfm.config import dump_yaml, to_dict
-    from lnfm.finetune import load_finetune_config
+    from lnfm.jobs.finetune import load_finetune_config
     from lnfm.models.segmenter import build_segmenter
     from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
 
@@ -94,7 +94,7 @@ _BUILT: list[Tiny] = []  # one build per test process, whichever module asks fir
 def tiny(tmp_path_factory) -> Tiny:
     """Imported by several test modules (each then holds its own fixture), so the build is cached here."""
     from lnfm.data.store import read_manifest
-    from lnfm.export import export_model
+    from lnfm.jobs.export import export_model
 
     if not _BUILT:
         root = tmp_path_factory.mktemp("tiny_model")

@@ -4,7 +4,7 @@ Decoder levels run from full resolution (level 0) to the deepest feature stride
 (level L), halving per step. Level l has `feature_size * 2**max(l-1, 0)` channels
 (SwinUNETR's widths). Skips:
 - level 0: a residual conv block on the input images;
-- every other level that receives a feature (see `heads.assign_levels`): a
+- every other level that receives a feature (see `blocks.assign_levels`): a
   residual block when the feature already has that stride (Swin stages), or
   UNETR's progressive upsampling (transposed conv, then [transposed conv +
   residual block] per further step) when a ViT block output must be brought from
@@ -16,13 +16,14 @@ blocks are conv3-IN-LeakyReLU-conv3-IN (+1x1 projection) as in MONAI's UnetResBl
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.heads import as_stride, assign_levels, conv, instance_norm, level_strides, lrelu, step_factor, up_conv
+from lnfm.models.heads.blocks import (as_stride, assign_levels, conv, instance_norm, level_strides, lrelu, step_factor,
+                                      up_conv)
 
 
 class ResBlock(nnx.Module):

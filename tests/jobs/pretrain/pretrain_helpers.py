@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ENTRY = str(REPO / "pretrain" / "pretrain.py")
 
 # vit_tiny with 2 blocks, 8 volumes per step, metrics every step, no previews: seconds per run on CPU.

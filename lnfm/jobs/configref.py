@@ -1,7 +1,7 @@
 """Generate docs/configuration.md from the config dataclasses, so the reference cannot drift.
 
 Each field's description is its trailing `# comment` in the class source.
-`python -m lnfm.configref > docs/configuration.md`; a test checks the file is current.
+`python -m lnfm.jobs.configref > docs/configuration.md`; a test checks the file is current.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import typing
 SECTIONS: list[tuple[str, str]] = [
     ("Phantoms: `data_prep/synth.py`", "lnfm.data.synth:SynthConfig"),
     ("Prepare: `data_prep/prepare.py`", "lnfm.data.prepare:PrepareConfig"),
-    ("Pretraining: `pretrain/pretrain.py`", "lnfm.pretrain:PretrainConfig"),
-    ("Finetuning: `finetune/finetune.py`", "lnfm.finetune:FinetuneConfig"),
-    ("Transfer study: `finetune/study.py`", "lnfm.study:StudyConfig"),
+    ("Pretraining: `pretrain/pretrain.py`", "lnfm.jobs.pretrain:PretrainConfig"),
+    ("Finetuning: `finetune/finetune.py`", "lnfm.jobs.finetune:FinetuneConfig"),
+    ("Transfer study: `finetune/study.py`", "lnfm.jobs.study:StudyConfig"),
 ]
 
 
@@ -83,7 +83,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 
 def render() -> str:
     out = ["# Configuration reference", "",
-           "Generated from the config dataclasses by `python -m lnfm.configref`; do not edit by hand.",
+           "Generated from the config dataclasses by `python -m lnfm.jobs.configref`; do not edit by hand.",
            "Every key can be set in a YAML file or on the command line as `key.sub=value`.", ""]
     for title, target in SECTIONS:
         module, name = target.split(":")

@@ -41,7 +41,7 @@ from lnfm.models.heads import head_flops, head_param_count
 from lnfm.models.segmenter import build_segmenter, load_encoder_state
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
-from lnfm.pretrain import DataError, check_stores
+from lnfm.jobs.pretrain import DataError, check_stores
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import LossConfig, deep_supervision_loss, segmentation_loss
 from lnfm.segmentation.sites import SiteConfig, check_spacing
@@ -122,7 +122,7 @@ def resolve_init(init: str) -> tuple[str, Path | None, dict | None]:
     """--init -> (kind, path, model config dict); kind is scratch | pretrain | export.
 
     pretrain: a pretraining workdir (config.yaml + checkpoints/) or its checkpoints dir.
-    export: a folder holding model.json (read with lnfm.export.load_export)."""
+    export: a folder holding model.json (read with lnfm.jobs.export.load_export)."""
     if init == "scratch":
         return "scratch", None, None
     path = Path(init)
@@ -239,7 +239,7 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
         log.info("encoder initialised from %s", path / "checkpoints")
     elif kind == "export":
-        from lnfm.export import ExportError, load_export
+        from lnfm.jobs.export import ExportError, load_export
 
         try:
             exported = load_export(path)
@@ -567,7 +567,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
-    ap.add_argument("--quick", action="store_true", help="CPU demo settings (lnfm.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
+    ap.add_argument("--quick", action="store_true", help="CPU demo settings (lnfm.jobs.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
     return ap.parse_args(argv)

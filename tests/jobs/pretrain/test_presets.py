@@ -3,7 +3,7 @@
 import pytest
 
 from lnfm.config import ConfigError
-from lnfm.pretrain import load_pretrain_config
+from lnfm.jobs.pretrain import load_pretrain_config
 
 
 @pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h", "swin_b"])

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from export_helpers import tiny  # noqa: F401  (session fixture)
 
-from lnfm import export as ex
-from lnfm import export_formats as fmt
+from lnfm.jobs import export as ex
+from lnfm.models import export_formats as fmt
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -211,9 +211,9 @@ def test_pretraining_workdir_gives_an_encoder_export_finetuning_accepts(tiny, tm
     from flax import nnx
 
     from lnfm.config import dump_yaml
-    from lnfm.finetune import resolve_init
+    from lnfm.jobs.finetune import resolve_init
     from lnfm.models.segmenter import load_encoder_state
-    from lnfm.pretrain import PretrainConfig
+    from lnfm.jobs.pretrain import PretrainConfig
     from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
 
     # The pretraining job saves the nnx.State of the SSL model: the encoder lives at params/encoder.

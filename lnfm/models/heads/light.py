@@ -20,13 +20,13 @@ in the input steer the final voxel logits directly.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.heads import as_stride, conv, instance_norm, level_strides, lrelu, resize_to
+from lnfm.models.heads.blocks import as_stride, conv, instance_norm, level_strides, lrelu, resize_to
 
 
 def sobel_magnitude(images: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Writers and readers of the four export formats (see `lnfm.export` for the folder layout).
+"""Writers and readers of the four export formats (see `lnfm.jobs.export` for the folder layout).
 
 Every writer is deterministic: the same parameters give byte-identical files.
 Orbax's own metadata carries wall-clock timestamps and the commit path; they

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lnfm.data.shared import shared_data_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(cmd: list[str], env: dict | None = None) -> None:

@@ -9,7 +9,7 @@ allocated. Reported per device:
 - memory: XLA's `memory_analysis()` of the compiled step (arguments, outputs,
   temporaries = activations and workspace, generated code) and the exact split of
   the arguments into parameters and optimizer state from their shardings;
-- FLOPs per step: model FLOPs (3 x the SSL forward, `lnfm.pretrain.step_flops`)
+- FLOPs per step: model FLOPs (3 x the SSL forward, `lnfm.jobs.pretrain.step_flops`)
   and XLA's cost analysis of the compiled per-device program (includes remat);
 - expected step time = model FLOPs / (devices x peak bf16 FLOP/s x assumed MFU),
   with peaks from `lnfm.train.mfu` and the assumed MFU stated.
@@ -82,7 +82,7 @@ def parse_mesh(text: str) -> dict:
 
 def pretrain_config(req: PlanRequest):
     """The pretraining config the job would run with these planner settings."""
-    from lnfm.pretrain import load_pretrain_config
+    from lnfm.jobs.pretrain import load_pretrain_config
 
     sets = [f"model.img_size={req.patch},{req.patch},{req.patch}", f"train.global_batch={req.global_batch}",
             f"mesh.data={req.mesh.get('data', 1)}", f"mesh.fsdp={req.mesh.get('fsdp', 1)}",
@@ -100,7 +100,7 @@ def pretrain_config(req: PlanRequest):
 
 
 def abstract_training(cfg, mesh):
-    """`lnfm.pretrain.build_training` over abstract arrays: (graphdef, abstract state, step_fn).
+    """`lnfm.jobs.pretrain.build_training` over abstract arrays: (graphdef, abstract state, step_fn).
 
     Same model builder, sharding rules, optimizer and step builder as the job,
     with every array a ShapeDtypeStruct carrying its sharding instead of data.
@@ -182,7 +182,7 @@ def plan(req: PlanRequest) -> dict:
     import jax
 
     from lnfm.models.sharding import make_mesh, use_rules
-    from lnfm.pretrain import step_flops
+    from lnfm.jobs.pretrain import step_flops
     from lnfm.train.mfu import peak_flops
 
     if req.device not in DEVICES:
@@ -376,7 +376,7 @@ TABLE_BATCH_PER_DEVICE = 4
 
 def _compiled_cell(req: PlanRequest, timeout_s: float) -> dict | None:
     """Plan one cell in a fresh interpreter with the right device count; None on timeout or failure."""
-    cmd = [sys.executable, "-m", "lnfm.plan", "--model", req.model, "--patch", str(req.patch),
+    cmd = [sys.executable, "-m", "lnfm.jobs.plan", "--model", req.model, "--patch", str(req.patch),
            "--global-batch", str(req.global_batch), "--mesh", ",".join(f"{k}={v}" for k, v in req.mesh.items()),
            "--device", req.device, "--json"]
     try:
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if "jax" in sys.modules or os.environ.get("XLA_FLAGS") != env["XLA_FLAGS"] \
             or os.environ.get("JAX_PLATFORMS") != "cpu":
         # XLA reads the device count once, at backend start: run in a fresh interpreter.
-        return subprocess.call([sys.executable, "-m", "lnfm.plan", *argv], env=env)
+        return subprocess.call([sys.executable, "-m", "lnfm.jobs.plan", *argv], env=env)
     from lnfm.config import ConfigError
 
     try:

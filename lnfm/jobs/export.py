@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from lnfm import __version__
-from lnfm import export_formats as fmt
+from lnfm.models import export_formats as fmt
 from lnfm.workdir import setup_logging
 
 log = logging.getLogger("lnfm.export")
@@ -81,7 +81,7 @@ class _Source:
 def git_revision() -> str | None:
     """HEAD of the git checkout lnfm runs from, or None (an installed wheel, no git). Read once
     per process: the code already imported does not change when the checkout moves on."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     if not (repo / ".git").exists():
         return None
     try:
@@ -167,7 +167,7 @@ def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
     from lnfm.train.checkpoint import restore_params
 
     if cfg.strategy.freeze == "lora":  # adapters are folded into the kernels: the export is a plain segmenter
-        from lnfm.finetune import load_finetuned
+        from lnfm.jobs.finetune import load_finetuned
         from lnfm.models.lora import merge_lora
 
         model, _ = load_finetuned(run_dir)
@@ -188,7 +188,7 @@ def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
 def _load_finetuned(workdir: Path) -> _Source:
     from lnfm.config import from_dict, read_yaml, to_dict
     from lnfm.data.prepare import PrepareConfig
-    from lnfm.finetune import FinetuneConfig
+    from lnfm.jobs.finetune import FinetuneConfig
 
     run_dir = workdir if (workdir / "best").is_dir() else workdir / "repeat_0"
     cfg = from_dict(FinetuneConfig, read_yaml(run_dir / "config.yaml"))
@@ -453,7 +453,7 @@ def load_export(folder: str | Path, verify: bool = True) -> Exported:
     kind = meta["format"]
     if kind == "stablehlo":
         raise ExportError(f"{folder}: a stablehlo export holds a compiled function, not weights (use "
-                          f"lnfm.export_formats.read_stablehlo, or export orbax/safetensors)")
+                          f"lnfm.models.export_formats.read_stablehlo, or export orbax/safetensors)")
     if kind == "monai":
         from lnfm.config import from_dict
         from lnfm.models import ModelConfig

@@ -13,11 +13,11 @@ import pytest
 from export_helpers import tiny  # noqa: F401  (session fixture)
 from scipy import ndimage
 
-from lnfm import predict as pr
+from lnfm.jobs import predict as pr
 from lnfm.io import read_image
-from lnfm.report import read_report
+from lnfm.eval.report import read_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REAL = {
     "ras_nifti": "ct/totalsegmentator/example_ct.nii.gz",
     "lps_nifti": "ct/totalsegmentator/chest_vessels/ct_cropped.nii.gz",
@@ -39,7 +39,7 @@ def test_cli_in_a_fresh_process_equals_the_finetuning_inference(tiny, tmp_path):
     from lnfm.data.loader import LoaderConfig
     from lnfm.data.store import read_case
     from lnfm.eval.postprocess import PostprocessConfig, postprocess
-    from lnfm.finetune import _predict_fn, load_cases, segment
+    from lnfm.jobs.finetune import _predict_fn, load_cases, segment
     from flax import nnx
 
     rec = next(r for r in tiny.records if r["split"] == "test")
@@ -214,7 +214,7 @@ def test_batch_folder_segments_each_case_and_reports_failures(tiny, predictor, t
 
 
 def test_a_stablehlo_export_predicts_like_the_orbax_one(tiny, predictor, tmp_path):  # noqa: F811
-    from lnfm.export import export_model
+    from lnfm.jobs.export import export_model
 
     hlo = export_model(tiny.workdir, tmp_path / "hlo", "stablehlo")
     fn_hlo, meta = pr.load_predictor(hlo)

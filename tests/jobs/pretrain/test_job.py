@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pretrain_helpers import checkpoint_steps, finish, losses, output, start, wait_for
 
-from lnfm import pretrain
-from lnfm.pretrain import main
+from lnfm.jobs import pretrain
+from lnfm.jobs.pretrain import main
 from lnfm.train.loop import NonFiniteLoss
 
 

@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from lnfm.data.geometry import restore_to_source, spacing_of
-from lnfm.export import ExportError, read_meta
+from lnfm.jobs.export import ExportError, read_meta
 from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image
 
 log = logging.getLogger("lnfm.predict")
@@ -81,13 +81,13 @@ def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.nd
     serialized function. Checksums are verified first."""
     import jax
 
-    from lnfm.export import load_export, verify_export
+    from lnfm.jobs.export import load_export, verify_export
 
     meta = read_meta(export_dir)
     if meta.get("kind") != "segmenter":
         raise ExportError(f"{export_dir}: an encoder-only export cannot segment (export a finetuning workdir)")
     if meta["format"] == "stablehlo":
-        from lnfm.export_formats import STABLEHLO_FILE, read_stablehlo
+        from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
 
         verify_export(export_dir)
         exported = read_stablehlo(Path(export_dir) / STABLEHLO_FILE)
@@ -210,7 +210,7 @@ def write_outputs(pred: Prediction, meta: dict, output: Path, probabilities: Pat
                   report: Path | None = None, overlay: Path | None = None, title: str = "") -> None:
     """Write every requested output under a temporary name, then rename them all."""
     from lnfm.io import write_nifti
-    from lnfm.report import node_table, report_csv, write_overlay
+    from lnfm.eval.report import node_table, report_csv, write_overlay
     from lnfm.workdir import atomic_write_text
 
     pending: list[tuple[Path, Path]] = []

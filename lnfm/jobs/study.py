@@ -29,7 +29,7 @@ from lnfm.config import ConfigError, load_config, to_dict
 from lnfm.workdir import atomic_write_text, open_workdir, progress
 
 log = logging.getLogger("lnfm.study")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Strategy name -> finetuning overrides (docs/finetuning.md explains each).
 STRATEGIES: dict[str, list[str]] = {
@@ -111,7 +111,7 @@ def cell_dir(workdir: Path, c: dict) -> Path:
 
 def scratch_model_overrides(cfg: StudyConfig) -> list[str]:
     """Scratch cells use the pretrained model's architecture, so only the init differs."""
-    from lnfm.pretrain import PretrainConfig
+    from lnfm.jobs.pretrain import PretrainConfig
 
     model = to_dict(load_config(PretrainConfig, cfg.pretrain_config, cfg.pretrain_overrides, kind="pretrain").model)
     return [f"model.{k}={json.dumps(v)}" for k, v in model.items()]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm import plan as planner
+from lnfm.jobs import plan as planner
 from lnfm.models.sharding import batch_sharding, make_mesh, use_rules
-from lnfm.pretrain import build_training, step_flops
+from lnfm.jobs.pretrain import build_training, step_flops
 
 REQ = planner.PlanRequest(model="vit_tiny", patch=32, global_batch=8, mesh={"fsdp": 8}, device="v5e",
                           overrides=("model.depth=2",))
