@@ -11,14 +11,14 @@ node masks and distractors); no model, and no pretraining, sees a test volume.
 
 Arms, per seed (its own labelled subset and initialisation) and labelled-case count:
 - `lnfm_pretrained`: MAE pretraining on the unlabelled pool, then the finetuning job
-  with the site's default head and strategy (`lnfm.finetune.run`), exported and run
-  through `lnfm.predict`;
+  with the site's default head and strategy (`lnfm.jobs.finetune.run`), exported and run
+  through `lnfm.jobs.predict`;
 - `lnfm_scratch`: the same finetuning from a random encoder of the same architecture;
 - peers (`accuracy_peers`): MONAI UNet, DynUNet with nnU-Net's 3d_fullres topology,
   SwinUNETR, each trained on the same loader's patches twice: with LNFM's patch budget
   (same steps x batch x patch) and with LNFM-pretrained's training wall time.
 
-Every arm is scored the same way: `lnfm.predict.predict_volume` (the preprocessing,
+Every arm is scored the same way: `lnfm.jobs.predict.predict_volume` (the preprocessing,
 sliding window and post-processing LNFM's export records) turns each raw held-out
 scan into a mask on the scan's own grid, and `lnfm.eval.evaluate_case` compares it
 with the reference mask there (node sensitivity at IoU >= 0.5). Statistics are over
@@ -173,7 +173,7 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
 
 
 def evaluate(fn, meta: dict, test: list[B.TestCase]) -> tuple[list[dict], float]:
-    """Predict every raw held-out scan with `fn` through lnfm.predict and score it on its own grid."""
+    """Predict every raw held-out scan with `fn` through lnfm.jobs.predict and score it on its own grid."""
 
     pre = meta["preprocessing"]
     fn(np.zeros((int(meta["inference"]["sw_batch_size"]), *pre["patch_size"], len(pre["channels"])), np.float32))
