@@ -57,7 +57,7 @@ from lnfm.io import read_image
 from lnfm.jobs import finetune as F
 from lnfm.jobs import pretrain as P
 from lnfm.jobs.export import export_model
-from lnfm.jobs.predict import load_predictor, predict_volume, read_meta, read_scan
+from lnfm.jobs.predict import PredictOptions, load_predictor, predict_volume, read_meta, read_scan
 from lnfm.segmentation.fewshot import select_subset
 from lnfm.workdir import atomic_write_text
 
@@ -82,16 +82,19 @@ class Preset:
     pretrain_steps: int
     peers: tuple[str, ...] = ("unet", "dynunet", "swinunetr")
     time_cap_s: float | None = None  # cap of the equal-time budget (the smoke run only: it checks the code path)
+    overlap: float = 0.5  # sliding-window overlap of every arm's evaluation (and of LNFM's own validation)
 
 
 PRESETS = {
     "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=10, val=2, test=8, shape=(96, 96, 48)), seeds=5,
-                  num_labeled=[2, 8], steps=60, patch=32, pretrain_config="vit_tiny", pretrain_steps=300),
+                  num_labeled=[2, 8], steps=60, patch=32, pretrain_config="vit_tiny", pretrain_steps=300,
+                  overlap=0.25),
     "gpu": Preset(B.BenchmarkSpec(unlabelled=40, labelled=16, val=4, test=16, shape=(160, 160, 96)), seeds=5,
                   num_labeled=[1, 2, 4, 8, 16], steps=2000, patch=None, pretrain_config="vit_b",
                   pretrain_steps=20000),
     "smoke": Preset(B.BenchmarkSpec(unlabelled=2, labelled=2, val=1, test=1, shape=(48, 48, 32)), seeds=1,
-                    num_labeled=[1], steps=2, patch=32, pretrain_config="vit_tiny", pretrain_steps=2, time_cap_s=1.0),
+                    num_labeled=[1], steps=2, patch=32, pretrain_config="vit_tiny", pretrain_steps=2, time_cap_s=1.0,
+                    overlap=0.25),
 }
 
 
@@ -120,7 +123,8 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
 
     site = preset.data.site
     over = [f"train.seed={seed}", f"train.steps={preset.steps}", "train.eval_every=0",
-            f"checkpoint.every={preset.steps}", f"train.log_every={max(1, preset.steps // 10)}"]
+            f"checkpoint.every={preset.steps}", f"train.log_every={max(1, preset.steps // 10)}",
+            f"inference.overlap={preset.overlap}"]
     if preset.patch is not None:
         over.append(f"site.patch=[{preset.patch},{preset.patch},{preset.patch}]")
     if init == "scratch":
@@ -141,7 +145,7 @@ def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, se
     export = run_dir.with_name(run_dir.name + "_export")
     export_model(run_dir, export, "orbax", force=True)
     fn, meta = load_predictor(export)
-    cases, infer = evaluate(fn, meta, bench.test)
+    cases, infer = evaluate(fn, meta, bench.test, preset.overlap)
     return {"train_ids": summary["train_ids"], "train_time_s": summary["train_time_s"], "steps": preset.steps,
             "params": summary["trainable_params"], "infer_s_per_volume": infer, "cases": cases}
 
@@ -163,7 +167,7 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
                       tuple(meta["preprocessing"]["spacing_mm"]), tuple(cfg.site.patch), seed)
     spend = Budget(steps=cfg.train.steps) if budget == "patches" else Budget(seconds=lnfm_time)
     trained = train_peer(peer, batches, spend)
-    cases, infer = evaluate(probability_fn(peer), meta, bench.test)
+    cases, infer = evaluate(probability_fn(peer), meta, bench.test, preset.overlap)
     params = sum(p.numel() for p in peer.net.parameters())
     return {"train_ids": train_ids, "train_time_s": trained["train_time_s"], "steps": trained["steps"],
             "params": int(params), "infer_s_per_volume": infer, "cases": cases}
@@ -172,7 +176,7 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(fn, meta: dict, test: list[B.TestCase]) -> tuple[list[dict], float]:
+def evaluate(fn, meta: dict, test: list[B.TestCase], overlap: float) -> tuple[list[dict], float]:
     """Predict every raw held-out scan with `fn` through lnfm.jobs.predict and score it on its own grid."""
 
     pre = meta["preprocessing"]
@@ -181,7 +185,7 @@ def evaluate(fn, meta: dict, test: list[B.TestCase]) -> tuple[list[dict], float]
     for case in test:
         vol = read_scan([str(case.image)], meta)
         t0 = time.perf_counter()
-        pred = predict_volume(fn, meta, vol)
+        pred = predict_volume(fn, meta, vol, PredictOptions(overlap=overlap))
         seconds += time.perf_counter() - t0
         ref = read_image(str(case.label))
         if ref.data.shape[:3] != pred.labels.shape or not np.allclose(ref.affine, pred.affine, atol=1e-3):
@@ -363,7 +367,7 @@ def report(results: dict, out: Path, preset_name: str, preset: Preset, command: 
 # ----------------------------------------------------------------------------- driver
 
 
-def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str) -> int:
+def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str, report_only: bool = False) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     workdir.mkdir(parents=True, exist_ok=True)
     # Seeds and arms of one shape compile the same programs: compile each once.
@@ -373,6 +377,17 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
     header = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
               "commit": commit()}
     t_start = time.time()
+    if (workdir / "header.json").is_file():  # the run's own date, machine and commit, also when resumed
+        header = json.loads((workdir / "header.json").read_text())
+    else:
+        atomic_write_text(workdir / "header.json", json.dumps(header))
+    if report_only:  # whatever finished, e.g. of a run that was stopped
+        keys = [tuple(int(x) if x.isdigit() else x for x in p.stem.rsplit("_", 3)) for p in
+                sorted((workdir / "results").glob("*.json"))]
+        results = {k: json.loads((workdir / "results" / ("_".join(map(str, k)) + ".json")).read_text())
+                   for k in keys}
+        report(results, out, preset_name, preset, command, header, complete=False)
+        return 0
     bench = B.build(preset.data, workdir / "data")
     log.info("data ready (%.0f s): %d pool, %d val, %d held-out test", time.time() - t_start, len(bench.pool),
              len(bench.val), len(bench.test))
@@ -416,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="data, runs and cached results (default runs/accuracy_PRESET)")
     ap.add_argument("--out", default=None, help="report folder (default docs/results)")
     ap.add_argument("--seeds", type=int, default=None, help="override the preset's number of seeds")
+    ap.add_argument("--report-only", action="store_true", help="write the report of the finished arms and stop")
     args = ap.parse_args(argv)
     name = "smoke" if args.smoke else args.preset
     if args.smoke and not args.out:
@@ -429,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         (["--smoke"] if args.smoke else ["--preset", args.preset]) +
         (["--seeds", str(args.seeds)] if args.seeds is not None else []))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    return run(name, preset, workdir, out, command)
+    return run(name, preset, workdir, out, command, args.report_only)
 
 
 if __name__ == "__main__":
