@@ -102,7 +102,6 @@ PRESETS = {
 
 
 def pretrain(preset: Preset, bench: B.Benchmark, workdir: Path) -> Path:
-
     out = workdir / "pretrain"
     if not (out / "done.json").is_file():
         cfg = P.load_pretrain_config(preset.pretrain_config, _pretrain_overrides(preset))
@@ -135,7 +134,6 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
 
 
 def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, seed: int, workdir: Path) -> dict:
-
     init = str(pre) if arm == "lnfm_pretrained" else "scratch"
     cfg = finetune_config(preset, bench, init, n, seed)
     run_dir = workdir / "runs" / f"{arm}_n{n}_s{seed}"
@@ -155,7 +153,6 @@ def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, se
 
 def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int, seed: int, workdir: Path,
              lnfm_time: float) -> dict:
-
     cfg = finetune_config(preset, bench, "scratch", n, seed)  # the loader and patch LNFM trains with
     meta = read_meta(workdir / "runs" / f"lnfm_pretrained_n{n}_s{seed}_export")
     train_ids = select_subset(bench.pool, n, seed)
