@@ -18,6 +18,9 @@ foreground probability map is resampled linearly. Outputs have exactly the input
 shape and affine; every file is written under a temporary name and renamed only
 when all of a case's outputs are ready.
 
+`--format nifti,dicom-seg,rtstruct` also writes a DICOM-SEG and an RTSTRUCT of the same mask
+onto the source slices of a DICOM series input (`lnfm.jobs.predict_dicom`).
+
 Batch mode: `--input FOLDER` holding NIfTI/NRRD files and/or DICOM series
 subfolders (multi-channel cases as CASE_0000.nii.gz, CASE_0001.nii.gz, ...);
 `--output` and any --probabilities/--report/--overlay name folders that receive
@@ -32,14 +35,15 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from lnfm.data.geometry import restore_to_source, spacing_of
 from lnfm.jobs.export import ExportError, read_meta
 from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image
+from lnfm.jobs.predict_dicom import FORMATS, OutputFormats, check_outside_inputs, output_paths, source_series
 
 log = logging.getLogger("lnfm.predict")
 
@@ -206,20 +210,28 @@ def _temp(path: Path) -> Path:
     return path.with_name(f".{path.name[:-len(suffix)] if suffix else path.name}.part{os.getpid()}{suffix}")
 
 
-def write_outputs(pred: Prediction, meta: dict, output: Path, probabilities: Path | None = None,
-                  report: Path | None = None, overlay: Path | None = None, title: str = "") -> None:
-    """Write every requested output under a temporary name, then rename them all."""
+def write_outputs(pred: Prediction, meta: dict, output: Path | None, probabilities: Path | None = None,
+                  report: Path | None = None, overlay: Path | None = None, title: str = "",
+                  dicom: tuple | None = None) -> None:
+    """Write every requested output under a temporary name, then rename them all. `output` is the
+    NIfTI mask (None: not asked for); `dicom` = (source series, {format: path}, OutputFormats)."""
     from lnfm.io import write_nifti
     from lnfm.eval.report import node_table, report_csv, write_overlay
     from lnfm.workdir import atomic_write_text
 
     pending: list[tuple[Path, Path]] = []
     try:
-        for final in (output, probabilities, report, overlay):
+        for final in (output, probabilities, report, overlay, *(dicom[1].values() if dicom else ())):
             if final is not None:
                 final.parent.mkdir(parents=True, exist_ok=True)
-        pending.append((_temp(output), output))
-        write_nifti(pending[-1][0], pred.labels, pred.affine)
+        if output is not None:
+            pending.append((_temp(output), output))
+            write_nifti(pending[-1][0], pred.labels, pred.affine)
+        if dicom is not None:
+            from lnfm.jobs.predict_dicom import write_dicom_outputs
+
+            series, paths, formats = dicom
+            write_dicom_outputs(pred.labels, pred.affine, meta, series, paths, formats, _temp, pending)
         if probabilities is not None:
             pending.append((_temp(probabilities), probabilities))
             write_nifti(pending[-1][0], pred.probability, pred.affine)
@@ -245,8 +257,9 @@ def _check_output(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
         raise PredictError(f"{path}: {what} must end with {' or '.join(suffixes)}")
 
 
-def check_outputs(output, probabilities=None, overlay=None) -> None:
-    _check_output(Path(output), "--output", (".nii", ".nii.gz"))
+def check_outputs(output, probabilities=None, overlay=None, formats: tuple[str, ...] = ("nifti",)) -> None:
+    if formats == ("nifti",):  # with DICOM formats --output may be a bare name (see predict_dicom)
+        _check_output(Path(output), "--output", (".nii", ".nii.gz"))
     if probabilities is not None:
         _check_output(Path(probabilities), "--probabilities", (".nii", ".nii.gz"))
     if overlay is not None:
@@ -256,16 +269,19 @@ def check_outputs(output, probabilities=None, overlay=None) -> None:
 def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str | Path,
                  probabilities: str | Path | None = None, report: str | Path | None = None,
                  overlay: str | Path | None = None, options: PredictOptions | None = None,
-                 vol: Volume | None = None) -> Prediction:
-    """Read and check one scan (unless `vol` holds it already read by `read_scan`), segment it
-    and write its outputs (see the module docstring)."""
-    output = Path(output)
-    check_outputs(output, probabilities, overlay)
+                 vol: Volume | None = None, formats: OutputFormats | None = None, series=None) -> Prediction:
+    """Read and check one scan (unless `vol` holds it already read by `read_scan`, and `series` its
+    DICOM source headers), segment it and write its outputs (see the module docstring)."""
+    formats = formats or OutputFormats()
+    paths = output_paths(output, formats.formats)
+    check_outputs(output, probabilities, overlay, formats.formats)
+    check_outside_inputs(paths, list(inputs))
+    series = source_series(list(inputs), formats) if series is None else series
     vol = read_scan(list(inputs), meta) if vol is None else vol
     pred = predict_volume(predictor, meta, vol, options)
-    write_outputs(pred, meta, output, Path(probabilities) if probabilities else None,
+    write_outputs(pred, meta, paths.pop("nifti", None), Path(probabilities) if probabilities else None,
                   Path(report) if report else None, Path(overlay) if overlay else None,
-                  title=Path(inputs[0]).name)
+                  title=Path(inputs[0]).name, dicom=(series, paths, formats) if formats.dicom else None)
     log.info("%s: %d node(s) predicted", inputs[0], _count_nodes(pred.labels))
     return pred
 
@@ -315,7 +331,7 @@ def is_batch_input(path: Path) -> bool:
 def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str | Path,
                    probabilities: str | Path | None = None, report: str | Path | None = None,
                    overlay: str | Path | None = None, options: PredictOptions | None = None,
-                   show_progress: bool = True) -> dict[str, str]:
+                   show_progress: bool = True, formats: OutputFormats | None = None) -> dict[str, str]:
     """Segment every case of `folder`; returns {case: error} for the cases that failed."""
     from lnfm.workdir import progress
 
@@ -330,7 +346,7 @@ def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str
             predict_case(predictor, meta, inputs, out / f"{case}.nii.gz",
                          Path(probabilities) / f"{case}.nii.gz" if probabilities else None,
                          Path(report) / f"{case}.csv" if report else None,
-                         Path(overlay) / f"{case}.png" if overlay else None, options)
+                         Path(overlay) / f"{case}.png" if overlay else None, options, formats=formats)
         except (PredictError, ValueError) as e:
             failed[case] = str(e).splitlines()[0]
             log.warning("failed %s", failed[case])
@@ -348,7 +364,15 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--model", required=True, help="export folder (orbax, safetensors or stablehlo)")
     ap.add_argument("--input", required=True, help="scan (NIfTI, NRRD, DICOM series folder), comma-separated "
                                                    "channels (ct.nii.gz,pet.nii.gz), or a folder of scans")
-    ap.add_argument("--output", required=True, help="mask .nii.gz (or a folder in batch mode)")
+    ap.add_argument("--output", required=True, help="mask .nii.gz (or a folder in batch mode); DICOM outputs "
+                                                    "go next to it as STEM.seg.dcm, STEM.rtstruct.dcm")
+    ap.add_argument("--format", action="append", default=None, metavar="|".join(FORMATS),
+                    help="outputs to write, repeatable or comma-separated (default nifti); dicom-seg and rtstruct "
+                         "need a DICOM series input")
+    ap.add_argument("--seg-per-node", action="store_true", help="DICOM-SEG: one segment per node, not per class")
+    ap.add_argument("--rtstruct-all-nodes", action="store_true", help="RTSTRUCT: add one ROI holding all nodes")
+    ap.add_argument("--seg-compression", choices=("jpeg2000", "none"), default="jpeg2000",
+                    help="DICOM-SEG transfer syntax: JPEG 2000 Lossless or uncompressed (default jpeg2000)")
     ap.add_argument("--probabilities", default=None, help="foreground probability .nii.gz (folder in batch mode)")
     ap.add_argument("--report", default=None, help="node report .csv (folder in batch mode)")
     ap.add_argument("--overlay", default=None, help="preview .png (folder in batch mode)")
@@ -361,24 +385,32 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 
 def run(args: argparse.Namespace) -> int:
+    from lnfm.jobs.predict_dicom import export_digest, parse_formats
+
     options = PredictOptions(args.overlap, args.tta, args.batch_size, args.min_volume_mm3)
     try:
         meta = read_meta(args.model)
+        formats = OutputFormats(parse_formats(args.format), args.seg_per_node, args.rtstruct_all_nodes,
+                                args.seg_compression)
+        if formats.dicom:  # the DICOM outputs name the export by its checksum
+            formats.export_sha256 = export_digest(args.model)
         inputs = [p for p in str(args.input).split(",") if p]
         batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
-        vol = None
+        vol = series = None
         if not batch:  # check the scan before the model loads: bad input fails fast
-            check_outputs(args.output, args.probabilities, args.overlay)
+            check_outputs(args.output, args.probabilities, args.overlay, formats.formats)
+            check_outside_inputs(output_paths(args.output, formats.formats), inputs)
+            series = source_series(inputs, formats)
             vol = read_scan(inputs, meta)
         predictor, meta = load_predictor(args.model)
         if batch:
             failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,
-                                    args.overlay, options)
+                                    args.overlay, options, formats=formats)
             for case, err in failed.items():
                 print(f"FAILED {case}: {err}", file=sys.stderr)
             return 1 if failed else 0
         predict_case(predictor, meta, inputs, args.output, args.probabilities, args.report, args.overlay, options,
-                     vol=vol)
+                     vol=vol, formats=formats, series=series)
         return 0
     except (PredictError, ExportError, ValueError, OSError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)

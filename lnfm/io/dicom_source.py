@@ -1,0 +1,131 @@
+"""The source DICOM series of a prediction, for writing clinical outputs (DICOM-SEG, RTSTRUCT) back onto it.
+
+`read_dicom_series` gives a `Volume` whose axis 0 runs along a row (column index), axis 1 down the
+columns (row index) and axis 2 through the slices sorted along the slice normal. `SourceSeries`
+holds the slice headers in that same order, so `frame(mask, k)` is the (rows, columns) pixel
+matrix of source instance k. The headers carry patient and study attributes: they go into the
+DICOM outputs (which must belong to the source study) and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from scipy import ndimage
+
+from lnfm.io.dicom import dicom_files
+from lnfm.io.volume import LPS_TO_RAS, ImageReadError
+
+GRID_TOL_MM = 1e-2  # a prediction is on the source grid when its affine differs by less than this
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID", "SOPInstanceUID")
+
+
+@dataclasses.dataclass
+class Provenance:
+    """What made a clinical output: written into its algorithm / equipment attributes."""
+
+    version: str  # lnfm version
+    export_sha256: str  # sha256 of the export's checksums.sha256, which lists every file of the export
+    model: str = "LNFM"  # model name, e.g. the architecture
+
+    @property
+    def software_version(self) -> str:
+        return f"{self.version} export-sha256:{self.export_sha256[:16]}"
+
+
+@dataclasses.dataclass
+class SourceSeries:
+    datasets: list[pydicom.Dataset]  # slice headers (no pixel data), sorted as read_dicom_series stacks them
+    affine: np.ndarray  # RAS voxel -> world, as read_dicom_series computes it
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        ds = self.datasets[0]
+        return int(ds.Columns), int(ds.Rows), len(self.datasets)
+
+    def check_grid(self, shape: tuple[int, ...], affine: np.ndarray, where: str) -> None:
+        """A mask must lie exactly on this series' grid (the clinical outputs reference its slices)."""
+        if tuple(shape[:3]) != self.shape or not np.allclose(affine, self.affine, atol=GRID_TOL_MM):
+            raise ValueError(f"{where}: the mask grid {tuple(shape[:3])} is not the source series grid {self.shape}")
+
+
+def frame(volume: np.ndarray, k: int) -> np.ndarray:
+    """Slice k of an (X, Y, Z) array as the source instance's (rows, columns) pixel matrix."""
+    return np.asarray(volume[:, :, k]).T
+
+
+def read_source_series(path: str | Path) -> SourceSeries:
+    """Slice headers of a DICOM series folder, checked for the UIDs a derived object must reference.
+
+    SOP Class/Instance UIDs missing from a slice's dataset are taken from its file meta header,
+    which holds the same values by definition; a missing Study, Series or Frame of Reference UID
+    is an error (an output could not be linked to its source)."""
+    path = Path(path)
+    files = dicom_files(path) if path.is_dir() else [path]
+    if not files:
+        raise ImageReadError(f"{path}: folder holds no DICOM files")
+    datasets = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        meta = getattr(ds, "file_meta", None)
+        if not ds.get("SOPClassUID") and meta is not None and meta.get("MediaStorageSOPClassUID"):
+            ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        if not ds.get("SOPInstanceUID") and meta is not None and meta.get("MediaStorageSOPInstanceUID"):
+            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        datasets.append(ds)
+    for key in _REQUIRED_UIDS:
+        values = {str(ds.get(key, "") or "") for ds in datasets}
+        if "" in values:
+            raise ImageReadError(f"{path}: the series lacks {key} (anonymised?); DICOM outputs must reference "
+                                 f"their source, write --format nifti instead")
+        if key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID") and len(values) > 1:
+            raise ImageReadError(f"{path}: slices differ in {key} (more than one series?)")
+    iop = np.asarray(datasets[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    datasets.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))
+    row_dir, col_dir = iop[:3], iop[3:]
+    spacing = np.asarray(datasets[0].PixelSpacing, float)
+    first = np.asarray(datasets[0].ImagePositionPatient, float)
+    if len(datasets) > 1:
+        step = (np.asarray(datasets[-1].ImagePositionPatient, float) - first) / (len(datasets) - 1)
+    else:
+        step = normal * float(datasets[0].get("SpacingBetweenSlices") or datasets[0].get("SliceThickness") or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * spacing[1], col_dir * spacing[0], step, first
+    return SourceSeries(datasets, LPS_TO_RAS @ lps)
+
+
+@dataclasses.dataclass
+class Node:
+    box: tuple[slice, slice, slice]  # bounding box in the (X, Y, Z) grid
+    mask: np.ndarray  # bool, the node's voxels inside `box`
+    label: int  # its most frequent class
+
+
+def find_nodes(labels: np.ndarray, affine: np.ndarray) -> list[Node]:
+    """The nodes of a label map in the order of `lnfm.eval.report.node_table` (node n is row n):
+    26-connected components of `labels > 0`, largest first, ties by world centroid. Each node is
+    kept inside its bounding box, so a scan with many nodes never holds one full-size array per node."""
+    labels = np.asarray(labels)
+    comps, _ = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), bool))
+    keyed = []
+    for i, box in enumerate(ndimage.find_objects(comps), start=1):
+        mask = comps[box] == i
+        idx = np.argwhere(mask) + np.array([s.start for s in box])
+        centroid = (affine @ np.append(idx.mean(axis=0), 1.0))[:3]
+        counts = np.bincount(labels[box][mask].astype(np.int64))
+        label = int(np.argmax(counts[1:]) + 1) if counts.size > 1 else 1
+        keyed.append(((-int(mask.sum()), *(float(c) for c in centroid)), Node(box, mask, label)))
+    keyed.sort(key=lambda kn: kn[0])
+    return [node for _, node in keyed]
+
+
+def node_map(nodes: list[Node], shape: tuple[int, ...]) -> np.ndarray:
+    """(X, Y, Z) uint16 map: n on the voxels of nodes[n - 1], 0 elsewhere."""
+    out = np.zeros(shape[:3], np.uint16)
+    for n, node in enumerate(nodes, start=1):
+        out[node.box][node.mask] = n
+    return out

@@ -1,0 +1,122 @@
+"""DICOM CT series written with pydicom from a phantom volume, with any orientation; a copy of the
+real series in ../shared/data with the UIDs its anonymisation blanked restored; and independent
+readers of DICOM-SEG (highdicom) and RTSTRUCT (highdicom's patient->image transform, skimage's
+polygon fill, even-odd rule) that place every frame by its source file's own position."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from skimage.draw import polygon2mask
+
+from lnfm.io.volume import LPS_TO_RAS
+
+REAL_SERIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ct" / "totalsegmentator" / \
+    "example_ct_dicom"
+PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-4711-XYZ"
+
+
+def write_series(folder: Path, hu: np.ndarray, row_dir, col_dir, spacing_rc: tuple[float, float], step,
+                 origin, seed: int = 0) -> dict:
+    """Write `hu` (X, Y, Z) as one CT file per slice: voxel (i, j, k) sits at
+    origin + i * spacing_c * row_dir + j * spacing_r * col_dir + k * step (LPS mm). Files and
+    instance numbers are shuffled, so neither gives the slice order. Returns the series UIDs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
+    row_dir, col_dir, step, origin = (np.asarray(v, float) for v in (row_dir, col_dir, step, origin))
+    order = rng.permutation(hu.shape[2])
+    for n, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = PATIENT_NAME, PATIENT_ID, "19600101", "F"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids["study"], uids["series"], \
+            uids["frame"]
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20250101", "120000", "S1", "ACC-99"
+        ds.ReferringPhysicianName = ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, int(rng.integers(1, 10_000)) * 10 + n
+        ds.Manufacturer, ds.PositionReferenceIndicator = "PHANTOM", ""
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [round(float(v), 8) for v in (*row_dir, *col_dir)]
+        ds.ImagePositionPatient = [round(float(v), 6) for v in origin + k * step]
+        ds.PixelSpacing = [float(spacing_rc[0]), float(spacing_rc[1])]
+        ds.SliceThickness = float(np.linalg.norm(step))
+        ds.KVP, ds.AcquisitionNumber = 120, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.PixelData = np.ascontiguousarray(hu[:, :, k].T.astype(np.int16)).tobytes()
+        ds.save_as(folder / f"img_{rng.integers(1 << 30):010d}.dcm", enforce_file_format=True)
+    return uids
+
+
+def restored_real_series(folder: Path, patient_name: str = PATIENT_NAME) -> Path:
+    """The real 20-slice series with Study/Series/SOP Instance UIDs filled in (its anonymisation
+    blanked them; the pixel data and geometry are untouched) and a patient name to trace."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    for n, f in enumerate(sorted(REAL_SERIES.iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, \
+            ds.file_meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID = patient_name, PATIENT_ID
+        ds.save_as(folder / f"{n:03d}.dcm")
+    return folder
+
+
+def read_sources(folder: Path) -> dict[str, pydicom.Dataset]:
+    return {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f, stop_before_pixels=True)
+                                             for f in sorted(folder.iterdir()))}
+
+
+def slice_index(ds: pydicom.Dataset, affine: np.ndarray) -> int:
+    """Which slice of the (RAS) volume a source file is, from its own position."""
+    ijk = np.linalg.solve(affine, np.append(LPS_TO_RAS[:3, :3] @ np.asarray(ds.ImagePositionPatient, float), 1))
+    assert np.allclose(ijk[:2], 0, atol=1e-3)
+    return int(round(ijk[2]))
+
+
+def expected_frame(volume: np.ndarray, ds: pydicom.Dataset, affine: np.ndarray) -> np.ndarray:
+    return volume[:, :, slice_index(ds, affine)].T
+
+
+def seg_frames(path: Path, sources: dict) -> dict[str, np.ndarray]:
+    seg = hd.seg.segread(path)
+    uids = list(sources)
+    pixels = seg.get_pixels_by_source_instance(uids, combine_segments=True, ignore_spatial_locations=False)
+    return dict(zip(uids, pixels))
+
+
+def rasterise_rtstruct(path: Path, sources: dict, affine: np.ndarray, shape) -> dict[str, np.ndarray]:
+    """ROI name -> (X, Y, Z) mask: every contour mapped to its slice by highdicom's patient->image
+    transform, filled by point-in-polygon and combined by the even-odd rule."""
+    rt = pydicom.dcmread(path)
+    names = {r.ROINumber: r.ROIName for r in rt.StructureSetROISequence}
+    out = {}
+    for roi in rt.ROIContourSequence:
+        mask = np.zeros(shape, bool)
+        for c in roi.ContourSequence:
+            assert c.ContourGeometricType == "CLOSED_PLANAR"
+            src = sources[c.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            tf = hd.spatial.ReferenceToImageTransformer(src.ImagePositionPatient, src.ImageOrientationPatient,
+                                                        src.PixelSpacing)
+            img = tf(np.asarray(c.ContourData, float).reshape(-1, 3))
+            assert np.abs(img[:, 2]).max() < 1e-3  # on the slice plane
+            rows_cols = img[:, [1, 0]] - 0.5  # image coordinates put pixel centres at +0.5
+            k = slice_index(src, affine)
+            mask[:, :, k] ^= polygon2mask((int(src.Rows), int(src.Columns)), rows_cols).T
+        out[names[roi.ReferencedROINumber]] = mask
+    return out

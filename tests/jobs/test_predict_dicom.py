@@ -1,0 +1,155 @@
+"""`lnfm predict --format nifti,dicom-seg,rtstruct` end to end on the real DICOM series: the DICOM
+outputs carry the NIfTI mask of the same prediction onto the source slices; patient data reach
+them and nothing else; non-DICOM input is a one-line error."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, expected_frame, rasterise_rtstruct,
+                            read_sources, restored_real_series, seg_frames)
+from export_helpers import make_finetune_workdir, tiny  # noqa: F401  (session fixture)
+from scipy import ndimage
+
+from lnfm.eval.report import read_report
+from lnfm.io import read_image
+from lnfm.io.dicom_source import find_nodes, node_map
+from lnfm.jobs import predict as pr
+from lnfm.jobs.predict_dicom import export_digest, output_paths, parse_formats
+
+
+def test_output_paths_and_formats():
+    assert parse_formats(None) == ("nifti",)
+    assert parse_formats(["rtstruct,nifti", "dicom-seg"]) == ("nifti", "dicom-seg", "rtstruct")
+    paths = output_paths(Path("out/case.nii.gz"), ("nifti", "dicom-seg", "rtstruct"))
+    assert paths == {"nifti": Path("out/case.nii.gz"), "dicom-seg": Path("out/case.seg.dcm"),
+                     "rtstruct": Path("out/case.rtstruct.dcm")}
+    assert output_paths(Path("out/case"), ("dicom-seg",)) == {"dicom-seg": Path("out/case.seg.dcm")}
+    with pytest.raises(ValueError, match="unknown format 'dicom'"):
+        parse_formats(["dicom"])
+
+
+@pytest.fixture(scope="module")
+def marking(tiny, tmp_path_factory):  # noqa: F811
+    """The tiny model with a foreground bias that marks a few nodes on the real series."""
+    from lnfm.jobs.export import export_model
+
+    root = tmp_path_factory.mktemp("marking")
+    workdir, _, _ = make_finetune_workdir(root, tiny.store, bias=-0.3)
+    return export_model(workdir, root / "export", "orbax")
+
+
+def test_real_series_end_to_end(marking, tmp_path, capsys, caplog):
+    if not REAL_SERIES.is_dir():
+        pytest.skip("../shared/data is absent")
+    series = restored_real_series(tmp_path / "in" / "study")
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="lnfm")
+    argv = ["--model", str(marking), "--input", str(series), "--output", str(out / "case.nii.gz"),
+            "--format", "nifti,dicom-seg", "--format", "rtstruct", "--rtstruct-all-nodes",
+            "--report", str(out / "case.csv"), "--overlay", str(out / "case.png")]
+    assert pr.run(pr.build_parser().parse_args(argv)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["case.csv", "case.nii.gz", "case.png", "case.rtstruct.dcm",
+                                                     "case.seg.dcm"]
+    vol = read_image(series)
+    nii = nib.load(out / "case.nii.gz")
+    assert np.allclose(nii.affine, vol.affine, atol=1e-4)
+    labels = np.asarray(nii.dataobj).astype(np.uint8)
+    found = find_nodes(labels, vol.affine)
+    nodes = node_map(found, vol.shape3)
+    assert 0 < len(found) < 200, "the tiny model should mark a few nodes on this scan"
+    sources = read_sources(series)
+
+    # DICOM-SEG: exactly the NIfTI mask, frame by frame, placed by each source file's position
+    frames = seg_frames(out / "case.seg.dcm", sources)
+    for uid, ds in sources.items():
+        assert np.array_equal(frames[uid], expected_frame(labels, ds, vol.affine))
+    seg = pydicom.dcmread(out / "case.seg.dcm")
+    algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmName == "LNFM" and export_digest(marking) in str(algo.AlgorithmParameters)
+
+    # RTSTRUCT: one ROI per report row, same numbering, each the node of the NIfTI mask
+    rows = read_report(out / "case.csv")
+    masks = rasterise_rtstruct(out / "case.rtstruct.dcm", sources, vol.affine, vol.shape3)
+    assert list(masks) == [f"LN_pelvis_{n:02d}" for n in range(1, len(rows) + 1)] + ["LN_pelvis_all"]
+    for row in rows:
+        got, want = masks[f"LN_pelvis_{int(row['node']):02d}"], nodes == int(row["node"])
+        assert 2 * (got & want).sum() / (got.sum() + want.sum()) >= 0.95
+        centroid = vol.affine @ np.append(ndimage.center_of_mass(got), 1)
+        voxel = np.abs(vol.affine[:3, :3]).max(axis=1)
+        assert np.all(np.abs(centroid[:3] - [row[f"centroid_ras_{a}_mm"] for a in "xyz"]) <= voxel)
+        assert got.sum() == int(row["voxels"])
+    assert np.array_equal(masks["LN_pelvis_all"], labels > 0)
+
+    # privacy: the DICOM outputs belong to the patient; the CSV, the PNG and the log do not name them
+    for name in ("case.seg.dcm", "case.rtstruct.dcm"):
+        ds = pydicom.dcmread(out / name)
+        assert (str(ds.PatientName), ds.PatientID) == (PATIENT_NAME, PATIENT_ID)
+        assert ds.StudyInstanceUID == next(iter(sources.values())).StudyInstanceUID
+    text = caplog.text + capsys.readouterr().err
+    for secret in (PATIENT_NAME, PATIENT_ID, "Doe"):
+        assert secret not in text
+        for name in ("case.csv", "case.png"):
+            assert secret.encode() not in (out / name).read_bytes()
+
+
+def test_dicom_format_needs_a_dicom_source(tiny, tmp_path, capsys):  # noqa: F811
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(0, 50, (20, 20, 10)).astype(np.int16), np.eye(4)),
+             scan)
+    out = tmp_path / "out"
+    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(scan), "--output",
+                                              str(out / "case.nii.gz"), "--format", "nifti,rtstruct"]))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {scan}: --format rtstruct needs a DICOM series")
+    assert not out.exists()
+
+
+def test_anonymised_series_without_uids_is_one_line(tiny, tmp_path, capsys):  # noqa: F811
+    if not REAL_SERIES.is_dir():
+        pytest.skip("../shared/data is absent")
+    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(REAL_SERIES), "--output",
+                                              str(tmp_path / "case"), "--format", "dicom-seg"]))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "lacks StudyInstanceUID" in err
+
+
+def test_outputs_never_go_into_the_input_series(tiny, tmp_path, capsys):  # noqa: F811
+    if not REAL_SERIES.is_dir():
+        pytest.skip("../shared/data is absent")
+    series = restored_real_series(tmp_path / "study")
+    before = sorted(p.name for p in series.iterdir())
+    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(series), "--output",
+                                              str(series / "case"), "--format", "dicom-seg"]))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "inside the input series folder" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in series.iterdir()) == before
+
+
+
+def test_batch_writes_dicom_outputs_for_dicom_cases_and_lists_the_others(tiny, tmp_path, capsys):  # noqa: F811
+    from dicom_phantoms import write_series
+
+    folder = tmp_path / "batch"
+    hu = np.random.default_rng(1).normal(20, 40, (48, 40, 12)).astype(np.int16)
+    hu[:8] = -1000  # air beside the body
+    write_series(folder / "series_a", hu, [1, 0, 0], [0, 1, 0], (3.0, 3.0), [0, 0, 3.0], [0, 0, 0])
+    nib.save(nib.Nifti1Image(hu, np.diag([3.0, 3.0, 3.0, 1.0])), folder / "plain.nii.gz")
+    out = tmp_path / "out"
+    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(folder), "--output",
+                                              str(out), "--format", "nifti,dicom-seg"]))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "FAILED plain: " in err and "needs a DICOM series" in err
+    assert sorted(p.name for p in out.iterdir()) == ["series_a.nii.gz", "series_a.seg.dcm"]
+    frames = seg_frames(out / "series_a.seg.dcm", read_sources(folder / "series_a"))
+    vol = read_image(folder / "series_a")
+    labels = np.asarray(nib.load(out / "series_a.nii.gz").dataobj)
+    for uid, ds in read_sources(folder / "series_a").items():
+        assert np.array_equal(frames[uid], expected_frame(labels, ds, vol.affine))
