@@ -429,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="report folder (default docs/results)")
     ap.add_argument("--seeds", type=int, default=None, help="override the preset's number of seeds")
     ap.add_argument("--report-only", action="store_true", help="write the report of the finished arms and stop")
+    ap.add_argument("--peers", default=None,
+                    help="comma-separated subset of the peers to run (e.g. to run them in parallel processes "
+                         "that share the workdir; the LNFM arms are shared)")
     args = ap.parse_args(argv)
     name = "smoke" if args.smoke else args.preset
     if args.smoke and not args.out:
@@ -436,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[name]
     if args.seeds is not None:
         preset = dataclasses.replace(preset, seeds=args.seeds)
+    if args.peers is not None:
+        preset = dataclasses.replace(preset, peers=tuple(p for p in args.peers.split(",") if p))
     workdir = Path(args.workdir or REPO / "runs" / f"accuracy_{name}")
     out = Path(args.out or REPO / "docs" / "results")
     command = "python bench/accuracy.py " + shlex.join(
