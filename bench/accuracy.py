@@ -351,7 +351,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def report(results: dict, out: Path, preset_name: str, preset: Preset, command: str, header: dict,
            complete: bool) -> None:
     rows, case_rows = [], []
-    for (arm, budget, n, seed), res in results.items():
+    order = [*LNFM_ARMS, "unet", "dynunet", "swinunetr"]
+    for (arm, budget, n, seed), res in sorted(results.items(), key=lambda kv: (
+            order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0][1], kv[0][2], kv[0][3])):
         rows.append(seed_row(arm, budget, n, seed, res))
         case_rows += [{"arm": arm, "budget": budget, "num_labeled": n, "seed": seed, **c} for c in res["cases"]]
     out.mkdir(parents=True, exist_ok=True)
