@@ -1,4 +1,4 @@
-# Two commands: `make demo` (the main job on built-in data) and `make test`.
+# Two commands: `make demo` (the main job on built-in data) and `make test` (lint, then the suite).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -26,15 +26,18 @@ install: $(VENV)/.installed
 dev-install: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m lnfm.jobs.demo --out $(DEMO_DIR)
+	$(BIN)/python -m lnfm demo --out $(DEMO_DIR)
 
-# The second run is a user's fresh clone: the tests that depend on ../shared/data again, with it hidden.
-test: $(VENV)/.installed-dev
+# Lint first: a layering or style break fails fast, before the suite runs. The second pytest run is
+# a user's fresh clone: the tests that depend on ../shared/data again, with it hidden.
+test: lint
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 	LNFM_SHARED_DATA= $(BIN)/python -m pytest -n 2 -m shared $(PYTEST_ARGS)
 
+# ruff, and the import-layer contracts of pyproject.toml ([tool.importlinter]).
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check lnfm tests data_prep pretrain finetune launch bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

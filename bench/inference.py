@@ -9,7 +9,15 @@ isolates the sliding-window machinery (window gathering, blending) from the spee
 of each framework's convolutions; the time of one window batch through each
 network is printed too.
 
+With `--predict pelvis,mediastinum` it times `lnfm predict` end to end instead
+(fresh process per run: start-up, model load, reading, resampling, sliding window,
+post-processing, writing) on a CT of `--ct-shape` voxels at `--ct-spacing` mm (the
+real TotalSegmentator example CT of ../shared/data resampled up), for each site
+preset's model size (random weights: the time does not depend on them), exported
+once as onnx (which holds the weights for the JAX backend too), per `--backends`.
+
 Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32] [--batch 4]
+       .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300]
 """
 
 from __future__ import annotations
@@ -52,6 +60,161 @@ def build_models(in_ch: int, width: int, out_ch: int, seed: int = 0):
     return predict, torch_net
 
 
+def write_ct(path, shape, spacing) -> None:
+    """The real example CT (3 mm) resampled (linear) to `shape` voxels of `spacing` mm, int16 HU."""
+    from pathlib import Path
+
+    import nibabel as nib
+    from scipy import ndimage
+
+    src = nib.load(Path(__file__).resolve().parents[1].parent / "shared/data/ct/totalsegmentator/example_ct.nii.gz")
+    data = np.asarray(src.dataobj, np.float32)
+    up = ndimage.zoom(data, [n / s for n, s in zip(shape, data.shape)], order=1, mode="nearest")
+    nib.save(nib.Nifti1Image(np.round(up).astype(np.int16), np.diag([*spacing, 1.0])), path)
+
+
+def write_export(site: str, out) -> None:
+    """An onnx export (model.onnx + model.safetensors) of the site preset's model, random weights."""
+    from flax import nnx
+
+    from lnfm.jobs import export as ex
+    from lnfm.models import export_formats as fmt
+    from lnfm.config import to_dict
+    from lnfm.jobs.finetune import load_finetune_config
+    from lnfm.models.segmenter import build_segmenter
+
+    cfg = load_finetune_config(site, [])
+    model = build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0), **cfg.head.options)
+    inference = to_dict(cfg.inference)
+    inference["roi"] = list(cfg.site.patch)
+    meta = {"kind": "segmenter", "model": to_dict(cfg.model), "head": to_dict(cfg.head),
+            "num_classes": len(cfg.site.labels), "labels": list(cfg.site.labels),
+            "site": {"name": site, "stations": list(cfg.site.stations)},
+            "preprocessing": {"spacing_mm": list(cfg.site.spacing), "orientation": "RAS",
+                              "hu_window": list(cfg.site.window), "pet_scale": 10.0,
+                              "patch_size": list(cfg.site.patch), "channels": ["CT"], "crop_body": True,
+                              "body_threshold_hu": -500.0, "ct_storage": "int16"},
+            "inference": inference, "postprocess": {"min_volume_mm3": 10.0, "body_threshold_hu": -500.0},
+            "training_data": {}}
+    out.mkdir(parents=True)
+    ex._write(ex._Source("segmenter", fmt.flat_params(model), meta), out, "onnx")  # the job's own writer
+
+
+def bench_predict(args) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    shape = tuple(int(s) for s in args.ct_shape.split(","))
+    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
+    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_predict_"))
+    ct = root / "ct.nii.gz"
+    write_ct(ct, shape, spacing)
+    print(f"CT {shape} at {spacing} mm; lnfm predict wall time per run (fresh process, reading and writing included)")
+    repo = Path(__file__).resolve().parents[1]
+    for site in args.predict.split(","):
+        export = root / f"export_{site}"
+        t = time.perf_counter()
+        write_export(site, export)
+        print(f"{site}: onnx export written in {time.perf_counter() - t:.0f} s")
+        for backend in args.backends.split(","):
+            out = root / f"{site}_{backend}.nii.gz"
+            cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(export), "--input", str(ct),
+                   "--output", str(out), "--backend", backend]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo,
+                                  env=dict(os.environ, PYTHONPATH=str(repo)))
+            wall = time.perf_counter() - t
+            status = "ok" if proc.returncode == 0 else f"FAILED: {proc.stderr.strip().splitlines()[-1:]}"
+            print(f"  {site} {backend}: {wall:.1f} s ({status})", flush=True)
+
+
+def bench_networks(args) -> None:
+    """One batch of windows through each site preset's network, per backend (same export, same batch)."""
+    import tempfile
+    from pathlib import Path
+
+    from lnfm.jobs.predict import load_predictor
+
+    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_networks_"))
+    for site in args.networks.split(","):
+        export = root / site
+        write_export(site, export)
+        outputs = {}
+        for backend in args.backends.split(","):
+            t = time.perf_counter()
+            fn, meta = load_predictor(export, backend)
+            x = np.random.default_rng(0).normal(size=(args.batch, *meta["preprocessing"]["patch_size"], 1))
+            x = x.astype(np.float32)
+            outputs[backend] = fn(x)
+            first = time.perf_counter() - t
+            best = np.inf
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                fn(x)
+                best = min(best, time.perf_counter() - t)
+            print(f"{site} {backend}: load + first batch {first:.1f} s, batch of {args.batch} windows {best:.2f} s",
+                  flush=True)
+        if len(outputs) == 2:
+            a, b = outputs.values()
+            print(f"{site}: max |probability difference| between backends {float(np.abs(a - b).max()):.1e}")
+
+
+def bench_stages(args) -> None:
+    """Stage times of the predict pipeline on one CT with a per-voxel linear network (so the network
+    costs nothing), and linear resampling to the model grid by scipy (what predict uses) vs SimpleITK."""
+    import tempfile
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    from lnfm.data.geometry import restore_to_source
+    from lnfm.data.prepare import preprocess_volume
+    from lnfm.jobs import predict as pr
+
+    shape = tuple(int(s) for s in args.ct_shape.split(","))
+    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
+    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_stages_"))
+    ct = root / "ct.nii.gz"
+    write_ct(ct, shape, spacing)
+    target = (1.5, 1.5, 1.5)
+    meta = {"preprocessing": {"spacing_mm": list(target), "orientation": "RAS", "hu_window": [-160.0, 240.0],
+                              "pet_scale": 10.0, "patch_size": [96, 96, 96], "channels": ["CT"], "crop_body": True,
+                              "body_threshold_hu": -500.0},
+            "inference": {"overlap": 0.5, "sw_batch_size": 2, "mode": "gaussian", "sigma_scale": 0.125},
+            "postprocess": {"min_volume_mm3": 10.0, "body_threshold_hu": -500.0}, "num_classes": 2}
+    times = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        times[name] = time.perf_counter() - t
+        return out
+
+    vol = timed("read + check (nibabel)", lambda: pr.read_scan([str(ct)], meta))
+    _, _, geometry = timed("RAS + resample to 1.5 mm + body crop (scipy, order 1)",
+                           lambda: preprocess_volume(vol, target))
+    img = sitk.GetImageFromArray(np.ascontiguousarray(vol.data[..., 0].transpose(2, 1, 0)))
+    img.SetSpacing(spacing)
+    size = [int(round(n * s / t)) for n, s, t in zip(img.GetSize(), spacing, target)]
+    timed("resample to 1.5 mm (SimpleITK linear, same grid size)",
+          lambda: sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), target,
+                                img.GetDirection(), 0.0, sitk.sitkFloat32))
+    w = np.array([[1.5, -0.5]], np.float32)
+    pred = timed("predict_volume, whole (linear network)", lambda: pr.predict_volume(lambda x: x @ w, meta, vol))
+    model_labels = np.zeros(np.asarray(pred._model_probability).shape[:3], np.uint8)
+    timed("labels back to the source grid (order 0; inside predict_volume)",
+          lambda: restore_to_source(model_labels, geometry, order=0))
+    timed("probability map back to the source grid (order 1; only with --probabilities/--report)",
+          lambda: pred.probability)
+    timed("write mask .nii.gz", lambda: pr.write_outputs(pred, meta, root / "mask.nii.gz"))
+    print(f"CT {shape} at {spacing} mm, one run:")
+    for name, t in times.items():
+        print(f"  {name}: {t:.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="160,160,96")
@@ -60,7 +223,22 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.5)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--predict", default=None, help="comma-separated site presets: time `lnfm predict` instead")
+    ap.add_argument("--backends", default="onnxruntime,jax", help="with --predict: backends to time")
+    ap.add_argument("--ct-shape", default="512,512,300", help="with --predict: CT size in voxels")
+    ap.add_argument("--ct-spacing", default="0.8,0.8,1.5", help="with --predict: CT spacing in mm")
+    ap.add_argument("--networks", default=None, help="comma-separated site presets: one window batch per backend")
+    ap.add_argument("--stages", action="store_true", help="stage times of the predict pipeline on --ct-shape")
     args = ap.parse_args()
+    if args.networks:
+        bench_networks(args)
+        return
+    if args.stages:
+        bench_stages(args)
+        return
+    if args.predict:
+        bench_predict(args)
+        return
     shape = tuple(int(s) for s in args.shape.split(","))
     roi = tuple(int(s) for s in args.roi.split(","))
 

@@ -25,7 +25,8 @@ from lnfm.data.prepare import PrepareConfig, prepare_dataset
 def synthetic_ct(shape, seed) -> np.ndarray:
     """Body-like int16 HU volume: smooth soft-tissue texture in an elliptic body, air outside."""
     rng = np.random.default_rng(seed)
-    tissue = ndimage.zoom(rng.normal(0, 1, [max(2, s // 16) for s in shape]), 16, order=1)[: shape[0], : shape[1], : shape[2]]
+    coarse = rng.normal(0, 1, [max(2, s // 16) for s in shape])
+    tissue = ndimage.zoom(coarse, 16, order=1)[: shape[0], : shape[1], : shape[2]]
     x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
     body = (x / 0.85) ** 2 + (y / 0.7) ** 2 <= 1
     hu = np.where(body[..., None], 40 + 60 * tissue + rng.normal(0, 15, shape), -1000)

@@ -45,8 +45,11 @@ def time_lnfm(cfg, batch: int, steps: int, warmup: int) -> tuple[float, float | 
     return (time.perf_counter() - t0) / steps, flops
 
 
-def time_monai(cfg, batch: int, steps: int, warmup: int) -> float:
-    """MONAI MaskedAutoEncoderViT with the same sizes; masked-patch MSE; AdamW; bf16 autocast on GPU."""
+def time_monai(cfg, batch: int, steps: int, warmup: int, compile: bool = False) -> float:
+    """MONAI MaskedAutoEncoderViT with the same sizes; masked-patch MSE; AdamW; bf16 autocast on GPU.
+
+    `compile=True` runs the network under `torch.compile` (compilation happens in the warm-up steps).
+    """
     import torch
     from monai.networks.nets import MaskedAutoEncoderViT
 
@@ -61,6 +64,7 @@ def time_monai(cfg, batch: int, steps: int, warmup: int) -> float:
                                # MONAI's 3D sin-cos tables need widths divisible by 6 (cost is the same)
                                pos_embed_type="sincos" if dims.width % 6 == 0 else "learnable",
                                decoder_pos_embed_type="sincos" if dw % 6 == 0 else "learnable").to(dev)
+    model = torch.compile(net) if compile else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(cfg.optim.b1, cfg.optim.b2),
                             weight_decay=cfg.optim.weight_decay)
     x = torch.rand(batch, cfg.model.in_channels, *cfg.model.img_size, device=dev)
@@ -72,7 +76,7 @@ def time_monai(cfg, batch: int, steps: int, warmup: int) -> float:
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=amp):
-            pred, mask = net(x)
+            pred, mask = model(x)
         loss = (((pred.float() - target) ** 2).mean(-1) * mask).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.clip_norm)

@@ -6,7 +6,7 @@ python data_prep/prepare.py --input FOLDER_OR_CSV --output STORE [--spacing X,Y,
 
 import sys
 
-from lnfm.data.prepare import main
+from lnfm.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("prepare", sys.argv[1:]))

@@ -6,7 +6,7 @@ python data_prep/synth.py --site SITE|all --num-cases N --seed S --out DIR [--pe
 
 import sys
 
-from lnfm.data.synth import main
+from lnfm.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("synth", sys.argv[1:]))

@@ -6,7 +6,7 @@ python finetune/finetune.py --site pelvis --data STORE --init PRETRAIN_DIR_OR_EX
 
 import sys
 
-from lnfm.jobs.finetune import main
+from lnfm.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("finetune", sys.argv[1:]))

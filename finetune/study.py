@@ -6,7 +6,7 @@ python finetune/study.py --config full --workdir runs/study_full --out docs/resu
 
 import sys
 
-from lnfm.jobs.study import main
+from lnfm.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("study", sys.argv[1:]))

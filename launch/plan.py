@@ -6,7 +6,7 @@ python launch/plan.py --table docs/scaling_table.md    # the ViT-B/L/H table of 
 
 import sys
 
-from lnfm.jobs.plan import main
+from lnfm.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("plan", sys.argv[1:]))

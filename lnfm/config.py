@@ -17,13 +17,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lnfm.errors import LnfmError
+
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A config key or value that does not fit the typed schema."""
+class ConfigError(LnfmError, ValueError):
+    """A config key, value or command-line option that does not fit the typed schema or cannot work."""
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -182,7 +184,8 @@ def preset_path(kind: str, name_or_path: str) -> Path:
     if packaged.is_file():
         return packaged
     names = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
-    raise ConfigError(f"unknown {kind} config '{name_or_path}'{_closest(name_or_path, names)} (choices: {', '.join(names)})")
+    raise ConfigError(f"unknown {kind} config '{name_or_path}'{_closest(name_or_path, names)} "
+                      f"(choices: {', '.join(names)})")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -209,7 +212,13 @@ def load_config(cls: type[T], source: str | Path | None = None, overrides: list[
     """Dataclass defaults <- `defaults` <- YAML preset/path <- overrides."""
     data: dict = dict(defaults or {})
     if source:
-        data = _merge(data, load_yaml_with_base(preset_path(kind, str(source)), kind))
+        path = preset_path(kind, str(source))
+        data = _merge(data, load_yaml_with_base(path, kind))
+        if Path(str(source)).suffix in (".yaml", ".yml"):
+            try:  # a bad key or value in the user's own file: name the file
+                from_dict(cls, data)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
     data = apply_overrides(data, list(overrides))
     return from_dict(cls, data)
 

@@ -14,3 +14,11 @@ class LnfmError(Exception):
 
 class NonFiniteLoss(Exception):
     """The training loss became NaN or Inf; the job stops and keeps its last good checkpoint."""
+
+
+class DataError(LnfmError, ValueError):
+    """A dataset (store, manifest, mask folder) that is missing, empty, unreadable or unfit for the job."""
+
+
+class WeightsMismatch(LnfmError, ValueError):
+    """Saved weights (an export, a MONAI state dict) that do not fit the architecture they are loaded into."""

@@ -1,21 +1,29 @@
-"""The job workdir: resolved config, metrics.jsonl, TensorBoard events, log file, progress.
+"""The job workdir: lock, resolved config, metrics.jsonl, TensorBoard events, log file, progress.
 
-Every job calls `open_workdir(path, cfg)` first. It writes `config.yaml`, sends
-`logging` to `DIR/log.txt` and the console, and returns a `MetricsWriter`.
+Every job holds `lock_folder(DIR)` while it runs (an exclusive lock that the kernel
+releases when the job ends, even by kill -9), checks a resumed run with `check_resume`
+before it writes anything, then calls `open_workdir(path, cfg)`: it writes `config.yaml`,
+sends `logging` to `DIR/log.txt` and the console, and returns a `MetricsWriter`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
-from lnfm.config import dump_yaml
+from lnfm.config import dump_yaml, read_yaml, to_dict
+from lnfm.errors import LnfmError
 
 log = logging.getLogger("lnfm")
 
@@ -25,8 +33,106 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:  # a full disk: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+LOCK_FILE = ".lnfm.lock"
+
+
+class WorkdirError(LnfmError, ValueError):
+    """A workdir (or store) that another job holds, or that holds an incompatible run."""
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if missing) for the duration of the block.
+
+    flock(2) on FOLDER/.lnfm.lock: the kernel drops it when the holder exits, however it dies,
+    so a crashed job never blocks the next one. A second job gets a one-line `WorkdirError`
+    naming the holder (pid, host, start time). The lock file is removed on release, and so is
+    a folder this call created if the block left it empty: a refused job leaves nothing behind."""
+    if not enabled:
+        yield
+        return
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise WorkdirError(f"{folder}: exists and is not a folder")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    fd = _acquire(path, folder)
+    try:
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a waiter then finds the file gone and retries
+        os.close(fd)  # closing the descriptor releases the lock
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _acquire(path: Path, folder: Path) -> int:
+    """An fd holding the flock of `path`, retried while a releasing holder unlinks the file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise WorkdirError(f"{folder}: in use by another lnfm job ({holder}); wait for it to finish or choose "
+                               f"another folder") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a file its holder had just removed: take the new one
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{prefix}.{k}")
+        return out
+    return [] if old == new else [f"{prefix}={json.dumps(old)} (new: {json.dumps(new)})"]
+
+
+def check_resume(workdir: str | Path, cfg: Any, keys: tuple[str, ...], has_run: bool) -> None:
+    """Refuse, before anything is written, to resume a run whose `keys` config sections (e.g.
+    the model and head) differ from the recorded config.yaml; `has_run` says whether DIR holds
+    checkpoints to resume from. The recorded config stays as it was."""
+    path = Path(workdir) / "config.yaml"
+    if not has_run or not path.is_file():
+        return
+    old = read_yaml(path)
+    new = json.loads(json.dumps(to_dict(cfg), default=list))  # tuples -> lists, as YAML holds them
+    diffs = [d for key in keys for d in _differences(old.get(key), new.get(key), key)]
+    if diffs:
+        more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
+        raise WorkdirError(f"{path}: the run to resume has {diffs[0]}{more}; resume with the same settings or "
+                           f"choose a new --workdir")
+
+
+class _Console(logging.StreamHandler):
+    """Console handler bound to whatever `sys.stderr` is when a record is emitted, not when the
+    handler was made: a caller that swaps stderr (a notebook, a test capturing output) then never
+    meets a handler writing to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def setup_logging(workdir: Path | None = None, level: int = logging.INFO) -> None:
@@ -35,8 +141,9 @@ def setup_logging(workdir: Path | None = None, level: int = logging.INFO) -> Non
     root.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_lnfm_console", False) for h in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
+        console = _Console()
         console.setFormatter(fmt)
+        console.addFilter(lambda record: getattr(record, "console", True))  # extra={"console": False}: file only
         console._lnfm_console = True  # type: ignore[attr-defined]
         root.addHandler(console)
     if workdir is not None:
@@ -167,14 +274,15 @@ class progress:
             if self.total and self.n > 0:
                 eta = f" eta {elapsed / self.n * (self.total - self.n):.0f}s"
             of = f"/{self.total}" if self.total else ""
-            print(f"{self.desc} {self.n}{of} ({elapsed:.0f}s{eta}) {self._postfix}".rstrip(), file=sys.stderr, flush=True)
+            print(f"{self.desc} {self.n}{of} ({elapsed:.0f}s{eta}) {self._postfix}".rstrip(), file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> "progress":
+    def __enter__(self) -> progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -6,7 +6,7 @@ python pretrain/pretrain.py --config NAME_OR_YAML --data STORE[,STORE...] --work
 
 import sys
 
-from lnfm.jobs.pretrain import main
+from lnfm.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("pretrain", sys.argv[1:]))

@@ -1,7 +1,15 @@
-"""Workdir outputs: resolved config, metrics.jsonl, TensorBoard events, plain progress lines."""
+"""Workdir outputs: resolved config, metrics.jsonl, TensorBoard events, plain progress lines;
+the exclusive lock and the resume check."""
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from lnfm import workdir as W
 from lnfm.config import load_config
@@ -40,3 +48,69 @@ def test_progress_plain_lines_when_not_tty(capsys):
 def test_atomic_write_leaves_no_temp(tmp_path):
     W.atomic_write_text(tmp_path / "a" / "x.json", "{}")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.json"]
+
+
+# ----------------------------------------------------------------------------- lock and resume checks
+
+_HOLD = ("import sys, time; from lnfm.workdir import lock_folder\n"
+         "with lock_folder(sys.argv[1]):\n"
+         "    print('locked', flush=True); time.sleep(60)\n")
+
+
+def _holder(folder):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_job_is_refused_naming_the_holder_and_kill9_releases(tmp_path):
+    proc = _holder(tmp_path / "wd")
+    try:
+        with pytest.raises(W.WorkdirError) as e:
+            with W.lock_folder(tmp_path / "wd"):
+                pass
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(str(tmp_path / "wd")) and f"pid {proc.pid} on " in msg
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with W.lock_folder(tmp_path / "wd"):  # the kernel released the dead holder's lock
+        (tmp_path / "wd" / "x").write_text("1")
+    assert (tmp_path / "wd" / "x").exists()
+
+
+def test_a_folder_the_lock_created_is_removed_when_left_empty(tmp_path):
+    with W.lock_folder(tmp_path / "new"):
+        assert (tmp_path / "new").is_dir()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    with W.lock_folder(tmp_path / "old"):
+        pass
+    assert (tmp_path / "old").is_dir()  # it existed before: kept
+    (tmp_path / "file").write_text("data")
+    with pytest.raises(W.WorkdirError, match="file: exists and is not a folder"):
+        with W.lock_folder(tmp_path / "file"):
+            pass
+    assert (tmp_path / "file").read_text() == "data"
+
+
+def test_check_resume_refuses_another_model_and_keeps_config(tmp_path):
+    @dataclasses.dataclass
+    class Model:
+        size: str = "tiny"
+        dims: tuple = (16, 16, 16)
+
+    @dataclasses.dataclass
+    class Run:
+        model: Model = dataclasses.field(default_factory=Model)
+        train: Cfg = dataclasses.field(default_factory=Cfg)
+
+    W.open_workdir(tmp_path, Run()).close()
+    before = (tmp_path / "config.yaml").read_bytes()
+    W.check_resume(tmp_path, Run(train=Cfg(steps=99)), ("model",), has_run=True)  # longer training: fine
+    with pytest.raises(W.WorkdirError) as e:
+        W.check_resume(tmp_path, Run(model=Model(size="base")), ("model",), has_run=True)
+    assert 'model.size="tiny" (new: "base")' in str(e.value) and "\n" not in str(e.value)
+    W.check_resume(tmp_path, Run(model=Model(size="base")), ("model",), has_run=False)  # nothing to resume
+    assert (tmp_path / "config.yaml").read_bytes() == before

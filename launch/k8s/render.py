@@ -40,7 +40,7 @@ elif [ "$NUM_SLICES" -gt 1 ]; then
   export MEGASCALE_COORDINATOR_ADDRESS="$head" MEGASCALE_NUM_SLICES="$NUM_SLICES" MEGASCALE_SLICE_ID="$JOB_INDEX"
 fi
 exec "$@"
-""" % COORDINATOR_PORT
+""" % COORDINATOR_PORT  # noqa: UP031  (a shell script full of ${...}: str.format would need every brace doubled)
 
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")  # DNS label short enough for pod host names
 

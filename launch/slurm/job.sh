@@ -58,23 +58,31 @@ lnfm_run_step() {
   fi
   trap lnfm_on_usr1 USR1
   trap lnfm_on_term TERM
-  srun "${srun_args[@]}" "$@" &
+  # bash can lose a background job's exit status when a trapped signal interrupts `wait` just as
+  # the job ends (wait then returns -1, seen as 255): the step's own shell records the status in
+  # a file instead. That shell outlives SIGTERM (a handler, not an ignore, so srun still gets the
+  # default action) to write it.
+  local status_file code=1 waited=0
+  status_file=$(mktemp "${TMPDIR:-/tmp}/lnfm-step-${SLURM_JOB_ID:-0}.XXXXXX")
+  (
+    trap ':' TERM USR1
+    step=0
+    srun "${srun_args[@]}" "$@" || step=$?
+    echo "$step" > "$status_file"
+  ) &
   lnfm_step_pid=$!
-  local code=0 again=0
-  while true; do
-    code=0
-    wait "$lnfm_step_pid" || code=$?
-    # wait also returns (status > 128) when a trapped signal arrives: keep waiting while the step runs.
-    if (( code > 128 )) && kill -0 "$lnfm_step_pid" 2> /dev/null; then continue; fi
-    if (( code > 128 )); then
-      # The step exited between the signal and the check: collect its own status (127 means the
-      # first wait already had it, so that status stands).
-      again=0
-      wait "$lnfm_step_pid" || again=$?
-      (( again == 127 )) || code=$again
-    fi
-    break
+  # wait also returns (status > 128) when a trapped signal arrives: keep waiting while the step runs.
+  while kill -0 "$lnfm_step_pid" 2> /dev/null; do
+    waited=0
+    wait "$lnfm_step_pid" 2> /dev/null || waited=$?
+    (( waited != 127 )) || break  # already collected
   done
+  code=$(cat "$status_file" 2> /dev/null || true)
+  rm -f "$status_file"
+  if [[ ! "$code" =~ ^[0-9]+$ ]]; then
+    echo "lnfm: the step ended without recording its exit status" >&2
+    code=1
+  fi
   if (( lnfm_requeue )); then
     echo "lnfm: step exited with status ${code}; requeueing job ${SLURM_JOB_ID}"
     scontrol requeue "${SLURM_JOB_ID}"

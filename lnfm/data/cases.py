@@ -3,6 +3,8 @@
 Case ids the user gives (nnU-Net file names, the CSV `case_id` column) are kept; ids that
 would otherwise come from DICOM or file names are salted hashes, so no patient identifier
 leaks into the store. The salt comes from `PrepareConfig.salt` or the LNFM_ID_SALT variable.
+No folder name becomes a site either: the site is the one given, the dataset's own, or
+UNSPECIFIED_SITE (a DICOM folder is often named after the patient).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lnfm.io import is_dicom_path, series_uid
-from lnfm.io.dicom import dicom_files
+from lnfm.config import ConfigError
+from lnfm.io import ImageReadError, is_dicom_path, series_uid
+from lnfm.io.dicom import describe_series, dicom_files, series_of
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SALT_ENV = "LNFM_ID_SALT"
+UNSPECIFIED_SITE = "unspecified"
 
 
 @dataclass
@@ -33,6 +37,7 @@ class CaseSpec:
     site: str = ""
     split: str | None = None  # set by the CSV `split` column; else derived from the id
     channels: list[str] = field(default_factory=lambda: ["CT"])
+    series: str | None = None  # SeriesInstanceUID to read from a DICOM folder holding several series
 
 
 @dataclass
@@ -54,7 +59,7 @@ def assign_split(case_id: str, seed: int, fractions: tuple[float, float, float])
     """Deterministic train/val/test from a hash of (seed, case_id)."""
     total = sum(fractions)
     if total <= 0 or min(fractions) < 0:
-        raise ValueError(f"split fractions {fractions} must be non-negative and not all zero")
+        raise ConfigError(f"split fractions {fractions} must be non-negative and not all zero")
     u = int.from_bytes(hashlib.sha256(f"{seed}:{case_id}".encode()).digest()[:8], "big") / 2**64
     edges = [sum(fractions[: i + 1]) / total for i in range(3)]
     return "train" if u < edges[0] else "val" if u < edges[1] else "test"
@@ -75,9 +80,10 @@ def discover_nnunet(root: Path, site: str) -> tuple[list[CaseSpec], list[InputEr
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             return [], [InputError(str(meta_path), f"not valid JSON ({e.msg})")]
-    site = site or str(meta.get("site", "")) or root.name
+    site = site or str(meta.get("site", "")) or UNSPECIFIED_SITE
     # A multi-site folder (e.g. phantoms made with --site all) records the site per case.
-    case_sites = {str(c.get("case")): str(c["site"]) for c in meta.get("cases", []) if isinstance(c, dict) and c.get("site")}
+    case_sites = {str(c.get("case")): str(c["site"]) for c in meta.get("cases", [])
+                  if isinstance(c, dict) and c.get("site")}
     names = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
     n_channels = len(names)
     channels = [str(names[str(i)]) for i in range(n_channels)] if all(str(i) in names for i in range(n_channels)) \
@@ -106,14 +112,34 @@ def discover_nnunet(root: Path, site: str) -> tuple[list[CaseSpec], list[InputEr
     return cases, errors
 
 
-def discover_csv(path: Path, site: str, salt: str) -> tuple[list[CaseSpec], list[InputError]]:
+def _choose_series(folder: Path, series: list[str]) -> str | None:
+    """The SeriesInstanceUID to read from a DICOM folder: None when it holds one series, the one
+    listed in `series` when it holds several; ImageReadError (listing them) otherwise."""
+    groups = {uid: files for uid, files in series_of(dicom_files(folder))[0].items() if uid}
+    if len(groups) <= 1:
+        return None
+    chosen = [uid for uid in groups if uid in series]
+    if len(chosen) != 1:
+        raise ImageReadError(f"{folder}: folder holds {len(groups)} DICOM series: {describe_series(groups)}; "
+                             f"choose one with --series UID")
+    return chosen[0]
+
+
+def discover_csv(path: Path, site: str, salt: str, series: list[str] = ()) -> tuple[list[CaseSpec], list[InputError]]:
     base = path.parent
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or [])
-        if "image" not in fields:
-            return [], [InputError(str(path), "CSV has no 'image' column (expected case_id,image,label,site[,pet][,split])")]
-        rows = list(reader)
+    # utf-8-sig: spreadsheets write a byte-order mark that would otherwise rename the first column.
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = set(reader.fieldnames or [])
+            if "image" not in fields:
+                return [], [InputError(str(path), "CSV has no 'image' column (expected "
+                                                  "case_id,image,label,site[,pet][,split])")]
+            rows = list(reader)
+    except UnicodeDecodeError:
+        return [], [InputError(str(path), "CSV is not UTF-8 text")]
+    except csv.Error as e:
+        return [], [InputError(str(path), f"malformed CSV ({e})")]
     cases, errors = [], []
     for row in rows:
         def resolve(key: str) -> str | None:
@@ -126,20 +152,29 @@ def discover_csv(path: Path, site: str, salt: str) -> tuple[list[CaseSpec], list
             continue
         images = [image] + ([p] if (p := resolve("pet")) else [])
         cid = (row.get("case_id") or "").strip()
+        chosen = None
+        if Path(image).is_dir():
+            try:
+                chosen = _choose_series(Path(image), list(series))
+            except ImageReadError as e:
+                errors.append(InputError(image, str(e).split(": ", 1)[-1]))
+                continue
         if not cid:
-            key = series_uid(image) if is_dicom_path(image) and Path(image).exists() else str(Path(image).absolute())
+            key = series_uid(image, chosen) if is_dicom_path(image) and Path(image).exists() \
+                else str(Path(image).absolute())
             cid = hashed_id(key, salt)
         split = (row.get("split") or "").strip() or None
         if split not in (None, "train", "val", "test"):
             errors.append(InputError(image, f"split '{split}' is not train, val or test"))
             continue
-        cases.append(CaseSpec(cid, images, resolve("label"), (row.get("site") or "").strip() or site, split,
-                              ["CT"] + (["PET"] if len(images) > 1 else [])))
+        cases.append(CaseSpec(cid, images, resolve("label"), (row.get("site") or "").strip() or site
+                              or UNSPECIFIED_SITE, split, ["CT"] + (["PET"] if len(images) > 1 else []), chosen))
     return cases, errors
 
 
-def discover_dicom(root: Path, salt: str, site: str) -> tuple[list[CaseSpec], list[InputError]]:
-    """Every folder holding DICOM files is one series = one case, with a hashed id."""
+def discover_dicom(root: Path, salt: str, site: str, series: list[str] = ()) -> tuple[list[CaseSpec], list[InputError]]:
+    """Every folder holding DICOM files is one series = one case, with a hashed id. A folder
+    holding several series is an error listing them, unless `series` names the one to take."""
     cases, errors = [], []
     folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
     for folder in folders:
@@ -147,25 +182,31 @@ def discover_dicom(root: Path, salt: str, site: str) -> tuple[list[CaseSpec], li
         if not files:
             continue
         try:
-            uid = series_uid(folder)
+            chosen = _choose_series(folder, list(series))
+            uid = series_uid(folder, chosen)
+        except ImageReadError as e:
+            errors.append(InputError(str(folder), str(e).split(": ", 1)[-1]))
+            continue
         except Exception:
             errors.append(InputError(str(folder), "unreadable DICOM header"))
             continue
-        cases.append(CaseSpec(hashed_id(uid or str(folder.absolute()), salt), [str(folder)], None, site or root.name))
+        cases.append(CaseSpec(hashed_id(uid or str(folder.absolute()), salt), [str(folder)], None,
+                              site or UNSPECIFIED_SITE, series=chosen))
     return cases, errors
 
 
-def discover(input_path: str, site: str = "", salt: str = "") -> tuple[list[CaseSpec], list[InputError]]:
+def discover(input_path: str, site: str = "", salt: str = "", series: list[str] = ()
+             ) -> tuple[list[CaseSpec], list[InputError]]:
     """Cases and input-level errors for a CSV, an nnU-Net/MSD folder or a folder of DICOM series."""
     path = Path(input_path)
     if not path.exists():
         return [], [InputError(str(path), "input not found")]
     if path.is_file() and path.suffix.lower() == ".csv":
-        return discover_csv(path, site, salt)
+        return discover_csv(path, site, salt, series)
     if path.is_dir() and ((path / "imagesTr").is_dir() or (path / "imagesTs").is_dir()):
         return discover_nnunet(path, site)
     if path.is_dir():
-        return discover_dicom(path, salt, site)
+        return discover_dicom(path, salt, site, series)
     return [], [InputError(str(path), "input must be a CSV file, an nnU-Net/MSD folder or a folder of DICOM series")]
 
 
@@ -175,9 +216,11 @@ def drop_duplicates(cases: list[CaseSpec]) -> tuple[list[CaseSpec], list[InputEr
     errors = []
     for c in cases:
         if not SAFE_ID.match(c.case_id):
-            errors.append(InputError(c.images[0], f"case id '{c.case_id}' may only hold letters, digits, '.', '_', '-'"))
+            errors.append(InputError(c.images[0],
+                                     f"case id '{c.case_id}' may only hold letters, digits, '.', '_', '-'"))
         elif c.case_id in seen:
-            errors.append(InputError(c.images[0], f"duplicate case id '{c.case_id}' (first: {seen[c.case_id].images[0]})"))
+            errors.append(InputError(c.images[0],
+                                     f"duplicate case id '{c.case_id}' (first: {seen[c.case_id].images[0]})"))
         else:
             seen[c.case_id] = c
     return list(seen.values()), errors

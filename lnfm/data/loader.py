@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import grain
 import numpy as np
 
+from lnfm.config import ConfigError
 from lnfm.data import store as st
 from lnfm.data.augment import context_size, flip_rot90, intensity_jitter, rotate_scale
+from lnfm.errors import DataError
 
 
 @dataclass
@@ -200,15 +202,15 @@ def make_loader(stores: list[str], cfg: LoaderConfig, *, split: str | None = "tr
     cases = [_select(st.read_manifest(s), split, labels, case_ids) for s in stores]
     for s, c in zip(stores, cases):
         if not c:
-            raise ValueError(f"{s}: no {'labelled ' if labels else ''}cases for split={split!r}"
+            raise DataError(f"{s}: no {'labelled ' if labels else ''}cases for split={split!r}"
                              + (" and the given case_ids" if case_ids is not None else ""))
     n_channels = {len(r["channels"]) for c in cases for r in c}
     if len(n_channels) > 1:
-        raise ValueError(f"stores {stores} mix cases with {sorted(n_channels)} channels")
+        raise DataError(f"stores {stores} mix cases with {sorted(n_channels)} channels")
     if weights is None:
         weights = [float(len(c)) for c in cases]
     if len(weights) != len(stores) or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"weights {weights} must be one non-negative number per store, not all zero")
+        raise ConfigError(f"weights {weights} must be one non-negative number per store, not all zero")
     shard = grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(num_records=cfg.epoch_length, shard_options=grain.sharding.NoSharding(),
                                           shuffle=True, num_epochs=num_epochs, seed=cfg.seed)

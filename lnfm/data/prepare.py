@@ -9,27 +9,31 @@ exists is finished and skipped on reruns; an interrupted case is redone from scr
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import json
 import logging
-import multiprocessing
+import re
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
-from lnfm.config import load_config, preset_path, read_yaml
+from lnfm.config import ConfigError, load_config, preset_path, read_yaml
 from lnfm.data import store as st
-from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, resolve_salt
+from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
+from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing, check_target_spacing
+from lnfm.data.workers import map_in_workers
+from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
-from lnfm.workdir import progress, setup_logging
+from lnfm.safety import check_apart
+from lnfm.workdir import LOCK_FILE, lock_folder, progress, setup_logging
 
 log = logging.getLogger("lnfm.data.prepare")
 
+_PATHLIKE = re.compile(r"\S*[/\\]\S*")
 # Affines of two grids agree when every entry differs by less than this (mm).
 GRID_TOL_MM = 1e-3
 
@@ -47,10 +51,12 @@ class PrepareConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train/val/test shares of the id hash
     split_seed: int = 0  # seed of the split hash
     salt: str = ""  # salt for hashed case ids (else the LNFM_ID_SALT environment variable)
-    site: str = ""  # site name for every case (else dataset.json 'site', the CSV column or the folder name)
+    site: str = ""  # site for every case (else dataset.json's, the CSV column, or 'unspecified'; never a folder name)
     site_preset: str = ""  # site preset (lnfm/configs/sites/NAME.yaml) whose spacing applies when spacing is unset
-    label_map: dict[int, int] = field(default_factory=dict)  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's GTVn as node); empty keeps labels
-    resample_channels: bool = True  # resample co-registered channels on another grid (PET) linearly onto the CT grid; false rejects them
+    label_map: dict[int, int] = field(  # source label -> stored label, unlisted -> 0 (e.g. {2: 1} keeps HECKTOR's
+        default_factory=dict)  # GTVn as node); empty keeps labels
+    series: list[str] = field(default_factory=list)  # SeriesInstanceUIDs to read where a DICOM folder holds several
+    resample_channels: bool = True  # resample other-grid channels (PET) linearly onto the CT grid; false rejects them
 
 
 @dataclass
@@ -65,7 +71,11 @@ class PrepareResult:
         return self.failed == 0
 
 
-class CaseError(ValueError):
+class PrepareError(LnfmError, ValueError):
+    """A prepare option that cannot work (shard numbers, output); one line."""
+
+
+class CaseError(LnfmError, ValueError):
     """A case that cannot be converted: (file, reason)."""
 
     def __init__(self, file: str, reason: str):
@@ -73,11 +83,22 @@ class CaseError(ValueError):
         self.file, self.reason = file, reason
 
 
+def check_config(cfg: PrepareConfig) -> None:
+    """Values that would fail every case fail once, before anything is read or written."""
+    if cfg.chunk < 1 or cfg.shard < 1 or cfg.shard % cfg.chunk:
+        raise ConfigError(f"shard: {cfg.shard} must be a positive multiple of chunk ({cfg.chunk})")
+    if len(cfg.split_fractions) != 3 or min(cfg.split_fractions) < 0 or sum(cfg.split_fractions) <= 0:
+        raise ConfigError(f"split_fractions: {list(cfg.split_fractions)} must be three non-negative shares, "
+                          f"not all zero")
+    if any(not 0 <= int(k) <= 255 or not 0 <= int(v) <= 255 for k, v in cfg.label_map.items()):
+        raise ConfigError(f"label_map: {cfg.label_map} maps labels outside 0..255")
+
+
 def preset_spacing(name: str) -> tuple[float, float, float]:
     """The `site.spacing` of a packaged site preset or a site YAML file."""
     data = read_yaml(preset_path("sites", name)).get("site", {})
     if "spacing" not in data:
-        raise ValueError(f"site preset '{name}' has no site.spacing")
+        raise ConfigError(f"site preset '{name}' has no site.spacing")
     return tuple(float(v) for v in data["spacing"])  # type: ignore[return-value]
 
 
@@ -120,9 +141,9 @@ def preprocess_volume(vol: Volume, spacing, *, crop_body: bool = True, is_label:
     return data, affine, geometry
 
 
-def _read3d(path: str) -> Volume:
+def _read3d(path: str, series: str | None = None) -> Volume:
     try:
-        vol = read_image(path)
+        vol = read_image(path, series)
     except ImageReadError as e:
         raise CaseError(path, str(e).split(": ", 1)[-1]) from None
     data = vol.data
@@ -196,8 +217,14 @@ def lymph_nodes(label: np.ndarray, spacing) -> list[dict]:
 
 def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig) -> dict:
     """Convert one case and write its arrays; returns the manifest record (not yet written)."""
-    vols = [_read3d(p) for p in case.images]
-    for p, v in zip(case.images, vols):
+    vols = [_read3d(p, case.series) for p in case.images]
+    for p, v, name in zip(case.images, vols, case.channels):
+        try:
+            check_source_spacing(spacing_of(v.affine), p)
+            if name.upper() == "CT":
+                check_ct(v.data, p, cfg.body_threshold_hu)
+        except ScanError as e:
+            raise CaseError(p, str(e).split(": ", 1)[-1]) from None
         if v.data.dtype.kind == "f" and not np.all(np.isfinite(v.data)):
             raise CaseError(p, "image has NaN or Inf voxels")
     for i, (p, v) in enumerate(zip(case.images[1:], vols[1:]), start=1):
@@ -262,16 +289,31 @@ def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig) -> tuple[s
         return "ok", convert_case(case, output, cfg)
     except CaseError as e:
         return "failed", {"case_id": case.case_id, "file": e.file, "reason": e.reason}
+    except st.StoreError:  # the store cannot be written (e.g. a full disk): every case would fail, so stop
+        raise
     except MemoryError:
         return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": "out of memory"}
-    except Exception as e:  # an unexpected problem in one case must not stop the others
+    except Exception as e:  # a bug in one case must not stop the others, but it keeps its traceback in the log
+        log.exception("unexpected error converting a case (a bug, not bad input)")
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
         return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": reason}
 
 
-def _write_failures(output: str, shard_index: int, num_shards: int, failures: list[dict]) -> None:
+def _scrub(text: str) -> str:
+    """A reason without any path in it (file and folder names may hold patient names)."""
+    return _PATHLIKE.sub("<path>", text)
+
+
+def stored_failure(failure: dict, salt: str) -> dict:
+    """What failures.jsonl keeps of a failure: the case id when there is one, else a salted hash
+    of the file (the same file always gives the same ref), and the reason without paths."""
+    return {"case_id": failure.get("case_id"), "ref": hashed_id(str(failure["file"]), salt),
+            "reason": _scrub(failure["reason"])}
+
+
+def _write_failures(output: str, shard_index: int, num_shards: int, failures: list[dict], salt: str) -> None:
     st.write_text(output, f"failures.parts/{shard_index}-of-{num_shards}.jsonl",
-                  "".join(json.dumps(f) + "\n" for f in failures))
+                  "".join(json.dumps(stored_failure(f, salt)) + "\n" for f in failures))
     merged = []
     for i in range(num_shards):
         text = st.read_text(output, f"failures.parts/{i}-of-{num_shards}.jsonl") or ""
@@ -282,20 +324,30 @@ def _write_failures(output: str, shard_index: int, num_shards: int, failures: li
 def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int = 1, shard_index: int = 0,
                     show_progress: bool = True) -> PrepareResult:
     """Convert this shard's slice of the input cases into STORE `output`; resumable, idempotent."""
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard index {shard_index} is outside 0..{num_shards - 1}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise PrepareError(f"--shard-index {shard_index} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
+    st.check_local_store(output)
     if cfg.spacing is None and cfg.site_preset:
         cfg = dataclasses.replace(cfg, spacing=preset_spacing(cfg.site_preset))
+    cfg = dataclasses.replace(cfg, spacing=check_target_spacing(cfg.spacing, "spacing"))
+    check_config(cfg)
     salt = resolve_salt(cfg.salt)
     if not salt:
         log.warning("no id salt set (salt=... or %s); hashed case ids are unsalted", "LNFM_ID_SALT")
-    cases, errors = discover(input, cfg.site, salt)
+    cases, errors = discover(input, cfg.site or cfg.site_preset, salt, cfg.series)
+    if not cases:  # nothing to convert: one error, and no store is created
+        if not errors:
+            raise PrepareError(f"{input}: no cases found (expected an nnU-Net/MSD folder with imagesTr/ or "
+                               f"imagesTs/, a CSV, or a folder holding DICOM series)")
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise PrepareError(f"{errors[0].file}: {errors[0].reason}{more}")
+    check_apart({"--output": output}, {"--input": [input] + [p for c in cases for p in [*c.images, c.label] if p]})
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
     errors = [e for i, e in enumerate(sorted(errors, key=lambda e: e.file)) if i % num_shards == shard_index]
     result = PrepareResult()
-    result.failures = [{"file": e.file, "reason": e.reason} for e in errors]
+    result.failures = [{"case_id": None, "file": e.file, "reason": e.reason} for e in errors]
     done = st.finished_ids(output)
     todo = [c for c in cases if c.case_id not in done]
     result.skipped = len(cases) - len(todo)
@@ -306,28 +358,23 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
             st.write_record(output, payload)  # last: only now is the case part of the dataset
             result.converted += 1
         else:
-            result.failures.append({"file": payload["file"], "reason": payload["reason"]})
-            log.warning("failed %s: %s", payload["file"], payload["reason"])
+            result.failures.append(payload)
+            log.warning("failed case %s: %s", payload["case_id"], _scrub(payload["reason"]))
         bar.update(1)
         bar.set_postfix(ok=result.converted, failed=len(result.failures))
 
-    if cfg.workers <= 1:
-        for case in todo:
-            finish(*_convert_or_fail(case, output, cfg))
-    else:
-        ctx = multiprocessing.get_context("spawn")  # no fork after TensorStore/JAX threads start
-        with cf.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_convert_or_fail, c, output, cfg): c for c in todo}
-            for fut in cf.as_completed(futures):
-                case = futures[fut]
-                try:
-                    finish(*fut.result())
-                except Exception as e:  # a worker that died (e.g. killed for memory)
-                    finish("failed", {"file": case.images[0], "reason": f"worker died ({type(e).__name__})"})
-    bar.close()
-    result.failed = len(result.failures)
-    _write_failures(output, shard_index, num_shards, result.failures)
-    st.write_manifest(output)
+    with lock_folder(output, f"{LOCK_FILE}.shard-{shard_index}-of-{num_shards}", enabled="://" not in output):
+        if cfg.workers <= 1:
+            for case in todo:
+                finish(*_convert_or_fail(case, output, cfg))
+        else:  # store errors raised in a worker propagate (as in-process); a dead worker fails only its case
+            map_in_workers(_convert_or_fail, todo, (output, cfg), cfg.workers, lambda case, res: finish(*res),
+                           lambda case, how: finish("failed", {"case_id": case.case_id, "file": case.images[0],
+                                                               "reason": f"the conversion process died ({how})"}))
+        bar.close()
+        result.failed = len(result.failures)
+        _write_failures(output, shard_index, num_shards, result.failures, salt)
+        st.write_manifest(output)
     return result
 
 
@@ -343,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-index", type=int, default=0)
     ap.add_argument("--site", default=None, help="site name written into every record")
     ap.add_argument("--site-preset", default=None, help="site preset whose spacing is used when --spacing is unset")
+    ap.add_argument("--series", default=None, help="SeriesInstanceUID(s), comma-separated, to read from DICOM "
+                                                   "folders that hold several series")
     ap.add_argument("--salt", default=None, help="salt for hashed case ids (default: the LNFM_ID_SALT variable)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
@@ -352,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{key}={getattr(args, key)}")
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
+    if args.series:
+        cfg = dataclasses.replace(cfg, series=[s for s in args.series.split(",") if s])
     res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)
     print(f"converted {res.converted}, skipped {res.skipped} (already done), failed {res.failed}")
     for f in res.failures:

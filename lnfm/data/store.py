@@ -19,9 +19,17 @@ from urllib.parse import urlparse
 import numpy as np
 import tensorstore as ts
 
+from lnfm.errors import DataError
+
+
+class StoreError(DataError):
+    """A store that cannot be opened, read or written; one line naming the store."""
+
+
 RECORDS = "records/"
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.jsonl"
+SPACING_RTOL = 0.02  # prepared spacings within 2% count as the configured one
 
 
 def kvstore_spec(store: str, sub: str = "") -> dict:
@@ -37,25 +45,45 @@ def kvstore_spec(store: str, sub: str = "") -> dict:
     elif url.scheme in ("", ) or (len(url.scheme) == 1 and os.name == "nt"):
         local = str(store)
     else:
-        raise ValueError(f"{store}: unsupported store URL scheme '{url.scheme}' (use a path, file://, gs:// or s3://)")
+        raise StoreError(f"{store}: unsupported store URL scheme '{url.scheme}' (use a path, file://, gs:// or s3://)")
     path = str(Path(local).absolute() / sub) if sub else str(Path(local).absolute())
     return {"driver": "file", "path": path}
+
+
+def _failure(store: str, what: str, e: Exception) -> StoreError:
+    return StoreError(f"{store}: cannot {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+
+def check_local_store(store: str) -> None:
+    """A local store path must be a folder or not exist yet (a file there is not a store)."""
+    spec = kvstore_spec(store)
+    if spec["driver"] == "file" and Path(spec["path"]).exists() and not Path(spec["path"]).is_dir():
+        raise StoreError(f"{store}: exists and is not a folder (a store is a folder)")
 
 
 def open_kvstore(store: str) -> ts.KvStore:
     spec = kvstore_spec(store)
     spec["path"] = spec["path"].rstrip("/") + "/"
-    return ts.KvStore.open(spec).result()
+    try:
+        return ts.KvStore.open(spec).result()
+    except ValueError as e:  # TensorStore reports I/O and spec problems as ValueError
+        raise _failure(store, "open the store", e) from None
 
 
 def read_text(store: str, key: str) -> str | None:
-    res = open_kvstore(store).read(key).result()
+    try:
+        res = open_kvstore(store).read(key).result()
+    except ValueError as e:
+        raise _failure(store, f"read {key}", e) from None
     return None if res.state == "missing" else bytes(res.value).decode()
 
 
 def write_text(store: str, key: str, text: str) -> None:
     """One kvstore write: atomic per key on every driver (file driver: temp + rename)."""
-    open_kvstore(store).write(key, text.encode()).result()
+    try:
+        open_kvstore(store).write(key, text.encode()).result()
+    except ValueError as e:  # e.g. a full disk or a read-only folder
+        raise _failure(store, f"write {key}", e) from None
 
 
 def array_spec(store: str, path: str) -> dict:
@@ -80,8 +108,13 @@ def create_array(store: str, path: str, data: np.ndarray, chunk: int = 64, shard
             "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
         }}],
     })
-    arr = ts.open(spec).result()
-    arr.write(np.ascontiguousarray(data)).result()
+    try:
+        arr = ts.open(spec).result()
+        arr.write(np.ascontiguousarray(data)).result()
+    except ValueError as e:
+        if "os_error_code" in str(e):  # a full disk or a read-only folder: the store, not the case, is at fault
+            raise _failure(store, f"write {path}", e) from None
+        raise
 
 
 def open_array(store: str, path: str) -> ts.TensorStore:
@@ -94,7 +127,10 @@ def write_record(store: str, record: dict) -> None:
 
 
 def _record_ids(store: str) -> list[str]:
-    keys = open_kvstore(store).list(ts.KvStore.KeyRange(RECORDS, RECORDS[:-1] + "0")).result()
+    try:
+        keys = open_kvstore(store).list(ts.KvStore.KeyRange(RECORDS, RECORDS[:-1] + "0")).result()
+    except ValueError as e:
+        raise _failure(store, "list its records", e) from None
     return sorted(k.decode()[len(RECORDS):-len(".json")] for k in keys if k.decode().endswith(".json"))
 
 
@@ -135,3 +171,31 @@ def read_case(store: str, record: dict) -> tuple[np.ndarray, np.ndarray | None]:
     if record.get("label_path"):
         label = open_array(store, record["label_path"]).read().result().astype(np.uint8)
     return image, label
+
+
+def check_stores(stores: list[str], split: str | None = None,
+                 spacing: tuple[float, float, float] | None = None) -> list[int]:
+    """Usable cases per store; a missing or empty store, or one at another spacing, is a one-line DataError."""
+    if not stores:
+        raise DataError("no dataset given: pass --data STORE[,STORE...]")
+    counts = []
+    for store in stores:
+        if "://" not in store and not Path(store).is_dir():
+            raise DataError(f"{store}: dataset not found (expected a prepared store; see data_prep/prepare.py)")
+        try:
+            records = read_manifest(store)
+        except (OSError, ValueError, KeyError) as e:  # unreadable or malformed manifest
+            raise DataError(f"{store}: cannot read the dataset manifest ({str(e).splitlines()[0][:200]})") from None
+        if not records:
+            raise DataError(f"{store}: dataset is empty (no prepared cases)")
+        records = [r for r in records if split is None or r.get("split") == split]
+        if not records:
+            raise DataError(f"{store}: no cases in split '{split}' (set data.split=null to use every case)")
+        if spacing is not None:
+            off = [r["case_id"] for r in records
+                   if not np.allclose(r.get("spacing", spacing), spacing, rtol=SPACING_RTOL)]
+            if off:
+                raise DataError(f"{store}: {len(off)} of {len(records)} cases are not at data.spacing={list(spacing)} "
+                                f"mm (re-prepare with --spacing, or set data.spacing=null)")
+        counts.append(len(records))
+    return counts

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lnfm.config import to_dict
+from lnfm.config import ConfigError, to_dict
 from lnfm.data import synth_anatomy as A
 from lnfm.data.geometry import axial_diameters
 from lnfm.data.synth_nodes import REAL_SET, node_shape, real_mask_files
@@ -246,8 +246,8 @@ def _distractors(rng, painter, tissue, label, variant: Variant) -> int:
 
 def _intensities(rng, tissue, hu_offset, spacing, contrast, noise_sd):
     mean = np.array([HU[t][1 if contrast else 0] for t in range(len(A.TISSUE_NAMES))], np.float32)
-    mean += rng.normal(0, 1, mean.size).astype(np.float32) * np.array([0, 15, 6, 5, 60, 25, 20, 15, 6, 10, 3, 8, 5, 4, 6],
-                                                                        np.float32)
+    spread = np.array([0, 15, 6, 5, 60, 25, 20, 15, 6, 10, 3, 8, 5, 4, 6], np.float32)
+    mean += rng.normal(0, 1, mean.size).astype(np.float32) * spread
     amp = np.array([HU[t][2] for t in range(len(A.TISSUE_NAMES))], np.float32)
     field_ = ndimage.gaussian_filter(rng.standard_normal(tissue.shape, np.float32), 1.5 / np.sqrt(spacing / spacing[0]))
     field_ /= field_.std() + 1e-6
@@ -270,7 +270,7 @@ def _pet(rng, tissue, label, records, spacing):
     suv = np.array([SUV[t] for t in range(len(A.TISSUE_NAMES))], np.float32)[tissue]
     lab, _ = ndimage.label(label)
     for r in records:
-        c = np.round((r["_vox"])).astype(int)
+        c = np.round(r["_vox"]).astype(int)
         comp = lab[tuple(c)]
         if comp:
             suv[lab == comp] = r["suv"]
@@ -282,7 +282,7 @@ def _pet(rng, tissue, label, records, spacing):
 def generate_case(site: str, seed: int, cfg: SynthConfig, case_id: str | None = None) -> SynthCase:
     """One phantom; the same (site, seed, cfg) gives byte-identical arrays."""
     if site not in SITES:
-        raise ValueError(f"unknown site '{site}' (choices: {', '.join(SITES)})")
+        raise ConfigError(f"unknown site '{site}' (choices: {', '.join(SITES)})")
     rng = np.random.default_rng([SITES.index(site), int(seed)])
     spacing, shape = _sample_grid(rng, cfg)
     fov = np.array(A.FOV_CENTRE[site]) + rng.uniform(-8, 8, 3)
@@ -376,7 +376,8 @@ def _summary(cases: list[SynthCase], sites: list[str]) -> dict:
     node_hu = np.concatenate([c.image[c.label > 0] for c in cases]) if cases else np.zeros(0)
     q = (lambda a: [round(float(v), 1) for v in np.percentile(a, [0, 25, 50, 75, 100])] if a.size else [])
     return {"sites": sites, "cases": len(cases), "nodes": int(short.size),
-            "short_axis_mm_quantiles": q(short), "node_hu_mean": round(float(node_hu.mean()), 1) if node_hu.size else None,
+            "short_axis_mm_quantiles": q(short),
+            "node_hu_mean": round(float(node_hu.mean()), 1) if node_hu.size else None,
             "fat_muscle_hu_quantiles": q(hu),
             "orientations": sorted({c.info["orientation"] for c in cases})}
 
@@ -387,7 +388,7 @@ def write_dataset(cfg: SynthConfig, out: str | Path) -> dict:
     sites = list(SITES) if cfg.site == "all" else [cfg.site]
     for s in sites:
         if s not in SITES:
-            raise ValueError(f"unknown site '{s}' (choices: {', '.join(SITES)}, all)")
+            raise ConfigError(f"unknown site '{s}' (choices: {', '.join(SITES)}, all)")
     cases, entries, station_names = [], [], {}
     for site in sites:
         for i in range(cfg.num_cases):
@@ -420,10 +421,17 @@ def _triple(text: str) -> tuple[int, int, int]:
     return tuple(parts)  # type: ignore[return-value]
 
 
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--num-cases wants at least 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write synthetic lymph-node CT phantoms in the nnU-Net raw layout.")
     ap.add_argument("--site", default="pelvis", choices=[*SITES, "all"])
-    ap.add_argument("--num-cases", type=int, default=8)
+    ap.add_argument("--num-cases", type=_count, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--pet", action="store_true", help="also write a PET-like SUV channel")
@@ -434,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", action="store_true",
                     help="the held-out generator variant (test phantoms no training set draws from)")
     args = ap.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"{args.out}: exists and is not a folder (--out names the dataset folder)")
     cfg = SynthConfig(site=args.site, num_cases=args.num_cases, seed=args.seed, shape=args.shape, pet=args.pet,
                       stations=args.stations, gallery=not args.no_gallery, use_real_shapes=not args.no_real_shapes)
     if args.heldout:

@@ -8,7 +8,7 @@ and returns node anchors: station names with a sampler that proposes a node cent
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from lnfm.data.geometry import axial_diameters
 from lnfm.data.shared import shared_data_dir
+from lnfm.errors import DataError
 
 # Which real collection gives shapes to which site.
 REAL_SET = {"head_neck": "NIH_LN_MED", "axilla": "NIH_LN_MED", "mediastinum": "NIH_LN_MED",
@@ -70,7 +71,7 @@ def load_real_mask(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     img = nib.Nifti1Image.from_bytes(raw)
     data = np.asarray(img.dataobj).reshape(img.shape[:3]) > 0.5
     if not data.any():
-        raise ValueError(f"{path}: empty lymph-node mask")
+        raise DataError(f"{path}: empty lymph-node mask")
     # Crop first: the file is mostly empty.
     box = tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1])))
                 for a in (data.any(axis=(1, 2)), data.any(axis=(0, 2)), data.any(axis=(0, 1))))
@@ -80,7 +81,8 @@ def load_real_mask(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return crop(data), tuple(float(z) for z in zooms)  # type: ignore[return-value]
 
 
-def _ellipsoids(rng: np.random.Generator, short_mm: float, lobulated: bool) -> list[tuple[np.ndarray, np.ndarray, float]]:
+def _ellipsoids(rng: np.random.Generator, short_mm: float, lobulated: bool
+                ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """(centre_mm, radii_mm, in-plane angle) of the lobes; the first lobe is the main body."""
     ratio = rng.uniform(1.0, 2.2)
     r0 = np.array([short_mm / 2 * ratio, short_mm / 2, short_mm / 2 * rng.uniform(0.9, ratio + 0.3)])

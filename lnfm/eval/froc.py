@@ -17,7 +17,7 @@ is the mean over r in (0.5, 1, 2, 4, 8).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage

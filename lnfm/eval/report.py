@@ -80,7 +80,8 @@ def read_report(path: str | Path) -> list[dict]:
     lines = [line for line in Path(path).read_text().splitlines() if not line.startswith("#")]
     rows = []
     for row in csv.DictReader(lines):
-        rows.append({k: (v if k == "label" else int(v) if k in ("node", "voxels") else float(v)) for k, v in row.items()})
+        rows.append({k: (v if k == "label" else int(v) if k in ("node", "voxels") else float(v))
+                     for k, v in row.items()})
     return rows
 
 
@@ -122,6 +123,11 @@ def write_overlay(path: str | Path, hu: np.ndarray, labels: np.ndarray, affine: 
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=80)
+    except BaseException:  # a full disk: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     os.replace(tmp, path)

@@ -32,12 +32,67 @@ def dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom_file(p))
 
 
-def series_uid(path: str | Path) -> str:
-    """SeriesInstanceUID of a series folder or file (used only to derive hashed case ids)."""
-    path = Path(path)
-    first = dicom_files(path)[0] if path.is_dir() else path
-    ds = pydicom.dcmread(first, stop_before_pixels=True)
-    return str(ds.get("SeriesInstanceUID", ""))
+class SeriesChoiceError(ImageReadError):
+    """A folder holds several DICOM series and none (or an unknown one) was chosen."""
+
+
+def _header(path: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def series_of(files: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
+    """(files grouped by SeriesInstanceUID, '' for slices without one; files whose header
+    cannot be parsed)."""
+    groups: dict[str, list[Path]] = {}
+    unreadable = []
+    for f in files:
+        try:
+            uid = str(_header(f).get("SeriesInstanceUID", "") or "")
+        except Exception:  # read_dicom_series reports it, as a file of the series it reads
+            unreadable.append(f)
+            continue
+        groups.setdefault(uid, []).append(f)
+    return groups, unreadable
+
+
+def describe_series(groups: dict[str, list[Path]]) -> str:
+    return "; ".join(f"{uid or '(no SeriesInstanceUID)'} ({len(files)} file(s))" for uid, files in groups.items())
+
+
+def select_series(path: Path, series: str | None = None) -> tuple[str, list[Path]]:
+    """(SeriesInstanceUID, files) of the one series of a folder or file to read.
+
+    A folder holding several series is refused with their list unless `series` names one."""
+    if not path.is_dir():
+        return series_uid_of_file(path), [path]
+    files = dicom_files(path)
+    if not files:
+        raise ImageReadError(f"{path}: folder holds no DICOM files")
+    groups, unreadable = series_of(files)
+    if len(groups) > 1 and "" in groups:  # slices without a UID go with the series read (and fail there if foreign)
+        unreadable += groups.pop("")
+    if series:
+        if series not in groups:
+            raise SeriesChoiceError(f"{path}: no DICOM series {series} here (found: {describe_series(groups)})")
+        return series, sorted(groups[series] + unreadable)
+    if len(groups) > 1:
+        raise SeriesChoiceError(f"{path}: folder holds {len(groups)} DICOM series: {describe_series(groups)}; "
+                                f"choose one with --series UID")
+    uid, group = next(iter(groups.items()), ("", []))
+    return uid, sorted(group + unreadable)
+
+
+def series_uid_of_file(path: Path) -> str:
+    try:
+        return str(_header(path).get("SeriesInstanceUID", ""))
+    except Exception:
+        return ""
+
+
+def series_uid(path: str | Path, series: str | None = None) -> str:
+    """SeriesInstanceUID of the series `read_dicom_series(path, series)` reads (used only to
+    derive hashed case ids)."""
+    return select_series(Path(path), series)[0]
 
 
 def _slice_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,12 +107,11 @@ def _slice_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, np.ndar
     return iop, ipp, spacing
 
 
-def read_dicom_series(path: str | Path) -> Volume:
-    """A folder holding one DICOM series, or a single DICOM file."""
+def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
+    """A folder holding one DICOM series (or several, of which `series` names the one to
+    read by its SeriesInstanceUID), or a single DICOM file."""
     path = Path(path)
-    files = dicom_files(path) if path.is_dir() else [path]
-    if not files:
-        raise ImageReadError(f"{path}: folder holds no DICOM files")
+    _, files = select_series(path, series)
     slices = []
     for n, f in enumerate(files):
         # Errors name the series and the slice number, never the file: DICOM file names often hold UIDs.

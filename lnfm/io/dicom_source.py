@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 from scipy import ndimage
 
-from lnfm.io.dicom import dicom_files
+from lnfm.io.dicom import select_series
 from lnfm.io.volume import LPS_TO_RAS, ImageReadError
 
 GRID_TOL_MM = 1e-2  # a prediction is on the source grid when its affine differs by less than this
@@ -57,16 +57,14 @@ def frame(volume: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(volume[:, :, k]).T
 
 
-def read_source_series(path: str | Path) -> SourceSeries:
+def read_source_series(path: str | Path, series_uid: str | None = None) -> SourceSeries:
     """Slice headers of a DICOM series folder, checked for the UIDs a derived object must reference.
 
     SOP Class/Instance UIDs missing from a slice's dataset are taken from its file meta header,
     which holds the same values by definition; a missing Study, Series or Frame of Reference UID
     is an error (an output could not be linked to its source)."""
     path = Path(path)
-    files = dicom_files(path) if path.is_dir() else [path]
-    if not files:
-        raise ImageReadError(f"{path}: folder holds no DICOM files")
+    _, files = select_series(path, series_uid)  # several series in the folder: refused, or the one chosen
     datasets = []
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)

@@ -38,5 +38,9 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
     img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    nib.save(img, str(tmp))
+    try:
+        nib.save(img, str(tmp))
+    except BaseException:  # a full disk or a kill signal: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

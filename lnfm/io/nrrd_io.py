@@ -18,10 +18,30 @@ _SPACE_TO_RAS = {
 }
 
 
+def _check_data_file(path: str) -> None:
+    """A detached header (.nhdr) may name its data file only beside itself: a `data file:` pointing
+    elsewhere would read any file on disk as voxels."""
+    with open(path, "rb") as f:
+        header = nrrd.read_header(f)
+    name = header.get("datafile", header.get("data file"))
+    if name is None:
+        return
+    name = str(name)
+    if name.upper().startswith("LIST") or "%" in name:
+        raise ImageReadError(f"{path}: NRRD 'data file' lists several files; only one data file is supported")
+    folder = Path(path).resolve().parent
+    target = (folder / name).resolve()
+    if target.parent != folder:
+        raise ImageReadError(f"{path}: NRRD 'data file' must lie beside the header, not at '{name}'")
+
+
 def read_nrrd(path: str | Path) -> Volume:
     path = str(path)
     try:
+        _check_data_file(path)
         data, header = nrrd.read(path, index_order="F")
+    except ImageReadError:
+        raise
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except Exception as e:
@@ -54,5 +74,9 @@ def write_nrrd(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
               "space origin": np.asarray(affine, float)[:3, 3]}
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    nrrd.write(str(tmp), np.asarray(data), header, index_order="F")
+    try:
+        nrrd.write(str(tmp), np.asarray(data), header, index_order="F")
+    except BaseException:  # a full disk: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lnfm.errors import LnfmError
 
-class ImageReadError(ValueError):
+
+class ImageReadError(LnfmError, ValueError):
     """An image that cannot be read; the message is one line: 'PATH: reason'."""
 
 

@@ -1,6 +1,7 @@
 """Generate docs/configuration.md from the config dataclasses, so the reference cannot drift.
 
-Each field's description is its trailing `# comment` in the class source.
+Each field's description is its trailing `# comment` in the class source (the comments of a
+field wrapped over several lines are joined).
 `python -m lnfm.jobs.configref > docs/configuration.md`; a test checks the file is current.
 """
 
@@ -38,8 +39,9 @@ def field_comments(cls: type) -> dict[str, str]:
             pending = None
         elif tok.type == tokenize.NAME and pending is None and tok.start[1] == 4:
             pending = tok.string
-        elif tok.type == tokenize.COMMENT and pending:
-            comments.setdefault(pending, tok.string.lstrip("#").strip())
+        elif tok.type == tokenize.COMMENT and pending:  # a field wrapped over lines continues its comment
+            text = tok.string.lstrip("#").strip()
+            comments[pending] = f"{comments[pending]} {text}" if pending in comments else text
     return comments
 
 

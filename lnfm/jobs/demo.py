@@ -1,8 +1,9 @@
 """`make demo`: the main job end to end on built-in data, on a laptop CPU.
 
 phantoms -> prepare -> MAE pretraining -> finetune --site pelvis -> evaluate ->
-export -> predict. Each stage runs the same command a user would type (printed
-before it runs), so the demo doubles as a walkthrough. The real CTs under
+export -> predict. Each stage runs the same `python -m lnfm <job>` command a user
+would type (printed before it runs), so the demo doubles as a walkthrough and works
+from an installed package as well as from a checkout. The real CTs under
 ../shared/data, when present, join the unlabelled pretraining data.
 """
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _run(cmd: list[str], env: dict | None = None) -> None:
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
+    proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"demo: stage failed (exit {proc.returncode}): {shlex.join(cmd)}")
     print(f"  ({time.time() - t0:.0f}s)", flush=True)
@@ -41,24 +42,26 @@ def _shared_ct() -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="lnfm demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="folder for every demo output")
     ap.add_argument("--cases", type=int, default=16, help="pelvis phantoms to generate")
+    ap.add_argument("--steps", type=int, default=300, help="pretraining and finetuning steps each")
     args = ap.parse_args(argv)
 
-    out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    every = max(1, args.steps // 3)
     t0 = time.time()
 
     phantoms = out / "phantoms_pelvis"
-    _run([py, "data_prep/synth.py", "--site", "pelvis", "--num-cases", str(args.cases), "--seed", "0",
+    _run([py, "-m", "lnfm", "synth", "--site", "pelvis", "--num-cases", str(args.cases), "--seed", "0",
           "--shape", "96,96,48", "--out", str(phantoms)], env)
 
     # Real unlabelled CT from ../shared/data joins pretraining when present (CSV input, no labels).
     store = out / "store_pelvis"
-    _run([py, "data_prep/prepare.py", "--input", str(phantoms), "--output", str(store),
+    _run([py, "-m", "lnfm", "prepare", "--input", str(phantoms), "--output", str(store),
           "--spacing", "1.5,1.5,1.5", "--workers", "2"], env)
     stores = [str(store)]
     real = _shared_ct()
@@ -67,23 +70,24 @@ def main(argv: list[str] | None = None) -> int:
         csv.write_text("case_id,image,label,site\n" + "".join(
             f"real{i},{p},,unknown\n" for i, p in enumerate(real)))
         real_store = out / "store_real"
-        _run([py, "data_prep/prepare.py", "--input", str(csv), "--output", str(real_store),
+        _run([py, "-m", "lnfm", "prepare", "--input", str(csv), "--output", str(real_store),
               "--spacing", "1.5,1.5,1.5", "--workers", "2"], env)
         stores.append(str(real_store))
 
     pre = out / "pretrain"
-    _run([py, "pretrain/pretrain.py", "--config", "vit_tiny", "--data", ",".join(stores),
-          "--workdir", str(pre), "train.steps=300", "checkpoint.every=100"], env)
+    _run([py, "-m", "lnfm", "pretrain", "--config", "vit_tiny", "--data", ",".join(stores),
+          "--workdir", str(pre), f"train.steps={args.steps}", f"checkpoint.every={every}"], env)
 
     # --quick shrinks patches to 32^3 for the CPU; the site's own head (light) and
     # strategy (first_k) are kept, so the demo finetunes as `--site pelvis` does.
     ft = out / "finetune_pelvis"
-    _run([py, "finetune/finetune.py", "--site", "pelvis", "--data", str(store), "--init", str(pre),
+    _run([py, "-m", "lnfm", "finetune", "--site", "pelvis", "--data", str(store), "--init", str(pre),
           "--workdir", str(ft), "--quick", "head.kind=light", "strategy.freeze=first_k", "strategy.k=2",
-          "train.steps=300", "train.eval_every=100", "checkpoint.every=100"], env)
+          f"train.steps={args.steps}", f"train.eval_every={every}", f"checkpoint.every={every}"], env)
 
     export = out / "export_pelvis"
-    _run([py, "-m", "lnfm", "export", "--checkpoint", str(ft), "--out", str(export), "--format", "orbax", "--force"], env)
+    _run([py, "-m", "lnfm", "export", "--checkpoint", str(ft), "--out", str(export), "--format", "orbax",
+          "--force"], env)
 
     records = [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines() if line.strip()]
     test_case = next(r for r in records if r["split"] == "test")["case_id"]

@@ -1,6 +1,6 @@
 """Portable exports of a finetuned segmenter (or a pretrained encoder) and their loading.
 
-    lnfm export --checkpoint DIR --out EXPORT_DIR --format {orbax,safetensors,stablehlo,monai} [--force]
+    lnfm export --checkpoint DIR --out EXPORT_DIR --format {orbax,safetensors,stablehlo,onnx,monai} [--force]
     lnfm export --verify EXPORT_DIR
 
 DIR is a finetuning workdir (or its best/ or checkpoints/ folder): the export holds
@@ -14,6 +14,10 @@ and `checksums.sha256` (sha256 of every other file). Formats:
 - safetensors: `model.safetensors`, every parameter under its dotted name
   (`encoder.blocks.0.attn.qkv.kernel`, `head....`); the `encoder.` names are the encoder.
   Reading it needs only numpy and the safetensors package.
+- onnx: `model.onnx`, the inference function of the stablehlo format as an ONNX
+  graph (opset `lnfm.models.export_onnx.ONNX_OPSET`, dynamic batch) that `lnfm predict
+  --backend onnxruntime` runs, plus `model.safetensors` so the JAX backend and
+  finetuning `--init` can rebuild the model (`lnfm.models.export_onnx`).
 - stablehlo: `inference.stablehlo`, a serialized `jax.export` function mapping a
   normalised patch (B, *patch, C) to softmax probabilities (B, *patch, K); runs with
   jax alone (`jax.export.deserialize(bytes).call(x)`).
@@ -21,8 +25,10 @@ and `checksums.sha256` (sha256 of every other file). Formats:
   the ViT encoder as a MONAI `ViT` state dict.
 
 The same checkpoint gives byte-identical files. An existing export is replaced only
-with `force`, by writing a temporary folder and swapping it in, so a failed export
-leaves the old one intact.
+with `force` and only when it is an intact export (model.json and every file matching
+checksums.sha256; anything else is refused, nothing deleted), by writing a temporary
+folder and swapping it in, so a failed export leaves the old one intact. `out` may not
+equal, contain or lie inside the source workdir (`lnfm.safety`).
 """
 
 from __future__ import annotations
@@ -35,18 +41,29 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from lnfm import __version__
+from lnfm.config import from_dict, read_yaml, to_dict
+from lnfm.data.prepare import PrepareConfig
+from lnfm.data.store import read_manifest
+from lnfm.errors import LnfmError, WeightsMismatch
+from lnfm.models import ModelConfig, build_encoder
 from lnfm.models import export_formats as fmt
+from lnfm.models.interop import from_monai_vit
+from lnfm.models.lora import merge_lora
+from lnfm.models.segmenter import build_segmenter
+from lnfm.safety import check_apart
+from lnfm.train.checkpoint import CheckpointError, restore_params
 from lnfm.workdir import setup_logging
 
 log = logging.getLogger("lnfm.export")
 
-FORMATS = ("orbax", "safetensors", "stablehlo", "monai")
+FORMATS = ("orbax", "safetensors", "stablehlo", "onnx", "monai")
 MODEL_JSON = "model.json"
 CHECKSUMS = "checksums.sha256"
 SCHEMA_VERSION = 1
@@ -54,14 +71,13 @@ SCHEMA_VERSION = 1
 DEFAULT_MIN_VOLUME_MM3 = 10.0
 
 
-class ExportError(ValueError):
+class ExportError(LnfmError, ValueError):
     """An export that cannot be written or read; the message is one line naming the path."""
 
 
 @dataclasses.dataclass
 class Exported:
     """A loaded export: `model` is the segmenter (None for an encoder-only export)."""
-
     meta: dict  # the parsed model.json
     encoder: object  # the encoder nnx.Module
     model: object | None  # the Segmenter nnx.Module, or None
@@ -94,8 +110,6 @@ def git_revision() -> str | None:
 
 
 def _manifests(stores: list[str]) -> list[dict] | None:
-    from lnfm.data.store import read_manifest
-
     records = []
     try:
         for store in stores:
@@ -160,15 +174,8 @@ def _read_json(path: Path) -> dict:
 
 def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
     """The Params of the best model in a finetuning run, read straight from its checkpoint."""
-    import jax
-    from flax import nnx
-
-    from lnfm.models.segmenter import build_segmenter
-    from lnfm.train.checkpoint import restore_params
-
     if cfg.strategy.freeze == "lora":  # adapters are folded into the kernels: the export is a plain segmenter
         from lnfm.jobs.finetune import load_finetuned
-        from lnfm.models.lora import merge_lora
 
         model, _ = load_finetuned(run_dir)
         merge_lora(model.encoder)
@@ -181,13 +188,11 @@ def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     try:
         return fmt.flatten_tree(restore_params(run_dir / "best", target, key="model"))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise ExportError(str(e)) from None
 
 
 def _load_finetuned(workdir: Path) -> _Source:
-    from lnfm.config import from_dict, read_yaml, to_dict
-    from lnfm.data.prepare import PrepareConfig
     from lnfm.jobs.finetune import FinetuneConfig
 
     run_dir = workdir if (workdir / "best").is_dir() else workdir / "repeat_0"
@@ -232,14 +237,6 @@ def _load_finetuned(workdir: Path) -> _Source:
 
 
 def _load_pretrained(workdir: Path) -> _Source:
-    import jax
-    from flax import nnx
-
-    from lnfm.config import from_dict, read_yaml, to_dict
-    from lnfm.data.prepare import PrepareConfig
-    from lnfm.models import ModelConfig, build_encoder
-    from lnfm.train.checkpoint import restore_params
-
     data = read_yaml(workdir / "config.yaml")
     if not isinstance(data.get("model"), dict):
         raise ExportError(f"{workdir / 'config.yaml'}: no model section to rebuild the encoder from")
@@ -253,7 +250,7 @@ def _load_pretrained(workdir: Path) -> _Source:
             restored = restore_params(workdir / "checkpoints", nnx.State({"encoder": target}))["encoder"]
         except (TypeError, ValueError):  # a checkpoint of plain nested dicts
             restored = restore_params(workdir / "checkpoints", {"encoder": nnx.to_pure_dict(target)})["encoder"]
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise ExportError(str(e)) from None
     pure = nnx.to_pure_dict(restored if isinstance(restored, nnx.State) else nnx.State(restored))
     flat = fmt.flatten_tree(pure, "encoder.")
@@ -286,18 +283,21 @@ def _load_pretrained(workdir: Path) -> _Source:
     return _Source("encoder", flat, meta)
 
 
-def load_source(checkpoint: str | Path) -> _Source:
+def source_dir(checkpoint: str | Path) -> Path:
+    """The whole workdir (finetuning or pretraining run) that `checkpoint` names or lies in."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise ExportError(f"{path}: checkpoint folder not found")
-    ft = _finetune_dir(path)
-    if ft is not None:
-        return _load_finetuned(ft)
-    pre = _pretrain_dir(path)
-    if pre is not None:
-        return _load_pretrained(pre)
-    raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
-                      f"(config.yaml + checkpoints/)")
+    found = _finetune_dir(path) or _pretrain_dir(path)
+    if found is None:
+        raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
+                          f"(config.yaml + checkpoints/)")
+    return found
+
+
+def load_source(checkpoint: str | Path) -> _Source:
+    root = source_dir(checkpoint)
+    return _load_finetuned(root) if _finetune_dir(root) else _load_pretrained(root)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -323,6 +323,17 @@ def _write(source: _Source, folder: Path, format: str) -> None:
         meta["stablehlo"] = fmt.write_stablehlo(folder / fmt.STABLEHLO_FILE, model,
                                                 tuple(pre["patch_size"]), len(pre["channels"]))
         meta["files"] = {"function": fmt.STABLEHLO_FILE}
+    elif format == "onnx":
+        if source.kind != "segmenter":
+            raise ExportError("the onnx format exports a segmentation model; a pretraining workdir holds only "
+                              "an encoder (export a finetuning workdir)")
+        from lnfm.models.export_onnx import ONNX_FILE, write_onnx
+
+        pre = meta["preprocessing"]
+        model, _ = build_from_meta(meta, source.flat)
+        meta["onnx"] = write_onnx(folder / ONNX_FILE, model, tuple(pre["patch_size"]), len(pre["channels"]))
+        fmt.write_safetensors(folder / fmt.SAFETENSORS_FILE, source.flat, {"format": "np"})
+        meta["files"] = {"onnx": ONNX_FILE, "params": fmt.SAFETENSORS_FILE}
     elif format == "monai":
         if meta["model"].get("arch") != "vit":
             raise ExportError(f"the monai format holds a MONAI ViT; this model's encoder is "
@@ -368,8 +379,36 @@ def verify_export(folder: str | Path) -> int:
     return len(expected)
 
 
+def check_weights_export(folder: str | Path) -> dict:
+    """model.json of an export that `load_export` can rebuild weights from, checked without
+    building the model (checksums, format, safetensors header): jobs call it before they write."""
+    meta = read_meta(folder)
+    verify_export(folder)
+    if meta["format"] not in ("orbax", "safetensors", "monai"):
+        raise ExportError(f"{folder}: a {meta['format']} export holds no weights to start from (use orbax, "
+                          f"safetensors or monai)")
+    if meta["format"] == "safetensors":
+        fmt.check_safetensors(Path(folder) / fmt.SAFETENSORS_FILE)
+    return meta
+
+
 def _occupied(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """`out` is free, or (with force) an intact export: its model.json and every file matching
+    checksums.sha256. Anything else (a workdir, a data folder, an edited export) is never deleted."""
+    if not _occupied(out):
+        return
+    if not force:
+        raise ExportError(f"{out}: already exists (pass --force to replace it)")
+    try:
+        read_meta(out)
+        verify_export(out)
+    except ExportError as e:
+        raise ExportError(f"{out}: --force replaces only an intact lnfm export, and this is not one "
+                          f"({str(e).split(': ', 1)[-1]}); nothing was deleted") from None
 
 
 def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax", force: bool = False) -> Path:
@@ -377,8 +416,8 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
     out = Path(out).absolute()
-    if _occupied(out) and not force:
-        raise ExportError(f"{out}: already exists (pass --force to replace it)")
+    check_apart({"--out": out}, {"--checkpoint": source_dir(checkpoint)})
+    check_replaceable(out, force)
     source = load_source(checkpoint)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -421,11 +460,7 @@ def read_meta(folder: str | Path) -> dict:
 def build_from_meta(meta: dict, flat: dict[str, np.ndarray], where: str = "export"):
     """(segmenter or None, encoder) of the architecture in `meta` carrying the weights `flat`
     (dotted names; the encoder's start with 'encoder.'). Nothing is randomly initialised."""
-    from flax import nnx
 
-    from lnfm.config import from_dict
-    from lnfm.models import ModelConfig, build_encoder
-    from lnfm.models.segmenter import build_segmenter
 
     cfg = from_dict(ModelConfig, meta["model"], "model")
     try:
@@ -437,12 +472,12 @@ def build_from_meta(meta: dict, flat: dict[str, np.ndarray], where: str = "expor
                                         **(head.get("options") or {})), flat, where)
             return model, model.encoder
         return None, fmt.module_from_flat(lambda: build_encoder(cfg, nnx.Rngs(0)), flat, where, prefix="encoder.")
-    except ValueError as e:
+    except WeightsMismatch as e:
         raise ExportError(str(e).splitlines()[0]) from None
 
 
 def load_export(folder: str | Path, verify: bool = True) -> Exported:
-    """Rebuild the model of an orbax, safetensors or monai export (checksums verified first).
+    """Rebuild the model of an orbax, safetensors, onnx or monai export (checksums verified first).
 
     `Exported.encoder` feeds `lnfm.models.segmenter.load_encoder_state` (finetuning --init);
     `Exported.model` is the segmenter `lnfm predict` runs (None for encoder-only exports)."""
@@ -455,19 +490,15 @@ def load_export(folder: str | Path, verify: bool = True) -> Exported:
         raise ExportError(f"{folder}: a stablehlo export holds a compiled function, not weights (use "
                           f"lnfm.models.export_formats.read_stablehlo, or export orbax/safetensors)")
     if kind == "monai":
-        from lnfm.config import from_dict
-        from lnfm.models import ModelConfig
-        from lnfm.models.interop import from_monai_vit
-
         cfg = from_dict(ModelConfig, meta["model"], "model")
         try:
             encoder = from_monai_vit(fmt.read_safetensors(folder / fmt.MONAI_SAFETENSORS), cfg)
-        except ValueError as e:
+        except WeightsMismatch as e:
             raise ExportError(f"{folder / fmt.MONAI_SAFETENSORS}: {e}") from None
         return Exported(meta, encoder, None)
     if kind == "orbax":
         flat = fmt.read_orbax(folder)
-    elif kind == "safetensors":
+    elif kind in ("safetensors", "onnx"):
         flat = fmt.read_safetensors(folder / fmt.SAFETENSORS_FILE)
     else:
         raise ExportError(f"{folder / MODEL_JSON}: unknown format '{kind}'")
@@ -483,25 +514,21 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--checkpoint", help="finetuning workdir (or its best/ or checkpoints/), or a pretraining workdir")
     ap.add_argument("--out", help="export folder to write")
     ap.add_argument("--format", default="orbax", choices=FORMATS, help="export format (default: orbax)")
-    ap.add_argument("--force", action="store_true", help="replace an existing export (atomically)")
+    ap.add_argument("--force", action="store_true", help="replace an existing, intact export (atomically)")
     ap.add_argument("--verify", metavar="DIR", default=None, help="check an export's files against its checksums")
     return ap
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.verify:
-            n = verify_export(args.verify)
-            print(f"{args.verify}: {n} files match {CHECKSUMS}")
-            return 0
-        if not args.checkpoint or not args.out:
-            raise ExportError("export needs --checkpoint DIR and --out EXPORT_DIR (or --verify DIR)")
-        out = export_model(args.checkpoint, args.out, args.format, force=args.force)
-        print(f"wrote {args.format} export to {out}")
+    if args.verify:
+        n = verify_export(args.verify)
+        print(f"{args.verify}: {n} files match {CHECKSUMS}")
         return 0
-    except (ExportError, ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    if not args.checkpoint or not args.out:
+        raise ExportError("export needs --checkpoint DIR and --out EXPORT_DIR (or --verify DIR)")
+    out = export_model(args.checkpoint, args.out, args.format, force=args.force)
+    print(f"wrote {args.format} export to {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,39 +32,46 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
 from lnfm.data.loader import LoaderConfig, make_loader, normalize
-from lnfm.data.store import read_case, read_manifest
+from lnfm.data.store import check_stores, read_case, read_manifest
+from lnfm.errors import DataError, LnfmError
 from lnfm.eval.inference import InferenceConfig, sliding_window_inference
 from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
 from lnfm.eval.surface import dice as dice_score
+from lnfm.jobs.finetune_cpu import cpu_notice
+from lnfm.jobs.export import ExportError, check_weights_export, load_export
+from lnfm.models.lora import apply_lora
 from lnfm.models import ModelConfig
 from lnfm.models.heads import head_flops, head_param_count
 from lnfm.models.segmenter import build_segmenter, load_encoder_state
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
-from lnfm.jobs.pretrain import DataError, check_stores
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import LossConfig, deep_supervision_loss, segmentation_loss
 from lnfm.segmentation.sites import SiteConfig, check_spacing
 from lnfm.segmentation.strategies import StrategyConfig, count_params, layer_index_fn, trainable_filter
-from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, restore_params
-from lnfm.train.distributed import DistributedConfigError, initialize
+from lnfm.safety import check_apart
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints, restore_params
+from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
-from lnfm.train.loop import Hook, NonFiniteLoss, Throughput, run_loop, trim_metrics
+from lnfm.train.loop import Hook, Throughput
 from lnfm.train.optim import OptimConfig, layer_lr_scales, make_optimizer
-from lnfm.train.state import abstract_state, create_train_state, merge_model, split_model
+from lnfm.train.state import create_train_state, merge_model, split_model
+from lnfm.train.job import check_batch, device_batch, fit
 from lnfm.train.step import make_train_step
-from lnfm.workdir import atomic_write_text, open_workdir
+from lnfm.workdir import atomic_write_text, check_resume, lock_folder, open_workdir
 
 log = logging.getLogger("lnfm.finetune")
 
+RESUME_KEYS = ("model", "head", "strategy", "site")  # a resumed run keeps these (checkpoint shapes follow them)
 METRICS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume", "sens_lt5", "sens_5to10", "sens_ge10")
 
 
 @dataclasses.dataclass
 class HeadConfig:
-    kind: Literal["unetr", "light", "linear"] = "light"  # decoder head (lnfm.models.heads)
+    kind: Literal["unetr", "light", "fine", "linear"] = "light"  # decoder head (lnfm.models.heads)
     deep_supervision: bool = False  # also supervise the head's coarser outputs
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra head arguments, e.g. feature_size: 8 for unetr
+    options: dict[str, Any] = dataclasses.field(  # extra head arguments, e.g. feature_size: 8 for unetr
+        default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -85,12 +92,14 @@ class FinetuneConfig:
     site: SiteConfig = dataclasses.field(default_factory=SiteConfig)  # anatomical site preset values
     init: str = "scratch"  # pretraining workdir, its checkpoints dir, an export dir, or scratch
     data: list[str] = dataclasses.field(default_factory=list)  # prepared stores with labelled cases
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # backbone (taken from the checkpoint with --init)
+    model: ModelConfig = dataclasses.field(  # backbone (taken from the checkpoint with --init)
+        default_factory=ModelConfig)
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)  # segmentation head
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)  # which parameters train
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # segmentation loss
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW + schedule (+ LLRD scales)
-    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)  # patch sampling; patch, window and batch come from site/train
+    loader: LoaderConfig = dataclasses.field(  # patch sampling; patch, window and batch come from site/train
+        default_factory=LoaderConfig)
     train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
     inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
     metrics: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # test metrics settings
@@ -100,7 +109,9 @@ class FinetuneConfig:
 
 # Finetuning defaults that differ from the shared dataclass defaults (presets and overrides go on top).
 DEFAULTS: dict = {
-    "optim": {"lr": 1e-3, "warmup_steps": 50, "weight_decay": 1e-4, "b2": 0.999},
+    # Cosine to a 10% floor, not to zero: few-shot validation Dice was still rising when
+    # the LR reached zero (0.13 / 0.31 / 0.39 at steps 100 / 200 / 300 of a 300-step run).
+    "optim": {"lr": 1e-3, "warmup_steps": 50, "weight_decay": 1e-4, "b2": 0.999, "min_lr_ratio": 0.1},
     "loader": {"fg_fraction": 0.5, "workers": 0},
     "inference": {"overlap": 0.5, "sw_batch_size": 2},
     "checkpoint": {"every": 500, "keep": 2},
@@ -130,7 +141,12 @@ def resolve_init(init: str) -> tuple[str, Path | None, dict | None]:
         raise ConfigError(f"{init}: --init must be a pretraining workdir, its checkpoints dir, an export dir or "
                           f"'scratch'")
     if (path / "model.json").is_file():
-        data = json.loads((path / "model.json").read_text())
+        try:
+            data = json.loads((path / "model.json").read_text())
+        except ValueError as e:
+            raise ConfigError(f"{path / 'model.json'}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path / 'model.json'}: not an export's model.json (not a JSON object)")
         return "export", path, data.get("model", data)
     if path.name == "checkpoints" and (path.parent / "config.yaml").is_file():
         path = path.parent
@@ -239,8 +255,6 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
         log.info("encoder initialised from %s", path / "checkpoints")
     elif kind == "export":
-        from lnfm.jobs.export import ExportError, load_export
-
         try:
             exported = load_export(path)
         except ExportError as e:
@@ -248,8 +262,6 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         load_encoder_state(model, exported.encoder)
         log.info("encoder initialised from export %s", path)
     if cfg.strategy.freeze == "lora":
-        from lnfm.models.lora import apply_lora
-
         apply_lora(model.encoder, cfg.strategy.lora_rank, cfg.strategy.lora_alpha, rngs=nnx.Rngs(seed + 1))
     if kind == "export" or cfg.strategy.freeze == "lora":
         # Exported weights and new adapters are created off-mesh: lay every array out on the mesh again.
@@ -309,16 +321,9 @@ def load_finetuned(workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -
 # ----------------------------------------------------------------------------- one repeat
 
 
-def _check_batch(tc: FinetuneTrainConfig, nproc: int, shards: int) -> None:
-    if tc.global_batch % nproc or tc.global_batch % (shards * tc.accum_steps):
-        raise ConfigError(f"train.global_batch={tc.global_batch} must be a multiple of the {shards} batch shards "
-                          f"(mesh data x fsdp) times train.accum_steps={tc.accum_steps} and of {nproc} processes")
-
-
 @dataclasses.dataclass
 class Training:
     """What one repeat trains with (see `build_training`)."""
-
     graphdef: nnx.GraphDef
     state: dict  # lnfm.train.state train state (params = trainable leaves only)
     shardings: Any
@@ -366,6 +371,18 @@ def build_training(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> T
     return Training(graphdef, state, shardings, step_fn, filt, full_target, hp, hf, n_train, total_params)
 
 
+def save_best(ckpt: Checkpointer, step: int, tree: dict, config: dict) -> None:
+    """Commit the new best model before the previous one goes: the keep=1 manager removes older
+    steps only after the new step is committed, so a kill or a full disk during the save leaves
+    the previous best intact. Steps at or after `step` come from a future that a resume from an
+    earlier checkpoint discarded; they are dropped first (the manager keeps the highest step)."""
+    for old in ckpt.all_steps():
+        if old >= step:
+            ckpt.manager.delete(old)
+    ckpt.save(step, tree, config=config)
+    ckpt.wait()
+
+
 def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.Mesh, splits: Splits,
                val_cases: list[Case], test_cases: list[Case], records: dict) -> dict | None:
     """Train, validate, keep the best and test one repeat; returns its summary (None if preempted)."""
@@ -391,19 +408,14 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     loader = make_loader(cfg.data, loader_cfg, split="train", labels=True, case_ids=train_ids,
                          shard_index=pid, shard_count=nproc)
     data_iter = iter(loader)
-    ckpt = Checkpointer(rdir / "checkpoints", cfg.checkpoint)
     best_ckpt = Checkpointer(rdir / "best", CheckpointConfig(keep=1, async_save=False))
     best_file = rdir / "best.json"
     best = json.loads(best_file.read_text()) if best_file.is_file() else {"step": -1, "val_dice": -1.0}
-    start = 0
-    restored = ckpt.restore_latest(abstract_state(state, shardings), data_iter)
-    if restored is not None:
-        state, start = restored
-        log.info("resumed from step %d", start)
-        if pid == 0:
-            trim_metrics(rdir, start)
-    if best["step"] > start:  # a best model saved after the restored step is from the lost future
-        best = {"step": -1, "val_dice": -1.0}
+
+    def forget_lost_best(start: int) -> None:
+        if best["step"] > start:  # a best model saved after the restored step is from the lost future
+            best.update(step=-1, val_dice=-1.0)
+
     predict = _predict_fn(graphdef)
 
     def validate(step: int, st: dict) -> None:
@@ -414,34 +426,27 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         log.info("step %d: validation Dice %.4f (previous best %.4f)", step, val_dice, max(best["val_dice"], 0.0))
         if val_dice >= best["val_dice"]:  # ties go to the later, longer-trained model
             best.update(step=step, val_dice=val_dice)
-            for old in best_ckpt.all_steps():
-                best_ckpt.manager.delete(old)
-            best_ckpt.save(step, {"model": _full_state(graphdef, *states)}, config=to_dict(cfg))
-            best_ckpt.wait()
+            save_best(best_ckpt, step, {"model": _full_state(graphdef, *states)}, to_dict(cfg))
             if pid == 0:
                 atomic_write_text(best_file, json.dumps(best))
 
     def next_batch() -> dict:
-        host = next(data_iter)
-        return {"image": jax.make_array_from_process_local_data(bsh, np.asarray(host["image"], np.float32)),
-                "label": jax.make_array_from_process_local_data(bsh, np.asarray(host["label"], np.int32))}
+        return device_batch(next(data_iter), bsh, {"image": np.float32, "label": np.int32})
 
     hooks = (Hook(tc.eval_every, validate),) if tc.eval_every else ()
     tokens = tc.global_batch * math.prod(cfg.site.patch)
+    result = fit(step_fn, state, shardings, next_batch, data_iter, workdir=rdir, checkpoint=cfg.checkpoint, mesh=mesh,
+                 rules=cfg.mesh.rules, total_steps=tc.steps, writer=writer,
+                 throughput=Throughput(tc.global_batch, tokens, None), config=to_dict(cfg), log_every=tc.log_every,
+                 hooks=hooks, desc=f"finetune[{repeat}]", on_resume=forget_lost_best)
+    if result.preempted:
+        best_ckpt.close()
+        writer.close()
+        return None
     with use_rules(mesh, cfg.mesh.rules):
-        result = run_loop(step_fn, state, next_batch, start_step=start, total_steps=tc.steps, writer=writer,
-                          throughput=Throughput(tc.global_batch, tokens, None), checkpointer=ckpt,
-                          ckpt_every=cfg.checkpoint.every, data_iter=data_iter, config=to_dict(cfg),
-                          log_every=tc.log_every, hooks=hooks, desc=f"finetune[{repeat}]")
-        if result.preempted:
-            ckpt.close()
-            best_ckpt.close()
-            writer.close()
-            return None
         if best["step"] != result.step and (not tc.eval_every or result.step % tc.eval_every):
             validate(result.step, result.state)
         train_time = time.time() - t_build
-        ckpt.close()
         restored_best = best_ckpt.restore_latest({"model": best_target})
         best_ckpt.close()
         if restored_best is None:
@@ -500,6 +505,16 @@ def combine(cfg: FinetuneConfig, runs: list[dict]) -> dict:
 
 def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     """Finetune (or resume) into `workdir` and write summary.json. Returns the exit code."""
+    init = resolve_init(cfg.init)[1]
+    check_apart({"--workdir": workdir}, {"--init": init, "--data": cfg.data})
+    with lock_folder(workdir, enabled=jax.process_index() == 0):
+        runs = [Path(workdir)] + sorted(Path(workdir).glob("repeat_*"))
+        check_resume(workdir, cfg, RESUME_KEYS, has_run=any(has_checkpoints(d / "checkpoints") or
+                                                            has_checkpoints(d / "best") for d in runs))
+        return _run(cfg, workdir)
+
+
+def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     workdir = Path(workdir)
     check_stores(cfg.data)
     records: dict[str, tuple[str, dict]] = {}
@@ -510,6 +525,18 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
             records[rec["case_id"]] = (store, rec)
     all_records = [r for _, r in records.values()]
     splits = make_splits(all_records, cfg.train.val_fraction)
+    kind, init_path, _ = resolve_init(cfg.init)
+    if kind == "export":  # a damaged export fails before the workdir is written
+        try:
+            check_weights_export(init_path)
+        except (ExportError, LnfmError) as e:
+            raise ConfigError(str(e)) from None
+    n = cfg.train.num_labeled
+    if n is not None and n < 1:  # fails before the workdir is written (select_subset would, after)
+        raise ConfigError(f"train.num_labeled: {n} must be at least 1")
+    if n is not None and n > len(splits.pool):  # documented: the whole split is used (studies rely on it)
+        log.warning("train.num_labeled=%d but the data has %d labelled training case(s): all of them are used",
+                    n, len(splits.pool))
     channels = {len(r["channels"]) for r in all_records}
     if len(channels) != 1:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")
@@ -525,11 +552,16 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
         raise DataError(f"the labels reach class {max_class} but site.labels names only {len(cfg.site.labels)} "
                         f"classes ({cfg.site.labels})")
     mesh = make_mesh(cfg.mesh)
-    _check_batch(cfg.train, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
+    check_batch(cfg.train.global_batch, cfg.train.accum_steps, jax.process_count(),
+                mesh.shape["data"] * mesh.shape["fsdp"])
     pid = jax.process_index()
     writer = open_workdir(workdir, cfg, is_main=pid == 0, tensorboard=False)
     writer.close()
     check_spacing(cfg.site, labelled)
+    if pid == 0:
+        notice = cpu_notice(cfg)
+        if notice:
+            print(notice, file=sys.stderr)
     log.info("site %s, init %s, head %s, strategy %s; mesh %s over %d devices", cfg.site.name, cfg.init,
              cfg.head.kind, cfg.strategy.freeze, dict(mesh.shape), jax.device_count())
     loader_cfg = dataclasses.replace(cfg.loader, hu_window=cfg.site.window)
@@ -559,7 +591,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Finetune a pretrained encoder for lymph-node segmentation.")
+    ap = argparse.ArgumentParser(prog="lnfm finetune",
+                                 description="Finetune a pretrained encoder for lymph-node segmentation.")
     ap.add_argument("--site", required=True, help="site preset (head_neck, axilla, mediastinum, abdomen, pelvis) "
                                                   "or a YAML file")
     ap.add_argument("--data", required=True, help="comma-separated prepared stores with labelled cases")
@@ -567,7 +600,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
-    ap.add_argument("--quick", action="store_true", help="CPU demo settings (lnfm.jobs.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU demo settings (lnfm.jobs.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
     return ap.parse_args(argv)
@@ -575,20 +609,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
-        cfg = load_finetune_config(args.site, args.overrides, init=args.init,
-                                   data=[s for s in args.data.split(",") if s], num_labeled=args.num_labeled,
-                                   repeats=args.repeats, quick=args.quick)
-        return run(cfg, args.workdir)
-    except (DataError, ConfigError, CheckpointError, DistributedConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
+    cfg = load_finetune_config(args.site, args.overrides, init=args.init,
+                               data=[s for s in args.data.split(",") if s], num_labeled=args.num_labeled,
+                               repeats=args.repeats, quick=args.quick)
+    return run(cfg, args.workdir)
 
 
 __all__ = ["FinetuneConfig", "HeadConfig", "FinetuneTrainConfig", "QUICK", "load_finetune_config", "run", "main",
-           "load_finetuned", "resolve_init", "make_splits", "dump_yaml"]
+           "save_best", "load_finetuned", "resolve_init", "make_splits", "dump_yaml"]

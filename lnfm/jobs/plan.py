@@ -2,10 +2,10 @@
 
     python launch/plan.py --model vit_h --patch 160 --global-batch 1024 --mesh fsdp=256 --device h100
 
-The pretraining job's own pieces (model builder, sharding rules, optimizer, train
-step) are assembled over abstract arrays (`jax.ShapeDtypeStruct` with shardings),
-lowered and compiled by XLA for a mesh of virtual CPU devices, so nothing is
-allocated. Reported per device:
+The pretraining job's own builder, `lnfm.jobs.pretrain.build_training(cfg, mesh,
+abstract=True)` (same model, sharding rules, optimizer, loss and train step), gives the
+state as abstract arrays (`jax.ShapeDtypeStruct` with shardings), which are lowered and
+compiled by XLA for a mesh of virtual CPU devices, so nothing is allocated. Reported per device:
 - memory: XLA's `memory_analysis()` of the compiled step (arguments, outputs,
   temporaries = activations and workspace, generated code) and the exact split of
   the arguments into parameters and optimizer state from their shardings;
@@ -32,6 +32,19 @@ import subprocess
 import sys
 from typing import Any
 
+import jax
+import numpy as np
+from flax import nnx
+
+from lnfm.config import ConfigError
+from lnfm.jobs.pretrain import build_training, load_pretrain_config, step_flops
+from lnfm.models import build_ssl_model
+from lnfm.models.mae import decoder_dims, num_visible
+from lnfm.models.sharding import batch_sharding, logical_to_mesh_spec, make_mesh, use_rules
+from lnfm.models.vit import token_grid, vit_dims
+from lnfm.train.mfu import ASSUMED_MFU, expected_step_time, peak_flops
+from lnfm.workdir import atomic_write_text
+
 GIB = 1024**3
 
 # Per-device HBM (GiB) and bandwidth (TB/s) by accelerator, plus the jax device_kind
@@ -46,7 +59,7 @@ DEVICES: dict[str, dict[str, Any]] = {
     "v6e": {"kind": "TPU v6 lite", "hbm_gib": 32, "hbm_tbps": 1.64},
 }
 USABLE_FRACTION = 0.9  # share of HBM a job can count on (runtime, allocator and fragmentation keep the rest)
-DEFAULT_MFU = 0.4  # assumed model FLOPs utilisation for the step-time estimate
+DEFAULT_MFU = ASSUMED_MFU  # assumed model FLOPs utilisation for the step-time estimate
 
 
 @dataclasses.dataclass
@@ -73,17 +86,15 @@ def parse_mesh(text: str) -> dict:
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
         if not sep or key not in ("data", "fsdp", "tensor") or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--mesh: '{part}' is not data=N, fsdp=N or tensor=N")
+            raise ConfigError(f"--mesh: '{part}' is not data=N, fsdp=N or tensor=N")
         mesh[key] = int(value)
     if not mesh:
-        raise ValueError("--mesh is empty (e.g. fsdp=8 or data=4,fsdp=2)")
+        raise ConfigError("--mesh is empty (e.g. fsdp=8 or data=4,fsdp=2)")
     return mesh
 
 
 def pretrain_config(req: PlanRequest):
     """The pretraining config the job would run with these planner settings."""
-    from lnfm.jobs.pretrain import load_pretrain_config
-
     sets = [f"model.img_size={req.patch},{req.patch},{req.patch}", f"train.global_batch={req.global_batch}",
             f"mesh.data={req.mesh.get('data', 1)}", f"mesh.fsdp={req.mesh.get('fsdp', 1)}",
             f"mesh.tensor={req.mesh.get('tensor', 1)}"]
@@ -99,59 +110,13 @@ def pretrain_config(req: PlanRequest):
     return load_pretrain_config(req.model, [*sets, *req.overrides])
 
 
-def abstract_training(cfg, mesh):
-    """`lnfm.jobs.pretrain.build_training` over abstract arrays: (graphdef, abstract state, step_fn).
-
-    Same model builder, sharding rules, optimizer and step builder as the job,
-    with every array a ShapeDtypeStruct carrying its sharding instead of data.
-    """
-    import jax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from lnfm.models import build_ssl_model
-    from lnfm.models.sharding import batch_sharding, state_sharding
-    from lnfm.train.optim import make_optimizer
-    from lnfm.train.state import merge_model, opt_state_shardings, split_model
-    from lnfm.train.step import make_train_step
-
-    tc = cfg.train
-    model = nnx.eval_shape(lambda: build_ssl_model(cfg.model, nnx.Rngs(tc.seed)))
-    graphdef, params, frozen, rest = split_model(model)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    tx, schedule = make_optimizer(cfg.optim, params, tc.steps, tc.global_batch)
-    param_sh = state_sharding(params, mesh, cfg.mesh.rules)
-    shardings = {"step": replicated, "params": param_sh,
-                 "opt_state": opt_state_shardings(tx, params, param_sh, replicated), "rng": replicated,
-                 "frozen": state_sharding(frozen, mesh, cfg.mesh.rules),
-                 "rest": state_sharding(rest, mesh, cfg.mesh.rules)}
-    shapes = {"step": jax.ShapeDtypeStruct((), "int32"), "params": params,
-              "opt_state": jax.eval_shape(tx.init, params),
-              "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-              "frozen": frozen, "rest": rest}
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
-    def loss_fn(params, frozen, rest, batch, key):
-        return merge_model(graphdef, params, frozen, rest)(batch["image"], key)
-
-    step_fn = make_train_step(loss_fn, tx, schedule, shardings, batch_sharding(mesh), accum_steps=tc.accum_steps)
-    return graphdef, state, step_fn
-
-
 def abstract_batch(cfg, mesh) -> dict:
-    import jax
-
-    from lnfm.models.sharding import batch_sharding
-
     shape = (cfg.train.global_batch, *cfg.model.img_size, cfg.model.in_channels)
     return {"image": jax.ShapeDtypeStruct(shape, "float32", sharding=batch_sharding(mesh))}
 
 
 def per_device_bytes(tree) -> int:
     """Bytes one device holds for a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
-    import jax
-    import numpy as np
-
     total = 0
     for x in jax.tree.leaves(tree):
         shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
@@ -179,30 +144,25 @@ def _cost_flops(compiled) -> float | None:
 
 def plan(req: PlanRequest) -> dict:
     """Compile the step for `req` on this process's devices and return every figure (JSON-ready)."""
-    import jax
-
-    from lnfm.models.sharding import make_mesh, use_rules
-    from lnfm.jobs.pretrain import step_flops
-    from lnfm.train.mfu import peak_flops
-
     if req.device not in DEVICES:
-        raise ValueError(f"unknown device '{req.device}' (choices: {', '.join(DEVICES)})")
+        raise ConfigError(f"unknown device '{req.device}' (choices: {', '.join(DEVICES)})")
     n = req.num_devices()
     if jax.device_count() != n:
-        raise ValueError(f"the mesh needs {n} devices but this process sees {jax.device_count()}")
+        raise ConfigError(f"the mesh needs {n} devices but this process sees {jax.device_count()}")
     cfg = pretrain_config(req)
     mesh = make_mesh(cfg.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.train.global_batch % shards:
-        raise ValueError(f"global batch {cfg.train.global_batch} is not divisible by the {shards} batch shards")
-    graphdef, state, step_fn = abstract_training(cfg, mesh)  # outside use_rules, as the job builds it
+        raise ConfigError(f"global batch {cfg.train.global_batch} is not divisible by the {shards} batch shards")
+    # The job's own builder over abstract arrays, outside use_rules as the job calls it.
+    graphdef, state, _, step_fn = build_training(cfg, mesh, abstract=True)
     with use_rules(mesh, cfg.mesh.rules):
         compiled = step_fn.lower(state, abstract_batch(cfg, mesh)).compile()
     mem = memory_figures(compiled)
     model_flops = step_flops(cfg, graphdef, state)
     dev = DEVICES[req.device]
     peak = peak_flops(dev["kind"])
-    step_time = model_flops / (n * peak * req.assumed_mfu) if model_flops and peak else None
+    step_time = expected_step_time(model_flops, dev["kind"], n, req.assumed_mfu)
     usable = dev["hbm_gib"] * GIB * USABLE_FRACTION
     params_b, opt_b = per_device_bytes(state["params"]), per_device_bytes(state["opt_state"])
     out = {
@@ -243,19 +203,9 @@ def analytic_plan(req: PlanRequest) -> dict:
     for the MAE encoder (visible tokens) and decoder (all tokens), plus float32 gradients
     and updates the size of the local parameter shard.
     """
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from lnfm.models import build_ssl_model
-    from lnfm.models.mae import decoder_dims, num_visible
-    from lnfm.models.sharding import logical_to_mesh_spec
-    from lnfm.models.vit import token_grid, vit_dims
-    from lnfm.train.mfu import peak_flops
-
     cfg = pretrain_config(req)
     if cfg.model.arch != "vit":
-        raise ValueError("the analytic model covers ViT MAE only")
+        raise ConfigError("the analytic model covers ViT MAE only")
     n = req.num_devices()
     sizes = {"data": req.mesh.get("data", 1), "fsdp": req.mesh.get("fsdp", 1), "tensor": req.mesh.get("tensor", 1)}
     model = nnx.eval_shape(lambda: build_ssl_model(cfg.model, nnx.Rngs(0)))
@@ -303,7 +253,7 @@ def analytic_plan(req: PlanRequest) -> dict:
         "rules": cfg.mesh.rules, "remat": cfg.model.remat, "dtype": cfg.model.dtype, "devices": n,
         "device": req.device, "hbm_gib": dev["hbm_gib"], "params": int(n_params), "memory": mem,
         "model_flops_per_step": model_flops, "xla_flops_per_device": None, "peak_flops": peak,
-        "assumed_mfu": req.assumed_mfu, "step_time_s": model_flops / (n * peak * req.assumed_mfu) if peak else None,
+        "assumed_mfu": req.assumed_mfu, "step_time_s": expected_step_time(model_flops, dev["kind"], n, req.assumed_mfu),
         "usable_bytes": usable, "fits": mem["peak"] <= usable, "source": "analytic",
     }
     out["advice"] = advice(out)
@@ -319,7 +269,8 @@ def advice(p: dict) -> list[str]:
     fsdp = p["mesh"].get("fsdp", 1)
     if fsdp < p["devices"] and state_b > 0.25 * usable:
         tips.append(f"shard parameters and optimizer state: --mesh fsdp={p['devices']} "
-                    f"(state {state_b / GIB:.1f} GiB -> about {state_b * fsdp / p['devices'] / GIB:.2f} GiB per device)")
+                    f"(state {state_b / GIB:.1f} GiB -> about {state_b * fsdp / p['devices'] / GIB:.2f} GiB "
+                    f"per device)")
     if p["remat"] in ("none", None):
         tips.append("rematerialise each block: --remat full (activations shrink to about one block's worth)")
     room = usable - (mem["peak"] - mem["temp"])
@@ -376,7 +327,7 @@ TABLE_BATCH_PER_DEVICE = 4
 
 def _compiled_cell(req: PlanRequest, timeout_s: float) -> dict | None:
     """Plan one cell in a fresh interpreter with the right device count; None on timeout or failure."""
-    cmd = [sys.executable, "-m", "lnfm.jobs.plan", "--model", req.model, "--patch", str(req.patch),
+    cmd = [sys.executable, "-m", "lnfm", "plan", "--model", req.model, "--patch", str(req.patch),
            "--global-batch", str(req.global_batch), "--mesh", ",".join(f"{k}={v}" for k, v in req.mesh.items()),
            "--device", req.device, "--json"]
     try:
@@ -458,41 +409,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.table:
-        from lnfm.workdir import atomic_write_text
-
         text, cells = table(args.compile_max_devices, tuple(filter(None, args.compile_models.split(","))),
                             args.compile_timeout)
         atomic_write_text(args.table, text)
         atomic_write_text(args.table + ".json", json.dumps(cells, indent=1))
         print(text)
         return 0
-    try:
-        req = request_from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    req = request_from_args(args)
     if args.analytic:
-        from lnfm.config import ConfigError
-
-        try:
-            p = analytic_plan(req)
-        except (ValueError, ConfigError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        p = analytic_plan(req)
         print(json.dumps(p, indent=1) if args.json else report(p))
         return 0
     env = device_env(req.num_devices())
-    if "jax" in sys.modules or os.environ.get("XLA_FLAGS") != env["XLA_FLAGS"] \
-            or os.environ.get("JAX_PLATFORMS") != "cpu":
-        # XLA reads the device count once, at backend start: run in a fresh interpreter.
-        return subprocess.call([sys.executable, "-m", "lnfm.jobs.plan", *argv], env=env)
-    from lnfm.config import ConfigError
-
-    try:
-        p = plan(req)
-    except (ValueError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if os.environ.get("XLA_FLAGS") != env["XLA_FLAGS"] or os.environ.get("JAX_PLATFORMS") != "cpu":
+        # XLA reads the device count from the environment once, at backend start: run in a fresh
+        # interpreter (importing jax does not start the backend, so this process may have imported it).
+        return subprocess.call([sys.executable, "-m", "lnfm", "plan", *argv], env=env)
+    p = plan(req)
     print(json.dumps(p, indent=1) if args.json else report(p))
     return 0
 

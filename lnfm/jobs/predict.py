@@ -1,7 +1,7 @@
 """Segment lymph nodes in new scans with an export (`lnfm predict`).
 
     lnfm predict --model EXPORT_DIR --input SCAN[,PET] --output MASK.nii.gz
-                 [--probabilities P.nii.gz] [--report nodes.csv] [--overlay preview.png]
+                 [--probabilities P.nii.gz] [--report nodes.csv] [--overlay preview.png] [--series UID]
     lnfm predict --model EXPORT_DIR --input FOLDER --output OUT_FOLDER [...]
 
 SCAN is NIfTI, NRRD or a DICOM series folder; a model with two channels takes
@@ -24,13 +24,18 @@ onto the source slices of a DICOM series input (`lnfm.jobs.predict_dicom`).
 Batch mode: `--input FOLDER` holding NIfTI/NRRD files and/or DICOM series
 subfolders (multi-channel cases as CASE_0000.nii.gz, CASE_0001.nii.gz, ...);
 `--output` and any --probabilities/--report/--overlay name folders that receive
-CASE.nii.gz, CASE.csv and CASE.png. JAX runs on a GPU when one is present.
+CASE.nii.gz, CASE.csv and CASE.png.
+
+`--backend auto|jax|onnxruntime` picks the network's runtime (`lnfm.eval.backends`):
+auto runs JAX on a GPU and ONNX Runtime on a CPU-only machine when the export
+holds model.onnx (`lnfm export --format onnx`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -41,87 +46,96 @@ from pathlib import Path
 import numpy as np
 
 from lnfm.data.geometry import restore_to_source, spacing_of
-from lnfm.jobs.export import ExportError, read_meta
-from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image
-from lnfm.jobs.predict_dicom import FORMATS, OutputFormats, check_outside_inputs, output_paths, source_series
+from lnfm.data.loader import LoaderConfig, normalize
+from lnfm.data.prepare import preprocess_volume
+from lnfm.eval import backends
+from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
+from lnfm.errors import LnfmError
+from lnfm.eval.inference import sliding_window_inference
+from lnfm.eval.postprocess import PostprocessConfig, postprocess
+from lnfm.eval.report import node_table, report_csv, write_overlay
+from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image, write_nifti
+from lnfm.jobs.export import ExportError, load_export, read_meta, verify_export
+from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
+                                     parse_formats, source_series, write_dicom_outputs)
+from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
+from lnfm.safety import check_apart
+from lnfm.workdir import atomic_write_text, progress, setup_logging
 
 log = logging.getLogger("lnfm.predict")
 
-MAX_SPACING_MM = 20.0  # coarser voxels than this are not a diagnostic CT
 GRID_TOL_MM = 1e-3  # channel grids agree when their affines differ by less than this
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 
 
-class PredictError(ValueError):
+class PredictError(LnfmError, ValueError):
     """A scan or an option `lnfm predict` cannot use; one line naming the file."""
 
 
 @dataclasses.dataclass
 class PredictOptions:
     """Settings that default to model.json's values when None."""
-
     overlap: float | None = None  # sliding-window overlap
     tta: bool | None = None  # average over the 8 axis flips
     sw_batch_size: int | None = None  # windows per forward pass
     min_volume_mm3: float | None = None  # smaller predicted components are removed
 
 
-@dataclasses.dataclass
 class Prediction:
-    labels: np.ndarray  # (X, Y, Z) uint8 on the source grid
-    probability: np.ndarray  # (X, Y, Z) foreground probability (or (X, Y, Z, K-1) per class) on the source grid
-    affine: np.ndarray  # the source affine
-    hu: np.ndarray  # (X, Y, Z) channel 0 of the scan (HU) on the source grid
+    """A case's outputs on the source grid. The probability map is resampled there only when first
+    read (an order-1 resampling of the whole scan: the costliest step after the network)."""
+
+    def __init__(self, labels: np.ndarray, affine: np.ndarray, hu: np.ndarray, model_probability: np.ndarray,
+                 geometry: dict):
+        self.labels = labels  # (X, Y, Z) uint8 on the source grid
+        self.affine = affine  # the source affine
+        self.hu = hu  # (X, Y, Z) channel 0 of the scan (HU) on the source grid
+        self._model_probability, self._geometry, self._probability = model_probability, geometry, None
+
+    @property
+    def probability(self) -> np.ndarray:
+        """(X, Y, Z) foreground probability (or (X, Y, Z, K-1) per class) on the source grid."""
+        if self._probability is None:
+            prob = restore_to_source(self._model_probability, self._geometry, order=1)
+            self._probability = np.clip(prob, 0.0, 1.0).astype(np.float32)
+        return self._probability
 
 
 # ----------------------------------------------------------------------------- model
 
 
-def load_predictor(export_dir: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """(fn, model.json): fn maps normalised patches (B, *patch, C) to probabilities (B, *patch, K).
-
-    orbax and safetensors exports rebuild the model; a stablehlo export runs its
-    serialized function. Checksums are verified first."""
-    import jax
-
-    from lnfm.jobs.export import load_export, verify_export
+def load_predictor(export_dir: str | Path, backend: str = "auto"
+                   ) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """(fn, model.json): fn maps normalised patches (B, *patch, C) to probabilities (B, *patch, K),
+    on the backend `lnfm.eval.backends` resolves `backend` to. Checksums are verified first."""
 
     meta = read_meta(export_dir)
     if meta.get("kind") != "segmenter":
         raise ExportError(f"{export_dir}: an encoder-only export cannot segment (export a finetuning workdir)")
-    if meta["format"] == "stablehlo":
-        from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
-
-        verify_export(export_dir)
-        exported = read_stablehlo(Path(export_dir) / STABLEHLO_FILE)
-        return (lambda x: np.asarray(exported.call(np.asarray(x, np.float32)))), meta
-    if meta["format"] not in ("orbax", "safetensors"):
+    if meta["format"] not in ("orbax", "safetensors", "stablehlo", "onnx"):
         raise ExportError(f"{export_dir}: a {meta['format']} export holds no segmentation head (use orbax, "
-                          f"safetensors or stablehlo)")
-    from flax import nnx
-
-    model = load_export(export_dir).model
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state)
-
-    @jax.jit
-    def probabilities(state, x):
-        out = nnx.merge(graphdef, state)(x)
-        logits = out[0] if isinstance(out, tuple) else out
-        return jax.nn.softmax(logits.astype(np.float32), axis=-1)
-
+                          f"safetensors, stablehlo or onnx)")
+    verify_export(export_dir)
+    files = meta.get("files") or {}
+    name = backends.choose_backend(backend, export_dir, meta["format"], "onnx" in files)
+    if name == "onnxruntime":
+        fn = backends.onnx_network(Path(export_dir) / files["onnx"])
+    elif meta["format"] == "stablehlo":
+        fn = backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
+    else:
+        fn = backends.jax_network(load_export(export_dir, verify=False).model)
     log.info("model %s-%s (%s export) on %s", meta["model"].get("arch"), meta["model"].get("size"), meta["format"],
-             jax.devices()[0].platform)
-    return (lambda x: np.asarray(probabilities(state, x))), meta
+             name)
+    return fn, meta
 
 
 # ----------------------------------------------------------------------------- input
 
 
-def _read_channel(path: str) -> Volume:
+def _read_channel(path: str, series: str | None = None) -> Volume:
     try:
-        vol = read_image(path)
+        vol = read_image(path, series)
     except ImageReadError as e:
         raise PredictError(str(e).splitlines()[0]) from None
     data = vol.data
@@ -134,10 +148,11 @@ def _read_channel(path: str) -> Volume:
     return Volume(data, vol.affine)
 
 
-def read_scan(paths: list[str], meta: dict) -> Volume:
-    """Channels stacked (X, Y, Z, C) float32 on the first file's grid, checked for the model."""
+def read_scan(paths: list[str], meta: dict, series: str | None = None) -> Volume:
+    """Channels stacked (X, Y, Z, C) float32 on the first file's grid, checked for the model
+    (the checks prepare applies, `lnfm.data.scan_checks`). `series` picks a DICOM series."""
     channels = meta["preprocessing"]["channels"]
-    vols = [_read_channel(p) for p in paths]
+    vols = [_read_channel(p, series) for p in paths]
     first, name = vols[0], paths[0]
     for vol, path in zip(vols[1:], paths[1:]):
         if vol.shape3 != first.shape3 or not np.allclose(vol.affine, first.affine, atol=GRID_TOL_MM):
@@ -148,18 +163,21 @@ def read_scan(paths: list[str], meta: dict) -> Volume:
         hint = ",".join(f"{c.lower()}.nii.gz" for c in channels)
         raise PredictError(f"{name}: the model expects {len(channels)} channel(s) ({', '.join(channels)}) but got "
                            f"{data.shape[-1]}; pass them as --input {hint}")
-    spacing = spacing_of(first.affine)
-    if not all(np.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in spacing):
-        raise PredictError(f"{name}: absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm (expected "
-                           f"0 < spacing <= {MAX_SPACING_MM:g} mm)")
     data = data.astype(np.float32)
     if not np.all(np.isfinite(data)):
         raise PredictError(f"{name}: image has NaN or Inf voxels")
     for c, ch in enumerate(channels):
+        src = paths[c] if len(paths) == len(channels) else name
         lo, hi = float(data[..., c].min()), float(data[..., c].max())
         if lo == hi:
-            src = paths[c] if len(paths) == len(channels) else name
             raise PredictError(f"{src}: the {ch} image is constant ({lo:g} everywhere): nothing to segment")
+        try:
+            if c == 0:
+                check_source_spacing(spacing_of(first.affine), name)
+            if ch.upper() == "CT":
+                check_ct(data[..., c], src, float(meta["preprocessing"]["body_threshold_hu"]))
+        except ScanError as e:
+            raise PredictError(str(e)) from None
     return Volume(data, first.affine)
 
 
@@ -169,11 +187,6 @@ def read_scan(paths: list[str], meta: dict) -> Volume:
 def predict_volume(predictor: Callable, meta: dict, vol: Volume, options: PredictOptions | None = None
                    ) -> Prediction:
     """The whole pipeline (see the module docstring) for one checked scan."""
-    from lnfm.data.loader import LoaderConfig, normalize
-    from lnfm.data.prepare import preprocess_volume
-    from lnfm.eval.inference import sliding_window_inference
-    from lnfm.eval.postprocess import PostprocessConfig, postprocess
-
     options = options or PredictOptions()
     pre, inf, post = meta["preprocessing"], meta["inference"], meta["postprocess"]
     channels = pre["channels"]
@@ -201,8 +214,7 @@ def predict_volume(predictor: Callable, meta: dict, vol: Volume, options: Predic
     labels = labels * keep.astype(np.uint8)
     fg = probs[..., 1:] if num_classes > 2 else probs[..., 1]
     labels_src = restore_to_source(labels, geometry, order=0)
-    prob_src = np.clip(restore_to_source(fg, geometry, order=1), 0.0, 1.0).astype(np.float32)
-    return Prediction(labels_src.astype(np.uint8), prob_src, np.asarray(vol.affine), vol.data[..., 0])
+    return Prediction(labels_src.astype(np.uint8), np.asarray(vol.affine), vol.data[..., 0], fg, geometry)
 
 
 def _temp(path: Path) -> Path:
@@ -215,10 +227,6 @@ def write_outputs(pred: Prediction, meta: dict, output: Path | None, probabiliti
                   dicom: tuple | None = None) -> None:
     """Write every requested output under a temporary name, then rename them all. `output` is the
     NIfTI mask (None: not asked for); `dicom` = (source series, {format: path}, OutputFormats)."""
-    from lnfm.io import write_nifti
-    from lnfm.eval.report import node_table, report_csv, write_overlay
-    from lnfm.workdir import atomic_write_text
-
     pending: list[tuple[Path, Path]] = []
     try:
         for final in (output, probabilities, report, overlay, *(dicom[1].values() if dicom else ())):
@@ -228,8 +236,6 @@ def write_outputs(pred: Prediction, meta: dict, output: Path | None, probabiliti
             pending.append((_temp(output), output))
             write_nifti(pending[-1][0], pred.labels, pred.affine)
         if dicom is not None:
-            from lnfm.jobs.predict_dicom import write_dicom_outputs
-
             series, paths, formats = dicom
             write_dicom_outputs(pred.labels, pred.affine, meta, series, paths, formats, _temp, pending)
         if probabilities is not None:
@@ -244,9 +250,13 @@ def write_outputs(pred: Prediction, meta: dict, output: Path | None, probabiliti
             pending.append((_temp(overlay), overlay))
             write_overlay(pending[-1][0], pred.hu, pred.labels, pred.affine,
                           tuple(meta["preprocessing"]["hu_window"]), title)
-    except BaseException:
+    except BaseException as e:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            # a full disk or quota is the user's to fix, not a bug: one line, the old outputs are intact
+            raise PredictError(f"{pending[-1][1] if pending else output}: cannot write ({e.strerror}); "
+                               f"nothing was replaced") from None
         raise
     for tmp, final in pending:
         os.replace(tmp, final)
@@ -266,23 +276,37 @@ def check_outputs(output, probabilities=None, overlay=None, formats: tuple[str, 
         _check_output(Path(overlay), "--overlay", (".png",))
 
 
+def check_case_paths(paths: dict[str, Path], probabilities, report, overlay, inputs: list[str], model=None) -> None:
+    """Every output of one case (each --format file of --output, --probabilities, --report,
+    --overlay) apart from the input channels and the model, and from each other."""
+    check_outside_inputs(paths, inputs)  # the DICOM-specific wording for a file inside a series folder
+    outputs = {("--output" if fmt == "nifti" else f"--output ({fmt})"): p for fmt, p in paths.items()}
+    outputs.update({"--probabilities": probabilities, "--report": report, "--overlay": overlay})
+    check_apart(outputs, {"--input": inputs, "--model": model})
+
+
 def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str | Path,
                  probabilities: str | Path | None = None, report: str | Path | None = None,
                  overlay: str | Path | None = None, options: PredictOptions | None = None,
-                 vol: Volume | None = None, formats: OutputFormats | None = None, series=None) -> Prediction:
+                 vol: Volume | None = None, formats: OutputFormats | None = None, series=None,
+                 series_uid: str | None = None) -> Prediction:
     """Read and check one scan (unless `vol` holds it already read by `read_scan`, and `series` its
-    DICOM source headers), segment it and write its outputs (see the module docstring)."""
+    DICOM source headers), segment it and write its outputs (see the module docstring).
+    `series_uid` picks the series of a DICOM folder holding several. No input path reaches an
+    output or the log: folder and file names often hold patient names."""
     formats = formats or OutputFormats()
     paths = output_paths(output, formats.formats)
     check_outputs(output, probabilities, overlay, formats.formats)
-    check_outside_inputs(paths, list(inputs))
-    series = source_series(list(inputs), formats) if series is None else series
-    vol = read_scan(list(inputs), meta) if vol is None else vol
+    check_case_paths(paths, probabilities, report, overlay, list(inputs))
+    series = source_series(list(inputs), formats, series_uid) if series is None else series
+    vol = read_scan(list(inputs), meta, series_uid) if vol is None else vol
     pred = predict_volume(predictor, meta, vol, options)
+    site = (meta.get("site") or {}).get("name")
     write_outputs(pred, meta, paths.pop("nifti", None), Path(probabilities) if probabilities else None,
                   Path(report) if report else None, Path(overlay) if overlay else None,
-                  title=Path(inputs[0]).name, dicom=(series, paths, formats) if formats.dicom else None)
-    log.info("%s: %d node(s) predicted", inputs[0], _count_nodes(pred.labels))
+                  title=f"lnfm predict: {site} model" if site else "lnfm predict",
+                  dicom=(series, paths, formats) if formats.dicom else None)
+    log.info("%d node(s) predicted", _count_nodes(pred.labels))
     return pred
 
 
@@ -293,6 +317,14 @@ def _count_nodes(labels: np.ndarray) -> int:
 
 
 # ----------------------------------------------------------------------------- batch
+
+
+def check_batch_paths(folder, out, probabilities=None, report=None, overlay=None, model=None) -> None:
+    """Output folders apart from the input folder and the model; mask and probability folders
+    apart from each other (both receive CASE.nii.gz)."""
+    outputs = {"--output": out, "--probabilities": probabilities, "--report": report, "--overlay": overlay}
+    check_apart(outputs, {"--input": folder, "--model": model}, distinct=False)
+    check_apart({"--output": out, "--probabilities": probabilities}, {})
 
 
 def _strip_suffix(name: str) -> str:
@@ -333,23 +365,22 @@ def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str
                    overlay: str | Path | None = None, options: PredictOptions | None = None,
                    show_progress: bool = True, formats: OutputFormats | None = None) -> dict[str, str]:
     """Segment every case of `folder`; returns {case: error} for the cases that failed."""
-    from lnfm.workdir import progress
-
     folder, out = Path(folder), Path(out)
+    check_batch_paths(folder, out, probabilities, report, overlay)
     cases = find_cases(folder, len(meta["preprocessing"]["channels"]))
     if not cases:
         raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
     failed = {}
     bar = progress(total=len(cases), desc="predict", disable=not show_progress)
-    for case, inputs in cases.items():
+    for n, (case, inputs) in enumerate(cases.items(), start=1):
         try:
             predict_case(predictor, meta, inputs, out / f"{case}.nii.gz",
                          Path(probabilities) / f"{case}.nii.gz" if probabilities else None,
                          Path(report) / f"{case}.csv" if report else None,
                          Path(overlay) / f"{case}.png" if overlay else None, options, formats=formats)
-        except (PredictError, ValueError) as e:
+        except LnfmError as e:  # a bad scan fails alone; a bug stops the batch with its traceback
             failed[case] = str(e).splitlines()[0]
-            log.warning("failed %s", failed[case])
+            log.warning("case %d of %d failed (listed at the end)", n, len(cases))
         bar.update(1)
         bar.set_postfix(failed=len(failed))
     bar.close()
@@ -361,7 +392,10 @@ def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str
 
 def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     ap = ap or argparse.ArgumentParser(prog="lnfm predict", description="Segment lymph nodes with an export.")
-    ap.add_argument("--model", required=True, help="export folder (orbax, safetensors or stablehlo)")
+    ap.add_argument("--model", required=True, help="export folder (orbax, safetensors, stablehlo or onnx)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "jax", "onnxruntime"),
+                    help="network runtime: auto = JAX on a GPU, onnxruntime on a CPU when the export has "
+                         "model.onnx, else JAX (default: auto)")
     ap.add_argument("--input", required=True, help="scan (NIfTI, NRRD, DICOM series folder), comma-separated "
                                                    "channels (ct.nii.gz,pet.nii.gz), or a folder of scans")
     ap.add_argument("--output", required=True, help="mask .nii.gz (or a folder in batch mode); DICOM outputs "
@@ -376,6 +410,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--probabilities", default=None, help="foreground probability .nii.gz (folder in batch mode)")
     ap.add_argument("--report", default=None, help="node report .csv (folder in batch mode)")
     ap.add_argument("--overlay", default=None, help="preview .png (folder in batch mode)")
+    ap.add_argument("--series", default=None, help="SeriesInstanceUID to read when a DICOM folder holds several")
     ap.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: model.json)")
     ap.add_argument("--tta", action="store_true", default=None, help="average over the 8 axis flips")
     ap.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: model.json)")
@@ -385,41 +420,41 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 
 def run(args: argparse.Namespace) -> int:
-    from lnfm.jobs.predict_dicom import export_digest, parse_formats
-
     options = PredictOptions(args.overlap, args.tta, args.batch_size, args.min_volume_mm3)
-    try:
-        meta = read_meta(args.model)
-        formats = OutputFormats(parse_formats(args.format), args.seg_per_node, args.rtstruct_all_nodes,
-                                args.seg_compression)
-        if formats.dicom:  # the DICOM outputs name the export by its checksum
-            formats.export_sha256 = export_digest(args.model)
-        inputs = [p for p in str(args.input).split(",") if p]
-        batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
-        vol = series = None
-        if not batch:  # check the scan before the model loads: bad input fails fast
-            check_outputs(args.output, args.probabilities, args.overlay, formats.formats)
-            check_outside_inputs(output_paths(args.output, formats.formats), inputs)
-            series = source_series(inputs, formats)
-            vol = read_scan(inputs, meta)
-        predictor, meta = load_predictor(args.model)
-        if batch:
-            failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,
-                                    args.overlay, options, formats=formats)
-            for case, err in failed.items():
-                print(f"FAILED {case}: {err}", file=sys.stderr)
-            return 1 if failed else 0
-        predict_case(predictor, meta, inputs, args.output, args.probabilities, args.report, args.overlay, options,
-                     vol=vol, formats=formats, series=series)
-        return 0
-    except (PredictError, ExportError, ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    meta = read_meta(args.model)
+    formats = OutputFormats(parse_formats(args.format), args.seg_per_node, args.rtstruct_all_nodes,
+                            args.seg_compression)
+    if formats.dicom:  # the DICOM outputs name the export by its checksum
+        formats.export_sha256 = export_digest(args.model)
+    inputs = [p for p in str(args.input).split(",") if p]
+    batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
+    if batch:
+        check_batch_paths(inputs[0], args.output, args.probabilities, args.report, args.overlay, args.model)
+    else:
+        check_case_paths(output_paths(args.output, formats.formats), args.probabilities, args.report,
+                         args.overlay, inputs, args.model)
+    vol = series = None
+    if batch and args.series:
+        raise PredictError(f"{inputs[0]}: --series picks the series of one scan; it does not apply to a folder "
+                           f"of scans")
+    if not batch:  # check the scan before the model loads: bad input fails fast
+        check_outputs(args.output, args.probabilities, args.overlay, formats.formats)
+        check_outside_inputs(output_paths(args.output, formats.formats), inputs)
+        series = source_series(inputs, formats, args.series)
+        vol = read_scan(inputs, meta, args.series)
+    predictor, meta = load_predictor(args.model, args.backend)
+    if batch:
+        failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,
+                                args.overlay, options, formats=formats)
+        for case, err in failed.items():
+            print(f"FAILED {case}: {err}", file=sys.stderr)
+        return 1 if failed else 0
+    predict_case(predictor, meta, inputs, args.output, args.probabilities, args.report, args.overlay, options,
+                 vol=vol, formats=formats, series=series)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lnfm.workdir import setup_logging
-
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     return run(build_parser().parse_args(argv))
 

@@ -18,7 +18,10 @@ import numpy as np
 from lnfm import __version__
 from lnfm.errors import LnfmError
 from lnfm.io import is_dicom_path
+from lnfm.io.dicom_seg import write_dicom_seg
 from lnfm.io.dicom_source import Provenance, SourceSeries, read_source_series
+from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
+from lnfm.jobs.export import CHECKSUMS
 
 log = logging.getLogger("lnfm.predict")
 
@@ -56,8 +59,6 @@ def parse_formats(values: list[str] | None) -> tuple[str, ...]:
 
 def export_digest(export_dir: str | Path) -> str:
     """One checksum for a whole export: the sha256 of its checksums.sha256 (which lists every file)."""
-    from lnfm.jobs.export import CHECKSUMS
-
     return hashlib.sha256((Path(export_dir) / CHECKSUMS).read_bytes()).hexdigest()
 
 
@@ -82,23 +83,22 @@ def check_outside_inputs(paths: dict[str, Path], inputs: list[str]) -> None:
             raise DicomOutputError(f"{path}: inside the input series folder; write outputs elsewhere")
 
 
-def source_series(inputs: list[str], formats: OutputFormats) -> SourceSeries | None:
-    """The DICOM series the outputs go onto (the first channel), or None when no DICOM format is asked."""
+def source_series(inputs: list[str], formats: OutputFormats, series_uid: str | None = None) -> SourceSeries | None:
+    """The DICOM series the outputs go onto (the first channel; `series_uid` picks it in a folder
+    holding several), or None when no DICOM format is asked."""
     if not formats.dicom:
         return None
     if not is_dicom_path(Path(inputs[0])):
         wanted = " and ".join(f for f in formats.formats if f in DICOM_FORMATS)
         raise DicomOutputError(f"{inputs[0]}: --format {wanted} needs a DICOM series as input (DICOM outputs "
                                f"reference their source); this scan is not DICOM")
-    return read_source_series(inputs[0])
+    return read_source_series(inputs[0], series_uid)
 
 
 def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: dict, series: SourceSeries,
                         paths: dict[str, Path], formats: OutputFormats, temp: Callable[[Path], Path],
                         pending: list[tuple[Path, Path]]) -> None:
     """Write the requested DICOM outputs under temporary names, appending (temporary, final) to `pending`."""
-    from lnfm.io.dicom_seg import write_dicom_seg
-    from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
 
     if not formats.export_sha256:  # a caller's bug: the outputs must identify the model
         raise RuntimeError("OutputFormats.export_sha256 is empty; set it to export_digest(export_dir)")

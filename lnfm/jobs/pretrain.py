@@ -14,7 +14,6 @@ import dataclasses
 import io
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +24,30 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, load_config, to_dict
 from lnfm.data.loader import LoaderConfig, make_loader
-from lnfm.data.store import read_manifest
+from lnfm.data.store import check_stores
 from lnfm.models import ModelConfig, build_ssl_model
-from lnfm.models.sharding import MeshConfig, batch_sharding, create_sharded_model, make_mesh, use_rules
-from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
-from lnfm.train.distributed import DistributedConfigError, initialize
+from lnfm.models.mae import patchify, reconstruct, unpatchify
+from lnfm.models.sharding import (MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model, make_mesh)
+from lnfm.train.checkpoint import CheckpointConfig, has_checkpoints
+from lnfm.safety import check_apart
+from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
-from lnfm.train.loop import Hook, NonFiniteLoss, Throughput, parse_profile_steps, run_loop, trim_metrics
+from lnfm.train.loop import Hook, Throughput, parse_profile_steps
 from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
-from lnfm.train.state import abstract_state, create_train_state, merge_model, step_key
+from lnfm.train.state import create_train_state, merge_model, step_key
+from lnfm.train.job import check_batch, device_batch, fit
 from lnfm.train.step import make_train_step
-from lnfm.workdir import open_workdir
+from lnfm.workdir import check_resume, lock_folder, open_workdir
 
 log = logging.getLogger("lnfm.pretrain")
 
-SPACING_RTOL = 0.02  # prepared spacings within 2% count as the configured one
+RESUME_KEYS = ("model",)  # config sections a resumed run must keep (the checkpoint's shapes follow them)
 
 
 @dataclasses.dataclass
 class PretrainDataConfig(LoaderConfig):
     """The loader settings plus which cases to draw; patch_size and batch_size are set by the job."""
-
     weights: tuple[float, ...] = ()  # mixing weight per --data store (empty: in proportion to case counts)
     split: str | None = "train"  # manifest split to pretrain on (null: every case, labelled or not)
     spacing: tuple[float, float, float] | None = None  # voxel size (mm) the stores must be prepared at; null: any
@@ -77,38 +78,6 @@ def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> Pretra
     return load_config(PretrainConfig, name_or_yaml, list(overrides), kind="pretrain")
 
 
-class DataError(ValueError):
-    """A dataset path that is missing, empty or unreadable."""
-
-
-def check_stores(stores: list[str], split: str | None = None,
-                 spacing: tuple[float, float, float] | None = None) -> list[int]:
-    """Usable cases per store; a missing or empty store, or one at another spacing, is a one-line DataError."""
-    if not stores:
-        raise DataError("no dataset given: pass --data STORE[,STORE...]")
-    counts = []
-    for store in stores:
-        if "://" not in store and not Path(store).is_dir():
-            raise DataError(f"{store}: dataset not found (expected a prepared store; see data_prep/prepare.py)")
-        try:
-            records = read_manifest(store)
-        except Exception as e:  # unreadable manifest or records
-            raise DataError(f"{store}: cannot read the dataset manifest ({str(e).splitlines()[0][:200]})") from None
-        if not records:
-            raise DataError(f"{store}: dataset is empty (no prepared cases)")
-        records = [r for r in records if split is None or r.get("split") == split]
-        if not records:
-            raise DataError(f"{store}: no cases in split '{split}' (set data.split=null to use every case)")
-        if spacing is not None:
-            off = [r["case_id"] for r in records
-                   if not np.allclose(r.get("spacing", spacing), spacing, rtol=SPACING_RTOL)]
-            if off:
-                raise DataError(f"{store}: {len(off)} of {len(records)} cases are not at data.spacing={list(spacing)} "
-                                f"mm (re-prepare with --spacing, or set data.spacing=null)")
-        counts.append(len(records))
-    return counts
-
-
 def preview_png(images, aux: dict, patch: tuple[int, int, int], norm_pix: bool):
     """Middle axial slice of sample 0: input | masked input | reconstruction -> (RGB uint8 (H, W, 3), PNG bytes)."""
     import jax.numpy as jnp
@@ -117,7 +86,6 @@ def preview_png(images, aux: dict, patch: tuple[int, int, int], norm_pix: bool):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lnfm.models.mae import patchify, reconstruct, unpatchify  # ViT MAE only
 
     img = jnp.asarray(images[:1], jnp.float32)
     mask = jnp.asarray(aux["mask"][:1])
@@ -136,14 +104,6 @@ def preview_png(images, aux: dict, patch: tuple[int, int, int], norm_pix: bool):
     plt.close(fig)
     buf.seek(0)
     return np.asarray(plt.imread(buf, format="png")[..., :3] * 255, np.uint8), buf.getvalue()
-
-
-def _check_batch(tc: TrainConfig, nproc: int, batch_shards: int) -> None:
-    if tc.global_batch % nproc:
-        raise ConfigError(f"train.global_batch={tc.global_batch} is not divisible by {nproc} processes")
-    if tc.global_batch % (batch_shards * tc.accum_steps):
-        raise ConfigError(f"train.global_batch={tc.global_batch} must be a multiple of the {batch_shards} batch "
-                          f"shards (mesh data x fsdp) times train.accum_steps={tc.accum_steps}")
 
 
 def _preview_hook(cfg: PretrainConfig, graphdef: Any, last: dict, workdir: Path, writer: Any) -> Hook:
@@ -170,10 +130,15 @@ def _preview_hook(cfg: PretrainConfig, graphdef: Any, last: dict, workdir: Path,
     return Hook(cfg.train.image_every, write)
 
 
-def build_training(cfg: PretrainConfig, mesh: jax.sharding.Mesh) -> tuple[Any, dict, Any, Any]:
-    """Sharded SSL model + optimizer -> (graphdef, train state, state shardings, jitted step)."""
+def build_training(cfg: PretrainConfig, mesh: jax.sharding.Mesh, abstract: bool = False
+                   ) -> tuple[Any, dict, Any, Any]:
+    """Sharded SSL model + optimizer -> (graphdef, train state, state shardings, jitted step).
+
+    `abstract=True` builds the same state as ShapeDtypeStructs carrying their shardings,
+    allocating nothing: the scale planner lowers and compiles this very step."""
     tc = cfg.train
-    model = create_sharded_model(lambda: build_ssl_model(cfg.model, nnx.Rngs(tc.seed)), mesh, cfg.mesh.rules)
+    build = abstract_sharded_model if abstract else create_sharded_model
+    model = build(lambda: build_ssl_model(cfg.model, nnx.Rngs(tc.seed)), mesh, cfg.mesh.rules)
     tx, schedule = make_optimizer(cfg.optim, nnx.state(model, nnx.Param), tc.steps, tc.global_batch)
     graphdef, state, shardings = create_train_state(model, tx, tc.seed, NamedSharding(mesh, PartitionSpec()))
 
@@ -198,6 +163,13 @@ def step_flops(cfg: PretrainConfig, graphdef: Any, state: dict) -> float | None:
 
 def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None = None) -> int:
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
+    check_apart({"--workdir": workdir}, {"--data": stores})
+    with lock_folder(workdir, enabled=jax.process_index() == 0):
+        check_resume(workdir, cfg, RESUME_KEYS, has_run=has_checkpoints(Path(workdir) / "checkpoints"))
+        return _run(cfg, stores, workdir, profile_steps)
+
+
+def _run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None) -> int:
     workdir = Path(workdir)
     counts = check_stores(stores, cfg.data.split, cfg.data.spacing)  # before anything compiles
     weights = list(cfg.data.weights) or None
@@ -207,7 +179,7 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
     nproc, pid = jax.process_count(), jax.process_index()
     profile = parse_profile_steps(profile_steps if profile_steps is not None else tc.profile_steps)
     mesh = make_mesh(cfg.mesh)
-    _check_batch(tc, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
+    check_batch(tc.global_batch, tc.accum_steps, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
 
     writer = open_workdir(workdir, cfg, is_main=pid == 0)
     log.info("datasets: %s (%s cases; weights %s)", ", ".join(stores), counts, weights or "by case count")
@@ -221,40 +193,28 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
     loader = make_loader(stores, data_cfg, split=cfg.data.split, labels=False, weights=weights,
                          shard_index=pid, shard_count=nproc)
     data_iter = iter(loader)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    restored = ckpt.restore_latest(abstract_state(state, shardings), data_iter)
-    start = 0
-    if restored is not None:
-        state, start = restored
-        log.info("resumed from step %d", start)
-        if pid == 0:
-            trim_metrics(workdir, start)
-
     bsh = batch_sharding(mesh)
     last: dict = {}
 
     def next_batch() -> dict:
-        host = next(data_iter)
-        last["image"] = jax.make_array_from_process_local_data(bsh, np.asarray(host["image"], np.float32))
+        last.update(device_batch(next(data_iter), bsh, {"image": np.float32}))
         return {"image": last["image"]}
 
     hooks = (_preview_hook(cfg, graphdef, last, workdir, writer),) if tc.image_every and cfg.model.arch == "vit" else ()
     patch = cfg.model.patch_size if cfg.model.arch == "vit" else cfg.model.swin_patch_size
     tokens = tc.global_batch * math.prod(s // p for s, p in zip(cfg.model.img_size, patch))
     throughput = Throughput(tc.global_batch, tokens, step_flops(cfg, graphdef, state))
-    with use_rules(mesh, cfg.mesh.rules):
-        result = run_loop(step_fn, state, next_batch, start_step=start, total_steps=tc.steps, writer=writer,
-                          throughput=throughput, checkpointer=ckpt, ckpt_every=cfg.checkpoint.every,
-                          data_iter=data_iter, config=to_dict(cfg), log_every=tc.log_every, hooks=hooks,
-                          profile=profile, profile_dir=workdir / "profile", desc="pretrain")
-    ckpt.close()
+    result = fit(step_fn, state, shardings, next_batch, data_iter, workdir=workdir, checkpoint=cfg.checkpoint,
+                 mesh=mesh, rules=cfg.mesh.rules, total_steps=tc.steps, writer=writer, throughput=throughput,
+                 config=to_dict(cfg), log_every=tc.log_every, hooks=hooks, profile=profile, desc="pretrain")
     writer.close()
     log.info("%s at step %d", "preempted" if result.preempted else "finished", result.step)
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Self-supervised pretraining (MAE / SimMIM) on prepared CT stores.")
+    ap = argparse.ArgumentParser(prog="lnfm pretrain",
+                                 description="Self-supervised pretraining (MAE / SimMIM) on prepared CT stores.")
     ap.add_argument("--config", required=True, help="packaged preset (vit_tiny, vit_b, vit_l, vit_h, swin_b) or YAML")
     ap.add_argument("--data", required=True, help="comma-separated prepared stores (mix with data.weights=...)")
     ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
@@ -266,15 +226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
-        cfg = load_pretrain_config(args.config, args.overrides)
-        stores = [s for s in args.data.split(",") if s]
-        return run(cfg, stores, args.workdir, args.profile_steps)
-    except (DataError, ConfigError, CheckpointError, DistributedConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
+    cfg = load_pretrain_config(args.config, args.overrides)
+    stores = [s for s in args.data.split(",") if s]
+    return run(cfg, stores, args.workdir, args.profile_steps)

@@ -31,6 +31,8 @@ from lnfm.config import ConfigError, load_config, to_dict
 from lnfm.data.benchmark import BenchmarkSpec
 from lnfm.data.benchmark import build as build_data
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
+from lnfm.errors import LnfmError
+from lnfm.jobs.pretrain import PretrainConfig
 from lnfm.workdir import atomic_write_text, open_workdir, progress
 
 log = logging.getLogger("lnfm.study")
@@ -43,8 +45,12 @@ STRATEGIES: dict[str, list[str]] = {
     "full_llrd": ["strategy.freeze=none", "strategy.llrd=0.75"],
     "lora": ["strategy.freeze=lora"],
 }
-HEADS = ("unetr", "light", "linear")
+HEADS = ("unetr", "light", "fine", "linear")
 METRIC_KEYS = ("dice", "node_sensitivity", "hd95", "nsd", "fp_per_volume")
+
+
+class StageFailed(LnfmError):
+    """A stage of the study (a child `python -m lnfm <job>`) exited non-zero; its log names the cause."""
 
 
 @dataclasses.dataclass
@@ -87,10 +93,10 @@ def check(cfg: StudyConfig) -> None:
 def _run(cmd: list[str], env: dict, logfile: Path) -> None:
     log.info("$ %s", shlex.join(cmd))
     with open(logfile, "a") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = logfile.read_text().strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"{shlex.join(cmd[:3])}... failed (exit {proc.returncode}): {tail[0]} (log: {logfile})")
+        raise StageFailed(f"{logfile}: {shlex.join(cmd[1:4])}... failed (exit {proc.returncode}): {tail[0]}")
 
 
 def build_benchmark(cfg: StudyConfig, workdir: Path, env: dict) -> tuple[Path, Path]:
@@ -101,7 +107,7 @@ def build_benchmark(cfg: StudyConfig, workdir: Path, env: dict) -> tuple[Path, P
     data = build_data(spec, workdir / "data")
     pre = workdir / "pretrain"
     if "pretrained" in cfg.inits and not (pre / "done.json").is_file():
-        _run([sys.executable, "pretrain/pretrain.py", "--config", cfg.pretrain_config, "--data",
+        _run([sys.executable, "-m", "lnfm", "pretrain", "--config", cfg.pretrain_config, "--data",
               str(data.unlabelled_store), "--workdir", str(pre), *cfg.pretrain_overrides], env,
              workdir / "build.log")
         atomic_write_text(pre / "done.json", "{}")
@@ -119,8 +125,6 @@ def cell_dir(workdir: Path, c: dict) -> Path:
 
 def scratch_model_overrides(cfg: StudyConfig) -> list[str]:
     """Scratch cells use the pretrained model's architecture, so only the init differs."""
-    from lnfm.jobs.pretrain import PretrainConfig
-
     model = to_dict(load_config(PretrainConfig, cfg.pretrain_config, cfg.pretrain_overrides, kind="pretrain").model)
     return [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
 
@@ -129,7 +133,7 @@ def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, e
     out = cell_dir(workdir, c)
     if not (out / "summary.json").is_file():
         init = str(pre) if c["init"] == "pretrained" else "scratch"
-        cmd = [sys.executable, "finetune/finetune.py", "--site", cfg.site, "--data", str(store), "--init", init,
+        cmd = [sys.executable, "-m", "lnfm", "finetune", "--site", cfg.site, "--data", str(store), "--init", init,
                "--workdir", str(out), "--num-labeled", str(c["num_labeled"]), "--repeats", str(cfg.repeats)]
         if cfg.quick:
             cmd.append("--quick")
@@ -288,7 +292,8 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Few-shot transfer study on phantoms: scratch vs pretrained.")
+    ap = argparse.ArgumentParser(prog="lnfm study",
+                                 description="Few-shot transfer study on phantoms: scratch vs pretrained.")
     ap.add_argument("--config", default=None, help="study preset (quick, full) or a YAML file")
     ap.add_argument("--quick", action="store_true", help="same as --config quick: minutes on a laptop CPU")
     ap.add_argument("--workdir", required=True, help="benchmark data, pretraining and one folder per cell")
@@ -296,15 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. repeats=5 heads=[light]")
     args = ap.parse_args(argv)
     name = "quick" if args.quick else (args.config or "full")
-    try:
-        cfg = load_config(StudyConfig, name, args.overrides, kind="study")
-        command = "python finetune/study.py " + shlex.join(
-            (["--quick"] if args.quick else ["--config", name]) + ["--workdir", args.workdir, "--out", args.out]
-            + list(args.overrides))
-        return run(cfg, args.workdir, args.out, command)
-    except (ConfigError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(StudyConfig, name, args.overrides, kind="study")
+    command = "python finetune/study.py " + shlex.join(
+        (["--quick"] if args.quick else ["--config", name]) + ["--workdir", args.workdir, "--out", args.out]
+        + list(args.overrides))
+    return run(cfg, args.workdir, args.out, command)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lnfm.config import ConfigError
+
+# Preset size names per architecture (the dimensions live in lnfm.models.vit.SIZES and
+# lnfm.models.swin.SWIN_SIZES; tests/models/test_config.py keeps the lists equal).
+SIZE_NAMES = {"vit": ("tiny", "s", "b", "l", "h"), "swin": ("tiny", "s", "b")}
+
 
 @dataclass
 class ModelConfig:
@@ -30,6 +36,15 @@ class ModelConfig:
     decoder_depth: int | None = None  # MAE decoder blocks (default: 1 for tiny, 8 otherwise)
     decoder_heads: int | None = None  # MAE decoder heads (default: 4 for tiny, 16 otherwise)
     decoder_mlp_dim: int | None = None  # MAE decoder MLP hidden size (default 4 x decoder width)
-    feature_layers: tuple[int, ...] | None = None  # 1-based blocks whose outputs feed decoders (default: 4 evenly spaced)
+    feature_layers: tuple[int, ...] | None = None  # 1-based blocks whose outputs feed heads (default: 4 evenly spaced)
     window_size: tuple[int, int, int] = (7, 7, 7)  # Swin attention window (tokens)
     swin_patch_size: tuple[int, int, int] = (2, 2, 2)  # Swin patch embedding stride (voxels)
+
+    def __post_init__(self) -> None:
+        # Checked here so a bad `model.arch` or `model.size` is a config error when the config
+        # loads, not a traceback when the model is first built.
+        if self.arch not in SIZE_NAMES:
+            raise ConfigError(f"model.arch: '{self.arch}' is not one of {list(SIZE_NAMES)}")
+        if self.size not in SIZE_NAMES[self.arch]:
+            raise ConfigError(f"model.size: '{self.size}' is not a {self.arch} size (choices: "
+                              f"{', '.join(SIZE_NAMES[self.arch])})")

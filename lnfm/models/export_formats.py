@@ -16,6 +16,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lnfm.errors import LnfmError, WeightsMismatch
+from lnfm.models.interop import to_monai_vit
+
 PARAMS_DIR = "params"  # orbax: the parameter tree
 SAFETENSORS_FILE = "model.safetensors"  # safetensors: full model (or encoder) under flat dotted names
 STABLEHLO_FILE = "inference.stablehlo"  # stablehlo: serialized jax.export inference function
@@ -58,10 +61,10 @@ def module_from_flat(build, flat: dict[str, np.ndarray], where: str, prefix: str
         key = prefix + ".".join(str(p) for p in path)
         if isinstance(var, nnx.Param):
             if key not in flat:
-                raise ValueError(f"{where}: the weights do not fit the architecture in model.json (no '{key}')")
+                raise WeightsMismatch(f"{where}: the weights do not fit the architecture in model.json (no '{key}')")
             value = np.asarray(flat[key])
             if value.shape != tuple(var.shape):
-                raise ValueError(f"{where}: '{key}' has shape {value.shape}, the architecture expects "
+                raise WeightsMismatch(f"{where}: '{key}' has shape {value.shape}, the architecture expects "
                                  f"{tuple(var.shape)}")
             used.add(key)
             value = jnp.asarray(value, var.dtype)
@@ -72,7 +75,8 @@ def module_from_flat(build, flat: dict[str, np.ndarray], where: str, prefix: str
         leaves.append((path, var.replace(value)))
     extra = sorted(k for k in flat if k.startswith(prefix) and k not in used)
     if extra:
-        raise ValueError(f"{where}: the weights do not fit the architecture in model.json (unexpected '{extra[0]}')")
+        raise WeightsMismatch(f"{where}: the weights do not fit the architecture in model.json "
+                              f"(unexpected '{extra[0]}')")
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -112,11 +116,16 @@ def write_orbax(out: Path, flat: dict[str, np.ndarray]) -> None:
 def read_orbax(folder: Path) -> dict[str, np.ndarray]:
     ocp = _orbax()
     target = (folder / PARAMS_DIR).absolute()
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckpt:
-        meta = ckpt.metadata(target)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = ckpt.restore(target, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckpt:
+            meta = ckpt.metadata(target) if target.is_dir() else None
+            if meta is None:
+                raise OSError("no parameter tree found")
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            restored = ckpt.restore(target, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except (ValueError, KeyError, OSError, TypeError) as e:  # a damaged or foreign params/ tree
+        raise _unreadable(folder / PARAMS_DIR, "Orbax parameter", e) from None
     flat = {}
 
     def walk(node, prefix):
@@ -146,10 +155,34 @@ def write_safetensors(path: Path, flat: dict[str, np.ndarray], metadata: dict[st
     path.write_bytes(save(arrays, metadata=dict(metadata)))
 
 
+class FormatError(LnfmError, ValueError):
+    """An export file that cannot be parsed; one line naming the file."""
+
+
+def _unreadable(path: Path, what: str, e: Exception) -> FormatError:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return FormatError(f"{path}: not a readable {what} file ({reason[:200]})")
+
+
+def check_safetensors(path: Path) -> None:
+    """Parse only the header (names, shapes, offsets): a damaged file fails here, cheaply."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            list(f.keys())
+    except Exception as e:  # the Rust parser raises its own SafetensorError
+        raise _unreadable(path, "safetensors", e) from None
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
-    return dict(load(path.read_bytes()))
+    data = path.read_bytes()
+    try:
+        return dict(load(data))
+    except Exception as e:  # the Rust parser raises its own SafetensorError, struct.error and others
+        raise _unreadable(path, "safetensors", e) from None
 
 
 # ----------------------------------------------------------------------------- stablehlo
@@ -182,7 +215,11 @@ def write_stablehlo(path: Path, model: nnx.Module, patch: tuple[int, int, int], 
 
 def read_stablehlo(path: Path):
     """The deserialized jax.export.Exported; call it with `.call(x)`."""
-    return jax.export.deserialize(bytearray(path.read_bytes()))
+    data = bytearray(path.read_bytes())
+    try:
+        return jax.export.deserialize(data)
+    except Exception as e:  # a damaged flatbuffer fails anywhere in the parser
+        raise _unreadable(path, "StableHLO", e) from None
 
 
 # ----------------------------------------------------------------------------- monai
@@ -190,14 +227,12 @@ def read_stablehlo(path: Path):
 
 def write_monai(out: Path, encoder: nnx.Module) -> list[str]:
     """MONAI ViT state dict: a pickle-free safetensors file and torch.save of tensors."""
-    from lnfm.models.interop import to_monai_vit
-
     sd = dict(sorted(to_monai_vit(encoder).items()))
     write_safetensors(out / MONAI_SAFETENSORS, sd, {"format": "pt"})
     try:
-        import torch
+        import torch  # optional (the dev extra): only this format needs it
     except ImportError:
-        raise ValueError("the monai format writes encoder_monai.pt with torch, which is not installed "
+        raise LnfmError("the monai format writes encoder_monai.pt with torch, which is not installed "
                          "(pip install torch)") from None
     buf = io.BytesIO()  # saving to a buffer names the archive 'archive', not after the file: same bytes every time
     torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}, buf)

@@ -5,8 +5,9 @@ numpy arrays keyed by MONAI names (no torch needed), ready for
 `torch_module.load_state_dict({k: torch.from_numpy(v) ...})`.
 
 Layout notes: MONAI's Linear weights are (out, in) (ours (in, out)); its conv
-kernel is (out, C, kx, ky, kz) (ours (kx, ky, kz, C, out)); both pack qkv as
-(3, heads, head_dim) along the output axis like we do; its cls token carries no
+kernel is (out, C, kx, ky, kz) (ours (kx, ky, kz, C, out)); it packs qkv as
+(3, heads, head_dim) along the output axis, ours is head-major (heads, 3, head_dim)
+so tensor parallelism splits whole heads; its cls token carries no
 position embedding; the MAE keeps its final norms as the last entry of
 `blocks` / `decoder_blocks`.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from lnfm.errors import WeightsMismatch
 from lnfm.models.config import ModelConfig
 from lnfm.models.layers import sincos_3d
 from lnfm.models.mae import MAE, decoder_dims
@@ -33,10 +35,10 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _block_pairs(ours: tuple, theirs: str, qkv_bias: bool) -> list[tuple[tuple, str, str]]:
+def _block_pairs(ours: tuple, theirs: str, qkv_bias: bool, heads: int) -> list[tuple[tuple, str, str]]:
     pairs = [(ours + ("norm1", "scale"), f"{theirs}.norm1.weight", "vec"),
              (ours + ("norm1", "bias"), f"{theirs}.norm1.bias", "vec"),
-             (ours + ("attn", "qkv", "kernel"), f"{theirs}.attn.qkv.weight", "linear"),
+             (ours + ("attn", "qkv", "kernel"), f"{theirs}.attn.qkv.weight", f"qkv_linear:{heads}"),
              (ours + ("attn", "proj", "kernel"), f"{theirs}.attn.out_proj.weight", "linear"),
              (ours + ("attn", "proj", "bias"), f"{theirs}.attn.out_proj.bias", "vec"),
              (ours + ("norm2", "scale"), f"{theirs}.norm2.weight", "vec"),
@@ -46,12 +48,12 @@ def _block_pairs(ours: tuple, theirs: str, qkv_bias: bool) -> list[tuple[tuple, 
              (ours + ("mlp", "fc2", "kernel"), f"{theirs}.mlp.linear2.weight", "linear"),
              (ours + ("mlp", "fc2", "bias"), f"{theirs}.mlp.linear2.bias", "vec")]
     if qkv_bias:
-        pairs.append((ours + ("attn", "qkv", "bias"), f"{theirs}.attn.qkv.bias", "vec"))
+        pairs.append((ours + ("attn", "qkv", "bias"), f"{theirs}.attn.qkv.bias", f"qkv_vec:{heads}"))
     return pairs
 
 
 def _encoder_pairs(cfg: ModelConfig, ours: tuple, final_norm: str) -> list[tuple[tuple, str, str]]:
-    depth = vit_dims(cfg).depth
+    depth, heads = vit_dims(cfg).depth, vit_dims(cfg).heads
     pairs = [(ours + ("embed", "patch", "proj", "kernel"), "patch_embedding.patch_embeddings.weight", "conv"),
              (ours + ("embed", "patch", "proj", "bias"), "patch_embedding.patch_embeddings.bias", "vec")]
     if cfg.pos_embed == "learnable":
@@ -59,7 +61,7 @@ def _encoder_pairs(cfg: ModelConfig, ours: tuple, final_norm: str) -> list[tuple
     if cfg.cls_token:
         pairs.append((ours + ("embed", "cls_token"), "cls_token", "vec"))
     for i in range(depth):
-        pairs += _block_pairs(ours + ("blocks", i), f"blocks.{i}", cfg.qkv_bias)
+        pairs += _block_pairs(ours + ("blocks", i), f"blocks.{i}", cfg.qkv_bias, heads)
     pairs += [(ours + ("norm", "scale"), f"{final_norm}.weight", "vec"),
               (ours + ("norm", "bias"), f"{final_norm}.bias", "vec")]
     return pairs
@@ -67,7 +69,7 @@ def _encoder_pairs(cfg: ModelConfig, ours: tuple, final_norm: str) -> list[tuple
 
 def _mae_pairs(cfg: ModelConfig) -> list[tuple[tuple, str, str]]:
     depth = vit_dims(cfg).depth
-    dec_depth = decoder_dims(cfg)[1]
+    _, dec_depth, dec_heads, _ = decoder_dims(cfg)
     pairs = _encoder_pairs(cfg, ("encoder",), f"blocks.{depth}")
     pairs += [(("decoder_embed", "kernel"), "decoder_embed.weight", "linear"),
               (("decoder_embed", "bias"), "decoder_embed.bias", "vec"),
@@ -77,11 +79,21 @@ def _mae_pairs(cfg: ModelConfig) -> list[tuple[tuple, str, str]]:
               (("decoder_pred", "kernel"), "decoder_pred.weight", "linear"),
               (("decoder_pred", "bias"), "decoder_pred.bias", "vec")]
     for i in range(dec_depth):
-        pairs += _block_pairs(("decoder_blocks", i), f"decoder_blocks.{i}", cfg.qkv_bias)
+        pairs += _block_pairs(("decoder_blocks", i), f"decoder_blocks.{i}", cfg.qkv_bias, dec_heads)
     return pairs
 
 
+def _swap_qkv_heads(value: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Permute the packed qkv axis (the last) from an (a, b, head_dim) to a (b, a, head_dim) layout."""
+    lead = value.shape[:-1]
+    return value.reshape(*lead, a, b, -1).swapaxes(-3, -2).reshape(*lead, -1)
+
+
 def _from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    if kind.startswith("qkv_"):  # MONAI (3, heads, hd) -> ours (heads, 3, hd)
+        base, heads = kind.split(":")
+        value = value.T if base == "qkv_linear" else value
+        return _swap_qkv_heads(value, 3, int(heads))
     if kind == "linear":
         return value.T
     if kind == "conv":
@@ -92,6 +104,10 @@ def _from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    if kind.startswith("qkv_"):  # ours (heads, 3, hd) -> MONAI (3, heads, hd)
+        base, heads = kind.split(":")
+        value = _swap_qkv_heads(value, int(heads), 3)
+        return value.T if base == "qkv_linear" else value
     if kind == "linear":
         return value.T
     if kind == "conv":
@@ -113,7 +129,7 @@ def _check_sincos(sd: dict, key: str, grid: tuple, width: int, cfg_hint: str) ->
     table = _to_numpy(sd[key])[0]
     ours = sincos_3d(grid, width)
     if table.shape != ours.shape or not np.allclose(table, ours, atol=_SINCOS_ATOL):
-        raise ValueError(f"MONAI state dict: '{key}' is not the fixed sin-cos table for grid {grid}; {cfg_hint}")
+        raise WeightsMismatch(f"MONAI state dict: '{key}' is not the fixed sin-cos table for grid {grid}; {cfg_hint}")
 
 
 def _load(model: nnx.Module, sd: dict, pairs: list, handled: set) -> nnx.Module:
@@ -122,18 +138,18 @@ def _load(model: nnx.Module, sd: dict, pairs: list, handled: set) -> nnx.Module:
     used = set(handled)
     for path, key, kind in pairs:
         if key not in sd:
-            raise ValueError(f"MONAI state dict: missing '{key}' (check the config: depth, cls_token, qkv_bias, "
+            raise WeightsMismatch(f"MONAI state dict: missing '{key}' (check the config: depth, cls_token, qkv_bias, "
                              f"pos_embed)")
         value = _from_torch_layout(_to_numpy(sd[key]), kind)
         var = flat[path]
         if value.shape != var.shape:
-            raise ValueError(f"MONAI state dict: '{key}' has shape {tuple(_to_numpy(sd[key]).shape)}, the config "
+            raise WeightsMismatch(f"MONAI state dict: '{key}' has shape {tuple(_to_numpy(sd[key]).shape)}, the config "
                              f"expects {tuple(_to_torch_layout(np.zeros(var.shape), kind).shape)}")
         var.set_value(np.asarray(value, dtype=var.dtype))
         used.add(key)
     extra = sorted(k for k in sd if k not in used and not any(tag in k for tag in _IGNORED))
     if extra:
-        raise ValueError(f"MONAI state dict: {len(extra)} unexpected keys, e.g. '{extra[0]}' "
+        raise WeightsMismatch(f"MONAI state dict: {len(extra)} unexpected keys, e.g. '{extra[0]}' "
                          f"(check the config: depth, cls_token, qkv_bias, pos_embed)")
     nnx.update(model, state)
     return model

@@ -7,6 +7,9 @@ Every parameter carries logical axis names (resolved to the mesh by
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +17,12 @@ from flax import nnx
 
 from lnfm.models.sharding import constrain
 
+log = logging.getLogger("lnfm.models")
+
 LN_EPS = 1e-5
 TOKENS = ("batch", "length", "act_embed")  # logical names of a (B, T, D) token stream
+HEADS4 = ("batch", "length", "act_heads", None)  # (B, T, heads, head_dim)
+HEADS5 = ("batch", "length", "act_heads", None, None)  # (B, T, heads, 3, head_dim)
 
 _trunc = nnx.initializers.truncated_normal(stddev=0.02)
 _zeros = nnx.initializers.zeros_init()
@@ -66,8 +73,33 @@ def param(value: jax.Array, names: tuple) -> nnx.Param:
         return nnx.Param(value, out_sharding=names)
 
 
+def attention_implementation(dtype, head_dim: int) -> str:
+    """'cudnn' (fused flash attention) on GPU where its kernels apply, else 'xla'.
+
+    Chosen explicitly: `implementation=None` is the XLA path in the installed JAX,
+    which materialises the full T x T scores. cuDNN's fused kernel needs fp16/bf16
+    inputs and a head dimension that is a multiple of 8 up to 128.
+    """
+    ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+    impl = "cudnn" if ok else "xla"
+    _log_attention_once(impl, jnp.dtype(dtype).name, head_dim)
+    return impl
+
+
+@functools.cache
+def _log_attention_once(impl: str, dtype: str, head_dim: int) -> None:
+    log.info("attention: %s (backend %s, %s, head_dim %d)", impl, jax.default_backend(), dtype, head_dim)
+
+
 class Attention(nnx.Module):
-    """Multi-head self-attention: packed `qkv` laid out (3, heads, head_dim), then `proj`."""
+    """Multi-head self-attention: packed `qkv` laid out head-major (heads, 3, head_dim), then `proj`.
+
+    Head-major packing puts each head's q, k and v side by side, so splitting the
+    packed axis over the 'tensor' mesh axis gives every rank whole heads (Megatron
+    style) and attention runs sharded by heads with no all-gather of the qkv output.
+    MONAI packs (3, heads, head_dim); `lnfm.models.interop` permutes on exchange.
+    """
 
     def __init__(self, width: int, heads: int, *, qkv_bias: bool = True, rngs: nnx.Rngs,
                  dtype=jnp.float32, param_dtype=jnp.float32):
@@ -80,10 +112,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # implementation=None lets JAX pick cuDNN flash attention on GPU, XLA elsewhere.
-        out = jax.nn.dot_product_attention(q, k, v, implementation=None)
+        hd = d // self.heads
+        qkv = constrain(self.qkv(x).reshape(b, t, self.heads, 3, hd), HEADS5)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        out = jax.nn.dot_product_attention(q, k, v, implementation=attention_implementation(q.dtype, hd))
+        out = constrain(out, HEADS4)
         return self.proj(out.reshape(b, t, d))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -30,18 +30,22 @@ BATCH_AXES = ("data", "fsdp")
 # Logical names. Parameters: embed (model width), mlp (MLP hidden), qkv (packed
 # q/k/v outputs), heads (attention output = heads x head_dim), patch (voxels per
 # patch / input channels), pos (position table rows), norm (LayerNorm vectors).
-# Activations: batch, length (tokens), act_embed (width of the residual stream).
+# Activations: batch, length (tokens), act_embed (width of the residual stream),
+# act_heads (the heads axis inside attention).
 _COMMON = (("batch", BATCH_AXES), ("length", None), ("act_embed", None),
            ("patch", None), ("pos", None), ("norm", None),
            ("conv_in", None), ("conv_out", None))  # decoder-head convolutions: small, replicated
 
 RULES: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
     # Parameters replicated; batch split over every device.
-    "dp": _COMMON + (("embed", None), ("mlp", None), ("qkv", None), ("heads", None)),
+    "dp": _COMMON + (("embed", None), ("mlp", None), ("qkv", None), ("heads", None), ("act_heads", None)),
     # Parameters split along their width axis over 'fsdp' (gathered per layer by XLA).
-    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", None), ("qkv", None), ("heads", None)),
-    # FSDP plus Megatron-style tensor parallel MLP and attention over 'tensor'.
-    "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"), ("heads", "tensor")),
+    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", None), ("qkv", None), ("heads", None), ("act_heads", None)),
+    # FSDP plus Megatron-style tensor parallel MLP and attention over 'tensor': the packed
+    # qkv axis is head-major, so its 'tensor' shards hold whole heads and attention
+    # activations ('act_heads') stay split by heads.
+    "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"), ("heads", "tensor"),
+                          ("act_heads", "tensor")),
 }
 
 
@@ -127,6 +131,15 @@ def create_sharded_model(build_fn: Callable[[], nnx.Module], mesh: Mesh, rules: 
     with use_rules(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def abstract_sharded_model(build_fn: Callable[[], nnx.Module], mesh: Mesh, rules: str | tuple) -> nnx.Module:
+    """`create_sharded_model` without allocating: every variable a ShapeDtypeStruct carrying
+    the sharding the real model would get (what the scale planner compiles against)."""
+    graphdef, abs_state = nnx.split(nnx.eval_shape(build_fn))
+    shardings = state_sharding(abs_state, mesh, rules)
+    return nnx.merge(graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                            abs_state, shardings))
 
 
 _ACTIVE: list[tuple] = []

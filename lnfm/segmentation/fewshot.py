@@ -8,9 +8,12 @@ over N adds cases instead of redrawing them.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from lnfm.config import ConfigError
+from lnfm.errors import DataError
 
 
 def select_subset(train_ids: Iterable[str], num_labeled: int | None, seed: int) -> list[str]:
@@ -18,11 +21,11 @@ def select_subset(train_ids: Iterable[str], num_labeled: int | None, seed: int) 
     by `seed`, when None or >= the split size). The result is sorted."""
     ids = sorted(set(train_ids))
     if not ids:
-        raise ValueError("the training split is empty: no labelled case to draw a few-shot subset from")
+        raise DataError("the training split is empty: no labelled case to draw a few-shot subset from")
     if num_labeled is None or num_labeled >= len(ids):
         return ids
     if num_labeled < 1:
-        raise ValueError(f"--num-labeled must be at least 1, got {num_labeled}")
+        raise ConfigError(f"--num-labeled must be at least 1, got {num_labeled}")
     order = np.random.default_rng(np.random.SeedSequence([seed, 0x4C4E])).permutation(len(ids))
     return sorted(ids[i] for i in order[:num_labeled])
 

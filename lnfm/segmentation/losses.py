@@ -9,10 +9,13 @@ either meaningless or explodes the gradient.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+from typing import Literal
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from lnfm.config import ConfigError
 
 
 @dataclasses.dataclass
@@ -97,7 +100,7 @@ def segmentation_loss(cfg: LossConfig, logits: jax.Array, labels: jax.Array) -> 
         return tversky_loss(logits, labels, cfg.tversky_alpha, cfg.tversky_beta, **region)
     if cfg.name == "ce":
         return cross_entropy(logits, labels)
-    raise ValueError(f"unknown loss '{cfg.name}'")
+    raise ConfigError(f"unknown loss '{cfg.name}'")
 
 
 def downsample_labels(labels: jax.Array, spatial: Sequence[int]) -> jax.Array:

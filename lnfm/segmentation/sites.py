@@ -23,8 +23,10 @@ class SiteConfig:
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # voxel spacing (mm, X Y Z) the store is prepared at
     patch: tuple[int, int, int] = (96, 96, 96)  # training patch and sliding-window ROI in voxels (X, Y, Z)
     window: tuple[float, float] = (-160.0, 240.0)  # CT HU window (lo, hi) mapped to [0, 1]
-    labels: list[str] = dataclasses.field(default_factory=lambda: ["background", "lymph_node"])  # class names; index = label value
-    stations: list[str] = dataclasses.field(default_factory=list)  # nodal stations of the region (documentation and reports)
+    labels: list[str] = dataclasses.field(  # class names; index = label value
+        default_factory=lambda: ["background", "lymph_node"])
+    stations: list[str] = dataclasses.field(  # nodal stations of the region (documentation and reports)
+        default_factory=list)
 
 
 def site_names() -> list[str]:

@@ -5,7 +5,8 @@ units in input-to-output order: embedding, then blocks or stages) and `.head`.
 
 - `all`: the encoder is frozen; only the head trains.
 - `first_k`: the first `k` units are frozen; later units, leftover encoder
-  parameters (e.g. the final norm) and the head train.
+  parameters (e.g. the final norm) and the head train. The embedding is unit 1,
+  so k=2 freezes the embedding plus block 1 (Swin: stage 1).
 - `none`: everything trains, with layer-wise LR decay: unit i of n gets
   lr * llrd ** (n - i), the head gets lr.
 - `lora`: the encoder's weights are frozen; low-rank adapters on the attention
@@ -18,15 +19,20 @@ to the `frozen` pytree and never meet the optimizer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Literal
+from collections.abc import Callable
 
+import jax
 from flax import nnx
+
+from lnfm.config import ConfigError
+from lnfm.models.lora import LoRAParam
 
 
 @dataclasses.dataclass
 class StrategyConfig:
     freeze: Literal["all", "first_k", "none", "lora"] = "all"  # what the optimizer may change (see docs/finetuning.md)
-    k: int = 2  # number of leading encoder units frozen with freeze=first_k
+    k: int = 2  # leading encoder units frozen with freeze=first_k (the embedding counts: k=2 = embedding + block 1)
     llrd: float = 1.0  # layer-wise LR decay for trainable encoder units (1.0 = off; 0.75 is typical with freeze=none)
     lora_rank: int = 8  # LoRA adapter rank with freeze=lora
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scale = alpha / rank)
@@ -56,8 +62,6 @@ def _under(path: Path, prefix: Path) -> bool:
 
 
 def _is_lora(value: Any) -> bool:
-    from lnfm.models.lora import LoRAParam
-
     return isinstance(value, LoRAParam) or (isinstance(value, type) and issubclass(value, LoRAParam))
 
 
@@ -73,10 +77,10 @@ def trainable_filter(model: nnx.Module, cfg: StrategyConfig) -> Callable[[Path, 
     if cfg.freeze == "first_k":
         units = unit_paths(model)
         if not 0 <= cfg.k <= len(units):
-            raise ValueError(f"strategy.k={cfg.k} is outside 0..{len(units)} (the encoder has {len(units)} units)")
+            raise ConfigError(f"strategy.k={cfg.k} is outside 0..{len(units)} (the encoder has {len(units)} units)")
         frozen = units[:cfg.k]
         return lambda path, value: not any(_under(path, p) for p in frozen)
-    raise ValueError(f"unknown strategy.freeze '{cfg.freeze}'")
+    raise ConfigError(f"unknown strategy.freeze '{cfg.freeze}'")
 
 
 def layer_index_fn(model: nnx.Module) -> tuple[Callable[[str], int], int]:
@@ -97,6 +101,4 @@ def layer_index_fn(model: nnx.Module) -> tuple[Callable[[str], int], int]:
 
 
 def count_params(tree: Any) -> int:
-    import jax
-
     return int(sum(x.size for x in jax.tree.leaves(tree)))

@@ -6,12 +6,19 @@ atomically: a killed process leaves no half-visible checkpoint. Restores take
 an abstract target carrying the *current* shardings, so a checkpoint written on
 one mesh or device count loads onto another. A latest checkpoint that fails to
 restore is moved aside to `corrupt_<step>` and the previous one is used.
+
+Once a save is committed, `<step>/lnfm_checksums.sha256` lists the sha256 of every file
+of the step; restores verify it first, so a checkpoint with a flipped bit counts as
+unreadable (and falls back) instead of loading wrong weights. A step without the list
+(a job killed between commit and checksum) is restored unverified.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +26,57 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lnfm.errors import LnfmError
+
 log = logging.getLogger("lnfm.train")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LnfmError, RuntimeError):
     """No checkpoint in the folder can be restored into the current train state."""
+
+
+CHECKSUMS = "lnfm_checksums.sha256"  # inside each step folder
+
+
+def has_checkpoints(directory: str | Path) -> bool:
+    """Whether `directory` holds at least one committed step folder."""
+    directory = Path(directory)
+    return directory.is_dir() and any(p.name.isdigit() and p.is_dir() for p in directory.iterdir())
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _step_files(step_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def write_checksums(step_dir: str | Path) -> None:
+    """List the sha256 of every file of a committed step (atomically: temp file, then rename)."""
+    step_dir = Path(step_dir)
+    text = "".join(f"{_sha256(step_dir / rel)}  {rel}\n" for rel in _step_files(step_dir))
+    tmp = step_dir / f".{CHECKSUMS}.tmp{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, step_dir / CHECKSUMS)
+
+
+def verify_checksums(step_dir: str | Path) -> bool:
+    """Raise CheckpointError naming the first file that is missing or differs from the step's list.
+    Returns False (nothing checked) when the step has no list."""
+    step_dir = Path(step_dir)
+    listing = step_dir / CHECKSUMS
+    if not listing.is_file():
+        return False
+    for line in listing.read_text().splitlines():
+        digest, _, rel = line.partition("  ")
+        path = step_dir / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {CHECKSUMS} but missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch (the file changed or is corrupt)")
+    return True
 
 
 @dataclasses.dataclass
@@ -46,6 +99,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
                                                create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unsummed: set[int] = set()  # saved steps whose checksum list is not written yet
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -57,14 +111,28 @@ class Checkpointer:
         """Start an async save of `state` at `step` (no-op if that step is already saved)."""
         if step in self.manager.all_steps():
             return
+        self._sum_committed()
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(_meta())}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._unsummed.add(step)
+
+    def _sum_committed(self) -> None:
+        """Write the checksum lists of the steps saved so far (waits for a pending async save)."""
+        if not self._unsummed:
+            return
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in sorted(self._unsummed):
+                if (self.directory / str(step)).is_dir():  # not yet removed by max_to_keep
+                    write_checksums(self.directory / str(step))
+        self._unsummed.clear()
 
     def _restore_step(self, step: int, target: Any, data_iter: Any) -> Any:
+        verify_checksums(self.directory / str(step))
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         if data_iter is not None:
             saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -113,14 +181,15 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        """Block until pending async saves are committed."""
+        """Block until pending async saves are committed (and their checksums written)."""
         self.manager.wait_until_finished()
+        self._sum_committed()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -139,6 +208,7 @@ def restore_params(directory: str | Path, target: Any, step: int | None = None, 
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint found")
+        verify_checksums(directory / str(step))  # a corrupt model must not be exported or finetuned from
         restored = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore({key: target}, partial_restore=True,
                                          restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}))))

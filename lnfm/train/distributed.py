@@ -26,12 +26,14 @@ import dataclasses
 import logging
 import os
 
+from lnfm.errors import LnfmError
+
 log = logging.getLogger("lnfm.train")
 
 JOBSET_PORT = 8476
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(LnfmError, ValueError):
     """Inconsistent multi-process settings (flags or environment)."""
 
 

@@ -2,12 +2,14 @@
 
 Shared by pretraining and finetuning. It owns no model logic:
 - SIGTERM/SIGINT (preemption) let the current step finish, save, and return `preempted=True`;
-  in a multi-process job the hosts agree on the stop step.
+  in a multi-process job the hosts agree on the stop step every `preempt_sync_every` steps
+  (one small allgather then; a per-step allgather would sync host and devices every step).
 - A non-finite loss raises `NonFiniteLoss` naming the step; it is checked before every
   save, so no checkpoint is written after a bad step.
 - Metrics (loss, lr, grad norm, step time, volumes/s, tokens/s, MFU) go to the
   `MetricsWriter` every `log_every` steps; losses are read one step late so the host
-  never stalls the device queue.
+  never stalls the device queue. Step time and MFU cover the steps only: time spent in
+  hooks and checkpoint saves is excluded (the device is drained before them).
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from lnfm.config import ConfigError
 from lnfm.errors import NonFiniteLoss
 from lnfm.train.checkpoint import Checkpointer
-from lnfm.train.mfu import mfu
+from lnfm.train.mfu import expected_step_time, mfu
 from lnfm.workdir import MetricsWriter, atomic_write_text, progress
 
 log = logging.getLogger("lnfm.train")
@@ -66,16 +71,24 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
     try:
         a, b = (int(v) for v in text.split(":"))
     except ValueError:
-        raise ValueError(f"profile steps must look like A:B (e.g. 10:15), got {text!r}") from None
+        raise ConfigError(f"profile steps must look like A:B (e.g. 10:15), got {text!r}") from None
     if not 0 <= a < b:
-        raise ValueError(f"profile steps A:B need 0 <= A < B, got {text!r}")
+        raise ConfigError(f"profile steps A:B need 0 <= A < B, got {text!r}")
     return a, b
 
 
 class PreemptionGuard:
-    """Turns SIGTERM/SIGINT into a flag checked between steps (a second SIGINT still kills)."""
+    """Turns SIGTERM/SIGINT into a flag checked between steps (a second SIGINT still kills).
 
-    def __init__(self) -> None:
+    With several processes the hosts must stop on the same step, so they exchange
+    their flags, but only every `sync_every` steps: the allgather waits for the
+    device queue, and doing it every step would cancel the loop's pipelining.
+    """
+
+    def __init__(self, sync_every: int = 10) -> None:
+        if sync_every < 1:
+            raise ValueError(f"preemption sync interval must be >= 1 step, got {sync_every}")
+        self.sync_every = sync_every
         self.requested = False
         self._old: dict[int, Any] = {}
 
@@ -85,7 +98,7 @@ class PreemptionGuard:
         self.requested = True
         log.warning("received %s: finishing the current step, then saving", signal.Signals(signum).name)
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -95,12 +108,13 @@ class PreemptionGuard:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def should_stop(self) -> bool:
-        """True on every process as soon as any process was signalled."""
+    def should_stop(self, step: int) -> bool:
+        """True once this process was signalled (one process), or on the first sync step
+        after any process was signalled (several processes; the same step on all)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
+        if step % self.sync_every:
+            return False
         flags = multihost_utils.process_allgather(np.asarray(int(self.requested), np.int32))
         return bool(np.asarray(flags).any())
 
@@ -113,11 +127,19 @@ class Throughput:
     tokens_per_step: int
     flops_per_step: float | None
 
+    @property
+    def predicted_step_time(self) -> float | None:
+        """The scale planner's estimate (model FLOPs at its assumed MFU); None on CPUs."""
+        return expected_step_time(self.flops_per_step, jax.devices()[0].device_kind, jax.device_count())
+
     def metrics(self, step_time: float) -> dict:
         dev = jax.devices()[0]
-        return {"step_time": step_time, "volumes_per_s": self.volumes_per_step / step_time,
-                "tokens_per_s": self.tokens_per_step / step_time,
-                "mfu": mfu(self.flops_per_step, step_time, dev.device_kind, jax.device_count())}
+        out = {"step_time": step_time, "volumes_per_s": self.volumes_per_step / step_time,
+               "tokens_per_s": self.tokens_per_step / step_time,
+               "mfu": mfu(self.flops_per_step, step_time, dev.device_kind, jax.device_count())}
+        if self.predicted_step_time is not None:
+            out["predicted_step_time"] = self.predicted_step_time
+        return out
 
 
 def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_batch: Callable[[], Any], *,
@@ -125,14 +147,14 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
              checkpointer: Checkpointer | None = None, ckpt_every: int = 0, data_iter: Any = None,
              config: dict | None = None, log_every: int = 10, hooks: tuple[Hook, ...] = (),
              profile: tuple[int, int] | None = None, profile_dir: str | Path | None = None,
-             desc: str = "train") -> LoopResult:
+             desc: str = "train", preempt_sync_every: int = 10) -> LoopResult:
     """Run steps start_step .. total_steps-1. `next_batch()` returns the next global batch.
 
     `data_iter` is the Grain iterator behind `next_batch`; its position is saved
     with every checkpoint so a resumed run sees the same data order.
     """
     pending: tuple[int, dict] | None = None
-    timer = {"t": None, "step": start_step}
+    timer = {"t": None, "step": start_step, "excluded": 0.0}  # excluded: hook and save seconds
     saved_step = start_step if checkpointer is not None and start_step in checkpointer.all_steps() else -1
     bar = progress(total=total_steps, initial=start_step, desc=desc, disable=jax.process_index() != 0)
 
@@ -152,20 +174,34 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
         if done % log_every == 0 or done == total_steps:
             extra: dict = {}
             if done > timer["step"]:
-                extra = throughput.metrics((now - timer["t"]) / (done - timer["step"]))
-                timer["t"], timer["step"] = now, done
+                busy = now - timer["t"] - timer["excluded"]
+                extra = throughput.metrics(busy / (done - timer["step"]))
+                timer["t"], timer["step"], timer["excluded"] = now, done, 0.0
             writer.write(done, **values, **extra)
+
+    def outside_step_time(fn: Callable[[], None]) -> None:
+        """Run a hook or save with its wall time excluded from the step time (and MFU).
+
+        The device queue is drained first, so the steps' own compute is still counted.
+        """
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        fn()
+        if timer["t"] is not None:
+            timer["excluded"] += time.perf_counter() - t0
 
     def save(done: int) -> None:
         nonlocal saved_step
         if checkpointer is not None and done != saved_step:
-            checkpointer.save(done, state, data_iter, config)
+            outside_step_time(lambda: checkpointer.save(done, state, data_iter, config))
             saved_step = done
 
     step = start_step
     preempted = False
     tracing = False
-    with PreemptionGuard() as guard:
+    if throughput.predicted_step_time is not None:
+        log.info("planner's expected step time: %.1f ms", throughput.predicted_step_time * 1e3)
+    with PreemptionGuard(preempt_sync_every) as guard:
         try:
             while step < total_steps:
                 if profile is not None and not tracing and profile[0] <= step < profile[1]:
@@ -184,12 +220,12 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
                 bar.update(1)
                 for hook in hooks:
                     if hook.every and step % hook.every == 0:
-                        hook.fn(step, state)
+                        outside_step_time(lambda: hook.fn(step, state))
                 if ckpt_every and step % ckpt_every == 0:
                     finish(*pending)
                     pending = None
                     save(step)
-                if guard.should_stop():
+                if guard.should_stop(step):
                     preempted = step < total_steps
                     break
             if pending is not None:

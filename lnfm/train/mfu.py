@@ -11,7 +11,8 @@ most specific first. Unknown kinds and CPUs have no peak: MFU is then None (n/a)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 
@@ -47,6 +48,18 @@ def mfu(flops_per_step: float | None, step_time_s: float, device_kind: str, num_
     if peak is None or not flops_per_step or step_time_s <= 0 or num_devices <= 0:
         return None
     return float(flops_per_step) / (step_time_s * peak * num_devices)
+
+
+ASSUMED_MFU = 0.4  # the scale planner's default MFU for its step-time estimate
+
+
+def expected_step_time(flops_per_step: float | None, device_kind: str, num_devices: int,
+                       assumed_mfu: float = ASSUMED_MFU) -> float | None:
+    """Step time the scale planner predicts: model FLOPs / (devices x peak x assumed MFU); None when unknown."""
+    peak = peak_flops(device_kind)
+    if peak is None or not flops_per_step or num_devices <= 0:
+        return None
+    return float(flops_per_step) / (num_devices * peak * assumed_mfu)
 
 
 def forward_flops(fn: Callable, *args: Any) -> float | None:

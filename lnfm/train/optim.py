@@ -9,13 +9,20 @@ pytree built by `layer_lr_scales` and passed as `lr_scales`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Literal
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lnfm.config import ConfigError
 from lnfm.train.state import path_str
+
+
+# The models' learned position / bias tables and special tokens (ViT `pos_table`, `cls_token`;
+# Swin `relative_position_bias_table`; MAE / SimMIM `mask_token`): decay would pull them to zero.
+NO_DECAY = ("pos_table", "relative_position_bias_table", "cls_token", "mask_token")
 
 
 @dataclasses.dataclass
@@ -30,7 +37,7 @@ class OptimConfig:
     b2: float = 0.95  # Adam second-moment decay
     eps: float = 1e-8  # Adam denominator epsilon
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
-    no_decay: tuple[str, ...] = ("pos_embed", "cls_token", "mask_token")  # path parts without decay (1-D: never)
+    no_decay: tuple[str, ...] = NO_DECAY  # exact parameter path parts without decay (1-D leaves: never)
     layer_decay: float = 1.0  # layer-wise LR decay for jobs that pass lr_scales (finetuning); 1.0 = off
 
 
@@ -52,10 +59,13 @@ def make_schedule(cfg: OptimConfig, total_steps: int, global_batch: int) -> opta
 
 
 def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
-    """True where weight decay applies: leaves with >= 2 dims not named in `no_decay`."""
+    """True where weight decay applies: leaves with >= 2 dims none of whose path parts
+    ('encoder', 'embed', 'pos_table', 'value', ...) is named in `no_decay`. Parts match
+    exactly, so a name matches the models' real attributes or nothing."""
+    skip = set(no_decay)
+
     def keep(path, leaf):
-        name = path_str(path)
-        return leaf.ndim >= 2 and not any(s in name for s in no_decay)
+        return leaf.ndim >= 2 and not skip.intersection(path_str(path).split("/"))
 
     return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -87,7 +97,7 @@ def make_optimizer(cfg: OptimConfig, params: Any, total_steps: int, global_batch
                    lr_scales: Any | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW for the trainable `params` pytree; returns (transformation, lr schedule)."""
     if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
+        raise ConfigError(f"total_steps must be positive, got {total_steps}")
     schedule = make_schedule(cfg, total_steps, global_batch)
     parts = []
     if cfg.clip_norm > 0:

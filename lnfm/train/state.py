@@ -60,17 +60,26 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sha
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int,
                        replicated: jax.sharding.Sharding, trainable: Any = nnx.Param
                        ) -> tuple[nnx.GraphDef, TrainState, Any]:
-    """Split `model` (already sharded) and build the state; returns (graphdef, state, shardings)."""
+    """Split `model` (already sharded) and build the state; returns (graphdef, state, shardings).
+
+    A model of ShapeDtypeStructs (`models.sharding.abstract_sharded_model`) gives the same
+    state as ShapeDtypeStructs carrying their shardings: nothing is allocated."""
     graphdef, params, frozen, rest = split_model(model, trainable)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = opt_state_shardings(tx, params, param_sh, replicated)
+    shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "rng": replicated,
+                 "frozen": jax.tree.map(lambda x: x.sharding, frozen),
+                 "rest": jax.tree.map(lambda x: x.sharding, rest)}
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                  "opt_state": jax.eval_shape(tx.init, params),
+                  "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed))), "frozen": frozen,
+                  "rest": rest}
+        return graphdef, abstract_state(shapes, shardings), shardings
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
     state = {"step": step, "params": params, "opt_state": opt_state, "rng": rng, "frozen": frozen, "rest": rest}
-    shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "rng": replicated,
-                 "frozen": jax.tree.map(lambda x: x.sharding, frozen),
-                 "rest": jax.tree.map(lambda x: x.sharding, rest)}
     return graphdef, state, shardings
 
 

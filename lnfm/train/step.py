@@ -8,13 +8,15 @@ stored key and the step number, so a resumed run draws the same masks.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lnfm.config import ConfigError
 from lnfm.train.optim import global_norm
 from lnfm.train.state import TrainState, step_key
 
@@ -32,7 +34,7 @@ def _microbatches(batch: Any, accum: int, sharding: Any) -> Any:
     """(B, ...) leaves -> (accum, B/accum, ...), interleaved so every microbatch spans all devices."""
     def split(x):
         if x.shape[0] % accum:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by accum_steps={accum}")
+            raise ConfigError(f"batch size {x.shape[0]} is not divisible by accum_steps={accum}")
         y = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
         return jnp.swapaxes(y, 0, 1)
 
@@ -58,7 +60,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     gradient is not finite leaves params and optimizer state unchanged.
     """
     if compute_dtype not in DTYPES:
-        raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got {compute_dtype!r}")
+        raise ConfigError(f"compute_dtype must be one of {list(DTYPES)}, got {compute_dtype!r}")
     dtype = DTYPES[compute_dtype]
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
 

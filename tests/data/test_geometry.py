@@ -103,7 +103,8 @@ def test_axial_diameters_hand_cases():
     one = np.zeros((3, 3, 1), bool)
     one[1, 1, 0] = True
     short, long = axial_diameters(one, (2.0, 2.0, 5.0))
-    assert long == pytest.approx(np.hypot(2, 2)) and short == pytest.approx(np.hypot(2, 2))  # a square across its diagonal
+    # a square across its diagonal
+    assert long == pytest.approx(np.hypot(2, 2)) and short == pytest.approx(np.hypot(2, 2))
     line = np.zeros((10, 3, 1), bool)
     line[1:7, 1, 0] = True  # 6 x 1 pixels of 1 mm: Feret = diagonal of the 6 x 1 box
     short, long = axial_diameters(line, (1.0, 1.0, 1.0))

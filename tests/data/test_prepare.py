@@ -85,7 +85,8 @@ def _bad_inputs(root: Path) -> tuple[Path, dict]:
         {"case_id": "ok2", "image": good[1]},  # unlabelled is fine
         {"case_id": "corrupt", "image": str(corrupt)},
         {"case_id": "nan", "image": save(root / "nan.nii.gz", nan, aff)},
-        {"case_id": "grid", "image": good[0], "label": save(root / "shifted.nii.gz", lab, affine_lps(origin=(0, 0, 0)))},
+        {"case_id": "grid", "image": good[0],
+         "label": save(root / "shifted.nii.gz", lab, affine_lps(origin=(0, 0, 0)))},
         {"case_id": "flat", "image": save(root / "flat.nii.gz", img[:, :, 0], aff)},
         {"case_id": "empty", "image": good[0], "label": save(root / "empty.nii.gz", lab * 0, aff)},
         {"case_id": "frac", "image": good[0], "label": save(root / "frac.nii.gz", lab * 0.5, aff)},
@@ -98,18 +99,22 @@ def _bad_inputs(root: Path) -> tuple[Path, dict]:
     return write_csv(root / "cases.csv", rows), reasons
 
 
-def test_each_bad_input_is_reported_and_the_rest_converts(tmp_path):
+def test_each_bad_input_is_reported_and_the_rest_converts(tmp_path, capsys):
     csv_path, reasons = _bad_inputs(tmp_path)
     store = tmp_path / "store"
     rc = main(["--input", str(csv_path), "--output", str(store), "--workers", "0", "salt=s"])
     assert rc == 1
     assert [r["case_id"] for r in read_manifest(str(store))] == ["ok1", "ok2"]
+    # The console names each bad file; failures.jsonl keeps a salted hash of it and no path.
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED ")]
+    assert sorted(Path(line[7:].split(": ", 1)[0]).name for line in printed) == sorted(reasons)
+    refs = {hashed_id(str(tmp_path / name), "s"): name for name in reasons}
     fails = read_failures(str(store))
     assert len(fails) == len(reasons)
     for f in fails:
-        name = Path(f["file"]).name
+        name = refs[f["ref"]]
         assert reasons[name] in f["reason"], f
-        assert "\n" not in f["reason"]
+        assert "\n" not in f["reason"] and str(tmp_path) not in json.dumps(f) and tmp_path.name not in json.dumps(f)
     # No array of a failed case is left in the store.
     assert sorted(p.name for p in (store / "cases").iterdir()) == ["ok1", "ok2"]
     # A rerun skips the converted cases and changes nothing of them.
@@ -250,3 +255,46 @@ def test_pet_on_coarser_grid_is_resampled_and_labels_mapped(tmp_path):
     strict = prepare_dataset(str(tmp_path / "cases.csv"), str(tmp_path / "s2"),
                              PrepareConfig(workers=0, resample_channels=False), show_progress=False)
     assert not strict.ok and "channel grid" in strict.failures[0]["reason"]
+
+
+def test_output_apart_from_the_input_and_a_held_store_is_refused(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from lnfm.cli import run_job
+
+    from tree_helpers import tree_digest
+
+    raw = nnunet_folder(tmp_path / "raw", n=1)
+    image = raw / "imagesTr" / "case000_0000.nii.gz"
+    csv_path = str(write_csv(tmp_path / "cases.csv", [{"case_id": "a", "image": str(image)}]))
+    cases = {
+        "same": (["--input", str(raw), "--output", str(raw)], "--output is --input"),
+        "inside": (["--input", str(raw), "--output", str(raw / "store")], "--output lies inside --input"),
+        "parent": (["--input", str(raw), "--output", str(tmp_path)], "--output contains --input"),
+        "csv_image": (["--input", csv_path, "--output", str(raw / "imagesTr")], "--output contains --input"),
+    }
+    before = tree_digest(tmp_path)
+    for name, (args, reason) in cases.items():
+        capsys.readouterr()
+        rc = run_job("prepare", args + ["workers=0", "salt=x"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and "error: " in err[-1] and reason in err[-1], (name, err)
+        assert tree_digest(tmp_path) == before, name
+    hold = ("import sys, time; from lnfm.workdir import lock_folder\n"
+            "with lock_folder(sys.argv[1], '.lnfm.lock.shard-0-of-1'):\n"
+            "    print('locked', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "store")], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        rc = run_job("prepare", ["--input", str(raw), "--output", str(tmp_path / "store"), "workers=0", "salt=x"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and f"in use by another lnfm job (pid {proc.pid} on" in err[-1]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["--input", str(raw), "--output", str(tmp_path / "store"), "workers=0", "salt=x"]) == 0
+    assert len(read_manifest(str(tmp_path / "store"))) == 1
+    assert not list((tmp_path / "store").glob(".lnfm.lock*"))

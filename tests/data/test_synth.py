@@ -195,8 +195,8 @@ def test_fallback_shapes_without_real_masks(kw):
 
 
 def test_real_shapes_used_when_present(shared_data):
-    cases = [generate_case("mediastinum", i, small(real_shape_fraction=1.0)) for i in range(3)]
-    kinds = {n["shape"] for case in cases for n in case.nodes}
+    kinds = {n["shape"] for i in range(3)
+             for n in generate_case("mediastinum", i, small(real_shape_fraction=1.0)).nodes}
     assert "real" in kinds
 
 

@@ -86,3 +86,61 @@ def test_postprocess_applies_config():
     expected[40, 30, 20] = False
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(postprocess(pred, (1, 1, 1), PostprocessConfig(), hu=None), pred)
+
+
+def _ball(shape, centre_mm, radius_mm, spacing):
+    grid = np.indices(shape).transpose(1, 2, 3, 0) * np.asarray(spacing, float)
+    return np.linalg.norm(grid - np.asarray(centre_mm, float), axis=-1) <= radius_mm
+
+
+def _rod(shape, centre_xy_mm, radius_mm, z_range, spacing):
+    """A vessel: a cylinder along axis 2 over the voxel slices z_range."""
+    grid = np.indices(shape).transpose(1, 2, 3, 0) * np.asarray(spacing, float)
+    rod = np.linalg.norm(grid[..., :2] - np.asarray(centre_xy_mm, float), axis=-1) <= radius_mm
+    rod[:, :, :z_range[0]] = False
+    rod[:, :, z_range[1]:] = False
+    return rod
+
+
+def test_component_diameters_match_the_analytic_ellipsoid():
+    from lnfm.eval.postprocess import component_diameters
+
+    spacing = (0.8, 0.8, 2.0)
+    ball = _ball((50, 50, 20), (20, 20, 20), 8.0, spacing)  # 16 mm across
+    rod = _rod((50, 50, 20), (30, 8), 2.5, (0, 20), spacing)  # 5 mm wide, 40 mm long
+    _, d = component_diameters(ball | rod, spacing)
+    d = sorted(d.tolist(), key=lambda r: r[0])
+    np.testing.assert_allclose(d[0], [16.0] * 3, rtol=0.08)
+    # A uniform rod of length L has variance L^2 / 12 along it: d = 2 sqrt(5 L^2 / 12) = 1.29 L.
+    assert abs(d[1][0] - 2 * np.sqrt(5 * 40.0 ** 2 / 12)) < 0.08 * 51.6
+    # Its disc cross-section has variance r^2 / 4 per axis: d = 2 sqrt(5 r^2 / 4) = sqrt(5) r.
+    np.testing.assert_allclose(d[1][1:], [np.sqrt(5) * 2.5] * 2, rtol=0.12)
+
+
+def test_size_prior_drops_vessels_and_specks_keeps_nodes():
+    from lnfm.eval.postprocess import PostprocessConfig, apply_size_prior, postprocess
+
+    spacing = (1.0, 1.0, 1.0)
+    shape = (60, 60, 60)
+    node = _ball(shape, (20, 20, 30), 5.0, spacing)
+    vessel = _rod(shape, (45, 45), 3.0, (5, 55), spacing)
+    speck = _ball(shape, (45, 10, 10), 1.0, spacing)
+    mask = node | vessel | speck
+    kept = apply_size_prior(mask, spacing, min_short_axis_mm=4.0, max_elongation=3.0)
+    np.testing.assert_array_equal(kept, node)
+    np.testing.assert_array_equal(apply_size_prior(mask, spacing), mask)  # both tests off
+    cfg = PostprocessConfig(body_threshold_hu=None, min_short_axis_mm=4.0, max_elongation=3.0)
+    np.testing.assert_array_equal(postprocess(mask, spacing, cfg), node)
+
+
+def test_tune_size_prior_picks_the_filter_that_helps_on_validation():
+    from lnfm.eval.postprocess import tune_size_prior
+
+    spacing = (1.0, 1.0, 1.0)
+    shape = (60, 60, 60)
+    node = _ball(shape, (20, 20, 30), 5.0, spacing)
+    vessel = _rod(shape, (45, 45), 3.0, (5, 55), spacing)
+    s, e, score = tune_size_prior([node | vessel], [node], [spacing], short_axes=(0.0,), elongations=(0.0, 3.0))
+    assert (s, e, score) == (0.0, 3.0, 1.0)
+    # Nothing to remove: the milder (first) setting wins the tie.
+    assert tune_size_prior([node], [node], [spacing], short_axes=(0.0, 4.0), elongations=(0.0, 3.0))[:2] == (0, 0)

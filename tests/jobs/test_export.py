@@ -32,7 +32,7 @@ def exports(tiny, tmp_path_factory):  # noqa: F811
     """One export per format (orbax comes from the shared fixture)."""
     root = tmp_path_factory.mktemp("exports")
     out = {"orbax": tiny.orbax}
-    for f in ("safetensors", "stablehlo", "monai"):
+    for f in ("safetensors", "stablehlo", "onnx", "monai"):
         out[f] = ex.export_model(tiny.workdir, root / f, f)
     return out
 
@@ -258,3 +258,65 @@ def test_bad_checkpoint_folders_fail_with_one_line(tmp_path):
         ex.export_model(tmp_path / "missing", tmp_path / "out", "orbax")
     assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- --force and the path rule
+
+
+def test_force_replaces_only_an_intact_export_and_never_the_source(tiny, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    from lnfm.cli import run_job
+
+    from tree_helpers import tree_digest
+
+    work = tmp_path / "runs" / "ft"
+    shutil.copytree(tiny.workdir, work)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "paper.txt").write_text("unsaved work")
+    edited = ex.export_model(work, tmp_path / "edited", "safetensors")
+    meta = json.loads((edited / "model.json").read_text())
+    (edited / "model.json").write_text(json.dumps({**meta, "site": {"name": "other"}}))
+    cases = {
+        "source": (work, "--out is --checkpoint"),
+        "parent": (work.parent, "--out contains --checkpoint"),
+        "inside": (work / "export", "--out lies inside --checkpoint"),
+        "best_of_source": (work / "best", "--out lies inside --checkpoint"),
+        "not_an_export": (notes, "replaces only an intact lnfm export"),
+        "edited_export": (edited, "checksum mismatch"),
+    }
+    before = tree_digest(tmp_path)
+    for name, (out, reason) in cases.items():
+        capsys.readouterr()
+        rc = run_job("export", ["--checkpoint", str(work), "--out", str(out), "--format", "orbax", "--force"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and reason in err[0], (name, err)
+        assert tree_digest(tmp_path) == before, name
+    out = ex.export_model(work, tmp_path / "exp", "safetensors")
+    assert run_job("export", ["--checkpoint", str(work), "--out", str(out), "--format", "orbax", "--force"]) == 0
+    assert json.loads((out / "model.json").read_text())["format"] == "orbax"
+
+
+def test_a_full_disk_during_force_keeps_the_old_export_and_a_rerun_completes(tiny, tmp_path):  # noqa: F811
+    """`ulimit -f` in a real process: writing the new export fails with EFBIG; the previous export
+    is intact, no temporary folder is left, and the same command then succeeds."""
+    import os
+    import resource
+
+    out = ex.export_model(tiny.workdir, tmp_path / "exp", "orbax")
+    before = _digests(out)
+    cmd = [sys.executable, "-m", "lnfm", "export", "--checkpoint", str(tiny.workdir), "--out", str(out),
+           "--format", "safetensors", "--force"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, preexec_fn=small_files)
+    assert proc.returncode != 0
+    assert _digests(out) == before and ex.verify_export(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "model.json").read_text())["format"] == "safetensors" and ex.verify_export(out)

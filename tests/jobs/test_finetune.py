@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from lnfm.config import ConfigError
-from lnfm.jobs.finetune import QUICK, build_training, load_finetune_config, load_finetuned, main, make_splits, resolve_init, run
+from lnfm.cli import run_job
+from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, make_splits, resolve_init,
+                                run)
 from lnfm.segmentation.sites import SITES, site_names
 
 KEYS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume")
@@ -154,8 +156,8 @@ def test_few_shot_repeats_summary_and_best_model(store, tmp_path):
 
 
 def test_bad_store_is_a_one_line_error(tmp_path, capsys):
-    rc = main(["--site", "pelvis", "--data", str(tmp_path / "nope"), "--init", "scratch", "--workdir",
-               str(tmp_path / "wd")])
+    rc = run_job("finetune", ["--site", "pelvis", "--data", str(tmp_path / "nope"), "--init", "scratch",
+                              "--workdir", str(tmp_path / "wd")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "dataset not found" in err and len(err.splitlines()) == 1
 
@@ -252,3 +254,122 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_uninterrupted_result(store, tm
     for key in KEYS:  # None where a metric is undefined (no predicted node in 6 steps)
         assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
     assert a["best_step"] == b["best_step"]
+
+
+def test_finetune_schedule_ends_at_a_floor_not_zero():
+    """Few-shot validation Dice still rises late in a run: the default cosine stops at 10% of the peak."""
+    from lnfm.train.optim import make_schedule, peak_lr
+
+    cfg = load_finetune_config("pelvis")
+    sched = make_schedule(cfg.optim, cfg.train.steps, cfg.train.global_batch)
+    peak = peak_lr(cfg.optim, cfg.train.global_batch)
+    assert float(sched(cfg.train.steps)) == pytest.approx(0.1 * peak, rel=1e-4)
+    assert float(sched(cfg.train.steps // 2 + cfg.optim.warmup_steps // 2)) == pytest.approx(0.55 * peak, rel=1e-2)
+
+
+# ----------------------------------------------------------------------------- nothing lost
+
+
+def test_workdir_apart_from_init_and_data_and_a_refused_resume_writes_nothing(tmp_path, capsys):
+    from tree_helpers import tree_digest
+
+    from lnfm.workdir import open_workdir
+
+    pre = tmp_path / "pre"
+    (pre / "checkpoints" / "5").mkdir(parents=True)
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "vit", "size": "tiny", "width": 48}}))
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.jsonl").write_text("")
+    wd = tmp_path / "ft"
+    cfg = load_finetune_config("pelvis", TINY, data=[str(store)])
+    open_workdir(wd, cfg).close()
+    (wd / "checkpoints" / "2").mkdir(parents=True)  # a run to resume
+    base = ["--site", "pelvis", "--data", str(store)]
+    cases = {
+        "workdir_is_init": (base + ["--init", str(pre), "--workdir", str(pre)], "--workdir is --init"),
+        "workdir_in_init": (base + ["--init", str(pre), "--workdir", str(pre / "ft")], "--workdir lies inside --init"),
+        "workdir_in_data": (base + ["--init", "scratch", "--workdir", str(store / "ft")],
+                            "--workdir lies inside --data"),
+        "another_head": (base + ["--init", "scratch", "--workdir", str(wd), *TINY, "head.kind=light"],
+                         'head.kind="linear" (new: "light")'),
+        "another_model": (base + ["--init", "scratch", "--workdir", str(wd), *TINY, "model.depth=3"],
+                          "model.depth=2 (new: 3)"),
+    }
+    before = tree_digest(tmp_path)
+    for name, (args, reason) in cases.items():
+        capsys.readouterr()
+        rc = run_job("finetune", args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and reason in err[0], (name, err)
+        assert tree_digest(tmp_path) == before, name  # config.yaml of the refused resume included
+
+
+def test_a_second_job_on_the_workdir_is_refused_naming_the_holder(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    hold = ("import sys, time; from lnfm.workdir import lock_folder\n"
+            "with lock_folder(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "wd")], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        rc = run_job("finetune", ["--site", "pelvis", "--data", str(tmp_path / "nope"), "--init", "scratch",
+                                  "--workdir", str(tmp_path / "wd")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"in use by another lnfm job (pid {proc.pid} on" in err[0]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+_SAVE_BEST = """
+import sys
+import numpy as np
+from lnfm.jobs.finetune import save_best
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
+step = int(sys.argv[2])
+ck = Checkpointer(sys.argv[1], CheckpointConfig(keep=1, async_save=False))
+weights = np.random.default_rng(step).standard_normal(50_000).astype(np.float32)  # incompressible
+save_best(ck, step, {"model": {"w": weights}}, {"note": "x"})
+ck.close()
+"""
+
+
+def test_a_full_disk_while_saving_the_best_model_keeps_the_previous_best(tmp_path):
+    """`ulimit -f` in a real process: the new best cannot be written; the previous best is still
+    there and restores with its checksums verified; the rerun replaces it."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, verify_checksums
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": ""}
+    best = tmp_path / "best"
+
+    def run(step, limit=None):
+        pre = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))) if limit else None
+        return subprocess.run([sys.executable, "-c", _SAVE_BEST, str(best), str(step)],
+                              capture_output=True, text=True, timeout=120, env=env, preexec_fn=pre)
+
+    assert run(2).returncode == 0
+    assert run(4, limit=16_384).returncode != 0  # the 200 kB array does not fit
+    target = {"model": {"w": jax.ShapeDtypeStruct((50_000,), np.float32,
+                                                  sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}}
+
+    def restored():
+        assert verify_checksums(best / str(sorted(int(p.name) for p in best.iterdir() if p.name.isdigit())[-1]))
+        with Checkpointer(best, CheckpointConfig(keep=1, async_save=False)) as ck:
+            state, step = ck.restore_latest(target)
+        np.testing.assert_array_equal(state["model"]["w"], np.random.default_rng(step).standard_normal(50_000)
+                                      .astype(np.float32))
+        return step
+
+    assert restored() == 2
+    assert run(4).returncode == 0
+    assert restored() == 4 and sorted(p.name for p in best.iterdir() if p.name.isdigit()) == ["4"]

@@ -13,6 +13,7 @@ import pytest
 from export_helpers import tiny  # noqa: F401  (session fixture)
 from scipy import ndimage
 
+from lnfm.cli import run_job
 from lnfm.jobs import predict as pr
 from lnfm.io import read_image
 from lnfm.eval.report import read_report
@@ -157,11 +158,12 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_file(tiny, tmp_path, capsys)
         out = tmp_path / f"out_{name}"
         out.mkdir()
         capsys.readouterr()
-        rc = pr.main(["--model", str(tiny.orbax), "--input", ",".join(inputs), "--output", str(out / "m.nii.gz"),
-                      "--report", str(out / "n.csv"), "--overlay", str(out / "o.png")])
+        rc = run_job("predict", ["--model", str(tiny.orbax), "--input", ",".join(inputs), "--output",
+                                 str(out / "m.nii.gz"), "--report", str(out / "n.csv"), "--overlay",
+                                 str(out / "o.png")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, name
-        assert err[-1].startswith("error: ") and fname in err[-1] and reason in err[-1], (name, err)
+        assert err[-1].startswith("lnfm predict: error: ") and fname in err[-1] and reason in err[-1], (name, err)
         assert list(out.iterdir()) == [], name
 
 
@@ -172,7 +174,7 @@ def test_bad_input_exit_code_from_the_console_command(tiny, tmp_path):  # noqa: 
                           cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "flat.nii.gz" in last and "constant" in last
+    assert last.startswith("lnfm predict: error: ") and "flat.nii.gz" in last and "constant" in last
     assert not (tmp_path / "m.nii.gz").exists()
 
 
@@ -225,3 +227,66 @@ def test_a_stablehlo_export_predicts_like_the_orbax_one(tiny, predictor, tmp_pat
     a = pr.predict_case(fn_hlo, meta, [str(scan)], tmp_path / "a.nii.gz")
     b = pr.predict_case(fn, meta, [str(scan)], tmp_path / "b.nii.gz")
     assert (a.labels == b.labels).mean() > 0.999 and a.labels.any()
+
+
+# ----------------------------------------------------------------------------- outputs never touch inputs
+
+
+def test_an_output_naming_the_input_or_the_model_is_refused_and_nothing_changes(tiny, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    from tree_helpers import tree_digest
+
+    scan = tmp_path / "scan.nii.gz"
+    shutil.copy(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz", scan)
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    shutil.copy(scan, batch / "a.nii.gz")
+    ok = str(tmp_path / "ok.nii.gz")
+    cases = {
+        "output": (["--input", str(scan), "--output", str(scan)], "--output is --input"),
+        "report": (["--input", str(scan), "--output", ok, "--report", str(scan)], "--report is --input"),
+        "probabilities": (["--input", str(scan), "--output", ok, "--probabilities", str(scan)],
+                          "--probabilities is --input"),
+        "overlay_in_model": (["--input", str(scan), "--output", ok, "--overlay", str(tiny.orbax / "x.png")],
+                             "--overlay lies inside --model"),
+        "same_two_outputs": (["--input", str(scan), "--output", ok, "--probabilities", ok], "name the same path"),
+        "batch_same_dir": (["--input", str(batch), "--output", str(batch)], "--output is --input"),
+        "batch_inside": (["--input", str(batch), "--output", str(batch / "masks")], "--output lies inside --input"),
+        "batch_parent": (["--input", str(batch), "--output", str(tmp_path)], "--output contains --input"),
+    }
+    before = tree_digest(tmp_path, tiny.orbax)
+    for name, (args, reason) in cases.items():
+        capsys.readouterr()
+        rc = run_job("predict", ["--model", str(tiny.orbax), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, name
+        assert len(err) == 1 and "error: " in err[0] and reason in err[0], (name, err)
+        assert tree_digest(tmp_path, tiny.orbax) == before, name
+
+
+def test_a_full_disk_keeps_the_previous_outputs_and_a_rerun_completes(tiny, predictor, tmp_path):  # noqa: F811
+    """`ulimit -f` in a real `lnfm predict` process: writing the new mask fails with EFBIG; the
+    previous mask and report are intact, no partial file is left, and the rerun succeeds."""
+    import resource
+
+    from tree_helpers import leftovers, tree_digest
+
+    fn, meta = predictor
+    scan = str(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz")
+    out = tmp_path / "out"
+    pr.predict_case(fn, meta, [scan], out / "mask.nii.gz", report=out / "nodes.csv")
+    before = tree_digest(out)
+    cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(tiny.orbax), "--input", scan,
+           "--output", str(out / "mask.nii.gz"), "--report", str(out / "nodes.csv"),
+           "--probabilities", str(out / "prob.nii.gz")]
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)))
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and "error: " in last and "cannot write (File too large)" in last
+    assert tree_digest(out) == before and leftovers(out) == []
+    pr.predict_case(fn, meta, [scan], out / "mask.nii.gz", probabilities=out / "prob.nii.gz",
+                    report=out / "nodes.csv")
+    assert (out / "prob.nii.gz").is_file() and leftovers(out) == []

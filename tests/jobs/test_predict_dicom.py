@@ -16,6 +16,7 @@ from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, expected_fram
 from export_helpers import make_finetune_workdir, tiny  # noqa: F401  (session fixture)
 from scipy import ndimage
 
+from lnfm.cli import run_job
 from lnfm.eval.report import read_report
 from lnfm.io import read_image
 from lnfm.io.dicom_source import find_nodes, node_map
@@ -40,7 +41,7 @@ def marking(tiny, tmp_path_factory):  # noqa: F811
     from lnfm.jobs.export import export_model
 
     root = tmp_path_factory.mktemp("marking")
-    workdir, _, _ = make_finetune_workdir(root, tiny.store, bias=-0.3)
+    workdir, _, _ = make_finetune_workdir(root, tiny.store, bias=-0.1)
     return export_model(workdir, root / "export", "orbax")
 
 
@@ -103,19 +104,19 @@ def test_dicom_format_needs_a_dicom_source(tiny, tmp_path, capsys):  # noqa: F81
     nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(0, 50, (20, 20, 10)).astype(np.int16), np.eye(4)),
              scan)
     out = tmp_path / "out"
-    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(scan), "--output",
-                                              str(out / "case.nii.gz"), "--format", "nifti,rtstruct"]))
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(scan), "--output",
+                 str(out / "case.nii.gz"), "--format", "nifti,rtstruct"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
-    assert err.startswith(f"error: {scan}: --format rtstruct needs a DICOM series")
+    assert err.startswith(f"lnfm predict: error: {scan}: --format rtstruct needs a DICOM series")
     assert not out.exists()
 
 
 def test_anonymised_series_without_uids_is_one_line(tiny, tmp_path, capsys):  # noqa: F811
     if not REAL_SERIES.is_dir():
         pytest.skip("../shared/data is absent")
-    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(REAL_SERIES), "--output",
-                                              str(tmp_path / "case"), "--format", "dicom-seg"]))
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(REAL_SERIES), "--output",
+                 str(tmp_path / "case"), "--format", "dicom-seg"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "lacks StudyInstanceUID" in err
 
@@ -125,12 +126,11 @@ def test_outputs_never_go_into_the_input_series(tiny, tmp_path, capsys):  # noqa
         pytest.skip("../shared/data is absent")
     series = restored_real_series(tmp_path / "study")
     before = sorted(p.name for p in series.iterdir())
-    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(series), "--output",
-                                              str(series / "case"), "--format", "dicom-seg"]))
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(series), "--output",
+                 str(series / "case"), "--format", "dicom-seg"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "inside the input series folder" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in series.iterdir()) == before
-
 
 
 def test_batch_writes_dicom_outputs_for_dicom_cases_and_lists_the_others(tiny, tmp_path, capsys):  # noqa: F811
@@ -142,8 +142,8 @@ def test_batch_writes_dicom_outputs_for_dicom_cases_and_lists_the_others(tiny, t
     write_series(folder / "series_a", hu, [1, 0, 0], [0, 1, 0], (3.0, 3.0), [0, 0, 3.0], [0, 0, 0])
     nib.save(nib.Nifti1Image(hu, np.diag([3.0, 3.0, 3.0, 1.0])), folder / "plain.nii.gz")
     out = tmp_path / "out"
-    rc = pr.run(pr.build_parser().parse_args(["--model", str(tiny.orbax), "--input", str(folder), "--output",
-                                              str(out), "--format", "nifti,dicom-seg"]))
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(folder), "--output",
+                 str(out), "--format", "nifti,dicom-seg"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "FAILED plain: " in err and "needs a DICOM series" in err

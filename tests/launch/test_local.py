@@ -127,7 +127,8 @@ def test_gpu_mode_splits_visible_devices(repo_root):
     proc = subprocess.run(["bash", str(repo_root / "launch" / "local.sh"), "--num-processes", "2", "--",
                            "bash", "-c", 'echo "gpus=$CUDA_VISIBLE_DEVICES local=$LNFM_LOCAL_DEVICE_IDS '
                                          'platforms=${JAX_PLATFORMS:-unset}"'],
-                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+                          capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.splitlines()) == ["[0] gpus=4,5 local=0,1 platforms=unset",
                                                 "[1] gpus=6,7 local=0,1 platforms=unset"]

@@ -81,7 +81,8 @@ def test_watch_recreates_after_preemption_and_reruns(repo_root, tmp_path):
     # Active -> job killed by preemption (ssh 255), slice SUSPENDED -> deleted -> MISSING ->
     # recreated, provisioning -> ACTIVE -> set up -> rerun succeeds on a healthy slice.
     (tmp_path / "states").write_text("\n".join(
-        ["ACTIVE", "SUSPENDED", "SUSPENDED", "DELETING", "MISSING", "PROVISIONING", "ACTIVE", "ACTIVE", "ACTIVE"]) + "\n")
+        ["ACTIVE", "SUSPENDED", "SUSPENDED", "DELETING", "MISSING", "PROVISIONING", "ACTIVE", "ACTIVE",
+         "ACTIVE"]) + "\n")
     (tmp_path / "run_codes").write_text("255\n0\n")
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "POLL_SECONDS": "0"}
     res = _run(repo_root, ["watch", "--", *COMMAND], env)

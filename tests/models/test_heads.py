@@ -38,7 +38,7 @@ def test_levels_and_assignment():
         level_strides((12, 12, 12))
 
 
-@pytest.mark.parametrize("name", ["unetr", "light", "linear"])
+@pytest.mark.parametrize("name", ["unetr", "light", "fine", "linear"])
 @pytest.mark.parametrize("layout", [VIT, SWIN], ids=["vit", "swin"])
 def test_head_shapes_with_deep_supervision(name, layout):
     spatial = (32, 32, 32)
@@ -103,3 +103,17 @@ def test_param_count_and_flops_of_linear_probe():
     unetr = nnx.eval_shape(lambda: build_head("unetr", *VIT, in_channels=1, num_classes=3, feature_size=8,
                                               rngs=nnx.Rngs(0)))
     assert head_flops(unetr, (1, 64, 64, 64, 1)) > 100 * f1
+
+
+def test_linear_probe_values_match_numpy_and_scipy():
+    """Coarse logits = 1x1x1 conv of the deepest features (numpy); full-resolution logits = their
+    trilinear upsampling with half-voxel centres and clamped edges (scipy.ndimage.zoom, grid_mode)."""
+    probe = numpy_init(lambda: LinearProbe(*VIT, 1, 3, deep_supervision=True, rngs=nnx.Rngs(0)))
+    spatial = (32, 64, 48)
+    feats = fake_features(VIT, spatial, seed=3)
+    logits, (coarse,) = run(probe, jnp.zeros((1, *spatial, 1)), feats)
+    deepest = np.asarray(feats[-1], np.float64)[0]
+    want = deepest @ np.asarray(probe.classify.kernel[...], np.float64)[0, 0, 0] + np.asarray(probe.classify.bias[...])
+    np.testing.assert_allclose(np.asarray(coarse)[0], want, rtol=1e-5, atol=1e-5)
+    up = np.stack([ndi.zoom(want[..., k], 16, order=1, mode="nearest", grid_mode=True) for k in range(3)], -1)
+    np.testing.assert_allclose(np.asarray(logits)[0], up, rtol=1e-4, atol=1e-4)

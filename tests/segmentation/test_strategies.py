@@ -1,5 +1,6 @@
-"""Frozen-layer strategies: exactly the named parameters train, frozen ones carry no
-optimizer state and are bitwise unchanged, LLRD scales follow the unit index."""
+"""Frozen-layer strategies through the jobs' real train step: exactly the named parameters train,
+frozen ones carry no optimizer state and are bitwise unchanged after optimizer steps (though their
+gradients are not zero), LLRD scales follow the unit index."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
 from lnfm.segmentation.strategies import StrategyConfig, layer_index_fn, trainable_filter, unit_paths
 from lnfm.train.optim import OptimConfig, layer_lr_scales, make_optimizer
-from lnfm.train.state import merge_model, path_str, split_model
+from lnfm.train.state import create_train_state, merge_model, path_str, split_model
+from lnfm.train.step import make_train_step
 
 
 class Block(nnx.Module):
@@ -51,30 +55,56 @@ def _names(tree):
     return {path_str(p).rsplit("/value", 1)[0] for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _train(model, cfg, steps=3):
-    graphdef, params, frozen, rest = split_model(model, trainable_filter(model, cfg))
+def _by_name(model) -> dict[str, np.ndarray]:
+    """Every nnx.Param of the whole model (trainable or not) by name, copied to numpy."""
+    return {path_str(p).rsplit("/value", 1)[0]: np.array(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
+
+
+def _train(model, cfg, steps=3, weight_decay=0.0):
+    """`steps` real optimizer steps of the jobs' train step (create_train_state + make_train_step)
+    -> (Params before, Params after, trainable names, final optimizer state)."""
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
+    replicated = NamedSharding(mesh, PartitionSpec())
+    nnx.update(model, jax.device_put(nnx.state(model), replicated))
+    before = _by_name(model)
+    filt = trainable_filter(model, cfg)
+    trainable = nnx.state(model, nnx.All(nnx.Param, filt))
     layer_of, n = layer_index_fn(model)
-    scales = layer_lr_scales(params, layer_of, n, cfg.llrd) if cfg.llrd != 1.0 else None
-    tx, _ = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0), params, 10, 1, scales)
-    opt_state = tx.init(params)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
-    y = jnp.arange(8) % 2
+    scales = layer_lr_scales(trainable, layer_of, n, cfg.llrd) if cfg.llrd != 1.0 else None
+    tx, schedule = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=weight_decay), trainable, 10, 1,
+                                  scales)
+    graphdef, state, shardings = create_train_state(model, tx, 0, replicated, trainable=filt)
 
-    def loss_fn(p):
-        logits = merge_model(graphdef, p, frozen, rest)(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    def loss_fn(params, frozen, rest, batch, key):
+        logits = merge_model(graphdef, params, frozen, rest)(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), {}
 
-    before = (params, frozen)
+    step = make_train_step(loss_fn, tx, schedule, shardings, NamedSharding(mesh, PartitionSpec("data")))
+    batch = {"x": jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32), "y": jnp.arange(8) % 2}
+    trained = _names(state["params"])
     for _ in range(steps):
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-    return before, (params, frozen), opt_state
+        state, _ = step(state, batch)
+    after = _by_name(merge_model(graphdef, state["params"], state["frozen"], state["rest"]))
+    return before, after, trained, state["opt_state"]
+
+
+def _full_grads(model) -> dict[str, np.ndarray]:
+    """Gradients of the same loss with respect to every Param: frozen ones would move if they trained."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p, rest)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(8) % 2).mean()
+
+    grads = jax.grad(loss)(params)
+    return {path_str(p).rsplit("/value", 1)[0]: np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)}
 
 
 ALL = {"encoder/embed/kernel", "encoder/embed/bias", "encoder/norm/scale", "encoder/norm/bias",
-       "head/kernel", "head/bias"} | {f"encoder/blocks/{i}/{m}/{p}" for i in range(3)
-                                      for m, p in [("lin", "kernel"), ("lin", "bias"), ("norm", "scale"), ("norm", "bias")]}
+       "head/kernel", "head/bias"} | {f"encoder/blocks/{i}/{m}/{p}" for i in range(3) for m, p in
+                                      [("lin", "kernel"), ("lin", "bias"), ("norm", "scale"), ("norm", "bias")]}
 
 
 def _expected_trainable(freeze, k):
@@ -89,23 +119,24 @@ def _expected_trainable(freeze, k):
 @pytest.mark.parametrize("freeze,k", [("all", 0), ("first_k", 1), ("first_k", 3), ("none", 0)])
 def test_strategy_freezes_exactly_what_it_says(freeze, k):
     model = Toy(nnx.Rngs(0))
-    cfg = StrategyConfig(freeze=freeze, k=k)
-    (p0, f0), (p1, f1), opt_state = _train(model, cfg)
+    grads = _full_grads(model)
+    # Weight decay would move a frozen leaf that wrongly reached the optimizer even with a zero gradient.
+    before, after, trained, opt_state = _train(model, StrategyConfig(freeze=freeze, k=k), weight_decay=0.1)
     expected = _expected_trainable(freeze, k)
-    assert _names(p0) == expected
-    assert _names(f0) == ALL - expected
-    # Frozen leaves: bitwise unchanged. Trainable leaves: every one moved.
-    for a, b in zip(jax.tree.leaves(f0), jax.tree.leaves(f1)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p0), jax.tree.leaves(p1)):
-        assert not np.array_equal(np.asarray(a), np.asarray(b)), path_str(path)
+    assert set(before) == set(after) == ALL
+    assert trained == expected
+    for name in sorted(ALL - expected):  # frozen: bitwise unchanged, though its gradient is not zero
+        assert np.abs(grads[name]).max() > 0, name
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    for name in sorted(expected):  # trainable: every leaf moved
+        assert not np.array_equal(after[name], before[name]), name
     # Optimizer state exists only for trainable leaves: Adam moments have the params' structure.
     adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
             if isinstance(s, optax.ScaleByAdamState)]
     assert len(adam) == 1
     assert _names(adam[0].mu) == expected and _names(adam[0].nu) == expected
     total = sum(x.size for x in jax.tree.leaves(opt_state) if hasattr(x, "size") and x.ndim > 0)
-    assert total == 2 * sum(x.size for x in jax.tree.leaves(p0))
+    assert total == 2 * sum(before[n].size for n in expected)
 
 
 def test_first_k_out_of_range():
@@ -131,14 +162,13 @@ def test_unit_paths_and_llrd_scales():
 
 def test_llrd_changes_deep_layers_less():
     # Same gradients' sign pattern, smaller step for early units under LLRD.
-    model = Toy(nnx.Rngs(0))
-    (p0, _), (p1, _), _ = _train(model, StrategyConfig(freeze="none", llrd=0.5), steps=1)
-    model2 = Toy(nnx.Rngs(0))
-    (q0, _), (q1, _), _ = _train(model2, StrategyConfig(freeze="none", llrd=1.0), steps=1)
-    d_llrd = float(jnp.abs(p1["encoder"]["embed"]["kernel"][...] - p0["encoder"]["embed"]["kernel"][...]).max())
-    d_flat = float(jnp.abs(q1["encoder"]["embed"]["kernel"][...] - q0["encoder"]["embed"]["kernel"][...]).max())
-    h_llrd = float(jnp.abs(p1["head"]["kernel"][...] - p0["head"]["kernel"][...]).max())
-    h_flat = float(jnp.abs(q1["head"]["kernel"][...] - q0["head"]["kernel"][...]).max())
+    b_llrd, a_llrd, _, _ = _train(Toy(nnx.Rngs(0)), StrategyConfig(freeze="none", llrd=0.5), steps=1)
+    b_flat, a_flat, _, _ = _train(Toy(nnx.Rngs(0)), StrategyConfig(freeze="none", llrd=1.0), steps=1)
+
+    def moved(before, after, name):
+        return float(np.abs(after[name] - before[name]).max())
+
     # Adam's first step moves each leaf by ~lr; the embedding unit is scaled by 0.5 ** 4.
-    assert d_llrd == pytest.approx(d_flat * 0.5 ** 4, rel=1e-3)
-    assert h_llrd == pytest.approx(h_flat, rel=1e-5)
+    assert moved(b_llrd, a_llrd, "encoder/embed/kernel") == pytest.approx(
+        moved(b_flat, a_flat, "encoder/embed/kernel") * 0.5 ** 4, rel=1e-3)
+    assert moved(b_llrd, a_llrd, "head/kernel") == pytest.approx(moved(b_flat, a_flat, "head/kernel"), rel=1e-5)

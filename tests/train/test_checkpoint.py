@@ -93,3 +93,35 @@ def test_no_checkpoint_and_missing_params(tmp_path, mesh8):
         assert ck.restore_latest(st.abstract_state(setup["state"], setup["shardings"])) is None
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         restore_params(tmp_path / "ck", setup["state"]["params"])
+
+
+def test_a_bit_flip_is_caught_by_the_checksums_and_the_previous_step_restores(tmp_path, mesh8, caplog):
+    """Orbax itself reads a flipped bit in an array as a valid (wrong) value; the checksum list
+    written after each commit makes it an unreadable checkpoint that falls back with a warning."""
+    from lnfm.train.checkpoint import CHECKSUMS, verify_checksums
+
+    setup = toy_setup(mesh8)
+    ck = Checkpointer(tmp_path / "ck", CheckpointConfig(keep=3))
+    ck.save(1, setup["state"])
+    ck.save(2, dict(setup["state"], step=setup["state"]["step"] + 5))
+    ck.close()
+    for step in (1, 2):
+        assert (tmp_path / "ck" / str(step) / CHECKSUMS).is_file() and verify_checksums(tmp_path / "ck" / str(step))
+    data = max((f for f in (tmp_path / "ck" / "2" / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # one bit, in the largest array file
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        verify_checksums(tmp_path / "ck" / "2")
+    with pytest.raises(CheckpointError, match="checksum mismatch"):  # --init and export refuse it outright
+        restore_params(tmp_path / "ck", st.abstract_state(setup["state"], setup["shardings"])["params"])
+    logger = logging.getLogger("lnfm")
+    logger.addHandler(caplog.handler)
+    try:
+        with Checkpointer(tmp_path / "ck", CheckpointConfig()) as ck:
+            state, step = ck.restore_latest(st.abstract_state(setup["state"], setup["shardings"]))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert step == 1 and int(state["step"]) == 0 and leaves_equal(state["params"], setup["state"]["params"])
+    assert "checkpoint 2" in caplog.text and "checksum mismatch" in caplog.text and "falling back" in caplog.text
+    assert (tmp_path / "ck" / "corrupt_2").is_dir()

@@ -1,4 +1,5 @@
 import os
+import time
 import signal
 
 import jax
@@ -55,3 +56,48 @@ def test_profile_steps(tmp_path, mesh8):
         parse_profile_steps("4")
     loop(tmp_path, mesh8, toy_batches(4), total=4, profile=(1, 3), profile_dir=tmp_path / "profile")
     assert any(p.name.endswith(".xplane.pb") for p in (tmp_path / "profile").rglob("*"))
+
+
+def test_step_time_excludes_hook_and_save_time(tmp_path, mesh8):
+    slow = Hook(1, lambda step, state: time.sleep(0.4))  # e.g. a validation pass after every step
+    loop(tmp_path, mesh8, toy_batches(9), total=9, hooks=(slow,), log_every=4, ckpt_every=2)
+    rows = [r for r in read_metrics(tmp_path) if "step_time" in r]
+    assert rows and all(r["step_time"] < 0.3 for r in rows), rows  # the toy step itself takes milliseconds
+
+
+class _FakeHosts:
+    """Two processes, as seen by one of them: counts allgathers, the other host's flag."""
+
+    def __init__(self, other_flag_from_step: int):
+        self.calls: list[int] = []
+        self.other_from = other_flag_from_step
+        self.step = 0
+
+    def allgather(self, flag):
+        self.calls.append(self.step)
+        return np.asarray([int(flag), int(self.step >= self.other_from)])
+
+
+def test_multi_process_preemption_syncs_every_n_steps_only(monkeypatch):
+    from lnfm.train import loop as loop_mod
+
+    hosts = _FakeHosts(other_flag_from_step=13)
+    monkeypatch.setattr(loop_mod.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(loop_mod.multihost_utils, "process_allgather", hosts.allgather)
+    guard = loop_mod.PreemptionGuard(sync_every=10)
+    stops = []
+    for step in range(1, 31):
+        hosts.step = step
+        stops.append(guard.should_stop(step))
+    assert hosts.calls == [10, 20, 30]  # one host-device sync per 10 steps, not per step
+    assert stops.index(True) + 1 == 20  # the other host was signalled at 13: both stop at the next sync step
+    with pytest.raises(ValueError, match=">= 1"):
+        loop_mod.PreemptionGuard(sync_every=0)
+
+
+def test_planner_step_time_formula():
+    from lnfm.train.mfu import expected_step_time
+
+    # 3.958e15 FLOPs on 8 H100s (989.4 TFLOP/s each) at 40% MFU: 1.25 s.
+    assert expected_step_time(3.958e15, "NVIDIA H100 80GB HBM3", 8) == pytest.approx(3.958e15 / (8 * 989.4e12 * 0.4))
+    assert expected_step_time(1e12, "cpu", 1) is None

@@ -80,3 +80,36 @@ def test_layer_lr_scales_multiply_updates():
 def test_global_norm():
     tree = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
     assert float(optim.global_norm(tree)) == pytest.approx(5.0)
+
+
+def _decayed_names(model) -> dict[str, bool]:
+    from flax import nnx
+
+    from lnfm.train.state import path_str
+
+    params = nnx.state(model, nnx.Param)
+    mask = optim.decay_mask(params, optim.OptimConfig().no_decay)
+    return {path_str(p): bool(v) for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+
+
+def test_default_decay_mask_spares_the_real_models_tables_and_tokens():
+    """The names come from the models themselves: a learnable ViT position table, the class
+    and mask tokens of MAE, and Swin's relative position bias tables get no decay."""
+    from flax import nnx
+
+    from lnfm.models import ModelConfig
+    from lnfm.models.mae import MAE
+    from lnfm.models.simmim import SimMIM
+
+    mae = MAE(ModelConfig(img_size=(16, 16, 16), patch_size=(8, 8, 8), depth=1, cls_token=True,
+                          pos_embed="learnable"), nnx.Rngs(0))
+    swin = SimMIM(ModelConfig(arch="swin", size="tiny", img_size=(32, 32, 32), window_size=(2, 2, 2)),
+                  nnx.Rngs(0))
+    for model, spared in ((mae, {"pos_table", "cls_token", "mask_token"}),
+                          (swin, {"relative_position_bias_table", "mask_token"})):
+        names = _decayed_names(model)
+        hits = {n: d for n, d in names.items() if spared.intersection(n.split("/"))}
+        assert {part for n in hits for part in n.split("/")} >= spared  # every spared name exists in the model
+        assert not any(hits.values()), hits
+        matrices = [n for n, d in names.items() if n.endswith("kernel/value") and "/blocks/" in f"/{n}"]
+        assert matrices and all(names[n] for n in matrices)  # transformer weights still decay

@@ -8,8 +8,8 @@ Every head is built from the encoder's feature layout (`feature_strides`, one
 full-resolution output). `images` are the (padded) encoder inputs: X, Y, Z are
 multiples of the deepest feature stride.
 
-Heads: `LinearProbe` (linear.py), `UNETRHead` (unetr.py), `LightHead` (light.py);
-`registry.build_head(name, ...)` picks one.
+Heads: `LinearProbe` (linear.py), `UNETRHead` (unetr.py), `LightHead` (light.py),
+`FineHead` (fine.py: image skips at strides 1, 2, 4); `registry.build_head(name, ...)` picks one.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lnfm.models.layers import no_eager_sharding
+from lnfm.models.conv_forms import dense_conv, depthwise_conv
+from lnfm.models.grid_ops import integer_factors, upsample_trilinear
 
 Stride = tuple[int, int, int]
 CONV_NAMES = (None, None, None, "conv_in", "conv_out")
@@ -38,10 +40,9 @@ class Conv3D(nnx.Module):
     """'SAME', stride-1 3D convolution with nnx.Conv's parameter layout
     (`kernel` (k, k, k, cin // groups, cout), `bias` (cout,)).
 
-    XLA's grouped 3D convolution is pathologically slow on CPU (a depth-wise 3x3x3
-    conv on 32^3 x 16 channels: about 17x slower than the form below, measured). So:
-    1x1x1 kernels are a matmul; depth-wise kernels are a sum of shifted, scaled copies
-    (one fused elementwise kernel on any backend); dense k^3 kernels use the native
+    The form of the computation is `lnfm.models.conv_forms`': 1x1x1 kernels are a
+    matmul, depth-wise kernels a sum of shifted, scaled copies (XLA's grouped 3D
+    convolution is pathologically slow on CPU), dense k^3 kernels the native
     convolution (a shifted-matmul sum runs ~2x faster on CPU but compiles ~6x slower)."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, *, groups: int = 1, bias: bool = True,
@@ -57,27 +58,10 @@ class Conv3D(nnx.Module):
             self.bias = (nnx.Param(jnp.zeros((cout,), param_dtype), out_sharding=("conv_out",))
                          if bias else None)
 
-    def _shifted(self, x: jax.Array):
-        """(tap index, x shifted by that tap) for every kernel tap, 'SAME' zero padding."""
-        k = self.kernel_size
-        lo, hi = (k - 1) // 2, k // 2
-        xp = jnp.pad(x, [(0, 0), (lo, hi), (lo, hi), (lo, hi), (0, 0)])
-        n = x.shape[1:4]
-        for i in range(k):
-            for j in range(k):
-                for m in range(k):
-                    yield (i, j, m), xp[:, i:i + n[0], j:j + n[1], m:m + n[2], :]
-
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         w = self.kernel[...].astype(self.dtype)
-        if self.kernel_size == 1:
-            y = x @ w[0, 0, 0]
-        elif self.groups > 1:
-            y = sum(xs * w[t][0] for t, xs in self._shifted(x))
-        else:
-            y = jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",
-                                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        y = depthwise_conv(x, w) if self.groups > 1 else dense_conv(x, w)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -136,6 +120,9 @@ def resize_to(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
     """Trilinear resize of (B, X, Y, Z, C) to the given spatial size."""
     if tuple(x.shape[1:4]) == tuple(spatial):
         return x
+    factors = integer_factors(x.shape[1:4], spatial)
+    if factors is not None:  # the decoders' case: same values, exportable to ONNX with a dynamic batch
+        return upsample_trilinear(x, factors)
     return jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), method="trilinear")
 
 

@@ -26,12 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lnfm.models.grid_ops import pad_edge
 from lnfm.models.heads.blocks import as_stride, conv, instance_norm, level_strides, lrelu, resize_to
 
 
 def sobel_magnitude(images: jax.Array) -> jax.Array:
     """Per-channel 3D Sobel gradient magnitude of (B, X, Y, Z, C), border voxels replicated."""
-    x = jnp.pad(images.astype(jnp.float32), [(0, 0), (1, 1), (1, 1), (1, 1), (0, 0)], mode="edge")
+    x = pad_edge(images.astype(jnp.float32), 1)
     n = [images.shape[a] for a in (1, 2, 3)]
 
     def diff(v, axis):  # [-1, 0, 1] along `axis`, keeps the one-voxel halo elsewhere

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lnfm.models.heads.fine import FineHead
 from lnfm.models.heads.light import LightHead
 from lnfm.models.heads.linear import LinearProbe
 from lnfm.models.heads.unetr import UNETRHead
@@ -38,13 +39,13 @@ def head_flops(head: nnx.Module, input_shape: Sequence[int]) -> float:
     return float(cost.get("flops", 0.0))
 
 
-HEADS = {"unetr": UNETRHead, "light": LightHead, "linear": LinearProbe}
+HEADS = {"unetr": UNETRHead, "light": LightHead, "fine": FineHead, "linear": LinearProbe}
 
 
 def build_head(name: str, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
                deep_supervision: bool = False, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                **kwargs) -> nnx.Module:
-    """Head by name: 'unetr', 'light' or 'linear'; extra keyword arguments go to its constructor."""
+    """Head by name: 'unetr', 'light', 'fine' or 'linear'; extra keyword arguments go to its constructor."""
     if name not in HEADS:
         raise ValueError(f"unknown head '{name}' (choices: {', '.join(HEADS)})")
     cls = HEADS[name]

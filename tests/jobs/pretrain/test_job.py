@@ -9,16 +9,18 @@ import pytest
 from pretrain_helpers import checkpoint_steps, finish, losses, output, start, wait_for
 
 from lnfm.jobs import pretrain
-from lnfm.jobs.pretrain import main
-from lnfm.train.loop import NonFiniteLoss
+from lnfm.cli import run_job
+from lnfm.errors import NonFiniteLoss
 
 
 def test_missing_or_empty_data_fails_before_compiling(tmp_path, capsys):
-    assert main(["--config", "vit_tiny", "--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w")]) == 2
+    assert run_job("pretrain", ["--config", "vit_tiny", "--data", str(tmp_path / "nowhere"),
+                                "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nowhere: dataset not found" in err
     (tmp_path / "empty").mkdir()
-    assert main(["--config", "vit_tiny", "--data", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w")]) == 2
+    assert run_job("pretrain", ["--config", "vit_tiny", "--data", str(tmp_path / "empty"),
+                                "--workdir", str(tmp_path / "w")]) == 2
     assert "empty: dataset is empty" in capsys.readouterr().err
     assert not (tmp_path / "w" / "checkpoints").exists()
 
@@ -68,8 +70,8 @@ def test_nan_loss_exits_3_with_the_message(phantom_store, tmp_path, capsys, monk
         raise NonFiniteLoss("loss is nan at step 7; stopping (the last good checkpoint is kept)")
 
     monkeypatch.setattr(pretrain, "run", diverge)  # the loop itself is tested in tests/train/test_loop.py
-    assert pretrain.main(["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path)]) == 3
-    assert "error: loss is nan at step 7" in capsys.readouterr().err
+    assert run_job("pretrain", ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path)]) == 3
+    assert "lnfm pretrain: error: loss is nan at step 7" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -78,12 +80,39 @@ def test_nan_loss_exits_3_with_the_message(phantom_store, tmp_path, capsys, monk
     ("data.spacing=[1.0,1.0,1.0]", "4 of 4 cases are not at data.spacing=[1.0, 1.0, 1.0] mm"),
     ("data.split=val", "no cases in split 'val'")])
 def test_config_errors_are_one_line(phantom_store, tmp_path, capsys, bad, message):
-    assert main(["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path / "w"), bad]) == 2
+    assert run_job("pretrain", ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path / "w"),
+                                bad]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0
 
 
 def test_partial_multiprocess_flags_are_one_line_errors(tmp_path, capsys):
     args = ["--config", "vit_tiny", "--data", str(tmp_path), "--workdir", str(tmp_path / "w"), "--num-processes", "2"]
-    assert main(args) == 2
+    assert run_job("pretrain", args) == 2
     assert "must be given together" in capsys.readouterr().err
+
+
+def test_workdir_apart_from_data_and_a_refused_resume_writes_nothing(phantom_store, tmp_path, capsys):
+    from pathlib import Path
+
+    from tree_helpers import tree_digest
+
+    from lnfm.jobs.pretrain import load_pretrain_config
+    from lnfm.workdir import open_workdir
+
+    wd = tmp_path / "wd"
+    open_workdir(wd, load_pretrain_config("vit_tiny", ["model.depth=2"])).close()
+    (wd / "checkpoints" / "5").mkdir(parents=True)  # a run to resume
+    cases = {
+        "in_data": (["--data", phantom_store, "--workdir", str(Path(phantom_store) / "run")],
+                    "--workdir lies inside --data"),
+        "is_data": (["--data", phantom_store, "--workdir", phantom_store], "--workdir is --data"),
+        "other_model": (["--data", phantom_store, "--workdir", str(wd), "model.depth=3"], "model.depth=2 (new: 3)"),
+    }
+    before = tree_digest(tmp_path, phantom_store)
+    for name, (args, reason) in cases.items():
+        capsys.readouterr()
+        assert run_job("pretrain", ["--config", "vit_tiny", *args]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and reason in err[0], (name, err)
+        assert tree_digest(tmp_path, phantom_store) == before, name

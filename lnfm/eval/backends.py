@@ -1,0 +1,84 @@
+"""Backends that apply an exported network to a batch of windows.
+
+A backend is a callable `fn(x) -> probabilities`: x is a batch of normalised
+windows (B, *patch, C) float32, the result (B, *patch, K) float32 softmax
+probabilities. Sliding-window inference takes any such callable.
+
+- "jax": the Flax model jitted (`jax_network`), or a stablehlo export's serialized
+  function (`stablehlo_network`); on a GPU when JAX has one.
+- "onnxruntime": an onnx export's `model.onnx` on ONNX Runtime's CPU kernels.
+- "auto": JAX on an accelerator; on a CPU-only machine onnxruntime when the export
+  has `model.onnx` (its native 3D convolutions run several times faster than
+  XLA:CPU's and it needs no compilation; docs/benchmarks.md), JAX otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lnfm.errors import LnfmError
+from lnfm.models.export_onnx import ONNX_INPUT, ONNX_OUTPUT
+
+BACKENDS = ("auto", "jax", "onnxruntime")
+Network = Callable[[np.ndarray], np.ndarray]
+
+
+class BackendError(LnfmError, ValueError):
+    """A backend the export or the machine cannot provide; one line naming the export."""
+
+
+def accelerator_present() -> bool:
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
+def choose_backend(requested: str, export_dir: str | Path, export_format: str, has_onnx: bool) -> str:
+    """The backend `requested` resolves to for an export (its format, whether it holds model.onnx)
+    on this machine."""
+    if requested not in BACKENDS:
+        raise BackendError(f"unknown backend '{requested}' (choices: {', '.join(BACKENDS)})")
+    if requested == "onnxruntime" and not has_onnx:
+        raise BackendError(f"{export_dir}: a {export_format} export has no model.onnx for the onnxruntime "
+                           f"backend (export with --format onnx, or use --backend jax)")
+    if requested == "auto":
+        return "onnxruntime" if has_onnx and not accelerator_present() else "jax"
+    return requested
+
+
+def onnx_network(path: str | Path, threads: int | None = None) -> Network:
+    """`model.onnx` on onnxruntime's CPU kernels (all graph optimisations, `threads` intra-op threads)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = 3  # shape-merge notices about the symbolic batch are not errors
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run([ONNX_OUTPUT], {ONNX_INPUT: np.asarray(x, np.float32)})[0]
+
+
+def jax_network(model) -> Network:
+    """A Flax NNX segmenter, jitted, softmax applied (on JAX's default device)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state)
+
+    @jax.jit
+    def probabilities(state, x):
+        out = nnx.merge(graphdef, state)(x)
+        logits = out[0] if isinstance(out, tuple) else out
+        return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+    return lambda x: np.asarray(probabilities(state, x))
+
+
+def stablehlo_network(exported) -> Network:
+    """A deserialized `jax.export.Exported` inference function."""
+    return lambda x: np.asarray(exported.call(np.asarray(x, np.float32)))

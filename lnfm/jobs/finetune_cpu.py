@@ -1,0 +1,70 @@
+"""The one-line notice a CPU-only finetune of an accelerator-sized preset prints.
+
+The estimate is the planner's usual one: the step's model FLOPs from XLA's cost
+analysis of the segmenter at the configured patch and batch (forward + backward
+= 3 forwards; lowered, not compiled), divided by the FLOP rate this CPU reaches
+on a dense 3x3x3 convolution measured here (the heads' dominant layer), times
+the configured steps. It is an estimate: attention and matmul layers run faster
+than the convolution, so it errs long for ViT-heavy models.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+
+from lnfm.train.mfu import forward_flops, train_flops
+
+CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
+FAST_CPU_FLOPS = 2e11  # 40x the 5 GFLOP/s measured on 2 shared cores for a 3D conv: runs that fit at
+# this rate fit anywhere and skip the measurement
+CPU_PRESET = "--quick"  # lnfm.jobs.finetune.QUICK: 32^3 patches, linear probe, 400 steps
+
+
+def cpu_conv_rate() -> float:
+    """FLOP/s this machine reaches on a jitted dense 3x3x3 conv (1 x 32^3 x 32 -> 32), best of 3."""
+    x = jnp.ones((1, 32, 32, 32, 32), jnp.float32)
+    w = jnp.ones((3, 3, 3, 32, 32), jnp.float32) / 864.0
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",
+                                                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC")))
+    conv(x, w).block_until_ready()
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        conv(x, w).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * 27 * 32 * 32 * 32 ** 3 / best
+
+
+def step_flops(cfg) -> float | None:
+    """Model FLOPs of one finetuning step (global batch, site patch) from the segmenter's lowered forward."""
+    from flax import nnx
+
+    from lnfm.models.segmenter import build_segmenter
+
+    model = nnx.eval_shape(lambda: build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0),
+                                                   deep_supervision=cfg.head.deep_supervision, **cfg.head.options))
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((cfg.train.global_batch, *cfg.site.patch, cfg.model.in_channels), jnp.float32)
+    return train_flops(forward_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, x))
+
+
+def cpu_notice(cfg, rate: float | None = None) -> str | None:
+    """The notice when `cfg` would take longer than CPU_BUDGET_S on this CPU; None when it fits or
+    an accelerator is present."""
+    if jax.default_backend() != "cpu":
+        return None
+    flops = step_flops(cfg)
+    if not flops or flops * cfg.train.steps / FAST_CPU_FLOPS <= CPU_BUDGET_S:
+        return None
+    per_step = flops / (rate or cpu_conv_rate())
+    total = per_step * cfg.train.steps
+    if total <= CPU_BUDGET_S:
+        return None
+    return (f"no accelerator: the {cfg.site.name} preset ({cfg.head.kind} head, "
+            f"{'x'.join(map(str, cfg.site.patch))} patch, batch {cfg.train.global_batch}, {cfg.train.steps} steps) "
+            f"is sized for a GPU; planner estimate on this CPU: {per_step:.0f} s/step, {total / 3600:.1f} h in all. "
+            f"Use the CPU preset instead: add {CPU_PRESET} (32^3 patches, linear probe, 400 steps)")

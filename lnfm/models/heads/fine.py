@@ -1,0 +1,129 @@
+"""Fine-stride decoder: encoder features plus a small convolutional path from the image.
+
+Tokens of 8 or 16 mm are coarser than many lymph nodes (median short axis about
+9 mm), so detail finer than a token must come from the image itself. As in
+UNETR, a convolutional path reads the image at strides 1, 2 and 4 (up to
+`conv_levels`) and hands its maps to the decoder as skips; unlike UNETR's
+decoder, every step is kept cheap under XLA:CPU:
+
+- downsampling is a strided 2x2x2 convolution written as space-to-depth plus a
+  matmul, upsampling its transpose (`heads.UpConv3D`), never XLA's CPU
+  (transposed) convolution;
+- one dense 3x3x3 convolution per level, with few channels where the grid is
+  large (`widths`, finest first; 8 at full resolution by default).
+
+Encoder features: block outputs sharing the deepest stride (ViT) are concatenated
+and fused by a 1x1x1 conv; features at shallower strides (Swin stages) are
+projected by 1x1x1 convs and added at their own level. Each decoder level
+upsamples, concatenates the conv-path skip (where there is one), adds the feature
+projection (where there is one) and applies conv3-IN-LeakyReLU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lnfm.models.heads.blocks import (CONV_NAMES, _conv_init, as_stride, conv, instance_norm, level_strides,
+                                      lrelu, step_factor, up_conv)
+from lnfm.models.layers import no_eager_sharding
+
+
+class DownConv3D(nnx.Module):
+    """Convolution with kernel = stride = `factor` (non-overlapping windows), as
+    space-to-depth plus one matmul; kernel layout (*factor, cin, cout) like nnx.Conv's."""
+
+    def __init__(self, cin: int, cout: int, factor, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.factor, self.dtype = as_stride(factor), dtype
+        with no_eager_sharding():
+            self.kernel = nnx.Param(_conv_init(rngs.params(), (*self.factor, cin, cout), param_dtype),
+                                    out_sharding=CONV_NAMES)
+            self.bias = nnx.Param(jnp.zeros((cout,), param_dtype), out_sharding=("conv_out",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, nx, ny, nz, c = x.shape
+        fx, fy, fz = self.factor
+        x = x.astype(self.dtype).reshape(b, nx // fx, fx, ny // fy, fy, nz // fz, fz, c)
+        y = jnp.einsum("bxiyjzkc,ijkco->bxyzo", x, self.kernel[...].astype(self.dtype))
+        return y + self.bias[...].astype(self.dtype)
+
+
+class ConvNormAct(nnx.Module):
+    """conv3x3x3 -> instance norm -> LeakyReLU."""
+
+    def __init__(self, cin, cout, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.conv = conv(cin, cout, 3, bias=False, **kw)
+        self.norm = instance_norm(cout, **kw)
+
+    def __call__(self, x):
+        return lrelu(self.norm(self.conv(x)))
+
+
+class FineHead(nnx.Module):
+    """Decoder over encoder features with image skips at strides 1, 2, 4 (see module docstring)."""
+
+    def __init__(self, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
+                 widths: Sequence[int] = (8, 16, 32, 64), conv_levels: int = 3, deep_supervision: bool = False,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.feature_strides = tuple(as_stride(s) for s in feature_strides)
+        self.feature_channels = tuple(feature_channels)
+        self.deep_supervision = deep_supervision
+        self.levels = tuple(level_strides(self.feature_strides[-1]))
+        depth = len(self.levels) - 1
+        if depth < 1:
+            raise ValueError("FineHead needs a deepest feature stride of at least 2")
+        widths = list(widths) + [widths[-1]] * max(0, depth + 1 - len(widths))
+        self.widths = tuple(int(w) for w in widths[:depth + 1])
+        self.n_conv = max(1, min(conv_levels, depth))  # conv-path levels 0 .. n_conv - 1
+        ch = self.widths
+        # Convolutional path from the image: level 0 at full resolution, then strided steps.
+        path = [ConvNormAct(in_channels, ch[0], **kw)]
+        for lvl in range(1, self.n_conv):
+            path.append(nnx.List([DownConv3D(ch[lvl - 1], ch[lvl], step_factor(self.levels, lvl), **kw),
+                                  ConvNormAct(ch[lvl], ch[lvl], **kw)]))
+        self.path = nnx.List(path)
+        # Encoder features: the deepest-stride ones fused, shallower ones projected at their level.
+        self.deepest = tuple(i for i, s in enumerate(self.feature_strides) if s == self.feature_strides[-1])
+        self.fuse = conv(sum(self.feature_channels[i] for i in self.deepest), ch[depth], 1, **kw)
+        self.fuse_norm = instance_norm(ch[depth], **kw)
+        proj = {}
+        for i, s in enumerate(self.feature_strides):
+            if i in self.deepest:
+                continue
+            if s not in self.levels:
+                raise ValueError(f"feature stride {s} is not on the decoder's ladder {self.levels}")
+            proj[str(i)] = conv(self.feature_channels[i], ch[self.levels.index(s)], 1, **kw)
+        self.proj = nnx.Dict(proj)
+        self.ups = nnx.List([up_conv(ch[lvl + 1], ch[lvl], step_factor(self.levels, lvl + 1), **kw)
+                             for lvl in range(depth - 1, -1, -1)])
+        self.blocks = nnx.List([ConvNormAct(2 * ch[lvl] if lvl < self.n_conv else ch[lvl], ch[lvl], **kw)
+                                for lvl in range(depth - 1, -1, -1)])
+        self.out = conv(ch[0], num_classes, 1, **kw)
+        self.aux_out = nnx.List([conv(ch[lvl], num_classes, 1, **kw) for lvl in range(1, min(3, depth))]
+                                if deep_supervision else [])
+
+    def __call__(self, images: jax.Array, features: Sequence[jax.Array]):
+        skips = [self.path[0](images)]
+        for down, block in list(self.path)[1:]:
+            skips.append(block(down(skips[-1])))
+        added = {self.levels.index(self.feature_strides[int(k)]): p(features[int(k)]) for k, p in self.proj.items()}
+        x = lrelu(self.fuse_norm(self.fuse(jnp.concatenate([features[i] for i in self.deepest], axis=-1))))
+        depth = len(self.levels) - 1
+        outputs = {}
+        for up, block, lvl in zip(self.ups, self.blocks, range(depth - 1, -1, -1)):
+            x = up(x)
+            if lvl in added:
+                x = x + added[lvl].astype(x.dtype)
+            if lvl < self.n_conv:
+                x = jnp.concatenate([x, skips[lvl].astype(x.dtype)], axis=-1)
+            x = block(x)
+            outputs[lvl] = x
+        logits = self.out(x)
+        if not self.deep_supervision:
+            return logits
+        return logits, [head(outputs[lvl]) for lvl, head in enumerate(self.aux_out, start=1)]

@@ -1,0 +1,345 @@
+"""Hostile input to `lnfm export` and `lnfm predict`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import Case, run_case
+from inputs import (NONUNIFORM_DICOM, body, dicom_copy, dicom_with_garbage, nhdr, nii, outside_secret, real_ct,
+                    two_series)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    if not dst.exists():
+        shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(folder: Path, name: str, change) -> Path:
+    data = bytearray((folder / name).read_bytes())
+    (folder / name).write_bytes(bytes(change(data)))
+    return folder
+
+
+def _rechecksum(folder: Path) -> Path:
+    from lnfm.jobs.export import write_checksums
+
+    write_checksums(folder)  # checksums that match the damage: the parser itself must refuse it
+    return folder
+
+
+def _flip(data: bytearray) -> bytearray:
+    data[len(data) // 2] ^= 0xFF
+    return data
+
+
+def _smear(data: bytearray) -> bytearray:
+    data[100:300] = b"y" * 200
+    return data
+
+
+def _head(data: bytearray) -> bytearray:
+    data[10:20] = b"x" * 10
+    return data
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(id, argv, rc, says=(), named=None, check=None) -> Case:
+    return Case(f"export-{id}", "export", lambda w, inp, out: (argv(w, inp, out), named and named(w, inp, out)),
+                rc, says, check)
+
+
+def _pretend_export(w, inp, out) -> Path:
+    folder = inp / "old_export"
+    folder.mkdir(exist_ok=True)
+    (folder / "keep.txt").write_text("mine")
+    return folder
+
+
+def _verified(w, inp, out):
+    from lnfm.jobs.export import verify_export
+
+    assert verify_export(out / "exp") == 2  # model.json and model.safetensors
+
+
+EXPORT = [
+    export("checkpoint-missing", lambda w, inp, out: ["--checkpoint", inp / "none", "--out", out / "exp"], 2,
+           ("checkpoint folder not found",), lambda w, inp, out: str(inp / "none")),
+    export("checkpoint-not-a-workdir", lambda w, inp, out: ["--checkpoint", inp, "--out", out / "exp"], 2,
+           ("neither a finetuning workdir",), lambda w, inp, out: str(inp)),
+    export("format-unknown", lambda w, inp, out: ["--checkpoint", w.workdir, "--out", out / "exp", "--format",
+                                                  "onnx"], 2, ("invalid choice: 'onnx'",)),
+    export("nothing-to-do", lambda w, inp, out: ["--checkpoint", w.workdir], 2, ("needs --checkpoint",)),
+    export("out-exists-without-force", lambda w, inp, out: ["--checkpoint", w.workdir, "--out",
+                                                            _pretend_export(w, inp, out)], 2, ("--force",),
+           lambda w, inp, out: str(inp / "old_export")),
+    export("out-is-a-file", lambda w, inp, out: ["--checkpoint", w.workdir, "--out", _file(inp / "afile")], 2,
+           (), lambda w, inp, out: str(inp / "afile")),
+    export("safetensors-export-verifies", lambda w, inp, out: ["--checkpoint", w.workdir, "--out",
+                                                                             out / "exp", "--format", "safetensors"],
+           0, check=_verified),
+    export("verify-not-an-export", lambda w, inp, out: ["--verify", inp], 2, ("not an export",),
+           lambda w, inp, out: str(inp)),
+    export("verify-checksum-mismatch", lambda w, inp, out: ["--verify", _rewrite(
+        _copy(w.safetensors, inp / "e"), "model.safetensors", _flip)], 2, ("checksum mismatch",),
+           lambda w, inp, out: str(inp / "e" / "model.safetensors")),
+    export("verify-file-missing", lambda w, inp, out: ["--verify", _unlink(_copy(w.safetensors, inp / "e"),
+                                                                           "model.safetensors")], 2,
+           ("listed in checksums.sha256 but missing",), lambda w, inp, out: str(inp / "e" / "model.safetensors")),
+    export("verify-extra-file", lambda w, inp, out: ["--verify", _extra(_copy(w.safetensors, inp / "e"))], 2,
+           ("not listed in checksums.sha256",), lambda w, inp, out: str(inp / "e" / "extra.bin")),
+    export("verify-checksum-list-garbled", lambda w, inp, out: ["--verify", _garble(_copy(w.safetensors,
+                                                                                          inp / "e"))], 2,
+           ("is not '<sha256>  <path>'",), lambda w, inp, out: str(inp / "e" / "checksums.sha256")),
+]
+
+
+def _file(p: Path) -> Path:
+    p.write_text("x")
+    return p
+
+
+def _unlink(folder: Path, name: str) -> Path:
+    (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def _extra(folder: Path) -> Path:
+    (folder / "extra.bin").write_bytes(b"x")
+    return folder
+
+
+def _garble(folder: Path) -> Path:
+    (folder / "checksums.sha256").write_text("nonsense\n")
+    return folder
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def pred_argv(model, scan, out: Path, *extra) -> list:
+    return ["--model", model, "--input", scan, "--output", out / "mask.nii.gz", "--report", out / "nodes.csv",
+            "--overlay", out / "preview.png", *extra]
+
+
+def scan_case(id: str, build, says: tuple) -> Case:
+    """A bad scan: exit 2 before the model loads, one line naming the file, no output."""
+    def make(w, inp, out):
+        scan, fault = build(inp)
+        return pred_argv(w.orbax, scan, out), str(fault)
+    return Case(f"predict-{id}", "predict", make, 2, says)
+
+
+def model_case(id: str, build, says: tuple, named_file: str | None = None) -> Case:
+    def make(w, inp, out):
+        model = build(w, inp)
+        return pred_argv(model, w.scan, out), str(model / named_file) if named_file else str(model)
+    return Case(f"predict-{id}", "predict", make, 2, says)
+
+
+IMG, _ = body()
+
+
+def _img(inp, data, affine=None, name="bad.nii.gz"):
+    p = nii(inp / name, data, np.diag([1.5, 1.5, 2.0, 1]) if affine is None else affine)
+    return p, p
+
+
+def _with(a, idx, value, dtype):
+    a = a.astype(dtype).copy()
+    a[idx] = value
+    return a
+
+
+def _raw(inp, name, data: bytes):
+    p = inp / name
+    p.write_bytes(data)
+    return p, p
+
+
+def _nrrd(inp, data, affine):
+    from lnfm.io import write_nrrd
+
+    write_nrrd(inp / "bad.nrrd", data, affine)
+    return inp / "bad.nrrd", inp / "bad.nrrd"
+
+
+def _two_series(inp):
+    folder = two_series(inp / "scans")[0]
+    return folder, folder
+
+
+def _nhdr_out(inp):
+    h = nhdr(inp / "scan", str(outside_secret(inp)))
+    return h, h
+
+
+def _pair_different_grids(inp):
+    a = nii(inp / "ct.nii.gz", IMG)
+    b = nii(inp / "pet.nii.gz", IMG[:-4])
+    return f"{a},{b}", b
+
+
+SCANS = [
+    scan_case("input-missing", lambda inp: (inp / "none.nii.gz", inp / "none.nii.gz"), ("not found",)),
+    scan_case("corrupt-gzip", lambda inp: _raw(inp, "c.nii.gz", b"\x1f\x8b garbage"), ("unreadable",)),
+    scan_case("text-named-nii", lambda inp: _raw(inp, "t.nii", b"not an image " * 40), ("unreadable",)),
+    scan_case("truncated-real-ct", lambda inp: _raw(inp, "t.nii.gz", real_ct(inp).read_bytes()[:20000]),
+              ("unreadable",)),
+    scan_case("unknown-extension", lambda inp: _raw(inp, "scan.jpg", b"\xff\xd8"), ("unknown image format",)),
+    scan_case("one-voxel", lambda inp: _img(inp, np.full((1, 1, 1), 40, np.int16)), ("constant",)),
+    scan_case("single-slice", lambda inp: _img(inp, IMG[:, :, :1]), ("at least 2 voxels",)),
+    scan_case("all-air", lambda inp: _img(inp, np.full(IMG.shape, -1000, np.int16) + (IMG > 0)), ("all air",)),
+    scan_case("hu-saturating-int16", lambda inp: _img(inp, np.where(IMG > 0, 32767, IMG).astype(np.int16)),
+              ("int16 range",)),
+    scan_case("hu-beyond-int16", lambda inp: _img(inp, IMG.astype(np.float32) * 1000), ("int16 range",)),
+    scan_case("nan-voxel", lambda inp: _img(inp, _with(IMG, (2, 2, 2), np.nan, np.float32)), ("NaN or Inf",)),
+    scan_case("constant", lambda inp: _img(inp, np.full(IMG.shape, 40, np.int16)), ("constant",)),
+    scan_case("coarse-spacing", lambda inp: _img(inp, IMG, np.diag([25.0, 1.5, 2.0, 1])), ("absurd voxel",)),
+    scan_case("zero-spacing-nrrd", lambda inp: _nrrd(inp, IMG, np.diag([0.0, 1.5, 2.0, 1])), ("affine",)),
+    scan_case("2d-image", lambda inp: _img(inp, IMG[:, :, 0]), ("expected a 3D volume",)),
+    scan_case("two-dicom-series", _two_series, ("2 DICOM series", "--series")),
+    scan_case("dicom-garbage-slice", lambda inp: (dicom_with_garbage(inp / "d"), inp / "d"), ("unreadable DICOM",)),
+    scan_case("dicom-non-uniform", lambda inp: (dicom_copy(inp / "d", NONUNIFORM_DICOM), inp / "d"),
+              ("slice spacing",)),
+    scan_case("nhdr-data-file-elsewhere", _nhdr_out, ("beside the header",)),
+    scan_case("two-channels-for-a-one-channel-model", lambda inp: (f"{real_ct(inp)},{real_ct(inp)}",
+                                                                    inp / "real_ct.nii.gz"), ("expects 1 channel",)),
+    scan_case("channels-on-different-grids", _pair_different_grids, ("grid",)),
+]
+
+
+def _series_unknown(w, inp, out):
+    folder = two_series(inp / "scans")[0]
+    return pred_argv(w.orbax, folder, out, "--series", "1.2.3"), str(folder)
+
+
+def _series_batch(w, inp, out):
+    (inp / "batch").mkdir()
+    shutil.copy(w.scan, inp / "batch" / "a.nii.gz")
+    return pred_argv(w.orbax, inp / "batch", out, "--series", "1.2.3"), str(inp / "batch")
+
+
+def _bad_suffix(flag, name):
+    def make(w, inp, out):
+        argv = ["--model", w.orbax, "--input", w.scan, "--output", out / "mask.nii.gz", flag, out / name]
+        if flag == "--output":
+            argv = ["--model", w.orbax, "--input", w.scan, "--output", out / name]
+        return argv, str(out / name)
+    return make
+
+
+def _empty_batch(w, inp, out):
+    (inp / "empty").mkdir()
+    (inp / "empty" / "readme.txt").write_text("no scans here")
+    return pred_argv(w.orbax, inp / "empty", out / "masks"), str(inp / "empty")
+
+
+def _batch_one_bad(w, inp, out):
+    folder = inp / "batch"
+    folder.mkdir()
+    shutil.copy(w.scan, folder / "good.nii.gz")
+    nii(folder / "air.nii.gz", np.full(IMG.shape, -1000, np.int16) + (IMG > 0))
+    return ["--model", w.orbax, "--input", folder, "--output", out / "masks"], "air"
+
+
+def _only_good_mask(w, inp, out):
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["good.nii.gz"]
+
+
+def _encoder_only(w, inp):
+    import json
+
+    folder = _copy(w.orbax, inp / "enc")
+    meta = json.loads((folder / "model.json").read_text())
+    meta["kind"] = "encoder"
+    (folder / "model.json").write_text(json.dumps(meta))
+    return _rechecksum(folder)
+
+
+def _model_json(text):
+    def build(w, inp):
+        folder = _copy(w.orbax, inp / "m")
+        (folder / "model.json").write_text(text)
+        return folder
+    return build
+
+
+OPTIONS = [
+    Case("predict-series-unknown", "predict", _series_unknown, 2, ("no DICOM series 1.2.3",)),
+    Case("predict-series-with-a-batch-folder", "predict", _series_batch, 2, ("--series",)),
+    Case("predict-output-not-nifti", "predict", _bad_suffix("--output", "mask.png"), 2, ("must end with .nii",)),
+    Case("predict-probabilities-not-nifti", "predict", _bad_suffix("--probabilities", "p.csv"), 2,
+         ("must end with .nii",)),
+    Case("predict-overlay-not-png", "predict", _bad_suffix("--overlay", "o.jpg"), 2, ("must end with .png",)),
+    Case("predict-batch-folder-without-scans", "predict", _empty_batch, 2, ("no NIfTI, NRRD or DICOM series",)),
+    Case("predict-batch-one-bad-case", "predict", _batch_one_bad, 1, ("all air",), check=_only_good_mask,
+         partial=True),
+    Case("predict-overlap-not-a-number", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out,
+                                                                                   "--overlap", "lots"), None),
+         2, ("--overlap",)),
+    model_case("model-missing", lambda w, inp: inp / "none", ("not an export",)),
+    model_case("model-not-an-export", lambda w, inp: inp, ("not an export",)),
+    model_case("model-json-not-json", _model_json("{oops"), ("not valid JSON",), "model.json"),
+    model_case("model-json-without-format", _model_json('{"model": {}}'), ("missing the 'model' or 'format'",),
+               "model.json"),
+    model_case("model-json-a-list", _model_json("[1, 2]"), ("missing the 'model' or 'format'",), "model.json"),
+    model_case("encoder-only-export", _encoder_only, ("encoder-only export cannot segment",)),
+    model_case("checksum-mismatch", lambda w, inp: _rewrite(_copy(w.safetensors, inp / "m"), "model.safetensors",
+                                                            _flip), ("checksum mismatch",), "model.safetensors"),
+    model_case("corrupt-safetensors", lambda w, inp: _rechecksum(_rewrite(_copy(w.safetensors, inp / "m"),
+                                                                          "model.safetensors", _head)),
+               ("not a readable safetensors file",), "model.safetensors"),
+    model_case("corrupt-stablehlo", lambda w, inp: _rechecksum(_rewrite(_copy(w.stablehlo, inp / "m"),
+                                                                        "inference.stablehlo", _smear)),
+               ("not a readable StableHLO file",), "inference.stablehlo"),
+    model_case("orbax-params-missing", lambda w, inp: _rechecksum(_rmtree(_copy(w.orbax, inp / "m"), "params")),
+               ("not a readable Orbax parameter file",), "params"),
+]
+
+
+def _rmtree(folder: Path, name: str) -> Path:
+    shutil.rmtree(folder / name, ignore_errors=True)
+    return folder
+
+
+def _same_grid_as(source):
+    def check(w, inp, out):
+        ref = nib.load(source(w, inp))
+        mask = nib.load(out / "mask.nii.gz")
+        assert mask.shape == ref.shape[:3] and np.allclose(mask.affine, ref.affine, atol=1e-4)
+        assert (out / "nodes.csv").is_file() and (out / "preview.png").is_file()
+    return check
+
+
+def _two_series_flag(w, inp, out):
+    folder, _, uid_b = two_series(inp / "scans")
+    return pred_argv(w.orbax, folder, out, "--series", uid_b), None
+
+
+def _mask_shape(shape):
+    def check(w, inp, out):
+        assert nib.load(out / "mask.nii.gz").shape == shape
+    return check
+
+
+HANDLED = [
+    Case("predict-real-ct", "predict", lambda w, inp, out: (pred_argv(w.orbax, real_ct(inp), out), None), 0,
+         check=_same_grid_as(lambda w, inp: inp / "real_ct.nii.gz")),
+    Case("predict-two-series-with-series-flag", "predict", _two_series_flag, 0, check=_mask_shape((512, 512, 2))),
+    Case("predict-stablehlo-export", "predict", lambda w, inp, out: (pred_argv(w.stablehlo, w.scan, out), None), 0,
+         check=_same_grid_as(lambda w, inp: w.scan)),
+]
+
+ALL = EXPORT + SCANS + OPTIONS + HANDLED
+
+
+@pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])
+def test_hostile_export_and_predict(case, world, tmp_path, capsys):
+    run_case(case, world, tmp_path, capsys)

@@ -1,0 +1,104 @@
+"""Outputs that would overwrite an input, a model or a workdir the job reads.
+
+NEEDS_PATH_SAFETY: these cases depend on the path-overlap safety rules (no output may equal,
+contain or lie inside an input, the model or a workdir the job reads; `export --force` replaces
+only an export) that are built on another branch; they pass once it is merged. Every case
+works on copies under its own input folder, so a job that still overwrites them cannot damage
+the shared world of the other cases.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import Case, run_case
+from inputs import nnunet
+
+
+def _scan(w, inp) -> Path:
+    return Path(shutil.copy(w.scan, inp / "scan.nii.gz"))
+
+
+def _predict(flag: str):
+    def make(w, inp, out):
+        scan = _scan(w, inp)
+        argv = ["--model", w.orbax, "--input", scan, "--output", out / "mask.nii.gz"]
+        if flag == "--output":
+            argv[-1] = scan
+        else:
+            argv += [flag, scan]
+        return argv, str(scan)
+    return make
+
+
+def _predict_into_model(w, inp, out):
+    model = Path(shutil.copytree(w.orbax, inp / "model"))
+    return ["--model", model, "--input", _scan(w, inp), "--output", model / "mask.nii.gz"], str(model / "mask.nii.gz")
+
+
+def _predict_batch_in_place(w, inp, out):
+    folder = inp / "scans"
+    folder.mkdir()
+    shutil.copy(w.scan, folder / "a.nii.gz")
+    return ["--model", w.orbax, "--input", folder, "--output", folder], str(folder)
+
+
+def _prepare_into_input(inside: bool):
+    def make(w, inp, out):
+        raw = nnunet(inp)
+        target = raw / "store" if inside else raw
+        return ["--input", raw, "--output", target, "--workers", "0"], str(target)
+    return make
+
+
+def _workdir_copy(w, inp) -> Path:
+    return Path(shutil.copytree(w.workdir, inp / "project" / "finetune"))
+
+
+def _export_over(target: str):
+    def make(w, inp, out):
+        workdir = _workdir_copy(w, inp)
+        if target == "workdir":
+            dest = workdir
+        elif target == "parent":
+            dest = workdir.parent
+        else:
+            dest = inp / "thesis"
+            dest.mkdir()
+            (dest / "chapter1.tex").write_text("months of work")
+        return ["--checkpoint", workdir, "--out", dest, "--force"], str(dest)
+    return make
+
+
+def _finetune_into_init(w, inp, out):
+    init = Path(shutil.copytree(w.orbax, inp / "export"))
+    return ["--site", "pelvis", "--data", w.ft_store, "--init", init, "--workdir", init, "--quick",
+            "train.steps=1", "train.global_batch=8"], str(init)
+
+
+def _pretrain_into_store(w, inp, out):
+    store = Path(shutil.copytree(w.ft_store, inp / "store"))
+    return ["--config", "vit_tiny", "--data", store, "--workdir", store, "train.steps=1", "data.workers=0"], str(store)
+
+
+NEEDS_PATH_SAFETY = [
+    Case("predict-output-is-the-input", "predict", _predict("--output"), 2),
+    Case("predict-report-is-the-input", "predict", _predict("--report"), 2),
+    Case("predict-probabilities-is-the-input", "predict", _predict("--probabilities"), 2),
+    Case("predict-output-inside-the-model", "predict", _predict_into_model, 2),
+    Case("predict-batch-output-is-the-input-folder", "predict", _predict_batch_in_place, 2),
+    Case("prepare-output-is-the-input-folder", "prepare", _prepare_into_input(False), 2),
+    Case("prepare-output-inside-the-input-folder", "prepare", _prepare_into_input(True), 2),
+    Case("export-force-over-its-own-workdir", "export", _export_over("workdir"), 2),
+    Case("export-force-over-the-workdir-parent", "export", _export_over("parent"), 2),
+    Case("export-force-over-a-folder-that-is-no-export", "export", _export_over("other"), 2),
+    Case("finetune-workdir-is-the-init-export", "finetune", _finetune_into_init, 2),
+    Case("pretrain-workdir-is-the-data-store", "pretrain", _pretrain_into_store, 2),
+]
+
+
+@pytest.mark.parametrize("case", NEEDS_PATH_SAFETY, ids=[c.id for c in NEEDS_PATH_SAFETY])
+def test_outputs_never_overwrite_what_a_job_reads(case, world, tmp_path, capsys):
+    run_case(case, world, tmp_path, capsys)

@@ -1,0 +1,347 @@
+"""Hostile input to prepare (data_prep/prepare.py) and synth (data_prep/synth.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import Case, run_case
+from inputs import (AFFINE, NONUNIFORM_DICOM, body, csv_file, dicom_copy, dicom_with_garbage, good_pair, nhdr, nii,
+                    nnunet, outside_secret, real_ct, real_ln_mask, two_series)
+
+
+def prep(inp_path, out: Path, *extra) -> list:
+    return ["--input", inp_path, "--output", out / "store", "--workers", "0", "salt=s", *extra]
+
+
+def _one_good(inp: Path) -> Path:
+    return csv_file(inp / "cases.csv", [{"case_id": "c1", "image": good_pair(inp)[0]}])
+
+
+def option(id: str, extra: list, says: tuple, named=None) -> Case:
+    """A bad option or config: exit 2 before anything is read or written."""
+    return Case(f"prepare-{id}", "prepare", lambda w, inp, out: (prep(_one_good(inp), out, *extra), named), 2, says)
+
+
+def _config_file(id, text, says):
+    def make(w, inp, out):
+        cfg = inp / "prep.yaml"
+        cfg.write_text(text)
+        return prep(_one_good(inp), out, "--config", cfg), str(cfg)
+    return Case(f"prepare-{id}", "prepare", make, 2, says)
+
+
+OPTIONS = [
+    option("spacing-negative", ["--spacing=-1.5,1.5,1.5"], ("spacing:", "not a voxel size")),
+    option("spacing-zero", ["--spacing=0,1,1"], ("not a voxel size",)),
+    option("spacing-nan", ["--spacing=nan,1,1"], ("not a voxel size",)),
+    option("spacing-huge", ["--spacing=1000,1000,1000"], ("not a voxel size",)),
+    option("spacing-tiny", ["--spacing=0.0001,1,1"], ("not a voxel size",)),
+    option("spacing-inf", ["--spacing=inf,1,1"], ("not a voxel size",)),
+    option("spacing-two-values", ["--spacing=1,1"], ("spacing", "expected 3 values")),
+    option("spacing-text", ["--spacing=a,b,c"], ("spacing", "expected a number")),
+    option("override-unknown-key", ["spacng=[1,1,1]"], ("unknown config key 'spacng'", "did you mean 'spacing'")),
+    option("override-not-key-value", ["spacing"], ("not of the form key.sub=value",)),
+    option("override-bad-int", ["chunk=abc"], ("chunk", "expected an integer")),
+    option("chunk-not-dividing-shard", ["chunk=48"], ("shard", "multiple of chunk")),
+    option("split-fractions-negative", ["split_fractions=[-1,1,1]"], ("split_fractions",)),
+    option("label-map-out-of-range", ["label_map={1: 300}"], ("label_map",)),
+    option("site-preset-unknown", ["--site-preset", "mars"], ("unknown sites config 'mars'",)),
+    option("workers-text", ["--workers", "x"], ("--workers", "invalid int value")),
+    option("shard-index-outside", ["--num-shards", "2", "--shard-index", "5"], ("--shard-index 5",)),
+    option("zero-shards", ["--num-shards", "0"], ("--num-shards 0",)),
+    option("negative-shard-index", ["--shard-index", "-1"], ("--shard-index -1",)),
+    _config_file("config-bad-yaml", "spacing: [1, 2\n", ("not valid YAML",)),
+    _config_file("config-not-mapping", "- 1\n- 2\n", ("top level must be a mapping",)),
+    _config_file("config-unknown-key", "spacin: [1, 1, 1]\n", ("unknown config key 'spacin'",)),
+    Case("prepare-config-bad-spacing", "prepare", lambda w, inp, out: (prep(_one_good(inp), out, "--config", _text(
+        inp / "prep.yaml", "spacing: [-1, 1, 1]\n")), None), 2, ("spacing: [-1.0, 1.0, 1.0] is not a voxel size",)),
+    Case("prepare-config-missing", "prepare", lambda w, inp, out: (prep(_one_good(inp), out, "--config",
+                                                                        inp / "none.yaml"), str(inp / "none.yaml")),
+         2, ("config file not found",)),
+    Case("prepare-output-is-a-file", "prepare",
+         lambda w, inp, out: (["--input", _one_good(inp), "--output", _touch(inp / "afile"), "--workers", "0"],
+                              str(inp / "afile")), 2, ("is not a folder",)),
+    Case("prepare-output-bad-url", "prepare",
+         lambda w, inp, out: (["--input", _one_good(inp), "--output", "bogus://bucket/x"], "bogus://bucket/x"), 2,
+         ("unsupported store URL scheme",)),
+    Case("prepare-input-missing", "prepare", lambda w, inp, out: (prep(inp / "nowhere", out), str(inp / "nowhere")),
+         2, ("input not found",)),
+    Case("prepare-input-empty-folder", "prepare", lambda w, inp, out: (prep(_mkdir(inp / "empty"), out),
+                                                                       str(inp / "empty")), 2, ("no cases found",)),
+    Case("prepare-csv-without-image-column", "prepare",
+         lambda w, inp, out: (prep(_text(inp / "c.csv", "case_id,img\na,b.nii.gz\n"), out), str(inp / "c.csv")), 2,
+         ("no 'image' column",)),
+    Case("prepare-csv-not-utf8", "prepare",
+         lambda w, inp, out: (prep(_bytes(inp / "c.csv", "case_id,image\nf\xe9e,a.nii.gz\n".encode("latin-1")), out),
+                              str(inp / "c.csv")), 2, ("not UTF-8",)),
+    Case("prepare-nnunet-bad-dataset-json", "prepare",
+         lambda w, inp, out: (prep(_broken_json(nnunet(inp)), out), str(inp / "raw" / "dataset.json")), 2,
+         ("not valid JSON",)),
+    Case("prepare-two-dicom-series-only", "prepare",
+         lambda w, inp, out: (prep(two_series(inp / "dicom" / "scans")[0].parent, out),
+                              str(inp / "dicom" / "scans")), 2, ("2 DICOM series", "--series")),
+]
+
+
+def _touch(p: Path) -> Path:
+    p.write_bytes(b"not a store")
+    return p
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
+def _text(p: Path, text: str) -> Path:
+    p.write_text(text)
+    return p
+
+
+def _bytes(p: Path, data: bytes) -> Path:
+    p.write_bytes(data)
+    return p
+
+
+def _broken_json(root: Path) -> Path:
+    (root / "dataset.json").write_text("{not json")
+    return root
+
+
+# ----------------------------------------------------------------------------- bad cases in a batch
+
+
+def bad_case(id: str, build, says: tuple) -> Case:
+    """One bad case next to a good one: the good one converts, the bad one is a FAILED line
+    naming its file, exit 1. `build(inp)` returns (row fields, the file at fault)."""
+    def make(w, inp, out):
+        row, fault = build(inp)
+        good = good_pair(inp)
+        path = csv_file(inp / "cases.csv", [{"case_id": "good", "image": good[0], "label": good[1]},
+                                            {"case_id": "bad", **{k: str(v) for k, v in row.items()}}])
+        return prep(path, out), str(fault)
+    return Case(f"prepare-{id}", "prepare", make, 1, says, check=_only_good_converted, partial=True)
+
+
+def _only_good_converted(w, inp, out):
+    from lnfm.data.store import read_failures, read_manifest
+
+    assert [r["case_id"] for r in read_manifest(str(out / "store"))] == ["good"]
+    assert len(read_failures(str(out / "store"))) == 1
+    assert sorted(p.name for p in (out / "store" / "cases").iterdir()) == ["good"]  # no array of the bad case
+
+
+def _img(inp, data, affine=AFFINE, name="bad.nii.gz"):
+    p = nii(inp / name, data, affine)
+    return {"image": p}, p
+
+
+def _lab(inp, label, affine=AFFINE):
+    image, _ = body()
+    p = nii(inp / "bad_label.nii.gz", label, affine)
+    return {"image": nii(inp / "img.nii.gz", image), "label": p}, p
+
+
+def _nrrd(inp, data, affine):
+    from lnfm.io import write_nrrd
+
+    p = inp / "bad.nrrd"
+    write_nrrd(p, data, affine)
+    return {"image": p}, p
+
+
+def _file(inp, name, data: bytes):
+    p = inp / name
+    p.write_bytes(data)
+    return {"image": p}, p
+
+
+IMG, LAB = body()
+
+
+def _with(a, idx, value, dtype=None):
+    a = a.astype(dtype or a.dtype).copy()
+    a[idx] = value
+    return a
+
+
+def _truncated(inp):
+    src = real_ct(inp).read_bytes()
+    return _file(inp, "truncated.nii.gz", src[: len(src) // 3])
+
+
+def _nhdr_abs(inp):
+    h = nhdr(inp / "scan", str(outside_secret(inp)))
+    return {"image": h}, h
+
+
+def _nhdr_rel(inp):
+    outside_secret(inp)
+    h = nhdr(inp / "scan", "../secret.bin")
+    return {"image": h}, h
+
+
+def _two_series_row(inp):
+    folder = two_series(inp / "scans")[0]
+    return {"image": folder}, folder
+
+
+def _real_mask_on_other_grid(inp):
+    label = real_ln_mask(inp)
+    return {"image": real_ct(inp), "label": label}, label
+
+
+BAD_CASES = [
+    bad_case("corrupt-gzip", lambda inp: _file(inp, "corrupt.nii.gz", b"\x1f\x8b" + b"garbage" * 30), ("unreadable",)),
+    bad_case("text-named-nii", lambda inp: _file(inp, "notes.nii", b"this is not an image " * 30), ("unreadable",)),
+    bad_case("truncated-real-ct", _truncated, ("unreadable",)),
+    bad_case("unknown-extension", lambda inp: _file(inp, "scan.png", b"\x89PNG"), ("unknown image format",)),
+    bad_case("image-missing", lambda inp: ({"image": inp / "gone.nii.gz"}, inp / "gone.nii.gz"), ("not found",)),
+    bad_case("nan-voxel", lambda inp: _img(inp, _with(IMG, (3, 3, 3), np.nan, np.float32)), ("NaN or Inf",)),
+    bad_case("inf-voxel", lambda inp: _img(inp, _with(IMG, (3, 3, 3), np.inf, np.float32)), ("NaN or Inf",)),
+    bad_case("one-voxel", lambda inp: _img(inp, np.full((1, 1, 1), 40, np.int16)), ("at least 2 voxels",)),
+    bad_case("single-slice", lambda inp: _img(inp, IMG[:, :, :1]), ("at least 2 voxels",)),
+    bad_case("2d-image", lambda inp: _img(inp, IMG[:, :, 0]), ("2D",)),
+    bad_case("4d-three-channels", lambda inp: _img(inp, np.stack([IMG] * 3, -1)), ("4D",)),
+    bad_case("complex-voxels", lambda inp: _img(inp, IMG.astype(np.complex64)), ("unsupported voxel type",)),
+    bad_case("all-air", lambda inp: _img(inp, np.full(IMG.shape, -1000, np.int16) + (IMG > 0)), ("all air",)),
+    bad_case("hu-saturating-int16", lambda inp: _img(inp, np.where(IMG > 0, 32767, IMG).astype(np.int16)),
+             ("int16 range",)),
+    bad_case("hu-beyond-int16", lambda inp: _img(inp, IMG.astype(np.float32) * 1000), ("int16 range",)),
+    bad_case("coarse-source-spacing", lambda inp: _img(inp, IMG, np.diag([25.0, 1.5, 2.0, 1])), ("absurd voxel",)),
+    bad_case("singular-affine-nrrd", lambda inp: _nrrd(inp, IMG, np.diag([0.0, 1.5, 2.0, 1])), ("affine",)),
+    bad_case("label-grid-shifted", lambda inp: _lab(inp, LAB, np.array([[1.5, 0, 0, 9], [0, 1.5, 0, 0], [0, 0, 2, 0],
+                                                                        [0, 0, 0, 1]])), ("grid",)),
+    bad_case("label-other-shape", lambda inp: _lab(inp, LAB[:-2]), ("grid",)),
+    bad_case("label-fractional", lambda inp: _lab(inp, LAB * 0.5), ("non-integer",)),
+    bad_case("label-negative", lambda inp: _lab(inp, LAB.astype(np.int16) - 1), ("outside 0..255",)),
+    bad_case("label-300", lambda inp: _lab(inp, LAB.astype(np.int16) * 300), ("outside 0..255",)),
+    bad_case("label-empty", lambda inp: _lab(inp, LAB * 0), ("empty label",)),
+    bad_case("label-nan", lambda inp: _lab(inp, _with(LAB, (0, 0, 0), np.nan, np.float32)), ("NaN",)),
+    bad_case("label-missing", lambda inp: ({"image": nii(inp / "i.nii.gz", IMG), "label": inp / "nol.nii.gz"},
+                                           inp / "nol.nii.gz"), ("not found",)),
+    bad_case("real-ln-mask-on-another-grid", _real_mask_on_other_grid, ("grid",)),
+    bad_case("nhdr-data-file-absolute-elsewhere", _nhdr_abs, ("beside the header",)),
+    bad_case("nhdr-data-file-in-parent", _nhdr_rel, ("beside the header",)),
+    bad_case("two-dicom-series-in-one-folder", _two_series_row, ("2 DICOM series", "--series")),
+    bad_case("dicom-with-a-garbage-slice", lambda inp: ({"image": dicom_with_garbage(inp / "d")}, inp / "d"),
+             ("unreadable DICOM",)),
+    bad_case("dicom-non-uniform-slices", lambda inp: ({"image": dicom_copy(inp / "d", NONUNIFORM_DICOM)}, inp / "d"),
+             ("slice spacing",)),
+    bad_case("split-not-a-split", lambda inp: ({"image": nii(inp / "s.nii.gz", IMG), "split": "holdout"},
+                                               inp / "s.nii.gz"), ("split 'holdout'",)),
+    bad_case("unsafe-case-id", lambda inp: ({"image": nii(inp / "u.nii.gz", IMG), "case_id": "../escape"},
+                                            inp / "u.nii.gz"), ("may only hold",)),
+]
+
+
+def _dup(w, inp, out):
+    g1, g2 = good_pair(inp, "a"), good_pair(inp, "b")
+    path = csv_file(inp / "cases.csv", [{"case_id": "good", "image": g1[0], "label": g1[1]},
+                                        {"case_id": "good", "image": g2[0]}])
+    return prep(path, out), str(g2[0])
+
+
+BAD_CASES.append(Case("prepare-duplicate-case-id", "prepare", _dup, 1, ("duplicate case id",),
+                      check=_only_good_converted, partial=True))
+
+
+# ----------------------------------------------------------------------------- handled correctly
+
+
+def _bom(w, inp, out):
+    image, label = good_pair(inp)
+    path = inp / "cases.csv"
+    path.write_bytes(f"\ufeffcase_id,image,label\nmy_case,{image},{label}\n".encode())
+    return prep(path, out), None
+
+
+def _ids(*expected):
+    def check(w, inp, out):
+        from lnfm.data.store import read_manifest
+
+        assert [r["case_id"] for r in read_manifest(str(out / "store"))] == list(expected)
+    return check
+
+
+def _series_flag(w, inp, out):
+    folder, _, uid_b = two_series(inp / "dicom" / "scans")
+    return prep(folder.parent, out, "--series", uid_b), None
+
+
+def _one_record_shape(shape):
+    def check(w, inp, out):
+        from lnfm.data.store import read_manifest
+
+        (rec,) = read_manifest(str(out / "store"))
+        assert rec["source_shape"] == list(shape)
+    return check
+
+
+def _rerun(w, inp, out):
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+
+    raw = nnunet(inp)
+    prepare_dataset(str(raw), str(inp / "store"), PrepareConfig(workers=0, salt="s"), show_progress=False)
+    return ["--input", raw, "--output", inp / "store", "--workers", "0", "salt=s"], None
+
+
+def _nhdr_beside(w, inp, out):
+    header = nhdr(inp / "scan", "scan.raw")
+    (inp / "scan" / "scan.raw").write_bytes(np.asfortranarray(IMG).tobytes(order="F"))
+    return prep(csv_file(inp / "c.csv", [{"case_id": "n", "image": header}]), out), None
+
+
+HANDLED = [
+    Case("prepare-csv-with-byte-order-mark", "prepare", _bom, 0, check=_ids("my_case")),
+    Case("prepare-two-series-with-series-flag", "prepare", _series_flag, 0, check=_one_record_shape((512, 512, 2))),
+    Case("prepare-real-ct", "prepare", lambda w, inp, out: (prep(csv_file(inp / "c.csv", [
+        {"case_id": "r", "image": real_ct(inp)}]), out), None), 0, check=_one_record_shape((122, 101, 30))),
+    Case("prepare-real-dicom-series", "prepare", lambda w, inp, out: (prep(dicom_copy(inp / "d" / "s").parent, out),
+                                                                      None), 0, check=_one_record_shape((512, 512, 2))),
+    Case("prepare-nnunet-folder", "prepare", lambda w, inp, out: (prep(nnunet(inp), out), None), 0,
+         check=_ids("case0", "case1")),
+    Case("prepare-rerun-into-the-same-store-changes-nothing", "prepare", _rerun, 0),
+    Case("prepare-nhdr-with-data-beside-it", "prepare", _nhdr_beside, 0, check=_ids("n")),
+]
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+def synth(id: str, extra: list, rc: int, says: tuple = (), named=None, check=None) -> Case:
+    return Case(f"synth-{id}", "synth", lambda w, inp, out: (["--out", out / "phantoms", "--no-gallery",
+                                                              "--no-real-shapes", "--shape", "32,32,16", *extra],
+                                                             named), rc, says, check)
+
+
+def _one_phantom(w, inp, out):
+    files = sorted(p.name for p in (out / "phantoms" / "imagesTr").iterdir())
+    assert files == ["pelvis_000_0000.nii.gz"]
+    assert json.loads((out / "phantoms" / "dataset.json").read_text())["numTraining"] == 1
+
+
+SYNTH = [
+    synth("num-cases-zero", ["--num-cases", "0"], 2, ("--num-cases wants at least 1",)),
+    synth("num-cases-negative", ["--num-cases", "-3"], 2, ("--num-cases wants at least 1",)),
+    synth("num-cases-text", ["--num-cases", "many"], 2, ("--num-cases",)),
+    synth("shape-too-small", ["--shape", "8,8,8"], 2, ("--shape wants X,Y,Z with each >= 16",)),
+    synth("shape-two-values", ["--shape", "32,32"], 2, ("--shape wants X,Y,Z",)),
+    synth("shape-text", ["--shape", "a,b,c"], 2, ("--shape",)),
+    synth("site-unknown", ["--site", "mars"], 2, ("invalid choice: 'mars'",)),
+    synth("seed-text", ["--seed", "x"], 2, ("--seed",)),
+    Case("synth-out-is-a-file", "synth", lambda w, inp, out: (["--out", _touch(inp / "afile"), "--num-cases", "1",
+                                                               "--no-gallery"], str(inp / "afile")), 2,
+         ("is not a folder",)),
+    synth("one-small-case", ["--num-cases", "1"], 0, check=_one_phantom),
+]
+
+ALL = OPTIONS + BAD_CASES + HANDLED + SYNTH
+
+
+@pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])
+def test_hostile_prepare_and_synth(case, world, tmp_path, capsys):
+    run_case(case, world, tmp_path, capsys)

@@ -1,0 +1,100 @@
+"""No path component of an input reaches a store, a log, an export or an image: prepare and
+predict run on folders named like patients, and every file they write (PNG text included),
+every log record and every text drawn into the overlay is searched for those names."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from inputs import dicom_copy, dicom_with_garbage
+
+NAMES = ("DOE", "JOHN", "PID4711", "ROE", "JANE", "PID0815")
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def lnfm_log():
+    handler = Records()
+    logger = logging.getLogger("lnfm")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def figure_texts(monkeypatch):
+    """Every text artist of every figure saved (titles, labels): what the PNG shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    texts: list[str] = []
+    original = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        texts.extend(t.get_text() for t in self.findobj(Text))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return texts
+
+
+def assert_nothing_names_a_patient(files: list[Path], texts: list[str]) -> None:
+    assert files, "nothing was written"
+    for name in NAMES:
+        for f in files:
+            assert name.encode() not in f.read_bytes(), (name, f)
+        for t in texts:
+            assert name not in t, (name, t)
+
+
+def _patients(root: Path) -> Path:
+    """Two patient folders: one real series, one with a broken slice (a failure to record)."""
+    dicom_copy(root / "DOE_JOHN_PID4711" / "CT_DOE^JOHN")
+    shutil.rmtree(root / "ROE_JANE_PID0815", ignore_errors=True)
+    dicom_with_garbage(root / "ROE_JANE_PID0815" / "series")
+    return root
+
+
+def test_prepare_from_patient_named_folders_writes_no_name(tmp_path, lnfm_log, capsys):
+    from lnfm.data.prepare import main
+    from lnfm.data.store import read_failures, read_manifest
+
+    root = _patients(tmp_path / "PATIENTS_DOE_JOHN_PID4711")
+    store = tmp_path / "store"
+    rc = main(["--input", str(root), "--output", str(store), "--workers", "0", "salt=s"])
+    printed = capsys.readouterr()
+    assert rc == 1  # the broken series is reported ...
+    assert any(line.startswith("FAILED ") and "ROE_JANE_PID0815" in line for line in printed.out.splitlines())
+    (record,) = read_manifest(str(store))  # ... and the good one converted
+    assert record["site"] == "unspecified" and record["case_id"].startswith("c")
+    assert len(read_failures(str(store))) == 1
+    assert_nothing_names_a_patient([p for p in store.rglob("*") if p.is_file()], lnfm_log.lines)
+
+
+def test_predict_from_a_patient_named_folder_writes_no_name(world, tmp_path, lnfm_log, figure_texts, capsys):
+    from lnfm.__main__ import main
+
+    series = dicom_copy(tmp_path / "DOE_JOHN_PID4711" / "CT_DOE^JOHN_PID4711")
+    out = tmp_path / "results"
+    rc = main(["predict", "--model", str(world.orbax), "--input", str(series), "--output", str(out / "mask.nii.gz"),
+               "--probabilities", str(out / "prob.nii.gz"), "--report", str(out / "nodes.csv"), "--overlay",
+               str(out / "preview.png")])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert [p.name for p in files] == ["mask.nii.gz", "nodes.csv", "preview.png", "prob.nii.gz"]
+    assert figure_texts and any("lnfm predict" in t for t in figure_texts)
+    assert_nothing_names_a_patient(files, figure_texts + lnfm_log.lines)

@@ -1,0 +1,152 @@
+"""Hostile input to pretrain (pretrain/pretrain.py) and finetune (finetune/finetune.py): every
+case fails before anything compiles and before the workdir is created."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import Case, run_case
+from inputs import real_ct
+
+
+def pre(w, out, *extra, data=None) -> list:
+    return ["--config", "vit_tiny", "--data", data or w.store, "--workdir", out / "wd", "train.steps=1",
+            "data.workers=0", *extra]
+
+
+def pretrain(id, extra, says, named=None, data=None) -> Case:
+    return Case(f"pretrain-{id}", "pretrain", lambda w, inp, out: (pre(w, out, *extra, data=data and data(inp)),
+                                                                   named and named(inp)), 2, says)
+
+
+def _empty_store(inp: Path) -> str:
+    (inp / "store" / "records").mkdir(parents=True, exist_ok=True)
+    (inp / "store" / "manifest.jsonl").write_text("")
+    return str(inp / "store")
+
+
+def _garbage_store(inp: Path) -> str:
+    (inp / "store" / "records").mkdir(parents=True, exist_ok=True)
+    (inp / "store" / "records" / "x.json").write_text("{broken")
+    return str(inp / "store")
+
+
+def _file(inp: Path) -> str:
+    (inp / "afile").write_text("x")
+    return str(inp / "afile")
+
+
+PRETRAIN = [
+    Case("pretrain-config-unknown", "pretrain", lambda w, inp, out: (["--config", "vit_tinyy", "--data", w.store,
+                                                                       "--workdir", out / "wd"], None), 2,
+         ("unknown pretrain config 'vit_tinyy'", "did you mean 'vit_tiny'")),
+    Case("pretrain-config-file-missing", "pretrain",
+         lambda w, inp, out: (["--config", inp / "none.yaml", "--data", w.store, "--workdir", out / "wd"],
+                              str(inp / "none.yaml")), 2, ("config file not found",)),
+    pretrain("override-unknown-key", ["train.stpes=3"], ("unknown config key 'train.stpes'",)),
+    pretrain("override-bad-number", ["optim.lr=fast"], ("optim.lr", "expected a number")),
+    pretrain("model-size-unknown", ["model.size=huge9"], ("model.size: 'huge9' is not a vit size",)),
+    pretrain("model-arch-unknown", ["model.arch=resnet"], ("model.arch: 'resnet'",)),
+    pretrain("swin-size-unknown", ["model.arch=swin", "model.size=l"], ("model.size: 'l' is not a swin size",)),
+    pretrain("data-missing", [], ("dataset not found",), named=lambda inp: str(inp / "nostore"),
+             data=lambda inp: str(inp / "nostore")),
+    pretrain("data-is-a-file", [], ("dataset not found",), named=_file, data=_file),
+    pretrain("data-empty-store", [], ("dataset is empty",), named=_empty_store, data=_empty_store),
+    pretrain("data-garbage-records", [], ("cannot read the dataset manifest",), named=_garbage_store,
+             data=_garbage_store),
+    pretrain("data-bad-url", [], ("bogus://x",), data=lambda inp: "bogus://x"),
+    pretrain("data-spacing-mismatch", ["data.spacing=[1.5,1.5,1.5]"], ("not at data.spacing",)),
+    pretrain("data-split-empty", ["data.split=val"], ("no cases in split 'val'",)),
+]
+
+
+def ft(w, out, *extra, data=None, init="scratch") -> list:
+    return ["--site", "pelvis", "--data", data or w.ft_store, "--init", init, "--workdir", out / "wd", "--quick",
+            "train.steps=1", "train.global_batch=8", *extra]
+
+
+def finetune(id, extra, says, named=None, data=None, init=None) -> Case:
+    def make(w, inp, out):
+        return (ft(w, out, *extra, data=data and data(w, inp), init=init(w, inp) if init else "scratch"),
+                named and named(w, inp))
+    return Case(f"finetune-{id}", "finetune", make, 2, says)
+
+
+def _unlabelled_store(w, inp) -> str:
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+    from lnfm.data.store import write_manifest
+
+    csv = inp / "c.csv"
+    csv.write_text(f"case_id,image\nreal,{real_ct(inp)}\n")
+    prepare_dataset(str(csv), str(inp / "unlabelled"), PrepareConfig(workers=0, spacing=(6.0, 6.0, 6.0)),
+                    show_progress=False)
+    write_manifest(str(inp / "unlabelled"))
+    return str(inp / "unlabelled")
+
+
+def _export_copy(w, inp, fmt="safetensors") -> Path:
+    src = {"safetensors": w.safetensors, "orbax": w.orbax, "stablehlo": w.stablehlo}[fmt]
+    return Path(shutil.copytree(src, inp / f"export_{fmt}"))
+
+
+def _corrupt_safetensors(w, inp) -> str:
+    from lnfm.jobs.export import write_checksums
+
+    folder = _export_copy(w, inp)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[10:20] = b"xxxxxxxxxx"
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    write_checksums(folder)  # checksums that match the damage: the parser itself must refuse it
+    return str(folder)
+
+
+def _checksum_mismatch(w, inp) -> str:
+    folder = _export_copy(w, inp)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    return str(folder)
+
+
+def _bad_model_json(w, inp) -> str:
+    folder = _export_copy(w, inp)
+    (folder / "model.json").write_text("{not json")
+    return str(folder)
+
+
+def _random_folder(w, inp) -> str:
+    (inp / "random").mkdir(exist_ok=True)
+    (inp / "random" / "notes.txt").write_text("hello")
+    return str(inp / "random")
+
+
+FINETUNE = [
+    Case("finetune-site-unknown", "finetune", lambda w, inp, out: (["--site", "knee", "--data", w.ft_store, "--init",
+                                                                     "scratch", "--workdir", out / "wd"], None), 2,
+         ("unknown sites config 'knee'",)),
+    finetune("data-missing", [], ("dataset not found",), named=lambda w, inp: str(inp / "none"),
+             data=lambda w, inp: str(inp / "none")),
+    finetune("data-unlabelled-store", [], ("no labelled cases",), data=_unlabelled_store),
+    finetune("init-missing", [], ("--init must be",), named=lambda w, inp: str(inp / "none"),
+             init=lambda w, inp: str(inp / "none")),
+    finetune("init-random-folder", [], ("neither a pretraining workdir",), named=_random_folder, init=_random_folder),
+    finetune("init-model-json-not-json", [], ("model.json", "not valid JSON"), init=_bad_model_json),
+    finetune("init-corrupt-safetensors", [], ("not a readable safetensors file",), init=_corrupt_safetensors),
+    finetune("init-checksum-mismatch", [], ("checksum mismatch",), init=_checksum_mismatch),
+    finetune("model-size-unknown", ["model.size=huge9"], ("model.size: 'huge9'",)),
+    finetune("override-unknown-key", ["head.knd=light"], ("unknown config key 'head.knd'",)),
+    finetune("head-kind-unknown", ["head.kind=transformer"], ("head.kind",)),
+    finetune("num-labeled-zero", ["--num-labeled", "0"], ("train.num_labeled: 0 must be at least 1",)),
+    finetune("num-labeled-negative", ["--num-labeled", "-2"], ("train.num_labeled: -2",)),
+    finetune("labels-too-few", ["site.labels=[background]"], ("site.labels names only 1",)),
+    finetune("data-bad-url", [], ("unsupported store URL scheme",), data=lambda w, inp: "bogus://x"),
+]
+
+ALL = PRETRAIN + FINETUNE
+
+
+@pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])
+def test_hostile_pretrain_and_finetune(case, world, tmp_path, capsys):
+    run_case(case, world, tmp_path, capsys)

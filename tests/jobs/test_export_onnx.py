@@ -1,0 +1,138 @@
+"""`lnfm export --format onnx` and `lnfm predict --backend`: parity with JAX on real CT patches
+run through the model's own preprocessing, identical masks across backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from export_helpers import tiny  # noqa: F401  (session fixture)
+from scipy import ndimage
+
+from lnfm.jobs import predict as pr
+from lnfm.cli import run_job
+from lnfm.eval import backends
+
+REPO = Path(__file__).resolve().parents[2]
+CT = "ct/totalsegmentator/example_ct.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny, tmp_path_factory):  # noqa: F811
+    from lnfm.jobs.export import export_model
+
+    return export_model(tiny.workdir, tmp_path_factory.mktemp("onnx") / "export", "onnx")
+
+
+def _real_patches(shared_data: Path, meta: dict, n: int = 4) -> np.ndarray:
+    """n windows of the real CT after predict's own preprocessing (resampling, body crop, int16, window)."""
+    from lnfm.data.loader import LoaderConfig, normalize
+    from lnfm.data.prepare import preprocess_volume
+
+    pre = meta["preprocessing"]
+    vol = pr.read_scan([str(shared_data / CT)], meta)
+    data, _, _ = preprocess_volume(vol, tuple(pre["spacing_mm"]), crop_body=pre["crop_body"],
+                                   body_threshold_hu=pre["body_threshold_hu"])
+    data = np.round(np.asarray(data, np.float32))
+    image = normalize(data, LoaderConfig(hu_window=tuple(pre["hu_window"])), pre["channels"])
+    p = pre["patch_size"]
+    image = np.pad(image, [(0, max(s - n_, 0)) for s, n_ in zip(p, image.shape[:3])] + [(0, 0)], mode="edge")
+    rng = np.random.default_rng(0)
+    starts = [[int(rng.integers(0, image.shape[a] - p[a] + 1)) for a in range(3)] for _ in range(n)]
+    return np.stack([image[x:x + p[0], y:y + p[1], z:z + p[2]] for x, y, z in starts]).astype(np.float32)
+
+
+def test_onnx_export_is_listed_checksummed_and_has_a_dynamic_batch(onnx_export):
+    import onnx
+
+    from lnfm.jobs.export import verify_export
+    from lnfm.models.export_onnx import ONNX_OPSET
+
+    meta = json.loads((onnx_export / "model.json").read_text())
+    assert meta["format"] == "onnx" and meta["files"] == {"onnx": "model.onnx", "params": "model.safetensors"}
+    assert meta["onnx"]["opset"] == ONNX_OPSET and meta["onnx"]["input_shape"] == ["B", 32, 32, 32, 1]
+    assert verify_export(onnx_export) == 3  # model.json, model.onnx, model.safetensors
+    graph = onnx.load(str(onnx_export / "model.onnx"))
+    onnx.checker.check_model(graph)
+    assert any(op.domain in ("", "ai.onnx") and op.version == ONNX_OPSET for op in graph.opset_import)
+    batch = graph.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # symbolic
+
+
+def test_onnxruntime_matches_jax_on_real_ct_patches(tiny, onnx_export, shared_data):  # noqa: F811
+    ort_fn, meta = pr.load_predictor(onnx_export, "onnxruntime")
+    jax_fn, _ = pr.load_predictor(tiny.orbax, "jax")
+    x = _real_patches(shared_data, meta)
+    for batch in (x[:1], x):  # two batch sizes through the one graph
+        ref = jax_fn(batch)
+        got = ort_fn(batch)
+        assert got.shape == ref.shape == (len(batch), 32, 32, 32, 2)
+        assert np.abs(got - ref).max() <= 1e-4
+        assert 0.01 < ref[..., 1].mean() < 0.99  # the patches hold both classes, not a saturated output
+
+
+@pytest.mark.slow  # jax2onnx converts each head in about a minute on 2 free cores
+@pytest.mark.parametrize("head", ["light", "unetr"])
+def test_conv_heads_convert_and_match_jax_on_a_real_ct_patch(head, shared_data, tmp_path):
+    """The heads' dense, depth-wise, transposed and partial convs, Sobel stem and upsampling in ONNX."""
+    import jax
+    from flax import nnx
+
+    from lnfm.models.export_onnx import write_onnx
+    from lnfm.models.config import ModelConfig
+    from lnfm.models.segmenter import build_segmenter
+
+    patch = (16, 16, 16)
+    cfg = ModelConfig(size="tiny", width=32, depth=2, heads=2, patch_size=(8, 8, 8), img_size=patch)
+    options = {"base_channels": 4} if head == "light" else {"feature_size": 4}
+    model = build_segmenter(cfg, head, 2, nnx.Rngs(0), **options)
+    meta = {"preprocessing": {"spacing_mm": [3.0, 3.0, 3.0], "crop_body": True, "body_threshold_hu": -500.0,
+                              "hu_window": [-160.0, 240.0], "patch_size": list(patch), "channels": ["CT"]}}
+    x = _real_patches(shared_data, meta, n=2)
+    write_onnx(tmp_path / "m.onnx", model, patch, 1)
+    got = backends.onnx_network(tmp_path / "m.onnx")(x)
+    ref = np.asarray(jax.nn.softmax(model(x), axis=-1))
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_predict_backends_give_the_same_masks(tiny, onnx_export, shared_data, tmp_path):  # noqa: F811
+    """The CLI on a real CT, once per backend, in fresh processes: same mask and node count."""
+    out = {}
+    for backend in ("jax", "onnxruntime"):
+        path = tmp_path / f"{backend}.nii.gz"
+        cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(onnx_export), "--input",
+               str(shared_data / CT), "--output", str(path), "--backend", backend]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"on {backend}" in proc.stderr
+        import nibabel as nib
+
+        out[backend] = np.asarray(nib.load(path).dataobj) > 0
+    a, b = out["jax"], out["onnxruntime"]
+    assert a.sum() > 100  # a real prediction, not an empty mask
+    assert _dice(a, b) >= 0.999
+    structure = np.ones((3, 3, 3), bool)
+    assert ndimage.label(a, structure)[1] == ndimage.label(b, structure)[1]
+
+
+def test_backend_choice(tiny, onnx_export, monkeypatch, capsys, tmp_path):  # noqa: F811
+    assert backends.choose_backend("auto", onnx_export, "onnx", True) == "onnxruntime"  # this machine has no GPU
+    assert backends.choose_backend("auto", tiny.orbax, "orbax", False) == "jax"
+    monkeypatch.setattr(backends, "accelerator_present", lambda: True)
+    assert backends.choose_backend("auto", onnx_export, "onnx", True) == "jax"
+    scan = tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz"
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(scan), "--output", str(tmp_path / "m.nii.gz"),
+                             "--backend", "onnxruntime"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "no model.onnx" in err
+    assert not (tmp_path / "m.nii.gz").exists()

@@ -1,0 +1,27 @@
+"""The CPU-only notice of an accelerator-sized finetune preset."""
+
+from __future__ import annotations
+
+import jax
+
+from lnfm.jobs import finetune_cpu
+from lnfm.jobs.finetune import load_finetune_config
+
+
+def test_accelerator_preset_on_a_cpu_names_the_estimate_and_the_cpu_preset():
+    cfg = load_finetune_config("mediastinum", [])
+    flops = finetune_cpu.step_flops(cfg)
+    # A ViT-tiny + UNETR step at 160x160x96, batch 2: hundreds of GFLOPs (forward + backward).
+    assert 1e11 < flops < 1e14
+    rate = 1e10
+    line = finetune_cpu.cpu_notice(cfg, rate)
+    assert line is not None and "\n" not in line
+    assert "mediastinum" in line and "--quick" in line
+    assert f"{flops / rate:.0f} s/step" in line
+    assert f"{flops / rate * cfg.train.steps / 3600:.1f} h" in line
+
+
+def test_no_notice_for_the_cpu_preset_or_on_an_accelerator(monkeypatch):
+    assert finetune_cpu.cpu_notice(load_finetune_config("pelvis", [], quick=True), 1e10) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert finetune_cpu.cpu_notice(load_finetune_config("mediastinum", []), 1e10) is None

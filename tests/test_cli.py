@@ -1,0 +1,81 @@
+"""`lnfm <job>`: the job table and the one error boundary (user error 2, non-finite loss 3, bugs keep tracebacks)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lnfm import cli
+from lnfm.config import ConfigError
+from lnfm.errors import DataError, LnfmError, NonFiniteLoss
+from lnfm.jobs import export
+
+JOBS = ["synth", "prepare", "pretrain", "finetune", "study", "export", "predict", "plan", "demo"]
+
+
+def test_every_job_is_listed_and_importable(capsys):
+    assert list(cli.JOBS) == JOBS
+    assert cli.main(["--help"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert listed == JOBS
+    for job in cli.JOBS.values():
+        assert callable(__import__(job.module, fromlist=["main"]).main), job.module
+
+
+def test_no_job_or_an_unknown_one_is_exit_2(capsys):
+    assert cli.main([]) == 2
+    assert "usage: lnfm <job>" in capsys.readouterr().err
+    assert cli.main(["pretrian"]) == 2
+    assert capsys.readouterr().err.strip() == ("lnfm: unknown job 'pretrian' (choices: synth, prepare, pretrain, "
+                                              "finetune, study, export, predict, plan, demo)")
+
+
+@pytest.mark.parametrize("error", [LnfmError("scan.nii.gz: not a 3-D image"), DataError("store: dataset is empty"),
+                                   ConfigError("train.steps: expected int, got 'x'")])
+def test_user_errors_are_one_line_and_exit_2(monkeypatch, capsys, error):
+    def fail(argv):
+        raise error
+
+    monkeypatch.setattr(export, "main", fail)
+    assert cli.main(["export", "--verify", "x"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"lnfm export: error: {error}"]
+
+
+def test_a_non_finite_loss_exits_3(monkeypatch, capsys):
+    def diverge(argv):
+        raise NonFiniteLoss("loss is nan at step 7")
+
+    monkeypatch.setattr(export, "main", diverge)
+    assert cli.run_job("export", []) == 3
+    assert capsys.readouterr().err.strip() == "lnfm export: error: loss is nan at step 7"
+
+
+@pytest.mark.parametrize("bug", [ValueError("Incompatible shapes for broadcasting: (2, 3) and (4,)"),
+                                 OSError(28, "No space left on device"), KeyError("spacing")])
+def test_anything_else_is_a_bug_with_its_traceback(monkeypatch, bug):
+    def broken(argv):
+        raise bug
+
+    monkeypatch.setattr(export, "main", broken)
+    with pytest.raises(type(bug)):
+        cli.main(["export"])
+
+
+def test_a_shim_script_goes_through_the_same_boundary(repo_root, tmp_path):
+    """`python pretrain/pretrain.py` as documented: a missing dataset is one line on stderr and exit 2."""
+    proc = subprocess.run([sys.executable, "pretrain/pretrain.py", "--config", "vit_tiny", "--data",
+                           str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w")], cwd=repo_root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"lnfm pretrain: error: {tmp_path / 'nowhere'}: dataset not found (expected a prepared store; see "
+        "data_prep/prepare.py)"]
+    assert not (tmp_path / "w").exists()
+
+
+def test_job_usage_names_the_lnfm_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lnfm", "synth", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: lnfm synth ")
