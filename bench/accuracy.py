@@ -57,7 +57,8 @@ from lnfm.io import read_image
 from lnfm.jobs import finetune as F
 from lnfm.jobs import pretrain as P
 from lnfm.jobs.export import export_model
-from lnfm.jobs.predict import PredictOptions, load_predictor, predict_volume, read_meta, read_scan
+from lnfm.jobs.export_meta import read_meta
+from lnfm.jobs.predict import PredictOptions, load_predictor, predict_volume, read_scan
 from lnfm.segmentation.fewshot import select_subset
 from lnfm.workdir import atomic_write_text
 
@@ -160,8 +161,8 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
                                      batch_size=cfg.train.global_batch, seed=seed)
     batches = iter(make_loader([str(bench.labelled_store)], loader_cfg, split="train", labels=True,
                                case_ids=train_ids, shard_index=0, shard_count=1))
-    peer = build_peer(name, len(meta["preprocessing"]["channels"]), int(meta["num_classes"]),
-                      tuple(meta["preprocessing"]["spacing_mm"]), tuple(cfg.site.patch), seed)
+    peer = build_peer(name, len(meta.channels), int(meta.num_classes), tuple(meta.preprocessing.contract.spacing),
+                      tuple(cfg.site.patch), seed)
     spend = Budget(steps=cfg.train.steps) if budget == "patches" else Budget(seconds=lnfm_time)
     trained = train_peer(peer, batches, spend)
     cases, infer = evaluate(probability_fn(peer), meta, bench.test, preset.overlap)
@@ -176,8 +177,7 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
 def evaluate(fn, meta: dict, test: list[B.TestCase], overlap: float) -> tuple[list[dict], float]:
     """Predict every raw held-out scan with `fn` through lnfm.jobs.predict and score it on its own grid."""
 
-    pre = meta["preprocessing"]
-    fn(np.zeros((int(meta["inference"]["sw_batch_size"]), *pre["patch_size"], len(pre["channels"])), np.float32))
+    fn(np.zeros((int(meta.inference.sw_batch_size), *meta.preprocessing.patch_size, len(meta.channels)), np.float32))
     cases, seconds = [], 0.0  # timed after one warm-up call, which compiles
     for case in test:
         vol = read_scan([str(case.image)], meta)

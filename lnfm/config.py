@@ -116,6 +116,11 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         key = unknown[0]
         full = f"{where}.{key}" if where else key
         raise ConfigError(f"unknown config key '{full}'{_closest(key, list(fields))}")
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        full = f"{where}.{missing[0]}" if where else missing[0]
+        raise ConfigError(f"missing config key '{full}'")
     kwargs = {}
     for name, value in data.items():
         full = f"{where}.{name}" if where else name

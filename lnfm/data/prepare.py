@@ -22,6 +22,8 @@ from scipy import ndimage
 from lnfm.config import ConfigError, load_config, preset_path, read_yaml
 from lnfm.data import store as st
 from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
+from lnfm.data.contract import (CONTRACT, CONTRACT_VERSION, CT_STORAGE, ORIENTATION, ContractError,
+                                PrepareContract, read_contract, write_contract)
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing, check_target_spacing
@@ -215,57 +217,96 @@ def lymph_nodes(label: np.ndarray, spacing) -> list[dict]:
     return nodes
 
 
-def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig) -> dict:
-    """Convert one case and write its arrays; returns the manifest record (not yet written)."""
-    vols = [_read3d(p, case.series) for p in case.images]
-    for p, v, name in zip(case.images, vols, case.channels):
-        try:
-            check_source_spacing(spacing_of(v.affine), p)
-            if name.upper() == "CT":
-                check_ct(v.data, p, cfg.body_threshold_hu)
-        except ScanError as e:
-            raise CaseError(p, str(e).split(": ", 1)[-1]) from None
+def resolve_contract(cfg: PrepareConfig, channels: list[str]) -> PrepareContract:
+    """The contract of a store prepared with `cfg` (its spacing already resolved) from cases with `channels`."""
+    return PrepareContract(
+        version=CONTRACT_VERSION, spacing=None if cfg.spacing is None else tuple(float(s) for s in cfg.spacing),
+        orientation=ORIENTATION, crop_body=bool(cfg.crop_body), body_threshold_hu=float(cfg.body_threshold_hu),
+        channels=tuple(channels), ct_storage=CT_STORAGE, label_map={int(k): int(v) for k, v in cfg.label_map.items()},
+        resample_channels=bool(cfg.resample_channels))
+
+
+def read_channels(paths: list[str], resample_channels: bool, series: str | None = None,
+                  checks: tuple[list[str], float] | None = None) -> Volume:
+    """Channel files -> one float32 (X, Y, Z, C) volume on the first file's grid. A channel on
+    another grid (PET is usually reconstructed coarser, in the same scanner frame) is resampled
+    linearly onto it, or refused without `resample_channels`. Prepare and predict both read here.
+    `checks` = (channel names, body threshold) adds prepare's source-spacing and CT checks."""
+    vols = [_read3d(p, series) for p in paths]
+    for i, (p, v) in enumerate(zip(paths, vols)):
+        if checks is not None:
+            try:
+                check_source_spacing(spacing_of(v.affine), p)
+                if checks[0][i].upper() == "CT":
+                    check_ct(v.data, p, checks[1])
+            except ScanError as e:
+                raise CaseError(p, str(e).split(": ", 1)[-1]) from None
         if v.data.dtype.kind == "f" and not np.all(np.isfinite(v.data)):
             raise CaseError(p, "image has NaN or Inf voxels")
-    for i, (p, v) in enumerate(zip(case.images[1:], vols[1:]), start=1):
+    for i, (p, v) in enumerate(zip(paths[1:], vols[1:]), start=1):
         if _same_grid(vols[0], v):
             continue
-        if not cfg.resample_channels:
+        if not resample_channels:
             raise CaseError(p, f"channel grid {v.shape3} differs from the first channel's {vols[0].shape3} "
                                "(shape or affine)")
-        # PET is usually reconstructed on a coarser grid in the same scanner frame: bring it onto the CT grid.
         vols[i] = Volume(resample_to_grid(v.data.astype(np.float32), v.affine, vols[0].affine, vols[0].shape3, 1),
                          vols[0].affine)
-    label = None
-    if case.label:
-        lab = _read3d(case.label)
-        if not _same_grid(vols[0], lab):
-            raise CaseError(case.label, f"label grid {lab.shape3} differs from the image grid {vols[0].shape3} "
-                                        "(shape or affine)")
-        label = Volume(_check_label(lab, case.label, cfg.label_map), lab.affine)
-    image = Volume(np.stack([v.data.astype(np.float32) for v in vols], axis=-1), vols[0].affine)
-    del vols
-    img_rs = _canonical_resampled(image, cfg.spacing, 1)
+    return Volume(np.stack([v.data.astype(np.float32) for v in vols], axis=-1), vols[0].affine)
+
+
+def as_stored(data: np.ndarray, channels) -> np.ndarray:
+    """float32 (X, Y, Z, C) with each CT channel rounded and clipped as its int16 storage holds it."""
+    data = np.array(data, np.float32)
+    for c, name in enumerate(channels):
+        if name.upper() == "CT":
+            data[..., c] = np.clip(np.round(data[..., c]), -32768, 32767)
+    return data
+
+
+def preprocess_case(image: Volume, contract: PrepareContract, label: Volume | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """The contract applied to one read case: RAS reorientation, resampling to the contract
+    spacing (linear; nearest for the label), body crop (never cropping labelled voxels away),
+    CT values as stored. Returns (image (X, Y, Z, C) float32, label uint8 or None, geometry
+    record fields for `restore_to_source`). Prepare stores its output; predict segments it."""
+    img_rs = _canonical_resampled(image, contract.spacing, 1)
+    lab_rs = _canonical_resampled(label, contract.spacing, 0) if label is not None else None
     start, stop = [0, 0, 0], list(img_rs.data.shape[:3])
-    lab_rs = None
-    if label is not None:
-        lab_rs = _canonical_resampled(label, cfg.spacing, 0)
-    if cfg.crop_body:
-        start, stop = body_bbox(img_rs.data[..., 0], cfg.body_threshold_hu)
-        if lab_rs is not None and lab_rs.data.any():  # never crop away labelled voxels
+    if contract.crop_body:
+        start, stop = body_bbox(img_rs.data[..., 0], contract.body_threshold_hu)
+        if lab_rs is not None and lab_rs.data.any():
             ls, le = body_bbox(lab_rs.data, 0, margin=0)
             start = [min(a, b) for a, b in zip(start, ls)]
             stop = [max(a, b) for a, b in zip(stop, le)]
-    data, affine, geometry = preprocess_volume(img_rs, None, crop=(start, stop))
-    geometry.update(source_shape=list(image.shape3), source_affine=image.affine.tolist(),
+    data, _, geometry = preprocess_volume(img_rs, None, crop=(start, stop))
+    geometry.update(source_shape=list(image.shape3), source_affine=np.asarray(image.affine).tolist(),
                     source_orientation=orientation_of(image.affine), source_spacing=list(spacing_of(image.affine)))
+    lab = None
+    if lab_rs is not None:
+        lab = lab_rs.data[tuple(slice(a, b) for a, b in zip(start, stop))].astype(np.uint8)
+    return as_stored(data, contract.channels), lab, geometry
+
+
+def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract) -> dict:
+    """Convert one case and write its arrays; returns the manifest record (not yet written)."""
+    image = read_channels(case.images, cfg.resample_channels, case.series,
+                          (list(case.channels), cfg.body_threshold_hu))
+    label = None
+    if case.label:
+        lab = _read3d(case.label)
+        if not _same_grid(image, lab):
+            raise CaseError(case.label, f"label grid {lab.shape3} differs from the image grid {image.shape3} "
+                                        "(shape or affine)")
+        label = Volume(_check_label(lab, case.label, cfg.label_map), lab.affine)
+    data, lab_arr, geometry = preprocess_case(image, contract, label)
+    del image
     base = f"cases/{case.case_id}"
     image_paths, stats = [], []
     body = data[..., 0] > cfg.body_threshold_hu
     for c, name in enumerate(case.channels):
         chan = data[..., c]
         if name.upper() == "CT":
-            chan = np.clip(np.round(chan), -32768, 32767).astype(np.int16)
+            chan = chan.astype(np.int16)  # already rounded and clipped by as_stored
         else:
             chan = chan.astype(np.float32)
         path = f"{base}/image_{c:04d}"
@@ -273,8 +314,8 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig) -> dict:
         image_paths.append(path)
         stats.append({"channel": name, **intensity_stats(chan[body])})
     nodes, label_path = [], None
-    if lab_rs is not None:
-        lab = lab_rs.data[tuple(slice(a, b) for a, b in zip(start, stop))].astype(np.uint8)
+    if lab_arr is not None:
+        lab = lab_arr
         label_path = f"{base}/label"
         st.create_array(output, label_path, lab, cfg.chunk, cfg.shard)
         nodes = lymph_nodes(lab, geometry["spacing"])
@@ -284,9 +325,10 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig) -> dict:
             "labelled": label_path is not None, "intensity": stats, "nodes": nodes}
 
 
-def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig) -> tuple[str, dict]:
+def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract
+                     ) -> tuple[str, dict]:
     try:
-        return "ok", convert_case(case, output, cfg)
+        return "ok", convert_case(case, output, cfg, contract)
     except CaseError as e:
         return "failed", {"case_id": case.case_id, "file": e.file, "reason": e.reason}
     except st.StoreError:  # the store cannot be written (e.g. a full disk): every case would fail, so stop
@@ -321,6 +363,32 @@ def _write_failures(output: str, shard_index: int, num_shards: int, failures: li
     st.write_text(output, st.FAILURES, "".join(merged))
 
 
+def settle_contract(output: str, cfg: PrepareConfig, cases: list[CaseSpec]) -> PrepareContract | None:
+    """The contract of this run, checked against the one the store records (written when new).
+
+    A store holds one contract: a rerun with other settings (spacing, crop, channels, label
+    map, ...) would mix differently prepared cases, so it is refused before anything is written."""
+    recorded = read_contract(output)
+    kinds = sorted({tuple(c.channels) for c in cases})
+    if len(kinds) > 1:
+        raise ContractError(f"{output}: the input mixes cases with channels {[list(k) for k in kinds]}; a store "
+                            f"holds one channel list (prepare them into separate stores)")
+    if not kinds:
+        return recorded
+    contract = resolve_contract(cfg, list(kinds[0]))
+    if recorded is None:
+        if st.finished_ids(output):
+            raise ContractError(f"{output}: holds cases but records no preprocessing contract ({CONTRACT}); "
+                                f"prepare into a new store")
+        write_contract(output, contract)
+        return contract
+    diff = contract.differences(recorded)
+    if diff:
+        raise ContractError(f"{output}: was prepared with other settings ({'; '.join(diff)}, this run != the "
+                            f"store); prepare into a new store or repeat the store's settings")
+    return contract
+
+
 def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int = 1, shard_index: int = 0,
                     show_progress: bool = True) -> PrepareResult:
     """Convert this shard's slice of the input cases into STORE `output`; resumable, idempotent."""
@@ -344,6 +412,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     check_apart({"--output": output}, {"--input": [input] + [p for c in cases for p in [*c.images, c.label] if p]})
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
+    contract = settle_contract(output, cfg, cases)
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
     errors = [e for i, e in enumerate(sorted(errors, key=lambda e: e.file)) if i % num_shards == shard_index]
     result = PrepareResult()
@@ -366,9 +435,9 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     with lock_folder(output, f"{LOCK_FILE}.shard-{shard_index}-of-{num_shards}", enabled="://" not in output):
         if cfg.workers <= 1:
             for case in todo:
-                finish(*_convert_or_fail(case, output, cfg))
+                finish(*_convert_or_fail(case, output, cfg, contract))
         else:  # store errors raised in a worker propagate (as in-process); a dead worker fails only its case
-            map_in_workers(_convert_or_fail, todo, (output, cfg), cfg.workers, lambda case, res: finish(*res),
+            map_in_workers(_convert_or_fail, todo, (output, cfg, contract), cfg.workers, lambda case, res: finish(*res),
                            lambda case, how: finish("failed", {"case_id": case.case_id, "file": case.images[0],
                                                                "reason": f"the conversion process died ({how})"}))
         bar.close()

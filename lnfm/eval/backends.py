@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lnfm.errors import LnfmError
+from lnfm.eval.predictor import softmax_fn
 from lnfm.models.export_onnx import ONNX_INPUT, ONNX_OUTPUT
 
 BACKENDS = ("auto", "jax", "onnxruntime")
@@ -63,20 +64,15 @@ def onnx_network(path: str | Path, threads: int | None = None) -> Network:
 
 
 def jax_network(model) -> Network:
-    """A Flax NNX segmenter, jitted, softmax applied (on JAX's default device)."""
+    """A Flax NNX segmenter through the one jitted softmax (`lnfm.eval.predictor.softmax_fn`),
+    on JAX's default device."""
     import jax
     from flax import nnx
 
     graphdef, state = nnx.split(model)
     state = jax.device_put(state)
-
-    @jax.jit
-    def probabilities(state, x):
-        out = nnx.merge(graphdef, state)(x)
-        logits = out[0] if isinstance(out, tuple) else out
-        return jax.nn.softmax(logits.astype(np.float32), axis=-1)
-
-    return lambda x: np.asarray(probabilities(state, x))
+    probabilities = softmax_fn(graphdef)
+    return lambda x: np.asarray(probabilities((state,), x))
 
 
 def stablehlo_network(exported) -> Network:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from lnfm.data.shared import shared_data_dir
+from lnfm.runs import FinetuneRun
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
           "--output", str(pred / f"{test_case}_mask.nii.gz"), "--report", str(pred / f"{test_case}_nodes.csv"),
           "--overlay", str(pred / f"{test_case}_preview.png")], env)
 
-    summary = json.loads((ft / "summary.json").read_text())
+    summary = json.loads(FinetuneRun(ft).summary.read_text())
     print("\n== LNFM demo summary ==")
     print(f"phantoms: {phantoms}")
     print(f"store: {', '.join(stores)}")

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import os
 import shutil
@@ -49,45 +48,47 @@ from flax import nnx
 
 from lnfm import __version__
 from lnfm.config import from_dict, read_yaml, to_dict
-from lnfm.data.prepare import PrepareConfig
+from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.data.store import read_manifest
-from lnfm.errors import LnfmError, WeightsMismatch
+from lnfm.errors import WeightsMismatch
+from lnfm.jobs.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
 from lnfm.models import ModelConfig, build_encoder
 from lnfm.models import export_formats as fmt
 from lnfm.models.interop import from_monai_vit
+from lnfm.models.export_onnx import ONNX_FILE, write_onnx
 from lnfm.models.lora import merge_lora
 from lnfm.models.segmenter import build_segmenter
+from lnfm.runs import CHECKSUMS, MODEL_JSON, FinetuneRun, PretrainRun, read_json
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointError, restore_params
 from lnfm.workdir import setup_logging
 
 log = logging.getLogger("lnfm.export")
 
-FORMATS = ("orbax", "safetensors", "stablehlo", "onnx", "monai")
-MODEL_JSON = "model.json"
-CHECKSUMS = "checksums.sha256"
-SCHEMA_VERSION = 1
-# Predicted components smaller than this are dropped by `lnfm predict` (a 3 mm node is about 14 mm^3).
-DEFAULT_MIN_VOLUME_MM3 = 10.0
-
-
-class ExportError(LnfmError, ValueError):
-    """An export that cannot be written or read; the message is one line naming the path."""
-
 
 @dataclasses.dataclass
 class Exported:
     """A loaded export: `model` is the segmenter (None for an encoder-only export)."""
-    meta: dict  # the parsed model.json
+
+    meta: ExportMeta  # the parsed model.json
     encoder: object  # the encoder nnx.Module
     model: object | None  # the Segmenter nnx.Module, or None
 
 
 @dataclasses.dataclass
 class _Source:
+    """What a run holds: its weights and everything model.json says about it except the format."""
+
     kind: str  # "segmenter" (finetuning workdir) or "encoder" (pretraining workdir)
     flat: dict  # parameters by dotted name; an encoder-only source has only 'encoder.' names
-    meta: dict  # model.json without the format-specific fields
+    model: ModelConfig
+    preprocessing: Preprocessing
+    training_data: dict
+    head: dict | None = None
+    labels: list[str] | None = None
+    site: SiteInfo | None = None
+    inference: object | None = None  # InferenceConfig
+    postprocess: object | None = None  # PostprocessConfig
 
 
 # ----------------------------------------------------------------------------- sources
@@ -141,43 +142,24 @@ def data_summary(stores: list[str], extra: dict | None = None) -> dict:
     return out
 
 
-def _channel_names(stores: list[str], n: int) -> list[str]:
-    records = _manifests(stores) or []
-    for r in records:
-        if r.get("channels") and len(r["channels"]) == n:
-            return list(r["channels"])
-    return ["CT"] + ["PET"] * (n - 1)
-
-
-def _finetune_dir(path: Path) -> Path | None:
-    if path.name in ("best", "checkpoints") and (path.parent / "config.yaml").is_file():
-        path = path.parent
-    if (path / "config.yaml").is_file() and ((path / "best").is_dir() or (path / "repeat_0" / "best").is_dir()):
-        return path
-    return None
-
-
-def _pretrain_dir(path: Path) -> Path | None:
-    if path.name == "checkpoints" and (path.parent / "config.yaml").is_file():
-        path = path.parent
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        return path
-    return None
-
-
-def _read_json(path: Path) -> dict:
+def _preprocessing(path: Path) -> Preprocessing:
+    """The preprocessing a run recorded; a run without the record cannot say what it trained on."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
+        prep = read_preprocessing(path)
+    except ContractError as e:
+        raise ExportError(str(e)) from None
+    if prep is None:
+        raise ExportError(f"{path.parent}: the run records no preprocessing ({path.name}); it was trained by an "
+                          f"older lnfm, so its spacing and intensity window are unknown: train it again")
+    return prep
 
 
-def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
+def _finetuned_params(run_dir, cfg) -> dict[str, np.ndarray]:
     """The Params of the best model in a finetuning run, read straight from its checkpoint."""
     if cfg.strategy.freeze == "lora":  # adapters are folded into the kernels: the export is a plain segmenter
         from lnfm.jobs.finetune import load_finetuned
 
-        model, _ = load_finetuned(run_dir)
+        model, _ = load_finetuned(run_dir.root)
         merge_lora(model.encoder)
         return fmt.flat_params(model)
     abstract = nnx.eval_shape(lambda: build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0),
@@ -187,43 +169,23 @@ def _finetuned_params(run_dir: Path, cfg) -> dict[str, np.ndarray]:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     try:
-        return fmt.flatten_tree(restore_params(run_dir / "best", target, key="model"))
+        return fmt.flatten_tree(restore_params(run_dir.best, target, key="model"))
     except (FileNotFoundError, CheckpointError) as e:
         raise ExportError(str(e)) from None
 
 
-def _load_finetuned(workdir: Path) -> _Source:
+def _load_finetuned(run: FinetuneRun) -> _Source:
     from lnfm.jobs.finetune import FinetuneConfig
 
-    run_dir = workdir if (workdir / "best").is_dir() else workdir / "repeat_0"
-    cfg = from_dict(FinetuneConfig, read_yaml(run_dir / "config.yaml"))
-    flat = _finetuned_params(run_dir, cfg)
-    best = _read_json(run_dir / "best.json")
-    summary = _read_json(workdir / "summary.json")
-    prep = PrepareConfig()
-    inference = to_dict(cfg.inference)
-    inference["roi"] = list(cfg.site.patch)
-    meta = {
-        "kind": "segmenter",
-        "model": to_dict(cfg.model),
-        "head": to_dict(cfg.head),
-        "num_classes": len(cfg.site.labels),
-        "labels": list(cfg.site.labels),
-        "site": {"name": cfg.site.name, "stations": list(cfg.site.stations)},
-        "preprocessing": {
-            "spacing_mm": [float(s) for s in cfg.site.spacing],
-            "orientation": "RAS",
-            "hu_window": [float(w) for w in cfg.site.window],
-            "pet_scale": float(cfg.loader.pet_scale),
-            "patch_size": [int(p) for p in cfg.site.patch],
-            "channels": _channel_names(cfg.data, cfg.model.in_channels),
-            "crop_body": bool(prep.crop_body),
-            "body_threshold_hu": float(prep.body_threshold_hu),
-            "ct_storage": "int16",
-        },
-        "inference": inference,
-        "postprocess": {"min_volume_mm3": DEFAULT_MIN_VOLUME_MM3, "body_threshold_hu": float(prep.body_threshold_hu)},
-        "training_data": data_summary(cfg.data, {
+    first = run.first()
+    cfg = from_dict(FinetuneConfig, read_yaml(first.config))
+    prep = _preprocessing(run.preprocessing)
+    flat = _finetuned_params(first, cfg)
+    best = first.best_record() or {}
+    summary = read_json(run.summary) or {}
+    return _Source(
+        "segmenter", flat, cfg.model, prep,
+        training_data=data_summary(cfg.data, {
             "num_labeled": summary.get("num_labeled", cfg.train.num_labeled),
             "repeats": int(cfg.train.repeats),
             "steps": int(cfg.train.steps),
@@ -232,55 +194,33 @@ def _load_finetuned(workdir: Path) -> _Source:
             "test_dice": summary.get("dice"),
             "init": "scratch" if cfg.init == "scratch" else "pretrained",
         }),
-    }
-    return _Source("segmenter", flat, meta)
+        head=to_dict(cfg.head), labels=list(cfg.site.labels), site=SiteInfo(cfg.site.name, list(cfg.site.stations)),
+        inference=dataclasses.replace(cfg.inference, roi=tuple(prep.patch_size)), postprocess=cfg.postprocess)
 
 
-def _load_pretrained(workdir: Path) -> _Source:
-    data = read_yaml(workdir / "config.yaml")
+def _load_pretrained(run: PretrainRun) -> _Source:
+    data = read_yaml(run.config)
     if not isinstance(data.get("model"), dict):
-        raise ExportError(f"{workdir / 'config.yaml'}: no model section to rebuild the encoder from")
+        raise ExportError(f"{run.config}: no model section to rebuild the encoder from")
     cfg = from_dict(ModelConfig, data["model"], "model")
+    prep = _preprocessing(run.preprocessing)
     abstract = nnx.eval_shape(lambda: build_encoder(cfg, nnx.Rngs(0)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.state(abstract, nnx.Param))
     try:
         try:  # the pretraining job saves nnx.State trees (as finetuning's --init reads them)
-            restored = restore_params(workdir / "checkpoints", nnx.State({"encoder": target}))["encoder"]
+            restored = restore_params(run.checkpoints, nnx.State({"encoder": target}))["encoder"]
         except (TypeError, ValueError):  # a checkpoint of plain nested dicts
-            restored = restore_params(workdir / "checkpoints", {"encoder": nnx.to_pure_dict(target)})["encoder"]
+            restored = restore_params(run.checkpoints, {"encoder": nnx.to_pure_dict(target)})["encoder"]
     except (FileNotFoundError, CheckpointError) as e:
         raise ExportError(str(e)) from None
     pure = nnx.to_pure_dict(restored if isinstance(restored, nnx.State) else nnx.State(restored))
-    flat = fmt.flatten_tree(pure, "encoder.")
     dcfg = data.get("data", {}) if isinstance(data.get("data"), dict) else {}
-    prep = PrepareConfig()
-    meta = {
-        "kind": "encoder",
-        "model": to_dict(cfg),
-        "head": None,
-        "num_classes": None,
-        "labels": None,
-        "site": None,
-        "preprocessing": {
-            "spacing_mm": dcfg.get("spacing"),
-            "orientation": "RAS",
-            "hu_window": [float(w) for w in dcfg.get("hu_window", (-1000.0, 1000.0))],
-            "pet_scale": float(dcfg.get("pet_scale", 10.0)),
-            "patch_size": [int(p) for p in cfg.img_size],
-            "channels": ["CT"] + ["PET"] * (cfg.in_channels - 1),
-            "crop_body": bool(prep.crop_body),
-            "body_threshold_hu": float(prep.body_threshold_hu),
-            "ct_storage": "int16",
-        },
-        "inference": None,
-        "postprocess": None,
-        # The pretraining config does not name its stores, so no case counts here.
-        "training_data": {"cases": None, "steps": (data.get("train") or {}).get("steps"),
-                          "spacing_mm": dcfg.get("spacing"), "split": dcfg.get("split")},
-    }
-    return _Source("encoder", flat, meta)
+    # The pretraining config does not name its stores, so no case counts here.
+    return _Source("encoder", fmt.flatten_tree(pure, "encoder."), cfg, prep,
+                   training_data={"cases": None, "steps": (data.get("train") or {}).get("steps"),
+                                  "spacing_mm": dcfg.get("spacing"), "split": dcfg.get("split")})
 
 
 def source_dir(checkpoint: str | Path) -> Path:
@@ -288,16 +228,17 @@ def source_dir(checkpoint: str | Path) -> Path:
     path = Path(checkpoint)
     if not path.is_dir():
         raise ExportError(f"{path}: checkpoint folder not found")
-    found = _finetune_dir(path) or _pretrain_dir(path)
-    if found is None:
+    run = FinetuneRun.detect(path) or PretrainRun.detect(path)
+    if run is None:
         raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
                           f"(config.yaml + checkpoints/)")
-    return found
+    return run.root
 
 
 def load_source(checkpoint: str | Path) -> _Source:
     root = source_dir(checkpoint)
-    return _load_finetuned(root) if _finetune_dir(root) else _load_pretrained(root)
+    ft = FinetuneRun.detect(root)
+    return _load_finetuned(ft) if ft is not None else _load_pretrained(PretrainRun.detect(root))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -305,45 +246,52 @@ def load_source(checkpoint: str | Path) -> _Source:
 
 
 
+def _meta(source: _Source, format: str) -> ExportMeta:
+    """model.json of `source` in `format` (its files are filled in by `_write`)."""
+    return ExportMeta(
+        schema_version=SCHEMA_VERSION, kind=source.kind, format=format, model=source.model, head=source.head,
+        num_classes=len(source.labels) if source.labels is not None else None, labels=source.labels,
+        site=source.site, preprocessing=source.preprocessing, inference=source.inference,
+        postprocess=source.postprocess, training_data=source.training_data, lnfm_version=__version__,
+        git_revision=git_revision(), files={}, stablehlo=None, onnx=None)
+
+
 def _write(source: _Source, folder: Path, format: str) -> None:
-    meta = dict(source.meta)
-    meta.update(schema_version=SCHEMA_VERSION, format=format, lnfm_version=__version__, git_revision=git_revision())
+    meta = _meta(source, format)
+    stablehlo = onnx = None
     if format == "orbax":
         fmt.write_orbax(folder, source.flat)
-        meta["files"] = {"params": fmt.PARAMS_DIR}
+        files = {"params": fmt.PARAMS_DIR}
     elif format == "safetensors":
         fmt.write_safetensors(folder / fmt.SAFETENSORS_FILE, source.flat, {"format": "np"})
-        meta["files"] = {"params": fmt.SAFETENSORS_FILE}
+        files = {"params": fmt.SAFETENSORS_FILE}
     elif format == "stablehlo":
         if source.kind != "segmenter":
             raise ExportError("the stablehlo format exports a segmentation model; a pretraining workdir holds only "
                               "an encoder (export a finetuning workdir)")
-        pre = meta["preprocessing"]
         model, _ = build_from_meta(meta, source.flat)
-        meta["stablehlo"] = fmt.write_stablehlo(folder / fmt.STABLEHLO_FILE, model,
-                                                tuple(pre["patch_size"]), len(pre["channels"]))
-        meta["files"] = {"function": fmt.STABLEHLO_FILE}
+        stablehlo = fmt.write_stablehlo(folder / fmt.STABLEHLO_FILE, model, tuple(meta.preprocessing.patch_size),
+                                        len(meta.channels))
+        files = {"function": fmt.STABLEHLO_FILE}
     elif format == "onnx":
         if source.kind != "segmenter":
             raise ExportError("the onnx format exports a segmentation model; a pretraining workdir holds only "
                               "an encoder (export a finetuning workdir)")
-        from lnfm.models.export_onnx import ONNX_FILE, write_onnx
-
-        pre = meta["preprocessing"]
         model, _ = build_from_meta(meta, source.flat)
-        meta["onnx"] = write_onnx(folder / ONNX_FILE, model, tuple(pre["patch_size"]), len(pre["channels"]))
+        onnx = write_onnx(folder / ONNX_FILE, model, tuple(meta.preprocessing.patch_size), len(meta.channels))
         fmt.write_safetensors(folder / fmt.SAFETENSORS_FILE, source.flat, {"format": "np"})
-        meta["files"] = {"onnx": ONNX_FILE, "params": fmt.SAFETENSORS_FILE}
+        files = {"onnx": ONNX_FILE, "params": fmt.SAFETENSORS_FILE}
     elif format == "monai":
-        if meta["model"].get("arch") != "vit":
-            raise ExportError(f"the monai format holds a MONAI ViT; this model's encoder is "
-                              f"'{meta['model'].get('arch')}' (use orbax or safetensors)")
+        if meta.model.arch != "vit":
+            raise ExportError(f"the monai format holds a MONAI ViT; this model's encoder is '{meta.model.arch}' "
+                              f"(use orbax or safetensors)")
         _, encoder = build_from_meta(meta, source.flat)
         names = fmt.write_monai(folder, encoder)
-        meta["files"] = {"encoder_pt": names[0], "encoder_safetensors": names[1]}
+        files = {"encoder_pt": names[0], "encoder_safetensors": names[1]}
     else:
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
-    (folder / MODEL_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    meta = dataclasses.replace(meta, files=files, stablehlo=stablehlo, onnx=onnx)
+    (folder / MODEL_JSON).write_text(meta.to_json())
     write_checksums(folder)
 
 
@@ -379,15 +327,15 @@ def verify_export(folder: str | Path) -> int:
     return len(expected)
 
 
-def check_weights_export(folder: str | Path) -> dict:
+def check_weights_export(folder: str | Path) -> ExportMeta:
     """model.json of an export that `load_export` can rebuild weights from, checked without
     building the model (checksums, format, safetensors header): jobs call it before they write."""
     meta = read_meta(folder)
     verify_export(folder)
-    if meta["format"] not in ("orbax", "safetensors", "monai"):
-        raise ExportError(f"{folder}: a {meta['format']} export holds no weights to start from (use orbax, "
+    if meta.format not in ("orbax", "safetensors", "monai"):
+        raise ExportError(f"{folder}: a {meta.format} export holds no weights to start from (use orbax, "
                           f"safetensors or monai)")
-    if meta["format"] == "safetensors":
+    if meta.format == "safetensors":
         fmt.check_safetensors(Path(folder) / fmt.SAFETENSORS_FILE)
     return meta
 
@@ -443,31 +391,15 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
 # ----------------------------------------------------------------------------- reading
 
 
-def read_meta(folder: str | Path) -> dict:
-    """model.json of an export (no JAX needed)."""
-    path = Path(folder) / MODEL_JSON
-    if not path.is_file():
-        raise ExportError(f"{folder}: not an export (no {MODEL_JSON})")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise ExportError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or "model" not in meta or "format" not in meta:
-        raise ExportError(f"{path}: missing the 'model' or 'format' entry")
-    return meta
-
-
-def build_from_meta(meta: dict, flat: dict[str, np.ndarray], where: str = "export"):
+def build_from_meta(meta: ExportMeta, flat: dict[str, np.ndarray], where: str = "export"):
     """(segmenter or None, encoder) of the architecture in `meta` carrying the weights `flat`
     (dotted names; the encoder's start with 'encoder.'). Nothing is randomly initialised."""
-
-
-    cfg = from_dict(ModelConfig, meta["model"], "model")
+    cfg = meta.model
     try:
-        if meta.get("kind") == "segmenter":
-            head = meta["head"]
+        if meta.kind == "segmenter":
+            head = meta.head
             model = fmt.module_from_flat(
-                lambda: build_segmenter(cfg, head["kind"], int(meta["num_classes"]), nnx.Rngs(0),
+                lambda: build_segmenter(cfg, head["kind"], int(meta.num_classes), nnx.Rngs(0),
                                         deep_supervision=bool(head.get("deep_supervision", False)),
                                         **(head.get("options") or {})), flat, where)
             return model, model.encoder
@@ -485,14 +417,13 @@ def load_export(folder: str | Path, verify: bool = True) -> Exported:
     meta = read_meta(folder)
     if verify:
         verify_export(folder)
-    kind = meta["format"]
+    kind = meta.format
     if kind == "stablehlo":
         raise ExportError(f"{folder}: a stablehlo export holds a compiled function, not weights (use "
                           f"lnfm.models.export_formats.read_stablehlo, or export orbax/safetensors)")
     if kind == "monai":
-        cfg = from_dict(ModelConfig, meta["model"], "model")
         try:
-            encoder = from_monai_vit(fmt.read_safetensors(folder / fmt.MONAI_SAFETENSORS), cfg)
+            encoder = from_monai_vit(fmt.read_safetensors(folder / fmt.MONAI_SAFETENSORS), meta.model)
         except WeightsMismatch as e:
             raise ExportError(f"{folder / fmt.MONAI_SAFETENSORS}: {e}") from None
         return Exported(meta, encoder, None)

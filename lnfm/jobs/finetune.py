@@ -31,13 +31,18 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
+from lnfm.data.contract import Normalization, write_preprocessing
 from lnfm.data.loader import LoaderConfig, make_loader, normalize
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
-from lnfm.eval.inference import InferenceConfig, sliding_window_inference
+from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
+from lnfm.eval.postprocess import PostprocessConfig
+from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.surface import dice as dice_score
 from lnfm.jobs.finetune_cpu import cpu_notice
+from lnfm.jobs.export_meta import read_meta
+from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
 from lnfm.models.lora import apply_lora
 from lnfm.models import ModelConfig
@@ -47,7 +52,8 @@ from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_mod
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import LossConfig, deep_supervision_loss, segmentation_loss
-from lnfm.segmentation.sites import SiteConfig, check_spacing
+from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, RepeatRun
+from lnfm.segmentation.sites import SiteConfig
 from lnfm.segmentation.strategies import StrategyConfig, count_params, layer_index_fn, trainable_filter
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints, restore_params
@@ -55,6 +61,7 @@ from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput
 from lnfm.train.optim import OptimConfig, layer_lr_scales, make_optimizer
+from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessing
 from lnfm.train.state import create_train_state, merge_model, split_model
 from lnfm.train.job import check_batch, device_batch, fit
 from lnfm.train.step import make_train_step
@@ -102,6 +109,10 @@ class FinetuneConfig:
         default_factory=LoaderConfig)
     train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
     inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
+    postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)  # mask clean-up
+    # "encoder": the CT window and PET scale the --init encoder was pretrained with (recorded in its run or
+    # export); "site": the site preset's window. Scratch runs use the site window.
+    normalization: Literal["encoder", "site"] = "encoder"  # intensities as the encoder was pretrained, or the site's
     metrics: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # test metrics settings
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh and sharding rules
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax saving
@@ -114,6 +125,8 @@ DEFAULTS: dict = {
     "optim": {"lr": 1e-3, "warmup_steps": 50, "weight_decay": 1e-4, "b2": 0.999, "min_lr_ratio": 0.1},
     "loader": {"fg_fraction": 0.5, "workers": 0},
     "inference": {"overlap": 0.5, "sw_batch_size": 2},
+    # A 3 mm node is about 14 mm^3: smaller predicted components are noise.
+    "postprocess": {"min_volume_mm3": 10.0},
     "checkpoint": {"every": 500, "keep": 2},
 }
 
@@ -140,21 +153,15 @@ def resolve_init(init: str) -> tuple[str, Path | None, dict | None]:
     if not path.is_dir():
         raise ConfigError(f"{init}: --init must be a pretraining workdir, its checkpoints dir, an export dir or "
                           f"'scratch'")
-    if (path / "model.json").is_file():
-        try:
-            data = json.loads((path / "model.json").read_text())
-        except ValueError as e:
-            raise ConfigError(f"{path / 'model.json'}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path / 'model.json'}: not an export's model.json (not a JSON object)")
-        return "export", path, data.get("model", data)
-    if path.name == "checkpoints" and (path.parent / "config.yaml").is_file():
-        path = path.parent
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        model = read_yaml(path / "config.yaml").get("model")
+    export = ExportFolder.detect(path)
+    if export is not None:
+        return "export", path, to_dict(read_meta(path).model)
+    run = PretrainRun.detect(path)
+    if run is not None:
+        model = read_yaml(run.config).get("model")
         if not isinstance(model, dict):
-            raise ConfigError(f"{path / 'config.yaml'}: no model section to rebuild the encoder from")
-        return "pretrain", path, model
+            raise ConfigError(f"{run.config}: no model section to rebuild the encoder from")
+        return "pretrain", run.root, model
     raise ConfigError(f"{init}: neither a pretraining workdir (config.yaml + checkpoints/) nor an export "
                       f"(model.json)")
 
@@ -178,7 +185,11 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         cfg = from_dict(FinetuneConfig, tree)
     if cfg.train.repeats < 1:
         raise ConfigError(f"train.repeats must be at least 1, got {cfg.train.repeats}")
-    return cfg
+    # The loader and every evaluation normalise with the resolved values; config.yaml records them.
+    norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
+    window, pet_scale = (norm.hu_window, norm.pet_scale) if norm else (cfg.site.window, cfg.loader.pet_scale)
+    return dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, hu_window=tuple(window),
+                                                               pet_scale=float(pet_scale)))
 
 
 # ----------------------------------------------------------------------------- data
@@ -197,6 +208,8 @@ class Case:
     image: np.ndarray  # normalised (X, Y, Z, C)
     label: np.ndarray  # (X, Y, Z) int
     spacing: tuple[float, float, float]
+    hu: np.ndarray | None  # the CT channel in HU as stored (post-processing's body mask), None without CT
+    affine: np.ndarray  # of the stored grid
 
 
 def make_splits(records: list[dict], val_fraction: float) -> Splits:
@@ -229,8 +242,10 @@ def load_cases(stores: list[str], records: dict[str, tuple[str, dict]], ids: lis
     for cid in ids:
         store, rec = records[cid]
         image, label = read_case(store, rec)
+        names = [c.upper() for c in rec.get("channels") or ["CT"]]
+        hu = image[..., names.index("CT")] if "CT" in names else None
         out.append(Case(cid, normalize(image, loader_cfg, rec.get("channels")), label.astype(np.int32),
-                        tuple(float(s) for s in rec["spacing"])))
+                        tuple(float(s) for s in rec["spacing"]), hu, np.asarray(rec["affine"], float)))
     return out
 
 
@@ -251,9 +266,10 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         # Pretraining saved nnx.State trees; restore only params["encoder"] into our shardings.
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                               nnx.state(model.encoder, nnx.Param))
-        encoder = restore_params(path / "checkpoints", nnx.State({"encoder": target}))["encoder"]
+        checkpoints = PretrainRun(path).checkpoints
+        encoder = restore_params(checkpoints, nnx.State({"encoder": target}))["encoder"]
         load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
-        log.info("encoder initialised from %s", path / "checkpoints")
+        log.info("encoder initialised from %s", checkpoints)
     elif kind == "export":
         try:
             exported = load_export(path)
@@ -270,24 +286,10 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
     return model
 
 
-def _predict_fn(graphdef: nnx.GraphDef):
-    @jax.jit
-    def predict(states, x):
-        out = nnx.merge(graphdef, *states)(x)
-        logits = out[0] if isinstance(out, tuple) else out
-        return jax.nn.softmax(logits.astype(np.float32), axis=-1)
-
-    return predict
-
-
-def segment(predict, states: tuple, case: Case, cfg: FinetuneConfig, num_classes: int) -> np.ndarray:
-    """Label map (X, Y, Z) by sliding-window inference over the whole case."""
-    inf = cfg.inference
-    probs = sliding_window_inference(lambda x: np.asarray(predict(states, x)), case.image, cfg.site.patch,
-                                     overlap=inf.overlap, mode=inf.mode, sigma_scale=inf.sigma_scale,
-                                     sw_batch_size=inf.sw_batch_size, tta_flips=inf.tta_flips,
-                                     num_classes=num_classes)
-    return np.argmax(probs, axis=-1).astype(np.int32)
+def make_predictor(cfg: FinetuneConfig, softmax, states: tuple) -> Predictor:
+    """The inference `lnfm predict` runs, over the current weights (`softmax` from `softmax_fn`)."""
+    return Predictor(lambda x: np.asarray(softmax(states, x)), tuple(cfg.site.patch), len(cfg.site.labels),
+                     cfg.inference, cfg.postprocess)
 
 
 def _full_state(graphdef, params, frozen, rest) -> dict:
@@ -296,23 +298,22 @@ def _full_state(graphdef, params, frozen, rest) -> dict:
 
 def load_finetuned(workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.Module, FinetuneConfig]:
     """The best model of a finetuning workdir (or of DIR/repeat_0 for a multi-repeat run) and its config."""
-    workdir = Path(workdir)
-    if not (workdir / "best").is_dir() and (workdir / "repeat_0" / "best").is_dir():
-        workdir = workdir / "repeat_0"
-    if not (workdir / "config.yaml").is_file() or not (workdir / "best").is_dir():
+    run = FinetuneRun.detect(workdir)
+    if run is None:
         raise FileNotFoundError(f"{workdir}: not a finetuning workdir (config.yaml and best/ expected)")
-    cfg = from_dict(FinetuneConfig, read_yaml(workdir / "config.yaml"))
+    first = run.first()
+    cfg = from_dict(FinetuneConfig, read_yaml(first.config))
     cfg = dataclasses.replace(cfg, init="scratch")
     mesh = mesh or make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     model = build_model(cfg, 0, mesh)
     state = nnx.state(model)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           nnx.to_pure_dict(state))
-    ckpt = Checkpointer(workdir / "best", CheckpointConfig(keep=1, async_save=False))
+    ckpt = Checkpointer(first.best, CheckpointConfig(keep=1, async_save=False))
     restored = ckpt.restore_latest({"model": target})
     ckpt.close()
     if restored is None:
-        raise FileNotFoundError(f"{workdir / 'best'}: no saved model")
+        raise FileNotFoundError(f"{first.best}: no saved model")
     nnx.replace_by_pure_dict(state, restored[0]["model"])
     nnx.update(model, state)
     return model, cfg
@@ -388,9 +389,9 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     """Train, validate, keep the best and test one repeat; returns its summary (None if preempted)."""
     tc, pid = cfg.train, jax.process_index()
     seed = tc.seed + repeat
-    num_classes = len(cfg.site.labels)
     train_ids = select_subset(splits.pool, tc.num_labeled, seed)
     check_disjoint(train_ids, val=splits.val, test=splits.test)
+    rrun = RepeatRun(rdir)
     writer = open_workdir(rdir, cfg, is_main=pid == 0)
     log.info("repeat %d (seed %d): %d labelled training case(s), %d val, %d test", repeat, seed, len(train_ids),
              len(splits.val), len(splits.test))
@@ -403,24 +404,24 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     writer.write(0, head_params=hp, head_gflops=hf / 1e9, trainable_params=n_train, total_params=total_params)
     bsh = batch_sharding(mesh)
     nproc = jax.process_count()
-    loader_cfg = dataclasses.replace(cfg.loader, patch_size=cfg.site.patch, hu_window=cfg.site.window,
-                                     batch_size=tc.global_batch // nproc, seed=seed)
+    loader_cfg = dataclasses.replace(cfg.loader, patch_size=cfg.site.patch, batch_size=tc.global_batch // nproc,
+                                     seed=seed)
     loader = make_loader(cfg.data, loader_cfg, split="train", labels=True, case_ids=train_ids,
                          shard_index=pid, shard_count=nproc)
     data_iter = iter(loader)
-    best_ckpt = Checkpointer(rdir / "best", CheckpointConfig(keep=1, async_save=False))
-    best_file = rdir / "best.json"
-    best = json.loads(best_file.read_text()) if best_file.is_file() else {"step": -1, "val_dice": -1.0}
+    best_ckpt = Checkpointer(rrun.best, CheckpointConfig(keep=1, async_save=False))
+    best = rrun.best_record() or {"step": -1, "val_dice": -1.0}
 
     def forget_lost_best(start: int) -> None:
         if best["step"] > start:  # a best model saved after the restored step is from the lost future
             best.update(step=-1, val_dice=-1.0)
 
-    predict = _predict_fn(graphdef)
+    softmax = softmax_fn(graphdef)
 
     def validate(step: int, st: dict) -> None:
         states = (st["params"], st["frozen"], st["rest"])
-        scores = [dice_score(segment(predict, states, c_, cfg, num_classes) > 0, c_.label > 0) for c_ in val_cases]
+        predictor = make_predictor(cfg, softmax, states)
+        scores = [dice_score(predictor(c_.image, c_.spacing, c_.hu).labels > 0, c_.label > 0) for c_ in val_cases]
         val_dice = float(np.mean(scores))
         writer.write(step, val_dice=val_dice)
         log.info("step %d: validation Dice %.4f (previous best %.4f)", step, val_dice, max(best["val_dice"], 0.0))
@@ -428,7 +429,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
             best.update(step=step, val_dice=val_dice)
             save_best(best_ckpt, step, {"model": _full_state(graphdef, *states)}, to_dict(cfg))
             if pid == 0:
-                atomic_write_text(best_file, json.dumps(best))
+                atomic_write_text(rrun.best_json, json.dumps(best))
 
     def next_batch() -> dict:
         return device_batch(next(data_iter), bsh, {"image": np.float32, "label": np.int32})
@@ -450,16 +451,19 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         restored_best = best_ckpt.restore_latest({"model": best_target})
         best_ckpt.close()
         if restored_best is None:
-            raise RuntimeError(f"{rdir / 'best'}: the best model was not saved")
+            raise RuntimeError(f"{rrun.best}: the best model was not saved")
         # Put the best weights into the train-state layout, so the validation predictor is reused.
         best_model = merge_model(graphdef, result.state["params"], result.state["frozen"], result.state["rest"])
         full = nnx.state(best_model)
         nnx.replace_by_pure_dict(full, restored_best[0]["model"])
         nnx.update(best_model, full)
         _, *best_states = split_model(best_model, filt)
+        predictor = make_predictor(cfg, softmax, tuple(best_states))
         cases = []
         for case in test_cases:
-            pred = segment(predict, tuple(best_states), case, cfg, num_classes)
+            pred = predictor(case.image, case.spacing, case.hu).labels
+            if pid == 0:  # the masks the metrics score, on the stored grid (what predict maps to the scan)
+                write_nifti(rrun.test_mask(case.case_id), pred, case.affine)
             metrics = evaluate_case(pred > 0, case.label > 0, case.spacing, **cfg.metrics.kwargs())
             cases.append({"case_id": case.case_id, **metrics})
     agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])
@@ -551,25 +555,33 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     if max_class >= len(cfg.site.labels):
         raise DataError(f"the labels reach class {max_class} but site.labels names only {len(cfg.site.labels)} "
                         f"classes ({cfg.site.labels})")
+    # No resampling on the fly: the model is exported with the spacing it really trained at.
+    prep = training_preprocessing(cfg.data, [records[i] for i in splits.pool + splits.val + splits.test],
+                                  cfg.site.spacing, Normalization(cfg.loader.hu_window, cfg.loader.pet_scale),
+                                  cfg.site.patch)
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg.train.global_batch, cfg.train.accum_steps, jax.process_count(),
                 mesh.shape["data"] * mesh.shape["fsdp"])
     pid = jax.process_index()
+    run_dirs = FinetuneRun(workdir)
     writer = open_workdir(workdir, cfg, is_main=pid == 0, tensorboard=False)
     writer.close()
-    check_spacing(cfg.site, labelled)
     if pid == 0:
+        write_preprocessing(run_dirs.preprocessing, prep)
         notice = cpu_notice(cfg)
         if notice:
             print(notice, file=sys.stderr)
+    log.info("spacing %s mm (the stores'); CT window %s HU, PET / %g (%s)", list(prep.contract.spacing),
+             list(cfg.loader.hu_window), cfg.loader.pet_scale,
+             "as the encoder was pretrained" if cfg.normalization == "encoder" and cfg.init != "scratch"
+             else "site preset")
     log.info("site %s, init %s, head %s, strategy %s; mesh %s over %d devices", cfg.site.name, cfg.init,
              cfg.head.kind, cfg.strategy.freeze, dict(mesh.shape), jax.device_count())
-    loader_cfg = dataclasses.replace(cfg.loader, hu_window=cfg.site.window)
-    val_cases = load_cases(cfg.data, records, splits.val, loader_cfg)
-    test_cases = load_cases(cfg.data, records, splits.test, loader_cfg)
+    val_cases = load_cases(cfg.data, records, splits.val, cfg.loader)
+    test_cases = load_cases(cfg.data, records, splits.test, cfg.loader)
     runs = []
     for r in range(cfg.train.repeats):
-        rdir = workdir if cfg.train.repeats == 1 else workdir / f"repeat_{r}"
+        rdir = run_dirs.repeat(r, cfg.train.repeats).root
         out = run_repeat(cfg, r, rdir, mesh, splits, val_cases, test_cases, records)
         if out is None:
             log.warning("preempted: rerun the same command to resume")
@@ -577,7 +589,7 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
         runs.append(out)
     summary = combine(cfg, runs)
     if pid == 0:
-        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1, default=_json_safe))
+        atomic_write_text(run_dirs.summary, json.dumps(summary, indent=1, default=_json_safe))
     log.info("summary: %s", ", ".join(f"{k}={summary[k]:.4f}" if isinstance(summary.get(k), float)
                                       else f"{k}={summary.get(k)}" for k in METRICS[:6]))
     return 0

@@ -5,12 +5,15 @@
     lnfm predict --model EXPORT_DIR --input FOLDER --output OUT_FOLDER [...]
 
 SCAN is NIfTI, NRRD or a DICOM series folder; a model with two channels takes
-`--input ct.nii.gz,pet.nii.gz`. The pipeline is the one training used, read from
-model.json: RAS reorientation, resampling to the model spacing (linear) and body
-crop (`lnfm.data.prepare.preprocess_volume`), CT rounded to int16 as the store
-holds it, `lnfm.data.loader.normalize`, Gaussian sliding-window inference, argmax,
-then post-processing on the model grid (prediction kept inside the body, components
-under `min_volume_mm3` removed). The label map goes back to the scan's grid by
+`--input ct.nii.gz,pet.nii.gz`; a PET on a coarser grid is resampled onto the CT's
+as prepare does. The pipeline is the one training used, read from model.json's
+preprocessing contract and applied by prepare's own code
+(`lnfm.data.prepare.read_channels` and `preprocess_case`: RAS reorientation,
+resampling to the training spacing, body crop, CT as stored), then
+`lnfm.data.loader.normalize` with the training normalisation and the finetuning
+job's inference path (`lnfm.eval.predictor`: Gaussian sliding window, argmax,
+prediction kept inside the body, components under `min_volume_mm3` removed).
+The label map goes back to the scan's grid by
 nearest-neighbour sampling (`restore_to_source`, order 0): each scan voxel takes the
 label of the model voxel it falls in, which is the mapping evaluation uses, so the
 mask equals the finetuning job's own prediction mapped to the source grid. The
@@ -47,15 +50,15 @@ import numpy as np
 
 from lnfm.data.geometry import restore_to_source, spacing_of
 from lnfm.data.loader import LoaderConfig, normalize
-from lnfm.data.prepare import preprocess_volume
+from lnfm.data.prepare import CaseError, preprocess_case, read_channels
 from lnfm.eval import backends
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
 from lnfm.errors import LnfmError
-from lnfm.eval.inference import sliding_window_inference
-from lnfm.eval.postprocess import PostprocessConfig, postprocess
+from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
-from lnfm.io import ImageReadError, Volume, is_dicom_path, read_image, write_nifti
-from lnfm.jobs.export import ExportError, load_export, read_meta, verify_export
+from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta
+from lnfm.io import Volume, is_dicom_path, write_nifti
+from lnfm.jobs.export import load_export, verify_export
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
 from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
@@ -64,7 +67,6 @@ from lnfm.workdir import atomic_write_text, progress, setup_logging
 
 log = logging.getLogger("lnfm.predict")
 
-GRID_TOL_MM = 1e-3  # channel grids agree when their affines differ by less than this
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 
@@ -106,66 +108,46 @@ class Prediction:
 
 
 def load_predictor(export_dir: str | Path, backend: str = "auto"
-                   ) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+                   ) -> tuple[Callable[[np.ndarray], np.ndarray], ExportMeta]:
     """(fn, model.json): fn maps normalised patches (B, *patch, C) to probabilities (B, *patch, K),
     on the backend `lnfm.eval.backends` resolves `backend` to. Checksums are verified first."""
 
     meta = read_meta(export_dir)
-    if meta.get("kind") != "segmenter":
+    if meta.kind != "segmenter":
         raise ExportError(f"{export_dir}: an encoder-only export cannot segment (export a finetuning workdir)")
-    if meta["format"] not in ("orbax", "safetensors", "stablehlo", "onnx"):
-        raise ExportError(f"{export_dir}: a {meta['format']} export holds no segmentation head (use orbax, "
+    if meta.format not in ("orbax", "safetensors", "stablehlo", "onnx"):
+        raise ExportError(f"{export_dir}: a {meta.format} export holds no segmentation head (use orbax, "
                           f"safetensors, stablehlo or onnx)")
     verify_export(export_dir)
-    files = meta.get("files") or {}
-    name = backends.choose_backend(backend, export_dir, meta["format"], "onnx" in files)
+    name = backends.choose_backend(backend, export_dir, meta.format, "onnx" in meta.files)
     if name == "onnxruntime":
-        fn = backends.onnx_network(Path(export_dir) / files["onnx"])
-    elif meta["format"] == "stablehlo":
+        fn = backends.onnx_network(Path(export_dir) / meta.files["onnx"])
+    elif meta.format == "stablehlo":
         fn = backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
     else:
         fn = backends.jax_network(load_export(export_dir, verify=False).model)
-    log.info("model %s-%s (%s export) on %s", meta["model"].get("arch"), meta["model"].get("size"), meta["format"],
-             name)
+    log.info("model %s-%s (%s export) on %s", meta.model.arch, meta.model.size, meta.format, name)
     return fn, meta
 
 
 # ----------------------------------------------------------------------------- input
 
 
-def _read_channel(path: str, series: str | None = None) -> Volume:
-    try:
-        vol = read_image(path, series)
-    except ImageReadError as e:
-        raise PredictError(str(e).splitlines()[0]) from None
-    data = vol.data
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim not in (3, 4) or min(data.shape[:3]) < 1:
-        raise PredictError(f"{path}: image has shape {tuple(vol.data.shape)}; expected a 3D volume")
-    if data.dtype.kind not in "biuf":
-        raise PredictError(f"{path}: unsupported voxel type {data.dtype}")
-    return Volume(data, vol.affine)
-
-
-def read_scan(paths: list[str], meta: dict, series: str | None = None) -> Volume:
-    """Channels stacked (X, Y, Z, C) float32 on the first file's grid, checked for the model
-    (the checks prepare applies, `lnfm.data.scan_checks`). `series` picks a DICOM series."""
-    channels = meta["preprocessing"]["channels"]
-    vols = [_read_channel(p, series) for p in paths]
-    first, name = vols[0], paths[0]
-    for vol, path in zip(vols[1:], paths[1:]):
-        if vol.shape3 != first.shape3 or not np.allclose(vol.affine, first.affine, atol=GRID_TOL_MM):
-            raise PredictError(f"{path}: grid {vol.shape3} differs from {name}'s {first.shape3} (shape or affine); "
-                               f"channels must share one grid")
-    data = np.concatenate([v.data[..., None] if v.data.ndim == 3 else v.data for v in vols], axis=-1)
-    if data.shape[-1] != len(channels):
+def read_scan(paths: list[str], meta: ExportMeta, series: str | None = None) -> Volume:
+    """Channels stacked (X, Y, Z, C) float32 on the first file's grid, read as prepare reads them
+    (a coarser PET is resampled onto the CT grid) and checked with prepare's checks
+    (`lnfm.data.scan_checks`). `series` picks a DICOM series."""
+    channels = meta.channels
+    name = paths[0]
+    if len(paths) != len(channels):
         hint = ",".join(f"{c.lower()}.nii.gz" for c in channels)
         raise PredictError(f"{name}: the model expects {len(channels)} channel(s) ({', '.join(channels)}) but got "
-                           f"{data.shape[-1]}; pass them as --input {hint}")
-    data = data.astype(np.float32)
-    if not np.all(np.isfinite(data)):
-        raise PredictError(f"{name}: image has NaN or Inf voxels")
+                           f"{len(paths)}; pass them as --input {hint}")
+    try:
+        first = read_channels(list(paths), meta.preprocessing.contract.resample_channels, series)
+    except CaseError as e:
+        raise PredictError(str(e).splitlines()[0]) from None
+    data = first.data
     for c, ch in enumerate(channels):
         src = paths[c] if len(paths) == len(channels) else name
         lo, hi = float(data[..., c].min()), float(data[..., c].max())
@@ -175,7 +157,7 @@ def read_scan(paths: list[str], meta: dict, series: str | None = None) -> Volume
             if c == 0:
                 check_source_spacing(spacing_of(first.affine), name)
             if ch.upper() == "CT":
-                check_ct(data[..., c], src, float(meta["preprocessing"]["body_threshold_hu"]))
+                check_ct(data[..., c], src, meta.preprocessing.contract.body_threshold_hu)
         except ScanError as e:
             raise PredictError(str(e)) from None
     return Volume(data, first.affine)
@@ -184,36 +166,30 @@ def read_scan(paths: list[str], meta: dict, series: str | None = None) -> Volume
 # ----------------------------------------------------------------------------- pipeline
 
 
-def predict_volume(predictor: Callable, meta: dict, vol: Volume, options: PredictOptions | None = None
+def make_predictor(probabilities: Callable, meta: ExportMeta, options: PredictOptions | None = None) -> Predictor:
+    """The finetuning job's inference path with model.json's settings (and any options)."""
+    options = options or PredictOptions()
+    inf, post = meta.inference, meta.postprocess
+    inf = dataclasses.replace(inf, **{k: v for k, v in (("overlap", options.overlap), ("tta_flips", options.tta),
+                                                        ("sw_batch_size", options.sw_batch_size)) if v is not None})
+    if options.min_volume_mm3 is not None:
+        post = dataclasses.replace(post, min_volume_mm3=float(options.min_volume_mm3))
+    return Predictor(probabilities, tuple(meta.preprocessing.patch_size), int(meta.num_classes), inf, post)
+
+
+def predict_volume(probabilities: Callable, meta: ExportMeta, vol: Volume, options: PredictOptions | None = None
                    ) -> Prediction:
     """The whole pipeline (see the module docstring) for one checked scan."""
-    options = options or PredictOptions()
-    pre, inf, post = meta["preprocessing"], meta["inference"], meta["postprocess"]
-    channels = pre["channels"]
-    data, _, geometry = preprocess_volume(vol, tuple(pre["spacing_mm"]), crop_body=pre["crop_body"],
-                                          body_threshold_hu=pre["body_threshold_hu"])
-    data = np.array(data, np.float32)
-    for c, name in enumerate(channels):  # the store holds CT as int16 HU: the model saw rounded values
-        if name.upper() == "CT":
-            data[..., c] = np.clip(np.round(data[..., c]), -32768, 32767)
-    image = normalize(data, LoaderConfig(hu_window=tuple(pre["hu_window"]), pet_scale=pre["pet_scale"]), channels)
-    num_classes = int(meta["num_classes"])
-    probs = sliding_window_inference(
-        predictor, image, tuple(pre["patch_size"]),
-        overlap=inf["overlap"] if options.overlap is None else options.overlap,
-        mode=inf.get("mode", "gaussian"), sigma_scale=inf.get("sigma_scale", 0.125),
-        sw_batch_size=inf["sw_batch_size"] if options.sw_batch_size is None else options.sw_batch_size,
-        tta_flips=inf.get("tta_flips", False) if options.tta is None else options.tta,
-        num_classes=num_classes)
-    labels = np.argmax(probs, axis=-1).astype(np.uint8)
-    min_volume = post["min_volume_mm3"] if options.min_volume_mm3 is None else options.min_volume_mm3
-    ct = channels.index("CT") if "CT" in channels else None
-    keep = postprocess(labels > 0, geometry["spacing"],
-                       PostprocessConfig(min_volume_mm3=float(min_volume), body_threshold_hu=post["body_threshold_hu"]),
-                       hu=data[..., ct] if ct is not None else None)
-    labels = labels * keep.astype(np.uint8)
-    fg = probs[..., 1:] if num_classes > 2 else probs[..., 1]
-    labels_src = restore_to_source(labels, geometry, order=0)
+    pre = meta.preprocessing
+    data, _, geometry = preprocess_case(vol, pre.contract)
+    norm = LoaderConfig(hu_window=pre.normalization.hu_window, pet_scale=pre.normalization.pet_scale)
+    image = normalize(data, norm, list(meta.channels))
+    names = [c.upper() for c in meta.channels]
+    hu = data[..., names.index("CT")] if "CT" in names else None
+    seg = make_predictor(probabilities, meta, options)(image, geometry["spacing"], hu)
+    probs = seg.probabilities
+    fg = probs[..., 1:] if probs.shape[-1] > 2 else probs[..., 1]
+    labels_src = restore_to_source(seg.labels, geometry, order=0)
     return Prediction(labels_src.astype(np.uint8), np.asarray(vol.affine), vol.data[..., 0], fg, geometry)
 
 
@@ -222,7 +198,7 @@ def _temp(path: Path) -> Path:
     return path.with_name(f".{path.name[:-len(suffix)] if suffix else path.name}.part{os.getpid()}{suffix}")
 
 
-def write_outputs(pred: Prediction, meta: dict, output: Path | None, probabilities: Path | None = None,
+def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, probabilities: Path | None = None,
                   report: Path | None = None, overlay: Path | None = None, title: str = "",
                   dicom: tuple | None = None) -> None:
     """Write every requested output under a temporary name, then rename them all. `output` is the
@@ -243,13 +219,13 @@ def write_outputs(pred: Prediction, meta: dict, output: Path | None, probabiliti
             write_nifti(pending[-1][0], pred.probability, pred.affine)
         if report is not None:
             prob = pred.probability if pred.probability.ndim == 3 else pred.probability.max(axis=-1)
-            rows = node_table(pred.labels, pred.affine, pred.hu, prob, meta.get("labels"))
+            rows = node_table(pred.labels, pred.affine, pred.hu, prob, meta.labels)
             pending.append((_temp(report), report))
             atomic_write_text(pending[-1][0], report_csv(rows))
         if overlay is not None:
             pending.append((_temp(overlay), overlay))
             write_overlay(pending[-1][0], pred.hu, pred.labels, pred.affine,
-                          tuple(meta["preprocessing"]["hu_window"]), title)
+                          tuple(meta.preprocessing.normalization.hu_window), title)
     except BaseException as e:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
@@ -285,7 +261,7 @@ def check_case_paths(paths: dict[str, Path], probabilities, report, overlay, inp
     check_apart(outputs, {"--input": inputs, "--model": model})
 
 
-def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str | Path,
+def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], output: str | Path,
                  probabilities: str | Path | None = None, report: str | Path | None = None,
                  overlay: str | Path | None = None, options: PredictOptions | None = None,
                  vol: Volume | None = None, formats: OutputFormats | None = None, series=None,
@@ -301,7 +277,7 @@ def predict_case(predictor: Callable, meta: dict, inputs: list[str], output: str
     series = source_series(list(inputs), formats, series_uid) if series is None else series
     vol = read_scan(list(inputs), meta, series_uid) if vol is None else vol
     pred = predict_volume(predictor, meta, vol, options)
-    site = (meta.get("site") or {}).get("name")
+    site = meta.site.name if meta.site else None
     write_outputs(pred, meta, paths.pop("nifti", None), Path(probabilities) if probabilities else None,
                   Path(report) if report else None, Path(overlay) if overlay else None,
                   title=f"lnfm predict: {site} model" if site else "lnfm predict",
@@ -360,14 +336,14 @@ def is_batch_input(path: Path) -> bool:
     return not any(p.is_file() and is_dicom_path(p) for p in path.iterdir())
 
 
-def predict_folder(predictor: Callable, meta: dict, folder: str | Path, out: str | Path,
+def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, out: str | Path,
                    probabilities: str | Path | None = None, report: str | Path | None = None,
                    overlay: str | Path | None = None, options: PredictOptions | None = None,
                    show_progress: bool = True, formats: OutputFormats | None = None) -> dict[str, str]:
     """Segment every case of `folder`; returns {case: error} for the cases that failed."""
     folder, out = Path(folder), Path(out)
     check_batch_paths(folder, out, probabilities, report, overlay)
-    cases = find_cases(folder, len(meta["preprocessing"]["channels"]))
+    cases = find_cases(folder, len(meta.channels))
     if not cases:
         raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
     failed = {}

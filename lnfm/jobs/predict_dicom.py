@@ -17,6 +17,7 @@ import numpy as np
 
 from lnfm import __version__
 from lnfm.errors import LnfmError
+from lnfm.jobs.export_meta import ExportMeta
 from lnfm.io import is_dicom_path
 from lnfm.io.dicom_seg import write_dicom_seg
 from lnfm.io.dicom_source import Provenance, SourceSeries, read_source_series
@@ -95,20 +96,18 @@ def source_series(inputs: list[str], formats: OutputFormats, series_uid: str | N
     return read_source_series(inputs[0], series_uid)
 
 
-def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: dict, series: SourceSeries,
+def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: ExportMeta, series: SourceSeries,
                         paths: dict[str, Path], formats: OutputFormats, temp: Callable[[Path], Path],
                         pending: list[tuple[Path, Path]]) -> None:
     """Write the requested DICOM outputs under temporary names, appending (temporary, final) to `pending`."""
 
     if not formats.export_sha256:  # a caller's bug: the outputs must identify the model
         raise RuntimeError("OutputFormats.export_sha256 is empty; set it to export_digest(export_dir)")
-    model = meta.get("model", {})
-    provenance = Provenance(__version__, formats.export_sha256,
-                            f"LNFM {model.get('arch', '')}-{model.get('size', '')}".strip("- "))
-    site = str((meta.get("site") or {}).get("name") or "ln")
+    provenance = Provenance(__version__, formats.export_sha256, f"LNFM {meta.model.arch}-{meta.model.size}")
+    site = (meta.site.name if meta.site else "") or "ln"
     if "dicom-seg" in paths:
         pending.append((temp(paths["dicom-seg"]), paths["dicom-seg"]))
-        write_dicom_seg(pending[-1][0], series, labels, affine, list(meta.get("labels") or ["background", "node"]),
+        write_dicom_seg(pending[-1][0], series, labels, affine, list(meta.labels or ["background", "node"]),
                         site, provenance, per_node=formats.seg_per_node, compression=formats.seg_compression)
     if "rtstruct" in paths:
         ds = build_rtstruct(series, labels, affine, site, provenance, all_nodes=formats.rtstruct_all_nodes)

@@ -23,9 +23,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, load_config, to_dict
+from lnfm.data.contract import Normalization, Preprocessing, common_contract, write_preprocessing
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import check_stores
 from lnfm.models import ModelConfig, build_ssl_model
+from lnfm.runs import PretrainRun
 from lnfm.models.mae import patchify, reconstruct, unpatchify
 from lnfm.models.sharding import (MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model, make_mesh)
 from lnfm.train.checkpoint import CheckpointConfig, has_checkpoints
@@ -161,6 +163,12 @@ def step_flops(cfg: PretrainConfig, graphdef: Any, state: dict) -> float | None:
                                      abstract["rng"]))
 
 
+def pretrain_preprocessing(cfg: PretrainConfig, stores: list[str]) -> Preprocessing:
+    """What finetuning and export repeat: the stores' one contract and the intensity normalisation."""
+    return Preprocessing(common_contract(stores), Normalization(cfg.data.hu_window, cfg.data.pet_scale),
+                         cfg.model.img_size)
+
+
 def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None = None) -> int:
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
     check_apart({"--workdir": workdir}, {"--data": stores})
@@ -172,6 +180,7 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
 def _run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None) -> int:
     workdir = Path(workdir)
     counts = check_stores(stores, cfg.data.split, cfg.data.spacing)  # before anything compiles
+    prep = pretrain_preprocessing(cfg, stores)
     weights = list(cfg.data.weights) or None
     if weights is not None and len(weights) != len(stores):
         raise ConfigError(f"data.weights has {len(weights)} values for {len(stores)} datasets")
@@ -182,6 +191,8 @@ def _run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_st
     check_batch(tc.global_batch, tc.accum_steps, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
 
     writer = open_workdir(workdir, cfg, is_main=pid == 0)
+    if pid == 0:
+        write_preprocessing(PretrainRun(workdir).preprocessing, prep)
     log.info("datasets: %s (%s cases; weights %s)", ", ".join(stores), counts, weights or "by case count")
     log.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), jax.device_count(),
              jax.devices()[0].device_kind, nproc)

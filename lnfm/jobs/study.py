@@ -33,6 +33,7 @@ from lnfm.data.benchmark import build as build_data
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.errors import LnfmError
 from lnfm.jobs.pretrain import PretrainConfig
+from lnfm.runs import FinetuneRun
 from lnfm.workdir import atomic_write_text, open_workdir, progress
 
 log = logging.getLogger("lnfm.study")
@@ -131,7 +132,8 @@ def scratch_model_overrides(cfg: StudyConfig) -> list[str]:
 
 def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, env: dict) -> dict:
     out = cell_dir(workdir, c)
-    if not (out / "summary.json").is_file():
+    summary = FinetuneRun(out).summary
+    if not summary.is_file():
         init = str(pre) if c["init"] == "pretrained" else "scratch"
         cmd = [sys.executable, "-m", "lnfm", "finetune", "--site", cfg.site, "--data", str(store), "--init", init,
                "--workdir", str(out), "--num-labeled", str(c["num_labeled"]), "--repeats", str(cfg.repeats)]
@@ -142,7 +144,7 @@ def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, e
             cmd += scratch_model_overrides(cfg)
         out.mkdir(parents=True, exist_ok=True)
         _run(cmd, env, out / "stdout.log")
-    return json.loads((out / "summary.json").read_text())
+    return json.loads(summary.read_text())
 
 
 def rows_of(c: dict, summary: dict) -> list[dict]:

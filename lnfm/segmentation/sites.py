@@ -8,11 +8,8 @@ The `site` section is described by `SiteConfig`.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 from lnfm.config import CONFIG_DIR
-
-log = logging.getLogger("lnfm.finetune")
 
 SITES = ("head_neck", "axilla", "mediastinum", "abdomen", "pelvis")
 
@@ -32,21 +29,3 @@ class SiteConfig:
 def site_names() -> list[str]:
     """Packaged site presets."""
     return sorted(p.stem for p in (CONFIG_DIR / "sites").glob("*.yaml"))
-
-
-def check_spacing(site: SiteConfig, records: list[dict], tol: float = 0.05) -> list[str]:
-    """Case ids whose stored spacing differs from the preset's (each logged once as a warning)."""
-    off = []
-    for r in records:
-        spacing = r.get("spacing")
-        if spacing is None:
-            continue
-        if any(abs(float(a) - float(b)) > tol * float(b) for a, b in zip(spacing, site.spacing)):
-            off.append(r["case_id"])
-    if off:
-        first = next(r for r in records if r["case_id"] == off[0])
-        log.warning("%d case(s) are stored at a spacing other than the %s preset's %s mm (e.g. %s: %s); "
-                    "prepare the store with --spacing %s for the intended resolution",
-                    len(off), site.name, list(site.spacing), off[0], first.get("spacing"),
-                    ",".join(f"{s:g}" for s in site.spacing))
-    return off

@@ -14,14 +14,13 @@ import numpy as np
 
 from lnfm.config import ConfigError
 from lnfm.models.sharding import use_rules
+from lnfm.runs import CHECKPOINTS
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
 from lnfm.train.loop import Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
 from lnfm.workdir import MetricsWriter
 
 log = logging.getLogger("lnfm.train")
-
-CHECKPOINTS = "checkpoints"
 
 
 def check_batch(global_batch: int, accum_steps: int, nproc: int, batch_shards: int) -> None:

@@ -32,7 +32,7 @@ def make_store(root: Path) -> tuple[Path, str]:
 
 
 def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
-    """config.yaml + best/ + best.json laid out exactly as `lnfm.jobs.finetune.run_repeat` writes them,
+    """config.yaml + preprocessing.json + best/ + best.json laid out as the finetuning job writes them,
     holding a segmenter with random (numpy-drawn: nothing compiles) weights. `bias` is added to
     the foreground logits so the untrained head marks a minority of voxels.
     Returns (workdir, model, cfg)."""
@@ -43,6 +43,10 @@ def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
     from flax import nnx
 
     from lnfm.config import dump_yaml, to_dict
+    from lnfm.data.contract import Normalization, write_preprocessing
+    from lnfm.data.store import read_manifest
+    from lnfm.runs import FinetuneRun
+    from lnfm.jobs.preprocessing import training_preprocessing
     from lnfm.jobs.finetune import load_finetune_config
     from lnfm.models.segmenter import build_segmenter
     from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
@@ -69,6 +73,9 @@ def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
     workdir = root / "finetune"
     workdir.mkdir(parents=True)
     (workdir / "config.yaml").write_text(dump_yaml(cfg))
+    records = [(store, r) for r in read_manifest(store)]
+    write_preprocessing(FinetuneRun(workdir).preprocessing, training_preprocessing(
+        [store], records, cfg.site.spacing, Normalization(cfg.loader.hu_window, cfg.loader.pet_scale), cfg.site.patch))
     ckpt = Checkpointer(workdir / "best", CheckpointConfig(keep=1, async_save=False))
     ckpt.save(2, {"model": nnx.to_pure_dict(nnx.state(model))}, config=to_dict(cfg))
     ckpt.close()

@@ -46,10 +46,15 @@ def test_orbax_export_rebuilds_the_model_and_describes_it(tiny):  # noqa: F811
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
     meta = json.loads((tiny.orbax / "model.json").read_text())
     assert meta["format"] == "orbax" and meta["kind"] == "segmenter"
-    assert meta["preprocessing"]["spacing_mm"] == [6.0, 6.0, 6.0]
-    assert meta["preprocessing"]["hu_window"] == [-160.0, 240.0]
+    # What the store and the run recorded, not defaults: the store was prepared at 6 mm without a preset.
+    contract = json.loads((Path(tiny.store) / "contract.json").read_text())
+    assert meta["preprocessing"]["contract"] == {**contract, "spacing": [6.0, 6.0, 6.0]}
+    assert meta["preprocessing"]["normalization"] == {"hu_window": [-160.0, 240.0], "pet_scale": 10.0}
     assert meta["preprocessing"]["patch_size"] == [32, 32, 32]
-    assert meta["preprocessing"]["channels"] == ["CT"] and meta["preprocessing"]["orientation"] == "RAS"
+    assert meta["preprocessing"]["contract"]["channels"] == ["CT"]
+    assert meta["postprocess"] == {"min_volume_mm3": 10.0, "body_threshold_hu": -500.0, "min_short_axis_mm": 0.0,
+                                   "max_elongation": 0.0}
+    assert meta["inference"]["roi"] == [32, 32, 32] and meta["schema_version"] == 2
     assert meta["labels"] == ["background", "lymph_node"] and meta["site"]["name"] == "pelvis"
     assert meta["model"]["width"] == 32 and meta["model"]["depth"] == 2
     assert meta["training_data"]["cases"] == 2 and meta["training_data"]["sites"] == ["pelvis"]
@@ -173,7 +178,7 @@ def test_stablehlo_runs_in_a_fresh_process_without_lnfm_models(tiny, exports, tm
     np.testing.assert_allclose(y, ref, atol=1e-5)
     np.testing.assert_allclose(y.sum(-1), 1.0, atol=1e-5)
     meta = ex.read_meta(exports["stablehlo"])
-    assert meta["stablehlo"]["input_shape"] == ["B", 32, 32, 32, 1]
+    assert meta.stablehlo["input_shape"] == ["B", 32, 32, 32, 1]
     with pytest.raises(ex.ExportError, match="compiled function"):
         ex.load_export(exports["stablehlo"])
 
@@ -198,13 +203,41 @@ def test_monai_export_loads_into_a_monai_vit(tiny, exports):  # noqa: F811
     np.testing.assert_allclose(fmt.flat_params(enc)["blocks.1.mlp.fc1.kernel"], ours, atol=0)
 
 
-def test_monai_needs_a_vit_and_stablehlo_needs_a_head(tmp_path):
-    swin = ex._Source("segmenter", {}, {"model": {"arch": "swin"}, "preprocessing": {}})
+def test_monai_needs_a_vit_and_stablehlo_needs_a_head(tiny, tmp_path):  # noqa: F811
+    import dataclasses
+
+    from lnfm.models import ModelConfig
+
+    prep = ex.read_meta(tiny.orbax).preprocessing
+    swin = ex._Source("segmenter", {}, ModelConfig(arch="swin"), prep, {})
     with pytest.raises(ex.ExportError, match="MONAI ViT.*'swin'"):
         ex._write(swin, tmp_path, "monai")
-    enc = ex._Source("encoder", {}, {"model": {"arch": "vit"}, "preprocessing": {}})
+    enc = dataclasses.replace(swin, kind="encoder", model=ModelConfig(arch="vit"))
     with pytest.raises(ex.ExportError, match="stablehlo.*encoder"):
         ex._write(enc, tmp_path, "stablehlo")
+
+
+def test_model_json_is_validated_and_a_run_without_preprocessing_is_refused(tiny, tmp_path):  # noqa: F811
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny.orbax, bad)
+    meta = json.loads((bad / "model.json").read_text())
+    del meta["preprocessing"]["normalization"]
+    (bad / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ex.ExportError, match=r"model.json: missing config key 'preprocessing.normalization'"):
+        ex.read_meta(bad)
+    meta["schema_version"] = 1
+    (bad / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ex.ExportError, match="schema_version 1 is not 2"):
+        ex.read_meta(bad)
+    # A finetuning run from before the contract: its spacing and window are unknown, so no export.
+    old = tmp_path / "old_run"
+    shutil.copytree(tiny.workdir, old)
+    (old / "preprocessing.json").unlink()
+    with pytest.raises(ex.ExportError, match="records no preprocessing"):
+        ex.export_model(old, tmp_path / "out", "orbax")
+    assert not (tmp_path / "out").exists()
 
 
 def test_pretraining_workdir_gives_an_encoder_export_finetuning_accepts(tiny, tmp_path):  # noqa: F811
@@ -213,7 +246,8 @@ def test_pretraining_workdir_gives_an_encoder_export_finetuning_accepts(tiny, tm
     from lnfm.config import dump_yaml
     from lnfm.jobs.finetune import resolve_init
     from lnfm.models.segmenter import load_encoder_state
-    from lnfm.jobs.pretrain import PretrainConfig
+    from lnfm.data.contract import write_preprocessing
+    from lnfm.jobs.pretrain import PretrainConfig, pretrain_preprocessing
     from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
 
     # The pretraining job saves the nnx.State of the SSL model: the encoder lives at params/encoder.
@@ -222,7 +256,9 @@ def test_pretraining_workdir_gives_an_encoder_export_finetuning_accepts(tiny, tm
     for name, tree in (("plain", nnx.to_pure_dict(enc_state)), ("pretrain", nnx.State({"encoder": enc_state}))):
         pre = tmp_path / name
         pre.mkdir()
-        (pre / "config.yaml").write_text(dump_yaml(PretrainConfig(model=tiny.cfg.model)))
+        pcfg = PretrainConfig(model=tiny.cfg.model)
+        (pre / "config.yaml").write_text(dump_yaml(pcfg))
+        write_preprocessing(pre / "preprocessing.json", pretrain_preprocessing(pcfg, [tiny.store]))
         ckpt = Checkpointer(pre / "checkpoints", CheckpointConfig(keep=1, async_save=False))
         ckpt.save(5, {"params": {"encoder": tree} if name == "plain" else tree})
         ckpt.close()
@@ -230,7 +266,7 @@ def test_pretraining_workdir_gives_an_encoder_export_finetuning_accepts(tiny, tm
         got = fmt.flat_params(ex.load_export(out).encoder)
         assert all(np.array_equal(got[k], v) for k, v in fmt.flat_params(tiny.model.encoder).items()), name
     meta = ex.read_meta(out)
-    assert meta["kind"] == "encoder" and meta["labels"] is None
+    assert meta.kind == "encoder" and meta.labels is None
     loaded = ex.load_export(out)
     assert loaded.model is None
     ref = fmt.flat_params(tiny.model.encoder)
@@ -277,7 +313,7 @@ def test_force_replaces_only_an_intact_export_and_never_the_source(tiny, tmp_pat
     (notes / "paper.txt").write_text("unsaved work")
     edited = ex.export_model(work, tmp_path / "edited", "safetensors")
     meta = json.loads((edited / "model.json").read_text())
-    (edited / "model.json").write_text(json.dumps({**meta, "site": {"name": "other"}}))
+    (edited / "model.json").write_text(json.dumps({**meta, "site": {**meta["site"], "name": "other"}}))
     cases = {
         "source": (work, "--out is --checkpoint"),
         "parent": (work.parent, "--out contains --checkpoint"),

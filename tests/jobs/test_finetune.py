@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from lnfm.config import ConfigError
+from lnfm.data.contract import ContractError
 from lnfm.cli import run_job
 from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, make_splits, resolve_init,
                                 run)
@@ -69,14 +70,31 @@ def test_quick_and_overrides_and_unknown_keys():
 def test_init_takes_the_model_from_the_checkpoint_config(tmp_path):
     pre = tmp_path / "pre"
     (pre / "checkpoints").mkdir(parents=True)
-    (pre / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "vit", "size": "tiny", "width": 48,
-                                                                "patch_size": [4, 4, 4], "img_size": [24, 24, 24]}}))
+    model = {"arch": "vit", "size": "tiny", "width": 48, "patch_size": [4, 4, 4], "img_size": [24, 24, 24]}
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    with pytest.raises(ContractError, match="records no intensity normalisation"):
+        load_finetune_config("pelvis", init=str(pre))
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-900, 900],
+                                                                              "pet_scale": 5.0}}))
     for init in (str(pre), str(pre / "checkpoints")):
         kind, path, _ = resolve_init(init)
         assert kind == "pretrain" and path == pre
         cfg = load_finetune_config("pelvis", ["model.remat=full"], init=init, quick=True)
         # The checkpoint's architecture wins over the quick preset; model.* overrides still apply.
         assert cfg.model.width == 48 and cfg.model.patch_size == (4, 4, 4) and cfg.model.remat == "full"
+        # Intensities as the encoder was pretrained, not the site preset's window ...
+        assert cfg.loader.hu_window == (-900.0, 900.0) and cfg.loader.pet_scale == 5.0
+    # ... unless the run says otherwise, and a run from scratch uses the site window.
+    site = load_finetune_config("pelvis", ["normalization=site"], init=str(pre))
+    assert site.loader.hu_window == site.site.window == (-160.0, 240.0)
+    assert load_finetune_config("pelvis").loader.hu_window == (-160.0, 240.0)
+    # A run that records its preprocessing is read from that record.
+    from lnfm.data.contract import Normalization, Preprocessing, PrepareContract, write_preprocessing
+
+    contract = PrepareContract(1, None, "RAS", True, -500.0, ("CT",), "int16", {}, True)
+    write_preprocessing(pre / "preprocessing.json", Preprocessing(contract, Normalization((-1000.0, 1000.0), 10.0),
+                                                                  (24, 24, 24)))
+    assert load_finetune_config("pelvis", init=str(pre)).loader.hu_window == (-1000.0, 1000.0)
     assert resolve_init("scratch")[0] == "scratch"
     with pytest.raises(ConfigError, match="neither a pretraining workdir"):
         resolve_init(str(tmp_path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -36,12 +37,11 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_cli_in_a_fresh_process_equals_the_finetuning_inference(tiny, tmp_path):  # noqa: F811
-    from lnfm.data.geometry import restore_to_source
-    from lnfm.data.loader import LoaderConfig
-    from lnfm.data.store import read_case
-    from lnfm.eval.postprocess import PostprocessConfig, postprocess
-    from lnfm.jobs.finetune import _predict_fn, load_cases, segment
     from flax import nnx
+
+    from lnfm.data.geometry import restore_to_source
+    from lnfm.eval.predictor import softmax_fn
+    from lnfm.jobs.finetune import load_cases, make_predictor
 
     rec = next(r for r in tiny.records if r["split"] == "test")
     scan = tiny.raw / "imagesTr" / f"{rec['case_id']}_0000.nii.gz"
@@ -55,13 +55,10 @@ def test_cli_in_a_fresh_process_equals_the_finetuning_inference(tiny, tmp_path):
 
     # The finetuning job's own validation/test inference on the stored case, then mapped to the scan grid.
     cfg = tiny.cfg
-    loader_cfg = LoaderConfig(hu_window=cfg.site.window)
-    case = load_cases([tiny.store], {rec["case_id"]: (tiny.store, rec)}, [rec["case_id"]], loader_cfg)[0]
+    case = load_cases([tiny.store], {rec["case_id"]: (tiny.store, rec)}, [rec["case_id"]], cfg.loader)[0]
     graphdef, state = nnx.split(tiny.model)
-    label = segment(_predict_fn(graphdef), (state,), case, cfg, len(cfg.site.labels))
-    hu = read_case(tiny.store, rec)[0][..., 0]  # the stored HU (the model saw it windowed)
-    keep = postprocess(label > 0, rec["spacing"], PostprocessConfig(min_volume_mm3=10.0), hu=hu)
-    expected = restore_to_source(label * keep, rec, order=0)
+    label = make_predictor(cfg, softmax_fn(graphdef), (state,))(case.image, case.spacing, case.hu).labels
+    expected = restore_to_source(label, rec, order=0)
 
     img = nib.load(out / "mask.nii.gz")
     src = nib.load(scan)
@@ -178,16 +175,40 @@ def test_bad_input_exit_code_from_the_console_command(tiny, tmp_path):  # noqa: 
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def _two_channel(meta, resample: bool = True):
+    contract = dataclasses.replace(meta.preprocessing.contract, channels=("CT", "PET"), resample_channels=resample)
+    return dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, contract=contract))
+
+
 def test_a_two_channel_model_refuses_one_channel(tiny, tmp_path):  # noqa: F811
-    meta = pr.read_meta(tiny.orbax)
-    meta["preprocessing"]["channels"] = ["CT", "PET"]
+    meta = _two_channel(pr.read_meta(tiny.orbax))
     scan = tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz"
     with pytest.raises(pr.PredictError, match=r"expects 2 channel\(s\) \(CT, PET\) but got 1; pass them as "
                                               r"--input ct.nii.gz,pet.nii.gz"):
         pr.read_scan([str(scan)], meta)
     other = _write(tmp_path / "pet.nii.gz", np.ones((8, 8, 8), np.float32), np.eye(4))
-    with pytest.raises(pr.PredictError, match="pet.nii.gz: grid"):
-        pr.read_scan([str(scan), str(other)], meta)
+    with pytest.raises(pr.PredictError, match="pet.nii.gz: channel grid"):
+        pr.read_scan([str(scan), str(other)], _two_channel(meta, resample=False))
+
+
+def test_a_coarser_pet_is_resampled_onto_the_ct_grid_as_prepare_does(tiny, tmp_path):  # noqa: F811
+    """PET at 4 mm beside a 1 mm CT (real PET/CT): accepted, and the PET value at each CT voxel is
+    the trilinear interpolation of the PET grid there (computed here with scipy's map_coordinates)."""
+    ct_aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    ct_aff[:3, 3] = (-20.0, -20.0, -10.0)
+    pet_aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    pet_aff[:3, 3] = (-18.5, -18.5, -8.5)
+    ct = np.full((40, 40, 20), 40, np.int16)
+    ct[:, :, :2] = -1000
+    pet = np.random.default_rng(0).uniform(0.5, 8.0, (10, 10, 5)).astype(np.float32)
+    paths = [str(_write(tmp_path / "ct.nii.gz", ct, ct_aff)), str(_write(tmp_path / "pet.nii.gz", pet, pet_aff))]
+    vol = pr.read_scan(paths, _two_channel(pr.read_meta(tiny.orbax)))
+    assert vol.data.shape == (40, 40, 20, 2) and np.allclose(vol.affine, ct_aff)
+    # Inner CT voxels (the edge band is padded by prepare's edge rule): PET index = inv(pet) @ ct @ ijk.
+    ijk = np.stack(np.meshgrid(*[np.arange(4, s - 4) for s in (40, 40, 20)], indexing="ij"), 0).reshape(3, -1)
+    pet_ijk = (np.linalg.inv(pet_aff) @ ct_aff @ np.vstack([ijk, np.ones(ijk.shape[1])]))[:3]
+    ref = ndimage.map_coordinates(pet, pet_ijk, order=1)
+    np.testing.assert_allclose(vol.data[..., 1][tuple(ijk)], ref, rtol=1e-5)
 
 
 def test_batch_folder_segments_each_case_and_reports_failures(tiny, predictor, tmp_path):  # noqa: F811

@@ -1,0 +1,129 @@
+"""The preprocessing contract: what prepare did to every case of a store, recorded once.
+
+prepare resolves its settings into a `PrepareContract` and writes it to
+STORE/contract.json before the first case; a rerun into the same store must
+resolve to the same contract. Pretraining and finetuning read the contracts of
+their stores, add the intensity `Normalization` they trained with, and the
+export writes both into model.json, from which `lnfm predict` repeats the
+preprocessing through the same code (`lnfm.data.prepare.preprocess_case`).
+No field has a default: every value is the resolved one, never a guess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from lnfm.errors import LnfmError
+from lnfm.config import ConfigError, from_dict, to_dict
+from lnfm.data import store as st
+from lnfm.workdir import atomic_write_text
+
+CONTRACT = "contract.json"
+CONTRACT_VERSION = 1
+ORIENTATION = "RAS"  # prepare reorients every case to the closest RAS+ axis order
+CT_STORAGE = "int16"  # CT channels are rounded to whole HU and stored as int16
+
+
+class ContractError(LnfmError, ValueError):
+    """A store or run whose recorded preprocessing contract is missing, unreadable or conflicting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareContract:
+    """The resolved preprocessing of one store (STORE/contract.json)."""
+
+    version: int  # CONTRACT_VERSION of the writer
+    spacing: tuple[float, float, float] | None  # target voxel size (mm, X Y Z); null: each case kept its own
+    orientation: str  # array axis order of every case (ORIENTATION)
+    crop_body: bool  # cropped to the body bounding box (channel 0 above body_threshold_hu)
+    body_threshold_hu: float  # HU above which voxels count as body (crop and intensity statistics)
+    channels: tuple[str, ...]  # channel names in array order, e.g. ("CT",) or ("CT", "PET")
+    ct_storage: str  # voxel type of stored CT channels (CT_STORAGE)
+    label_map: dict[int, int]  # source label -> stored label applied to labels (empty: kept as read)
+    resample_channels: bool  # channels on another grid (PET) were resampled linearly onto channel 0's grid
+
+    def differences(self, other: PrepareContract) -> list[str]:
+        """'field: mine != theirs' for every field that differs."""
+        a, b = to_dict(self), to_dict(other)
+        return [f"{k}: {a[k]} != {b[k]}" for k in a if a[k] != b[k]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """How raw intensities become model input (`lnfm.data.loader.normalize`)."""
+
+    hu_window: tuple[float, float]  # CT HU (lo, hi) mapped linearly to [0, 1], clipped
+    pet_scale: float  # non-CT channels (PET SUV) are divided by this
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """What a scan goes through before the network: the stores' contract, the intensity
+    normalisation and the window the network sees. Runs record it (preprocessing.json) and
+    exports copy it into model.json."""
+
+    contract: PrepareContract  # spacing: the training spacing (null only for an encoder pretrained at native spacing)
+    normalization: Normalization
+    patch_size: tuple[int, int, int]  # training patch = sliding-window ROI (voxels, X Y Z)
+
+
+def read_preprocessing(path: Path) -> Preprocessing | None:
+    """A run's recorded preprocessing, or None when the run records none."""
+    if not path.is_file():
+        return None
+    try:
+        return from_dict(Preprocessing, json.loads(path.read_text()))
+    except (ValueError, ConfigError) as e:
+        raise ContractError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
+def write_preprocessing(path: Path, prep: Preprocessing) -> None:
+    atomic_write_text(path, json.dumps(to_dict(prep), indent=1) + "\n")
+
+
+def contract_from_dict(data: dict, where: str) -> PrepareContract:
+    try:
+        return from_dict(PrepareContract, data)
+    except ConfigError as e:
+        raise ContractError(f"{where}: {e}") from None
+
+
+def read_contract(store: str) -> PrepareContract | None:
+    """The store's recorded contract, or None for a store that has none."""
+    text = st.read_text(store, CONTRACT)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ContractError(f"{store}/{CONTRACT}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ContractError(f"{store}/{CONTRACT}: expected a JSON object")
+    return contract_from_dict(data, f"{store}/{CONTRACT}")
+
+
+def write_contract(store: str, contract: PrepareContract) -> None:
+    st.write_text(store, CONTRACT, json.dumps(to_dict(contract), indent=1) + "\n")
+
+
+def require_contract(store: str) -> PrepareContract:
+    """The contract of a store that training reads; a store without one is a one-line error."""
+    contract = read_contract(store)
+    if contract is None:
+        raise ContractError(f"{store}: the store records no preprocessing contract ({CONTRACT}); prepare it again "
+                            f"with data_prep/prepare.py")
+    return contract
+
+
+def common_contract(stores: list[str]) -> PrepareContract:
+    """The one contract shared by every store (label maps may differ); conflicting stores are an error."""
+    contracts = [require_contract(s) for s in stores]
+    first = contracts[0]
+    for store, c in zip(stores[1:], contracts[1:]):
+        diff = [d for d in first.differences(c) if not d.startswith("label_map")]
+        if diff:
+            raise ContractError(f"{store}: prepared differently from {stores[0]} ({'; '.join(diff)}); prepare "
+                                f"both with the same settings")
+    return first

@@ -1,0 +1,69 @@
+"""The one inference path: jitted softmax, sliding window, argmax and post-processing.
+
+Finetuning validates and tests with a `Predictor`, and `lnfm predict` segments new
+scans with one built from the export, so the metrics in summary.json are the
+metrics of the masks predict writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lnfm.eval.inference import InferenceConfig, sliding_window_inference
+from lnfm.eval.postprocess import PostprocessConfig, postprocess
+
+
+def softmax_fn(graphdef: nnx.GraphDef) -> Callable:
+    """jitted (states, x) -> class probabilities (B, *roi, K) float32; `states` are the
+    nnx.merge arguments after the graphdef (a train state's (params, frozen, rest), or one State)."""
+    @jax.jit
+    def probabilities(states, x):
+        out = nnx.merge(graphdef, *states)(x)
+        logits = out[0] if isinstance(out, tuple) else out  # deep supervision: the finest output
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    return probabilities
+
+
+@dataclasses.dataclass
+class Segmentation:
+    labels: np.ndarray  # (X, Y, Z) uint8 after post-processing
+    probabilities: np.ndarray  # (X, Y, Z, K) float32 class probabilities (before post-processing)
+
+
+@dataclasses.dataclass
+class Predictor:
+    """Segments a normalised volume on the model's grid."""
+
+    probabilities: Callable[[np.ndarray], np.ndarray]  # normalised windows (B, *roi, C) -> (B, *roi, K)
+    roi: tuple[int, int, int]  # window size in voxels
+    num_classes: int
+    inference: InferenceConfig  # overlap, blending, batch, flips (its roi is ignored: `roi` rules)
+    postprocess: PostprocessConfig  # body restriction and small-component removal
+
+    @classmethod
+    def from_states(cls, graphdef: nnx.GraphDef, states: tuple, **kwargs) -> Predictor:
+        fn = softmax_fn(graphdef)
+        return cls(lambda x: np.asarray(fn(states, x)), **kwargs)
+
+    def with_states(self, graphdef: nnx.GraphDef, states: tuple, fn: Callable | None = None) -> Predictor:
+        """The same settings over other weights; pass `fn` (a `softmax_fn`) to reuse its compilation."""
+        fn = fn or softmax_fn(graphdef)
+        return dataclasses.replace(self, probabilities=lambda x: np.asarray(fn(states, x)))
+
+    def __call__(self, image: np.ndarray, spacing, hu: np.ndarray | None) -> Segmentation:
+        """`image` (X, Y, Z, C) normalised; `hu` the CT channel in HU as stored (None: no CT, no body
+        restriction); `spacing` in mm for the component volumes."""
+        inf = self.inference
+        probs = sliding_window_inference(self.probabilities, image, self.roi, overlap=inf.overlap, mode=inf.mode,
+                                         sigma_scale=inf.sigma_scale, sw_batch_size=inf.sw_batch_size,
+                                         tta_flips=inf.tta_flips, num_classes=self.num_classes)
+        labels = np.argmax(probs, axis=-1).astype(np.uint8)
+        keep = postprocess(labels > 0, spacing, self.postprocess, hu=hu)
+        return Segmentation(labels * keep.astype(np.uint8), probs)

@@ -1,0 +1,88 @@
+"""model.json: the typed metadata of an export, read with the config system's validation.
+
+Every field is required (no defaults): `lnfm.export` fills each from what the run
+recorded, and `read_meta` refuses a file with a missing, unknown or mistyped key in
+one line naming it. `preprocessing` is the contract the model was trained under
+(`lnfm.data.contract`); `lnfm predict` applies it to new scans unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from lnfm.errors import LnfmError
+from lnfm.config import ConfigError, from_dict, to_dict
+from lnfm.data.contract import Preprocessing
+from lnfm.eval.inference import InferenceConfig
+from lnfm.eval.postprocess import PostprocessConfig
+from lnfm.models.config import ModelConfig
+from lnfm.runs import ExportFolder
+
+SCHEMA_VERSION = 2  # 1: untyped model.json of lnfm 0.1.0 (preprocessing from defaults)
+FORMATS = ("orbax", "safetensors", "stablehlo", "onnx", "monai")
+
+
+class ExportError(LnfmError, ValueError):
+    """An export that cannot be written or read; the message is one line naming the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteInfo:
+    name: str
+    stations: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportMeta:
+    schema_version: int
+    kind: Literal["segmenter", "encoder"]
+    format: Literal["orbax", "safetensors", "stablehlo", "onnx", "monai"]
+    model: ModelConfig
+    head: dict[str, Any] | None  # the finetuning `head` section (kind, deep_supervision, options)
+    num_classes: int | None
+    labels: list[str] | None
+    site: SiteInfo | None
+    preprocessing: Preprocessing
+    inference: InferenceConfig | None  # roi = preprocessing.patch_size
+    postprocess: PostprocessConfig | None  # as finetuning evaluated
+    training_data: dict[str, Any]  # counts, sites, spacings; never a case id
+    lnfm_version: str
+    git_revision: str | None
+    files: dict[str, str]  # role -> file or folder in the export
+    stablehlo: dict[str, Any] | None  # signature of a stablehlo export
+    onnx: dict[str, Any] | None  # opset, input/output names and shapes of an onnx export
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self.preprocessing.contract.channels
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=1, sort_keys=True) + "\n"
+
+
+def parse_meta(data: Any, where: str) -> ExportMeta:
+    if not isinstance(data, dict):
+        raise ExportError(f"{where}: expected a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ExportError(f"{where}: schema_version {version} is not {SCHEMA_VERSION} (export the model again with "
+                          f"this lnfm)")
+    try:
+        return from_dict(ExportMeta, data)
+    except ConfigError as e:
+        raise ExportError(f"{where}: {e}") from None
+
+
+def read_meta(folder: str | Path) -> ExportMeta:
+    """model.json of an export folder (no JAX needed)."""
+    export = ExportFolder.detect(folder)
+    if export is None:
+        raise ExportError(f"{folder}: not an export (no model.json)")
+    try:
+        data = json.loads(export.model_json.read_text())
+    except ValueError as e:
+        raise ExportError(f"{export.model_json}: not valid JSON ({e})") from None
+    return parse_meta(data, str(export.model_json))

@@ -1,0 +1,172 @@
+"""The layout of run folders: the only code that knows where a job puts what.
+
+    PRETRAIN_DIR/  config.yaml  preprocessing.json  checkpoints/  metrics.jsonl ...
+    FINETUNE_DIR/  config.yaml  preprocessing.json  summary.json
+                   [repeat_<r>/] config.yaml  checkpoints/  best/  best.json  test_masks/
+    EXPORT_DIR/    model.json  checksums.sha256  (format files)
+
+A finetuning run with one repeat keeps that repeat's files in its own root; with
+R > 1 repeats, repeat r lives in repeat_<r>/. Every type has `detect(path)`,
+which also accepts the sub-folders a user is likely to name (checkpoints/,
+best/, repeat_<r>/) and returns None for anything else. preprocessing.json holds
+the contract a run trained with (`lnfm.data.contract`); this module only places it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from lnfm.config import ConfigError, read_yaml
+
+CONFIG = "config.yaml"
+PREPROCESSING = "preprocessing.json"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+BEST_JSON = "best.json"
+SUMMARY = "summary.json"
+TEST_MASKS = "test_masks"
+MODEL_JSON = "model.json"
+CHECKSUMS = "checksums.sha256"
+_REPEAT = re.compile(r"^repeat_(\d+)$")
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object file, or None when it is absent; a corrupt one is an error naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _is_finetune_config(path: Path) -> bool:
+    """A finetuning config has a `site` section; a pretraining one has none."""
+    try:
+        return "site" in read_yaml(path)
+    except (ConfigError, OSError):
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainRun:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def preprocessing(self) -> Path:
+        return self.root / PREPROCESSING
+
+    @classmethod
+    def detect(cls, path: str | Path) -> PretrainRun | None:
+        """A pretraining workdir (config.yaml + checkpoints/), named itself or by its checkpoints/."""
+        path = Path(path)
+        if path.name == CHECKPOINTS and (path.parent / CONFIG).is_file():
+            path = path.parent
+        if (path / CONFIG).is_file() and (path / CHECKPOINTS).is_dir() and not _is_finetune_config(path / CONFIG):
+            return cls(path)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RepeatRun:
+    """One finetuning repeat: its checkpoints, its best model and the best model's test masks."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def best(self) -> Path:
+        return self.root / BEST
+
+    @property
+    def best_json(self) -> Path:
+        return self.root / BEST_JSON
+
+    @property
+    def test_masks(self) -> Path:
+        return self.root / TEST_MASKS
+
+    def test_mask(self, case_id: str) -> Path:
+        return self.test_masks / f"{case_id}.nii.gz"
+
+    def best_record(self) -> dict | None:
+        """{'step', 'val_dice'} of the saved best model, or None before one is saved."""
+        return read_json(self.best_json)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneRun:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY
+
+    @property
+    def preprocessing(self) -> Path:
+        return self.root / PREPROCESSING
+
+    def repeat(self, r: int, repeats: int) -> RepeatRun:
+        """Repeat r of a run with `repeats` repeats (a single repeat lives in the root)."""
+        return RepeatRun(self.root if repeats == 1 else self.root / f"repeat_{r}")
+
+    def first(self) -> RepeatRun:
+        """The repeat whose best model an export or `load_finetuned` takes (repeat 0)."""
+        single = RepeatRun(self.root)
+        return single if single.best.is_dir() else RepeatRun(self.root / "repeat_0")
+
+    @classmethod
+    def detect(cls, path: str | Path) -> FinetuneRun | None:
+        """A finetuning workdir (config.yaml + best/ in it or in repeat_0/), named itself or by one of
+        its best/, checkpoints/ or repeat_<r>/ folders."""
+        path = Path(path)
+        if path.name in (BEST, CHECKPOINTS) and (path.parent / CONFIG).is_file():
+            path = path.parent
+        if _REPEAT.match(path.name) and (path.parent / CONFIG).is_file():
+            path = path.parent
+        if (path / CONFIG).is_file() and ((path / BEST).is_dir() or (path / "repeat_0" / BEST).is_dir()):
+            return cls(path)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFolder:
+    root: Path
+
+    @property
+    def model_json(self) -> Path:
+        return self.root / MODEL_JSON
+
+    @property
+    def checksums(self) -> Path:
+        return self.root / CHECKSUMS
+
+    @classmethod
+    def detect(cls, path: str | Path) -> ExportFolder | None:
+        path = Path(path)
+        return cls(path) if (path / MODEL_JSON).is_file() else None

@@ -1,0 +1,58 @@
+"""Run-folder layout: detection of pretraining runs, finetuning runs (one or several repeats)
+and export folders, from any sub-folder a user is likely to name."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, read_json
+
+
+def _mk(root: Path, *parts: str, config: dict | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for p in parts:
+        (root / p).mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_pretrain_run_is_detected_from_its_root_or_checkpoints(tmp_path):
+    pre = _mk(tmp_path / "pre", "checkpoints", config={"model": {"arch": "vit"}, "data": {}})
+    for path in (pre, pre / "checkpoints"):
+        run = PretrainRun.detect(path)
+        assert run == PretrainRun(pre) and run.checkpoints == pre / "checkpoints"
+        assert FinetuneRun.detect(path) is None and ExportFolder.detect(path) is None
+    assert PretrainRun.detect(tmp_path) is None and PretrainRun.detect(tmp_path / "missing") is None
+
+
+def test_finetune_run_with_one_or_several_repeats(tmp_path):
+    one = _mk(tmp_path / "one", "best", "checkpoints", config={"site": {"name": "pelvis"}})
+    for path in (one, one / "best", one / "checkpoints"):
+        run = FinetuneRun.detect(path)
+        assert run == FinetuneRun(one)
+        assert PretrainRun.detect(path) is None  # a finetuning run also has checkpoints/
+    assert run.first().best == one / "best" and run.repeat(0, 1).best_json == one / "best.json"
+    many = _mk(tmp_path / "many", "repeat_0/best", "repeat_1/best", config={"site": {}})
+    for path in (many, many / "repeat_1"):
+        assert FinetuneRun.detect(path) == FinetuneRun(many)
+    run = FinetuneRun.detect(many)
+    assert run.first().root == many / "repeat_0" and run.repeat(1, 2).checkpoints == many / "repeat_1/checkpoints"
+    assert run.summary == many / "summary.json"
+    assert run.repeat(1, 2).test_mask("c1") == many / "repeat_1/test_masks/c1.nii.gz"
+    # A finetuning run killed before its first validation has no best/ yet: neither kind.
+    early = _mk(tmp_path / "early", "checkpoints", config={"site": {}})
+    assert FinetuneRun.detect(early) is None and PretrainRun.detect(early) is None
+
+
+def test_export_folder_and_json_records(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    assert ExportFolder.detect(exp) is None
+    (exp / "model.json").write_text("{}")
+    assert ExportFolder.detect(exp).checksums == exp / "checksums.sha256"
+    assert read_json(tmp_path / "none.json") is None
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        read_json(tmp_path / "bad.json")
