@@ -1,6 +1,10 @@
 """Test harness: 8 virtual CPU devices, absl flags parsed, shared-data fixtures.
 
 XLA_FLAGS must be set before JAX initialises its backend, so this runs first.
+Tests that read the shared data folder (`lnfm.data.shared`: ../shared/data, or
+LNFM_SHARED_DATA) or whose phantoms change with it carry the `shared` marker;
+`make test` runs them a second time with the folder hidden (LNFM_SHARED_DATA=),
+as on a user's fresh clone.
 """
 
 import os
@@ -17,16 +21,24 @@ from absl import flags  # noqa: E402
 # grain worker processes read absl flags; mark them parsed so they do not abort.
 flags.FLAGS.mark_as_parsed()
 
+from lnfm.data.shared import ENV, shared_data_dir  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path of ../shared/data; tests that need it skip cleanly when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-    return SHARED_DATA
+    """The shared data folder; tests that need its real files skip when it is absent or hidden."""
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip(f"needs the real files of ../shared/data (absent, or hidden by {ENV})")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,21 @@ A case is built on a RAS grid in a site frame (anatomy from `synth_anatomy`, nod
 then stored in a randomly chosen orientation (RAS, LPS, LAS, permuted axes ...) with a
 random origin: the array is flipped/permuted together with its affine, so the anatomy in
 world space is unchanged. Case i depends only on (site, seed, i).
+
+Two generator variants: "train" (the default, what every training set draws from) and
+"heldout" (`heldout_config`), for benchmarks on phantoms no model has seen. The held-out
+variant has its own voxel spacings, stored orientations, noise levels, scanner HU
+calibration, real node masks (a pool training never uses) and placement of the
+vessel-like distractors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -40,6 +47,29 @@ SLICE_CHOICES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
 ORIENTATIONS = ("RAS", "LPS", "LAS", "RPS", "LPI", "RAI", "ARS", "PLS", "SRA", "LIP")
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What a generator variant fixes beyond SynthConfig's ranges."""
+
+    orientations: tuple[str, ...]  # stored orientations drawn from
+    slice_choices: tuple[float, ...]  # slice spacings (mm) drawn from within cfg.slice_thickness
+    mask_pool: str  # pool of real node masks (synth_nodes.mask_pool)
+    hu_scale: tuple[float, float]  # scanner calibration HU' = scale * HU + offset (range per case)
+    hu_offset: tuple[float, float]
+    distractors: tuple[int, int]  # vessel-like soft-tissue tubes through fat per case (inclusive)
+    oblique_distractors: bool  # tubes run in any direction (else craniocaudally, like the iliac branches)
+
+
+VARIANTS = {
+    "train": Variant(ORIENTATIONS, SLICE_CHOICES, "train", (1.0, 1.0), (0.0, 0.0), (1, 3), False),
+    "heldout": Variant(("RPI", "LAI", "ASR", "PIL", "IRA", "SPL"), (0.8, 1.75, 3.5), "test", (1.02, 1.06),
+                       (6.0, 14.0), (2, 4), True),
+}
+# SynthConfig ranges of the held-out variant, disjoint from the training defaults.
+HELDOUT_RANGES = {"spacing_inplane": (1.05, 1.3), "slice_thickness": (0.8, 3.5), "noise_hu": (24.0, 32.0),
+                  "real_shape_fraction": 0.8}
+
+
 @dataclass
 class SynthConfig:
     """Synthetic phantom generation (`data_prep/synth.py`)."""
@@ -60,6 +90,14 @@ class SynthConfig:
     real_masks_dir: str = ""  # folder holding NIH_LN_MED/ and NIH_LN_ABD/ zips; "" = ../shared/data/ln_masks
     real_shape_fraction: float = 0.5  # fraction of nodes that take a real mask shape when available
     noise_hu: tuple[float, float] = (6.0, 22.0)  # scanner noise standard deviation range, HU
+    variant: Literal["train", "heldout"] = "train"  # generator variant (VARIANTS); "heldout" only for testing
+
+
+def heldout_config(cfg: SynthConfig | None = None, **changes) -> SynthConfig:
+    """`cfg` (default SynthConfig()) turned into the held-out variant: its own spacing, noise and
+    real-shape ranges (HELDOUT_RANGES) plus the variant's orientations, HU calibration, mask pool
+    and distractors."""
+    return replace(cfg or SynthConfig(), variant="heldout", **{**HELDOUT_RANGES, **changes})
 
 
 @dataclass
@@ -84,7 +122,7 @@ def case_seed(seed: int, index: int) -> int:
 def _sample_grid(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     sxy = float(rng.uniform(*cfg.spacing_inplane))
     lo, hi = cfg.slice_thickness
-    choices = [s for s in SLICE_CHOICES if lo <= s <= hi]
+    choices = [s for s in VARIANTS[cfg.variant].slice_choices if lo <= s <= hi]
     sz = float(rng.choice(choices)) if choices else float(rng.uniform(lo, hi))
     if cfg.shape is not None:
         shape = tuple(int(s) for s in cfg.shape)
@@ -100,7 +138,8 @@ def _place_nodes(rng, site, scene, painter, spacing, cfg, contrast):
     station = np.zeros(shape, np.uint8)
     hu_offset = np.zeros(shape, np.float32)
     origin = np.array([painter.x.ravel()[0], painter.y.ravel()[0], painter.z.ravel()[0]])
-    files = real_mask_files(REAL_SET[site], cfg.real_masks_dir) if cfg.use_real_shapes else ()
+    pool = VARIANTS[cfg.variant].mask_pool
+    files = real_mask_files(REAL_SET[site], cfg.real_masks_dir, pool) if cfg.use_real_shapes else ()
     lo, hi = cfg.short_axis_mm
     n = int(rng.integers(cfg.nodes_per_case[0], cfg.nodes_per_case[1] + 1))
     solid = np.isin(scene.tissue, A.SOLID)
@@ -180,6 +219,31 @@ def _place_nodes(rng, site, scene, painter, spacing, cfg, contrast):
     return label, station, hu_offset, records
 
 
+def _distractors(rng, painter, tissue, label, variant: Variant) -> int:
+    """Paint vessel-like soft-tissue tubes (3-7 mm wide) through fat, clear of the nodes: what a
+    model must not call a node. Returns how many were painted."""
+    lo, hi = variant.distractors
+    fat = np.argwhere(ndimage.binary_erosion(tissue == A.FAT, iterations=3) & ~ndimage.binary_dilation(
+        label > 0, iterations=4))
+    if len(fat) == 0:
+        return 0
+    axes = [painter.x.ravel(), painter.y.ravel(), painter.z.ravel()]
+    clear = ~ndimage.binary_dilation(label > 0, iterations=2)
+    painted = 0
+    for _ in range(int(rng.integers(lo, hi + 1))):
+        c = np.array([a[i] for a, i in zip(axes, fat[int(rng.integers(len(fat)))])])
+        d = rng.normal(0, 1, 3) if variant.oblique_distractors else np.array([*rng.normal(0, 0.25, 2), 1.0])
+        d /= np.linalg.norm(d)
+        r, half = rng.uniform(1.5, 3.5), rng.uniform(15, 40)
+        rel = [painter.x - c[0], painter.y - c[1], painter.z - c[2]]
+        t = np.clip(rel[0] * d[0] + rel[1] * d[1] + rel[2] * d[2], -half, half)
+        dist2 = sum((q - t * dk) ** 2 for q, dk in zip(rel, d))
+        tube = (dist2 <= r * r) & (tissue == A.FAT) & clear
+        tissue[tube] = A.VEIN
+        painted += int(tube.any())
+    return painted
+
+
 def _intensities(rng, tissue, hu_offset, spacing, contrast, noise_sd):
     mean = np.array([HU[t][1 if contrast else 0] for t in range(len(A.TISSUE_NAMES))], np.float32)
     spread = np.array([0, 15, 6, 5, 60, 25, 20, 15, 6, 10, 3, 8, 5, 4, 6], np.float32)
@@ -227,8 +291,16 @@ def generate_case(site: str, seed: int, cfg: SynthConfig, case_id: str | None = 
     scene = A.BUILDERS[site](painter, rng)
     contrast = bool(rng.random() < cfg.contrast)
     label, station, hu_offset, records = _place_nodes(rng, site, scene, painter, spacing, cfg, contrast)
+    # Variant-only draws come from their own stream, so the main stream (and every training phantom's
+    # anatomy and nodes) does not depend on them.
+    vrng = np.random.default_rng([SITES.index(site), int(seed), 0x5EED])
+    variant = VARIANTS[cfg.variant]
+    n_distractors = _distractors(vrng, painter, scene.tissue, label, variant)
     noise_sd = float(rng.uniform(*cfg.noise_hu))
     image = _intensities(rng, scene.tissue, hu_offset, spacing, contrast, noise_sd)
+    scale, offset = vrng.uniform(*variant.hu_scale), vrng.uniform(*variant.hu_offset)
+    if (scale, offset) != (1.0, 0.0):  # another scanner's calibration (air stays at the -1024 floor)
+        image = np.clip(np.round(image * scale + offset), -1024, 3071).astype(np.int16)
     # RAS grid affine in the site frame, then a random world origin and a random stored orientation.
     world_shift = rng.uniform(-150, 150, 3)
     ras = np.diag([*spacing, 1.0])
@@ -236,7 +308,7 @@ def generate_case(site: str, seed: int, cfg: SynthConfig, case_id: str | None = 
     for r in records:
         r["_vox"] = (r.pop("centroid_site") - ras[:3, 3] + world_shift) / spacing
     pet = _pet(rng, scene.tissue, label, records, spacing) if cfg.pet else None
-    code = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
+    code = variant.orientations[int(rng.integers(len(variant.orientations)))]
     ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(code))
     affine = ras @ nib.orientations.inv_ornt_aff(ornt, shape)
 
@@ -253,7 +325,8 @@ def generate_case(site: str, seed: int, cfg: SynthConfig, case_id: str | None = 
         pet=orient(pet), stations=orient(station) if cfg.stations else None, nodes=nodes,
         station_names=[a.station for a in scene.anchors], tissue=orient(scene.tissue),
         info={"spacing": [round(float(s), 4) for s in spacing], "orientation": code, "contrast": contrast,
-              "noise_hu": round(noise_sd, 2)})
+              "noise_hu": round(noise_sd, 2), "variant": cfg.variant, "hu_scale": round(float(scale), 4),
+              "hu_offset": round(float(offset), 2), "distractors": n_distractors})
 
 
 def save_gallery(case: SynthCase, path: str | Path, window: tuple[float, float] = (-160.0, 240.0)) -> None:
@@ -366,11 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", type=_triple, default=None, help="grid X,Y,Z (default 160,160,32-100)")
     ap.add_argument("--no-gallery", action="store_true")
     ap.add_argument("--no-real-shapes", action="store_true", help="ellipsoid/lobulated nodes only")
+    ap.add_argument("--heldout", action="store_true",
+                    help="the held-out generator variant (test phantoms no training set draws from)")
     args = ap.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"{args.out}: exists and is not a folder (--out names the dataset folder)")
     cfg = SynthConfig(site=args.site, num_cases=args.num_cases, seed=args.seed, shape=args.shape, pet=args.pet,
                       stations=args.stations, gallery=not args.no_gallery, use_real_shapes=not args.no_real_shapes)
+    if args.heldout:
+        cfg = heldout_config(cfg)
     summary = write_dataset(cfg, args.out)
     print(f"wrote {summary['cases']} cases ({', '.join(summary['sites'])}) to {args.out}")
     print(f"nodes: {summary['nodes']}, short axis mm [min q1 median q3 max]: {summary['short_axis_mm_quantiles']}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import zipfile
 from pathlib import Path
 
@@ -16,19 +17,48 @@ import numpy as np
 from scipy import ndimage
 
 from lnfm.data.geometry import axial_diameters
+from lnfm.data.shared import shared_data_dir
 from lnfm.errors import DataError
 
-REAL_MASKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ln_masks"
 # Which real collection gives shapes to which site.
 REAL_SET = {"head_neck": "NIH_LN_MED", "axilla": "NIH_LN_MED", "mediastinum": "NIH_LN_MED",
             "abdomen": "NIH_LN_ABD", "pelvis": "NIH_LN_ABD"}
 
 
-@functools.lru_cache(maxsize=8)
-def real_mask_files(folder: str, root: str = "") -> tuple[Path, ...]:
-    """Sorted zipped masks of one collection; empty when the folder is absent."""
-    path = (Path(root) if root else REAL_MASKS) / folder
+# Share of each real collection kept for the held-out phantom variant (never used by training phantoms).
+TEST_POOL_SHARE = 0.25
+
+
+def real_mask_files(folder: str, root: str = "", pool: str = "all") -> tuple[Path, ...]:
+    """Sorted zipped masks of one collection (from `root`, default the shared data's ln_masks/);
+    empty when the folder is absent. `pool` "train" or "test" keeps the masks of that pool only."""
+    if not root:
+        shared = shared_data_dir()
+        if shared is None:
+            return ()
+        root = str(shared / "ln_masks")
+    return _pool(_listing(str(Path(root) / folder)), pool)
+
+
+@functools.lru_cache(maxsize=16)
+def _listing(folder: str) -> tuple[Path, ...]:
+    path = Path(folder)
     return tuple(sorted(path.glob("*.zip"))) if path.is_dir() else ()
+
+
+def mask_pool(path: Path) -> str:
+    """"test" or "train": a fixed split of the real masks by a hash of the file name, so the
+    same mask falls in the same pool on every machine and in every listing."""
+    h = int.from_bytes(hashlib.sha256(path.name.encode()).digest()[:8], "big") / 2.0**64
+    return "test" if h < TEST_POOL_SHARE else "train"
+
+
+def _pool(files: tuple[Path, ...], pool: str) -> tuple[Path, ...]:
+    if pool == "all":
+        return files
+    if pool not in ("train", "test"):
+        raise ValueError(f"unknown mask pool '{pool}' (choices: all, train, test)")
+    return tuple(f for f in files if mask_pool(f) == pool)
 
 
 @functools.lru_cache(maxsize=256)

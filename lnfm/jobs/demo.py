@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from lnfm.data.shared import shared_data_dir
 from lnfm.runs import FinetuneRun
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +34,10 @@ def _run(cmd: list[str], env: dict | None = None) -> None:
 
 
 def _shared_ct() -> list[Path]:
-    root = REPO.parent / "shared" / "data" / "ct" / "totalsegmentator"
+    shared = shared_data_dir()
+    if shared is None:
+        return []
+    root = shared / "ct" / "totalsegmentator"
     names = ["example_ct.nii.gz", "chest_vessels/ct_cropped.nii.gz"]
     return [root / n for n in names if (root / n).is_file()]
 

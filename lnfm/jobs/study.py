@@ -1,8 +1,12 @@
 """The transfer study: does self-supervised pretraining help few-shot lymph-node segmentation?
 
-One command builds a phantom benchmark (generate -> prepare -> pretrain), then
-finetunes every cell of the grid init x strategy x head x labelled cases, each
-with R repeats, and writes a CSV, plots and a markdown table. Each cell is one
+One command builds the phantom benchmark of `bench/accuracy.py` (`lnfm.data.benchmark`:
+an unlabelled pretraining pool, a labelled few-shot pool, and held-out test phantoms
+from the held-out generator variant that neither pretraining nor finetuning sees),
+pretrains on the unlabelled pool, then finetunes every cell of the grid init x
+strategy x head x labelled cases, each with R repeats, and writes a CSV, plots and a
+markdown table with the accuracy benchmark's statistics (`lnfm.eval.stats`: mean and
+95% CI over repeats, paired pretrained - scratch differences with p-values). Each cell is one
 `finetune/finetune.py` process (its own workdir, resumable: a cell with a
 summary.json is not run again); the JAX compilation cache is shared so cells of
 the same shape compile once.
@@ -23,9 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from lnfm.config import ConfigError, load_config, to_dict
+from lnfm.data.benchmark import BenchmarkSpec
+from lnfm.data.benchmark import build as build_data
+from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.errors import LnfmError
 from lnfm.jobs.pretrain import PretrainConfig
 from lnfm.runs import FinetuneRun
@@ -52,17 +57,19 @@ class StageFailed(LnfmError):
 @dataclasses.dataclass
 class StudyConfig:
     site: str = "pelvis"  # site preset of every finetuning run (phantoms of this site)
-    cases: int = 40  # phantoms in the benchmark: few-shot pool + validation + held-out test
+    unlabelled: int = 40  # phantoms of the pretraining pool (labels unused)
+    labelled: int = 16  # labelled phantoms the few-shot subsets are drawn from
+    val: int = 2  # labelled validation phantoms
+    test: int = 8  # held-out test phantoms (held-out generator variant)
     shape: tuple[int, int, int] = (96, 96, 48)  # phantom grid (voxels)
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # prepared spacing (mm)
-    seed: int = 0  # phantom seed
     pretrain_config: str = "vit_tiny"  # pretraining preset
     pretrain_overrides: list[str] = dataclasses.field(default_factory=list)  # e.g. train.steps=2000
     inits: list[str] = dataclasses.field(default_factory=lambda: ["scratch", "pretrained"])  # encoder init
     strategies: list[str] = dataclasses.field(default_factory=lambda: list(STRATEGIES))  # names in STRATEGIES
     heads: list[str] = dataclasses.field(default_factory=lambda: ["unetr", "light"])  # segmentation heads
     num_labeled: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8, 16])  # labelled cases
-    repeats: int = 3  # seeds per cell (subset, head init and sampling)
+    repeats: int = 5  # seeds per cell (subset, head init and sampling); statistics are over these
     finetune_overrides: list[str] = dataclasses.field(default_factory=list)  # applied to every finetuning run
     quick: bool = False  # pass --quick to finetuning (32^3 patches, a few hundred steps)
 
@@ -79,6 +86,9 @@ def check(cfg: StudyConfig) -> None:
             raise ConfigError(f"unknown init '{i}' (choices: scratch, pretrained)")
     if cfg.repeats < 1 or not cfg.num_labeled or min(cfg.num_labeled) < 1:
         raise ConfigError("repeats and every num_labeled must be at least 1")
+    if max(cfg.num_labeled) > cfg.labelled:
+        raise ConfigError(f"num_labeled reaches {max(cfg.num_labeled)} but the labelled pool has {cfg.labelled} "
+                          f"phantoms (labelled=...)")
 
 
 def _run(cmd: list[str], env: dict, logfile: Path) -> None:
@@ -91,20 +101,18 @@ def _run(cmd: list[str], env: dict, logfile: Path) -> None:
 
 
 def build_benchmark(cfg: StudyConfig, workdir: Path, env: dict) -> tuple[Path, Path]:
-    """Phantoms -> store -> pretrained encoder; each step is skipped when already done."""
-    py = sys.executable
-    phantoms, store, pre = workdir / "phantoms", workdir / "store", workdir / "pretrain"
-    if not (phantoms / "dataset.json").is_file():
-        _run([py, "-m", "lnfm", "synth", "--site", cfg.site, "--num-cases", str(cfg.cases), "--seed", str(cfg.seed),
-              "--shape", ",".join(map(str, cfg.shape)), "--out", str(phantoms), "--no-gallery"], env,
-             workdir / "build.log")
-    _run([py, "-m", "lnfm", "prepare", "--input", str(phantoms), "--output", str(store),
-          "--spacing", ",".join(map(str, cfg.spacing)), "--workers", "2"], env, workdir / "build.log")
+    """Phantom sets and stores (lnfm.data.benchmark) -> encoder pretrained on the unlabelled pool only;
+    returns (labelled store, pretraining workdir). Each step is skipped when already done."""
+    spec = BenchmarkSpec(site=cfg.site, unlabelled=cfg.unlabelled, labelled=cfg.labelled, val=cfg.val,
+                         test=cfg.test, shape=tuple(cfg.shape), spacing=tuple(cfg.spacing))
+    data = build_data(spec, workdir / "data")
+    pre = workdir / "pretrain"
     if "pretrained" in cfg.inits and not (pre / "done.json").is_file():
-        _run([py, "-m", "lnfm", "pretrain", "--config", cfg.pretrain_config, "--data", str(store),
-              "--workdir", str(pre), *cfg.pretrain_overrides], env, workdir / "build.log")
+        _run([sys.executable, "-m", "lnfm", "pretrain", "--config", cfg.pretrain_config, "--data",
+              str(data.unlabelled_store), "--workdir", str(pre), *cfg.pretrain_overrides], env,
+             workdir / "build.log")
         atomic_write_text(pre / "done.json", "{}")
-    return store, pre
+    return data.labelled_store, pre
 
 
 def cells(cfg: StudyConfig) -> list[dict]:
@@ -154,9 +162,8 @@ def rows_of(c: dict, summary: dict) -> list[dict]:
     return rows
 
 
-def _stats(values: list) -> tuple[float, float, int]:
-    v = [float(x) for x in values if x is not None and x != "" and math.isfinite(float(x))]
-    return (float(np.mean(v)), float(np.std(v)), len(v)) if v else (float("nan"), float("nan"), 0)
+def _numbers(values: list) -> list[float]:
+    return [float(x) for x in values if x is not None and x != "" and math.isfinite(float(x))]
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -167,7 +174,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (init, strat, head, n), rs in groups.items():
         row = {"init": init, "strategy": strat, "head": head, "num_labeled": n, "repeats": len(rs)}
         for k in ("dice", "node_sensitivity", "hd95", "train_time_s"):
-            row[f"{k}_mean"], row[f"{k}_std"], _ = _stats([r[k] for r in rs])
+            row[f"{k}_mean"], row[f"{k}_ci_lo"], row[f"{k}_ci_hi"], _ = mean_ci(_numbers([r[k] for r in rs]))
         row["trainable_params"] = rs[0]["trainable_params"]
         out.append(row)
     return out
@@ -196,8 +203,12 @@ def plot(agg: list[dict], metric: str, label: str, path: Path) -> None:
         for init, strat in lines:
             pts = sorted((a for a in agg if (a["head"], a["init"], a["strategy"]) == (head, init, strat)),
                          key=lambda a: a["num_labeled"])
+            err = [[0.0 if math.isnan(p[f"{metric}_ci_lo"]) else p[f"{metric}_mean"] - p[f"{metric}_ci_lo"]
+                    for p in pts],
+                   [0.0 if math.isnan(p[f"{metric}_ci_hi"]) else p[f"{metric}_ci_hi"] - p[f"{metric}_mean"]
+                    for p in pts]]
             ax.errorbar([p["num_labeled"] for p in pts], [p[f"{metric}_mean"] for p in pts],
-                        yerr=[p[f"{metric}_std"] for p in pts], marker="o" if init == "pretrained" else "s",
+                        yerr=err, marker="o" if init == "pretrained" else "s",
                         linestyle="-" if init == "pretrained" else "--", capsize=3, label=f"{init} / {strat}",
                         color=f"C{strategies.index(strat)}")  # one colour per strategy, style per init
         ax.set_xscale("log", base=2)
@@ -206,7 +217,7 @@ def plot(agg: list[dict], metric: str, label: str, path: Path) -> None:
         ax.set_xlabel("labelled training cases")
         ax.set_title(f"head: {head}")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{label} (test, mean +- std over repeats)")
+    axes[0][0].set_ylabel(f"{label} (held-out test, mean and 95% CI over repeats)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -215,30 +226,42 @@ def plot(agg: list[dict], metric: str, label: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(m: float, s: float) -> str:
-    return "n/a" if math.isnan(m) else f"{m:.3f} +- {s:.3f}"
+def _fmt(a: dict, key: str) -> str:
+    return fmt_ci(a[f"{key}_mean"], a[f"{key}_ci_lo"], a[f"{key}_ci_hi"], digits=1 if key == "hd95" else 3)
 
 
-def markdown(agg: list[dict], cfg: StudyConfig, command: str) -> str:
+def markdown(agg: list[dict], cfg: StudyConfig, command: str, rows: list[dict] | None = None) -> str:
     lines = ["# Transfer study results", "",
-             f"Site `{cfg.site}`, {cfg.cases} phantoms ({'x'.join(map(str, cfg.shape))} voxels, "
-             f"{cfg.spacing[0]} mm), {cfg.repeats} repeats per cell; held-out test split.", "",
+             f"Site `{cfg.site}`: {cfg.unlabelled} unlabelled phantoms for pretraining, few-shot subsets of "
+             f"{cfg.labelled} labelled ones, {cfg.val} for validation, and {cfg.test} held-out test phantoms from "
+             f"the held-out generator variant ({'x'.join(map(str, cfg.shape))} voxels, prepared at "
+             f"{cfg.spacing[0]} mm); {cfg.repeats} repeats per cell. Values: mean [95% CI] over repeats.", "",
              "Command:", "", "```bash", command, "```", "",
              "| init | strategy | head | labelled | Dice | node sensitivity | HD95 (mm) | trainable params | "
              "train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for a in sorted(agg, key=lambda a: (a["head"], a["strategy"], a["init"], a["num_labeled"])):
-        lines.append(f"| {a['init']} | {a['strategy']} | {a['head']} | {a['num_labeled']} | "
-                     f"{_fmt(a['dice_mean'], a['dice_std'])} | "
-                     f"{_fmt(a['node_sensitivity_mean'], a['node_sensitivity_std'])} | "
-                     f"{_fmt(a['hd95_mean'], a['hd95_std'])} | {a['trainable_params']} | "
+        lines.append(f"| {a['init']} | {a['strategy']} | {a['head']} | {a['num_labeled']} | {_fmt(a, 'dice')} | "
+                     f"{_fmt(a, 'node_sensitivity')} | {_fmt(a, 'hd95')} | {a['trainable_params']} | "
                      f"{a['train_time_s_mean']:.0f} |")
-    lines += ["", "## Pretrained minus scratch (test Dice, mean over repeats)", "",
-              "| strategy | head | labelled | delta Dice |", "|---|---|---|---|"]
+    lines += ["", "## Pretrained minus scratch (held-out Dice, paired by repeat: same labelled subset and seed)", "",
+              "| strategy | head | labelled | delta Dice [95% CI] | pairs | p (paired t) | p (Wilcoxon) |",
+              "|---|---|---|---|---|---|---|"]
     index = {(a["init"], a["strategy"], a["head"], a["num_labeled"]): a for a in agg}
     for (init, strat, head, n), a in sorted(index.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][3])):
-        other = index.get(("scratch", strat, head, n))
-        if init == "pretrained" and other is not None:
-            lines.append(f"| {strat} | {head} | {n} | {a['dice_mean'] - other['dice_mean']:+.3f} |")
+        if init != "pretrained" or ("scratch", strat, head, n) not in index:
+            continue
+        if rows is None:
+            other = index[("scratch", strat, head, n)]
+            lines.append(f"| {strat} | {head} | {n} | {a['dice_mean'] - other['dice_mean']:+.3f} | | | |")
+            continue
+        by = {i: {int(r["repeat"]): r["dice"] for r in rows
+                  if (r["init"], r["strategy"], r["head"], int(r["num_labeled"])) == (i, strat, head, n)}
+              for i in ("pretrained", "scratch")}
+        reps = sorted(set(by["pretrained"]) & set(by["scratch"]))
+        p = paired([by["pretrained"][r] for r in reps], [by["scratch"][r] for r in reps])
+        ci = "" if math.isnan(p["ci_lo"]) else f" [{p['ci_lo']:+.3f}, {p['ci_hi']:+.3f}]"
+        lines.append(f"| {strat} | {head} | {n} | {p['diff']:+.3f}{ci} | {p['n']} | {fmt_p(p['p_ttest'])} | "
+                     f"{fmt_p(p['p_wilcoxon'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,7 +287,7 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
     write_csv(out / "study_summary.csv", agg)
     plot(agg, "dice", "Dice", out / "dice_vs_labelled.png")
     plot(agg, "node_sensitivity", "node sensitivity", out / "sensitivity_vs_labelled.png")
-    atomic_write_text(out / "study.md", markdown(agg, cfg, command))
+    atomic_write_text(out / "study.md", markdown(agg, cfg, command, rows))
     writer.close()
     log.info("study finished in %.0f s: %s", time.time() - t0, out)
     return 0

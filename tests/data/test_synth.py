@@ -1,5 +1,8 @@
-"""Synthetic phantoms: determinism, written grids, node sizes, HU, orientation, PET, every site."""
+"""Synthetic phantoms: determinism, written grids, node sizes, HU, orientation, PET, every site,
+and the held-out variant. Real node shapes depend on the shared data folder, so the whole
+module also runs with it hidden (the `shared` marker)."""
 
+import dataclasses
 import json
 
 import nibabel as nib
@@ -7,8 +10,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from lnfm.data import synth
 from lnfm.data import synth_anatomy as A
-from lnfm.data.synth import SITES, SynthConfig, case_seed, generate_case, main, write_dataset
+from lnfm.data.geometry import axial_diameters
+from lnfm.data.synth import (HELDOUT_RANGES, SITES, VARIANTS, SynthConfig, case_seed, generate_case, heldout_config,
+                             main, write_dataset)
+from lnfm.data.synth_nodes import TEST_POOL_SHARE, mask_pool, real_mask_files
+
+pytestmark = pytest.mark.shared
 
 SMALL = SynthConfig(shape=(64, 64, 32), gallery=False)
 
@@ -108,9 +117,27 @@ def test_hu_of_tissues():
     assert all(m > 400 for m in means[A.BONE]), means[A.BONE]
     assert all(m < -960 for m in means[A.AIR]), means[A.AIR]
     assert all(-900 <= m <= -780 for m in means[A.LUNG]), means[A.LUNG]
-    case = generate_case("pelvis", 5, SMALL)
-    node = case.image[(case.tissue == A.NODE)]
-    assert -10 <= node.mean() <= 90
+
+
+@pytest.mark.parametrize("kw", [{"use_real_shapes": False}, {"real_shape_fraction": 1.0}], ids=["fallback", "real"])
+def test_node_hu_with_and_without_real_shapes(kw):
+    """Nodes of 8 mm and more read as soft tissue (nominal 40/55 HU, -12..+18 per node) whatever
+    their shape source; smaller ones are pulled towards fat by partial volume, as in real CT, so
+    a single tiny node says little about the phantom's HU."""
+    big = []
+    for seed in range(6):
+        case = generate_case("pelvis", seed, small(noise_hu=(10.0, 10.0), **kw))
+        tissue, aff = _canonical(case.tissue, case.affine)
+        image, _ = _canonical(case.image, case.affine)
+        spacing = np.sqrt((aff[:3, :3] ** 2).sum(0))
+        comps, _ = ndimage.label(tissue == A.NODE)
+        for i, box in enumerate(ndimage.find_objects(comps), 1):
+            node = comps[box] == i
+            if axial_diameters(node, spacing)[0] >= 8:
+                big.append(float(image[box][node].mean()))
+    assert len(big) >= 3, big
+    assert all(-10 <= m <= 90 for m in big), big
+    assert 15 <= np.mean(big) <= 75, big
 
 
 def test_orientations_vary_and_world_centroids_agree():
@@ -185,3 +212,81 @@ def test_cli_summary(tmp_path, capsys):
     assert "wrote 2 cases" in out and "short axis" in out
     assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["head_neck_000.nii.gz", "head_neck_001.nii.gz"]
     assert not (tmp_path / "gallery").exists()
+
+
+def test_heldout_variant_differs_in_every_listed_way():
+    train = [generate_case("pelvis", i, SMALL) for i in range(4)]
+    held = [generate_case("pelvis", i, heldout_config(SMALL)) for i in range(4)]
+    lo, hi = HELDOUT_RANGES["spacing_inplane"]
+    assert all(0.6 <= c.info["spacing"][0] <= 1.0 for c in train)
+    assert all(lo <= c.info["spacing"][0] <= hi for c in held)
+    assert {c.info["orientation"] for c in held} <= set(VARIANTS["heldout"].orientations)
+    assert not set(VARIANTS["heldout"].orientations) & set(VARIANTS["train"].orientations)
+    assert not set(VARIANTS["heldout"].slice_choices) & set(VARIANTS["train"].slice_choices)
+    assert all(c.info["noise_hu"] >= 24 for c in held) and all(c.info["noise_hu"] <= 22 for c in train)
+    assert all(c.info["hu_scale"] == 1.0 and c.info["hu_offset"] == 0.0 for c in train)
+    assert all(c.info["hu_scale"] > 1.0 and c.info["hu_offset"] > 0 for c in held)
+
+
+def test_heldout_calibration_is_a_linear_map_of_the_uncalibrated_image(monkeypatch):
+    """The held-out scanner's HU = scale * HU + offset (rounded, clipped at -1024): recomputed here from
+    the same phantom generated with the calibration switched off."""
+    cfg = heldout_config(SMALL)
+    calibrated = generate_case("pelvis", 2, cfg)
+    monkeypatch.setitem(synth.VARIANTS, "heldout",
+                        dataclasses.replace(VARIANTS["heldout"], hu_scale=(1.0, 1.0), hu_offset=(0.0, 0.0)))
+    raw = generate_case("pelvis", 2, cfg)
+    scale, offset = calibrated.info["hu_scale"], calibrated.info["hu_offset"]
+    expected = np.clip(np.round(raw.image.astype(np.float64) * scale + offset), -1024, 3071)
+    assert np.abs(calibrated.image - expected).max() <= 1  # info rounds scale and offset
+    muscle = raw.tissue == A.MUSCLE  # soft tissue (~50 HU) moves up by at least 50 * 0.02 + 6 HU
+    assert np.mean(calibrated.image[muscle]) > np.mean(raw.image[muscle]) + 5
+
+
+def test_distractors_are_unlabelled_soft_tissue_clear_of_nodes():
+    for cfg in (SMALL, heldout_config(SMALL)):
+        case = generate_case("pelvis", 1, cfg)
+        assert case.info["distractors"] >= 1
+        vein = case.tissue == A.VEIN
+        assert not (vein & (case.label > 0)).any()
+        assert float(case.image[ndimage.binary_erosion(vein)].mean()) > -20  # soft tissue, not fat
+
+
+def test_variant_draws_do_not_move_the_nodes(monkeypatch):
+    """Distractors and calibration draw from their own stream: a variant without distractors
+    gives the same grid, nodes and labels, only the image differs."""
+    a = generate_case("abdomen", 4, SMALL)
+    monkeypatch.setitem(synth.VARIANTS, "train", dataclasses.replace(VARIANTS["train"], distractors=(0, 0)))
+    b = generate_case("abdomen", 4, SMALL)
+    assert a.info["distractors"] >= 1 and b.info["distractors"] == 0
+    assert a.nodes == b.nodes and np.array_equal(a.label, b.label) and np.array_equal(a.affine, b.affine)
+    assert not np.array_equal(a.image, b.image)
+
+
+def test_real_mask_pools_are_disjoint_stable_and_sized(tmp_path):
+    folder = tmp_path / "NIH_LN_ABD"
+    folder.mkdir()
+    for i in range(400):
+        (folder / f"mask_{i:04d}.zip").write_bytes(b"")
+    train = real_mask_files("NIH_LN_ABD", str(tmp_path), "train")
+    test = real_mask_files("NIH_LN_ABD", str(tmp_path), "test")
+    assert not set(train) & set(test) and len(train) + len(test) == 400
+    assert abs(len(test) / 400 - TEST_POOL_SHARE) < 0.06
+    assert [mask_pool(p) for p in test] == ["test"] * len(test)  # by file name only: any machine agrees
+    with pytest.raises(ValueError, match="unknown mask pool"):
+        real_mask_files("NIH_LN_ABD", str(tmp_path), "val")
+
+
+def test_heldout_cases_use_only_test_pool_masks(shared_data, monkeypatch):
+    from lnfm.data import synth_nodes
+
+    used = []
+    original = synth_nodes.load_real_mask
+    monkeypatch.setattr(synth_nodes, "load_real_mask", lambda p: used.append(p) or original(p))
+    for i in range(3):
+        generate_case("pelvis", i, heldout_config(SMALL, real_shape_fraction=1.0))
+    assert used and all(mask_pool(p) == "test" for p in used)
+    used.clear()
+    for i in range(3):
+        generate_case("pelvis", i, small(real_shape_fraction=1.0))
+    assert used and all(mask_pool(p) == "train" for p in used)

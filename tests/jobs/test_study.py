@@ -20,14 +20,16 @@ def test_presets_load_and_grid_covers_every_cell():
     full = load_config(S.StudyConfig, "full", kind="study")
     for cfg in (quick, full):
         S.check(cfg)
-        assert cfg.repeats >= 3 and set(cfg.inits) == {"scratch", "pretrained"}
+        assert cfg.repeats >= 5 and set(cfg.inits) == {"scratch", "pretrained"}
+        # Pretraining has a pool of its own, larger than any labelled set; the test phantoms are held out.
+        assert cfg.unlabelled > max(cfg.num_labeled) and cfg.test >= 8
     # The full (GPU) preset is the whole grid; the quick (CPU) one a slice of it with
     # every strategy, the light head, and the curve's two ends and middle.
     assert full.num_labeled == [1, 2, 4, 8, 16] and set(full.strategies) == set(S.STRATEGIES)
     assert set(full.heads) == {"unetr", "light"} and not full.quick
     assert quick.quick and quick.num_labeled == [1, 4, 16] and quick.heads == ["light"]
     assert set(quick.strategies) == set(S.STRATEGIES)
-    for cfg, n in ((full, 2 * 4 * 2 * 5), (quick, 2 * 4 * 1 * 3)):
+    for cfg, n in ((full, 2 * 4 * 2 * 5), (quick, 2 * 4 * 1 * 3)):  # init x strategy x head x labelled
         grid = S.cells(cfg)
         assert len(grid) == n and len({tuple(c.values()) for c in grid}) == n
 
@@ -37,6 +39,8 @@ def test_invalid_study_config_is_rejected():
         S.check(S.StudyConfig(strategies=["frozen"]))
     with pytest.raises(ConfigError, match="unknown head"):
         S.check(S.StudyConfig(heads=["big"]))
+    with pytest.raises(ConfigError, match="the labelled pool has 4"):
+        S.check(S.StudyConfig(labelled=4, num_labeled=[1, 8]))
 
 
 def test_scratch_cells_use_the_pretrained_architecture():
@@ -55,11 +59,17 @@ def test_aggregate_table_and_plots(tmp_path):
     agg = {(a["init"], a["num_labeled"]): a for a in S.aggregate(rows)}
     for key, d in data.items():
         assert agg[key]["dice_mean"] == pytest.approx(np.mean(d))
-        assert agg[key]["dice_std"] == pytest.approx(np.std(d))
+        # 95% CI over 3 repeats: mean +- t(0.975, 2) * sd / sqrt(3), t = 4.302653 (printed tables).
+        half = 4.302653 * np.std(d, ddof=1) / np.sqrt(3)
+        assert agg[key]["dice_ci_lo"] == pytest.approx(np.mean(d) - half, abs=1e-5)
+        assert agg[key]["dice_ci_hi"] == pytest.approx(np.mean(d) + half, abs=1e-5)
         assert agg[key]["node_sensitivity_mean"] == pytest.approx(np.mean(d) / 2)
         assert agg[key]["repeats"] == 3
-    md = S.markdown(list(agg.values()), S.StudyConfig(), "python finetune/study.py --quick")
-    assert "| freeze_all | light | 1 | +0.300 |" in md and "| freeze_all | light | 4 | +0.200 |" in md
+    md = S.markdown(list(agg.values()), S.StudyConfig(), "python finetune/study.py --quick", rows)
+    # Paired by repeat: differences 0.3, 0.2, 0.4 at 1 case (t = 5.196 on 2 df, p = 0.0351); a constant
+    # 0.1, 0.2, 0.3 at 4 cases (sd 0.1 -> t = 3.464, p = 0.0742).
+    assert "| freeze_all | light | 1 | +0.300 [+0.052, +0.548] | 3 | 0.035 | 0.250 |" in md
+    assert "| freeze_all | light | 4 | +0.200 [-0.048, +0.448] | 3 | 0.074 | 0.250 |" in md
     S.write_csv(tmp_path / "study.csv", rows)
     with open(tmp_path / "study.csv") as f:
         assert len(list(csv.DictReader(f))) == 12
