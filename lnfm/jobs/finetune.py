@@ -230,7 +230,6 @@ def make_splits(records: list[dict], val_fraction: float) -> Splits:
         order = np.random.default_rng(np.random.SeedSequence([0, 0x56414C])).permutation(len(pool))
         val = sorted(pool[i] for i in order[:n_val])
         pool = sorted(set(pool) - set(val))
-        log.info("the store has no val split: %d training case(s) held out for validation", len(val))
     check_disjoint(pool, val=val, test=by["test"])
     check_disjoint(val, test=by["test"])
     return Splits(pool, val, by["test"])
@@ -566,6 +565,8 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     run_dirs = FinetuneRun(workdir)
     writer = open_workdir(workdir, cfg, is_main=pid == 0, tensorboard=False)
     writer.close()
+    if not any(records[i][1].get("split") == "val" for i in splits.val):  # logged once every check has passed
+        log.info("the store has no val split: %d training case(s) held out for validation", len(splits.val))
     if pid == 0:
         write_preprocessing(run_dirs.preprocessing, prep)
         notice = cpu_notice(cfg)
