@@ -21,7 +21,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("Phantoms: `data_prep/synth.py`", "lnfm.data.synth:SynthConfig"),
     ("Prepare: `data_prep/prepare.py`", "lnfm.data.prepare:PrepareConfig"),
     ("Pretraining: `pretrain/pretrain.py`", "lnfm.jobs.pretrain:PretrainConfig"),
-    ("Finetuning: `finetune/finetune.py`", "lnfm.jobs.finetune:FinetuneConfig"),
+    ("Finetuning: `finetune/finetune.py`", "lnfm.jobs.finetune_config:FinetuneConfig"),
     ("Transfer study: `finetune/study.py`", "lnfm.jobs.study:StudyConfig"),
 ]
 

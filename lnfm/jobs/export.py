@@ -51,12 +51,13 @@ from lnfm.config import from_dict, read_yaml, to_dict
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.data.store import read_manifest
 from lnfm.errors import WeightsMismatch
+from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
 from lnfm.models import ModelConfig, build_encoder
 from lnfm.models import export_formats as fmt
 from lnfm.models.interop import from_monai_vit
 from lnfm.models.export_onnx import ONNX_FILE, write_onnx
-from lnfm.models.lora import merge_lora
+from lnfm.models.lora import apply_lora, merge_lora
 from lnfm.models.segmenter import build_segmenter
 from lnfm.runs import CHECKSUMS, MODEL_JSON, FinetuneRun, PretrainRun, read_json
 from lnfm.safety import check_apart
@@ -155,28 +156,35 @@ def _preprocessing(path: Path) -> Preprocessing:
 
 
 def _finetuned_params(run_dir, cfg) -> dict[str, np.ndarray]:
-    """The Params of the best model in a finetuning run, read straight from its checkpoint."""
-    if cfg.strategy.freeze == "lora":  # adapters are folded into the kernels: the export is a plain segmenter
-        from lnfm.jobs.finetune import load_finetuned
+    """The Params of the best model in a finetuning run, read straight from its checkpoint. LoRA
+    adapters are folded into their kernels, so the export is a plain segmenter."""
+    lora = cfg.strategy.freeze == "lora"
 
-        model, _ = load_finetuned(run_dir.root)
-        merge_lora(model.encoder)
-        return fmt.flat_params(model)
-    abstract = nnx.eval_shape(lambda: build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0),
-                                                      deep_supervision=cfg.head.deep_supervision,
-                                                      **cfg.head.options))
+    def build():
+        model = build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0),
+                                deep_supervision=cfg.head.deep_supervision, **cfg.head.options)
+        if lora:
+            apply_lora(model.encoder, cfg.strategy.lora_rank, cfg.strategy.lora_alpha, rngs=nnx.Rngs(1))
+        return model
+
+    model = build() if lora else nnx.eval_shape(build)  # LoRA needs real arrays to fold the adapters into
+    params = nnx.state(model, nnx.Param)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+                          nnx.to_pure_dict(params))
     try:
-        return fmt.flatten_tree(restore_params(run_dir.best, target, key="model"))
+        restored = restore_params(run_dir.best, target, key="model")
     except (FileNotFoundError, CheckpointError) as e:
         raise ExportError(str(e)) from None
+    if not lora:
+        return fmt.flatten_tree(restored)
+    nnx.replace_by_pure_dict(params, restored)
+    nnx.update(model, params)
+    merge_lora(model.encoder)
+    return fmt.flat_params(model)
 
 
 def _load_finetuned(run: FinetuneRun) -> _Source:
-    from lnfm.jobs.finetune import FinetuneConfig
-
     first = run.first()
     cfg = from_dict(FinetuneConfig, read_yaml(first.config))
     prep = _preprocessing(run.preprocessing)

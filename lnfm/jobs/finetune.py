@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,32 +35,29 @@ from lnfm.data.contract import Normalization, write_preprocessing
 from lnfm.data.loader import LoaderConfig, make_loader, normalize
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
-from lnfm.eval.inference import InferenceConfig
-from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
-from lnfm.eval.postprocess import PostprocessConfig
+from lnfm.eval.metrics import evaluate_case, summarize
 from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.surface import dice as dice_score
+from lnfm.jobs.finetune_config import FinetuneConfig, FinetuneTrainConfig, HeadConfig
 from lnfm.jobs.finetune_cpu import cpu_notice
 from lnfm.jobs.export_meta import read_meta
 from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
 from lnfm.models.lora import apply_lora
-from lnfm.models import ModelConfig
 from lnfm.models.heads import head_flops, head_param_count
 from lnfm.models.segmenter import build_segmenter, load_encoder_state
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
-from lnfm.segmentation.losses import LossConfig, deep_supervision_loss, segmentation_loss
+from lnfm.segmentation.losses import deep_supervision_loss, segmentation_loss
 from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, RepeatRun
-from lnfm.segmentation.sites import SiteConfig
-from lnfm.segmentation.strategies import StrategyConfig, count_params, layer_index_fn, trainable_filter
+from lnfm.segmentation.strategies import count_params, layer_index_fn, trainable_filter
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints, restore_params
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput
-from lnfm.train.optim import OptimConfig, layer_lr_scales, make_optimizer
+from lnfm.train.optim import layer_lr_scales, make_optimizer
 from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessing
 from lnfm.train.state import create_train_state, merge_model, split_model
 from lnfm.train.job import check_batch, device_batch, fit
@@ -71,51 +68,6 @@ log = logging.getLogger("lnfm.finetune")
 
 RESUME_KEYS = ("model", "head", "strategy", "site")  # a resumed run keeps these (checkpoint shapes follow them)
 METRICS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume", "sens_lt5", "sens_5to10", "sens_ge10")
-
-
-@dataclasses.dataclass
-class HeadConfig:
-    kind: Literal["unetr", "light", "fine", "linear"] = "light"  # decoder head (lnfm.models.heads)
-    deep_supervision: bool = False  # also supervise the head's coarser outputs
-    options: dict[str, Any] = dataclasses.field(  # extra head arguments, e.g. feature_size: 8 for unetr
-        default_factory=dict)
-
-
-@dataclasses.dataclass
-class FinetuneTrainConfig:
-    steps: int = 2000  # optimizer steps per repeat
-    global_batch: int = 2  # patches per step over all hosts
-    accum_steps: int = 1  # gradient-accumulation microbatches per step
-    seed: int = 0  # repeat r uses seed + r for its few-shot subset, head init and sampling
-    log_every: int = 10  # write training metrics every N steps
-    eval_every: int = 200  # validate (and keep the best model) every N steps; 0: only at the end
-    num_labeled: int | None = None  # labelled training cases per repeat (null: the whole training split)
-    repeats: int = 1  # independent runs (subset + init seeds); summary.json reports mean and std
-    val_fraction: float = 0.15  # share of training cases held out for validation when the store has no val split
-
-
-@dataclasses.dataclass
-class FinetuneConfig:
-    site: SiteConfig = dataclasses.field(default_factory=SiteConfig)  # anatomical site preset values
-    init: str = "scratch"  # pretraining workdir, its checkpoints dir, an export dir, or scratch
-    data: list[str] = dataclasses.field(default_factory=list)  # prepared stores with labelled cases
-    model: ModelConfig = dataclasses.field(  # backbone (taken from the checkpoint with --init)
-        default_factory=ModelConfig)
-    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)  # segmentation head
-    strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)  # which parameters train
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # segmentation loss
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW + schedule (+ LLRD scales)
-    loader: LoaderConfig = dataclasses.field(  # patch sampling; patch, window and batch come from site/train
-        default_factory=LoaderConfig)
-    train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
-    inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
-    postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)  # mask clean-up
-    # "encoder": the CT window and PET scale the --init encoder was pretrained with (recorded in its run or
-    # export); "site": the site preset's window. Scratch runs use the site window.
-    normalization: Literal["encoder", "site"] = "encoder"  # intensities as the encoder was pretrained, or the site's
-    metrics: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # test metrics settings
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh and sharding rules
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax saving
 
 
 # Finetuning defaults that differ from the shared dataclass defaults (presets and overrides go on top).

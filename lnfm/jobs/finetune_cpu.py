@@ -15,7 +15,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from lnfm.models.segmenter import build_segmenter
 from lnfm.train.mfu import forward_flops, train_flops
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
@@ -41,10 +43,6 @@ def cpu_conv_rate() -> float:
 
 def step_flops(cfg) -> float | None:
     """Model FLOPs of one finetuning step (global batch, site patch) from the segmenter's lowered forward."""
-    from flax import nnx
-
-    from lnfm.models.segmenter import build_segmenter
-
     model = nnx.eval_shape(lambda: build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0),
                                                    deep_supervision=cfg.head.deep_supervision, **cfg.head.options))
     graphdef, state = nnx.split(model)

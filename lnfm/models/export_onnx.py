@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lnfm.models.conv_forms import native_convs
+
 ONNX_INPUT, ONNX_OUTPUT = "patch", "probabilities"  # tensor names of model.onnx
 
 ONNX_FILE = "model.onnx"
@@ -51,8 +53,6 @@ def write_onnx(path: Path, model, patch: tuple[int, int, int], channels: int) ->
     import jax
     import jax.numpy as jnp
     from jax2onnx import to_onnx
-
-    from lnfm.models.conv_forms import native_convs
 
     _allow_3d_convs()
 

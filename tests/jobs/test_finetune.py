@@ -391,3 +391,24 @@ def test_a_full_disk_while_saving_the_best_model_keeps_the_previous_best(tmp_pat
     assert restored() == 2
     assert run(4).returncode == 0
     assert restored() == 4 and sorted(p.name for p in best.iterdir() if p.name.isdigit()) == ["4"]
+
+
+def test_lora_run_exports_the_adapters_folded_into_the_kernels(store, tmp_path):
+    """Export reads a LoRA run without the finetune job: its params equal the job's own rebuild
+    (load_finetuned) with the adapters merged by merge_lora."""
+    from lnfm.jobs.export import export_model, load_export
+    from lnfm.models import export_formats as fmt
+    from lnfm.models.lora import merge_lora
+
+    wd = tmp_path / "lora"
+    cfg = load_finetune_config("pelvis", TINY + ["model.depth=1", "train.steps=2", "train.eval_every=2",
+                                                 "strategy.freeze=lora", "strategy.lora_rank=2"],
+                               data=[store], num_labeled=2)
+    assert run(cfg, wd) == 0
+    model, _ = load_finetuned(wd)
+    merge_lora(model.encoder)
+    want = fmt.flat_params(model)
+    got = fmt.flat_params(load_export(export_model(wd, tmp_path / "export", "safetensors")).model)
+    assert set(got) == set(want) and not any("lora" in k for k in got)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)

@@ -1,0 +1,66 @@
+"""The finetuning job's typed configuration (`config.yaml` of a finetuning run).
+
+Apart from the job so that export can read a run's config without importing the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from lnfm.data.loader import LoaderConfig
+from lnfm.eval.inference import InferenceConfig
+from lnfm.eval.metrics import EvalConfig
+from lnfm.eval.postprocess import PostprocessConfig
+from lnfm.models import ModelConfig
+from lnfm.models.sharding import MeshConfig
+from lnfm.segmentation.losses import LossConfig
+from lnfm.segmentation.sites import SiteConfig
+from lnfm.segmentation.strategies import StrategyConfig
+from lnfm.train.checkpoint import CheckpointConfig
+from lnfm.train.optim import OptimConfig
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    kind: Literal["unetr", "light", "fine", "linear"] = "light"  # decoder head (lnfm.models.heads)
+    deep_supervision: bool = False  # also supervise the head's coarser outputs
+    options: dict[str, Any] = dataclasses.field(  # extra head arguments, e.g. feature_size: 8 for unetr
+        default_factory=dict)
+
+
+@dataclasses.dataclass
+class FinetuneTrainConfig:
+    steps: int = 2000  # optimizer steps per repeat
+    global_batch: int = 2  # patches per step over all hosts
+    accum_steps: int = 1  # gradient-accumulation microbatches per step
+    seed: int = 0  # repeat r uses seed + r for its few-shot subset, head init and sampling
+    log_every: int = 10  # write training metrics every N steps
+    eval_every: int = 200  # validate (and keep the best model) every N steps; 0: only at the end
+    num_labeled: int | None = None  # labelled training cases per repeat (null: the whole training split)
+    repeats: int = 1  # independent runs (subset + init seeds); summary.json reports mean and std
+    val_fraction: float = 0.15  # share of training cases held out for validation when the store has no val split
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    site: SiteConfig = dataclasses.field(default_factory=SiteConfig)  # anatomical site preset values
+    init: str = "scratch"  # pretraining workdir, its checkpoints dir, an export dir, or scratch
+    data: list[str] = dataclasses.field(default_factory=list)  # prepared stores with labelled cases
+    model: ModelConfig = dataclasses.field(  # backbone (taken from the checkpoint with --init)
+        default_factory=ModelConfig)
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)  # segmentation head
+    strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)  # which parameters train
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # segmentation loss
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW + schedule (+ LLRD scales)
+    loader: LoaderConfig = dataclasses.field(  # patch sampling; patch, window and batch come from site/train
+        default_factory=LoaderConfig)
+    train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
+    inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
+    postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)  # mask clean-up
+    # "encoder": the CT window and PET scale the --init encoder was pretrained with (recorded in its run or
+    # export); "site": the site preset's window. Scratch runs use the site window.
+    normalization: Literal["encoder", "site"] = "encoder"  # intensities as the encoder was pretrained, or the site's
+    metrics: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # test metrics settings
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh and sharding rules
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax saving
