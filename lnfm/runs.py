@@ -2,7 +2,7 @@
 
     PRETRAIN_DIR/  config.yaml  preprocessing.json  checkpoints/  metrics.jsonl ...
     FINETUNE_DIR/  config.yaml  preprocessing.json  summary.json
-                   [repeat_<r>/] config.yaml  checkpoints/  best/  best.json  test_masks/
+                   [repeat_<r>/] config.yaml  checkpoints/  best/<step>/best.json  test_masks/
     EXPORT_DIR/    model.json  checksums.sha256  (format files)
 
 A finetuning run with one repeat keeps that repeat's files in its own root; with
@@ -10,6 +10,8 @@ R > 1 repeats, repeat r lives in repeat_<r>/. Every type has `detect(path)`,
 which also accepts the sub-folders a user is likely to name (checkpoints/,
 best/, repeat_<r>/) and returns None for anything else. preprocessing.json holds
 the contract a run trained with (`lnfm.data.contract`); this module only places it.
+best.json ({'step', 'val_dice'}) lives inside the best model's committed step folder: the
+model and its record are one commit, so a kill can never leave them disagreeing.
 """
 
 from __future__ import annotations
@@ -99,9 +101,11 @@ class RepeatRun:
     def best(self) -> Path:
         return self.root / BEST
 
-    @property
-    def best_json(self) -> Path:
-        return self.root / BEST_JSON
+    def best_step(self) -> Path | None:
+        """The committed step folder of the best model (the newest one while a new best replaces
+        the previous), or None before one is saved."""
+        steps = [p for p in self.best.iterdir() if p.name.isdigit() and p.is_dir()] if self.best.is_dir() else []
+        return max(steps, key=lambda p: int(p.name)) if steps else None
 
     @property
     def test_masks(self) -> Path:
@@ -111,8 +115,15 @@ class RepeatRun:
         return self.test_masks / f"{case_id}.nii.gz"
 
     def best_record(self) -> dict | None:
-        """{'step', 'val_dice'} of the saved best model, or None before one is saved."""
-        return read_json(self.best_json)
+        """{'step', 'val_dice'} committed with the best model, or None before one is saved."""
+        step = self.best_step()
+        if step is None:
+            return None
+        record = read_json(step / BEST_JSON)
+        if record is None:  # a run saved by an older lnfm kept it beside best/: valid if it names this step
+            legacy = read_json(self.root / BEST_JSON)
+            record = legacy if legacy is not None and legacy.get("step") == int(step.name) else None
+        return record
 
 
 @dataclasses.dataclass(frozen=True)
