@@ -31,9 +31,18 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from lnfm.errors import LnfmError
+from lnfm.errors import DiskFull, LnfmError, disk_full
 
 log = logging.getLogger("lnfm.train")
+
+
+def _not_a_full_disk(record: logging.LogRecord) -> bool:
+    """Orbax's writer threads log a failed write with its traceback before the job sees it; a
+    full disk is then reported once, in one line (`DiskFull`), so those records are dropped."""
+    return not (record.exc_info and disk_full(record.exc_info[1]))
+
+
+logging.getLogger("absl").addFilter(_not_a_full_disk)
 
 
 class CheckpointError(LnfmError, RuntimeError):
@@ -152,7 +161,17 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # also an earlier async save's failure, reported here
+            self._raise_if_full(e)
+            raise
+
+    def _raise_if_full(self, e: Exception) -> None:
+        reason = disk_full(e)
+        if reason is not None:
+            raise DiskFull(f"{self.directory}: cannot write a checkpoint ({reason}); the checkpoints committed "
+                           f"before are intact") from None
 
     def _restore_step(self, step: int, target: Any, data_iter: Any) -> Any:
         if not verify_checksums(self.directory / str(step)):
@@ -207,11 +226,21 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending async saves are committed."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._raise_if_full(e)
+            raise
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception as e:
+                if disk_full(e) is None:  # a full disk was reported by wait()
+                    raise
 
     def __enter__(self) -> Checkpointer:
         return self
