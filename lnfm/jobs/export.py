@@ -50,7 +50,7 @@ from lnfm import __version__
 from lnfm.config import from_dict, read_yaml, to_dict
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.data.store import read_manifest
-from lnfm.errors import WeightsMismatch
+from lnfm.errors import DiskFull, WeightsMismatch, disk_full
 from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
 from lnfm.models import ModelConfig, build_encoder
@@ -414,8 +414,13 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
         try:
             _write(source, tmp, format)
             verify_export(tmp)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            reason = disk_full(e)
+            if reason is not None:
+                raise DiskFull(f"{out}: cannot write the export ({reason}); "
+                               f"{'the previous export is unchanged' if out.exists() else 'nothing was written'}") \
+                    from None
             raise
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import logging
 import os
 import re
@@ -53,7 +52,7 @@ from lnfm.data.loader import LoaderConfig, normalize
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
 from lnfm.eval import backends
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
-from lnfm.errors import LnfmError
+from lnfm.errors import DiskFull, LnfmError, disk_full
 from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta
@@ -229,10 +228,10 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
     except BaseException as e:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            # a full disk or quota is the user's to fix, not a bug: one line, the old outputs are intact
-            raise PredictError(f"{pending[-1][1] if pending else output}: cannot write ({e.strerror}); "
-                               f"nothing was replaced") from None
+        reason = disk_full(e)
+        if reason is not None:  # the user's to fix, not a bug: one line, the old outputs are intact
+            raise DiskFull(f"{pending[-1][1] if pending else output}: cannot write ({reason}); "
+                           f"nothing was replaced") from None
         raise
     for tmp, final in pending:
         os.replace(tmp, final)
@@ -354,6 +353,8 @@ def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, ou
                          Path(probabilities) / f"{case}.nii.gz" if probabilities else None,
                          Path(report) / f"{case}.csv" if report else None,
                          Path(overlay) / f"{case}.png" if overlay else None, options, formats=formats)
+        except DiskFull:  # every later case would fail the same way: stop, the finished cases are kept
+            raise
         except LnfmError as e:  # a bad scan fails alone; a bug stops the batch with its traceback
             failed[case] = str(e).splitlines()[0]
             log.warning("case %d of %d failed (listed at the end)", n, len(cases))

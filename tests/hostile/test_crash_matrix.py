@@ -197,7 +197,7 @@ def _pretrain_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     wd = tmp / "pre"
     base = ["pretrain", "--config", "vit_tiny", "--data", tiny.store, "--workdir", wd, *TINY_VIT,
             "train.global_batch=2", "checkpoint.every=2"]
-    first = run([*base, "train.steps=2"], tmp / "first", cache)
+    first = run([*base, "train.steps=2"], tmp / "logs" / "first", cache)
     assert first.rc == 0 and [p.name for p in _steps(wd / "checkpoints")] == ["2"], first.err[-3000:]
     return SimpleNamespace(wd=wd, kept=[wd / "checkpoints" / "2", Path(tiny.store)], argv=[*base, "train.steps=8"])
 
@@ -248,7 +248,7 @@ def _finetune_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     base = ["finetune", "--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", wd, "--quick",
             *TINY_VIT, "site.patch=[16,16,16]", "model.img_size=[16,16,16]", "model.patch_size=[8,8,8]",
             "train.global_batch=1", "train.eval_every=2", "checkpoint.every=2", "inference.sw_batch_size=1"]
-    first = run([*base, "train.steps=2"], tmp / "first", cache)
+    first = run([*base, "train.steps=2"], tmp / "logs" / "first", cache)
     assert first.rc == 0 and [p.name for p in _steps(wd / "checkpoints")] == ["2"], first.err[-3000:]
     return SimpleNamespace(wd=wd, kept=[wd / "checkpoints" / "2", Path(store)], argv=[*base, "train.steps=6"])
 
@@ -278,7 +278,7 @@ def _finetune_done(ctx, r: Run) -> None:
 def _export_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     from lnfm.jobs.export import export_model
 
-    out = export_model(tiny.workdir, tmp / "exp", "safetensors")
+    out = export_model(tiny.workdir, tmp / "exports" / "exp", "safetensors")
     return SimpleNamespace(out=out, kept=[Path(tiny.workdir), out],
                            argv=["export", "--checkpoint", tiny.workdir, "--out", out, "--format", "safetensors",
                                  "--force"])
@@ -319,7 +319,15 @@ def _new_mask(ctx) -> Callable[[], bool]:
 
 
 def _export_tmp(ctx) -> Callable[[], bool]:
-    return lambda: any(ctx.out.parent.glob(".exp.tmp-*"))
+    """This run's temporary export folder exists (not one a killed run left)."""
+    t0 = time.time()
+
+    def made() -> bool:
+        try:
+            return any(p.stat().st_ctime >= t0 for p in ctx.out.parent.glob(".exp.tmp-*"))
+        except FileNotFoundError:
+            return False
+    return made
 
 
 def _predict_whole(ctx) -> None:
@@ -352,6 +360,7 @@ JOBS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("job", JOBS, ids=[j.name for j in JOBS])
 def test_kill_sigterm_and_full_disk_keep_what_was_written_and_a_rerun_completes(job, tiny, cache, tmp_path):
+    (tmp_path / "logs").mkdir()
     ctx = job.setup(tmp_path, cache, tiny)
     before = digest(ctx.kept)
 
@@ -361,22 +370,22 @@ def test_kill_sigterm_and_full_disk_keep_what_was_written_and_a_rerun_completes(
         assert not changed, f"after {after}: pre-existing files changed or vanished: {changed[:5]}"
         job.whole(ctx)
 
-    killed = signal_when(ctx.argv, tmp_path / "kill", cache, lambda: job.watch(ctx), signal.SIGKILL)
+    killed = signal_when(ctx.argv, tmp_path / "logs" / "kill", cache, lambda: job.watch(ctx), signal.SIGKILL)
     assert killed.rc == -signal.SIGKILL
     intact("kill -9")
 
-    term = signal_when(ctx.argv, tmp_path / "term", cache, lambda: job.watch(ctx), signal.SIGTERM)
+    term = signal_when(ctx.argv, tmp_path / "logs" / "term", cache, lambda: job.watch(ctx), signal.SIGTERM)
     assert term.rc == job.term_rc and "Traceback" not in term.err, term.err[-3000:]
     assert job.term_says in term.err, term.err[-3000:]
     intact("SIGTERM")
 
-    full = run(ctx.argv, tmp_path / "full", None, limit=job.limit)
+    full = run(ctx.argv, tmp_path / "logs" / "full", None, limit=job.limit)
     assert full.rc == 2, full.err[-3000:]
     line = one_error_line(full, job.name)
     assert str(job.full_names(ctx)) in line and ("File too large" in line or "cannot write" in line), line
     intact("a full disk")
 
-    done = run(ctx.argv, tmp_path / "rerun", cache)
+    done = run(ctx.argv, tmp_path / "logs" / "rerun", cache)
     assert done.rc == 0, done.err[-3000:]
     intact("the rerun")
     job.done(ctx, done)
