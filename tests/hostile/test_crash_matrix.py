@@ -55,7 +55,7 @@ def cache(tmp_path_factory) -> Path:
 def _env(cache: Path | None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LNFM_", "JAX_COMPILATION"))}
     env.update(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA)
-    if cache is not None:  # not under a size limit: JAX writes its cache entries in place, they would be cut
+    if cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
@@ -92,8 +92,10 @@ def run(argv: list, log: Path, cache: Path | None, limit: int | None = None) -> 
     return finish(start(argv, log, cache, limit), log)
 
 
-def signal_when(argv: list, log: Path, cache: Path, watch: Callable[[], Callable[[], bool]], sig: int) -> Run:
-    """Start the job, poll until it is writing (`watch()` made at the start), then send `sig`."""
+def signal_when(argv: list, log: Path, cache: Path, watch: Callable[[], Callable[[], bool]], sig: int,
+                snapshot: Callable[[], dict]) -> tuple[Run, dict]:
+    """Start the job, poll until it is writing (`watch()` made at the start), take `snapshot()` of
+    what exists then, send `sig`; (the run, the snapshot)."""
     writing = watch()
     proc = start(argv, log, cache)
     t0 = time.time()
@@ -104,8 +106,9 @@ def signal_when(argv: list, log: Path, cache: Path, watch: Callable[[], Callable
             proc.kill()
             raise AssertionError("never started writing")
         time.sleep(0.005)
+    before = snapshot()
     proc.send_signal(sig)
-    return finish(proc, log)
+    return finish(proc, log), before
 
 
 def digest(paths: list[Path]) -> dict[str, str]:
@@ -130,7 +133,7 @@ def one_error_line(r: Run, job: str) -> str:
 @dataclasses.dataclass
 class Job:
     name: str
-    setup: Callable  # (tmp, cache, tiny) -> ctx with .argv, .kept (paths hashed before and after)
+    setup: Callable  # (tmp, cache, tiny) -> ctx with .argv, .kept() (the finished files: hashed before and after)
     watch: Callable  # ctx -> (() -> bool): called as a run starts; the predicate holds once it is writing
     term_rc: int
     term_says: str  # in stderr after SIGTERM
@@ -149,9 +152,11 @@ def _prepare_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     for i in range(2, 8):  # six more cases join the raw folder: each run below converts some
         os.replace(more / "imagesTr" / f"case{i}_0000.nii.gz", raw / "imagesTr" / f"case{i}_0000.nii.gz")
         os.replace(more / "labelsTr" / f"case{i}.nii.gz", raw / "labelsTr" / f"case{i}.nii.gz")
-    kept = [raw, store / "records", store / "cases", store / "contract.json"]
-    return SimpleNamespace(raw=raw, store=store, kept=kept,
-                           argv=["prepare", "--input", raw, "--output", store, "--workers", "0", "salt=s"])
+    ctx = SimpleNamespace(raw=raw, store=store, argv=["prepare", "--input", raw, "--output", store, "--workers", "0",
+                                                      "salt=s"])
+    ctx.kept = lambda: [raw, store / "contract.json",  # and the finished cases: records and arrays
+                        *(q for r in _records(ctx) for q in (r, store / "cases" / r.stem))]
+    return ctx
 
 
 def _records(ctx) -> list[Path]:
@@ -195,11 +200,9 @@ def _checkpoints_whole(folder: Path) -> None:
 
 def _pretrain_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     wd = tmp / "pre"
-    base = ["pretrain", "--config", "vit_tiny", "--data", tiny.store, "--workdir", wd, *TINY_VIT,
-            "train.global_batch=2", "checkpoint.every=2"]
-    first = run([*base, "train.steps=2"], tmp / "logs" / "first", cache)
-    assert first.rc == 0 and [p.name for p in _steps(wd / "checkpoints")] == ["2"], first.err[-3000:]
-    return SimpleNamespace(wd=wd, kept=[wd / "checkpoints" / "2", Path(tiny.store)], argv=[*base, "train.steps=8"])
+    return SimpleNamespace(wd=wd, kept=lambda: [Path(tiny.store), *_steps(wd / "checkpoints")],
+                           argv=["pretrain", "--config", "vit_tiny", "--data", tiny.store, "--workdir", wd, *TINY_VIT,
+                                 "train.global_batch=2", "checkpoint.every=2", "train.steps=8"])
 
 
 def _new_records(ctx) -> Callable[[], bool]:
@@ -209,10 +212,19 @@ def _new_records(ctx) -> Callable[[], bool]:
 
 
 def _new_checkpoint(ctx) -> Callable[[], bool]:
-    """A checkpoint after the ones the store had is being written (or just was)."""
-    ck, t0 = ctx.wd / "checkpoints", time.time()
-    seen = max([int(p.name) for p in _steps(ck)], default=0)
-    return lambda: _temp_dirs(ck, t0) or any(int(p.name) > seen for p in _steps(ck))
+    """The job committed a checkpoint after those the workdir had (so its training loop runs and
+    there is one to keep) and now writes the next: a temporary step folder made after that."""
+    ck = ctx.wd / "checkpoints"
+    seen, since = max([int(p.name) for p in _steps(ck)], default=0), []
+
+    def writing() -> bool:
+        new = [p for p in _steps(ck) if int(p.name) > seen]
+        if not new:
+            return False
+        if not since:
+            since.append(time.time())
+        return len(new) > 1 or _temp_dirs(ck, since[0])
+    return writing
 
 
 def _pretrain_whole(ctx) -> None:
@@ -245,17 +257,15 @@ def _labelled_store(root: Path) -> str:
 def _finetune_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     store = _labelled_store(tmp)
     wd = tmp / "ft"
-    base = ["finetune", "--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", wd, "--quick",
+    argv = ["finetune", "--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", wd, "--quick",
             *TINY_VIT, "site.patch=[16,16,16]", "model.img_size=[16,16,16]", "model.patch_size=[8,8,8]",
-            "train.global_batch=1", "train.eval_every=2", "checkpoint.every=2", "inference.sw_batch_size=1"]
-    first = run([*base, "train.steps=2"], tmp / "logs" / "first", cache)
-    assert first.rc == 0 and [p.name for p in _steps(wd / "checkpoints")] == ["2"], first.err[-3000:]
-    return SimpleNamespace(wd=wd, kept=[wd / "checkpoints" / "2", Path(store)], argv=[*base, "train.steps=6"])
+            "train.global_batch=1", "train.eval_every=2", "checkpoint.every=2", "inference.sw_batch_size=1",
+            "train.steps=8"]
+    return SimpleNamespace(wd=wd, kept=lambda: [Path(store), *_steps(wd / "checkpoints")], argv=argv)
 
 
 def _finetune_writing(ctx) -> Callable[[], bool]:
-    checkpoint, t0 = _new_checkpoint(ctx), time.time()
-    return lambda: checkpoint() or _temp_dirs(ctx.wd / "best", t0)
+    return _new_checkpoint(ctx)
 
 
 def _finetune_whole(ctx) -> None:
@@ -269,7 +279,7 @@ def _finetune_whole(ctx) -> None:
 
 def _finetune_done(ctx, r: Run) -> None:
     _finetune_whole(ctx)
-    assert [p.name for p in _steps(ctx.wd / "checkpoints")][-1] == "6"
+    assert [p.name for p in _steps(ctx.wd / "checkpoints")][-1] == "8"
     assert "resumed from step" in (ctx.wd / "log.txt").read_text()
     summary = json.loads((ctx.wd / "summary.json").read_text())
     assert 0.0 <= summary["dice"] <= 1.0
@@ -279,7 +289,7 @@ def _export_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     from lnfm.jobs.export import export_model
 
     out = export_model(tiny.workdir, tmp / "exports" / "exp", "safetensors")
-    return SimpleNamespace(out=out, kept=[Path(tiny.workdir), out],
+    return SimpleNamespace(out=out, kept=lambda: [Path(tiny.workdir), out], replaced=[out],
                            argv=["export", "--checkpoint", tiny.workdir, "--out", out, "--format", "safetensors",
                                  "--force"])
 
@@ -304,7 +314,7 @@ def _predict_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     for i in range(4):  # a batch: the kill lands while later cases are being segmented and written
         shutil.copy(tiny.raw / "imagesTr" / f"{tiny.records[i % 2]['case_id']}_0000.nii.gz", scans / f"s{i}.nii.gz")
     out = tmp / "masks"
-    return SimpleNamespace(model=model, scans=scans, out=out, kept=[model, scans],
+    return SimpleNamespace(model=model, scans=scans, out=out, kept=lambda: [model, scans],
                            argv=["predict", "--model", model, "--input", scans, "--output", out])
 
 
@@ -362,30 +372,39 @@ JOBS = [
 def test_kill_sigterm_and_full_disk_keep_what_was_written_and_a_rerun_completes(job, tiny, cache, tmp_path):
     (tmp_path / "logs").mkdir()
     ctx = job.setup(tmp_path, cache, tiny)
-    before = digest(ctx.kept)
 
-    def intact(after: str) -> None:
-        now = digest(ctx.kept)
+    def snapshot() -> dict:
+        return digest(ctx.kept())
+
+    def intact(before: dict, after: str) -> None:
+        now = digest(list(map(Path, before)))
         changed = sorted(k for k in before if now.get(k) != before[k])
-        assert not changed, f"after {after}: pre-existing files changed or vanished: {changed[:5]}"
+        assert not changed, f"after {after}: files that existed before changed or vanished: {changed[:5]}"
         job.whole(ctx)
 
-    killed = signal_when(ctx.argv, tmp_path / "logs" / "kill", cache, lambda: job.watch(ctx), signal.SIGKILL)
+    killed, before = signal_when(ctx.argv, tmp_path / "logs" / "kill", cache, lambda: job.watch(ctx), signal.SIGKILL,
+                                 snapshot)
     assert killed.rc == -signal.SIGKILL
-    intact("kill -9")
+    intact(before, "kill -9")
 
-    term = signal_when(ctx.argv, tmp_path / "logs" / "term", cache, lambda: job.watch(ctx), signal.SIGTERM)
+    term, before = signal_when(ctx.argv, tmp_path / "logs" / "term", cache, lambda: job.watch(ctx), signal.SIGTERM,
+                               snapshot)
     assert term.rc == job.term_rc and "Traceback" not in term.err, term.err[-3000:]
     assert job.term_says in term.err, term.err[-3000:]
-    intact("SIGTERM")
+    intact(before, "SIGTERM")
 
-    full = run(ctx.argv, tmp_path / "logs" / "full", None, limit=job.limit)
+    before = snapshot()
+    # JAX writes its cache entries in place: under the limit it gets a copy of the cache to cut
+    spare = Path(shutil.copytree(cache, tmp_path / "jax_cache"))
+    full = run(ctx.argv, tmp_path / "logs" / "full", spare, limit=job.limit)
     assert full.rc == 2, full.err[-3000:]
     line = one_error_line(full, job.name)
     assert str(job.full_names(ctx)) in line and ("File too large" in line or "cannot write" in line), line
-    intact("a full disk")
+    intact(before, "a full disk")
 
+    replaced = tuple(str(p) for p in getattr(ctx, "replaced", ()))  # what a completed rerun replaces
+    before = {k: v for k, v in snapshot().items() if not k.startswith(replaced)} if replaced else snapshot()
     done = run(ctx.argv, tmp_path / "logs" / "rerun", cache)
     assert done.rc == 0, done.err[-3000:]
-    intact("the rerun")
+    intact(before, "the rerun")
     job.done(ctx, done)
