@@ -62,7 +62,7 @@ from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_input
                                      parse_formats, source_series, write_dicom_outputs)
 from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
 from lnfm.safety import check_apart
-from lnfm.workdir import atomic_write_text, progress, setup_logging
+from lnfm.workdir import atomic_write_text, progress, remove_stale_temps, setup_logging
 
 log = logging.getLogger("lnfm.predict")
 
@@ -207,6 +207,7 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
         for final in (output, probabilities, report, overlay, *(dicom[1].values() if dicom else ())):
             if final is not None:
                 final.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(final.parent)  # left by a predict that was killed
         if output is not None:
             pending.append((_temp(output), output))
             write_nifti(pending[-1][0], pred.labels, pred.affine)
