@@ -82,12 +82,13 @@ DEFAULTS: dict = {
     "checkpoint": {"every": 500, "keep": 2},
 }
 
-# `--quick`: the tiny run of `make demo` (32^3 patches, a few hundred steps on a laptop CPU). The
-# linear probe keeps a CPU step at tens of milliseconds; XLA's CPU 3D convolutions make the conv
-# decoders (light, unetr) seconds per step there.
-QUICK = ["site.patch=[32,32,32]", "train.steps=400", "train.global_batch=2", "train.eval_every=100",
-         "train.log_every=20", "checkpoint.every=200", "optim.warmup_steps=20", "optim.lr=3e-3",
-         "head.kind=linear", "strategy.freeze=none", "strategy.llrd=0.9", "inference.overlap=0.25",
+# `--quick`: the CPU run of `make demo` (32^3 patches, a few hundred steps on a laptop CPU) with the
+# fine head, whose strided convolutions are matmuls and whose full-resolution level has 8 channels,
+# so a CPU step costs about what a MONAI U-Net's does (docs/results/fewshot_peer.md). The site's
+# freezing strategy is kept.
+QUICK = ["site.patch=[32,32,32]", "train.steps=600", "train.global_batch=2", "train.eval_every=200",
+         "train.log_every=20", "checkpoint.every=200", "optim.warmup_steps=20", "optim.lr=2e-3",
+         "head.kind=fine", "inference.overlap=0.25",
          "model.img_size=[32,32,32]", "model.patch_size=[8,8,8]"]
 
 
@@ -220,14 +221,14 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         checkpoints = PretrainRun(path).checkpoints
         encoder = restore_params(checkpoints, nnx.State({"encoder": target}))["encoder"]
         load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
-        log.info("encoder initialised from %s", checkpoints)
+        log.info("encoder initialised from the pretraining run (--init)")  # no paths in logs
     elif kind == "export":
         try:
             exported = load_export(path)
         except ExportError as e:
             raise ConfigError(str(e)) from None
         load_encoder_state(model, exported.encoder)
-        log.info("encoder initialised from export %s", path)
+        log.info("encoder initialised from the export (--init)")
     if cfg.strategy.freeze == "lora":
         apply_lora(model.encoder, cfg.strategy.lora_rank, cfg.strategy.lora_alpha, rngs=nnx.Rngs(seed + 1))
     if kind == "export" or cfg.strategy.freeze == "lora":
@@ -528,8 +529,8 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
              list(cfg.loader.hu_window), cfg.loader.pet_scale,
              "as the encoder was pretrained" if cfg.normalization == "encoder" and cfg.init != "scratch"
              else "site preset")
-    log.info("site %s, init %s, head %s, strategy %s; mesh %s over %d devices", cfg.site.name, cfg.init,
-             cfg.head.kind, cfg.strategy.freeze, dict(mesh.shape), jax.device_count())
+    log.info("site %s, init %s, head %s, strategy %s; mesh %s over %d devices", cfg.site.name,
+             resolve_init(cfg.init)[0], cfg.head.kind, cfg.strategy.freeze, dict(mesh.shape), jax.device_count())
     val_cases = load_cases(cfg.data, records, splits.val, cfg.loader)
     test_cases = load_cases(cfg.data, records, splits.test, cfg.loader)
     runs = []
@@ -566,7 +567,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
     ap.add_argument("--quick", action="store_true",
-                    help="CPU demo settings (lnfm.jobs.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
+                    help="CPU settings of the demo (lnfm.jobs.finetune.QUICK: 32^3 patches, 600 steps, the fine head)")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
     return ap.parse_args(argv)
