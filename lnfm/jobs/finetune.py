@@ -45,7 +45,7 @@ from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
 from lnfm.models.lora import apply_lora
 from lnfm.models.heads import head_flops, head_param_count
-from lnfm.models.segmenter import build_segmenter, load_encoder_state
+from lnfm.models.segmenter import load_encoder_state, segmenter_from_config
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
@@ -207,11 +207,8 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
     """Sharded segmenter (+ LoRA adapters with strategy.freeze=lora), pretrained encoder loaded."""
     num_classes = len(cfg.site.labels)
 
-    def build():
-        return build_segmenter(cfg.model, cfg.head.kind, num_classes, nnx.Rngs(seed),
-                               deep_supervision=cfg.head.deep_supervision, **cfg.head.options)
-
-    model = create_sharded_model(build, mesh, cfg.mesh.rules)
+    model = create_sharded_model(lambda: segmenter_from_config(cfg.model, cfg.head, num_classes, nnx.Rngs(seed)),
+                                 mesh, cfg.mesh.rules)
     kind, path, _ = resolve_init(cfg.init)
     if kind == "pretrain":
         # Pretraining saved nnx.State trees; restore only params["encoder"] into our shardings.
