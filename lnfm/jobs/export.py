@@ -231,8 +231,8 @@ def _load_pretrained(run: PretrainRun) -> _Source:
                                   "spacing_mm": dcfg.get("spacing"), "split": dcfg.get("split")})
 
 
-def source_dir(checkpoint: str | Path) -> Path:
-    """The whole workdir (finetuning or pretraining run) that `checkpoint` names or lies in."""
+def detect_source(checkpoint: str | Path) -> FinetuneRun | PretrainRun:
+    """The run (finetuning or pretraining workdir) that `checkpoint` names or lies in."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise ExportError(f"{path}: checkpoint folder not found")
@@ -240,18 +240,14 @@ def source_dir(checkpoint: str | Path) -> Path:
     if run is None:
         raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
                           f"(config.yaml + checkpoints/)")
-    return run.root
+    return run
 
 
-def load_source(checkpoint: str | Path) -> _Source:
-    root = source_dir(checkpoint)
-    ft = FinetuneRun.detect(root)
-    return _load_finetuned(ft) if ft is not None else _load_pretrained(PretrainRun.detect(root))
+def load_source(run: FinetuneRun | PretrainRun) -> _Source:
+    return _load_finetuned(run) if isinstance(run, FinetuneRun) else _load_pretrained(run)
 
 
 # ----------------------------------------------------------------------------- writing
-
-
 
 
 def _meta(source: _Source, format: str) -> ExportMeta:
@@ -372,9 +368,10 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
     out = Path(out).absolute()
-    check_apart({"--out": out}, {"--checkpoint": source_dir(checkpoint)})
+    run = detect_source(checkpoint)
+    check_apart({"--out": out}, {"--checkpoint": run.root})
     check_replaceable(out, force)
-    source = load_source(checkpoint)
+    source = load_source(run)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
