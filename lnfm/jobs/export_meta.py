@@ -71,6 +71,11 @@ def parse_meta(data: Any, where: str) -> ExportMeta:
     if version != SCHEMA_VERSION:
         raise ExportError(f"{where}: schema_version {version} is not {SCHEMA_VERSION} (export the model again with "
                           f"this lnfm)")
+    head = data.get("head")
+    if isinstance(head, dict):  # HeadConfig has defaults for finetuning configs; model.json records every field
+        missing = [f.name for f in dataclasses.fields(HeadConfig) if f.name not in head]
+        if missing:
+            raise ExportError(f"{where}: missing config key 'head.{missing[0]}'")
     try:
         return from_dict(ExportMeta, data)
     except ConfigError as e:

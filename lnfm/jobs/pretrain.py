@@ -171,7 +171,7 @@ def pretrain_preprocessing(cfg: PretrainConfig, stores: list[str]) -> Preprocess
 
 @dataclasses.dataclass
 class _Data:
-    """What pretraining's checks resolved (see `_check`)."""
+    """What pretraining's checks resolved (the `check` in `run`)."""
     stores: list[str]
     weights: list[float] | None
     counts: Any  # cases per store, for the log

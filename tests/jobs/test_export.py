@@ -239,9 +239,13 @@ def test_model_json_is_validated_and_a_run_without_preprocessing_is_refused(tiny
     for key, value, message in [("deep_supervision", "maybe", "head.deep_supervision: expected true/false"),
                                 ("kind", "big", "head.kind: 'big' is not one of"),
                                 ("options", [8], "head.options: expected a mapping"),
-                                ("colour", 1, "unknown config key 'head.colour'")]:
+                                ("colour", 1, "unknown config key 'head.colour'"),
+                                ("deep_supervision", None, "missing config key 'head.deep_supervision'")]:
         broken = json.loads(json.dumps(good))
-        broken["head"][key] = value
+        if value is None:
+            del broken["head"][key]
+        else:
+            broken["head"][key] = value
         (bad / "model.json").write_text(json.dumps(broken))
         with pytest.raises(ex.ExportError) as err:
             ex.read_meta(bad)

@@ -86,6 +86,21 @@ def check_summary(workdir, logged: dict[int, float], store_spacing: list[float])
     assert summary["patch_size"] == config["model"]["img_size"]
 
 
+def test_summary_of_a_finished_run_started_again_takes_the_logged_loss(tmp_path):
+    """No step runs when a finished run is started again: its final loss is the one metrics.jsonl logged."""
+    from lnfm.data.contract import Normalization, PrepareContract, Preprocessing
+    from lnfm.train.loop import LoopResult
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 39, "loss": 0.5}\n{"step": 40, "loss": 0.25}\n')
+    contract = PrepareContract(version=2, spacing=None, orientation="RAS", crop_body=True, body_threshold_hu=-500.0,
+                               channels=("CT", "PET"), ct_storage="int16", label_map={}, resample_channels=True)
+    prep = Preprocessing(contract, Normalization((-1000.0, 1000.0), 10.0), (64, 64, 32))
+    summary = pretrain.pretrain_summary(prep, LoopResult(None, 40, False, {}), 40, 3.0, tmp_path)
+    assert summary == {"step": 40, "loss": 0.25, "resumed_from": 40, "steps_run": 0, "fit_time_s": 3.0,
+                       "steps_per_s": None, "spacing_mm": None, "channels": ("CT", "PET"),
+                       "hu_window": (-1000.0, 1000.0), "pet_scale": 10.0, "patch_size": (64, 64, 32)}
+
+
 def test_nan_loss_exits_3_with_the_message(phantom_store, tmp_path, capsys, monkeypatch):
     def diverge(*args, **kwargs):
         raise NonFiniteLoss("loss is nan at step 7; stopping (the last good checkpoint is kept)")
