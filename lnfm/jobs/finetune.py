@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
-from lnfm.data.contract import Normalization, write_preprocessing
+from lnfm.data.contract import Normalization
 from lnfm.data.loader import LoaderConfig, make_loader, normalize
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
@@ -45,24 +45,24 @@ from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
 from lnfm.models.lora import apply_lora
 from lnfm.models.heads import head_flops, head_param_count
-from lnfm.models.segmenter import build_segmenter, load_encoder_state
+from lnfm.models.segmenter import load_encoder_state, segmenter_from_config
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import deep_supervision_loss, segmentation_loss
-from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, RepeatRun
+from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, RepeatRun, write_json
 from lnfm.segmentation.strategies import count_params, layer_index_fn, trainable_filter
 from lnfm.safety import check_apart
-from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints, restore_params
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput
 from lnfm.train.optim import layer_lr_scales, make_optimizer
 from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessing
 from lnfm.train.state import create_train_state, merge_model, split_model
-from lnfm.train.job import check_batch, device_batch, fit
+from lnfm.train.job import Checked, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
-from lnfm.workdir import atomic_write_text, check_resume, lock_folder, open_workdir
+from lnfm.workdir import MetricsWriter, open_workdir
 
 log = logging.getLogger("lnfm.finetune")
 
@@ -208,11 +208,8 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
     """Sharded segmenter (+ LoRA adapters with strategy.freeze=lora), pretrained encoder loaded."""
     num_classes = len(cfg.site.labels)
 
-    def build():
-        return build_segmenter(cfg.model, cfg.head.kind, num_classes, nnx.Rngs(seed),
-                               deep_supervision=cfg.head.deep_supervision, **cfg.head.options)
-
-    model = create_sharded_model(build, mesh, cfg.mesh.rules)
+    model = create_sharded_model(lambda: segmenter_from_config(cfg.model, cfg.head, num_classes, nnx.Rngs(seed)),
+                                 mesh, cfg.mesh.rules)
     kind, path, _ = resolve_init(cfg.init)
     if kind == "pretrain":
         # Pretraining saved nnx.State trees; restore only params["encoder"] into our shardings.
@@ -381,7 +378,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
             best.update(step=step, val_dice=val_dice)
             save_best(best_ckpt, step, {"model": _full_state(graphdef, *states)}, to_dict(cfg))
             if pid == 0:
-                atomic_write_text(rrun.best_json, json.dumps(best))
+                write_json(rrun.best_json, best)
 
     def next_batch() -> dict:
         return device_batch(next(data_iter), bsh, {"image": np.float32, "label": np.int32})
@@ -459,19 +456,22 @@ def combine(cfg: FinetuneConfig, runs: list[dict]) -> dict:
             "head_gflops": first["head_gflops"], "train_time_s": float(sum(r["train_time_s"] for r in runs))}
 
 
+@dataclasses.dataclass
+class _Data:
+    """What finetuning's checks resolved (see `_check`)."""
+    records: dict[str, tuple[str, dict]]  # case id -> (store, manifest record)
+    splits: Splits
+
+
 def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     """Finetune (or resume) into `workdir` and write summary.json. Returns the exit code."""
     init = resolve_init(cfg.init)[1]
-    check_apart({"--workdir": workdir}, {"--init": init, "--data": cfg.data})
-    with lock_folder(workdir, enabled=jax.process_index() == 0):
-        runs = [Path(workdir)] + sorted(Path(workdir).glob("repeat_*"))
-        check_resume(workdir, cfg, RESUME_KEYS, has_run=any(has_checkpoints(d / "checkpoints") or
-                                                            has_checkpoints(d / "best") for d in runs))
-        return _run(cfg, workdir)
+    return run_training_job(cfg, FinetuneRun(Path(workdir)), inputs={"--init": init, "--data": cfg.data},
+                            resume_keys=RESUME_KEYS, check=_check, train=_train, tensorboard=False)
 
 
-def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
-    workdir = Path(workdir)
+def _check(cfg: FinetuneConfig) -> Checked:
+    """Every check of the data, the init and the labels, before anything is written or compiled."""
     check_stores(cfg.data)
     records: dict[str, tuple[str, dict]] = {}
     for store in cfg.data:
@@ -498,7 +498,7 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")
     n_ch = channels.pop()
     if cfg.model.in_channels != n_ch:
-        if resolve_init(cfg.init)[0] != "scratch":
+        if kind != "scratch":
             raise DataError(f"the data has {n_ch} channel(s) but the pretrained encoder takes "
                             f"{cfg.model.in_channels}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
@@ -511,17 +511,15 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     prep = training_preprocessing(cfg.data, [records[i] for i in splits.pool + splits.val + splits.test],
                                   cfg.site.spacing, Normalization(cfg.loader.hu_window, cfg.loader.pet_scale),
                                   cfg.site.patch)
-    mesh = make_mesh(cfg.mesh)
-    check_batch(cfg.train.global_batch, cfg.train.accum_steps, jax.process_count(),
-                mesh.shape["data"] * mesh.shape["fsdp"])
-    pid = jax.process_index()
-    run_dirs = FinetuneRun(workdir)
-    writer = open_workdir(workdir, cfg, is_main=pid == 0, tensorboard=False)
-    writer.close()
+    return Checked(cfg, prep, _Data(records, splits))
+
+
+def _train(checked: Checked, run_dirs: FinetuneRun, mesh: jax.sharding.Mesh, writer: MetricsWriter) -> dict | None:
+    """Every repeat, then their combined summary (None when a signal stopped a repeat)."""
+    cfg, prep, records, splits = checked.cfg, checked.preprocessing, checked.context.records, checked.context.splits
     if not any(records[i][1].get("split") == "val" for i in splits.val):  # logged once every check has passed
         log.info("the store has no val split: %d training case(s) held out for validation", len(splits.val))
-    if pid == 0:
-        write_preprocessing(run_dirs.preprocessing, prep)
+    if jax.process_index() == 0:
         notice = cpu_notice(cfg)
         if notice:
             print(notice, file=sys.stderr)
@@ -538,22 +536,12 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
         rdir = run_dirs.repeat(r, cfg.train.repeats).root
         out = run_repeat(cfg, r, rdir, mesh, splits, val_cases, test_cases, records)
         if out is None:
-            log.warning("preempted: rerun the same command to resume")
-            return 0
+            return None
         runs.append(out)
     summary = combine(cfg, runs)
-    if pid == 0:
-        atomic_write_text(run_dirs.summary, json.dumps(summary, indent=1, default=_json_safe))
     log.info("summary: %s", ", ".join(f"{k}={summary[k]:.4f}" if isinstance(summary.get(k), float)
                                       else f"{k}={summary.get(k)}" for k in METRICS[:6]))
-    return 0
-
-
-def _json_safe(x: Any) -> Any:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)
+    return summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.segmenter import build_segmenter
+from lnfm.models.segmenter import segmenter_from_config
 from lnfm.train.mfu import forward_flops, train_flops
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
@@ -43,8 +43,7 @@ def cpu_conv_rate() -> float:
 
 def step_flops(cfg) -> float | None:
     """Model FLOPs of one finetuning step (global batch, site patch) from the segmenter's lowered forward."""
-    model = nnx.eval_shape(lambda: build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0),
-                                                   deep_supervision=cfg.head.deep_supervision, **cfg.head.options))
+    model = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     x = jax.ShapeDtypeStruct((cfg.train.global_batch, *cfg.site.patch, cfg.model.in_channels), jnp.float32)
     return train_flops(forward_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, x))

@@ -51,6 +51,7 @@ class LoopResult:
     state: Any
     step: int
     preempted: bool
+    metrics: dict  # the values (loss, ...) of the last step run; empty when no step ran (a finished run resumed)
 
 
 def trim_metrics(workdir: str | Path, step: int) -> None:
@@ -154,6 +155,7 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
     with every checkpoint so a resumed run sees the same data order.
     """
     pending: tuple[int, dict] | None = None
+    last: dict = {}
     timer = {"t": None, "step": start_step, "excluded": 0.0}  # excluded: hook and save seconds
     saved_step = start_step if checkpointer is not None and start_step in checkpointer.all_steps() else -1
     bar = progress(total=total_steps, initial=start_step, desc=desc, disable=jax.process_index() != 0)
@@ -167,6 +169,8 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
 
     def finish(done: int, metrics: dict) -> None:
         values = check(done, metrics)
+        last.clear()
+        last.update(values)
         now = time.perf_counter()
         if timer["t"] is None:  # the first step includes compilation: start timing after it
             timer["t"], timer["step"] = now, done
@@ -241,4 +245,4 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
                 checkpointer.wait()
     if preempted:
         log.warning("stopped by signal after step %d; checkpoint saved", step)
-    return LoopResult(state, step, preempted)
+    return LoopResult(state, step, preempted, dict(last))
