@@ -52,6 +52,7 @@ class LoopResult:
     step: int
     preempted: bool
     metrics: dict  # the values (loss, ...) of the last step run; empty when no step ran (a finished run resumed)
+    train_s: float = 0.0  # seconds in this call's steps (first-step compilation included; hooks and saves not)
 
 
 def trim_metrics(workdir: str | Path, step: int) -> None:
@@ -157,6 +158,8 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
     pending: tuple[int, dict] | None = None
     last: dict = {}
     timer = {"t": None, "step": start_step, "excluded": 0.0}  # excluded: hook and save seconds
+    outside = [0.0]  # every hook and save second of this call (train_s leaves them out)
+    loop_t0 = time.perf_counter()
     saved_step = start_step if checkpointer is not None and start_step in checkpointer.all_steps() else -1
     bar = progress(total=total_steps, initial=start_step, desc=desc, disable=jax.process_index() != 0)
 
@@ -191,6 +194,7 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
         jax.block_until_ready(state)
         t0 = time.perf_counter()
         fn()
+        outside[0] += time.perf_counter() - t0
         if timer["t"] is not None:
             timer["excluded"] += time.perf_counter() - t0
 
@@ -243,6 +247,7 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
             writer.flush()
             if checkpointer is not None:
                 checkpointer.wait()
+    train_s = time.perf_counter() - loop_t0 - outside[0]
     if preempted:
         log.warning("stopped by signal after step %d; checkpoint saved", step)
-    return LoopResult(state, step, preempted, dict(last))
+    return LoopResult(state, step, preempted, dict(last), train_s)
