@@ -13,7 +13,8 @@ Arms, per seed (its own labelled subset and initialisation) and labelled-case co
 - `lnfm_pretrained`: MAE pretraining on the unlabelled pool, then the finetuning job
   with the site's default head and strategy (`lnfm.jobs.finetune.run`), exported and run
   through `lnfm.jobs.predict`;
-- `lnfm_scratch`: the same finetuning from a random encoder of the same architecture;
+- `lnfm_scratch`: the same finetuning from a random encoder of the same architecture,
+  every layer trained (`strategy.freeze=none`);
 - peers (`lnfm.segmentation.peers`): MONAI UNet, DynUNet with nnU-Net's 3d_fullres topology,
   SwinUNETR, each trained on the same loader's patches twice: with LNFM's patch budget
   (same steps x batch x patch) and with LNFM-pretrained's training wall time.
@@ -83,9 +84,11 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=10, val=2, test=8, shape=(96, 96, 48)), seeds=5,
-                  num_labeled=[2, 8], steps=60, patch=32, pretrain_config="vit_tiny", pretrain_steps=300,
-                  overlap=0.25),
+    # 5 seeds x 4 labelled cases x (2 LNFM arms + 2 peers x 2 budgets) in about an hour on 2 idle cores:
+    # SwinUNETR (seconds per CPU step) and the labelled-count grid are the gpu preset's.
+    "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=8, val=2, test=8, shape=(96, 96, 48)), seeds=5,
+                  num_labeled=[4], steps=300, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
+                  peers=("unet", "dynunet"), overlap=0.25),
     "gpu": Preset(B.BenchmarkSpec(unlabelled=40, labelled=16, val=4, test=16, shape=(160, 160, 96)), seeds=5,
                   num_labeled=[1, 2, 4, 8, 16], steps=2000, patch=None, pretrain_config="vit_b",
                   pretrain_steps=20000),
@@ -123,7 +126,8 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
             f"inference.overlap={preset.overlap}"]
     if preset.patch is not None:
         over.append(f"site.patch=[{preset.patch},{preset.patch},{preset.patch}]")
-    if init == "scratch":
+    if init == "scratch":  # a random encoder is trained whole: freezing random layers helps no one
+        over.append("strategy.freeze=none")
         model = to_dict(P.load_pretrain_config(preset.pretrain_config, _pretrain_overrides(preset)).model)
         over += [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
     return F.load_finetune_config(site, over, init=init, data=[str(bench.labelled_store)], num_labeled=n,

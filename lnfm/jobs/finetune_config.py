@@ -6,27 +6,20 @@ Apart from the job so that export can read a run's config without importing the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from lnfm.data.loader import LoaderConfig
 from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.metrics import EvalConfig
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.models import ModelConfig
+from lnfm.models.heads.config import HeadConfig
 from lnfm.models.sharding import MeshConfig
 from lnfm.segmentation.losses import LossConfig
 from lnfm.segmentation.sites import SiteConfig
 from lnfm.segmentation.strategies import StrategyConfig
 from lnfm.train.checkpoint import CheckpointConfig
 from lnfm.train.optim import OptimConfig
-
-
-@dataclasses.dataclass
-class HeadConfig:
-    kind: Literal["unetr", "light", "fine", "linear"] = "light"  # decoder head (lnfm.models.heads)
-    deep_supervision: bool = False  # also supervise the head's coarser outputs
-    options: dict[str, Any] = dataclasses.field(  # extra head arguments, e.g. feature_size: 8 for unetr
-        default_factory=dict)
 
 
 @dataclasses.dataclass

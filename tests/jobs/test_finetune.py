@@ -45,7 +45,7 @@ def test_every_site_preset_loads_with_rationale():
         cfg = load_finetune_config(site, data=["x"])
         assert cfg.site.name == site and cfg.site.labels[0] == "background" and cfg.site.stations
         assert cfg.site.window[0] < cfg.site.window[1] and min(cfg.site.spacing) > 0
-        assert cfg.head.kind in ("unetr", "light", "linear")
+        assert cfg.head.kind in ("unetr", "light", "fine", "linear")
         assert cfg.strategy.freeze in ("all", "first_k", "none", "lora")
         text = (Path(__file__).parents[2] / "lnfm/configs/sites" / f"{site}.yaml").read_text()
         assert text.count("#") >= 3  # every preset explains its choices
@@ -58,9 +58,10 @@ def test_every_site_preset_loads_with_rationale():
 
 def test_quick_and_overrides_and_unknown_keys():
     cfg = load_finetune_config("pelvis", ["train.steps=7"], quick=True, num_labeled=3, repeats=2)
-    assert cfg.site.patch == (32, 32, 32) and cfg.train.steps == 7 and cfg.head.kind == "linear"
+    assert cfg.site.patch == (32, 32, 32) and cfg.train.steps == 7 and cfg.head.kind == "fine"
+    assert cfg.strategy.freeze == "first_k" and cfg.strategy.k == 2  # --quick keeps the site's strategy
     assert cfg.train.num_labeled == 3 and cfg.train.repeats == 2 and cfg.init == "scratch"
-    assert cfg.optim.lr == pytest.approx(3e-3) and cfg.optim.weight_decay == pytest.approx(1e-4)
+    assert cfg.optim.lr == pytest.approx(2e-3) and cfg.optim.weight_decay == pytest.approx(1e-4)
     assert any(q.startswith("site.patch") for q in QUICK)
     with pytest.raises(ConfigError, match="strategy.freez.*freeze"):
         load_finetune_config("pelvis", ["strategy.freez=all"])
