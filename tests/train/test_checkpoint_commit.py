@@ -49,11 +49,13 @@ def test_a_kill_while_the_checksum_list_is_written_leaves_no_unlisted_committed_
     committed = sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit())
     assert committed == ["1"], committed  # step 2 died before its commit
     assert (tmp_path / "ck" / "1" / CHECKSUMS).is_file() and verify_checksums(tmp_path / "ck" / "1")
-    with Checkpointer(tmp_path / "ck", CheckpointConfig()) as ck:  # the leftover temporary folder is cleaned
+    with Checkpointer(tmp_path / "ck", CheckpointConfig()) as ck:
         state, step = ck.restore_latest(_target())
         assert step == 1 and ck.all_steps() == [1]
         np.testing.assert_array_equal(np.asarray(state["w"]), np.full(1000, 1, np.float32))
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"]
+        ck.save(2, {"w": np.full(1000, 2, np.float32)})  # the resumed run: Orbax removes the leftover first
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1", "2"]
+    assert verify_checksums(tmp_path / "ck" / "2")
 
 
 def test_files_committed_with_a_step_are_inside_it_and_listed(tmp_path):
