@@ -20,7 +20,7 @@ import threading
 from typing import NamedTuple
 
 from lnfm import __version__
-from lnfm.errors import LnfmError, NonFiniteLoss, disk_full
+from lnfm.errors import LnfmError, NonFiniteLoss, Terminated, disk_full, on_sigterm
 
 
 class Job(NamedTuple):
@@ -49,21 +49,13 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: raised in the main thread, past `except Exception`, like KeyboardInterrupt."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 def run_job(name: str, argv: list[str]) -> int:
     """Run job `name` with its arguments `argv`; the exit code (2: user error, 3: non-finite loss,
     143: SIGTERM, 130: Ctrl-C)."""
     main = importlib.import_module(JOBS[name].module).main
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return main(argv)
     except (Terminated, KeyboardInterrupt) as e:

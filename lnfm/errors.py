@@ -7,9 +7,11 @@ that finds the disk full (`disk_full`) is the user's environment, not a bug: exi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+from collections.abc import Iterator
 
 
 class LnfmError(Exception):
@@ -50,3 +52,37 @@ def disk_full(exc: BaseException | None) -> str | None:
             return os.strerror(code)
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. `lnfm.cli` raises it in the main thread (past `except Exception`, like
+    KeyboardInterrupt), so the job's cleanups run; exit 143."""
+
+
+_deferring = 0  # depth of `deferred_termination` blocks
+_pending = False  # a SIGTERM arrived inside one
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    """The SIGTERM handler `lnfm.cli` installs for a job."""
+    global _pending
+    if _deferring:
+        _pending = True
+        return
+    raise Terminated
+
+
+@contextlib.contextmanager
+def deferred_termination() -> Iterator[None]:
+    """SIGTERM waits until the block is done: a library writing in threads of its own (Orbax,
+    TensorStore) must not be interrupted halfway, or its threads go on writing into the folder
+    the job's cleanup is removing. A pending SIGTERM is raised as the block ends."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _pending:
+        _pending = False
+        raise Terminated

@@ -121,3 +121,25 @@ def test_job_usage_names_the_lnfm_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lnfm", "synth", "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: lnfm synth ")
+
+
+def test_a_sigterm_inside_a_deferred_write_waits_for_it_to_finish(monkeypatch, capsys):
+    import os
+    import signal
+
+    from lnfm.errors import deferred_termination
+
+    done = []
+
+    def job(argv):
+        with deferred_termination():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now and only noted the signal
+            done.append("write finished")
+        done.append("after the write")  # never reached: the pending SIGTERM is raised at the block's end
+        return 0
+
+    monkeypatch.setattr(export, "main", job)
+    assert cli.run_job("export", []) == 143
+    assert done == ["write finished"]
+    assert "stopped by SIGTERM" in capsys.readouterr().err

@@ -50,7 +50,7 @@ from lnfm import __version__
 from lnfm.config import from_dict, read_yaml
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.data.store import read_manifest
-from lnfm.errors import DiskFull, WeightsMismatch, disk_full
+from lnfm.errors import DiskFull, WeightsMismatch, deferred_termination, disk_full
 from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
 from lnfm.models import ModelConfig, build_encoder
@@ -409,7 +409,8 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         tmp.mkdir()
         try:
-            _write(source, tmp, format)
+            with deferred_termination():  # Orbax's writer threads finish before a SIGTERM removes tmp
+                _write(source, tmp, format)
             verify_export(tmp)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from lnfm.errors import DiskFull, LnfmError, disk_full
+from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
 
 log = logging.getLogger("lnfm.train")
 
@@ -162,7 +162,8 @@ class Checkpointer:
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
         try:
-            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            with deferred_termination():  # a SIGTERM outside the training loop waits for the save's start
+                self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # also an earlier async save's failure, reported here
             self._raise_if_full(e)
             raise
@@ -227,7 +228,8 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until pending async saves are committed."""
         try:
-            self.manager.wait_until_finished()
+            with deferred_termination():
+                self.manager.wait_until_finished()
         except Exception as e:
             self._raise_if_full(e)
             raise
