@@ -12,10 +12,12 @@ One row per job; its test runs the same command four times on the same folders:
    written, exit 2;
 4. the same command with no limit: exit 0 and a valid result (the store opens with every case,
    the checkpoints verify and the run resumed from one, the export verifies, every mask reads).
-After each of 1-3: every file that existed before the row started (inputs, the model, earlier
-checkpoints and outputs) hashes the same, and every file under a final name is whole (it
-verifies or parses). Each run resumes from what the previous one left, so step 4 also shows
-that the folders left by 1-3 together are resumable.
+After each of 1-4, every finished file that existed when the fault came (hashed just before
+the signal or the run: the inputs, the model, the store's finished cases, the committed
+checkpoints, the previous export) hashes the same (a completed export replaces the previous
+one, as asked), and every file under a final name is whole (it verifies or parses). Each run
+resumes from what the previous one left, so run 4 also shows that the folders left by 1-3
+together are resumable; after it no temporary, backup or lock file is left.
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ def start(argv: list, log: Path, cache: Path | None, limit: int | None = None) -
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    return subprocess.Popen([sys.executable, "-m", "lnfm", *map(str, argv)], cwd=REPO, env=_env(cache),
-                            stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"),
-                            preexec_fn=limited if limit else None)
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:  # the child keeps its own copies
+        return subprocess.Popen([sys.executable, "-m", "lnfm", *map(str, argv)], cwd=REPO, env=_env(cache),
+                                stdout=out, stderr=err, preexec_fn=limited if limit else None)
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> Run:
