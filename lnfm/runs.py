@@ -31,6 +31,7 @@ BEST = "best"
 BEST_JSON = "best.json"
 SUMMARY = "summary.json"
 TEST_MASKS = "test_masks"
+POSTPROCESS = "postprocess.json"  # the post-processing the test masks were made with (tuned on validation)
 MODEL_JSON = "model.json"
 CHECKSUMS = "checksums.sha256"
 _REPEAT = re.compile(r"^repeat_(\d+)$")
@@ -108,6 +109,7 @@ class RepeatRun:
     best = _entry(BEST)
     best_json = _entry(BEST_JSON)
     test_masks = _entry(TEST_MASKS)
+    postprocess = _entry(POSTPROCESS)
 
     def test_mask(self, case_id: str) -> Path:
         return self.test_masks / f"{case_id}.nii.gz"
