@@ -51,6 +51,7 @@ from lnfm.config import from_dict, read_yaml
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.data.store import read_manifest
 from lnfm.errors import DiskFull, WeightsMismatch, deferred_termination, disk_full
+from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
 from lnfm.models import ModelConfig, build_encoder
@@ -203,7 +204,10 @@ def _load_finetuned(run: FinetuneRun) -> _Source:
             "init": "scratch" if cfg.init == "scratch" else "pretrained",
         }),
         head=cfg.head, labels=list(cfg.site.labels), site=SiteInfo(cfg.site.name, list(cfg.site.stations)),
-        inference=dataclasses.replace(cfg.inference, roi=tuple(prep.patch_size)), postprocess=cfg.postprocess)
+        inference=dataclasses.replace(cfg.inference, roi=tuple(prep.patch_size)),
+        # what the test masks were made with: the size prior tuned on validation, when the run tuned it
+        postprocess=(from_dict(PostprocessConfig, tuned, "postprocess") if (tuned := read_json(first.postprocess))
+                     else cfg.postprocess))
 
 
 def _load_pretrained(run: PretrainRun) -> _Source:

@@ -376,3 +376,18 @@ def test_a_full_disk_during_force_keeps_the_old_export_and_a_rerun_completes(tin
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "model.json").read_text())["format"] == "safetensors" and ex.verify_export(out)
+
+
+def test_the_size_prior_the_run_tuned_travels_in_model_json(tiny, tmp_path):  # noqa: F811
+    """finetune writes the post-processing its test masks were made with (postprocess.json, the size
+    prior tuned on validation); the export records exactly that, not the config's untuned values."""
+    import shutil
+
+    from lnfm.runs import FinetuneRun
+
+    run = tmp_path / "ft"
+    shutil.copytree(tiny.workdir, run)
+    tuned = {"min_volume_mm3": 10.0, "body_threshold_hu": -500.0, "min_short_axis_mm": 4.0, "max_elongation": 3.0}
+    FinetuneRun(run).first().postprocess.write_text(json.dumps(tuned))
+    out = ex.export_model(run, tmp_path / "export", "orbax")
+    assert json.loads((out / "model.json").read_text())["postprocess"] == tuned
