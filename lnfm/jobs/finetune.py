@@ -459,7 +459,8 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 
 def combine(cfg: FinetuneConfig, runs: list[dict]) -> dict:
     """summary.json: test metrics (means over repeats when R > 1) with per-case rows and per-repeat summaries."""
-    head = {"site": cfg.site.name, "init": cfg.init, "head": cfg.head.kind, "strategy": cfg.strategy.freeze,
+    head = {"site": cfg.site.name, "init": resolve_init(cfg.init)[0],  # scratch|pretrain|export, no path
+            "head": cfg.head.kind, "strategy": cfg.strategy.freeze,
             "labels": cfg.site.labels}
     if len(runs) == 1:
         return {**head, **runs[0]}
