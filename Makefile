@@ -25,7 +25,8 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 dev-install: $(VENV)/.installed-dev
 
-demo: $(VENV)/.installed
+# The dev extra brings the MONAI U-Net the demo compares LNFM with.
+demo: $(VENV)/.installed-dev
 	$(BIN)/python -m lnfm demo --out $(DEMO_DIR)
 
 # Lint first: a layering or style break fails fast, before the suite runs. The second pytest run is

@@ -13,8 +13,9 @@ Arms, per seed (its own labelled subset and initialisation) and labelled-case co
 - `lnfm_pretrained`: MAE pretraining on the unlabelled pool, then the finetuning job
   with the site's default head and strategy (`lnfm.jobs.finetune.run`), exported and run
   through `lnfm.jobs.predict`;
-- `lnfm_scratch`: the same finetuning from a random encoder of the same architecture;
-- peers (`accuracy_peers`): MONAI UNet, DynUNet with nnU-Net's 3d_fullres topology,
+- `lnfm_scratch`: the same finetuning from a random encoder of the same architecture,
+  every layer trained (`strategy.freeze=none`);
+- peers (`lnfm.segmentation.peers`): MONAI UNet, DynUNet with nnU-Net's 3d_fullres topology,
   SwinUNETR, each trained on the same loader's patches twice: with LNFM's patch budget
   (same steps x batch x patch) and with LNFM-pretrained's training wall time.
 
@@ -45,20 +46,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
-from accuracy_peers import Budget, build_peer, probability_fn, train_peer
 
 from lnfm.config import to_dict
 from lnfm.data import benchmark as B
-from lnfm.data.geometry import spacing_of
-from lnfm.data.loader import make_loader
-from lnfm.eval.metrics import EvalConfig, evaluate_case, summarize
+from lnfm.eval.metrics import summarize
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
-from lnfm.io import read_image
 from lnfm.jobs import finetune as F
 from lnfm.jobs import pretrain as P
 from lnfm.jobs.export import export_model
 from lnfm.jobs.export_meta import read_meta
-from lnfm.jobs.predict import PredictOptions, load_predictor, predict_volume, read_scan
+from lnfm.jobs.heldout import evaluate, train_and_score_peer
+from lnfm.jobs.predict import load_predictor
 from lnfm.segmentation.fewshot import select_subset
 from lnfm.workdir import atomic_write_text
 
@@ -69,7 +67,6 @@ BUDGETS = ("patches", "time")
 METRICS = ("dice", "node_sensitivity", "fp_per_volume", "hd95", "sens_lt5", "sens_5to10", "sens_ge10")
 LABELS = {"dice": "Dice", "node_sensitivity": "node sens. (IoU>=0.5)", "fp_per_volume": "FP / volume",
           "hd95": "HD95 (mm)", "sens_lt5": "sens. <5 mm", "sens_5to10": "sens. 5-10 mm", "sens_ge10": "sens. >=10 mm"}
-EVAL = EvalConfig(min_overlap=0.5)
 
 
 @dataclasses.dataclass
@@ -87,9 +84,11 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=10, val=2, test=8, shape=(96, 96, 48)), seeds=5,
-                  num_labeled=[2, 8], steps=60, patch=32, pretrain_config="vit_tiny", pretrain_steps=300,
-                  overlap=0.25),
+    # 5 seeds x 4 labelled cases x (2 LNFM arms + 2 peers x 2 budgets) in about an hour on 2 idle cores:
+    # SwinUNETR (seconds per CPU step) and the labelled-count grid are the gpu preset's.
+    "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=8, val=2, test=8, shape=(96, 96, 48)), seeds=5,
+                  num_labeled=[4], steps=300, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
+                  peers=("unet", "dynunet"), overlap=0.25),
     "gpu": Preset(B.BenchmarkSpec(unlabelled=40, labelled=16, val=4, test=16, shape=(160, 160, 96)), seeds=5,
                   num_labeled=[1, 2, 4, 8, 16], steps=2000, patch=None, pretrain_config="vit_b",
                   pretrain_steps=20000),
@@ -127,7 +126,8 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
             f"inference.overlap={preset.overlap}"]
     if preset.patch is not None:
         over.append(f"site.patch=[{preset.patch},{preset.patch},{preset.patch}]")
-    if init == "scratch":
+    if init == "scratch":  # a random encoder is trained whole: freezing random layers helps no one
+        over.append("strategy.freeze=none")
         model = to_dict(P.load_pretrain_config(preset.pretrain_config, _pretrain_overrides(preset)).model)
         over += [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
     return F.load_finetune_config(site, over, init=init, data=[str(bench.labelled_store)], num_labeled=n,
@@ -156,40 +156,11 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
              lnfm_time: float) -> dict:
     cfg = finetune_config(preset, bench, "scratch", n, seed)  # the loader and patch LNFM trains with
     meta = read_meta(workdir / "runs" / f"lnfm_pretrained_n{n}_s{seed}_export")
-    train_ids = select_subset(bench.pool, n, seed)
-    loader_cfg = dataclasses.replace(cfg.loader, patch_size=cfg.site.patch, hu_window=cfg.site.window,
-                                     batch_size=cfg.train.global_batch, seed=seed)
-    batches = iter(make_loader([str(bench.labelled_store)], loader_cfg, split="train", labels=True,
-                               case_ids=train_ids, shard_index=0, shard_count=1))
-    peer = build_peer(name, len(meta.channels), int(meta.num_classes), tuple(meta.preprocessing.contract.spacing),
-                      tuple(cfg.site.patch), seed)
-    spend = Budget(steps=cfg.train.steps) if budget == "patches" else Budget(seconds=lnfm_time)
-    trained = train_peer(peer, batches, spend)
-    cases, infer = evaluate(probability_fn(peer), meta, bench.test, preset.overlap)
-    params = sum(p.numel() for p in peer.net.parameters())
-    return {"train_ids": train_ids, "train_time_s": trained["train_time_s"], "steps": trained["steps"],
-            "params": int(params), "infer_s_per_volume": infer, "cases": cases}
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate(fn, meta: dict, test: list[B.TestCase], overlap: float) -> tuple[list[dict], float]:
-    """Predict every raw held-out scan with `fn` through lnfm.jobs.predict and score it on its own grid."""
-
-    fn(np.zeros((int(meta.inference.sw_batch_size), *meta.preprocessing.patch_size, len(meta.channels)), np.float32))
-    cases, seconds = [], 0.0  # timed after one warm-up call, which compiles
-    for case in test:
-        vol = read_scan([str(case.image)], meta)
-        t0 = time.perf_counter()
-        pred = predict_volume(fn, meta, vol, PredictOptions(overlap=overlap))
-        seconds += time.perf_counter() - t0
-        ref = read_image(str(case.label))
-        if ref.data.shape[:3] != pred.labels.shape or not np.allclose(ref.affine, pred.affine, atol=1e-3):
-            raise RuntimeError(f"{case.label}: the prediction is not on the reference mask's grid")
-        metrics = evaluate_case(pred.labels > 0, np.asarray(ref.data) > 0, spacing_of(ref.affine), **EVAL.kwargs())
-        cases.append({"case_id": case.case_id, **metrics})
-    return cases, seconds / max(len(test), 1)
+    loader = dataclasses.replace(cfg.loader, batch_size=cfg.train.global_batch)
+    spend = {"steps": cfg.train.steps} if budget == "patches" else {"seconds": lnfm_time}
+    return train_and_score_peer(name, meta=meta, store=bench.labelled_store,
+                                train_ids=select_subset(bench.pool, n, seed), loader=loader, test=bench.test,
+                                overlap=preset.overlap, seed=seed, **spend)
 
 
 # ----------------------------------------------------------------------------- report

@@ -1,6 +1,6 @@
 """The layout of run folders: the only code that knows where a job puts what.
 
-    PRETRAIN_DIR/  config.yaml  preprocessing.json  checkpoints/  metrics.jsonl ...
+    PRETRAIN_DIR/  config.yaml  preprocessing.json  checkpoints/  summary.json  metrics.jsonl ...
     FINETUNE_DIR/  config.yaml  preprocessing.json  summary.json
                    [repeat_<r>/] config.yaml  checkpoints/  best/  best.json  test_masks/
     EXPORT_DIR/    model.json  checksums.sha256  (format files)
@@ -10,6 +10,7 @@ R > 1 repeats, repeat r lives in repeat_<r>/. Every type has `detect(path)`,
 which also accepts the sub-folders a user is likely to name (checkpoints/,
 best/, repeat_<r>/) and returns None for anything else. preprocessing.json holds
 the contract a run trained with (`lnfm.data.contract`); this module only places it.
+summary.json is written once a run has finished (`write_json`, atomic).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from lnfm.config import ConfigError, read_yaml
+from lnfm.workdir import atomic_write_text
 
 CONFIG = "config.yaml"
 PREPROCESSING = "preprocessing.json"
@@ -28,6 +31,7 @@ BEST = "best"
 BEST_JSON = "best.json"
 SUMMARY = "summary.json"
 TEST_MASKS = "test_masks"
+POSTPROCESS = "postprocess.json"  # the post-processing the test masks were made with (tuned on validation)
 MODEL_JSON = "model.json"
 CHECKSUMS = "checksums.sha256"
 _REPEAT = re.compile(r"^repeat_(\d+)$")
@@ -46,6 +50,19 @@ def read_json(path: Path) -> dict | None:
     return data
 
 
+def _json_default(x: Any) -> Any:
+    """numpy scalars as numbers; anything else JSON cannot hold as its text."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A JSON record (summary.json, best.json), written atomically: readers see the old file or the new one."""
+    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default) + "\n")
+
+
 def _is_finetune_config(path: Path) -> bool:
     """A finetuning config has a `site` section; a pretraining one has none."""
     try:
@@ -54,21 +71,22 @@ def _is_finetune_config(path: Path) -> bool:
         return False
 
 
+def _entry(name: str) -> property:
+    """ROOT/`name` of a folder type (declared once per type, from the names above)."""
+    return property(lambda self: self.root / name, doc=f"ROOT/{name}")
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainRun:
     root: Path
+    config = _entry(CONFIG)
+    checkpoints = _entry(CHECKPOINTS)
+    preprocessing = _entry(PREPROCESSING)
+    summary = _entry(SUMMARY)
 
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS
-
-    @property
-    def preprocessing(self) -> Path:
-        return self.root / PREPROCESSING
+    def checkpoint_dirs(self) -> list[Path]:
+        """The folders whose checkpoints mean the run has started (and is resumed)."""
+        return [self.checkpoints]
 
     @classmethod
     def detect(cls, path: str | Path) -> PretrainRun | None:
@@ -86,26 +104,12 @@ class RepeatRun:
     """One finetuning repeat: its checkpoints, its best model and the best model's test masks."""
 
     root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS
-
-    @property
-    def best(self) -> Path:
-        return self.root / BEST
-
-    @property
-    def best_json(self) -> Path:
-        return self.root / BEST_JSON
-
-    @property
-    def test_masks(self) -> Path:
-        return self.root / TEST_MASKS
+    config = _entry(CONFIG)
+    checkpoints = _entry(CHECKPOINTS)
+    best = _entry(BEST)
+    best_json = _entry(BEST_JSON)
+    test_masks = _entry(TEST_MASKS)
+    postprocess = _entry(POSTPROCESS)
 
     def test_mask(self, case_id: str) -> Path:
         return self.test_masks / f"{case_id}.nii.gz"
@@ -118,18 +122,9 @@ class RepeatRun:
 @dataclasses.dataclass(frozen=True)
 class FinetuneRun:
     root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def summary(self) -> Path:
-        return self.root / SUMMARY
-
-    @property
-    def preprocessing(self) -> Path:
-        return self.root / PREPROCESSING
+    config = _entry(CONFIG)
+    preprocessing = _entry(PREPROCESSING)
+    summary = _entry(SUMMARY)
 
     def repeat(self, r: int, repeats: int) -> RepeatRun:
         """Repeat r of a run with `repeats` repeats (a single repeat lives in the root)."""
@@ -139,6 +134,12 @@ class FinetuneRun:
         """The repeat whose best model an export or `load_finetuned` takes (repeat 0)."""
         single = RepeatRun(self.root)
         return single if single.best.is_dir() else RepeatRun(self.root / "repeat_0")
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """The folders whose checkpoints mean the run has started: every repeat's checkpoints/ and best/."""
+        repeats = [RepeatRun(self.root)] + [RepeatRun(p) for p in sorted(self.root.glob("repeat_*"))
+                                            if _REPEAT.match(p.name)]
+        return [d for r in repeats for d in (r.checkpoints, r.best)]
 
     @classmethod
     def detect(cls, path: str | Path) -> FinetuneRun | None:
@@ -157,14 +158,8 @@ class FinetuneRun:
 @dataclasses.dataclass(frozen=True)
 class ExportFolder:
     root: Path
-
-    @property
-    def model_json(self) -> Path:
-        return self.root / MODEL_JSON
-
-    @property
-    def checksums(self) -> Path:
-        return self.root / CHECKSUMS
+    model_json = _entry(MODEL_JSON)
+    checksums = _entry(CHECKSUMS)
 
     @classmethod
     def detect(cls, path: str | Path) -> ExportFolder | None:

@@ -56,3 +56,30 @@ def test_export_folder_and_json_records(tmp_path):
     (tmp_path / "bad.json").write_text("{oops")
     with pytest.raises(ValueError, match="bad.json: not valid JSON"):
         read_json(tmp_path / "bad.json")
+
+
+def test_checkpoint_dirs_say_where_a_started_run_keeps_its_state(tmp_path):
+    many = _mk(tmp_path / "many", "repeat_0/best", "repeat_1/checkpoints", "repeat_x", config={"site": {}})
+    assert FinetuneRun(many).checkpoint_dirs() == [
+        many / "checkpoints", many / "best", many / "repeat_0/checkpoints", many / "repeat_0/best",
+        many / "repeat_1/checkpoints", many / "repeat_1/best"]  # repeat_x is no repeat
+    assert PretrainRun(tmp_path / "p").checkpoint_dirs() == [tmp_path / "p/checkpoints"]
+
+
+def test_write_json_is_atomic_and_reads_back(tmp_path, monkeypatch):
+    import numpy as np
+
+    from lnfm.runs import write_json
+
+    path = PretrainRun(tmp_path).summary
+    write_json(path, {"step": 3, "loss": np.float32(0.5), "spacing_mm": (1.5, 1.5, 2.0)})
+    assert read_json(path) == {"step": 3, "loss": 0.5, "spacing_mm": [1.5, 1.5, 2.0]}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(path, {"step": 4})
+    monkeypatch.undo()
+    assert read_json(path)["step"] == 3 and [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -21,7 +21,7 @@ from lnfm.data import store as st
 from lnfm.workdir import atomic_write_text
 
 CONTRACT = "contract.json"
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: the crop box comes from the image alone (1 widened it to keep labelled voxels)
 ORIENTATION = "RAS"  # prepare reorients every case to the closest RAS+ axis order
 CT_STORAGE = "int16"  # CT channels are rounded to whole HU and stored as int16
 

@@ -266,24 +266,26 @@ def as_stored(data: np.ndarray, channels) -> np.ndarray:
 def preprocess_case(image: Volume, contract: PrepareContract, label: Volume | None = None
                     ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """The contract applied to one read case: RAS reorientation, resampling to the contract
-    spacing (linear; nearest for the label), body crop (never cropping labelled voxels away),
-    CT values as stored. Returns (image (X, Y, Z, C) float32, label uint8 or None, geometry
-    record fields for `restore_to_source`). Prepare stores its output; predict segments it."""
+    spacing (linear; nearest for the label), body crop, CT values as stored. Returns (image
+    (X, Y, Z, C) float32, label uint8 or None, geometry record fields for `restore_to_source`).
+    Prepare stores its output; predict segments it.
+
+    The crop box comes from the image alone, never from the label: predict has no label, so
+    only then does it crop a scan exactly as prepare cropped the training cases. Labelled
+    voxels outside the box (annotation spilling into the air beyond the body margin) are
+    dropped, and the geometry counts them in `label_voxels_outside_crop`."""
     img_rs = _canonical_resampled(image, contract.spacing, 1)
-    lab_rs = _canonical_resampled(label, contract.spacing, 0) if label is not None else None
     start, stop = [0, 0, 0], list(img_rs.data.shape[:3])
     if contract.crop_body:
         start, stop = body_bbox(img_rs.data[..., 0], contract.body_threshold_hu)
-        if lab_rs is not None and lab_rs.data.any():
-            ls, le = body_bbox(lab_rs.data, 0, margin=0)
-            start = [min(a, b) for a, b in zip(start, ls)]
-            stop = [max(a, b) for a, b in zip(stop, le)]
     data, _, geometry = preprocess_volume(img_rs, None, crop=(start, stop))
     geometry.update(source_shape=list(image.shape3), source_affine=np.asarray(image.affine).tolist(),
                     source_orientation=orientation_of(image.affine), source_spacing=list(spacing_of(image.affine)))
     lab = None
-    if lab_rs is not None:
-        lab = lab_rs.data[tuple(slice(a, b) for a, b in zip(start, stop))].astype(np.uint8)
+    if label is not None:
+        lab_rs = _canonical_resampled(label, contract.spacing, 0).data
+        lab = lab_rs[tuple(slice(a, b) for a, b in zip(start, stop))].astype(np.uint8)
+        geometry["label_voxels_outside_crop"] = int(np.count_nonzero(lab_rs)) - int(np.count_nonzero(lab))
     return as_stored(data, contract.channels), lab, geometry
 
 
@@ -300,6 +302,13 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: Prep
         label = Volume(_check_label(lab, case.label, cfg.label_map), lab.affine)
     data, lab_arr, geometry = preprocess_case(image, contract, label)
     del image
+    lost = geometry.get("label_voxels_outside_crop", 0)
+    if lab_arr is not None and not lab_arr.any():
+        raise CaseError(case.label, f"every labelled voxel ({lost}) lies outside the body crop (channel 0 above "
+                                    f"{cfg.body_threshold_hu:g} HU): is the label on this image?")
+    if lost:
+        log.warning("case %s: %d labelled voxel(s) lie outside the body crop and are not stored (predict crops a "
+                    "scan the same way, from the image alone)", case.case_id, lost)
     base = f"cases/{case.case_id}"
     image_paths, stats = [], []
     body = data[..., 0] > cfg.body_threshold_hu

@@ -1,15 +1,22 @@
 """`make demo`: the main job end to end on built-in data, on a laptop CPU.
 
 phantoms -> prepare -> MAE pretraining -> finetune --site pelvis -> evaluate ->
-export -> predict. Each stage runs the same `python -m lnfm <job>` command a user
-would type (printed before it runs), so the demo doubles as a walkthrough and works
-from an installed package as well as from a checkout. The real CTs under
-../shared/data, when present, join the unlabelled pretraining data.
+export -> predict, then the same task for a MONAI U-Net. Each stage runs the same
+`python -m lnfm <job>` command a user would type (printed before it runs), so the
+demo doubles as a walkthrough and works from an installed package as well as from a
+checkout. The real CTs under ../shared/data, when present, join the unlabelled
+pretraining data.
+
+The test cases come from the held-out phantom generator (`lnfm synth --heldout`), which
+neither pretraining nor finetuning sees. The last step trains a MONAI U-Net (the dev
+extra) on the same labelled cases for the same wall time and prints both models'
+scores on those held-out scans, through the same predict pipeline and metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -18,7 +25,13 @@ import sys
 import time
 from pathlib import Path
 
+from lnfm.config import from_dict, read_yaml
+from lnfm.data.benchmark import TestCase
 from lnfm.data.shared import shared_data_dir
+from lnfm.eval.metrics import summarize
+from lnfm.jobs import heldout
+from lnfm.jobs.finetune_config import FinetuneConfig
+from lnfm.jobs.predict import load_predictor
 from lnfm.runs import FinetuneRun
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,12 +55,28 @@ def _shared_ct() -> list[Path]:
     return [root / n for n in names if (root / n).is_file()]
 
 
+def _csv(rows: list[tuple[str, str, str, str]]) -> str:
+    return "case_id,image,label,site,split\n" + "".join(f"{c},{i},{lb},phantom,{sp}\n" for c, i, lb, sp in rows)
+
+
+def _phantom_rows(folder: Path, prefix: str, split: str, labels: bool) -> list[tuple[str, str, str, str]]:
+    cases = json.loads((folder / "dataset.json").read_text())["cases"]
+    return [(f"{prefix}{c['case']}", str(folder / "imagesTr" / f"{c['case']}_0000.nii.gz"),
+             str(folder / "labelsTr" / f"{c['case']}.nii.gz") if labels else "", split) for c in cases]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lnfm demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="folder for every demo output")
-    ap.add_argument("--cases", type=int, default=16, help="pelvis phantoms to generate")
-    ap.add_argument("--steps", type=int, default=300, help="pretraining and finetuning steps each")
+    ap.add_argument("--cases", type=int, default=16, help="training-variant pelvis phantoms (the unlabelled pool)")
+    ap.add_argument("--labelled", type=int, default=4, help="labelled cases finetuning (and the U-Net) train on")
+    ap.add_argument("--test", type=int, default=4, help="held-out phantoms both models are scored on")
+    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600, help="finetuning steps")
+    ap.add_argument("--no-peer", action="store_true", help="skip the MONAI U-Net trained for the same time")
     args = ap.parse_args(argv)
+    if args.cases < args.labelled + 2:
+        ap.error(f"--cases must leave 2 validation cases beside --labelled ({args.labelled})")
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -56,60 +85,88 @@ def main(argv: list[str] | None = None) -> int:
     every = max(1, args.steps // 3)
     t0 = time.time()
 
-    phantoms = out / "phantoms_pelvis"
+    # Training-variant phantoms, and held-out ones from the generator variant that training never
+    # draws from (other spacing, orientation, noise, HU calibration, node shapes).
+    phantoms, heldout = out / "phantoms_pelvis", out / "phantoms_heldout"
     _run([py, "-m", "lnfm", "synth", "--site", "pelvis", "--num-cases", str(args.cases), "--seed", "0",
           "--shape", "96,96,48", "--out", str(phantoms)], env)
+    _run([py, "-m", "lnfm", "synth", "--site", "pelvis", "--heldout", "--num-cases", str(args.test), "--seed",
+          "303", "--shape", "96,96,48", "--out", str(heldout)], env)
 
-    # Real unlabelled CT from ../shared/data joins pretraining when present (CSV input, no labels).
-    store = out / "store_pelvis"
-    _run([py, "-m", "lnfm", "prepare", "--input", str(phantoms), "--output", str(store),
-          "--spacing", "1.5,1.5,1.5", "--workers", "2"], env)
-    stores = [str(store)]
-    real = _shared_ct()
-    if real:
-        csv = out / "real_ct.csv"
-        csv.write_text("case_id,image,label,site\n" + "".join(
-            f"real{i},{p},,unknown\n" for i, p in enumerate(real)))
-        real_store = out / "store_real"
-        _run([py, "-m", "lnfm", "prepare", "--input", str(csv), "--output", str(real_store),
-              "--spacing", "1.5,1.5,1.5", "--workers", "2"], env)
-        stores.append(str(real_store))
+    # Pretraining sees the training phantoms without labels (plus real CT from ../shared/data when
+    # present), never a held-out one. The labelled store: its first cases train, two validate and the
+    # held-out phantoms are its test split.
+    pool = _phantom_rows(phantoms, "p_", "train", labels=False)
+    labelled = _phantom_rows(phantoms, "p_", "train", labels=True)
+    labelled[-2:] = [(*r[:3], "val") for r in labelled[-2:]]
+    test = _phantom_rows(heldout, "h_", "test", labels=True)
+    real = [(f"real{i}", str(p), "", "train") for i, p in enumerate(_shared_ct())]
+    (out / "unlabelled.csv").write_text(_csv(pool + real))
+    (out / "labelled.csv").write_text(_csv(labelled + test))
+    store, unlabelled = out / "store_pelvis", out / "store_unlabelled"
+    for csv, dest in ((out / "unlabelled.csv", unlabelled), (out / "labelled.csv", store)):
+        _run([py, "-m", "lnfm", "prepare", "--input", str(csv), "--output", str(dest), "--spacing", "1.5,1.5,1.5",
+              "--workers", "2"], env)
 
     pre = out / "pretrain"
-    _run([py, "-m", "lnfm", "pretrain", "--config", "vit_tiny", "--data", ",".join(stores),
-          "--workdir", str(pre), f"train.steps={args.steps}", f"checkpoint.every={every}"], env)
+    _run([py, "-m", "lnfm", "pretrain", "--config", "vit_tiny", "--data", str(unlabelled), "--workdir", str(pre),
+          f"train.steps={args.pretrain_steps}", f"checkpoint.every={max(1, args.pretrain_steps // 3)}"], env)
 
-    # --quick shrinks patches to 32^3 for the CPU; the site's own head (light) and
-    # strategy (first_k) are kept, so the demo finetunes as `--site pelvis` does.
+    # --quick: 32^3 patches for the CPU with the site's own head and strategy, as `--site pelvis` does.
     ft = out / "finetune_pelvis"
     _run([py, "-m", "lnfm", "finetune", "--site", "pelvis", "--data", str(store), "--init", str(pre),
-          "--workdir", str(ft), "--quick", "head.kind=light", "strategy.freeze=first_k", "strategy.k=2",
-          f"train.steps={args.steps}", f"train.eval_every={every}", f"checkpoint.every={every}"], env)
+          "--workdir", str(ft), "--quick", "--num-labeled", str(args.labelled), f"train.steps={args.steps}",
+          f"train.eval_every={every}", f"checkpoint.every={every}"], env)
 
     export = out / "export_pelvis"
     _run([py, "-m", "lnfm", "export", "--checkpoint", str(ft), "--out", str(export), "--format", "orbax",
           "--force"], env)
 
-    records = [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    test_case = next(r for r in records if r["split"] == "test")["case_id"]
-    scan = phantoms / "imagesTr" / f"{test_case}_0000.nii.gz"
+    case_id, scan, _, _ = test[0]
     pred = out / "predict"
-    _run([py, "-m", "lnfm", "predict", "--model", str(export), "--input", str(scan),
-          "--output", str(pred / f"{test_case}_mask.nii.gz"), "--report", str(pred / f"{test_case}_nodes.csv"),
-          "--overlay", str(pred / f"{test_case}_preview.png")], env)
+    _run([py, "-m", "lnfm", "predict", "--model", str(export), "--input", scan,
+          "--output", str(pred / f"{case_id}_mask.nii.gz"), "--report", str(pred / f"{case_id}_nodes.csv"),
+          "--overlay", str(pred / f"{case_id}_preview.png")], env)
 
     summary = json.loads(FinetuneRun(ft).summary.read_text())
     print("\n== LNFM demo summary ==")
-    print(f"phantoms: {phantoms}")
-    print(f"store: {', '.join(stores)}")
+    print(f"phantoms: {phantoms} (training variant), {heldout} (held-out variant)")
+    print(f"stores: {unlabelled} (pretraining), {store} (finetuning; test split = the held-out phantoms)")
     print(f"pretraining workdir: {pre}")
     keys = ["dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume"]
-    print("finetune (pelvis, test cases): " + ", ".join(
-        f"{k}={summary[k]:.3f}" if isinstance(summary.get(k), (int, float)) else f"{k}={summary.get(k)}" for k in keys))
+    print(f"finetune (pelvis, {args.labelled} labelled, {summary['train_time_s']:.0f} s of training; held-out test "
+          "cases): " + ", ".join(f"{k}={summary[k]:.3f}" if isinstance(summary.get(k), (int, float))
+                                else f"{k}={summary.get(k)}" for k in keys))
     print(f"export: {export}")
-    print(f"prediction for {test_case}: {pred}")
+    print(f"prediction for {case_id}: {pred}")
+    if not args.no_peer:
+        compare_with_unet(export, ft, store, summary, [TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in test])
     print(f"total time: {time.time() - t0:.0f}s")
     return 0
+
+
+def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test: list[TestCase]) -> None:
+    """LNFM's Dice next to a MONAI U-Net's: same labelled cases, same loader, same training wall
+    time, same held-out scans, same scoring (`lnfm.jobs.heldout`)."""
+
+    print("\n== LNFM vs a MONAI U-Net trained for the same time on the same labelled cases ==")
+    if heldout.peers is None:
+        print("U-Net: skipped (torch and MONAI are the dev extra: pip install 'lnfm[dev]')")
+        return
+    fn, meta = load_predictor(export)
+    overlap = float(meta.inference.overlap)
+    cfg = from_dict(FinetuneConfig, read_yaml(FinetuneRun(run).config))
+    loader = dataclasses.replace(cfg.loader, batch_size=cfg.train.global_batch)
+    lnfm_cases, lnfm_infer = heldout.evaluate(fn, meta, test, overlap)
+    unet = heldout.train_and_score_peer("unet", meta=meta, store=store, train_ids=summary["train_ids"], loader=loader,
+                                        test=test, overlap=overlap, seed=cfg.train.seed,
+                                        seconds=summary["train_time_s"])
+    for name, cases, train_s, infer in (("LNFM", lnfm_cases, summary["train_time_s"], lnfm_infer),
+                                        ("U-Net", unet["cases"], unet["train_time_s"], unet["infer_s_per_volume"])):
+        agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])
+        print(f"{name:6s} Dice {agg['dice']:.3f}, node sensitivity {agg['node_sensitivity']:.3f}, "
+              f"FP/volume {agg['fp_per_volume']:.1f}  (train {train_s:.0f} s, predict {infer:.1f} s/volume, "
+              f"{len(cases)} held-out volumes)")
 
 
 if __name__ == "__main__":

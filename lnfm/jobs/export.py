@@ -47,18 +47,20 @@ import numpy as np
 from flax import nnx
 
 from lnfm import __version__
-from lnfm.config import from_dict, read_yaml, to_dict
+from lnfm.config import from_dict, read_yaml
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.data.store import read_manifest
 from lnfm.errors import WeightsMismatch
+from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
 from lnfm.models import ModelConfig, build_encoder
+from lnfm.models.heads import HeadConfig
 from lnfm.models import export_formats as fmt
 from lnfm.models.interop import from_monai_vit
 from lnfm.models.export_onnx import ONNX_FILE, write_onnx
 from lnfm.models.lora import apply_lora, merge_lora
-from lnfm.models.segmenter import build_segmenter
+from lnfm.models.segmenter import segmenter_from_config
 from lnfm.runs import CHECKSUMS, MODEL_JSON, FinetuneRun, PretrainRun, read_json
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointError, restore_params
@@ -85,7 +87,7 @@ class _Source:
     model: ModelConfig
     preprocessing: Preprocessing
     training_data: dict
-    head: dict | None = None
+    head: HeadConfig | None = None
     labels: list[str] | None = None
     site: SiteInfo | None = None
     inference: object | None = None  # InferenceConfig
@@ -161,8 +163,7 @@ def _finetuned_params(run_dir, cfg) -> dict[str, np.ndarray]:
     lora = cfg.strategy.freeze == "lora"
 
     def build():
-        model = build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0),
-                                deep_supervision=cfg.head.deep_supervision, **cfg.head.options)
+        model = segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0))
         if lora:
             apply_lora(model.encoder, cfg.strategy.lora_rank, cfg.strategy.lora_alpha, rngs=nnx.Rngs(1))
         return model
@@ -202,8 +203,11 @@ def _load_finetuned(run: FinetuneRun) -> _Source:
             "test_dice": summary.get("dice"),
             "init": "scratch" if cfg.init == "scratch" else "pretrained",
         }),
-        head=to_dict(cfg.head), labels=list(cfg.site.labels), site=SiteInfo(cfg.site.name, list(cfg.site.stations)),
-        inference=dataclasses.replace(cfg.inference, roi=tuple(prep.patch_size)), postprocess=cfg.postprocess)
+        head=cfg.head, labels=list(cfg.site.labels), site=SiteInfo(cfg.site.name, list(cfg.site.stations)),
+        inference=dataclasses.replace(cfg.inference, roi=tuple(prep.patch_size)),
+        # what the test masks were made with: the size prior tuned on validation, when the run tuned it
+        postprocess=(from_dict(PostprocessConfig, tuned, "postprocess") if (tuned := read_json(first.postprocess))
+                     else cfg.postprocess))
 
 
 def _load_pretrained(run: PretrainRun) -> _Source:
@@ -231,8 +235,8 @@ def _load_pretrained(run: PretrainRun) -> _Source:
                                   "spacing_mm": dcfg.get("spacing"), "split": dcfg.get("split")})
 
 
-def source_dir(checkpoint: str | Path) -> Path:
-    """The whole workdir (finetuning or pretraining run) that `checkpoint` names or lies in."""
+def detect_source(checkpoint: str | Path) -> FinetuneRun | PretrainRun:
+    """The run (finetuning or pretraining workdir) that `checkpoint` names or lies in."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise ExportError(f"{path}: checkpoint folder not found")
@@ -240,18 +244,14 @@ def source_dir(checkpoint: str | Path) -> Path:
     if run is None:
         raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
                           f"(config.yaml + checkpoints/)")
-    return run.root
+    return run
 
 
-def load_source(checkpoint: str | Path) -> _Source:
-    root = source_dir(checkpoint)
-    ft = FinetuneRun.detect(root)
-    return _load_finetuned(ft) if ft is not None else _load_pretrained(PretrainRun.detect(root))
+def load_source(run: FinetuneRun | PretrainRun) -> _Source:
+    return _load_finetuned(run) if isinstance(run, FinetuneRun) else _load_pretrained(run)
 
 
 # ----------------------------------------------------------------------------- writing
-
-
 
 
 def _meta(source: _Source, format: str) -> ExportMeta:
@@ -372,9 +372,10 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
     out = Path(out).absolute()
-    check_apart({"--out": out}, {"--checkpoint": source_dir(checkpoint)})
+    run = detect_source(checkpoint)
+    check_apart({"--out": out}, {"--checkpoint": run.root})
     check_replaceable(out, force)
-    source = load_source(checkpoint)
+    source = load_source(run)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -405,11 +406,8 @@ def build_from_meta(meta: ExportMeta, flat: dict[str, np.ndarray], where: str = 
     cfg = meta.model
     try:
         if meta.kind == "segmenter":
-            head = meta.head
             model = fmt.module_from_flat(
-                lambda: build_segmenter(cfg, head["kind"], int(meta.num_classes), nnx.Rngs(0),
-                                        deep_supervision=bool(head.get("deep_supervision", False)),
-                                        **(head.get("options") or {})), flat, where)
+                lambda: segmenter_from_config(cfg, meta.head, int(meta.num_classes), nnx.Rngs(0)), flat, where)
             return model, model.encoder
         return None, fmt.module_from_flat(lambda: build_encoder(cfg, nnx.Rngs(0)), flat, where, prefix="encoder.")
     except WeightsMismatch as e:

@@ -19,6 +19,7 @@ from lnfm.data.contract import Preprocessing
 from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.models.config import ModelConfig
+from lnfm.models.heads.config import HeadConfig
 from lnfm.runs import ExportFolder
 
 SCHEMA_VERSION = 2  # 1: untyped model.json of lnfm 0.1.0 (preprocessing from defaults)
@@ -41,7 +42,7 @@ class ExportMeta:
     kind: Literal["segmenter", "encoder"]
     format: Literal["orbax", "safetensors", "stablehlo", "onnx", "monai"]
     model: ModelConfig
-    head: dict[str, Any] | None  # the finetuning `head` section (kind, deep_supervision, options)
+    head: HeadConfig | None  # the finetuning run's `head` section (None for an encoder export)
     num_classes: int | None
     labels: list[str] | None
     site: SiteInfo | None
@@ -70,6 +71,11 @@ def parse_meta(data: Any, where: str) -> ExportMeta:
     if version != SCHEMA_VERSION:
         raise ExportError(f"{where}: schema_version {version} is not {SCHEMA_VERSION} (export the model again with "
                           f"this lnfm)")
+    head = data.get("head")
+    if isinstance(head, dict):  # HeadConfig has defaults for finetuning configs; model.json records every field
+        missing = [f.name for f in dataclasses.fields(HeadConfig) if f.name not in head]
+        if missing:
+            raise ExportError(f"{where}: missing config key 'head.{missing[0]}'")
     try:
         return from_dict(ExportMeta, data)
     except ConfigError as e:

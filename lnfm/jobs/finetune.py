@@ -31,11 +31,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
-from lnfm.data.contract import Normalization, write_preprocessing
+from lnfm.data.contract import Normalization
 from lnfm.data.loader import LoaderConfig, make_loader, normalize
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
 from lnfm.eval.metrics import evaluate_case, summarize
+from lnfm.eval.postprocess import PostprocessConfig, tune_size_prior
 from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.surface import dice as dice_score
 from lnfm.jobs.finetune_config import FinetuneConfig, FinetuneTrainConfig, HeadConfig
@@ -45,24 +46,24 @@ from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
 from lnfm.models.lora import apply_lora
 from lnfm.models.heads import head_flops, head_param_count
-from lnfm.models.segmenter import build_segmenter, load_encoder_state
+from lnfm.models.segmenter import load_encoder_state, segmenter_from_config
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import deep_supervision_loss, segmentation_loss
-from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, RepeatRun
+from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, RepeatRun, write_json
 from lnfm.segmentation.strategies import count_params, layer_index_fn, trainable_filter
 from lnfm.safety import check_apart
-from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints, restore_params
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput
 from lnfm.train.optim import layer_lr_scales, make_optimizer
 from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessing
 from lnfm.train.state import create_train_state, merge_model, split_model
-from lnfm.train.job import check_batch, device_batch, fit
+from lnfm.train.job import Checked, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
-from lnfm.workdir import atomic_write_text, check_resume, lock_folder, open_workdir
+from lnfm.workdir import MetricsWriter, open_workdir
 
 log = logging.getLogger("lnfm.finetune")
 
@@ -82,12 +83,13 @@ DEFAULTS: dict = {
     "checkpoint": {"every": 500, "keep": 2},
 }
 
-# `--quick`: the tiny run of `make demo` (32^3 patches, a few hundred steps on a laptop CPU). The
-# linear probe keeps a CPU step at tens of milliseconds; XLA's CPU 3D convolutions make the conv
-# decoders (light, unetr) seconds per step there.
-QUICK = ["site.patch=[32,32,32]", "train.steps=400", "train.global_batch=2", "train.eval_every=100",
-         "train.log_every=20", "checkpoint.every=200", "optim.warmup_steps=20", "optim.lr=3e-3",
-         "head.kind=linear", "strategy.freeze=none", "strategy.llrd=0.9", "inference.overlap=0.25",
+# `--quick`: the CPU run of `make demo` (32^3 patches, a few hundred steps on a laptop CPU) with the
+# fine head, whose strided convolutions are matmuls and whose full-resolution level has 8 channels,
+# so a CPU step costs about what a MONAI U-Net's does (docs/results/fewshot_peer.md). The site's
+# freezing strategy is kept.
+QUICK = ["site.patch=[32,32,32]", "train.steps=600", "train.global_batch=2", "train.eval_every=200",
+         "train.log_every=20", "checkpoint.every=200", "optim.warmup_steps=20", "optim.lr=2e-3",
+         "head.kind=fine", "inference.overlap=0.25",
          "model.img_size=[32,32,32]", "model.patch_size=[8,8,8]"]
 
 
@@ -207,11 +209,8 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
     """Sharded segmenter (+ LoRA adapters with strategy.freeze=lora), pretrained encoder loaded."""
     num_classes = len(cfg.site.labels)
 
-    def build():
-        return build_segmenter(cfg.model, cfg.head.kind, num_classes, nnx.Rngs(seed),
-                               deep_supervision=cfg.head.deep_supervision, **cfg.head.options)
-
-    model = create_sharded_model(build, mesh, cfg.mesh.rules)
+    model = create_sharded_model(lambda: segmenter_from_config(cfg.model, cfg.head, num_classes, nnx.Rngs(seed)),
+                                 mesh, cfg.mesh.rules)
     kind, path, _ = resolve_init(cfg.init)
     if kind == "pretrain":
         # Pretraining saved nnx.State trees; restore only params["encoder"] into our shardings.
@@ -220,14 +219,14 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         checkpoints = PretrainRun(path).checkpoints
         encoder = restore_params(checkpoints, nnx.State({"encoder": target}))["encoder"]
         load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
-        log.info("encoder initialised from %s", checkpoints)
+        log.info("encoder initialised from the pretraining run (--init)")  # no paths in logs
     elif kind == "export":
         try:
             exported = load_export(path)
         except ExportError as e:
             raise ConfigError(str(e)) from None
         load_encoder_state(model, exported.encoder)
-        log.info("encoder initialised from export %s", path)
+        log.info("encoder initialised from the export (--init)")
     if cfg.strategy.freeze == "lora":
         apply_lora(model.encoder, cfg.strategy.lora_rank, cfg.strategy.lora_alpha, rngs=nnx.Rngs(seed + 1))
     if kind == "export" or cfg.strategy.freeze == "lora":
@@ -237,10 +236,23 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
     return model
 
 
-def make_predictor(cfg: FinetuneConfig, softmax, states: tuple) -> Predictor:
+def make_predictor(cfg: FinetuneConfig, softmax, states: tuple, postprocess: PostprocessConfig | None = None
+                   ) -> Predictor:
     """The inference `lnfm predict` runs, over the current weights (`softmax` from `softmax_fn`)."""
     return Predictor(lambda x: np.asarray(softmax(states, x)), tuple(cfg.site.patch), len(cfg.site.labels),
-                     cfg.inference, cfg.postprocess)
+                     cfg.inference, postprocess or cfg.postprocess)
+
+
+def tuned_postprocess(cfg: FinetuneConfig, predictor: Predictor, val_cases: list[Case]) -> PostprocessConfig:
+    """cfg.postprocess with the node size prior that maximises the validation cases' mean Dice
+    (`lnfm.eval.postprocess.tune_size_prior`); unchanged without validation cases or tuning."""
+    if not cfg.tune_postprocess or not val_cases:
+        return cfg.postprocess
+    masks = [predictor(c.image, c.spacing, c.hu).labels > 0 for c in val_cases]
+    short, elong, val_dice = tune_size_prior(masks, [c.label > 0 for c in val_cases], [c.spacing for c in val_cases])
+    log.info("size prior tuned on %d validation case(s): min short axis %.1f mm, max elongation %s "
+             "(validation Dice %.4f)", len(val_cases), short, elong or "off", val_dice)
+    return dataclasses.replace(cfg.postprocess, min_short_axis_mm=short, max_elongation=elong)
 
 
 def _full_state(graphdef, params, frozen, rest) -> dict:
@@ -380,7 +392,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
             best.update(step=step, val_dice=val_dice)
             save_best(best_ckpt, step, {"model": _full_state(graphdef, *states)}, to_dict(cfg))
             if pid == 0:
-                atomic_write_text(rrun.best_json, json.dumps(best))
+                write_json(rrun.best_json, best)
 
     def next_batch() -> dict:
         return device_batch(next(data_iter), bsh, {"image": np.float32, "label": np.int32})
@@ -398,7 +410,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     with use_rules(mesh, cfg.mesh.rules):
         if best["step"] != result.step and (not tc.eval_every or result.step % tc.eval_every):
             validate(result.step, result.state)
-        train_time = time.time() - t_build
+        repeat_time = time.time() - t_build  # build, compile, train, validate
         restored_best = best_ckpt.restore_latest({"model": best_target})
         best_ckpt.close()
         if restored_best is None:
@@ -409,7 +421,10 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         nnx.replace_by_pure_dict(full, restored_best[0]["model"])
         nnx.update(best_model, full)
         _, *best_states = split_model(best_model, filt)
-        predictor = make_predictor(cfg, softmax, tuple(best_states))
+        post = tuned_postprocess(cfg, make_predictor(cfg, softmax, tuple(best_states)), val_cases)
+        if pid == 0:
+            write_json(rrun.postprocess, to_dict(post))
+        predictor = make_predictor(cfg, softmax, tuple(best_states), post)
         cases = []
         for case in test_cases:
             pred = predictor(case.image, case.spacing, case.hu).labels
@@ -422,7 +437,10 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
                "repeat": repeat, "seed": seed, "num_labeled": len(train_ids), "train_ids": train_ids,
                "best_step": best["step"], "best_val_dice": best["val_dice"],
                "trainable_params": n_train, "total_params": total_params, "head_params": hp,
-               "head_gflops": hf / 1e9, "train_time_s": train_time}
+               "head_gflops": hf / 1e9,
+               # the optimizer steps' own seconds (the first one compiles), without validation and saves:
+               # what an equal-time comparison gives a peer
+               "train_time_s": result.train_s, "repeat_time_s": repeat_time}
     writer.write(result.step, **{f"test_{k}": v for k, v in summary.items() if k in METRICS and v is not None})
     writer.close()
     log.info("repeat %d test: %s", repeat, ", ".join(f"{k}={summary[k]:.4f}" for k in METRICS[:6]
@@ -458,19 +476,22 @@ def combine(cfg: FinetuneConfig, runs: list[dict]) -> dict:
             "head_gflops": first["head_gflops"], "train_time_s": float(sum(r["train_time_s"] for r in runs))}
 
 
+@dataclasses.dataclass
+class _Data:
+    """What finetuning's checks resolved (see `_check`)."""
+    records: dict[str, tuple[str, dict]]  # case id -> (store, manifest record)
+    splits: Splits
+
+
 def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     """Finetune (or resume) into `workdir` and write summary.json. Returns the exit code."""
     init = resolve_init(cfg.init)[1]
-    check_apart({"--workdir": workdir}, {"--init": init, "--data": cfg.data})
-    with lock_folder(workdir, enabled=jax.process_index() == 0):
-        runs = [Path(workdir)] + sorted(Path(workdir).glob("repeat_*"))
-        check_resume(workdir, cfg, RESUME_KEYS, has_run=any(has_checkpoints(d / "checkpoints") or
-                                                            has_checkpoints(d / "best") for d in runs))
-        return _run(cfg, workdir)
+    return run_training_job(cfg, FinetuneRun(Path(workdir)), inputs={"--init": init, "--data": cfg.data},
+                            resume_keys=RESUME_KEYS, check=_check, train=_train, tensorboard=False)
 
 
-def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
-    workdir = Path(workdir)
+def _check(cfg: FinetuneConfig) -> Checked:
+    """Every check of the data, the init and the labels, before anything is written or compiled."""
     check_stores(cfg.data)
     records: dict[str, tuple[str, dict]] = {}
     for store in cfg.data:
@@ -497,7 +518,7 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")
     n_ch = channels.pop()
     if cfg.model.in_channels != n_ch:
-        if resolve_init(cfg.init)[0] != "scratch":
+        if kind != "scratch":
             raise DataError(f"the data has {n_ch} channel(s) but the pretrained encoder takes "
                             f"{cfg.model.in_channels}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
@@ -510,17 +531,15 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     prep = training_preprocessing(cfg.data, [records[i] for i in splits.pool + splits.val + splits.test],
                                   cfg.site.spacing, Normalization(cfg.loader.hu_window, cfg.loader.pet_scale),
                                   cfg.site.patch)
-    mesh = make_mesh(cfg.mesh)
-    check_batch(cfg.train.global_batch, cfg.train.accum_steps, jax.process_count(),
-                mesh.shape["data"] * mesh.shape["fsdp"])
-    pid = jax.process_index()
-    run_dirs = FinetuneRun(workdir)
-    writer = open_workdir(workdir, cfg, is_main=pid == 0, tensorboard=False)
-    writer.close()
+    return Checked(cfg, prep, _Data(records, splits))
+
+
+def _train(checked: Checked, run_dirs: FinetuneRun, mesh: jax.sharding.Mesh, writer: MetricsWriter) -> dict | None:
+    """Every repeat, then their combined summary (None when a signal stopped a repeat)."""
+    cfg, prep, records, splits = checked.cfg, checked.preprocessing, checked.context.records, checked.context.splits
     if not any(records[i][1].get("split") == "val" for i in splits.val):  # logged once every check has passed
         log.info("the store has no val split: %d training case(s) held out for validation", len(splits.val))
-    if pid == 0:
-        write_preprocessing(run_dirs.preprocessing, prep)
+    if jax.process_index() == 0:
         notice = cpu_notice(cfg)
         if notice:
             print(notice, file=sys.stderr)
@@ -528,8 +547,8 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
              list(cfg.loader.hu_window), cfg.loader.pet_scale,
              "as the encoder was pretrained" if cfg.normalization == "encoder" and cfg.init != "scratch"
              else "site preset")
-    log.info("site %s, init %s, head %s, strategy %s; mesh %s over %d devices", cfg.site.name, cfg.init,
-             cfg.head.kind, cfg.strategy.freeze, dict(mesh.shape), jax.device_count())
+    log.info("site %s, init %s, head %s, strategy %s; mesh %s over %d devices", cfg.site.name,
+             resolve_init(cfg.init)[0], cfg.head.kind, cfg.strategy.freeze, dict(mesh.shape), jax.device_count())
     val_cases = load_cases(cfg.data, records, splits.val, cfg.loader)
     test_cases = load_cases(cfg.data, records, splits.test, cfg.loader)
     runs = []
@@ -537,22 +556,12 @@ def _run(cfg: FinetuneConfig, workdir: str | Path) -> int:
         rdir = run_dirs.repeat(r, cfg.train.repeats).root
         out = run_repeat(cfg, r, rdir, mesh, splits, val_cases, test_cases, records)
         if out is None:
-            log.warning("preempted: rerun the same command to resume")
-            return 0
+            return None
         runs.append(out)
     summary = combine(cfg, runs)
-    if pid == 0:
-        atomic_write_text(run_dirs.summary, json.dumps(summary, indent=1, default=_json_safe))
     log.info("summary: %s", ", ".join(f"{k}={summary[k]:.4f}" if isinstance(summary.get(k), float)
                                       else f"{k}={summary.get(k)}" for k in METRICS[:6]))
-    return 0
-
-
-def _json_safe(x: Any) -> Any:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)
+    return summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -566,7 +575,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
     ap.add_argument("--quick", action="store_true",
-                    help="CPU demo settings (lnfm.jobs.finetune.QUICK: 32^3 patches, 400 steps, linear probe)")
+                    help="CPU settings of the demo (lnfm.jobs.finetune.QUICK: 32^3 patches, 600 steps, the fine head)")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
     return ap.parse_args(argv)

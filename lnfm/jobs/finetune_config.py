@@ -6,27 +6,20 @@ Apart from the job so that export can read a run's config without importing the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from lnfm.data.loader import LoaderConfig
 from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.metrics import EvalConfig
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.models import ModelConfig
+from lnfm.models.heads.config import HeadConfig
 from lnfm.models.sharding import MeshConfig
 from lnfm.segmentation.losses import LossConfig
 from lnfm.segmentation.sites import SiteConfig
 from lnfm.segmentation.strategies import StrategyConfig
 from lnfm.train.checkpoint import CheckpointConfig
 from lnfm.train.optim import OptimConfig
-
-
-@dataclasses.dataclass
-class HeadConfig:
-    kind: Literal["unetr", "light", "fine", "linear"] = "light"  # decoder head (lnfm.models.heads)
-    deep_supervision: bool = False  # also supervise the head's coarser outputs
-    options: dict[str, Any] = dataclasses.field(  # extra head arguments, e.g. feature_size: 8 for unetr
-        default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -58,6 +51,9 @@ class FinetuneConfig:
     train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
     inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)  # mask clean-up
+    # Tune the node size prior (postprocess.min_short_axis_mm, max_elongation) on the validation cases,
+    # never the test cases; the tuned values are the run's (postprocess.json) and travel in model.json.
+    tune_postprocess: bool = True
     # "encoder": the CT window and PET scale the --init encoder was pretrained with (recorded in its run or
     # export); "site": the site preset's window. Scratch runs use the site window.
     normalization: Literal["encoder", "site"] = "encoder"  # intensities as the encoder was pretrained, or the site's

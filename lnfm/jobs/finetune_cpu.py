@@ -18,13 +18,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lnfm.models.conv_forms import dense_conv
-from lnfm.models.segmenter import build_segmenter
+from lnfm.models.segmenter import segmenter_from_config
 from lnfm.train.mfu import forward_flops, train_flops
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
 FAST_CPU_FLOPS = 2e11  # 40x the 5 GFLOP/s measured on 2 shared cores for a 3D conv: runs that fit at
 # this rate fit anywhere and skip the measurement
-CPU_PRESET = "--quick"  # lnfm.jobs.finetune.QUICK: 32^3 patches, linear probe, 400 steps
+CPU_PRESET = "--quick"  # lnfm.jobs.finetune.QUICK: 32^3 patches, the fine head, 600 steps
 
 
 def cpu_conv_rate() -> float:
@@ -43,8 +43,7 @@ def cpu_conv_rate() -> float:
 
 def step_flops(cfg) -> float | None:
     """Model FLOPs of one finetuning step (global batch, site patch) from the segmenter's lowered forward."""
-    model = nnx.eval_shape(lambda: build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0),
-                                                   deep_supervision=cfg.head.deep_supervision, **cfg.head.options))
+    model = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     x = jax.ShapeDtypeStruct((cfg.train.global_batch, *cfg.site.patch, cfg.model.in_channels), jnp.float32)
     return train_flops(forward_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, x))
@@ -65,4 +64,4 @@ def cpu_notice(cfg, rate: float | None = None) -> str | None:
     return (f"no accelerator: the {cfg.site.name} preset ({cfg.head.kind} head, "
             f"{'x'.join(map(str, cfg.site.patch))} patch, batch {cfg.train.global_batch}, {cfg.train.steps} steps) "
             f"is sized for a GPU; planner estimate on this CPU: {per_step:.0f} s/step, {total / 3600:.1f} h in all. "
-            f"Use the CPU preset instead: add {CPU_PRESET} (32^3 patches, linear probe, 400 steps)")
+            f"Use the CPU preset instead: add {CPU_PRESET} (32^3 patches, the fine head, 600 steps)")

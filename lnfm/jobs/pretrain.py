@@ -14,6 +14,7 @@ import dataclasses
 import io
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +24,23 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, load_config, to_dict
-from lnfm.data.contract import Normalization, Preprocessing, common_contract, write_preprocessing
+from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import check_stores
 from lnfm.models import ModelConfig, build_ssl_model
 from lnfm.runs import PretrainRun
 from lnfm.models.mae import patchify, reconstruct, unpatchify
-from lnfm.models.sharding import (MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model, make_mesh)
-from lnfm.train.checkpoint import CheckpointConfig, has_checkpoints
-from lnfm.safety import check_apart
+from lnfm.models.sharding import MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model
+from lnfm.train.checkpoint import CheckpointConfig
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
-from lnfm.train.loop import Hook, Throughput, parse_profile_steps
+from lnfm.train.loop import Hook, LoopResult, Throughput, parse_profile_steps
 from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, step_key
-from lnfm.train.job import check_batch, device_batch, fit
+from lnfm.train.job import Checked, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
-from lnfm.workdir import check_resume, lock_folder, open_workdir
+from lnfm.workdir import MetricsWriter, read_metrics
 
 log = logging.getLogger("lnfm.pretrain")
 
@@ -169,31 +169,37 @@ def pretrain_preprocessing(cfg: PretrainConfig, stores: list[str]) -> Preprocess
                          cfg.model.img_size)
 
 
+@dataclasses.dataclass
+class _Data:
+    """What pretraining's checks resolved (the `check` in `run`)."""
+    stores: list[str]
+    weights: list[float] | None
+    counts: Any  # cases per store, for the log
+    profile: tuple[int, int] | None
+
+
 def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None = None) -> int:
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
-    check_apart({"--workdir": workdir}, {"--data": stores})
-    with lock_folder(workdir, enabled=jax.process_index() == 0):
-        check_resume(workdir, cfg, RESUME_KEYS, has_run=has_checkpoints(Path(workdir) / "checkpoints"))
-        return _run(cfg, stores, workdir, profile_steps)
+
+    def check(cfg: PretrainConfig) -> Checked:  # before anything compiles
+        counts = check_stores(stores, cfg.data.split, cfg.data.spacing)
+        prep = pretrain_preprocessing(cfg, stores)
+        weights = list(cfg.data.weights) or None
+        if weights is not None and len(weights) != len(stores):
+            raise ConfigError(f"data.weights has {len(weights)} values for {len(stores)} datasets")
+        profile = parse_profile_steps(profile_steps if profile_steps is not None else cfg.train.profile_steps)
+        return Checked(cfg, prep, _Data(stores, weights, counts, profile))
+
+    return run_training_job(cfg, PretrainRun(Path(workdir)), inputs={"--data": stores}, resume_keys=RESUME_KEYS,
+                            check=check, train=_train)
 
 
-def _run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None) -> int:
-    workdir = Path(workdir)
-    counts = check_stores(stores, cfg.data.split, cfg.data.spacing)  # before anything compiles
-    prep = pretrain_preprocessing(cfg, stores)
-    weights = list(cfg.data.weights) or None
-    if weights is not None and len(weights) != len(stores):
-        raise ConfigError(f"data.weights has {len(weights)} values for {len(stores)} datasets")
+def _train(checked: Checked, run: PretrainRun, mesh: jax.sharding.Mesh, writer: MetricsWriter) -> dict | None:
+    cfg, data, workdir = checked.cfg, checked.context, run.root
     tc = cfg.train
     nproc, pid = jax.process_count(), jax.process_index()
-    profile = parse_profile_steps(profile_steps if profile_steps is not None else tc.profile_steps)
-    mesh = make_mesh(cfg.mesh)
-    check_batch(tc.global_batch, tc.accum_steps, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
-
-    writer = open_workdir(workdir, cfg, is_main=pid == 0)
-    if pid == 0:
-        write_preprocessing(PretrainRun(workdir).preprocessing, prep)
-    log.info("datasets: %s (%s cases; weights %s)", ", ".join(stores), counts, weights or "by case count")
+    log.info("datasets: %s (%s cases; weights %s)", ", ".join(data.stores), data.counts,
+             data.weights or "by case count")
     log.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), jax.device_count(),
              jax.devices()[0].device_kind, nproc)
     graphdef, state, shardings, step_fn = build_training(cfg, mesh)
@@ -201,7 +207,7 @@ def _run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_st
     log.info("model %s-%s: %.2fM trainable parameters", cfg.model.arch, cfg.model.size, n_params / 1e6)
 
     data_cfg = dataclasses.replace(cfg.data, batch_size=tc.global_batch // nproc, patch_size=cfg.model.img_size)
-    loader = make_loader(stores, data_cfg, split=cfg.data.split, labels=False, weights=weights,
+    loader = make_loader(data.stores, data_cfg, split=cfg.data.split, labels=False, weights=data.weights,
                          shard_index=pid, shard_count=nproc)
     data_iter = iter(loader)
     bsh = batch_sharding(mesh)
@@ -215,12 +221,31 @@ def _run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_st
     patch = cfg.model.patch_size if cfg.model.arch == "vit" else cfg.model.swin_patch_size
     tokens = tc.global_batch * math.prod(s // p for s, p in zip(cfg.model.img_size, patch))
     throughput = Throughput(tc.global_batch, tokens, step_flops(cfg, graphdef, state))
+    started: list[int] = []
+    t0 = time.time()
     result = fit(step_fn, state, shardings, next_batch, data_iter, workdir=workdir, checkpoint=cfg.checkpoint,
                  mesh=mesh, rules=cfg.mesh.rules, total_steps=tc.steps, writer=writer, throughput=throughput,
-                 config=to_dict(cfg), log_every=tc.log_every, hooks=hooks, profile=profile, desc="pretrain")
-    writer.close()
+                 config=to_dict(cfg), log_every=tc.log_every, hooks=hooks, profile=data.profile, desc="pretrain",
+                 on_resume=started.append)
+    fit_time = time.time() - t0
     log.info("%s at step %d", "preempted" if result.preempted else "finished", result.step)
-    return 0
+    if result.preempted:
+        return None
+    return pretrain_summary(checked.preprocessing, result, started[0], fit_time, workdir)
+
+
+def pretrain_summary(prep: Preprocessing, result: LoopResult, start: int, fit_time: float, workdir: Path) -> dict:
+    """summary.json of a finished pretraining run: where training ended and what it trained under.
+    `steps_per_s` counts this invocation's steps over its fit time (compilation and saves included)."""
+    loss = result.metrics.get("loss")
+    if loss is None:  # no step ran (a finished run started again): the loss its last step logged
+        loss = next((r["loss"] for r in reversed(read_metrics(workdir)) if r["step"] == result.step), None)
+    steps = result.step - start
+    return {"step": result.step, "loss": loss, "resumed_from": start or None, "steps_run": steps,
+            "fit_time_s": fit_time, "steps_per_s": steps / fit_time if steps else None,
+            "spacing_mm": prep.contract.spacing, "channels": prep.contract.channels,
+            "hu_window": prep.normalization.hu_window, "pet_scale": prep.normalization.pet_scale,
+            "patch_size": prep.patch_size}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

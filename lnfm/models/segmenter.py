@@ -21,7 +21,7 @@ from flax import nnx
 
 from lnfm.models import build_encoder, layers
 from lnfm.models.config import ModelConfig
-from lnfm.models.heads import as_stride, build_head
+from lnfm.models.heads import HeadConfig, as_stride, build_head
 from lnfm.models.swin import pad_to_multiple
 
 
@@ -70,6 +70,12 @@ def build_segmenter(model_cfg: ModelConfig, head: str, num_classes: int, rngs: n
                          deep_supervision=deep_supervision, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                          **head_kwargs)
     return Segmenter(encoder, decoder)
+
+
+def segmenter_from_config(model_cfg: ModelConfig, head: HeadConfig, num_classes: int, rngs: nnx.Rngs) -> Segmenter:
+    """The segmenter a finetuning config or a model.json describes (its `model` and `head` sections)."""
+    return build_segmenter(model_cfg, head.kind, num_classes, rngs, deep_supervision=head.deep_supervision,
+                           **head.options)
 
 
 def load_encoder_state(segmenter: Segmenter, pretrained_encoder: nnx.Module | nnx.State) -> None:

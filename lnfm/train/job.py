@@ -1,24 +1,31 @@
-"""The tail every training job shares: batch checks, device batches, and `fit` (checkpointer,
-resume, the loop under the mesh's sharding rules), so pretraining and finetuning differ only
-in what they build and what they do with the trained state."""
+"""What every training job shares: `run_training_job` (path rule, workdir lock, resume check,
+config.yaml, preprocessing.json, summary.json around the job's own checks and training),
+batch checks, device batches, and `fit` (checkpointer, resume, the loop under the mesh's
+sharding rules), so pretraining and finetuning differ only in what they check, build and
+do with the trained state."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from lnfm.config import ConfigError
-from lnfm.models.sharding import use_rules
-from lnfm.runs import CHECKPOINTS
-from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
+from lnfm.config import ConfigError, dump_yaml
+from lnfm.data.contract import Preprocessing, write_preprocessing
+from lnfm.models.sharding import make_mesh, use_rules
+from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
+from lnfm.safety import check_apart
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints
 from lnfm.train.loop import Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
-from lnfm.workdir import MetricsWriter
+from lnfm.workdir import MetricsWriter, check_resume, lock_folder, open_workdir
 
 log = logging.getLogger("lnfm.train")
 
@@ -64,3 +71,52 @@ def fit(step_fn: Callable, state: dict, shardings: Any, next_batch: Callable[[],
                             profile_dir=workdir / "profile", desc=desc)
     finally:
         ckpt.close()
+
+
+@dataclasses.dataclass
+class Checked:
+    """What a job's checks resolved before anything is written or compiled."""
+
+    cfg: Any  # the config the run records in config.yaml (checks may resolve values in it)
+    preprocessing: Preprocessing  # the contract the run trains under (preprocessing.json)
+    context: Any = None  # whatever else the job's `train` takes from its checks
+
+
+def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mapping[str, Any],
+                     resume_keys: tuple[str, ...], check: Callable[[Any], Checked],
+                     train: Callable[[Checked, Any, jax.sharding.Mesh, MetricsWriter], dict | None],
+                     tensorboard: bool = True) -> int:
+    """The run every training job shares; returns the exit code (0: finished or preempted).
+
+    The path rule (`inputs`: flag -> paths the workdir must stay apart from), then under the
+    workdir lock: the resume check (the `resume_keys` config sections of a started run),
+    the job's `check(cfg)` (data, splits, init; nothing written or compiled yet), the mesh
+    and batch check (`cfg.mesh`, `cfg.train.global_batch`, `cfg.train.accum_steps`),
+    config.yaml, the log and preprocessing.json, then `train(checked, run, mesh, writer)`.
+    It returns the summary, or None when a signal stopped it (the same command resumes; no
+    summary is written).
+    summary.json gets the job's wall time and the sha256 of the config.yaml it ran with."""
+    workdir = Path(run.root)
+    pid = jax.process_index()
+    check_apart({"--workdir": workdir}, inputs)
+    with lock_folder(workdir, enabled=pid == 0):
+        check_resume(workdir, cfg, resume_keys, has_run=any(has_checkpoints(d) for d in run.checkpoint_dirs()))
+        t0 = time.time()
+        checked = check(cfg)
+        mesh = make_mesh(checked.cfg.mesh)
+        tc = checked.cfg.train
+        check_batch(tc.global_batch, tc.accum_steps, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
+        writer = open_workdir(workdir, checked.cfg, is_main=pid == 0, tensorboard=tensorboard)
+        try:
+            if pid == 0:
+                write_preprocessing(run.preprocessing, checked.preprocessing)
+            summary = train(checked, run, mesh, writer)
+        finally:
+            writer.close()
+        if summary is None:
+            log.warning("preempted: rerun the same command to resume")
+            return 0
+        if pid == 0:
+            config_sha256 = hashlib.sha256(dump_yaml(checked.cfg).encode()).hexdigest()  # config.yaml's bytes
+            write_json(run.summary, {**summary, "wall_time_s": time.time() - t0, "config_sha256": config_sha256})
+        return 0

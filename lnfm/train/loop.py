@@ -51,6 +51,8 @@ class LoopResult:
     state: Any
     step: int
     preempted: bool
+    metrics: dict  # the values (loss, ...) of the last step run; empty when no step ran (a finished run resumed)
+    train_s: float = 0.0  # seconds in this call's steps (first-step compilation included; hooks and saves not)
 
 
 def trim_metrics(workdir: str | Path, step: int) -> None:
@@ -154,7 +156,10 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
     with every checkpoint so a resumed run sees the same data order.
     """
     pending: tuple[int, dict] | None = None
+    last: dict = {}
     timer = {"t": None, "step": start_step, "excluded": 0.0}  # excluded: hook and save seconds
+    outside = [0.0]  # every hook and save second of this call (train_s leaves them out)
+    loop_t0 = time.perf_counter()
     saved_step = start_step if checkpointer is not None and start_step in checkpointer.all_steps() else -1
     bar = progress(total=total_steps, initial=start_step, desc=desc, disable=jax.process_index() != 0)
 
@@ -167,6 +172,8 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
 
     def finish(done: int, metrics: dict) -> None:
         values = check(done, metrics)
+        last.clear()
+        last.update(values)
         now = time.perf_counter()
         if timer["t"] is None:  # the first step includes compilation: start timing after it
             timer["t"], timer["step"] = now, done
@@ -187,6 +194,7 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
         jax.block_until_ready(state)
         t0 = time.perf_counter()
         fn()
+        outside[0] += time.perf_counter() - t0
         if timer["t"] is not None:
             timer["excluded"] += time.perf_counter() - t0
 
@@ -239,6 +247,7 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
             writer.flush()
             if checkpointer is not None:
                 checkpointer.wait()
+    train_s = time.perf_counter() - loop_t0 - outside[0]
     if preempted:
         log.warning("stopped by signal after step %d; checkpoint saved", step)
-    return LoopResult(state, step, preempted)
+    return LoopResult(state, step, preempted, dict(last), train_s)

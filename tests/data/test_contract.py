@@ -33,7 +33,7 @@ def test_prepare_records_the_resolved_contract(tmp_path):
     assert prepare_dataset(str(raw), out, cfg, show_progress=False).converted == 2
     on_disk = json.loads((tmp_path / "store" / "contract.json").read_text())
     # Hand-written expectation: the pelvis preset's spacing replaces the unset one; nothing else is guessed.
-    assert on_disk == {"version": 1, "spacing": [1.5, 1.5, 1.5], "orientation": "RAS", "crop_body": True,
+    assert on_disk == {"version": 2, "spacing": [1.5, 1.5, 1.5], "orientation": "RAS", "crop_body": True,
                        "body_threshold_hu": -400.0, "channels": ["CT", "PET"], "ct_storage": "int16",
                        "label_map": {"1": 1}, "resample_channels": True}
     contract = read_contract(out)

@@ -298,3 +298,45 @@ def test_output_apart_from_the_input_and_a_held_store_is_refused(tmp_path, capsy
     assert main(["--input", str(raw), "--output", str(tmp_path / "store"), "workers=0", "salt=x"]) == 0
     assert len(read_manifest(str(tmp_path / "store"))) == 1
     assert not list((tmp_path / "store").glob(".lnfm.lock*"))
+
+
+def test_crop_comes_from_the_image_alone_so_predict_crops_alike(tmp_path, caplog):
+    """A node at the body's edge whose label spills into the air: prepare crops from the image
+    alone, as predict must (it has no label), drops and counts the spilled voxels, and refuses
+    a label that lies wholly outside the body."""
+    from lnfm.data.contract import read_contract
+    from lnfm.data.prepare import preprocess_case, read_channels
+
+    shape, aff = (40, 36, 24), np.diag([1.0, 1.0, 1.0, 1.0])  # RAS at 1 mm: stored axes = source axes
+    img = np.full(shape, -1000, np.int16)
+    img[10:30, 8:28, :] = 40  # the body: a box, every z
+    lab = np.zeros(shape, np.uint8)
+    lab[10:13, 20:23, 5:8] = 1  # a node against the body's edge, inside it
+    lab[4:13, 12:15, 10:13] = 1  # a node whose label spills 6 voxels out of the body into air
+    raw = tmp_path / "raw"
+    rows = [{"case_id": "edge", "image": save(raw / "edge.nii.gz", img, aff),
+             "label": save(raw / "edge_lab.nii.gz", lab, aff), "site": "s", "split": "train"}]
+    away = np.zeros(shape, np.uint8)
+    away[0:3, 0:3, 0:3] = 1  # only air: not a label of this image
+    rows.append({"case_id": "away", "image": rows[0]["image"], "label": save(raw / "away_lab.nii.gz", away, aff),
+                 "site": "s", "split": "train"})
+    store = str(tmp_path / "store")
+    res = prepare_dataset(str(write_csv(tmp_path / "cases.csv", rows)), store, CFG, show_progress=False)
+    assert res.converted == 1 and len(res.failures) == 1
+    assert res.failures[0]["file"].endswith("away_lab.nii.gz")
+    assert "every labelled voxel (27) lies outside the body crop" in res.failures[0]["reason"]
+    rec = read_manifest(store)[0]
+    # Hand-computed: the body box [10, 30) x [8, 28) x [0, 24) plus the 2-voxel margin, clipped.
+    assert (rec["crop_start"], rec["crop_stop"]) == ([8, 6, 0], [32, 30, 24])
+    assert rec["label_voxels_outside_crop"] == 4 * 3 * 3  # x = 4..7 lie before the crop's x = 8
+    image, label = read_case(store, rec)
+    np.testing.assert_array_equal(label, lab[8:32, 6:30, :])
+    assert label.sum() == lab.sum() - 36 and label[2:5, 14:17, 5:8].all()  # the edge node is whole
+    assert any("edge" in r.getMessage() and "36 labelled voxel(s)" in r.getMessage() for r in caplog.records)
+    # Predict's path (read_channels + preprocess_case without a label) gives the stored grid and voxels.
+    scan = read_channels([rows[0]["image"]], True)
+    data, none, geometry = preprocess_case(scan, read_contract(store))
+    assert none is None and "label_voxels_outside_crop" not in geometry
+    assert {k: geometry[k] for k in ("crop_start", "crop_stop", "shape", "affine")} == \
+        {k: rec[k] for k in ("crop_start", "crop_stop", "shape", "affine")}
+    np.testing.assert_array_equal(data[..., 0], image[..., 0])

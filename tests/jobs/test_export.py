@@ -14,6 +14,7 @@ import pytest
 from export_helpers import tiny  # noqa: F401  (session fixture)
 
 from lnfm.jobs import export as ex
+from lnfm.models.heads import HeadConfig
 from lnfm.models import export_formats as fmt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,6 +232,25 @@ def test_model_json_is_validated_and_a_run_without_preprocessing_is_refused(tiny
     (bad / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ex.ExportError, match="schema_version 1 is not 2"):
         ex.read_meta(bad)
+    # The head is the finetuning config's HeadConfig, validated by the same loader.
+    good = json.loads((tiny.orbax / "model.json").read_text())
+    head = ex.read_meta(tiny.orbax).head
+    assert isinstance(head, HeadConfig) and head == HeadConfig(**good["head"])
+    for key, value, message in [("deep_supervision", "maybe", "head.deep_supervision: expected true/false"),
+                                ("kind", "big", "head.kind: 'big' is not one of"),
+                                ("options", [8], "head.options: expected a mapping"),
+                                ("colour", 1, "unknown config key 'head.colour'"),
+                                ("deep_supervision", None, "missing config key 'head.deep_supervision'")]:
+        broken = json.loads(json.dumps(good))
+        if value is None:
+            del broken["head"][key]
+        else:
+            broken["head"][key] = value
+        (bad / "model.json").write_text(json.dumps(broken))
+        with pytest.raises(ex.ExportError) as err:
+            ex.read_meta(bad)
+        assert str(err.value).startswith(f"{bad / 'model.json'}: ") and message in str(err.value)
+        assert "\n" not in str(err.value)
     # A finetuning run from before the contract: its spacing and window are unknown, so no export.
     old = tmp_path / "old_run"
     shutil.copytree(tiny.workdir, old)
@@ -356,3 +376,18 @@ def test_a_full_disk_during_force_keeps_the_old_export_and_a_rerun_completes(tin
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "model.json").read_text())["format"] == "safetensors" and ex.verify_export(out)
+
+
+def test_the_size_prior_the_run_tuned_travels_in_model_json(tiny, tmp_path):  # noqa: F811
+    """finetune writes the post-processing its test masks were made with (postprocess.json, the size
+    prior tuned on validation); the export records exactly that, not the config's untuned values."""
+    import shutil
+
+    from lnfm.runs import FinetuneRun
+
+    run = tmp_path / "ft"
+    shutil.copytree(tiny.workdir, run)
+    tuned = {"min_volume_mm3": 10.0, "body_threshold_hu": -500.0, "min_short_axis_mm": 4.0, "max_elongation": 3.0}
+    FinetuneRun(run).first().postprocess.write_text(json.dumps(tuned))
+    out = ex.export_model(run, tmp_path / "export", "orbax")
+    assert json.loads((out / "model.json").read_text())["postprocess"] == tuned

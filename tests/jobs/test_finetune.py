@@ -1,6 +1,7 @@
 """The finetuning job: site presets, config resolution, a few steps per site on 8 devices,
 few-shot repeats with summary.json, the saved best model, and one-line input errors."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_every_site_preset_loads_with_rationale():
         cfg = load_finetune_config(site, data=["x"])
         assert cfg.site.name == site and cfg.site.labels[0] == "background" and cfg.site.stations
         assert cfg.site.window[0] < cfg.site.window[1] and min(cfg.site.spacing) > 0
-        assert cfg.head.kind in ("unetr", "light", "linear")
+        assert cfg.head.kind in ("unetr", "light", "fine", "linear")
         assert cfg.strategy.freeze in ("all", "first_k", "none", "lora")
         text = (Path(__file__).parents[2] / "lnfm/configs/sites" / f"{site}.yaml").read_text()
         assert text.count("#") >= 3  # every preset explains its choices
@@ -57,9 +58,10 @@ def test_every_site_preset_loads_with_rationale():
 
 def test_quick_and_overrides_and_unknown_keys():
     cfg = load_finetune_config("pelvis", ["train.steps=7"], quick=True, num_labeled=3, repeats=2)
-    assert cfg.site.patch == (32, 32, 32) and cfg.train.steps == 7 and cfg.head.kind == "linear"
+    assert cfg.site.patch == (32, 32, 32) and cfg.train.steps == 7 and cfg.head.kind == "fine"
+    assert cfg.strategy.freeze == "first_k" and cfg.strategy.k == 2  # --quick keeps the site's strategy
     assert cfg.train.num_labeled == 3 and cfg.train.repeats == 2 and cfg.init == "scratch"
-    assert cfg.optim.lr == pytest.approx(3e-3) and cfg.optim.weight_decay == pytest.approx(1e-4)
+    assert cfg.optim.lr == pytest.approx(2e-3) and cfg.optim.weight_decay == pytest.approx(1e-4)
     assert any(q.startswith("site.patch") for q in QUICK)
     with pytest.raises(ConfigError, match="strategy.freez.*freeze"):
         load_finetune_config("pelvis", ["strategy.freez=all"])
@@ -412,3 +414,29 @@ def test_lora_run_exports_the_adapters_folded_into_the_kernels(store, tmp_path):
     assert set(got) == set(want) and not any("lora" in k for k in got)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_size_prior_is_tuned_on_the_validation_cases_only():
+    """A predicted node plus a 1-voxel-wide vessel-like streak and a 2^3 speck: the tuned prior
+    removes both (validation Dice 1.0, hand-computed), and nothing is tuned when asked not to."""
+    from types import SimpleNamespace
+
+    from lnfm.jobs.finetune import Case, tuned_postprocess
+
+    grid = np.indices((40, 40, 40))
+    node = ((grid - 12) ** 2).sum(0) <= 16  # radius 4 voxels at 1 mm: an 8 mm node
+    pred = node.copy()
+    pred[30, 5:35, 30] = True  # 30 mm long, 1 mm wide: a vessel, not a node
+    pred[2:4, 30:32, 2:4] = True  # a 2 mm speck
+    case = Case("v0", np.zeros((40, 40, 40, 1), np.float32), node.astype(np.int32), (1.0, 1.0, 1.0), None, np.eye(4))
+    predictor = lambda image, spacing, hu: SimpleNamespace(labels=pred.astype(np.int32))  # noqa: E731
+    cfg = load_finetune_config("pelvis")
+    post = tuned_postprocess(cfg, predictor, [case])
+    assert post.min_short_axis_mm >= 3.0  # both extras have a minor diameter of about 1-2 mm
+    from lnfm.eval.postprocess import apply_size_prior
+    from lnfm.eval.surface import dice
+    assert dice(apply_size_prior(pred, (1, 1, 1), post.min_short_axis_mm, post.max_elongation), node) == 1.0
+    assert post.min_volume_mm3 == cfg.postprocess.min_volume_mm3  # the rest of the config is kept
+    off = dataclasses.replace(cfg, tune_postprocess=False)
+    assert tuned_postprocess(off, predictor, [case]) == cfg.postprocess
+    assert tuned_postprocess(cfg, predictor, []) == cfg.postprocess  # no validation cases: nothing to tune on

@@ -117,3 +117,12 @@ def test_linear_probe_values_match_numpy_and_scipy():
     np.testing.assert_allclose(np.asarray(coarse)[0], want, rtol=1e-5, atol=1e-5)
     up = np.stack([ndi.zoom(want[..., k], 16, order=1, mode="nearest", grid_mode=True) for k in range(3)], -1)
     np.testing.assert_allclose(np.asarray(logits)[0], up, rtol=1e-4, atol=1e-4)
+
+
+def test_head_config_names_exactly_the_registered_heads():
+    """A head kind that the config accepts is one `build_head` builds, and the reverse."""
+    import typing
+
+    from lnfm.models.heads import HEADS, HeadConfig
+
+    assert set(typing.get_args(typing.get_type_hints(HeadConfig)["kind"])) == set(HEADS)

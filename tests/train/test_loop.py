@@ -60,9 +60,13 @@ def test_profile_steps(tmp_path, mesh8):
 
 def test_step_time_excludes_hook_and_save_time(tmp_path, mesh8):
     slow = Hook(1, lambda step, state: time.sleep(0.4))  # e.g. a validation pass after every step
-    loop(tmp_path, mesh8, toy_batches(9), total=9, hooks=(slow,), log_every=4, ckpt_every=2)
+    t0 = time.perf_counter()
+    result, _ = loop(tmp_path, mesh8, toy_batches(9), total=9, hooks=(slow,), log_every=4, ckpt_every=2)
+    wall = time.perf_counter() - t0
     rows = [r for r in read_metrics(tmp_path) if "step_time" in r]
     assert rows and all(r["step_time"] < 0.3 for r in rows), rows  # the toy step itself takes milliseconds
+    # The run's training seconds (what an equal-time peer gets) leave the 9 x 0.4 s of hooks out too.
+    assert 0 < result.train_s < wall - 9 * 0.4
 
 
 class _FakeHosts:

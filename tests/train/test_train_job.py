@@ -1,15 +1,24 @@
-"""The training tail both jobs share: batch checks, device batches, and `fit` resuming exactly."""
+"""What both training jobs share: the run (`run_training_job`), batch checks, device batches, and
+`fit` resuming exactly."""
+
+import dataclasses
+import hashlib
+import json
 
 import jax
 import numpy as np
 import pytest
 
 from lnfm.config import ConfigError
+from lnfm.data.contract import Normalization, PrepareContract, Preprocessing, read_preprocessing
+from lnfm.models.sharding import MeshConfig
+from lnfm.runs import PretrainRun
+from lnfm.safety import PathClash
 from lnfm.train.checkpoint import CheckpointConfig
-from lnfm.train.job import check_batch, device_batch, fit
+from lnfm.train.job import Checked, check_batch, device_batch, fit, run_training_job
 from lnfm.train.loop import Throughput
 from lnfm.train.step import make_train_step
-from lnfm.workdir import MetricsWriter, read_metrics
+from lnfm.workdir import MetricsWriter, WorkdirError, read_metrics
 from train_toy import toy_batches, toy_setup
 
 
@@ -52,3 +61,75 @@ def test_fit_resumes_from_the_last_checkpoint_and_matches_one_uninterrupted_run(
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]  # no step logged twice
     for a, b in zip(jax.tree.leaves(straight.state["params"]), jax.tree.leaves(resumed.state["params"])):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- run_training_job
+
+
+@dataclasses.dataclass
+class _TrainSection:
+    global_batch: int = 8
+    accum_steps: int = 1
+
+
+@dataclasses.dataclass
+class _JobConfig:
+    """The sections the shared run reads: mesh, train (batch), model (a resume key)."""
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # data parallel over every device
+    train: _TrainSection = dataclasses.field(default_factory=_TrainSection)
+    model: dict = dataclasses.field(default_factory=lambda: {"depth": 2})
+
+
+def _preprocessing() -> Preprocessing:
+    contract = PrepareContract(version=2, spacing=(1.5, 1.5, 2.0), orientation="RAS", crop_body=True,
+                               body_threshold_hu=-500.0, channels=("CT",), ct_storage="int16", label_map={},
+                               resample_channels=True)
+    return Preprocessing(contract, Normalization((-160.0, 240.0), 5.0), (32, 32, 16))
+
+
+def _job(workdir, train, check=None, cfg=None, inputs=None) -> int:
+    cfg = cfg or _JobConfig()
+    return run_training_job(cfg, PretrainRun(workdir), inputs=inputs or {}, resume_keys=("model",),
+                            check=check or (lambda c: Checked(c, _preprocessing(), "ctx")), train=train,
+                            tensorboard=False)
+
+
+def test_run_training_job_records_config_preprocessing_and_summary(tmp_path):
+    seen = {}
+
+    def train(checked, run, mesh, writer):
+        seen.update(context=checked.context, root=run.root, devices=mesh.devices.size)
+        assert (run.root / "config.yaml").is_file() and (run.root / ".lnfm.lock").is_file()  # written, held
+        return {"step": 7, "loss": np.float32(0.25)}
+
+    assert _job(tmp_path / "w", train) == 0
+    assert seen == {"context": "ctx", "root": tmp_path / "w", "devices": jax.device_count()}
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert summary["step"] == 7 and summary["loss"] == 0.25 and summary["wall_time_s"] > 0
+    assert summary["config_sha256"] == hashlib.sha256((tmp_path / "w" / "config.yaml").read_bytes()).hexdigest()
+    assert read_preprocessing(tmp_path / "w" / "preprocessing.json") == _preprocessing()
+    assert not (tmp_path / "w" / ".lnfm.lock").exists()
+
+
+def test_run_training_job_preempted_failed_or_refused_writes_no_summary(tmp_path):
+    assert _job(tmp_path / "pre", lambda *a: None) == 0  # a signal stopped training: resumable, unfinished
+    assert (tmp_path / "pre" / "config.yaml").is_file() and not (tmp_path / "pre" / "summary.json").exists()
+
+    def bad_check(cfg):
+        raise ConfigError("data.weights has 2 values for 1 datasets")
+
+    with pytest.raises(ConfigError, match="data.weights"):  # checks fail before anything is written
+        _job(tmp_path / "chk", lambda *a: {}, check=bad_check)
+    assert not (tmp_path / "chk").exists()
+    with pytest.raises(ConfigError, match=f"multiple of the {jax.device_count()} batch shards"):
+        _job(tmp_path / "batch", lambda *a: {}, cfg=_JobConfig(train=_TrainSection(accum_steps=3)))
+    assert not (tmp_path / "batch").exists()
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(PathClash, match="--workdir lies inside --data"):
+        _job(data / "run", lambda *a: {}, inputs={"--data": [str(data)]})
+    # A started run (a checkpoint) is resumed only with the same model section.
+    (tmp_path / "pre" / "checkpoints" / "5").mkdir(parents=True)
+    with pytest.raises(WorkdirError, match=r"model.depth=2 \(new: 3\)"):
+        _job(tmp_path / "pre", lambda *a: {}, cfg=_JobConfig(model={"depth": 3}))
+    assert not (tmp_path / "pre" / "summary.json").exists()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 
 import numpy as np
 import pytest
+import yaml
 from pretrain_helpers import checkpoint_steps, finish, losses, output, start, wait_for
 
 from lnfm.jobs import pretrain
 from lnfm.cli import run_job
+from lnfm.data.store import read_manifest
 from lnfm.errors import NonFiniteLoss
 
 
@@ -59,10 +63,42 @@ def test_fsdp_matches_1_device_learns_and_resumes_exactly_after_kill9_and_sigter
     assert "'fsdp': 8" in (ref_dir / "log.txt").read_text()
     assert (ref_dir / "images" / "step_40.png").stat().st_size > 1000
     assert checkpoint_steps(ref_dir) == [30, 35, 40]  # keep 3, the last at the end
+    check_summary(ref_dir, want, read_manifest(phantom_store)[0]["spacing"])
+    assert not (run / "summary.json").exists()  # a preempted run has not finished
     # 4) the interrupted-and-resumed run reproduces the reference (same data order and masks)
     got = losses(run)
     assert sorted(got) == list(range(1, stopped + 1))
     np.testing.assert_allclose([got[s] for s in sorted(got)], seq[:stopped], rtol=1e-6)
+
+
+def check_summary(workdir, logged: dict[int, float], store_spacing: list[float]) -> None:
+    """summary.json of a finished 40-step run, against metrics.jsonl, config.yaml and the store."""
+    summary = json.loads((workdir / "summary.json").read_text())
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    assert summary["step"] == 40 and summary["steps_run"] == 40 and summary["resumed_from"] is None
+    assert summary["loss"] == pytest.approx(logged[40], rel=1e-6)
+    assert summary["config_sha256"] == hashlib.sha256((workdir / "config.yaml").read_bytes()).hexdigest()
+    assert 0 < summary["fit_time_s"] < summary["wall_time_s"] < 240
+    assert summary["steps_per_s"] == pytest.approx(40 / summary["fit_time_s"])
+    assert summary["spacing_mm"] == pytest.approx(store_spacing) and summary["channels"] == ["CT"]
+    assert summary["hu_window"] == config["data"]["hu_window"] == [-1000.0, 1000.0]
+    assert summary["pet_scale"] == config["data"]["pet_scale"]
+    assert summary["patch_size"] == config["model"]["img_size"]
+
+
+def test_summary_of_a_finished_run_started_again_takes_the_logged_loss(tmp_path):
+    """No step runs when a finished run is started again: its final loss is the one metrics.jsonl logged."""
+    from lnfm.data.contract import Normalization, PrepareContract, Preprocessing
+    from lnfm.train.loop import LoopResult
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 39, "loss": 0.5}\n{"step": 40, "loss": 0.25}\n')
+    contract = PrepareContract(version=2, spacing=None, orientation="RAS", crop_body=True, body_threshold_hu=-500.0,
+                               channels=("CT", "PET"), ct_storage="int16", label_map={}, resample_channels=True)
+    prep = Preprocessing(contract, Normalization((-1000.0, 1000.0), 10.0), (64, 64, 32))
+    summary = pretrain.pretrain_summary(prep, LoopResult(None, 40, False, {}), 40, 3.0, tmp_path)
+    assert summary == {"step": 40, "loss": 0.25, "resumed_from": 40, "steps_run": 0, "fit_time_s": 3.0,
+                       "steps_per_s": None, "spacing_mm": None, "channels": ("CT", "PET"),
+                       "hu_window": (-1000.0, 1000.0), "pet_scale": 10.0, "patch_size": (64, 64, 32)}
 
 
 def test_nan_loss_exits_3_with_the_message(phantom_store, tmp_path, capsys, monkeypatch):

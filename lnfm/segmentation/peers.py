@@ -25,7 +25,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import DynUNet, SwinUNETR, UNet
 
-from nnunet_plan import plan_3d_fullres
+from lnfm.segmentation.nnunet_plan import plan_3d_fullres
 
 PEERS = ("unet", "dynunet", "swinunetr")
 
