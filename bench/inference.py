@@ -91,24 +91,23 @@ def write_export(site: str, out) -> None:
 
     from flax import nnx
 
-    from lnfm.config import to_dict
     from lnfm.data.contract import CONTRACT_VERSION, CT_STORAGE, ORIENTATION, Normalization, PrepareContract, \
         Preprocessing
     from lnfm.jobs import export as ex
     from lnfm.jobs.export_meta import SiteInfo
     from lnfm.jobs.finetune import load_finetune_config
     from lnfm.models import export_formats as fmt
-    from lnfm.models.segmenter import build_segmenter
+    from lnfm.models.segmenter import segmenter_from_config
 
     cfg = load_finetune_config(site, [])
-    model = build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0), **cfg.head.options)
+    model = segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0))
     contract = PrepareContract(version=CONTRACT_VERSION, spacing=tuple(cfg.site.spacing), orientation=ORIENTATION,
                                crop_body=True, body_threshold_hu=-500.0, channels=("CT",), ct_storage=CT_STORAGE,
                                label_map={}, resample_channels=False)
     prep = Preprocessing(contract, Normalization(hu_window=tuple(cfg.site.window), pet_scale=10.0),
                          tuple(cfg.site.patch))
     source = ex._Source("segmenter", fmt.flat_params(model), cfg.model, prep, training_data={},
-                        head=to_dict(cfg.head), labels=list(cfg.site.labels),
+                        head=cfg.head, labels=list(cfg.site.labels),
                         site=SiteInfo(site, list(cfg.site.stations)),
                         inference=dataclasses.replace(cfg.inference, roi=tuple(cfg.site.patch)),
                         postprocess=cfg.postprocess)
@@ -192,7 +191,7 @@ def bench_pipeline(args) -> None:
                     num_res_units=2).eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             unet(torch.zeros(1, 1, *roi))
-        print(f"{site}: {meta.model.arch}-{meta.model.size} + {(meta.head or {}).get('kind')} head "
+        print(f"{site}: {meta.model.arch}-{meta.model.size} + {meta.head.kind} head "
               f"{ours_flops / 1e9:.1f} GFLOP/window; MONAI UNet {channels} "
               f"{counter.get_total_flops() / 1e9:.1f} GFLOP/window; roi {roi}, overlap {inf.overlap}, "
               f"window batch {inf.sw_batch_size}, sigma {inf.sigma_scale}", flush=True)
