@@ -5,8 +5,8 @@ layer in both forms on the same input, side by side in one run, checked equal. T
 forms are what `lnfm.models.heads.blocks` gives for the light, fine and UNETR decoders.
 
 `--dense`: forward + backward of dense 'SAME' 3x3x3 convolutions at the heads' real
-shapes (printed from ViT-tiny segmenters: the light head, pelvis's default, at 32^3
-and the fine head at 32^3 and 64^3 patches, batch 2) and
+shapes (printed from ViT-tiny segmenters: the light head at 32^3 and the fine head,
+the site presets' default, at 32^3 and 64^3 patches, batch 2) and
 the issue's reference shapes, in every form: XLA's native convolution (NDHWC/DHWIO and
 NCDHW/OIDHW), im2col (27 shifted copies concatenated, one matmul), the sum of 27
 shifted matmuls, the plane form (9 in-plane taps, one matmul, 3 shifted sums),
