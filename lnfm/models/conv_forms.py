@@ -9,8 +9,10 @@ XLA:CPU runs 3D convolutions through slow generic paths, so inside JAX:
   (im2col); otherwise the k^2 in-plane taps are concatenated, one matmul
   yields k partial outputs, and k shifted slices of it are summed (the
   concatenated copy stays k^2, not k^3, times the input). Forward + backward
-  runs 2-4x faster than the native convolution on CPU (bench/conv.py,
-  docs/benchmarks.md) and compiles in about the same time.
+  runs 1.7-2.6x faster than the native convolution on CPU at the heads' 32^3-64^3
+  grids, more on small ones (bench/conv.py --dense, docs/benchmarks.md), and
+  compiles in about the same time. PyTorch's oneDNN kernels remain 2-4x faster
+  at the large grids.
 
 Graph exporters want the opposite: ONNX Runtime has fast
 native Conv kernels and would run 27 separate elementwise nodes slowly, so
