@@ -160,7 +160,7 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
     spend = {"steps": cfg.train.steps} if budget == "patches" else {"seconds": lnfm_time}
     return train_and_score_peer(name, meta=meta, store=bench.labelled_store,
                                 train_ids=select_subset(bench.pool, n, seed), loader=loader, test=bench.test,
-                                overlap=preset.overlap, seed=seed, **spend)
+                                val=bench.val_cases, overlap=preset.overlap, seed=seed, **spend)
 
 
 # ----------------------------------------------------------------------------- report

@@ -1,20 +1,26 @@
 """`lnfm <job> ...` (also `python -m lnfm <job>`): one entry point for every job, one error boundary.
 
 An `LnfmError` (a user error: bad input, option or folder) prints its one-line message
-on stderr and exits 2; a `NonFiniteLoss` exits 3; anything else is a bug and keeps its
-traceback. The entry scripts (data_prep/*.py, pretrain/pretrain.py, finetune/*.py,
-launch/plan.py) are shims over `run_job`.
+on stderr and exits 2; so does a write that finds the disk full (`lnfm.errors.disk_full`);
+a `NonFiniteLoss` exits 3; anything else is a bug and keeps its traceback. SIGTERM (outside
+the training loop, which saves and exits 0) and Ctrl-C stop the job like an exception, so
+its cleanups remove what it had half-written: one line, exit 128 + the signal number (143,
+130), as a shell reports a job killed by that signal. The entry scripts (data_prep/*.py,
+pretrain/pretrain.py, finetune/*.py, launch/plan.py) are shims over `run_job`.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import re
+import signal
 import sys
+import threading
 from typing import NamedTuple
 
 from lnfm import __version__
-from lnfm.errors import LnfmError, NonFiniteLoss
+from lnfm.errors import LnfmError, NonFiniteLoss, Terminated, disk_full, on_sigterm
 
 
 class Job(NamedTuple):
@@ -44,10 +50,20 @@ def usage() -> str:
 
 
 def run_job(name: str, argv: list[str]) -> int:
-    """Run job `name` with its arguments `argv`; the exit code (2: user error, 3: non-finite loss)."""
+    """Run job `name` with its arguments `argv`; the exit code (2: user error, 3: non-finite loss,
+    143: SIGTERM, 130: Ctrl-C)."""
     main = importlib.import_module(JOBS[name].module).main
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return main(argv)
+    except (Terminated, KeyboardInterrupt) as e:
+        sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        logging.getLogger("lnfm").warning("stopped by %s", sig.name, extra={"console": False})
+        print(f"lnfm {name}: stopped by {sig.name}; finished outputs are kept, nothing is left half-written",
+              file=sys.stderr)
+        return 128 + sig
     except LnfmError as e:
         logging.getLogger("lnfm").debug("user error", exc_info=True)
         print(f"lnfm {name}: error: {e}", file=sys.stderr)
@@ -57,6 +73,29 @@ def run_job(name: str, argv: list[str]) -> int:
         logging.getLogger("lnfm").error("%s", e, extra={"console": False})
         print(f"lnfm {name}: error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:
+        reason = disk_full(e)
+        if reason is None:
+            raise  # a bug: keep the traceback
+        logging.getLogger("lnfm").debug("disk full", exc_info=True)
+        print(f"lnfm {name}: error: {_written_file(e)}: cannot write ({reason}); what was written before is intact",
+              file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _written_file(exc: BaseException) -> str:
+    """The file a failed write named (an OSError's filename, or the first quoted absolute path)."""
+    while exc is not None:
+        if getattr(exc, "filename", None):
+            return str(exc.filename)
+        match = re.search(r'"(/[^"]+)"', str(exc))
+        if match:
+            return match.group(1)
+        exc = exc.__cause__ or exc.__context__
+    return "a file"
 
 
 def main(argv: list[str] | None = None) -> int:

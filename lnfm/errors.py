@@ -1,10 +1,17 @@
 """The two kinds of expected failure; anything else raised is a bug and keeps its traceback.
 
 `python -m lnfm <job>` (lnfm/cli.py) is the one place that turns them into exit codes:
-an `LnfmError` prints its one-line message and exits 2, a `NonFiniteLoss` exits 3.
+an `LnfmError` prints its one-line message and exits 2, a `NonFiniteLoss` exits 3. A write
+that finds the disk full (`disk_full`) is the user's environment, not a bug: exit 2 as well.
 """
 
 from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+from collections.abc import Iterator
 
 
 class LnfmError(Exception):
@@ -22,3 +29,60 @@ class DataError(LnfmError, ValueError):
 
 class WeightsMismatch(LnfmError, ValueError):
     """Saved weights (an export, a MONAI state dict) that do not fit the architecture they are loaded into."""
+
+
+class DiskFull(LnfmError, OSError):
+    """A write failed for want of room (a full disk, a quota, a file-size limit); one line naming
+    what could not be written. What was written before is intact."""
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# TensorStore (under Orbax and the store) wraps the OSError in a ValueError that keeps only its code.
+_WRAPPED_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def disk_full(exc: BaseException | None) -> str | None:
+    """The reason ('No space left on device', 'File too large', 'Disk quota exceeded') when `exc`,
+    or an exception it was raised from, is a write that found no room; else None."""
+    while exc is not None:
+        code = exc.errno if isinstance(exc, OSError) else None
+        match = _WRAPPED_CODE.search(str(exc)) if code is None else None
+        code = int(match.group(1)) if match else code
+        if code in FULL_ERRNOS:
+            return os.strerror(code)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. `lnfm.cli` raises it in the main thread (past `except Exception`, like
+    KeyboardInterrupt), so the job's cleanups run; exit 143."""
+
+
+_deferring = 0  # depth of `deferred_termination` blocks
+_pending = False  # a SIGTERM arrived inside one
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    """The SIGTERM handler `lnfm.cli` installs for a job."""
+    global _pending
+    if _deferring:
+        _pending = True
+        return
+    raise Terminated
+
+
+@contextlib.contextmanager
+def deferred_termination() -> Iterator[None]:
+    """SIGTERM waits until the block is done: a library writing in threads of its own (Orbax,
+    TensorStore) must not be interrupted halfway, or its threads go on writing into the folder
+    the job's cleanup is removing. A pending SIGTERM is raised as the block ends."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _pending:
+        _pending = False
+        raise Terminated

@@ -2,7 +2,7 @@
 
     PRETRAIN_DIR/  config.yaml  preprocessing.json  checkpoints/  summary.json  metrics.jsonl ...
     FINETUNE_DIR/  config.yaml  preprocessing.json  summary.json
-                   [repeat_<r>/] config.yaml  checkpoints/  best/  best.json  test_masks/
+                   [repeat_<r>/] config.yaml  checkpoints/  best/<step>/best.json  test_masks/
     EXPORT_DIR/    model.json  checksums.sha256  (format files)
 
 A finetuning run with one repeat keeps that repeat's files in its own root; with
@@ -10,7 +10,9 @@ R > 1 repeats, repeat r lives in repeat_<r>/. Every type has `detect(path)`,
 which also accepts the sub-folders a user is likely to name (checkpoints/,
 best/, repeat_<r>/) and returns None for anything else. preprocessing.json holds
 the contract a run trained with (`lnfm.data.contract`); this module only places it.
-summary.json is written once a run has finished (`write_json`, atomic).
+summary.json is written once a run has finished (`write_json`, atomic). best.json
+({'step', 'val_dice'}) lives inside the best model's committed step folder: the model and
+its record are one commit, so a kill can never leave them disagreeing.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def _json_default(x: Any) -> Any:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """A JSON record (summary.json, best.json), written atomically: readers see the old file or the new one."""
+    """A JSON record (summary.json), written atomically: readers see the old file or the new one."""
     atomic_write_text(path, json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
@@ -107,16 +109,28 @@ class RepeatRun:
     config = _entry(CONFIG)
     checkpoints = _entry(CHECKPOINTS)
     best = _entry(BEST)
-    best_json = _entry(BEST_JSON)
     test_masks = _entry(TEST_MASKS)
     postprocess = _entry(POSTPROCESS)
 
     def test_mask(self, case_id: str) -> Path:
         return self.test_masks / f"{case_id}.nii.gz"
 
+    def best_step(self) -> Path | None:
+        """The committed step folder of the best model (the newest one while a new best replaces
+        the previous), or None before one is saved."""
+        steps = [p for p in self.best.iterdir() if p.name.isdigit() and p.is_dir()] if self.best.is_dir() else []
+        return max(steps, key=lambda p: int(p.name)) if steps else None
+
     def best_record(self) -> dict | None:
-        """{'step', 'val_dice'} of the saved best model, or None before one is saved."""
-        return read_json(self.best_json)
+        """{'step', 'val_dice'} committed with the best model, or None before one is saved."""
+        step = self.best_step()
+        if step is None:
+            return None
+        record = read_json(step / BEST_JSON)
+        if record is None:  # a run saved by an older lnfm kept it beside best/: valid if it names this step
+            legacy = read_json(self.root / BEST_JSON)
+            record = legacy if legacy is not None and legacy.get("step") == int(step.name) else None
+        return record
 
 
 @dataclasses.dataclass(frozen=True)

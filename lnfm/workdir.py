@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -26,6 +27,33 @@ from lnfm.config import dump_yaml, read_yaml, to_dict
 from lnfm.errors import LnfmError
 
 log = logging.getLogger("lnfm")
+
+
+# A temporary file of lnfm's writers: hidden, `.tmp<pid>` or `.part<pid>` after the final name.
+_TEMP_FILE = re.compile(r"^\..+\.(?:tmp|part)(\d+)(?:\.[A-Za-z.]+)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> None:
+    """Delete the temporary files a killed writer left in `folder` (kill -9 runs no cleanup);
+    those of processes still running stay."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        match = _TEMP_FILE.match(name)
+        if match and not _alive(int(match.group(1))):
+            Path(folder, name).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

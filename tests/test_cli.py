@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_a_non_finite_loss_exits_3(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("bug", [ValueError("Incompatible shapes for broadcasting: (2, 3) and (4,)"),
-                                 OSError(28, "No space left on device"), KeyError("spacing")])
+                                 OSError(9, "Bad file descriptor"), KeyError("spacing")])
 def test_anything_else_is_a_bug_with_its_traceback(monkeypatch, bug):
     def broken(argv):
         raise bug
@@ -61,6 +62,47 @@ def test_anything_else_is_a_bug_with_its_traceback(monkeypatch, bug):
     monkeypatch.setattr(export, "main", broken)
     with pytest.raises(type(bug)):
         cli.main(["export"])
+
+
+@pytest.mark.parametrize("full,reason", [
+    (OSError(28, "No space left on device", "/data/out/mask.nii.gz"), "No space left on device"),
+    (OSError(122, "Disk quota exceeded", "/data/out/mask.nii.gz"), "Disk quota exceeded"),
+    # TensorStore's wrapping (under Orbax and the store), raised from a handler's own error
+    (ValueError('OUT_OF_RANGE: Failed writing: "/data/out/mask.nii.gz": File too large [os_error_code=\'27\']'),
+     "File too large")])
+def test_a_full_disk_anywhere_is_one_line_and_exit_2(monkeypatch, capsys, full, reason):
+    def writes(argv):
+        try:
+            raise full
+        except Exception as e:
+            raise RuntimeError("while saving") from e
+
+    monkeypatch.setattr(export, "main", writes)
+    assert cli.run_job("export", []) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"lnfm export: error: /data/out/mask.nii.gz: cannot write ({reason}); what was written before is intact"]
+
+
+def test_sigterm_stops_a_job_in_one_line_with_exit_143_and_its_cleanup_runs(monkeypatch, capsys):
+    import os
+    import signal
+
+    cleaned = []
+
+    def long_job(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        finally:
+            cleaned.append(True)
+        return 0
+
+    monkeypatch.setattr(export, "main", long_job)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.run_job("export", []) == 143
+    assert cleaned == [True] and signal.getsignal(signal.SIGTERM) is before
+    assert capsys.readouterr().err.splitlines() == [
+        "lnfm export: stopped by SIGTERM; finished outputs are kept, nothing is left half-written"]
 
 
 def test_a_shim_script_goes_through_the_same_boundary(repo_root, tmp_path):
@@ -79,3 +121,25 @@ def test_job_usage_names_the_lnfm_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lnfm", "synth", "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: lnfm synth ")
+
+
+def test_a_sigterm_inside_a_deferred_write_waits_for_it_to_finish(monkeypatch, capsys):
+    import os
+    import signal
+
+    from lnfm.errors import deferred_termination
+
+    done = []
+
+    def job(argv):
+        with deferred_termination():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now and only noted the signal
+            done.append("write finished")
+        done.append("after the write")  # never reached: the pending SIGTERM is raised at the block's end
+        return 0
+
+    monkeypatch.setattr(export, "main", job)
+    assert cli.run_job("export", []) == 143
+    assert done == ["write finished"]
+    assert "stopped by SIGTERM" in capsys.readouterr().err

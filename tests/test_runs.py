@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, read_json
+from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, RepeatRun, read_json
 
 
 def _mk(root: Path, *parts: str, config: dict | None = None) -> Path:
@@ -33,7 +33,7 @@ def test_finetune_run_with_one_or_several_repeats(tmp_path):
         run = FinetuneRun.detect(path)
         assert run == FinetuneRun(one)
         assert PretrainRun.detect(path) is None  # a finetuning run also has checkpoints/
-    assert run.first().best == one / "best" and run.repeat(0, 1).best_json == one / "best.json"
+    assert run.first().best == one / "best" and run.repeat(0, 1).best_record() is None  # no step committed
     many = _mk(tmp_path / "many", "repeat_0/best", "repeat_1/best", config={"site": {}})
     for path in (many, many / "repeat_1"):
         assert FinetuneRun.detect(path) == FinetuneRun(many)
@@ -83,3 +83,16 @@ def test_write_json_is_atomic_and_reads_back(tmp_path, monkeypatch):
         write_json(path, {"step": 4})
     monkeypatch.undo()
     assert read_json(path)["step"] == 3 and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_the_best_record_is_the_one_committed_with_the_newest_best_step(tmp_path):
+    rep = RepeatRun(_mk(tmp_path / "ft", "best/2", "best/4", "best/4.orbax-checkpoint-tmp", "best/corrupt_9"))
+    (rep.best / "2" / "best.json").write_text('{"step": 2, "val_dice": 0.3}')
+    (rep.best / "4" / "best.json").write_text('{"step": 4, "val_dice": 0.6}')
+    assert rep.best_step() == rep.best / "4" and rep.best_record() == {"step": 4, "val_dice": 0.6}
+    # A run from an older lnfm kept best.json beside best/: used only when it names the committed step.
+    (rep.best / "4" / "best.json").unlink()
+    (rep.root / "best.json").write_text('{"step": 2, "val_dice": 0.3}')
+    assert rep.best_record() is None
+    (rep.root / "best.json").write_text('{"step": 4, "val_dice": 0.6}')
+    assert rep.best_record() == {"step": 4, "val_dice": 0.6}

@@ -114,3 +114,21 @@ def test_check_resume_refuses_another_model_and_keeps_config(tmp_path):
     assert 'model.size="tiny" (new: "base")' in str(e.value) and "\n" not in str(e.value)
     W.check_resume(tmp_path, Run(model=Model(size="base")), ("model",), has_run=False)  # nothing to resume
     assert (tmp_path / "config.yaml").read_bytes() == before
+
+
+def test_stale_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from lnfm.workdir import remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    names = {f".mask.part{dead}.nii.gz": False, f".r.csv.tmp{dead}": False,  # a killed process's
+             f".mask.part{os.getpid()}.nii.gz": True,  # this process is writing it
+             "mask.nii.gz": True, ".lnfm.lock": True, "failures.parts": True, f"notes.tmp{dead}": True}
+    for name in names:
+        (tmp_path / name).write_text("x")
+    remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, kept in names.items() if kept)
+    remove_stale_temps(tmp_path / "missing")  # nothing to do

@@ -53,6 +53,7 @@ class Benchmark:
     pool: list[str]  # labelled training case ids
     val: list[str]
     test: list[TestCase]
+    val_cases: list[TestCase] = dataclasses.field(default_factory=list)  # the val ids' raw scans and masks
 
 
 def _phantoms(out: Path, cfg: SynthConfig) -> None:
@@ -98,4 +99,5 @@ def build(spec: BenchmarkSpec, workdir: str | Path) -> Benchmark:
     return Benchmark(workdir / "store_unlabelled", workdir / "store_labelled",
                      pool=sorted(r[0] for r in lab_rows if r[3] == "train"),
                      val=sorted(r[0] for r in lab_rows if r[3] == "val"),
-                     test=[TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in test_rows])
+                     test=[TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in test_rows],
+                     val_cases=[TestCase(c, Path(i), Path(lb)) for c, i, lb, sp in lab_rows if sp == "val"])

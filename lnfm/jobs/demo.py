@@ -140,14 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export: {export}")
     print(f"prediction for {case_id}: {pred}")
     if not args.no_peer:
-        compare_with_unet(export, ft, store, summary, [TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in test])
+        compare_with_unet(export, ft, store, summary, [TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in test],
+                          [TestCase(c, Path(i), Path(lb)) for c, i, lb, sp in labelled if sp == "val"])
     print(f"total time: {time.time() - t0:.0f}s")
     return 0
 
 
-def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test: list[TestCase]) -> None:
+def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test: list[TestCase],
+                      val: list[TestCase]) -> None:
     """LNFM's Dice next to a MONAI U-Net's: same labelled cases, same loader, same training wall
-    time, same held-out scans, same scoring (`lnfm.jobs.heldout`)."""
+    time, same held-out scans, same scoring (`lnfm.jobs.heldout`); each model's node size prior
+    is tuned on the same validation cases."""
 
     print("\n== LNFM vs a MONAI U-Net trained for the same time on the same labelled cases ==")
     if heldout.peers is None:
@@ -160,7 +163,7 @@ def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test:
     lnfm_cases, lnfm_infer = heldout.evaluate(fn, meta, test, overlap)
     unet = heldout.train_and_score_peer("unet", meta=meta, store=store, train_ids=summary["train_ids"], loader=loader,
                                         test=test, overlap=overlap, seed=cfg.train.seed,
-                                        seconds=summary["train_time_s"])
+                                        seconds=summary["train_time_s"], val=val)
     for name, cases, train_s, infer in (("LNFM", lnfm_cases, summary["train_time_s"], lnfm_infer),
                                         ("U-Net", unet["cases"], unet["train_time_s"], unet["infer_s_per_volume"])):
         agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])

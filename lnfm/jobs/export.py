@@ -50,7 +50,7 @@ from lnfm import __version__
 from lnfm.config import from_dict, read_yaml
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.data.store import read_manifest
-from lnfm.errors import WeightsMismatch
+from lnfm.errors import DiskFull, WeightsMismatch, deferred_termination, disk_full
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
@@ -64,7 +64,7 @@ from lnfm.models.segmenter import segmenter_from_config
 from lnfm.runs import CHECKSUMS, MODEL_JSON, FinetuneRun, PretrainRun, read_json
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointError, restore_params
-from lnfm.workdir import setup_logging
+from lnfm.workdir import lock_folder, setup_logging
 
 log = logging.getLogger("lnfm.export")
 
@@ -367,32 +367,69 @@ def check_replaceable(out: Path, force: bool) -> None:
                           f"({str(e).split(': ', 1)[-1]}); nothing was deleted") from None
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def recover_interrupted(out: Path) -> None:
+    """Undo what an export killed while writing `out` left: its temporary folder, and the previous
+    export it had moved aside to its backup name but not yet replaced (put back when `out` is
+    missing and it still verifies; a backup next to a present `out` was being deleted). Called
+    with the export lock held, so no other export is writing these names."""
+    backups = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if backups and not out.exists():
+        try:
+            verify_export(backups[-1])
+        except ExportError:
+            pass  # a half-deleted backup: not an export any more
+        else:
+            os.replace(backups.pop(), out)
+            log.warning("put back the previous export that an interrupted export had moved aside")
+    for stale in [*backups, *out.parent.glob(f".{out.name}.tmp-*")]:
+        _remove(stale)
+
+
 def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax", force: bool = False) -> Path:
-    """Write an export of `checkpoint` into `out` (see the module docstring); returns `out`."""
+    """Write an export of `checkpoint` into `out` (see the module docstring); returns `out`.
+
+    The new export is written and verified under a temporary name; then the previous one (if
+    any) is renamed to a backup name, the new one renamed into place, and the backup deleted.
+    One export at a time holds `.<out>.lock` beside `out`; a later export first recovers from
+    one that was killed (`recover_interrupted`)."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
     out = Path(out).absolute()
     run = detect_source(checkpoint)
     check_apart({"--out": out}, {"--checkpoint": run.root})
-    check_replaceable(out, force)
-    source = load_source(run)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write(source, tmp, format)
-        verify_export(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExportError(f"{out.parent}: exists and is not a folder")
+    with lock_folder(out.parent, f".{out.name}.lock"):
+        recover_interrupted(out)
+        check_replaceable(out, force)
+        source = load_source(run)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            with deferred_termination():  # Orbax's writer threads finish before a SIGTERM removes tmp
+                _write(source, tmp, format)
+            verify_export(tmp)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = disk_full(e)
+            if reason is not None:
+                raise DiskFull(f"{out}: cannot write the export ({reason}); "
+                               f"{'the previous export is unchanged' if out.exists() else 'nothing was written'}") \
+                    from None
+            raise
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        if old.exists() or old.is_symlink():
+            _remove(old)
     log.info("exported %s (%s) to %s", source.kind, format, out)
     return out
 

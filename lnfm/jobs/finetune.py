@@ -51,7 +51,7 @@ from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_mod
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import deep_supervision_loss, segmentation_loss
-from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun, RepeatRun, write_json
+from lnfm.runs import BEST_JSON, ExportFolder, FinetuneRun, PretrainRun, RepeatRun, write_json
 from lnfm.segmentation.strategies import count_params, layer_index_fn, trainable_filter
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
@@ -335,15 +335,16 @@ def build_training(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> T
     return Training(graphdef, state, shardings, step_fn, filt, full_target, hp, hf, n_train, total_params)
 
 
-def save_best(ckpt: Checkpointer, step: int, tree: dict, config: dict) -> None:
-    """Commit the new best model before the previous one goes: the keep=1 manager removes older
-    steps only after the new step is committed, so a kill or a full disk during the save leaves
-    the previous best intact. Steps at or after `step` come from a future that a resume from an
-    earlier checkpoint discarded; they are dropped first (the manager keeps the highest step)."""
+def save_best(ckpt: Checkpointer, step: int, tree: dict, config: dict, record: dict) -> None:
+    """Commit the new best model, with its best.json `record` inside the step, before the previous
+    one goes: the keep=1 manager removes older steps only after the new step is committed, so a
+    kill or a full disk during the save leaves the previous best and its record intact. Steps at
+    or after `step` come from a future that a resume from an earlier checkpoint discarded; they
+    are dropped first (the manager keeps the highest step)."""
     for old in ckpt.all_steps():
         if old >= step:
             ckpt.manager.delete(old)
-    ckpt.save(step, tree, config=config)
+    ckpt.save(step, tree, config=config, files={BEST_JSON: json.dumps(record)})
     ckpt.wait()
 
 
@@ -390,9 +391,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         log.info("step %d: validation Dice %.4f (previous best %.4f)", step, val_dice, max(best["val_dice"], 0.0))
         if val_dice >= best["val_dice"]:  # ties go to the later, longer-trained model
             best.update(step=step, val_dice=val_dice)
-            save_best(best_ckpt, step, {"model": _full_state(graphdef, *states)}, to_dict(cfg))
-            if pid == 0:
-                write_json(rrun.best_json, best)
+            save_best(best_ckpt, step, {"model": _full_state(graphdef, *states)}, to_dict(cfg), best)
 
     def next_batch() -> dict:
         return device_batch(next(data_iter), bsh, {"image": np.float32, "label": np.int32})

@@ -25,6 +25,7 @@ from lnfm.data.geometry import spacing_of
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.errors import LnfmError
 from lnfm.eval.metrics import EvalConfig, evaluate_case
+from lnfm.eval.postprocess import tune_size_prior
 from lnfm.io import read_image
 from lnfm.jobs.export_meta import ExportMeta
 from lnfm.jobs.predict import PredictOptions, predict_volume, read_scan
@@ -57,13 +58,36 @@ def evaluate(fn: Callable[[np.ndarray], np.ndarray], meta: ExportMeta, test: Seq
     return cases, seconds / max(len(test), 1)
 
 
+def tune_for(fn: Callable[[np.ndarray], np.ndarray], meta: ExportMeta, val: Sequence[TestCase],
+             overlap: float) -> ExportMeta:
+    """`meta` with the node size prior re-tuned for `fn` on the raw validation scans `val`, as
+    finetuning tunes LNFM's own (`tune_size_prior`, validation only); unchanged without `val`."""
+    if not val:
+        return meta
+    untuned = dataclasses.replace(meta, postprocess=dataclasses.replace(meta.postprocess, min_short_axis_mm=0.0,
+                                                                        max_elongation=0.0))
+    masks, truths, spacings = [], [], []
+    for case in val:
+        pred = predict_volume(fn, untuned, read_scan([str(case.image)], untuned), PredictOptions(overlap=overlap))
+        ref = read_image(str(case.label))
+        masks.append(pred.labels > 0)
+        truths.append(np.asarray(ref.data) > 0)
+        spacings.append(spacing_of(ref.affine))
+    short, elong, _ = tune_size_prior(masks, truths, spacings)
+    return dataclasses.replace(untuned, postprocess=dataclasses.replace(untuned.postprocess, min_short_axis_mm=short,
+                                                                        max_elongation=elong))
+
+
 def train_and_score_peer(name: str, *, meta: ExportMeta, store: str | Path, train_ids: Sequence[str],
                          loader: LoaderConfig, test: Sequence[TestCase], overlap: float, seed: int,
-                         steps: int | None = None, seconds: float | None = None) -> dict:
+                         steps: int | None = None, seconds: float | None = None,
+                         val: Sequence[TestCase] = ()) -> dict:
     """Train peer `name` on LNFM's loader for `steps` or `seconds`, then score it with `evaluate`.
 
     `meta` is the LNFM export the peer is compared with: its contract (channels, spacing,
-    normalisation, window size) is the peer's too."""
+    normalisation, window size) and post-processing are the peer's too, except the node size
+    prior, which is tuned for the peer on the validation scans `val` as LNFM's was on its own
+    (and switched off without them)."""
 
     if peers is None:
         raise LnfmError("the peers need torch and MONAI: pip install 'lnfm[dev]'")
@@ -75,7 +99,8 @@ def train_and_score_peer(name: str, *, meta: ExportMeta, store: str | Path, trai
     peer = peers.build_peer(name, len(meta.channels), int(meta.num_classes),
                             tuple(meta.preprocessing.contract.spacing), patch, seed)
     trained = peers.train_peer(peer, batches, peers.Budget(steps=steps, seconds=seconds))
-    cases, infer = evaluate(peers.probability_fn(peer), meta, test, overlap)
+    fn = peers.probability_fn(peer)
+    cases, infer = evaluate(fn, tune_for(fn, meta, val, overlap), test, overlap)
     return {"train_ids": list(train_ids), "train_time_s": trained["train_time_s"], "steps": trained["steps"],
             "params": int(sum(p.numel() for p in peer.net.parameters())), "infer_s_per_volume": infer,
             "cases": cases}

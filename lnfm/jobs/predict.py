@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import logging
 import os
 import re
@@ -54,7 +53,7 @@ from lnfm.data.loader import LoaderConfig, normalize
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
 from lnfm.eval import backends
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
-from lnfm.errors import LnfmError
+from lnfm.errors import DiskFull, LnfmError, disk_full
 from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta
@@ -64,7 +63,7 @@ from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_input
                                      parse_formats, source_series, write_dicom_outputs)
 from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
 from lnfm.safety import check_apart
-from lnfm.workdir import atomic_write_text, progress, setup_logging
+from lnfm.workdir import atomic_write_text, progress, remove_stale_temps, setup_logging
 
 log = logging.getLogger("lnfm.predict")
 
@@ -214,6 +213,7 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
         for final in (output, probabilities, report, overlay, *(dicom[1].values() if dicom else ())):
             if final is not None:
                 final.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(final.parent)  # left by a predict that was killed
         if output is not None:
             pending.append((_temp(output), output))
             write_nifti(pending[-1][0], pred.labels, pred.affine)
@@ -235,10 +235,10 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
     except BaseException as e:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            # a full disk or quota is the user's to fix, not a bug: one line, the old outputs are intact
-            raise PredictError(f"{pending[-1][1] if pending else output}: cannot write ({e.strerror}); "
-                               f"nothing was replaced") from None
+        reason = disk_full(e)
+        if reason is not None:  # the user's to fix, not a bug: one line, the old outputs are intact
+            raise DiskFull(f"{pending[-1][1] if pending else output}: cannot write ({reason}); "
+                           f"nothing was replaced") from None
         raise
     for tmp, final in pending:
         os.replace(tmp, final)
@@ -360,6 +360,8 @@ def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, ou
                          Path(probabilities) / f"{case}.nii.gz" if probabilities else None,
                          Path(report) / f"{case}.csv" if report else None,
                          Path(overlay) / f"{case}.png" if overlay else None, options, formats=formats)
+        except DiskFull:  # every later case would fail the same way: stop, the finished cases are kept
+            raise
         except LnfmError as e:  # a bad scan fails alone; a bug stops the batch with its traceback
             failed[case] = str(e).splitlines()[0]
             log.warning("case %d of %d failed (listed at the end)", n, len(cases))

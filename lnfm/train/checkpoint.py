@@ -7,18 +7,23 @@ an abstract target carrying the *current* shardings, so a checkpoint written on
 one mesh or device count loads onto another. A latest checkpoint that fails to
 restore is moved aside to `corrupt_<step>` and the previous one is used.
 
-Once a save is committed, `<step>/lnfm_checksums.sha256` lists the sha256 of every file
-of the step; restores verify it first, so a checkpoint with a flipped bit counts as
-unreadable (and falls back) instead of loading wrong weights. A step without the list
-(a job killed between commit and checksum) is restored unverified.
+`<step>/lnfm_checksums.sha256` lists the sha256 of every file of the step. It is written
+into the step's temporary folder after Orbax has finished it and before the rename that
+commits it, together with any small files the caller commits with the step (the finetuning
+job's best.json), so a committed step always has its list: a kill at any moment leaves either
+no step or a listed one. Restores verify the list first, so a checkpoint with a flipped bit
+counts as unreadable (and falls back) instead of loading wrong weights. A step without a
+list can only come from an older lnfm; it is restored with a warning.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +31,18 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from lnfm.errors import LnfmError
+from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
 
 log = logging.getLogger("lnfm.train")
+
+
+def _not_a_full_disk(record: logging.LogRecord) -> bool:
+    """Orbax's writer threads log a failed write with its traceback before the job sees it; a
+    full disk is then reported once, in one line (`DiskFull`), so those records are dropped."""
+    return not (record.exc_info and disk_full(record.exc_info[1]))
+
+
+logging.getLogger("absl").addFilter(_not_a_full_disk)
 
 
 class CheckpointError(LnfmError, RuntimeError):
@@ -54,7 +68,7 @@ def _step_files(step_dir: Path) -> list[str]:
 
 
 def write_checksums(step_dir: str | Path) -> None:
-    """List the sha256 of every file of a committed step (atomically: temp file, then rename)."""
+    """List the sha256 of every file of a step (atomically: temp file, then rename)."""
     step_dir = Path(step_dir)
     text = "".join(f"{_sha256(step_dir / rel)}  {rel}\n" for rel in _step_files(step_dir))
     tmp = step_dir / f".{CHECKSUMS}.tmp{os.getpid()}"
@@ -79,6 +93,27 @@ def verify_checksums(step_dir: str | Path) -> bool:
     return True
 
 
+def _sealed_commit(seal: Callable[[Path, int], None]) -> type:
+    """Orbax's commit by atomic rename, with `seal(folder, step)` run on the finished step just
+    before the rename that makes it visible. Orbax's own finalize (the step metadata's commit
+    time, then the rename) goes to a second temporary name, so the seal sees every final byte."""
+    base = ocp.path.atomicity.AtomicRenameTemporaryPath
+
+    class SealedCommit(base):
+        async def finalize(self) -> None:
+            final = Path(self._final_path)
+            sealing = final.parent / f"{final.name}{ocp.path.atomicity.TMP_DIR_SUFFIX}-sealing"
+            self._final_path = type(self._final_path)(sealing)
+            try:
+                await super().finalize()
+            finally:
+                self._final_path = type(self._final_path)(final)
+            await asyncio.to_thread(seal, sealing, int(final.name))
+            await asyncio.to_thread(os.replace, sealing, final)
+
+    return SealedCommit
+
+
 @dataclasses.dataclass
 class CheckpointConfig:
     every: int = 1000  # save every N steps (and always at the end or on preemption)
@@ -96,10 +131,17 @@ class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
         self.cfg = cfg
+        self._files: dict[int, dict[str, str]] = {}  # per step: files committed with it
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
-                                               create=True, cleanup_tmp_directories=True)
+                                               create=True, cleanup_tmp_directories=True,
+                                               temporary_path_class=_sealed_commit(self._seal))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._unsummed: set[int] = set()  # saved steps whose checksum list is not written yet
+
+    def _seal(self, folder: Path, step: int) -> None:
+        """The step's own files, then its checksum list (both before the commit)."""
+        for name, text in self._files.pop(step, {}).items():
+            (folder / name).write_text(text)
+        write_checksums(folder)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -107,32 +149,35 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iter: Any = None, config: dict | None = None) -> None:
-        """Start an async save of `state` at `step` (no-op if that step is already saved)."""
+    def save(self, step: int, state: Any, data_iter: Any = None, config: dict | None = None,
+             files: dict[str, str] | None = None) -> None:
+        """Start an async save of `state` at `step` (no-op if that step is already saved). `files`
+        ({name: text}) are written into the step folder and committed with it."""
         if step in self.manager.all_steps():
             return
-        self._sum_committed()
+        self._files[step] = dict(files or {})
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(_meta())}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self._unsummed.add(step)
+        try:
+            with deferred_termination():  # a SIGTERM outside the training loop waits for the save's start
+                self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # also an earlier async save's failure, reported here
+            self._raise_if_full(e)
+            raise
 
-    def _sum_committed(self) -> None:
-        """Write the checksum lists of the steps saved so far (waits for a pending async save)."""
-        if not self._unsummed:
-            return
-        self.manager.wait_until_finished()
-        if jax.process_index() == 0:
-            for step in sorted(self._unsummed):
-                if (self.directory / str(step)).is_dir():  # not yet removed by max_to_keep
-                    write_checksums(self.directory / str(step))
-        self._unsummed.clear()
+    def _raise_if_full(self, e: Exception) -> None:
+        reason = disk_full(e)
+        if reason is not None:
+            raise DiskFull(f"{self.directory}: cannot write a checkpoint ({reason}); the checkpoints committed "
+                           f"before are intact") from None
 
     def _restore_step(self, step: int, target: Any, data_iter: Any) -> Any:
-        verify_checksums(self.directory / str(step))
+        if not verify_checksums(self.directory / str(step)):
+            log.warning("checkpoint %d in %s has no %s (saved by an older lnfm): restored unverified", step,
+                        self.directory, CHECKSUMS)
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         if data_iter is not None:
             saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -181,13 +226,23 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        """Block until pending async saves are committed (and their checksums written)."""
-        self.manager.wait_until_finished()
-        self._sum_committed()
+        """Block until pending async saves are committed."""
+        try:
+            with deferred_termination():
+                self.manager.wait_until_finished()
+        except Exception as e:
+            self._raise_if_full(e)
+            raise
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception as e:
+                if disk_full(e) is None:  # a full disk was reported by wait()
+                    raise
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -4,7 +4,7 @@ the phantom store it names, shared by the export and predict tests."""
 from __future__ import annotations
 
 import dataclasses
-import json
+
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ def make_store(root: Path) -> tuple[Path, str]:
 
 
 def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
-    """config.yaml + preprocessing.json + best/ + best.json laid out as the finetuning job writes them,
+    """config.yaml + preprocessing.json + best/<step>/ (with best.json) laid out as the finetuning job writes them,
     holding a segmenter with random (numpy-drawn: nothing compiles) weights. `bias` is added to
     the foreground logits so the untrained head marks a minority of voxels.
     Returns (workdir, model, cfg)."""
@@ -47,7 +47,7 @@ def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
     from lnfm.data.store import read_manifest
     from lnfm.runs import FinetuneRun
     from lnfm.jobs.preprocessing import training_preprocessing
-    from lnfm.jobs.finetune import load_finetune_config
+    from lnfm.jobs.finetune import load_finetune_config, save_best
     from lnfm.models.segmenter import build_segmenter
     from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
 
@@ -77,9 +77,8 @@ def make_finetune_workdir(root: Path, store: str, bias: float = 0.0):
     write_preprocessing(FinetuneRun(workdir).preprocessing, training_preprocessing(
         [store], records, cfg.site.spacing, Normalization(cfg.loader.hu_window, cfg.loader.pet_scale), cfg.site.patch))
     ckpt = Checkpointer(workdir / "best", CheckpointConfig(keep=1, async_save=False))
-    ckpt.save(2, {"model": nnx.to_pure_dict(nnx.state(model))}, config=to_dict(cfg))
+    save_best(ckpt, 2, {"model": nnx.to_pure_dict(nnx.state(model))}, to_dict(cfg), {"step": 2, "val_dice": 0.5})
     ckpt.close()
-    (workdir / "best.json").write_text(json.dumps({"step": 2, "val_dice": 0.5}))
     return workdir, model, cfg
 
 

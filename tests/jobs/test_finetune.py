@@ -15,6 +15,7 @@ from lnfm.data.contract import ContractError
 from lnfm.cli import run_job
 from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, make_splits, resolve_init,
                                 run)
+from lnfm.runs import RepeatRun
 from lnfm.segmentation.sites import SITES, site_names
 
 KEYS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume")
@@ -166,8 +167,8 @@ def test_few_shot_repeats_summary_and_best_model(store, tmp_path):
     rows = [json.loads(line) for line in (wd / "repeat_0" / "metrics.jsonl").read_text().splitlines()]
     assert any("head_params" in r and "head_gflops" in r for r in rows) and any("val_dice" in r for r in rows)
     for r in range(2):
-        best = json.loads((wd / f"repeat_{r}" / "best.json").read_text())
-        assert best["step"] in (2, 4)
+        best = RepeatRun(wd / f"repeat_{r}").best_record()  # committed inside best/<step>/ with the model
+        assert best["step"] in (2, 4) and (wd / f"repeat_{r}" / "best" / str(best["step"]) / "best.json").is_file()
     # The best model rebuilds from the workdir alone and segments a volume.
     model, loaded = load_finetuned(wd)
     assert loaded.site.name == "pelvis" and loaded.head.kind == "linear"
@@ -353,7 +354,7 @@ from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
 step = int(sys.argv[2])
 ck = Checkpointer(sys.argv[1], CheckpointConfig(keep=1, async_save=False))
 weights = np.random.default_rng(step).standard_normal(50_000).astype(np.float32)  # incompressible
-save_best(ck, step, {"model": {"w": weights}}, {"note": "x"})
+save_best(ck, step, {"model": {"w": weights}}, {"note": "x"}, {"step": step, "val_dice": 0.5})
 ck.close()
 """
 

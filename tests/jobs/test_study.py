@@ -27,7 +27,7 @@ def test_presets_load_and_grid_covers_every_cell():
     # every strategy, the light head, and the curve's two ends and middle.
     assert full.num_labeled == [1, 2, 4, 8, 16] and set(full.strategies) == set(S.STRATEGIES)
     assert set(full.heads) == {"unetr", "light"} and not full.quick
-    assert quick.quick and quick.num_labeled == [1, 4, 16] and quick.heads == ["light"]
+    assert quick.quick and quick.num_labeled == [1, 4, 16] and quick.heads == ["fine"]
     assert set(quick.strategies) == set(S.STRATEGIES)
     for cfg, n in ((full, 2 * 4 * 2 * 5), (quick, 2 * 4 * 1 * 3)):  # init x strategy x head x labelled
         grid = S.cells(cfg)

@@ -81,7 +81,7 @@ def check_summary(workdir, logged: dict[int, float], store_spacing: list[float])
     assert 0 < summary["fit_time_s"] < summary["wall_time_s"] < 240
     assert summary["steps_per_s"] == pytest.approx(40 / summary["fit_time_s"])
     assert summary["spacing_mm"] == pytest.approx(store_spacing) and summary["channels"] == ["CT"]
-    assert summary["hu_window"] == config["data"]["hu_window"] == [-1000.0, 1000.0]
+    assert summary["hu_window"] == config["data"]["hu_window"] == [-175.0, 250.0]  # vit_tiny.yaml's soft-tissue window
     assert summary["pet_scale"] == config["data"]["pet_scale"]
     assert summary["patch_size"] == config["model"]["img_size"]
 
