@@ -1,16 +1,32 @@
-"""Decoder convolutions: lnfm's Conv3D / UpConv3D forms vs XLA's native convolutions.
+"""Decoder convolutions: lnfm's Conv3D / UpConv3D forms vs XLA's native convolutions and PyTorch.
 
-Each row times forward + backward (jitted, gradient w.r.t. input and kernel) of one
-layer in both forms on the same input, side by side in one run, and checks that the
-two agree. The forms are what `lnfm.models.heads.blocks` gives for the light and UNETR decoders.
+Default table: forward + backward (jitted, gradient w.r.t. input and kernel) of one
+layer in both forms on the same input, side by side in one run, checked equal. The
+forms are what `lnfm.models.heads.blocks` gives for the light, fine and UNETR decoders.
+
+`--dense`: forward + backward of dense 'SAME' 3x3x3 convolutions at the heads' real
+shapes (printed from ViT-tiny segmenters: the light head at 32^3 and the fine head,
+the site presets' default, at 32^3 and 64^3 patches, batch 2) and
+the issue's reference shapes, in every form: XLA's native convolution (NDHWC/DHWIO and
+NCDHW/OIDHW), im2col (27 shifted copies concatenated, one matmul), the sum of 27
+shifted matmuls, the plane form (9 in-plane taps, one matmul, 3 shifted sums),
+`conv_forms.dense_conv` (what the heads run), and PyTorch's `conv3d` (default and
+channels_last_3d) on the same threads. Arms are interleaved, `--repeat` rounds,
+median reported. `--xla-flags` repeats the native/lnfm/PyTorch arms in one fresh
+process per XLA flag set (XLA reads its flags once, at start-up).
 
     python bench/conv.py [--size 32] [--channels 32] [--batch 2] [--repeat 5]
+    python bench/conv.py --dense [--repeat 3] [--xla-flags]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -18,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lnfm.models import conv_forms
+from lnfm.models.heads import blocks
 from lnfm.models.heads.blocks import Conv3D, UpConv3D
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
@@ -63,13 +81,132 @@ def module_apply(module: nnx.Module):
     return apply, module.kernel[...]
 
 
+REFERENCE_SHAPES = [(2, 32, 8, 8), (2, 16, 16, 16), (2, 64, 32, 32)]  # (batch, edge, cin, cout)
+# XLA:CPU flags of this jaxlib that can change how a convolution runs (listed from the binary's own flag
+# table; oneDNN is used only by builds made with it, YNNPACK convolutions only when asked for).
+XLA_FLAG_SETS = ["", "--xla_cpu_use_thunk_runtime=false", "--xla_cpu_multi_thread_eigen=false",
+                 "--xla_cpu_use_onednn=true", "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",
+                 "--xla_cpu_use_xnnpack=true"]
+
+
+def head_dense_shapes(head: str, edge: int, batch: int = 2) -> list[tuple[int, int, int, int]]:
+    """(batch, edge, cin, cout) of every dense 3x3x3 conv in a ViT-tiny segmenter with `head` at edge^3."""
+    from lnfm.models import ModelConfig
+    from lnfm.models.segmenter import build_segmenter
+
+    seen = []
+
+    def record(x, w):
+        if w.shape[:3] != (1, 1, 1):
+            seen.append((x.shape[0], x.shape[1], w.shape[3], w.shape[4]))
+        return conv_forms.native_conv(x, w) if w.shape[0] > 1 else x @ w[0, 0, 0]
+
+    cfg = ModelConfig(size="tiny", img_size=(edge,) * 3)
+    original, blocks.dense_conv = blocks.dense_conv, record
+    try:
+        model = nnx.eval_shape(lambda: build_segmenter(cfg, head, 2, nnx.Rngs(0)))
+        jax.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((batch, edge, edge, edge, 1), jnp.float32))
+    finally:
+        blocks.dense_conv = original
+    return seen
+
+
+def shifted_sum_conv(x, w):
+    k, n = w.shape[0], x.shape[1:4]
+    xp = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (1, 1), (0, 0)])
+    return sum(xp[:, i:i + n[0], j:j + n[1], m:m + n[2]] @ w[i, j, m]
+               for i in range(k) for j in range(k) for m in range(k))
+
+
+def dense_arms(x, w, only_main: bool):
+    """name -> zero-argument callable running forward + backward once (blocking)."""
+    import torch
+
+    xn, wn = jnp.transpose(x, (0, 4, 1, 2, 3)), jnp.transpose(w, (4, 3, 0, 1, 2))
+    ncdhw = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",  # noqa: E731
+                                                      dimension_numbers=("NCDHW", "OIDHW", "NCDHW"))
+    jax_forms = {"XLA native NDHWC": (conv_forms.native_conv, x, w), "XLA native NCDHW": (ncdhw, xn, wn),
+                 "im2col (27 taps, 1 matmul)": (conv_forms.im2col_conv, x, w),
+                 "27 shifted matmuls": (shifted_sum_conv, x, w),
+                 "plane (9 taps, 1 matmul, 3 shifted sums)": (conv_forms.plane_conv, x, w),
+                 "lnfm dense_conv": (conv_forms.dense_conv, x, w)}
+    if only_main:
+        jax_forms = {k: v for k, v in jax_forms.items() if k in ("XLA native NDHWC", "lnfm dense_conv")}
+    ref = np.asarray(jax.jit(conv_forms.native_conv)(x, w))
+    arms = {}
+    for name, (fn, a, b) in jax_forms.items():
+        if a is x:
+            np.testing.assert_allclose(np.asarray(jax.jit(fn)(a, b)), ref, rtol=1e-4, atol=1e-4, err_msg=name)
+        g = grad_fn(fn)
+        jax.block_until_ready(g(a, b))  # compile outside the timing
+        arms[name] = (lambda g=g, a=a, b=b: jax.block_until_ready(g(a, b)))
+    for layout in ("default", "channels_last_3d"):
+        fmt = torch.channels_last_3d if layout != "default" else torch.contiguous_format
+        xt = torch.from_numpy(np.array(xn)).contiguous(memory_format=fmt).requires_grad_()
+        wt = torch.from_numpy(np.array(wn)).contiguous(memory_format=fmt).requires_grad_()
+
+        def step(xt=xt, wt=wt):
+            (torch.nn.functional.conv3d(xt, wt, padding=1) ** 2).sum().backward()
+            xt.grad = wt.grad = None
+
+        step()
+        arms[f"PyTorch conv3d {layout}"] = step
+    return arms
+
+
+def bench_dense(args) -> None:
+    import torch
+
+    shapes = list(REFERENCE_SHAPES)
+    if not args.only_main:
+        for head, edge in (("light", 32), ("fine", 32), ("fine", 64)):
+            found = head_dense_shapes(head, edge)
+            print(f"# {head} head, ViT-tiny, 2x{edge}^3: dense 3x3x3 convs (batch, edge, cin, cout): {found}")
+            shapes += [s for s in dict.fromkeys(found) if s not in shapes]
+    flags = os.environ.get("XLA_FLAGS", "")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__}, "
+          f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads), XLA_FLAGS={flags!r}; "
+          f"forward + backward, median of {args.repeat} interleaved rounds, seconds")
+    for b, e, ci, co in shapes:
+        x = jax.random.normal(jax.random.key(1), (b, e, e, e, ci))
+        w = jax.random.normal(jax.random.key(2), (3, 3, 3, ci, co)) / np.sqrt(27 * ci)
+        arms = dense_arms(x, w, args.only_main)
+        times = {name: [] for name in arms}
+        for _ in range(args.repeat):
+            for name, run in arms.items():
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        torch_best = min(v for k, v in med.items() if k.startswith("PyTorch"))
+        cells = ", ".join(f"{k} {v:.4f}" for k, v in med.items())
+        print(f"| {b}x{e}^3x{ci}->{co} | {cells} | PyTorch best / lnfm = {torch_best / med['lnfm dense_conv']:.2f}x |",
+              flush=True)
+
+
+def bench_flags(args) -> None:
+    for flags in XLA_FLAG_SETS:
+        env = dict(os.environ, XLA_FLAGS=flags)
+        cmd = [sys.executable, __file__, "--dense", "--only-main", "--repeat", str(args.repeat)]
+        subprocess.run(cmd, env=env, check=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--dense", action="store_true", help="dense 3x3x3 forms vs PyTorch at the fine head's shapes")
+    ap.add_argument("--xla-flags", action="store_true", help="with --dense: one process per XLA flag set")
+    ap.add_argument("--only-main", action="store_true", help=argparse.SUPPRESS)  # native, lnfm, PyTorch only
     args = ap.parse_args()
+    if args.xla_flags:
+        bench_flags(args)
+        return
+    if args.dense:
+        bench_dense(args)
+        return
     s, c, b = args.size, args.channels, args.batch
     rngs = nnx.Rngs(0)
     x = jax.random.normal(jax.random.key(1), (b, s, s, s, c))
@@ -81,7 +218,7 @@ def main() -> None:
     pw = Conv3D(c, 2 * c, 1, bias=False, rngs=rngs)
     cases.append((f"point-wise 1x1x1, {c}->{2 * c} ch", x, pw, native_conv(1)))
     dense = Conv3D(c, c, 3, bias=False, rngs=rngs)
-    cases.append((f"dense 3x3x3, {c} ch (native in both)", x, dense, native_conv(1)))
+    cases.append((f"dense 3x3x3, {c} ch", x, dense, native_conv(1)))
     up = UpConv3D(2 * c, c, 2, rngs=rngs)
     cases.append((f"transposed 2x2x2 stride 2, {2 * c}->{c} ch", x_half, up, native_upconv(2)))
 

@@ -16,8 +16,20 @@ real TotalSegmentator example CT of ../shared/data resampled up), for each site
 preset's model size (random weights: the time does not depend on them), exported
 once as onnx (which holds the weights for the JAX backend too), per `--backends`.
 
+With `--pipeline pelvis` it runs the same pipeline in one process, stage by stage
+(read, RAS + resampling + body crop, normalisation, sliding window through the
+network, argmax + post-processing, labels back to the source grid, writing), per
+backend, and then MONAI's `sliding_window_inference` with a MONAI UNet in PyTorch on
+the same normalised volume with the same ROI, overlap, Gaussian blending (sigma
+0.125 ROI) and window batch. The UNet (channels `--unet-channels`, strides 2, 2
+residual units) is chosen for about the same FLOPs per window as the preset's
+model; both FLOP counts are printed (XLA cost analysis; torch's FlopCounterMode).
+The sliding-window stage is repeated `--rounds` times, arms interleaved, medians
+printed. It is a speed comparison of equal-cost networks, not of the same network.
+
 Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32] [--batch 4]
        .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300]
+       .venv/bin/python bench/inference.py --pipeline pelvis [--rounds 3] [--unet-channels 16,32,64,128]
 """
 
 from __future__ import annotations
@@ -75,29 +87,32 @@ def write_ct(path, shape, spacing) -> None:
 
 def write_export(site: str, out) -> None:
     """An onnx export (model.onnx + model.safetensors) of the site preset's model, random weights."""
+    import dataclasses
+
     from flax import nnx
 
+    from lnfm.data.contract import CONTRACT_VERSION, CT_STORAGE, ORIENTATION, Normalization, PrepareContract, \
+        Preprocessing
     from lnfm.jobs import export as ex
-    from lnfm.models import export_formats as fmt
-    from lnfm.config import to_dict
+    from lnfm.jobs.export_meta import SiteInfo
     from lnfm.jobs.finetune import load_finetune_config
-    from lnfm.models.segmenter import build_segmenter
+    from lnfm.models import export_formats as fmt
+    from lnfm.models.segmenter import segmenter_from_config
 
     cfg = load_finetune_config(site, [])
-    model = build_segmenter(cfg.model, cfg.head.kind, len(cfg.site.labels), nnx.Rngs(0), **cfg.head.options)
-    inference = to_dict(cfg.inference)
-    inference["roi"] = list(cfg.site.patch)
-    meta = {"kind": "segmenter", "model": to_dict(cfg.model), "head": to_dict(cfg.head),
-            "num_classes": len(cfg.site.labels), "labels": list(cfg.site.labels),
-            "site": {"name": site, "stations": list(cfg.site.stations)},
-            "preprocessing": {"spacing_mm": list(cfg.site.spacing), "orientation": "RAS",
-                              "hu_window": list(cfg.site.window), "pet_scale": 10.0,
-                              "patch_size": list(cfg.site.patch), "channels": ["CT"], "crop_body": True,
-                              "body_threshold_hu": -500.0, "ct_storage": "int16"},
-            "inference": inference, "postprocess": {"min_volume_mm3": 10.0, "body_threshold_hu": -500.0},
-            "training_data": {}}
+    model = segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0))
+    contract = PrepareContract(version=CONTRACT_VERSION, spacing=tuple(cfg.site.spacing), orientation=ORIENTATION,
+                               crop_body=True, body_threshold_hu=-500.0, channels=("CT",), ct_storage=CT_STORAGE,
+                               label_map={}, resample_channels=False)
+    prep = Preprocessing(contract, Normalization(hu_window=tuple(cfg.site.window), pet_scale=10.0),
+                         tuple(cfg.site.patch))
+    source = ex._Source("segmenter", fmt.flat_params(model), cfg.model, prep, training_data={},
+                        head=cfg.head, labels=list(cfg.site.labels),
+                        site=SiteInfo(site, list(cfg.site.stations)),
+                        inference=dataclasses.replace(cfg.inference, roi=tuple(cfg.site.patch)),
+                        postprocess=cfg.postprocess)
     out.mkdir(parents=True)
-    ex._write(ex._Source("segmenter", fmt.flat_params(model), meta), out, "onnx")  # the job's own writer
+    ex._write(source, out, "onnx")  # the job's own writer
 
 
 def bench_predict(args) -> None:
@@ -129,6 +144,122 @@ def bench_predict(args) -> None:
             wall = time.perf_counter() - t
             status = "ok" if proc.returncode == 0 else f"FAILED: {proc.stderr.strip().splitlines()[-1:]}"
             print(f"  {site} {backend}: {wall:.1f} s ({status})", flush=True)
+
+
+def bench_pipeline(args) -> None:
+    """Stage times of `lnfm predict` per backend, and the sliding window against MONAI + a UNet of equal cost."""
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+    from monai.inferers import sliding_window_inference as monai_swi
+    from monai.networks.nets import UNet
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lnfm.data.loader import LoaderConfig, normalize
+    from lnfm.data.prepare import preprocess_case
+    from lnfm.eval.inference import sliding_window_inference
+    from lnfm.eval.postprocess import postprocess
+    from lnfm.jobs import predict as pr
+    from lnfm.jobs.export import load_export
+    from lnfm.train.mfu import forward_flops
+
+    shape = tuple(int(s) for s in args.ct_shape.split(","))
+    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
+    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_pipeline_"))
+    ct = root / "ct.nii.gz"
+    write_ct(ct, shape, spacing)
+    channels = tuple(int(c) for c in args.unet_channels.split(","))
+    for site in args.pipeline.split(","):
+        export = root / f"export_{site}"
+        write_export(site, export)
+        model = load_export(export).model
+        graphdef, state = nnx.split(model)
+        fns, meta = {}, None
+        for backend in args.backends.split(","):
+            t = time.perf_counter()
+            fns[backend], meta = pr.load_predictor(export, backend)
+            print(f"{site} {backend}: load {time.perf_counter() - t:.1f} s", flush=True)
+        roi, inf = tuple(meta.preprocessing.patch_size), meta.inference
+        ours_flops = forward_flops(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                                   jax.ShapeDtypeStruct((1, *roi, 1), jnp.float32))
+        unet = UNet(3, 1, meta.num_classes, channels=channels, strides=(2,) * (len(channels) - 1),
+                    num_res_units=2).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(torch.zeros(1, 1, *roi))
+        print(f"{site}: {meta.model.arch}-{meta.model.size} + {meta.head.kind} head "
+              f"{ours_flops / 1e9:.1f} GFLOP/window; MONAI UNet {channels} "
+              f"{counter.get_total_flops() / 1e9:.1f} GFLOP/window; roi {roi}, overlap {inf.overlap}, "
+              f"window batch {inf.sw_batch_size}, sigma {inf.sigma_scale}", flush=True)
+
+        stages = {}
+
+        def timed(name, fn):
+            t0 = time.perf_counter()
+            out = fn()
+            stages[name] = time.perf_counter() - t0
+            return out
+
+        vol = timed("read + check", lambda: pr.read_scan([str(ct)], meta))
+        pre = meta.preprocessing
+        data, _, geometry = timed("RAS + resample + body crop", lambda: preprocess_case(vol, pre.contract))
+        norm = LoaderConfig(hu_window=pre.normalization.hu_window, pet_scale=pre.normalization.pet_scale)
+        image = timed("normalise", lambda: normalize(data, norm, list(meta.channels)))
+        print(f"{site}: model grid {image.shape[:3]}", flush=True)
+        x_torch = torch.from_numpy(np.ascontiguousarray(image.transpose(3, 0, 1, 2)[None]))
+
+        def ours(fn):
+            return sliding_window_inference(fn, image, roi, overlap=inf.overlap, mode=inf.mode,
+                                            sigma_scale=inf.sigma_scale, sw_batch_size=inf.sw_batch_size,
+                                            num_classes=meta.num_classes)
+
+        def theirs():
+            with torch.no_grad():
+                return monai_swi(x_torch, roi, inf.sw_batch_size, unet, overlap=inf.overlap, mode="gaussian",
+                                 sigma_scale=inf.sigma_scale)
+
+        arms = {f"lnfm sliding window, {b}": (lambda fn=fn: ours(fn)) for b, fn in fns.items()}
+        arms["MONAI sliding_window_inference + UNet"] = theirs
+        batch = np.zeros((inf.sw_batch_size, *roi, 1), np.float32)
+        for b, fn in fns.items():  # JIT compilation (jax) on one window batch, outside the timing
+            t0 = time.perf_counter()
+            fn(batch)
+            print(f"  {b}: first window batch {time.perf_counter() - t0:.1f} s", flush=True)
+        times, outputs = {name: [] for name in arms}, {}
+        for _ in range(args.rounds):
+            for name, run in arms.items():
+                t0 = time.perf_counter()
+                outputs[name] = run()
+                times[name].append(time.perf_counter() - t0)
+                print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
+        ours_out = [v for k, v in outputs.items() if not k.startswith("MONAI")]
+        if len(ours_out) == 2:
+            a, b = (np.argmax(o, -1) for o in ours_out)
+            dice = 2 * np.sum((a > 0) & (b > 0)) / max(1, np.sum(a > 0) + np.sum(b > 0))
+            print(f"  backends: max |probability difference| {float(np.abs(ours_out[0] - ours_out[1]).max()):.1e}, "
+                  f"foreground Dice {dice:.4f}")
+        probs = ours_out[0]
+        labels = np.argmax(probs, axis=-1).astype(np.uint8)
+        hu = data[..., 0]
+        keep = timed("argmax + post-processing", lambda: postprocess(np.argmax(probs, -1) > 0, geometry["spacing"],
+                                                                      meta.postprocess, hu=hu))
+        labels = labels * keep
+        src = timed("labels back to the source grid", lambda: pr.restore_to_source(labels, geometry, order=0))
+        pred = pr.Prediction(src.astype(np.uint8), np.asarray(vol.affine), vol.data[..., 0], probs[..., 1], geometry)
+        timed("write mask .nii.gz", lambda: pr.write_outputs(pred, meta, root / f"{site}_mask.nii.gz"))
+        for name, t in stages.items():
+            print(f"  {name}: {t:.2f} s")
+        med = {name: statistics.median(t) for name, t in times.items()}
+        for name, t in med.items():
+            print(f"  {name}: {t:.2f} s (rounds {', '.join(f'{v:.2f}' for v in times[name])})")
+        monai = med["MONAI sliding_window_inference + UNet"]
+        for name, t in med.items():
+            if not name.startswith("MONAI"):
+                print(f"  MONAI / {name} = {monai / t:.2f}x", flush=True)
 
 
 def bench_networks(args) -> None:
@@ -229,7 +360,13 @@ def main() -> None:
     ap.add_argument("--ct-spacing", default="0.8,0.8,1.5", help="with --predict: CT spacing in mm")
     ap.add_argument("--networks", default=None, help="comma-separated site presets: one window batch per backend")
     ap.add_argument("--stages", action="store_true", help="stage times of the predict pipeline on --ct-shape")
+    ap.add_argument("--pipeline", default=None, help="comma-separated site presets: stages per backend + MONAI")
+    ap.add_argument("--unet-channels", default="16,32,64,128", help="with --pipeline: MONAI UNet channels")
+    ap.add_argument("--rounds", type=int, default=3, help="with --pipeline: interleaved sliding-window rounds")
     args = ap.parse_args()
+    if args.pipeline:
+        bench_pipeline(args)
+        return
     if args.networks:
         bench_networks(args)
         return

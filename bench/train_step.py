@@ -7,6 +7,14 @@ Times the jitted LNFM step (AdamW, all devices, synthetic data). With --torch (o
 default when a GPU is present) the same run also times MONAI's MaskedAutoEncoderViT
 in PyTorch with the same encoder/decoder sizes, batch and AdamW, under bf16 autocast
 (when --dtype bfloat16) and prints LNFM's speed-up. Results go to stdout as a table.
+
+With --finetune SITE it times the finetuning step instead (forward, backward, AdamW)
+of the site preset's segmenter (default ViT-tiny + the preset's head) at --ft-patch,
+every parameter trained, against a MONAI UNet step in PyTorch (Dice + CE, AdamW) of
+about the same FLOPs (--unet-channels), same batch, same threads; the arms are
+interleaved for --rounds rounds of --steps steps and the medians compared:
+
+    python bench/train_step.py --finetune pelvis --ft-patch 32 --batch 2 --steps 3 --rounds 3
 """
 
 from __future__ import annotations
@@ -93,6 +101,82 @@ def time_monai(cfg, batch: int, steps: int, warmup: int, compile: bool = False) 
     return (time.perf_counter() - t0) / steps
 
 
+def lnfm_finetune_step(site: str, patch: int, batch: int):
+    """(run `steps` steps, model FLOPs per step, head kind) of the site preset's finetuning step."""
+    from lnfm.jobs.finetune import build_training, load_finetune_config
+    from lnfm.jobs.finetune_cpu import step_flops as finetune_step_flops
+    from lnfm.models.sharding import MeshConfig
+
+    cfg = load_finetune_config(site, [f"site.patch=[{patch},{patch},{patch}]",
+                                      f"model.img_size=[{patch},{patch},{patch}]",
+                                      f"train.global_batch={batch}", "strategy.freeze=none"])
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    training = build_training(cfg, 0, mesh)
+    rng = np.random.default_rng(0)
+    data = {"image": rng.standard_normal((batch, patch, patch, patch, 1)).astype(np.float32),
+            "label": (rng.random((batch, patch, patch, patch)) < 0.1).astype(np.int32)}
+    data = jax.device_put(data, batch_sharding(mesh))
+    state = [training.state]
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            state[0], metrics = training.step_fn(state[0], data)
+        jax.block_until_ready(metrics)
+
+    return run, finetune_step_flops(cfg), cfg.head.kind
+
+
+def monai_unet_step(patch: int, batch: int, channels: tuple[int, ...]):
+    """(run `steps` steps, FLOPs per step) of a MONAI UNet (2 residual units per level), Dice + CE, AdamW."""
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=channels,
+               strides=(2,) * (len(channels) - 1), num_res_units=2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((batch, 1, patch, patch, patch)).astype(np.float32))
+    y = torch.from_numpy((rng.random((batch, 1, patch, patch, patch)) < 0.1).astype(np.int64))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return (lambda steps: [step() for _ in range(steps)]), float(counter.get_total_flops())
+
+
+def bench_finetune(args) -> None:
+    import statistics
+
+    import torch
+
+    run_lnfm, flops_lnfm, head = lnfm_finetune_step(args.finetune, args.ft_patch, args.batch)
+    channels = tuple(int(c) for c in args.unet_channels.split(","))
+    run_torch, flops_torch = monai_unet_step(args.ft_patch, args.batch, channels)
+    for run in (run_lnfm, run_torch):
+        run(args.warmup)  # compilation, allocator warm-up
+    times = {"lnfm": [], "monai": []}
+    for _ in range(args.rounds):
+        for name, run in (("lnfm", run_lnfm), ("monai", run_torch)):
+            t0 = time.perf_counter()
+            run(args.steps)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    t_l, t_m = statistics.median(times["lnfm"]), statistics.median(times["monai"])
+    print(json.dumps({"site": args.finetune, "lnfm": f"vit_tiny + {head} head", "patch": args.ft_patch,
+                      "batch": args.batch, "lnfm_step_s": round(t_l, 4),
+                      "lnfm_gflops": round((flops_lnfm or 0) / 1e9, 2),
+                      "monai_unet_channels": list(channels), "monai_step_s": round(t_m, 4),
+                      "monai_gflops": round(flops_torch / 1e9, 2), "monai_time_over_lnfm": round(t_m / t_l, 2),
+                      "rounds": {k: [round(v, 4) for v in t] for k, t in times.items()},
+                      "torch_threads": torch.get_num_threads()}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="vit_b", help="pretrain preset the model/optimizer settings come from")
@@ -104,8 +188,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
     ap.add_argument("--dtype", default=None, help="compute dtype override (float32 or bfloat16)")
     ap.add_argument("--torch", action="store_true", help="also time MONAI in PyTorch (default on GPU)")
+    ap.add_argument("--finetune", default=None, help="site preset: time its finetuning step against a MONAI UNet")
+    ap.add_argument("--ft-patch", type=int, default=32, help="with --finetune: cubic patch edge")
+    ap.add_argument("--unet-channels", default="16,32,64,128",
+                    help="with --finetune: MONAI UNet channels per level (strides 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --finetune: interleaved rounds (median reported)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     args = ap.parse_args()
+    if args.finetune:
+        bench_finetune(args)
+        return
     on_gpu = jax.devices()[0].platform == "gpu"
     rows = []
     for edge in (int(v) for v in args.img.split(",")):

@@ -30,8 +30,9 @@ subfolders (multi-channel cases as CASE_0000.nii.gz, CASE_0001.nii.gz, ...);
 CASE.nii.gz, CASE.csv and CASE.png.
 
 `--backend auto|jax|onnxruntime` picks the network's runtime (`lnfm.eval.backends`):
-auto runs JAX on a GPU and ONNX Runtime on a CPU-only machine when the export
-holds model.onnx (`lnfm export --format onnx`).
+auto runs JAX on a GPU; on a CPU-only machine with an export holding model.onnx
+(`lnfm export --format onnx`) it times one window batch on each runtime and uses
+the faster one for the rest of the process.
 """
 
 from __future__ import annotations
@@ -119,12 +120,17 @@ def load_predictor(export_dir: str | Path, backend: str = "auto"
                           f"safetensors, stablehlo or onnx)")
     verify_export(export_dir)
     name = backends.choose_backend(backend, export_dir, meta.format, "onnx" in meta.files)
-    if name == "onnxruntime":
-        fn = backends.onnx_network(Path(export_dir) / meta.files["onnx"])
-    elif meta.format == "stablehlo":
-        fn = backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
+    builders = {"onnxruntime": lambda: backends.onnx_network(Path(export_dir) / meta.files["onnx"])}
+    if meta.format == "stablehlo":
+        builders["jax"] = lambda: backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
     else:
-        fn = backends.jax_network(load_export(export_dir, verify=False).model)
+        builders["jax"] = lambda: backends.jax_network(load_export(export_dir, verify=False).model)
+    if name == backends.MEASURE:
+        patch = tuple(meta.preprocessing.patch_size)
+        batch = np.zeros((meta.inference.sw_batch_size, *patch, len(meta.channels)), np.float32)
+        name, fn = backends.faster_network(export_dir, builders, batch)
+    else:
+        fn = builders[name]()
     log.info("model %s-%s (%s export) on %s", meta.model.arch, meta.model.size, meta.format, name)
     return fn, meta
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import ndimage
 
-from lnfm.models.conv_forms import dense_conv, depthwise_conv, native_convs
+from lnfm.models.conv_forms import (IM2COL_MAX_COLUMNS, dense_conv, depthwise_conv, im2col_conv, native_convs,
+                                    plane_conv)
 
 
 def _scipy_depthwise(x, w):  # 'SAME' zero-padded correlation per channel
@@ -37,3 +41,37 @@ def test_dense_conv_equals_scipy_and_pointwise_is_a_matmul():
     np.testing.assert_allclose(np.asarray(dense_conv(x, w)), ref, atol=1e-4)
     w1 = w[1:2, 1:2, 1:2]
     np.testing.assert_allclose(np.asarray(dense_conv(x, w1)), x @ w1[0, 0, 0], atol=1e-5)
+
+
+def _loss_grads(conv, x, w):
+    return jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1))(x, w)
+
+
+@pytest.mark.parametrize("cin, cout, k", [(2, 5, 3), (8, 8, 3), (16, 4, 3), (3, 2, 2)])
+def test_dense_conv_forms_match_lax_values_and_gradients(cin, cout, k):
+    # (2, 5): 54 columns, the im2col form; (8, 8) and (16, 4): the plane form; k=2: even kernel, 'SAME' pads 0/1
+    rng = np.random.default_rng(cin * 10 + cout)
+    x = jnp.asarray(rng.standard_normal((2, 9, 7, 6, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, k, cin, cout)) / np.sqrt(k ** 3 * cin), jnp.float32)
+    lax = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",  # noqa: E731
+                                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    expected = "im2col" if k ** 3 * cin <= IM2COL_MAX_COLUMNS else "plane"
+    form = {"im2col": im2col_conv, "plane": plane_conv}[expected]
+    np.testing.assert_allclose(np.asarray(jax.jit(dense_conv)(x, w)), np.asarray(jax.jit(form)(x, w)), atol=0)
+    for conv in (im2col_conv, plane_conv):
+        np.testing.assert_allclose(np.asarray(jax.jit(conv)(x, w)), np.asarray(lax(x, w)), rtol=1e-5, atol=1e-5)
+        for ours, ref in zip(jax.jit(lambda x, w: _loss_grads(conv, x, w))(x, w), _loss_grads(lax, x, w)):
+            # kernel gradients sum ~750 float32 terms in a different order: 1e-5 of their scale
+            ref = np.asarray(ref)
+            np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+def test_native_convs_traces_one_native_convolution():
+    x = jnp.zeros((1, 4, 4, 4, 8))
+    w = jnp.zeros((3, 3, 3, 8, 8))
+    def primitives(fn):  # a fresh function each time: traces are cached per function, not per context
+        return [e.primitive.name for e in jax.make_jaxpr(fn)(x, w).eqns]
+
+    assert "conv_general_dilated" not in primitives(lambda x, w: dense_conv(x, w))
+    with native_convs():
+        assert primitives(lambda x, w: dense_conv(x, w)) == ["conv_general_dilated"]

@@ -42,8 +42,9 @@ class Conv3D(nnx.Module):
 
     The form of the computation is `lnfm.models.conv_forms`': 1x1x1 kernels are a
     matmul, depth-wise kernels a sum of shifted, scaled copies (XLA's grouped 3D
-    convolution is pathologically slow on CPU), dense k^3 kernels the native
-    convolution (a shifted-matmul sum runs ~2x faster on CPU but compiles ~6x slower)."""
+    convolution is pathologically slow on CPU), dense k^3 kernels a matmul over
+    gathered taps (im2col, or in-plane taps plus shifted sums); all native under
+    `conv_forms.native_convs()` for export."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, *, groups: int = 1, bias: bool = True,
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
