@@ -55,8 +55,11 @@ def _shared_ct() -> list[Path]:
     return [root / n for n in names if (root / n).is_file()]
 
 
-def _csv(rows: list[tuple[str, str, str, str]]) -> str:
-    return "case_id,image,label,site,split\n" + "".join(f"{c},{i},{lb},phantom,{sp}\n" for c, i, lb, sp in rows)
+def _csv(rows: list[tuple[str, str, str, str]], site: dict[str, str] | None = None) -> str:
+    """prepare's CSV input; `site` maps case ids to a site ('phantom' otherwise)."""
+    site = site or {}
+    return "case_id,image,label,site,split\n" + "".join(f"{c},{i},{lb},{site.get(c, 'phantom')},{sp}\n"
+                                                          for c, i, lb, sp in rows)
 
 
 def _phantom_rows(folder: Path, prefix: str, split: str, labels: bool) -> list[tuple[str, str, str, str]]:
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     labelled[-2:] = [(*r[:3], "val") for r in labelled[-2:]]
     test = _phantom_rows(heldout, "h_", "test", labels=True)
     real = [(f"real{i}", str(p), "", "train") for i, p in enumerate(_shared_ct())]
-    (out / "unlabelled.csv").write_text(_csv(pool + real))
+    (out / "unlabelled.csv").write_text(_csv(pool + real, {r[0]: "unknown" for r in real}))
     (out / "labelled.csv").write_text(_csv(labelled + test))
     store, unlabelled = out / "store_pelvis", out / "store_unlabelled"
     for csv, dest in ((out / "unlabelled.csv", unlabelled), (out / "labelled.csv", store)):
