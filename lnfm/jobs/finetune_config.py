@@ -51,9 +51,8 @@ class FinetuneConfig:
     train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)  # run length and few-shot
     inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)  # sliding window (roi = site.patch)
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)  # mask clean-up
-    # Tune the node size prior (postprocess.min_short_axis_mm, max_elongation) on the validation cases,
-    # never the test cases; the tuned values are the run's (postprocess.json) and travel in model.json.
-    tune_postprocess: bool = True
+    # The tuned values are the run's (postprocess.json) and travel in model.json.
+    tune_postprocess: bool = True  # tune postprocess.min_short_axis_mm / max_elongation on the validation cases
     # "encoder": the CT window and PET scale the --init encoder was pretrained with (recorded in its run or
     # export); "site": the site preset's window. Scratch runs use the site window.
     normalization: Literal["encoder", "site"] = "encoder"  # intensities as the encoder was pretrained, or the site's
