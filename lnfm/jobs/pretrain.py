@@ -198,8 +198,8 @@ def _train(checked: Checked, run: PretrainRun, mesh: jax.sharding.Mesh, writer: 
     cfg, data, workdir = checked.cfg, checked.context, run.root
     tc = cfg.train
     nproc, pid = jax.process_count(), jax.process_index()
-    log.info("datasets: %s (%s cases; weights %s)", ", ".join(data.stores), data.counts,
-             data.weights or "by case count")
+    # Stores by position in --data, never by path: logs carry no input folder names.
+    log.info("%d dataset(s) (%s cases; weights %s)", len(data.stores), data.counts, data.weights or "by case count")
     log.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), jax.device_count(),
              jax.devices()[0].device_kind, nproc)
     graphdef, state, shardings, step_fn = build_training(cfg, mesh)
