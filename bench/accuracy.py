@@ -29,7 +29,6 @@ seeds (`lnfm.eval.stats`). Finished arms are cached in the workdir, so a rerun r
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import json
@@ -58,7 +57,7 @@ from lnfm.jobs.export_meta import read_meta
 from lnfm.jobs.heldout import evaluate, train_and_score_peer
 from lnfm.jobs.predict import load_predictor
 from lnfm.segmentation.fewshot import select_subset
-from lnfm.workdir import atomic_write_text
+from lnfm.workdir import atomic_write_csv, atomic_write_text
 
 log = logging.getLogger("lnfm.bench.accuracy")
 REPO = Path(__file__).resolve().parents[1]
@@ -308,17 +307,6 @@ def plots(rows: list[dict], out: Path) -> None:
     _save(fig, out / "accuracy_dice_vs_time.png")
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def report(results: dict, out: Path, preset_name: str, preset: Preset, command: str, header: dict,
            complete: bool) -> None:
     rows, case_rows = [], []
@@ -328,8 +316,8 @@ def report(results: dict, out: Path, preset_name: str, preset: Preset, command: 
         rows.append(seed_row(arm, budget, n, seed, res))
         case_rows += [{"arm": arm, "budget": budget, "num_labeled": n, "seed": seed, **c} for c in res["cases"]]
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "accuracy.csv", rows)
-    write_csv(out / "accuracy_cases.csv", case_rows)
+    atomic_write_csv(out / "accuracy.csv", rows)
+    atomic_write_csv(out / "accuracy_cases.csv", case_rows)
     plots(rows, out)
     atomic_write_text(out / "accuracy.md", markdown(rows, preset_name, preset, command, header, complete))
 

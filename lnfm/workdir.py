@@ -9,8 +9,10 @@ sends `logging` to `DIR/log.txt` and the console, and returns a `MetricsWriter`.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
 import fcntl
+import io
 import json
 import logging
 import math
@@ -67,6 +69,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows (dicts sharing the first row's keys) as a CSV with a header, written atomically;
+    no rows, no file."""
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 LOCK_FILE = ".lnfm.lock"

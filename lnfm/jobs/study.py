@@ -15,7 +15,6 @@ the same shape compile once.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
@@ -34,7 +33,7 @@ from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.errors import LnfmError
 from lnfm.jobs.pretrain import PretrainConfig
 from lnfm.runs import FinetuneRun
-from lnfm.workdir import atomic_write_text, open_workdir, progress
+from lnfm.workdir import atomic_write_csv, atomic_write_text, open_workdir, progress
 
 log = logging.getLogger("lnfm.study")
 REPO = Path(__file__).resolve().parents[2]
@@ -180,15 +179,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def plot(agg: list[dict], metric: str, label: str, path: Path) -> None:
     import matplotlib
 
@@ -283,8 +273,8 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
             writer.write(i, **{k: summary.get(k) for k in ("dice", "node_sensitivity")}, **c)
             bar.update(1)
     agg = aggregate(rows)
-    write_csv(out / "study.csv", rows)
-    write_csv(out / "study_summary.csv", agg)
+    atomic_write_csv(out / "study.csv", rows)
+    atomic_write_csv(out / "study_summary.csv", agg)
     plot(agg, "dice", "Dice", out / "dice_vs_labelled.png")
     plot(agg, "node_sensitivity", "node sensitivity", out / "sensitivity_vs_labelled.png")
     atomic_write_text(out / "study.md", markdown(agg, cfg, command, rows))

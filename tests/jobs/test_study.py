@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lnfm.jobs import study as S
+from lnfm.workdir import atomic_write_csv
 from lnfm.config import ConfigError, load_config
 
 
@@ -70,7 +71,7 @@ def test_aggregate_table_and_plots(tmp_path):
     # 0.1, 0.2, 0.3 at 4 cases (sd 0.1 -> t = 3.464, p = 0.0742).
     assert "| freeze_all | light | 1 | +0.300 [+0.052, +0.548] | 3 | 0.035 | 0.250 |" in md
     assert "| freeze_all | light | 4 | +0.200 [-0.048, +0.448] | 3 | 0.074 | 0.250 |" in md
-    S.write_csv(tmp_path / "study.csv", rows)
+    atomic_write_csv(tmp_path / "study.csv", rows)
     with open(tmp_path / "study.csv") as f:
         assert len(list(csv.DictReader(f))) == 12
     S.plot(list(agg.values()), "dice", "Dice", tmp_path / "dice.png")
