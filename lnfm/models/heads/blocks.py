@@ -74,13 +74,9 @@ def conv(cin: int, cout: int, kernel: int = 3, *, groups: int = 1, bias: bool = 
     return Conv3D(cin, cout, kernel, groups=groups, bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
-class UpConv3D(nnx.Module):
-    """Transposed convolution with kernel = stride = `factor`, kernel shape
-    (*factor, cin, cout) as nnx.ConvTranspose's. The windows do not overlap, so every
-    input voxel becomes one factor^3 output block: a matmul and a reshape, fast on
-    every backend (XLA's CPU transposed convolution is not). Tap (i, j, k) fills
-    offset (i, j, k) of each block, as PyTorch's ConvTranspose3d does; lax.conv_transpose
-    (and so nnx.ConvTranspose) without transpose_kernel uses the taps mirrored."""
+class BlockConv3D(nnx.Module):
+    """Kernel (*factor, cin, cout) and bias of a convolution whose kernel equals its stride
+    (non-overlapping windows); subclasses compute it as a matmul, down (`DownConv3D`) or up."""
 
     def __init__(self, cin: int, cout: int, factor: Stride, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
@@ -89,6 +85,15 @@ class UpConv3D(nnx.Module):
             self.kernel = nnx.Param(_conv_init(rngs.params(), (*self.factor, cin, cout), param_dtype),
                                     out_sharding=CONV_NAMES)
             self.bias = nnx.Param(jnp.zeros((cout,), param_dtype), out_sharding=("conv_out",))
+
+
+class UpConv3D(BlockConv3D):
+    """Transposed convolution with kernel = stride = `factor`, kernel shape
+    (*factor, cin, cout) as nnx.ConvTranspose's. The windows do not overlap, so every
+    input voxel becomes one factor^3 output block: a matmul and a reshape, fast on
+    every backend (XLA's CPU transposed convolution is not). Tap (i, j, k) fills
+    offset (i, j, k) of each block, as PyTorch's ConvTranspose3d does; lax.conv_transpose
+    (and so nnx.ConvTranspose) without transpose_kernel uses the taps mirrored."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, nx, ny, nz, _ = x.shape

@@ -27,21 +27,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.heads.blocks import (CONV_NAMES, _conv_init, as_stride, conv, instance_norm, level_strides,
-                                      lrelu, step_factor, up_conv)
-from lnfm.models.layers import no_eager_sharding
+from lnfm.models.heads.blocks import (BlockConv3D, as_stride, conv, instance_norm, level_strides, lrelu,
+                                      step_factor, up_conv)
 
 
-class DownConv3D(nnx.Module):
+class DownConv3D(BlockConv3D):
     """Convolution with kernel = stride = `factor` (non-overlapping windows), as
     space-to-depth plus one matmul; kernel layout (*factor, cin, cout) like nnx.Conv's."""
-
-    def __init__(self, cin: int, cout: int, factor, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.factor, self.dtype = as_stride(factor), dtype
-        with no_eager_sharding():
-            self.kernel = nnx.Param(_conv_init(rngs.params(), (*self.factor, cin, cout), param_dtype),
-                                    out_sharding=CONV_NAMES)
-            self.bias = nnx.Param(jnp.zeros((cout,), param_dtype), out_sharding=("conv_out",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, nx, ny, nz, c = x.shape
