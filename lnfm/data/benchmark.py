@@ -61,17 +61,25 @@ def _phantoms(out: Path, cfg: SynthConfig) -> None:
         write_dataset(cfg, out)
 
 
-def _rows(folder: Path, prefix: str, split: str, labels: bool) -> list[tuple[str, str, str, str]]:
+def phantom_rows(folder: Path, prefix: str, split: str, labels: bool) -> list[tuple[str, str, str, str]]:
+    """(case id, image, label or "", split) of every phantom `lnfm synth` wrote to `folder`."""
     cases = json.loads((folder / "dataset.json").read_text())["cases"]
     return [(f"{prefix}{c['case']}", str(folder / "imagesTr" / f"{c['case']}_0000.nii.gz"),
              str(folder / "labelsTr" / f"{c['case']}.nii.gz") if labels else "", split) for c in cases]
 
 
+def prepare_csv(rows: list[tuple[str, str, str, str]], site: dict[str, str] | None = None) -> str:
+    """prepare's CSV input for (case id, image, label, split) rows; `site` maps case ids to a site
+    ('phantom' otherwise)."""
+    site = site or {}
+    return "case_id,image,label,site,split\n" + "".join(f"{c},{i},{lb},{site.get(c, 'phantom')},{sp}\n"
+                                                          for c, i, lb, sp in rows)
+
+
 def _store(csv_path: Path, rows: list, out: Path, spacing) -> None:
     if (out / "manifest.jsonl").is_file():
         return
-    text = "case_id,image,label,site,split\n" + "".join(f"{c},{i},{lb},phantom,{s}\n" for c, i, lb, s in rows)
-    atomic_write_text(csv_path, text)
+    atomic_write_text(csv_path, prepare_csv(rows))
     result = prepare_dataset(str(csv_path), str(out), PrepareConfig(spacing=tuple(spacing), workers=1),
                              show_progress=False)
     if not result.ok:
@@ -86,11 +94,12 @@ def build(spec: BenchmarkSpec, workdir: str | Path) -> Benchmark:
     _phantoms(unl, dataclasses.replace(base, num_cases=spec.unlabelled, seed=SEEDS["unlabelled"]))
     _phantoms(lab, dataclasses.replace(base, num_cases=spec.labelled + spec.val, seed=SEEDS["labelled"]))
     _phantoms(test, heldout_config(base, num_cases=spec.test, seed=SEEDS["test"]))
-    lab_rows = _rows(lab, "l_", "train", True)
+    lab_rows = phantom_rows(lab, "l_", "train", True)
     for i in range(spec.val):  # the last cases validate
         lab_rows[-1 - i] = (*lab_rows[-1 - i][:3], "val")
-    test_rows = _rows(test, "t_", "test", True)
-    _store(workdir / "unlabelled.csv", _rows(unl, "u_", "train", False), workdir / "store_unlabelled", spec.spacing)
+    test_rows = phantom_rows(test, "t_", "test", True)
+    _store(workdir / "unlabelled.csv", phantom_rows(unl, "u_", "train", False), workdir / "store_unlabelled",
+           spec.spacing)
     _store(workdir / "labelled.csv", lab_rows + test_rows, workdir / "store_labelled", spec.spacing)
     ids = {r["case_id"] for r in st.read_manifest(str(workdir / "store_labelled"))}
     missing = [r[0] for r in lab_rows + test_rows if r[0] not in ids]

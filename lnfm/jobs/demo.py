@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from lnfm.config import from_dict, read_yaml
-from lnfm.data.benchmark import TestCase
+from lnfm.data.benchmark import TestCase, phantom_rows, prepare_csv
 from lnfm.data.shared import shared_data_dir
 from lnfm.eval.metrics import summarize
 from lnfm.jobs import heldout
@@ -53,19 +53,6 @@ def _shared_ct() -> list[Path]:
     root = shared / "ct" / "totalsegmentator"
     names = ["example_ct.nii.gz", "chest_vessels/ct_cropped.nii.gz"]
     return [root / n for n in names if (root / n).is_file()]
-
-
-def _csv(rows: list[tuple[str, str, str, str]], site: dict[str, str] | None = None) -> str:
-    """prepare's CSV input; `site` maps case ids to a site ('phantom' otherwise)."""
-    site = site or {}
-    return "case_id,image,label,site,split\n" + "".join(f"{c},{i},{lb},{site.get(c, 'phantom')},{sp}\n"
-                                                          for c, i, lb, sp in rows)
-
-
-def _phantom_rows(folder: Path, prefix: str, split: str, labels: bool) -> list[tuple[str, str, str, str]]:
-    cases = json.loads((folder / "dataset.json").read_text())["cases"]
-    return [(f"{prefix}{c['case']}", str(folder / "imagesTr" / f"{c['case']}_0000.nii.gz"),
-             str(folder / "labelsTr" / f"{c['case']}.nii.gz") if labels else "", split) for c in cases]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     # Pretraining sees the training phantoms without labels (plus real CT from ../shared/data when
     # present), never a held-out one. The labelled store: its first cases train, two validate and the
     # held-out phantoms are its test split.
-    pool = _phantom_rows(phantoms, "p_", "train", labels=False)
-    labelled = _phantom_rows(phantoms, "p_", "train", labels=True)
+    pool = phantom_rows(phantoms, "p_", "train", labels=False)
+    labelled = phantom_rows(phantoms, "p_", "train", labels=True)
     labelled[-2:] = [(*r[:3], "val") for r in labelled[-2:]]
-    test = _phantom_rows(heldout, "h_", "test", labels=True)
+    test = phantom_rows(heldout, "h_", "test", labels=True)
     real = [(f"real{i}", str(p), "", "train") for i, p in enumerate(_shared_ct())]
-    (out / "unlabelled.csv").write_text(_csv(pool + real, {r[0]: "unknown" for r in real}))
-    (out / "labelled.csv").write_text(_csv(labelled + test))
+    (out / "unlabelled.csv").write_text(prepare_csv(pool + real, {r[0]: "unknown" for r in real}))
+    (out / "labelled.csv").write_text(prepare_csv(labelled + test))
     store, unlabelled = out / "store_pelvis", out / "store_unlabelled"
     for csv, dest in ((out / "unlabelled.csv", unlabelled), (out / "labelled.csv", store)):
         _run([py, "-m", "lnfm", "prepare", "--input", str(csv), "--output", str(dest), "--spacing", "1.5,1.5,1.5",
