@@ -17,7 +17,7 @@ import numpy as np
 
 from lnfm.config import ConfigError
 from lnfm.data import store as st
-from lnfm.data.augment import context_size, flip_rot90, intensity_jitter, rotate_scale
+from lnfm.data.augment import blur, context_size, flip_rot90, intensity_jitter, low_resolution, noise, rotate_scale
 from lnfm.errors import DataError
 
 
@@ -38,6 +38,10 @@ class LoaderConfig:
     intensity_shift: float = 0.1  # add U(-s, s) to normalised intensities
     rotate_deg: float = 0.0  # random in-plane rotation up to this many degrees (0 = off)
     scale: float = 0.0  # random zoom by up to this fraction (0 = off)
+    tilt_deg: float = 0.0  # random out-of-plane tilt about both in-plane axes up to this many degrees (0 = off)
+    low_res: float = 1.0  # simulate a scan up to this many times coarser per axis, half the patches (1 = off)
+    blur_sigma: float = 0.0  # Gaussian blur up to this sigma (voxels), a fifth of the patches (0 = off)
+    noise_std: float = 0.0  # Gaussian noise up to this std (normalised units), 30% of the patches (0 = off)
     seed: int = 0  # sampling seed (non-negative, 32-bit)
     epoch_length: int = 10000  # records per epoch of the virtual index the sampler shuffles
 
@@ -128,7 +132,7 @@ class PatchSampler(grain.transforms.RandomMap):
         else:
             centre = rng.integers(0, shape) if np.all(shape > 0) else np.zeros(3, int)
         start = patch_start(centre, shape, size)
-        ctx = np.asarray(context_size(tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale))
+        ctx = np.asarray(context_size(tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, cfg.tilt_deg))
         ctx_start = start + size // 2 - ctx // 2
         chans = []
         for path, name in zip(rec["image_path"], rec["channels"]):
@@ -138,8 +142,12 @@ class PatchSampler(grain.transforms.RandomMap):
         label = read_box(self._array(self.stores[s], rec["label_path"]), ctx_start, tuple(ctx), 0, np.uint8) \
             if self.labels else None
         if tuple(ctx) != tuple(cfg.patch_size):
-            image, label = rotate_scale(image, label, tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, rng)
+            image, label = rotate_scale(image, label, tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, rng,
+                                        cfg.tilt_deg)
         image, label = flip_rot90(image, label, rng, cfg.flips, cfg.rot90)
+        image = low_resolution(image, rng, cfg.low_res)
+        image = blur(image, rng, cfg.blur_sigma)
+        image = noise(image, rng, cfg.noise_std)
         image = intensity_jitter(image, rng, cfg.intensity_scale, cfg.intensity_shift)
         out = {"image": np.ascontiguousarray(image, np.float32)}
         if self.labels:

@@ -142,7 +142,7 @@ def test_per_process_shards_are_disjoint(tmp_path):
 def test_augmentations_keep_image_and_label_aligned(big_store):
     # Window 0..100 HU: body (~40 HU) -> ~0.4, node (70 HU) -> 0.7. Every augmentation on.
     cfg = LoaderConfig(patch_size=PATCH, batch_size=8, fg_fraction=1.0, intensity_scale=0.0, intensity_shift=0.0,
-                       rotate_deg=20.0, scale=0.15, hu_window=(0.0, 100.0))
+                       rotate_deg=20.0, tilt_deg=20.0, scale=0.15, hu_window=(0.0, 100.0))
     it = iter(make_loader([big_store], cfg, labels=True, shard_index=0, shard_count=1))
     for b in _take(it, 2):
         img, lab = b["image"][..., 0], b["label"]
