@@ -83,10 +83,11 @@ class Preset:
 
 
 PRESETS = {
-    # 5 seeds x 4 labelled cases x (2 LNFM arms + 2 peers x 2 budgets) in about an hour on 2 idle cores:
+    # 5 seeds x 4 labelled cases x (2 LNFM arms + 2 peers x 2 budgets) in about an hour on 2 idle cores,
+    # at the steps of `finetune --quick` (the demo):
     # SwinUNETR (seconds per CPU step) and the labelled-count grid are the gpu preset's.
     "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=8, val=2, test=8, shape=(96, 96, 48)), seeds=5,
-                  num_labeled=[4], steps=300, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
+                  num_labeled=[4], steps=600, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
                   peers=("unet", "dynunet"), overlap=0.25),
     "gpu": Preset(B.BenchmarkSpec(unlabelled=40, labelled=16, val=4, test=16, shape=(160, 160, 96)), seeds=5,
                   num_labeled=[1, 2, 4, 8, 16], steps=2000, patch=None, pretrain_config="vit_b",
