@@ -11,7 +11,8 @@ node masks and distractors); no model, and no pretraining, sees a test volume.
 
 Arms, per seed (its own labelled subset and initialisation) and labelled-case count:
 - `lnfm_pretrained`: MAE pretraining on the unlabelled pool, then the finetuning job
-  with the site's default head and strategy (`lnfm.jobs.finetune.run`), exported and run
+  with the site's default head and strategy (`lnfm.jobs.finetune.run`; the cpu preset with
+  `finetune --quick`'s CPU recipe, as `make demo` runs it), exported and run
   through `lnfm.jobs.predict`;
 - `lnfm_scratch`: the same finetuning from a random encoder of the same architecture,
   every layer trained (`strategy.freeze=none`);
@@ -80,6 +81,7 @@ class Preset:
     peers: tuple[str, ...] = ("unet", "dynunet", "swinunetr")
     time_cap_s: float | None = None  # cap of the equal-time budget (the smoke run only: it checks the code path)
     overlap: float = 0.5  # sliding-window overlap of every arm's evaluation (and of LNFM's own validation)
+    quick: bool = False  # LNFM finetunes with `finetune --quick`'s CPU recipe (patch, LR, warm-up, head)
 
 
 PRESETS = {
@@ -88,13 +90,13 @@ PRESETS = {
     # SwinUNETR (seconds per CPU step) and the labelled-count grid are the gpu preset's.
     "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=8, val=2, test=8, shape=(96, 96, 48)), seeds=5,
                   num_labeled=[4], steps=600, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
-                  peers=("unet", "dynunet"), overlap=0.25),
+                  peers=("unet", "dynunet"), overlap=0.25, quick=True),
     "gpu": Preset(B.BenchmarkSpec(unlabelled=40, labelled=16, val=4, test=16, shape=(160, 160, 96)), seeds=5,
                   num_labeled=[1, 2, 4, 8, 16], steps=2000, patch=None, pretrain_config="vit_b",
                   pretrain_steps=20000),
     "smoke": Preset(B.BenchmarkSpec(unlabelled=2, labelled=2, val=1, test=1, shape=(48, 48, 32)), seeds=1,
                     num_labeled=[1], steps=2, patch=32, pretrain_config="vit_tiny", pretrain_steps=2, time_cap_s=1.0,
-                    overlap=0.25),
+                    overlap=0.25, quick=True),
 }
 
 
@@ -131,7 +133,7 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
         model = to_dict(P.load_pretrain_config(preset.pretrain_config, _pretrain_overrides(preset)).model)
         over += [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
     return F.load_finetune_config(site, over, init=init, data=[str(bench.labelled_store)], num_labeled=n,
-                                  repeats=1)
+                                  repeats=1, quick=preset.quick)
 
 
 def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, seed: int, workdir: Path) -> dict:
