@@ -135,15 +135,17 @@ def bench_predict(args) -> None:
         write_export(site, export)
         print(f"{site}: onnx export written in {time.perf_counter() - t:.0f} s")
         for backend in args.backends.split(","):
-            out = root / f"{site}_{backend}.nii.gz"
-            cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(export), "--input", str(ct),
-                   "--output", str(out), "--backend", backend]
-            t = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo,
-                                  env=dict(os.environ, PYTHONPATH=str(repo)))
-            wall = time.perf_counter() - t
-            status = "ok" if proc.returncode == 0 else f"FAILED: {proc.stderr.strip().splitlines()[-1:]}"
-            print(f"  {site} {backend}: {wall:.1f} s ({status})", flush=True)
+            for overlap in args.predict_overlaps.split(","):
+                out = root / f"{site}_{backend}_{overlap}.nii.gz"
+                cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(export), "--input", str(ct),
+                       "--output", str(out), "--backend", backend]
+                cmd += [] if overlap == "model" else ["--overlap", overlap]
+                t = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo,
+                                      env=dict(os.environ, PYTHONPATH=str(repo)))
+                wall = time.perf_counter() - t
+                status = "ok" if proc.returncode == 0 else f"FAILED: {proc.stderr.strip().splitlines()[-1:]}"
+                print(f"  {site} {backend} overlap {overlap}: {wall:.1f} s ({status})", flush=True)
 
 
 def bench_pipeline(args) -> None:
@@ -356,6 +358,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--predict", default=None, help="comma-separated site presets: time `lnfm predict` instead")
     ap.add_argument("--backends", default="onnxruntime,jax", help="with --predict: backends to time")
+    ap.add_argument("--predict-overlaps", default="model",
+                    help="with --predict: comma-separated window overlaps to time ('model': the export's own)")
     ap.add_argument("--ct-shape", default="512,512,300", help="with --predict: CT size in voxels")
     ap.add_argument("--ct-spacing", default="0.8,0.8,1.5", help="with --predict: CT spacing in mm")
     ap.add_argument("--networks", default=None, help="comma-separated site presets: one window batch per backend")
