@@ -85,9 +85,9 @@ class Preset:
 
 
 PRESETS = {
-    # 5 seeds x 4 labelled cases x (2 LNFM arms + 2 peers x 2 budgets) in about an hour on 2 idle cores,
-    # at the steps of `finetune --quick` (the demo):
-    # SwinUNETR (seconds per CPU step) and the labelled-count grid are the gpu preset's.
+    # 5 seeds x 4 labelled cases x (2 LNFM arms + 2 peers x 2 budgets) at `finetune --quick`'s 600 steps
+    # (the demo's): 63 min on 2 idle cores. SwinUNETR (seconds per CPU step) and the labelled-count grid
+    # are the gpu preset's.
     "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=8, val=2, test=8, shape=(96, 96, 48)), seeds=5,
                   num_labeled=[4], steps=600, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
                   peers=("unet", "dynunet"), overlap=0.25, quick=True),

@@ -87,11 +87,9 @@ def low_resolution(image: np.ndarray, rng: np.random.Generator, max_factor: floa
         return image
     shape = np.asarray(image.shape[:3])
     small = np.maximum(np.round(shape / rng.uniform(1.0, max_factor, 3)).astype(int), 1)
-    out = np.empty_like(image)
-    for ch in range(image.shape[-1]):
-        down = ndimage.zoom(image[..., ch], small / shape, order=1, grid_mode=True, mode="nearest")
-        out[..., ch] = ndimage.zoom(down, shape / np.asarray(down.shape), order=1, grid_mode=True, mode="nearest")
-    return out
+    # Zoom 1 along the channel axis: channels are resampled independently.
+    down = ndimage.zoom(image, (*(small / shape), 1), order=1, grid_mode=True, mode="nearest")
+    return ndimage.zoom(down, (*(shape / small), 1), order=1, grid_mode=True, mode="nearest")
 
 
 def blur(image: np.ndarray, rng: np.random.Generator, max_sigma: float, p: float = 0.2) -> np.ndarray:
@@ -99,7 +97,7 @@ def blur(image: np.ndarray, rng: np.random.Generator, max_sigma: float, p: float
     if max_sigma <= 0 or rng.random() >= p:
         return image
     sigma = rng.uniform(min(0.5, max_sigma), max_sigma)
-    return np.stack([ndimage.gaussian_filter(image[..., ch], sigma) for ch in range(image.shape[-1])], axis=-1)
+    return ndimage.gaussian_filter(image, (sigma, sigma, sigma, 0))  # sigma 0: no mixing of channels
 
 
 def noise(image: np.ndarray, rng: np.random.Generator, max_std: float, p: float = 0.3) -> np.ndarray:
