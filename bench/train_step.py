@@ -9,23 +9,43 @@ in PyTorch with the same encoder/decoder sizes, batch and AdamW, under bf16 auto
 (when --dtype bfloat16) and prints LNFM's speed-up. Results go to stdout as a table.
 
 With --finetune SITE it times the finetuning step instead (forward, backward, AdamW)
-of the site preset's segmenter (default ViT-tiny + the preset's head) at --ft-patch,
-every parameter trained, against a MONAI UNet step in PyTorch (Dice + CE, AdamW) of
+of the site preset's segmenter (default ViT-tiny with 16^3 patches + the preset's head) at
+--ft-patch, every parameter trained, against a MONAI UNet step in PyTorch (Dice + CE, AdamW) of
 about the same FLOPs (--unet-channels), same batch, same threads; the arms are
 interleaved for --rounds rounds of --steps steps and the medians compared:
 
     python bench/train_step.py --finetune pelvis --ft-patch 32 --batch 2 --steps 3 --rounds 3
+
+With --same-net the PyTorch arm is the same network instead: the CPU preset's (`--quick`:
+ViT-tiny with 8^3 patches + the fine head) segmenter rebuilt in PyTorch by
+bench/torch_segmenter.py from LNFM's initial weights, trained with LNFM's step: the
+site's freezing strategy (--ft-freeze site, the default: pelvis freezes the embedding and
+block 1) or none, the same trainable parameters in both arms, its loss (Dice + CE through
+MONAI's DiceCELoss, set up to equal LNFM's), AdamW with its betas, weight-decay mask and
+layer-wise LR scales, global-norm clipping; --torch-threads (2) intra-op threads, oneDNN
+as PyTorch ships it. Both arms' first-step losses (same weights, same batch) are printed
+as a check that they compute the same thing; the JSON's torch_time_over_lnfm > 1 means
+LNFM is faster. On a machine that other processes keep busy, PyTorch's OpenMP threads
+spin while they wait and its step slows several-fold (2 s instead of 0.1 s at load 4 on
+2 cores); the JSON records the load average and OMP_WAIT_POLICY (PASSIVE avoids that):
+
+    python bench/train_step.py --finetune pelvis --same-net --ft-patch 32 --batch 2 --steps 3 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from lnfm.models.mae import decoder_dims
 from lnfm.models.sharding import batch_sharding, make_mesh, use_rules
@@ -101,29 +121,54 @@ def time_monai(cfg, batch: int, steps: int, warmup: int, compile: bool = False) 
     return (time.perf_counter() - t0) / steps
 
 
-def lnfm_finetune_step(site: str, patch: int, batch: int):
-    """(run `steps` steps, model FLOPs per step, head kind) of the site preset's finetuning step."""
+@dataclasses.dataclass
+class FinetuneArm:
+    """LNFM's finetuning step, ready to time: `run(steps)` runs `steps` steps on one fixed batch
+    and returns the last step's metrics (not synchronised beyond the step itself)."""
+    run: Callable[[int], dict]
+    flops: float | None  # model FLOPs per step (XLA cost analysis of the forward, x3)
+    cfg: Any  # the FinetuneConfig
+    model: Any  # the nnx segmenter holding the initial weights (read it before the first step)
+    data: dict  # {"image": (B, X, Y, Z, 1) float32, "label": (B, X, Y, Z) int32} numpy
+    trainable: set  # paths of the parameters the optimizer updates
+    trainable_params: int
+
+
+def lnfm_finetune_step(site: str, patch: int, batch: int, *, quick: bool = False,
+                       freeze: str | None = "none") -> FinetuneArm:
+    """The site preset's finetuning step (`lnfm.jobs.finetune.build_training`: its jitted step,
+    AdamW, the configured loss) at a cubic `patch` and `batch`, on random data.
+
+    quick: the CPU preset (`--quick`: ViT-tiny with 8^3 patches, the fine head) instead of the site
+    preset's model (16^3 patches). freeze: a strategy.freeze override ('none': every parameter trains,
+    with the site's layer-wise LR decay), None for the preset's own strategy."""
     from lnfm.jobs.finetune import build_training, load_finetune_config
     from lnfm.jobs.finetune_cpu import step_flops as finetune_step_flops
     from lnfm.models.sharding import MeshConfig
+    from lnfm.train.state import merge_model
 
-    cfg = load_finetune_config(site, [f"site.patch=[{patch},{patch},{patch}]",
-                                      f"model.img_size=[{patch},{patch},{patch}]",
-                                      f"train.global_batch={batch}", "strategy.freeze=none"])
+    overrides = [f"site.patch=[{patch},{patch},{patch}]", f"model.img_size=[{patch},{patch},{patch}]",
+                 f"train.global_batch={batch}"]
+    if freeze is not None:
+        overrides.append(f"strategy.freeze={freeze}")
+    cfg = load_finetune_config(site, overrides, quick=quick)
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     training = build_training(cfg, 0, mesh)
     rng = np.random.default_rng(0)
     data = {"image": rng.standard_normal((batch, patch, patch, patch, 1)).astype(np.float32),
             "label": (rng.random((batch, patch, patch, patch)) < 0.1).astype(np.int32)}
-    data = jax.device_put(data, batch_sharding(mesh))
+    device_data = jax.device_put(data, batch_sharding(mesh))
     state = [training.state]
+    model = merge_model(training.graphdef, training.state["params"], training.state["frozen"],
+                        training.state["rest"])
+    trainable = {tuple(path) for path, _ in nnx.to_flat_state(training.state["params"])}
 
-    def run(steps: int) -> None:
+    def run(steps: int) -> dict:
         for _ in range(steps):
-            state[0], metrics = training.step_fn(state[0], data)
-        jax.block_until_ready(metrics)
+            state[0], metrics = training.step_fn(state[0], device_data)
+        return jax.block_until_ready(metrics)
 
-    return run, finetune_step_flops(cfg), cfg.head.kind
+    return FinetuneArm(run, finetune_step_flops(cfg), cfg, model, data, trainable, training.trainable_params)
 
 
 def monai_unet_step(patch: int, batch: int, channels: tuple[int, ...]):
@@ -156,7 +201,8 @@ def bench_finetune(args) -> None:
 
     import torch
 
-    run_lnfm, flops_lnfm, head = lnfm_finetune_step(args.finetune, args.ft_patch, args.batch)
+    arm = lnfm_finetune_step(args.finetune, args.ft_patch, args.batch)
+    run_lnfm, flops_lnfm, head = arm.run, arm.flops, arm.cfg.head.kind
     channels = tuple(int(c) for c in args.unet_channels.split(","))
     run_torch, flops_torch = monai_unet_step(args.ft_patch, args.batch, channels)
     for run in (run_lnfm, run_torch):
@@ -177,6 +223,107 @@ def bench_finetune(args) -> None:
                       "torch_threads": torch.get_num_threads()}))
 
 
+def torch_same_net_step(arm: FinetuneArm, attention: str = "sdpa"):
+    """(run `steps` steps, the loss of a first step already run, FLOPs per step, trainable parameter
+    count) of LNFM's segmenter in PyTorch (`bench/torch_segmenter.py`, LNFM's initial weights) with
+    LNFM's finetuning step: its loss (MONAI DiceCELoss set up to equal it), the same trainable
+    parameters, AdamW with the same betas, eps, weight-decay mask and per-parameter layer-wise LR
+    scales, and global-norm clipping. The LR is constant at the peak (LNFM's schedule changes the
+    values, not the work)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch_segmenter import channels_first, dice_ce_loss, from_lnfm, label_tensor
+
+    from lnfm.segmentation.strategies import layer_index_fn
+    from lnfm.train.optim import peak_lr
+
+    cfg = arm.cfg
+    net = from_lnfm(arm.model, cfg.site.patch, sdpa=attention == "sdpa")
+    shapes = {tuple(path): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(arm.model, nnx.Param))}
+    layer_of, n_units = layer_index_fn(arm.model)
+    llrd = cfg.strategy.llrd if cfg.strategy.freeze in ("none", "first_k") else 1.0  # as build_training
+
+    def scale_of(path: tuple) -> float:  # lnfm.train.optim.layer_lr_scales
+        return float(llrd ** (n_units - layer_of("/".join(map(str, path)))))
+
+    no_decay = set(cfg.optim.no_decay)
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in net.named_parameters():
+        path = net.lnfm_params[name][0] if name in net.lnfm_params else None
+        if path not in arm.trainable:
+            p.requires_grad_(False)  # frozen: no gradient, no Adam moments (as LNFM's frozen pytree)
+            continue
+        decay = (cfg.optim.weight_decay > 0 and len(shapes[path]) >= 2
+                 and not no_decay.intersection(map(str, path)))  # lnfm.train.optim.decay_mask
+        groups.setdefault((scale_of(path), decay), []).append(p)
+    peak = peak_lr(cfg.optim, cfg.train.global_batch)
+    opt = torch.optim.AdamW([{"params": ps, "lr": peak * scale, "weight_decay": cfg.optim.weight_decay if decay
+                              else 0.0} for (scale, decay), ps in groups.items()],
+                            lr=peak, betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps)
+    params = [p for ps in groups.values() for p in ps]
+    loss_fn = dice_ce_loss(cfg.loss)
+    x, y = channels_first(arm.data["image"]), label_tensor(arm.data["label"])
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        if cfg.optim.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm)
+        opt.step()
+        return loss.detach()
+
+    def run(steps: int) -> torch.Tensor:
+        for _ in range(steps):
+            loss = step()
+        return loss
+
+    with FlopCounterMode(display=False) as counter:
+        first = step()
+    return run, first, float(counter.get_total_flops()), sum(p.numel() for p in params)
+
+
+def bench_same_net(args) -> None:
+    """LNFM's finetuning step of the CPU preset's network against the same network in PyTorch."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    freeze = None if args.ft_freeze == "site" else args.ft_freeze
+    arm = lnfm_finetune_step(args.finetune, args.ft_patch, args.batch, quick=True, freeze=freeze)
+    run_torch, torch_first, flops_torch, n_torch = torch_same_net_step(arm, args.torch_attention)
+    lnfm_first = float(arm.run(1)["loss"])  # both arms start from the same weights and batch
+    for run in (arm.run, run_torch):
+        run(args.warmup)  # compilation, allocator warm-up
+    times = {"lnfm": [], "torch": []}
+    for _ in range(args.rounds):
+        for name, run in (("lnfm", arm.run), ("torch", run_torch)):
+            t0 = time.perf_counter()
+            run(args.steps)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    t_l, t_t = statistics.median(times["lnfm"]), statistics.median(times["torch"])
+    cfg = arm.cfg
+    strategy = cfg.strategy.freeze + (f" k={cfg.strategy.k}" if cfg.strategy.freeze == "first_k" else "")
+    print(json.dumps({
+        "site": args.finetune, "preset": "--quick (CPU)",
+        "network": f"vit_{cfg.model.size} patch {cfg.model.patch_size[0]} + {cfg.head.kind} head",
+        "patch": args.ft_patch, "batch": args.batch, "loss": cfg.loss.name,
+        "strategy": f"{strategy}, llrd {cfg.strategy.llrd}",
+        "trainable_params": {"lnfm": arm.trainable_params, "torch": n_torch},
+        "first_step_loss": {"lnfm": round(lnfm_first, 6), "torch": round(float(torch_first), 6)},
+        "lnfm_step_s": round(t_l, 4), "torch_step_s": round(t_t, 4), "torch_time_over_lnfm": round(t_t / t_l, 2),
+        "lnfm_gflops": round((arm.flops or 0) / 1e9, 2), "torch_gflops": round(flops_torch / 1e9, 2),
+        "rounds": {k: [round(v, 4) for v in t] for k, t in times.items()},
+        "torch_threads": torch.get_num_threads(), "torch_attention": args.torch_attention,
+        "mkldnn": bool(torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()),
+        # OpenMP threads spin while waiting: on a loaded machine PyTorch's step slows several-fold
+        # unless OMP_WAIT_POLICY=PASSIVE; the load average says how busy the machine was.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "jax": jax.__version__}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="vit_b", help="pretrain preset the model/optimizer settings come from")
@@ -193,10 +340,17 @@ def main() -> None:
     ap.add_argument("--unet-channels", default="16,32,64,128",
                     help="with --finetune: MONAI UNet channels per level (strides 2)")
     ap.add_argument("--rounds", type=int, default=3, help="with --finetune: interleaved rounds (median reported)")
+    ap.add_argument("--same-net", action="store_true",
+                    help="with --finetune: time the CPU preset's network against the same network in PyTorch")
+    ap.add_argument("--ft-freeze", default="site", choices=("site", "none"),
+                    help="with --same-net: the preset's freezing strategy, or none (every parameter trains)")
+    ap.add_argument("--torch-threads", type=int, default=2, help="with --same-net: PyTorch intra-op threads")
+    ap.add_argument("--torch-attention", default="sdpa", choices=("sdpa", "einsum"),
+                    help="with --same-net: MONAI attention through F.scaled_dot_product_attention or its einsum")
     ap.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     args = ap.parse_args()
     if args.finetune:
-        bench_finetune(args)
+        (bench_same_net if args.same_net else bench_finetune)(args)
         return
     on_gpu = jax.devices()[0].platform == "gpu"
     rows = []

@@ -52,7 +52,9 @@ def _block_pairs(ours: tuple, theirs: str, qkv_bias: bool, heads: int) -> list[t
     return pairs
 
 
-def _encoder_pairs(cfg: ModelConfig, ours: tuple, final_norm: str) -> list[tuple[tuple, str, str]]:
+def encoder_pairs(cfg: ModelConfig, ours: tuple, final_norm: str) -> list[tuple[tuple, str, str]]:
+    """(our parameter path under `ours`, MONAI state-dict key, layout kind for `to_torch_layout`)
+    for every encoder parameter; `final_norm` names MONAI's final LayerNorm."""
     depth, heads = vit_dims(cfg).depth, vit_dims(cfg).heads
     pairs = [(ours + ("embed", "patch", "proj", "kernel"), "patch_embedding.patch_embeddings.weight", "conv"),
              (ours + ("embed", "patch", "proj", "bias"), "patch_embedding.patch_embeddings.bias", "vec")]
@@ -70,7 +72,7 @@ def _encoder_pairs(cfg: ModelConfig, ours: tuple, final_norm: str) -> list[tuple
 def _mae_pairs(cfg: ModelConfig) -> list[tuple[tuple, str, str]]:
     depth = vit_dims(cfg).depth
     _, dec_depth, dec_heads, _ = decoder_dims(cfg)
-    pairs = _encoder_pairs(cfg, ("encoder",), f"blocks.{depth}")
+    pairs = encoder_pairs(cfg, ("encoder",), f"blocks.{depth}")
     pairs += [(("decoder_embed", "kernel"), "decoder_embed.weight", "linear"),
               (("decoder_embed", "bias"), "decoder_embed.bias", "vec"),
               (("mask_token",), "mask_tokens", "vec"),
@@ -103,7 +105,8 @@ def _from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
     return value
 
 
-def _to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+def to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    """One of our arrays in MONAI's layout; `kind` is `encoder_pairs`' third field."""
     if kind.startswith("qkv_"):  # ours (heads, 3, hd) -> MONAI (3, heads, hd)
         base, heads = kind.split(":")
         value = _swap_qkv_heads(value, int(heads), 3)
@@ -144,7 +147,7 @@ def _load(model: nnx.Module, sd: dict, pairs: list, handled: set) -> nnx.Module:
         var = flat[path]
         if value.shape != var.shape:
             raise WeightsMismatch(f"MONAI state dict: '{key}' has shape {tuple(_to_numpy(sd[key]).shape)}, the config "
-                             f"expects {tuple(_to_torch_layout(np.zeros(var.shape), kind).shape)}")
+                             f"expects {tuple(to_torch_layout(np.zeros(var.shape), kind).shape)}")
         var.set_value(np.asarray(value, dtype=var.dtype))
         used.add(key)
     extra = sorted(k for k in sd if k not in used and not any(tag in k for tag in _IGNORED))
@@ -157,7 +160,7 @@ def _load(model: nnx.Module, sd: dict, pairs: list, handled: set) -> nnx.Module:
 
 def _export(model: nnx.Module, pairs: list) -> dict[str, np.ndarray]:
     flat = dict(nnx.state(model, nnx.Param).flat_state())
-    return {key: np.asarray(_to_torch_layout(np.asarray(flat[path][...], np.float32), kind))
+    return {key: np.asarray(to_torch_layout(np.asarray(flat[path][...], np.float32), kind))
             for path, key, kind in pairs}
 
 
@@ -167,7 +170,8 @@ def _norm_cross_attn(out: dict, prefix: str, depth: int, width: int) -> None:
         out[f"{prefix}.{i}.norm_cross_attn.bias"] = np.zeros(width, np.float32)
 
 
-def _encoder_cfg(model: ViT) -> ModelConfig:
+def encoder_config(model: ViT) -> ModelConfig:
+    """The ModelConfig that rebuilds `model`'s ViT (sizes, patch, position table, class token)."""
     d = model.dims
     return ModelConfig(img_size=model.img_size, patch_size=model.patch_size, cls_token=model.has_cls,
                        pos_embed=model.embed.pos_type, qkv_bias=model.blocks[0].attn.qkv.bias is not None,
@@ -188,13 +192,13 @@ def from_monai_vit(state_dict: dict, cfg: ModelConfig, prefix: str | None = None
         _check_sincos(sd, key, token_grid(cfg.img_size, cfg.patch_size), vit_dims(cfg).width,
                       "load it with pos_embed='learnable'")
         handled.add(key)
-    return _load(model, sd, _encoder_pairs(cfg, (), "norm"), handled)
+    return _load(model, sd, encoder_pairs(cfg, (), "norm"), handled)
 
 
 def to_monai_vit(model: ViT) -> dict[str, np.ndarray]:
     """MONAI `ViT` state dict (numpy) of an encoder; a class token needs MONAI's `classification=True`."""
-    cfg = _encoder_cfg(model)
-    out = _export(model, _encoder_pairs(cfg, (), "norm"))
+    cfg = encoder_config(model)
+    out = _export(model, encoder_pairs(cfg, (), "norm"))
     if cfg.pos_embed == "sincos":
         out["patch_embedding.position_embeddings"] = sincos_3d(token_grid(cfg.img_size, cfg.patch_size),
                                                                cfg.width)[None]
@@ -220,7 +224,7 @@ def from_monai_mae(state_dict: dict, cfg: ModelConfig) -> MAE:
 
 def to_monai_mae(model: MAE) -> dict[str, np.ndarray]:
     """MONAI `MaskedAutoEncoderViT` state dict (numpy) of an MAE built with cls_token=True."""
-    enc = _encoder_cfg(model.encoder)
+    enc = encoder_config(model.encoder)
     if not enc.cls_token:
         raise ValueError("MONAI's MaskedAutoEncoderViT needs a class token: this MAE was built without one")
     dec_depth = len(model.decoder_blocks)
