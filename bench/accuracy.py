@@ -392,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="data, runs and cached results (default runs/accuracy_PRESET)")
     ap.add_argument("--out", default=None, help="report folder (default docs/results)")
     ap.add_argument("--seeds", type=int, default=None, help="override the preset's number of seeds")
+    ap.add_argument("--num-labeled", default=None,
+                    help="comma-separated labelled-case counts overriding the preset's (e.g. 1,2,4 for a curve)")
     ap.add_argument("--report-only", action="store_true", help="write the report of the finished arms and stop")
     ap.add_argument("--peers", default=None,
                     help="comma-separated subset of the peers to run (e.g. to run them in parallel processes "
@@ -405,11 +407,15 @@ def main(argv: list[str] | None = None) -> int:
         preset = dataclasses.replace(preset, seeds=args.seeds)
     if args.peers is not None:
         preset = dataclasses.replace(preset, peers=tuple(p for p in args.peers.split(",") if p))
+    if args.num_labeled is not None:
+        preset = dataclasses.replace(preset, num_labeled=[int(n) for n in args.num_labeled.split(",")])
     workdir = Path(args.workdir or REPO / "runs" / f"accuracy_{name}")
     out = Path(args.out or REPO / "docs" / "results")
     command = "python bench/accuracy.py " + shlex.join(
         (["--smoke"] if args.smoke else ["--preset", args.preset]) +
-        (["--seeds", str(args.seeds)] if args.seeds is not None else []))
+        (["--seeds", str(args.seeds)] if args.seeds is not None else []) +
+        (["--num-labeled", args.num_labeled] if args.num_labeled is not None else []) +
+        (["--peers", args.peers] if args.peers is not None else []))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     return run(name, preset, workdir, out, command, args.report_only)
 
