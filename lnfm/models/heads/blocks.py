@@ -132,6 +132,32 @@ def resize_to(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
     return jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), method="trilinear")
 
 
+class DecoderHead(nnx.Module):
+    """What every head shares: the encoder's feature layout, the decoder levels it implies,
+    which features sit at the deepest stride, and the deep-supervision return."""
+
+    def _layout(self, feature_strides, feature_channels, deep_supervision: bool, min_depth: int = 0
+                ) -> list[Stride]:
+        """Record the feature layout; return the decoder levels (full resolution first)."""
+        self.feature_strides = tuple(as_stride(s) for s in feature_strides)
+        self.feature_channels = tuple(feature_channels)
+        self.deep_supervision = deep_supervision
+        levels = level_strides(self.feature_strides[-1])
+        if len(levels) - 1 < min_depth:
+            raise ValueError(f"{type(self).__name__} needs a deepest feature stride of at least {2 ** min_depth}")
+        return levels
+
+    def _deepest(self) -> tuple[int, ...]:
+        """Indices of the features at the deepest stride (every ViT block output; Swin's last stage)."""
+        return tuple(i for i, s in enumerate(self.feature_strides) if s == self.feature_strides[-1])
+
+    def _result(self, logits: jax.Array, aux_heads, outputs: dict):
+        """`logits`, or with deep supervision `(logits, [aux head k on outputs[k], k = 1, 2, ...])`."""
+        if not self.deep_supervision:
+            return logits
+        return logits, [head(outputs[lvl]) for lvl, head in enumerate(aux_heads, start=1)]
+
+
 def level_strides(deepest: Stride) -> list[Stride]:
     """Decoder levels from full resolution (1,1,1) to `deepest`, halving per axis each
     step until that axis reaches stride 1 (anisotropic strides give fewer steps there)."""

@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.heads.blocks import (BlockConv3D, as_stride, conv, instance_norm, level_strides, lrelu,
-                                      step_factor, up_conv)
+from lnfm.models.heads.blocks import BlockConv3D, DecoderHead, conv, instance_norm, lrelu, step_factor, up_conv
 
 
 class DownConv3D(BlockConv3D):
@@ -55,20 +54,15 @@ class ConvNormAct(nnx.Module):
         return lrelu(self.norm(self.conv(x)))
 
 
-class FineHead(nnx.Module):
+class FineHead(DecoderHead):
     """Decoder over encoder features with image skips at strides 1, 2, 4 (see module docstring)."""
 
     def __init__(self, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
                  widths: Sequence[int] = (8, 16, 32, 64), conv_levels: int = 3, deep_supervision: bool = False,
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.feature_strides = tuple(as_stride(s) for s in feature_strides)
-        self.feature_channels = tuple(feature_channels)
-        self.deep_supervision = deep_supervision
-        self.levels = tuple(level_strides(self.feature_strides[-1]))
+        self.levels = tuple(self._layout(feature_strides, feature_channels, deep_supervision, min_depth=1))
         depth = len(self.levels) - 1
-        if depth < 1:
-            raise ValueError("FineHead needs a deepest feature stride of at least 2")
         widths = list(widths) + [widths[-1]] * max(0, depth + 1 - len(widths))
         self.widths = tuple(int(w) for w in widths[:depth + 1])
         self.n_conv = max(1, min(conv_levels, depth))  # conv-path levels 0 .. n_conv - 1
@@ -80,7 +74,7 @@ class FineHead(nnx.Module):
                                   ConvNormAct(ch[lvl], ch[lvl], **kw)]))
         self.path = nnx.List(path)
         # Encoder features: the deepest-stride ones fused, shallower ones projected at their level.
-        self.deepest = tuple(i for i, s in enumerate(self.feature_strides) if s == self.feature_strides[-1])
+        self.deepest = self._deepest()
         self.fuse = conv(sum(self.feature_channels[i] for i in self.deepest), ch[depth], 1, **kw)
         self.fuse_norm = instance_norm(ch[depth], **kw)
         proj = {}
@@ -115,7 +109,4 @@ class FineHead(nnx.Module):
                 x = jnp.concatenate([x, skips[lvl].astype(x.dtype)], axis=-1)
             x = block(x)
             outputs[lvl] = x
-        logits = self.out(x)
-        if not self.deep_supervision:
-            return logits
-        return logits, [head(outputs[lvl]) for lvl, head in enumerate(self.aux_out, start=1)]
+        return self._result(self.out(x), self.aux_out, outputs)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lnfm.models.grid_ops import pad_edge
-from lnfm.models.heads.blocks import as_stride, conv, instance_norm, level_strides, lrelu, resize_to
+from lnfm.models.heads.blocks import DecoderHead, conv, instance_norm, lrelu, resize_to
 
 
 def sobel_magnitude(images: jax.Array) -> jax.Array:
@@ -86,21 +86,17 @@ class LightBlock(nnx.Module):
         return x + self.project(y)
 
 
-class LightHead(nnx.Module):
+class LightHead(DecoderHead):
     """Partial/depth-wise separable conv decoder with Sobel boundary features."""
 
     def __init__(self, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
                  base_channels: int = 16, max_channels: int = 128, partial: float = 0.25, num_aux: int = 2,
                  deep_supervision: bool = False, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.feature_strides = tuple(as_stride(s) for s in feature_strides)
-        self.feature_channels = tuple(feature_channels)
-        self.deep_supervision = deep_supervision
-        self.levels = tuple(level_strides(self.feature_strides[-1]))
+        self.levels = tuple(self._layout(feature_strides, feature_channels, deep_supervision))
         depth = len(self.levels) - 1
         ch = [min(base_channels * 2 ** lvl, max_channels) for lvl in range(depth + 1)]
-        deepest = tuple(i for i, s in enumerate(self.feature_strides) if s == self.feature_strides[-1])
-        self.deepest = deepest
+        self.deepest = deepest = self._deepest()
         self.fuse = conv(sum(self.feature_channels[i] for i in deepest), ch[depth], 1, **kw)
         self.bottom = LightBlock(ch[depth], partial, **kw)
         skips = {}
@@ -138,7 +134,4 @@ class LightHead(nnx.Module):
         edges = jnp.concatenate([images, sobel_magnitude(images)], axis=-1)
         e = lrelu(self.edge_norm(self.edge_stem(edges)))
         x = self.final(self.merge(jnp.concatenate([x, e.astype(x.dtype)], axis=-1)))
-        logits = self.out(x)
-        if not self.deep_supervision:
-            return logits
-        return logits, [head(outputs[lvl]) for lvl, head in enumerate(self.aux_out, start=1)]
+        return self._result(self.out(x), self.aux_out, outputs)

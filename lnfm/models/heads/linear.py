@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.heads.blocks import as_stride, conv, level_strides, resize_to, step_factor, up_conv
+from lnfm.models.heads.blocks import DecoderHead, conv, resize_to, step_factor, up_conv
 
 
-class LinearProbe(nnx.Module):
+class LinearProbe(DecoderHead):
     """1x1x1 conv of the deepest features to class logits, then upsampling to the input
     grid: 'trilinear' (fixed interpolation) or 'transposed' (learned 2x steps)."""
 
@@ -22,11 +22,8 @@ class LinearProbe(nnx.Module):
         if upsample not in ("trilinear", "transposed"):
             raise ValueError(f"unknown probe upsample '{upsample}' (choices: trilinear, transposed)")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.feature_strides = tuple(as_stride(s) for s in feature_strides)
-        self.feature_channels = tuple(feature_channels)
-        self.deep_supervision = deep_supervision
+        levels = self._layout(feature_strides, feature_channels, deep_supervision)
         self.classify = conv(self.feature_channels[-1], num_classes, 1, **kw)
-        levels = level_strides(self.feature_strides[-1])
         self.ups = nnx.List([up_conv(num_classes, num_classes, step_factor(levels, lvl), **kw)
                              for lvl in range(len(levels) - 1, 0, -1)] if upsample == "transposed" else [])
 

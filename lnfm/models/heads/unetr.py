@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.heads.blocks import (as_stride, assign_levels, conv, instance_norm, level_strides, lrelu, step_factor,
+from lnfm.models.heads.blocks import (DecoderHead, assign_levels, conv, instance_norm, lrelu, step_factor,
                                       up_conv)
 
 
@@ -74,20 +74,15 @@ class UpBlock(nnx.Module):
         return self.block(x)
 
 
-class UNETRHead(nnx.Module):
+class UNETRHead(DecoderHead):
     """UNETR-style decoder for ViT block outputs or SwinUNETR-style for Swin stages."""
 
     def __init__(self, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
                  feature_size: int = 16, num_aux: int = 2, deep_supervision: bool = False, rngs: nnx.Rngs,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.feature_strides = tuple(as_stride(s) for s in feature_strides)
-        self.feature_channels = tuple(feature_channels)
-        self.deep_supervision = deep_supervision
-        levels = level_strides(self.feature_strides[-1])
+        levels = self._layout(feature_strides, feature_channels, deep_supervision, min_depth=1)
         depth = len(levels) - 1
-        if depth < 1:
-            raise ValueError("UNETRHead needs a deepest feature stride of at least 2")
         ch = [feature_size * 2 ** max(lvl - 1, 0) for lvl in range(depth + 1)]
         self.level_of = tuple(assign_levels(self.feature_strides, levels))
         self.stem = ResBlock(in_channels, ch[0], **kw)
@@ -120,7 +115,4 @@ class UNETRHead(nnx.Module):
         for up, lvl in zip(self.ups, range(depth - 1, -1, -1)):
             x = up(x, by_level.get(lvl))
             outputs[lvl] = x
-        logits = self.out(x)
-        if not self.deep_supervision:
-            return logits
-        return logits, [head(outputs[lvl]) for lvl, head in enumerate(self.aux_out, start=1)]
+        return self._result(self.out(x), self.aux_out, outputs)
