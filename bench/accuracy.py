@@ -215,6 +215,8 @@ def markdown(rows: list[dict], preset_name: str, preset: Preset, command: str, h
     lines = ["# LN segmentation accuracy: LNFM vs the peers, on held-out phantoms", "",
              f"- date: {header['date']}", f"- machine: {header['machine']}", f"- commit: {header['commit']}",
              f"- command: `{command}`",
+             *(f"- resumed {r['date']} at commit {r['commit']}: `{r['command']}` (arms not finished before run then)"
+               for r in header.get("resumed", [])),
              f"- preset `{preset_name}`: site {d.site}; {d.unlabelled} unlabelled, {d.labelled} labelled + {d.val} "
              f"validation phantoms (training variant); {d.test} held-out test phantoms (held-out variant); "
              f"{preset.seeds} seeds; {preset.steps} finetuning steps; patch "
@@ -338,10 +340,12 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
     header = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
               "commit": commit()}
     t_start = time.time()
-    if (workdir / "header.json").is_file():  # the run's own date, machine and commit, also when resumed
-        header = json.loads((workdir / "header.json").read_text())
-    else:
+    this_run = {k: header[k] for k in ("date", "commit")} | {"command": command}
+    fresh = not (workdir / "header.json").is_file()
+    if fresh:
         atomic_write_text(workdir / "header.json", json.dumps(header))
+    else:  # the run's own date, machine and commit, also when resumed
+        header = json.loads((workdir / "header.json").read_text())
     if report_only:  # whatever finished, e.g. of a run that was stopped
         keys = [tuple(int(x) if x.isdigit() else x for x in p.stem.rsplit("_", 3)) for p in
                 sorted((workdir / "results").glob("*.json"))]
@@ -358,8 +362,13 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
     cache.mkdir(exist_ok=True)
 
     def cached(key: tuple, fn) -> dict:
+        nonlocal fresh
         path = cache / ("_".join(map(str, key)) + ".json")
         if not path.is_file():
+            if not fresh:  # a resumed or extended run: the report says when, at which commit, by which command
+                header["resumed"] = header.get("resumed", []) + [this_run]
+                atomic_write_text(workdir / "header.json", json.dumps(header))
+                fresh = True
             t0 = time.time()
             res = fn()
             atomic_write_text(path, json.dumps(res, indent=1, default=float))

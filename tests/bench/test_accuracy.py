@@ -32,3 +32,18 @@ def test_smoke_run_of_every_arm_writes_the_report(tmp_path):
     for png in ("accuracy_dice_vs_labelled.png", "accuracy_dice_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "accuracy_cases.csv").is_file()
+
+    # Extending the finished run (another labelled count, one peer) computes only the new arms, and the
+    # report names the extension; a rerun that computes nothing adds no such line.
+    extend = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke", "--workdir", str(tmp_path / "wd"),
+              "--out", str(out), "--num-labeled", "2", "--peers", "unet"]
+    for _ in range(2):
+        proc = subprocess.run(extend, env=env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (out / "accuracy.md").read_text()
+    assert md.count("- resumed ") == 1 and "--num-labeled 2 --peers unet" in md
+    with open(out / "accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["arm"], r["budget"], r["num_labeled"]) for r in rows} == {
+        ("lnfm_pretrained", "both", "2"), ("lnfm_scratch", "both", "2"), ("unet", "patches", "2"),
+        ("unet", "time", "2")}
