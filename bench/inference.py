@@ -25,11 +25,14 @@ the same normalised volume with the same ROI, overlap, Gaussian blending (sigma
 residual units) is chosen for about the same FLOPs per window as the preset's
 model; both FLOP counts are printed (XLA cost analysis; torch's FlopCounterMode).
 The sliding-window stage is repeated `--rounds` times, arms interleaved, medians
-printed. It is a speed comparison of equal-cost networks, not of the same network.
+printed. That is a speed comparison of equal-cost networks; `--same-net` adds MONAI's
+sliding window over our own network rebuilt in PyTorch (`bench/torch_segmenter.py`,
+the export's weights; ViT + fine head exports such as pelvis), softmax per window as
+ours, and prints how far its probabilities are from ours.
 
 Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32] [--batch 4]
        .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300]
-       .venv/bin/python bench/inference.py --pipeline pelvis [--rounds 3] [--unet-channels 16,32,64,128]
+       .venv/bin/python bench/inference.py --pipeline pelvis [--rounds 3] [--unet-channels 16,32,64,128] [--same-net]
 """
 
 from __future__ import annotations
@@ -148,6 +151,9 @@ def bench_predict(args) -> None:
                 print(f"  {site} {backend} overlap {overlap}: {wall:.1f} s ({status})", flush=True)
 
 
+SAME_NET = "MONAI sliding_window_inference + the same network in PyTorch"
+
+
 def bench_pipeline(args) -> None:
     """Stage times of `lnfm predict` per backend, and the sliding window against MONAI + a UNet of equal cost."""
     import statistics
@@ -219,13 +225,18 @@ def bench_pipeline(args) -> None:
                                             sigma_scale=inf.sigma_scale, sw_batch_size=inf.sw_batch_size,
                                             num_classes=meta.num_classes)
 
-        def theirs():
+        def theirs(net=unet):
             with torch.no_grad():
-                return monai_swi(x_torch, roi, inf.sw_batch_size, unet, overlap=inf.overlap, mode="gaussian",
+                return monai_swi(x_torch, roi, inf.sw_batch_size, net, overlap=inf.overlap, mode="gaussian",
                                  sigma_scale=inf.sigma_scale)
 
         arms = {f"lnfm sliding window, {b}": (lambda fn=fn: ours(fn)) for b, fn in fns.items()}
         arms["MONAI sliding_window_inference + UNet"] = theirs
+        if args.same_net:  # our network itself in PyTorch (bench/torch_segmenter.py), softmax as our fn has
+            from torch_segmenter import from_lnfm
+
+            twin_logits = from_lnfm(model, roi).eval()
+            arms[SAME_NET] = lambda: theirs(lambda x: torch.softmax(twin_logits(x), dim=1))
         batch = np.zeros((inf.sw_batch_size, *roi, 1), np.float32)
         for b, fn in fns.items():  # JIT compilation (jax) on one window batch, outside the timing
             t0 = time.perf_counter()
@@ -239,6 +250,10 @@ def bench_pipeline(args) -> None:
                 times[name].append(time.perf_counter() - t0)
                 print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
         ours_out = [v for k, v in outputs.items() if not k.startswith("MONAI")]
+        if SAME_NET in outputs:
+            twin = outputs[SAME_NET][0].numpy().transpose(1, 2, 3, 0)
+            print(f"  same network, MONAI vs lnfm sliding window: max |probability difference| "
+                  f"{float(np.abs(twin - ours_out[0]).max()):.1e}", flush=True)
         if len(ours_out) == 2:
             a, b = (np.argmax(o, -1) for o in ours_out)
             dice = 2 * np.sum((a > 0) & (b > 0)) / max(1, np.sum(a > 0) + np.sum(b > 0))
@@ -258,10 +273,12 @@ def bench_pipeline(args) -> None:
         med = {name: statistics.median(t) for name, t in times.items()}
         for name, t in med.items():
             print(f"  {name}: {t:.2f} s (rounds {', '.join(f'{v:.2f}' for v in times[name])})")
-        monai = med["MONAI sliding_window_inference + UNet"]
-        for name, t in med.items():
-            if not name.startswith("MONAI"):
-                print(f"  MONAI / {name} = {monai / t:.2f}x", flush=True)
+        for peer in ("MONAI sliding_window_inference + UNet", SAME_NET):
+            if peer not in med:
+                continue
+            for name, t in med.items():
+                if not name.startswith("MONAI"):
+                    print(f"  {peer} / {name} = {med[peer] / t:.2f}x", flush=True)
 
 
 def bench_networks(args) -> None:
@@ -367,6 +384,9 @@ def main() -> None:
     ap.add_argument("--pipeline", default=None, help="comma-separated site presets: stages per backend + MONAI")
     ap.add_argument("--unet-channels", default="16,32,64,128", help="with --pipeline: MONAI UNet channels")
     ap.add_argument("--rounds", type=int, default=3, help="with --pipeline: interleaved sliding-window rounds")
+    ap.add_argument("--same-net", action="store_true",
+                    help="with --pipeline: also MONAI's sliding window over our network rebuilt in PyTorch "
+                         "(bench/torch_segmenter.py; ViT + fine head exports)")
     args = ap.parse_args()
     if args.pipeline:
         bench_pipeline(args)
