@@ -341,8 +341,10 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
               "commit": commit()}
     t_start = time.time()
     this_run = {k: header[k] for k in ("date", "commit")} | {"command": command}
-    fresh = not (workdir / "header.json").is_file()
-    if fresh:
+    # True once header.json describes this invocation: a new run's header, or a resumption line added
+    # when a resumed run computes its first arm.
+    described = not (workdir / "header.json").is_file()
+    if described:
         atomic_write_text(workdir / "header.json", json.dumps(header))
     else:  # the run's own date, machine and commit, also when resumed
         header = json.loads((workdir / "header.json").read_text())
@@ -362,13 +364,13 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
     cache.mkdir(exist_ok=True)
 
     def cached(key: tuple, fn) -> dict:
-        nonlocal fresh
+        nonlocal described
         path = cache / ("_".join(map(str, key)) + ".json")
         if not path.is_file():
-            if not fresh:  # a resumed or extended run: the report says when, at which commit, by which command
+            if not described:  # a resumed or extended run: the report says when, at which commit, by which command
                 header["resumed"] = header.get("resumed", []) + [this_run]
                 atomic_write_text(workdir / "header.json", json.dumps(header))
-                fresh = True
+                described = True
             t0 = time.time()
             res = fn()
             atomic_write_text(path, json.dumps(res, indent=1, default=float))

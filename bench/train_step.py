@@ -235,27 +235,29 @@ def torch_same_net_step(arm: FinetuneArm, attention: str = "sdpa"):
     from torch_segmenter import channels_first, dice_ce_loss, from_lnfm, label_tensor
 
     from lnfm.segmentation.strategies import layer_index_fn
-    from lnfm.train.optim import peak_lr
+    from lnfm.train.optim import decay_mask, layer_lr_scales, peak_lr
+    from lnfm.train.state import path_str
 
     cfg = arm.cfg
     net = from_lnfm(arm.model, cfg.site.patch, sdpa=attention == "sdpa")
-    shapes = {tuple(path): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(arm.model, nnx.Param))}
+    # The optimizer's own per-leaf rules (lnfm.train.optim), keyed by parameter path 'a/b/c'.
+    params = nnx.state(arm.model, nnx.Param)
     layer_of, n_units = layer_index_fn(arm.model)
     llrd = cfg.strategy.llrd if cfg.strategy.freeze in ("none", "first_k") else 1.0  # as build_training
 
-    def scale_of(path: tuple) -> float:  # lnfm.train.optim.layer_lr_scales
-        return float(llrd ** (n_units - layer_of("/".join(map(str, path)))))
+    def by_path(tree) -> dict:
+        return {path_str(p).removesuffix("/value"): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
-    no_decay = set(cfg.optim.no_decay)
+    scales = by_path(layer_lr_scales(params, layer_of, n_units, llrd))
+    decays = by_path(decay_mask(params, tuple(cfg.optim.no_decay)))
     groups: dict[tuple[float, bool], list] = {}
     for name, p in net.named_parameters():
         path = net.lnfm_params[name][0] if name in net.lnfm_params else None
         if path not in arm.trainable:
             p.requires_grad_(False)  # frozen: no gradient, no Adam moments (as LNFM's frozen pytree)
             continue
-        decay = (cfg.optim.weight_decay > 0 and len(shapes[path]) >= 2
-                 and not no_decay.intersection(map(str, path)))  # lnfm.train.optim.decay_mask
-        groups.setdefault((scale_of(path), decay), []).append(p)
+        key = "/".join(map(str, path))
+        groups.setdefault((scales[key], bool(decays[key]) and cfg.optim.weight_decay > 0), []).append(p)
     peak = peak_lr(cfg.optim, cfg.train.global_batch)
     opt = torch.optim.AdamW([{"params": ps, "lr": peak * scale, "weight_decay": cfg.optim.weight_decay if decay
                               else 0.0} for (scale, decay), ps in groups.items()],
