@@ -14,10 +14,18 @@ XLA:CPU runs 3D convolutions through slow generic paths, so inside JAX:
   compiles in about the same time. PyTorch's oneDNN kernels remain 2-4x faster
   at the large grids.
 
+- a convolution whose kernel equals its stride (the heads' down- and
+  upsampling steps) is a reshape plus one matmul (`block_conv`,
+  `block_conv_transpose`), never XLA's CPU (transposed) convolution.
+
 Graph exporters want the opposite: ONNX Runtime has fast
 native Conv kernels and would run 27 separate elementwise nodes slowly, so
-inside `native_convs()` every convolution is one `conv_general_dilated`
-(exported as one ONNX Conv). Both forms compute the same function.
+inside `native_convs()` every convolution, 1x1x1 and strided ones included, is
+one `conv_general_dilated` or `conv_transpose` (exported as one ONNX Conv or
+ConvTranspose). Einsums and matmuls on channels-last tensors would be exported
+with layout transposes around them that ONNX Runtime cannot cancel against its
+NCDHW convolutions (1.3-1.4x of the exported network's time, docs/benchmarks.md).
+Both forms compute the same function.
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ import jax.numpy as jnp
 
 _NATIVE = contextvars.ContextVar("lnfm_native_convs", default=False)
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def native_enabled() -> bool:
+    """True while tracing inside `native_convs()` (also read by the heads' instance norm)."""
+    return _NATIVE.get()
 
 
 @contextlib.contextmanager
@@ -77,10 +90,10 @@ def plane_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def dense_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     """'SAME' stride-1 conv of (B, X, Y, Z, Cin) with a (k, k, k, Cin, Cout) kernel."""
-    if w.shape[:3] == (1, 1, 1):
-        return x @ w[0, 0, 0]
     if _NATIVE.get():
         return native_conv(x, w)
+    if w.shape[:3] == (1, 1, 1):
+        return x @ w[0, 0, 0]
     if w.shape[0] ** 3 * w.shape[3] <= IM2COL_MAX_COLUMNS:
         return im2col_conv(x, w)
     return plane_conv(x, w)
@@ -97,3 +110,27 @@ def depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     n = x.shape[1:4]
     return sum(xp[:, i:i + n[0], j:j + n[1], m:m + n[2], :] * w[i, j, m, 0]
                for i in range(k) for j in range(k) for m in range(k))
+
+
+def block_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Convolution of (B, X, Y, Z, Cin) whose (fx, fy, fz, Cin, Cout) kernel equals its stride:
+    non-overlapping windows, so a space-to-depth reshape and one matmul."""
+    factor = w.shape[:3]
+    if _NATIVE.get():
+        return jax.lax.conv_general_dilated(x, w, factor, "VALID", dimension_numbers=_DIMS)
+    b, nx, ny, nz, c = x.shape
+    fx, fy, fz = factor
+    x = x.reshape(b, nx // fx, fx, ny // fy, fy, nz // fz, fz, c)
+    return jnp.einsum("bxiyjzkc,ijkco->bxyzo", x, w)
+
+
+def block_conv_transpose(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Transposed convolution whose (fx, fy, fz, Cin, Cout) kernel equals its stride: every input
+    voxel becomes one output block, tap (i, j, k) at offset (i, j, k) as in PyTorch's
+    ConvTranspose3d (lax.conv_transpose without transpose_kernel takes the taps mirrored)."""
+    factor = w.shape[:3]
+    if _NATIVE.get():
+        return jax.lax.conv_transpose(x, w[::-1, ::-1, ::-1], factor, "VALID", dimension_numbers=_DIMS)
+    b, nx, ny, nz, _ = x.shape
+    y = jnp.einsum("bxyzc,ijkco->bxiyjzko", x, w)
+    return y.reshape(b, nx * factor[0], ny * factor[1], nz * factor[2], w.shape[-1])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lnfm.models.heads.blocks import Conv3D
+from lnfm.models.conv_forms import native_convs
+from lnfm.models.heads.blocks import Conv3D, instance_norm
 
 
 def _native(x, w, groups):
@@ -59,3 +60,22 @@ def test_upconv3d_places_one_block_per_input_voxel():
                     for j in range(2):
                         ref[0, 2 * a + i, 2 * b + j, c] = x[0, a, b, c] @ w[i, j, 0] + np.array([0.5, -1.0])
     np.testing.assert_allclose(up(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
+    with native_convs():  # the exported form: one transposed convolution, taps not mirrored
+        np.testing.assert_allclose(up(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_instance_norm_export_form_equals_hand_reference_and_nnx():
+    """Inside native_convs() the norm is traced in an ONNX-friendly form; both forms must equal
+    the definition: per sample and channel, (x - mean) / sqrt(var + eps) * scale + bias."""
+    norm = instance_norm(3, rngs=nnx.Rngs(0))
+    norm.scale[...] = jnp.asarray([0.5, 2.0, -1.0])
+    norm.bias[...] = jnp.asarray([0.1, 0.0, 3.0])
+    x = np.random.default_rng(3).normal(2.0, 5.0, size=(2, 4, 5, 6, 3)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=(1, 2, 3), keepdims=True), x64.var(axis=(1, 2, 3), keepdims=True)
+    ref = (x64 - mean) / np.sqrt(var + 1e-5) * np.array([0.5, 2.0, -1.0]) + np.array([0.1, 0.0, 3.0])
+    np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), ref, rtol=1e-5, atol=1e-5)
+    with native_convs():
+        np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), ref, rtol=1e-5, atol=1e-5)
+        primitives = {e.primitive.name for e in jax.make_jaxpr(lambda v: norm(v))(jnp.asarray(x)).eqns}
+    assert "reshape" not in primitives and "squeeze" not in primitives, primitives

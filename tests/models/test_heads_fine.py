@@ -6,6 +6,7 @@ import torch
 from flax import nnx
 
 from lnfm.models.heads import build_head, head_param_count
+from lnfm.models.conv_forms import native_convs
 from lnfm.models.heads.fine import DownConv3D, FineHead
 from numpy_init import numpy_init, quick_jit
 
@@ -26,8 +27,10 @@ def test_down_conv_matches_torch_strided_conv():
     ref = torch.nn.functional.conv3d(torch.from_numpy(x.transpose(0, 4, 1, 2, 3)),
                                      torch.from_numpy(np.array(down.kernel[...]).transpose(4, 3, 0, 1, 2)),
                                      torch.from_numpy(np.array(down.bias[...])), stride=(2, 2, 1))
-    np.testing.assert_allclose(np.asarray(down(jnp.asarray(x))), ref.numpy().transpose(0, 2, 3, 4, 1),
-                               rtol=1e-5, atol=1e-5)
+    ref = ref.numpy().transpose(0, 2, 3, 4, 1)
+    np.testing.assert_allclose(np.asarray(down(jnp.asarray(x))), ref, rtol=1e-5, atol=1e-5)
+    with native_convs():  # the exported form: one strided convolution
+        np.testing.assert_allclose(np.asarray(down(jnp.asarray(x))), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fine_head_fits_two_million_params_on_vit_b_and_swin_b():

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lnfm.models.layers import no_eager_sharding
-from lnfm.models.conv_forms import dense_conv, depthwise_conv
+from lnfm.models.conv_forms import block_conv_transpose, dense_conv, depthwise_conv, native_enabled
 from lnfm.models.grid_ops import integer_factors, upsample_trilinear
 
 Stride = tuple[int, int, int]
@@ -90,17 +90,14 @@ class BlockConv3D(nnx.Module):
 class UpConv3D(BlockConv3D):
     """Transposed convolution with kernel = stride = `factor`, kernel shape
     (*factor, cin, cout) as nnx.ConvTranspose's. The windows do not overlap, so every
-    input voxel becomes one factor^3 output block: a matmul and a reshape, fast on
-    every backend (XLA's CPU transposed convolution is not). Tap (i, j, k) fills
-    offset (i, j, k) of each block, as PyTorch's ConvTranspose3d does; lax.conv_transpose
-    (and so nnx.ConvTranspose) without transpose_kernel uses the taps mirrored."""
+    input voxel becomes one factor^3 output block (`conv_forms.block_conv_transpose`:
+    a matmul and a reshape, fast on every backend; XLA's CPU transposed convolution is
+    not). Tap (i, j, k) fills offset (i, j, k) of each block, as PyTorch's
+    ConvTranspose3d does; lax.conv_transpose (and so nnx.ConvTranspose) without
+    transpose_kernel uses the taps mirrored."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, nx, ny, nz, _ = x.shape
-        fx, fy, fz = self.factor
-        w = self.kernel[...].astype(self.dtype)
-        y = jnp.einsum("bxyzc,ijkco->bxiyjzko", x.astype(self.dtype), w)
-        y = y.reshape(b, nx * fx, ny * fy, nz * fz, w.shape[-1])
+        y = block_conv_transpose(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y + self.bias[...].astype(self.dtype)
 
 
@@ -110,12 +107,30 @@ def up_conv(cin: int, cout: int, factor: Stride, *, rngs: nnx.Rngs, dtype=jnp.fl
     return UpConv3D(cin, cout, factor, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
+class InstanceNorm(nnx.InstanceNorm):
+    """nnx.InstanceNorm (same parameters and values) whose exported graph ONNX Runtime can run
+    in its convolutions' layout: traced inside `conv_forms.native_convs()` it is two mean
+    reductions kept at rank 5 and elementwise ops, which its transpose optimiser carries
+    through, where nnx's form (flattened statistics, reshapes) pins a transpose pair to every
+    norm."""
+
+    def __call__(self, x, *, mask=None):
+        if not native_enabled() or mask is not None:
+            return super().__call__(x, mask=mask)
+        x = x.astype(self.dtype)
+        axes = tuple(range(1, x.ndim - 1))
+        centred = x - jnp.mean(x, axis=axes, keepdims=True)
+        var = jnp.mean(centred * centred, axis=axes, keepdims=True)
+        return centred * jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(self.dtype) \
+            + self.bias[...].astype(self.dtype)
+
+
 def instance_norm(channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     """Instance norm over X, Y, Z per sample and channel, with affine scale/bias."""
     with no_eager_sharding():
-        return nnx.InstanceNorm(channels, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
-                                scale_init=nnx.with_partitioning(_ones, ("norm",)),
-                                bias_init=nnx.with_partitioning(_zeros, ("norm",)), rngs=rngs)
+        return InstanceNorm(channels, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                            scale_init=nnx.with_partitioning(_ones, ("norm",)),
+                            bias_init=nnx.with_partitioning(_zeros, ("norm",)), rngs=rngs)
 
 
 def lrelu(x: jax.Array) -> jax.Array:

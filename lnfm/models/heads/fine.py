@@ -27,18 +27,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lnfm.models.conv_forms import block_conv
 from lnfm.models.heads.blocks import BlockConv3D, DecoderHead, conv, instance_norm, lrelu, step_factor, up_conv
 
 
 class DownConv3D(BlockConv3D):
     """Convolution with kernel = stride = `factor` (non-overlapping windows), as
-    space-to-depth plus one matmul; kernel layout (*factor, cin, cout) like nnx.Conv's."""
+    space-to-depth plus one matmul (`conv_forms.block_conv`); kernel layout (*factor, cin, cout)
+    like nnx.Conv's."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, nx, ny, nz, c = x.shape
-        fx, fy, fz = self.factor
-        x = x.astype(self.dtype).reshape(b, nx // fx, fx, ny // fy, fy, nz // fz, fz, c)
-        y = jnp.einsum("bxiyjzkc,ijkco->bxyzo", x, self.kernel[...].astype(self.dtype))
+        y = block_conv(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y + self.bias[...].astype(self.dtype)
 
 
