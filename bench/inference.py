@@ -32,6 +32,7 @@ ours, and prints how far its probabilities are from ours.
 
 Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32] [--batch 4]
        .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300]
+       .venv/bin/python bench/inference.py --networks pelvis [--heads fine,light,unetr,linear] [--batch 2]
        .venv/bin/python bench/inference.py --pipeline pelvis [--rounds 3] [--unet-channels 16,32,64,128] [--same-net]
 """
 
@@ -88,8 +89,9 @@ def write_ct(path, shape, spacing) -> None:
     nib.save(nib.Nifti1Image(np.round(up).astype(np.int16), np.diag([*spacing, 1.0])), path)
 
 
-def write_export(site: str, out) -> None:
-    """An onnx export (model.onnx + model.safetensors) of the site preset's model, random weights."""
+def write_export(site: str, out, overrides=()) -> None:
+    """An onnx export (model.onnx + model.safetensors) of the site preset's model (with config
+    `overrides` such as "head.kind=light"), random weights."""
     import dataclasses
 
     from flax import nnx
@@ -102,7 +104,7 @@ def write_export(site: str, out) -> None:
     from lnfm.models import export_formats as fmt
     from lnfm.models.segmenter import segmenter_from_config
 
-    cfg = load_finetune_config(site, [])
+    cfg = load_finetune_config(site, list(overrides))
     model = segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0))
     contract = PrepareContract(version=CONTRACT_VERSION, spacing=tuple(cfg.site.spacing), orientation=ORIENTATION,
                                crop_body=True, body_threshold_hu=-500.0, channels=("CT",), ct_storage=CT_STORAGE,
@@ -289,14 +291,16 @@ def bench_networks(args) -> None:
     from lnfm.jobs.predict import load_predictor
 
     root = Path(tempfile.mkdtemp(prefix="lnfm_bench_networks_"))
-    for site in args.networks.split(","):
-        export = root / site
-        write_export(site, export)
+    variants = [(site, head) for site in args.networks.split(",") for head in (args.heads or "").split(",")]
+    for site, head in variants:
+        export = root / f"{site}_{head}"
+        write_export(site, export, [f"head.kind={head}"] if head else [])
+        site = f"{site} ({head} head)" if head else site
         outputs = {}
         for backend in args.backends.split(","):
             t = time.perf_counter()
             fn, meta = load_predictor(export, backend)
-            x = np.random.default_rng(0).normal(size=(args.batch, *meta["preprocessing"]["patch_size"], 1))
+            x = np.random.default_rng(0).normal(size=(args.batch, *meta.preprocessing.patch_size, 1))
             x = x.astype(np.float32)
             outputs[backend] = fn(x)
             first = time.perf_counter() - t
@@ -380,6 +384,8 @@ def main() -> None:
     ap.add_argument("--ct-shape", default="512,512,300", help="with --predict: CT size in voxels")
     ap.add_argument("--ct-spacing", default="0.8,0.8,1.5", help="with --predict: CT spacing in mm")
     ap.add_argument("--networks", default=None, help="comma-separated site presets: one window batch per backend")
+    ap.add_argument("--heads", default=None,
+                    help="with --networks: comma-separated head kinds in place of each preset's own")
     ap.add_argument("--stages", action="store_true", help="stage times of the predict pipeline on --ct-shape")
     ap.add_argument("--pipeline", default=None, help="comma-separated site presets: stages per backend + MONAI")
     ap.add_argument("--unet-channels", default="16,32,64,128", help="with --pipeline: MONAI UNet channels")

@@ -7,18 +7,16 @@ probabilities. Sliding-window inference takes any such callable.
 - "jax": the Flax model jitted (`jax_network`), or a stablehlo export's serialized
   function (`stablehlo_network`); on a GPU when JAX has one.
 - "onnxruntime": an onnx export's `model.onnx` on ONNX Runtime's CPU kernels.
-- "auto": JAX on an accelerator. On a CPU-only machine with an export holding
-  `model.onnx` neither runtime is faster for every model (ONNX Runtime's native
-  convolutions against XLA's matmul forms of them; docs/benchmarks.md), so both run
-  one window batch after a warm-up call (JAX's compilation, which a JAX prediction
-  needs anyway) and the faster one segments; the choice is kept for the process
-  (a folder of scans is measured once). Without `model.onnx`: JAX.
+- "auto": JAX on an accelerator. On a CPU-only machine, ONNX Runtime when the export
+  holds `model.onnx`: it ran every head's window batch as fast as XLA:CPU or faster
+  (1.1x the light head, 1.5x the linear probe, 3.2x UNETR, 3.7x the fine head;
+  docs/benchmarks.md), so timing both per run, which costs JAX's compilation
+  (7-20 s), buys nothing. Without `model.onnx`: JAX.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,10 +27,8 @@ from lnfm.eval.predictor import softmax_fn
 from lnfm.models.export_onnx import ONNX_INPUT, ONNX_OUTPUT
 
 BACKENDS = ("auto", "jax", "onnxruntime")
-MEASURE = "measure"  # choose_backend's answer when auto must time both runtimes (`faster_network`)
 Network = Callable[[np.ndarray], np.ndarray]
 log = logging.getLogger(__name__)
-_measured: dict[str, str] = {}  # export folder -> backend its measurement picked, for this process
 
 
 class BackendError(LnfmError, ValueError):
@@ -54,28 +50,8 @@ def choose_backend(requested: str, export_dir: str | Path, export_format: str, h
         raise BackendError(f"{export_dir}: a {export_format} export has no model.onnx for the onnxruntime "
                            f"backend (export with --format onnx, or use --backend jax)")
     if requested == "auto":
-        if not has_onnx or accelerator_present():
-            return "jax"
-        return _measured.get(str(Path(export_dir).resolve()), MEASURE)
+        return "onnxruntime" if has_onnx and not accelerator_present() else "jax"
     return requested
-
-
-def faster_network(export_dir: str | Path, candidates: dict[str, Callable[[], Network]], batch: np.ndarray
-                   ) -> tuple[str, Network]:
-    """(name, network) of the candidate (name -> builder) that runs `batch` fastest, each timed
-    on its second call (the first compiles); the choice is remembered for `export_dir`."""
-    times, networks = {}, {}
-    for name, build in candidates.items():
-        fn = networks[name] = build()
-        fn(batch)
-        start = time.perf_counter()
-        fn(batch)
-        times[name] = time.perf_counter() - start
-    best = min(times, key=times.get)
-    _measured[str(Path(export_dir).resolve())] = best
-    log.info("backend auto: one batch of %d windows took %s; using %s", len(batch),
-             ", ".join(f"{t:.2f} s on {n}" for n, t in times.items()), best)
-    return best, networks[best]
 
 
 def onnx_network(path: str | Path, threads: int | None = None) -> Network:

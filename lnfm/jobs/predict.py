@@ -30,9 +30,8 @@ subfolders (multi-channel cases as CASE_0000.nii.gz, CASE_0001.nii.gz, ...);
 CASE.nii.gz, CASE.csv and CASE.png.
 
 `--backend auto|jax|onnxruntime` picks the network's runtime (`lnfm.eval.backends`):
-auto runs JAX on a GPU; on a CPU-only machine with an export holding model.onnx
-(`lnfm export --format onnx`) it times one window batch on each runtime and uses
-the faster one for the rest of the process.
+auto runs JAX on a GPU, and ONNX Runtime on a CPU-only machine when the export holds
+model.onnx (`lnfm export --format onnx`), JAX otherwise.
 """
 
 from __future__ import annotations
@@ -125,12 +124,7 @@ def load_predictor(export_dir: str | Path, backend: str = "auto"
         builders["jax"] = lambda: backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
     else:
         builders["jax"] = lambda: backends.jax_network(load_export(export_dir, verify=False).model)
-    if name == backends.MEASURE:
-        patch = tuple(meta.preprocessing.patch_size)
-        batch = np.zeros((meta.inference.sw_batch_size, *patch, len(meta.channels)), np.float32)
-        name, fn = backends.faster_network(export_dir, builders, batch)
-    else:
-        fn = builders[name]()
+    fn = builders[name]()
     log.info("model %s-%s (%s export) on %s", meta.model.arch, meta.model.size, meta.format, name)
     return fn, meta
 
