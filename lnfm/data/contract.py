@@ -15,6 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
+
 from lnfm.errors import LnfmError
 from lnfm.config import ConfigError, from_dict, to_dict
 from lnfm.data import store as st
@@ -52,10 +54,26 @@ class PrepareContract:
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-    """How raw intensities become model input (`lnfm.data.loader.normalize`)."""
+    """How raw intensities become model input (`normalize`)."""
 
     hu_window: tuple[float, float]  # CT HU (lo, hi) mapped linearly to [0, 1], clipped
     pet_scale: float  # non-CT channels (PET SUV) are divided by this
+
+
+def normalize(image: np.ndarray, cfg, channels: list[str] | None = None) -> np.ndarray:
+    """Raw (..., C) intensities -> model input: CT through the HU window `cfg.hu_window` to [0, 1],
+    other channels (PET SUV) divided by `cfg.pet_scale` (`cfg`: a `Normalization` or the loader's
+    config). Training and inference both use this."""
+    image = np.asarray(image, np.float32)
+    names = channels or ["CT"] + ["PET"] * (image.shape[-1] - 1)
+    lo, hi = cfg.hu_window
+    out = np.empty_like(image)
+    for c, name in enumerate(names):
+        if name.upper() == "CT":
+            out[..., c] = np.clip((image[..., c] - lo) / (hi - lo), 0.0, 1.0)
+        else:
+            out[..., c] = image[..., c] / cfg.pet_scale
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from lnfm.config import ConfigError
 from lnfm.data import store as st
+from lnfm.data.contract import normalize
 from lnfm.data.augment import blur, context_size, flip_rot90, intensity_jitter, low_resolution, noise, rotate_scale
 from lnfm.errors import DataError
 
@@ -44,21 +45,6 @@ class LoaderConfig:
     noise_std: float = 0.0  # Gaussian noise up to this std (normalised units), 30% of the patches (0 = off)
     seed: int = 0  # sampling seed (non-negative, 32-bit)
     epoch_length: int = 10000  # records per epoch of the virtual index the sampler shuffles
-
-
-def normalize(image: np.ndarray, cfg: LoaderConfig, channels: list[str] | None = None) -> np.ndarray:
-    """Raw (..., C) intensities -> model input: CT through the HU window to [0, 1], other
-    channels (PET SUV) divided by pet_scale. Training and inference both use this."""
-    image = np.asarray(image, np.float32)
-    names = channels or ["CT"] + ["PET"] * (image.shape[-1] - 1)
-    lo, hi = cfg.hu_window
-    out = np.empty_like(image)
-    for c, name in enumerate(names):
-        if name.upper() == "CT":
-            out[..., c] = np.clip((image[..., c] - lo) / (hi - lo), 0.0, 1.0)
-        else:
-            out[..., c] = image[..., c] / cfg.pet_scale
-    return out
 
 
 def read_box(arr, start: np.ndarray, size: tuple[int, int, int], fill: float, dtype=np.float32) -> np.ndarray:

@@ -32,7 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
 from lnfm.data.contract import Normalization
-from lnfm.data.loader import LoaderConfig, make_loader, normalize
+from lnfm.data.contract import normalize
+from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
 from lnfm.eval.metrics import evaluate_case, summarize

@@ -10,7 +10,7 @@ as prepare does. The pipeline is the one training used, read from model.json's
 preprocessing contract and applied by prepare's own code
 (`lnfm.data.prepare.read_channels` and `preprocess_case`: RAS reorientation,
 resampling to the training spacing, body crop, CT as stored), then
-`lnfm.data.loader.normalize` with the training normalisation and the finetuning
+`lnfm.data.contract.normalize` with the training normalisation and the finetuning
 job's inference path (`lnfm.eval.predictor`: Gaussian sliding window, argmax,
 prediction kept inside the body, components under `min_volume_mm3` removed).
 The label map goes back to the scan's grid by
@@ -47,8 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lnfm.data.contract import normalize
 from lnfm.data.geometry import restore_to_source, spacing_of
-from lnfm.data.loader import LoaderConfig, normalize
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
 from lnfm.eval import backends
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
@@ -181,8 +181,7 @@ def predict_volume(probabilities: Callable, meta: ExportMeta, vol: Volume, optio
     """The whole pipeline (see the module docstring) for one checked scan."""
     pre = meta.preprocessing
     data, _, geometry = preprocess_case(vol, pre.contract)
-    norm = LoaderConfig(hu_window=pre.normalization.hu_window, pet_scale=pre.normalization.pet_scale)
-    image = normalize(data, norm, list(meta.channels))
+    image = normalize(data, pre.normalization, list(meta.channels))
     names = [c.upper() for c in meta.channels]
     hu = data[..., names.index("CT")] if "CT" in names else None
     seg = make_predictor(probabilities, meta, options)(image, geometry["spacing"], hu)

@@ -19,9 +19,7 @@ from lnfm import __version__
 from lnfm.errors import LnfmError
 from lnfm.jobs.export_meta import ExportMeta
 from lnfm.io import is_dicom_path
-from lnfm.io.dicom_seg import write_dicom_seg
 from lnfm.io.dicom_source import Provenance, SourceSeries, read_source_series
-from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
 from lnfm.jobs.export import CHECKSUMS
 
 log = logging.getLogger("lnfm.predict")
@@ -103,6 +101,11 @@ def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: ExportMeta
 
     if not formats.export_sha256:  # a caller's bug: the outputs must identify the model
         raise RuntimeError("OutputFormats.export_sha256 is empty; set it to export_digest(export_dir)")
+    # imported here: highdicom, matplotlib and scikit-image cost a second of start-up that
+    # a NIfTI-only prediction need not pay
+    from lnfm.io.dicom_seg import write_dicom_seg
+    from lnfm.io.rtstruct import build_rtstruct, write_rtstruct
+
     provenance = Provenance(__version__, formats.export_sha256, f"LNFM {meta.model.arch}-{meta.model.size}")
     site = (meta.site.name if meta.site else "") or "ln"
     if "dicom-seg" in paths:
