@@ -12,6 +12,7 @@ import contextlib
 import csv
 import datetime
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -329,3 +330,20 @@ class progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_files(folder: Path) -> list[str]:
+    """Relative paths of every file under `folder`, sorted, with '/' separators."""
+    out = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            out.append(Path(root, name).relative_to(folder).as_posix())
+    return sorted(out)

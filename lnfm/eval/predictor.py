@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lnfm.eval.inference import InferenceConfig, sliding_window_inference
 from lnfm.eval.postprocess import PostprocessConfig, postprocess
 
+if TYPE_CHECKING:
+    from flax import nnx
+
 
 def softmax_fn(graphdef: nnx.GraphDef) -> Callable:
     """jitted (states, x) -> class probabilities (B, *roi, K) float32; `states` are the
-    nnx.merge arguments after the graphdef (a train state's (params, frozen, rest), or one State)."""
+    nnx.merge arguments after the graphdef (a train state's (params, frozen, rest), or one State).
+    JAX is imported here, not with the module: an ONNX Runtime prediction never loads it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
     @jax.jit
     def probabilities(states, x):
         out = nnx.merge(graphdef, *states)(x)

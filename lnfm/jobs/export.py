@@ -53,8 +53,10 @@ from lnfm.data.store import read_manifest
 from lnfm.errors import DiskFull, WeightsMismatch, deferred_termination, disk_full
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.jobs.finetune_config import FinetuneConfig
-from lnfm.jobs.export_meta import FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta
-from lnfm.models import ModelConfig, build_encoder
+from lnfm.jobs.export_meta import (FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta,
+                                   verify_export)
+from lnfm.models import ModelConfig
+from lnfm.models.build import build_encoder
 from lnfm.models.heads import HeadConfig
 from lnfm.models import export_formats as fmt
 from lnfm.models.interop import from_monai_vit
@@ -64,7 +66,7 @@ from lnfm.models.segmenter import segmenter_from_config
 from lnfm.runs import CHECKSUMS, MODEL_JSON, FinetuneRun, PretrainRun, read_json
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointError, restore_params
-from lnfm.workdir import lock_folder, setup_logging
+from lnfm.workdir import file_sha256, list_files, lock_folder, setup_logging
 
 log = logging.getLogger("lnfm.export")
 
@@ -304,35 +306,8 @@ def _write(source: _Source, folder: Path, format: str) -> None:
 
 
 def write_checksums(folder: Path) -> None:
-    lines = [f"{fmt.file_sha256(folder / rel)}  {rel}\n" for rel in fmt.list_files(folder) if rel != CHECKSUMS]
+    lines = [f"{file_sha256(folder / rel)}  {rel}\n" for rel in list_files(folder) if rel != CHECKSUMS]
     (folder / CHECKSUMS).write_text("".join(lines))
-
-
-def verify_export(folder: str | Path) -> int:
-    """Check every file against checksums.sha256; returns the number of files checked."""
-    folder = Path(folder)
-    listing = folder / CHECKSUMS
-    if not (folder / MODEL_JSON).is_file():
-        raise ExportError(f"{folder}: not an export (no {MODEL_JSON})")
-    if not listing.is_file():
-        raise ExportError(f"{listing}: checksum list missing")
-    expected = {}
-    for n, line in enumerate(listing.read_text().splitlines(), start=1):
-        digest, sep, rel = line.partition("  ")
-        if not sep or len(digest) != 64:
-            raise ExportError(f"{listing}: line {n} is not '<sha256>  <path>'")
-        expected[rel] = digest
-    present = [rel for rel in fmt.list_files(folder) if rel != CHECKSUMS]
-    for rel in present:
-        if rel not in expected:
-            raise ExportError(f"{folder / rel}: file not listed in {CHECKSUMS}")
-    for rel, digest in expected.items():
-        path = folder / rel
-        if not path.is_file():
-            raise ExportError(f"{path}: listed in {CHECKSUMS} but missing")
-        if fmt.file_sha256(path) != digest:
-            raise ExportError(f"{path}: checksum mismatch (the file changed or is corrupt)")
-    return len(expected)
 
 
 def check_weights_export(folder: str | Path) -> ExportMeta:

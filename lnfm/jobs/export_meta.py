@@ -20,7 +20,8 @@ from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.models.config import ModelConfig
 from lnfm.models.heads.config import HeadConfig
-from lnfm.runs import ExportFolder
+from lnfm.runs import CHECKSUMS, MODEL_JSON, ExportFolder
+from lnfm.workdir import file_sha256, list_files
 
 SCHEMA_VERSION = 2  # 1: untyped model.json of lnfm 0.1.0 (preprocessing from defaults)
 FORMATS = ("orbax", "safetensors", "stablehlo", "onnx", "monai")
@@ -92,3 +93,30 @@ def read_meta(folder: str | Path) -> ExportMeta:
     except ValueError as e:
         raise ExportError(f"{export.model_json}: not valid JSON ({e})") from None
     return parse_meta(data, str(export.model_json))
+
+
+def verify_export(folder: str | Path) -> int:
+    """Check every file against checksums.sha256; returns the number of files checked."""
+    folder = Path(folder)
+    listing = folder / CHECKSUMS
+    if not (folder / MODEL_JSON).is_file():
+        raise ExportError(f"{folder}: not an export (no {MODEL_JSON})")
+    if not listing.is_file():
+        raise ExportError(f"{listing}: checksum list missing")
+    expected = {}
+    for n, line in enumerate(listing.read_text().splitlines(), start=1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise ExportError(f"{listing}: line {n} is not '<sha256>  <path>'")
+        expected[rel] = digest
+    present = [rel for rel in list_files(folder) if rel != CHECKSUMS]
+    for rel in present:
+        if rel not in expected:
+            raise ExportError(f"{folder / rel}: file not listed in {CHECKSUMS}")
+    for rel, digest in expected.items():
+        path = folder / rel
+        if not path.is_file():
+            raise ExportError(f"{path}: listed in {CHECKSUMS} but missing")
+        if file_sha256(path) != digest:
+            raise ExportError(f"{path}: checksum mismatch (the file changed or is corrupt)")
+    return len(expected)

@@ -46,7 +46,7 @@ from lnfm.jobs.export_meta import read_meta
 from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
 from lnfm.models.lora import apply_lora
-from lnfm.models.heads import head_flops, head_param_count
+from lnfm.models.heads.registry import head_flops, head_param_count
 from lnfm.models.segmenter import load_encoder_state, segmenter_from_config
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)

@@ -38,7 +38,7 @@ from flax import nnx
 
 from lnfm.config import ConfigError
 from lnfm.jobs.pretrain import build_training, load_pretrain_config, step_flops
-from lnfm.models import build_ssl_model
+from lnfm.models.build import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
 from lnfm.models.sharding import batch_sharding, logical_to_mesh_spec, make_mesh, use_rules
 from lnfm.models.vit import token_grid, vit_dims

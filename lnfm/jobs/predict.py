@@ -55,12 +55,10 @@ from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
 from lnfm.errors import DiskFull, LnfmError, disk_full
 from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
-from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta
+from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_export
 from lnfm.io import Volume, is_dicom_path, write_nifti
-from lnfm.jobs.export import load_export, verify_export
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
-from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo
 from lnfm.safety import check_apart
 from lnfm.workdir import atomic_write_text, progress, remove_stale_temps, setup_logging
 
@@ -119,12 +117,16 @@ def load_predictor(export_dir: str | Path, backend: str = "auto"
                           f"safetensors, stablehlo or onnx)")
     verify_export(export_dir)
     name = backends.choose_backend(backend, export_dir, meta.format, "onnx" in meta.files)
-    builders = {"onnxruntime": lambda: backends.onnx_network(Path(export_dir) / meta.files["onnx"])}
-    if meta.format == "stablehlo":
-        builders["jax"] = lambda: backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
+    if name == "onnxruntime":
+        fn = backends.onnx_network(Path(export_dir) / meta.files["onnx"])
+    elif meta.format == "stablehlo":
+        from lnfm.models.export_formats import STABLEHLO_FILE, read_stablehlo  # JAX: imported only for it
+
+        fn = backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
     else:
-        builders["jax"] = lambda: backends.jax_network(load_export(export_dir, verify=False).model)
-    fn = builders[name]()
+        from lnfm.jobs.export import load_export
+
+        fn = backends.jax_network(load_export(export_dir, verify=False).model)
     log.info("model %s-%s (%s export) on %s", meta.model.arch, meta.model.size, meta.format, name)
     return fn, meta
 

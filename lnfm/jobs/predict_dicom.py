@@ -20,7 +20,7 @@ from lnfm.errors import LnfmError
 from lnfm.jobs.export_meta import ExportMeta
 from lnfm.io import is_dicom_path
 from lnfm.io.dicom_source import Provenance, SourceSeries, read_source_series
-from lnfm.jobs.export import CHECKSUMS
+from lnfm.runs import CHECKSUMS
 
 log = logging.getLogger("lnfm.predict")
 

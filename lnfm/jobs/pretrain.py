@@ -27,7 +27,8 @@ from lnfm.config import ConfigError, load_config, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import check_stores
-from lnfm.models import ModelConfig, build_ssl_model
+from lnfm.models import ModelConfig
+from lnfm.models.build import build_ssl_model
 from lnfm.runs import PretrainRun
 from lnfm.models.mae import patchify, reconstruct, unpatchify
 from lnfm.models.sharding import MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model

@@ -1,41 +1,23 @@
-"""Backbones (ViT-3D, Swin), self-supervised heads (MAE, SimMIM) and their builders."""
+"""Backbones (ViT-3D, Swin), self-supervised heads (MAE, SimMIM) and their builders.
+
+The builders are resolved on first use (PEP 562), so code that only needs the configs
+(`ModelConfig`, model.json) does not import JAX and Flax: an ONNX Runtime prediction
+starts 2-3 s sooner.
+"""
 
 from __future__ import annotations
 
-import math
-
-import jax
-from flax import nnx
+import importlib
 
 from lnfm.models.config import ModelConfig
-from lnfm.models.mae import MAE
-from lnfm.models.simmim import build_simmim
-from lnfm.models.swin import build_swin_encoder
-from lnfm.models.vit import ViT
+
+_BUILDERS = ("build_encoder", "build_ssl_model", "param_count")
 
 
-def build_encoder(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """Backbone for finetuning: `.features(images)`, `.feature_strides`, `.units()`."""
-    if cfg.arch == "vit":
-        return ViT(cfg, rngs)
-    if cfg.arch == "swin":
-        return build_swin_encoder(cfg, rngs)
-    raise ValueError(f"unknown model arch '{cfg.arch}' (choices: vit, swin)")
+def __getattr__(name: str):
+    if name in _BUILDERS:
+        return getattr(importlib.import_module("lnfm.models.build"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_ssl_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """Self-supervised model called as `loss, aux = model(images, key)`: MAE (vit) or SimMIM (swin)."""
-    if cfg.arch == "vit":
-        return MAE(cfg, rngs)
-    if cfg.arch == "swin":
-        return build_simmim(cfg, rngs)
-    raise ValueError(f"unknown model arch '{cfg.arch}' (choices: vit, swin)")
-
-
-def param_count(cfg: ModelConfig) -> int:
-    """Trainable parameters of the encoder for `cfg`, computed abstractly (nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: build_encoder(cfg, nnx.Rngs(0)))
-    return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-
-
-__all__ = ["ModelConfig", "build_encoder", "build_ssl_model", "param_count"]
+__all__ = ["ModelConfig", *_BUILDERS]

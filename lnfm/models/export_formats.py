@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -238,22 +237,3 @@ def write_monai(out: Path, encoder: nnx.Module) -> list[str]:
     torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}, buf)
     (out / MONAI_PT).write_bytes(buf.getvalue())
     return [MONAI_PT, MONAI_SAFETENSORS]
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def list_files(folder: Path) -> list[str]:
-    """Relative paths of every file under `folder`, sorted, with '/' separators."""
-    out = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            out.append(Path(root, name).relative_to(folder).as_posix())
-    return sorted(out)

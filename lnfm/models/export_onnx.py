@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lnfm.models.conv_forms import native_convs
-
 ONNX_INPUT, ONNX_OUTPUT = "patch", "probabilities"  # tensor names of model.onnx
 
 ONNX_FILE = "model.onnx"
@@ -53,6 +51,8 @@ def write_onnx(path: Path, model, patch: tuple[int, int, int], channels: int) ->
     import jax
     import jax.numpy as jnp
     from jax2onnx import to_onnx
+
+    from lnfm.models.conv_forms import native_convs  # here: reading this module's names needs no JAX
 
     _allow_3d_convs()
 

@@ -19,9 +19,12 @@ from typing import Any
 import jax
 from flax import nnx
 
-from lnfm.models import build_encoder, layers
+from lnfm.models import layers
+from lnfm.models.build import build_encoder
 from lnfm.models.config import ModelConfig
-from lnfm.models.heads import HeadConfig, as_stride, build_head
+from lnfm.models.heads import HeadConfig
+from lnfm.models.heads.blocks import as_stride
+from lnfm.models.heads.registry import build_head
 from lnfm.models.swin import pad_to_multiple
 
 

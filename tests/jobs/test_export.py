@@ -16,12 +16,13 @@ from export_helpers import tiny  # noqa: F401  (session fixture)
 from lnfm.jobs import export as ex
 from lnfm.models.heads import HeadConfig
 from lnfm.models import export_formats as fmt
+from lnfm.workdir import list_files
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {rel: hashlib.sha256((folder / rel).read_bytes()).hexdigest() for rel in fmt.list_files(folder)}
+    return {rel: hashlib.sha256((folder / rel).read_bytes()).hexdigest() for rel in list_files(folder)}
 
 
 def _params(model) -> dict[str, np.ndarray]:
@@ -73,7 +74,7 @@ def test_every_format_is_byte_identical_when_repeated(tiny, exports, tmp_path): 
         again = ex.export_model(tiny.workdir, tmp_path / f, f)
         assert _digests(again) == _digests(first), f
         listed = [line.split("  ", 1)[1] for line in (first / "checksums.sha256").read_text().splitlines()]
-        assert listed == [rel for rel in fmt.list_files(first) if rel != "checksums.sha256"]
+        assert listed == [rel for rel in list_files(first) if rel != "checksums.sha256"]
         assert "model.json" in listed
 
 

@@ -311,3 +311,12 @@ def test_a_full_disk_keeps_the_previous_outputs_and_a_rerun_completes(tiny, pred
     pr.predict_case(fn, meta, [scan], out / "mask.nii.gz", probabilities=out / "prob.nii.gz",
                     report=out / "nodes.csv")
     assert (out / "prob.nii.gz").is_file() and leftovers(out) == []
+
+
+def test_predict_module_loads_without_jax_flax_or_dicom_writers():
+    """An ONNX Runtime prediction of NIfTI files never needs JAX, Flax, grain or the DICOM writers;
+    importing them would add seconds of start-up to every `lnfm predict` on a CPU."""
+    code = ("import sys, lnfm.jobs.predict, lnfm.eval.backends\n"
+            "print(sorted(m for m in ('jax', 'flax', 'grain', 'orbax', 'highdicom', 'skimage') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
