@@ -33,6 +33,7 @@ ours, and prints how far its probabilities are from ours.
 Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32] [--batch 4]
        .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300]
        .venv/bin/python bench/inference.py --networks pelvis [--heads fine,light,unetr,linear] [--batch 2]
+       .venv/bin/python bench/inference.py --onnx-files A/model.onnx,B/model.onnx [--rounds 3] [--batch 2]
        .venv/bin/python bench/inference.py --pipeline pelvis [--rounds 3] [--unet-channels 16,32,64,128] [--same-net]
 """
 
@@ -316,6 +317,38 @@ def bench_networks(args) -> None:
             print(f"{site}: max |probability difference| between backends {float(np.abs(a - b).max()):.1e}")
 
 
+def bench_onnx_files(args) -> None:
+    """One window batch through each given model.onnx on ONNX Runtime (2 threads, as predict), the
+    files alternated over `--rounds` rounds with one session alive at a time, so exports written by
+    two versions of the code compare on the same machine state."""
+    import gc
+    import statistics
+
+    import onnx
+
+    from lnfm.eval.backends import onnx_network
+
+    paths = args.onnx_files.split(",")
+    times = {p: [] for p in paths}
+    for _ in range(args.rounds):
+        for path in paths:
+            fn = onnx_network(path)
+            shape = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape
+            x = np.random.default_rng(0).random((args.batch, *[d.dim_value for d in shape.dim[1:]]), np.float32)
+            fn(x)  # warm-up
+            best = np.inf
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                fn(x)
+                best = min(best, time.perf_counter() - t)
+            times[path].append(best / args.batch)
+            del fn
+            gc.collect()
+    for path in paths:
+        print(f"{path}: {statistics.median(times[path]):.3f} s per window (median of rounds; rounds "
+              f"{', '.join(f'{t:.3f}' for t in times[path])})", flush=True)
+
+
 def bench_stages(args) -> None:
     """Stage times of the predict pipeline on one CT with a per-voxel linear network (so the network
     costs nothing), and linear resampling to the model grid by scipy (what predict uses) vs SimpleITK."""
@@ -386,6 +419,9 @@ def main() -> None:
     ap.add_argument("--networks", default=None, help="comma-separated site presets: one window batch per backend")
     ap.add_argument("--heads", default=None,
                     help="with --networks: comma-separated head kinds in place of each preset's own")
+    ap.add_argument("--onnx-files", default=None,
+                    help="comma-separated model.onnx files: one window batch each on ONNX Runtime, alternated "
+                         "(with --rounds, --repeat, --batch)")
     ap.add_argument("--stages", action="store_true", help="stage times of the predict pipeline on --ct-shape")
     ap.add_argument("--pipeline", default=None, help="comma-separated site presets: stages per backend + MONAI")
     ap.add_argument("--unet-channels", default="16,32,64,128", help="with --pipeline: MONAI UNet channels")
@@ -399,6 +435,9 @@ def main() -> None:
         return
     if args.networks:
         bench_networks(args)
+        return
+    if args.onnx_files:
+        bench_onnx_files(args)
         return
     if args.stages:
         bench_stages(args)
