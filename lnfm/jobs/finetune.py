@@ -31,8 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
-from lnfm.data.contract import Normalization
-from lnfm.data.contract import normalize
+from lnfm.data.contract import Normalization, normalize
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError

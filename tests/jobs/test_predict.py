@@ -316,7 +316,26 @@ def test_a_full_disk_keeps_the_previous_outputs_and_a_rerun_completes(tiny, pred
 def test_predict_module_loads_without_jax_flax_or_dicom_writers():
     """An ONNX Runtime prediction of NIfTI files never needs JAX, Flax, grain or the DICOM writers;
     importing them would add seconds of start-up to every `lnfm predict` on a CPU."""
-    code = ("import sys, lnfm.jobs.predict, lnfm.eval.backends\n"
+    code = ("import sys, lnfm.jobs.predict\n"
+            "from lnfm.eval import backends\n"
+            "print(backends.choose_backend('auto', 'export', 'onnx', True))\n"  # what a CPU prediction asks first
             "print(sorted(m for m in ('jax', 'flax', 'grain', 'orbax', 'highdicom', 'skimage') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # a user's shell: no CPU pin
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    if out.stdout.split()[0] == "jax":  # a runner with a JAX accelerator plugin: auto rightly asks JAX
+        pytest.skip("a JAX accelerator runtime is installed here")
+    assert out.stdout.split() == ["onnxruntime", "[]"], out.stdout
+
+
+def test_accelerator_check_agrees_with_jax_and_reads_the_plugin_switches(monkeypatch):
+    import jax
+
+    from lnfm.eval import backends
+
+    # the reference: JAX itself (this machine: a CPU, or whatever accelerator the runner has)
+    assert backends.accelerator_present() == (jax.default_backend() != "cpu")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)  # the suite's conftest may pin the CPU
+    monkeypatch.setenv("PJRT_NAMES_AND_LIBRARY_PATHS", "gpu:/opt/plugin.so")
+    assert backends.accelerator_runtime_installed()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # forces the CPU whatever is installed
+    assert not backends.accelerator_runtime_installed() and not backends.accelerator_present()
