@@ -6,6 +6,8 @@ Conventions: arrays are (X, Y, Z[, C]); affines map voxel indices to RAS+ mm.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import nibabel as nib
 from scipy import ndimage
@@ -38,12 +40,16 @@ def to_canonical(vol: Volume) -> Volume:
     ornt = nib.orientations.io_orientation(vol.affine)
     data = nib.orientations.apply_orientation(vol.data, ornt)
     affine = vol.affine @ nib.orientations.inv_ornt_aff(ornt, vol.data.shape[:3])
-    return Volume(np.ascontiguousarray(data), affine)
+    if not data.flags.f_contiguous:  # Fortran order (NIfTI's) stays: resampling works in either
+        data = np.ascontiguousarray(data)
+    return Volume(data, affine)
 
 
 def _map_channels(data: np.ndarray, fn) -> np.ndarray:
     if data.ndim == 3:
         return fn(data)
+    if data.shape[-1] == 1:
+        return fn(data[..., 0])[..., None]  # C-contiguous as it is: no stacking copy
     return np.stack([fn(data[..., c]) for c in range(data.shape[-1])], axis=-1)
 
 
@@ -58,15 +64,27 @@ def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_affine: np.nd
     """
     matrix = np.linalg.inv(np.asarray(src_affine, float)) @ np.asarray(dst_affine, float)
     shift = 1.0 if edge else 0.0
+    linear = matrix[:3, :3]
+    if order > 0 and np.allclose(linear, np.diag(np.diag(linear)), rtol=0.0, atol=1e-9 * np.abs(linear).max()):
+        # Axis-aligned grids (a reoriented scan resampled to a spacing, and back): scipy's path for
+        # a diagonal matrix interpolates the same points 1.6x faster, equal to float rounding.
+        # Not for nearest neighbour: it breaks ties at exactly half a voxel differently.
+        linear = np.diag(linear).copy()
 
     def one(x: np.ndarray) -> np.ndarray:
         src = np.pad(x, 1, mode="edge") if edge else x
         out_dtype = x.dtype if order == 0 else np.float32
         work = src if order == 0 else src.astype(np.float32, copy=False)
-        return ndimage.affine_transform(work, matrix[:3, :3], offset=matrix[:3, 3] + shift,
-                                        output_shape=tuple(int(s) for s in dst_shape), order=order,
-                                        mode="constant", cval=cval, prefilter=order > 1,
-                                        output=out_dtype)
+        m, offset, shape = linear, matrix[:3, 3] + shift, tuple(int(s) for s in dst_shape)
+        if work.flags.f_contiguous and not work.flags.c_contiguous:
+            # scipy walks the output in C order: a Fortran-order input is sampled as its C-order
+            # transpose (axes reversed: the same points, the same arithmetic), the result transposed back.
+            m = m[::-1] if m.ndim == 1 else m[::-1, ::-1]
+            return ndimage.affine_transform(work.T, np.ascontiguousarray(m), offset=offset[::-1].copy(),
+                                            output_shape=shape[::-1], order=order, mode="constant", cval=cval,
+                                            prefilter=order > 1, output=out_dtype).T
+        return ndimage.affine_transform(work, m, offset=offset, output_shape=shape, order=order,
+                                        mode="constant", cval=cval, prefilter=order > 1, output=out_dtype)
 
     return _map_channels(np.asarray(data), one)
 
@@ -122,7 +140,39 @@ def restore_to_source(array: np.ndarray, record: dict, order: int, cval: float =
     stored_affine = np.asarray(record["affine"], float)
     source_affine = np.asarray(record["source_affine"], float)
     shape = tuple(int(s) for s in record["source_shape"][:3])
-    return resample_to_grid(np.asarray(array), stored_affine, source_affine, shape, order, cval=cval)
+    array = np.asarray(array)
+    if order == 0 and cval == 0 and array.ndim == 3:
+        box = _source_box_of_nonzero(array, stored_affine, source_affine, shape)
+        if box is None:
+            return np.zeros(shape, array.dtype)
+        out = np.zeros(shape, array.dtype)
+        lo, hi = box
+        out[tuple(slice(a, b) for a, b in zip(lo, hi))] = resample_to_grid(
+            array, stored_affine, crop_affine(source_affine, lo), tuple(b - a for a, b in zip(lo, hi)), order)
+        return out
+    return resample_to_grid(array, stored_affine, source_affine, shape, order, cval=cval)
+
+
+def _source_box_of_nonzero(array: np.ndarray, stored_affine: np.ndarray, source_affine: np.ndarray, shape
+                           ) -> tuple[list[int], list[int]] | None:
+    """[lo, hi) box of the source voxels whose nearest stored voxel can be nonzero (None: the array
+    is all zero). A mask is sparse, so nearest-neighbour restoring samples only this box: every
+    voxel outside it is 0 whichever way the sampling goes, because the box holds the nonzero
+    voxels' bounding box grown by 1.5 voxels (half a voxel of rounding plus the one-voxel edge
+    extension of `resample_to_grid`)."""
+    nz = [np.flatnonzero(array.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    if any(len(i) == 0 for i in nz):
+        return None
+    lo = np.array([i[0] for i in nz], float) - 1.5
+    hi = np.array([i[-1] for i in nz], float) + 1.5
+    corners = np.array([[c[a] for a, c in enumerate(pick)] for pick in itertools.product((lo, hi), repeat=3)])
+    to_source = np.linalg.inv(source_affine) @ stored_affine
+    pts = (to_source[:3, :3] @ corners.T).T + to_source[:3, 3]
+    start = np.maximum(np.floor(pts.min(axis=0)).astype(int), 0)
+    stop = np.minimum(np.ceil(pts.max(axis=0)).astype(int) + 1, np.asarray(shape))
+    if np.any(stop <= start):
+        return None
+    return start.tolist(), stop.tolist()
 
 
 def axial_diameters(mask: np.ndarray, spacing) -> tuple[float, float]:

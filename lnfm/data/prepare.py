@@ -251,6 +251,8 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
                                "(shape or affine)")
         vols[i] = Volume(resample_to_grid(v.data.astype(np.float32), v.affine, vols[0].affine, vols[0].shape3, 1),
                          vols[0].affine)
+    # np.stack keeps the files' memory order (NIfTI: Fortran); the geometry steps take either order,
+    # and turning a 512x512x300 CT around costs 1.5 s.
     return Volume(np.stack([v.data.astype(np.float32) for v in vols], axis=-1), vols[0].affine)
 
 

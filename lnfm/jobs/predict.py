@@ -290,7 +290,12 @@ def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], outpu
 def _count_nodes(labels: np.ndarray) -> int:
     from scipy import ndimage
 
-    return int(ndimage.label(labels > 0, structure=np.ones((3, 3, 3), bool))[1])
+    mask = labels > 0
+    box = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    if any(len(i) == 0 for i in box):
+        return 0
+    crop = mask[tuple(slice(i[0], i[-1] + 1) for i in box)]  # a mask is sparse: label only its box
+    return int(ndimage.label(crop, structure=np.ones((3, 3, 3), bool))[1])
 
 
 # ----------------------------------------------------------------------------- batch

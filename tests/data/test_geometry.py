@@ -54,6 +54,61 @@ def test_resample_matches_simpleitk_linear():
     np.testing.assert_allclose(out.data[inner], ref[inner], atol=1e-5)
 
 
+@pytest.mark.parametrize("order", [0, 1])
+@pytest.mark.parametrize("flip", [False, True])
+def test_resample_to_grid_axis_aligned_samples_the_same_points_as_map_coordinates(order, flip):
+    # Axis-aligned linear resampling takes scipy's diagonal-matrix path; the reference samples the
+    # same world points through map_coordinates with explicit source coordinates. The flipped grid
+    # puts nearest-neighbour samples exactly half-way between source voxels (y = 6.5 at j = 8):
+    # labels keep the general path, whose tie-breaking map_coordinates shares.
+    from lnfm.data.geometry import resample_to_grid
+
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(17, 15, 11)).astype(np.float32) if order else rng.integers(0, 5, (17, 15, 11)).astype(np.uint8)
+    src = np.diag([0.8, 0.8, 1.5, 1.0])
+    src[:3, 3] = (4.0, -2.0, 7.0)
+    dst = np.diag([1.0, -1.1 if flip else 1.1, 1.5, 1.0])
+    dst[:3, 3] = (4.3, 12.0 if flip else -1.7, 7.75)
+    shape = (12, 10, 9)
+    out = resample_to_grid(data, src, dst, shape, order=order, edge=False)
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), 0).reshape(3, -1)
+    coords = (np.linalg.inv(src) @ dst @ np.r_[idx, np.ones((1, idx.shape[1]))])[:3]
+    ref = ndimage.map_coordinates(data.astype(np.float32) if order else data, coords, order=order, mode="constant",
+                                  prefilter=False).reshape(shape)
+    assert out.dtype == (np.float32 if order else np.uint8)
+    np.testing.assert_allclose(out, ref, atol=1e-5 if order else 0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_restore_to_source_of_a_sparse_mask_equals_sampling_the_whole_grid(seed):
+    # Labels are restored only inside the box their nonzero voxels can reach; the result must be the
+    # whole-grid nearest-neighbour sampling, flips and anisotropic grids included. Origins are
+    # chosen off the half-voxel lattice: at an exact tie either neighbour is nearest, and the two
+    # paths' float rounding may pick differently.
+    from lnfm.data.geometry import resample_to_grid
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in rng.integers(30, 50, 3))
+    src_sp = rng.choice([0.7, 0.8, 0.977, 1.5, 3.0], 3)
+    src = np.diag([*src_sp, 1.0])
+    src[:3, 3] = rng.uniform(-5, 5, 3)
+    for axis in np.flatnonzero(rng.random(3) < 0.4):  # LPS-like flips
+        src[axis, axis] *= -1
+        src[axis, 3] += (shape[axis] - 1) * src_sp[axis]
+    stored = np.diag([*rng.choice([1.0, 1.5], 3), 1.0])
+    world_min = np.minimum(src[:3, 3], src[:3, 3] + np.diag(src)[:3] * (np.array(shape) - 1))
+    stored[:3, 3] = world_min + rng.uniform(-0.37, 2.9, 3)
+    arr = np.zeros(tuple(int(s) for s in rng.integers(15, 25, 3)), np.uint8)
+    for _ in range(3):
+        c = [int(rng.integers(0, s)) for s in arr.shape]
+        arr[tuple(slice(max(0, x - 2), x + 3) for x in c)] = rng.integers(1, 3)
+    record = {"affine": stored.tolist(), "source_affine": src.tolist(), "source_shape": list(shape)}
+    whole = resample_to_grid(arr, stored, src, shape, order=0)
+    assert whole.any() and whole.sum() < arr.astype(bool).sum() * 20  # sparse, and on the source grid
+    np.testing.assert_array_equal(restore_to_source(arr, record, order=0), whole)
+    np.testing.assert_array_equal(restore_to_source(np.zeros_like(arr), record, order=0), np.zeros(shape, np.uint8))
+
+
 def test_restore_to_source_is_exact_without_resampling():
     data = np.random.default_rng(1).integers(0, 4, (9, 8, 7)).astype(np.uint8)
     aff = np.array([[-1.0, 0, 0, 3], [0, 0, 2.0, 1], [0, -1.5, 0, 4], [0, 0, 0, 1]])
