@@ -64,7 +64,8 @@ def test_resample_to_grid_axis_aligned_samples_the_same_points_as_map_coordinate
     from lnfm.data.geometry import resample_to_grid
 
     rng = np.random.default_rng(2)
-    data = rng.normal(size=(17, 15, 11)).astype(np.float32) if order else rng.integers(0, 5, (17, 15, 11)).astype(np.uint8)
+    shape_in = (17, 15, 11)
+    data = rng.normal(size=shape_in).astype(np.float32) if order else rng.integers(0, 5, shape_in).astype(np.uint8)
     src = np.diag([0.8, 0.8, 1.5, 1.0])
     src[:3, 3] = (4.0, -2.0, 7.0)
     dst = np.diag([1.0, -1.1 if flip else 1.1, 1.5, 1.0])
