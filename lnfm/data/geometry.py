@@ -153,6 +153,15 @@ def restore_to_source(array: np.ndarray, record: dict, order: int, cval: float =
     return resample_to_grid(array, stored_affine, source_affine, shape, order, cval=cval)
 
 
+def nonzero_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of a mask's nonzero voxels (None: there are none). A predicted mask is
+    sparse, so labelling or resampling only its box is as exact and several times cheaper."""
+    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax))) for ax in range(mask.ndim)]
+    if any(len(i) == 0 for i in idx):
+        return None
+    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
+
+
 def _source_box_of_nonzero(array: np.ndarray, stored_affine: np.ndarray, source_affine: np.ndarray, shape
                            ) -> tuple[list[int], list[int]] | None:
     """[lo, hi) box of the source voxels whose nearest stored voxel can be nonzero (None: the array
@@ -160,11 +169,11 @@ def _source_box_of_nonzero(array: np.ndarray, stored_affine: np.ndarray, source_
     voxel outside it is 0 whichever way the sampling goes, because the box holds the nonzero
     voxels' bounding box grown by 1.5 voxels (half a voxel of rounding plus the one-voxel edge
     extension of `resample_to_grid`)."""
-    nz = [np.flatnonzero(array.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(len(i) == 0 for i in nz):
+    box = nonzero_box(array)
+    if box is None:
         return None
-    lo = np.array([i[0] for i in nz], float) - 1.5
-    hi = np.array([i[-1] for i in nz], float) + 1.5
+    lo = np.array([b.start for b in box], float) - 1.5
+    hi = np.array([b.stop - 1 for b in box], float) + 1.5
     corners = np.array([[c[a] for a, c in enumerate(pick)] for pick in itertools.product((lo, hi), repeat=3)])
     to_source = np.linalg.inv(source_affine) @ stored_affine
     pts = (to_source[:3, :3] @ corners.T).T + to_source[:3, 3]

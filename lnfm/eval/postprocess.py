@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from lnfm.data.geometry import nonzero_box
 from lnfm.eval.detection import connectivity_structure
 from lnfm.eval.surface import dice
 
@@ -88,14 +89,17 @@ def tune_size_prior(masks, truths, spacings, short_axes=(0.0, 3.0, 4.0, 5.0, 6.0
 def remove_small_components(mask: np.ndarray, spacing, min_volume_mm3: float, connectivity: int = 26) -> np.ndarray:
     """Drop connected components smaller than `min_volume_mm3` (volume = voxels * voxel volume)."""
     mask = np.asarray(mask, bool)
-    labels, n = ndimage.label(mask, structure=connectivity_structure(connectivity))
-    if n == 0:
-        return mask.copy()
+    out = np.zeros(mask.shape, bool)
+    box = nonzero_box(mask)
+    if box is None:
+        return out
+    labels, n = ndimage.label(mask[box], structure=connectivity_structure(connectivity))
     voxel_mm3 = float(np.prod(np.asarray(spacing, np.float64)))
     counts = np.bincount(labels.ravel(), minlength=n + 1)
     keep = counts * voxel_mm3 >= min_volume_mm3
     keep[0] = False
-    return keep[labels]
+    out[box] = keep[labels]
+    return out
 
 
 def restrict_to_body(mask: np.ndarray, body_mask: np.ndarray) -> np.ndarray:

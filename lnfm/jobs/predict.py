@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from lnfm.data.contract import normalize
-from lnfm.data.geometry import restore_to_source, spacing_of
+from lnfm.data.geometry import nonzero_box, restore_to_source, spacing_of
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
 from lnfm.eval import backends
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
@@ -291,11 +291,8 @@ def _count_nodes(labels: np.ndarray) -> int:
     from scipy import ndimage
 
     mask = labels > 0
-    box = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(len(i) == 0 for i in box):
-        return 0
-    crop = mask[tuple(slice(i[0], i[-1] + 1) for i in box)]  # a mask is sparse: label only its box
-    return int(ndimage.label(crop, structure=np.ones((3, 3, 3), bool))[1])
+    box = nonzero_box(mask)
+    return 0 if box is None else int(ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))[1])
 
 
 # ----------------------------------------------------------------------------- batch

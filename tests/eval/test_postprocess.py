@@ -144,3 +144,19 @@ def test_tune_size_prior_picks_the_filter_that_helps_on_validation():
     assert (s, e, score) == (0.0, 3.0, 1.0)
     # Nothing to remove: the milder (first) setting wins the tie.
     assert tune_size_prior([node], [node], [spacing], short_axes=(0.0, 4.0), elongations=(0.0, 3.0))[:2] == (0, 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_remove_small_components_matches_scikit_image_on_sparse_masks(seed):
+    # The components are labelled inside the mask's bounding box only; scikit-image labels the
+    # whole array. max_size=k removes objects of at most k voxels (26-connectivity = 3).
+    from skimage.morphology import remove_small_objects
+
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((40, 36, 30), bool)
+    mask[5:31, 9:27, 4:22] = rng.random((26, 18, 18)) < 0.25  # many small blobs, some merged
+    sp = (0.8, 0.8, 1.5)
+    out = remove_small_components(mask, sp, min_volume_mm3=5 * 0.96)  # keep 5 voxels and more
+    np.testing.assert_array_equal(out, remove_small_objects(mask, max_size=4, connectivity=3))
+    assert 0 < out.sum() < mask.sum()
+
