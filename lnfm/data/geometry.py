@@ -78,7 +78,8 @@ def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_affine: np.nd
         m, offset, shape = linear, matrix[:3, 3] + shift, tuple(int(s) for s in dst_shape)
         if work.flags.f_contiguous and not work.flags.c_contiguous:
             # scipy walks the output in C order: a Fortran-order input is sampled as its C-order
-            # transpose (axes reversed: the same points, the same arithmetic), the result transposed back.
+            # transpose (axes reversed: the same points; labels equal, linear values to float
+            # rounding), the result transposed back.
             m = m[::-1] if m.ndim == 1 else m[::-1, ::-1]
             return ndimage.affine_transform(work.T, np.ascontiguousarray(m), offset=offset[::-1].copy(),
                                             output_shape=shape[::-1], order=order, mode="constant", cval=cval,
