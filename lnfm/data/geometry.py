@@ -49,7 +49,7 @@ def _map_channels(data: np.ndarray, fn) -> np.ndarray:
     if data.ndim == 3:
         return fn(data)
     if data.shape[-1] == 1:
-        return fn(data[..., 0])[..., None]  # C-contiguous as it is: no stacking copy
+        return fn(data[..., 0])[..., None]  # one channel: no stacking copy, the memory order kept
     return np.stack([fn(data[..., c]) for c in range(data.shape[-1])], axis=-1)
 
 
