@@ -76,16 +76,16 @@ def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_affine: np.nd
         out_dtype = x.dtype if order == 0 else np.float32
         work = src if order == 0 else src.astype(np.float32, copy=False)
         m, offset, shape = linear, matrix[:3, 3] + shift, tuple(int(s) for s in dst_shape)
-        if work.flags.f_contiguous and not work.flags.c_contiguous:
-            # scipy walks the output in C order: a Fortran-order input is sampled as its C-order
-            # transpose (axes reversed: the same points; labels equal, linear values to float
-            # rounding), the result transposed back.
-            m = m[::-1] if m.ndim == 1 else m[::-1, ::-1]
-            return ndimage.affine_transform(work.T, np.ascontiguousarray(m), offset=offset[::-1].copy(),
-                                            output_shape=shape[::-1], order=order, mode="constant", cval=cval,
-                                            prefilter=order > 1, output=out_dtype).T
-        return ndimage.affine_transform(work, m, offset=offset, output_shape=shape, order=order,
-                                        mode="constant", cval=cval, prefilter=order > 1, output=out_dtype)
+        # scipy walks the output in C order: a Fortran-order input is sampled as its C-order
+        # transpose (axes reversed: the same points; labels equal, linear values to float
+        # rounding), the result transposed back.
+        fortran = work.flags.f_contiguous and not work.flags.c_contiguous
+        if fortran:
+            work, shape, offset = work.T, shape[::-1], offset[::-1].copy()
+            m = np.ascontiguousarray(m[::-1] if m.ndim == 1 else m[::-1, ::-1])
+        out = ndimage.affine_transform(work, m, offset=offset, output_shape=shape, order=order, mode="constant",
+                                       cval=cval, prefilter=order > 1, output=out_dtype)
+        return out.T if fortran else out
 
     return _map_channels(np.asarray(data), one)
 
@@ -112,16 +112,11 @@ def resample_to_spacing(vol: Volume, spacing, order: int) -> Volume:
 def body_bbox(image: np.ndarray, threshold: float, margin: int = 2) -> tuple[list[int], list[int]]:
     """[start, stop) box around voxels above `threshold` (the body), plus a margin; the whole
     array when nothing is above it."""
-    mask = image > threshold
-    if not mask.any():
+    box = nonzero_box(image > threshold)
+    if box is None:
         return [0, 0, 0], list(image.shape[:3])
-    start, stop = [], []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        start.append(max(0, int(idx[0]) - margin))
-        stop.append(min(image.shape[axis], int(idx[-1]) + 1 + margin))
-    return start, stop
+    return ([max(0, b.start - margin) for b in box],
+            [min(n, b.stop + margin) for b, n in zip(box, image.shape[:3])])
 
 
 def crop_affine(affine: np.ndarray, start) -> np.ndarray:
@@ -143,13 +138,12 @@ def restore_to_source(array: np.ndarray, record: dict, order: int, cval: float =
     shape = tuple(int(s) for s in record["source_shape"][:3])
     array = np.asarray(array)
     if order == 0 and cval == 0 and array.ndim == 3:
-        box = _source_box_of_nonzero(array, stored_affine, source_affine, shape)
-        if box is None:
-            return np.zeros(shape, array.dtype)
         out = np.zeros(shape, array.dtype)
-        lo, hi = box
-        out[tuple(slice(a, b) for a, b in zip(lo, hi))] = resample_to_grid(
-            array, stored_affine, crop_affine(source_affine, lo), tuple(b - a for a, b in zip(lo, hi)), order)
+        box = _source_box_of_nonzero(array, stored_affine, source_affine, shape)
+        if box is not None:
+            lo, hi = box
+            out[tuple(slice(a, b) for a, b in zip(lo, hi))] = resample_to_grid(
+                array, stored_affine, crop_affine(source_affine, lo), tuple(b - a for a, b in zip(lo, hi)), order)
         return out
     return resample_to_grid(array, stored_affine, source_affine, shape, order, cval=cval)
 
