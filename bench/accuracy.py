@@ -119,8 +119,9 @@ def _pretrain_overrides(preset: Preset) -> list[str]:
             "train.image_every=0"]
 
 
-def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed: int):
-    """The site's default head and strategy; the scratch arm gets the pretrained architecture."""
+def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed: int, extra: tuple[str, ...] = ()):
+    """The site's default head and strategy; the scratch arm gets the pretrained architecture.
+    `extra` overrides go last (bench/head_overlap.py sets head.kind)."""
 
     site = preset.data.site
     over = [f"train.seed={seed}", f"train.steps={preset.steps}", "train.eval_every=0",
@@ -132,6 +133,7 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
         over.append("strategy.freeze=none")
         model = to_dict(P.load_pretrain_config(preset.pretrain_config, _pretrain_overrides(preset)).model)
         over += [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
+    over += list(extra)
     return F.load_finetune_config(site, over, init=init, data=[str(bench.labelled_store)], num_labeled=n,
                                   repeats=1, quick=preset.quick)
 

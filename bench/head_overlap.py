@@ -1,0 +1,100 @@
+"""Decoder heads and sliding-window overlaps, on held-out phantoms (docs/finetuning.md).
+
+    python bench/head_overlap.py [--heads fine,unetr] [--overlaps 0.5,0.25] [--seeds 3] [--workdir DIR]
+
+`bench/accuracy.py`'s cpu preset (its phantoms, its MAE pretraining, `finetune --quick`'s
+recipe with 4 labelled cases and 600 steps), with `head.kind` set per arm. Each finetuned
+model is exported and scored through `lnfm.jobs.predict` at every overlap on dev phantoms
+of the held-out generator variant (dataset seeds 505 and 606, never the benchmark's test
+seed). Prints mean Dice per seed and the paired differences over (seed, volume) pairs;
+finished arms are cached in the workdir's heads_ab.jsonl, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+import accuracy as A
+from lnfm.data import benchmark as B
+from lnfm.data.synth import SynthConfig, heldout_config, write_dataset
+from lnfm.eval.stats import fmt_ci, fmt_p, paired
+from lnfm.jobs import finetune as F
+from lnfm.jobs.export import export_model
+from lnfm.jobs.heldout import evaluate
+from lnfm.jobs.predict import load_predictor
+
+DEV_SEEDS = (505, 606)
+
+
+def dev_cases(work: Path, shape) -> list[B.TestCase]:
+    base = SynthConfig(site="pelvis", shape=tuple(shape), gallery=False)
+    cases = []
+    for s in DEV_SEEDS:
+        folder = work / f"phantoms_dev{s}"
+        if not (folder / "dataset.json").is_file():
+            write_dataset(heldout_config(base, num_cases=8, seed=s), folder)
+        cases += [B.TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in B.phantom_rows(folder, f"d{s}_", "test", True)]
+    return cases
+
+
+def run_arm(head: str, seed: int, preset: A.Preset, bench: B.Benchmark, pre: Path, dev, overlaps, work: Path) -> dict:
+    cfg = A.finetune_config(preset, bench, str(pre), 4, seed, extra=(f"head.kind={head}",))
+    run_dir = work / "runs" / f"{head}_s{seed}"
+    if not (run_dir / "summary.json").is_file() and F.run(cfg, run_dir) != 0:
+        raise RuntimeError(f"{run_dir}: finetuning failed")
+    export = run_dir.with_name(run_dir.name + "_export")
+    export_model(run_dir, export, "orbax", force=True)
+    fn, meta = load_predictor(export)
+    row = {"head": head, "seed": seed, "train_s": json.loads((run_dir / "summary.json").read_text())["train_time_s"]}
+    for ov in overlaps:
+        cases, infer = evaluate(fn, meta, dev, ov)
+        row[f"dice_{ov}"], row[f"infer_{ov}"] = [c["dice"] for c in cases], infer
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--heads", default="fine,unetr")
+    ap.add_argument("--overlaps", default="0.5,0.25")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--workdir", default="runs/head_overlap")
+    args = ap.parse_args()
+    heads, overlaps = args.heads.split(","), [float(o) for o in args.overlaps.split(",")]
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    preset = A.PRESETS["cpu"]
+    bench = B.build(preset.data, work)
+    dev = dev_cases(work, preset.data.shape)
+    pre = A.pretrain(preset, bench, work)
+    cache = work / "heads_ab.jsonl"
+    rows = {(r["head"], r["seed"]): r for r in map(json.loads, cache.read_text().splitlines())} if cache.is_file() else {}
+    for seed, head in itertools.product(range(args.seeds), heads):
+        if (head, seed) not in rows or any(f"dice_{ov}" not in rows[(head, seed)] for ov in overlaps):
+            rows[(head, seed)] = run_arm(head, seed, preset, bench, pre, dev, overlaps, work)
+            with cache.open("a") as f:
+                f.write(json.dumps(rows[(head, seed)]) + "\n")
+    seeds = range(args.seeds)
+    for head, ov in itertools.product(heads, overlaps):
+        print(f"{head} overlap {ov}: Dice per seed", [round(float(np.mean(rows[(head, s)][f"dice_{ov}"])), 3) for s in seeds],
+              "training s", [round(rows[(head, s)]["train_s"]) for s in seeds])
+
+    def compare(label, a, b):
+        d = paired(np.concatenate([a(s) for s in seeds]), np.concatenate([b(s) for s in seeds]))
+        print(f"{label}: {fmt_ci(d['diff'], d['ci_lo'], d['ci_hi'])} Dice over {d['n']} (seed, volume) pairs, "
+              f"p = {fmt_p(d['p_ttest'])}")
+
+    for h1, h2 in itertools.combinations(heads, 2):
+        compare(f"{h1} - {h2} at overlap {overlaps[0]}", lambda s: rows[(h1, s)][f"dice_{overlaps[0]}"],
+                lambda s: rows[(h2, s)][f"dice_{overlaps[0]}"])
+    for head, (o1, o2) in itertools.product(heads, itertools.combinations(overlaps, 2)):
+        compare(f"{head}: overlap {o1} - {o2}", lambda s: rows[(head, s)][f"dice_{o1}"],
+                lambda s: rows[(head, s)][f"dice_{o2}"])
+
+
+if __name__ == "__main__":
+    main()
