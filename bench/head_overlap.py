@@ -72,7 +72,8 @@ def main() -> None:
     dev = dev_cases(work, preset.data.shape)
     pre = A.pretrain(preset, bench, work)
     cache = work / "heads_ab.jsonl"
-    rows = {(r["head"], r["seed"]): r for r in map(json.loads, cache.read_text().splitlines())} if cache.is_file() else {}
+    lines = cache.read_text().splitlines() if cache.is_file() else []
+    rows = {(r["head"], r["seed"]): r for r in map(json.loads, lines)}
     for seed, head in itertools.product(range(args.seeds), heads):
         if (head, seed) not in rows or any(f"dice_{ov}" not in rows[(head, seed)] for ov in overlaps):
             rows[(head, seed)] = run_arm(head, seed, preset, bench, pre, dev, overlaps, work)
@@ -80,8 +81,9 @@ def main() -> None:
                 f.write(json.dumps(rows[(head, seed)]) + "\n")
     seeds = range(args.seeds)
     for head, ov in itertools.product(heads, overlaps):
-        print(f"{head} overlap {ov}: Dice per seed", [round(float(np.mean(rows[(head, s)][f"dice_{ov}"])), 3) for s in seeds],
-              "training s", [round(rows[(head, s)]["train_s"]) for s in seeds])
+        dice = [round(float(np.mean(rows[(head, s)][f"dice_{ov}"])), 3) for s in seeds]
+        train_s = [round(rows[(head, s)]["train_s"]) for s in seeds]
+        print(f"{head} overlap {ov}: Dice per seed", dice, "training s", train_s)
 
     def compare(label, a, b):
         d = paired(np.concatenate([a(s) for s in seeds]), np.concatenate([b(s) for s in seeds]))
