@@ -3,6 +3,7 @@
     PRETRAIN_DIR/  config.yaml  preprocessing.json  checkpoints/  summary.json  metrics.jsonl ...
     FINETUNE_DIR/  config.yaml  preprocessing.json  summary.json
                    [repeat_<r>/] config.yaml  checkpoints/  best/<step>/best.json  test_masks/
+                                 [teacher/ (a repeat's files)  pseudo_labels/ (a store)]  (self-training)
     EXPORT_DIR/    model.json  checksums.sha256  (format files)
 
 A finetuning run with one repeat keeps that repeat's files in its own root; with
@@ -34,6 +35,8 @@ BEST_JSON = "best.json"
 SUMMARY = "summary.json"
 TEST_MASKS = "test_masks"
 POSTPROCESS = "postprocess.json"  # the post-processing the test masks were made with (tuned on validation)
+TEACHER = "teacher"
+PSEUDO_LABELS = "pseudo_labels"
 MODEL_JSON = "model.json"
 CHECKSUMS = "checksums.sha256"
 _REPEAT = re.compile(r"^repeat_(\d+)$")
@@ -111,6 +114,12 @@ class RepeatRun:
     best = _entry(BEST)
     test_masks = _entry(TEST_MASKS)
     postprocess = _entry(POSTPROCESS)
+    pseudo_labels = _entry(PSEUDO_LABELS)  # self-training: the teacher's masks of the unlabelled scans
+
+    @property
+    def teacher(self) -> RepeatRun:
+        """Self-training's teacher, a repeat of its own; this repeat's model is the student."""
+        return RepeatRun(self.root / TEACHER)
 
     def test_mask(self, case_id: str) -> Path:
         return self.test_masks / f"{case_id}.nii.gz"
@@ -153,7 +162,7 @@ class FinetuneRun:
         """The folders whose checkpoints mean the run has started: every repeat's checkpoints/ and best/."""
         repeats = [RepeatRun(self.root)] + [RepeatRun(p) for p in sorted(self.root.glob("repeat_*"))
                                             if _REPEAT.match(p.name)]
-        return [d for r in repeats for d in (r.checkpoints, r.best)]
+        return [d for r in repeats for run in (r, r.teacher) for d in (run.checkpoints, run.best)]
 
     @classmethod
     def detect(cls, path: str | Path) -> FinetuneRun | None:

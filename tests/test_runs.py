@@ -60,9 +60,10 @@ def test_export_folder_and_json_records(tmp_path):
 
 def test_checkpoint_dirs_say_where_a_started_run_keeps_its_state(tmp_path):
     many = _mk(tmp_path / "many", "repeat_0/best", "repeat_1/checkpoints", "repeat_x", config={"site": {}})
+    # each repeat with its self-training teacher's folders: a run stopped while the teacher trained has started
     assert FinetuneRun(many).checkpoint_dirs() == [
-        many / "checkpoints", many / "best", many / "repeat_0/checkpoints", many / "repeat_0/best",
-        many / "repeat_1/checkpoints", many / "repeat_1/best"]  # repeat_x is no repeat
+        many / r / d for r in ("", "repeat_0", "repeat_1") for d in ("checkpoints", "best", "teacher/checkpoints",
+                                                                      "teacher/best")]  # repeat_x is no repeat
     assert PretrainRun(tmp_path / "p").checkpoint_dirs() == [tmp_path / "p/checkpoints"]
 
 

@@ -1,7 +1,7 @@
 """Lymph-node segmentation finetuning of a pretrained encoder at one anatomical site.
 
     python finetune/finetune.py --site pelvis --data STORE --init PRETRAIN_DIR_OR_EXPORT --workdir DIR
-        [--num-labeled N] [--repeats R] [--quick] [key=value ...]
+        [--unlabelled STORE] [--num-labeled N] [--repeats R] [--quick] [key=value ...]
 
 The site preset (lnfm/configs/sites/<site>.yaml) sets spacing, patch, HU window,
 labels, head and strategy. The architecture comes from the pretraining run's
@@ -11,6 +11,13 @@ checkpoints (resumable), validates by sliding-window inference and keeps the
 best model by validation Dice in DIR/best, then evaluates it on the test split
 into DIR/summary.json. With R > 1 repeats, repeat r lives in DIR/repeat_<r>.
 `load_finetuned(DIR)` rebuilds the best model from the workdir alone.
+
+Self-training (`--unlabelled STORE[,STORE...]`): each repeat first trains a teacher
+exactly as above (in teacher/), which pseudo-labels the unlabelled stores' training
+scans with its best model and tuned post-processing (pseudo_labels/, a store); then
+the repeat's own model, the student, trains from the same initialisation on the
+labelled subset plus the pseudo-labelled scans, patches drawn in proportion to the
+cases. Every stage resumes; summary.json's train_time_s counts all of them.
 """
 
 from __future__ import annotations
@@ -21,16 +28,20 @@ import json
 import logging
 import math
 import sys
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
+from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, normalize
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import check_stores, read_case, read_manifest
@@ -51,7 +62,7 @@ from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_mod
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import deep_supervision_loss, segmentation_loss
-from lnfm.runs import BEST_JSON, ExportFolder, FinetuneRun, PretrainRun, RepeatRun, write_json
+from lnfm.runs import BEST_JSON, SUMMARY, ExportFolder, FinetuneRun, PretrainRun, RepeatRun, read_json, write_json
 from lnfm.segmentation.strategies import count_params, layer_index_fn, trainable_filter
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
@@ -122,10 +133,12 @@ def resolve_init(init: str) -> tuple[str, Path | None, dict | None]:
 
 def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "scratch", data: list[str] = (),
                          num_labeled: int | None = None, repeats: int | None = None,
-                         quick: bool = False) -> FinetuneConfig:
+                         quick: bool = False, unlabelled: list[str] = ()) -> FinetuneConfig:
     """Dataclass defaults <- DEFAULTS <- site preset <- QUICK (with quick) <- overrides; with a
     checkpoint --init the model section is the checkpoint's, plus any model.* overrides."""
     extra = [f"init={json.dumps(init)}", f"data={json.dumps(list(data))}"]
+    if unlabelled:
+        extra.append(f"unlabelled={json.dumps(list(unlabelled))}")
     if num_labeled is not None:
         extra.append(f"train.num_labeled={num_labeled}")
     if repeats is not None:
@@ -349,12 +362,20 @@ def save_best(ckpt: Checkpointer, step: int, tree: dict, config: dict, record: d
 
 
 def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.Mesh, splits: Splits,
-               val_cases: list[Case], test_cases: list[Case], records: dict) -> dict | None:
-    """Train, validate, keep the best and test one repeat; returns its summary (None if preempted)."""
+               val_cases: list[Case], test_cases: list[Case], records: dict,
+               pseudo: tuple[str, list[str]] | None = None,
+               on_best: Callable[[Predictor], None] | None = None) -> dict | None:
+    """Train, validate, keep the best and test one repeat; returns its summary (None if preempted).
+    `pseudo` = (store, case ids) of pseudo-labelled scans trained on beside the labelled subset;
+    `on_best` receives the best model's predictor (tuned post-processing) after the test."""
     tc, pid = cfg.train, jax.process_index()
     seed = tc.seed + repeat
     train_ids = select_subset(splits.pool, tc.num_labeled, seed)
     check_disjoint(train_ids, val=splits.val, test=splits.test)
+    stores, loader_ids = list(cfg.data), list(train_ids)
+    if pseudo is not None:
+        check_disjoint(pseudo[1], val=splits.val, test=splits.test)
+        stores, loader_ids = stores + [pseudo[0]], loader_ids + pseudo[1]
     rrun = RepeatRun(rdir)
     writer = open_workdir(rdir, cfg, is_main=pid == 0)
     log.info("repeat %d (seed %d): %d labelled training case(s), %d val, %d test", repeat, seed, len(train_ids),
@@ -370,7 +391,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     nproc = jax.process_count()
     loader_cfg = dataclasses.replace(cfg.loader, patch_size=cfg.site.patch, batch_size=tc.global_batch // nproc,
                                      seed=seed)
-    loader = make_loader(cfg.data, loader_cfg, split="train", labels=True, case_ids=train_ids,
+    loader = make_loader(stores, loader_cfg, split="train", labels=True, case_ids=loader_ids,
                          shard_index=pid, shard_count=nproc)
     data_iter = iter(loader)
     best_ckpt = Checkpointer(rrun.best, CheckpointConfig(keep=1, async_save=False))
@@ -431,9 +452,12 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
                 write_nifti(rrun.test_mask(case.case_id), pred, case.affine)
             metrics = evaluate_case(pred > 0, case.label > 0, case.spacing, **cfg.metrics.kwargs())
             cases.append({"case_id": case.case_id, **metrics})
+        if on_best is not None:
+            on_best(predictor)
     agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])
     summary = {**{k: agg.get(k) for k in METRICS}, "cases": cases, "aggregate": agg,
                "repeat": repeat, "seed": seed, "num_labeled": len(train_ids), "train_ids": train_ids,
+               "pseudo_labelled": len(pseudo[1]) if pseudo is not None else 0,
                "best_step": best["step"], "best_val_dice": best["val_dice"],
                "trainable_params": n_train, "total_params": total_params, "head_params": hp,
                "head_gflops": hf / 1e9,
@@ -445,6 +469,89 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     log.info("repeat %d test: %s", repeat, ", ".join(f"{k}={summary[k]:.4f}" for k in METRICS[:6]
                                                         if isinstance(summary.get(k), float)))
     return summary
+
+
+def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.Mesh, splits: Splits,
+               val_cases: list[Case], test_cases: list[Case], records: dict,
+               unlabelled: list[tuple[str, dict]]) -> dict | None:
+    """One self-training repeat: the teacher (rdir/teacher), its pseudo-labels of the `unlabelled`
+    (store, record) scans (rdir/pseudo_labels), then the student in rdir. Returns the student's
+    summary with the teacher's figures, train_time_s covering all three (None if preempted)."""
+    run = RepeatRun(rdir)
+    store, pid = str(run.pseudo_labels), jax.process_index()
+    teacher = read_json(run.teacher.root / SUMMARY) if pseudo_labels.is_complete(store) else None
+    if teacher is None:
+        if pid == 0 and run.pseudo_labels.exists():
+            shutil.rmtree(run.pseudo_labels)  # interrupted before it was complete: this job made it, and redoes it
+        timing: dict[str, float] = {}
+
+        def label(predictor: Predictor) -> None:
+            t0 = time.time()
+
+            def predict(rec: dict, image: np.ndarray) -> np.ndarray:
+                names = [c.upper() for c in rec.get("channels") or ["CT"]]
+                hu = image[..., names.index("CT")] if "CT" in names else None
+                norm = normalize(image, cfg.loader, rec.get("channels"))
+                return predictor(norm, tuple(float(x) for x in rec["spacing"]), hu).labels
+
+            kept = []
+            for source in dict.fromkeys(s_ for s_, _ in unlabelled):
+                kept += pseudo_labels.write_pseudo_store(store, source, [r for s_, r in unlabelled if s_ == source],
+                                                         predict, write=pid == 0)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("lnfm_pseudo_labels")
+            timing.update(pseudo_label_s=time.time() - t0, kept=len(kept))
+
+        teacher = run_repeat(cfg, repeat, run.teacher.root, mesh, splits, val_cases, test_cases, records,
+                             on_best=label)
+        if teacher is None:
+            return None
+        teacher["pseudo_label_s"] = timing["pseudo_label_s"]
+        if pid == 0:
+            write_json(run.teacher.root / SUMMARY, teacher)
+    ids = [r["case_id"] for r in read_manifest(store)]
+    log.info("repeat %d: the teacher (test Dice %.4f) pseudo-labelled %d of %d unlabelled scan(s), the others "
+             "came out empty; training the student", repeat, teacher["dice"] or 0.0, len(ids), len(unlabelled))
+    if not ids:
+        raise DataError("the teacher predicted no lymph node in any unlabelled scan: nothing to self-train on "
+                        "(train without --unlabelled)")
+    student = run_repeat(cfg, repeat, rdir, mesh, splits, val_cases, test_cases, records, pseudo=(store, ids))
+    if student is None:
+        return None
+    student["self_training"] = {"unlabelled": len(unlabelled), "pseudo_labelled": len(ids),
+                                "teacher_dice": teacher["dice"], "teacher_best_val_dice": teacher["best_val_dice"],
+                                "teacher_train_time_s": teacher["train_time_s"],
+                                "pseudo_label_s": teacher["pseudo_label_s"],
+                                "student_train_time_s": student["train_time_s"]}
+    # what an equal-time comparison gives a peer: every stage that made this model
+    student["train_time_s"] = teacher["train_time_s"] + teacher["pseudo_label_s"] + student["train_time_s"]
+    return student
+
+
+def unlabelled_records(stores: list[str], records: dict[str, tuple[str, dict]], splits: Splits
+                       ) -> list[tuple[str, dict]]:
+    """The training-split scans of the --unlabelled stores, as (store, record). A scan that is a
+    labelled training case keeps its real label (left out here); one that is a validation or
+    test case of --data is refused: self-training on it would train on the evaluation."""
+    if not stores:
+        return []
+    check_stores(stores, split="train")
+    held_out = {**{i: "validation" for i in splits.val}, **{i: "test" for i in splits.test}}
+    out, seen = [], set(splits.pool)
+    for store in stores:
+        for rec in read_manifest(store):
+            cid = rec["case_id"]
+            if rec.get("split") != "train" or cid in seen:
+                continue
+            if cid in held_out:
+                raise DataError(f"{store}: training scan {cid} is a {held_out[cid]} case of --data; self-training "
+                                f"on it would train on the evaluation (prepare the unlabelled scans without it)")
+            seen.add(cid)
+            out.append((store, rec))
+    if not out:
+        raise DataError(f"{','.join(stores)}: no training-split scan that is not already a labelled training case "
+                        f"of --data: nothing to pseudo-label")
+    return out
 
 
 # ----------------------------------------------------------------------------- the job
@@ -481,12 +588,14 @@ class _Data:
     """What finetuning's checks resolved (see `_check`)."""
     records: dict[str, tuple[str, dict]]  # case id -> (store, manifest record)
     splits: Splits
+    unlabelled: list[tuple[str, dict]]  # self-training's scans to pseudo-label (store, record)
 
 
 def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     """Finetune (or resume) into `workdir` and write summary.json. Returns the exit code."""
     init = resolve_init(cfg.init)[1]
-    return run_training_job(cfg, FinetuneRun(Path(workdir)), inputs={"--init": init, "--data": cfg.data},
+    return run_training_job(cfg, FinetuneRun(Path(workdir)),
+                            inputs={"--init": init, "--data": cfg.data, "--unlabelled": cfg.unlabelled},
                             resume_keys=RESUME_KEYS, check=_check, train=_train, tensorboard=False)
 
 
@@ -528,15 +637,21 @@ def _check(cfg: FinetuneConfig) -> Checked:
         raise DataError(f"the labels reach class {max_class} but site.labels names only {len(cfg.site.labels)} "
                         f"classes ({cfg.site.labels})")
     # No resampling on the fly: the model is exported with the spacing it really trained at.
-    prep = training_preprocessing(cfg.data, [records[i] for i in splits.pool + splits.val + splits.test],
+    unlabelled = unlabelled_records(cfg.unlabelled, records, splits)
+    if {len(r["channels"]) for _, r in unlabelled} - {n_ch}:
+        raise DataError(f"the --unlabelled stores hold scans with other channels than the {n_ch} of --data")
+    # The pseudo-labelled scans train beside the labelled ones: one contract and one spacing for all stores.
+    prep = training_preprocessing(cfg.data + [s for s in cfg.unlabelled if s not in cfg.data],
+                                  [records[i] for i in splits.pool + splits.val + splits.test] + unlabelled,
                                   cfg.site.spacing, Normalization(cfg.loader.hu_window, cfg.loader.pet_scale),
                                   cfg.site.patch)
-    return Checked(cfg, prep, _Data(records, splits))
+    return Checked(cfg, prep, _Data(records, splits, unlabelled))
 
 
 def _train(checked: Checked, run_dirs: FinetuneRun, mesh: jax.sharding.Mesh, writer: MetricsWriter) -> dict | None:
     """Every repeat, then their combined summary (None when a signal stopped a repeat)."""
     cfg, prep, records, splits = checked.cfg, checked.preprocessing, checked.context.records, checked.context.splits
+    unlabelled = checked.context.unlabelled
     if not any(records[i][1].get("split") == "val" for i in splits.val):  # logged once every check has passed
         log.info("the store has no val split: %d training case(s) held out for validation", len(splits.val))
     if jax.process_index() == 0:
@@ -554,7 +669,10 @@ def _train(checked: Checked, run_dirs: FinetuneRun, mesh: jax.sharding.Mesh, wri
     runs = []
     for r in range(cfg.train.repeats):
         rdir = run_dirs.repeat(r, cfg.train.repeats).root
-        out = run_repeat(cfg, r, rdir, mesh, splits, val_cases, test_cases, records)
+        if unlabelled:
+            out = self_train(cfg, r, rdir, mesh, splits, val_cases, test_cases, records, unlabelled)
+        else:
+            out = run_repeat(cfg, r, rdir, mesh, splits, val_cases, test_cases, records)
         if out is None:
             return None
         runs.append(out)
@@ -572,6 +690,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", required=True, help="comma-separated prepared stores with labelled cases")
     ap.add_argument("--init", required=True, help="pretraining workdir, its checkpoints dir, export dir, or scratch")
     ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
+    ap.add_argument("--unlabelled", default="", help="comma-separated prepared stores of unlabelled scans: "
+                                                      "self-training (a teacher pseudo-labels them for the model)")
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
     ap.add_argument("--quick", action="store_true",
@@ -585,11 +705,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
     data = [s for s in args.data.split(",") if s]
+    unlabelled = [s for s in args.unlabelled.split(",") if s]
     # The path rule first: reading --init's records must not be what reports a workdir that is --init.
-    check_apart({"--workdir": args.workdir}, {"--init": None if args.init == "scratch" else args.init, "--data": data})
+    check_apart({"--workdir": args.workdir}, {"--init": None if args.init == "scratch" else args.init, "--data": data,
+                                              "--unlabelled": unlabelled})
     cfg = load_finetune_config(args.site, args.overrides, init=args.init,
                                data=data, num_labeled=args.num_labeled,
-                               repeats=args.repeats, quick=args.quick)
+                               repeats=args.repeats, quick=args.quick, unlabelled=unlabelled)
     return run(cfg, args.workdir)
 
 

@@ -40,6 +40,9 @@ class FinetuneConfig:
     site: SiteConfig = dataclasses.field(default_factory=SiteConfig)  # anatomical site preset values
     init: str = "scratch"  # pretraining workdir, its checkpoints dir, an export dir, or scratch
     data: list[str] = dataclasses.field(default_factory=list)  # prepared stores with labelled cases
+    # Self-training: a teacher trained on the labelled cases pseudo-labels these stores' scans, and the
+    # model kept is a student trained on both (lnfm/jobs/finetune.py). Empty: no self-training.
+    unlabelled: list[str] = dataclasses.field(default_factory=list)  # prepared stores of unlabelled scans
     model: ModelConfig = dataclasses.field(  # backbone (taken from the checkpoint with --init)
         default_factory=ModelConfig)
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)  # segmentation head

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from sphere_cases import write_spheres
 
 from lnfm.config import ConfigError
 from lnfm.data.contract import ContractError
@@ -17,6 +18,7 @@ from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, loa
                                 run)
 from lnfm.runs import RepeatRun
 from lnfm.segmentation.sites import SITES, site_names
+
 
 KEYS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume")
 # 8 virtual devices: the global batch is one patch per device; tiny ViT and linear probe.
@@ -187,30 +189,11 @@ def test_bad_store_is_a_one_line_error(tmp_path, capsys):
 def sphere_store(tmp_path_factory):
     """Bright nodes (60 HU) in noisy fat (-100 HU) next to muscle-like slabs: a task a tiny model
     learns in a few hundred steps, so training must beat the untrained model by a wide margin."""
-    import nibabel as nib
-
     from lnfm.data.prepare import PrepareConfig, prepare_dataset
 
     root = tmp_path_factory.mktemp("spheres")
     raw = root / "raw"
-    for sub in ("imagesTr", "labelsTr"):
-        (raw / sub).mkdir(parents=True)
-    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
-                                                  "site": "pelvis"}))
-    rng = np.random.default_rng(7)
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (32, 32, 24)], indexing="ij"), -1)
-    affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    for i in range(10):
-        img = rng.normal(-100, 15, (32, 32, 24))
-        img[:, :4] = rng.normal(200, 20, (32, 4, 24))  # a bright slab the model must not call a node
-        lab = np.zeros((32, 32, 24), np.uint8)
-        for _ in range(3):
-            c, r = rng.uniform([8, 10, 6], [24, 24, 18]), rng.uniform(2.5, 4.0)
-            inside = np.linalg.norm(grid - c, axis=-1) <= r
-            img[inside] = rng.normal(60, 15, int(inside.sum()))
-            lab[inside] = 1
-        nib.save(nib.Nifti1Image(img.astype(np.int16), affine), raw / "imagesTr" / f"s{i:02d}_0000.nii.gz")
-        nib.save(nib.Nifti1Image(lab, affine), raw / "labelsTr" / f"s{i:02d}.nii.gz")
+    write_spheres(raw, 10, seed=7)
     out = str(root / "store")
     prepare_dataset(str(raw), out, PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, crop_body=False,
                                                  split_fractions=(0.6, 0.2, 0.2)), show_progress=False)

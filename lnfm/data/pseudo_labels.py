@@ -1,0 +1,62 @@
+"""A store of pseudo-labelled cases: unlabelled scans plus the masks a teacher model predicted.
+
+Self-training (`lnfm finetune --unlabelled`) writes one into the run folder: each case
+keeps its stored image (copied, so the store stands alone and the source is only read)
+and its source record, with the predicted mask as its label, split "train" and
+`pseudo_label: true`. A case whose prediction is empty is left out: it would teach
+"no node here" from a scan that was never checked. The manifest is written last, so
+`is_complete` tells a finished store from one a kill interrupted (which is rewritten).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from lnfm.data import store as st
+from lnfm.data.contract import require_contract, write_contract
+from lnfm.data.prepare import lymph_nodes
+
+DONE = "pseudo_labels.done"  # written after the manifest: the store is complete
+
+
+def is_complete(store: str) -> bool:
+    return Path(store).is_dir() and st.read_text(store, DONE) is not None
+
+
+def write_pseudo_store(out: str, source: str, records: Iterable[dict],
+                       predict: Callable[[dict, np.ndarray], np.ndarray], write: bool = True) -> list[str]:
+    """Pseudo-label `records` of the store `source` into the new store `out`; `predict(record,
+    image)` returns the label map (X, Y, Z) of one stored image (float32 (X, Y, Z, C) in raw
+    units, as `read_case` gives it). Returns the ids of the cases kept. With `write` False (the
+    other hosts of a multi-host job, whose devices the predictions also need) nothing is written."""
+    kept = []
+    if write:  # prepared as the source was: a training store like any other
+        write_contract(out, require_contract(source))
+    for rec in records:
+        image, _ = st.read_case(source, rec)
+        label = np.asarray(predict(rec, image), np.uint8)
+        if label.shape != image.shape[:3]:
+            raise ValueError(f"case {rec['case_id']}: predicted mask {label.shape} is not on the image grid "
+                             f"{image.shape[:3]}")
+        if not label.any():
+            continue
+        kept.append(rec["case_id"])
+        if not write:
+            continue
+        base = f"cases/{rec['case_id']}"
+        paths = []
+        for c, src_path in enumerate(rec["image_path"]):
+            chan = st.open_array(source, src_path).read().result()  # the stored dtype (int16 CT), not float32
+            paths.append(f"{base}/image_{c:04d}")
+            st.create_array(out, paths[-1], chan)
+        st.create_array(out, f"{base}/label", label)
+        st.write_record(out, {**rec, "split": "train", "image_path": paths, "label_path": f"{base}/label",
+                              "labelled": True, "pseudo_label": True,
+                              "nodes": lymph_nodes(label, rec["spacing"])})
+    if write:
+        st.write_manifest(out)
+        st.write_text(out, DONE, f"{len(kept)}\n")
+    return kept

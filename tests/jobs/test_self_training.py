@@ -1,0 +1,93 @@
+"""Self-training (`finetune --unlabelled`): the teacher's pseudo-labels are correct masks of the
+right scans, the student trains on them, the time counts every stage, a rerun resumes without
+retraining, and unusable unlabelled stores are one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from sphere_cases import write_spheres
+
+from lnfm.cli import run_job
+from lnfm.data.prepare import PrepareConfig, prepare_dataset
+from lnfm.data.store import read_case, read_manifest
+from lnfm.errors import DataError
+from lnfm.eval.surface import dice
+from lnfm.jobs.finetune import Splits, load_finetune_config, run, unlabelled_records
+from lnfm.runs import RepeatRun
+
+BASE = ["site.patch=[16,16,16]", "model.img_size=[16,16,16]", "model.patch_size=[4,4,4]", "model.depth=1",
+        "train.global_batch=8", "head.kind=linear", "strategy.freeze=none", "checkpoint.every=0",
+        "inference.sw_batch_size=8", "inference.overlap=0.25", "optim.warmup_steps=10", "train.log_every=50",
+        "train.steps=200", "optim.lr=3e-3", "train.eval_every=100"]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """A labelled sphere store (train / val / test) and an unlabelled one of other sphere scans,
+    with those scans' true masks kept aside to score the pseudo-labels against."""
+    import nibabel as nib
+
+    root = tmp_path_factory.mktemp("selftrain")
+    write_spheres(root / "lab", 10, seed=7)
+    labelled = str(root / "labelled")
+    prepare_dataset(str(root / "lab"), labelled, PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, crop_body=False,
+                                                               split_fractions=(0.6, 0.2, 0.2)), show_progress=False)
+    write_spheres(root / "unl", 6, seed=11, prefix="u")
+    images = [root / "unl" / "imagesTr" / f"u{i:02d}_0000.nii.gz" for i in range(6)]
+    (root / "unl.csv").write_text("case_id,image,label,site,split\n" + "".join(f"u{i:02d},{p},,pelvis,train\n"
+                                                                             for i, p in enumerate(images)))
+    unlabelled = str(root / "unlabelled")
+    assert prepare_dataset(str(root / "unl.csv"), unlabelled, PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0,
+                                                                         crop_body=False), show_progress=False).ok
+    truths = [(np.asarray(nib.load(p).dataobj), np.asarray(nib.load(str(p).replace("imagesTr", "labelsTr")
+                                                                   .replace("_0000", "")).dataobj)) for p in images]
+    return labelled, unlabelled, truths
+
+
+def test_teacher_pseudo_labels_then_the_student_trains_on_them(stores, tmp_path):
+    labelled, unlabelled, truths = stores
+    wd = tmp_path / "st"
+    cfg = load_finetune_config("pelvis", BASE, data=[labelled], unlabelled=[unlabelled], num_labeled=2)
+    assert run(cfg, wd) == 0
+    s = json.loads((wd / "summary.json").read_text())
+    info = s["self_training"]
+    pseudo = str(RepeatRun(wd).pseudo_labels)
+    kept = read_manifest(pseudo)
+    assert info["unlabelled"] == 6 and info["pseudo_labelled"] == len(kept) == s["pseudo_labelled"] >= 4
+    assert s["train_time_s"] == pytest.approx(info["teacher_train_time_s"] + info["pseudo_label_s"]
+                                              + info["student_train_time_s"])
+    teacher = RepeatRun(wd).teacher
+    assert teacher.best_record() is not None and (teacher.root / "summary.json").is_file()
+    assert RepeatRun(wd).best_record() is not None and len(s["train_ids"]) == 2
+    # Each pseudo-label is the teacher's mask of that very scan on its stored grid: scored against the
+    # scan's true spheres (matched by the image itself), it must be a good segmentation.
+    scores = []
+    for rec in kept:
+        image, label = read_case(pseudo, rec)
+        truth = [t for img, t in truths if np.array_equal(img, image[..., 0])]
+        assert len(truth) == 1 and rec["pseudo_label"]
+        scores.append(dice(label > 0, truth[0] > 0))
+    print("pseudo-label Dice", np.round(scores, 3), "teacher", info["teacher_dice"], "student", s["dice"])
+    assert min(scores) > 0.3 and np.mean(scores) > 0.5, scores
+    # A rerun finds every stage finished: it retrains nothing and reports the same.
+    stamp = (teacher.root / "summary.json").stat().st_mtime_ns
+    assert run(cfg, wd) == 0
+    assert (teacher.root / "summary.json").stat().st_mtime_ns == stamp
+    assert json.loads((wd / "summary.json").read_text())["dice"] == pytest.approx(s["dice"])
+
+
+def test_unlabelled_scans_that_are_held_out_or_already_labelled(stores, tmp_path, capsys):
+    labelled, unlabelled, _ = stores
+    ids = [r["case_id"] for r in read_manifest(unlabelled)]
+    by_id = {r["case_id"]: (unlabelled, r) for r in read_manifest(unlabelled)}
+    got = unlabelled_records([unlabelled], by_id, Splits(pool=ids[:2], val=[], test=[]))
+    assert [r["case_id"] for _, r in got] == ids[2:]  # labelled training cases keep their real labels
+    with pytest.raises(DataError, match=f"training scan {ids[3]} is a test case of --data"):
+        unlabelled_records([unlabelled], by_id, Splits(pool=[], val=[], test=[ids[3]]))
+    # The labelled store itself: its training scans are the labelled pool, so nothing is left to pseudo-label.
+    rc = run_job("finetune", ["--site", "pelvis", "--data", labelled, "--unlabelled", labelled, "--init", "scratch",
+                              "--workdir", str(tmp_path / "wd"), *BASE])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "nothing to pseudo-label" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "wd").exists()

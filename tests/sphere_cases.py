@@ -1,0 +1,33 @@
+"""Bright spheres in noisy fat beside a bright slab: a segmentation task a tiny model learns in a
+few hundred steps (shared by the finetuning and self-training tests)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = (32, 32, 24)
+AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])  # RAS at the stores' 1.5 mm: prepare keeps the arrays as written
+
+
+def write_spheres(raw: Path, count: int, seed: int, prefix: str = "s") -> None:
+    """`count` nnU-Net-style cases (imagesTr/, labelsTr/, dataset.json) of 60 HU spheres in -100 HU fat."""
+    import nibabel as nib
+
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                  "site": "pelvis"}))
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1)
+    for i in range(count):
+        img = rng.normal(-100, 15, SHAPE)
+        img[:, :4] = rng.normal(200, 20, (SHAPE[0], 4, SHAPE[2]))  # a bright slab the model must not call a node
+        lab = np.zeros(SHAPE, np.uint8)
+        for _ in range(3):
+            c, r = rng.uniform([8, 10, 6], [24, 24, 18]), rng.uniform(2.5, 4.0)
+            inside = np.linalg.norm(grid - c, axis=-1) <= r
+            img[inside] = rng.normal(60, 15, int(inside.sum()))
+            lab[inside] = 1
+        nib.save(nib.Nifti1Image(img.astype(np.int16), AFFINE), raw / "imagesTr" / f"{prefix}{i:02d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(lab, AFFINE), raw / "labelsTr" / f"{prefix}{i:02d}.nii.gz")
