@@ -2,14 +2,16 @@
 
 Self-training (`lnfm finetune --unlabelled`) writes one into the run folder: each case
 keeps its stored image (copied, so the store stands alone and the source is only read)
-and its source record, with the predicted mask as its label, split "train" and
-`pseudo_label: true`. A case whose prediction is empty is left out: it would teach
+and its source record, with the predicted mask as its label, split "train",
+`pseudo_label: true` and the id `pseudo-<id>` (apart from every labelled store's ids).
+A case whose prediction is empty is left out: it would teach
 "no node here" from a scan that was never checked. The manifest is written last, so
 `is_complete` tells a finished store from one a kill interrupted (which is rewritten).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -20,6 +22,13 @@ from lnfm.data.contract import require_contract, write_contract
 from lnfm.data.prepare import lymph_nodes
 
 DONE = "pseudo_labels.done"  # written after the manifest: the store is complete
+ID_PREFIX = "pseudo-"
+
+
+def scan_fingerprint(record: dict) -> str:
+    """What identifies a prepared scan whatever its case id (two datasets may both name a case
+    `pelvis_000`): its source geometry and its stored intensity statistics."""
+    return json.dumps([record.get(k) for k in ("source_shape", "source_affine", "shape", "intensity")])
 
 
 def is_complete(store: str) -> bool:
@@ -43,18 +52,19 @@ def write_pseudo_store(out: str, source: str, records: Iterable[dict],
                              f"{image.shape[:3]}")
         if not label.any():
             continue
-        kept.append(rec["case_id"])
+        cid = ID_PREFIX + rec["case_id"]
+        kept.append(cid)
         if not write:
             continue
-        base = f"cases/{rec['case_id']}"
+        base = f"cases/{cid}"
         paths = []
         for c, src_path in enumerate(rec["image_path"]):
             chan = st.open_array(source, src_path).read().result()  # the stored dtype (int16 CT), not float32
             paths.append(f"{base}/image_{c:04d}")
             st.create_array(out, paths[-1], chan)
         st.create_array(out, f"{base}/label", label)
-        st.write_record(out, {**rec, "split": "train", "image_path": paths, "label_path": f"{base}/label",
-                              "labelled": True, "pseudo_label": True,
+        st.write_record(out, {**rec, "case_id": cid, "split": "train", "image_path": paths,
+                              "label_path": f"{base}/label", "labelled": True, "pseudo_label": True,
                               "nodes": lymph_nodes(label, rec["spacing"])})
     if write:
         st.write_manifest(out)

@@ -530,23 +530,28 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
 
 def unlabelled_records(stores: list[str], records: dict[str, tuple[str, dict]], splits: Splits
                        ) -> list[tuple[str, dict]]:
-    """The training-split scans of the --unlabelled stores, as (store, record). A scan that is a
-    labelled training case keeps its real label (left out here); one that is a validation or
-    test case of --data is refused: self-training on it would train on the evaluation."""
+    """The training-split scans of the --unlabelled stores, as (store, record), each scan once. Scans
+    are matched by content (`scan_fingerprint`), not by case id: one that is a labelled training
+    case keeps its real label (left out here); one that is a validation or test case of --data is
+    refused, since self-training on it would train on the evaluation."""
     if not stores:
         return []
     check_stores(stores, split="train")
-    held_out = {**{i: "validation" for i in splits.val}, **{i: "test" for i in splits.test}}
-    out, seen = [], set(splits.pool)
+    fingerprint = pseudo_labels.scan_fingerprint
+    held_out = {fingerprint(records[i][1]): (kind, i) for kind, ids in (("validation", splits.val),
+                                                                         ("test", splits.test)) for i in ids}
+    out, seen = [], {fingerprint(records[i][1]) for i in splits.pool}
     for store in stores:
         for rec in read_manifest(store):
-            cid = rec["case_id"]
-            if rec.get("split") != "train" or cid in seen:
+            key = fingerprint(rec)
+            if rec.get("split") != "train" or key in seen:
                 continue
-            if cid in held_out:
-                raise DataError(f"{store}: training scan {cid} is a {held_out[cid]} case of --data; self-training "
-                                f"on it would train on the evaluation (prepare the unlabelled scans without it)")
-            seen.add(cid)
+            if key in held_out:
+                kind, cid = held_out[key]
+                raise DataError(f"{store}: training scan {rec['case_id']} is the {kind} case {cid} of --data; "
+                                f"self-training on it would train on the evaluation (prepare the unlabelled scans "
+                                f"without it)")
+            seen.add(key)
             out.append((store, rec))
     if not out:
         raise DataError(f"{','.join(stores)}: no training-split scan that is not already a labelled training case "

@@ -38,10 +38,10 @@ def test_pseudo_store_holds_the_scans_with_the_predicted_masks(tmp_path):
 
     out = str(tmp_path / "pseudo")
     kept = write_pseudo_store(out, src, records, predict)
-    assert kept == [r["case_id"] for r in records if r["case_id"] != empty_id]
+    assert kept == ["pseudo-" + r["case_id"] for r in records if r["case_id"] != empty_id]
     assert is_complete(out) and not is_complete(src)
     assert read_contract(out) == read_contract(src)
-    by_id = {r["case_id"]: r for r in records}
+    by_id = {"pseudo-" + r["case_id"]: r for r in records}
     written = st.read_manifest(out)
     assert [r["case_id"] for r in written] == kept
     for rec in written:
@@ -51,7 +51,7 @@ def test_pseudo_store_holds_the_scans_with_the_predicted_masks(tmp_path):
         np.testing.assert_array_equal(image, source_image)
         assert st.open_array(out, rec["image_path"][0]).dtype == st.open_array(src, by_id[rec["case_id"]]
                                                                               ["image_path"][0]).dtype
-        np.testing.assert_array_equal(label, predicted[rec["case_id"]])
+        np.testing.assert_array_equal(label, predicted[rec["case_id"].removeprefix("pseudo-")])
         assert 100 < label.sum() < label.size // 20  # three spheres of radius 2.5-4 voxels, not the background
         assert rec["split"] == "train" and rec["pseudo_label"] is True and rec["labelled"] is True
         assert rec["spacing"] == by_id[rec["case_id"]]["spacing"] and rec["affine"] == by_id[rec["case_id"]]["affine"]
@@ -70,5 +70,5 @@ def test_other_hosts_predict_but_write_nothing(tmp_path):
 
     out = tmp_path / "pseudo"
     kept = write_pseudo_store(str(out), src, st.read_manifest(src), predict, write=False)
-    assert kept == calls == [r["case_id"] for r in st.read_manifest(src)]
+    assert kept == ["pseudo-" + c for c in calls] and calls == [r["case_id"] for r in st.read_manifest(src)]
     assert not out.exists() and not is_complete(str(out))

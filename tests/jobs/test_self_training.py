@@ -83,8 +83,16 @@ def test_unlabelled_scans_that_are_held_out_or_already_labelled(stores, tmp_path
     by_id = {r["case_id"]: (unlabelled, r) for r in read_manifest(unlabelled)}
     got = unlabelled_records([unlabelled], by_id, Splits(pool=ids[:2], val=[], test=[]))
     assert [r["case_id"] for _, r in got] == ids[2:]  # labelled training cases keep their real labels
-    with pytest.raises(DataError, match=f"training scan {ids[3]} is a test case of --data"):
+    with pytest.raises(DataError, match=f"training scan {ids[3]} is the test case {ids[3]} of --data"):
         unlabelled_records([unlabelled], by_id, Splits(pool=[], val=[], test=[ids[3]]))
+    # Scans are matched by content, not by name: another dataset's case with the same id is a different scan.
+    other = read_manifest(labelled)[0]
+    renamed = {**by_id, ids[3]: (labelled, {**other, "case_id": ids[3]})}
+    got = unlabelled_records([unlabelled], renamed, Splits(pool=[], val=[ids[3]], test=[]))
+    assert [r["case_id"] for _, r in got] == ids
+    copy = {"held": (labelled, {**by_id[ids[4]][1], "case_id": "held"})}  # the same scan under another name
+    with pytest.raises(DataError, match=f"training scan {ids[4]} is the validation case held of --data"):
+        unlabelled_records([unlabelled], copy, Splits(pool=[], val=["held"], test=[]))
     # The labelled store itself: its training scans are the labelled pool, so nothing is left to pseudo-label.
     rc = run_job("finetune", ["--site", "pelvis", "--data", labelled, "--unlabelled", labelled, "--init", "scratch",
                               "--workdir", str(tmp_path / "wd"), *BASE])
