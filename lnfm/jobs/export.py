@@ -204,6 +204,9 @@ def _load_finetuned(run: FinetuneRun) -> _Source:
             "best_val_dice": best.get("val_dice"),
             "test_dice": summary.get("dice"),
             "init": "scratch" if cfg.init == "scratch" else "pretrained",
+            # self-training: how many unlabelled scans the teacher's pseudo-labels added (0: none)
+            "unlabelled_stores": len(cfg.unlabelled),
+            "pseudo_labelled_cases": summary.get("pseudo_labelled", 0),
         }),
         head=cfg.head, labels=list(cfg.site.labels), site=SiteInfo(cfg.site.name, list(cfg.site.stations)),
         inference=dataclasses.replace(cfg.inference, roi=tuple(prep.patch_size)),

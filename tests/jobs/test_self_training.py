@@ -13,6 +13,7 @@ from lnfm.data.prepare import PrepareConfig, prepare_dataset
 from lnfm.data.store import read_case, read_manifest
 from lnfm.errors import DataError
 from lnfm.eval.surface import dice
+from lnfm.jobs.export import export_model
 from lnfm.jobs.finetune import Splits, load_finetune_config, run, unlabelled_records
 from lnfm.runs import RepeatRun
 
@@ -70,6 +71,12 @@ def test_teacher_pseudo_labels_then_the_student_trains_on_them(stores, tmp_path)
         scores.append(dice(label > 0, truth[0] > 0))
     print("pseudo-label Dice", np.round(scores, 3), "teacher", info["teacher_dice"], "student", s["dice"])
     assert min(scores) > 0.3 and np.mean(scores) > 0.5, scores
+    # The export says how many pseudo-labelled scans the model trained on, and names no store.
+    export_model(wd, tmp_path / "export", "orbax")
+    meta = json.loads((tmp_path / "export" / "model.json").read_text())
+    data = meta["training_data"]
+    assert data["pseudo_labelled_cases"] == len(kept) and data["unlabelled_stores"] == 1
+    assert str(tmp_path) not in json.dumps(meta) and unlabelled not in json.dumps(meta)
     # A rerun finds every stage finished: it retrains nothing and reports the same.
     stamp = (teacher.root / "summary.json").stat().st_mtime_ns
     assert run(cfg, wd) == 0
