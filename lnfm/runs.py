@@ -3,7 +3,8 @@
     PRETRAIN_DIR/  config.yaml  preprocessing.json  checkpoints/  summary.json  metrics.jsonl ...
     FINETUNE_DIR/  config.yaml  preprocessing.json  summary.json
                    [repeat_<r>/] config.yaml  checkpoints/  best/<step>/best.json  test_masks/
-                                 [teacher/ (a repeat's files)  pseudo_labels/ (a store)]  (self-training)
+                                 [teacher/ (a repeat's files)  pseudo_labels/ (a store)  selected.json]
+                                 (self-training; the repeat's model is the teacher's when selected.json says so)
     EXPORT_DIR/    model.json  checksums.sha256  (format files)
 
 A finetuning run with one repeat keeps that repeat's files in its own root; with
@@ -37,6 +38,7 @@ TEST_MASKS = "test_masks"
 POSTPROCESS = "postprocess.json"  # the post-processing the test masks were made with (tuned on validation)
 TEACHER = "teacher"
 PSEUDO_LABELS = "pseudo_labels"
+SELECTED = "selected.json"  # self-training: {"model": "teacher" | "student", ...}, the one validation preferred
 MODEL_JSON = "model.json"
 CHECKSUMS = "checksums.sha256"
 _REPEAT = re.compile(r"^repeat_(\d+)$")
@@ -116,10 +118,18 @@ class RepeatRun:
     postprocess = _entry(POSTPROCESS)
     pseudo_labels = _entry(PSEUDO_LABELS)  # self-training: the teacher's masks of the unlabelled scans
 
+    selected = _entry(SELECTED)
+
     @property
     def teacher(self) -> RepeatRun:
-        """Self-training's teacher, a repeat of its own; this repeat's model is the student."""
+        """Self-training's teacher, a repeat of its own; this repeat's own files are the student's."""
         return RepeatRun(self.root / TEACHER)
+
+    def model(self) -> RepeatRun:
+        """The run whose best model stands for this repeat: itself, or its self-training teacher
+        when validation preferred the teacher to the student (selected.json)."""
+        record = read_json(self.selected)
+        return self.teacher if record is not None and record.get("model") == TEACHER else self
 
     def test_mask(self, case_id: str) -> Path:
         return self.test_masks / f"{case_id}.nii.gz"
@@ -154,9 +164,10 @@ class FinetuneRun:
         return RepeatRun(self.root if repeats == 1 else self.root / f"repeat_{r}")
 
     def first(self) -> RepeatRun:
-        """The repeat whose best model an export or `load_finetuned` takes (repeat 0)."""
+        """The run whose best model an export or `load_finetuned` takes: repeat 0's model
+        (`RepeatRun.model`: its self-training teacher when that was kept)."""
         single = RepeatRun(self.root)
-        return single if single.best.is_dir() else RepeatRun(self.root / "repeat_0")
+        return (single if single.best.is_dir() else RepeatRun(self.root / "repeat_0")).model()
 
     def checkpoint_dirs(self) -> list[Path]:
         """The folders whose checkpoints mean the run has started: every repeat's checkpoints/ and best/."""

@@ -97,3 +97,15 @@ def test_the_best_record_is_the_one_committed_with_the_newest_best_step(tmp_path
     assert rep.best_record() is None
     (rep.root / "best.json").write_text('{"step": 4, "val_dice": 0.6}')
     assert rep.best_record() == {"step": 4, "val_dice": 0.6}
+
+
+def test_a_self_trained_repeat_stands_for_the_model_validation_kept(tmp_path):
+    from lnfm.runs import write_json
+
+    wd = _mk(tmp_path / "st", "best", "teacher/best", config={"site": {}})
+    run = FinetuneRun(wd)
+    assert run.first().root == wd  # no selection recorded: the repeat's own (student's) model
+    write_json(RepeatRun(wd).selected, {"model": "teacher"})
+    assert run.first().root == wd / "teacher" and run.first().best == wd / "teacher" / "best"
+    write_json(RepeatRun(wd).selected, {"model": "student"})
+    assert run.first().root == wd

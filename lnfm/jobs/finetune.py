@@ -475,8 +475,9 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
                val_cases: list[Case], test_cases: list[Case], records: dict,
                unlabelled: list[tuple[str, dict]]) -> dict | None:
     """One self-training repeat: the teacher (rdir/teacher), its pseudo-labels of the `unlabelled`
-    (store, record) scans (rdir/pseudo_labels), then the student in rdir. Returns the student's
-    summary with the teacher's figures, train_time_s covering all three (None if preempted)."""
+    (store, record) scans (rdir/pseudo_labels), then the student in rdir; the repeat keeps the one
+    with the better validation Dice (rdir/selected.json). Returns the kept model's summary with
+    both models' figures, train_time_s covering all three stages (None if preempted)."""
     run = RepeatRun(rdir)
     store, pid = str(run.pseudo_labels), jax.process_index()
     teacher = read_json(run.teacher.root / SUMMARY) if pseudo_labels.is_complete(store) else None
@@ -518,14 +519,24 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     student = run_repeat(cfg, repeat, rdir, mesh, splits, val_cases, test_cases, records, pseudo=(store, ids))
     if student is None:
         return None
-    student["self_training"] = {"unlabelled": len(unlabelled), "pseudo_labelled": len(ids),
-                                "teacher_dice": teacher["dice"], "teacher_best_val_dice": teacher["best_val_dice"],
-                                "teacher_train_time_s": teacher["train_time_s"],
-                                "pseudo_label_s": teacher["pseudo_label_s"],
-                                "student_train_time_s": student["train_time_s"]}
+    # Pseudo-labels can also mislead: the repeat keeps whichever model validates better (ties: the student).
+    kept = "teacher" if teacher["best_val_dice"] > student["best_val_dice"] else "student"
+    if pid == 0:
+        write_json(run.selected, {"model": kept, "teacher_val_dice": teacher["best_val_dice"],
+                                  "student_val_dice": student["best_val_dice"]})
+    log.info("repeat %d: validation Dice teacher %.4f, student %.4f: the %s is kept", repeat,
+             teacher["best_val_dice"], student["best_val_dice"], kept)
+    out = dict(teacher if kept == "teacher" else student)
+    out.pop("pseudo_label_s", None)
+    out["self_training"] = {"kept": kept, "unlabelled": len(unlabelled), "pseudo_labelled": len(ids),
+                            "teacher_dice": teacher["dice"], "teacher_best_val_dice": teacher["best_val_dice"],
+                            "student_dice": student["dice"], "student_best_val_dice": student["best_val_dice"],
+                            "teacher_train_time_s": teacher["train_time_s"],
+                            "pseudo_label_s": teacher["pseudo_label_s"],
+                            "student_train_time_s": student["train_time_s"]}
     # what an equal-time comparison gives a peer: every stage that made this model
-    student["train_time_s"] = teacher["train_time_s"] + teacher["pseudo_label_s"] + student["train_time_s"]
-    return student
+    out["train_time_s"] = teacher["train_time_s"] + teacher["pseudo_label_s"] + student["train_time_s"]
+    return out
 
 
 def unlabelled_records(stores: list[str], records: dict[str, tuple[str, dict]], splits: Splits
