@@ -3,7 +3,8 @@
 Self-training (`lnfm finetune --unlabelled`) writes one into the run folder: each case
 keeps its stored image (copied, so the store stands alone and the source is only read)
 and its source record, with the predicted mask as its label, split "train",
-`pseudo_label: true` and the id `pseudo-<id>` (apart from every labelled store's ids).
+`pseudo_label: true` and the id `pseudo-<n>-<id>`, n being the source's position among the
+sources (apart from every labelled store's ids, and from a namesake in another source).
 A case whose prediction is empty is left out: it would teach
 "no node here" from a scan that was never checked. The manifest is written last, so
 `is_complete` tells a finished store from one a kill interrupted (which is rewritten).
@@ -12,7 +13,7 @@ A case whose prediction is empty is left out: it would teach
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,18 @@ def is_complete(store: str) -> bool:
     return Path(store).is_dir() and st.read_text(store, DONE) is not None
 
 
-def write_pseudo_store(out: str, source: str, records: Iterable[dict],
+def write_pseudo_store(out: str, cases: Sequence[tuple[str, dict]],
                        predict: Callable[[dict, np.ndarray], np.ndarray], write: bool = True) -> list[str]:
-    """Pseudo-label `records` of the store `source` into the new store `out`; `predict(record,
-    image)` returns the label map (X, Y, Z) of one stored image (float32 (X, Y, Z, C) in raw
-    units, as `read_case` gives it). Returns the ids of the cases kept. With `write` False (the
-    other hosts of a multi-host job, whose devices the predictions also need) nothing is written."""
+    """Pseudo-label the (source store, record) `cases` into the new store `out`; the sources share
+    one contract. `predict(record, image)` returns the label map (X, Y, Z) of one stored image
+    (float32 (X, Y, Z, C) in raw units, as `read_case` gives it). Returns the ids of the cases
+    kept. With `write` False (the other hosts of a multi-host job, whose devices the predictions
+    also need) nothing is written."""
     kept = []
-    if write:  # prepared as the source was: a training store like any other
-        write_contract(out, require_contract(source))
-    for rec in records:
+    if write and cases:  # prepared as the sources were: a training store like any other
+        write_contract(out, require_contract(cases[0][0]))
+    sources = list(dict.fromkeys(source for source, _ in cases))
+    for source, rec in cases:
         image, _ = st.read_case(source, rec)
         label = np.asarray(predict(rec, image), np.uint8)
         if label.shape != image.shape[:3]:
@@ -52,7 +55,7 @@ def write_pseudo_store(out: str, source: str, records: Iterable[dict],
                              f"{image.shape[:3]}")
         if not label.any():
             continue
-        cid = ID_PREFIX + rec["case_id"]
+        cid = f"{ID_PREFIX}{sources.index(source)}-{rec['case_id']}"
         kept.append(cid)
         if not write:
             continue

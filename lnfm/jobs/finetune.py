@@ -17,7 +17,8 @@ exactly as above (in teacher/), which pseudo-labels the unlabelled stores' train
 scans with its best model and tuned post-processing (pseudo_labels/, a store); then
 the repeat's own model, the student, trains from the same initialisation on the
 labelled subset plus the pseudo-labelled scans, patches drawn in proportion to the
-cases. Every stage resumes; summary.json's train_time_s counts all of them.
+cases. The repeat keeps whichever of the two validates better (selected.json). Every
+stage resumes; summary.json's train_time_s counts all of them.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -495,13 +496,10 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
                 norm = normalize(image, cfg.loader, rec.get("channels"))
                 return predictor(norm, tuple(float(x) for x in rec["spacing"]), hu).labels
 
-            kept = []
-            for source in dict.fromkeys(s_ for s_, _ in unlabelled):
-                kept += pseudo_labels.write_pseudo_store(store, source, [r for s_, r in unlabelled if s_ == source],
-                                                         predict, write=pid == 0)
+            pseudo_labels.write_pseudo_store(store, unlabelled, predict, write=pid == 0)
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("lnfm_pseudo_labels")
-            timing.update(pseudo_label_s=time.time() - t0, kept=len(kept))
+            timing["pseudo_label_s"] = time.time() - t0
 
         teacher = run_repeat(cfg, repeat, run.teacher.root, mesh, splits, val_cases, test_cases, records,
                              on_best=label)

@@ -13,9 +13,9 @@ from lnfm.data.prepare import PrepareConfig, prepare_dataset
 from lnfm.data.pseudo_labels import is_complete, write_pseudo_store
 
 
-def unlabelled_store(tmp_path, count=3):
+def unlabelled_store(tmp_path, count=3, seed=3):
     raw = tmp_path / "raw"
-    write_spheres(raw, count, seed=3)
+    write_spheres(raw, count, seed=seed)
     rows = "".join(f"s{i:02d},{raw / 'imagesTr' / f's{i:02d}_0000.nii.gz'},,pelvis,train\n" for i in range(count))
     (tmp_path / "cases.csv").write_text("case_id,image,label,site,split\n" + rows)
     out = str(tmp_path / "unlabelled")
@@ -25,36 +25,42 @@ def unlabelled_store(tmp_path, count=3):
 
 
 def test_pseudo_store_holds_the_scans_with_the_predicted_masks(tmp_path):
-    src = unlabelled_store(tmp_path)
-    records = st.read_manifest(src)
+    src, other = unlabelled_store(tmp_path / "a"), unlabelled_store(tmp_path / "b", count=2, seed=4)
+    records, namesakes = st.read_manifest(src), st.read_manifest(other)  # two datasets, both naming s00, s01
+    assert {r["case_id"] for r in namesakes} <= {r["case_id"] for r in records}
     manifest_before = json.dumps(records)
     empty_id = records[1]["case_id"]
     predicted = {}
 
     def predict(rec, image):  # a soft-tissue band: spheres (60 HU) in, fat (-100) and the slab (200) out
         mask = ((image[..., 0] > 20) & (image[..., 0] < 130)).astype(np.uint8)
-        predicted[rec["case_id"]] = mask if rec["case_id"] != empty_id else np.zeros_like(mask)
-        return predicted[rec["case_id"]]
+        if rec in records and rec["case_id"] == empty_id:
+            mask[:] = 0
+        predicted[id(rec)] = mask
+        return mask
 
     out = str(tmp_path / "pseudo")
-    kept = write_pseudo_store(out, src, records, predict)
-    assert kept == ["pseudo-" + r["case_id"] for r in records if r["case_id"] != empty_id]
+    cases = [(src, r) for r in records] + [(other, r) for r in namesakes]
+    kept = write_pseudo_store(out, cases, predict)
+    expect = {f"pseudo-0-{r['case_id']}": (src, r) for r in records if r["case_id"] != empty_id}
+    expect |= {f"pseudo-1-{r['case_id']}": (other, r) for r in namesakes}
+    assert kept == list(expect)
     assert is_complete(out) and not is_complete(src)
     assert read_contract(out) == read_contract(src)
-    by_id = {"pseudo-" + r["case_id"]: r for r in records}
     written = st.read_manifest(out)
-    assert [r["case_id"] for r in written] == kept
+    assert sorted(r["case_id"] for r in written) == sorted(kept)
     for rec in written:
+        source, source_rec = expect[rec["case_id"]]
         image, label = st.read_case(out, rec)
-        source_image, source_label = st.read_case(src, by_id[rec["case_id"]])
+        source_image, source_label = st.read_case(source, source_rec)
         assert source_label is None
         np.testing.assert_array_equal(image, source_image)
-        assert st.open_array(out, rec["image_path"][0]).dtype == st.open_array(src, by_id[rec["case_id"]]
+        assert st.open_array(out, rec["image_path"][0]).dtype == st.open_array(source, source_rec
                                                                               ["image_path"][0]).dtype
-        np.testing.assert_array_equal(label, predicted[rec["case_id"].removeprefix("pseudo-")])
+        np.testing.assert_array_equal(label, predicted[id(source_rec)])
         assert 100 < label.sum() < label.size // 20  # three spheres of radius 2.5-4 voxels, not the background
         assert rec["split"] == "train" and rec["pseudo_label"] is True and rec["labelled"] is True
-        assert rec["spacing"] == by_id[rec["case_id"]]["spacing"] and rec["affine"] == by_id[rec["case_id"]]["affine"]
+        assert rec["spacing"] == source_rec["spacing"] and rec["affine"] == source_rec["affine"]
         n_components = ndimage.label(label, structure=np.ones((3, 3, 3)))[1]
         assert len(rec["nodes"]) == n_components >= 1
     assert json.dumps(st.read_manifest(src)) == manifest_before  # the source is only read
@@ -69,6 +75,6 @@ def test_other_hosts_predict_but_write_nothing(tmp_path):
         return (image[..., 0] > 20).astype(np.uint8)
 
     out = tmp_path / "pseudo"
-    kept = write_pseudo_store(str(out), src, st.read_manifest(src), predict, write=False)
-    assert kept == ["pseudo-" + c for c in calls] and calls == [r["case_id"] for r in st.read_manifest(src)]
+    kept = write_pseudo_store(str(out), [(src, r) for r in st.read_manifest(src)], predict, write=False)
+    assert kept == ["pseudo-0-" + c for c in calls] and calls == [r["case_id"] for r in st.read_manifest(src)]
     assert not out.exists() and not is_complete(str(out))
