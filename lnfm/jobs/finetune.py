@@ -509,8 +509,9 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         if pid == 0:
             write_json(run.teacher.root / SUMMARY, teacher)
     ids = [r["case_id"] for r in read_manifest(store)]
-    log.info("repeat %d: the teacher (test Dice %.4f) pseudo-labelled %d of %d unlabelled scan(s), the others "
-             "came out empty; training the student", repeat, teacher["dice"] or 0.0, len(ids), len(unlabelled))
+    log.info("repeat %d: the teacher (test Dice %.4f) pseudo-labelled %d of %d unlabelled scan(s) (%d predicted "
+             "empty, left out); training the student", repeat, teacher["dice"] or 0.0, len(ids), len(unlabelled),
+             len(unlabelled) - len(ids))
     if not ids:
         raise DataError("the teacher predicted no lymph node in any unlabelled scan: nothing to self-train on "
                         "(train without --unlabelled)")
