@@ -48,7 +48,9 @@ def write_pseudo_store(out: str, cases: Sequence[tuple[str, dict]],
         write_contract(out, require_contract(cases[0][0]))
     sources = list(dict.fromkeys(source for source, _ in cases))
     for source, rec in cases:
-        image, _ = st.read_case(source, rec)
+        # one read per channel, in the stored dtype (int16 CT) for the copy; `read_case`'s float32 for the model
+        stored = [st.open_array(source, path).read().result() for path in rec["image_path"]]
+        image = np.stack([c.astype(np.float32) for c in stored], axis=-1)
         label = np.asarray(predict(rec, image), np.uint8)
         if label.shape != image.shape[:3]:
             raise ValueError(f"case {rec['case_id']}: predicted mask {label.shape} is not on the image grid "
@@ -60,11 +62,9 @@ def write_pseudo_store(out: str, cases: Sequence[tuple[str, dict]],
         if not write:
             continue
         base = f"cases/{cid}"
-        paths = []
-        for c, src_path in enumerate(rec["image_path"]):
-            chan = st.open_array(source, src_path).read().result()  # the stored dtype (int16 CT), not float32
-            paths.append(f"{base}/image_{c:04d}")
-            st.create_array(out, paths[-1], chan)
+        paths = [f"{base}/image_{c:04d}" for c in range(len(stored))]
+        for path, chan in zip(paths, stored):
+            st.create_array(out, path, chan)
         st.create_array(out, f"{base}/label", label)
         st.write_record(out, {**rec, "case_id": cid, "split": "train", "image_path": paths,
                               "label_path": f"{base}/label", "labelled": True, "pseudo_label": True,

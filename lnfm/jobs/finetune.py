@@ -203,16 +203,23 @@ def make_splits(records: list[dict], val_fraction: float) -> Splits:
     return Splits(pool, val, by["test"])
 
 
+def model_input(image: np.ndarray, rec: dict, loader_cfg: LoaderConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """A stored image (raw units, as `read_case` gives it) as the model sees it, and its CT channel
+    in HU (post-processing's body mask; None without CT)."""
+    names = [c.upper() for c in rec.get("channels") or ["CT"]]
+    hu = image[..., names.index("CT")] if "CT" in names else None
+    return normalize(image, loader_cfg, rec.get("channels")), hu
+
+
 def load_cases(stores: list[str], records: dict[str, tuple[str, dict]], ids: list[str],
                loader_cfg: LoaderConfig) -> list[Case]:
     out = []
     for cid in ids:
         store, rec = records[cid]
         image, label = read_case(store, rec)
-        names = [c.upper() for c in rec.get("channels") or ["CT"]]
-        hu = image[..., names.index("CT")] if "CT" in names else None
-        out.append(Case(cid, normalize(image, loader_cfg, rec.get("channels")), label.astype(np.int32),
-                        tuple(float(s) for s in rec["spacing"]), hu, np.asarray(rec["affine"], float)))
+        norm, hu = model_input(image, rec, loader_cfg)
+        out.append(Case(cid, norm, label.astype(np.int32), tuple(float(s) for s in rec["spacing"]), hu,
+                        np.asarray(rec["affine"], float)))
     return out
 
 
@@ -491,9 +498,7 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
             t0 = time.time()
 
             def predict(rec: dict, image: np.ndarray) -> np.ndarray:
-                names = [c.upper() for c in rec.get("channels") or ["CT"]]
-                hu = image[..., names.index("CT")] if "CT" in names else None
-                norm = normalize(image, cfg.loader, rec.get("channels"))
+                norm, hu = model_input(image, rec, cfg.loader)
                 return predictor(norm, tuple(float(x) for x in rec["spacing"]), hu).labels
 
             pseudo_labels.write_pseudo_store(store, unlabelled, predict, write=pid == 0)
@@ -637,7 +642,8 @@ def _check(cfg: FinetuneConfig) -> Checked:
     if n is not None and n > len(splits.pool):  # documented: the whole split is used (studies rely on it)
         log.warning("train.num_labeled=%d but the data has %d labelled training case(s): all of them are used",
                     n, len(splits.pool))
-    channels = {len(r["channels"]) for r in all_records}
+    unlabelled = unlabelled_records(cfg.unlabelled, records, splits)
+    channels = {len(r["channels"]) for r in all_records + [r for _, r in unlabelled]}
     if len(channels) != 1:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")
     n_ch = channels.pop()
@@ -652,9 +658,6 @@ def _check(cfg: FinetuneConfig) -> Checked:
         raise DataError(f"the labels reach class {max_class} but site.labels names only {len(cfg.site.labels)} "
                         f"classes ({cfg.site.labels})")
     # No resampling on the fly: the model is exported with the spacing it really trained at.
-    unlabelled = unlabelled_records(cfg.unlabelled, records, splits)
-    if {len(r["channels"]) for _, r in unlabelled} - {n_ch}:
-        raise DataError(f"the --unlabelled stores hold scans with other channels than the {n_ch} of --data")
     # The pseudo-labelled scans train beside the labelled ones: one contract and one spacing for all stores.
     prep = training_preprocessing(cfg.data + [s for s in cfg.unlabelled if s not in cfg.data],
                                   [records[i] for i in splits.pool + splits.val + splits.test] + unlabelled,
