@@ -20,26 +20,16 @@ from pathlib import Path
 import numpy as np
 
 import accuracy as A
+import recipe_ab
 from lnfm.data import benchmark as B
-from lnfm.data.synth import SynthConfig, heldout_config, write_dataset
 from lnfm.eval.stats import fmt_ci, fmt_p, paired
 from lnfm.jobs import finetune as F
 from lnfm.jobs.export import export_model
 from lnfm.jobs.heldout import evaluate
 from lnfm.jobs.predict import load_predictor
 
-DEV_SEEDS = (505, 606)
-
-
 def dev_cases(work: Path, shape) -> list[B.TestCase]:
-    base = SynthConfig(site="pelvis", shape=tuple(shape), gallery=False)
-    cases = []
-    for s in DEV_SEEDS:
-        folder = work / f"phantoms_dev{s}"
-        if not (folder / "dataset.json").is_file():
-            write_dataset(heldout_config(base, num_cases=8, seed=s), folder)
-        cases += [B.TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in B.phantom_rows(folder, f"d{s}_", "test", True)]
-    return cases
+    return recipe_ab.dev_cases(work, shape, "heldout", folder_prefix="phantoms_dev")
 
 
 def run_arm(head: str, seed: int, preset: A.Preset, bench: B.Benchmark, pre: Path, dev, overlaps, work: Path) -> dict:

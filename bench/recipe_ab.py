@@ -1,0 +1,127 @@
+"""Finetuning recipes side by side on dev phantoms of the held-out generator variant.
+
+    python bench/recipe_ab.py --arm base= --arm noise="loader.noise_std=0.08" [--seeds 3] \
+        [--dev heldout,heldout_train_noise,train] [--workdir DIR]
+
+`bench/accuracy.py`'s cpu preset (its phantoms, its MAE pretraining, `finetune --quick`'s
+recipe with 4 labelled cases and 600 steps) with each arm's overrides appended. Every
+finetuned model is exported and scored through `lnfm.jobs.predict` on dev phantoms (dataset
+seeds 505 and 606, never the benchmark's test seed) of one or more dev sets:
+- `heldout`: the held-out generator variant, as the benchmark's test phantoms;
+- `heldout_train_noise`: the same phantoms' anatomy with the training variant's noise range,
+  which isolates the noise shift;
+- `train`: the training generator variant (in-domain).
+Prints mean Dice per arm, seed and dev set, and the paired differences of each arm against
+the first over (seed, volume) pairs. Finished arms are cached in the workdir's
+recipe_ab.jsonl, keyed by arm name and overrides, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+import accuracy as A
+from lnfm.data import benchmark as B
+from lnfm.data.synth import SynthConfig, heldout_config, write_dataset
+from lnfm.eval.stats import fmt_ci, fmt_p, paired
+from lnfm.jobs import finetune as F
+from lnfm.jobs.export import export_model
+from lnfm.jobs.heldout import evaluate
+from lnfm.jobs.predict import load_predictor
+
+DEV_SEEDS = (505, 606)
+
+
+def dev_config(kind: str, base: SynthConfig, seed: int) -> SynthConfig:
+    if kind == "heldout":
+        return heldout_config(base, num_cases=8, seed=seed)
+    if kind == "heldout_train_noise":
+        return heldout_config(base, num_cases=8, seed=seed, noise_hu=SynthConfig().noise_hu)
+    if kind == "train":
+        return SynthConfig(**{**base.__dict__, "num_cases": 8, "seed": seed})
+    raise SystemExit(f"unknown dev set '{kind}' (heldout, heldout_train_noise, train)")
+
+
+def dev_cases(work: Path, shape, kind: str, folder_prefix: str | None = None) -> list[B.TestCase]:
+    """Dev phantoms of set `kind` for seeds DEV_SEEDS, written once under `work`."""
+    base = SynthConfig(site="pelvis", shape=tuple(shape), gallery=False)
+    cases = []
+    for s in DEV_SEEDS:
+        folder = work / f"{folder_prefix or 'phantoms_' + kind}{s}"
+        if not (folder / "dataset.json").is_file():
+            write_dataset(dev_config(kind, base, s), folder)
+        cases += [B.TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in B.phantom_rows(folder, f"d{s}_", "test", True)]
+    return cases
+
+
+def run_arm(name: str, overrides: list[str], seed: int, preset: A.Preset, bench: B.Benchmark, pre: Path,
+            devs: dict[str, list[B.TestCase]], work: Path) -> dict:
+    cfg = A.finetune_config(preset, bench, str(pre), 4, seed, extra=tuple(overrides))
+    run_dir = work / "runs" / f"{name}_s{seed}"
+    if not (run_dir / "summary.json").is_file() and F.run(cfg, run_dir) != 0:
+        raise RuntimeError(f"{run_dir}: finetuning failed")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    export = run_dir.with_name(run_dir.name + "_export")
+    export_model(run_dir, export, "orbax", force=True)
+    fn, meta = load_predictor(export)
+    row = {"arm": name, "overrides": overrides, "seed": seed, "train_s": summary["train_time_s"],
+           "val_dice": summary.get("best_val_dice")}
+    for kind, cases in devs.items():
+        scored, _ = evaluate(fn, meta, cases, preset.overlap)
+        row[f"dice_{kind}"] = [c["dice"] for c in scored]
+        row[f"sens_{kind}"] = [c.get("node_sensitivity") for c in scored]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arm", action="append", required=True,
+                    help='NAME=OVERRIDES: an arm and its space-separated finetuning overrides (NAME= for none)')
+    ap.add_argument("--dev", default="heldout", help="comma-separated dev sets (heldout, heldout_train_noise, train)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--workdir", default="runs/recipe_ab")
+    args = ap.parse_args()
+    arms = {}
+    for spec in args.arm:
+        name, _, over = spec.partition("=")
+        arms[name] = shlex.split(over)
+    kinds = args.dev.split(",")
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    preset = A.PRESETS["cpu"]
+    bench = B.build(preset.data, work)
+    devs = {k: dev_cases(work, preset.data.shape, k) for k in kinds}
+    pre = A.pretrain(preset, bench, work)
+    cache = work / "recipe_ab.jsonl"
+    lines = cache.read_text().splitlines() if cache.is_file() else []
+    rows = {(r["arm"], r["seed"]): r for r in map(json.loads, lines)}
+    seeds = range(args.seeds)
+    for seed, (name, over) in itertools.product(seeds, arms.items()):
+        r = rows.get((name, seed))
+        if r is None or r["overrides"] != over or any(f"dice_{k}" not in r for k in kinds):
+            if r is not None and r["overrides"] != over:
+                raise SystemExit(f"arm '{name}' ran with other overrides ({r['overrides']}): rename it")
+            rows[(name, seed)] = run_arm(name, over, seed, preset, bench, pre, devs, work)
+            with cache.open("a") as f:
+                f.write(json.dumps(rows[(name, seed)]) + "\n")
+    names = list(arms)
+    for name, kind in itertools.product(names, kinds):
+        dice = [round(float(np.mean(rows[(name, s)][f"dice_{kind}"])), 3) for s in seeds]
+        val = [rows[(name, s)]["val_dice"] for s in seeds]
+        train_s = [round(rows[(name, s)]["train_s"]) for s in seeds]
+        print(f"{name} on {kind}: Dice per seed {dice}, mean {np.mean(dice):.3f}; val {val}; training s {train_s}")
+    for name, kind in itertools.product(names[1:], kinds):
+        d = paired(np.concatenate([rows[(name, s)][f"dice_{kind}"] for s in seeds]),
+                   np.concatenate([rows[(names[0], s)][f"dice_{kind}"] for s in seeds]))
+        print(f"{name} - {names[0]} on {kind}: {fmt_ci(d['diff'], d['ci_lo'], d['ci_hi'])} Dice over {d['n']} "
+              f"(seed, volume) pairs, p = {fmt_p(d['p_ttest'])}")
+
+
+if __name__ == "__main__":
+    main()
