@@ -10,7 +10,11 @@ seeds 505 and 606, never the benchmark's test seed) of one or more dev sets:
 - `heldout`: the held-out generator variant, as the benchmark's test phantoms;
 - `heldout_train_noise`: the same phantoms' anatomy with the training variant's noise range,
   which isolates the noise shift;
-- `train`: the training generator variant (in-domain).
+- `train`: the training generator variant (in-domain);
+- `heldout-FACTOR`: the held-out variant with one factor set back to the training variant's,
+  which measures what that shift costs: `orient` (stored orientations), `spacing` (voxel
+  sizes), `calib` (scanner HU calibration), `distract` (vessel-like distractors), `masks` (the
+  real-mask pool and share).
 Prints mean Dice per arm, seed and dev set, and the paired differences of each arm against
 the first over (seed, volume) pairs. Finished arms are cached in the workdir's
 recipe_ab.jsonl, keyed by arm name and overrides, so a rerun resumes.
@@ -19,6 +23,7 @@ recipe_ab.jsonl, keyed by arm name and overrides, so a rerun resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import shlex
@@ -28,6 +33,7 @@ import numpy as np
 
 import accuracy as A
 from lnfm.data import benchmark as B
+from lnfm.data import synth as S
 from lnfm.data.synth import SynthConfig, heldout_config, write_dataset
 from lnfm.eval.stats import fmt_ci, fmt_p, paired
 from lnfm.jobs import finetune as F
@@ -36,6 +42,16 @@ from lnfm.jobs.heldout import evaluate
 from lnfm.jobs.predict import load_predictor
 
 DEV_SEEDS = (505, 606)
+_TRAIN, _HELD = S.VARIANTS["train"], S.VARIANTS["heldout"]
+# Per factor: the Variant fields and SynthConfig fields set back to the training variant's.
+FACTORS = {
+    "orient": ({"orientations": _TRAIN.orientations}, {}),
+    "spacing": ({"slice_choices": _TRAIN.slice_choices},
+                {"spacing_inplane": SynthConfig().spacing_inplane, "slice_thickness": SynthConfig().slice_thickness}),
+    "calib": ({"hu_scale": _TRAIN.hu_scale, "hu_offset": _TRAIN.hu_offset}, {}),
+    "distract": ({"distractors": _TRAIN.distractors, "oblique_distractors": _TRAIN.oblique_distractors}, {}),
+    "masks": ({"mask_pool": _TRAIN.mask_pool}, {"real_shape_fraction": SynthConfig().real_shape_fraction}),
+}
 
 
 def dev_config(kind: str, base: SynthConfig, seed: int) -> SynthConfig:
@@ -45,7 +61,13 @@ def dev_config(kind: str, base: SynthConfig, seed: int) -> SynthConfig:
         return heldout_config(base, num_cases=8, seed=seed, noise_hu=SynthConfig().noise_hu)
     if kind == "train":
         return SynthConfig(**{**base.__dict__, "num_cases": 8, "seed": seed})
-    raise SystemExit(f"unknown dev set '{kind}' (heldout, heldout_train_noise, train)")
+    factor = kind.removeprefix("heldout-")
+    if factor in FACTORS:
+        variant_fields, cfg_fields = FACTORS[factor]
+        S.VARIANTS[kind] = dataclasses.replace(_HELD, **variant_fields)  # a bench-only variant
+        return dataclasses.replace(heldout_config(base, num_cases=8, seed=seed, **cfg_fields), variant=kind)
+    raise SystemExit(f"unknown dev set '{kind}' (heldout, heldout_train_noise, train, "
+                     f"{', '.join('heldout-' + f for f in FACTORS)})")
 
 
 def dev_cases(work: Path, shape, kind: str, folder_prefix: str | None = None) -> list[B.TestCase]:
