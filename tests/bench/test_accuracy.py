@@ -17,33 +17,33 @@ sys.path.insert(0, str(REPO / "bench"))
 def test_smoke_run_of_every_arm_writes_the_report(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke", "--workdir",
-                           str(tmp_path / "wd"), "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=1800)
+    base = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke", "--workdir", str(tmp_path / "wd"),
+            "--out", str(out)]
+    # First every arm but one peer; the extension below adds it, as a user extends a finished run.
+    proc = subprocess.run(base + ["--peers", "unet,dynunet"], env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["arm"], r["budget"]) for r in rows} == {("lnfm_pretrained", "both"), ("lnfm_scratch", "both")} | {
+        (p, b) for p in ("unet", "dynunet") for b in ("patches", "time")}
+    assert "- resumed " not in (out / "accuracy.md").read_text()
+
+    # Extending the finished run (all peers) computes only the new peer's arms, and the report names the
+    # extension; a rerun that computes nothing adds no such line.
+    for _ in range(2):
+        proc = subprocess.run(base, env=env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("done in") == 0, "a rerun of a finished run computed an arm again"
     with open(out / "accuracy.csv") as f:
         rows = list(csv.DictReader(f))
     arms = {(r["arm"], r["budget"]) for r in rows}
     assert arms == {("lnfm_pretrained", "both"), ("lnfm_scratch", "both")} | {
         (p, b) for p in ("unet", "dynunet", "swinunetr") for b in ("patches", "time")}
-    assert all(r["test_volumes"] == "1" and r["dice"] != "" for r in rows)
+    assert all(r["test_volumes"] == "1" and r["dice"] != "" and r["num_labeled"] == "1" for r in rows)
     md = (out / "accuracy.md").read_text()
+    assert md.count("- resumed ") == 1 and "`python bench/accuracy.py --smoke` (arms not finished" in md
     assert "Paired differences" in md and "lnfm_pretrained - dynunet (time)" in md
+    assert "lnfm_pretrained - swinunetr (time)" in md
     for png in ("accuracy_dice_vs_labelled.png", "accuracy_dice_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "accuracy_cases.csv").is_file()
-
-    # Extending the finished run (another labelled count, one peer) computes only the new arms, and the
-    # report names the extension; a rerun that computes nothing adds no such line.
-    extend = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke", "--workdir", str(tmp_path / "wd"),
-              "--out", str(out), "--num-labeled", "2", "--peers", "unet"]
-    for _ in range(2):
-        proc = subprocess.run(extend, env=env, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (out / "accuracy.md").read_text()
-    assert md.count("- resumed ") == 1 and "--num-labeled 2 --peers unet" in md
-    with open(out / "accuracy.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert {(r["arm"], r["budget"], r["num_labeled"]) for r in rows} == {
-        ("lnfm_pretrained", "both", "2"), ("lnfm_scratch", "both", "2"), ("unet", "patches", "2"),
-        ("unet", "time", "2")}
