@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.layers import no_eager_sharding
+from lnfm.models.layers import fan_in_uniform, no_eager_sharding
 from lnfm.models.conv_forms import block_conv_transpose, dense_conv, depthwise_conv, native_enabled
 from lnfm.models.grid_ops import integer_factors, upsample_trilinear
 
@@ -29,18 +29,7 @@ Stride = tuple[int, int, int]
 CONV_NAMES = (None, None, None, "conv_in", "conv_out")
 _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
-_he_init = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")  # He init for (leaky) ReLU stacks
-
-
-def _conv_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
-    """He init of a (..., cin, cout) kernel, drawn as a (fan_in, cout) matrix and reshaped.
-
-    The values equal `_he_init(key, shape)` bit for bit (the same fan-in, and threefry's bits
-    follow the flat index), but XLA:CPU compiles the partitionable threefry over a 5-D shape
-    10-30x slower (1.6-6.4 s per kernel against 0.2 s), which made building a head cost 20 s.
-    """
-    shape = tuple(shape)
-    return _he_init(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
+_conv_init = fan_in_uniform(2.0)  # He init for (leaky) ReLU stacks
 
 
 def as_stride(s) -> Stride:
