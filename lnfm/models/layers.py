@@ -26,6 +26,8 @@ HEADS4 = ("batch", "length", "act_heads", None)  # (B, T, heads, head_dim)
 HEADS5 = ("batch", "length", "act_heads", None, None)  # (B, T, heads, 3, head_dim)
 
 _trunc = nnx.initializers.truncated_normal(stddev=0.02)
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
 
 
 def fan_in_uniform(scale: float):
@@ -43,8 +45,7 @@ def fan_in_uniform(scale: float):
         return base(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
 
     return init
-_zeros = nnx.initializers.zeros_init()
-_ones = nnx.initializers.ones_init()
+
 
 REMAT_POLICIES = {
     "none": None,

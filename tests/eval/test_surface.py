@@ -1,8 +1,7 @@
 """Dice, HD95, ASSD and surface Dice against MONAI, medpy and DeepMind's surface-distance."""
 
-import warnings
-
 import math
+import warnings
 
 import numpy as np
 import pytest

@@ -126,4 +126,3 @@ def test_head_config_names_exactly_the_registered_heads():
     from lnfm.models.heads import HEADS, HeadConfig
 
     assert set(typing.get_args(typing.get_type_hints(HeadConfig)["kind"])) == set(HEADS)
-
