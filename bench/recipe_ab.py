@@ -1,7 +1,7 @@
 """Finetuning recipes side by side on dev phantoms of the held-out generator variant.
 
     python bench/recipe_ab.py --arm base= --arm noise="loader.noise_std=0.08" [--seeds 3] \
-        [--dev heldout,heldout_train_noise,train] [--workdir DIR]
+        [--dev heldout,heldout_train_noise,train] [--peer unet] [--workdir DIR]
 
 `bench/accuracy.py`'s cpu preset (its phantoms, its MAE pretraining, `finetune --quick`'s
 recipe with 4 labelled cases and 600 steps) with each arm's overrides appended. Every
@@ -15,6 +15,10 @@ seeds 505 and 606, never the benchmark's test seed) of one or more dev sets:
   which measures what that shift costs: `orient` (stored orientations), `spacing` (voxel
   sizes), `calib` (scanner HU calibration), `distract` (vessel-like distractors), `masks` (the
   real-mask pool and share).
+`--peer NAME` adds a peer of `bench/accuracy.py` (e.g. the MONAI UNet) trained per seed on the
+same loader and labelled cases for the first arm's training time, its size prior tuned on the
+same validation scans, and scored on the same dev sets: the equal-time comparison on each dev
+set, in-domain included, which the benchmark's test set (held-out variant only) cannot show.
 Prints mean Dice per arm, seed and dev set, and the paired differences of each arm against
 the first over (seed, volume) pairs. Finished arms are cached in the workdir's
 recipe_ab.jsonl, keyed by arm name and overrides, so a rerun resumes.
@@ -38,7 +42,8 @@ from lnfm.data.synth import SynthConfig, heldout_config, write_dataset
 from lnfm.eval.stats import fmt_ci, fmt_p, paired
 from lnfm.jobs import finetune as F
 from lnfm.jobs.export import export_model
-from lnfm.jobs.heldout import evaluate
+from lnfm.jobs.export_meta import read_meta
+from lnfm.jobs.heldout import evaluate, train_peer_model
 from lnfm.jobs.predict import load_predictor
 
 DEV_SEEDS = (505, 606)
@@ -101,11 +106,31 @@ def run_arm(name: str, overrides: list[str], seed: int, preset: A.Preset, bench:
     return row
 
 
+def run_peer(name: str, seed: int, first: dict, preset: A.Preset, bench: B.Benchmark,
+             devs: dict[str, list[B.TestCase]], work: Path) -> dict:
+    """Peer `name` trained for the first arm's time on its labelled cases, scored on every dev set."""
+    run_dir = work / "runs" / f"{first['arm']}_s{seed}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = A.finetune_config(preset, bench, "scratch", 4, seed)  # the loader and patch LNFM trains with
+    fn, meta, record = train_peer_model(
+        name, meta=read_meta(run_dir.with_name(run_dir.name + "_export")), store=bench.labelled_store,
+        train_ids=summary["train_ids"], loader=dataclasses.replace(cfg.loader, batch_size=cfg.train.global_batch),
+        overlap=preset.overlap, seed=seed, seconds=summary["train_time_s"], val=bench.val_cases)
+    row = {"arm": name, "overrides": [f"peer, {first['arm']}'s time"], "seed": seed,
+           "train_s": record["train_time_s"], "steps": record["steps"], "val_dice": None}
+    for kind, cases in devs.items():
+        scored, _ = evaluate(fn, meta, cases, preset.overlap)
+        row[f"dice_{kind}"] = [c["dice"] for c in scored]
+        row[f"sens_{kind}"] = [c.get("node_sensitivity") for c in scored]
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arm", action="append", required=True,
                     help='NAME=OVERRIDES: an arm and its space-separated finetuning overrides (NAME= for none)')
     ap.add_argument("--dev", default="heldout", help="comma-separated dev sets (heldout, heldout_train_noise, train)")
+    ap.add_argument("--peer", default=None, help="a peer (unet, dynunet) trained for the first arm's time")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workdir", default="runs/recipe_ab")
     args = ap.parse_args()
@@ -133,9 +158,20 @@ def main() -> None:
             with cache.open("a") as f:
                 f.write(json.dumps(rows[(name, seed)]) + "\n")
     names = list(arms)
+    if args.peer:
+        first = names[0]
+        peer = f"{args.peer} ({first}'s time)"
+        for seed in seeds:
+            r = rows.get((peer, seed))
+            if r is None or any(f"dice_{k}" not in r for k in kinds):
+                rows[(peer, seed)] = run_peer(args.peer, seed, rows[(first, seed)], preset, bench, devs, work)
+                rows[(peer, seed)]["arm"] = peer
+                with cache.open("a") as f:
+                    f.write(json.dumps(rows[(peer, seed)]) + "\n")
+        names.append(peer)
     for name, kind in itertools.product(names, kinds):
         dice = [round(float(np.mean(rows[(name, s)][f"dice_{kind}"])), 3) for s in seeds]
-        val = [rows[(name, s)]["val_dice"] for s in seeds]
+        val = [rows[(name, s)]["val_dice"] for s in seeds]  # None for a peer
         train_s = [round(rows[(name, s)]["train_s"]) for s in seeds]
         print(f"{name} on {kind}: Dice per seed {dice}, mean {np.mean(dice):.3f}; val {val}; training s {train_s}")
     for name, kind in itertools.product(names[1:], kinds):

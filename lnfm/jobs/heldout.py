@@ -78,11 +78,12 @@ def tune_for(fn: Callable[[np.ndarray], np.ndarray], meta: ExportMeta, val: Sequ
                                                                         max_elongation=elong))
 
 
-def train_and_score_peer(name: str, *, meta: ExportMeta, store: str | Path, train_ids: Sequence[str],
-                         loader: LoaderConfig, test: Sequence[TestCase], overlap: float, seed: int,
-                         steps: int | None = None, seconds: float | None = None,
-                         val: Sequence[TestCase] = ()) -> dict:
-    """Train peer `name` on LNFM's loader for `steps` or `seconds`, then score it with `evaluate`.
+def train_peer_model(name: str, *, meta: ExportMeta, store: str | Path, train_ids: Sequence[str],
+                     loader: LoaderConfig, overlap: float, seed: int, steps: int | None = None,
+                     seconds: float | None = None, val: Sequence[TestCase] = ()
+                     ) -> tuple[Callable[[np.ndarray], np.ndarray], ExportMeta, dict]:
+    """Train peer `name` on LNFM's loader for `steps` or `seconds`; returns its probability
+    function, the metadata to predict with, and the training record.
 
     `meta` is the LNFM export the peer is compared with: its contract (channels, spacing,
     normalisation, window size) and post-processing are the peer's too, except the node size
@@ -100,7 +101,17 @@ def train_and_score_peer(name: str, *, meta: ExportMeta, store: str | Path, trai
                             tuple(meta.preprocessing.contract.spacing), patch, seed)
     trained = peers.train_peer(peer, batches, peers.Budget(steps=steps, seconds=seconds))
     fn = peers.probability_fn(peer)
-    cases, infer = evaluate(fn, tune_for(fn, meta, val, overlap), test, overlap)
-    return {"train_ids": list(train_ids), "train_time_s": trained["train_time_s"], "steps": trained["steps"],
-            "params": int(sum(p.numel() for p in peer.net.parameters())), "infer_s_per_volume": infer,
-            "cases": cases}
+    record = {"train_ids": list(train_ids), "train_time_s": trained["train_time_s"], "steps": trained["steps"],
+              "params": int(sum(p.numel() for p in peer.net.parameters()))}
+    return fn, tune_for(fn, meta, val, overlap), record
+
+
+def train_and_score_peer(name: str, *, meta: ExportMeta, store: str | Path, train_ids: Sequence[str],
+                         loader: LoaderConfig, test: Sequence[TestCase], overlap: float, seed: int,
+                         steps: int | None = None, seconds: float | None = None,
+                         val: Sequence[TestCase] = ()) -> dict:
+    """`train_peer_model`, then the peer scored on `test` with `evaluate`."""
+    fn, tuned, record = train_peer_model(name, meta=meta, store=store, train_ids=train_ids, loader=loader,
+                                         overlap=overlap, seed=seed, steps=steps, seconds=seconds, val=val)
+    cases, infer = evaluate(fn, tuned, test, overlap)
+    return {**record, "infer_s_per_volume": infer, "cases": cases}
