@@ -106,9 +106,10 @@ def run_arm(name: str, overrides: list[str], seed: int, preset: A.Preset, bench:
     return row
 
 
-def run_peer(name: str, seed: int, first: dict, preset: A.Preset, bench: B.Benchmark,
+def run_peer(name: str, label: str, seed: int, first: dict, preset: A.Preset, bench: B.Benchmark,
              devs: dict[str, list[B.TestCase]], work: Path) -> dict:
-    """Peer `name` trained for the first arm's time on its labelled cases, scored on every dev set."""
+    """Peer `name` trained for the first arm's time on its labelled cases, scored on every dev set;
+    cached as arm `label`."""
     run_dir = work / "runs" / f"{first['arm']}_s{seed}"
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = A.finetune_config(preset, bench, "scratch", 4, seed)  # the loader and patch LNFM trains with
@@ -116,7 +117,7 @@ def run_peer(name: str, seed: int, first: dict, preset: A.Preset, bench: B.Bench
         name, meta=read_meta(run_dir.with_name(run_dir.name + "_export")), store=bench.labelled_store,
         train_ids=summary["train_ids"], loader=dataclasses.replace(cfg.loader, batch_size=cfg.train.global_batch),
         overlap=preset.overlap, seed=seed, seconds=summary["train_time_s"], val=bench.val_cases)
-    row = {"arm": name, "overrides": [f"peer, {first['arm']}'s time"], "seed": seed,
+    row = {"arm": label, "overrides": [f"peer, {first['arm']}'s time"], "seed": seed,
            "train_s": record["train_time_s"], "steps": record["steps"], "val_dice": None}
     for kind, cases in devs.items():
         scored, _ = evaluate(fn, meta, cases, preset.overlap)
@@ -164,8 +165,7 @@ def main() -> None:
         for seed in seeds:
             r = rows.get((peer, seed))
             if r is None or any(f"dice_{k}" not in r for k in kinds):
-                rows[(peer, seed)] = run_peer(args.peer, seed, rows[(first, seed)], preset, bench, devs, work)
-                rows[(peer, seed)]["arm"] = peer
+                rows[(peer, seed)] = run_peer(args.peer, peer, seed, rows[(first, seed)], preset, bench, devs, work)
                 with cache.open("a") as f:
                     f.write(json.dumps(rows[(peer, seed)]) + "\n")
         names.append(peer)
