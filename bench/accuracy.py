@@ -164,11 +164,16 @@ def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, se
 # ----------------------------------------------------------------------------- peers
 
 
+def peer_loader(preset: Preset, bench: B.Benchmark, n: int, seed: int):
+    """The loader settings and finetuning config LNFM trains with, for a peer on the same patches."""
+    cfg = finetune_config(preset, bench, "scratch", n, seed)
+    return dataclasses.replace(cfg.loader, batch_size=cfg.train.global_batch), cfg
+
+
 def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int, seed: int, workdir: Path,
              lnfm_time: float) -> dict:
-    cfg = finetune_config(preset, bench, "scratch", n, seed)  # the loader and patch LNFM trains with
+    loader, cfg = peer_loader(preset, bench, n, seed)
     meta = read_meta(workdir / "runs" / f"lnfm_pretrained_n{n}_s{seed}_export")
-    loader = dataclasses.replace(cfg.loader, batch_size=cfg.train.global_batch)
     spend = {"steps": cfg.train.steps} if budget == "patches" else {"seconds": lnfm_time}
     return train_and_score_peer(name, meta=meta, store=bench.labelled_store,
                                 train_ids=select_subset(bench.pool, n, seed), loader=loader, test=bench.test,

@@ -112,10 +112,9 @@ def run_peer(name: str, label: str, seed: int, first: dict, preset: A.Preset, be
     cached as arm `label`."""
     run_dir = work / "runs" / f"{first['arm']}_s{seed}"
     summary = json.loads((run_dir / "summary.json").read_text())
-    cfg = A.finetune_config(preset, bench, "scratch", 4, seed)  # the loader and patch LNFM trains with
     fn, meta, record = train_peer_model(
         name, meta=read_meta(run_dir.with_name(run_dir.name + "_export")), store=bench.labelled_store,
-        train_ids=summary["train_ids"], loader=dataclasses.replace(cfg.loader, batch_size=cfg.train.global_batch),
+        train_ids=summary["train_ids"], loader=A.peer_loader(preset, bench, 4, seed)[0],
         overlap=preset.overlap, seed=seed, seconds=summary["train_time_s"], val=bench.val_cases)
     row = {"arm": label, "overrides": [f"peer, {first['arm']}'s time"], "seed": seed,
            "train_s": record["train_time_s"], "steps": record["steps"], "val_dice": None}
