@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from typing import NamedTuple
 
 from lnfm import __version__
@@ -49,10 +50,38 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+    """A RuntimeError('Event loop is closed') raised by `loop.call_soon_threadsafe`: TensorStore's
+    callback thread finishing a write after Orbax's event loop was closed by a failed one."""
+    if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != "Event loop is closed":
+        return False
+    frames = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in frames
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed Orbax write (a full disk) TensorStore reports in-flight writes' callbacks to a
+    closed loop through `sys.unraisablehook`: library noise after the real error, which the job
+    reports in one line. Send those to the log at debug level; everything else to the usual hook."""
+    if getattr(sys.unraisablehook, "lnfm_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if _is_closed_loop_callback(unraisable):
+            logging.getLogger("lnfm").debug("write callback after its event loop closed: %s", unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    hook.lnfm_filter = True
+    sys.unraisablehook = hook
+
+
 def run_job(name: str, argv: list[str]) -> int:
     """Run job `name` with its arguments `argv`; the exit code (2: user error, 3: non-finite loss,
     143: SIGTERM, 130: Ctrl-C)."""
     main = importlib.import_module(JOBS[name].module).main
+    _quiet_closed_loop_callbacks()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, on_sigterm)
