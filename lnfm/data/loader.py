@@ -40,6 +40,7 @@ class LoaderConfig:
     rotate_deg: float = 0.0  # random in-plane rotation up to this many degrees (0 = off)
     scale: float = 0.0  # random zoom by up to this fraction (0 = off)
     tilt_deg: float = 0.0  # random out-of-plane tilt about both in-plane axes up to this many degrees (0 = off)
+    spatial_p: float = 0.2  # share of patches rotated, tilted and zoomed when those are on (nnU-Net: 0.2)
     low_res: float = 1.0  # simulate a scan up to this many times coarser per axis, half the patches (1 = off)
     blur_sigma: float = 0.0  # Gaussian blur up to this sigma (voxels), a fifth of the patches (0 = off)
     noise_std: float = 0.0  # Gaussian noise up to this std (normalised units), 30% of the patches (0 = off)
@@ -128,8 +129,13 @@ class PatchSampler(grain.transforms.RandomMap):
         label = read_box(self._array(self.stores[s], rec["label_path"]), ctx_start, tuple(ctx), 0, np.uint8) \
             if self.labels else None
         if tuple(ctx) != tuple(cfg.patch_size):
-            image, label = rotate_scale(image, label, tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, rng,
-                                        cfg.tilt_deg)
+            if rng.random() < cfg.spatial_p:
+                image, label = rotate_scale(image, label, tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, rng,
+                                            cfg.tilt_deg)
+            else:  # the patch itself: the centre of the context region
+                a = ctx // 2 - size // 2  # where `start` lies in the context region
+                box = (slice(a[0], a[0] + size[0]), slice(a[1], a[1] + size[1]), slice(a[2], a[2] + size[2]))
+                image, label = image[box], (label[box] if label is not None else None)
         image, label = flip_rot90(image, label, rng, cfg.flips, cfg.rot90)
         image = low_resolution(image, rng, cfg.low_res)
         image = blur(image, rng, cfg.blur_sigma)

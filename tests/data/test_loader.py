@@ -142,13 +142,31 @@ def test_per_process_shards_are_disjoint(tmp_path):
 def test_augmentations_keep_image_and_label_aligned(big_store):
     # Window 0..100 HU: body (~40 HU) -> ~0.4, node (70 HU) -> 0.7. Every augmentation on.
     cfg = LoaderConfig(patch_size=PATCH, batch_size=8, fg_fraction=1.0, intensity_scale=0.0, intensity_shift=0.0,
-                       rotate_deg=20.0, tilt_deg=20.0, scale=0.15, hu_window=(0.0, 100.0))
+                       rotate_deg=20.0, tilt_deg=20.0, scale=0.15, spatial_p=1.0, hu_window=(0.0, 100.0))
     it = iter(make_loader([big_store], cfg, labels=True, shard_index=0, shard_count=1))
     for b in _take(it, 2):
         img, lab = b["image"][..., 0], b["label"]
         assert lab.sum() > 0
         assert (img[lab > 0] > 0.55).mean() > 0.7  # labelled voxels show the node
         assert (img[lab == 0] > 0.55).mean() < 0.05
+
+
+def test_spatial_p_is_the_share_of_resampled_patches(tmp_path):
+    """A body of exactly 40 HU and a 70 HU node: a patch read as stored holds just those two values;
+    a rotated and zoomed one (linear interpolation) also holds values between them."""
+    store = _store(tmp_path, [(48, 48, 48)], body_hu=40, node=3)
+
+    def resampled(p: float) -> np.ndarray:
+        cfg = LoaderConfig(patch_size=PATCH, batch_size=8, fg_fraction=1.0, flips=False, rot90=False,
+                           intensity_scale=0.0, intensity_shift=0.0, rotate_deg=20.0, scale=0.15, spatial_p=p,
+                           hu_window=(0.0, 100.0))
+        images = np.concatenate([b["image"] for b in _take(iter(make_loader([store], cfg, labels=True,
+                                                                            shard_index=0, shard_count=1)), 4)])
+        return np.array([len(np.unique(x)) > 2 for x in images])
+
+    assert not resampled(0.0).any()
+    assert resampled(1.0).all()
+    assert 0.2 < resampled(0.5).mean() < 0.8
 
 
 def test_store_mixing_weights(tmp_path):
