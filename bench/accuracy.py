@@ -145,17 +145,22 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
                                   repeats=1, quick=preset.quick)
 
 
+def finetune_and_export(cfg, run_dir: Path) -> tuple[dict, object, object]:
+    """Finetune `cfg` into `run_dir` (kept when it finished before), export it next to it as
+    RUN_export; (its summary, the export's probability function, its metadata)."""
+    if not (run_dir / "summary.json").is_file() and F.run(cfg, run_dir) != 0:
+        raise RuntimeError(f"{run_dir}: finetuning failed")
+    export = run_dir.with_name(run_dir.name + "_export")
+    export_model(run_dir, export, "orbax", force=True)
+    fn, meta = load_predictor(export)
+    return json.loads((run_dir / "summary.json").read_text()), fn, meta
+
+
 def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, seed: int, workdir: Path) -> dict:
     init = "scratch" if arm == "lnfm_scratch" else str(pre)
     extra = (f"unlabelled={json.dumps([str(bench.unlabelled_store)])}",) if arm == "lnfm_selftrain" else ()
     cfg = finetune_config(preset, bench, init, n, seed, extra)
-    run_dir = workdir / "runs" / f"{arm}_n{n}_s{seed}"
-    if not (run_dir / "summary.json").is_file() and F.run(cfg, run_dir) != 0:
-        raise RuntimeError(f"{run_dir}: finetuning failed")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    export = run_dir.with_name(run_dir.name + "_export")
-    export_model(run_dir, export, "orbax", force=True)
-    fn, meta = load_predictor(export)
+    summary, fn, meta = finetune_and_export(cfg, workdir / "runs" / f"{arm}_n{n}_s{seed}")
     cases, infer = evaluate(fn, meta, bench.test, preset.overlap)
     return {"train_ids": summary["train_ids"], "train_time_s": summary["train_time_s"], "steps": preset.steps,
             "params": summary["trainable_params"], "infer_s_per_volume": infer, "cases": cases}

@@ -40,11 +40,8 @@ from lnfm.data import benchmark as B
 from lnfm.data import synth as S
 from lnfm.data.synth import SynthConfig, heldout_config, write_dataset
 from lnfm.eval.stats import fmt_ci, fmt_p, paired
-from lnfm.jobs import finetune as F
-from lnfm.jobs.export import export_model
 from lnfm.jobs.export_meta import read_meta
 from lnfm.jobs.heldout import evaluate, train_peer_model
-from lnfm.jobs.predict import load_predictor
 
 DEV_SEEDS = (505, 606)
 _TRAIN, _HELD = S.VARIANTS["train"], S.VARIANTS["heldout"]
@@ -90,17 +87,16 @@ def dev_cases(work: Path, shape, kind: str, folder_prefix: str | None = None) ->
 def run_arm(name: str, overrides: list[str], seed: int, preset: A.Preset, bench: B.Benchmark, pre: Path,
             devs: dict[str, list[B.TestCase]], work: Path) -> dict:
     cfg = A.finetune_config(preset, bench, str(pre), 4, seed, extra=tuple(overrides))
-    run_dir = work / "runs" / f"{name}_s{seed}"
-    if not (run_dir / "summary.json").is_file() and F.run(cfg, run_dir) != 0:
-        raise RuntimeError(f"{run_dir}: finetuning failed")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    export = run_dir.with_name(run_dir.name + "_export")
-    export_model(run_dir, export, "orbax", force=True)
-    fn, meta = load_predictor(export)
+    summary, fn, meta = A.finetune_and_export(cfg, work / "runs" / f"{name}_s{seed}")
     row = {"arm": name, "overrides": overrides, "seed": seed, "train_s": summary["train_time_s"],
            "val_dice": summary.get("best_val_dice")}
+    return score_on(row, fn, meta, devs, preset.overlap)
+
+
+def score_on(row: dict, fn, meta, devs: dict[str, list[B.TestCase]], overlap: float) -> dict:
+    """`row` with each dev set's per-volume Dice and node sensitivity."""
     for kind, cases in devs.items():
-        scored, _ = evaluate(fn, meta, cases, preset.overlap)
+        scored, _ = evaluate(fn, meta, cases, overlap)
         row[f"dice_{kind}"] = [c["dice"] for c in scored]
         row[f"sens_{kind}"] = [c.get("node_sensitivity") for c in scored]
     return row
@@ -118,11 +114,7 @@ def run_peer(name: str, label: str, seed: int, first: dict, preset: A.Preset, be
         overlap=preset.overlap, seed=seed, seconds=summary["train_time_s"], val=bench.val_cases)
     row = {"arm": label, "overrides": [f"peer, {first['arm']}'s time"], "seed": seed,
            "train_s": record["train_time_s"], "steps": record["steps"], "val_dice": None}
-    for kind, cases in devs.items():
-        scored, _ = evaluate(fn, meta, cases, preset.overlap)
-        row[f"dice_{kind}"] = [c["dice"] for c in scored]
-        row[f"sens_{kind}"] = [c.get("node_sensitivity") for c in scored]
-    return row
+    return score_on(row, fn, meta, devs, preset.overlap)
 
 
 def main() -> None:
