@@ -5,8 +5,10 @@ on stderr and exits 2; so does a write that finds the disk full (`lnfm.errors.di
 a `NonFiniteLoss` exits 3; anything else is a bug and keeps its traceback. SIGTERM (outside
 the training loop, which saves and exits 0) and Ctrl-C stop the job like an exception, so
 its cleanups remove what it had half-written: one line, exit 128 + the signal number (143,
-130), as a shell reports a job killed by that signal. The entry scripts (data_prep/*.py,
-pretrain/pretrain.py, finetune/*.py, launch/plan.py) are shims over `run_job`.
+130), as a shell reports a job killed by that signal. Library noise after a failed write
+(TensorStore's callbacks to Orbax's closed event loop) goes to the debug log, so the one line
+stands alone. The entry scripts (data_prep/*.py, pretrain/pretrain.py, finetune/*.py,
+launch/plan.py) are shims over `run_job`.
 """
 
 from __future__ import annotations
