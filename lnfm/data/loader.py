@@ -120,6 +120,8 @@ class PatchSampler(grain.transforms.RandomMap):
             centre = rng.integers(0, shape) if np.all(shape > 0) else np.zeros(3, int)
         start = patch_start(centre, shape, size)
         ctx = np.asarray(context_size(tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, cfg.tilt_deg))
+        resample = tuple(ctx) != tuple(cfg.patch_size) and rng.random() < cfg.spatial_p
+        ctx = ctx if resample else size  # a patch read as stored needs no context around it
         ctx_start = start + size // 2 - ctx // 2
         chans = []
         for path, name in zip(rec["image_path"], rec["channels"]):
@@ -128,14 +130,9 @@ class PatchSampler(grain.transforms.RandomMap):
         image = normalize(np.stack(chans, axis=-1), cfg, rec["channels"])
         label = read_box(self._array(self.stores[s], rec["label_path"]), ctx_start, tuple(ctx), 0, np.uint8) \
             if self.labels else None
-        if tuple(ctx) != tuple(cfg.patch_size):
-            if rng.random() < cfg.spatial_p:
-                image, label = rotate_scale(image, label, tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, rng,
-                                            cfg.tilt_deg)
-            else:  # the patch itself: the centre of the context region
-                a = ctx // 2 - size // 2  # where `start` lies in the context region
-                box = (slice(a[0], a[0] + size[0]), slice(a[1], a[1] + size[1]), slice(a[2], a[2] + size[2]))
-                image, label = image[box], (label[box] if label is not None else None)
+        if resample:
+            image, label = rotate_scale(image, label, tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, rng,
+                                        cfg.tilt_deg)
         image, label = flip_rot90(image, label, rng, cfg.flips, cfg.rot90)
         image = low_resolution(image, rng, cfg.low_res)
         image = blur(image, rng, cfg.blur_sigma)
