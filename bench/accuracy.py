@@ -145,12 +145,17 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
                                   repeats=1, quick=preset.quick)
 
 
+def export_dir(run_dir: Path) -> Path:
+    """Where an arm's finetuning run `run_dir` is exported: RUN_export beside it."""
+    return run_dir.with_name(run_dir.name + "_export")
+
+
 def finetune_and_export(cfg, run_dir: Path) -> tuple[dict, object, object]:
     """Finetune `cfg` into `run_dir` (kept when it finished before), export it next to it as
     RUN_export; (its summary, the export's probability function, its metadata)."""
     if not (run_dir / "summary.json").is_file() and F.run(cfg, run_dir) != 0:
         raise RuntimeError(f"{run_dir}: finetuning failed")
-    export = run_dir.with_name(run_dir.name + "_export")
+    export = export_dir(run_dir)
     export_model(run_dir, export, "orbax", force=True)
     fn, meta = load_predictor(export)
     return json.loads((run_dir / "summary.json").read_text()), fn, meta
@@ -178,7 +183,7 @@ def peer_loader(preset: Preset, bench: B.Benchmark, n: int, seed: int):
 def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int, seed: int, workdir: Path,
              lnfm_time: float) -> dict:
     loader, cfg = peer_loader(preset, bench, n, seed)
-    meta = read_meta(workdir / "runs" / f"lnfm_pretrained_n{n}_s{seed}_export")
+    meta = read_meta(export_dir(workdir / "runs" / f"lnfm_pretrained_n{n}_s{seed}"))
     spend = {"steps": cfg.train.steps} if budget == "patches" else {"seconds": lnfm_time}
     return train_and_score_peer(name, meta=meta, store=bench.labelled_store,
                                 train_ids=select_subset(bench.pool, n, seed), loader=loader, test=bench.test,

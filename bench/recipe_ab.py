@@ -109,7 +109,7 @@ def run_peer(name: str, label: str, seed: int, first: dict, preset: A.Preset, be
     run_dir = work / "runs" / f"{first['arm']}_s{seed}"
     summary = json.loads((run_dir / "summary.json").read_text())
     fn, meta, record = train_peer_model(
-        name, meta=read_meta(run_dir.with_name(run_dir.name + "_export")), store=bench.labelled_store,
+        name, meta=read_meta(A.export_dir(run_dir)), store=bench.labelled_store,
         train_ids=summary["train_ids"], loader=A.peer_loader(preset, bench, 4, seed)[0],
         overlap=preset.overlap, seed=seed, seconds=summary["train_time_s"], val=bench.val_cases)
     row = {"arm": label, "overrides": [f"peer, {first['arm']}'s time"], "seed": seed,
