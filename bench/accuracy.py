@@ -1,6 +1,6 @@
 """Lymph-node segmentation accuracy of LNFM against the peers a user would pick instead.
 
-    python bench/accuracy.py --preset cpu            # about an hour on 2 CPU cores
+    python bench/accuracy.py --preset cpu            # hours on 2 CPU cores (--arms, --peers, --seeds: a subset)
     python bench/accuracy.py --preset gpu            # the full grid, for an accelerator
     python bench/accuracy.py --smoke --out DIR       # seconds-scale run of every arm (the test suite)
 
@@ -90,11 +90,12 @@ class Preset:
 
 
 PRESETS = {
-    # 5 seeds x 4 labelled cases x (2 LNFM arms + 2 peers x 2 budgets) at `finetune --quick`'s 600 steps
-    # (the demo's): 63 min on 2 idle cores. SwinUNETR (seconds per CPU step) and the labelled-count grid
-    # are the gpu preset's.
+    # 5 seeds x 4 labelled cases at `finetune --quick`'s 2800 steps (the goal's 10-minute point): each LNFM
+    # arm about 9 minutes per seed on 2 idle cores, each equal-time peer as long; `--arms lnfm_pretrained
+    # --peers unet` is the peer comparison alone (about 20 minutes per seed). SwinUNETR (seconds per CPU
+    # step) and the labelled-count grid are the gpu preset's.
     "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=8, val=2, test=8, shape=(96, 96, 48)), seeds=5,
-                  num_labeled=[4], steps=600, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
+                  num_labeled=[4], steps=2800, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
                   peers=("unet", "dynunet"), overlap=0.25, quick=True),
     "gpu": Preset(B.BenchmarkSpec(unlabelled=40, labelled=16, val=4, test=16, shape=(160, 160, 96)), seeds=5,
                   num_labeled=[1, 2, 4, 8, 16], steps=2000, patch=None, pretrain_config="vit_b",
@@ -432,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-labeled", default=None,
                     help="comma-separated labelled-case counts overriding the preset's (e.g. 1,2,4 for a curve)")
     ap.add_argument("--report-only", action="store_true", help="write the report of the finished arms and stop")
+    ap.add_argument("--arms", default=None,
+                    help=f"comma-separated subset of the LNFM arms to run ({','.join(LNFM_ARMS)}); the peers' "
+                         f"time budget is the longest of those run")
     ap.add_argument("--peers", default=None,
                     help="comma-separated subset of the peers to run (e.g. to run them in parallel processes "
                          "that share the workdir; the LNFM arms are shared)")
@@ -444,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         preset = dataclasses.replace(preset, seeds=args.seeds)
     if args.peers is not None:
         preset = dataclasses.replace(preset, peers=tuple(p for p in args.peers.split(",") if p))
+    if args.arms is not None:
+        arms = tuple(a for a in args.arms.split(",") if a)
+        if not arms or set(arms) - set(LNFM_ARMS):
+            ap.error(f"--arms: choose from {', '.join(LNFM_ARMS)}")
+        preset = dataclasses.replace(preset, lnfm_arms=arms)
     if args.num_labeled is not None:
         preset = dataclasses.replace(preset, num_labeled=[int(n) for n in args.num_labeled.split(",")])
     workdir = Path(args.workdir or REPO / "runs" / f"accuracy_{name}")
@@ -452,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         (["--smoke"] if args.smoke else ["--preset", args.preset]) +
         (["--seeds", str(args.seeds)] if args.seeds is not None else []) +
         (["--num-labeled", args.num_labeled] if args.num_labeled is not None else []) +
+        (["--arms", args.arms] if args.arms is not None else []) +
         (["--peers", args.peers] if args.peers is not None else []))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     return run(name, preset, workdir, out, command, args.report_only)

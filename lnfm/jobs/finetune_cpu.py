@@ -24,7 +24,7 @@ from lnfm.train.mfu import forward_flops, train_flops
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
 FAST_CPU_FLOPS = 2e11  # 40x the 5 GFLOP/s measured on 2 shared cores for a 3D conv: runs that fit at
 # this rate fit anywhere and skip the measurement
-CPU_PRESET = "--quick"  # lnfm.jobs.finetune.QUICK: 32^3 patches, the fine head, 600 steps
+CPU_PRESET = "--quick"  # lnfm.jobs.finetune.QUICK: 32^3 patches, the fine head, 2800 steps
 
 
 def cpu_conv_rate() -> float:
@@ -64,4 +64,4 @@ def cpu_notice(cfg, rate: float | None = None) -> str | None:
     return (f"no accelerator: the {cfg.site.name} preset ({cfg.head.kind} head, "
             f"{'x'.join(map(str, cfg.site.patch))} patch, batch {cfg.train.global_batch}, {cfg.train.steps} steps) "
             f"is sized for a GPU; planner estimate on this CPU: {per_step:.0f} s/step, {total / 3600:.1f} h in all. "
-            f"Use the CPU preset instead: add {CPU_PRESET} (32^3 patches, the fine head, 600 steps)")
+            f"Use the CPU preset instead: add {CPU_PRESET} (32^3 patches, the fine head, 2800 steps)")
