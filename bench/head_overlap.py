@@ -3,7 +3,7 @@
     python bench/head_overlap.py [--heads fine,unetr] [--overlaps 0.5,0.25] [--seeds 3] [--workdir DIR]
 
 `bench/accuracy.py`'s cpu preset (its phantoms, its MAE pretraining, `finetune --quick`'s
-recipe with 4 labelled cases and 600 steps), with `head.kind` set per arm. Each finetuned
+recipe with 4 labelled cases and `recipe_ab.BASE_STEPS` = 600 steps), with `head.kind` set per arm. Each finetuned
 model is exported and scored through `lnfm.jobs.predict` at every overlap on dev phantoms
 of the held-out generator variant (dataset seeds 505 and 606, never the benchmark's test
 seed). Prints mean Dice per seed and the paired differences over (seed, volume) pairs;
@@ -23,10 +23,7 @@ import accuracy as A
 import recipe_ab
 from lnfm.data import benchmark as B
 from lnfm.eval.stats import fmt_ci, fmt_p, paired
-from lnfm.jobs import finetune as F
-from lnfm.jobs.export import export_model
 from lnfm.jobs.heldout import evaluate
-from lnfm.jobs.predict import load_predictor
 
 def dev_cases(work: Path, shape) -> list[B.TestCase]:
     return recipe_ab.dev_cases(work, shape, "heldout", folder_prefix="phantoms_dev")
@@ -34,13 +31,8 @@ def dev_cases(work: Path, shape) -> list[B.TestCase]:
 
 def run_arm(head: str, seed: int, preset: A.Preset, bench: B.Benchmark, pre: Path, dev, overlaps, work: Path) -> dict:
     cfg = A.finetune_config(preset, bench, str(pre), 4, seed, extra=(f"head.kind={head}",))
-    run_dir = work / "runs" / f"{head}_s{seed}"
-    if not (run_dir / "summary.json").is_file() and F.run(cfg, run_dir) != 0:
-        raise RuntimeError(f"{run_dir}: finetuning failed")
-    export = run_dir.with_name(run_dir.name + "_export")
-    export_model(run_dir, export, "orbax", force=True)
-    fn, meta = load_predictor(export)
-    row = {"head": head, "seed": seed, "train_s": json.loads((run_dir / "summary.json").read_text())["train_time_s"]}
+    summary, fn, meta = A.finetune_and_export(cfg, work / "runs" / f"{head}_s{seed}")
+    row = {"head": head, "seed": seed, "train_s": summary["train_time_s"]}
     for ov in overlaps:
         cases, infer = evaluate(fn, meta, dev, ov)
         row[f"dice_{ov}"], row[f"infer_{ov}"] = [c["dice"] for c in cases], infer
@@ -57,7 +49,7 @@ def main() -> None:
     heads, overlaps = args.heads.split(","), [float(o) for o in args.overlaps.split(",")]
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    preset = A.PRESETS["cpu"]
+    preset = recipe_ab.base_preset()
     bench = B.build(preset.data, work)
     dev = dev_cases(work, preset.data.shape)
     pre = A.pretrain(preset, bench, work)

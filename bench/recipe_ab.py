@@ -4,7 +4,8 @@
         [--dev heldout,heldout_train_noise,train] [--peer unet] [--workdir DIR]
 
 `bench/accuracy.py`'s cpu preset (its phantoms, its MAE pretraining, `finetune --quick`'s
-recipe with 4 labelled cases and 600 steps) with each arm's overrides appended. Every
+recipe with 4 labelled cases) at BASE_STEPS = 600 steps, the recipe every documented comparison was
+measured against, with each arm's overrides appended (`train.steps=2800` for the CPU recipe's length). Every
 finetuned model is exported and scored through `lnfm.jobs.predict` on dev phantoms (dataset
 seeds 505 and 606, never the benchmark's test seed) of one or more dev sets:
 - `heldout`: the held-out generator variant, as the benchmark's test phantoms;
@@ -54,6 +55,14 @@ FACTORS = {
     "distract": ({"distractors": _TRAIN.distractors, "oblique_distractors": _TRAIN.oblique_distractors}, {}),
     "masks": ({"mask_pool": _TRAIN.mask_pool}, {"real_shape_fraction": SynthConfig().real_shape_fraction}),
 }
+
+
+BASE_STEPS = 600  # the base arm's length in every comparison in docs/results and docs/finetuning.md
+
+
+def base_preset() -> A.Preset:
+    """The cpu preset at BASE_STEPS, so the documented commands still reproduce their figures."""
+    return dataclasses.replace(A.PRESETS["cpu"], steps=BASE_STEPS)
 
 
 def dev_config(kind: str, base: SynthConfig, seed: int) -> SynthConfig:
@@ -133,7 +142,7 @@ def main() -> None:
     kinds = args.dev.split(",")
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    preset = A.PRESETS["cpu"]
+    preset = base_preset()
     bench = B.build(preset.data, work)
     devs = {k: dev_cases(work, preset.data.shape, k) for k in kinds}
     pre = A.pretrain(preset, bench, work)

@@ -52,7 +52,7 @@ from lnfm.eval.postprocess import PostprocessConfig, tune_size_prior
 from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.surface import dice as dice_score
 from lnfm.jobs.finetune_config import FinetuneConfig, FinetuneTrainConfig, HeadConfig
-from lnfm.jobs.finetune_cpu import cpu_notice
+from lnfm.jobs.finetune_cpu import QUICK, cpu_notice
 from lnfm.jobs.export_meta import read_meta
 from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
@@ -95,15 +95,6 @@ DEFAULTS: dict = {
     "checkpoint": {"every": 500, "keep": 2},
 }
 
-# `--quick`: the CPU recipe (32^3 patches, about 9 minutes on 2 cores) with the fine head, whose strided
-# convolutions are matmuls and whose full-resolution level has 8 channels, so a CPU step costs about
-# what a MONAI U-Net's does (docs/results/fewshot_peer.md). The site's freezing strategy is kept.
-# 2800 steps is the 10-minute point: on 5 dev seeds it beat 600 steps held-out (+0.037, p = 0.033) and
-# in-domain (+0.054, p = 0.013) (docs/results/README.md). `make demo` passes its own, shorter, step count.
-QUICK = ["site.patch=[32,32,32]", "train.steps=2800", "train.global_batch=2", "train.eval_every=400",
-         "train.log_every=50", "checkpoint.every=400", "optim.warmup_steps=20", "optim.lr=2e-3",
-         "head.kind=fine", "inference.overlap=0.25",
-         "model.img_size=[32,32,32]", "model.patch_size=[8,8,8]"]
 
 
 # ----------------------------------------------------------------------------- config
@@ -714,7 +705,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
     ap.add_argument("--quick", action="store_true",
-                    help="the CPU recipe (lnfm.jobs.finetune.QUICK: 32^3 patches, 2800 steps, the fine head)")
+                    help="the CPU recipe (lnfm.jobs.finetune_cpu.QUICK: 32^3 patches, 2800 steps, the fine head)")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
     return ap.parse_args(argv)

@@ -25,3 +25,17 @@ def test_no_notice_for_the_cpu_preset_or_on_an_accelerator(monkeypatch):
     assert finetune_cpu.cpu_notice(load_finetune_config("pelvis", [], quick=True), 1e10) is None
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert finetune_cpu.cpu_notice(load_finetune_config("mediastinum", []), 1e10) is None
+
+
+def test_the_cpu_recipe_gets_no_notice_however_slow_the_cpu():
+    """A CPU too slow for --quick within the budget must not be told to add --quick."""
+    slow = 1e6  # FLOP/s: every preset, the CPU recipe included, estimates far past the budget
+    quick = load_finetune_config("pelvis", ["train.steps=1000000"], quick=True)
+    assert finetune_cpu.is_cpu_recipe(quick)
+    assert finetune_cpu.cpu_notice(quick, slow) is None
+    # The CPU recipe with a larger patch is no longer it, and is told so.
+    bigger = load_finetune_config("pelvis", ["site.patch=[64,64,64]", "model.img_size=[64,64,64]",
+                                                "train.steps=1000000"], quick=True)
+    assert not finetune_cpu.is_cpu_recipe(bigger)
+    line = finetune_cpu.cpu_notice(bigger, slow)
+    assert line is not None and "--quick" in line and "64x64x64" in line
