@@ -87,6 +87,7 @@ class Preset:
     overlap: float = 0.5  # sliding-window overlap of every arm's evaluation (and of LNFM's own validation)
     quick: bool = False  # LNFM finetunes with `finetune --quick`'s CPU recipe (patch, LR, warm-up, head)
     lnfm_arms: tuple[str, ...] = LNFM_ARMS
+    budgets: tuple[str, ...] = BUDGETS  # the peers' training budgets
 
 
 PRESETS = {
@@ -414,7 +415,7 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
             if preset.time_cap_s is not None:
                 lnfm_time = min(lnfm_time, preset.time_cap_s)
             for name in preset.peers:
-                for budget in BUDGETS:
+                for budget in preset.budgets:
                     cached((name, budget, n, seed),
                            lambda: run_peer(name, budget, preset, bench, n, seed, workdir, lnfm_time))
             report(results, out, preset_name, preset, command, header, complete=False)
@@ -436,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default=None,
                     help=f"comma-separated subset of the LNFM arms to run ({','.join(LNFM_ARMS)}); the peers' "
                          f"time budget is the longest of those run")
+    ap.add_argument("--budgets", default=None,
+                    help=f"comma-separated subset of the peers' budgets ({','.join(BUDGETS)})")
     ap.add_argument("--peers", default=None,
                     help="comma-separated subset of the peers to run (e.g. to run them in parallel processes "
                          "that share the workdir; the LNFM arms are shared)")
@@ -453,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         if not arms or set(arms) - set(LNFM_ARMS):
             ap.error(f"--arms: choose from {', '.join(LNFM_ARMS)}")
         preset = dataclasses.replace(preset, lnfm_arms=arms)
+    if args.budgets is not None:
+        budgets = tuple(b for b in args.budgets.split(",") if b)
+        if not budgets or set(budgets) - set(BUDGETS):
+            ap.error(f"--budgets: choose from {', '.join(BUDGETS)}")
+        preset = dataclasses.replace(preset, budgets=budgets)
     if args.num_labeled is not None:
         preset = dataclasses.replace(preset, num_labeled=[int(n) for n in args.num_labeled.split(",")])
     workdir = Path(args.workdir or REPO / "runs" / f"accuracy_{name}")
@@ -462,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         (["--seeds", str(args.seeds)] if args.seeds is not None else []) +
         (["--num-labeled", args.num_labeled] if args.num_labeled is not None else []) +
         (["--arms", args.arms] if args.arms is not None else []) +
+        (["--budgets", args.budgets] if args.budgets is not None else []) +
         (["--peers", args.peers] if args.peers is not None else []))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     return run(name, preset, workdir, out, command, args.report_only)
