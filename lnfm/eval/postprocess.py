@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,12 @@ def apply_size_prior(mask: np.ndarray, spacing, min_short_axis_mm: float = 0.0, 
     if max_elongation > 0:
         keep[1:] &= diam[:, 0] <= max_elongation * diam[:, 2]
     return keep[labels]
+
+
+def without_size_prior(cfg: PostprocessConfig) -> PostprocessConfig:
+    """`cfg` with the node size prior off: what `tune_size_prior` must be given predictions under, since
+    a prior already applied hides the components a milder setting would keep."""
+    return dataclasses.replace(cfg, min_short_axis_mm=0.0, max_elongation=0.0)
 
 
 def tune_size_prior(masks, truths, spacings, short_axes=(0.0, 3.0, 4.0, 5.0, 6.0),

@@ -48,7 +48,7 @@ from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
 from lnfm.eval.metrics import evaluate_case, summarize
-from lnfm.eval.postprocess import PostprocessConfig, tune_size_prior
+from lnfm.eval.postprocess import PostprocessConfig, tune_size_prior, without_size_prior
 from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.surface import dice as dice_score
 from lnfm.jobs.finetune_config import FinetuneConfig, FinetuneTrainConfig, HeadConfig
@@ -261,7 +261,8 @@ def tuned_postprocess(cfg: FinetuneConfig, predictor: Predictor, val_cases: list
     (`lnfm.eval.postprocess.tune_size_prior`); unchanged without validation cases or tuning."""
     if not cfg.tune_postprocess or not val_cases:
         return cfg.postprocess
-    masks = [predictor(c.image, c.spacing, c.hu).labels > 0 for c in val_cases]
+    bare = dataclasses.replace(predictor, postprocess=without_size_prior(predictor.postprocess))
+    masks = [bare(c.image, c.spacing, c.hu).labels > 0 for c in val_cases]
     short, elong, val_dice = tune_size_prior(masks, [c.label > 0 for c in val_cases], [c.spacing for c in val_cases])
     log.info("size prior tuned on %d validation case(s): min short axis %.1f mm, max elongation %s "
              "(validation Dice %.4f)", len(val_cases), short, elong or "off", val_dice)

@@ -25,7 +25,7 @@ from lnfm.data.geometry import spacing_of
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.errors import LnfmError
 from lnfm.eval.metrics import EvalConfig, evaluate_case
-from lnfm.eval.postprocess import tune_size_prior
+from lnfm.eval.postprocess import tune_size_prior, without_size_prior
 from lnfm.io import read_image
 from lnfm.jobs.export_meta import ExportMeta
 from lnfm.jobs.predict import PredictOptions, predict_volume, read_scan
@@ -64,8 +64,7 @@ def tune_for(fn: Callable[[np.ndarray], np.ndarray], meta: ExportMeta, val: Sequ
     finetuning tunes LNFM's own (`tune_size_prior`, validation only); unchanged without `val`."""
     if not val:
         return meta
-    untuned = dataclasses.replace(meta, postprocess=dataclasses.replace(meta.postprocess, min_short_axis_mm=0.0,
-                                                                        max_elongation=0.0))
+    untuned = dataclasses.replace(meta, postprocess=without_size_prior(meta.postprocess))
     masks, truths, spacings = [], [], []
     for case in val:
         pred = predict_volume(fn, untuned, read_scan([str(case.image)], untuned), PredictOptions(overlap=overlap))

@@ -400,21 +400,26 @@ def test_lora_run_exports_the_adapters_folded_into_the_kernels(store, tmp_path):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-def test_size_prior_is_tuned_on_the_validation_cases_only():
-    """A predicted node plus a 1-voxel-wide vessel-like streak and a 2^3 speck: the tuned prior
-    removes both (validation Dice 1.0, hand-computed), and nothing is tuned when asked not to."""
-    from types import SimpleNamespace
-
+@pytest.mark.parametrize("user", [[], ["postprocess.min_short_axis_mm=6.0", "postprocess.max_elongation=2.5"]],
+                         ids=["default", "prior_set_by_the_user"])
+def test_size_prior_is_tuned_on_the_validation_cases_only(user):
+    """A predicted node plus a 1-voxel-wide vessel-like streak and a 2x3x3 speck: the tuned prior
+    removes both (validation Dice 1.0, hand-computed), and nothing is tuned when asked not to.
+    A prior already in the config must not filter the predictions tuned on: all settings would then
+    tie at 1.0 and the mildest, none at all, would be exported."""
+    from lnfm.eval.predictor import Predictor
     from lnfm.jobs.finetune import Case, tuned_postprocess
 
     grid = np.indices((40, 40, 40))
     node = ((grid - 12) ** 2).sum(0) <= 16  # radius 4 voxels at 1 mm: an 8 mm node
     pred = node.copy()
     pred[30, 5:35, 30] = True  # 30 mm long, 1 mm wide: a vessel, not a node
-    pred[2:4, 30:32, 2:4] = True  # a 2 mm speck
-    case = Case("v0", np.zeros((40, 40, 40, 1), np.float32), node.astype(np.int32), (1.0, 1.0, 1.0), None, np.eye(4))
-    predictor = lambda image, spacing, hu: SimpleNamespace(labels=pred.astype(np.int32))  # noqa: E731
-    cfg = load_finetune_config("pelvis")
+    pred[2:4, 30:33, 2:5] = True  # a 2 mm thick speck of 18 mm^3, over the site's 10 mm^3 minimum volume
+    # The image's one channel is the prediction; the model's node probability is that channel.
+    case = Case("v0", pred.astype(np.float32)[..., None], node.astype(np.int32), (1.0, 1.0, 1.0), None, np.eye(4))
+    cfg = load_finetune_config("pelvis", user)
+    predictor = Predictor(lambda x: np.concatenate([1.0 - x, x], -1), (40, 40, 40), 2, cfg.inference,
+                          cfg.postprocess)
     post = tuned_postprocess(cfg, predictor, [case])
     assert post.min_short_axis_mm >= 3.0  # both extras have a minor diameter of about 1-2 mm
     from lnfm.eval.postprocess import apply_size_prior
