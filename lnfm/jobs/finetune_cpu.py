@@ -28,7 +28,7 @@ FAST_CPU_FLOPS = 2e11  # 40x the 5 GFLOP/s measured on 2 shared cores for a 3D c
 # this rate fit anywhere and skip the measurement
 CPU_PRESET = "--quick"  # QUICK below: 32^3 patches, the fine head, 2800 steps
 
-# `--quick`: the CPU recipe (32^3 patches, 9-10 minutes on 2 cores) with the fine head, whose strided
+# `--quick`: the CPU recipe (32^3 patches, 8-12 minutes on 2 cores) with the fine head, whose strided
 # convolutions are matmuls and whose full-resolution level has 8 channels, so a CPU step costs about
 # what a MONAI U-Net's does (docs/results/fewshot_peer.md). The site's freezing strategy is kept.
 # 2800 steps is the 10-minute point: on 5 dev seeds it beat 600 steps held-out (+0.037, p = 0.033) and
