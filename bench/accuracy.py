@@ -92,8 +92,8 @@ class Preset:
 
 PRESETS = {
     # 5 seeds x 4 labelled cases at `finetune --quick`'s 2800 steps (the goal's 10-minute point): each LNFM
-    # arm about 9 minutes per seed on 2 idle cores, each equal-time peer as long; `--arms lnfm_pretrained
-    # --peers unet` is the peer comparison alone (about 20 minutes per seed). SwinUNETR (seconds per CPU
+    # arm 10-12 minutes per seed on 2 idle cores, each equal-time peer as long; `--arms lnfm_pretrained
+    # --peers unet` is the peer comparison alone (about 25 minutes per seed). SwinUNETR (seconds per CPU
     # step) and the labelled-count grid are the gpu preset's.
     "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=8, val=2, test=8, shape=(96, 96, 48)), seeds=5,
                   num_labeled=[4], steps=2800, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
@@ -451,16 +451,17 @@ def main(argv: list[str] | None = None) -> int:
         preset = dataclasses.replace(preset, seeds=args.seeds)
     if args.peers is not None:
         preset = dataclasses.replace(preset, peers=tuple(p for p in args.peers.split(",") if p))
+
+    def subset(flag: str, value: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+        chosen = tuple(v for v in value.split(",") if v)
+        if not chosen or set(chosen) - set(choices):
+            ap.error(f"{flag}: choose from {', '.join(choices)}")
+        return chosen
+
     if args.arms is not None:
-        arms = tuple(a for a in args.arms.split(",") if a)
-        if not arms or set(arms) - set(LNFM_ARMS):
-            ap.error(f"--arms: choose from {', '.join(LNFM_ARMS)}")
-        preset = dataclasses.replace(preset, lnfm_arms=arms)
+        preset = dataclasses.replace(preset, lnfm_arms=subset("--arms", args.arms, LNFM_ARMS))
     if args.budgets is not None:
-        budgets = tuple(b for b in args.budgets.split(",") if b)
-        if not budgets or set(budgets) - set(BUDGETS):
-            ap.error(f"--budgets: choose from {', '.join(BUDGETS)}")
-        preset = dataclasses.replace(preset, budgets=budgets)
+        preset = dataclasses.replace(preset, budgets=subset("--budgets", args.budgets, BUDGETS))
     if args.num_labeled is not None:
         preset = dataclasses.replace(preset, num_labeled=[int(n) for n in args.num_labeled.split(",")])
     workdir = Path(args.workdir or REPO / "runs" / f"accuracy_{name}")

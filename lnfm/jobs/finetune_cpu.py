@@ -26,7 +26,7 @@ from lnfm.train.mfu import forward_flops, train_flops
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
 FAST_CPU_FLOPS = 2e11  # 40x the 5 GFLOP/s measured on 2 shared cores for a 3D conv: runs that fit at
 # this rate fit anywhere and skip the measurement
-CPU_PRESET = "--quick"  # QUICK below: 32^3 patches, the fine head, 2800 steps
+CPU_PRESET = "--quick"  # applies QUICK below
 
 # `--quick`: the CPU recipe (32^3 patches, 8-12 minutes on 2 cores) with the fine head, whose strided
 # convolutions are matmuls and whose full-resolution level has 8 channels, so a CPU step costs about
@@ -61,10 +61,20 @@ def step_flops(cfg) -> float | None:
     return train_flops(forward_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, x))
 
 
+def _recipe() -> dict[str, str]:
+    return dict(o.split("=", 1) for o in QUICK)
+
+
+def _recipe_summary() -> str:
+    q = _recipe()
+    edge = json.loads(q["site.patch"])[0]
+    return f"{edge}^3 patches, the {q['head.kind']} head, {q['train.steps']} steps"
+
+
 def is_cpu_recipe(cfg) -> bool:
     """Whether `cfg` has the CPU recipe's patch and head and its batch or a smaller one: the notice has
     nothing lighter to suggest then, however slow this CPU."""
-    quick = dict(o.split("=", 1) for o in QUICK)
+    quick = _recipe()
     return (list(cfg.site.patch) == json.loads(quick["site.patch"]) and cfg.head.kind == quick["head.kind"]
             and cfg.train.global_batch <= int(quick["train.global_batch"]))
 
@@ -84,4 +94,4 @@ def cpu_notice(cfg, rate: float | None = None) -> str | None:
     return (f"no accelerator: the {cfg.site.name} preset ({cfg.head.kind} head, "
             f"{'x'.join(map(str, cfg.site.patch))} patch, batch {cfg.train.global_batch}, {cfg.train.steps} steps) "
             f"is sized for a GPU; planner estimate on this CPU: {per_step:.0f} s/step, {total / 3600:.1f} h in all. "
-            f"Use the CPU preset instead: add {CPU_PRESET} (32^3 patches, the fine head, 2800 steps)")
+            f"Use the CPU preset instead: add {CPU_PRESET} ({_recipe_summary()})")
