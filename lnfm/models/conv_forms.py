@@ -9,10 +9,13 @@ XLA:CPU runs 3D convolutions through slow generic paths, so inside JAX:
   (im2col); otherwise the k^2 in-plane taps are concatenated, one matmul
   yields k partial outputs, and k shifted slices of it are summed (the
   concatenated copy stays k^2, not k^3, times the input). Forward + backward
-  runs 1.7-2.6x faster than the native convolution on CPU at the heads' 32^3-64^3
-  grids, more on small ones (bench/conv.py --dense, docs/benchmarks.md), and
-  compiles in about the same time. PyTorch's oneDNN kernels remain 2-4x faster
-  at the large grids.
+  runs 1.7-2.6x faster than the native 3D convolution on CPU, more on small
+  grids (bench/conv.py --dense, docs/benchmarks.md), and compiles in about the
+  same time. From 32^3 voxels up, building the gathered copies costs more than
+  the matmul, so a dense odd kernel runs as 2D convolutions over X-slices plus
+  a shifted sum (`slice_conv`): at the fine head's 16->8 block at 2x32^3 the
+  forward is about 4x and forward + backward about 1.7x faster than `plane_conv`.
+  PyTorch's oneDNN kernels remain faster at the large grids.
 
 - a convolution whose kernel equals its stride (the heads' down- and
   upsampling steps) is a reshape plus one matmul (`block_conv`,
@@ -56,6 +59,7 @@ def native_convs():
 
 
 IM2COL_MAX_COLUMNS = 64  # full im2col while k^3 * Cin stays this small (a stem on 1-2 image channels)
+SLICE_MIN_VOXELS = 32 ** 3  # 2D convolutions over slices from this grid size up (below it gathered taps win)
 
 
 def _pad_same(x: jax.Array, k: int, axes) -> jax.Array:
@@ -88,6 +92,43 @@ def plane_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     return sum(y[:, i:i + n[0], ..., i * cout:(i + 1) * cout] for i in range(k))
 
 
+_DIMS_2D = ("NHWC", "HWIO", "NHWC")
+
+
+def _slices_forward(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Every X-slice through one 2D convolution whose outputs are the k X-taps' partial sums side
+    by side (Cout * k channels), then the sum of k X-shifted slices of them."""
+    k, (b, nx, ny, nz, c), cout = w.shape[0], x.shape, w.shape[-1]
+    w2 = jnp.transpose(w, (1, 2, 3, 0, 4)).reshape(k, k, c, k * cout)
+    y = jax.lax.conv_general_dilated(x.reshape(b * nx, ny, nz, c), w2, (1, 1), "SAME",
+                                     dimension_numbers=_DIMS_2D).reshape(b, nx, ny, nz, k * cout)
+    y = _pad_same(y, k, (1,))
+    return sum(y[:, i:i + nx, ..., i * cout:(i + 1) * cout] for i in range(k))
+
+
+@jax.custom_vjp
+def slice_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+    """'SAME' stride-1 conv with an odd k^3 kernel as 2D convolutions over X-slices. XLA:CPU's 2D
+    convolution (Eigen's spatial kernel) is far faster than its 3D one or any gathered-tap matmul;
+    its input gradient is the same form with the kernel mirrored (hence the custom VJP: XLA's own
+    input gradient of a 2D conv is 2x slower), its kernel gradient XLA's own."""
+    return _slices_forward(x, w)
+
+
+def _slice_conv_fwd(x, w):
+    return _slices_forward(x, w), (x, w)
+
+
+def _slice_conv_bwd(res, dy):
+    x, w = res
+    dx = _slices_forward(dy, jnp.swapaxes(w[::-1, ::-1, ::-1], 3, 4))
+    dw = jax.vjp(lambda w_: _slices_forward(x, w_), w)[1](dy)[0]
+    return dx, dw
+
+
+slice_conv.defvjp(_slice_conv_fwd, _slice_conv_bwd)
+
+
 def dense_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     """'SAME' stride-1 conv of (B, X, Y, Z, Cin) with a (k, k, k, Cin, Cout) kernel."""
     if _NATIVE.get():
@@ -96,6 +137,8 @@ def dense_conv(x: jax.Array, w: jax.Array) -> jax.Array:
         return x @ w[0, 0, 0]
     if w.shape[0] ** 3 * w.shape[3] <= IM2COL_MAX_COLUMNS:
         return im2col_conv(x, w)
+    if w.shape[0] % 2 and x.shape[1] * x.shape[2] * x.shape[3] >= SLICE_MIN_VOXELS:
+        return slice_conv(x, w)
     return plane_conv(x, w)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lnfm.models.conv_forms import (IM2COL_MAX_COLUMNS, dense_conv, depthwise_conv, im2col_conv, native_convs,
-                                    plane_conv)
+from lnfm.models.conv_forms import (IM2COL_MAX_COLUMNS, SLICE_MIN_VOXELS, dense_conv, depthwise_conv, im2col_conv,
+                                    native_convs, plane_conv, slice_conv)
 
 
 def _scipy_depthwise(x, w):  # 'SAME' zero-padded correlation per channel
@@ -58,12 +58,31 @@ def test_dense_conv_forms_match_lax_values_and_gradients(cin, cout, k):
     expected = "im2col" if k ** 3 * cin <= IM2COL_MAX_COLUMNS else "plane"
     form = {"im2col": im2col_conv, "plane": plane_conv}[expected]
     np.testing.assert_allclose(np.asarray(jax.jit(dense_conv)(x, w)), np.asarray(jax.jit(form)(x, w)), atol=0)
-    for conv in (im2col_conv, plane_conv):
+    for conv in (im2col_conv, plane_conv) + ((slice_conv,) if k % 2 else ()):
         np.testing.assert_allclose(np.asarray(jax.jit(conv)(x, w)), np.asarray(lax(x, w)), rtol=1e-5, atol=1e-5)
         for ours, ref in zip(jax.jit(lambda x, w: _loss_grads(conv, x, w))(x, w), _loss_grads(lax, x, w)):
             # kernel gradients sum ~750 float32 terms in a different order: 1e-5 of their scale
             ref = np.asarray(ref)
             np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+def test_large_grids_take_the_slice_form_equal_to_scipy():
+    # the fine head's full-resolution block (16 -> 8 channels at 32^3 in the CPU preset) runs as 2D
+    # convolutions over slices; values against scipy, gradients against XLA's own convolution
+    rng = np.random.default_rng(3)
+    n = round(SLICE_MIN_VOXELS ** (1 / 3))
+    x = rng.standard_normal((1, n, n, n, 3)).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 3, 3, 2)) / 9).astype(np.float32)
+    prims = [e.primitive.name for e in jax.make_jaxpr(dense_conv)(x, w).eqns]
+    assert "custom_vjp_call" in prims or "custom_vjp_call_jaxpr" in prims, prims
+    ref = np.stack([sum(ndimage.correlate(x[0, ..., i].astype(np.float64), w[..., i, o], mode="constant")
+                        for i in range(3)) for o in range(2)], -1)[None]
+    np.testing.assert_allclose(np.asarray(jax.jit(dense_conv)(x, w)), ref, atol=1e-4)
+    lax = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",  # noqa: E731
+                                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    for ours, theirs in zip(jax.jit(lambda x, w: _loss_grads(dense_conv, x, w))(x, w), _loss_grads(lax, x, w)):
+        theirs = np.asarray(theirs)
+        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=1e-5 * max(1.0, np.abs(theirs).max()))
 
 
 def test_native_convs_traces_one_native_convolution():
