@@ -6,7 +6,7 @@ The segmenter of `bench/train_step.py --finetune pelvis --same-net` (ViT-tiny wi
 + the fine head at 2x32^3, the site's strategy) and its PyTorch twin (`bench/torch_segmenter.py`,
 the same weights): medians over interleaved rounds of the JAX step, forward and forward + backward
 (cross-entropy), the encoder's and the head's forward, and the head's conv blocks against PyTorch's
-conv + instance norm + LeakyReLU of the same shapes.
+conv + instance norm + LeakyReLU of the same shapes, forward alone and forward + backward.
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ def median_ms(fn, calls: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1000
+
+
+def _torch_fwd_bwd(conv, norm, z, cotangent) -> None:
+    z = z.detach().requires_grad_(True)
+    out = torch.nn.functional.leaky_relu(norm(conv(z)), 0.01)
+    out.backward(cotangent)
 
 
 def main() -> None:
@@ -82,14 +88,20 @@ def main() -> None:
         cout = block.conv.kernel.shape[-1]
         conv = torch.nn.Conv3d(shape[-1], cout, 3, padding=1, bias=False)
         norm = torch.nn.InstanceNorm3d(cout, affine=True)
+        # forward + backward: gradients of the parameters and the input for a fixed random cotangent
+        ct = rng.normal(size=shape[:-1] + (cout,)).astype(np.float32)
+        ctj, ctt = jnp.asarray(ct), channels_first(ct)
+        fb = jax.jit(jax.grad(lambda s, z, c, g=g: jnp.sum(nnx.merge(g, s)(z) * c), argnums=(0, 1)))
         arms[f"jax head {name}"] = lambda f=f, s=s, zj=zj: jax.block_until_ready(f(s, zj))
         arms[f"torch conv + IN + LeakyReLU {name}"] = (
             lambda conv=conv, norm=norm, zt=zt: torch.nn.functional.leaky_relu(norm(conv(zt)), 0.01))
+        arms[f"jax head {name}, fwd + bwd"] = lambda fb=fb, s=s, zj=zj, c=ctj: jax.block_until_ready(fb(s, zj, c))
+        arms[f"torch {name}, fwd + bwd"] = lambda conv=conv, norm=norm, zt=zt, c=ctt: _torch_fwd_bwd(conv, norm, zt, c)
     results = {k: [] for k in arms}
-    with torch.no_grad():  # the twin's step enables gradients itself
+    with torch.no_grad():  # the twin's step and the blocks' backward enable gradients themselves
         for _ in range(args.rounds):
             for k, fn in arms.items():
-                if k == "torch step":
+                if k == "torch step" or k.endswith("fwd + bwd"):
                     with torch.enable_grad():
                         results[k].append(median_ms(fn))
                 else:
