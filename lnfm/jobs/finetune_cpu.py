@@ -4,9 +4,11 @@ finetune of an accelerator-sized preset prints.
 The estimate is the planner's usual one: the step's model FLOPs from XLA's cost
 analysis of the segmenter at the configured patch and batch (forward + backward
 = 3 forwards; lowered, not compiled), divided by the FLOP rate this CPU reaches
-on a dense 3x3x3 convolution measured here (the heads' dominant layer), times
-the configured steps. It is an estimate: attention and matmul layers run faster
-than the convolution, so it errs long for ViT-heavy models.
+on a dense 3x3x3 convolution's forward and backward measured here (the heads'
+dominant layer), times the configured steps. It is an estimate: normalisation,
+activations and the loss are not counted (it errs short, by about 1.5x for the
+CPU recipe's step), while attention and matmul layers run faster than the
+convolution (it errs long for ViT-heavy models).
 """
 
 from __future__ import annotations
@@ -40,17 +42,20 @@ QUICK = ["site.patch=[32,32,32]", "train.steps=2800", "train.global_batch=2", "t
 
 
 def cpu_conv_rate() -> float:
-    """FLOP/s this machine reaches on a jitted dense 3x3x3 conv (1 x 32^3 x 32 -> 32), best of 3."""
+    """FLOP/s this machine reaches on a jitted dense 3x3x3 conv (1 x 32^3 x 32 -> 32), forward and
+    backward (counted as 3 forwards, as the step's FLOPs are), best of 3. The backward is timed too
+    because the forms' forward and backward speeds differ (the slice form's forward is ~4x faster)."""
     x = jnp.ones((1, 32, 32, 32, 32), jnp.float32)
     w = jnp.ones((3, 3, 3, 32, 32), jnp.float32) / 864.0
-    conv = jax.jit(dense_conv)  # the form the heads run on this backend
-    conv(x, w).block_until_ready()
+    # the form the heads run on this backend, both gradients as in a step
+    step = jax.jit(jax.grad(lambda x, w: jnp.sum(dense_conv(x, w)), argnums=(0, 1)))
+    jax.block_until_ready(step(x, w))
     best = math.inf
     for _ in range(3):
         t = time.perf_counter()
-        conv(x, w).block_until_ready()
+        jax.block_until_ready(step(x, w))
         best = min(best, time.perf_counter() - t)
-    return 2.0 * 27 * 32 * 32 * 32 ** 3 / best
+    return 3 * 2.0 * 27 * 32 * 32 * 32 ** 3 / best
 
 
 def step_flops(cfg) -> float | None:
