@@ -66,12 +66,14 @@ def test_dense_conv_forms_match_lax_values_and_gradients(cin, cout, k):
             np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-5 * max(1.0, np.abs(ref).max()))
 
 
-def test_large_grids_take_the_slice_form_equal_to_scipy():
+@pytest.mark.parametrize("grid", [(32, 32, 32), (23, 40, 36)])
+def test_large_grids_take_the_slice_form_equal_to_scipy(grid):
     # the fine head's full-resolution block (16 -> 8 channels at 32^3 in the CPU preset) runs as 2D
-    # convolutions over slices; values against scipy, gradients against XLA's own convolution
+    # convolutions over slices; values against scipy, gradients against XLA's own convolution.
+    # (23, 40, 36): the kernel gradient's chunks of 2 slices leave a last chunk of 1
+    assert np.prod(grid) >= SLICE_MIN_VOXELS
     rng = np.random.default_rng(3)
-    n = round(SLICE_MIN_VOXELS ** (1 / 3))
-    x = rng.standard_normal((1, n, n, n, 3)).astype(np.float32)
+    x = rng.standard_normal((1, *grid, 3)).astype(np.float32)
     w = (rng.standard_normal((3, 3, 3, 3, 2)) / 9).astype(np.float32)
     prims = [e.primitive.name for e in jax.make_jaxpr(dense_conv)(x, w).eqns]
     assert "custom_vjp_call" in prims or "custom_vjp_call_jaxpr" in prims, prims
