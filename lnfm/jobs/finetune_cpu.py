@@ -6,7 +6,7 @@ analysis of the segmenter at the configured patch and batch (forward + backward
 = 3 forwards; lowered, not compiled), divided by the FLOP rate this CPU reaches
 on a dense 3x3x3 convolution's forward and backward measured here (the heads'
 dominant layer), times the configured steps. It is an estimate: normalisation,
-activations and the loss are not counted (it errs short, by about 1.5x for the
+activations and the loss are not counted (it errs short, by about 2x for the
 CPU recipe's step), while attention and matmul layers run faster than the
 convolution (it errs long for ViT-heavy models).
 """
