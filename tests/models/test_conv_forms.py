@@ -70,7 +70,7 @@ def test_dense_conv_forms_match_lax_values_and_gradients(cin, cout, k):
 def test_large_grids_take_the_slice_form_equal_to_scipy(grid):
     # the fine head's full-resolution block (16 -> 8 channels at 32^3 in the CPU preset) runs as 2D
     # convolutions over slices; values against scipy, gradients against XLA's own convolution.
-    # (23, 40, 36): the kernel gradient's chunks of 2 slices leave a last chunk of 1
+    # (23, 40, 36): the kernel gradient's chunks of 2 X-slices leave a last chunk of 1
     assert np.prod(grid) >= SLICE_MIN_VOXELS
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, *grid, 3)).astype(np.float32)
