@@ -62,6 +62,7 @@ from lnfm.jobs.export_meta import read_meta
 from lnfm.jobs.heldout import evaluate, train_and_score_peer
 from lnfm.jobs.predict import load_predictor
 from lnfm.segmentation.fewshot import select_subset
+from lnfm.segmentation.peers import PEERS
 from lnfm.workdir import atomic_write_csv, atomic_write_text
 
 log = logging.getLogger("lnfm.bench.accuracy")
@@ -449,14 +450,15 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[name]
     if args.seeds is not None:
         preset = dataclasses.replace(preset, seeds=args.seeds)
-    if args.peers is not None:
-        preset = dataclasses.replace(preset, peers=tuple(p for p in args.peers.split(",") if p))
 
-    def subset(flag: str, value: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    def subset(flag: str, value: str, choices: tuple[str, ...], allow_none: bool = False) -> tuple[str, ...]:
         chosen = tuple(v for v in value.split(",") if v)
-        if not chosen or set(chosen) - set(choices):
+        if (not chosen and not allow_none) or set(chosen) - set(choices):
             ap.error(f"{flag}: choose from {', '.join(choices)}")
         return chosen
+
+    if args.peers is not None:  # an empty list runs the LNFM arms alone
+        preset = dataclasses.replace(preset, peers=subset("--peers", args.peers, PEERS, allow_none=True))
 
     if args.arms is not None:
         preset = dataclasses.replace(preset, lnfm_arms=subset("--arms", args.arms, LNFM_ARMS))

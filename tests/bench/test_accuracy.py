@@ -47,3 +47,13 @@ def test_smoke_run_of_every_arm_writes_the_report(tmp_path):
     for png in ("accuracy_dice_vs_labelled.png", "accuracy_dice_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "accuracy_cases.csv").is_file()
+
+
+def test_an_unknown_peer_is_refused_before_any_work(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke", "--out", str(tmp_path / "o"),
+                           "--workdir", str(tmp_path / "w"), "--peers", "unet,unetx"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "--peers: choose from unet, dynunet, swinunetr" in proc.stderr
+    assert not (tmp_path / "w").exists()
