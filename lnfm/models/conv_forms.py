@@ -82,35 +82,33 @@ def im2col_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     return cols @ w.reshape(-1, w.shape[-1])
 
 
-def plane_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    """The k^2 (Y, Z) taps concatenated, one matmul giving the k X-taps' partial outputs
-    side by side, then the sum of k X-shifted slices of it."""
-    k, n = w.shape[0], x.shape[1:4]
-    cout = w.shape[-1]
-    xp = _pad_same(x, k, (1, 2, 3))
-    cols = jnp.concatenate([xp[:, :, j:j + n[1], m:m + n[2]] for j in range(k) for m in range(k)], axis=-1)
-    y = cols @ jnp.transpose(w, (1, 2, 3, 0, 4)).reshape(k * k * w.shape[3], k * cout)
-    return sum(y[:, i:i + n[0], ..., i * cout:(i + 1) * cout] for i in range(k))
-
-
-_DIMS_2D = ("NHWC", "HWIO", "NHWC")
-
-
 def _stacked_kernel(w: jax.Array) -> jax.Array:
     """(k, k, k, Cin, Cout) -> the 2D kernel (k, k, Cin, k * Cout) of the k X-taps side by side."""
     k, cin, cout = w.shape[0], w.shape[3], w.shape[4]
     return jnp.transpose(w, (1, 2, 3, 0, 4)).reshape(k, k, cin, k * cout)
 
 
-def _conv2d(x: jax.Array, w2: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, w2, (1, 1), "SAME", dimension_numbers=_DIMS_2D)
-
-
 def _shifted_sum(y: jax.Array, k: int) -> jax.Array:
-    """(B, X, Y, Z, k * Cout) partial sums -> (B, X, Y, Z, Cout): tap i's block shifted by i - (k-1)/2 in X."""
+    """(B, X, Y, Z, k * Cout) partial sums -> (B, X, Y, Z, Cout): tap i's block shifted by i - (k-1)//2 in X."""
     nx, cout = y.shape[1], y.shape[-1] // k
     y = _pad_same(y, k, (1,))
     return sum(y[:, i:i + nx, ..., i * cout:(i + 1) * cout] for i in range(k))
+
+
+def plane_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+    """The k^2 (Y, Z) taps concatenated, one matmul giving the k X-taps' partial outputs
+    side by side, then the sum of k X-shifted slices of it."""
+    k, n = w.shape[0], x.shape[1:4]
+    xp = _pad_same(x, k, (2, 3))
+    cols = jnp.concatenate([xp[:, :, j:j + n[1], m:m + n[2]] for j in range(k) for m in range(k)], axis=-1)
+    return _shifted_sum(cols @ _stacked_kernel(w).reshape(-1, k * w.shape[-1]), k)
+
+
+_DIMS_2D = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv2d(x: jax.Array, w2: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w2, (1, 1), "SAME", dimension_numbers=_DIMS_2D)
 
 
 def _slices_forward(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -130,7 +128,8 @@ def _slices_kernel_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
     slices is a contraction of (B * X * Y * Z) terms into a tiny kernel, which XLA:CPU runs 2-3x
     slower than the same sum split into ops of ~4096 positions (at 32^3: 7 against 22 ms)."""
     k, (b, nx, ny, nz, c) = w.shape[0], x.shape
-    g = jax.vjp(lambda y: _shifted_sum(y, k), jnp.zeros(dy.shape[:-1] + (k * dy.shape[-1],), dy.dtype))[1](dy)[0]
+    stacked = jax.ShapeDtypeStruct(dy.shape[:-1] + (k * dy.shape[-1],), dy.dtype)
+    (g,) = jax.linear_transpose(lambda y: _shifted_sum(y, k), stacked)(dy)  # dy onto the stacked outputs
     # chunks along X, never across the batch axis, which a mesh may shard
     step = max(1, KERNEL_GRAD_CHUNK // (b * ny * nz), -(-nx // KERNEL_GRAD_MAX_OPS))
     w2 = _stacked_kernel(w)

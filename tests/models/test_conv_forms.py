@@ -30,15 +30,20 @@ def test_depthwise_forms_equal_scipy():
         np.testing.assert_allclose(np.asarray(depthwise_conv(x, w)), ref, atol=1e-4)
 
 
+def _scipy_dense(x, w):  # 'SAME' zero-padded correlation of one volume, summed over input channels
+    return np.stack([sum(ndimage.correlate(x[0, ..., i].astype(np.float64), w[..., i, o], mode="constant")
+                         for i in range(w.shape[3])) for o in range(w.shape[4])], -1)[None]
+
+
+def _xla_conv(x, w):  # XLA's own 3D convolution, the reference for gradients
+    return jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
 def test_dense_conv_equals_scipy_and_pointwise_is_a_matmul():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 6, 5, 4, 2)).astype(np.float32)
     w = rng.standard_normal((3, 3, 3, 2, 3)).astype(np.float32)
-    ref = np.zeros((1, 6, 5, 4, 3))
-    for o in range(3):
-        ref[0, ..., o] = sum(ndimage.correlate(x[0, ..., i].astype(np.float64), w[..., i, o], mode="constant")
-                             for i in range(2))
-    np.testing.assert_allclose(np.asarray(dense_conv(x, w)), ref, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dense_conv(x, w)), _scipy_dense(x, w), atol=1e-4)
     w1 = w[1:2, 1:2, 1:2]
     np.testing.assert_allclose(np.asarray(dense_conv(x, w1)), x @ w1[0, 0, 0], atol=1e-5)
 
@@ -53,14 +58,12 @@ def test_dense_conv_forms_match_lax_values_and_gradients(cin, cout, k):
     rng = np.random.default_rng(cin * 10 + cout)
     x = jnp.asarray(rng.standard_normal((2, 9, 7, 6, cin)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, k, cin, cout)) / np.sqrt(k ** 3 * cin), jnp.float32)
-    lax = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",  # noqa: E731
-                                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     expected = "im2col" if k ** 3 * cin <= IM2COL_MAX_COLUMNS else "plane"
     form = {"im2col": im2col_conv, "plane": plane_conv}[expected]
     np.testing.assert_allclose(np.asarray(jax.jit(dense_conv)(x, w)), np.asarray(jax.jit(form)(x, w)), atol=0)
     for conv in (im2col_conv, plane_conv) + ((slice_conv,) if k % 2 else ()):
-        np.testing.assert_allclose(np.asarray(jax.jit(conv)(x, w)), np.asarray(lax(x, w)), rtol=1e-5, atol=1e-5)
-        for ours, ref in zip(jax.jit(lambda x, w: _loss_grads(conv, x, w))(x, w), _loss_grads(lax, x, w)):
+        np.testing.assert_allclose(np.asarray(jax.jit(conv)(x, w)), np.asarray(_xla_conv(x, w)), rtol=1e-5, atol=1e-5)
+        for ours, ref in zip(jax.jit(lambda x, w: _loss_grads(conv, x, w))(x, w), _loss_grads(_xla_conv, x, w)):
             # kernel gradients sum ~750 float32 terms in a different order: 1e-5 of their scale
             ref = np.asarray(ref)
             np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-5 * max(1.0, np.abs(ref).max()))
@@ -77,12 +80,8 @@ def test_large_grids_take_the_slice_form_equal_to_scipy(grid):
     w = (rng.standard_normal((3, 3, 3, 3, 2)) / 9).astype(np.float32)
     prims = [e.primitive.name for e in jax.make_jaxpr(dense_conv)(x, w).eqns]
     assert "custom_vjp_call" in prims or "custom_vjp_call_jaxpr" in prims, prims
-    ref = np.stack([sum(ndimage.correlate(x[0, ..., i].astype(np.float64), w[..., i, o], mode="constant")
-                        for i in range(3)) for o in range(2)], -1)[None]
-    np.testing.assert_allclose(np.asarray(jax.jit(dense_conv)(x, w)), ref, atol=1e-4)
-    lax = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",  # noqa: E731
-                                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    for ours, theirs in zip(jax.jit(lambda x, w: _loss_grads(dense_conv, x, w))(x, w), _loss_grads(lax, x, w)):
+    np.testing.assert_allclose(np.asarray(jax.jit(dense_conv)(x, w)), _scipy_dense(x, w), atol=1e-4)
+    for ours, theirs in zip(jax.jit(lambda x, w: _loss_grads(dense_conv, x, w))(x, w), _loss_grads(_xla_conv, x, w)):
         theirs = np.asarray(theirs)
         np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=1e-5 * max(1.0, np.abs(theirs).max()))
 
