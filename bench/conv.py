@@ -17,6 +17,14 @@ process per XLA flag set (XLA reads its flags once, at start-up).
 
     python bench/conv.py [--size 32] [--channels 32] [--batch 2] [--repeat 5]
     python bench/conv.py --dense [--repeat 3] [--xla-flags]
+    python bench/conv.py --onnx [--repeat 5]
+
+`--onnx`: ONNX Runtime (2 threads, as predict) on the fine head's dense 3x3x3 convolutions at the
+mediastinum preset's window (2x160x160x96, NCDHW as the export has them): its 3D `Conv` against the
+slice form, one 2D `Conv` over the depth slices with 3*cout outputs (one per depth tap) plus the
+shifted sum over depth, in one graph. The slice form is timed with its input and output already in
+the slice layout (B*D, C, H, W), as a head exported in that layout would keep them, and with the
+two transposes from and to NCDHW; outputs are checked equal.
 """
 
 from __future__ import annotations
@@ -184,6 +192,86 @@ def bench_dense(args) -> None:
               flush=True)
 
 
+# (cin, cout, D, H, W) of the fine head's dense convolutions in one mediastinum window (the profile's largest)
+ONNX_SHAPES = ((16, 8, 160, 160, 96), (32, 16, 80, 80, 48), (16, 16, 80, 80, 48), (64, 32, 40, 40, 24))
+
+
+def onnx_graphs(b: int, cin: int, cout: int, d: int, h: int, w: int, w3: np.ndarray):
+    """{name: (model, input layout)}: ORT's 3D Conv, and the slice form without / with the transposes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(nodes, x_shape, inits, name):
+        g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    node = helper.make_node
+    native = graph([node("Conv", ["x", "w"], ["y"], pads=[1] * 6)], [b, cin, d, h, w], {"w": w3}, "conv3d")
+    # Slice form: depth tap i is output block i of one 2D conv; y[d] = z[d, 1] + z[d - 1, 0] + z[d + 1, 2].
+    ints = {"shape6": [b, d, 3, cout, h, w], "out4": [b * d, cout, h, w], "in4": [b * d, cin, h, w],
+            "i0": [0], "i1": [1], "i2": [2], "i3": [3], "d_1": [d - 1], "d": [d],
+            "pad_front": [0, 1, 0, 0, 0, 0, 0, 0, 0, 0], "pad_back": [0, 0, 0, 0, 0, 0, 1, 0, 0, 0]}
+    inits = {"w2": np.concatenate([w3[:, :, i] for i in range(3)], 0)} | {k: np.asarray(v, np.int64)
+                                                                           for k, v in ints.items()}
+
+    def slice_form(src: str, out: str) -> list:
+        nodes = [node("Conv", [src, "w2"], ["z"], pads=[1] * 4), node("Reshape", ["z", "shape6"], ["z6"])]
+        for i in range(3):  # tap i: (b, d, cout, h, w)
+            nodes += [node("Slice", ["z6", f"i{i}", f"i{i + 1}", "i2"], [f"tap{i}_"]),
+                      node("Squeeze", [f"tap{i}_", "i2"], [f"tap{i}"])]
+        return nodes + [node("Slice", ["tap0", "i0", "d_1", "i1"], ["front"]), node("Pad", ["front", "pad_front"],
+                                                                                   ["front_p"]),
+                         node("Slice", ["tap2", "i1", "d", "i1"], ["back"]), node("Pad", ["back", "pad_back"],
+                                                                                 ["back_p"]),
+                         node("Sum", ["tap1", "front_p", "back_p"], [out])]
+
+    slice_layout = graph(slice_form("x", "y5") + [node("Reshape", ["y5", "out4"], ["y"])], [b * d, cin, h, w],
+                         {k: v for k, v in inits.items() if k != "in4"}, "slices")
+    with_transposes = graph([node("Transpose", ["x"], ["xt"], perm=[0, 2, 1, 3, 4]),
+                             node("Reshape", ["xt", "in4"], ["xs"])] + slice_form("xs", "y5")
+                            + [node("Transpose", ["y5"], ["y"], perm=[0, 2, 1, 3, 4])],
+                            [b, cin, d, h, w], {k: v for k, v in inits.items() if k != "out4"}, "slices_transposed")
+    return {"ORT Conv 3D": (native, "ncdhw"), "slice form, slice layout": (slice_layout, "slices"),
+            "slice form + transposes": (with_transposes, "ncdhw")}
+
+
+def bench_onnx(args) -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    b = 2
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {ort.__version__}, "
+          f"2 intra-op threads, batch {b}, median of {args.repeat} interleaved rounds, seconds")
+    print("| cin->cout at D x H x W | ORT Conv 3D | slice form, slice layout | slice form + transposes | "
+          "3D / slice layout | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for cin, cout, d, h, w in ONNX_SHAPES:
+        w3 = (rng.standard_normal((cout, cin, 3, 3, 3)) / np.sqrt(27 * cin)).astype(np.float32)
+        x = rng.standard_normal((b, cin, d, h, w)).astype(np.float32)
+        inputs = {"ncdhw": x, "slices": np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4).reshape(b * d, cin, h, w))}
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = 2
+        sessions = {name: (ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]),
+                           inputs[layout]) for name, (m, layout) in onnx_graphs(b, cin, cout, d, h, w, w3).items()}
+        outputs = {name: s.run(None, {"x": inp})[0] for name, (s, inp) in sessions.items()}
+        ref = outputs["ORT Conv 3D"]
+        diff = max(np.abs(outputs["slice form + transposes"] - ref).max(),
+                   np.abs(outputs["slice form, slice layout"].reshape(b, d, cout, h, w).transpose(0, 2, 1, 3, 4)
+                          - ref).max())
+        times = {name: [] for name in sessions}
+        for _ in range(args.repeat):
+            for name, (s, inp) in sessions.items():
+                t0 = time.perf_counter()
+                s.run(None, {"x": inp})
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        print(f"| {cin}->{cout} at {d}x{h}x{w} | {med['ORT Conv 3D']:.3f} | {med['slice form, slice layout']:.3f} | "
+              f"{med['slice form + transposes']:.3f} | "
+              f"{med['ORT Conv 3D'] / med['slice form, slice layout']:.2f}x | {diff:.1e} |", flush=True)
+
+
 def bench_flags(args) -> None:
     for flags in XLA_FLAG_SETS:
         env = dict(os.environ, XLA_FLAGS=flags)
@@ -199,6 +287,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dense", action="store_true", help="dense 3x3x3 forms vs PyTorch at the fine head's shapes")
     ap.add_argument("--xla-flags", action="store_true", help="with --dense: one process per XLA flag set")
+    ap.add_argument("--onnx", action="store_true", help="ONNX Runtime's 3D Conv vs the 2D slice form")
     ap.add_argument("--only-main", action="store_true", help=argparse.SUPPRESS)  # native, lnfm, PyTorch only
     args = ap.parse_args()
     if args.xla_flags:
@@ -206,6 +295,9 @@ def main() -> None:
         return
     if args.dense:
         bench_dense(args)
+        return
+    if args.onnx:
+        bench_onnx(args)
         return
     s, c, b = args.size, args.channels, args.batch
     rngs = nnx.Rngs(0)

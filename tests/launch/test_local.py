@@ -58,7 +58,10 @@ def _losses(workdir) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_pretraining_two_processes_match_one_process_with_four_devices(repo_root, phantom_store, tmp_path):
-    """2 processes x 2 devices through local.sh reproduce 1 process x 4 devices (jax.distributed on localhost)."""
+    """2 processes x 2 devices through local.sh reproduce 1 process x 4 devices (jax.distributed on localhost).
+
+    It is also the suite's multi-process pretraining test: the job's coordinator, per-process data
+    shards and checkpoints, started as a user starts them."""
     job = [sys.executable, "pretrain/pretrain.py", "--config", "vit_tiny", "--data", phantom_store, "--workdir"]
     fast = ["model.depth=2", "train.global_batch=8", "train.log_every=1", "train.image_every=0",
             "optim.warmup_steps=2", "optim.lr=3e-3", "data.workers=0", "train.steps=4", "checkpoint.every=100"]
@@ -74,6 +77,9 @@ def test_pretraining_two_processes_match_one_process_with_four_devices(repo_root
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
     assert "over 4 devices (cpu), 2 processes" in (tmp_path / "multi" / "log.txt").read_text()
+    # The final checkpoint holds each process's own data-iterator state.
+    ckpt = tmp_path / "multi" / "checkpoints" / "4" / "data"
+    assert sorted(p.name for p in ckpt.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_allreduce_over_processes_equals_one_process(repo_root, tmp_path):
