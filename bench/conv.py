@@ -19,12 +19,13 @@ process per XLA flag set (XLA reads its flags once, at start-up).
     python bench/conv.py --dense [--repeat 3] [--xla-flags]
     python bench/conv.py --onnx [--repeat 5]
 
-`--onnx`: ONNX Runtime (2 threads, as predict) on the fine head's dense 3x3x3 convolutions at the
-mediastinum preset's window (2x160x160x96, NCDHW as the export has them): its 3D `Conv` against the
-slice form, one 2D `Conv` over the depth slices with 3*cout outputs (one per depth tap) plus the
-shifted sum over depth, in one graph. The slice form is timed with its input and output already in
-the slice layout (B*D, C, H, W), as a head exported in that layout would keep them, and with the
-two transposes from and to NCDHW; outputs are checked equal.
+`--onnx`: ONNX Runtime through predict's session (`lnfm.eval.backends.onnx_network`, 2 threads)
+on the fine head's dense 3x3x3 convolutions at the mediastinum preset's window (2x160x160x96,
+NCDHW as the export has them): its 3D `Conv` against the slice form, one 2D `Conv` over the depth
+slices with 3*cout outputs (one per depth tap) plus the shifted sum over depth, in one graph. The
+slice form is timed with its input and output already in the slice layout (B*D, C, H, W), as a
+head exported in that layout would keep them, and with the two transposes from and to NCDHW;
+outputs are checked equal.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -197,17 +199,20 @@ ONNX_SHAPES = ((16, 8, 160, 160, 96), (32, 16, 80, 80, 48), (16, 16, 80, 80, 48)
 
 
 def onnx_graphs(b: int, cin: int, cout: int, d: int, h: int, w: int, w3: np.ndarray):
-    """{name: (model, input layout)}: ORT's 3D Conv, and the slice form without / with the transposes."""
+    """{name: (model, input layout)}: ORT's 3D Conv, and the slice form without / with the transposes,
+    with model.onnx's tensor names (so predict's `onnx_network` runs them)."""
     from onnx import TensorProto, helper, numpy_helper
 
+    from lnfm.models.export_onnx import ONNX_INPUT as X, ONNX_OUTPUT as Y
+
     def graph(nodes, x_shape, inits, name):
-        g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        g = helper.make_graph(nodes, name, [helper.make_tensor_value_info(X, TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info(Y, TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
     node = helper.make_node
-    native = graph([node("Conv", ["x", "w"], ["y"], pads=[1] * 6)], [b, cin, d, h, w], {"w": w3}, "conv3d")
+    native = graph([node("Conv", [X, "w"], [Y], pads=[1] * 6)], [b, cin, d, h, w], {"w": w3}, "conv3d")
     # Slice form: depth tap i is output block i of one 2D conv; y[d] = z[d, 1] + z[d - 1, 0] + z[d + 1, 2].
     ints = {"shape6": [b, d, 3, cout, h, w], "out4": [b * d, cout, h, w], "in4": [b * d, cin, h, w],
             "i0": [0], "i1": [1], "i2": [2], "i3": [3], "d_1": [d - 1], "d": [d],
@@ -226,18 +231,21 @@ def onnx_graphs(b: int, cin: int, cout: int, d: int, h: int, w: int, w3: np.ndar
                                                                                  ["back_p"]),
                          node("Sum", ["tap1", "front_p", "back_p"], [out])]
 
-    slice_layout = graph(slice_form("x", "y5") + [node("Reshape", ["y5", "out4"], ["y"])], [b * d, cin, h, w],
+    slice_layout = graph(slice_form(X, "y5") + [node("Reshape", ["y5", "out4"], [Y])], [b * d, cin, h, w],
                          {k: v for k, v in inits.items() if k != "in4"}, "slices")
-    with_transposes = graph([node("Transpose", ["x"], ["xt"], perm=[0, 2, 1, 3, 4]),
+    with_transposes = graph([node("Transpose", [X], ["xt"], perm=[0, 2, 1, 3, 4]),
                              node("Reshape", ["xt", "in4"], ["xs"])] + slice_form("xs", "y5")
-                            + [node("Transpose", ["y5"], ["y"], perm=[0, 2, 1, 3, 4])],
+                            + [node("Transpose", ["y5"], [Y], perm=[0, 2, 1, 3, 4])],
                             [b, cin, d, h, w], {k: v for k, v in inits.items() if k != "out4"}, "slices_transposed")
     return {"ORT Conv 3D": (native, "ncdhw"), "slice form, slice layout": (slice_layout, "slices"),
             "slice form + transposes": (with_transposes, "ncdhw")}
 
 
 def bench_onnx(args) -> None:
+    import onnx
     import onnxruntime as ort
+
+    from lnfm.eval.backends import onnx_network
 
     rng = np.random.default_rng(0)
     b = 2
@@ -250,21 +258,21 @@ def bench_onnx(args) -> None:
         w3 = (rng.standard_normal((cout, cin, 3, 3, 3)) / np.sqrt(27 * cin)).astype(np.float32)
         x = rng.standard_normal((b, cin, d, h, w)).astype(np.float32)
         inputs = {"ncdhw": x, "slices": np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4).reshape(b * d, cin, h, w))}
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = 2
-        sessions = {name: (ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]),
-                           inputs[layout]) for name, (m, layout) in onnx_graphs(b, cin, cout, d, h, w, w3).items()}
-        outputs = {name: s.run(None, {"x": inp})[0] for name, (s, inp) in sessions.items()}
+        sessions = {}
+        with tempfile.TemporaryDirectory() as tmp:  # onnx_network loads a file, as predict does
+            for i, (name, (model, layout)) in enumerate(onnx_graphs(b, cin, cout, d, h, w, w3).items()):
+                onnx.save(model, f"{tmp}/{i}.onnx")
+                sessions[name] = (onnx_network(f"{tmp}/{i}.onnx", threads=2), inputs[layout])
+        outputs = {name: run(inp) for name, (run, inp) in sessions.items()}
         ref = outputs["ORT Conv 3D"]
         diff = max(np.abs(outputs["slice form + transposes"] - ref).max(),
                    np.abs(outputs["slice form, slice layout"].reshape(b, d, cout, h, w).transpose(0, 2, 1, 3, 4)
                           - ref).max())
         times = {name: [] for name in sessions}
         for _ in range(args.repeat):
-            for name, (s, inp) in sessions.items():
+            for name, (run, inp) in sessions.items():
                 t0 = time.perf_counter()
-                s.run(None, {"x": inp})
+                run(inp)
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(t) for name, t in times.items()}
         print(f"| {cin}->{cout} at {d}x{h}x{w} | {med['ORT Conv 3D']:.3f} | {med['slice form, slice layout']:.3f} | "
