@@ -21,14 +21,13 @@ FAST = ["model.depth=2", "train.global_batch=8", "train.log_every=1", "train.ima
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def env_for(devices: int, **extra: str) -> dict:
+def env_for(devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_XLA}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     for k in ("LNFM_COORDINATOR", "LNFM_NUM_PROCESSES", "LNFM_PROCESS_ID"):
         env.pop(k, None)
-    env.update(extra)
     return env
 
 
@@ -37,23 +36,23 @@ def command(store: str, workdir: Path, *overrides: str) -> list[str]:
             *overrides]
 
 
-def start(store: str, workdir: Path, *overrides: str, devices: int = 8, tag: str = "", **env: str) -> subprocess.Popen:
-    """Launch the entry script; its output goes to WORKDIR<tag>.out."""
-    log = open(Path(f"{workdir}{tag}.out"), "w")
-    return subprocess.Popen(command(store, workdir, *overrides), env=env_for(devices, **env), stdout=log,
+def start(store: str, workdir: Path, *overrides: str, devices: int = 8) -> subprocess.Popen:
+    """Launch the entry script; its output goes to WORKDIR.out."""
+    log = open(Path(f"{workdir}.out"), "w")
+    return subprocess.Popen(command(store, workdir, *overrides), env=env_for(devices), stdout=log,
                             stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def finish(proc: subprocess.Popen, workdir: Path, timeout: float = 240, tag: str = "") -> int:
+def finish(proc: subprocess.Popen, workdir: Path, timeout: float = 240) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"timed out; output:\n{output(workdir, tag)}") from None
+        raise AssertionError(f"timed out; output:\n{output(workdir)}") from None
 
 
-def output(workdir: Path, tag: str = "") -> str:
-    path = Path(f"{workdir}{tag}.out")
+def output(workdir: Path) -> str:
+    path = Path(f"{workdir}.out")
     return path.read_text()[-4000:] if path.exists() else ""
 
 
