@@ -1,18 +1,23 @@
 """Decoder heads and sliding-window overlaps, on held-out phantoms (docs/finetuning.md).
 
-    python bench/head_overlap.py [--heads fine,unetr] [--overlaps 0.5,0.25] [--seeds 3] [--workdir DIR]
+    python bench/head_overlap.py [--site pelvis] [--heads fine,unetr,unetr:feature_size=8] [--overlaps 0.5,0.25] \
+        [--seeds 3] [--workdir DIR]
 
 `bench/accuracy.py`'s cpu preset (its phantoms, its MAE pretraining, `finetune --quick`'s
-recipe with 4 labelled cases and `recipe_ab.BASE_STEPS` = 600 steps), with `head.kind` set per arm. Each finetuned
-model is exported and scored through `lnfm.jobs.predict` at every overlap on dev phantoms
-of the held-out generator variant (dataset seeds 505 and 606, never the benchmark's test
-seed). Prints mean Dice per seed and the paired differences over (seed, volume) pairs;
-finished arms are cached in the workdir's heads_ab.jsonl, so a rerun resumes.
+recipe with 4 labelled cases and `recipe_ab.BASE_STEPS` = 600 steps), with `head.kind` set per
+arm (`KIND:OPTION=VALUE;...` also sets `head.options`). Each finetuned model is exported and
+scored through `lnfm.jobs.predict` at every overlap on dev phantoms of the held-out generator
+variant (dataset seeds 505 and 606, never the benchmark's test seed). `--site` makes every
+phantom set from that site's anatomy and prepares the stores at its preset's spacing (the
+default, pelvis, is the cpu preset as it is). Prints mean Dice per seed and the paired
+differences over (seed, volume) pairs; finished arms are cached in the workdir's
+heads_ab.jsonl, so a rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -20,18 +25,21 @@ from pathlib import Path
 import numpy as np
 
 import accuracy as A
+from inference import head_overrides
 import recipe_ab
 from lnfm.data import benchmark as B
+from lnfm.data.prepare import preset_spacing
 from lnfm.eval.stats import fmt_ci, fmt_p, paired
 from lnfm.jobs.heldout import evaluate
 
-def dev_cases(work: Path, shape) -> list[B.TestCase]:
-    return recipe_ab.dev_cases(work, shape, "heldout", folder_prefix="phantoms_dev")
+def dev_cases(work: Path, shape, site: str) -> list[B.TestCase]:
+    return recipe_ab.dev_cases(work, shape, "heldout", folder_prefix="phantoms_dev", site=site)
 
 
 def run_arm(head: str, seed: int, preset: A.Preset, bench: B.Benchmark, pre: Path, dev, overlaps, work: Path) -> dict:
-    cfg = A.finetune_config(preset, bench, str(pre), 4, seed, extra=(f"head.kind={head}",))
-    summary, fn, meta = A.finetune_and_export(cfg, work / "runs" / f"{head}_s{seed}")
+    cfg = A.finetune_config(preset, bench, str(pre), 4, seed, extra=tuple(head_overrides(head)))
+    folder = head.replace(":", "_").replace(";", "_").replace("=", "")
+    summary, fn, meta = A.finetune_and_export(cfg, work / "runs" / f"{folder}_s{seed}")
     row = {"head": head, "seed": seed, "train_s": summary["train_time_s"]}
     for ov in overlaps:
         cases, infer = evaluate(fn, meta, dev, ov)
@@ -41,17 +49,21 @@ def run_arm(head: str, seed: int, preset: A.Preset, bench: B.Benchmark, pre: Pat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--site", default="pelvis", help="phantom anatomy and finetuning site preset")
     ap.add_argument("--heads", default="fine,unetr")
     ap.add_argument("--overlaps", default="0.5,0.25")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--workdir", default="runs/head_overlap")
+    ap.add_argument("--workdir", default=None, help="default: runs/head_overlap (pelvis), runs/head_overlap_SITE")
     args = ap.parse_args()
     heads, overlaps = args.heads.split(","), [float(o) for o in args.overlaps.split(",")]
-    work = Path(args.workdir).resolve()
+    work = Path(args.workdir or "runs/head_overlap" + ("" if args.site == "pelvis" else f"_{args.site}")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     preset = recipe_ab.base_preset()
+    if args.site != preset.data.site:
+        data = dataclasses.replace(preset.data, site=args.site, spacing=preset_spacing(args.site))
+        preset = dataclasses.replace(preset, data=data)
     bench = B.build(preset.data, work)
-    dev = dev_cases(work, preset.data.shape)
+    dev = dev_cases(work, preset.data.shape, preset.data.site)
     pre = A.pretrain(preset, bench, work)
     cache = work / "heads_ab.jsonl"
     lines = cache.read_text().splitlines() if cache.is_file() else []

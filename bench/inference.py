@@ -14,7 +14,8 @@ With `--predict pelvis,mediastinum` it times `lnfm predict` end to end instead
 post-processing, writing) on a CT of `--ct-shape` voxels at `--ct-spacing` mm (the
 real TotalSegmentator example CT of ../shared/data resampled up), for each site
 preset's model size (random weights: the time does not depend on them), exported
-once as onnx (which holds the weights for the JAX backend too), per `--backends`.
+once as onnx (which holds the weights for the JAX backend too), per `--backends`; `--heads`
+exports each preset with other heads as well ("" is the preset's own).
 
 With `--pipeline pelvis` it runs the same pipeline in one process, stage by stage
 (read, RAS + resampling + body crop, normalisation, sliding window through the
@@ -31,7 +32,7 @@ the export's weights; ViT + fine head exports such as pelvis), softmax per windo
 ours, and prints how far its probabilities are from ours.
 
 Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32] [--batch 4]
-       .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300]
+       .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300] [--heads ,fine]
        .venv/bin/python bench/inference.py --networks pelvis [--heads fine,light,unetr,linear] [--batch 2]
        .venv/bin/python bench/inference.py --onnx-files A/model.onnx,B/model.onnx [--rounds 3] [--batch 2]
        .venv/bin/python bench/inference.py --pipeline pelvis [--rounds 3] [--unet-channels 16,32,64,128] [--same-net]
@@ -90,6 +91,13 @@ def write_ct(path, shape, spacing) -> None:
     nib.save(nib.Nifti1Image(np.round(up).astype(np.int16), np.diag([*spacing, 1.0])), path)
 
 
+def head_overrides(head: str) -> list[str]:
+    """Finetuning overrides of a `--heads` entry: `unetr`, or `unetr:feature_size=8;num_aux=1` to set
+    `head.options` too; "" for the preset's own head."""
+    kind, _, options = head.partition(":")
+    return [f"head.kind={kind}", *(f"head.options.{o}" for o in options.split(";") if o)] if kind else []
+
+
 def write_export(site: str, out, overrides=()) -> None:
     """An onnx export (model.onnx + model.safetensors) of the site preset's model (with config
     `overrides` such as "head.kind=light"), random weights."""
@@ -135,14 +143,14 @@ def bench_predict(args) -> None:
     write_ct(ct, shape, spacing)
     print(f"CT {shape} at {spacing} mm; lnfm predict wall time per run (fresh process, reading and writing included)")
     repo = Path(__file__).resolve().parents[1]
-    for site in args.predict.split(","):
-        export = root / f"export_{site}"
+    for n, (site, head) in enumerate((s, h) for s in args.predict.split(",") for h in (args.heads or "").split(",")):
+        export, name = root / f"export_{n}", f"{site} {head}" if head else site
         t = time.perf_counter()
-        write_export(site, export)
-        print(f"{site}: onnx export written in {time.perf_counter() - t:.0f} s")
+        write_export(site, export, head_overrides(head))
+        print(f"{name}: onnx export written in {time.perf_counter() - t:.0f} s")
         for backend in args.backends.split(","):
             for overlap in args.predict_overlaps.split(","):
-                out = root / f"{site}_{backend}_{overlap}.nii.gz"
+                out = root / f"{n}_{backend}_{overlap}.nii.gz"
                 cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(export), "--input", str(ct),
                        "--output", str(out), "--backend", backend]
                 cmd += [] if overlap == "model" else ["--overlap", overlap]
@@ -151,7 +159,7 @@ def bench_predict(args) -> None:
                                       env=dict(os.environ, PYTHONPATH=str(repo)))
                 wall = time.perf_counter() - t
                 status = "ok" if proc.returncode == 0 else f"FAILED: {proc.stderr.strip().splitlines()[-1:]}"
-                print(f"  {site} {backend} overlap {overlap}: {wall:.1f} s ({status})", flush=True)
+                print(f"  {name} {backend} overlap {overlap}: {wall:.1f} s ({status})", flush=True)
 
 
 SAME_NET = "MONAI sliding_window_inference + the same network in PyTorch"
@@ -295,7 +303,7 @@ def bench_networks(args) -> None:
     variants = [(site, head) for site in args.networks.split(",") for head in (args.heads or "").split(",")]
     for site, head in variants:
         export = root / f"{site}_{head}"
-        write_export(site, export, [f"head.kind={head}"] if head else [])
+        write_export(site, export, head_overrides(head))
         site = f"{site} ({head} head)" if head else site
         outputs = {}
         for backend in args.backends.split(","):
@@ -418,7 +426,8 @@ def main() -> None:
     ap.add_argument("--ct-spacing", default="0.8,0.8,1.5", help="with --predict: CT spacing in mm")
     ap.add_argument("--networks", default=None, help="comma-separated site presets: one window batch per backend")
     ap.add_argument("--heads", default=None,
-                    help="with --networks: comma-separated head kinds in place of each preset's own")
+                    help="with --networks or --predict: comma-separated heads in place of each preset's own "
+                         "(KIND or KIND:OPTION=VALUE;..., e.g. unetr:feature_size=8)")
     ap.add_argument("--onnx-files", default=None,
                     help="comma-separated model.onnx files: one window batch each on ONNX Runtime, alternated "
                          "(with --rounds, --repeat, --batch)")

@@ -81,9 +81,9 @@ def dev_config(kind: str, base: SynthConfig, seed: int) -> SynthConfig:
                      f"{', '.join('heldout-' + f for f in FACTORS)})")
 
 
-def dev_cases(work: Path, shape, kind: str, folder_prefix: str | None = None) -> list[B.TestCase]:
-    """Dev phantoms of set `kind` for seeds DEV_SEEDS, written once under `work`."""
-    base = SynthConfig(site="pelvis", shape=tuple(shape), gallery=False)
+def dev_cases(work: Path, shape, kind: str, folder_prefix: str | None = None, site: str = "pelvis") -> list[B.TestCase]:
+    """Dev phantoms of `site` and set `kind` for seeds DEV_SEEDS, written once under `work`."""
+    base = SynthConfig(site=site, shape=tuple(shape), gallery=False)
     cases = []
     for s in DEV_SEEDS:
         folder = work / f"{folder_prefix or 'phantoms_' + kind}{s}"
