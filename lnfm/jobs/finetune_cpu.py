@@ -26,8 +26,8 @@ from lnfm.models.segmenter import segmenter_from_config
 from lnfm.train.mfu import forward_flops, train_flops
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
-FAST_CPU_FLOPS = 2e11  # 40x the 5 GFLOP/s measured on 2 shared cores for a 3D conv: runs that fit at
-# this rate fit anywhere and skip the measurement
+SLOW_CPU_FLOPS = 1e9  # below any CPU's rate on a 3D conv (2 shared cores reached 5 GFLOP/s with XLA's own
+# form): runs that fit the budget at this rate fit it anywhere and skip the measurement
 CPU_PRESET = "--quick"  # applies QUICK below
 
 # `--quick`: the CPU recipe (32^3 patches, 8-12 minutes on 2 cores) with the fine head, whose strided
@@ -90,7 +90,7 @@ def cpu_notice(cfg, rate: float | None = None) -> str | None:
     if jax.default_backend() != "cpu" or is_cpu_recipe(cfg):
         return None
     flops = step_flops(cfg)
-    if not flops or flops * cfg.train.steps / FAST_CPU_FLOPS <= CPU_BUDGET_S:
+    if not flops or flops * cfg.train.steps / SLOW_CPU_FLOPS <= CPU_BUDGET_S:
         return None
     per_step = flops / (rate or cpu_conv_rate())
     total = per_step * cfg.train.steps

@@ -14,7 +14,7 @@ from lnfm.jobs.finetune import load_finetune_config  # noqa: E402
 def test_a_heads_entry_sets_the_kind_and_its_options():
     assert head_overrides("") == []
     assert head_overrides("fine") == ["head.kind=fine"]
-    cfg = load_finetune_config("mediastinum", head_overrides("unetr:feature_size=8;num_aux=1"))
+    cfg = load_finetune_config("pelvis", head_overrides("unetr:feature_size=8;num_aux=1"))
     assert cfg.head.kind == "unetr" and cfg.head.options == {"feature_size": 8, "num_aux": 1}
-    assert load_finetune_config("mediastinum", head_overrides("")).head.kind == "unetr"  # the preset's own
-    assert load_finetune_config("mediastinum", head_overrides("fine")).head.options == {}
+    assert load_finetune_config("head_neck", head_overrides("")).head.kind == "unetr"  # the preset's own
+    assert load_finetune_config("head_neck", head_overrides("fine")).head.options == {}
