@@ -90,9 +90,11 @@ class Painter:
 
 
 def beside(cx: Callable, cy: Callable, r: float, zr, angles=(0.0, 2 * np.pi), gap=(0.5, 4.0)):
-    """Propose centres next to a vessel running along z (centre (cx(z), cy(z)), radius r)."""
+    """Propose centres next to a vessel running along z (centre (cx(z), cy(z)), radius r). A station
+    whose z limit lies beyond a short grid's end (zr reversed) proposes between the two; the placement
+    rejects centres off the grid."""
     def propose(rng: np.random.Generator, radius: float) -> np.ndarray:
-        z = rng.uniform(*zr)
+        z = rng.uniform(*sorted(zr))
         t = rng.uniform(*angles)
         d = r + radius + rng.uniform(*gap)
         return np.array([cx(z) + d * np.cos(t), cy(z) + d * np.sin(t), z])

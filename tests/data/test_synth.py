@@ -290,3 +290,15 @@ def test_heldout_cases_use_only_test_pool_masks(shared_data, monkeypatch):
     for i in range(3):
         generate_case("pelvis", i, small(real_shape_fraction=1.0))
     assert used and all(mask_pool(p) == "train" for p in used)
+
+
+def test_a_short_neck_grid_places_nodes_where_a_station_starts_beyond_its_end():
+    """Held-out neck phantom 1 of dataset seed 303 on a 96x96x48 grid: level IIA starts at z = 10 mm, above
+    the grid's top, so its z range was reversed and numpy refused to draw from it."""
+    cfg = heldout_config(SynthConfig(site="head_neck", shape=(96, 96, 48), gallery=False), seed=303)
+    case = generate_case("head_neck", case_seed(303, 1), cfg)
+    labels, n = ndimage.label(case.label > 0)
+    assert n >= 1 and sorted(case.label.shape) == [48, 96, 96]  # the held-out variant may store the axes permuted
+    # every node lies inside the grid with the placement's 3-voxel margin
+    for box in ndimage.find_objects(labels):
+        assert all(s.start >= 3 and s.stop <= size - 3 for s, size in zip(box, case.label.shape))
