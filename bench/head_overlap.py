@@ -58,10 +58,9 @@ def main() -> None:
     heads, overlaps = args.heads.split(","), [float(o) for o in args.overlaps.split(",")]
     work = Path(args.workdir or "runs/head_overlap" + ("" if args.site == "pelvis" else f"_{args.site}")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    preset = recipe_ab.base_preset()
-    if args.site != preset.data.site:
-        data = dataclasses.replace(preset.data, site=args.site, spacing=preset_spacing(args.site))
-        preset = dataclasses.replace(preset, data=data)
+    base = recipe_ab.base_preset()  # pelvis; its stores are at the pelvis preset's spacing already
+    preset = dataclasses.replace(base, data=dataclasses.replace(base.data, site=args.site,
+                                                                spacing=preset_spacing(args.site)))
     bench = B.build(preset.data, work)
     dev = dev_cases(work, preset.data.shape, preset.data.site)
     pre = A.pretrain(preset, bench, work)
