@@ -17,6 +17,10 @@ preset's model size (random weights: the time does not depend on them), exported
 once as onnx (which holds the weights for the JAX backend too), per `--backends`; `--heads`
 exports each preset with other heads as well ("" is the preset's own).
 
+With `--networks mediastinum` it times one batch of windows through each preset's exported
+network per backend; `--same-net` adds the same batch through that network rebuilt in PyTorch
+(`bench/torch_segmenter.py`, the same weights; channels-first and channels_last_3d).
+
 With `--pipeline pelvis` it runs the same pipeline in one process, stage by stage
 (read, RAS + resampling + body crop, normalisation, sliding window through the
 network, argmax + post-processing, labels back to the source grid, writing), per
@@ -33,7 +37,7 @@ ours, and prints how far its probabilities are from ours.
 
 Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32] [--batch 4]
        .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300] [--heads ,fine]
-       .venv/bin/python bench/inference.py --networks pelvis [--heads fine,light,unetr,linear] [--batch 2]
+       .venv/bin/python bench/inference.py --networks pelvis [--heads fine,light,unetr,linear] [--batch 2] [--same-net]
        .venv/bin/python bench/inference.py --onnx-files A/model.onnx,B/model.onnx [--rounds 3] [--batch 2]
        .venv/bin/python bench/inference.py --pipeline pelvis [--rounds 3] [--unet-channels 16,32,64,128] [--same-net]
 """
@@ -98,9 +102,9 @@ def head_overrides(head: str) -> list[str]:
     return [f"head.kind={kind}", *(f"head.options.{o}" for o in options.split(";") if o)] if kind else []
 
 
-def write_export(site: str, out, overrides=()) -> None:
+def write_export(site: str, out, overrides=()):
     """An onnx export (model.onnx + model.safetensors) of the site preset's model (with config
-    `overrides` such as "head.kind=light"), random weights."""
+    `overrides` such as "head.kind=light"), random weights; returns the model."""
     import dataclasses
 
     from flax import nnx
@@ -127,6 +131,7 @@ def write_export(site: str, out, overrides=()) -> None:
                         postprocess=cfg.postprocess)
     out.mkdir(parents=True)
     ex._write(source, out, "onnx")  # the job's own writer
+    return model
 
 
 def bench_predict(args) -> None:
@@ -303,7 +308,7 @@ def bench_networks(args) -> None:
     variants = [(site, head) for site in args.networks.split(",") for head in (args.heads or "").split(",")]
     for site, head in variants:
         export = root / f"{site}_{head}"
-        write_export(site, export, head_overrides(head))
+        model = write_export(site, export, head_overrides(head))
         site = f"{site} ({head} head)" if head else site
         outputs = {}
         for backend in args.backends.split(","):
@@ -323,6 +328,32 @@ def bench_networks(args) -> None:
         if len(outputs) == 2:
             a, b = outputs.values()
             print(f"{site}: max |probability difference| between backends {float(np.abs(a - b).max()):.1e}")
+        if args.same_net:
+            same_net_batch(model, x, outputs, site, args.repeat)
+
+
+def same_net_batch(model, x: np.ndarray, outputs: dict, site: str, repeat: int) -> None:
+    """The same window batch through our network rebuilt in PyTorch (bench/torch_segmenter.py, the
+    same weights; 2 threads, inference mode), channels-first and channels_last_3d, softmax included."""
+    import torch
+    from torch_segmenter import channels_first, from_lnfm
+
+    torch.set_num_threads(2)
+    twin = from_lnfm(model, x.shape[1:4]).eval()
+    xt = channels_first(x)
+    for layout in ("channels-first", "channels_last_3d"):
+        if layout == "channels_last_3d":
+            twin, xt = twin.to(memory_format=torch.channels_last_3d), xt.to(memory_format=torch.channels_last_3d)
+        with torch.inference_mode():
+            probs = torch.softmax(twin(xt), dim=1).permute(0, 2, 3, 4, 1).numpy()
+            best = np.inf
+            for _ in range(repeat):
+                t = time.perf_counter()
+                torch.softmax(twin(xt), dim=1)
+                best = min(best, time.perf_counter() - t)
+        diff = max(float(np.abs(probs - o).max()) for o in outputs.values())
+        print(f"{site} PyTorch, same network ({layout}): batch of {len(x)} windows {best:.2f} s; "
+              f"max |probability difference| to the backends above {diff:.1e}", flush=True)
 
 
 def bench_onnx_files(args) -> None:
@@ -437,7 +468,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="with --pipeline: interleaved sliding-window rounds")
     ap.add_argument("--same-net", action="store_true",
                     help="with --pipeline: also MONAI's sliding window over our network rebuilt in PyTorch "
-                         "(bench/torch_segmenter.py; ViT + fine head exports)")
+                         "(bench/torch_segmenter.py; ViT + fine head exports); with --networks: one window "
+                         "batch through it")
     args = ap.parse_args()
     if args.pipeline:
         bench_pipeline(args)

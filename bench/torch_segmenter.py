@@ -26,7 +26,8 @@ InstanceNorm(affine, eps 1e-5) -> LeakyReLU(0.01); `DownConv3D` = `Conv3d` with
 kernel = stride; `UpConv3D` = `ConvTranspose3d` with kernel = stride, tap (i, j, k)
 at block offset (i, j, k) as in PyTorch), the 1x1x1 fuse conv + IN + LeakyReLU of the
 concatenated deepest features, the decoder blocks (upsample, concatenate the skip,
-ConvNormAct) and the 1x1x1 out conv. Our kernels are (kx, ky, kz, cin, cout) and
+ConvNormAct; with `top_kernel=1` the full-resolution one is SkipAddNormAct) and the
+1x1x1 out conv. Our kernels are (kx, ky, kz, cin, cout) and
 transpose to PyTorch's (cout, cin, kx, ky, kz) (ConvTranspose3d: (cin, cout, ...)).
 Padding: inputs are zero-padded at the far end to a multiple of the deepest stride
 and the logits cropped back, as `Segmenter` does.
@@ -73,12 +74,25 @@ class ConvNormAct(nn.Module):
         return F.leaky_relu(self.norm(self.conv(x)), LRELU_SLOPE)
 
 
+class SkipAddNormAct(nn.Module):
+    """x + conv1x1x1(skip) (no bias) -> instance norm -> LeakyReLU, as `lnfm.models.heads.fine.SkipAddNormAct`
+    (the full-resolution step of a head with `top_kernel=1`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.skip = nn.Conv3d(channels, channels, 1, bias=False)
+        self.norm = _instance_norm(channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.norm(x + self.skip(skip)), LRELU_SLOPE)
+
+
 class TorchFineHead(nn.Module):
     """`FineHead` (ViT features, no deep supervision) on channel-first tensors; module names
     follow the nnx head's attribute paths (path, fuse, fuse_norm, ups, blocks, out)."""
 
     def __init__(self, levels: Sequence[tuple[int, int, int]], widths: Sequence[int], n_conv: int,
-                 fused_channels: int, in_channels: int, num_classes: int):
+                 fused_channels: int, in_channels: int, num_classes: int, top_kernel: int = 3):
         super().__init__()
         self.levels = [tuple(s) for s in levels]
         self.n_conv = n_conv
@@ -96,7 +110,8 @@ class TorchFineHead(nn.Module):
             f = step_factor(self.levels, lvl + 1)
             ups.append(nn.ConvTranspose3d(ch[lvl + 1], ch[lvl], f, stride=f))
         self.ups = nn.ModuleList(ups)
-        self.blocks = nn.ModuleList([ConvNormAct(2 * ch[lvl] if lvl < n_conv else ch[lvl], ch[lvl])
+        self.blocks = nn.ModuleList([SkipAddNormAct(ch[0]) if lvl == 0 and top_kernel == 1 else
+                                     ConvNormAct(2 * ch[lvl] if lvl < n_conv else ch[lvl], ch[lvl])
                                      for lvl in range(depth - 1, -1, -1)])
         self.out = nn.Conv3d(ch[0], num_classes, 1)
 
@@ -108,6 +123,9 @@ class TorchFineHead(nn.Module):
         depth = len(self.levels) - 1
         for up, block, lvl in zip(self.ups, self.blocks, range(depth - 1, -1, -1)):
             x = up(x)
+            if isinstance(block, SkipAddNormAct):
+                x = block(x, skips[0])
+                continue
             if lvl < self.n_conv:
                 x = torch.cat([x, skips[lvl]], dim=1)
             x = block(x)
@@ -234,7 +252,7 @@ def from_lnfm(segmenter: nnx.Module, spatial: Sequence[int] | None = None, *, sd
     fused = sum(head.feature_channels[i] for i in head.deepest)
     num_classes = params[("head", "out", "kernel")].shape[-1]
     in_channels = params[("head", "path", 0, "conv", "kernel")].shape[3]
-    thead = TorchFineHead(head.levels, head.widths, head.n_conv, fused, in_channels, num_classes)
+    thead = TorchFineHead(head.levels, head.widths, head.n_conv, fused, in_channels, num_classes, head.top_kernel)
     modules = dict(thead.named_modules())
     head_params = {}
     with torch.no_grad():

@@ -76,8 +76,9 @@ def _inputs(cfg, patch: int):
 
 
 @pytest.mark.shared
-def test_torch_twin_matches_the_pelvis_cpu_preset_segmenter_logits_loss_and_gradients():
-    cfg = load_finetune_config("pelvis", quick=True)
+@pytest.mark.parametrize("top_kernel", [3, 1])
+def test_torch_twin_matches_the_pelvis_cpu_preset_segmenter_logits_loss_and_gradients(top_kernel):
+    cfg = load_finetune_config("pelvis", [f"head.options.top_kernel={top_kernel}"], quick=True)
     assert cfg.model.size == "tiny" and cfg.head.kind == "fine" and cfg.loss.name == "dice_ce"
     patch = cfg.site.patch[0]
     abstract = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels),
@@ -123,7 +124,8 @@ def test_torch_twin_matches_the_pelvis_cpu_preset_segmenter_logits_loss_and_grad
         worst[name] = float(np.abs(g_j - g_t).max()) / (size if size > 1e-5 * scale else scale)
     for name in ("vit.patch_embedding.patch_embeddings.weight", "vit.blocks.0.attn.qkv.weight",
                  "vit.blocks.3.mlp.linear2.weight", "vit.norm.weight", "head.path.0.conv.weight",
-                 "head.path.1.0.weight", "head.fuse.weight", "head.ups.2.weight", "head.blocks.2.norm.weight"):
+                 "head.path.1.0.weight", "head.fuse.weight", "head.ups.2.weight", "head.blocks.2.norm.weight",
+                 "head.blocks.2.skip.weight" if top_kernel == 1 else "head.blocks.2.conv.weight"):
         assert name in worst, name
     bad = {k: v for k, v in worst.items() if v > GRAD_RTOL}
     assert not bad, f"{source}: gradients differ (max error / max |grad|): {bad}"

@@ -79,9 +79,10 @@ def test_onnxruntime_matches_jax_on_real_ct_patches(tiny, onnx_export, shared_da
 
 
 @pytest.mark.slow  # jax2onnx converts each head in about a minute on 2 free cores
-@pytest.mark.parametrize("head", ["light", "unetr"])
+@pytest.mark.parametrize("head", ["light", "unetr", "fine_top1"])
 def test_conv_heads_convert_and_match_jax_on_a_real_ct_patch(head, shared_data, onnx_export, tmp_path):
-    """The heads' dense, depth-wise, transposed and partial convs, Sobel stem and upsampling in ONNX."""
+    """The heads' dense, depth-wise, transposed and partial convs, Sobel stem and upsampling in ONNX;
+    the fine head with `top_kernel=1` (the `tiny` fixture's export covers its default)."""
     import jax
     from flax import nnx
 
@@ -91,7 +92,8 @@ def test_conv_heads_convert_and_match_jax_on_a_real_ct_patch(head, shared_data, 
 
     patch = (16, 16, 16)
     cfg = ModelConfig(size="tiny", width=32, depth=2, heads=2, patch_size=(8, 8, 8), img_size=patch)
-    options = {"base_channels": 4} if head == "light" else {"feature_size": 4}
+    head, options = {"light": ("light", {"base_channels": 4}), "unetr": ("unetr", {"feature_size": 4}),
+                     "fine_top1": ("fine", {"top_kernel": 1})}[head]
     model = build_segmenter(cfg, head, 2, nnx.Rngs(0), **options)
     meta = read_meta(onnx_export)  # a real contract, with this test's window size
     meta = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, patch_size=patch))
