@@ -4,15 +4,18 @@ finetune of an accelerator-sized preset prints.
 The estimate is the planner's usual one: the step's model FLOPs from XLA's cost
 analysis of the segmenter at the configured patch and batch (forward + backward
 = 3 forwards; lowered, not compiled), divided by the FLOP rate this CPU reaches
-on a dense 3x3x3 convolution's forward and backward measured here (the heads'
-dominant layer), times the configured steps. It is an estimate: normalisation,
-activations and the loss are not counted (it errs short, by about 2x for the
-CPU recipe's step), while attention and matmul layers run faster than the
-convolution (it errs long for ViT-heavy models).
+on the configured model's own forward and backward with its loss at the CPU
+recipe's 2 x 32^3 (`cpu_step_rate`: the same layers, norms and activations in the
+same mix, compiled in about 5 s), times the configured steps. It still errs
+short, by about 1.25x for the head and neck and mediastinum presets on a 2-core
+CPU (measured 2026-12-05: 2.9 against 3.6 s/step, 5.5 against 7.4 s/step), because
+a large patch runs at a lower rate than a small one; a rate from a dense 3x3x3
+convolution alone, used before, erred short by 4-5x.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -21,13 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.models.conv_forms import dense_conv
 from lnfm.models.segmenter import segmenter_from_config
+from lnfm.segmentation.losses import deep_supervision_loss, segmentation_loss
 from lnfm.train.mfu import forward_flops, train_flops
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
-SLOW_CPU_FLOPS = 1e9  # below any CPU's rate on a 3D conv (2 shared cores reached 5 GFLOP/s with XLA's own
-# form): runs that fit the budget at this rate fit it anywhere and skip the measurement
+SLOW_CPU_FLOPS = 1e9  # below any CPU's rate on a finetuning step (2 cores: about 45 GFLOP/s for ViT-tiny + fine
+# at 2 x 32^3): runs that fit the budget at this rate fit it anywhere and skip the measurement
 CPU_PRESET = "--quick"  # applies QUICK below
 
 # `--quick`: the CPU recipe (32^3 patches, 8-12 minutes on 2 cores) with the fine head, whose strided
@@ -41,21 +44,41 @@ QUICK = ["site.patch=[32,32,32]", "train.steps=2800", "train.global_batch=2", "t
          "model.img_size=[32,32,32]", "model.patch_size=[8,8,8]"]
 
 
-def cpu_conv_rate() -> float:
-    """FLOP/s this machine reaches on a jitted dense 3x3x3 conv (1 x 32^3 x 32 -> 32), forward and
-    backward (counted as 3 forwards, as the step's FLOPs are), best of 3. The backward is timed too
-    because the forms' forward and backward speeds differ (the slice form's forward is ~4x faster)."""
-    x = jnp.ones((1, 32, 32, 32, 32), jnp.float32)
-    w = jnp.ones((3, 3, 3, 32, 32), jnp.float32) / 864.0
-    # the form the heads run on this backend, both gradients as in a step
-    step = jax.jit(jax.grad(lambda x, w: jnp.sum(dense_conv(x, w)), argnums=(0, 1)))
-    jax.block_until_ready(step(x, w))
+PROBE_PATCH = (32, 32, 32)  # the CPU recipe's patch and batch: small enough to compile in seconds
+PROBE_BATCH = 2
+
+
+def probe_config(cfg):
+    """`cfg` at the probe's patch and batch (the model's img_size with it, as the CPU recipe sets)."""
+    return dataclasses.replace(cfg, site=dataclasses.replace(cfg.site, patch=PROBE_PATCH),
+                               model=dataclasses.replace(cfg.model, img_size=PROBE_PATCH),
+                               train=dataclasses.replace(cfg.train, global_batch=PROBE_BATCH))
+
+
+def cpu_step_rate(cfg) -> float:
+    """FLOP/s this machine reaches on `cfg`'s own segmenter and loss, forward and backward (the
+    gradient of every parameter), at the probe's patch and batch: best of 3, compilation excluded."""
+    probe = probe_config(cfg)
+    model = segmenter_from_config(probe.model, probe.head, len(probe.site.labels), nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jnp.full((PROBE_BATCH, *PROBE_PATCH, probe.model.in_channels), 0.5, jnp.float32)
+    y = (jnp.arange(math.prod(PROBE_PATCH)).reshape(PROBE_PATCH) % 7 == 0).astype(jnp.int32)
+    y = jnp.broadcast_to(y, (PROBE_BATCH, *PROBE_PATCH))
+
+    def loss(p):
+        out = nnx.merge(graphdef, p, rest)(x)
+        if isinstance(out, tuple):  # deep supervision, as the finetuning step computes it
+            return deep_supervision_loss(probe.loss, [out[0], *out[1]], y)
+        return segmentation_loss(probe.loss, out, y)
+
+    grad = jax.jit(jax.grad(loss))
+    jax.block_until_ready(grad(params))
     best = math.inf
     for _ in range(3):
         t = time.perf_counter()
-        jax.block_until_ready(step(x, w))
+        jax.block_until_ready(grad(params))
         best = min(best, time.perf_counter() - t)
-    return 3 * 2.0 * 27 * 32 * 32 * 32 ** 3 / best
+    return step_flops(probe) / best
 
 
 def step_flops(cfg) -> float | None:
@@ -92,7 +115,7 @@ def cpu_notice(cfg, rate: float | None = None) -> str | None:
     flops = step_flops(cfg)
     if not flops or flops * cfg.train.steps / SLOW_CPU_FLOPS <= CPU_BUDGET_S:
         return None
-    per_step = flops / (rate or cpu_conv_rate())
+    per_step = flops / (rate or cpu_step_rate(cfg))
     total = per_step * cfg.train.steps
     if total <= CPU_BUDGET_S:
         return None

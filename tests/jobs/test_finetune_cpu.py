@@ -26,7 +26,7 @@ def test_accelerator_preset_on_a_cpu_names_the_estimate_and_the_cpu_preset():
 def test_a_run_that_fits_on_any_cpu_is_not_measured(monkeypatch):
     """A few steps of the mediastinum preset fit the budget at even 1 GFLOP/s: no notice, and no
     convolution is timed to find out."""
-    monkeypatch.setattr(finetune_cpu, "cpu_conv_rate", lambda: pytest.fail("measured a run that fits anywhere"))
+    monkeypatch.setattr(finetune_cpu, "cpu_step_rate", lambda cfg: pytest.fail("measured a run that fits anywhere"))
     cfg = load_finetune_config("mediastinum", ["train.steps=2"])
     assert finetune_cpu.step_flops(cfg) * 2 / 1e9 < finetune_cpu.CPU_BUDGET_S
     assert finetune_cpu.cpu_notice(cfg) is None
@@ -50,3 +50,19 @@ def test_the_cpu_recipe_gets_no_notice_however_slow_the_cpu():
     assert not finetune_cpu.is_cpu_recipe(bigger)
     line = finetune_cpu.cpu_notice(bigger, slow)
     assert line is not None and "--quick" in line and "64x64x64" in line
+
+
+def test_the_rate_is_measured_on_the_configured_model_at_the_probe_patch():
+    """The probe keeps the preset's model, head and loss and changes only patch, img_size and batch;
+    it runs the loss with deep supervision too (the step's own tuple output)."""
+    import math
+
+    cfg = load_finetune_config("mediastinum", ["head.deep_supervision=true"])
+    probe = finetune_cpu.probe_config(cfg)
+    assert tuple(probe.site.patch) == tuple(probe.model.img_size) == finetune_cpu.PROBE_PATCH
+    assert probe.train.global_batch == finetune_cpu.PROBE_BATCH
+    assert probe.head == cfg.head and probe.loss == cfg.loss and probe.model.size == cfg.model.size
+    # the probe's FLOPs scale with its voxels: a 2 x 32^3 step is a small fraction of the preset's
+    assert 0 < finetune_cpu.step_flops(probe) < finetune_cpu.step_flops(cfg) / 20
+    rate = finetune_cpu.cpu_step_rate(cfg)
+    assert math.isfinite(rate) and rate > finetune_cpu.SLOW_CPU_FLOPS
