@@ -13,7 +13,8 @@ decoder, every step is kept cheap under XLA:CPU:
   large (`widths`, finest first; 8 at full resolution by default); with
   `top_kernel=1` the full-resolution decoder step adds a 1x1x1 projection of the
   image skip instead of a 3x3x3 convolution over the concatenation
-  (`SkipAddNormAct`), which roughly halves a large window's time on a CPU.
+  (`SkipAddNormAct`): a 160x160x96 window takes 0.65x the time in ONNX Runtime, at a
+  measured cost in Dice (docs/finetuning.md), so no preset uses it.
 
 Encoder features: block outputs sharing the deepest stride (ViT) are concatenated
 and fused by a 1x1x1 conv; features at shallower strides (Swin stages) are
@@ -60,7 +61,7 @@ class SkipAddNormAct(nnx.Module):
     """x + conv1x1x1(skip) -> instance norm -> LeakyReLU: the full-resolution decoder step with
     `top_kernel=1`. It equals a 1x1x1 conv of [x, skip] concatenated, its first half absorbed into
     the linear up-convolution that made x, without the 3x3x3 convolution at full resolution
-    (about a third of a window's time in ONNX Runtime at 160x160x96) or the concatenation."""
+    (about 30 % of a window's time in ONNX Runtime at 160x160x96) or the concatenation."""
 
     def __init__(self, channels, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
