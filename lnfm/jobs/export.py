@@ -385,12 +385,13 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
     if out.parent.exists() and not out.parent.is_dir():
         raise ExportError(f"{out.parent}: exists and is not a folder")
     with lock_folder(out.parent, f".{out.name}.lock"):
-        recover_interrupted(out)
+        with deferred_termination():  # a SIGTERM mid-recovery would leave a half-removed folder behind
+            recover_interrupted(out)
         check_replaceable(out, force)
         source = load_source(run)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()  # inside the try: a SIGTERM right after it still removes the folder
             with deferred_termination():  # Orbax's writer threads finish before a SIGTERM removes tmp
                 _write(source, tmp, format)
             verify_export(tmp)
