@@ -62,7 +62,7 @@ from lnfm.models.segmenter import load_encoder_state, segmenter_from_config
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
-from lnfm.segmentation.losses import deep_supervision_loss, segmentation_loss
+from lnfm.segmentation.losses import model_output_loss
 from lnfm.runs import BEST_JSON, SUMMARY, ExportFolder, FinetuneRun, PretrainRun, RepeatRun, read_json, write_json
 from lnfm.segmentation.strategies import count_params, layer_index_fn, trainable_filter
 from lnfm.safety import check_apart
@@ -335,13 +335,11 @@ def build_training(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> T
     graphdef, state, shardings = create_train_state(model, tx, seed, replicated, trainable=filt)
     del model  # its arrays now belong to the train state (donated every step)
     log.info("strategy %s: %.3fM of %.3fM parameters train", cfg.strategy.freeze, n_train / 1e6, total_params / 1e6)
-    loss_cfg, ds = cfg.loss, cfg.head.deep_supervision
+    loss_cfg = cfg.loss
 
     def loss_fn(params, frozen, rest, batch, key):
         out = merge_model(graphdef, params, frozen, rest)(batch["image"])
-        if ds:
-            return deep_supervision_loss(loss_cfg, [out[0], *out[1]], batch["label"]), {}
-        return segmentation_loss(loss_cfg, out, batch["label"]), {}
+        return model_output_loss(loss_cfg, out, batch["label"]), {}
 
     step_fn = make_train_step(loss_fn, tx, schedule, shardings, batch_sharding(mesh),
                               accum_steps=cfg.train.accum_steps)

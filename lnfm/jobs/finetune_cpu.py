@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lnfm.models.segmenter import segmenter_from_config
-from lnfm.segmentation.losses import deep_supervision_loss, segmentation_loss
+from lnfm.segmentation.losses import model_output_loss
 from lnfm.train.mfu import forward_flops, train_flops
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
@@ -65,13 +65,7 @@ def cpu_step_rate(cfg) -> float:
     y = (jnp.arange(math.prod(PROBE_PATCH)).reshape(PROBE_PATCH) % 7 == 0).astype(jnp.int32)
     y = jnp.broadcast_to(y, (PROBE_BATCH, *PROBE_PATCH))
 
-    def loss(p):
-        out = nnx.merge(graphdef, p, rest)(x)
-        if isinstance(out, tuple):  # deep supervision, as the finetuning step computes it
-            return deep_supervision_loss(probe.loss, [out[0], *out[1]], y)
-        return segmentation_loss(probe.loss, out, y)
-
-    grad = jax.jit(jax.grad(loss))
+    grad = jax.jit(jax.grad(lambda p: model_output_loss(probe.loss, nnx.merge(graphdef, p, rest)(x), y)))
     jax.block_until_ready(grad(params))
     best = math.inf
     for _ in range(3):

@@ -128,3 +128,11 @@ def deep_supervision_loss(cfg: LossConfig, outputs: Sequence[jax.Array], labels:
     for w, out in zip(weights, outputs):
         loss = loss + (w / total) * segmentation_loss(cfg, out, downsample_labels(labels, out.shape[1:-1]))
     return loss
+
+
+def model_output_loss(cfg: LossConfig, out, labels: jax.Array) -> jax.Array:
+    """The loss of a segmenter's output as the finetuning step computes it: logits, or with deep
+    supervision `(logits, [coarser logits, ...])`."""
+    if isinstance(out, tuple):
+        return deep_supervision_loss(cfg, [out[0], *out[1]], labels)
+    return segmentation_loss(cfg, out, labels)
