@@ -48,7 +48,11 @@ FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pass
 # Names of temporary, backup and lock files (a store's failures.parts folder is none of them).
 LEFTOVER = re.compile(r"\.tmp|\.part\d|\.old-|\.lock|orbax-checkpoint-tmp")
 TINY_VIT = ["model.depth=1", "model.width=32", "model.heads=2", "optim.warmup_steps=0", "data.workers=0",
-            "train.log_every=1", "checkpoint.keep=20"]
+            "train.log_every=1", "checkpoint.keep=40"]
+# Training steps of the pretrain and finetune cases, checkpointed every 2: the kill and the SIGTERM
+# land a few checkpoints in (the poll can lag the tiny steps under load), and the full-disk run
+# must still have checkpoints to write (with 8 steps the SIGTERM run once reached the last step).
+STEPS = 24
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +212,7 @@ def _pretrain_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     wd = tmp / "pre"
     return SimpleNamespace(wd=wd, kept=lambda: [Path(tiny.store), *_steps(wd / "checkpoints")],
                            argv=["pretrain", "--config", "vit_tiny", "--data", tiny.store, "--workdir", wd, *TINY_VIT,
-                                 "train.global_batch=2", "checkpoint.every=2", "train.steps=8"])
+                                 "train.global_batch=2", "checkpoint.every=2", f"train.steps={STEPS}"])
 
 
 def _new_records(ctx) -> Callable[[], bool]:
@@ -239,10 +243,10 @@ def _pretrain_whole(ctx) -> None:
 
 def _pretrain_done(ctx, r: Run) -> None:
     _pretrain_whole(ctx)
-    assert [p.name for p in _steps(ctx.wd / "checkpoints")][-1] == "8"
+    assert [p.name for p in _steps(ctx.wd / "checkpoints")][-1] == str(STEPS)
     assert "resumed from step" in (ctx.wd / "log.txt").read_text()
     rows = [json.loads(line)["step"] for line in (ctx.wd / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(s for s in rows if s) == list(range(1, 9)) or max(rows) == 8
+    assert {s for s in rows if s} == set(range(1, STEPS + 1))  # every step logged (a resumed run may repeat some)
 
 
 def _labelled_store(root: Path) -> str:
@@ -267,7 +271,7 @@ def _finetune_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
             *TINY_VIT, "site.patch=[16,16,16]", "model.img_size=[16,16,16]", "model.patch_size=[8,8,8]",
             "train.global_batch=1", "train.eval_every=4", "checkpoint.every=2", "inference.sw_batch_size=4",
             "inference.overlap=0",
-            "train.steps=8"]
+            f"train.steps={STEPS}"]
     return SimpleNamespace(wd=wd, kept=lambda: [Path(store), *_steps(wd / "checkpoints")], argv=argv)
 
 
@@ -286,7 +290,7 @@ def _finetune_whole(ctx) -> None:
 
 def _finetune_done(ctx, r: Run) -> None:
     _finetune_whole(ctx)
-    assert [p.name for p in _steps(ctx.wd / "checkpoints")][-1] == "8"
+    assert [p.name for p in _steps(ctx.wd / "checkpoints")][-1] == str(STEPS)
     assert "resumed from step" in (ctx.wd / "log.txt").read_text()
     summary = json.loads((ctx.wd / "summary.json").read_text())
     assert 0.0 <= summary["dice"] <= 1.0
