@@ -116,6 +116,9 @@ def sliding_window_inference(
     pad = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, shape)]
     if any(a or b for a, b in pad):
         volume = np.pad(volume, pad + [(0, 0)], constant_values=pad_value)
+    # Windows are copied out row by row: from a Fortran-ordered volume (NIfTI's order) each copy
+    # would be a strided transpose, several times slower than one reordering up front.
+    volume = np.ascontiguousarray(volume)
     size = volume.shape[:3]
     corners = list(itertools.product(*(window_starts(s, r, overlap) for s, r in zip(size, roi))))
     weight = importance_map(roi, mode, sigma_scale)
@@ -153,8 +156,9 @@ def sliding_window_inference(
             if num_classes is not None and k != num_classes:
                 raise ValueError(f"predict_fn returned {k} channels, expected num_classes={num_classes}")
             out = np.zeros((*size, k), np.float32)
+            scratch = np.empty((*roi, k), np.float32)  # reused: a fresh window-sized temporary costs page faults
         for c, p in zip(batch_corners, pred):
-            out[tuple(slice(a, a + r) for a, r in zip(c, roi))] += p * weight[..., None]
+            out[tuple(slice(a, a + r) for a, r in zip(c, roi))] += np.multiply(p, weight[..., None], out=scratch)
 
     out /= norm[..., None]
     crop = tuple(slice(a, a + s) for (a, _), s in zip(pad, shape))

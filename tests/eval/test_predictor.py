@@ -35,6 +35,20 @@ def test_labels_are_thresholded_then_cleaned_as_configured():
     assert no_ct[18:21, 14:17, 8:11].all() and not no_ct[10:12, 10:12, 10:12].any()
 
 
+def test_two_class_labels_equal_numpy_argmax_ties_included():
+    """The 2-class shortcut (foreground where p1 > p0) against np.argmax of the blended probabilities,
+    on random values and on exact ties (argmax: the first class, background)."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.0, 1.0, (20, 18, 12, 1)).astype(np.float32)
+    image[::3] = 0.5  # p0 == p1 exactly
+    pred = Predictor(_pointwise, (8, 8, 8), 2, InferenceConfig(overlap=0.5, sw_batch_size=2),
+                     PostprocessConfig(min_volume_mm3=0.0))
+    seg = pred(image, (1.0, 1.0, 1.0), None)
+    expected = np.argmax(seg.probabilities, axis=-1)
+    assert 0 < expected.mean() < 1 and not expected[::3].any()
+    np.testing.assert_array_equal(seg.labels, expected)
+
+
 def test_softmax_fn_matches_numpy_softmax_of_the_logits():
     model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
