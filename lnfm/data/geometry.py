@@ -7,6 +7,8 @@ Conventions: arrays are (X, Y, Z[, C]); affines map voxel indices to RAS+ mm.
 from __future__ import annotations
 
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import nibabel as nib
@@ -83,11 +85,37 @@ def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_affine: np.nd
         if fortran:
             work, shape, offset = work.T, shape[::-1], offset[::-1].copy()
             m = np.ascontiguousarray(m[::-1] if m.ndim == 1 else m[::-1, ::-1])
-        out = ndimage.affine_transform(work, m, offset=offset, output_shape=shape, order=order, mode="constant",
-                                       cval=cval, prefilter=order > 1, output=out_dtype)
+        out = _affine_transform(work, m, offset, shape, order, cval, out_dtype)
         return out.T if fortran else out
 
     return _map_channels(np.asarray(data), one)
+
+
+def _threads() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _affine_transform(work: np.ndarray, m: np.ndarray, offset: np.ndarray, shape: tuple, order: int, cval: float,
+                      out_dtype) -> np.ndarray:
+    """scipy's affine_transform (mode constant); linear interpolation runs in slabs of output rows on
+    every core (scipy releases the GIL; each slab's offset moves by its first row). Nearest neighbour
+    stays in one call: a slab's shifted offset may round a tie at half a voxel the other way."""
+    n = _threads() if order == 1 else 1
+    if n == 1 or shape[0] < 2 * n:
+        return ndimage.affine_transform(work, m, offset=offset, output_shape=shape, order=order, mode="constant",
+                                        cval=cval, prefilter=order > 1, output=out_dtype)
+    out = np.empty(shape, out_dtype)
+    column = m[0] * np.eye(3)[0] if m.ndim == 1 else m[:, 0]  # input step per output row
+
+    def slab(bounds: tuple[int, int]) -> None:
+        a, b = bounds
+        ndimage.affine_transform(work, m, offset=offset + column * a, output_shape=(b - a, *shape[1:]), order=1,
+                                 mode="constant", cval=cval, prefilter=False, output=out[a:b])
+
+    edges = np.linspace(0, shape[0], n + 1).round().astype(int)
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(slab, zip(edges[:-1], edges[1:])))
+    return out
 
 
 def target_grid(affine: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, float, float]

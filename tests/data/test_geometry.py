@@ -35,7 +35,14 @@ def test_to_canonical_keeps_every_voxel_at_its_world_position():
     np.testing.assert_array_equal(can.data[tuple(can_idx.T)], data[tuple(src_idx.T)])
 
 
-def test_resample_matches_simpleitk_linear():
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-slabs"])
+def threads(request, monkeypatch):
+    """Linear resampling in one scipy call, or in 3 slabs of output rows on threads."""
+    monkeypatch.setattr("lnfm.data.geometry._threads", lambda: request.param)
+    return request.param
+
+
+def test_resample_matches_simpleitk_linear(threads):
     rng = np.random.default_rng(0)
     data = ndimage.gaussian_filter(rng.normal(size=(30, 26, 20)), 2).astype(np.float32)
     spacing_in, spacing_out = (1.0, 1.2, 2.0), (1.7, 0.9, 2.6)
@@ -56,7 +63,7 @@ def test_resample_matches_simpleitk_linear():
 
 @pytest.mark.parametrize("order", [0, 1])
 @pytest.mark.parametrize("flip", [False, True])
-def test_resample_to_grid_axis_aligned_samples_the_same_points_as_map_coordinates(order, flip):
+def test_resample_to_grid_axis_aligned_samples_the_same_points_as_map_coordinates(order, flip, threads):
     # Axis-aligned linear resampling takes scipy's diagonal-matrix path; the reference samples the
     # same world points through map_coordinates with explicit source coordinates. The flipped grid
     # puts nearest-neighbour samples exactly half-way between source voxels (y = 6.5 at j = 8):
@@ -78,6 +85,24 @@ def test_resample_to_grid_axis_aligned_samples_the_same_points_as_map_coordinate
                                   prefilter=False).reshape(shape)
     assert out.dtype == (np.float32 if order else np.uint8)
     np.testing.assert_allclose(out, ref, atol=1e-5 if order else 0)
+
+
+def test_oblique_linear_resampling_in_slabs_equals_one_scipy_call(monkeypatch):
+    from lnfm.data.geometry import resample_to_grid
+
+    data = ndimage.gaussian_filter(np.random.default_rng(3).normal(size=(23, 19, 14)), 1.5).astype(np.float32)
+    src = np.diag([0.8, 0.9, 1.5, 1.0])
+    rot = np.array([[np.cos(0.3), -np.sin(0.3), 0], [np.sin(0.3), np.cos(0.3), 0], [0, 0.1, 1]])
+    dst = np.eye(4)
+    dst[:3, :3] = rot * 1.1
+    dst[:3, 3] = (2.0, -1.0, 3.0)
+    matrix = np.linalg.inv(src) @ dst
+    ref = ndimage.affine_transform(data, matrix[:3, :3], offset=matrix[:3, 3], output_shape=(13, 11, 9), order=1,
+                                   mode="constant", output=np.float32)
+    monkeypatch.setattr("lnfm.data.geometry._threads", lambda: 3)
+    out = resample_to_grid(data, src, dst, (13, 11, 9), order=1, edge=False)
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(6))
