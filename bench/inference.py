@@ -17,6 +17,10 @@ preset's model size (random weights: the time does not depend on them), exported
 once as onnx (which holds the weights for the JAX backend too), per `--backends`; `--heads`
 exports each preset with other heads as well ("" is the preset's own).
 
+With `--overhead mediastinum,pelvis` it times the same pipeline with a network that costs nothing
+(every window batch gets one precomputed output), a fresh process per run, for this checkout or for
+each of `--trees` (other checkouts' lnfm: an A/B of pipeline changes without the network's noise).
+
 With `--networks mediastinum` it times one batch of windows through each preset's exported
 network per backend; `--same-net` adds the same batch through that network rebuilt in PyTorch
 (`bench/torch_segmenter.py`, the same weights; channels-first and channels_last_3d).
@@ -39,6 +43,7 @@ Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32]
        .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300] [--heads ,fine]
        .venv/bin/python bench/inference.py --networks pelvis [--heads fine,light,unetr,linear] [--batch 2] [--same-net]
        .venv/bin/python bench/inference.py --onnx-files A/model.onnx,B/model.onnx [--rounds 3] [--batch 2]
+       .venv/bin/python bench/inference.py --overhead mediastinum,pelvis [--rounds 3] [--trees .,../other-checkout]
        .venv/bin/python bench/inference.py --pipeline pelvis [--rounds 3] [--unet-channels 16,32,64,128] [--same-net]
 """
 
@@ -165,6 +170,61 @@ def bench_predict(args) -> None:
                 wall = time.perf_counter() - t
                 status = "ok" if proc.returncode == 0 else f"FAILED: {proc.stderr.strip().splitlines()[-1:]}"
                 print(f"  {name} {backend} overlap {overlap}: {wall:.1f} s ({status})", flush=True)
+
+
+def overhead_case(export: str, ct: str) -> float:
+    """Seconds of `predict_case` (reading, resampling, body crop, sliding window, post-processing,
+    labels back to the source grid, writing) with a network that costs nothing: every window batch
+    gets one precomputed output (foreground probability 0.9 in a central ball, 0.1 elsewhere, so
+    post-processing has components to handle)."""
+    import tempfile
+    from pathlib import Path
+
+    from lnfm.jobs import predict as pr
+    from lnfm.jobs.export_meta import read_meta
+
+    meta = read_meta(export)
+    roi, batch = tuple(meta.preprocessing.patch_size), meta.inference.sw_batch_size
+    r = np.sqrt(sum((g - n / 2) ** 2 for g, n in zip(np.indices(roi, np.float32), roi)))
+    p1 = np.where(r < 6, 0.9, 0.1).astype(np.float32)
+    out = np.broadcast_to(np.stack([1 - p1, p1], -1)[None], (batch, *roi, 2)).copy()
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        pr.predict_case(lambda x: out, meta, [ct], Path(tmp) / "mask.nii.gz")
+        return time.perf_counter() - t
+
+
+def bench_overhead(args) -> None:
+    """`overhead_case` per site preset, in a fresh process per run, for each lnfm tree of `--trees`
+    (this checkout by default; another checkout's lnfm gives an A/B), rounds interleaved."""
+    import os
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    shape = tuple(int(s) for s in args.ct_shape.split(","))
+    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
+    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_overhead_"))
+    ct = root / "ct.nii.gz"
+    write_ct(ct, shape, spacing)
+    here = Path(__file__).resolve()
+    trees = [Path(t).resolve() for t in args.trees.split(",")] if args.trees else [here.parents[1]]
+    print(f"CT {shape} at {spacing} mm; predict_case with a free network, fresh process per run, "
+          f"{args.rounds} interleaved rounds (seconds)")
+    for site in args.overhead.split(","):
+        export = root / f"export_{site}"
+        write_export(site, export)
+        runs = {t: [] for t in trees}
+        for _ in range(args.rounds):
+            for tree in trees:
+                proc = subprocess.run([sys.executable, str(here), "--overhead-case", str(export), str(ct)],
+                                      capture_output=True, text=True, check=True,
+                                      env=dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{here.parent}"))
+                runs[tree].append(float(proc.stdout.split()[-1]))
+        for tree, times in runs.items():
+            print(f"  {site} {tree}: median {statistics.median(times):.1f} ({', '.join(f'{t:.1f}' for t in times)})")
 
 
 SAME_NET = "MONAI sliding_window_inference + the same network in PyTorch"
@@ -462,6 +522,10 @@ def main() -> None:
     ap.add_argument("--onnx-files", default=None,
                     help="comma-separated model.onnx files: one window batch each on ONNX Runtime, alternated "
                          "(with --rounds, --repeat, --batch)")
+    ap.add_argument("--overhead", default=None,
+                    help="comma-separated site presets: predict's pipeline with a free network (--rounds runs)")
+    ap.add_argument("--trees", default=None, help="with --overhead: comma-separated checkouts whose lnfm runs")
+    ap.add_argument("--overhead-case", nargs=2, default=None, metavar=("EXPORT", "CT"), help=argparse.SUPPRESS)
     ap.add_argument("--stages", action="store_true", help="stage times of the predict pipeline on --ct-shape")
     ap.add_argument("--pipeline", default=None, help="comma-separated site presets: stages per backend + MONAI")
     ap.add_argument("--unet-channels", default="16,32,64,128", help="with --pipeline: MONAI UNet channels")
@@ -471,6 +535,12 @@ def main() -> None:
                          "(bench/torch_segmenter.py; ViT + fine head exports); with --networks: one window "
                          "batch through it")
     args = ap.parse_args()
+    if args.overhead_case:
+        print(f"{overhead_case(*args.overhead_case):.2f}")
+        return
+    if args.overhead:
+        bench_overhead(args)
+        return
     if args.pipeline:
         bench_pipeline(args)
         return
