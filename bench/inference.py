@@ -448,59 +448,6 @@ def bench_onnx_files(args) -> None:
               f"{', '.join(f'{t:.3f}' for t in times[path])})", flush=True)
 
 
-def bench_stages(args) -> None:
-    """Stage times of the predict pipeline on one CT with a per-voxel linear network (so the network
-    costs nothing), and linear resampling to the model grid by scipy (what predict uses) vs SimpleITK."""
-    import tempfile
-    from pathlib import Path
-
-    import SimpleITK as sitk
-
-    from lnfm.data.geometry import restore_to_source
-    from lnfm.data.prepare import preprocess_volume
-    from lnfm.jobs import predict as pr
-
-    shape = tuple(int(s) for s in args.ct_shape.split(","))
-    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
-    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_stages_"))
-    ct = root / "ct.nii.gz"
-    write_ct(ct, shape, spacing)
-    target = (1.5, 1.5, 1.5)
-    meta = {"preprocessing": {"spacing_mm": list(target), "orientation": "RAS", "hu_window": [-160.0, 240.0],
-                              "pet_scale": 10.0, "patch_size": [96, 96, 96], "channels": ["CT"], "crop_body": True,
-                              "body_threshold_hu": -500.0},
-            "inference": {"overlap": 0.5, "sw_batch_size": 2, "mode": "gaussian", "sigma_scale": 0.125},
-            "postprocess": {"min_volume_mm3": 10.0, "body_threshold_hu": -500.0}, "num_classes": 2}
-    times = {}
-
-    def timed(name, fn):
-        t = time.perf_counter()
-        out = fn()
-        times[name] = time.perf_counter() - t
-        return out
-
-    vol = timed("read + check (nibabel)", lambda: pr.read_scan([str(ct)], meta))
-    _, _, geometry = timed("RAS + resample to 1.5 mm + body crop (scipy, order 1)",
-                           lambda: preprocess_volume(vol, target))
-    img = sitk.GetImageFromArray(np.ascontiguousarray(vol.data[..., 0].transpose(2, 1, 0)))
-    img.SetSpacing(spacing)
-    size = [int(round(n * s / t)) for n, s, t in zip(img.GetSize(), spacing, target)]
-    timed("resample to 1.5 mm (SimpleITK linear, same grid size)",
-          lambda: sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), target,
-                                img.GetDirection(), 0.0, sitk.sitkFloat32))
-    w = np.array([[1.5, -0.5]], np.float32)
-    pred = timed("predict_volume, whole (linear network)", lambda: pr.predict_volume(lambda x: x @ w, meta, vol))
-    model_labels = np.zeros(np.asarray(pred._model_probability).shape[:3], np.uint8)
-    timed("labels back to the source grid (order 0; inside predict_volume)",
-          lambda: restore_to_source(model_labels, geometry, order=0))
-    timed("probability map back to the source grid (order 1; only with --probabilities/--report)",
-          lambda: pred.probability)
-    timed("write mask .nii.gz", lambda: pr.write_outputs(pred, meta, root / "mask.nii.gz"))
-    print(f"CT {shape} at {spacing} mm, one run:")
-    for name, t in times.items():
-        print(f"  {name}: {t:.2f} s")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="160,160,96")
@@ -526,10 +473,10 @@ def main() -> None:
                     help="comma-separated site presets: predict's pipeline with a free network (--rounds runs)")
     ap.add_argument("--trees", default=None, help="with --overhead: comma-separated checkouts whose lnfm runs")
     ap.add_argument("--overhead-case", nargs=2, default=None, metavar=("EXPORT", "CT"), help=argparse.SUPPRESS)
-    ap.add_argument("--stages", action="store_true", help="stage times of the predict pipeline on --ct-shape")
     ap.add_argument("--pipeline", default=None, help="comma-separated site presets: stages per backend + MONAI")
     ap.add_argument("--unet-channels", default="16,32,64,128", help="with --pipeline: MONAI UNet channels")
-    ap.add_argument("--rounds", type=int, default=3, help="with --pipeline: interleaved sliding-window rounds")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with --pipeline: interleaved sliding-window rounds; with --overhead: runs per checkout")
     ap.add_argument("--same-net", action="store_true",
                     help="with --pipeline: also MONAI's sliding window over our network rebuilt in PyTorch "
                          "(bench/torch_segmenter.py; ViT + fine head exports); with --networks: one window "
@@ -549,9 +496,6 @@ def main() -> None:
         return
     if args.onnx_files:
         bench_onnx_files(args)
-        return
-    if args.stages:
-        bench_stages(args)
         return
     if args.predict:
         bench_predict(args)
