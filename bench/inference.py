@@ -174,8 +174,7 @@ def bench_predict(args) -> None:
 
 def overhead_case(export: str, ct: str) -> float:
     """Seconds of `predict_case` (reading, resampling, body crop, sliding window, post-processing,
-    labels back to the source grid, writing), in a process set up as `lnfm predict` sets its own,
-    with a network that costs nothing: every window batch
+    labels back to the source grid, writing) with a network that costs nothing: every window batch
     gets one precomputed output (foreground probability 0.9 in a central ball, 0.1 elsewhere, so
     post-processing has components to handle)."""
     import tempfile
@@ -184,12 +183,6 @@ def overhead_case(export: str, ct: str) -> float:
     from lnfm.jobs import predict as pr
     from lnfm.jobs.export_meta import read_meta
 
-    try:  # what `lnfm predict` sets for its process; checkouts before it lack it
-        from lnfm.jobs.heap import keep_freed_memory
-    except ImportError:
-        pass
-    else:
-        keep_freed_memory()
     meta = read_meta(export)
     roi, batch = tuple(meta.preprocessing.patch_size), meta.inference.sw_batch_size
     r = np.sqrt(sum((g - n / 2) ** 2 for g, n in zip(np.indices(roi, np.float32), roi)))

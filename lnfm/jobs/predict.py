@@ -56,7 +56,6 @@ from lnfm.errors import DiskFull, LnfmError, disk_full
 from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_export
-from lnfm.jobs.heap import keep_freed_memory
 from lnfm.io import Volume, is_dicom_path, write_nifti
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
@@ -438,7 +437,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
-    keep_freed_memory()  # the pipeline's volume-sized arrays reuse faulted-in pages (lnfm.jobs.heap)
     return run(build_parser().parse_args(argv))
 
 
