@@ -100,6 +100,19 @@ def write_ct(path, shape, spacing) -> None:
     nib.save(nib.Nifti1Image(np.round(up).astype(np.int16), np.diag([*spacing, 1.0])), path)
 
 
+def bench_ct(args, kind: str):
+    """(folder, CT path, shape, spacing): `write_ct` of `--ct-shape` at `--ct-spacing` in a fresh
+    lnfm_bench_KIND_ folder."""
+    import tempfile
+    from pathlib import Path
+
+    shape = tuple(int(s) for s in args.ct_shape.split(","))
+    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
+    root = Path(tempfile.mkdtemp(prefix=f"lnfm_bench_{kind}_"))
+    write_ct(root / "ct.nii.gz", shape, spacing)
+    return root, root / "ct.nii.gz", shape, spacing
+
+
 def head_overrides(head: str) -> list[str]:
     """Finetuning overrides of a `--heads` entry: `unetr`, or `unetr:feature_size=8;num_aux=1` to set
     `head.options` too; "" for the preset's own head."""
@@ -143,14 +156,9 @@ def bench_predict(args) -> None:
     import os
     import subprocess
     import sys
-    import tempfile
     from pathlib import Path
 
-    shape = tuple(int(s) for s in args.ct_shape.split(","))
-    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
-    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_predict_"))
-    ct = root / "ct.nii.gz"
-    write_ct(ct, shape, spacing)
+    root, ct, shape, spacing = bench_ct(args, "predict")
     print(f"CT {shape} at {spacing} mm; lnfm predict wall time per run (fresh process, reading and writing included)")
     repo = Path(__file__).resolve().parents[1]
     for n, (site, head) in enumerate((s, h) for s in args.predict.split(",") for h in (args.heads or "").split(",")):
@@ -201,14 +209,9 @@ def bench_overhead(args) -> None:
     import statistics
     import subprocess
     import sys
-    import tempfile
     from pathlib import Path
 
-    shape = tuple(int(s) for s in args.ct_shape.split(","))
-    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
-    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_overhead_"))
-    ct = root / "ct.nii.gz"
-    write_ct(ct, shape, spacing)
+    root, ct, shape, spacing = bench_ct(args, "overhead")
     here = Path(__file__).resolve()
     trees = [Path(t).resolve() for t in args.trees.split(",")] if args.trees else [here.parents[1]]
     print(f"CT {shape} at {spacing} mm; predict_case with a free network, fresh process per run, "
@@ -233,8 +236,6 @@ SAME_NET = "MONAI sliding_window_inference + the same network in PyTorch"
 def bench_pipeline(args) -> None:
     """Stage times of `lnfm predict` per backend, and the sliding window against MONAI + a UNet of equal cost."""
     import statistics
-    import tempfile
-    from pathlib import Path
 
     import jax
     import jax.numpy as jnp
@@ -252,11 +253,7 @@ def bench_pipeline(args) -> None:
     from lnfm.jobs.export import load_export
     from lnfm.train.mfu import forward_flops
 
-    shape = tuple(int(s) for s in args.ct_shape.split(","))
-    spacing = tuple(float(s) for s in args.ct_spacing.split(","))
-    root = Path(tempfile.mkdtemp(prefix="lnfm_bench_pipeline_"))
-    ct = root / "ct.nii.gz"
-    write_ct(ct, shape, spacing)
+    root, ct, shape, spacing = bench_ct(args, "pipeline")
     channels = tuple(int(c) for c in args.unet_channels.split(","))
     for site in args.pipeline.split(","):
         export = root / f"export_{site}"

@@ -105,7 +105,7 @@ def _affine_transform(work: np.ndarray, m: np.ndarray, offset: np.ndarray, shape
         return ndimage.affine_transform(work, m, offset=offset, output_shape=shape, order=order, mode="constant",
                                         cval=cval, prefilter=order > 1, output=out_dtype)
     out = np.empty(shape, out_dtype)
-    column = m[0] * np.eye(3)[0] if m.ndim == 1 else m[:, 0]  # input step per output row
+    column = np.array([m[0], 0.0, 0.0]) if m.ndim == 1 else m[:, 0]  # input step per output row
 
     def slab(bounds: tuple[int, int]) -> None:
         a, b = bounds
