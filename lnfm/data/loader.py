@@ -19,6 +19,7 @@ from lnfm.config import ConfigError
 from lnfm.data import store as st
 from lnfm.data.contract import normalize
 from lnfm.data.augment import blur, context_size, flip_rot90, intensity_jitter, low_resolution, noise, rotate_scale
+from lnfm.data.paste import paste_node, paste_site
 from lnfm.errors import DataError
 
 
@@ -44,6 +45,10 @@ class LoaderConfig:
     low_res: float = 1.0  # simulate a scan up to this many times coarser per axis, half the patches (1 = off)
     blur_sigma: float = 0.0  # Gaussian blur up to this sigma (voxels), a fifth of the patches (0 = off)
     noise_std: float = 0.0  # Gaussian noise up to this std (normalised units), 30% of the patches (0 = off)
+    # Node paste (lnfm/data/paste.py), on when the loader is given host scans: this share of the patches is
+    # a host scan's patch with a labelled node pasted into its fat, scored within paste_margin voxels of it.
+    paste_p: float = 0.3
+    paste_margin: int = 6  # voxels of the host around a pasted node that are scored as background
     seed: int = 0  # sampling seed (non-negative, 32-bit)
     epoch_length: int = 10000  # records per epoch of the virtual index the sampler shuffles
 
@@ -89,10 +94,12 @@ class PatchSampler(grain.transforms.RandomMap):
     """(record index, rng) -> {"image": (X, Y, Z, C) float32[, "label": (X, Y, Z) int32]}."""
 
     def __init__(self, stores: list[str], cases: list[list[dict]], weights: list[float], cfg: LoaderConfig,
-                 labels: bool):
+                 labels: bool, hosts: list[tuple[str, dict]] = ()):
         self.stores, self.cases, self.cfg, self.labels = stores, cases, cfg, labels
         w = np.asarray(weights, float)
         self.weights = w / w.sum()
+        self.hosts = list(hosts) if labels else []  # (store, record) of unlabelled scans to paste nodes into
+        self.donors = [(s, r) for s, recs in enumerate(cases) for r in recs if r.get("nodes")]
         self._arrays: dict = {}
 
     def __getstate__(self):  # TensorStore handles are reopened in each worker process
@@ -106,30 +113,66 @@ class PatchSampler(grain.transforms.RandomMap):
             self._arrays[key] = st.open_array(store, path)
         return self._arrays[key]
 
-    def random_map(self, element, rng: np.random.Generator) -> dict:
-        cfg = self.cfg
-        s = int(rng.choice(len(self.stores), p=self.weights))
-        rec = self.cases[s][int(rng.integers(len(self.cases[s])))]
-        shape = np.asarray(rec["shape"][:3])
-        size = np.asarray(cfg.patch_size)
-        nodes = rec.get("nodes") or []
-        if self.labels and nodes and rng.random() < cfg.fg_fraction:
-            lo, hi = (np.asarray(b) for b in nodes[int(rng.integers(len(nodes)))]["bbox"])
-            centre = rng.integers(lo, hi)
-        else:
-            centre = rng.integers(0, shape) if np.all(shape > 0) else np.zeros(3, int)
-        start = patch_start(centre, shape, size)
-        ctx = np.asarray(context_size(tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, cfg.tilt_deg))
-        resample = tuple(ctx) != tuple(cfg.patch_size) and rng.random() < cfg.spatial_p
-        ctx = ctx if resample else size  # a patch read as stored needs no context around it
-        ctx_start = start + size // 2 - ctx // 2
+    def _read(self, store: str, rec: dict, start: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+        """Raw (X, Y, Z, C) intensities of a box; CT outside the volume reads as the window's floor."""
         chans = []
         for path, name in zip(rec["image_path"], rec["channels"]):
-            fill = cfg.hu_window[0] if name.upper() == "CT" else 0.0
-            chans.append(read_box(self._array(self.stores[s], path), ctx_start, tuple(ctx), fill))
-        image = normalize(np.stack(chans, axis=-1), cfg, rec["channels"])
-        label = read_box(self._array(self.stores[s], rec["label_path"]), ctx_start, tuple(ctx), 0, np.uint8) \
-            if self.labels else None
+            fill = self.cfg.hu_window[0] if name.upper() == "CT" else 0.0
+            chans.append(read_box(self._array(store, path), start, size, fill))
+        return np.stack(chans, axis=-1)
+
+    def _pasted(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+        """A host patch with a labelled node pasted into its fat (raw image, label, channels); None
+        when the donor has no CT channel or no fatty site was found."""
+        s, rec = self.donors[int(rng.integers(len(self.donors)))]
+        if "CT" not in [c.upper() for c in rec["channels"]]:
+            return None
+        size = np.asarray(self.cfg.patch_size)
+        lo, hi = (np.asarray(b) for b in rec["nodes"][int(rng.integers(len(rec["nodes"])))]["bbox"])
+        extent = np.minimum(hi - lo + 2, size)  # the node and a voxel around it, at most a patch
+        start = (lo + hi) // 2 - extent // 2
+        donor = self._read(self.stores[s], rec, start, tuple(extent))
+        donor_label = read_box(self._array(self.stores[s], rec["label_path"]), start, tuple(extent), 0, np.uint8)
+        for _ in range(4):  # host patches tried before giving up
+            hstore, host = self.hosts[int(rng.integers(len(self.hosts)))]
+            if list(host["channels"]) != list(rec["channels"]):
+                return None
+            shape = np.asarray(host["shape"][:3])
+            hstart = patch_start(rng.integers(0, shape), shape, size)
+            image = self._read(hstore, host, hstart, tuple(size))
+            ct = [c.upper() for c in host["channels"]].index("CT")
+            at = paste_site(image[..., ct], donor_label > 0, rng)
+            if at is not None:
+                image, label = paste_node(image, donor, donor_label.astype(np.int32), at, self.cfg.paste_margin)
+                return image, label, list(rec["channels"])
+        return None
+
+    def random_map(self, element, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        pasted = self._pasted(rng) if self.hosts and self.donors and rng.random() < cfg.paste_p else None
+        resample = False
+        if pasted is not None:
+            raw, label, channels = pasted
+        else:
+            s = int(rng.choice(len(self.stores), p=self.weights))
+            rec = self.cases[s][int(rng.integers(len(self.cases[s])))]
+            shape = np.asarray(rec["shape"][:3])
+            size = np.asarray(cfg.patch_size)
+            nodes = rec.get("nodes") or []
+            if self.labels and nodes and rng.random() < cfg.fg_fraction:
+                lo, hi = (np.asarray(b) for b in nodes[int(rng.integers(len(nodes)))]["bbox"])
+                centre = rng.integers(lo, hi)
+            else:
+                centre = rng.integers(0, shape) if np.all(shape > 0) else np.zeros(3, int)
+            start = patch_start(centre, shape, size)
+            ctx = np.asarray(context_size(tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, cfg.tilt_deg))
+            resample = tuple(ctx) != tuple(cfg.patch_size) and rng.random() < cfg.spatial_p
+            ctx = ctx if resample else size  # a patch read as stored needs no context around it
+            ctx_start = start + size // 2 - ctx // 2
+            raw, channels = self._read(self.stores[s], rec, ctx_start, tuple(ctx)), rec["channels"]
+            label = read_box(self._array(self.stores[s], rec["label_path"]), ctx_start, tuple(ctx), 0, np.uint8) \
+                if self.labels else None
+        image = normalize(raw, cfg, channels)
         if resample:
             image, label = rotate_scale(image, label, tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, rng,
                                         cfg.tilt_deg)
@@ -183,12 +226,14 @@ def _select(records: list[dict], split: str | None, labels: bool, case_ids: list
 def make_loader(stores: list[str], cfg: LoaderConfig, *, split: str | None = "train", labels: bool = False,
                 weights: list[float] | None = None, case_ids: list[str] | None = None,
                 num_epochs: int | None = None, shard_index: int | None = None,
-                shard_count: int | None = None) -> grain.DataLoader:
+                shard_count: int | None = None, paste_into: list[tuple[str, dict]] = ()) -> grain.DataLoader:
     """Batches {"image": float32 (B, X, Y, Z, C)[, "label": int32 (B, X, Y, Z)]} of random patches.
 
     `weights` mix the stores (default: in proportion to their selected cases). Shards default
     to jax.process_index()/process_count(), so each host of a job reads its own records.
     Save `iter(loader).get_state()` (JSON bytes) and `set_state` it to resume exactly.
+    `paste_into`: (store, record) of unlabelled scans that labelled nodes are pasted into
+    (`cfg.paste_p` of the patches; labels then carry IGNORE_LABEL where the loss must not look).
     """
     if isinstance(stores, str):
         stores = [stores]
@@ -212,7 +257,7 @@ def make_loader(stores: list[str], cfg: LoaderConfig, *, split: str | None = "tr
     sampler = grain.samplers.IndexSampler(num_records=cfg.epoch_length, shard_options=grain.sharding.NoSharding(),
                                           shuffle=True, num_epochs=num_epochs, seed=cfg.seed)
     sampler = GlobalBatchSampler(sampler, cfg.batch_size, shard_count, cfg.workers)
-    ops = [PatchSampler(stores, cases, weights, cfg, labels),
+    ops = [PatchSampler(stores, cases, weights, cfg, labels, paste_into),
            grain.transforms.Batch(batch_size=cfg.batch_size, drop_remainder=True)]
     return grain.DataLoader(data_source=IndexSource(cfg.epoch_length), sampler=sampler, operations=ops,
                             worker_count=cfg.workers, worker_buffer_size=max(1, cfg.prefetch), shard_options=shard,

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -45,6 +46,7 @@ from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, normalize
 from lnfm.data.loader import LoaderConfig, make_loader
+from lnfm.data.paste import IGNORE_LABEL
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
 from lnfm.eval.metrics import evaluate_case, summarize
@@ -336,10 +338,14 @@ def build_training(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> T
     del model  # its arrays now belong to the train state (donated every step)
     log.info("strategy %s: %.3fM of %.3fM parameters train", cfg.strategy.freeze, n_train / 1e6, total_params / 1e6)
     loss_cfg = cfg.loss
+    masked = bool(cfg.paste_into)  # pasted patches label the voxels the loss must not see IGNORE_LABEL
 
     def loss_fn(params, frozen, rest, batch, key):
         out = merge_model(graphdef, params, frozen, rest)(batch["image"])
-        return model_output_loss(loss_cfg, out, batch["label"]), {}
+        labels = batch["label"]
+        if masked:
+            return model_output_loss(loss_cfg, out, jnp.maximum(labels, 0), labels != IGNORE_LABEL), {}
+        return model_output_loss(loss_cfg, out, labels), {}
 
     step_fn = make_train_step(loss_fn, tx, schedule, shardings, batch_sharding(mesh),
                               accum_steps=cfg.train.accum_steps)
@@ -362,10 +368,12 @@ def save_best(ckpt: Checkpointer, step: int, tree: dict, config: dict, record: d
 def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.Mesh, splits: Splits,
                val_cases: list[Case], test_cases: list[Case], records: dict,
                pseudo: tuple[str, list[str]] | None = None,
-               on_best: Callable[[Predictor], None] | None = None) -> dict | None:
+               on_best: Callable[[Predictor], None] | None = None,
+               paste_into: list[tuple[str, dict]] = ()) -> dict | None:
     """Train, validate, keep the best and test one repeat; returns its summary (None if preempted).
     `pseudo` = (store, case ids) of pseudo-labelled scans trained on beside the labelled subset;
-    `on_best` receives the best model's predictor (tuned post-processing) after the test."""
+    `on_best` receives the best model's predictor (tuned post-processing) after the test; `paste_into`
+    are the scans labelled nodes are pasted into (store, record)."""
     tc, pid = cfg.train, jax.process_index()
     seed = tc.seed + repeat
     train_ids = select_subset(splits.pool, tc.num_labeled, seed)
@@ -390,7 +398,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     loader_cfg = dataclasses.replace(cfg.loader, patch_size=cfg.site.patch, batch_size=tc.global_batch // nproc,
                                      seed=seed)
     loader = make_loader(stores, loader_cfg, split="train", labels=True, case_ids=loader_ids,
-                         shard_index=pid, shard_count=nproc)
+                         shard_index=pid, shard_count=nproc, paste_into=paste_into)
     data_iter = iter(loader)
     best_ckpt = Checkpointer(rrun.best, CheckpointConfig(keep=1, async_save=False))
     best = rrun.best_record() or {"step": -1, "val_dice": -1.0}
@@ -533,12 +541,12 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     return out
 
 
-def unlabelled_records(stores: list[str], records: dict[str, tuple[str, dict]], splits: Splits
-                       ) -> list[tuple[str, dict]]:
-    """The training-split scans of the --unlabelled stores, as (store, record), each scan once. Scans
-    are matched by content (`scan_fingerprint`), not by case id: one that is a labelled training
-    case keeps its real label (left out here); one that is a validation or test case of --data is
-    refused, since self-training on it would train on the evaluation."""
+def unlabelled_records(stores: list[str], records: dict[str, tuple[str, dict]], splits: Splits,
+                       use: str = "self-training on it") -> list[tuple[str, dict]]:
+    """The training-split scans of the --unlabelled (or --paste-into) stores, as (store, record), each
+    scan once. Scans are matched by content (`scan_fingerprint`), not by case id: one that is a
+    labelled training case keeps its real label (left out here); one that is a validation or test
+    case of --data is refused, since training on it (`use`) would train on the evaluation."""
     if not stores:
         return []
     check_stores(stores, split="train")
@@ -554,13 +562,13 @@ def unlabelled_records(stores: list[str], records: dict[str, tuple[str, dict]], 
             if key in held_out:
                 kind, cid = held_out[key]
                 raise DataError(f"{store}: training scan {rec['case_id']} is the {kind} case {cid} of --data; "
-                                f"self-training on it would train on the evaluation (prepare the unlabelled scans "
+                                f"{use} would train on the evaluation (prepare the unlabelled scans "
                                 f"without it)")
             seen.add(key)
             out.append((store, rec))
     if not out:
         raise DataError(f"{','.join(stores)}: no training-split scan that is not already a labelled training case "
-                        f"of --data: nothing to pseudo-label")
+                        f"of --data: nothing to {'pseudo-label' if use.startswith('self') else 'paste into'}")
     return out
 
 
@@ -599,6 +607,7 @@ class _Data:
     records: dict[str, tuple[str, dict]]  # case id -> (store, manifest record)
     splits: Splits
     unlabelled: list[tuple[str, dict]]  # self-training's scans to pseudo-label (store, record)
+    paste_into: list[tuple[str, dict]]  # scans labelled nodes are pasted into (store, record)
 
 
 def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
@@ -633,7 +642,12 @@ def _check(cfg: FinetuneConfig) -> Checked:
         log.warning("train.num_labeled=%d but the data has %d labelled training case(s): all of them are used",
                     n, len(splits.pool))
     unlabelled = unlabelled_records(cfg.unlabelled, records, splits)
-    channels = {len(r["channels"]) for r in all_records + [r for _, r in unlabelled]}
+    paste_into = unlabelled_records(cfg.paste_into, records, splits, "pasting labelled nodes into it")
+    if paste_into and unlabelled:  # a student's donors would include the teacher's pseudo-labelled nodes
+        raise ConfigError("paste_into and unlabelled (self-training) cannot be combined: choose one")
+    if paste_into and not 0.0 < cfg.loader.paste_p <= 1.0:
+        raise ConfigError(f"loader.paste_p: {cfg.loader.paste_p} must be in (0, 1] with paste_into")
+    channels = {len(r["channels"]) for r in all_records + [r for _, r in unlabelled + paste_into]}
     if len(channels) != 1:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")
     n_ch = channels.pop()
@@ -649,11 +663,13 @@ def _check(cfg: FinetuneConfig) -> Checked:
                         f"classes ({cfg.site.labels})")
     # No resampling on the fly: the model is exported with the spacing it really trained at.
     # The pseudo-labelled scans train beside the labelled ones: one contract and one spacing for all stores.
-    prep = training_preprocessing(cfg.data + [s for s in cfg.unlabelled if s not in cfg.data],
-                                  [records[i] for i in splits.pool + splits.val + splits.test] + unlabelled,
+    extra_stores = list(dict.fromkeys(s for s in cfg.unlabelled + cfg.paste_into if s not in cfg.data))
+    prep = training_preprocessing(cfg.data + extra_stores,
+                                  [records[i] for i in splits.pool + splits.val + splits.test] + unlabelled
+                                  + paste_into,
                                   cfg.site.spacing, Normalization(cfg.loader.hu_window, cfg.loader.pet_scale),
                                   cfg.site.patch)
-    return Checked(cfg, prep, _Data(records, splits, unlabelled))
+    return Checked(cfg, prep, _Data(records, splits, unlabelled, paste_into))
 
 
 def _train(checked: Checked, run_dirs: FinetuneRun, mesh: jax.sharding.Mesh, writer: MetricsWriter) -> dict | None:
@@ -680,7 +696,8 @@ def _train(checked: Checked, run_dirs: FinetuneRun, mesh: jax.sharding.Mesh, wri
         if unlabelled:
             out = self_train(cfg, r, rdir, mesh, splits, val_cases, test_cases, records, unlabelled)
         else:
-            out = run_repeat(cfg, r, rdir, mesh, splits, val_cases, test_cases, records)
+            out = run_repeat(cfg, r, rdir, mesh, splits, val_cases, test_cases, records,
+                             paste_into=checked.context.paste_into)
         if out is None:
             return None
         runs.append(out)

@@ -43,6 +43,9 @@ class FinetuneConfig:
     # Self-training: a teacher trained on the labelled cases pseudo-labels these stores' scans, and the
     # model kept is a student trained on both (lnfm/jobs/finetune.py). Empty: no self-training.
     unlabelled: list[str] = dataclasses.field(default_factory=list)  # prepared stores of unlabelled scans
+    # Node paste: labelled nodes are pasted into fat of these stores' scans for loader.paste_p of the
+    # patches (lnfm/data/paste.py). Empty: off.
+    paste_into: list[str] = dataclasses.field(default_factory=list)  # prepared stores of unlabelled scans
     model: ModelConfig = dataclasses.field(  # backbone (taken from the checkpoint with --init)
         default_factory=ModelConfig)
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)  # segmentation head

@@ -1,6 +1,8 @@
 """Segmentation losses on channel-last logits: Dice + cross-entropy (default), focal, Tversky.
 
-Logits are float (B, X, Y, Z, C), labels int (B, X, Y, Z). Soft Dice/Tversky are
+Logits are float (B, X, Y, Z, C), labels int (B, X, Y, Z). An optional `mask` (B, X, Y, Z)
+leaves out the voxels where it is 0 (a pasted node's unscored surroundings, lnfm/data/paste.py):
+they add nothing to any sum and count in no mean. Soft Dice/Tversky are
 computed over the whole batch by default ("batch dice"): lymph nodes are small
 and many training patches hold none, and a per-patch Dice of an empty class is
 either meaningless or explodes the gradient.
@@ -49,19 +51,30 @@ def _select_classes(score: jax.Array, include_background: bool) -> jax.Array:
     return score if include_background else score[..., 1:]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy over all voxels."""
+def _masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return jnp.mean(x)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean softmax cross-entropy over all (or the masked) voxels."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return -jnp.mean(picked)
+    return -_masked_mean(picked, mask)
 
 
 def tversky_loss(logits: jax.Array, labels: jax.Array, alpha: float = 0.5, beta: float = 0.5, *,
-                 include_background: bool = False, batch: bool = True, smooth: float = 1e-5) -> jax.Array:
+                 include_background: bool = False, batch: bool = True, smooth: float = 1e-5,
+                 mask: jax.Array | None = None) -> jax.Array:
     """1 - TP / (TP + alpha FP + beta FN), soft, averaged over classes (and patches unless `batch`).
 
     alpha = beta = 0.5 is the soft Dice loss."""
     probs, onehot = _probs_onehot(logits, labels)
+    if mask is not None:  # a left-out voxel is neither predicted nor labelled
+        m = mask.astype(jnp.float32)[..., None]
+        probs, onehot = probs * m, onehot * m
     axes = _reduce_axes(probs.ndim, batch)
     tp = jnp.sum(probs * onehot, axis=axes)
     fp = jnp.sum(probs * (1.0 - onehot), axis=axes)
@@ -71,35 +84,39 @@ def tversky_loss(logits: jax.Array, labels: jax.Array, alpha: float = 0.5, beta:
 
 
 def dice_loss(logits: jax.Array, labels: jax.Array, *, include_background: bool = False, batch: bool = True,
-              smooth: float = 1e-5) -> jax.Array:
+              smooth: float = 1e-5, mask: jax.Array | None = None) -> jax.Array:
     """Soft Dice loss 1 - 2|P.G| / (|P| + |G|) on softmax probabilities."""
-    return tversky_loss(logits, labels, 0.5, 0.5, include_background=include_background, batch=batch, smooth=smooth)
+    return tversky_loss(logits, labels, 0.5, 0.5, include_background=include_background, batch=batch, smooth=smooth,
+                        mask=mask)
 
 
-def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0, alpha: float | None = None) -> jax.Array:
+def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0, alpha: float | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
     """Mean over voxels of -alpha_t (1 - p_t)^gamma log p_t (gamma = 0, alpha = None is cross-entropy)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     logp_t = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     loss = -((1.0 - jnp.exp(logp_t)) ** gamma) * logp_t
     if alpha is not None:
         loss = loss * jnp.where(labels == 0, 1.0 - alpha, alpha)
-    return jnp.mean(loss)
+    return _masked_mean(loss, mask)
 
 
-def segmentation_loss(cfg: LossConfig, logits: jax.Array, labels: jax.Array) -> jax.Array:
+def segmentation_loss(cfg: LossConfig, logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
+                      ) -> jax.Array:
     """The configured loss for one output at the labels' resolution."""
-    region = dict(include_background=cfg.include_background, batch=cfg.batch_dice, smooth=cfg.smooth)
+    region = dict(include_background=cfg.include_background, batch=cfg.batch_dice, smooth=cfg.smooth, mask=mask)
     if cfg.name == "dice_ce":
-        return cfg.dice_weight * dice_loss(logits, labels, **region) + cfg.ce_weight * cross_entropy(logits, labels)
+        return (cfg.dice_weight * dice_loss(logits, labels, **region)
+                + cfg.ce_weight * cross_entropy(logits, labels, mask))
     if cfg.name == "dice_focal":
         return (cfg.dice_weight * dice_loss(logits, labels, **region)
-                + cfg.ce_weight * focal_loss(logits, labels, cfg.focal_gamma, cfg.focal_alpha))
+                + cfg.ce_weight * focal_loss(logits, labels, cfg.focal_gamma, cfg.focal_alpha, mask))
     if cfg.name == "focal":
-        return focal_loss(logits, labels, cfg.focal_gamma, cfg.focal_alpha)
+        return focal_loss(logits, labels, cfg.focal_gamma, cfg.focal_alpha, mask)
     if cfg.name == "tversky":
         return tversky_loss(logits, labels, cfg.tversky_alpha, cfg.tversky_beta, **region)
     if cfg.name == "ce":
-        return cross_entropy(logits, labels)
+        return cross_entropy(logits, labels, mask)
     raise ConfigError(f"unknown loss '{cfg.name}'")
 
 
@@ -119,20 +136,23 @@ def downsample_labels(labels: jax.Array, spatial: Sequence[int]) -> jax.Array:
     return out
 
 
-def deep_supervision_loss(cfg: LossConfig, outputs: Sequence[jax.Array], labels: jax.Array) -> jax.Array:
-    """Weighted loss over outputs ordered full resolution first; labels are subsampled to
-    each coarser output. Weights decay**i, normalised to sum to one."""
+def deep_supervision_loss(cfg: LossConfig, outputs: Sequence[jax.Array], labels: jax.Array,
+                          mask: jax.Array | None = None) -> jax.Array:
+    """Weighted loss over outputs ordered full resolution first; labels (and the mask) are
+    subsampled to each coarser output. Weights decay**i, normalised to sum to one."""
     weights = [cfg.deep_supervision_decay ** i for i in range(len(outputs))]
     total = sum(weights)
     loss = 0.0
     for w, out in zip(weights, outputs):
-        loss = loss + (w / total) * segmentation_loss(cfg, out, downsample_labels(labels, out.shape[1:-1]))
+        spatial = out.shape[1:-1]
+        m = None if mask is None else downsample_labels(mask, spatial)
+        loss = loss + (w / total) * segmentation_loss(cfg, out, downsample_labels(labels, spatial), m)
     return loss
 
 
-def model_output_loss(cfg: LossConfig, out, labels: jax.Array) -> jax.Array:
+def model_output_loss(cfg: LossConfig, out, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """The loss of a segmenter's output as the finetuning step computes it: logits, or with deep
     supervision `(logits, [coarser logits, ...])`."""
     if isinstance(out, tuple):
-        return deep_supervision_loss(cfg, [out[0], *out[1]], labels)
-    return segmentation_loss(cfg, out, labels)
+        return deep_supervision_loss(cfg, [out[0], *out[1]], labels, mask)
+    return segmentation_loss(cfg, out, labels, mask)
