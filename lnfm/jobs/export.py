@@ -207,6 +207,8 @@ def _load_finetuned(run: FinetuneRun) -> _Source:
             # self-training: how many unlabelled scans the teacher's pseudo-labels added (0: none)
             "unlabelled_stores": len(cfg.unlabelled),
             "pseudo_labelled_cases": summary.get("pseudo_labelled", 0),
+            # node paste: how many stores of unlabelled scans labelled nodes were pasted into (0: none)
+            "paste_stores": len(cfg.paste_into),
         }),
         head=cfg.head, labels=list(cfg.site.labels), site=SiteInfo(cfg.site.name, list(cfg.site.stations)),
         inference=dataclasses.replace(cfg.inference, roi=tuple(prep.patch_size)),

@@ -1,7 +1,7 @@
 """Lymph-node segmentation finetuning of a pretrained encoder at one anatomical site.
 
     python finetune/finetune.py --site pelvis --data STORE --init PRETRAIN_DIR_OR_EXPORT --workdir DIR
-        [--unlabelled STORE] [--num-labeled N] [--repeats R] [--quick] [key=value ...]
+        [--unlabelled STORE | --paste-into STORE] [--num-labeled N] [--repeats R] [--quick] [key=value ...]
 
 The site preset (lnfm/configs/sites/<site>.yaml) sets spacing, patch, HU window,
 labels, head and strategy. The architecture comes from the pretraining run's
@@ -19,6 +19,10 @@ the repeat's own model, the student, trains from the same initialisation on the
 labelled subset plus the pseudo-labelled scans, patches drawn in proportion to the
 cases. The repeat keeps whichever of the two validates better (selected.json). Every
 stage resumes; summary.json's train_time_s counts all of them.
+
+Node paste (`--paste-into STORE[,STORE...]`): loader.paste_p of the training patches come
+from those stores' scans, with one of the labelled subset's nodes pasted into their fat
+and only a shell around it scored (lnfm/data/paste.py); the rest are drawn as usual.
 """
 
 from __future__ import annotations
@@ -127,12 +131,15 @@ def resolve_init(init: str) -> tuple[str, Path | None, dict | None]:
 
 def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "scratch", data: list[str] = (),
                          num_labeled: int | None = None, repeats: int | None = None,
-                         quick: bool = False, unlabelled: list[str] = ()) -> FinetuneConfig:
+                         quick: bool = False, unlabelled: list[str] = (), paste_into: list[str] = ()
+                         ) -> FinetuneConfig:
     """Dataclass defaults <- DEFAULTS <- site preset <- QUICK (with quick) <- overrides; with a
     checkpoint --init the model section is the checkpoint's, plus any model.* overrides."""
     extra = [f"init={json.dumps(init)}", f"data={json.dumps(list(data))}"]
     if unlabelled:
         extra.append(f"unlabelled={json.dumps(list(unlabelled))}")
+    if paste_into:
+        extra.append(f"paste_into={json.dumps(list(paste_into))}")
     if num_labeled is not None:
         extra.append(f"train.num_labeled={num_labeled}")
     if repeats is not None:
@@ -614,7 +621,8 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     """Finetune (or resume) into `workdir` and write summary.json. Returns the exit code."""
     init = resolve_init(cfg.init)[1]
     return run_training_job(cfg, FinetuneRun(Path(workdir)),
-                            inputs={"--init": init, "--data": cfg.data, "--unlabelled": cfg.unlabelled},
+                            inputs={"--init": init, "--data": cfg.data, "--unlabelled": cfg.unlabelled,
+                                    "--paste-into": cfg.paste_into},
                             resume_keys=RESUME_KEYS, check=_check, train=_train, tensorboard=False)
 
 
@@ -717,6 +725,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     ap.add_argument("--unlabelled", default="", help="comma-separated prepared stores of unlabelled scans: "
                                                       "self-training (a teacher pseudo-labels them for the model)")
+    ap.add_argument("--paste-into", default="", help="comma-separated prepared stores of unlabelled scans: "
+                                                      "labelled nodes are pasted into their fat for loader.paste_p "
+                                                      "of the training patches")
     ap.add_argument("--num-labeled", type=int, default=None, help="labelled training cases per repeat")
     ap.add_argument("--repeats", type=int, default=None, help="runs with seeds seed..seed+R-1 (mean +- std)")
     ap.add_argument("--quick", action="store_true",
@@ -731,12 +742,14 @@ def main(argv: list[str] | None = None) -> int:
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
     data = [s for s in args.data.split(",") if s]
     unlabelled = [s for s in args.unlabelled.split(",") if s]
+    paste_into = [s for s in args.paste_into.split(",") if s]
     # The path rule first: reading --init's records must not be what reports a workdir that is --init.
     check_apart({"--workdir": args.workdir}, {"--init": None if args.init == "scratch" else args.init, "--data": data,
-                                              "--unlabelled": unlabelled})
+                                              "--unlabelled": unlabelled, "--paste-into": paste_into})
     cfg = load_finetune_config(args.site, args.overrides, init=args.init,
                                data=data, num_labeled=args.num_labeled,
-                               repeats=args.repeats, quick=args.quick, unlabelled=unlabelled)
+                               repeats=args.repeats, quick=args.quick, unlabelled=unlabelled,
+                               paste_into=paste_into)
     return run(cfg, args.workdir)
 
 

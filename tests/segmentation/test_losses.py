@@ -97,3 +97,37 @@ def test_deep_supervision_and_label_downsampling():
     np.testing.assert_array_equal(np.asarray(L.downsample_labels(ramp, (3, 2, 2)))[0, :, 0, 0], [1, 4, 6])
     with pytest.raises(ValueError, match="exceeds"):
         L.downsample_labels(labels, (16, 4, 2))
+
+
+@pytest.mark.parametrize("name", ["dice_ce", "dice_focal", "focal", "tversky", "ce"])
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_a_box_mask_equals_the_loss_on_the_box(name, batch_dice):
+    """Masked voxels count nowhere: the loss with a box mask is the (MONAI-checked) loss of the box alone."""
+    logits, labels = _case(seed=3, b=2, shape=(8, 7, 6), c=2)
+    cfg = L.LossConfig(name=name, batch_dice=batch_dice, focal_alpha=0.25)
+    mask = np.zeros(labels.shape, bool)
+    mask[:, 2:6, 1:5, 1:4] = True
+    crop = (slice(None), slice(2, 6), slice(1, 5), slice(1, 4))
+    masked = L.segmentation_loss(cfg, jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+    boxed = L.segmentation_loss(cfg, jnp.asarray(logits[crop]), jnp.asarray(labels[crop]))
+    np.testing.assert_allclose(float(masked), float(boxed), rtol=1e-5)
+    # ... and differs from the unmasked loss, so the mask is not ignored.
+    assert abs(float(L.segmentation_loss(cfg, jnp.asarray(logits), jnp.asarray(labels))) - float(boxed)) > 1e-3
+
+
+def test_mask_passes_through_deep_supervision():
+    logits, labels = _case(seed=4, b=1, shape=(8, 8, 8), c=2)
+    coarse = logits[:, ::2, ::2, ::2]
+    cfg = L.LossConfig()
+    ones = jnp.ones(labels.shape, bool)
+    out = (jnp.asarray(logits), [jnp.asarray(coarse)])
+    np.testing.assert_allclose(float(L.model_output_loss(cfg, out, jnp.asarray(labels), ones)),
+                               float(L.model_output_loss(cfg, out, jnp.asarray(labels))), rtol=1e-6)
+    mask = np.zeros(labels.shape, bool)
+    mask[:, :4] = True  # the first half along x, at both resolutions
+    half_full = L.segmentation_loss(cfg, jnp.asarray(logits[:, :4]), jnp.asarray(labels[:, :4]))
+    half_coarse = L.segmentation_loss(cfg, jnp.asarray(coarse[:, :2]),
+                                      L.downsample_labels(jnp.asarray(labels), (4, 4, 4))[:, :2])
+    want = (1 / 1.5) * float(half_full) + (0.5 / 1.5) * float(half_coarse)
+    np.testing.assert_allclose(float(L.model_output_loss(cfg, out, jnp.asarray(labels), jnp.asarray(mask))), want,
+                               rtol=1e-5)
