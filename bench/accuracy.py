@@ -19,6 +19,8 @@ Arms, per seed (its own labelled subset and initialisation) and labelled-case co
 - `lnfm_selftrain`: `lnfm_pretrained` with self-training on the unlabelled pool
   (`finetune --unlabelled`: the pretrained model above, as teacher, pseudo-labels the pool,
   and a student trains on the labelled subset plus the pseudo-labelled scans);
+- `lnfm_paste`: `lnfm_pretrained` with node paste into the unlabelled pool (`finetune --paste-into`:
+  a share of the patches are pool scans with a labelled node pasted into their fat);
 - peers (`lnfm.segmentation.peers`): MONAI UNet, DynUNet with nnU-Net's 3d_fullres topology,
   SwinUNETR, each trained on the same loader's patches twice: with LNFM's patch budget
   (same steps x batch x patch) and with the training wall time of LNFM's longest arm
@@ -67,7 +69,7 @@ from lnfm.workdir import atomic_write_csv, atomic_write_text
 
 log = logging.getLogger("lnfm.bench.accuracy")
 REPO = Path(__file__).resolve().parents[1]
-LNFM_ARMS = ("lnfm_pretrained", "lnfm_scratch", "lnfm_selftrain")
+LNFM_ARMS = ("lnfm_pretrained", "lnfm_scratch", "lnfm_selftrain", "lnfm_paste")
 BUDGETS = ("patches", "time")
 METRICS = ("dice", "node_sensitivity", "fp_per_volume", "hd95", "sens_lt5", "sens_5to10", "sens_ge10")
 LABELS = {"dice": "Dice", "node_sensitivity": "node sens. (IoU>=0.5)", "fp_per_volume": "FP / volume",
@@ -106,7 +108,7 @@ PRESETS = {
                     num_labeled=[1], steps=2, patch=32, pretrain_config="vit_tiny", pretrain_steps=2, time_cap_s=1.0,
                     overlap=0.25, quick=True,
                     # a 2-step teacher may find no node to pseudo-label: the job's own tests cover self-training
-                    lnfm_arms=("lnfm_pretrained", "lnfm_scratch")),
+                    lnfm_arms=("lnfm_pretrained", "lnfm_scratch", "lnfm_paste")),
 }
 
 
@@ -166,7 +168,8 @@ def finetune_and_export(cfg, run_dir: Path) -> tuple[dict, object, object]:
 
 def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, seed: int, workdir: Path) -> dict:
     init = "scratch" if arm == "lnfm_scratch" else str(pre)
-    extra = (f"unlabelled={json.dumps([str(bench.unlabelled_store)])}",) if arm == "lnfm_selftrain" else ()
+    pool = json.dumps([str(bench.unlabelled_store)])
+    extra = {"lnfm_selftrain": (f"unlabelled={pool}",), "lnfm_paste": (f"paste_into={pool}",)}.get(arm, ())
     cfg = finetune_config(preset, bench, init, n, seed, extra)
     summary, fn, meta = finetune_and_export(cfg, workdir / "runs" / f"{arm}_n{n}_s{seed}")
     cases, infer = evaluate(fn, meta, bench.test, preset.overlap)
@@ -272,7 +275,8 @@ def markdown(rows: list[dict], preset_name: str, preset: Preset, command: str, h
                   "| comparison | metric | mean difference [95% CI] | pairs | p (paired t) | p (Wilcoxon) |",
                   "|---|---|---|---|---|---|"]
         comparisons = [(("lnfm_pretrained", "both"), ("lnfm_scratch", "both")),
-                       (("lnfm_selftrain", "both"), ("lnfm_pretrained", "both"))]
+                       (("lnfm_selftrain", "both"), ("lnfm_pretrained", "both")),
+                       (("lnfm_paste", "both"), ("lnfm_pretrained", "both"))]
         comparisons += [((lnfm, "both"), (arm, budget)) for lnfm in LNFM_ARMS for arm, budget in series
                         if arm not in LNFM_ARMS]
         for a, b in comparisons:
