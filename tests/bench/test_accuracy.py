@@ -24,7 +24,8 @@ def test_smoke_run_of_every_arm_writes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "accuracy.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["arm"], r["budget"]) for r in rows} == {("lnfm_pretrained", "both"), ("lnfm_scratch", "both")} | {
+    lnfm = {("lnfm_pretrained", "both"), ("lnfm_scratch", "both"), ("lnfm_paste", "both")}
+    assert {(r["arm"], r["budget"]) for r in rows} == lnfm | {
         (p, b) for p in ("unet", "dynunet") for b in ("patches", "time")}
     assert "- resumed " not in (out / "accuracy.md").read_text()
 
@@ -37,13 +38,12 @@ def test_smoke_run_of_every_arm_writes_the_report(tmp_path):
     with open(out / "accuracy.csv") as f:
         rows = list(csv.DictReader(f))
     arms = {(r["arm"], r["budget"]) for r in rows}
-    assert arms == {("lnfm_pretrained", "both"), ("lnfm_scratch", "both")} | {
-        (p, b) for p in ("unet", "dynunet", "swinunetr") for b in ("patches", "time")}
+    assert arms == lnfm | {(p, b) for p in ("unet", "dynunet", "swinunetr") for b in ("patches", "time")}
     assert all(r["test_volumes"] == "1" and r["dice"] != "" and r["num_labeled"] == "1" for r in rows)
     md = (out / "accuracy.md").read_text()
     assert md.count("- resumed ") == 1 and "`python bench/accuracy.py --smoke` (arms not finished" in md
     assert "Paired differences" in md and "lnfm_pretrained - dynunet (time)" in md
-    assert "lnfm_pretrained - swinunetr (time)" in md
+    assert "lnfm_pretrained - swinunetr (time)" in md and "lnfm_paste - lnfm_pretrained" in md
     for png in ("accuracy_dice_vs_labelled.png", "accuracy_dice_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "accuracy_cases.csv").is_file()
