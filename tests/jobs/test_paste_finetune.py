@@ -5,36 +5,17 @@ one-line error before anything is written."""
 import json
 
 import pytest
-from sphere_cases import write_spheres
-from test_self_training import BASE
+from test_self_training import BASE, stores  # noqa: F401, F811  (the sphere stores fixture)
 
 from lnfm.cli import run_job
-from lnfm.data.prepare import PrepareConfig, prepare_dataset
 from lnfm.jobs.export import export_model
 from lnfm.jobs.export_meta import read_meta
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("paste")
-    write_spheres(root / "lab", 10, seed=7)
-    labelled = str(root / "labelled")
-    prepare_dataset(str(root / "lab"), labelled, PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, crop_body=False,
-                                                               split_fractions=(0.6, 0.2, 0.2)), show_progress=False)
-    write_spheres(root / "unl", 4, seed=11, prefix="u")
-    images = [root / "unl" / "imagesTr" / f"u{i:02d}_0000.nii.gz" for i in range(4)]
-    (root / "unl.csv").write_text("case_id,image,label,site,split\n" + "".join(f"u{i:02d},{p},,pelvis,train\n"
-                                                                             for i, p in enumerate(images)))
-    unlabelled = str(root / "unlabelled")
-    assert prepare_dataset(str(root / "unl.csv"), unlabelled, PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0,
-                                                                         crop_body=False), show_progress=False).ok
-    return labelled, unlabelled
-
-
-def test_pasted_nodes_alone_teach_the_task(stores, tmp_path):
+def test_pasted_nodes_alone_teach_the_task(stores, tmp_path):  # noqa: F811
     """Every patch is pasted (paste_p=1): the labelled scans are seen only through their nodes, in
     unlabelled scans' fat, scored in a shell around them. The model still segments the test spheres."""
-    labelled, unlabelled = stores
+    labelled, unlabelled, _ = stores
     wd = tmp_path / "ft"
     rc = run_job("finetune", ["--site", "pelvis", "--data", labelled, "--paste-into", unlabelled, "--init", "scratch",
                               "--workdir", str(wd), "--num-labeled", "2", *BASE, "loader.paste_p=1.0"])
@@ -53,8 +34,8 @@ def test_pasted_nodes_alone_teach_the_task(stores, tmp_path):
     (["--paste-into", "UNLABELLED", "--unlabelled", "UNLABELLED"], "cannot be combined"),
     (["--paste-into", "UNLABELLED", "loader.paste_p=0"], "loader.paste_p: 0"),
 ])
-def test_misuse_is_one_line_before_the_workdir(stores, tmp_path, capsys, extra, message):
-    labelled, unlabelled = stores
+def test_misuse_is_one_line_before_the_workdir(stores, tmp_path, capsys, extra, message):  # noqa: F811
+    labelled, unlabelled, _ = stores
     extra = [{"LABELLED": labelled, "UNLABELLED": unlabelled}.get(a, a) for a in extra]
     flags = [a for a in extra if "=" not in a]
     overrides = [a for a in extra if "=" in a]
