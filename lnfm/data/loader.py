@@ -19,7 +19,7 @@ from lnfm.config import ConfigError
 from lnfm.data import store as st
 from lnfm.data.contract import normalize
 from lnfm.data.augment import blur, context_size, flip_rot90, intensity_jitter, low_resolution, noise, rotate_scale
-from lnfm.data.paste import paste_node, paste_site
+from lnfm.data.paste import augment_donor, paste_node, paste_site
 from lnfm.errors import DataError
 
 
@@ -49,6 +49,8 @@ class LoaderConfig:
     # a host scan's patch with a labelled node pasted into its fat, scored within paste_margin voxels of it.
     paste_p: float = 0.5  # dev phantoms: 0.5 against 0.3, +0.008 in-domain and +0.013 held-out (docs/finetuning.md)
     paste_margin: int = 6  # voxels of the host around a pasted node that are scored as background
+    paste_flip: bool = False  # flip each pasted node on each axis at random, independently of its host
+    paste_zoom: float = 0.0  # zoom each pasted node by a factor in [1/(1+z), 1+z] (0 = off)
     seed: int = 0  # sampling seed (non-negative, 32-bit)
     epoch_length: int = 10000  # records per epoch of the virtual index the sampler shuffles
 
@@ -133,6 +135,10 @@ class PatchSampler(grain.transforms.RandomMap):
         start = (lo + hi) // 2 - extent // 2
         donor = self._read(self.stores[s], rec, start, tuple(extent))
         donor_label = read_box(self._array(self.stores[s], rec["label_path"]), start, tuple(extent), 0, np.uint8)
+        if self.cfg.paste_flip or self.cfg.paste_zoom > 0:
+            donor, donor_label = augment_donor(donor, donor_label, rng, self.cfg.paste_flip, self.cfg.paste_zoom, size)
+            if not donor_label.any():
+                return None
         for _ in range(4):  # host patches tried before giving up
             hstore, host = self.hosts[int(rng.integers(len(self.hosts)))]
             if list(host["channels"]) != list(rec["channels"]):

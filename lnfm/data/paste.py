@@ -34,6 +34,28 @@ def paste_site(host_ct: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
     return None
 
 
+def augment_donor(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, flip: bool, zoom: float,
+                  max_size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A donor box (X, Y, Z, C image, X, Y, Z label) flipped on each axis with probability 1/2 when `flip`,
+    and zoomed by a factor log-uniform in [1/(1+zoom), 1+zoom] when `zoom` > 0 (linearly; the zoomed
+    label is the box's node class where the zoomed mask is at least one half), then cropped about its
+    centre to at most `max_size`. The few labelled nodes are each seen in one orientation and size; the
+    pool's hosts vary, and so should the nodes in them."""
+    if flip:
+        axes = tuple(a for a in range(3) if rng.random() < 0.5)
+        image, label = np.flip(image, axes), np.flip(label, axes)
+    if zoom > 0:
+        f = float(np.exp(rng.uniform(-np.log1p(zoom), np.log1p(zoom))))
+        image = ndimage.zoom(image, (f, f, f, 1), order=1, mode="nearest", grid_mode=True)
+        # The mask is zoomed linearly and cut at one half: nearest neighbour would duplicate whole
+        # slices of a small node (up to 13 % volume error for an 8-voxel radius).
+        mask = ndimage.zoom((label > 0).astype(np.float32), (f, f, f), order=1, mode="nearest", grid_mode=True)
+        label = np.where(mask >= 0.5, label.max(), 0).astype(label.dtype)
+    over = np.maximum(np.asarray(label.shape) - np.asarray(max_size), 0)
+    box = tuple(slice(o // 2, n - (o - o // 2)) for o, n in zip(over, label.shape))
+    return np.ascontiguousarray(image[box]), np.ascontiguousarray(label[box])
+
+
 def paste_node(host: np.ndarray, donor: np.ndarray, donor_label: np.ndarray, at: np.ndarray, margin: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """(image, label) of the host patch (X, Y, Z, C raw intensities) with the donor box's node

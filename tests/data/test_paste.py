@@ -8,7 +8,7 @@ from test_loader import PLAIN, _store
 
 from lnfm.data import store as st
 from lnfm.data.loader import PatchSampler
-from lnfm.data.paste import IGNORE_LABEL, paste_node, paste_site
+from lnfm.data.paste import IGNORE_LABEL, augment_donor, paste_node, paste_site
 
 
 def _ball(r: int) -> np.ndarray:
@@ -60,6 +60,42 @@ def test_paste_edge_is_a_gaussian_of_the_mask():
     alpha = np.maximum(ndimage.gaussian_filter(lab.astype(np.float32), 0.7), lab)
     np.testing.assert_allclose(image[5:10, 5:10, 5:10, 0], alpha, atol=1e-6)
     assert np.all(image[:5] == 0) and np.all(image[10:] == 0)
+
+
+def test_donor_flips_move_image_and_label_together():
+    label = np.zeros((9, 7, 5), np.uint8)
+    label[1:4, 1:3, 1:2] = 1  # a node in the low corner
+    image = np.where(label, 70.0, -100.0).astype(np.float32)[..., None]
+    seen = set()
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        img, lab = augment_donor(image, label, rng, flip=True, zoom=0.0, max_size=np.array([16, 16, 16]))
+        assert lab.shape == label.shape and lab.sum() == label.sum()
+        np.testing.assert_array_equal(img[..., 0] == 70.0, lab == 1)
+        corner = tuple(int(np.argwhere(lab)[:, a].min() == 1) for a in range(3))  # 1: still at the low end
+        seen.add(corner)
+    assert len(seen) == 8  # every combination of axis flips occurs
+
+
+def test_donor_zoom_scales_the_node_within_the_range_and_crops_to_the_patch():
+    label = np.zeros((21, 21, 21), np.uint8)
+    label[2:19, 2:19, 2:19] = _ball(8)  # 2109 voxels
+    image = np.where(label, 70.0, -100.0).astype(np.float32)[..., None]
+    rng = np.random.default_rng(2)
+    ratios = []
+    for _ in range(30):
+        img, lab = augment_donor(image, label, rng, flip=False, zoom=0.25, max_size=np.array([32, 32, 32]))
+        ratio = lab.sum() / label.sum()
+        edge = round(lab.shape[0] / 21, 2)  # the box's zoom, in whole voxels; the node's volume follows its cube
+        assert 0.8 - 0.03 <= edge <= 1.25 + 0.03
+        assert ratio == pytest.approx(edge ** 3, rel=0.1)
+        inside = img[..., 0] > -15.0  # above the midpoint of linear interpolation
+        assert (inside & (lab == 1)).sum() * 2 / (inside.sum() + lab.sum()) > 0.95  # image and label agree
+        ratios.append(ratio)
+    assert min(ratios) < 0.8 and max(ratios) > 1.25  # both shrinking and growing occur
+    _, lab = augment_donor(image, label, np.random.default_rng(0), flip=False, zoom=3.0,
+                           max_size=np.array([12, 14, 24]))
+    assert lab.shape[0] <= 12 and lab.shape[1] <= 14
 
 
 @pytest.fixture(scope="module")
