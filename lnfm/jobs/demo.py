@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600,
                     help="finetuning steps (the CPU recipe's 2800 would keep the demo past 15 minutes)")
     ap.add_argument("--no-peer", action="store_true", help="skip the MONAI U-Net trained for the same time")
+    ap.add_argument("--no-paste", action="store_true",
+                    help="finetune on the labelled cases alone, without pasting their nodes into the unlabelled scans")
     args = ap.parse_args(argv)
     if args.cases < args.labelled + 2:
         ap.error(f"--cases must leave 2 validation cases beside --labelled ({args.labelled})")
@@ -87,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     # Pretraining sees the training phantoms without labels (plus real CT from ../shared/data when
     # present), never a held-out one. The labelled store: its first cases train, two validate and the
     # held-out phantoms are its test split.
-    pool = phantom_rows(phantoms, "p_", "train", labels=False)
+    # The validation phantoms are in the unlabelled store's val split: node paste reads its training
+    # split only (and refuses a validation scan there). Pretraining reads every split, without labels.
     labelled = phantom_rows(phantoms, "p_", "train", labels=True)
     labelled[-2:] = [(*r[:3], "val") for r in labelled[-2:]]
+    val_ids = {r[0] for r in labelled[-2:]}
+    pool = [(*r[:3], "val" if r[0] in val_ids else r[3]) for r in phantom_rows(phantoms, "p_", "train", labels=False)]
     test = phantom_rows(heldout, "h_", "test", labels=True)
     real = [(f"real{i}", str(p), "", "train") for i, p in enumerate(_shared_ct())]
     (out / "unlabelled.csv").write_text(prepare_csv(pool + real, {r[0]: "unknown" for r in real}))
@@ -104,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
           f"train.steps={args.pretrain_steps}", f"checkpoint.every={max(1, args.pretrain_steps // 3)}"], env)
 
     # --quick: 32^3 patches for the CPU with the site's own head and strategy, as `--site pelvis` does.
+    # --paste-into: the labelled nodes are also pasted into the fat of the unlabelled scans (docs/finetuning.md).
     ft = out / "finetune_pelvis"
+    paste = [] if args.no_paste else ["--paste-into", str(unlabelled)]
     _run([py, "-m", "lnfm", "finetune", "--site", "pelvis", "--data", str(store), "--init", str(pre),
-          "--workdir", str(ft), "--quick", "--num-labeled", str(args.labelled), f"train.steps={args.steps}",
+          "--workdir", str(ft), "--quick", "--num-labeled", str(args.labelled), *paste, f"train.steps={args.steps}",
           f"train.eval_every={every}", f"checkpoint.every={every}"], env)
 
     export = out / "export_pelvis"
