@@ -55,6 +55,19 @@ def _shared_ct() -> list[Path]:
     return [root / n for n in names if (root / n).is_file()]
 
 
+def demo_rows(phantoms: Path, heldout: Path) -> tuple[list, list, list]:
+    """prepare's rows (case id, image, label, split) of the unlabelled pool, the labelled store and
+    its test split. Pretraining sees the training phantoms without labels, never a held-out one. The
+    labelled store: its first cases train, the last two validate and the held-out phantoms are its
+    test split. The validation phantoms are in the pool's val split too: node paste reads its
+    training split only (and refuses a validation scan there); pretraining reads every split."""
+    labelled = phantom_rows(phantoms, "p_", "train", labels=True)
+    labelled[-2:] = [(*r[:3], "val") for r in labelled[-2:]]
+    val_ids = {r[0] for r in labelled[-2:]}
+    pool = [(*r[:3], "val" if r[0] in val_ids else r[3]) for r in phantom_rows(phantoms, "p_", "train", labels=False)]
+    return pool, labelled, phantom_rows(heldout, "h_", "test", labels=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lnfm demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="folder for every demo output")
@@ -86,16 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "lnfm", "synth", "--site", "pelvis", "--heldout", "--num-cases", str(args.test), "--seed",
           "303", "--shape", "96,96,48", "--out", str(heldout)], env)
 
-    # Pretraining sees the training phantoms without labels (plus real CT from ../shared/data when
-    # present), never a held-out one. The labelled store: its first cases train, two validate and the
-    # held-out phantoms are its test split.
-    # The validation phantoms are in the unlabelled store's val split: node paste reads its training
-    # split only (and refuses a validation scan there). Pretraining reads every split, without labels.
-    labelled = phantom_rows(phantoms, "p_", "train", labels=True)
-    labelled[-2:] = [(*r[:3], "val") for r in labelled[-2:]]
-    val_ids = {r[0] for r in labelled[-2:]}
-    pool = [(*r[:3], "val" if r[0] in val_ids else r[3]) for r in phantom_rows(phantoms, "p_", "train", labels=False)]
-    test = phantom_rows(heldout, "h_", "test", labels=True)
+    pool, labelled, test = demo_rows(phantoms, heldout)
     real = [(f"real{i}", str(p), "", "train") for i, p in enumerate(_shared_ct())]
     (out / "unlabelled.csv").write_text(prepare_csv(pool + real, {r[0]: "unknown" for r in real}))
     (out / "labelled.csv").write_text(prepare_csv(labelled + test))
