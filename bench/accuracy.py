@@ -187,9 +187,11 @@ def peer_loader(preset: Preset, bench: B.Benchmark, n: int, seed: int):
 
 
 def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int, seed: int, workdir: Path,
-             lnfm_time: float) -> dict:
+             lnfm_time: float, lnfm_arm: str) -> dict:
+    """A peer trained on LNFM's patches and scored through the same predict contract: that of this seed's
+    `lnfm_arm` export (every LNFM arm shares one; the arm must have run)."""
     loader, cfg = peer_loader(preset, bench, n, seed)
-    meta = read_meta(export_dir(workdir / "runs" / f"lnfm_pretrained_n{n}_s{seed}"))
+    meta = read_meta(export_dir(workdir / "runs" / f"{lnfm_arm}_n{n}_s{seed}"))
     spend = {"steps": cfg.train.steps} if budget == "patches" else {"seconds": lnfm_time}
     return train_and_score_peer(name, meta=meta, store=bench.labelled_store,
                                 train_ids=select_subset(bench.pool, n, seed), loader=loader, test=bench.test,
@@ -422,7 +424,8 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
             for name in preset.peers:
                 for budget in preset.budgets:
                     cached((name, budget, n, seed),
-                           lambda: run_peer(name, budget, preset, bench, n, seed, workdir, lnfm_time))
+                           lambda: run_peer(name, budget, preset, bench, n, seed, workdir, lnfm_time,
+                                            preset.lnfm_arms[0]))
             report(results, out, preset_name, preset, command, header, complete=False)
     report(results, out, preset_name, preset, command, header, complete=True)
     log.info("accuracy benchmark finished in %.0f s: %s", time.time() - t_start, out / "accuracy.md")
