@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from lnfm.data.augment import flip_rot90
+
 IGNORE_LABEL = -1  # voxels the loss leaves out
 FAT_HU = (-190.0, -30.0)  # adipose tissue on CT
 MIN_FAT_SHARE = 0.7  # share of the covered host voxels that must be fat
@@ -41,9 +43,7 @@ def augment_donor(image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     label is the box's node class where the zoomed mask is at least one half), then cropped about its
     centre to at most `max_size`. The few labelled nodes are each seen in one orientation and size; the
     pool's hosts vary, and so should the nodes in them."""
-    if flip:
-        axes = tuple(a for a in range(3) if rng.random() < 0.5)
-        image, label = np.flip(image, axes), np.flip(label, axes)
+    image, label = flip_rot90(image, label, rng, flips=flip, rot90=False)
     if zoom > 0:
         f = float(np.exp(rng.uniform(-np.log1p(zoom), np.log1p(zoom))))
         image = ndimage.zoom(image, (f, f, f, 1), order=1, mode="nearest", grid_mode=True)
