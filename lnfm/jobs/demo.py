@@ -63,8 +63,7 @@ def demo_rows(phantoms: Path, heldout: Path) -> tuple[list, list, list]:
     training split only (and refuses a validation scan there); pretraining reads every split."""
     labelled = phantom_rows(phantoms, "p_", "train", labels=True)
     labelled[-2:] = [(*r[:3], "val") for r in labelled[-2:]]
-    val_ids = {r[0] for r in labelled[-2:]}
-    pool = [(*r[:3], "val" if r[0] in val_ids else r[3]) for r in phantom_rows(phantoms, "p_", "train", labels=False)]
+    pool = [(case, image, "", split) for case, image, _, split in labelled]
     return pool, labelled, phantom_rows(heldout, "h_", "test", labels=True)
 
 
