@@ -21,6 +21,10 @@ Arms, per seed (its own labelled subset and initialisation) and labelled-case co
   and a student trains on the labelled subset plus the pseudo-labelled scans);
 - `lnfm_paste`: `lnfm_pretrained` with node paste into the unlabelled pool (`finetune --paste-into`:
   a share of the patches are pool scans with a labelled node pasted into their fat);
+- `lnfm_paste_target`: node paste into the unlabelled pool plus the target pool, unlabelled
+  phantoms of the held-out variant (never a test phantom), at `loader.paste_p` 0.3: a clinic
+  pasting its few labelled nodes into its own unlabelled scans. The peers cannot use unlabelled
+  scans, so this arm is reported apart from `lnfm_paste`;
 - peers (`lnfm.segmentation.peers`): MONAI UNet, DynUNet with nnU-Net's 3d_fullres topology,
   SwinUNETR, each trained on the same loader's patches twice: with LNFM's patch budget
   (same steps x batch x patch) and with the training wall time of LNFM's longest arm
@@ -69,7 +73,7 @@ from lnfm.workdir import atomic_write_csv, atomic_write_text
 
 log = logging.getLogger("lnfm.bench.accuracy")
 REPO = Path(__file__).resolve().parents[1]
-LNFM_ARMS = ("lnfm_pretrained", "lnfm_scratch", "lnfm_selftrain", "lnfm_paste")
+LNFM_ARMS = ("lnfm_pretrained", "lnfm_scratch", "lnfm_selftrain", "lnfm_paste", "lnfm_paste_target")
 BUDGETS = ("patches", "time")
 METRICS = ("dice", "node_sensitivity", "fp_per_volume", "hd95", "sens_lt5", "sens_5to10", "sens_ge10")
 LABELS = {"dice": "Dice", "node_sensitivity": "node sens. (IoU>=0.5)", "fp_per_volume": "FP / volume",
@@ -98,17 +102,18 @@ PRESETS = {
     # arm 10-12 minutes per seed on 2 idle cores, each equal-time peer as long; `--arms lnfm_pretrained
     # --peers unet` is the peer comparison alone (about 25 minutes per seed). SwinUNETR (seconds per CPU
     # step) and the labelled-count grid are the gpu preset's.
-    "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=8, val=2, test=8, shape=(96, 96, 48)), seeds=5,
+    "cpu": Preset(B.BenchmarkSpec(unlabelled=24, labelled=8, val=2, test=8, target=24, shape=(96, 96, 48)), seeds=5,
                   num_labeled=[4], steps=2800, patch=32, pretrain_config="vit_tiny", pretrain_steps=600,
                   peers=("unet", "dynunet"), overlap=0.25, quick=True),
-    "gpu": Preset(B.BenchmarkSpec(unlabelled=40, labelled=16, val=4, test=16, shape=(160, 160, 96)), seeds=5,
+    "gpu": Preset(B.BenchmarkSpec(unlabelled=40, labelled=16, val=4, test=16, target=40, shape=(160, 160, 96)),
+                  seeds=5,
                   num_labeled=[1, 2, 4, 8, 16], steps=2000, patch=None, pretrain_config="vit_b",
                   pretrain_steps=20000),
-    "smoke": Preset(B.BenchmarkSpec(unlabelled=2, labelled=2, val=1, test=1, shape=(48, 48, 32)), seeds=1,
+    "smoke": Preset(B.BenchmarkSpec(unlabelled=2, labelled=2, val=1, test=1, target=1, shape=(48, 48, 32)), seeds=1,
                     num_labeled=[1], steps=2, patch=32, pretrain_config="vit_tiny", pretrain_steps=2, time_cap_s=1.0,
                     overlap=0.25, quick=True,
                     # a 2-step teacher may find no node to pseudo-label: the job's own tests cover self-training
-                    lnfm_arms=("lnfm_pretrained", "lnfm_scratch", "lnfm_paste")),
+                    lnfm_arms=("lnfm_pretrained", "lnfm_scratch", "lnfm_paste", "lnfm_paste_target")),
 }
 
 
@@ -169,7 +174,10 @@ def finetune_and_export(cfg, run_dir: Path) -> tuple[dict, object, object]:
 def run_lnfm(arm: str, preset: Preset, bench: B.Benchmark, pre: Path, n: int, seed: int, workdir: Path) -> dict:
     init = "scratch" if arm == "lnfm_scratch" else str(pre)
     pool = json.dumps([str(bench.unlabelled_store)])
-    extra = {"lnfm_selftrain": (f"unlabelled={pool}",), "lnfm_paste": (f"paste_into={pool}",)}.get(arm, ())
+    both = json.dumps([str(bench.unlabelled_store), str(bench.target_store)])
+    # paste_p 0.3 with both pools: the setting measured on dev phantoms (docs/finetuning.md, "Node paste")
+    extra = {"lnfm_selftrain": (f"unlabelled={pool}",), "lnfm_paste": (f"paste_into={pool}",),
+             "lnfm_paste_target": (f"paste_into={both}", "loader.paste_p=0.3")}.get(arm, ())
     cfg = finetune_config(preset, bench, init, n, seed, extra)
     summary, fn, meta = finetune_and_export(cfg, workdir / "runs" / f"{arm}_n{n}_s{seed}")
     cases, infer = evaluate(fn, meta, bench.test, preset.overlap)
@@ -252,6 +260,7 @@ def markdown(rows: list[dict], preset_name: str, preset: Preset, command: str, h
                for r in header.get("resumed", [])),
              f"- preset `{preset_name}`: site {d.site}; {d.unlabelled} unlabelled, {d.labelled} labelled + {d.val} "
              f"validation phantoms (training variant); {d.test} held-out test phantoms (held-out variant); "
+             f"{d.target} unlabelled target-pool phantoms (held-out variant, `lnfm_paste_target` only); "
              f"{preset.seeds} seeds; {preset.steps} finetuning steps; patch "
              f"{preset.patch or 'site preset'}; pretraining {preset.pretrain_config} x {preset.pretrain_steps} steps",
              "" if complete else "- **incomplete run**: only the seeds and arms listed below finished", "",
@@ -278,7 +287,8 @@ def markdown(rows: list[dict], preset_name: str, preset: Preset, command: str, h
                   "|---|---|---|---|---|---|"]
         comparisons = [(("lnfm_pretrained", "both"), ("lnfm_scratch", "both")),
                        (("lnfm_selftrain", "both"), ("lnfm_pretrained", "both")),
-                       (("lnfm_paste", "both"), ("lnfm_pretrained", "both"))]
+                       (("lnfm_paste", "both"), ("lnfm_pretrained", "both")),
+                       (("lnfm_paste_target", "both"), ("lnfm_paste", "both"))]
         comparisons += [((lnfm, "both"), (arm, budget)) for lnfm in LNFM_ARMS for arm, budget in series
                         if arm not in LNFM_ARMS]
         for a, b in comparisons:

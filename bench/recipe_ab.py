@@ -61,8 +61,10 @@ BASE_STEPS = 600  # the base arm's length in every comparison in docs/results an
 
 
 def base_preset() -> A.Preset:
-    """The cpu preset at BASE_STEPS, so the documented commands still reproduce their figures."""
-    return dataclasses.replace(A.PRESETS["cpu"], steps=BASE_STEPS)
+    """The cpu preset at BASE_STEPS, so the documented commands still reproduce their figures; no target
+    pool (an arm names its own paste stores)."""
+    cpu = A.PRESETS["cpu"]
+    return dataclasses.replace(cpu, steps=BASE_STEPS, data=dataclasses.replace(cpu.data, target=0))
 
 
 def dev_config(kind: str, base: SynthConfig, seed: int) -> SynthConfig:

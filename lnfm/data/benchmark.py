@@ -1,9 +1,11 @@
 """Phantom benchmark data with a held-out test split that no model has seen.
 
-Three disjoint phantom sets of one site, each from its own dataset seed:
+Disjoint phantom sets of one site, each from its own dataset seed:
 
 - an unlabelled pool (training generator variant) for self-supervised pretraining,
   prepared without labels;
+- optionally a target pool: unlabelled phantoms of the held-out variant (a clinic's own
+  unlabelled scans), in a store of its own, never holding a test phantom;
 - a labelled pool (training variant): few-shot training cases plus validation cases;
 - held-out test cases from `synth.heldout_config` (other spacings, orientations,
   noise, HU calibration, real node masks and distractors).
@@ -25,7 +27,7 @@ from lnfm.data.synth import SynthConfig, heldout_config, write_dataset
 from lnfm.workdir import atomic_write_text
 
 # Dataset seeds of the three sets: different seeds, so no phantom occurs twice.
-SEEDS = {"unlabelled": 101, "labelled": 202, "test": 303}
+SEEDS = {"unlabelled": 101, "labelled": 202, "test": 303, "target": 404}
 
 
 @dataclasses.dataclass
@@ -35,6 +37,7 @@ class BenchmarkSpec:
     labelled: int = 10  # labelled phantoms the few-shot subsets are drawn from
     val: int = 2  # labelled validation phantoms
     test: int = 8  # held-out test phantoms
+    target: int = 0  # unlabelled held-out-variant phantoms (the target pool; 0: none)
     shape: tuple[int, int, int] = (96, 96, 48)  # phantom voxel grid
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # prepared store spacing (mm)
 
@@ -54,6 +57,7 @@ class Benchmark:
     val: list[str]
     test: list[TestCase]
     val_cases: list[TestCase] = dataclasses.field(default_factory=list)  # the val ids' raw scans and masks
+    target_store: Path | None = None  # the target pool's store, when the spec asks for one
 
 
 def _phantoms(out: Path, cfg: SynthConfig) -> None:
@@ -87,7 +91,7 @@ def _store(csv_path: Path, rows: list, out: Path, spacing) -> None:
 
 
 def build(spec: BenchmarkSpec, workdir: str | Path) -> Benchmark:
-    """Write (or reuse) the three phantom sets and their two stores under `workdir`."""
+    """Write (or reuse) the phantom sets and their stores under `workdir`."""
     workdir = Path(workdir).resolve()  # the CSVs name the phantoms by absolute path
     base = SynthConfig(site=spec.site, shape=tuple(spec.shape), gallery=False)
     unl, lab, test = workdir / "phantoms_unlabelled", workdir / "phantoms_labelled", workdir / "phantoms_heldout"
@@ -101,6 +105,12 @@ def build(spec: BenchmarkSpec, workdir: str | Path) -> Benchmark:
     _store(workdir / "unlabelled.csv", phantom_rows(unl, "u_", "train", False), workdir / "store_unlabelled",
            spec.spacing)
     _store(workdir / "labelled.csv", lab_rows + test_rows, workdir / "store_labelled", spec.spacing)
+    target_store = None
+    if spec.target:
+        tgt = workdir / "phantoms_target"
+        _phantoms(tgt, heldout_config(base, num_cases=spec.target, seed=SEEDS["target"]))
+        target_store = workdir / "store_target"
+        _store(workdir / "target.csv", phantom_rows(tgt, "v_", "train", False), target_store, spec.spacing)
     ids = {r["case_id"] for r in st.read_manifest(str(workdir / "store_labelled"))}
     missing = [r[0] for r in lab_rows + test_rows if r[0] not in ids]
     if missing:
@@ -109,4 +119,5 @@ def build(spec: BenchmarkSpec, workdir: str | Path) -> Benchmark:
                      pool=sorted(r[0] for r in lab_rows if r[3] == "train"),
                      val=sorted(r[0] for r in lab_rows if r[3] == "val"),
                      test=[TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in test_rows],
-                     val_cases=[TestCase(c, Path(i), Path(lb)) for c, i, lb, sp in lab_rows if sp == "val"])
+                     val_cases=[TestCase(c, Path(i), Path(lb)) for c, i, lb, sp in lab_rows if sp == "val"],
+                     target_store=target_store)

@@ -24,7 +24,8 @@ def test_smoke_run_of_every_arm_writes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "accuracy.csv") as f:
         rows = list(csv.DictReader(f))
-    lnfm = {("lnfm_pretrained", "both"), ("lnfm_scratch", "both"), ("lnfm_paste", "both")}
+    lnfm = {("lnfm_pretrained", "both"), ("lnfm_scratch", "both"), ("lnfm_paste", "both"),
+            ("lnfm_paste_target", "both")}
     assert {(r["arm"], r["budget"]) for r in rows} == lnfm | {
         (p, b) for p in ("unet", "dynunet") for b in ("patches", "time")}
     assert "- resumed " not in (out / "accuracy.md").read_text()
@@ -44,6 +45,7 @@ def test_smoke_run_of_every_arm_writes_the_report(tmp_path):
     assert md.count("- resumed ") == 1 and "`python bench/accuracy.py --smoke` (arms not finished" in md
     assert "Paired differences" in md and "lnfm_pretrained - dynunet (time)" in md
     assert "lnfm_pretrained - swinunetr (time)" in md and "lnfm_paste - lnfm_pretrained" in md
+    assert "lnfm_paste_target - lnfm_paste" in md
     for png in ("accuracy_dice_vs_labelled.png", "accuracy_dice_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "accuracy_cases.csv").is_file()
