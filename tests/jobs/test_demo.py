@@ -1,10 +1,25 @@
-"""`make demo`'s data split: what pretraining, node paste, finetuning and the test each see."""
+"""`make demo`: its data split (what pretraining, node paste, finetuning and the test each see), and the
+whole demo at toy sizes."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from lnfm.data.store import read_manifest
+from lnfm.eval.report import read_report
 from lnfm.jobs.demo import demo_rows
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _phantoms(folder, names):
@@ -24,3 +39,30 @@ def test_validation_phantoms_are_out_of_the_pools_training_split(tmp_path):
     assert all(r[2] == "" for r in pool) and all(r[2].endswith("labelsTr/" + r[0][2:] + ".nii.gz") for r in labelled)
     assert [(r[0], r[3]) for r in test] == [("h_pelvis_000", "test"), ("h_pelvis_001", "test")]
     assert not {r[1] for r in test} & {r[1] for r in pool}  # no held-out scan reaches pretraining or paste
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_and_prints_both_models_scores(tmp_path):
+    """`make demo`'s command at toy sizes: every stage runs as a user's command, the prediction and its
+    report are written, and the last lines score LNFM and the U-Net on the same held-out volumes."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="")  # one CPU device, as for a user (not the suite's 8)
+    proc = subprocess.run([sys.executable, "-m", "lnfm", "demo", "--out", str(out), "--cases", "4",
+                           "--labelled", "2", "--test", "1", "--pretrain-steps", "2", "--steps", "3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pred = out / "predict"
+    mask = nib.load(pred / "h_pelvis_000_mask.nii.gz")
+    scan = nib.load(out / "phantoms_heldout" / "imagesTr" / "pelvis_000_0000.nii.gz")
+    assert mask.shape == scan.shape and np.allclose(mask.affine, scan.affine)
+    # One report row per 26-connected component of the written mask (scipy counts them independently).
+    _, components = ndimage.label(np.asarray(mask.dataobj) > 0, structure=np.ones((3, 3, 3), bool))
+    assert len(read_report(pred / "h_pelvis_000_nodes.csv")) == components
+    assert (pred / "h_pelvis_000_preview.png").read_bytes()[:4] == b"\x89PNG"
+    lines = proc.stdout.splitlines()
+    scored = [ln for ln in lines if re.match(r"(LNFM|U-Net) +Dice \d\.\d{3}, node sensitivity", ln)]
+    assert [ln.split()[0] for ln in scored] == ["LNFM", "U-Net"], proc.stdout[-2000:]
+    assert all("1 held-out volumes" in ln for ln in scored)
+    # Pretraining's store holds the training phantoms and never a held-out scan.
+    ids = {r["case_id"] for r in read_manifest(str(out / "store_unlabelled"))}
+    assert ids and not any(i.startswith("h_") for i in ids)
