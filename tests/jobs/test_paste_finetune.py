@@ -5,14 +5,14 @@ one-line error before anything is written."""
 import json
 
 import pytest
-from test_self_training import BASE, stores  # noqa: F401, F811  (the sphere stores fixture)
+from sphere_cases import TINY_FINETUNE as BASE
 
 from lnfm.cli import run_job
 from lnfm.jobs.export import export_model
 from lnfm.jobs.export_meta import read_meta
 
 
-def test_pasted_nodes_alone_teach_the_task(stores, tmp_path):  # noqa: F811
+def test_pasted_nodes_alone_teach_the_task(stores, tmp_path):
     """Every patch is pasted (paste_p=1): the labelled scans are seen only through their nodes, in
     unlabelled scans' fat, scored in a shell around them. The model still segments the test spheres."""
     labelled, unlabelled, _ = stores
@@ -34,7 +34,7 @@ def test_pasted_nodes_alone_teach_the_task(stores, tmp_path):  # noqa: F811
     (["--paste-into", "UNLABELLED", "--unlabelled", "UNLABELLED"], "cannot be combined"),
     (["--paste-into", "UNLABELLED", "loader.paste_p=0"], "loader.paste_p: 0"),
 ])
-def test_misuse_is_one_line_before_the_workdir(stores, tmp_path, capsys, extra, message):  # noqa: F811
+def test_misuse_is_one_line_before_the_workdir(stores, tmp_path, capsys, extra, message):
     labelled, unlabelled, _ = stores
     extra = [{"LABELLED": labelled, "UNLABELLED": unlabelled}.get(a, a) for a in extra]
     flags = [a for a in extra if "=" not in a]

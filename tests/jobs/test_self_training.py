@@ -6,45 +6,15 @@ import json
 
 import numpy as np
 import pytest
-from sphere_cases import write_spheres
+from sphere_cases import TINY_FINETUNE as BASE
 
 from lnfm.cli import run_job
-from lnfm.data.prepare import PrepareConfig, prepare_dataset
 from lnfm.data.store import read_case, read_manifest
 from lnfm.errors import DataError
 from lnfm.eval.surface import dice
 from lnfm.jobs.export import export_model
 from lnfm.jobs.finetune import Splits, load_finetune_config, run, unlabelled_records
 from lnfm.runs import FinetuneRun, RepeatRun
-
-BASE = ["site.patch=[16,16,16]", "model.img_size=[16,16,16]", "model.patch_size=[4,4,4]", "model.depth=1",
-        "train.global_batch=8", "head.kind=linear", "strategy.freeze=none", "checkpoint.every=0",
-        "inference.sw_batch_size=8", "inference.overlap=0.25", "optim.warmup_steps=10", "train.log_every=50",
-        "train.steps=200", "optim.lr=3e-3", "train.eval_every=100"]
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    """A labelled sphere store (train / val / test) and an unlabelled one of other sphere scans,
-    with those scans' true masks kept aside to score the pseudo-labels against."""
-    import nibabel as nib
-
-    root = tmp_path_factory.mktemp("selftrain")
-    write_spheres(root / "lab", 10, seed=7)
-    labelled = str(root / "labelled")
-    prepare_dataset(str(root / "lab"), labelled, PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, crop_body=False,
-                                                               split_fractions=(0.6, 0.2, 0.2)), show_progress=False)
-    write_spheres(root / "unl", 6, seed=11, prefix="u")
-    images = [root / "unl" / "imagesTr" / f"u{i:02d}_0000.nii.gz" for i in range(6)]
-    (root / "unl.csv").write_text("case_id,image,label,site,split\n" + "".join(f"u{i:02d},{p},,pelvis,train\n"
-                                                                             for i, p in enumerate(images)))
-    unlabelled = str(root / "unlabelled")
-    assert prepare_dataset(str(root / "unl.csv"), unlabelled, PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0,
-                                                                         crop_body=False), show_progress=False).ok
-    truths = [(np.asarray(nib.load(p).dataobj), np.asarray(nib.load(str(p).replace("imagesTr", "labelsTr")
-                                                                   .replace("_0000", "")).dataobj)) for p in images]
-    return labelled, unlabelled, truths
-
 
 def test_teacher_pseudo_labels_then_the_student_trains_on_them(stores, tmp_path):
     labelled, unlabelled, truths = stores
