@@ -28,7 +28,9 @@ Arms, per seed (its own labelled subset and initialisation) and labelled-case co
 - peers (`lnfm.segmentation.peers`): MONAI UNet, DynUNet with nnU-Net's 3d_fullres topology,
   SwinUNETR, each trained on the same loader's patches twice: with LNFM's patch budget
   (same steps x batch x patch) and with the training wall time of LNFM's longest arm
-  (`lnfm_selftrain`: teacher, pseudo-labelling and student).
+  (`lnfm_selftrain`: teacher, pseudo-labelling and student). `--peers unet_paste` (any peer
+  with `_paste`) trains that peer on `lnfm_paste`'s loader: its labelled nodes are also pasted
+  into the unlabelled pool, with the ignored voxels left out of its loss.
 
 Every arm is scored the same way: `lnfm.jobs.predict.predict_volume` (the preprocessing,
 sliding window and post-processing LNFM's export records) turns each raw held-out
@@ -58,6 +60,7 @@ import numpy as np
 import torch
 
 from lnfm.config import to_dict
+from lnfm.data.store import read_manifest
 from lnfm.data import benchmark as B
 from lnfm.eval.metrics import summarize
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
@@ -75,6 +78,9 @@ log = logging.getLogger("lnfm.bench.accuracy")
 REPO = Path(__file__).resolve().parents[1]
 LNFM_ARMS = ("lnfm_pretrained", "lnfm_scratch", "lnfm_selftrain", "lnfm_paste", "lnfm_paste_target")
 BUDGETS = ("patches", "time")
+# A peer NAME_paste trains on the loader of `lnfm_paste` (its nodes also pasted into the unlabelled pool):
+# whether node paste helps any network, or LNFM only.
+PEER_ARMS = (*PEERS, *(f"{p}_paste" for p in PEERS))
 METRICS = ("dice", "node_sensitivity", "fp_per_volume", "hd95", "sens_lt5", "sens_5to10", "sens_ge10")
 LABELS = {"dice": "Dice", "node_sensitivity": "node sens. (IoU>=0.5)", "fp_per_volume": "FP / volume",
           "hd95": "HD95 (mm)", "sens_lt5": "sens. <5 mm", "sens_5to10": "sens. 5-10 mm", "sens_ge10": "sens. >=10 mm"}
@@ -201,9 +207,11 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
     loader, cfg = peer_loader(preset, bench, n, seed)
     meta = read_meta(export_dir(workdir / "runs" / f"{lnfm_arm}_n{n}_s{seed}"))
     spend = {"steps": cfg.train.steps} if budget == "patches" else {"seconds": lnfm_time}
-    return train_and_score_peer(name, meta=meta, store=bench.labelled_store,
+    hosts = [(str(bench.unlabelled_store), r) for r in read_manifest(str(bench.unlabelled_store))
+             if r["split"] == "train"] if name.endswith("_paste") else []
+    return train_and_score_peer(name.removesuffix("_paste"), meta=meta, store=bench.labelled_store,
                                 train_ids=select_subset(bench.pool, n, seed), loader=loader, test=bench.test,
-                                val=bench.val_cases, overlap=preset.overlap, seed=seed, **spend)
+                                val=bench.val_cases, overlap=preset.overlap, seed=seed, paste_into=hosts, **spend)
 
 
 # ----------------------------------------------------------------------------- report
@@ -291,6 +299,8 @@ def markdown(rows: list[dict], preset_name: str, preset: Preset, command: str, h
                        (("lnfm_paste_target", "both"), ("lnfm_paste", "both"))]
         comparisons += [((lnfm, "both"), (arm, budget)) for lnfm in LNFM_ARMS for arm, budget in series
                         if arm not in LNFM_ARMS]
+        comparisons += [((arm, budget), (arm.removesuffix("_paste"), budget)) for arm, budget in series
+                        if arm.endswith("_paste") and arm not in LNFM_ARMS]
         for a, b in comparisons:
             for key in ("dice", "node_sensitivity"):
                 va, vb = _values(rows, *a, n, key), _values(rows, *b, n, key)
@@ -360,7 +370,7 @@ def plots(rows: list[dict], out: Path) -> None:
 def report(results: dict, out: Path, preset_name: str, preset: Preset, command: str, header: dict,
            complete: bool) -> None:
     rows, case_rows = [], []
-    order = [*LNFM_ARMS, "unet", "dynunet", "swinunetr"]
+    order = [*LNFM_ARMS, *PEER_ARMS]
     for (arm, budget, n, seed), res in sorted(results.items(), key=lambda kv: (
             order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0][1], kv[0][2], kv[0][3])):
         rows.append(seed_row(arm, budget, n, seed, res))
@@ -475,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         return chosen
 
     if args.peers is not None:  # an empty list runs the LNFM arms alone
-        preset = dataclasses.replace(preset, peers=subset("--peers", args.peers, PEERS, allow_none=True))
+        preset = dataclasses.replace(preset, peers=subset("--peers", args.peers, PEER_ARMS, allow_none=True))
 
     if args.arms is not None:
         preset = dataclasses.replace(preset, lnfm_arms=subset("--arms", args.arms, LNFM_ARMS))

@@ -79,7 +79,8 @@ def tune_for(fn: Callable[[np.ndarray], np.ndarray], meta: ExportMeta, val: Sequ
 
 def train_peer_model(name: str, *, meta: ExportMeta, store: str | Path, train_ids: Sequence[str],
                      loader: LoaderConfig, overlap: float, seed: int, steps: int | None = None,
-                     seconds: float | None = None, val: Sequence[TestCase] = ()
+                     seconds: float | None = None, val: Sequence[TestCase] = (),
+                     paste_into: Sequence[tuple[str, dict]] = ()
                      ) -> tuple[Callable[[np.ndarray], np.ndarray], ExportMeta, dict]:
     """Train peer `name` on LNFM's loader for `steps` or `seconds`; returns its probability
     function, the metadata to predict with, and the training record.
@@ -87,7 +88,8 @@ def train_peer_model(name: str, *, meta: ExportMeta, store: str | Path, train_id
     `meta` is the LNFM export the peer is compared with: its contract (channels, spacing,
     normalisation, window size) and post-processing are the peer's too, except the node size
     prior, which is tuned for the peer on the validation scans `val` as LNFM's was on its own
-    (and switched off without them)."""
+    (and switched off without them). `paste_into`: host scans (store, record) the loader pastes the
+    labelled nodes into, as `finetune --paste-into` does for LNFM."""
 
     if peers is None:
         raise LnfmError("the peers need torch and MONAI: pip install 'lnfm[dev]'")
@@ -95,7 +97,7 @@ def train_peer_model(name: str, *, meta: ExportMeta, store: str | Path, train_id
     cfg = dataclasses.replace(loader, patch_size=patch, hu_window=tuple(meta.preprocessing.normalization.hu_window),
                               seed=seed)
     batches = iter(make_loader([str(store)], cfg, split="train", labels=True, case_ids=list(train_ids),
-                               shard_index=0, shard_count=1))
+                               shard_index=0, shard_count=1, paste_into=list(paste_into)))
     peer = peers.build_peer(name, len(meta.channels), int(meta.num_classes),
                             tuple(meta.preprocessing.contract.spacing), patch, seed)
     trained = peers.train_peer(peer, batches, peers.Budget(steps=steps, seconds=seconds))
@@ -108,9 +110,10 @@ def train_peer_model(name: str, *, meta: ExportMeta, store: str | Path, train_id
 def train_and_score_peer(name: str, *, meta: ExportMeta, store: str | Path, train_ids: Sequence[str],
                          loader: LoaderConfig, test: Sequence[TestCase], overlap: float, seed: int,
                          steps: int | None = None, seconds: float | None = None,
-                         val: Sequence[TestCase] = ()) -> dict:
+                         val: Sequence[TestCase] = (), paste_into: Sequence[tuple[str, dict]] = ()) -> dict:
     """`train_peer_model`, then the peer scored on `test` with `evaluate`."""
     fn, tuned, record = train_peer_model(name, meta=meta, store=store, train_ids=train_ids, loader=loader,
-                                         overlap=overlap, seed=seed, steps=steps, seconds=seconds, val=val)
+                                         overlap=overlap, seed=seed, steps=steps, seconds=seconds, val=val,
+                                         paste_into=paste_into)
     cases, infer = evaluate(fn, tuned, test, overlap)
     return {**record, "infer_s_per_volume": infer, "cases": cases}

@@ -10,6 +10,8 @@
 
 Each trains on the patches of LNFM's own loader (same store, labelled cases,
 patch size, batch, foreground share and seed) for a budget of steps or of seconds.
+With node paste (the loader given host scans) the labels carry IGNORE_LABEL where the loss
+must not look, and the peers' Dice + CE leaves those voxels out as LNFM's loss does.
 The poly / cosine-free schedules follow the elapsed share of the budget, so a
 time budget decays the learning rate like a step budget does.
 """
@@ -22,9 +24,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, MaskedDiceLoss
 from monai.networks.nets import DynUNet, SwinUNETR, UNet
 
+from lnfm.data.paste import IGNORE_LABEL
 from lnfm.segmentation.nnunet_plan import plan_3d_fullres
 
 PEERS = ("unet", "dynunet", "swinunetr")
@@ -78,9 +82,29 @@ def _to_torch(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(image, np.float32), -1, 1)))
 
 
+class DiceCE:
+    """MONAI's DiceCELoss (softmax, one-hot labels, Dice per sample plus mean CE), leaving out the voxels
+    labelled IGNORE_LABEL when a batch has any: Dice on the remaining voxels, CE averaged over them."""
+
+    def __init__(self) -> None:
+        self.plain = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.masked_dice = MaskedDiceLoss(softmax=True)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """logits (B, K, X, Y, Z); y (B, 1, X, Y, Z) int64 class indices or IGNORE_LABEL."""
+        valid = y != IGNORE_LABEL
+        if bool(valid.all()):
+            return self.plain(logits, y)
+        # One-hot first, then mask: a masked voxel then counts for no class (MONAI's own to_onehot_y
+        # would one-hot the masked index 0 into the background channel).
+        onehot = F.one_hot(torch.where(valid, y, 0)[:, 0], logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        ce = F.cross_entropy(logits, torch.where(valid, y, -100)[:, 0], ignore_index=-100)
+        return self.masked_dice(logits, onehot, mask=valid.to(logits.dtype)) + ce
+
+
 def train_peer(peer: Peer, batches: Iterator[dict], budget: Budget, warmup_steps: int = 20) -> dict:
     """Train until the budget is spent; returns steps, seconds and the last loss."""
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCE()
     peer.net.train()
     t0, step, loss_value = time.perf_counter(), 0, float("nan")
     while not budget.done(step, time.perf_counter() - t0):

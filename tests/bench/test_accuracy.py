@@ -46,6 +46,13 @@ def test_smoke_run_of_every_arm_writes_the_report(tmp_path):
     assert "Paired differences" in md and "lnfm_pretrained - dynunet (time)" in md
     assert "lnfm_pretrained - swinunetr (time)" in md and "lnfm_paste - lnfm_pretrained" in md
     assert "lnfm_paste_target - lnfm_paste" in md
+    # A peer on lnfm_paste's loader (nodes pasted into the pool, ignored voxels out of its loss) extends it too.
+    proc = subprocess.run(base + ["--arms", "lnfm_paste", "--peers", "unet,unet_paste"], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("done in") == 2  # its two budgets, nothing else
+    md = (out / "accuracy.md").read_text()
+    assert "unet_paste (time) - unet (time)" in md and "lnfm_paste - unet_paste (time)" in md
     for png in ("accuracy_dice_vs_labelled.png", "accuracy_dice_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "accuracy_cases.csv").is_file()
@@ -57,5 +64,5 @@ def test_an_unknown_peer_is_refused_before_any_work(tmp_path):
                            "--workdir", str(tmp_path / "w"), "--peers", "unet,unetx"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert "--peers: choose from unet, dynunet, swinunetr" in proc.stderr
+    assert "--peers: choose from unet, dynunet, swinunetr, unet_paste, dynunet_paste, swinunetr_paste" in proc.stderr
     assert not (tmp_path / "w").exists()

@@ -49,3 +49,33 @@ def test_dynunet_from_the_plan_trains_with_deep_supervision():
     assert any(not torch.equal(a, b) for a, b in zip(before, peer.net.parameters()))
     probs = probability_fn(peer)(label_patch := batches().__next__()["image"])
     assert probs.shape == (*label_patch.shape[:4], 2) and abs(float(probs.sum(-1).mean()) - 1) < 1e-5
+
+
+def test_the_peers_loss_leaves_out_ignored_voxels_as_if_they_were_cropped_away():
+    """With node paste, labels outside a shell around the pasted node are IGNORE_LABEL. The peers' Dice + CE
+    over the rest must equal MONAI's DiceCELoss on a batch cropped to the scored box, and the logits at
+    ignored voxels must neither change the loss nor get a gradient."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    from lnfm.data.paste import IGNORE_LABEL
+    from lnfm.segmentation.peers import DiceCE
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8, 8, generator=gen, requires_grad=True)
+    y = (torch.rand(2, 1, 8, 8, 8, generator=gen) > 0.7).long()
+    box = (slice(None), slice(None), slice(2, 6), slice(1, 7), slice(3, 8))
+    masked = torch.full_like(y, IGNORE_LABEL)
+    masked[box] = y[box]
+    loss = DiceCE()(logits, masked)
+    reference = DiceCELoss(to_onehot_y=True, softmax=True)(logits[box], y[box])
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    loss.backward()
+    outside = torch.ones_like(logits, dtype=torch.bool)
+    outside[box] = False
+    assert float(logits.grad[outside].abs().max()) == 0.0 and float(logits.grad[box].abs().max()) > 0
+    changed = logits.detach().clone()
+    changed[outside] = 50.0
+    assert float(DiceCE()(changed, masked)) == pytest.approx(float(loss), rel=1e-6)
+    # Without ignored voxels it is MONAI's loss on the whole batch.
+    assert float(DiceCE()(logits, y)) == pytest.approx(float(DiceCELoss(to_onehot_y=True, softmax=True)(logits, y)))
