@@ -10,7 +10,9 @@ pretraining data.
 The test cases come from the held-out phantom generator (`lnfm synth --heldout`), which
 neither pretraining nor finetuning sees. The last step trains a MONAI U-Net (the dev
 extra) on the same labelled cases for the same wall time and prints both models'
-scores on those held-out scans, through the same predict pipeline and metrics.
+scores on those held-out scans, through the same predict pipeline and metrics. With node
+paste it also trains the U-Net on LNFM's pasted patches: paste helps any network, so that
+U-Net is the fair peer of LNFM with paste (docs/finetuning.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from lnfm.config import from_dict, read_yaml
 from lnfm.data.benchmark import TestCase, phantom_rows, prepare_csv
 from lnfm.data.shared import shared_data_dir
+from lnfm.data.store import read_manifest
 from lnfm.eval.metrics import summarize
 from lnfm.jobs import heldout
 from lnfm.jobs.finetune_config import FinetuneConfig
@@ -142,16 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prediction for {case_id}: {pred}")
     if not args.no_peer:
         compare_with_unet(export, ft, store, summary, [TestCase(c, Path(i), Path(lb)) for c, i, lb, _ in test],
-                          [TestCase(c, Path(i), Path(lb)) for c, i, lb, sp in labelled if sp == "val"])
+                          [TestCase(c, Path(i), Path(lb)) for c, i, lb, sp in labelled if sp == "val"],
+                          None if args.no_paste else unlabelled)
     print(f"total time: {time.time() - t0:.0f}s")
     return 0
 
 
 def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test: list[TestCase],
-                      val: list[TestCase]) -> None:
+                      val: list[TestCase], paste_store: Path | None = None) -> None:
     """LNFM's Dice next to a MONAI U-Net's: same labelled cases, same loader, same training wall
     time, same held-out scans, same scoring (`lnfm.jobs.heldout`); each model's node size prior
-    is tuned on the same validation cases."""
+    is tuned on the same validation cases. With `paste_store` (LNFM pasted its nodes into it) a
+    second U-Net trains on those pasted patches too."""
 
     print("\n== LNFM vs a MONAI U-Net trained for the same time on the same labelled cases ==")
     if heldout.peers is None:
@@ -162,13 +167,19 @@ def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test:
     cfg = from_dict(FinetuneConfig, read_yaml(FinetuneRun(run).config))
     loader = dataclasses.replace(cfg.loader, batch_size=cfg.train.global_batch)
     lnfm_cases, lnfm_infer = heldout.evaluate(fn, meta, test, overlap)
-    unet = heldout.train_and_score_peer("unet", meta=meta, store=store, train_ids=summary["train_ids"], loader=loader,
-                                        test=test, overlap=overlap, seed=cfg.train.seed,
-                                        seconds=summary["train_time_s"], val=val)
-    for name, cases, train_s, infer in (("LNFM", lnfm_cases, summary["train_time_s"], lnfm_infer),
-                                        ("U-Net", unet["cases"], unet["train_time_s"], unet["infer_s_per_volume"])):
+    hosts = {"U-Net": []}
+    if paste_store is not None:  # the training split's scans, as finetune --paste-into reads them
+        hosts["U-Net + paste"] = [(str(paste_store), r) for r in read_manifest(str(paste_store))
+                                  if r["split"] == "train" and r["case_id"] not in summary["train_ids"]]
+    rows = [("LNFM", lnfm_cases, summary["train_time_s"], lnfm_infer)]
+    for name, paste_into in hosts.items():
+        unet = heldout.train_and_score_peer("unet", meta=meta, store=store, train_ids=summary["train_ids"],
+                                            loader=loader, test=test, overlap=overlap, seed=cfg.train.seed,
+                                            seconds=summary["train_time_s"], val=val, paste_into=paste_into)
+        rows.append((name, unet["cases"], unet["train_time_s"], unet["infer_s_per_volume"]))
+    for name, cases, train_s, infer in rows:
         agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])
-        print(f"{name:6s} Dice {agg['dice']:.3f}, node sensitivity {agg['node_sensitivity']:.3f}, "
+        print(f"{name:13s} Dice {agg['dice']:.3f}, node sensitivity {agg['node_sensitivity']:.3f}, "
               f"FP/volume {agg['fp_per_volume']:.1f}  (train {train_s:.0f} s, predict {infer:.1f} s/volume, "
               f"{len(cases)} held-out volumes)")
 

@@ -44,7 +44,8 @@ def test_validation_phantoms_are_out_of_the_pools_training_split(tmp_path):
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end_and_prints_both_models_scores(tmp_path):
     """`make demo`'s command at toy sizes: every stage runs as a user's command, the prediction and its
-    report are written, and the last lines score LNFM and the U-Net on the same held-out volumes."""
+    report are written, and the last lines score LNFM, the U-Net and the U-Net with node paste on the same
+    held-out volumes."""
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="")  # one CPU device, as for a user (not the suite's 8)
     proc = subprocess.run([sys.executable, "-m", "lnfm", "demo", "--out", str(out), "--cases", "4",
@@ -60,9 +61,10 @@ def test_the_demo_runs_end_to_end_and_prints_both_models_scores(tmp_path):
     assert len(read_report(pred / "h_pelvis_000_nodes.csv")) == components
     assert (pred / "h_pelvis_000_preview.png").read_bytes()[:4] == b"\x89PNG"
     lines = proc.stdout.splitlines()
-    scored = [ln for ln in lines if re.match(r"(LNFM|U-Net) +Dice \d\.\d{3}, node sensitivity", ln)]
-    assert [ln.split()[0] for ln in scored] == ["LNFM", "U-Net"], proc.stdout[-2000:]
-    assert all("1 held-out volumes" in ln for ln in scored)
+    scored = [(m.group(1), ln) for ln in lines
+              if (m := re.match(r"(LNFM|U-Net \+ paste|U-Net) +Dice \d\.\d{3}, node sensitivity", ln))]
+    assert [name for name, _ in scored] == ["LNFM", "U-Net", "U-Net + paste"], proc.stdout[-2000:]
+    assert all("1 held-out volumes" in ln for _, ln in scored)
     # Pretraining's store holds the training phantoms and never a held-out scan.
     ids = {r["case_id"] for r in read_manifest(str(out / "store_unlabelled"))}
     assert ids and not any(i.startswith("h_") for i in ids)
