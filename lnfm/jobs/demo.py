@@ -158,7 +158,7 @@ def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test:
     is tuned on the same validation cases. With `paste_store` (LNFM pasted its nodes into it) a
     second U-Net trains on those pasted patches too."""
 
-    print("\n== LNFM vs a MONAI U-Net trained for the same time on the same labelled cases ==")
+    print("\n== LNFM vs MONAI U-Nets trained for the same time on the same labelled cases ==")
     if heldout.peers is None:
         print("U-Net: skipped (torch and MONAI are the dev extra: pip install 'lnfm[dev]')")
         return

@@ -42,7 +42,7 @@ def test_validation_phantoms_are_out_of_the_pools_training_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_demo_runs_end_to_end_and_prints_both_models_scores(tmp_path):
+def test_the_demo_runs_end_to_end_and_scores_lnfm_beside_the_unets(tmp_path):
     """`make demo`'s command at toy sizes: every stage runs as a user's command, the prediction and its
     report are written, and the last lines score LNFM, the U-Net and the U-Net with node paste on the same
     held-out volumes."""
