@@ -60,7 +60,6 @@ import numpy as np
 import torch
 
 from lnfm.config import to_dict
-from lnfm.data.store import read_manifest
 from lnfm.data import benchmark as B
 from lnfm.eval.metrics import summarize
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
@@ -68,7 +67,7 @@ from lnfm.jobs import finetune as F
 from lnfm.jobs import pretrain as P
 from lnfm.jobs.export import export_model
 from lnfm.jobs.export_meta import read_meta
-from lnfm.jobs.heldout import evaluate, train_and_score_peer
+from lnfm.jobs.heldout import evaluate, paste_hosts, train_and_score_peer
 from lnfm.jobs.predict import load_predictor
 from lnfm.segmentation.fewshot import select_subset
 from lnfm.segmentation.peers import PEERS
@@ -207,8 +206,7 @@ def run_peer(name: str, budget: str, preset: Preset, bench: B.Benchmark, n: int,
     loader, cfg = peer_loader(preset, bench, n, seed)
     meta = read_meta(export_dir(workdir / "runs" / f"{lnfm_arm}_n{n}_s{seed}"))
     spend = {"steps": cfg.train.steps} if budget == "patches" else {"seconds": lnfm_time}
-    hosts = [(str(bench.unlabelled_store), r) for r in read_manifest(str(bench.unlabelled_store))
-             if r["split"] == "train"] if name.endswith("_paste") else []
+    hosts = paste_hosts(bench.unlabelled_store) if name.endswith("_paste") else []
     return train_and_score_peer(name.removesuffix("_paste"), meta=meta, store=bench.labelled_store,
                                 train_ids=select_subset(bench.pool, n, seed), loader=loader, test=bench.test,
                                 val=bench.val_cases, overlap=preset.overlap, seed=seed, paste_into=hosts, **spend)

@@ -11,8 +11,9 @@ The test cases come from the held-out phantom generator (`lnfm synth --heldout`)
 neither pretraining nor finetuning sees. The last step trains a MONAI U-Net (the dev
 extra) on the same labelled cases for the same wall time and prints both models'
 scores on those held-out scans, through the same predict pipeline and metrics. With node
-paste it also trains the U-Net on LNFM's pasted patches: paste helps any network, so that
-U-Net is the fair peer of LNFM with paste (docs/finetuning.md).
+paste it also trains the U-Net on LNFM's pasted patches: paste is not LNFM's alone (the
+U-Net finds more nodes with it too), so that U-Net is the fair peer of LNFM with paste
+(docs/finetuning.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from pathlib import Path
 from lnfm.config import from_dict, read_yaml
 from lnfm.data.benchmark import TestCase, phantom_rows, prepare_csv
 from lnfm.data.shared import shared_data_dir
-from lnfm.data.store import read_manifest
 from lnfm.eval.metrics import summarize
 from lnfm.jobs import heldout
 from lnfm.jobs.finetune_config import FinetuneConfig
@@ -168,9 +168,8 @@ def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test:
     loader = dataclasses.replace(cfg.loader, batch_size=cfg.train.global_batch)
     lnfm_cases, lnfm_infer = heldout.evaluate(fn, meta, test, overlap)
     hosts = {"U-Net": []}
-    if paste_store is not None:  # the training split's scans, as finetune --paste-into reads them
-        hosts["U-Net + paste"] = [(str(paste_store), r) for r in read_manifest(str(paste_store))
-                                  if r["split"] == "train" and r["case_id"] not in summary["train_ids"]]
+    if paste_store is not None:
+        hosts["U-Net + paste"] = heldout.paste_hosts(paste_store, summary["train_ids"])
     rows = [("LNFM", lnfm_cases, summary["train_time_s"], lnfm_infer)]
     for name, paste_into in hosts.items():
         unet = heldout.train_and_score_peer("unet", meta=meta, store=store, train_ids=summary["train_ids"],

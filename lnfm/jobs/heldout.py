@@ -25,6 +25,7 @@ from lnfm.data.geometry import spacing_of
 from lnfm.data.loader import LoaderConfig, make_loader
 from lnfm.errors import LnfmError
 from lnfm.eval.metrics import EvalConfig, evaluate_case
+from lnfm.data.store import read_manifest
 from lnfm.eval.postprocess import tune_size_prior, without_size_prior
 from lnfm.io import read_image
 from lnfm.jobs.export_meta import ExportMeta
@@ -75,6 +76,15 @@ def tune_for(fn: Callable[[np.ndarray], np.ndarray], meta: ExportMeta, val: Sequ
     short, elong, _ = tune_size_prior(masks, truths, spacings)
     return dataclasses.replace(untuned, postprocess=dataclasses.replace(untuned.postprocess, min_short_axis_mm=short,
                                                                         max_elongation=elong))
+
+
+def paste_hosts(store: str | Path, train_ids: Sequence[str] = ()) -> list[tuple[str, dict]]:
+    """The training-split scans of `store` as node-paste hosts (store, record) for a peer, leaving out
+    the labelled training cases `train_ids` (by case id: the benchmark and the demo give a scan the
+    same id in every store; `finetune --paste-into` matches by content)."""
+    labelled = set(train_ids)
+    return [(str(store), r) for r in read_manifest(str(store))
+            if r["split"] == "train" and r["case_id"] not in labelled]
 
 
 def train_peer_model(name: str, *, meta: ExportMeta, store: str | Path, train_ids: Sequence[str],
