@@ -23,8 +23,8 @@ Arms, per seed (its own labelled subset and initialisation) and labelled-case co
   a share of the patches are pool scans with a labelled node pasted into their fat);
 - `lnfm_paste_target`: node paste into the unlabelled pool plus the target pool, unlabelled
   phantoms of the held-out variant (never a test phantom), at `loader.paste_p` 0.3: a clinic
-  pasting its few labelled nodes into its own unlabelled scans. The peers cannot use unlabelled
-  scans, so this arm is reported apart from `lnfm_paste`;
+  pasting its few labelled nodes into its own unlabelled scans. The plain peers use no unlabelled
+  scan, so this arm is reported apart from `lnfm_paste` (a `_paste` peer pastes into the first pool only);
 - peers (`lnfm.segmentation.peers`): MONAI UNet, DynUNet with nnU-Net's 3d_fullres topology,
   SwinUNETR, each trained on the same loader's patches twice: with LNFM's patch budget
   (same steps x batch x patch) and with the training wall time of LNFM's longest arm
