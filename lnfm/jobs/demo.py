@@ -58,16 +58,18 @@ def _shared_ct() -> list[Path]:
     return [root / n for n in names if (root / n).is_file()]
 
 
-def demo_rows(phantoms: Path, heldout: Path) -> tuple[list, list, list]:
+def demo_rows(phantoms: Path, heldout: Path, labelled: int) -> tuple[list, list, list]:
     """prepare's rows (case id, image, label, split) of the unlabelled pool, the labelled store and
     its test split. Pretraining sees the training phantoms without labels, never a held-out one. The
-    labelled store: its first cases train, the last two validate and the held-out phantoms are its
-    test split. The validation phantoms are in the pool's val split too: node paste reads its
-    training split only (and refuses a validation scan there); pretraining reads every split."""
-    labelled = phantom_rows(phantoms, "p_", "train", labels=True)
-    labelled[-2:] = [(*r[:3], "val") for r in labelled[-2:]]
-    pool = [(case, image, "", split) for case, image, _, split in labelled]
-    return pool, labelled, phantom_rows(heldout, "h_", "test", labels=True)
+    labelled store holds the first `labelled` phantoms (training), the last two (validation) and the
+    held-out phantoms (test); the phantoms between are unlabelled only, the hosts node paste draws
+    (it skips the labelled store's training scans, and refuses a validation scan in the pool's
+    training split, so the validation phantoms are in the pool's val split); pretraining reads every
+    split."""
+    rows = phantom_rows(phantoms, "p_", "train", labels=True)
+    rows[-2:] = [(*r[:3], "val") for r in rows[-2:]]
+    pool = [(case, image, "", split) for case, image, _, split in rows]
+    return pool, rows[:labelled] + rows[-2:], phantom_rows(heldout, "h_", "test", labels=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-paste", action="store_true",
                     help="finetune on the labelled cases alone, without pasting their nodes into the unlabelled scans")
     args = ap.parse_args(argv)
-    if args.cases < args.labelled + 2:
-        ap.error(f"--cases must leave 2 validation cases beside --labelled ({args.labelled})")
+    if args.cases < args.labelled + 3:
+        ap.error(f"--cases must leave 2 validation cases and an unlabelled one beside --labelled ({args.labelled})")
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "lnfm", "synth", "--site", "pelvis", "--heldout", "--num-cases", str(args.test), "--seed",
           "303", "--shape", "96,96,48", "--out", str(heldout)], env)
 
-    pool, labelled, test = demo_rows(phantoms, heldout)
+    pool, labelled, test = demo_rows(phantoms, heldout, args.labelled)
     real = [(f"real{i}", str(p), "", "train") for i, p in enumerate(_shared_ct())]
     (out / "unlabelled.csv").write_text(prepare_csv(pool + real, {r[0]: "unknown" for r in real}))
     (out / "labelled.csv").write_text(prepare_csv(labelled + test))
