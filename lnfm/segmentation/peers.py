@@ -98,7 +98,7 @@ class DiceCE:
         # One-hot first, then mask: a masked voxel then counts for no class (MONAI's own to_onehot_y
         # would one-hot the masked index 0 into the background channel).
         onehot = F.one_hot(torch.where(valid, y, 0)[:, 0], logits.shape[1]).movedim(-1, 1).to(logits.dtype)
-        ce = F.cross_entropy(logits, torch.where(valid, y, -100)[:, 0], ignore_index=-100)
+        ce = F.cross_entropy(logits, y[:, 0], ignore_index=IGNORE_LABEL)
         return self.masked_dice(logits, onehot, mask=valid.to(logits.dtype)) + ce
 
 
