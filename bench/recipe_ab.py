@@ -12,6 +12,8 @@ seeds 505 and 606, never the benchmark's test seed) of one or more dev sets:
 - `heldout_train_noise`: the same phantoms' anatomy with the training variant's noise range,
   which isolates the noise shift;
 - `train`: the training generator variant (in-domain);
+- `test`: the benchmark's own test phantoms (dataset seed 303, as `bench/accuracy.py` scores them), for a
+  replication of a dev finding on cases that no dev decision used;
 - `heldout-FACTOR`: the held-out variant with one factor set back to the training variant's,
   which measures what that shift costs: `orient` (stored orientations), `spacing` (voxel
   sizes), `calib` (scanner HU calibration), `distract` (vessel-like distractors), `masks` (the
@@ -132,7 +134,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arm", action="append", required=True,
                     help='NAME=OVERRIDES: an arm and its space-separated finetuning overrides (NAME= for none)')
-    ap.add_argument("--dev", default="heldout", help="comma-separated dev sets (heldout, heldout_train_noise, train)")
+    ap.add_argument("--dev", default="heldout",
+                    help="comma-separated dev sets (heldout, heldout_train_noise, train, test, heldout-FACTOR)")
     ap.add_argument("--peer", default=None, help="a peer (unet, dynunet) trained for the first arm's time")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workdir", default="runs/recipe_ab")
@@ -146,7 +149,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     preset = base_preset()
     bench = B.build(preset.data, work)
-    devs = {k: dev_cases(work, preset.data.shape, k) for k in kinds}
+    devs = {k: bench.test if k == "test" else dev_cases(work, preset.data.shape, k) for k in kinds}
     pre = A.pretrain(preset, bench, work)
     cache = work / "recipe_ab.jsonl"
     lines = cache.read_text().splitlines() if cache.is_file() else []
