@@ -317,18 +317,26 @@ def find_cases(folder: Path, n_channels: int) -> dict[str, list[str]]:
     """Case name -> channel files of a batch folder: image files and DICOM series subfolders;
     with several channels, CASE_0000, CASE_0001, ... files form one case."""
     cases: dict[str, list[str]] = {}
+    channels: dict[str, list[str]] = {}  # case -> its channel numbers, when made of CASE_0000, ... files
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir() and is_dicom_path(entry) and any(p.is_file() for p in entry.iterdir()):
-            cases[entry.name] = [str(entry)]
+            case, channel = entry.name, None
         elif entry.is_file() and entry.name.lower().endswith(_IMAGE_SUFFIXES):
             stem = _strip_suffix(entry.name)
             m = _CHANNEL_SUFFIX.match(stem)
-            if m and (n_channels > 1 or m.group("ch") == "0000"):
-                cases.setdefault(m.group("case"), []).append(str(entry))
-            else:
-                cases[stem] = [str(entry)]
+            case, channel = (m.group("case"), m.group("ch")) if m and (n_channels > 1 or m.group("ch") == "0000") \
+                else (stem, None)
+        else:
+            continue
+        # Two inputs of one case name would write the same CASE.nii.gz: the later would silently win.
+        if case in cases and (channel is None or case not in channels or channel in channels[case]):
+            raise PredictError(f"{entry}: makes the same case '{case}' as {cases[case][0]} (both would write "
+                               f"{case}.nii.gz); rename or move one of them")
+        cases.setdefault(case, []).append(str(entry))
+        if channel is not None:
+            channels.setdefault(case, []).append(channel)
     return {k: sorted(v) for k, v in sorted(cases.items())}
 
 
@@ -411,6 +419,7 @@ def run(args: argparse.Namespace) -> int:
     batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
     if batch:
         check_batch_paths(inputs[0], args.output, args.probabilities, args.report, args.overlay, args.model)
+        find_cases(Path(inputs[0]), len(meta.channels))  # two files of one case name: refused before the model loads
     else:
         check_case_paths(output_paths(args.output, formats.formats), args.probabilities, args.report,
                          args.overlay, inputs, args.model)

@@ -251,6 +251,24 @@ def _batch_one_bad(w, inp, out):
     return ["--model", w.orbax, "--input", folder, "--output", out / "masks"], "air"
 
 
+def _batch_same_case(second: str):
+    """Two inputs of one batch folder that would write the same CASE.nii.gz: `a.nii.gz` and `second`."""
+    def make(w, inp, out):
+        folder = inp / "batch"
+        folder.mkdir()
+        shutil.copy(w.scan, folder / "a.nii.gz")
+        shutil.copy(w.scan, folder / "b.nii.gz")
+        if second == "a":  # a DICOM series subfolder named like the file
+            dicom_copy(folder / "a")
+        elif second.endswith(".nrrd"):
+            _nrrd(folder, IMG, np.diag([1.5, 1.5, 2.0, 1]))
+            (folder / "bad.nrrd").rename(folder / second)
+        else:
+            nii(folder / second, IMG)
+        return ["--model", w.orbax, "--input", folder, "--output", out / "masks"], str(folder / second)
+    return make
+
+
 def _only_good_mask(w, inp, out):
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["good.nii.gz"]
 
@@ -283,6 +301,12 @@ OPTIONS = [
     Case("predict-batch-folder-without-scans", "predict", _empty_batch, 2, ("no NIfTI, NRRD or DICOM series",)),
     Case("predict-batch-one-bad-case", "predict", _batch_one_bad, 1, ("all air",), check=_only_good_mask,
          partial=True),
+    Case("predict-batch-nii-and-nii-gz-of-one-name", "predict", _batch_same_case("a.nii"), 2,
+         ("same case 'a'",)),
+    Case("predict-batch-nrrd-and-nii-gz-of-one-name", "predict", _batch_same_case("a.nrrd"), 2,
+         ("same case 'a'",)),
+    Case("predict-batch-dicom-folder-and-file-of-one-name", "predict", _batch_same_case("a"), 2,
+         ("same case 'a'",)),
     Case("predict-overlap-not-a-number", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out,
                                                                                    "--overlap", "lots"), None),
          2, ("--overlap",)),
