@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -165,6 +166,18 @@ def read_scan(paths: list[str], meta: ExportMeta, series: str | None = None) -> 
 
 
 # ----------------------------------------------------------------------------- pipeline
+
+
+def check_options(options: PredictOptions) -> None:
+    """Option values the sliding window and the post-processing can use, checked before anything is read."""
+    if options.overlap is not None and not 0 <= options.overlap < 1:
+        raise PredictError(f"--overlap: {options.overlap:g} is not in [0, 1) (the fraction of a window its "
+                           f"neighbour shares)")
+    if options.sw_batch_size is not None and options.sw_batch_size < 1:
+        raise PredictError(f"--batch-size: {options.sw_batch_size} windows per pass; it must be at least 1")
+    if options.min_volume_mm3 is not None and not (math.isfinite(options.min_volume_mm3)
+                                                   and options.min_volume_mm3 >= 0):
+        raise PredictError(f"--min-volume-mm3: {options.min_volume_mm3:g} is not a finite volume >= 0 mm3")
 
 
 def make_predictor(probabilities: Callable, meta: ExportMeta, options: PredictOptions | None = None) -> Predictor:
@@ -410,6 +423,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 def run(args: argparse.Namespace) -> int:
     options = PredictOptions(args.overlap, args.tta, args.batch_size, args.min_volume_mm3)
+    check_options(options)
     meta = read_meta(args.model)
     formats = OutputFormats(parse_formats(args.format), args.seg_per_node, args.rtstruct_all_nodes,
                             args.seg_compression)
