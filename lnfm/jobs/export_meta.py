@@ -16,6 +16,7 @@ from typing import Any, Literal
 from lnfm.errors import LnfmError
 from lnfm.config import ConfigError, from_dict, to_dict
 from lnfm.data.contract import Preprocessing
+from lnfm.data.scan_checks import check_target_spacing
 from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.models.config import ModelConfig
@@ -78,9 +79,28 @@ def parse_meta(data: Any, where: str) -> ExportMeta:
         if missing:
             raise ExportError(f"{where}: missing config key 'head.{missing[0]}'")
     try:
-        return from_dict(ExportMeta, data)
+        meta = from_dict(ExportMeta, data)
+        check_target_spacing(meta.preprocessing.contract.spacing, "preprocessing.contract.spacing")
     except ConfigError as e:
         raise ExportError(f"{where}: {e}") from None
+    _check_values(meta, where)
+    return meta
+
+
+def _check_values(meta: ExportMeta, where: str) -> None:
+    """Values a hand-edited model.json can hold that its types allow but the model cannot run with."""
+    patch = [int(p) for p in meta.preprocessing.patch_size]
+    if len(patch) != 3 or min(patch) < 1:
+        raise ExportError(f"{where}: preprocessing.patch_size {patch} is not three window sizes of at least 1 voxel")
+    inf = meta.inference
+    if inf is not None and not 0 <= inf.overlap < 1:
+        raise ExportError(f"{where}: inference.overlap {inf.overlap:g} is not in [0, 1)")
+    if inf is not None and inf.sw_batch_size < 1:
+        raise ExportError(f"{where}: inference.sw_batch_size {inf.sw_batch_size} is not at least 1")
+    shape = (meta.stablehlo or {}).get("input_shape")
+    if meta.format == "stablehlo" and isinstance(shape, list) and len(shape) == 5 and list(shape[1:4]) != patch:
+        raise ExportError(f"{where}: preprocessing.patch_size {patch} differs from the window the StableHLO "
+                          f"function was lowered for {list(shape[1:4])}")
 
 
 def read_meta(folder: str | Path) -> ExportMeta:

@@ -283,6 +283,19 @@ def _encoder_only(w, inp):
     return _rechecksum(folder)
 
 
+def _meta_edit(change, source="orbax"):
+    """model.json edited by hand (and its checksum list written again to match): a value the model cannot run."""
+    def build(w, inp):
+        import json
+
+        folder = _copy(getattr(w, source), inp / "m")
+        meta = json.loads((folder / "model.json").read_text())
+        change(meta)
+        (folder / "model.json").write_text(json.dumps(meta))
+        return _rechecksum(folder)
+    return build
+
+
 def _model_json(text):
     def build(w, inp):
         folder = _copy(w.orbax, inp / "m")
@@ -320,6 +333,12 @@ OPTIONS = [
     Case("predict-min-volume-nan", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out, "--min-volume-mm3",
                                                                              "nan"), "--min-volume-mm3"), 2,
          ("finite",)),
+    model_case("model-json-overlap-one", _meta_edit(lambda m: m["inference"].update(overlap=1.0)),
+               ("inference.overlap",), "model.json"),
+    model_case("model-json-zero-spacing", _meta_edit(lambda m: m["preprocessing"]["contract"].update(
+        spacing=[0.0, 6.0, 6.0])), ("preprocessing.contract.spacing",), "model.json"),
+    model_case("stablehlo-patch-edited", _meta_edit(lambda m: m["preprocessing"].update(patch_size=[16, 16, 16]),
+                                                    "stablehlo"), ("patch_size",), "model.json"),
     model_case("model-missing", lambda w, inp: inp / "none", ("not an export",)),
     model_case("model-not-an-export", lambda w, inp: inp, ("not an export",)),
     model_case("model-json-not-json", _model_json("{oops"), ("not valid JSON",), "model.json"),
