@@ -257,13 +257,35 @@ def _check_output(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
         raise PredictError(f"{path}: {what} must end with {' or '.join(suffixes)}")
 
 
-def check_outputs(output, probabilities=None, overlay=None, formats: tuple[str, ...] = ("nifti",)) -> None:
+def _check_folder(path: Path, what: str) -> None:
+    """The nearest existing folder on `path` (itself or a parent) is a folder, not a file."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise PredictError(f"{p}: {what} needs a folder here, but this is a file")
+            return
+
+
+def _check_file_path(path: Path, what: str) -> None:
+    """An output file can be written at `path`: not an existing folder, no file where a folder must be."""
+    if path.is_dir():
+        raise PredictError(f"{path}: {what} is an existing folder; name a file")
+    _check_folder(path.parent, what)
+
+
+def check_outputs(output, probabilities=None, overlay=None, formats: tuple[str, ...] = ("nifti",),
+                  report=None) -> None:
     if formats == ("nifti",):  # with DICOM formats --output may be a bare name (see predict_dicom)
         _check_output(Path(output), "--output", (".nii", ".nii.gz"))
     if probabilities is not None:
         _check_output(Path(probabilities), "--probabilities", (".nii", ".nii.gz"))
     if overlay is not None:
         _check_output(Path(overlay), "--overlay", (".png",))
+    for what, path in [*((f"--output ({fmt})" if fmt != "nifti" else "--output", p)
+                         for fmt, p in output_paths(output, formats).items()),
+                       ("--probabilities", probabilities), ("--report", report), ("--overlay", overlay)]:
+        if path is not None:
+            _check_file_path(Path(path), what)
 
 
 def check_case_paths(paths: dict[str, Path], probabilities, report, overlay, inputs: list[str], model=None) -> None:
@@ -286,7 +308,7 @@ def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], outpu
     output or the log: folder and file names often hold patient names."""
     formats = formats or OutputFormats()
     paths = output_paths(output, formats.formats)
-    check_outputs(output, probabilities, overlay, formats.formats)
+    check_outputs(output, probabilities, overlay, formats.formats, report)
     check_case_paths(paths, probabilities, report, overlay, list(inputs))
     series = source_series(list(inputs), formats, series_uid) if series is None else series
     vol = read_scan(list(inputs), meta, series_uid) if vol is None else vol
@@ -316,6 +338,9 @@ def check_batch_paths(folder, out, probabilities=None, report=None, overlay=None
     apart from each other (both receive CASE.nii.gz)."""
     outputs = {"--output": out, "--probabilities": probabilities, "--report": report, "--overlay": overlay}
     check_apart(outputs, {"--input": folder, "--model": model}, distinct=False)
+    for what, path in outputs.items():
+        if path is not None:
+            _check_folder(Path(path), what)
     check_apart({"--output": out, "--probabilities": probabilities}, {})
 
 
@@ -442,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
         raise PredictError(f"{inputs[0]}: --series picks the series of one scan; it does not apply to a folder "
                            f"of scans")
     if not batch:  # check the scan before the model loads: bad input fails fast
-        check_outputs(args.output, args.probabilities, args.overlay, formats.formats)
+        check_outputs(args.output, args.probabilities, args.overlay, formats.formats, args.report)
         check_outside_inputs(output_paths(args.output, formats.formats), inputs)
         series = source_series(inputs, formats, args.series)
         vol = read_scan(inputs, meta, args.series)

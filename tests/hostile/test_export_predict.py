@@ -283,6 +283,24 @@ def _encoder_only(w, inp):
     return _rechecksum(folder)
 
 
+def _occupied(name: str, flag: str):
+    """An output path where something else already is: a folder named like the output file, or a file
+    where the output's folder must be."""
+    def make(w, inp, out):
+        if flag == "--batch":
+            (out / name).write_text("x")
+            folder = inp / "batch"
+            folder.mkdir()
+            shutil.copy(w.scan, folder / "a.nii.gz")
+            return ["--model", w.orbax, "--input", folder, "--output", out / name], str(out / name)
+        if name == "afile":
+            (out / name).write_text("x")
+            return pred_argv(w.orbax, w.scan, out / name), str(out / name)
+        (out / name).mkdir()
+        return pred_argv(w.orbax, w.scan, out), str(out / name)
+    return make
+
+
 def _meta_edit(change, source="orbax"):
     """model.json edited by hand (and its checksum list written again to match): a value the model cannot run."""
     def build(w, inp):
@@ -323,6 +341,10 @@ OPTIONS = [
     Case("predict-overlap-not-a-number", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out,
                                                                                    "--overlap", "lots"), None),
          2, ("--overlap",)),
+    Case("predict-output-is-a-folder", "predict", _occupied("mask.nii.gz", "--output"), 2, ("existing folder",)),
+    Case("predict-report-is-a-folder", "predict", _occupied("nodes.csv", "--report"), 2, ("existing folder",)),
+    Case("predict-output-folder-is-a-file", "predict", _occupied("afile", "--output"), 2, ("this is a file",)),
+    Case("predict-batch-output-is-a-file", "predict", _occupied("masks", "--batch"), 2, ("this is a file",)),
     Case("predict-overlap-one", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out, "--overlap", "1"),
                                                                 "--overlap"), 2, ("[0, 1)",)),
     Case("predict-overlap-negative", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out, "--overlap",
