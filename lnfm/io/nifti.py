@@ -33,7 +33,8 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
     """Write a NIfTI file via a temporary sibling and rename (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    # nibabel compresses by the (lower-case) suffix: MASK.NII.GZ must be gzipped too
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)

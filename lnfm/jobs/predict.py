@@ -207,7 +207,7 @@ def predict_volume(probabilities: Callable, meta: ExportMeta, vol: Volume, optio
 
 
 def _temp(path: Path) -> Path:
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    suffix = path.name[-7:] if path.name.lower().endswith(".nii.gz") else path.suffix  # MASK.NII.GZ keeps .NII.GZ
     return path.with_name(f".{path.name[:-len(suffix)] if suffix else path.name}.part{os.getpid()}{suffix}")
 
 

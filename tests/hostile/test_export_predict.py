@@ -406,10 +406,22 @@ def _mask_shape(shape):
     return check
 
 
+def _upper_suffix(w, inp, out):
+    return ["--model", w.orbax, "--input", w.scan, "--output", out / "MASK.NII.GZ", "--probabilities",
+            out / "P.NII.GZ"], None
+
+
+def _reads_back(w, inp, out):
+    for name in ("MASK.NII.GZ", "P.NII.GZ"):  # the suffix says gzip: the file must be gzipped
+        assert (out / name).read_bytes()[:2] == b"\x1f\x8b", name
+        assert nib.load(out / name).shape[:3] == nib.load(w.scan).shape
+
+
 HANDLED = [
     Case("predict-real-ct", "predict", lambda w, inp, out: (pred_argv(w.orbax, real_ct(inp), out), None), 0,
          check=_same_grid_as(lambda w, inp: inp / "real_ct.nii.gz")),
     Case("predict-two-series-with-series-flag", "predict", _two_series_flag, 0, check=_mask_shape((512, 512, 2))),
+    Case("predict-output-suffix-in-capitals", "predict", _upper_suffix, 0, check=_reads_back),
     Case("predict-stablehlo-export", "predict", lambda w, inp, out: (pred_argv(w.stablehlo, w.scan, out), None), 0,
          check=_same_grid_as(lambda w, inp: w.scan)),
 ]
