@@ -23,6 +23,8 @@ MIN_EXTENT = 2
 # The store holds CT as int16 HU: values at or beyond these ends cannot be stored faithfully.
 # -32768 itself is a common padding value outside the field of view, so only values below it count.
 INT16_MAX, INT16_MIN = 32767, -32768
+# A CT spans at least fat to soft tissue (about -100..50 HU); a label map or mask spans a few values.
+MIN_CT_RANGE_HU = 16
 
 
 class ScanError(LnfmError, ValueError):
@@ -62,3 +64,5 @@ def check_ct(data: np.ndarray, path: str, body_threshold_hu: float) -> None:
     if hi <= body_threshold_hu:
         raise ScanError(f"{path}: no voxel above {body_threshold_hu:g} HU (all air, max {hi:g} HU): no body to "
                         f"segment")
+    if hi - lo < MIN_CT_RANGE_HU:
+        raise ScanError(f"{path}: values span only {lo:g}..{hi:g}: a label map or mask, not a CT in HU")

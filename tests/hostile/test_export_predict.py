@@ -198,6 +198,8 @@ SCANS = [
     scan_case("one-voxel", lambda inp: _img(inp, np.full((1, 1, 1), 40, np.int16)), ("constant",)),
     scan_case("single-slice", lambda inp: _img(inp, IMG[:, :, :1]), ("at least 2 voxels",)),
     scan_case("all-air", lambda inp: _img(inp, np.full(IMG.shape, -1000, np.int16) + (IMG > 0)), ("all air",)),
+    scan_case("label-map-as-ct", lambda inp: _img(inp, (IMG > 0).astype(np.uint8)), ("a label map",)),
+    scan_case("float-mask-as-ct", lambda inp: _img(inp, (IMG > 0).astype(np.float32) * 3), ("a label map",)),
     scan_case("hu-saturating-int16", lambda inp: _img(inp, np.where(IMG > 0, 32767, IMG).astype(np.int16)),
               ("int16 range",)),
     scan_case("hu-beyond-int16", lambda inp: _img(inp, IMG.astype(np.float32) * 1000), ("int16 range",)),
