@@ -139,11 +139,12 @@ def _acquire(path: Path, folder: Path) -> int:
         os.close(fd)  # we locked a file its holder had just removed: take the new one
 
 
-def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+def differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """'prefix.key=old (new: new)' for every leaf of two nested dicts that differs."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
-            out += _differences(old.get(k), new.get(k), f"{prefix}.{k}")
+            out += differences(old.get(k), new.get(k), f"{prefix}.{k}")
         return out
     return [] if old == new else [f"{prefix}={json.dumps(old)} (new: {json.dumps(new)})"]
 
@@ -157,7 +158,7 @@ def check_resume(workdir: str | Path, cfg: Any, keys: tuple[str, ...], has_run: 
         return
     old = read_yaml(path)
     new = json.loads(json.dumps(to_dict(cfg), default=list))  # tuples -> lists, as YAML holds them
-    diffs = [d for key in keys for d in _differences(old.get(key), new.get(key), key)]
+    diffs = [d for key in keys for d in differences(old.get(key), new.get(key), key)]
     if diffs:
         more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
         raise WorkdirError(f"{path}: the run to resume has {diffs[0]}{more}; resume with the same settings or "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lnfm.config import ConfigError, dump_yaml
+from lnfm.config import ConfigError, dump_yaml, to_dict
 from lnfm.data.contract import Preprocessing, write_preprocessing
 from lnfm.models.sharding import make_mesh, use_rules
 from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
@@ -25,7 +26,7 @@ from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints
 from lnfm.train.loop import Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
-from lnfm.workdir import MetricsWriter, check_resume, lock_folder, open_workdir
+from lnfm.workdir import MetricsWriter, WorkdirError, check_resume, differences, lock_folder, open_workdir
 
 log = logging.getLogger("lnfm.train")
 
@@ -82,6 +83,23 @@ class Checked:
     context: Any = None  # whatever else the job's `train` takes from its checks
 
 
+def check_resume_preprocessing(path: Path, prep: Preprocessing) -> None:
+    """Refuse to resume a run under another preprocessing (the stores' contract, the spacing, the
+    intensity normalisation, the patch) than the one its checkpoints were trained under: the run
+    records one preprocessing, and the export applies it to every scan."""
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise WorkdirError(f"{path}: not valid JSON; choose a new --workdir") from None
+    diffs = differences(old, json.loads(json.dumps(to_dict(prep))), "preprocessing")
+    if diffs:
+        more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
+        raise WorkdirError(f"{path}: the run to resume was trained with {diffs[0]}{more}; resume with the same "
+                           f"data and settings or choose a new --workdir")
+
+
 def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mapping[str, Any],
                      resume_keys: tuple[str, ...], check: Callable[[Any], Checked],
                      train: Callable[[Checked, Any, jax.sharding.Mesh, MetricsWriter], dict | None],
@@ -100,9 +118,12 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
     pid = jax.process_index()
     check_apart({"--workdir": workdir}, inputs)
     with lock_folder(workdir, enabled=pid == 0):
-        check_resume(workdir, cfg, resume_keys, has_run=any(has_checkpoints(d) for d in run.checkpoint_dirs()))
+        has_run = any(has_checkpoints(d) for d in run.checkpoint_dirs())
+        check_resume(workdir, cfg, resume_keys, has_run=has_run)
         t0 = time.time()
         checked = check(cfg)
+        if has_run:
+            check_resume_preprocessing(run.preprocessing, checked.preprocessing)
         mesh = make_mesh(checked.cfg.mesh)
         tc = checked.cfg.train
         check_batch(tc.global_batch, tc.accum_steps, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])

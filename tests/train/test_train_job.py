@@ -133,3 +133,18 @@ def test_run_training_job_preempted_failed_or_refused_writes_no_summary(tmp_path
     with pytest.raises(WorkdirError, match=r"model.depth=2 \(new: 3\)"):
         _job(tmp_path / "pre", lambda *a: {}, cfg=_JobConfig(model={"depth": 3}))
     assert not (tmp_path / "pre" / "summary.json").exists()
+
+
+def test_run_training_job_resumes_only_under_the_recorded_preprocessing(tmp_path):
+    """A run's checkpoints were trained under the preprocessing it records; resumed with another
+    (a changed CT window, another store's contract) it would mix two and record only the last."""
+    assert _job(tmp_path / "w", lambda *a: None) == 0
+    (tmp_path / "w" / "checkpoints" / "5").mkdir(parents=True)
+    before = (tmp_path / "w" / "preprocessing.json").read_text()
+    other = dataclasses.replace(_preprocessing(), normalization=Normalization((-1000.0, 1000.0), 5.0))
+    with pytest.raises(WorkdirError, match=r"preprocessing.normalization.hu_window=\[-160.0, 240.0\] "
+                                           r"\(new: \[-1000.0, 1000.0\]\)"):
+        _job(tmp_path / "w", lambda *a: {}, check=lambda c: Checked(c, other, "ctx"))
+    assert (tmp_path / "w" / "preprocessing.json").read_text() == before
+    assert not (tmp_path / "w" / "summary.json").exists()
+    assert _job(tmp_path / "w", lambda *a: {"step": 5}) == 0  # the same preprocessing resumes
