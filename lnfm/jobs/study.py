@@ -33,7 +33,7 @@ from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.errors import LnfmError
 from lnfm.jobs.pretrain import PretrainConfig
 from lnfm.runs import FinetuneRun
-from lnfm.workdir import atomic_write_csv, atomic_write_text, open_workdir, progress
+from lnfm.workdir import atomic_write_csv, atomic_write_text, check_resume, open_workdir, progress
 
 log = logging.getLogger("lnfm.study")
 REPO = Path(__file__).resolve().parents[2]
@@ -255,9 +255,17 @@ def markdown(agg: list[dict], cfg: StudyConfig, command: str, rows: list[dict] |
     return "\n".join(lines) + "\n"
 
 
+# What the benchmark data, the pretraining and every cell's summary.json depend on: a study resumed with
+# other values would reuse results made under the old ones (adding inits, strategies, heads or
+# num_labeled only adds cells).
+RESUME_KEYS = ("site", "unlabelled", "labelled", "val", "test", "shape", "spacing", "pretrain_config",
+               "pretrain_overrides", "repeats", "finetune_overrides", "quick")
+
+
 def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) -> int:
     check(cfg)
     workdir, out = Path(workdir), Path(out)
+    check_resume(workdir, cfg, RESUME_KEYS, has_run=(workdir / "data").exists() or (workdir / "runs").exists())
     out.mkdir(parents=True, exist_ok=True)
     writer = open_workdir(workdir, cfg, tensorboard=False)
     env = dict(os.environ, PYTHONUNBUFFERED="1",

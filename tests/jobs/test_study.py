@@ -76,3 +76,30 @@ def test_aggregate_table_and_plots(tmp_path):
         assert len(list(csv.DictReader(f))) == 12
     S.plot(list(agg.values()), "dice", "Dice", tmp_path / "dice.png")
     assert (tmp_path / "dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_study_resumed_with_other_settings_is_refused(tmp_path, monkeypatch):
+    """Cells with a summary.json, the data and the pretraining are reused on a rerun: with another
+    repeat count (or finetuning overrides, phantom counts, ...) the table would report results made
+    under the old settings as the new ones."""
+    from lnfm.workdir import WorkdirError, open_workdir
+
+    cfg = S.StudyConfig(repeats=2, num_labeled=[1])
+    open_workdir(tmp_path / "wd", cfg, tensorboard=False).close()
+    (tmp_path / "wd" / "runs").mkdir()
+    recorded = (tmp_path / "wd" / "config.yaml").read_text()
+
+    class Built(Exception):
+        pass
+
+    def build(*a):
+        raise Built
+
+    monkeypatch.setattr(S, "build_benchmark", build)
+    for changed in (S.StudyConfig(repeats=5, num_labeled=[1]),
+                    S.StudyConfig(repeats=2, num_labeled=[1], finetune_overrides=["train.steps=50"])):
+        with pytest.raises(WorkdirError, match="the run to resume has"):
+            S.run(changed, tmp_path / "wd", tmp_path / "out", "cmd")
+    assert (tmp_path / "wd" / "config.yaml").read_text() == recorded
+    with pytest.raises(Built):  # more cells with the same settings: resumed
+        S.run(S.StudyConfig(repeats=2, num_labeled=[1, 2]), tmp_path / "wd", tmp_path / "out", "cmd")
