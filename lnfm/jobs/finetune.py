@@ -62,6 +62,7 @@ from lnfm.jobs.finetune_cpu import QUICK, cpu_notice
 from lnfm.jobs.export_meta import read_meta
 from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
+from lnfm.models import ModelConfig
 from lnfm.models.lora import apply_lora
 from lnfm.models.heads.registry import head_flops, head_param_count
 from lnfm.models.segmenter import load_encoder_state, segmenter_from_config
@@ -224,6 +225,31 @@ def load_cases(stores: list[str], records: dict[str, tuple[str, dict]], ids: lis
 
 
 # ----------------------------------------------------------------------------- model
+
+
+def _encoder_layout(cfg: FinetuneConfig, model: ModelConfig) -> list[tuple]:
+    """(path, shape) of every encoder parameter of the segmenter `cfg` builds with `model` (abstract: nothing
+    is allocated or compiled)."""
+    seg = nnx.eval_shape(lambda: segmenter_from_config(model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
+    return sorted((tuple(map(str, path)), tuple(v.shape)) for path, v in nnx.to_flat_state(nnx.state(seg.encoder,
+                                                                                                   nnx.Param)))
+
+
+def check_encoder_fits(cfg: FinetuneConfig) -> None:
+    """The encoder `cfg.model` describes (the --init encoder's model plus any model.* overrides) must hold
+    the --init encoder's weights: an override that changes a parameter's shape (patch size, width,
+    depth, ...) is a config error, before anything is written."""
+    kind, _, init_model = resolve_init(cfg.init)
+    if kind == "scratch" or init_model is None:
+        return
+    try:
+        original = from_dict(ModelConfig, init_model)
+    except ConfigError:
+        return  # read as the run's config was: the build itself reports it
+    if _encoder_layout(cfg, original) != _encoder_layout(cfg, cfg.model):
+        changed = [k for k, v in to_dict(cfg.model).items() if to_dict(original).get(k) != v]
+        raise ConfigError(f"{cfg.init}: model overrides ({', '.join(f'model.{k}' for k in changed)}) change the "
+                          f"shapes of the --init encoder's weights; finetune it as it was pretrained (drop them)")
 
 
 def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.Module:
@@ -664,6 +690,7 @@ def _check(cfg: FinetuneConfig) -> Checked:
             raise DataError(f"the data has {n_ch} channel(s) but the pretrained encoder takes "
                             f"{cfg.model.in_channels}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
+    check_encoder_fits(cfg)
     labelled = [records[i][1] for i in splits.pool + splits.val + splits.test]
     max_class = max((int(n.get("class", 1)) for r in labelled for n in r.get("nodes", [])), default=1)
     if max_class >= len(cfg.site.labels):

@@ -142,6 +142,9 @@ FINETUNE = [
     finetune("num-labeled-negative", ["--num-labeled", "-2"], ("train.num_labeled: -2",)),
     finetune("labels-too-few", ["site.labels=[background]"], ("site.labels names only 1",)),
     finetune("data-bad-url", [], ("unsupported store URL scheme",), data=lambda w, inp: "bogus://x"),
+    finetune("init-override-changes-encoder-shapes", ["model.depth=3", "site.spacing=[1.5,1.5,2.0]"],
+             ("model.depth", "change the shapes"), named=lambda w, inp: str(inp / "export_safetensors"),
+             init=lambda w, inp: str(_export_copy(w, inp))),
 ]
 
 ALL = PRETRAIN + FINETUNE
