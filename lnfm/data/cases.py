@@ -211,16 +211,24 @@ def discover(input_path: str, site: str = "", salt: str = "", series: list[str] 
 
 
 def drop_duplicates(cases: list[CaseSpec]) -> tuple[list[CaseSpec], list[InputError]]:
-    """Keep the first case of each id; later ones become errors. Unsafe ids are errors too."""
+    """Keep the first case of each id; later ones become errors. Unsafe ids are errors too, and so
+    is a case listed again under another id (the same image and label files: it could land in two
+    splits, training on a test case)."""
     seen: dict[str, CaseSpec] = {}
+    scans: dict[tuple, str] = {}
     errors = []
     for c in cases:
+        scan = (tuple(os.path.realpath(p) for p in c.images), c.series, c.label and os.path.realpath(c.label))
         if not SAFE_ID.match(c.case_id):
             errors.append(InputError(c.images[0],
                                      f"case id '{c.case_id}' may only hold letters, digits, '.', '_', '-'"))
         elif c.case_id in seen:
             errors.append(InputError(c.images[0],
                                      f"duplicate case id '{c.case_id}' (first: {seen[c.case_id].images[0]})"))
+        elif scan in scans:
+            errors.append(InputError(c.images[0], f"case '{c.case_id}' lists the image and label of case "
+                                                  f"'{scans[scan]}' again; each case may be listed once"))
         else:
             seen[c.case_id] = c
+            scans[scan] = c.case_id
     return list(seen.values()), errors

@@ -201,6 +201,15 @@ def make_splits(records: list[dict], val_fraction: float) -> Splits:
         pool = sorted(set(pool) - set(val))
     check_disjoint(pool, val=val, test=by["test"])
     check_disjoint(val, test=by["test"])
+    # The same scan under two ids (a copy listed twice) would evaluate on a training case.
+    scan = {r["case_id"]: pseudo_labels.scan_fingerprint(r) for r in records if r.get("intensity")}
+    training = {scan[i]: i for i in pool if i in scan}
+    for kind, ids in (("validation", val), ("test", by["test"])):
+        for i in ids:
+            twin = training.get(scan.get(i))
+            if twin is not None:
+                raise DataError(f"the {kind} case {i} is the same scan as the training case {twin} (a scan "
+                                f"listed twice): it would evaluate on training data; prepare each scan once")
     return Splits(pool, val, by["test"])
 
 

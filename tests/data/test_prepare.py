@@ -153,9 +153,10 @@ def test_interrupted_sharded_conversion_resumes_to_the_same_result(tmp_path):
 
 def test_split_column_overrides_and_hash_split_is_deterministic(tmp_path):
     img, lab = phantom()
-    p = save(tmp_path / "a.nii.gz", img, affine_lps())
-    csv_path = write_csv(tmp_path / "c.csv", [{"case_id": f"k{i}", "image": p, "split": "val" if i == 0 else ""}
-                                               for i in range(3)])
+    # one file per case: the same image listed under several ids is refused (it could land in two splits)
+    csv_path = write_csv(tmp_path / "c.csv", [{"case_id": f"k{i}", "image": save(tmp_path / f"a{i}.nii.gz", img,
+                                                                                 affine_lps()),
+                                               "split": "val" if i == 0 else ""} for i in range(3)])
     prepare_dataset(str(csv_path), str(tmp_path / "s"), CFG, show_progress=False)
     splits = {r["case_id"]: r["split"] for r in read_manifest(str(tmp_path / "s"))}
     assert splits["k0"] == "val"

@@ -249,6 +249,17 @@ BAD_CASES.append(Case("prepare-duplicate-case-id", "prepare", _dup, 1, ("duplica
                       check=_only_good_converted, partial=True))
 
 
+def _same_image_twice(w, inp, out):
+    image, label = good_pair(inp)  # one scan under two ids, e.g. once as train and once as test: leakage
+    path = csv_file(inp / "cases.csv", [{"case_id": "good", "image": image, "label": label, "split": "train"},
+                                        {"case_id": "again", "image": image, "label": label, "split": "test"}])
+    return prep(path, out), str(image)
+
+
+BAD_CASES.append(Case("prepare-same-image-under-two-ids", "prepare", _same_image_twice, 1,
+                      ("lists the image and label of case 'good'",), check=_only_good_converted, partial=True))
+
+
 # ----------------------------------------------------------------------------- handled correctly
 
 

@@ -122,6 +122,26 @@ def _random_folder(w, inp) -> str:
     return str(inp / "random")
 
 
+def _labelled_store(inp: Path, splits: tuple[str, ...], copy_of: dict[int, int] = (), label_of=None) -> str:
+    """A store of body phantoms with these splits; case i in `copy_of` is a copy of case copy_of[i]'s
+    files (the same scan under another id); `label_of(i, label)` alters a case's label."""
+    from inputs import body, csv_file, nii
+
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+
+    copy_of = dict(copy_of)
+    rows = []
+    for i, split in enumerate(splits):
+        image, label = body(seed=copy_of.get(i, i))
+        label = label_of(i, label) if label_of else label
+        rows.append({"case_id": f"k{i}", "image": nii(inp / "raw" / f"k{i}.nii.gz", image),
+                     "label": nii(inp / "raw" / f"k{i}_label.nii.gz", label), "split": split})
+    res = prepare_dataset(str(csv_file(inp / "raw" / "cases.csv", rows)), str(inp / "store"),
+                          PrepareConfig(workers=0, salt="s"), show_progress=False)
+    assert res.ok, res.failures
+    return str(inp / "store")
+
+
 FINETUNE = [
     Case("finetune-site-unknown", "finetune", lambda w, inp, out: (["--site", "knee", "--data", w.ft_store, "--init",
                                                                      "scratch", "--workdir", out / "wd"], None), 2,
@@ -145,6 +165,9 @@ FINETUNE = [
     finetune("init-override-changes-encoder-shapes", ["model.depth=3", "site.spacing=[1.5,1.5,2.0]"],
              ("model.depth", "change the shapes"), named=lambda w, inp: str(inp / "export_safetensors"),
              init=lambda w, inp: str(_export_copy(w, inp))),
+    finetune("test-case-is-a-copy-of-a-training-case", ["site.spacing=[1.5,1.5,2.0]"],
+             ("the test case k3 is the same scan as the training case k0",),
+             data=lambda w, inp: _labelled_store(inp, ("train", "train", "val", "test"), {3: 0})),
 ]
 
 ALL = PRETRAIN + FINETUNE
