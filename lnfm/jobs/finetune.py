@@ -199,6 +199,9 @@ def make_splits(records: list[dict], val_fraction: float) -> Splits:
         order = np.random.default_rng(np.random.SeedSequence([0, 0x56414C])).permutation(len(pool))
         val = sorted(pool[i] for i in order[:n_val])
         pool = sorted(set(pool) - set(val))
+        if not pool:
+            raise DataError(f"train.val_fraction={val_fraction:g} holds out all {len(val)} training case(s) for "
+                            f"validation (the store has no val split): none is left to train on")
     check_disjoint(pool, val=val, test=by["test"])
     check_disjoint(val, test=by["test"])
     # The same scan under two ids (a copy listed twice) would evaluate on a training case.

@@ -168,6 +168,9 @@ FINETUNE = [
     finetune("test-case-is-a-copy-of-a-training-case", ["site.spacing=[1.5,1.5,2.0]"],
              ("the test case k3 is the same scan as the training case k0",),
              data=lambda w, inp: _labelled_store(inp, ("train", "train", "val", "test"), {3: 0})),
+    finetune("val-fraction-leaves-no-training-case", ["train.val_fraction=1.0", "site.spacing=[1.5,1.5,2.0]"],
+             ("train.val_fraction=1", "none is left to train on"),
+             data=lambda w, inp: _labelled_store(inp, ("train", "train", "test"))),
 ]
 
 ALL = PRETRAIN + FINETUNE
