@@ -213,6 +213,7 @@ def lymph_nodes(label: np.ndarray, spacing) -> list[dict]:
             "short_axis_mm": round(short_mm, 3),
             "long_axis_mm": round(long_mm, 3),
             "class": int(np.argmax(classes)),
+            "max_class": int(np.flatnonzero(classes).max()),  # the highest label value in the node
         })
     return nodes
 

@@ -703,11 +703,13 @@ def _check(cfg: FinetuneConfig) -> Checked:
                             f"{cfg.model.in_channels}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
     check_encoder_fits(cfg)
-    labelled = [records[i][1] for i in splits.pool + splits.val + splits.test]
-    max_class = max((int(n.get("class", 1)) for r in labelled for n in r.get("nodes", [])), default=1)
+    # A node's highest label value (stores prepared before it was recorded: its majority class).
+    labelled = [records[i] for i in splits.pool + splits.val + splits.test]
+    max_class, store, rec = max(((int(n.get("max_class", n.get("class", 1))), s, r) for s, r in labelled
+                                 for n in r.get("nodes", [])), key=lambda t: t[0], default=(1, None, None))
     if max_class >= len(cfg.site.labels):
-        raise DataError(f"the labels reach class {max_class} but site.labels names only {len(cfg.site.labels)} "
-                        f"classes ({cfg.site.labels})")
+        raise DataError(f"{store}: the labels reach class {max_class} (case {rec['case_id']}) but site.labels names "
+                        f"only {len(cfg.site.labels)} classes ({cfg.site.labels})")
     # No resampling on the fly: the model is exported with the spacing it really trained at.
     # The pseudo-labelled scans train beside the labelled ones: one contract and one spacing for all stores.
     extra_stores = list(dict.fromkeys(s for s in cfg.unlabelled + cfg.paste_into if s not in cfg.data))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import Case, run_case
 from inputs import real_ct
@@ -171,7 +172,19 @@ FINETUNE = [
     finetune("val-fraction-leaves-no-training-case", ["train.val_fraction=1.0", "site.spacing=[1.5,1.5,2.0]"],
              ("train.val_fraction=1", "none is left to train on"),
              data=lambda w, inp: _labelled_store(inp, ("train", "train", "test"))),
+    finetune("label-2-inside-a-node-of-label-1", ["site.spacing=[1.5,1.5,2.0]"], ("reach class 2 (case k0)",),
+             named=lambda w, inp: str(inp / "store"),
+             data=lambda w, inp: _labelled_store(inp, ("train", "train", "val", "test"), label_of=_one_voxel_2)),
 ]
+
+
+def _one_voxel_2(i, label):
+    """Case 0's node holds one voxel of label 2 (its majority stays 1)."""
+    if i == 0:
+        label = label.copy()
+        label[tuple(np.argwhere(label > 0)[0])] = 2
+    return label
+
 
 ALL = PRETRAIN + FINETUNE
 
