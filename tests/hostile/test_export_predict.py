@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import Case, run_case
+from harness import Case, run_case
 from inputs import (NONUNIFORM_DICOM, body, dicom_copy, dicom_with_garbage, nhdr, nii, outside_secret, real_ct,
                     two_series)
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import Case, run_case
+from harness import Case, run_case
 from inputs import nnunet
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Case, run_case
+from harness import Case, run_case
 from inputs import (AFFINE, NONUNIFORM_DICOM, body, csv_file, dicom_copy, dicom_with_garbage, good_pair, nhdr, nii,
                     nnunet, outside_secret, real_ct, real_ln_mask, two_series)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Case, run_case
+from harness import Case, run_case
 from inputs import real_ct
 
 
