@@ -372,6 +372,26 @@ def recover_interrupted(out: Path) -> None:
         _remove(stale)
 
 
+def read_stores(run) -> list[str]:
+    """The labelled stores a finetuning run's export reads (their manifests give the training-data
+    summary); none for a pretraining run, or when the run's config cannot be read (load_source then says so)."""
+    if not isinstance(run, FinetuneRun):
+        return []
+    try:
+        data = read_yaml(run.first().config).get("data")
+    except (OSError, ValueError):  # unreadable or not YAML: loading the source reports it in one line
+        return []
+    return [str(d) for d in data] if isinstance(data, list) else []
+
+
+def check_outside_exports(out: Path) -> None:
+    """`out` may not lie inside another export: a file it does not list breaks that export's checksums."""
+    for parent in out.parents:
+        if (parent / MODEL_JSON).is_file() and (parent / CHECKSUMS).is_file():
+            raise ExportError(f"{out}: lies inside the export {parent} (a folder written there would break its "
+                              f"checksums); choose a folder outside it")
+
+
 def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax", force: bool = False) -> Path:
     """Write an export of `checkpoint` into `out` (see the module docstring); returns `out`.
 
@@ -383,7 +403,8 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
     out = Path(out).absolute()
     run = detect_source(checkpoint)
-    check_apart({"--out": out}, {"--checkpoint": run.root})
+    check_apart({"--out": out}, {"--checkpoint": run.root, "a training store the export reads": read_stores(run)})
+    check_outside_exports(out)
     if out.parent.exists() and not out.parent.is_dir():
         raise ExportError(f"{out.parent}: exists and is not a folder")
     with lock_folder(out.parent, f".{out.name}.lock"):

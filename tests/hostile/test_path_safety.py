@@ -1,10 +1,10 @@
 """Outputs that would overwrite an input, a model or a workdir the job reads.
 
-NEEDS_PATH_SAFETY: these cases depend on the path-overlap safety rules (no output may equal,
-contain or lie inside an input, the model or a workdir the job reads; `export --force` replaces
-only an export) that are built on another branch; they pass once it is merged. Every case
-works on copies under its own input folder, so a job that still overwrites them cannot damage
-the shared world of the other cases.
+NEEDS_PATH_SAFETY: the path rule of `lnfm/safety.py` (no output may equal, contain or lie inside an
+input, the model or a workdir the job reads; `export --force` replaces only an export). Every
+case but one works on copies under its own input folder, so a job that still overwrote them could
+not damage the shared world of the other cases; the export into the training store names the
+world's own store (the copied workdir's config points there), which the harness hashes.
 """
 
 from __future__ import annotations
@@ -72,6 +72,18 @@ def _export_over(target: str):
     return make
 
 
+def _export_into_training_store(w, inp, out):
+    workdir = _workdir_copy(w, inp)  # its config.yaml names the world's store, whose manifest export reads
+    dest = Path(w.store) / "export"
+    return ["--checkpoint", workdir, "--out", dest], str(dest)
+
+
+def _export_into_another_export(w, inp, out):
+    other = Path(shutil.copytree(w.orbax, inp / "export"))
+    dest = other / "safetensors"  # a folder its checksums do not list: the other export would stop verifying
+    return ["--checkpoint", _workdir_copy(w, inp), "--out", dest, "--format", "safetensors"], str(dest)
+
+
 def _finetune_into_init(w, inp, out):
     init = Path(shutil.copytree(w.orbax, inp / "export"))
     return ["--site", "pelvis", "--data", w.ft_store, "--init", init, "--workdir", init, "--quick",
@@ -94,6 +106,8 @@ NEEDS_PATH_SAFETY = [
     Case("export-force-over-its-own-workdir", "export", _export_over("workdir"), 2),
     Case("export-force-over-the-workdir-parent", "export", _export_over("parent"), 2),
     Case("export-force-over-a-folder-that-is-no-export", "export", _export_over("other"), 2),
+    Case("export-out-inside-the-training-store", "export", _export_into_training_store, 2),
+    Case("export-out-inside-another-export", "export", _export_into_another_export, 2),
     Case("finetune-workdir-is-the-init-export", "finetune", _finetune_into_init, 2),
     Case("pretrain-workdir-is-the-data-store", "pretrain", _pretrain_into_store, 2),
 ]
