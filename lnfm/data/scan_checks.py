@@ -25,6 +25,9 @@ MIN_EXTENT = 2
 INT16_MAX, INT16_MIN = 32767, -32768
 # A CT spans at least fat to soft tissue (about -100..50 HU); a label map or mask spans a few values.
 MIN_CT_RANGE_HU = 16
+# A body CT holds air, lung or fat (about -1000, -800, -100 HU) somewhere, and lymph nodes sit in fat;
+# values that never go below 0 are not HU (an unsigned store without the rescale intercept: HU + 1024).
+MIN_CT_LOWEST_HU = 0.0
 
 
 class ScanError(LnfmError, ValueError):
@@ -45,9 +48,9 @@ def check_target_spacing(spacing, where: str = "spacing") -> tuple[float, float,
 
 def check_source_spacing(spacing, path: str) -> None:
     """The voxel size a scan's affine gives must be one of a CT."""
-    if not all(np.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in spacing):
+    if not all(np.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
         raise ScanError(f"{path}: absurd voxel spacing {tuple(round(float(s), 4) for s in spacing)} mm (expected "
-                        f"0 < spacing <= {MAX_SPACING_MM:g} mm)")
+                        f"{MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm)")
 
 
 def check_ct(data: np.ndarray, path: str, body_threshold_hu: float) -> None:
@@ -66,3 +69,6 @@ def check_ct(data: np.ndarray, path: str, body_threshold_hu: float) -> None:
                         f"segment")
     if hi - lo < MIN_CT_RANGE_HU:
         raise ScanError(f"{path}: values span only {lo:g}..{hi:g}: a label map or mask, not a CT in HU")
+    if lo >= MIN_CT_LOWEST_HU:
+        raise ScanError(f"{path}: no voxel below {MIN_CT_LOWEST_HU:g} HU (no air, lung or fat; values {lo:g}..{hi:g}): "
+                        f"not HU, e.g. stored without its rescale intercept (HU + 1024)")

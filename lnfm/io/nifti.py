@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import nibabel as nib
+from nibabel.openers import ImageOpener
 import numpy as np
 
 from lnfm.io.volume import ImageReadError, Volume, check_affine
@@ -17,7 +18,13 @@ def read_nifti(path: str | Path) -> Volume:
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise ImageReadError(f"{path}: not a NIfTI image")
-        # The qform/sform affine nibabel picks is the scanner geometry.
+        # The qform/sform affine nibabel picks is the scanner geometry. Without either, nibabel
+        # builds one from pixdim and silently turns a zero into 1 mm and a negative into its size.
+        if not (int(img.header["qform_code"]) or int(img.header["sform_code"])):
+            with ImageOpener(path) as f:  # the header as stored: nib.load has already "fixed" pixdim
+                zooms = np.asarray(type(img.header).from_fileobj(f, check=False)["pixdim"][1:4], np.float64)
+            if not np.all(np.isfinite(zooms) & (zooms > 0)):
+                raise ImageReadError(f"{path}: no voxel size: pixdim {zooms.tolist()} and no qform or sform")
         data = np.asanyarray(img.dataobj)
     except ImageReadError:
         raise

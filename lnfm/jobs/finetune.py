@@ -154,6 +154,9 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         cfg = from_dict(FinetuneConfig, tree)
     if cfg.train.repeats < 1:
         raise ConfigError(f"train.repeats must be at least 1, got {cfg.train.repeats}")
+    if not 0 < cfg.train.val_fraction < 1:
+        raise ConfigError(f"train.val_fraction must be in (0, 1) (the share of training cases held out for "
+                          f"validation when the store has no val split), got {cfg.train.val_fraction:g}")
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
     window, pet_scale = (norm.hu_window, norm.pet_scale) if norm else (cfg.site.window, cfg.loader.pet_scale)

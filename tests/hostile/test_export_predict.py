@@ -163,6 +163,16 @@ def _raw(inp, name, data: bytes):
     return p, p
 
 
+def _no_geometry(inp, data, pixdim):
+    """A NIfTI with neither qform nor sform: nibabel builds its affine from pixdim alone."""
+    img = nib.Nifti1Image(data, None)
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    img.header["pixdim"][1:4] = pixdim
+    nib.save(img, str(inp / "bad.nii.gz"))
+    return inp / "bad.nii.gz", inp / "bad.nii.gz"
+
+
 def _nrrd(inp, data, affine):
     from lnfm.io import write_nrrd
 
@@ -200,12 +210,19 @@ SCANS = [
     scan_case("all-air", lambda inp: _img(inp, np.full(IMG.shape, -1000, np.int16) + (IMG > 0)), ("all air",)),
     scan_case("label-map-as-ct", lambda inp: _img(inp, (IMG > 0).astype(np.uint8)), ("a label map",)),
     scan_case("float-mask-as-ct", lambda inp: _img(inp, (IMG > 0).astype(np.float32) * 3), ("a label map",)),
+    scan_case("hu-plus-1024-without-intercept", lambda inp: _img(inp, (IMG.astype(np.int32) + 1024).astype(np.uint16)),
+              ("rescale intercept",)),
     scan_case("hu-saturating-int16", lambda inp: _img(inp, np.where(IMG > 0, 32767, IMG).astype(np.int16)),
               ("int16 range",)),
     scan_case("hu-beyond-int16", lambda inp: _img(inp, IMG.astype(np.float32) * 1000), ("int16 range",)),
     scan_case("nan-voxel", lambda inp: _img(inp, _with(IMG, (2, 2, 2), np.nan, np.float32)), ("NaN or Inf",)),
     scan_case("constant", lambda inp: _img(inp, np.full(IMG.shape, 40, np.int16)), ("constant",)),
     scan_case("coarse-spacing", lambda inp: _img(inp, IMG, np.diag([25.0, 1.5, 2.0, 1])), ("absurd voxel",)),
+    scan_case("micro-spacing", lambda inp: _img(inp, IMG, np.diag([0.01, 0.01, 0.01, 1])), ("absurd voxel",)),
+    scan_case("nifti-zero-pixdim-no-qform-sform", lambda inp: _no_geometry(inp, IMG, (0.0, 1.5, 2.0)),
+              ("no voxel size",)),
+    scan_case("nifti-negative-pixdim-no-qform-sform", lambda inp: _no_geometry(inp, IMG, (-1.5, 1.5, 2.0)),
+              ("no voxel size",)),
     scan_case("zero-spacing-nrrd", lambda inp: _nrrd(inp, IMG, np.diag([0.0, 1.5, 2.0, 1])), ("affine",)),
     scan_case("2d-image", lambda inp: _img(inp, IMG[:, :, 0]), ("expected a 3D volume",)),
     scan_case("two-dicom-series", _two_series, ("2 DICOM series", "--series")),
