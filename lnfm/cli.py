@@ -23,7 +23,7 @@ import traceback
 from typing import NamedTuple
 
 from lnfm import __version__
-from lnfm.errors import LnfmError, NonFiniteLoss, Terminated, disk_full, on_sigterm
+from lnfm.errors import LnfmError, NonFiniteLoss, Terminated, disk_full, on_sigint, on_sigterm
 
 
 class Job(NamedTuple):
@@ -84,9 +84,10 @@ def run_job(name: str, argv: list[str]) -> int:
     143: SIGTERM, 130: Ctrl-C)."""
     main = importlib.import_module(JOBS[name].module).main
     _quiet_closed_loop_callbacks()
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
+                    signal.SIGINT: signal.signal(signal.SIGINT, on_sigint)}
     try:
         return main(argv)
     except (Terminated, KeyboardInterrupt) as e:
@@ -113,8 +114,8 @@ def run_job(name: str, argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _written_file(exc: BaseException) -> str:

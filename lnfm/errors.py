@@ -60,29 +60,39 @@ class Terminated(BaseException):
 
 
 _deferring = 0  # depth of `deferred_termination` blocks
-_pending = False  # a SIGTERM arrived inside one
+_pending: type[BaseException] | None = None  # what a signal that arrived inside one will raise
+
+
+def _stop(exc: type[BaseException]) -> None:
+    global _pending
+    if _deferring:
+        _pending = _pending or exc
+        return
+    raise exc
 
 
 def on_sigterm(signum: int, frame: object) -> None:
     """The SIGTERM handler `lnfm.cli` installs for a job."""
-    global _pending
-    if _deferring:
-        _pending = True
-        return
-    raise Terminated
+    _stop(Terminated)
+
+
+def on_sigint(signum: int, frame: object) -> None:
+    """The SIGINT (Ctrl-C) handler `lnfm.cli` installs for a job: KeyboardInterrupt, deferred as SIGTERM is."""
+    _stop(KeyboardInterrupt)
 
 
 @contextlib.contextmanager
 def deferred_termination() -> Iterator[None]:
-    """SIGTERM waits until the block is done: a library writing in threads of its own (Orbax,
+    """SIGTERM and Ctrl-C wait until the block is done: a library writing in threads of its own (Orbax,
     TensorStore) must not be interrupted halfway, or its threads go on writing into the folder
-    the job's cleanup is removing. A pending SIGTERM is raised as the block ends."""
+    the job's cleanup is removing; a job's final renames must all happen or none. A pending
+    signal is raised as the block ends."""
     global _deferring, _pending
     _deferring += 1
     try:
         yield
     finally:
         _deferring -= 1
-    if not _deferring and _pending:
-        _pending = False
-        raise Terminated
+    if not _deferring and _pending is not None:
+        exc, _pending = _pending, None
+        raise exc

@@ -145,6 +145,29 @@ def test_a_sigterm_inside_a_deferred_write_waits_for_it_to_finish(monkeypatch, c
     assert "stopped by SIGTERM" in capsys.readouterr().err
 
 
+def test_a_ctrl_c_inside_a_deferred_write_waits_for_it_too(monkeypatch, capsys):
+    import os
+    import signal
+
+    from lnfm.errors import deferred_termination
+
+    done = []
+
+    def job(argv):
+        with deferred_termination():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("renames finished")
+        done.append("after the block")
+        return 0
+
+    monkeypatch.setattr(export, "main", job)
+    assert cli.run_job("export", []) == 130
+    assert done == ["renames finished"]
+    assert "stopped by SIGINT" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
+
+
 def test_write_callbacks_to_a_closed_event_loop_are_not_printed_but_other_unraisables_are(monkeypatch):
     """After a failed Orbax write, TensorStore reports its in-flight writes' callbacks to the closed
     loop through `sys.unraisablehook` (seen under a file-size limit): the job's one error line

@@ -53,7 +53,7 @@ from lnfm.data.geometry import nonzero_box, restore_to_source, spacing_of
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
 from lnfm.eval import backends
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
-from lnfm.errors import DiskFull, LnfmError, disk_full
+from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
 from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_export
@@ -248,8 +248,9 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
             raise DiskFull(f"{pending[-1][1] if pending else output}: cannot write ({reason}); "
                            f"nothing was replaced") from None
         raise
-    for tmp, final in pending:
-        os.replace(tmp, final)
+    with deferred_termination():  # a case's outputs are replaced together: a signal waits for the last rename
+        for tmp, final in pending:
+            os.replace(tmp, final)
 
 
 def _check_output(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
