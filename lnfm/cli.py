@@ -86,8 +86,9 @@ def run_job(name: str, argv: list[str]) -> int:
     _quiet_closed_loop_callbacks()
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
-                    signal.SIGINT: signal.signal(signal.SIGINT, on_sigint)}
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job that ignores Ctrl-C keeps doing so
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
     try:
         return main(argv)
     except (Terminated, KeyboardInterrupt) as e:

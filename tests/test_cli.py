@@ -162,10 +162,14 @@ def test_a_ctrl_c_inside_a_deferred_write_waits_for_it_too(monkeypatch, capsys):
         return 0
 
     monkeypatch.setattr(export, "main", job)
-    assert cli.run_job("export", []) == 130
+    caller = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist workers ignore SIGINT
+    try:
+        assert cli.run_job("export", []) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGINT, caller)
     assert done == ["renames finished"]
     assert "stopped by SIGINT" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
 
 
 def test_write_callbacks_to_a_closed_event_loop_are_not_printed_but_other_unraisables_are(monkeypatch):
