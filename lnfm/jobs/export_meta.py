@@ -97,10 +97,12 @@ def _check_values(meta: ExportMeta, where: str) -> None:
         raise ExportError(f"{where}: inference.overlap {inf.overlap:g} is not in [0, 1)")
     if inf is not None and inf.sw_batch_size < 1:
         raise ExportError(f"{where}: inference.sw_batch_size {inf.sw_batch_size} is not at least 1")
-    shape = (meta.stablehlo or {}).get("input_shape")
-    if meta.format == "stablehlo" and isinstance(shape, list) and len(shape) == 5 and list(shape[1:4]) != patch:
-        raise ExportError(f"{where}: preprocessing.patch_size {patch} differs from the window the StableHLO "
-                          f"function was lowered for {list(shape[1:4])}")
+    for fmt, graph, name in (("stablehlo", meta.stablehlo, "StableHLO function was lowered"),
+                             ("onnx", meta.onnx, "ONNX graph was converted")):
+        shape = (graph or {}).get("input_shape")
+        if meta.format == fmt and isinstance(shape, list) and len(shape) == 5 and list(shape[1:4]) != patch:
+            raise ExportError(f"{where}: preprocessing.patch_size {patch} differs from the window the {name} "
+                              f"for {list(shape[1:4])}")
 
 
 def read_meta(folder: str | Path) -> ExportMeta:

@@ -140,3 +140,21 @@ def test_backend_choice(tiny, onnx_export, monkeypatch, capsys, tmp_path):  # no
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "no model.onnx" in err
     assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_a_hand_edited_window_that_the_onnx_graph_cannot_take_is_refused(onnx_export, tmp_path):
+    """model.json's patch_size edited (checksums rewritten, so verification passes): ONNX Runtime would
+    fail on the first window with a shape error; predict refuses the export in one line instead."""
+    import shutil
+
+    from lnfm.jobs.export import write_checksums
+    from lnfm.jobs.export_meta import ExportError
+
+    edited = Path(shutil.copytree(onnx_export, tmp_path / "export"))
+    meta = json.loads((edited / "model.json").read_text())
+    meta["preprocessing"]["patch_size"] = [16, 16, 16]
+    (edited / "model.json").write_text(json.dumps(meta))
+    (edited / "checksums.sha256").unlink()
+    write_checksums(edited)
+    with pytest.raises(ExportError, match=r"patch_size \[16, 16, 16\] differs from the window the ONNX graph"):
+        read_meta(edited)
