@@ -235,6 +235,9 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
     `checks` = (channel names, body threshold) adds prepare's source-spacing and CT checks."""
     vols = [_read3d(p, series) for p in paths]
     for i, (p, v) in enumerate(zip(paths, vols)):
+        if v.data.dtype.itemsize == 1:  # CT numbers span -1000..3000 HU, PET needs more than 256 levels
+            raise CaseError(p, f"8-bit voxels ({v.data.dtype}) cannot hold CT numbers in HU or PET values: a label "
+                               f"map, a mask or a display-windowed or clipped image")
         if checks is not None:
             try:
                 check_source_spacing(spacing_of(v.affine), p)

@@ -210,6 +210,7 @@ SCANS = [
     scan_case("all-air", lambda inp: _img(inp, np.full(IMG.shape, -1000, np.int16) + (IMG > 0)), ("all air",)),
     scan_case("label-map-as-ct", lambda inp: _img(inp, (IMG > 0).astype(np.uint8)), ("a label map",)),
     scan_case("float-mask-as-ct", lambda inp: _img(inp, (IMG > 0).astype(np.float32) * 3), ("a label map",)),
+    scan_case("ct-clipped-to-int8", lambda inp: _img(inp, np.clip(IMG, -128, 127).astype(np.int8)), ("8-bit voxels",)),
     scan_case("hu-plus-1024-without-intercept", lambda inp: _img(inp, (IMG.astype(np.int32) + 1024).astype(np.uint16)),
               ("rescale intercept",)),
     scan_case("hu-saturating-int16", lambda inp: _img(inp, np.where(IMG > 0, 32767, IMG).astype(np.int16)),
