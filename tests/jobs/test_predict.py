@@ -234,6 +234,10 @@ def test_batch_folder_segments_each_case_and_reports_failures(tiny, predictor, t
     (folder / "x_0001.nii.gz").write_bytes(b"")
     grouped = pr.find_cases(folder, 2)
     assert [Path(p).name for p in grouped["x"]] == ["x_0000.nii.gz", "x_0001.nii.gz"]
+    # A single-file x beside x's channel files would write the same x.nii.gz: refused, naming both.
+    (folder / "x.nii.gz").write_bytes(b"")
+    with pytest.raises(pr.PredictError, match=r"x_0000.nii.gz: makes the same case 'x' as .*x.nii.gz"):
+        pr.find_cases(folder, 2)
 
 
 def test_a_stablehlo_export_predicts_like_the_orbax_one(tiny, predictor, tmp_path):  # noqa: F811
