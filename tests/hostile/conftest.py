@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))  # export_
 
 from export_helpers import tiny  # noqa: E402,F401  (session fixture, shared with tests/jobs)
 from harness import SHARED, World  # noqa: E402
+from inputs import labelled_store  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,16 +34,4 @@ def world(tiny, tmp_path_factory) -> World:  # noqa: F811
 
 
 def _finetune_store(root: Path) -> str:
-    from inputs import body, csv_file, nii
-
-    from lnfm.data.prepare import PrepareConfig, prepare_dataset
-
-    rows = []
-    for i, split in enumerate(("train", "train", "val", "test")):
-        image, label = body(seed=i)
-        rows.append({"case_id": f"ft{i}", "image": nii(root / "ft_raw" / f"ft{i}.nii.gz", image),
-                     "label": nii(root / "ft_raw" / f"ft{i}_label.nii.gz", label), "split": split})
-    res = prepare_dataset(str(csv_file(root / "ft_raw" / "cases.csv", rows)), str(root / "ft_store"),
-                          PrepareConfig(workers=0, salt="s"), show_progress=False)
-    assert res.ok, res.failures
-    return str(root / "ft_store")
+    return labelled_store(root / "ft_raw", root / "ft_store")

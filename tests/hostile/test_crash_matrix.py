@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
-from inputs import body, csv_file, nii, nnunet
+from inputs import labelled_store, nnunet
 
 REPO = Path(__file__).resolve().parents[2]
 # Unoptimised XLA code compiles in half the time (as the pretraining-job tests run it).
@@ -251,17 +251,7 @@ def _pretrain_done(ctx, r: Run) -> None:
 
 def _labelled_store(root: Path) -> str:
     """Four labelled phantoms at the pelvis preset's spacing, split train/train/val/test."""
-    from lnfm.data.prepare import PrepareConfig, prepare_dataset
-
-    rows = []
-    for i, split in enumerate(("train", "train", "val", "test")):
-        image, label = body(seed=i)
-        rows.append({"case_id": f"ft{i}", "image": nii(root / "ft_raw" / f"ft{i}.nii.gz", image),
-                     "label": nii(root / "ft_raw" / f"ft{i}_label.nii.gz", label), "split": split})
-    store = str(root / "ft_store")
-    assert prepare_dataset(str(csv_file(root / "ft_raw" / "cases.csv", rows)), store,
-                           PrepareConfig(workers=0, salt="s", spacing=(1.5, 1.5, 1.5)), show_progress=False).ok
-    return store
+    return labelled_store(root / "ft_raw", root / "ft_store", spacing=(1.5, 1.5, 1.5))
 
 
 def _finetune_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from harness import Case, run_case
-from inputs import real_ct
+from inputs import labelled_store, real_ct
 
 
 def pre(w, out, *extra, data=None) -> list:
@@ -123,24 +123,9 @@ def _random_folder(w, inp) -> str:
     return str(inp / "random")
 
 
-def _labelled_store(inp: Path, splits: tuple[str, ...], copy_of: dict[int, int] = (), label_of=None) -> str:
-    """A store of body phantoms with these splits; case i in `copy_of` is a copy of case copy_of[i]'s
-    files (the same scan under another id); `label_of(i, label)` alters a case's label."""
-    from inputs import body, csv_file, nii
-
-    from lnfm.data.prepare import PrepareConfig, prepare_dataset
-
-    copy_of = dict(copy_of)
-    rows = []
-    for i, split in enumerate(splits):
-        image, label = body(seed=copy_of.get(i, i))
-        label = label_of(i, label) if label_of else label
-        rows.append({"case_id": f"k{i}", "image": nii(inp / "raw" / f"k{i}.nii.gz", image),
-                     "label": nii(inp / "raw" / f"k{i}_label.nii.gz", label), "split": split})
-    res = prepare_dataset(str(csv_file(inp / "raw" / "cases.csv", rows)), str(inp / "store"),
-                          PrepareConfig(workers=0, salt="s"), show_progress=False)
-    assert res.ok, res.failures
-    return str(inp / "store")
+def _labelled_store(inp: Path, splits: tuple[str, ...], copy_of: dict[int, int] | None = None, label_of=None) -> str:
+    """A store of body phantoms with these splits (see `inputs.labelled_store`)."""
+    return labelled_store(inp / "raw", inp / "store", splits, "k", copy_of, label_of)
 
 
 FINETUNE = [
