@@ -188,6 +188,8 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
         weights = list(cfg.data.weights) or None
         if weights is not None and len(weights) != len(stores):
             raise ConfigError(f"data.weights has {len(weights)} values for {len(stores)} datasets")
+        if cfg.optim.ema_decay:  # nothing downstream reads a pretraining average: refuse it, not ignore it
+            raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay:g}: the moving average applies to finetuning only")
         profile = parse_profile_steps(profile_steps if profile_steps is not None else cfg.train.profile_steps)
         return Checked(cfg, prep, _Data(stores, weights, counts, profile))
 

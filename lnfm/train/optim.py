@@ -3,13 +3,14 @@
 The optimizer sees only the trainable parameters: frozen parameters live in a
 separate pytree of the train state (see `lnfm.train.state`), so they carry no
 Adam moments at all. Layer-wise LR decay for finetuning is a per-leaf scale
-pytree built by `layer_lr_scales` and passed as `lr_scales`.
+pytree built by `layer_lr_scales` and passed as `lr_scales`. `optim.ema_decay` adds
+`params_ema`, whose state (checkpointed with the rest) holds the parameters' moving average.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from collections.abc import Callable
 
 import jax
@@ -39,6 +40,7 @@ class OptimConfig:
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     no_decay: tuple[str, ...] = NO_DECAY  # exact parameter path parts without decay (1-D leaves: never)
     layer_decay: float = 1.0  # layer-wise LR decay for jobs that pass lr_scales (finetuning); 1.0 = off
+    ema_decay: float = 0.0  # finetuning: validate, keep and export the params' moving average; 0 = off
 
 
 def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -93,6 +95,40 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+class ParamsEMAState(NamedTuple):
+    count: jax.Array  # updates averaged so far
+    ema: Any  # the moving average of the parameters after each update
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+    """Last link of a chain: passes the updates through and keeps, in its state, the moving average of
+    the parameters they produce (Polyak averaging). The decay ramps up as min(decay, (1 + n) / (10 + n))
+    after n updates, so the average follows the early, fast-moving weights instead of the initial ones."""
+    if not 0.0 < decay < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = off), got {decay:g}")
+
+    def init(params):
+        # a copy: the state must not share buffers with the params, which the step donates
+        return ParamsEMAState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("params_ema needs the params (tx.update(grads, state, params))")
+        d = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema, new)
+        return updates, ParamsEMAState(state.count + 1, ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any) -> Any | None:
+    """The parameters' moving average held by `params_ema` in an optimizer state, or None without one."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEMAState))
+             if isinstance(s, ParamsEMAState)]
+    return found[0].ema if found else None
+
+
 def make_optimizer(cfg: OptimConfig, params: Any, total_steps: int, global_batch: int,
                    lr_scales: Any | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW for the trainable `params` pytree; returns (transformation, lr schedule)."""
@@ -108,6 +144,8 @@ def make_optimizer(cfg: OptimConfig, params: Any, total_steps: int, global_batch
     if lr_scales is not None:
         parts.append(scale_by_tree(lr_scales))
     parts.append(optax.scale_by_learning_rate(schedule))
+    if cfg.ema_decay:
+        parts.append(params_ema(cfg.ema_decay))
     return optax.chain(*parts), schedule
 
 

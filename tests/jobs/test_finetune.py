@@ -429,3 +429,44 @@ def test_size_prior_is_tuned_on_the_validation_cases_only(user):
     off = dataclasses.replace(cfg, tune_postprocess=False)
     assert tuned_postprocess(off, predictor, [case]) == cfg.postprocess
     assert tuned_postprocess(cfg, predictor, []) == cfg.postprocess  # no validation cases: nothing to tune on
+
+
+def test_ema_decay_validates_keeps_and_exports_the_moving_average(store, tmp_path):
+    """With optim.ema_decay the raw training is unchanged (same losses), and the best model is the
+    moving average of the raw parameters of every step, computed here from the run's own checkpoints
+    with the ramped decay min(d, (1 + n) / (10 + n))."""
+    from flax import nnx
+
+    from lnfm.models.sharding import make_mesh
+    from lnfm.train.checkpoint import restore_params
+
+    over = TINY + ["model.depth=1", "train.steps=4", "train.eval_every=4", "checkpoint.every=1", "checkpoint.keep=5"]
+    plain = load_finetune_config("pelvis", over, data=[store], num_labeled=3)
+    cfg = load_finetune_config("pelvis", over + ["optim.ema_decay=0.5"], data=[store], num_labeled=3)
+    assert run(plain, tmp_path / "plain") == 0 and run(cfg, tmp_path / "ema") == 0
+
+    def losses(wd):
+        return [json.loads(r)["loss"] for r in (wd / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+
+    np.testing.assert_allclose(losses(tmp_path / "ema"), losses(tmp_path / "plain"), rtol=1e-6)
+    initial = build_training(cfg, cfg.train.seed, make_mesh(cfg.mesh)).state["params"]
+    ckpts = RepeatRun(tmp_path / "ema").checkpoints
+    expect = nnx.to_pure_dict(jax.tree.map(lambda x: np.asarray(x, np.float64), initial))
+    for n in range(4):
+        raw = nnx.to_pure_dict(restore_params(ckpts, initial, step=n + 1))
+        d = min(0.5, (1 + n) / (10 + n))
+        expect = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), expect, raw)
+    got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+           jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(load_finetuned(tmp_path / "ema")[0])))}
+    raw_last = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(raw)}
+    flat = jax.tree_util.tree_leaves_with_path(expect)
+    assert flat and all(jax.tree_util.keystr(k) in got for k, _ in flat)
+    for path, v in flat:
+        k = jax.tree_util.keystr(path)
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert any(not np.allclose(got[k], raw_last[k]) for k in raw_last)  # the average, not the last weights
+
+
+def test_ema_decay_outside_0_1_is_refused_before_anything_is_written(store):
+    with pytest.raises(ConfigError, match="ema_decay"):
+        load_finetune_config("pelvis", TINY + ["optim.ema_decay=1.0"], data=[store])

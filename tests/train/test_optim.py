@@ -113,3 +113,36 @@ def test_default_decay_mask_spares_the_real_models_tables_and_tokens():
         assert not any(hits.values()), hits
         matrices = [n for n, d in names.items() if n.endswith("kernel/value") and "/blocks/" in f"/{n}"]
         assert matrices and all(names[n] for n in matrices)  # transformer weights still decay
+
+
+def test_params_ema_follows_the_hand_recursion_and_leaves_the_updates_alone():
+    """The EMA after each update against a numpy recursion with the ramped decay
+    d_n = min(decay, (1 + n) / (10 + n)); the parameters themselves move exactly as without it."""
+    base = optim.OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.05, clip_norm=1.0)
+    plain, _ = optim.make_optimizer(base, PARAMS, 30, 256)
+    with_ema, _ = optim.make_optimizer(optim.OptimConfig(**{**base.__dict__, "ema_decay": 0.9}), PARAMS, 30, 256)
+    rng = np.random.default_rng(1)
+    p_plain, s_plain = PARAMS, plain.init(PARAMS)
+    p_ema, s_ema = PARAMS, with_ema.init(PARAMS)
+    assert optim.ema_params(s_plain) is None
+    expect = jax.tree.map(np.asarray, PARAMS)
+    for n in range(25):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), PARAMS)
+        u, s_plain = jax.jit(plain.update)(g, s_plain, p_plain)
+        p_plain = optax.apply_updates(p_plain, u)
+        u, s_ema = jax.jit(with_ema.update)(g, s_ema, p_ema)
+        p_ema = optax.apply_updates(p_ema, u)
+        d = min(0.9, (1 + n) / (10 + n))
+        expect = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p, np.float64), expect, p_ema)
+    for a, b in zip(jax.tree.leaves(p_plain), jax.tree.leaves(p_ema)):
+        np.testing.assert_array_equal(a, b)
+    got = optim.ema_params(s_ema)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expect)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got["head"]["kernel"], p_ema["head"]["kernel"])  # an average, not the last weights
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, float("nan")])
+def test_params_ema_refuses_a_decay_outside_0_1(decay):
+    with pytest.raises(optim.ConfigError, match="ema_decay"):
+        optim.make_optimizer(optim.OptimConfig(lr=1e-3, ema_decay=decay), PARAMS, 10, 2)

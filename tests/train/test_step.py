@@ -57,3 +57,19 @@ def test_nonfinite_step_leaves_params_unchanged(mesh8):
     assert np.isnan(losses[0])
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_params_ema_in_the_sharded_donated_step(mesh8):
+    """The moving average lives in the optimizer state, sharded like the params it averages (kernels
+    split over 'data'), survives donation, and the params move exactly as without it."""
+    from lnfm.train.optim import ema_params
+
+    batches = toy_batches(6)
+    plain, _, _ = run(toy_setup(mesh8, shard_kernels=True), batches)
+    state, _, _ = run(toy_setup(mesh8, shard_kernels=True, ema_decay=0.5), batches)
+    for a, b in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(a, b)
+    ema = ema_params(state["opt_state"])
+    kernel = ema["decoder"]["kernel"].value
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("data", None)
+    assert not np.allclose(kernel, state["params"]["decoder"]["kernel"].value)

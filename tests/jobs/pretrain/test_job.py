@@ -114,7 +114,8 @@ def test_nan_loss_exits_3_with_the_message(phantom_store, tmp_path, capsys, monk
     ("train.global_batch=6", "multiple of the 8 batch shards"),
     ("data.weights=[1,2]", "data.weights has 2 values for 1 datasets"),
     ("data.spacing=[1.0,1.0,1.0]", "4 of 4 cases are not at data.spacing=[1.0, 1.0, 1.0] mm"),
-    ("data.split=val", "no cases in split 'val'")])
+    ("data.split=val", "no cases in split 'val'"),
+    ("optim.ema_decay=0.99", "the moving average applies to finetuning only")])
 def test_config_errors_are_one_line(phantom_store, tmp_path, capsys, bad, message):
     assert run_job("pretrain", ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path / "w"),
                                 bad]) == 2
