@@ -12,7 +12,8 @@ network is printed too.
 With `--predict pelvis,mediastinum` it times `lnfm predict` end to end instead
 (fresh process per run: start-up, model load, reading, resampling, sliding window,
 post-processing, writing) on a CT of `--ct-shape` voxels at `--ct-spacing` mm (the
-real TotalSegmentator example CT of ../shared/data resampled up), for each site
+real TotalSegmentator example CT of ../shared/data resampled up; `--ct-source siemens`: the real
+Siemens series with its couch and an arm in the field of view, its slices resampled), for each site
 preset's model size (random weights: the time does not depend on them), exported
 once as onnx (which holds the weights for the JAX backend too), per `--backends`; `--heads`
 exports each preset with other heads as well ("" is the preset's own).
@@ -41,6 +42,7 @@ ours, and prints how far its probabilities are from ours.
 
 Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32] [--batch 4]
        .venv/bin/python bench/inference.py --predict pelvis,mediastinum [--ct-shape 512,512,300] [--heads ,fine]
+           [--ct-source example|siemens] [--trees .,../other-checkout] [--predict-rounds 2]
        .venv/bin/python bench/inference.py --networks pelvis [--heads fine,light,unetr,linear] [--batch 2] [--same-net]
        .venv/bin/python bench/inference.py --onnx-files A/model.onnx,B/model.onnx [--rounds 3] [--batch 2]
        .venv/bin/python bench/inference.py --overhead mediastinum,pelvis [--rounds 3] [--trees .,../other-checkout]
@@ -50,6 +52,7 @@ Usage: .venv/bin/python bench/inference.py [--shape 160,160,96] [--roi 64,64,32]
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -87,17 +90,39 @@ def build_models(in_ch: int, width: int, out_ch: int, seed: int = 0):
     return predict, torch_net
 
 
-def write_ct(path, shape, spacing) -> None:
-    """The real example CT (3 mm) resampled (linear) to `shape` voxels of `spacing` mm, int16 HU."""
+SIEMENS = "shared/data/ct/totalsegmentator/example_ct_dicom"  # under the repository's parent
+
+
+def write_ct(path, shape, spacing, source: str = "example") -> tuple[tuple, tuple]:
+    """A CT as int16 HU NIfTI; returns its (shape, spacing).
+
+    `example`: the real example CT (3 mm, an abdomen cropped to the body: it fills the field of view)
+    resampled (linear) to `shape` voxels of `spacing` mm. `siemens`: the real Siemens series (512 x 512
+    at 0.977 mm: the body with the couch and an arm beside it in the field of view, as a scanner
+    writes it), its 20 slices resampled to `shape[2]` slices of `spacing[2]` mm; the in-plane grid
+    stays the scanner's."""
     from pathlib import Path
 
     import nibabel as nib
     from scipy import ndimage
 
-    src = nib.load(Path(__file__).resolve().parents[1].parent / "shared/data/ct/totalsegmentator/example_ct.nii.gz")
-    data = np.asarray(src.dataobj, np.float32)
+    root = Path(__file__).resolve().parents[1].parent
+    if source == "siemens":
+        from lnfm.data.geometry import spacing_of
+        from lnfm.io import read_image
+
+        vol = read_image(root / SIEMENS)
+        data = np.asarray(vol.data, np.float32)
+        data = data[..., 0] if data.ndim == 4 else data
+        shape = (*data.shape[:2], shape[2])
+        spacing = (*(float(s) for s in spacing_of(vol.affine)[:2]), spacing[2])
+    elif source == "example":
+        data = np.asarray(nib.load(root / "shared/data/ct/totalsegmentator/example_ct.nii.gz").dataobj, np.float32)
+    else:
+        raise ValueError(f"unknown CT source {source!r} (example, siemens)")
     up = ndimage.zoom(data, [n / s for n, s in zip(shape, data.shape)], order=1, mode="nearest")
     nib.save(nib.Nifti1Image(np.round(up).astype(np.int16), np.diag([*spacing, 1.0])), path)
+    return tuple(shape), tuple(spacing)
 
 
 def bench_ct(args, kind: str):
@@ -109,7 +134,7 @@ def bench_ct(args, kind: str):
     shape = tuple(int(s) for s in args.ct_shape.split(","))
     spacing = tuple(float(s) for s in args.ct_spacing.split(","))
     root = Path(tempfile.mkdtemp(prefix=f"lnfm_bench_{kind}_"))
-    write_ct(root / "ct.nii.gz", shape, spacing)
+    shape, spacing = write_ct(root / "ct.nii.gz", shape, spacing, args.ct_source)
     return root, root / "ct.nii.gz", shape, spacing
 
 
@@ -159,8 +184,10 @@ def bench_predict(args) -> None:
     from pathlib import Path
 
     root, ct, shape, spacing = bench_ct(args, "predict")
-    print(f"CT {shape} at {spacing} mm; lnfm predict wall time per run (fresh process, reading and writing included)")
-    repo = Path(__file__).resolve().parents[1]
+    print(f"CT {shape} at {spacing} mm ({args.ct_source}); lnfm predict wall time per run (fresh process, "
+          f"reading and writing included)")
+    here = Path(__file__).resolve()
+    trees = [Path(t).resolve() for t in args.trees.split(",")] if args.trees else [here.parents[1]]
     for n, (site, head) in enumerate((s, h) for s in args.predict.split(",") for h in (args.heads or "").split(",")):
         export, name = root / f"export_{n}", f"{site} {head}" if head else site
         t = time.perf_counter()
@@ -168,16 +195,18 @@ def bench_predict(args) -> None:
         print(f"{name}: onnx export written in {time.perf_counter() - t:.0f} s")
         for backend in args.backends.split(","):
             for overlap in args.predict_overlaps.split(","):
-                out = root / f"{n}_{backend}_{overlap}.nii.gz"
-                cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(export), "--input", str(ct),
-                       "--output", str(out), "--backend", backend]
-                cmd += [] if overlap == "model" else ["--overlap", overlap]
-                t = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo,
-                                      env=dict(os.environ, PYTHONPATH=str(repo)))
-                wall = time.perf_counter() - t
-                status = "ok" if proc.returncode == 0 else f"FAILED: {proc.stderr.strip().splitlines()[-1:]}"
-                print(f"  {name} {backend} overlap {overlap}: {wall:.1f} s ({status})", flush=True)
+                for r, tree in itertools.product(range(args.predict_rounds), trees):  # rounds interleave the trees
+                    out = root / f"{n}_{backend}_{overlap}_{r}_{trees.index(tree)}.nii.gz"
+                    cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(export), "--input", str(ct),
+                           "--output", str(out), "--backend", backend]
+                    cmd += [] if overlap == "model" else ["--overlap", overlap]
+                    t = time.perf_counter()
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tree,
+                                          env=dict(os.environ, PYTHONPATH=str(tree)))
+                    wall = time.perf_counter() - t
+                    status = "ok" if proc.returncode == 0 else f"FAILED: {proc.stderr.strip().splitlines()[-1:]}"
+                    where = f" [{tree}]" if args.trees else ""
+                    print(f"  {name} {backend} overlap {overlap}{where}: {wall:.1f} s ({status})", flush=True)
 
 
 def overhead_case(export: str, ct: str) -> float:
@@ -459,6 +488,9 @@ def main() -> None:
                     help="with --predict: comma-separated window overlaps to time ('model': the export's own)")
     ap.add_argument("--ct-shape", default="512,512,300", help="with --predict: CT size in voxels")
     ap.add_argument("--ct-spacing", default="0.8,0.8,1.5", help="with --predict: CT spacing in mm")
+    ap.add_argument("--ct-source", default="example", choices=("example", "siemens"),
+                    help="with --predict or --overhead: the real CT resampled to --ct-shape (see write_ct)")
+    ap.add_argument("--predict-rounds", type=int, default=1, help="with --predict: runs per tree, interleaved")
     ap.add_argument("--networks", default=None, help="comma-separated site presets: one window batch per backend")
     ap.add_argument("--heads", default=None,
                     help="with --networks or --predict: comma-separated heads in place of each preset's own "
@@ -468,7 +500,8 @@ def main() -> None:
                          "(with --rounds, --repeat, --batch)")
     ap.add_argument("--overhead", default=None,
                     help="comma-separated site presets: predict's pipeline with a free network (--rounds runs)")
-    ap.add_argument("--trees", default=None, help="with --overhead: comma-separated checkouts whose lnfm runs")
+    ap.add_argument("--trees", default=None,
+                    help="with --overhead or --predict: comma-separated checkouts whose lnfm runs (an A/B)")
     ap.add_argument("--overhead-case", nargs=2, default=None, metavar=("EXPORT", "CT"), help=argparse.SUPPRESS)
     ap.add_argument("--pipeline", default=None, help="comma-separated site presets: stages per backend + MONAI")
     ap.add_argument("--unet-channels", default="16,32,64,128", help="with --pipeline: MONAI UNet channels")

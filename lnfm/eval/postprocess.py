@@ -23,11 +23,13 @@ class PostprocessConfig:
     max_elongation: float = 0.0  # components over this major/minor diameter ratio (vessel-like) are removed; 0: off
 
 
-def postprocess(mask: np.ndarray, spacing, cfg: PostprocessConfig, hu: np.ndarray | None = None) -> np.ndarray:
-    """Apply `cfg`: restrict to the body of `hu` (when given and enabled), then drop small components."""
+def postprocess(mask: np.ndarray, spacing, cfg: PostprocessConfig, hu: np.ndarray | None = None,
+                body: np.ndarray | None = None) -> np.ndarray:
+    """Apply `cfg`: restrict to the body of `hu` (when given and enabled; `body` is that mask when the
+    caller has it already), then drop small components."""
     mask = np.asarray(mask, bool)
     if hu is not None and cfg.body_threshold_hu is not None:
-        mask = restrict_to_body(mask, body_mask_from_ct(hu, cfg.body_threshold_hu))
+        mask = restrict_to_body(mask, body_mask_from_ct(hu, cfg.body_threshold_hu) if body is None else body)
     if cfg.min_volume_mm3 > 0:
         mask = remove_small_components(mask, spacing, cfg.min_volume_mm3)
     if cfg.min_short_axis_mm > 0 or cfg.max_elongation > 0:

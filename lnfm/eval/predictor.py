@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lnfm.data.geometry import nonzero_box
 from lnfm.eval.inference import InferenceConfig, sliding_window_inference
-from lnfm.eval.postprocess import PostprocessConfig, postprocess
+from lnfm.eval.postprocess import PostprocessConfig, body_mask_from_ct, postprocess
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -65,14 +66,48 @@ class Predictor:
 
     def __call__(self, image: np.ndarray, spacing, hu: np.ndarray | None) -> Segmentation:
         """`image` (X, Y, Z, C) normalised; `hu` the CT channel in HU as stored (None: no CT, no body
-        restriction); `spacing` in mm for the component volumes."""
-        inf = self.inference
-        probs = sliding_window_inference(self.probabilities, image, self.roi, overlap=inf.overlap, mode=inf.mode,
-                                         sigma_scale=inf.sigma_scale, sw_batch_size=inf.sw_batch_size,
+        restriction); `spacing` in mm for the component volumes.
+
+        With the body restriction on, the windows cover only the body's bounding box (`window_box`):
+        the mask is zero outside the body anyway, and a scan's couch and arms (the body is the largest
+        connected region) would otherwise cost windows. Outside the box the probabilities are background."""
+        inf, body = self.inference, None
+        if hu is not None and self.postprocess.body_threshold_hu is not None:
+            body = body_mask_from_ct(hu, self.postprocess.body_threshold_hu)
+        box = window_box(body, self.roi)
+        probs = sliding_window_inference(self.probabilities, image[box], self.roi, overlap=inf.overlap,
+                                         mode=inf.mode, sigma_scale=inf.sigma_scale, sw_batch_size=inf.sw_batch_size,
                                          tta_flips=inf.tta_flips, num_classes=self.num_classes)
+        if probs.shape[:3] != image.shape[:3]:
+            full = np.zeros((*image.shape[:3], probs.shape[-1]), np.float32)
+            full[..., 0] = 1.0
+            full[box] = probs
+            probs = full
         if probs.shape[-1] == 2:  # argmax's answer (ties go to background) without its slow 2-long reduction
             labels = (probs[..., 1] > probs[..., 0]).astype(np.uint8)
         else:
             labels = np.argmax(probs, axis=-1).astype(np.uint8)
-        keep = postprocess(labels > 0, spacing, self.postprocess, hu=hu)
+        keep = postprocess(labels > 0, spacing, self.postprocess, hu=hu, body=body)
         return Segmentation(labels * keep.astype(np.uint8), probs)
+
+
+BODY_MARGIN = 2  # voxels around the body's box, as prepare's body crop keeps (`lnfm.data.geometry.body_bbox`)
+
+
+def window_box(body: np.ndarray | None, roi) -> tuple[slice, ...]:
+    """The part of the volume the windows cover: the bounding box of `body` plus BODY_MARGIN, grown
+    about its centre to at least `roi` where the volume allows; the whole volume without a body mask
+    or with an empty one."""
+    if body is None:
+        return (slice(None),) * 3
+    box = nonzero_box(body)
+    if box is None:
+        return (slice(None),) * 3
+    out = []
+    for b, r, n in zip(box, roi, body.shape):
+        lo, hi = max(0, b.start - BODY_MARGIN), min(n, b.stop + BODY_MARGIN)
+        if hi - lo < r:  # a window's worth of context, shifted inside the volume
+            lo = max(0, min(n - r, (lo + hi - r) // 2))
+            hi = min(n, lo + r)
+        out.append(slice(lo, hi))
+    return tuple(out)
