@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import re
@@ -158,10 +159,18 @@ def _read3d(path: str, series: str | None = None) -> Volume:
     return Volume(data, vol.affine)
 
 
-def _same_grid(a: Volume, b: Volume) -> bool:
-    """Same voxel centres in the world; axis order may differ (a LAS label on an LPS series)."""
-    ga, gb = canonical_grid(a.affine, a.shape3), canonical_grid(b.affine, b.shape3)
-    return ga[1] == gb[1] and np.allclose(ga[0], gb[0], atol=GRID_TOL_MM)
+def _grid_difference(other: Volume, ref: Volume, name: str, ref_name: str) -> str | None:
+    """How `other`'s voxel centres differ from `ref`'s in the world, as a message naming them (None: the
+    same grid, up to GRID_TOL_MM); axis order may differ (a LAS label on an LPS series)."""
+    (ar, sr), (ao, so) = canonical_grid(ref.affine, ref.shape3), canonical_grid(other.affine, other.shape3)
+    if so != sr:
+        return f"{name} grid {so} differs from {ref_name} grid {sr} (shape, in RAS order)"
+    corners = np.array([[*c, 1.0] for c in itertools.product(*((0, n - 1) for n in sr))]).T
+    shift = float(np.max(np.linalg.norm((ar @ corners - ao @ corners)[:3], axis=0)))
+    if shift <= GRID_TOL_MM and np.allclose(ar, ao, atol=GRID_TOL_MM):
+        return None
+    return (f"{name} voxels lie up to {shift:.3g} mm from {ref_name} voxels (same shape {sr}, but the affine "
+            f"differs beyond {GRID_TOL_MM:g} mm)")
 
 
 def _check_label(vol: Volume, path: str, label_map: dict[int, int] | None = None) -> np.ndarray:
@@ -248,11 +257,11 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
         if v.data.dtype.kind == "f" and not np.all(np.isfinite(v.data)):
             raise CaseError(p, "image has NaN or Inf voxels")
     for i, (p, v) in enumerate(zip(paths[1:], vols[1:]), start=1):
-        if _same_grid(vols[0], v):
+        difference = _grid_difference(v, vols[0], "channel", "the first channel's")
+        if difference is None:
             continue
         if not resample_channels:
-            raise CaseError(p, f"channel grid {v.shape3} differs from the first channel's {vols[0].shape3} "
-                               "(shape or affine)")
+            raise CaseError(p, difference)
         vols[i] = Volume(resample_to_grid(v.data.astype(np.float32), v.affine, vols[0].affine, vols[0].shape3, 1),
                          vols[0].affine)
     # np.stack keeps the files' memory order (NIfTI: Fortran); the geometry steps take either order,
@@ -305,9 +314,9 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: Prep
     label = None
     if case.label:
         lab = _read3d(case.label)
-        if not _same_grid(image, lab):
-            raise CaseError(case.label, f"label grid {lab.shape3} differs from the image grid {image.shape3} "
-                                        "(shape or affine)")
+        difference = _grid_difference(lab, image, "label", "the image's")
+        if difference is not None:
+            raise CaseError(case.label, difference)
         label = Volume(_check_label(lab, case.label, cfg.label_map), lab.affine)
     data, lab_arr, geometry = preprocess_case(image, contract, label)
     del image
