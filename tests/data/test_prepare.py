@@ -93,7 +93,7 @@ def _bad_inputs(root: Path) -> tuple[Path, dict]:
         {"case_id": "missing", "image": str(root / "nowhere.nii.gz")},
         {"case_id": "ok1", "image": good[1]},  # duplicate id
     ]
-    reasons = {"corrupt.nii.gz": "unreadable", "nan.nii.gz": "NaN", "shifted.nii.gz": "grid",
+    reasons = {"corrupt.nii.gz": "unreadable", "nan.nii.gz": "NaN", "shifted.nii.gz": "affine differs",
                "flat.nii.gz": "2D", "empty.nii.gz": "empty label", "frac.nii.gz": "non-integer",
                "nowhere.nii.gz": "not found", "good1.nii.gz": "duplicate case id"}
     return write_csv(root / "cases.csv", rows), reasons
