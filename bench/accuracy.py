@@ -59,7 +59,7 @@ import jax
 import numpy as np
 import torch
 
-from lnfm.config import to_dict
+from lnfm.config import read_yaml, to_dict
 from lnfm.data import benchmark as B
 from lnfm.eval.metrics import summarize
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
@@ -71,7 +71,7 @@ from lnfm.jobs.heldout import evaluate, paste_hosts, train_and_score_peer
 from lnfm.jobs.predict import load_predictor
 from lnfm.segmentation.fewshot import select_subset
 from lnfm.segmentation.peers import PEERS
-from lnfm.workdir import atomic_write_csv, atomic_write_text
+from lnfm.workdir import atomic_write_csv, atomic_write_text, differences
 
 log = logging.getLogger("lnfm.bench.accuracy")
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +160,12 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
                                   repeats=1, quick=preset.quick)
 
 
+def recipe(preset: Preset) -> list[str]:
+    """The finetuning overrides every LNFM arm of `preset` starts from (`finetune --quick`'s CPU recipe, or
+    none): recorded with cached results, which a changed recipe makes stale."""
+    return list(F.QUICK) if preset.quick else []
+
+
 def export_dir(run_dir: Path) -> Path:
     """Where an arm's finetuning run `run_dir` is exported: RUN_export beside it."""
     return run_dir.with_name(run_dir.name + "_export")
@@ -168,7 +174,12 @@ def export_dir(run_dir: Path) -> Path:
 def finetune_and_export(cfg, run_dir: Path) -> tuple[dict, object, object]:
     """Finetune `cfg` into `run_dir` (kept when it finished before), export it next to it as
     RUN_export; (its summary, the export's probability function, its metadata)."""
-    if not (run_dir / "summary.json").is_file() and F.run(cfg, run_dir) != 0:
+    if (run_dir / "summary.json").is_file():  # a finished run is reused only for the same config
+        diffs = differences(read_yaml(run_dir / "config.yaml"), json.loads(json.dumps(to_dict(cfg), default=list)),
+                            "config")
+        if diffs:
+            raise SystemExit(f"{run_dir}: finished with another config ({diffs[0]}); use a new --workdir")
+    elif F.run(cfg, run_dir) != 0:
         raise RuntimeError(f"{run_dir}: finetuning failed")
     export = export_dir(run_dir)
     export_model(run_dir, export, "orbax", force=True)
@@ -391,7 +402,7 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
                                                                   str(workdir / "jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     header = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-              "commit": commit()}
+              "commit": commit(), "recipe": recipe(preset)}
     t_start = time.time()
     this_run = {k: header[k] for k in ("date", "commit")} | {"command": command}
     # True once header.json describes this invocation: a new run's header, or a resumption line added
@@ -401,6 +412,9 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
         atomic_write_text(workdir / "header.json", json.dumps(header))
     else:  # the run's own date, machine and commit, also when resumed
         header = json.loads((workdir / "header.json").read_text())
+        if not report_only and header.get("recipe") != recipe(preset):  # cached arms would mix two recipes
+            raise SystemExit(f"{workdir}: its runs used another finetuning recipe ({header.get('recipe')}, now "
+                             f"{recipe(preset)}); use a new --workdir")
     if report_only:  # whatever finished, e.g. of a run that was stopped
         keys = [tuple(int(x) if x.isdigit() else x for x in p.stem.rsplit("_", 3)) for p in
                 sorted((workdir / "results").glob("*.json"))]

@@ -24,7 +24,8 @@ same validation scans, and scored on the same dev sets: the equal-time compariso
 set, in-domain included, which the benchmark's test set (held-out variant only) cannot show.
 Prints mean Dice per arm, seed and dev set, and the paired differences of each arm against
 the first over (seed, volume) pairs. Finished arms are cached in the workdir's
-recipe_ab.jsonl, keyed by arm name and overrides, so a rerun resumes.
+recipe_ab.jsonl, keyed by arm name and overrides, so a rerun resumes; an arm cached under another
+CPU recipe (`finetune --quick`'s overrides, recorded with it) stops the run instead.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def run_arm(name: str, overrides: list[str], seed: int, preset: A.Preset, bench:
             devs: dict[str, list[B.TestCase]], work: Path) -> dict:
     cfg = A.finetune_config(preset, bench, str(pre), 4, seed, extra=tuple(overrides))
     summary, fn, meta = A.finetune_and_export(cfg, work / "runs" / f"{name}_s{seed}")
-    row = {"arm": name, "overrides": overrides, "seed": seed, "train_s": summary["train_time_s"],
+    row = {"arm": name, "overrides": overrides, "recipe": A.recipe(preset), "seed": seed,
+           "train_s": summary["train_time_s"],
            "val_dice": summary.get("best_val_dice")}
     return score_on(row, fn, meta, devs, preset.overlap)
 
@@ -125,7 +127,7 @@ def run_peer(name: str, label: str, seed: int, first: dict, preset: A.Preset, be
         name, meta=read_meta(A.export_dir(run_dir)), store=bench.labelled_store,
         train_ids=summary["train_ids"], loader=A.peer_loader(preset, bench, 4, seed)[0],
         overlap=preset.overlap, seed=seed, seconds=summary["train_time_s"], val=bench.val_cases)
-    row = {"arm": label, "overrides": [f"peer, {first['arm']}'s time"], "seed": seed,
+    row = {"arm": label, "overrides": [f"peer, {first['arm']}'s time"], "recipe": A.recipe(preset), "seed": seed,
            "train_s": record["train_time_s"], "steps": record["steps"], "val_dice": None}
     return score_on(row, fn, meta, devs, preset.overlap)
 
@@ -157,6 +159,9 @@ def main() -> None:
     seeds = range(args.seeds)
     for seed, (name, over) in itertools.product(seeds, arms.items()):
         r = rows.get((name, seed))
+        if r is not None and r.get("recipe") != A.recipe(preset):  # a cached arm of another CPU recipe
+            raise SystemExit(f"{cache}: arm '{name}' ran under another finetuning recipe ({r.get('recipe')}); "
+                             f"use a new --workdir")
         if r is None or r["overrides"] != over or any(f"dice_{k}" not in r for k in kinds):
             if r is not None and r["overrides"] != over:
                 raise SystemExit(f"arm '{name}' ran with other overrides ({r['overrides']}): rename it")
@@ -169,6 +174,8 @@ def main() -> None:
         peer = f"{args.peer} ({first}'s time)"
         for seed in seeds:
             r = rows.get((peer, seed))
+            if r is not None and r.get("recipe") != A.recipe(preset):
+                raise SystemExit(f"{cache}: '{peer}' ran under another finetuning recipe; use a new --workdir")
             if r is None or any(f"dice_{k}" not in r for k in kinds):
                 rows[(peer, seed)] = run_peer(args.peer, peer, seed, rows[(first, seed)], preset, bench, devs, work)
                 with cache.open("a") as f:

@@ -66,3 +66,33 @@ def test_an_unknown_peer_is_refused_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--peers: choose from unet, dynunet, swinunetr, unet_paste, dynunet_paste, swinunetr_paste" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_of_another_recipe_is_refused_before_any_work(tmp_path):
+    """Cached arms of another finetuning recipe (a changed `finetune --quick`) would mix with new ones."""
+    import json
+
+    wd = tmp_path / "w"
+    wd.mkdir()
+    (wd / "header.json").write_text(json.dumps({"date": "d", "machine": "m", "commit": "c",
+                                                "recipe": ["train.steps=1"]}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--preset", "cpu", "--out",
+                           str(tmp_path / "o"), "--workdir", str(wd)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "another finetuning recipe" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in wd.iterdir()) == ["header.json"]
+
+
+def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
+    import accuracy as A
+    from lnfm.config import dump_yaml
+    from lnfm.jobs import finetune as F
+
+    cfg = F.load_finetune_config("pelvis", [], quick=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text("{}")
+    (run_dir / "config.yaml").write_text(dump_yaml(F.load_finetune_config("pelvis", ["optim.ema_decay=0"], quick=True)))
+    with pytest.raises(SystemExit, match=r"optim.ema_decay=0.0 \(new: 0.998\)"):
+        A.finetune_and_export(cfg, run_dir)
