@@ -59,7 +59,7 @@ import jax
 import numpy as np
 import torch
 
-from lnfm.config import read_yaml, to_dict
+from lnfm.config import to_dict
 from lnfm.data import benchmark as B
 from lnfm.eval.metrics import summarize
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
@@ -71,7 +71,7 @@ from lnfm.jobs.heldout import evaluate, paste_hosts, train_and_score_peer
 from lnfm.jobs.predict import load_predictor
 from lnfm.segmentation.fewshot import select_subset
 from lnfm.segmentation.peers import PEERS
-from lnfm.workdir import atomic_write_csv, atomic_write_text, differences
+from lnfm.workdir import WorkdirError, atomic_write_csv, atomic_write_text, check_resume
 
 log = logging.getLogger("lnfm.bench.accuracy")
 REPO = Path(__file__).resolve().parents[1]
@@ -174,11 +174,11 @@ def export_dir(run_dir: Path) -> Path:
 def finetune_and_export(cfg, run_dir: Path) -> tuple[dict, object, object]:
     """Finetune `cfg` into `run_dir` (kept when it finished before), export it next to it as
     RUN_export; (its summary, the export's probability function, its metadata)."""
-    if (run_dir / "summary.json").is_file():  # a finished run is reused only for the same config
-        diffs = differences(read_yaml(run_dir / "config.yaml"), json.loads(json.dumps(to_dict(cfg), default=list)),
-                            "config")
-        if diffs:
-            raise SystemExit(f"{run_dir}: finished with another config ({diffs[0]}); use a new --workdir")
+    if (run_dir / "summary.json").is_file():  # a finished run is reused only for the same config, every section
+        try:
+            check_resume(run_dir, cfg, tuple(to_dict(cfg)), has_run=True)
+        except WorkdirError as e:
+            raise SystemExit(str(e)) from None
     elif F.run(cfg, run_dir) != 0:
         raise RuntimeError(f"{run_dir}: finetuning failed")
     export = export_dir(run_dir)

@@ -132,6 +132,15 @@ def run_peer(name: str, label: str, seed: int, first: dict, preset: A.Preset, be
     return score_on(row, fn, meta, devs, preset.overlap)
 
 
+def cached_row(rows: dict, key: tuple, preset: A.Preset, cache: Path) -> dict | None:
+    """The cached row of (arm, seed), or None; one cached under another CPU recipe stops the run."""
+    r = rows.get(key)
+    if r is not None and r.get("recipe") != A.recipe(preset):
+        raise SystemExit(f"{cache}: '{key[0]}' ran under another finetuning recipe ({r.get('recipe')}); "
+                         f"use a new --workdir")
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arm", action="append", required=True,
@@ -158,10 +167,7 @@ def main() -> None:
     rows = {(r["arm"], r["seed"]): r for r in map(json.loads, lines)}
     seeds = range(args.seeds)
     for seed, (name, over) in itertools.product(seeds, arms.items()):
-        r = rows.get((name, seed))
-        if r is not None and r.get("recipe") != A.recipe(preset):  # a cached arm of another CPU recipe
-            raise SystemExit(f"{cache}: arm '{name}' ran under another finetuning recipe ({r.get('recipe')}); "
-                             f"use a new --workdir")
+        r = cached_row(rows, (name, seed), preset, cache)
         if r is None or r["overrides"] != over or any(f"dice_{k}" not in r for k in kinds):
             if r is not None and r["overrides"] != over:
                 raise SystemExit(f"arm '{name}' ran with other overrides ({r['overrides']}): rename it")
@@ -173,9 +179,7 @@ def main() -> None:
         first = names[0]
         peer = f"{args.peer} ({first}'s time)"
         for seed in seeds:
-            r = rows.get((peer, seed))
-            if r is not None and r.get("recipe") != A.recipe(preset):
-                raise SystemExit(f"{cache}: '{peer}' ran under another finetuning recipe; use a new --workdir")
+            r = cached_row(rows, (peer, seed), preset, cache)
             if r is None or any(f"dice_{k}" not in r for k in kinds):
                 rows[(peer, seed)] = run_peer(args.peer, peer, seed, rows[(first, seed)], preset, bench, devs, work)
                 with cache.open("a") as f:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lnfm.data.geometry import nonzero_box
+from lnfm.data.geometry import body_bbox
 from lnfm.eval.inference import InferenceConfig, sliding_window_inference
 from lnfm.eval.postprocess import PostprocessConfig, body_mask_from_ct, postprocess
 
@@ -95,17 +95,13 @@ BODY_MARGIN = 2  # voxels around the body's box, as prepare's body crop keeps (`
 
 
 def window_box(body: np.ndarray | None, roi) -> tuple[slice, ...]:
-    """The part of the volume the windows cover: the bounding box of `body` plus BODY_MARGIN, grown
-    about its centre to at least `roi` where the volume allows; the whole volume without a body mask
-    or with an empty one."""
-    if body is None:
-        return (slice(None),) * 3
-    box = nonzero_box(body)
-    if box is None:
+    """The part of the volume the windows cover: the bounding box of `body` plus BODY_MARGIN (prepare's
+    `body_bbox`), grown about its centre to at least `roi` where the volume allows; the whole volume
+    without a body mask or with an empty one."""
+    if body is None or not body.any():
         return (slice(None),) * 3
     out = []
-    for b, r, n in zip(box, roi, body.shape):
-        lo, hi = max(0, b.start - BODY_MARGIN), min(n, b.stop + BODY_MARGIN)
+    for lo, hi, r, n in zip(*body_bbox(body, 0, BODY_MARGIN), roi, body.shape):
         if hi - lo < r:  # a window's worth of context, shifted inside the volume
             lo = max(0, min(n - r, (lo + hi - r) // 2))
             hi = min(n, lo + r)

@@ -77,7 +77,7 @@ from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput
-from lnfm.train.optim import ema_params, layer_lr_scales, make_optimizer
+from lnfm.train.optim import check_ema_decay, ema_params, layer_lr_scales, make_optimizer
 from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessing
 from lnfm.train.state import create_train_state, merge_model, split_model
 from lnfm.train.job import Checked, device_batch, fit, run_training_job
@@ -154,8 +154,7 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         cfg = from_dict(FinetuneConfig, tree)
     if cfg.train.repeats < 1:
         raise ConfigError(f"train.repeats must be at least 1, got {cfg.train.repeats}")
-    if not 0 <= cfg.optim.ema_decay < 1:
-        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = off), got {cfg.optim.ema_decay:g}")
+    check_ema_decay(cfg.optim.ema_decay)
     if not 0 < cfg.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in (0, 1) (the share of training cases held out for "
                           f"validation when the store has no val split), got {cfg.train.val_fraction:g}")

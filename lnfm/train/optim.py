@@ -100,12 +100,16 @@ class ParamsEMAState(NamedTuple):
     ema: Any  # the moving average of the parameters after each update
 
 
+def check_ema_decay(decay: float) -> None:
+    if not 0.0 <= decay < 1.0:  # NaN fails too
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = off), got {decay:g}")
+
+
 def params_ema(decay: float) -> optax.GradientTransformation:
     """Last link of a chain: passes the updates through and keeps, in its state, the moving average of
     the parameters they produce (Polyak averaging). The decay ramps up as min(decay, (1 + n) / (10 + n))
     after n updates, so the average follows the early, fast-moving weights instead of the initial ones."""
-    if not 0.0 < decay < 1.0:
-        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = off), got {decay:g}")
+    check_ema_decay(decay)
 
     def init(params):
         # a copy: the state must not share buffers with the params, which the step donates
