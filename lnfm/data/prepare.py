@@ -150,6 +150,8 @@ def _read3d(path: str, series: str | None = None) -> Volume:
     except ImageReadError as e:
         raise CaseError(path, str(e).split(": ", 1)[-1]) from None
     data = vol.data
+    if data.size == 0:  # a zero in the header's dim field
+        raise CaseError(path, f"image has no voxels (shape {tuple(data.shape)})")
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:

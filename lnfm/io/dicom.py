@@ -14,6 +14,10 @@ from lnfm.io.volume import LPS_TO_RAS, ImageReadError, Volume, check_affine
 
 # Relative tolerance on the spacing between consecutive slices.
 SLICE_SPACING_TOL = 0.01
+# ImageOrientationPatient holds two perpendicular unit vectors, to this tolerance (rounding of its decimals).
+ORIENTATION_TOL = 1e-3
+# Slice positions lie on one line to within this fraction of a pixel.
+SLICE_LINE_TOL = 0.2
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -104,7 +108,22 @@ def _slice_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, np.ndar
         raise ImageReadError(f"{path}: DICOM slice lacks geometry ({e.args[0].split()[-1]})") from None
     if iop.shape != (6,) or ipp.shape != (3,) or spacing.shape != (2,):
         raise ImageReadError(f"{path}: malformed DICOM geometry attributes")
+    if not np.all(np.isfinite(spacing) & (spacing > 0)):
+        raise ImageReadError(f"{path}: PixelSpacing {spacing.tolist()} is not two positive sizes in mm")
+    row, col = iop[:3], iop[3:]
+    if not (np.all(np.isfinite(iop)) and abs(np.linalg.norm(row) - 1) <= ORIENTATION_TOL
+            and abs(np.linalg.norm(col) - 1) <= ORIENTATION_TOL and abs(row @ col) <= ORIENTATION_TOL):
+        raise ImageReadError(f"{path}: ImageOrientationPatient {iop.round(4).tolist()} is not two perpendicular "
+                             f"unit vectors (the voxel size and orientation it implies would be wrong)")
     return iop, ipp, spacing
+
+
+def _off_line(positions: np.ndarray) -> float:
+    """The largest distance (mm) of a slice position from the line through the first and the last."""
+    direction = positions[-1] - positions[0]
+    direction = direction / np.linalg.norm(direction)
+    rel = positions - positions[0]
+    return float(np.linalg.norm(rel - np.outer(rel @ direction, direction), axis=1).max())
 
 
 def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
@@ -118,9 +137,14 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
         where = f"{path}: file {n + 1} of {len(files)}" if path.is_dir() else str(path)
         try:
             ds = pydicom.dcmread(f)
+            if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                raise ImageReadError(f"{where}: holds no pixel data (not an image slice: a DICOMDIR, report or "
+                                     f"structure set?)")
             pixels = ds.pixel_array
         except FileNotFoundError:
             raise ImageReadError(f"{where}: file not found") from None
+        except ImageReadError:
+            raise
         except Exception as e:
             reason = type(e).__name__
             raise ImageReadError(f"{where}: unreadable DICOM ({reason})") from None
@@ -147,6 +171,10 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
             raise ImageReadError(f"{path}: two slices share one position (duplicate slices or several series)")
         if np.ptp(gaps) > SLICE_SPACING_TOL * gaps.mean():
             raise ImageReadError(f"{path}: non-uniform slice spacing ({gaps.min():.3g}-{gaps.max():.3g} mm)")
+        off = _off_line(np.array([s[1] for s in slices]))
+        if off > SLICE_LINE_TOL * min(spacing):
+            raise ImageReadError(f"{path}: slice positions do not lie on one line (one is {off:.3g} mm off it; "
+                                 f"several series, or shifted slices)")
         step = (slices[-1][1] - slices[0][1]) / (len(slices) - 1)
     else:
         thick = slices[0][7] or slices[0][6] or 1.0

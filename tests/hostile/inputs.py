@@ -96,6 +96,25 @@ def two_series(folder: Path) -> tuple[Path, str, str]:
     return folder, uid_a, uid_b
 
 
+def dicom_edited(change, extra_slice: bool = False):
+    """The real lungmask pair (a third slice one gap further with `extra_slice`), each header changed by
+    `change(ds, n)`: geometry a scanner never writes."""
+    def build(inp: Path) -> tuple[Path, Path]:
+        folder = dicom_copy(inp / "d")
+        if extra_slice:
+            ds = pydicom.dcmread(folder / "1.dcm")
+            ipp = [float(v) for v in ds.ImagePositionPatient]
+            ds.ImagePositionPatient = [ipp[0], ipp[1], ipp[2] + 1.0]
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(folder / "2.dcm")
+        for n, f in enumerate(sorted(folder.iterdir())):
+            ds = pydicom.dcmread(f)
+            change(ds, n)
+            ds.save_as(f)
+        return folder, folder
+    return build
+
+
 def dicom_with_garbage(folder: Path) -> Path:
     dicom_copy(folder)
     (folder / "2.dcm").write_bytes(b"DICM? no" * 50)

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from harness import Case, run_case
-from inputs import (NONUNIFORM_DICOM, body, dicom_copy, dicom_with_garbage, nhdr, nii, outside_secret, real_ct,
-                    two_series)
+from inputs import (NONUNIFORM_DICOM, body, dicom_copy, dicom_edited, dicom_with_garbage, nhdr, nii, outside_secret,
+                    real_ct, two_series)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -198,6 +198,28 @@ def _pair_different_grids(inp):
     return f"{a},{b}", a
 
 
+def _shift_x(ds, n):
+    if n == 1:  # the middle slice 2 mm (3 pixels) to the side: the slices are not one stack
+        ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + 2.0, *ds.ImagePositionPatient[1:]]
+
+
+def _no_pixels(ds, n):
+    if n == 0:
+        del ds.PixelData
+
+
+def _zero_dim(inp):
+    """A NIfTI header whose dim[2] is 0 (data after it): no voxels."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((10, 10, 10))
+    header.set_data_dtype(np.int16)
+    header["dim"][2] = 0
+    header["vox_offset"] = 352
+    path = inp / "bad.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 4 + b"\1" * 2000)
+    return path, path
+
+
 SCANS = [
     scan_case("input-missing", lambda inp: (inp / "none.nii.gz", inp / "none.nii.gz"), ("not found",)),
     scan_case("corrupt-gzip", lambda inp: _raw(inp, "c.nii.gz", b"\x1f\x8b garbage"), ("unreadable",)),
@@ -231,6 +253,15 @@ SCANS = [
     scan_case("dicom-non-uniform", lambda inp: (dicom_copy(inp / "d", NONUNIFORM_DICOM), inp / "d"),
               ("slice spacing",)),
     scan_case("nhdr-data-file-elsewhere", _nhdr_out, ("beside the header",)),
+    scan_case("nifti-dim-zero", _zero_dim, ("no voxels",)),
+    scan_case("dicom-orientation-not-unit-vectors", dicom_edited(lambda ds, n: setattr(
+        ds, "ImageOrientationPatient", [2, 0, 0, 0, 2, 0])), ("ImageOrientationPatient", "unit vectors")),
+    scan_case("dicom-orientation-not-perpendicular", dicom_edited(lambda ds, n: setattr(
+        ds, "ImageOrientationPatient", [1, 0, 0, 0.5, 0.8660254, 0])), ("perpendicular",)),
+    scan_case("dicom-negative-pixel-spacing", dicom_edited(lambda ds, n: setattr(
+        ds, "PixelSpacing", [-0.625, 0.625])), ("PixelSpacing", "positive")),
+    scan_case("dicom-slices-off-one-line", dicom_edited(_shift_x, extra_slice=True), ("on one line",)),
+    scan_case("dicom-slice-without-pixel-data", dicom_edited(_no_pixels), ("no pixel data",)),
     scan_case("two-channels-for-a-one-channel-model", lambda inp: (f"{real_ct(inp)},{real_ct(inp)}",
                                                                     inp / "real_ct.nii.gz"), ("expects 1 channel",)),
     scan_case("channels-on-different-grids", _pair_different_grids, ("expects 1 channel",)),

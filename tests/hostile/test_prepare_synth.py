@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from harness import Case, run_case
-from inputs import (AFFINE, NONUNIFORM_DICOM, body, csv_file, dicom_copy, dicom_with_garbage, good_pair, nhdr, nii,
-                    nnunet, outside_secret, real_ct, real_ln_mask, two_series)
+from inputs import (AFFINE, NONUNIFORM_DICOM, body, csv_file, dicom_copy, dicom_edited, dicom_with_garbage, good_pair,
+                    nhdr, nii, nnunet, outside_secret, real_ct, real_ln_mask, two_series)
 
 
 def prep(inp_path, out: Path, *extra) -> list:
@@ -194,6 +194,12 @@ def _real_mask_on_other_grid(inp):
     return {"image": real_ct(inp), "label": label}, label
 
 
+def _orientation_doubled(inp):
+    """Direction cosines of length 2: read as given, every voxel would be twice its size."""
+    folder, fault = dicom_edited(lambda ds, n: setattr(ds, "ImageOrientationPatient", [2, 0, 0, 0, 2, 0]))(inp)
+    return {"image": folder}, fault
+
+
 BAD_CASES = [
     bad_case("corrupt-gzip", lambda inp: _file(inp, "corrupt.nii.gz", b"\x1f\x8b" + b"garbage" * 30), ("unreadable",)),
     bad_case("text-named-nii", lambda inp: _file(inp, "notes.nii", b"this is not an image " * 30), ("unreadable",)),
@@ -235,6 +241,7 @@ BAD_CASES = [
              ("unreadable DICOM",)),
     bad_case("dicom-non-uniform-slices", lambda inp: ({"image": dicom_copy(inp / "d", NONUNIFORM_DICOM)}, inp / "d"),
              ("slice spacing",)),
+    bad_case("dicom-orientation-not-unit-vectors", _orientation_doubled, ("ImageOrientationPatient", "unit vectors")),
     bad_case("split-not-a-split", lambda inp: ({"image": nii(inp / "s.nii.gz", IMG), "split": "holdout"},
                                                inp / "s.nii.gz"), ("split 'holdout'",)),
     bad_case("unsafe-case-id", lambda inp: ({"image": nii(inp / "u.nii.gz", IMG), "case_id": "../escape"},
