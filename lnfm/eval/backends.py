@@ -82,7 +82,13 @@ def onnx_network(path: str | Path, threads: int | None = None) -> Network:
     if threads:
         options.intra_op_num_threads = int(threads)
     options.log_severity_level = 3  # shape-merge notices about the symbolic batch are not errors
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except (InvalidProtobuf, InvalidGraph) as e:  # a damaged file (its checksum rewritten to match): the user's
+        reason = str(e).rsplit(":", 1)[-1].strip() or type(e).__name__
+        raise BackendError(f"{path}: not a readable ONNX model ({reason})") from None
     return lambda x: session.run([ONNX_OUTPUT], {ONNX_INPUT: np.asarray(x, np.float32)})[0]
 
 

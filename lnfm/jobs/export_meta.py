@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +90,15 @@ def parse_meta(data: Any, where: str) -> ExportMeta:
 
 def _check_values(meta: ExportMeta, where: str) -> None:
     """Values a hand-edited model.json can hold that its types allow but the model cannot run with."""
+    for role, rel in meta.files.items():  # the files predict loads are those checksums.sha256 verifies
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not str(rel).strip():
+            raise ExportError(f"{where}: files.{role} '{rel}' must name a file inside the export folder")
+    if meta.kind == "segmenter" and (meta.num_classes or 0) < 2:
+        raise ExportError(f"{where}: num_classes {meta.num_classes} is not at least 2 (background and a node class)")
+    window = [float(v) for v in meta.preprocessing.normalization.hu_window]
+    if len(window) != 2 or not all(map(math.isfinite, window)) or window[0] >= window[1]:
+        raise ExportError(f"{where}: preprocessing.normalization.hu_window {window} is not a window from a lower to "
+                          f"a higher HU value")
     patch = [int(p) for p in meta.preprocessing.patch_size]
     if len(patch) != 3 or min(patch) < 1:
         raise ExportError(f"{where}: preprocessing.patch_size {patch} is not three window sizes of at least 1 voxel")

@@ -63,6 +63,8 @@ def export_digest(export_dir: str | Path) -> str:
 
 def output_paths(output: str | Path, formats: tuple[str, ...]) -> dict[str, Path]:
     output = Path(output)
+    if not output.name:  # '', '.', '/': a folder, not a file name to derive the outputs from
+        raise DicomOutputError(f"{str(output)!r}: --output names no file (give a mask path such as mask.nii.gz)")
     stem = output.name
     for s in _STEMS:
         if stem.lower().endswith(s):

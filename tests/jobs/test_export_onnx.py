@@ -158,3 +158,47 @@ def test_a_hand_edited_window_that_the_onnx_graph_cannot_take_is_refused(onnx_ex
     write_checksums(edited)
     with pytest.raises(ExportError, match=r"patch_size \[16, 16, 16\] differs from the window the ONNX graph"):
         read_meta(edited)
+
+
+def _edited_copy(onnx_export, tmp_path, change) -> Path:
+    """A copy of the export changed by `change(folder)`, its checksum list rewritten to match."""
+    import shutil
+
+    from lnfm.jobs.export import write_checksums
+
+    edited = Path(shutil.copytree(onnx_export, tmp_path / "export"))
+    change(edited)
+    (edited / "checksums.sha256").unlink()
+    write_checksums(edited)
+    return edited
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-onnx"])
+def test_a_damaged_onnx_file_with_matching_checksums_is_one_line(onnx_export, tmp_path, capsys, damage,
+                                                                shared_data):
+    """ONNX Runtime's parse error was a traceback; now one line naming model.onnx, exit 2, nothing written."""
+    def change(folder):
+        data = (folder / "model.onnx").read_bytes()
+        (folder / "model.onnx").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not onnx" * 64)
+
+    edited = _edited_copy(onnx_export, tmp_path, change)
+    rc = run_job("predict", ["--model", str(edited), "--backend", "onnxruntime", "--input", str(shared_data / CT),
+                             "--output", str(tmp_path / "out" / "mask.nii.gz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"{edited / 'model.onnx'}: not a readable ONNX model" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_json_naming_an_onnx_file_outside_the_export_is_refused(onnx_export, tmp_path):
+    """files.onnx = '../x.onnx' would load a graph that checksums.sha256 does not cover."""
+    from lnfm.jobs.export_meta import ExportError
+
+    def change(folder):
+        meta = json.loads((folder / "model.json").read_text())
+        meta["files"]["onnx"] = "../elsewhere.onnx"
+        (folder / "model.json").write_text(json.dumps(meta))
+
+    edited = _edited_copy(onnx_export, tmp_path, change)
+    with pytest.raises(ExportError, match=r"files.onnx '../elsewhere.onnx' must name a file inside the export"):
+        read_meta(edited)
