@@ -137,7 +137,8 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
         where = f"{path}: file {n + 1} of {len(files)}" if path.is_dir() else str(path)
         try:
             ds = pydicom.dcmread(f)
-            if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+            if not has_pixels and "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {}):  # a DICOM file, no image
                 raise ImageReadError(f"{where}: holds no pixel data (not an image slice: a DICOMDIR, report or "
                                      f"structure set?)")
             pixels = ds.pixel_array
