@@ -91,9 +91,9 @@ def sliding_window_inference(
 ) -> np.ndarray:
     """Blend `predict_fn` over overlapping windows of `volume` (X, Y, Z, C) -> (X, Y, Z, K).
 
-    `predict_fn` maps a batch (sw_batch_size, *roi, C) to (sw_batch_size, *roi, K);
-    it is always called with exactly that shape (the last batch is filled up with
-    repeats), so a jitted function compiles once. Its outputs (logits or
+    `predict_fn` maps a batch (B, *roi, C) to (B, *roi, K), B = sw_batch_size or the
+    number of windows if smaller; it is always called with that one shape (the last
+    batch is filled up with repeats), so a jitted function compiles once. Its outputs (logits or
     probabilities, the caller's choice) are averaged with the window weights.
     Volumes smaller than `roi` are padded with `pad_value` and the result is
     cropped back. `tta_flips` averages each window over axis flips (True: all 8;
@@ -122,6 +122,8 @@ def sliding_window_inference(
     size = volume.shape[:3]
     corners = list(itertools.product(*(window_starts(s, r, overlap) for s, r in zip(size, roi))))
     weight = importance_map(roi, mode, sigma_scale)
+    # A batch larger than the windows would only compute (and hold in memory) repeats of them.
+    sw_batch_size = min(sw_batch_size, len(corners))
 
     out = None
     norm = np.zeros(size, np.float32)

@@ -83,6 +83,19 @@ def test_compiles_once_and_handles_a_partial_last_batch():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_a_batch_larger_than_the_windows_computes_each_window_once():
+    traces = []
+
+    def fn(x):
+        traces.append(x.shape)
+        return conv_fn(x)
+
+    volume = RNG.normal(size=(12, 10, 8, C)).astype(np.float32)  # one window
+    out = sliding_window_inference(fn, volume, (12, 10, 8), sw_batch_size=100_000)
+    assert traces == [(1, 12, 10, 8, C)]
+    np.testing.assert_allclose(out, np.asarray(conv_fn(volume[None]))[0], rtol=1e-5, atol=1e-5)
+
+
 def test_flip_tta():
     volume = RNG.normal(size=(12, 10, 8, C)).astype(np.float32)
     roi = volume.shape[:3]
