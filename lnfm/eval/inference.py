@@ -34,6 +34,17 @@ class InferenceConfig:
     tta_flips: bool = False  # average over all 8 axis-flip combinations
 
 
+def window_problem(overlap: float | None, sw_batch_size: int | None, overlap_name: str = "overlap",
+                   batch_name: str = "sw_batch_size") -> str | None:
+    """Why these sliding-window settings cannot run, in one line naming each as its caller knows it
+    (a flag, a model.json key), or None; a None value is not checked. The one owner of both ranges."""
+    if overlap is not None and not 0 <= overlap < 1:
+        return f"{overlap_name}: {overlap:g} is not in [0, 1) (the fraction of a window its neighbour shares)"
+    if sw_batch_size is not None and sw_batch_size < 1:
+        return f"{batch_name}: {sw_batch_size} windows per pass; it must be at least 1"
+    return None
+
+
 def importance_map(roi: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
     """Per-voxel blending weight of one window (float32, shape roi)."""
     if mode == "constant":
@@ -106,10 +117,9 @@ def sliding_window_inference(
         raise ValueError(f"volume must be (X, Y, Z, C), got shape {volume.shape}")
     if len(roi) != 3 or min(roi) < 1:
         raise ValueError(f"roi must be 3 positive sizes, got {roi}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    problem = window_problem(overlap, sw_batch_size)
+    if problem:
+        raise ValueError(problem)
     flips = flip_sets(tta_flips)
 
     shape = volume.shape[:3]

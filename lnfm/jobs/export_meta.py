@@ -18,7 +18,7 @@ from lnfm.errors import LnfmError
 from lnfm.config import ConfigError, from_dict, to_dict
 from lnfm.data.contract import Preprocessing
 from lnfm.data.scan_checks import check_target_spacing
-from lnfm.eval.inference import InferenceConfig
+from lnfm.eval.inference import InferenceConfig, window_problem
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.models.config import ModelConfig
 from lnfm.models.heads.config import HeadConfig
@@ -103,10 +103,10 @@ def _check_values(meta: ExportMeta, where: str) -> None:
     if len(patch) != 3 or min(patch) < 1:
         raise ExportError(f"{where}: preprocessing.patch_size {patch} is not three window sizes of at least 1 voxel")
     inf = meta.inference
-    if inf is not None and not 0 <= inf.overlap < 1:
-        raise ExportError(f"{where}: inference.overlap {inf.overlap:g} is not in [0, 1)")
-    if inf is not None and inf.sw_batch_size < 1:
-        raise ExportError(f"{where}: inference.sw_batch_size {inf.sw_batch_size} is not at least 1")
+    problem = (window_problem(inf.overlap, inf.sw_batch_size, "inference.overlap", "inference.sw_batch_size")
+               if inf is not None else None)
+    if problem:
+        raise ExportError(f"{where}: {problem}")
     for fmt, graph, name in (("stablehlo", meta.stablehlo, "StableHLO function was lowered"),
                              ("onnx", meta.onnx, "ONNX graph was converted")):
         shape = (graph or {}).get("input_shape")

@@ -52,6 +52,7 @@ from lnfm.data.contract import normalize
 from lnfm.data.geometry import nonzero_box, restore_to_source, spacing_of
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
 from lnfm.eval import backends
+from lnfm.eval.inference import window_problem
 from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing
 from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
 from lnfm.eval.predictor import Predictor
@@ -170,11 +171,9 @@ def read_scan(paths: list[str], meta: ExportMeta, series: str | None = None) -> 
 
 def check_options(options: PredictOptions) -> None:
     """Option values the sliding window and the post-processing can use, checked before anything is read."""
-    if options.overlap is not None and not 0 <= options.overlap < 1:
-        raise PredictError(f"--overlap: {options.overlap:g} is not in [0, 1) (the fraction of a window its "
-                           f"neighbour shares)")
-    if options.sw_batch_size is not None and options.sw_batch_size < 1:
-        raise PredictError(f"--batch-size: {options.sw_batch_size} windows per pass; it must be at least 1")
+    problem = window_problem(options.overlap, options.sw_batch_size, "--overlap", "--batch-size")
+    if problem:
+        raise PredictError(problem)
     if options.min_volume_mm3 is not None and not (math.isfinite(options.min_volume_mm3)
                                                    and options.min_volume_mm3 >= 0):
         raise PredictError(f"--min-volume-mm3: {options.min_volume_mm3:g} is not a finite volume >= 0 mm3")

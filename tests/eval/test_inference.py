@@ -7,7 +7,7 @@ import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference as monai_swi
 
-from lnfm.eval.inference import importance_map, sliding_window_inference, window_starts
+from lnfm.eval.inference import importance_map, sliding_window_inference, window_problem, window_starts
 
 C, K = 2, 3
 RNG = np.random.default_rng(0)
@@ -121,9 +121,21 @@ def test_bad_inputs():
         sliding_window_inference(conv_fn, volume[..., 0], (4, 4, 4))
     with pytest.raises(ValueError, match="overlap"):
         sliding_window_inference(conv_fn, volume, (4, 4, 4), overlap=1.0)
+    with pytest.raises(ValueError, match="sw_batch_size: 0 windows per pass"):
+        sliding_window_inference(conv_fn, volume, (4, 4, 4), sw_batch_size=0)
     with pytest.raises(ValueError, match="predict_fn returned shape"):
         sliding_window_inference(lambda x: x[:, :2], volume, (4, 4, 4))
     with pytest.raises(ValueError, match="num_classes"):
         sliding_window_inference(lambda x: x, volume, (4, 4, 4), num_classes=2)
     with pytest.raises(ValueError, match="tta_flips"):
         sliding_window_inference(lambda x: x, volume, (4, 4, 4), tta_flips=[(3,)])
+
+
+def test_window_problem_names_each_setting_as_its_caller_knows_it():
+    # One owner of the two ranges: the CLI flags, model.json's keys and the library's arguments.
+    assert window_problem(0.0, 1) is None and window_problem(None, None) is None
+    assert window_problem(1.0, 4, "--overlap") == \
+        "--overlap: 1 is not in [0, 1) (the fraction of a window its neighbour shares)"
+    assert window_problem(float("nan"), 4) is not None  # NaN is in no range
+    assert window_problem(0.5, 0, batch_name="inference.sw_batch_size") == \
+        "inference.sw_batch_size: 0 windows per pass; it must be at least 1"

@@ -409,7 +409,8 @@ OPTIONS = [
                                                                              "nan"), "--min-volume-mm3"), 2,
          ("finite",)),
     model_case("model-json-overlap-one", _meta_edit(lambda m: m["inference"].update(overlap=1.0)),
-               ("inference.overlap",), "model.json"),
+               ("inference.overlap: 1 is not in [0, 1) (the fraction of a window its neighbour shares)",),
+               "model.json"),
     model_case("model-json-zero-spacing", _meta_edit(lambda m: m["preprocessing"]["contract"].update(
         spacing=[0.0, 6.0, 6.0])), ("preprocessing.contract.spacing",), "model.json"),
     model_case("stablehlo-patch-edited", _meta_edit(lambda m: m["preprocessing"].update(patch_size=[16, 16, 16]),
