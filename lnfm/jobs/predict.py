@@ -388,11 +388,13 @@ def is_batch_input(path: Path) -> bool:
 def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, out: str | Path,
                    probabilities: str | Path | None = None, report: str | Path | None = None,
                    overlay: str | Path | None = None, options: PredictOptions | None = None,
-                   show_progress: bool = True, formats: OutputFormats | None = None) -> dict[str, str]:
-    """Segment every case of `folder`; returns {case: error} for the cases that failed."""
+                   show_progress: bool = True, formats: OutputFormats | None = None,
+                   cases: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """Segment every case of `folder` (`cases`: its `find_cases`, when the caller has listed it
+    already); returns {case: error} for the cases that failed."""
     folder, out = Path(folder), Path(out)
     check_batch_paths(folder, out, probabilities, report, overlay)
-    cases = find_cases(folder, len(meta.channels))
+    cases = find_cases(folder, len(meta.channels)) if cases is None else cases
     if not cases:
         raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
     failed = {}
@@ -456,9 +458,11 @@ def run(args: argparse.Namespace) -> int:
         formats.export_sha256 = export_digest(args.model)
     inputs = [p for p in str(args.input).split(",") if p]
     batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
+    cases = None
     if batch:
         check_batch_paths(inputs[0], args.output, args.probabilities, args.report, args.overlay, args.model)
-        find_cases(Path(inputs[0]), len(meta.channels))  # two files of one case name: refused before the model loads
+        # Listed once, before the model loads: two files of one case name are refused fast.
+        cases = find_cases(Path(inputs[0]), len(meta.channels))
     else:
         check_case_paths(output_paths(args.output, formats.formats), args.probabilities, args.report,
                          args.overlay, inputs, args.model)
@@ -474,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
     predictor, meta = load_predictor(args.model, args.backend)
     if batch:
         failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,
-                                args.overlay, options, formats=formats)
+                                args.overlay, options, formats=formats, cases=cases)
         for case, err in failed.items():
             print(f"FAILED {case}: {err}", file=sys.stderr)
         return 1 if failed else 0
