@@ -187,9 +187,9 @@ def _finetuned_params(run_dir, cfg) -> dict[str, np.ndarray]:
     return fmt.flat_params(model)
 
 
-def _load_finetuned(run: FinetuneRun) -> _Source:
+def _load_finetuned(run: FinetuneRun, config: dict) -> _Source:
     first = run.first()
-    cfg = from_dict(FinetuneConfig, read_yaml(first.config))
+    cfg = from_dict(FinetuneConfig, config)
     prep = _preprocessing(run.preprocessing)
     flat = _finetuned_params(first, cfg)
     best = first.best_record() or {}
@@ -217,8 +217,7 @@ def _load_finetuned(run: FinetuneRun) -> _Source:
                      else cfg.postprocess))
 
 
-def _load_pretrained(run: PretrainRun) -> _Source:
-    data = read_yaml(run.config)
+def _load_pretrained(run: PretrainRun, data: dict) -> _Source:
     if not isinstance(data.get("model"), dict):
         raise ExportError(f"{run.config}: no model section to rebuild the encoder from")
     cfg = from_dict(ModelConfig, data["model"], "model")
@@ -254,8 +253,24 @@ def detect_source(checkpoint: str | Path) -> FinetuneRun | PretrainRun:
     return run
 
 
-def load_source(run: FinetuneRun | PretrainRun) -> _Source:
-    return _load_finetuned(run) if isinstance(run, FinetuneRun) else _load_pretrained(run)
+def _config_path(run: FinetuneRun | PretrainRun) -> Path:
+    """The config.yaml an export is made from (a finetuning run's: its first repeat's)."""
+    return run.first().config if isinstance(run, FinetuneRun) else run.config
+
+
+def read_config(run: FinetuneRun | PretrainRun) -> dict | None:
+    """The run's config.yaml, or None when it cannot be read (`load_source` then says why, in its
+    place after the checks of the output folder)."""
+    try:
+        return read_yaml(_config_path(run))
+    except (OSError, ValueError):
+        return None
+
+
+def load_source(run: FinetuneRun | PretrainRun, config: dict | None = None) -> _Source:
+    """`config`: `read_config(run)` when the caller has read it (None: read here, or the reason it cannot be)."""
+    config = read_yaml(_config_path(run)) if config is None else config
+    return _load_finetuned(run, config) if isinstance(run, FinetuneRun) else _load_pretrained(run, config)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -372,15 +387,10 @@ def recover_interrupted(out: Path) -> None:
         _remove(stale)
 
 
-def read_stores(run) -> list[str]:
+def read_stores(run, config: dict | None) -> list[str]:
     """The labelled stores a finetuning run's export reads (their manifests give the training-data
-    summary); none for a pretraining run, or when the run's config cannot be read (load_source then says so)."""
-    if not isinstance(run, FinetuneRun):
-        return []
-    try:
-        data = read_yaml(run.first().config).get("data")
-    except (OSError, ValueError):  # unreadable or not YAML: loading the source reports it in one line
-        return []
+    summary), from its `read_config`; none for a pretraining run, or without a readable config."""
+    data = config.get("data") if isinstance(run, FinetuneRun) and config is not None else None
     return [str(d) for d in data] if isinstance(data, list) else []
 
 
@@ -403,7 +413,9 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
     out = Path(out).absolute()
     run = detect_source(checkpoint)
-    check_apart({"--out": out}, {"--checkpoint": run.root, "a training store the export reads": read_stores(run)})
+    config = read_config(run)  # read once: its stores for the path rule, its settings for the export
+    check_apart({"--out": out}, {"--checkpoint": run.root,
+                                 "a training store the export reads": read_stores(run, config)})
     check_outside_exports(out)
     if out.parent.exists() and not out.parent.is_dir():
         raise ExportError(f"{out.parent}: exists and is not a folder")
@@ -411,7 +423,7 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
         with deferred_termination():  # a SIGTERM mid-recovery would leave a half-removed folder behind
             recover_interrupted(out)
         check_replaceable(out, force)
-        source = load_source(run)
+        source = load_source(run, config)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         try:
             tmp.mkdir()  # inside the try: a SIGTERM right after it still removes the folder
