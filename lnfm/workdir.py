@@ -156,12 +156,19 @@ def check_resume(workdir: str | Path, cfg: Any, keys: tuple[str, ...], has_run: 
     path = Path(workdir) / "config.yaml"
     if not has_run or not path.is_file():
         return
-    old = read_yaml(path)
-    new = json.loads(json.dumps(to_dict(cfg), default=list))  # tuples -> lists, as YAML holds them
-    diffs = [d for key in keys for d in differences(old.get(key), new.get(key), key)]
+    check_unchanged(path, read_yaml(path), cfg, keys)
+
+
+def check_unchanged(path: Path, recorded: dict, cfg: Any, keys: Iterable[str], had: str = "has",
+                    same: str = "settings") -> None:
+    """Refuse to resume the run whose record `path` holds `recorded` when the `keys` sections of
+    `cfg` differ from it: one line with the first difference and how many more. `had` and `same`
+    word it for the record ("was trained with", "data and settings")."""
+    new = json.loads(json.dumps(to_dict(cfg), default=list))  # tuples -> lists, as the record holds them
+    diffs = [d for key in keys for d in differences(recorded.get(key), new.get(key), key)]
     if diffs:
         more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
-        raise WorkdirError(f"{path}: the run to resume has {diffs[0]}{more}; resume with the same settings or "
+        raise WorkdirError(f"{path}: the run to resume {had} {diffs[0]}{more}; resume with the same {same} or "
                            f"choose a new --workdir")
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lnfm.config import ConfigError, dump_yaml, to_dict
+from lnfm.config import ConfigError, dump_yaml
 from lnfm.data.contract import Preprocessing, write_preprocessing
 from lnfm.models.sharding import make_mesh, use_rules
 from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
@@ -26,7 +26,7 @@ from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints
 from lnfm.train.loop import Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
-from lnfm.workdir import MetricsWriter, WorkdirError, check_resume, differences, lock_folder, open_workdir
+from lnfm.workdir import MetricsWriter, WorkdirError, check_resume, check_unchanged, lock_folder, open_workdir
 
 log = logging.getLogger("lnfm.train")
 
@@ -93,11 +93,8 @@ def check_resume_preprocessing(path: Path, prep: Preprocessing) -> None:
         old = json.loads(path.read_text())
     except ValueError:
         raise WorkdirError(f"{path}: not valid JSON; choose a new --workdir") from None
-    diffs = differences(old, json.loads(json.dumps(to_dict(prep))), "preprocessing")
-    if diffs:
-        more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
-        raise WorkdirError(f"{path}: the run to resume was trained with {diffs[0]}{more}; resume with the same "
-                           f"data and settings or choose a new --workdir")
+    check_unchanged(path, {"preprocessing": old}, {"preprocessing": prep}, ("preprocessing",), "was trained with",
+                    "data and settings")
 
 
 def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mapping[str, Any],

@@ -143,8 +143,10 @@ def test_run_training_job_resumes_only_under_the_recorded_preprocessing(tmp_path
     before = (tmp_path / "w" / "preprocessing.json").read_text()
     other = dataclasses.replace(_preprocessing(), normalization=Normalization((-1000.0, 1000.0), 5.0))
     with pytest.raises(WorkdirError, match=r"preprocessing.normalization.hu_window=\[-160.0, 240.0\] "
-                                           r"\(new: \[-1000.0, 1000.0\]\)"):
+                                           r"\(new: \[-1000.0, 1000.0\]\)") as e:
         _job(tmp_path / "w", lambda *a: {}, check=lambda c: Checked(c, other, "ctx"))
+    assert "the run to resume was trained with" in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).endswith("resume with the same data and settings or choose a new --workdir")
     assert (tmp_path / "w" / "preprocessing.json").read_text() == before
     assert not (tmp_path / "w" / "summary.json").exists()
     assert _job(tmp_path / "w", lambda *a: {"step": 5}) == 0  # the same preprocessing resumes
