@@ -142,13 +142,19 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
     return hd95_from_distances(*directed_distances(pred, gt, spacing))
 
 
-def hd95_from_distances(d_pg: np.ndarray, d_gp: np.ndarray) -> float:
-    """`hd95` from the output of `directed_distances` (same empty-mask conventions)."""
+def _from_distances(d_pg: np.ndarray, d_gp: np.ndarray, reduce) -> float:
+    """`reduce(d_pg, d_gp)` under the empty-mask conventions of `hd95` and `assd`: both surfaces
+    empty -> 0.0, exactly one empty -> inf."""
     if d_pg.size == 0 and d_gp.size == 0:
         return 0.0
     if d_pg.size == 0 or d_gp.size == 0:
         return float("inf")
-    return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
+    return float(reduce(d_pg, d_gp))
+
+
+def hd95_from_distances(d_pg: np.ndarray, d_gp: np.ndarray) -> float:
+    """`hd95` from the output of `directed_distances` (same empty-mask conventions)."""
+    return _from_distances(d_pg, d_gp, lambda a, b: max(np.percentile(a, 95), np.percentile(b, 95)))
 
 
 def assd(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
@@ -164,11 +170,7 @@ def assd(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
 
 def assd_from_distances(d_pg: np.ndarray, d_gp: np.ndarray) -> float:
     """`assd` from the output of `directed_distances` (same empty-mask conventions)."""
-    if d_pg.size == 0 and d_gp.size == 0:
-        return 0.0
-    if d_pg.size == 0 or d_gp.size == 0:
-        return float("inf")
-    return float(np.concatenate([d_pg, d_gp]).mean())
+    return _from_distances(d_pg, d_gp, lambda a, b: np.concatenate([a, b]).mean())
 
 
 @functools.lru_cache(maxsize=1)
