@@ -289,6 +289,11 @@ def _meta(source: _Source, format: str) -> ExportMeta:
 def _write(source: _Source, folder: Path, format: str) -> None:
     meta = _meta(source, format)
     stablehlo = onnx = None
+    if format in ("stablehlo", "onnx"):  # both hold the segmenter's inference function
+        if source.kind != "segmenter":
+            raise ExportError(f"the {format} format exports a segmentation model; a pretraining workdir holds only "
+                              f"an encoder (export a finetuning workdir)")
+        model, _ = build_from_meta(meta, source.flat)
     if format == "orbax":
         fmt.write_orbax(folder, source.flat)
         files = {"params": fmt.PARAMS_DIR}
@@ -296,18 +301,10 @@ def _write(source: _Source, folder: Path, format: str) -> None:
         fmt.write_safetensors(folder / fmt.SAFETENSORS_FILE, source.flat, {"format": "np"})
         files = {"params": fmt.SAFETENSORS_FILE}
     elif format == "stablehlo":
-        if source.kind != "segmenter":
-            raise ExportError("the stablehlo format exports a segmentation model; a pretraining workdir holds only "
-                              "an encoder (export a finetuning workdir)")
-        model, _ = build_from_meta(meta, source.flat)
         stablehlo = fmt.write_stablehlo(folder / fmt.STABLEHLO_FILE, model, tuple(meta.preprocessing.patch_size),
                                         len(meta.channels))
         files = {"function": fmt.STABLEHLO_FILE}
     elif format == "onnx":
-        if source.kind != "segmenter":
-            raise ExportError("the onnx format exports a segmentation model; a pretraining workdir holds only "
-                              "an encoder (export a finetuning workdir)")
-        model, _ = build_from_meta(meta, source.flat)
         onnx = write_onnx(folder / ONNX_FILE, model, tuple(meta.preprocessing.patch_size), len(meta.channels))
         fmt.write_safetensors(folder / fmt.SAFETENSORS_FILE, source.flat, {"format": "np"})
         files = {"onnx": ONNX_FILE, "params": fmt.SAFETENSORS_FILE}

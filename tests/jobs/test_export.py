@@ -301,9 +301,11 @@ def test_pretraining_workdir_gives_an_encoder_export_finetuning_accepts(tiny, tm
         v[1].set_value(v[1][...] * 0)
     load_encoder_state(target, loaded.encoder)
     assert np.array_equal(fmt.flat_params(target.encoder)["blocks.0.attn.qkv.kernel"], ref["blocks.0.attn.qkv.kernel"])
-    with pytest.raises(ex.ExportError, match="stablehlo"):
-        ex.export_model(pre, tmp_path / "hlo", "stablehlo")
-    assert not (tmp_path / "hlo").exists()
+    for format in ("stablehlo", "onnx"):  # both hold the segmenter's inference function
+        with pytest.raises(ex.ExportError, match=f"the {format} format exports a segmentation model; a pretraining "
+                                                 f"workdir holds only an encoder"):
+            ex.export_model(pre, tmp_path / "hlo", format)
+        assert not (tmp_path / "hlo").exists()
 
 
 def test_bad_checkpoint_folders_fail_with_one_line(tmp_path):
