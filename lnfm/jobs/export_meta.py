@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from lnfm.errors import LnfmError
 from lnfm.config import ConfigError, from_dict, to_dict
-from lnfm.data.contract import Preprocessing
+from lnfm.data.contract import ORIENTATION, Preprocessing
 from lnfm.data.scan_checks import check_target_spacing
 from lnfm.eval.inference import InferenceConfig, window_problem
 from lnfm.eval.postprocess import PostprocessConfig
@@ -102,6 +102,9 @@ def _check_values(meta: ExportMeta, where: str) -> None:
     patch = [int(p) for p in meta.preprocessing.patch_size]
     if len(patch) != 3 or min(patch) < 1:
         raise ExportError(f"{where}: preprocessing.patch_size {patch} is not three window sizes of at least 1 voxel")
+    problem = _contract_problem(meta) or _postprocess_problem(meta.postprocess)
+    if problem:
+        raise ExportError(f"{where}: {problem}")
     inf = meta.inference
     problem = (window_problem(inf.overlap, inf.sw_batch_size, "inference.overlap", "inference.sw_batch_size")
                if inf is not None else None)
@@ -113,6 +116,43 @@ def _check_values(meta: ExportMeta, where: str) -> None:
         if meta.format == fmt and isinstance(shape, list) and len(shape) == 5 and list(shape[1:4]) != patch:
             raise ExportError(f"{where}: preprocessing.patch_size {patch} differs from the window the {name} "
                               f"for {list(shape[1:4])}")
+    if inf is not None and [int(r) for r in inf.roi] != patch:
+        raise ExportError(f"{where}: inference.roi {list(inf.roi)} differs from preprocessing.patch_size {patch} "
+                          f"(the window the model was trained on)")
+    if inf is not None and not (math.isfinite(inf.sigma_scale) and inf.sigma_scale > 0):
+        raise ExportError(f"{where}: inference.sigma_scale {inf.sigma_scale:g} is not a positive fraction of a window")
+
+
+def _contract_problem(meta: ExportMeta) -> str | None:
+    """What in model.json's preprocessing or labels the model cannot have been trained with."""
+    contract, norm = meta.preprocessing.contract, meta.preprocessing.normalization
+    if contract.orientation != ORIENTATION:
+        return f"preprocessing.contract.orientation '{contract.orientation}' is not '{ORIENTATION}' (the only one)"
+    if not contract.channels or str(contract.channels[0]).upper() != "CT":
+        return f"preprocessing.contract.channels {list(contract.channels)} does not start with 'CT'"
+    if meta.model.in_channels != len(contract.channels):
+        return (f"preprocessing.contract.channels {list(contract.channels)} are not the model's "
+                f"{meta.model.in_channels} input channels")
+    if not math.isfinite(contract.body_threshold_hu):
+        return f"preprocessing.contract.body_threshold_hu {contract.body_threshold_hu} is not a HU value"
+    if not (math.isfinite(norm.pet_scale) and norm.pet_scale > 0):
+        return f"preprocessing.normalization.pet_scale {norm.pet_scale:g} is not a positive divisor"
+    if meta.kind == "segmenter" and meta.labels is not None and len(meta.labels) != meta.num_classes:
+        return f"labels {meta.labels} are not num_classes ({meta.num_classes}) names"
+    return None
+
+
+def _postprocess_problem(post: PostprocessConfig | None) -> str | None:
+    """A post-processing value that is not a size, a ratio or a HU value."""
+    if post is None:
+        return None
+    for name in ("min_volume_mm3", "min_short_axis_mm", "max_elongation"):
+        value = getattr(post, name)
+        if not (math.isfinite(value) and value >= 0):
+            return f"postprocess.{name} {value:g} is not a finite value >= 0 (0 turns it off)"
+    if post.body_threshold_hu is not None and not math.isfinite(post.body_threshold_hu):
+        return f"postprocess.body_threshold_hu {post.body_threshold_hu} is not a HU value (null turns it off)"
+    return None
 
 
 def read_meta(folder: str | Path) -> ExportMeta:

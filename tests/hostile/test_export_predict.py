@@ -419,6 +419,22 @@ OPTIONS = [
                "model.json"),
     model_case("model-json-hu-window-inverted", _meta_edit(lambda m: m["preprocessing"]["normalization"].update(
         hu_window=[400.0, -1000.0])), ("hu_window",), "model.json"),
+    model_case("model-json-body-threshold-nan", _meta_edit(lambda m: m["preprocessing"]["contract"].update(
+        body_threshold_hu=float("nan"))), ("body_threshold_hu nan",), "model.json"),
+    model_case("model-json-min-volume-negative", _meta_edit(lambda m: m["postprocess"].update(min_volume_mm3=-5.0)),
+               ("postprocess.min_volume_mm3 -5",), "model.json"),
+    model_case("model-json-sigma-zero", _meta_edit(lambda m: m["inference"].update(sigma_scale=0.0)),
+               ("inference.sigma_scale 0",), "model.json"),
+    model_case("model-json-roi-not-the-patch", _meta_edit(lambda m: m["inference"].update(
+        roi=[r // 2 for r in m["inference"]["roi"]])), ("differs from preprocessing.patch_size",), "model.json"),
+    model_case("model-json-one-label-short", _meta_edit(lambda m: m.update(labels=m["labels"][:-1])),
+               ("not num_classes",), "model.json"),
+    model_case("model-json-pet-scale-zero", _meta_edit(lambda m: m["preprocessing"]["normalization"].update(
+        pet_scale=0.0)), ("pet_scale 0",), "model.json"),
+    model_case("model-json-channels-pet-only", _meta_edit(lambda m: m["preprocessing"]["contract"].update(
+        channels=["PET"])), ("does not start with 'CT'",), "model.json"),
+    model_case("model-json-orientation-unknown", _meta_edit(lambda m: m["preprocessing"]["contract"].update(
+        orientation="LPI")), ("orientation 'LPI'",), "model.json"),
     model_case("model-json-file-outside-the-export", _meta_edit(lambda m: m["files"].update(params="../params")),
                ("must name a file inside the export",), "model.json"),
     model_case("model-missing", lambda w, inp: inp / "none", ("not an export",)),
