@@ -118,23 +118,58 @@ def _affine_transform(work: np.ndarray, m: np.ndarray, offset: np.ndarray, shape
     return out
 
 
+# Unit axis directions farther than this from the nearest orthonormal frame are a shear (a gantry
+# tilt, or a sheared NIfTI affine); rounding of DICOM's direction cosines stays far below it.
+SHEAR_TOL = 1e-4
+
+
+def _nearest_frame(affine: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The orthonormal frame closest to the grid's unit axis directions (polar decomposition; a
+    rotation keeps its own), and whether the grid is sheared."""
+    a = np.asarray(affine, float)[:3, :3]
+    dirs = a / np.asarray(spacing_of(affine))[None, :]
+    u, _, vt = np.linalg.svd(dirs)
+    frame = u @ vt
+    return frame, bool(np.abs(frame - dirs).max() > SHEAR_TOL)
+
+
 def target_grid(affine: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, float, float]
                 ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Affine and shape of the grid with `spacing` covering the same extent; voxel 0's centre is kept."""
+    """Affine and shape of the grid with `spacing` covering the same extent; voxel 0's centre is kept.
+
+    A sheared grid (a gantry-tilted series) becomes the orthogonal grid nearest its axes, over the
+    box its voxels span, so the model sees the anatomy unsheared; `restore_to_source` maps back."""
     old = np.asarray(spacing_of(affine))
     new = np.asarray(spacing, float)
-    shape_new = tuple(int(max(1, round(n * o / s))) for n, o, s in zip(shape[:3], old, new))
-    scaled = np.asarray(affine, float).copy()
-    scaled[:3, :3] = scaled[:3, :3] * (new / old)[None, :]
-    return scaled, shape_new  # type: ignore[return-value]
+    frame, sheared = _nearest_frame(affine)
+    if not sheared:
+        shape_new = tuple(int(max(1, round(n * o / s))) for n, o, s in zip(shape[:3], old, new))
+        scaled = np.asarray(affine, float).copy()
+        scaled[:3, :3] = scaled[:3, :3] * (new / old)[None, :]
+        return scaled, shape_new  # type: ignore[return-value]
+    a = np.asarray(affine, float)
+    corners = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in shape[:3]])))
+    coords = (corners @ a[:3, :3].T) @ frame  # the voxel box's corners in the frame's axes
+    lo, hi = coords.min(axis=0), coords.max(axis=0)
+    shape_new = tuple(int(max(1, np.ceil((h - l) / s - 1e-6))) for l, h, s in zip(lo, hi, new))
+    out = np.eye(4)
+    out[:3, :3] = frame * new[None, :]
+    out[:3, 3] = a[:3, 3] + frame @ (lo + new / 2)
+    return out, shape_new  # type: ignore[return-value]
 
 
 def resample_to_spacing(vol: Volume, spacing, order: int) -> Volume:
-    """Resample to `spacing` mm (per array axis); order 0 for labels, 1 (linear) or 3 for images."""
+    """Resample to `spacing` mm (per array axis); order 0 for labels, 1 (linear) or 3 for images.
+    Where an unsheared grid reaches past a sheared source, images take each channel's minimum
+    (air for CT) and labels background."""
     affine, shape = target_grid(vol.affine, vol.data.shape, tuple(spacing))
     if shape == vol.shape3 and np.allclose(affine, vol.affine):
         return Volume(vol.data, vol.affine)
-    return Volume(resample_to_grid(vol.data, vol.affine, affine, shape, order), affine)
+    if order == 0 or not _nearest_frame(vol.affine)[1]:
+        return Volume(resample_to_grid(vol.data, vol.affine, affine, shape, order), affine)
+    channels = [vol.data] if vol.data.ndim == 3 else [vol.data[..., c] for c in range(vol.data.shape[-1])]
+    out = [resample_to_grid(x, vol.affine, affine, shape, order, cval=float(np.min(x))) for x in channels]
+    return Volume(out[0] if vol.data.ndim == 3 else np.stack(out, axis=-1), affine)
 
 
 def body_bbox(image: np.ndarray, threshold: float, margin: int = 2) -> tuple[list[int], list[int]]:

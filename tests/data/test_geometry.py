@@ -281,3 +281,67 @@ def test_prepare_round_trip_keeps_world_coordinates(shared_data, prepared_real, 
     back = to_canonical(Volume(back, img.affine)).data
     fg = lab_grid.data > 0
     assert (back[fg] == lab_grid.data[fg]).mean() > 0.7
+
+
+def _tilted(tilt_deg: float, shape=(40, 36, 24)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A gantry-tilted series: slices 2.5 mm apart along z, each shifted in y by 2.5 * tan(tilt).
+    Returns the affine, a CT (air, a soft-tissue block, a 7 mm sphere at 300 HU) and the sphere's
+    label, both sampled at the source voxels' world positions."""
+    aff = np.eye(4)
+    aff[:3, :3] = np.column_stack([(0.8, 0, 0), (0, 0.8, 0), (0, 2.5 * np.tan(np.radians(tilt_deg)), 2.5)])
+    aff[:3, 3] = (-16.0, -20.0, -30.0)
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    world = idx @ aff[:3, :3].T + aff[:3, 3]
+    sphere = np.linalg.norm(world - (0.0, 2.0, 0.0), axis=-1) < 7.0
+    ct = np.where(np.abs(world[..., 1] - 2.0) < 10, 40.0, -1000.0).astype(np.float32)
+    ct[sphere] = 300.0
+    return aff, ct, sphere.astype(np.uint8)
+
+
+def test_a_sheared_grid_is_resampled_onto_the_nearest_orthogonal_grid_and_back():
+    from lnfm.data.geometry import target_grid
+
+    aff, ct, label = _tilted(20.0)
+    out, shape = target_grid(aff, ct.shape, (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(out[:3, :3].T @ out[:3, :3], np.eye(3), atol=1e-12)  # orthogonal, 1 mm
+    # Every source voxel centre lies inside the new grid.
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in ct.shape], indexing="ij"), -1).reshape(-1, 3)
+    inside = (np.c_[idx, np.ones(len(idx))] @ (np.linalg.inv(out) @ aff).T)[:, :3]
+    assert inside.min() >= -0.5 and np.all(inside.max(axis=0) <= np.array(shape) - 0.5)
+
+    img = resample_to_spacing(Volume(ct, aff), (1.0, 1.0, 1.0), order=1)
+    lab = resample_to_spacing(Volume(label, aff), (1.0, 1.0, 1.0), order=0)
+    np.testing.assert_allclose(img.affine, out)
+    # The label is the sphere at the new grid's world positions: round in the array, not sheared.
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1) @ out[:3, :3].T + out[:3, 3]
+    truth = np.linalg.norm(grid - (0.0, 2.0, 0.0), axis=-1) < 7.0
+    dice = 2 * (truth & (lab.data > 0)).sum() / (truth.sum() + (lab.data > 0).sum())
+    assert dice > 0.9, dice
+    extents = [np.ptp(np.nonzero(lab.data)[a]) for a in range(3)]
+    assert max(extents) - min(extents) <= 2, extents
+    # Beyond the sheared source, the CT is air (its minimum), not 0 HU water.
+    src = (grid - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T  # each new voxel's position in source indices
+    outside = np.any((src < -1.5) | (src > np.array(ct.shape) + 0.5), axis=-1)
+    assert outside.sum() > 1000
+    np.testing.assert_array_equal(img.data[outside], -1000.0)
+
+    # Through preprocessing and back: the restored label equals the source label.
+    array, _, record = preprocess_volume(Volume(label, aff), (1.0, 1.0, 1.0), crop_body=False, is_label=True)
+    back = restore_to_source(array, record, order=0)
+    dice = 2 * (back & label).sum() / (back.sum() + label.sum())
+    assert dice > 0.9, dice
+
+
+def test_an_unsheared_oblique_grid_keeps_its_axes():
+    """A rotation is not a shear: the resampled grid keeps the scan's own axes (the former rule)."""
+    from lnfm.data.geometry import target_grid
+
+    c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
+    aff = np.eye(4)
+    aff[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([0.7, 0.7, 3.0])
+    aff[:3, 3] = (3, 4, 5)
+    out, shape = target_grid(aff, (50, 40, 20), (1.4, 1.4, 1.5))
+    expected = aff.copy()
+    expected[:3, :3] = aff[:3, :3] * (np.array([1.4, 1.4, 1.5]) / np.array([0.7, 0.7, 3.0]))[None, :]
+    np.testing.assert_array_equal(out, expected)
+    assert shape == (25, 20, 40)
