@@ -126,6 +126,23 @@ def _off_line(positions: np.ndarray) -> float:
     return float(np.linalg.norm(rel - np.outer(rel @ direction, direction), axis=1).max())
 
 
+def _rescale(ds: pydicom.Dataset, where: str) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept (1 and 0 when absent or empty). A slope of 0 would make
+    every voxel the intercept: refused, as a value that is not a finite number."""
+    values = []
+    for name, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = ds.get(name)
+        try:
+            value = default if raw is None or str(raw).strip() == "" else float(raw)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not np.isfinite(value) or (name == "RescaleSlope" and value == 0):
+            raise ImageReadError(f"{where}: {name} {raw!s} is not a usable value (a finite number"
+                                 f"{', not 0' if name == 'RescaleSlope' else ''})")
+        values.append(value)
+    return values[0], values[1]
+
+
 def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
     """A folder holding one DICOM series (or several, of which `series` names the one to
     read by its SeriesInstanceUID), or a single DICOM file."""
@@ -152,8 +169,7 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
         if pixels.ndim != 2:
             raise ImageReadError(f"{where}: DICOM pixel data is {pixels.ndim}D; expected one 2D slice per file")
         iop, ipp, spacing = _slice_geometry(ds, where)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        slope, intercept = _rescale(ds, where)
         slices.append((iop, ipp, spacing, pixels, slope, intercept, ds.get("SliceThickness"),
                        ds.get("SpacingBetweenSlices")))
     iop, _, spacing = slices[0][:3]

@@ -262,6 +262,8 @@ SCANS = [
         ds, "PixelSpacing", [-0.625, 0.625])), ("PixelSpacing", "positive")),
     scan_case("dicom-slices-off-one-line", dicom_edited(_shift_x, extra_slice=True), ("on one line",)),
     scan_case("dicom-slice-without-pixel-data", dicom_edited(_no_pixels), ("no pixel data",)),
+    scan_case("dicom-rescale-slope-zero", dicom_edited(lambda ds, n: setattr(ds, "RescaleSlope", 0)),
+              ("RescaleSlope 0", "not 0")),
     scan_case("two-channels-for-a-one-channel-model", lambda inp: (f"{real_ct(inp)},{real_ct(inp)}",
                                                                     inp / "real_ct.nii.gz"), ("expects 1 channel",)),
     scan_case("channels-on-different-grids", _pair_different_grids, ("expects 1 channel",)),
