@@ -228,8 +228,9 @@ def torch_same_net_step(arm: FinetuneArm, attention: str = "sdpa"):
     count) of LNFM's segmenter in PyTorch (`bench/torch_segmenter.py`, LNFM's initial weights) with
     LNFM's finetuning step: its loss (MONAI DiceCELoss set up to equal it), the same trainable
     parameters, AdamW with the same betas, eps, weight-decay mask and per-parameter layer-wise LR
-    scales, and global-norm clipping. The LR is constant at the peak (LNFM's schedule changes the
-    values, not the work)."""
+    scales, global-norm clipping, and the parameters' moving average when the preset keeps one
+    (`optim.ema_decay`, a `lerp_` per parameter). The LR is constant at the peak (LNFM's schedule
+    changes the values, not the work)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from torch_segmenter import channels_first, dice_ce_loss, from_lnfm, label_tensor
@@ -266,6 +267,8 @@ def torch_same_net_step(arm: FinetuneArm, attention: str = "sdpa"):
     loss_fn = dice_ce_loss(cfg.loss)
     x, y = channels_first(arm.data["image"]), label_tensor(arm.data["label"])
 
+    ema = [p.detach().clone() for p in params] if cfg.optim.ema_decay > 0 else None
+
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(net(x), y)
@@ -273,6 +276,10 @@ def torch_same_net_step(arm: FinetuneArm, attention: str = "sdpa"):
         if cfg.optim.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p, 1.0 - cfg.optim.ema_decay)
         return loss.detach()
 
     def run(steps: int) -> torch.Tensor:
