@@ -495,11 +495,35 @@ def _reads_back(w, inp, out):
         assert nib.load(out / name).shape[:3] == nib.load(w.scan).shape
 
 
+def _tilt(ds, n):
+    """A 20 degree gantry tilt: each slice shifted along y by its z position times tan(20 deg)."""
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    ds.ImagePositionPatient = [x, y + z * float(np.tan(np.radians(20.0))), z]
+    ds.GantryDetectorTilt = 20.0
+
+
+def _tilted_case(w, inp, out):
+    folder, _ = dicom_edited(_tilt, extra_slice=True)(inp)
+    return pred_argv(w.orbax, folder, out), None
+
+
+def _on_the_tilted_grid(w, inp, out):
+    """The mask lies on the series' own (sheared) grid: its shape and affine."""
+    from lnfm.io.dicom import read_dicom_series
+
+    src = read_dicom_series(inp / "d")
+    mask = nib.load(out / "mask.nii.gz")
+    assert mask.shape == src.data.shape[:3] == (512, 512, 3)
+    np.testing.assert_allclose(mask.affine, src.affine, atol=1e-4)
+    assert abs(src.affine[1, 2]) > 0.3  # the slice axis leans along y: the grid is sheared
+
+
 HANDLED = [
     Case("predict-real-ct", "predict", lambda w, inp, out: (pred_argv(w.orbax, real_ct(inp), out), None), 0,
          check=_same_grid_as(lambda w, inp: inp / "real_ct.nii.gz")),
     Case("predict-two-series-with-series-flag", "predict", _two_series_flag, 0, check=_mask_shape((512, 512, 2))),
     Case("predict-output-suffix-in-capitals", "predict", _upper_suffix, 0, check=_reads_back),
+    Case("predict-dicom-gantry-tilt", "predict", _tilted_case, 0, check=_on_the_tilted_grid),
     Case("predict-stablehlo-export", "predict", lambda w, inp, out: (pred_argv(w.stablehlo, w.scan, out), None), 0,
          check=_same_grid_as(lambda w, inp: w.scan)),
 ]
