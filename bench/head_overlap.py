@@ -1,7 +1,7 @@
 """Decoder heads and sliding-window overlaps, on held-out phantoms (docs/finetuning.md).
 
     python bench/head_overlap.py [--site pelvis] [--heads fine,unetr,unetr:feature_size=8] [--overlaps 0.5,0.25] \
-        [--seeds 3] [--workdir DIR]
+        [--seeds 3] [--window 64,64,48] [--workdir DIR]
 
 `bench/accuracy.py`'s cpu preset (its phantoms, its MAE pretraining, `finetune --quick`'s
 recipe with 4 labelled cases and `recipe_ab.BASE_STEPS` = 600 steps), with `head.kind` set per
@@ -9,7 +9,9 @@ arm (`KIND:OPTION=VALUE;...` also sets `head.options`). Each finetuned model is 
 scored through `lnfm.jobs.predict` at every overlap on dev phantoms of the held-out generator
 variant (dataset seeds 505 and 606, never the benchmark's test seed). `--site` makes every
 phantom set from that site's anatomy and prepares the stores at its preset's spacing (the
-default, pelvis, is the cpu preset as it is). Prints mean Dice per seed and the paired
+default, pelvis, is the cpu preset as it is). `--window` trains and predicts with that patch
+instead of the recipe's 32³ (arms named HEAD@X,Y,Z), to see how the overlap's effect changes with
+the window's size. Prints mean Dice per seed and the paired
 differences over (seed, volume) pairs; finished arms are cached in the workdir's
 heads_ab.jsonl, so a rerun resumes.
 """
@@ -36,9 +38,20 @@ def dev_cases(work: Path, shape, site: str) -> list[B.TestCase]:
     return recipe_ab.dev_cases(work, shape, "heldout", folder_prefix="phantoms_dev", site=site)
 
 
-def run_arm(head: str, seed: int, preset: A.Preset, bench: B.Benchmark, pre: Path, dev, overlaps, work: Path) -> dict:
-    cfg = A.finetune_config(preset, bench, str(pre), 4, seed, extra=tuple(head_overrides(head)))
-    folder = head.replace(":", "_").replace(";", "_").replace("=", "")
+def window_overrides(window: str | None) -> list[str]:
+    """site.patch and the ViT's grid (its sincos table takes any size) for a `--window` X,Y,Z."""
+    if not window:
+        return []
+    size = "[" + window + "]"
+    return [f"site.patch={size}", f"model.img_size={size}"]
+
+
+def run_arm(head: str, seed: int, preset: A.Preset, bench: B.Benchmark, pre: Path, dev, overlaps, work: Path,
+            window: str | None = None) -> dict:
+    cfg = A.finetune_config(preset, bench, str(pre), 4, seed,
+                            extra=tuple(head_overrides(head) + window_overrides(window)))
+    head = f"{head}@{window}" if window else head
+    folder = head.replace(":", "_").replace(";", "_").replace("=", "").replace("@", "_w").replace(",", "x")
     summary, fn, meta = A.finetune_and_export(cfg, work / "runs" / f"{folder}_s{seed}")
     row = {"head": head, "seed": seed, "train_s": summary["train_time_s"]}
     for ov in overlaps:
@@ -53,6 +66,7 @@ def main() -> None:
     ap.add_argument("--heads", default="fine,unetr")
     ap.add_argument("--overlaps", default="0.5,0.25")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--window", default=None, help="X,Y,Z: train and predict with this patch instead of 32³")
     ap.add_argument("--workdir", default=None, help="default: runs/head_overlap (pelvis), runs/head_overlap_SITE")
     args = ap.parse_args()
     heads, overlaps = args.heads.split(","), [float(o) for o in args.overlaps.split(",")]
@@ -67,9 +81,11 @@ def main() -> None:
     cache = work / "heads_ab.jsonl"
     lines = cache.read_text().splitlines() if cache.is_file() else []
     rows = {(r["head"], r["seed"]): r for r in map(json.loads, lines)}
-    for seed, head in itertools.product(range(args.seeds), heads):
+    trained = heads
+    heads = [f"{h}@{args.window}" if args.window else h for h in heads]
+    for seed, (head, kind) in itertools.product(range(args.seeds), zip(heads, trained)):
         if (head, seed) not in rows or any(f"dice_{ov}" not in rows[(head, seed)] for ov in overlaps):
-            rows[(head, seed)] = run_arm(head, seed, preset, bench, pre, dev, overlaps, work)
+            rows[(head, seed)] = run_arm(kind, seed, preset, bench, pre, dev, overlaps, work, args.window)
             with cache.open("a") as f:
                 f.write(json.dumps(rows[(head, seed)]) + "\n")
     seeds = range(args.seeds)
