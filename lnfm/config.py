@@ -193,11 +193,36 @@ def preset_path(kind: str, name_or_path: str) -> Path:
                       f"(choices: {', '.join(names)})")
 
 
-def read_yaml(path: str | Path) -> dict:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"key '{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                              f"keep one")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: str | Path, *, allow_empty: bool = True) -> dict:
+    """A YAML file whose top level is a mapping, each key once; an empty file is {} unless not `allow_empty`."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if data is None:
+        if not allow_empty:
+            raise ConfigError(f"{path}: the config file is empty (give at least one key, e.g. base: NAME)")
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
@@ -205,7 +230,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_yaml_with_base(path: Path, kind: str) -> dict:
     """Read a YAML config; a top-level `base: NAME` inherits from another preset."""
-    data = read_yaml(path)
+    data = read_yaml(path, allow_empty=False)
     base = data.pop("base", None)
     if base:
         data = _merge(load_yaml_with_base(preset_path(kind, base), kind), data)
