@@ -10,6 +10,7 @@ state (a small JSON blob) is all a resumed job needs to see the same batches.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grain
@@ -53,6 +54,38 @@ class LoaderConfig:
     paste_zoom: float = 0.0  # zoom each pasted node by a factor in [1/(1+z), 1+z] (0.25: -0.049 held-out Dice)
     seed: int = 0  # sampling seed (non-negative, 32-bit)
     epoch_length: int = 10000  # records per epoch of the virtual index the sampler shuffles
+
+
+def check_loader(cfg: LoaderConfig, where: str = "loader") -> None:
+    """The loader section's ranges (`where`: its name in the job's config, `loader` or `data`), the one
+    place they are checked; jobs call it before anything is written. Each refusal names the key and
+    its valid range. The patch and batch sizes are the jobs' own (site.patch, train.global_batch)."""
+    def bad(name: str, rng: str) -> ConfigError:
+        value = getattr(cfg, name)
+        return ConfigError(f"{where}.{name} must be in {rng}, got {value:g}" if isinstance(value, float)
+                           else f"{where}.{name} must be in {rng}, got {value}")
+
+    for name in ("fg_fraction", "spatial_p", "paste_p"):  # shares of the patches
+        if not 0.0 <= getattr(cfg, name) <= 1.0:  # NaN fails too
+            raise bad(name, "[0, 1] (a share of the patches)")
+    for name in ("intensity_shift", "rotate_deg", "scale", "tilt_deg", "blur_sigma", "noise_std", "paste_zoom"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):  # ranges drawn as U(-v, v) or up to v
+            raise bad(name, "[0, inf) (0 = off)")
+    if not 0.0 <= cfg.intensity_scale < 1.0:  # a factor 1 + U(-s, s) that stays positive
+        raise bad("intensity_scale", "[0, 1) (0 = off)")
+    if not (math.isfinite(cfg.low_res) and cfg.low_res >= 1.0):
+        raise bad("low_res", "[1, inf) (times coarser; 1 = off)")
+    if not (math.isfinite(cfg.pet_scale) and cfg.pet_scale > 0):
+        raise bad("pet_scale", "(0, inf) (the PET divisor)")
+    lo, hi = (float(v) for v in cfg.hu_window)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ConfigError(f"{where}.hu_window {[lo, hi]} is not a window from a lower to a higher HU value")
+    for name, low in (("paste_margin", 0), ("workers", 0), ("prefetch", 1), ("seed", 0), ("epoch_length", 1)):
+        if getattr(cfg, name) < low:
+            raise bad(name, f"[{low}, inf)")
+    if cfg.seed >= 2 ** 32:
+        raise bad("seed", "[0, 2**32)")
 
 
 def read_box(arr, start: np.ndarray, size: tuple[int, int, int], fill: float, dtype=np.float32) -> np.ndarray:

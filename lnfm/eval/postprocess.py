@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,20 @@ class PostprocessConfig:
     body_threshold_hu: float | None = -500.0  # HU threshold of the body mask; None keeps predictions outside it
     min_short_axis_mm: float = 0.0  # components whose 3D minor diameter is below this are removed (0 keeps all)
     max_elongation: float = 0.0  # components over this major/minor diameter ratio (vessel-like) are removed; 0: off
+
+
+def postprocess_problem(post: PostprocessConfig | None) -> str | None:
+    """A post-processing value that is not a size, a ratio or a HU value, in one line naming it, or None: the one
+    owner of these ranges (finetuning's config and model.json)."""
+    if post is None:
+        return None
+    for name in ("min_volume_mm3", "min_short_axis_mm", "max_elongation"):
+        value = getattr(post, name)
+        if not (math.isfinite(value) and value >= 0):
+            return f"postprocess.{name} {value:g} is not a finite value >= 0 (0 turns it off)"
+    if post.body_threshold_hu is not None and not math.isfinite(post.body_threshold_hu):
+        return f"postprocess.body_threshold_hu {post.body_threshold_hu} is not a HU value (null turns it off)"
+    return None
 
 
 def postprocess(mask: np.ndarray, spacing, cfg: PostprocessConfig, hu: np.ndarray | None = None,

@@ -19,7 +19,7 @@ from lnfm.config import ConfigError, from_dict, to_dict
 from lnfm.data.contract import ORIENTATION, Preprocessing
 from lnfm.data.scan_checks import check_target_spacing
 from lnfm.eval.inference import InferenceConfig, window_problem
-from lnfm.eval.postprocess import PostprocessConfig
+from lnfm.eval.postprocess import PostprocessConfig, postprocess_problem
 from lnfm.models.config import ModelConfig
 from lnfm.models.heads.config import HeadConfig
 from lnfm.runs import CHECKSUMS, MODEL_JSON, ExportFolder
@@ -102,7 +102,7 @@ def _check_values(meta: ExportMeta, where: str) -> None:
     patch = [int(p) for p in meta.preprocessing.patch_size]
     if len(patch) != 3 or min(patch) < 1:
         raise ExportError(f"{where}: preprocessing.patch_size {patch} is not three window sizes of at least 1 voxel")
-    problem = _contract_problem(meta) or _postprocess_problem(meta.postprocess)
+    problem = _contract_problem(meta) or postprocess_problem(meta.postprocess)
     if problem:
         raise ExportError(f"{where}: {problem}")
     inf = meta.inference
@@ -139,19 +139,6 @@ def _contract_problem(meta: ExportMeta) -> str | None:
         return f"preprocessing.normalization.pet_scale {norm.pet_scale:g} is not a positive divisor"
     if meta.kind == "segmenter" and meta.labels is not None and len(meta.labels) != meta.num_classes:
         return f"labels {meta.labels} are not num_classes ({meta.num_classes}) names"
-    return None
-
-
-def _postprocess_problem(post: PostprocessConfig | None) -> str | None:
-    """A post-processing value that is not a size, a ratio or a HU value."""
-    if post is None:
-        return None
-    for name in ("min_volume_mm3", "min_short_axis_mm", "max_elongation"):
-        value = getattr(post, name)
-        if not (math.isfinite(value) and value >= 0):
-            return f"postprocess.{name} {value:g} is not a finite value >= 0 (0 turns it off)"
-    if post.body_threshold_hu is not None and not math.isfinite(post.body_threshold_hu):
-        return f"postprocess.body_threshold_hu {post.body_threshold_hu} is not a HU value (null turns it off)"
     return None
 
 

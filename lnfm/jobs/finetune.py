@@ -49,12 +49,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, normalize
-from lnfm.data.loader import LoaderConfig, make_loader
+from lnfm.data.loader import LoaderConfig, check_loader, make_loader
+from lnfm.data.scan_checks import check_target_spacing
 from lnfm.data.paste import IGNORE_LABEL
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
 from lnfm.eval.metrics import evaluate_case, summarize
-from lnfm.eval.postprocess import PostprocessConfig, tune_size_prior, without_size_prior
+from lnfm.eval.inference import window_problem
+from lnfm.eval.postprocess import PostprocessConfig, postprocess_problem, tune_size_prior, without_size_prior
 from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.surface import dice as dice_score
 from lnfm.jobs.finetune_config import FinetuneConfig, FinetuneTrainConfig, HeadConfig
@@ -71,16 +73,16 @@ from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_mod
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import model_output_loss
 from lnfm.runs import BEST_JSON, SUMMARY, ExportFolder, FinetuneRun, PretrainRun, RepeatRun, read_json, write_json
-from lnfm.segmentation.strategies import count_params, layer_index_fn, trainable_filter
+from lnfm.segmentation.strategies import check_strategy, count_params, layer_index_fn, trainable_filter
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput
-from lnfm.train.optim import check_ema_decay, ema_params, layer_lr_scales, make_optimizer
+from lnfm.train.optim import ema_params, layer_lr_scales, make_optimizer
 from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessing
 from lnfm.train.state import create_train_state, merge_model, split_model
-from lnfm.train.job import Checked, device_batch, fit, run_training_job
+from lnfm.train.job import Checked, check_run_config, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
 from lnfm.workdir import MetricsWriter, open_workdir
 
@@ -152,17 +154,52 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         tree = to_dict(cfg)
         tree["model"] = apply_overrides(model, [o.split(".", 1)[1] for o in overrides if o.startswith("model.")])
         cfg = from_dict(FinetuneConfig, tree)
-    if cfg.train.repeats < 1:
-        raise ConfigError(f"train.repeats must be at least 1, got {cfg.train.repeats}")
-    check_ema_decay(cfg.optim.ema_decay)
-    if not 0 < cfg.train.val_fraction < 1:
-        raise ConfigError(f"train.val_fraction must be in (0, 1) (the share of training cases held out for "
-                          f"validation when the store has no val split), got {cfg.train.val_fraction:g}")
+    check_site(cfg)
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
     window, pet_scale = (norm.hu_window, norm.pet_scale) if norm else (cfg.site.window, cfg.loader.pet_scale)
-    return dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, hu_window=tuple(window),
-                                                               pet_scale=float(pet_scale)))
+    cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, hu_window=tuple(window),
+                                                              pet_scale=float(pet_scale)))
+    check_config(cfg)
+    return cfg
+
+
+def check_site(cfg: FinetuneConfig) -> None:
+    """The site section: a voxel size, a patch of at least one voxel per axis, an increasing HU window."""
+    check_target_spacing(cfg.site.spacing, "site.spacing")
+    if min(cfg.site.patch) < 1:
+        raise ConfigError(f"site.patch {list(cfg.site.patch)} must be three sizes of at least 1 voxel")
+    lo, hi = (float(v) for v in cfg.site.window)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ConfigError(f"site.window {[lo, hi]} is not a window from a lower to a higher HU value")
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """The finetuning sections' own ranges, before anything is read or written (the sections every training
+    job shares, train / optim / checkpoint, are `lnfm.train.job.check_run_config`'s). Each refusal names the
+    key and its valid range."""
+    check_site(cfg)
+    tc = cfg.train
+    if tc.repeats < 1:
+        raise ConfigError(f"train.repeats must be at least 1, got {tc.repeats}")
+    if tc.seed < 0:  # seed + repeat seeds the loader's sampler, which takes non-negative seeds
+        raise ConfigError(f"train.seed must be at least 0, got {tc.seed}")
+    if not 0 < tc.val_fraction < 1:
+        raise ConfigError(f"train.val_fraction must be in (0, 1) (the share of training cases held out for "
+                          f"validation when the store has no val split), got {tc.val_fraction:g}")
+    check_run_config(cfg)
+    check_loader(cfg.loader)
+    if cfg.loader.seed != 0:  # the loader samples with train.seed + repeat
+        raise ConfigError(f"loader.seed={cfg.loader.seed} is not used by finetuning; set train.seed (repeat r "
+                          f"samples with train.seed + r)")
+    check_strategy(cfg.strategy)
+    inf = cfg.inference
+    problem = window_problem(inf.overlap, inf.sw_batch_size, "inference.overlap", "inference.sw_batch_size")
+    if problem is None and not (math.isfinite(inf.sigma_scale) and inf.sigma_scale > 0):
+        problem = f"inference.sigma_scale {inf.sigma_scale:g} is not in (0, inf) (a fraction of the window)"
+    problem = problem or postprocess_problem(cfg.postprocess)
+    if problem:
+        raise ConfigError(problem)
 
 
 # ----------------------------------------------------------------------------- data
@@ -708,6 +745,9 @@ def _check(cfg: FinetuneConfig) -> Checked:
                             f"{cfg.model.in_channels}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
     check_encoder_fits(cfg)
+    if cfg.strategy.freeze == "first_k":  # strategy.k's upper bound: the encoder's units (abstract: nothing allocated)
+        seg = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
+        check_strategy(cfg.strategy, len(seg.encoder.units()))
     # A node's highest label value (stores prepared before it was recorded: its majority class).
     labelled = [records[i] for i in splits.pool + splits.val + splits.test]
     max_class, store, rec = max(((int(n.get("max_class", n.get("class", 1))), s, r) for s, r in labelled

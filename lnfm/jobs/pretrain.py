@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, load_config, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
-from lnfm.data.loader import LoaderConfig, make_loader
+from lnfm.data.loader import LoaderConfig, check_loader, make_loader
 from lnfm.data.store import check_stores
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
@@ -183,6 +183,7 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
 
     def check(cfg: PretrainConfig) -> Checked:  # before anything compiles
+        check_loader(cfg.data, "data")
         counts = check_stores(stores, cfg.data.split, cfg.data.spacing)
         prep = pretrain_preprocessing(cfg, stores)
         weights = list(cfg.data.weights) or None

@@ -9,6 +9,10 @@ from lnfm.config import ConfigError
 # Preset size names per architecture (the dimensions live in lnfm.models.vit.SIZES and
 # lnfm.models.swin.SWIN_SIZES; tests/models/test_config.py keeps the lists equal).
 SIZE_NAMES = {"vit": ("tiny", "s", "b", "l", "h"), "swin": ("tiny", "s", "b")}
+# Compute and parameter dtypes the layers take, and lnfm.models.layers.REMAT_POLICIES's names (the same test keeps
+# them equal).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+REMAT_NAMES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
 @dataclass
@@ -48,3 +52,19 @@ class ModelConfig:
         if self.size not in SIZE_NAMES[self.arch]:
             raise ConfigError(f"model.size: '{self.size}' is not a {self.arch} size (choices: "
                               f"{', '.join(SIZE_NAMES[self.arch])})")
+        for name, choices in (("dtype", DTYPE_NAMES), ("param_dtype", DTYPE_NAMES), ("remat", REMAT_NAMES),
+                              ("pos_embed", ("sincos", "learnable"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.{name}: '{getattr(self, name)}' is not one of {list(choices)}")
+        for name in ("patch_size", "img_size", "window_size", "swin_patch_size", "feature_layers"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                raise ConfigError(f"model.{name} {list(values)} must hold sizes (or block numbers) of at least 1")
+        for name in ("in_channels", "width", "depth", "heads", "mlp_dim", "decoder_width", "decoder_depth",
+                     "decoder_heads", "decoder_mlp_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{name} must be at least 1, got {value}")
+        if not 0.0 < self.mask_ratio < 1.0:  # NaN fails too
+            raise ConfigError(f"model.mask_ratio must be in (0, 1) (the share of patches hidden from the encoder), "
+                              f"got {self.mask_ratio:g}")

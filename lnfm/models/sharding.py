@@ -24,6 +24,8 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lnfm.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -62,20 +64,30 @@ class MeshConfig:
 def _rule_table(rules: str | tuple) -> tuple:
     if isinstance(rules, str):
         if rules not in RULES:
-            raise ValueError(f"unknown sharding rules '{rules}' (choices: {', '.join(RULES)})")
+            raise ConfigError(f"mesh.rules: unknown sharding rules '{rules}' (choices: {', '.join(RULES)})")
         return RULES[rules]
     return tuple(rules)
+
+
+def check_mesh(cfg: MeshConfig) -> None:
+    """The mesh section's values, before any device is counted: group sizes of at least 1, a known rule table."""
+    for name in ("fsdp", "tensor"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"mesh.{name} must be at least 1 (a group size), got {getattr(cfg, name)}")
+    if cfg.data < 1 and cfg.data != -1:
+        raise ConfigError(f"mesh.data must be at least 1, or -1 (the devices left after fsdp x tensor), got {cfg.data}")
+    _rule_table(cfg.rules)
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """Mesh with axes ('data', 'fsdp', 'tensor') and Auto axis types."""
     devices = list(jax.devices() if devices is None else devices)
+    check_mesh(cfg)
     fixed = cfg.fsdp * cfg.tensor
     data = len(devices) // fixed if cfg.data == -1 else cfg.data
     if data < 1 or data * fixed != len(devices):
-        raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} x tensor={cfg.tensor} does not match "
-                         f"{len(devices)} devices")
-    _rule_table(cfg.rules)
+        raise ConfigError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} x tensor={cfg.tensor} does not match "
+                          f"{len(devices)} devices")
     grid = np.asarray(devices).reshape(data, cfg.fsdp, cfg.tensor)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

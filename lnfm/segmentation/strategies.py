@@ -19,6 +19,7 @@ to the `frozen` pytree and never meet the optimizer.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 from collections.abc import Callable
 
@@ -39,6 +40,22 @@ class StrategyConfig:
 
 
 Path = tuple
+
+
+def check_strategy(cfg: StrategyConfig, num_units: int | None = None) -> None:
+    """The strategy section's ranges, before anything is written (`num_units`: the encoder's freezable
+    units when known, the upper bound of strategy.k). Each refusal names the key and its valid range."""
+    if cfg.freeze == "first_k" and cfg.k < 0:
+        raise ConfigError(f"strategy.k={cfg.k} must be at least 0 (the leading encoder units frozen)")
+    if cfg.freeze == "first_k" and num_units is not None and cfg.k > num_units:
+        raise ConfigError(f"strategy.k={cfg.k} is outside 0..{num_units} (the encoder has {num_units} units)")
+    if not (math.isfinite(cfg.llrd) and 0.0 < cfg.llrd <= 1.0):
+        raise ConfigError(f"strategy.llrd must be in (0, 1] (layer-wise LR decay; 1 = off), got {cfg.llrd:g}")
+    if cfg.freeze == "lora" and cfg.lora_rank < 1:
+        raise ConfigError(f"strategy.lora_rank must be at least 1, got {cfg.lora_rank}")
+    if cfg.freeze == "lora" and not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        raise ConfigError(f"strategy.lora_alpha must be in (0, inf) (update scale alpha / rank), got "
+                          f"{cfg.lora_alpha:g}")
 
 
 def module_paths(model: nnx.Module) -> dict[int, Path]:
@@ -76,8 +93,7 @@ def trainable_filter(model: nnx.Module, cfg: StrategyConfig) -> Callable[[Path, 
         return lambda path, value: not _under(path, encoder) or _is_lora(value)
     if cfg.freeze == "first_k":
         units = unit_paths(model)
-        if not 0 <= cfg.k <= len(units):
-            raise ConfigError(f"strategy.k={cfg.k} is outside 0..{len(units)} (the encoder has {len(units)} units)")
+        check_strategy(cfg, len(units))
         frozen = units[:cfg.k]
         return lambda path, value: not any(_under(path, p) for p in frozen)
     raise ConfigError(f"unknown strategy.freeze '{cfg.freeze}'")

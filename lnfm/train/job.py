@@ -20,10 +20,11 @@ import numpy as np
 
 from lnfm.config import ConfigError, dump_yaml
 from lnfm.data.contract import Preprocessing, write_preprocessing
-from lnfm.models.sharding import make_mesh, use_rules
+from lnfm.models.sharding import check_mesh, make_mesh, use_rules
 from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints
+from lnfm.train.optim import check_optim
 from lnfm.train.loop import Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
 from lnfm.workdir import MetricsWriter, WorkdirError, check_resume, check_unchanged, lock_folder, open_workdir
@@ -38,6 +39,27 @@ def check_batch(global_batch: int, accum_steps: int, nproc: int, batch_shards: i
     if global_batch % (batch_shards * accum_steps):
         raise ConfigError(f"train.global_batch={global_batch} must be a multiple of the {batch_shards} batch "
                           f"shards (mesh data x fsdp) times train.accum_steps={accum_steps}")
+
+
+def check_run_config(cfg: Any) -> None:
+    """The sections every training job's config shares, checked before anything is written: `train`
+    (steps, batch, microbatches, the logging, validation and preview intervals), `optim` and
+    `checkpoint` and `mesh`. Each refusal names the key and its valid range."""
+    tc = cfg.train
+    for name, low, meaning in (("steps", 1, "optimizer steps"), ("global_batch", 1, "samples per step"),
+                               ("accum_steps", 1, "microbatches per step"), ("log_every", 1, "steps")):
+        if getattr(tc, name) < low:
+            raise ConfigError(f"train.{name} must be at least {low} ({meaning}), got {getattr(tc, name)}")
+    for name in ("eval_every", "image_every"):  # a job's own intervals, where it has them: 0 is off
+        if getattr(tc, name, 0) < 0:
+            raise ConfigError(f"train.{name} must be at least 0 (steps; 0 = off), got {getattr(tc, name)}")
+    check_optim(cfg.optim)
+    ck = cfg.checkpoint
+    if ck.every < 0:
+        raise ConfigError(f"checkpoint.every must be at least 0 (steps; 0 = only at the end), got {ck.every}")
+    if ck.keep < 1:
+        raise ConfigError(f"checkpoint.keep must be at least 1 (the newest checkpoints kept), got {ck.keep}")
+    check_mesh(cfg.mesh)
 
 
 def device_batch(host: dict, sharding: jax.sharding.Sharding, dtypes: dict[str, Any]) -> dict:
@@ -113,6 +135,7 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
     summary.json gets the job's wall time and the sha256 of the config.yaml it ran with."""
     workdir = Path(run.root)
     pid = jax.process_index()
+    check_run_config(cfg)
     check_apart({"--workdir": workdir}, inputs)
     with lock_folder(workdir, enabled=pid == 0):
         has_run = any(has_checkpoints(d) for d in run.checkpoint_dirs())

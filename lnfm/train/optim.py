@@ -10,6 +10,7 @@ pytree built by `layer_lr_scales` and passed as `lr_scales`. `optim.ema_decay` a
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal, NamedTuple
 from collections.abc import Callable
 
@@ -105,6 +106,37 @@ def check_ema_decay(decay: float) -> None:
         raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = off), got {decay:g}")
 
 
+def check_optim(cfg: OptimConfig) -> None:
+    """The `optim` section's ranges, the one place they are checked (jobs call it before anything is
+    written; `make_optimizer` calls it too): each refusal names the key and its valid range."""
+    def finite(name: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
+               what: str = "") -> None:
+        value = getattr(cfg, name)
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open
+                                                                                    else value <= hi)
+        if not ok:
+            lo_s, hi_s = ("(" if lo_open else "[") + f"{lo:g}", (f"{hi:g}" + (")" if hi_open else "]")
+                                                                 if math.isfinite(hi) else "inf)")
+            raise ConfigError(f"optim.{name} must be in {lo_s}, {hi_s}{what}, got {value:g}")
+
+    if cfg.lr is not None:
+        finite("lr", 0.0, lo_open=True, what=" (the peak learning rate)")
+    else:
+        finite("base_lr", 0.0, lo_open=True, what=" (the peak learning rate per 256 samples)")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be at least 0, got {cfg.warmup_steps}")
+    finite("min_lr_ratio", 0.0, 1.0, what=" (the final LR as a fraction of the peak)")
+    finite("weight_decay", 0.0, what=" (0 = off)")
+    finite("b1", 0.0, 1.0, hi_open=True)
+    finite("b2", 0.0, 1.0, hi_open=True)
+    finite("eps", 0.0, lo_open=True)
+    finite("clip_norm", 0.0, what=" (0 = off)")
+    if cfg.layer_decay != 1.0:  # no job reads it: finetuning's layer-wise decay is strategy.llrd
+        raise ConfigError(f"optim.layer_decay={cfg.layer_decay:g} is not used by any job; set strategy.llrd "
+                          f"(finetuning's layer-wise LR decay, in (0, 1]) instead")
+    check_ema_decay(cfg.ema_decay)
+
+
 def params_ema(decay: float) -> optax.GradientTransformation:
     """Last link of a chain: passes the updates through and keeps, in its state, the moving average of
     the parameters they produce (Polyak averaging). The decay ramps up as min(decay, (1 + n) / (10 + n))
@@ -138,6 +170,7 @@ def make_optimizer(cfg: OptimConfig, params: Any, total_steps: int, global_batch
     """AdamW for the trainable `params` pytree; returns (transformation, lr schedule)."""
     if total_steps <= 0:
         raise ConfigError(f"total_steps must be positive, got {total_steps}")
+    check_optim(cfg)
     schedule = make_schedule(cfg, total_steps, global_batch)
     parts = []
     if cfg.clip_norm > 0:

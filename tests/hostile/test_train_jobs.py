@@ -172,7 +172,103 @@ def _one_voxel_2(i, label):
     return label
 
 
-ALL = PRETRAIN + FINETUNE
+def _yaml(text: str, name: str = "config.yaml"):
+    """A config file of this text in the case's input folder."""
+    def make(inp: Path) -> Path:
+        (inp / name).write_text(text)
+        return inp / name
+    return make
+
+
+def pretrain_file(id, text, says) -> Case:
+    def make(w, inp, out):
+        path = _yaml(text)(inp)
+        return ["--config", path, "--data", w.store, "--workdir", out / "wd", "train.global_batch=8"], str(path)
+    return Case(f"pretrain-{id}", "pretrain", make, 2, says)
+
+
+def finetune_file(id, text, says) -> Case:
+    def make(w, inp, out):
+        path = _yaml(text)(inp)
+        return ["--site", path, "--data", w.ft_store, "--init", "scratch", "--workdir", out / "wd", "--quick",
+                "train.steps=1", "train.global_batch=8", "site.spacing=[1.5,1.5,2.0]"], str(path)
+    return Case(f"finetune-{id}", "finetune", make, 2, says)
+
+
+# The fourth audit (2026-12-06): values of the config sections that the types accept but no run can use,
+# or that run something other than what was asked (each passed every check and wrote the workdir, or was a
+# traceback). Batches of 8 and the phantom store's spacing, so that nothing but the value is wrong.
+AT = "site.spacing=[1.5,1.5,2.0]"
+RANGES = [
+    pretrain("steps-zero", ["train.global_batch=8", "train.steps=0"], ("train.steps must be at least 1",)),
+    pretrain("global-batch-zero", ["train.global_batch=0"], ("train.global_batch must be at least 1",)),
+    pretrain("accum-steps-zero", ["train.global_batch=8", "train.accum_steps=0"],
+             ("train.accum_steps must be at least 1",)),
+    pretrain("image-every-negative", ["train.global_batch=8", "train.image_every=-1"],
+             ("train.image_every must be at least 0",)),
+    pretrain("mask-ratio-one", ["train.global_batch=8", "model.mask_ratio=1.0"], ("model.mask_ratio must be in (0, 1)",)),
+    pretrain("mask-ratio-zero", ["train.global_batch=8", "model.mask_ratio=0"], ("model.mask_ratio must be in (0, 1)",)),
+    pretrain("mask-ratio-above-one", ["train.global_batch=8", "model.mask_ratio=1.5"], ("model.mask_ratio",)),
+    pretrain("lr-nan", ["train.global_batch=8", "optim.lr=.nan"], ("optim.lr must be in (0, inf)", "nan")),
+    pretrain("b2-one", ["train.global_batch=8", "optim.b2=1"], ("optim.b2 must be in [0, 1)",)),
+    pretrain("data-fg-fraction-above-one", ["train.global_batch=8", "data.fg_fraction=2"],
+             ("data.fg_fraction must be in [0, 1]",)),
+    pretrain("data-rotate-deg-negative", ["train.global_batch=8", "data.rotate_deg=-5"],
+             ("data.rotate_deg must be in [0, inf)",)),
+    pretrain("data-hu-window-empty", ["train.global_batch=8", "data.hu_window=[5,5]"],
+             ("data.hu_window [5.0, 5.0] is not a window",)),
+    pretrain("mesh-rules-unknown", ["train.global_batch=8", "mesh.rules=bogus"], ("mesh.rules: unknown sharding rules",)),
+    pretrain("model-dtype-unknown", ["train.global_batch=8", "model.dtype=float17"], ("model.dtype: 'float17'",)),
+    pretrain_file("config-file-key-twice", "base: vit_tiny\ntrain:\n  steps: 5\n  steps: 7\n",
+                  ("key 'steps' is given twice (lines 3 and 4)",)),
+    pretrain_file("config-file-empty", "", ("the config file is empty",)),
+    finetune("steps-zero", ["train.steps=0"], ("train.steps must be at least 1",)),
+    finetune("steps-negative", ["train.steps=-1"], ("train.steps must be at least 1",)),
+    finetune("global-batch-zero", ["train.global_batch=0"], ("train.global_batch must be at least 1",)),
+    finetune("accum-steps-zero", ["train.accum_steps=0"], ("train.accum_steps must be at least 1",)),
+    finetune("log-every-zero", ["train.log_every=0"], ("train.log_every must be at least 1",)),
+    finetune("eval-every-negative", ["train.eval_every=-1"], ("train.eval_every must be at least 0",)),
+    finetune("seed-negative", ["train.seed=-1"], ("train.seed must be at least 0",)),
+    finetune("lr-nan", ["optim.lr=.nan"], ("optim.lr must be in (0, inf)",)),
+    finetune("lr-negative", ["optim.lr=-1"], ("optim.lr must be in (0, inf)",)),
+    finetune("weight-decay-negative", ["optim.weight_decay=-1"], ("optim.weight_decay must be in [0, inf)",)),
+    finetune("warmup-negative", ["optim.warmup_steps=-5"], ("optim.warmup_steps must be at least 0",)),
+    finetune("b1-one", ["optim.b1=1"], ("optim.b1 must be in [0, 1)",)),
+    finetune("eps-zero", ["optim.eps=0"], ("optim.eps must be in (0, inf)",)),
+    finetune("clip-norm-negative", ["optim.clip_norm=-1"], ("optim.clip_norm must be in [0, inf)",)),
+    finetune("min-lr-ratio-above-one", ["optim.min_lr_ratio=2"], ("optim.min_lr_ratio must be in [0, 1]",)),
+    finetune("layer-decay-read-by-no-job", ["optim.layer_decay=0.75"], ("optim.layer_decay=0.75 is not used",
+                                                                        "strategy.llrd")),
+    finetune("fg-fraction-above-one", ["loader.fg_fraction=2"], ("loader.fg_fraction must be in [0, 1]",)),
+    finetune("spatial-p-negative", ["loader.spatial_p=-0.5"], ("loader.spatial_p must be in [0, 1]",)),
+    finetune("paste-p-above-one", ["loader.paste_p=2"], ("loader.paste_p must be in [0, 1]",)),
+    finetune("scale-negative", ["loader.scale=-0.5"], ("loader.scale must be in [0, inf)",)),
+    finetune("low-res-below-one", ["loader.low_res=0.5"], ("loader.low_res must be in [1, inf)",)),
+    finetune("intensity-scale-above-one", ["loader.intensity_scale=1.5"], ("loader.intensity_scale must be in [0, 1)",)),
+    finetune("loader-seed-read-by-no-job", ["loader.seed=3"], ("loader.seed=3 is not used by finetuning",
+                                                               "train.seed")),
+    finetune("site-patch-zero", ["site.patch=[0,32,32]"], ("site.patch [0, 32, 32]",)),
+    finetune("site-spacing-zero", ["site.spacing=[0,1.5,2.0]"], ("site.spacing: [0.0, 1.5, 2.0] is not a voxel size",)),
+    finetune("site-window-inverted", ["site.window=[240,-160]"], ("site.window [240.0, -160.0] is not a window",)),
+    finetune("strategy-k-negative", ["strategy.freeze=first_k", "strategy.k=-1"], ("strategy.k=-1 must be at least 0",)),
+    finetune("strategy-k-above-the-units", ["strategy.freeze=first_k", "strategy.k=100", AT],
+             ("strategy.k=100 is outside 0..6 (the encoder has 6 units)",)),
+    finetune("llrd-zero", ["strategy.freeze=none", "strategy.llrd=0"], ("strategy.llrd must be in (0, 1]",)),
+    finetune("llrd-above-one", ["strategy.freeze=none", "strategy.llrd=1.5"], ("strategy.llrd must be in (0, 1]",)),
+    finetune("lora-rank-zero", ["strategy.freeze=lora", "strategy.lora_rank=0"], ("strategy.lora_rank must be at least 1",)),
+    finetune("model-width-zero", ["model.width=0"], ("model.width must be at least 1",)),
+    finetune("checkpoint-every-negative", ["checkpoint.every=-1"], ("checkpoint.every must be at least 0",)),
+    finetune("checkpoint-keep-zero", ["checkpoint.keep=0"], ("checkpoint.keep must be at least 1",)),
+    finetune("inference-overlap-one", ["inference.overlap=1"], ("inference.overlap: 1 is not in [0, 1)",)),
+    finetune("inference-sigma-zero", ["inference.sigma_scale=0"], ("inference.sigma_scale 0 is not in (0, inf)",)),
+    finetune("postprocess-min-volume-negative", ["postprocess.min_volume_mm3=-1"], ("postprocess.min_volume_mm3 -1",)),
+    finetune("mesh-fsdp-zero", ["mesh.fsdp=0"], ("mesh.fsdp must be at least 1",)),
+    finetune_file("site-file-key-twice", "base: pelvis\nsite:\n  patch: [32, 32, 32]\n  patch: [16, 16, 16]\n",
+                  ("key 'patch' is given twice",)),
+    finetune_file("site-file-empty", "", ("the config file is empty",)),
+]
+
+ALL = PRETRAIN + FINETUNE + RANGES
 
 
 @pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])
