@@ -39,7 +39,7 @@ from lnfm.train.loop import Hook, LoopResult, Throughput, parse_profile_steps
 from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, step_key
-from lnfm.train.job import Checked, device_batch, fit, run_training_job
+from lnfm.train.job import Checked, check_run_config, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
 from lnfm.workdir import MetricsWriter, read_metrics
 
@@ -183,6 +183,7 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
 
     def check(cfg: PretrainConfig) -> Checked:  # before anything compiles
+        check_run_config(cfg)
         check_loader(cfg.data, "data")
         counts = check_stores(stores, cfg.data.split, cfg.data.spacing)
         prep = pretrain_preprocessing(cfg, stores)

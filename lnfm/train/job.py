@@ -44,7 +44,8 @@ def check_batch(global_batch: int, accum_steps: int, nproc: int, batch_shards: i
 def check_run_config(cfg: Any) -> None:
     """The sections every training job's config shares, checked before anything is written: `train`
     (steps, batch, microbatches, the logging, validation and preview intervals), `optim` and
-    `checkpoint` and `mesh`. Each refusal names the key and its valid range."""
+    `checkpoint` and `mesh`. Each refusal names the key and its valid range. The jobs call it with their
+    own sections' checks (finetuning as its config loads, pretraining first in its checks)."""
     tc = cfg.train
     for name, low, meaning in (("steps", 1, "optimizer steps"), ("global_batch", 1, "samples per step"),
                                ("accum_steps", 1, "microbatches per step"), ("log_every", 1, "steps")):
@@ -135,7 +136,6 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
     summary.json gets the job's wall time and the sha256 of the config.yaml it ran with."""
     workdir = Path(run.root)
     pid = jax.process_index()
-    check_run_config(cfg)
     check_apart({"--workdir": workdir}, inputs)
     with lock_folder(workdir, enabled=pid == 0):
         has_run = any(has_checkpoints(d) for d in run.checkpoint_dirs())

@@ -119,10 +119,11 @@ def check_optim(cfg: OptimConfig) -> None:
                                                                  if math.isfinite(hi) else "inf)")
             raise ConfigError(f"optim.{name} must be in {lo_s}, {hi_s}{what}, got {value:g}")
 
+    # 0 is allowed: the weights as initialised, trained through the same run (an untrained baseline)
     if cfg.lr is not None:
-        finite("lr", 0.0, lo_open=True, what=" (the peak learning rate)")
+        finite("lr", 0.0, what=" (the peak learning rate)")
     else:
-        finite("base_lr", 0.0, lo_open=True, what=" (the peak learning rate per 256 samples)")
+        finite("base_lr", 0.0, what=" (the peak learning rate per 256 samples)")
     if cfg.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be at least 0, got {cfg.warmup_steps}")
     finite("min_lr_ratio", 0.0, 1.0, what=" (the final LR as a fraction of the peak)")
