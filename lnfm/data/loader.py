@@ -52,7 +52,7 @@ class LoaderConfig:
     paste_margin: int = 6  # voxels of the host around a pasted node that are scored as background
     paste_flip: bool = False  # flip each pasted node on each axis at random (dev phantoms: no measurable change)
     paste_zoom: float = 0.0  # zoom each pasted node by a factor in [1/(1+z), 1+z] (0.25: -0.049 held-out Dice)
-    seed: int = 0  # sampling seed (non-negative, 32-bit)
+    seed: int = 0  # sampling seed (pretraining; finetuning uses train.seed + repeat, only 0)
     epoch_length: int = 10000  # records per epoch of the virtual index the sampler shuffles
 
 

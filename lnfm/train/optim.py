@@ -40,7 +40,7 @@ class OptimConfig:
     eps: float = 1e-8  # Adam denominator epsilon
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     no_decay: tuple[str, ...] = NO_DECAY  # exact parameter path parts without decay (1-D leaves: never)
-    layer_decay: float = 1.0  # layer-wise LR decay for jobs that pass lr_scales (finetuning); 1.0 = off
+    layer_decay: float = 1.0  # read by no job (finetuning: strategy.llrd); only 1.0, for old config.yaml
     ema_decay: float = 0.0  # finetuning: validate, keep and export the params' moving average; 0 = off
 
 
