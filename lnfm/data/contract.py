@@ -60,6 +60,15 @@ class Normalization:
     pet_scale: float  # non-CT channels (PET SUV) are divided by this
 
 
+def hu_window_problem(window, name: str) -> str | None:
+    """Why `window` is not a CT window (two finite HU values, the lower first), in one line naming the
+    key `name`, or None: the one owner of this check (site, loader and model.json windows)."""
+    values = [float(v) for v in window]
+    if len(values) != 2 or not all(np.isfinite(values)) or values[0] >= values[1]:
+        return f"{name} {values} is not a window from a lower to a higher HU value"
+    return None
+
+
 def normalize(image: np.ndarray, cfg, channels: list[str] | None = None) -> np.ndarray:
     """Raw (..., C) intensities -> model input: CT through the HU window `cfg.hu_window` to [0, 1],
     other channels (PET SUV) divided by `cfg.pet_scale` (`cfg`: a `Normalization` or the loader's

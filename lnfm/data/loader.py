@@ -18,7 +18,7 @@ import numpy as np
 
 from lnfm.config import ConfigError
 from lnfm.data import store as st
-from lnfm.data.contract import normalize
+from lnfm.data.contract import hu_window_problem, normalize
 from lnfm.data.augment import blur, context_size, flip_rot90, intensity_jitter, low_resolution, noise, rotate_scale
 from lnfm.data.paste import augment_donor, paste_node, paste_site
 from lnfm.errors import DataError
@@ -78,9 +78,9 @@ def check_loader(cfg: LoaderConfig, where: str = "loader") -> None:
         raise bad("low_res", "[1, inf) (times coarser; 1 = off)")
     if not (math.isfinite(cfg.pet_scale) and cfg.pet_scale > 0):
         raise bad("pet_scale", "(0, inf) (the PET divisor)")
-    lo, hi = (float(v) for v in cfg.hu_window)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ConfigError(f"{where}.hu_window {[lo, hi]} is not a window from a lower to a higher HU value")
+    problem = hu_window_problem(cfg.hu_window, f"{where}.hu_window")
+    if problem:
+        raise ConfigError(problem)
     for name, low in (("paste_margin", 0), ("workers", 0), ("prefetch", 1), ("seed", 0), ("epoch_length", 1)):
         if getattr(cfg, name) < low:
             raise bad(name, f"[{low}, inf)")

@@ -35,13 +35,16 @@ class InferenceConfig:
 
 
 def window_problem(overlap: float | None, sw_batch_size: int | None, overlap_name: str = "overlap",
-                   batch_name: str = "sw_batch_size") -> str | None:
+                   batch_name: str = "sw_batch_size", sigma_scale: float | None = None,
+                   sigma_name: str = "sigma_scale") -> str | None:
     """Why these sliding-window settings cannot run, in one line naming each as its caller knows it
-    (a flag, a model.json key), or None; a None value is not checked. The one owner of both ranges."""
+    (a flag, a model.json key), or None; a None value is not checked. The one owner of these ranges."""
     if overlap is not None and not 0 <= overlap < 1:
         return f"{overlap_name}: {overlap:g} is not in [0, 1) (the fraction of a window its neighbour shares)"
     if sw_batch_size is not None and sw_batch_size < 1:
         return f"{batch_name}: {sw_batch_size} windows per pass; it must be at least 1"
+    if sigma_scale is not None and not (np.isfinite(sigma_scale) and sigma_scale > 0):
+        return f"{sigma_name} {sigma_scale:g} is not in (0, inf) (a fraction of the window)"
     return None
 
 

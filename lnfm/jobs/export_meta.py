@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from lnfm.errors import LnfmError
 from lnfm.config import ConfigError, from_dict, to_dict
-from lnfm.data.contract import ORIENTATION, Preprocessing
+from lnfm.data.contract import ORIENTATION, Preprocessing, hu_window_problem
 from lnfm.data.scan_checks import check_target_spacing
 from lnfm.eval.inference import InferenceConfig, window_problem
 from lnfm.eval.postprocess import PostprocessConfig, postprocess_problem
@@ -95,10 +95,9 @@ def _check_values(meta: ExportMeta, where: str) -> None:
             raise ExportError(f"{where}: files.{role} '{rel}' must name a file inside the export folder")
     if meta.kind == "segmenter" and (meta.num_classes or 0) < 2:
         raise ExportError(f"{where}: num_classes {meta.num_classes} is not at least 2 (background and a node class)")
-    window = [float(v) for v in meta.preprocessing.normalization.hu_window]
-    if len(window) != 2 or not all(map(math.isfinite, window)) or window[0] >= window[1]:
-        raise ExportError(f"{where}: preprocessing.normalization.hu_window {window} is not a window from a lower to "
-                          f"a higher HU value")
+    problem = hu_window_problem(meta.preprocessing.normalization.hu_window, "preprocessing.normalization.hu_window")
+    if problem:
+        raise ExportError(f"{where}: {problem}")
     patch = [int(p) for p in meta.preprocessing.patch_size]
     if len(patch) != 3 or min(patch) < 1:
         raise ExportError(f"{where}: preprocessing.patch_size {patch} is not three window sizes of at least 1 voxel")
@@ -106,8 +105,8 @@ def _check_values(meta: ExportMeta, where: str) -> None:
     if problem:
         raise ExportError(f"{where}: {problem}")
     inf = meta.inference
-    problem = (window_problem(inf.overlap, inf.sw_batch_size, "inference.overlap", "inference.sw_batch_size")
-               if inf is not None else None)
+    problem = (window_problem(inf.overlap, inf.sw_batch_size, "inference.overlap", "inference.sw_batch_size",
+                              inf.sigma_scale, "inference.sigma_scale") if inf is not None else None)
     if problem:
         raise ExportError(f"{where}: {problem}")
     for fmt, graph, name in (("stablehlo", meta.stablehlo, "StableHLO function was lowered"),
@@ -119,8 +118,6 @@ def _check_values(meta: ExportMeta, where: str) -> None:
     if inf is not None and [int(r) for r in inf.roi] != patch:
         raise ExportError(f"{where}: inference.roi {list(inf.roi)} differs from preprocessing.patch_size {patch} "
                           f"(the window the model was trained on)")
-    if inf is not None and not (math.isfinite(inf.sigma_scale) and inf.sigma_scale > 0):
-        raise ExportError(f"{where}: inference.sigma_scale {inf.sigma_scale:g} is not a positive fraction of a window")
 
 
 def _contract_problem(meta: ExportMeta) -> str | None:

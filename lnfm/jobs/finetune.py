@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
 from lnfm.data import pseudo_labels
-from lnfm.data.contract import Normalization, normalize
+from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
 from lnfm.data.scan_checks import check_target_spacing
 from lnfm.data.paste import IGNORE_LABEL
@@ -154,7 +154,6 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         tree = to_dict(cfg)
         tree["model"] = apply_overrides(model, [o.split(".", 1)[1] for o in overrides if o.startswith("model.")])
         cfg = from_dict(FinetuneConfig, tree)
-    check_site(cfg)
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
     window, pet_scale = (norm.hu_window, norm.pet_scale) if norm else (cfg.site.window, cfg.loader.pet_scale)
@@ -169,9 +168,9 @@ def check_site(cfg: FinetuneConfig) -> None:
     check_target_spacing(cfg.site.spacing, "site.spacing")
     if min(cfg.site.patch) < 1:
         raise ConfigError(f"site.patch {list(cfg.site.patch)} must be three sizes of at least 1 voxel")
-    lo, hi = (float(v) for v in cfg.site.window)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ConfigError(f"site.window {[lo, hi]} is not a window from a lower to a higher HU value")
+    problem = hu_window_problem(cfg.site.window, "site.window")
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -194,10 +193,8 @@ def check_config(cfg: FinetuneConfig) -> None:
                           f"samples with train.seed + r)")
     check_strategy(cfg.strategy)
     inf = cfg.inference
-    problem = window_problem(inf.overlap, inf.sw_batch_size, "inference.overlap", "inference.sw_batch_size")
-    if problem is None and not (math.isfinite(inf.sigma_scale) and inf.sigma_scale > 0):
-        problem = f"inference.sigma_scale {inf.sigma_scale:g} is not in (0, inf) (a fraction of the window)"
-    problem = problem or postprocess_problem(cfg.postprocess)
+    problem = (window_problem(inf.overlap, inf.sw_batch_size, "inference.overlap", "inference.sw_batch_size",
+                              inf.sigma_scale, "inference.sigma_scale") or postprocess_problem(cfg.postprocess))
     if problem:
         raise ConfigError(problem)
 
