@@ -109,29 +109,24 @@ def check_ema_decay(decay: float) -> None:
 def check_optim(cfg: OptimConfig) -> None:
     """The `optim` section's ranges, the one place they are checked (jobs call it before anything is
     written; `make_optimizer` calls it too): each refusal names the key and its valid range."""
-    def finite(name: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
-               what: str = "") -> None:
+    def need(name: str, ok: Callable[[float], bool], interval: str, what: str = "") -> None:
         value = getattr(cfg, name)
-        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open
-                                                                                    else value <= hi)
-        if not ok:
-            lo_s, hi_s = ("(" if lo_open else "[") + f"{lo:g}", (f"{hi:g}" + (")" if hi_open else "]")
-                                                                 if math.isfinite(hi) else "inf)")
-            raise ConfigError(f"optim.{name} must be in {lo_s}, {hi_s}{what}, got {value:g}")
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"optim.{name} must be in {interval}{what}, got {value:g}")
 
     # 0 is allowed: the weights as initialised, trained through the same run (an untrained baseline)
     if cfg.lr is not None:
-        finite("lr", 0.0, what=" (the peak learning rate)")
+        need("lr", lambda v: v >= 0, "[0, inf)", " (the peak learning rate)")
     else:
-        finite("base_lr", 0.0, what=" (the peak learning rate per 256 samples)")
+        need("base_lr", lambda v: v >= 0, "[0, inf)", " (the peak learning rate per 256 samples)")
     if cfg.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be at least 0, got {cfg.warmup_steps}")
-    finite("min_lr_ratio", 0.0, 1.0, what=" (the final LR as a fraction of the peak)")
-    finite("weight_decay", 0.0, what=" (0 = off)")
-    finite("b1", 0.0, 1.0, hi_open=True)
-    finite("b2", 0.0, 1.0, hi_open=True)
-    finite("eps", 0.0, lo_open=True)
-    finite("clip_norm", 0.0, what=" (0 = off)")
+    need("min_lr_ratio", lambda v: 0 <= v <= 1, "[0, 1]", " (the final LR as a fraction of the peak)")
+    need("weight_decay", lambda v: v >= 0, "[0, inf)", " (0 = off)")
+    need("b1", lambda v: 0 <= v < 1, "[0, 1)")
+    need("b2", lambda v: 0 <= v < 1, "[0, 1)")
+    need("eps", lambda v: v > 0, "(0, inf)")
+    need("clip_norm", lambda v: v >= 0, "[0, inf)", " (0 = off)")
     if cfg.layer_decay != 1.0:  # no job reads it: finetuning's layer-wise decay is strategy.llrd
         raise ConfigError(f"optim.layer_decay={cfg.layer_decay:g} is not used by any job; set strategy.llrd "
                           f"(finetuning's layer-wise LR decay, in (0, 1]) instead")
