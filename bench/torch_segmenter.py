@@ -92,7 +92,8 @@ class TorchFineHead(nn.Module):
     follow the nnx head's attribute paths (path, fuse, fuse_norm, ups, blocks, out)."""
 
     def __init__(self, levels: Sequence[tuple[int, int, int]], widths: Sequence[int], n_conv: int,
-                 fused_channels: int, in_channels: int, num_classes: int, top_kernel: int = 3):
+                 fused_channels: int, in_channels: int, num_classes: int, top_kernel: int = 3,
+                 convs_per_level: int = 1):
         super().__init__()
         self.levels = [tuple(s) for s in levels]
         self.n_conv = n_conv
@@ -101,7 +102,8 @@ class TorchFineHead(nn.Module):
         path: list[nn.Module] = [ConvNormAct(in_channels, ch[0])]
         for lvl in range(1, n_conv):
             f = step_factor(self.levels, lvl)
-            path.append(nn.ModuleList([nn.Conv3d(ch[lvl - 1], ch[lvl], f, stride=f), ConvNormAct(ch[lvl], ch[lvl])]))
+            path.append(nn.ModuleList([nn.Conv3d(ch[lvl - 1], ch[lvl], f, stride=f),
+                                       *[ConvNormAct(ch[lvl], ch[lvl]) for _ in range(convs_per_level)]]))
         self.path = nn.ModuleList(path)
         self.fuse = nn.Conv3d(fused_channels, ch[depth], 1)
         self.fuse_norm = _instance_norm(ch[depth])
@@ -113,15 +115,22 @@ class TorchFineHead(nn.Module):
         self.blocks = nn.ModuleList([SkipAddNormAct(ch[0]) if lvl == 0 and top_kernel == 1 else
                                      ConvNormAct(2 * ch[lvl] if lvl < n_conv else ch[lvl], ch[lvl])
                                      for lvl in range(depth - 1, -1, -1)])
+        extra = convs_per_level - 1
+        self.more = nn.ModuleList([nn.ModuleList([ConvNormAct(ch[lvl], ch[lvl]) for _ in range(extra if lvl else 0)])
+                                   for lvl in range(depth - 1, -1, -1)]) if extra else None
         self.out = nn.Conv3d(ch[0], num_classes, 1)
 
     def forward(self, images: torch.Tensor, deepest: Sequence[torch.Tensor]) -> torch.Tensor:
         skips = [self.path[0](images)]
-        for down, block in list(self.path)[1:]:
-            skips.append(block(down(skips[-1])))
+        for down, *blocks in list(self.path)[1:]:
+            y = down(skips[-1])
+            for block in blocks:
+                y = block(y)
+            skips.append(y)
         x = F.leaky_relu(self.fuse_norm(self.fuse(torch.cat(list(deepest), dim=1))), LRELU_SLOPE)
         depth = len(self.levels) - 1
-        for up, block, lvl in zip(self.ups, self.blocks, range(depth - 1, -1, -1)):
+        more_blocks = self.more if self.more is not None else [()] * depth
+        for up, block, more, lvl in zip(self.ups, self.blocks, more_blocks, range(depth - 1, -1, -1)):
             x = up(x)
             if isinstance(block, SkipAddNormAct):
                 x = block(x, skips[0])
@@ -129,6 +138,8 @@ class TorchFineHead(nn.Module):
             if lvl < self.n_conv:
                 x = torch.cat([x, skips[lvl]], dim=1)
             x = block(x)
+            for extra_block in more:
+                x = extra_block(x)
         return self.out(x)
 
 
@@ -252,7 +263,8 @@ def from_lnfm(segmenter: nnx.Module, spatial: Sequence[int] | None = None, *, sd
     fused = sum(head.feature_channels[i] for i in head.deepest)
     num_classes = params[("head", "out", "kernel")].shape[-1]
     in_channels = params[("head", "path", 0, "conv", "kernel")].shape[3]
-    thead = TorchFineHead(head.levels, head.widths, head.n_conv, fused, in_channels, num_classes, head.top_kernel)
+    thead = TorchFineHead(head.levels, head.widths, head.n_conv, fused, in_channels, num_classes, head.top_kernel,
+                          head.convs_per_level)
     modules = dict(thead.named_modules())
     head_params = {}
     with torch.no_grad():

@@ -76,9 +76,10 @@ def _inputs(cfg, patch: int):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("top_kernel", [3, 1])
-def test_torch_twin_matches_the_pelvis_cpu_preset_segmenter_logits_loss_and_gradients(top_kernel):
-    cfg = load_finetune_config("pelvis", [f"head.options.top_kernel={top_kernel}"], quick=True)
+@pytest.mark.parametrize("top_kernel,convs_per_level", [(3, 1), (1, 1), (3, 2)])
+def test_torch_twin_matches_the_pelvis_cpu_preset_segmenter_logits_loss_and_gradients(top_kernel, convs_per_level):
+    cfg = load_finetune_config("pelvis", [f"head.options.top_kernel={top_kernel}",
+                                          f"head.options.convs_per_level={convs_per_level}"], quick=True)
     assert cfg.model.size == "tiny" and cfg.head.kind == "fine" and cfg.loss.name == "dice_ce"
     patch = cfg.site.patch[0]
     abstract = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels),
@@ -125,7 +126,9 @@ def test_torch_twin_matches_the_pelvis_cpu_preset_segmenter_logits_loss_and_grad
     for name in ("vit.patch_embedding.patch_embeddings.weight", "vit.blocks.0.attn.qkv.weight",
                  "vit.blocks.3.mlp.linear2.weight", "vit.norm.weight", "head.path.0.conv.weight",
                  "head.path.1.0.weight", "head.fuse.weight", "head.ups.2.weight", "head.blocks.2.norm.weight",
-                 "head.blocks.2.skip.weight" if top_kernel == 1 else "head.blocks.2.conv.weight"):
+                 "head.blocks.2.skip.weight" if top_kernel == 1 else "head.blocks.2.conv.weight",
+                 *(("head.path.2.2.conv.weight", "head.more.1.0.conv.weight", "head.more.0.0.norm.weight")
+                   if convs_per_level == 2 else ())):
         assert name in worst, name
     bad = {k: v for k, v in worst.items() if v > GRAD_RTOL}
     assert not bad, f"{source}: gradients differ (max error / max |grad|): {bad}"

@@ -55,3 +55,16 @@ def test_fine_head_sees_single_voxels_that_the_tokens_cannot():
     far = delta.copy()
     far[13 - 8:13 + 9, 17 - 8:17 + 9, 11 - 8:11 + 9] = 0
     assert delta[13, 17, 11] > 10 * far.max()
+
+
+def test_convs_per_level_adds_one_conv_norm_step_per_level_at_strides_2_and_4():
+    """Two convs per level: one more 3x3x3 conv (no bias) + instance norm (scale, bias) at strides 2
+    and 4 in the image path and in the decoder, at widths 16 and 32; nothing at full resolution
+    or in the default head's parameter tree (older checkpoints restore)."""
+    build = lambda n: nnx.eval_shape(lambda: FineHead(*VIT, 1, 2, convs_per_level=n, rngs=nnx.Rngs(0)))
+    one, two = build(1), build(2)
+    per_step = lambda c: 27 * c * c + 2 * c
+    assert head_param_count(two) - head_param_count(one) == 2 * per_step(16) + 2 * per_step(32) == 69_312
+    assert one.more is None
+    assert [len(m) for m in two.more] == [1, 1, 0]  # decoder levels at strides 4, 2, 1
+    assert [len(p) for p in list(two.path)[1:]] == [3, 3]  # down + two conv steps

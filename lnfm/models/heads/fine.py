@@ -14,7 +14,10 @@ decoder, every step is kept cheap under XLA:CPU:
   `top_kernel=1` the full-resolution decoder step adds a 1x1x1 projection of the
   image skip instead of a 3x3x3 convolution over the concatenation
   (`SkipAddNormAct`): a 160x160x96 window takes 0.65x the time in ONNX Runtime, at a
-  measured cost in Dice (docs/finetuning.md), so no preset uses it.
+  measured cost in Dice (docs/finetuning.md), so no preset uses it;
+- `convs_per_level` > 1 stacks more conv3-IN-LeakyReLU steps at strides 2 and up, in the
+  image path and the decoder (nnU-Net uses two per stage), where a voxel costs an eighth or
+  less of one at full resolution.
 
 Encoder features: block outputs sharing the deepest stride (ViT) are concatenated
 and fused by a 1x1x1 conv; features at shallower strides (Swin stages) are
@@ -77,7 +80,8 @@ class FineHead(DecoderHead):
 
     def __init__(self, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
                  widths: Sequence[int] = (8, 16, 32, 64), conv_levels: int = 3, top_kernel: int = 3,
-                 deep_supervision: bool = False, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+                 convs_per_level: int = 1, deep_supervision: bool = False, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.levels = tuple(self._layout(feature_strides, feature_channels, deep_supervision, min_depth=1))
         depth = len(self.levels) - 1
@@ -87,12 +91,16 @@ class FineHead(DecoderHead):
         if top_kernel not in (1, 3):
             raise ValueError(f"top_kernel must be 1 or 3, got {top_kernel}")
         self.top_kernel = top_kernel  # 1: the full-resolution step is SkipAddNormAct
+        if convs_per_level < 1:
+            raise ValueError(f"convs_per_level must be at least 1, got {convs_per_level}")
+        self.convs_per_level = convs_per_level
+        extra = convs_per_level - 1  # more 3x3x3 convs at strides >= 2, where they are cheap
         ch = self.widths
         # Convolutional path from the image: level 0 at full resolution, then strided steps.
         path = [ConvNormAct(in_channels, ch[0], **kw)]
         for lvl in range(1, self.n_conv):
             path.append(nnx.List([DownConv3D(ch[lvl - 1], ch[lvl], step_factor(self.levels, lvl), **kw),
-                                  ConvNormAct(ch[lvl], ch[lvl], **kw)]))
+                                  *[ConvNormAct(ch[lvl], ch[lvl], **kw) for _ in range(1 + extra)]]))
         self.path = nnx.List(path)
         # Encoder features: the deepest-stride ones fused, shallower ones projected at their level.
         self.deepest = self._deepest()
@@ -111,19 +119,27 @@ class FineHead(DecoderHead):
         self.blocks = nnx.List([SkipAddNormAct(ch[0], **kw) if lvl == 0 and top_kernel == 1 else
                                 ConvNormAct(2 * ch[lvl] if lvl < self.n_conv else ch[lvl], ch[lvl], **kw)
                                 for lvl in range(depth - 1, -1, -1)])
+        # Decoder levels 1 .. depth - 1 get `extra` more conv-norm-act steps after their first (None
+        # when there are none, so the parameter tree of the default head is unchanged).
+        self.more = nnx.List([nnx.List([ConvNormAct(ch[lvl], ch[lvl], **kw) for _ in range(extra if lvl else 0)])
+                              for lvl in range(depth - 1, -1, -1)]) if extra else None
         self.out = conv(ch[0], num_classes, 1, **kw)
         self.aux_out = nnx.List([conv(ch[lvl], num_classes, 1, **kw) for lvl in range(1, min(3, depth))]
                                 if deep_supervision else [])
 
     def __call__(self, images: jax.Array, features: Sequence[jax.Array]):
         skips = [self.path[0](images)]
-        for down, block in list(self.path)[1:]:
-            skips.append(block(down(skips[-1])))
+        for down, *blocks in list(self.path)[1:]:
+            x = down(skips[-1])
+            for block in blocks:
+                x = block(x)
+            skips.append(x)
         added = {self.levels.index(self.feature_strides[int(k)]): p(features[int(k)]) for k, p in self.proj.items()}
         x = lrelu(self.fuse_norm(self.fuse(jnp.concatenate([features[i] for i in self.deepest], axis=-1))))
         depth = len(self.levels) - 1
         outputs = {}
-        for up, block, lvl in zip(self.ups, self.blocks, range(depth - 1, -1, -1)):
+        more_blocks = self.more if self.more is not None else [()] * depth
+        for up, block, more, lvl in zip(self.ups, self.blocks, more_blocks, range(depth - 1, -1, -1)):
             x = up(x)
             if lvl in added:
                 x = x + added[lvl].astype(x.dtype)
@@ -133,5 +149,7 @@ class FineHead(DecoderHead):
                 if lvl < self.n_conv:
                     x = jnp.concatenate([x, skips[lvl].astype(x.dtype)], axis=-1)
                 x = block(x)
+            for extra_block in more:
+                x = extra_block(x)
             outputs[lvl] = x
         return self._result(self.out(x), self.aux_out, outputs)
