@@ -39,6 +39,22 @@ def nii(path: Path, data: np.ndarray, affine=AFFINE) -> Path:
     return path
 
 
+def nii_forms(path: Path, data: np.ndarray, qform=None, sform=None) -> Path:
+    """A NIfTI with its qform and sform set by hand (None: that form's code 0) and pixdim 1.5 x 1.5 x 2 mm
+    where neither is set (so that only the orientation is missing)."""
+    img = nib.Nifti1Image(data, None)
+    img.header.set_qform(qform, code=0 if qform is None else 1)
+    img.header.set_sform(sform, code=0 if sform is None else 1)
+    if qform is None and sform is None:
+        img.header.set_zooms(np.diag(AFFINE)[:3])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+MIRRORED_X = AFFINE @ np.diag([-1.0, 1, 1, 1])  # AFFINE with its x axis reversed
+
+
 def csv_file(path: Path, rows: list[dict]) -> Path:
     fields = sorted({k for r in rows for k in r}, key=lambda k: ["case_id", "image", "label"].index(k)
                     if k in ("case_id", "image", "label") else 9)

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from harness import Case, run_case
-from inputs import (NONUNIFORM_DICOM, body, dicom_copy, dicom_edited, dicom_with_garbage, nhdr, nii, outside_secret,
-                    real_ct, two_series)
+from inputs import (AFFINE, MIRRORED_X, NONUNIFORM_DICOM, body, dicom_copy, dicom_edited, dicom_with_garbage, nhdr,
+                    nii, nii_forms, outside_secret, real_ct, two_series)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -173,6 +173,11 @@ def _no_geometry(inp, data, pixdim):
     return inp / "bad.nii.gz", inp / "bad.nii.gz"
 
 
+def _forms(inp, qform, sform):
+    p = nii_forms(inp / "bad.nii.gz", IMG, qform, sform)
+    return p, p
+
+
 def _nrrd(inp, data, affine):
     from lnfm.io import write_nrrd
 
@@ -214,6 +219,7 @@ def _zero_dim(inp):
     header.set_data_shape((10, 10, 10))
     header.set_data_dtype(np.int16)
     header["dim"][2] = 0
+    header.set_sform(AFFINE, code=1)  # an orientation: the zero dimension is the one fault
     header["vox_offset"] = 352
     path = inp / "bad.nii"
     path.write_bytes(header.binaryblock + b"\0" * 4 + b"\1" * 2000)
@@ -243,9 +249,14 @@ SCANS = [
     scan_case("coarse-spacing", lambda inp: _img(inp, IMG, np.diag([25.0, 1.5, 2.0, 1])), ("absurd voxel",)),
     scan_case("micro-spacing", lambda inp: _img(inp, IMG, np.diag([0.01, 0.01, 0.01, 1])), ("absurd voxel",)),
     scan_case("nifti-zero-pixdim-no-qform-sform", lambda inp: _no_geometry(inp, IMG, (0.0, 1.5, 2.0)),
-              ("no voxel size",)),
+              ("no orientation",)),
     scan_case("nifti-negative-pixdim-no-qform-sform", lambda inp: _no_geometry(inp, IMG, (-1.5, 1.5, 2.0)),
-              ("no voxel size",)),
+              ("no orientation",)),
+    # a valid pixdim gives voxel sizes, not which way the axes point: nibabel guessed them
+    scan_case("nifti-valid-pixdim-no-qform-sform", lambda inp: _forms(inp, None, None), ("no orientation",)),
+    # nibabel took the sform; a viewer taking the qform shows the scan mirrored left-right
+    scan_case("nifti-qform-mirrors-sform", lambda inp: _forms(inp, MIRRORED_X, AFFINE),
+              ("qform and sform disagree",)),
     scan_case("zero-spacing-nrrd", lambda inp: _nrrd(inp, IMG, np.diag([0.0, 1.5, 2.0, 1])), ("affine",)),
     scan_case("2d-image", lambda inp: _img(inp, IMG[:, :, 0]), ("expected a 3D volume",)),
     scan_case("two-dicom-series", _two_series, ("2 DICOM series", "--series")),

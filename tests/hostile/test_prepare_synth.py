@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from harness import Case, run_case
-from inputs import (AFFINE, NONUNIFORM_DICOM, body, csv_file, dicom_copy, dicom_edited, dicom_with_garbage, good_pair,
-                    nhdr, nii, nnunet, outside_secret, real_ct, real_ln_mask, two_series)
+from inputs import (AFFINE, MIRRORED_X, NONUNIFORM_DICOM, body, csv_file, dicom_copy, dicom_edited, dicom_with_garbage,
+                    good_pair, nhdr, nii, nii_forms, nnunet, outside_secret, real_ct, real_ln_mask, two_series)
 
 
 def prep(inp_path, out: Path, *extra) -> list:
@@ -145,6 +145,17 @@ def _lab(inp, label, affine=AFFINE):
     return {"image": nii(inp / "img.nii.gz", image), "label": p}, p
 
 
+def _forms(inp, name, data, qform, sform):
+    p = nii_forms(inp / name, data, qform, sform)
+    return {"image": p}, p
+
+
+def _label_mirrored(inp):
+    """A label whose qform mirrors its sform: by the qform the node lies on the other side."""
+    p = nii_forms(inp / "bad_label.nii.gz", LAB, MIRRORED_X, AFFINE)
+    return {"image": nii(inp / "img.nii.gz", IMG), "label": p}, p
+
+
 def _nrrd(inp, data, affine):
     from lnfm.io import write_nrrd
 
@@ -218,6 +229,9 @@ BAD_CASES = [
              ("int16 range",)),
     bad_case("hu-beyond-int16", lambda inp: _img(inp, IMG.astype(np.float32) * 1000), ("int16 range",)),
     bad_case("coarse-source-spacing", lambda inp: _img(inp, IMG, np.diag([25.0, 1.5, 2.0, 1])), ("absurd voxel",)),
+    bad_case("nifti-valid-pixdim-no-qform-sform", lambda inp: _forms(inp, "bad.nii.gz", IMG, None, None),
+             ("no orientation",)),
+    bad_case("label-qform-mirrors-sform", _label_mirrored, ("qform and sform disagree",)),
     bad_case("singular-affine-nrrd", lambda inp: _nrrd(inp, IMG, np.diag([0.0, 1.5, 2.0, 1])), ("affine",)),
     bad_case("label-grid-shifted", lambda inp: _lab(inp, LAB, np.array([[1.5, 0, 0, 9], [0, 1.5, 0, 0], [0, 0, 2, 0],
                                                                         [0, 0, 0, 1]])), ("up to 9 mm", "affine")),
