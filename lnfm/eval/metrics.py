@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lnfm.config import ConfigError
 from lnfm.eval.detection import Detection, Node, axial_diameters, detect_nodes
 from lnfm.eval.froc import Froc, froc
 from lnfm.eval.surface import (
@@ -44,6 +45,7 @@ __all__ = [
     "surface_dice",
     "CASE_KEYS",
     "EvalConfig",
+    "check_metrics",
 ]
 
 @dataclass
@@ -59,6 +61,20 @@ class EvalConfig:
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `evaluate_case`."""
         return asdict(self)
+
+
+def check_metrics(cfg: EvalConfig) -> None:
+    """The metrics section's ranges, before anything is written (the test metrics come after training:
+    a bad value was a traceback or a sensitivity of 0 then). Each refusal names the key and its range."""
+    for name, interval, ok in (("tolerance_mm", "[0, inf)", lambda v: v >= 0),
+                               ("max_distance_mm", "[0, inf)", lambda v: v >= 0),
+                               ("min_overlap", "[0, 1] (an IoU)", lambda v: 0 <= v <= 1)):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"metrics.{name} must be in {interval}, got {value:g}")
+    if cfg.connectivity not in (6, 18, 26):
+        raise ConfigError(f"metrics.connectivity must be 6, 18 or 26 (the voxels sharing a face, or also an edge, "
+                          f"or also a corner join one node), got {cfg.connectivity}")
 
 
 CASE_KEYS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume", "tp", "fp", "fn",

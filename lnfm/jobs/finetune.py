@@ -54,7 +54,7 @@ from lnfm.data.scan_checks import check_target_spacing
 from lnfm.data.paste import IGNORE_LABEL
 from lnfm.data.store import check_stores, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
-from lnfm.eval.metrics import evaluate_case, summarize
+from lnfm.eval.metrics import check_metrics, evaluate_case, summarize
 from lnfm.eval.inference import window_problem
 from lnfm.eval.postprocess import PostprocessConfig, postprocess_problem, tune_size_prior, without_size_prior
 from lnfm.eval.predictor import Predictor, softmax_fn
@@ -71,7 +71,7 @@ from lnfm.models.segmenter import load_encoder_state, segmenter_from_config
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
-from lnfm.segmentation.losses import model_output_loss
+from lnfm.segmentation.losses import check_loss, model_output_loss
 from lnfm.runs import BEST_JSON, SUMMARY, ExportFolder, FinetuneRun, PretrainRun, RepeatRun, read_json, write_json
 from lnfm.segmentation.strategies import check_strategy, count_params, layer_index_fn, trainable_filter
 from lnfm.safety import check_apart
@@ -192,6 +192,8 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"loader.seed={cfg.loader.seed} is not used by finetuning; set train.seed (repeat r "
                           f"samples with train.seed + r)")
     check_strategy(cfg.strategy)
+    check_loss(cfg.loss)
+    check_metrics(cfg.metrics)
     inf = cfg.inference
     problem = (window_problem(inf.overlap, inf.sw_batch_size, "inference.overlap", "inference.sw_batch_size",
                               inf.sigma_scale, "inference.sigma_scale") or postprocess_problem(cfg.postprocess))

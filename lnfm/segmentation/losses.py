@@ -11,6 +11,7 @@ either meaningless or explodes the gradient.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 from collections.abc import Sequence
 
@@ -33,6 +34,30 @@ class LossConfig:
     tversky_alpha: float = 0.3  # Tversky weight of false positives
     tversky_beta: float = 0.7  # Tversky weight of false negatives (>alpha favours sensitivity)
     deep_supervision_decay: float = 0.5  # weight of deep-supervision output i is decay**i (normalised)
+
+
+def check_loss(cfg: LossConfig) -> None:
+    """The `loss` section's ranges, before anything is written; each refusal names the key and its valid
+    range. A weight below 0 would maximise its term; a term that is 0 whatever the logits trains nothing."""
+    def need(name: str, ok, interval: str, what: str = "") -> None:
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"loss.{name} must be in {interval}{what}, got {value:g}")
+
+    need("dice_weight", lambda v: v >= 0, "[0, inf)")
+    need("ce_weight", lambda v: v >= 0, "[0, inf)")
+    if cfg.name in ("dice_ce", "dice_focal") and cfg.dice_weight == cfg.ce_weight == 0:
+        raise ConfigError(f"loss.dice_weight and loss.ce_weight are both 0: loss.name={cfg.name} would train nothing")
+    need("smooth", lambda v: v >= 0, "[0, inf)")
+    need("focal_gamma", lambda v: v >= 0, "[0, inf)", " (0 = cross-entropy)")
+    need("focal_alpha", lambda v: 0 <= v <= 1, "[0, 1]", " (the foreground's weight; the background's is 1 - alpha)")
+    need("tversky_alpha", lambda v: v >= 0, "[0, inf)")  # above 1 is still an index in [0, 1]
+    need("tversky_beta", lambda v: v >= 0, "[0, inf)")
+    if cfg.name == "tversky" and cfg.tversky_alpha == cfg.tversky_beta == 0:
+        raise ConfigError("loss.tversky_alpha and loss.tversky_beta are both 0: the Tversky index is then 1 "
+                          "whatever the prediction")
+    need("deep_supervision_decay", lambda v: 0 < v <= 1, "(0, 1]", " (output i weighs decay**i; to supervise "
+         "the full resolution alone set head.deep_supervision=false)")
 
 
 def _probs_onehot(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

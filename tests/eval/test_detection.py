@@ -7,7 +7,8 @@ import pytest
 
 from lnfm.eval.detection import detect_nodes
 from lnfm.eval.froc import froc
-from lnfm.eval.metrics import CASE_KEYS, evaluate_case, summarize
+from lnfm.config import ConfigError
+from lnfm.eval.metrics import CASE_KEYS, EvalConfig, check_metrics, evaluate_case, summarize
 
 SP = (0.5, 0.5, 1.0)
 
@@ -189,3 +190,24 @@ def test_block_labelling_equals_scipy_label():
                 ref, n_ref = ndimage.label(mask, connectivity_structure(conn))
                 assert n == n_ref > 3
                 np.testing.assert_array_equal(labels, ref)
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"connectivity": 5}, "metrics.connectivity must be 6, 18 or 26"),
+    ({"connectivity": 1}, "metrics.connectivity must be 6, 18 or 26"),
+    ({"tolerance_mm": -1.0}, "metrics.tolerance_mm must be in [0, inf)"),
+    ({"max_distance_mm": float("inf")}, "metrics.max_distance_mm must be in [0, inf)"),
+    ({"min_overlap": 1.5}, "metrics.min_overlap must be in [0, 1]"),
+])
+def test_check_metrics_refuses_what_detection_cannot_use(changes, says):
+    with pytest.raises(ConfigError) as e:
+        check_metrics(EvalConfig(**changes))
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_check_metrics_accepts_the_connectivities_detection_uses(connectivity):
+    cfg = EvalConfig(connectivity=connectivity, tolerance_mm=0.0, min_overlap=1.0, max_distance_mm=0.0)
+    check_metrics(cfg)
+    gt = box(empty(), (5, 5, 5), (10, 10, 10))
+    assert evaluate_case(gt, gt, SP, **cfg.kwargs())["tp"] == 1  # an IoU of 1 meets min_overlap 1

@@ -131,3 +131,49 @@ def test_mask_passes_through_deep_supervision():
     want = (1 / 1.5) * float(half_full) + (0.5 / 1.5) * float(half_coarse)
     np.testing.assert_allclose(float(L.model_output_loss(cfg, out, jnp.asarray(labels), jnp.asarray(mask))), want,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"dice_weight": 0.0}, {"ce_weight": 0.0}, {"name": "focal", "dice_weight": 0.0, "ce_weight": 0.0},
+    {"smooth": 0.0}, {"focal_gamma": 0.0}, {"focal_alpha": 0.0}, {"focal_alpha": 1.0},
+    {"name": "tversky", "tversky_alpha": 0.0}, {"tversky_alpha": 1.0, "tversky_beta": 1.0},
+    {"tversky_alpha": 2.0}, {"deep_supervision_decay": 1.0},
+])
+def test_check_loss_accepts_what_the_losses_define(changes):
+    L.check_loss(L.LossConfig(**changes))
+
+
+def test_a_tversky_weight_above_one_is_still_a_loss_in_0_1():
+    # alpha 2, beta 0 (MONAI takes it too): 1 - TP / (TP + 2 FP), a loss that penalises FPs doubly
+    logits, labels = _case(5)
+    ref = TverskyLoss(include_background=False, to_onehot_y=True, softmax=True, alpha=2.0, beta=0.0,
+                      batch=True)(*_torch(logits, labels)).item()
+    got = float(L.tversky_loss(jnp.asarray(logits), jnp.asarray(labels), 2.0, 0.0))
+    assert got == pytest.approx(ref, rel=1e-5) and 0 < got < 1
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"dice_weight": -1.0}, "loss.dice_weight must be in [0, inf), got -1"),
+    ({"ce_weight": float("nan")}, "loss.ce_weight must be in [0, inf), got nan"),
+    ({"dice_weight": 0.0, "ce_weight": 0.0}, "loss.dice_weight and loss.ce_weight are both 0"),
+    ({"name": "dice_focal", "dice_weight": 0.0, "ce_weight": 0.0}, "loss.name=dice_focal would train nothing"),
+    ({"smooth": -1e-5}, "loss.smooth must be in [0, inf)"),
+    ({"focal_gamma": -0.5}, "loss.focal_gamma must be in [0, inf)"),
+    ({"focal_alpha": 1.25}, "loss.focal_alpha must be in [0, 1]"),
+    ({"tversky_beta": -0.7}, "loss.tversky_beta must be in [0, inf)"),
+    ({"name": "tversky", "tversky_alpha": 0.0, "tversky_beta": 0.0}, "loss.tversky_alpha and loss.tversky_beta"),
+    ({"deep_supervision_decay": 0.0}, "loss.deep_supervision_decay must be in (0, 1]"),
+    ({"deep_supervision_decay": 1.5}, "loss.deep_supervision_decay must be in (0, 1]"),
+])
+def test_check_loss_refuses_what_trains_nothing_or_against_the_labels(changes, says):
+    with pytest.raises(L.ConfigError) as e:
+        L.check_loss(L.LossConfig(**changes))
+    assert says in str(e.value)
+
+
+def test_both_tversky_weights_zero_score_one_whatever_the_prediction():
+    # why check_loss refuses them: the loss is 0 for the labels and for their opposite
+    logits, labels = _case(6, c=2)
+    right = np.where(labels[..., None] == np.arange(2), 9.0, -9.0).astype(np.float32)
+    for x in (logits, right, -right):
+        assert float(L.tversky_loss(jnp.asarray(x), jnp.asarray(labels), 0.0, 0.0)) == pytest.approx(0.0, abs=1e-6)
