@@ -15,13 +15,13 @@ from lnfm.io.volume import ImageReadError, Volume, check_affine
 # rotation up to 1.3e-3 of an axis's length (measured over 20,000 random rotations), about four times
 # less than this. A mirrored axis differs by twice its length, another voxel size by its difference.
 AXIS_TOLERANCE = 5e-3  # |qform axis - sform axis| / |sform axis|, for each voxel axis
-ORIGIN_TOLERANCE_MM = 1e-3  # both store voxel 0's centre as float32: 1.2e-4 mm apart at 2 m at most
+ORIGIN_TOLERANCE_MM = 1e-3  # both store voxel 0's centre as float32, whose step at 2 m is 1.2e-4 mm
 
 
 def orientation_problem(header: nib.Nifti1Header) -> str | None:
-    """Why the header's geometry is not one: no qform or sform (nibabel would make up the axes from
-    pixdim), or a qform and an sform that place the voxels apart (nibabel takes the sform, tools
-    built on ITK may take the qform: the scan could be mirrored or moved in one and not the other)."""
+    """Why the header holds no one geometry: no qform or sform (nibabel would make up the axes from
+    pixdim), or a qform and an sform that place the voxels apart (nibabel takes the sform, other
+    readers, older ITK among them, the qform: the scan would be mirrored or moved in one of them)."""
     if not (int(header["qform_code"]) or int(header["sform_code"])):
         return "no orientation: qform and sform codes are 0"
     if not (int(header["qform_code"]) and int(header["sform_code"])):
