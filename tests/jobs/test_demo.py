@@ -69,6 +69,8 @@ def test_the_demo_runs_end_to_end_and_scores_lnfm_beside_the_unets(tmp_path):
               if (m := re.match(r"(LNFM|U-Net \+ paste|U-Net) +Dice \d\.\d{3}, node sensitivity", ln))]
     assert [name for name, _ in scored] == ["LNFM", "U-Net", "U-Net + paste"], proc.stdout[-2000:]
     assert all("1 held-out volumes" in ln for _, ln in scored)
+    steps = {name: int(re.search(r", (\d+) steps,", ln).group(1)) for name, ln in scored}
+    assert steps["LNFM"] == 3 and steps["U-Net"] >= 1 and steps["U-Net + paste"] >= 1, steps
     # Pretraining's store holds the training phantoms and never a held-out scan.
     ids = {r["case_id"] for r in read_manifest(str(out / "store_unlabelled"))}
     assert ids and not any(i.startswith("h_") for i in ids)
