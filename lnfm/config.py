@@ -240,6 +240,13 @@ def load_yaml_with_base(path: Path, kind: str) -> dict:
 def load_config(cls: type[T], source: str | Path | None = None, overrides: list[str] = (), *,
                 kind: str = "", defaults: dict | None = None) -> T:
     """Dataclass defaults <- `defaults` <- YAML preset/path <- overrides."""
+    return from_dict(cls, config_data(cls, source, overrides, kind=kind, defaults=defaults))
+
+
+def config_data(cls: type, source: str | Path | None = None, overrides: list[str] = (), *,
+                kind: str = "", defaults: dict | None = None) -> dict:
+    """What `load_config` builds `cls` from: `defaults` <- YAML preset/path <- overrides, as a dict
+    (a key absent from it takes the dataclass default; a job can tell what was set)."""
     data: dict = dict(defaults or {})
     if source:
         path = preset_path(kind, str(source))
@@ -249,8 +256,7 @@ def load_config(cls: type[T], source: str | Path | None = None, overrides: list[
                 from_dict(cls, data)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
-    data = apply_overrides(data, list(overrides))
-    return from_dict(cls, data)
+    return apply_overrides(data, list(overrides))
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 class InferenceConfig:
     """Sliding-window inference settings (keyword arguments of `sliding_window_inference`)."""
 
-    roi: tuple[int, int, int] = (96, 96, 96)  # window size in voxels (X, Y, Z)
+    roi: tuple[int, int, int] = (96, 96, 96)  # window in voxels (X, Y, Z); finetune and model.json: the training patch
     overlap: float = 0.5  # fraction of a window shared with its neighbour along each axis
     mode: Literal["gaussian", "constant"] = "gaussian"  # blending weights of window outputs
     sigma_scale: float = 0.125  # Gaussian sigma as a fraction of the window size

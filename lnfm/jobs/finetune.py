@@ -46,7 +46,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, read_yaml, to_dict
+from lnfm.config import ConfigError, apply_overrides, config_data, dump_yaml, from_dict, read_yaml, to_dict
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
@@ -137,7 +137,9 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
                          quick: bool = False, unlabelled: list[str] = (), paste_into: list[str] = ()
                          ) -> FinetuneConfig:
     """Dataclass defaults <- DEFAULTS <- site preset <- QUICK (with quick) <- overrides; with a
-    checkpoint --init the model section is the checkpoint's, plus any model.* overrides."""
+    checkpoint --init the model section is the checkpoint's, plus any model.* overrides. The
+    sliding window `inference.roi` is `site.patch` (what validation, test and the export use)
+    unless set, and `check_config` refuses a set one that differs."""
     extra = [f"init={json.dumps(init)}", f"data={json.dumps(list(data))}"]
     if unlabelled:
         extra.append(f"unlabelled={json.dumps(list(unlabelled))}")
@@ -148,7 +150,10 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     if repeats is not None:
         extra.append(f"train.repeats={repeats}")
     user = (QUICK if quick else []) + list(overrides)
-    cfg = load_config(FinetuneConfig, site, user + extra, kind="sites", defaults=DEFAULTS)
+    data = config_data(FinetuneConfig, site, user + extra, kind="sites", defaults=DEFAULTS)
+    cfg = from_dict(FinetuneConfig, data)
+    if "roi" not in (data.get("inference") or {}):  # config.yaml records the window the run uses
+        cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, roi=tuple(cfg.site.patch)))
     kind, _, model = resolve_init(cfg.init)
     if model is not None:
         tree = to_dict(cfg)
@@ -195,6 +200,10 @@ def check_config(cfg: FinetuneConfig) -> None:
     check_loss(cfg.loss)
     check_metrics(cfg.metrics)
     inf = cfg.inference
+    if tuple(inf.roi) != tuple(cfg.site.patch):
+        raise ConfigError(f"inference.roi {list(inf.roi)} differs from site.patch {list(cfg.site.patch)}: "
+                          f"finetuning windows are site.patch (validation, test and the export); leave "
+                          f"inference.roi unset")
     problem = (window_problem(inf.overlap, inf.sw_batch_size, "inference.overlap", "inference.sw_batch_size",
                               inf.sigma_scale, "inference.sigma_scale") or postprocess_problem(cfg.postprocess))
     if problem:

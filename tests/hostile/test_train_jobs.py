@@ -264,6 +264,9 @@ RANGES = [
     finetune("checkpoint-keep-zero", ["checkpoint.keep=0"], ("checkpoint.keep must be at least 1",)),
     finetune("inference-overlap-one", ["inference.overlap=1"], ("inference.overlap: 1 is not in [0, 1)",)),
     finetune("inference-sigma-zero", ["inference.sigma_scale=0"], ("inference.sigma_scale 0 is not in (0, inf)",)),
+    # validation, test and the export window with site.patch: a differing inference.roi ran, and was recorded
+    finetune("inference-roi-not-the-patch", ["inference.roi=[96,96,96]", AT],
+             ("inference.roi [96, 96, 96] differs from site.patch [32, 32, 32]", "finetuning windows are site.patch")),
     finetune("postprocess-min-volume-negative", ["postprocess.min_volume_mm3=-1"], ("postprocess.min_volume_mm3 -1",)),
     finetune("mesh-fsdp-zero", ["mesh.fsdp=0"], ("mesh.fsdp must be at least 1",)),
     # loss and metrics (each trained, and tested or failed at the test metrics, before)

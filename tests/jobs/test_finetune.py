@@ -72,6 +72,22 @@ def test_quick_and_overrides_and_unknown_keys():
         load_finetune_config("pelvic")
 
 
+def test_inference_roi_is_the_training_patch(tmp_path):
+    """Validation, test and the export window with site.patch: the resolved (recorded) inference.roi is
+    site.patch unless set, and a set one that differs is refused in one line."""
+    assert load_finetune_config("pelvis", quick=True).inference.roi == (32, 32, 32)  # --quick: 32^3, not 96^3
+    assert load_finetune_config("mediastinum").inference.roi == (160, 160, 96)  # the preset's patch
+    assert load_finetune_config("pelvis", ["site.patch=[48,40,24]"]).inference.roi == (48, 40, 24)
+    assert load_finetune_config("pelvis", ["inference.roi=[32,32,32]"], quick=True).inference.roi == (32, 32, 32)
+    with pytest.raises(ConfigError, match=r"^inference.roi \[96, 96, 96\] differs from site.patch \[32, 32, 32\]: "
+                                          r"finetuning windows are site.patch"):
+        load_finetune_config("pelvis", ["inference.roi=[96,96,96]"], quick=True)  # the old default, now set
+    site = tmp_path / "site.yaml"
+    site.write_text("base: pelvis\ninference:\n  roi: [64, 64, 64]\n")
+    with pytest.raises(ConfigError, match=r"inference.roi \[64, 64, 64\] differs from site.patch \[96, 96, 96\]"):
+        load_finetune_config(str(site))
+
+
 def test_init_takes_the_model_from_the_checkpoint_config(tmp_path):
     pre = tmp_path / "pre"
     (pre / "checkpoints").mkdir(parents=True)
@@ -231,6 +247,8 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_uninterrupted_result(store, tm
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
     assert run(cfg, tmp_path / "ref") == 0
+    # the window validation and test used, as recorded (the InferenceConfig default is 96^3)
+    assert yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())["inference"]["roi"] == [16, 16, 16]
     real = ft.make_train_step
 
     def preempting(*args, **kwargs):
