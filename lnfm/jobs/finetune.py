@@ -73,7 +73,8 @@ from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_mod
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import check_loss, model_output_loss
 from lnfm.runs import BEST_JSON, SUMMARY, ExportFolder, FinetuneRun, PretrainRun, RepeatRun, read_json, write_json
-from lnfm.segmentation.strategies import check_strategy, count_params, layer_index_fn, trainable_filter
+from lnfm.segmentation.strategies import (check_strategy, check_units, count_params, layer_index_fn,
+                                          trainable_filter)
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
 from lnfm.train.distributed import initialize
@@ -155,10 +156,9 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     if "roi" not in (data.get("inference") or {}):  # config.yaml records the window the run uses
         cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, roi=tuple(cfg.site.patch)))
     kind, _, model = resolve_init(cfg.init)
-    if model is not None:
-        tree = to_dict(cfg)
-        tree["model"] = apply_overrides(model, [o.split(".", 1)[1] for o in overrides if o.startswith("model.")])
-        cfg = from_dict(FinetuneConfig, tree)
+    if model is not None:  # only the model section changes: the others were read above
+        model = apply_overrides(model, [o.split(".", 1)[1] for o in overrides if o.startswith("model.")])
+        cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, model, "model"))
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
     window, pet_scale = (norm.hu_window, norm.pet_scale) if norm else (cfg.site.window, cfg.loader.pet_scale)
@@ -755,7 +755,7 @@ def _check(cfg: FinetuneConfig) -> Checked:
     check_encoder_fits(cfg)
     if cfg.strategy.freeze == "first_k":  # strategy.k's upper bound: the encoder's units (abstract: nothing allocated)
         seg = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
-        check_strategy(cfg.strategy, len(seg.encoder.units()))
+        check_units(cfg.strategy, len(seg.encoder.units()))  # the rest of the section: check_config
     # A node's highest label value (stores prepared before it was recorded: its majority class).
     labelled = [records[i] for i in splits.pool + splits.val + splits.test]
     max_class, store, rec = max(((int(n.get("max_class", n.get("class", 1))), s, r) for s, r in labelled

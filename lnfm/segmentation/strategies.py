@@ -47,8 +47,8 @@ def check_strategy(cfg: StrategyConfig, num_units: int | None = None) -> None:
     units when known, the upper bound of strategy.k). Each refusal names the key and its valid range."""
     if cfg.freeze == "first_k" and cfg.k < 0:
         raise ConfigError(f"strategy.k={cfg.k} must be at least 0 (the leading encoder units frozen)")
-    if cfg.freeze == "first_k" and num_units is not None and cfg.k > num_units:
-        raise ConfigError(f"strategy.k={cfg.k} is outside 0..{num_units} (the encoder has {num_units} units)")
+    if num_units is not None:
+        check_units(cfg, num_units)
     if not (math.isfinite(cfg.llrd) and 0.0 < cfg.llrd <= 1.0):
         raise ConfigError(f"strategy.llrd must be in (0, 1] (layer-wise LR decay; 1 = off), got {cfg.llrd:g}")
     if cfg.freeze == "lora" and cfg.lora_rank < 1:
@@ -56,6 +56,13 @@ def check_strategy(cfg: StrategyConfig, num_units: int | None = None) -> None:
     if cfg.freeze == "lora" and not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
         raise ConfigError(f"strategy.lora_alpha must be in (0, inf) (update scale alpha / rank), got "
                           f"{cfg.lora_alpha:g}")
+
+
+def check_units(cfg: StrategyConfig, num_units: int) -> None:
+    """strategy.k's upper bound, the encoder's `num_units` freezable units (the rest of the section is
+    `check_strategy`'s): for a job that checked the section before the encoder was known."""
+    if cfg.freeze == "first_k" and cfg.k > num_units:
+        raise ConfigError(f"strategy.k={cfg.k} is outside 0..{num_units} (the encoder has {num_units} units)")
 
 
 def module_paths(model: nnx.Module) -> dict[int, Path]:

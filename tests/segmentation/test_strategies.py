@@ -11,7 +11,7 @@ from flax import nnx
 
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from lnfm.segmentation.strategies import StrategyConfig, layer_index_fn, trainable_filter, unit_paths
+from lnfm.segmentation.strategies import StrategyConfig, check_units, layer_index_fn, trainable_filter, unit_paths
 from lnfm.train.optim import OptimConfig, layer_lr_scales, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, path_str, split_model
 from lnfm.train.step import make_train_step
@@ -143,6 +143,11 @@ def test_first_k_out_of_range():
     model = Toy(nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"strategy.k=5 is outside 0..4"):
         trainable_filter(model, StrategyConfig(freeze="first_k", k=5))
+    # the bound alone (finetuning checks it once the encoder is known; the section's ranges at load)
+    check_units(StrategyConfig(freeze="first_k", k=4), 4)  # all 4 units frozen: allowed
+    check_units(StrategyConfig(freeze="all", k=5), 4)  # k is read only with first_k
+    with pytest.raises(ValueError, match=r"^strategy.k=5 is outside 0..4 \(the encoder has 4 units\)$"):
+        check_units(StrategyConfig(freeze="first_k", k=5), 4)
 
 
 def test_unit_paths_and_llrd_scales():
