@@ -385,18 +385,32 @@ def is_batch_input(path: Path) -> bool:
     return not any(p.is_file() and is_dicom_path(p) for p in path.iterdir())
 
 
+def batch_cases(folder: str | Path, n_channels: int) -> dict[str, list[str]]:
+    """`find_cases` of a batch folder, refused in one line when it holds no scan."""
+    folder = Path(folder)
+    cases = find_cases(folder, n_channels)
+    if not cases:
+        raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
+    return cases
+
+
 def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, out: str | Path,
                    probabilities: str | Path | None = None, report: str | Path | None = None,
                    overlay: str | Path | None = None, options: PredictOptions | None = None,
-                   show_progress: bool = True, formats: OutputFormats | None = None,
-                   cases: dict[str, list[str]] | None = None) -> dict[str, str]:
-    """Segment every case of `folder` (`cases`: its `find_cases`, when the caller has listed it
-    already); returns {case: error} for the cases that failed."""
-    folder, out = Path(folder), Path(out)
+                   show_progress: bool = True, formats: OutputFormats | None = None) -> dict[str, str]:
+    """Segment every case of `folder`; returns {case: error} for the cases that failed."""
     check_batch_paths(folder, out, probabilities, report, overlay)
-    cases = find_cases(folder, len(meta.channels)) if cases is None else cases
-    if not cases:
-        raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
+    return _predict_cases(predictor, meta, batch_cases(folder, len(meta.channels)), out, probabilities, report,
+                          overlay, options, show_progress, formats)
+
+
+def _predict_cases(predictor: Callable, meta: ExportMeta, cases: dict[str, list[str]], out: str | Path,
+                   probabilities: str | Path | None, report: str | Path | None, overlay: str | Path | None,
+                   options: PredictOptions | None, show_progress: bool, formats: OutputFormats | None
+                   ) -> dict[str, str]:
+    """`predict_folder`'s loop over `cases` (`batch_cases`), once its caller has checked the paths
+    (`check_batch_paths`): a bad scan fails alone, a full disk or a bug stops the batch."""
+    out = Path(out)
     failed = {}
     bar = progress(total=len(cases), desc="predict", disable=not show_progress)
     for n, (case, inputs) in enumerate(cases.items(), start=1):
@@ -462,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
     if batch:
         check_batch_paths(inputs[0], args.output, args.probabilities, args.report, args.overlay, args.model)
         # Listed once, before the model loads: two files of one case name are refused fast.
-        cases = find_cases(Path(inputs[0]), len(meta.channels))
+        cases = batch_cases(inputs[0], len(meta.channels))
     else:
         check_case_paths(output_paths(args.output, formats.formats), args.probabilities, args.report,
                          args.overlay, inputs, args.model)
@@ -477,8 +491,9 @@ def run(args: argparse.Namespace) -> int:
         vol = read_scan(inputs, meta, args.series)
     predictor, meta = load_predictor(args.model, args.backend)
     if batch:
-        failed = predict_folder(predictor, meta, inputs[0], args.output, args.probabilities, args.report,
-                                args.overlay, options, formats=formats, cases=cases)
+        # the paths were checked above, with --model, before the model loaded
+        failed = _predict_cases(predictor, meta, cases, args.output, args.probabilities, args.report,
+                                args.overlay, options, True, formats)
         for case, err in failed.items():
             print(f"FAILED {case}: {err}", file=sys.stderr)
         return 1 if failed else 0
