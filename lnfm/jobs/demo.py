@@ -173,24 +173,16 @@ def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test:
     if paste_store is not None:
         hosts["U-Net + paste"] = heldout.paste_hosts(paste_store, summary["train_ids"])
     rows = [("LNFM", lnfm_cases, summary["train_time_s"], cfg.train.steps, lnfm_infer)]
-    load = []  # 1-minute load average after each U-Net's training
     for name, paste_into in hosts.items():
         unet = heldout.train_and_score_peer("unet", meta=meta, store=store, train_ids=summary["train_ids"],
                                             loader=loader, test=test, overlap=overlap, seed=cfg.train.seed,
                                             seconds=summary["train_time_s"], val=val, paste_into=paste_into)
-        load.append(os.getloadavg()[0])
         rows.append((name, unet["cases"], unet["train_time_s"], unet["steps"], unet["infer_s_per_volume"]))
     for name, cases, train_s, steps, infer in rows:
         agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])
         print(f"{name:13s} Dice {agg['dice']:.3f}, node sensitivity {agg['node_sensitivity']:.3f}, "
               f"FP/volume {agg['fp_per_volume']:.1f}  (train {train_s:.0f} s, {steps} steps, predict {infer:.1f} "
               f"s/volume, {len(cases)} held-out volumes)")
-    cores = len(os.sched_getaffinity(0))
-    if max(load) > cores:
-        # Time-budgeted peers are what this comparison rests on; PyTorch's OpenMP threads spin while
-        # other processes hold the cores, so a busy machine starves the U-Nets of steps.
-        print(f"note: other processes kept this machine busy (load average {max(load):.1f} on {cores} cores): the "
-              "U-Nets' steps in their time are fewer than on an idle machine; rerun idle to compare")
 
 
 if __name__ == "__main__":
