@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,15 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 class ConfigError(LnfmError, ValueError):
     """A config key, value or command-line option that does not fit the typed schema or cannot work."""
+
+
+def check_in(section: str, cfg: typing.Any, name: str, ok: typing.Callable[[float], bool], interval: str,
+             what: str = "") -> None:
+    """Refuse `cfg.name` (a float; None is unset) unless finite and `ok`, naming `section.name`, its valid
+    `interval` and `what` it means: the one wording of every section's range checks."""
+    value = getattr(cfg, name)
+    if value is not None and not (math.isfinite(value) and ok(value)):
+        raise ConfigError(f"{section}.{name} must be in {interval}{what}, got {value:g}")
 
 
 def _closest(key: str, valid: list[str]) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lnfm.config import ConfigError
+from lnfm.config import ConfigError, check_in
 from lnfm.eval.detection import Detection, Node, axial_diameters, detect_nodes
 from lnfm.eval.froc import Froc, froc
 from lnfm.eval.surface import (
@@ -66,12 +66,9 @@ class EvalConfig:
 def check_metrics(cfg: EvalConfig) -> None:
     """The metrics section's ranges, before anything is written (the test metrics come after training:
     a bad value was a traceback or a sensitivity of 0 then). Each refusal names the key and its range."""
-    for name, interval, ok in (("tolerance_mm", "[0, inf)", lambda v: v >= 0),
-                               ("max_distance_mm", "[0, inf)", lambda v: v >= 0),
-                               ("min_overlap", "[0, 1] (an IoU)", lambda v: 0 <= v <= 1)):
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and ok(value)):
-            raise ConfigError(f"metrics.{name} must be in {interval}, got {value:g}")
+    check_in("metrics", cfg, "tolerance_mm", lambda v: v >= 0, "[0, inf)")
+    check_in("metrics", cfg, "max_distance_mm", lambda v: v >= 0, "[0, inf)")
+    check_in("metrics", cfg, "min_overlap", lambda v: 0 <= v <= 1, "[0, 1] (an IoU)")
     if cfg.connectivity not in (6, 18, 26):
         raise ConfigError(f"metrics.connectivity must be 6, 18 or 26 (the voxels sharing a face, or also an edge, "
                           f"or also a corner join one node), got {cfg.connectivity}")

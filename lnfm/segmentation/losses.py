@@ -11,14 +11,13 @@ either meaningless or explodes the gradient.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from lnfm.config import ConfigError
+from lnfm.config import ConfigError, check_in
 
 
 @dataclasses.dataclass
@@ -40,9 +39,7 @@ def check_loss(cfg: LossConfig) -> None:
     """The `loss` section's ranges, before anything is written; each refusal names the key and its valid
     range. A weight below 0 would maximise its term; a term that is 0 whatever the logits trains nothing."""
     def need(name: str, ok, interval: str, what: str = "") -> None:
-        value = getattr(cfg, name)
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            raise ConfigError(f"loss.{name} must be in {interval}{what}, got {value:g}")
+        check_in("loss", cfg, name, ok, interval, what)
 
     need("dice_weight", lambda v: v >= 0, "[0, inf)")
     need("ce_weight", lambda v: v >= 0, "[0, inf)")

@@ -10,7 +10,6 @@ pytree built by `layer_lr_scales` and passed as `lr_scales`. `optim.ema_decay` a
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal, NamedTuple
 from collections.abc import Callable
 
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lnfm.config import ConfigError
+from lnfm.config import ConfigError, check_in
 from lnfm.train.state import path_str
 
 
@@ -110,9 +109,7 @@ def check_optim(cfg: OptimConfig) -> None:
     """The `optim` section's ranges, the one place they are checked (jobs call it before anything is
     written; `make_optimizer` calls it too): each refusal names the key and its valid range."""
     def need(name: str, ok: Callable[[float], bool], interval: str, what: str = "") -> None:
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and ok(value)):
-            raise ConfigError(f"optim.{name} must be in {interval}{what}, got {value:g}")
+        check_in("optim", cfg, name, ok, interval, what)
 
     # 0 is allowed: the weights as initialised, trained through the same run (an untrained baseline)
     if cfg.lr is not None:
