@@ -10,13 +10,12 @@ state (a small JSON blob) is all a resumed job needs to see the same batches.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import grain
 import numpy as np
 
-from lnfm.config import ConfigError
+from lnfm.config import ConfigError, check_in
 from lnfm.data import store as st
 from lnfm.data.contract import hu_window_problem, normalize
 from lnfm.data.augment import blur, context_size, flip_rot90, intensity_jitter, low_resolution, noise, rotate_scale
@@ -60,32 +59,21 @@ def check_loader(cfg: LoaderConfig, where: str = "loader") -> None:
     """The loader section's ranges (`where`: its name in the job's config, `loader` or `data`), the one
     place they are checked; jobs call it before anything is written. Each refusal names the key and
     its valid range. The patch and batch sizes are the jobs' own (site.patch, train.global_batch)."""
-    def bad(name: str, rng: str) -> ConfigError:
-        value = getattr(cfg, name)
-        return ConfigError(f"{where}.{name} must be in {rng}, got {value:g}" if isinstance(value, float)
-                           else f"{where}.{name} must be in {rng}, got {value}")
-
     for name in ("fg_fraction", "spatial_p", "paste_p"):  # shares of the patches
-        if not 0.0 <= getattr(cfg, name) <= 1.0:  # NaN fails too
-            raise bad(name, "[0, 1] (a share of the patches)")
+        check_in(where, cfg, name, lambda v: 0.0 <= v <= 1.0, "[0, 1]", " (a share of the patches)")
     for name in ("intensity_shift", "rotate_deg", "scale", "tilt_deg", "blur_sigma", "noise_std", "paste_zoom"):
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0):  # ranges drawn as U(-v, v) or up to v
-            raise bad(name, "[0, inf) (0 = off)")
-    if not 0.0 <= cfg.intensity_scale < 1.0:  # a factor 1 + U(-s, s) that stays positive
-        raise bad("intensity_scale", "[0, 1) (0 = off)")
-    if not (math.isfinite(cfg.low_res) and cfg.low_res >= 1.0):
-        raise bad("low_res", "[1, inf) (times coarser; 1 = off)")
-    if not (math.isfinite(cfg.pet_scale) and cfg.pet_scale > 0):
-        raise bad("pet_scale", "(0, inf) (the PET divisor)")
+        check_in(where, cfg, name, lambda v: v >= 0, "[0, inf)", " (0 = off)")  # drawn as U(-v, v) or up to v
+    check_in(where, cfg, "intensity_scale", lambda v: 0.0 <= v < 1.0, "[0, 1)", " (0 = off)")  # 1 + U(-s, s) > 0
+    check_in(where, cfg, "low_res", lambda v: v >= 1.0, "[1, inf)", " (times coarser; 1 = off)")
+    check_in(where, cfg, "pet_scale", lambda v: v > 0, "(0, inf)", " (the PET divisor)")
     problem = hu_window_problem(cfg.hu_window, f"{where}.hu_window")
     if problem:
         raise ConfigError(problem)
     for name, low in (("paste_margin", 0), ("workers", 0), ("prefetch", 1), ("seed", 0), ("epoch_length", 1)):
-        if getattr(cfg, name) < low:
-            raise bad(name, f"[{low}, inf)")
+        if getattr(cfg, name) < low:  # integers
+            raise ConfigError(f"{where}.{name} must be in [{low}, inf), got {getattr(cfg, name)}")
     if cfg.seed >= 2 ** 32:
-        raise bad("seed", "[0, 2**32)")
+        raise ConfigError(f"{where}.seed must be in [0, 2**32), got {cfg.seed}")
 
 
 def read_box(arr, start: np.ndarray, size: tuple[int, int, int], fill: float, dtype=np.float32) -> np.ndarray:
