@@ -28,10 +28,11 @@ def torch_conv():
     return conv
 
 
-def monai_reference(volume, roi, overlap, mode="gaussian", cval=0.0):
+def monai_reference(volume, roi, overlap, mode="gaussian", cval=0.0, padding_mode="constant"):
     x = torch.from_numpy(volume.transpose(3, 0, 1, 2)[None].copy())
     with torch.no_grad():
-        y = monai_swi(x, roi, 3, torch_conv(), overlap=overlap, mode=mode, sigma_scale=0.125, cval=cval)
+        y = monai_swi(x, roi, 3, torch_conv(), overlap=overlap, mode=mode, sigma_scale=0.125, cval=cval,
+                      padding_mode=padding_mode)
     return y[0].numpy().transpose(1, 2, 3, 0)
 
 
@@ -47,10 +48,23 @@ def monai_reference(volume, roi, overlap, mode="gaussian", cval=0.0):
 def test_matches_monai(shape, roi, overlap, mode):
     volume = RNG.normal(size=(*shape, C)).astype(np.float32)
     ours = sliding_window_inference(jax.jit(conv_fn), volume, roi, overlap=overlap, mode=mode, sw_batch_size=3,
-                                    pad_value=-1.0)
+                                    pad_mode="constant", pad_value=-1.0)
     ref = monai_reference(volume, roi, overlap, mode, cval=-1.0)
     assert ours.shape == (*shape, K) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_small_volumes_are_padded_by_repeating_their_border_as_monai_replicate():
+    """The default padding of a volume thinner than the window repeats its border voxels (MONAI's
+    padding_mode="replicate"), and differs from a constant fill where the window sees the padding."""
+    volume = RNG.normal(size=(10, 29, 5, C)).astype(np.float32)
+    ours = sliding_window_inference(jax.jit(conv_fn), volume, (16, 12, 8), overlap=0.5, sw_batch_size=3)
+    ref = monai_reference(volume, (16, 12, 8), 0.5, padding_mode="replicate")
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    constant = monai_reference(volume, (16, 12, 8), 0.5)
+    assert np.abs(ours - constant)[0].max() > 0.1  # the border slab sees the padding through the 3x3x3 conv
+    with pytest.raises(ValueError, match="pad_mode must be 'edge' or 'constant', got 'reflect'"):
+        sliding_window_inference(conv_fn, volume, (16, 12, 8), pad_mode="reflect")
 
 
 def test_window_grid_and_weights_match_monai():
