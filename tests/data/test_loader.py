@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -101,24 +102,34 @@ def test_foreground_fraction_is_honoured(big_store):
     assert 0.3 < half < 0.8  # 128 draws: 0.5 + background hits, binomial sd 0.045
 
 
-def test_small_volume_is_padded_not_read_out_of_bounds(tmp_path):
+def test_small_volume_is_padded_by_repeating_its_border(tmp_path):
+    """A volume smaller than the patch sits inside it, and the rest repeats its border voxels, image and
+    label alike: the padding predict gives a volume thinner than its window (sliding_window_inference)."""
     store = _store(tmp_path, [(10, 8, 6)], node=1)
     it = iter(make_loader([store], dataclasses.replace(PLAIN, fg_fraction=0.0), labels=True, shard_index=0,
                           shard_count=1))
     arr = open_array(store, "cases/c0/image_0000").read().result()
     lab = open_array(store, "cases/c0/label").read().result()
+    offsets = list(itertools.product(*(range(p - n + 1) for p, n in zip(PATCH, arr.shape))))
     for batch in _take(it, 3):
         for image, label in zip(batch["image"][..., 0], batch["label"]):
             assert image.shape == PATCH
-            # The whole volume lies inside the patch; everything else is window minimum / label 0.
-            assert label.sum() == lab.sum()
-            assert np.isclose(image, normalize(arr[..., None], PLAIN)[..., 0].max()).sum() \
-                == (arr == arr.max()).sum()
-            assert (image == 0).sum() >= np.prod(PATCH) - arr.size
-    # read_box itself: a box hanging over two faces keeps the inside, pads the rest.
+            matches = [o for o in offsets
+                       if np.array_equal(label, np.pad(lab, [(a, p - n - a) for a, p, n in zip(o, PATCH, lab.shape)],
+                                                       mode="edge"))
+                       and np.allclose(image, normalize(np.pad(arr, [(a, p - n - a) for a, p, n in
+                                                                     zip(o, PATCH, arr.shape)], mode="edge")[..., None],
+                                                        PLAIN)[..., 0])]
+            assert matches  # the patch is the volume at some offset, its border repeated outward
+    # read_box itself: a box hanging over two faces keeps the inside and fills or repeats the rest.
+    inside = arr[:5, 4:8, 2:6]
     box = read_box(open_array(store, "cases/c0/image_0000"), np.array([-3, 4, 2]), (8, 8, 8), -1000.0)
-    np.testing.assert_array_equal(box[3:, :4, :4], arr[:5, 4:8, 2:6])
+    np.testing.assert_array_equal(box[3:, :4, :4], inside)
     assert (box[:3] == -1000).all() and (box[:, 4:] == -1000).all()
+    box = read_box(open_array(store, "cases/c0/image_0000"), np.array([-3, 4, 2]), (8, 8, 8), -1000.0, edge=True)
+    np.testing.assert_array_equal(box, np.pad(inside, [(3, 0), (0, 4), (0, 4)], mode="edge"))
+    missed = read_box(open_array(store, "cases/c0/image_0000"), np.array([20, 0, 0]), (4, 4, 4), -7.0, edge=True)
+    assert (missed == -7.0).all()  # a box that misses the volume has nothing to repeat
 
 
 def _patch_hashes(store, shard_index, shard_count, n=6):
