@@ -76,7 +76,7 @@ def check_loader(cfg: LoaderConfig, where: str = "loader") -> None:
         raise ConfigError(f"{where}.seed must be in [0, 2**32), got {cfg.seed}")
 
 
-def read_box(arr, start: np.ndarray, size: tuple[int, int, int], fill: float, dtype=np.float32,
+def read_box(arr, start: np.ndarray, size: tuple[int, int, int], fill: float = 0.0, dtype=np.float32,
              edge: bool = False) -> np.ndarray:
     """arr[start:start+size], reading only that box. Voxels outside the volume are `fill`, or with
     `edge` repeat the nearest voxel inside it (`fill` then only for a box that misses the volume)."""
@@ -87,11 +87,10 @@ def read_box(arr, start: np.ndarray, size: tuple[int, int, int], fill: float, dt
     if not np.all(hi > lo):
         return np.full(size, fill, dtype=dtype)
     box = np.asarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].read().result(), dtype=dtype)
-    a, b = lo - start, hi - start
-    pad = [(int(x), int(n - y)) for x, y, n in zip(a, b, size)]
-    if edge:
-        return np.pad(box, pad, mode="edge")
-    return np.pad(box, pad, constant_values=fill)
+    pad = [(int(x), int(n - y)) for x, y, n in zip(lo - start, hi - start, size)]
+    if not any(a or b for a, b in pad):  # inside the volume: every patch of a large enough scan
+        return box
+    return np.pad(box, pad, mode="edge") if edge else np.pad(box, pad, constant_values=fill)
 
 
 def patch_start(centre: np.ndarray, shape: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -144,7 +143,7 @@ class PatchSampler(grain.transforms.RandomMap):
         """Raw (X, Y, Z, C) intensities of a box. Outside the volume each voxel repeats the nearest one
         inside, as predict pads a volume thinner than its window (`sliding_window_inference`'s "edge"):
         one rule for out-of-volume voxels in training and serving."""
-        chans = [read_box(self._array(store, path), start, size, 0.0, edge=True) for path in rec["image_path"]]
+        chans = [read_box(self._array(store, path), start, size, edge=True) for path in rec["image_path"]]
         return np.stack(chans, axis=-1)
 
     def _pasted(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
@@ -158,7 +157,7 @@ class PatchSampler(grain.transforms.RandomMap):
         extent = np.minimum(hi - lo + 2, size)  # the node and a voxel around it, at most a patch
         start = (lo + hi) // 2 - extent // 2
         donor = self._read(self.stores[s], rec, start, tuple(extent))
-        donor_label = read_box(self._array(self.stores[s], rec["label_path"]), start, tuple(extent), 0, np.uint8,
+        donor_label = read_box(self._array(self.stores[s], rec["label_path"]), start, tuple(extent), dtype=np.uint8,
                                edge=True)
         if self.cfg.paste_flip or self.cfg.paste_zoom > 0:
             donor, donor_label = augment_donor(donor, donor_label, rng, self.cfg.paste_flip, self.cfg.paste_zoom, size)
@@ -201,8 +200,8 @@ class PatchSampler(grain.transforms.RandomMap):
             ctx = ctx if resample else size  # a patch read as stored needs no context around it
             ctx_start = start + size // 2 - ctx // 2
             raw, channels = self._read(self.stores[s], rec, ctx_start, tuple(ctx)), rec["channels"]
-            label = read_box(self._array(self.stores[s], rec["label_path"]), ctx_start, tuple(ctx), 0, np.uint8,
-                             edge=True) if self.labels else None
+            label = read_box(self._array(self.stores[s], rec["label_path"]), ctx_start, tuple(ctx),
+                             dtype=np.uint8, edge=True) if self.labels else None
         image = normalize(raw, cfg, channels)
         if resample:
             image, label = rotate_scale(image, label, tuple(cfg.patch_size), cfg.rotate_deg, cfg.scale, rng,

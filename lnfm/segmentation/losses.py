@@ -11,6 +11,7 @@ either meaningless or explodes the gradient.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 from collections.abc import Sequence
 
@@ -38,8 +39,7 @@ class LossConfig:
 def check_loss(cfg: LossConfig) -> None:
     """The `loss` section's ranges, before anything is written; each refusal names the key and its valid
     range. A weight below 0 would maximise its term; a term that is 0 whatever the logits trains nothing."""
-    def need(name: str, ok, interval: str, what: str = "") -> None:
-        check_in("loss", cfg, name, ok, interval, what)
+    need = functools.partial(check_in, "loss", cfg)  # need(name, ok, interval, what="")
 
     need("dice_weight", lambda v: v >= 0, "[0, inf)")
     need("ce_weight", lambda v: v >= 0, "[0, inf)")

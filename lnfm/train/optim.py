@@ -10,6 +10,7 @@ pytree built by `layer_lr_scales` and passed as `lr_scales`. `optim.ema_decay` a
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, NamedTuple
 from collections.abc import Callable
 
@@ -108,8 +109,7 @@ def check_ema_decay(decay: float) -> None:
 def check_optim(cfg: OptimConfig) -> None:
     """The `optim` section's ranges, the one place they are checked (jobs call it before anything is
     written; `make_optimizer` calls it too): each refusal names the key and its valid range."""
-    def need(name: str, ok: Callable[[float], bool], interval: str, what: str = "") -> None:
-        check_in("optim", cfg, name, ok, interval, what)
+    need = functools.partial(check_in, "optim", cfg)  # need(name, ok, interval, what="")
 
     # 0 is allowed: the weights as initialised, trained through the same run (an untrained baseline)
     if cfg.lr is not None:
