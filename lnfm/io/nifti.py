@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from lnfm.io.volume import ImageReadError, Volume, check_affine
 
@@ -36,9 +37,47 @@ def orientation_problem(header: nib.Nifti1Header) -> str | None:
             "set the code of the wrong one to 0")
 
 
+NIFTI_XFORM_CODES = (0, 1, 2, 3, 4)  # unknown, scanner, aligned, Talairach, MNI
+
+
+def stored_header_problem(raw: nib.Nifti1Header) -> str | None:
+    """Why a header as stored (unchecked) holds no one geometry although its forms' codes say it does.
+    nibabel's loader rewrites such a header in memory with at most a log line: a 0 voxel size becomes
+    1 mm, a negative one its absolute value, a qfac other than +-1 becomes 1 (ITK takes its sign), an
+    unknown form code 0, so the scan would be read at a spacing or orientation its writer never gave."""
+    for name in ("qform_code", "sform_code"):
+        if int(raw[name]) not in NIFTI_XFORM_CODES:
+            return f"{name} {int(raw[name])} is not a NIfTI transform code (0-4)"
+    if not int(raw["qform_code"]):  # pixdim scales only the qform; an sform alone carries its own sizes
+        return None
+    qfac, *sizes = (float(v) for v in raw["pixdim"][:4])
+    if not all(np.isfinite(s) and s > 0 for s in sizes):
+        shown = tuple(round(s, 4) for s in sizes)
+        return f"pixdim voxel sizes {shown} are not all positive (the qform is scaled by them)"
+    if qfac not in (0.0, 1.0, -1.0):
+        return f"pixdim[0] (qfac) {qfac:g} is not 1 or -1 (readers disagree on the slice direction)"
+    return None
+
+
+def _stored_header(path: str) -> nib.Nifti1Header | None:
+    """The header's bytes as written, before nibabel's in-memory fixes; None if they are no NIfTI-1/2
+    header (nibabel's loader then names the problem)."""
+    with ImageOpener(path) as f:
+        block = f.read(nib.Nifti2Header.sizeof_hdr)
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        size = klass.sizeof_hdr
+        if len(block) >= size and size in (int.from_bytes(block[:4], "little"), int.from_bytes(block[:4], "big")):
+            return klass(binaryblock=block[:size], check=False)
+    return None
+
+
 def read_nifti(path: str | Path) -> Volume:
     path = str(path)
     try:
+        stored = _stored_header(path)  # checked first: nibabel would log its own fix of it
+        problem = stored_header_problem(stored) if stored is not None else None
+        if problem:
+            raise ImageReadError(f"{path}: {problem}")
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise ImageReadError(f"{path}: not a NIfTI image")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -91,3 +93,55 @@ def test_writer_writes_both_forms_when_they_agree(tmp_path):
     assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1)
     np.testing.assert_allclose(header.get_qform(), SFORM, atol=1e-6)
     np.testing.assert_allclose(header.get_sform(), SFORM, atol=1e-6)
+
+
+def _qform_file_with_pixdim(tmp_path, pixdim, name):
+    """A qform-only file whose stored pixdim[0:4] are patched in its bytes: nibabel refuses to write them."""
+    img = nib.Nifti1Image(DATA, None)
+    img.header.set_qform(SFORM, code=1)
+    img.header.set_sform(None, code=0)
+    nib.save(img, str(tmp_path / "ok.nii"))
+    raw = bytearray((tmp_path / "ok.nii").read_bytes())
+    raw[76:92] = np.asarray(pixdim, "<f4").tobytes()  # pixdim[0:4] of the 348-byte NIfTI-1 header
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(bytes(raw)) if name.endswith(".gz") else bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("pixdim, nibabel_reads, says", [
+    ([1, 1.5, 0.0, 2.0], (1.5, 1.0, 2.0), "pixdim voxel sizes (1.5, 0.0, 2.0) are not all positive"),  # 0 read as 1 mm
+    ([1, 1.5, 1.5, -2.0], (1.5, 1.5, 2.0), "pixdim voxel sizes (1.5, 1.5, -2.0) are not all positive"),  # sign dropped
+    ([-3, 1.5, 1.5, 2.0], (1.5, 1.5, 2.0), "pixdim[0] (qfac) -3 is not 1 or -1"),  # nibabel: qfac 1; ITK: its sign, -1
+])
+@pytest.mark.parametrize("name", ["p.nii", "p.nii.gz"])
+def test_a_pixdim_nibabel_would_rewrite_is_refused(tmp_path, capfd, pixdim, nibabel_reads, says, name):
+    path = _qform_file_with_pixdim(tmp_path, pixdim, name)
+    # what nibabel alone would read: voxel sizes the file never stated
+    np.testing.assert_allclose(np.diag(nib.load(str(path)).affine)[:3], nibabel_reads)
+    with pytest.raises(ImageReadError) as e:
+        read_image(path)
+    assert str(e.value) == f"{path}: {says}" + (" (the qform is scaled by them)" if "sizes" in says else
+                                                " (readers disagree on the slice direction)")
+    capfd.readouterr()  # nibabel's own load above logged its fix to stderr
+    with pytest.raises(ImageReadError):
+        read_image(path)
+    assert capfd.readouterr().err == ""  # refused before nibabel's loader: the CLI's one line stays one
+
+
+def test_an_unknown_form_code_is_refused(tmp_path):  # nibabel would read the code as 0 and take the qform
+    img = nib.Nifti1Image(DATA, None)
+    img.header.set_qform(SFORM @ np.diag([-1.0, 1, 1, 1]), code=1)
+    img.header.set_sform(SFORM, code=1)
+    nib.save(img, str(tmp_path / "ok.nii"))
+    raw = bytearray((tmp_path / "ok.nii").read_bytes())
+    raw[254:256] = np.asarray(7, "<i2").tobytes()  # sform_code of the NIfTI-1 header
+    (tmp_path / "c.nii").write_bytes(bytes(raw))
+    assert nib.load(str(tmp_path / "c.nii")).affine[0, 0] == -1.5  # the mirrored qform, with a log line only
+    with pytest.raises(ImageReadError) as e:
+        read_image(tmp_path / "c.nii")
+    assert str(e.value) == f"{tmp_path / 'c.nii'}: sform_code 7 is not a NIfTI transform code (0-4)"
+
+
+def test_a_stored_qfac_of_zero_reads_as_one(tmp_path):  # the standard's rule for old writers
+    vol = read_image(_qform_file_with_pixdim(tmp_path, [0, 1.5, 1.5, 2.0], "z.nii"))
+    np.testing.assert_allclose(vol.affine, SFORM, atol=1e-6)
