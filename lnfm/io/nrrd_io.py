@@ -10,9 +10,10 @@ import numpy as np
 
 from lnfm.io.volume import ImageReadError, Volume, check_affine
 
-# NRRD 'space' values -> sign flips that take the space to RAS.
+# NRRD 'space' values -> sign flips that take the space to RAS. 'scanner-xyz' and '3D-right-handed' name
+# no patient axes (ITK reads them as LPS, as it does a header without 'space'): refused, like no 'space'.
 _SPACE_TO_RAS = {
-    "right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1), "scanner-xyz": (1, 1, 1),
+    "right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1),
     "left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
     "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1),
 }
@@ -47,9 +48,12 @@ def read_nrrd(path: str | Path) -> Volume:
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageReadError(f"{path}: unreadable NRRD ({reason})") from None
-    space = str(header.get("space", "right-anterior-superior")).lower()
+    if header.get("space") is None:
+        raise ImageReadError(f"{path}: NRRD has no 'space' field, so its axes' patient directions are unknown "
+                             "(ITK reads them as left-posterior-superior); add a 'space:' line")
+    space = str(header["space"]).lower()
     if space not in _SPACE_TO_RAS:
-        raise ImageReadError(f"{path}: unsupported NRRD space '{space}'")
+        raise ImageReadError(f"{path}: unsupported NRRD space '{space}' (expected {', '.join(sorted(_SPACE_TO_RAS))})")
     raw_dirs = header.get("space directions")
     if raw_dirs is None:
         raise ImageReadError(f"{path}: NRRD has no 'space directions' (no geometry)")

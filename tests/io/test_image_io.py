@@ -124,3 +124,21 @@ def test_unreadable_inputs_raise_one_line_error_with_path(case, tmp_path, shared
         read_image(path)
     msg = str(err.value)
     assert msg.startswith(str(path)) and "\n" not in msg and len(msg) > len(str(path)) + 5
+
+
+@pytest.mark.parametrize("space_line, says", [
+    ("space dimension: 3", "NRRD has no 'space' field, so its axes' patient directions are unknown"),
+    ("space: scanner-xyz", "unsupported NRRD space 'scanner-xyz'"),
+])
+def test_nrrd_without_patient_axes_is_refused(tmp_path, space_line, says):
+    """Read as RAS, such a header was mirrored in x and y against ITK (SimpleITK, 3D Slicer), which
+    reads it as LPS: the same file, two anatomies."""
+    path = tmp_path / "n.nrrd"
+    path.write_bytes(f"NRRD0004\ntype: int16\ndimension: 3\n{space_line}\nsizes: 2 2 2\n"
+                     "space directions: (0.7,0,0) (0,0.8,0) (0,0,2)\nspace origin: (10,20,30)\nencoding: raw\n"
+                     "endian: little\n\n".encode() + np.zeros(8, np.int16).tobytes())
+    itk = sitk.ReadImage(str(path))
+    assert np.diag(sitk_ras_affine(itk))[:2].tolist() == [-0.7, -0.8]  # ITK's reading: LPS
+    with pytest.raises(ImageReadError) as e:
+        read_image(path)
+    assert str(e.value).startswith(f"{path}: {says}") and "\n" not in str(e.value)
