@@ -188,7 +188,7 @@ def bench_predict(store: Path, sz: Sizes, work: Path) -> dict:
     ct = work / "ct_large.nii.gz"
     nib.save(nib.Nifti1Image(synthetic_ct(sz.ct_shape, 0), np.diag([0.8, 0.8, 1.5, 1.0])), str(ct))
     wall = _run([py, "-m", "lnfm", "predict", "--model", str(export), "--input", str(ct),
-                 "--output", str(work / "mask.nii.gz")], work)
+                 "--output", str(work / "mask.nii.gz"), "--force"], work)
     mask = np.asarray(nib.load(str(work / "mask.nii.gz")).dataobj)
     if mask.shape != sz.ct_shape:
         raise RuntimeError(f"predict wrote a mask of shape {mask.shape} for a CT of shape {sz.ct_shape}")

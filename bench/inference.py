@@ -198,7 +198,7 @@ def bench_predict(args) -> None:
                 for r, tree in itertools.product(range(args.predict_rounds), trees):  # rounds interleave the trees
                     out = root / f"{n}_{backend}_{overlap}_{r}_{trees.index(tree)}.nii.gz"
                     cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(export), "--input", str(ct),
-                           "--output", str(out), "--backend", backend]
+                           "--output", str(out), "--backend", backend, "--force"]
                     cmd += [] if overlap == "model" else ["--overlap", overlap]
                     t = time.perf_counter()
                     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tree,

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     pred = out / "predict"
     _run([py, "-m", "lnfm", "predict", "--model", str(export), "--input", scan,
           "--output", str(pred / f"{case_id}_mask.nii.gz"), "--report", str(pred / f"{case_id}_nodes.csv"),
-          "--overlay", str(pred / f"{case_id}_preview.png")], env)
+          "--overlay", str(pred / f"{case_id}_preview.png"), "--force"], env)  # a rerun replaces the demo's own
 
     summary = json.loads(FinetuneRun(ft).summary.read_text())
     print("\n== LNFM demo summary ==")

@@ -459,7 +459,33 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: model.json)")
     ap.add_argument("--min-volume-mm3", type=float, default=None,
                     help="remove predicted components smaller than this (default: model.json)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace output files that exist already (without it an existing file is refused)")
     return ap
+
+
+def check_not_there(paths, force: bool) -> None:
+    """Without --force, no output file may exist: an output path that names a scan's label, a report or
+    any other file of the user's would be replaced without a word."""
+    if force:
+        return
+    for path in paths:
+        if path is not None and os.path.lexists(path):
+            raise PredictError(f"{path}: exists already (pass --force to replace it, or choose another output)")
+
+
+def _case_files(output, probabilities, report, overlay, formats: tuple[str, ...]) -> list:
+    return [*output_paths(output, formats).values(), probabilities, report, overlay]
+
+
+def _batch_files(cases, out, probabilities, report, overlay, formats: tuple[str, ...]) -> list:
+    """The files `_predict_cases` writes for `cases`."""
+    files = []
+    for case in cases:
+        files += _case_files(Path(out) / f"{case}.nii.gz", Path(probabilities) / f"{case}.nii.gz" if probabilities
+                             else None, Path(report) / f"{case}.csv" if report else None,
+                             Path(overlay) / f"{case}.png" if overlay else None, formats)
+    return files
 
 
 def run(args: argparse.Namespace) -> int:
@@ -477,6 +503,8 @@ def run(args: argparse.Namespace) -> int:
         check_batch_paths(inputs[0], args.output, args.probabilities, args.report, args.overlay, args.model)
         # Listed once, before the model loads: two files of one case name are refused fast.
         cases = batch_cases(inputs[0], len(meta.channels))
+        check_not_there(_batch_files(cases, args.output, args.probabilities, args.report, args.overlay,
+                                     formats.formats), args.force)
     else:
         check_case_paths(output_paths(args.output, formats.formats), args.probabilities, args.report,
                          args.overlay, inputs, args.model)
@@ -487,6 +515,8 @@ def run(args: argparse.Namespace) -> int:
     if not batch:  # check the scan before the model loads: bad input fails fast
         check_outputs(args.output, args.probabilities, args.overlay, formats.formats, args.report)
         check_outside_inputs(output_paths(args.output, formats.formats), inputs)
+        check_not_there(_case_files(args.output, args.probabilities, args.report, args.overlay, formats.formats),
+                        args.force)
         series = source_series(inputs, formats, args.series)
         vol = read_scan(inputs, meta, args.series)
     predictor, meta = load_predictor(args.model, args.backend)

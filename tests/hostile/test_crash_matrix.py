@@ -316,7 +316,8 @@ def _predict_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
         shutil.copy(tiny.raw / "imagesTr" / f"{tiny.records[i % 2]['case_id']}_0000.nii.gz", scans / f"s{i}.nii.gz")
     out = tmp / "masks"
     return SimpleNamespace(model=model, scans=scans, out=out, kept=lambda: [model, scans],
-                           argv=["predict", "--model", model, "--input", scans, "--output", out])
+                           # --force: the rerun after a kill replaces the cases the killed run finished
+                           argv=["predict", "--model", model, "--input", scans, "--output", out, "--force"])
 
 
 def _masks(ctx) -> list[Path]:

@@ -290,6 +290,38 @@ def test_an_output_naming_the_input_or_the_model_is_refused_and_nothing_changes(
         assert tree_digest(tmp_path, tiny.orbax) == before, name
 
 
+def test_an_existing_file_is_replaced_only_with_force(tiny, tmp_path, capsys):  # noqa: F811
+    """A mask path that names the user's own label (or a report path their notes) was replaced without a
+    word; now it is refused before the model loads, every file unchanged, and --force replaces it."""
+    import shutil
+
+    from tree_helpers import tree_digest
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    case = tiny.records[0]["case_id"]
+    shutil.copy(tiny.raw / "imagesTr" / f"{case}_0000.nii.gz", scans / f"{case}.nii.gz")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    shutil.copy(tiny.raw / "labelsTr" / f"{case}.nii.gz", labels / f"{case}.nii.gz")
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my notes\n")
+    single = ["--input", str(scans / f"{case}.nii.gz"), "--output", str(labels / f"{case}.nii.gz")]
+    for args, clash in [(single, labels / f"{case}.nii.gz"),
+                        ([*single[:2], "--output", str(tmp_path / "new.nii.gz"), "--report", str(notes)], notes),
+                        (["--input", str(scans), "--output", str(labels)], labels / f"{case}.nii.gz")]:
+        before = tree_digest(tmp_path)
+        capsys.readouterr()
+        assert run_job("predict", ["--model", str(tiny.orbax), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        says = "exists already (pass --force to replace it, or choose another output)"
+        assert err == [f"lnfm predict: error: {clash}: {says}"]
+        assert tree_digest(tmp_path) == before
+    label = (labels / f"{case}.nii.gz").read_bytes()
+    assert run_job("predict", ["--model", str(tiny.orbax), *single, "--force"]) == 0
+    assert (labels / f"{case}.nii.gz").read_bytes() != label
+
+
 def test_a_full_disk_keeps_the_previous_outputs_and_a_rerun_completes(tiny, predictor, tmp_path):  # noqa: F811
     """`ulimit -f` in a real `lnfm predict` process: writing the new mask fails with EFBIG; the
     previous mask and report are intact, no partial file is left, and the rerun succeeds."""
@@ -304,7 +336,7 @@ def test_a_full_disk_keeps_the_previous_outputs_and_a_rerun_completes(tiny, pred
     before = tree_digest(out)
     cmd = [sys.executable, "-m", "lnfm", "predict", "--model", str(tiny.orbax), "--input", scan,
            "--output", str(out / "mask.nii.gz"), "--report", str(out / "nodes.csv"),
-           "--probabilities", str(out / "prob.nii.gz")]
+           "--probabilities", str(out / "prob.nii.gz"), "--force"]  # a rerun over the earlier outputs
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)))
