@@ -462,6 +462,17 @@ def build_from_meta(meta: ExportMeta, flat: dict[str, np.ndarray], where: str = 
         raise ExportError(str(e).splitlines()[0]) from None
 
 
+def check_weights(flat: dict, folder: Path) -> None:
+    """Every weight a finite float: an export whose arrays were rewritten (and re-checksummed) as integers
+    or with NaN would run and predict no node at all, with exit 0."""
+    for name, array in flat.items():
+        array = np.asarray(array)
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ExportError(f"{folder}: weight '{name}' is {array.dtype}, not floating point")
+        if not np.all(np.isfinite(array)):
+            raise ExportError(f"{folder}: weight '{name}' holds NaN or Inf")
+
+
 def load_export(folder: str | Path, verify: bool = True) -> Exported:
     """Rebuild the model of an orbax, safetensors, onnx or monai export (checksums verified first).
 
@@ -487,6 +498,7 @@ def load_export(folder: str | Path, verify: bool = True) -> Exported:
         flat = fmt.read_safetensors(folder / fmt.SAFETENSORS_FILE)
     else:
         raise ExportError(f"{folder / MODEL_JSON}: unknown format '{kind}'")
+    check_weights(flat, folder)
     model, encoder = build_from_meta(meta, flat, str(folder))
     return Exported(meta, encoder, model)
 

@@ -130,7 +130,19 @@ def load_predictor(export_dir: str | Path, backend: str = "auto"
 
         fn = backends.jax_network(load_export(export_dir, verify=False).model)
     log.info("model %s-%s (%s export) on %s", meta.model.arch, meta.model.size, meta.format, name)
-    return fn, meta
+    return _finite_output(fn, export_dir), meta
+
+
+def _finite_output(fn: Callable[[np.ndarray], np.ndarray], export_dir) -> Callable[[np.ndarray], np.ndarray]:
+    """`fn`, refusing a window whose probabilities hold NaN or Inf (corrupt weights in a compiled graph:
+    otherwise 0 nodes and exit 0). One pass over each window batch, small next to the network."""
+    def checked(batch: np.ndarray) -> np.ndarray:
+        out = np.asarray(fn(batch))
+        if not np.isfinite(out).all():
+            raise ExportError(f"{export_dir}: the network's output holds NaN or Inf (its weights are corrupt)")
+        return out
+
+    return checked
 
 
 # ----------------------------------------------------------------------------- input

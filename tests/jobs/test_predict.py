@@ -375,3 +375,33 @@ def test_accelerator_check_agrees_with_jax_and_reads_the_plugin_switches(monkeyp
     assert backends.accelerator_runtime_installed()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # forces the CPU whatever is installed
     assert not backends.accelerator_runtime_installed() and not backends.accelerator_present()
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda a: np.full_like(a, np.nan), "holds NaN or Inf"),
+    (lambda a: a.astype(np.int32), "is int32, not floating point"),
+])
+def test_weights_rewritten_and_rechecksummed_are_refused(tiny, tmp_path, damage, says):  # noqa: F811
+    """Weights edited by hand (checksums rewritten to match) ran and predicted 0 nodes with exit 0."""
+    from safetensors.numpy import load_file, save_file
+
+    from lnfm.jobs.export import export_model, write_checksums
+
+    export = export_model(tiny.workdir, tmp_path / "st", "safetensors")
+    weights = load_file(str(export / "model.safetensors"))
+    name = sorted(k for k in weights if k.startswith("head."))[-1]
+    weights[name] = damage(weights[name])
+    save_file(weights, str(export / "model.safetensors"))
+    write_checksums(export)
+    with pytest.raises(pr.ExportError) as e:
+        pr.load_predictor(export, "jax")
+    assert str(e.value) == f"{export}: weight '{name}' {says}"
+
+
+def test_a_network_whose_output_is_not_finite_is_refused(tiny, tmp_path):  # noqa: F811
+    """The check every backend's windows pass (an ONNX graph's weights are not read by load_export)."""
+    fn = pr._finite_output(lambda x: np.full(x.shape[:-1] + (2,), np.nan, np.float32), "EXPORT")
+    with pytest.raises(pr.ExportError, match="^EXPORT: the network's output holds NaN or Inf"):
+        fn(np.zeros((1, 4, 4, 4, 1), np.float32))
+    ok = pr._finite_output(lambda x: np.full(x.shape[:-1] + (2,), 0.5, np.float32), "EXPORT")
+    assert ok(np.zeros((1, 4, 4, 4, 1), np.float32)).shape == (1, 4, 4, 4, 2)
