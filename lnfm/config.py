@@ -179,11 +179,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
         node = data
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
             child = node.get(part)
+            if child is not None and not isinstance(child, dict):  # set whole by an earlier override
+                raise ConfigError(f"{'.'.join(path[:i + 1])}: is {child!r}, not a config section, so "
+                                  f"'{'.'.join(path)}' has nowhere to go")
             child = dict(child) if isinstance(child, dict) else {}
             node[part] = child
             node = child
+        if isinstance(node.get(path[-1]), dict) and not isinstance(value, dict):
+            raise ConfigError(f"{'.'.join(path)}: is a config section, not a value (set its keys, "
+                              f"e.g. {'.'.join(path)}.{next(iter(node[path[-1]]), 'KEY')}=...)")
         node[path[-1]] = value
     return data
 

@@ -74,3 +74,16 @@ def test_invalid_yaml_is_one_line(tmp_path):
     with pytest.raises(C.ConfigError) as err:
         C.load_config(Job, str(bad))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_value_for_a_whole_section_is_refused():
+    """`train=5` replaced the section, and a later `train.num_labeled=...` (the job's own) rebuilt it from
+    defaults: every preset value in it was lost without a word."""
+    data = {"train": {"steps": 2800, "lr": 1e-3}}
+    with pytest.raises(C.ConfigError, match=r"^train: is a config section, not a value \(set its keys, "
+                                            r"e\.g\. train\.steps=\.\.\.\)$"):
+        C.apply_overrides(data, ["train=5"])
+    with pytest.raises(C.ConfigError, match=r"^train: is 5, not a config section, so 'train\.num_labeled' has"):
+        C.apply_overrides({"name": "x"}, ["train=5", "train.num_labeled=4"])
+    assert C.apply_overrides(data, ["train={steps: 3}"])["train"] == {"steps": 3}  # a mapping may replace it
+    assert data == {"train": {"steps": 2800, "lr": 1e-3}}  # the input is not changed

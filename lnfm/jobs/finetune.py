@@ -109,6 +109,13 @@ DEFAULTS: dict = {
 # ----------------------------------------------------------------------------- config
 
 
+# loader keys finetuning derives from other sections (load_finetune_config, make_loaders)
+DERIVED_LOADER_KEYS = {
+    "loader.patch_size": "site.patch", "loader.batch_size": "train.global_batch",
+    "loader.hu_window": "site.window (or, with normalization=encoder, the encoder's pretraining window)",
+}
+
+
 def resolve_init(init: str) -> tuple[str, Path | None, dict | None]:
     """--init -> (kind, path, model config dict); kind is scratch | pretrain | export.
 
@@ -150,6 +157,10 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         extra.append(f"train.num_labeled={num_labeled}")
     if repeats is not None:
         extra.append(f"train.repeats={repeats}")
+    for text in overrides:  # values finetuning derives: an override of them would be dropped without a word
+        key = text.split("=", 1)[0].strip()
+        if key in DERIVED_LOADER_KEYS:
+            raise ConfigError(f"{key}: finetuning sets it from {DERIVED_LOADER_KEYS[key]}; set that instead")
     user = (QUICK if quick else []) + list(overrides)
     data = config_data(FinetuneConfig, site, user + extra, kind="sites", defaults=DEFAULTS)
     cfg = from_dict(FinetuneConfig, data)
@@ -161,6 +172,9 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, model, "model"))
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
+    if norm is not None and any(o.split("=", 1)[0].strip() == "loader.pet_scale" for o in overrides):
+        raise ConfigError("loader.pet_scale: with normalization=encoder finetuning uses the encoder's pretraining "
+                          "value; set normalization=site to choose it")
     window, pet_scale = (norm.hu_window, norm.pet_scale) if norm else (cfg.site.window, cfg.loader.pet_scale)
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, hu_window=tuple(window),
                                                               pet_scale=float(pet_scale)))
@@ -186,8 +200,10 @@ def check_config(cfg: FinetuneConfig) -> None:
     tc = cfg.train
     if tc.repeats < 1:
         raise ConfigError(f"train.repeats must be at least 1, got {tc.repeats}")
-    if tc.seed < 0:  # seed + repeat seeds the loader's sampler, which takes non-negative seeds
-        raise ConfigError(f"train.seed must be at least 0, got {tc.seed}")
+    top = 2**32 - 2 - tc.repeats  # seed + repeat (+1 for LoRA) seeds the loader's sampler: a 32-bit seed
+    if not 0 <= tc.seed <= top:
+        raise ConfigError(f"train.seed must be in [0, {top}] (train.seed + repeat seeds 32-bit samplers), "
+                          f"got {tc.seed}")
     if not 0 < tc.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in (0, 1) (the share of training cases held out for "
                           f"validation when the store has no val split), got {tc.val_fraction:g}")

@@ -228,7 +228,13 @@ RANGES = [
     finetune("accum-steps-zero", ["train.accum_steps=0"], ("train.accum_steps must be at least 1",)),
     finetune("log-every-zero", ["train.log_every=0"], ("train.log_every must be at least 1",)),
     finetune("eval-every-negative", ["train.eval_every=-1"], ("train.eval_every must be at least 0",)),
-    finetune("seed-negative", ["train.seed=-1"], ("train.seed must be at least 0",)),
+    finetune("seed-negative", ["train.seed=-1"], ("train.seed must be in [0, ",)),
+    finetune("seed-beyond-32-bit", ["train.seed=4294967296"], ("train.seed must be in [0, ",)),  # was grain's crash
+    finetune("train-section-as-value", ["train=5"], ("train: is a config section, not a value",)),  # was dropped
+    finetune("loader-hu-window-derived", ["loader.hu_window=[-1000,1000]"],
+             ("loader.hu_window: finetuning sets it from site.window",)),  # was silently ignored
+    finetune("loader-batch-size-derived", ["loader.batch_size=8"],
+             ("loader.batch_size: finetuning sets it from train.global_batch",)),
     finetune("lr-nan", ["optim.lr=.nan"], ("optim.lr must be in [0, inf)",)),
     finetune("lr-negative", ["optim.lr=-1"], ("optim.lr must be in [0, inf)",)),
     finetune("weight-decay-negative", ["optim.weight_decay=-1"], ("optim.weight_decay must be in [0, inf)",)),
