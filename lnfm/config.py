@@ -8,8 +8,10 @@ config is written next to every run by `lnfm.workdir`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import sys
 import math
 import types
 import typing
@@ -281,3 +283,17 @@ def dump_yaml(cfg: Any) -> str:
 
 def replace(cfg: T, **changes: Any) -> T:
     return dataclasses.replace(cfg, **changes)
+
+
+def parse_args_once(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, refusing a single-value option given twice: argparse keeps the last one,
+    so `--input a --input b` would segment b alone without a word (repeatable options are `append`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    for action in parser._actions:  # argparse has no public listing of its actions
+        if not isinstance(action, argparse._StoreAction) or not action.option_strings:
+            continue
+        given = [a for a in argv if a.split("=", 1)[0] in action.option_strings]
+        if len(given) > 1:
+            raise ConfigError(f"{action.option_strings[-1]} is given {len(given)} times; give it once")
+    return args

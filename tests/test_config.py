@@ -87,3 +87,17 @@ def test_a_value_for_a_whole_section_is_refused():
         C.apply_overrides({"name": "x"}, ["train=5", "train.num_labeled=4"])
     assert C.apply_overrides(data, ["train={steps: 3}"])["train"] == {"steps": 3}  # a mapping may replace it
     assert data == {"train": {"steps": 2800, "lr": 1e-3}}  # the input is not changed
+
+
+def test_a_single_value_option_given_twice_is_refused():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--input")
+    ap.add_argument("--format", action="append")
+    ap.add_argument("--force", action="store_true")
+    assert C.parse_args_once(ap, ["--input", "a", "--format", "x", "--format", "y", "--force"]).format == ["x", "y"]
+    for argv in (["--input", "a", "--input", "b"], ["--input=a", "--input", "b"]):
+        assert ap.parse_args(argv).input == "b"  # argparse alone keeps the last, silently
+        with pytest.raises(C.ConfigError, match=r"^--input is given 2 times; give it once$"):
+            C.parse_args_once(ap, argv)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from lnfm.config import ConfigError, load_config, preset_path, read_yaml
+from lnfm.config import ConfigError, load_config, preset_path, read_yaml, parse_args_once
 from lnfm.data import store as st
 from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
 from lnfm.data.contract import (CONTRACT, CONTRACT_VERSION, CT_STORAGE, ORIENTATION, ContractError,
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "folders that hold several series")
     ap.add_argument("--salt", default=None, help="salt for hashed case ids (default: the LNFM_ID_SALT variable)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = ap.parse_args(argv)
+    args = parse_args_once(ap, argv)
     overrides = list(args.overrides)
     for key in ("spacing", "workers", "site", "site_preset", "salt"):
         if getattr(args, key) is not None:

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lnfm.config import ConfigError, to_dict
+from lnfm.config import ConfigError, to_dict, parse_args_once
 from lnfm.data import synth_anatomy as A
 from lnfm.data.geometry import axial_diameters
 from lnfm.data.synth_nodes import REAL_SET, node_shape, real_mask_files
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-real-shapes", action="store_true", help="ellipsoid/lobulated nodes only")
     ap.add_argument("--heldout", action="store_true",
                     help="the held-out generator variant (test phantoms no training set draws from)")
-    args = ap.parse_args(argv)
+    args = parse_args_once(ap, argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"{args.out}: exists and is not a folder (--out names the dataset folder)")
     cfg = SynthConfig(site=args.site, num_cases=args.num_cases, seed=args.seed, shape=args.shape, pet=args.pet,

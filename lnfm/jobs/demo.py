@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from lnfm.config import from_dict, read_yaml
+from lnfm.config import from_dict, read_yaml, parse_args_once
 from lnfm.data.benchmark import TestCase, phantom_rows, prepare_csv
 from lnfm.data.shared import shared_data_dir
 from lnfm.eval.metrics import summarize
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip the MONAI U-Net trained for the same time")
     ap.add_argument("--no-paste", action="store_true",
                     help="finetune on the labelled cases alone, without pasting their nodes into the unlabelled scans")
-    args = ap.parse_args(argv)
+    args = parse_args_once(ap, argv)
     if args.cases < args.labelled + 3:
         ap.error(f"--cases must leave 2 validation cases and an unlabelled one beside --labelled ({args.labelled})")
 

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from lnfm import __version__
-from lnfm.config import from_dict, read_yaml
+from lnfm.config import from_dict, read_yaml, parse_args_once
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.data.store import read_manifest
 from lnfm.errors import DiskFull, WeightsMismatch, deferred_termination, disk_full
@@ -530,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
-    return run(build_parser().parse_args(argv))
+    return run(parse_args_once(build_parser(), argv))
 
 
 __all__ = ["FORMATS", "Exported", "ExportError", "export_model", "load_export", "read_meta", "verify_export",

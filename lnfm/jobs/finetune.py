@@ -46,7 +46,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import ConfigError, apply_overrides, config_data, dump_yaml, from_dict, read_yaml, to_dict
+from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, parse_args_once, read_yaml,
+                         to_dict)
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
@@ -844,7 +845,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the CPU recipe (lnfm.jobs.finetune_cpu.QUICK: 32^3 patches, 2800 steps, the fine head)")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
-    return ap.parse_args(argv)
+    return parse_args_once(ap, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

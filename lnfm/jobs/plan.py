@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lnfm.config import ConfigError
+from lnfm.config import ConfigError, parse_args_once
 from lnfm.jobs.pretrain import build_training, load_pretrain_config, step_flops
 from lnfm.models.build import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
@@ -387,7 +387,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compile-models", default="vit_b", help="--table: comma list of presets to compile")
     ap.add_argument("--compile-timeout", type=float, default=900, help="--table: seconds per compiled cell")
     ap.add_argument("overrides", nargs="*", help="extra pretraining config overrides key.sub=value")
-    return ap.parse_args(argv)
+    return parse_args_once(ap, argv)
 
 
 def request_from_args(args: argparse.Namespace) -> PlanRequest:

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lnfm.config import parse_args_once
 from lnfm.data.contract import normalize
 from lnfm.data.geometry import nonzero_box, restore_to_source, spacing_of
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
@@ -546,7 +547,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
-    return run(build_parser().parse_args(argv))
+    return run(parse_args_once(build_parser(), argv))
 
 
 __all__ = ["PredictError", "PredictOptions", "Prediction", "load_predictor", "read_scan", "predict_volume",

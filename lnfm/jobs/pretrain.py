@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import ConfigError, load_config, to_dict
+from lnfm.config import ConfigError, load_config, to_dict, parse_args_once
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
 from lnfm.data.store import check_stores
@@ -262,7 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--profile-steps", default=None, help="A:B traces steps A..B-1 into WORKDIR/profile")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=100")
-    return ap.parse_args(argv)
+    return parse_args_once(ap, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

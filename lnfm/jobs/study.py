@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from lnfm.config import ConfigError, load_config, to_dict
+from lnfm.config import ConfigError, load_config, to_dict, parse_args_once
 from lnfm.data.benchmark import BenchmarkSpec
 from lnfm.data.benchmark import build as build_data
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", required=True, help="benchmark data, pretraining and one folder per cell")
     ap.add_argument("--out", required=True, help="where study.csv, the PNG plots and study.md go")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. repeats=5 heads=[light]")
-    args = ap.parse_args(argv)
+    args = parse_args_once(ap, argv)
     name = "quick" if args.quick else (args.config or "full")
     cfg = load_config(StudyConfig, name, args.overrides, kind="study")
     command = "python finetune/study.py " + shlex.join(
