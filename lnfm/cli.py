@@ -23,7 +23,7 @@ import traceback
 from typing import NamedTuple
 
 from lnfm import __version__
-from lnfm.errors import LnfmError, NonFiniteLoss, Terminated, disk_full, on_sigint, on_sigterm
+from lnfm.errors import LnfmError, NonFiniteLoss, Terminated, access_denied, disk_full, on_sigint, on_sigterm
 
 
 class Job(NamedTuple):
@@ -107,6 +107,11 @@ def run_job(name: str, argv: list[str]) -> int:
         print(f"lnfm {name}: error: {e}", file=sys.stderr)
         return 3
     except Exception as e:
+        denied = access_denied(e)
+        if denied is not None:  # a folder the user cannot write (or read): one line, as for a full disk
+            logging.getLogger("lnfm").debug("access denied", exc_info=True)
+            print(f"lnfm {name}: error: {_written_file(e)}: {denied}", file=sys.stderr)
+            return 2
         reason = disk_full(e)
         if reason is None:
             raise  # a bug: keep the traceback

@@ -41,6 +41,19 @@ FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _WRAPPED_CODE = re.compile(r"os_error_code='(\d+)'")
 
 
+DENIED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def access_denied(exc: BaseException | None) -> str | None:
+    """The reason ('Permission denied', 'Read-only file system') when `exc`, or an exception it was raised
+    from, is a file operation the system refused: the user's paths, not a bug; else None."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DENIED_ERRNOS:
+            return os.strerror(exc.errno)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def disk_full(exc: BaseException | None) -> str | None:
     """The reason ('No space left on device', 'File too large', 'Disk quota exceeded') when `exc`,
     or an exception it was raised from, is a write that found no room; else None."""

@@ -258,6 +258,10 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
                 raise CaseError(p, str(e).split(": ", 1)[-1]) from None
         if v.data.dtype.kind == "f" and not np.all(np.isfinite(v.data)):
             raise CaseError(p, "image has NaN or Inf voxels")
+        if v.data.dtype.itemsize > 4 and v.data.size:  # float64 or int64: refused before float32 turns them to Inf
+            peak = float(np.abs(v.data).max())
+            if peak > float(np.finfo(np.float32).max):
+                raise CaseError(p, f"voxel values up to {peak:.3g} exceed float32's range (no CT or PET value does)")
     for i, (p, v) in enumerate(zip(paths[1:], vols[1:]), start=1):
         difference = _grid_difference(v, vols[0], "channel", "the first channel's")
         if difference is None:

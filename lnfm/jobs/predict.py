@@ -62,6 +62,7 @@ from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_exp
 from lnfm.io import Volume, is_dicom_path, write_nifti
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
+from lnfm.runs import ExportFolder
 from lnfm.safety import check_apart
 from lnfm.workdir import atomic_write_text, progress, remove_stale_temps, setup_logging
 
@@ -487,6 +488,18 @@ def check_not_there(paths, force: bool) -> None:
             raise PredictError(f"{path}: exists already (pass --force to replace it, or choose another output)")
 
 
+def check_writable(paths) -> None:
+    """Every output's nearest existing folder writable, before the model loads and runs."""
+    for path in paths:
+        if path is None:
+            continue
+        folder = Path(path).absolute().parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PredictError(f"{path}: cannot write into {folder} (permission denied)")
+
+
 def _case_files(output, probabilities, report, overlay, formats: tuple[str, ...]) -> list:
     return [*output_paths(output, formats).values(), probabilities, report, overlay]
 
@@ -510,14 +523,18 @@ def run(args: argparse.Namespace) -> int:
     if formats.dicom:  # the DICOM outputs name the export by its checksum
         formats.export_sha256 = export_digest(args.model)
     inputs = [p for p in str(args.input).split(",") if p]
+    for path in inputs:
+        if ExportFolder.detect(Path(path)) is not None:
+            raise PredictError(f"{path}: is an lnfm export, not a scan (pass it as --model)")
     batch = len(inputs) == 1 and is_batch_input(Path(inputs[0]))
     cases = None
     if batch:
         check_batch_paths(inputs[0], args.output, args.probabilities, args.report, args.overlay, args.model)
         # Listed once, before the model loads: two files of one case name are refused fast.
         cases = batch_cases(inputs[0], len(meta.channels))
-        check_not_there(_batch_files(cases, args.output, args.probabilities, args.report, args.overlay,
-                                     formats.formats), args.force)
+        files = _batch_files(cases, args.output, args.probabilities, args.report, args.overlay, formats.formats)
+        check_not_there(files, args.force)
+        check_writable(files)
     else:
         check_case_paths(output_paths(args.output, formats.formats), args.probabilities, args.report,
                          args.overlay, inputs, args.model)
@@ -528,8 +545,9 @@ def run(args: argparse.Namespace) -> int:
     if not batch:  # check the scan before the model loads: bad input fails fast
         check_outputs(args.output, args.probabilities, args.overlay, formats.formats, args.report)
         check_outside_inputs(output_paths(args.output, formats.formats), inputs)
-        check_not_there(_case_files(args.output, args.probabilities, args.report, args.overlay, formats.formats),
-                        args.force)
+        files = _case_files(args.output, args.probabilities, args.report, args.overlay, formats.formats)
+        check_not_there(files, args.force)
+        check_writable(files)
         series = source_series(inputs, formats, args.series)
         vol = read_scan(inputs, meta, args.series)
     predictor, meta = load_predictor(args.model, args.backend)

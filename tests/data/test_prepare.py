@@ -341,3 +341,22 @@ def test_crop_comes_from_the_image_alone_so_predict_crops_alike(tmp_path, caplog
     assert {k: geometry[k] for k in ("crop_start", "crop_stop", "shape", "affine")} == \
         {k: rec[k] for k in ("crop_start", "crop_stop", "shape", "affine")}
     np.testing.assert_array_equal(data[..., 0], image[..., 0])
+
+
+def test_a_float64_value_beyond_float32_is_named_not_called_inf(tmp_path, recwarn):
+    """A finite 1e300 became Inf in the float32 cast: a RuntimeWarning plus 'NaN or Inf voxels', which the file
+    does not hold."""
+    import nibabel as nib
+
+    from lnfm.data.prepare import CaseError, read_channels
+
+    data = np.full((20, 20, 10), -1000.0)
+    data[5, 5, 5] = 1e300
+    img = nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0]))
+    img.set_qform(img.affine, code=1)
+    nib.save(img, str(tmp_path / "f64.nii.gz"))
+    with pytest.raises(CaseError) as e:
+        read_channels([str(tmp_path / "f64.nii.gz")], False)
+    says = "voxel values up to 1e+300 exceed float32's range (no CT or PET value does)"
+    assert str(e.value) == f"{tmp_path / 'f64.nii.gz'}: {says}"
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -405,3 +405,33 @@ def test_a_network_whose_output_is_not_finite_is_refused(tiny, tmp_path):  # noq
         fn(np.zeros((1, 4, 4, 4, 1), np.float32))
     ok = pr._finite_output(lambda x: np.full(x.shape[:-1] + (2,), 0.5, np.float32), "EXPORT")
     assert ok(np.zeros((1, 4, 4, 4, 1), np.float32)).shape == (1, 4, 4, 4, 2)
+
+
+def test_an_export_as_input_and_an_unwritable_output_are_one_line(tiny, tmp_path, capsys):  # noqa: F811
+    """An export folder given as --input ran as a batch of 'scans' (exit 1); an output the system refuses to
+    write (sysfs refuses even root; a read-only folder refuses users) was a traceback after the whole run."""
+    scan = str(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz")
+    cases = [(["--input", str(tiny.orbax), "--output", str(tmp_path / "m")],
+              f"{tiny.orbax}: is an lnfm export, not a scan (pass it as --model)")]
+    if Path("/sys/kernel").is_dir():
+        cases.append((["--input", scan, "--output", "/sys/lnfm_no/x.nii.gz"], "/sys/lnfm_no"))
+    for args, says in cases:
+        capsys.readouterr()
+        assert run_job("predict", ["--model", str(tiny.orbax), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()  # INFO progress lines may come first
+        errors = [line for line in err if "error" in line.lower() or "Traceback" in line]
+        assert errors == [err[-1]] and err[-1].startswith("lnfm predict: error: ") and says in err[-1], err
+
+
+def test_access_denied_is_found_through_the_exception_chain():
+    from lnfm.errors import access_denied
+
+    try:
+        try:
+            raise PermissionError(13, "Permission denied", "/x")
+        except OSError as e:
+            raise RuntimeError("wrapped") from e
+    except RuntimeError as e:
+        assert access_denied(e) == "Permission denied"
+    assert access_denied(FileNotFoundError(2, "No such file", "/x")) is None
+    assert access_denied(ValueError("a bug")) is None
