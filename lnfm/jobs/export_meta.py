@@ -101,6 +101,10 @@ def _check_values(meta: ExportMeta, where: str) -> None:
     patch = [int(p) for p in meta.preprocessing.patch_size]
     if len(patch) != 3 or min(patch) < 1:
         raise ExportError(f"{where}: preprocessing.patch_size {patch} is not three window sizes of at least 1 voxel")
+    token = [int(t) for t in meta.model.patch_size]
+    if meta.model.arch == "vit" and len(token) == 3 and any(p % t for p, t in zip(patch, token)):
+        raise ExportError(f"{where}: preprocessing.patch_size {patch} is not a whole number of the ViT's "
+                          f"{token} tokens per axis")
     problem = _contract_problem(meta) or postprocess_problem(meta.postprocess)
     if problem:
         raise ExportError(f"{where}: {problem}")

@@ -129,7 +129,11 @@ def load_predictor(export_dir: str | Path, backend: str = "auto"
         fn = backends.stablehlo_network(read_stablehlo(Path(export_dir) / STABLEHLO_FILE))
     else:
         from lnfm.jobs.export import load_export
+        from lnfm.models.layers import dtype_problem_here
 
+        problem = dtype_problem_here(meta.model.dtype, "model.dtype")
+        if problem:
+            raise ExportError(f"{export_dir}: {problem} (run it with --backend onnxruntime or on a GPU)")
         fn = backends.jax_network(load_export(export_dir, verify=False).model)
     log.info("model %s-%s (%s export) on %s", meta.model.arch, meta.model.size, meta.format, name)
     return _finite_output(fn, export_dir), meta

@@ -64,6 +64,14 @@ def dtype_of(name: str):
         raise ValueError(f"unknown dtype '{name}'") from None
 
 
+def dtype_problem_here(name: str, where: str = "model.dtype") -> str | None:
+    """Why compute dtype `name` cannot run on this process's backend: XLA:CPU has no float16 matmul
+    (dot_general refuses F16_F16_F32), so a float16 model fails at its first attention."""
+    if name == "float16" and jax.default_backend() == "cpu":
+        return f"{where} float16 does not run on a CPU (XLA:CPU has no float16 matmul); use bfloat16 or float32"
+    return None
+
+
 def no_eager_sharding():
     """Build parameters without a mesh; `create_sharded_model` places them afterwards."""
     return nnx.use_eager_sharding(False)

@@ -20,6 +20,7 @@ import numpy as np
 
 from lnfm.config import ConfigError, dump_yaml
 from lnfm.data.contract import Preprocessing, write_preprocessing
+from lnfm.models.layers import dtype_problem_here
 from lnfm.models.sharding import check_mesh, make_mesh, use_rules
 from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
 from lnfm.safety import check_apart
@@ -55,6 +56,9 @@ def check_run_config(cfg: Any) -> None:
         if getattr(tc, name, 0) < 0:
             raise ConfigError(f"train.{name} must be at least 0 (steps; 0 = off), got {getattr(tc, name)}")
     check_optim(cfg.optim)
+    problem = dtype_problem_here(cfg.model.dtype)
+    if problem:
+        raise ConfigError(problem)
     ck = cfg.checkpoint
     if ck.every < 0:
         raise ConfigError(f"checkpoint.every must be at least 0 (steps; 0 = only at the end), got {ck.every}")

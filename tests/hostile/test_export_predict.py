@@ -440,6 +440,9 @@ OPTIONS = [
                ("inference.sigma_scale 0",), "model.json"),
     model_case("model-json-roi-not-the-patch", _meta_edit(lambda m: m["inference"].update(
         roi=[r // 2 for r in m["inference"]["roi"]])), ("differs from preprocessing.patch_size",), "model.json"),
+    model_case("model-json-window-below-one-token", _meta_edit(lambda m: (
+        m["preprocessing"].update(patch_size=[1, 1, 1]), m["inference"].update(roi=[1, 1, 1]))),
+        ("is not a whole number of the ViT's",), "model.json"),  # ran and predicted from one voxel, exit 0
     model_case("model-json-one-label-short", _meta_edit(lambda m: m.update(labels=m["labels"][:-1])),
                ("not num_classes",), "model.json"),
     model_case("model-json-pet-scale-zero", _meta_edit(lambda m: m["preprocessing"]["normalization"].update(

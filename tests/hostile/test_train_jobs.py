@@ -229,6 +229,7 @@ RANGES = [
     finetune("log-every-zero", ["train.log_every=0"], ("train.log_every must be at least 1",)),
     finetune("eval-every-negative", ["train.eval_every=-1"], ("train.eval_every must be at least 0",)),
     finetune("seed-negative", ["train.seed=-1"], ("train.seed must be in [0, ",)),
+    finetune("model-dtype-float16-on-cpu", ["model.dtype=float16"], ("model.dtype float16 does not run on a CPU",)),
     finetune("seed-beyond-32-bit", ["train.seed=4294967296"], ("train.seed must be in [0, ",)),  # was grain's crash
     finetune("train-section-as-value", ["train=5"], ("train: is a config section, not a value",)),  # was dropped
     finetune("loader-hu-window-derived", ["loader.hu_window=[-1000,1000]"],
