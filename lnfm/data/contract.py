@@ -66,6 +66,10 @@ def hu_window_problem(window, name: str) -> str | None:
     values = [float(v) for v in window]
     if len(values) != 2 or not all(np.isfinite(values)) or values[0] >= values[1]:
         return f"{name} {values} is not a window from a lower to a higher HU value"
+    if values[1] - values[0] < 1:  # CT is stored in whole HU: a narrower window is a threshold, not a window
+        return f"{name} {values} is narrower than 1 HU (CT numbers are whole HU)"
+    if values[0] < -32768 or values[1] > 32767:  # beyond int16 storage nothing changes, and float32 overflows
+        return f"{name} {values} reaches beyond the HU range CT is stored in ([-32768, 32767])"
     return None
 
 

@@ -106,3 +106,19 @@ def test_preprocess_case_reproduces_the_stored_arrays(tmp_path):
     data, label, geometry = preprocess_case(image, read_contract(out))
     assert label is None and geometry["crop_start"] == rec["crop_start"] and geometry["shape"] == rec["shape"]
     np.testing.assert_array_equal(data, stored)
+
+
+@pytest.mark.parametrize("window, says", [
+    ([-160.0, 240.0], None),
+    ([-1024.0, 3071.0], None),
+    ([0.0, 1e-30], "is narrower than 1 HU"),  # a threshold, not a window: [0, 1] holds 0 or 1
+    ([-3e38, 3e38], "reaches beyond the HU range CT is stored in"),  # overflowed float32 in normalise
+    ([240.0, -160.0], "is not a window from a lower to a higher HU value"),
+])
+def test_hu_window_problem(window, says):
+    from lnfm.data.contract import hu_window_problem
+
+    problem = hu_window_problem(window, "w")
+    assert problem is None if says is None else problem == f"w {window} {says}" + (
+        " (CT numbers are whole HU)" if "narrower" in says else
+        " ([-32768, 32767])" if "beyond" in says else "")
