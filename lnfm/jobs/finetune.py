@@ -162,6 +162,9 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         key = text.split("=", 1)[0].strip()
         if key in DERIVED_LOADER_KEYS:
             raise ConfigError(f"{key}: finetuning sets it from {DERIVED_LOADER_KEYS[key]}; set that instead")
+        if key.startswith("data."):  # pretraining's data section; here `data` is the list of stores (--data)
+            raise ConfigError(f"{key}: finetuning has no data section (--data lists its stores); the loader's "
+                              f"settings are loader.{key.split('.', 1)[1]}")
     user = (QUICK if quick else []) + list(overrides)
     data = config_data(FinetuneConfig, site, user + extra, kind="sites", defaults=DEFAULTS)
     cfg = from_dict(FinetuneConfig, data)

@@ -258,7 +258,8 @@ def _finetune_setup(tmp: Path, cache: Path, tiny) -> SimpleNamespace:
     store = _labelled_store(tmp)
     wd = tmp / "ft"
     argv = ["finetune", "--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", wd, "--quick",
-            *TINY_VIT, "site.patch=[16,16,16]", "model.img_size=[16,16,16]", "model.patch_size=[8,8,8]",
+            *(o.replace("data.", "loader.") for o in TINY_VIT),
+            "site.patch=[16,16,16]", "model.img_size=[16,16,16]", "model.patch_size=[8,8,8]",
             "train.global_batch=1", "train.eval_every=4", "checkpoint.every=2", "inference.sw_batch_size=4",
             "inference.overlap=0",
             f"train.steps={STEPS}"]

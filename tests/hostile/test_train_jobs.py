@@ -231,6 +231,7 @@ RANGES = [
     finetune("seed-negative", ["train.seed=-1"], ("train.seed must be in [0, ",)),
     finetune("model-dtype-float16-on-cpu", ["model.dtype=float16"], ("model.dtype float16 does not run on a CPU",)),
     finetune("seed-beyond-32-bit", ["train.seed=4294967296"], ("train.seed must be in [0, ",)),  # was grain's crash
+    finetune("pretraining-data-key", ["data.workers=0"], ("data.workers: finetuning has no data section",)),
     finetune("train-section-as-value", ["train=5"], ("train: is a config section, not a value",)),  # was dropped
     finetune("loader-hu-window-derived", ["loader.hu_window=[-1000,1000]"],
              ("loader.hu_window: finetuning sets it from site.window",)),  # was silently ignored
