@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import sys
 import math
+import sys
 import types
 import typing
 from pathlib import Path

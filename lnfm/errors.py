@@ -44,26 +44,31 @@ _WRAPPED_CODE = re.compile(r"os_error_code='(\d+)'")
 DENIED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+def _chain(exc: BaseException | None):
+    """`exc` and the exceptions it was raised from, newest first."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def access_denied(exc: BaseException | None) -> str | None:
     """The reason ('Permission denied', 'Read-only file system') when `exc`, or an exception it was raised
     from, is a file operation the system refused: the user's paths, not a bug; else None."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in DENIED_ERRNOS:
-            return os.strerror(exc.errno)
-        exc = exc.__cause__ or exc.__context__
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in DENIED_ERRNOS:
+            return os.strerror(e.errno)
     return None
 
 
 def disk_full(exc: BaseException | None) -> str | None:
     """The reason ('No space left on device', 'File too large', 'Disk quota exceeded') when `exc`,
     or an exception it was raised from, is a write that found no room; else None."""
-    while exc is not None:
-        code = exc.errno if isinstance(exc, OSError) else None
-        match = _WRAPPED_CODE.search(str(exc)) if code is None else None
+    for e in _chain(exc):
+        code = e.errno if isinstance(e, OSError) else None
+        match = _WRAPPED_CODE.search(str(e)) if code is None else None
         code = int(match.group(1)) if match else code
         if code in FULL_ERRNOS:
             return os.strerror(code)
-        exc = exc.__cause__ or exc.__context__
     return None
 
 

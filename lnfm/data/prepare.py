@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from lnfm.config import ConfigError, load_config, preset_path, read_yaml, parse_args_once
+from lnfm.config import ConfigError, load_config, parse_args_once, preset_path, read_yaml
 from lnfm.data import store as st
 from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
 from lnfm.data.contract import (CONTRACT, CONTRACT_VERSION, CT_STORAGE, ORIENTATION, ContractError,

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lnfm.config import ConfigError, to_dict, parse_args_once
+from lnfm.config import ConfigError, parse_args_once, to_dict
 from lnfm.data import synth_anatomy as A
 from lnfm.data.geometry import axial_diameters
 from lnfm.data.synth_nodes import REAL_SET, node_shape, real_mask_files

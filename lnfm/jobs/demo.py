@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from lnfm.config import from_dict, read_yaml, parse_args_once
+from lnfm.config import from_dict, parse_args_once, read_yaml
 from lnfm.data.benchmark import TestCase, phantom_rows, prepare_csv
 from lnfm.data.shared import shared_data_dir
 from lnfm.eval.metrics import summarize

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from lnfm import __version__
-from lnfm.config import from_dict, read_yaml, parse_args_once
+from lnfm.config import from_dict, parse_args_once, read_yaml
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
 from lnfm.data.store import read_manifest
 from lnfm.errors import DiskFull, WeightsMismatch, deferred_termination, disk_full

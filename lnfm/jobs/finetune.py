@@ -46,8 +46,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, parse_args_once, read_yaml,
-                         to_dict)
+from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, parse_args_once,
+                         parse_override, read_yaml, to_dict)
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
@@ -158,8 +158,8 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         extra.append(f"train.num_labeled={num_labeled}")
     if repeats is not None:
         extra.append(f"train.repeats={repeats}")
-    for text in overrides:  # values finetuning derives: an override of them would be dropped without a word
-        key = text.split("=", 1)[0].strip()
+    keys = {".".join(parse_override(text)[0]) for text in overrides}
+    for key in sorted(keys):  # values finetuning derives: an override of them would be dropped without a word
         if key in DERIVED_LOADER_KEYS:
             raise ConfigError(f"{key}: finetuning sets it from {DERIVED_LOADER_KEYS[key]}; set that instead")
         if key.startswith("data."):  # pretraining's data section; here `data` is the list of stores (--data)
@@ -176,7 +176,7 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, model, "model"))
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
-    if norm is not None and any(o.split("=", 1)[0].strip() == "loader.pet_scale" for o in overrides):
+    if norm is not None and "loader.pet_scale" in keys:
         raise ConfigError("loader.pet_scale: with normalization=encoder finetuning uses the encoder's pretraining "
                           "value; set normalization=site to choose it")
     window, pet_scale = (norm.hu_window, norm.pet_scale) if norm else (cfg.site.window, cfg.loader.pet_scale)

@@ -131,7 +131,7 @@ def load_predictor(export_dir: str | Path, backend: str = "auto"
         from lnfm.jobs.export import load_export
         from lnfm.models.layers import dtype_problem_here
 
-        problem = dtype_problem_here(meta.model.dtype, "model.dtype")
+        problem = dtype_problem_here(meta.model.dtype)
         if problem:
             raise ExportError(f"{export_dir}: {problem} (run it with --backend onnxruntime or on a GPU)")
         fn = backends.jax_network(load_export(export_dir, verify=False).model)

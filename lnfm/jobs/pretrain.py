@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import ConfigError, load_config, to_dict, parse_args_once
+from lnfm.config import ConfigError, load_config, parse_args_once, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
 from lnfm.data.store import check_stores

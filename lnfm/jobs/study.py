@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from lnfm.config import ConfigError, load_config, to_dict, parse_args_once
+from lnfm.config import ConfigError, load_config, parse_args_once, to_dict
 from lnfm.data.benchmark import BenchmarkSpec
 from lnfm.data.benchmark import build as build_data
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
