@@ -275,13 +275,16 @@ def _check_output(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
         raise PredictError(f"{path}: {what} must end with {' or '.join(suffixes)}")
 
 
+def _nearest_existing(path: Path) -> Path | None:
+    """`path` itself or its nearest parent that exists."""
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
 def _check_folder(path: Path, what: str) -> None:
     """The nearest existing folder on `path` (itself or a parent) is a folder, not a file."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise PredictError(f"{p}: {what} needs a folder here, but this is a file")
-            return
+    p = _nearest_existing(path)
+    if p is not None and not p.is_dir():
+        raise PredictError(f"{p}: {what} needs a folder here, but this is a file")
 
 
 def _check_file_path(path: Path, what: str) -> None:
@@ -495,12 +498,8 @@ def check_not_there(paths, force: bool) -> None:
 def check_writable(paths) -> None:
     """Every output's nearest existing folder writable, before the model loads and runs."""
     for path in paths:
-        if path is None:
-            continue
-        folder = Path(path).absolute().parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not os.access(folder, os.W_OK | os.X_OK):
+        folder = _nearest_existing(Path(path).absolute().parent) if path is not None else None
+        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
             raise PredictError(f"{path}: cannot write into {folder} (permission denied)")
 
 
