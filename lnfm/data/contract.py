@@ -114,11 +114,32 @@ def write_preprocessing(path: Path, prep: Preprocessing) -> None:
     atomic_write_text(path, json.dumps(to_dict(prep), indent=1) + "\n")
 
 
+def contract_problem(contract: PrepareContract, key: str = "") -> str | None:
+    """Why this lnfm cannot repeat `contract` (a store's contract.json, or model.json's under `key`), in one line
+    naming the field, or None: the values prepare never writes. The one owner of these checks."""
+    if not 1 <= contract.version <= CONTRACT_VERSION:  # a newer writer may preprocess in a way this one does not
+        return (f"{key}version {contract.version} is not one this lnfm reads (1 to {CONTRACT_VERSION}: a newer lnfm "
+                f"wrote it; update lnfm)")
+    if contract.orientation != ORIENTATION:
+        return f"{key}orientation '{contract.orientation}' is not '{ORIENTATION}' (the only one)"
+    if contract.ct_storage != CT_STORAGE:  # predict rounds CT to int16 as prepare stored it
+        return f"{key}ct_storage '{contract.ct_storage}' is not '{CT_STORAGE}' (the only one)"
+    if not contract.channels or str(contract.channels[0]).upper() != "CT":
+        return f"{key}channels {list(contract.channels)} does not start with 'CT'"
+    if not np.isfinite(contract.body_threshold_hu):
+        return f"{key}body_threshold_hu {contract.body_threshold_hu} is not a HU value"
+    return None
+
+
 def contract_from_dict(data: dict, where: str) -> PrepareContract:
     try:
-        return from_dict(PrepareContract, data)
+        contract = from_dict(PrepareContract, data)
     except ConfigError as e:
         raise ContractError(f"{where}: {e}") from None
+    problem = contract_problem(contract)
+    if problem:
+        raise ContractError(f"{where}: {problem}")
+    return contract
 
 
 def read_contract(store: str) -> PrepareContract | None:

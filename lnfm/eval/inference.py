@@ -27,11 +27,14 @@ class InferenceConfig:
     """Sliding-window inference settings (keyword arguments of `sliding_window_inference`)."""
 
     roi: tuple[int, int, int] = (96, 96, 96)  # window in voxels (X, Y, Z); finetune and model.json: the training patch
-    overlap: float = 0.5  # fraction of a window shared with its neighbour along each axis
+    overlap: float = 0.5  # fraction of a window shared with its neighbour along each axis (0 to 0.75)
     mode: Literal["gaussian", "constant"] = "gaussian"  # blending weights of window outputs
     sigma_scale: float = 0.125  # Gaussian sigma as a fraction of the window size
     sw_batch_size: int = 4  # windows per predict_fn call
     tta_flips: bool = False  # average over all 8 axis-flip combinations
+
+
+MAX_OVERLAP = 0.75  # 64 passes per voxel, 8x nnU-Net's cost: beyond it a prediction takes hours
 
 
 def window_problem(overlap: float | None, sw_batch_size: int | None, overlap_name: str = "overlap",
@@ -41,6 +44,9 @@ def window_problem(overlap: float | None, sw_batch_size: int | None, overlap_nam
     (a flag, a model.json key), or None; a None value is not checked. The one owner of these ranges."""
     if overlap is not None and not 0 <= overlap < 1:
         return f"{overlap_name}: {overlap:g} is not in [0, 1) (the fraction of a window its neighbour shares)"
+    if overlap is not None and overlap > MAX_OVERLAP:  # the window count grows as (1 / (1 - overlap))^3
+        return (f"{overlap_name}: {overlap:g} is above {MAX_OVERLAP:g} (each voxel would pass through the network "
+                f"about {(1 / (1 - overlap)) ** 3:.3g} times; nnU-Net's 0.5 passes it 8 times)")
     if sw_batch_size is not None and sw_batch_size < 1:
         return f"{batch_name}: {sw_batch_size} windows per pass; it must be at least 1"
     if sigma_scale is not None and not (np.isfinite(sigma_scale) and sigma_scale > 0):

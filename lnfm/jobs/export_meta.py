@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from lnfm.errors import LnfmError
 from lnfm.config import ConfigError, from_dict, to_dict
-from lnfm.data.contract import ORIENTATION, Preprocessing, hu_window_problem
+from lnfm.data.contract import Preprocessing, contract_problem, hu_window_problem
 from lnfm.data.scan_checks import check_target_spacing
 from lnfm.eval.inference import InferenceConfig, window_problem
 from lnfm.eval.postprocess import PostprocessConfig, postprocess_problem
@@ -127,15 +127,12 @@ def _check_values(meta: ExportMeta, where: str) -> None:
 def _contract_problem(meta: ExportMeta) -> str | None:
     """What in model.json's preprocessing or labels the model cannot have been trained with."""
     contract, norm = meta.preprocessing.contract, meta.preprocessing.normalization
-    if contract.orientation != ORIENTATION:
-        return f"preprocessing.contract.orientation '{contract.orientation}' is not '{ORIENTATION}' (the only one)"
-    if not contract.channels or str(contract.channels[0]).upper() != "CT":
-        return f"preprocessing.contract.channels {list(contract.channels)} does not start with 'CT'"
+    problem = contract_problem(contract, "preprocessing.contract.")
+    if problem:
+        return problem
     if meta.model.in_channels != len(contract.channels):
         return (f"preprocessing.contract.channels {list(contract.channels)} are not the model's "
                 f"{meta.model.in_channels} input channels")
-    if not math.isfinite(contract.body_threshold_hu):
-        return f"preprocessing.contract.body_threshold_hu {contract.body_threshold_hu} is not a HU value"
     if not (math.isfinite(norm.pet_scale) and norm.pet_scale > 0):
         return f"preprocessing.normalization.pet_scale {norm.pet_scale:g} is not a positive divisor"
     if meta.kind == "segmenter" and meta.labels is not None and len(meta.labels) != meta.num_classes:

@@ -3,6 +3,7 @@ would mix differently prepared cases into one store."""
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,25 @@ def test_contract_loads_with_config_validation_and_stores_must_agree(tmp_path):
     with pytest.raises(ContractError, match="prepared differently.*spacing"):
         common_contract([a, b])
 
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("version", 3, "version 3 is not one this lnfm reads (1 to 2"),  # a newer lnfm's preprocessing
+    ("version", 0, "version 0 is not one this lnfm reads"),
+    ("ct_storage", "float32", "ct_storage 'float32' is not 'int16'"),  # predict would round what training did not
+    ("orientation", "LPS", "orientation 'LPS' is not 'RAS'"),
+    ("channels", ["PET", "CT"], "channels ['PET', 'CT'] does not start with 'CT'"),
+])
+def test_a_store_contract_this_lnfm_cannot_repeat_is_refused(tmp_path, field, value, says):
+    raw = nnunet_folder(tmp_path / "raw", n=1)
+    out = str(tmp_path / "store")
+    prepare_dataset(str(raw), out, PrepareConfig(workers=0), show_progress=False)
+    assert require_contract(out).version == 2  # what prepare writes reads back
+    path = tmp_path / "store" / "contract.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, field: value}))
+    with pytest.raises(ContractError, match=re.escape(f"contract.json: {says}")):
+        require_contract(out)
 
 def test_preprocess_case_reproduces_the_stored_arrays(tmp_path):
     """The function predict calls on a raw scan returns exactly what prepare stored (PET included)."""

@@ -413,6 +413,9 @@ OPTIONS = [
                                                                   ""], "--output"), 2, ("names no file",)),
     Case("predict-overlap-one", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out, "--overlap", "1"),
                                                                 "--overlap"), 2, ("[0, 1)",)),
+    Case("predict-overlap-near-one", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out, "--overlap",
+                                                                               "0.9999"), "--overlap"), 2,
+         ("is above 0.75",)),  # a one-voxel step ran for hours with exit 0
     Case("predict-overlap-negative", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out, "--overlap",
                                                                                "-0.5"), "--overlap"), 2, ("[0, 1)",)),
     Case("predict-batch-size-zero", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out, "--batch-size",
@@ -451,6 +454,12 @@ OPTIONS = [
         channels=["PET"])), ("does not start with 'CT'",), "model.json"),
     model_case("model-json-orientation-unknown", _meta_edit(lambda m: m["preprocessing"]["contract"].update(
         orientation="LPI")), ("orientation 'LPI'",), "model.json"),
+    model_case("model-json-contract-from-a-newer-lnfm", _meta_edit(lambda m: m["preprocessing"]["contract"].update(
+        version=99)), ("preprocessing.contract.version 99 is not one this lnfm reads",), "model.json"),
+    model_case("model-json-ct-stored-as-float", _meta_edit(lambda m: m["preprocessing"]["contract"].update(
+        ct_storage="float32")), ("preprocessing.contract.ct_storage 'float32' is not 'int16'",), "model.json"),
+    model_case("model-json-overlap-near-one", _meta_edit(lambda m: m["inference"].update(overlap=0.9999)),
+               ("inference.overlap: 0.9999 is above 0.75",), "model.json"),  # a one-voxel step: hours, exit 0
     model_case("model-json-file-outside-the-export", _meta_edit(lambda m: m["files"].update(params="../params")),
                ("must name a file inside the export",), "model.json"),
     model_case("model-missing", lambda w, inp: inp / "none", ("not an export",)),
