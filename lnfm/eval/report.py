@@ -22,6 +22,7 @@ from lnfm.io import Volume
 
 COLUMNS = ("node", "label", "centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm", "volume_ml",
            "short_axis_mm", "long_axis_mm", "mean_hu", "max_probability", "voxels")
+OVERLAY_SOFTWARE = "lnfm predict"  # the PNG text chunk that marks an overlay as predict's own
 HEADER_COMMENT = ("# lnfm predict node report. Centroids are world coordinates in mm, RAS+ "
                   "(x increases towards the patient's right, y anterior, z superior; nibabel convention). "
                   "Short/long axis: axial diameters in mm. Volume in mL.")
@@ -124,7 +125,7 @@ def write_overlay(path: str | Path, hu: np.ndarray, labels: np.ndarray, affine: 
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=80, metadata={"Software": OVERLAY_SOFTWARE})  # predict's mark, read by --force
     except BaseException:  # a full disk: leave no partial file behind
         tmp.unlink(missing_ok=True)
         raise

@@ -95,8 +95,9 @@ def read_nifti(path: str | Path) -> Volume:
     return Volume(np.asarray(data), check_affine(img.affine, path))
 
 
-def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write a NIfTI file via a temporary sibling and rename (never half-written)."""
+def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip: str = "") -> None:
+    """Write a NIfTI file via a temporary sibling and rename (never half-written); `descrip` goes into the
+    header's 80-byte description (predict marks its outputs there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # nibabel compresses by the (lower-case) suffix: MASK.NII.GZ must be gzipped too
@@ -107,6 +108,8 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
     img.set_sform(img.affine, code=1)
     if orientation_problem(img.header):  # a sheared grid: no qform holds it, so write the sform alone
         img.set_qform(None, code=0)
+    if descrip:
+        img.header["descrip"] = descrip.encode()[:80]
     try:
         nib.save(img, str(tmp))
     except BaseException:  # a full disk or a kill signal: leave no partial file behind

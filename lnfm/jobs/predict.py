@@ -60,6 +60,7 @@ from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_export
 from lnfm.io import Volume, is_dicom_path, write_nifti
+from lnfm.jobs.predict_marks import NIFTI_DESCRIP, made_by_predict
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
 from lnfm.runs import ExportFolder
@@ -241,13 +242,13 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
                 remove_stale_temps(final.parent)  # left by a predict that was killed
         if output is not None:
             pending.append((_temp(output), output))
-            write_nifti(pending[-1][0], pred.labels, pred.affine)
+            write_nifti(pending[-1][0], pred.labels, pred.affine, NIFTI_DESCRIP)
         if dicom is not None:
             series, paths, formats = dicom
             write_dicom_outputs(pred.labels, pred.affine, meta, series, paths, formats, _temp, pending)
         if probabilities is not None:
             pending.append((_temp(probabilities), probabilities))
-            write_nifti(pending[-1][0], pred.probability, pred.affine)
+            write_nifti(pending[-1][0], pred.probability, pred.affine, NIFTI_DESCRIP)
         if report is not None:
             prob = pred.probability if pred.probability.ndim == 3 else pred.probability.max(axis=-1)
             rows = node_table(pred.labels, pred.affine, pred.hu, prob, meta.labels)
@@ -487,12 +488,16 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 def check_not_there(paths, force: bool) -> None:
     """Without --force, no output file may exist: an output path that names a scan's label, a report or
-    any other file of the user's would be replaced without a word."""
-    if force:
-        return
+    any other file of the user's would be replaced without a word. With it, only files predict wrote
+    (`made_by_predict`) are replaced."""
     for path in paths:
-        if path is not None and os.path.lexists(path):
+        if path is None or not os.path.lexists(path):
+            continue
+        if not force:
             raise PredictError(f"{path}: exists already (pass --force to replace it, or choose another output)")
+        if not made_by_predict(path):
+            raise PredictError(f"{path}: exists and is not an output of lnfm predict; --force replaces only "
+                               f"predict's own files (choose another output)")
 
 
 def check_writable(paths) -> None:

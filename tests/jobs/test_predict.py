@@ -317,9 +317,21 @@ def test_an_existing_file_is_replaced_only_with_force(tiny, tmp_path, capsys):  
         says = "exists already (pass --force to replace it, or choose another output)"
         assert err == [f"lnfm predict: error: {clash}: {says}"]
         assert tree_digest(tmp_path) == before
-    label = (labels / f"{case}.nii.gz").read_bytes()
-    assert run_job("predict", ["--model", str(tiny.orbax), *single, "--force"]) == 0
-    assert (labels / f"{case}.nii.gz").read_bytes() != label
+    # --force replaces only predict's own files: the user's label and notes stay, a mask predict wrote is replaced
+    for args, clash in [(single, labels / f"{case}.nii.gz"),
+                        ([*single[:2], "--output", str(tmp_path / "new.nii.gz"), "--report", str(notes)], notes)]:
+        before = tree_digest(tmp_path)
+        capsys.readouterr()
+        assert run_job("predict", ["--model", str(tiny.orbax), *args, "--force"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        says = "exists and is not an output of lnfm predict; --force replaces only predict's own files"
+        assert err == [f"lnfm predict: error: {clash}: {says} (choose another output)"]
+        assert tree_digest(tmp_path) == before
+    ours = [*single[:2], "--output", str(tmp_path / "ours.nii.gz"), "--report", str(tmp_path / "ours.csv")]
+    assert run_job("predict", ["--model", str(tiny.orbax), *ours]) == 0
+    inodes = [(tmp_path / n).stat().st_ino for n in ("ours.nii.gz", "ours.csv")]
+    assert run_job("predict", ["--model", str(tiny.orbax), *ours, "--force"]) == 0
+    assert [(tmp_path / n).stat().st_ino != i for n, i in zip(("ours.nii.gz", "ours.csv"), inodes)] == [True, True]
 
 
 def test_a_full_disk_keeps_the_previous_outputs_and_a_rerun_completes(tiny, predictor, tmp_path):  # noqa: F811

@@ -98,6 +98,16 @@ def test_real_series_end_to_end(marking, tmp_path, capsys, caplog):
         for name in ("case.csv", "case.png"):
             assert secret.encode() not in (out / name).read_bytes()
 
+    # --force replaces these five files, each recognised as predict's by its mark, and nothing of the source
+    from lnfm.jobs.predict_marks import made_by_predict
+
+    outputs = sorted(out.iterdir())
+    assert all(made_by_predict(p) for p in outputs)
+    assert not any(made_by_predict(p) for p in series.iterdir())  # the scanner's slices carry no such mark
+    inodes = {p.name: p.stat().st_ino for p in outputs}
+    assert pr.run(pr.build_parser().parse_args([*argv, "--force"])) == 0
+    assert all(p.stat().st_ino != inodes[p.name] for p in sorted(out.iterdir()))
+
 
 def test_dicom_format_needs_a_dicom_source(tiny, tmp_path, capsys):  # noqa: F811
     scan = tmp_path / "scan.nii.gz"
