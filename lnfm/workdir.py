@@ -3,7 +3,7 @@
 Every job holds `lock_folder(DIR)` while it runs (an exclusive lock that the kernel
 releases when the job ends, even by kill -9), checks a resumed run with `check_resume`
 before it writes anything, then calls `open_workdir(path, cfg)`: it writes `config.yaml`,
-sends `logging` to `DIR/log.txt` and the console, and returns a `MetricsWriter`.
+sends `logging` to `DIR/log.txt` and the console, and returns a `MetricsWriter` (closing it ends DIR/log.txt).
 """
 
 from __future__ import annotations
@@ -186,7 +186,9 @@ class _Console(logging.StreamHandler):
         pass
 
 
-def setup_logging(workdir: Path | None = None, level: int = logging.INFO) -> None:
+def setup_logging(workdir: Path | None = None, level: int = logging.INFO) -> logging.Handler | None:
+    """lnfm's console handler (once per process) and, with `workdir`, a handler appending to DIR/log.txt;
+    returns that file handler when this call added it (its owner removes it: `MetricsWriter.close`)."""
     root = logging.getLogger("lnfm")
     root.setLevel(level)
     root.propagate = False
@@ -203,6 +205,8 @@ def setup_logging(workdir: Path | None = None, level: int = logging.INFO) -> Non
             fh = logging.FileHandler(target)
             fh.setFormatter(fmt)
             root.addHandler(fh)
+            return fh
+    return None
 
 
 def _json_default(x: Any) -> Any:
@@ -223,10 +227,12 @@ class MetricsWriter:
     """Appends one JSON object per call to metrics.jsonl (always with `step`) and
     mirrors scalars to TensorBoard. Only process 0 of a multi-host job writes."""
 
-    def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 log_handler: logging.Handler | None = None):
         self.path = Path(workdir) / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
+        self._log = log_handler  # DIR/log.txt's handler, removed on close: later runs of this process log elsewhere
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -259,6 +265,10 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._log is not None:
+            logging.getLogger("lnfm").removeHandler(self._log)
+            self._log.close()
+            self._log = None
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
@@ -274,8 +284,8 @@ def open_workdir(workdir: str | Path, cfg: Any, *, is_main: bool = True, tensorb
     workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
         atomic_write_text(workdir / "config.yaml", dump_yaml(cfg))
-    setup_logging(workdir if is_main else None)
-    return MetricsWriter(workdir, enabled=is_main, tensorboard=tensorboard)
+    handler = setup_logging(workdir if is_main else None)
+    return MetricsWriter(workdir, enabled=is_main, tensorboard=tensorboard, log_handler=handler)
 
 
 class progress:

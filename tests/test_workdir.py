@@ -3,6 +3,7 @@ the exclusive lock and the resume check."""
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -36,6 +37,30 @@ def test_open_workdir_writes_config_and_metrics(tmp_path):
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
 
+
+
+def test_a_workdirs_log_ends_with_its_writer(tmp_path):
+    """Two runs in one process (finetuning's repeats, the benchmarks, the Python API): each log.txt holds its
+    own run's lines only. The handlers were never removed, so repeat_0/log.txt went on collecting every later
+    repeat's and job's lines."""
+    log = logging.getLogger("lnfm.test")
+    first = W.open_workdir(tmp_path / "a", Cfg())
+    log.info("line of run a")
+    first.close()
+    second = W.open_workdir(tmp_path / "b", Cfg())
+    log.info("line of run b")
+    outer = W.open_workdir(tmp_path / "b" / "repeat_0", Cfg())  # a repeat inside a run: both logs get its lines
+    log.info("line of b's repeat")
+    outer.close()
+    second.close()
+    log.info("line after both")
+    a = (tmp_path / "a" / "log.txt").read_text()
+    b = (tmp_path / "b" / "log.txt").read_text()
+    r = (tmp_path / "b" / "repeat_0" / "log.txt").read_text()
+    assert "line of run a" in a and "run b" not in a and "repeat" not in a and "after" not in a
+    assert "line of run b" in b and "line of b's repeat" in b and "run a" not in b and "after" not in b
+    assert "line of b's repeat" in r and "line of run b" not in r and "after" not in r
+    assert not any(getattr(h, "baseFilename", "").startswith(str(tmp_path)) for h in logging.getLogger("lnfm").handlers)
 
 def test_progress_plain_lines_when_not_tty(capsys):
     bar = W.progress(range(20), desc="convert")

@@ -586,9 +586,9 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
                # what an equal-time comparison gives a peer
                "train_time_s": result.train_s, "repeat_time_s": repeat_time}
     writer.write(result.step, **{f"test_{k}": v for k, v in summary.items() if k in METRICS and v is not None})
-    writer.close()
     log.info("repeat %d test: %s", repeat, ", ".join(f"{k}={summary[k]:.4f}" for k in METRICS[:6]
                                                         if isinstance(summary.get(k), float)))
+    writer.close()  # ends the repeat's log.txt
     return summary
 
 

@@ -156,10 +156,11 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
             if pid == 0:
                 write_preprocessing(run.preprocessing, checked.preprocessing)
             summary = train(checked, run, mesh, writer)
+            if summary is None:
+                log.warning("preempted: rerun the same command to resume")  # into log.txt, which close() ends
         finally:
             writer.close()
         if summary is None:
-            log.warning("preempted: rerun the same command to resume")
             return 0
         if pid == 0:
             config_sha256 = hashlib.sha256(dump_yaml(checked.cfg).encode()).hexdigest()  # config.yaml's bytes
