@@ -268,11 +268,12 @@ def commit() -> str:
         return "?"
 
 
-def markdown(rows: list[dict], preset_name: str, preset: Preset, command: str, header: dict, complete: bool) -> str:
+def markdown(rows: list[dict], preset_name: str, preset: Preset, header: dict, complete: bool) -> str:
     d = preset.data
     lines = ["# LN segmentation accuracy: LNFM vs the peers, on held-out phantoms", "",
              f"- date: {header['date']}", f"- machine: {header['machine']}", f"- commit: {header['commit']}",
-             f"- command: `{command}`",
+             # the command that started the run (a workdir from before it was recorded: unknown)
+             f"- command: `{header.get('command', 'not recorded')}`",
              *(f"- resumed {r['date']} at commit {r['commit']}: `{r['command']}` (arms not finished before run then)"
                for r in header.get("resumed", [])),
              f"- preset `{preset_name}`: site {d.site}; {d.unlabelled} unlabelled, {d.labelled} labelled + {d.val} "
@@ -376,7 +377,7 @@ def plots(rows: list[dict], out: Path) -> None:
     _save(fig, out / "accuracy_dice_vs_time.png")
 
 
-def report(results: dict, out: Path, preset_name: str, preset: Preset, command: str, header: dict,
+def report(results: dict, out: Path, preset_name: str, preset: Preset, header: dict,
            complete: bool) -> None:
     rows, case_rows = [], []
     order = [*LNFM_ARMS, *PEER_ARMS]
@@ -388,7 +389,7 @@ def report(results: dict, out: Path, preset_name: str, preset: Preset, command: 
     atomic_write_csv(out / "accuracy.csv", rows)
     atomic_write_csv(out / "accuracy_cases.csv", case_rows)
     plots(rows, out)
-    atomic_write_text(out / "accuracy.md", markdown(rows, preset_name, preset, command, header, complete))
+    atomic_write_text(out / "accuracy.md", markdown(rows, preset_name, preset, header, complete))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -402,7 +403,7 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
                                                                   str(workdir / "jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     header = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-              "commit": commit(), "recipe": recipe(preset)}
+              "commit": commit(), "recipe": recipe(preset), "command": command}
     t_start = time.time()
     this_run = {k: header[k] for k in ("date", "commit")} | {"command": command}
     # True once header.json describes this invocation: a new run's header, or a resumption line added
@@ -420,7 +421,7 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
                 sorted((workdir / "results").glob("*.json"))]
         results = {k: json.loads((workdir / "results" / ("_".join(map(str, k)) + ".json")).read_text())
                    for k in keys}
-        report(results, out, preset_name, preset, command, header, complete=False)
+        report(results, out, preset_name, preset, header, complete=False)
         return 0
     bench = B.build(preset.data, workdir / "data")
     log.info("data ready (%.0f s): %d pool, %d val, %d held-out test", time.time() - t_start, len(bench.pool),
@@ -458,8 +459,8 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
                     cached((name, budget, n, seed),
                            lambda: run_peer(name, budget, preset, bench, n, seed, workdir, lnfm_time,
                                             preset.lnfm_arms[0]))
-            report(results, out, preset_name, preset, command, header, complete=False)
-    report(results, out, preset_name, preset, command, header, complete=True)
+            report(results, out, preset_name, preset, header, complete=False)
+    report(results, out, preset_name, preset, header, complete=True)
     log.info("accuracy benchmark finished in %.0f s: %s", time.time() - t_start, out / "accuracy.md")
     return 0
 

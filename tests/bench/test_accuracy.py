@@ -43,6 +43,7 @@ def test_smoke_run_of_every_arm_writes_the_report(tmp_path):
     assert all(r["test_volumes"] == "1" and r["dice"] != "" and r["num_labeled"] == "1" for r in rows)
     md = (out / "accuracy.md").read_text()
     assert md.count("- resumed ") == 1 and "`python bench/accuracy.py --smoke` (arms not finished" in md
+    assert "- command: `python bench/accuracy.py --smoke --peers unet,dynunet`" in md  # the run's first command
     assert "Paired differences" in md and "lnfm_pretrained - dynunet (time)" in md
     assert "lnfm_pretrained - swinunetr (time)" in md and "lnfm_paste - lnfm_pretrained" in md
     assert "lnfm_paste_target - lnfm_paste" in md
