@@ -482,7 +482,8 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--min-volume-mm3", type=float, default=None,
                     help="remove predicted components smaller than this (default: model.json)")
     ap.add_argument("--force", action="store_true",
-                    help="replace output files that exist already (without it an existing file is refused)")
+                    help="replace output files an earlier lnfm predict wrote (without it any existing file is "
+                         "refused; with it any file predict did not write still is)")
     return ap
 
 
