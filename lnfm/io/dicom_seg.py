@@ -15,7 +15,7 @@ from matplotlib import colormaps
 from pydicom.sr.coding import Code
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from lnfm.io.dicom_source import Provenance, SourceSeries, find_nodes, frame, node_map
+from lnfm.io.dicom_source import MANUFACTURER, Provenance, SourceSeries, find_nodes, frame, node_map
 
 LYMPH_NODE = Code("59441001", "SCT", "Structure of lymph node")
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical structure")
@@ -71,7 +71,7 @@ def build_dicom_seg(series: SourceSeries, labels: np.ndarray, affine: np.ndarray
         source_images=series.datasets, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment(i, name, provenance) for i, name in enumerate(names, start=1)],
         series_instance_uid=generate_uid(), series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(),
-        instance_number=1, manufacturer="LNFM", manufacturer_model_name=provenance.model[:64],
+        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=provenance.model[:64],
         software_versions=provenance.software_version, device_serial_number=provenance.export_sha256[:16],
         transfer_syntax_uid=COMPRESSION[compression], omit_empty_frames=bool(pixels.any()),
         series_description=f"LNFM lymph nodes ({site})"[:64], content_label="LNFM",

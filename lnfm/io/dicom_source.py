@@ -23,6 +23,9 @@ GRID_TOL_MM = 1e-2  # a prediction is on the source grid when its affine differs
 _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID", "SOPInstanceUID")
 
 
+MANUFACTURER = "LNFM"  # Manufacturer of every DICOM output: what predict --force recognises as its own
+
+
 @dataclasses.dataclass
 class Provenance:
     """What made a clinical output: written into its algorithm / equipment attributes."""

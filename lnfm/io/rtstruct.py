@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from skimage.measure import approximate_polygon, find_contours
 
 from lnfm.io.dicom_seg import LYMPH_NODE, node_name, roi_colour
-from lnfm.io.dicom_source import Provenance, SourceSeries, find_nodes, frame
+from lnfm.io.dicom_source import MANUFACTURER, Provenance, SourceSeries, find_nodes, frame
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # what RTReferencedStudySequence items conventionally reference
@@ -105,7 +105,7 @@ def _base(series: SourceSeries, provenance: Provenance, site: str) -> Dataset:
     ds.SeriesInstanceUID, ds.SeriesNumber = generate_uid(), SERIES_NUMBER
     ds.SeriesDescription = f"LNFM lymph nodes ({site})"[:64]
     ds.OperatorsName = ""
-    ds.Manufacturer, ds.ManufacturerModelName = "LNFM", provenance.model[:64]
+    ds.Manufacturer, ds.ManufacturerModelName = MANUFACTURER, provenance.model[:64]
     ds.SoftwareVersions = provenance.software_version
     ds.DeviceSerialNumber = provenance.export_sha256[:16]
     ds.StructureSetLabel = "LNFM"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lnfm.eval.report import HEADER_COMMENT, OVERLAY_SOFTWARE
+from lnfm.io.dicom_source import MANUFACTURER
+
 NIFTI_DESCRIP = "lnfm predict"  # the NIfTI header's 80-byte description
-DICOM_MANUFACTURER = "LNFM"  # DICOM-SEG and RTSTRUCT (lnfm.io.dicom_seg, lnfm.io.rtstruct)
 
 
 def made_by_predict(path: str | Path) -> bool:
@@ -27,14 +29,10 @@ def made_by_predict(path: str | Path) -> bool:
             descrip = bytes(nib.load(str(path)).header["descrip"]).rstrip(b"\0")
             return descrip == NIFTI_DESCRIP.encode()
         if name.endswith(".csv"):
-            from lnfm.eval.report import HEADER_COMMENT
-
             with open(path, encoding="utf-8", errors="replace") as f:
                 return f.readline().rstrip("\n") == HEADER_COMMENT
         if name.endswith(".png"):
             from PIL import Image
-
-            from lnfm.eval.report import OVERLAY_SOFTWARE
 
             with Image.open(path) as image:
                 return getattr(image, "text", {}).get("Software") == OVERLAY_SOFTWARE
@@ -42,7 +40,7 @@ def made_by_predict(path: str | Path) -> bool:
             import pydicom
 
             ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Manufacturer"])
-            return ds.get("Manufacturer") == DICOM_MANUFACTURER
+            return ds.get("Manufacturer") == MANUFACTURER
     except Exception:  # a file that does not parse as its kind (any reader's error) is not one predict wrote
         return False
     return False
