@@ -509,17 +509,19 @@ def check_writable(paths) -> None:
             raise PredictError(f"{path}: cannot write into {folder} (permission denied)")
 
 
-def _case_files(output, probabilities, report, overlay, formats: tuple[str, ...]) -> list:
-    return [*output_paths(output, formats).values(), probabilities, report, overlay]
+def _case_files(outputs: dict, probabilities, report, overlay) -> list:
+    """The files one case writes: `outputs` (`output_paths`' mask and DICOM files) and the optional ones."""
+    return [*outputs.values(), probabilities, report, overlay]
 
 
 def _batch_files(cases, out, probabilities, report, overlay, formats: tuple[str, ...]) -> list:
     """The files `_predict_cases` writes for `cases`."""
     files = []
     for case in cases:
-        files += _case_files(Path(out) / f"{case}.nii.gz", Path(probabilities) / f"{case}.nii.gz" if probabilities
-                             else None, Path(report) / f"{case}.csv" if report else None,
-                             Path(overlay) / f"{case}.png" if overlay else None, formats)
+        files += _case_files(output_paths(Path(out) / f"{case}.nii.gz", formats),
+                             Path(probabilities) / f"{case}.nii.gz" if probabilities else None,
+                             Path(report) / f"{case}.csv" if report else None,
+                             Path(overlay) / f"{case}.png" if overlay else None)
     return files
 
 
@@ -545,16 +547,16 @@ def run(args: argparse.Namespace) -> int:
         check_not_there(files, args.force)
         check_writable(files)
     else:
-        check_case_paths(output_paths(args.output, formats.formats), args.probabilities, args.report,
-                         args.overlay, inputs, args.model)
+        outputs = output_paths(args.output, formats.formats)  # the mask and DICOM files of the one case
+        check_case_paths(outputs, args.probabilities, args.report, args.overlay, inputs, args.model)
     vol = series = None
     if batch and args.series:
         raise PredictError(f"{inputs[0]}: --series picks the series of one scan; it does not apply to a folder "
                            f"of scans")
     if not batch:  # check the scan before the model loads: bad input fails fast
         check_outputs(args.output, args.probabilities, args.overlay, formats.formats, args.report)
-        check_outside_inputs(output_paths(args.output, formats.formats), inputs)
-        files = _case_files(args.output, args.probabilities, args.report, args.overlay, formats.formats)
+        check_outside_inputs(outputs, inputs)
+        files = _case_files(outputs, args.probabilities, args.report, args.overlay)
         check_not_there(files, args.force)
         check_writable(files)
         series = source_series(inputs, formats, args.series)
