@@ -261,6 +261,12 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.flush()
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()  # on an exception too: a failed run's log handler must not collect later runs' lines
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

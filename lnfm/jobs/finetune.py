@@ -497,99 +497,97 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         check_disjoint(pseudo[1], val=splits.val, test=splits.test)
         stores, loader_ids = stores + [pseudo[0]], loader_ids + pseudo[1]
     rrun = RepeatRun(rdir)
-    writer = open_workdir(rdir, cfg, is_main=pid == 0)
-    log.info("repeat %d (seed %d): %d labelled training case(s), %d val, %d test", repeat, seed, len(train_ids),
-             len(splits.val), len(splits.test))
+    with open_workdir(rdir, cfg, is_main=pid == 0) as writer:  # closed on every path, an exception included
+        log.info("repeat %d (seed %d): %d labelled training case(s), %d val, %d test", repeat, seed, len(train_ids),
+                 len(splits.val), len(splits.test))
 
-    t_build = time.time()
-    tr = build_training(cfg, seed, mesh)
-    graphdef, state, shardings, step_fn, filt = tr.graphdef, tr.state, tr.shardings, tr.step_fn, tr.filt
-    best_target = tr.full_target
-    hp, hf, n_train, total_params = tr.head_params, tr.head_flops, tr.trainable_params, tr.total_params
-    writer.write(0, head_params=hp, head_gflops=hf / 1e9, trainable_params=n_train, total_params=total_params)
-    bsh = batch_sharding(mesh)
-    nproc = jax.process_count()
-    loader_cfg = dataclasses.replace(cfg.loader, patch_size=cfg.site.patch, batch_size=tc.global_batch // nproc,
-                                     seed=seed)
-    loader = make_loader(stores, loader_cfg, split="train", labels=True, case_ids=loader_ids,
-                         shard_index=pid, shard_count=nproc, paste_into=paste_into)
-    data_iter = iter(loader)
-    best_ckpt = Checkpointer(rrun.best, CheckpointConfig(keep=1, async_save=False))
-    best = rrun.best_record() or {"step": -1, "val_dice": -1.0}
+        t_build = time.time()
+        tr = build_training(cfg, seed, mesh)
+        graphdef, state, shardings, step_fn, filt = tr.graphdef, tr.state, tr.shardings, tr.step_fn, tr.filt
+        best_target = tr.full_target
+        hp, hf, n_train, total_params = tr.head_params, tr.head_flops, tr.trainable_params, tr.total_params
+        writer.write(0, head_params=hp, head_gflops=hf / 1e9, trainable_params=n_train, total_params=total_params)
+        bsh = batch_sharding(mesh)
+        nproc = jax.process_count()
+        loader_cfg = dataclasses.replace(cfg.loader, patch_size=cfg.site.patch, batch_size=tc.global_batch // nproc,
+                                         seed=seed)
+        loader = make_loader(stores, loader_cfg, split="train", labels=True, case_ids=loader_ids,
+                             shard_index=pid, shard_count=nproc, paste_into=paste_into)
+        data_iter = iter(loader)
+        best_ckpt = Checkpointer(rrun.best, CheckpointConfig(keep=1, async_save=False))
+        best = rrun.best_record() or {"step": -1, "val_dice": -1.0}
 
-    def forget_lost_best(start: int) -> None:
-        if best["step"] > start:  # a best model saved after the restored step is from the lost future
-            best.update(step=-1, val_dice=-1.0)
+        def forget_lost_best(start: int) -> None:
+            if best["step"] > start:  # a best model saved after the restored step is from the lost future
+                best.update(step=-1, val_dice=-1.0)
 
-    softmax = softmax_fn(graphdef)
+        softmax = softmax_fn(graphdef)
 
-    def validate(step: int, st: dict) -> None:
-        ema = ema_params(st["opt_state"])  # with optim.ema_decay, the average is what is validated and kept
-        states = (st["params"] if ema is None else ema, st["frozen"], st["rest"])
-        predictor = make_predictor(cfg, softmax, states)
-        scores = [dice_score(predictor(c_.image, c_.spacing, c_.hu).labels > 0, c_.label > 0) for c_ in val_cases]
-        val_dice = float(np.mean(scores))
-        writer.write(step, val_dice=val_dice)
-        log.info("step %d: validation Dice %.4f (previous best %.4f)", step, val_dice, max(best["val_dice"], 0.0))
-        if val_dice >= best["val_dice"]:  # ties go to the later, longer-trained model
-            best.update(step=step, val_dice=val_dice)
-            save_best(best_ckpt, step, {"model": _full_state(graphdef, *states)}, to_dict(cfg), best)
+        def validate(step: int, st: dict) -> None:
+            ema = ema_params(st["opt_state"])  # with optim.ema_decay, the average is what is validated and kept
+            states = (st["params"] if ema is None else ema, st["frozen"], st["rest"])
+            predictor = make_predictor(cfg, softmax, states)
+            scores = [dice_score(predictor(c_.image, c_.spacing, c_.hu).labels > 0, c_.label > 0) for c_ in val_cases]
+            val_dice = float(np.mean(scores))
+            writer.write(step, val_dice=val_dice)
+            log.info("step %d: validation Dice %.4f (previous best %.4f)", step, val_dice, max(best["val_dice"], 0.0))
+            if val_dice >= best["val_dice"]:  # ties go to the later, longer-trained model
+                best.update(step=step, val_dice=val_dice)
+                save_best(best_ckpt, step, {"model": _full_state(graphdef, *states)}, to_dict(cfg), best)
 
-    def next_batch() -> dict:
-        return device_batch(next(data_iter), bsh, {"image": np.float32, "label": np.int32})
+        def next_batch() -> dict:
+            return device_batch(next(data_iter), bsh, {"image": np.float32, "label": np.int32})
 
-    hooks = (Hook(tc.eval_every, validate),) if tc.eval_every else ()
-    tokens = tc.global_batch * math.prod(cfg.site.patch)
-    result = fit(step_fn, state, shardings, next_batch, data_iter, workdir=rdir, checkpoint=cfg.checkpoint, mesh=mesh,
-                 rules=cfg.mesh.rules, total_steps=tc.steps, writer=writer,
-                 throughput=Throughput(tc.global_batch, tokens, None), config=to_dict(cfg), log_every=tc.log_every,
-                 hooks=hooks, desc=f"finetune[{repeat}]", on_resume=forget_lost_best)
-    if result.preempted:
-        best_ckpt.close()
-        writer.close()
-        return None
-    with use_rules(mesh, cfg.mesh.rules):
-        if best["step"] != result.step and (not tc.eval_every or result.step % tc.eval_every):
-            validate(result.step, result.state)
-        repeat_time = time.time() - t_build  # build, compile, train, validate
-        restored_best = best_ckpt.restore_latest({"model": best_target})
-        best_ckpt.close()
-        if restored_best is None:
-            raise RuntimeError(f"{rrun.best}: the best model was not saved")
-        # Put the best weights into the train-state layout, so the validation predictor is reused.
-        best_model = merge_model(graphdef, result.state["params"], result.state["frozen"], result.state["rest"])
-        full = nnx.state(best_model)
-        nnx.replace_by_pure_dict(full, restored_best[0]["model"])
-        nnx.update(best_model, full)
-        _, *best_states = split_model(best_model, filt)
-        post = tuned_postprocess(cfg, make_predictor(cfg, softmax, tuple(best_states)), val_cases)
-        if pid == 0:
-            write_json(rrun.postprocess, to_dict(post))
-        predictor = make_predictor(cfg, softmax, tuple(best_states), post)
-        cases = []
-        for case in test_cases:
-            pred = predictor(case.image, case.spacing, case.hu).labels
-            if pid == 0:  # the masks the metrics score, on the stored grid (what predict maps to the scan)
-                write_nifti(rrun.test_mask(case.case_id), pred, case.affine)
-            metrics = evaluate_case(pred > 0, case.label > 0, case.spacing, **cfg.metrics.kwargs())
-            cases.append({"case_id": case.case_id, **metrics})
-        if on_best is not None:
-            on_best(predictor)
-    agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])
-    summary = {**{k: agg.get(k) for k in METRICS}, "cases": cases, "aggregate": agg,
-               "repeat": repeat, "seed": seed, "num_labeled": len(train_ids), "train_ids": train_ids,
-               "pseudo_labelled": len(pseudo[1]) if pseudo is not None else 0,
-               "best_step": best["step"], "best_val_dice": best["val_dice"],
-               "trainable_params": n_train, "total_params": total_params, "head_params": hp,
-               "head_gflops": hf / 1e9,
-               # the optimizer steps' own seconds (the first one compiles), without validation and saves:
-               # what an equal-time comparison gives a peer
-               "train_time_s": result.train_s, "repeat_time_s": repeat_time}
-    writer.write(result.step, **{f"test_{k}": v for k, v in summary.items() if k in METRICS and v is not None})
-    log.info("repeat %d test: %s", repeat, ", ".join(f"{k}={summary[k]:.4f}" for k in METRICS[:6]
-                                                        if isinstance(summary.get(k), float)))
-    writer.close()  # ends the repeat's log.txt
-    return summary
+        hooks = (Hook(tc.eval_every, validate),) if tc.eval_every else ()
+        tokens = tc.global_batch * math.prod(cfg.site.patch)
+        result = fit(step_fn, state, shardings, next_batch, data_iter, workdir=rdir, checkpoint=cfg.checkpoint,
+                     mesh=mesh, rules=cfg.mesh.rules, total_steps=tc.steps, writer=writer,
+                     throughput=Throughput(tc.global_batch, tokens, None), config=to_dict(cfg), log_every=tc.log_every,
+                     hooks=hooks, desc=f"finetune[{repeat}]", on_resume=forget_lost_best)
+        if result.preempted:
+            best_ckpt.close()
+            return None
+        with use_rules(mesh, cfg.mesh.rules):
+            if best["step"] != result.step and (not tc.eval_every or result.step % tc.eval_every):
+                validate(result.step, result.state)
+            repeat_time = time.time() - t_build  # build, compile, train, validate
+            restored_best = best_ckpt.restore_latest({"model": best_target})
+            best_ckpt.close()
+            if restored_best is None:
+                raise RuntimeError(f"{rrun.best}: the best model was not saved")
+            # Put the best weights into the train-state layout, so the validation predictor is reused.
+            best_model = merge_model(graphdef, result.state["params"], result.state["frozen"], result.state["rest"])
+            full = nnx.state(best_model)
+            nnx.replace_by_pure_dict(full, restored_best[0]["model"])
+            nnx.update(best_model, full)
+            _, *best_states = split_model(best_model, filt)
+            post = tuned_postprocess(cfg, make_predictor(cfg, softmax, tuple(best_states)), val_cases)
+            if pid == 0:
+                write_json(rrun.postprocess, to_dict(post))
+            predictor = make_predictor(cfg, softmax, tuple(best_states), post)
+            cases = []
+            for case in test_cases:
+                pred = predictor(case.image, case.spacing, case.hu).labels
+                if pid == 0:  # the masks the metrics score, on the stored grid (what predict maps to the scan)
+                    write_nifti(rrun.test_mask(case.case_id), pred, case.affine)
+                metrics = evaluate_case(pred > 0, case.label > 0, case.spacing, **cfg.metrics.kwargs())
+                cases.append({"case_id": case.case_id, **metrics})
+            if on_best is not None:
+                on_best(predictor)
+        agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])
+        summary = {**{k: agg.get(k) for k in METRICS}, "cases": cases, "aggregate": agg,
+                   "repeat": repeat, "seed": seed, "num_labeled": len(train_ids), "train_ids": train_ids,
+                   "pseudo_labelled": len(pseudo[1]) if pseudo is not None else 0,
+                   "best_step": best["step"], "best_val_dice": best["val_dice"],
+                   "trainable_params": n_train, "total_params": total_params, "head_params": hp,
+                   "head_gflops": hf / 1e9,
+                   # the optimizer steps' own seconds (the first one compiles), without validation and saves:
+                   # what an equal-time comparison gives a peer
+                   "train_time_s": result.train_s, "repeat_time_s": repeat_time}
+        writer.write(result.step, **{f"test_{k}": v for k, v in summary.items() if k in METRICS and v is not None})
+        log.info("repeat %d test: %s", repeat, ", ".join(f"{k}={summary[k]:.4f}" for k in METRICS[:6]
+                                                            if isinstance(summary.get(k), float)))
+        return summary
 
 
 def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.Mesh, splits: Splits,

@@ -267,26 +267,25 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
     workdir, out = Path(workdir), Path(out)
     check_resume(workdir, cfg, RESUME_KEYS, has_run=(workdir / "data").exists() or (workdir / "runs").exists())
     out.mkdir(parents=True, exist_ok=True)
-    writer = open_workdir(workdir, cfg, tensorboard=False)
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache")))
-    t0 = time.time()
-    store, pre = build_benchmark(cfg, workdir, env)
-    rows: list[dict] = []
-    todo = cells(cfg)
-    with progress(total=len(todo), desc="study cells") as bar:
-        for i, c in enumerate(todo):
-            summary = run_cell(cfg, c, store, pre, workdir, env)
-            rows += rows_of(c, summary)
-            writer.write(i, **{k: summary.get(k) for k in ("dice", "node_sensitivity")}, **c)
-            bar.update(1)
-    agg = aggregate(rows)
-    atomic_write_csv(out / "study.csv", rows)
-    atomic_write_csv(out / "study_summary.csv", agg)
-    plot(agg, "dice", "Dice", out / "dice_vs_labelled.png")
-    plot(agg, "node_sensitivity", "node sensitivity", out / "sensitivity_vs_labelled.png")
-    atomic_write_text(out / "study.md", markdown(agg, cfg, command, rows))
-    writer.close()
+    with open_workdir(workdir, cfg, tensorboard=False) as writer:  # its log handler ends on a failed stage too
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache")))
+        t0 = time.time()
+        store, pre = build_benchmark(cfg, workdir, env)
+        rows: list[dict] = []
+        todo = cells(cfg)
+        with progress(total=len(todo), desc="study cells") as bar:
+            for i, c in enumerate(todo):
+                summary = run_cell(cfg, c, store, pre, workdir, env)
+                rows += rows_of(c, summary)
+                writer.write(i, **{k: summary.get(k) for k in ("dice", "node_sensitivity")}, **c)
+                bar.update(1)
+        agg = aggregate(rows)
+        atomic_write_csv(out / "study.csv", rows)
+        atomic_write_csv(out / "study_summary.csv", agg)
+        plot(agg, "dice", "Dice", out / "dice_vs_labelled.png")
+        plot(agg, "node_sensitivity", "node sensitivity", out / "sensitivity_vs_labelled.png")
+        atomic_write_text(out / "study.md", markdown(agg, cfg, command, rows))
     log.info("study finished in %.0f s: %s", time.time() - t0, out)
     return 0
 
@@ -295,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lnfm study",
                                  description="Few-shot transfer study on phantoms: scratch vs pretrained.")
     ap.add_argument("--config", default=None, help="study preset (quick, full) or a YAML file")
-    ap.add_argument("--quick", action="store_true", help="same as --config quick: minutes on a laptop CPU")
+    ap.add_argument("--quick", action="store_true",
+                    help="same as --config quick: the grid sized for a 2-core CPU (a few hours)")
     ap.add_argument("--workdir", required=True, help="benchmark data, pretraining and one folder per cell")
     ap.add_argument("--out", required=True, help="where study.csv, the PNG plots and study.md go")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. repeats=5 heads=[light]")

@@ -3,6 +3,7 @@ few-shot repeats with summary.json, the saved best model, and one-line input err
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -192,6 +193,27 @@ def test_few_shot_repeats_summary_and_best_model(store, tmp_path):
     assert loaded.site.name == "pelvis" and loaded.head.kind == "linear"
     out = model(np.zeros((1, 16, 16, 16, 1), np.float32))
     assert out.shape == (1, 16, 16, 16, 2) and np.isfinite(np.asarray(out)).all()
+
+
+def test_a_repeat_that_raises_ends_its_log(store, tmp_path, monkeypatch):
+    """A repeat that fails (a bug, not a user error) keeps its traceback and closes its log.txt: the handler
+    used to stay on the `lnfm` logger until the process ended, so the failed repeat's log collected every
+    later run's lines in the same process."""
+    import lnfm.jobs.finetune as F
+
+    def broken_build(*a, **k):
+        raise RuntimeError("a bug in building the segmenter")
+
+    monkeypatch.setattr(F, "build_training", broken_build)
+    wd = tmp_path / "fails"
+    cfg = load_finetune_config("pelvis", TINY, data=[store], num_labeled=2, repeats=2)
+    with pytest.raises(RuntimeError, match="a bug in building"):
+        run(cfg, wd)
+    assert not [h for h in logging.getLogger("lnfm").handlers if str(tmp_path) in getattr(h, "baseFilename", "")]
+    logging.getLogger("lnfm.test").info("a later run's line")
+    assert "repeat 0 (seed" in (wd / "repeat_0" / "log.txt").read_text()
+    assert "a later run's line" not in (wd / "repeat_0" / "log.txt").read_text()
+    assert "a later run's line" not in (wd / "log.txt").read_text()
 
 
 def test_bad_store_is_a_one_line_error(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The transfer study's bookkeeping: presets, cell grid, aggregation, table and plots."""
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -103,3 +104,5 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path, monkeypatch):
     assert (tmp_path / "wd" / "config.yaml").read_text() == recorded
     with pytest.raises(Built):  # more cells with the same settings: resumed
         S.run(S.StudyConfig(repeats=2, num_labeled=[1, 2]), tmp_path / "wd", tmp_path / "out", "cmd")
+    # the failed stage ended the study's log.txt: no later run's lines reach it
+    assert not [h for h in logging.getLogger("lnfm").handlers if str(tmp_path) in getattr(h, "baseFilename", "")]
