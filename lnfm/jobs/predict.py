@@ -502,11 +502,21 @@ def check_not_there(paths, force: bool) -> None:
 
 
 def check_writable(paths) -> None:
-    """Every output's nearest existing folder writable, before the model loads and runs."""
+    """Every output's nearest existing folder takes a new file, before the model loads and runs. A file is
+    made and removed there: permission bits (`os.access`) say yes to root where the system refuses (sysfs,
+    an immutable folder), and a read-only mount is only known by trying."""
+    seen = set()
     for path in paths:
         folder = _nearest_existing(Path(path).absolute().parent) if path is not None else None
-        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
-            raise PredictError(f"{path}: cannot write into {folder} (permission denied)")
+        if folder is None or folder in seen:
+            continue
+        seen.add(folder)
+        probe = folder / f".lnfm-write-check.tmp{os.getpid()}"  # the name remove_stale_temps clears after a crash
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as e:
+            raise PredictError(f"{path}: cannot write into {folder} ({e.strerror or e})") from None
 
 
 def _case_files(outputs: dict, probabilities, report, overlay) -> list:

@@ -435,6 +435,24 @@ def test_an_export_as_input_and_an_unwritable_output_are_one_line(tiny, tmp_path
         assert errors == [err[-1]] and err[-1].startswith("lnfm predict: error: ") and says in err[-1], err
 
 
+def test_a_folder_the_system_refuses_is_found_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Root passes every permission bit (`os.access` says yes to /sys), so the refusal came only when the
+    mask was written, after the whole network had run. The early check now makes a file in the folder."""
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no sysfs on this system")
+    monkeypatch.setattr(pr, "load_predictor", lambda *a, **k: pytest.fail("the model loaded"))
+    scan = str(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz")
+    for out in ("/sys/lnfm_no/x.nii.gz", "/sys/x.nii.gz"):
+        capsys.readouterr()
+        assert run_job("predict", ["--model", str(tiny.orbax), "--input", scan, "--output", out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"lnfm predict: error: {out}: cannot write into /sys ("), err
+    # a writable folder takes the check's file and is left as it was
+    (tmp_path / "ok").mkdir()
+    pr.check_writable([tmp_path / "ok" / "m.nii.gz", tmp_path / "ok" / "r.csv", tmp_path / "new" / "deep" / "p.png"])
+    assert list((tmp_path / "ok").iterdir()) == [] and not (tmp_path / "new").exists()
+
+
 def test_access_denied_is_found_through_the_exception_chain():
     from lnfm.errors import access_denied
 
