@@ -61,7 +61,7 @@ from lnfm.eval.postprocess import PostprocessConfig, postprocess_problem, tune_s
 from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.surface import dice as dice_score
 from lnfm.jobs.finetune_config import FinetuneConfig, FinetuneTrainConfig, HeadConfig
-from lnfm.jobs.finetune_cpu import QUICK, cpu_notice
+from lnfm.jobs.finetune_cpu import QUICK, check_memory, cpu_notice
 from lnfm.jobs.export_meta import read_meta
 from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
@@ -771,6 +771,7 @@ def _check(cfg: FinetuneConfig) -> Checked:
                             f"{cfg.model.in_channels}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
     check_encoder_fits(cfg)
+    check_memory(cfg)  # a step this host cannot hold is refused here, not killed by the kernel mid-run
     if cfg.strategy.freeze == "first_k":  # strategy.k's upper bound: the encoder's units (abstract: nothing allocated)
         seg = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
         check_units(cfg.strategy, len(seg.encoder.units()))  # the rest of the section: check_config

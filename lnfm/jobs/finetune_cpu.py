@@ -17,16 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import re
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lnfm.config import ConfigError
 from lnfm.models.segmenter import segmenter_from_config
 from lnfm.segmentation.losses import model_output_loss
 from lnfm.train.mfu import forward_flops, train_flops
+
+log = logging.getLogger("lnfm.finetune")
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
 SLOW_CPU_FLOPS = 1e9  # below any CPU's rate on a finetuning step (2 cores: about 45 GFLOP/s for ViT-tiny + fine
@@ -57,24 +63,29 @@ def probe_config(cfg):
                                train=dataclasses.replace(cfg.train, global_batch=PROBE_BATCH))
 
 
-def cpu_step_rate(cfg) -> float:
-    """FLOP/s this machine reaches on `cfg`'s own segmenter and loss, forward and backward (the
-    gradient of every parameter), at the probe's patch and batch: best of 3, compilation excluded."""
+def _probe_grad(cfg):
+    """(the compiled gradient of `cfg`'s segmenter and loss at the probe's patch and batch, its parameters)."""
     probe = probe_config(cfg)
     model = segmenter_from_config(probe.model, probe.head, len(probe.site.labels), nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = jnp.full((PROBE_BATCH, *PROBE_PATCH, probe.model.in_channels), 0.5, jnp.float32)
     y = (jnp.arange(math.prod(PROBE_PATCH)).reshape(PROBE_PATCH) % 7 == 0).astype(jnp.int32)
     y = jnp.broadcast_to(y, (PROBE_BATCH, *PROBE_PATCH))
-
     grad = jax.jit(jax.grad(lambda p: model_output_loss(probe.loss, nnx.merge(graphdef, p, rest)(x), y)))
+    return grad.lower(params).compile(), params
+
+
+def cpu_step_rate(cfg) -> float:
+    """FLOP/s this machine reaches on `cfg`'s own segmenter and loss, forward and backward (the
+    gradient of every parameter), at the probe's patch and batch: best of 3, compilation excluded."""
+    grad, params = _probe_grad(cfg)
     jax.block_until_ready(grad(params))
     best = math.inf
     for _ in range(3):
         t = time.perf_counter()
         jax.block_until_ready(grad(params))
         best = min(best, time.perf_counter() - t)
-    return step_flops(probe) / best
+    return step_flops(probe_config(cfg)) / best
 
 
 def step_flops(cfg) -> float | None:
@@ -119,3 +130,96 @@ def cpu_notice(cfg, rate: float | None = None) -> str | None:
             f"{'x'.join(map(str, cfg.site.patch))} patch, batch {cfg.train.global_batch}, {cfg.train.steps} steps) "
             f"is sized for a GPU; planner estimate on this CPU: {per_step:.0f} s/step, {total / 3600:.1f} h in all. "
             f"Use the CPU preset instead: add {CPU_PRESET} ({_recipe_summary()})")
+
+
+# Host memory on a CPU backend: a step that cannot fit ends in the kernel's OOM kill (exit 137, no message)
+# after the loader has filled the memory, so it is refused before the workdir is written. Accelerators
+# report their own out-of-memory when the step compiles.
+GIB = 1024**3
+CGROUP = Path("/sys/fs/cgroup")
+# XLA temporaries per voxel of a patch, forward and backward, above every segmenter measured at the probe
+# (2026-12-06, 2 x 32^3: ViT-tiny with the linear head 73 B, fine 1092 B, UNETR 2544 B, light 6756 B;
+# Swin-tiny with UNETR 14333 B): steps below half the free memory at this figure are not compiled to check.
+HEAVIEST_PER_VOXEL = 16 * 1024
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2) has no limit
+
+
+def host_memory(meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path("/proc/self/cgroup"),
+                root: Path = CGROUP) -> tuple[int, int] | None:
+    """(total, available) bytes for this process: `meminfo`, capped by its cgroup's limit (a container's
+    or a SLURM job's, v1 or v2, under `root`); None where `meminfo` cannot be read."""
+    try:
+        info = dict(re.findall(r"^(\w+):\s+(\d+) kB", meminfo.read_text(), re.M))
+        total, available = int(info["MemTotal"]) * 1024, int(info["MemAvailable"]) * 1024
+    except (OSError, KeyError):
+        return None
+    try:
+        groups = cgroups.read_text().splitlines()
+    except OSError:
+        groups = []
+    for line in groups:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2
+            folder = root / path.lstrip("/")
+            limit, used = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
+        elif "memory" in controllers.split(","):  # v1
+            folder = root / "memory" / path.lstrip("/")
+            limit, used = _read_int(folder / "memory.limit_in_bytes"), _read_int(folder / "memory.usage_in_bytes")
+        else:
+            continue
+        if limit is not None and limit < total:
+            total, available = limit, min(available, limit - (used or 0))
+    return total, available
+
+
+def batch_bytes(cfg, processes: int = 1) -> tuple[int, int]:
+    """(one host batch's bytes, the loader's and the step's copies of it in all): float32 image channels plus
+    int32 labels per voxel; the loader buffers `prefetch` batches per worker (or in this process), one
+    more is being assembled and one is on the device."""
+    one = cfg.train.global_batch // processes * math.prod(cfg.site.patch) * 4 * (cfg.model.in_channels + 1)
+    return one, one * (cfg.loader.prefetch * max(1, cfg.loader.workers) + 2)
+
+
+def step_bytes(cfg, processes: int = 1) -> dict[str, int]:
+    """This host's memory for one training step of `cfg`: XLA's temporaries (activations and workspace)
+    of the probe's gradient, per voxel of a patch, times the micro-batch's voxels; the batches; the
+    parameters with the optimizer's moments, gradients and moving average (5 copies)."""
+    grad, params = _probe_grad(cfg)
+    per_voxel = grad.memory_analysis().temp_size_in_bytes / (PROBE_BATCH * math.prod(PROBE_PATCH))
+    micro = cfg.train.global_batch // processes // max(1, cfg.train.accum_steps)
+    state = 5 * 4 * sum(x.size for x in jax.tree.leaves(params))
+    return {"activations": int(per_voxel * micro * math.prod(cfg.site.patch)),
+            "batches": batch_bytes(cfg, processes)[1], "state": state}
+
+
+def check_memory(cfg, memory: tuple[int, int] | None = None) -> None:
+    """Refuse, in one line, a CPU finetune whose step needs more memory than this host has; warn when it
+    needs more than is free now. The probe (5-25 s to compile) only runs for a step that could need half
+    the free memory at the heaviest segmenter's figure; its batches are always counted."""
+    if jax.default_backend() != "cpu":
+        return
+    memory = memory or host_memory()
+    if memory is None:
+        return
+    total, available = memory
+    processes = jax.process_count()
+    need = {"batches": batch_bytes(cfg, processes)[1]}
+    micro_voxels = cfg.train.global_batch // processes // max(1, cfg.train.accum_steps) * math.prod(cfg.site.patch)
+    if need["batches"] <= total and micro_voxels * HEAVIEST_PER_VOXEL > available / 2:
+        need = step_bytes(cfg, processes)
+    what = (f"train.global_batch={cfg.train.global_batch} of {'x'.join(map(str, cfg.site.patch))} patches: a step "
+            f"needs about {sum(need.values()) / GIB:.1f} GiB on this host ("
+            + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in need.items()) + ")")
+    if sum(need.values()) > total:
+        split = need.get("activations", 0) > need["batches"]  # accumulation splits the activations, not the batch
+        raise ConfigError(f"{what}, more than its {total / GIB:.1f} GiB: lower train.global_batch or site.patch"
+                          + (", or raise train.accum_steps" if split else ""))
+    if sum(need.values()) > available:
+        log.warning("%s, more than the %.1f GiB free now: it may be killed for memory", what, available / GIB)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import pytest
 
+from lnfm.config import ConfigError
 from lnfm.jobs import finetune_cpu
 from lnfm.jobs.finetune import load_finetune_config
 
@@ -66,3 +67,104 @@ def test_the_rate_is_measured_on_the_configured_model_at_the_probe_patch():
     assert 0 < finetune_cpu.step_flops(probe) < finetune_cpu.step_flops(cfg) / 20
     rate = finetune_cpu.cpu_step_rate(cfg)
     assert math.isfinite(rate) and rate > finetune_cpu.SLOW_CPU_FLOPS
+
+
+# Host memory: a step that cannot fit is refused before the workdir is written (it ended in the kernel's OOM kill).
+
+def test_host_memory_reads_meminfo_and_a_cgroup_limit(tmp_path):
+    import os
+
+    total, available = finetune_cpu.host_memory(cgroups=tmp_path / "none")
+    assert abs(total - os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) < 2**20  # the kernel's own figure
+    assert 0 < available <= total
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n")
+    (tmp_path / "cg").write_text("0::/job.slice/job_7\n")  # v2: a SLURM job's 8 GiB, 3 GiB of it used
+    v2 = tmp_path / "root" / "job.slice" / "job_7"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text(f"{8 * 2**30}\n")
+    (v2 / "memory.current").write_text(f"{3 * 2**30}\n")
+    assert finetune_cpu.host_memory(meminfo, tmp_path / "cg", tmp_path / "root") == (8 * 2**30, 5 * 2**30)
+    (v2 / "memory.max").write_text("max\n")  # no limit: the host's figures
+    assert finetune_cpu.host_memory(meminfo, tmp_path / "cg", tmp_path / "root") == (24000000 * 1024,
+                                                                                     20000000 * 1024)
+    (tmp_path / "cg").write_text("12:cpu,cpuacct:/docker/ab\n11:memory:/docker/ab\n")  # v1
+    v1 = tmp_path / "root" / "memory" / "docker" / "ab"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{4 * 2**30}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{2**30}\n")
+    assert finetune_cpu.host_memory(meminfo, tmp_path / "cg", tmp_path / "root") == (4 * 2**30, 3 * 2**30)
+    assert finetune_cpu.host_memory(tmp_path / "missing") is None
+
+
+def test_the_step_estimate_bounds_xla_s_own_figure_for_the_real_patch():
+    """The estimate scales the probe's temporaries (2 x 32^3) to the run's patch and micro-batch. Reference:
+    XLA's memory analysis of the same gradient compiled at the run's own 64^3 patch and batch 3. The probe's
+    figure per voxel is larger than a big patch's (measured: 1092 against 900 bytes for the fine head at
+    96^3), so the estimate errs high, never low, and by less than half."""
+    import math
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lnfm.models.segmenter import segmenter_from_config
+    from lnfm.segmentation.losses import model_output_loss
+
+    cfg = load_finetune_config("pelvis", ["site.patch=[64,64,64]", "model.img_size=[64,64,64]",
+                                          "train.global_batch=6", "train.accum_steps=2"])
+    est = finetune_cpu.step_bytes(cfg)["activations"]
+    model = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.ShapeDtypeStruct((3, 64, 64, 64, 1), jnp.float32)
+    y = jax.ShapeDtypeStruct((3, 64, 64, 64), jnp.int32)
+    grad = jax.jit(jax.grad(lambda p, x, y: model_output_loss(cfg.loss, nnx.merge(graphdef, p, rest)(x), y)))
+    real = grad.lower(params, x, y).compile().memory_analysis().temp_size_in_bytes
+    assert real <= est < 1.5 * real, (est, real)
+    assert finetune_cpu.batch_bytes(cfg) == (6 * 64**3 * 8, 6 * 64**3 * 8 * (2 + 2))
+    assert math.prod(cfg.site.patch) == 64**3
+
+
+def test_a_step_that_cannot_fit_is_one_line_before_the_workdir(tmp_path, capsys, monkeypatch):
+    """train.global_batch=100000 filled the memory until the kernel killed the job (exit 137, no message)."""
+    from lnfm.cli import run_job
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+    from lnfm.data.synth import SynthConfig, write_dataset
+
+    monkeypatch.setattr(finetune_cpu, "_probe_grad", lambda cfg: pytest.fail("compiled for a batch that cannot fit"))
+    store = tmp_path / "store"
+    write_dataset(SynthConfig(site="pelvis", num_cases=4, seed=1, shape=(24, 24, 16), gallery=False,
+                              use_real_shapes=False, spacing_inplane=(1.5, 1.5), slice_thickness=(1.5, 1.5),
+                              nodes_per_case=(1, 1), short_axis_mm=(8.0, 10.0)), tmp_path / "raw")
+    prepare_dataset(str(tmp_path / "raw"), str(store), PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0),
+                    show_progress=False)
+    capsys.readouterr()
+    rc = run_job("finetune", ["--site", "pelvis", "--quick", "--data", str(store), "--init", "scratch",
+                              "--workdir", str(tmp_path / "wd"), "train.global_batch=100000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("lnfm finetune: error: train.global_batch=100000 of "
+                                                           "32x32x32 patches: a step needs about"), err
+    assert "lower train.global_batch" in err[0] and not (tmp_path / "wd").exists()
+
+
+def test_a_step_larger_than_the_host_is_refused_and_one_larger_than_the_free_memory_warned(monkeypatch, caplog):
+    cfg = load_finetune_config("pelvis", ["site.patch=[64,64,64]", "model.img_size=[64,64,64]",
+                                          "train.global_batch=4"])
+    need = finetune_cpu.step_bytes(cfg)
+    assert need["activations"] > need["batches"] > 0 and need["state"] > 0
+    gib = finetune_cpu.GIB
+    with pytest.raises(ConfigError, match=r"^train.global_batch=4 of 64x64x64 patches: a step needs about .* GiB "
+                                          r"on this host \(activations .*, more than its 0.5 GiB: .* or raise "
+                                          r"train.accum_steps$"):
+        finetune_cpu.check_memory(cfg, (gib // 2, gib // 2))
+    with caplog.at_level("WARNING", logger="lnfm"):
+        finetune_cpu.check_memory(cfg, (10**15, gib // 2))
+    assert "more than the 0.5 GiB free now" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lnfm"):
+        finetune_cpu.check_memory(cfg, (10**15, 10**15))
+        monkeypatch.setattr(finetune_cpu, "_probe_grad", lambda cfg: pytest.fail("compiled for the CPU recipe"))
+        # the CPU recipe (2 x 32^3) fits a 16 GiB host at the heaviest segmenter's figure: nothing compiled
+        finetune_cpu.check_memory(load_finetune_config("pelvis", [], quick=True), (16 * gib, 16 * gib))
+    assert caplog.text == ""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # accelerators report their own out-of-memory
+    finetune_cpu.check_memory(cfg, (1, 1))
