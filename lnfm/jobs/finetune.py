@@ -729,7 +729,8 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
     return run_training_job(cfg, FinetuneRun(Path(workdir)),
                             inputs={"--init": init, "--data": cfg.data, "--unlabelled": cfg.unlabelled,
                                     "--paste-into": cfg.paste_into},
-                            resume_keys=RESUME_KEYS, check=_check, train=_train, tensorboard=False)
+                            resume_keys=RESUME_KEYS, check=_check, train=_train, tensorboard=False,
+                            check_memory=lambda checked, mesh: check_memory(checked.cfg))
 
 
 def _check(cfg: FinetuneConfig) -> Checked:
@@ -771,7 +772,6 @@ def _check(cfg: FinetuneConfig) -> Checked:
                             f"{cfg.model.in_channels}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
     check_encoder_fits(cfg)
-    check_memory(cfg)  # a step this host cannot hold is refused here, not killed by the kernel mid-run
     if cfg.strategy.freeze == "first_k":  # strategy.k's upper bound: the encoder's units (abstract: nothing allocated)
         seg = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
         check_units(cfg.strategy, len(seg.encoder.units()))  # the rest of the section: check_config

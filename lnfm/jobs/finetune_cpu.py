@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
-import re
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnfm.config import ConfigError
 from lnfm.models.segmenter import segmenter_from_config
 from lnfm.segmentation.losses import model_output_loss
+from lnfm.train.memory import HEAVIEST_PER_VOXEL, host_memory, judge_host_memory
 from lnfm.train.mfu import forward_flops, train_flops
-
-log = logging.getLogger("lnfm.finetune")
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
 SLOW_CPU_FLOPS = 1e9  # below any CPU's rate on a finetuning step (2 cores: about 45 GFLOP/s for ViT-tiny + fine
@@ -132,51 +127,7 @@ def cpu_notice(cfg, rate: float | None = None) -> str | None:
             f"Use the CPU preset instead: add {CPU_PRESET} ({_recipe_summary()})")
 
 
-# Host memory on a CPU backend: a step that cannot fit ends in the kernel's OOM kill (exit 137, no message)
-# after the loader has filled the memory, so it is refused before the workdir is written. Accelerators
-# report their own out-of-memory when the step compiles.
-GIB = 1024**3
-CGROUP = Path("/sys/fs/cgroup")
-# XLA temporaries per voxel of a patch, forward and backward, above every segmenter measured at the probe
-# (2026-12-06, 2 x 32^3: ViT-tiny with the linear head 73 B, fine 1092 B, UNETR 2544 B, light 6756 B;
-# Swin-tiny with UNETR 14333 B): steps below half the free memory at this figure are not compiled to check.
-HEAVIEST_PER_VOXEL = 16 * 1024
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max" (v2) has no limit
-
-
-def host_memory(meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path("/proc/self/cgroup"),
-                root: Path = CGROUP) -> tuple[int, int] | None:
-    """(total, available) bytes for this process: `meminfo`, capped by its cgroup's limit (a container's
-    or a SLURM job's, v1 or v2, under `root`); None where `meminfo` cannot be read."""
-    try:
-        info = dict(re.findall(r"^(\w+):\s+(\d+) kB", meminfo.read_text(), re.M))
-        total, available = int(info["MemTotal"]) * 1024, int(info["MemAvailable"]) * 1024
-    except (OSError, KeyError):
-        return None
-    try:
-        groups = cgroups.read_text().splitlines()
-    except OSError:
-        groups = []
-    for line in groups:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "":  # v2
-            folder = root / path.lstrip("/")
-            limit, used = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
-        elif "memory" in controllers.split(","):  # v1
-            folder = root / "memory" / path.lstrip("/")
-            limit, used = _read_int(folder / "memory.limit_in_bytes"), _read_int(folder / "memory.usage_in_bytes")
-        else:
-            continue
-        if limit is not None and limit < total:
-            total, available = limit, min(available, limit - (used or 0))
-    return total, available
+# Host memory on a CPU backend (lnfm.train.memory): a step that cannot fit is refused before the workdir is written.
 
 
 def batch_bytes(cfg, processes: int = 1) -> tuple[int, int]:
@@ -214,12 +165,7 @@ def check_memory(cfg, memory: tuple[int, int] | None = None) -> None:
     micro_voxels = cfg.train.global_batch // processes // max(1, cfg.train.accum_steps) * math.prod(cfg.site.patch)
     if need["batches"] <= total and micro_voxels * HEAVIEST_PER_VOXEL > available / 2:
         need = step_bytes(cfg, processes)
-    what = (f"train.global_batch={cfg.train.global_batch} of {'x'.join(map(str, cfg.site.patch))} patches: a step "
-            f"needs about {sum(need.values()) / GIB:.1f} GiB on this host ("
-            + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in need.items()) + ")")
-    if sum(need.values()) > total:
-        split = need.get("activations", 0) > need["batches"]  # accumulation splits the activations, not the batch
-        raise ConfigError(f"{what}, more than its {total / GIB:.1f} GiB: lower train.global_batch or site.patch"
-                          + (", or raise train.accum_steps" if split else ""))
-    if sum(need.values()) > available:
-        log.warning("%s, more than the %.1f GiB free now: it may be killed for memory", what, available / GIB)
+    what = (f"train.global_batch={cfg.train.global_batch} of {'x'.join(map(str, cfg.site.patch))} patches")
+    split = need.get("activations", 0) > need["batches"]  # accumulation splits the activations, not the batch
+    judge_host_memory(need, memory, what, "lower train.global_batch or site.patch"
+                      + (", or raise train.accum_steps" if split else ""))

@@ -37,11 +37,12 @@ import numpy as np
 from flax import nnx
 
 from lnfm.config import ConfigError, parse_args_once
-from lnfm.jobs.pretrain import build_training, load_pretrain_config, step_flops
+from lnfm.jobs.pretrain import abstract_batch, build_training, load_pretrain_config, step_flops
 from lnfm.models.build import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
-from lnfm.models.sharding import batch_sharding, logical_to_mesh_spec, make_mesh, use_rules
+from lnfm.models.sharding import logical_to_mesh_spec, make_mesh, use_rules
 from lnfm.models.vit import token_grid, vit_dims
+from lnfm.train.memory import memory_figures
 from lnfm.train.mfu import ASSUMED_MFU, expected_step_time, peak_flops
 from lnfm.workdir import atomic_write_text
 
@@ -110,11 +111,6 @@ def pretrain_config(req: PlanRequest):
     return load_pretrain_config(req.model, [*sets, *req.overrides])
 
 
-def abstract_batch(cfg, mesh) -> dict:
-    shape = (cfg.train.global_batch, *cfg.model.img_size, cfg.model.in_channels)
-    return {"image": jax.ShapeDtypeStruct(shape, "float32", sharding=batch_sharding(mesh))}
-
-
 def per_device_bytes(tree) -> int:
     """Bytes one device holds for a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
     total = 0
@@ -122,16 +118,6 @@ def per_device_bytes(tree) -> int:
         shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
         total += math.prod(shard) * np.dtype(x.dtype).itemsize
     return total
-
-
-def memory_figures(compiled) -> dict:
-    """XLA's per-device memory analysis of a compiled executable, in bytes."""
-    m = compiled.memory_analysis()
-    fig = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
-           ("argument", "output", "alias", "temp", "generated_code")}
-    # Donated state: outputs reuse the argument buffers (alias), so only the rest is extra.
-    fig["peak"] = fig["argument"] + fig["output"] - fig["alias"] + fig["temp"] + fig["generated_code"]
-    return fig
 
 
 def _cost_flops(compiled) -> float | None:

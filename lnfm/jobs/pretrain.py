@@ -31,11 +31,12 @@ from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
 from lnfm.runs import PretrainRun
 from lnfm.models.mae import patchify, reconstruct, unpatchify
-from lnfm.models.sharding import MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model
+from lnfm.models.sharding import MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model, use_rules
 from lnfm.train.checkpoint import CheckpointConfig
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, LoopResult, Throughput, parse_profile_steps
+from lnfm.train.memory import HEAVIEST_PER_VOXEL, host_memory, judge_host_memory, memory_figures
 from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, step_key
@@ -164,6 +165,33 @@ def step_flops(cfg: PretrainConfig, graphdef: Any, state: dict) -> float | None:
                                      abstract["rng"]))
 
 
+def abstract_batch(cfg: PretrainConfig, mesh: jax.sharding.Mesh) -> dict:
+    shape = (cfg.train.global_batch, *cfg.model.img_size, cfg.model.in_channels)
+    return {"image": jax.ShapeDtypeStruct(shape, "float32", sharding=batch_sharding(mesh))}
+
+
+def check_memory(cfg: PretrainConfig, mesh: jax.sharding.Mesh, memory: tuple[int, int] | None = None) -> None:
+    """On a CPU host: the loader's batches plus XLA's peak of the compiled step (the planner's figure, per
+    device, times this host's devices) against the host's memory (lnfm.train.memory). The step is compiled
+    only when it could need half the free memory at the heaviest step's figure per voxel."""
+    if jax.default_backend() != "cpu" or (memory := memory or host_memory()) is None:
+        return
+    tc, voxels = cfg.train, math.prod(cfg.model.img_size)
+    host_batch = tc.global_batch // jax.process_count() * voxels * cfg.model.in_channels * 4
+    # the loader's buffers and the batch being assembled (the device's copy is among the step's arguments)
+    need = {"batches": host_batch * (cfg.data.prefetch * max(1, cfg.data.workers) + 1)}
+    micro_voxels = tc.global_batch // jax.process_count() // max(1, tc.accum_steps) * voxels
+    if need["batches"] <= memory[0] and micro_voxels * HEAVIEST_PER_VOXEL > memory[1] / 2:
+        _, state, _, step_fn = build_training(cfg, mesh, abstract=True)
+        with use_rules(mesh, cfg.mesh.rules):
+            compiled = step_fn.lower(state, abstract_batch(cfg, mesh)).compile()
+        need["step"] = memory_figures(compiled)["peak"] * jax.local_device_count()
+    split = need.get("step", 0) > need["batches"]  # accumulation splits the activations, not the batch
+    what = f"train.global_batch={tc.global_batch} of {'x'.join(map(str, cfg.model.img_size))} patches"
+    judge_host_memory(need, memory, what, "lower train.global_batch or model.img_size"
+                      + (", or raise train.accum_steps or set model.remat=full" if split else ""))
+
+
 def pretrain_preprocessing(cfg: PretrainConfig, stores: list[str]) -> Preprocessing:
     """What finetuning and export repeat: the stores' one contract and the intensity normalisation."""
     return Preprocessing(common_contract(stores), Normalization(cfg.data.hu_window, cfg.data.pet_scale),
@@ -196,7 +224,7 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
         return Checked(cfg, prep, _Data(stores, weights, counts, profile))
 
     return run_training_job(cfg, PretrainRun(Path(workdir)), inputs={"--data": stores}, resume_keys=RESUME_KEYS,
-                            check=check, train=_train)
+                            check=check, train=_train, check_memory=lambda c, mesh: check_memory(c.cfg, mesh))
 
 
 def _train(checked: Checked, run: PretrainRun, mesh: jax.sharding.Mesh, writer: MetricsWriter) -> dict | None:

@@ -127,13 +127,15 @@ def check_resume_preprocessing(path: Path, prep: Preprocessing) -> None:
 def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mapping[str, Any],
                      resume_keys: tuple[str, ...], check: Callable[[Any], Checked],
                      train: Callable[[Checked, Any, jax.sharding.Mesh, MetricsWriter], dict | None],
-                     tensorboard: bool = True) -> int:
+                     tensorboard: bool = True,
+                     check_memory: Callable[[Checked, jax.sharding.Mesh], None] | None = None) -> int:
     """The run every training job shares; returns the exit code (0: finished or preempted).
 
     The path rule (`inputs`: flag -> paths the workdir must stay apart from), then under the
     workdir lock: the resume check (the `resume_keys` config sections of a started run),
     the job's `check(cfg)` (data, splits, init; nothing written or compiled yet), the mesh
-    and batch check (`cfg.mesh`, `cfg.train.global_batch`, `cfg.train.accum_steps`),
+    and batch check (`cfg.mesh`, `cfg.train.global_batch`, `cfg.train.accum_steps`), the job's
+    `check_memory(checked, mesh)` (lnfm.train.memory),
     config.yaml, the log and preprocessing.json, then `train(checked, run, mesh, writer)`.
     It returns the summary, or None when a signal stopped it (the same command resumes; no
     summary is written).
@@ -151,6 +153,8 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
         mesh = make_mesh(checked.cfg.mesh)
         tc = checked.cfg.train
         check_batch(tc.global_batch, tc.accum_steps, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
+        if check_memory is not None:  # a step this host cannot hold: refused here, not killed by the kernel later
+            check_memory(checked, mesh)
         writer = open_workdir(workdir, checked.cfg, is_main=pid == 0, tensorboard=tensorboard)
         try:
             if pid == 0:

@@ -207,6 +207,8 @@ AT = "site.spacing=[1.5,1.5,2.0]"
 RANGES = [
     pretrain8("steps-zero", ["train.steps=0"], ("train.steps must be at least 1",)),
     pretrain("global-batch-zero", ["train.global_batch=0"], ("train.global_batch must be at least 1",)),
+    pretrain("global-batch-beyond-memory", ["train.global_batch=100000"],  # ran until the kernel's OOM kill
+             ("train.global_batch=100000 of ", "a step needs about", "lower train.global_batch")),
     pretrain8("accum-steps-zero", ["train.accum_steps=0"], ("train.accum_steps must be at least 1",)),
     pretrain8("image-every-negative", ["train.image_every=-1"], ("train.image_every must be at least 0",)),
     pretrain8("mask-ratio-one", ["model.mask_ratio=1.0"], ("model.mask_ratio must be in (0, 1)",)),
@@ -225,7 +227,7 @@ RANGES = [
     finetune("steps-zero", ["train.steps=0"], ("train.steps must be at least 1",)),
     finetune("steps-negative", ["train.steps=-1"], ("train.steps must be at least 1",)),
     finetune("global-batch-zero", ["train.global_batch=0"], ("train.global_batch must be at least 1",)),
-    finetune("global-batch-beyond-memory", ["train.global_batch=100000"],  # ran until the kernel's OOM kill
+    finetune("global-batch-beyond-memory", ["train.global_batch=100000", AT],  # ran until the kernel's OOM kill
              ("train.global_batch=100000 of 32x32x32 patches: a step needs about", "lower train.global_batch")),
     finetune("accum-steps-zero", ["train.accum_steps=0"], ("train.accum_steps must be at least 1",)),
     finetune("log-every-zero", ["train.log_every=0"], ("train.log_every must be at least 1",)),

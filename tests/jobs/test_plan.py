@@ -112,3 +112,30 @@ def test_planner_batch_sharding_is_the_jobs():
     mesh = make_mesh(planner.pretrain_config(REQ).mesh)
     assert batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"))
     assert NamedSharding(mesh, PartitionSpec()).is_fully_replicated
+
+
+def test_the_pretraining_jobs_memory_check_counts_the_planners_step(planned, monkeypatch):
+    """On a CPU host the job checks the planner's figure before the workdir is written: the compiled step's
+    peak on each of this host's 8 devices, plus the loader's batches (batch x voxels x float32, prefetch
+    2 + 1 being assembled)."""
+    from lnfm.config import ConfigError
+    from lnfm.jobs import pretrain
+
+    cfg = planner.pretrain_config(REQ)
+    mesh = make_mesh(cfg.mesh)
+    gib = 2**30
+    step = planned["memory"]["peak"] * 8
+    batches = 8 * 32**3 * 4 * 3
+    tiny_host = (step + batches - 1, step + batches - 1)  # one byte short: refused, with both parts named
+    with pytest.raises(ConfigError, match=rf"^train.global_batch=8 of 32x32x32 patches: a step needs about "
+                                          rf"{(step + batches) / gib:.1f} GiB on this host \(batches "
+                                          rf"{batches / gib:.1f} GiB, step {step / gib:.1f} GiB\)"):
+        pretrain.check_memory(cfg, mesh, tiny_host)
+    pretrain.check_memory(cfg, mesh, (step + batches, step + batches))  # exactly enough: runs
+    # A batch whose loader buffers alone exceed the host is refused without compiling anything.
+    monkeypatch.setattr(pretrain, "build_training", lambda *a, **k: pytest.fail("compiled a step that cannot fit"))
+    huge = planner.pretrain_config(planner.PlanRequest(model="vit_tiny", patch=32, global_batch=100000,
+                                                       mesh={"data": 8}, device="v5e"))
+    with pytest.raises(ConfigError, match=r"batches 36.6 GiB\), more than its 16.0 GiB: lower train.global_batch "
+                                          r"or model.img_size$"):
+        pretrain.check_memory(huge, make_mesh(huge.mesh), (16 * gib, 16 * gib))

@@ -1,0 +1,82 @@
+"""Memory of a training step on a CPU host, and the one-line refusal of a step the host cannot hold.
+
+On a CPU backend a step larger than the machine does not fail: the loader and XLA fill the memory until
+the kernel kills the job (exit 137, no message). The jobs estimate a step's memory before the workdir is
+written and refuse it here. Accelerators report their own out-of-memory when the step compiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from lnfm.config import ConfigError
+
+log = logging.getLogger("lnfm")
+
+GIB = 1024**3
+CGROUP = Path("/sys/fs/cgroup")
+# XLA temporaries per voxel of a patch, forward and backward, above every step measured on a CPU (2026-12-06):
+# finetuning at 2 x 32^3, ViT-tiny with the linear head 73 B, fine 1092 B, UNETR 2544 B, light 6756 B, Swin-tiny
+# with UNETR 14333 B; pretraining, vit_tiny 62 B, vit_b 266 B, swin_b 6639 B. A step below half the free memory
+# at this figure is not compiled to check (5-30 s); its batches are always counted.
+HEAVIEST_PER_VOXEL = 16 * 1024
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2) has no limit
+
+
+def host_memory(meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path("/proc/self/cgroup"),
+                root: Path = CGROUP) -> tuple[int, int] | None:
+    """(total, available) bytes for this process: `meminfo`, capped by its cgroup's limit (a container's
+    or a SLURM job's, v1 or v2, under `root`); None where `meminfo` cannot be read."""
+    try:
+        info = dict(re.findall(r"^(\w+):\s+(\d+) kB", meminfo.read_text(), re.M))
+        total, available = int(info["MemTotal"]) * 1024, int(info["MemAvailable"]) * 1024
+    except (OSError, KeyError):
+        return None
+    try:
+        groups = cgroups.read_text().splitlines()
+    except OSError:
+        groups = []
+    for line in groups:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2
+            folder = root / path.lstrip("/")
+            limit, used = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
+        elif "memory" in controllers.split(","):  # v1
+            folder = root / "memory" / path.lstrip("/")
+            limit, used = _read_int(folder / "memory.limit_in_bytes"), _read_int(folder / "memory.usage_in_bytes")
+        else:
+            continue
+        if limit is not None and limit < total:
+            total, available = limit, min(available, limit - (used or 0))
+    return total, available
+
+
+def memory_figures(compiled) -> dict:
+    """XLA's per-device memory analysis of a compiled executable, in bytes."""
+    m = compiled.memory_analysis()
+    fig = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+           ("argument", "output", "alias", "temp", "generated_code")}
+    # Donated state: outputs reuse the argument buffers (alias), so only the rest is extra.
+    fig["peak"] = fig["argument"] + fig["output"] - fig["alias"] + fig["temp"] + fig["generated_code"]
+    return fig
+
+
+def judge_host_memory(need: dict[str, int], memory: tuple[int, int], what: str, advice: str) -> None:
+    """Refuse (ConfigError, one line) when the parts of `need` add up to more than the host's total memory;
+    warn when they exceed what was free at the start. `what` names the setting, `advice` what to lower."""
+    total, available = memory
+    size = (f"{what}: a step needs about {sum(need.values()) / GIB:.1f} GiB on this host ("
+            + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in need.items()) + ")")
+    if sum(need.values()) > total:
+        raise ConfigError(f"{size}, more than its {total / GIB:.1f} GiB: {advice}")
+    if sum(need.values()) > available:
+        log.warning("%s, more than the %.1f GiB free now: it may be killed for memory", size, available / GIB)
