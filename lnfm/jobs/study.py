@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Few-shot transfer study on phantoms: scratch vs pretrained.")
     ap.add_argument("--config", default=None, help="study preset (quick, full) or a YAML file")
     ap.add_argument("--quick", action="store_true",
-                    help="same as --config quick: the grid sized for a 2-core CPU (a few hours)")
+                    help="same as --config quick: the grid sized for a 2-core CPU (about an hour)")
     ap.add_argument("--workdir", required=True, help="benchmark data, pretraining and one folder per cell")
     ap.add_argument("--out", required=True, help="where study.csv, the PNG plots and study.md go")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. repeats=5 heads=[light]")
