@@ -58,9 +58,19 @@ def probe_config(cfg):
                                train=dataclasses.replace(cfg.train, global_batch=PROBE_BATCH))
 
 
+_PROBES: dict[str, tuple] = {}  # one compile per segmenter and loss in a process: the memory check and the notice
+
+
 def _probe_grad(cfg):
     """(the compiled gradient of `cfg`'s segmenter and loss at the probe's patch and batch, its parameters)."""
     probe = probe_config(cfg)
+    key = repr((probe.model, probe.head, probe.loss, probe.site.labels))
+    if key not in _PROBES:
+        _PROBES[key] = _compile_probe(probe)
+    return _PROBES[key]
+
+
+def _compile_probe(probe):
     model = segmenter_from_config(probe.model, probe.head, len(probe.site.labels), nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = jnp.full((PROBE_BATCH, *PROBE_PATCH, probe.model.in_channels), 0.5, jnp.float32)
