@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stores: {unlabelled} (pretraining), {store} (finetuning; test split = the held-out phantoms)")
     print(f"pretraining workdir: {pre}")
     keys = ["dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume"]
+    # Scored on the store's 1.5 mm grid; the comparison below scores the export's predictions on the raw scans.
     print(f"finetune (pelvis, {args.labelled} labelled, {summary['train_time_s']:.0f} s of training; held-out test "
-          "cases): " + ", ".join(f"{k}={summary[k]:.3f}" if isinstance(summary.get(k), (int, float))
+          "cases on the store's grid): " + ", ".join(f"{k}={summary[k]:.3f}" if isinstance(summary.get(k), (int, float))
                                 else f"{k}={summary.get(k)}" for k in keys))
     print(f"export: {export}")
     print(f"prediction for {case_id}: {pred}")
@@ -160,7 +161,8 @@ def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test:
     is tuned on the same validation cases. With `paste_store` (LNFM pasted its nodes into it) a
     second U-Net trains on those pasted patches too."""
 
-    print("\n== LNFM vs MONAI U-Nets trained for the same time on the same labelled cases ==")
+    print("\n== LNFM vs MONAI U-Nets trained for the same time on the same labelled cases (raw held-out scans, "
+          "as predict reads them) ==")
     if heldout.peers is None:
         print("U-Net: skipped (torch and MONAI are the dev extra: pip install 'lnfm[dev]')")
         return
