@@ -61,6 +61,7 @@ from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_export
 from lnfm.io import Volume, is_dicom_path, write_nifti
 from lnfm.jobs.predict_marks import NIFTI_DESCRIP, made_by_predict
+from lnfm.jobs.predict_memory import memory_problem
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
 from lnfm.runs import ExportFolder
@@ -183,6 +184,19 @@ def read_scan(paths: list[str], meta: ExportMeta, series: str | None = None) -> 
         except ScanError as e:
             raise PredictError(str(e)) from None
     return Volume(data, first.affine)
+
+
+def check_scan_memory(vol: Volume, meta: ExportMeta, probabilities: bool, name: str) -> None:
+    """Refuse a scan this host cannot segment, in one line naming it (`lnfm.jobs.predict_memory`); warn, without
+    its path, when it needs more than is free now."""
+    found = memory_problem(vol.data.shape, tuple(spacing_of(vol.affine)), tuple(meta.preprocessing.contract.spacing),
+                           int(meta.num_classes or 2), probabilities)
+    if found is None:
+        return
+    text, refuse = found
+    if refuse:
+        raise PredictError(f"{name}: {text}")
+    log.warning("this scan: %s", text)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -333,7 +347,9 @@ def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], outpu
     check_outputs(output, probabilities, overlay, formats.formats, report)
     check_case_paths(paths, probabilities, report, overlay, list(inputs))
     series = source_series(list(inputs), formats, series_uid) if series is None else series
-    vol = read_scan(list(inputs), meta, series_uid) if vol is None else vol
+    if vol is None:  # a batch's case (one scan given to `run` was read and checked before the model loaded)
+        vol = read_scan(list(inputs), meta, series_uid)
+        check_scan_memory(vol, meta, probabilities is not None, list(inputs)[0])
     pred = predict_volume(predictor, meta, vol, options)
     site = meta.site.name if meta.site else None
     write_outputs(pred, meta, paths.pop("nifti", None), Path(probabilities) if probabilities else None,
@@ -571,6 +587,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(files)
         series = source_series(inputs, formats, args.series)
         vol = read_scan(inputs, meta, args.series)
+        check_scan_memory(vol, meta, bool(args.probabilities), inputs[0])
     predictor, meta = load_predictor(args.model, args.backend)
     if batch:
         # the paths were checked above, with --model, before the model loaded

@@ -1,0 +1,52 @@
+"""A scan the host cannot segment is refused in one line before the network runs (it ended in an OOM kill)."""
+
+from __future__ import annotations
+
+import pytest
+from export_helpers import tiny  # noqa: F401  (session fixture)
+
+from lnfm.cli import run_job
+from lnfm.jobs import predict as pr
+from lnfm.jobs import predict_memory as pm
+
+
+def test_the_estimate_by_hand():
+    # 100x100x50 voxels of 0.75x0.75x3 mm on a 1.5 mm grid: 50x50x100 = 250,000 grid voxels, 500,000 scan voxels
+    assert pm.grid_voxels((100, 100, 50), (0.75, 0.75, 3.0), (1.5, 1.5, 1.5)) == 250_000
+    assert pm.prediction_bytes((100, 100, 50, 1), (0.75, 0.75, 3.0), (1.5, 1.5, 1.5), 2, False) == \
+        500_000 * 9 + 250_000 * 15
+    assert pm.prediction_bytes((100, 100, 50), (0.75, 0.75, 3.0), (1.5, 1.5, 1.5), 4, True) == \
+        500_000 * (9 + 8) + 250_000 * (15 + 2 * 4)
+    assert pm.grid_voxels((10, 10, 10), (1.0, 1.0, 1.0), (3.0, 3.0, 3.0)) == 4 * 4 * 4  # a partial voxel counts
+    assert pm.process_bytes() > 0  # this process's VmRSS
+
+
+def _scan(tiny):  # noqa: F811
+    return str(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz")
+
+
+def test_a_scan_larger_than_the_host_is_one_line_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(pm, "host_memory", lambda: (1024, 1024))
+    monkeypatch.setattr(pr, "load_predictor", lambda *a, **k: pytest.fail("the model loaded"))
+    scan = _scan(tiny)
+    args = ["--model", str(tiny.orbax), "--input", scan, "--output", str(tmp_path / "m.nii.gz")]
+    assert run_job("predict", args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lnfm predict: error: {scan}: segmenting it needs about "), err
+    assert "more than this host's 0.0 GiB" in err[-1] and not (tmp_path / "m.nii.gz").exists()
+
+
+def test_a_scan_larger_than_the_free_memory_is_warned_without_its_path(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(pm, "host_memory", lambda: (10**15, 1024))
+    scan = _scan(tiny)
+    assert run_job("predict", ["--model", str(tiny.orbax), "--input", scan, "--output", str(tmp_path / "m.nii.gz"),
+                               "--probabilities", str(tmp_path / "p.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "segmenting it needs about" in line]
+    assert len(warned) == 1 and "with the probabilities" in warned[0] and "free now" in warned[0], err
+    assert scan not in err and str(tiny.raw) not in err  # logs carry no input path
+    assert (tmp_path / "m.nii.gz").exists()
+    monkeypatch.setattr(pm, "host_memory", lambda: (10**15, 10**15))
+    args = ["--model", str(tiny.orbax), "--input", scan, "--output", str(tmp_path / "n.nii.gz")]
+    assert run_job("predict", args) == 0
+    assert "segmenting it needs" not in capsys.readouterr().err
