@@ -50,3 +50,14 @@ def test_a_scan_larger_than_the_free_memory_is_warned_without_its_path(tiny, tmp
     args = ["--model", str(tiny.orbax), "--input", scan, "--output", str(tmp_path / "n.nii.gz")]
     assert run_job("predict", args) == 0
     assert "segmenting it needs" not in capsys.readouterr().err
+
+
+def test_a_batchs_case_too_large_fails_on_its_own_line(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """In a batch each case is checked when it is read; a case too large is reported and the batch goes on."""
+    monkeypatch.setattr(pm, "host_memory", lambda: (1024, 1024))
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(tiny.raw / "imagesTr"),
+                             "--output", str(tmp_path / "masks")])
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED ")]
+    assert rc == 1 and len(failed) == len(tiny.records), failed
+    assert all("segmenting it needs about" in line and "more than this host's" in line for line in failed)
+    assert not list((tmp_path / "masks").glob("*.nii.gz"))
