@@ -26,7 +26,7 @@ from flax import nnx
 
 from lnfm.models.segmenter import segmenter_from_config
 from lnfm.segmentation.losses import model_output_loss
-from lnfm.train.memory import HEAVIEST_PER_VOXEL, host_memory, judge_host_memory
+from lnfm.train.memory import cpu_host_memory, judge_host_memory, worth_compiling
 from lnfm.train.mfu import forward_flops, train_flops
 
 CPU_BUDGET_S = 3600.0  # a preset whose estimate exceeds this on the CPU is sized for an accelerator
@@ -164,18 +164,14 @@ def check_memory(cfg, memory: tuple[int, int] | None = None) -> None:
     """Refuse, in one line, a CPU finetune whose step needs more memory than this host has; warn when it
     needs more than is free now. The probe (5-25 s to compile) only runs for a step that could need half
     the free memory at the heaviest segmenter's figure; its batches are always counted."""
-    if jax.default_backend() != "cpu":
+    if (memory := cpu_host_memory(memory)) is None:
         return
-    memory = memory or host_memory()
-    if memory is None:
-        return
-    total, available = memory
     processes = jax.process_count()
     need = {"batches": batch_bytes(cfg, processes)[1]}
     micro_voxels = cfg.train.global_batch // processes // max(1, cfg.train.accum_steps) * math.prod(cfg.site.patch)
-    if need["batches"] <= total and micro_voxels * HEAVIEST_PER_VOXEL > available / 2:
+    if worth_compiling(need["batches"], micro_voxels, memory):
         need = step_bytes(cfg, processes)
-    what = (f"train.global_batch={cfg.train.global_batch} of {'x'.join(map(str, cfg.site.patch))} patches")
+    what = f"train.global_batch={cfg.train.global_batch} of {'x'.join(map(str, cfg.site.patch))} patches"
     split = need.get("activations", 0) > need["batches"]  # accumulation splits the activations, not the batch
     judge_host_memory(need, memory, what, "lower train.global_batch or site.patch"
                       + (", or raise train.accum_steps" if split else ""))

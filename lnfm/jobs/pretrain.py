@@ -36,7 +36,7 @@ from lnfm.train.checkpoint import CheckpointConfig
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, LoopResult, Throughput, parse_profile_steps
-from lnfm.train.memory import HEAVIEST_PER_VOXEL, host_memory, judge_host_memory, memory_figures
+from lnfm.train.memory import cpu_host_memory, judge_host_memory, memory_figures, worth_compiling
 from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, step_key
@@ -174,14 +174,14 @@ def check_memory(cfg: PretrainConfig, mesh: jax.sharding.Mesh, memory: tuple[int
     """On a CPU host: the loader's batches plus XLA's peak of the compiled step (the planner's figure, per
     device, times this host's devices) against the host's memory (lnfm.train.memory). The step is compiled
     only when it could need half the free memory at the heaviest step's figure per voxel."""
-    if jax.default_backend() != "cpu" or (memory := memory or host_memory()) is None:
+    if (memory := cpu_host_memory(memory)) is None:
         return
     tc, voxels = cfg.train, math.prod(cfg.model.img_size)
     host_batch = tc.global_batch // jax.process_count() * voxels * cfg.model.in_channels * 4
     # the loader's buffers and the batch being assembled (the device's copy is among the step's arguments)
     need = {"batches": host_batch * (cfg.data.prefetch * max(1, cfg.data.workers) + 1)}
     micro_voxels = tc.global_batch // jax.process_count() // max(1, tc.accum_steps) * voxels
-    if need["batches"] <= memory[0] and micro_voxels * HEAVIEST_PER_VOXEL > memory[1] / 2:
+    if worth_compiling(need["batches"], micro_voxels, memory):
         _, state, _, step_fn = build_training(cfg, mesh, abstract=True)
         with use_rules(mesh, cfg.mesh.rules):
             compiled = step_fn.lower(state, abstract_batch(cfg, mesh)).compile()

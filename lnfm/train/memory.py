@@ -11,6 +11,8 @@ import logging
 import re
 from pathlib import Path
 
+import jax
+
 from lnfm.config import ConfigError
 
 log = logging.getLogger("lnfm")
@@ -58,6 +60,20 @@ def host_memory(meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path("/pr
         if limit is not None and limit < total:
             total, available = limit, min(available, limit - (used or 0))
     return total, available
+
+
+def cpu_host_memory(memory: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """`memory` or the host's (total, available) when the step runs on a CPU; None on an accelerator (it reports
+    its own out-of-memory) or where the host's memory cannot be read: no check then."""
+    if jax.default_backend() != "cpu":
+        return None
+    return memory or host_memory()
+
+
+def worth_compiling(batches: int, micro_voxels: int, memory: tuple[int, int]) -> bool:
+    """Whether to compile the step to count its activations: its batches alone fit the host, and at the
+    heaviest figure per voxel it could need half the free memory."""
+    return batches <= memory[0] and micro_voxels * HEAVIEST_PER_VOXEL > memory[1] / 2
 
 
 def memory_figures(compiled) -> dict:
