@@ -155,15 +155,12 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
         check_batch(tc.global_batch, tc.accum_steps, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
         if check_memory is not None:  # a step this host cannot hold: refused here, not killed by the kernel later
             check_memory(checked, mesh)
-        writer = open_workdir(workdir, checked.cfg, is_main=pid == 0, tensorboard=tensorboard)
-        try:
+        with open_workdir(workdir, checked.cfg, is_main=pid == 0, tensorboard=tensorboard) as writer:
             if pid == 0:
                 write_preprocessing(run.preprocessing, checked.preprocessing)
             summary = train(checked, run, mesh, writer)
             if summary is None:
-                log.warning("preempted: rerun the same command to resume")  # into log.txt, which close() ends
-        finally:
-            writer.close()
+                log.warning("preempted: rerun the same command to resume")  # into log.txt, which the with ends
         if summary is None:
             return 0
         if pid == 0:
