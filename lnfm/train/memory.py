@@ -11,8 +11,6 @@ import logging
 import re
 from pathlib import Path
 
-import jax
-
 from lnfm.config import ConfigError
 
 log = logging.getLogger("lnfm")
@@ -65,6 +63,8 @@ def host_memory(meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path("/pr
 def cpu_host_memory(memory: tuple[int, int] | None = None) -> tuple[int, int] | None:
     """`memory` or the host's (total, available) when the step runs on a CPU; None on an accelerator (it reports
     its own out-of-memory) or where the host's memory cannot be read: no check then."""
+    import jax  # here, not at the top: predict reads host_memory and must start without JAX
+
     if jax.default_backend() != "cpu":
         return None
     return memory or host_memory()
