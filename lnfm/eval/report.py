@@ -10,6 +10,7 @@ LPS or sagittally measures the same as its RAS copy.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -66,14 +67,26 @@ def node_table(labels: np.ndarray, affine: np.ndarray, hu: np.ndarray, probabili
     return [{c: r[c] for c in COLUMNS} for r in rows]
 
 
+def _body_digest(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
 def report_csv(rows: list[dict]) -> str:
+    """The report: a comment line (what the columns mean, and a digest of the rest, by which `--force`
+    tells predict's own unchanged report from one a user has annotated), then the table."""
     buf = io.StringIO()
-    buf.write(HEADER_COMMENT + "\n")
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()
+    body = buf.getvalue()
+    return f"{HEADER_COMMENT} Content sha256:{_body_digest(body)}\n{body}"
+
+
+def report_is_unchanged(text: str) -> bool:
+    """Whether `text` is a report as `report_csv` wrote it: its comment line and the digest of the rest."""
+    first, _, body = text.partition("\n")
+    return first == f"{HEADER_COMMENT} Content sha256:{_body_digest(body)}"
 
 
 def read_report(path: str | Path) -> list[dict]:

@@ -60,7 +60,7 @@ from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_export
 from lnfm.io import Volume, is_dicom_path, write_nifti
-from lnfm.jobs.predict_marks import NIFTI_DESCRIP, made_by_predict
+from lnfm.jobs.predict_marks import made_by_predict, nifti_descrip
 from lnfm.jobs.predict_memory import memory_problem
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
@@ -246,8 +246,9 @@ def _temp(path: Path) -> Path:
 def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, probabilities: Path | None = None,
                   report: Path | None = None, overlay: Path | None = None, title: str = "",
                   dicom: tuple | None = None) -> None:
-    """Write every requested output under a temporary name, then rename them all. `output` is the
-    NIfTI mask (None: not asked for); `dicom` = (source series, {format: path}, OutputFormats)."""
+    """Write every requested output under a temporary name, then rename them all (a pending pair with no
+    temporary name removes its final path: predict's own earlier output that this run does not replace).
+    `output` is the NIfTI mask (None: not asked for); `dicom` = (source series, {format: path}, OutputFormats)."""
     pending: list[tuple[Path, Path]] = []
     try:
         for final in (output, probabilities, report, overlay, *(dicom[1].values() if dicom else ())):
@@ -256,13 +257,13 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
                 remove_stale_temps(final.parent)  # left by a predict that was killed
         if output is not None:
             pending.append((_temp(output), output))
-            write_nifti(pending[-1][0], pred.labels, pred.affine, NIFTI_DESCRIP)
+            write_nifti(pending[-1][0], pred.labels, pred.affine, nifti_descrip(pred.labels))
         if dicom is not None:
             series, paths, formats = dicom
             write_dicom_outputs(pred.labels, pred.affine, meta, series, paths, formats, _temp, pending)
         if probabilities is not None:
             pending.append((_temp(probabilities), probabilities))
-            write_nifti(pending[-1][0], pred.probability, pred.affine, NIFTI_DESCRIP)
+            write_nifti(pending[-1][0], pred.probability, pred.affine, nifti_descrip(pred.probability))
         if report is not None:
             prob = pred.probability if pred.probability.ndim == 3 else pred.probability.max(axis=-1)
             rows = node_table(pred.labels, pred.affine, pred.hu, prob, meta.labels)
@@ -274,7 +275,8 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
                           tuple(meta.preprocessing.normalization.hu_window), title)
     except BaseException as e:
         for tmp, _ in pending:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         reason = disk_full(e)
         if reason is not None:  # the user's to fix, not a bug: one line, the old outputs are intact
             raise DiskFull(f"{pending[-1][1] if pending else output}: cannot write ({reason}); "
@@ -282,7 +284,10 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
         raise
     with deferred_termination():  # a case's outputs are replaced together: a signal waits for the last rename
         for tmp, final in pending:
-            os.replace(tmp, final)
+            if tmp is None:  # an earlier run's output this run does not write (an RTSTRUCT with no node)
+                final.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, final)
 
 
 def _check_output(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
@@ -513,8 +518,9 @@ def check_not_there(paths, force: bool) -> None:
         if not force:
             raise PredictError(f"{path}: exists already (pass --force to replace it, or choose another output)")
         if not made_by_predict(path):
-            raise PredictError(f"{path}: exists and is not an output of lnfm predict; --force replaces only "
-                               f"predict's own files (choose another output)")
+            raise PredictError(f"{path}: exists and is not an unchanged output of lnfm predict (no mark of "
+                               f"predict's, or changed since predict wrote it); --force replaces only predict's "
+                               f"own files (choose another output)")
 
 
 def check_writable(paths) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,7 +118,12 @@ def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: ExportMeta
     if "rtstruct" in paths:
         ds = build_rtstruct(series, labels, affine, site, provenance, all_nodes=formats.rtstruct_all_nodes)
         if ds is None:
-            log.warning("no node found: no RTSTRUCT written (a structure set needs at least one ROI)")
+            stale = os.path.lexists(paths["rtstruct"])  # predict's own (--force checked it): it would be stale
+            log.warning("no node found: no RTSTRUCT written (a structure set needs at least one ROI)%s",
+                        "; the earlier run's RTSTRUCT at this output is removed with the other outputs' renames"
+                        if stale else "")
+            if stale:
+                pending.append((None, paths["rtstruct"]))  # None: delete the final path when the outputs commit
         else:
             pending.append((temp(paths["rtstruct"]), paths["rtstruct"]))
             write_rtstruct(pending[-1][0], ds)

@@ -3,16 +3,37 @@
 Every file predict writes carries a mark no input of a user carries: the NIfTI header's description
 (mask and probabilities), the report's first comment line, the overlay PNG's Software text chunk,
 and the DICOM outputs' Manufacturer. None holds a path or a patient identifier.
+
+The NIfTI and CSV marks also hold a digest of the file's content as written. A user who corrects a
+predicted mask in nibabel (passing its header along) or annotates a report keeps the mark's text, so
+the text alone would let `--force` replace their work; with the digest, a changed file is no longer
+predict's.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from lnfm.eval.report import HEADER_COMMENT, OVERLAY_SOFTWARE
+import numpy as np
+
+from lnfm.eval.report import OVERLAY_SOFTWARE, report_is_unchanged
 from lnfm.io.dicom_source import MANUFACTURER
 
-NIFTI_DESCRIP = "lnfm predict"  # the NIfTI header's 80-byte description
+NIFTI_MARK = "lnfm predict"  # the start of the NIfTI header's 80-byte description
+
+
+def array_digest(data: np.ndarray) -> str:
+    """16 hex digits of SHA-256 over an array's dtype, shape and C-order bytes."""
+    data = np.ascontiguousarray(data)
+    h = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
+    h.update(data.tobytes())
+    return h.hexdigest()[:16]
+
+
+def nifti_descrip(data: np.ndarray) -> str:
+    """The description predict writes into a NIfTI header: its mark and the voxels' digest."""
+    return f"{NIFTI_MARK} sha256:{array_digest(np.asarray(data))}"
 
 
 def made_by_predict(path: str | Path) -> bool:
@@ -26,11 +47,13 @@ def made_by_predict(path: str | Path) -> bool:
         if name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
-            descrip = bytes(nib.load(str(path)).header["descrip"]).rstrip(b"\0")
-            return descrip == NIFTI_DESCRIP.encode()
+            img = nib.load(str(path))
+            descrip = bytes(img.header["descrip"]).rstrip(b"\0").decode("ascii", "replace")
+            if not descrip.startswith(f"{NIFTI_MARK} sha256:"):
+                return False
+            return descrip == nifti_descrip(np.asarray(img.dataobj.get_unscaled()))  # the voxels as stored
         if name.endswith(".csv"):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                return f.readline().rstrip("\n") == HEADER_COMMENT
+            return report_is_unchanged(path.read_text(encoding="utf-8", errors="replace"))
         if name.endswith(".png"):
             from PIL import Image
 

@@ -324,7 +324,8 @@ def test_an_existing_file_is_replaced_only_with_force(tiny, tmp_path, capsys):  
         capsys.readouterr()
         assert run_job("predict", ["--model", str(tiny.orbax), *args, "--force"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        says = "exists and is not an output of lnfm predict; --force replaces only predict's own files"
+        says = ("exists and is not an unchanged output of lnfm predict (no mark of predict's, or changed since "
+                "predict wrote it); --force replaces only predict's own files")
         assert err == [f"lnfm predict: error: {clash}: {says} (choose another output)"]
         assert tree_digest(tmp_path) == before
     ours = [*single[:2], "--output", str(tmp_path / "ours.nii.gz"), "--report", str(tmp_path / "ours.csv")]

@@ -108,6 +108,14 @@ def test_real_series_end_to_end(marking, tmp_path, capsys, caplog):
     assert pr.run(pr.build_parser().parse_args([*argv, "--force"])) == 0
     assert all(p.stat().st_ino != inodes[p.name] for p in sorted(out.iterdir()))
 
+    # a rerun that finds no node writes no RTSTRUCT: the earlier run's goes, so no stale structure set stays
+    # beside the new, empty mask (a structure set needs at least one ROI)
+    caplog.clear()
+    assert pr.run(pr.build_parser().parse_args([*argv, "--force", "--min-volume-mm3", "1e9"])) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["case.csv", "case.nii.gz", "case.png", "case.seg.dcm"]
+    assert not np.asarray(nib.load(out / "case.nii.gz").dataobj).any() and read_report(out / "case.csv") == []
+    assert "earlier run's RTSTRUCT at this output is removed" in caplog.text
+
 
 def test_dicom_format_needs_a_dicom_source(tiny, tmp_path, capsys):  # noqa: F811
     scan = tmp_path / "scan.nii.gz"

@@ -8,14 +8,14 @@ import pydicom
 
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.io import write_nifti
-from lnfm.jobs.predict_marks import NIFTI_DESCRIP, made_by_predict
+from lnfm.jobs.predict_marks import made_by_predict, nifti_descrip
 
 
 def test_predicts_own_files_carry_its_mark(tmp_path):
     labels = np.zeros((12, 10, 8), np.uint8)
     labels[3:7, 3:6, 2:5] = 1
     affine = np.diag([0.8, 0.8, 2.0, 1.0])
-    write_nifti(tmp_path / "mask.nii.gz", labels, affine, NIFTI_DESCRIP)
+    write_nifti(tmp_path / "mask.nii.gz", labels, affine, nifti_descrip(labels))
     (tmp_path / "nodes.csv").write_text(report_csv(node_table(labels, affine, labels * 40.0, labels * 0.9,
                                                               ["background", "lymph_node"])))
     write_overlay(tmp_path / "view.png", labels * 40.0, labels, affine)
@@ -46,3 +46,33 @@ def test_a_users_files_are_not_predicts(tmp_path, shared_data):
     for path in (ct, mask, dicom, tmp_path / "plain.nii.gz", tmp_path / "notes.csv", tmp_path / "plot.png",
                  tmp_path / "broken.nii.gz", tmp_path / "mask.seg.dcm", tmp_path / "missing.nii.gz", tmp_path):
         assert not made_by_predict(path), path
+
+
+def test_a_changed_output_is_no_longer_predicts(tmp_path):
+    """A mask corrected in nibabel with predict's header passed along keeps the description's text, and an
+    annotated report keeps its first line: the digests tell them from predict's own unchanged files."""
+    import nibabel as nib
+
+    labels = np.zeros((12, 10, 8), np.uint8)
+    labels[3:7, 3:6, 2:5] = 1
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    write_nifti(tmp_path / "mask.nii.gz", labels, affine, nifti_descrip(labels))
+    img = nib.load(tmp_path / "mask.nii.gz")
+    assert bytes(img.header["descrip"]).startswith(b"lnfm predict sha256:")
+    same = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(same, img.affine, img.header), tmp_path / "resaved.nii.gz")  # the same voxels
+    reviewed = same.copy()
+    reviewed[3, 3, 2] = 0  # one voxel corrected
+    nib.save(nib.Nifti1Image(reviewed, img.affine, img.header), tmp_path / "reviewed.nii.gz")
+    assert bytes(nib.load(tmp_path / "reviewed.nii.gz").header["descrip"]) == bytes(img.header["descrip"])
+    assert made_by_predict(tmp_path / "resaved.nii.gz")
+    assert not made_by_predict(tmp_path / "reviewed.nii.gz")
+    write_nifti(tmp_path / "old.nii.gz", labels, affine, "lnfm predict")  # the mark's text without a digest
+    assert not made_by_predict(tmp_path / "old.nii.gz")
+
+    text = report_csv(node_table(labels, affine, labels * 40.0, labels * 0.9, ["background", "lymph_node"]))
+    (tmp_path / "nodes.csv").write_text(text)
+    assert made_by_predict(tmp_path / "nodes.csv")
+    first, table = text.split("\n", 1)
+    (tmp_path / "annotated.csv").write_text(f"{first}\n{table.rstrip()},reviewed: benign\n")
+    assert not made_by_predict(tmp_path / "annotated.csv")
