@@ -322,6 +322,8 @@ def check_outputs(output, probabilities=None, overlay=None, formats: tuple[str, 
         _check_output(Path(probabilities), "--probabilities", (".nii", ".nii.gz"))
     if overlay is not None:
         _check_output(Path(overlay), "--overlay", (".png",))
+    if report is not None:
+        _check_output(Path(report), "--report", (".csv",))
     for what, path in [*((f"--output ({fmt})" if fmt != "nifti" else "--output", p)
                          for fmt, p in output_paths(output, formats).items()),
                        ("--probabilities", probabilities), ("--report", report), ("--overlay", overlay)]:
@@ -381,6 +383,13 @@ def check_batch_paths(folder, out, probabilities=None, report=None, overlay=None
     apart from each other (both receive CASE.nii.gz)."""
     outputs = {"--output": out, "--probabilities": probabilities, "--report": report, "--overlay": overlay}
     check_apart(outputs, {"--input": folder, "--model": model}, distinct=False)
+    file_suffixes = {"--output": (".nii", ".nii.gz"), "--probabilities": (".nii", ".nii.gz"), "--report": (".csv",),
+                     "--overlay": (".png",)}
+    for what, path in outputs.items():
+        if path is not None and Path(path).name.lower().endswith(file_suffixes[what]):
+            # a folder named mask.nii.gz holding CASE.nii.gz files is not what was meant
+            raise PredictError(f"{path}: {what} names a file, but --input {folder} is a folder of scans (batch "
+                               f"mode, one output per case): name a folder")
     for what, path in outputs.items():
         if path is not None:
             _check_folder(Path(path), what)
@@ -394,15 +403,27 @@ def _strip_suffix(name: str) -> str:
     return name
 
 
-def find_cases(folder: Path, n_channels: int) -> dict[str, list[str]]:
+def find_cases(folder: Path, n_channels: int, unusable: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Case name -> channel files of a batch folder: image files and DICOM series subfolders;
-    with several channels, CASE_0000, CASE_0001, ... files form one case."""
+    with several channels, CASE_0000, CASE_0001, ... files form one case. Entries that look like a case
+    but cannot be one (a broken link, a subfolder with no file directly inside) go into `unusable`
+    (name -> reason), so that the batch reports them instead of passing over them; other files
+    (notes, spreadsheets) are not scans and are left alone."""
     cases: dict[str, list[str]] = {}
     channels: dict[str, list[str]] = {}  # case -> its channel numbers, when made of CASE_0000, ... files
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_dir() and is_dicom_path(entry) and any(p.is_file() for p in entry.iterdir()):
+        if entry.is_symlink() and not entry.exists():
+            if unusable is not None:
+                unusable[entry.name] = f"{entry}: a broken link (its target does not exist)"
+            continue
+        if entry.is_dir() and not any(p.is_file() for p in entry.iterdir()):
+            if unusable is not None:
+                unusable[entry.name] = (f"{entry}: no file directly inside (a DICOM series in a subfolder? pass the "
+                                        f"series folder itself, or a folder whose subfolders are series)")
+            continue
+        if entry.is_dir():
             case, channel = entry.name, None
         elif entry.is_file() and entry.name.lower().endswith(_IMAGE_SUFFIXES):
             stem = _strip_suffix(entry.name)
@@ -422,18 +443,32 @@ def find_cases(folder: Path, n_channels: int) -> dict[str, list[str]]:
 
 
 def is_batch_input(path: Path) -> bool:
-    """A folder that is not itself a DICOM series."""
+    """A folder that is not itself a DICOM series. A folder holding loose DICOM files beside scans or
+    series subfolders is neither, and is refused; a CD's DICOMDIR (an index, not a slice) does not
+    count as a loose file."""
     if not path.is_dir():
         return False
-    return not any(p.is_file() and is_dicom_path(p) for p in path.iterdir())
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    loose = [p for p in entries if p.is_file() and p.name.upper() != "DICOMDIR" and is_dicom_path(p)]
+    if not loose:
+        return True
+    scans = [p for p in entries if p.is_dir() or p.name.lower().endswith(_IMAGE_SUFFIXES)]
+    if scans:
+        raise PredictError(f"{path}: holds DICOM files ({loose[0].name}{', ...' if len(loose) > 1 else ''}) beside "
+                           f"scans or folders ({scans[0].name}{', ...' if len(scans) > 1 else ''}): pass one series "
+                           f"folder, or a folder of scans with the loose DICOM files moved out")
+    return False
 
 
-def batch_cases(folder: str | Path, n_channels: int) -> dict[str, list[str]]:
+def batch_cases(folder: str | Path, n_channels: int, unusable: dict[str, str] | None = None
+                ) -> dict[str, list[str]]:
     """`find_cases` of a batch folder, refused in one line when it holds no scan."""
     folder = Path(folder)
-    cases = find_cases(folder, n_channels)
+    unusable = {} if unusable is None else unusable
+    cases = find_cases(folder, n_channels, unusable)
     if not cases:
-        raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found")
+        why = f" ({next(iter(unusable.values()))})" if unusable else ""
+        raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found{why}")
     return cases
 
 
@@ -443,8 +478,10 @@ def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, ou
                    show_progress: bool = True, formats: OutputFormats | None = None) -> dict[str, str]:
     """Segment every case of `folder`; returns {case: error} for the cases that failed."""
     check_batch_paths(folder, out, probabilities, report, overlay)
-    return _predict_cases(predictor, meta, batch_cases(folder, len(meta.channels)), out, probabilities, report,
-                          overlay, options, show_progress, formats)
+    unusable: dict[str, str] = {}
+    cases = batch_cases(folder, len(meta.channels), unusable)
+    return {**unusable, **_predict_cases(predictor, meta, cases, out, probabilities, report, overlay, options,
+                                         show_progress, formats)}
 
 
 def _predict_cases(predictor: Callable, meta: ExportMeta, cases: dict[str, list[str]], out: str | Path,
@@ -491,7 +528,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
                          "need a DICOM series input")
     ap.add_argument("--seg-per-node", action="store_true", help="DICOM-SEG: one segment per node, not per class")
     ap.add_argument("--rtstruct-all-nodes", action="store_true", help="RTSTRUCT: add one ROI holding all nodes")
-    ap.add_argument("--seg-compression", choices=("jpeg2000", "none"), default="jpeg2000",
+    ap.add_argument("--seg-compression", choices=("jpeg2000", "none"), default=None,
                     help="DICOM-SEG transfer syntax: JPEG 2000 Lossless or uncompressed (default jpeg2000)")
     ap.add_argument("--probabilities", default=None, help="foreground probability .nii.gz (folder in batch mode)")
     ap.add_argument("--report", default=None, help="node report .csv (folder in batch mode)")
@@ -557,15 +594,34 @@ def _batch_files(cases, out, probabilities, report, overlay, formats: tuple[str,
     return files
 
 
+def check_option_use(args: argparse.Namespace, formats: OutputFormats, inputs: list[str]) -> None:
+    """An option that would change nothing for this input or these formats is refused, not ignored."""
+    needs = {"--seg-per-node": (args.seg_per_node, "dicom-seg"),
+             "--seg-compression": (args.seg_compression is not None, "dicom-seg"),
+             "--rtstruct-all-nodes": (args.rtstruct_all_nodes, "rtstruct")}
+    for option, (given, fmt) in needs.items():
+        if given and fmt not in formats.formats:
+            raise PredictError(f"{option}: applies to --format {fmt}, which is not requested")
+    if args.series and not any(Path(p).is_dir() for p in inputs):
+        raise PredictError(f"{inputs[0]}: --series picks a series of a DICOM folder; this input is a file")
+
+
 def run(args: argparse.Namespace) -> int:
     options = PredictOptions(args.overlap, args.tta, args.batch_size, args.min_volume_mm3)
     check_options(options)
     meta = read_meta(args.model)
     formats = OutputFormats(parse_formats(args.format), args.seg_per_node, args.rtstruct_all_nodes,
-                            args.seg_compression)
+                            args.seg_compression or "jpeg2000")
     if formats.dicom:  # the DICOM outputs name the export by its checksum
         formats.export_sha256 = export_digest(args.model)
-    inputs = [p for p in str(args.input).split(",") if p]
+    # A comma separates channels, unless the whole string names something (a folder such as "Smith, John")
+    inputs = [str(args.input)] if os.path.lexists(args.input) else [p for p in str(args.input).split(",") if p]
+    if len(inputs) > 1:
+        missing = next((p for p in inputs if not os.path.lexists(p)), None)
+        if missing is not None:
+            raise PredictError(f"{missing}: not found (--input {args.input} was read as {len(inputs)} "
+                               f"comma-separated channels)")
+    check_option_use(args, formats, inputs)
     for path in inputs:
         if ExportFolder.detect(Path(path)) is not None:
             raise PredictError(f"{path}: is an lnfm export, not a scan (pass it as --model)")
@@ -574,7 +630,8 @@ def run(args: argparse.Namespace) -> int:
     if batch:
         check_batch_paths(inputs[0], args.output, args.probabilities, args.report, args.overlay, args.model)
         # Listed once, before the model loads: two files of one case name are refused fast.
-        cases = batch_cases(inputs[0], len(meta.channels))
+        unusable: dict[str, str] = {}  # entries that look like cases and cannot be: reported as failed
+        cases = batch_cases(inputs[0], len(meta.channels), unusable)
         files = _batch_files(cases, args.output, args.probabilities, args.report, args.overlay, formats.formats)
         check_not_there(files, args.force)
         check_writable(files)
@@ -597,8 +654,8 @@ def run(args: argparse.Namespace) -> int:
     predictor, meta = load_predictor(args.model, args.backend)
     if batch:
         # the paths were checked above, with --model, before the model loaded
-        failed = _predict_cases(predictor, meta, cases, args.output, args.probabilities, args.report,
-                                args.overlay, options, True, formats)
+        failed = {**unusable, **_predict_cases(predictor, meta, cases, args.output, args.probabilities, args.report,
+                                               args.overlay, options, True, formats)}
         for case, err in failed.items():
             print(f"FAILED {case}: {err}", file=sys.stderr)
         return 1 if failed else 0

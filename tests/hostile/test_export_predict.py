@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from harness import Case, run_case
-from inputs import (AFFINE, MIRRORED_X, NONUNIFORM_DICOM, body, dicom_copy, dicom_edited, dicom_with_garbage, nhdr,
-                    nii, nii_forms, outside_secret, real_ct, two_series)
+from inputs import (AFFINE, MIRRORED_X, NONUNIFORM_DICOM, REAL_DICOM, body, dicom_copy, dicom_edited,
+                    dicom_with_garbage, nhdr, nii, nii_forms, outside_secret, real_ct, two_series)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -286,10 +286,54 @@ def _series_unknown(w, inp, out):
     return pred_argv(w.orbax, folder, out, "--series", "1.2.3"), str(folder)
 
 
+def batch_argv(model, folder, out: Path, *extra) -> list:
+    """A batch's argv: an output folder for each kind of output."""
+    return ["--model", model, "--input", folder, "--output", out / "masks", "--report", out / "reports",
+            "--overlay", out / "previews", *extra]
+
+
 def _series_batch(w, inp, out):
     (inp / "batch").mkdir()
     shutil.copy(w.scan, inp / "batch" / "a.nii.gz")
-    return pred_argv(w.orbax, inp / "batch", out, "--series", "1.2.3"), str(inp / "batch")
+    return batch_argv(w.orbax, inp / "batch", out, "--series", "1.2.3"), str(inp / "batch")
+
+
+def _batch_file_outputs(w, inp, out):
+    """A batch with the one-scan output names: each would become a folder of CASE files."""
+    (inp / "batch").mkdir()
+    shutil.copy(w.scan, inp / "batch" / "a.nii.gz")
+    return pred_argv(w.orbax, inp / "batch", out), str(out / "mask.nii.gz")
+
+
+def _batch_unusable_entries(w, inp, out):
+    """A broken link and a patient folder with its series one level down, beside a good scan."""
+    folder = inp / "batch"
+    (folder / "patient" / "CT").mkdir(parents=True)
+    shutil.copy(w.scan, folder / "good.nii.gz")
+    shutil.copy(w.scan, folder / "patient" / "CT" / "ct.nii.gz")
+    (folder / "moved.nii.gz").symlink_to(inp / "gone.nii.gz")
+    return ["--model", w.orbax, "--input", folder, "--output", out / "masks"], "patient"
+
+
+def _batch_loose_dicom(w, inp, out):
+    folder = inp / "batch"
+    folder.mkdir()
+    shutil.copy(w.scan, folder / "a.nii.gz")
+    shutil.copy(next(p for p in sorted(REAL_DICOM.iterdir()) if p.name != "LICENSE"), folder / "stray.dcm")
+    return batch_argv(w.orbax, folder, out), str(folder)
+
+
+def _one_scan(*extra, names=None):
+    def make(w, inp, out):
+        return pred_argv(w.orbax, w.scan, out, *extra), names
+    return make
+
+
+def _comma_in_path(w, inp, out):
+    folder = inp / "Smith, John"
+    folder.mkdir()
+    shutil.copy(w.scan, folder / "ct.nii.gz")
+    return pred_argv(w.orbax, folder / "ct.nii.gz", out), None
 
 
 def _bad_suffix(flag, name):
@@ -304,7 +348,7 @@ def _bad_suffix(flag, name):
 def _empty_batch(w, inp, out):
     (inp / "empty").mkdir()
     (inp / "empty" / "readme.txt").write_text("no scans here")
-    return pred_argv(w.orbax, inp / "empty", out / "masks"), str(inp / "empty")
+    return batch_argv(w.orbax, inp / "empty", out), str(inp / "empty")
 
 
 def _batch_one_bad(w, inp, out):
@@ -396,6 +440,19 @@ OPTIONS = [
     Case("predict-batch-folder-without-scans", "predict", _empty_batch, 2, ("no NIfTI, NRRD or DICOM series",)),
     Case("predict-batch-one-bad-case", "predict", _batch_one_bad, 1, ("all air",), check=_only_good_mask,
          partial=True),
+    Case("predict-batch-with-one-scan-output-names", "predict", _batch_file_outputs, 2,
+         ("--output names a file", "folder of scans"),),  # each became a folder of CASE files, exit 0
+    Case("predict-batch-broken-link-and-nested-series", "predict", _batch_unusable_entries, 1,
+         ("no file directly inside",), check=_only_good_mask, partial=True),  # both passed over, exit 0
+    Case("predict-batch-loose-dicom-beside-scans", "predict", _batch_loose_dicom, 2,
+         ("holds DICOM files (stray.dcm) beside scans",)),  # read as one series: a misleading refusal
+    Case("predict-report-not-csv", "predict", lambda w, inp, out: (
+        ["--model", w.orbax, "--input", w.scan, "--output", out / "mask.nii.gz", "--report", out / "r.nii.gz"],
+        str(out / "r.nii.gz")), 2, ("--report must end with .csv",)),  # CSV text under a .nii.gz name, exit 0
+    Case("predict-seg-per-node-without-dicom-seg", "predict", _one_scan("--seg-per-node", names="--seg-per-node"),
+         2, ("applies to --format dicom-seg",)),  # ignored, exit 0
+    Case("predict-series-for-a-nifti-file", "predict", _one_scan("--series", "1.2.3"), 2,
+         ("--series picks a series of a DICOM folder",)),  # ignored, exit 0
     Case("predict-batch-nii-and-nii-gz-of-one-name", "predict", _batch_same_case("a.nii"), 2,
          ("same case 'a'",)),
     Case("predict-batch-nrrd-and-nii-gz-of-one-name", "predict", _batch_same_case("a.nrrd"), 2,
@@ -546,6 +603,8 @@ HANDLED = [
          check=_same_grid_as(lambda w, inp: inp / "real_ct.nii.gz")),
     Case("predict-two-series-with-series-flag", "predict", _two_series_flag, 0, check=_mask_shape((512, 512, 2))),
     Case("predict-output-suffix-in-capitals", "predict", _upper_suffix, 0, check=_reads_back),
+    Case("predict-input-path-with-a-comma", "predict", _comma_in_path, 0,  # read as two channels: refused
+         check=_same_grid_as(lambda w, inp: inp / "Smith, John" / "ct.nii.gz")),
     Case("predict-dicom-gantry-tilt", "predict", _tilted_case, 0, check=_on_the_tilted_grid),
     Case("predict-stablehlo-export", "predict", lambda w, inp, out: (pred_argv(w.stablehlo, w.scan, out), None), 0,
          check=_same_grid_as(lambda w, inp: w.scan)),

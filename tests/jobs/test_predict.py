@@ -240,6 +240,108 @@ def test_batch_folder_segments_each_case_and_reports_failures(tiny, predictor, t
         pr.find_cases(folder, 2)
 
 
+def test_a_batch_reports_what_it_cannot_read_instead_of_passing_over_it(tiny, tmp_path, capsys):  # noqa: F811
+    """A broken link and a patient folder holding its series one level down look like cases: each fails on
+    its own line (exit 1) beside the case that ran; a note beside them is not a scan and is left alone."""
+    import shutil
+
+    folder = tmp_path / "in"
+    (folder / "B" / "CT_series").mkdir(parents=True)
+    rec = tiny.records[0]
+    shutil.copy(tiny.raw / "imagesTr" / f"{rec['case_id']}_0000.nii.gz", folder / "a.nii.gz")
+    shutil.copy(tiny.raw / "imagesTr" / f"{rec['case_id']}_0000.nii.gz", folder / "B" / "CT_series" / "x.nii.gz")
+    (folder / "b.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    (folder / "notes.txt").write_text("reviewed by ...")
+    unusable = {}
+    assert list(pr.find_cases(folder, 1, unusable)) == ["a"]
+    assert sorted(unusable) == ["B", "b.nii.gz"]
+    capsys.readouterr()
+    assert run_job("predict", ["--model", str(tiny.orbax), "--input", str(folder), "--output",
+                               str(tmp_path / "out")]) == 1
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED")]
+    assert failed == [f"FAILED B: {folder / 'B'}: no file directly inside (a DICOM series in a subfolder? pass the "
+                      f"series folder itself, or a folder whose subfolders are series)",
+                      f"FAILED b.nii.gz: {folder / 'b.nii.gz'}: a broken link (its target does not exist)"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz"]
+    # a folder of nothing but such entries has no case: one line, naming the first reason
+    (folder / "a.nii.gz").unlink()
+    with pytest.raises(pr.PredictError, match=r"in: no NIfTI, NRRD or DICOM series found \(.*no file directly"):
+        pr.batch_cases(folder, 1)
+
+
+def test_loose_dicom_files_beside_scans_are_refused_and_a_dicomdir_is_an_index(shared_data, tmp_path):
+    import shutil
+
+    series = shared_data / "ct" / "totalsegmentator" / "example_ct_dicom"
+    cd = tmp_path / "cd"
+    shutil.copytree(series, cd / "S1")
+    shutil.copy(next(series.iterdir()), cd / "DICOMDIR")  # any DICOM file stands for the CD's index here
+    assert pr.is_batch_input(cd) and list(pr.find_cases(cd, 1)) == ["S1"]
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    shutil.copy(shared_data / "ct" / "totalsegmentator" / "example_ct_sm.nii.gz", stray / "a.nii.gz")
+    shutil.copy(next(series.iterdir()), stray / "stray.dcm")
+    with pytest.raises(pr.PredictError, match=r"stray: holds DICOM files \(stray.dcm\) beside scans or folders "
+                                              r"\(a.nii.gz\): pass one series folder"):
+        pr.is_batch_input(stray)
+    assert not pr.is_batch_input(series)  # a series folder is one scan
+
+
+def test_options_that_would_change_nothing_are_refused(tiny, tmp_path, capsys):  # noqa: F811
+    """Each is one line before the model loads and writes nothing: a file name for a batch's output
+    folders, a report that is not .csv, DICOM options without their format, --series for a file."""
+    import shutil
+
+    scan = tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(scan, folder / "a.nii.gz")
+    out = tmp_path / "out"
+    cases = [
+        (["--input", str(folder), "--output", str(out / "m.nii.gz")],
+         f"{out / 'm.nii.gz'}: --output names a file, but --input {folder} is a folder of scans (batch mode, one "
+         f"output per case): name a folder"),
+        (["--input", str(folder), "--output", str(out / "masks"), "--report", str(out / "r.csv")],
+         f"{out / 'r.csv'}: --report names a file, but --input {folder} is a folder of scans (batch mode, one "
+         f"output per case): name a folder"),
+        (["--input", str(scan), "--output", str(out / "m.nii.gz"), "--report", str(out / "r.nii.gz")],
+         f"{out / 'r.nii.gz'}: --report must end with .csv"),
+        (["--input", str(scan), "--output", str(out / "m.nii.gz"), "--report", str(out / "rep") + "/"],
+         f"{out / 'rep'}: --report must end with .csv"),
+        (["--input", str(scan), "--output", str(out / "m.nii.gz"), "--seg-per-node"],
+         "--seg-per-node: applies to --format dicom-seg, which is not requested"),
+        (["--input", str(scan), "--output", str(out / "m.nii.gz"), "--seg-compression", "none"],
+         "--seg-compression: applies to --format dicom-seg, which is not requested"),
+        (["--input", str(scan), "--output", str(out / "m.nii.gz"), "--format", "nifti", "--rtstruct-all-nodes"],
+         "--rtstruct-all-nodes: applies to --format rtstruct, which is not requested"),
+        (["--input", str(scan), "--output", str(out / "m.nii.gz"), "--series", "1.2.3"],
+         f"{scan}: --series picks a series of a DICOM folder; this input is a file"),
+    ]
+    for argv, says in cases:
+        capsys.readouterr()
+        assert run_job("predict", ["--model", str(tiny.orbax), *argv]) == 2, argv
+        assert capsys.readouterr().err.strip().splitlines() == [f"lnfm predict: error: {says}"], argv
+        assert not out.exists(), argv
+
+
+def test_a_path_with_a_comma_is_one_input_when_it_exists(tiny, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    folder = tmp_path / "Smith, John"
+    folder.mkdir()
+    shutil.copy(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz", folder / "ct.nii.gz")
+    assert run_job("predict", ["--model", str(tiny.orbax), "--input", str(folder / "ct.nii.gz"), "--output",
+                               str(tmp_path / "m.nii.gz")]) == 0
+    assert nib.load(tmp_path / "m.nii.gz").shape == tuple(tiny.records[0]["source_shape"])
+    capsys.readouterr()
+    missing = str(tmp_path / "Doe, Jane" / "ct.nii.gz")
+    assert run_job("predict", ["--model", str(tiny.orbax), "--input", missing, "--output",
+                               str(tmp_path / "n.nii.gz")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"lnfm predict: error: {tmp_path / 'Doe'}: not found (--input {missing} was read as 2 comma-separated "
+        f"channels)"]
+
+
 def test_a_stablehlo_export_predicts_like_the_orbax_one(tiny, predictor, tmp_path):  # noqa: F811
     from lnfm.jobs.export import export_model
 
