@@ -10,7 +10,9 @@
 A finetuning run with one repeat keeps that repeat's files in its own root; with
 R > 1 repeats, repeat r lives in repeat_<r>/. Every type has `detect(path)`,
 which also accepts the sub-folders a user is likely to name (checkpoints/,
-best/, repeat_<r>/) and returns None for anything else. preprocessing.json holds
+best/, repeat_<r>/) and returns None for anything else; a finetuning run found
+through repeat_<r>/ keeps r (`FinetuneRun.named`), so the model it stands for is
+that repeat's, not repeat 0's. preprocessing.json holds
 the contract a run trained with (`lnfm.data.contract`); this module only places it.
 summary.json is written once a run has finished (`write_json`, atomic). best.json
 ({'step', 'val_dice'}) lives inside the best model's committed step folder: the model and
@@ -41,7 +43,7 @@ PSEUDO_LABELS = "pseudo_labels"
 SELECTED = "selected.json"  # self-training: {"model": "teacher" | "student", ...}, the one validation preferred
 MODEL_JSON = "model.json"
 CHECKSUMS = "checksums.sha256"
-_REPEAT = re.compile(r"^repeat_(\d+)$")
+_REPEAT = re.compile(r"^repeat_(0|[1-9]\d*)$")  # as the job names them: repeat_01 is not repeat 1
 
 
 def read_json(path: Path) -> dict | None:
@@ -155,6 +157,7 @@ class RepeatRun:
 @dataclasses.dataclass(frozen=True)
 class FinetuneRun:
     root: Path
+    named: int | None = None  # the r of the repeat_<r>/ that `detect` was given (or a folder in it)
     config = _entry(CONFIG)
     preprocessing = _entry(PREPROCESSING)
     summary = _entry(SUMMARY)
@@ -163,9 +166,17 @@ class FinetuneRun:
         """Repeat r of a run with `repeats` repeats (a single repeat lives in the root)."""
         return RepeatRun(self.root if repeats == 1 else self.root / f"repeat_{r}")
 
+    def repeat_dirs(self) -> list[Path]:
+        """The repeat_<r>/ folders of a run with several repeats, by r (none for a single repeat)."""
+        found = [p for p in self.root.glob("repeat_*") if _REPEAT.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: int(_REPEAT.match(p.name).group(1)))
+
     def first(self) -> RepeatRun:
-        """The run whose best model an export or `load_finetuned` takes: repeat 0's model
-        (`RepeatRun.model`: its self-training teacher when that was kept)."""
+        """The run whose best model an export or `load_finetuned` takes: the repeat `detect` was named
+        by, else the single repeat or repeat 0 (`RepeatRun.model`: its self-training teacher when
+        that was kept)."""
+        if self.named is not None:
+            return RepeatRun(self.root / f"repeat_{self.named}").model()
         single = RepeatRun(self.root)
         return (single if single.best.is_dir() else RepeatRun(self.root / "repeat_0")).model()
 
@@ -178,14 +189,16 @@ class FinetuneRun:
     @classmethod
     def detect(cls, path: str | Path) -> FinetuneRun | None:
         """A finetuning workdir (config.yaml + best/ in it or in repeat_0/), named itself or by one of
-        its best/, checkpoints/ or repeat_<r>/ folders."""
+        its best/, checkpoints/ or repeat_<r>/ folders (or repeat_<r>/best/ ...: `named` = r)."""
         path = Path(path)
+        named = None
         if path.name in (BEST, CHECKPOINTS) and (path.parent / CONFIG).is_file():
             path = path.parent
-        if _REPEAT.match(path.name) and (path.parent / CONFIG).is_file():
-            path = path.parent
+        repeat = _REPEAT.match(path.name)
+        if repeat and (path.parent / CONFIG).is_file():
+            path, named = path.parent, int(repeat.group(1))
         if (path / CONFIG).is_file() and ((path / BEST).is_dir() or (path / "repeat_0" / BEST).is_dir()):
-            return cls(path)
+            return cls(path, named)
         return None
 
 

@@ -35,15 +35,34 @@ def test_finetune_run_with_one_or_several_repeats(tmp_path):
         assert PretrainRun.detect(path) is None  # a finetuning run also has checkpoints/
     assert run.first().best == one / "best" and run.repeat(0, 1).best_record() is None  # no step committed
     many = _mk(tmp_path / "many", "repeat_0/best", "repeat_1/best", config={"site": {}})
-    for path in (many, many / "repeat_1"):
-        assert FinetuneRun.detect(path) == FinetuneRun(many)
     run = FinetuneRun.detect(many)
+    assert run == FinetuneRun(many) and run.named is None
     assert run.first().root == many / "repeat_0" and run.repeat(1, 2).checkpoints == many / "repeat_1/checkpoints"
     assert run.summary == many / "summary.json"
     assert run.repeat(1, 2).test_mask("c1") == many / "repeat_1/test_masks/c1.nii.gz"
     # A finetuning run killed before its first validation has no best/ yet: neither kind.
     early = _mk(tmp_path / "early", "checkpoints", config={"site": {}})
     assert FinetuneRun.detect(early) is None and PretrainRun.detect(early) is None
+
+
+def test_a_repeat_named_by_its_folder_is_the_one_its_run_stands_for(tmp_path):
+    many = _mk(tmp_path / "many", "repeat_0/best", "repeat_1/best/3", "repeat_1/checkpoints", "repeat_2/best",
+               "repeat_10/best", "repeat_01/best", config={"site": {}})
+    (many / "repeat_1" / "config.yaml").write_text("site: {}\n")  # each repeat keeps its own config, as the job does
+    for path in (many / "repeat_1", many / "repeat_1" / "best", many / "repeat_1" / "checkpoints"):
+        run = FinetuneRun.detect(path)
+        assert run == FinetuneRun(many, named=1), path
+        assert run.first().root == many / "repeat_1" and run.first().best_step() == many / "repeat_1/best/3"
+    assert FinetuneRun.detect(many / "repeat_10").first().root == many / "repeat_10"
+    # repeat_01 is no folder the job writes: not repeat 1 (nor any repeat)
+    assert FinetuneRun.detect(many / "repeat_01") is None
+    assert FinetuneRun(many).repeat_dirs() == [many / f"repeat_{r}" for r in (0, 1, 2, 10)]
+    assert FinetuneRun(_mk(tmp_path / "one", "best", config={"site": {}})).repeat_dirs() == []
+    # A named repeat that kept its self-training teacher stands for the teacher's model.
+    from lnfm.runs import write_json
+
+    write_json(RepeatRun(many / "repeat_2").selected, {"model": "teacher"})
+    assert FinetuneRun.detect(many / "repeat_2").first().root == many / "repeat_2" / "teacher"
 
 
 def test_export_folder_and_json_records(tmp_path):

@@ -1,10 +1,11 @@
 """Portable exports of a finetuned segmenter (or a pretrained encoder) and their loading.
 
     lnfm export --checkpoint DIR --out EXPORT_DIR --format {orbax,safetensors,stablehlo,onnx,monai} [--force]
-    lnfm export --verify EXPORT_DIR
+    lnfm export --verify EXPORT_DIR   (alone: it writes nothing)
 
 DIR is a finetuning workdir (or its best/ or checkpoints/ folder): the export holds
-the best model; or a pretraining workdir (or its checkpoints/): the export holds the
+the best model (with several repeats, repeat 0's; DIR/repeat_<r>, or a folder in it,
+names repeat r); or a pretraining workdir (or its checkpoints/): the export holds the
 encoder only. Every export folder has `model.json` (architecture, preprocessing,
 labels, site, a training-data summary without case ids, lnfm version, git revision)
 and `checksums.sha256` (sha256 of every other file). Formats:
@@ -63,7 +64,7 @@ from lnfm.models.interop import from_monai_vit
 from lnfm.models.export_onnx import ONNX_FILE, write_onnx
 from lnfm.models.lora import apply_lora, merge_lora
 from lnfm.models.segmenter import segmenter_from_config
-from lnfm.runs import CHECKSUMS, MODEL_JSON, FinetuneRun, PretrainRun, read_json
+from lnfm.runs import BEST, CHECKPOINTS, CHECKSUMS, MODEL_JSON, FinetuneRun, PretrainRun, read_json
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointError, restore_params
 from lnfm.workdir import file_sha256, list_files, lock_folder, setup_logging
@@ -187,18 +188,30 @@ def _finetuned_params(run_dir, cfg) -> dict[str, np.ndarray]:
     return fmt.flat_params(model)
 
 
+def _repeat_summary(run: FinetuneRun) -> dict:
+    """summary.json's record of the exported repeat: a run with several repeats keeps each under
+    `repeats` (its top level holds their means), a single repeat's is the file itself."""
+    summary = read_json(run.summary) or {}
+    repeats = summary.get("repeats")
+    r = run.named or 0
+    if not isinstance(repeats, list):
+        return summary
+    return next((rec for rec in repeats if isinstance(rec, dict) and rec.get("repeat") == r), {})
+
+
 def _load_finetuned(run: FinetuneRun, config: dict) -> _Source:
     first = run.first()
     cfg = from_dict(FinetuneConfig, config)
     prep = _preprocessing(run.preprocessing)
     flat = _finetuned_params(first, cfg)
     best = first.best_record() or {}
-    summary = read_json(run.summary) or {}
+    summary = _repeat_summary(run)
     return _Source(
         "segmenter", flat, cfg.model, prep,
         training_data=data_summary(cfg.data, {
             "num_labeled": summary.get("num_labeled", cfg.train.num_labeled),
             "repeats": int(cfg.train.repeats),
+            "repeat": run.named or 0,  # the one exported
             "steps": int(cfg.train.steps),
             "best_step": best.get("step"),
             "best_val_dice": best.get("val_dice"),
@@ -241,15 +254,33 @@ def _load_pretrained(run: PretrainRun, data: dict) -> _Source:
                                   "spacing_mm": dcfg.get("spacing"), "split": dcfg.get("split")})
 
 
+def _step_source(path: Path) -> FinetuneRun:
+    """The repeat a step folder (best/<step>, checkpoints/<step>) lies in, when the step is the model
+    the export reads (its committed best); any other step would silently export another model."""
+    run = FinetuneRun.detect(path.parent)
+    if run is None or path.parent.name != BEST or run.first().best_step() != path:
+        raise ExportError(f"{path}: a checkpoint step, not the model an export takes (a finetuning repeat's best "
+                          f"model, a pretraining run's newest checkpoint); pass {path.parent.parent}")
+    return run
+
+
 def detect_source(checkpoint: str | Path) -> FinetuneRun | PretrainRun:
-    """The run (finetuning or pretraining workdir) that `checkpoint` names or lies in."""
+    """The run (finetuning or pretraining workdir) that `checkpoint` names or lies in. A finetuning
+    run named by repeat_<r>/ (or its best/, checkpoints/, committed best step) exports repeat r."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise ExportError(f"{path}: checkpoint folder not found")
+    if path.name.isdigit() and path.parent.name in (BEST, CHECKPOINTS):
+        return _step_source(path)
     run = FinetuneRun.detect(path) or PretrainRun.detect(path)
     if run is None:
         raise ExportError(f"{path}: neither a finetuning workdir (config.yaml + best/) nor a pretraining workdir "
                           f"(config.yaml + checkpoints/)")
+    if isinstance(run, FinetuneRun) and run.first().best_step() is None:  # e.g. a repeat not yet validated
+        raise ExportError(f"{run.first().best}: no best model saved (the run stopped before its first validation)")
+    if isinstance(run, FinetuneRun) and run.named is None and len(run.repeat_dirs()) > 1:
+        log.info("the workdir holds %d repeats: exporting repeat_0 (pass WORKDIR/repeat_<r> to export repeat r)",
+                 len(run.repeat_dirs()))  # no path: logs name no input folder
     return run
 
 
@@ -510,21 +541,27 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap = ap or argparse.ArgumentParser(prog="lnfm export", description="Export a finetuned or pretrained model.")
     ap.add_argument("--checkpoint", help="finetuning workdir (or its best/ or checkpoints/), or a pretraining workdir")
     ap.add_argument("--out", help="export folder to write")
-    ap.add_argument("--format", default="orbax", choices=FORMATS, help="export format (default: orbax)")
+    ap.add_argument("--format", default=None, choices=FORMATS, help="export format (default: orbax)")
     ap.add_argument("--force", action="store_true", help="replace an existing, intact export (atomically)")
     ap.add_argument("--verify", metavar="DIR", default=None, help="check an export's files against its checksums")
     return ap
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.verify:
+    if args.verify is not None:
+        ignored = [opt for opt, given in (("--checkpoint", args.checkpoint), ("--out", args.out),
+                                          ("--format", args.format), ("--force", args.force)) if given]
+        if ignored:  # silently verifying only would leave the user believing an export was written
+            raise ExportError(f"--verify checks an existing export and writes none: it cannot be combined with "
+                              f"{', '.join(ignored)} (run the export and the check as two commands)")
         n = verify_export(args.verify)
         print(f"{args.verify}: {n} files match {CHECKSUMS}")
         return 0
     if not args.checkpoint or not args.out:
         raise ExportError("export needs --checkpoint DIR and --out EXPORT_DIR (or --verify DIR)")
-    out = export_model(args.checkpoint, args.out, args.format, force=args.force)
-    print(f"wrote {args.format} export to {out}")
+    fmt_name = args.format or "orbax"
+    out = export_model(args.checkpoint, args.out, fmt_name, force=args.force)
+    print(f"wrote {fmt_name} export to {out}")
     return 0
 
 

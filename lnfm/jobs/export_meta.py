@@ -22,7 +22,7 @@ from lnfm.eval.inference import InferenceConfig, window_problem
 from lnfm.eval.postprocess import PostprocessConfig, postprocess_problem
 from lnfm.models.config import ModelConfig
 from lnfm.models.heads.config import HeadConfig
-from lnfm.runs import CHECKSUMS, MODEL_JSON, ExportFolder
+from lnfm.runs import CHECKSUMS, MODEL_JSON, ExportFolder, FinetuneRun, PretrainRun
 from lnfm.workdir import file_sha256, list_files
 
 SCHEMA_VERSION = 2  # 1: untyped model.json of lnfm 0.1.0 (preprocessing from defaults)
@@ -140,11 +140,28 @@ def _contract_problem(meta: ExportMeta) -> str | None:
     return None
 
 
+def not_an_export(path: str | Path) -> ExportError:
+    """Why `path` is no export folder, saying what to pass instead when it is a file or folder inside
+    an export (model.json itself, say) or a training workdir that has not been exported yet."""
+    path = Path(path)
+    inside = next((p for p in path.parents if ExportFolder.detect(p) is not None), None)
+    if inside is not None:
+        return ExportError(f"{path}: not an export folder but a {'file' if path.is_file() else 'path'} inside the "
+                           f"export {inside}; pass {inside}")
+    export_first = f"run `lnfm export --checkpoint {path} --out EXPORT` first and pass EXPORT"
+    if FinetuneRun.detect(path) is not None:
+        return ExportError(f"{path}: a finetuning workdir, not an export; {export_first}")
+    if PretrainRun.detect(path) is not None:  # its export is an encoder: `lnfm predict` needs a finetuned one
+        return ExportError(f"{path}: a pretraining workdir, not an export; {export_first} (an encoder only: "
+                           f"to segment, finetune it and export the finetuning workdir)")
+    return ExportError(f"{path}: not an export (no {MODEL_JSON})")
+
+
 def read_meta(folder: str | Path) -> ExportMeta:
     """model.json of an export folder (no JAX needed)."""
     export = ExportFolder.detect(folder)
     if export is None:
-        raise ExportError(f"{folder}: not an export (no model.json)")
+        raise not_an_export(folder)
     try:
         data = json.loads(export.model_json.read_text())
     except ValueError as e:
@@ -157,7 +174,7 @@ def verify_export(folder: str | Path) -> int:
     folder = Path(folder)
     listing = folder / CHECKSUMS
     if not (folder / MODEL_JSON).is_file():
-        raise ExportError(f"{folder}: not an export (no {MODEL_JSON})")
+        raise not_an_export(folder)
     if not listing.is_file():
         raise ExportError(f"{listing}: checksum list missing")
     expected = {}

@@ -389,7 +389,8 @@ def _full_state(graphdef, params, frozen, rest) -> dict:
 
 
 def load_finetuned(workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.Module, FinetuneConfig]:
-    """The best model of a finetuning workdir (or of DIR/repeat_0 for a multi-repeat run) and its config."""
+    """The best model of a finetuning workdir (repeat 0's for a multi-repeat run, or that of the repeat
+    DIR/repeat_<r> names) and its config."""
     run = FinetuneRun.detect(workdir)
     if run is None:
         raise FileNotFoundError(f"{workdir}: not a finetuning workdir (config.yaml and best/ expected)")

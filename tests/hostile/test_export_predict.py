@@ -97,7 +97,28 @@ EXPORT = [
     export("verify-checksum-list-garbled", lambda w, inp, out: ["--verify", _garble(_copy(w.safetensors,
                                                                                           inp / "e"))], 2,
            ("is not '<sha256>  <path>'",), lambda w, inp, out: str(inp / "e" / "checksums.sha256")),
+    export("verify-with-checkpoint-and-out", lambda w, inp, out: ["--verify", w.safetensors, "--checkpoint",
+                                                                  w.workdir, "--out", out / "exp"], 2,
+           ("--verify checks an existing export and writes none", "cannot be combined with --checkpoint, --out")),
+    export("verify-with-format", lambda w, inp, out: ["--verify", w.safetensors, "--format", "onnx"], 2,
+           ("cannot be combined with --format",)),  # verified only, exit 0, no export written
+    export("verify-the-model-json-file", lambda w, inp, out: ["--verify", w.safetensors / "model.json"], 2,
+           ("not an export folder but a file inside the export",), lambda w, inp, out: str(w.safetensors)),
+    export("verify-a-finetuning-workdir", lambda w, inp, out: ["--verify", w.workdir], 2,
+           ("a finetuning workdir, not an export", "lnfm export --checkpoint"), lambda w, inp, out: str(w.workdir)),
+    export("checkpoint-an-older-best-step", lambda w, inp, out: ["--checkpoint", _older_best(w, inp), "--out",
+                                                                 out / "exp"], 2,
+           ("a checkpoint step, not the model an export takes",), lambda w, inp, out: str(inp / "ft" / "best" / "1")),
+    export("checkpoint-the-committed-best-step", lambda w, inp, out: ["--checkpoint", w.workdir / "best" / "2",
+                                                                      "--out", out / "exp", "--format",
+                                                                      "safetensors"], 0, check=_verified),
 ]
+
+
+def _older_best(w, inp) -> Path:
+    run = _copy(w.workdir, inp / "ft")
+    _copy(run / "best" / "2", run / "best" / "1")  # an older best step beside the committed one
+    return run / "best" / "1"
 
 
 def _file(p: Path) -> Path:
@@ -521,6 +542,10 @@ OPTIONS = [
                ("must name a file inside the export",), "model.json"),
     model_case("model-missing", lambda w, inp: inp / "none", ("not an export",)),
     model_case("model-not-an-export", lambda w, inp: inp, ("not an export",)),
+    model_case("model-json-file-not-its-folder", lambda w, inp: w.orbax / "model.json",
+               ("not an export folder but a file inside the export",)),
+    model_case("model-a-finetuning-workdir", lambda w, inp: w.workdir,
+               ("a finetuning workdir, not an export", "run `lnfm export --checkpoint")),
     model_case("model-json-not-json", _model_json("{oops"), ("not valid JSON",), "model.json"),
     model_case("model-json-without-format", _model_json('{"model": {}}'), ("schema_version None is not 2",),
                "model.json"),

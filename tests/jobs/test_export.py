@@ -394,3 +394,132 @@ def test_the_size_prior_the_run_tuned_travels_in_model_json(tiny, tmp_path):  # 
     FinetuneRun(run).first().postprocess.write_text(json.dumps(tuned))
     out = ex.export_model(run, tmp_path / "export", "orbax")
     assert json.loads((out / "model.json").read_text())["postprocess"] == tuned
+
+
+# ----------------------------------------------------------------------------- repeats
+
+
+def _two_repeats(tiny, root: Path) -> Path:  # noqa: F811
+    """A run with --repeats 2 as the finetuning job lays it out: repeat_0 holds the tiny model, repeat_1
+    the same weights * 1.5 + 0.01, each with its own best.json; summary.json from the job's `combine`."""
+    import shutil
+
+    import jax
+    from flax import nnx
+
+    from lnfm.config import to_dict
+    from lnfm.jobs.finetune import METRICS, combine, save_best
+    from lnfm.train.checkpoint import CheckpointConfig, Checkpointer
+
+    run = root / "ft"
+    run.mkdir()
+    for name in ("config.yaml", "preprocessing.json"):
+        shutil.copy(tiny.workdir / name, run / name)
+    shutil.copytree(tiny.workdir / "best", run / "repeat_0" / "best")
+    shutil.copy(tiny.workdir / "config.yaml", run / "repeat_0" / "config.yaml")
+    tree = jax.tree.map(lambda x: np.asarray(x) * 1.5 + 0.01 if np.issubdtype(np.asarray(x).dtype, np.floating)
+                        else np.asarray(x), nnx.to_pure_dict(nnx.state(tiny.model)))
+    ckpt = Checkpointer(run / "repeat_1" / "best", CheckpointConfig(keep=1, async_save=False))
+    save_best(ckpt, 7, {"model": tree}, to_dict(tiny.cfg), {"step": 7, "val_dice": 0.25})
+    ckpt.close()
+    shutil.copy(tiny.workdir / "config.yaml", run / "repeat_1" / "config.yaml")
+    runs = [{**dict.fromkeys(METRICS), "dice": dice, "cases": [], "repeat": r, "num_labeled": 2, "pseudo_labelled": 0,
+             "trainable_params": 1, "total_params": 1, "head_params": 1, "head_gflops": 0.0, "train_time_s": 1.0,
+             "best_val_dice": val} for r, dice, val in ((0, 0.125, 0.5), (1, 0.375, 0.25))]
+    (run / "summary.json").write_text(json.dumps(combine(tiny.cfg, runs)))
+    return run
+
+
+def test_a_named_repeat_exports_that_repeat(tiny, tmp_path, caplog):  # noqa: F811
+    from safetensors.numpy import load_file
+
+    run = _two_repeats(tiny, tmp_path)
+    r1 = ex.export_model(run / "repeat_1", tmp_path / "r1", "safetensors")
+    got = load_file(r1 / "model.safetensors")
+    ref0 = _params(tiny.model)
+    assert got.keys() == ref0.keys()
+    for k, v in ref0.items():
+        np.testing.assert_array_equal(got[k], v * 1.5 + 0.01, err_msg=k)  # what repeat_1's checkpoint holds
+        assert not np.array_equal(got[k], v), k  # and not repeat 0's weights
+    best = json.loads((run / "repeat_1" / "best" / "7" / "best.json").read_text())  # the record the job committed
+    summary = json.loads((run / "summary.json").read_text())
+    data = json.loads((r1 / "model.json").read_text())["training_data"]
+    assert (data["best_val_dice"], data["best_step"], data["repeat"]) == (best["val_dice"], best["step"], 1)
+    assert data["test_dice"] == summary["repeats"][1]["dice"] != summary["dice"]  # the repeat's, not the mean
+    # Its best/, or the committed best step in it, name the same repeat: byte-identical exports.
+    for i, named in enumerate((run / "repeat_1" / "best", run / "repeat_1" / "best" / "7")):
+        assert _digests(ex.export_model(named, tmp_path / f"same{i}", "safetensors")) == _digests(r1), named
+    # The workdir itself: repeat 0 (docs/export_predict.md), said in the log.
+    with caplog.at_level("INFO", logger="lnfm.export"):
+        root = ex.export_model(run, tmp_path / "root", "safetensors")
+    assert "holds 2 repeats: exporting repeat_0" in caplog.text
+    assert _digests(root) == _digests(ex.export_model(run / "repeat_0", tmp_path / "r0", "safetensors"))
+    for k, v in load_file(root / "model.safetensors").items():
+        np.testing.assert_array_equal(v, ref0[k], err_msg=k)
+    data = json.loads((root / "model.json").read_text())["training_data"]
+    best0 = json.loads(next((run / "repeat_0" / "best").glob("*/best.json")).read_text())
+    assert (data["best_val_dice"], data["test_dice"], data["repeat"]) == (best0["val_dice"], 0.125, 0)
+
+
+def test_a_step_folder_other_than_the_best_model_is_refused(tiny, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    from lnfm.cli import run_job
+
+    run = _two_repeats(tiny, tmp_path)
+    stale = run / "repeat_1" / "best" / "3"  # an older best step beside the committed one (7)
+    shutil.copytree(run / "repeat_1" / "best" / "7", stale)
+    shutil.copytree(run / "repeat_1" / "best" / "7", run / "repeat_1" / "checkpoints" / "7")
+    empty = run / "repeat_2"
+    (empty / "best").mkdir(parents=True)  # a repeat killed before its first validation
+    cases = {stale: f"{stale}: a checkpoint step, not the model an export takes (a finetuning repeat's best model, a "
+                    f"pretraining run's newest checkpoint); pass {run / 'repeat_1'}",
+             run / "repeat_1" / "checkpoints" / "7": "pass " + str(run / "repeat_1"),
+             empty: f"{empty / 'best'}: no best model saved"}
+    for named, says in cases.items():
+        capsys.readouterr()
+        assert run_job("export", ["--checkpoint", str(named), "--out", str(tmp_path / "e")]) == 2, named
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lnfm export: error: ") and says in err[0], (named, err)
+    assert not (tmp_path / "e").exists()
+
+
+def test_verify_refuses_the_options_it_would_ignore(tiny, tmp_path, capsys):  # noqa: F811
+    from lnfm.cli import run_job
+
+    for extra, named in ((["--checkpoint", str(tiny.workdir), "--out", str(tmp_path / "e")], "--checkpoint, --out"),
+                         (["--format", "orbax"], "--format"), (["--force"], "--force")):
+        capsys.readouterr()
+        assert run_job("export", ["--verify", str(tiny.orbax), *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--verify checks an existing export and writes none: it cannot be combined with " \
+                                  f"{named} (" in err[0], err
+    assert not (tmp_path / "e").exists()
+    assert run_job("export", ["--verify", str(tiny.orbax)]) == 0
+
+
+def test_a_file_of_an_export_or_a_training_workdir_is_named_for_what_it_is(tiny, tmp_path, capsys):  # noqa: F811
+    from lnfm.cli import run_job
+
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    (pre / "config.yaml").write_text("model: {arch: vit}\n")  # no site section: a pretraining run
+    scan = next((tiny.raw / "imagesTr").glob("*.nii.gz"))
+    cases = {
+        tiny.orbax / "model.json": f"not an export folder but a file inside the export {tiny.orbax}; pass {tiny.orbax}",
+        tiny.orbax / "params": f"not an export folder but a path inside the export {tiny.orbax}; pass {tiny.orbax}",
+        tiny.workdir: f"a finetuning workdir, not an export; run `lnfm export --checkpoint {tiny.workdir} --out "
+                      f"EXPORT` first and pass EXPORT",
+        tiny.workdir / "best": "a finetuning workdir, not an export; run `lnfm export --checkpoint",
+        pre: f"a pretraining workdir, not an export; run `lnfm export --checkpoint {pre} --out EXPORT` first",
+        tmp_path / "none": "not an export (no model.json)",
+    }
+    for model, says in cases.items():
+        for job, argv in (("predict", ["--model", str(model), "--input", str(scan), "--output",
+                                       str(tmp_path / "out" / "m.nii.gz")]), ("export", ["--verify", str(model)])):
+            capsys.readouterr()
+            assert run_job(job, argv) == 2, (job, model)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"lnfm {job}: error: {model}: ") and says in err[0], \
+                (job, model, err)
+    assert not (tmp_path / "out").exists()
