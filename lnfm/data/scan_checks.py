@@ -28,6 +28,28 @@ MIN_CT_RANGE_HU = 16
 # A body CT holds air, lung or fat (about -1000, -800, -100 HU) somewhere, and lymph nodes sit in fat;
 # values that never go below 0 are not HU (an unsigned store without the rescale intercept: HU + 1024).
 MIN_CT_LOWEST_HU = 0.0
+# Air is -1000 HU and scanners reconstruct down to about -1024, so real voxels stop a little below it: the real
+# CTs of ../shared/data reach -1207 (one voxel), all else lies at or above -1100. Padding outside the field of
+# view is one constant (-1024, -2000, -2048, -3024, -32768), the minimum, or at most a second one (a FOV circle
+# inside a padded slab). Over FAR_BELOW_AIR_FRACTION of the voxels below FAR_BELOW_AIR_HU besides those is not
+# HU: x10 puts 39-43% of the voxels of each real CT there, and >= 1.6% even with its air clipped to -500 first
+# (two of them, x10, also exceed the int16 limits and are refused for that first).
+FAR_BELOW_AIR_HU = -1200.0
+FAR_BELOW_AIR_FRACTION = 0.005
+# A CT divided by 10 has no air (air lands at -100). Neither has a crop inside the body, and a narrow range does
+# not tell them apart: the project's synthetic pelvis crops span as little as 168 HU (0.1th..99.9th percentile),
+# the real CTs /10 147-324. What does is the floor: the air of a scaled scan, one uniform material with its
+# noise shrunk 10x, piles up at its lowest values: 1.9-37% of the voxels lie within FLOOR_PILE_HU of the 0.1th
+# percentile in the real CTs /10, while tissue's lowest values are a thin noise tail (at most 0.53% in 350
+# synthetic no-air phantoms, 0.50% in the sphere fixtures). Refused only when all three hold: nothing below
+# NO_AIR_HU besides a padding constant below AIR_FLOOR_HU, and, the minimum left out (padding, scaled or not), a
+# span under MIN_HU_SPAN (bone or contrast widens a real crop) and over FLOOR_PILE_FRACTION of the voxels in
+# that pile. A crop holding little air, divided by 10, passes.
+NO_AIR_HU = -500.0
+AIR_FLOOR_HU = -1024.0
+MIN_HU_SPAN = 400.0
+FLOOR_PILE_HU = 5.0
+FLOOR_PILE_FRACTION = 0.01
 
 
 class ScanError(LnfmError, ValueError):
@@ -72,3 +94,28 @@ def check_ct(data: np.ndarray, path: str, body_threshold_hu: float) -> None:
     if lo >= MIN_CT_LOWEST_HU:
         raise ScanError(f"{path}: no voxel below {MIN_CT_LOWEST_HU:g} HU (no air, lung or fat; values {lo:g}..{hi:g}): "
                         f"not HU, e.g. stored without its rescale intercept (HU + 1024)")
+    check_hu_scale(data, path, lo)
+
+
+def check_hu_scale(data: np.ndarray, path: str, lo: float) -> None:
+    """Refuse a CT in HU scaled by a wrong factor: x10 (FAR_BELOW_AIR_HU) or /10 (NO_AIR_HU)."""
+    limit = FAR_BELOW_AIR_FRACTION * data.size
+    if np.count_nonzero(data < FAR_BELOW_AIR_HU) > limit:
+        rest = data[(data < FAR_BELOW_AIR_HU) & (data != lo)]  # padding: the minimum...
+        if rest.size > limit:
+            n = rest.size - np.unique(rest, return_counts=True)[1].max()  # ...and maybe a second constant
+            if n > limit:
+                raise ScanError(f"{path}: {n / data.size:.1%} of voxels lie below {FAR_BELOW_AIR_HU:g} HU, values "
+                                f"down to {float(rest.min()):g} (air is -1000): not Hounsfield units (scaled by 10, "
+                                f"or a wrong rescale slope?)")
+    # A constant at or above -1024 (air's floor) is air, one below it is padding: the minimum, left out.
+    padding = np.count_nonzero(data == lo) if lo < AIR_FLOOR_HU else 0
+    if np.count_nonzero(data < NO_AIR_HU) > padding:
+        return  # air or lung
+    rest = data[data != lo]
+    floor, top = (float(v) for v in np.percentile(rest, [0.1, 99.9]))
+    pile = np.count_nonzero(rest <= floor + FLOOR_PILE_HU) / rest.size
+    if top - floor < MIN_HU_SPAN and pile > FLOOR_PILE_FRACTION:
+        raise ScanError(f"{path}: no voxel below {NO_AIR_HU:g} HU (no air or lung), 99.8% of values within "
+                        f"{floor:.1f}..{top:.1f} and {pile:.0%} of them piled at {floor:.1f}, as air (-1000 HU) "
+                        f"would be: not Hounsfield units (divided by 10?)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from pathlib import Path
 
 import nrrd
@@ -17,6 +19,51 @@ _SPACE_TO_RAS = {
     "left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
     "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1),
 }
+
+# 'space units' -> millimetres per unit: the geometry is kept in mm. No unit ("" or no field) is mm. ITK
+# (SimpleITK) ignores the field, so it reads a file in cm as 10x too small; lnfm converts it. Any other unit
+# is refused rather than read as mm.
+_MM_PER_UNIT = {
+    **dict.fromkeys(("", "mm", "millimeter", "millimeters", "millimetre", "millimetres"), 1.0),
+    **dict.fromkeys(("cm", "centimeter", "centimeters", "centimetre", "centimetres"), 10.0),
+    **dict.fromkeys(("m", "meter", "meters", "metre", "metres"), 1000.0),
+    **dict.fromkeys(("um", "\u00b5m", "\u03bcm", "micron", "microns", "micrometer", "micrometers", "micrometre",
+                     "micrometres"), 1e-3),
+}
+
+
+def _space_units(path: str) -> list[str] | None:
+    """The header's 'space units', found as pynrrd finds fields but decoded here: pynrrd decodes the
+    header as ASCII and drops other bytes, so 'µm' would come back as 'm' (metres, a 10^6 error)."""
+    with open(path, "rb") as f:
+        next(f, None)  # the magic line
+        for line in f:
+            line = line.rstrip()
+            if not line:  # the blank line that ends the header
+                return None
+            if line.startswith(b"#") or b":" not in line:
+                continue
+            field, value = re.split(rb":=?", line, maxsplit=1)
+            if field.strip() == b"space units":
+                try:
+                    return shlex.split(value.decode("utf-8"))
+                except UnicodeDecodeError:
+                    return shlex.split(value.decode("latin-1"))
+    return None
+
+
+def _mm_per_unit(path: str) -> np.ndarray:
+    """Millimetres per unit of each world axis ('space units' names one unit per axis of the space)."""
+    units = _space_units(path)
+    if units is None:
+        return np.ones(3)
+    if len(units) != 3:
+        raise ImageReadError(f"{path}: NRRD 'space units' names {len(units)} units, expected 3 (one per axis of the "
+                             "space)")
+    unknown = [u for u in units if u.strip().lower() not in _MM_PER_UNIT]
+    if unknown:
+        raise ImageReadError(f"{path}: unsupported NRRD space unit '{unknown[0]}' (expected mm, cm, m or um)")
+    return np.array([_MM_PER_UNIT[u.strip().lower()] for u in units])
 
 
 def _check_data_file(path: str) -> None:
@@ -41,6 +88,7 @@ def read_nrrd(path: str | Path) -> Volume:
     try:
         _check_data_file(path)
         data, header = nrrd.read(path, index_order="F")
+        mm_per_unit = _mm_per_unit(path)
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -61,9 +109,10 @@ def read_nrrd(path: str | Path) -> Volume:
     spatial = [i for i, d in enumerate(raw_dirs) if d is not None and np.all(np.isfinite(np.asarray(d, float)))]
     if len(spatial) != 3:
         raise ImageReadError(f"{path}: NRRD has {len(spatial)} spatial axes, expected 3")
-    dirs = np.asarray([raw_dirs[i] for i in spatial], float)
+    # Each world coordinate (a column of the directions, an entry of the origin) is in its axis's unit.
+    dirs = np.asarray([raw_dirs[i] for i in spatial], float) * mm_per_unit
     data = np.transpose(data, spatial + [i for i in range(data.ndim) if i not in spatial])
-    origin = np.asarray(header.get("space origin", np.zeros(3)), float)
+    origin = np.asarray(header.get("space origin", np.zeros(3)), float) * mm_per_unit
     affine = np.eye(4)
     affine[:3, :3] = dirs.T  # column j = world step of voxel axis j
     affine[:3, 3] = origin

@@ -4,15 +4,26 @@ refused in one line by prepare (and by the same checks in predict: tests/hostile
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.pixels import apply_rescale
 from raw_cases import affine_lps, phantom, save, write_csv
 
-from lnfm.config import ConfigError
 from lnfm.cli import run_job
+from lnfm.config import ConfigError
 from lnfm.data.prepare import PrepareConfig, prepare_dataset
-from lnfm.data.scan_checks import check_target_spacing
+from lnfm.data.scan_checks import ScanError, check_ct, check_hu_scale, check_target_spacing
+from lnfm.data.synth import SynthConfig, case_seed, generate_case
+from lnfm.io import read_image
+
+# Every real CT volume of ../shared/data (the two single-slice sets are checked below on their own).
+REAL_CTS = ["ct/totalsegmentator/example_ct.nii.gz", "ct/totalsegmentator/example_ct_sm.nii.gz",
+            "ct/totalsegmentator/example_ct_dicom", "ct/totalsegmentator/chest_vessels/ct_cropped.nii.gz",
+            "dicom_small/lungmask"]
+BODY_HU = PrepareConfig().body_threshold_hu
 
 
 @pytest.mark.parametrize("spacing", [(-1.5, 1.5, 1.5), (0.0, 1.0, 1.0), (math.nan, 1, 1), (1e4, 1e4, 1e4),
@@ -51,6 +62,8 @@ def _bad_scans(root):
                       "int16 range"),
         "beyond_int16": (save(root / "big.nii.gz", img.astype(np.float32) * 1000, affine_lps()), "int16 range"),
         "coarse_source": (save(root / "coarse.nii.gz", img, np.diag([25.0, 1, 1, 1])), "absurd voxel spacing"),
+        "hu_x10": (save(root / "x10.nii.gz", img * np.int16(10), affine_lps()), "not Hounsfield units (scaled by 10"),
+        "hu_div10": (save(root / "div10.nii.gz", img / np.float32(10), affine_lps()), "(divided by 10?)"),
     }
 
 
@@ -65,3 +78,78 @@ def test_unusable_scans_fail_in_one_line_naming_the_file(tmp_path):
     got = {f["case_id"]: (f["file"], f["reason"]) for f in res.failures}
     for case, (path, reason) in scans.items():
         assert got[case][0] == path and reason in got[case][1] and "\n" not in got[case][1], (case, got[case])
+
+
+@pytest.mark.parametrize("name", REAL_CTS)
+def test_every_real_ct_passes_bare_and_padded(shared_data, name):
+    data = read_image(shared_data / name).data
+    check_ct(data, name, BODY_HU)
+    for pad in (-3024, -32768):  # scanners fill outside the field of view with one such value
+        check_ct(np.pad(data, 8, constant_values=pad), name, BODY_HU)
+
+
+def test_real_single_slices_pass_the_hu_scale_check(shared_data):
+    """Too thin for check_ct (one slice; four unevenly spaced), but CT in HU all the same."""
+    files = [shared_data / "dicom_small/pydicom_CT_small.dcm",
+             *sorted(p for p in (shared_data / "dicom_small/monai_ct_dicom").iterdir() if p.name != "LICENSE")]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        hu = apply_rescale(ds.pixel_array, ds)
+        check_hu_scale(hu, str(f), float(hu.min()))
+
+
+def _refusal(data, name) -> str:
+    with pytest.raises(ScanError) as e:
+        check_ct(data, name, BODY_HU)
+    msg = str(e.value)
+    assert msg.startswith(f"{name}: ") and "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("name", REAL_CTS[1:3] + REAL_CTS[4:])  # the two others x10 leave the int16 range first
+def test_real_ct_times_10_is_refused(shared_data, name):
+    data = read_image(shared_data / name).data
+    msg = _refusal(data * np.int16(10), name)
+    lowest = 10 * int(np.unique(data)[1])  # the minimum is taken for padding; the next value is air's lowest
+    share = float(re.match(rf"{re.escape(name)}: ([\d.]+)% of voxels lie below -1200 HU, values down to {lowest} "
+                           r"\(air is -1000\): not Hounsfield units \(scaled by 10, or a wrong rescale slope\?\)$",
+                           msg).group(1))
+    assert 30 < share < 50  # air and lung: everything below -120 HU before scaling
+
+
+@pytest.mark.parametrize("name", REAL_CTS)
+@pytest.mark.parametrize("pad", [None, -3024])
+def test_real_ct_divided_by_10_is_refused(shared_data, name, pad):
+    source = read_image(shared_data / name).data
+    data = source.astype(np.float32) / 10
+    if pad is not None:  # padded after the mistake: the border stays at the scanner's value
+        data = np.pad(data, 8, constant_values=pad)
+    msg = _refusal(data, name)
+    found = re.match(rf"{re.escape(name)}: no voxel below -500 HU \(no air or lung\), 99.8% of values within "
+                     r"(-?[\d.]+)\.\.(-?[\d.]+) and \d+% of them piled at (-?[\d.]+), as air \(-1000 HU\) would "
+                     r"be: not Hounsfield units \(divided by 10\?\)$", msg)
+    floor, top = float(found.group(1)), float(found.group(2))
+    # air (-1024..-990 HU) and bone, both /10; with a border below it, lungmask's own padding (-2048) /10
+    assert (-105 < floor < -99 or floor == source.min() / np.float32(10)) and top < 300
+
+
+def test_x10_and_div10_phantoms_fail_in_one_line_with_the_cause(tmp_path):
+    img, _ = phantom()
+    # air is -1005..-996: the minimum is taken for padding, -1004 is the lowest value left
+    assert "values down to -10040 (air is -1000)" in _refusal(img * np.int16(10), "x10.nii.gz")
+    assert _refusal(img / np.float32(10), "d.nii.gz").endswith("(divided by 10?)")
+
+
+@pytest.mark.parametrize("pad", [-1024, -2000, -3024, -32768])
+def test_a_phantom_padded_with_one_or_two_constants_passes(pad):
+    img, _ = phantom()
+    check_ct(np.pad(img, 4, constant_values=pad), "p.nii.gz", BODY_HU)
+    check_ct(np.pad(np.pad(img, 3, constant_values=-3024), 3, constant_values=pad), "p.nii.gz", BODY_HU)
+
+
+def test_a_crop_inside_the_body_without_air_passes():
+    """Synthetic pelvis crops hold no air and span as little as a CT /10; their floor is a noise tail."""
+    cfg = SynthConfig(site="pelvis", seed=1, shape=(40, 40, 24), gallery=False, use_real_shapes=False)
+    image = generate_case("pelvis", case_seed(1, 4), cfg).image
+    assert image.min() > -500 and np.ptp(np.percentile(image, [0.1, 99.9])) < 200
+    check_ct(image, "crop.nii.gz", BODY_HU)

@@ -247,7 +247,41 @@ def _zero_dim(inp):
     return path, path
 
 
+def _real_hu(inp) -> np.ndarray:
+    return np.asarray(nib.load(real_ct(inp)).dataobj)  # int16 HU, -1100..1207
+
+
+def _nrrd_unit(inp, unit: str):
+    import nrrd
+
+    p = inp / "bad.nrrd"
+    nrrd.write(str(p), IMG, {"space": "right-anterior-superior", "space directions": np.diag([1.5, 1.5, 2.0]),
+                             "space origin": np.zeros(3), "space units": [unit] * 3}, index_order="F")
+    return p, p
+
+
+def _real_ct_nrrd_cm(inp):
+    """The real CT as a converter may write it, in centimetres: read in mm, its mask lies on the original grid."""
+    import nrrd
+
+    src = nib.load(real_ct(inp))
+    nrrd.write(str(inp / "ct_cm.nrrd"), np.asarray(src.dataobj), {
+        "space": "right-anterior-superior", "space directions": src.affine[:3, :3].T / 10,
+        "space origin": src.affine[:3, 3] / 10, "space units": ["cm", "cm", "cm"]}, index_order="F")
+    return inp / "ct_cm.nrrd"
+
+
 SCANS = [
+    scan_case("hu-times-10", lambda inp: _img(inp, IMG * np.int16(10)),
+              ("values down to -10040", "not Hounsfield units (scaled by 10")),
+    scan_case("hu-divided-by-10", lambda inp: _img(inp, IMG / np.float32(10)),
+              ("no voxel below -500 HU", "not Hounsfield units (divided by 10?)")),
+    scan_case("real-ct-times-10", lambda inp: _img(inp, _real_hu(inp) * np.int16(10)),
+              ("values down to -10790", "scaled by 10")),
+    scan_case("real-ct-divided-by-10", lambda inp: _img(inp, _real_hu(inp).astype(np.float32) / 10),
+              ("no voxel below -500 HU", "divided by 10")),
+    scan_case("nrrd-space-unit-furlong", lambda inp: _nrrd_unit(inp, "furlong"),
+              ("unsupported NRRD space unit 'furlong'",)),
     scan_case("input-missing", lambda inp: (inp / "none.nii.gz", inp / "none.nii.gz"), ("not found",)),
     scan_case("corrupt-gzip", lambda inp: _raw(inp, "c.nii.gz", b"\x1f\x8b garbage"), ("unreadable",)),
     scan_case("text-named-nii", lambda inp: _raw(inp, "t.nii", b"not an image " * 40), ("unreadable",)),
@@ -628,6 +662,9 @@ HANDLED = [
          check=_same_grid_as(lambda w, inp: inp / "real_ct.nii.gz")),
     Case("predict-two-series-with-series-flag", "predict", _two_series_flag, 0, check=_mask_shape((512, 512, 2))),
     Case("predict-output-suffix-in-capitals", "predict", _upper_suffix, 0, check=_reads_back),
+    Case("predict-real-ct-nrrd-in-cm", "predict", lambda w, inp, out: (pred_argv(w.orbax, _real_ct_nrrd_cm(inp), out),
+                                                                       None), 0,
+         check=_same_grid_as(lambda w, inp: inp / "real_ct.nii.gz")),
     Case("predict-input-path-with-a-comma", "predict", _comma_in_path, 0,  # read as two channels: refused
          check=_same_grid_as(lambda w, inp: inp / "Smith, John" / "ct.nii.gz")),
     Case("predict-dicom-gantry-tilt", "predict", _tilted_case, 0, check=_on_the_tilted_grid),

@@ -142,3 +142,54 @@ def test_nrrd_without_patient_axes_is_refused(tmp_path, space_line, says):
     with pytest.raises(ImageReadError) as e:
         read_image(path)
     assert str(e.value).startswith(f"{path}: {says}") and "\n" not in str(e.value)
+
+
+def _nrrd_bytes(path, data: np.ndarray, directions: np.ndarray, origin: np.ndarray, units: bytes | None) -> None:
+    """An attached raw LPS NRRD written byte by byte (pynrrd writes ASCII only; 'µm' needs UTF-8)."""
+    vec = lambda v: "(" + ",".join(repr(float(x)) for x in v) + ")"  # noqa: E731
+    header = ("NRRD0004\ntype: int16\ndimension: 3\nspace: left-posterior-superior\n"
+              f"sizes: {' '.join(map(str, data.shape))}\n"
+              f"space directions: {' '.join(vec(d) for d in directions)}\nspace origin: {vec(origin)}\n").encode()
+    if units is not None:
+        header += b"space units: " + units + b"\n"
+    path.write_bytes(header + b"endian: little\nencoding: raw\n\n" + np.asarray(data, "<i2").tobytes(order="F"))
+
+
+@pytest.mark.parametrize("units, mm_per_unit", [
+    (None, (1, 1, 1)), (b'"mm" "mm" "mm"', (1, 1, 1)), (b'"cm" "cm" "cm"', (10, 10, 10)),
+    (b'"m" "m" "m"', (1000, 1000, 1000)), (b'"um" "um" "um"', (1e-3, 1e-3, 1e-3)),
+    ('"µm" "µm" "µm"'.encode(), (1e-3, 1e-3, 1e-3)),  # UTF-8: pynrrd alone would read it as "m" (metres)
+    ('"µm" "µm" "µm"'.encode("latin-1"), (1e-3, 1e-3, 1e-3)),
+    (b'"mm" "cm" "mm"', (1, 10, 1)),  # a unit per world axis
+])
+def test_real_ct_as_nrrd_in_other_units_reads_as_the_mm_original(shared_data, tmp_path, units, mm_per_unit):
+    src = nib.load(shared_data / "ct/totalsegmentator/example_ct_sm.nii.gz")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ src.affine  # NRRD CTs are usually LPS
+    scale = np.asarray(mm_per_unit, float)
+    path = tmp_path / "ct.nrrd"
+    _nrrd_bytes(path, np.asarray(src.dataobj), lps[:3, :3].T / scale, lps[:3, 3] / scale, units)
+    vol = read_image(path)
+    np.testing.assert_allclose(vol.affine, src.affine, atol=1e-6)
+    np.testing.assert_array_equal(vol.data, np.asarray(src.dataobj))
+
+
+def test_pynrrd_written_cm_nrrd_reads_in_mm(tmp_path):
+    """As a converter writes it: 0.3 cm voxels are 3 mm, the origin 1.5 cm is 15 mm."""
+    header = {"space": "right-anterior-superior", "space directions": np.diag([0.3, 0.3, 0.5]),
+              "space origin": np.array([1.5, -2.0, 0.25]), "space units": ["cm", "cm", "cm"]}
+    nrrd.write(str(tmp_path / "cm.nrrd"), np.zeros((4, 3, 2), np.int16), header, index_order="F")
+    np.testing.assert_allclose(read_image(tmp_path / "cm.nrrd").affine, [[3, 0, 0, 15], [0, 3, 0, -20],
+                                                                         [0, 0, 5, 2.5], [0, 0, 0, 1]], atol=1e-12)
+
+
+@pytest.mark.parametrize("units, says", [
+    (b'"furlong" "furlong" "furlong"', "unsupported NRRD space unit 'furlong' (expected mm, cm, m or um)"),
+    (b'"mm" "mm" "inch"', "unsupported NRRD space unit 'inch' (expected mm, cm, m or um)"),
+    (b'"cm" "cm"', "NRRD 'space units' names 2 units, expected 3 (one per axis of the space)"),
+])
+def test_nrrd_space_unit_that_cannot_be_converted_is_refused(tmp_path, units, says):
+    path = tmp_path / "u.nrrd"
+    _nrrd_bytes(path, np.zeros((2, 2, 2), np.int16), np.eye(3), np.zeros(3), units)
+    with pytest.raises(ImageReadError) as e:
+        read_image(path)
+    assert str(e.value) == f"{path}: {says}"
