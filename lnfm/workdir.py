@@ -139,14 +139,19 @@ def _acquire(path: Path, folder: Path) -> int:
         os.close(fd)  # we locked a file its holder had just removed: take the new one
 
 
-def differences(old: Any, new: Any, prefix: str) -> list[str]:
-    """'prefix.key=old (new: new)' for every leaf of two nested dicts that differs."""
+def changed_leaves(old: Any, new: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf of two nested dicts that differs."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
-            out += differences(old.get(k), new.get(k), f"{prefix}.{k}")
+            out += changed_leaves(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
-    return [] if old == new else [f"{prefix}={json.dumps(old)} (new: {json.dumps(new)})"]
+    return [] if old == new else [(prefix, old, new)]
+
+
+def differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """'prefix.key=old (new: new)' for every leaf of two nested dicts that differs."""
+    return [f"{k}={json.dumps(a)} (new: {json.dumps(b)})" for k, a, b in changed_leaves(old, new, prefix)]
 
 
 def check_resume(workdir: str | Path, cfg: Any, keys: tuple[str, ...], has_run: bool) -> None:
@@ -157,6 +162,28 @@ def check_resume(workdir: str | Path, cfg: Any, keys: tuple[str, ...], has_run: 
     if not has_run or not path.is_file():
         return
     check_unchanged(path, read_yaml(path), cfg, keys)
+
+
+def check_resume_settings(workdir: str | Path, cfg: Any, may_change: tuple[str, ...], has_run: bool,
+                          derived: Iterable[str] = ()) -> None:
+    """Refuse, before anything is written, to resume a run under any config value other than the
+    recorded config.yaml's, except the keys (or sections) in `may_change` (more steps, logging and
+    checkpoint intervals, the device mesh): another learning rate, loss or augmentation would mix
+    two runs in one set of checkpoints under a record that names only the second. `cfg` is the
+    resolved config the run would record; `derived` keys follow others and are not compared (the
+    refusal names the key the user set)."""
+    path = Path(workdir) / "config.yaml"
+    if not has_run or not path.is_file():
+        return
+    new = json.loads(json.dumps(to_dict(cfg), default=list))  # tuples -> lists, as the record holds them
+    diffs = [(k, a, b) for k, a, b in changed_leaves(read_yaml(path), new, "")
+             if k not in derived and not any(k == m or k.startswith(m + ".") for m in may_change)]
+    if diffs:
+        key, old, value = diffs[0]
+        more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
+        raise WorkdirError(f"{path}: the run to resume has {key}={json.dumps(old)} (new: {json.dumps(value)}){more}; "
+                           f"a resumed run may change only {', '.join(may_change)}: resume with the same settings "
+                           f"or choose a new --workdir")
 
 
 def check_unchanged(path: Path, recorded: dict, cfg: Any, keys: Iterable[str], had: str = "has",

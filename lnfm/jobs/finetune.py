@@ -731,7 +731,8 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
                             inputs={"--init": init, "--data": cfg.data, "--unlabelled": cfg.unlabelled,
                                     "--paste-into": cfg.paste_into},
                             resume_keys=RESUME_KEYS, check=_check, train=_train, tensorboard=False,
-                            check_memory=lambda checked, mesh: check_memory(checked.cfg))
+                            check_memory=lambda checked, mesh: check_memory(checked.cfg),
+                            derived_keys=tuple(DERIVED_LOADER_KEYS))
 
 
 def _check(cfg: FinetuneConfig) -> Checked:
@@ -791,6 +792,9 @@ def _check(cfg: FinetuneConfig) -> Checked:
                                   + paste_into,
                                   cfg.site.spacing, Normalization(cfg.loader.hu_window, cfg.loader.pet_scale),
                                   cfg.site.patch)
+    # config.yaml records the patch and the per-process batch the loader reads (DERIVED_LOADER_KEYS)
+    cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
+        cfg.loader, patch_size=tuple(cfg.site.patch), batch_size=cfg.train.global_batch // jax.process_count()))
     return Checked(cfg, prep, _Data(records, splits, unlabelled, paste_into))
 
 

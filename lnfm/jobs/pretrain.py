@@ -23,14 +23,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import ConfigError, load_config, parse_args_once, to_dict
+from lnfm.config import ConfigError, load_config, parse_args_once, parse_override, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
 from lnfm.data.store import check_stores
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
 from lnfm.runs import PretrainRun
-from lnfm.models.mae import patchify, reconstruct, unpatchify
+from lnfm.models.mae import num_visible, patchify, reconstruct, unpatchify
 from lnfm.models.sharding import MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model, use_rules
 from lnfm.train.checkpoint import CheckpointConfig
 from lnfm.train.distributed import initialize
@@ -78,7 +78,15 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax saving
 
 
+# data keys pretraining derives from other sections (`run`'s checks record the values the loader reads)
+DERIVED_DATA_KEYS = {"data.patch_size": "model.img_size", "data.batch_size": "train.global_batch"}
+
+
 def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> PretrainConfig:
+    for text in overrides:  # an override of a derived value would be recorded in config.yaml and not used
+        key = ".".join(parse_override(text)[0])
+        if key in DERIVED_DATA_KEYS:
+            raise ConfigError(f"{key}: pretraining sets it from {DERIVED_DATA_KEYS[key]}; set that instead")
     return load_config(PretrainConfig, name_or_yaml, list(overrides), kind="pretrain")
 
 
@@ -192,6 +200,24 @@ def check_memory(cfg: PretrainConfig, mesh: jax.sharding.Mesh, memory: tuple[int
                       + (", or raise train.accum_steps or set model.remat=full" if split else ""))
 
 
+def check_token_grid(model: ModelConfig) -> None:
+    """The MAE's patch holds whole ViT tokens, and its mask leaves at least one visible and hides one:
+    otherwise the first step fails with a traceback after the workdir is written."""
+    if model.arch != "vit":
+        return
+    img, patch = list(model.img_size), list(model.patch_size)
+    if any(i % p for i, p in zip(img, patch)):
+        raise ConfigError(f"model.img_size {img} is not a whole number of model.patch_size {patch} tokens")
+    n = math.prod(i // p for i, p in zip(img, patch))
+    try:
+        num_visible(n, model.mask_ratio)
+    except ValueError:
+        keep = n - int(round(n * model.mask_ratio))
+        raise ConfigError(f"model.img_size {img} holds {n} token(s) of {patch} and model.mask_ratio "
+                          f"{model.mask_ratio:g} leaves {keep} visible: masked pretraining needs at least one "
+                          f"visible and one hidden (raise model.img_size or change model.mask_ratio)") from None
+
+
 def pretrain_preprocessing(cfg: PretrainConfig, stores: list[str]) -> Preprocessing:
     """What finetuning and export repeat: the stores' one contract and the intensity normalisation."""
     return Preprocessing(common_contract(stores), Normalization(cfg.data.hu_window, cfg.data.pet_scale),
@@ -212,7 +238,11 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
 
     def check(cfg: PretrainConfig) -> Checked:  # before anything compiles
         check_run_config(cfg)
+        check_token_grid(cfg.model)
         check_loader(cfg.data, "data")
+        # config.yaml records the patch and the per-process batch the loader reads (DERIVED_DATA_KEYS)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, patch_size=tuple(cfg.model.img_size), batch_size=cfg.train.global_batch // jax.process_count()))
         counts = check_stores(stores, cfg.data.split, cfg.data.spacing)
         prep = pretrain_preprocessing(cfg, stores)
         weights = list(cfg.data.weights) or None
@@ -224,7 +254,8 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
         return Checked(cfg, prep, _Data(stores, weights, counts, profile))
 
     return run_training_job(cfg, PretrainRun(Path(workdir)), inputs={"--data": stores}, resume_keys=RESUME_KEYS,
-                            check=check, train=_train, check_memory=lambda c, mesh: check_memory(c.cfg, mesh))
+                            check=check, train=_train, check_memory=lambda c, mesh: check_memory(c.cfg, mesh),
+                            derived_keys=tuple(DERIVED_DATA_KEYS))
 
 
 def _train(checked: Checked, run: PretrainRun, mesh: jax.sharding.Mesh, writer: MetricsWriter) -> dict | None:
@@ -239,8 +270,7 @@ def _train(checked: Checked, run: PretrainRun, mesh: jax.sharding.Mesh, writer: 
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     log.info("model %s-%s: %.2fM trainable parameters", cfg.model.arch, cfg.model.size, n_params / 1e6)
 
-    data_cfg = dataclasses.replace(cfg.data, batch_size=tc.global_batch // nproc, patch_size=cfg.model.img_size)
-    loader = make_loader(data.stores, data_cfg, split=cfg.data.split, labels=False, weights=data.weights,
+    loader = make_loader(data.stores, cfg.data, split=cfg.data.split, labels=False, weights=data.weights,
                          shard_index=pid, shard_count=nproc)
     data_iter = iter(loader)
     bsh = batch_sharding(mesh)

@@ -28,7 +28,8 @@ from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoint
 from lnfm.train.optim import check_optim
 from lnfm.train.loop import Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
-from lnfm.workdir import MetricsWriter, WorkdirError, check_resume, check_unchanged, lock_folder, open_workdir
+from lnfm.workdir import (MetricsWriter, WorkdirError, check_resume, check_resume_settings, check_unchanged,
+                          lock_folder, open_workdir)
 
 log = logging.getLogger("lnfm.train")
 
@@ -110,6 +111,13 @@ class Checked:
     context: Any = None  # whatever else the job's `train` takes from its checks
 
 
+# What a resumed run may change: how long it trains, how often it logs, validates and checkpoints, and the
+# devices it runs on (Orbax restores onto another mesh; accumulation and remat trade memory for time without
+# changing the update). Everything else must equal the recorded config.yaml.
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.image_every", "train.profile_steps", "train.eval_every",
+                     "train.accum_steps", "checkpoint", "mesh", "model.remat")
+
+
 def check_resume_preprocessing(path: Path, prep: Preprocessing) -> None:
     """Refuse to resume a run under another preprocessing (the stores' contract, the spacing, the
     intensity normalisation, the patch) than the one its checkpoints were trained under: the run
@@ -128,12 +136,14 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
                      resume_keys: tuple[str, ...], check: Callable[[Any], Checked],
                      train: Callable[[Checked, Any, jax.sharding.Mesh, MetricsWriter], dict | None],
                      tensorboard: bool = True,
-                     check_memory: Callable[[Checked, jax.sharding.Mesh], None] | None = None) -> int:
+                     check_memory: Callable[[Checked, jax.sharding.Mesh], None] | None = None,
+                     derived_keys: tuple[str, ...] = ()) -> int:
     """The run every training job shares; returns the exit code (0: finished or preempted).
 
     The path rule (`inputs`: flag -> paths the workdir must stay apart from), then under the
     workdir lock: the resume check (the `resume_keys` config sections of a started run),
-    the job's `check(cfg)` (data, splits, init; nothing written or compiled yet), the mesh
+    the job's `check(cfg)` (data, splits, init; nothing written or compiled yet), then for a started
+    run every resolved config value but RESUME_MAY_CHANGE and the job's `derived_keys`, the mesh
     and batch check (`cfg.mesh`, `cfg.train.global_batch`, `cfg.train.accum_steps`), the job's
     `check_memory(checked, mesh)` (lnfm.train.memory),
     config.yaml, the log and preprocessing.json, then `train(checked, run, mesh, writer)`.
@@ -149,6 +159,7 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
         t0 = time.time()
         checked = check(cfg)
         if has_run:
+            check_resume_settings(workdir, checked.cfg, RESUME_MAY_CHANGE, has_run=True, derived=derived_keys)
             check_resume_preprocessing(run.preprocessing, checked.preprocessing)
         mesh = make_mesh(checked.cfg.mesh)
         tc = checked.cfg.train

@@ -214,6 +214,18 @@ RANGES = [
     pretrain8("mask-ratio-one", ["model.mask_ratio=1.0"], ("model.mask_ratio must be in (0, 1)",)),
     pretrain8("mask-ratio-zero", ["model.mask_ratio=0"], ("model.mask_ratio must be in (0, 1)",)),
     pretrain8("mask-ratio-above-one", ["model.mask_ratio=1.5"], ("model.mask_ratio",)),
+    # the fifth audit (2026-12-06, fifteenth session): tracebacks after the workdir was written, and values
+    # recorded in config.yaml that the loader never read
+    pretrain8("img-size-one-token", ["model.img_size=[8,8,8]"],
+              ("model.img_size [8, 8, 8] holds 1 token(s) of [8, 8, 8]", "leaves 0 visible")),
+    pretrain8("mask-ratio-hides-every-token", ["model.mask_ratio=0.999"],
+              ("model.mask_ratio 0.999 leaves 0 visible",)),
+    pretrain8("img-size-not-whole-tokens", ["model.img_size=[12,12,12]"],
+              ("model.img_size [12, 12, 12] is not a whole number of model.patch_size [8, 8, 8] tokens",)),
+    pretrain8("data-patch-size-derived", ["data.patch_size=[64,64,64]"],
+              ("data.patch_size: pretraining sets it from model.img_size",)),
+    pretrain8("data-batch-size-derived", ["data.batch_size=7"],
+              ("data.batch_size: pretraining sets it from train.global_batch",)),
     pretrain8("lr-nan", ["optim.lr=.nan"], ("optim.lr must be in [0, inf)", "nan")),
     pretrain8("b2-one", ["optim.b2=1"], ("optim.b2 must be in [0, 1)",)),
     pretrain8("data-fg-fraction-above-one", ["data.fg_fraction=2"], ("data.fg_fraction must be in [0, 1]",)),

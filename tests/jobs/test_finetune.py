@@ -349,6 +349,36 @@ def test_workdir_apart_from_init_and_data_and_a_refused_resume_writes_nothing(tm
         assert tree_digest(tmp_path) == before, name  # config.yaml of the refused resume included
 
 
+def test_a_resume_that_changes_how_the_run_trains_is_refused_and_writes_nothing(store, tmp_path, capsys):
+    """A 2-step run resumed with another learning rate, loss or global batch would mix two runs in one
+    set of checkpoints under a config.yaml naming only the second: one line, nothing written (the record
+    included). More steps and another checkpoint interval resume."""
+    from tree_helpers import tree_digest
+
+    wd = tmp_path / "ft"
+    base = ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3",
+            *TINY, "checkpoint.every=2"]
+    assert run_job("finetune", base) == 0
+    recorded = yaml.safe_load((wd / "config.yaml").read_text())
+    before = tree_digest(wd)
+    for extra, key in [(["optim.lr=0.5"], "optim.lr"), (["loss.name=tversky"], "loss.name"),
+                       (["train.global_batch=16"], "train.global_batch"), (["loader.flips=false"], "loader.flips")]:
+        section, name = key.split(".")
+        old = json.dumps(recorded[section][name])
+        new = json.dumps(yaml.safe_load(extra[0].split("=", 1)[1]))
+        capsys.readouterr()
+        assert run_job("finetune", base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"lnfm finetune: error: {wd / 'config.yaml'}: the run to resume has {key}={old} (new: {new}); "
+                       f"a resumed run may change only train.steps, train.log_every, train.image_every, "
+                       f"train.profile_steps, train.eval_every, train.accum_steps, checkpoint, mesh, model.remat: "
+                       f"resume with the same settings or choose a new --workdir"], extra
+        assert tree_digest(wd) == before, extra
+    assert run_job("finetune", base + ["train.steps=4", "checkpoint.every=1"]) == 0
+    assert "resumed from step 2" in (wd / "log.txt").read_text()
+    assert yaml.safe_load((wd / "config.yaml").read_text())["train"]["steps"] == 4
+
+
 def test_a_second_job_on_the_workdir_is_refused_naming_the_holder(tmp_path, capsys):
     import os
     import subprocess

@@ -153,3 +153,30 @@ def test_workdir_apart_from_data_and_a_refused_resume_writes_nothing(phantom_sto
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and reason in err[0], (name, err)
         assert tree_digest(tmp_path, phantom_store) == before, name
+
+
+def test_a_resume_that_changes_how_the_run_trains_is_refused_and_the_record_holds_what_ran(phantom_store, tmp_path,
+                                                                                           capsys):
+    """config.yaml records the patch and batch the loader read (not the loader section's defaults); a resume
+    with another learning rate, augmentation or global batch is refused in one line with nothing written
+    (it had resumed and rewritten the record, or failed the restore after rewriting it); more steps resume."""
+    from tree_helpers import tree_digest
+
+    wd = tmp_path / "wd"
+    args = ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(wd), "data.workers=0",
+            "train.global_batch=8", "train.steps=2", "checkpoint.every=1"]
+    assert run_job("pretrain", args) == 0
+    recorded = yaml.safe_load((wd / "config.yaml").read_text())
+    assert recorded["data"]["patch_size"] == recorded["model"]["img_size"] == [32, 32, 32]
+    assert recorded["data"]["batch_size"] == 8  # one process: the whole global batch
+    before = tree_digest(wd)
+    for extra, says in [("optim.lr=0.5", "optim.lr=0.001 (new: 0.5)"), ("data.flips=false", "data.flips=true (new: "
+                                                                                          "false)"),
+                        ("train.global_batch=16", "train.global_batch=8 (new: 16)")]:
+        capsys.readouterr()
+        assert run_job("pretrain", args + [extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"the run to resume has {says}" in err[0], (extra, err)
+        assert tree_digest(wd) == before, extra
+    assert run_job("pretrain", args + ["train.steps=3"]) == 0
+    assert "resumed from step 2" in (wd / "log.txt").read_text()
