@@ -259,7 +259,14 @@ def restore_params(directory: str | Path, target: Any, step: int | None = None, 
     directory = Path(directory).absolute()
     if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
         raise FileNotFoundError(f"{directory}: no checkpoint found")
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns that a read-only manager is read-only, naming the folder
+    try:
+        mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    finally:
+        absl_log.setLevel(level)
+    with mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint found")

@@ -523,3 +523,20 @@ def test_a_file_of_an_export_or_a_training_workdir_is_named_for_what_it_is(tiny,
             assert len(err) == 1 and err[0].startswith(f"lnfm {job}: error: {model}: ") and says in err[0], \
                 (job, model, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_logs_and_prints_no_path_of_the_workdir_it_reads(tiny, tmp_path, capsys, caplog):  # noqa: F811
+    """Orbax warned, through absl, that the read-only checkpoint manager was read-only, naming the workdir's
+    best/ folder on stderr (a cluster's job log): a folder name often holds a patient's name."""
+    import logging
+
+    from lnfm.cli import run_job
+
+    caplog.set_level(logging.WARNING)  # what a console shows (orbax's INFO records stay below it)
+    capsys.readouterr()
+    assert run_job("export", ["--checkpoint", str(tiny.workdir), "--out", str(tmp_path / "e"), "--format",
+                              "safetensors"]) == 0
+    said = capsys.readouterr()
+    for text in (said.out, said.err, caplog.text):
+        assert str(tiny.workdir) not in text
+    assert not any(r.name == "absl" for r in caplog.records)
