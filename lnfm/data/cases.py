@@ -88,19 +88,34 @@ def discover_nnunet(root: Path, site: str) -> tuple[list[CaseSpec], list[InputEr
     n_channels = len(names)
     channels = [str(names[str(i)]) for i in range(n_channels)] if all(str(i) in names for i in range(n_channels)) \
         else ["CT"] * n_channels
+    declared = ", ".join(f"{i:04d} {c}" for i, c in enumerate(channels))
+    declared = f"dataset.json declares {declared}" if meta_path.is_file() else "no dataset.json: 0000 CT only"
     cases, errors = [], []
+    train_ids: set[str] = set()
     for folder, labelled in (("imagesTr", True), ("imagesTs", False)):
         found: dict[str, dict[int, Path]] = {}
         for p in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
             stem = _strip_suffix(p.name)
-            m = re.match(r"^(.*)_(\d{4})$", stem or "")
-            if not m:
+            if stem is None:  # not an image file (e.g. the data file beside an .nhdr header)
+                continue
+            m = re.match(r"^(.*)_(\d{4})$", stem)
+            if not m:  # nnU-Net would not read it either: said, not passed over with its label
+                errors.append(InputError(str(p), f"name lacks the _NNNN channel suffix nnU-Net uses "
+                                                 f"(e.g. {stem}_0000{p.name[len(stem):]} for CT)"))
                 continue
             found.setdefault(m.group(1), {})[int(m.group(2))] = p
         for cid, chans in found.items():
+            if labelled:
+                train_ids.add(cid)
             missing = [i for i in range(n_channels) if i not in chans]
             if missing:
                 errors.append(InputError(str(root / folder / f"{cid}_{missing[0]:04d}"), "missing file (channel)"))
+            # A channel the dataset does not declare fails its case: either dataset.json lacks it (then every
+            # case would be stored without it) or the file does not belong there.
+            extra = sorted(i for i in chans if i >= n_channels)
+            errors += [InputError(str(chans[i]), f"channel {i:04d} is not declared ({declared}); declare it in "
+                                                 f"dataset.json or move the file away") for i in extra]
+            if missing or extra:
                 continue
             label = None
             if labelled:
@@ -109,6 +124,10 @@ def discover_nnunet(root: Path, site: str) -> tuple[list[CaseSpec], list[InputEr
                 label = str(label_path)
             case_site = site if site != "all" else case_sites.get(cid, site)
             cases.append(CaseSpec(cid, [str(chans[i]) for i in range(n_channels)], label, case_site, None, channels))
+    for p in sorted((root / "labelsTr").glob("*")) if (root / "labelsTr").is_dir() else []:
+        stem = _strip_suffix(p.name)
+        if stem is not None and stem not in train_ids:  # a label whose image is missing or misnamed
+            errors.append(InputError(str(p), f"label without an image: no imagesTr/{stem}_0000 file"))
     return cases, errors
 
 

@@ -39,6 +39,12 @@ log = logging.getLogger("lnfm.data.prepare")
 _PATHLIKE = re.compile(r"\S*[/\\]\S*")
 # Affines of two grids agree when every entry differs by less than this (mm).
 GRID_TOL_MM = 1e-3
+# A channel on a grid of its own (PET) must cover at least this share of the first channel's (CT's) voxels,
+# or it is refused: resampled, the voxels outside it would be stored as 0, a blank PET where the CT shows
+# the body. A PET/CT's PET field of view (60-80 cm across, and the beds' scan range) covers its CT: the
+# whole-body pair tests/data/test_prepare.py builds from one scanner's geometry, its CT range 15 mm longer
+# at each end, covers 96.7%; a lower share means a wrong origin or orientation, or another scan's PET.
+MIN_CHANNEL_COVERAGE = 0.9
 
 
 @dataclass
@@ -175,6 +181,27 @@ def _grid_difference(other: Volume, ref: Volume, name: str, ref_name: str) -> st
             f"differs beyond {GRID_TOL_MM:g} mm)")
 
 
+def grid_coverage(ref_affine: np.ndarray, ref_shape, affine: np.ndarray, shape) -> float:
+    """Fraction of the voxel centres of grid (ref_affine, ref_shape) that lie in the field of view of grid
+    (affine, shape): its voxels' extent, half a voxel beyond its outer centres. Exact for any two affines
+    and cheap: along a line of reference voxels the other grid's index is linear, so each of its axes
+    admits one interval of the line."""
+    m = np.linalg.inv(np.asarray(affine, float)) @ np.asarray(ref_affine, float)  # ref index -> other index
+    nx, ny, nz = (int(n) for n in ref_shape[:3])
+    i, j = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float), indexing="ij")
+    lo, hi = np.zeros(i.shape), np.full(i.shape, nz - 1.0)  # the k interval of each (i, j) line inside
+    for a in range(3):
+        start, step = m[a, 0] * i + m[a, 1] * j + m[a, 3], m[a, 2]  # index along axis a at k = 0, per k
+        low, high = -0.5 - 1e-6, int(shape[a]) - 0.5 + 1e-6  # a centre on the edge (1e-6 voxel) is inside
+        if abs(step) < 1e-12:  # the line runs parallel to this axis's faces: wholly inside or outside
+            hi = np.where((start >= low) & (start <= high), hi, -1.0)
+        else:
+            k1, k2 = (low - start) / step, (high - start) / step
+            lo, hi = np.maximum(lo, np.minimum(k1, k2)), np.minimum(hi, np.maximum(k1, k2))
+    inside = np.clip(np.floor(hi) - np.ceil(lo) + 1, 0, None).sum()
+    return float(inside) / (nx * ny * nz)
+
+
 def _check_label(vol: Volume, path: str, label_map: dict[int, int] | None = None) -> np.ndarray:
     data = vol.data
     if data.dtype.kind == "f":
@@ -242,7 +269,8 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
                   checks: tuple[list[str], float] | None = None) -> Volume:
     """Channel files -> one float32 (X, Y, Z, C) volume on the first file's grid. A channel on
     another grid (PET is usually reconstructed coarser, in the same scanner frame) is resampled
-    linearly onto it, or refused without `resample_channels`. Prepare and predict both read here.
+    linearly onto it, or refused without `resample_channels`; one covering less than
+    MIN_CHANNEL_COVERAGE of the first file's voxels is refused. Prepare and predict both read here.
     `checks` = (channel names, body threshold) adds prepare's source-spacing and CT checks."""
     vols = [_read3d(p, series) for p in paths]
     for i, (p, v) in enumerate(zip(paths, vols)):
@@ -268,6 +296,13 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
             continue
         if not resample_channels:
             raise CaseError(p, difference)
+        covered = grid_coverage(vols[0].affine, vols[0].shape3, v.affine, v.shape3)
+        if covered < MIN_CHANNEL_COVERAGE:
+            shown = np.floor(covered * 1000) / 10  # rounded down: 89.96% is not shown as the 90% it fails
+            raise CaseError(p, f"channel grid covers only {shown:.1f}% of the first channel's voxels (at least "
+                               f"{MIN_CHANNEL_COVERAGE:.0%} must lie inside it; resampled, the rest would be 0): a "
+                               f"PET of this CT covers it, so an origin or orientation is wrong, or it is another "
+                               f"scan's")
         vols[i] = Volume(resample_to_grid(v.data.astype(np.float32), v.affine, vols[0].affine, vols[0].shape3, 1),
                          vols[0].affine)
     # np.stack keeps the files' memory order (NIfTI: Fortran); the geometry steps take either order,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -382,13 +384,129 @@ def _summary(cases: list[SynthCase], sites: list[str]) -> dict:
             "orientations": sorted({c.info["orientation"] for c in cases})}
 
 
-def write_dataset(cfg: SynthConfig, out: str | Path) -> dict:
-    """Generate cfg.num_cases per site into `out` (nnU-Net v2 raw layout); returns a summary."""
+GENERATOR = "lnfm.data.synth"  # dataset.json's "generator": the folder is synth's
+# Written before the first case (dataset.json comes last), so a folder whose run was interrupted is still
+# recognisably synth's and the same command finishes it.
+MARK_FILE = ".lnfm-synth.json"
+# The temporaries write_nifti, atomic_write_text and save_gallery write beside a file: a killed run leaves them.
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.tmp\d*(\.nii\.gz|\.nii|\.png)?$")
+
+
+def _sites(site: str) -> list[str]:
+    return list(SITES) if site == "all" else [site]
+
+
+def _written_files(config: dict) -> set[str]:
+    """Paths (relative to --out) of every file synth writes with settings `config` (a to_dict(SynthConfig))."""
+    files = {MARK_FILE, "dataset.json"}
+    for site in _sites(str(config["site"])):
+        for i in range(int(config["num_cases"])):
+            cid = f"{site}_{i:03d}"
+            files |= {f"imagesTr/{cid}_0000.nii.gz", f"labelsTr/{cid}.nii.gz"}
+            files |= {f"imagesTr/{cid}_0001.nii.gz"} if config["pet"] else set()
+            files |= {f"labelsTr_stations/{cid}.nii.gz"} if config["stations"] else set()
+            files |= {f"gallery/{cid}.png"} if config["gallery"] else set()
+    return files
+
+
+def _recorded_config(out: Path) -> dict | None:
+    """The settings synth recorded in folder `out` (its mark file, or the dataset.json of a folder written
+    before synth wrote the mark file); None when synth did not make the folder."""
+    for name in (MARK_FILE, "dataset.json"):
+        path = out / name
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.get("generator") == GENERATOR and isinstance(data.get("config"), dict):
+                _written_files(data["config"])  # settings synth could have written, or not synth's
+                return data["config"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _files_under(out: Path) -> list[str]:
+    """Every file and link under folder `out`, relative and sorted (folders themselves are not listed)."""
+    found = []
+    for top, dirs, files in os.walk(out):
+        rel = Path(top).relative_to(out)
+        found += [(rel / n).as_posix() for n in files]
+        found += [(rel / d).as_posix() for d in dirs if (Path(top) / d).is_symlink()]
+    return sorted(found)
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _temp_of(rel: str, ours: set[str]) -> bool:
+    """Whether `rel` is a temporary a killed synth run left beside one of the files `ours`."""
+    m = _TEMP.match(Path(rel).name)
+    if not m:
+        return False
+    parent = Path(rel).parent
+    return bool({(parent / m.group("name")).as_posix(), (parent / f"{m.group('name')}.png").as_posix()} & ours)
+
+
+def _claim_folder(cfg: SynthConfig, out: Path, force: bool) -> list[str]:
+    """Check that synth may write into `out`, before anything is written (ConfigError otherwise); returns
+    the files to remove first: the replaced dataset's (with `force`) and a killed run's temporaries.
+
+    A folder synth did not make must hold no file (hidden ones aside: .DS_Store, .git). One it made must
+    record the same settings, or `force` replaces it whole, so no case of the old dataset outlives its
+    dataset.json. Either way a file synth would not write there is refused: prepare would take it for
+    one of the phantoms."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder (--out names the dataset folder)")
+    if not out.is_dir():
+        return []
+    present = _files_under(out)
+    recorded = _recorded_config(out)
+    if recorded is None:
+        visible = sorted({rel.split("/")[0] for rel in present if not _is_hidden(rel)})
+        if visible:
+            more = f" and {len(visible) - 3} more" if len(visible) > 3 else ""
+            raise ConfigError(f"{out}: holds files synth did not make ({', '.join(visible[:3])}{more}); synth writes "
+                              f"only into a new or empty folder or one it made: choose another --out")
+        return []
+    now = json.loads(json.dumps(to_dict(cfg)))  # as dataset.json records it (tuples as lists)
+    diff = [f"{k}: {recorded.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(recorded) | set(now))
+            if recorded.get(k) != now.get(k)]
+    ours = _written_files(recorded)
+    foreign = [rel for rel in present if rel not in ours and not _is_hidden(rel)]
+    if foreign:
+        raise ConfigError(f"{out / foreign[0]}: not a file of the phantoms synth recorded in {out} ({len(foreign)} "
+                          f"such file(s)); prepare would take it for one of them: move it away or choose another "
+                          f"--out")
+    if diff and not force:
+        raise ConfigError(f"{out}: holds phantoms synth made with other settings ({'; '.join(diff)}); pass --force "
+                          f"to replace them, or choose another --out")
+    temps = [rel for rel in present if _temp_of(rel, ours)]
+    if not diff:
+        return temps
+    # The marks go last: a replacement killed half-way leaves a folder still recognisably synth's.
+    marks = [rel for rel in ("dataset.json", MARK_FILE) if rel in present]
+    return temps + [rel for rel in present if rel in ours and rel not in marks] + marks
+
+
+def write_dataset(cfg: SynthConfig, out: str | Path, force: bool = False) -> dict:
+    """Generate cfg.num_cases per site into `out` (nnU-Net v2 raw layout); returns a summary.
+
+    `out` must be new, empty, or a folder synth made with the same settings (the same command run again,
+    or finishing an interrupted run); `force` replaces a folder synth made with other settings. A folder
+    holding a file synth would not write is refused (ConfigError) before anything is written."""
     out = Path(out)
-    sites = list(SITES) if cfg.site == "all" else [cfg.site]
+    sites = _sites(cfg.site)
     for s in sites:
         if s not in SITES:
             raise ConfigError(f"unknown site '{s}' (choices: {', '.join(SITES)}, all)")
+    for rel in _claim_folder(cfg, out, force):
+        (out / rel).unlink(missing_ok=True)
+    for sub in ("imagesTr", "labelsTr", "labelsTr_stations", "gallery"):  # folders a replaced dataset left empty
+        if (out / sub).is_dir() and not (out / sub).is_symlink() and not any((out / sub).iterdir()):
+            (out / sub).rmdir()
+    atomic_write_text(out / MARK_FILE, json.dumps({"generator": GENERATOR, "config": to_dict(cfg)}, indent=1))
     cases, entries, station_names = [], [], {}
     for site in sites:
         for i in range(cfg.num_cases):
@@ -408,7 +526,7 @@ def write_dataset(cfg: SynthConfig, out: str | Path) -> dict:
     channels = {"0": "CT"} | ({"1": "PET"} if cfg.pet else {})
     dataset = {"channel_names": channels, "labels": {"background": 0, "lymph_node": 1},
                "numTraining": len(entries), "file_ending": ".nii.gz",
-               "site": cfg.site, "seed": cfg.seed, "generator": "lnfm.data.synth", "config": to_dict(cfg),
+               "site": cfg.site, "seed": cfg.seed, "generator": GENERATOR, "config": to_dict(cfg),
                "stations": station_names, "cases": entries}
     atomic_write_text(out / "dataset.json", json.dumps(dataset, indent=1))
     return _summary(cases, sites)
@@ -441,14 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-real-shapes", action="store_true", help="ellipsoid/lobulated nodes only")
     ap.add_argument("--heldout", action="store_true",
                     help="the held-out generator variant (test phantoms no training set draws from)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace the phantoms synth made in --out with other settings (never files it did not make)")
     args = parse_args_once(ap, argv)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"{args.out}: exists and is not a folder (--out names the dataset folder)")
     cfg = SynthConfig(site=args.site, num_cases=args.num_cases, seed=args.seed, shape=args.shape, pet=args.pet,
                       stations=args.stations, gallery=not args.no_gallery, use_real_shapes=not args.no_real_shapes)
     if args.heldout:
         cfg = heldout_config(cfg)
-    summary = write_dataset(cfg, args.out)
+    summary = write_dataset(cfg, args.out, force=args.force)
     print(f"wrote {summary['cases']} cases ({', '.join(summary['sites'])}) to {args.out}")
     print(f"nodes: {summary['nodes']}, short axis mm [min q1 median q3 max]: {summary['short_axis_mm_quantiles']}")
     print(f"node HU mean: {summary['node_hu_mean']}, fat+muscle HU quantiles: {summary['fat_muscle_hu_quantiles']}")

@@ -33,3 +33,49 @@ def test_dicom_folder_site_is_never_the_folder_name(shared_data, tmp_path):
     assert errors == [] and [c.site for c in cases] == [UNSPECIFIED_SITE]
     cases, _ = discover(str(root), site="mediastinum", salt="s")
     assert [c.site for c in cases] == ["mediastinum"]
+
+
+def _nnunet(root, images, labels, dataset='{"channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}'):
+    """An nnU-Net raw folder of empty files (discovery reads names only)."""
+    for folder, names in (("imagesTr", images), ("labelsTr", labels)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for n in names:
+            (root / folder / n).write_bytes(b"")
+    if dataset is not None:
+        (root / "dataset.json").write_text(dataset)
+    return root
+
+
+def test_nnunet_image_without_channel_suffix_and_its_label_are_reported_not_dropped(tmp_path):
+    root = _nnunet(tmp_path, ["caseA_0000.nii.gz", "caseB.nii.gz", "notes.txt"], ["caseA.nii.gz", "caseB.nii.gz"])
+    cases, errors = discover(str(root))
+    assert [(c.case_id, c.images, c.label) for c in cases] == [
+        ("caseA", [str(root / "imagesTr/caseA_0000.nii.gz")], str(root / "labelsTr/caseA.nii.gz"))]
+    assert [(e.file, e.reason) for e in errors] == [
+        (str(root / "imagesTr/caseB.nii.gz"),
+         "name lacks the _NNNN channel suffix nnU-Net uses (e.g. caseB_0000.nii.gz for CT)"),
+        (str(root / "labelsTr/caseB.nii.gz"), "label without an image: no imagesTr/caseB_0000 file")]
+
+
+def test_nnunet_undeclared_channel_fails_its_case_and_an_orphan_label_is_named(tmp_path):
+    root = _nnunet(tmp_path, ["caseA_0000.nii.gz", "caseA_0001.nii.gz", "caseC_0000.nrrd"],
+                   ["caseA.nii.gz", "caseC.nii.gz", "caseZ.nii.gz"])
+    cases, errors = discover(str(root))
+    assert [c.case_id for c in cases] == ["caseC"]
+    assert [(e.file, e.reason) for e in errors] == [
+        (str(root / "imagesTr/caseA_0001.nii.gz"), "channel 0001 is not declared (dataset.json declares 0000 CT); "
+                                                   "declare it in dataset.json or move the file away"),
+        (str(root / "labelsTr/caseZ.nii.gz"), "label without an image: no imagesTr/caseZ_0000 file")]
+    # Without a dataset.json the folder has one channel, CT: a PET file beside it is named the same way.
+    (root / "dataset.json").unlink()
+    _, errors = discover(str(root))
+    assert (str(root / "imagesTr/caseA_0001.nii.gz"), "channel 0001 is not declared (no dataset.json: 0000 CT "
+                                                       "only); declare it in dataset.json or move the file away") \
+        in [(e.file, e.reason) for e in errors]
+    # Declared, the same files make a two-channel case (and caseC, lacking its PET, is named).
+    (root / "dataset.json").write_text('{"channel_names": {"0": "CT", "1": "PET"}}')
+    cases, errors = discover(str(root))
+    assert [(c.case_id, c.channels) for c in cases] == [("caseA", ["CT", "PET"])]
+    assert [(e.file, e.reason) for e in errors] == [(str(root / "imagesTr/caseC_0001"), "missing file (channel)"),
+                                                    (str(root / "labelsTr/caseZ.nii.gz"),
+                                                     "label without an image: no imagesTr/caseZ_0000 file")]

@@ -360,3 +360,131 @@ def test_a_float64_value_beyond_float32_is_named_not_called_inf(tmp_path, recwar
     says = "voxel values up to 1e+300 exceed float32's range (no CT or PET value does)"
     assert str(e.value) == f"{tmp_path / 'f64.nii.gz'}: {says}"
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_misnamed_undeclared_and_orphan_nnunet_files_are_failed_lines_and_the_rest_converts(tmp_path, capsys):
+    """imagesTr/caseB.nii.gz (no _0000), a PET channel dataset.json does not declare and a label without an
+    image were passed over in silence (converted 1, failed 0, exit 0)."""
+    raw = nnunet_folder(tmp_path / "raw", n=3)
+    img, lab = phantom()
+    save(raw / "imagesTr" / "caseB.nii.gz", img, affine_lps())
+    save(raw / "labelsTr" / "caseB.nii.gz", lab, affine_lps())
+    save(raw / "imagesTr" / "case001_0001.nii.gz", img.astype(np.float32), affine_lps())
+    save(raw / "labelsTr" / "caseZ.nii.gz", lab, affine_lps())
+    store = tmp_path / "store"
+    rc = main(["--input", str(raw), "--output", str(store), "--workers", "0", "salt=s"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 1
+    assert out[0] == "converted 2, skipped 0 (already done), failed 4"
+    assert sorted(out[1:]) == sorted([
+        f"FAILED {raw}/imagesTr/caseB.nii.gz: name lacks the _NNNN channel suffix nnU-Net uses (e.g. "
+        f"caseB_0000.nii.gz for CT)",
+        f"FAILED {raw}/labelsTr/caseB.nii.gz: label without an image: no imagesTr/caseB_0000 file",
+        f"FAILED {raw}/imagesTr/case001_0001.nii.gz: channel 0001 is not declared (dataset.json declares 0000 CT); "
+        f"declare it in dataset.json or move the file away",
+        f"FAILED {raw}/labelsTr/caseZ.nii.gz: label without an image: no imagesTr/caseZ_0000 file"])
+    assert [r["case_id"] for r in read_manifest(str(store))] == ["case000", "case002"]
+    assert len(read_failures(str(store))) == 4
+
+
+def _brute_coverage(ref_aff, ref_shape, aff, shape) -> float:
+    """Share of the reference grid's voxel centres inside the other grid's voxels, voxel by voxel."""
+    import nibabel as nib
+
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in ref_shape], indexing="ij"), -1).reshape(-1, 3)
+    idx = nib.affines.apply_affine(np.linalg.inv(aff) @ ref_aff, ijk)
+    return float(np.all((idx >= -0.5 - 1e-6) & (idx <= np.array(shape) - 0.5 + 1e-6), axis=1).mean())
+
+
+def test_grid_coverage_matches_a_voxel_by_voxel_count_for_oblique_grids():
+    from scipy.spatial.transform import Rotation
+
+    from lnfm.data.prepare import grid_coverage
+
+    rng = np.random.default_rng(4)
+    seen = []
+    for t in range(12):
+        ref, other = np.eye(4), np.eye(4)
+        ref[:3, :3] = Rotation.random(random_state=t).as_matrix() @ np.diag(rng.uniform(0.6, 3.0, 3))
+        other[:3, :3] = Rotation.random(random_state=50 + t).as_matrix() @ np.diag(rng.uniform(1.0, 5.0, 3))
+        ref_shape, shape = tuple(rng.integers(6, 30, 3)), tuple(rng.integers(6, 30, 3))
+        # the other grid's centre within 25 mm of the reference grid's: partial overlaps of every degree
+        centre = ref[:3, :3] @ ((np.array(ref_shape) - 1) / 2) + rng.uniform(-25, 25, 3)
+        other[:3, 3] = centre - other[:3, :3] @ ((np.array(shape) - 1) / 2)
+        expected = _brute_coverage(ref, ref_shape, other, shape)
+        assert grid_coverage(ref, ref_shape, other, shape) == pytest.approx(expected, abs=1e-12)
+        seen.append(expected)
+    assert min(seen) < 0.5 < max(seen)  # the draws span partial overlaps, not only 0 or 1
+
+
+def test_a_pet_ct_of_one_scanner_geometry_covers_its_ct():
+    """Whole-body PET/CT (Biograph-like): CT 512 x 512 at 0.977 mm (500 mm across, centred 30 mm off the
+    isocentre), 300 slices of 3 mm, LPS; PET 200 x 200 at 4.07 mm (814 mm) around the isocentre, the CT's
+    scan range reaching 15 mm beyond the PET beds' at each end. The PET covers 96.7% of the CT, above
+    MIN_CHANNEL_COVERAGE (90%); the share is counted here axis by axis."""
+    from lnfm.data.prepare import MIN_CHANNEL_COVERAGE, grid_coverage
+
+    ct = np.diag([-0.977, -0.977, 3.0, 1.0])
+    ct[:3, 3] = (0.977 * 255.5, 0.977 * 255.5 - 30.0, -900.0)  # recon centre 30 mm off the isocentre in y
+    pet = np.diag([-4.07, -4.07, 3.0, 1.0])
+    pet[:3, 3] = (4.07 * 99.5, 4.07 * 99.5, -885.0)
+    per_axis = []
+    for a, (n_ct, n_pet) in enumerate(((512, 200), (512, 200), (300, 290))):
+        world = ct[a, a] * np.arange(n_ct) + ct[a, 3]
+        idx = (world - pet[a, 3]) / pet[a, a]
+        per_axis.append(np.mean((idx >= -0.5) & (idx <= n_pet - 0.5)))
+    covered = grid_coverage(ct, (512, 512, 300), pet, (200, 200, 290))
+    assert covered == pytest.approx(np.prod(per_axis), abs=1e-12)
+    assert per_axis[:2] == [1.0, 1.0] and covered == pytest.approx(290 / 300) and covered > MIN_CHANNEL_COVERAGE
+
+
+def test_a_pet_beside_the_ct_is_refused_naming_the_file_and_its_coverage(tmp_path, capsys):
+    """A PET 1000 mm away was stored all 0, one 30 mm off with 47% zero fill, both exit 0."""
+    img, lab = phantom()
+    ct_aff = affine_lps()
+    pet = (lab * 6.0 + 1.0).astype(np.float32)
+    rows, refused = [], {}
+    for name, shift in (("good", 0.0), ("far", 1000.0), ("off30", 30.0)):
+        pet_aff = ct_aff.copy()
+        pet_aff[2, 3] += shift  # along z: 24 slices of 2 mm
+        rows.append({"case_id": name, "image": save(tmp_path / f"{name}_ct.nii.gz", img, ct_aff),
+                     "pet": save(tmp_path / f"{name}_pet.nii.gz", pet, pet_aff),
+                     "label": save(tmp_path / f"{name}_lab.nii.gz", lab, ct_aff)})
+        refused[name] = _brute_coverage(ct_aff, img.shape, pet_aff, pet.shape)
+    assert refused["good"] == 1.0 and refused["far"] == 0.0 and refused["off30"] == pytest.approx(9 / 24)
+    # the 30 mm PET is still a grid of its own beyond GRID_TOL_MM, so it is resampled, not taken as it is
+    store = tmp_path / "store"
+    rc = main(["--input", str(write_csv(tmp_path / "cases.csv", rows)), "--output", str(store), "--workers", "0",
+               "salt=s"])
+    failed = sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED "))
+    says = ("of the first channel's voxels (at least 90% must lie inside it; resampled, the rest would be 0): a PET "
+            "of this CT covers it, so an origin or orientation is wrong, or it is another scan's")
+    assert rc == 1 and failed == [
+        f"FAILED {tmp_path}/far_pet.nii.gz: channel grid covers only 0.0% {says}",
+        f"FAILED {tmp_path}/off30_pet.nii.gz: channel grid covers only 37.5% {says}"]
+    assert [r["case_id"] for r in read_manifest(str(store))] == ["good"]
+
+
+def test_a_larger_coarser_pet_field_of_view_is_accepted_and_interpolated(tmp_path):
+    """PET at 3 x 3.6 x 4 mm reaching 10 mm beyond the CT on every side (a PET field of view is the wider):
+    accepted, and each stored PET voxel is the trilinear value scipy's map_coordinates gives there."""
+    from scipy import ndimage
+
+    img, lab = phantom()
+    ct_aff = affine_lps()
+    pet_aff = np.diag([-3.0, -3.6, 4.0, 1.0])
+    pet_aff[:3, 3] = ct_aff[:3, 3] + (10.0, 10.0, -10.0)  # LPS: x and y run towards smaller RAS values
+    pet = np.random.default_rng(2).uniform(0.5, 9.0, (24, 20, 20)).astype(np.float32)
+    rows = [{"case_id": "p", "image": save(tmp_path / "ct.nii.gz", img, ct_aff),
+             "pet": save(tmp_path / "pet.nii.gz", pet, pet_aff), "label": save(tmp_path / "lab.nii.gz", lab, ct_aff)}]
+    store = tmp_path / "store"
+    res = prepare_dataset(str(write_csv(tmp_path / "c.csv", rows)), str(store),
+                          PrepareConfig(workers=0, crop_body=False), show_progress=False)
+    assert res.ok, res.failures
+    rec = read_manifest(str(store))[0]
+    image, _ = read_case(str(store), rec)
+    aff = np.asarray(rec["affine"])
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in image.shape[:3]], indexing="ij"), 0).reshape(3, -1)
+    pet_ijk = (np.linalg.inv(pet_aff) @ aff @ np.vstack([ijk, np.ones(ijk.shape[1])]))[:3]
+    assert pet_ijk.min() > 0 and (pet_ijk.max(1) < np.array(pet.shape) - 1).all()  # wholly inside the PET
+    np.testing.assert_allclose(image[..., 1][tuple(ijk)], ndimage.map_coordinates(pet, pet_ijk, order=1), rtol=1e-5)

@@ -302,3 +302,100 @@ def test_a_short_neck_grid_places_nodes_where_a_station_starts_beyond_its_end():
     # every node lies inside the grid with the placement's 3-voxel margin
     for box in ndimage.find_objects(labels):
         assert all(s.start >= 3 and s.stop <= size - 3 for s, size in zip(box, case.label.shape))
+
+
+# ----------------------------------------------------------------------------- --out: a folder synth did not make
+
+TINY = ["--no-gallery", "--no-real-shapes", "--shape", "32,32,16"]
+
+
+def _synth(capsys, *argv) -> tuple[int, str]:
+    """`lnfm synth ARGV` through the CLI's error boundary: (exit code, stderr)."""
+    from lnfm.cli import run_job
+
+    capsys.readouterr()
+    rc = run_job("synth", [*map(str, argv), *TINY])
+    return rc, capsys.readouterr().err
+
+
+def test_a_users_dataset_folder_is_refused_and_left_as_it_was(tmp_path, capsys):
+    from tree_helpers import tree_digest
+
+    user = tmp_path / "user"
+    (user / "imagesTr").mkdir(parents=True)
+    (user / "dataset.json").write_text('{"name": "MY_HOSPITAL_DATASET", "channel_names": {"0": "CT"}}')
+    (user / "imagesTr" / "mine_0000.nii.gz").write_bytes(b"a scan")
+    before = tree_digest(tmp_path)
+    for force in ([], ["--force"]):  # --force replaces synth's own phantoms only
+        rc, err = _synth(capsys, "--num-cases", "1", "--out", user, *force)
+        assert rc == 2 and err.splitlines() == [
+            f"lnfm synth: error: {user}: holds files synth did not make (dataset.json, imagesTr); synth writes only "
+            f"into a new or empty folder or one it made: choose another --out"]
+        assert tree_digest(tmp_path) == before
+    # An empty folder, or one holding only hidden files (.DS_Store), is as good as a new one.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"\0")
+    assert _synth(capsys, "--num-cases", "1", "--out", empty)[0] == 0
+    assert sorted(p.name for p in (empty / "imagesTr").iterdir()) == ["pelvis_000_0000.nii.gz"]
+
+
+def test_another_sites_run_into_a_phantom_folder_is_refused_and_force_replaces_it_whole(tmp_path, capsys):
+    """pelvis x 3, then axilla x 1 into the same folder: the old code left pelvis_000..002 beside a dataset.json
+    listing axilla only, so prepare stored pelvis phantoms as axilla."""
+    from tree_helpers import tree_digest
+
+    from lnfm.data.cases import discover
+
+    mix = tmp_path / "mix"
+    assert _synth(capsys, "--site", "pelvis", "--num-cases", "3", "--out", mix)[0] == 0
+    before = tree_digest(tmp_path)
+    rc, err = _synth(capsys, "--site", "axilla", "--num-cases", "1", "--out", mix)
+    assert rc == 2 and err.splitlines() == [
+        f"lnfm synth: error: {mix}: holds phantoms synth made with other settings (num_cases: 3 there, 1 now; "
+        f"site: 'pelvis' there, 'axilla' now); pass --force to replace them, or choose another --out"]
+    assert tree_digest(tmp_path) == before
+    assert _synth(capsys, "--site", "axilla", "--num-cases", "1", "--out", mix, "--force")[0] == 0
+    files = sorted(p.relative_to(mix).as_posix() for p in mix.rglob("*") if p.is_file())
+    assert files == [".lnfm-synth.json", "dataset.json", "imagesTr/axilla_000_0000.nii.gz",
+                     "labelsTr/axilla_000.nii.gz"]
+    # What prepare reads is what was written: the case generated directly from (axilla, seed 0, case 0).
+    cases, errors = discover(str(mix))
+    assert errors == [] and [(c.case_id, c.site) for c in cases] == [("axilla_000", "axilla")]
+    direct = generate_case("axilla", case_seed(0, 0), SynthConfig(shape=(32, 32, 16), use_real_shapes=False))
+    assert np.array_equal(np.asarray(nib.load(mix / "imagesTr" / "axilla_000_0000.nii.gz").dataobj), direct.image)
+
+
+def test_the_same_command_again_reruns_and_finishes_an_interrupted_run(tmp_path, capsys):
+    out = tmp_path / "phantoms"
+    args = ("--site", "pelvis", "--num-cases", "2", "--pet", "--out", out)
+    assert _synth(capsys, *args)[0] == 0
+    first = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert _synth(capsys, *args)[0] == 0  # README's and `make demo`'s reruns
+    # A run killed after its first case: no dataset.json yet, a temporary beside the next file.
+    (out / "dataset.json").unlink()
+    (out / "labelsTr" / "pelvis_001.nii.gz").unlink()
+    (out / "imagesTr" / "pelvis_001_0000.nii.gz").rename(out / "imagesTr" / ".pelvis_001_0000.nii.gz.tmp77.nii.gz")
+    assert _synth(capsys, *args)[0] == 0
+    again = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert again == first  # complete, byte for byte, and the temporary is gone
+    # A folder an earlier synth wrote without the mark file is recognised by its dataset.json.
+    (out / ".lnfm-synth.json").unlink()
+    assert _synth(capsys, *args)[0] == 0
+    assert json.loads((out / ".lnfm-synth.json").read_text())["config"]["num_cases"] == 2
+
+
+def test_a_stray_file_in_a_phantom_folder_is_refused_even_with_force(tmp_path, capsys):
+    from tree_helpers import tree_digest
+
+    out = tmp_path / "phantoms"
+    assert _synth(capsys, "--num-cases", "1", "--out", out)[0] == 0
+    stray = out / "imagesTr" / "mine_0000.nii.gz"
+    stray.write_bytes(b"a user's scan")
+    before = tree_digest(tmp_path)
+    for argv in (("--num-cases", "1"), ("--num-cases", "2", "--force")):
+        rc, err = _synth(capsys, *argv, "--out", out)
+        assert rc == 2 and err.splitlines() == [
+            f"lnfm synth: error: {stray}: not a file of the phantoms synth recorded in {out} (1 such file(s)); "
+            f"prepare would take it for one of them: move it away or choose another --out"]
+        assert tree_digest(tmp_path) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from harness import Case, run_case
@@ -211,7 +212,30 @@ def _orientation_doubled(inp):
     return {"image": folder}, fault
 
 
+def _real_hu(inp) -> np.ndarray:
+    return np.asarray(nib.load(real_ct(inp)).dataobj)  # int16 HU, -1100..1207
+
+
+def _nrrd_unit(inp, unit: str):
+    import nrrd
+
+    p = inp / "bad.nrrd"
+    nrrd.write(str(p), IMG, {"space": "right-anterior-superior", "space directions": np.diag([1.5, 1.5, 2.0]),
+                             "space origin": np.zeros(3), "space units": [unit] * 3}, index_order="F")
+    return {"image": p}, p
+
+
 BAD_CASES = [
+    bad_case("hu-times-10", lambda inp: _img(inp, IMG * np.int16(10)),
+             ("values down to -10040", "not Hounsfield units (scaled by 10")),
+    bad_case("hu-divided-by-10", lambda inp: _img(inp, IMG / np.float32(10)),
+             ("no voxel below -500 HU", "not Hounsfield units (divided by 10?)")),
+    bad_case("real-ct-times-10", lambda inp: _img(inp, _real_hu(inp) * np.int16(10)),
+             ("values down to -10790", "scaled by 10")),
+    bad_case("real-ct-divided-by-10", lambda inp: _img(inp, _real_hu(inp).astype(np.float32) / 10),
+             ("no voxel below -500 HU", "divided by 10")),
+    bad_case("nrrd-space-unit-furlong", lambda inp: _nrrd_unit(inp, "furlong"),
+             ("unsupported NRRD space unit 'furlong'",)),
     bad_case("corrupt-gzip", lambda inp: _file(inp, "corrupt.nii.gz", b"\x1f\x8b" + b"garbage" * 30), ("unreadable",)),
     bad_case("text-named-nii", lambda inp: _file(inp, "notes.nii", b"this is not an image " * 30), ("unreadable",)),
     bad_case("truncated-real-ct", _truncated, ("unreadable",)),
@@ -285,6 +309,31 @@ BAD_CASES.append(Case("prepare-same-image-under-two-ids", "prepare", _same_image
                       ("lists the image and label of case 'good'",), check=_only_good_converted, partial=True))
 
 
+def _pet_apart(shift_mm: float):
+    """A PET/CT case whose PET lies `shift_mm` above its CT, beside a good PET/CT case: resampled, the PET
+    was stored as zero fill wherever it does not reach (all of it 1000 mm away), exit 0."""
+    def make(w, inp, out):
+        pet = (LAB * 6.0 + 1.0).astype(np.float32)
+        far = AFFINE.copy()
+        far[2, 3] += shift_mm
+        image, label = good_pair(inp)
+        bad = nii(inp / "bad_pet.nii.gz", pet, far)
+        path = csv_file(inp / "cases.csv", [
+            {"case_id": "good", "image": image, "label": label, "pet": nii(inp / "good_pet.nii.gz", pet)},
+            {"case_id": "bad", "image": nii(inp / "bad_ct.nii.gz", IMG), "pet": bad}])
+        return prep(path, out), str(bad)
+    return make
+
+
+BAD_CASES += [
+    Case("prepare-pet-1000-mm-from-its-ct", "prepare", _pet_apart(1000.0), 1, ("channel grid covers only 0.0%",),
+         check=_only_good_converted, partial=True),
+    # 30 mm along z, where the CT spans 24 slices of 2 mm: 9 of them remain inside the PET
+    Case("prepare-pet-30-mm-off-its-ct", "prepare", _pet_apart(30.0), 1, ("channel grid covers only 37.5%",),
+         check=_only_good_converted, partial=True),
+]
+
+
 # ----------------------------------------------------------------------------- handled correctly
 
 
@@ -301,6 +350,30 @@ def _ids(*expected):
 
         assert [r["case_id"] for r in read_manifest(str(out / "store"))] == list(expected)
     return check
+
+
+def _nnunet_with(extra: dict[str, np.ndarray], fault: str):
+    """The two-case nnU-Net folder plus files `extra` (path under raw/ -> voxels); the old code passed over
+    each without a word (converted 2, failed 0, exit 0)."""
+    def make(w, inp, out):
+        raw = nnunet(inp)
+        for rel, data in extra.items():
+            nii(raw / rel, data)
+        return prep(raw, out), str(raw / fault)
+    return make
+
+
+BAD_CASES += [
+    Case("prepare-nnunet-image-without-channel-suffix", "prepare",
+         _nnunet_with({"imagesTr/caseB.nii.gz": IMG, "labelsTr/caseB.nii.gz": LAB}, "imagesTr/caseB.nii.gz"), 1,
+         ("name lacks the _NNNN channel suffix nnU-Net uses",), check=_ids("case0", "case1"), partial=True),
+    Case("prepare-nnunet-channel-dataset-json-does-not-declare", "prepare",
+         _nnunet_with({"imagesTr/case1_0001.nii.gz": IMG.astype(np.float32)}, "imagesTr/case1_0001.nii.gz"), 1,
+         ("channel 0001 is not declared (dataset.json declares 0000 CT)",), check=_ids("case0"), partial=True),
+    Case("prepare-nnunet-label-without-an-image", "prepare",
+         _nnunet_with({"labelsTr/caseZ.nii.gz": LAB}, "labelsTr/caseZ.nii.gz"), 1,
+         ("label without an image: no imagesTr/caseZ_0000 file",), check=_ids("case0", "case1"), partial=True),
+]
 
 
 def _series_flag(w, inp, out):
@@ -360,7 +433,55 @@ def _one_phantom(w, inp, out):
     assert json.loads((out / "phantoms" / "dataset.json").read_text())["numTraining"] == 1
 
 
+TINY = ["--no-gallery", "--no-real-shapes", "--shape", "32,32,16"]
+
+
+def _phantoms_made(folder: Path, site: str = "pelvis", num_cases: int = 3) -> Path:
+    """Phantoms an earlier `lnfm synth --site SITE --num-cases N` + TINY wrote to `folder`."""
+    from lnfm.data.synth import SynthConfig, write_dataset
+
+    write_dataset(SynthConfig(site=site, num_cases=num_cases, shape=(32, 32, 16), gallery=False,
+                              use_real_shapes=False), folder)
+    return folder
+
+
+def _into_users_dataset(w, inp, out):
+    raw = nnunet(inp)  # a user's nnU-Net folder: its dataset.json was replaced, exit 0
+    return ["--out", raw, "--num-cases", "1", *TINY], str(raw)
+
+
+def _other_site_into_phantoms(w, inp, out):
+    mix = _phantoms_made(inp / "mix")  # pelvis 000..002 stayed beside a dataset.json listing axilla_000 alone
+    return ["--out", mix, "--site", "axilla", "--num-cases", "1", *TINY], str(mix)
+
+
+def _stray_file_with_force(w, inp, out):
+    folder = _phantoms_made(inp / "phantoms", num_cases=1)
+    stray = nii(folder / "imagesTr" / "mine_0000.nii.gz", IMG)
+    return ["--out", folder, "--num-cases", "2", "--force", *TINY], str(stray)
+
+
+def _force_over_other_phantoms(w, inp, out):
+    _phantoms_made(out / "phantoms")
+    return ["--out", out / "phantoms", "--site", "axilla", "--num-cases", "1", "--force", *TINY], None
+
+
+def _only_axilla(w, inp, out):
+    files = sorted(p.relative_to(out / "phantoms").as_posix() for p in (out / "phantoms").rglob("*") if p.is_file())
+    assert files == [".lnfm-synth.json", "dataset.json", "imagesTr/axilla_000_0000.nii.gz",
+                     "labelsTr/axilla_000.nii.gz"]
+    meta = json.loads((out / "phantoms" / "dataset.json").read_text())
+    assert [(c["case"], c["site"]) for c in meta["cases"]] == [("axilla_000", "axilla")]
+
+
 SYNTH = [
+    Case("synth-out-holds-a-users-nnunet-dataset", "synth", _into_users_dataset, 2,
+         ("holds files synth did not make (dataset.json, imagesTr, labelsTr)",)),
+    Case("synth-other-settings-into-its-own-phantoms", "synth", _other_site_into_phantoms, 2,
+         ("holds phantoms synth made with other settings", "site: 'pelvis' there, 'axilla' now", "pass --force")),
+    Case("synth-force-with-a-stray-file-in-the-phantoms", "synth", _stray_file_with_force, 2,
+         ("not a file of the phantoms synth recorded",)),
+    Case("synth-force-replaces-its-own-phantoms-whole", "synth", _force_over_other_phantoms, 0, check=_only_axilla),
     synth("num-cases-zero", ["--num-cases", "0"], 2, ("--num-cases wants at least 1",)),
     synth("num-cases-negative", ["--num-cases", "-3"], 2, ("--num-cases wants at least 1",)),
     synth("num-cases-text", ["--num-cases", "many"], 2, ("--num-cases",)),
