@@ -40,9 +40,10 @@ def check_in(section: str, cfg: typing.Any, name: str, ok: typing.Callable[[floa
         raise ConfigError(f"{section}.{name} must be in {interval}{what}, got {value:g}")
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def _closest(key: str, valid: list[str], section: str = "") -> str:
+    """'; did you mean ...?' with the closest of `valid`, named in full (`section.key`) as it is typed."""
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
-    return f"; did you mean '{match[0]}'?" if match else ""
+    return f"; did you mean '{section + '.' if section else ''}{match[0]}'?" if match else ""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -127,7 +128,7 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     if unknown:
         key = unknown[0]
         full = f"{where}.{key}" if where else key
-        raise ConfigError(f"unknown config key '{full}'{_closest(key, list(fields))}")
+        raise ConfigError(f"unknown config key '{full}'{_closest(key, list(fields), where)}")
     missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

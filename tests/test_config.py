@@ -33,10 +33,19 @@ def test_overrides_are_typed_and_nested():
 
 
 def test_unknown_key_names_closest():
-    with pytest.raises(C.ConfigError, match=r"unknown config key 'opt\.lrr'.*'lr'"):
+    # the suggestion is the key as it is typed, section and all (plan said 'qkv_bias' for model.bogus)
+    with pytest.raises(C.ConfigError, match=r"^unknown config key 'opt\.lrr'; did you mean 'opt\.lr'\?$"):
         C.load_config(Job, None, ["opt.lrr=1"])
-    with pytest.raises(C.ConfigError, match=r"'stpes'.*'steps'"):
+    with pytest.raises(C.ConfigError, match=r"^unknown config key 'stpes'; did you mean 'steps'\?$"):
         C.load_config(Job, None, ["stpes=1"])
+
+
+def test_unknown_key_in_a_config_file_names_the_file_and_the_full_key(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("opt:\n  betass: [0.8, 0.9]\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(Job, str(path))
+    assert str(e.value) == f"{path}: unknown config key 'opt.betass'; did you mean 'opt.betas'?"
 
 
 def test_bad_types_rejected():

@@ -14,6 +14,11 @@ compiled by XLA for a mesh of virtual CPU devices, so nothing is allocated. Repo
 - expected step time = model FLOPs / (devices x peak bf16 FLOP/s x assumed MFU),
   with peaks from `lnfm.train.mfu` and the assumed MFU stated.
 
+Both the compiled and the analytic plan start from `checked_config`: the pretraining job's own
+config and batch checks, so a request the job would refuse is one line (exit 2), not a traceback
+or a figure of nothing. `--table` writes a markdown table whose first line marks it as plan's, so
+that it never replaces a file of the user's (and `--force` replaces only its own, unchanged).
+
 XLA's CPU backend plans memory differently from GPU/TPU backends (fusion, layouts),
 so treat the figures as estimates of the accelerator's (typically within tens of
 percent); parameter and optimizer bytes are exact. The process must see exactly
@@ -25,23 +30,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from lnfm.config import ConfigError, parse_args_once
-from lnfm.jobs.pretrain import abstract_batch, build_training, load_pretrain_config, step_flops
+from lnfm.config import ConfigError, parse_args_once, parse_override
+from lnfm.data.loader import check_loader
+from lnfm.jobs.pretrain import (PretrainConfig, abstract_batch, build_training, check_token_grid,
+                                load_pretrain_config, step_flops)
 from lnfm.models.build import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
 from lnfm.models.sharding import logical_to_mesh_spec, make_mesh, use_rules
 from lnfm.models.vit import token_grid, vit_dims
+from lnfm.train.job import check_batch, check_run_config
 from lnfm.train.memory import memory_figures
 from lnfm.train.mfu import ASSUMED_MFU, expected_step_time, peak_flops
 from lnfm.workdir import atomic_write_text
@@ -88,27 +99,96 @@ def parse_mesh(text: str) -> dict:
         key, sep, value = part.partition("=")
         if not sep or key not in ("data", "fsdp", "tensor") or not value.isdigit() or int(value) < 1:
             raise ConfigError(f"--mesh: '{part}' is not data=N, fsdp=N or tensor=N")
+        if key in mesh:  # a dict would keep the last size without a word
+            raise ConfigError(f"--mesh {text}: the axis '{key}' is given twice; give each axis once")
         mesh[key] = int(value)
     if not mesh:
         raise ConfigError("--mesh is empty (e.g. fsdp=8 or data=4,fsdp=2)")
     return mesh
 
 
-def pretrain_config(req: PlanRequest):
-    """The pretraining config the job would run with these planner settings."""
+def option_keys(req: PlanRequest) -> dict[str, str]:
+    """Config key -> the option (with its value) that sets it in this request: the crop, batch and mesh
+    always, the others when given."""
+    mesh = ",".join(f"{k}={v}" for k, v in req.mesh.items())
+    keys = {"model.img_size": f"--patch {req.patch}", "train.global_batch": f"--global-batch {req.global_batch}",
+            "mesh.data": f"--mesh {mesh}", "mesh.fsdp": f"--mesh {mesh}", "mesh.tensor": f"--mesh {mesh}"}
+    for key, flag, value in (("mesh.rules", "--rules", req.rules), ("model.remat", "--remat", req.remat),
+                             ("model.dtype", "--dtype", req.dtype), ("train.accum_steps", "--accum-steps",
+                                                                     req.accum_steps)):
+        if value is not None:
+            keys[key] = f"{flag} {value}"
+    return keys
+
+
+def check_overrides(req: PlanRequest) -> None:
+    """Refuse an override of a key an option sets (or of its whole section): one of the two would be
+    ignored, and the report would describe the other."""
+    keys = option_keys(req)
+    for text in req.overrides:
+        key = ".".join(parse_override(text)[0])
+        for set_key, option in keys.items():
+            if key == set_key or set_key.startswith(key + "."):
+                flag = option.split()[0]
+                raise ConfigError(f"override {text}: {option} sets {set_key}; give it with {flag} only")
+
+
+def pretrain_config(req: PlanRequest) -> PretrainConfig:
+    """The pretraining config the job would run with these planner settings (unchecked: see `checked_config`)."""
+    check_overrides(req)
     sets = [f"model.img_size={req.patch},{req.patch},{req.patch}", f"train.global_batch={req.global_batch}",
             f"mesh.data={req.mesh.get('data', 1)}", f"mesh.fsdp={req.mesh.get('fsdp', 1)}",
             f"mesh.tensor={req.mesh.get('tensor', 1)}"]
     rules = req.rules or ("dp" if req.mesh.get("fsdp", 1) == 1 and req.mesh.get("tensor", 1) == 1 else None)
     if rules:
         sets.append(f"mesh.rules={rules}")
-    if req.remat:
+    if req.remat is not None:
         sets.append(f"model.remat={req.remat}")
-    if req.dtype:
+    if req.dtype is not None:
         sets.append(f"model.dtype={req.dtype}")
-    if req.accum_steps:
+    if req.accum_steps is not None:  # 0 is a value to refuse, not "no override"
         sets.append(f"train.accum_steps={req.accum_steps}")
     return load_pretrain_config(req.model, [*sets, *req.overrides])
+
+
+def _name_options(e: ConfigError, keys: dict[str, str]) -> ConfigError:
+    """`e` prefixed by the options that set the keys it names ('--accum-steps 0: train.accum_steps must be
+    ...'): the user gave the option, not the key."""
+    msg = str(e)
+    found = sorted((m.start(), option) for key, option in keys.items()
+                   if (m := re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", msg)))
+    options = list(dict.fromkeys(option for _, option in found))
+    return ConfigError(f"{', '.join(options)}: {msg}") if options else e
+
+
+def checked_config(req: PlanRequest, compiles: bool) -> PretrainConfig:
+    """The pretraining config of this request, refused in one line where the pretraining job would refuse
+    it (its own config and batch checks) or where the figures would mean nothing. The compiled and the
+    analytic plan both start here, so both refuse the same requests; `compiles` adds only that XLA:CPU,
+    which compiles the plan, has no float16 matmul."""
+    if req.device not in DEVICES:
+        raise ConfigError(f"--device: unknown device '{req.device}' (choices: {', '.join(DEVICES)})")
+    mfu = req.assumed_mfu
+    if not (math.isfinite(mfu) and 0 < mfu <= 1):  # NaN fails too
+        raise ConfigError(f"--assumed-mfu must be in (0, 1] (the share of the devices' peak FLOP/s the step "
+                          f"reaches), got {mfu:g}")
+    check_overrides(req)  # here, not in the try below: its message names the option and the key already
+    keys = option_keys(req)
+    try:
+        cfg = pretrain_config(req)
+        # The job runs on req.device, not on this host: the host's dtype check applies only where this
+        # host compiles (below), so check_run_config sees a dtype every backend runs.
+        check_run_config(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32")))
+        check_loader(cfg.data, "data")
+        check_batch(cfg.train.global_batch, cfg.train.accum_steps, 1, cfg.mesh.data * cfg.mesh.fsdp)
+        check_token_grid(cfg.model)
+    except ConfigError as e:
+        raise _name_options(e, keys) from None
+    if compiles and cfg.model.dtype == "float16":
+        where = keys.get("model.dtype", "model.dtype=float16")
+        raise ConfigError(f"{where}: the compiled plan runs on XLA:CPU, which has no float16 matmul; plan it "
+                          f"with --analytic, or use bfloat16")
+    return cfg
 
 
 def per_device_bytes(tree) -> int:
@@ -130,16 +210,11 @@ def _cost_flops(compiled) -> float | None:
 
 def plan(req: PlanRequest) -> dict:
     """Compile the step for `req` on this process's devices and return every figure (JSON-ready)."""
-    if req.device not in DEVICES:
-        raise ConfigError(f"unknown device '{req.device}' (choices: {', '.join(DEVICES)})")
+    cfg = checked_config(req, compiles=True)
     n = req.num_devices()
     if jax.device_count() != n:
         raise ConfigError(f"the mesh needs {n} devices but this process sees {jax.device_count()}")
-    cfg = pretrain_config(req)
     mesh = make_mesh(cfg.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.train.global_batch % shards:
-        raise ConfigError(f"global batch {cfg.train.global_batch} is not divisible by the {shards} batch shards")
     # The job's own builder over abstract arrays, outside use_rules as the job calls it.
     graphdef, state, _, step_fn = build_training(cfg, mesh, abstract=True)
     with use_rules(mesh, cfg.mesh.rules):
@@ -189,11 +264,11 @@ def analytic_plan(req: PlanRequest) -> dict:
     for the MAE encoder (visible tokens) and decoder (all tokens), plus float32 gradients
     and updates the size of the local parameter shard.
     """
-    cfg = pretrain_config(req)
+    cfg = checked_config(req, compiles=False)
     if cfg.model.arch != "vit":
-        raise ConfigError("the analytic model covers ViT MAE only")
+        raise ConfigError(f"--model {req.model}: the analytic model covers ViT MAE only, not {cfg.model.arch}")
     n = req.num_devices()
-    sizes = {"data": req.mesh.get("data", 1), "fsdp": req.mesh.get("fsdp", 1), "tensor": req.mesh.get("tensor", 1)}
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
     model = nnx.eval_shape(lambda: build_ssl_model(cfg.model, nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     specs = nnx.get_partition_spec(params)
@@ -353,7 +428,100 @@ def table(compile_max_devices: int, compile_models: tuple[str, ...], timeout_s: 
     return "\n".join(rows) + "\n", cells
 
 
+# The table's first line: an HTML comment (invisible where the markdown is shown) by which plan knows
+# the files it wrote, with digests of the table below it and of the JSON beside it, so that --force
+# replaces them only while unchanged, and never a user's file of the same name.
+TABLE_MARK = "<!-- written by lnfm plan --table"
+_MARK_LINE = re.compile(re.escape(TABLE_MARK) + r" \(replaced by --force while unchanged\) "
+                        r"sha256:([0-9a-f]{16}) json-sha256:([0-9a-f]{16}) -->")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def table_files(path: str | Path) -> tuple[Path, Path]:
+    """The markdown table and the JSON of its cells beside it."""
+    return Path(path), Path(f"{path}.json")
+
+
+def table_text(text: str, cells_json: str) -> str:
+    """The markdown file plan writes: its mark line, then the table."""
+    return (f"{TABLE_MARK} (replaced by --force while unchanged) sha256:{_digest(text)} "
+            f"json-sha256:{_digest(cells_json)} -->\n{text}")
+
+
+def own_table_json_digest(path: str | Path) -> str | None:
+    """The digest the mark records for the JSON beside `path` when `path` is a table plan wrote and
+    nobody changed since; None for anything else (a user's file, an edited table, a link, a folder)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:  # bytes: no newline translation under the digest
+            match = _MARK_LINE.fullmatch(f.readline(512).decode("utf-8").removesuffix("\n"))
+            rest = f.read().decode("utf-8") if match else ""  # a user's large file is not read past its first line
+    except (OSError, UnicodeDecodeError):
+        return None
+    return match.group(2) if match and match.group(1) == _digest(rest) else None
+
+
+def check_table_paths(path: str | Path, force: bool) -> None:
+    """Refuse, before the table is computed (minutes) and again before it is written, a --table file or
+    its .json that plan did not write (or that was changed since), one that plan wrote without --force,
+    a folder, or a path below a file."""
+    md, js = table_files(path)
+    if md.is_dir():
+        raise ConfigError(f"--table {md}: is a folder; name the markdown file to write")
+    for parent in md.parents:  # the nearest existing ancestor must be a folder (the missing ones are made)
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--table {md}: {parent} is a file, not a folder")
+            break
+    own_json = None
+    if md.exists() or md.is_symlink():
+        own_json = own_table_json_digest(md)
+        if own_json is None:
+            raise ConfigError(f"--table {md}: exists and is not a table lnfm plan wrote (or was changed since); "
+                              f"choose another file")
+        if not force:
+            raise ConfigError(f"--table {md}: exists (a table lnfm plan wrote); pass --force to replace it")
+    if js.exists() or js.is_symlink():
+        try:
+            same = own_json is not None and not js.is_symlink() and js.is_file() and \
+                _digest(js.read_bytes().decode("utf-8")) == own_json
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if not same:
+            raise ConfigError(f"--table {md}: {js} exists and is not the JSON lnfm plan wrote beside that table "
+                              f"(or was changed since); choose another --table file")
+
+
+def write_table(path: str | Path, text: str, cells: list[dict]) -> None:
+    """The marked table and its cells' JSON. Both are written in full (the JSON to a temporary sibling)
+    before either replaces a file, so a full disk leaves the earlier pair as it was: a new table beside
+    the old JSON would make that JSON look like the user's at the next --force."""
+    md, js = table_files(path)
+    cells_json = json.dumps(cells, indent=1)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    tmp = js.with_name(f".{js.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(cells_json)
+        atomic_write_text(md, table_text(text, cells_json))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, js)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = _parser()
+    args = parse_args_once(ap, argv)
+    check_option_use(ap, args)
+    return args
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Compile the pretraining step for a device mesh and report "
                                              "per-device memory, FLOPs and expected step time.")
     ap.add_argument("--model", default="vit_b", help="pretraining preset (vit_tiny, vit_b, vit_l, vit_h) or YAML")
@@ -365,15 +533,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--remat", default=None, help="rematerialisation: none, full, dots_saveable, ...")
     ap.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
     ap.add_argument("--accum-steps", type=int, default=None, help="gradient-accumulation microbatches")
-    ap.add_argument("--assumed-mfu", type=float, default=DEFAULT_MFU, help="MFU assumed for the step time")
+    ap.add_argument("--assumed-mfu", type=float, default=DEFAULT_MFU, help="MFU assumed for the step time, in (0, 1]")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON instead of text")
     ap.add_argument("--analytic", action="store_true", help="closed-form estimate only, no compile (any mesh size)")
-    ap.add_argument("--table", default=None, help="write the ViT-B/L/H scaling table (markdown) to this file")
+    ap.add_argument("--table", default=None, help="write the ViT-B/L/H scaling table (markdown) to this file "
+                                                  "and its figures to FILE.json")
+    ap.add_argument("--force", action="store_true", help="--table: replace a table (and its .json) plan wrote")
     ap.add_argument("--compile-max-devices", type=int, default=8, help="--table: compile cells up to this many devices")
     ap.add_argument("--compile-models", default="vit_b", help="--table: comma list of presets to compile")
     ap.add_argument("--compile-timeout", type=float, default=900, help="--table: seconds per compiled cell")
     ap.add_argument("overrides", nargs="*", help="extra pretraining config overrides key.sub=value")
-    return parse_args_once(ap, argv)
+    return ap
+
+
+# --table plans its own grid of presets, crops and meshes; these shape a single plan only, and the
+# --table ones nothing else: given on the wrong side they would be ignored without a word.
+SINGLE_PLAN_OPTIONS = ("model", "patch", "global_batch", "mesh", "rules", "remat", "dtype", "accum_steps",
+                       "assumed_mfu", "json", "analytic")
+TABLE_OPTIONS = ("force", "compile_max_devices", "compile_models", "compile_timeout")
+
+
+def check_option_use(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    def given(dest: str) -> bool:
+        return getattr(args, dest) != ap.get_default(dest)
+
+    if args.table is not None:
+        unread = [f"--{d.replace('_', '-')}" for d in SINGLE_PLAN_OPTIONS if given(d)]
+        unread += [f"override {args.overrides[0]}"] if args.overrides else []
+        if unread:
+            raise ConfigError(f"{unread[0]}: --table plans its own grid of presets, crops and meshes and does not "
+                              f"read it; plan one configuration without --table")
+    else:
+        unread = [f"--{d.replace('_', '-')}" for d in TABLE_OPTIONS if given(d)]
+        if unread:
+            raise ConfigError(f"{unread[0]}: only --table reads it (a single plan prints and writes no file)")
 
 
 def request_from_args(args: argparse.Namespace) -> PlanRequest:
@@ -394,11 +587,12 @@ def device_env(n: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.table:
+    if args.table is not None:
+        check_table_paths(args.table, args.force)
         text, cells = table(args.compile_max_devices, tuple(filter(None, args.compile_models.split(","))),
-                            args.compile_timeout)
-        atomic_write_text(args.table, text)
-        atomic_write_text(args.table + ".json", json.dumps(cells, indent=1))
+                            args.compile_timeout, args.device)
+        check_table_paths(args.table, args.force)  # again: the table took minutes, a file may have appeared
+        write_table(args.table, text, cells)
         print(text)
         return 0
     req = request_from_args(args)
@@ -406,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         p = analytic_plan(req)
         print(json.dumps(p, indent=1) if args.json else report(p))
         return 0
+    checked_config(req, compiles=True)  # a user error is one line here, not in the fresh interpreter's run
     env = device_env(req.num_devices())
     if os.environ.get("XLA_FLAGS") != env["XLA_FLAGS"] or os.environ.get("JAX_PLATFORMS") != "cpu":
         # XLA reads the device count from the environment once, at backend start: run in a fresh

@@ -55,7 +55,11 @@ ASSUMED_MFU = 0.4  # the scale planner's default MFU for its step-time estimate
 
 def expected_step_time(flops_per_step: float | None, device_kind: str, num_devices: int,
                        assumed_mfu: float = ASSUMED_MFU) -> float | None:
-    """Step time the scale planner predicts: model FLOPs / (devices x peak x assumed MFU); None when unknown."""
+    """Step time the scale planner predicts: model FLOPs / (devices x peak x assumed MFU); None when unknown.
+    An MFU outside (0, 1] is a caller's bug (the planner refuses it as --assumed-mfu): a step time from it
+    would be negative, infinite or faster than the hardware."""
+    if not 0.0 < assumed_mfu <= 1.0:  # NaN fails too
+        raise ValueError(f"assumed_mfu must be in (0, 1], got {assumed_mfu}")
     peak = peak_flops(device_kind)
     if peak is None or not flops_per_step or num_devices <= 0:
         return None

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lnfm.config import ConfigError
 from lnfm.jobs import plan as planner
 from lnfm.models.sharding import batch_sharding, make_mesh, use_rules
 from lnfm.jobs.pretrain import build_training, step_flops
@@ -96,6 +97,9 @@ def test_mesh_parsing_and_device_environment():
     for bad in ("fsdp", "pipe=2", "fsdp=0", ""):
         with pytest.raises(ValueError, match="--mesh"):
             planner.parse_mesh(bad)
+    with pytest.raises(ConfigError, match=r"^--mesh data=2,fsdp=2,data=4: the axis 'data' is given twice; give each "
+                                          r"axis once$"):
+        planner.parse_mesh("data=2,fsdp=2,data=4")  # a dict kept the last size: 8 devices planned as 16
     env = planner.device_env(256)
     assert env["JAX_PLATFORMS"] == "cpu"
     assert env["XLA_FLAGS"].split().count("--xla_force_host_platform_device_count=256") == 1
@@ -139,3 +143,122 @@ def test_the_pretraining_jobs_memory_check_counts_the_planners_step(planned, mon
     with pytest.raises(ConfigError, match=r"batches 36.6 GiB\), more than its 16.0 GiB: lower train.global_batch "
                                           r"or model.img_size$"):
         pretrain.check_memory(huge, make_mesh(huge.mesh), (16 * gib, 16 * gib))
+
+
+TINY8 = dict(model="vit_tiny", patch=32, global_batch=8, mesh={"data": 8}, device="v5e", overrides=("model.depth=2",))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"global_batch": 12}, "--global-batch 12: train.global_batch=12 must be a multiple of the 8 batch shards "
+                           "(mesh data x fsdp) times train.accum_steps=1"),
+    ({"accum_steps": 0}, "--accum-steps 0: train.accum_steps must be at least 1 (microbatches per step), got 0"),
+    ({"assumed_mfu": 0.0}, "--assumed-mfu must be in (0, 1] (the share of the devices' peak FLOP/s the step "
+                           "reaches), got 0"),
+    ({"patch": 36}, "--patch 36: model.img_size [36, 36, 36] is not a whole number of model.patch_size [8, 8, 8] "
+                    "tokens"),
+    ({"overrides": ("train.steps=0",)}, "train.steps must be at least 1 (optimizer steps), got 0"),
+    ({"overrides": ("mesh.fsdp=2",)}, "override mesh.fsdp=2: --mesh data=8 sets mesh.fsdp; give it with --mesh only"),
+], ids=["batch-over-shards", "accum-steps-zero", "mfu-zero", "patch-not-whole-patches", "steps-zero", "mesh-override"])
+def test_the_compiled_and_the_analytic_plan_refuse_the_same_requests(change, message):
+    """One check for both modes: the same request gets the same one line from each, before anything compiles."""
+    req = planner.PlanRequest(**{**TINY8, **change})
+    for mode in (planner.plan, planner.analytic_plan):
+        with pytest.raises(ConfigError) as e:
+            mode(req)
+        assert str(e.value) == message, mode.__name__
+
+
+def test_accum_steps_reach_the_analytic_figures():
+    """--accum-steps 2 halves the microbatch, so the activations (temp less the float32 gradients and updates,
+    2 x the local parameter bytes) are half those of --accum-steps 1; the batch itself is the same."""
+    one = planner.analytic_plan(planner.PlanRequest(**{**TINY8, "global_batch": 16}))
+    two = planner.analytic_plan(planner.PlanRequest(**{**TINY8, "global_batch": 16, "accum_steps": 2}))
+    assert (one["accum_steps"], two["accum_steps"]) == (1, 2)
+    params = one["memory"]["params"]
+    act1, act2 = one["memory"]["temp"] - 2 * params, two["memory"]["temp"] - 2 * params
+    assert act1 == pytest.approx(2 * act2, abs=2)  # temp is truncated to whole bytes
+    assert one["memory"]["other_args"] == two["memory"]["other_args"] == 2 * 32**3 * 4  # 16 volumes over 8 shards
+
+
+def test_float16_is_planned_analytically_but_not_compiled_on_a_cpu():
+    """The analytic plan is of the accelerator (16-bit activations: half float32's); the compiled plan runs
+    on XLA:CPU, which has no float16 matmul."""
+    f32 = planner.analytic_plan(planner.PlanRequest(**TINY8))
+    f16 = planner.analytic_plan(planner.PlanRequest(**TINY8, dtype="float16"))
+    assert f16["dtype"] == "float16"
+    params = f32["memory"]["params"]
+    assert f32["memory"]["temp"] - 2 * params == pytest.approx(2 * (f16["memory"]["temp"] - 2 * params), abs=2)
+    with pytest.raises(ConfigError, match=r"^--dtype float16: the compiled plan runs on XLA:CPU, which has no "
+                                          r"float16 matmul; plan it with --analytic, or use bfloat16$"):
+        planner.plan(planner.PlanRequest(**TINY8, dtype="float16"))
+
+
+def test_an_override_may_set_what_no_option_gives():
+    """mesh.rules is the option's only when --rules is given; without it the override is the rule table."""
+    assert planner.pretrain_config(planner.PlanRequest(**{**TINY8, "overrides": ("mesh.rules=fsdp",)})).mesh.rules \
+        == "fsdp"
+    with pytest.raises(ConfigError, match=r"^override mesh.rules=fsdp: --rules dp sets mesh.rules; give it with "
+                                          r"--rules only$"):
+        planner.pretrain_config(planner.PlanRequest(**{**TINY8, "rules": "dp", "overrides": ("mesh.rules=fsdp",)}))
+
+
+def test_expected_step_time_at_full_and_impossible_mfu():
+    from lnfm.train.mfu import expected_step_time
+
+    h100 = planner.DEVICES["h100"]["kind"]
+    # 8 H100s at 989.4 TFLOP/s each and MFU 1: 7.9152e15 FLOPs take one second
+    assert expected_step_time(7.9152e15, h100, 8, 1.0) == pytest.approx(1.0)
+    for bad in (0.0, -0.5, float("nan"), 1.5):
+        with pytest.raises(ValueError, match=r"assumed_mfu must be in \(0, 1\]"):
+            expected_step_time(7.9152e15, h100, 8, bad)
+
+
+def test_plan_knows_its_own_table_and_nothing_else(tmp_path):
+    import hashlib
+    import json
+
+    md = tmp_path / "t.md"
+    text, cells = "| a | b |\n|---|---|\n| 1 | 2 |\n", [{"x": 1}]
+    planner.write_table(md, text, cells)
+    js_text = json.dumps(cells, indent=1)
+    first, _, rest = md.read_text().partition("\n")
+    table_sha, json_sha = (hashlib.sha256(t.encode()).hexdigest()[:16] for t in (text, js_text))
+    assert first == (f"<!-- written by lnfm plan --table (replaced by --force while unchanged) sha256:{table_sha} "
+                     f"json-sha256:{json_sha} -->")
+    assert rest == text and (tmp_path / "t.md.json").read_text() == js_text
+    assert planner.own_table_json_digest(md) == json_sha
+    planner.check_table_paths(md, force=True)  # its own, unchanged: --force may replace it
+    with pytest.raises(ConfigError, match=rf"^--table {md}: exists \(a table lnfm plan wrote\); pass --force"):
+        planner.check_table_paths(md, force=False)
+    (tmp_path / "t.md.json").write_text(js_text + " ")  # the JSON changed: no longer plan's
+    with pytest.raises(ConfigError, match=rf"^--table {md}: {md}.json exists and is not the JSON lnfm plan wrote"):
+        planner.check_table_paths(md, force=True)
+    (tmp_path / "t.md.json").unlink()
+    planner.check_table_paths(md, force=True)  # a missing JSON is simply written
+    md.write_text(md.read_text().replace("| 1 |", "| 9 |"))  # an edited table is the user's
+    assert planner.own_table_json_digest(md) is None
+    (tmp_path / "plain.md").write_text(first + "\n")  # the mark over other content
+    assert planner.own_table_json_digest(tmp_path / "plain.md") is None
+    (tmp_path / "bin.md").write_bytes(b"\xff\xfe\x00")
+    assert planner.own_table_json_digest(tmp_path / "bin.md") is None
+
+
+def test_a_table_write_that_fails_keeps_the_earlier_pair(tmp_path, monkeypatch):
+    """A full disk while the new table is written: the earlier table and JSON stay, still plan's, and no
+    temporary file is left (a new table beside the old JSON would make that JSON look like the user's)."""
+    import errno
+    import hashlib
+
+    md = tmp_path / "t.md"
+    planner.write_table(md, "| old |\n", [{"old": 1}])
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(planner, "atomic_write_text", full)
+    with pytest.raises(OSError, match="No space left"):
+        planner.write_table(md, "| new |\n", [{"new": 1}])
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()} == before
+    assert sorted(before) == ["t.md", "t.md.json"]
+    planner.check_table_paths(md, force=True)  # the pair is still plan's

@@ -22,5 +22,5 @@ def test_tiny_preset_and_overrides():
     cfg = load_pretrain_config("vit_tiny", ["train.steps=7", "checkpoint.every=3", "data.weights=[2,1]"])
     assert (cfg.train.steps, cfg.checkpoint.every, cfg.data.weights) == (7, 3, (2.0, 1.0))
     assert cfg.model.img_size == (32, 32, 32)
-    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+    with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
         load_pretrain_config("vit_tiny", ["train.step=7"])
