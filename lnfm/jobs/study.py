@@ -9,7 +9,10 @@ markdown table with the accuracy benchmark's statistics (`lnfm.eval.stats`: mean
 95% CI over repeats, paired pretrained - scratch differences with p-values). Each cell is one
 `finetune/finetune.py` process (its own workdir, resumable: a cell with a
 summary.json is not run again); the JAX compilation cache is shared so cells of
-the same shape compile once.
+the same shape compile once. Every value is checked before anything is written. The report,
+log.txt and each stage's log show the study's folders as WORKDIR and OUT: a folder's name
+(often a patient's) stays out of what the study writes, the stages' config.yaml and
+checkpoint metadata aside (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -20,19 +23,25 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from lnfm.config import ConfigError, load_config, parse_args_once, to_dict
+from lnfm.config import ConfigError, load_config, parse_args_once, preset_path, to_dict
+from lnfm.data import synth
 from lnfm.data.benchmark import BenchmarkSpec
 from lnfm.data.benchmark import build as build_data
+from lnfm.data.loader import check_loader
+from lnfm.data.scan_checks import check_target_spacing
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.errors import LnfmError
-from lnfm.jobs.pretrain import PretrainConfig
+from lnfm.jobs.finetune import load_finetune_config
+from lnfm.jobs.pretrain import PretrainConfig, check_token_grid, load_pretrain_config
 from lnfm.runs import FinetuneRun
+from lnfm.train.job import check_run_config
 from lnfm.workdir import atomic_write_csv, atomic_write_text, check_resume, open_workdir, progress
 
 log = logging.getLogger("lnfm.study")
@@ -46,6 +55,7 @@ STRATEGIES: dict[str, list[str]] = {
     "lora": ["strategy.freeze=lora"],
 }
 HEADS = ("unetr", "light", "fine", "linear")
+INITS = ("scratch", "pretrained")
 METRIC_KEYS = ("dice", "node_sensitivity", "hd95", "nsd", "fp_per_volume")
 
 
@@ -73,27 +83,126 @@ class StudyConfig:
     quick: bool = False  # pass --quick to finetuning (32^3 patches, a few hundred steps)
 
 
-def check(cfg: StudyConfig) -> None:
-    for s in cfg.strategies:
-        if s not in STRATEGIES:
-            raise ConfigError(f"unknown strategy '{s}' (choices: {', '.join(STRATEGIES)})")
-    for h in cfg.heads:
-        if h not in HEADS:
-            raise ConfigError(f"unknown head '{h}' (choices: {', '.join(HEADS)})")
-    for i in cfg.inits:
-        if i not in ("scratch", "pretrained"):
-            raise ConfigError(f"unknown init '{i}' (choices: scratch, pretrained)")
-    if cfg.repeats < 1 or not cfg.num_labeled or min(cfg.num_labeled) < 1:
-        raise ConfigError("repeats and every num_labeled must be at least 1")
+def _check_grid(cfg: StudyConfig) -> None:
+    """Every grid list names known values, each once: a value listed twice runs one cell twice and its
+    results would count as twice the repeats; an empty list leaves no cell to run."""
+    for key, one, values, choices in (("inits", "init", cfg.inits, INITS),
+                                      ("strategies", "strategy", cfg.strategies, tuple(STRATEGIES)),
+                                      ("heads", "head", cfg.heads, HEADS),
+                                      ("num_labeled", "number of labelled cases", cfg.num_labeled, None)):
+        if not values:
+            wanted = f"one of {', '.join(choices)}" if choices else f"one {one}"
+            raise ConfigError(f"{key}: the list is empty; give at least {wanted}")
+        for v in values:
+            if choices and v not in choices:
+                raise ConfigError(f"{key}: unknown {one} '{v}' (choices: {', '.join(choices)})")
+            if values.count(v) > 1:
+                raise ConfigError(f"{key}: {v} is listed {values.count(v)} times; list each value once "
+                                  f"(repeats sets the runs per cell)")
+    for n in cfg.num_labeled:
+        if n < 1:
+            raise ConfigError(f"num_labeled: {n} must be at least 1 (labelled training cases)")
+    if cfg.repeats < 1:
+        raise ConfigError(f"repeats must be at least 1, got {cfg.repeats}")
+
+
+def _check_data(cfg: StudyConfig) -> None:
+    """The phantom counts, grid and spacing: what `lnfm.data.benchmark.build` would otherwise synthesise and
+    prepare before failing, or turn into fewer cases than the table reports."""
+    if cfg.site not in synth.SITES:
+        raise ConfigError(f"site: unknown site '{cfg.site}' (choices: {', '.join(synth.SITES)})")
+    for key, low, what in (("unlabelled", 1, "phantoms of the pretraining pool, built whatever the inits"),
+                           ("labelled", 1, "phantoms the few-shot subsets are drawn from"),
+                           # none: finetuning would hold out some of the labelled pool to validate on
+                           ("val", 1, "validation phantoms; with none, finetuning would validate on part of "
+                                      "the labelled pool"),
+                           ("test", 1, "held-out test phantoms every cell is scored on")):
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"{key} must be at least {low} ({what}), got {getattr(cfg, key)}")
+    # build() makes labelled + val phantoms and marks the last val of them val: the pool is `labelled`
     if max(cfg.num_labeled) > cfg.labelled:
         raise ConfigError(f"num_labeled reaches {max(cfg.num_labeled)} but the labelled pool has {cfg.labelled} "
                           f"phantoms (labelled=...)")
+    try:  # synth's own rule for a grid (its --shape)
+        synth._triple(",".join(str(int(v)) for v in cfg.shape))
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise ConfigError(f"shape: {list(cfg.shape)} is not a phantom grid synth makes ({e})") from None
+    check_target_spacing(cfg.spacing, "spacing")
 
 
-def _run(cmd: list[str], env: dict, logfile: Path) -> None:
-    log.info("$ %s", shlex.join(cmd))
-    with open(logfile, "a") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+def _check_jobs(cfg: StudyConfig) -> None:
+    """The pretraining and finetuning configs every stage will load, loaded now: a bad preset or override
+    would otherwise fail after the data (and the pretraining) were made."""
+    try:
+        preset_path("pretrain", cfg.pretrain_config)
+    except ConfigError as e:
+        raise ConfigError(f"pretrain_config: {e}") from None
+    where = "pretrain_config / pretrain_overrides" if cfg.pretrain_overrides else "pretrain_config"
+    try:
+        pre = load_pretrain_config(cfg.pretrain_config, cfg.pretrain_overrides)
+        if "pretrained" in cfg.inits:  # pretraining's config-only checks (its data's wait for the store)
+            check_run_config(pre)
+            check_token_grid(pre.model)
+            check_loader(pre.data, "data")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    model = scratch_model_overrides(cfg)
+    for strategy in cfg.strategies:
+        for head in cfg.heads:
+            try:  # a scratch cell's config (a pretrained cell's model comes from the pretraining run)
+                ft = load_finetune_config(cfg.site, finetune_args(cfg, strategy, head) + model, quick=cfg.quick,
+                                          repeats=cfg.repeats)
+            except ConfigError as e:
+                raise ConfigError(f"finetune_overrides (strategy {strategy}, head {head}): {e}") from None
+            # finetuning reads the store at site.spacing and never resamples: every cell would refuse it
+            if tuple(float(v) for v in ft.site.spacing) != tuple(float(v) for v in cfg.spacing):
+                raise ConfigError(f"spacing {list(cfg.spacing)} differs from the site.spacing "
+                                  f"{list(ft.site.spacing)} finetuning uses (site {cfg.site}): every cell would "
+                                  f"refuse the data; make them equal (site.spacing in finetune_overrides)")
+
+
+def check(cfg: StudyConfig) -> None:
+    """Every value of the study, before anything is written."""
+    _check_grid(cfg)
+    _check_data(cfg)
+    _check_jobs(cfg)
+
+
+def check_folder(path: Path, option: str) -> None:
+    """`path` is a folder or can be made one: a file there, or above it, would fail at mkdir."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise ConfigError(f"{p}: exists and is not a folder ({option} names a folder)")
+            return
+
+
+def hide_paths(text: str, places: dict[str, Path]) -> str:
+    """`text` with each of `places`' paths (as given, absolute and resolved) shown as its placeholder
+    name (WORKDIR, OUT), matched as whole path components; the Python interpreter is shown as `python`.
+    No folder name (often a patient's) reaches log.txt or a stage's log, and each line still says which
+    folder it means."""
+    forms = [(str(sys.executable), "python")]
+    for name, path in places.items():
+        forms += [(f, name) for f in {str(path), str(path.absolute()), str(path.resolve())} if f != "."]
+    for form, name in sorted(forms, key=lambda f: -len(f[0])):  # longest first: OUT inside WORKDIR stays OUT
+        text = re.sub(rf"(?<![\w.-]){re.escape(form)}(?![\w.-])", lambda _: name, text)
+    return text
+
+
+def _run(cmd: list[str], env: dict, logfile: Path, places: dict[str, Path]) -> None:
+    """Run a stage; its output goes to `logfile` with the study's paths hidden (`hide_paths`)."""
+    log.info("$ %s", hide_paths(shlex.join(cmd), places))
+    with open(logfile, "a") as f, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                   text=True, errors="replace") as proc:
+        try:
+            for line in proc.stdout:
+                f.write(hide_paths(line, places))
+                f.flush()
+            proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: the stage stops with the study (as subprocess.run does)
+            proc.kill()
+            raise
     if proc.returncode != 0:
         tail = logfile.read_text().strip().splitlines()[-1:] or [""]
         raise StageFailed(f"{logfile}: {shlex.join(cmd[1:4])}... failed (exit {proc.returncode}): {tail[0]}")
@@ -105,11 +214,13 @@ def build_benchmark(cfg: StudyConfig, workdir: Path, env: dict) -> tuple[Path, P
     spec = BenchmarkSpec(site=cfg.site, unlabelled=cfg.unlabelled, labelled=cfg.labelled, val=cfg.val,
                          test=cfg.test, shape=tuple(cfg.shape), spacing=tuple(cfg.spacing))
     data = build_data(spec, workdir / "data")
+    for name in ("unlabelled.csv", "labelled.csv"):  # prepare's inputs, naming the phantoms by absolute path:
+        (workdir / "data" / name).unlink(missing_ok=True)  # spent once the stores exist (build skips them)
     pre = workdir / "pretrain"
     if "pretrained" in cfg.inits and not (pre / "done.json").is_file():
         _run([sys.executable, "-m", "lnfm", "pretrain", "--config", cfg.pretrain_config, "--data",
               str(data.unlabelled_store), "--workdir", str(pre), *cfg.pretrain_overrides], env,
-             workdir / "build.log")
+             workdir / "build.log", {"WORKDIR": workdir})
         atomic_write_text(pre / "done.json", "{}")
     return data.labelled_store, pre
 
@@ -129,6 +240,11 @@ def scratch_model_overrides(cfg: StudyConfig) -> list[str]:
     return [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
 
 
+def finetune_args(cfg: StudyConfig, strategy: str, head: str) -> list[str]:
+    """A cell's finetuning overrides: the study's, then its strategy's and head's."""
+    return list(cfg.finetune_overrides) + STRATEGIES[strategy] + [f"head.kind={head}"]
+
+
 def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, env: dict) -> dict:
     out = cell_dir(workdir, c)
     summary = FinetuneRun(out).summary
@@ -138,11 +254,11 @@ def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, e
                "--workdir", str(out), "--num-labeled", str(c["num_labeled"]), "--repeats", str(cfg.repeats)]
         if cfg.quick:
             cmd.append("--quick")
-        cmd += list(cfg.finetune_overrides) + STRATEGIES[c["strategy"]] + [f"head.kind={c['head']}"]
+        cmd += finetune_args(cfg, c["strategy"], c["head"])
         if init == "scratch":
             cmd += scratch_model_overrides(cfg)
         out.mkdir(parents=True, exist_ok=True)
-        _run(cmd, env, out / "stdout.log")
+        _run(cmd, env, out / "stdout.log", {"WORKDIR": workdir})
     return json.loads(summary.read_text())
 
 
@@ -263,8 +379,11 @@ RESUME_KEYS = ("site", "unlabelled", "labelled", "val", "test", "shape", "spacin
 
 
 def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) -> int:
+    """The study; `command` is what study.md records (with WORKDIR and OUT for the folders, see `main`)."""
     check(cfg)
     workdir, out = Path(workdir), Path(out)
+    check_folder(workdir, "--workdir")
+    check_folder(out, "--out")
     check_resume(workdir, cfg, RESUME_KEYS, has_run=(workdir / "data").exists() or (workdir / "runs").exists())
     out.mkdir(parents=True, exist_ok=True)
     with open_workdir(workdir, cfg, tensorboard=False) as writer:  # its log handler ends on a failed stage too
@@ -286,7 +405,7 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
         plot(agg, "dice", "Dice", out / "dice_vs_labelled.png")
         plot(agg, "node_sensitivity", "node sensitivity", out / "sensitivity_vs_labelled.png")
         atomic_write_text(out / "study.md", markdown(agg, cfg, command, rows))
-    log.info("study finished in %.0f s: %s", time.time() - t0, out)
+    log.info("study finished in %.0f s: study.md, study.csv and the plots are in --out", time.time() - t0)
     return 0
 
 
@@ -302,9 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args_once(ap, argv)
     name = "quick" if args.quick else (args.config or "full")
     cfg = load_config(StudyConfig, name, args.overrides, kind="study")
-    command = "python finetune/study.py " + shlex.join(
-        (["--quick"] if args.quick else ["--config", name]) + ["--workdir", args.workdir, "--out", args.out]
-        + list(args.overrides))
+    # study.md names no folder (they often hold a patient's name): the folders are WORKDIR and OUT, and a
+    # config file is the resolved copy the workdir keeps (the overrides are already in it)
+    path_given = Path(name).suffix in (".yaml", ".yml") or Path(name).exists()  # as preset_path tells them
+    source = ["--quick"] if args.quick else ["--config", "WORKDIR/config.yaml" if path_given else name]
+    command = "python finetune/study.py " + shlex.join(source + ["--workdir", "WORKDIR", "--out", "OUT"]
+                                                       + list(args.overrides))
     return run(cfg, args.workdir, args.out, command)
 
 

@@ -2,6 +2,9 @@
 
 import csv
 import logging
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +46,103 @@ def test_invalid_study_config_is_rejected():
         S.check(S.StudyConfig(heads=["big"]))
     with pytest.raises(ConfigError, match="the labelled pool has 4"):
         S.check(S.StudyConfig(labelled=4, num_labeled=[1, 8]))
+
+
+@pytest.mark.parametrize("changes, message", [
+    # an empty list left no cell (a matplotlib traceback after the data was built)
+    ({"strategies": []}, "strategies: the list is empty; give at least one of freeze_all, first_k, full_llrd, lora"),
+    ({"heads": []}, "heads: the list is empty; give at least one of unetr, light, fine, linear"),
+    ({"inits": []}, "inits: the list is empty; give at least one of scratch, pretrained"),
+    ({"num_labeled": []}, "num_labeled: the list is empty; give at least one number of labelled cases"),
+    # a value listed twice ran one cell twice, reported as twice the repeats
+    ({"num_labeled": [1, 4, 1]}, "num_labeled: 1 is listed 2 times; list each value once (repeats sets the runs "
+                                 "per cell)"),
+    ({"inits": ["scratch", "scratch"]}, "inits: scratch is listed 2 times"),
+    ({"num_labeled": [0, 1]}, "num_labeled: 0 must be at least 1 (labelled training cases)"),
+    ({"repeats": 0}, "repeats must be at least 1, got 0"),
+    ({"unlabelled": 0}, "unlabelled must be at least 1 (phantoms of the pretraining pool, built whatever the inits), "
+                        "got 0"),
+    ({"val": -1}, "val must be at least 1 (validation phantoms; with none, finetuning would validate on part of the "
+                  "labelled pool), got -1"),
+    ({"val": 0}, "val must be at least 1"),
+    ({"test": 0}, "test must be at least 1 (held-out test phantoms every cell is scored on), got 0"),
+    ({"labelled": 0, "num_labeled": [1]}, "labelled must be at least 1 (phantoms the few-shot subsets are drawn "
+                                          "from), got 0"),
+    ({"shape": (-5, 32, 32)}, "shape: [-5, 32, 32] is not a phantom grid synth makes (--shape wants X,Y,Z with each "
+                              ">= 16, got '-5,32,32')"),
+    ({"shape": (15, 32, 32)}, "shape: [15, 32, 32] is not a phantom grid synth makes"),
+    ({"spacing": (1.5, -1.5, 1.5)}, "spacing: [1.5, -1.5, 1.5] is not a voxel size"),
+    ({"spacing": (2.0, 2.0, 2.0)}, "spacing [2.0, 2.0, 2.0] differs from the site.spacing [1.5, 1.5, 1.5] finetuning "
+                                   "uses (site pelvis): every cell would refuse the data; make them equal "
+                                   "(site.spacing in finetune_overrides)"),
+    ({"site": "knee"}, "site: unknown site 'knee' (choices: head_neck, axilla, mediastinum, abdomen, pelvis)"),
+    ({"pretrain_config": "vit_nope"}, "pretrain_config: unknown pretrain config 'vit_nope'; did you mean 'vit_tiny'?"),
+    ({"pretrain_overrides": ["model.size=huge9"]}, "pretrain_config / pretrain_overrides: model.size: 'huge9'"),
+    ({"pretrain_overrides": ["train.steps=0"]}, "pretrain_config / pretrain_overrides: train.steps must be at least 1"),
+    ({"pretrain_overrides": ["model.img_size=[8,8,8]"]},
+     "pretrain_config / pretrain_overrides: model.img_size [8, 8, 8] holds 1 token(s)"),
+    ({"finetune_overrides": ["train.steps=0"]}, "finetune_overrides (strategy freeze_all, head unetr): train.steps "
+                                                "must be at least 1"),
+    ({"finetune_overrides": ["head.knd=light"]}, "finetune_overrides (strategy freeze_all, head unetr): unknown config "
+                                                 "key 'head.knd'"),
+])
+def test_a_value_no_study_can_use_is_refused_before_anything_is_made(changes, message):
+    """Each of these built every phantom set (or ran the whole study) before failing or reporting wrong
+    numbers; `check` runs before anything is written."""
+    with pytest.raises(ConfigError) as e:
+        S.check(S.StudyConfig(**{"num_labeled": [1], **changes}))
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_what_the_checks_allow():
+    # pretraining's ranges matter only when it runs; a finetuning site.spacing set to the study's is its spacing
+    S.check(S.StudyConfig(inits=["scratch"], pretrain_overrides=["train.steps=0"], num_labeled=[1]))
+    S.check(S.StudyConfig(spacing=(2.0, 2.0, 2.0), finetune_overrides=["site.spacing=[2,2,2]"], num_labeled=[1]))
+    S.check(S.StudyConfig(labelled=4, num_labeled=[4], val=1, test=1, unlabelled=1, shape=(16, 16, 16)))
+
+
+def test_a_file_where_a_folder_goes_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    S.check_folder(tmp_path / "new" / "deeper", "--out")
+    S.check_folder(tmp_path, "--out")
+    for path in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        with pytest.raises(ConfigError, match=f"^{tmp_path / 'afile'}: exists and is not a folder "
+                                              r"\(--workdir names a folder\)$"):
+            S.check_folder(path, "--workdir")
+
+
+def test_logged_commands_and_stage_output_name_no_folder(tmp_path, monkeypatch):
+    """A folder is shown as WORKDIR or OUT in every form a stage may print it (as given, absolute,
+    resolved through a link), as whole path components only."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DOE_JANE" / "wd").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "DOE_JANE")
+    places = {"WORKDIR": Path("link/wd"), "OUT": Path("link/wd/out")}
+    text = (f"{sys.executable} -m lnfm finetune --data {tmp_path}/DOE_JANE/wd/data --init link/wd/pretrain "
+            f"--workdir {tmp_path}/link/wd/runs/a 'link/wd/out/study.md' link/wdx link/wd.bak x/link/wd")
+    assert S.hide_paths(text, places) == ("python -m lnfm finetune --data WORKDIR/data --init WORKDIR/pretrain "
+                                          "--workdir WORKDIR/runs/a 'OUT/study.md' link/wdx link/wd.bak x/WORKDIR")
+    # a stage's output is written through it, and a failed stage still stops the study
+    log_file = tmp_path / "stage.log"
+    code = f"print('read only={tmp_path}/DOE_JANE/wd/pretrain'); raise SystemExit(3)"
+    with pytest.raises(S.StageFailed, match=r"failed \(exit 3\): read only=WORKDIR/pretrain$"):
+        S._run([sys.executable, "-c", code], dict(os.environ), log_file, places)
+    assert log_file.read_text() == "read only=WORKDIR/pretrain\n"
+
+
+def test_the_report_s_command_names_no_folder(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(S, "run", lambda cfg, workdir, out, command: seen.append((workdir, out, command)) or 0)
+    S.main(["--quick", "--workdir", "/data/DOE_JANE/wd", "--out", "DOE_JANE/out", "repeats=2"])
+    assert seen[-1] == ("/data/DOE_JANE/wd", "DOE_JANE/out",
+                        "python finetune/study.py --quick --workdir WORKDIR --out OUT repeats=2")
+    # a config file is the workdir's resolved copy (the overrides are in it, and given again change nothing)
+    (tmp_path / "DOE_JANE.yaml").write_text("base: quick\nrepeats: 3\n")
+    S.main(["--config", str(tmp_path / "DOE_JANE.yaml"), "--workdir", "wd", "--out", "out", "heads=[light]"])
+    assert seen[-1][2] == ("python finetune/study.py --config WORKDIR/config.yaml --workdir WORKDIR --out OUT "
+                           "'heads=[light]'")
+    S.main(["--config", "full", "--workdir", "wd", "--out", "out"])
+    assert seen[-1][2] == "python finetune/study.py --config full --workdir WORKDIR --out OUT"
 
 
 def test_scratch_cells_use_the_pretrained_architecture():
