@@ -78,6 +78,24 @@ def test_onnxruntime_matches_jax_on_real_ct_patches(tiny, onnx_export, shared_da
         assert 0.01 < ref[..., 1].mean() < 0.99  # the patches hold both classes, not a saturated output
 
 
+def test_a_batch_split_between_two_sessions_equals_one_session_in_order(onnx_export, shared_data):
+    """Predict's ONNX Runtime backend runs the halves of a batch on two sessions side by side: the same
+    probabilities, window by window in the batch's order, as onnxruntime's own session on the whole batch."""
+    import onnxruntime as ort
+
+    from lnfm.models.export_onnx import ONNX_INPUT, ONNX_OUTPUT
+
+    meta = read_meta(onnx_export)
+    x = _real_patches(shared_data, meta, n=3)  # odd: halves of 2 and 1
+    plain = ort.InferenceSession(str(onnx_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref = plain.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+    for threads in (1, 2):  # one core: no split; two: one thread per session
+        got = backends.onnx_network(onnx_export / "model.onnx", threads=threads)(x)
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5, threads
+    single = [plain.run([ONNX_OUTPUT], {ONNX_INPUT: w[None]})[0][0] for w in x]
+    assert np.abs(np.stack(single) - got).max() <= 1e-5  # each window its own, in order
+
+
 @pytest.mark.slow  # jax2onnx converts each head in about a minute on 2 free cores
 @pytest.mark.parametrize("head", ["light", "unetr", "fine_top1"])
 def test_conv_heads_convert_and_match_jax_on_a_real_ct_patch(head, shared_data, onnx_export, tmp_path):
