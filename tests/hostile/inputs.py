@@ -159,6 +159,22 @@ def real_ct(inp: Path) -> Path:
     return Path(shutil.copy(REAL_CT, inp / "real_ct.nii.gz"))
 
 
+def real_hu(inp: Path) -> np.ndarray:
+    """The real CT's voxels (int16 HU, -1100..1207)."""
+    return np.asarray(nib.load(real_ct(inp)).dataobj)
+
+
+def nrrd_in_units(inp: Path, unit: str) -> Path:
+    """The phantom body as an NRRD whose header gives `unit` for each world axis."""
+    import nrrd
+
+    image, _ = body()
+    path = inp / "bad.nrrd"
+    nrrd.write(str(path), image, {"space": "right-anterior-superior", "space directions": np.diag([1.5, 1.5, 2.0]),
+                                  "space origin": np.zeros(3), "space units": [unit] * 3}, index_order="F")
+    return path
+
+
 def real_ln_mask(inp: Path) -> Path:
     """One real lymph-node mask (float32 {0,1} on its real grid) unzipped."""
     import zipfile

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from harness import Case, run_case
 from inputs import (AFFINE, MIRRORED_X, NONUNIFORM_DICOM, REAL_DICOM, body, dicom_copy, dicom_edited,
-                    dicom_with_garbage, nhdr, nii, nii_forms, outside_secret, real_ct, two_series)
+                    dicom_with_garbage, nhdr, nii, nii_forms, nrrd_in_units, outside_secret, real_ct, real_hu,
+                    two_series)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -247,19 +248,6 @@ def _zero_dim(inp):
     return path, path
 
 
-def _real_hu(inp) -> np.ndarray:
-    return np.asarray(nib.load(real_ct(inp)).dataobj)  # int16 HU, -1100..1207
-
-
-def _nrrd_unit(inp, unit: str):
-    import nrrd
-
-    p = inp / "bad.nrrd"
-    nrrd.write(str(p), IMG, {"space": "right-anterior-superior", "space directions": np.diag([1.5, 1.5, 2.0]),
-                             "space origin": np.zeros(3), "space units": [unit] * 3}, index_order="F")
-    return p, p
-
-
 def _real_ct_nrrd_cm(inp):
     """The real CT as a converter may write it, in centimetres: read in mm, its mask lies on the original grid."""
     import nrrd
@@ -276,11 +264,11 @@ SCANS = [
               ("values down to -10040", "not Hounsfield units (scaled by 10")),
     scan_case("hu-divided-by-10", lambda inp: _img(inp, IMG / np.float32(10)),
               ("no voxel below -500 HU", "not Hounsfield units (divided by 10?)")),
-    scan_case("real-ct-times-10", lambda inp: _img(inp, _real_hu(inp) * np.int16(10)),
+    scan_case("real-ct-times-10", lambda inp: _img(inp, real_hu(inp) * np.int16(10)),
               ("values down to -10790", "scaled by 10")),
-    scan_case("real-ct-divided-by-10", lambda inp: _img(inp, _real_hu(inp).astype(np.float32) / 10),
+    scan_case("real-ct-divided-by-10", lambda inp: _img(inp, real_hu(inp).astype(np.float32) / 10),
               ("no voxel below -500 HU", "divided by 10")),
-    scan_case("nrrd-space-unit-furlong", lambda inp: _nrrd_unit(inp, "furlong"),
+    scan_case("nrrd-space-unit-furlong", lambda inp: (nrrd_in_units(inp, "furlong"),) * 2,
               ("unsupported NRRD space unit 'furlong'",)),
     scan_case("input-missing", lambda inp: (inp / "none.nii.gz", inp / "none.nii.gz"), ("not found",)),
     scan_case("corrupt-gzip", lambda inp: _raw(inp, "c.nii.gz", b"\x1f\x8b garbage"), ("unreadable",)),

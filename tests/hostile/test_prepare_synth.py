@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 from harness import Case, run_case
 from inputs import (AFFINE, MIRRORED_X, NONUNIFORM_DICOM, body, csv_file, dicom_copy, dicom_edited, dicom_with_garbage,
-                    good_pair, nhdr, nii, nii_forms, nnunet, outside_secret, real_ct, real_ln_mask, two_series)
+                    good_pair, nhdr, nii, nii_forms, nnunet, nrrd_in_units, outside_secret, real_ct, real_hu,
+                    real_ln_mask, two_series)
 
 
 def prep(inp_path, out: Path, *extra) -> list:
@@ -212,17 +212,8 @@ def _orientation_doubled(inp):
     return {"image": folder}, fault
 
 
-def _real_hu(inp) -> np.ndarray:
-    return np.asarray(nib.load(real_ct(inp)).dataobj)  # int16 HU, -1100..1207
-
-
-def _nrrd_unit(inp, unit: str):
-    import nrrd
-
-    p = inp / "bad.nrrd"
-    nrrd.write(str(p), IMG, {"space": "right-anterior-superior", "space directions": np.diag([1.5, 1.5, 2.0]),
-                             "space origin": np.zeros(3), "space units": [unit] * 3}, index_order="F")
-    return {"image": p}, p
+def _as_image(path: Path):
+    return {"image": path}, path
 
 
 BAD_CASES = [
@@ -230,11 +221,11 @@ BAD_CASES = [
              ("values down to -10040", "not Hounsfield units (scaled by 10")),
     bad_case("hu-divided-by-10", lambda inp: _img(inp, IMG / np.float32(10)),
              ("no voxel below -500 HU", "not Hounsfield units (divided by 10?)")),
-    bad_case("real-ct-times-10", lambda inp: _img(inp, _real_hu(inp) * np.int16(10)),
+    bad_case("real-ct-times-10", lambda inp: _img(inp, real_hu(inp) * np.int16(10)),
              ("values down to -10790", "scaled by 10")),
-    bad_case("real-ct-divided-by-10", lambda inp: _img(inp, _real_hu(inp).astype(np.float32) / 10),
+    bad_case("real-ct-divided-by-10", lambda inp: _img(inp, real_hu(inp).astype(np.float32) / 10),
              ("no voxel below -500 HU", "divided by 10")),
-    bad_case("nrrd-space-unit-furlong", lambda inp: _nrrd_unit(inp, "furlong"),
+    bad_case("nrrd-space-unit-furlong", lambda inp: _as_image(nrrd_in_units(inp, "furlong")),
              ("unsupported NRRD space unit 'furlong'",)),
     bad_case("corrupt-gzip", lambda inp: _file(inp, "corrupt.nii.gz", b"\x1f\x8b" + b"garbage" * 30), ("unreadable",)),
     bad_case("text-named-nii", lambda inp: _file(inp, "notes.nii", b"this is not an image " * 30), ("unreadable",)),
