@@ -97,13 +97,15 @@ def onnx_network(path: str | Path, threads: int | None = None) -> Network:
     A batch of two or more windows is split between two sessions of half the threads each, run side by
     side: on 2 cores a window took 0.515 s that way against 0.575 s as a batch of 2 on one 2-thread session
     (mediastinum preset's 160x160x96), 0.185 against 0.209 s (pelvis, 96^3) (docs/benchmarks.md): an
-    operator's threads wait for each other, two sessions' do not. A single window runs on all threads."""
+    operator's threads wait for each other, two sessions' do not. A single window, or any batch of a graph
+    whose batch size is fixed, runs on one session with all the threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     cores = int(threads) if threads else len(os.sched_getaffinity(0))
     whole = _onnx_session(path, cores)  # also checks the file before anything runs
     halves: list = []
-    pool = ThreadPoolExecutor(2) if cores >= 2 else None
+    symbolic = not isinstance(whole.get_inputs()[0].shape[0], int)  # a graph of fixed batch takes only that batch
+    pool = ThreadPoolExecutor(2) if cores >= 2 and symbolic else None
 
     def run(session, x):
         return session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(x, np.float32)})[0]

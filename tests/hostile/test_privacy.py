@@ -82,7 +82,7 @@ def _patients(root: Path) -> Path:
     return root
 
 
-def test_prepare_from_patient_named_folders_writes_no_name(tmp_path, lnfm_log, capsys):
+def test_prepare_from_patient_named_folders_writes_no_name(tmp_path, lnfm_log, capsys, shared_data):  # its DICOM
     from lnfm.data.prepare import main
     from lnfm.data.store import read_failures, read_manifest
 
