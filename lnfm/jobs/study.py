@@ -178,8 +178,8 @@ def check_folder(path: Path, option: str) -> None:
 
 
 def hide_paths(text: str, places: dict[str, Path]) -> str:
-    """`text` with each of `places`' paths (as given, absolute and resolved) shown as its placeholder
-    name (WORKDIR, OUT), matched as whole path components; the Python interpreter is shown as `python`.
+    """`text` with each of `places`' paths (as given, absolute and resolved) replaced by its key (WORKDIR,
+    OUT), matched as whole path components; the Python interpreter is shown as `python`.
     No folder name (often a patient's) reaches log.txt or a stage's log, and each line still says which
     folder it means."""
     forms = [(str(sys.executable), "python")]
