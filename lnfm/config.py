@@ -162,6 +162,14 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def refuse_derived(overrides, derived: dict[str, str], job: str) -> None:
+    """Refuse an override of a key `job` derives from another (key -> what it derives from): the run would
+    record the override in config.yaml and never use it."""
+    for key in sorted({".".join(parse_override(text)[0]) for text in overrides}):
+        if key in derived:
+            raise ConfigError(f"{key}: {job} sets it from {derived[key]}; set that instead")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=1e-3' -> (['train', 'lr'], 0.001). Values are parsed as YAML."""
     if "=" not in text:

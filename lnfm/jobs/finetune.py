@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, parse_args_once,
-                         parse_override, read_yaml, to_dict)
+                         parse_override, read_yaml, refuse_derived, to_dict)
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
@@ -158,10 +158,9 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         extra.append(f"train.num_labeled={num_labeled}")
     if repeats is not None:
         extra.append(f"train.repeats={repeats}")
+    refuse_derived(overrides, DERIVED_LOADER_KEYS, "finetuning")
     keys = {".".join(parse_override(text)[0]) for text in overrides}
-    for key in sorted(keys):  # values finetuning derives: an override of them would be dropped without a word
-        if key in DERIVED_LOADER_KEYS:
-            raise ConfigError(f"{key}: finetuning sets it from {DERIVED_LOADER_KEYS[key]}; set that instead")
+    for key in sorted(keys):
         if key.startswith("data."):  # pretraining's data section; here `data` is the list of stores (--data)
             raise ConfigError(f"{key}: finetuning has no data section (--data lists its stores); the loader's "
                               f"settings are loader.{key.split('.', 1)[1]}")

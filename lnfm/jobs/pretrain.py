@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import ConfigError, load_config, parse_args_once, parse_override, to_dict
+from lnfm.config import ConfigError, load_config, parse_args_once, refuse_derived, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
 from lnfm.data.store import check_stores
@@ -83,10 +83,7 @@ DERIVED_DATA_KEYS = {"data.patch_size": "model.img_size", "data.batch_size": "tr
 
 
 def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> PretrainConfig:
-    for text in overrides:  # an override of a derived value would be recorded in config.yaml and not used
-        key = ".".join(parse_override(text)[0])
-        if key in DERIVED_DATA_KEYS:
-            raise ConfigError(f"{key}: pretraining sets it from {DERIVED_DATA_KEYS[key]}; set that instead")
+    refuse_derived(overrides, DERIVED_DATA_KEYS, "pretraining")
     return load_config(PretrainConfig, name_or_yaml, list(overrides), kind="pretrain")
 
 
