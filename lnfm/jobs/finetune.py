@@ -509,8 +509,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         writer.write(0, head_params=hp, head_gflops=hf / 1e9, trainable_params=n_train, total_params=total_params)
         bsh = batch_sharding(mesh)
         nproc = jax.process_count()
-        loader_cfg = dataclasses.replace(cfg.loader, patch_size=cfg.site.patch, batch_size=tc.global_batch // nproc,
-                                         seed=seed)
+        loader_cfg = dataclasses.replace(cfg.loader, seed=seed)  # its patch and batch: `_check` resolved them
         loader = make_loader(stores, loader_cfg, split="train", labels=True, case_ids=loader_ids,
                              shard_index=pid, shard_count=nproc, paste_into=paste_into)
         data_iter = iter(loader)
