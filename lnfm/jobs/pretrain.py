@@ -215,6 +215,14 @@ def check_token_grid(model: ModelConfig) -> None:
                           f"visible and one hidden (raise model.img_size or change model.mask_ratio)") from None
 
 
+def check_pretrain_config(cfg: PretrainConfig) -> None:
+    """Pretraining's checks of its config alone (the shared training sections, the token grid, the data
+    section), before its stores are read: the job and the transfer study run them."""
+    check_run_config(cfg)
+    check_token_grid(cfg.model)
+    check_loader(cfg.data, "data")
+
+
 def pretrain_preprocessing(cfg: PretrainConfig, stores: list[str]) -> Preprocessing:
     """What finetuning and export repeat: the stores' one contract and the intensity normalisation."""
     return Preprocessing(common_contract(stores), Normalization(cfg.data.hu_window, cfg.data.pet_scale),
@@ -234,9 +242,7 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
 
     def check(cfg: PretrainConfig) -> Checked:  # before anything compiles
-        check_run_config(cfg)
-        check_token_grid(cfg.model)
-        check_loader(cfg.data, "data")
+        check_pretrain_config(cfg)
         # config.yaml records the patch and the per-process batch the loader reads (DERIVED_DATA_KEYS)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, patch_size=tuple(cfg.model.img_size), batch_size=cfg.train.global_batch // jax.process_count()))

@@ -34,14 +34,12 @@ from lnfm.config import ConfigError, load_config, parse_args_once, preset_path, 
 from lnfm.data import synth
 from lnfm.data.benchmark import BenchmarkSpec
 from lnfm.data.benchmark import build as build_data
-from lnfm.data.loader import check_loader
 from lnfm.data.scan_checks import check_target_spacing
 from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.errors import LnfmError
 from lnfm.jobs.finetune import load_finetune_config
-from lnfm.jobs.pretrain import PretrainConfig, check_token_grid, load_pretrain_config
+from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretrain_config
 from lnfm.runs import FinetuneRun
-from lnfm.train.job import check_run_config
 from lnfm.workdir import atomic_write_csv, atomic_write_text, check_resume, open_workdir, progress
 
 log = logging.getLogger("lnfm.study")
@@ -141,9 +139,7 @@ def _check_jobs(cfg: StudyConfig) -> None:
     try:
         pre = load_pretrain_config(cfg.pretrain_config, cfg.pretrain_overrides)
         if "pretrained" in cfg.inits:  # pretraining's config-only checks (its data's wait for the store)
-            check_run_config(pre)
-            check_token_grid(pre.model)
-            check_loader(pre.data, "data")
+            check_pretrain_config(pre)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     model = scratch_model_overrides(cfg)
