@@ -175,6 +175,19 @@ def nrrd_in_units(inp: Path, unit: str) -> Path:
     return path
 
 
+def not_hu_scans() -> list:
+    """(id, voxels written under `inp`, what the refusal says) of CTs that are not in HU: the phantom body
+    and the real CT times 10 and divided by 10. Prepare and predict read them through the same checks."""
+    image, _ = body()
+    return [("hu-times-10", lambda inp: image * np.int16(10),
+             ("values down to -10040", "not Hounsfield units (scaled by 10")),
+            ("hu-divided-by-10", lambda inp: image / np.float32(10),
+             ("no voxel below -500 HU", "not Hounsfield units (divided by 10?)")),
+            ("real-ct-times-10", lambda inp: real_hu(inp) * np.int16(10), ("values down to -10790", "scaled by 10")),
+            ("real-ct-divided-by-10", lambda inp: real_hu(inp).astype(np.float32) / 10,
+             ("no voxel below -500 HU", "divided by 10"))]
+
+
 def real_ln_mask(inp: Path) -> Path:
     """One real lymph-node mask (float32 {0,1} on its real grid) unzipped."""
     import zipfile

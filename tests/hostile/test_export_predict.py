@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from harness import Case, run_case
 from inputs import (AFFINE, MIRRORED_X, NONUNIFORM_DICOM, REAL_DICOM, body, dicom_copy, dicom_edited,
-                    dicom_with_garbage, nhdr, nii, nii_forms, nrrd_in_units, outside_secret, real_ct, real_hu,
+                    dicom_with_garbage, nhdr, nii, nii_forms, nrrd_in_units, outside_secret, real_ct, not_hu_scans,
                     two_series)
 
 
@@ -260,14 +260,7 @@ def _real_ct_nrrd_cm(inp):
 
 
 SCANS = [
-    scan_case("hu-times-10", lambda inp: _img(inp, IMG * np.int16(10)),
-              ("values down to -10040", "not Hounsfield units (scaled by 10")),
-    scan_case("hu-divided-by-10", lambda inp: _img(inp, IMG / np.float32(10)),
-              ("no voxel below -500 HU", "not Hounsfield units (divided by 10?)")),
-    scan_case("real-ct-times-10", lambda inp: _img(inp, real_hu(inp) * np.int16(10)),
-              ("values down to -10790", "scaled by 10")),
-    scan_case("real-ct-divided-by-10", lambda inp: _img(inp, real_hu(inp).astype(np.float32) / 10),
-              ("no voxel below -500 HU", "divided by 10")),
+    *[scan_case(id, lambda inp, voxels=voxels: _img(inp, voxels(inp)), says) for id, voxels, says in not_hu_scans()],
     scan_case("nrrd-space-unit-furlong", lambda inp: (nrrd_in_units(inp, "furlong"),) * 2,
               ("unsupported NRRD space unit 'furlong'",)),
     scan_case("input-missing", lambda inp: (inp / "none.nii.gz", inp / "none.nii.gz"), ("not found",)),
