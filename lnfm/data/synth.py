@@ -32,7 +32,7 @@ from lnfm.data import synth_anatomy as A
 from lnfm.data.geometry import axial_diameters
 from lnfm.data.synth_nodes import REAL_SET, node_shape, real_mask_files
 from lnfm.io.nifti import write_nifti
-from lnfm.workdir import atomic_write_text
+from lnfm.workdir import atomic_write_text, file_sha256
 
 SITES: tuple[str, ...] = ("head_neck", "axilla", "mediastinum", "abdomen", "pelvis")
 
@@ -426,6 +426,20 @@ def _recorded_config(out: Path) -> dict | None:
     return None
 
 
+def _recorded_digests(out: Path) -> dict[str, str]:
+    """The sha256 of each file synth wrote into `out`, as its mark file records them (empty for a folder
+    written before synth recorded them)."""
+    try:
+        files = json.loads((out / MARK_FILE).read_text(encoding="utf-8")).get("files", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+
+def _mark(cfg: SynthConfig, files: dict[str, str]) -> str:
+    return json.dumps({"generator": GENERATOR, "config": to_dict(cfg), "files": dict(sorted(files.items()))}, indent=1)
+
+
 def _files_under(out: Path) -> list[str]:
     """Every file and link under folder `out`, relative and sorted (folders themselves are not listed)."""
     found = []
@@ -482,6 +496,13 @@ def _claim_folder(cfg: SynthConfig, out: Path, force: bool) -> list[str]:
     if diff and not force:
         raise ConfigError(f"{out}: holds phantoms synth made with other settings ({'; '.join(diff)}); pass --force "
                           f"to replace them, or choose another --out")
+    # Synth rewrites (same settings) or removes (--force) every file it made: one changed since, a corrected
+    # label or an annotated dataset.json, is no longer synth's to replace.
+    digests = _recorded_digests(out)
+    for rel in (r for r in present if r in digests and r != MARK_FILE and not (out / r).is_symlink()):
+        if file_sha256(out / rel) != digests[rel]:
+            raise ConfigError(f"{out / rel}: changed since synth wrote it, and synth would "
+                              f"{'replace' if diff else 'rewrite'} it: move it away, or choose another --out")
     temps = [rel for rel in present if _temp_of(rel, ours)]
     if not diff:
         return temps
@@ -506,7 +527,10 @@ def write_dataset(cfg: SynthConfig, out: str | Path, force: bool = False) -> dic
     for sub in ("imagesTr", "labelsTr", "labelsTr_stations", "gallery"):  # folders a replaced dataset left empty
         if (out / sub).is_dir() and not (out / sub).is_symlink() and not any((out / sub).iterdir()):
             (out / sub).rmdir()
-    atomic_write_text(out / MARK_FILE, json.dumps({"generator": GENERATOR, "config": to_dict(cfg)}, indent=1))
+    # The mark records each file's digest as its case is written, so that a rerun or --force replaces
+    # only files still as synth wrote them (an interrupted run's records stay with the files it finished).
+    written = {rel: d for rel, d in _recorded_digests(out).items() if (out / rel).is_file()}
+    atomic_write_text(out / MARK_FILE, _mark(cfg, written))
     cases, entries, station_names = [], [], {}
     for site in sites:
         for i in range(cfg.num_cases):
@@ -520,6 +544,10 @@ def write_dataset(cfg: SynthConfig, out: str | Path, force: bool = False) -> dic
                 write_nifti(out / "labelsTr_stations" / f"{cid}.nii.gz", case.stations, case.affine)
             if cfg.gallery:
                 save_gallery(case, out / "gallery" / f"{cid}.png")
+            case_files = [f"imagesTr/{cid}_0000.nii.gz", f"imagesTr/{cid}_0001.nii.gz", f"labelsTr/{cid}.nii.gz",
+                          f"labelsTr_stations/{cid}.nii.gz", f"gallery/{cid}.png"]
+            written |= {rel: file_sha256(out / rel) for rel in case_files if (out / rel).is_file()}
+            atomic_write_text(out / MARK_FILE, _mark(cfg, written))
             station_names[site] = {str(k + 1): n for k, n in enumerate(case.station_names)}
             entries.append({"case": cid, "site": site, **case.info, "nodes": case.nodes})
             cases.append(case)
@@ -529,6 +557,7 @@ def write_dataset(cfg: SynthConfig, out: str | Path, force: bool = False) -> dic
                "site": cfg.site, "seed": cfg.seed, "generator": GENERATOR, "config": to_dict(cfg),
                "stations": station_names, "cases": entries}
     atomic_write_text(out / "dataset.json", json.dumps(dataset, indent=1))
+    atomic_write_text(out / MARK_FILE, _mark(cfg, written | {"dataset.json": file_sha256(out / "dataset.json")}))
     return _summary(cases, sites)
 
 

@@ -3,6 +3,7 @@ and the held-out variant. Real node shapes depend on the shared data folder, so 
 module also runs with it hidden (the `shared` marker)."""
 
 import dataclasses
+import hashlib
 import json
 
 import nibabel as nib
@@ -399,3 +400,31 @@ def test_a_stray_file_in_a_phantom_folder_is_refused_even_with_force(tmp_path, c
             f"lnfm synth: error: {stray}: not a file of the phantoms synth recorded in {out} (1 such file(s)); "
             f"prepare would take it for one of them: move it away or choose another --out"]
         assert tree_digest(tmp_path) == before
+
+
+def test_a_phantom_changed_since_synth_wrote_it_is_neither_rewritten_nor_replaced(tmp_path, capsys):
+    """The same command again rewrites every phantom and --force removes them: a label a user corrected,
+    or a dataset.json they annotated, is no longer synth's to replace (the mark records each file's digest)."""
+    from tree_helpers import tree_digest
+
+    out = tmp_path / "phantoms"
+    assert _synth(capsys, "--num-cases", "2", "--out", out)[0] == 0
+    recorded = json.loads((out / ".lnfm-synth.json").read_text())["files"]
+    assert sorted(recorded) == ["dataset.json", "imagesTr/pelvis_000_0000.nii.gz", "imagesTr/pelvis_001_0000.nii.gz",
+                                "labelsTr/pelvis_000.nii.gz", "labelsTr/pelvis_001.nii.gz"]
+    assert recorded["labelsTr/pelvis_001.nii.gz"] == hashlib.sha256(
+        (out / "labelsTr" / "pelvis_001.nii.gz").read_bytes()).hexdigest()
+    for rel in ("labelsTr/pelvis_001.nii.gz", "dataset.json"):
+        edited = out / rel
+        original = edited.read_bytes()
+        edited.write_bytes(original + b" ")  # a user's change
+        before = tree_digest(tmp_path)
+        for argv, verb in ((("--num-cases", "2"), "rewrite"), (("--num-cases", "3", "--force"), "replace")):
+            rc, err = _synth(capsys, *argv, "--out", out)
+            assert rc == 2 and err.splitlines() == [
+                f"lnfm synth: error: {edited}: changed since synth wrote it, and synth would {verb} it: move it "
+                f"away, or choose another --out"], (rel, argv)
+            assert tree_digest(tmp_path) == before
+        edited.write_bytes(original)
+    assert _synth(capsys, "--num-cases", "3", "--out", out, "--force")[0] == 0  # unchanged files are synth's
+    assert len(json.loads((out / ".lnfm-synth.json").read_text())["files"]) == 7
