@@ -589,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", action="store_true",
                     help="the held-out generator variant (test phantoms no training set draws from)")
     ap.add_argument("--force", action="store_true",
-                    help="replace the phantoms synth made in --out with other settings (never files it did not make)")
+                    help="replace the phantoms synth made in --out with other settings (never files it did not make "
+                         "or a user changed since)")
     args = parse_args_once(ap, argv)
     cfg = SynthConfig(site=args.site, num_cases=args.num_cases, seed=args.seed, shape=args.shape, pet=args.pet,
                       stations=args.stations, gallery=not args.no_gallery, use_real_shapes=not args.no_real_shapes)
