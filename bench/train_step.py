@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from lnfm.models.mae import decoder_dims
-from lnfm.models.sharding import batch_sharding, make_mesh, use_rules
+from lnfm.models.sharding import MeshConfig, batch_sharding, make_mesh, use_rules
 from lnfm.models.vit import vit_dims
 from lnfm.jobs.pretrain import build_training, load_pretrain_config, step_flops
 from lnfm.train.mfu import mfu
@@ -135,7 +135,7 @@ class FinetuneArm:
 
 
 def lnfm_finetune_step(site: str, patch: int, batch: int, *, quick: bool = False,
-                       freeze: str | None = "none") -> FinetuneArm:
+                       freeze: str | None = "none", devices: int = 1) -> FinetuneArm:
     """The site preset's finetuning step (`lnfm.jobs.finetune.build_training`: its jitted step,
     AdamW, the configured loss) at a cubic `patch` and `batch`, on random data.
 
@@ -144,7 +144,6 @@ def lnfm_finetune_step(site: str, patch: int, batch: int, *, quick: bool = False
     with the site's layer-wise LR decay), None for the preset's own strategy."""
     from lnfm.jobs.finetune import build_training, load_finetune_config
     from lnfm.jobs.finetune_cpu import step_flops as finetune_step_flops
-    from lnfm.models.sharding import MeshConfig
     from lnfm.train.state import merge_model
 
     overrides = [f"site.patch=[{patch},{patch},{patch}]", f"model.img_size=[{patch},{patch},{patch}]",
@@ -152,7 +151,7 @@ def lnfm_finetune_step(site: str, patch: int, batch: int, *, quick: bool = False
     if freeze is not None:
         overrides.append(f"strategy.freeze={freeze}")
     cfg = load_finetune_config(site, overrides, quick=quick)
-    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    mesh = make_mesh(MeshConfig(data=devices), devices=jax.devices()[:devices])
     training = build_training(cfg, 0, mesh)
     rng = np.random.default_rng(0)
     data = {"image": rng.standard_normal((batch, patch, patch, patch, 1)).astype(np.float32),
@@ -201,7 +200,7 @@ def bench_finetune(args) -> None:
 
     import torch
 
-    arm = lnfm_finetune_step(args.finetune, args.ft_patch, args.batch)
+    arm = lnfm_finetune_step(args.finetune, args.ft_patch, args.batch, devices=args.cpu_devices)
     run_lnfm, flops_lnfm, head = arm.run, arm.flops, arm.cfg.head.kind
     channels = tuple(int(c) for c in args.unet_channels.split(","))
     run_torch, flops_torch = monai_unet_step(args.ft_patch, args.batch, channels)
@@ -300,7 +299,8 @@ def bench_same_net(args) -> None:
 
     torch.set_num_threads(args.torch_threads)
     freeze = None if args.ft_freeze == "site" else args.ft_freeze
-    arm = lnfm_finetune_step(args.finetune, args.ft_patch, args.batch, quick=True, freeze=freeze)
+    arm = lnfm_finetune_step(args.finetune, args.ft_patch, args.batch, quick=True, freeze=freeze,
+                             devices=args.cpu_devices)
     run_torch, torch_first, flops_torch, n_torch = torch_same_net_step(arm, args.torch_attention)
     lnfm_first = float(arm.run(1)["loss"])  # both arms start from the same weights and batch
     for run in (arm.run, run_torch):
@@ -324,6 +324,7 @@ def bench_same_net(args) -> None:
         "lnfm_step_s": round(t_l, 4), "torch_step_s": round(t_t, 4), "torch_time_over_lnfm": round(t_t / t_l, 2),
         "lnfm_gflops": round((arm.flops or 0) / 1e9, 2), "torch_gflops": round(flops_torch / 1e9, 2),
         "rounds": {k: [round(v, 4) for v in t] for k, t in times.items()},
+        "lnfm_cpu_devices": args.cpu_devices, "xla_flags": os.environ.get("XLA_FLAGS"),
         "torch_threads": torch.get_num_threads(), "torch_attention": args.torch_attention,
         "mkldnn": bool(torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()),
         # OpenMP threads spin while waiting: on a loaded machine PyTorch's step slows several-fold
@@ -356,8 +357,13 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=2, help="with --same-net: PyTorch intra-op threads")
     ap.add_argument("--torch-attention", default="sdpa", choices=("sdpa", "einsum"),
                     help="with --same-net: MONAI attention through F.scaled_dot_product_attention or its einsum")
+    ap.add_argument("--cpu-devices", type=int, default=1,
+                    help="with --finetune: CPU devices LNFM's step is split over (data parallel, a slice of the batch "
+                         "each; jax_num_cpu_devices), as the finetune command would on that many devices")
     ap.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     args = ap.parse_args()
+    if args.finetune and args.cpu_devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before any JAX operation
     if args.finetune:
         (bench_same_net if args.same_net else bench_finetune)(args)
         return
