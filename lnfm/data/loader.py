@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grain
 import numpy as np
+from scipy import ndimage
 
 from lnfm.config import ConfigError, check_in
 from lnfm.data import store as st
@@ -32,6 +33,9 @@ class LoaderConfig:
     hu_window: tuple[float, float] = (-1000.0, 1000.0)  # CT HU mapped linearly to [0, 1] (clipped)
     pet_scale: float = 10.0  # non-CT channels (PET SUV) are divided by this
     fg_fraction: float = 0.33  # share of labelled patches centred on a lymph node
+    # A look-alike: a voxel at least 2 voxels outside every node whose CT value lies within the case's node
+    # voxels' 10th-90th percentile (muscle, vessels, bowel wall: where false positives come from).
+    hard_negative_fraction: float = 0.0  # share of the other labelled patches centred on a node look-alike
     workers: int = 0  # grain worker processes (0 reads in this process)
     prefetch: int = 2  # batches buffered per worker
     flips: bool = True  # random flip of each axis
@@ -59,7 +63,7 @@ def check_loader(cfg: LoaderConfig, where: str = "loader") -> None:
     """The loader section's ranges (`where`: its name in the job's config, `loader` or `data`), the one
     place they are checked; jobs call it before anything is written. Each refusal names the key and
     its valid range. The patch and batch sizes are the jobs' own (site.patch, train.global_batch)."""
-    for name in ("fg_fraction", "spatial_p", "paste_p"):  # shares of the patches
+    for name in ("fg_fraction", "hard_negative_fraction", "spatial_p", "paste_p"):  # shares of the patches
         check_in(where, cfg, name, lambda v: 0.0 <= v <= 1.0, "[0, 1]", " (a share of the patches)")
     for name in ("intensity_shift", "rotate_deg", "scale", "tilt_deg", "blur_sigma", "noise_std", "paste_zoom"):
         check_in(where, cfg, name, lambda v: v >= 0, "[0, inf)", " (0 = off)")  # drawn as U(-v, v) or up to v
@@ -127,11 +131,32 @@ class PatchSampler(grain.transforms.RandomMap):
         self.hosts = list(hosts) if labels else []  # (store, record) of unlabelled scans to paste nodes into
         self.donors = [(s, r) for s, recs in enumerate(cases) for r in recs if r.get("nodes")]
         self._arrays: dict = {}
+        self._lookalikes: dict = {}
 
     def __getstate__(self):  # TensorStore handles are reopened in each worker process
         state = dict(self.__dict__)
-        state["_arrays"] = {}
+        state["_arrays"], state["_lookalikes"] = {}, {}
         return state
+
+    def _lookalike_voxels(self, store: str, rec: dict) -> np.ndarray:
+        """Flat indices of the case's node look-alikes (`LoaderConfig.hard_negative_fraction`), at most
+        20000 of them, the same ones in every process (computed once per case and kept)."""
+        key = (store, rec["case_id"])
+        if key not in self._lookalikes:
+            found = np.zeros(0, np.int64)
+            channels = [c.upper() for c in rec["channels"]]
+            if "CT" in channels:
+                shape = tuple(int(n) for n in rec["shape"][:3])
+                ct = read_box(self._array(store, rec["image_path"][channels.index("CT")]), np.zeros(3, int), shape)
+                nodes = read_box(self._array(store, rec["label_path"]), np.zeros(3, int), shape, dtype=np.uint8) > 0
+                if nodes.any():
+                    lo, hi = np.percentile(ct[nodes], [10, 90])
+                    near = ndimage.binary_dilation(nodes, iterations=2)
+                    found = np.flatnonzero((ct >= lo) & (ct <= hi) & ~near)
+                    if found.size > 20000:
+                        found = np.sort(np.random.default_rng(0).choice(found, 20000, replace=False))
+            self._lookalikes[key] = found
+        return self._lookalikes[key]
 
     def _array(self, store: str, path: str):
         key = (store, path)
@@ -192,6 +217,9 @@ class PatchSampler(grain.transforms.RandomMap):
             if self.labels and nodes and rng.random() < cfg.fg_fraction:
                 lo, hi = (np.asarray(b) for b in nodes[int(rng.integers(len(nodes)))]["bbox"])
                 centre = rng.integers(lo, hi)
+            elif (self.labels and nodes and cfg.hard_negative_fraction > 0 and rng.random() < cfg.hard_negative_fraction
+                  and (alike := self._lookalike_voxels(self.stores[s], rec)).size):
+                centre = np.asarray(np.unravel_index(alike[int(rng.integers(alike.size))], tuple(shape)))
             else:
                 centre = rng.integers(0, shape) if np.all(shape > 0) else np.zeros(3, int)
             start = patch_start(centre, shape, size)

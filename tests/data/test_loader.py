@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from raw_cases import affine_lps, phantom, save, write_csv
 
 from lnfm.data.loader import LoaderConfig, make_loader, normalize, read_box
@@ -202,3 +203,51 @@ def test_two_hosts_together_see_the_single_process_batches(big_store):
         whole = next(one)["image"]
         halves = np.concatenate([next(h)["image"] for h in hosts])
         np.testing.assert_array_equal(halves, whole)
+
+
+def _lookalike_store(root: Path) -> tuple[str, np.ndarray]:
+    """One 48^3 case: air around a body of fat (about -100 HU), a 5^3 node of 70 HU (label 1), a 70 HU rod away
+    from it (a vessel that looks like a node) and a 70 HU voxel 2 voxels from the node's face; returns the store
+    and the rod's mask."""
+    img = np.full((48, 48, 48), -1000.0, np.float32)
+    img[3:45, 3:45, 3:45] = np.round(np.random.default_rng(0).normal(-100.0, 10.0, (42, 42, 42)))
+    lab = np.zeros((48, 48, 48), np.uint8)
+    img[22:27, 22:27, 22:27], lab[22:27, 22:27, 22:27] = 70.0, 1
+    rod = np.zeros((48, 48, 48), bool)
+    rod[10:38, 35:38, 11:14] = True
+    img[rod] = 70.0
+    img[28, 24, 24] = 70.0  # within 2 voxels of the node: part of its rim, never a look-alike
+    aff = affine_lps(spacing=(1.0, 1.0, 1.0))
+    row = {"case_id": "c0", "image": save(root / "i0.nii.gz", img, aff), "label": save(root / "l0.nii.gz", lab, aff),
+           "split": "train"}
+    res = prepare_dataset(str(write_csv(root / "cases.csv", [row])), str(root / "store"),
+                          PrepareConfig(workers=0, crop_body=False, salt="t"), show_progress=False)
+    assert res.ok, res.failures
+    return str(root / "store"), rod
+
+
+def test_hard_negative_patches_are_centred_on_node_look_alikes_away_from_the_nodes(tmp_path):
+    """`hard_negative_fraction` centres that share of the non-node patches on a voxel whose CT value lies within
+    the nodes' 10th-90th percentile and which is at least 2 voxels from every node: here only the rod qualifies."""
+    from lnfm.data.loader import PatchSampler
+    from lnfm.data.store import read_manifest
+
+    store, rod = _lookalike_store(tmp_path)
+    rec = read_manifest(store)[0]
+    cfg = dataclasses.replace(PLAIN, fg_fraction=0.0, hard_negative_fraction=1.0, batch_size=8)
+    found = PatchSampler([store], [[rec]], [1.0], cfg, labels=True)._lookalike_voxels(store, rec)
+    shape = tuple(rec["shape"][:3])
+    ct = read_box(open_array(store, rec["image_path"][0]), np.zeros(3, int), shape)
+    label = read_box(open_array(store, rec["label_path"]), np.zeros(3, int), shape) > 0
+    taxicab = ndimage.distance_transform_cdt(~label, metric="taxicab")  # steps to the nearest node voxel
+    assert found.size == rod.sum() and np.all(ct.flat[found] == 70.0)  # the rod as stored, each voxel once
+    assert taxicab.flat[found].min() > 2 and np.sum((ct == 70.0) & (taxicab <= 2) & ~label) == 1  # the rim voxel
+
+    def centres(fraction):  # the patch centre voxel (patch_start keeps a centre 8 voxels from the border as is)
+        it = iter(make_loader([store], dataclasses.replace(cfg, hard_negative_fraction=fraction), labels=True))
+        return np.concatenate([b["image"][:, 8, 8, 8, 0] for b in _take(it, 6)])
+
+    look_alike = normalize(np.array([[70.0]]), PLAIN)[0, 0]
+    assert np.allclose(centres(1.0), look_alike)  # all 48 patches
+    assert np.mean(np.isclose(centres(0.0), look_alike)) < 0.2  # uniform centres: the rod is 1.1 % of the volume
+    assert all(not b["label"].any() for b in _take(iter(make_loader([store], cfg, labels=True)), 4))

@@ -264,6 +264,8 @@ RANGES = [
     finetune("layer-decay-read-by-no-job", ["optim.layer_decay=0.75"], ("optim.layer_decay=0.75 is not used",
                                                                         "strategy.llrd")),
     finetune("fg-fraction-above-one", ["loader.fg_fraction=2"], ("loader.fg_fraction must be in [0, 1]",)),
+    finetune("hard-negative-fraction-negative", ["loader.hard_negative_fraction=-0.1"],
+             ("loader.hard_negative_fraction must be in [0, 1]",)),
     finetune("spatial-p-negative", ["loader.spatial_p=-0.5"], ("loader.spatial_p must be in [0, 1]",)),
     finetune("paste-p-above-one", ["loader.paste_p=2"], ("loader.paste_p must be in [0, 1]",)),
     finetune("scale-negative", ["loader.scale=-0.5"], ("loader.scale must be in [0, inf)",)),
