@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from lnfm.config import from_dict, parse_args_once, read_yaml
+from lnfm.config import ConfigError, from_dict, parse_args_once, read_yaml
 from lnfm.data.benchmark import TestCase, phantom_rows, prepare_csv
 from lnfm.data.shared import shared_data_dir
 from lnfm.eval.metrics import summarize
@@ -36,6 +36,7 @@ from lnfm.jobs import heldout
 from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.predict import load_predictor
 from lnfm.runs import FinetuneRun
+from lnfm.workdir import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,6 +73,29 @@ def demo_rows(phantoms: Path, heldout: Path, labelled: int) -> tuple[list, list,
     return pool, rows[:labelled] + rows[-2:], phantom_rows(heldout, "h_", "test", labels=True)
 
 
+# The settings of the demo run a folder holds: a rerun with the same ones reuses and finishes its stages.
+MARK_FILE = ".lnfm-demo.json"
+SETTINGS = ("cases", "labelled", "test", "pretrain_steps", "steps", "no_paste")  # what the stages' outputs depend on
+
+
+def claim_out(out: Path, settings: dict) -> None:
+    """Record the demo's `settings` in `out`, or refuse (ConfigError, before any stage runs) a folder holding a
+    demo run with other ones: its stages would each refuse the change in turn (synth's line names a --force
+    the demo does not take), and a stage that took it would score a mix of two runs."""
+    mark = out / MARK_FILE
+    if mark.is_file() and not mark.is_symlink():
+        try:
+            recorded = json.loads(mark.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            recorded = None
+        if isinstance(recorded, dict) and recorded != settings:
+            diff = "; ".join(f"--{k.replace('_', '-')}: {json.dumps(recorded.get(k))} there, {json.dumps(settings[k])} "
+                             f"now" for k in settings if recorded.get(k) != settings[k])
+            raise ConfigError(f"{out}: holds a demo run with other settings ({diff}): rerun with those, choose another "
+                              f"--out, or remove the folder to start over")
+    atomic_write_text(mark, json.dumps(settings, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lnfm demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="folder for every demo output")
@@ -90,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    claim_out(out, {k: getattr(args, k) for k in SETTINGS})
     py = sys.executable
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     every = max(1, args.steps // 3)

@@ -71,6 +71,31 @@ def test_the_demo_runs_end_to_end_and_scores_lnfm_beside_the_unets(tmp_path):
     assert all("1 held-out volumes" in ln for _, ln in scored)
     steps = {name: int(re.search(r", (\d+) steps,", ln).group(1)) for name, ln in scored}
     assert steps["LNFM"] == 3 and steps["U-Net"] >= 1 and steps["U-Net + paste"] >= 1, steps
+    assert json.loads((out / ".lnfm-demo.json").read_text()) == {"cases": 5, "labelled": 2, "test": 1,
+                                                                 "pretrain_steps": 2, "steps": 3, "no_paste": False}
     # Pretraining's store holds the training phantoms and never a held-out scan.
     ids = {r["case_id"] for r in read_manifest(str(out / "store_unlabelled"))}
     assert ids and not any(i.startswith("h_") for i in ids)
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, capsys):
+    """A demo folder records its settings (.lnfm-demo.json); another --cases into it stopped at synth's refusal,
+    whose --force the demo does not take. Now one line names the differences and nothing is written."""
+    from tree_helpers import tree_digest
+
+    from lnfm.cli import run_job
+
+    out = tmp_path / "demo"
+    (out / "phantoms_pelvis").mkdir(parents=True)  # a stage's output of the earlier run
+    (out / ".lnfm-demo.json").write_text(json.dumps({"cases": 16, "labelled": 4, "test": 4, "pretrain_steps": 300,
+                                                     "steps": 600, "no_paste": False}))
+    before = tree_digest(tmp_path)
+    capsys.readouterr()
+    try:
+        rc = run_job("demo", ["--out", str(out), "--cases", "18", "--no-paste"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"lnfm demo: error: {out}: holds a demo run with other settings (--cases: 16 there, 18 now; --no-paste: "
+        f"false there, true now): rerun with those, choose another --out, or remove the folder to start over"]
+    assert tree_digest(tmp_path) == before
