@@ -324,6 +324,10 @@ def bench_same_net(args) -> None:
         "lnfm_step_s": round(t_l, 4), "torch_step_s": round(t_t, 4), "torch_time_over_lnfm": round(t_t / t_l, 2),
         "lnfm_gflops": round((arm.flops or 0) / 1e9, 2), "torch_gflops": round(flops_torch / 1e9, 2),
         "rounds": {k: [round(v, 4) for v in t] for k, t in times.items()},
+        # each round times both arms back to back, within a second: its ratio is the one the VM's slow and fast
+        # phases (which move XLA's step by up to 25 % and PyTorch's less) disturb least
+        "torch_time_over_lnfm_per_round_median": round(statistics.median(
+            t / l for l, t in zip(times["lnfm"], times["torch"])), 2),
         "lnfm_cpu_devices": args.cpu_devices, "xla_flags": os.environ.get("XLA_FLAGS"),
         "torch_threads": torch.get_num_threads(), "torch_attention": args.torch_attention,
         "mkldnn": bool(torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()),
