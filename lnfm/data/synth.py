@@ -396,16 +396,20 @@ def _sites(site: str) -> list[str]:
     return list(SITES) if site == "all" else [site]
 
 
+def _case_files(cid: str, config: dict) -> set[str]:
+    """Paths (relative to --out) of the files synth writes for case `cid` with settings `config`."""
+    files = {f"imagesTr/{cid}_0000.nii.gz", f"labelsTr/{cid}.nii.gz"}
+    files |= {f"imagesTr/{cid}_0001.nii.gz"} if config["pet"] else set()
+    files |= {f"labelsTr_stations/{cid}.nii.gz"} if config["stations"] else set()
+    return files | ({f"gallery/{cid}.png"} if config["gallery"] else set())
+
+
 def _written_files(config: dict) -> set[str]:
     """Paths (relative to --out) of every file synth writes with settings `config` (a to_dict(SynthConfig))."""
     files = {MARK_FILE, "dataset.json"}
     for site in _sites(str(config["site"])):
         for i in range(int(config["num_cases"])):
-            cid = f"{site}_{i:03d}"
-            files |= {f"imagesTr/{cid}_0000.nii.gz", f"labelsTr/{cid}.nii.gz"}
-            files |= {f"imagesTr/{cid}_0001.nii.gz"} if config["pet"] else set()
-            files |= {f"labelsTr_stations/{cid}.nii.gz"} if config["stations"] else set()
-            files |= {f"gallery/{cid}.png"} if config["gallery"] else set()
+            files |= _case_files(f"{site}_{i:03d}", config)
     return files
 
 
@@ -544,9 +548,7 @@ def write_dataset(cfg: SynthConfig, out: str | Path, force: bool = False) -> dic
                 write_nifti(out / "labelsTr_stations" / f"{cid}.nii.gz", case.stations, case.affine)
             if cfg.gallery:
                 save_gallery(case, out / "gallery" / f"{cid}.png")
-            case_files = [f"imagesTr/{cid}_0000.nii.gz", f"imagesTr/{cid}_0001.nii.gz", f"labelsTr/{cid}.nii.gz",
-                          f"labelsTr_stations/{cid}.nii.gz", f"gallery/{cid}.png"]
-            written |= {rel: file_sha256(out / rel) for rel in case_files if (out / rel).is_file()}
+            written |= {rel: file_sha256(out / rel) for rel in sorted(_case_files(cid, to_dict(cfg)))}
             atomic_write_text(out / MARK_FILE, _mark(cfg, written))
             station_names[site] = {str(k + 1): n for k, n in enumerate(case.station_names)}
             entries.append({"case": cid, "site": site, **case.info, "nodes": case.nodes})
