@@ -440,8 +440,8 @@ def _recorded_digests(out: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
 
 
-def _mark(cfg: SynthConfig, files: dict[str, str]) -> str:
-    return json.dumps({"generator": GENERATOR, "config": to_dict(cfg), "files": dict(sorted(files.items()))}, indent=1)
+def _mark(config: dict, files: dict[str, str]) -> str:
+    return json.dumps({"generator": GENERATOR, "config": config, "files": dict(sorted(files.items()))}, indent=1)
 
 
 def _files_under(out: Path) -> list[str]:
@@ -533,8 +533,9 @@ def write_dataset(cfg: SynthConfig, out: str | Path, force: bool = False) -> dic
             (out / sub).rmdir()
     # The mark records each file's digest as its case is written, so that a rerun or --force replaces
     # only files still as synth wrote them (an interrupted run's records stay with the files it finished).
+    config = to_dict(cfg)
     written = {rel: d for rel, d in _recorded_digests(out).items() if (out / rel).is_file()}
-    atomic_write_text(out / MARK_FILE, _mark(cfg, written))
+    atomic_write_text(out / MARK_FILE, _mark(config, written))
     cases, entries, station_names = [], [], {}
     for site in sites:
         for i in range(cfg.num_cases):
@@ -548,18 +549,18 @@ def write_dataset(cfg: SynthConfig, out: str | Path, force: bool = False) -> dic
                 write_nifti(out / "labelsTr_stations" / f"{cid}.nii.gz", case.stations, case.affine)
             if cfg.gallery:
                 save_gallery(case, out / "gallery" / f"{cid}.png")
-            written |= {rel: file_sha256(out / rel) for rel in sorted(_case_files(cid, to_dict(cfg)))}
-            atomic_write_text(out / MARK_FILE, _mark(cfg, written))
+            written |= {rel: file_sha256(out / rel) for rel in sorted(_case_files(cid, config))}
+            atomic_write_text(out / MARK_FILE, _mark(config, written))
             station_names[site] = {str(k + 1): n for k, n in enumerate(case.station_names)}
             entries.append({"case": cid, "site": site, **case.info, "nodes": case.nodes})
             cases.append(case)
     channels = {"0": "CT"} | ({"1": "PET"} if cfg.pet else {})
     dataset = {"channel_names": channels, "labels": {"background": 0, "lymph_node": 1},
                "numTraining": len(entries), "file_ending": ".nii.gz",
-               "site": cfg.site, "seed": cfg.seed, "generator": GENERATOR, "config": to_dict(cfg),
+               "site": cfg.site, "seed": cfg.seed, "generator": GENERATOR, "config": config,
                "stations": station_names, "cases": entries}
     atomic_write_text(out / "dataset.json", json.dumps(dataset, indent=1))
-    atomic_write_text(out / MARK_FILE, _mark(cfg, written | {"dataset.json": file_sha256(out / "dataset.json")}))
+    atomic_write_text(out / MARK_FILE, _mark(config, written | {"dataset.json": file_sha256(out / "dataset.json")}))
     return _summary(cases, sites)
 
 
