@@ -30,12 +30,14 @@ MIN_CT_RANGE_HU = 16
 MIN_CT_LOWEST_HU = 0.0
 # Air is -1000 HU and scanners reconstruct down to about -1024, so real voxels stop a little below it: the real
 # CTs of ../shared/data reach -1207 (one voxel), all else lies at or above -1100. Padding outside the field of
-# view is one constant (-1024, -2000, -2048, -3024, -32768), the minimum, or at most a second one (a FOV circle
-# inside a padded slab). Over FAR_BELOW_AIR_FRACTION of the voxels below FAR_BELOW_AIR_HU besides those is not
-# HU: x10 puts 39-43% of the voxels of each real CT there, and >= 1.6% even with its air clipped to -500 first
-# (two of them, x10, also exceed the int16 limits and are refused for that first).
+# view is a constant (-1024, -2000, -2048, -3024, -32768): the minimum, and up to PADDING_CONSTANTS - 1 more (a FOV
+# circle inside a padded slab, a slab added later by another tool). Over FAR_BELOW_AIR_FRACTION of the voxels below
+# FAR_BELOW_AIR_HU besides those is not HU: x10 puts 36-40% of the voxels of each real CT there with 4 constants
+# left out, and >= 1.48% even with its air clipped to -500 first (two of them, x10, also exceed the int16 limits
+# and are refused for that first).
 FAR_BELOW_AIR_HU = -1200.0
 FAR_BELOW_AIR_FRACTION = 0.005
+PADDING_CONSTANTS = 4
 # A CT divided by 10 has no air (air lands at -100). Neither has a crop inside the body, and a narrow range does
 # not tell them apart: the project's synthetic pelvis crops span as little as 168 HU (0.1th..99.9th percentile),
 # the real CTs /10 147-324. What does is the floor: the air of a scaled scan, one uniform material with its
@@ -103,7 +105,8 @@ def check_hu_scale(data: np.ndarray, path: str, lo: float) -> None:
     if np.count_nonzero(data < FAR_BELOW_AIR_HU) > limit:
         rest = data[(data < FAR_BELOW_AIR_HU) & (data != lo)]  # padding: the minimum...
         if rest.size > limit:
-            n = rest.size - np.unique(rest, return_counts=True)[1].max()  # ...and maybe a second constant
+            counts = np.sort(np.unique(rest, return_counts=True)[1])  # ...and maybe a few more constants
+            n = rest.size - int(counts[-(PADDING_CONSTANTS - 1):].sum())
             if n > limit:
                 raise ScanError(f"{path}: {n / data.size:.1%} of voxels lie below {FAR_BELOW_AIR_HU:g} HU, values "
                                 f"down to {float(rest.min()):g} (air is -1000): not Hounsfield units (scaled by 10, "

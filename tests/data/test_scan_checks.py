@@ -147,6 +147,23 @@ def test_a_phantom_padded_with_one_or_two_constants_passes(pad):
     check_ct(np.pad(np.pad(img, 3, constant_values=-3024), 3, constant_values=pad), "p.nii.gz", BODY_HU)
 
 
+@pytest.mark.parametrize("name", REAL_CTS)
+def test_a_real_ct_padded_with_four_constants_passes(shared_data, name):
+    """A FOV circle, a slab, and two more slabs added by other tools: each border a constant far below air."""
+    data = read_image(shared_data / name).data.astype(np.int16)
+    for pad in (-2000, -2048, -3024, -32768):
+        data = np.pad(data, 3, constant_values=pad)
+    check_ct(data, name, BODY_HU)
+
+
+@pytest.mark.parametrize("name", REAL_CTS[1:3] + REAL_CTS[4:])
+def test_real_ct_times_10_inside_four_padding_constants_is_refused(shared_data, name):
+    data = read_image(shared_data / name).data * np.int16(10)
+    for pad in (-20000, -20480, -30240, -32768):  # the padding went through the same slope
+        data = np.pad(data, 3, constant_values=pad)
+    assert "not Hounsfield units (scaled by 10" in _refusal(data, name)
+
+
 def test_a_crop_inside_the_body_without_air_passes():
     """Synthetic pelvis crops hold no air and span as little as a CT /10; their floor is a noise tail."""
     cfg = SynthConfig(site="pelvis", seed=1, shape=(40, 40, 24), gallery=False, use_real_shapes=False)
