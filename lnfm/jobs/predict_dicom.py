@@ -19,6 +19,7 @@ import numpy as np
 from lnfm import __version__
 from lnfm.errors import LnfmError
 from lnfm.jobs.export_meta import ExportMeta
+from lnfm.jobs.predict_marks import seal_dicom
 from lnfm.io import is_dicom_path
 from lnfm.io.dicom_source import Provenance, SourceSeries, read_source_series
 from lnfm.runs import CHECKSUMS
@@ -115,6 +116,7 @@ def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: ExportMeta
         pending.append((temp(paths["dicom-seg"]), paths["dicom-seg"]))
         write_dicom_seg(pending[-1][0], series, labels, affine, list(meta.labels or ["background", "node"]),
                         site, provenance, per_node=formats.seg_per_node, compression=formats.seg_compression)
+        seal_dicom(pending[-1][0])
     if "rtstruct" in paths:
         ds = build_rtstruct(series, labels, affine, site, provenance, all_nodes=formats.rtstruct_all_nodes)
         if ds is None:
@@ -127,3 +129,4 @@ def write_dicom_outputs(labels: np.ndarray, affine: np.ndarray, meta: ExportMeta
         else:
             pending.append((temp(paths["rtstruct"]), paths["rtstruct"]))
             write_rtstruct(pending[-1][0], ds)
+            seal_dicom(pending[-1][0])

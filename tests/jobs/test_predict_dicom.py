@@ -5,6 +5,7 @@ them and nothing else; non-DICOM input is a one-line error."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -104,6 +105,28 @@ def test_real_series_end_to_end(marking, tmp_path, capsys, caplog):
     outputs = sorted(out.iterdir())
     assert all(made_by_predict(p) for p in outputs)
     assert not any(made_by_predict(p) for p in series.iterdir())  # the scanner's slices carry no such mark
+
+    # ...but not once a user has edited one: an ROI renamed and approved in a planning system, a SEG's
+    # series described. --force refuses each in one line and leaves it as the user left it; a plain re-save
+    # (pydicom, every value kept) is still predict's.
+    for name, edit in (("case.rtstruct.dcm", _approve_first_roi), ("case.seg.dcm", _describe_series)):
+        original = (out / name).read_bytes()
+        resaved = pydicom.dcmread(out / name)
+        resaved.save_as(out / name, enforce_file_format=True)
+        assert made_by_predict(out / name), name
+        edited = pydicom.dcmread(out / name)
+        edit(edited)
+        edited.save_as(out / name, enforce_file_format=True)
+        assert edited.Manufacturer == "LNFM" and not made_by_predict(out / name), name
+        users = (out / name).read_bytes()
+        capsys.readouterr()
+        with pytest.raises(pr.PredictError, match=rf"^{re.escape(str(out / name))}: "):
+            pr.run(pr.build_parser().parse_args([*argv, "--force"]))
+        assert (out / name).read_bytes() == users
+        with pytest.raises(pr.PredictError, match=rf"^{re.escape(str(out / name))}: "):  # nor removed
+            pr.run(pr.build_parser().parse_args([*argv, "--force", "--min-volume-mm3", "1e9"]))
+        assert (out / name).read_bytes() == users
+        (out / name).write_bytes(original)
     inodes = {p.name: p.stat().st_ino for p in outputs}
     assert pr.run(pr.build_parser().parse_args([*argv, "--force"])) == 0
     assert all(p.stat().st_ino != inodes[p.name] for p in sorted(out.iterdir()))
@@ -115,6 +138,15 @@ def test_real_series_end_to_end(marking, tmp_path, capsys, caplog):
     assert sorted(p.name for p in out.iterdir()) == ["case.csv", "case.nii.gz", "case.png", "case.seg.dcm"]
     assert not np.asarray(nib.load(out / "case.nii.gz").dataobj).any() and read_report(out / "case.csv") == []
     assert "earlier run's RTSTRUCT at this output is removed" in caplog.text
+
+
+def _approve_first_roi(ds):
+    ds.StructureSetROISequence[0].ROIName = "LN confirmed"
+    ds.ApprovalStatus = "APPROVED"
+
+
+def _describe_series(ds):
+    ds.SeriesDescription = "reviewed"
 
 
 def test_dicom_format_needs_a_dicom_source(tiny, tmp_path, capsys):  # noqa: F811
