@@ -33,6 +33,13 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def broken_link(path: str | os.PathLike) -> Path | None:
+    """`path` itself or the nearest folder above it that is a symbolic link to nothing: a job can neither
+    create it (mkdir and rename meet the link) nor write through it."""
+    p = Path(os.path.expanduser(str(path))).absolute()
+    return next((q for q in (p, *p.parents) if q.is_symlink() and not q.exists()), None)
+
+
 def relation(output: Path, other: Path) -> str | None:
     """How resolved `output` clashes with resolved `other`: 'is', 'lies inside', 'contains' or None."""
     if output == other or _same_file(output, other):
@@ -51,6 +58,12 @@ def check_apart(outputs: Mapping[str, str | os.PathLike | None],
     `distinct`) two outputs share a path. Keys name the options (e.g. '--output', '--input'); an
     input may list several paths. Call it before anything is written."""
     outs = [(name, str(p), _local(p)) for name, p in outputs.items() if _local(p) is not None]
+    for name, text, _ in outs:
+        link = broken_link(text)
+        if link is not None:
+            where = "is" if link == Path(os.path.expanduser(text)).absolute() else "lies under"
+            raise PathClash(f"{text}: {name} {where} {link}, a link to {os.readlink(link)}, which does not exist; "
+                            f"create its target or choose another path")
     ins = []
     for name, value in inputs.items():
         values = [value] if value is None or isinstance(value, (str, os.PathLike)) else list(value)
@@ -67,4 +80,4 @@ def check_apart(outputs: Mapping[str, str | os.PathLike | None],
                 raise PathClash(f"{a_text}: {a_name} and {b_name} name the same path; each output needs its own")
 
 
-__all__ = ["PathClash", "check_apart", "relation"]
+__all__ = ["PathClash", "broken_link", "check_apart", "relation"]

@@ -52,3 +52,17 @@ def test_separate_paths_pass_and_outputs_must_differ(tree):
     check_apart({"--output": tree / "a", "--report": tree / "a"}, {}, distinct=False)
     with pytest.raises(PathClash, match="--out lies inside --model"):
         check_apart({"--out": tree / "model" / "export"}, {"--model": tree / "model"})
+
+
+def test_an_output_through_a_link_to_nothing_is_refused_naming_the_link(tree):
+    """mkdir and rename meet such a link (FileExistsError, NotADirectoryError) after the job's work; once its
+    target exists, the link is an ordinary way to a folder."""
+    os.symlink(tree / "gone", tree / "results")
+    for output, where in ((tree / "results", "is"), (tree / "results" / "a" / "mask.nii.gz", "lies under")):
+        with pytest.raises(PathClash) as e:
+            check_apart({"--output": output}, {})
+        msg = str(e.value)
+        assert msg == (f"{output}: --output {where} {tree / 'results'}, a link to {tree / 'gone'}, which does not "
+                       f"exist; create its target or choose another path")
+    (tree / "gone").mkdir()
+    check_apart({"--output": tree / "results" / "mask.nii.gz"}, {})

@@ -32,6 +32,7 @@ from lnfm.data import synth_anatomy as A
 from lnfm.data.geometry import axial_diameters
 from lnfm.data.synth_nodes import REAL_SET, node_shape, real_mask_files
 from lnfm.io.nifti import write_nifti
+from lnfm.safety import check_apart
 from lnfm.workdir import atomic_write_text, file_sha256
 
 SITES: tuple[str, ...] = ("head_neck", "axilla", "mediastinum", "abdomen", "pelvis")
@@ -522,6 +523,7 @@ def write_dataset(cfg: SynthConfig, out: str | Path, force: bool = False) -> dic
     or finishing an interrupted run); `force` replaces a folder synth made with other settings. A folder
     holding a file synth would not write is refused (ConfigError) before anything is written."""
     out = Path(out)
+    check_apart({"--out": out}, {})  # a broken link on the way is refused in one line, not met by mkdir
     sites = _sites(cfg.site)
     for s in sites:
         if s not in SITES:

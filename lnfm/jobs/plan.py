@@ -52,6 +52,7 @@ from lnfm.models.build import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
 from lnfm.models.sharding import logical_to_mesh_spec, make_mesh, use_rules
 from lnfm.models.vit import token_grid, vit_dims
+from lnfm.safety import check_apart
 from lnfm.train.job import check_batch, check_run_config
 from lnfm.train.memory import memory_figures
 from lnfm.train.mfu import ASSUMED_MFU, expected_step_time, peak_flops
@@ -471,6 +472,7 @@ def check_table_paths(path: str | Path, force: bool) -> None:
     its .json that plan did not write (or that was changed since), one that plan wrote without --force,
     a folder, or a path below a file."""
     md, js = table_files(path)
+    check_apart({"--table": md}, {})  # a broken link on the way: one line now, not a traceback after the table
     if md.is_dir():
         raise ConfigError(f"--table {md}: is a folder; name the markdown file to write")
     for parent in md.parents:  # the nearest existing ancestor must be a folder (the missing ones are made)

@@ -396,6 +396,14 @@ def check_batch_paths(folder, out, probabilities=None, report=None, overlay=None
     check_apart({"--output": out, "--probabilities": probabilities}, {})
 
 
+def check_batch_cases(cases: dict[str, list[str]], out, probabilities=None, report=None, overlay=None) -> None:
+    """Output folders apart from every case's input as well as from the batch folder: a case may be a link
+    to a scan or a series folder elsewhere, and an output folder that is (or holds) one would take the
+    earlier cases' outputs before that case met the rule."""
+    outputs = {"--output": out, "--probabilities": probabilities, "--report": report, "--overlay": overlay}
+    check_apart(outputs, {"--input": [p for inputs in cases.values() for p in inputs]}, distinct=False)
+
+
 def _strip_suffix(name: str) -> str:
     for s in _IMAGE_SUFFIXES:
         if name.lower().endswith(s):
@@ -480,6 +488,7 @@ def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, ou
     check_batch_paths(folder, out, probabilities, report, overlay)
     unusable: dict[str, str] = {}
     cases = batch_cases(folder, len(meta.channels), unusable)
+    check_batch_cases(cases, out, probabilities, report, overlay)
     return {**unusable, **_predict_cases(predictor, meta, cases, out, probabilities, report, overlay, options,
                                          show_progress, formats)}
 
@@ -632,6 +641,7 @@ def run(args: argparse.Namespace) -> int:
         # Listed once, before the model loads: two files of one case name are refused fast.
         unusable: dict[str, str] = {}  # entries that look like cases and cannot be: reported as failed
         cases = batch_cases(inputs[0], len(meta.channels), unusable)
+        check_batch_cases(cases, args.output, args.probabilities, args.report, args.overlay)
         files = _batch_files(cases, args.output, args.probabilities, args.report, args.overlay, formats.formats)
         check_not_there(files, args.force)
         check_writable(files)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from harness import Case, run_case
-from inputs import nnunet
+from inputs import dicom_copy, nnunet
 
 
 def _scan(w, inp) -> Path:
@@ -95,6 +95,46 @@ def _pretrain_into_store(w, inp, out):
     return ["--config", "vit_tiny", "--data", store, "--workdir", store, "train.steps=1", "data.workers=0"], str(store)
 
 
+def _predict_batch_into_a_linked_series(w, inp, out):
+    """A batch case that is a link to a series folder elsewhere, named as --output: case 'a' came first
+    and was written into the series before case 's1' met the per-case rule."""
+    series = dicom_copy(inp / "series")
+    folder = inp / "scans"
+    folder.mkdir()
+    shutil.copy(w.scan, folder / "a.nii.gz")
+    (folder / "s1").symlink_to(series)
+    return ["--model", w.orbax, "--input", folder, "--output", series], str(series)
+
+
+def _broken_link(inp: Path) -> Path:
+    link = inp / "results"
+    link.symlink_to(inp / "not-made-yet")
+    return link
+
+
+def _predict_through_a_broken_link(batch: bool):
+    def make(w, inp, out):
+        link = _broken_link(inp)
+        if batch:
+            folder = inp / "scans"
+            folder.mkdir()
+            shutil.copy(w.scan, folder / "a.nii.gz")
+            return ["--model", w.orbax, "--input", folder, "--output", link], str(link)
+        return ["--model", w.orbax, "--input", _scan(w, inp), "--output", link / "mask.nii.gz"], \
+            str(link / "mask.nii.gz")
+    return make
+
+
+def _export_through_a_broken_link(w, inp, out):
+    link = _broken_link(inp)
+    return ["--checkpoint", _workdir_copy(w, inp), "--out", link], str(link)
+
+
+def _synth_through_a_broken_link(w, inp, out):
+    link = _broken_link(inp)
+    return ["--site", "pelvis", "--num-cases", "1", "--out", link / "phantoms"], str(link / "phantoms")
+
+
 NEEDS_PATH_SAFETY = [
     Case("predict-output-is-the-input", "predict", _predict("--output"), 2),
     Case("predict-report-is-the-input", "predict", _predict("--report"), 2),
@@ -110,6 +150,15 @@ NEEDS_PATH_SAFETY = [
     Case("export-out-inside-another-export", "export", _export_into_another_export, 2),
     Case("finetune-workdir-is-the-init-export", "finetune", _finetune_into_init, 2),
     Case("pretrain-workdir-is-the-data-store", "pretrain", _pretrain_into_store, 2),
+    Case("predict-batch-output-is-a-linked-case-series", "predict", _predict_batch_into_a_linked_series, 2,
+         ("--output is --input",)),
+    # an output path through a link to nothing: one line before any work, not a traceback after it
+    Case("predict-output-through-a-broken-link", "predict", _predict_through_a_broken_link(False), 2,
+         ("a link to", "which does not exist")),
+    Case("predict-batch-output-is-a-broken-link", "predict", _predict_through_a_broken_link(True), 2,
+         ("a link to", "which does not exist")),
+    Case("export-out-is-a-broken-link", "export", _export_through_a_broken_link, 2, ("which does not exist",)),
+    Case("synth-out-through-a-broken-link", "synth", _synth_through_a_broken_link, 2, ("which does not exist",)),
 ]
 
 

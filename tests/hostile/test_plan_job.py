@@ -94,6 +94,11 @@ def _json_of(path: Path) -> list:
     return json.loads(Path(f"{path}.json").read_text())
 
 
+def _through_a_broken_link(inp: Path) -> Path:
+    (inp / "tables").symlink_to(inp / "not-made-yet")
+    return inp / "tables" / "t.md"
+
+
 def _check_new_table(w, inp, out) -> None:
     from lnfm.jobs.plan import TABLE_MARK, own_table_json_digest
 
@@ -128,6 +133,8 @@ TABLE = [
     table_case("link-to-a-users-file", _link_to_notes, ("exists and is not a table lnfm plan wrote",), "--force"),
     table_case("is-a-folder", _folder, ("is a folder; name the markdown file to write",)),  # was a traceback
     table_case("below-a-file", _below_a_file, ("afile is a file, not a folder",)),  # was a traceback
+    # was a traceback after the table was computed (mkdir met the link)
+    table_case("through-a-broken-link", _through_a_broken_link, ("a link to", "which does not exist")),
     Case("plan-table-with-a-single-plan-option", "plan",  # --model was ignored
          lambda w, inp, out: (["--table", inp / "t.md", "--model", "vit_h"], None), 2,
          ("--model: --table plans its own grid",)),
