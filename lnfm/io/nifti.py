@@ -38,6 +38,9 @@ def orientation_problem(header: nib.Nifti1Header) -> str | None:
 
 
 NIFTI_XFORM_CODES = (0, 1, 2, 3, 4)  # unknown, scanner, aligned, Talairach, MNI
+# xyzt_units' spatial code (its low 3 bits) -> mm per unit: the qform and sform are in that unit. Unknown (0) is
+# read as mm, as every reader does; ITK (SimpleITK) converts metres and microns to mm, and so does lnfm.
+MM_PER_NIFTI_UNIT = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 1e-3}  # unknown, meter, mm, micron
 
 
 def stored_header_problem(raw: nib.Nifti1Header) -> str | None:
@@ -48,6 +51,9 @@ def stored_header_problem(raw: nib.Nifti1Header) -> str | None:
     for name in ("qform_code", "sform_code"):
         if int(raw[name]) not in NIFTI_XFORM_CODES:
             return f"{name} {int(raw[name])} is not a NIfTI transform code (0-4)"
+    if int(raw["xyzt_units"]) & 7 not in MM_PER_NIFTI_UNIT:
+        return (f"xyzt_units {int(raw['xyzt_units'])} names no spatial unit (its low 3 bits are "
+                f"{int(raw['xyzt_units']) & 7}; NIfTI defines 0 unknown, 1 meter, 2 mm, 3 micron)")
     if not int(raw["qform_code"]):  # pixdim scales only the qform; an sform alone carries its own sizes
         return None
     qfac, *sizes = (float(v) for v in raw["pixdim"][:4])
@@ -92,7 +98,9 @@ def read_nifti(path: str | Path) -> Volume:
     except Exception as e:  # nibabel raises many types for corrupt files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageReadError(f"{path}: unreadable NIfTI ({reason})") from None
-    return Volume(np.asarray(data), check_affine(img.affine, path))
+    affine = np.array(img.affine, dtype=np.float64)
+    affine[:3] *= MM_PER_NIFTI_UNIT[int(img.header["xyzt_units"]) & 7]  # the geometry is kept in mm
+    return Volume(np.asarray(data), check_affine(affine, path))
 
 
 def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip: str = "") -> None:

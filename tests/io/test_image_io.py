@@ -182,6 +182,40 @@ def test_pynrrd_written_cm_nrrd_reads_in_mm(tmp_path):
                                                                          [0, 0, 5, 2.5], [0, 0, 0, 1]], atol=1e-12)
 
 
+@pytest.mark.parametrize("unit, units_per_mm", [("meter", 1e-3), ("micron", 1e3), ("mm", 1.0), ("unknown", 1.0)])
+def test_real_ct_as_nifti_in_other_spatial_units_reads_as_simpleitk_reads_it(shared_data, tmp_path, unit,
+                                                                           units_per_mm):
+    """The qform and sform are in xyzt_units' unit: a CT stored in metres or microns is the mm original, with
+    the spacing and origin SimpleITK reads (and a header that says metres over a mm geometry is 1000x large,
+    for SimpleITK too: the spacing check then refuses it)."""
+    src = nib.load(shared_data / "ct/totalsegmentator/example_ct_sm.nii.gz")
+    affine = src.affine.copy()
+    affine[:3] *= units_per_mm
+    img = nib.Nifti1Image(np.asarray(src.dataobj), affine)
+    img.header.set_xyzt_units(unit, "sec")  # a time unit beside it changes nothing
+    nib.save(img, tmp_path / "ct.nii.gz")
+    vol = read_image(tmp_path / "ct.nii.gz")
+    np.testing.assert_allclose(vol.affine, src.affine, atol=1e-4)
+    ref = sitk.ReadImage(str(tmp_path / "ct.nii.gz"))
+    np.testing.assert_allclose(np.linalg.norm(vol.affine[:3, :3], axis=0), ref.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(vol.affine[:3, 3] * [-1, -1, 1], ref.GetOrigin(), atol=1e-3)  # ITK's origin is LPS
+    img = nib.Nifti1Image(np.asarray(src.dataobj), src.affine)
+    img.header.set_xyzt_units("meter")  # the unit is wrong, the geometry mm
+    nib.save(img, tmp_path / "wrong.nii.gz")
+    assert np.allclose(np.linalg.norm(read_image(tmp_path / "wrong.nii.gz").affine[:3, :3], axis=0),
+                       sitk.ReadImage(str(tmp_path / "wrong.nii.gz")).GetSpacing())
+
+
+def test_nifti_spatial_unit_code_outside_the_standard_is_refused(tmp_path):
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    img.header["xyzt_units"] = 8 | 5  # seconds, and a spatial code NIfTI does not define
+    nib.save(img, tmp_path / "u.nii.gz")
+    with pytest.raises(ImageReadError) as e:
+        read_image(tmp_path / "u.nii.gz")
+    assert str(e.value) == (f"{tmp_path / 'u.nii.gz'}: xyzt_units 13 names no spatial unit (its low 3 bits are 5; "
+                            f"NIfTI defines 0 unknown, 1 meter, 2 mm, 3 micron)")
+
+
 @pytest.mark.parametrize("units, says", [
     (b'"furlong" "furlong" "furlong"', "unsupported NRRD space unit 'furlong' (expected mm, cm, m or um)"),
     (b'"mm" "mm" "inch"', "unsupported NRRD space unit 'inch' (expected mm, cm, m or um)"),
