@@ -117,13 +117,20 @@ def git_revision() -> str | None:
 
 
 def _manifests(stores: list[str]) -> list[dict] | None:
+    """Every training store's case records, or None (a warning) when one is not found or not readable from
+    here: a moved or deleted store, or a relative path from another folder, only costs the summary its
+    counts, never a summary of 0 cases. Neither warning names the store: its path may hold a name."""
     records = []
-    try:
-        for store in stores:
-            records += read_manifest(store)
-    except Exception as e:  # a moved or deleted store only costs the summary its counts
-        log.warning("training data summary without case counts: %s", str(e).splitlines()[0] if str(e) else e)
-        return None
+    for store in stores:
+        try:
+            found = read_manifest(store) if "://" in store or Path(store).is_dir() else []
+        except Exception:  # any reader's error: the export does not need the store, only its summary does
+            found = []
+        if not found:  # read_manifest finds no record in a folder that is no store, or no folder at all
+            log.warning("training data summary without case counts: a training store the run read (config.yaml's "
+                        "data) is not found or not readable from this folder, or holds no case")
+            return None
+        records += found
     return records
 
 

@@ -540,3 +540,25 @@ def test_export_logs_and_prints_no_path_of_the_workdir_it_reads(tiny, tmp_path, 
     for text in (said.out, said.err, caplog.text):
         assert str(tiny.workdir) not in text
     assert not any(r.name == "absl" for r in caplog.records)
+
+
+def test_a_training_store_not_found_from_here_gives_no_counts_rather_than_zeros(tiny, tmp_path, caplog):  # noqa: F811
+    """config.yaml's data as finetune recorded it, relative to the folder it ran in (or a store moved since): from
+    another folder the store is not found. model.json said 0 cases, 0 labelled and no site; now it gives no
+    counts and the export warns, without the store's path."""
+    import yaml
+    from export_helpers import make_finetune_workdir
+
+    workdir, _, _ = make_finetune_workdir(tmp_path / "run", tiny.store)
+    cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+    assert cfg["data"] == [str(tiny.store)]
+    cfg["data"] = ["runs_store"]  # not a folder here
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with caplog.at_level("WARNING", logger="lnfm"):
+        out = ex.export_model(workdir, tmp_path / "export", "safetensors")
+    data = json.loads((out / "model.json").read_text())["training_data"]
+    assert data["stores"] == 1 and not {"cases", "labelled_cases", "sites", "channels"} & set(data)
+    assert "training data summary without case counts" in caplog.text and "runs_store" not in caplog.text
+    found, _, _ = make_finetune_workdir(tmp_path / "found", tiny.store)  # the same run with its store in reach
+    counted = json.loads((ex.export_model(found, tmp_path / "e2", "safetensors") / "model.json").read_text())
+    assert counted["training_data"]["cases"] == 2
