@@ -164,6 +164,24 @@ def check_resume(workdir: str | Path, cfg: Any, keys: tuple[str, ...], has_run: 
     check_unchanged(path, read_yaml(path), cfg, keys)
 
 
+def check_config_is_this_jobs(workdir: str | Path, cfg: Any) -> None:
+    """Refuse, before anything is written, a DIR whose config.yaml another job wrote (a pretraining run's, a
+    finetuning run's, a study's, or a user's own file): its top-level keys are not those of `cfg`. The job
+    would replace it, and the run it records could no longer be resumed, finetuned from or exported. A
+    config.yaml of this job (a run stopped before its first checkpoint) is the job's to rewrite."""
+    path = Path(workdir) / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        recorded = read_yaml(path)
+    except Exception:  # any parser's error: not a record this job wrote
+        recorded = None
+    keys = set(json.loads(json.dumps(to_dict(cfg), default=list)))
+    if not isinstance(recorded, dict) or set(recorded) != keys:
+        raise WorkdirError(f"{path}: a config.yaml this job did not write (another job's run, or a file of yours); "
+                           f"choose a new --workdir")
+
+
 def check_resume_settings(workdir: str | Path, cfg: Any, may_change: tuple[str, ...], has_run: bool,
                           derived: Iterable[str] = ()) -> None:
     """Refuse, before anything is written, to resume a run under any config value other than the

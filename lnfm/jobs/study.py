@@ -40,7 +40,8 @@ from lnfm.errors import LnfmError
 from lnfm.jobs.finetune import load_finetune_config
 from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretrain_config
 from lnfm.runs import FinetuneRun
-from lnfm.workdir import atomic_write_csv, atomic_write_text, check_resume, open_workdir, progress
+from lnfm.workdir import (atomic_write_csv, atomic_write_text, check_config_is_this_jobs, check_resume, file_sha256,
+                          lock_folder, open_workdir, progress)
 
 log = logging.getLogger("lnfm.study")
 REPO = Path(__file__).resolve().parents[2]
@@ -374,14 +375,54 @@ RESUME_KEYS = ("site", "unlabelled", "labelled", "val", "test", "shape", "spacin
                "pretrain_overrides", "repeats", "finetune_overrides", "quick")
 
 
+# What the study writes into --out; OUT_RECORD keeps the sha256 of each as written, so that a rerun replaces
+# only these files as the study left them, never a user's file of the same name (or one they edited).
+OUT_FILES = ("study.csv", "study_summary.csv", "dice_vs_labelled.png", "sensitivity_vs_labelled.png", "study.md")
+OUT_RECORD = ".lnfm-study.json"
+
+
+def _recorded_outputs(out: Path) -> dict[str, str]:
+    try:
+        files = json.loads((out / OUT_RECORD).read_text(encoding="utf-8")).get("files", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+
+def check_out_files(out: Path) -> None:
+    """Refuse an existing file of --out that the study would write and did not (or that changed since)."""
+    recorded = _recorded_outputs(out)
+    for name in OUT_FILES:
+        path = out / name
+        if os.path.lexists(path) and (path.is_symlink() or not path.is_file()
+                                      or recorded.get(name) != file_sha256(path)):
+            raise ConfigError(f"{path}: exists and is not a file lnfm study wrote there (or was changed since); "
+                              f"move it away or choose another --out")
+
+
+def _record_output(out: Path, name: str) -> None:
+    """Add `name`, just written, to --out's record."""
+    recorded = _recorded_outputs(out)
+    if (out / name).is_file():
+        recorded[name] = file_sha256(out / name)
+    atomic_write_text(out / OUT_RECORD, json.dumps({"files": dict(sorted(recorded.items()))}, indent=1))
+
+
 def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) -> int:
     """The study; `command` is what study.md records (with WORKDIR and OUT for the folders, see `main`)."""
     check(cfg)
     workdir, out = Path(workdir), Path(out)
     check_folder(workdir, "--workdir")
     check_folder(out, "--out")
-    check_resume(workdir, cfg, RESUME_KEYS, has_run=(workdir / "data").exists() or (workdir / "runs").exists())
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_folder(workdir):  # a second study in the same workdir is refused, not mixed into this one
+        check_resume(workdir, cfg, RESUME_KEYS, has_run=(workdir / "data").exists() or (workdir / "runs").exists())
+        check_config_is_this_jobs(workdir, cfg)
+        check_out_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        return _study(cfg, workdir, out, command)
+
+
+def _study(cfg: StudyConfig, workdir: Path, out: Path, command: str) -> int:
     with open_workdir(workdir, cfg, tensorboard=False) as writer:  # its log handler ends on a failed stage too
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache")))
@@ -396,11 +437,15 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
                 writer.write(i, **{k: summary.get(k) for k in ("dice", "node_sensitivity")}, **c)
                 bar.update(1)
         agg = aggregate(rows)
-        atomic_write_csv(out / "study.csv", rows)
-        atomic_write_csv(out / "study_summary.csv", agg)
-        plot(agg, "dice", "Dice", out / "dice_vs_labelled.png")
-        plot(agg, "node_sensitivity", "node sensitivity", out / "sensitivity_vs_labelled.png")
-        atomic_write_text(out / "study.md", markdown(agg, cfg, command, rows))
+        check_out_files(out)  # again: the study took an hour, in which a file may have appeared there
+        writes = {"study.csv": lambda p: atomic_write_csv(p, rows),
+                  "study_summary.csv": lambda p: atomic_write_csv(p, agg),
+                  "dice_vs_labelled.png": lambda p: plot(agg, "dice", "Dice", p),
+                  "sensitivity_vs_labelled.png": lambda p: plot(agg, "node_sensitivity", "node sensitivity", p),
+                  "study.md": lambda p: atomic_write_text(p, markdown(agg, cfg, command, rows))}
+        for name in OUT_FILES:
+            writes[name](out / name)
+            _record_output(out, name)
     log.info("study finished in %.0f s: study.md, study.csv and the plots are in --out", time.time() - t0)
     return 0
 
@@ -415,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="where study.csv, the PNG plots and study.md go")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. repeats=5 heads=[light]")
     args = parse_args_once(ap, argv)
+    if args.quick and args.config is not None:  # one would be ignored: --quick is --config quick
+        raise ConfigError(f"--quick and --config {args.config}: --quick is --config quick; give one of them")
     name = "quick" if args.quick else (args.config or "full")
     cfg = load_config(StudyConfig, name, args.overrides, kind="study")
     # study.md names no folder (they often hold a patient's name): the folders are WORKDIR and OUT, and a

@@ -28,8 +28,8 @@ from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoint
 from lnfm.train.optim import check_optim
 from lnfm.train.loop import Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
-from lnfm.workdir import (MetricsWriter, WorkdirError, check_resume, check_resume_settings, check_unchanged,
-                          lock_folder, open_workdir)
+from lnfm.workdir import (MetricsWriter, WorkdirError, check_config_is_this_jobs, check_resume, check_resume_settings,
+                          check_unchanged, lock_folder, open_workdir)
 
 log = logging.getLogger("lnfm.train")
 
@@ -166,6 +166,7 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
         check_batch(tc.global_batch, tc.accum_steps, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
         if check_memory is not None:  # a step this host cannot hold: refused here, not killed by the kernel later
             check_memory(checked, mesh)
+        check_config_is_this_jobs(workdir, checked.cfg)
         with open_workdir(workdir, checked.cfg, is_main=pid == 0, tensorboard=tensorboard) as writer:
             if pid == 0:
                 write_preprocessing(run.preprocessing, checked.preprocessing)

@@ -51,7 +51,29 @@ def folder(id: str, option: str, under: str | None = None) -> Case:
     return Case(f"study-{id}", "study", make, 2, ("exists and is not a folder", f"({option} names a folder)"))
 
 
+def _workdir_of_another_job(w, inp, out):
+    wd = inp / "pretrain"
+    wd.mkdir()
+    (wd / "config.yaml").write_text("data:\n  split: train\nmodel:\n  arch: vit\ntrain:\n  steps: 4\n")
+    return ["--quick", "--workdir", wd, "--out", out / "results", *TINY], str(wd / "config.yaml")
+
+
+def _out_holding_a_users_report(w, inp, out):
+    results = inp / "results"
+    results.mkdir()
+    (results / "study.md").write_text("# my notes\n")
+    return ["--quick", "--workdir", out / "wd", "--out", results, *TINY], str(results / "study.md")
+
+
 ROWS = [
+    # data loss: another job's config.yaml (the run could no longer be resumed), and a user's study.md, replaced
+    Case("study-workdir-of-another-job", "study", _workdir_of_another_job, 2,
+         ("a config.yaml this job did not write",)),
+    Case("study-out-holding-a-users-report", "study", _out_holding_a_users_report, 2,
+         ("exists and is not a file lnfm study wrote",)),
+    Case("study-quick-and-config", "study", lambda w, inp, out: (["--quick", "--config", "full", "--workdir",
+                                                                  out / "wd", "--out", out / "results", *TINY], None),
+         2, ("--quick is --config quick",)),  # --config was ignored, even a missing file
     # an empty grid list built all the data, then failed in matplotlib (a traceback)
     study("strategies-empty", ["strategies=[]"], ("strategies: the list is empty",)),
     study("heads-empty", ["heads=[]"], ("heads: the list is empty",)),

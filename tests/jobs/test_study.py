@@ -206,3 +206,38 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path, monkeypatch):
         S.run(S.StudyConfig(repeats=2, num_labeled=[1, 2]), tmp_path / "wd", tmp_path / "out", "cmd")
     # the failed stage ended the study's log.txt: no later run's lines reach it
     assert not [h for h in logging.getLogger("lnfm").handlers if str(tmp_path) in getattr(h, "baseFilename", "")]
+
+
+def test_a_rerun_replaces_only_the_study_s_own_outputs_and_workdir(tmp_path, monkeypatch):
+    """--out: a study.md or study.csv of the user's, or one the study wrote and the user edited, was replaced
+    without a word; --workdir: another job's config.yaml was replaced, so that run could no longer be resumed,
+    finetuned from or exported. Both are refused in one line before the study runs; its own outputs are
+    replaced. The stages are stubbed: one cell, three repeats."""
+    from lnfm.workdir import WorkdirError
+
+    monkeypatch.setattr(S, "build_benchmark", lambda cfg, workdir, env: (None, None))
+    monkeypatch.setattr(S, "run_cell", lambda cfg, c, store, pre, workdir, env: _summary([0.2, 0.3, 0.4],
+                                                                                         [0.5, 0.5, 0.5]))
+    cfg = S.StudyConfig(inits=["scratch"], strategies=["freeze_all"], heads=["light"], num_labeled=[1], repeats=3)
+    wd, out = tmp_path / "wd", tmp_path / "out"
+    assert S.run(cfg, wd, out, "python finetune/study.py") == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*S.OUT_FILES, S.OUT_RECORD])
+    assert S.run(cfg, wd, out, "python finetune/study.py") == 0  # its own files: replaced
+    (out / "study.md").write_text((out / "study.md").read_text() + "\nmy reading of the table\n")
+    edited = (out / "study.md").read_bytes()
+    with pytest.raises(ConfigError, match=rf"^{out / 'study.md'}: exists and is not a file lnfm study wrote"):
+        S.run(cfg, wd, out, "python finetune/study.py")
+    assert (out / "study.md").read_bytes() == edited
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "study.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError, match=rf"^{mine / 'study.csv'}: exists and is not a file lnfm study wrote"):
+        S.run(cfg, tmp_path / "wd2", mine, "python finetune/study.py")
+    assert (mine / "study.csv").read_text() == "a,b\n1,2\n" and not (tmp_path / "wd2").exists()
+    pretrain = tmp_path / "pretrain"
+    pretrain.mkdir()
+    record = "data:\n  split: train\nmodel:\n  arch: vit\ntrain:\n  steps: 4\n"  # another job's config.yaml
+    (pretrain / "config.yaml").write_text(record)
+    with pytest.raises(WorkdirError, match=rf"^{pretrain / 'config.yaml'}: a config.yaml this job did not write"):
+        S.run(cfg, pretrain, tmp_path / "out3", "python finetune/study.py")
+    assert (pretrain / "config.yaml").read_text() == record and not (tmp_path / "out3").exists()
