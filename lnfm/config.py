@@ -101,10 +101,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         try:
-            if isinstance(value, float) and not value.is_integer():
+            number = float(value) if isinstance(value, str) and "e" in value.lower() else value  # YAML leaves 1e3 a str
+            if isinstance(number, float) and not number.is_integer():  # 3.29e1, 1e-1, 1e400 (inf), nan
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        except (TypeError, ValueError):
+            return int(number)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool):

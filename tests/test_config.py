@@ -57,6 +57,19 @@ def test_bad_types_rejected():
         C.load_config(Job, None, ["steps"])
 
 
+@pytest.mark.parametrize("text", ["1e400", "-1e400", "3.29e1", "1e-1", "nan", "1.5e0"])
+def test_an_integer_in_e_notation_that_is_no_whole_finite_number_is_refused(text):
+    """YAML leaves 1e400 and 3.29e1 (no dot, or no signed exponent) as strings: int(float(...)) raised an
+    OverflowError traceback for the first and stored 32 for the second."""
+    with pytest.raises(C.ConfigError, match=rf"^steps: expected an integer, got '{text}'$"):
+        C.load_config(Job, None, [f"steps={text}"])
+
+
+def test_an_integer_in_e_notation_that_is_whole_is_taken():
+    assert C.load_config(Job, None, ["steps=1e3"]).steps == 1000
+    assert C.load_config(Job, None, ["steps=2.5e1"]).steps == 25
+
+
 def test_yaml_file_base_and_roundtrip(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("steps: 7\nopt:\n  lr: 0.1\n")

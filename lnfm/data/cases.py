@@ -100,8 +100,8 @@ def discover_nnunet(root: Path, site: str) -> tuple[list[CaseSpec], list[InputEr
                 continue
             m = re.match(r"^(.*)_(\d{4})$", stem)
             if not m:  # nnU-Net would not read it either: said, not passed over with its label
-                errors.append(InputError(str(p), f"name lacks the _NNNN channel suffix nnU-Net uses "
-                                                 f"(e.g. {stem}_0000{p.name[len(stem):]} for CT)"))
+                errors.append(InputError(str(p), "name lacks the _NNNN channel suffix nnU-Net uses (CASE_0000 for "
+                                                 "CT, CASE_0001 for PET)"))  # the name itself stays out of the store
                 continue
             found.setdefault(m.group(1), {})[int(m.group(2))] = p
         for cid, chans in found.items():
@@ -144,6 +144,9 @@ def _choose_series(folder: Path, series: list[str]) -> str | None:
     return chosen[0]
 
 
+CSV_COLUMNS = ("case_id", "image", "label", "site", "pet", "split")
+
+
 def discover_csv(path: Path, site: str, salt: str, series: list[str] = ()) -> tuple[list[CaseSpec], list[InputError]]:
     base = path.parent
     # utf-8-sig: spreadsheets write a byte-order mark that would otherwise rename the first column.
@@ -154,6 +157,12 @@ def discover_csv(path: Path, site: str, salt: str, series: list[str] = ()) -> tu
             if "image" not in fields:
                 return [], [InputError(str(path), "CSV has no 'image' column (expected "
                                                   "case_id,image,label,site[,pet][,split])")]
+            # A column prepare does not read (a 'Label' or 'PET' spelled otherwise) would drop the case's label
+            # or PET without a word.
+            unknown = sorted(f for f in fields if f not in CSV_COLUMNS)
+            if unknown:
+                return [], [InputError(str(path), f"CSV column '{unknown[0]}' is not one prepare reads (the columns "
+                                                  f"are {','.join(CSV_COLUMNS)}; names are case-sensitive)")]
             rows = list(reader)
     except UnicodeDecodeError:
         return [], [InputError(str(path), "CSV is not UTF-8 text")]

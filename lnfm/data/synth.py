@@ -573,6 +573,17 @@ def _triple(text: str) -> tuple[int, int, int]:
     return tuple(parts)  # type: ignore[return-value]
 
 
+def _seed(text: str) -> int:
+    """A phantom set's seed: a whole number >= 0 (numpy's seed sequence takes no negative)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; a seed is a whole number >= 0")
+    return value
+
+
 def _count(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -584,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write synthetic lymph-node CT phantoms in the nnU-Net raw layout.")
     ap.add_argument("--site", default="pelvis", choices=[*SITES, "all"])
     ap.add_argument("--num-cases", type=_count, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_seed, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--pet", action="store_true", help="also write a PET-like SUV channel")
     ap.add_argument("--stations", action="store_true", help="also write labelsTr_stations/")

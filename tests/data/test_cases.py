@@ -18,6 +18,18 @@ def test_csv_with_a_byte_order_mark_keeps_its_case_id_column(tmp_path):
     assert [(c.case_id, c.images, c.site) for c in cases] == [("my_case", [image], "pelvis")]
 
 
+def test_a_csv_column_prepare_does_not_read_is_one_input_error(tmp_path):
+    """'Label' and 'PET' were passed over: the case was stored unlabelled and CT-only, exit 0."""
+    img, lab = phantom()
+    save(tmp_path / "a.nii.gz", img, np.eye(4))
+    save(tmp_path / "a_lab.nii.gz", lab, np.eye(4))
+    (tmp_path / "cases.csv").write_text("case_id,image,Label\nmy_case,a.nii.gz,a_lab.nii.gz\n")
+    cases, errors = discover(str(tmp_path / "cases.csv"))
+    assert cases == [] and [(e.file, e.reason) for e in errors] == [(str(tmp_path / "cases.csv"), (
+        "CSV column 'Label' is not one prepare reads (the columns are case_id,image,label,site,pet,split; names are "
+        "case-sensitive)"))]
+
+
 def test_csv_that_is_not_utf8_is_one_input_error(tmp_path):
     (tmp_path / "cases.csv").write_bytes("case_id,image\nf\xe9e,a.nii.gz\n".encode("latin-1"))
     cases, errors = discover(str(tmp_path / "cases.csv"))
@@ -53,7 +65,7 @@ def test_nnunet_image_without_channel_suffix_and_its_label_are_reported_not_drop
         ("caseA", [str(root / "imagesTr/caseA_0000.nii.gz")], str(root / "labelsTr/caseA.nii.gz"))]
     assert [(e.file, e.reason) for e in errors] == [
         (str(root / "imagesTr/caseB.nii.gz"),
-         "name lacks the _NNNN channel suffix nnU-Net uses (e.g. caseB_0000.nii.gz for CT)"),
+         "name lacks the _NNNN channel suffix nnU-Net uses (CASE_0000 for CT, CASE_0001 for PET)"),
         (str(root / "labelsTr/caseB.nii.gz"), "label without an image: no imagesTr/caseB_0000 file")]
 
 

@@ -377,8 +377,8 @@ def test_misnamed_undeclared_and_orphan_nnunet_files_are_failed_lines_and_the_re
     assert rc == 1
     assert out[0] == "converted 2, skipped 0 (already done), failed 4"
     assert sorted(out[1:]) == sorted([
-        f"FAILED {raw}/imagesTr/caseB.nii.gz: name lacks the _NNNN channel suffix nnU-Net uses (e.g. "
-        f"caseB_0000.nii.gz for CT)",
+        f"FAILED {raw}/imagesTr/caseB.nii.gz: name lacks the _NNNN channel suffix nnU-Net uses (CASE_0000 for "
+        f"CT, CASE_0001 for PET)",
         f"FAILED {raw}/labelsTr/caseB.nii.gz: label without an image: no imagesTr/caseB_0000 file",
         f"FAILED {raw}/imagesTr/case001_0001.nii.gz: channel 0001 is not declared (dataset.json declares 0000 CT); "
         f"declare it in dataset.json or move the file away",
