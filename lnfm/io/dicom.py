@@ -108,6 +108,8 @@ def _slice_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, np.ndar
         raise ImageReadError(f"{path}: DICOM slice lacks geometry ({e.args[0].split()[-1]})") from None
     if iop.shape != (6,) or ipp.shape != (3,) or spacing.shape != (2,):
         raise ImageReadError(f"{path}: malformed DICOM geometry attributes")
+    if not np.all(np.isfinite(ipp)):  # a NaN sort key would order the slices arbitrarily, and pass every gap check
+        raise ImageReadError(f"{path}: ImagePositionPatient {ipp.tolist()} is not a finite position")
     if not np.all(np.isfinite(spacing) & (spacing > 0)):
         raise ImageReadError(f"{path}: PixelSpacing {spacing.tolist()} is not two positive sizes in mm")
     row, col = iop[:3], iop[3:]
@@ -148,7 +150,7 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
     read by its SeriesInstanceUID), or a single DICOM file."""
     path = Path(path)
     _, files = select_series(path, series)
-    slices = []
+    slices, rescaled, numbers = [], [], set()
     for n, f in enumerate(files):
         # Errors name the series and the slice number, never the file: DICOM file names often hold UIDs.
         where = f"{path}: file {n + 1} of {len(files)}" if path.is_dir() else str(path)
@@ -163,15 +165,25 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
             raise ImageReadError(f"{where}: file not found") from None
         except ImageReadError:
             raise
-        except Exception as e:
-            reason = type(e).__name__
-            raise ImageReadError(f"{where}: unreadable DICOM ({reason})") from None
+        except Exception as e:  # pydicom's first line says why (e.g. which decoder a transfer syntax needs)
+            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ImageReadError(f"{where}: unreadable DICOM ({type(e).__name__}{': ' + detail if detail else ''})") \
+                from None
         if pixels.ndim != 2:
             raise ImageReadError(f"{where}: DICOM pixel data is {pixels.ndim}D; expected one 2D slice per file")
         iop, ipp, spacing = _slice_geometry(ds, where)
         slope, intercept = _rescale(ds, where)
         slices.append((iop, ipp, spacing, pixels, slope, intercept, ds.get("SliceThickness"),
                        ds.get("SpacingBetweenSlices")))
+        rescaled.append("RescaleIntercept" in ds or "RescaleSlope" in ds)
+        numbers.add(str(ds.get("SeriesNumber", "") or "").strip())
+    if 0 < sum(rescaled) < len(rescaled):  # those without would be read 1024 HU (the usual intercept) off
+        raise ImageReadError(f"{path}: {len(rescaled) - sum(rescaled)} of {len(rescaled)} slices carry no "
+                             f"RescaleIntercept or RescaleSlope where the others do: their HU cannot be known")
+    numbers.discard("")
+    if len(numbers) > 1:  # one series has one SeriesNumber: slices without a UID may be several series
+        raise ImageReadError(f"{path}: slices carry SeriesNumber {', '.join(sorted(numbers))}: more than one series "
+                             f"(split them into one folder each)")
     iop, _, spacing = slices[0][:3]
     for s in slices[1:]:
         if not np.allclose(s[0], iop, atol=1e-4) or not np.allclose(s[2], spacing, rtol=1e-4):

@@ -353,10 +353,10 @@ def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], outpu
     paths = output_paths(output, formats.formats)
     check_outputs(output, probabilities, overlay, formats.formats, report)
     check_case_paths(paths, probabilities, report, overlay, list(inputs))
-    series = source_series(list(inputs), formats, series_uid) if series is None else series
     if vol is None:  # a batch's case (one scan given to `run` was read and checked before the model loaded)
-        vol = read_scan(list(inputs), meta, series_uid)
+        vol = read_scan(list(inputs), meta, series_uid)  # first: its checks name a bad slice in one line
         check_scan_memory(vol, meta, probabilities is not None, list(inputs)[0])
+    series = source_series(list(inputs), formats, series_uid) if series is None else series
     pred = predict_volume(predictor, meta, vol, options)
     site = meta.site.name if meta.site else None
     write_outputs(pred, meta, paths.pop("nifti", None), Path(probabilities) if probabilities else None,
@@ -658,9 +658,9 @@ def run(args: argparse.Namespace) -> int:
         files = _case_files(outputs, args.probabilities, args.report, args.overlay)
         check_not_there(files, args.force)
         check_writable(files)
-        series = source_series(inputs, formats, args.series)
-        vol = read_scan(inputs, meta, args.series)
+        vol = read_scan(inputs, meta, args.series)  # first: the DICOM outputs' header reading trusts its checks
         check_scan_memory(vol, meta, bool(args.probabilities), inputs[0])
+        series = source_series(inputs, formats, args.series)
     predictor, meta = load_predictor(args.model, args.backend)
     if batch:
         # the paths were checked above, with --model, before the model loaded

@@ -158,6 +158,14 @@ def scan_case(id: str, build, says: tuple) -> Case:
     return Case(f"predict-{id}", "predict", make, 2, says)
 
 
+def dicom_output_case(id: str, build, says: tuple) -> Case:
+    """A bad series asked for DICOM outputs: their header reading met it first, with a traceback."""
+    def make(w, inp, out):
+        scan, fault = build(inp)
+        return pred_argv(w.orbax, scan, out, "--format", "nifti,dicom-seg,rtstruct"), str(fault)
+    return Case(f"predict-{id}-with-dicom-outputs", "predict", make, 2, says)
+
+
 def model_case(id: str, build, says: tuple, named_file: str | None = None) -> Case:
     def make(w, inp, out):
         model = build(w, inp)
@@ -314,6 +322,13 @@ SCANS = [
     scan_case("two-channels-for-a-one-channel-model", lambda inp: (f"{real_ct(inp)},{real_ct(inp)}",
                                                                     inp / "real_ct.nii.gz"), ("expects 1 channel",)),
     scan_case("channels-on-different-grids", _pair_different_grids, ("expects 1 channel",)),
+    dicom_output_case("dicom-garbage-slice", lambda inp: (dicom_with_garbage(inp / "d"), inp / "d"),
+                      ("unreadable DICOM",)),
+    dicom_output_case("dicom-slice-without-position", dicom_edited(
+        lambda ds, n: n == 1 and delattr(ds, "ImagePositionPatient")), ("lacks geometry", "ImagePositionPatient")),
+    scan_case("dicom-slice-position-not-a-number", dicom_edited(
+        lambda ds, n: n == 1 and setattr(ds, "ImagePositionPatient", [0, 0, "NaN"]), extra_slice=True),
+        ("ImagePositionPatient", "is not a finite position")),
 ]
 
 

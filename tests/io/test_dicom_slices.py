@@ -1,0 +1,110 @@
+"""Slices of one folder that disagree in what makes them one series: a position that is no number, a rescale
+only some carry, two series numbers without series UIDs. Each was read without a word (a scrambled slice order,
+one slice 1024 HU off, two series interleaved); each is now refused in one line. Built from the real series of
+../shared/data (its UIDs are blank, as an anonymiser leaves them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from lnfm.io import ImageReadError, read_image
+
+SOURCE = "ct/totalsegmentator/example_ct_dicom"
+
+
+def real_slices(shared_data, folder, edit=None, n: int = 8, prefix: str = ""):
+    """The first `n` slices of the real series, decompressed, `edit(i, ds)` applied, written to `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(sorted((shared_data / SOURCE).iterdir())[:n]):
+        ds = pydicom.dcmread(f)
+        ds.decompress()
+        if edit is not None:
+            edit(i, ds)
+        ds.save_as(folder / f"{prefix}{i:03d}.dcm")
+    return folder
+
+
+def test_the_unedited_slices_read_as_simpleitk_reads_them(shared_data, tmp_path):
+    folder = real_slices(shared_data, tmp_path / "s")
+    vol = read_image(folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    np.testing.assert_array_equal(vol.data, np.transpose(sitk.GetArrayFromImage(reader.Execute()), (2, 1, 0)))
+
+
+def test_a_slice_position_that_is_no_number_is_refused(shared_data, tmp_path):
+    def nan_position(i, ds):
+        if i == 4:
+            ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], "NaN"]
+
+    folder = real_slices(shared_data, tmp_path / "s", nan_position)
+    with pytest.raises(ImageReadError) as e:
+        read_image(folder)
+    assert str(e.value).startswith(f"{folder}: file 5 of 8: ImagePositionPatient [") and \
+        str(e.value).endswith(", nan] is not a finite position")
+
+
+def test_a_slice_without_the_rescale_the_others_carry_is_refused(shared_data, tmp_path):
+    def no_rescale(i, ds):
+        if i == 4:
+            del ds.RescaleIntercept, ds.RescaleSlope
+
+    folder = real_slices(shared_data, tmp_path / "s", no_rescale)
+    with pytest.raises(ImageReadError) as e:
+        read_image(folder)
+    assert str(e.value) == (f"{folder}: 1 of 8 slices carry no RescaleIntercept or RescaleSlope where the others "
+                            f"do: their HU cannot be known")
+
+
+def test_two_series_without_uids_are_told_apart_by_their_series_numbers(shared_data, tmp_path):
+    """The second copy sits half a slice gap above the first, so the two interleave into a uniform grid."""
+    folder = tmp_path / "s"
+    gap = 2.0  # the real series' slice spacing (mm)
+
+    def series(number, shift):
+        def edit(i, ds):
+            ds.SeriesNumber = number
+            ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + shift]
+        return edit
+
+    real_slices(shared_data, folder, series(2, 0.0), prefix="a")
+    real_slices(shared_data, folder, series(3, gap / 2), prefix="b")
+    with pytest.raises(ImageReadError) as e:
+        read_image(folder)
+    assert str(e.value) == f"{folder}: slices carry SeriesNumber 2, 3: more than one series (split them into one " \
+                           f"folder each)"
+    for p in folder.glob("b*.dcm"):
+        p.unlink()
+    assert read_image(folder).data.shape == (512, 512, 8)  # one series number: read
+
+
+def test_a_jpeg_lossless_series_reads_as_simpleitk_reads_it(shared_data, tmp_path):
+    """JPEG Lossless (Process 14, SV1), the usual lossless syntax of a PACS export, written by GDCM through
+    SimpleITK: pydicom decodes it with python-gdcm. Without a decoder the refusal said only 'RuntimeError'."""
+    folder = tmp_path / "jpeg"
+    scratch = tmp_path / "one.dcm"
+
+    def jpeg_lossless(i, ds):
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(scratch))
+        writer.SetUseCompression(True)
+        writer.SetCompressor("JPEG")
+        writer.Execute(sitk.GetImageFromArray(ds.pixel_array.astype(np.uint16)[None]))
+        coded = pydicom.dcmread(scratch)
+        ds.PixelData = coded.PixelData
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = coded.file_meta.TransferSyntaxUID
+        ds.BitsStored, ds.HighBit = coded.BitsStored, coded.HighBit
+
+    real_slices(shared_data, folder, jpeg_lossless, n=4)
+    assert pydicom.dcmread(folder / "000.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    expected = np.transpose(sitk.GetArrayFromImage(reader.Execute()), (2, 1, 0))
+    vol = read_image(folder)
+    np.testing.assert_array_equal(vol.data, expected)
+    np.testing.assert_array_equal(vol.data, read_image(real_slices(shared_data, tmp_path / "plain", n=4)).data)
