@@ -532,12 +532,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--salt", default=None, help="salt for hashed case ids (default: the LNFM_ID_SALT variable)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parse_args_once(ap, argv)
-    overrides = list(args.overrides)
-    for key in ("spacing", "workers", "site", "site_preset", "salt"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
+    given = {k: getattr(args, k) for k in ("spacing", "workers", "site", "site_preset", "salt")
+             if getattr(args, k) is not None}
+    for item in args.overrides:  # an option and an override of one key: one of them would be ignored
+        key = item.split("=", 1)[0].strip()
+        if key in given:
+            raise ConfigError(f"--{key.replace('_', '-')} and the override '{item}' both set {key}; give one")
+    overrides = list(args.overrides) + [f"{k}={given[k]}" for k in ("spacing", "workers") if k in given]
     setup_logging()  # lnfm at INFO; libraries (orbax, absl) stay at WARNING
     cfg = load_config(PrepareConfig, args.config, overrides, kind="prepare")
+    # Names and the salt as typed: read as YAML, '#secret' was a comment (the salt became the text "None"),
+    # '0777' the number 511 and 'yes' true.
+    cfg = dataclasses.replace(cfg, **{k: given[k] for k in ("site", "site_preset", "salt") if k in given})
     if args.series:
         cfg = dataclasses.replace(cfg, series=[s for s in args.series.split(",") if s])
     res = prepare_dataset(args.input, args.output, cfg, args.num_shards, args.shard_index)

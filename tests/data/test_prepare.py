@@ -488,3 +488,31 @@ def test_a_larger_coarser_pet_field_of_view_is_accepted_and_interpolated(tmp_pat
     pet_ijk = (np.linalg.inv(pet_aff) @ aff @ np.vstack([ijk, np.ones(ijk.shape[1])]))[:3]
     assert pet_ijk.min() > 0 and (pet_ijk.max(1) < np.array(pet.shape) - 1).all()  # wholly inside the PET
     np.testing.assert_allclose(image[..., 1][tuple(ijk)], ndimage.map_coordinates(pet, pet_ijk, order=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("salt", ["#s3cr3t", "pepper # v2", "0777", "None"])
+def test_salt_and_site_options_are_taken_as_typed(tmp_path, salt):
+    """They were passed on as YAML overrides: '#s3cr3t' became the text 'None' (every '#' salt gave the same,
+    public ids), 'pepper # v2' lost its end, '0777' became 511; --site yes was stored as 'True'."""
+    img, lab = phantom()
+    image = save(tmp_path / "a.nii.gz", img, affine_lps())
+    csv_path = write_csv(tmp_path / "cases.csv", [{"image": image, "label": save(tmp_path / "l.nii.gz", lab,
+                                                                                 affine_lps())}])
+    store = tmp_path / "store"
+    assert main(["--input", str(csv_path), "--output", str(store), "--workers", "0", "--salt", salt,
+                 "--site", "yes"]) == 0
+    (record,) = read_manifest(str(store))
+    assert record["case_id"] == hashed_id(str(Path(image).absolute()), salt) and record["site"] == "yes"
+
+
+def test_an_option_and_an_override_of_one_key_are_refused(tmp_path, capsys):
+    """--spacing 1.5,1.5,1.5 spacing=3,3,3 stored at 1.5 mm, in either order, without a word."""
+    from lnfm.cli import run_job
+
+    img, _ = phantom()
+    csv_path = write_csv(tmp_path / "cases.csv", [{"image": save(tmp_path / "a.nii.gz", img, affine_lps())}])
+    for argv in (["--spacing", "1.5,1.5,1.5", "spacing=[3,3,3]"], ["salt=x", "--salt", "y"]):
+        rc = run_job("prepare", ["--input", str(csv_path), "--output", str(tmp_path / "store"), *argv])
+        key = argv[0][2:] if argv[0].startswith("--") else argv[1][2:]
+        assert rc == 2 and capsys.readouterr().err.strip().startswith(f"lnfm prepare: error: --{key} and the override")
+    assert not (tmp_path / "store").exists()
