@@ -13,9 +13,11 @@ import dataclasses
 import itertools
 import json
 import logging
+import hashlib
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -31,8 +33,9 @@ from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing, che
 from lnfm.data.workers import map_in_workers
 from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
+from lnfm.io.dicom import dicom_files
 from lnfm.safety import check_apart
-from lnfm.workdir import LOCK_FILE, lock_folder, progress, setup_logging
+from lnfm.workdir import LOCK_FILE, file_sha256, lock_folder, progress, setup_logging
 
 log = logging.getLogger("lnfm.data.prepare")
 
@@ -348,6 +351,20 @@ def preprocess_case(image: Volume, contract: PrepareContract, label: Volume | No
     return as_stored(data, contract.channels), lab, geometry
 
 
+def source_fingerprint(case: CaseSpec) -> str:
+    """A digest of the case's input files' bytes (every file of a DICOM series folder): a rerun into the store
+    tells a case it finished from one whose image or label changed since under the same id. Not salted: the
+    store holds the scan's voxels, which tell as much to someone holding the file, and a salt changed between
+    runs would make every case look changed."""
+    h = hashlib.sha256(b"lnfm prepare source\0")
+    for path in [*case.images, case.label or ""]:
+        files = sorted(dicom_files(Path(path))) if path and Path(path).is_dir() else [Path(path)] if path else []
+        for f in files:
+            h.update(file_sha256(f).encode())
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()[:32]
+
+
 def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract) -> dict:
     """Convert one case and write its arrays; returns the manifest record (not yet written)."""
     image = read_channels(case.images, cfg.resample_channels, case.series,
@@ -390,7 +407,8 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: Prep
     split = case.split or assign_split(case.case_id, cfg.split_seed, tuple(cfg.split_fractions))
     return {"case_id": case.case_id, "site": case.site, "split": split, **geometry,
             "channels": list(case.channels), "image_path": image_paths, "label_path": label_path,
-            "labelled": label_path is not None, "intensity": stats, "nodes": nodes}
+            "labelled": label_path is not None, "intensity": stats, "nodes": nodes,
+            "source": source_fingerprint(case)}  # the files were read: they exist
 
 
 def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract
@@ -488,6 +506,17 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     done = st.finished_ids(output)
     todo = [c for c in cases if c.case_id not in done]
     result.skipped = len(cases) - len(todo)
+    for case in (c for c in cases if c.case_id in done):  # finished: unless its files changed since
+        recorded = json.loads(st.read_text(output, f"{st.RECORDS}{case.case_id}.json") or "{}").get("source")
+        try:
+            now = source_fingerprint(case)
+        except OSError:  # a source gone since: the store keeps the case, nothing to compare
+            now = recorded
+        if recorded is not None and recorded != now:
+            result.skipped -= 1
+            result.failures.append({"case_id": case.case_id, "file": case.label or case.images[0], "reason": (
+                "its image or label files changed since this case was prepared into the store: "
+                "the store keeps the first version; prepare into a new --output")})
     bar = progress(total=len(todo), desc="prepare", disable=not show_progress)
 
     def finish(status: str, payload: dict) -> None:

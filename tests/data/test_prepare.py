@@ -516,3 +516,27 @@ def test_an_option_and_an_override_of_one_key_are_refused(tmp_path, capsys):
         key = argv[0][2:] if argv[0].startswith("--") else argv[1][2:]
         assert rc == 2 and capsys.readouterr().err.strip().startswith(f"lnfm prepare: error: --{key} and the override")
     assert not (tmp_path / "store").exists()
+
+
+def test_a_rerun_refuses_a_case_whose_files_changed_since_it_was_prepared(tmp_path):
+    """A rerun skipped every case id already in the store: a corrected label, or another phantom set under the
+    same ids, never reached it (exit 0, 'skipped'). The record's source digest now tells them apart; the unchanged
+    case still skips, and the store keeps the first version."""
+    img, lab = phantom()
+    rows = [{"case_id": cid, "image": save(tmp_path / f"{cid}.nii.gz", img, affine_lps()),
+             "label": save(tmp_path / f"{cid}_lab.nii.gz", lab, affine_lps())} for cid in ("a", "b")]
+    csv_path, store = str(write_csv(tmp_path / "cases.csv", rows)), str(tmp_path / "store")
+    cfg = PrepareConfig(workers=0, salt="s")
+    assert prepare_dataset(csv_path, store, cfg, show_progress=False).converted == 2
+    before = {r["case_id"]: r for r in read_manifest(store)}
+    assert all(r["source"].startswith("sha256:") for r in before.values())
+    corrected = lab.copy()
+    corrected[2:5, 2:5, 2:5] = 1  # a node the first label missed
+    save(tmp_path / "b_lab.nii.gz", corrected, affine_lps())
+    res = prepare_dataset(csv_path, store, cfg, show_progress=False)
+    assert (res.converted, res.skipped, res.failed) == (0, 1, 1)
+    assert res.failures[0]["file"] == str(tmp_path / "b_lab.nii.gz")
+    assert res.failures[0]["reason"].startswith("its image or label files changed since this case was prepared")
+    assert {r["case_id"]: r for r in read_manifest(store)} == before
+    save(tmp_path / "b_lab.nii.gz", lab, affine_lps())  # the file as it was: the rerun skips it again
+    assert prepare_dataset(csv_path, store, cfg, show_progress=False).skipped == 2
