@@ -160,6 +160,14 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         extra.append(f"train.repeats={repeats}")
     refuse_derived(overrides, DERIVED_LOADER_KEYS, "finetuning")
     keys = {".".join(parse_override(text)[0]) for text in overrides}
+    # The options set these keys after the overrides: an override of one would be ignored without a word.
+    options = {"init": "--init", "data": "--data", "unlabelled": "--unlabelled", "paste_into": "--paste-into",
+               "train.num_labeled": "--num-labeled", "train.repeats": "--repeats"}
+    given = {"init", "data"} | {k for k, v in (("unlabelled", unlabelled), ("paste_into", paste_into),
+                                               ("train.num_labeled", num_labeled), ("train.repeats", repeats))
+                                if v not in (None, [], ())}
+    for key in sorted(keys & given):
+        raise ConfigError(f"{key}: set by {options[key]}; give it there, not as an override as well")
     for key in sorted(keys):
         if key.startswith("data."):  # pretraining's data section; here `data` is the list of stores (--data)
             raise ConfigError(f"{key}: finetuning has no data section (--data lists its stores); the loader's "
@@ -733,6 +741,11 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
                             derived_keys=tuple(DERIVED_LOADER_KEYS))
 
 
+# The cases of each split, recorded at the first start: a resume over a store that gained or lost cases since
+# would train on a former validation case and compare Dice over other validation sets.
+SPLITS_RECORD = "splits.json"
+
+
 def _check(cfg: FinetuneConfig) -> Checked:
     """Every check of the data, the init and the labels, before anything is written or compiled."""
     check_stores(cfg.data)
@@ -793,7 +806,8 @@ def _check(cfg: FinetuneConfig) -> Checked:
     # config.yaml records the patch and the per-process batch the loader reads (DERIVED_LOADER_KEYS)
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
         cfg.loader, patch_size=tuple(cfg.site.patch), batch_size=cfg.train.global_batch // jax.process_count()))
-    return Checked(cfg, prep, _Data(records, splits, unlabelled, paste_into))
+    return Checked(cfg, prep, _Data(records, splits, unlabelled, paste_into),
+                   records={SPLITS_RECORD: {"train": splits.pool, "val": splits.val, "test": splits.test}})
 
 
 def _train(checked: Checked, run_dirs: FinetuneRun, mesh: jax.sharding.Mesh, writer: MetricsWriter) -> dict | None:

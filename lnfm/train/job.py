@@ -109,6 +109,9 @@ class Checked:
     cfg: Any  # the config the run records in config.yaml (checks may resolve values in it)
     preprocessing: Preprocessing  # the contract the run trains under (preprocessing.json)
     context: Any = None  # whatever else the job's `train` takes from its checks
+    # JSON files the run records beside config.yaml, file name -> value, that a resumed run must find
+    # unchanged (finetuning: its cases per split; a store that gained cases would move one between them)
+    records: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # What a resumed run may change: how long it trains, how often it logs, validates and checkpoints, and the
@@ -130,6 +133,25 @@ def check_resume_preprocessing(path: Path, prep: Preprocessing) -> None:
         raise WorkdirError(f"{path}: not valid JSON; choose a new --workdir") from None
     check_unchanged(path, {"preprocessing": old}, {"preprocessing": prep}, ("preprocessing",), "was trained with",
                     "data and settings")
+
+
+def check_resume_record(path: Path, value: Any) -> None:
+    """Refuse to resume a run whose record `path` (e.g. splits.json) differs from `value` now. A run from
+    before the record has none to compare."""
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise WorkdirError(f"{path}: not valid JSON; choose a new --workdir") from None
+    new = json.loads(json.dumps(value))
+    if old == new:
+        return
+    keys = sorted(set(old) | set(new)) if isinstance(old, dict) and isinstance(new, dict) else []
+    diffs = [f"{k} {len(old.get(k) or [])} -> {len(new.get(k) or [])} cases" if isinstance(new.get(k), list) else k
+             for k in keys if old.get(k) != new.get(k)]
+    raise WorkdirError(f"{path}: the run to resume recorded other {path.stem} ({'; '.join(diffs) or 'changed'}): its "
+                       f"data changed since it started; resume with the data it had, or choose a new --workdir")
 
 
 def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mapping[str, Any],
@@ -161,6 +183,8 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
         if has_run:
             check_resume_settings(workdir, checked.cfg, RESUME_MAY_CHANGE, has_run=True, derived=derived_keys)
             check_resume_preprocessing(run.preprocessing, checked.preprocessing)
+            for name, value in checked.records.items():
+                check_resume_record(workdir / name, value)
         mesh = make_mesh(checked.cfg.mesh)
         tc = checked.cfg.train
         check_batch(tc.global_batch, tc.accum_steps, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
@@ -170,6 +194,8 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
         with open_workdir(workdir, checked.cfg, is_main=pid == 0, tensorboard=tensorboard) as writer:
             if pid == 0:
                 write_preprocessing(run.preprocessing, checked.preprocessing)
+                for name, value in checked.records.items():
+                    write_json(workdir / name, value)
             summary = train(checked, run, mesh, writer)
             if summary is None:
                 log.warning("preempted: rerun the same command to resume")  # into log.txt, which the with ends

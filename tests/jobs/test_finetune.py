@@ -379,6 +379,46 @@ def test_a_resume_that_changes_how_the_run_trains_is_refused_and_writes_nothing(
     assert yaml.safe_load((wd / "config.yaml").read_text())["train"]["steps"] == 4
 
 
+def test_a_resume_over_a_store_that_gained_cases_is_refused(store, tmp_path, capsys):
+    """The splits were recomputed at every start: cases added to the store since moved a validation case into
+    training and changed the validation set best.json compares over, and the run resumed with exit 0. The run
+    records its splits at the first start; a resume over other splits is one line, nothing written."""
+    import shutil
+
+    from tree_helpers import tree_digest
+
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+    from lnfm.data.store import read_manifest
+
+    data = shutil.copytree(store, tmp_path / "store")
+    wd = tmp_path / "ft"
+    base = ["--site", "pelvis", "--data", str(data), "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3",
+            *TINY, "checkpoint.every=2"]
+    assert run_job("finetune", base) == 0
+    splits = json.loads((wd / "splits.json").read_text())
+    expected = make_splits(read_manifest(str(data)), 0.15)
+    assert (splits["train"], splits["val"], splits["test"]) == (expected.pool, expected.val, expected.test)
+    from lnfm.data.synth import SynthConfig, write_dataset
+
+    write_dataset(SynthConfig(site="pelvis", num_cases=3, seed=2, shape=(40, 40, 24), gallery=False,
+                              use_real_shapes=False, spacing_inplane=(1.4, 1.6), slice_thickness=(1.5, 1.5),
+                              nodes_per_case=(2, 3), short_axis_mm=(8.0, 12.0)), tmp_path / "raw")
+    raw = tmp_path / "raw" / "imagesTr"  # new phantoms under new ids
+    rows = "".join(f"extra_{i},{p},{str(p).replace('imagesTr', 'labelsTr').replace('_0000', '')}\n"
+                   for i, p in enumerate(sorted(raw.glob("*_0000.nii.gz"))[:3]))
+    (tmp_path / "more.csv").write_text("case_id,image,label\n" + rows)
+    prepare_dataset(str(tmp_path / "more.csv"), str(data), PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0,
+                                                                         split_fractions=(0.6, 0.0, 0.4)),
+                    show_progress=False)
+    before = tree_digest(wd)
+    capsys.readouterr()
+    assert run_job("finetune", base + ["train.steps=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lnfm finetune: error: {wd / 'splits.json'}: the run to resume "
+                                               f"recorded other splits (") and "its data changed since" in err[0]
+    assert tree_digest(wd) == before
+
+
 def test_a_second_job_on_the_workdir_is_refused_naming_the_holder(tmp_path, capsys):
     import os
     import subprocess
@@ -540,3 +580,17 @@ def test_ema_decay_validates_keeps_and_exports_the_moving_average(store, tmp_pat
 def test_ema_decay_outside_0_1_is_refused_before_anything_is_written(store):
     with pytest.raises(ConfigError, match="ema_decay"):
         load_finetune_config("pelvis", TINY + ["optim.ema_decay=1.0"], data=[store])
+
+
+@pytest.mark.parametrize("options, override, key, flag", [
+    ({"repeats": 1}, "train.repeats=3", "train.repeats", "--repeats"),
+    ({"num_labeled": 2}, "train.num_labeled=4", "train.num_labeled", "--num-labeled"),
+    ({}, 'data=["other"]', "data", "--data"),
+])
+def test_an_option_and_an_override_of_one_key_are_refused(options, override, key, flag):
+    """The options were applied after the overrides: --repeats 1 train.repeats=3 ran one repeat, without a word."""
+    with pytest.raises(ConfigError, match=rf"^{key}: set by {flag}; give it there, not as an override as well$"):
+        load_finetune_config("pelvis", [override], data=["store"], **options)
+    if options:  # the override alone is taken
+        cfg = load_finetune_config("pelvis", [override], data=["store"])
+        assert getattr(cfg.train, key.split(".")[1]) == int(override.split("=")[1])
