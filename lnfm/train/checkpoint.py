@@ -168,6 +168,11 @@ class Checkpointer:
             self._raise_if_full(e)
             raise
 
+    def step_file(self, step: int, name: str) -> str | None:
+        """The text of a file saved with step `step` (`save`'s `files`), or None when it has none."""
+        path = self.directory / str(step) / name
+        return path.read_text() if path.is_file() else None
+
     def _raise_if_full(self, e: Exception) -> None:
         reason = disk_full(e)
         if reason is not None:

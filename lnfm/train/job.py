@@ -26,7 +26,7 @@ from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints
 from lnfm.train.optim import check_optim
-from lnfm.train.loop import Hook, LoopResult, Throughput, run_loop, trim_metrics
+from lnfm.train.loop import TRAIN_TIME_FILE, Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
 from lnfm.workdir import (MetricsWriter, WorkdirError, check_config_is_this_jobs, check_resume, check_resume_settings,
                           check_unchanged, lock_folder, open_workdir)
@@ -84,10 +84,14 @@ def fit(step_fn: Callable, state: dict, shardings: Any, next_batch: Callable[[],
     checkpointer. `on_resume(step)` runs before the first step with the step training starts at."""
     ckpt = Checkpointer(workdir / CHECKPOINTS, checkpoint)
     restored = ckpt.restore_latest(abstract_state(state, shardings), data_iter)
-    start = 0
+    start, prior_train_s = 0, 0.0
     if restored is not None:
         state, start = restored
         log.info("resumed from step %d", start)
+        try:  # the step seconds before this call (a checkpoint from before the record has none: 0)
+            prior_train_s = float(json.loads(ckpt.step_file(start, TRAIN_TIME_FILE) or "{}").get("train_s", 0.0))
+        except (ValueError, TypeError, AttributeError):
+            prior_train_s = 0.0
         if jax.process_index() == 0:
             trim_metrics(workdir, start)
     if on_resume is not None:
@@ -97,7 +101,7 @@ def fit(step_fn: Callable, state: dict, shardings: Any, next_batch: Callable[[],
             return run_loop(step_fn, state, next_batch, start_step=start, total_steps=total_steps, writer=writer,
                             throughput=throughput, checkpointer=ckpt, ckpt_every=checkpoint.every,
                             data_iter=data_iter, config=config, log_every=log_every, hooks=hooks, profile=profile,
-                            profile_dir=workdir / "profile", desc=desc)
+                            profile_dir=workdir / "profile", desc=desc, prior_train_s=prior_train_s)
     finally:
         ckpt.close()
 

@@ -52,7 +52,12 @@ class LoopResult:
     step: int
     preempted: bool
     metrics: dict  # the values (loss, ...) of the last step run; empty when no step ran (a finished run resumed)
-    train_s: float = 0.0  # seconds in this call's steps (first-step compilation included; hooks and saves not)
+    # seconds in the run's steps, over every call that resumed it (each checkpoint records the sum so far, in
+    # TRAIN_TIME_FILE); first-step compilations included, hooks and saves not
+    train_s: float = 0.0
+
+
+TRAIN_TIME_FILE = "train_time.json"  # in a checkpoint's step folder: {"train_s": the run's step seconds so far}
 
 
 def trim_metrics(workdir: str | Path, step: int) -> None:
@@ -149,11 +154,12 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
              checkpointer: Checkpointer | None = None, ckpt_every: int = 0, data_iter: Any = None,
              config: dict | None = None, log_every: int = 10, hooks: tuple[Hook, ...] = (),
              profile: tuple[int, int] | None = None, profile_dir: str | Path | None = None,
-             desc: str = "train", preempt_sync_every: int = 10) -> LoopResult:
+             desc: str = "train", preempt_sync_every: int = 10, prior_train_s: float = 0.0) -> LoopResult:
     """Run steps start_step .. total_steps-1. `next_batch()` returns the next global batch.
 
     `data_iter` is the Grain iterator behind `next_batch`; its position is saved
-    with every checkpoint so a resumed run sees the same data order.
+    with every checkpoint so a resumed run sees the same data order. `prior_train_s`: the step seconds
+    of the calls before this one (the restored checkpoint's TRAIN_TIME_FILE).
     """
     pending: tuple[int, dict] | None = None
     last: dict = {}
@@ -201,7 +207,11 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
     def save(done: int) -> None:
         nonlocal saved_step
         if checkpointer is not None and done != saved_step:
-            outside_step_time(lambda: checkpointer.save(done, state, data_iter, config))
+            def write() -> None:  # run after the device queue drained: the steps' seconds up to this save
+                so_far = prior_train_s + time.perf_counter() - loop_t0 - outside[0]
+                record = {TRAIN_TIME_FILE: json.dumps({"train_s": so_far})}
+                checkpointer.save(done, state, data_iter, config, files=record)
+            outside_step_time(write)
             saved_step = done
 
     step = start_step
@@ -250,4 +260,4 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
     train_s = time.perf_counter() - loop_t0 - outside[0]
     if preempted:
         log.warning("stopped by signal after step %d; checkpoint saved", step)
-    return LoopResult(state, step, preempted, dict(last), train_s)
+    return LoopResult(state, step, preempted, dict(last), prior_train_s + train_s)

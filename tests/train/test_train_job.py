@@ -63,6 +63,25 @@ def test_fit_resumes_from_the_last_checkpoint_and_matches_one_uninterrupted_run(
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
 
 
+def test_a_resumed_run_s_training_seconds_count_every_call(tmp_path, mesh8):
+    """train_time_s (what an equal-time peer gets) was the last call's seconds only: a run stopped at step 3 and
+    resumed reported the resumed call's. Each checkpoint records the sum so far; the resumed call adds to it."""
+    import json
+
+    from lnfm.train.loop import TRAIN_TIME_FILE
+
+    batches = toy_batches(6)
+    first = _fit(tmp_path / "b", mesh8, batches[:3], 3)  # saves at 2 and at the end (3)
+    recorded = json.loads((tmp_path / "b" / "checkpoints" / "3" / TRAIN_TIME_FILE).read_text())["train_s"]
+    assert 0 < recorded <= first.train_s
+    resumed = _fit(tmp_path / "b", mesh8, batches[3:], 6)
+    assert resumed.train_s > recorded
+    final = json.loads((tmp_path / "b" / "checkpoints" / "6" / TRAIN_TIME_FILE).read_text())["train_s"]
+    assert recorded < final <= resumed.train_s
+    again = _fit(tmp_path / "b", mesh8, [], 6)  # a finished run resumed: no step, the recorded seconds
+    assert again.train_s == pytest.approx(final, abs=0.05)  # plus the empty loop's own milliseconds
+
+
 # ----------------------------------------------------------------------------- run_training_job
 
 
