@@ -20,16 +20,51 @@ ORIENTATION_TOL = 1e-3
 SLICE_LINE_TOL = 0.2
 
 
-def is_dicom_file(path: Path) -> bool:
-    """True for a Part-10 file (DICM magic) or a .dcm file."""
-    if path.suffix.lower() == ".dcm":
-        return True
+# The first data elements of a DICOM dataset written without the Part-10 preamble (older scanners and
+# PACS exports; SimpleITK reads them): little-endian (group, element) of the file meta (0002,0000..0010) or
+# of the identifying module (0008,0000..0020: SpecificCharacterSet, ImageType, SOPClassUID, ...).
+_RAW_GROUPS = (0x0002, 0x0008)
+_RAW_MAX_ELEMENT = 0x0020
+
+
+def _head(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
-            head = f.read(132)
-        return len(head) == 132 and head[128:132] == b"DICM"
+            return f.read(132)
     except OSError:
+        return b""
+
+
+def _is_raw_dataset(head: bytes) -> bool:
+    """A dataset without the 128-byte preamble and DICM prefix: it starts with a data element of its first
+    groups (a NIfTI, NRRD, gzip or text file does not)."""
+    if len(head) < 8 or head[128:132] == b"DICM":
         return False
+    group, element = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
+    return group in _RAW_GROUPS and element <= _RAW_MAX_ELEMENT
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True for a Part-10 file (DICM magic), a .dcm file, or a dataset written without the preamble."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    head = _head(path)
+    return (len(head) == 132 and head[128:132] == b"DICM") or _is_raw_dataset(head)
+
+
+def read_dataset(path: Path, **kwargs) -> pydicom.Dataset:
+    """pydicom's dcmread, told to read a dataset without the preamble (which it refuses by default); such a
+    dataset has no file meta, so its transfer syntax is the encoding pydicom found it in."""
+    raw = _is_raw_dataset(_head(path))
+    ds = pydicom.dcmread(path, force=raw, **kwargs)
+    if raw and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        implicit, little = ds.original_encoding
+        if not little:
+            raise ValueError("a big-endian dataset without file meta is not supported")  # named by the caller
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else \
+            pydicom.uid.ExplicitVRLittleEndian
+    return ds
 
 
 def dicom_files(folder: Path) -> list[Path]:
@@ -41,7 +76,7 @@ class SeriesChoiceError(ImageReadError):
 
 
 def _header(path: Path) -> pydicom.Dataset:
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    return read_dataset(path, stop_before_pixels=True)
 
 
 def series_of(files: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
@@ -155,7 +190,7 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
         # Errors name the series and the slice number, never the file: DICOM file names often hold UIDs.
         where = f"{path}: file {n + 1} of {len(files)}" if path.is_dir() else str(path)
         try:
-            ds = pydicom.dcmread(f)
+            ds = read_dataset(f)
             has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
             if not has_pixels and "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {}):  # a DICOM file, no image
                 raise ImageReadError(f"{where}: holds no pixel data (not an image slice: a DICOMDIR, report or "

@@ -108,3 +108,21 @@ def test_a_jpeg_lossless_series_reads_as_simpleitk_reads_it(shared_data, tmp_pat
     vol = read_image(folder)
     np.testing.assert_array_equal(vol.data, expected)
     np.testing.assert_array_equal(vol.data, read_image(real_slices(shared_data, tmp_path / "plain", n=4)).data)
+
+
+def test_slices_written_without_the_preamble_are_read_not_passed_over(shared_data, tmp_path):
+    """Datasets without the 128-byte preamble and 'DICM' (older scanners, some PACS exports), named without
+    '.dcm': passed over, so a series with six such slices of twenty was read fourteen deep, exit 0. They are
+    read as SimpleITK reads them, alone or beside Part-10 files; a text file beside them is still no slice."""
+    folder = real_slices(shared_data, tmp_path / "s", n=8)
+    for n in range(5, 8):
+        ds = pydicom.dcmread(folder / f"{n:03d}.dcm")
+        ds.preamble = None
+        del ds.file_meta
+        ds.save_as(folder / f"IM{n:04d}", enforce_file_format=False, implicit_vr=True, little_endian=True)
+        (folder / f"{n:03d}.dcm").unlink()
+    (folder / "README").write_text("exported by a PACS\n")
+    assert (folder / "IM0005").read_bytes()[:2] == b"\x08\x00"  # the raw dataset's first element, group 0008
+    vol = read_image(folder)
+    assert vol.data.shape == (512, 512, 8)
+    np.testing.assert_array_equal(vol.data, read_image(real_slices(shared_data, tmp_path / "p", n=8)).data)
