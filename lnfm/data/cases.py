@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lnfm.config import ConfigError
 from lnfm.io import ImageReadError, is_dicom_path, series_uid
-from lnfm.io.dicom import describe_series, dicom_files, series_of
+from lnfm.io.dicom import describe_series, dicom_files, series_of, split_series, split_series_reason
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -203,7 +203,7 @@ def discover_csv(path: Path, site: str, salt: str, series: list[str] = ()) -> tu
 def discover_dicom(root: Path, salt: str, site: str, series: list[str] = ()) -> tuple[list[CaseSpec], list[InputError]]:
     """Every folder holding DICOM files is one series = one case, with a hashed id. A folder
     holding several series is an error listing them, unless `series` names the one to take."""
-    cases, errors = [], []
+    cases, errors, uids = [], [], {}
     folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
     for folder in folders:
         files = dicom_files(folder)
@@ -220,7 +220,10 @@ def discover_dicom(root: Path, salt: str, site: str, series: list[str] = ()) -> 
             continue
         cases.append(CaseSpec(hashed_id(uid or str(folder.absolute()), salt), [str(folder)], None,
                               site or UNSPECIFIED_SITE, series=chosen))
-    return cases, errors
+        uids[str(folder)] = uid
+    split = split_series(uids)
+    errors += [InputError(c.images[0], split_series_reason(split[c.images[0]])) for c in cases if c.images[0] in split]
+    return [c for c in cases if c.images[0] not in split], errors
 
 
 def discover(input_path: str, site: str = "", salt: str = "", series: list[str] = ()

@@ -134,6 +134,40 @@ def series_uid(path: str | Path, series: str | None = None) -> str:
     return select_series(Path(path), series)[0]
 
 
+def _instance_uids(folder: str) -> set[str]:
+    found = set()
+    for f in dicom_files(Path(folder)):
+        try:
+            found.add(str(read_dataset(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                          .get("SOPInstanceUID", "")))
+        except Exception:  # the folder's reading names such a file
+            continue
+    return found - {""}
+
+
+def split_series(uids: dict[str, str]) -> dict[str, list[str]]:
+    """{folder: the other folders holding slices of its series} for folders whose SeriesInstanceUID (`uids`:
+    folder -> uid; '' for none, which tells nothing) is another folder's too, with no slice (SOPInstanceUID) in
+    common: one series split over several folders, each of which would be read as a short series of its own.
+    Folders sharing slices are copies of one series, which the callers' duplicate checks name."""
+    by_uid: dict[str, list[str]] = {}
+    for folder, uid in uids.items():
+        if uid:
+            by_uid.setdefault(uid, []).append(folder)
+    split = {}
+    for group in (g for g in by_uid.values() if len(g) > 1):
+        instances = [_instance_uids(f) for f in group]
+        if sum(len(i) for i in instances) == len(set().union(*instances)):  # pairwise disjoint
+            split.update({f: [g for g in group if g != f] for f in group})
+    return split
+
+
+def split_series_reason(others: list[str]) -> str:
+    return (f"holds part of a DICOM series whose other slices lie in {len(others)} other folder(s) ({others[0]}"
+            f"{', ...' if len(others) > 1 else ''}): each folder would be read as a short series; move the series' "
+            f"slices into one folder")
+
+
 def _slice_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         iop = np.asarray(ds.ImageOrientationPatient, float)

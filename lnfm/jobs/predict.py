@@ -59,7 +59,8 @@ from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
 from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_export
-from lnfm.io import Volume, is_dicom_path, write_nifti
+from lnfm.io import ImageReadError, Volume, is_dicom_path, series_uid, write_nifti
+from lnfm.io.dicom import split_series, split_series_reason
 from lnfm.jobs.predict_marks import made_by_predict, nifti_descrip
 from lnfm.jobs.predict_memory import memory_problem
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
@@ -468,12 +469,25 @@ def is_batch_input(path: Path) -> bool:
     return False
 
 
+def _series_uid(folder: str) -> str:
+    """The SeriesInstanceUID of a batch's series folder, '' when it has none or cannot say (reading the
+    case reports why)."""
+    try:
+        return series_uid(folder)
+    except ImageReadError:
+        return ""
+
+
 def batch_cases(folder: str | Path, n_channels: int, unusable: dict[str, str] | None = None
                 ) -> dict[str, list[str]]:
     """`find_cases` of a batch folder, refused in one line when it holds no scan."""
     folder = Path(folder)
     unusable = {} if unusable is None else unusable
     cases = find_cases(folder, n_channels, unusable)
+    split = split_series({inputs[0]: _series_uid(inputs[0]) for inputs in cases.values() if Path(inputs[0]).is_dir()})
+    for case in [c for c, inputs in cases.items() if inputs[0] in split]:  # half a series each: both fail
+        path = cases.pop(case)[0]
+        unusable[case] = f"{path}: {split_series_reason(split[path])}"
     if not cases:
         why = f" ({next(iter(unusable.values()))})" if unusable else ""
         raise PredictError(f"{folder}: no NIfTI, NRRD or DICOM series found{why}")

@@ -203,3 +203,36 @@ def test_batch_writes_dicom_outputs_for_dicom_cases_and_lists_the_others(tiny, t
     labels = np.asarray(nib.load(out / "series_a.nii.gz").dataobj)
     for uid, ds in read_sources(folder / "series_a").items():
         assert np.array_equal(frames[uid], expected_frame(labels, ds, vol.affine))
+
+
+def test_a_series_split_over_two_folders_is_refused_in_prepare_and_in_a_batch(tiny, tmp_path, capsys):  # noqa: F811
+    """One series' slices in part1/ and part2/ (a PACS export split by size): prepare stored part1 as a whole
+    case and called part2 a duplicate; a batch predicted each half as a scan, exit 0. Both halves now fail,
+    naming the other folder, and a whole series beside them goes through."""
+    import shutil
+
+    from dicom_phantoms import write_series
+
+    from lnfm.data.cases import discover
+
+    hu = np.random.default_rng(1).normal(20, 40, (48, 40, 12)).astype(np.int16)
+    hu[:8] = -1000  # air beside the body
+    batch = tmp_path / "batch"
+    write_series(batch / "whole", hu, [1, 0, 0], [0, 1, 0], (3.0, 3.0), [0, 0, 3.0], [0, 0, 0])
+    write_series(tmp_path / "one", hu, [1, 0, 0], [0, 1, 0], (3.0, 3.0), [0, 0, 3.0], [0, 0, 0], seed=2)
+    files = sorted((tmp_path / "one").iterdir())
+    for n, f in enumerate(files):
+        part = batch / ("part1" if n < len(files) // 2 else "part2")
+        part.mkdir(exist_ok=True)
+        shutil.move(f, part / f.name)
+    cases, errors = discover(str(batch), salt="s")
+    assert [c.images for c in cases] == [[str(batch / "whole")]]
+    assert sorted((e.file, e.reason) for e in errors) == [
+        (str(batch / p), f"holds part of a DICOM series whose other slices lie in 1 other folder(s) ({batch / o}): "
+                         f"each folder would be read as a short series; move the series' slices into one folder")
+        for p, o in (("part1", "part2"), ("part2", "part1"))]
+    out = tmp_path / "out"
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(batch), "--output", str(out)])
+    failed = sorted(line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED "))
+    assert rc == 1 and len(failed) == 2 and all("holds part of a DICOM series" in line for line in failed)
+    assert sorted(p.name for p in out.iterdir()) == ["whole.nii.gz"]
