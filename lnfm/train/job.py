@@ -125,16 +125,23 @@ RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.image_every", "tra
                      "train.accum_steps", "checkpoint", "mesh", "model.remat")
 
 
+def _recorded(path: Path) -> Any:
+    """A run's JSON record, or None when the run has none (it started before the record was kept)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise WorkdirError(f"{path}: not valid JSON; choose a new --workdir") from None
+
+
 def check_resume_preprocessing(path: Path, prep: Preprocessing) -> None:
     """Refuse to resume a run under another preprocessing (the stores' contract, the spacing, the
     intensity normalisation, the patch) than the one its checkpoints were trained under: the run
     records one preprocessing, and the export applies it to every scan."""
-    if not path.is_file():
+    old = _recorded(path)
+    if old is None:
         return
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        raise WorkdirError(f"{path}: not valid JSON; choose a new --workdir") from None
     check_unchanged(path, {"preprocessing": old}, {"preprocessing": prep}, ("preprocessing",), "was trained with",
                     "data and settings")
 
@@ -142,14 +149,8 @@ def check_resume_preprocessing(path: Path, prep: Preprocessing) -> None:
 def check_resume_record(path: Path, value: Any) -> None:
     """Refuse to resume a run whose record `path` (e.g. splits.json) differs from `value` now. A run from
     before the record has none to compare."""
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        raise WorkdirError(f"{path}: not valid JSON; choose a new --workdir") from None
-    new = json.loads(json.dumps(value))
-    if old == new:
+    old, new = _recorded(path), json.loads(json.dumps(value))
+    if old is None or old == new:
         return
     keys = sorted(set(old) | set(new)) if isinstance(old, dict) and isinstance(new, dict) else []
     diffs = [f"{k} {len(old.get(k) or [])} -> {len(new.get(k) or [])} cases" if isinstance(new.get(k), list) else k
