@@ -246,7 +246,10 @@ def axial_diameters(mask: np.ndarray, spacing) -> tuple[float, float]:
     """(short_mm, long_mm) of a lesion mask measured in axial slices (array axes 0, 1 of a
     RAS grid). Long axis = the largest Feret diameter over slices; short axis = the largest
     caliper width perpendicular to that slice's long axis, over slices. Pixels count with
-    their full extent (their corners), so one pixel measures one pixel across."""
+    their full extent (their corners), so one pixel measures one pixel across. Where several
+    point pairs tie for the longest distance (blocky masks often have them), the widest of their
+    perpendicular widths counts: the pick among tied pairs would otherwise follow float rounding,
+    and the same node would measure differently where it sits or mirrored."""
     mask = np.asarray(mask, bool)
     sx, sy = float(spacing[0]), float(spacing[1])
     corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
@@ -261,13 +264,15 @@ def axial_diameters(mask: np.ndarray, spacing) -> tuple[float, float]:
             pass
         d = pts[:, None, :] - pts[None, :, :]
         dist2 = (d * d).sum(-1)
-        i, j = np.unravel_index(int(np.argmax(dist2)), dist2.shape)
-        long_mm = float(np.sqrt(dist2[i, j]))
-        if long_mm == 0:
+        top = float(dist2.max())
+        if top == 0:
             continue
-        axis = (pts[j] - pts[i]) / long_mm
-        proj = pts @ np.array([-axis[1], axis[0]])
-        short_mm = float(proj.max() - proj.min())
+        long_mm = float(np.sqrt(top))
+        short_mm = 0.0
+        for i, j in np.argwhere(np.triu(np.isclose(dist2, top, rtol=1e-9, atol=0.0))):
+            axis = (pts[j] - pts[i]) / long_mm
+            proj = pts @ np.array([-axis[1], axis[0]])
+            short_mm = max(short_mm, float(proj.max() - proj.min()))
         best_long = max(best_long, long_mm)
         best_short = max(best_short, short_mm)
     return best_short, best_long

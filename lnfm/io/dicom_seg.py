@@ -7,6 +7,7 @@ Binary segmentation, one segment per foreground class (or per node), coded SCT 5
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import highdicom as hd
@@ -68,7 +69,8 @@ def build_dicom_seg(series: SourceSeries, labels: np.ndarray, affine: np.ndarray
     # (slices, rows, columns) segment numbers: highdicom splits a label map into binary segment frames
     pixels = np.ascontiguousarray(np.stack([frame(segmap, k) for k in range(segmap.shape[2])]), np.uint16)
     return hd.seg.Segmentation(
-        source_images=series.datasets, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=_source_headers(series), pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment(i, name, provenance) for i, name in enumerate(names, start=1)],
         series_instance_uid=generate_uid(), series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(),
         instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=provenance.model[:64],
@@ -76,6 +78,28 @@ def build_dicom_seg(series: SourceSeries, labels: np.ndarray, affine: np.ndarray
         transfer_syntax_uid=COMPRESSION[compression], omit_empty_frames=bool(pixels.any()),
         series_description=f"LNFM lymph nodes ({site})"[:64], content_label="LNFM",
         content_description="Lymph nodes segmented by LNFM (automatic; not reviewed)")
+
+
+# Type 2 attributes highdicom copies from the source into the SEG. The standard lets a series leave them empty, and
+# converters and anonymisers often drop them; highdicom needs them present (an AttributeError after the prediction).
+_SEG_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+              "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _source_headers(series: SourceSeries) -> list:
+    """The source slice headers as highdicom reads them: a missing type 2 attribute empty, as the standard
+    allows, and a missing SliceThickness the series' slice spacing (the SEG's pixel measures need one)."""
+    spacing = float(np.linalg.norm(series.affine[:3, 2]))
+    out = []
+    for ds in series.datasets:
+        ds = copy.deepcopy(ds)
+        for name in _SEG_TYPE2:
+            if name not in ds:
+                setattr(ds, name, "")
+        if ds.get("SliceThickness") in (None, ""):
+            ds.SliceThickness = round(spacing, 6)
+        out.append(ds)
+    return out
 
 
 def write_dicom_seg(path: str | Path, *args, **kwargs) -> None:

@@ -12,7 +12,8 @@ preprocessing contract and applied by prepare's own code
 resampling to the training spacing, body crop, CT as stored), then
 `lnfm.data.contract.normalize` with the training normalisation and the finetuning
 job's inference path (`lnfm.eval.predictor`: Gaussian sliding window, argmax,
-prediction kept inside the body, components under `min_volume_mm3` removed).
+prediction kept inside the body, components under `min_volume_mm3` removed, and those the run's
+tuned node size prior rejects: `min_short_axis_mm`, `max_elongation`).
 The label map goes back to the scan's grid by
 nearest-neighbour sampling (`restore_to_source`, order 0): each scan voxel takes the
 label of the model voxel it falls in, which is the mapping evaluation uses, so the
@@ -86,6 +87,8 @@ class PredictOptions:
     tta: bool | None = None  # average over the 8 axis flips
     sw_batch_size: int | None = None  # windows per forward pass
     min_volume_mm3: float | None = None  # smaller predicted components are removed
+    min_short_axis_mm: float | None = None  # components with a smaller minor diameter are removed (0: off)
+    max_elongation: float | None = None  # components over this major/minor diameter ratio are removed (0: off)
 
 
 class Prediction:
@@ -208,9 +211,11 @@ def check_options(options: PredictOptions) -> None:
     problem = window_problem(options.overlap, options.sw_batch_size, "--overlap", "--batch-size")
     if problem:
         raise PredictError(problem)
-    if options.min_volume_mm3 is not None and not (math.isfinite(options.min_volume_mm3)
-                                                   and options.min_volume_mm3 >= 0):
-        raise PredictError(f"--min-volume-mm3: {options.min_volume_mm3:g} is not a finite volume >= 0 mm3")
+    for flag, value, unit in (("--min-volume-mm3", options.min_volume_mm3, "volume >= 0 mm3"),
+                              ("--min-short-axis-mm", options.min_short_axis_mm, "length >= 0 mm"),
+                              ("--max-elongation", options.max_elongation, "ratio >= 0 (0: off)")):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise PredictError(f"{flag}: {value:g} is not a finite {unit}")
 
 
 def make_predictor(probabilities: Callable, meta: ExportMeta, options: PredictOptions | None = None) -> Predictor:
@@ -219,8 +224,10 @@ def make_predictor(probabilities: Callable, meta: ExportMeta, options: PredictOp
     inf, post = meta.inference, meta.postprocess
     inf = dataclasses.replace(inf, **{k: v for k, v in (("overlap", options.overlap), ("tta_flips", options.tta),
                                                         ("sw_batch_size", options.sw_batch_size)) if v is not None})
-    if options.min_volume_mm3 is not None:
-        post = dataclasses.replace(post, min_volume_mm3=float(options.min_volume_mm3))
+    post = dataclasses.replace(post, **{k: float(v) for k, v in (("min_volume_mm3", options.min_volume_mm3),
+                                                                 ("min_short_axis_mm", options.min_short_axis_mm),
+                                                                 ("max_elongation", options.max_elongation))
+                                        if v is not None})
     return Predictor(probabilities, tuple(meta.preprocessing.patch_size), int(meta.num_classes), inf, post)
 
 
@@ -562,6 +569,12 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: model.json)")
     ap.add_argument("--min-volume-mm3", type=float, default=None,
                     help="remove predicted components smaller than this (default: model.json)")
+    ap.add_argument("--min-short-axis-mm", type=float, default=None,
+                    help="remove components whose minor diameter is below this; 0 keeps all (default: model.json, "
+                         "tuned on the run's validation cases)")
+    ap.add_argument("--max-elongation", type=float, default=None,
+                    help="remove components longer than this many times their minor diameter (vessel-like); 0 "
+                         "keeps all (default: model.json, tuned on the run's validation cases)")
     ap.add_argument("--force", action="store_true",
                     help="replace output files an earlier lnfm predict wrote (without it any existing file is "
                          "refused; with it any file predict did not write still is)")
@@ -630,7 +643,8 @@ def check_option_use(args: argparse.Namespace, formats: OutputFormats, inputs: l
 
 
 def run(args: argparse.Namespace) -> int:
-    options = PredictOptions(args.overlap, args.tta, args.batch_size, args.min_volume_mm3)
+    options = PredictOptions(args.overlap, args.tta, args.batch_size, args.min_volume_mm3, args.min_short_axis_mm,
+                             args.max_elongation)
     check_options(options)
     meta = read_meta(args.model)
     formats = OutputFormats(parse_formats(args.format), args.seg_per_node, args.rtstruct_all_nodes,

@@ -532,6 +532,10 @@ OPTIONS = [
     Case("predict-min-volume-nan", "predict", lambda w, inp, out: (pred_argv(w.orbax, w.scan, out, "--min-volume-mm3",
                                                                              "nan"), "--min-volume-mm3"), 2,
          ("finite",)),
+    Case("predict-min-short-axis-negative", "predict", lambda w, inp, out: (
+        pred_argv(w.orbax, w.scan, out, "--min-short-axis-mm", "-1"), "--min-short-axis-mm"), 2, ("length >= 0 mm",)),
+    Case("predict-max-elongation-inf", "predict", lambda w, inp, out: (
+        pred_argv(w.orbax, w.scan, out, "--max-elongation", "inf"), "--max-elongation"), 2, ("ratio >= 0",)),
     model_case("model-json-overlap-one", _meta_edit(lambda m: m["inference"].update(overlap=1.0)),
                ("inference.overlap: 1 is not in [0, 1) (the fraction of a window its neighbour shares)",),
                "model.json"),

@@ -568,3 +568,19 @@ def test_access_denied_is_found_through_the_exception_chain():
         assert access_denied(e) == "Permission denied"
     assert access_denied(FileNotFoundError(2, "No such file", "/x")) is None
     assert access_denied(ValueError("a bug")) is None
+
+
+def test_the_node_size_prior_is_model_json_s_unless_overridden(tiny):  # noqa: F811
+    """predict applied model.json's tuned min_short_axis_mm and max_elongation with no way to change or see
+    them from the command line; the options override each (0 turns it off), the others keep model.json's."""
+    meta = pr.read_meta(tiny.orbax)
+    meta = dataclasses.replace(meta, postprocess=dataclasses.replace(meta.postprocess, min_short_axis_mm=6.0,
+                                                                     max_elongation=2.5, min_volume_mm3=10.0))
+    assert pr.make_predictor(lambda x: x, meta).postprocess == meta.postprocess
+    post = pr.make_predictor(lambda x: x, meta, pr.PredictOptions(min_short_axis_mm=0.0)).postprocess
+    assert (post.min_short_axis_mm, post.max_elongation, post.min_volume_mm3) == (0.0, 2.5, 10.0)
+    post = pr.make_predictor(lambda x: x, meta, pr.PredictOptions(max_elongation=4.0, min_volume_mm3=0.0)).postprocess
+    assert (post.min_short_axis_mm, post.max_elongation, post.min_volume_mm3) == (6.0, 4.0, 0.0)
+    parsed = pr.build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", "--min-short-axis-mm", "0",
+                                           "--max-elongation", "3"])
+    assert (parsed.min_short_axis_mm, parsed.max_elongation) == (0.0, 3.0)

@@ -236,3 +236,35 @@ def test_a_series_split_over_two_folders_is_refused_in_prepare_and_in_a_batch(ti
     failed = sorted(line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED "))
     assert rc == 1 and len(failed) == 2 and all("holds part of a DICOM series" in line for line in failed)
     assert sorted(p.name for p in out.iterdir()) == ["whole.nii.gz"]
+
+
+def test_a_series_without_optional_patient_and_study_tags_gets_its_seg(tiny, tmp_path, capsys):  # noqa: F811
+    """Type 2 tags a converter or anonymiser drops (birth date, sex, accession number, study time and ID, the
+    referring physician) and SliceThickness: highdicom raised an AttributeError after the prediction, and the
+    mask and report of the run were lost with it. The SEG is written with them empty, frames equal to the mask."""
+    from dicom_phantoms import write_series
+
+    hu = np.random.default_rng(1).normal(20, 40, (48, 40, 12)).astype(np.int16)
+    hu[:8] = -1000  # air beside the body
+    series = tmp_path / "series"
+    write_series(series, hu, [1, 0, 0], [0, 1, 0], (3.0, 3.0), [0, 0, 3.0], [0, 0, 0])
+    dropped = ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyTime", "StudyID", "ReferringPhysicianName",
+               "SliceThickness")
+    for f in series.iterdir():
+        ds = pydicom.dcmread(f)
+        for name in dropped:
+            if name in ds:
+                delattr(ds, name)
+        ds.save_as(f, enforce_file_format=True)
+    out = tmp_path / "out"
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(series), "--output", str(out / "case.nii.gz"),
+                             "--format", "nifti,dicom-seg"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    seg = pydicom.dcmread(out / "case.seg.dcm")
+    assert seg.PatientBirthDate == "" and seg.AccessionNumber == ""
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 3.0
+    labels = np.asarray(nib.load(out / "case.nii.gz").dataobj)
+    vol = read_image(series)
+    frames = seg_frames(out / "case.seg.dcm", read_sources(series))
+    for uid, ds in read_sources(series).items():
+        assert np.array_equal(frames[uid], expected_frame(labels, ds, vol.affine))
