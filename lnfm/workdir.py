@@ -166,11 +166,19 @@ def check_resume(workdir: str | Path, cfg: Any, keys: tuple[str, ...], has_run: 
 
 def check_config_is_this_jobs(workdir: str | Path, cfg: Any) -> None:
     """Refuse, before anything is written, a DIR whose config.yaml another job wrote (a pretraining run's, a
-    finetuning run's, a study's, or a user's own file): its top-level keys are not those of `cfg`. The job
+    finetuning run's, a study's, or a user's own file): its top-level keys are not those of `cfg`; and a DIR
+    holding files but no config.yaml (a user's folder: summary.json, log.txt would be replaced). The job
     would replace it, and the run it records could no longer be resumed, finetuned from or exported. A
     config.yaml of this job (a run stopped before its first checkpoint) is the job's to rewrite."""
     path = Path(workdir) / "config.yaml"
     if not path.is_file():
+        # every run writes config.yaml before anything else: files without it are not a run's
+        found = sorted(p.name for p in Path(workdir).iterdir() if not p.name.startswith(".")) \
+            if Path(workdir).is_dir() else []
+        if found:
+            more = " and more" if len(found) > 1 else ""
+            raise WorkdirError(f"{workdir}: holds {found[0]}{more} but no config.yaml: not a run's workdir (the job "
+                               f"would write its records there); choose a new --workdir")
         return
     try:
         recorded = read_yaml(path)

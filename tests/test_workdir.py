@@ -157,3 +157,22 @@ def test_stale_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(
     remove_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, kept in names.items() if kept)
     remove_stale_temps(tmp_path / "missing")  # nothing to do
+
+
+def test_a_folder_of_files_without_a_config_yaml_is_no_run_s_workdir(tmp_path):
+    """pretrain --workdir on a user's folder (summary.json, log.txt, metrics.jsonl, no config.yaml) replaced
+    their summary and preprocessing.json and appended to their log and metrics, exit 0."""
+    from lnfm.workdir import WorkdirError, check_config_is_this_jobs
+
+    @dataclasses.dataclass
+    class Cfg:
+        steps: int = 1
+
+    check_config_is_this_jobs(tmp_path / "new", Cfg())  # no folder yet
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".lnfm.lock").write_text("")  # the job's own lock file
+    check_config_is_this_jobs(tmp_path / "empty", Cfg())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "summary.json").write_text('{"mine": true}')
+    with pytest.raises(WorkdirError, match=r"holds summary.json but no config.yaml: not a run's workdir"):
+        check_config_is_this_jobs(tmp_path / "mine", Cfg())

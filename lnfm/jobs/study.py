@@ -254,8 +254,8 @@ def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, e
         cmd += finetune_args(cfg, c["strategy"], c["head"])
         if init == "scratch":
             cmd += scratch_model_overrides(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        _run(cmd, env, out / "stdout.log", {"WORKDIR": workdir})
+        out.parent.mkdir(parents=True, exist_ok=True)  # the stage's log beside its workdir: finetune refuses a
+        _run(cmd, env, out.with_name(out.name + ".log"), {"WORKDIR": workdir})  # workdir holding files of others
     return json.loads(summary.read_text())
 
 

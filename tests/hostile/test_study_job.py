@@ -157,7 +157,7 @@ def test_a_study_in_a_patient_named_folder_writes_no_name(tmp_path, monkeypatch,
     assert not [r for r in records if NAME in r]
     # what was searched: the report, the study's log, each stage's log (a child's own output)
     for must in ("out/study.md", "out/study.csv", "wd/log.txt", "wd/build.log", "wd/metrics.jsonl",
-                 "wd/runs/pretrained_freeze_all_linear_n1/stdout.log"):
+                 "wd/runs/pretrained_freeze_all_linear_n1.log"):
         assert top / must in searched, must
     # the commands still say which folder: the report's reruns the study, the log's each stage
     md = (top / "out/study.md").read_text()
