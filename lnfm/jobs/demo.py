@@ -36,6 +36,7 @@ from lnfm.jobs import heldout
 from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.predict import load_predictor
 from lnfm.runs import FinetuneRun
+from lnfm.safety import check_apart
 from lnfm.workdir import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +77,10 @@ def demo_rows(phantoms: Path, heldout: Path, labelled: int) -> tuple[list, list,
 # The settings of the demo run a folder holds: a rerun with the same ones reuses and finishes its stages.
 MARK_FILE = ".lnfm-demo.json"
 SETTINGS = ("cases", "labelled", "test", "pretrain_steps", "steps", "no_paste")  # what the stages' outputs depend on
+# What the demo writes into --out: a folder holding only these, its first stage's phantoms among them, is a
+# demo's from before MARK_FILE was kept.
+DEMO_ENTRIES = {"phantoms_pelvis", "phantoms_heldout", "unlabelled.csv", "labelled.csv", "store_pelvis",
+                "store_unlabelled", "pretrain", "finetune_pelvis", "export_pelvis", "predict", ".lnfm.lock"}
 
 
 def claim_out(out: Path, settings: dict) -> None:
@@ -83,6 +88,16 @@ def claim_out(out: Path, settings: dict) -> None:
     demo run with other ones: its stages would each refuse the change in turn (synth's line names a --force
     the demo does not take), and a stage that took it would score a mix of two runs."""
     mark = out / MARK_FILE
+    for p in (out, *out.parents):  # the nearest existing one must be a folder (mkdir makes the rest)
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{p}: exists and is not a folder (--out names the demo's folder)")
+            break
+    entries = {p.name for p in out.iterdir()} - {".lnfm.lock"} if out.is_dir() else set()
+    earlier_demo = entries <= DEMO_ENTRIES and (out / "phantoms_pelvis").is_dir()  # its first stage's output
+    if entries and not mark.is_file() and not earlier_demo:
+        raise ConfigError(f"{out}: holds files and no demo run (no {MARK_FILE}): the demo would write its CSVs, "
+                          f"phantoms and stores among them; choose a new or empty --out")
     if mark.is_file() and not mark.is_symlink():
         try:
             recorded = json.loads(mark.read_text(encoding="utf-8"))
@@ -93,6 +108,7 @@ def claim_out(out: Path, settings: dict) -> None:
                              f"now" for k in settings if recorded.get(k) != settings[k])
             raise ConfigError(f"{out}: holds a demo run with other settings ({diff}): rerun with those, choose another "
                               f"--out, or remove the folder to start over")
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(mark, json.dumps(settings, indent=1))
 
 
@@ -109,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-paste", action="store_true",
                     help="finetune on the labelled cases alone, without pasting their nodes into the unlabelled scans")
     args = parse_args_once(ap, argv)
+    for flag in ("labelled", "test", "pretrain_steps", "steps"):  # checked here, not by a stage after others ran
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.cases < args.labelled + 3:
         ap.error(f"--cases must leave 2 validation cases and an unlabelled one beside --labelled ({args.labelled})")
 
+    check_apart({"--out": args.out}, {})  # a link to nothing: one line, not a demo run into wherever it points
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    claim_out(out, {k: getattr(args, k) for k in SETTINGS})
+    claim_out(out, {k: getattr(args, k) for k in SETTINGS})  # before mkdir: a file or a user's folder is refused
     py = sys.executable
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     every = max(1, args.steps // 3)

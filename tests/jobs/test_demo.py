@@ -99,3 +99,33 @@ def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, capsy
         f"lnfm demo: error: {out}: holds a demo run with other settings (--cases: 16 there, 18 now; --no-paste: "
         f"false there, true now): rerun with those, choose another --out, or remove the folder to start over"]
     assert tree_digest(tmp_path) == before
+
+
+def test_an_out_that_is_no_demo_folder_is_refused_before_any_stage(tmp_path, capsys):
+    """--out on a user's folder replaced their labelled.csv and unlabelled.csv; a file, a path below one and a
+    link to nothing were tracebacks or a demo run into wherever the link pointed; --test 0 failed after the first
+    stage and was recorded, so the corrected rerun was refused. Each is one line now, and nothing is written."""
+    from tree_helpers import tree_digest
+
+    from lnfm.cli import run_job
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "labelled.csv").write_text("precious\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    cases = [(["--out", str(tmp_path / "mine")], "holds files and no demo run"),
+             (["--out", str(tmp_path / "afile")], "exists and is not a folder"),
+             (["--out", str(tmp_path / "afile" / "sub")], "exists and is not a folder"),
+             (["--out", str(tmp_path / "dangling")], "which does not exist"),
+             (["--out", str(tmp_path / "new"), "--test", "0"], "--test must be at least 1, got 0"),
+             (["--out", str(tmp_path / "new"), "--pretrain-steps", "0"], "--pretrain-steps must be at least 1")]
+    before = tree_digest(tmp_path)
+    for argv, says in cases:
+        capsys.readouterr()
+        try:
+            rc = run_job("demo", argv)
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and says in err[-1], (argv, err)
+        assert tree_digest(tmp_path) == before, argv
