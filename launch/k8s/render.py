@@ -25,6 +25,7 @@ from string import Template
 import yaml
 
 TEMPLATE = Path(__file__).with_name("jobset.yaml.tmpl")
+MARK = "# rendered by launch/k8s/render.py"  # a manifest's first line: --out replaces only such a file
 COORDINATOR_PORT = 8476  # lnfm.train.distributed.JOBSET_PORT
 
 # Runs in each container before the command. GPUs: explicit rendezvous through the
@@ -52,9 +53,12 @@ class RenderError(ValueError):
 def tpu_hosts(topology: str, chips_per_host: int) -> int:
     """TPU VM hosts in one slice: chips in the topology / chips per host."""
     try:
-        chips = math.prod(int(d) for d in topology.lower().split("x"))
+        dims = [int(d) for d in topology.lower().split("x")]
     except ValueError:
         raise RenderError(f"--topology '{topology}' is not like 2x2x2 or 4x4") from None
+    if not dims or min(dims) < 1:
+        raise RenderError(f"--topology '{topology}' is not like 2x2x2 or 4x4 (every side at least 1)")
+    chips = math.prod(dims)
     if chips % chips_per_host:
         raise RenderError(f"topology {topology} ({chips} chips) is not a multiple of {chips_per_host} chips per host")
     return max(1, chips // chips_per_host)
@@ -68,6 +72,15 @@ def values(args: argparse.Namespace) -> dict:
         raise RenderError("no command given after --")
     if args.bucket.startswith("gs://"):
         args.bucket = args.bucket[len("gs://"):]
+    if not args.bucket.strip("/"):
+        raise RenderError("--bucket names no bucket")
+    for flag, value, least in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 1),
+                               ("--chips-per-host", args.chips_per_host, 1), ("--slices", args.slices, 1),
+                               ("--max-restarts", args.max_restarts, 0)):
+        if value < least:  # a manifest with 0 or -2 pods renders, and schedules nothing
+            raise RenderError(f"{flag} must be at least {least}, got {value}")
+    if args.accelerator == "gpu" and (args.slices != 1 or args.topology != "2x2x2" or args.chips_per_host != 4):
+        raise RenderError("--slices, --topology and --chips-per-host apply to --accelerator tpu")
     if args.accelerator == "gpu":
         slices, pods = 1, args.nodes
         selector = {"cloud.google.com/gke-accelerator": args.gpu_type}
@@ -96,7 +109,7 @@ def values(args: argparse.Namespace) -> dict:
 
 
 def render(args: argparse.Namespace) -> str:
-    text = Template(TEMPLATE.read_text()).substitute(values(args))
+    text = f"{MARK}\n" + Template(TEMPLATE.read_text()).substitute(values(args))
     validate(yaml.safe_load(text))
     return text
 
@@ -168,12 +181,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.out == "-":
         sys.stdout.write(text)
-    else:
-        out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        return 0
+    out = Path(args.out)
+    problem = out_problem(out)
+    if problem:
+        print(f"render.py: {out}: {problem}", file=sys.stderr)
+        return 2
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
     return 0
+
+
+def out_problem(out: Path) -> str | None:
+    """Why `out` cannot take the manifest: a folder, a missing folder, or a file render.py did not write (a
+    template, a user's manifest): replaced, it would be lost. A manifest it rendered there is replaced."""
+    if out.is_dir() or str(out).endswith("/"):
+        return "is a folder; name the manifest file"
+    if not out.parent.is_dir():
+        return f"its folder {out.parent} does not exist"
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_file() or not out.read_text(errors="replace").startswith(MARK):
+            return "exists and is not a manifest render.py wrote; choose another --out"
+    return None
 
 
 if __name__ == "__main__":

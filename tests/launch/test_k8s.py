@@ -95,6 +95,14 @@ def test_pod_script_sets_megascale_for_tpu_multislice(render):
 @pytest.mark.parametrize("flags,message", [
     (["--name", "Bad_Name"], "DNS label"),
     (["--accelerator", "tpu", "--topology", "2x3", "--chips-per-host", "4"], "multiple of"),
+    # each rendered a manifest that schedules nothing or divided by zero (a traceback)
+    (["--nodes", "0"], "--nodes must be at least 1, got 0"),
+    (["--nodes", "-2"], "--nodes must be at least 1, got -2"),
+    (["--max-restarts", "-5"], "--max-restarts must be at least 0"),
+    (["--accelerator", "tpu", "--chips-per-host", "0"], "--chips-per-host must be at least 1"),
+    (["--accelerator", "tpu", "--slices", "0"], "--slices must be at least 1"),
+    (["--accelerator", "tpu", "--topology", "0x2x2"], "every side at least 1"),
+    (["--accelerator", "gpu", "--slices", "4"], "apply to --accelerator tpu"),
 ])
 def test_bad_values_give_one_line_errors(repo_root, flags, message):
     base = {"--name": "lnfm-run", "--accelerator": "gpu"}
@@ -116,3 +124,25 @@ def test_validate_rejects_a_broken_manifest(render):
     del _container(doc)["image"]
     with pytest.raises(render.RenderError, match="image"):
         render.validate(doc)
+
+
+def test_out_replaces_only_a_manifest_it_rendered(repo_root, tmp_path):
+    """--out replaced any file (the template itself, after which every render failed), and a folder or a missing
+    one was a traceback (a folder also left a temporary file beside it)."""
+    script = repo_root / "launch" / "k8s" / "render.py"
+
+    def run(out):
+        return subprocess.run([sys.executable, str(script), "--name", "lnfm-run", "--accelerator", "gpu", "--image",
+                               "i", "--bucket", "b", "--out", str(out), "--", "python", "x.py"],
+                              capture_output=True, text=True)
+
+    template = tmp_path / "jobset.yaml.tmpl"
+    template.write_text((repo_root / "launch" / "k8s" / "jobset.yaml.tmpl").read_text())
+    for out, says in ((template, "is not a manifest render.py wrote"), (tmp_path, "is a folder"),
+                      (tmp_path / "nodir" / "x.yaml", "does not exist")):
+        res = run(out)
+        assert res.returncode == 2 and says in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert template.read_text() == (repo_root / "launch" / "k8s" / "jobset.yaml.tmpl").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobset.yaml.tmpl"]
+    assert run(tmp_path / "job.yaml").returncode == 0 and run(tmp_path / "job.yaml").returncode == 0  # its own
+    assert yaml.safe_load((tmp_path / "job.yaml").read_text())["kind"] == "JobSet"
