@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lnfm.config import ConfigError, load_config, parse_args_once, refuse_derived, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
-from lnfm.data.store import check_stores
+from lnfm.data.store import check_stores, read_manifest
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
 from lnfm.runs import PretrainRun
@@ -238,6 +238,9 @@ class _Data:
     profile: tuple[int, int] | None
 
 
+DATA_RECORD = "data.json"  # the case ids of each --data store, recorded at the first start
+
+
 def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_steps: str | None = None) -> int:
     """Pretrain (or resume) into `workdir`. Returns the process exit code (0: finished or preempted)."""
 
@@ -254,7 +257,12 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
         if cfg.optim.ema_decay:  # nothing downstream reads a pretraining average: refuse it, not ignore it
             raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay:g}: the moving average applies to finetuning only")
         profile = parse_profile_steps(profile_steps if profile_steps is not None else cfg.train.profile_steps)
-        return Checked(cfg, prep, _Data(stores, weights, counts, profile))
+        # The cases each store gives (by position in --data, never by path): a resume over other data would
+        # continue the loader's saved position in another dataset.
+        cases = {f"store_{i + 1}": sorted(r["case_id"] for r in read_manifest(s)
+                                          if cfg.data.split is None or r.get("split") == cfg.data.split)
+                 for i, s in enumerate(stores)}
+        return Checked(cfg, prep, _Data(stores, weights, counts, profile), records={DATA_RECORD: cases})
 
     return run_training_job(cfg, PretrainRun(Path(workdir)), inputs={"--data": stores}, resume_keys=RESUME_KEYS,
                             check=check, train=_train, check_memory=lambda c, mesh: check_memory(c.cfg, mesh),
@@ -329,6 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
+    if args.profile_steps is not None and any(o.split("=", 1)[0].strip() == "train.profile_steps"
+                                              for o in args.overrides):  # one would be traced, the other recorded
+        raise ConfigError("train.profile_steps: set by --profile-steps; give it there, not as an override as well")
     cfg = load_pretrain_config(args.config, args.overrides)
     stores = [s for s in args.data.split(",") if s]
     return run(cfg, stores, args.workdir, args.profile_steps)

@@ -178,5 +178,20 @@ def test_a_resume_that_changes_how_the_run_trains_is_refused_and_the_record_hold
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"the run to resume has {says}" in err[0], (extra, err)
         assert tree_digest(wd) == before, extra
+    # Other data under the same settings: the loader's saved position would continue in another dataset
+    # (it resumed, exit 0). The run records each store's cases (data.json); a store that lost one is refused.
+    import shutil
+
+    from lnfm.data import store as st
+
+    other = shutil.copytree(phantom_store, tmp_path / "other")
+    first = sorted((other / "records").iterdir())[0]
+    first.unlink()
+    st.write_manifest(str(other))
+    capsys.readouterr()
+    assert run_job("pretrain", [a if a != phantom_store else str(other) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{wd / 'data.json'}: the run to resume recorded other data (store_1 " in err[0], err
+    assert tree_digest(wd) == before
     assert run_job("pretrain", args + ["train.steps=3"]) == 0
     assert "resumed from step 2" in (wd / "log.txt").read_text()
