@@ -1,6 +1,6 @@
 """The layout of run folders: the only code that knows where a job puts what.
 
-    PRETRAIN_DIR/  config.yaml  preprocessing.json  checkpoints/  summary.json  metrics.jsonl ...
+    PRETRAIN_DIR/  config.yaml  preprocessing.json  data.json  checkpoints/  summary.json  metrics.jsonl ...
     FINETUNE_DIR/  config.yaml  preprocessing.json  splits.json  summary.json
                    [repeat_<r>/] config.yaml  checkpoints/  best/<step>/best.json  test_masks/
                                  [teacher/ (a repeat's files)  pseudo_labels/ (a store)  selected.json]
