@@ -242,14 +242,16 @@ def _source_box_of_nonzero(array: np.ndarray, stored_affine: np.ndarray, source_
     return start.tolist(), stop.tolist()
 
 
-def axial_diameters(mask: np.ndarray, spacing) -> tuple[float, float]:
+def axial_diameters(mask: np.ndarray, spacing, widest_of_ties: bool = True) -> tuple[float, float]:
     """(short_mm, long_mm) of a lesion mask measured in axial slices (array axes 0, 1 of a
     RAS grid). Long axis = the largest Feret diameter over slices; short axis = the largest
     caliper width perpendicular to that slice's long axis, over slices. Pixels count with
     their full extent (their corners), so one pixel measures one pixel across. Where several
     point pairs tie for the longest distance (blocky masks often have them), the widest of their
     perpendicular widths counts: the pick among tied pairs would otherwise follow float rounding,
-    and the same node would measure differently where it sits or mirrored."""
+    and the same node would measure differently where it sits or mirrored. `widest_of_ties=False`
+    takes the first tied pair instead: the phantom generator's own measure, kept so that every
+    benchmark's phantoms stay what they were when their results were recorded."""
     mask = np.asarray(mask, bool)
     sx, sy = float(spacing[0]), float(spacing[1])
     corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
@@ -269,7 +271,9 @@ def axial_diameters(mask: np.ndarray, spacing) -> tuple[float, float]:
             continue
         long_mm = float(np.sqrt(top))
         short_mm = 0.0
-        for i, j in np.argwhere(np.triu(np.isclose(dist2, top, rtol=1e-9, atol=0.0))):
+        tied = np.argwhere(np.triu(np.isclose(dist2, top, rtol=1e-9, atol=0.0))) if widest_of_ties else \
+            [np.unravel_index(int(np.argmax(dist2)), dist2.shape)]
+        for i, j in tied:
             axis = (pts[j] - pts[i]) / long_mm
             proj = pts @ np.array([-axis[1], axis[0]])
             short_mm = max(short_mm, float(proj.max() - proj.min()))

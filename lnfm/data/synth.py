@@ -213,7 +213,7 @@ def _place_nodes(rng, site, scene, painter, spacing, cfg, contrast):
         hu_offset[box][mask] += offset
         vox = np.argwhere(mask) + start
         centroid = origin + vox.mean(0) * spacing
-        s_mm, l_mm = axial_diameters(mask, spacing)
+        s_mm, l_mm = axial_diameters(mask, spacing, widest_of_ties=False)
         records.append({"id": idx, "station": sid, "shape": kind, "fatty_hilum": bool(hilum),
                         "centroid_site": centroid, "short_axis_mm": round(s_mm, 2), "long_axis_mm": round(l_mm, 2),
                         "volume_mm3": round(float(mask.sum() * np.prod(spacing)), 1),

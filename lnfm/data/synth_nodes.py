@@ -137,7 +137,7 @@ def node_shape(rng: np.random.Generator, short_mm: float, spacing, real: Path | 
     if kind == "real":
         src, src_spacing = load_real_mask(real)
         raster = functools.partial(_raster_real, src, src_spacing, spacing=spacing, flip=flip, k90=k90)
-        scale = short_mm / max(axial_diameters(src, src_spacing)[0], 1e-3)
+        scale = short_mm / max(axial_diameters(src, src_spacing, widest_of_ties=False)[0], 1e-3)
     else:
         raster = functools.partial(_raster_lobes, lobes, spacing=spacing)
         scale = 1.0
@@ -145,7 +145,7 @@ def node_shape(rng: np.random.Generator, short_mm: float, spacing, real: Path | 
     mask, measured = None, 0.0
     for _ in range(4):
         mask = crop(raster(scale=scale))
-        measured = axial_diameters(mask, spacing)[0] if mask.size else 0.0
+        measured = axial_diameters(mask, spacing, widest_of_ties=False)[0] if mask.size else 0.0
         if measured > 0 and abs(measured - target) <= 0.08 * target:
             break
         scale *= target / measured if measured > 0 else 1.5
