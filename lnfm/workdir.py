@@ -409,6 +409,16 @@ class progress:
         self.close()
 
 
+def recorded_digests(mark: Path) -> dict[str, str]:
+    """The {relative path: sha256} a tool's mark file (a JSON object with "files") records for what it wrote;
+    empty when there is no readable record."""
+    try:
+        files = json.loads(Path(mark).read_text(encoding="utf-8")).get("files", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -33,7 +33,7 @@ from lnfm.data.geometry import axial_diameters
 from lnfm.data.synth_nodes import REAL_SET, node_shape, real_mask_files
 from lnfm.io.nifti import write_nifti
 from lnfm.safety import check_apart
-from lnfm.workdir import atomic_write_text, file_sha256
+from lnfm.workdir import atomic_write_text, file_sha256, recorded_digests
 
 SITES: tuple[str, ...] = ("head_neck", "axilla", "mediastinum", "abdomen", "pelvis")
 
@@ -431,16 +431,6 @@ def _recorded_config(out: Path) -> dict | None:
     return None
 
 
-def _recorded_digests(out: Path) -> dict[str, str]:
-    """The sha256 of each file synth wrote into `out`, as its mark file records them (empty for a folder
-    written before synth recorded them)."""
-    try:
-        files = json.loads((out / MARK_FILE).read_text(encoding="utf-8")).get("files", {})
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return {}
-    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
-
-
 def _mark(config: dict, files: dict[str, str]) -> str:
     return json.dumps({"generator": GENERATOR, "config": config, "files": dict(sorted(files.items()))}, indent=1)
 
@@ -503,7 +493,7 @@ def _claim_folder(cfg: SynthConfig, out: Path, force: bool) -> list[str]:
                           f"to replace them, or choose another --out")
     # Synth rewrites (same settings) or removes (--force) every file it made: one changed since, a corrected
     # label or an annotated dataset.json, is no longer synth's to replace.
-    digests = _recorded_digests(out)
+    digests = recorded_digests(out / MARK_FILE)
     for rel in (r for r in present if r in digests and r != MARK_FILE and not (out / r).is_symlink()):
         if file_sha256(out / rel) != digests[rel]:
             raise ConfigError(f"{out / rel}: changed since synth wrote it, and synth would "
@@ -536,7 +526,7 @@ def write_dataset(cfg: SynthConfig, out: str | Path, force: bool = False) -> dic
     # The mark records each file's digest as its case is written, so that a rerun or --force replaces
     # only files still as synth wrote them (an interrupted run's records stay with the files it finished).
     config = to_dict(cfg)
-    written = {rel: d for rel, d in _recorded_digests(out).items() if (out / rel).is_file()}
+    written = {rel: d for rel, d in recorded_digests(out / MARK_FILE).items() if (out / rel).is_file()}
     atomic_write_text(out / MARK_FILE, _mark(config, written))
     cases, entries, station_names = [], [], {}
     for site in sites:

@@ -16,7 +16,8 @@ from matplotlib import colormaps
 from pydicom.sr.coding import Code
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from lnfm.io.dicom_source import MANUFACTURER, Provenance, SourceSeries, find_nodes, frame, node_map
+from lnfm.io.dicom_source import (MANUFACTURER, TYPE2_PATIENT_STUDY, Provenance, SourceSeries, find_nodes, frame,
+                                 node_map)
 
 LYMPH_NODE = Code("59441001", "SCT", "Structure of lymph node")
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical structure")
@@ -80,12 +81,6 @@ def build_dicom_seg(series: SourceSeries, labels: np.ndarray, affine: np.ndarray
         content_description="Lymph nodes segmented by LNFM (automatic; not reviewed)")
 
 
-# Type 2 attributes highdicom copies from the source into the SEG. The standard lets a series leave them empty, and
-# converters and anonymisers often drop them; highdicom needs them present (an AttributeError after the prediction).
-_SEG_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-              "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
 def _source_headers(series: SourceSeries) -> list:
     """The source slice headers as highdicom reads them: a missing type 2 attribute empty, as the standard
     allows, and a missing SliceThickness the series' slice spacing (the SEG's pixel measures need one)."""
@@ -93,7 +88,7 @@ def _source_headers(series: SourceSeries) -> list:
     out = []
     for ds in series.datasets:
         ds = copy.deepcopy(ds)
-        for name in _SEG_TYPE2:
+        for name in TYPE2_PATIENT_STUDY:  # highdicom needs them present (an AttributeError after the prediction)
             if name not in ds:
                 setattr(ds, name, "")
         if ds.get("SliceThickness") in (None, ""):

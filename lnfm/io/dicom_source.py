@@ -55,6 +55,12 @@ class SourceSeries:
             raise ValueError(f"{where}: the mask grid {tuple(shape[:3])} is not the source series grid {self.shape}")
 
 
+# Type 2 patient and study attributes a derived object copies from its source: the standard lets a series leave
+# them empty, and converters and anonymisers often drop them, so the writers add them empty where missing.
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def frame(volume: np.ndarray, k: int) -> np.ndarray:
     """Slice k of an (X, Y, Z) array as the source instance's (rows, columns) pixel matrix."""
     return np.asarray(volume[:, :, k]).T

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from skimage.measure import approximate_polygon, find_contours
 
 from lnfm.io.dicom_seg import LYMPH_NODE, node_name, roi_colour
-from lnfm.io.dicom_source import MANUFACTURER, Provenance, SourceSeries, find_nodes, frame
+from lnfm.io.dicom_source import MANUFACTURER, TYPE2_PATIENT_STUDY, Provenance, SourceSeries, find_nodes, frame
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # what RTReferencedStudySequence items conventionally reference
@@ -36,8 +36,6 @@ _PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirth
                   "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight", "StudyInstanceUID",
                   "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
                   "StudyDescription", "PatientIdentityRemoved", "DeidentificationMethod")
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
@@ -97,7 +95,7 @@ def _base(series: SourceSeries, provenance: Provenance, site: str) -> Dataset:
     for key in _PATIENT_STUDY:
         if key in src:
             ds[key] = src[key]
-        elif key in _TYPE2:
+        elif key in TYPE2_PATIENT_STUDY:
             setattr(ds, key, "")
     ds.FrameOfReferenceUID = src.FrameOfReferenceUID  # Frame of Reference module: the source's
     ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")

@@ -41,7 +41,7 @@ from lnfm.jobs.finetune import load_finetune_config
 from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretrain_config
 from lnfm.runs import FinetuneRun
 from lnfm.workdir import (atomic_write_csv, atomic_write_text, check_config_is_this_jobs, check_resume, file_sha256,
-                          lock_folder, open_workdir, progress)
+                          lock_folder, open_workdir, progress, recorded_digests)
 
 log = logging.getLogger("lnfm.study")
 REPO = Path(__file__).resolve().parents[2]
@@ -381,17 +381,9 @@ OUT_FILES = ("study.csv", "study_summary.csv", "dice_vs_labelled.png", "sensitiv
 OUT_RECORD = ".lnfm-study.json"
 
 
-def _recorded_outputs(out: Path) -> dict[str, str]:
-    try:
-        files = json.loads((out / OUT_RECORD).read_text(encoding="utf-8")).get("files", {})
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return {}
-    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
-
-
 def check_out_files(out: Path) -> None:
     """Refuse an existing file of --out that the study would write and did not (or that changed since)."""
-    recorded = _recorded_outputs(out)
+    recorded = recorded_digests(out / OUT_RECORD)
     for name in OUT_FILES:
         path = out / name
         if os.path.lexists(path) and (path.is_symlink() or not path.is_file()
@@ -402,7 +394,7 @@ def check_out_files(out: Path) -> None:
 
 def _record_output(out: Path, name: str) -> None:
     """Add `name`, just written, to --out's record."""
-    recorded = _recorded_outputs(out)
+    recorded = recorded_digests(out / OUT_RECORD)
     if (out / name).is_file():
         recorded[name] = file_sha256(out / name)
     atomic_write_text(out / OUT_RECORD, json.dumps({"files": dict(sorted(recorded.items()))}, indent=1))
