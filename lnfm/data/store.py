@@ -54,6 +54,12 @@ def _failure(store: str, what: str, e: Exception) -> StoreError:
     return StoreError(f"{store}: cannot {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
+def is_local_store(folder: Path) -> bool:
+    """Whether a local folder is a prepared store (a merged manifest or per-case records), found by its own
+    files rather than by a path some run recorded."""
+    return (folder / MANIFEST).is_file() or (folder / RECORDS).is_dir()
+
+
 def check_local_store(store: str) -> None:
     """A local store path must be a folder or not exist yet (a file there is not a store)."""
     spec = kvstore_spec(store)

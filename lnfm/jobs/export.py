@@ -50,7 +50,7 @@ from flax import nnx
 from lnfm import __version__
 from lnfm.config import from_dict, parse_args_once, read_yaml
 from lnfm.data.contract import ContractError, Preprocessing, read_preprocessing
-from lnfm.data.store import read_manifest
+from lnfm.data.store import is_local_store, read_manifest
 from lnfm.errors import DiskFull, WeightsMismatch, deferred_termination, disk_full
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.jobs.finetune_config import FinetuneConfig
@@ -430,11 +430,16 @@ def read_stores(run, config: dict | None) -> list[str]:
 
 
 def check_outside_exports(out: Path) -> None:
-    """`out` may not lie inside another export: a file it does not list breaks that export's checksums."""
+    """`out` may not lie inside another export (a file it does not list breaks that export's checksums) nor
+    inside a prepared store: found by their own files, so a store a run recorded as a path relative to
+    another folder is kept apart too."""
     for parent in out.parents:
         if (parent / MODEL_JSON).is_file() and (parent / CHECKSUMS).is_file():
             raise ExportError(f"{out}: lies inside the export {parent} (a folder written there would break its "
                               f"checksums); choose a folder outside it")
+        if is_local_store(parent):
+            raise ExportError(f"{out}: lies inside the prepared store {parent} (an export is not part of a "
+                              f"dataset); choose a folder outside it")
 
 
 def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax", force: bool = False) -> Path:

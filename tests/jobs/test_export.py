@@ -562,3 +562,21 @@ def test_a_training_store_not_found_from_here_gives_no_counts_rather_than_zeros(
     found, _, _ = make_finetune_workdir(tmp_path / "found", tiny.store)  # the same run with its store in reach
     counted = json.loads((ex.export_model(found, tmp_path / "e2", "safetensors") / "model.json").read_text())
     assert counted["training_data"]["cases"] == 2
+
+
+def test_an_export_into_a_store_the_run_recorded_relative_to_another_folder_is_refused(tiny, tmp_path):  # noqa: F811
+    """The path rule reads the training stores from config.yaml; a store recorded relative to the folder finetune ran
+    in is not found from here, so `--out` inside it passed that rule and wrote into the dataset. A store is now also
+    recognised by its own files, on the way up from `--out`."""
+    import yaml
+    from export_helpers import make_finetune_workdir
+
+    workdir, _, _ = make_finetune_workdir(tmp_path / "run", tiny.store)
+    cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+    cfg["data"] = ["runs_store"]  # as finetune recorded it in another folder
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = sorted(p.name for p in Path(tiny.store).iterdir())
+    with pytest.raises(ex.ExportError, match="lies inside the prepared store"):
+        ex.export_model(workdir, Path(tiny.store) / "cases" / "export", "safetensors")
+    assert sorted(p.name for p in Path(tiny.store).iterdir()) == before
+    assert not (Path(tiny.store) / "cases" / "export").exists()
