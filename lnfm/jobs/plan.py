@@ -50,7 +50,7 @@ from lnfm.jobs.pretrain import (PretrainConfig, abstract_batch, build_training, 
                                 load_pretrain_config, step_flops)
 from lnfm.models.build import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
-from lnfm.models.sharding import logical_to_mesh_spec, make_mesh, use_rules
+from lnfm.models.sharding import RULES, logical_to_mesh_spec, make_mesh, mesh_axes_used, use_rules
 from lnfm.models.vit import token_grid, vit_dims
 from lnfm.safety import check_apart
 from lnfm.train.job import check_batch, check_run_config
@@ -192,6 +192,27 @@ def checked_config(req: PlanRequest, compiles: bool) -> PretrainConfig:
     return cfg
 
 
+def working_devices(mesh: dict[str, int], rules: str) -> tuple[int, list[str]]:
+    """(devices that split the step's work, the mesh axes of size > 1 that split nothing) under this rule
+    table: an axis no rule names holds copies of the same shards, so it divides neither time nor memory."""
+    used = mesh_axes_used(rules)
+    return (math.prod(size for axis, size in mesh.items() if axis in used),
+            [axis for axis, size in mesh.items() if size > 1 and axis not in used])
+
+
+def idle_axes_warning(mesh: dict[str, int], rules: str) -> list[str]:
+    """One warning line naming the mesh axes the rules never shard over (none when every axis is used)."""
+    working, idle = working_devices(mesh, rules)
+    if not idle:
+        return []
+    names = ", ".join(f"'{axis}' ({mesh[axis]} devices)" for axis in idle)
+    using = [name for name in RULES if set(idle) <= mesh_axes_used(name)]
+    hint = f"; --rules {' or '.join(using)} shards over it" if using else ""
+    return [f"mesh axis {names} is not used by the rules '{rules}': nothing is sharded over it, so its devices "
+            f"repeat the same work and split no memory; the step time counts {working} of the "
+            f"{math.prod(mesh.values())} devices{hint}"]
+
+
 def per_device_bytes(tree) -> int:
     """Bytes one device holds for a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
     total = 0
@@ -224,7 +245,8 @@ def plan(req: PlanRequest) -> dict:
     model_flops = step_flops(cfg, graphdef, state)
     dev = DEVICES[req.device]
     peak = peak_flops(dev["kind"])
-    step_time = expected_step_time(model_flops, dev["kind"], n, req.assumed_mfu)
+    working, _ = working_devices(dict(mesh.shape), cfg.mesh.rules)
+    step_time = expected_step_time(model_flops, dev["kind"], working, req.assumed_mfu)
     usable = dev["hbm_gib"] * GIB * USABLE_FRACTION
     params_b, opt_b = per_device_bytes(state["params"]), per_device_bytes(state["opt_state"])
     out = {
@@ -236,7 +258,8 @@ def plan(req: PlanRequest) -> dict:
         "memory": {**mem, "params": params_b, "opt_state": opt_b,
                    "other_args": mem["argument"] - params_b - opt_b},
         "model_flops_per_step": model_flops, "xla_flops_per_device": _cost_flops(compiled),
-        "peak_flops": peak, "assumed_mfu": req.assumed_mfu, "step_time_s": step_time,
+        "peak_flops": peak, "assumed_mfu": req.assumed_mfu, "step_time_s": step_time, "working_devices": working,
+        "warnings": idle_axes_warning(dict(mesh.shape), cfg.mesh.rules),
         "usable_bytes": usable, "fits": mem["peak"] <= usable, "source": "compiled",
     }
     out["advice"] = advice(out)
@@ -309,13 +332,16 @@ def analytic_plan(req: PlanRequest) -> dict:
            "params": params_b, "opt_state": opt_b, "other_args": batch_b}
     mem["peak"] = mem["argument"] + mem["temp"]
     usable = dev["hbm_gib"] * GIB * USABLE_FRACTION
+    working, _ = working_devices(sizes, cfg.mesh.rules)
     out = {
         "model": req.model, "arch": cfg.model.arch, "size": cfg.model.size, "patch": req.patch,
         "global_batch": cfg.train.global_batch, "accum_steps": cfg.train.accum_steps, "mesh": sizes,
         "rules": cfg.mesh.rules, "remat": cfg.model.remat, "dtype": cfg.model.dtype, "devices": n,
         "device": req.device, "hbm_gib": dev["hbm_gib"], "params": int(n_params), "memory": mem,
         "model_flops_per_step": model_flops, "xla_flops_per_device": None, "peak_flops": peak,
-        "assumed_mfu": req.assumed_mfu, "step_time_s": expected_step_time(model_flops, dev["kind"], n, req.assumed_mfu),
+        "assumed_mfu": req.assumed_mfu, "working_devices": working,
+        "step_time_s": expected_step_time(model_flops, dev["kind"], working, req.assumed_mfu),
+        "warnings": idle_axes_warning(sizes, cfg.mesh.rules),
         "usable_bytes": usable, "fits": mem["peak"] <= usable, "source": "analytic",
     }
     out["advice"] = advice(out)
@@ -358,6 +384,7 @@ def report(p: dict) -> str:
         f"global batch {p['global_batch']} (accum {p['accum_steps']}), remat {p['remat']}, compute {p['dtype']}",
         f"mesh {p['mesh']} ({p['devices']} devices), rules '{p['rules']}', on {p['device']} "
         f"({p['hbm_gib']} GiB HBM, {USABLE_FRACTION:.0%} usable)",
+        *(f"warning: {w}" for w in p["warnings"]),
         "per-device memory (" + ("XLA memory analysis of the compiled step" if p["source"] == "compiled"
                                  else "analytic estimate, no compile") + "):",
         f"  parameters        {fmt_gib(m['params'])}",
@@ -373,7 +400,7 @@ def report(p: dict) -> str:
                  else f"FLOPs per step: model {mf:.3e} (analytic 6 x params x tokens); XLA per device n/a"
                  if mf else "FLOPs per step: n/a")
     if p["step_time_s"]:
-        lines.append(f"expected step time {p['step_time_s'] * 1e3:.2f} ms = model FLOPs / ({p['devices']} x "
+        lines.append(f"expected step time {p['step_time_s'] * 1e3:.2f} ms = model FLOPs / ({p['working_devices']} x "
                      f"{p['peak_flops'] / 1e12:.0f} TFLOP/s peak x assumed MFU {p['assumed_mfu']:.0%}); "
                      f"{p['global_batch'] / p['step_time_s']:.1f} volumes/s")
     for tip in p["advice"]:

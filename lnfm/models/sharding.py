@@ -69,6 +69,15 @@ def _rule_table(rules: str | tuple) -> tuple:
     return tuple(rules)
 
 
+def mesh_axes_used(rules: str | tuple) -> frozenset[str]:
+    """The mesh axes this rule table shards something over (parameters, activations or the batch). A mesh
+    axis it never names splits nothing: its devices hold copies and repeat the same work."""
+    used: set[str] = set()
+    for _, axes in _rule_table(rules):
+        used.update((axes,) if isinstance(axes, str) else (axes or ()))
+    return frozenset(used)
+
+
 def check_mesh(cfg: MeshConfig) -> None:
     """The mesh section's values, before any device is counted: group sizes of at least 1, a known rule table."""
     for name in ("fsdp", "tensor"):

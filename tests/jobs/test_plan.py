@@ -202,6 +202,32 @@ def test_an_override_may_set_what_no_option_gives():
         planner.pretrain_config(planner.PlanRequest(**{**TINY8, "rules": "dp", "overrides": ("mesh.rules=fsdp",)}))
 
 
+IDLE_TENSOR = ("mesh axis 'tensor' (4 devices) is not used by the rules 'fsdp': nothing is sharded over it, so its "
+               "devices repeat the same work and split no memory; the step time counts 2 of the 8 devices; "
+               "--rules fsdp_tp shards over it")
+
+
+def test_a_mesh_axis_no_rule_shards_over_speeds_nothing_up():
+    """--mesh data=2,tensor=4 under vit_tiny's 'fsdp' rules: no rule names 'tensor', so the 8 devices do the work
+    of the 2 data shards. By hand: model FLOPs / (2 x 989.4e12 FLOP/s (H100) x 0.4), and the memory of data=2
+    alone; the report says so in one warning line. Under fsdp_tp the same mesh counts all 8."""
+    base = dict(model="vit_tiny", patch=32, global_batch=8, device="h100", overrides=("model.depth=2",))
+    two = planner.analytic_plan(planner.PlanRequest(**base, mesh={"data": 2}))
+    analytic = planner.analytic_plan(planner.PlanRequest(**base, mesh={"data": 2, "tensor": 4}))
+    for idle in (analytic, planner.plan(planner.PlanRequest(**base, mesh={"data": 2, "tensor": 4}))):
+        assert idle["step_time_s"] == pytest.approx(idle["model_flops_per_step"] / (2 * 989.4e12 * 0.4))
+        assert (idle["rules"], idle["devices"], idle["working_devices"]) == ("fsdp", 8, 2)
+        assert idle["memory"]["params"] == two["memory"]["params"] == 4 * idle["params"]  # float32, not split
+        assert idle["warnings"] == [IDLE_TENSOR]
+        text = planner.report(idle)
+        assert [line for line in text.splitlines() if line.startswith("warning:")] == [f"warning: {IDLE_TENSOR}"]
+        assert "= model FLOPs / (2 x 989 TFLOP/s peak" in text
+    assert two["warnings"] == [] and two["step_time_s"] == pytest.approx(analytic["step_time_s"])
+    tp = planner.analytic_plan(planner.PlanRequest(**base, mesh={"data": 2, "tensor": 4}, rules="fsdp_tp"))
+    assert (tp["working_devices"], tp["warnings"]) == (8, [])
+    assert tp["step_time_s"] == pytest.approx(tp["model_flops_per_step"] / (8 * 989.4e12 * 0.4))
+
+
 def test_expected_step_time_at_full_and_impossible_mfu():
     from lnfm.train.mfu import expected_step_time
 

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from lnfm.models import ModelConfig
 from lnfm.models.mae import MAE
 from lnfm.models.sharding import (RULES, MeshConfig, batch_sharding, create_sharded_model, logical_to_mesh_spec,
-                                  make_mesh, use_rules)
+                                  make_mesh, mesh_axes_used, use_rules)
 from lnfm.models.vit import ViT
 
 CFG = ModelConfig(img_size=(16, 16, 16), patch_size=(8, 8, 8), depth=2, cls_token=True)
@@ -34,6 +34,15 @@ def test_rule_tables():
     assert logical_to_mesh_spec(("embed", "mlp"), "fsdp_tp") == P("fsdp", "tensor")
     assert logical_to_mesh_spec(("batch", "length", "act_embed"), "fsdp") == P(("data", "fsdp"), None, None)
     assert set(RULES) == {"dp", "fsdp", "fsdp_tp"}
+
+
+def test_mesh_axes_used_come_from_the_rule_table():
+    """Only fsdp_tp names 'tensor'; every table splits the batch over data and fsdp. A table given as pairs is read
+    the same way (what the scale planner counts devices by)."""
+    assert {name: mesh_axes_used(name) for name in RULES} == {
+        "dp": {"data", "fsdp"}, "fsdp": {"data", "fsdp"}, "fsdp_tp": {"data", "fsdp", "tensor"}}
+    assert mesh_axes_used((("batch", "data"), ("embed", None), ("mlp", ("fsdp", "tensor")))) == {
+        "data", "fsdp", "tensor"}
 
 
 @pytest.mark.parametrize("layout,rules", [((8, 1), "fsdp"), ((4, 2), "fsdp_tp"), ((2, 1), "dp")])
