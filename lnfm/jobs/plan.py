@@ -596,6 +596,10 @@ def check_option_use(ap: argparse.ArgumentParser, args: argparse.Namespace) -> N
         unread = [f"--{d.replace('_', '-')}" for d in TABLE_OPTIONS if given(d)]
         if unread:
             raise ConfigError(f"{unread[0]}: only --table reads it (a single plan prints and writes no file)")
+    unknown = [m for m in filter(None, args.compile_models.split(",")) if m not in TABLE_MODELS]
+    if given("compile_models") and unknown:  # a misspelt preset compiled nothing, without a word
+        raise ConfigError(f"--compile-models {args.compile_models}: unknown model '{unknown[0]}' (the table's "
+                          f"models: {', '.join(TABLE_MODELS)})")
 
 
 def request_from_args(args: argparse.Namespace) -> PlanRequest:

@@ -138,6 +138,10 @@ TABLE = [
     Case("plan-table-with-a-single-plan-option", "plan",  # --model was ignored
          lambda w, inp, out: (["--table", inp / "t.md", "--model", "vit_h"], None), 2,
          ("--model: --table plans its own grid",)),
+    # a model the table does not plan was accepted and compiled nothing, exit 0
+    Case("plan-table-compile-models-unknown", "plan",
+         lambda w, inp, out: (["--table", out / "t.md", "--compile-models", "vit_tiny,vit_bb"], None), 2,
+         ("--compile-models vit_tiny,vit_bb: unknown model 'vit_bb' (the table's models: vit_tiny)",)),
     option("force-without-table", [*ANALYTIC, "--force"], ("--force: only --table reads it",)),
     Case("plan-table-new-file", "plan", lambda w, inp, out: (["--table", out / "t.md", "--compile-max-devices", "0"],
                                                              None), 0, check=_check_new_table),
