@@ -5,8 +5,8 @@
 #
 # Every process gets LNFM_COORDINATOR=localhost:P, LNFM_NUM_PROCESSES=N and
 # LNFM_PROCESS_ID=rank (read by lnfm.train.distributed.initialize).
-#   CPU mode (--devices-per-process given, or no GPU found): JAX_PLATFORMS=cpu and
-#     XLA_FLAGS=--xla_force_host_platform_device_count=D (D defaults to 1).
+#   CPU mode (--devices-per-process given, or no GPU found; CUDA_VISIBLE_DEVICES set but empty
+#     means none): JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=D (D: 1).
 #   GPU mode: the visible GPUs are split evenly, CUDA_VISIBLE_DEVICES per process.
 # Output lines are prefixed with "[rank] ". The script waits for all processes;
 # when one fails, or on Ctrl-C / SIGTERM, the others get SIGTERM (then SIGKILL
@@ -50,11 +50,14 @@ if ! is_positive_int "$port" || (( port > 65535 )); then die "--port must be a T
 [[ "$grace" =~ ^[0-9]+$ ]] || die "--grace must be a whole number of seconds, got '${grace}'"
 [[ $# -gt 0 ]] || die "no command given after --"
 
-# GPUs this machine exposes: CUDA_VISIBLE_DEVICES when set, otherwise nvidia-smi's list.
+# GPUs this machine exposes: CUDA_VISIBLE_DEVICES when set (set but empty: none, as CUDA reads it),
+# otherwise nvidia-smi's list.
 gpus=()
 if [[ -z "$devices" ]]; then
-  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
     IFS=',' read -r -a gpus <<< "$CUDA_VISIBLE_DEVICES"
+    (( ${#gpus[@]} > 0 )) \
+      || echo "local.sh: CUDA_VISIBLE_DEVICES is empty (no GPU visible): CPU mode, 1 device per process" >&3
   elif command -v nvidia-smi > /dev/null 2>&1; then
     count=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU ' || true)
     for ((g = 0; g < count; g++)); do gpus+=("$g"); done

@@ -138,3 +138,19 @@ def test_gpu_mode_splits_visible_devices(repo_root):
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.splitlines()) == ["[0] gpus=4,5 local=0,1 platforms=unset",
                                                 "[1] gpus=6,7 local=0,1 platforms=unset"]
+
+
+def test_an_empty_cuda_visible_devices_means_no_gpu(repo_root, tmp_path):
+    """CUDA reads CUDA_VISIBLE_DEVICES='' as no GPU; the script ran in GPU mode over nvidia-smi's four."""
+    (tmp_path / "nvidia-smi").write_text('#!/bin/sh\nfor g in 0 1 2 3; do echo "GPU $g: NVIDIA H100"; done\n')
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    proc = subprocess.run(["bash", str(repo_root / "launch" / "local.sh"), "--num-processes", "2", "--",
+                           "bash", "-c", 'echo "gpus=[$CUDA_VISIBLE_DEVICES] local=${LNFM_LOCAL_DEVICE_IDS:-unset} '
+                                         'platforms=${JAX_PLATFORMS:-unset} $XLA_FLAGS"'],
+                          capture_output=True, text=True,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == [
+        f"[{r}] gpus=[] local=unset platforms=cpu --xla_force_host_platform_device_count=1" for r in (0, 1)]
+    assert proc.stderr == ("local.sh: CUDA_VISIBLE_DEVICES is empty (no GPU visible): CPU mode, 1 device per "
+                           "process\n")
