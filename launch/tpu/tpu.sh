@@ -9,7 +9,7 @@
 #
 # Settings (environment or --name=value flags): PROJECT, ZONE, TPU_NAME, ACCELERATOR_TYPE
 # (e.g. v5p-64, v5litepod-32, v6e-64), RUNTIME_VERSION (e.g. v2-alpha-tpuv5, v2-alpha-tpuv6e),
-# BUCKET (gs://name, mounted at MOUNT=/gcs on every worker with gcsfuse), SPOT=1 for spot
+# BUCKET (gs://name, mounted at MOUNT=/gcs on every worker with gcsfuse), SPOT=1 (or true) for spot
 # capacity, POLL_SECONDS (watch polling, default 60), MAX_FAILURES (watch gives up after this
 # many job failures on a healthy slice, default 3). --dry-run prints the gcloud commands.
 #
@@ -49,7 +49,11 @@ done
 BUCKET="${BUCKET:-}"
 [[ -z "$BUCKET" || "$BUCKET" == gs://* ]] || die "BUCKET must look like gs://name, got '$BUCKET'"
 MOUNT="${MOUNT:-/gcs}"
-SPOT="${SPOT:-0}"
+case "${SPOT:-0}" in  # the usual spellings of a yes/no setting; anything else is a typo, not "no"
+  1|[Tt]rue|TRUE|[Yy]es|YES) SPOT=1 ;;
+  0|[Ff]alse|FALSE|[Nn]o|NO) SPOT=0 ;;
+  *) die "SPOT must be 1/true/yes or 0/false/no, got '$SPOT'" ;;
+esac
 POLL_SECONDS="${POLL_SECONDS:-60}"
 MAX_FAILURES="${MAX_FAILURES:-3}"
 QR_NAME="${TPU_NAME}-qr"
@@ -72,7 +76,7 @@ qr_state() {
 
 do_create() {
   local extra=()
-  [[ "$SPOT" == 1 ]] && extra+=(--spot)
+  (( SPOT )) && extra+=(--spot)
   gc compute tpus queued-resources create "$QR_NAME" "${common[@]}" --node-id="$TPU_NAME" \
     --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION" "${extra[@]}"
 }
@@ -102,8 +106,11 @@ do_setup() {
     setup+=" | sudo tee /etc/apt/sources.list.d/gcsfuse.list"
     setup+=" && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -"
     setup+=" && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi"
-    setup+=" && sudo mkdir -p $MOUNT && sudo chown \$USER $MOUNT"
-    setup+=" && (mountpoint -q $MOUNT || gcsfuse --implicit-dirs ${BUCKET#gs://} $MOUNT)"
+    local mount bucket  # quoted for the workers' shell: a MOUNT with a space stays one path
+    mount="$(printf '%q' "$MOUNT")"
+    bucket="$(printf '%q' "${BUCKET#gs://}")"
+    setup+=" && sudo mkdir -p $mount && sudo chown \$USER $mount"
+    setup+=" && (mountpoint -q $mount || gcsfuse --implicit-dirs $bucket $mount)"
   fi
   on_all_workers "$setup"
 }

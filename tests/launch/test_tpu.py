@@ -65,6 +65,43 @@ def test_dry_run_watch_prints_the_recovery_pass(repo_root):
     assert "gcsfuse --implicit-dirs lnfm-bucket /gcs" in res.stdout.replace("\\", "")
 
 
+@pytest.mark.parametrize("spot, flagged", [("1", True), ("true", True), ("TRUE", True), ("yes", True),
+                                           ("0", False), ("false", False), ("", False)])
+def test_dry_run_create_reads_the_spellings_of_spot(repo_root, spot, flagged):
+    """SPOT=true was read as no: the spot flag never reached gcloud."""
+    res = _run(repo_root, ["--dry-run", "create"], {"SPOT": spot})
+    assert res.returncode == 0, res.stderr
+    (cmd,) = _gcloud_lines(res.stdout)
+    assert ("--spot" in cmd) == flagged
+
+
+def test_a_spot_value_that_is_no_yes_or_no_is_a_one_line_error(repo_root):
+    res = _run(repo_root, ["--dry-run", "create"], {"SPOT": "ture"})
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == "tpu.sh: SPOT must be 1/true/yes or 0/false/no, got 'ture'\n"
+
+
+def _words(script: str) -> list[str]:
+    """A remote shell line as its shell splits it into words and operators."""
+    return list(shlex.shlex(script, posix=True, punctuation_chars=True))
+
+
+def _holds(words: list[str], part: list[str]) -> bool:
+    return any(words[i:i + len(part)] == part for i in range(len(words)))
+
+
+def test_dry_run_setup_keeps_a_mount_with_a_space_one_path(repo_root):
+    """MOUNT went into the workers' shell line unquoted: '/mnt/lnfm data' made and mounted two folders."""
+    res = _run(repo_root, ["--dry-run", "setup"], {"MOUNT": "/mnt/lnfm data"})
+    assert res.returncode == 0, res.stderr
+    ssh = next(c for c in _gcloud_lines(res.stdout) if c[4] == "ssh")
+    words = _words(next(c for c in ssh if c.startswith("--command="))[len("--command="):])
+    for part in (["sudo", "mkdir", "-p", "/mnt/lnfm data", "&&"], ["chown", "$", "USER", "/mnt/lnfm data", "&&"],
+                 ["(", "mountpoint", "-q", "/mnt/lnfm data", "||"],
+                 ["gcsfuse", "--implicit-dirs", "lnfm-bucket", "/mnt/lnfm data", ")"]):
+        assert _holds(words, part), (part, words)
+
+
 @pytest.mark.parametrize("missing", ["PROJECT", "ACCELERATOR_TYPE"])
 def test_missing_setting_is_a_one_line_error(repo_root, missing):
     res = _run(repo_root, ["--dry-run", "create"], {missing: ""})
