@@ -138,6 +138,45 @@ def test_dry_run_prints_the_srun_command(slurm, repo_root):
     assert calls() == []
 
 
+PER_NODE_SRUN = "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpu-bind=none bash -c $'\\ngpus="
+USER_COMMAND = [".venv/bin/python", "pretrain/pretrain.py", "--workdir", "/shared/runs/vit b"]
+
+
+def _per_node_dry_run(repo_root, env) -> list[str]:
+    proc = subprocess.run(["bash", str(repo_root / "launch" / "slurm" / "per_node.sbatch"), *USER_COMMAND],
+                          env={**env, "LNFM_DRY_RUN": "1"}, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stdout + proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_per_node_dry_run_prints_the_rendezvous_and_the_srun_command(slurm, repo_root, tmp_path):
+    """per_gpu's LNFM_DRY_RUN=1, for per_node: inside an allocation the rendezvous the tasks get and the srun
+    line, with no srun or scancel; on a login node (no SLURM_* at all, as a user tries it before sbatch) the
+    same with placeholders, where it stopped on an unbound SLURM_JOB_NODELIST."""
+    start, calls = slurm
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
+               FAKE_LOG=str(tmp_path / "calls.log"), LNFM_ROOT=str(repo_root))
+    for extra, head in (({}, "FIRST_NODE:PORT"),
+                        ({"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-node-[007-008]"}, "gpu-node-007:24242")):
+        lines = _per_node_dry_run(repo_root, {**env, **extra})
+        assert lines[0] == f"lnfm: rendezvous LNFM_HEAD={head} (process 0 on the allocation's first node)"
+        (srun,) = [line for line in lines if line.startswith("srun ")]
+        assert srun.startswith(PER_NODE_SRUN) and "export LNFM_COORDINATOR=$LNFM_HEAD" in srun
+        assert srun.endswith("' lnfm-task .venv/bin/python pretrain/pretrain.py --workdir /shared/runs/vit\\ b")
+        assert not any(c.startswith(("srun", "scancel", "scontrol requeue")) for c in calls())
+    assert calls() == ["scontrol show hostnames gpu-node-[007-008]"]
+
+
+def test_per_node_outside_an_allocation_is_a_one_line_error(repo_root):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(repo_root / "launch" / "slurm" / "per_node.sbatch"), "true"],
+                          env={**env, "LNFM_ROOT": str(repo_root)}, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("lnfm: SLURM_JOB_NODELIST or SLURM_JOB_ID is not set: submit this script with sbatch "
+                           "(LNFM_DRY_RUN=1 prints the step instead)\n")
+
+
 def test_sbatch_headers_request_requeue_and_warning_signal(repo_root):
     for script in ("per_gpu.sbatch", "per_node.sbatch"):
         text = (repo_root / "launch" / "slurm" / script).read_text()
