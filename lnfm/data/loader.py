@@ -59,6 +59,11 @@ class LoaderConfig:
     epoch_length: int = 10000  # records per epoch of the virtual index the sampler shuffles
 
 
+# The settings `PatchSampler` reads only for labelled patches (`labels=True`): node-centred and look-alike
+# patches, node paste. A job that draws unlabelled patches (pretraining) never reads them.
+LABEL_ONLY_KEYS = ("fg_fraction", "hard_negative_fraction", "paste_p", "paste_margin", "paste_flip", "paste_zoom")
+
+
 def check_loader(cfg: LoaderConfig, where: str = "loader") -> None:
     """The loader section's ranges (`where`: its name in the job's config, `loader` or `data`), the one
     place they are checked; jobs call it before anything is written. Each refusal names the key and

@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import ConfigError, load_config, parse_args_once, refuse_derived, to_dict
+from lnfm.config import ConfigError, load_config, parse_args_once, parse_override, refuse_derived, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
-from lnfm.data.loader import LoaderConfig, check_loader, make_loader
+from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, make_loader
 from lnfm.data.store import check_stores, read_manifest
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
@@ -84,7 +84,18 @@ DERIVED_DATA_KEYS = {"data.patch_size": "model.img_size", "data.batch_size": "tr
 
 def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> PretrainConfig:
     refuse_derived(overrides, DERIVED_DATA_KEYS, "pretraining")
-    return load_config(PretrainConfig, name_or_yaml, list(overrides), kind="pretrain")
+    cfg = load_config(PretrainConfig, name_or_yaml, list(overrides), kind="pretrain")
+    # The loader's label-only keys would be recorded in config.yaml and never read (pretraining draws unlabelled
+    # patches). An override names one whatever its value; a config file only by a value other than the default
+    # (a run's own config.yaml, given as --config, records every key at its default).
+    given = {".".join(parse_override(text)[0]) for text in overrides}
+    unread = [f"data.{k}" for k in LABEL_ONLY_KEYS
+              if f"data.{k}" in given or getattr(cfg.data, k) != getattr(LoaderConfig(), k)]
+    if unread:
+        it = "them" if len(unread) > 1 else "it"
+        raise ConfigError(f"{', '.join(unread)}: the loader reads {it} only for labelled patches and pretraining draws "
+                          f"unlabelled ones (the run would record {it} and never use {it}); drop {it}")
+    return cfg
 
 
 def preview_png(images, aux: dict, patch: tuple[int, int, int], norm_pix: bool):

@@ -228,11 +228,15 @@ RANGES = [
               ("data.batch_size: pretraining sets it from train.global_batch",)),
     pretrain8("lr-nan", ["optim.lr=.nan"], ("optim.lr must be in [0, inf)", "nan")),
     pretrain8("b2-one", ["optim.b2=1"], ("optim.b2 must be in [0, 1)",)),
-    pretrain8("data-fg-fraction-above-one", ["data.fg_fraction=2"], ("data.fg_fraction must be in [0, 1]",)),
+    pretrain8("data-spatial-p-above-one", ["data.spatial_p=2"], ("data.spatial_p must be in [0, 1]",)),
     pretrain8("data-rotate-deg-negative", ["data.rotate_deg=-5"], ("data.rotate_deg must be in [0, inf)",)),
     pretrain8("data-hu-window-empty", ["data.hu_window=[5,5]"], ("data.hu_window [5.0, 5.0] is not a window",)),
     pretrain8("mesh-rules-unknown", ["mesh.rules=bogus"], ("mesh.rules: unknown sharding rules",)),
     pretrain8("model-dtype-unknown", ["model.dtype=float17"], ("model.dtype: 'float17'",)),
+    # the seventh audit (2026-12-08): label-only loader keys that pretraining recorded and never read
+    pretrain8("data-label-only-keys", ["data.fg_fraction=0.6", "data.paste_p=0.5"],  # 0.5: paste_p's default
+              ("data.fg_fraction, data.paste_p: the loader reads them only for labelled patches",)),
+    pretrain8("data-label-only-key-above-one", ["data.fg_fraction=2"], ("data.fg_fraction: the loader reads it only",)),
     pretrain_file("config-file-key-twice", "base: vit_tiny\ntrain:\n  steps: 5\n  steps: 7\n",
                   ("key 'steps' is given twice (lines 3 and 4)",)),
     pretrain_file("config-file-empty", "", ("the config file is empty",)),

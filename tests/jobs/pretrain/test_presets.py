@@ -24,3 +24,19 @@ def test_tiny_preset_and_overrides():
     assert cfg.model.img_size == (32, 32, 32)
     with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
         load_pretrain_config("vit_tiny", ["train.step=7"])
+
+
+def test_label_only_loader_keys_are_refused_and_a_run_s_own_config_loads(tmp_path):
+    """Pretraining draws unlabelled patches: a label-only loader key would be recorded and never read. An
+    override is refused whatever its value; a config file's value other than the default is refused; a run's
+    own config.yaml (every key at its default) loads."""
+    from lnfm.config import dump_yaml
+
+    with pytest.raises(ConfigError, match=r"^data.fg_fraction, data.paste_p: the loader reads them only for "):
+        load_pretrain_config("vit_tiny", ["data.fg_fraction=0.6", "data.paste_p=0.5"])  # 0.5 is the default
+    own = tmp_path / "config.yaml"
+    own.write_text(dump_yaml(load_pretrain_config("vit_tiny", ["train.steps=7"])))
+    assert load_pretrain_config(str(own)).train.steps == 7
+    own.write_text(own.read_text().replace("paste_zoom: 0.0", "paste_zoom: 0.25"))
+    with pytest.raises(ConfigError, match=r"^data.paste_zoom: the loader reads it only for labelled patches"):
+        load_pretrain_config(str(own))
