@@ -10,6 +10,7 @@ state (a small JSON blob) is all a resumed job needs to see the same batches.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grain
@@ -83,6 +84,14 @@ def check_loader(cfg: LoaderConfig, where: str = "loader") -> None:
             raise ConfigError(f"{where}.{name} must be in [{low}, inf), got {getattr(cfg, name)}")
     if cfg.seed >= 2 ** 32:
         raise ConfigError(f"{where}.seed must be in [0, 2**32), got {cfg.seed}")
+
+
+def check_weights(weights: list[float], stores: int, where: str = "weights") -> None:
+    """One finite, non-negative mixing weight per store, not all zero (a NaN reached the sampler's draw)."""
+    if len(weights) != stores:
+        raise ConfigError(f"{where} has {len(weights)} values for {stores} datasets")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"{where} {list(weights)} must be finite non-negative numbers, one per store, not all zero")
 
 
 def read_box(arr, start: np.ndarray, size: tuple[int, int, int], fill: float = 0.0, dtype=np.float32,
@@ -314,8 +323,7 @@ def make_loader(stores: list[str], cfg: LoaderConfig, *, split: str | None = "tr
         raise DataError(f"stores {stores} mix cases with {sorted(n_channels)} channels")
     if weights is None:
         weights = [float(len(c)) for c in cases]
-    if len(weights) != len(stores) or min(weights) < 0 or sum(weights) <= 0:
-        raise ConfigError(f"weights {weights} must be one non-negative number per store, not all zero")
+    check_weights(weights, len(stores))
     shard = grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(num_records=cfg.epoch_length, shard_options=grain.sharding.NoSharding(),
                                           shuffle=True, num_epochs=num_epochs, seed=cfg.seed)

@@ -84,7 +84,7 @@ from lnfm.train.loop import Hook, Throughput
 from lnfm.train.optim import ema_params, layer_lr_scales, make_optimizer
 from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessing
 from lnfm.train.state import create_train_state, merge_model, split_model
-from lnfm.train.job import Checked, check_run_config, device_batch, fit, run_training_job
+from lnfm.train.job import Checked, check_channels, check_run_config, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
 from lnfm.workdir import MetricsWriter, open_workdir
 
@@ -779,11 +779,9 @@ def _check(cfg: FinetuneConfig) -> Checked:
     if len(channels) != 1:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")
     n_ch = channels.pop()
-    if cfg.model.in_channels != n_ch:
-        if kind != "scratch":
-            raise DataError(f"the data has {n_ch} channel(s) but the pretrained encoder takes "
-                            f"{cfg.model.in_channels}")
+    if kind == "scratch":  # a new encoder takes the data's channels
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
+    check_channels(n_ch, cfg.model.in_channels, "the pretrained encoder")
     check_encoder_fits(cfg)
     if cfg.strategy.freeze == "first_k":  # strategy.k's upper bound: the encoder's units (abstract: nothing allocated)
         seg = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))

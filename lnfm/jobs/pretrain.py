@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, load_config, parse_args_once, parse_override, refuse_derived, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
-from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, make_loader
+from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, check_weights, make_loader
 from lnfm.data.store import check_stores, read_manifest
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
@@ -40,7 +40,7 @@ from lnfm.train.memory import cpu_host_memory, judge_host_memory, memory_figures
 from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, step_key
-from lnfm.train.job import Checked, check_run_config, device_batch, fit, run_training_job
+from lnfm.train.job import Checked, check_channels, check_run_config, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
 from lnfm.workdir import MetricsWriter, read_metrics
 
@@ -262,9 +262,10 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
             cfg.data, patch_size=tuple(cfg.model.img_size), batch_size=cfg.train.global_batch // jax.process_count()))
         counts = check_stores(stores, cfg.data.split, cfg.data.spacing)
         prep = pretrain_preprocessing(cfg, stores)
+        check_channels(len(prep.contract.channels), cfg.model.in_channels, "the model (model.in_channels)")
         weights = list(cfg.data.weights) or None
-        if weights is not None and len(weights) != len(stores):
-            raise ConfigError(f"data.weights has {len(weights)} values for {len(stores)} datasets")
+        if weights is not None:  # here, before the workdir is written (the loader checks them after)
+            check_weights(weights, len(stores), "data.weights")
         if cfg.optim.ema_decay:  # nothing downstream reads a pretraining average: refuse it, not ignore it
             raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay:g}: the moving average applies to finetuning only")
         profile = parse_profile_steps(profile_steps if profile_steps is not None else cfg.train.profile_steps)

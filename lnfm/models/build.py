@@ -7,11 +7,37 @@ import math
 import jax
 from flax import nnx
 
+from lnfm.config import ConfigError
 from lnfm.models.config import ModelConfig
-from lnfm.models.mae import MAE
+from lnfm.models.mae import MAE, decoder_dims
 from lnfm.models.simmim import build_simmim
-from lnfm.models.swin import build_swin_encoder
-from lnfm.models.vit import ViT
+from lnfm.models.swin import build_swin_encoder, swin_size
+from lnfm.models.vit import ViT, vit_dims
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Model values the types accept but no network is built from, refused before anything is written
+    (the build failed with a traceback after the workdir was written): an attention width its heads do
+    not divide (the ViT, the MAE decoder, each Swin stage) and feature blocks beyond the depth. Both
+    training jobs run it (`lnfm.train.job.check_run_config`)."""
+    if cfg.arch == "vit":
+        dims = vit_dims(cfg)
+        beyond = [i for i in cfg.feature_layers or () if i > dims.depth]
+        if beyond:
+            raise ConfigError(f"model.feature_layers {list(cfg.feature_layers)}: block(s) {beyond} beyond the "
+                              f"{dims.depth} blocks of model.depth")
+        dec_width, _, dec_heads, _ = decoder_dims(cfg)
+        widths = [("model.width", dims.width, "model.heads", dims.heads),
+                  ("model.decoder_width", dec_width, "model.decoder_heads", dec_heads)]
+    else:
+        size = swin_size(cfg)  # stage i works at width * 2**i with its own heads
+        widths = [("model.width" if i == 0 else f"Swin stage {i + 1}'s width (model.width x {2 ** i})",
+                   size.feature_size * 2 ** i, f"Swin stage {i + 1}'s heads", heads)
+                  for i, heads in enumerate(size.num_heads)]
+    for width_key, width, heads_key, heads in widths:
+        if width % heads:
+            raise ConfigError(f"{width_key} {width} is not divisible by {heads_key} {heads} (each attention head "
+                              f"takes an equal share of the width)")
 
 
 def build_encoder(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:

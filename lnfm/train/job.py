@@ -20,6 +20,8 @@ import numpy as np
 
 from lnfm.config import ConfigError, dump_yaml
 from lnfm.data.contract import Preprocessing, write_preprocessing
+from lnfm.errors import DataError
+from lnfm.models.build import check_model
 from lnfm.models.layers import dtype_problem_here
 from lnfm.models.sharding import check_mesh, make_mesh, use_rules
 from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
@@ -45,9 +47,10 @@ def check_batch(global_batch: int, accum_steps: int, nproc: int, batch_shards: i
 
 def check_run_config(cfg: Any) -> None:
     """The sections every training job's config shares, checked before anything is written: `train`
-    (steps, batch, microbatches, the logging, validation and preview intervals), `optim` and
-    `checkpoint` and `mesh`. Each refusal names the key and its valid range. The jobs call it with their
-    own sections' checks (finetuning as its config loads, pretraining first in its checks)."""
+    (steps, batch, microbatches, the logging, validation and preview intervals), `optim`, `checkpoint`,
+    `mesh` and the `model` values no network is built from. Each refusal names the key and its valid
+    range. The jobs call it with their own sections' checks (finetuning as its config loads, pretraining
+    first in its checks)."""
     tc = cfg.train
     for name, low, meaning in (("steps", 1, "optimizer steps"), ("global_batch", 1, "samples per step"),
                                ("accum_steps", 1, "microbatches per step"), ("log_every", 1, "steps")):
@@ -60,12 +63,20 @@ def check_run_config(cfg: Any) -> None:
     problem = dtype_problem_here(cfg.model.dtype)
     if problem:
         raise ConfigError(problem)
+    check_model(cfg.model)
     ck = cfg.checkpoint
     if ck.every < 0:
         raise ConfigError(f"checkpoint.every must be at least 0 (steps; 0 = only at the end), got {ck.every}")
     if ck.keep < 1:
         raise ConfigError(f"checkpoint.keep must be at least 1 (the newest checkpoints kept), got {ck.keep}")
     check_mesh(cfg.mesh)
+
+
+def check_channels(data_channels: int, model_channels: int, model: str) -> None:
+    """The network takes the data's channels (the first step's shape error, after the workdir was written,
+    otherwise); `model` names what takes them (the --init encoder, model.in_channels)."""
+    if data_channels != model_channels:
+        raise DataError(f"the data has {data_channels} channel(s) but {model} takes {model_channels}")
 
 
 def device_batch(host: dict, sharding: jax.sharding.Sharding, dtypes: dict[str, Any]) -> dict:

@@ -237,6 +237,19 @@ RANGES = [
     pretrain8("data-label-only-keys", ["data.fg_fraction=0.6", "data.paste_p=0.5"],  # 0.5: paste_p's default
               ("data.fg_fraction, data.paste_p: the loader reads them only for labelled patches",)),
     pretrain8("data-label-only-key-above-one", ["data.fg_fraction=2"], ("data.fg_fraction: the loader reads it only",)),
+    # model values no network is built from, and mixing weights no sampler draws with (each a traceback after
+    # the workdir was written; finetuning's model values a traceback before it)
+    pretrain8("model-width-not-divisible-by-heads", ["model.width=66"],
+              ("model.width 66 is not divisible by model.heads 4",)),
+    pretrain8("model-feature-layers-beyond-depth", ["model.feature_layers=[9]"],
+              ("model.feature_layers [9]: block(s) [9] beyond the 4 blocks of model.depth",)),
+    pretrain8("model-channels-not-the-data-s", ["model.in_channels=2"],
+              ("the data has 1 channel(s) but the model (model.in_channels) takes 2",)),
+    pretrain8("data-weights-nan", ["data.weights=[.nan]"], ("data.weights [nan] must be finite non-negative",)),
+    finetune("model-width-not-divisible-by-heads", ["model.width=66"],
+             ("model.width 66 is not divisible by model.heads 4",)),
+    finetune("model-feature-layers-beyond-depth", ["model.feature_layers=[9]"],
+             ("model.feature_layers [9]: block(s) [9] beyond the 4 blocks of model.depth",)),
     pretrain_file("config-file-key-twice", "base: vit_tiny\ntrain:\n  steps: 5\n  steps: 7\n",
                   ("key 'steps' is given twice (lines 3 and 4)",)),
     pretrain_file("config-file-empty", "", ("the config file is empty",)),

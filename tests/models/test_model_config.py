@@ -35,3 +35,29 @@ def test_values_no_model_can_have_are_config_errors(data, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         from_dict(ModelConfig, data, "model")
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"width": 66}, "model.width 66 is not divisible by model.heads 4"),
+    ({"depth": 2, "feature_layers": [2, 3]}, "model.feature_layers [2, 3]: block(s) [3] beyond the 2 blocks"),
+    ({"decoder_heads": 5}, "model.decoder_width 64 is not divisible by model.decoder_heads 5"),
+    ({"arch": "swin", "width": 20}, "model.width 20 is not divisible by Swin stage 1's heads 3"),
+    ({"depth": 2, "feature_layers": [1, 2], "width": 48, "heads": 6}, None),
+    ({"arch": "swin", "width": 24}, None)])
+def test_check_model_refuses_what_the_builders_cannot_build(data, message):
+    """`check_model` (both training jobs, before anything is written) refuses exactly the values the SSL
+    builder fails on, naming the key."""
+    from flax import nnx
+
+    from lnfm.models.build import build_ssl_model, check_model
+
+    cfg = from_dict(ModelConfig, {"img_size": [32, 32, 32], "patch_size": [8, 8, 8], **data}, "model")
+    if message is None:
+        check_model(cfg)
+        nnx.eval_shape(lambda: build_ssl_model(cfg, nnx.Rngs(0)))
+        return
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        check_model(cfg)
+    with pytest.raises(ValueError):
+        nnx.eval_shape(lambda: build_ssl_model(cfg, nnx.Rngs(0)))
