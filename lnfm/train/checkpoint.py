@@ -52,10 +52,16 @@ class CheckpointError(LnfmError, RuntimeError):
 CHECKSUMS = "lnfm_checksums.sha256"  # inside each step folder
 
 
+def committed_steps(directory: str | Path) -> list[int]:
+    """The steps of `directory`'s committed step folders, ascending (none for a missing folder)."""
+    directory = Path(directory)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()) \
+        if directory.is_dir() else []
+
+
 def has_checkpoints(directory: str | Path) -> bool:
     """Whether `directory` holds at least one committed step folder."""
-    directory = Path(directory)
-    return directory.is_dir() and any(p.name.isdigit() and p.is_dir() for p in directory.iterdir())
+    return bool(committed_steps(directory))
 
 
 def _sha256(path: Path) -> str:

@@ -26,7 +26,7 @@ from lnfm.models.layers import dtype_problem_here
 from lnfm.models.sharding import check_mesh, make_mesh, use_rules
 from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
 from lnfm.safety import check_apart
-from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, committed_steps, has_checkpoints
 from lnfm.train.optim import check_optim
 from lnfm.train.loop import TRAIN_TIME_FILE, Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
@@ -170,6 +170,17 @@ def check_resume_record(path: Path, value: Any) -> None:
                        f"data changed since it started; resume with the data it had, or choose a new --workdir")
 
 
+def check_resume_steps(run: PretrainRun | FinetuneRun, steps: int) -> None:
+    """Refuse to resume a run with fewer `train.steps` than its checkpoints reached: it trained no step and
+    recorded the fewer in config.yaml. A resume may lengthen a run, not shorten it (no documented way does:
+    the steps taken followed a learning-rate schedule over the longer run; a shorter one is a new run)."""
+    reached = max((step for d in run.checkpoint_dirs() for step in committed_steps(d)), default=0)
+    if steps < reached:
+        raise WorkdirError(f"{run.root}: the run to resume has reached step {reached}, beyond train.steps={steps}; a "
+                           f"resumed run may lengthen a run, not shorten it: give train.steps={reached} or more, or "
+                           f"choose a new --workdir")
+
+
 def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mapping[str, Any],
                      resume_keys: tuple[str, ...], check: Callable[[Any], Checked],
                      train: Callable[[Checked, Any, jax.sharding.Mesh, MetricsWriter], dict | None],
@@ -181,9 +192,9 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
     The path rule (`inputs`: flag -> paths the workdir must stay apart from), then under the
     workdir lock: the resume check (the `resume_keys` config sections of a started run),
     the job's `check(cfg)` (data, splits, init; nothing written or compiled yet), then for a started
-    run every resolved config value but RESUME_MAY_CHANGE and the job's `derived_keys`, the mesh
-    and batch check (`cfg.mesh`, `cfg.train.global_batch`, `cfg.train.accum_steps`), the job's
-    `check_memory(checked, mesh)` (lnfm.train.memory),
+    run every resolved config value but RESUME_MAY_CHANGE and the job's `derived_keys`, and no fewer
+    `train.steps` than it reached, the mesh and batch check (`cfg.mesh`, `cfg.train.global_batch`,
+    `cfg.train.accum_steps`), the job's `check_memory(checked, mesh)` (lnfm.train.memory),
     config.yaml, the log and preprocessing.json, then `train(checked, run, mesh, writer)`.
     It returns the summary, or None when a signal stopped it (the same command resumes; no
     summary is written).
@@ -198,6 +209,7 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
         checked = check(cfg)
         if has_run:
             check_resume_settings(workdir, checked.cfg, RESUME_MAY_CHANGE, has_run=True, derived=derived_keys)
+            check_resume_steps(run, checked.cfg.train.steps)
             check_resume_preprocessing(run.preprocessing, checked.preprocessing)
             for name, value in checked.records.items():
                 check_resume_record(workdir / name, value)

@@ -594,3 +594,40 @@ def test_an_option_and_an_override_of_one_key_are_refused(options, override, key
     if options:  # the override alone is taken
         cfg = load_finetune_config("pelvis", [override], data=["store"])
         assert getattr(cfg.train, key.split(".")[1]) == int(override.split("=")[1])
+
+
+@pytest.fixture(scope="module")
+def two_step_run(store, tmp_path_factory):
+    """A finished 2-step finetuning run and `argv(workdir, *overrides)`, the command that made it; tests resume
+    copies of it."""
+    def argv(wd, *extra):
+        return ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3",
+                *TINY, "checkpoint.every=2", *extra]
+
+    wd = tmp_path_factory.mktemp("two_steps") / "ft"
+    assert run_job("finetune", argv(wd)) == 0
+    return wd, argv
+
+
+def _copy_run(two_step_run, tmp_path):
+    import shutil
+
+    wd, argv = two_step_run
+    return shutil.copytree(wd, tmp_path / "ft"), argv
+
+
+def test_a_resume_with_fewer_steps_than_the_run_reached_is_refused_and_writes_nothing(two_step_run, tmp_path,
+                                                                                        capsys):
+    """It restored step 2, trained nothing, tested again and exited 0 with config.yaml saying train.steps=1: one
+    line now, nothing written."""
+    from tree_helpers import tree_digest
+
+    wd, argv = _copy_run(two_step_run, tmp_path)
+    before = tree_digest(wd)
+    capsys.readouterr()
+    assert run_job("finetune", argv(wd, "train.steps=1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lnfm finetune: error: {wd}: the run to resume has reached step 2, beyond train.steps=1; a "
+                   f"resumed run may lengthen a run, not shorten it: give train.steps=2 or more, or choose a new "
+                   f"--workdir"], err
+    assert tree_digest(wd) == before

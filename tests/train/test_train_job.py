@@ -87,13 +87,14 @@ def test_a_resumed_run_s_training_seconds_count_every_call(tmp_path, mesh8):
 
 @dataclasses.dataclass
 class _TrainSection:
+    steps: int = 10  # a resume may not shorten the run
     global_batch: int = 8
     accum_steps: int = 1
 
 
 @dataclasses.dataclass
 class _JobConfig:
-    """The sections the shared run reads: mesh, train (batch), model (a resume key)."""
+    """The sections the shared run reads: mesh, train (steps, batch), model (a resume key)."""
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # data parallel over every device
     train: _TrainSection = dataclasses.field(default_factory=_TrainSection)
     model: dict = dataclasses.field(default_factory=lambda: {"depth": 2})

@@ -195,3 +195,42 @@ def test_a_resume_that_changes_how_the_run_trains_is_refused_and_the_record_hold
     assert tree_digest(wd) == before
     assert run_job("pretrain", args + ["train.steps=3"]) == 0
     assert "resumed from step 2" in (wd / "log.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def two_step_run(phantom_store, tmp_path_factory):
+    """A finished pretraining run of 2 steps, a checkpoint at each, and `argv(workdir, *overrides)`, the command
+    that made it; tests resume copies of it."""
+    def argv(wd, *extra):
+        return ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(wd), "data.workers=0",
+                "train.global_batch=8", "model.depth=2", "train.image_every=0", "train.steps=2", "checkpoint.every=1",
+                *extra]
+
+    wd = tmp_path_factory.mktemp("two_steps") / "wd"
+    assert run_job("pretrain", argv(wd)) == 0
+    return wd, argv
+
+
+def _copy_run(two_step_run, tmp_path):
+    import shutil
+
+    wd, argv = two_step_run
+    return shutil.copytree(wd, tmp_path / "wd"), argv
+
+
+def test_a_resume_with_fewer_steps_than_the_run_reached_is_refused_and_writes_nothing(two_step_run, tmp_path,
+                                                                                        capsys):
+    """It resumed at step 2, trained nothing and exited 0 with config.yaml saying train.steps=1. A resume
+    lengthens a run, never shortens it: one line, nothing written; as many steps as it reached resume."""
+    from tree_helpers import tree_digest
+
+    wd, argv = _copy_run(two_step_run, tmp_path)
+    before = tree_digest(wd)
+    capsys.readouterr()
+    assert run_job("pretrain", argv(wd, "train.steps=1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lnfm pretrain: error: {wd}: the run to resume has reached step 2, beyond train.steps=1; a "
+                   f"resumed run may lengthen a run, not shorten it: give train.steps=2 or more, or choose a new "
+                   f"--workdir"], err
+    assert tree_digest(wd) == before
+    assert run_job("pretrain", argv(wd)) == 0  # the finished run started again
