@@ -281,8 +281,9 @@ class MetricsWriter:
     mirrors scalars to TensorBoard. Only process 0 of a multi-host job writes."""
 
     def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 log_handler: logging.Handler | None = None):
+                 log_handler: logging.Handler | None = None, config: str | None = None):
         self.path = Path(workdir) / "metrics.jsonl"
+        self._config = config  # config.yaml's text until `record_config` writes it
         self.enabled = enabled
         self._tb = None
         self._log = log_handler  # DIR/log.txt's handler, removed on close: later runs of this process log elsewhere
@@ -290,6 +291,12 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def record_config(self) -> None:
+        """Write DIR/config.yaml (the first call; later ones and a writer without a config do nothing)."""
+        if self._config is not None:
+            atomic_write_text(self.path.parent / "config.yaml", self._config)
+            self._config = None
 
     def write(self, step: int, **metrics: Any) -> None:
         if not self.enabled:
@@ -337,14 +344,18 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def open_workdir(workdir: str | Path, cfg: Any, *, is_main: bool = True, tensorboard: bool = True) -> MetricsWriter:
-    """Create DIR, write the resolved config.yaml and start logging into DIR/log.txt."""
+def open_workdir(workdir: str | Path, cfg: Any, *, is_main: bool = True, tensorboard: bool = True,
+                 write_config: bool = True) -> MetricsWriter:
+    """Create DIR, write the resolved config.yaml and start logging into DIR/log.txt. With `write_config=False`
+    config.yaml is written by the writer's `record_config()` (a resumed run: once its checkpoint restored)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        atomic_write_text(workdir / "config.yaml", dump_yaml(cfg))
+    config = dump_yaml(cfg) if is_main else None
+    if write_config and config is not None:  # before the log: files without a config.yaml are not a run's
+        atomic_write_text(workdir / "config.yaml", config)
+        config = None
     handler = setup_logging(workdir if is_main else None)
-    return MetricsWriter(workdir, enabled=is_main, tensorboard=tensorboard, log_handler=handler)
+    return MetricsWriter(workdir, enabled=is_main, tensorboard=tensorboard, log_handler=handler, config=config)
 
 
 class progress:

@@ -38,6 +38,24 @@ def test_open_workdir_writes_config_and_metrics(tmp_path):
         json.loads(line)
 
 
+def test_a_held_back_config_is_written_by_record_config_once(tmp_path):
+    """A resumed run's config.yaml is written once its checkpoint restored (lnfm.train.job.fit): until then
+    the recorded one stays as it was; a writer of another process writes none."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("recorded")
+    writer = W.open_workdir(tmp_path / "run", Cfg(steps=4), write_config=False, tensorboard=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == "recorded"
+    writer.record_config()
+    assert load_config(Cfg, str(tmp_path / "run" / "config.yaml")) == Cfg(steps=4)
+    (tmp_path / "run" / "config.yaml").write_text("recorded")
+    writer.record_config()  # once
+    writer.close()
+    assert (tmp_path / "run" / "config.yaml").read_text() == "recorded"
+    other = W.open_workdir(tmp_path / "other", Cfg(), is_main=False, tensorboard=False)
+    other.record_config()
+    other.close()
+    assert not (tmp_path / "other" / "config.yaml").exists()
+
 
 def test_a_workdirs_log_ends_with_its_writer(tmp_path):
     """Two runs in one process (finetuning's repeats, the benchmarks, the Python API): each log.txt holds its

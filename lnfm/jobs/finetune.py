@@ -77,7 +77,7 @@ from lnfm.runs import BEST_JSON, SUMMARY, ExportFolder, FinetuneRun, PretrainRun
 from lnfm.segmentation.strategies import (check_strategy, check_units, count_params, layer_index_fn,
                                           trainable_filter)
 from lnfm.safety import check_apart
-from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, restore_params
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints, restore_params
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput
@@ -491,11 +491,12 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
                val_cases: list[Case], test_cases: list[Case], records: dict,
                pseudo: tuple[str, list[str]] | None = None,
                on_best: Callable[[Predictor], None] | None = None,
-               paste_into: list[tuple[str, dict]] = ()) -> dict | None:
+               paste_into: list[tuple[str, dict]] = (), on_start: Callable[[], None] = lambda: None) -> dict | None:
     """Train, validate, keep the best and test one repeat; returns its summary (None if preempted).
     `pseudo` = (store, case ids) of pseudo-labelled scans trained on beside the labelled subset;
     `on_best` receives the best model's predictor (tuned post-processing) after the test; `paste_into`
-    are the scans labelled nodes are pasted into (store, record)."""
+    are the scans labelled nodes are pasted into (store, record); `on_start` runs once the repeat's
+    checkpoint restored (the run's root config.yaml is written then)."""
     tc, pid = cfg.train, jax.process_index()
     seed = tc.seed + repeat
     train_ids = select_subset(splits.pool, tc.num_labeled, seed)
@@ -505,7 +506,8 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         check_disjoint(pseudo[1], val=splits.val, test=splits.test)
         stores, loader_ids = stores + [pseudo[0]], loader_ids + pseudo[1]
     rrun = RepeatRun(rdir)
-    with open_workdir(rdir, cfg, is_main=pid == 0) as writer:  # closed on every path, an exception included
+    # closed on every path, an exception included; a resumed repeat's config.yaml waits for its restore (`fit`)
+    with open_workdir(rdir, cfg, is_main=pid == 0, write_config=not has_checkpoints(rrun.checkpoints)) as writer:
         log.info("repeat %d (seed %d): %d labelled training case(s), %d val, %d test", repeat, seed, len(train_ids),
                  len(splits.val), len(splits.test))
 
@@ -524,7 +526,8 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         best_ckpt = Checkpointer(rrun.best, CheckpointConfig(keep=1, async_save=False))
         best = rrun.best_record() or {"step": -1, "val_dice": -1.0}
 
-        def forget_lost_best(start: int) -> None:
+        def started(start: int) -> None:  # the checkpoint restored (or there was none)
+            on_start()
             if best["step"] > start:  # a best model saved after the restored step is from the lost future
                 best.update(step=-1, val_dice=-1.0)
 
@@ -550,7 +553,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         result = fit(step_fn, state, shardings, next_batch, data_iter, workdir=rdir, checkpoint=cfg.checkpoint,
                      mesh=mesh, rules=cfg.mesh.rules, total_steps=tc.steps, writer=writer,
                      throughput=Throughput(tc.global_batch, tokens, None), config=to_dict(cfg), log_every=tc.log_every,
-                     hooks=hooks, desc=f"finetune[{repeat}]", on_resume=forget_lost_best)
+                     hooks=hooks, desc=f"finetune[{repeat}]", on_resume=started)
         if result.preempted:
             best_ckpt.close()
             return None
@@ -599,7 +602,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
 
 def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.Mesh, splits: Splits,
                val_cases: list[Case], test_cases: list[Case], records: dict,
-               unlabelled: list[tuple[str, dict]]) -> dict | None:
+               unlabelled: list[tuple[str, dict]], on_start: Callable[[], None] = lambda: None) -> dict | None:
     """One self-training repeat: the teacher (rdir/teacher), its pseudo-labels of the `unlabelled`
     (store, record) scans (rdir/pseudo_labels), then the student in rdir; the repeat keeps the one
     with the better validation Dice (rdir/selected.json). Returns the kept model's summary with
@@ -625,7 +628,7 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
             timing["pseudo_label_s"] = time.time() - t0
 
         teacher = run_repeat(cfg, repeat, run.teacher.root, mesh, splits, val_cases, test_cases, records,
-                             on_best=label)
+                             on_best=label, on_start=on_start)
         if teacher is None:
             return None
         teacher["pseudo_label_s"] = timing["pseudo_label_s"]
@@ -638,7 +641,8 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     if not ids:
         raise DataError("the teacher predicted no lymph node in any unlabelled scan: nothing to self-train on "
                         "(train without --unlabelled)")
-    student = run_repeat(cfg, repeat, rdir, mesh, splits, val_cases, test_cases, records, pseudo=(store, ids))
+    student = run_repeat(cfg, repeat, rdir, mesh, splits, val_cases, test_cases, records, pseudo=(store, ids),
+                         on_start=on_start)
     if student is None:
         return None
     # Pseudo-labels can also mislead: the repeat keeps whichever model validates better (ties: the student).
@@ -829,11 +833,13 @@ def _train(checked: Checked, run_dirs: FinetuneRun, mesh: jax.sharding.Mesh, wri
     runs = []
     for r in range(cfg.train.repeats):
         rdir = run_dirs.repeat(r, cfg.train.repeats).root
+        # the run's config.yaml (held back on a resume) once a repeat's checkpoint restored
         if unlabelled:
-            out = self_train(cfg, r, rdir, mesh, splits, val_cases, test_cases, records, unlabelled)
+            out = self_train(cfg, r, rdir, mesh, splits, val_cases, test_cases, records, unlabelled,
+                             on_start=writer.record_config)
         else:
             out = run_repeat(cfg, r, rdir, mesh, splits, val_cases, test_cases, records,
-                             paste_into=checked.context.paste_into)
+                             paste_into=checked.context.paste_into, on_start=writer.record_config)
         if out is None:
             return None
         runs.append(out)

@@ -91,8 +91,9 @@ def fit(step_fn: Callable, state: dict, shardings: Any, next_batch: Callable[[],
         hooks: tuple[Hook, ...] = (), profile: tuple[int, int] | None = None, desc: str = "train",
         on_resume: Callable[[int], None] | None = None) -> LoopResult:
     """Resume from WORKDIR/checkpoints when a checkpoint is there (metrics after it are dropped, as
-    they are redone), run the loop to `total_steps` under the mesh's sharding rules, close the
-    checkpointer. `on_resume(step)` runs before the first step with the step training starts at."""
+    they are redone), write the config.yaml `writer` holds back (`open_workdir`), run the loop to
+    `total_steps` under the mesh's sharding rules, close the checkpointer. `on_resume(step)` runs
+    before the first step with the step training starts at."""
     ckpt = Checkpointer(workdir / CHECKPOINTS, checkpoint)
     restored = ckpt.restore_latest(abstract_state(state, shardings), data_iter)
     start, prior_train_s = 0, 0.0
@@ -105,6 +106,7 @@ def fit(step_fn: Callable, state: dict, shardings: Any, next_batch: Callable[[],
             prior_train_s = 0.0
         if jax.process_index() == 0:
             trim_metrics(workdir, start)
+    writer.record_config()  # a resumed run's config.yaml only now: a failed restore leaves the recorded one
     if on_resume is not None:
         on_resume(start)
     try:
@@ -195,7 +197,8 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
     run every resolved config value but RESUME_MAY_CHANGE and the job's `derived_keys`, and no fewer
     `train.steps` than it reached, the mesh and batch check (`cfg.mesh`, `cfg.train.global_batch`,
     `cfg.train.accum_steps`), the job's `check_memory(checked, mesh)` (lnfm.train.memory),
-    config.yaml, the log and preprocessing.json, then `train(checked, run, mesh, writer)`.
+    config.yaml (a started run's once `fit` restored its checkpoint), the log and preprocessing.json,
+    then `train(checked, run, mesh, writer)`.
     It returns the summary, or None when a signal stopped it (the same command resumes; no
     summary is written).
     summary.json gets the job's wall time and the sha256 of the config.yaml it ran with."""
@@ -219,12 +222,15 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
         if check_memory is not None:  # a step this host cannot hold: refused here, not killed by the kernel later
             check_memory(checked, mesh)
         check_config_is_this_jobs(workdir, checked.cfg)
-        with open_workdir(workdir, checked.cfg, is_main=pid == 0, tensorboard=tensorboard) as writer:
+        # a started run's config.yaml is rewritten once its checkpoint restored (`fit`), not before
+        with open_workdir(workdir, checked.cfg, is_main=pid == 0, tensorboard=tensorboard,
+                          write_config=not has_run) as writer:
             if pid == 0:
                 write_preprocessing(run.preprocessing, checked.preprocessing)
                 for name, value in checked.records.items():
                     write_json(workdir / name, value)
             summary = train(checked, run, mesh, writer)
+            writer.record_config()  # `fit` did on resuming; a training that calls no `fit` records it here
             if summary is None:
                 log.warning("preempted: rerun the same command to resume")  # into log.txt, which the with ends
         if summary is None:

@@ -234,3 +234,17 @@ def test_a_resume_with_fewer_steps_than_the_run_reached_is_refused_and_writes_no
                    f"--workdir"], err
     assert tree_digest(wd) == before
     assert run_job("pretrain", argv(wd)) == 0  # the finished run started again
+
+
+def test_a_failed_restore_leaves_config_yaml_as_it_was(two_step_run, tmp_path, capsys):
+    """A resume that may change train.steps, whose checkpoints all fail to restore (here: corrupt), stops in
+    one line; it had rewritten config.yaml with the new train.steps first, for a run that never resumed."""
+    wd, argv = _copy_run(two_step_run, tmp_path)
+    for step in (1, 2):
+        (wd / "checkpoints" / str(step) / "state" / "_METADATA").write_text("garbage")
+    config = (wd / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert run_job("pretrain", argv(wd, "train.steps=4")) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
+    assert len(err) == 1 and "checkpoints: no checkpoint could be restored" in err[0], err
+    assert (wd / "config.yaml").read_bytes() == config
