@@ -184,11 +184,10 @@ def _grid_difference(other: Volume, ref: Volume, name: str, ref_name: str) -> st
             f"differs beyond {GRID_TOL_MM:g} mm)")
 
 
-def grid_coverage(ref_affine: np.ndarray, ref_shape, affine: np.ndarray, shape) -> float:
-    """Fraction of the voxel centres of grid (ref_affine, ref_shape) that lie in the field of view of grid
-    (affine, shape): its voxels' extent, half a voxel beyond its outer centres. Exact for any two affines
-    and cheap: along a line of reference voxels the other grid's index is linear, so each of its axes
-    admits one interval of the line."""
+def _fov_intervals(ref_affine: np.ndarray, ref_shape, affine: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Per line (i, j) of the reference grid, the k interval [lo, hi] of its voxel centres that lie in the
+    field of view of grid (affine, shape): its voxels' extent, half a voxel beyond its outer centres. Along
+    a line of reference voxels the other grid's index is linear, so each of its axes admits one interval."""
     m = np.linalg.inv(np.asarray(affine, float)) @ np.asarray(ref_affine, float)  # ref index -> other index
     nx, ny, nz = (int(n) for n in ref_shape[:3])
     i, j = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float), indexing="ij")
@@ -201,8 +200,25 @@ def grid_coverage(ref_affine: np.ndarray, ref_shape, affine: np.ndarray, shape) 
         else:
             k1, k2 = (low - start) / step, (high - start) / step
             lo, hi = np.maximum(lo, np.minimum(k1, k2)), np.minimum(hi, np.maximum(k1, k2))
-    inside = np.clip(np.floor(hi) - np.ceil(lo) + 1, 0, None).sum()
-    return float(inside) / (nx * ny * nz)
+    return np.ceil(lo), np.floor(hi)
+
+
+def grid_coverage(ref_affine: np.ndarray, ref_shape, affine: np.ndarray, shape) -> float:
+    """Fraction of the voxel centres of grid (ref_affine, ref_shape) that lie in the field of view of grid
+    (affine, shape): its voxels' extent, half a voxel beyond its outer centres. Exact for any two affines
+    and cheap (`_fov_intervals`)."""
+    lo, hi = _fov_intervals(ref_affine, ref_shape, affine, shape)
+    inside = np.clip(hi - lo + 1, 0, None).sum()
+    return float(inside) / float(np.prod([int(n) for n in ref_shape[:3]]))
+
+
+def zero_outside_fov(data: np.ndarray, ref_affine: np.ndarray, affine: np.ndarray, shape) -> None:
+    """Set to 0, in place, the voxels of `data` (on ref_affine) whose centres lie outside the field of view
+    of grid (affine, shape), as `grid_coverage` counts them: resampling gives the first of them the edge
+    value (up to one voxel out), a copy of the signal where the scan saw nothing."""
+    lo, hi = _fov_intervals(ref_affine, data.shape, affine, shape)
+    k = np.arange(data.shape[2])
+    data[(k < lo[..., None]) | (k > hi[..., None])] = 0
 
 
 def _check_label(vol: Volume, path: str, label_map: dict[int, int] | None = None) -> np.ndarray:
@@ -269,12 +285,14 @@ def resolve_contract(cfg: PrepareConfig, channels: list[str]) -> PrepareContract
 
 
 def read_channels(paths: list[str], resample_channels: bool, series: str | None = None,
-                  checks: tuple[list[str], float] | None = None) -> Volume:
+                  checks: tuple[list[str], float] | None = None, case: str = "this scan") -> Volume:
     """Channel files -> one float32 (X, Y, Z, C) volume on the first file's grid. A channel on
     another grid (PET is usually reconstructed coarser, in the same scanner frame) is resampled
     linearly onto it, or refused without `resample_channels`; one covering less than
-    MIN_CHANNEL_COVERAGE of the first file's voxels is refused. Prepare and predict both read here.
-    `checks` = (channel names, body threshold) adds prepare's source-spacing and CT checks."""
+    MIN_CHANNEL_COVERAGE of the first file's voxels is refused; one covering less than all of them is
+    0 beyond its field of view, with a warning naming `case` (no path: logs keep none). Prepare and
+    predict both read here. `checks` = (channel names, body threshold) adds prepare's source-spacing
+    and CT checks."""
     vols = [_read3d(p, series) for p in paths]
     for i, (p, v) in enumerate(zip(paths, vols)):
         if v.data.dtype.itemsize == 1:  # CT numbers span -1000..3000 HU, PET needs more than 256 levels
@@ -306,8 +324,14 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
                                f"{MIN_CHANNEL_COVERAGE:.0%} must lie inside it; resampled, the rest would be 0): a "
                                f"PET of this CT covers it, so an origin or orientation is wrong, or it is another "
                                f"scan's")
-        vols[i] = Volume(resample_to_grid(v.data.astype(np.float32), v.affine, vols[0].affine, vols[0].shape3, 1),
-                         vols[0].affine)
+        resampled = resample_to_grid(v.data.astype(np.float32), v.affine, vols[0].affine, vols[0].shape3, 1)
+        if covered < 1.0:  # beyond the field of view: 0 (no signal), as a refused PET's would be, and said
+            zero_outside_fov(resampled, vols[0].affine, v.affine, v.shape3)
+            shown = np.floor(covered * 1000) / 10
+            log.warning("%s: channel %d%s covers only %.1f%% of the first channel's voxels; the other %.1f%% lie "
+                        "outside its field of view and are set to 0 (no signal)", case, i,
+                        f" ({checks[0][i]})" if checks else "", shown, 100 - shown)
+        vols[i] = Volume(resampled, vols[0].affine)
     # np.stack keeps the files' memory order (NIfTI: Fortran); the geometry steps take either order,
     # and turning a 512x512x300 CT around costs 1.5 s.
     if len(vols) == 1:  # a view with a channel axis, not a stacked copy
@@ -368,7 +392,7 @@ def source_fingerprint(case: CaseSpec) -> str:
 def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract) -> dict:
     """Convert one case and write its arrays; returns the manifest record (not yet written)."""
     image = read_channels(case.images, cfg.resample_channels, case.series,
-                          (list(case.channels), cfg.body_threshold_hu))
+                          (list(case.channels), cfg.body_threshold_hu), f"case {case.case_id}")
     label = None
     if case.label:
         lab = _read3d(case.label)

@@ -490,6 +490,45 @@ def test_a_larger_coarser_pet_field_of_view_is_accepted_and_interpolated(tmp_pat
     np.testing.assert_allclose(image[..., 1][tuple(ijk)], ndimage.map_coordinates(pet, pet_ijk, order=1), rtol=1e-5)
 
 
+def test_a_pet_covering_most_of_its_ct_is_0_beyond_its_field_of_view_with_a_warning(tmp_path, caplog):
+    """A PET 2 mm above and 2.5 mm beside its CT covers 91% of it, above MIN_CHANNEL_COVERAGE: accepted
+    without a word, and the first uncovered voxels beyond its edge got the edge value (a copy of the uptake
+    there), the farther ones 0. Now every voxel whose centre lies outside the PET's field of view is 0, as the
+    refusal below MIN_CHANNEL_COVERAGE says the rest would be, and a warning names the case and the share."""
+    import logging
+
+    img, lab = phantom()
+    ct_aff = affine_lps()
+    pet_aff = ct_aff.copy()
+    pet_aff[:3, 3] += (-2.5, 0.0, 2.0)  # LPS: x runs towards smaller RAS x; 2.5 of 40 x voxels, 1 of 24 slices
+    pet = np.random.default_rng(3).uniform(0.5, 9.0, img.shape).astype(np.float32)
+    covered = _brute_coverage(ct_aff, img.shape, pet_aff, pet.shape)
+    assert covered == pytest.approx(38 / 40 * 23 / 24)
+    rows = [{"case_id": "p", "image": save(tmp_path / "ct.nii.gz", img, ct_aff),
+             "pet": save(tmp_path / "pet.nii.gz", pet, pet_aff), "label": save(tmp_path / "lab.nii.gz", lab, ct_aff)}]
+    store = tmp_path / "store"
+    logger = logging.getLogger("lnfm.data.prepare")  # after lnfm's setup_logging, records no longer reach the root
+    logger.addHandler(caplog.handler)
+    try:
+        res = prepare_dataset(str(write_csv(tmp_path / "c.csv", rows)), str(store),
+                              PrepareConfig(workers=0, crop_body=False, salt="s"), show_progress=False)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert res.ok, res.failures
+    assert {r.getMessage() for r in caplog.records if "covers" in r.getMessage()} == {
+        "case p: channel 1 (PET) covers only 91.0% of the first channel's voxels; the other 9.0% lie outside its "
+        "field of view and are set to 0 (no signal)"}
+    rec = read_manifest(str(store))[0]
+    image, _ = read_case(str(store), rec)
+    aff = np.asarray(rec["affine"])
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in image.shape[:3]], indexing="ij"), 0).reshape(3, -1)
+    pet_ijk = (np.linalg.inv(pet_aff) @ aff @ np.vstack([ijk, np.ones(ijk.shape[1])]))[:3]
+    inside = np.all((pet_ijk >= -0.5 - 1e-6) & (pet_ijk <= np.array(pet.shape)[:, None] - 0.5 + 1e-6), axis=0)
+    assert inside.mean() == pytest.approx(covered)
+    values = image[..., 1][tuple(ijk)]
+    assert (values[~inside] == 0).all() and (values[inside] > 0).all()
+
+
 @pytest.mark.parametrize("salt", ["#s3cr3t", "pepper # v2", "0777", "None"])
 def test_salt_and_site_options_are_taken_as_typed(tmp_path, salt):
     """They were passed on as YAML overrides: '#s3cr3t' became the text 'None' (every '#' salt gave the same,
