@@ -5,6 +5,8 @@ Only geometry and pixel values leave this module; no patient attribute does.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,26 @@ SLICE_LINE_TOL = 0.2
 # of the identifying module (0008,0000..0020: SpecificCharacterSet, ImageType, SOPClassUID, ...).
 _RAW_GROUPS = (0x0002, 0x0008)
 _RAW_MAX_ELEMENT = 0x0020
+# A refusal names at most this many of pydicom's warnings about the slice, each cut to this many characters.
+_WARNINGS_SHOWN, _WARNING_CHARS = 2, 160
+
+
+@contextlib.contextmanager
+def pydicom_warnings():
+    """pydicom's warnings while reading (a malformed header: 'Expected implicit VR, but found explicit VR', an
+    invalid value), recorded instead of printed above the one-line refusal: yields the list they are recorded in
+    (`warned` turns it into text for that line). A slice read all the same keeps none: what lnfm needs of it
+    (geometry, rescale, pixels) is checked on its own."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def warned(caught: list) -> str:
+    """'; pydicom warned: ...' with the distinct texts of the recorded warnings (short), or ''."""
+    texts = list(dict.fromkeys(str(w.message).strip().splitlines()[0][:_WARNING_CHARS] for w in caught
+                               if str(w.message).strip()))
+    return f"; pydicom warned: {'; '.join(texts[:_WARNINGS_SHOWN])}" if texts else ""
 
 
 def _head(path: Path) -> bytes:
@@ -76,7 +98,8 @@ class SeriesChoiceError(ImageReadError):
 
 
 def _header(path: Path) -> pydicom.Dataset:
-    return read_dataset(path, stop_before_pixels=True)
+    with pydicom_warnings():
+        return read_dataset(path, stop_before_pixels=True)
 
 
 def series_of(files: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
@@ -138,8 +161,9 @@ def _instance_uids(folder: str) -> set[str]:
     found = set()
     for f in dicom_files(Path(folder)):
         try:
-            found.add(str(read_dataset(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-                          .get("SOPInstanceUID", "")))
+            with pydicom_warnings():
+                found.add(str(read_dataset(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                              .get("SOPInstanceUID", "")))
         except Exception:  # the folder's reading names such a file
             continue
     return found - {""}
@@ -223,21 +247,22 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
     for n, f in enumerate(files):
         # Errors name the series and the slice number, never the file: DICOM file names often hold UIDs.
         where = f"{path}: file {n + 1} of {len(files)}" if path.is_dir() else str(path)
-        try:
-            ds = read_dataset(f)
-            has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
-            if not has_pixels and "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {}):  # a DICOM file, no image
-                raise ImageReadError(f"{where}: holds no pixel data (not an image slice: a DICOMDIR, report or "
-                                     f"structure set?)")
-            pixels = ds.pixel_array
-        except FileNotFoundError:
-            raise ImageReadError(f"{where}: file not found") from None
-        except ImageReadError:
-            raise
-        except Exception as e:  # pydicom's first line says why (e.g. which decoder a transfer syntax needs)
-            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise ImageReadError(f"{where}: unreadable DICOM ({type(e).__name__}{': ' + detail if detail else ''})") \
-                from None
+        with pydicom_warnings() as caught:
+            try:
+                ds = read_dataset(f)
+                has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+                if not has_pixels and "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {}):  # no image
+                    raise ImageReadError(f"{where}: holds no pixel data (not an image slice: a DICOMDIR, report or "
+                                         f"structure set?)")
+                pixels = ds.pixel_array
+            except FileNotFoundError:
+                raise ImageReadError(f"{where}: file not found") from None
+            except ImageReadError:
+                raise
+            except Exception as e:  # pydicom's first line says why (e.g. which decoder a transfer syntax needs)
+                detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                raise ImageReadError(f"{where}: unreadable DICOM ({type(e).__name__}{': ' + detail if detail else ''}"
+                                     f"{warned(caught)})") from None
         if pixels.ndim != 2:
             raise ImageReadError(f"{where}: DICOM pixel data is {pixels.ndim}D; expected one 2D slice per file")
         iop, ipp, spacing = _slice_geometry(ds, where)

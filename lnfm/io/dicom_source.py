@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 from scipy import ndimage
 
-from lnfm.io.dicom import read_dataset, select_series
+from lnfm.io.dicom import pydicom_warnings, read_dataset, select_series
 from lnfm.io.volume import LPS_TO_RAS, ImageReadError
 
 GRID_TOL_MM = 1e-2  # a prediction is on the source grid when its affine differs by less than this
@@ -76,7 +76,8 @@ def read_source_series(path: str | Path, series_uid: str | None = None) -> Sourc
     _, files = select_series(path, series_uid)  # several series in the folder: refused, or the one chosen
     datasets = []
     for f in files:
-        ds = read_dataset(f, stop_before_pixels=True)
+        with pydicom_warnings():  # the scan itself was read (and checked) first
+            ds = read_dataset(f, stop_before_pixels=True)
         meta = getattr(ds, "file_meta", None)
         if not ds.get("SOPClassUID") and meta is not None and meta.get("MediaStorageSOPClassUID"):
             ds.SOPClassUID = meta.MediaStorageSOPClassUID

@@ -126,3 +126,25 @@ def test_slices_written_without_the_preamble_are_read_not_passed_over(shared_dat
     vol = read_image(folder)
     assert vol.data.shape == (512, 512, 8)
     np.testing.assert_array_equal(vol.data, read_image(real_slices(shared_data, tmp_path / "p", n=8)).data)
+
+
+def test_pydicom_s_warnings_about_a_bad_slice_go_into_its_one_line_refusal(shared_data, tmp_path, repo_root):
+    """A slice of garbage bytes that pydicom parses with a warning: `lnfm prepare` printed pydicom's two-line
+    UserWarning dump, then the one-line refusal. The warning's text is now part of that line, and nothing else
+    from pydicom reaches the console."""
+    import subprocess
+    import sys
+
+    folder = real_slices(shared_data, tmp_path / "series", n=2)
+    (folder / "002.dcm").write_bytes(b"DICM? no" * 50)  # 'DICM' at offset 128: parsed as a dataset, with a warning
+    table = tmp_path / "cases.csv"
+    table.write_text(f"case_id,image\nc,{folder}\n")
+    proc = subprocess.run([sys.executable, "-m", "lnfm", "prepare", "--input", str(table), "--output",
+                           str(tmp_path / "store"), "--workers", "0", "salt=s"], cwd=repo_root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Warning" not in proc.stderr.replace("WARNING lnfm.", ""), proc.stderr
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+    assert failed == [f"FAILED {folder}: file 3 of 3: unreadable DICOM (AttributeError: Unable to decode the pixel "
+                      "data as the dataset's 'file_meta' has no (0002,0010) 'Transfer Syntax UID' element; pydicom "
+                      "warned: Expected implicit VR, but found explicit VR - using explicit VR for reading)"]
