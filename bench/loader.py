@@ -55,7 +55,9 @@ def main() -> None:
             nib.save(nib.Nifti1Image(synthetic_ct(shape, i), np.diag([0.8, 0.8, 1.5, 1.0])), str(p))
         paths.append(p)
     csv = work / "cases.csv"
-    csv.write_text("case_id,image,split\n" + "".join(f"case{i},{p},train\n" for i, p in enumerate(paths)))
+    # prepare reads a CSV's relative paths from the CSV's folder
+    csv.write_text("case_id,image,split\n" + "".join(f"case{i},{p.relative_to(work).as_posix()},train\n"
+                                                     for i, p in enumerate(paths)))
     store = str(work / "store")
     t0 = time.perf_counter()
     prepare_dataset(str(csv), store, PrepareConfig(workers=2, crop_body=False, salt="bench"), show_progress=False)

@@ -72,18 +72,27 @@ def phantom_rows(folder: Path, prefix: str, split: str, labels: bool) -> list[tu
              str(folder / "labelsTr" / f"{c['case']}.nii.gz") if labels else "", split) for c in cases]
 
 
-def prepare_csv(rows: list[tuple[str, str, str, str]], site: dict[str, str] | None = None) -> str:
+def prepare_csv(rows: list[tuple[str, str, str, str]], site: dict[str, str] | None = None,
+                folder: Path | None = None) -> str:
     """prepare's CSV input for (case id, image, label, split) rows; `site` maps case ids to a site
-    ('phantom' otherwise)."""
+    ('phantom' otherwise). Files inside `folder` (the CSV's own) are named relative to it, as prepare
+    reads a CSV's relative paths: the folder can be moved or copied whole."""
     site = site or {}
-    return "case_id,image,label,site,split\n" + "".join(f"{c},{i},{lb},{site.get(c, 'phantom')},{sp}\n"
+
+    def name(path: str) -> str:
+        if not path or folder is None:
+            return path
+        p, base = Path(path).absolute(), Path(folder).absolute()
+        return p.relative_to(base).as_posix() if p.is_relative_to(base) else path
+
+    return "case_id,image,label,site,split\n" + "".join(f"{c},{name(i)},{name(lb)},{site.get(c, 'phantom')},{sp}\n"
                                                           for c, i, lb, sp in rows)
 
 
 def _store(csv_path: Path, rows: list, out: Path, spacing) -> None:
     if (out / "manifest.jsonl").is_file():
         return
-    atomic_write_text(csv_path, prepare_csv(rows))
+    atomic_write_text(csv_path, prepare_csv(rows, folder=csv_path.parent))
     result = prepare_dataset(str(csv_path), str(out), PrepareConfig(spacing=tuple(spacing), workers=1),
                              show_progress=False)
     if not result.ok:
@@ -92,7 +101,7 @@ def _store(csv_path: Path, rows: list, out: Path, spacing) -> None:
 
 def build(spec: BenchmarkSpec, workdir: str | Path) -> Benchmark:
     """Write (or reuse) the phantom sets and their stores under `workdir`."""
-    workdir = Path(workdir).resolve()  # the CSVs name the phantoms by absolute path
+    workdir = Path(workdir).resolve()
     base = SynthConfig(site=spec.site, shape=tuple(spec.shape), gallery=False)
     unl, lab, test = workdir / "phantoms_unlabelled", workdir / "phantoms_labelled", workdir / "phantoms_heldout"
     _phantoms(unl, dataclasses.replace(base, num_cases=spec.unlabelled, seed=SEEDS["unlabelled"]))

@@ -37,3 +37,24 @@ def test_no_target_pool_unless_asked(tmp_path):
     bench = B.build(_spec(target=0), tmp_path)
     assert bench.target_store is None
     assert not (tmp_path / "phantoms_target").exists() and not (tmp_path / "store_target").exists()
+
+
+def test_the_prepare_csvs_name_the_phantoms_relative_to_their_folder(tmp_path, monkeypatch):
+    """The CSVs named every phantom by its absolute path: a benchmark folder moved (or copied to another host)
+    prepared from files that were no longer there. prepare reads a CSV's relative paths from the CSV's folder."""
+    import csv
+    import shutil
+
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+
+    B.build(_spec(target=0), tmp_path / "bench")
+    moved = shutil.move(tmp_path / "bench", tmp_path / "moved")
+    for name in ("unlabelled.csv", "labelled.csv"):
+        with open(moved / name, newline="") as f:
+            rows = list(csv.DictReader(f))
+        named = [r[k] for r in rows for k in ("image", "label") if r[k]]
+        assert named and all(not p.startswith("/") and (moved / p).is_file() for p in named), named
+    monkeypatch.chdir(tmp_path)  # another working directory: the paths are the CSV folder's, not the cwd's
+    result = prepare_dataset(str(moved / "labelled.csv"), str(tmp_path / "again"), PrepareConfig(workers=0),
+                             show_progress=False)
+    assert result.ok and result.converted == len(rows)
