@@ -375,18 +375,52 @@ def preprocess_case(image: Volume, contract: PrepareContract, label: Volume | No
     return as_stored(data, contract.channels), lab, geometry
 
 
+def _source_files(case: CaseSpec) -> list[list[Path]]:
+    """The files of each of the case's inputs (images, then the label): every file of a DICOM series folder."""
+    return [sorted(dicom_files(Path(path))) if path and Path(path).is_dir() else [Path(path)] if path else []
+            for path in [*case.images, case.label or ""]]
+
+
 def source_fingerprint(case: CaseSpec) -> str:
     """A digest of the case's input files' bytes (every file of a DICOM series folder): a rerun into the store
     tells a case it finished from one whose image or label changed since under the same id. Not salted: the
     store holds the scan's voxels, which tell as much to someone holding the file, and a salt changed between
     runs would make every case look changed."""
     h = hashlib.sha256(b"lnfm prepare source\0")
-    for path in [*case.images, case.label or ""]:
-        files = sorted(dicom_files(Path(path))) if path and Path(path).is_dir() else [Path(path)] if path else []
+    for files in _source_files(case):
         for f in files:
             h.update(file_sha256(f).encode())
         h.update(b"\0")
     return "sha256:" + h.hexdigest()[:32]
+
+
+def source_stat(case: CaseSpec) -> str:
+    """A digest of the case's input files' size, modification and status-change times (nanoseconds; no names):
+    while it matches the record's, a rerun takes the files as unchanged without reading them (hashing a large
+    collection's finished cases took as long as reading it). Any write changes the status-change time, which no
+    tool sets back; a file written with its size kept on a file system that keeps no such time is missed."""
+    h = hashlib.sha256(b"lnfm prepare source stat\0")
+    for files in _source_files(case):
+        for f in files:
+            info = f.stat()
+            h.update(f"{info.st_size} {info.st_mtime_ns} {info.st_ctime_ns}\n".encode())
+        h.update(b"\0")
+    return "stat:" + h.hexdigest()[:32]
+
+
+def source_changed(case: CaseSpec, record: dict) -> bool:
+    """Whether the case's files differ from those its store record was prepared from: the same sizes and times
+    (`source_stat`) are taken as the same files, else the bytes' digest decides. A source gone since, or a record
+    from before digests, tells nothing: the store keeps the case."""
+    recorded = record.get("source")
+    if recorded is None:
+        return False
+    try:
+        if record.get("source_stat") is not None and record["source_stat"] == source_stat(case):
+            return False
+        return source_fingerprint(case) != recorded
+    except OSError:
+        return False
 
 
 def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract) -> dict:
@@ -432,7 +466,7 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: Prep
     return {"case_id": case.case_id, "site": case.site, "split": split, **geometry,
             "channels": list(case.channels), "image_path": image_paths, "label_path": label_path,
             "labelled": label_path is not None, "intensity": stats, "nodes": nodes,
-            "source": source_fingerprint(case)}  # the files were read: they exist
+            "source_stat": source_stat(case), "source": source_fingerprint(case)}  # read: they exist
 
 
 def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract
@@ -531,12 +565,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     todo = [c for c in cases if c.case_id not in done]
     result.skipped = len(cases) - len(todo)
     for case in (c for c in cases if c.case_id in done):  # finished: unless its files changed since
-        recorded = json.loads(st.read_text(output, f"{st.RECORDS}{case.case_id}.json") or "{}").get("source")
-        try:
-            now = source_fingerprint(case)
-        except OSError:  # a source gone since: the store keeps the case, nothing to compare
-            now = recorded
-        if recorded is not None and recorded != now:
+        if source_changed(case, json.loads(st.read_text(output, f"{st.RECORDS}{case.case_id}.json") or "{}")):
             result.skipped -= 1
             result.failures.append({"case_id": case.case_id, "file": case.label or case.images[0], "reason": (
                 "its image or label files changed since this case was prepared into the store: "

@@ -579,3 +579,45 @@ def test_a_rerun_refuses_a_case_whose_files_changed_since_it_was_prepared(tmp_pa
     assert {r["case_id"]: r for r in read_manifest(store)} == before
     save(tmp_path / "b_lab.nii.gz", lab, affine_lps())  # the file as it was: the rerun skips it again
     assert prepare_dataset(csv_path, store, cfg, show_progress=False).skipped == 2
+
+
+def test_a_rerun_reads_no_unchanged_source_and_still_catches_a_rewritten_one(tmp_path, monkeypatch):
+    """A rerun hashed every byte of every finished case's files (as long as reading the collection again). The
+    record now also keeps a digest of the files' sizes and times: while they match, nothing is read. A file
+    rewritten with its size kept and its modification time set back is still caught (its status-change time
+    moved); a file only touched is hashed, found equal and skipped."""
+    import os
+    import time
+
+    from lnfm.data import prepare as prep
+
+    img, lab = phantom()
+    rows = [{"case_id": cid, "image": save(tmp_path / f"{cid}.nii.gz", img, affine_lps()),
+             "label": save(tmp_path / f"{cid}_lab.nii.gz", lab, affine_lps())} for cid in ("a", "b")]
+    csv_path, store = str(write_csv(tmp_path / "cases.csv", rows)), str(tmp_path / "store")
+    cfg = PrepareConfig(workers=0, salt="s")
+    assert prepare_dataset(csv_path, store, cfg, show_progress=False).converted == 2
+    assert all(r["source_stat"].startswith("stat:") for r in read_manifest(store))
+    hashed = []
+    real_sha256 = prep.file_sha256
+    monkeypatch.setattr(prep, "file_sha256", lambda f: hashed.append(Path(f).name) or real_sha256(f))
+    res = prepare_dataset(csv_path, store, cfg, show_progress=False)
+    assert (res.skipped, res.failed, hashed) == (2, 0, [])
+    target = tmp_path / "b_lab.nii.gz"
+    before, data = target.stat(), bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # another byte, the same size
+    while target.stat().st_ctime_ns == before.st_ctime_ns:  # a file system with coarse times: write again
+        time.sleep(0.01)
+        target.write_bytes(data)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    res = prepare_dataset(csv_path, store, cfg, show_progress=False)
+    assert (res.skipped, res.failed) == (1, 1) and res.failures[0]["file"] == str(target)
+    assert hashed == ["b.nii.gz", "b_lab.nii.gz"]  # case a's files were not read
+    hashed.clear()
+    os.utime(tmp_path / "a.nii.gz")  # touched, not changed: hashed, equal, skipped
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(data)
+    res = prepare_dataset(csv_path, store, cfg, show_progress=False)
+    assert (res.skipped, res.failed) == (2, 0) and sorted(hashed) == ["a.nii.gz", "a_lab.nii.gz", "b.nii.gz",
+                                                                       "b_lab.nii.gz"]
