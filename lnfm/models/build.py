@@ -15,11 +15,24 @@ from lnfm.models.swin import build_swin_encoder, swin_size
 from lnfm.models.vit import ViT, vit_dims
 
 
+# Keys only one backbone family reads: set on the other, they would be recorded in config.yaml and never used.
+VIT_ONLY = ("depth", "heads", "mlp_dim", "cls_token", "pos_embed", "decoder_width", "decoder_depth", "decoder_heads",
+            "decoder_mlp_dim", "feature_layers")
+SWIN_ONLY = ("window_size", "swin_patch_size")
+
+
 def check_model(cfg: ModelConfig) -> None:
     """Model values the types accept but no network is built from, refused before anything is written
     (the build failed with a traceback after the workdir was written): an attention width its heads do
     not divide (the ViT, the MAE decoder, each Swin stage) and feature blocks beyond the depth. Both
-    training jobs run it (`lnfm.train.job.check_run_config`)."""
+    training jobs run it (`lnfm.train.job.check_run_config`). A value other than the default for a key the
+    other backbone family reads is refused too."""
+    unread = [f"model.{k}" for k in (SWIN_ONLY if cfg.arch == "vit" else VIT_ONLY)
+              if getattr(cfg, k) != getattr(ModelConfig(), k)]
+    if unread:
+        other = "Swin" if cfg.arch == "vit" else "ViT"
+        raise ConfigError(f"{', '.join(unread)}: only the {other} backbone reads this and model.arch is {cfg.arch} "
+                          f"(the run would record a value it never uses); drop it, or set model.arch")
     if cfg.arch == "vit":
         dims = vit_dims(cfg)
         beyond = [i for i in cfg.feature_layers or () if i > dims.depth]

@@ -61,3 +61,18 @@ def test_check_model_refuses_what_the_builders_cannot_build(data, message):
         check_model(cfg)
     with pytest.raises(ValueError):
         nnx.eval_shape(lambda: build_ssl_model(cfg, nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("arch,data,unread", [
+    ("swin", {"depth": 6}, "model.depth"),
+    ("swin", {"feature_layers": [2, 4], "decoder_width": 32}, "model.decoder_width, model.feature_layers"),
+    ("vit", {"window_size": [4, 4, 4]}, "model.window_size"),
+])
+def test_check_model_refuses_a_key_only_the_other_backbone_reads(arch, data, unread):
+    """The Swin encoder reads no ViT depth, heads, MAE decoder or feature blocks (and the ViT no Swin window): such a
+    value was recorded in config.yaml and never used. The defaults, which every run's config.yaml records, pass."""
+    from lnfm.models.build import check_model
+
+    check_model(from_dict(ModelConfig, {"arch": arch, "img_size": [32, 32, 32]}, "model"))
+    with pytest.raises(ConfigError, match=f"^{unread}: only the (Swin|ViT) backbone reads this"):
+        check_model(from_dict(ModelConfig, {"arch": arch, "img_size": [32, 32, 32], **data}, "model"))
