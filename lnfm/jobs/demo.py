@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pool, labelled, test = demo_rows(phantoms, heldout, args.labelled)
     real = [(f"real{i}", str(p), "", "train") for i, p in enumerate(_shared_ct())]
-    (out / "unlabelled.csv").write_text(prepare_csv(pool + real, {r[0]: "unknown" for r in real}))
-    (out / "labelled.csv").write_text(prepare_csv(labelled + test))
+    (out / "unlabelled.csv").write_text(prepare_csv(pool + real, {r[0]: "unknown" for r in real}, folder=out))
+    (out / "labelled.csv").write_text(prepare_csv(labelled + test, folder=out))
     store, unlabelled = out / "store_pelvis", out / "store_unlabelled"
     for csv, dest in ((out / "unlabelled.csv", unlabelled), (out / "labelled.csv", store)):
         _run([py, "-m", "lnfm", "prepare", "--input", str(csv), "--output", str(dest), "--spacing", "1.5,1.5,1.5",

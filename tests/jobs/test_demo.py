@@ -64,6 +64,9 @@ def test_the_demo_runs_end_to_end_and_scores_lnfm_beside_the_unets(tmp_path):
     _, components = ndimage.label(np.asarray(mask.dataobj) > 0, structure=np.ones((3, 3, 3), bool))
     assert len(read_report(pred / "h_pelvis_000_nodes.csv")) == components
     assert (pred / "h_pelvis_000_preview.png").read_bytes()[:4] == b"\x89PNG"
+    # The CSVs name the demo's own phantoms relative to the folder: it can be moved whole, and shows no home path.
+    for csv in ("labelled.csv", "unlabelled.csv"):
+        assert str(tmp_path) not in (out / csv).read_text()
     lines = proc.stdout.splitlines()
     scored = [(m.group(1), ln) for ln in lines
               if (m := re.match(r"(LNFM|U-Net \+ paste|U-Net) +Dice \d\.\d{3}, node sensitivity", ln))]
