@@ -5,8 +5,8 @@
 #
 # Every process gets LNFM_COORDINATOR=localhost:P, LNFM_NUM_PROCESSES=N and
 # LNFM_PROCESS_ID=rank (read by lnfm.train.distributed.initialize).
-#   CPU mode (--devices-per-process given, or no GPU found; CUDA_VISIBLE_DEVICES set but empty
-#     means none): JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=D (D: 1).
+#   CPU mode (--devices-per-process given, or no GPU found; CUDA_VISIBLE_DEVICES empty or starting with
+#     an invalid id such as -1 means none): JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=D (D: 1).
 #   GPU mode: the visible GPUs are split evenly, CUDA_VISIBLE_DEVICES per process.
 # Output lines are prefixed with "[rank] ". The script waits for all processes;
 # when one fails, or on Ctrl-C / SIGTERM, the others get SIGTERM (then SIGKILL
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   echo "options: --num-processes N  --devices-per-process D  --port P (default 12355)  --grace SECONDS (default 30)"
 }
 
@@ -55,9 +55,13 @@ if ! is_positive_int "$port" || (( port > 65535 )); then die "--port must be a T
 gpus=()
 if [[ -z "$devices" ]]; then
   if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-    IFS=',' read -r -a gpus <<< "$CUDA_VISIBLE_DEVICES"
+    IFS=',' read -r -a listed <<< "$CUDA_VISIBLE_DEVICES"
+    for id in "${listed[@]}"; do  # CUDA stops at the first invalid id (-1 is the usual way to hide all GPUs)
+      [[ "$id" =~ ^[0-9]+$ || "$id" =~ ^(GPU|MIG)- ]] || break
+      gpus+=("$id")
+    done
     (( ${#gpus[@]} > 0 )) \
-      || echo "local.sh: CUDA_VISIBLE_DEVICES is empty (no GPU visible): CPU mode, 1 device per process" >&3
+      || echo "local.sh: CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES}' makes no GPU visible: CPU mode, 1 device per process" >&3
   elif command -v nvidia-smi > /dev/null 2>&1; then
     count=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU ' || true)
     for ((g = 0; g < count; g++)); do gpus+=("$g"); done

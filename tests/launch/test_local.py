@@ -140,17 +140,19 @@ def test_gpu_mode_splits_visible_devices(repo_root):
                                                 "[1] gpus=6,7 local=0,1 platforms=unset"]
 
 
-def test_an_empty_cuda_visible_devices_means_no_gpu(repo_root, tmp_path):
-    """CUDA reads CUDA_VISIBLE_DEVICES='' as no GPU; the script ran in GPU mode over nvidia-smi's four."""
+@pytest.mark.parametrize("visible", ["", "-1", "-1,0"])
+def test_an_empty_cuda_visible_devices_means_no_gpu(repo_root, tmp_path, visible):
+    """CUDA reads CUDA_VISIBLE_DEVICES='' as no GPU, and stops at the first invalid id ('-1': none); the script ran in
+    GPU mode over nvidia-smi's four for '', and over a GPU named '-1' for '-1'."""
     (tmp_path / "nvidia-smi").write_text('#!/bin/sh\nfor g in 0 1 2 3; do echo "GPU $g: NVIDIA H100"; done\n')
     (tmp_path / "nvidia-smi").chmod(0o755)
     proc = subprocess.run(["bash", str(repo_root / "launch" / "local.sh"), "--num-processes", "2", "--",
                            "bash", "-c", 'echo "gpus=[$CUDA_VISIBLE_DEVICES] local=${LNFM_LOCAL_DEVICE_IDS:-unset} '
                                          'platforms=${JAX_PLATFORMS:-unset} $XLA_FLAGS"'],
                           capture_output=True, text=True,
-                          env={"PATH": f"{tmp_path}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": visible})
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.splitlines()) == [
-        f"[{r}] gpus=[] local=unset platforms=cpu --xla_force_host_platform_device_count=1" for r in (0, 1)]
-    assert proc.stderr == ("local.sh: CUDA_VISIBLE_DEVICES is empty (no GPU visible): CPU mode, 1 device per "
+        f"[{r}] gpus=[{visible}] local=unset platforms=cpu --xla_force_host_platform_device_count=1" for r in (0, 1)]
+    assert proc.stderr == (f"local.sh: CUDA_VISIBLE_DEVICES='{visible}' makes no GPU visible: CPU mode, 1 device per "
                            "process\n")
