@@ -50,7 +50,7 @@ from lnfm.jobs.pretrain import (PretrainConfig, abstract_batch, build_training, 
                                 load_pretrain_config, step_flops)
 from lnfm.models.build import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
-from lnfm.models.sharding import RULES, logical_to_mesh_spec, make_mesh, mesh_axes_used, use_rules
+from lnfm.models.sharding import idle_axes, logical_to_mesh_spec, make_mesh, rules_using, use_rules
 from lnfm.models.vit import token_grid, vit_dims
 from lnfm.safety import check_apart
 from lnfm.train.job import check_batch, check_run_config
@@ -195,9 +195,8 @@ def checked_config(req: PlanRequest, compiles: bool) -> PretrainConfig:
 def working_devices(mesh: dict[str, int], rules: str) -> tuple[int, list[str]]:
     """(devices that split the step's work, the mesh axes of size > 1 that split nothing) under this rule
     table: an axis no rule names holds copies of the same shards, so it divides neither time nor memory."""
-    used = mesh_axes_used(rules)
-    return (math.prod(size for axis, size in mesh.items() if axis in used),
-            [axis for axis, size in mesh.items() if size > 1 and axis not in used])
+    idle = idle_axes(mesh, rules)
+    return math.prod(size for axis, size in mesh.items() if axis not in idle), idle
 
 
 def idle_axes_warning(mesh: dict[str, int], rules: str) -> list[str]:
@@ -206,7 +205,7 @@ def idle_axes_warning(mesh: dict[str, int], rules: str) -> list[str]:
     if not idle:
         return []
     names = ", ".join(f"'{axis}' ({mesh[axis]} devices)" for axis in idle)
-    using = [name for name in RULES if set(idle) <= mesh_axes_used(name)]
+    using = rules_using(idle)
     hint = f"; --rules {' or '.join(using)} shards over it" if using else ""
     return [f"mesh axis {names} is not used by the rules '{rules}': nothing is sharded over it, so its devices "
             f"repeat the same work and split no memory; the step time counts {working} of the "

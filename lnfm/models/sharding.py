@@ -78,6 +78,17 @@ def mesh_axes_used(rules: str | tuple) -> frozenset[str]:
     return frozenset(used)
 
 
+def idle_axes(sizes: dict[str, int], rules: str | tuple) -> list[str]:
+    """The mesh axes of more than one device that `rules` shards nothing over: their devices repeat the same work."""
+    used = mesh_axes_used(rules)
+    return [axis for axis, size in sizes.items() if size > 1 and axis not in used]
+
+
+def rules_using(axes: list[str]) -> list[str]:
+    """The rule tables that shard over every one of `axes` (what to suggest for an idle axis)."""
+    return [name for name in RULES if set(axes) <= mesh_axes_used(name)]
+
+
 def check_mesh(cfg: MeshConfig) -> None:
     """The mesh section's values, before any device is counted: group sizes of at least 1, a known rule table."""
     for name in ("fsdp", "tensor"):

@@ -23,7 +23,7 @@ from lnfm.data.contract import Preprocessing, write_preprocessing
 from lnfm.errors import DataError
 from lnfm.models.build import check_model
 from lnfm.models.layers import dtype_problem_here
-from lnfm.models.sharding import check_mesh, make_mesh, use_rules
+from lnfm.models.sharding import check_mesh, idle_axes, make_mesh, rules_using, use_rules
 from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
 from lnfm.safety import check_apart
 from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, committed_steps, has_checkpoints
@@ -70,6 +70,17 @@ def check_run_config(cfg: Any) -> None:
     if ck.keep < 1:
         raise ConfigError(f"checkpoint.keep must be at least 1 (the newest checkpoints kept), got {ck.keep}")
     check_mesh(cfg.mesh)
+
+
+def check_axes_used(sizes: dict[str, int], rules: str) -> None:
+    """Every mesh axis of more than one device is one the rules shard over: otherwise its devices repeat the same
+    work (a run on 8 devices as fast as on 2), which `lnfm plan` only warns of."""
+    idle = idle_axes(sizes, rules)
+    if idle:
+        using = rules_using(idle)
+        raise ConfigError(f"mesh.{idle[0]}={sizes[idle[0]]}: the sharding rules '{rules}' shard nothing over the "
+                          f"'{idle[0]}' axis, so its devices would repeat the same work; "
+                          + (f"set mesh.rules={using[0]}, or " if using else "") + f"set mesh.{idle[0]}=1")
 
 
 def check_channels(data_channels: int, model_channels: int, model: str) -> None:
@@ -217,6 +228,7 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
             for name, value in checked.records.items():
                 check_resume_record(workdir / name, value)
         mesh = make_mesh(checked.cfg.mesh)
+        check_axes_used(dict(mesh.shape), checked.cfg.mesh.rules)
         tc = checked.cfg.train
         check_batch(tc.global_batch, tc.accum_steps, jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"])
         if check_memory is not None:  # a step this host cannot hold: refused here, not killed by the kernel later

@@ -232,8 +232,11 @@ RANGES = [
     pretrain8("data-rotate-deg-negative", ["data.rotate_deg=-5"], ("data.rotate_deg must be in [0, inf)",)),
     pretrain8("data-hu-window-empty", ["data.hu_window=[5,5]"], ("data.hu_window [5.0, 5.0] is not a window",)),
     pretrain8("mesh-rules-unknown", ["mesh.rules=bogus"], ("mesh.rules: unknown sharding rules",)),
+    # an axis the rules shard nothing over: its devices repeated the same work, without a word
+    pretrain8("mesh-tensor-unused-by-the-rules", ["mesh.tensor=2"],
+              ("mesh.tensor=2: the sharding rules 'fsdp' shard nothing over the 'tensor' axis", "mesh.rules=fsdp_tp")),
     pretrain8("model-dtype-unknown", ["model.dtype=float17"], ("model.dtype: 'float17'",)),
-    # the seventh audit (2026-12-08): label-only loader keys that pretraining recorded and never read
+    # the eighteenth session (2026-12-07): label-only loader keys that pretraining recorded and never read
     pretrain8("data-label-only-keys", ["data.fg_fraction=0.6", "data.paste_p=0.5"],  # 0.5: paste_p's default
               ("data.fg_fraction, data.paste_p: the loader reads them only for labelled patches",)),
     pretrain8("data-label-only-key-above-one", ["data.fg_fraction=2"], ("data.fg_fraction: the loader reads it only",)),

@@ -170,3 +170,22 @@ def test_run_training_job_resumes_only_under_the_recorded_preprocessing(tmp_path
     assert (tmp_path / "w" / "preprocessing.json").read_text() == before
     assert not (tmp_path / "w" / "summary.json").exists()
     assert _job(tmp_path / "w", lambda *a: {"step": 5}) == 0  # the same preprocessing resumes
+
+
+@pytest.mark.parametrize("sizes,rules,idle", [
+    ({"data": 4, "fsdp": 1, "tensor": 2}, "fsdp", "tensor"),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, "dp", "tensor"),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp", None),
+    ({"data": 1, "fsdp": 8, "tensor": 1}, "dp", None),  # the batch is split over 'fsdp' by every table
+])
+def test_a_mesh_axis_the_rules_shard_nothing_over_is_refused(sizes, rules, idle):
+    """Both training jobs (`run_training_job`) refuse a mesh axis no rule of the table names: its devices held the same
+    shards and repeated the same work (the rule table in lnfm.models.sharding, read by hand for each case)."""
+    from lnfm.train.job import check_axes_used
+
+    if idle is None:
+        check_axes_used(sizes, rules)
+        return
+    with pytest.raises(ConfigError, match=f"^mesh.{idle}={sizes[idle]}: the sharding rules '{rules}' shard nothing "
+                                          f"over the '{idle}' axis.*mesh.rules=fsdp_tp, or set mesh.{idle}=1$"):
+        check_axes_used(sizes, rules)
