@@ -187,8 +187,8 @@ class Checkpointer:
 
     def _restore_step(self, step: int, target: Any, data_iter: Any) -> Any:
         if not verify_checksums(self.directory / str(step)):
-            log.warning("checkpoint %d in %s has no %s (saved by an older lnfm): restored unverified", step,
-                        self.directory, CHECKSUMS)
+            log.warning("checkpoint %d in %s/ has no %s (saved by an older lnfm): restored unverified", step,
+                        self.directory.name, CHECKSUMS)  # log.txt names no path: the workdir's name can be a patient's
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         if data_iter is not None:
             saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -213,8 +213,8 @@ class Checkpointer:
                 state = self._restore_step(step, target, data_iter)
             except Exception as e:  # any read failure means this checkpoint is unusable
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                log.warning("checkpoint %d in %s cannot be restored (%s); falling back to the previous one",
-                            step, self.directory, first)
+                log.warning("checkpoint %d in %s/ cannot be restored (%s); falling back to the previous one",
+                            step, self.directory.name, first.replace(str(self.directory), self.directory.name))
                 failed.append((step, first))
                 continue
             for bad, _ in failed:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lnfm.train import state as st
-from lnfm.train.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, restore_params
+from lnfm.train.checkpoint import CHECKSUMS, CheckpointConfig, CheckpointError, Checkpointer, restore_params
 from train_toy import make_mesh, toy_setup
 
 
@@ -53,26 +53,32 @@ def test_data_iterator_position_is_restored(tmp_path, mesh8):
 
 
 def test_corrupt_latest_falls_back_with_warning(tmp_path, mesh8, caplog):
+    """The fallback and the unverified restore are said in log.txt without the workdir's path (its name can be a
+    patient's: only the checkpoint folder's own name, and orbax's reason with the path cut out)."""
     setup = toy_setup(mesh8)
-    ck = Checkpointer(tmp_path / "ck", CheckpointConfig(keep=3))
+    ck_dir = tmp_path / "CANARY_Doe_John" / "checkpoints"
+    ck = Checkpointer(ck_dir, CheckpointConfig(keep=3))
     ck.save(1, setup["state"])
     ck.wait()
     later = dict(setup["state"], step=setup["state"]["step"] + 5)
     ck.save(2, later)
     ck.close()
-    for f in (tmp_path / "ck" / "2" / "state").rglob("*"):
+    for f in (ck_dir / "2" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
+    (ck_dir / "1" / CHECKSUMS).unlink()  # as an older lnfm saved it: restored unverified
     logger = logging.getLogger("lnfm")  # may not propagate to the root once a workdir set up logging
     logger.addHandler(caplog.handler)
     try:
-        with Checkpointer(tmp_path / "ck", CheckpointConfig()) as ck:
+        with Checkpointer(ck_dir, CheckpointConfig()) as ck:
             state, step = ck.restore_latest(st.abstract_state(setup["state"], setup["shardings"]))
     finally:
         logger.removeHandler(caplog.handler)
     assert step == 1 and int(state["step"]) == 0
-    assert "checkpoint 2" in caplog.text and "falling back" in caplog.text
-    assert (tmp_path / "ck" / "corrupt_2").is_dir() and not (tmp_path / "ck" / "2").exists()
+    assert "checkpoint 2 in checkpoints/ cannot be restored" in caplog.text and "falling back" in caplog.text
+    assert "checkpoint 1 in checkpoints/ has no" in caplog.text
+    assert "CANARY" not in caplog.text and str(tmp_path) not in caplog.text
+    assert (ck_dir / "corrupt_2").is_dir() and not (ck_dir / "2").exists()
 
 
 def test_unrestorable_everywhere_raises_and_moves_nothing(tmp_path, mesh8):
