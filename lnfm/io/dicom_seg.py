@@ -7,7 +7,6 @@ Binary segmentation, one segment per foreground class (or per node), coded SCT 5
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import highdicom as hd
@@ -16,8 +15,8 @@ from matplotlib import colormaps
 from pydicom.sr.coding import Code
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from lnfm.io.dicom_source import (MANUFACTURER, TYPE2_PATIENT_STUDY, Provenance, SourceSeries, find_nodes, frame,
-                                 node_map)
+from lnfm.io.dicom_source import (MANUFACTURER, Provenance, SourceSeries, find_nodes, frame, node_map,
+                                 source_reference)
 
 LYMPH_NODE = Code("59441001", "SCT", "Structure of lymph node")
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical structure")
@@ -82,15 +81,15 @@ def build_dicom_seg(series: SourceSeries, labels: np.ndarray, affine: np.ndarray
 
 
 def _source_headers(series: SourceSeries) -> list:
-    """The source slice headers as highdicom reads them: a missing type 2 attribute empty, as the standard
-    allows, and a missing SliceThickness the series' slice spacing (the SEG's pixel measures need one)."""
+    """The source slice headers as highdicom is given them: `source_reference` copies, so highdicom, which
+    copies every Patient and Study module attribute it finds and the source's equipment and site into a
+    Contributing Equipment item, finds only what the SEG must copy and the references and geometry it reads
+    (a missing type 2 attribute empty, as the standard allows: highdicom raised an AttributeError after the
+    prediction), and a missing SliceThickness the series' slice spacing (the SEG's pixel measures need one)."""
     spacing = float(np.linalg.norm(series.affine[:3, 2]))
     out = []
     for ds in series.datasets:
-        ds = copy.deepcopy(ds)
-        for name in TYPE2_PATIENT_STUDY:  # highdicom needs them present (an AttributeError after the prediction)
-            if name not in ds:
-                setattr(ds, name, "")
+        ds = source_reference(ds)
         if ds.get("SliceThickness") in (None, ""):
             ds.SliceThickness = round(spacing, 6)
         out.append(ds)

@@ -3,12 +3,14 @@
 `read_dicom_series` gives a `Volume` whose axis 0 runs along a row (column index), axis 1 down the
 columns (row index) and axis 2 through the slices sorted along the slice normal. `SourceSeries`
 holds the slice headers in that same order, so `frame(mask, k)` is the (rows, columns) pixel
-matrix of source instance k. The headers carry patient and study attributes: they go into the
-DICOM outputs (which must belong to the source study) and nowhere else.
+matrix of source instance k. The headers carry patient, study and site attributes: the DICOM outputs
+(which must belong to the source study) copy the few their IODs require, `SOURCE_PATIENT_STUDY`, and
+the writers see nothing else of them (`source_reference`); no other output reads them.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -55,10 +57,37 @@ class SourceSeries:
             raise ValueError(f"{where}: the mask grid {tuple(shape[:3])} is not the source series grid {self.shape}")
 
 
-# Type 2 patient and study attributes a derived object copies from its source: the standard lets a series leave
-# them empty, and converters and anonymisers often drop them, so the writers add them empty where missing.
-TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+# What a DICOM output copies from its source (the one allow-list of both writers): the Patient and General
+# Study attributes of type 1 and 2, which the SEG and RT Structure Set IODs require and by which a PACS or a
+# planning system files the output with its scan. Nothing else of the patient or the study is copied: no
+# optional clinical text (medical alerts, allergies, history, diagnoses, comments, occupation), no other
+# names or IDs, no age, size or weight, no physicians beyond the referring one, no study description.
+# The standard lets a series leave the type 2 ones empty, and converters and anonymisers often drop them:
+# the writers add them empty where missing. StudyInstanceUID (type 1) is always there (read_source_series).
+SOURCE_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                        "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+# The rest a writer reads from a source slice: the references (SOP Common, General Series, Frame of Reference),
+# the slice's geometry and pixel description, the character set its names are in. No equipment attribute:
+# the outputs' equipment is LNFM's, and highdicom makes the source's Manufacturer, institution, department,
+# station and serial number a Contributing Equipment item when it finds them (it has no option to leave it out).
+SOURCE_REFERENCE = ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality",
+                    "FrameOfReferenceUID", "PositionReferenceIndicator", "ImagePositionPatient",
+                    "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "Rows",
+                    "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+                    "HighBit", "PixelRepresentation", "LossyImageCompression", "LossyImageCompressionRatio",
+                    "LossyImageCompressionMethod")
+
+
+def source_reference(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A new dataset holding only SOURCE_PATIENT_STUDY (type 2 ones empty where missing) and SOURCE_REFERENCE
+    of a source slice: all a writer may copy or read, so nothing else of the source can reach an output."""
+    out = pydicom.Dataset()
+    for key in (*SOURCE_PATIENT_STUDY, *SOURCE_REFERENCE):
+        if key in ds:
+            out[key] = copy.deepcopy(ds[key])
+        elif key in SOURCE_PATIENT_STUDY:
+            setattr(out, key, "")
+    return out
 
 
 def frame(volume: np.ndarray, k: int) -> np.ndarray:

@@ -25,17 +25,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from skimage.measure import approximate_polygon, find_contours
 
 from lnfm.io.dicom_seg import LYMPH_NODE, node_name, roi_colour
-from lnfm.io.dicom_source import MANUFACTURER, TYPE2_PATIENT_STUDY, Provenance, SourceSeries, find_nodes, frame
+from lnfm.io.dicom_source import (MANUFACTURER, SOURCE_PATIENT_STUDY, Provenance, SourceSeries, find_nodes, frame,
+                                 source_reference)
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # what RTReferencedStudySequence items conventionally reference
 SERIES_NUMBER = 9102
-# Patient, General Study and Patient Study modules: copied from the source so the structure set
-# belongs to the same patient and study (required for import into a planning system).
-_PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-                  "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight", "StudyInstanceUID",
-                  "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-                  "StudyDescription", "PatientIdentityRemoved", "DeidentificationMethod")
 
 
 def slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
@@ -80,7 +75,7 @@ def _contour_sequence(series: SourceSeries, mask: np.ndarray, box: tuple[slice, 
 
 
 def _base(series: SourceSeries, provenance: Provenance, site: str) -> Dataset:
-    src = series.datasets[0]
+    src = source_reference(series.datasets[0])  # what the structure set may copy, and nothing else
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -92,11 +87,8 @@ def _base(series: SourceSeries, provenance: Provenance, site: str) -> Dataset:
     now = datetime.datetime.now()
     ds.SOPClassUID, ds.SOPInstanceUID = RT_STRUCTURE_SET_STORAGE, meta.MediaStorageSOPInstanceUID
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    for key in _PATIENT_STUDY:
-        if key in src:
-            ds[key] = src[key]
-        elif key in TYPE2_PATIENT_STUDY:
-            setattr(ds, key, "")
+    for key in SOURCE_PATIENT_STUDY:  # Patient and General Study: the structure set belongs to the source's study
+        ds[key] = src[key]
     ds.FrameOfReferenceUID = src.FrameOfReferenceUID  # Frame of Reference module: the source's
     ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
     ds.Modality = "RTSTRUCT"
