@@ -120,3 +120,78 @@ def rasterise_rtstruct(path: Path, sources: dict, affine: np.ndarray, shape) -> 
             mask[:, :, k] ^= polygon2mask((int(src.Rows), int(src.Columns)), rows_cols).T
         out[names[roi.ReferencedROINumber]] = mask
     return out
+
+
+# Optional patient, study, series and equipment attributes a source may carry, none of which a DICOM output
+# needs to reference it: each holds a value found nowhere else, so its absence from an output is checkable
+# element by element and byte by byte.
+CANARIES = {
+    # Patient and Clinical Trial Subject modules
+    "OtherPatientNames": "Canary^OtherName", "IssuerOfPatientID": "CANARY-ISSUER-OF-PID",
+    "PatientBirthTime": "013713.424242", "PatientComments": "CANARY patient comments",
+    "ResponsiblePerson": "Canary^Responsible", "ResponsibleOrganization": "CANARY responsible organisation",
+    "EthnicGroup": "CANARYETHNIC", "PatientIdentityRemoved": "NO", "DeidentificationMethod": "CANARY deid method",
+    "ClinicalTrialSponsorName": "CANARY sponsor", "ClinicalTrialProtocolID": "CANARY-PROTOCOL-ID",
+    "ClinicalTrialSiteName": "CANARY trial site", "ClinicalTrialSubjectID": "CANARY-SUBJECT-ID",
+    # Patient Study and Patient Medical modules
+    "PatientAge": "047Y", "PatientSize": "1.7874", "PatientWeight": "79.4242", "Occupation": "CANARY-OCCUPY",
+    "AdditionalPatientHistory": "CANARY additional history", "MedicalAlerts": "CANARY medical alert",
+    "Allergies": "CANARY allergy", "AdmittingDiagnosesDescription": "CANARY admitting diagnosis",
+    "AdmissionID": "CANARY-ADMISSION", "SmokingStatus": "YES",
+    # General Study and Clinical Trial Study modules
+    "StudyDescription": "CANARY study description", "PhysiciansOfRecord": "Canary^OfRecord",
+    "NameOfPhysiciansReadingStudy": "Canary^Reader", "ConsultingPhysicianName": "Canary^Consulting",
+    "RequestingService": "CANARY requesting service", "ClinicalTrialTimePointID": "CANARY-TIMEPOINT",
+    # General Series
+    "SeriesDescription": "CANARY series description", "OperatorsName": "Canary^Operator",
+    "PerformingPhysicianName": "Canary^Performer", "ProtocolName": "CANARY protocol",
+    # General Equipment (the scanner and its site)
+    "Manufacturer": "CANARY maker", "ManufacturerModelName": "CANARY model", "SoftwareVersions": "CANARY-SW",
+    "DeviceSerialNumber": "CANARY-SERIAL-123", "InstitutionName": "CANARY Hospital",
+    "InstitutionAddress": "CANARY Street 1, Canarytown", "InstitutionalDepartmentName": "CANARY Radiology",
+    "StationName": "CANARYSTN",
+}
+CANARY_SEQUENCES = {  # keyword: (item keyword, value)
+    "OtherPatientIDsSequence": ("PatientID", "CANARY-OTHER-PID"),
+    "ProcedureCodeSequence": ("CodeMeaning", "CANARY procedure code"),
+    "ReferencedStudySequence": ("ReferencedSOPInstanceUID", "1.2.826.0.1.3680043.8.498.4242424242"),
+}
+
+
+def add_canaries(folder: Path) -> None:
+    """Write CANARIES and CANARY_SEQUENCES into every file of a series folder."""
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        for keyword, value in CANARIES.items():
+            setattr(ds, keyword, value)
+        for keyword, (inner, value) in CANARY_SEQUENCES.items():
+            item = Dataset()
+            setattr(item, inner, value)
+            if keyword == "OtherPatientIDsSequence":
+                item.TypeOfPatientID = "TEXT"
+            elif keyword == "ProcedureCodeSequence":
+                item.CodeValue, item.CodingSchemeDesignator = "CANARY1", "99CANARY"
+            else:
+                item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+            setattr(ds, keyword, [item])
+        ds.save_as(f)
+
+
+def assert_no_canaries(path: Path) -> None:
+    """No canary keyword at any level of the DICOM file at `path`, no canary value in any element's value
+    (names included) nor anywhere in its bytes."""
+    ds = pydicom.dcmread(path)
+    equipment = [e.Manufacturer for e in ds.get("ContributingEquipmentSequence", [])]
+    own = {"Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber", "SeriesDescription",
+           "OperatorsName"}  # attributes the output has of its own (its maker, its series): checked by value
+    values = [v for k, v in CANARIES.items() if len(v) > 4]  # "NO", "YES", "047Y" may occur by chance
+    for elem in ds.iterall():
+        assert elem.keyword not in (set(CANARIES) - own) | set(CANARY_SEQUENCES), (path.name, elem.keyword,
+                                                                                    equipment)
+        if elem.VR not in ("OB", "OW", "UN", "SQ"):
+            text = str(elem.value)
+            assert not any(v in text for v in values), (path.name, elem.keyword, text)
+            assert not any(v in text for _, v in CANARY_SEQUENCES.values()), (path.name, elem.keyword, text)
+    raw = path.read_bytes()
+    for v in [*values, *(v for _, v in CANARY_SEQUENCES.values()), "Canary", "CANARY"]:
+        assert v.encode() not in raw, (path.name, v)

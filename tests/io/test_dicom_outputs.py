@@ -16,8 +16,9 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, expected_frame, rasterise_rtstruct,
-                            read_sources, restored_real_series, seg_frames, slice_index, write_series)
+from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, add_canaries, assert_no_canaries, expected_frame,
+                            rasterise_rtstruct, read_sources, restored_real_series, seg_frames, slice_index,
+                            write_series)
 
 from lnfm.io import ImageReadError, read_image
 from lnfm.io.dicom_seg import write_dicom_seg
@@ -220,6 +221,71 @@ def test_real_series_rt_utils_reads_it(real, tmp_path):
         assert np.array_equal(got & want, want)
         assert not (got & ~ndimage.binary_dilation(want, np.ones((3, 3, 1), bool))).any()
         assert np.abs(np.subtract(ndimage.center_of_mass(got), ndimage.center_of_mass(want))).max() <= 1.0
+
+
+@pytest.fixture(scope="module")
+def canaries(real, tmp_path_factory):
+    """The real series with a value to trace in each optional patient, study, series and equipment attribute
+    (clinical free text, other names and IDs, physicians, the site and its scanner), its source datasets, and
+    its series as the writers read it."""
+    source = restored_real_series(tmp_path_factory.mktemp("canaries") / "series")
+    add_canaries(source)
+    return read_sources(source), read_source_series(source)
+
+
+def _copies_only_references(path, sources):
+    """No canary in the output at any level or anywhere in its bytes; the patient and study attributes the IOD
+    requires equal the source's; the equipment is LNFM's."""
+    src = next(iter(sources.values()))
+    assert_no_canaries(path)
+    ds = pydicom.dcmread(path)
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        assert ds[key].value == src[key].value, key
+    assert (ds.Manufacturer, ds.SoftwareVersions) == ("LNFM", PROV.software_version)
+    assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+    return ds, src
+
+
+def test_seg_copies_only_the_references_the_standard_requires(real, canaries, tmp_path):
+    """highdicom copies every Patient and Study module attribute of its source images, and makes the scanner's
+    manufacturer, institution, address, department, station and serial number a Contributing Equipment item:
+    the SEG carried them all. Now only highdicom itself is contributing equipment."""
+    _, vol, labels = real
+    sources, series = canaries
+    path = tmp_path / "seg.dcm"
+    write_dicom_seg(path, series, labels, vol.affine, ["background", "lymph_node"], SITE, PROV, per_node=True)
+    seg, src = _copies_only_references(path, sources)
+    (ref_series,) = seg.ReferencedSeriesSequence
+    assert ref_series.SeriesInstanceUID == src.SeriesInstanceUID
+    assert {r.ReferencedSOPInstanceUID for r in ref_series.ReferencedInstanceSequence} == set(sources)
+    derived = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+               for f in seg.PerFrameFunctionalGroupsSequence}
+    assert derived and derived <= set(sources)
+    assert [e.ManufacturerModelName for e in seg.ContributingEquipmentSequence] == ["highdicom"]
+    frames = seg_frames(path, sources)  # the frames still lie on their slices
+    found = find_nodes(labels, vol.affine)
+    nodes = node_map(found, vol.shape3)
+    for uid, ds in sources.items():
+        assert np.array_equal(frames[uid], expected_frame(nodes, ds, vol.affine))
+
+
+def test_rtstruct_copies_only_the_references_the_standard_requires(real, canaries, tmp_path):
+    """The structure set copied the source's patient age, size and weight, other patient IDs, issuer, study
+    description and de-identification method besides the required references."""
+    _, vol, labels = real
+    sources, series = canaries
+    path = tmp_path / "rt.dcm"
+    write_rtstruct(path, build_rtstruct(series, labels, vol.affine, SITE, PROV))
+    rt, src = _copies_only_references(path, sources)
+    (frame_ref,) = rt.ReferencedFrameOfReferenceSequence
+    assert frame_ref.FrameOfReferenceUID == src.FrameOfReferenceUID
+    (study_ref,) = frame_ref.RTReferencedStudySequence
+    (series_ref,) = study_ref.RTReferencedSeriesSequence
+    assert (study_ref.ReferencedSOPInstanceUID, series_ref.SeriesInstanceUID) == (src.StudyInstanceUID,
+                                                                                 src.SeriesInstanceUID)
+    assert {r.ReferencedSOPInstanceUID for r in series_ref.ContourImageSequence} == set(sources)
+    _check_rtstruct(path, sources, vol, labels, all_nodes=False)  # the contours still lie on their slices
 
 
 def test_anonymised_series_without_uids_is_refused():

@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, expected_frame, rasterise_rtstruct,
-                            read_sources, restored_real_series, seg_frames)
+from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, add_canaries, assert_no_canaries, expected_frame,
+                            rasterise_rtstruct, read_sources, restored_real_series, seg_frames)
 from export_helpers import make_finetune_workdir, tiny  # noqa: F401  (session fixture)
 from scipy import ndimage
 
@@ -50,6 +50,7 @@ def test_real_series_end_to_end(marking, tmp_path, capsys, caplog):
     if not REAL_SERIES.is_dir():
         pytest.skip("../shared/data is absent")
     series = restored_real_series(tmp_path / "in" / "study")
+    add_canaries(series)  # optional patient, study and site attributes no output may copy
     out = tmp_path / "out"
     caplog.set_level(logging.INFO, logger="lnfm")
     argv = ["--model", str(marking), "--input", str(series), "--output", str(out / "case.nii.gz"),
@@ -88,11 +89,13 @@ def test_real_series_end_to_end(marking, tmp_path, capsys, caplog):
         assert got.sum() == int(row["voxels"])
     assert np.array_equal(masks["LN_pelvis_all"], labels > 0)
 
-    # privacy: the DICOM outputs belong to the patient; the CSV, the PNG and the log do not name them
+    # privacy: the DICOM outputs belong to the patient, and copy nothing else of the source's patient, study or
+    # site (as sealed); the CSV, the PNG and the log do not name them
     for name in ("case.seg.dcm", "case.rtstruct.dcm"):
         ds = pydicom.dcmread(out / name)
         assert (str(ds.PatientName), ds.PatientID) == (PATIENT_NAME, PATIENT_ID)
         assert ds.StudyInstanceUID == next(iter(sources.values())).StudyInstanceUID
+        assert_no_canaries(out / name)
     text = caplog.text + capsys.readouterr().err
     for secret in (PATIENT_NAME, PATIENT_ID, "Doe"):
         assert secret not in text
