@@ -66,6 +66,9 @@ class SourceSeries:
 # the writers add them empty where missing. StudyInstanceUID (type 1) is always there (read_source_series).
 SOURCE_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                         "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+# Whether the source was de-identified, and how: copied from a source whose PatientIdentityRemoved is YES, so
+# an output made from a de-identified series says so too (the method is type 1C then). Never added empty.
+SOURCE_DEIDENTIFICATION = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
 # The rest a writer reads from a source slice: the references (SOP Common, General Series, Frame of Reference),
 # the slice's geometry and pixel description, the character set its names are in. No equipment attribute:
 # the outputs' equipment is LNFM's, and highdicom makes the source's Manufacturer, institution, department,
@@ -79,10 +82,12 @@ SOURCE_REFERENCE = ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "Se
 
 
 def source_reference(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A new dataset holding only SOURCE_PATIENT_STUDY (type 2 ones empty where missing) and SOURCE_REFERENCE
+    """A new dataset holding only SOURCE_PATIENT_STUDY (type 2 ones empty where missing), SOURCE_DEIDENTIFICATION
+    (of a source whose PatientIdentityRemoved is YES) and SOURCE_REFERENCE
     of a source slice: all a writer may copy or read, so nothing else of the source can reach an output."""
     out = pydicom.Dataset()
-    for key in (*SOURCE_PATIENT_STUDY, *SOURCE_REFERENCE):
+    deidentified = str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
+    for key in (*SOURCE_PATIENT_STUDY, *(SOURCE_DEIDENTIFICATION if deidentified else ()), *SOURCE_REFERENCE):
         if key in ds:
             out[key] = copy.deepcopy(ds[key])
         elif key in SOURCE_PATIENT_STUDY:

@@ -25,8 +25,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from skimage.measure import approximate_polygon, find_contours
 
 from lnfm.io.dicom_seg import LYMPH_NODE, node_name, roi_colour
-from lnfm.io.dicom_source import (MANUFACTURER, SOURCE_PATIENT_STUDY, Provenance, SourceSeries, find_nodes, frame,
-                                 source_reference)
+from lnfm.io.dicom_source import (MANUFACTURER, SOURCE_DEIDENTIFICATION, SOURCE_PATIENT_STUDY, Provenance,
+                                 SourceSeries, find_nodes, frame, source_reference)
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # what RTReferencedStudySequence items conventionally reference
@@ -88,6 +88,8 @@ def _base(series: SourceSeries, provenance: Provenance, site: str) -> Dataset:
     ds.SOPClassUID, ds.SOPInstanceUID = RT_STRUCTURE_SET_STORAGE, meta.MediaStorageSOPInstanceUID
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     for key in SOURCE_PATIENT_STUDY:  # Patient and General Study: the structure set belongs to the source's study
+        ds[key] = src[key]
+    for key in (k for k in SOURCE_DEIDENTIFICATION if k in src):  # a de-identified source's outputs say so too
         ds[key] = src[key]
     ds.FrameOfReferenceUID = src.FrameOfReferenceUID  # Frame of Reference module: the source's
     ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")

@@ -342,3 +342,20 @@ def test_sop_uids_missing_from_the_dataset_come_from_the_file_meta(phantom, tmp_
     assert [d.SOPInstanceUID for d in series.datasets] == [
         d.file_meta.MediaStorageSOPInstanceUID for d in series.datasets]
     assert np.allclose(series.affine, vol.affine)
+
+
+def test_outputs_of_a_de_identified_series_say_so(real, tmp_path):
+    """A series whose PatientIdentityRemoved is YES: both outputs carry it and its method (type 1C then), as
+    the source does; a source that says NO passes neither (the canary tests above)."""
+    _, vol, labels = real
+    source = restored_real_series(tmp_path / "series")
+    for f in source.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "pseudonymised at the archive"
+        ds.save_as(f)
+    series = read_source_series(source)
+    write_dicom_seg(tmp_path / "seg.dcm", series, labels, vol.affine, ["background", "lymph_node"], SITE, PROV)
+    write_rtstruct(tmp_path / "rt.dcm", build_rtstruct(series, labels, vol.affine, SITE, PROV))
+    for path in (tmp_path / "seg.dcm", tmp_path / "rt.dcm"):
+        ds = pydicom.dcmread(path)
+        assert (ds.PatientIdentityRemoved, ds.DeidentificationMethod) == ("YES", "pseudonymised at the archive")
