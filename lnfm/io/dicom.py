@@ -192,13 +192,20 @@ def split_series_reason(others: list[str]) -> str:
             f"slices into one folder")
 
 
-def _slice_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _numbers(ds: pydicom.Dataset, name: str, path: str) -> np.ndarray:
+    """The values of geometry tag `name` as floats. A value that is no number (a decimal string holding text) is
+    refused naming the tag, not the value: a header's text is kept out of the reason, as any DICOM attribute."""
     try:
-        iop = np.asarray(ds.ImageOrientationPatient, float)
-        ipp = np.asarray(ds.ImagePositionPatient, float)
-        spacing = np.asarray(ds.PixelSpacing, float)
-    except AttributeError as e:
-        raise ImageReadError(f"{path}: DICOM slice lacks geometry ({e.args[0].split()[-1]})") from None
+        return np.asarray(getattr(ds, name), float)
+    except AttributeError:
+        raise ImageReadError(f"{path}: DICOM slice lacks geometry ('{name}')") from None
+    except (ValueError, TypeError, OverflowError):  # float('CANARY'), or pydicom validating the value
+        raise ImageReadError(f"{path}: {name} holds a value that is not a number") from None
+
+
+def _slice_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iop, ipp, spacing = (_numbers(ds, name, path) for name in
+                         ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"))
     if iop.shape != (6,) or ipp.shape != (3,) or spacing.shape != (2,):
         raise ImageReadError(f"{path}: malformed DICOM geometry attributes")
     if not np.all(np.isfinite(ipp)):  # a NaN sort key would order the slices arbitrarily, and pass every gap check
@@ -223,17 +230,20 @@ def _off_line(positions: np.ndarray) -> float:
 
 def _rescale(ds: pydicom.Dataset, where: str) -> tuple[float, float]:
     """RescaleSlope and RescaleIntercept (1 and 0 when absent or empty). A slope of 0 would make
-    every voxel the intercept: refused, as a value that is not a finite number."""
+    every voxel the intercept: refused, as a value that is not a finite number. Text that is no number
+    is not repeated in the refusal (a header's text stays out of it, as any DICOM attribute)."""
     values = []
     for name, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
-        raw = ds.get(name)
         try:
+            raw = ds.get(name)
             value = default if raw is None or str(raw).strip() == "" else float(raw)
-        except (TypeError, ValueError):
-            value = float("nan")
+        except (TypeError, ValueError, OverflowError):
+            value = None
+        need = f"a finite number{', not 0' if name == 'RescaleSlope' else ''}"
+        if value is None:
+            raise ImageReadError(f"{where}: {name} holds a value that is not a number ({need})")
         if not np.isfinite(value) or (name == "RescaleSlope" and value == 0):
-            raise ImageReadError(f"{where}: {name} {raw!s} is not a usable value (a finite number"
-                                 f"{', not 0' if name == 'RescaleSlope' else ''})")
+            raise ImageReadError(f"{where}: {name} {value:g} is not a usable value ({need})")
         values.append(value)
     return values[0], values[1]
 
@@ -276,7 +286,9 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
                              f"RescaleIntercept or RescaleSlope where the others do: their HU cannot be known")
     numbers.discard("")
     if len(numbers) > 1:  # one series has one SeriesNumber: slices without a UID may be several series
-        raise ImageReadError(f"{path}: slices carry SeriesNumber {', '.join(sorted(numbers))}: more than one series "
+        shown = ", ".join(sorted(numbers)) if all(n.lstrip("+-").isdigit() for n in numbers) else \
+            f"{len(numbers)} different values"  # text in the tag is not repeated
+        raise ImageReadError(f"{path}: slices carry SeriesNumber {shown}: more than one series "
                              f"(split them into one folder each)")
     iop, _, spacing = slices[0][:3]
     for s in slices[1:]:
@@ -300,8 +312,11 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
                                  f"several series, or shifted slices)")
         step = (slices[-1][1] - slices[0][1]) / (len(slices) - 1)
     else:
-        thick = slices[0][7] or slices[0][6] or 1.0
-        step = normal * float(thick)
+        name = "SpacingBetweenSlices" if slices[0][7] else "SliceThickness"
+        try:
+            step = normal * float(slices[0][7] or slices[0][6] or 1.0)
+        except (TypeError, ValueError, OverflowError):
+            raise ImageReadError(f"{path}: {name} holds a value that is not a number") from None
     # Pixel array is (rows, cols); volume axis 0 runs along a row (col index), axis 1 down the columns.
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing[1]

@@ -148,3 +148,72 @@ def test_pydicom_s_warnings_about_a_bad_slice_go_into_its_one_line_refusal(share
     assert failed == [f"FAILED {folder}: file 3 of 3: unreadable DICOM (AttributeError: Unable to decode the pixel "
                       "data as the dataset's 'file_meta' has no (0002,0010) 'Transfer Syntax UID' element; pydicom "
                       "warned: Expected implicit VR, but found explicit VR - using explicit VR for reading)"]
+
+
+def _text_in_header(folder, placeholder: str, text: str):
+    """`text` in place of the numeric `placeholder` (the same length) in every slice of `folder`: a decimal string
+    holding letters, which pydicom refuses to write but reads."""
+    for f in folder.iterdir():
+        f.write_bytes(f.read_bytes().replace(placeholder.encode(), text.encode()))
+    return folder
+
+
+@pytest.mark.parametrize("tag,value", [("PixelSpacing", lambda ds: [ds.PixelSpacing[0], "9999999999"]),
+                                       ("ImagePositionPatient", lambda ds: [ds.ImagePositionPatient[0], "9999999999",
+                                                                           ds.ImagePositionPatient[2]]),
+                                       ("ImageOrientationPatient", lambda ds: ["9999999999",
+                                                                               *ds.ImageOrientationPatient[1:]])])
+def test_a_geometry_value_that_is_text_is_refused_naming_the_slice_and_tag_not_the_text(shared_data, tmp_path, tag,
+                                                                                         value):
+    """A decimal string holding text ('CANARYSPC1') ended in a ValueError that prepare logged as a bug, with a
+    traceback, and its reason repeated the header's text."""
+    def edit(i, ds):
+        if i == 4:
+            setattr(ds, tag, value(ds))
+
+    folder = _text_in_header(real_slices(shared_data, tmp_path / "s", edit), "9999999999", "CANARYSPC1")
+    with pytest.raises(ImageReadError) as e:
+        read_image(folder)
+    assert str(e.value) == f"{folder}: file 5 of 8: {tag} holds a value that is not a number"
+
+
+@pytest.mark.parametrize("tag,text,wrong", [
+    ("RescaleSlope", "CANARYSLP1", "holds a value that is not a number (a finite number, not 0)"),
+    ("RescaleSlope", "0000000000", "0 is not a usable value (a finite number, not 0)"),  # a number: shown
+    ("RescaleIntercept", "CANARYINT1", "holds a value that is not a number (a finite number)")])
+def test_a_rescale_that_is_no_usable_number_is_refused_without_its_text(shared_data, tmp_path, tag, text, wrong):
+    def edit(i, ds):
+        if i == 2:
+            setattr(ds, tag, "8888888888")
+
+    folder = _text_in_header(real_slices(shared_data, tmp_path / "s", edit), "8888888888", text)
+    with pytest.raises(ImageReadError) as e:
+        read_image(folder)
+    assert str(e.value) == f"{folder}: file 3 of 8: {tag} {wrong}"
+
+
+def test_series_numbers_holding_text_are_not_repeated_in_the_refusal(shared_data, tmp_path):
+    def number(value):
+        def edit(i, ds):
+            ds.SeriesNumber = value
+        return edit
+
+    real_slices(shared_data, tmp_path / "s", number(2), n=2, prefix="a")
+    real_slices(shared_data, tmp_path / "s", number(777777), n=2, prefix="b")
+    folder = _text_in_header(tmp_path / "s", "777777", "CANARY")
+    with pytest.raises(ImageReadError) as e:
+        read_image(folder)
+    assert str(e.value) == f"{folder}: slices carry SeriesNumber 2 different values: more than one series (split " \
+                           f"them into one folder each)"
+
+
+def test_a_single_slice_whose_thickness_is_text_is_refused_naming_the_tag(shared_data, tmp_path):
+    def edit(i, ds):
+        ds.SliceThickness = "9999999999"
+        if "SpacingBetweenSlices" in ds:
+            del ds.SpacingBetweenSlices
+
+    folder = _text_in_header(real_slices(shared_data, tmp_path / "s", edit, n=1), "9999999999", "CANARYTHK1")
+    with pytest.raises(ImageReadError) as e:
+        read_image(folder / "000.dcm")
+    assert str(e.value) == f"{folder / '000.dcm'}: SliceThickness holds a value that is not a number"
