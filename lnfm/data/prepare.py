@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import hashlib
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -34,12 +35,20 @@ from lnfm.data.workers import map_in_workers
 from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
 from lnfm.io.dicom import dicom_files
+from lnfm.io.nrrd_io import data_file_named
 from lnfm.safety import check_apart
 from lnfm.workdir import LOCK_FILE, file_sha256, lock_folder, progress, setup_logging
 
 log = logging.getLogger("lnfm.data.prepare")
 
+# What a reason kept in failures.jsonl or the log may not hold (the FAILED console line keeps it all: the user needs
+# it there). Paths: the case's own paths and their folder and file names (`private_names`), and any word with a
+# slash in it.
 _PATHLIKE = re.compile(r"\S*[/\\]\S*")
+# A case's folder or file name this plain (one word all in lower or all in upper case letters: tmp, data, DICOM)
+# or this short is replaced only where a path holds it: standing alone, it is a word of the reason ('Cannot work
+# out file type', 'pixel data').
+_PLAIN_NAME = re.compile(r"[a-z]+|[A-Z]+|.{1,2}")
 # Affines of two grids agree when every entry differs by less than this (mm).
 GRID_TOL_MM = 1e-3
 # A channel on a grid of its own (PET) must cover at least this share of the first channel's (CT's) voxels,
@@ -469,37 +478,89 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: Prep
             "source_stat": source_stat(case), "source": source_fingerprint(case)}  # read: they exist
 
 
+def _case_failure(case: CaseSpec, file: str, reason: str) -> dict:
+    """A failed case: its id, the file the console line names, the reason, and the case's files (`inputs`: what
+    the stored reason must not name)."""
+    return {"case_id": case.case_id, "file": file, "reason": reason, "inputs": _case_paths(case)}
+
+
+def _case_paths(case: CaseSpec) -> list[str]:
+    return [*case.images, *([case.label] if case.label else [])]
+
+
 def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract
                      ) -> tuple[str, dict]:
     try:
         return "ok", convert_case(case, output, cfg, contract)
     except CaseError as e:
-        return "failed", {"case_id": case.case_id, "file": e.file, "reason": e.reason}
+        return "failed", _case_failure(case, e.file, e.reason)
     except st.StoreError:  # the store cannot be written (e.g. a full disk): every case would fail, so stop
         raise
     except MemoryError:
-        return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": "out of memory"}
+        return "failed", _case_failure(case, case.images[0], "out of memory")
     except Exception as e:  # a bug in one case must not stop the others, but it keeps its traceback in the log
         log.exception("unexpected error converting a case (a bug, not bad input)")
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-        return "failed", {"case_id": case.case_id, "file": case.images[0], "reason": reason}
+        return "failed", _case_failure(case, case.images[0], reason)
 
 
-def _scrub(text: str) -> str:
-    """A reason without any path in it (file and folder names may hold patient names)."""
+def private_names(paths, listing: bool = True) -> set[str]:
+    """The texts of `paths` a reason may hold: each path as given, absolute and resolved, with the files of a
+    folder among them (a DICOM series; `listing`) and the data file a detached NRRD header names, and every
+    folder and file name in them (but the plain ones, `_PLAIN_NAME`)."""
+    forms: set[str] = set()
+    for path in (os.fspath(p) for p in paths if p):
+        given = {path, os.path.abspath(path), os.path.realpath(path)}
+        forms |= given
+        if listing and os.path.isdir(path):
+            try:
+                forms |= {os.path.join(g, name) for g in given for name in os.listdir(path)}
+            except OSError:
+                pass
+        data = data_file_named(path) if listing and path.lower().endswith((".nhdr", ".nrrd")) else None
+        if data:
+            forms |= {data, *(os.path.join(os.path.dirname(g), data) for g in given),
+                      os.path.realpath(os.path.join(os.path.dirname(path), data))}
+    names = {part for form in forms for part in Path(form).parts if not _PLAIN_NAME.fullmatch(part)}
+    return names | {form for form in forms if len(form) > 2 and form not in (os.sep, os.curdir, os.pardir)}
+
+
+def _scrub(text: str, names=()) -> str:
+    """A reason without any path in it (file and folder names may hold patient names): every occurrence of
+    `names` (`private_names`; longest first) that no letter or digit adjoins, and every word with a slash in it,
+    becomes <path>."""
+    for name in sorted(names, key=lambda n: (-len(n), n)):
+        if name in text:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", "<path>", text)
     return _PATHLIKE.sub("<path>", text)
 
 
-def stored_failure(failure: dict, salt: str) -> dict:
+class _Scrubber:
+    """`_scrub` of a failure's reason, knowing the run's paths (its input, the input's folder, every case's and
+    every problem's file) and the failure's own (`inputs`, a DICOM folder's files among them)."""
+
+    def __init__(self, paths):
+        self.paths, self.names = list(paths), None
+
+    def __call__(self, failure: dict) -> str:
+        if self.names is None:  # on the first failure: a run without any reads no path
+            self.names = private_names(self.paths, listing=False)
+        return _scrub(failure["reason"], self.names | private_names(failure.get("inputs") or [failure["file"]]))
+
+
+def stored_failure(failure: dict, salt: str, scrub=None) -> dict:
     """What failures.jsonl keeps of a failure: the case id when there is one, else a salted hash
-    of the file (the same file always gives the same ref), and the reason without paths."""
+    of the file (the same file always gives the same ref), and the reason without paths (`scrub`: a `_Scrubber`;
+    by default one knowing the failure's own paths)."""
+    scrub = scrub or _Scrubber([])
     return {"case_id": failure.get("case_id"), "ref": hashed_id(str(failure["file"]), salt),
-            "reason": _scrub(failure["reason"])}
+            "reason": scrub(failure)}
 
 
-def _write_failures(output: str, shard_index: int, num_shards: int, failures: list[dict], salt: str) -> None:
+def _write_failures(output: str, shard_index: int, num_shards: int, failures: list[dict], salt: str,
+                    scrub: _Scrubber) -> None:
     st.write_text(output, f"failures.parts/{shard_index}-of-{num_shards}.jsonl",
-                  "".join(json.dumps(stored_failure(f, salt)) + "\n" for f in failures))
+                  "".join(json.dumps(stored_failure(f, salt, scrub)) + "\n" for f in failures))
     merged = []
     for i in range(num_shards):
         text = st.read_text(output, f"failures.parts/{i}-of-{num_shards}.jsonl") or ""
@@ -560,16 +621,18 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
     errors = [e for i, e in enumerate(sorted(errors, key=lambda e: e.file)) if i % num_shards == shard_index]
     result = PrepareResult()
-    result.failures = [{"case_id": None, "file": e.file, "reason": e.reason} for e in errors]
+    result.failures = [{"case_id": None, "file": e.file, "reason": e.reason, "inputs": [e.file]} for e in errors]
+    scrub = _Scrubber([input, os.path.dirname(input), *(p for c in cases for p in _case_paths(c)),
+                       *(e.file for e in errors)])
     done = st.finished_ids(output)
     todo = [c for c in cases if c.case_id not in done]
     result.skipped = len(cases) - len(todo)
     for case in (c for c in cases if c.case_id in done):  # finished: unless its files changed since
         if source_changed(case, json.loads(st.read_text(output, f"{st.RECORDS}{case.case_id}.json") or "{}")):
             result.skipped -= 1
-            result.failures.append({"case_id": case.case_id, "file": case.label or case.images[0], "reason": (
+            result.failures.append(_case_failure(case, case.label or case.images[0], (
                 "its image or label files changed since this case was prepared into the store: "
-                "the store keeps the first version; prepare into a new --output")})
+                "the store keeps the first version; prepare into a new --output")))
     bar = progress(total=len(todo), desc="prepare", disable=not show_progress)
 
     def finish(status: str, payload: dict) -> None:
@@ -578,7 +641,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
             result.converted += 1
         else:
             result.failures.append(payload)
-            log.warning("failed case %s: %s", payload["case_id"], _scrub(payload["reason"]))
+            log.warning("failed case %s: %s", payload["case_id"], scrub(payload))
         bar.update(1)
         bar.set_postfix(ok=result.converted, failed=len(result.failures))
 
@@ -588,11 +651,11 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
                 finish(*_convert_or_fail(case, output, cfg, contract))
         else:  # store errors raised in a worker propagate (as in-process); a dead worker fails only its case
             map_in_workers(_convert_or_fail, todo, (output, cfg, contract), cfg.workers, lambda case, res: finish(*res),
-                           lambda case, how: finish("failed", {"case_id": case.case_id, "file": case.images[0],
-                                                               "reason": f"the conversion process died ({how})"}))
+                           lambda case, how: finish("failed", _case_failure(case, case.images[0],
+                                                                            f"the conversion process died ({how})")))
         bar.close()
         result.failed = len(result.failures)
-        _write_failures(output, shard_index, num_shards, result.failures, salt)
+        _write_failures(output, shard_index, num_shards, result.failures, salt, scrub)
         st.write_manifest(output)
     return result
 

@@ -66,15 +66,28 @@ def _mm_per_unit(path: str) -> np.ndarray:
     return np.array([_MM_PER_UNIT[u.strip().lower()] for u in units])
 
 
-def _check_data_file(path: str) -> None:
-    """A detached header (.nhdr) may name its data file only beside itself: a `data file:` pointing
-    elsewhere would read any file on disk as voxels."""
+def _data_file_field(path: str) -> str | None:
     with open(path, "rb") as f:
         header = nrrd.read_header(f)
     name = header.get("datafile", header.get("data file"))
+    return None if name is None else str(name)
+
+
+def data_file_named(path: str | Path) -> str | None:
+    """The `data file:` a detached header (.nhdr) names, as written; None when it names none or cannot be read.
+    Prepare keeps it out of the reasons it stores, as the case's own file names."""
+    try:
+        return _data_file_field(str(path))
+    except Exception:  # any unreadable header: its reading names the problem
+        return None
+
+
+def _check_data_file(path: str) -> None:
+    """A detached header (.nhdr) may name its data file only beside itself: a `data file:` pointing
+    elsewhere would read any file on disk as voxels."""
+    name = _data_file_field(path)
     if name is None:
         return
-    name = str(name)
     if name.upper().startswith("LIST") or "%" in name:
         raise ImageReadError(f"{path}: NRRD 'data file' lists several files; only one data file is supported")
     folder = Path(path).resolve().parent

@@ -621,3 +621,41 @@ def test_a_rerun_reads_no_unchanged_source_and_still_catches_a_rewritten_one(tmp
     res = prepare_dataset(csv_path, store, cfg, show_progress=False)
     assert (res.skipped, res.failed) == (2, 0) and sorted(hashed) == ["a.nii.gz", "a_lab.nii.gz", "b.nii.gz",
                                                                        "b_lab.nii.gz"]
+
+
+# Canaries: text that must not reach failures.jsonl or the log, written into folder and file names and DICOM headers.
+CANARY = "CANARY"
+
+
+def _kept(store: Path, caplog) -> str:
+    """Everything prepare keeps beyond the console: failures.jsonl (and its parts) and the log."""
+    return "".join(p.read_text() for p in store.rglob("failures*.jsonl")) + caplog.text
+
+
+def test_stored_reasons_and_the_log_name_no_part_of_a_case_path_with_spaces(tmp_path, monkeypatch, caplog):
+    """The scrub replaced only words holding a slash: a folder 'CANARY Mary CANARYMIDDLEA Smith' left
+    '<path> Mary CANARYMIDDLEA <path>', a bare file name beside the CSV and an NRRD header's data file stayed whole."""
+    aff = affine_lps()
+    img, _ = phantom()
+    spaced = tmp_path / f"{CANARY} Mary {CANARY}MIDDLEA Smith"
+    spaced.mkdir()
+    (spaced / f"{CANARY}SPACED Doe.nii").write_bytes(b"garbage" * 100)
+    (tmp_path / f"{CANARY}FILE_Doe_John_garbage.nii").write_bytes(b"garbage" * 100)
+    (tmp_path / "scan.nhdr").write_text("NRRD0004\ntype: int16\ndimension: 3\nspace: right-anterior-superior\n"
+                                        "sizes: 4 4 4\nspace directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: "
+                                        f"(0,0,0)\nendian: little\nencoding: raw\ndata file: ../{CANARY}DATA Doe.raw\n")
+    write_csv(tmp_path / "cases.csv", [
+        {"case_id": "good", "image": save(tmp_path / "good.nii.gz", img, aff)},
+        {"case_id": "spaced", "image": str(spaced / f"{CANARY}SPACED Doe.nii")},
+        {"case_id": "bare", "image": f"{CANARY}FILE_Doe_John_garbage.nii"},
+        {"case_id": "nhdr", "image": "scan.nhdr"}])
+    monkeypatch.chdir(tmp_path)  # the CSV and its files named relative to the current folder, as a user types them
+    store = tmp_path / "store"
+    res = prepare_dataset("cases.csv", str(store), CFG, show_progress=False)
+    assert (res.converted, res.failed) == (1, 3)
+    printed = {f["case_id"]: f["reason"] for f in res.failures}  # what the FAILED console lines say
+    assert printed["spaced"] == f'unreadable NIfTI (Cannot work out file type of "{spaced}/{CANARY}SPACED Doe.nii")'
+    reasons = {f["case_id"]: f["reason"] for f in read_failures(str(store))}
+    assert CANARY not in _kept(store, caplog) and "Mary" not in _kept(store, caplog), reasons
+    assert reasons["bare"] == reasons["spaced"] == 'unreadable NIfTI (Cannot work out file type of "<path>")'
+    assert reasons["nhdr"] == "NRRD 'data file' must lie beside the header, not at '<path>'"
