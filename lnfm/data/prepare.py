@@ -49,6 +49,10 @@ _PATHLIKE = re.compile(r"\S*[/\\]\S*")
 # or this short is replaced only where a path holds it: standing alone, it is a word of the reason ('Cannot work
 # out file type', 'pixel data').
 _PLAIN_NAME = re.compile(r"[a-z]+|[A-Z]+|.{1,2}")
+# DICOM UIDs (SeriesInstanceUID in a series list): numbers joined by dots, four or more. Those under the
+# standard's own root (transfer syntaxes, SOP classes) identify no one and stay.
+_UID = re.compile(r"(?<![0-9])[0-9]+(?:\.[0-9]+){3,}")
+_STANDARD_UID_ROOT = "1.2.840.10008."
 # Affines of two grids agree when every entry differs by less than this (mm).
 GRID_TOL_MM = 1e-3
 # A channel on a grid of its own (PET) must cover at least this share of the first channel's (CT's) voxels,
@@ -526,13 +530,14 @@ def private_names(paths, listing: bool = True) -> set[str]:
 
 
 def _scrub(text: str, names=()) -> str:
-    """A reason without any path in it (file and folder names may hold patient names): every occurrence of
-    `names` (`private_names`; longest first) that no letter or digit adjoins, and every word with a slash in it,
-    becomes <path>."""
+    """A reason without any path in it (file and folder names may hold patient names) or DICOM identifier: every
+    occurrence of `names` (`private_names`; longest first) that no letter or digit adjoins, and every word with a
+    slash in it, becomes <path>; a DICOM UID <uid>."""
     for name in sorted(names, key=lambda n: (-len(n), n)):
         if name in text:
             text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", "<path>", text)
-    return _PATHLIKE.sub("<path>", text)
+    text = _PATHLIKE.sub("<path>", text)
+    return _UID.sub(lambda m: m[0] if m[0].startswith(_STANDARD_UID_ROOT) else "<uid>", text)
 
 
 class _Scrubber:
@@ -550,8 +555,8 @@ class _Scrubber:
 
 def stored_failure(failure: dict, salt: str, scrub=None) -> dict:
     """What failures.jsonl keeps of a failure: the case id when there is one, else a salted hash
-    of the file (the same file always gives the same ref), and the reason without paths (`scrub`: a `_Scrubber`;
-    by default one knowing the failure's own paths)."""
+    of the file (the same file always gives the same ref), and the reason without paths or DICOM UIDs (`scrub`: a
+    `_Scrubber`; by default one knowing the failure's own paths)."""
     scrub = scrub or _Scrubber([])
     return {"case_id": failure.get("case_id"), "ref": hashed_id(str(failure["file"]), salt),
             "reason": scrub(failure)}

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from raw_cases import affine_lps, nnunet_folder, phantom, save, write_csv
 
 from lnfm.data.cases import assign_split, hashed_id
@@ -627,6 +628,24 @@ def test_a_rerun_reads_no_unchanged_source_and_still_catches_a_rewritten_one(tmp
 CANARY = "CANARY"
 
 
+def _real_series(shared_data, folder: Path, edit=None, n: int = 3, texts: dict | None = None) -> Path:
+    """The first `n` slices of the real series, decompressed, `edit(i, ds)` applied, then each numeric placeholder
+    of `texts` replaced by its text of the same length in the files' bytes (pydicom writes no text into a number)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(sorted((shared_data / "ct/totalsegmentator/example_ct_dicom").iterdir())[:n]):
+        ds = pydicom.dcmread(f)
+        ds.decompress()
+        if edit is not None:
+            edit(i, ds)
+        out = folder / f"{CANARY}SLICE_{i:03d}.dcm"
+        ds.save_as(out)
+        data = out.read_bytes()
+        for placeholder, text in (texts or {}).items():
+            data = data.replace(placeholder.encode(), text.encode())
+        out.write_bytes(data)
+    return folder
+
+
 def _kept(store: Path, caplog) -> str:
     """Everything prepare keeps beyond the console: failures.jsonl (and its parts) and the log."""
     return "".join(p.read_text() for p in store.rglob("failures*.jsonl")) + caplog.text
@@ -659,3 +678,26 @@ def test_stored_reasons_and_the_log_name_no_part_of_a_case_path_with_spaces(tmp_
     assert CANARY not in _kept(store, caplog) and "Mary" not in _kept(store, caplog), reasons
     assert reasons["bare"] == reasons["spaced"] == 'unreadable NIfTI (Cannot work out file type of "<path>")'
     assert reasons["nhdr"] == "NRRD 'data file' must lie beside the header, not at '<path>'"
+
+
+def test_stored_reasons_hold_no_dicom_uid_the_console_line_keeps(shared_data, tmp_path, capsys, caplog):
+    """'folder holds 2 DICOM series: 1.2.826...; 1.2.826...' went into failures.jsonl whole."""
+    uids = [generate_uid(), generate_uid(), generate_uid()]
+
+    def two_series(i, ds):
+        ds.SeriesInstanceUID = uids[i % 2]
+
+    folder = _real_series(shared_data, tmp_path / "scans", two_series, n=4)
+    img, _ = phantom()
+    table = write_csv(tmp_path / "cases.csv", [{"case_id": "good", "image": save(tmp_path / "g.nii.gz", img,
+                                                                                 affine_lps())},
+                                               {"case_id": "two", "image": str(folder)}])
+    for extra in ([], ["--series", uids[2]]):  # none chosen, or one the folder lacks
+        store = tmp_path / f"store{len(extra)}"
+        assert main(["--input", str(table), "--output", str(store), "--workers", "0", "salt=s", *extra]) == 1
+        failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED ")]
+        assert failed == [f"FAILED {folder}: folder holds 2 DICOM series: {uids[0]} (2 file(s)); {uids[1]} (2 "
+                          f"file(s)); choose one with --series UID"]  # the user picks one from this line
+        assert [f["reason"] for f in read_failures(str(store))] == [
+            "folder holds 2 DICOM series: <uid> (2 file(s)); <uid> (2 file(s)); choose one with --series UID"]
+        assert not any(uid in _kept(store, caplog) for uid in uids)
