@@ -53,6 +53,9 @@ _PLAIN_NAME = re.compile(r"[a-z]+|[A-Z]+|.{1,2}")
 # standard's own root (transfer syntaxes, SOP classes) identify no one and stay.
 _UID = re.compile(r"(?<![0-9])[0-9]+(?:\.[0-9]+){3,}")
 _STANDARD_UID_ROOT = "1.2.840.10008."
+# A header's text that a reader quotes: pydicom's "'Photometric Interpretation' value 'X'", "a value of 'X'",
+# "Invalid value for VR DS: 'X'", Python's "could not convert string to float: 'X'".
+_QUOTED_VALUE = re.compile(r"""(\bvalue(?: of)?|\bVR [A-Z]{2}:|\bstring to \w+:)\s*(['"])(?:(?!\2).)*\2""")
 # Affines of two grids agree when every entry differs by less than this (mm).
 GRID_TOL_MM = 1e-3
 # A channel on a grid of its own (PET) must cover at least this share of the first channel's (CT's) voxels,
@@ -532,12 +535,13 @@ def private_names(paths, listing: bool = True) -> set[str]:
 def _scrub(text: str, names=()) -> str:
     """A reason without any path in it (file and folder names may hold patient names) or DICOM identifier: every
     occurrence of `names` (`private_names`; longest first) that no letter or digit adjoins, and every word with a
-    slash in it, becomes <path>; a DICOM UID <uid>."""
+    slash in it, becomes <path>; a DICOM UID <uid>; a header's text that a reader quoted <value>."""
     for name in sorted(names, key=lambda n: (-len(n), n)):
         if name in text:
             text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", "<path>", text)
     text = _PATHLIKE.sub("<path>", text)
-    return _UID.sub(lambda m: m[0] if m[0].startswith(_STANDARD_UID_ROOT) else "<uid>", text)
+    text = _UID.sub(lambda m: m[0] if m[0].startswith(_STANDARD_UID_ROOT) else "<uid>", text)
+    return _QUOTED_VALUE.sub(r"\1 <value>", text)
 
 
 class _Scrubber:
@@ -555,8 +559,8 @@ class _Scrubber:
 
 def stored_failure(failure: dict, salt: str, scrub=None) -> dict:
     """What failures.jsonl keeps of a failure: the case id when there is one, else a salted hash
-    of the file (the same file always gives the same ref), and the reason without paths or DICOM UIDs (`scrub`: a
-    `_Scrubber`; by default one knowing the failure's own paths)."""
+    of the file (the same file always gives the same ref), and the reason without paths, DICOM UIDs or quoted
+    header values (`scrub`: a `_Scrubber`; by default one knowing the failure's own paths)."""
     scrub = scrub or _Scrubber([])
     return {"case_id": failure.get("case_id"), "ref": hashed_id(str(failure["file"]), salt),
             "reason": scrub(failure)}

@@ -701,3 +701,36 @@ def test_stored_reasons_hold_no_dicom_uid_the_console_line_keeps(shared_data, tm
         assert [f["reason"] for f in read_failures(str(store))] == [
             "folder holds 2 DICOM series: <uid> (2 file(s)); <uid> (2 file(s)); choose one with --series UID"]
         assert not any(uid in _kept(store, caplog) for uid in uids)
+
+
+def test_a_header_value_that_is_text_is_a_one_line_failure_and_stays_out_of_the_stored_reason(shared_data, tmp_path,
+                                                                                             capsys, caplog):
+    """A PixelSpacing or ImagePositionPatient holding text was logged as 'unexpected error (a bug)' with a
+    traceback; the text of RescaleSlope or PhotometricInterpretation went into failures.jsonl."""
+    def header(tag, value):
+        def edit(i, ds):
+            if i == 1:
+                setattr(ds, tag, value(ds))
+        return edit
+
+    texts = {"9999999999": f"{CANARY}SPC1", "8888888888": f"{CANARY}SLP1", "77777777777": f"{CANARY}PHOTO"}
+    edits = {"spacing": header("PixelSpacing", lambda ds: [ds.PixelSpacing[0], "9999999999"]),
+             "position": header("ImagePositionPatient", lambda ds: [*ds.ImagePositionPatient[:2], "9999999999"]),
+             "slope": header("RescaleSlope", lambda ds: "8888888888"),
+             "photometric": header("PhotometricInterpretation", lambda ds: "77777777777")}
+    rows = [{"case_id": name, "image": str(_real_series(shared_data, tmp_path / name, edit, texts=texts))}
+            for name, edit in edits.items()]
+    store = tmp_path / "store"
+    assert main(["--input", str(write_csv(tmp_path / "cases.csv", rows)), "--output", str(store), "--workers", "0",
+                 "salt=s"]) == 1
+    out = capsys.readouterr().out
+    assert "Traceback" not in out + caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert f"FAILED {tmp_path / 'spacing'}: file 2 of 3: PixelSpacing holds a value that is not a number" in out
+    reasons = {f["case_id"]: f["reason"] for f in read_failures(str(store))}
+    assert reasons == {
+        "spacing": "file 2 of 3: PixelSpacing holds a value that is not a number",
+        "position": "file 2 of 3: ImagePositionPatient holds a value that is not a number",
+        "slope": "file 2 of 3: RescaleSlope holds a value that is not a number (a finite number, not 0)",
+        "photometric": "file 2 of 3: unreadable DICOM (ValueError: Unknown (0028,0004) 'Photometric Interpretation' "
+                       "value <value>)"}
+    assert CANARY not in _kept(store, caplog)
