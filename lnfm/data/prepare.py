@@ -558,11 +558,12 @@ class _Scrubber:
 
 
 def stored_failure(failure: dict, salt: str, scrub=None) -> dict:
-    """What failures.jsonl keeps of a failure: the case id when there is one, else a salted hash
-    of the file (the same file always gives the same ref), and the reason without paths, DICOM UIDs or quoted
-    header values (`scrub`: a `_Scrubber`; by default one knowing the failure's own paths)."""
+    """What failures.jsonl keeps of a failure: the case id when there is one, a hash of the file's absolute path
+    salted as case ids are (under one salt the same file always gives the same ref, named relative to any folder),
+    and the reason without paths, DICOM UIDs or quoted header values (`scrub`: a `_Scrubber`; by default one
+    knowing the failure's own paths)."""
     scrub = scrub or _Scrubber([])
-    return {"case_id": failure.get("case_id"), "ref": hashed_id(str(failure["file"]), salt),
+    return {"case_id": failure.get("case_id"), "ref": hashed_id(os.path.abspath(str(failure["file"])), salt),
             "reason": scrub(failure)}
 
 

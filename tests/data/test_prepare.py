@@ -734,3 +734,23 @@ def test_a_header_value_that_is_text_is_a_one_line_failure_and_stays_out_of_the_
         "photometric": "file 2 of 3: unreadable DICOM (ValueError: Unknown (0028,0004) 'Photometric Interpretation' "
                        "value <value>)"}
     assert CANARY not in _kept(store, caplog)
+
+
+def test_a_failure_ref_is_salted_and_the_same_for_one_file_named_from_any_folder(tmp_path, monkeypatch):
+    """The ref hashed the path as the CSV's row and the current folder made it: a rerun of the same CSV from another
+    folder gave the same file another ref."""
+    img, _ = phantom()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "bad.nii.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 30)
+    write_csv(tmp_path / "d" / "cases.csv", [{"case_id": "good", "image": save(tmp_path / "d" / "g.nii.gz", img,
+                                                                                affine_lps())},
+                                              {"case_id": "bad", "image": "bad.nii.gz"}])
+    refs = []
+    for cwd, table, salt in ((tmp_path, "d/cases.csv", "a"), (tmp_path / "d", "cases.csv", "a"),
+                             (tmp_path, "d/cases.csv", "b")):
+        monkeypatch.chdir(cwd)
+        store = tmp_path / f"store{len(refs)}"
+        assert prepare_dataset(table, str(store), PrepareConfig(workers=0, salt=salt), show_progress=False).failed == 1
+        refs += [f["ref"] for f in read_failures(str(store))]
+    bad = str(tmp_path / "d" / "bad.nii.gz")
+    assert refs == [hashed_id(bad, "a"), hashed_id(bad, "a"), hashed_id(bad, "b")] and refs[0] != refs[2]
