@@ -104,7 +104,7 @@ def read_box(arr, start: np.ndarray, size: tuple[int, int, int], fill: float = 0
     hi = np.minimum(start + np.asarray(size), shape)
     if not np.all(hi > lo):
         return np.full(size, fill, dtype=dtype)
-    box = np.asarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].read().result(), dtype=dtype)
+    box = np.asarray(st.read_array(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]), dtype=dtype)
     pad = [(int(x), int(n - y)) for x, y, n in zip(lo - start, hi - start, size)]
     if not any(a or b for a, b in pad):  # inside the volume: every patch of a large enough scan
         return box

@@ -49,7 +49,7 @@ def write_pseudo_store(out: str, cases: Sequence[tuple[str, dict]],
     sources = list(dict.fromkeys(source for source, _ in cases))
     for source, rec in cases:
         # one read per channel, in the stored dtype (int16 CT) for the copy; `read_case`'s float32 for the model
-        stored = [st.open_array(source, path).read().result() for path in rec["image_path"]]
+        stored = [st.read_array(st.open_array(source, path)) for path in rec["image_path"]]
         image = np.stack([c.astype(np.float32) for c in stored], axis=-1)
         label = np.asarray(predict(rec, image), np.uint8)
         if label.shape != image.shape[:3]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -169,13 +170,34 @@ def read_failures(store: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+# TensorStore's status for a chunk or shard file that is damaged, truncated or gone (a bug of ours in the box
+# asked for would be INVALID_ARGUMENT or OUT_OF_RANGE, and keeps its traceback).
+_UNREADABLE = re.compile(r"^(FAILED_PRECONDITION|DATA_LOSS|NOT_FOUND): Error (reading|opening)")
+
+
+def read_array(box) -> np.ndarray:
+    """`box.read().result()` of a stored array (or a box of one); a damaged or missing file of a case is a one-line
+    StoreError naming the store and the case (it was a traceback from inside the training loop)."""
+    try:
+        return box.read().result()
+    except ValueError as e:
+        m = _UNREADABLE.match(str(e))
+        where = re.search(r"\"([^\"]*?)/cases/([^/\"]+)/", str(e))
+        if m is None or where is None:
+            raise
+        store, case = where.groups()
+        raise StoreError(f"{store}: case {case}: a stored array cannot be read ({m.group(1)}: a file under "
+                         f"cases/{case}/ is damaged, truncated or missing); remove records/{case}.json and the folder "
+                         f"cases/{case}, then rerun prepare to convert the case again") from None
+
+
 def read_case(store: str, record: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """Whole case: image float32 (X, Y, Z, C) in raw units (HU / SUV), label uint8 (X, Y, Z) or None."""
-    chans = [open_array(store, p).read().result().astype(np.float32) for p in record["image_path"]]
+    chans = [read_array(open_array(store, p)).astype(np.float32) for p in record["image_path"]]
     image = np.stack(chans, axis=-1)
     label = None
     if record.get("label_path"):
-        label = open_array(store, record["label_path"]).read().result().astype(np.uint8)
+        label = read_array(open_array(store, record["label_path"])).astype(np.uint8)
     return image, label
 
 

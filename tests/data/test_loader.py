@@ -251,3 +251,21 @@ def test_hard_negative_patches_are_centred_on_node_look_alikes_away_from_the_nod
     assert np.allclose(centres(1.0), look_alike)  # all 48 patches
     assert np.mean(np.isclose(centres(0.0), look_alike)) < 0.2  # uniform centres: the rod is 1.1 % of the volume
     assert all(not b["label"].any() for b in _take(iter(make_loader([store], cfg, labels=True)), 4))
+
+
+def test_a_damaged_chunk_file_is_one_line_naming_the_case(tmp_path):
+    """A store file damaged on disk (a copy cut short, a file lost) was a TensorStore traceback from inside the
+    training loop; the loader and `read_case` now name the store and the case in one line, and what to do."""
+    from lnfm.data.store import StoreError, read_case, read_manifest
+
+    store = _store(tmp_path, [(24, 24, 24)])
+    chunks = [f for f in (tmp_path / "store" / "cases" / "c0" / "image_0000").rglob("*") if f.is_file()
+              and f.name != "zarr.json"]
+    assert chunks
+    for f in chunks:  # cut short (a missing file is no error: zarr reads an absent chunk as its fill value)
+        f.write_bytes(b"\0" * 100)
+    said = f"^{store}: case c0: a stored array cannot be read .*remove records/c0.json and the folder cases/c0"
+    with pytest.raises(StoreError, match=said):
+        _take(iter(make_loader([store], PLAIN, shard_index=0, shard_count=1)), 1)
+    with pytest.raises(StoreError, match=said):
+        read_case(store, read_manifest(store)[0])
