@@ -47,7 +47,8 @@ def kvstore_spec(store: str, sub: str = "") -> dict:
         local = str(store)
     else:
         raise StoreError(f"{store}: unsupported store URL scheme '{url.scheme}' (use a path, file://, gs:// or s3://)")
-    path = str(Path(local).absolute() / sub) if sub else str(Path(local).absolute())
+    root = Path(local).resolve()  # TensorStore refuses a path with '..' in it; resolved as the OS reads it
+    path = str(root / sub) if sub else str(root)
     return {"driver": "file", "path": path}
 
 

@@ -44,3 +44,13 @@ def test_manifest_merges_records_until_rewritten(tmp_path):
     st.write_record(s, {"case_id": "c", "v": 3})  # another host finished a case meanwhile
     assert [r["case_id"] for r in st.read_manifest(s)] == ["a", "b", "c"]
     assert st.read_manifest(str(tmp_path / "empty")) == []
+
+
+def test_a_store_named_with_dot_dot_opens(tmp_path, monkeypatch):
+    """`--data ../store` was refused: TensorStore takes no '..' in a file path. The path is resolved first."""
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    st.create_array(str(tmp_path / "store"), "cases/a/x", data, chunk=32, shard=64)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert st.kvstore_spec("../store", "m") == {"driver": "file", "path": f"{tmp_path}/store/m"}
+    np.testing.assert_array_equal(st.read_array(st.open_array("../store", "cases/a/x")), data)
