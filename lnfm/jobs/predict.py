@@ -253,10 +253,13 @@ def _temp(path: Path) -> Path:
 
 def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, probabilities: Path | None = None,
                   report: Path | None = None, overlay: Path | None = None, title: str = "",
-                  dicom: tuple | None = None) -> None:
+                  dicom: tuple | None = None, force: bool | None = None) -> None:
     """Write every requested output under a temporary name, then rename them all (a pending pair with no
     temporary name removes its final path: predict's own earlier output that this run does not replace).
-    `output` is the NIfTI mask (None: not asked for); `dicom` = (source series, {format: path}, OutputFormats)."""
+    `output` is the NIfTI mask (None: not asked for); `dicom` = (source series, {format: path}, OutputFormats).
+    `force` is the command's --force, its outputs checked when the model had not yet loaded
+    (`check_not_there`): they are checked again as they are put in place (`_commit`). None (a library
+    call) replaces whatever is there."""
     pending: list[tuple[Path, Path]] = []
     try:
         for final in (output, probabilities, report, overlay, *(dicom[1].values() if dicom else ())):
@@ -291,11 +294,83 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
                            f"nothing was replaced") from None
         raise
     with deferred_termination():  # a case's outputs are replaced together: a signal waits for the last rename
+        if force is not None:
+            _commit(pending, force)
+            return
         for tmp, final in pending:
             if tmp is None:  # an earlier run's output this run does not write (an RTSTRUCT with no node)
                 final.unlink(missing_ok=True)
             else:
                 os.replace(tmp, final)
+
+
+def _written_meanwhile(pending: list[tuple[Path | None, Path]], final: Path, placed=()) -> PredictError:
+    """Remove this case's temporary files and the new files it has already put in place (`placed`);
+    the error naming `final`, which another process or a user wrote while predict ran."""
+    for path in placed:
+        path.unlink(missing_ok=True)
+    for tmp, _ in pending:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return PredictError(f"{final}: written by another process or a user while predict ran; left as it is, "
+                        f"and none of this case's outputs was written")
+
+
+def _is_replaceable(final: Path, force: bool) -> bool:
+    """`check_not_there`'s rule, again: absent, or with --force an unchanged output of predict's."""
+    return not os.path.lexists(final) or (force and made_by_predict(final))
+
+
+def _reserve(tmp: Path, final: Path) -> bool:
+    """Put `tmp` at `final` only if nothing is there: a hard link (False when a link cannot be made here);
+    without links, an empty file made exclusively, which `os.replace` then fills. FileExistsError if
+    `final` appeared."""
+    try:
+        os.link(tmp, final)
+        return True
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links (FAT, some network shares)
+        os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return False
+
+
+def _commit(pending: list[tuple[Path | None, Path]], force: bool) -> None:
+    """Put a case's outputs in place, checking each as `check_not_there` did before the model loaded: a
+    file another predict or a user wrote meanwhile is left as it is, and the case fails with nothing of
+    its own written. Every output is checked before any is renamed; a new one is then created without
+    replacing anything, and a replaced one is checked again right before its rename."""
+    for _, final in pending:
+        if not _is_replaceable(final, force):
+            raise _written_meanwhile(pending, final)
+    placed: list[Path] = []  # new files put in place: removed again if a later one clashes
+    filled: list[tuple[Path, Path]] = []  # (tmp, final): final reserved by an empty file, tmp renamed onto it
+    linked: list[Path] = []  # temporary names whose final is a hard link to them
+    for tmp, final in pending:
+        if tmp is None or os.path.lexists(final):
+            continue
+        try:
+            is_link = _reserve(tmp, final)
+        except FileExistsError:
+            raise _written_meanwhile(pending, final, placed) from None
+        placed.append(final)
+        if is_link:
+            linked.append(tmp)
+        else:
+            filled.append((tmp, final))
+    replaced = [(tmp, final) for tmp, final in pending if final not in set(placed)]
+    for _, final in replaced:  # right before the renames: each is still absent or (--force) predict's
+        if not _is_replaceable(final, force):
+            raise _written_meanwhile(pending, final, placed)
+    for tmp, final in replaced:
+        if tmp is None:  # an earlier run's output this run does not write (an RTSTRUCT with no node)
+            final.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, final)
+    for tmp, final in filled:
+        os.replace(tmp, final)
+    for tmp in linked:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_output(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
@@ -352,11 +427,11 @@ def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], outpu
                  probabilities: str | Path | None = None, report: str | Path | None = None,
                  overlay: str | Path | None = None, options: PredictOptions | None = None,
                  vol: Volume | None = None, formats: OutputFormats | None = None, series=None,
-                 series_uid: str | None = None) -> Prediction:
+                 series_uid: str | None = None, force: bool | None = None) -> Prediction:
     """Read and check one scan (unless `vol` holds it already read by `read_scan`, and `series` its
     DICOM source headers), segment it and write its outputs (see the module docstring).
     `series_uid` picks the series of a DICOM folder holding several. No input path reaches an
-    output or the log: folder and file names often hold patient names."""
+    output or the log: folder and file names often hold patient names. `force`: see `write_outputs`."""
     formats = formats or OutputFormats()
     paths = output_paths(output, formats.formats)
     check_outputs(output, probabilities, overlay, formats.formats, report)
@@ -370,7 +445,7 @@ def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], outpu
     write_outputs(pred, meta, paths.pop("nifti", None), Path(probabilities) if probabilities else None,
                   Path(report) if report else None, Path(overlay) if overlay else None,
                   title=f"lnfm predict: {site} model" if site else "lnfm predict",
-                  dicom=(series, paths, formats) if formats.dicom else None)
+                  dicom=(series, paths, formats) if formats.dicom else None, force=force)
     log.info("%d node(s) predicted", _count_nodes(pred.labels))
     return pred
 
@@ -516,8 +591,8 @@ def predict_folder(predictor: Callable, meta: ExportMeta, folder: str | Path, ou
 
 def _predict_cases(predictor: Callable, meta: ExportMeta, cases: dict[str, list[str]], out: str | Path,
                    probabilities: str | Path | None, report: str | Path | None, overlay: str | Path | None,
-                   options: PredictOptions | None, show_progress: bool, formats: OutputFormats | None
-                   ) -> dict[str, str]:
+                   options: PredictOptions | None, show_progress: bool, formats: OutputFormats | None,
+                   force: bool | None = None) -> dict[str, str]:
     """`predict_folder`'s loop over `cases` (`batch_cases`), once its caller has checked the paths
     (`check_batch_paths`): a bad scan fails alone, a full disk or a bug stops the batch."""
     out = Path(out)
@@ -528,7 +603,8 @@ def _predict_cases(predictor: Callable, meta: ExportMeta, cases: dict[str, list[
             predict_case(predictor, meta, inputs, out / f"{case}.nii.gz",
                          Path(probabilities) / f"{case}.nii.gz" if probabilities else None,
                          Path(report) / f"{case}.csv" if report else None,
-                         Path(overlay) / f"{case}.png" if overlay else None, options, formats=formats)
+                         Path(overlay) / f"{case}.png" if overlay else None, options, formats=formats,
+                         force=force)
         except DiskFull:  # every later case would fail the same way: stop, the finished cases are kept
             raise
         except LnfmError as e:  # a bad scan fails alone; a bug stops the batch with its traceback
@@ -693,12 +769,12 @@ def run(args: argparse.Namespace) -> int:
     if batch:
         # the paths were checked above, with --model, before the model loaded
         failed = {**unusable, **_predict_cases(predictor, meta, cases, args.output, args.probabilities, args.report,
-                                               args.overlay, options, True, formats)}
+                                               args.overlay, options, True, formats, args.force)}
         for case, err in failed.items():
             print(f"FAILED {case}: {err}", file=sys.stderr)
         return 1 if failed else 0
     predict_case(predictor, meta, inputs, args.output, args.probabilities, args.report, args.overlay, options,
-                 vol=vol, formats=formats, series=series)
+                 vol=vol, formats=formats, series=series, force=args.force)
     return 0
 
 
