@@ -584,3 +584,75 @@ def test_the_node_size_prior_is_model_json_s_unless_overridden(tiny):  # noqa: F
     parsed = pr.build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", "--min-short-axis-mm", "0",
                                            "--max-elongation", "3"])
     assert (parsed.min_short_axis_mm, parsed.max_elongation) == (0.0, 3.0)
+
+
+def _writes_meanwhile(monkeypatch, write) -> None:
+    """`write()` runs once the scan is predicted, before predict puts its outputs in place: another
+    process or a reader saving a file while predict runs."""
+    real = pr.predict_volume
+
+    def predict_then_write(*args, **kwargs):
+        pred = real(*args, **kwargs)
+        write()
+        return pred
+
+    monkeypatch.setattr(pr, "predict_volume", predict_then_write)
+
+
+def test_a_correction_saved_while_force_runs_is_kept(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """--force checked before the model loaded that the mask was predict's; a reader's correction saved
+    while the batch ran was then replaced without a word (rc 0). Now that case fails, the correction stays."""
+    import shutil
+
+    from tree_helpers import leftovers
+
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    cases = [r["case_id"] for r in tiny.records[:2]]
+    for case in cases:
+        shutil.copy(tiny.raw / "imagesTr" / f"{case}_0000.nii.gz", scans / f"{case}.nii.gz")
+    args = ["--model", str(tiny.orbax), "--input", str(scans), "--output", str(out), "--report", str(tmp_path / "r")]
+    assert run_job("predict", args) == 0
+    mask, report = out / f"{cases[1]}.nii.gz", tmp_path / "r" / f"{cases[1]}.csv"
+    old_report = report.read_bytes()
+    img = nib.load(mask)
+    corrected = np.zeros(img.shape, np.uint8)
+    corrected[2:5, 2:5, 2:5] = 1
+    seen = []
+
+    def correct():
+        seen.append(1)
+        if len(seen) == 2:  # while the second case runs
+            nib.save(nib.Nifti1Image(corrected, img.affine, img.header), mask)  # keeps predict's description
+
+    _writes_meanwhile(monkeypatch, correct)
+    capsys.readouterr()
+    assert run_job("predict", [*args, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert f"FAILED {cases[1]}: {mask}: written by another process or a user while predict ran" in err
+    assert np.array_equal(np.asarray(nib.load(mask).dataobj), corrected)
+    assert report.read_bytes() == old_report  # the case's other outputs are not replaced either
+    assert leftovers(out) == [] and leftovers(tmp_path / "r") == []
+
+
+def test_two_predicts_on_one_output_do_not_replace_each_other(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Without --force both predicts found the output absent at the start and both renamed theirs at the
+    end: the mask of one scan, the report of the other. Now the later one fails and writes nothing."""
+    from tree_helpers import leftovers
+
+    scan = tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz"
+    mask = tmp_path / "o" / "mask.nii.gz"
+    other = b"the other predict's mask"
+
+    def other_predict():
+        mask.parent.mkdir(exist_ok=True)
+        mask.write_bytes(other)
+
+    _writes_meanwhile(monkeypatch, other_predict)
+    capsys.readouterr()
+    assert run_job("predict", ["--model", str(tiny.orbax), "--input", str(scan), "--output", str(mask),
+                               "--report", str(tmp_path / "o" / "rep.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lnfm predict: error: {mask}: written by another process or a user while")
+    assert mask.read_bytes() == other
+    assert sorted(p.name for p in mask.parent.iterdir()) == ["mask.nii.gz"] and leftovers(mask.parent) == []
