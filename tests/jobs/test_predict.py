@@ -656,3 +656,20 @@ def test_two_predicts_on_one_output_do_not_replace_each_other(tiny, tmp_path, ca
     assert err[-1].startswith(f"lnfm predict: error: {mask}: written by another process or a user while")
     assert mask.read_bytes() == other
     assert sorted(p.name for p in mask.parent.iterdir()) == ["mask.nii.gz"] and leftovers(mask.parent) == []
+
+
+def test_outputs_are_put_in_place_without_hard_links_too(tmp_path, monkeypatch):
+    """Where a file system refuses hard links the new output is still created without replacing anything:
+    an empty file made exclusively, then renamed over; one that appeared meanwhile fails the case."""
+    def no_link(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(pr.os, "link", no_link)
+    tmp, final = tmp_path / ".a.part1.csv", tmp_path / "a.csv"
+    tmp.write_text("ours")
+    pr._commit([(tmp, final)], force=False)
+    assert final.read_text() == "ours" and not tmp.exists()
+    tmp.write_text("ours again")
+    with pytest.raises(pr.PredictError, match="written by another process or a user while predict ran"):
+        pr._commit([(tmp, final)], force=False)
+    assert final.read_text() == "ours" and not tmp.exists()
