@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import errno
 import fcntl
 import hashlib
 import io
@@ -92,23 +93,48 @@ class WorkdirError(LnfmError, ValueError):
 
 
 @contextlib.contextmanager
-def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True) -> Iterator[None]:
+def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True, shared: bool = False,
+                then: str = "wait for it to finish or choose another folder") -> Iterator[None]:
     """Hold an exclusive lock on `folder` (created if missing) for the duration of the block.
 
     flock(2) on FOLDER/.lnfm.lock: the kernel drops it when the holder exits, however it dies,
     so a crashed job never blocks the next one. A second job gets a one-line `WorkdirError`
-    naming the holder (pid, host, start time). The lock file is removed on release, and so is
-    a folder this call created if the block left it empty: a refused job leaves nothing behind."""
+    naming the holder (pid, host, start time) and `then` (what to do instead). The lock file is removed on
+    release, and so is a folder this call created if the block left it empty: a refused job leaves nothing
+    behind. `shared=True` is a reader's lock on a run (export, finetune --init): readers share it, and no
+    job trains there while one reads; it names no holder, and the last reader out removes the lock file. A
+    run in a folder this user may not write is read unlocked (no job of this user can be training there)."""
     if not enabled:
         yield
         return
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise WorkdirError(f"{folder}: exists and is not a folder")
+    if shared:
+        try:
+            fd = _acquire(folder / name, folder, then, fcntl.LOCK_SH)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            fd = None
+        if fd is None:
+            yield  # a read-only run: no training job can be writing it
+            return
+        try:
+            os.ftruncate(fd, 0)  # a killed job's line would name it as the holder to a job this reader refuses
+            yield
+        finally:
+            try:  # the last reader out removes the lock file (a waiter then finds it gone and retries)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                (folder / name).unlink(missing_ok=True)
+            except BlockingIOError:
+                pass  # another reader still holds it
+            os.close(fd)
+        return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    fd = _acquire(path, folder)
+    fd = _acquire(path, folder, then)
     try:
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
@@ -120,17 +146,16 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True)
             folder.rmdir()
 
 
-def _acquire(path: Path, folder: Path) -> int:
+def _acquire(path: Path, folder: Path, then: str, mode: int = fcntl.LOCK_EX) -> int:
     """An fd holding the flock of `path`, retried while a releasing holder unlinks the file."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise WorkdirError(f"{folder}: in use by another lnfm job ({holder}); wait for it to finish or choose "
-                               f"another folder") from None
+            raise WorkdirError(f"{folder}: in use by another lnfm job ({holder}); {then}") from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd

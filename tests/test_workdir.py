@@ -194,3 +194,23 @@ def test_a_folder_of_files_without_a_config_yaml_is_no_run_s_workdir(tmp_path):
     (tmp_path / "mine" / "summary.json").write_text('{"mine": true}')
     with pytest.raises(WorkdirError, match=r"holds summary.json but no config.yaml: not a run's workdir"):
         check_config_is_this_jobs(tmp_path / "mine", Cfg())
+
+
+def test_readers_share_a_runs_lock_that_a_training_job_is_refused_while_they_hold(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with W.lock_folder(run, shared=True, then="read it later"):
+        with W.lock_folder(run, shared=True):  # a second export of the same run
+            with pytest.raises(W.WorkdirError, match="in use by another lnfm job"):
+                with W.lock_folder(run):
+                    pass
+    assert list(run.iterdir()) == []  # the last reader removed the lock file
+    proc = _holder(run)
+    try:
+        with pytest.raises(W.WorkdirError) as e:
+            with W.lock_folder(run, shared=True, then="read it later"):
+                pass
+        assert f"pid {proc.pid} on " in str(e.value) and str(e.value).endswith("; read it later")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

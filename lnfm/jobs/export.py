@@ -453,37 +453,39 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
         raise ExportError(f"unknown export format '{format}' (choices: {', '.join(FORMATS)})")
     out = Path(out).absolute()
     run = detect_source(checkpoint)
-    config = read_config(run)  # read once: its stores for the path rule, its settings for the export
-    check_apart({"--out": out}, {"--checkpoint": run.root,
-                                 "a training store the export reads": read_stores(run, config)})
-    check_outside_exports(out)
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ExportError(f"{out.parent}: exists and is not a folder")
-    with lock_folder(out.parent, f".{out.name}.lock"):
-        with deferred_termination():  # a SIGTERM mid-recovery would leave a half-removed folder behind
-            recover_interrupted(out)
-        check_replaceable(out, force)
-        source = load_source(run, config)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        try:
-            tmp.mkdir()  # inside the try: a SIGTERM right after it still removes the folder
-            with deferred_termination():  # Orbax's writer threads finish before a SIGTERM removes tmp
-                _write(source, tmp, format)
-            verify_export(tmp)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            reason = disk_full(e)
-            if reason is not None:
-                raise DiskFull(f"{out}: cannot write the export ({reason}); "
-                               f"{'the previous export is unchanged' if out.exists() else 'nothing was written'}") \
-                    from None
-            raise
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        if old.exists() or old.is_symlink():
-            _remove(old)
+    # a run still training (or resumed) rotates its checkpoints and rewrites its records: read it once it is done
+    with lock_folder(run.root, shared=True, then="export it when it has finished"):
+        config = read_config(run)  # read once: its stores for the path rule, its settings for the export
+        check_apart({"--out": out}, {"--checkpoint": run.root,
+                                     "a training store the export reads": read_stores(run, config)})
+        check_outside_exports(out)
+        if out.parent.exists() and not out.parent.is_dir():
+            raise ExportError(f"{out.parent}: exists and is not a folder")
+        with lock_folder(out.parent, f".{out.name}.lock"):
+            with deferred_termination():  # a SIGTERM mid-recovery would leave a half-removed folder behind
+                recover_interrupted(out)
+            check_replaceable(out, force)
+            source = load_source(run, config)
+            tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+            try:
+                tmp.mkdir()  # inside the try: a SIGTERM right after it still removes the folder
+                with deferred_termination():  # Orbax's writer threads finish before a SIGTERM removes tmp
+                    _write(source, tmp, format)
+                verify_export(tmp)
+            except BaseException as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                reason = disk_full(e)
+                if reason is not None:
+                    raise DiskFull(f"{out}: cannot write the export ({reason}); "
+                                   f"{'the previous export is unchanged' if out.exists() else 'nothing was written'}") \
+                        from None
+                raise
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+            if old.exists() or old.is_symlink():
+                _remove(old)
     log.info("exported %s (%s) to %s", source.kind, format, out)
     return out
 

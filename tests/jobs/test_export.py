@@ -580,3 +580,33 @@ def test_an_export_into_a_store_the_run_recorded_relative_to_another_folder_is_r
         ex.export_model(workdir, Path(tiny.store) / "cases" / "export", "safetensors")
     assert sorted(p.name for p in Path(tiny.store).iterdir()) == before
     assert not (Path(tiny.store) / "cases" / "export").exists()
+
+
+def test_a_run_still_training_is_refused_in_one_line_and_exported_once_it_has_finished(tiny, tmp_path, capsys):  # noqa: F811
+    import os
+    import shutil
+    import signal
+
+    from lnfm.cli import run_job
+
+    work = tmp_path / "ft"
+    shutil.copytree(tiny.workdir, work)
+    hold = ("import sys, time; from lnfm.workdir import lock_folder\n"
+            "with lock_folder(sys.argv[1]):\n"
+            "    print('locked', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(work)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert proc.stdout.readline().strip() == "locked"  # the training job's own workdir lock
+        capsys.readouterr()
+        rc = run_job("export", ["--checkpoint", str(work), "--out", str(tmp_path / "exp")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, err
+        assert f"in use by another lnfm job (pid {proc.pid} on " in err[0]
+        assert err[0].endswith("export it when it has finished")
+        assert not (tmp_path / "exp").exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert run_job("export", ["--checkpoint", str(work), "--out", str(tmp_path / "exp")]) == 0
+    assert not (work / ".lnfm.lock").exists()  # the reader leaves no lock file in the run
