@@ -86,7 +86,7 @@ from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessin
 from lnfm.train.state import create_train_state, merge_model, split_model
 from lnfm.train.job import Checked, check_channels, check_run_config, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
-from lnfm.workdir import MetricsWriter, open_workdir
+from lnfm.workdir import MetricsWriter, lock_folder, open_workdir
 
 log = logging.getLogger("lnfm.finetune")
 
@@ -352,7 +352,10 @@ def build_model(cfg: FinetuneConfig, seed: int, mesh: jax.sharding.Mesh) -> nnx.
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                               nnx.state(model.encoder, nnx.Param))
         checkpoints = PretrainRun(path).checkpoints
-        encoder = restore_params(checkpoints, nnx.State({"encoder": target}))["encoder"]
+        # a pretraining run still training rotates its checkpoints: read it once it has finished
+        with lock_folder(path, shared=True, enabled=jax.process_index() == 0,
+                         then="finetune from it when it has finished"):
+            encoder = restore_params(checkpoints, nnx.State({"encoder": target}))["encoder"]
         load_encoder_state(model, encoder if isinstance(encoder, nnx.State) else nnx.State(encoder))
         log.info("encoder initialised from the pretraining run (--init)")  # no paths in logs
     elif kind == "export":
