@@ -366,7 +366,7 @@ def save_gallery(case: SynthCase, path: str | Path, window: tuple[float, float] 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")  # two writers never share it
     fig.savefig(tmp, dpi=80, facecolor="black")
     plt.close(fig)
     tmp.replace(path)

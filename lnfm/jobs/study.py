@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from lnfm.config import ConfigError, load_config, parse_args_once, preset_path, to_dict
+from lnfm.config import ConfigError, load_config, parse_args_once, preset_path, read_yaml, to_dict
 from lnfm.data import synth
 from lnfm.data.benchmark import BenchmarkSpec
 from lnfm.data.benchmark import build as build_data
@@ -40,8 +40,9 @@ from lnfm.errors import LnfmError
 from lnfm.jobs.finetune import load_finetune_config
 from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretrain_config
 from lnfm.runs import FinetuneRun
-from lnfm.workdir import (atomic_write_csv, atomic_write_text, check_config_is_this_jobs, check_resume, file_sha256,
-                          lock_folder, open_workdir, progress, recorded_digests)
+from lnfm.workdir import (WorkdirError, atomic_write_csv, atomic_write_text, check_config_is_this_jobs, check_resume,
+                          differences, file_sha256,
+                          lock_folder, open_workdir, progress, recorded_digests, remove_stale_temps)
 
 log = logging.getLogger("lnfm.study")
 REPO = Path(__file__).resolve().parents[2]
@@ -245,8 +246,10 @@ def finetune_args(cfg: StudyConfig, strategy: str, head: str) -> list[str]:
 def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, env: dict) -> dict:
     out = cell_dir(workdir, c)
     summary = FinetuneRun(out).summary
-    if not summary.is_file():
-        init = str(pre) if c["init"] == "pretrained" else "scratch"
+    init = str(pre) if c["init"] == "pretrained" else "scratch"
+    if summary.is_file():  # counted only when it is this cell's run, not one another finetune left there
+        check_cell_run(cfg, c, store, init, out)
+    else:
         cmd = [sys.executable, "-m", "lnfm", "finetune", "--site", cfg.site, "--data", str(store), "--init", init,
                "--workdir", str(out), "--num-labeled", str(c["num_labeled"]), "--repeats", str(cfg.repeats)]
         if cfg.quick:
@@ -257,6 +260,41 @@ def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, e
         out.parent.mkdir(parents=True, exist_ok=True)  # the stage's log beside its workdir: finetune refuses a
         _run(cmd, env, out.with_name(out.name + ".log"), {"WORKDIR": workdir})  # workdir holding files of others
     return json.loads(summary.read_text())
+
+
+def _cell_values(config: dict) -> dict:
+    """What makes a finetuning run a given cell's: its data, init, strategy, head and labelled subsets."""
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    paths = config.get("data") if isinstance(config.get("data"), list) else [config.get("data")]
+    init = config.get("init")
+    return {"data": [os.path.abspath(str(d)) for d in paths],
+            "init": init if init in (None, "scratch") else os.path.abspath(str(init)),
+            "strategy": config.get("strategy"), "head": config.get("head"),
+            "train": {k: train.get(k) for k in ("num_labeled", "repeats", "seed")}}
+
+
+def check_cell_run(cfg: StudyConfig, c: dict, store: Path, init: str, out: Path) -> None:
+    """Refuse, in one line, a finished run in the cell's folder whose config.yaml is not the cell's (another
+    finetune started there with another store, strategy or labelled count): its results would be reported
+    as the cell's."""
+    path = out / "config.yaml"
+    try:
+        recorded = read_yaml(path)
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise WorkdirError(f"{path}: the run in this cell's folder has no readable config.yaml, so it cannot be "
+                           f"told to be the cell's; move the folder away (the study then runs the cell again)")
+    model = scratch_model_overrides(cfg) if init == "scratch" else []
+    want = load_finetune_config(cfg.site, finetune_args(cfg, c["strategy"], c["head"]) + model, init=init,
+                                data=[str(store)], num_labeled=c["num_labeled"], repeats=cfg.repeats,
+                                quick=cfg.quick)
+    diffs = differences(_cell_values(recorded), _cell_values(json.loads(json.dumps(to_dict(want), default=list))), "")
+    if diffs:
+        more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
+        raise WorkdirError(f"{path}: the run in this cell's folder was not made by this study's cell: it has "
+                           f"{diffs[0].replace(' (new: ', ' (the cell: ')}{more}; move the folder away (the study "
+                           f"then runs the cell again) or choose another --workdir")
 
 
 def rows_of(c: dict, summary: dict) -> list[dict]:
@@ -323,7 +361,7 @@ def plot(agg: list[dict], metric: str, label: str, path: Path) -> None:
     axes[0][0].set_ylabel(f"{label} (held-out test, mean and 95% CI over repeats)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")  # two writers never share it
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
@@ -381,6 +419,9 @@ OUT_FILES = ("study.csv", "study_summary.csv", "dice_vs_labelled.png", "sensitiv
 OUT_RECORD = ".lnfm-study.json"
 
 
+OUT_LOCK = ".lnfm-study-out.lock"  # not the workdir's lock file: --out may be the workdir itself
+
+
 def check_out_files(out: Path) -> None:
     """Refuse an existing file of --out that the study would write and did not (or that changed since)."""
     recorded = recorded_digests(out / OUT_RECORD)
@@ -406,7 +447,9 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
     workdir, out = Path(workdir), Path(out)
     check_folder(workdir, "--workdir")
     check_folder(out, "--out")
-    with lock_folder(workdir):  # a second study in the same workdir is refused, not mixed into this one
+    # a second study in the same workdir, or writing the same --out, is refused, not mixed into this one
+    with lock_folder(workdir), lock_folder(out, OUT_LOCK):
+        remove_stale_temps(out)  # a killed study's half-written plot
         check_resume(workdir, cfg, RESUME_KEYS, has_run=(workdir / "data").exists() or (workdir / "runs").exists())
         check_config_is_this_jobs(workdir, cfg)
         check_out_files(out)

@@ -241,3 +241,48 @@ def test_a_rerun_replaces_only_the_study_s_own_outputs_and_workdir(tmp_path, mon
     with pytest.raises(WorkdirError, match=rf"^{pretrain / 'config.yaml'}: a config.yaml this job did not write"):
         S.run(cfg, pretrain, tmp_path / "out3", "python finetune/study.py")
     assert (pretrain / "config.yaml").read_text() == record and not (tmp_path / "out3").exists()
+
+
+def test_a_second_study_writing_the_same_out_is_refused_while_the_first_runs(tmp_path, monkeypatch):
+    """Two studies (two workdirs) with one --out mixed study.csv and study.md and shared a plot's temporary name."""
+    from lnfm.workdir import WorkdirError
+
+    cfg = S.StudyConfig(inits=["scratch"], strategies=["freeze_all"], heads=["light"], num_labeled=[1], repeats=3)
+    monkeypatch.setattr(S, "build_benchmark", lambda cfg, workdir, env: (None, None))
+    seen = []
+
+    def cell(cfg_, c, store, pre, workdir, env):
+        if not seen:  # while the first study runs its cell
+            with pytest.raises(WorkdirError, match="in use by another lnfm job") as e:
+                S.run(cfg, tmp_path / "wd2", tmp_path / "out", "cmd")
+            seen.append(str(e.value))
+        return _summary([0.2, 0.3, 0.4], [0.5, 0.5, 0.5])
+
+    monkeypatch.setattr(S, "run_cell", cell)
+    assert S.run(cfg, tmp_path / "wd", tmp_path / "out", "cmd") == 0
+    assert seen and "\n" not in seen[0] and not (tmp_path / "wd2").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*S.OUT_FILES, S.OUT_RECORD])
+
+
+def test_a_finished_run_in_a_cell_folder_is_counted_only_when_it_is_the_cell_s(tmp_path):
+    import json
+
+    from lnfm.config import dump_yaml
+    from lnfm.jobs.finetune import load_finetune_config
+    from lnfm.workdir import WorkdirError
+
+    cfg = S.StudyConfig(inits=["scratch"], strategies=["full_llrd"], heads=["fine"], num_labeled=[1], repeats=1)
+    c = S.cells(cfg)[0]
+    store, out = tmp_path / "wd" / "data" / "labelled", S.cell_dir(tmp_path / "wd", S.cells(cfg)[0])
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps(_summary([0.7], [0.5])))
+    mine = load_finetune_config(cfg.site, S.finetune_args(cfg, "full_llrd", "fine") + S.scratch_model_overrides(cfg),
+                                data=[str(store)], num_labeled=1, repeats=1, quick=cfg.quick)
+    (out / "config.yaml").write_text(dump_yaml(mine))
+    assert S.run_cell(cfg, c, store, None, tmp_path / "wd", {})["repeats"][0]["dice"] == 0.7
+    other = load_finetune_config(cfg.site, S.finetune_args(cfg, "first_k", "fine") + S.scratch_model_overrides(cfg),
+                                 data=[str(tmp_path / "st")], quick=cfg.quick)  # another finetune's, all cases
+    (out / "config.yaml").write_text(dump_yaml(other))
+    with pytest.raises(WorkdirError, match="not made by this study's cell") as e:
+        S.run_cell(cfg, c, store, None, tmp_path / "wd", {})
+    assert "\n" not in str(e.value)
