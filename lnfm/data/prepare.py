@@ -416,12 +416,28 @@ def source_stat(case: CaseSpec) -> str:
     collection's finished cases took as long as reading it). Any write changes the status-change time, which no
     tool sets back; a file written with its size kept on a file system that keeps no such time is missed."""
     h = hashlib.sha256(b"lnfm prepare source stat\0")
+    for text in _input_stats(case):
+        h.update(text.encode() + b"\0")
+    return "stat:" + h.hexdigest()[:32]
+
+
+def _input_stats(case: CaseSpec) -> list[str]:
+    """Per input (images, then the label): its files' size, modification and status-change times, one line each."""
+    out = []
     for files in _source_files(case):
+        lines = []
         for f in files:
             info = f.stat()
-            h.update(f"{info.st_size} {info.st_mtime_ns} {info.st_ctime_ns}\n".encode())
-        h.update(b"\0")
-    return "stat:" + h.hexdigest()[:32]
+            lines.append(f"{info.st_size} {info.st_mtime_ns} {info.st_ctime_ns}\n")
+        out.append("".join(lines))
+    return out
+
+
+def _stats_or_none(case: CaseSpec) -> list[str] | None:
+    try:
+        return _input_stats(case)
+    except OSError:  # a file missing or unreadable: the reader names it
+        return None
 
 
 def source_changed(case: CaseSpec, record: dict) -> bool:
@@ -440,7 +456,16 @@ def source_changed(case: CaseSpec, record: dict) -> bool:
 
 
 def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract) -> dict:
-    """Convert one case and write its arrays; returns the manifest record (not yet written)."""
+    """Convert one case and write its arrays; returns the manifest record (not yet written).
+
+    The record's source digest and stat are taken before the files are read, and the stat again once the arrays
+    are written: a file replaced meanwhile (a corrected label) fails the case, with no record, so that a rerun
+    converts it, instead of a record that names the new file over arrays of the old one."""
+    input_stats = _stats_or_none(case)
+    try:
+        source = {"source_stat": source_stat(case), "source": source_fingerprint(case)}
+    except OSError:  # the reader names the missing file below
+        source = {}
     image = read_channels(case.images, cfg.resample_channels, case.series,
                           (list(case.channels), cfg.body_threshold_hu), f"case {case.case_id}")
     label = None
@@ -478,11 +503,22 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: Prep
         label_path = f"{base}/label"
         st.create_array(output, label_path, lab, cfg.chunk, cfg.shard)
         nodes = lymph_nodes(lab, geometry["spacing"])
+    _check_unchanged(case, input_stats, source)
     split = case.split or assign_split(case.case_id, cfg.split_seed, tuple(cfg.split_fractions))
     return {"case_id": case.case_id, "site": case.site, "split": split, **geometry,
             "channels": list(case.channels), "image_path": image_paths, "label_path": label_path,
             "labelled": label_path is not None, "intensity": stats, "nodes": nodes,
-            "source_stat": source_stat(case), "source": source_fingerprint(case)}  # read: they exist
+            **source}
+
+
+def _check_unchanged(case: CaseSpec, stats: list[str] | None, source: dict) -> None:
+    """A CaseError naming the input whose files changed since `stats` were taken (before the case was read)."""
+    now = _stats_or_none(case)
+    if stats is not None and now == stats and source:
+        return
+    inputs = [*case.images, case.label or ""]
+    changed = [p for i, p in enumerate(inputs) if p and (stats is None or now is None or stats[i] != now[i])]
+    raise CaseError((changed or inputs)[0], "changed while it was being converted; rerun prepare")
 
 
 def _case_failure(case: CaseSpec, file: str, reason: str) -> dict:

@@ -624,6 +624,44 @@ def test_a_rerun_reads_no_unchanged_source_and_still_catches_a_rewritten_one(tmp
                                                                        "b_lab.nii.gz"]
 
 
+def test_a_label_replaced_while_its_case_is_converted_fails_the_case_and_the_rerun_converts_it(tmp_path, monkeypatch):
+    """The record's source digest was taken after the arrays were written: a label replaced once prepare had read
+    it gave a record naming the new file over the old label's arrays, and every rerun skipped it. The digest is
+    now taken before reading and the files' stat compared after: the case fails in one line, with no record."""
+    from lnfm.data import prepare as prep
+
+    img, lab = phantom()
+    label = tmp_path / "a_lab.nii.gz"
+    rows = [{"case_id": "a", "image": save(tmp_path / "a.nii.gz", img, affine_lps()),
+             "label": save(label, lab, affine_lps())}]
+    csv_path, store = str(write_csv(tmp_path / "cases.csv", rows)), str(tmp_path / "store")
+    corrected = lab.copy()
+    corrected[2:5, 2:5, 2:5] = 1  # a node the first label missed
+    real_read = prep._read3d
+
+    def read_then_replace(path, *args):
+        vol = real_read(path, *args)
+        if Path(path) == label:  # a corrected label moved over the file once it was read
+            save(tmp_path / "fixed.nii.gz", corrected, affine_lps())
+            (tmp_path / "fixed.nii.gz").replace(label)
+        return vol
+
+    monkeypatch.setattr(prep, "_read3d", read_then_replace)
+    cfg = PrepareConfig(workers=0, salt="s")
+    res = prepare_dataset(csv_path, store, cfg, show_progress=False)
+    assert (res.converted, res.failed) == (0, 1)
+    assert (res.failures[0]["file"], res.failures[0]["reason"]) == (
+        str(label), "changed while it was being converted; rerun prepare")
+    assert read_manifest(store) == []
+    monkeypatch.setattr(prep, "_read3d", real_read)
+    res = prepare_dataset(csv_path, store, cfg, show_progress=False)
+    assert (res.converted, res.failed) == (1, 0)
+    (record,) = read_manifest(store)
+    clean = str(tmp_path / "clean")
+    prepare_dataset(csv_path, clean, cfg, show_progress=False)
+    assert np.array_equal(read_case(store, record)[1], read_case(clean, read_manifest(clean)[0])[1])
+
+
 # Canaries: text that must not reach failures.jsonl or the log, written into folder and file names and DICOM headers.
 CANARY = "CANARY"
 
