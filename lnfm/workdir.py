@@ -94,14 +94,15 @@ class WorkdirError(LnfmError, ValueError):
 
 @contextlib.contextmanager
 def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True, shared: bool = False,
-                then: str = "wait for it to finish or choose another folder") -> Iterator[None]:
+                then: str = "wait for it to finish or choose another folder", wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (created if missing) for the duration of the block.
 
     flock(2) on FOLDER/.lnfm.lock: the kernel drops it when the holder exits, however it dies,
     so a crashed job never blocks the next one. A second job gets a one-line `WorkdirError`
     naming the holder (pid, host, start time) and `then` (what to do instead). The lock file is removed on
     release, and so is a folder this call created if the block left it empty: a refused job leaves nothing
-    behind. `shared=True` is a reader's lock on a run (export, finetune --init): readers share it, and no
+    behind. With `wait`, a held lock is waited for instead (a short step every job of the folder takes in
+    turn). `shared=True` is a reader's lock on a run (export, finetune --init): readers share it, and no
     job trains there while one reads; it names no holder, and the last reader out removes the lock file. A
     run in a folder this user may not write is read unlocked (no job of this user can be training there)."""
     if not enabled:
@@ -134,7 +135,7 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True,
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    fd = _acquire(path, folder, then)
+    fd = _acquire(path, folder, then, wait=wait)
     try:
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
@@ -146,12 +147,12 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True,
             folder.rmdir()
 
 
-def _acquire(path: Path, folder: Path, then: str, mode: int = fcntl.LOCK_EX) -> int:
+def _acquire(path: Path, folder: Path, then: str, mode: int = fcntl.LOCK_EX, wait: bool = False) -> int:
     """An fd holding the flock of `path`, retried while a releasing holder unlinks the file."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)

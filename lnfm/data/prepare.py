@@ -619,14 +619,21 @@ def settle_contract(output: str, cfg: PrepareConfig, cases: list[CaseSpec]) -> P
 
     A store holds one contract: a rerun with other settings (spacing, crop, channels, label
     map, ...) would mix differently prepared cases, so it is refused before anything is written."""
-    recorded = read_contract(output)
     kinds = sorted({tuple(c.channels) for c in cases})
     if len(kinds) > 1:
         raise ContractError(f"{output}: the input mixes cases with channels {[list(k) for k in kinds]}; a store "
                             f"holds one channel list (prepare them into separate stores)")
     if not kinds:
-        return recorded
+        return read_contract(output)
     contract = resolve_contract(cfg, list(kinds[0]))
+    # Read, compared and written under a lock every prepare of the store takes in turn: two runs into a new store
+    # at once both found no contract, wrote their own and converted at their own settings.
+    with lock_folder(output, f"{LOCK_FILE}.contract", enabled="://" not in output, wait=True):
+        return _settle(output, contract)
+
+
+def _settle(output: str, contract: PrepareContract) -> PrepareContract:
+    recorded = read_contract(output)
     if recorded is None:
         if st.finished_ids(output):
             raise ContractError(f"{output}: holds cases but records no preprocessing contract ({CONTRACT}); "

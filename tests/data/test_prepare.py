@@ -662,6 +662,44 @@ def test_a_label_replaced_while_its_case_is_converted_fails_the_case_and_the_rer
     assert np.array_equal(read_case(store, record)[1], read_case(clean, read_manifest(clean)[0])[1])
 
 
+def test_two_prepares_into_a_new_store_at_once_settle_one_contract(tmp_path, monkeypatch):
+    """settle_contract read and wrote contract.json before any lock: two prepares into a new store at once both
+    found none, each wrote its own and converted at its own spacing. The contract step now holds a store-wide
+    lock: the second, started while the first is writing its contract, waits and is refused in one line."""
+    import threading
+
+    from lnfm.data import prepare as prep
+    from lnfm.data.cases import CaseSpec
+    from lnfm.data.contract import ContractError, read_contract
+
+    store = str(tmp_path / "store")
+    cases = [CaseSpec(case_id="a", images=[str(tmp_path / "a.nii.gz")], label=None, site="s")]
+    second: dict = {}
+
+    def settle_second():
+        try:
+            second["contract"] = prep.settle_contract(store, PrepareConfig(spacing=(2.0, 2.0, 2.0)), cases)
+        except ContractError as e:
+            second["error"] = str(e)
+
+    real_write = prep.write_contract
+
+    def write_while_another_settles(output, contract):  # the first run, about to write: the second one starts
+        if "thread" in second:  # the second run's own write (the old code)
+            return real_write(output, contract)
+        second["thread"] = other = threading.Thread(target=settle_second)
+        other.start()
+        other.join(timeout=1.0)  # the old code let it read no contract and write its own meanwhile
+        real_write(output, contract)
+
+    monkeypatch.setattr(prep, "write_contract", write_while_another_settles)
+    first = prep.settle_contract(store, PrepareConfig(spacing=(1.5, 1.5, 1.5)), cases)
+    second["thread"].join(timeout=30)
+    assert first.spacing == (1.5, 1.5, 1.5) and read_contract(store).spacing == (1.5, 1.5, 1.5)
+    assert "contract" not in second and "\n" not in second["error"]
+    assert "was prepared with other settings" in second["error"]
+
+
 # Canaries: text that must not reach failures.jsonl or the log, written into folder and file names and DICOM headers.
 CANARY = "CANARY"
 
