@@ -163,10 +163,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def override_keys(overrides) -> set[str]:
+    """The dotted keys `key.sub=value` overrides set."""
+    return {".".join(parse_override(text)[0]) for text in overrides}
+
+
 def refuse_derived(overrides, derived: dict[str, str], job: str) -> None:
     """Refuse an override of a key `job` derives from another (key -> what it derives from): the run would
     record the override in config.yaml and never use it."""
-    for key in sorted({".".join(parse_override(text)[0]) for text in overrides}):
+    for key in sorted(override_keys(overrides)):
         if key in derived:
             raise ConfigError(f"{key}: {job} sets it from {derived[key]}; set that instead")
 

@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, parse_args_once,
-                         parse_override, read_yaml, refuse_derived, to_dict)
+                         override_keys, read_yaml, refuse_derived, to_dict)
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
@@ -159,7 +159,7 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     if repeats is not None:
         extra.append(f"train.repeats={repeats}")
     refuse_derived(overrides, DERIVED_LOADER_KEYS, "finetuning")
-    keys = {".".join(parse_override(text)[0]) for text in overrides}
+    keys = override_keys(overrides)
     # The options set these keys after the overrides: an override of one would be ignored without a word.
     options = {"init": "--init", "data": "--data", "unlabelled": "--unlabelled", "paste_into": "--paste-into",
                "train.num_labeled": "--num-labeled", "train.repeats": "--repeats"}

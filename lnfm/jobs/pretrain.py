@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import ConfigError, load_config, parse_args_once, parse_override, refuse_derived, to_dict
+from lnfm.config import ConfigError, load_config, override_keys, parse_args_once, refuse_derived, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, check_weights, make_loader
 from lnfm.data.store import check_stores, read_manifest
@@ -88,7 +88,7 @@ def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> Pretra
     # The loader's label-only keys would be recorded in config.yaml and never read (pretraining draws unlabelled
     # patches). An override names one whatever its value; a config file only by a value other than the default
     # (a run's own config.yaml, given as --config, records every key at its default).
-    given = {".".join(parse_override(text)[0]) for text in overrides}
+    given = override_keys(overrides)
     unread = [f"data.{k}" for k in LABEL_ONLY_KEYS
               if f"data.{k}" in given or getattr(cfg.data, k) != getattr(LoaderConfig(), k)]
     if unread:
@@ -349,8 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
-    if args.profile_steps is not None and any(o.split("=", 1)[0].strip() == "train.profile_steps"
-                                              for o in args.overrides):  # one would be traced, the other recorded
+    if args.profile_steps is not None and "train.profile_steps" in override_keys(args.overrides):  # 1 traced, 1 kept
         raise ConfigError("train.profile_steps: set by --profile-steps; give it there, not as an override as well")
     cfg = load_pretrain_config(args.config, args.overrides)
     stores = [s for s in args.data.split(",") if s]
