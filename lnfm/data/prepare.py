@@ -410,13 +410,14 @@ def source_fingerprint(case: CaseSpec) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
-def source_stat(case: CaseSpec) -> str:
-    """A digest of the case's input files' size, modification and status-change times (nanoseconds; no names):
-    while it matches the record's, a rerun takes the files as unchanged without reading them (hashing a large
-    collection's finished cases took as long as reading it). Any write changes the status-change time, which no
-    tool sets back; a file written with its size kept on a file system that keeps no such time is missed."""
+def source_stat(case: CaseSpec, stats: list[str] | None = None) -> str:
+    """A digest of the case's input files' size, modification and status-change times (nanoseconds; no names;
+    `stats`: `_input_stats` already taken): while it matches the record's, a rerun takes the files as unchanged
+    without reading them (hashing a large collection's finished cases took as long as reading it). Any write
+    changes the status-change time, which no tool sets back; a file written with its size kept on a file system
+    that keeps no such time is missed."""
     h = hashlib.sha256(b"lnfm prepare source stat\0")
-    for text in _input_stats(case):
+    for text in _input_stats(case) if stats is None else stats:
         h.update(text.encode() + b"\0")
     return "stat:" + h.hexdigest()[:32]
 
@@ -463,8 +464,9 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: Prep
     converts it, instead of a record that names the new file over arrays of the old one."""
     input_stats = _stats_or_none(case)
     try:
-        source = {"source_stat": source_stat(case), "source": source_fingerprint(case)}
-    except OSError:  # the reader names the missing file below
+        source = {} if input_stats is None else {"source_stat": source_stat(case, input_stats),
+                                                 "source": source_fingerprint(case)}
+    except OSError:  # the reader names the unreadable file below
         source = {}
     image = read_channels(case.images, cfg.resample_channels, case.series,
                           (list(case.channels), cfg.body_threshold_hu), f"case {case.case_id}")
