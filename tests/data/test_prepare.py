@@ -558,15 +558,20 @@ def test_an_option_and_an_override_of_one_key_are_refused(tmp_path, capsys):
     assert not (tmp_path / "store").exists()
 
 
+def _two_cases(tmp_path):
+    """Cases a and b, the same phantom, listed in a CSV: (image, label, CSV, store path, config)."""
+    img, lab = phantom()
+    rows = [{"case_id": cid, "image": save(tmp_path / f"{cid}.nii.gz", img, affine_lps()),
+             "label": save(tmp_path / f"{cid}_lab.nii.gz", lab, affine_lps())} for cid in ("a", "b")]
+    return img, lab, str(write_csv(tmp_path / "cases.csv", rows)), str(tmp_path / "store"), PrepareConfig(workers=0,
+                                                                                                          salt="s")
+
+
 def test_a_rerun_refuses_a_case_whose_files_changed_since_it_was_prepared(tmp_path):
     """A rerun skipped every case id already in the store: a corrected label, or another phantom set under the
     same ids, never reached it (exit 0, 'skipped'). The record's source digest now tells them apart; the unchanged
     case still skips, and the store keeps the first version."""
-    img, lab = phantom()
-    rows = [{"case_id": cid, "image": save(tmp_path / f"{cid}.nii.gz", img, affine_lps()),
-             "label": save(tmp_path / f"{cid}_lab.nii.gz", lab, affine_lps())} for cid in ("a", "b")]
-    csv_path, store = str(write_csv(tmp_path / "cases.csv", rows)), str(tmp_path / "store")
-    cfg = PrepareConfig(workers=0, salt="s")
+    img, lab, csv_path, store, cfg = _two_cases(tmp_path)
     assert prepare_dataset(csv_path, store, cfg, show_progress=False).converted == 2
     before = {r["case_id"]: r for r in read_manifest(store)}
     assert all(r["source"].startswith("sha256:") for r in before.values())
@@ -592,11 +597,7 @@ def test_a_rerun_reads_no_unchanged_source_and_still_catches_a_rewritten_one(tmp
 
     from lnfm.data import prepare as prep
 
-    img, lab = phantom()
-    rows = [{"case_id": cid, "image": save(tmp_path / f"{cid}.nii.gz", img, affine_lps()),
-             "label": save(tmp_path / f"{cid}_lab.nii.gz", lab, affine_lps())} for cid in ("a", "b")]
-    csv_path, store = str(write_csv(tmp_path / "cases.csv", rows)), str(tmp_path / "store")
-    cfg = PrepareConfig(workers=0, salt="s")
+    img, lab, csv_path, store, cfg = _two_cases(tmp_path)
     assert prepare_dataset(csv_path, store, cfg, show_progress=False).converted == 2
     assert all(r["source_stat"].startswith("stat:") for r in read_manifest(store))
     hashed = []
