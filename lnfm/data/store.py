@@ -4,6 +4,7 @@ JSON-lines manifest, addressed by a local path or a file://, gs:// or s3:// URL.
 Layout under STORE:
   cases/<case_id>/image_<cccc>   zarr3 array per channel (int16 HU for CT, float32 otherwise)
   cases/<case_id>/label          zarr3 uint8 label array (labelled cases only)
+                                 every chunk stored: a missing chunk file is refused (`EVERY_CHUNK`)
   records/<case_id>.json         one manifest record, written after the case's arrays
   manifest.jsonl                 all records merged (rewritten after each conversion run)
   failures.parts/<i>.jsonl       failures of shard i's last run; failures.jsonl merges them
@@ -31,6 +32,10 @@ RECORDS = "records/"
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.jsonl"
 SPACING_RTOL = 0.02  # prepared spacings within 2% count as the configured one
+# A record key, true where the case's arrays hold every chunk (`create_array`), so that a chunk file missing from
+# the store (a copy cut short, a file deleted) is refused when read. A case without it (prepared before lnfm wrote
+# every chunk) may lack chunks equal to the fill value, as zarr allows: there a missing file reads as zeros.
+EVERY_CHUNK = "every_chunk_stored"
 
 
 def kvstore_spec(store: str, sub: str = "") -> dict:
@@ -99,14 +104,16 @@ def array_spec(store: str, path: str) -> dict:
 
 
 def create_array(store: str, path: str, data: np.ndarray, chunk: int = 64, shard: int = 128) -> None:
-    """Write `data` as a new zarr3 array (replacing any partial one from an interrupted run)."""
+    """Write `data` as a new zarr3 array (replacing any partial one from an interrupted run). Every chunk is
+    written, one equal to the fill value too (zarr lets a writer leave those out, and TensorStore does by default),
+    so that a chunk file missing later can be told from one never written: mark the case's record `EVERY_CHUNK`."""
     if shard % chunk:
         raise ValueError(f"shard size {shard} must be a multiple of chunk size {chunk}")
     dtype = np.dtype(data.dtype)
     blosc = {"name": "blosc", "configuration": {"cname": "zstd", "clevel": 3, "shuffle": "shuffle",
                                                   "typesize": dtype.itemsize}}
     spec = array_spec(store, path)
-    spec.update(create=True, delete_existing=True, metadata={
+    spec.update(create=True, delete_existing=True, store_data_equal_to_fill_value=True, metadata={
         "shape": list(data.shape),
         "data_type": dtype.name,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard] * data.ndim}},
@@ -125,9 +132,26 @@ def create_array(store: str, path: str, data: np.ndarray, chunk: int = 64, shard
         raise
 
 
-def open_array(store: str, path: str) -> ts.TensorStore:
-    """Open a stored array for reading; slicing it reads only the chunks touched."""
-    return ts.open(array_spec(store, path), open=True, read=True).result()
+def open_array(store: str, path: str, every_chunk: bool = False) -> ts.TensorStore:
+    """Open a stored array for reading; slicing it reads only the chunks touched. With `every_chunk` (an array
+    `create_array` wrote) a chunk file missing is an error when read (`read_array`), not the fill value: TensorStore
+    checks it as it reads, with no listing and no extra request."""
+    spec = array_spec(store, path)
+    if every_chunk:
+        spec["fill_missing_data_reads"] = False
+    try:
+        return ts.open(spec, open=True, read=True).result()
+    except ValueError as e:  # a case's array folder gone, or its zarr.json
+        error = _case_file_error(e)
+        if error is None:
+            raise
+        raise error from None
+
+
+def open_case_array(store: str, record: dict, path: str) -> ts.TensorStore:
+    """`open_array` of one of the case's arrays, a missing chunk file refused where its record says every chunk was
+    written (`EVERY_CHUNK`)."""
+    return open_array(store, path, bool(record.get(EVERY_CHUNK)))
 
 
 def write_record(store: str, record: dict) -> None:
@@ -172,8 +196,27 @@ def read_failures(store: str) -> list[dict]:
 
 
 # TensorStore's status for a chunk or shard file that is damaged, truncated or gone (a bug of ours in the box
-# asked for would be INVALID_ARGUMENT or OUT_OF_RANGE, and keeps its traceback).
-_UNREADABLE = re.compile(r"^(FAILED_PRECONDITION|DATA_LOSS|NOT_FOUND): Error (reading|opening)")
+# asked for would be INVALID_ARGUMENT or OUT_OF_RANGE, and keeps its traceback). "chunk ... is missing": a chunk of
+# an array opened with `every_chunk` is in no file.
+_UNREADABLE = re.compile(r"^(FAILED_PRECONDITION|DATA_LOSS|NOT_FOUND): (Error (reading|opening)|chunk .* is missing)")
+
+
+def _case_file_error(e: ValueError) -> StoreError | None:
+    """The one-line StoreError for TensorStore's error `e` about a damaged or missing file of a case, naming the
+    store, the case and what to do; None for any other error."""
+    m = _UNREADABLE.match(str(e))
+    where = re.search(r"\"([^\"]*?)/cases/([^/\"]+)/([^/\"]+)", str(e))
+    if m is None or where is None:
+        return None
+    store, case, array = where.groups()
+    if m.group(1) == "NOT_FOUND":  # a file deleted, or a copy of the store that left files out
+        return StoreError(f"{store}: case {case}: a stored array cannot be read (NOT_FOUND: cases/{case}/{array} "
+                          f"misses a file: a store copied in part, or a file deleted); copy the store again, or "
+                          f"remove records/{case}.json and the folder cases/{case}, then rerun prepare to convert "
+                          f"the case again")
+    return StoreError(f"{store}: case {case}: a stored array cannot be read ({m.group(1)}: a file under "
+                      f"cases/{case}/ is damaged, truncated or missing); remove records/{case}.json and the folder "
+                      f"cases/{case}, then rerun prepare to convert the case again")
 
 
 def read_array(box) -> np.ndarray:
@@ -182,23 +225,19 @@ def read_array(box) -> np.ndarray:
     try:
         return box.read().result()
     except ValueError as e:
-        m = _UNREADABLE.match(str(e))
-        where = re.search(r"\"([^\"]*?)/cases/([^/\"]+)/", str(e))
-        if m is None or where is None:
+        error = _case_file_error(e)
+        if error is None:
             raise
-        store, case = where.groups()
-        raise StoreError(f"{store}: case {case}: a stored array cannot be read ({m.group(1)}: a file under "
-                         f"cases/{case}/ is damaged, truncated or missing); remove records/{case}.json and the folder "
-                         f"cases/{case}, then rerun prepare to convert the case again") from None
+        raise error from None
 
 
 def read_case(store: str, record: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """Whole case: image float32 (X, Y, Z, C) in raw units (HU / SUV), label uint8 (X, Y, Z) or None."""
-    chans = [read_array(open_array(store, p)).astype(np.float32) for p in record["image_path"]]
+    chans = [read_array(open_case_array(store, record, p)).astype(np.float32) for p in record["image_path"]]
     image = np.stack(chans, axis=-1)
     label = None
     if record.get("label_path"):
-        label = read_array(open_array(store, record["label_path"])).astype(np.uint8)
+        label = read_array(open_case_array(store, record, record["label_path"])).astype(np.uint8)
     return image, label
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -54,3 +55,37 @@ def test_a_store_named_with_dot_dot_opens(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "work")
     assert st.kvstore_spec("../store", "m") == {"driver": "file", "path": f"{tmp_path}/store/m"}
     np.testing.assert_array_equal(st.read_array(st.open_array("../store", "cases/a/x")), data)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+def test_every_chunk_is_written_and_a_missing_chunk_file_is_refused(tmp_path, dtype):
+    """TensorStore left out a chunk equal to the fill value (0), so a chunk file deleted, or left out of a copy of
+    the store, read as zeros with no word. Every chunk is written now (the values read are the same), and an array
+    opened with `every_chunk` refuses a missing one in one line naming the store, the case and what to do."""
+    data = np.zeros((70, 40, 130), dtype)
+    data[64:, :, 100:] = 7  # one of the 3 x 1 x 3 shards holds more than zeros
+    st.create_array(str(tmp_path), "cases/a/x", data, chunk=32, shard=64)
+    shards = sorted(p for p in (tmp_path / "cases/a/x/c").rglob("*") if p.is_file())
+    assert len(shards) == 6
+    np.testing.assert_array_equal(st.read_array(st.open_array(str(tmp_path), "cases/a/x", every_chunk=True)), data)
+    shards[0].unlink()
+    said = (rf"^{tmp_path}: case a: a stored array cannot be read \(NOT_FOUND: cases/a/x misses a file: a store "
+            rf"copied in part, or a file deleted\); copy the store again, or remove records/a.json and the folder "
+            rf"cases/a, then rerun prepare to convert the case again$")
+    with pytest.raises(st.StoreError, match=said):
+        st.read_array(st.open_array(str(tmp_path), "cases/a/x", every_chunk=True))
+    with pytest.raises(st.StoreError, match=said):  # a box touching only that file
+        st.read_array(st.open_array(str(tmp_path), "cases/a/x", every_chunk=True)[:2, :2, :2])
+    np.testing.assert_array_equal(  # a box the file holds no part of reads as ever
+        st.read_array(st.open_array(str(tmp_path), "cases/a/x", every_chunk=True)[64:, :, 64:]), data[64:, :, 64:])
+    # Opened as a case prepared before every chunk was written: the missing file reads as zeros, as zarr defines.
+    np.testing.assert_array_equal(st.read_array(st.open_array(str(tmp_path), "cases/a/x")), data)
+
+
+def test_a_missing_array_folder_is_one_line(tmp_path):
+    """A case's array gone altogether (zarr.json too) was a TensorStore traceback when opened."""
+    st.create_array(str(tmp_path), "cases/a/label", np.ones((4, 4, 4), np.uint8))
+    shutil.rmtree(tmp_path / "cases/a/label")
+    with pytest.raises(st.StoreError, match=rf"^{tmp_path}: case a: .*NOT_FOUND: cases/a/label misses a file.*"
+                                            rf"copy the store again"):
+        st.open_array(str(tmp_path), "cases/a/label")
