@@ -161,8 +161,9 @@ class PatchSampler(grain.transforms.RandomMap):
             channels = [c.upper() for c in rec["channels"]]
             if "CT" in channels:
                 shape = tuple(int(n) for n in rec["shape"][:3])
-                ct = read_box(self._array(store, rec["image_path"][channels.index("CT")]), np.zeros(3, int), shape)
-                nodes = read_box(self._array(store, rec["label_path"]), np.zeros(3, int), shape, dtype=np.uint8) > 0
+                origin = np.zeros(3, int)
+                ct = read_box(self._array(store, rec, rec["image_path"][channels.index("CT")]), origin, shape)
+                nodes = read_box(self._array(store, rec, rec["label_path"]), origin, shape, dtype=np.uint8) > 0
                 if nodes.any():
                     lo, hi = np.percentile(ct[nodes], [10, 90])
                     near = ndimage.binary_dilation(nodes, iterations=2)
@@ -172,17 +173,18 @@ class PatchSampler(grain.transforms.RandomMap):
             self._lookalikes[key] = found
         return self._lookalikes[key]
 
-    def _array(self, store: str, path: str):
+    def _array(self, store: str, rec: dict, path: str):
+        """One of the case's arrays, opened once per process (a missing chunk file refused, `st.open_case_array`)."""
         key = (store, path)
         if key not in self._arrays:
-            self._arrays[key] = st.open_array(store, path)
+            self._arrays[key] = st.open_case_array(store, rec, path)
         return self._arrays[key]
 
     def _read(self, store: str, rec: dict, start: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
         """Raw (X, Y, Z, C) intensities of a box. Outside the volume each voxel repeats the nearest one
         inside, as predict pads a volume thinner than its window (`sliding_window_inference`'s "edge"):
         one rule for out-of-volume voxels in training and serving."""
-        chans = [read_box(self._array(store, path), start, size, edge=True) for path in rec["image_path"]]
+        chans = [read_box(self._array(store, rec, path), start, size, edge=True) for path in rec["image_path"]]
         return np.stack(chans, axis=-1)
 
     def _pasted(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
@@ -196,8 +198,8 @@ class PatchSampler(grain.transforms.RandomMap):
         extent = np.minimum(hi - lo + 2, size)  # the node and a voxel around it, at most a patch
         start = (lo + hi) // 2 - extent // 2
         donor = self._read(self.stores[s], rec, start, tuple(extent))
-        donor_label = read_box(self._array(self.stores[s], rec["label_path"]), start, tuple(extent), dtype=np.uint8,
-                               edge=True)
+        donor_label = read_box(self._array(self.stores[s], rec, rec["label_path"]), start, tuple(extent),
+                               dtype=np.uint8, edge=True)
         if self.cfg.paste_flip or self.cfg.paste_zoom > 0:
             donor, donor_label = augment_donor(donor, donor_label, rng, self.cfg.paste_flip, self.cfg.paste_zoom, size)
             if not donor_label.any():
@@ -242,7 +244,7 @@ class PatchSampler(grain.transforms.RandomMap):
             ctx = ctx if resample else size  # a patch read as stored needs no context around it
             ctx_start = start + size // 2 - ctx // 2
             raw, channels = self._read(self.stores[s], rec, ctx_start, tuple(ctx)), rec["channels"]
-            label = read_box(self._array(self.stores[s], rec["label_path"]), ctx_start, tuple(ctx),
+            label = read_box(self._array(self.stores[s], rec, rec["label_path"]), ctx_start, tuple(ctx),
                              dtype=np.uint8, edge=True) if self.labels else None
         image = normalize(raw, cfg, channels)
         if resample:

@@ -510,7 +510,7 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: Prep
     return {"case_id": case.case_id, "site": case.site, "split": split, **geometry,
             "channels": list(case.channels), "image_path": image_paths, "label_path": label_path,
             "labelled": label_path is not None, "intensity": stats, "nodes": nodes,
-            **source}
+            st.EVERY_CHUNK: True, **source}
 
 
 def _check_unchanged(case: CaseSpec, stats: list[str] | None, source: dict) -> None:

@@ -49,7 +49,7 @@ def write_pseudo_store(out: str, cases: Sequence[tuple[str, dict]],
     sources = list(dict.fromkeys(source for source, _ in cases))
     for source, rec in cases:
         # one read per channel, in the stored dtype (int16 CT) for the copy; `read_case`'s float32 for the model
-        stored = [st.read_array(st.open_array(source, path)) for path in rec["image_path"]]
+        stored = [st.read_array(st.open_case_array(source, rec, path)) for path in rec["image_path"]]
         image = np.stack([c.astype(np.float32) for c in stored], axis=-1)
         label = np.asarray(predict(rec, image), np.uint8)
         if label.shape != image.shape[:3]:
@@ -68,7 +68,7 @@ def write_pseudo_store(out: str, cases: Sequence[tuple[str, dict]],
         st.create_array(out, f"{base}/label", label)
         st.write_record(out, {**rec, "case_id": cid, "split": "train", "image_path": paths,
                               "label_path": f"{base}/label", "labelled": True, "pseudo_label": True,
-                              "nodes": lymph_nodes(label, rec["spacing"])})
+                              "nodes": lymph_nodes(label, rec["spacing"]), st.EVERY_CHUNK: True})
     if write:
         st.write_manifest(out)
         st.write_text(out, DONE, f"{len(kept)}\n")

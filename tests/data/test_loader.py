@@ -22,8 +22,9 @@ PLAIN = LoaderConfig(patch_size=PATCH, batch_size=4, flips=False, rot90=False, i
                      intensity_shift=0.0, hu_window=(-1000.0, 1000.0))
 
 
-def _store(root: Path, shapes, body_hu=None, node=2) -> str:
-    """Cases with a body (noisy ~40 HU, or exactly `body_hu`) and one 70 HU node of label 1."""
+def _store(root: Path, shapes, body_hu=None, node=2, **prepare) -> str:
+    """Cases with a body (noisy ~40 HU, or exactly `body_hu`) and one 70 HU node of label 1 (`prepare`: more
+    PrepareConfig settings)."""
     rows = []
     for i, shape in enumerate(shapes):
         c = [s // 2 for s in shape]
@@ -34,7 +35,8 @@ def _store(root: Path, shapes, body_hu=None, node=2) -> str:
         rows.append({"case_id": f"c{i}", "image": save(root / f"i{i}.nii.gz", img, aff),
                      "label": save(root / f"l{i}.nii.gz", lab, aff), "split": "train"})
     csv_path = write_csv(root / "cases.csv", rows)
-    res = prepare_dataset(str(csv_path), str(root / "store"), PrepareConfig(workers=0, crop_body=False, salt="t"),
+    res = prepare_dataset(str(csv_path), str(root / "store"),
+                          PrepareConfig(workers=0, crop_body=False, salt="t", **prepare),
                           show_progress=False)
     assert res.ok, res.failures
     return str(root / "store")
@@ -262,10 +264,43 @@ def test_a_damaged_chunk_file_is_one_line_naming_the_case(tmp_path):
     chunks = [f for f in (tmp_path / "store" / "cases" / "c0" / "image_0000").rglob("*") if f.is_file()
               and f.name != "zarr.json"]
     assert chunks
-    for f in chunks:  # cut short (a missing file is no error: zarr reads an absent chunk as its fill value)
+    for f in chunks:  # cut short (a missing file: the next test)
         f.write_bytes(b"\0" * 100)
     said = f"^{store}: case c0: a stored array cannot be read .*remove records/c0.json and the folder cases/c0"
     with pytest.raises(StoreError, match=said):
         _take(iter(make_loader([store], PLAIN, shard_index=0, shard_count=1)), 1)
     with pytest.raises(StoreError, match=said):
         read_case(store, read_manifest(store)[0])
+
+
+def _whole_case_batch(store: str, shape) -> dict:
+    cfg = dataclasses.replace(PLAIN, patch_size=shape, batch_size=1)  # every patch is the whole case
+    return _take(iter(make_loader([store], cfg, labels=True, shard_index=0, shard_count=1)), 1)[0]
+
+
+def test_a_missing_chunk_file_is_one_line_naming_the_case(tmp_path):
+    """A chunk file missing altogether (a store copied in part, a file deleted) read as zeros: 0 HU patches and
+    background labels that training and evaluation used with no word. prepare writes every chunk and marks its
+    records so; the loader and `read_case` refuse a missing one in one line, and read an intact store as before."""
+    from lnfm.data.store import EVERY_CHUNK, StoreError, read_case, read_manifest
+
+    store = _store(tmp_path, [(40, 40, 40)], chunk=8, shard=16)  # 3 x 3 x 3 shard files per array
+    rec = read_manifest(store)[0]
+    assert rec[EVERY_CHUNK] is True
+    label_files = [f for f in (tmp_path / "store/cases/c0/label/c").rglob("*") if f.is_file()]
+    assert len(label_files) == 27  # the background-only ones too, which TensorStore left out before
+    image, label = read_case(store, rec)
+    assert image.shape == (40, 40, 40, 1) and (image[..., 0] == -1000).any() and label.sum() == 5 ** 3
+    batch = _whole_case_batch(store, (40, 40, 40))
+    np.testing.assert_array_equal(batch["label"][0], label)
+    np.testing.assert_allclose(batch["image"][0], normalize(image, PLAIN))
+
+    (tmp_path / "store/cases/c0/image_0000/c/0/0/0").unlink()  # a corner of air (-1000 HU), read as 0 HU before
+    said = (f"^{store}: case c0: a stored array cannot be read \\(NOT_FOUND: cases/c0/image_0000 misses a file: a "
+            f"store copied in part, or a file deleted\\); copy the store again, or remove records/c0.json and the "
+            f"folder cases/c0, then rerun prepare to convert the case again")
+    with pytest.raises(StoreError, match=said):  # grain adds a line of its own under it
+        _whole_case_batch(store, (40, 40, 40))
+    with pytest.raises(StoreError, match=f"{said}$"):
+        read_case(store, rec)
+

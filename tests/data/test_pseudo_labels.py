@@ -60,6 +60,7 @@ def test_pseudo_store_holds_the_scans_with_the_predicted_masks(tmp_path):
         np.testing.assert_array_equal(label, predicted[id(source_rec)])
         assert 100 < label.sum() < label.size // 20  # three spheres of radius 2.5-4 voxels, not the background
         assert rec["split"] == "train" and rec["pseudo_label"] is True and rec["labelled"] is True
+        assert rec[st.EVERY_CHUNK] is True  # written by create_array: a chunk file lost from it is refused
         assert rec["spacing"] == source_rec["spacing"] and rec["affine"] == source_rec["affine"]
         n_components = ndimage.label(label, structure=np.ones((3, 3, 3)))[1]
         assert len(rec["nodes"]) == n_components >= 1
