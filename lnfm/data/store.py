@@ -13,6 +13,7 @@ Layout under STORE:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 import tensorstore as ts
 
 from lnfm.errors import DataError
+
+log = logging.getLogger("lnfm.data")
 
 
 class StoreError(DataError):
@@ -265,5 +268,10 @@ def check_stores(stores: list[str], split: str | None = None,
             if off:
                 raise DataError(f"{store}: {len(off)} of {len(records)} cases are not at data.spacing={list(spacing)} "
                                 f"mm (re-prepare with --spacing, or set data.spacing=null)")
+        unchecked = sum(not r.get(EVERY_CHUNK) for r in records)
+        if unchecked:  # readable as ever, but a chunk file lost from them is not noticed
+            log.warning("%s: %d of %d cases were prepared before lnfm stored every chunk: a chunk file missing from "
+                        "them (a store copied in part) reads as zeros without a word; prepare into a new store to "
+                        "have such a file refused", store, unchecked, len(records))
         counts.append(len(records))
     return counts

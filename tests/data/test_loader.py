@@ -304,3 +304,26 @@ def test_a_missing_chunk_file_is_one_line_naming_the_case(tmp_path):
     with pytest.raises(StoreError, match=f"{said}$"):
         read_case(store, rec)
 
+
+def test_a_store_prepared_before_every_chunk_was_written_reads_as_before_with_a_warning(tmp_path, caplog):
+    """A store the former prepare wrote has no chunk file where a chunk holds only the fill value (a label's
+    background): its cases are read as before, a missing file as zeros, and the jobs' store check says so."""
+    from lnfm.data.store import EVERY_CHUNK, check_stores, read_case, read_manifest
+
+    store = _store(tmp_path, [(40, 40, 40)], chunk=8, shard=16)
+    image, label = read_case(store, read_manifest(store)[0])
+    for path in [tmp_path / "store/manifest.jsonl", *(tmp_path / "store/records").glob("*.json")]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != EVERY_CHUNK}) + "\n" for r in rows))
+    (tmp_path / "store/cases/c0/label/c/0/0/0").unlink()  # background only: the former prepare wrote no file
+    rec = read_manifest(store)[0]
+    assert EVERY_CHUNK not in rec
+    old_image, old_label = read_case(store, rec)
+    np.testing.assert_array_equal(old_image, image)
+    np.testing.assert_array_equal(old_label, label)
+    np.testing.assert_array_equal(_whole_case_batch(store, (40, 40, 40))["label"][0], label)
+    with caplog.at_level("WARNING", logger="lnfm.data"):
+        assert check_stores([store]) == [1]
+    assert (f"{store}: 1 of 1 cases were prepared before lnfm stored every chunk: a chunk file missing from them (a "
+            f"store copied in part) reads as zeros without a word; prepare into a new store to have such a file "
+            f"refused") in caplog.text
