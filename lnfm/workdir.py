@@ -147,6 +147,22 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True,
             folder.rmdir()
 
 
+def lock_holder(path: str | Path) -> str | None:
+    """Who holds the exclusive lock file `path` (its 'pid ... on host since ...' line); None when no one does
+    (no file, or one a killed job left)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe, dropped by the close
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+
 def _acquire(path: Path, folder: Path, then: str, mode: int = fcntl.LOCK_EX, wait: bool = False) -> int:
     """An fd holding the flock of `path`, retried while a releasing holder unlinks the file."""
     while True:

@@ -9,6 +9,7 @@ exists is finished and skipped on reruns; an interrupted case is redone from scr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -17,6 +18,7 @@ import hashlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from lnfm.io import ImageReadError, Volume, read_image
 from lnfm.io.dicom import dicom_files
 from lnfm.io.nrrd_io import data_file_named
 from lnfm.safety import check_apart
-from lnfm.workdir import LOCK_FILE, file_sha256, lock_folder, progress, setup_logging
+from lnfm.workdir import LOCK_FILE, WorkdirError, file_sha256, lock_folder, lock_holder, progress, setup_logging
 
 log = logging.getLogger("lnfm.data.prepare")
 
@@ -649,6 +651,27 @@ def _settle(output: str, contract: PrepareContract) -> PrepareContract:
     return contract
 
 
+@contextlib.contextmanager
+def _shard_lock(output: str, shard_index: int, num_shards: int) -> Iterator[None]:
+    """Hold this shard's lock on `output`, refused while a prepare of another --num-shards holds one.
+
+    The shards of two layouts share cases, and a case converted by two runs at once failed one of them with a
+    TensorStore error; the shards of one layout (a SLURM array) run side by side. Checked and taken under the
+    store-wide contract lock, so that two layouts cannot both find the other absent."""
+    local = "://" not in output
+    with contextlib.ExitStack() as held:
+        with lock_folder(output, f"{LOCK_FILE}.contract", enabled=local, wait=True):
+            for path in sorted(Path(output).glob(f"{LOCK_FILE}.shard-*-of-*")) if local else []:
+                layout = path.name.rsplit("-of-", 1)[1]
+                holder = lock_holder(path) if layout != str(num_shards) else None
+                if holder:
+                    raise WorkdirError(f"{output}: being prepared with --num-shards {layout} ({holder}); wait for "
+                                       f"it to finish, or give the same --num-shards to run beside it")
+            held.enter_context(lock_folder(output, f"{LOCK_FILE}.shard-{shard_index}-of-{num_shards}",
+                                           enabled=local))
+        yield
+
+
 def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int = 1, shard_index: int = 0,
                     show_progress: bool = True) -> PrepareResult:
     """Convert this shard's slice of the input cases into STORE `output`; resumable, idempotent."""
@@ -700,7 +723,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
         bar.update(1)
         bar.set_postfix(ok=result.converted, failed=len(result.failures))
 
-    with lock_folder(output, f"{LOCK_FILE}.shard-{shard_index}-of-{num_shards}", enabled="://" not in output):
+    with _shard_lock(output, shard_index, num_shards):
         if cfg.workers <= 1:
             for case in todo:
                 finish(*_convert_or_fail(case, output, cfg, contract))

@@ -302,6 +302,40 @@ def test_output_apart_from_the_input_and_a_held_store_is_refused(tmp_path, capsy
     assert not list((tmp_path / "store").glob(".lnfm.lock*"))
 
 
+def test_prepares_of_two_shard_layouts_into_one_store_do_not_run_together(tmp_path, capsys):
+    """The lock was per shard layout: a plain prepare ran beside a --num-shards 2 one, both converted a case and
+    one failed with a TensorStore error. A held shard lock of another layout refuses in one line naming the store
+    and the holder; the shards of the holder's own layout still run beside it."""
+    import os
+    import subprocess
+    import sys
+
+    from lnfm.cli import run_job
+
+    raw, store = nnunet_folder(tmp_path / "raw", n=2), str(tmp_path / "store")
+    hold = ("import sys, time; from lnfm.workdir import lock_folder\n"
+            "with lock_folder(sys.argv[1], '.lnfm.lock.shard-0-of-2'):\n"
+            "    print('locked', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, store], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        args = ["--input", str(raw), "--output", store, "workers=0", "salt=x"]
+        capsys.readouterr()
+        assert run_job("prepare", args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error: " in err[0] and store in err[-1] and "--num-shards 2" in err[-1], err
+        assert f"(pid {proc.pid} on" in err[-1]
+        assert not (tmp_path / "store" / "manifest.jsonl").exists()
+        assert main(args + ["--num-shards", "2", "--shard-index", "1"]) == 0  # the holder's layout runs beside it
+        assert len(read_manifest(store)) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["--input", str(raw), "--output", store, "workers=0", "salt=x"]) == 0  # a killed holder: no lock
+    assert len(read_manifest(store)) == 2
+
+
 def test_crop_comes_from_the_image_alone_so_predict_crops_alike(tmp_path, caplog):
     """A node at the body's edge whose label spills into the air: prepare crops from the image
     alone, as predict must (it has no label), drops and counts the spilled voxels, and refuses
