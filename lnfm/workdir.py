@@ -28,7 +28,7 @@ from typing import Any
 from collections.abc import Iterable, Iterator
 
 from lnfm.config import dump_yaml, read_yaml, to_dict
-from lnfm.errors import LnfmError
+from lnfm.errors import FolderWatch, LnfmError
 
 log = logging.getLogger("lnfm")
 
@@ -327,6 +327,7 @@ class MetricsWriter:
         self.path = Path(workdir) / "metrics.jsonl"
         self._config = config  # config.yaml's text until `record_config` writes it
         self.enabled = enabled
+        self._watch = FolderWatch(self.path.parent)
         self._tb = None
         self._log = log_handler  # DIR/log.txt's handler, removed on close: later runs of this process log elsewhere
         if enabled and tensorboard:
@@ -348,6 +349,7 @@ class MetricsWriter:
             if hasattr(v, "item") and getattr(v, "size", 1) == 1:
                 v = v.item()
             row[k] = _clean(v)
+        self._watch.check("metrics")
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
         if self._tb is not None:

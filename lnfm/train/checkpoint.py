@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,18 +32,22 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
+from lnfm.errors import DiskFull, FolderWatch, LnfmError, deferred_termination, disk_full
 
 log = logging.getLogger("lnfm.train")
 
 
-def _not_a_full_disk(record: logging.LogRecord) -> bool:
-    """Orbax's writer threads log a failed write with its traceback before the job sees it; a
-    full disk is then reported once, in one line (`DiskFull`), so those records are dropped."""
-    return not (record.exc_info and disk_full(record.exc_info[1]))
+_watches: weakref.WeakSet[FolderWatch] = weakref.WeakSet()  # the folders of this process's Checkpointers
 
 
-logging.getLogger("absl").addFilter(_not_a_full_disk)
+def _not_the_users(record: logging.LogRecord) -> bool:
+    """Orbax's writer threads log a failed write with its traceback before the job sees it; a full disk or
+    a checkpoint folder moved away is then reported once, in one line (`DiskFull`, `FolderMoved`), so
+    those records are dropped."""
+    return not (record.exc_info and (disk_full(record.exc_info[1]) or any(w.moved() for w in list(_watches))))
+
+
+logging.getLogger("absl").addFilter(_not_the_users)
 
 
 class CheckpointError(LnfmError, RuntimeError):
@@ -142,6 +147,8 @@ class Checkpointer:
                                                create=True, cleanup_tmp_directories=True,
                                                temporary_path_class=_sealed_commit(self._seal))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._watch = FolderWatch(self.directory)  # created by the manager
+        _watches.add(self._watch)
 
     def _seal(self, folder: Path, step: int) -> None:
         """The step's own files, then its checksum list (both before the commit)."""
@@ -159,6 +166,7 @@ class Checkpointer:
              files: dict[str, str] | None = None) -> None:
         """Start an async save of `state` at `step` (no-op if that step is already saved). `files`
         ({name: text}) are written into the step folder and committed with it."""
+        self._watch.check("checkpoints")  # before Orbax recreates it at the old path
         if step in self.manager.all_steps():
             return
         self._files[step] = dict(files or {})
@@ -171,7 +179,7 @@ class Checkpointer:
             with deferred_termination():  # a SIGTERM outside the training loop waits for the save's start
                 self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # also an earlier async save's failure, reported here
-            self._raise_if_full(e)
+            self._raise_if_users(e)
             raise
 
     def step_file(self, step: int, name: str) -> str | None:
@@ -179,7 +187,10 @@ class Checkpointer:
         path = self.directory / str(step) / name
         return path.read_text() if path.is_file() else None
 
-    def _raise_if_full(self, e: Exception) -> None:
+    def _raise_if_users(self, e: Exception) -> None:
+        """A save's failure that is the user's folder, not a bug, in one line: a full disk, or a folder moved
+        while a save was writing there."""
+        self._watch.check("checkpoints")
         reason = disk_full(e)
         if reason is not None:
             raise DiskFull(f"{self.directory}: cannot write a checkpoint ({reason}); the checkpoints committed "
@@ -242,7 +253,7 @@ class Checkpointer:
             with deferred_termination():
                 self.manager.wait_until_finished()
         except Exception as e:
-            self._raise_if_full(e)
+            self._raise_if_users(e)
             raise
 
     def close(self) -> None:
@@ -252,7 +263,7 @@ class Checkpointer:
             try:
                 self.manager.close()
             except Exception as e:
-                if disk_full(e) is None:  # a full disk was reported by wait()
+                if disk_full(e) is None and not self._watch.moved():  # both were reported by wait()
                     raise
 
     def __enter__(self) -> Checkpointer:

@@ -439,6 +439,51 @@ def test_a_second_job_on_the_workdir_is_refused_naming_the_holder(tmp_path, caps
         proc.wait()
 
 
+def test_a_workdir_moved_while_the_run_trains_ends_it_in_one_line_keeping_its_checkpoints(store, tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The user renames a running finetune's workdir once its step-2 checkpoint is committed: the job ended with
+    TensorStore's NOT_FOUND or a FileNotFoundError traceback (and Orbax recreated the folder at the old path). Now
+    one line naming the folder; the moved run keeps its checkpoint, and nothing is left at the old path."""
+    import os
+    import time
+
+    import lnfm.jobs.finetune as ft
+    from lnfm.train.checkpoint import committed_steps, verify_checksums
+
+    wd, moved = tmp_path / "ft", tmp_path / "moved"
+    real = ft.make_train_step
+
+    def moving(*args, **kwargs):
+        step, calls = real(*args, **kwargs), [0]
+
+        def wrapped(state, batch):
+            calls[0] += 1
+            if calls[0] == 3:  # step 3: the user moves the folder once step 2's async save is committed
+                deadline = time.time() + 60
+                while not (wd / "checkpoints" / "2").is_dir() and time.time() < deadline:
+                    time.sleep(0.05)
+                os.rename(wd, moved)
+            return step(state, batch)
+
+        return wrapped
+
+    def argv(workdir):
+        return ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(workdir), "--num-labeled",
+                "3", *TINY, "checkpoint.every=2", "train.steps=4"]
+
+    monkeypatch.setattr(ft, "make_train_step", moving)
+    capsys.readouterr()
+    rc = run_job("finetune", argv(wd))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not any("Traceback" in line for line in err), err
+    assert err[-1].startswith(f"lnfm finetune: error: {wd}") and "moved, renamed or removed while the job" in err[-1]
+    assert not wd.exists()
+    assert committed_steps(moved / "checkpoints") == [2] and verify_checksums(moved / "checkpoints" / "2")
+    monkeypatch.setattr(ft, "make_train_step", real)
+    assert run_job("finetune", argv(moved)) == 0  # as the line says: the moved run resumes
+    assert "resumed from step 2" in (moved / "log.txt").read_text() and (moved / "summary.json").is_file()
+
+
 _SAVE_BEST = """
 import sys
 import numpy as np

@@ -93,6 +93,27 @@ def test_unrestorable_everywhere_raises_and_moves_nothing(tmp_path, mesh8):
     assert (tmp_path / "ck" / "1").is_dir()
 
 
+def test_a_save_after_the_folder_moved_is_refused_and_does_not_recreate_it(tmp_path, mesh8):
+    """Orbax recreated a moved checkpoint folder at its old path and saved there, splitting the run in two; now the
+    save is refused in one line naming the folder, and the moved folder keeps its checkpoint."""
+    import re
+
+    from lnfm.errors import LnfmError
+
+    setup = toy_setup(mesh8)
+    ck = Checkpointer(tmp_path / "wd" / "checkpoints", CheckpointConfig())
+    ck.save(1, setup["state"])
+    ck.wait()
+    (tmp_path / "wd").rename(tmp_path / "moved")
+    old = re.escape(str(tmp_path / "wd" / "checkpoints"))
+    with pytest.raises(LnfmError, match=f"^{old}: moved, renamed or removed"):  # one line, exit 2
+        ck.save(2, setup["state"])
+    ck.close()
+    assert not (tmp_path / "wd").exists()
+    with Checkpointer(tmp_path / "moved" / "checkpoints", CheckpointConfig()) as moved:
+        assert moved.all_steps() == [1]
+
+
 def test_no_checkpoint_and_missing_params(tmp_path, mesh8):
     setup = toy_setup(mesh8)
     with Checkpointer(tmp_path / "ck", CheckpointConfig()) as ck:
