@@ -393,10 +393,16 @@ def preprocess_case(image: Volume, contract: PrepareContract, label: Volume | No
     return as_stored(data, contract.channels), lab, geometry
 
 
+def _inputs(case: CaseSpec) -> list[str]:
+    """The case's inputs, images then the label; '' where it has no label, so that the label keeps its place in the
+    lists kept per input (the stats, the source digest)."""
+    return [*case.images, case.label or ""]
+
+
 def _source_files(case: CaseSpec) -> list[list[Path]]:
-    """The files of each of the case's inputs (images, then the label): every file of a DICOM series folder."""
+    """The files of each of the case's inputs (`_inputs`): every file of a DICOM series folder."""
     return [sorted(dicom_files(Path(path))) if path and Path(path).is_dir() else [Path(path)] if path else []
-            for path in [*case.images, case.label or ""]]
+            for path in _inputs(case)]
 
 
 def source_fingerprint(case: CaseSpec) -> str:
@@ -520,7 +526,7 @@ def _check_unchanged(case: CaseSpec, stats: list[str] | None, source: dict) -> N
     now = _stats_or_none(case)
     if stats is not None and now == stats and source:
         return
-    inputs = [*case.images, case.label or ""]
+    inputs = _inputs(case)
     changed = [p for i, p in enumerate(inputs) if p and (stats is None or now is None or stats[i] != now[i])]
     raise CaseError((changed or inputs)[0], "changed while it was being converted; rerun prepare")
 
@@ -528,11 +534,7 @@ def _check_unchanged(case: CaseSpec, stats: list[str] | None, source: dict) -> N
 def _case_failure(case: CaseSpec, file: str, reason: str) -> dict:
     """A failed case: its id, the file the console line names, the reason, and the case's files (`inputs`: what
     the stored reason must not name)."""
-    return {"case_id": case.case_id, "file": file, "reason": reason, "inputs": _case_paths(case)}
-
-
-def _case_paths(case: CaseSpec) -> list[str]:
-    return [*case.images, *([case.label] if case.label else [])]
+    return {"case_id": case.case_id, "file": file, "reason": reason, "inputs": [p for p in _inputs(case) if p]}
 
 
 def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig, contract: PrepareContract
@@ -692,7 +694,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
                                f"imagesTs/, a CSV, or a folder holding DICOM series)")
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise PrepareError(f"{errors[0].file}: {errors[0].reason}{more}")
-    check_apart({"--output": output}, {"--input": [input] + [p for c in cases for p in [*c.images, c.label] if p]})
+    check_apart({"--output": output}, {"--input": [input] + [p for c in cases for p in _inputs(c) if p]})
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
     contract = settle_contract(output, cfg, cases)
@@ -700,7 +702,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     errors = [e for i, e in enumerate(sorted(errors, key=lambda e: e.file)) if i % num_shards == shard_index]
     result = PrepareResult()
     result.failures = [{"case_id": None, "file": e.file, "reason": e.reason, "inputs": [e.file]} for e in errors]
-    scrub = _Scrubber([input, os.path.dirname(input), *(p for c in cases for p in _case_paths(c)),
+    scrub = _Scrubber([input, os.path.dirname(input), *(p for c in cases for p in _inputs(c) if p),
                        *(e.file for e in errors)])
     done = st.finished_ids(output)
     todo = [c for c in cases if c.case_id not in done]
