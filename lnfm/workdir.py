@@ -20,8 +20,10 @@ import logging
 import math
 import os
 import re
+import secrets
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,44 +35,85 @@ from lnfm.errors import FolderWatch, LnfmError
 log = logging.getLogger("lnfm")
 
 
-# A temporary file of lnfm's writers: hidden, `.tmp<pid>` or `.part<pid>` after the final name.
-_TEMP_FILE = re.compile(r"^\..+\.(?:tmp|part)(\d+)(?:\.[A-Za-z.]+)?$")
+# A temporary file of lnfm's writers (`temp_file`): hidden, `.tmp<pid>-<token>` or `.part<pid>-<token>` after the
+# final name. The token keeps apart two writers with one pid (in two PID namespaces sharing a folder).
+_TEMP_FILE = re.compile(r"^\..+\.(?:tmp|part)\d+-[0-9a-f]{8}(?:\.[A-Za-z.]+)?$")
+_held = threading.local()  # .fds: the locks a `hold_temps` block keeps (None outside one)
 
 
-def _alive(pid: int) -> bool:
+@contextlib.contextmanager
+def temp_file(path: str | Path, suffix: str = "", kind: str = "tmp") -> Iterator[Path]:
+    """A new empty temporary file beside `path`, `.NAME.KIND<pid>-<token>SUFFIX`, flocked for the block (inside a
+    `hold_temps` block, until that ends): the kernel drops the lock when its writer dies, so `remove_stale_temps`
+    of any process, in whatever PID namespace or host shares the folder, removes only a dead writer's files. The
+    block writes it and renames it into place; a failed block removes it."""
+    path = Path(path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{kind}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with contextlib.suppress(OSError):  # no locks on this file system: no remover can lock it either
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while a remover that found it unlocked holds it
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)  # a remover took it in the instant before the lock: another name
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        held = getattr(_held, "fds", None)
+        if held is None:
+            os.close(fd)
+        else:
+            held.append(fd)
+
+
+@contextlib.contextmanager
+def hold_temps() -> Iterator[None]:
+    """Keep the locks of the temporary files made in the block until it ends, though each is renamed meanwhile:
+    predict's `.part` files, written one by one and renamed into place together, stay locked throughout."""
+    outer, _held.fds = getattr(_held, "fds", None), []
+    try:
+        yield
+    finally:
+        for fd in _held.fds:
+            os.close(fd)
+        _held.fds = outer
 
 
 def remove_stale_temps(folder: str | Path) -> None:
-    """Delete the temporary files a killed writer left in `folder` (kill -9 runs no cleanup);
-    those of processes still running stay."""
+    """Delete the temporary files (`temp_file`) a killed writer left in `folder` (kill -9 runs no cleanup): those
+    whose lock no process holds. A pid says nothing here: another PID namespace's writer looks dead."""
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
         return
     for name in names:
-        match = _TEMP_FILE.match(name)
-        if match and not _alive(int(match.group(1))):
-            Path(folder, name).unlink(missing_ok=True)
+        if not _TEMP_FILE.match(name):
+            continue
+        path = Path(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not readable: left alone
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the live writer; ours, no writer takes it
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        except OSError:  # held (BlockingIOError), gone meanwhile, or a file system without locks: kept
+            pass
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temporary sibling then rename, so no half-written file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with temp_file(path) as tmp:  # a full disk: no partial file is left behind
         tmp.write_text(text)
-    except BaseException:  # a full disk: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+        os.replace(tmp, path)
 
 
 def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:

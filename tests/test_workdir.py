@@ -160,6 +160,22 @@ def test_check_resume_refuses_another_model_and_keeps_config(tmp_path):
 
 
 def test_stale_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    from lnfm.workdir import remove_stale_temps, temp_file
+
+    names = {".mask.part12-0123abcd.nii.gz": False, ".r.csv.tmp12-89abcdef": False,  # a killed writer's: no lock
+             "mask.nii.gz": True, ".lnfm.lock": True, "failures.parts": True, "notes.tmp12-0123abcd": True}
+    for name in names:
+        (tmp_path / name).write_text("x")
+    with temp_file(tmp_path / "r.csv") as mine:  # this process is writing it
+        remove_stale_temps(tmp_path)
+        assert mine.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(n for n, kept in names.items() if kept), mine.name])
+    remove_stale_temps(tmp_path / "missing")  # nothing to do
+
+
+def test_a_temporary_file_is_removed_only_when_no_process_holds_its_lock(tmp_path):
+    """Two predicts in separate PID namespaces (containers sharing an output folder) saw each other's pids as
+    dead: each removed the other's temporary files while they were written, failing the other's case."""
     import subprocess
     import sys
 
@@ -167,14 +183,26 @@ def test_stale_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    names = {f".mask.part{dead}.nii.gz": False, f".r.csv.tmp{dead}": False,  # a killed process's
-             f".mask.part{os.getpid()}.nii.gz": True,  # this process is writing it
-             "mask.nii.gz": True, ".lnfm.lock": True, "failures.parts": True, f"notes.tmp{dead}": True}
-    for name in names:
-        (tmp_path / name).write_text("x")
-    remove_stale_temps(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, kept in names.items() if kept)
-    remove_stale_temps(tmp_path / "missing")  # nothing to do
+    # another namespace's writer: its pid (here, a dead one) means nothing in this namespace, its lock does
+    held = tmp_path / f".mask.part{dead}-0123abcd.nii.gz"
+    held.write_text("x")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()", str(held)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        remove_stale_temps(tmp_path)
+        assert held.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    remove_stale_temps(tmp_path)  # its writer is gone, however it died
+    assert not held.exists()
+    # one pid, two writers (two namespaces): two names
+    from lnfm.workdir import temp_file
+
+    with temp_file(tmp_path / "r.csv") as a, temp_file(tmp_path / "r.csv") as b:
+        assert a != b and a.exists() and b.exists()
 
 
 def test_a_folder_of_files_without_a_config_yaml_is_no_run_s_workdir(tmp_path):

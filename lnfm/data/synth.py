@@ -33,7 +33,7 @@ from lnfm.data.geometry import axial_diameters
 from lnfm.data.synth_nodes import REAL_SET, node_shape, real_mask_files
 from lnfm.io.nifti import write_nifti
 from lnfm.safety import check_apart
-from lnfm.workdir import atomic_write_text, file_sha256, recorded_digests
+from lnfm.workdir import atomic_write_text, file_sha256, recorded_digests, temp_file
 
 SITES: tuple[str, ...] = ("head_neck", "axilla", "mediastinum", "abdomen", "pelvis")
 
@@ -366,10 +366,10 @@ def save_gallery(case: SynthCase, path: str | Path, window: tuple[float, float] 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")  # two writers never share it
-    fig.savefig(tmp, dpi=80, facecolor="black")
-    plt.close(fig)
-    tmp.replace(path)
+    with temp_file(path.with_name(path.stem), ".png") as tmp:
+        fig.savefig(tmp, dpi=80, facecolor="black")
+        plt.close(fig)
+        tmp.replace(path)
 
 
 def _summary(cases: list[SynthCase], sites: list[str]) -> dict:
@@ -390,7 +390,7 @@ GENERATOR = "lnfm.data.synth"  # dataset.json's "generator": the folder is synth
 # recognisably synth's and the same command finishes it.
 MARK_FILE = ".lnfm-synth.json"
 # The temporaries write_nifti, atomic_write_text and save_gallery write beside a file: a killed run leaves them.
-_TEMP = re.compile(r"^\.(?P<name>.+?)\.tmp\d*(\.nii\.gz|\.nii|\.png)?$")
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.tmp\d*(?:-[0-9a-f]+)?(\.nii\.gz|\.nii|\.png)?$")
 
 
 def _sites(site: str) -> list[str]:

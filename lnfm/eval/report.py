@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from lnfm.data.geometry import axial_diameters, spacing_of, to_canonical
 from lnfm.io import Volume
+from lnfm.workdir import temp_file
 
 COLUMNS = ("node", "label", "centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm", "volume_ml",
            "short_axis_mm", "long_axis_mm", "mean_hu", "max_probability", "voxels")
@@ -136,12 +137,9 @@ def write_overlay(path: str | Path, hu: np.ndarray, labels: np.ndarray, affine: 
     fig.suptitle(f"{title} ({note})".strip())
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=80, metadata={"Software": OVERLAY_SOFTWARE})  # predict's mark, read by --force
-    except BaseException:  # a full disk: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
+        with temp_file(path.with_name(path.stem), ".png") as tmp:  # a full disk: no partial file is left behind
+            fig.savefig(tmp, dpi=80, metadata={"Software": OVERLAY_SOFTWARE})  # predict's mark, read by --force
+            os.replace(tmp, path)
     finally:
         plt.close(fig)
-    os.replace(tmp, path)

@@ -10,6 +10,7 @@ import numpy as np
 from nibabel.openers import ImageOpener
 
 from lnfm.io.volume import ImageReadError, Volume, check_affine
+from lnfm.workdir import temp_file
 
 
 # qform and sform may differ by what float32 storage of the qform's quaternion loses: near a 180-degree
@@ -110,7 +111,6 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip:
     path.parent.mkdir(parents=True, exist_ok=True)
     # nibabel compresses by the (lower-case) suffix: MASK.NII.GZ must be gzipped too
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
@@ -118,9 +118,6 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip:
         img.set_qform(None, code=0)
     if descrip:
         img.header["descrip"] = descrip.encode()[:80]
-    try:
+    with temp_file(path, suffix) as tmp:  # a full disk or a kill signal: no partial file is left behind
         nib.save(img, str(tmp))
-    except BaseException:  # a full disk or a kill signal: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+        os.replace(tmp, path)

@@ -11,6 +11,7 @@ import nrrd
 import numpy as np
 
 from lnfm.io.volume import ImageReadError, Volume, check_affine
+from lnfm.workdir import temp_file
 
 # NRRD 'space' values -> sign flips that take the space to RAS. 'scanner-xyz' and '3D-right-handed' name
 # no patient axes (ITK reads them as LPS, as it does a header without 'space'): refused, like no 'space'.
@@ -139,10 +140,6 @@ def write_nrrd(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
               "space directions": np.asarray(affine, float)[:3, :3].T,
               "space origin": np.asarray(affine, float)[:3, 3]}
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
+    with temp_file(path.with_name(path.stem), path.suffix) as tmp:  # a full disk: no partial file is left behind
         nrrd.write(str(tmp), np.asarray(data), header, index_order="F")
-    except BaseException:  # a full disk: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+        os.replace(tmp, path)

@@ -56,7 +56,7 @@ from lnfm.safety import check_apart
 from lnfm.train.job import check_batch, check_run_config
 from lnfm.train.memory import memory_figures
 from lnfm.train.mfu import ASSUMED_MFU, expected_step_time, peak_flops
-from lnfm.workdir import atomic_write_text
+from lnfm.workdir import atomic_write_text, temp_file
 
 GIB = 1024**3
 
@@ -532,14 +532,10 @@ def write_table(path: str | Path, text: str, cells: list[dict]) -> None:
     md, js = table_files(path)
     cells_json = json.dumps(cells, indent=1)
     md.parent.mkdir(parents=True, exist_ok=True)
-    tmp = js.with_name(f".{js.name}.tmp{os.getpid()}")
-    try:
+    with temp_file(js) as tmp:
         tmp.write_text(cells_json)
         atomic_write_text(md, table_text(text, cells_json))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, js)
+        os.replace(tmp, js)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

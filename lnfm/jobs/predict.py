@@ -68,7 +68,7 @@ from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_input
                                      parse_formats, source_series, write_dicom_outputs)
 from lnfm.runs import ExportFolder
 from lnfm.safety import check_apart
-from lnfm.workdir import atomic_write_text, progress, remove_stale_temps, setup_logging
+from lnfm.workdir import atomic_write_text, hold_temps, progress, remove_stale_temps, setup_logging, temp_file
 
 log = logging.getLogger("lnfm.predict")
 
@@ -247,10 +247,14 @@ def predict_volume(probabilities: Callable, meta: ExportMeta, vol: Volume, optio
 
 
 def _temp(path: Path) -> Path:
+    """A new temporary file for output `path`, locked until `write_outputs`' renames (`hold_temps`): a predict
+    in another PID namespace sharing the folder must not take it for a killed writer's."""
     suffix = path.name[-7:] if path.name.lower().endswith(".nii.gz") else path.suffix  # MASK.NII.GZ keeps .NII.GZ
-    return path.with_name(f".{path.name[:-len(suffix)] if suffix else path.name}.part{os.getpid()}{suffix}")
+    with temp_file(path.with_name(path.name[:-len(suffix)] if suffix else path.name), suffix, "part") as tmp:
+        return tmp
 
 
+@hold_temps()  # each temporary file stays locked until the renames put them all in place
 def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, probabilities: Path | None = None,
                   report: Path | None = None, overlay: Path | None = None, title: str = "",
                   dicom: tuple | None = None, force: bool | None = None) -> None:
@@ -682,10 +686,9 @@ def check_writable(paths) -> None:
         if folder is None or folder in seen:
             continue
         seen.add(folder)
-        probe = folder / f".lnfm-write-check.tmp{os.getpid()}"  # the name remove_stale_temps clears after a crash
         try:
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            os.unlink(probe)
+            with temp_file(folder / "lnfm-write-check") as probe:  # a name remove_stale_temps clears after a crash
+                os.unlink(probe)
         except OSError as e:
             raise PredictError(f"{path}: cannot write into {folder} ({e.strerror or e})") from None
 

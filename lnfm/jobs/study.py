@@ -42,7 +42,8 @@ from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretr
 from lnfm.runs import FinetuneRun
 from lnfm.workdir import (WorkdirError, atomic_write_csv, atomic_write_text, check_config_is_this_jobs, check_resume,
                           differences, file_sha256,
-                          lock_folder, open_workdir, progress, recorded_digests, remove_stale_temps)
+                          lock_folder, open_workdir, progress, recorded_digests, remove_stale_temps,
+                          temp_file)
 
 log = logging.getLogger("lnfm.study")
 REPO = Path(__file__).resolve().parents[2]
@@ -361,10 +362,10 @@ def plot(agg: list[dict], metric: str, label: str, path: Path) -> None:
     axes[0][0].set_ylabel(f"{label} (held-out test, mean and 95% CI over repeats)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")  # two writers never share it
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with temp_file(path.with_name(path.stem), ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
 
 
 def _fmt(a: dict, key: str) -> str:

@@ -33,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lnfm.errors import DiskFull, FolderWatch, LnfmError, deferred_termination, disk_full
+from lnfm.workdir import temp_file
 
 log = logging.getLogger("lnfm.train")
 
@@ -82,9 +83,9 @@ def write_checksums(step_dir: str | Path) -> None:
     """List the sha256 of every file of a step (atomically: temp file, then rename)."""
     step_dir = Path(step_dir)
     text = "".join(f"{_sha256(step_dir / rel)}  {rel}\n" for rel in _step_files(step_dir))
-    tmp = step_dir / f".{CHECKSUMS}.tmp{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, step_dir / CHECKSUMS)
+    with temp_file(step_dir / CHECKSUMS) as tmp:
+        tmp.write_text(text)
+        os.replace(tmp, step_dir / CHECKSUMS)
 
 
 def verify_checksums(step_dir: str | Path) -> bool:

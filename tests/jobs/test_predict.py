@@ -658,6 +658,28 @@ def test_two_predicts_on_one_output_do_not_replace_each_other(tiny, tmp_path, ca
     assert sorted(p.name for p in mask.parent.iterdir()) == ["mask.nii.gz"] and leftovers(mask.parent) == []
 
 
+def test_a_predict_in_another_pid_namespace_leaves_this_one_s_temporary_files(tmp_path, monkeypatch):
+    """Two predicts in separate PID namespaces (containers sharing an output folder) cannot see each other's
+    pids: one took the other's in-flight `.part` files for a killed writer's and removed them, failing it."""
+    from types import SimpleNamespace
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    monkeypatch.setattr(os, "getpid", lambda: dead)  # this predict's pid as the other namespace sees it: none
+    write_nifti = pr.write_nifti
+
+    def other_predict_starts(path, *args):  # after the mask's temporary file is written
+        if "prob" in path.name:
+            pr.remove_stale_temps(tmp_path)
+        write_nifti(path, *args)
+
+    monkeypatch.setattr(pr, "write_nifti", other_predict_starts)
+    labels = np.zeros((4, 4, 4), np.uint8)
+    pred = SimpleNamespace(labels=labels, affine=np.eye(4), probability=labels.astype(np.float32))
+    pr.write_outputs(pred, None, tmp_path / "mask.nii.gz", tmp_path / "prob.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "prob.nii.gz"]
+
+
 def test_outputs_are_put_in_place_without_hard_links_too(tmp_path, monkeypatch):
     """Where a file system refuses hard links the new output is still created without replacing anything:
     an empty file made exclusively, then renamed over; one that appeared meanwhile fails the case."""
