@@ -137,17 +137,19 @@ class WorkdirError(LnfmError, ValueError):
 
 @contextlib.contextmanager
 def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True, shared: bool = False,
-                then: str = "wait for it to finish or choose another folder", wait: bool = False) -> Iterator[None]:
+                then: str = "wait for it to finish or choose another folder", wait: bool = False,
+                names: str | Path | None = None) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (created if missing) for the duration of the block.
 
     flock(2) on FOLDER/.lnfm.lock: the kernel drops it when the holder exits, however it dies,
-    so a crashed job never blocks the next one. A second job gets a one-line `WorkdirError`
-    naming the holder (pid, host, start time) and `then` (what to do instead). The lock file is removed on
-    release, and so is a folder this call created if the block left it empty: a refused job leaves nothing
-    behind. With `wait`, a held lock is waited for instead (a short step every job of the folder takes in
-    turn). `shared=True` is a reader's lock on a run (export, finetune --init): readers share it, and no
-    job trains there while one reads; it names no holder, and the last reader out removes the lock file. A
-    run in a folder this user may not write is read unlocked (no job of this user can be training there)."""
+    so a crashed job never blocks the next one. A second job gets a one-line `WorkdirError` naming
+    `names` (default: `folder`; export names its `--out`, locked beside it), the holder (pid, host, start
+    time) and `then` (what to do instead). The lock file is removed on release, and so is a folder this
+    call created if the block left it empty: a refused job leaves nothing behind. With `wait`, a held lock
+    is waited for instead (a short step every job of the folder takes in turn). `shared=True` is a reader's
+    lock on a run (export, finetune --init): readers share it, and no job trains there while one reads; it
+    names no holder, and the last reader out removes the lock file. A run in a folder this user may not
+    write is read unlocked (no job of this user can be training there)."""
     if not enabled:
         yield
         return
@@ -156,7 +158,7 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True,
         raise WorkdirError(f"{folder}: exists and is not a folder")
     if shared:
         try:
-            fd = _acquire(folder / name, folder, then, fcntl.LOCK_SH)
+            fd = _acquire(folder / name, names or folder, then, fcntl.LOCK_SH)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
@@ -178,7 +180,7 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True,
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    fd = _acquire(path, folder, then, wait=wait)
+    fd = _acquire(path, names or folder, then, wait=wait)
     try:
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
@@ -206,7 +208,7 @@ def lock_holder(path: str | Path) -> str | None:
         os.close(fd)
 
 
-def _acquire(path: Path, folder: Path, then: str, mode: int = fcntl.LOCK_EX, wait: bool = False) -> int:
+def _acquire(path: Path, folder: str | Path, then: str, mode: int = fcntl.LOCK_EX, wait: bool = False) -> int:
     """An fd holding the flock of `path`, retried while a releasing holder unlinks the file."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

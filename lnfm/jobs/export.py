@@ -461,7 +461,7 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
         check_outside_exports(out)
         if out.parent.exists() and not out.parent.is_dir():
             raise ExportError(f"{out.parent}: exists and is not a folder")
-        with lock_folder(out.parent, f".{out.name}.lock"):
+        with lock_folder(out.parent, f".{out.name}.lock", names=out):  # the refusal names --out, not its parent
             with deferred_termination():  # a SIGTERM mid-recovery would leave a half-removed folder behind
                 recover_interrupted(out)
             check_replaceable(out, force)

@@ -610,3 +610,20 @@ def test_a_run_still_training_is_refused_in_one_line_and_exported_once_it_has_fi
         proc.wait()
     assert run_job("export", ["--checkpoint", str(work), "--out", str(tmp_path / "exp")]) == 0
     assert not (work / ".lnfm.lock").exists()  # the reader leaves no lock file in the run
+
+
+def test_an_export_whose_out_another_export_is_writing_is_refused_naming_out(tiny, tmp_path, capsys):  # noqa: F811
+    """The one-line refusal named --out's parent folder (where the lock file lies), not the --out given."""
+    import os
+
+    from lnfm.cli import run_job
+    from lnfm.workdir import lock_folder
+
+    out = tmp_path / "exp"
+    with lock_folder(tmp_path, ".exp.lock"):  # another export of this --out
+        capsys.readouterr()
+        rc = run_job("export", ["--checkpoint", str(tiny.workdir), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert f"error: {out}: in use by another lnfm job (pid {os.getpid()} on " in err[0], err
+    assert not out.exists()
