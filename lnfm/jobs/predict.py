@@ -38,6 +38,7 @@ model.onnx (`lnfm export --format onnx`), JAX otherwise.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import logging
 import math
@@ -339,11 +340,37 @@ def _reserve(tmp: Path, final: Path) -> bool:
         return False
 
 
+# renameat2(2), in glibc since 2.28: None elsewhere (another OS or C library)
+_renameat2 = getattr(ctypes.CDLL(None), "renameat2", None) if sys.platform == "linux" else None
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the files at `a` and `b` in one step (renameat2 RENAME_EXCHANGE); False where it cannot be done
+    (no renameat2, a file system without it, either name gone), having changed nothing."""
+    return _renameat2 is not None and _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                                                 _RENAME_EXCHANGE) == 0
+
+
+def _identity(path: Path) -> tuple | None:
+    """What tells the file at `path` from one put there later: its inode, size and modification time (not its
+    change time, which the exchange itself sets)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _commit(pending: list[tuple[Path | None, Path]], force: bool) -> None:
     """Put a case's outputs in place, checking each as `check_not_there` did before the model loaded: a
     file another predict or a user wrote meanwhile is left as it is, and the case fails with nothing of
     its own written. Every output is checked before any is renamed; a new one is then created without
-    replacing anything, and a replaced one is checked again right before its rename."""
+    replacing anything, and a replaced one is checked again, then exchanged with its new file in one step: the
+    file moved away must be the one checked, or every exchange is undone (where the system cannot exchange,
+    a plain rename leaves a gap of microseconds after the check)."""
     for _, final in pending:
         if not _is_replaceable(final, force):
             raise _written_meanwhile(pending, final)
@@ -363,12 +390,25 @@ def _commit(pending: list[tuple[Path | None, Path]], force: bool) -> None:
         else:
             filled.append((tmp, final))
     replaced = [(tmp, final) for tmp, final in pending if final not in set(placed)]
+    checked = {}  # final: the file found replaceable (its identity taken before the check reads it)
     for _, final in replaced:  # right before the renames: each is still absent or (--force) predict's
+        checked[final] = _identity(final)
         if not _is_replaceable(final, force):
+            raise _written_meanwhile(pending, final, placed)
+    swapped: list[tuple[Path, Path]] = []  # (tmp, final): tmp now holds the replaced file
+    for tmp, final in replaced:
+        if tmp is None or checked[final] is None or not _exchange(tmp, final):
+            continue
+        swapped.append((tmp, final))
+        if _identity(tmp) != checked[final]:  # written after the check: it and the others go back
+            for a, b in reversed(swapped):
+                _exchange(a, b)
             raise _written_meanwhile(pending, final, placed)
     for tmp, final in replaced:
         if tmp is None:  # an earlier run's output this run does not write (an RTSTRUCT with no node)
             final.unlink(missing_ok=True)
+        elif (tmp, final) in swapped:
+            tmp.unlink(missing_ok=True)  # the replaced output, moved here by the exchange
         else:
             os.replace(tmp, final)
     for tmp, final in filled:

@@ -680,6 +680,43 @@ def test_a_predict_in_another_pid_namespace_leaves_this_one_s_temporary_files(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "prob.nii.gz"]
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "no_exchange"])
+def test_force_leaves_a_file_written_after_its_last_check_as_it_is(tmp_path, monkeypatch, exchange):
+    """--force checked each output right before renaming over it: a file written in between was replaced. Each
+    new output is now exchanged with the old in one step, and the file moved away must be the one checked, or
+    every exchange is undone. Without renameat2 (another system, a file system without it) the plain rename
+    remains, gap included."""
+    from types import SimpleNamespace
+
+    labels = np.zeros((4, 4, 4), np.uint8)
+    pred = SimpleNamespace(labels=labels, affine=np.eye(4), probability=labels.astype(np.float32))
+    mask, prob = tmp_path / "mask.nii.gz", tmp_path / "prob.nii.gz"
+    pr.write_outputs(pred, None, mask, prob)  # predict's own earlier outputs
+    before = os.stat(mask).st_ino
+    is_replaceable = pr._is_replaceable
+    checks = []
+
+    def user_writes_after_the_last_check(final, force):
+        ok = is_replaceable(final, force)
+        checks.append(final)
+        if len(checks) == 4:  # the probabilities' check right before the renames
+            nib.save(nib.Nifti1Image(labels + 1, np.eye(4)), str(tmp_path / "theirs.nii.gz"))
+            os.replace(tmp_path / "theirs.nii.gz", prob)
+        return ok
+
+    monkeypatch.setattr(pr, "_is_replaceable", user_writes_after_the_last_check)
+    if not exchange:
+        monkeypatch.setattr(pr, "_renameat2", None)
+        pr.write_outputs(pred, None, mask, prob, force=True)
+        assert pr.made_by_predict(prob)  # replaced: the gap remains
+        return
+    with pytest.raises(pr.PredictError, match=f"{prob}: written by another process or a user while predict ran"):
+        pr.write_outputs(pred, None, mask, prob, force=True)
+    assert np.array_equal(np.asarray(nib.load(prob).dataobj), labels + 1)
+    assert os.stat(mask).st_ino == before  # its exchange undone: the earlier output, not an equal new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "prob.nii.gz"]
+
+
 def test_outputs_are_put_in_place_without_hard_links_too(tmp_path, monkeypatch):
     """Where a file system refuses hard links the new output is still created without replacing anything:
     an empty file made exclusively, then renamed over; one that appeared meanwhile fails the case."""
