@@ -50,7 +50,7 @@ from lnfm.jobs.pretrain import (PretrainConfig, abstract_batch, build_training, 
                                 load_pretrain_config, step_flops)
 from lnfm.models.build import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
-from lnfm.models.sharding import idle_axes, logical_to_mesh_spec, make_mesh, rules_using, use_rules
+from lnfm.models.sharding import idle_axes, logical_shards, make_mesh, rules_using, use_rules
 from lnfm.models.vit import token_grid, vit_dims
 from lnfm.safety import check_apart
 from lnfm.train.job import check_batch, check_run_config
@@ -265,17 +265,22 @@ def plan(req: PlanRequest) -> dict:
     return out
 
 
-def _act_bytes_per_token_layer(width: int, heads: int, seq: int, remat: str) -> tuple[float, float]:
-    """(kept per layer, working set of one layer) in 16-bit activation bytes per token.
+def _act_bytes_per_token_layer(width: int, heads: int, seq: int, remat: str) -> tuple[dict, dict]:
+    """(kept per layer, working set of one layer) in 16-bit activation bytes per token, by the logical axis
+    that shards each part (the rule table then says over which mesh axes: `analytic_plan`).
 
     After Korthikanti et al. 2022 (Reducing Activation Recomputation in Large Transformer
-    Models): a block keeps about 34 h + 5 a s bytes per token without recomputation; with
+    Models): a block keeps about 34 h + 5 a s bytes per token without recomputation: 10 h of
+    residual-stream width (act_embed: layer-norm inputs, residual, dropout masks), 8 h of q, k, v and
+    the attention output plus the 5 a s of scores, all split by head (act_heads), and 16 h of MLP hidden
+    (fc1's output axis, 'mlp'); their 10 h + 24 h / t + 5 a s / t under t-way tensor parallelism. With
     full remat only its 2 h-byte input is kept and one block's set is rebuilt at a time;
-    dots_saveable keeps the matmul outputs (about 24 h + 4 a s).
+    dots_saveable keeps the matmul outputs (about 24 h + 4 a s: qkv, attention and fc1 outputs split).
     """
-    full = 34 * width + 5 * heads * seq
-    kept = {"none": full, "full": 2 * width, "dots_saveable": 24 * width + 4 * heads * seq,
-            "dots_with_no_batch_dims_saveable": 24 * width + 4 * heads * seq}.get(remat, full)
+    full = {"act_embed": 10 * width, "act_heads": 8 * width + 5 * heads * seq, "mlp": 16 * width}
+    dots = {"act_embed": 8 * width, "act_heads": 8 * width + 4 * heads * seq, "mlp": 8 * width}
+    kept = {"none": full, "full": {"act_embed": 2 * width}, "dots_saveable": dots,
+            "dots_with_no_batch_dims_saveable": dots}.get(remat, full)
     return kept, full
 
 
@@ -297,11 +302,7 @@ def analytic_plan(req: PlanRequest) -> dict:
     specs = nnx.get_partition_spec(params)
 
     def local_bytes(x, spec) -> int:
-        mesh_spec = logical_to_mesh_spec(tuple(spec), cfg.mesh.rules)
-        shape = list(x.shape)
-        for i, axes in enumerate(mesh_spec):
-            for ax in (axes,) if isinstance(axes, str) else (axes or ()):
-                shape[i] = -(-shape[i] // sizes[ax])
+        shape = [-(-d // logical_shards(name, sizes, cfg.mesh.rules)) if name else d for d, name in zip(x.shape, spec)]
         return math.prod(shape) * np.dtype(x.dtype).itemsize
 
     leaves = jax.tree.leaves(params)
@@ -315,9 +316,13 @@ def analytic_plan(req: PlanRequest) -> dict:
     enc = vit_dims(cfg.model)
     dec_w, dec_d, dec_h, _ = decoder_dims(cfg.model)
     scale = 1.0 if cfg.model.dtype in ("bfloat16", "float16") else 2.0
+
+    def local(terms: dict) -> float:  # each part divided as the rule table splits its logical axis
+        return sum(v / logical_shards(name, sizes, cfg.mesh.rules) for name, v in terms.items())
+
     act = 0.0
     for width, depth, heads, seq in ((enc.width, enc.depth, enc.heads, visible), (dec_w, dec_d, dec_h, tokens)):
-        kept, full = _act_bytes_per_token_layer(width, heads, seq, cfg.model.remat)
+        kept, full = map(local, _act_bytes_per_token_layer(width, heads, seq, cfg.model.remat))
         act += local_batch * seq * (kept * depth + (full if cfg.model.remat != "none" else 0)) * scale
     temp = act + 2 * params_b  # float32 gradients and updates of the local shard
     batch_b = local_batch * cfg.train.accum_steps * math.prod(cfg.model.img_size) * cfg.model.in_channels * 4

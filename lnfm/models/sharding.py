@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 
@@ -124,6 +125,13 @@ def logical_to_mesh_spec(names, rules: str | tuple) -> PartitionSpec:
         else:
             out.append(table[name])
     return PartitionSpec(*out)
+
+
+def logical_shards(name: str, sizes: dict[str, int], rules: str | tuple) -> int:
+    """How many pieces `rules` cuts the logical axis `name` into on a mesh of these axis sizes (1 where it
+    maps to no mesh axis): what divides that axis's bytes per device."""
+    axes = logical_to_mesh_spec((name,), rules)[0]
+    return math.prod(sizes.get(ax, 1) for ax in ((axes,) if isinstance(axes, str) else (axes or ())))
 
 
 def _is_spec(x) -> bool:
