@@ -105,6 +105,24 @@ def verify_checksums(step_dir: str | Path) -> bool:
     return True
 
 
+def intact(step_dir: str | Path) -> bool:
+    """Whether a committed step passes `verify_checksums`, the check `restore_latest` makes before it reads a
+    step and falls back past one that fails (a step without a list, from an older lnfm, counts as intact)."""
+    try:
+        verify_checksums(step_dir)
+    except CheckpointError:
+        return False
+    return True
+
+
+def newest_intact_step(directory: str | Path, above: int = 0) -> int | None:
+    """The newest committed step after `above` that is `intact`: where `restore_latest` would resume (None
+    when every such step is corrupt or there is none). Steps up to `above` are not read (verifying hashes
+    every file)."""
+    return next((step for step in reversed(committed_steps(directory))
+                 if step > above and intact(Path(directory) / str(step))), None)
+
+
 def _sealed_commit(seal: Callable[[Path, int], None]) -> type:
     """Orbax's commit by atomic rename, with `seal(folder, step)` run on the finished step just
     before the rename that makes it visible. Orbax's own finalize (the step metadata's commit

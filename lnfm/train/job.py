@@ -26,7 +26,7 @@ from lnfm.models.layers import dtype_problem_here
 from lnfm.models.sharding import check_mesh, idle_axes, make_mesh, rules_using, use_rules
 from lnfm.runs import CHECKPOINTS, FinetuneRun, PretrainRun, write_json
 from lnfm.safety import check_apart
-from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, committed_steps, has_checkpoints
+from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints, newest_intact_step
 from lnfm.train.optim import check_optim
 from lnfm.train.loop import TRAIN_TIME_FILE, Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
@@ -187,7 +187,9 @@ def check_resume_steps(run: PretrainRun | FinetuneRun, steps: int) -> None:
     """Refuse to resume a run with fewer `train.steps` than its checkpoints reached: it trained no step and
     recorded the fewer in config.yaml. A resume may lengthen a run, not shorten it (no documented way does:
     the steps taken followed a learning-rate schedule over the longer run; a shorter one is a new run)."""
-    reached = max((step for d in run.checkpoint_dirs() for step in committed_steps(d)), default=0)
+    # A corrupt newest step is not where the resume starts: restore falls back past it (`newest_intact_step`).
+    reached = max((s for d in run.checkpoint_dirs() if (s := newest_intact_step(d, above=steps)) is not None),
+                  default=0)
     if steps < reached:
         raise WorkdirError(f"{run.root}: the run to resume has reached step {reached}, beyond train.steps={steps}; a "
                            f"resumed run may lengthen a run, not shorten it: give train.steps={reached} or more, or "

@@ -189,3 +189,23 @@ def test_a_mesh_axis_the_rules_shard_nothing_over_is_refused(sizes, rules, idle)
     with pytest.raises(ConfigError, match=f"^mesh.{idle}={sizes[idle]}: the sharding rules '{rules}' shard nothing "
                                           f"over the '{idle}' axis.*mesh.rules=fsdp_tp, or set mesh.{idle}=1$"):
         check_axes_used(sizes, rules)
+
+
+def test_the_fewer_steps_check_counts_the_step_restore_would_use_not_a_corrupt_newer_one(tmp_path, mesh8):
+    """Step 4 is corrupt (a flipped byte; restore falls back to step 2): train.steps=3 lengthens the run from
+    step 2 and is allowed; train.steps=1 is refused naming step 2, where the resume would start."""
+    from lnfm.train.checkpoint import Checkpointer
+    from lnfm.train.job import check_resume_steps
+
+    run = PretrainRun(tmp_path / "w")
+    state = toy_setup(mesh8)["state"]
+    with Checkpointer(run.checkpoints, CheckpointConfig(keep=3)) as ck:
+        ck.save(2, state)
+        ck.save(4, state)
+    data = max((f for f in (run.checkpoints / "4" / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    check_resume_steps(run, 3)
+    with pytest.raises(WorkdirError, match=r"has reached step 2, beyond train.steps=1; .* give train.steps=2 or more"):
+        check_resume_steps(run, 1)
