@@ -51,9 +51,12 @@ lnfm_run_step() {
   while [[ $# -gt 0 && "$1" != "--" ]]; do srun_args+=("$1"); shift; done
   [[ $# -gt 1 ]] || { echo "lnfm: no command given to run (usage: sbatch SCRIPT COMMAND ...)" >&2; return 2; }
   shift
-  echo "lnfm: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NUM_NODES:-?} node(s): srun ${srun_args[*]} $*"
+  # Quoted (%q): per_node's multi-line task stays one line, and an argument with a space stays one word.
+  local cmd
+  printf -v cmd ' %q' "${srun_args[@]}" "$@"
+  echo "lnfm: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NUM_NODES:-?} node(s): srun${cmd}"
   if [[ "${LNFM_DRY_RUN:-0}" == 1 ]]; then
-    printf 'srun'; printf ' %q' "${srun_args[@]}" "$@"; printf '\n'
+    echo "srun${cmd}"
     return 0
   fi
   trap lnfm_on_usr1 USR1

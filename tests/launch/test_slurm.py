@@ -168,6 +168,15 @@ def test_per_node_dry_run_prints_the_rendezvous_and_the_srun_command(slurm, repo
     assert calls() == ["scontrol show hostnames gpu-node-[007-008]"]
 
 
+def test_per_node_prints_its_multi_line_task_as_one_quoted_line(repo_root):
+    """The step's header line printed per_node's task raw: its lines came out as lines of their own, and
+    "vit b" as two words. Now the header and the dry run's srun line are one line each, the same command."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    lines = _per_node_dry_run(repo_root, {**env, "LNFM_ROOT": str(repo_root)})
+    assert len(lines) == 3 and lines[1].startswith("lnfm: job ? restart 0 on ? node(s): srun "), lines
+    assert lines[1].endswith(": " + lines[2]) and lines[2].startswith(PER_NODE_SRUN)
+
+
 def test_per_node_outside_an_allocation_is_a_one_line_error(repo_root):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run(["bash", str(repo_root / "launch" / "slurm" / "per_node.sbatch"), "true"],
