@@ -690,3 +690,27 @@ def test_a_failed_restore_leaves_config_yaml_as_it_was(two_step_run, tmp_path, c
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
     assert len(err) == 1 and "checkpoints: no checkpoint could be restored" in err[0], err
     assert (wd / "config.yaml").read_bytes() == config
+
+
+def test_a_failed_restore_in_the_multi_repeat_path_leaves_the_earlier_config_yaml(two_step_run, tmp_path, capsys):
+    """Two repeats, resumed with more steps. Repeat 0's checkpoints corrupt: it fails before anything trained, and
+    no config.yaml changes (the run's, repeat_0's, repeat_1's). Repeat 1's corrupt: repeat 0 resumed and trained
+    under the new config (the run's and its config.yaml say so), repeat 1 failed and its config.yaml is as it was."""
+    import shutil
+
+    _, argv = two_step_run
+    finished = tmp_path / "finished"
+    assert run_job("finetune", argv(finished, "train.repeats=2")) == 0
+    for bad in (0, 1):
+        wd = shutil.copytree(finished, tmp_path / f"bad{bad}")
+        for step in (p for p in (wd / f"repeat_{bad}" / "checkpoints").iterdir() if p.name.isdigit()):
+            (step / "state" / "_METADATA").write_text("garbage")
+        paths = [wd / "config.yaml", *(wd / f"repeat_{r}" / "config.yaml" for r in (0, 1))]
+        before = {p: p.read_bytes() for p in paths}
+        capsys.readouterr()
+        assert run_job("finetune", argv(wd, "train.repeats=2", "train.steps=4")) == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
+        assert len(err) == 1 and f"repeat_{bad}/checkpoints: no checkpoint could be restored" in err[0], err
+        for p in paths:
+            resumed = bad == 1 and p != wd / "repeat_1" / "config.yaml"
+            assert ("steps: 4" in p.read_text()) == resumed and (p.read_bytes() == before[p]) != resumed, (bad, p)
