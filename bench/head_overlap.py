@@ -1,7 +1,7 @@
 """Decoder heads and sliding-window overlaps, on held-out phantoms (docs/finetuning.md).
 
     python bench/head_overlap.py [--site pelvis] [--heads fine,unetr,unetr:feature_size=8] [--overlaps 0.5,0.25] \
-        [--seeds 3] [--window 64,64,48] [--workdir DIR]
+        [--seeds 3] [--window 64,64,48] [--spacing 1.5,1.5,1.5] [--workdir DIR]
 
 `bench/accuracy.py`'s cpu preset (its phantoms, its MAE pretraining, `finetune --quick`'s
 recipe with 4 labelled cases and `recipe_ab.BASE_STEPS` = 600 steps), with `head.kind` set per
@@ -11,7 +11,8 @@ variant (dataset seeds 505 and 606, never the benchmark's test seed). `--site` m
 phantom set from that site's anatomy and prepares the stores at its preset's spacing (the
 default, pelvis, is the cpu preset as it is). `--window` trains and predicts with that patch
 instead of the recipe's 32³ (arms named HEAD@X,Y,Z), to see how the overlap's effect changes with
-the window's size. Prints mean Dice per seed and the paired
+the window's size. `--spacing` prepares the stores (and so trains and predicts) on another grid than the
+site preset's, to see what a coarser grid costs. Prints mean Dice per seed and the paired
 differences over (seed, volume) pairs; finished arms are cached in the workdir's
 heads_ab.jsonl, so a rerun resumes.
 """
@@ -47,9 +48,10 @@ def window_overrides(window: str | None) -> list[str]:
 
 
 def run_arm(head: str, seed: int, preset: A.Preset, bench: B.Benchmark, pre: Path, dev, overlaps, work: Path,
-            window: str | None = None) -> dict:
+            window: str | None = None, spacing: str | None = None) -> dict:
+    grid = [f"site.spacing=[{spacing}]"] if spacing else []  # the stores' grid, which predict then resamples to
     cfg = A.finetune_config(preset, bench, str(pre), 4, seed,
-                            extra=tuple(head_overrides(head) + window_overrides(window)))
+                            extra=tuple(head_overrides(head) + window_overrides(window) + grid))
     head = f"{head}@{window}" if window else head
     folder = head.replace(":", "_").replace(";", "_").replace("=", "").replace("@", "_w").replace(",", "x")
     summary, fn, meta = A.finetune_and_export(cfg, work / "runs" / f"{folder}_s{seed}")
@@ -67,14 +69,16 @@ def main() -> None:
     ap.add_argument("--overlaps", default="0.5,0.25")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--window", default=None, help="X,Y,Z: train and predict with this patch instead of 32³")
+    ap.add_argument("--spacing", default=None, help="X,Y,Z mm: prepare, train and predict on this grid instead of "
+                                                    "the site preset's (use its own --workdir)")
     ap.add_argument("--workdir", default=None, help="default: runs/head_overlap (pelvis), runs/head_overlap_SITE")
     args = ap.parse_args()
     heads, overlaps = args.heads.split(","), [float(o) for o in args.overlaps.split(",")]
     work = Path(args.workdir or "runs/head_overlap" + ("" if args.site == "pelvis" else f"_{args.site}")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     base = recipe_ab.base_preset()  # pelvis; its stores are at the pelvis preset's spacing already
-    preset = dataclasses.replace(base, data=dataclasses.replace(base.data, site=args.site,
-                                                                spacing=preset_spacing(args.site)))
+    spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else preset_spacing(args.site)
+    preset = dataclasses.replace(base, data=dataclasses.replace(base.data, site=args.site, spacing=spacing))
     bench = B.build(preset.data, work)
     dev = dev_cases(work, preset.data.shape, preset.data.site)
     pre = A.pretrain(preset, bench, work)
@@ -85,7 +89,7 @@ def main() -> None:
     heads = [f"{h}@{args.window}" if args.window else h for h in heads]
     for seed, (head, kind) in itertools.product(range(args.seeds), zip(heads, trained)):
         if (head, seed) not in rows or any(f"dice_{ov}" not in rows[(head, seed)] for ov in overlaps):
-            rows[(head, seed)] = run_arm(kind, seed, preset, bench, pre, dev, overlaps, work, args.window)
+            rows[(head, seed)] = run_arm(kind, seed, preset, bench, pre, dev, overlaps, work, args.window, args.spacing)
             with cache.open("a") as f:
                 f.write(json.dumps(rows[(head, seed)]) + "\n")
     seeds = range(args.seeds)
