@@ -77,7 +77,7 @@ def test_inference_roi_is_the_training_patch(tmp_path):
     """Validation, test and the export window with site.patch: the resolved (recorded) inference.roi is
     site.patch unless set, and a set one that differs is refused in one line."""
     assert load_finetune_config("pelvis", quick=True).inference.roi == (32, 32, 32)  # --quick: 32^3, not 96^3
-    assert load_finetune_config("mediastinum").inference.roi == (160, 160, 96)  # the preset's patch
+    assert load_finetune_config("mediastinum").inference.roi == (112, 112, 96)  # the preset's patch
     assert load_finetune_config("pelvis", ["site.patch=[48,40,24]"]).inference.roi == (48, 40, 24)
     assert load_finetune_config("pelvis", ["inference.roi=[32,32,32]"], quick=True).inference.roi == (32, 32, 32)
     with pytest.raises(ConfigError, match=r"^inference.roi \[96, 96, 96\] differs from site.patch \[32, 32, 32\]: "

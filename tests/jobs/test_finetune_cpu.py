@@ -13,7 +13,7 @@ from lnfm.jobs.finetune import load_finetune_config
 def test_accelerator_preset_on_a_cpu_names_the_estimate_and_the_cpu_preset():
     cfg = load_finetune_config("mediastinum", [])
     flops = finetune_cpu.step_flops(cfg)
-    # A ViT-tiny + fine-head step at 160x160x96, batch 2: hundreds of GFLOPs (forward + backward). Its
+    # A ViT-tiny + fine-head step at 112x112x96, batch 2: hundreds of GFLOPs (forward + backward). Its
     # 2000 steps fit an hour at 200 GFLOP/s, so a notice here needs the rate of this CPU, not a fast one.
     assert 1e11 < flops < 1e14 and flops * cfg.train.steps / 2e11 < finetune_cpu.CPU_BUDGET_S
     rate = 1e10
