@@ -77,36 +77,6 @@ class FolderMoved(LnfmError):
     user's doing, not a bug; one line naming it."""
 
 
-class FolderWatch:
-    """`folder` as it is now. `check(what)`, before each write into it, raises `FolderMoved` once its path leads
-    elsewhere or nowhere: Orbax would recreate the folder at the old path and split the run in two, and
-    the other writers failed with a traceback (TensorStore's NOT_FOUND, a FileNotFoundError)."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = folder
-        self._identity = self._now()
-
-    def _now(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.folder)
-        except FileNotFoundError:
-            return None
-        return st.st_dev, st.st_ino
-
-    def moved(self) -> bool:
-        now = self._now()
-        if self._identity is None:  # not made yet (another host of the job makes it): watched from when it is
-            self._identity = now
-            return False
-        return now != self._identity
-
-    def check(self, what: str) -> None:
-        if self.moved():
-            raise FolderMoved(f"{self.folder}: moved, renamed or removed while the job wrote {what} there; the job "
-                              f"stopped, and what it wrote before is intact where the folder went (rerun with "
-                              f"that folder to resume)")
-
-
 class Terminated(BaseException):
     """SIGTERM arrived. `lnfm.cli` raises it in the main thread (past `except Exception`, like
     KeyboardInterrupt), so the job's cleanups run; exit 143."""

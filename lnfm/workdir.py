@@ -30,7 +30,7 @@ from typing import Any
 from collections.abc import Iterable, Iterator
 
 from lnfm.config import dump_yaml, read_yaml, to_dict
-from lnfm.errors import FolderWatch, LnfmError
+from lnfm.errors import FolderMoved, LnfmError
 
 log = logging.getLogger("lnfm")
 
@@ -128,6 +128,36 @@ def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+class FolderWatch:
+    """`folder` as it is now. `check(what)`, before each write into it, raises `FolderMoved` once its path leads
+    elsewhere or nowhere: Orbax would recreate the folder at the old path and split the run in two, and
+    the other writers failed with a traceback (TensorStore's NOT_FOUND, a FileNotFoundError)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = folder
+        self._identity = self._now()
+
+    def _now(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.folder)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def moved(self) -> bool:
+        now = self._now()
+        if self._identity is None:  # not made yet (another host of the job makes it): watched from when it is
+            self._identity = now
+            return False
+        return now != self._identity
+
+    def check(self, what: str) -> None:
+        if self.moved():
+            raise FolderMoved(f"{self.folder}: moved, renamed or removed while the job wrote {what} there; the job "
+                              f"stopped, and what it wrote before is intact where the folder went (rerun with "
+                              f"that folder to resume)")
+
+
 LOCK_FILE = ".lnfm.lock"
 
 
@@ -192,6 +222,11 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True,
             folder.rmdir()
 
 
+def _holder(fd: int) -> str:
+    """The 'pid ... on host since ...' line a lock's holder wrote into its lock file `fd`."""
+    return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+
+
 def lock_holder(path: str | Path) -> str | None:
     """Who holds the exclusive lock file `path` (its 'pid ... on host since ...' line); None when no one does
     (no file, or one a killed job left)."""
@@ -203,7 +238,7 @@ def lock_holder(path: str | Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe, dropped by the close
         return None
     except BlockingIOError:
-        return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        return _holder(fd)
     finally:
         os.close(fd)
 
@@ -215,7 +250,7 @@ def _acquire(path: Path, folder: str | Path, then: str, mode: int = fcntl.LOCK_E
         try:
             fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             raise WorkdirError(f"{folder}: in use by another lnfm job ({holder}); {then}") from None
         try:

@@ -32,8 +32,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from lnfm.errors import DiskFull, FolderWatch, LnfmError, deferred_termination, disk_full
-from lnfm.workdir import temp_file
+from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
+from lnfm.workdir import FolderWatch, temp_file
 
 log = logging.getLogger("lnfm.train")
 
