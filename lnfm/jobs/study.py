@@ -41,9 +41,8 @@ from lnfm.jobs.finetune import load_finetune_config
 from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretrain_config
 from lnfm.runs import FinetuneRun
 from lnfm.workdir import (WorkdirError, atomic_write_csv, atomic_write_text, check_config_is_this_jobs, check_resume,
-                          differences, file_sha256,
-                          lock_folder, open_workdir, progress, recorded_digests, remove_stale_temps,
-                          temp_file)
+                          differences, file_sha256, lock_folder, open_workdir, progress, recorded_digests,
+                          remove_stale_temps, temp_file)
 
 log = logging.getLogger("lnfm.study")
 REPO = Path(__file__).resolve().parents[2]
