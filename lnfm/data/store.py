@@ -145,7 +145,7 @@ def open_array(store: str, path: str, every_chunk: bool = False) -> ts.TensorSto
     try:
         return ts.open(spec, open=True, read=True).result()
     except ValueError as e:  # a case's array folder gone, or its zarr.json
-        error = _case_file_error(e)
+        error = _case_file_error(e, spec["kvstore"])
         if error is None:
             raise
         raise error from None
@@ -204,14 +204,27 @@ def read_failures(store: str) -> list[dict]:
 _UNREADABLE = re.compile(r"^(FAILED_PRECONDITION|DATA_LOSS|NOT_FOUND): (Error (reading|opening)|chunk .* is missing)")
 
 
-def _case_file_error(e: ValueError) -> StoreError | None:
-    """The one-line StoreError for TensorStore's error `e` about a damaged or missing file of a case, naming the
-    store, the case and what to do; None for any other error."""
+def _case_array(kvstore: dict) -> tuple[str, str, str] | None:
+    """(store, case, array) of the array at kvstore spec `kvstore`, STORE/cases/CASE/ARRAY; None for another path.
+    Split from the array's end: the store's own path may hold a folder named cases too."""
+    head, _, array = kvstore.get("path", "").rstrip("/").rpartition("/")
+    head, _, case = head.rpartition("/")
+    store, _, folder = head.rpartition("/")
+    if folder != "cases" or not case or not array:
+        return None
+    if kvstore.get("driver") in ("gcs", "s3"):
+        store = f"{'gs' if kvstore['driver'] == 'gcs' else 's3'}://{kvstore['bucket']}/{store}".rstrip("/")
+    return store, case, array
+
+
+def _case_file_error(e: ValueError, kvstore: dict) -> StoreError | None:
+    """The one-line StoreError for TensorStore's error `e` about a damaged or missing file of the case array at
+    kvstore spec `kvstore`, naming the store, the case and what to do; None for any other error."""
     m = _UNREADABLE.match(str(e))
-    where = re.search(r"\"([^\"]*?)/cases/([^/\"]+)/([^/\"]+)", str(e))
+    where = _case_array(kvstore)
     if m is None or where is None:
         return None
-    store, case, array = where.groups()
+    store, case, array = where
     if m.group(1) == "NOT_FOUND":  # a file deleted, or a copy of the store that left files out
         return StoreError(f"{store}: case {case}: a stored array cannot be read (NOT_FOUND: cases/{case}/{array} "
                           f"misses a file: a store copied in part, or a file deleted); copy the store again, or "
@@ -228,7 +241,7 @@ def read_array(box) -> np.ndarray:
     try:
         return box.read().result()
     except ValueError as e:
-        error = _case_file_error(e)
+        error = _case_file_error(e, box.kvstore.spec().to_json() if box.kvstore is not None else {})
         if error is None:
             raise
         raise error from None

@@ -89,3 +89,21 @@ def test_a_missing_array_folder_is_one_line(tmp_path):
     with pytest.raises(st.StoreError, match=rf"^{tmp_path}: case a: .*NOT_FOUND: cases/a/label misses a file.*"
                                             rf"copy the store again"):
         st.open_array(str(tmp_path), "cases/a/label")
+
+
+def test_a_damaged_case_is_named_in_a_store_under_a_folder_called_cases(tmp_path):
+    """The store and case were read off the first '/cases/' in TensorStore's message: a store at
+    .../cases/store1 was named '...' with case 'store1'. Now they come from the array's own path, split from its
+    end."""
+    store = tmp_path / "cases" / "store1"
+    data = np.ones((70, 40, 130), np.int16)
+    st.create_array(str(store), "cases/c1/image_0000", data, chunk=32, shard=64)
+    st.create_array(str(store), "cases/c1/label", data.astype(np.uint8), chunk=32, shard=64)
+    next(p for p in (store / "cases/c1/image_0000/c").rglob("*") if p.is_file()).unlink()
+    with pytest.raises(st.StoreError, match=rf"^{store}: case c1: a stored array cannot be read \(NOT_FOUND: "
+                                            rf"cases/c1/image_0000 misses a file.*remove records/c1.json and the "
+                                            rf"folder cases/c1, then rerun prepare"):
+        st.read_array(st.open_array(str(store), "cases/c1/image_0000", every_chunk=True))
+    shutil.rmtree(store / "cases/c1/label")  # the array gone altogether: refused as it is opened
+    with pytest.raises(st.StoreError, match=rf"^{store}: case c1: .*NOT_FOUND: cases/c1/label misses a file"):
+        st.open_array(str(store), "cases/c1/label")
