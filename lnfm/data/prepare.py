@@ -719,7 +719,8 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
         if status == "ok":
             st.write_record(output, payload)  # last: only now is the case part of the dataset
             result.converted += 1
-        else:
+        else:  # arrays it wrote before failing (or a killed run's) would be a case folder with no record
+            st.delete_case(output, payload["case_id"])
             result.failures.append(payload)
             log.warning("failed case %s: %s", payload["case_id"], scrub(payload))
         bar.update(1)

@@ -31,6 +31,7 @@ class StoreError(DataError):
     """A store that cannot be opened, read or written; one line naming the store."""
 
 
+CASES = "cases/"
 RECORDS = "records/"
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.jsonl"
@@ -169,10 +170,41 @@ def _record_ids(store: str) -> list[str]:
     return sorted(k.decode()[len(RECORDS):-len(".json")] for k in keys if k.decode().endswith(".json"))
 
 
+def _case_folder_ids(store: str) -> set[str]:
+    """The ids of the cases with a file under cases/ (an empty folder, as `delete_case` leaves one, holds none)."""
+    try:
+        keys = open_kvstore(store).list(ts.KvStore.KeyRange(CASES, CASES[:-1] + "0")).result()
+    except ValueError as e:
+        raise _failure(store, "list its cases", e) from None
+    return {key.decode()[len(CASES):].split("/", 1)[0] for key in keys}
+
+
+def delete_case(store: str, case_id: str) -> None:
+    """Remove the arrays under cases/<case_id>/ (a case that failed after some were written)."""
+    prefix = f"{CASES}{case_id}/"
+    try:
+        open_kvstore(store).delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
+    except ValueError as e:
+        raise _failure(store, f"remove {prefix}", e) from None
+
+
+def _check_recorded(store: str, ids: list[str]) -> None:
+    """Prepare writes a case's arrays, then its record: arrays without a record are a case that a killed prepare
+    left half-written (or one still converting). Read past, it was left out of training and evaluation unsaid."""
+    unrecorded = sorted(_case_folder_ids(store) - set(ids))
+    if unrecorded:
+        cid, more = unrecorded[0], f" (and {len(unrecorded) - 1} more)" if len(unrecorded) > 1 else ""
+        raise StoreError(f"{store}: case {cid}{more} has arrays under cases/{cid}/ but no records/{cid}.json (a "
+                         f"prepare stopped while converting it, or converts it now); rerun prepare over the same "
+                         f"input to convert it again, or remove the folder cases/{cid}")
+
+
 def read_manifest(store: str) -> list[dict]:
     """All case records, sorted by case_id. Uses manifest.jsonl when it lists exactly the
-    finished cases, else merges the per-case records (e.g. while shards still convert)."""
+    finished cases, else merges the per-case records (e.g. while shards still convert).
+    A case folder without a record is refused (`_check_recorded`); prepare reads records alone."""
     ids = _record_ids(store)
+    _check_recorded(store, ids)
     merged = read_text(store, MANIFEST)
     if merged is not None:
         rows = [json.loads(line) for line in merged.splitlines() if line.strip()]
@@ -268,6 +300,8 @@ def check_stores(stores: list[str], split: str | None = None,
             raise DataError(f"{store}: dataset not found (expected a prepared store; see data_prep/prepare.py)")
         try:
             records = read_manifest(store)
+        except DataError:  # one line naming the store already
+            raise
         except (OSError, ValueError, KeyError) as e:  # unreadable or malformed manifest
             raise DataError(f"{store}: cannot read the dataset manifest ({str(e).splitlines()[0][:200]})") from None
         if not records:

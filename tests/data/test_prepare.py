@@ -14,7 +14,7 @@ from raw_cases import affine_lps, nnunet_folder, phantom, save, write_csv
 from lnfm.data.cases import assign_split, hashed_id
 from lnfm.data.geometry import spacing_of
 from lnfm.data.prepare import PrepareConfig, main, prepare_dataset
-from lnfm.data.store import open_array, read_case, read_failures, read_manifest
+from lnfm.data.store import StoreError, open_array, read_case, read_failures, read_manifest
 
 CFG = PrepareConfig(workers=0, salt="pepper")
 
@@ -146,7 +146,9 @@ def test_interrupted_sharded_conversion_resumes_to_the_same_result(tmp_path):
     half = next(c for c in ["case000", "case001", "case002", "case003"] if c not in done)
     (part / "cases" / half / "image_0000").mkdir(parents=True)
     (part / "cases" / half / "image_0000" / "zarr.json").write_text("{truncated")
-    assert half not in {r["case_id"] for r in read_manifest(str(part))}
+    with pytest.raises(StoreError, match=f"^{part}: case {half} has arrays under cases/{half}/ but no "
+                                         f"records/{half}.json"):  # readers refuse it, not read past it
+        read_manifest(str(part))
     res = prepare_dataset(str(raw), str(part), CFG, show_progress=False)
     assert (res.converted, res.skipped, res.failed) == (2, 2, 0)
     assert _snapshot(part) == _snapshot(full)
@@ -687,7 +689,8 @@ def test_a_label_replaced_while_its_case_is_converted_fails_the_case_and_the_rer
     assert (res.converted, res.failed) == (0, 1)
     assert (res.failures[0]["file"], res.failures[0]["reason"]) == (
         str(label), "changed while it was being converted; rerun prepare")
-    assert read_manifest(store) == []
+    assert read_manifest(store) == []  # the arrays written before the check are removed with the failed case
+    assert not [f for f in (Path(store) / "cases").rglob("*") if f.is_file()]
     monkeypatch.setattr(prep, "_read3d", real_read)
     res = prepare_dataset(csv_path, store, cfg, show_progress=False)
     assert (res.converted, res.failed) == (1, 0)
@@ -865,3 +868,41 @@ def test_a_failure_ref_is_salted_and_the_same_for_one_file_named_from_any_folder
         refs += [f["ref"] for f in read_failures(str(store))]
     bad = str(tmp_path / "d" / "bad.nii.gz")
     assert refs == [hashed_id(bad, "a"), hashed_id(bad, "a"), hashed_id(bad, "b")] and refs[0] != refs[2]
+
+
+def test_a_case_killed_between_its_arrays_and_its_record_is_refused_by_readers_and_redone_by_prepare(tmp_path,
+                                                                                                      monkeypatch):
+    """prepare writes a case's arrays, then its record. A prepare killed in between left a case folder without a
+    record, and every reader (pretrain, finetune and its evaluation, the loader) left the case out without a word.
+    Readers now refuse the store in one line naming it and the case; prepare, reading records alone, redoes it."""
+    from lnfm.data import prepare as prep
+    from lnfm.data.loader import LoaderConfig, make_loader
+    from lnfm.data.store import check_stores
+
+    img, lab, csv_path, store, cfg = _two_cases(tmp_path)
+    real_write = prep.st.write_record
+
+    def killed_at_b(output, record):
+        if record["case_id"] == "b":
+            raise KeyboardInterrupt  # as kill -9 would stop it: b's arrays are written, its record is not
+        real_write(output, record)
+
+    monkeypatch.setattr(prep.st, "write_record", killed_at_b)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(csv_path, store, cfg, show_progress=False)
+    monkeypatch.setattr(prep.st, "write_record", real_write)
+    assert (Path(store) / "records/a.json").is_file() and (Path(store) / "cases/b/label/zarr.json").is_file()
+    said = (f"^{store}: case b has arrays under cases/b/ but no records/b.json \\(a prepare stopped while converting "
+            f"it, or converts it now\\); rerun prepare over the same input to convert it again, or remove the folder "
+            f"cases/b$")
+    for read in (read_manifest, lambda s: check_stores([s]),
+                 lambda s: make_loader([s], LoaderConfig(), split=None, shard_index=0, shard_count=1)):
+        with pytest.raises(StoreError, match=said):
+            read(store)
+    res = prepare_dataset(csv_path, store, cfg, show_progress=False)
+    assert (res.converted, res.skipped, res.failed) == (1, 1, 0)
+    clean = str(tmp_path / "clean")
+    prepare_dataset(csv_path, clean, cfg, show_progress=False)
+    assert [r["case_id"] for r in read_manifest(store)] == ["a", "b"]
+    for got, want in zip(read_manifest(store), read_manifest(clean)):
+        assert all(np.array_equal(x, y) for x, y in zip(read_case(store, got), read_case(clean, want)))

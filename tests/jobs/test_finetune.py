@@ -223,6 +223,23 @@ def test_bad_store_is_a_one_line_error(tmp_path, capsys):
     assert rc == 2 and "dataset not found" in err and len(err.splitlines()) == 1
 
 
+def test_a_case_folder_without_its_record_is_a_one_line_refusal(tmp_path, capsys):
+    """A prepare killed between a case's arrays and its record: finetuning trained and evaluated without the case,
+    unsaid."""
+    from lnfm.data import store as st
+
+    store = str(tmp_path / "store")
+    for cid in ("a", "b"):
+        st.create_array(store, f"cases/{cid}/image_0000", np.zeros((4, 4, 4), np.int16))
+    st.write_record(store, {"case_id": "a", "split": "train", "image_path": ["cases/a/image_0000"]})
+    rc = run_job("finetune", ["--site", "pelvis", "--data", store, "--init", "scratch",
+                              "--workdir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{store}: case b has arrays under cases/b/ but no records/b.json" in err
+    assert not (tmp_path / "wd").exists()
+
+
 @pytest.fixture(scope="module")
 def sphere_store(tmp_path_factory):
     """Bright nodes (60 HU) in noisy fat (-100 HU) next to muscle-like slabs: a task a tiny model
