@@ -38,6 +38,11 @@ log = logging.getLogger("lnfm")
 # A temporary file of lnfm's writers (`temp_file`): hidden, `.tmp<pid>-<token>` or `.part<pid>-<token>` after the
 # final name. The token keeps apart two writers with one pid (in two PID namespaces sharing a folder).
 _TEMP_FILE = re.compile(r"^\..+\.(?:tmp|part)\d+-[0-9a-f]{8}(?:\.[A-Za-z.]+)?$")
+# The same of lnfm before `temp_file`: `.tmp<pid>` or `.part<pid>`, no token, never locked. Its writer leaves no sign
+# of life (a pid says nothing across PID namespaces), but each renamed it within the write of one output (a
+# predict's outputs of one scan: minutes), so one not written to for LEGACY_TEMP_AGE_S was left by a killed writer.
+_LEGACY_TEMP_FILE = re.compile(r"^\..+\.(?:tmp|part)\d+(?:\.[A-Za-z.]+)?$")
+LEGACY_TEMP_AGE_S = 24 * 3600  # a day: far past any one write, on any disk
 _held = threading.local()  # .fds: the locks a `hold_temps` block keeps (None outside one)
 
 
@@ -84,13 +89,15 @@ def hold_temps() -> Iterator[None]:
 
 def remove_stale_temps(folder: str | Path) -> None:
     """Delete the temporary files (`temp_file`) a killed writer left in `folder` (kill -9 runs no cleanup): those
-    whose lock no process holds. A pid says nothing here: another PID namespace's writer looks dead."""
+    whose lock no process holds. A pid says nothing here: another PID namespace's writer looks dead. An earlier
+    version's (`_LEGACY_TEMP_FILE`) goes once it is LEGACY_TEMP_AGE_S old as well."""
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
         return
     for name in names:
-        if not _TEMP_FILE.match(name):
+        legacy = not _TEMP_FILE.match(name)
+        if legacy and not _LEGACY_TEMP_FILE.match(name):
             continue
         path = Path(folder, name)
         try:
@@ -99,7 +106,8 @@ def remove_stale_temps(folder: str | Path) -> None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the live writer; ours, no writer takes it
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            st = os.fstat(fd)
+            if os.stat(path).st_ino == st.st_ino and not (legacy and time.time() - st.st_mtime < LEGACY_TEMP_AGE_S):
                 path.unlink()
         except OSError:  # held (BlockingIOError), gone meanwhile, or a file system without locks: kept
             pass

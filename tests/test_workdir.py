@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,24 @@ def test_stale_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(
         assert mine.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(n for n, kept in names.items() if kept), mine.name])
     remove_stale_temps(tmp_path / "missing")  # nothing to do
+
+
+def test_an_earlier_versions_temporary_files_are_removed_once_a_day_old(tmp_path):
+    """lnfm before temp_file named its temporaries `.NAME.tmp<pid>` / `.NAME.part<pid>`, no token and no lock: no
+    longer recognised, a killed writer's stayed for good. Their writer shows no sign of life, so they go once
+    untouched for a day (each was renamed within one write); younger ones, and other names, stay."""
+    from lnfm.workdir import remove_stale_temps
+
+    old, young = time.time() - 25 * 3600, time.time() - 23 * 3600
+    names = {".mask.part12.nii.gz": (old, False), ".r.csv.tmp12": (old, False), ".p.png.tmp7.png": (old, False),
+             ".mask.part13.nii.gz": (young, True), ".r.csv.tmp13": (time.time(), True),  # may still be written
+             ".r.csv.tmp": (old, True), "r.csv.tmp12": (old, True), ".r.csv.tmp12x": (old, True),  # not its names
+             "mask.nii.gz": (old, True)}
+    for name, (mtime, _) in names.items():
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (mtime, mtime))
+    remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, (_, kept) in names.items() if kept)
 
 
 def test_a_temporary_file_is_removed_only_when_no_process_holds_its_lock(tmp_path):

@@ -14,6 +14,7 @@ import dataclasses
 import io
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, step_key
 from lnfm.train.job import Checked, check_channels, check_run_config, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
-from lnfm.workdir import MetricsWriter, read_metrics
+from lnfm.workdir import MetricsWriter, read_metrics, remove_stale_temps, temp_file
 
 log = logging.getLogger("lnfm.pretrain")
 
@@ -126,6 +127,19 @@ def preview_png(images, aux: dict, patch: tuple[int, int, int], norm_pix: bool):
     return np.asarray(plt.imread(buf, format="png")[..., :3] * 255, np.uint8), buf.getvalue()
 
 
+def write_preview(path: Path, png: bytes) -> None:
+    """DIR/images/step_N.png, written whole (`temp_file`: the fixed `.step_N.png.tmp` it used before was left
+    half-written by a full disk or a kill, and nothing removed it). The job holds the workdir, so any temporary
+    file there is a killed run's: those go first, the earlier fixed ones too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
+    for old in path.parent.glob(".step_*.png.tmp"):
+        old.unlink(missing_ok=True)
+    with temp_file(path) as tmp:
+        tmp.write_bytes(png)
+        os.replace(tmp, path)
+
+
 def _preview_hook(cfg: PretrainConfig, graphdef: Any, last: dict, workdir: Path, writer: Any) -> Hook:
     """Every train.image_every steps: PNG of the latest batch's first volume into DIR/images and TensorBoard."""
     @jax.jit
@@ -140,11 +154,7 @@ def _preview_hook(cfg: PretrainConfig, graphdef: Any, last: dict, workdir: Path,
         aux = {k: np.asarray(v.addressable_shards[0].data) for k, v in aux.items()}
         rgb, png = preview_png(sample, aux, tuple(cfg.model.patch_size), cfg.model.norm_pix)
         if jax.process_index() == 0:
-            path = workdir / "images" / f"step_{step}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(png)
-            tmp.replace(path)
+            write_preview(workdir / "images" / f"step_{step}.png", png)
             writer.image("reconstruction", step, rgb)
 
     return Hook(cfg.train.image_every, write)

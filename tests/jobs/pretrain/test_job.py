@@ -249,3 +249,28 @@ def test_a_failed_restore_leaves_config_yaml_as_it_was(two_step_run, tmp_path, c
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
     assert len(err) == 1 and "checkpoints: no checkpoint could be restored" in err[0], err
     assert (wd / "config.yaml").read_bytes() == config
+
+
+def test_a_preview_is_written_whole_and_a_killed_runs_temporaries_go(tmp_path, monkeypatch):
+    """The preview PNG was written to a fixed `.step_N.png.tmp` by hand: a full disk or a kill left it, and
+    nothing removed it. It goes through temp_file now, and each write clears what a killed run left."""
+    import errno
+    from pathlib import Path
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "step_10.png").write_bytes(b"preview 10")
+    for name in (".step_20.png.tmp", ".step_20.png.tmp123-0123abcd"):  # the earlier fixed name; a killed temp_file
+        (images / name).write_bytes(b"half")
+    pretrain.write_preview(images / "step_30.png", b"preview 30")
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == {"step_10.png": b"preview 10",
+                                                                 "step_30.png": b"preview 30"}
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        pretrain.write_preview(images / "step_30.png", b"preview 30, again")
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == {"step_10.png": b"preview 10",
+                                                                 "step_30.png": b"preview 30"}
