@@ -32,7 +32,7 @@ from lnfm.data.contract import (CONTRACT, CONTRACT_VERSION, CT_STORAGE, ORIENTAT
                                 PrepareContract, read_contract, write_contract)
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
-from lnfm.data.scan_checks import ScanError, check_ct, check_source_spacing, check_target_spacing
+from lnfm.data.scan_checks import ScanError, check_ct, check_pet, check_source_spacing, check_target_spacing
 from lnfm.data.workers import map_in_workers
 from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
@@ -308,10 +308,15 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
     another grid (PET is usually reconstructed coarser, in the same scanner frame) is resampled
     linearly onto it, or refused without `resample_channels`; one covering less than
     MIN_CHANNEL_COVERAGE of the first file's voxels is refused; one covering less than all of them is
-    0 beyond its field of view, with a warning naming `case` (no path: logs keep none). Prepare and
-    predict both read here. `checks` = (channel names, body threshold) adds prepare's source-spacing
-    and CT checks."""
+    0 beyond its field of view, with a warning naming `case` (no path: logs keep none); one holding the
+    first file's scan is refused. Prepare and predict both read here. `checks` = (channel names, body
+    threshold) adds prepare's source-spacing, CT and PET checks."""
     vols = [_read3d(p, series) for p in paths]
+    first = vols[0]
+    for i, (p, v) in enumerate(zip(paths[1:], vols[1:]), start=1):  # the CT's file (or a copy) in the PET's place
+        if v.shape3 == first.shape3 and np.allclose(v.affine, first.affine) and np.array_equal(v.data, first.data):
+            raise CaseError(p, f"channel {i} holds the same scan as channel 0 ({paths[0]}): each channel needs its own "
+                               f"file (the PET's, not the CT's)")
     for i, (p, v) in enumerate(zip(paths, vols)):
         if v.data.dtype.itemsize == 1:  # CT numbers span -1000..3000 HU, PET needs more than 256 levels
             raise CaseError(p, f"8-bit voxels ({v.data.dtype}) cannot hold CT numbers in HU or PET values: a label "
@@ -321,6 +326,8 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
                 check_source_spacing(spacing_of(v.affine), p)
                 if checks[0][i].upper() == "CT":
                     check_ct(v.data, p, checks[1])
+                else:  # every other channel is normalised as PET (`lnfm.data.contract.normalize`)
+                    check_pet(v.data, p)
             except ScanError as e:
                 raise CaseError(p, str(e).split(": ", 1)[-1]) from None
         if v.data.dtype.kind == "f" and not np.all(np.isfinite(v.data)):

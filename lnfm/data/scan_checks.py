@@ -1,5 +1,5 @@
-"""Checks that keep a scan that is not a usable body CT (or a target spacing that is not a
-voxel size) from being converted or segmented without a word.
+"""Checks that keep a scan that is not a usable body CT, a PET channel that is not a PET (or a
+target spacing that is not a voxel size) from being converted or segmented without a word.
 
 prepare and `lnfm predict` apply the same checks, so a scan one accepts the other accepts too.
 Every failure is a `ScanError` whose message is one line, 'PATH: reason'.
@@ -97,6 +97,19 @@ def check_ct(data: np.ndarray, path: str, body_threshold_hu: float) -> None:
         raise ScanError(f"{path}: no voxel below {MIN_CT_LOWEST_HU:g} HU (no air, lung or fat; values {lo:g}..{hi:g}): "
                         f"not HU, e.g. stored without its rescale intercept (HU + 1024)")
     check_hu_scale(data, path, lo)
+
+
+def check_pet(data: np.ndarray, path: str) -> None:
+    """A PET channel in SUV or Bq/mL: its activity is never negative, and the noise of a reconstruction that
+    goes below 0 (filtered back-projection) is centred on 0, so its mean is not below 0 in any unit. A CT's
+    mean is: air at -1000 HU outweighs bone (-201 to -360 HU for the real CTs of ../shared/data, -8 to -17
+    HU for synthetic pelvis phantoms holding little air)."""
+    mean = float(np.mean(data, dtype=np.float64))
+    if mean < 0:
+        # no slash in the reason: failures.jsonl and the log would take "Bq/mL" for a path and hide it
+        raise ScanError(f"{path}: mean value {mean:.3g} is below 0 (values {float(data.min()):g}..{float(data.max()):g}"
+                        f"): not a PET, whose activity (SUV, Bq per mL) is never negative beyond noise around 0 (a CT "
+                        f"in HU, its air at -1000?)")
 
 
 def check_hu_scale(data: np.ndarray, path: str, lo: float) -> None:

@@ -237,9 +237,10 @@ def test_pet_on_coarser_grid_is_resampled_and_labels_mapped(tmp_path):
     ct_aff = affine_lps()
     pet_aff = ct_aff.copy()
     pet_aff[:3, :3] *= 2.0
-    # PET value = world x coordinate, so a linear resampling reproduces it exactly inside the grid.
+    # PET value = world x coordinate + 50 (> 0, as PET is), so a linear resampling reproduces it exactly inside
+    # the grid.
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in (20, 18, 12)], indexing="ij"), -1)
-    pet = (ijk @ pet_aff[:3, :3].T + pet_aff[:3, 3])[..., 0].astype(np.float32)
+    pet = (ijk @ pet_aff[:3, :3].T + pet_aff[:3, 3])[..., 0].astype(np.float32) + 50
     rows = [{"case_id": "h1", "image": save(tmp_path / "ct.nii.gz", img, ct_aff),
              "pet": save(tmp_path / "pet.nii.gz", pet, pet_aff), "label": save(tmp_path / "lab.nii.gz", lab, ct_aff),
              "site": "head_neck"}]
@@ -255,7 +256,7 @@ def test_pet_on_coarser_grid_is_resampled_and_labels_mapped(tmp_path):
     world_x = (np.stack(np.meshgrid(*[np.arange(s) for s in image.shape[:3]], indexing="ij"), -1)
                @ aff[:3, :3].T + aff[:3, 3])[..., 0]
     inner = (slice(2, -2),) * 3  # away from the PET grid's half-voxel edge
-    np.testing.assert_allclose(image[..., 1][inner], world_x[inner], atol=1e-3)
+    np.testing.assert_allclose(image[..., 1][inner], world_x[inner] + 50, atol=1e-3)
     strict = prepare_dataset(str(tmp_path / "cases.csv"), str(tmp_path / "s2"),
                              PrepareConfig(workers=0, resample_channels=False), show_progress=False)
     assert not strict.ok and "channel grid" in strict.failures[0]["reason"]
@@ -564,6 +565,56 @@ def test_a_pet_covering_most_of_its_ct_is_0_beyond_its_field_of_view_with_a_warn
     assert inside.mean() == pytest.approx(covered)
     values = image[..., 1][tuple(ijk)]
     assert (values[~inside] == 0).all() and (values[inside] > 0).all()
+
+
+def test_a_ct_given_as_the_pet_is_refused_naming_it(tmp_path, capsys):
+    """A CSV whose pet column named the CT file (or a copy of it, or another CT) converted with exit 0: the store's
+    PET channel held HU down to -1000. Each is a FAILED line naming the PET file; a PET whose reconstruction noise
+    goes below 0 (filtered back-projection) still converts."""
+    img, lab = phantom()
+    other, _ = phantom(seed=1)
+    ct = save(tmp_path / "ct.nii.gz", img, affine_lps())
+    (tmp_path / "copy.nii.gz").write_bytes(Path(ct).read_bytes())
+    noisy = (lab * 5.0 + 1.0 + np.random.default_rng(0).normal(0, 0.8, img.shape)).astype(np.float32)
+    assert noisy.min() < -1.5
+    pets = {"same": ct, "copy": str(tmp_path / "copy.nii.gz"),
+            "other_ct": save(tmp_path / "other_ct.nii.gz", other, affine_lps()),
+            "fbp": save(tmp_path / "fbp_pet.nii.gz", noisy, affine_lps())}
+    rows = [{"case_id": name, "image": ct, "pet": pet, "label": save(tmp_path / "lab.nii.gz", lab, affine_lps())}
+            for name, pet in pets.items()]
+    store = tmp_path / "store"
+    rc = main(["--input", str(write_csv(tmp_path / "cases.csv", rows)), "--output", str(store), "--workers", "0",
+               "salt=s"])
+    failed = sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED "))
+    same = (f"channel 1 holds the same scan as channel 0 ({ct}): each channel needs its own file (the PET's, not "
+            f"the CT's)")
+    mean = float(np.mean(other, dtype=np.float64))
+    assert rc == 1 and failed == sorted([
+        f"FAILED {ct}: {same}",
+        f"FAILED {tmp_path}/copy.nii.gz: {same}",
+        f"FAILED {tmp_path}/other_ct.nii.gz: mean value {mean:.3g} is below 0 (values {other.min()}..{other.max()}): "
+        f"not a PET, whose activity (SUV, Bq per mL) is never negative beyond noise around 0 (a CT in HU, its air at "
+        f"-1000?)"])
+    (record,) = read_manifest(str(store))
+    assert record["case_id"] == "fbp" and read_case(str(store), record)[0][..., 1].min() < -1.5
+    kept = {f["case_id"]: f["reason"] for f in read_failures(str(store))}  # the value's reason whole, no <path>
+    assert kept["other_ct"] == failed[-1].split(": ", 1)[1] and kept["same"].endswith("(the PET's, not the CT's)")
+
+
+def test_real_cts_given_as_the_pet_are_refused(shared_data, tmp_path, capsys):
+    """The real CTs of ../shared/data (NIfTI and a DICOM series), each the PET channel of a phantom CT: refused by
+    their values."""
+    img, _ = phantom()
+    ct = save(tmp_path / "ct.nii.gz", img, affine_lps())
+    real = shared_data / "ct" / "totalsegmentator"
+    pets = [real / "example_ct.nii.gz", real / "chest_vessels" / "ct_cropped.nii.gz", real / "example_ct_dicom"]
+    rows = [{"case_id": f"c{i}", "image": ct, "pet": str(p)} for i, p in enumerate(pets)]
+    rc = main(["--input", str(write_csv(tmp_path / "cases.csv", rows)), "--output", str(tmp_path / "store"),
+               "--workers", "0", "salt=s"])
+    failed = sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED "))
+    assert rc == 1 and sorted(line.split(": ")[0] for line in failed) == sorted(f"FAILED {p}" for p in pets)
+    assert all(" is below 0 " in line and "not a PET, whose activity" in line for line in failed), failed
+    assert read_manifest(str(tmp_path / "store")) == []
 
 
 @pytest.mark.parametrize("salt", ["#s3cr3t", "pepper # v2", "0777", "None"])

@@ -211,6 +211,18 @@ def test_a_coarser_pet_is_resampled_onto_the_ct_grid_as_prepare_does(tiny, tmp_p
     np.testing.assert_allclose(vol.data[..., 1][tuple(ijk)], ref, rtol=1e-5)
 
 
+def test_a_ct_given_as_the_pet_is_refused_as_prepare_refuses_it(tiny, tmp_path):  # noqa: F811
+    """--input ct.nii.gz,ct.nii.gz (or another CT as the PET) segmented a PET channel holding HU, exit 0."""
+    meta = _two_channel(pr.read_meta(tiny.orbax))
+    scan = tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz"
+    with pytest.raises(pr.PredictError, match=rf"^{scan}: channel 1 holds the same scan as channel 0 \({scan}\)"):
+        pr.read_scan([str(scan), str(scan)], meta)
+    ct = nib.load(scan)
+    other = _write(tmp_path / "other_ct.nii.gz", np.asanyarray(ct.dataobj)[::-1].copy(), ct.affine)
+    with pytest.raises(pr.PredictError, match=rf"^{other}: mean value -[0-9.]+ is below 0 .*: not a PET, whose "):
+        pr.read_scan([str(scan), str(other)], meta)
+
+
 def test_batch_folder_segments_each_case_and_reports_failures(tiny, predictor, tmp_path):  # noqa: F811
     import shutil
 
