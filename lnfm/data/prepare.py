@@ -38,6 +38,7 @@ from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
 from lnfm.io.dicom import dicom_files
 from lnfm.io.nrrd_io import data_file_named
+from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun
 from lnfm.safety import check_apart
 from lnfm.workdir import LOCK_FILE, WorkdirError, file_sha256, lock_folder, lock_holder, progress, setup_logging
 
@@ -681,6 +682,37 @@ def _shard_lock(output: str, shard_index: int, num_shards: int) -> Iterator[None
         yield
 
 
+def check_output_folder(output: str) -> None:
+    """Refuse a local --output that prepare did not make, before anything is written: an export or a
+    folder inside one (its checksums.sha256 lists every file, so a store there breaks `lnfm predict` and `export
+    --verify`), a pretraining or finetuning workdir, or a folder holding other files (hidden ones aside). A new or
+    empty folder and a store (records, a manifest or a contract: a rerun, or a run stopped before its first case)
+    are prepare's."""
+    spec = st.kvstore_spec(output)
+    if spec["driver"] != "file":
+        return
+    path = Path(spec["path"])
+    export = next((p for p in (path, *path.parents) if ExportFolder.detect(p) is not None), None)
+    if export is not None:
+        what = "is a model export" if export == path else f"lies inside the model export {export}"
+        raise PrepareError(f"{output}: {what} (its checksums.sha256 lists every file, and a store there would break "
+                           f"it); choose another --output")
+    run = FinetuneRun.detect(path) or PretrainRun.detect(path)
+    if run is not None:
+        kind = "finetuning" if isinstance(run, FinetuneRun) else "pretraining"
+        inside = "" if run.root == path else f" (in {run.root})"
+        raise PrepareError(f"{output}: is a {kind} run's workdir{inside}; prepare writes a store only into a new or "
+                           f"empty folder or a store it made: choose another --output")
+    if not path.is_dir() or st.is_local_store(path) or (path / CONTRACT).is_file():
+        return
+    found = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise PrepareError(f"{output}: holds files prepare did not make ({', '.join(found[:3])}{more}) and is not a "
+                           f"store; prepare writes a store only into a new or empty folder or a store it made: choose "
+                           f"another --output")
+
+
 def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int = 1, shard_index: int = 0,
                     show_progress: bool = True) -> PrepareResult:
     """Convert this shard's slice of the input cases into STORE `output`; resumable, idempotent."""
@@ -702,6 +734,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise PrepareError(f"{errors[0].file}: {errors[0].reason}{more}")
     check_apart({"--output": output}, {"--input": [input] + [p for c in cases for p in _inputs(c) if p]})
+    check_output_folder(output)
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
     contract = settle_contract(output, cfg, cases)

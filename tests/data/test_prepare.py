@@ -654,6 +654,34 @@ def _two_cases(tmp_path):
                                                                                                           salt="s")
 
 
+def test_an_output_holding_other_files_is_refused_and_a_new_empty_or_own_store_is_taken(tmp_path, capsys):
+    """prepare wrote its store beside the files of any folder (a user's, an export's, a workdir's: tests/hostile
+    has those). Refused in one line, the folder untouched; an empty folder (hidden files aside), the store itself on
+    a rerun and a store stopped before its first case (only its contract) are prepare's."""
+    import shutil
+
+    from lnfm.cli import run_job
+
+    _, _, csv_path, _, cfg = _two_cases(tmp_path)
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "thesis.docx").write_text("chapter 1")
+    rc = run_job("prepare", ["--input", csv_path, "--output", str(mine), "workers=0", "salt=s"])
+    assert rc == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lnfm prepare: error: {mine}: holds files prepare did not make (notes, thesis.docx) and is not a store; "
+        f"prepare writes a store only into a new or empty folder or a store it made: choose another --output")
+    assert sorted(p.name for p in mine.rglob("*")) == ["notes", "thesis.docx"]
+    store = tmp_path / "empty"
+    store.mkdir()
+    (store / ".DS_Store").write_bytes(b"\0")
+    assert prepare_dataset(csv_path, str(store), cfg, show_progress=False).converted == 2
+    assert prepare_dataset(csv_path, str(store), cfg, show_progress=False).skipped == 2
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(store / "contract.json", stopped / "contract.json")
+    assert prepare_dataset(csv_path, str(stopped), cfg, show_progress=False).converted == 2
+
+
 def test_a_rerun_refuses_a_case_whose_files_changed_since_it_was_prepared(tmp_path):
     """A rerun skipped every case id already in the store: a corrected label, or another phantom set under the
     same ids, never reached it (exit 0, 'skipped'). The record's source digest now tells them apart; the unchanged

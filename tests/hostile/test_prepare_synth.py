@@ -34,6 +34,14 @@ def _config_file(id, text, says):
     return Case(f"prepare-{id}", "prepare", make, 2, says)
 
 
+def _output(id: str, where, says: tuple) -> Case:
+    """prepare of one good case into the folder `where(world, inp)`, refused in one line naming it."""
+    def make(w, inp, out):
+        dest = where(w, inp)
+        return ["--input", _one_good(inp), "--output", dest, "--workers", "0", "salt=s"], str(dest)
+    return Case(f"prepare-output-{id}", "prepare", make, 2, says)
+
+
 OPTIONS = [
     option("spacing-negative", ["--spacing=-1.5,1.5,1.5"], ("spacing:", "not a voxel size")),
     option("spacing-zero", ["--spacing=0,1,1"], ("not a voxel size",)),
@@ -65,6 +73,13 @@ OPTIONS = [
     Case("prepare-output-is-a-file", "prepare",
          lambda w, inp, out: (["--input", _one_good(inp), "--output", _touch(inp / "afile"), "--workers", "0"],
                               str(inp / "afile")), 2, ("is not a folder",)),
+    # A store written into an export broke it ('file not listed in checksums.sha256' in predict and export --verify);
+    # one written into a workdir mixed its files with the run's. The harness checks the world's trees are unchanged.
+    _output("is-an-export", lambda w, inp: w.safetensors, ("is a model export",)),
+    _output("inside-an-export", lambda w, inp: w.orbax / "store", ("lies inside the model export",)),
+    _output("is-a-finetuning-workdir", lambda w, inp: w.workdir, ("is a finetuning run's workdir",)),
+    _output("is-a-folder-of-the-users", lambda w, inp: _touch(_mkdir(inp / "mine") / "thesis.docx").parent,
+            ("holds files prepare did not make (thesis.docx) and is not a store",)),
     Case("prepare-output-bad-url", "prepare",
          lambda w, inp, out: (["--input", _one_good(inp), "--output", "bogus://bucket/x"], "bogus://bucket/x"), 2,
          ("unsupported store URL scheme",)),
