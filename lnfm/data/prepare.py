@@ -29,7 +29,7 @@ from lnfm.config import ConfigError, load_config, parse_args_once, preset_path, 
 from lnfm.data import store as st
 from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
 from lnfm.data.contract import (CONTRACT, CONTRACT_VERSION, CT_STORAGE, ORIENTATION, ContractError,
-                                PrepareContract, read_contract, write_contract)
+                                PrepareContract, contract_problem, read_contract, write_contract)
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
 from lnfm.data.scan_checks import ScanError, check_ct, check_pet, check_source_spacing, check_target_spacing
@@ -121,6 +121,8 @@ def check_config(cfg: PrepareConfig) -> None:
     if len(cfg.split_fractions) != 3 or min(cfg.split_fractions) < 0 or sum(cfg.split_fractions) <= 0:
         raise ConfigError(f"split_fractions: {list(cfg.split_fractions)} must be three non-negative shares, "
                           f"not all zero")
+    if not np.isfinite(cfg.body_threshold_hu):
+        raise ConfigError(f"body_threshold_hu: {cfg.body_threshold_hu} is not a HU value")
     if any(not 0 <= int(k) <= 255 or not 0 <= int(v) <= 255 for k, v in cfg.label_map.items()):
         raise ConfigError(f"label_map: {cfg.label_map} maps labels outside 0..255")
 
@@ -628,11 +630,14 @@ def _write_failures(output: str, shard_index: int, num_shards: int, failures: li
     st.write_text(output, st.FAILURES, "".join(merged))
 
 
-def settle_contract(output: str, cfg: PrepareConfig, cases: list[CaseSpec]) -> PrepareContract | None:
+def settle_contract(output: str, cfg: PrepareConfig, cases: list[CaseSpec], source: str | None = None
+                    ) -> PrepareContract | None:
     """The contract of this run, checked against the one the store records (written when new).
 
     A store holds one contract: a rerun with other settings (spacing, crop, channels, label
-    map, ...) would mix differently prepared cases, so it is refused before anything is written."""
+    map, ...) would mix differently prepared cases, so it is refused before anything is written.
+    So is one no reader takes (`contract_problem`), naming `source`, where the cases' channel
+    names came from (default: the store)."""
     kinds = sorted({tuple(c.channels) for c in cases})
     if len(kinds) > 1:
         raise ContractError(f"{output}: the input mixes cases with channels {[list(k) for k in kinds]}; a store "
@@ -640,6 +645,9 @@ def settle_contract(output: str, cfg: PrepareConfig, cases: list[CaseSpec]) -> P
     if not kinds:
         return read_contract(output)
     contract = resolve_contract(cfg, list(kinds[0]))
+    problem = contract_problem(contract)
+    if problem:  # written, it was refused by every reader (pretrain, finetune, this prepare's rerun) only then
+        raise ContractError(f"{source or output}: {problem} (lnfm reads CT, with PET as further channels)")
     # Read, compared and written under a lock every prepare of the store takes in turn: two runs into a new store
     # at once both found no contract, wrote their own and converted at their own settings.
     with lock_folder(output, f"{LOCK_FILE}.contract", enabled="://" not in output, wait=True):
@@ -737,7 +745,8 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     check_output_folder(output)
     cases, dup_errors = drop_duplicates(cases)
     errors += dup_errors
-    contract = settle_contract(output, cfg, cases)
+    names = Path(input) / "dataset.json"  # where an nnU-Net folder's channel names come from
+    contract = settle_contract(output, cfg, cases, str(names) if names.is_file() else input)
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
     errors = [e for i, e in enumerate(sorted(errors, key=lambda e: e.file)) if i % num_shards == shard_index]
     result = PrepareResult()

@@ -682,6 +682,28 @@ def test_an_output_holding_other_files_is_refused_and_a_new_empty_or_own_store_i
     assert prepare_dataset(csv_path, str(stopped), cfg, show_progress=False).converted == 2
 
 
+def test_a_contract_no_reader_takes_is_refused_before_anything_is_written(tmp_path, capsys):
+    """An nnU-Net folder whose dataset.json declared channel 0 'T2' (an MR) converted with exit 0, and its
+    contract.json was then refused by the rerun and by pretrain ("channels ['T2'] does not start with 'CT'"); so was
+    body_threshold_hu=nan. Now the first run refuses, in one line naming dataset.json or the key, and writes
+    nothing."""
+    from lnfm.cli import run_job
+
+    raw = nnunet_folder(tmp_path / "raw", n=1)
+    meta = json.loads((raw / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "T2"}}))
+    store = tmp_path / "store"
+    assert run_job("prepare", ["--input", str(raw), "--output", str(store), "workers=0", "salt=s"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lnfm prepare: error: {raw}/dataset.json: channels ['T2'] does not start with 'CT' (lnfm reads CT, with PET "
+        f"as further channels)")
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    assert run_job("prepare", ["--input", str(raw), "--output", str(store), "workers=0", "body_threshold_hu=nan"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lnfm prepare: error: body_threshold_hu: nan is not a HU value")
+    assert not store.exists()
+
+
 def test_a_rerun_refuses_a_case_whose_files_changed_since_it_was_prepared(tmp_path):
     """A rerun skipped every case id already in the store: a corrected label, or another phantom set under the
     same ids, never reached it (exit 0, 'skipped'). The record's source digest now tells them apart; the unchanged
