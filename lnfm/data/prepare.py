@@ -721,6 +721,19 @@ def check_output_folder(output: str) -> None:
                            f"another --output")
 
 
+def check_sites(output: str, finished: list[tuple[CaseSpec, dict]]) -> None:
+    """Refuse a rerun that gives finished cases another site than their records hold (--site, the CSV column,
+    dataset.json): it skipped them and kept the old site without a word, while the cases it did convert took the
+    new one. The site is part of what the store tells: each record's, and the sites an export's model.json lists
+    under training_data."""
+    changed = [(case, record["site"]) for case, record in finished if record.get("site", case.site) != case.site]
+    if changed:
+        (case, old), more = changed[0], f" (and {len(changed) - 1} more case(s))" if len(changed) > 1 else ""
+        raise PrepareError(f"{output}: case {case.case_id} was prepared with site '{old}', this run gives it site "
+                           f"'{case.site}'{more}; a store keeps the site its cases were prepared with: prepare into a "
+                           f"new --output, or repeat the site")
+
+
 def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int = 1, shard_index: int = 0,
                     show_progress: bool = True) -> PrepareResult:
     """Convert this shard's slice of the input cases into STORE `output`; resumable, idempotent."""
@@ -756,8 +769,11 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     done = st.finished_ids(output)
     todo = [c for c in cases if c.case_id not in done]
     result.skipped = len(cases) - len(todo)
-    for case in (c for c in cases if c.case_id in done):  # finished: unless its files changed since
-        if source_changed(case, json.loads(st.read_text(output, f"{st.RECORDS}{case.case_id}.json") or "{}")):
+    finished = [(c, json.loads(st.read_text(output, f"{st.RECORDS}{c.case_id}.json") or "{}")) for c in cases
+                if c.case_id in done]
+    check_sites(output, finished)
+    for case, record in finished:  # finished: unless its files changed since
+        if source_changed(case, record):
             result.skipped -= 1
             result.failures.append(_case_failure(case, case.label or case.images[0], (
                 "its image or label files changed since this case was prepared into the store: "

@@ -704,6 +704,30 @@ def test_a_contract_no_reader_takes_is_refused_before_anything_is_written(tmp_pa
     assert not store.exists()
 
 
+def test_a_rerun_with_another_site_is_refused_like_another_spacing(tmp_path, capsys):
+    """A rerun with another --site said 'skipped 2 (already done)' and kept the old site in every record (and so in
+    an export's training_data.sites) without a word; another --spacing was refused. Now so is another site, in one
+    line naming the store and both sites, with the store unchanged; the same site, given or not, still skips."""
+    from lnfm.cli import run_job
+
+    from tree_helpers import tree_digest
+
+    raw = nnunet_folder(tmp_path / "raw", n=2)  # dataset.json: site 'testsite'
+    store = tmp_path / "store"
+    base = ["--input", str(raw), "--output", str(store), "--workers", "0", "salt=s"]
+    assert main(base) == 0
+    before = tree_digest(store)
+    assert run_job("prepare", base + ["--site", "head_neck"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lnfm prepare: error: {store}: case case000 was prepared with site 'testsite', this run gives it site "
+        f"'head_neck' (and 1 more case(s)); a store keeps the site its cases were prepared with: prepare into a new "
+        f"--output, or repeat the site")
+    assert tree_digest(store) == before
+    for same in ([], ["--site", "testsite"]):
+        assert main(base + same) == 0 and "converted 0, skipped 2" in capsys.readouterr().out
+    assert {r["site"] for r in read_manifest(str(store))} == {"testsite"}
+
+
 def test_a_rerun_refuses_a_case_whose_files_changed_since_it_was_prepared(tmp_path):
     """A rerun skipped every case id already in the store: a corrected label, or another phantom set under the
     same ids, never reached it (exit 0, 'skipped'). The record's source digest now tells them apart; the unchanged
