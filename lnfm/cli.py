@@ -1,7 +1,8 @@
 """`lnfm <job> ...` (also `python -m lnfm <job>`): one entry point for every job, one error boundary.
 
 An `LnfmError` (a user error: bad input, option or folder) prints its one-line message
-on stderr and exits 2; so does a write that finds the disk full (`lnfm.errors.disk_full`);
+on stderr and exits 2; so does a write that finds the disk full (`lnfm.errors.disk_full`) and a
+path no file operation can follow (`lnfm.errors.unusable_path`: a name too long);
 a `NonFiniteLoss` exits 3; anything else is a bug and keeps its traceback. SIGTERM (outside
 the training loop, which saves and exits 0) and Ctrl-C stop the job like an exception, so
 its cleanups remove what it had half-written: one line, exit 128 + the signal number (143,
@@ -23,7 +24,8 @@ import traceback
 from typing import NamedTuple
 
 from lnfm import __version__
-from lnfm.errors import LnfmError, NonFiniteLoss, Terminated, access_denied, disk_full, on_sigint, on_sigterm
+from lnfm.errors import (LnfmError, NonFiniteLoss, Terminated, access_denied, disk_full, on_sigint, on_sigterm,
+                         unusable_path)
 
 
 class Job(NamedTuple):
@@ -111,6 +113,11 @@ def run_job(name: str, argv: list[str]) -> int:
         if denied is not None:  # a folder the user cannot write (or read): one line, as for a full disk
             logging.getLogger("lnfm").debug("access denied", exc_info=True)
             print(f"lnfm {name}: error: {_written_file(e)}: {denied}", file=sys.stderr)
+            return 2
+        unusable = unusable_path(e)
+        if unusable is not None:  # a name too long in a path the user gave: one line
+            logging.getLogger("lnfm").debug("unusable path", exc_info=True)
+            print(f"lnfm {name}: error: {unusable}", file=sys.stderr)
             return 2
         reason = disk_full(e)
         if reason is None:

@@ -2,7 +2,8 @@
 
 `python -m lnfm <job>` (lnfm/cli.py) is the one place that turns them into exit codes:
 an `LnfmError` prints its one-line message and exits 2, a `NonFiniteLoss` exits 3. A write
-that finds the disk full (`disk_full`) is the user's environment, not a bug: exit 2 as well.
+that finds the disk full (`disk_full`) is the user's environment, not a bug: exit 2 as well, and
+so is a path the user gave that no file operation can follow (`unusable_path`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,31 @@ def access_denied(exc: BaseException | None) -> str | None:
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in DENIED_ERRNOS:
             return os.strerror(e.errno)
+    return None
+
+
+NAME_MAX = 255  # bytes in one file or folder name on ext4, XFS, btrfs, APFS and NTFS
+
+
+def _shown(path: str, keep: int = 24) -> str:
+    """`path` for a one-line message: a name too long to read is cut to its two ends, and so is a path of
+    too many names."""
+    short = "/".join(n if len(n) <= 2 * keep + 3 else f"{n[:keep]}...{n[-keep:]}" for n in path.split("/"))
+    return short if len(short) <= 8 * keep else f"{short[:3 * keep]}...{short[-4 * keep:]}"
+
+
+def unusable_path(exc: BaseException | None) -> str | None:
+    """'PATH: problem' when `exc`, or an exception it was raised from, met a path no file operation can
+    follow: a name too long for the file system (ENAMETOOLONG). Any `is_file()` or `resolve()` on a
+    user's path can meet one, so the job's boundary reports it; else None."""
+    for e in _chain(exc):
+        if not isinstance(e, OSError) or e.errno != errno.ENAMETOOLONG or not e.filename:
+            continue
+        path = os.fsdecode(e.filename)
+        longest = max(len(os.fsencode(name)) for name in path.split("/"))
+        size = (f"a name in it has {longest} bytes, over the {NAME_MAX} a name may have" if longest > NAME_MAX
+                else f"it has {len(os.fsencode(path))} bytes in all")
+        return f"{_shown(path)}: {os.strerror(e.errno)} ({size}); choose a shorter path"
     return None
 
 

@@ -83,6 +83,22 @@ def test_a_full_disk_anywhere_is_one_line_and_exit_2(monkeypatch, capsys, full, 
         f"lnfm export: error: /data/out/mask.nii.gz: cannot write ({reason}); what was written before is intact"]
 
 
+def test_a_name_too_long_for_the_file_system_is_one_line_naming_it_and_exit_2(monkeypatch, capsys, tmp_path):
+    """Any file operation on a user's path can meet ENAMETOOLONG (`Path.is_file` raises it): the user's
+    input, one line naming the path, its over-long names cut to their ends."""
+    deep = tmp_path.joinpath(*["y" * 250] * 20, "m.nii.gz")  # no name over 255 bytes, but over 4096 in all
+    paths = iter([tmp_path / ("x" * 300 + ".nii.gz"), deep])
+    monkeypatch.setattr(export, "main", lambda argv: open(next(paths), "wb"))
+    assert cli.run_job("export", []) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"lnfm export: error: {tmp_path}/{'x' * 24}...{'x' * 17}.nii.gz: File name too long (a name in it has "
+        f"307 bytes, over the 255 a name may have); choose a shorter path"]
+    assert cli.run_job("export", []) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.endswith(f"/m.nii.gz: File name too long (it has {len(str(deep))} bytes in all); choose a "
+                         "shorter path") and len(line) < 300, line
+
+
 def test_sigterm_stops_a_job_in_one_line_with_exit_143_and_its_cleanup_runs(monkeypatch, capsys):
     import os
     import signal

@@ -135,6 +135,40 @@ def _synth_through_a_broken_link(w, inp, out):
     return ["--site", "pelvis", "--num-cases", "1", "--out", link / "phantoms"], str(link / "phantoms")
 
 
+LONG = "x" * 300  # one name over the 255 bytes a file system allows
+
+
+def _predict_too_long(flag: str):
+    """--output, --input or --model with a name too long: the message names the path (its folder, as the
+    long name is cut short in it)."""
+    def make(w, inp, out):
+        scan = _scan(w, inp)
+        bad = (out if flag == "--output" else inp) / f"{LONG}.nii.gz"
+        argv = ["--model", w.orbax, "--input", scan, "--output", out / "mask.nii.gz"]
+        argv[argv.index(flag) + 1] = bad
+        return argv, str(bad.parent)
+    return make
+
+
+def _export_too_long(w, inp, out):
+    return ["--checkpoint", _workdir_copy(w, inp), "--out", out / LONG], str(out)
+
+
+def _prepare_too_long(w, inp, out):
+    return ["--input", nnunet(inp), "--output", out / LONG, "--workers", "0"], str(out)
+
+
+def _finetune_workdir_too_long(w, inp, out):
+    return ["--site", "pelvis", "--data", w.ft_store, "--init", "scratch", "--workdir", out / LONG, "--quick",
+            "train.steps=1", "train.global_batch=8"], str(out)
+
+
+def _synth_out_too_long(w, inp, out):
+    return ["--site", "pelvis", "--num-cases", "1", "--out", out / LONG], str(out)
+
+
+TOO_LONG = ("File name too long",)
+
 NEEDS_PATH_SAFETY = [
     Case("predict-output-is-the-input", "predict", _predict("--output"), 2),
     Case("predict-report-is-the-input", "predict", _predict("--report"), 2),
@@ -159,6 +193,14 @@ NEEDS_PATH_SAFETY = [
          ("a link to", "which does not exist")),
     Case("export-out-is-a-broken-link", "export", _export_through_a_broken_link, 2, ("which does not exist",)),
     Case("synth-out-through-a-broken-link", "synth", _synth_through_a_broken_link, 2, ("which does not exist",)),
+    # a name too long for the file system: one line naming the path, not a traceback
+    Case("predict-output-name-too-long", "predict", _predict_too_long("--output"), 2, TOO_LONG),
+    Case("predict-input-name-too-long", "predict", _predict_too_long("--input"), 2, TOO_LONG),
+    Case("predict-model-name-too-long", "predict", _predict_too_long("--model"), 2, TOO_LONG),
+    Case("export-out-name-too-long", "export", _export_too_long, 2, TOO_LONG),
+    Case("prepare-output-name-too-long", "prepare", _prepare_too_long, 2, TOO_LONG),
+    Case("finetune-workdir-name-too-long", "finetune", _finetune_workdir_too_long, 2, TOO_LONG),
+    Case("synth-out-name-too-long", "synth", _synth_out_too_long, 2, TOO_LONG),
 ]
 
 
