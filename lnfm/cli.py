@@ -2,7 +2,7 @@
 
 An `LnfmError` (a user error: bad input, option or folder) prints its one-line message
 on stderr and exits 2; so does a write that finds the disk full (`lnfm.errors.disk_full`) and a
-path no file operation can follow (`lnfm.errors.unusable_path`: a name too long);
+path no file operation can follow (`lnfm.errors.unusable_path`: a name too long, a link loop);
 a `NonFiniteLoss` exits 3; anything else is a bug and keeps its traceback. SIGTERM (outside
 the training loop, which saves and exits 0) and Ctrl-C stop the job like an exception, so
 its cleanups remove what it had half-written: one line, exit 128 + the signal number (143,
@@ -115,7 +115,7 @@ def run_job(name: str, argv: list[str]) -> int:
             print(f"lnfm {name}: error: {_written_file(e)}: {denied}", file=sys.stderr)
             return 2
         unusable = unusable_path(e)
-        if unusable is not None:  # a name too long in a path the user gave: one line
+        if unusable is not None:  # a name too long or a link loop in a path the user gave: one line
             logging.getLogger("lnfm").debug("unusable path", exc_info=True)
             print(f"lnfm {name}: error: {unusable}", file=sys.stderr)
             return 2

@@ -73,12 +73,16 @@ def _shown(path: str, keep: int = 24) -> str:
 
 def unusable_path(exc: BaseException | None) -> str | None:
     """'PATH: problem' when `exc`, or an exception it was raised from, met a path no file operation can
-    follow: a name too long for the file system (ENAMETOOLONG). Any `is_file()` or `resolve()` on a
-    user's path can meet one, so the job's boundary reports it; else None."""
+    follow: a name too long for the file system (ENAMETOOLONG) or a loop of symbolic links (ELOOP; Python
+    3.11's `Path.resolve` raises RuntimeError from it). Any `is_file()` or `resolve()` on a user's path
+    can meet one, so the job's boundary reports it; else None."""
     for e in _chain(exc):
-        if not isinstance(e, OSError) or e.errno != errno.ENAMETOOLONG or not e.filename:
+        if not isinstance(e, OSError) or e.errno not in (errno.ENAMETOOLONG, errno.ELOOP) or not e.filename:
             continue
         path = os.fsdecode(e.filename)
+        if e.errno == errno.ELOOP:
+            return (f"{_shown(path)}: {os.strerror(e.errno)} (a symbolic link on the way leads back to itself); "
+                    f"fix the link or choose another path")
         longest = max(len(os.fsencode(name)) for name in path.split("/"))
         size = (f"a name in it has {longest} bytes, over the {NAME_MAX} a name may have" if longest > NAME_MAX
                 else f"it has {len(os.fsencode(path))} bytes in all")

@@ -99,6 +99,17 @@ def test_a_name_too_long_for_the_file_system_is_one_line_naming_it_and_exit_2(mo
                          "shorter path") and len(line) < 300, line
 
 
+def test_a_link_loop_on_a_path_is_one_line_naming_it_and_exit_2(monkeypatch, capsys, tmp_path):
+    """Python 3.11's `Path.resolve` raises RuntimeError from the ELOOP (3.13 raises nothing; the stat after
+    it meets the loop): either way one line naming the path."""
+    (tmp_path / "loop").symlink_to("loop")
+    monkeypatch.setattr(export, "main", lambda argv: (tmp_path / "loop" / "m.nii.gz").resolve().stat())
+    assert cli.run_job("export", []) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"lnfm export: error: {tmp_path}/loop/m.nii.gz: Too many levels of symbolic links (a symbolic link on "
+        f"the way leads back to itself); fix the link or choose another path"]
+
+
 def test_sigterm_stops_a_job_in_one_line_with_exit_143_and_its_cleanup_runs(monkeypatch, capsys):
     import os
     import signal

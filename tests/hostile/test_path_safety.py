@@ -167,7 +167,32 @@ def _synth_out_too_long(w, inp, out):
     return ["--site", "pelvis", "--num-cases", "1", "--out", out / LONG], str(out)
 
 
-TOO_LONG = ("File name too long",)
+def _link_loop(inp: Path) -> Path:
+    loop = inp / "loop"
+    loop.symlink_to("loop")  # a link to itself: every path through it ends in ELOOP
+    return loop
+
+
+def _predict_through_a_loop(flag: str):
+    def make(w, inp, out):
+        bad = _link_loop(inp) / "m.nii.gz"
+        argv = ["--model", w.orbax, "--input", _scan(w, inp), "--output", out / "mask.nii.gz"]
+        argv[argv.index(flag) + 1] = bad
+        return argv, str(bad)
+    return make
+
+
+def _export_through_a_loop(w, inp, out):
+    dest = _link_loop(inp) / "export"
+    return ["--checkpoint", _workdir_copy(w, inp), "--out", dest], str(dest)
+
+
+def _prepare_through_a_loop(w, inp, out):
+    dest = _link_loop(inp) / "store"
+    return ["--input", nnunet(inp), "--output", dest, "--workers", "0"], str(dest)
+
+
+TOO_LONG, LOOP = ("File name too long",), ("Too many levels of symbolic links",)
 
 NEEDS_PATH_SAFETY = [
     Case("predict-output-is-the-input", "predict", _predict("--output"), 2),
@@ -193,7 +218,7 @@ NEEDS_PATH_SAFETY = [
          ("a link to", "which does not exist")),
     Case("export-out-is-a-broken-link", "export", _export_through_a_broken_link, 2, ("which does not exist",)),
     Case("synth-out-through-a-broken-link", "synth", _synth_through_a_broken_link, 2, ("which does not exist",)),
-    # a name too long for the file system: one line naming the path, not a traceback
+    # a name too long for the file system, or a link loop on the way: one line naming the path, not a traceback
     Case("predict-output-name-too-long", "predict", _predict_too_long("--output"), 2, TOO_LONG),
     Case("predict-input-name-too-long", "predict", _predict_too_long("--input"), 2, TOO_LONG),
     Case("predict-model-name-too-long", "predict", _predict_too_long("--model"), 2, TOO_LONG),
@@ -201,6 +226,10 @@ NEEDS_PATH_SAFETY = [
     Case("prepare-output-name-too-long", "prepare", _prepare_too_long, 2, TOO_LONG),
     Case("finetune-workdir-name-too-long", "finetune", _finetune_workdir_too_long, 2, TOO_LONG),
     Case("synth-out-name-too-long", "synth", _synth_out_too_long, 2, TOO_LONG),
+    Case("predict-output-through-a-link-loop", "predict", _predict_through_a_loop("--output"), 2, LOOP),
+    Case("predict-input-through-a-link-loop", "predict", _predict_through_a_loop("--input"), 2, LOOP),
+    Case("export-out-through-a-link-loop", "export", _export_through_a_loop, 2, LOOP),
+    Case("prepare-output-through-a-link-loop", "prepare", _prepare_through_a_loop, 2, LOOP),
 ]
 
 
