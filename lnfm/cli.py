@@ -24,8 +24,8 @@ import traceback
 from typing import NamedTuple
 
 from lnfm import __version__
-from lnfm.errors import (LnfmError, NonFiniteLoss, Terminated, access_denied, disk_full, on_sigint, on_sigterm,
-                         unusable_path)
+from lnfm.errors import (LnfmError, NonFiniteLoss, Terminated, access_denied, deferred_termination, disk_full,
+                         on_sigint, on_sigterm, unusable_path)
 
 
 class Job(NamedTuple):
@@ -84,7 +84,6 @@ def _quiet_closed_loop_callbacks() -> None:
 def run_job(name: str, argv: list[str]) -> int:
     """Run job `name` with its arguments `argv`; the exit code (2: user error, 3: non-finite loss,
     143: SIGTERM, 130: Ctrl-C)."""
-    main = importlib.import_module(JOBS[name].module).main
     _quiet_closed_loop_callbacks()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -92,10 +91,16 @@ def run_job(name: str, argv: list[str]) -> int:
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job that ignores Ctrl-C keeps doing so
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
     try:
+        # A Ctrl-C while the job's libraries import (a second or more) waits for the import to end: raised
+        # inside it, it is a traceback, or TensorStore's "ImportError: initialization failed".
+        with deferred_termination():
+            main = importlib.import_module(JOBS[name].module).main
         return main(argv)
     except (Terminated, KeyboardInterrupt) as e:
         sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
-        logging.getLogger("lnfm").warning("stopped by %s", sig.name, extra={"console": False})
+        log = logging.getLogger("lnfm")
+        if log.handlers:  # for the job's log.txt; stopped before the job set up its logging, logging would print it
+            log.warning("stopped by %s", sig.name, extra={"console": False})
         print(f"lnfm {name}: stopped by {sig.name}; finished outputs are kept, nothing is left half-written",
               file=sys.stderr)
         return 128 + sig

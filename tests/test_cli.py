@@ -199,6 +199,45 @@ def test_a_ctrl_c_inside_a_deferred_write_waits_for_it_too(monkeypatch, capsys):
     assert "stopped by SIGINT" in capsys.readouterr().err
 
 
+def test_a_ctrl_c_while_the_job_imports_is_one_line_and_exit_130():
+    """Ctrl-C in the first second or so, while the job's libraries (JAX, TensorStore) import, stops it as at
+    any later moment; raised inside the import it was a traceback, or TensorStore's 'ImportError:
+    initialization failed' and exit 1. The child says when the job's module begins to import, and the
+    signal follows at a few delays into that import."""
+    import signal
+
+    child = ("import signal, sys\n"
+             "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a shell: pytest-xdist ignores SIGINT\n"
+             "class Announce:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'lnfm.jobs.predict':\n"
+             "            print('importing', flush=True)\n"
+             "sys.meta_path.insert(0, Announce())\n"
+             "from lnfm import cli\n"
+             "sys.exit(cli.main(['predict', '--help']))\n")
+    stopped = 0
+    for delay in (0.0, 0.3):  # into imports that take a second or more
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline() == "importing\n"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        if proc.returncode == 0 and out.startswith("usage: "):  # the imports were done before the signal came
+            continue
+        assert (proc.returncode, err.splitlines()) == (130, [
+            "lnfm predict: stopped by SIGINT; finished outputs are kept, nothing is left half-written"]), err[-3000:]
+        stopped += 1
+    assert stopped, "every SIGINT came after the job's imports"
+
+
+def test_a_job_module_that_fails_to_import_keeps_its_traceback(monkeypatch):
+    """A missing package is a broken install, not an interrupt: its ImportError is not turned into one line."""
+    monkeypatch.setitem(cli.JOBS, "export", cli.Job("lnfm.jobs.no_such_job", "a module that is not there"))
+    with pytest.raises(ModuleNotFoundError, match="lnfm.jobs.no_such_job"):
+        cli.run_job("export", [])
+
+
 def test_write_callbacks_to_a_closed_event_loop_are_not_printed_but_other_unraisables_are(monkeypatch):
     """After a failed Orbax write, TensorStore reports its in-flight writes' callbacks to the closed
     loop through `sys.unraisablehook` (seen under a file-size limit): the job's one error line
