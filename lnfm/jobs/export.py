@@ -55,7 +55,7 @@ from lnfm.errors import DiskFull, WeightsMismatch, deferred_termination, disk_fu
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.export_meta import (FORMATS, SCHEMA_VERSION, ExportError, ExportMeta, SiteInfo, read_meta,
-                                   verify_export)
+                                   spacing_disagreement, verify_export)
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_encoder
 from lnfm.models.heads import HeadConfig
@@ -206,10 +206,27 @@ def _repeat_summary(run: FinetuneRun) -> dict:
     return next((rec for rec in repeats if isinstance(rec, dict) and rec.get("repeat") == r), {})
 
 
+def _check_recorded(run: FinetuneRun, prep: Preprocessing, cfg: FinetuneConfig) -> None:
+    """preprocessing.json against config.yaml, which the finetuning job wrote it from and trained with (the
+    stores' cases were checked to be at site.spacing): a file edited by hand or copied from another run
+    would give model.json a preprocessing the model never saw."""
+    for key, mine, config_key, theirs in (
+            ("contract.spacing", prep.contract.spacing, "site.spacing", cfg.site.spacing),
+            ("normalization.hu_window", prep.normalization.hu_window, "loader.hu_window", cfg.loader.hu_window),
+            ("normalization.pet_scale", prep.normalization.pet_scale, "loader.pet_scale", cfg.loader.pet_scale),
+            ("patch_size", prep.patch_size, "site.patch", cfg.site.patch)):
+        mine, theirs = np.ravel(np.asarray(mine, float)).tolist(), np.ravel(np.asarray(theirs, float)).tolist()
+        if mine != theirs:
+            raise ExportError(f"{run.preprocessing}: {key} {mine} disagrees with {config_key} {theirs} in "
+                              f"{_config_path(run)}, which the run trained with: restore the run's "
+                              f"{run.preprocessing.name}, or train again")
+
+
 def _load_finetuned(run: FinetuneRun, config: dict) -> _Source:
     first = run.first()
     cfg = from_dict(FinetuneConfig, config)
     prep = _preprocessing(run.preprocessing)
+    _check_recorded(run, prep, cfg)
     flat = _finetuned_params(first, cfg)
     best = first.best_record() or {}
     summary = _repeat_summary(run)
@@ -308,7 +325,14 @@ def read_config(run: FinetuneRun | PretrainRun) -> dict | None:
 def load_source(run: FinetuneRun | PretrainRun, config: dict | None = None) -> _Source:
     """`config`: `read_config(run)` when the caller has read it (None: read here, or the reason it cannot be)."""
     config = read_yaml(_config_path(run)) if config is None else config
-    return _load_finetuned(run, config) if isinstance(run, FinetuneRun) else _load_pretrained(run, config)
+    source = _load_finetuned(run, config) if isinstance(run, FinetuneRun) else _load_pretrained(run, config)
+    spacing = source.preprocessing.contract.spacing
+    off = spacing_disagreement(spacing, source.training_data)
+    if off is not None:  # model.json would hold both, and predict refuses it
+        what = "the training stores' cases at" if isinstance(run, FinetuneRun) else f"data.spacing in {run.config}"
+        raise ExportError(f"{run.preprocessing}: contract.spacing {list(spacing)} mm disagrees with {what} {off} mm "
+                          f"(the stores were prepared again since, or the file belongs to another run)")
+    return source
 
 
 # ----------------------------------------------------------------------------- writing

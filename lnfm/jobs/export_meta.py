@@ -14,10 +14,13 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from lnfm.errors import LnfmError
 from lnfm.config import ConfigError, from_dict, to_dict
 from lnfm.data.contract import Preprocessing, contract_problem, hu_window_problem
 from lnfm.data.scan_checks import check_target_spacing
+from lnfm.data.store import SPACING_RTOL
 from lnfm.eval.inference import InferenceConfig, window_problem
 from lnfm.eval.postprocess import PostprocessConfig, postprocess_problem
 from lnfm.models.config import ModelConfig
@@ -137,7 +140,26 @@ def _contract_problem(meta: ExportMeta) -> str | None:
         return f"preprocessing.normalization.pet_scale {norm.pet_scale:g} is not a positive divisor"
     if meta.kind == "segmenter" and meta.labels is not None and len(meta.labels) != meta.num_classes:
         return f"labels {meta.labels} are not num_classes ({meta.num_classes}) names"
+    off = spacing_disagreement(contract.spacing, meta.training_data)
+    if off is not None:
+        return (f"preprocessing.contract.spacing {list(contract.spacing)} mm disagrees with training_data.spacing_mm "
+                f"{off} (the spacing the training cases were stored at)")
     return None
+
+
+def spacing_disagreement(spacing, training_data: dict) -> list | None:
+    """training_data.spacing_mm when it is not `spacing` (within SPACING_RTOL), else None (also when either
+    is unknown). spacing_mm is a finetuned model's list of the spacings its stores hold, or an encoder's
+    pretraining data.spacing (one [x, y, z]). What model.json holds twice, the export and predict check."""
+    recorded = training_data.get("spacing_mm")
+    if spacing is None or recorded is None:
+        return None
+    rows = recorded if isinstance(recorded, list) and all(isinstance(r, list) for r in recorded) else [recorded]
+    try:
+        agree = all(np.allclose(np.asarray(r, float), spacing, rtol=SPACING_RTOL, atol=0) for r in rows)
+    except (TypeError, ValueError):  # not numbers, or not three of them
+        agree = False
+    return None if agree else recorded
 
 
 def not_an_export(path: str | Path) -> ExportError:

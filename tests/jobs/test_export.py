@@ -627,3 +627,47 @@ def test_an_export_whose_out_another_export_is_writing_is_refused_naming_out(tin
     assert rc == 2 and len(err) == 1, err
     assert f"error: {out}: in use by another lnfm job (pid {os.getpid()} on " in err[0], err
     assert not out.exists()
+
+
+def test_a_preprocessing_record_that_contradicts_the_run_is_refused(tiny, tmp_path):  # noqa: F811
+    """A workdir whose preprocessing.json was edited, or copied from another run, said 3 mm where config.yaml and
+    the stores said 6: the export ran the 6 mm model at 3 mm in predict. preprocessing.json is written from
+    config.yaml (its cases checked at site.spacing); the export refuses any disagreement, naming both values."""
+    import shutil
+
+    import yaml
+
+    def edited(name: str, change) -> Path:
+        run = tmp_path / name
+        shutil.copytree(tiny.workdir, run)
+        prep = json.loads((run / "preprocessing.json").read_text())
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        change(prep, cfg)
+        (run / "preprocessing.json").write_text(json.dumps(prep))
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        return run
+
+    def window(prep, cfg):
+        prep["normalization"]["hu_window"] = [-100.0, 240.0]
+
+    def spacing(prep, cfg):
+        prep["contract"]["spacing"] = [3.0, 3.0, 3.0]
+
+    def both(prep, cfg):  # config.yaml and preprocessing.json agree; the stores' cases are at 6 mm
+        prep["contract"]["spacing"] = cfg["site"]["spacing"] = [3.0, 3.0, 3.0]
+
+    for change, says in [
+            (spacing, "preprocessing.json: contract.spacing [3.0, 3.0, 3.0] disagrees with site.spacing "
+                      "[6.0, 6.0, 6.0] in {run}/config.yaml, which the run trained with"),
+            (window, "preprocessing.json: normalization.hu_window [-100.0, 240.0] disagrees with loader.hu_window "
+                     "[-160.0, 240.0] in {run}/config.yaml"),
+            (both, "preprocessing.json: contract.spacing [3.0, 3.0, 3.0] mm disagrees with the training stores' "
+                   "cases at [[6.0, 6.0, 6.0]] mm")]:
+        run = edited(change.__name__, change)
+        with pytest.raises(ex.ExportError) as err:
+            ex.export_model(run, tmp_path / "out", "safetensors")
+        assert str(err.value).startswith(f"{run}/{says.format(run=run)}") and "\n" not in str(err.value)
+        assert not (tmp_path / "out").exists()
+    meta = json.loads((ex.export_model(tiny.workdir, tmp_path / "out", "safetensors") / "model.json").read_text())
+    assert meta["preprocessing"]["contract"]["spacing"] == [6.0, 6.0, 6.0]
+    assert meta["training_data"]["spacing_mm"] == [[6.0, 6.0, 6.0]]

@@ -525,6 +525,29 @@ def test_weights_rewritten_and_rechecksummed_are_refused(tiny, tmp_path, damage,
     assert str(e.value) == f"{export}: weight '{name}' {says}"
 
 
+def test_a_model_json_whose_spacing_contradicts_its_training_data_is_refused(tiny, tmp_path, capsys):  # noqa: F811
+    """model.json's contract spacing edited 6 -> 3 mm (checksums rewritten to match) ran the 6 mm model at 3 mm
+    with exit 0 and another mask; training_data.spacing_mm still records the 6 mm the cases were stored at."""
+    import json
+
+    from lnfm.jobs.export import export_model, write_checksums
+
+    export = export_model(tiny.workdir, tmp_path / "st", "safetensors")
+    meta = json.loads((export / "model.json").read_text())
+    assert meta["training_data"]["spacing_mm"] == [[6.0, 6.0, 6.0]]
+    meta["preprocessing"]["contract"]["spacing"] = [3.0, 3.0, 3.0]
+    (export / "model.json").write_text(json.dumps(meta))
+    write_checksums(export)
+    scan = str(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz")
+    capsys.readouterr()
+    assert run_job("predict", ["--model", str(export), "--input", scan, "--output", str(tmp_path / "m.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"lnfm predict: error: {export / 'model.json'}: preprocessing.contract.spacing [3.0, 3.0, 3.0] mm disagrees "
+        f"with training_data.spacing_mm [[6.0, 6.0, 6.0]] (the spacing the training cases were stored at)")
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
 def test_a_network_whose_output_is_not_finite_is_refused(tiny, tmp_path):  # noqa: F811
     """The check every backend's windows pass (an ONNX graph's weights are not read by load_export)."""
     fn = pr._finite_output(lambda x: np.full(x.shape[:-1] + (2,), np.nan, np.float32), "EXPORT")
