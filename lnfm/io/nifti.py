@@ -66,7 +66,7 @@ def stored_header_problem(raw: nib.Nifti1Header) -> str | None:
     return None
 
 
-def _stored_header(path: str) -> nib.Nifti1Header | None:
+def stored_header(path: str) -> nib.Nifti1Header | None:
     """The header's bytes as written, before nibabel's in-memory fixes; None if they are no NIfTI-1/2
     header (nibabel's loader then names the problem)."""
     with ImageOpener(path) as f:
@@ -81,7 +81,7 @@ def _stored_header(path: str) -> nib.Nifti1Header | None:
 def read_nifti(path: str | Path) -> Volume:
     path = str(path)
     try:
-        stored = _stored_header(path)  # checked first: nibabel would log its own fix of it
+        stored = stored_header(path)  # checked first: nibabel would log its own fix of it
         problem = stored_header_problem(stored) if stored is not None else None
         if problem:
             raise ImageReadError(f"{path}: {problem}")
@@ -104,6 +104,16 @@ def read_nifti(path: str | Path) -> Volume:
     return Volume(np.asarray(data), check_affine(affine, path))
 
 
+def nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """`data` on `affine` as `write_nifti` writes it: qform and sform both set (the sform alone on a sheared grid)."""
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    if orientation_problem(img.header):  # a sheared grid: no qform holds it, so write the sform alone
+        img.set_qform(None, code=0)
+    return img
+
+
 def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip: str = "") -> None:
     """Write a NIfTI file via a temporary sibling and rename (never half-written); `descrip` goes into the
     header's 80-byte description (predict marks its outputs there)."""
@@ -111,11 +121,7 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip:
     path.parent.mkdir(parents=True, exist_ok=True)
     # nibabel compresses by the (lower-case) suffix: MASK.NII.GZ must be gzipped too
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    if orientation_problem(img.header):  # a sheared grid: no qform holds it, so write the sform alone
-        img.set_qform(None, code=0)
+    img = nifti_image(data, affine)
     if descrip:
         img.header["descrip"] = descrip.encode()[:80]
     with temp_file(path, suffix) as tmp:  # a full disk or a kill signal: no partial file is left behind

@@ -63,7 +63,7 @@ from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_export
 from lnfm.io import ImageReadError, Volume, is_dicom_path, series_uid, write_nifti
 from lnfm.io.dicom import split_series, split_series_reason
-from lnfm.jobs.predict_marks import made_by_predict, nifti_descrip
+from lnfm.jobs.predict_marks import earlier_nifti_mark, made_by_predict, nifti_descrip
 from lnfm.jobs.predict_memory import memory_problem
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
@@ -275,13 +275,13 @@ def write_outputs(pred: Prediction, meta: ExportMeta, output: Path | None, proba
                 remove_stale_temps(final.parent)  # left by a predict that was killed
         if output is not None:
             pending.append((_temp(output), output))
-            write_nifti(pending[-1][0], pred.labels, pred.affine, nifti_descrip(pred.labels))
+            write_nifti(pending[-1][0], pred.labels, pred.affine, nifti_descrip(pred.labels, pred.affine))
         if dicom is not None:
             series, paths, formats = dicom
             write_dicom_outputs(pred.labels, pred.affine, meta, series, paths, formats, _temp, pending)
         if probabilities is not None:
             pending.append((_temp(probabilities), probabilities))
-            write_nifti(pending[-1][0], pred.probability, pred.affine, nifti_descrip(pred.probability))
+            write_nifti(pending[-1][0], pred.probability, pred.affine, nifti_descrip(pred.probability, pred.affine))
         if report is not None:
             prob = pred.probability if pred.probability.ndim == 3 else pred.probability.max(axis=-1)
             rows = node_table(pred.labels, pred.affine, pred.hu, prob, meta.labels)
@@ -713,9 +713,11 @@ def check_not_there(paths, force: bool) -> None:
         if not force:
             raise PredictError(f"{path}: exists already (pass --force to replace it, or choose another output)")
         if not made_by_predict(path):
-            raise PredictError(f"{path}: exists and is not an unchanged output of lnfm predict (no mark of "
-                               f"predict's, or changed since predict wrote it); --force replaces only predict's "
-                               f"own files (choose another output)")
+            why = ("marked by an earlier lnfm predict, whose mark does not cover the geometry: a corrected affine "
+                   "cannot be told; remove it yourself if it is unchanged" if earlier_nifti_mark(path) else
+                   "no mark of predict's, or changed since predict wrote it")
+            raise PredictError(f"{path}: exists and is not an unchanged output of lnfm predict ({why}); --force "
+                               f"replaces only predict's own files (choose another output)")
 
 
 def check_writable(paths) -> None:

@@ -8,8 +8,11 @@ The NIfTI, CSV and DICOM marks also hold a digest of the file's content as writt
 corrects a predicted mask in nibabel (passing its header along), annotates a report, or renames and
 approves an RTSTRUCT's ROI in a planning system keeps the mark's text, so the text alone would let
 `--force` replace (or, for an RTSTRUCT with no node left, remove) their work; with the digest, a
-changed file is no longer predict's. A DICOM output's digest lies in a private element of its own
-(`seal_dicom`), over every other element's value as read back from the file.
+changed file is no longer predict's. A NIfTI's digest covers its voxels and its geometry (qform,
+sform, voxel sizes, units, scaling), so a mask moved into place by a corrected affine is the user's
+too; marks of an earlier predict ("lnfm predict sha256:...", voxels only) cannot tell that, so their
+files are refused (`earlier_nifti_mark`). A DICOM output's digest lies in a private element of its own
+(`seal_dicom`), over every other element's value as read back from the file (geometry included).
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from lnfm.eval.report import OVERLAY_SOFTWARE, report_is_unchanged
+from lnfm.io.nifti import nifti_image, stored_header
 from lnfm.io.dicom_source import MANUFACTURER
 
-NIFTI_MARK = "lnfm predict"  # the start of the NIfTI header's 80-byte description
+NIFTI_MARK = "lnfm predict v2"  # the start of the NIfTI header's 80-byte description
+EARLIER_NIFTI_MARK = "lnfm predict sha256:"  # before v2: a digest of the voxels alone
+# The header fields that place the voxels in space, hashed as stored (a reader takes its geometry from them).
+NIFTI_GEOMETRY = ("xyzt_units", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+                  "qoffset_y", "qoffset_z", "pixdim", "srow_x", "srow_y", "srow_z")
 
 
 def array_digest(data: np.ndarray) -> str:
@@ -33,9 +42,46 @@ def array_digest(data: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def nifti_descrip(data: np.ndarray) -> str:
-    """The description predict writes into a NIfTI header: its mark and the voxels' digest."""
-    return f"{NIFTI_MARK} sha256:{array_digest(np.asarray(data))}"
+def nifti_digest(header, voxels: np.ndarray) -> str:
+    """16 hex digits of SHA-256 over the voxels as stored, the scaling readers apply to them and the
+    header's geometry fields (`NIFTI_GEOMETRY`)."""
+    slope, inter = header.get_slope_inter()  # (None, None): no scaling, however the header spells it
+    numbers = [(1.0, 0.0) if slope is None else (slope, inter)] + [header[name] for name in NIFTI_GEOMETRY]
+    h = hashlib.sha256(array_digest(voxels).encode())
+    h.update(np.concatenate([np.ravel(np.asarray(n, np.float64)) for n in numbers]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def nifti_descrip(data: np.ndarray, affine: np.ndarray) -> str:
+    """The description predict writes into the NIfTI header of `data` on `affine` (`write_nifti`): its mark
+    and the digest of the voxels and geometry as written."""
+    img = nifti_image(data, affine)
+    return f"{NIFTI_MARK} sha256:{nifti_digest(img.header, np.asarray(img.dataobj))}"
+
+
+def _description(header) -> str:
+    return bytes(header["descrip"]).rstrip(b"\0").decode("ascii", "replace")
+
+
+def _nifti_is_predicts(path: Path) -> bool:
+    header = stored_header(str(path))  # as written: nibabel's loader mends some fields in memory
+    if header is None or not _description(header).startswith(f"{NIFTI_MARK} sha256:"):
+        return False
+    voxels = nib.load(str(path)).dataobj.get_unscaled()  # as stored
+    return _description(header) == f"{NIFTI_MARK} sha256:{nifti_digest(header, voxels)}"
+
+
+def earlier_nifti_mark(path: str | Path) -> bool:
+    """Whether `path` is a NIfTI with the mark of a predict from before v2, whose digest covers the voxels
+    alone: whether its geometry was corrected since cannot be told, so `--force` leaves it."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
+        return False  # never opened: a FIFO would block the read
+    try:
+        header = stored_header(str(path))
+    except Exception:  # not a NIfTI file (any reader's error)
+        return False
+    return header is not None and _description(header).startswith(EARLIER_NIFTI_MARK)
 
 
 # The private block a DICOM output's digest lies in (an odd group; the creator string reserves the block).
@@ -108,13 +154,7 @@ def made_by_predict(path: str | Path) -> bool:
     name = path.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            img = nib.load(str(path))
-            descrip = bytes(img.header["descrip"]).rstrip(b"\0").decode("ascii", "replace")
-            if not descrip.startswith(f"{NIFTI_MARK} sha256:"):
-                return False
-            return descrip == nifti_descrip(np.asarray(img.dataobj.get_unscaled()))  # the voxels as stored
+            return _nifti_is_predicts(path)
         if name.endswith(".csv"):
             return report_is_unchanged(path.read_text(encoding="utf-8", errors="replace"))
         if name.endswith(".png"):

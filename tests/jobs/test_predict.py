@@ -449,6 +449,45 @@ def test_an_existing_file_is_replaced_only_with_force(tiny, tmp_path, capsys):  
     assert [(tmp_path / n).stat().st_ino != i for n, i in zip(("ours.nii.gz", "ours.csv"), inodes)] == [True, True]
 
 
+def test_force_leaves_a_mask_whose_geometry_a_user_corrected(tiny, tmp_path, capsys):  # noqa: F811
+    """A mask moved 5 mm with nibabel, predict's header passed along (its description kept), was replaced by
+    --force: the mark covered the voxels alone. A mask of an earlier predict, whose mark cannot tell, is
+    refused too and the line says why; an unchanged mask is replaced."""
+    import hashlib
+
+    scan = str(tiny.raw / "imagesTr" / f"{tiny.records[0]['case_id']}_0000.nii.gz")
+    mask = tmp_path / "mask.nii.gz"
+    args = ["--model", str(tiny.orbax), "--input", scan, "--output", str(mask)]
+    assert run_job("predict", args) == 0
+    original = mask.read_bytes()
+    img = nib.load(mask)
+    voxels = np.asarray(img.dataobj)
+    moved = img.affine.copy()
+    moved[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(voxels, moved, img.header), mask)
+    assert nib.load(mask).header["descrip"] == img.header["descrip"]
+    h = hashlib.sha256(f"{voxels.dtype.str}{voxels.shape}".encode())
+    h.update(np.ascontiguousarray(voxels).tobytes())
+    earlier = tmp_path / "earlier.nii.gz"  # as the previous lnfm marked it: the voxels' digest alone
+    header = img.header.copy()
+    header["descrip"] = f"lnfm predict sha256:{h.hexdigest()[:16]}".encode()
+    nib.save(nib.Nifti1Image(voxels, img.affine, header), earlier)
+    for path, why in [(mask, "no mark of predict's, or changed since predict wrote it"),
+                      (earlier, "marked by an earlier lnfm predict, whose mark does not cover the geometry: a "
+                                "corrected affine cannot be told; remove it yourself if it is unchanged")]:
+        users = path.read_bytes()
+        capsys.readouterr()
+        assert run_job("predict", [*args[:4], "--output", str(path), "--force"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"lnfm predict: error: {path}: exists and is not an unchanged output of lnfm predict ({why}); --force "
+            f"replaces only predict's own files (choose another output)"]
+        assert path.read_bytes() == users
+    mask.write_bytes(original)  # the mask as predict wrote it
+    inode = mask.stat().st_ino
+    assert run_job("predict", [*args, "--force"]) == 0
+    assert mask.stat().st_ino != inode and np.array_equal(nib.load(mask).affine, img.affine)
+
+
 def test_a_full_disk_keeps_the_previous_outputs_and_a_rerun_completes(tiny, predictor, tmp_path):  # noqa: F811
     """`ulimit -f` in a real `lnfm predict` process: writing the new mask fails with EFBIG; the
     previous mask and report are intact, no partial file is left, and the rerun succeeds."""

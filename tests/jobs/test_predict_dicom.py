@@ -112,7 +112,8 @@ def test_real_series_end_to_end(marking, tmp_path, capsys, caplog):
     # ...but not once a user has edited one: an ROI renamed and approved in a planning system, a SEG's
     # series described. --force refuses each in one line and leaves it as the user left it; a plain re-save
     # (pydicom, every value kept) is still predict's.
-    for name, edit in (("case.rtstruct.dcm", _approve_first_roi), ("case.seg.dcm", _describe_series)):
+    for name, edit in (("case.rtstruct.dcm", _approve_first_roi), ("case.seg.dcm", _describe_series),
+                       ("case.rtstruct.dcm", _move_first_contour), ("case.seg.dcm", _move_first_frame)):
         original = (out / name).read_bytes()
         resaved = pydicom.dcmread(out / name)
         resaved.save_as(out / name, enforce_file_format=True)
@@ -150,6 +151,17 @@ def _approve_first_roi(ds):
 
 def _describe_series(ds):
     ds.SeriesDescription = "reviewed"
+
+
+def _move_first_contour(ds):  # geometry corrected: 5 mm along x
+    points = ds.ROIContourSequence[0].ContourSequence[0].ContourData
+    ds.ROIContourSequence[0].ContourSequence[0].ContourData = [float(v) + 5.0 * (i % 3 == 0)
+                                                               for i, v in enumerate(points)]
+
+
+def _move_first_frame(ds):
+    plane = ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
+    plane.ImagePositionPatient = [float(plane.ImagePositionPatient[0]) + 5.0, *plane.ImagePositionPatient[1:]]
 
 
 def test_dicom_format_needs_a_dicom_source(tiny, tmp_path, capsys):  # noqa: F811

@@ -3,19 +3,21 @@ segmentation mask, a scanner's DICOM slice, a CSV, a PNG saved without the mark,
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pydicom
 
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.io import write_nifti
-from lnfm.jobs.predict_marks import made_by_predict, nifti_descrip
+from lnfm.jobs.predict_marks import earlier_nifti_mark, made_by_predict, nifti_descrip
 
 
 def test_predicts_own_files_carry_its_mark(tmp_path):
     labels = np.zeros((12, 10, 8), np.uint8)
     labels[3:7, 3:6, 2:5] = 1
     affine = np.diag([0.8, 0.8, 2.0, 1.0])
-    write_nifti(tmp_path / "mask.nii.gz", labels, affine, nifti_descrip(labels))
+    write_nifti(tmp_path / "mask.nii.gz", labels, affine, nifti_descrip(labels, affine))
     (tmp_path / "nodes.csv").write_text(report_csv(node_table(labels, affine, labels * 40.0, labels * 0.9,
                                                               ["background", "lymph_node"])))
     write_overlay(tmp_path / "view.png", labels * 40.0, labels, affine)
@@ -56,9 +58,9 @@ def test_a_changed_output_is_no_longer_predicts(tmp_path):
     labels = np.zeros((12, 10, 8), np.uint8)
     labels[3:7, 3:6, 2:5] = 1
     affine = np.diag([0.8, 0.8, 2.0, 1.0])
-    write_nifti(tmp_path / "mask.nii.gz", labels, affine, nifti_descrip(labels))
+    write_nifti(tmp_path / "mask.nii.gz", labels, affine, nifti_descrip(labels, affine))
     img = nib.load(tmp_path / "mask.nii.gz")
-    assert bytes(img.header["descrip"]).startswith(b"lnfm predict sha256:")
+    assert bytes(img.header["descrip"]).startswith(b"lnfm predict v2 sha256:")
     same = np.asarray(img.dataobj)
     nib.save(nib.Nifti1Image(same, img.affine, img.header), tmp_path / "resaved.nii.gz")  # the same voxels
     reviewed = same.copy()
@@ -76,3 +78,64 @@ def test_a_changed_output_is_no_longer_predicts(tmp_path):
     first, table = text.split("\n", 1)
     (tmp_path / "annotated.csv").write_text(f"{first}\n{table.rstrip()},reviewed: benign\n")
     assert not made_by_predict(tmp_path / "annotated.csv")
+
+
+def test_a_mask_whose_geometry_was_corrected_is_no_longer_predicts(tmp_path):
+    """A mask moved into place with nibabel (the affine corrected, voxels and predict's header passed along)
+    kept the mark's text and the voxels' digest, so --force replaced the user's correction. The digest now
+    covers the geometry as written: qform, sform, their codes, voxel sizes, units and the voxels' scaling."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    sheared = np.array([[0.8, 0.3, 0, 4], [0, 0.8, 0, -3], [0, 0, 2.0, 7], [0, 0, 0, 1]])  # no qform holds it
+    for name, data, affine in [("mask.nii.gz", (rng.random((12, 10, 8)) > 0.7).astype(np.uint8),
+                                np.diag([0.8, -0.8, 2.0, 1.0])),
+                               ("prob.nii", rng.random((12, 10, 8, 2)).astype(np.float32), sheared)]:
+        path = tmp_path / name
+        write_nifti(path, data, affine, nifti_descrip(data, affine))
+        img = nib.load(path)
+        assert img.header["descrip"].tobytes().startswith(b"lnfm predict v2 sha256:")
+        assert made_by_predict(path) and not earlier_nifti_mark(path)
+        moved = img.affine.copy()
+        moved[0, 3] += 5.0  # 5 mm along x
+
+        def qform_moved(header):  # the qform alone: a reader that takes it sees the scan moved
+            header.set_qform(moved, code=1)
+
+        def scaled(header):  # every voxel value doubled
+            header.set_slope_inter(2.0, 0.0)
+
+        def in_metres(header):
+            header.set_xyzt_units("meter")
+
+        for edit_affine, edit_header, ours in [(img.affine, None, True),  # re-saved unchanged: still predict's
+                                               (moved, None, False),  # both forms follow the new affine
+                                               (img.affine, qform_moved, False),
+                                               (img.affine, scaled, False),
+                                               (img.affine, in_metres, False)]:
+            edited = nib.Nifti1Image(np.asarray(img.dataobj), edit_affine, img.header.copy())
+            if edit_header is not None:
+                edit_header(edited.header)
+            nib.save(edited, tmp_path / f"edited_{name}")
+            assert nib.load(tmp_path / f"edited_{name}").header["descrip"] == img.header["descrip"]  # text kept
+            assert made_by_predict(tmp_path / f"edited_{name}") == ours, (name, edit_header)
+
+
+def test_an_earlier_predicts_mark_is_known_and_not_replaced(tmp_path):
+    """The mark before v2 digested the voxels alone: a file carrying it may have had its geometry corrected
+    since, which it cannot tell, so it is not predict's own (and predict's refusal says why)."""
+    import hashlib
+
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[2:4, 2:4, 1:3] = 1
+    h = hashlib.sha256(f"{labels.dtype.str}{labels.shape}".encode())
+    h.update(labels.tobytes())
+    write_nifti(tmp_path / "old.nii.gz", labels, np.eye(4), f"lnfm predict sha256:{h.hexdigest()[:16]}")
+    assert earlier_nifti_mark(tmp_path / "old.nii.gz") and not made_by_predict(tmp_path / "old.nii.gz")
+    write_nifti(tmp_path / "new.nii.gz", labels, np.eye(4), nifti_descrip(labels, np.eye(4)))
+    (tmp_path / "notes.csv").write_text("lnfm predict sha256:0\n")
+    (tmp_path / "link.nii.gz").symlink_to(tmp_path / "old.nii.gz")
+    os.mkfifo(tmp_path / "pipe.nii.gz")  # never opened: reading it would wait for a writer
+    assert made_by_predict(tmp_path / "new.nii.gz") and not earlier_nifti_mark(tmp_path / "new.nii.gz")
+    for path in ("notes.csv", "missing.nii.gz", "link.nii.gz", "pipe.nii.gz"):
+        assert not earlier_nifti_mark(tmp_path / path) and not made_by_predict(tmp_path / path), path
