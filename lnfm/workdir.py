@@ -118,6 +118,7 @@ def remove_stale_temps(folder: str | Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temporary sibling then rename, so no half-written file is left."""
     path = Path(path)
+    check_job_folder(path, path.name)  # the mkdir would remake a moved workdir at its old path
     path.parent.mkdir(parents=True, exist_ok=True)
     with temp_file(path) as tmp:  # a full disk: no partial file is left behind
         tmp.write_text(text)
@@ -164,6 +165,31 @@ class FolderWatch:
             raise FolderMoved(f"{self.folder}: moved, renamed or removed while the job wrote {what} there; the job "
                               f"stopped, and what it wrote before is intact where the folder went (rerun with "
                               f"that folder to resume)")
+
+
+_jobs: list[FolderWatch] = []  # the workdirs of the jobs running in this process (`job_folder`)
+
+
+@contextlib.contextmanager
+def job_folder(folder: str | Path) -> Iterator[FolderWatch]:
+    """Watch a running job's workdir for the block: lnfm's writers (`atomic_write_text`, `open_workdir`, the
+    checkpointer, ...) call `check_job_folder` first, so a write after the user moved it (summary.json, the
+    next repeat's folder) ends the job in one line instead of remaking the folder at the old path."""
+    watch = FolderWatch(folder)
+    _jobs.append(watch)
+    try:
+        yield watch
+    finally:
+        _jobs.remove(watch)
+
+
+def check_job_folder(path: str | Path, what: str) -> None:
+    """`FolderMoved` when `path` lies in (or is) the workdir of a running job (`job_folder`) that was moved."""
+    path = os.path.abspath(path)
+    for watch in list(_jobs):
+        root = os.path.abspath(watch.folder)
+        if path == root or path.startswith(root + os.sep):
+            watch.check(what)
 
 
 LOCK_FILE = ".lnfm.lock"
@@ -481,6 +507,7 @@ def open_workdir(workdir: str | Path, cfg: Any, *, is_main: bool = True, tensorb
     """Create DIR, write the resolved config.yaml and start logging into DIR/log.txt. With `write_config=False`
     config.yaml is written by the writer's `record_config()` (a resumed run: once its checkpoint restored)."""
     workdir = Path(workdir)
+    check_job_folder(workdir, workdir.name)  # a repeat's folder inside a moved run: not remade at the old path
     workdir.mkdir(parents=True, exist_ok=True)
     config = dump_yaml(cfg) if is_main else None
     if write_config and config is not None:  # before the log: files without a config.yaml are not a run's

@@ -21,6 +21,7 @@ import numpy as np
 from lnfm.data import store as st
 from lnfm.data.contract import require_contract, write_contract
 from lnfm.data.prepare import lymph_nodes
+from lnfm.workdir import check_job_folder
 
 DONE = "pseudo_labels.done"  # written after the manifest: the store is complete
 ID_PREFIX = "pseudo-"
@@ -45,6 +46,7 @@ def write_pseudo_store(out: str, cases: Sequence[tuple[str, dict]],
     also need) nothing is written."""
     kept = []
     if write and cases:  # prepared as the sources were: a training store like any other
+        check_job_folder(out, "pseudo-labels")  # before each write: TensorStore would remake a moved workdir
         write_contract(out, require_contract(cases[0][0]))
     sources = list(dict.fromkeys(source for source, _ in cases))
     for source, rec in cases:
@@ -61,6 +63,7 @@ def write_pseudo_store(out: str, cases: Sequence[tuple[str, dict]],
         kept.append(cid)
         if not write:
             continue
+        check_job_folder(out, "pseudo-labels")
         base = f"cases/{cid}"
         paths = [f"{base}/image_{c:04d}" for c in range(len(stored))]
         for path, chan in zip(paths, stored):
@@ -70,6 +73,7 @@ def write_pseudo_store(out: str, cases: Sequence[tuple[str, dict]],
                               "label_path": f"{base}/label", "labelled": True, "pseudo_label": True,
                               "nodes": lymph_nodes(label, rec["spacing"]), st.EVERY_CHUNK: True})
     if write:
+        check_job_folder(out, "pseudo-labels")
         st.write_manifest(out)
         st.write_text(out, DONE, f"{len(kept)}\n")
     return kept

@@ -10,7 +10,7 @@ import numpy as np
 from nibabel.openers import ImageOpener
 
 from lnfm.io.volume import ImageReadError, Volume, check_affine
-from lnfm.workdir import temp_file
+from lnfm.workdir import check_job_folder, temp_file
 
 
 # qform and sform may differ by what float32 storage of the qform's quaternion loses: near a 180-degree
@@ -118,6 +118,7 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, descrip:
     """Write a NIfTI file via a temporary sibling and rename (never half-written); `descrip` goes into the
     header's 80-byte description (predict marks its outputs there)."""
     path = Path(path)
+    check_job_folder(path, path.name)  # a test mask of a moved run: not written at the old path
     path.parent.mkdir(parents=True, exist_ok=True)
     # nibabel compresses by the (lower-case) suffix: MASK.NII.GZ must be gzipped too
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"

@@ -43,7 +43,7 @@ from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.state import create_train_state, merge_model, step_key
 from lnfm.train.job import Checked, check_channels, check_run_config, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
-from lnfm.workdir import MetricsWriter, read_metrics, remove_stale_temps, temp_file
+from lnfm.workdir import MetricsWriter, check_job_folder, read_metrics, remove_stale_temps, temp_file
 
 log = logging.getLogger("lnfm.pretrain")
 
@@ -131,6 +131,7 @@ def write_preview(path: Path, png: bytes) -> None:
     """DIR/images/step_N.png, written whole (`temp_file`: the fixed `.step_N.png.tmp` it used before was left
     half-written by a full disk or a kill, and nothing removed it). The job holds the workdir, so any temporary
     file there is a killed run's: those go first, the earlier fixed ones too."""
+    check_job_folder(path, "images")  # the mkdir would remake a moved workdir at its old path
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
     for old in path.parent.glob(".step_*.png.tmp"):

@@ -33,7 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
-from lnfm.workdir import FolderWatch, temp_file
+from lnfm.workdir import FolderWatch, check_job_folder, temp_file
 
 log = logging.getLogger("lnfm.train")
 
@@ -161,6 +161,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
         self.cfg = cfg
+        check_job_folder(self.directory, "checkpoints")  # Orbax would remake a moved workdir at its old path
         self._files: dict[int, dict[str, str]] = {}  # per step: files committed with it
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
                                                create=True, cleanup_tmp_directories=True,

@@ -31,7 +31,7 @@ from lnfm.train.optim import check_optim
 from lnfm.train.loop import TRAIN_TIME_FILE, Hook, LoopResult, Throughput, run_loop, trim_metrics
 from lnfm.train.state import abstract_state
 from lnfm.workdir import (MetricsWriter, WorkdirError, check_config_is_this_jobs, check_resume, check_resume_settings,
-                          check_unchanged, lock_folder, open_workdir)
+                          check_unchanged, job_folder, lock_folder, open_workdir)
 
 log = logging.getLogger("lnfm.train")
 
@@ -218,7 +218,7 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
     workdir = Path(run.root)
     pid = jax.process_index()
     check_apart({"--workdir": workdir}, inputs)
-    with lock_folder(workdir, enabled=pid == 0):
+    with lock_folder(workdir, enabled=pid == 0), job_folder(workdir):  # a moved workdir ends the job, remade nowhere
         has_run = any(has_checkpoints(d) for d in run.checkpoint_dirs())
         check_resume(workdir, cfg, resume_keys, has_run=has_run)
         t0 = time.time()

@@ -33,7 +33,7 @@ from lnfm.config import ConfigError
 from lnfm.errors import NonFiniteLoss
 from lnfm.train.checkpoint import Checkpointer
 from lnfm.train.mfu import expected_step_time, mfu
-from lnfm.workdir import MetricsWriter, atomic_write_text, progress
+from lnfm.workdir import MetricsWriter, atomic_write_text, check_job_folder, progress
 
 log = logging.getLogger("lnfm.train")
 
@@ -223,6 +223,7 @@ def run_loop(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, next_b
         try:
             while step < total_steps:
                 if profile is not None and not tracing and profile[0] <= step < profile[1]:
+                    check_job_folder(profile_dir, "a profile")  # the trace would remake a moved workdir
                     jax.profiler.start_trace(str(profile_dir))
                     tracing = True
                 batch = next_batch()

@@ -501,6 +501,37 @@ def test_a_workdir_moved_while_the_run_trains_ends_it_in_one_line_keeping_its_ch
     assert "resumed from step 2" in (moved / "log.txt").read_text() and (moved / "summary.json").is_file()
 
 
+@pytest.mark.parametrize("moment", ["tuned_postprocess", "combine"])
+def test_a_workdir_moved_as_the_run_ends_is_not_remade_at_the_old_path(store, tmp_path, monkeypatch, capsys, moment):
+    """The user moves a finetune's workdir once training is over: before the repeat's postprocess.json and test
+    masks (tuned_postprocess), or before summary.json (combine). Those writes made the folders they needed and
+    remade the workdir at the old path with the one file; now the job ends in one line naming the folder, and the
+    moved run resumes to its summary."""
+    import os
+
+    import lnfm.jobs.finetune as ft
+
+    wd, moved = tmp_path / "ft", tmp_path / "moved"
+    real = getattr(ft, moment)
+
+    def moving(*args, **kwargs):
+        os.rename(wd, moved)
+        return real(*args, **kwargs)
+
+    argv = ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3",
+            *TINY]
+    monkeypatch.setattr(ft, moment, moving)
+    capsys.readouterr()
+    rc = run_job("finetune", argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not any("Traceback" in line for line in err), err
+    assert err[-1].startswith(f"lnfm finetune: error: {wd}") and "moved, renamed or removed while the job" in err[-1]
+    assert not wd.exists()
+    monkeypatch.setattr(ft, moment, real)
+    argv[argv.index(str(wd))] = str(moved)
+    assert run_job("finetune", argv) == 0 and (moved / "summary.json").is_file()
+
+
 _SAVE_BEST = """
 import sys
 import numpy as np
