@@ -137,6 +137,15 @@ def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _identity(file: str | os.PathLike | int) -> tuple[int, int] | None:
+    """(device, inode) of a path or an open descriptor; None for a path that names nothing."""
+    try:
+        st = os.fstat(file) if isinstance(file, int) else os.stat(file)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class FolderWatch:
     """`folder` as it is now. `check(what)`, before each write into it, raises `FolderMoved` once its path leads
     elsewhere or nowhere: Orbax would recreate the folder at the old path and split the run in two, and
@@ -144,21 +153,14 @@ class FolderWatch:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = folder
-        self._identity = self._now()
-
-    def _now(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.folder)
-        except FileNotFoundError:
-            return None
-        return st.st_dev, st.st_ino
+        self._made = _identity(folder)
 
     def moved(self) -> bool:
-        now = self._now()
-        if self._identity is None:  # not made yet (another host of the job makes it): watched from when it is
-            self._identity = now
+        now = _identity(self.folder)
+        if self._made is None:  # not made yet (another host of the job makes it): watched from when it is
+            self._made = now
             return False
-        return now != self._identity
+        return now != self._made
 
     def check(self, what: str) -> None:
         if self.moved():
@@ -236,13 +238,15 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True,
         finally:
             try:  # the last reader out removes the lock file (a waiter then finds it gone and retries)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                (folder / name).unlink(missing_ok=True)
+                if _identity(folder / name) == _identity(fd):  # not another's, at a moved run's old path
+                    (folder / name).unlink(missing_ok=True)
             except BlockingIOError:
                 pass  # another reader still holds it
             os.close(fd)
         return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    made = _identity(folder) if created else None
     path = folder / name
     fd = _acquire(path, names or folder, then, wait=wait)
     try:
@@ -250,9 +254,11 @@ def lock_folder(folder: str | Path, name: str = LOCK_FILE, enabled: bool = True,
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
         yield
     finally:
-        path.unlink(missing_ok=True)  # before the unlock: a waiter then finds the file gone and retries
+        # Only our own file and folder: once the user moved the folder, the old path may be another job's.
+        if _identity(path) == _identity(fd):
+            path.unlink(missing_ok=True)  # before the unlock: a waiter then finds the file gone and retries
         os.close(fd)  # closing the descriptor releases the lock
-        if created and folder.is_dir() and not any(folder.iterdir()):
+        if made is not None and _identity(folder) == made and not any(folder.iterdir()):
             folder.rmdir()
 
 

@@ -192,6 +192,28 @@ def test_an_earlier_versions_temporary_files_are_removed_once_a_day_old(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, (_, kept) in names.items() if kept)
 
 
+def test_a_job_whose_folder_was_moved_leaves_the_old_path_to_the_next_job(tmp_path):
+    """The user moves a running job's workdir and starts another job at the old path. The first job, ending,
+    removed the lock file at that path, the second job's: a third then took the folder the second still ran in.
+    An empty folder made there for the next job was removed too."""
+    wd = tmp_path / "wd"
+    first = W.lock_folder(wd)
+    first.__enter__()
+    wd.rename(tmp_path / "moved")
+    with W.lock_folder(wd):  # the next job, in the old path's new folder
+        first.__exit__(None, None, None)
+        assert W.lock_holder(wd / W.LOCK_FILE) is not None
+        with pytest.raises(W.WorkdirError, match="in use by another lnfm job"):
+            with W.lock_folder(wd):
+                pass
+    second = W.lock_folder(tmp_path / "new")
+    second.__enter__()
+    (tmp_path / "new").rename(tmp_path / "moved2")
+    (tmp_path / "new").mkdir()  # the user's folder for the next job
+    second.__exit__(None, None, None)
+    assert (tmp_path / "new").is_dir()
+
+
 def test_a_temporary_file_is_removed_only_when_no_process_holds_its_lock(tmp_path):
     """Two predicts in separate PID namespaces (containers sharing an output folder) saw each other's pids as
     dead: each removed the other's temporary files while they were written, failing the other's case."""
