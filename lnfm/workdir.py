@@ -162,11 +162,12 @@ class FolderWatch:
             return False
         return now != self._made
 
-    def check(self, what: str) -> None:
+    def check(self, what: str, lost: str = "") -> None:
+        """`lost`: what the move cost, for the message (a checkpoint whose save it cut short)."""
         if self.moved():
             raise FolderMoved(f"{self.folder}: moved, renamed or removed while the job wrote {what} there; the job "
                               f"stopped, and what it wrote before is intact where the folder went (rerun with "
-                              f"that folder to resume)")
+                              f"that folder to resume)" + (f"; {lost}" if lost else ""))
 
 
 _jobs: list[FolderWatch] = []  # the workdirs of the jobs running in this process (`job_folder`)

@@ -14,11 +14,16 @@ job's best.json), so a committed step always has its list: a kill at any moment 
 no step or a listed one. Restores verify the list first, so a checkpoint with a flipped bit
 counts as unreadable (and falls back) instead of loading wrong weights. A step without a
 list can only come from an older lnfm; it is restored with a warning.
+
+The checkpointer reaches its folder through an open descriptor (`_following`): a save in flight
+when the user moves the run commits where the folder went, and the job ends at its next write
+(`FolderMoved`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -123,10 +128,10 @@ def newest_intact_step(directory: str | Path, above: int = 0) -> int | None:
                  if step > above and intact(Path(directory) / str(step))), None)
 
 
-def _sealed_commit(seal: Callable[[Path, int], None]) -> type:
-    """Orbax's commit by atomic rename, with `seal(folder, step)` run on the finished step just
-    before the rename that makes it visible. Orbax's own finalize (the step metadata's commit
-    time, then the rename) goes to a second temporary name, so the seal sees every final byte."""
+def _sealed_commit(seal: Callable[[Path, Path], None]) -> type:
+    """Orbax's commit by atomic rename, made by `seal(folder, final)`: it seals the finished step
+    and renames it to `final`, which makes it visible. Orbax's own finalize (the step metadata's
+    commit time, then the rename) goes to a second temporary name, so the seal sees every final byte."""
     base = ocp.path.atomicity.AtomicRenameTemporaryPath
 
     class SealedCommit(base):
@@ -138,10 +143,20 @@ def _sealed_commit(seal: Callable[[Path, int], None]) -> type:
                 await super().finalize()
             finally:
                 self._final_path = type(self._final_path)(final)
-            await asyncio.to_thread(seal, sealing, int(final.name))
-            await asyncio.to_thread(os.replace, sealing, final)
+            await asyncio.to_thread(seal, sealing, final)
 
     return SealedCommit
+
+
+def _following(fd: int, path: Path) -> Path:
+    """A path to the open folder `fd` that leads wherever the folder is moved (Linux's /proc/self/fd), else
+    `path`: a save in flight when the user moves the run commits where it went, and remakes nothing at the
+    old path (TensorStore creates the folders it writes into)."""
+    link = Path(f"/proc/self/fd/{fd}")
+    try:
+        return link if os.path.samestat(os.stat(link), os.fstat(fd)) else path
+    except OSError:
+        return path
 
 
 @dataclasses.dataclass
@@ -159,22 +174,30 @@ class Checkpointer:
     """Save/restore (state, data iterator, config) under `directory` with Orbax."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
-        self.directory = Path(directory).absolute()
+        self.directory = Path(directory).absolute()  # what messages name
         self.cfg = cfg
-        check_job_folder(self.directory, "checkpoints")  # Orbax would remake a moved workdir at its old path
+        check_job_folder(self.directory, "checkpoints")  # the mkdir would remake a moved workdir at its old path
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        self._close_fd = weakref.finalize(self, os.close, fd)
+        self.root = _following(fd, self.directory)  # where it reads and writes
+        self._watch = FolderWatch(self.directory)
+        _watches.add(self._watch)
         self._files: dict[int, dict[str, str]] = {}  # per step: files committed with it
+        self._saving: set[int] = set()  # steps whose save started and has not committed
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
                                                create=True, cleanup_tmp_directories=True,
                                                temporary_path_class=_sealed_commit(self._seal))
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._watch = FolderWatch(self.directory)  # created by the manager
-        _watches.add(self._watch)
+        self.manager = ocp.CheckpointManager(self.root, options=options)
 
-    def _seal(self, folder: Path, step: int) -> None:
-        """The step's own files, then its checksum list (both before the commit)."""
+    def _seal(self, folder: Path, final: Path) -> None:
+        """The step's own files, then its checksum list, then the commit."""
+        step = int(final.name)
         for name, text in self._files.pop(step, {}).items():
             (folder / name).write_text(text)
         write_checksums(folder)
+        os.replace(folder, final)
+        self._saving.discard(step)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -186,10 +209,11 @@ class Checkpointer:
              files: dict[str, str] | None = None) -> None:
         """Start an async save of `state` at `step` (no-op if that step is already saved). `files`
         ({name: text}) are written into the step folder and committed with it."""
-        self._watch.check("checkpoints")  # before Orbax recreates it at the old path
+        self._check_folder()  # a moved run stops: its other files do not follow the folder
         if step in self.manager.all_steps():
             return
         self._files[step] = dict(files or {})
+        self._saving.add(step)
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(_meta())}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -204,20 +228,32 @@ class Checkpointer:
 
     def step_file(self, step: int, name: str) -> str | None:
         """The text of a file saved with step `step` (`save`'s `files`), or None when it has none."""
-        path = self.directory / str(step) / name
+        path = self.root / str(step) / name
         return path.read_text() if path.is_file() else None
+
+    def _check_folder(self) -> None:
+        """`FolderMoved` once the folder was moved. A save in flight is waited for: it commits where the folder
+        went (`_following`), unless the folder is gone (removed, or moved to another disk); the message then
+        names that step as lost."""
+        if not self._watch.moved():
+            return
+        with contextlib.suppress(Exception), deferred_termination():  # the save in flight commits or fails first
+            self.manager.wait_until_finished()
+        lost = ", ".join(str(s) for s in sorted(self._saving))
+        self._watch.check("checkpoints", f"checkpoint {lost} was being saved and is lost: the rerun resumes from the "
+                                         f"one before" if lost else "")
 
     def _raise_if_users(self, e: Exception) -> None:
         """A save's failure that is the user's folder, not a bug, in one line: a full disk, or a folder moved
         while a save was writing there."""
-        self._watch.check("checkpoints")
+        self._check_folder()
         reason = disk_full(e)
         if reason is not None:
             raise DiskFull(f"{self.directory}: cannot write a checkpoint ({reason}); the checkpoints committed "
                            f"before are intact") from None
 
     def _restore_step(self, step: int, target: Any, data_iter: Any) -> Any:
-        if not verify_checksums(self.directory / str(step)):
+        if not verify_checksums(self.root / str(step)):
             log.warning("checkpoint %d in %s/ has no %s (saved by an older lnfm): restored unverified", step,
                         self.directory.name, CHECKSUMS)  # log.txt names no path: the workdir's name can be a patient's
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
@@ -244,6 +280,7 @@ class Checkpointer:
                 state = self._restore_step(step, target, data_iter)
             except Exception as e:  # any read failure means this checkpoint is unusable
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                first = first.replace(str(self.root), str(self.directory))
                 log.warning("checkpoint %d in %s/ cannot be restored (%s); falling back to the previous one",
                             step, self.directory.name, first.replace(str(self.directory), self.directory.name))
                 failed.append((step, first))
@@ -258,9 +295,9 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0:
-            src = self.directory / str(step)
+            src = self.root / str(step)
             if src.exists():
-                src.rename(self.directory / f"corrupt_{step}")
+                src.rename(self.root / f"corrupt_{step}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -285,6 +322,9 @@ class Checkpointer:
             except Exception as e:
                 if disk_full(e) is None and not self._watch.moved():  # both were reported by wait()
                     raise
+            finally:
+                self._close_fd()  # the descriptor's number may name another file from now on
+                self.root = self.directory
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -501,6 +501,37 @@ def test_a_workdir_moved_while_the_run_trains_ends_it_in_one_line_keeping_its_ch
     assert "resumed from step 2" in (moved / "log.txt").read_text() and (moved / "summary.json").is_file()
 
 
+def test_a_workdir_moved_during_a_checkpoint_save_keeps_that_checkpoint(store, tmp_path, monkeypatch, capsys):
+    """The user moves a running finetune's workdir while its step-4 checkpoint is saved in the background (here,
+    as the save writes its checksum list, before its commit). That step was lost without a word; now it commits
+    where the folder went, the job ends in one line, and the moved run resumes from step 4."""
+    import os
+
+    import lnfm.train.checkpoint as ckpt
+    from lnfm.train.checkpoint import committed_steps
+
+    wd, moved = tmp_path / "ft", tmp_path / "moved"
+    real = ckpt.write_checksums
+
+    def moving(folder):
+        if Path(folder).name.startswith("4.") and wd.exists():
+            os.rename(wd, moved)
+        real(folder)
+
+    argv = ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3",
+            *TINY, "checkpoint.every=2", "train.steps=4"]
+    monkeypatch.setattr(ckpt, "write_checksums", moving)
+    capsys.readouterr()
+    rc = run_job("finetune", argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not any("Traceback" in line for line in err), err
+    assert err[-1].startswith(f"lnfm finetune: error: {wd}") and "moved, renamed or removed while the job" in err[-1]
+    assert not wd.exists() and committed_steps(moved / "checkpoints") == [2, 4]
+    monkeypatch.setattr(ckpt, "write_checksums", real)
+    argv[argv.index(str(wd))] = str(moved)
+    assert run_job("finetune", argv) == 0 and "resumed from step 4" in (moved / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("moment", ["tuned_postprocess", "combine"])
 def test_a_workdir_moved_as_the_run_ends_is_not_remade_at_the_old_path(store, tmp_path, monkeypatch, capsys, moment):
     """The user moves a finetune's workdir once training is over: before the repeat's postprocess.json and test

@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import grain
 import jax
@@ -112,6 +113,97 @@ def test_a_save_after_the_folder_moved_is_refused_and_does_not_recreate_it(tmp_p
     assert not (tmp_path / "wd").exists()
     with Checkpointer(tmp_path / "moved" / "checkpoints", CheckpointConfig()) as moved:
         assert moved.all_steps() == [1]
+
+
+def _move_during_save(monkeypatch, step, moment, move):
+    """Run `move()` while step `step` is saved in the background: once its folder is made, before any array is
+    written ("arrays"), or once everything is written, before the commit ("commit")."""
+    import orbax.checkpoint as ocp
+
+    import lnfm.train.checkpoint as ckpt
+
+    if moment == "arrays":
+        real = ocp.path.atomicity.AtomicRenameTemporaryPath.create
+
+        async def create(self, *args, **kwargs):
+            made = await real(self, *args, **kwargs)
+            if self.get_final().name == str(step):
+                move()
+            return made
+
+        monkeypatch.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "create", create)
+    else:
+        real = ckpt.write_checksums
+
+        def write(folder):
+            if Path(folder).name.split(".")[0] == str(step):
+                move()
+            real(folder)
+
+        monkeypatch.setattr(ckpt, "write_checksums", write)
+
+
+@pytest.mark.parametrize("moment", ["arrays", "commit"])
+def test_a_save_in_flight_when_the_folder_moves_commits_where_it_went(tmp_path, mesh8, monkeypatch, moment):
+    """The user moves the run while step 2 is saved in the background. The step was lost without a word (its
+    writes and its commit went to the old path: they failed, or TensorStore remade the old path's folders and
+    wrote part of the step there). The save now follows the folder: step 2 commits where it went, whole, nothing
+    is left at the old path, the next save ends the job in one line, and the moved run resumes from step 2."""
+    import re
+
+    from lnfm.errors import FolderMoved
+    from lnfm.train.checkpoint import newest_intact_step
+
+    setup = toy_setup(mesh8)
+    wd, moved = tmp_path / "wd", tmp_path / "moved"
+    ck = Checkpointer(wd / "checkpoints", CheckpointConfig(keep=3))
+    ck.save(1, setup["state"])
+    ck.wait()
+    _move_during_save(monkeypatch, 2, moment, lambda: wd.rename(moved))
+    later = dict(setup["state"], step=setup["state"]["step"] + 2)
+    ck.save(2, later)
+    ck.wait()
+    old = re.escape(str(wd / "checkpoints"))
+    with pytest.raises(FolderMoved, match=f"^{old}: moved, renamed or removed [^;]*; [^;]*resume\\)$"):
+        ck.save(3, later)
+    ck.close()
+    assert not wd.exists()
+    assert newest_intact_step(moved / "checkpoints") == 2
+    with Checkpointer(moved / "checkpoints", CheckpointConfig()) as ck:
+        state, step = ck.restore_latest(st.abstract_state(setup["state"], setup["shardings"]))
+    assert step == 2 and int(state["step"]) == int(later["step"])
+
+
+def test_a_save_cut_short_by_the_folder_going_away_names_the_lost_step(tmp_path, mesh8, monkeypatch):
+    """The run is moved to another disk (copied, then removed) while step 2 is saved: that step cannot be kept.
+    The job used to end with the folder's line alone; now the line names step 2 as lost, and the copy resumes
+    from step 1, the newest intact step."""
+    import shutil
+
+    from lnfm.errors import FolderMoved
+    from lnfm.train.checkpoint import newest_intact_step
+
+    setup = toy_setup(mesh8)
+    wd, moved = tmp_path / "wd", tmp_path / "moved"
+    ck = Checkpointer(wd / "checkpoints", CheckpointConfig(keep=3))
+    ck.save(1, setup["state"])
+    ck.wait()
+
+    def to_another_disk():
+        shutil.copytree(wd, moved)
+        shutil.rmtree(wd)
+
+    _move_during_save(monkeypatch, 2, "commit", to_another_disk)
+    ck.save(2, setup["state"])
+    with pytest.raises(FolderMoved, match="; checkpoint 2 was being saved and is lost: the rerun resumes from the "
+                                          "one before$"):
+        ck.wait()
+    ck.close()
+    assert not wd.exists()
+    assert newest_intact_step(moved / "checkpoints") == 1
+    with Checkpointer(moved / "checkpoints", CheckpointConfig()) as ck:
+        assert ck.restore_latest(st.abstract_state(setup["state"], setup["shardings"]))[1] == 1
+        assert ck.all_steps() == [1]
 
 
 def test_no_checkpoint_and_missing_params(tmp_path, mesh8):
