@@ -13,7 +13,8 @@ commits it, together with any small files the caller commits with the step (the 
 job's best.json), so a committed step always has its list: a kill at any moment leaves either
 no step or a listed one. Restores verify the list first, so a checkpoint with a flipped bit
 counts as unreadable (and falls back) instead of loading wrong weights. A step without a
-list can only come from an older lnfm; it is restored with a warning.
+list can only come from an older lnfm; it is restored with a warning, and counts as intact
+(`intact`, the resume checks) only when it reads back whole.
 
 The checkpointer reaches its folder through an open descriptor (`_following`): a save in flight
 when the user moves the run commits where the folder went, and the job ends at its next write
@@ -26,7 +27,9 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
+import math
 import os
 import weakref
 from collections.abc import Callable
@@ -35,7 +38,9 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
 from lnfm.workdir import FolderWatch, check_job_folder, temp_file
@@ -111,13 +116,58 @@ def verify_checksums(step_dir: str | Path) -> bool:
 
 
 def intact(step_dir: str | Path) -> bool:
-    """Whether a committed step passes `verify_checksums`, the check `restore_latest` makes before it reads a
-    step and falls back past one that fails (a step without a list, from an older lnfm, counts as intact)."""
+    """Whether a committed step would restore, as `restore_latest` finds (it falls back past one that does not):
+    its checksum list verifies or, for a step without one, it reads back whole (`_reads_back`). A step folder
+    named by its number is committed (an unfinished save carries Orbax's temporary suffix), so a step without
+    a list is an older lnfm's, whose commit came before its list."""
     try:
-        verify_checksums(step_dir)
+        return verify_checksums(step_dir) or _reads_back(Path(step_dir))
     except CheckpointError:
         return False
+
+
+_READ_BATCH = 1 << 28  # bytes of arrays `_reads_back` holds at once
+
+
+def _reads_back(step_dir: Path) -> bool:
+    """Whether every item of a step reads back: each array of a PyTree item onto the host (any devices; a batch
+    of them at a time), each file of the others (JSON records) as JSON. A missing, truncated or garbled file
+    fails here as it fails the restore; a flipped bit inside an array does not (only the list would tell)."""
+    try:
+        for item in sorted(p for p in step_dir.iterdir() if p.is_dir()):
+            if (item / "_METADATA").is_file():
+                _read_arrays(item)
+            else:
+                for path in (p for p in item.rglob("*") if p.is_file()):
+                    json.loads(path.read_text())
+    except Exception:  # any read failure: the restore would fail too
+        return False
     return True
+
+
+def _read_arrays(item: Path) -> None:
+    """Read every array of a PyTree item onto the host, about `_READ_BATCH` bytes at a time (the rest skipped)."""
+    path = epath.Path(item)
+    reader = ocp.PyTreeCheckpointHandler()  # the item's own handler: a checkpointer's metadata read logs the path
+    try:
+        leaves, treedef = jax.tree.flatten(reader.metadata(path).tree)
+
+        def read(batch: set[int]) -> None:
+            def only(value: Any) -> Any:
+                return treedef.unflatten([value if i in batch else ocp.PLACEHOLDER for i in range(len(leaves))])
+
+            reader.restore(path, args=ocp.args.PyTreeRestore(
+                item=only(np.zeros(0)), restore_args=only(ocp.RestoreArgs(restore_type=np.ndarray))))
+
+        batch, size = set(), 0
+        for i, leaf in enumerate(leaves):
+            batch.add(i)
+            size += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+            if size >= _READ_BATCH or i == len(leaves) - 1:
+                read(batch)
+                batch, size = set(), 0
+    finally:
+        reader.close()
 
 
 def newest_intact_step(directory: str | Path, above: int = 0) -> int | None:

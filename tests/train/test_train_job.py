@@ -209,3 +209,33 @@ def test_the_fewer_steps_check_counts_the_step_restore_would_use_not_a_corrupt_n
     check_resume_steps(run, 3)
     with pytest.raises(WorkdirError, match=r"has reached step 2, beyond train.steps=1; .* give train.steps=2 or more"):
         check_resume_steps(run, 1)
+
+
+def test_a_step_without_a_checksum_list_counts_only_when_it_reads_back(tmp_path, mesh8, monkeypatch):
+    """Steps 2 and 4 of an older lnfm's run, saved without a checksum list; step 4's array file was cut short.
+    The fewer-steps check counted step 4 (no list: intact) and refused train.steps=3, though the restore falls
+    back to step 2; now a step without a list counts only when its arrays and records read back, as the restore
+    finds: step 2, whole, does."""
+    import lnfm.train.checkpoint as ckpt
+    from lnfm.train import state as st
+    from lnfm.train.checkpoint import CHECKSUMS, Checkpointer, intact, newest_intact_step
+    from lnfm.train.job import check_resume_steps
+
+    monkeypatch.setattr(ckpt, "_READ_BATCH", 1024)  # the toy's arrays read back a few at a time, as a model's do
+
+    run = PretrainRun(tmp_path / "w")
+    setup = toy_setup(mesh8)
+    with Checkpointer(run.checkpoints, CheckpointConfig(keep=3)) as ck:
+        ck.save(2, setup["state"], config={"note": "x"})
+        ck.save(4, setup["state"], config={"note": "x"})
+    for step in (2, 4):
+        (run.checkpoints / str(step) / CHECKSUMS).unlink()
+    data = max((f for f in (run.checkpoints / "4" / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    assert intact(run.checkpoints / "2") and not intact(run.checkpoints / "4")
+    assert newest_intact_step(run.checkpoints) == 2
+    check_resume_steps(run, 3)
+    with pytest.raises(WorkdirError, match=r"has reached step 2, beyond train.steps=1; .* give train.steps=2 or more"):
+        check_resume_steps(run, 1)
+    with Checkpointer(run.checkpoints, CheckpointConfig()) as ck:  # the restore agrees
+        assert ck.restore_latest(st.abstract_state(setup["state"], setup["shardings"]))[1] == 2
