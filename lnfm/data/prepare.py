@@ -32,7 +32,8 @@ from lnfm.data.contract import (CONTRACT, CONTRACT_VERSION, CT_STORAGE, ORIENTAT
                                 PrepareContract, contract_problem, read_contract, write_contract)
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
-from lnfm.data.scan_checks import ScanError, check_ct, check_pet, check_source_spacing, check_target_spacing
+from lnfm.data.scan_checks import (ScanError, check_ct, check_field_of_view, check_pet, check_source_spacing,
+                                   check_target_spacing)
 from lnfm.data.workers import map_in_workers
 from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
@@ -327,6 +328,8 @@ def read_channels(paths: list[str], resample_channels: bool, series: str | None 
         if checks is not None:
             try:
                 check_source_spacing(spacing_of(v.affine), p)
+                if i == 0:  # the grid the case keeps (predict checks the same one)
+                    check_field_of_view(v.affine, v.shape3, p)
                 if checks[0][i].upper() == "CT":
                     check_ct(v.data, p, checks[1])
                 else:  # every other channel is normalised as PET (`lnfm.data.contract.normalize`)

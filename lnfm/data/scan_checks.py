@@ -18,6 +18,24 @@ from lnfm.errors import LnfmError
 # volume too large to hold (a 0.01 mm grid of a 30 cm body is 3e13 voxels).
 MAX_SPACING_MM = 20.0
 MIN_SPACING_MM = 0.05
+# A scan's size in the world: an affine in cm read as mm (every length /10), or x10, leaves the voxels within
+# MIN/MAX_SPACING_MM, so the extent is what shows it. Measured across the two widest voxel axes (the field of
+# view; a thin slab's few slices, in any orientation, are left out), with the pixel size (the middle voxel size:
+# two of a CT's three are its pixel). The real CTs of ../shared/data span 180-500 mm across with 0.625-3 mm
+# pixels (pydicom's 128x128 slice 85 mm); their affines /10 span 18.9-50 mm with 0.0625-0.3 mm pixels (x10:
+# 1800-5000 mm, 6.25-30 mm pixels). A scanner reconstructs at most 50 cm across (a wide bore's extended field 80
+# cm), so a scan under MIN_FOV_MM across is a crop, and a crop keeps its scan's pixels: 0.35 mm or more for a 512
+# matrix over 18 cm or more (the smallest neck or child's body reconstruction). Under FINE_PIXEL_MM as well, it
+# is an affine in cm (of a scan resampled to up to 3.4 mm) or, missed no more, a crop under 6 cm of an
+# ultra-high-resolution scan. Both must hold to refuse: a 10 cm crop of any scan passes, and so do the project's
+# phantoms, down to 14 mm across (synth's 24x24 test grids) but with pixels of 0.6 mm or more
+# (SynthConfig.spacing_inplane; the benchmark's and demo's 96x96 grids span 57.6-125 mm). Over MAX_FOV_MM across,
+# wider than any scanner's bore, with pixels over COARSE_PIXEL_MM (a field padded wider keeps its fine pixels):
+# an affine x10.
+MIN_FOV_MM = 60.0
+FINE_PIXEL_MM = 0.35
+MAX_FOV_MM = 1000.0
+COARSE_PIXEL_MM = 2.0
 # A 3D scan has at least this many voxels along every axis.
 MIN_EXTENT = 2
 # The store holds CT as int16 HU: values at or beyond these ends cannot be stored faithfully.
@@ -68,6 +86,22 @@ def check_target_spacing(spacing, where: str = "spacing") -> tuple[float, float,
         raise ConfigError(f"{where}: {list(values)} is not a voxel size (three values from {MIN_SPACING_MM:g} to "
                           f"{MAX_SPACING_MM:g} mm)")
     return values  # type: ignore[return-value]
+
+
+def check_field_of_view(affine, shape, path: str) -> None:
+    """A scan's extent in the world must be one of a body CT or a crop of one, not a scan whose affine is in cm
+    (or tenths of a mm) read as mm (see MIN_FOV_MM). `affine` in mm; `shape` its grid (X, Y, Z, ...)."""
+    spacing = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+    extent = np.asarray(shape[:3], float) * spacing
+    across = float(np.sort(extent)[-2])  # the narrower of the two widest axes
+    pixel = float(np.median(spacing))
+    shown = f"{' x '.join(f'{e:.1f}' for e in extent)} mm, voxels {' x '.join(f'{s:.3g}' for s in spacing)} mm"
+    if across < MIN_FOV_MM and pixel < FINE_PIXEL_MM:
+        raise ScanError(f"{path}: field of view only {shown}: too small for a body CT, or a crop of one with voxels "
+                        f"this fine: is its affine in cm, not mm?")
+    if across > MAX_FOV_MM and pixel > COARSE_PIXEL_MM:
+        raise ScanError(f"{path}: field of view {shown}: wider than any CT scanner reconstructs (over "
+                        f"{MAX_FOV_MM / 1000:g} m across): is its affine scaled by 10?")
 
 
 def check_source_spacing(spacing, path: str) -> None:

@@ -56,7 +56,7 @@ from lnfm.data.geometry import nonzero_box, restore_to_source, spacing_of
 from lnfm.data.prepare import CaseError, preprocess_case, read_channels
 from lnfm.eval import backends
 from lnfm.eval.inference import window_problem
-from lnfm.data.scan_checks import ScanError, check_ct, check_pet, check_source_spacing
+from lnfm.data.scan_checks import ScanError, check_ct, check_field_of_view, check_pet, check_source_spacing
 from lnfm.errors import DiskFull, LnfmError, deferred_termination, disk_full
 from lnfm.eval.predictor import Predictor
 from lnfm.eval.report import node_table, report_csv, write_overlay
@@ -184,6 +184,7 @@ def read_scan(paths: list[str], meta: ExportMeta, series: str | None = None) -> 
         try:
             if c == 0:
                 check_source_spacing(spacing_of(first.affine), name)
+                check_field_of_view(first.affine, data.shape, name)
             if ch.upper() == "CT":
                 check_ct(data[..., c], src, meta.preprocessing.contract.body_threshold_hu)
             else:  # as prepare checks it

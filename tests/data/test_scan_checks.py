@@ -15,7 +15,9 @@ from raw_cases import affine_lps, phantom, save, write_csv
 from lnfm.cli import run_job
 from lnfm.config import ConfigError
 from lnfm.data.prepare import PrepareConfig, prepare_dataset
-from lnfm.data.scan_checks import ScanError, check_ct, check_hu_scale, check_target_spacing
+from lnfm.data.benchmark import BenchmarkSpec
+from lnfm.data.scan_checks import (ScanError, check_ct, check_field_of_view, check_hu_scale, check_source_spacing,
+                                   check_target_spacing)
 from lnfm.data.synth import SynthConfig, case_seed, generate_case
 from lnfm.io import read_image
 
@@ -170,3 +172,71 @@ def test_a_crop_inside_the_body_without_air_passes():
     image = generate_case("pelvis", case_seed(1, 4), cfg).image
     assert image.min() > -500 and np.ptp(np.percentile(image, [0.1, 99.9])) < 200
     check_ct(image, "crop.nii.gz", BODY_HU)
+
+
+def _scaled(affine, factor):
+    scaled = np.array(affine, float)
+    scaled[:3] *= factor  # every length and the origin: an affine in cm (0.1) or in tenths of a mm (10) read as mm
+    return scaled
+
+
+@pytest.mark.parametrize("name", REAL_CTS)
+def test_a_real_ct_whose_affine_is_in_cm_is_refused(shared_data, name):
+    """Its voxels (0.06-0.3 mm) pass the spacing check; its field of view (18.9-50 mm across) does not."""
+    vol = read_image(shared_data / name)
+    affine = _scaled(vol.affine, 0.1)
+    check_source_spacing(np.linalg.norm(affine[:3, :3], axis=0), name)
+    with pytest.raises(ScanError) as e:
+        check_field_of_view(affine, vol.data.shape, name)
+    assert re.fullmatch(rf"{re.escape(name)}: field of view only [\d.]+ x [\d.]+ x [\d.]+ mm, voxels [\d.]+ x [\d.]+ x "
+                        r"[\d.]+ mm: too small for a body CT, or a crop of one with voxels this fine: is its affine in "
+                        r"cm, not mm\?", str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("name", REAL_CTS)
+def test_a_real_ct_whose_affine_is_times_10_is_refused(shared_data, name):
+    vol = read_image(shared_data / name)
+    affine = _scaled(vol.affine, 10)
+    with pytest.raises(ScanError, match=r"absurd voxel spacing|wider than any CT scanner reconstructs \(over 1 m "
+                                        r"across\): is its affine scaled by 10\?$"):
+        check_source_spacing(np.linalg.norm(affine[:3, :3], axis=0), name)
+        check_field_of_view(affine, vol.data.shape, name)
+
+
+@pytest.mark.parametrize("name", REAL_CTS + ["dicom_small/pydicom_CT_small.dcm"])
+def test_real_cts_their_crops_and_thin_slabs_pass_the_field_of_view_check(shared_data, name):
+    vol = read_image(shared_data / name)
+    shape = vol.data.shape
+    check_field_of_view(vol.affine, shape, name)
+    spacing = np.linalg.norm(vol.affine[:3, :3], axis=0)
+    for box_mm in (100, 40, 10):  # a crop around a node keeps the scan's voxels
+        check_field_of_view(vol.affine, [min(n, max(2, round(box_mm / s))) for n, s in zip(shape, spacing)], name)
+    check_field_of_view(vol.affine, (*shape[:2], 2), name)  # two slices
+
+
+def test_the_projects_phantoms_pass_the_field_of_view_check():
+    """Synth's finest pixels (0.6 mm) on the benchmark's and demo's grid (57.6 mm across) and on a test grid."""
+    check_field_of_view(np.diag([0.6, 0.6, 5.0, 1.0]), BenchmarkSpec().shape, "benchmark.nii.gz")
+    cfg = SynthConfig(site="head_neck", seed=0, shape=(24, 24, 16), gallery=False, use_real_shapes=False,
+                      spacing_inplane=(0.6, 0.6))
+    case = generate_case("head_neck", case_seed(0, 0), cfg)
+    check_field_of_view(case.affine, case.image.shape, "synth.nii.gz")
+    img, _ = phantom()  # the fixtures of these tests: 40 x 43 x 48 mm
+    check_field_of_view(affine_lps(), img.shape, "phantom.nii.gz")
+
+
+def test_prepare_refuses_a_real_ct_whose_affine_is_in_cm_in_one_line(shared_data, tmp_path):
+    import nibabel as nib
+
+    src = nib.load(shared_data / "ct/totalsegmentator/example_ct.nii.gz")
+    affine = _scaled(src.affine, 0.1)
+    img = nib.Nifti1Image(np.asanyarray(src.dataobj), affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+    path = str(tmp_path / "cm.nii.gz")
+    nib.save(img, path)
+    res = prepare_dataset(str(write_csv(tmp_path / "cases.csv", [{"case_id": "cm", "image": path}])),
+                          str(tmp_path / "store"), PrepareConfig(workers=0, salt="s"), show_progress=False)
+    assert res.converted == 0 and [(f["file"], f["reason"]) for f in res.failures] == [
+        (path, "field of view only 36.6 x 30.3 x 33.6 mm, voxels 0.3 x 0.3 x 0.3 mm: too small for a body CT, or a "
+               "crop of one with voxels this fine: is its affine in cm, not mm?")]

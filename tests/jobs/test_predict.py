@@ -175,6 +175,23 @@ def test_bad_input_exit_code_from_the_console_command(tiny, tmp_path):  # noqa: 
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+
+@pytest.mark.parametrize("factor, reason", [(0.1, "is its affine in cm, not mm?"), (10, "is its affine scaled by 10?")])
+def test_a_real_ct_whose_affine_is_in_cm_or_times_10_is_refused_in_one_line(tiny, shared_data, tmp_path, capsys,  # noqa: F811
+                                                                             factor, reason):
+    """An abdomen 3.7 cm across (or 5 m) was segmented: 0 nodes, an empty report and exit 0."""
+    src = read_image(shared_data / REAL["dicom_series"])
+    affine = src.affine.copy()
+    affine[:3] *= factor
+    scan = _write(tmp_path / "scaled.nii.gz", src.data, affine)
+    out = tmp_path / "out"
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(scan), "--output", str(out / "m.nii.gz"),
+                             "--report", str(out / "n.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"lnfm predict: error: {scan}: field of view ") \
+        and err[0].endswith(reason), err
+    assert not out.exists()
+
 def _two_channel(meta, resample: bool = True):
     contract = dataclasses.replace(meta.preprocessing.contract, channels=("CT", "PET"), resample_channels=resample)
     return dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, contract=contract))
