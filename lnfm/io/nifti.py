@@ -78,19 +78,34 @@ def stored_header(path: str) -> nib.Nifti1Header | None:
     return None
 
 
+def load_header(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """The image with its header checked (ImageReadError 'PATH: reason'), none of its voxels read yet (nibabel
+    reads them when asked for them); other errors are nibabel's (`read_nifti` names them)."""
+    path = str(path)
+    stored = stored_header(path)  # checked first: nibabel would log its own fix of it
+    problem = stored_header_problem(stored) if stored is not None else None
+    if problem:
+        raise ImageReadError(f"{path}: {problem}")
+    img = nib.load(path)
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ImageReadError(f"{path}: not a NIfTI image")
+    problem = orientation_problem(img.header)
+    if problem:
+        raise ImageReadError(f"{path}: {problem}")
+    return img
+
+
+def affine_mm(img: nib.Nifti1Image | nib.Nifti2Image) -> np.ndarray:
+    """The image's voxel-to-world affine in mm (its qform and sform are in xyzt_units' unit)."""
+    affine = np.array(img.affine, dtype=np.float64)
+    affine[:3] *= MM_PER_NIFTI_UNIT[int(img.header["xyzt_units"]) & 7]
+    return affine
+
+
 def read_nifti(path: str | Path) -> Volume:
     path = str(path)
     try:
-        stored = stored_header(path)  # checked first: nibabel would log its own fix of it
-        problem = stored_header_problem(stored) if stored is not None else None
-        if problem:
-            raise ImageReadError(f"{path}: {problem}")
-        img = nib.load(path)
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise ImageReadError(f"{path}: not a NIfTI image")
-        problem = orientation_problem(img.header)
-        if problem:
-            raise ImageReadError(f"{path}: {problem}")
+        img = load_header(path)
         data = np.asanyarray(img.dataobj)
     except ImageReadError:
         raise
@@ -99,9 +114,7 @@ def read_nifti(path: str | Path) -> Volume:
     except Exception as e:  # nibabel raises many types for corrupt files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageReadError(f"{path}: unreadable NIfTI ({reason})") from None
-    affine = np.array(img.affine, dtype=np.float64)
-    affine[:3] *= MM_PER_NIFTI_UNIT[int(img.header["xyzt_units"]) & 7]  # the geometry is kept in mm
-    return Volume(np.asarray(data), check_affine(affine, path))
+    return Volume(np.asarray(data), check_affine(affine_mm(img), path))  # the geometry is kept in mm
 
 
 def nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

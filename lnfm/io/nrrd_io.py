@@ -53,7 +53,7 @@ def _space_units(path: str) -> list[str] | None:
     return None
 
 
-def _mm_per_unit(path: str) -> np.ndarray:
+def mm_per_space_unit(path: str) -> np.ndarray:
     """Millimetres per unit of each world axis ('space units' names one unit per axis of the space)."""
     units = _space_units(path)
     if units is None:
@@ -102,7 +102,7 @@ def read_nrrd(path: str | Path) -> Volume:
     try:
         _check_data_file(path)
         data, header = nrrd.read(path, index_order="F")
-        mm_per_unit = _mm_per_unit(path)
+        mm_per_unit = mm_per_space_unit(path)
     except ImageReadError:
         raise
     except FileNotFoundError:

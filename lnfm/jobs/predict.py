@@ -63,6 +63,7 @@ from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_export
 from lnfm.io import ImageReadError, Volume, is_dicom_path, series_uid, write_nifti
 from lnfm.io.dicom import split_series, split_series_reason
+from lnfm.io.grid import image_grid
 from lnfm.jobs.predict_marks import earlier_nifti_mark, made_by_predict, nifti_descrip
 from lnfm.jobs.predict_memory import memory_problem
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
@@ -192,6 +193,20 @@ def read_scan(paths: list[str], meta: ExportMeta, series: str | None = None) -> 
         except ScanError as e:
             raise PredictError(str(e)) from None
     return Volume(data, first.affine)
+
+
+def check_header_memory(paths: list[str], meta: ExportMeta, probabilities: bool, series: str | None = None) -> None:
+    """`check_scan_memory`'s refusal, on the grid the first file's headers give (`lnfm.io.grid`), before any voxel
+    is read: a compressed scan this host cannot segment was inflated into memory first, up to all of it, pushing
+    other processes out. No word where the headers give no grid (the read names the problem) or it fits: the
+    warning for a scan larger than the free memory comes once, after the read."""
+    grid = image_grid(paths[0], series)
+    if grid is None:
+        return
+    found = memory_problem(*grid, tuple(meta.preprocessing.contract.spacing), int(meta.num_classes or 2),
+                           probabilities)
+    if found is not None and found[1]:
+        raise PredictError(f"{paths[0]}: {found[0]}")
 
 
 def check_scan_memory(vol: Volume, meta: ExportMeta, probabilities: bool, name: str) -> None:
@@ -484,6 +499,7 @@ def predict_case(predictor: Callable, meta: ExportMeta, inputs: list[str], outpu
     check_outputs(output, probabilities, overlay, formats.formats, report)
     check_case_paths(paths, probabilities, report, overlay, list(inputs))
     if vol is None:  # a batch's case (one scan given to `run` was read and checked before the model loaded)
+        check_header_memory(list(inputs), meta, probabilities is not None, series_uid)
         vol = read_scan(list(inputs), meta, series_uid)  # first: its checks name a bad slice in one line
         check_scan_memory(vol, meta, probabilities is not None, list(inputs)[0])
     series = source_series(list(inputs), formats, series_uid) if series is None else series
@@ -810,6 +826,7 @@ def run(args: argparse.Namespace) -> int:
         files = _case_files(outputs, args.probabilities, args.report, args.overlay)
         check_not_there(files, args.force)
         check_writable(files)
+        check_header_memory(inputs, meta, bool(args.probabilities), args.series)
         vol = read_scan(inputs, meta, args.series)  # first: the DICOM outputs' header reading trusts its checks
         check_scan_memory(vol, meta, bool(args.probabilities), inputs[0])
         series = source_series(inputs, formats, args.series)

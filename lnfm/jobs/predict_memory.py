@@ -1,5 +1,6 @@
-"""Memory of one prediction on this host, checked after the scan is read and before the network runs:
-a scan this host cannot segment otherwise ends in the kernel's OOM kill (exit 137, no message).
+"""Memory of one prediction on this host, checked on the grid the scan's headers give before it is read, and
+again once it is read, before the network runs: a scan this host cannot segment otherwise ends in the kernel's OOM
+kill (exit 137, no message).
 
 Measured (2026-12-06, `python -m lnfm predict`, the pelvis preset's ONNX export, ONNX Runtime, 2 classes,
 peak RSS from `/usr/bin/time -v`, docs/benchmarks.md "Predict's memory"): over a 0.79 GiB process

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+
+import nibabel as nib
+import numpy as np
 import pytest
 from export_helpers import tiny  # noqa: F401  (session fixture)
 
@@ -61,3 +65,56 @@ def test_a_batchs_case_too_large_fails_on_its_own_line(tiny, tmp_path, capsys, m
     assert rc == 1 and len(failed) == len(tiny.records), failed
     assert all("segmenting it needs about" in line and "more than this host's" in line for line in failed)
     assert not list((tmp_path / "masks").glob("*.nii.gz"))
+
+
+def _bomb(path):
+    """A NIfTI whose header claims 4000x4000x2000 int16 voxels (64 GB) in a 1 kB file; nothing reads them here."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((4000, 4000, 2000))
+    header.set_data_dtype(np.int16)
+    header.set_qform(np.diag([0.5, 0.5, 1.0, 1.0]), 1)
+    header.set_sform(np.diag([0.5, 0.5, 1.0, 1.0]), 1)
+    header["vox_offset"] = 352
+    with gzip.open(path, "wb") as f:
+        f.write(header.binaryblock + bytes(4 + 1024))
+    return str(path)
+
+
+def _no_read(*args, **kwargs):
+    pytest.fail("the scan's voxels were read before its size was checked")
+
+
+def test_a_scan_too_large_is_refused_from_its_header_before_a_voxel_is_read(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A compressed scan that inflates to nearly the host's memory was read in full (pushing other processes out)
+    before the same sentence refused it."""
+    monkeypatch.setattr(pm, "host_memory", lambda: (16 * pm.GIB, 16 * pm.GIB))
+    monkeypatch.setattr(pr, "read_channels", _no_read)
+    scan = _bomb(tmp_path / "bomb.nii.gz")
+    assert run_job("predict", ["--model", str(tiny.orbax), "--input", scan, "--output", str(tmp_path / "m.nii.gz")]) \
+        == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lnfm predict: error: {scan}: segmenting it needs about "), err
+    assert "(4000x4000x2000 voxels, " in err[0] and err[0].endswith("more than this host's 16.0 GiB"), err
+
+
+def test_the_header_check_says_what_the_check_after_the_read_says(tiny, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(pm, "host_memory", lambda: (1024, 1024))
+    monkeypatch.setattr(pm, "process_bytes", lambda: 0)
+    meta, scan = pr.read_meta(tiny.orbax), _scan(tiny)
+    with pytest.raises(pr.PredictError) as before:
+        pr.check_header_memory([scan], meta, True)
+    with pytest.raises(pr.PredictError) as after:
+        pr.check_scan_memory(pr.read_scan([scan], meta), meta, True, scan)
+    assert str(before.value) == str(after.value) and "with the probabilities" in str(before.value)
+    monkeypatch.setattr(pm, "host_memory", lambda: (10**15, 1024))  # more than is free: warned once, after the read
+    pr.check_header_memory([scan], meta, True)
+
+
+def test_a_batchs_case_too_large_is_refused_before_its_voxels_are_read(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(pm, "host_memory", lambda: (1024, 1024))
+    monkeypatch.setattr(pr, "read_channels", _no_read)
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(tiny.raw / "imagesTr"),
+                             "--output", str(tmp_path / "masks")])
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED ")]
+    assert rc == 1 and len(failed) == len(tiny.records), failed
+    assert all("segmenting it needs about" in line and "more than this host's" in line for line in failed)

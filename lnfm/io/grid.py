@@ -1,0 +1,85 @@
+"""A scan's voxel grid (its shape and voxel size) from its headers alone, without reading a voxel: what a
+job needs to know that a scan will not fit in memory before reading it (a compressed file inflates to up to
+about 1000 times its size)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import nrrd
+import numpy as np
+
+from lnfm.io.dicom import is_dicom_file, pydicom_warnings, read_dataset, select_series
+from lnfm.io.nifti import affine_mm, load_header
+from lnfm.io.nrrd_io import mm_per_space_unit
+
+Grid = tuple[tuple[int, int, int], tuple[float, float, float]]
+
+
+def _grid(shape, spacing) -> Grid | None:
+    shape = tuple(int(n) for n in shape)
+    spacing = tuple(float(s) for s in spacing)
+    if len(shape) != 3 or len(spacing) != 3 or min(shape) < 1 or \
+            not all(math.isfinite(s) and s > 0 for s in spacing):
+        return None
+    return shape, spacing  # type: ignore[return-value]
+
+
+def _nifti_grid(path: Path) -> Grid | None:
+    img = load_header(path)  # nibabel reads the voxels only when asked for them
+    if len(img.shape) < 3:
+        return None
+    return _grid(img.shape[:3], np.linalg.norm(affine_mm(img)[:3, :3], axis=0))
+
+
+def _nrrd_grid(path: Path) -> Grid | None:
+    with open(path, "rb") as f:
+        header = nrrd.read_header(f)
+    sizes, directions = header.get("sizes"), header.get("space directions")
+    if sizes is None or directions is None or len(sizes) != len(directions):
+        return None
+    spatial = [i for i, d in enumerate(directions) if d is not None and np.all(np.isfinite(np.asarray(d, float)))]
+    if len(spatial) != 3:
+        return None
+    dirs = np.asarray([directions[i] for i in spatial], float) * mm_per_space_unit(str(path))  # unit per world axis
+    return _grid([sizes[i] for i in spatial], np.linalg.norm(dirs, axis=1))
+
+
+def _dicom_grid(path: Path, series: str | None) -> Grid | None:
+    """(Columns, Rows, slices) as `read_dicom_series` stacks them; the slice step from the slices' positions."""
+    _, files = select_series(path, series)
+    with pydicom_warnings():  # a malformed header's warnings: the read names what matters of them
+        heads = [read_dataset(f, stop_before_pixels=True) for f in files]
+    first = heads[0]
+    rows, cols = int(first.Rows), int(first.Columns)
+    pixel = np.asarray(first.PixelSpacing, float)
+    if len(heads) > 1:
+        iop = np.asarray(first.ImageOrientationPatient, float)
+        normal = np.cross(iop[:3], iop[3:])
+        positions = [float(np.dot(np.asarray(h.ImagePositionPatient, float), normal)) for h in heads]
+        step = (max(positions) - min(positions)) / (len(heads) - 1)
+    else:
+        step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    return _grid((cols, rows, len(heads)), (pixel[1], pixel[0], step))
+
+
+def image_grid(path: str | Path, series: str | None = None) -> Grid | None:
+    """((X, Y, Z) voxels, (X, Y, Z) voxel size in mm) of the scan `lnfm.io.read_image(path, series)` reads, from
+    its headers: a NIfTI's dims and affine, an NRRD's sizes and space directions, a DICOM series' rows, columns
+    and slices. None where the headers do not give them (the read names the problem)."""
+    path = Path(path)
+    name = path.name.lower()
+    try:
+        with warnings.catch_warnings():  # the read warns, or refuses, in its own words
+            warnings.simplefilter("ignore")
+            if name.endswith((".nii", ".nii.gz")):
+                return _nifti_grid(path)
+            if name.endswith((".nrrd", ".nhdr")):
+                return _nrrd_grid(path)
+            if path.is_dir() or (path.is_file() and is_dicom_file(path)):  # as read_image tells a DICOM
+                return _dicom_grid(path, series)
+    except Exception:  # noqa: BLE001  any unreadable header: reading the scan names the problem in one line
+        return None
+    return None
