@@ -1,10 +1,13 @@
 """DICOM CT series written with pydicom from a phantom volume, with any orientation; a copy of the
 real series in ../shared/data with the UIDs its anonymisation blanked restored; and independent
 readers of DICOM-SEG (highdicom) and RTSTRUCT (highdicom's patient->image transform, skimage's
-polygon fill, even-odd rule) that place every frame by its source file's own position."""
+polygon fill, even-odd rule) that place every frame by its source file's own position; a count of the
+DICOM files pydicom parses."""
 
 from __future__ import annotations
 
+import collections
+import os
 from pathlib import Path
 
 import highdicom as hd
@@ -195,3 +198,30 @@ def assert_no_canaries(path: Path) -> None:
     raw = path.read_bytes()
     for v in [*values, *(v for _, v in CANARY_SEQUENCES.values()), "Canary", "CANARY"]:
         assert v.encode() not in raw, (path.name, v)
+
+
+def count_reads(monkeypatch, root: Path) -> dict[str, list[int]]:
+    """{file: [header-only reads, whole reads]} of pydicom.dcmread's calls on the files under `root` from now on."""
+    reads: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    real = pydicom.dcmread
+
+    def counted(fp, *args, **kwargs):
+        path = Path(fp).absolute() if isinstance(fp, (str, os.PathLike)) else None
+        if path is not None and path.is_relative_to(root.absolute()):
+            reads[str(path.relative_to(root.absolute()))][0 if kwargs.get("stop_before_pixels") else 1] += 1
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counted)
+    return reads
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def forget_headers(monkeypatch) -> None:
+    """This process's DICOM header caches empty, as a fresh process's (`lnfm.io.dicom.slice_header`)."""
+    from lnfm.io import dicom
+
+    monkeypatch.setattr(dicom, "_HEADERS", dicom._Newest(dicom.HEADER_CACHE_FILES))
+    monkeypatch.setattr(dicom, "_UIDS", dicom._Newest(dicom.UID_CACHE_FILES))

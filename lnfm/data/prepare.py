@@ -37,7 +37,7 @@ from lnfm.data.scan_checks import (ScanError, check_ct, check_field_of_view, che
 from lnfm.data.workers import map_in_workers
 from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
-from lnfm.io.dicom import dicom_files
+from lnfm.io.dicom import dicom_files, known_series_uids, learn_series_uids
 from lnfm.io.nrrd_io import data_file_named
 from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun
 from lnfm.safety import check_apart
@@ -566,6 +566,15 @@ def _convert_or_fail(case: CaseSpec, output: str, cfg: PrepareConfig, contract: 
         return "failed", _case_failure(case, case.images[0], reason)
 
 
+def _convert_found(item: tuple[CaseSpec, dict], output: str, cfg: PrepareConfig, contract: PrepareContract
+                   ) -> tuple[str, dict]:
+    """`_convert_or_fail` in a worker process, told the SeriesInstanceUIDs of its DICOM files that this process
+    read to find the case (`known_series_uids`): their headers are not read a second time to find it again."""
+    case, known = item
+    learn_series_uids(known)
+    return _convert_or_fail(case, output, cfg, contract)
+
+
 def private_names(paths, listing: bool = True) -> set[str]:
     """The texts of `paths` a reason may hold: each path as given, absolute and resolved, with the files of a
     folder among them (a DICOM series; `listing`) and the data file a detached NRRD header names, and every
@@ -799,8 +808,10 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
             for case in todo:
                 finish(*_convert_or_fail(case, output, cfg, contract))
         else:  # store errors raised in a worker propagate (as in-process); a dead worker fails only its case
-            map_in_workers(_convert_or_fail, todo, (output, cfg, contract), cfg.workers, lambda case, res: finish(*res),
-                           lambda case, how: finish("failed", _case_failure(case, case.images[0],
+            found = [(c, {k: v for p in _inputs(c) if p and os.path.isdir(p) for k, v in known_series_uids(p).items()})
+                     for c in todo]
+            map_in_workers(_convert_found, found, (output, cfg, contract), cfg.workers, lambda item, res: finish(*res),
+                           lambda item, how: finish("failed", _case_failure(item[0], item[0].images[0],
                                                                             f"the conversion process died ({how})")))
         bar.close()
         result.failed = len(result.failures)

@@ -6,7 +6,10 @@ Only geometry and pixel values leave this module; no patient attribute does.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -97,9 +100,76 @@ class SeriesChoiceError(ImageReadError):
     """A folder holds several DICOM series and none (or an unknown one) was chosen."""
 
 
-def _header(path: Path) -> pydicom.Dataset:
-    with pydicom_warnings():
-        return read_dataset(path, stop_before_pixels=True)
+class _Newest:
+    """The newest `size` entries path -> (the file's stat when read, value); an entry of a file whose stat
+    changed since (rewritten, replaced) is not returned."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, path: str, stat: tuple):
+        with self.lock:
+            hit = self.items.get(path)
+            if hit is None or hit[0] != stat:
+                return None
+            self.items.move_to_end(path)
+            return hit[1]
+
+    def put(self, path: str, stat: tuple, value) -> None:
+        with self.lock:
+            self.items[path] = (stat, value)
+            self.items.move_to_end(path)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+# A slice's header is read once: finding a series (series_of, of every folder of a batch before the first is
+# read), grouping its folder again to load it, and writing DICOM outputs onto it (read_source_series) all use
+# it. Kept by file stat, so a file written since is read anew: whole headers (10-50 kB in memory each, 100 MB at
+# most) for the last HEADER_CACHE_FILES files read, their SeriesInstanceUID (the grouping) for many more.
+HEADER_CACHE_FILES = 2048
+UID_CACHE_FILES = 1 << 18
+_HEADERS, _UIDS = _Newest(HEADER_CACHE_FILES), _Newest(UID_CACHE_FILES)
+
+
+def _stat(path: Path) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def slice_header(path: Path) -> pydicom.Dataset:
+    """The header of a DICOM file (no pixel data), read once while the file is unchanged. Shared by every
+    reader: not to be modified."""
+    key, stat = os.path.abspath(path), _stat(path)  # stat first: a file changed while read is read again
+    ds = _HEADERS.get(key, stat)
+    if ds is None:
+        with pydicom_warnings():
+            ds = read_dataset(path, stop_before_pixels=True)
+        _HEADERS.put(key, stat, ds)
+        _UIDS.put(key, stat, str(ds.get("SeriesInstanceUID", "") or ""))
+    return ds
+
+
+def _series_uid_of(path: Path) -> str:
+    uid = _UIDS.get(os.path.abspath(path), _stat(path))
+    return uid if uid is not None else str(slice_header(path).get("SeriesInstanceUID", "") or "")
+
+
+def known_series_uids(folder: str | Path) -> dict[str, tuple]:
+    """What this process read of the SeriesInstanceUIDs of `folder`'s files, for a worker process to find the
+    folder's series without reading the headers again (`learn_series_uids`)."""
+    folder = os.path.abspath(folder)
+    try:
+        paths = [os.path.join(folder, n) for n in os.listdir(folder)]
+    except OSError:  # gone since: the worker says so
+        return {}
+    with _UIDS.lock:
+        return {k: _UIDS.items[k] for k in paths if k in _UIDS.items}
+
+
+def learn_series_uids(known: dict[str, tuple]) -> None:
+    for path, (stat, uid) in known.items():
+        _UIDS.put(path, stat, uid)
 
 
 def series_of(files: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
@@ -109,7 +179,7 @@ def series_of(files: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
     unreadable = []
     for f in files:
         try:
-            uid = str(_header(f).get("SeriesInstanceUID", "") or "")
+            uid = _series_uid_of(f)
         except Exception:  # read_dicom_series reports it, as a file of the series it reads
             unreadable.append(f)
             continue
@@ -146,7 +216,7 @@ def select_series(path: Path, series: str | None = None) -> tuple[str, list[Path
 
 def series_uid_of_file(path: Path) -> str:
     try:
-        return str(_header(path).get("SeriesInstanceUID", ""))
+        return str(slice_header(path).get("SeriesInstanceUID", ""))
     except Exception:
         return ""
 
@@ -161,9 +231,7 @@ def _instance_uids(folder: str) -> set[str]:
     found = set()
     for f in dicom_files(Path(folder)):
         try:
-            with pydicom_warnings():
-                found.add(str(read_dataset(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-                              .get("SOPInstanceUID", "")))
+            found.add(str(slice_header(f).get("SOPInstanceUID", "")))
         except Exception:  # the folder's reading names such a file
             continue
     return found - {""}

@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 from scipy import ndimage
 
-from lnfm.io.dicom import pydicom_warnings, read_dataset, select_series
+from lnfm.io.dicom import select_series, slice_header
 from lnfm.io.volume import LPS_TO_RAS, ImageReadError
 
 GRID_TOL_MM = 1e-2  # a prediction is on the source grid when its affine differs by less than this
@@ -110,13 +110,13 @@ def read_source_series(path: str | Path, series_uid: str | None = None) -> Sourc
     _, files = select_series(path, series_uid)  # several series in the folder: refused, or the one chosen
     datasets = []
     for f in files:
-        with pydicom_warnings():  # the scan itself was read (and checked) first
-            ds = read_dataset(f, stop_before_pixels=True)
-        meta = getattr(ds, "file_meta", None)
-        if not ds.get("SOPClassUID") and meta is not None and meta.get("MediaStorageSOPClassUID"):
-            ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        if not ds.get("SOPInstanceUID") and meta is not None and meta.get("MediaStorageSOPInstanceUID"):
-            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds = slice_header(f)  # read when the series was found or read (and checked) first
+        meta = getattr(ds, "file_meta", None) or {}
+        missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if not ds.get(k) and meta.get(f"MediaStorage{k}")]
+        if missing:
+            ds = copy.deepcopy(ds)  # the shared header stays as read
+            for k in missing:
+                setattr(ds, k, meta.get(f"MediaStorage{k}"))
         datasets.append(ds)
     for key in _REQUIRED_UIDS:
         values = {str(ds.get(key, "") or "") for ds in datasets}

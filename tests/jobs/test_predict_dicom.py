@@ -12,8 +12,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, add_canaries, assert_no_canaries, expected_frame,
-                            rasterise_rtstruct, read_sources, restored_real_series, seg_frames)
+from dicom_phantoms import (PATIENT_ID, PATIENT_NAME, REAL_SERIES, add_canaries, assert_no_canaries, count_reads,
+                            expected_frame, files_under, forget_headers, rasterise_rtstruct, read_sources,
+                            restored_real_series, seg_frames)
 from export_helpers import make_finetune_workdir, tiny  # noqa: F401  (session fixture)
 from scipy import ndimage
 
@@ -218,6 +219,27 @@ def test_batch_writes_dicom_outputs_for_dicom_cases_and_lists_the_others(tiny, t
     labels = np.asarray(nib.load(out / "series_a.nii.gz").dataobj)
     for uid, ds in read_sources(folder / "series_a").items():
         assert np.array_equal(frames[uid], expected_frame(labels, ds, vol.affine))
+
+
+def test_a_batch_parses_each_slice_s_header_once_and_each_slice_once(tiny, shared_data, tmp_path, capsys,  # noqa: F811
+                                                                       monkeypatch):
+    """Finding the batch's series reads their headers; reading a series finds it again, and its DICOM outputs need
+    its headers: both reuse them (before, 4 header reads a slice). The whole file is read once, for its pixels."""
+    import shutil
+
+    batch = tmp_path / "batch"
+    restored_real_series(batch / "ct")
+    shutil.copytree(shared_data / "dicom_small" / "lungmask", batch / "lung", ignore=shutil.ignore_patterns("LICENSE"))
+    forget_headers(monkeypatch)
+    reads = count_reads(monkeypatch, batch)
+    out = tmp_path / "out"
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(batch), "--output", str(out), "--format",
+                             "nifti,dicom-seg"])
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED")]
+    assert rc == 1 and failed == [f"FAILED lung: {batch / 'lung'}: the series lacks FrameOfReferenceUID (anonymised?); "
+                                  f"DICOM outputs must reference their source, write --format nifti instead"]
+    assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz", "ct.seg.dcm"]
+    assert dict(reads) == {f: [1, 1] for f in files_under(batch)}
 
 
 def test_a_series_split_over_two_folders_is_refused_in_prepare_and_in_a_batch(tiny, tmp_path, capsys):  # noqa: F811
