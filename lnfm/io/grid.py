@@ -11,7 +11,7 @@ from pathlib import Path
 import nrrd
 import numpy as np
 
-from lnfm.io.dicom import is_dicom_file, pydicom_warnings, read_dataset, select_series
+from lnfm.io.dicom import is_dicom_file, select_series, slice_header
 from lnfm.io.nifti import affine_mm, load_header
 from lnfm.io.nrrd_io import mm_per_space_unit
 
@@ -50,8 +50,7 @@ def _nrrd_grid(path: Path) -> Grid | None:
 def _dicom_grid(path: Path, series: str | None) -> Grid | None:
     """(Columns, Rows, slices) as `read_dicom_series` stacks them; the slice step from the slices' positions."""
     _, files = select_series(path, series)
-    with pydicom_warnings():  # a malformed header's warnings: the read names what matters of them
-        heads = [read_dataset(f, stop_before_pixels=True) for f in files]
+    heads = [slice_header(f) for f in files]  # kept for the read that follows (its warnings silenced there)
     first = heads[0]
     rows, cols = int(first.Rows), int(first.Columns)
     pixel = np.asarray(first.PixelSpacing, float)
