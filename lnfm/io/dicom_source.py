@@ -125,6 +125,12 @@ def read_source_series(path: str | Path, series_uid: str | None = None) -> Sourc
                                  f"their source, write --format nifti instead")
         if key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID") and len(values) > 1:
             raise ImageReadError(f"{path}: slices differ in {key} (more than one series?)")
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    if len(set(uids)) < len(uids):  # every reference to a slice would resolve to whichever holds the UID
+        twice = len(uids) - len(set(uids))
+        raise ImageReadError(f"{path}: {twice} of its {len(uids)} slices share another slice's SOPInstanceUID (a "
+                             f"faulty anonymiser?): DICOM outputs must reference each source slice, write --format "
+                             f"nifti instead")
     iop = np.asarray(datasets[0].ImageOrientationPatient, float)
     normal = np.cross(iop[:3], iop[3:])
     datasets.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))

@@ -221,6 +221,34 @@ def test_batch_writes_dicom_outputs_for_dicom_cases_and_lists_the_others(tiny, t
         assert np.array_equal(frames[uid], expected_frame(labels, ds, vol.affine))
 
 
+def test_slices_sharing_one_sop_instance_uid_are_refused_for_dicom_outputs(tiny, tmp_path, capsys):  # noqa: F811
+    """A faulty anonymiser gave every slice one SOPInstanceUID: the SEG's frames and the RTSTRUCT's contours all
+    referenced that one slice (exit 0, only a highdicom warning naming no file). Refused in one line; NIfTI still
+    written for the same series."""
+    from dicom_phantoms import write_series
+
+    series = tmp_path / "series"
+    hu = np.random.default_rng(2).normal(20, 40, (48, 40, 12)).astype(np.int16)
+    hu[:8] = -1000
+    write_series(series, hu, [1, 0, 0], [0, 1, 0], (3.0, 3.0), [0, 0, 3.0], [0, 0, 0])
+    for f in sorted(series.iterdir())[:3]:  # three slices take the first's UID
+        ds = pydicom.dcmread(f)
+        first = pydicom.dcmread(sorted(series.iterdir())[3], stop_before_pixels=True).SOPInstanceUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = first
+        ds.save_as(f, enforce_file_format=True)
+    before = {f.name: f.read_bytes() for f in series.iterdir()}
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(series), "--output",
+                 str(tmp_path / "out"), "--format", "nifti,dicom-seg,rtstruct"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "3 of its 12 slices share another slice's SOPInstanceUID" in err and str(series) in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert {f.name: f.read_bytes() for f in series.iterdir()} == before
+    rc = run_job("predict", ["--model", str(tiny.orbax), "--input", str(series), "--output",
+                 str(tmp_path / "mask.nii.gz")])
+    assert rc == 0 and (tmp_path / "mask.nii.gz").is_file()
+
+
 def test_a_batch_parses_each_slice_s_header_once_and_each_slice_once(tiny, shared_data, tmp_path, capsys,  # noqa: F811
                                                                        monkeypatch):
     """Finding the batch's series reads their headers; reading a series finds it again, and its DICOM outputs need
