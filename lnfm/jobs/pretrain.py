@@ -26,8 +26,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import ConfigError, load_config, override_keys, parse_args_once, refuse_derived, to_dict
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
+from lnfm.data.pseudo_labels import scan_fingerprint
 from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, check_weights, make_loader
 from lnfm.data.store import check_stores, read_manifest
+from lnfm.errors import DataError
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
 from lnfm.runs import PretrainRun
@@ -260,6 +262,32 @@ class _Data:
     profile: tuple[int, int] | None
 
 
+def check_distinct_stores(stores: list[str], split: str | None) -> None:
+    """Refuse a --data store given twice (the same folder, a link to it, or a copy of it): every scan of it
+    would be sampled twice as often. Scans are matched by content (`scan_fingerprint`), as finetuning's
+    unlabelled stores are, so two datasets that both name a case `case_000` still train together."""
+    seen: dict[str, str] = {}
+    for store in stores:
+        if "://" in store:
+            continue
+        real = os.path.realpath(store)
+        if real in seen:
+            raise DataError(f"--data: {store} and {seen[real]} are the same store: every scan would train twice "
+                            f"(list each store once)")
+        seen[real] = store
+    scans: dict[str, tuple[str, str]] = {}
+    for store in stores:
+        for rec in read_manifest(store):
+            if not rec.get("intensity") or (split is not None and rec.get("split") != split):
+                continue  # a record without intensity statistics has no reliable fingerprint
+            key = scan_fingerprint(rec)
+            other = scans.get(key)
+            if other is not None and other[0] != store:
+                raise DataError(f"--data: case {rec['case_id']} of {store} is the same scan as case {other[1]} of "
+                                f"{other[0]}: every such scan would train twice (list each store once)")
+            scans.setdefault(key, (store, rec["case_id"]))
+
+
 DATA_RECORD = "data.json"  # the case ids of each --data store, recorded at the first start
 
 
@@ -272,6 +300,7 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, patch_size=tuple(cfg.model.img_size), batch_size=cfg.train.global_batch // jax.process_count()))
         counts = check_stores(stores, cfg.data.split, cfg.data.spacing)
+        check_distinct_stores(stores, cfg.data.split)
         prep = pretrain_preprocessing(cfg, stores)
         check_channels(len(prep.contract.channels), cfg.model.in_channels, "the model (model.in_channels)")
         weights = list(cfg.data.weights) or None

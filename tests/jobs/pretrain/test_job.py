@@ -29,6 +29,26 @@ def test_missing_or_empty_data_fails_before_compiling(tmp_path, capsys):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_a_store_given_twice_as_a_link_or_as_a_copy_is_refused_in_one_line(phantom_store, tmp_path, capsys):
+    """Each would sample every scan of the store twice as often; finetuning refuses the same."""
+    import os
+    import shutil
+
+    from tree_helpers import tree_digest
+
+    os.symlink(phantom_store, tmp_path / "link")
+    shutil.copytree(phantom_store, tmp_path / "copy")
+    before = tree_digest(tmp_path, phantom_store)
+    for second in (phantom_store, str(tmp_path / "link"), str(tmp_path / "copy")):
+        assert run_job("pretrain", ["--config", "vit_tiny", "--data", f"{phantom_store},{second}",
+                                    "--workdir", str(tmp_path / "w")]) == 2, second
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "twice" in err, err
+        assert phantom_store in err and second in err, err
+        assert tree_digest(tmp_path, phantom_store) == before, second
+    assert not (tmp_path / "w").exists()
+
+
 def test_fsdp_matches_1_device_learns_and_resumes_exactly_after_kill9_and_sigterm(phantom_store, tmp_path):
     """One test so the four runs overlap: an uninterrupted 8-device FSDP reference, the same on 1
     device, and an 8-device run killed with -9 then resumed and stopped with SIGTERM."""
