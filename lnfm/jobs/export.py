@@ -510,7 +510,7 @@ def export_model(checkpoint: str | Path, out: str | Path, format: str = "orbax",
             tmp.rename(out)
             if old.exists() or old.is_symlink():
                 _remove(old)
-    log.info("exported %s (%s) to %s", source.kind, format, out)
+    log.info("exported %s (%s) to --out", source.kind, format)  # no path: logs name no input or output folder
     return out
 
 

@@ -113,6 +113,17 @@ def test_predict_from_a_patient_named_folder_writes_no_name(world, tmp_path, lnf
     assert_nothing_names_a_patient(files, figure_texts + lnfm_log.lines)
 
 
+def test_export_into_a_patient_named_folder_logs_no_name(world, tmp_path, lnfm_log, capsys):
+    from lnfm.__main__ import main
+
+    out = tmp_path / "DOE_JOHN_PID4711" / "EX_ROE_JANE_PID0815"
+    for fmt in ("orbax", "safetensors"):
+        rc = main(["export", "--checkpoint", str(world.workdir), "--out", str(out / fmt), "--format", fmt])
+        assert rc == 0, capsys.readouterr().err[-2000:]
+    assert any("exported segmenter" in line for line in lnfm_log.lines), lnfm_log.lines
+    assert_nothing_names_a_patient([p for p in out.rglob("*") if p.is_file()], lnfm_log.lines)
+
+
 def test_the_search_finds_a_name_in_a_gzipped_nifti_header(tmp_path):
     """The check above is not vacuous for compressed NIfTI: a name in the header's description is found,
     though gzip hides it from a search of the file's bytes."""
