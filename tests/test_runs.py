@@ -128,3 +128,25 @@ def test_a_self_trained_repeat_stands_for_the_model_validation_kept(tmp_path):
     assert run.first().root == wd / "teacher" and run.first().best == wd / "teacher" / "best"
     write_json(RepeatRun(wd).selected, {"model": "student"})
     assert run.first().root == wd
+
+
+def test_model_folder_around_finds_an_export_or_a_run_workdir_above_a_path(tmp_path):
+    from lnfm.runs import model_folder_around
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.json").write_text("{}")
+    (export / "checksums.sha256").write_text("")
+    finetune, pretrain = tmp_path / "ft", tmp_path / "pt"
+    (finetune / "best").mkdir(parents=True)
+    (finetune / "config.yaml").write_text("site: {name: pelvis}\n")
+    (pretrain / "checkpoints").mkdir(parents=True)
+    (pretrain / "config.yaml").write_text("model: {}\n")
+    (tmp_path / "link").symlink_to(export)
+    assert model_folder_around(export) == "is the model export"
+    assert model_folder_around(export / "a" / "x.md") == f"lies inside the model export {export}"
+    assert model_folder_around(tmp_path / "link" / "x.md") == f"lies inside the model export {tmp_path / 'link'}"
+    assert model_folder_around(finetune / "best" / "x") == f"lies inside the finetuning workdir {finetune}"
+    assert model_folder_around(pretrain / "x.md") == f"lies inside the pretraining workdir {pretrain}"
+    assert model_folder_around(pretrain) == "is the pretraining workdir"
+    assert model_folder_around(tmp_path / "elsewhere" / "x.md") is None

@@ -52,6 +52,7 @@ from lnfm.models.build import build_ssl_model
 from lnfm.models.mae import decoder_dims, num_visible
 from lnfm.models.sharding import idle_axes, logical_shards, make_mesh, rules_using, use_rules
 from lnfm.models.vit import token_grid, vit_dims
+from lnfm.runs import model_folder_around
 from lnfm.safety import check_apart
 from lnfm.train.job import check_batch, check_run_config
 from lnfm.train.memory import memory_figures
@@ -504,6 +505,9 @@ def check_table_paths(path: str | Path, force: bool) -> None:
     a folder, or a path below a file."""
     md, js = table_files(path)
     check_apart({"--table": md}, {})  # a broken link on the way: one line now, not a traceback after the table
+    owner = model_folder_around(md)
+    if owner is not None:  # a file there breaks an export's checksums or mixes into a run
+        raise ConfigError(f"--table {md}: {owner}, which plan does not own; choose a file outside it")
     if md.is_dir():
         raise ConfigError(f"--table {md}: is a folder; name the markdown file to write")
     for parent in md.parents:  # the nearest existing ancestor must be a folder (the missing ones are made)

@@ -39,7 +39,7 @@ from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.errors import LnfmError
 from lnfm.jobs.finetune import load_finetune_config
 from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretrain_config
-from lnfm.runs import FinetuneRun
+from lnfm.runs import FinetuneRun, model_folder_around
 from lnfm.workdir import (WorkdirError, atomic_write_csv, atomic_write_text, check_config_is_this_jobs, check_resume,
                           differences, file_sha256, lock_folder, open_workdir, progress, recorded_digests,
                           remove_stale_temps, temp_file)
@@ -447,6 +447,9 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
     workdir, out = Path(workdir), Path(out)
     check_folder(workdir, "--workdir")
     check_folder(out, "--out")
+    owner = model_folder_around(out)
+    if owner is not None:  # before the lock file: a file there breaks an export's checksums or mixes into a run
+        raise ConfigError(f"--out {out}: {owner}, which the study does not own; choose a folder outside it")
     # a second study in the same workdir, or writing the same --out, is refused, not mixed into this one
     with lock_folder(workdir), lock_folder(out, OUT_LOCK):
         remove_stale_temps(out)  # a killed study's half-written plot

@@ -298,6 +298,31 @@ def test_plan_knows_its_own_table_and_nothing_else(tmp_path):
     assert planner.own_table_json_digest(tmp_path / "bin.md") is None
 
 
+def test_a_table_inside_an_export_or_a_run_workdir_is_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    """A table written into an export broke its checksums (`export --verify`: not listed in checksums.sha256)."""
+    from tree_helpers import tree_digest
+
+    from lnfm.cli import run_job
+
+    export, workdir = tmp_path / "export", tmp_path / "wd"
+    export.mkdir()
+    (export / "model.json").write_text("{}")
+    (export / "checksums.sha256").write_text("")
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.yaml").write_text("model: {}\n")
+    monkeypatch.setattr(planner, "table", lambda *a: ("| a |\n|---|\n", []))  # the table itself takes minutes
+    before = tree_digest(tmp_path)
+    for md, reason in ((export / "x.md", f"lies inside the model export {export}"),
+                       (export / "sub" / "x.md", f"lies inside the model export {export}"),
+                       (workdir / "x.md", f"lies inside the pretraining workdir {workdir}")):
+        assert run_job("plan", ["--table", str(md)]) == 2, md
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"--table {md}: {reason}" in err, err
+        assert tree_digest(tmp_path) == before, md
+    assert run_job("plan", ["--table", str(tmp_path / "t.md")]) == 0  # elsewhere: written
+    assert (tmp_path / "t.md").is_file()
+
+
 def test_a_table_write_that_fails_keeps_the_earlier_pair(tmp_path, monkeypatch):
     """A full disk while the new table is written: the earlier table and JSON stay, still plan's, and no
     temporary file is left (a new table beside the old JSON would make that JSON look like the user's)."""

@@ -264,6 +264,27 @@ def test_a_second_study_writing_the_same_out_is_refused_while_the_first_runs(tmp
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*S.OUT_FILES, S.OUT_RECORD])
 
 
+def test_an_out_inside_an_export_or_a_run_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """study.md, the CSVs, the plots and the record written into an export broke its checksums."""
+    from tree_helpers import tree_digest
+
+    export, workdir = tmp_path / "export", tmp_path / "ft"
+    export.mkdir()
+    (export / "model.json").write_text("{}")
+    (export / "checksums.sha256").write_text("")
+    (workdir / "best").mkdir(parents=True)
+    (workdir / "config.yaml").write_text("site: {name: pelvis}\n")
+    monkeypatch.setattr(S, "_study", lambda *a: pytest.fail("the study ran"))
+    cfg = S.StudyConfig(inits=["scratch"], strategies=["freeze_all"], heads=["light"], num_labeled=[1], repeats=3)
+    before = tree_digest(tmp_path)
+    for out, reason in ((export, "is the model export"), (export / "study", f"lies inside the model export {export}"),
+                        (workdir / "study", f"lies inside the finetuning workdir {workdir}")):
+        with pytest.raises(ConfigError, match=f"^--out {out}: {reason}, which the study does not own") as e:
+            S.run(cfg, tmp_path / "swd", out, "cmd")
+        assert "\n" not in str(e.value)
+        assert tree_digest(tmp_path) == before, out
+
+
 def test_a_finished_run_in_a_cell_folder_is_counted_only_when_it_is_the_cell_s(tmp_path):
     import json
 
