@@ -261,12 +261,18 @@ def read_yaml(path: str | Path, *, allow_empty: bool = True) -> dict:
     return data
 
 
-def load_yaml_with_base(path: Path, kind: str) -> dict:
-    """Read a YAML config; a top-level `base: NAME` inherits from another preset."""
+def load_yaml_with_base(path: Path, kind: str, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config; a top-level `base: NAME` inherits from another preset. A file that is its own
+    base, directly or through others, is refused naming the files of the loop."""
+    resolved = Path(path).resolve()
+    if resolved in _chain:
+        loop = [*_chain[_chain.index(resolved):], resolved]
+        raise ConfigError(f"{path}: the 'base:' chain loops ({' -> '.join(map(str, loop))}); "
+                          f"give a base that does not lead back to this file")
     data = read_yaml(path, allow_empty=False)
     base = data.pop("base", None)
     if base:
-        data = _merge(load_yaml_with_base(preset_path(kind, base), kind), data)
+        data = _merge(load_yaml_with_base(preset_path(kind, base), kind, (*_chain, resolved)), data)
     return data
 
 

@@ -90,6 +90,20 @@ def test_missing_and_unknown_presets(tmp_path):
         C.load_config(Job, "vit_tinny", kind="pretrain")
 
 
+def test_a_base_chain_that_loops_is_one_line_naming_the_files(tmp_path):
+    own = tmp_path / "self.yaml"
+    own.write_text(f"base: {own}\nsteps: 3\n")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"base: {b}\nsteps: 3\n")
+    b.write_text(f"base: {a}\nsteps: 4\n")
+    with pytest.raises(C.ConfigError, match="loops") as err:
+        C.load_config(Job, str(own))
+    assert str(own) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(C.ConfigError, match="loops") as err:
+        C.load_config(Job, str(a))
+    assert str(a) in str(err.value) and str(b) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_invalid_yaml_is_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [1,\n")
