@@ -287,6 +287,8 @@ def config_data(cls: type, source: str | Path | None = None, overrides: list[str
     """What `load_config` builds `cls` from: `defaults` <- YAML preset/path <- overrides, as a dict
     (a key absent from it takes the dataclass default; a job can tell what was set)."""
     data: dict = dict(defaults or {})
+    if source is not None and not str(source).strip():  # an unset shell variable: no preset would load
+        raise ConfigError(f"the {kind or 'config'} preset name is empty; give a preset name or a YAML path")
     if source:
         path = preset_path(kind, str(source))
         data = _merge(data, load_yaml_with_base(path, kind))

@@ -104,6 +104,14 @@ def test_a_base_chain_that_loops_is_one_line_naming_the_files(tmp_path):
     assert str(a) in str(err.value) and str(b) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_preset_name_is_refused(name):
+    # An unset shell variable (`--site "$SITE"`) would otherwise load no preset and train on the defaults.
+    with pytest.raises(C.ConfigError, match="sites preset name is empty"):
+        C.load_config(Job, name, kind="sites")
+    assert C.load_config(Job, None).steps == 10  # no source at all stays the dataclass defaults
+
+
 def test_invalid_yaml_is_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [1,\n")

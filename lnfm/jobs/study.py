@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args_once(ap, argv)
     if args.quick and args.config is not None:  # one would be ignored: --quick is --config quick
         raise ConfigError(f"--quick and --config {args.config}: --quick is --config quick; give one of them")
-    name = "quick" if args.quick else (args.config or "full")
+    name = "quick" if args.quick else ("full" if args.config is None else args.config)  # "" is refused
     cfg = load_config(StudyConfig, name, args.overrides, kind="study")
     # study.md names no folder (they often hold a patient's name): the folders are WORKDIR and OUT, and a
     # config file is the resolved copy the workdir keeps (the overrides are already in it)
