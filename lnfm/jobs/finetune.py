@@ -67,7 +67,7 @@ from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
 from lnfm.models import ModelConfig
 from lnfm.models.lora import apply_lora
-from lnfm.models.heads.registry import head_flops, head_param_count
+from lnfm.models.heads.registry import head_flops, head_options, head_param_count
 from lnfm.models.segmenter import load_encoder_state, segmenter_from_config
 from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_model, make_mesh, state_sharding,
                                   use_rules)
@@ -203,6 +203,15 @@ def check_site(cfg: FinetuneConfig) -> None:
         raise ConfigError(problem)
 
 
+def check_head(head: HeadConfig) -> None:
+    """head.options: only keywords the chosen head's constructor takes (an unknown one is a TypeError at build)."""
+    accepted = head_options(head.kind)
+    unknown = sorted(set(head.options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"head.options: the {head.kind} head takes no option {', '.join(map(repr, unknown))} "
+                          f"(its options: {', '.join(accepted) or 'none'})")
+
+
 def check_config(cfg: FinetuneConfig) -> None:
     """The finetuning sections' own ranges, before anything is read or written (the sections every training
     job shares, train / optim / checkpoint, are `lnfm.train.job.check_run_config`'s). Each refusal names the
@@ -223,6 +232,7 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.loader.seed != 0:  # the loader samples with train.seed + repeat
         raise ConfigError(f"loader.seed={cfg.loader.seed} is not used by finetuning; set train.seed (repeat r "
                           f"samples with train.seed + r)")
+    check_head(cfg.head)
     check_strategy(cfg.strategy)
     check_loss(cfg.loss)
     check_metrics(cfg.metrics)

@@ -793,3 +793,12 @@ def test_a_failed_restore_in_the_multi_repeat_path_leaves_the_earlier_config_yam
         for p in paths:
             resumed = bad == 1 and p != wd / "repeat_1" / "config.yaml"
             assert ("steps: 4" in p.read_text()) == resumed and (p.read_bytes() == before[p]) != resumed, (bad, p)
+
+
+def test_a_head_option_the_head_does_not_take_is_one_line_naming_its_options():
+    """head.options went to the head's constructor unchecked: a TypeError traceback."""
+    with pytest.raises(ConfigError, match=r"^head.options: the fine head takes no option 'bogus' \(its options: "
+                                          r"widths, conv_levels, top_kernel, convs_per_level\)$"):
+        load_finetune_config("pelvis", ["head.kind=fine", "head.options={bogus: 3}"])
+    cfg = load_finetune_config("pelvis", ["head.kind=fine", "head.options={conv_levels: 2}"])
+    assert cfg.head.options == {"conv_levels": 2}

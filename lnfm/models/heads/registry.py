@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -40,6 +41,16 @@ def head_flops(head: nnx.Module, input_shape: Sequence[int]) -> float:
 
 
 HEADS = {"unetr": UNETRHead, "light": LightHead, "fine": FineHead, "linear": LinearProbe}
+
+
+# keyword arguments build_head sets itself (not `head.options`)
+_BUILD_ARGS = {"deep_supervision", "rngs", "dtype", "param_dtype"}
+
+
+def head_options(name: str) -> list[str]:
+    """The keyword arguments `name`'s constructor takes as options (`head.options` keys), from its signature."""
+    params = inspect.signature(HEADS[name].__init__).parameters.values()
+    return [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in _BUILD_ARGS]
 
 
 def build_head(name: str, feature_strides, feature_channels, in_channels: int, num_classes: int, *,
