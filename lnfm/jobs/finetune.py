@@ -763,6 +763,16 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
 SPLITS_RECORD = "splits.json"
 
 
+def check_patch_grid(patch, multiple) -> None:
+    """site.patch holds whole encoder tokens at the deepest feature stride (`Segmenter.multiple`), which the
+    head's down-sampling steps divide: otherwise the first step fails with a traceback after the workdir is written."""
+    if any(p % m for p, m in zip(patch, multiple)):
+        fit = [-(-p // m) * m for p, m in zip(patch, multiple)]
+        raise ConfigError(f"site.patch {list(patch)} is not a whole number of the encoder's deepest stride "
+                          f"{list(multiple)} on every axis (model.patch_size for ViT, its last stage for Swin); "
+                          f"use a multiple, e.g. {fit}")
+
+
 def _check(cfg: FinetuneConfig) -> Checked:
     """Every check of the data, the init and the labels, before anything is written or compiled."""
     check_stores(cfg.data)
@@ -800,8 +810,9 @@ def _check(cfg: FinetuneConfig) -> Checked:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
     check_channels(n_ch, cfg.model.in_channels, "the pretrained encoder")
     check_encoder_fits(cfg)
+    seg = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
+    check_patch_grid(cfg.site.patch, seg.multiple)
     if cfg.strategy.freeze == "first_k":  # strategy.k's upper bound: the encoder's units (abstract: nothing allocated)
-        seg = nnx.eval_shape(lambda: segmenter_from_config(cfg.model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
         check_units(cfg.strategy, len(seg.encoder.units()))  # the rest of the section: check_config
     # A node's highest label value (stores prepared before it was recorded: its majority class).
     labelled = [records[i] for i in splits.pool + splits.val + splits.test]

@@ -802,3 +802,15 @@ def test_a_head_option_the_head_does_not_take_is_one_line_naming_its_options():
         load_finetune_config("pelvis", ["head.kind=fine", "head.options={bogus: 3}"])
     cfg = load_finetune_config("pelvis", ["head.kind=fine", "head.options={conv_levels: 2}"])
     assert cfg.head.options == {"conv_levels": 2}
+
+
+def test_a_patch_that_is_no_whole_number_of_tokens_is_refused_before_anything_is_written(store, tmp_path, capsys):
+    """site.patch=[12,16,16] with 8-voxel tokens failed in a reshape, after the workdir was written."""
+    wd = tmp_path / "wd"
+    rc = run_job("finetune", ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd),
+                              *TINY, "site.patch=[12,16,16]"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert ("site.patch [12, 16, 16] is not a whole number of the encoder's deepest stride [8, 8, 8]" in err
+            and "e.g. [16, 16, 16]" in err)
+    assert not wd.exists()
