@@ -785,6 +785,9 @@ def _check(cfg: FinetuneConfig) -> Checked:
     all_records = [r for _, r in records.values()]
     splits = make_splits(all_records, cfg.train.val_fraction)
     kind, init_path, _ = resolve_init(cfg.init)
+    if kind == "pretrain" and not has_checkpoints(PretrainRun(init_path).checkpoints):
+        raise ConfigError(f"{cfg.init}: the pretraining run has no saved checkpoint in its checkpoints/ (it stopped "
+                          f"before its first save); give a run that has saved one, or --init scratch")
     if kind == "export":  # a damaged export fails before the workdir is written
         try:
             check_weights_export(init_path)

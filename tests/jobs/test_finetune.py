@@ -814,3 +814,21 @@ def test_a_patch_that_is_no_whole_number_of_tokens_is_refused_before_anything_is
     assert ("site.patch [12, 16, 16] is not a whole number of the encoder's deepest stride [8, 8, 8]" in err
             and "e.g. [16, 16, 16]" in err)
     assert not wd.exists()
+
+
+def test_init_from_a_pretraining_run_without_a_checkpoint_is_refused_before_anything_is_written(store, tmp_path,
+                                                                                                capsys):
+    """A pretraining run killed before its first save was taken as an --init: FileNotFoundError traceback at the
+    restore, after the workdir was written."""
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    model = {"arch": "vit", "size": "tiny", "depth": 2, "patch_size": [8, 8, 8], "img_size": [16, 16, 16]}
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-900, 900],
+                                                                              "pet_scale": 5.0}}))
+    wd = tmp_path / "wd"
+    rc = run_job("finetune", ["--site", "pelvis", "--data", store, "--init", str(pre), "--workdir", str(wd),
+                              *TINY])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{pre}: the pretraining run has no saved checkpoint" in err
+    assert not wd.exists()
