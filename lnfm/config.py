@@ -288,7 +288,9 @@ def config_data(cls: type, source: str | Path | None = None, overrides: list[str
     (a key absent from it takes the dataclass default; a job can tell what was set)."""
     data: dict = dict(defaults or {})
     if source is not None and not str(source).strip():  # an unset shell variable: no preset would load
-        raise ConfigError(f"the {kind or 'config'} preset name is empty; give a preset name or a YAML path")
+        option = "--site" if kind == "sites" else "--config"  # the option each job reads its preset from
+        raise ConfigError(f"{option} is empty (an unset variable?): give a {kind or 'config'} preset name or a "
+                          f"YAML path")
     if source:
         path = preset_path(kind, str(source))
         data = _merge(data, load_yaml_with_base(path, kind))

@@ -107,8 +107,10 @@ def test_a_base_chain_that_loops_is_one_line_naming_the_files(tmp_path):
 @pytest.mark.parametrize("name", ["", "  "])
 def test_an_empty_preset_name_is_refused(name):
     # An unset shell variable (`--site "$SITE"`) would otherwise load no preset and train on the defaults.
-    with pytest.raises(C.ConfigError, match="sites preset name is empty"):
+    with pytest.raises(C.ConfigError, match=r"^--site is empty \(an unset variable\?\): give a sites preset name"):
         C.load_config(Job, name, kind="sites")
+    with pytest.raises(C.ConfigError, match=r"^--config is empty"):
+        C.load_config(Job, name, kind="pretrain")
     assert C.load_config(Job, None).steps == 10  # no source at all stays the dataclass defaults
 
 
