@@ -172,8 +172,12 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         if key.startswith("data."):  # pretraining's data section; here `data` is the list of stores (--data)
             raise ConfigError(f"{key}: finetuning has no data section (--data lists its stores); the loader's "
                               f"settings are loader.{key.split('.', 1)[1]}")
+    if {"optim.lr", "optim.base_lr"} <= keys:  # optim.lr replaces the base_lr scaling: one would be ignored
+        raise ConfigError("optim.base_lr: optim.lr is given as well and replaces it; give one of them")
     user = (QUICK if quick else []) + list(overrides)
     data = config_data(FinetuneConfig, site, user + extra, kind="sites", defaults=DEFAULTS)
+    if "optim.base_lr" in keys:  # DEFAULTS, a preset or --quick set optim.lr, which would replace the user's base_lr
+        data["optim"] = {**(data.get("optim") or {}), "lr": None}
     cfg = from_dict(FinetuneConfig, data)
     if "roi" not in (data.get("inference") or {}):  # config.yaml records the window the run uses
         cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, roi=tuple(cfg.site.patch)))

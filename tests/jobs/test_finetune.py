@@ -19,6 +19,7 @@ from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, loa
                                 run)
 from lnfm.runs import RepeatRun
 from lnfm.segmentation.sites import SITES, site_names
+from lnfm.train.optim import peak_lr
 
 
 KEYS = ("dice", "hd95", "assd", "nsd", "node_sensitivity", "fp_per_volume")
@@ -71,6 +72,16 @@ def test_quick_and_overrides_and_unknown_keys():
         load_finetune_config("pelvis", ["strategy.freez=all"])
     with pytest.raises(ConfigError, match="unknown sites config 'pelvic'.*pelvis"):
         load_finetune_config("pelvic")
+
+
+def test_a_base_lr_override_is_the_learning_rate_used():
+    """DEFAULTS and --quick set optim.lr, which replaces the base_lr scaling: a user's optim.base_lr wins over
+    them, and giving both is refused in one line."""
+    cfg = load_finetune_config("pelvis", ["optim.base_lr=0.5", "train.global_batch=2"], quick=True)
+    assert cfg.optim.lr is None and peak_lr(cfg.optim, cfg.train.global_batch) == pytest.approx(0.5 * 2 / 256)
+    assert load_finetune_config("pelvis", ["optim.base_lr=0.5"]).optim.lr is None
+    with pytest.raises(ConfigError, match=r"^optim.base_lr: optim.lr is given as well and replaces it; give one"):
+        load_finetune_config("pelvis", ["optim.base_lr=0.5", "optim.lr=0.01"])
 
 
 def test_inference_roi_is_the_training_patch(tmp_path):
