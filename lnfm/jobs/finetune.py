@@ -813,7 +813,9 @@ def _check(cfg: FinetuneConfig) -> Checked:
     if len(channels) != 1:
         raise DataError(f"the stores mix cases with {sorted(channels)} channels")
     n_ch = channels.pop()
-    if kind == "scratch":  # a new encoder takes the data's channels
+    if kind == "scratch":  # a new encoder takes the data's channels unless model.in_channels names others
+        if cfg.model.in_channels not in (n_ch, ModelConfig.in_channels):
+            check_channels(n_ch, cfg.model.in_channels, "model.in_channels (leave it unset to take the data's)")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n_ch))
     check_channels(n_ch, cfg.model.in_channels, "the pretrained encoder")
     check_encoder_fits(cfg)

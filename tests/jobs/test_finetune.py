@@ -842,4 +842,12 @@ def test_init_from_a_pretraining_run_without_a_checkpoint_is_refused_before_anyt
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert f"{pre}: the pretraining run has no saved checkpoint" in err
+def test_a_scratch_model_in_channels_that_contradicts_the_store_is_refused(store, tmp_path, capsys):
+    """A scratch encoder takes the data's channels; a model.in_channels naming others was silently replaced."""
+    wd = tmp_path / "ft"
+    rc = run_job("finetune", ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd),
+                              *TINY, "model.in_channels=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "the data has 1 channel(s) but model.in_channels (leave it unset to take the data's) takes 2" in err[0]
     assert not wd.exists()
