@@ -198,13 +198,19 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
 
 
 def check_site(cfg: FinetuneConfig) -> None:
-    """The site section: a voxel size, a patch of at least one voxel per axis, an increasing HU window."""
+    """The site section: a voxel size, a patch of at least one voxel per axis, an increasing HU window,
+    class names with background (label value 0) first."""
     check_target_spacing(cfg.site.spacing, "site.spacing")
     if min(cfg.site.patch) < 1:
         raise ConfigError(f"site.patch {list(cfg.site.patch)} must be three sizes of at least 1 voxel")
     problem = hu_window_problem(cfg.site.window, "site.window")
     if problem:
         raise ConfigError(problem)
+    labels = list(cfg.site.labels)  # index = label value; metrics and reports take 0 as background
+    if not labels or labels[0] != "background":
+        raise ConfigError(f"site.labels {labels}: the first name must be 'background' (label value 0)")
+    if any(not isinstance(n, str) or not n.strip() for n in labels) or len(set(labels)) != len(labels):
+        raise ConfigError(f"site.labels {labels}: each class needs its own non-empty name")
 
 
 def check_head(head: HeadConfig) -> None:

@@ -84,6 +84,20 @@ def test_a_base_lr_override_is_the_learning_rate_used():
         load_finetune_config("pelvis", ["optim.base_lr=0.5", "optim.lr=0.01"])
 
 
+@pytest.mark.parametrize("labels, says", [
+    ("[lymph_node,background]", "the first name must be 'background'"),
+    ("[]", "the first name must be 'background'"),
+    ("[background,node,node]", "each class needs its own non-empty name"),
+    ("[background,'']", "each class needs its own non-empty name"),
+])
+def test_site_labels_must_start_with_background(labels, says):
+    """Label value 0 is background everywhere (metrics, exports, predict reports): reversed names called every
+    node 'background'."""
+    with pytest.raises(ConfigError, match=r"^site.labels \[.*\]: " + says):
+        load_finetune_config("pelvis", [f"site.labels={labels}"])
+    assert load_finetune_config("pelvis", ["site.labels=[background,node,other]"]).site.labels[0] == "background"
+
+
 def test_inference_roi_is_the_training_patch(tmp_path):
     """Validation, test and the export window with site.patch: the resolved (recorded) inference.roi is
     site.patch unless set, and a set one that differs is refused in one line."""
