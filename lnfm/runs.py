@@ -214,22 +214,31 @@ class ExportFolder:
         return cls(path) if (path / MODEL_JSON).is_file() else None
 
 
-def model_folder_around(path: str | Path) -> str | None:
-    """How `path` (an output about to be written) is or lies inside a model export or a pretraining or
-    finetuning run's workdir, e.g. 'lies inside the model export EXPORT'; None when it is in neither. A file
-    written into an export breaks its checksums.sha256 (`export --verify`, predict); one written into a
-    workdir mixes into a run that owns it. Links on the way are followed (a link to an export is one)."""
+def model_folder_of(path: str | Path) -> tuple[str, Path, Path] | None:
+    """(kind, its root, the path as walked) where `path` is or lies inside a model export ('export') or a
+    pretraining or finetuning run's workdir ('pretrain', 'finetune'); None when it is in neither. Links on
+    the way are followed (a link to an export is one)."""
     given = Path(path).expanduser().absolute()
     for start in dict.fromkeys((given, given.resolve())):
         for p in (start, *start.parents):
             finetune, pretrain = FinetuneRun.detect(p), PretrainRun.detect(p)
             if ExportFolder.detect(p) is not None:
-                what = "the model export"
-            elif finetune is not None and finetune.root == p:
-                what = "the finetuning workdir"
-            elif pretrain is not None and pretrain.root == p:
-                what = "the pretraining workdir"
-            else:
-                continue
-            return f"is {what}" if p == start else f"lies inside {what} {p}"
+                return "export", p, start
+            if finetune is not None and finetune.root == p:
+                return "finetune", p, start
+            if pretrain is not None and pretrain.root == p:
+                return "pretrain", p, start
     return None
+
+
+def model_folder_around(path: str | Path) -> str | None:
+    """How `path` (an output about to be written) is or lies inside a model export or a pretraining or
+    finetuning run's workdir, e.g. 'lies inside the model export EXPORT'; None when it is in neither. A file
+    written into an export breaks its checksums.sha256 (`export --verify`, predict); one written into a
+    workdir mixes into a run that owns it."""
+    found = model_folder_of(path)
+    if found is None:
+        return None
+    kind, root, start = found
+    what = {"export": "the model export", "finetune": "the finetuning workdir", "pretrain": "the pretraining workdir"}
+    return f"is {what[kind]}" if root == start else f"lies inside {what[kind]} {root}"

@@ -39,7 +39,7 @@ from lnfm.errors import LnfmError
 from lnfm.io import ImageReadError, Volume, read_image
 from lnfm.io.dicom import dicom_files, known_series_uids, learn_series_uids
 from lnfm.io.nrrd_io import data_file_named
-from lnfm.runs import ExportFolder, FinetuneRun, PretrainRun
+from lnfm.runs import model_folder_of
 from lnfm.safety import check_apart
 from lnfm.workdir import LOCK_FILE, WorkdirError, file_sha256, lock_folder, lock_holder, progress, setup_logging
 
@@ -712,15 +712,14 @@ def check_output_folder(output: str) -> None:
     if spec["driver"] != "file":
         return
     path = Path(spec["path"])
-    export = next((p for p in (path, *path.parents) if ExportFolder.detect(p) is not None), None)
-    if export is not None:
-        what = "is a model export" if export == path else f"lies inside the model export {export}"
+    found = model_folder_of(path)
+    if found is not None and found[0] == "export":
+        what = "is a model export" if found[1] == found[2] else f"lies inside the model export {found[1]}"
         raise PrepareError(f"{output}: {what} (its checksums.sha256 lists every file, and a store there would break "
                            f"it); choose another --output")
-    run = FinetuneRun.detect(path) or PretrainRun.detect(path)
-    if run is not None:
-        kind = "finetuning" if isinstance(run, FinetuneRun) else "pretraining"
-        inside = "" if run.root == path else f" (in {run.root})"
+    if found is not None:
+        kind = "finetuning" if found[0] == "finetune" else "pretraining"
+        inside = "" if found[1] == found[2] else f" (in {found[1]})"
         raise PrepareError(f"{output}: is a {kind} run's workdir{inside}; prepare writes a store only into a new or "
                            f"empty folder or a store it made: choose another --output")
     if not path.is_dir() or st.is_local_store(path) or (path / CONTRACT).is_file():
