@@ -65,13 +65,37 @@ def _int_env(name: str) -> int | None:
         raise DistributedConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _device_ids(value: str) -> tuple[int, ...]:
+    ids = value.split(",")
+    if not all(i.strip().isdigit() for i in ids):
+        raise DistributedConfigError(
+            f"environment variable LNFM_LOCAL_DEVICE_IDS={value!r} is not a comma list of device numbers (e.g. 0,1)")
+    return tuple(int(i) for i in ids)
+
+
+def _checked(spec: ProcessSpec, names: tuple[str, str, str]) -> ProcessSpec:
+    """`spec` when its coordinator, count and rank can form a job; else one line naming the option or
+    variable (`names`: coordinator, count, rank). Plain checks only: no JAX call may precede `initialize`."""
+    coord, count, rank = names
+    host, _, port = (spec.coordinator or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedConfigError(f"{coord}={spec.coordinator!r} is not host:port (e.g. localhost:12355)")
+    if spec.num_processes < 1:
+        raise DistributedConfigError(f"{count}={spec.num_processes}: the job needs at least 1 process")
+    if not 0 <= spec.process_id < spec.num_processes:
+        raise DistributedConfigError(f"{rank}={spec.process_id} is not a rank of a {spec.num_processes}-process "
+                                     f"job (0 to {spec.num_processes - 1}, from {count})")
+    return spec
+
+
 def detect(coordinator: str | None = None, num_processes: int | None = None,
            process_id: int | None = None) -> ProcessSpec:
     """Decide how (and whether) to join a multi-process job, without touching JAX."""
     if any(v is not None for v in (coordinator, num_processes, process_id)):
         if None in (coordinator, num_processes, process_id):
             raise DistributedConfigError("--coordinator, --num-processes and --process-id must be given together")
-        return ProcessSpec(coordinator, int(num_processes), int(process_id), None, "flags")
+        return _checked(ProcessSpec(coordinator, int(num_processes), int(process_id), None, "flags"),
+                        ("--coordinator", "--num-processes", "--process-id"))
     env = os.environ
     if env.get("LNFM_COORDINATOR") or env.get("LNFM_PROCESS_ID"):  # LNFM_NUM_PROCESSES alone serves JobSet
         n, pid = _int_env("LNFM_NUM_PROCESSES"), _int_env("LNFM_PROCESS_ID")
@@ -79,20 +103,23 @@ def detect(coordinator: str | None = None, num_processes: int | None = None,
             raise DistributedConfigError(
                 "LNFM_COORDINATOR, LNFM_NUM_PROCESSES and LNFM_PROCESS_ID must be set together")
         ids = env.get("LNFM_LOCAL_DEVICE_IDS")
-        local = tuple(int(i) for i in ids.split(",")) if ids else None
-        return ProcessSpec(env["LNFM_COORDINATOR"], n, pid, local, "env")
+        local = _device_ids(ids) if ids else None
+        return _checked(ProcessSpec(env["LNFM_COORDINATOR"], n, pid, local, "env"),
+                        ("LNFM_COORDINATOR", "LNFM_NUM_PROCESSES", "LNFM_PROCESS_ID"))
     if "SLURM_JOB_ID" in env and (_int_env("SLURM_NTASKS") or 1) > 1:
         return ProcessSpec(source="slurm")
     hosts = env.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return ProcessSpec(source="tpu")
-    if env.get("JOBSET_NAME") and env.get("JOB_COMPLETION_INDEX") is not None:
+    if env.get("JOBSET_NAME") and env.get("JOB_COMPLETION_INDEX") not in (None, ""):
         n = _int_env("LNFM_NUM_PROCESSES")
         if n is None:
             raise DistributedConfigError("Kubernetes JobSet detected: set LNFM_NUM_PROCESSES to the number of pods")
         job, rjob = env["JOBSET_NAME"], env.get("REPLICATED_JOB_NAME", "workers")
         coord = f"{job}-{rjob}-0-0.{job}:{JOBSET_PORT}"
-        return ProcessSpec(coord, n, int(env["JOB_COMPLETION_INDEX"]), None, "jobset")
+        rank = _int_env("JOB_COMPLETION_INDEX")
+        return _checked(ProcessSpec(coord, n, rank, None, "jobset"),
+                        ("JOBSET_NAME", "LNFM_NUM_PROCESSES", "JOB_COMPLETION_INDEX"))
     if "OMPI_MCA_orte_hnp_uri" in env:
         return ProcessSpec(source="mpi")
     return ProcessSpec()

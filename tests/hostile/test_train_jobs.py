@@ -65,6 +65,16 @@ PRETRAIN = [
     pretrain("data-bad-url", [], ("bogus://x",), data=lambda inp: "bogus://x"),
     pretrain("data-spacing-mismatch", ["data.spacing=[1.5,1.5,1.5]"], ("not at data.spacing",)),
     pretrain("data-split-empty", ["data.split=val"], ("no cases in split 'val'",)),
+    # the seventh audit (I5): multi-process flags that form no job were jax's ValueError/IndexError tracebacks
+    *(Case(f"pretrain-{id}", "pretrain", lambda w, inp, out, flags=flags: (
+        ["--config", "vit_tiny", "--data", w.store, "--workdir", out / "wd", *flags, "train.steps=1"], None), 2, says)
+      for id, flags, says in [
+          ("process-id-beyond-the-processes", ["--coordinator", "localhost:12356", "--num-processes", "2",
+                                               "--process-id", "5"], ("--process-id=5 is not a rank",)),
+          ("num-processes-zero", ["--coordinator", "localhost:12356", "--num-processes", "0", "--process-id", "0"],
+           ("--num-processes=0: the job needs at least 1 process",)),
+          ("coordinator-not-host-port", ["--coordinator", "nonsense", "--num-processes", "1", "--process-id", "0"],
+           ("--coordinator='nonsense' is not host:port",))]),
 ]
 
 

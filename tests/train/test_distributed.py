@@ -59,3 +59,47 @@ def test_cluster_detection(clean_env):
     spec = distributed.detect()
     assert (spec.source, spec.process_id, spec.num_processes) == ("jobset", 3, 4)
     assert spec.coordinator.startswith("lnfm-workers-0-0.lnfm:")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("localhost:12356", 2, 5), "--process-id=5 is not a rank of a 2-process job (0 to 1, from --num-processes)"),
+    (("localhost:12356", 0, 0), "--num-processes=0: the job needs at least 1 process"),
+    (("localhost:12356", 2, -1), "--process-id=-1 is not a rank"),
+    (("nonsense", 1, 0), "--coordinator='nonsense' is not host:port"),
+    ((":12355", 1, 0), "--coordinator=':12355' is not host:port"),
+    (("localhost:port", 1, 0), "--coordinator='localhost:port' is not host:port"),
+    (("localhost:70000", 1, 0), "--coordinator='localhost:70000' is not host:port"),
+])
+def test_flags_that_form_no_job_are_refused_naming_the_flag(clean_env, flags, says):
+    # each was jax's ValueError or IndexError (a traceback) from jax.distributed.initialize
+    with pytest.raises(distributed.DistributedConfigError) as e:
+        distributed.initialize(*flags)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"LNFM_LOCAL_DEVICE_IDS": "gpu0"}, "LNFM_LOCAL_DEVICE_IDS='gpu0' is not a comma list of device numbers"),
+    ({"LNFM_LOCAL_DEVICE_IDS": "0,,1"}, "LNFM_LOCAL_DEVICE_IDS='0,,1'"),
+    ({"LNFM_PROCESS_ID": "2"}, "LNFM_PROCESS_ID=2 is not a rank of a 2-process job (0 to 1, from LNFM_NUM_PROCESSES)"),
+    ({"LNFM_NUM_PROCESSES": "0"}, "LNFM_NUM_PROCESSES=0: the job needs at least 1 process"),
+    ({"LNFM_COORDINATOR": "localhost"}, "LNFM_COORDINATOR='localhost' is not host:port"),
+])
+def test_env_that_forms_no_job_is_refused_naming_the_variable(clean_env, env, says):
+    for name, value in {"LNFM_COORDINATOR": "localhost:5000", "LNFM_NUM_PROCESSES": "2", "LNFM_PROCESS_ID": "1",
+                        **env}.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(distributed.DistributedConfigError) as e:
+        distributed.initialize()
+    assert says in str(e.value)
+
+
+def test_jobset_rank_beyond_the_pods_is_refused(clean_env):
+    clean_env.setenv("JOBSET_NAME", "lnfm")
+    clean_env.setenv("JOB_COMPLETION_INDEX", "4")
+    clean_env.setenv("LNFM_NUM_PROCESSES", "4")
+    with pytest.raises(distributed.DistributedConfigError, match="JOB_COMPLETION_INDEX=4 is not a rank"):
+        distributed.detect()
+
+
+def test_ipv6_coordinator_is_accepted(clean_env):
+    assert distributed.detect("[::1]:12355", 2, 1).coordinator == "[::1]:12355"
