@@ -179,6 +179,11 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     if "optim.base_lr" in keys:  # DEFAULTS, a preset or --quick set optim.lr, which would replace the user's base_lr
         data["optim"] = {**(data.get("optim") or {}), "lr": None}
     cfg = from_dict(FinetuneConfig, data)
+    prior = sorted(keys & {"postprocess.min_short_axis_mm", "postprocess.max_elongation"})
+    if prior and cfg.tune_postprocess:  # the tuned prior would replace the user's in postprocess.json and the export
+        default = "" if "tune_postprocess" in keys else " (the default)"
+        raise ConfigError(f"{', '.join(prior)}: tune_postprocess=true{default} replaces the size prior with the one "
+                          f"tuned on the validation cases; set tune_postprocess=false to keep yours")
     if "roi" not in (data.get("inference") or {}):  # config.yaml records the window the run uses
         cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, roi=tuple(cfg.site.patch)))
     kind, _, model = resolve_init(cfg.init)

@@ -323,6 +323,10 @@ RANGES = [
     # validation, test and the export window with site.patch: a differing inference.roi ran, and was recorded
     finetune("inference-roi-not-the-patch", ["inference.roi=[96,96,96]", AT],
              ("inference.roi [96, 96, 96] differs from site.patch [32, 32, 32]", "finetuning windows are site.patch")),
+    # the seventh audit (I9): the tuned size prior replaced these in postprocess.json and the export
+    finetune("postprocess-size-prior-while-tuned", ["postprocess.min_short_axis_mm=5", "postprocess.max_elongation=3"],
+             ("postprocess.max_elongation, postprocess.min_short_axis_mm: tune_postprocess=true",
+              "set tune_postprocess=false")),
     finetune("postprocess-min-volume-negative", ["postprocess.min_volume_mm3=-1"], ("postprocess.min_volume_mm3 -1",)),
     finetune("mesh-fsdp-zero", ["mesh.fsdp=0"], ("mesh.fsdp must be at least 1",)),
     # loss and metrics (each trained, and tested or failed at the test metrics, before)

@@ -84,6 +84,20 @@ def test_a_base_lr_override_is_the_learning_rate_used():
         load_finetune_config("pelvis", ["optim.base_lr=0.5", "optim.lr=0.01"])
 
 
+def test_a_size_prior_override_is_refused_while_it_is_tuned():
+    """The tuned size prior replaced a user's postprocess.min_short_axis_mm / max_elongation in postprocess.json
+    and the export while config.yaml recorded the user's; with tuning off they are the run's."""
+    prior = ["postprocess.min_short_axis_mm=5", "postprocess.max_elongation=3"]
+    with pytest.raises(ConfigError, match=r"^postprocess.max_elongation, postprocess.min_short_axis_mm: "
+                                          r"tune_postprocess=true \(the default\) replaces the size prior .*; "
+                                          r"set tune_postprocess=false to keep yours$"):
+        load_finetune_config("pelvis", prior)
+    with pytest.raises(ConfigError, match=r"^postprocess.min_short_axis_mm: tune_postprocess=true replaces"):
+        load_finetune_config("pelvis", [prior[0], "tune_postprocess=true"])
+    post = load_finetune_config("pelvis", [*prior, "tune_postprocess=false"]).postprocess
+    assert (post.min_short_axis_mm, post.max_elongation) == (5.0, 3.0)
+
+
 @pytest.mark.parametrize("labels, says", [
     ("[lymph_node,background]", "the first name must be 'background'"),
     ("[]", "the first name must be 'background'"),
@@ -659,8 +673,8 @@ def test_lora_run_exports_the_adapters_folded_into_the_kernels(store, tmp_path):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-@pytest.mark.parametrize("user", [[], ["postprocess.min_short_axis_mm=6.0", "postprocess.max_elongation=2.5"]],
-                         ids=["default", "prior_set_by_the_user"])
+@pytest.mark.parametrize("user", [{}, {"min_short_axis_mm": 6.0, "max_elongation": 2.5}],
+                         ids=["default", "prior_in_the_config"])
 def test_size_prior_is_tuned_on_the_validation_cases_only(user):
     """A predicted node plus a 1-voxel-wide vessel-like streak and a 2x3x3 speck: the tuned prior
     removes both (validation Dice 1.0, hand-computed), and nothing is tuned when asked not to.
@@ -676,7 +690,8 @@ def test_size_prior_is_tuned_on_the_validation_cases_only(user):
     pred[2:4, 30:33, 2:5] = True  # a 2 mm thick speck of 18 mm^3, over the site's 10 mm^3 minimum volume
     # The image's one channel is the prediction; the model's node probability is that channel.
     case = Case("v0", pred.astype(np.float32)[..., None], node.astype(np.int32), (1.0, 1.0, 1.0), None, np.eye(4))
-    cfg = load_finetune_config("pelvis", user)
+    cfg = load_finetune_config("pelvis")
+    cfg = dataclasses.replace(cfg, postprocess=dataclasses.replace(cfg.postprocess, **user))  # as a --site file may
     predictor = Predictor(lambda x: np.concatenate([1.0 - x, x], -1), (40, 40, 40), 2, cfg.inference,
                           cfg.postprocess)
     post = tuned_postprocess(cfg, predictor, [case])
