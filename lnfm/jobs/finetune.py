@@ -195,6 +195,10 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     if norm is not None and "loader.pet_scale" in keys:
         raise ConfigError("loader.pet_scale: with normalization=encoder finetuning uses the encoder's pretraining "
                           "value; set normalization=site to choose it")
+    # The site preset's window gives way to the encoder's silently; a different one the user typed may not.
+    if norm is not None and "site.window" in keys and tuple(cfg.site.window) != tuple(norm.hu_window):
+        raise ConfigError(f"site.window: with normalization=encoder finetuning uses the encoder's pretraining window "
+                          f"{[float(v) for v in norm.hu_window]}; set normalization=site to choose it")
     window, pet_scale = (norm.hu_window, norm.pet_scale) if norm else (cfg.site.window, cfg.loader.pet_scale)
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, hu_window=tuple(window),
                                                               pet_scale=float(pet_scale)))

@@ -163,6 +163,25 @@ def test_init_takes_the_model_from_the_checkpoint_config(tmp_path):
         resolve_init(str(tmp_path / "missing"))
 
 
+def test_a_site_window_override_is_refused_under_the_encoder_normalization(tmp_path):
+    """A typed site.window was ignored under normalization=encoder (training used the encoder's window, config.yaml
+    recorded the typed one); it is refused as loader.pet_scale is, and taken with normalization=site."""
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    model = {"arch": "vit", "size": "tiny", "width": 48, "patch_size": [4, 4, 4], "img_size": [24, 24, 24]}
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
+                                                                              "pet_scale": 10.0}}))
+    with pytest.raises(ConfigError, match=r"^site.window: with normalization=encoder finetuning uses the encoder's "
+                                          r"pretraining window \[-175.0, 250.0\]; set normalization=site to choose"):
+        load_finetune_config("pelvis", ["site.window=[-100,200]"], init=str(pre))
+    cfg = load_finetune_config("pelvis", ["site.window=[-100,200]", "normalization=site"], init=str(pre))
+    assert cfg.loader.hu_window == (-100.0, 200.0)
+    # the encoder's own window typed, the preset's window, and a scratch run: nothing to refuse
+    assert load_finetune_config("pelvis", ["site.window=[-175,250]"], init=str(pre)).loader.hu_window == (-175.0, 250.0)
+    assert load_finetune_config("pelvis", init=str(pre)).loader.hu_window == (-175.0, 250.0)
+    assert load_finetune_config("pelvis", ["site.window=[-100,200]"]).loader.hu_window == (-100.0, 200.0)
+
+
 def test_splits_hold_out_validation_without_overlap():
     recs = [{"case_id": f"c{i}", "split": "train", "label_path": "x"} for i in range(10)]
     recs += [{"case_id": "t0", "split": "test", "label_path": "x"}]
