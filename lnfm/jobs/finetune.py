@@ -186,9 +186,19 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
                           f"tuned on the validation cases; set tune_postprocess=false to keep yours")
     if "roi" not in (data.get("inference") or {}):  # config.yaml records the window the run uses
         cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, roi=tuple(cfg.site.patch)))
+    elif not keys & {"inference", "inference.roi"} and tuple(cfg.inference.roi) != tuple(cfg.site.patch):
+        # the --site file set it (a run's config.yaml records its window): check_config's words blame the user
+        by = " (an override)" if keys & {"site", "site.patch"} else " (--quick's)" if quick else ""
+        raise ConfigError(f"{site}: inference.roi {list(cfg.inference.roi)} differs from site.patch "
+                          f"{list(cfg.site.patch)}{by}; this --site file sets inference.roi, and finetuning windows "
+                          f"are site.patch: remove inference.roi from the file")
     kind, _, model = resolve_init(cfg.init)
     if model is not None:  # only the model section changes: the others were read above
+        arch = model.get("arch", ModelConfig.arch)
         model = apply_overrides(model, [o.split(".", 1)[1] for o in overrides if o.startswith("model.")])
+        if model.get("arch", ModelConfig.arch) != arch:  # check_model would blame the encoder's own keys
+            raise ConfigError(f"model.arch={model['arch']}: the --init encoder {cfg.init} is a {arch} encoder and "
+                              f"finetuning keeps its architecture; drop model.arch")
         cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, model, "model"))
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None

@@ -170,6 +170,16 @@ FINETUNE = [
     finetune("site-window-under-the-encoder-normalization", ["site.window=[-100,200]", "site.spacing=[1.5,1.5,2.0]"],
              ("site.window: with normalization=encoder", "[-160.0, 240.0]", "set normalization=site"),
              init=lambda w, inp: str(_export_copy(w, inp))),
+    # the seventh audit (I25): each blamed a key the user never set
+    finetune("init-arch-override", ["model.arch=swin", "site.spacing=[1.5,1.5,2.0]"],
+             ("model.arch=swin: the --init encoder", "is a vit encoder", "drop model.arch"),
+             init=lambda w, inp: str(_export_copy(w, inp))),
+    Case("finetune-site-file-roi-and-a-patch-override", "finetune", lambda w, inp, out: (
+        ["--site", _yaml("base: pelvis\nsite:\n  patch: [32, 32, 32]\ninference:\n  roi: [32, 32, 32]\n")(inp),
+         "--data", w.ft_store, "--init", "scratch", "--workdir", out / "wd", "train.steps=1", "train.global_batch=8",
+         "site.spacing=[1.5,1.5,2.0]", "site.patch=[16,16,16]"], str(inp / "config.yaml")), 2,
+         ("inference.roi [32, 32, 32] differs from site.patch [16, 16, 16] (an override)",
+          "this --site file sets inference.roi", "remove inference.roi from the file")),
     finetune("test-case-is-a-copy-of-a-training-case", ["site.spacing=[1.5,1.5,2.0]"],
              ("the test case k3 is the same scan as the training case k0",),
              data=lambda w, inp: _labelled_store(inp, ("train", "train", "val", "test"), {3: 0})),

@@ -182,6 +182,27 @@ def test_a_site_window_override_is_refused_under_the_encoder_normalization(tmp_p
     assert load_finetune_config("pelvis", ["site.window=[-100,200]"]).loader.hu_window == (-100.0, 200.0)
 
 
+def test_refusals_under_init_and_a_site_file_name_the_real_cause(tmp_path):
+    """An arch override against a Swin --init blamed model.window_size (the encoder's own key), and a site.patch
+    override of a run's config.yaml told the user to leave unset an inference.roi the file had set."""
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    model = {"arch": "swin", "size": "tiny", "window_size": [2, 2, 2], "img_size": [32, 32, 32]}
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
+                                                                              "pet_scale": 10.0}}))
+    with pytest.raises(ConfigError, match=r"^model.arch=vit: the --init encoder .*pre is a swin encoder and "
+                                          r"finetuning keeps its architecture; drop model.arch$"):
+        load_finetune_config("pelvis", ["model.arch=vit"], init=str(pre))
+    assert load_finetune_config("pelvis", ["model.arch=swin"], init=str(pre)).model.arch == "swin"
+    run = tmp_path / "config.yaml"  # as a finetuning run records it: the window it used
+    run.write_text("base: pelvis\nsite:\n  patch: [32, 32, 32]\ninference:\n  roi: [32, 32, 32]\n")
+    with pytest.raises(ConfigError, match=rf"^{run}: inference.roi \[32, 32, 32\] differs from site.patch "
+                                          r"\[16, 16, 16\] \(an override\); this --site file sets inference.roi, "
+                                          r".*remove inference.roi from the file$"):
+        load_finetune_config(str(run), ["site.patch=[16,16,16]"])
+    assert load_finetune_config(str(run)).inference.roi == (32, 32, 32)
+
+
 def test_splits_hold_out_validation_without_overlap():
     recs = [{"case_id": f"c{i}", "split": "train", "label_path": "x"} for i in range(10)]
     recs += [{"case_id": "t0", "split": "test", "label_path": "x"}]
