@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shlex
 import subprocess
 import sys
@@ -40,9 +41,9 @@ from lnfm.errors import LnfmError
 from lnfm.jobs.finetune import load_finetune_config
 from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretrain_config
 from lnfm.runs import FinetuneRun, model_folder_around
-from lnfm.workdir import (WorkdirError, atomic_write_csv, atomic_write_text, check_config_is_this_jobs, check_resume,
-                          differences, file_sha256, lock_folder, open_workdir, progress, recorded_digests,
-                          remove_stale_temps, temp_file)
+from lnfm.workdir import (WorkdirError, atomic_write_csv, atomic_write_text, check_config_is_this_jobs,
+                          check_job_folder, check_resume, differences, file_sha256, job_folder, lock_folder,
+                          open_workdir, progress, recorded_digests, remove_stale_temps, temp_file)
 
 log = logging.getLogger("lnfm.study")
 REPO = Path(__file__).resolve().parents[2]
@@ -191,6 +192,7 @@ def hide_paths(text: str, places: dict[str, Path]) -> str:
 def _run(cmd: list[str], env: dict, logfile: Path, places: dict[str, Path]) -> None:
     """Run a stage; its output goes to `logfile` with the study's paths hidden (`hide_paths`)."""
     log.info("$ %s", hide_paths(shlex.join(cmd), places))
+    check_job_folder(logfile, logfile.name)  # the open would fail in (or a mkdir remake) a moved workdir
     with open(logfile, "a") as f, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                    text=True, errors="replace") as proc:
         try:
@@ -211,6 +213,7 @@ def build_benchmark(cfg: StudyConfig, workdir: Path, env: dict) -> tuple[Path, P
     returns (labelled store, pretraining workdir). Each step is skipped when already done."""
     spec = BenchmarkSpec(site=cfg.site, unlabelled=cfg.unlabelled, labelled=cfg.labelled, val=cfg.val,
                          test=cfg.test, shape=tuple(cfg.shape), spacing=tuple(cfg.spacing))
+    check_job_folder(workdir / "data", "the benchmark data")  # its mkdir would remake a moved workdir
     data = build_data(spec, workdir / "data")
     for name in ("unlabelled.csv", "labelled.csv"):  # prepare's inputs, naming the phantoms by absolute path:
         (workdir / "data" / name).unlink(missing_ok=True)  # spent once the stores exist (build skips them)
@@ -257,6 +260,7 @@ def run_cell(cfg: StudyConfig, c: dict, store: Path, pre: Path, workdir: Path, e
         cmd += finetune_args(cfg, c["strategy"], c["head"])
         if init == "scratch":
             cmd += scratch_model_overrides(cfg)
+        check_job_folder(out.parent, "a cell's folder")  # the mkdir would remake a moved workdir at its old path
         out.parent.mkdir(parents=True, exist_ok=True)  # the stage's log beside its workdir: finetune refuses a
         _run(cmd, env, out.with_name(out.name + ".log"), {"WORKDIR": workdir})  # workdir holding files of others
     return json.loads(summary.read_text())
@@ -414,16 +418,41 @@ RESUME_KEYS = ("site", "unlabelled", "labelled", "val", "test", "shape", "spacin
 
 
 # What the study writes into --out; OUT_RECORD keeps the sha256 of each as written, so that a rerun replaces
-# only these files as the study left them, never a user's file of the same name (or one they edited).
+# only these files as the study left them, never a user's file of the same name (or one they edited), and the
+# id of the study (STUDY_ID in its workdir, random: no path) that wrote them, so that another study's are kept.
 OUT_FILES = ("study.csv", "study_summary.csv", "dice_vs_labelled.png", "sensitivity_vs_labelled.png", "study.md")
 OUT_RECORD = ".lnfm-study.json"
+STUDY_ID = "study_id.txt"
 
 
 OUT_LOCK = ".lnfm-study-out.lock"  # not the workdir's lock file: --out may be the workdir itself
 
 
-def check_out_files(out: Path) -> None:
-    """Refuse an existing file of --out that the study would write and did not (or that changed since)."""
+def study_id(workdir: Path) -> str | None:
+    """The id the study in `workdir` records in its --out (None before its first start)."""
+    try:
+        text = (workdir / STUDY_ID).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{16}", text) else None
+
+
+def out_study(out: Path) -> str | None:
+    """The id of the study whose report --out holds (None: no record, or one lnfm before the ids wrote)."""
+    try:
+        found = json.loads((out / OUT_RECORD).read_text(encoding="utf-8")).get("study")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def check_out_files(out: Path, study: str) -> None:
+    """Refuse an existing file of --out that the study would write and did not (or that changed since), and
+    the report of another study (another --workdir): `study` is this one's id."""
+    present = [name for name in OUT_FILES if os.path.lexists(out / name)]
+    if present and out_study(out) not in (None, study):
+        raise ConfigError(f"--out {out}: holds the report of another study ({', '.join(present)}, from another "
+                          f"--workdir or one made anew); move those files away or choose another --out")
     recorded = recorded_digests(out / OUT_RECORD)
     for name in OUT_FILES:
         path = out / name
@@ -433,12 +462,13 @@ def check_out_files(out: Path) -> None:
                               f"move it away or choose another --out")
 
 
-def _record_output(out: Path, name: str) -> None:
-    """Add `name`, just written, to --out's record."""
-    recorded = recorded_digests(out / OUT_RECORD)
+def _record_output(out: Path, name: str, study: str) -> None:
+    """Add `name`, just written by `study`, to --out's record."""
+    recorded = recorded_digests(out / OUT_RECORD) if out_study(out) in (None, study) else {}
     if (out / name).is_file():
         recorded[name] = file_sha256(out / name)
-    atomic_write_text(out / OUT_RECORD, json.dumps({"files": dict(sorted(recorded.items()))}, indent=1))
+    atomic_write_text(out / OUT_RECORD, json.dumps({"study": study, "files": dict(sorted(recorded.items()))},
+                                                   indent=1))
 
 
 def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) -> int:
@@ -447,21 +477,26 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
     workdir, out = Path(workdir), Path(out)
     check_folder(workdir, "--workdir")
     check_folder(out, "--out")
-    owner = model_folder_around(out)
-    if owner is not None:  # before the lock file: a file there breaks an export's checksums or mixes into a run
-        raise ConfigError(f"--out {out}: {owner}, which the study does not own; choose a folder outside it")
-    # a second study in the same workdir, or writing the same --out, is refused, not mixed into this one
-    with lock_folder(workdir), lock_folder(out, OUT_LOCK):
+    for option, path in (("--workdir", workdir), ("--out", out)):
+        owner = model_folder_around(path)
+        if owner is not None:  # before the lock file: a file there breaks an export's checksums or mixes into a run
+            raise ConfigError(f"{option} {path}: {owner}, which the study does not own; choose a folder outside it")
+    # a second study in the same workdir, or writing the same --out, is refused, not mixed into this one; a
+    # folder moved while the study runs ends it in one line, remade nowhere (`job_folder`)
+    with lock_folder(workdir), lock_folder(out, OUT_LOCK), job_folder(workdir), job_folder(out):
         remove_stale_temps(out)  # a killed study's half-written plot
         check_resume(workdir, cfg, RESUME_KEYS, has_run=(workdir / "data").exists() or (workdir / "runs").exists())
         check_config_is_this_jobs(workdir, cfg)
-        check_out_files(out)
+        study = study_id(workdir) or secrets.token_hex(8)
+        check_out_files(out, study)
         out.mkdir(parents=True, exist_ok=True)
-        return _study(cfg, workdir, out, command)
+        return _study(cfg, workdir, out, command, study)
 
 
-def _study(cfg: StudyConfig, workdir: Path, out: Path, command: str) -> int:
+def _study(cfg: StudyConfig, workdir: Path, out: Path, command: str, study: str) -> int:
     with open_workdir(workdir, cfg, tensorboard=False) as writer:  # its log handler ends on a failed stage too
+        if study_id(workdir) is None:  # the first start: what --out's record names this study by
+            atomic_write_text(workdir / STUDY_ID, study + "\n")
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache")))
         t0 = time.time()
@@ -475,7 +510,7 @@ def _study(cfg: StudyConfig, workdir: Path, out: Path, command: str) -> int:
                 writer.write(i, **{k: summary.get(k) for k in ("dice", "node_sensitivity")}, **c)
                 bar.update(1)
         agg = aggregate(rows)
-        check_out_files(out)  # again: the study took an hour, in which a file may have appeared there
+        check_out_files(out, study)  # again: the study took an hour, in which a file may have appeared there
         writes = {"study.csv": lambda p: atomic_write_csv(p, rows),
                   "study_summary.csv": lambda p: atomic_write_csv(p, agg),
                   "dice_vs_labelled.png": lambda p: plot(agg, "dice", "Dice", p),
@@ -483,7 +518,7 @@ def _study(cfg: StudyConfig, workdir: Path, out: Path, command: str) -> int:
                   "study.md": lambda p: atomic_write_text(p, markdown(agg, cfg, command, rows))}
         for name in OUT_FILES:
             writes[name](out / name)
-            _record_output(out, name)
+            _record_output(out, name, study)
     log.info("study finished in %.0f s: study.md, study.csv and the plots are in --out", time.time() - t0)
     return 0
 

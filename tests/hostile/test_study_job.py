@@ -65,12 +65,41 @@ def _out_holding_a_users_report(w, inp, out):
     return ["--quick", "--workdir", out / "wd", "--out", results, *TINY], str(results / "study.md")
 
 
+def _out_holding_another_study_s_report(w, inp, out):
+    """--out as a finished study (another workdir) left it: its report and its record, naming that study."""
+    import json
+
+    from lnfm.jobs.study import OUT_FILES, OUT_RECORD
+    from lnfm.workdir import file_sha256
+
+    results = inp / "results"
+    results.mkdir()
+    for name in OUT_FILES:
+        (results / name).write_text(f"{name} of the first study\n")
+    (results / OUT_RECORD).write_text(json.dumps({"study": "0123456789abcdef", "files": {
+        name: file_sha256(results / name) for name in OUT_FILES}}))
+    return ["--quick", "--workdir", out / "wd", "--out", results, *TINY], str(results)
+
+
+def _workdir_inside_an_export(w, inp, out):
+    export = inp / "export"
+    export.mkdir()
+    (export / "model.json").write_text("{}")
+    (export / "checksums.sha256").write_text("")
+    return ["--quick", "--workdir", export / "study", "--out", out / "results", *TINY], str(export)
+
+
 ROWS = [
     # data loss: another job's config.yaml (the run could no longer be resumed), and a user's study.md, replaced
     Case("study-workdir-of-another-job", "study", _workdir_of_another_job, 2,
          ("a config.yaml this job did not write",)),
     Case("study-out-holding-a-users-report", "study", _out_holding_a_users_report, 2,
          ("exists and is not a file lnfm study wrote",)),
+    # the seventh audit (I23): a second study's report replaced the first's; a workdir went into an export
+    Case("study-out-holding-another-study-s-report", "study", _out_holding_another_study_s_report, 2,
+         ("holds the report of another study", "move those files away or choose another --out")),
+    Case("study-workdir-inside-an-export", "study", _workdir_inside_an_export, 2,
+         ("--workdir", "lies inside the model export", "which the study does not own")),
     Case("study-quick-and-config", "study", lambda w, inp, out: (["--quick", "--config", "full", "--workdir",
                                                                   out / "wd", "--out", out / "results", *TINY], None),
          2, ("--quick is --config quick",)),  # --config was ignored, even a missing file

@@ -264,6 +264,53 @@ def test_a_second_study_writing_the_same_out_is_refused_while_the_first_runs(tmp
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*S.OUT_FILES, S.OUT_RECORD])
 
 
+def test_a_second_study_with_another_workdir_keeps_the_first_s_report(tmp_path, monkeypatch):
+    """A second study (another --workdir) with the first's --out replaced its report without a word; --out's
+    record names the study that wrote it by the random id its workdir keeps (no path), and only that study
+    replaces it. A record lnfm wrote before the ids is taken over."""
+    import json
+
+    from tree_helpers import tree_digest
+
+    monkeypatch.setattr(S, "build_benchmark", lambda cfg, workdir, env: (None, None))
+    monkeypatch.setattr(S, "run_cell", lambda cfg, c, store, pre, workdir, env: _summary([0.2, 0.3, 0.4],
+                                                                                         [0.5, 0.5, 0.5]))
+    cfg = S.StudyConfig(inits=["scratch"], strategies=["freeze_all"], heads=["light"], num_labeled=[1], repeats=3)
+    out = tmp_path / "out"
+    assert S.run(cfg, tmp_path / "wd", out, "cmd") == 0
+    before = tree_digest(out)
+    with pytest.raises(ConfigError, match=rf"^--out {out}: holds the report of another study \(study.csv, "
+                                          r".*study.md, from another --workdir or one made anew\); move those files"):
+        S.run(cfg, tmp_path / "wd2", out, "cmd")
+    assert tree_digest(out) == before and not (tmp_path / "wd2").exists()
+    first = (tmp_path / "wd" / S.STUDY_ID).read_text().strip()
+    record = json.loads((out / S.OUT_RECORD).read_text())
+    assert record["study"] == first and len(first) == 16 and str(tmp_path) not in json.dumps(record)
+    assert S.run(cfg, tmp_path / "wd", out, "cmd") == 0  # the study that wrote it replaces it
+    assert (tmp_path / "wd" / S.STUDY_ID).read_text().strip() == first
+    (out / S.OUT_RECORD).write_text(json.dumps({"files": record["files"]}))  # as lnfm wrote it before the ids
+    assert S.run(cfg, tmp_path / "wd3", out, "cmd") == 0
+    assert json.loads((out / S.OUT_RECORD).read_text())["study"] == (tmp_path / "wd3" / S.STUDY_ID).read_text().strip()
+
+
+def test_a_study_whose_workdir_is_moved_ends_in_one_line_remade_nowhere(tmp_path, monkeypatch):
+    """A cell's mkdir remade a moved workdir at its old path (a traceback reading the cell's summary after)."""
+    from lnfm.errors import FolderMoved
+
+    wd = tmp_path / "wd"
+
+    def build(cfg, workdir, env):
+        os.rename(wd, tmp_path / "moved")
+        return tmp_path / "store", None
+
+    monkeypatch.setattr(S, "build_benchmark", build)
+    monkeypatch.setattr(S, "_run", lambda *a: pytest.fail("a stage ran"))
+    cfg = S.StudyConfig(inits=["scratch"], strategies=["freeze_all"], heads=["light"], num_labeled=[1], repeats=3)
+    with pytest.raises(FolderMoved, match=rf"^{wd}: moved, renamed or removed while the job wrote a cell's folder"):
+        S.run(cfg, wd, tmp_path / "out", "cmd")
+    assert not wd.exists() and (tmp_path / "moved" / "config.yaml").is_file()
+
+
 def test_an_out_inside_an_export_or_a_run_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     """study.md, the CSVs, the plots and the record written into an export broke its checksums."""
     from tree_helpers import tree_digest
@@ -282,6 +329,10 @@ def test_an_out_inside_an_export_or_a_run_workdir_is_refused_before_anything_is_
         with pytest.raises(ConfigError, match=f"^--out {out}: {reason}, which the study does not own") as e:
             S.run(cfg, tmp_path / "swd", out, "cmd")
         assert "\n" not in str(e.value)
+        assert tree_digest(tmp_path) == before, out
+        # the workdir likewise: its data, pretraining and cells went into the export or the run
+        with pytest.raises(ConfigError, match=f"^--workdir {out}: {reason}, which the study does not own"):
+            S.run(cfg, out, tmp_path / "sout", "cmd")
         assert tree_digest(tmp_path) == before, out
 
 
