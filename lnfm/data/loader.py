@@ -300,7 +300,8 @@ def _select(records: list[dict], split: str | None, labels: bool, case_ids: list
 def make_loader(stores: list[str], cfg: LoaderConfig, *, split: str | None = "train", labels: bool = False,
                 weights: list[float] | None = None, case_ids: list[str] | None = None,
                 num_epochs: int | None = None, shard_index: int | None = None,
-                shard_count: int | None = None, paste_into: list[tuple[str, dict]] = ()) -> grain.DataLoader:
+                shard_count: int | None = None, paste_into: list[tuple[str, dict]] = (),
+                manifests: list[list[dict]] | None = None) -> grain.DataLoader:
     """Batches {"image": float32 (B, X, Y, Z, C)[, "label": int32 (B, X, Y, Z)]} of random patches.
 
     `weights` mix the stores (default: in proportion to their selected cases). Shards default
@@ -308,6 +309,7 @@ def make_loader(stores: list[str], cfg: LoaderConfig, *, split: str | None = "tr
     Save `iter(loader).get_state()` (JSON bytes) and `set_state` it to resume exactly.
     `paste_into`: (store, record) of unlabelled scans that labelled nodes are pasted into
     (`cfg.paste_p` of the patches; labels then carry IGNORE_LABEL where the loss must not look).
+    `manifests`: each store's records as the job's checks read them (`check_stores`); None reads them.
     """
     if isinstance(stores, str):
         stores = [stores]
@@ -315,7 +317,9 @@ def make_loader(stores: list[str], cfg: LoaderConfig, *, split: str | None = "tr
         import jax
 
         shard_index, shard_count = jax.process_index(), jax.process_count()
-    cases = [_select(st.read_manifest(s), split, labels, case_ids) for s in stores]
+    if manifests is None:
+        manifests = [st.read_manifest(s) for s in stores]
+    cases = [_select(m, split, labels, case_ids) for m in manifests]
     for s, c in zip(stores, cases):
         if not c:
             raise DataError(f"{s}: no {'labelled ' if labels else ''}cases for split={split!r}"

@@ -290,23 +290,25 @@ def read_case(store: str, record: dict) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def check_stores(stores: list[str], split: str | None = None,
-                 spacing: tuple[float, float, float] | None = None) -> list[int]:
-    """Usable cases per store; a missing or empty store, or one at another spacing, is a one-line DataError."""
+                 spacing: tuple[float, float, float] | None = None) -> list[list[dict]]:
+    """Each store's records (`read_manifest`, every split), for the job to use on: a read lists every key under
+    cases/, so a job reads each store once. A missing or empty store, or one at another spacing, is a one-line
+    DataError."""
     if not stores:
         raise DataError("no dataset given: pass --data STORE[,STORE...]")
-    counts = []
+    manifests = []
     for store in stores:
         if "://" not in store and not Path(store).is_dir():
             raise DataError(f"{store}: dataset not found (expected a prepared store; see data_prep/prepare.py)")
         try:
-            records = read_manifest(store)
+            manifests.append(read_manifest(store))
         except DataError:  # one line naming the store already
             raise
         except (OSError, ValueError, KeyError) as e:  # unreadable or malformed manifest
             raise DataError(f"{store}: cannot read the dataset manifest ({str(e).splitlines()[0][:200]})") from None
-        if not records:
+        if not manifests[-1]:
             raise DataError(f"{store}: dataset is empty (no prepared cases)")
-        records = [r for r in records if split is None or r.get("split") == split]
+        records = [r for r in manifests[-1] if split is None or r.get("split") == split]
         if not records:
             raise DataError(f"{store}: no cases in split '{split}' (set data.split=null to use every case)")
         if spacing is not None:
@@ -320,5 +322,4 @@ def check_stores(stores: list[str], split: str | None = None,
             log.warning("%s: %d of %d cases were prepared before lnfm stored every chunk: a chunk file missing from "
                         "them (a store copied in part) reads as zeros without a word; prepare into a new store to "
                         "have such a file refused", store, unchecked, len(records))
-        counts.append(len(records))
-    return counts
+    return manifests

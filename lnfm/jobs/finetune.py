@@ -531,11 +531,11 @@ def save_best(ckpt: Checkpointer, step: int, tree: dict, config: dict, record: d
 
 def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.Mesh, splits: Splits,
                val_cases: list[Case], test_cases: list[Case], records: dict,
-               pseudo: tuple[str, list[str]] | None = None,
+               pseudo: tuple[str, list[dict]] | None = None,
                on_best: Callable[[Predictor], None] | None = None,
                paste_into: list[tuple[str, dict]] = (), on_start: Callable[[], None] = lambda: None) -> dict | None:
     """Train, validate, keep the best and test one repeat; returns its summary (None if preempted).
-    `pseudo` = (store, case ids) of pseudo-labelled scans trained on beside the labelled subset;
+    `pseudo` = (store, records) of pseudo-labelled scans trained on beside the labelled subset;
     `on_best` receives the best model's predictor (tuned post-processing) after the test; `paste_into`
     are the scans labelled nodes are pasted into (store, record); `on_start` runs once the repeat's
     checkpoint restored (the run's root config.yaml is written then)."""
@@ -544,9 +544,12 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
     train_ids = select_subset(splits.pool, tc.num_labeled, seed)
     check_disjoint(train_ids, val=splits.val, test=splits.test)
     stores, loader_ids = list(cfg.data), list(train_ids)
+    # each store's records as `_check` read them: the loader reads no manifest again
+    manifests = [[rec for s, rec in records.values() if s == store] for store in stores]
+    pseudo_ids = [r["case_id"] for r in pseudo[1]] if pseudo is not None else []
     if pseudo is not None:
-        check_disjoint(pseudo[1], val=splits.val, test=splits.test)
-        stores, loader_ids = stores + [pseudo[0]], loader_ids + pseudo[1]
+        check_disjoint(pseudo_ids, val=splits.val, test=splits.test)
+        stores, loader_ids, manifests = stores + [pseudo[0]], loader_ids + pseudo_ids, manifests + [pseudo[1]]
     rrun = RepeatRun(rdir)
     # closed on every path, an exception included; a resumed repeat's config.yaml waits for its restore (`fit`)
     with open_workdir(rdir, cfg, is_main=pid == 0, write_config=not has_checkpoints(rrun.checkpoints)) as writer:
@@ -563,7 +566,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         nproc = jax.process_count()
         loader_cfg = dataclasses.replace(cfg.loader, seed=seed)  # its patch and batch: `_check` resolved them
         loader = make_loader(stores, loader_cfg, split="train", labels=True, case_ids=loader_ids,
-                             shard_index=pid, shard_count=nproc, paste_into=paste_into)
+                             shard_index=pid, shard_count=nproc, paste_into=paste_into, manifests=manifests)
         data_iter = iter(loader)
         best_ckpt = Checkpointer(rrun.best, CheckpointConfig(keep=1, async_save=False))
         best = rrun.best_record() or {"step": -1, "val_dice": -1.0}
@@ -629,7 +632,7 @@ def run_repeat(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         agg = summarize([{k: v for k, v in c.items() if k != "case_id"} for c in cases])
         summary = {**{k: agg.get(k) for k in METRICS}, "cases": cases, "aggregate": agg,
                    "repeat": repeat, "seed": seed, "num_labeled": len(train_ids), "train_ids": train_ids,
-                   "pseudo_labelled": len(pseudo[1]) if pseudo is not None else 0,
+                   "pseudo_labelled": len(pseudo_ids),
                    "best_step": best["step"], "best_val_dice": best["val_dice"],
                    "trainable_params": n_train, "total_params": total_params, "head_params": hp,
                    "head_gflops": hf / 1e9,
@@ -676,14 +679,15 @@ def self_train(cfg: FinetuneConfig, repeat: int, rdir: Path, mesh: jax.sharding.
         teacher["pseudo_label_s"] = timing["pseudo_label_s"]
         if pid == 0:
             write_json(run.teacher.root / SUMMARY, teacher)
-    ids = [r["case_id"] for r in read_manifest(store)]
+    scans = read_manifest(store)
+    ids = [r["case_id"] for r in scans]
     log.info("repeat %d: the teacher (test Dice %.4f) pseudo-labelled %d of %d unlabelled scan(s) (%d predicted "
              "empty, left out); training the student", repeat, teacher["dice"] or 0.0, len(ids), len(unlabelled),
              len(unlabelled) - len(ids))
     if not ids:
         raise DataError("the teacher predicted no lymph node in any unlabelled scan: nothing to self-train on "
                         "(train without --unlabelled)")
-    student = run_repeat(cfg, repeat, rdir, mesh, splits, val_cases, test_cases, records, pseudo=(store, ids),
+    student = run_repeat(cfg, repeat, rdir, mesh, splits, val_cases, test_cases, records, pseudo=(store, scans),
                          on_start=on_start)
     if student is None:
         return None
@@ -715,13 +719,13 @@ def unlabelled_records(stores: list[str], records: dict[str, tuple[str, dict]], 
     case of --data is refused, since training on it (`use`) would train on the evaluation."""
     if not stores:
         return []
-    check_stores(stores, split="train")
+    manifests = check_stores(stores, split="train")
     fingerprint = pseudo_labels.scan_fingerprint
     held_out = {fingerprint(records[i][1]): (kind, i) for kind, ids in (("validation", splits.val),
                                                                          ("test", splits.test)) for i in ids}
     out, seen = [], {fingerprint(records[i][1]) for i in splits.pool}
-    for store in stores:
-        for rec in read_manifest(store):
+    for store, manifest in zip(stores, manifests):
+        for rec in manifest:
             key = fingerprint(rec)
             if rec.get("split") != "train" or key in seen:
                 continue
@@ -804,10 +808,9 @@ def check_patch_grid(patch, multiple) -> None:
 
 def _check(cfg: FinetuneConfig) -> Checked:
     """Every check of the data, the init and the labels, before anything is written or compiled."""
-    check_stores(cfg.data)
     records: dict[str, tuple[str, dict]] = {}
-    for store in cfg.data:
-        for rec in read_manifest(store):
+    for store, manifest in zip(cfg.data, check_stores(cfg.data)):
+        for rec in manifest:
             if rec["case_id"] in records:
                 raise DataError(f"{store}: case id {rec['case_id']} also occurs in {records[rec['case_id']][0]}")
             records[rec["case_id"]] = (store, rec)

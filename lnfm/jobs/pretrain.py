@@ -28,7 +28,7 @@ from lnfm.config import ConfigError, load_config, override_keys, parse_args_once
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.pseudo_labels import scan_fingerprint
 from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, check_weights, make_loader
-from lnfm.data.store import check_stores, read_manifest
+from lnfm.data.store import check_stores
 from lnfm.errors import DataError
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
@@ -257,15 +257,17 @@ def pretrain_preprocessing(cfg: PretrainConfig, stores: list[str]) -> Preprocess
 class _Data:
     """What pretraining's checks resolved (the `check` in `run`)."""
     stores: list[str]
+    manifests: list[list[dict]]  # each store's records as the checks read them (`check_stores`)
     weights: list[float] | None
     counts: Any  # cases per store, for the log
     profile: tuple[int, int] | None
 
 
-def check_distinct_stores(stores: list[str], split: str | None) -> None:
+def check_distinct_stores(stores: list[str], manifests: list[list[dict]], split: str | None) -> None:
     """Refuse a --data store given twice (the same folder, a link to it, or a copy of it): every scan of it
     would be sampled twice as often. Scans are matched by content (`scan_fingerprint`), as finetuning's
-    unlabelled stores are, so two datasets that both name a case `case_000` still train together."""
+    unlabelled stores are, so two datasets that both name a case `case_000` still train together. `manifests`:
+    each store's records (`check_stores`)."""
     seen: dict[str, str] = {}
     for store in stores:
         if "://" in store:
@@ -276,8 +278,8 @@ def check_distinct_stores(stores: list[str], split: str | None) -> None:
                             f"(list each store once)")
         seen[real] = store
     scans: dict[str, tuple[str, str]] = {}
-    for store in stores:
-        for rec in read_manifest(store):
+    for store, records in zip(stores, manifests):
+        for rec in records:
             if not rec.get("intensity") or (split is not None and rec.get("split") != split):
                 continue  # a record without intensity statistics has no reliable fingerprint
             key = scan_fingerprint(rec)
@@ -299,8 +301,8 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
         # config.yaml records the patch and the per-process batch the loader reads (DERIVED_DATA_KEYS)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, patch_size=tuple(cfg.model.img_size), batch_size=cfg.train.global_batch // jax.process_count()))
-        counts = check_stores(stores, cfg.data.split, cfg.data.spacing)
-        check_distinct_stores(stores, cfg.data.split)
+        manifests = check_stores(stores, cfg.data.split, cfg.data.spacing)
+        check_distinct_stores(stores, manifests, cfg.data.split)
         prep = pretrain_preprocessing(cfg, stores)
         check_channels(len(prep.contract.channels), cfg.model.in_channels, "the model (model.in_channels)")
         weights = list(cfg.data.weights) or None
@@ -311,10 +313,11 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
         profile = parse_profile_steps(profile_steps if profile_steps is not None else cfg.train.profile_steps)
         # The cases each store gives (by position in --data, never by path): a resume over other data would
         # continue the loader's saved position in another dataset.
-        cases = {f"store_{i + 1}": sorted(r["case_id"] for r in read_manifest(s)
+        cases = {f"store_{i + 1}": sorted(r["case_id"] for r in m
                                           if cfg.data.split is None or r.get("split") == cfg.data.split)
-                 for i, s in enumerate(stores)}
-        return Checked(cfg, prep, _Data(stores, weights, counts, profile), records={DATA_RECORD: cases})
+                 for i, m in enumerate(manifests)}
+        counts = [len(c) for c in cases.values()]
+        return Checked(cfg, prep, _Data(stores, manifests, weights, counts, profile), records={DATA_RECORD: cases})
 
     return run_training_job(cfg, PretrainRun(Path(workdir)), inputs={"--data": stores}, resume_keys=RESUME_KEYS,
                             check=check, train=_train, check_memory=lambda c, mesh: check_memory(c.cfg, mesh),
@@ -334,7 +337,7 @@ def _train(checked: Checked, run: PretrainRun, mesh: jax.sharding.Mesh, writer: 
     log.info("model %s-%s: %.2fM trainable parameters", cfg.model.arch, cfg.model.size, n_params / 1e6)
 
     loader = make_loader(data.stores, cfg.data, split=cfg.data.split, labels=False, weights=data.weights,
-                         shard_index=pid, shard_count=nproc)
+                         shard_index=pid, shard_count=nproc, manifests=data.manifests)
     data_iter = iter(loader)
     bsh = batch_sharding(mesh)
     last: dict = {}

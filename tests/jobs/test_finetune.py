@@ -244,11 +244,19 @@ def test_every_site_runs_a_few_steps(site, store):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
-def test_few_shot_repeats_summary_and_best_model(store, tmp_path):
+def test_few_shot_repeats_summary_and_best_model(store, tmp_path, monkeypatch):
+    from lnfm.data import store as st
+
+    listed: list[str] = []  # a manifest read lists the store's records/ and every key under its cases/
+    for name in ("_case_folder_ids", "_record_ids"):
+        real = getattr(st, name)
+        monkeypatch.setattr(st, name, lambda s, real=real: listed.append(s) or real(s))
     wd = tmp_path / "fs"
     cfg = load_finetune_config("pelvis", TINY + ["model.depth=1", "train.steps=4", "train.eval_every=2"], data=[store],
                                num_labeled=2, repeats=2)
     assert run(cfg, wd) == 0
+    # The job reads the store once (it read it twice in its checks and again for each repeat's loader).
+    assert listed == [store] * 2, listed
     s = json.loads((wd / "summary.json").read_text())
     assert len(s["repeats"]) == 2 and s["num_labeled"] == 2
     for key in KEYS:

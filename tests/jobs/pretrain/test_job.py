@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 import yaml
-from pretrain_helpers import checkpoint_steps, finish, losses, output, start, wait_for
+from pretrain_helpers import FAST, checkpoint_steps, finish, losses, output, start, wait_for
 
 from lnfm.jobs import pretrain
 from lnfm.cli import run_job
@@ -47,6 +47,31 @@ def test_a_store_given_twice_as_a_link_or_as_a_copy_is_refused_in_one_line(phant
         assert phantom_store in err and second in err, err
         assert tree_digest(tmp_path, phantom_store) == before, second
     assert not (tmp_path / "w").exists()
+
+
+def test_each_store_is_listed_once_from_the_checks_to_the_loader(phantom_store, tmp_path, monkeypatch):
+    """A manifest read lists the store's records/ and every key under its cases/: the two store checks, the
+    recorded case ids and the loader each read it (four reads a store); the job reads it once and passes it on."""
+    from lnfm.data import store as st
+
+    listed: list[str] = []
+    for name in ("_case_folder_ids", "_record_ids"):
+        real = getattr(st, name)
+        monkeypatch.setattr(st, name, lambda store, real=real: listed.append(store) or real(store))
+
+    class Stop(Exception):
+        pass
+
+    real_loader = pretrain.make_loader
+
+    def loader_then_stop(*args, **kwargs):  # the loader is the last reader: stop before training
+        real_loader(*args, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(pretrain, "make_loader", loader_then_stop)
+    with pytest.raises(Stop):
+        run_job("pretrain", ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(tmp_path / "w"), *FAST])
+    assert listed == [phantom_store] * 2, listed  # its records/ and its cases/, once each
 
 
 def test_fsdp_matches_1_device_learns_and_resumes_exactly_after_kill9_and_sigterm(phantom_store, tmp_path):
