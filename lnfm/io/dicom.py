@@ -296,6 +296,25 @@ def _off_line(positions: np.ndarray) -> float:
     return float(np.linalg.norm(rel - np.outer(rel @ direction, direction), axis=1).max())
 
 
+def stack_geometry(positions, iop, first, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the order that sorts slices at ImagePositionPatient `positions` along the slice normal of orientation `iop`,
+    the step (mm, LPS) from one sorted slice to the next): the mean step, the first slice to the last. A single
+    slice steps along the normal by its SpacingBetweenSlices, else SliceThickness, else 1 mm (of header `first`,
+    a Dataset or a dict). Every reader of a series' grid (`read_dicom_series`, `read_source_series`, `image_grid`)
+    takes it from here, so that they agree."""
+    positions, iop = np.asarray(positions, float).reshape(-1, 3), np.asarray(iop, float)
+    normal = np.cross(iop[:3], iop[3:])
+    order = np.argsort(positions @ normal, kind="stable")  # stable: as list.sort, should two slices tie
+    if len(order) > 1:
+        return order, (positions[order[-1]] - positions[order[0]]) / (len(order) - 1)
+    between, thickness = first.get("SpacingBetweenSlices"), first.get("SliceThickness")
+    try:
+        return order, normal * float(between or thickness or 1.0)
+    except (TypeError, ValueError, OverflowError):
+        name = "SpacingBetweenSlices" if between else "SliceThickness"
+        raise ImageReadError(f"{where}: {name} holds a value that is not a number") from None
+
+
 def _rescale(ds: pydicom.Dataset, where: str) -> tuple[float, float]:
     """RescaleSlope and RescaleIntercept (1 and 0 when absent or empty). A slope of 0 would make
     every voxel the intercept: refused, as a value that is not a finite number. Text that is no number
@@ -345,8 +364,8 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
             raise ImageReadError(f"{where}: DICOM pixel data is {pixels.ndim}D; expected one 2D slice per file")
         iop, ipp, spacing = _slice_geometry(ds, where)
         slope, intercept = _rescale(ds, where)
-        slices.append((iop, ipp, spacing, pixels, slope, intercept, ds.get("SliceThickness"),
-                       ds.get("SpacingBetweenSlices")))
+        slices.append((iop, ipp, spacing, pixels, slope, intercept,
+                       {k: ds.get(k) for k in ("SpacingBetweenSlices", "SliceThickness")}))
         rescaled.append("RescaleIntercept" in ds or "RescaleSlope" in ds)
         numbers.add(str(ds.get("SeriesNumber", "") or "").strip())
     if 0 < sum(rescaled) < len(rescaled):  # those without would be read 1024 HU (the usual intercept) off
@@ -366,7 +385,8 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
             raise ImageReadError(f"{path}: slices differ in size (more than one series?)")
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
-    slices.sort(key=lambda s: float(np.dot(s[1], normal)))
+    order, step = stack_geometry([s[1] for s in slices], iop, slices[0][6], str(path))
+    slices = [slices[i] for i in order]
     positions = np.array([np.dot(s[1], normal) for s in slices])
     if len(slices) > 1:
         gaps = np.diff(positions)
@@ -378,13 +398,6 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
         if off > SLICE_LINE_TOL * min(spacing):
             raise ImageReadError(f"{path}: slice positions do not lie on one line (one is {off:.3g} mm off it; "
                                  f"several series, or shifted slices)")
-        step = (slices[-1][1] - slices[0][1]) / (len(slices) - 1)
-    else:
-        name = "SpacingBetweenSlices" if slices[0][7] else "SliceThickness"
-        try:
-            step = normal * float(slices[0][7] or slices[0][6] or 1.0)
-        except (TypeError, ValueError, OverflowError):
-            raise ImageReadError(f"{path}: {name} holds a value that is not a number") from None
     # Pixel array is (rows, cols); volume axis 0 runs along a row (col index), axis 1 down the columns.
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing[1]

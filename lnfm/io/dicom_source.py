@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 from scipy import ndimage
 
-from lnfm.io.dicom import select_series, slice_header
+from lnfm.io.dicom import select_series, slice_header, stack_geometry
 from lnfm.io.volume import LPS_TO_RAS, ImageReadError
 
 GRID_TOL_MM = 1e-2  # a prediction is on the source grid when its affine differs by less than this
@@ -132,15 +132,11 @@ def read_source_series(path: str | Path, series_uid: str | None = None) -> Sourc
                              f"faulty anonymiser?): DICOM outputs must reference each source slice, write --format "
                              f"nifti instead")
     iop = np.asarray(datasets[0].ImageOrientationPatient, float)
-    normal = np.cross(iop[:3], iop[3:])
-    datasets.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))
+    order, step = stack_geometry([ds.ImagePositionPatient for ds in datasets], iop, datasets[0], str(path))
+    datasets = [datasets[i] for i in order]
     row_dir, col_dir = iop[:3], iop[3:]
     spacing = np.asarray(datasets[0].PixelSpacing, float)
     first = np.asarray(datasets[0].ImagePositionPatient, float)
-    if len(datasets) > 1:
-        step = (np.asarray(datasets[-1].ImagePositionPatient, float) - first) / (len(datasets) - 1)
-    else:
-        step = normal * float(datasets[0].get("SpacingBetweenSlices") or datasets[0].get("SliceThickness") or 1.0)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * spacing[1], col_dir * spacing[0], step, first
     return SourceSeries(datasets, LPS_TO_RAS @ lps)

@@ -11,7 +11,7 @@ from pathlib import Path
 import nrrd
 import numpy as np
 
-from lnfm.io.dicom import is_dicom_file, select_series, slice_header
+from lnfm.io.dicom import is_dicom_file, select_series, slice_header, stack_geometry
 from lnfm.io.nifti import affine_mm, load_header
 from lnfm.io.nrrd_io import mm_per_space_unit
 
@@ -54,14 +54,8 @@ def _dicom_grid(path: Path, series: str | None) -> Grid | None:
     first = heads[0]
     rows, cols = int(first.Rows), int(first.Columns)
     pixel = np.asarray(first.PixelSpacing, float)
-    if len(heads) > 1:
-        iop = np.asarray(first.ImageOrientationPatient, float)
-        normal = np.cross(iop[:3], iop[3:])
-        positions = [float(np.dot(np.asarray(h.ImagePositionPatient, float), normal)) for h in heads]
-        step = (max(positions) - min(positions)) / (len(heads) - 1)
-    else:
-        step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-    return _grid((cols, rows, len(heads)), (pixel[1], pixel[0], step))
+    _, step = stack_geometry([h.ImagePositionPatient for h in heads], first.ImageOrientationPatient, first, str(path))
+    return _grid((cols, rows, len(heads)), (pixel[1], pixel[0], np.linalg.norm(step)))
 
 
 def image_grid(path: str | Path, series: str | None = None) -> Grid | None:
