@@ -271,7 +271,9 @@ def _numbers(ds: pydicom.Dataset, name: str, path: str) -> np.ndarray:
         raise ImageReadError(f"{path}: {name} holds a value that is not a number") from None
 
 
-def _slice_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def slice_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ImageOrientationPatient, ImagePositionPatient, PixelSpacing) of a slice; one missing or unusable is an
+    ImageReadError naming `path` and the tag."""
     iop, ipp, spacing = (_numbers(ds, name, path) for name in
                          ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"))
     if iop.shape != (6,) or ipp.shape != (3,) or spacing.shape != (2,):
@@ -362,7 +364,7 @@ def read_dicom_series(path: str | Path, series: str | None = None) -> Volume:
                                      f"{warned(caught)})") from None
         if pixels.ndim != 2:
             raise ImageReadError(f"{where}: DICOM pixel data is {pixels.ndim}D; expected one 2D slice per file")
-        iop, ipp, spacing = _slice_geometry(ds, where)
+        iop, ipp, spacing = slice_geometry(ds, where)
         slope, intercept = _rescale(ds, where)
         slices.append((iop, ipp, spacing, pixels, slope, intercept,
                        {k: ds.get(k) for k in ("SpacingBetweenSlices", "SliceThickness")}))

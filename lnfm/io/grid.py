@@ -5,17 +5,28 @@ about 1000 times its size)."""
 from __future__ import annotations
 
 import math
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import nrrd
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from lnfm.io.dicom import is_dicom_file, select_series, slice_header, stack_geometry
+from lnfm.io.dicom import is_dicom_file, select_series, slice_geometry, slice_header, stack_geometry
 from lnfm.io.nifti import affine_mm, load_header
 from lnfm.io.nrrd_io import mm_per_space_unit
 
 Grid = tuple[tuple[int, int, int], tuple[float, float, float]]
+# What a bad file's headers raise (tried on empty, cut, damaged and foreign files of each format): OSError (gzip's
+# BadGzipFile too), EOFError and zlib.error (a .gz cut short or damaged), ValueError (ImageReadError; text where a
+# number belongs), the libraries' own errors, and pydicom's struct.error and NotImplementedError (an element cut
+# short, an unknown VR). Any other is a bug.
+_BAD_HEADER = (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError, nrrd.NRRDError,
+               InvalidDicomError, BytesLengthException, struct.error, NotImplementedError)
 
 
 def _grid(shape, spacing) -> Grid | None:
@@ -36,7 +47,10 @@ def _nifti_grid(path: Path) -> Grid | None:
 
 def _nrrd_grid(path: Path) -> Grid | None:
     with open(path, "rb") as f:
-        header = nrrd.read_header(f)
+        try:
+            header = nrrd.read_header(f)
+        except (StopIteration, IndexError):  # pynrrd's, on an empty file or a garbled field
+            return None
     sizes, directions = header.get("sizes"), header.get("space directions")
     if sizes is None or directions is None or len(sizes) != len(directions):
         return None
@@ -51,10 +65,12 @@ def _dicom_grid(path: Path, series: str | None) -> Grid | None:
     """(Columns, Rows, slices) as `read_dicom_series` stacks them; the slice step from the slices' positions."""
     _, files = select_series(path, series)
     heads = [slice_header(f) for f in files]  # kept for the read that follows (its warnings silenced there)
-    first = heads[0]
-    rows, cols = int(first.Rows), int(first.Columns)
-    pixel = np.asarray(first.PixelSpacing, float)
-    _, step = stack_geometry([h.ImagePositionPatient for h in heads], first.ImageOrientationPatient, first, str(path))
+    geometry = [slice_geometry(h, str(path)) for h in heads]  # a tag missing or unusable: ImageReadError
+    rows, cols = heads[0].get("Rows"), heads[0].get("Columns")
+    if not isinstance(rows, int) or not isinstance(cols, int):
+        return None
+    iop, _, pixel = geometry[0]
+    _, step = stack_geometry([ipp for _, ipp, _ in geometry], iop, heads[0], str(path))
     return _grid((cols, rows, len(heads)), (pixel[1], pixel[0], np.linalg.norm(step)))
 
 
@@ -73,6 +89,6 @@ def image_grid(path: str | Path, series: str | None = None) -> Grid | None:
                 return _nrrd_grid(path)
             if path.is_dir() or (path.is_file() and is_dicom_file(path)):  # as read_image tells a DICOM
                 return _dicom_grid(path, series)
-    except Exception:  # noqa: BLE001  any unreadable header: reading the scan names the problem in one line
+    except _BAD_HEADER:  # reading the scan names the problem in one line
         return None
     return None

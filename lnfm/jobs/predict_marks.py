@@ -18,6 +18,7 @@ files are refused (`earlier_nifti_mark`). A DICOM output's digest lies in a priv
 from __future__ import annotations
 
 import hashlib
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -78,8 +79,8 @@ def earlier_nifti_mark(path: str | Path) -> bool:
     if path.is_symlink() or not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
         return False  # never opened: a FIFO would block the read
     try:
-        header = stored_header(str(path))
-    except Exception:  # not a NIfTI file (any reader's error)
+        header = stored_header(str(path))  # no NIfTI header there: None
+    except (OSError, EOFError, zlib.error):  # unreadable, or a .gz that is not one, cut short or damaged
         return False
     return header is not None and _description(header).startswith(EARLIER_NIFTI_MARK)
 

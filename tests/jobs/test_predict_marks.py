@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pydicom
+import pytest
 
 from lnfm.eval.report import node_table, report_csv, write_overlay
 from lnfm.io import write_nifti
@@ -139,3 +140,30 @@ def test_an_earlier_predicts_mark_is_known_and_not_replaced(tmp_path):
     assert made_by_predict(tmp_path / "new.nii.gz") and not earlier_nifti_mark(tmp_path / "new.nii.gz")
     for path in ("notes.csv", "missing.nii.gz", "link.nii.gz", "pipe.nii.gz"):
         assert not earlier_nifti_mark(tmp_path / path) and not made_by_predict(tmp_path / path), path
+
+
+def test_a_bad_nifti_is_no_earlier_mark_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """What a bad file raises (not gzip, cut short, damaged, empty, foreign) is no mark; any other error was read
+    as 'no mark' too, a bug inside the read included."""
+    import gzip
+
+    from lnfm.jobs import predict_marks
+
+    labels = np.zeros((6, 5, 4), np.uint8)
+    write_nifti(tmp_path / "old.nii.gz", labels, np.eye(4), "lnfm predict sha256:0123456789abcdef")
+    raw = (tmp_path / "old.nii.gz").read_bytes()
+    damaged = bytearray(raw)
+    damaged[20:200] = bytes(180)
+    bad = {"cut.nii.gz": raw[:40], "damaged.nii.gz": bytes(damaged), "plain.nii.gz": gzip.decompress(raw),
+           "empty.nii": b"", "text.nii": b"hello " * 100}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        assert not earlier_nifti_mark(tmp_path / name), name
+    assert earlier_nifti_mark(tmp_path / "old.nii.gz")
+
+    def bug(path):
+        raise TypeError("a bug inside the read")
+
+    monkeypatch.setattr(predict_marks, "stored_header", bug)
+    with pytest.raises(TypeError, match="a bug inside the read"):
+        earlier_nifti_mark(tmp_path / "old.nii.gz")
