@@ -402,8 +402,15 @@ def restore_params(directory: str | Path, target: Any, step: int | None = None, 
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint found")
-        verify_checksums(directory / str(step))  # a corrupt model must not be exported or finetuned from
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore({key: target}, partial_restore=True,
-                                         restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}))))
+        verified = verify_checksums(directory / str(step))  # a corrupt model must not be exported or finetuned from
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore({key: target}, partial_restore=True,
+                                             restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}))))
+        except Exception:
+            if verified or _reads_back(directory / str(step)):
+                raise  # its files are whole: the target does not fit them, or a bug
+            raise CheckpointError(f"{directory}: checkpoint step {step} cannot be read (a file of it is damaged, "
+                                  f"truncated or missing); it has no {CHECKSUMS} (saved by an older lnfm) to name "
+                                  f"which: copy the run again if it was copied") from None
     return restored["state"][key]

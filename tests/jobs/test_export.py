@@ -671,3 +671,26 @@ def test_a_preprocessing_record_that_contradicts_the_run_is_refused(tiny, tmp_pa
     meta = json.loads((ex.export_model(tiny.workdir, tmp_path / "out", "safetensors") / "model.json").read_text())
     assert meta["preprocessing"]["contract"]["spacing"] == [6.0, 6.0, 6.0]
     assert meta["training_data"]["spacing_mm"] == [[6.0, 6.0, 6.0]]
+
+
+def test_a_truncated_best_step_without_a_checksum_list_is_one_line_naming_the_run_and_the_step(tiny, tmp_path,  # noqa: F811
+                                                                                           capsys):
+    """A run an older lnfm saved has no checksum list: a file of its best step cut short (a copy that stopped) was
+    Orbax's traceback from export (and finetune --init); it is one line naming the folder and the step, exit 2."""
+    import shutil
+
+    from lnfm.cli import run_job
+    from lnfm.runs import RepeatRun
+    from lnfm.train.checkpoint import CHECKSUMS
+
+    run = Path(shutil.copytree(tiny.workdir, tmp_path / "run"))
+    best = RepeatRun(run).best  # a single repeat: in the run's root
+    step = next(p for p in best.iterdir() if p.name.isdigit())
+    (step / CHECKSUMS).unlink()
+    for data in (f for f in step.rglob("*") if f.is_file() and f.parent.name == "d"):
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    assert run_job("export", ["--checkpoint", str(run), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lnfm export: error: {best}: checkpoint step {step.name} cannot be "
+                                               f"read (a file of it is damaged, truncated or missing)"), err
+    assert not (tmp_path / "e").exists()

@@ -82,6 +82,35 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, mesh8, caplog):
     assert (ck_dir / "corrupt_2").is_dir() and not (ck_dir / "2").exists()
 
 
+def test_a_truncated_step_without_a_checksum_list_is_one_line_naming_the_run_and_the_step(tmp_path, mesh8):
+    """An older lnfm wrote no checksum list: export and finetune --init read such a step unverified, and a file of
+    it cut short (a copy that stopped) was Orbax's traceback. It is one line naming the folder and the step, as a
+    step whose list fails is; a step that reads back whole but does not fit the target keeps its traceback."""
+    import re
+
+    setup = toy_setup(mesh8)
+    ck_dir = tmp_path / "run" / "checkpoints"
+    ck = Checkpointer(ck_dir, CheckpointConfig())
+    ck.save(3, setup["state"])
+    ck.close()
+    (ck_dir / "3" / CHECKSUMS).unlink()
+    for data in (f for f in (ck_dir / "3" / "state").rglob("*") if f.is_file() and f.parent.name == "d"):
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # the arrays' data files, cut short
+    target = st.abstract_state(setup["state"], setup["shardings"])["params"]
+    said = f"^{re.escape(str(ck_dir))}: checkpoint step 3 cannot be read \\(.+\\); it has no {CHECKSUMS} \\(saved by"
+    with pytest.raises(CheckpointError, match=said) as caught:
+        restore_params(ck_dir, target)
+    assert "\n" not in str(caught.value)
+    other = toy_setup(mesh8, hidden=48)
+    ck = Checkpointer(tmp_path / "fine", CheckpointConfig())
+    ck.save(1, setup["state"])
+    ck.close()
+    (tmp_path / "fine" / "1" / CHECKSUMS).unlink()
+    with pytest.raises(Exception) as caught:  # another model's target: not a damaged file
+        restore_params(tmp_path / "fine", st.abstract_state(other["state"], other["shardings"])["params"])
+    assert not isinstance(caught.value, CheckpointError)
+
+
 def test_unrestorable_everywhere_raises_and_moves_nothing(tmp_path, mesh8):
     small = toy_setup(mesh8)
     ck = Checkpointer(tmp_path / "ck", CheckpointConfig())
