@@ -12,6 +12,7 @@ Layout under STORE:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -211,6 +212,17 @@ def read_manifest(store: str) -> list[dict]:
         if sorted(r["case_id"] for r in rows) == ids:
             return rows
     return [json.loads(read_text(store, f"{RECORDS}{i}.json") or "{}") for i in ids]
+
+
+def content_fingerprint(record: dict) -> str:
+    """What a case's record tells of its stored content, no array read: the digest of the input files' bytes it was
+    prepared from (`source`: images and label), or, in a record from before that digest, a digest of what prepare
+    measured on the stored arrays (grid, intensity statistics, label components). A case prepared again under its
+    id from other images or labels gets another."""
+    if record.get("source"):
+        return str(record["source"])
+    measured = [record.get(k) for k in ("shape", "affine", "intensity", "nodes", "label_path")]
+    return "record:" + hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def finished_ids(store: str) -> set[str]:

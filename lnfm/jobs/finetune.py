@@ -53,7 +53,7 @@ from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
 from lnfm.data.scan_checks import check_target_spacing
 from lnfm.data.paste import IGNORE_LABEL
-from lnfm.data.store import check_stores, read_case, read_manifest
+from lnfm.data.store import check_stores, content_fingerprint, read_case, read_manifest
 from lnfm.errors import DataError, LnfmError
 from lnfm.eval.metrics import check_metrics, evaluate_case, summarize
 from lnfm.eval.inference import window_problem
@@ -869,8 +869,11 @@ def _check(cfg: FinetuneConfig) -> Checked:
     # config.yaml records the patch and the per-process batch the loader reads (DERIVED_LOADER_KEYS)
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
         cfg.loader, patch_size=tuple(cfg.site.patch), batch_size=cfg.train.global_batch // jax.process_count()))
+    used = splits.pool + splits.val + splits.test
+    content = [(s, {i: content_fingerprint(records[i][1]) for i in used if records[i][0] == s}) for s in cfg.data]
     return Checked(cfg, prep, _Data(records, splits, unlabelled, paste_into),
-                   records={SPLITS_RECORD: {"train": splits.pool, "val": splits.val, "test": splits.test}})
+                   records={SPLITS_RECORD: {"train": splits.pool, "val": splits.val, "test": splits.test}},
+                   content=content)
 
 
 def _train(checked: Checked, run_dirs: FinetuneRun, mesh: jax.sharding.Mesh, writer: MetricsWriter) -> dict | None:

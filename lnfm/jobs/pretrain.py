@@ -28,7 +28,7 @@ from lnfm.config import ConfigError, load_config, override_keys, parse_args_once
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.pseudo_labels import scan_fingerprint
 from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, check_weights, make_loader
-from lnfm.data.store import check_stores
+from lnfm.data.store import check_stores, content_fingerprint
 from lnfm.errors import DataError
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
@@ -313,11 +313,12 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
         profile = parse_profile_steps(profile_steps if profile_steps is not None else cfg.train.profile_steps)
         # The cases each store gives (by position in --data, never by path): a resume over other data would
         # continue the loader's saved position in another dataset.
-        cases = {f"store_{i + 1}": sorted(r["case_id"] for r in m
-                                          if cfg.data.split is None or r.get("split") == cfg.data.split)
-                 for i, m in enumerate(manifests)}
+        used = [[r for r in m if cfg.data.split is None or r.get("split") == cfg.data.split] for m in manifests]
+        cases = {f"store_{i + 1}": sorted(r["case_id"] for r in rs) for i, rs in enumerate(used)}
         counts = [len(c) for c in cases.values()]
-        return Checked(cfg, prep, _Data(stores, manifests, weights, counts, profile), records={DATA_RECORD: cases})
+        content = [(s, {r["case_id"]: content_fingerprint(r) for r in rs}) for s, rs in zip(stores, used)]
+        return Checked(cfg, prep, _Data(stores, manifests, weights, counts, profile), records={DATA_RECORD: cases},
+                       content=content)
 
     return run_training_job(cfg, PretrainRun(Path(workdir)), inputs={"--data": stores}, resume_keys=RESUME_KEYS,
                             check=check, train=_train, check_memory=lambda c, mesh: check_memory(c.cfg, mesh),

@@ -140,6 +140,14 @@ class Checked:
     # JSON files the run records beside config.yaml, file name -> value, that a resumed run must find
     # unchanged (finetuning: its cases per split; a store that gained cases would move one between them)
     records: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Per --data store (as given, in order), the content fingerprint of each case the run trains on
+    # (`content_fingerprint`), recorded in CONTENT_RECORD by position: a store prepared again in place under the
+    # same ids (other labels, other images) passes the records above, not this
+    content: list[tuple[str, dict[str, str]]] = dataclasses.field(default_factory=list)
+
+
+# The cases' content fingerprints of each --data store, by position in --data (never by path)
+CONTENT_RECORD = "content.json"
 
 
 # What a resumed run may change: how long it trains, how often it logs, validates and checkpoints, and the
@@ -181,6 +189,31 @@ def check_resume_record(path: Path, value: Any) -> None:
              for k in keys if old.get(k) != new.get(k)]
     raise WorkdirError(f"{path}: the run to resume recorded other {path.stem} ({'; '.join(diffs) or 'changed'}): its "
                        f"data changed since it started; resume with the data it had, or choose a new --workdir")
+
+
+def content_record(content: list[tuple[str, dict[str, str]]]) -> dict[str, dict[str, str]]:
+    return {f"store_{i + 1}": dict(sorted(cases.items())) for i, (_, cases) in enumerate(content)}
+
+
+def check_resume_content(path: Path, content: list[tuple[str, dict[str, str]]]) -> None:
+    """Refuse to resume a run one of whose cases (by id, in the same store position) has other content now than
+    `path` records: it would go on training on other labels or images under the same ids. A run from before the record
+    resumes unchecked (the resume records the content it trains on from then on)."""
+    old = _recorded(path)
+    if old is None:
+        log.info("the run to resume records no case content (%s: it started before lnfm kept one): resuming without "
+                 "comparing the cases with those it started on; recorded now for later resumes", path.name)
+        return
+    if not isinstance(old, dict):
+        raise WorkdirError(f"{path}: not a record of the cases' content; choose a new --workdir")
+    for key, (store, cases) in zip(content_record(content), content):
+        was = old.get(key) if isinstance(old.get(key), dict) else {}
+        changed = sorted(cid for cid, fp in cases.items() if cid in was and was[cid] != fp)
+        if changed:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise WorkdirError(f"{path}: the run to resume recorded other content for case {changed[0]}{more} of "
+                               f"{store} (prepared again since, from other images or labels): its data changed "
+                               f"since it started; resume with the data it had, or choose a new --workdir")
 
 
 def check_resume_steps(run: PretrainRun | FinetuneRun, steps: int) -> None:
@@ -229,6 +262,8 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
             check_resume_preprocessing(run.preprocessing, checked.preprocessing)
             for name, value in checked.records.items():
                 check_resume_record(workdir / name, value)
+            if checked.content:
+                check_resume_content(workdir / CONTENT_RECORD, checked.content)
         mesh = make_mesh(checked.cfg.mesh)
         check_axes_used(dict(mesh.shape), checked.cfg.mesh.rules)
         tc = checked.cfg.train
@@ -243,6 +278,8 @@ def run_training_job(cfg: Any, run: PretrainRun | FinetuneRun, *, inputs: Mappin
                 write_preprocessing(run.preprocessing, checked.preprocessing)
                 for name, value in checked.records.items():
                     write_json(workdir / name, value)
+                if checked.content:
+                    write_json(workdir / CONTENT_RECORD, content_record(checked.content))
             summary = train(checked, run, mesh, writer)
             writer.record_config()  # `fit` did on resuming; a training that calls no `fit` records it here
             if summary is None:

@@ -523,6 +523,48 @@ def test_a_resume_over_a_store_that_gained_cases_is_refused(store, tmp_path, cap
     assert tree_digest(wd) == before
 
 
+def test_a_resume_over_a_store_prepared_again_with_other_labels_under_the_same_ids_is_refused(tmp_path, capsys):
+    """The store removed and prepared again in place from corrected labels, under the same case ids and splits:
+    splits.json (ids only) matched and the run resumed on the new labels (rc 0). The run records each case's
+    content fingerprint (content.json); a changed case is refused in one line naming the store and the case,
+    nothing written."""
+    import shutil
+
+    import nibabel as nib
+    from scipy import ndimage
+    from tree_helpers import tree_digest
+
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+    from lnfm.data.synth import SynthConfig, write_dataset
+
+    write_dataset(SynthConfig(site="pelvis", num_cases=8, seed=1, shape=(40, 40, 24), gallery=False,
+                              use_real_shapes=False, spacing_inplane=(1.4, 1.6), slice_thickness=(1.5, 1.5),
+                              nodes_per_case=(2, 3), short_axis_mm=(8.0, 12.0)), tmp_path / "raw")
+    data, wd = str(tmp_path / "store"), tmp_path / "ft"
+    prep = PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, split_fractions=(0.6, 0.0, 0.4))
+    assert prepare_dataset(str(tmp_path / "raw"), data, prep, show_progress=False).ok
+    base = ["--site", "pelvis", "--data", data, "--init", "scratch", "--workdir", str(wd), *TINY, "checkpoint.every=2"]
+    assert run_job("finetune", base) == 0
+    splits = (wd / "splits.json").read_bytes()
+    labels = sorted((tmp_path / "raw" / "labelsTr").glob("*.nii.gz"))
+    for path in labels[:2]:  # corrected labels: each node a voxel wider
+        img = nib.load(path)
+        lab = np.asarray(img.dataobj).copy()
+        lab[ndimage.binary_dilation(lab > 0) & (lab == 0)] = 1
+        nib.save(nib.Nifti1Image(lab, img.affine, img.header), path)
+    shutil.rmtree(data)
+    assert prepare_dataset(str(tmp_path / "raw"), data, prep, show_progress=False).ok
+    before = tree_digest(wd)
+    capsys.readouterr()
+    assert run_job("finetune", base + ["train.steps=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    first = labels[0].name.removesuffix(".nii.gz")
+    assert err == [f"lnfm finetune: error: {wd / 'content.json'}: the run to resume recorded other content for case "
+                   f"{first} (and 1 more) of {data} (prepared again since, from other images or labels): its data "
+                   f"changed since it started; resume with the data it had, or choose a new --workdir"], err
+    assert tree_digest(wd) == before and (wd / "splits.json").read_bytes() == splits
+
+
 def test_a_second_job_on_the_workdir_is_refused_naming_the_holder(tmp_path, capsys):
     import os
     import subprocess

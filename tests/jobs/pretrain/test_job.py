@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,6 +281,50 @@ def test_a_resume_with_fewer_steps_than_the_run_reached_is_refused_and_writes_no
                    f"--workdir"], err
     assert tree_digest(wd) == before
     assert run_job("pretrain", argv(wd)) == 0  # the finished run started again
+
+
+def test_a_resume_over_a_store_prepared_again_with_other_images_under_the_same_ids_is_refused(two_step_run, tmp_path,
+                                                                                               capsys):
+    """The store prepared again from other images (+300 HU above 0 HU) under the same case ids: data.json,
+    which records only ids, matched, and the run resumed on the new images (rc 0). The run records each case's
+    content fingerprint (content.json); a changed case is refused in one line naming the store and the case,
+    nothing written. A run from before content.json resumes unchecked and records it."""
+    import shutil
+
+    import nibabel as nib
+    from tree_helpers import tree_digest
+
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+
+    wd, argv = _copy_run(two_step_run, tmp_path)
+    phantom_store = argv(wd)[argv(wd).index("--data") + 1]
+    raw = shutil.copytree(Path(phantom_store).parent / "raw", tmp_path / "raw")
+    for path in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
+        img = nib.load(path)
+        data = np.asarray(img.dataobj).astype(np.int16)
+        nib.save(nib.Nifti1Image(np.where(data > 0, data + 300, data).astype(np.int16), img.affine), path)
+    other = str(tmp_path / "other")
+    assert prepare_dataset(str(raw), other, PrepareConfig(workers=0, salt="test", spacing=(1.5, 1.5, 1.5)),
+                           show_progress=False).ok
+    ids = sorted(r["case_id"] for r in read_manifest(other))
+    assert ids == sorted(r["case_id"] for r in read_manifest(phantom_store))
+    before = tree_digest(wd)
+    capsys.readouterr()
+    resume = [a if a != phantom_store else other for a in argv(wd, "train.steps=3")]
+    assert run_job("pretrain", resume) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lnfm pretrain: error: {wd / 'content.json'}: the run to resume recorded other content for case "
+                   f"{ids[0]} (and {len(ids) - 1} more) of {other} (prepared again since, from other images or "
+                   f"labels): its data changed since it started; resume with the data it had, or choose a new "
+                   f"--workdir"], err
+    assert tree_digest(wd) == before
+    recorded = json.loads((wd / "content.json").read_text())
+    assert sorted(recorded["store_1"]) == ids
+    (wd / "content.json").unlink()  # a run started before the record: resumed, and recorded from now on
+    assert run_job("pretrain", resume) == 0
+    assert "resumed from step 2" in (wd / "log.txt").read_text()
+    now = json.loads((wd / "content.json").read_text())["store_1"]
+    assert sorted(now) == ids and all(now[i] != recorded["store_1"][i] for i in ids)
 
 
 def test_a_failed_restore_leaves_config_yaml_as_it_was(two_step_run, tmp_path, capsys):
