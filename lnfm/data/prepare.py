@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from lnfm.config import ConfigError, load_config, parse_args_once, preset_path, read_yaml
 from lnfm.data import store as st
-from lnfm.data.cases import CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
+from lnfm.data.cases import SALT_ENV, CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
 from lnfm.data.contract import (CONTRACT, CONTRACT_VERSION, CT_STORAGE, ORIENTATION, ContractError,
                                 PrepareContract, contract_problem, read_contract, write_contract)
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
@@ -745,6 +745,32 @@ def check_sites(output: str, finished: list[tuple[CaseSpec, dict]]) -> None:
                            f"new --output, or repeat the site")
 
 
+def check_rescans(output: str, todo: list[CaseSpec], given: set[str]) -> None:
+    """Refuse a case to convert whose files are those of a case the store holds under an id this input does not
+    give (`given`): ids hashed under another salt (a CSV without case_id, a DICOM folder) or files renamed added
+    every scan again, one scan under two ids, in two splits (training on a validation case). Matched by the
+    records' stat digest (`source_stat`: no file read), else by the bytes' (`source_fingerprint`: the new cases'
+    files read once more, only into a store holding cases). Copies the input lists under two ids it gives are let
+    be, as in a first run."""
+    records = [r for r in st.read_records(output) if r.get("case_id") not in given] if todo else []
+    by_stat = {r["source_stat"]: r["case_id"] for r in records if r.get("source_stat")}
+    by_source = {r["source"]: r["case_id"] for r in records if r.get("source")}
+    found = []
+    for case in todo if by_source else []:
+        try:
+            twin = by_stat.get(source_stat(case)) or by_source.get(source_fingerprint(case))
+        except OSError:  # a file missing or unreadable: the reader names it
+            continue
+        if twin is not None:
+            found.append((case, twin))
+    if found:
+        (case, twin), more = found[0], f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise PrepareError(f"{case.images[0]}: is the scan of case {twin} in the store {output} (the same image and "
+                           f"label files, here under the id {case.case_id}){more}: ids hashed under another salt or "
+                           f"files renamed would add each scan again under a new id; repeat the store's salt "
+                           f"(--salt, {SALT_ENV}) and file names, or prepare into a new --output")
+
+
 def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int = 1, shard_index: int = 0,
                     show_progress: bool = True) -> PrepareResult:
     """Convert this shard's slice of the input cases into STORE `output`; resumable, idempotent."""
@@ -771,6 +797,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     errors += dup_errors
     names = Path(input) / "dataset.json"  # where an nnU-Net folder's channel names come from
     contract = settle_contract(output, cfg, cases, str(names) if names.is_file() else input)
+    given = {c.case_id for c in cases}
     cases = sorted(cases, key=lambda c: c.case_id)[shard_index::num_shards]
     errors = [e for i, e in enumerate(sorted(errors, key=lambda e: e.file)) if i % num_shards == shard_index]
     result = PrepareResult()
@@ -783,6 +810,7 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
     finished = [(c, json.loads(st.read_text(output, f"{st.RECORDS}{c.case_id}.json") or "{}")) for c in cases
                 if c.case_id in done]
     check_sites(output, finished)
+    check_rescans(output, todo, given)
     for case, record in finished:  # finished: unless its files changed since
         if source_changed(case, record):
             result.skipped -= 1

@@ -206,6 +206,16 @@ def read_manifest(store: str) -> list[dict]:
     A case folder without a record is refused (`_check_recorded`); prepare reads records alone."""
     ids = _record_ids(store)
     _check_recorded(store, ids)
+    return _records(store, ids)
+
+
+def read_records(store: str) -> list[dict]:
+    """Every finished case's record, as `read_manifest` reads them, a case folder without a record let be (prepare's
+    rerun converts it again)."""
+    return _records(store, _record_ids(store))
+
+
+def _records(store: str, ids: list[str]) -> list[dict]:
     merged = read_text(store, MANIFEST)
     if merged is not None:
         rows = [json.loads(line) for line in merged.splitlines() if line.strip()]

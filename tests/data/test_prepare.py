@@ -728,6 +728,44 @@ def test_a_rerun_with_another_site_is_refused_like_another_spacing(tmp_path, cap
     assert {r["site"] for r in read_manifest(str(store))} == {"testsite"}
 
 
+def test_a_rerun_under_another_salt_is_refused_naming_the_scan_it_would_add_again(tmp_path, monkeypatch, capsys):
+    """A CSV without case_id gives salted hashed ids: a rerun into the same store under another LNFM_ID_SALT
+    added every scan again under a new id (8 cases for 4 scans, a scan in two splits; rc 0, 'converted 4'). The
+    records' source digests are matched across ids: one line naming the file and the case it repeats, the store
+    unchanged; the store's salt still skips every case."""
+    from lnfm.cli import run_job
+
+    from tree_helpers import tree_digest
+
+    images = []
+    for i in range(4):
+        img, lab = phantom(nodes=((15 + i, 18, 12, 2),), seed=i)
+        images.append(save(tmp_path / f"scan{i}.nii.gz", img, affine_lps()))
+        save(tmp_path / f"scan{i}_lab.nii.gz", lab, affine_lps())
+    csv_path = tmp_path / "cases.csv"
+    csv_path.write_text("image,label\n" + "".join(f"scan{i}.nii.gz,scan{i}_lab.nii.gz\n" for i in range(4)))
+    store = tmp_path / "store"
+    args = ["--input", str(csv_path), "--output", str(store), "--workers", "0"]
+    monkeypatch.setenv("LNFM_ID_SALT", "aaa")
+    assert run_job("prepare", args) == 0
+    assert len(read_manifest(str(store))) == 4
+    before = tree_digest(store)
+    monkeypatch.setenv("LNFM_ID_SALT", "bbb")
+    capsys.readouterr()
+    assert run_job("prepare", args) == 2
+    new, old = ({hashed_id(str(Path(p).absolute()), salt): p for p in images} for salt in ("bbb", "aaa"))
+    first = min(new)
+    twin = next(cid for cid, p in old.items() if p == new[first])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"lnfm prepare: error: {new[first]}: is the scan of case {twin} in the store {store} (the same image and "
+        f"label files, here under the id {first}) (and 3 more): ids hashed under another salt or files renamed would "
+        f"add each scan again under a new id; repeat the store's salt (--salt, LNFM_ID_SALT) and file names, or "
+        f"prepare into a new --output"]
+    assert tree_digest(store) == before
+    monkeypatch.setenv("LNFM_ID_SALT", "aaa")
+    assert main(args) == 0 and "converted 0, skipped 4" in capsys.readouterr().out
+
+
 def test_a_rerun_refuses_a_case_whose_files_changed_since_it_was_prepared(tmp_path):
     """A rerun skipped every case id already in the store: a corrected label, or another phantom set under the
     same ids, never reached it (exit 0, 'skipped'). The record's source digest now tells them apart; the unchanged
