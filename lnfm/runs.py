@@ -36,6 +36,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 BEST_JSON = "best.json"
 SUMMARY = "summary.json"
+SPLITS = "splits.json"  # a finetuning run's case ids per split, recorded at its first start
 TEST_MASKS = "test_masks"
 POSTPROCESS = "postprocess.json"  # the post-processing the test masks were made with (tuned on validation)
 TEACHER = "teacher"
@@ -160,6 +161,7 @@ class FinetuneRun:
     named: int | None = None  # the r of the repeat_<r>/ that `detect` was given (or a folder in it)
     config = _entry(CONFIG)
     preprocessing = _entry(PREPROCESSING)
+    splits = _entry(SPLITS)
     summary = _entry(SUMMARY)
 
     def repeat(self, r: int, repeats: int) -> RepeatRun:

@@ -116,7 +116,7 @@ def git_revision() -> str | None:
     return rev if out.returncode == 0 and len(rev) == 40 else None
 
 
-def _manifests(stores: list[str]) -> list[dict] | None:
+def _manifests(stores: list[str], lacking: str = "case counts") -> list[dict] | None:
     """Every training store's case records, or None (a warning) when one is not found or not readable from
     here: a moved or deleted store, or a relative path from another folder, only costs the summary its
     counts, never a summary of 0 cases. Neither warning names the store: its path may hold a name."""
@@ -127,25 +127,32 @@ def _manifests(stores: list[str]) -> list[dict] | None:
         except Exception:  # any reader's error: the export does not need the store, only its summary does
             found = []
         if not found:  # read_manifest finds no record in a folder that is no store, or no folder at all
-            log.warning("training data summary without case counts: a training store the run read (config.yaml's "
-                        "data) is not found or not readable from this folder, or holds no case")
+            log.warning("training data summary without %s: a training store the run read (config.yaml's "
+                        "data) is not found or not readable from this folder, or holds no case", lacking)
             return None
         records += found
     return records
 
 
-def data_summary(stores: list[str], extra: dict | None = None) -> dict:
-    """Counts, sites, spacings and channels of the training stores; never a case id."""
-    records = _manifests(stores)
+def data_summary(stores: list[str], extra: dict | None = None, splits: dict | None = None) -> dict:
+    """Counts, sites, spacings and channels of the training stores; never a case id. With `splits` (a finetuning
+    run's record of the case ids of each split it used, all labelled) the counts are the run's and the rest is of
+    those cases: the stores may have gained cases since it trained."""
+    records = _manifests(stores, "case counts" if splits is None else "sites, spacings and channels")
     out: dict = {"stores": len(stores)}
+    if splits is not None:
+        used = {str(i) for ids in splits.values() for i in ids}
+        out.update(cases=len(used), labelled_cases=len(used),
+                   splits={str(k): len(ids) for k, ids in sorted(splits.items())})
+        records = None if records is None else [r for r in records if r.get("case_id") in used]
     if records is not None:
-        splits: dict[str, int] = {}
-        for r in records:
-            splits[str(r.get("split"))] = splits.get(str(r.get("split")), 0) + 1
+        if splits is None:
+            counts: dict[str, int] = {}
+            for r in records:
+                counts[str(r.get("split"))] = counts.get(str(r.get("split")), 0) + 1
+            out.update(cases=len(records), labelled_cases=sum(1 for r in records if r.get("label_path")),
+                       splits=dict(sorted(counts.items())))
         out.update(
-            cases=len(records),
-            labelled_cases=sum(1 for r in records if r.get("label_path")),
-            splits=dict(sorted(splits.items())),
             sites=sorted({str(r.get("site", "")) for r in records}),
             spacing_mm=sorted({tuple(round(float(s), 3) for s in r["spacing"]) for r in records if r.get("spacing")}),
             channels=sorted({",".join(r.get("channels") or ["CT"]) for r in records}),
@@ -222,6 +229,18 @@ def _check_recorded(run: FinetuneRun, prep: Preprocessing, cfg: FinetuneConfig) 
                               f"{run.preprocessing.name}, or train again")
 
 
+def _splits(run: FinetuneRun) -> dict | None:
+    """The run's splits.json (None for a run from before it: the summary counts the stores as they are)."""
+    try:
+        recorded = read_json(run.splits)
+    except ValueError as e:  # corrupt JSON, or no object
+        raise ExportError(str(e)) from None
+    if recorded is not None and not all(isinstance(ids, list) for ids in recorded.values()):
+        raise ExportError(f"{run.splits}: not a record of the run's case ids per split; restore the run's "
+                          f"{run.splits.name}, or train again")
+    return recorded
+
+
 def _load_finetuned(run: FinetuneRun, config: dict) -> _Source:
     first = run.first()
     cfg = from_dict(FinetuneConfig, config)
@@ -246,7 +265,7 @@ def _load_finetuned(run: FinetuneRun, config: dict) -> _Source:
             "pseudo_labelled_cases": summary.get("pseudo_labelled", 0),
             # node paste: how many stores of unlabelled scans labelled nodes were pasted into (0: none)
             "paste_stores": len(cfg.paste_into),
-        }),
+        }, _splits(run)),
         head=cfg.head, labels=list(cfg.site.labels), site=SiteInfo(cfg.site.name, list(cfg.site.stations)),
         inference=dataclasses.replace(cfg.inference, roi=tuple(prep.patch_size)),
         # what the test masks were made with: the size prior tuned on validation, when the run tuned it

@@ -73,7 +73,8 @@ from lnfm.models.sharding import (MeshConfig, batch_sharding, create_sharded_mod
                                   use_rules)
 from lnfm.segmentation.fewshot import check_disjoint, select_subset
 from lnfm.segmentation.losses import check_loss, model_output_loss
-from lnfm.runs import BEST_JSON, SUMMARY, ExportFolder, FinetuneRun, PretrainRun, RepeatRun, read_json, write_json
+from lnfm.runs import (BEST_JSON, SPLITS, SUMMARY, ExportFolder, FinetuneRun, PretrainRun, RepeatRun, read_json,
+                       write_json)
 from lnfm.segmentation.strategies import (check_strategy, check_units, count_params, layer_index_fn,
                                           trainable_filter)
 from lnfm.safety import check_apart
@@ -793,7 +794,7 @@ def run(cfg: FinetuneConfig, workdir: str | Path) -> int:
 
 # The cases of each split, recorded at the first start: a resume over a store that gained or lost cases since
 # would train on a former validation case and compare Dice over other validation sets.
-SPLITS_RECORD = "splits.json"
+SPLITS_RECORD = SPLITS
 
 
 def check_patch_grid(patch, multiple) -> None:

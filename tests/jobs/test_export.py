@@ -564,6 +564,44 @@ def test_a_training_store_not_found_from_here_gives_no_counts_rather_than_zeros(
     assert counted["training_data"]["cases"] == 2
 
 
+def test_training_data_counts_the_cases_the_run_used_not_the_store_grown_since(tiny, tmp_path):  # noqa: F811
+    """model.json's training_data counted the store as it was at export time: after 2 cases were added since the
+    run trained on 3, it said 5 cases and the store's split counts. The counts now come from the run's
+    splits.json, and sites, spacings and channels from those cases."""
+    import shutil
+
+    from export_helpers import SPACING, make_finetune_workdir
+
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+    from lnfm.data.synth import SynthConfig, write_dataset
+
+    store = str(shutil.copytree(tiny.store, tmp_path / "store"))
+    write_dataset(SynthConfig(site="pelvis", num_cases=3, seed=9, shape=(144, 128, 44), gallery=False,
+                              use_real_shapes=False, spacing_inplane=(1.5, 1.5), slice_thickness=(3.0, 3.0)),
+                  tmp_path / "raw")
+    images = sorted((tmp_path / "raw" / "imagesTr").glob("*_0000.nii.gz"))
+
+    def add(name: str, rows: list[tuple[str, Path, str]]) -> None:
+        (tmp_path / name).write_text("case_id,image,label,site,split\n" + "".join(
+            f"{cid},{p},{str(p).replace('imagesTr', 'labelsTr').replace('_0000', '')},other_site,{split}\n"
+            for cid, p, split in rows))
+        cfg = PrepareConfig(workers=0, salt="t", spacing=SPACING)
+        assert prepare_dataset(str(tmp_path / name), store, cfg, show_progress=False).ok
+
+    add("test.csv", [("x0", images[0], "test")])
+    a, b = sorted(r["case_id"] for r in tiny.records)
+    workdir, _, _ = make_finetune_workdir(tmp_path / "run", store)
+    (workdir / "splits.json").write_text(json.dumps({"train": [a], "val": [b], "test": ["x0"]}))
+    add("more.csv", [("x1", images[1], "train"), ("x2", images[2], "train")])  # the store grew since
+    out = ex.export_model(workdir, tmp_path / "export", "safetensors")
+    data = json.loads((out / "model.json").read_text())["training_data"]
+    assert (data["cases"], data["labelled_cases"], data["splits"]) == (3, 3, {"test": 1, "train": 1, "val": 1})
+    assert data["sites"] == ["other_site", "pelvis"] and data["spacing_mm"] == [list(SPACING)]
+    (workdir / "splits.json").unlink()  # a run from before splits.json: the store as it is now
+    data = json.loads((ex.export_model(workdir, tmp_path / "e2", "safetensors") / "model.json").read_text())
+    assert data["training_data"]["cases"] == 5
+
+
 def test_an_export_into_a_store_the_run_recorded_relative_to_another_folder_is_refused(tiny, tmp_path):  # noqa: F811
     """The path rule reads the training stores from config.yaml; a store recorded relative to the folder finetune ran
     in is not found from here, so `--out` inside it passed that rule and wrote into the dataset. A store is now also
