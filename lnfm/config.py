@@ -163,9 +163,22 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _set_keys(path: list[str], value: Any) -> list[str]:
+    """The dotted keys one override sets: a section given as a mapping sets each of its keys (merged into
+    the section, `apply_overrides`), not the section whole."""
+    if isinstance(value, dict) and value:
+        return [key for sub, v in value.items() for key in _set_keys([*path, str(sub)], v)]
+    return [".".join(path)]
+
+
+def override_key_list(overrides) -> list[str]:
+    """The dotted keys `key.sub=value` overrides set, in order, a key as often as it is set."""
+    return [key for text in overrides for key in _set_keys(*parse_override(text))]
+
+
 def override_keys(overrides) -> set[str]:
     """The dotted keys `key.sub=value` overrides set."""
-    return {".".join(parse_override(text)[0]) for text in overrides}
+    return set(override_key_list(overrides))
 
 
 def refuse_derived(overrides, derived: dict[str, str], job: str) -> None:
@@ -207,6 +220,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if isinstance(node.get(path[-1]), dict) and not isinstance(value, dict):
             raise ConfigError(f"{'.'.join(path)}: is a config section, not a value (set its keys, "
                               f"e.g. {'.'.join(path)}.{next(iter(node[path[-1]]), 'KEY')}=...)")
+        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):  # `train={steps: 1}` sets train.steps
+            value = _merge(node[path[-1]], value)  # and keeps the section's other keys, as a file over its base: does
         node[path[-1]] = value
     return data
 

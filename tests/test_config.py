@@ -131,8 +131,25 @@ def test_a_value_for_a_whole_section_is_refused():
         C.apply_overrides(data, ["train=5"])
     with pytest.raises(C.ConfigError, match=r"^train: is 5, not a config section, so 'train\.num_labeled' has"):
         C.apply_overrides({"name": "x"}, ["train=5", "train.num_labeled=4"])
-    assert C.apply_overrides(data, ["train={steps: 3}"])["train"] == {"steps": 3}  # a mapping may replace it
+    assert C.apply_overrides(data, ["train={steps: 3}"])["train"] == {"steps": 3, "lr": 1e-3}  # merged, see below
     assert data == {"train": {"steps": 2800, "lr": 1e-3}}  # the input is not changed
+
+
+def test_a_section_given_as_a_mapping_keeps_the_presets_other_keys():
+    """`train={steps: 1}` replaced the whole section: vit_tiny's global_batch 4 and image_every 100, and an
+    earlier `train.global_batch=2`, fell back to the dataclass defaults (64, 1000) without a word. A mapping
+    now sets its keys, deep, as a YAML file over its `base:` does."""
+    from lnfm.jobs.pretrain import PretrainConfig
+
+    cfg = C.load_config(PretrainConfig, "vit_tiny", ["train={steps: 1}"], kind="pretrain")
+    assert (cfg.train.steps, cfg.train.global_batch, cfg.train.image_every, cfg.train.log_every) == (1, 4, 100, 10)
+    cfg = C.load_config(PretrainConfig, "vit_tiny", ["train.global_batch=2", "train={steps: 1}",
+                                                     "model={mask_ratio: 0.5}"], kind="pretrain")
+    assert (cfg.train.steps, cfg.train.global_batch, cfg.model.mask_ratio) == (1, 2, 0.5)
+    assert cfg.model.img_size == (32, 32, 32)
+    nested = C.apply_overrides({"a": {"b": {"c": 1, "d": 2}, "e": 3}}, ["a={b: {c: 5}}"])
+    assert nested == {"a": {"b": {"c": 5, "d": 2}, "e": 3}}
+    assert C.override_keys(["a={b: {c: 5}, e: 1}", "f.g=2"]) == {"a.b.c", "a.e", "f.g"}
 
 
 def test_a_single_value_option_given_twice_is_refused():

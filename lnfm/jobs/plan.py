@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lnfm.config import ConfigError, parse_args_once, parse_override
+from lnfm.config import ConfigError, override_key_list, parse_args_once
 from lnfm.data.loader import check_loader
 from lnfm.jobs.pretrain import (PretrainConfig, abstract_batch, build_training, check_token_grid,
                                 load_pretrain_config, step_flops)
@@ -128,11 +128,11 @@ def check_overrides(req: PlanRequest) -> None:
     ignored, and the report would describe the other."""
     keys = option_keys(req)
     for text in req.overrides:
-        key = ".".join(parse_override(text)[0])
-        for set_key, option in keys.items():
-            if key == set_key or set_key.startswith(key + "."):
-                flag = option.split()[0]
-                raise ConfigError(f"override {text}: {option} sets {set_key}; give it with {flag} only")
+        for key in override_key_list([text]):  # `mesh={rules: dp}` sets mesh.rules alone
+            for set_key, option in keys.items():
+                if key == set_key or set_key.startswith(key + "."):
+                    flag = option.split()[0]
+                    raise ConfigError(f"override {text}: {option} sets {set_key}; give it with {flag} only")
 
 
 def pretrain_config(req: PlanRequest) -> PretrainConfig:

@@ -200,6 +200,11 @@ def test_an_override_may_set_what_no_option_gives():
     with pytest.raises(ConfigError, match=r"^override mesh.rules=fsdp: --rules dp sets mesh.rules; give it with "
                                           r"--rules only$"):
         planner.pretrain_config(planner.PlanRequest(**{**TINY8, "rules": "dp", "overrides": ("mesh.rules=fsdp",)}))
+    # a mesh given as a mapping sets its keys only: --mesh's sizes stay (it was refused as "--mesh sets mesh.data")
+    mesh = planner.pretrain_config(planner.PlanRequest(**{**TINY8, "overrides": ("mesh={rules: fsdp}",)})).mesh
+    assert (mesh.rules, mesh.data, mesh.fsdp) == ("fsdp", 8, 1)
+    with pytest.raises(ConfigError, match=r"^override mesh=\{data: 4\}: --mesh data=8 sets mesh.data; give it with"):
+        planner.pretrain_config(planner.PlanRequest(**{**TINY8, "overrides": ("mesh={data: 4}",)}))
 
 
 IDLE_TENSOR = ("mesh axis 'tensor' (4 devices) is not used by the rules 'fsdp': nothing is sharded over it, so its "
