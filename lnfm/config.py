@@ -204,6 +204,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def check_unique_overrides(overrides) -> None:
+    """Refuse a key given twice among the user's overrides: the last one would win without a word. (Internal
+    callers layer override lists on purpose, later ones over earlier ones: `apply_overrides` keeps the last.)"""
+    seen: set[str] = set()
+    for key in override_key_list(overrides):  # `train={steps: 1}` sets train.steps
+        if key in seen:
+            raise ConfigError(f"{key}: given twice as an override; give it once")
+        seen.add(key)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = dict(data)
     for text in overrides:
@@ -327,9 +337,11 @@ def replace(cfg: T, **changes: Any) -> T:
 
 def parse_args_once(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """`parser.parse_args(argv)`, refusing a single-value option given twice: argparse keeps the last one,
-    so `--input a --input b` would segment b alone without a word (repeatable options are `append`)."""
+    so `--input a --input b` would segment b alone without a word (repeatable options are `append`); and
+    refusing a key given twice among the `overrides` key=value arguments, for the same reason."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    check_unique_overrides(getattr(args, "overrides", None) or [])  # the jobs' positional key=value list
     for action in parser._actions:  # argparse has no public listing of its actions
         if not isinstance(action, argparse._StoreAction) or not action.option_strings:
             continue

@@ -32,6 +32,22 @@ def test_overrides_are_typed_and_nested():
     assert cfg.flag is True and cfg.stores == ["a", "b"]
 
 
+def test_an_override_given_twice_on_a_command_line_is_refused():
+    """The last one won without a word (`train.steps=1 ... train.steps=2` trained 2 steps)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--site")
+    ap.add_argument("overrides", nargs="*")
+    with pytest.raises(C.ConfigError, match=r"^opt\.lr: given twice as an override; give it once$"):
+        C.parse_args_once(ap, ["opt.lr=1", "steps=3", "opt.lr=2"])
+    assert C.parse_args_once(ap, ["--site", "x", "opt.lr=1", "opt.betas=[0.8,0.9]"]).overrides[0] == "opt.lr=1"
+    for twice in (["opt={lr: 1}", "opt={lr: 2}"], ["opt.lr=1", "opt={lr: 2}"]):  # a mapping sets its keys
+        with pytest.raises(C.ConfigError, match=r"^opt\.lr: given twice as an override"):
+            C.check_unique_overrides(twice)
+    C.check_unique_overrides(["opt={lr: 1}", "opt={betas: [0.8, 0.9]}"])  # two keys of one section
+
+
 def test_unknown_key_names_closest():
     # the suggestion is the key as it is typed, section and all (plan said 'qkv_bias' for model.bogus)
     with pytest.raises(C.ConfigError, match=r"^unknown config key 'opt\.lrr'; did you mean 'opt\.lr'\?$"):

@@ -86,7 +86,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 def render() -> str:
     out = ["# Configuration reference", "",
            "Generated from the config dataclasses by `python -m lnfm.jobs.configref`; do not edit by hand.",
-           "Every key can be set in a YAML file or on the command line as `key.sub=value`. A section",
+           "Every key can be set in a YAML file or on the command line as `key.sub=value`, each key once. A section",
            "given as a mapping, `\"train={steps: 1}\"`, sets the keys it lists and keeps the others (as a YAML file",
            "does over its `base:`).", ""]
     for title, target in SECTIONS:

@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from lnfm.config import ConfigError, load_config, parse_args_once, preset_path, read_yaml, to_dict
+from lnfm.config import (ConfigError, check_unique_overrides, load_config, parse_args_once, preset_path, read_yaml,
+                         to_dict)
 from lnfm.data import synth
 from lnfm.data.benchmark import BenchmarkSpec
 from lnfm.data.benchmark import build as build_data
@@ -138,6 +139,12 @@ def _check_jobs(cfg: StudyConfig) -> None:
         preset_path("pretrain", cfg.pretrain_config)
     except ConfigError as e:
         raise ConfigError(f"pretrain_config: {e}") from None
+    # The stages run the finetune / pretrain CLIs, which refuse a key given twice: refused here, before the data
+    for name in ("pretrain_overrides", "finetune_overrides"):
+        try:
+            check_unique_overrides(getattr(cfg, name))
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
     where = "pretrain_config / pretrain_overrides" if cfg.pretrain_overrides else "pretrain_config"
     try:
         pre = load_pretrain_config(cfg.pretrain_config, cfg.pretrain_overrides)

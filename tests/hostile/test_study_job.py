@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from harness import Case, World, run_case, run_job
+from override_helpers import once
 
 # Batches of 8: the stages inherit the suite's 8 host devices (tests/conftest.py); a row the old code
 # accepted then ran to its end, so the row failed on the defect itself.
@@ -31,9 +32,9 @@ def world(tmp_path_factory) -> World:
 
 
 def study(id: str, extra: list[str], says: tuple[str, ...]) -> Case:
-    """A study of the tiny grid with `extra` overrides (the later of two values of a key wins)."""
+    """A study of the tiny grid with `extra` overrides (each in place of the grid's value of its key)."""
     return Case(f"study-{id}", "study",
-                lambda w, inp, out: (["--quick", "--workdir", out / "wd", "--out", out / "results", *TINY, *extra],
+                lambda w, inp, out: (["--quick", "--workdir", out / "wd", "--out", out / "results", *once(TINY, extra)],
                                      None), 2, says)
 
 
@@ -133,6 +134,10 @@ ROWS = [
           ("pretrain_overrides", "train.steps must be at least 1")),
     study("finetune-override-unknown-key", ['finetune_overrides=["head.knd=light"]'],
           ("finetune_overrides", "unknown config key 'head.knd'")),
+    # the last of the two won without a word
+    Case("study-override-twice", "study", lambda w, inp, out: (["--quick", "--workdir", out / "wd", "--out",
+                                                                out / "results", *TINY, "repeats=2"], None),
+         2, ("repeats: given twice as an override; give it once",)),
     # a file where a folder goes: a FileExistsError traceback
     folder("out-is-a-file", "--out"),
     folder("workdir-is-a-file", "--workdir"),
@@ -168,9 +173,9 @@ def test_a_study_in_a_patient_named_folder_writes_no_name(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)  # relative folders as given, and absolute ones inside the stages
     top = Path(NAME)
     try:
-        rc = run_job("study", ["--quick", "--workdir", f"{NAME}/wd", "--out", f"{NAME}/out", *TINY,
-                               "inits=[pretrained]",
-                               'pretrain_overrides=["train.steps=1","train.global_batch=8","checkpoint.every=0"]'])
+        rc = run_job("study", ["--quick", "--workdir", f"{NAME}/wd", "--out", f"{NAME}/out",
+                               *once(TINY, ["inits=[pretrained]", 'pretrain_overrides=["train.steps=1",'
+                                            '"train.global_batch=8","checkpoint.every=0"]'])])
     finally:
         logging.getLogger("lnfm").removeHandler(handler)
         for h in logging.getLogger("lnfm").handlers[:]:  # the study's log.txt handler, were it left

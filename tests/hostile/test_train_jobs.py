@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from harness import Case, run_case
 from inputs import labelled_store, real_ct
+from override_helpers import once
 
 
 def pre(w, out, *extra, data=None) -> list:
-    return ["--config", "vit_tiny", "--data", data or w.store, "--workdir", out / "wd", "train.steps=1",
-            "data.workers=0", *extra]
+    return ["--config", "vit_tiny", "--data", data or w.store, "--workdir", out / "wd",
+            *once(["train.steps=1", "data.workers=0"], extra)]  # extra's value of a key in place of these
 
 
 def pretrain(id, extra, says, named=None, data=None) -> Case:
@@ -80,7 +81,7 @@ PRETRAIN = [
 
 def ft(w, out, *extra, data=None, init="scratch") -> list:
     return ["--site", "pelvis", "--data", data or w.ft_store, "--init", init, "--workdir", out / "wd", "--quick",
-            "train.steps=1", "train.global_batch=8", *extra]
+            *once(["train.steps=1", "train.global_batch=8"], extra)]
 
 
 def finetune(id, extra, says, named=None, data=None, init=None) -> Case:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from override_helpers import once
 from sphere_cases import write_spheres
 
 from lnfm.config import ConfigError
@@ -110,6 +111,15 @@ def test_site_labels_must_start_with_background(labels, says):
     with pytest.raises(ConfigError, match=r"^site.labels \[.*\]: " + says):
         load_finetune_config("pelvis", [f"site.labels={labels}"])
     assert load_finetune_config("pelvis", ["site.labels=[background,node,other]"]).site.labels[0] == "background"
+
+
+def test_an_override_given_twice_on_the_command_line_is_refused_and_writes_nothing(store, tmp_path, capsys):
+    wd = tmp_path / "ft"
+    rc = run_job("finetune", ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd),
+                              "--quick", "train.steps=1", "train.global_batch=2", "train.steps=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].endswith("train.steps: given twice as an override; give it once"), err
+    assert not wd.exists()
 
 
 def test_inference_roi_is_the_training_patch(tmp_path):
@@ -439,9 +449,9 @@ def test_workdir_apart_from_init_and_data_and_a_refused_resume_writes_nothing(tm
         "workdir_in_init": (base + ["--init", str(pre), "--workdir", str(pre / "ft")], "--workdir lies inside --init"),
         "workdir_in_data": (base + ["--init", "scratch", "--workdir", str(store / "ft")],
                             "--workdir lies inside --data"),
-        "another_head": (base + ["--init", "scratch", "--workdir", str(wd), *TINY, "head.kind=light"],
+        "another_head": (base + ["--init", "scratch", "--workdir", str(wd), *once(TINY, ["head.kind=light"])],
                          'head.kind="linear" (new: "light")'),
-        "another_model": (base + ["--init", "scratch", "--workdir", str(wd), *TINY, "model.depth=3"],
+        "another_model": (base + ["--init", "scratch", "--workdir", str(wd), *once(TINY, ["model.depth=3"])],
                           "model.depth=2 (new: 3)"),
     }
     before = tree_digest(tmp_path)
@@ -460,8 +470,9 @@ def test_a_resume_that_changes_how_the_run_trains_is_refused_and_writes_nothing(
     from tree_helpers import tree_digest
 
     wd = tmp_path / "ft"
-    base = ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3",
-            *TINY, "checkpoint.every=2"]
+    options = ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3"]
+    over = once(TINY, ["checkpoint.every=2"])
+    base = options + over
     assert run_job("finetune", base) == 0
     recorded = yaml.safe_load((wd / "config.yaml").read_text())
     before = tree_digest(wd)
@@ -471,14 +482,14 @@ def test_a_resume_that_changes_how_the_run_trains_is_refused_and_writes_nothing(
         old = json.dumps(recorded[section][name])
         new = json.dumps(yaml.safe_load(extra[0].split("=", 1)[1]))
         capsys.readouterr()
-        assert run_job("finetune", base + extra) == 2, extra
+        assert run_job("finetune", options + once(over, extra)) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"lnfm finetune: error: {wd / 'config.yaml'}: the run to resume has {key}={old} (new: {new}); "
                        f"a resumed run may change only train.steps, train.log_every, train.image_every, "
                        f"train.profile_steps, train.eval_every, train.accum_steps, checkpoint, mesh, model.remat: "
                        f"resume with the same settings or choose a new --workdir"], extra
         assert tree_digest(wd) == before, extra
-    assert run_job("finetune", base + ["train.steps=4", "checkpoint.every=1"]) == 0
+    assert run_job("finetune", options + once(over, ["train.steps=4", "checkpoint.every=1"])) == 0
     assert "resumed from step 2" in (wd / "log.txt").read_text()
     assert yaml.safe_load((wd / "config.yaml").read_text())["train"]["steps"] == 4
 
@@ -496,8 +507,9 @@ def test_a_resume_over_a_store_that_gained_cases_is_refused(store, tmp_path, cap
 
     data = shutil.copytree(store, tmp_path / "store")
     wd = tmp_path / "ft"
-    base = ["--site", "pelvis", "--data", str(data), "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3",
-            *TINY, "checkpoint.every=2"]
+    options = ["--site", "pelvis", "--data", str(data), "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3"]
+    over = once(TINY, ["checkpoint.every=2"])
+    base = options + over
     assert run_job("finetune", base) == 0
     splits = json.loads((wd / "splits.json").read_text())
     expected = make_splits(read_manifest(str(data)), 0.15)
@@ -516,7 +528,7 @@ def test_a_resume_over_a_store_that_gained_cases_is_refused(store, tmp_path, cap
                     show_progress=False)
     before = tree_digest(wd)
     capsys.readouterr()
-    assert run_job("finetune", base + ["train.steps=4"]) == 2
+    assert run_job("finetune", options + once(over, ["train.steps=4"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"lnfm finetune: error: {wd / 'splits.json'}: the run to resume "
                                                f"recorded other splits (") and "its data changed since" in err[0]
@@ -615,7 +627,7 @@ def test_a_workdir_moved_while_the_run_trains_ends_it_in_one_line_keeping_its_ch
 
     def argv(workdir):
         return ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(workdir), "--num-labeled",
-                "3", *TINY, "checkpoint.every=2", "train.steps=4"]
+                "3", *once(TINY, ["checkpoint.every=2", "train.steps=4"])]
 
     monkeypatch.setattr(ft, "make_train_step", moving)
     capsys.readouterr()
@@ -648,7 +660,7 @@ def test_a_workdir_moved_during_a_checkpoint_save_keeps_that_checkpoint(store, t
         real(folder)
 
     argv = ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3",
-            *TINY, "checkpoint.every=2", "train.steps=4"]
+            *once(TINY, ["checkpoint.every=2", "train.steps=4"])]
     monkeypatch.setattr(ckpt, "write_checksums", moving)
     capsys.readouterr()
     rc = run_job("finetune", argv)
@@ -856,7 +868,7 @@ def two_step_run(store, tmp_path_factory):
     copies of it."""
     def argv(wd, *extra):
         return ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd), "--num-labeled", "3",
-                *TINY, "checkpoint.every=2", *extra]
+                *once(TINY, ["checkpoint.every=2"], extra)]
 
     wd = tmp_path_factory.mktemp("two_steps") / "ft"
     assert run_job("finetune", argv(wd)) == 0
@@ -938,7 +950,7 @@ def test_a_patch_that_is_no_whole_number_of_tokens_is_refused_before_anything_is
     """site.patch=[12,16,16] with 8-voxel tokens failed in a reshape, after the workdir was written."""
     wd = tmp_path / "wd"
     rc = run_job("finetune", ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd),
-                              *TINY, "site.patch=[12,16,16]"])
+                              *once(TINY, ["site.patch=[12,16,16]"])])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert ("site.patch [12, 16, 16] is not a whole number of the encoder's deepest stride [8, 8, 8]" in err
@@ -965,7 +977,7 @@ def test_a_scratch_model_in_channels_that_contradicts_the_store_is_refused(store
     """A scratch encoder takes the data's channels; a model.in_channels naming others was silently replaced."""
     wd = tmp_path / "ft"
     rc = run_job("finetune", ["--site", "pelvis", "--data", store, "--init", "scratch", "--workdir", str(wd),
-                              *TINY, "model.in_channels=2"])
+                              *once(TINY, ["model.in_channels=2"])])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert "the data has 1 channel(s) but model.in_channels (leave it unset to take the data's) takes 2" in err[0]

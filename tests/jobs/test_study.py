@@ -85,6 +85,13 @@ def test_invalid_study_config_is_rejected():
                                                 "must be at least 1"),
     ({"finetune_overrides": ["head.knd=light"]}, "finetune_overrides (strategy freeze_all, head unetr): unknown config "
                                                  "key 'head.knd'"),
+    # the finetune / pretrain CLIs refuse a key given twice: a study cell would fail after the data was made
+    ({"finetune_overrides": ["train.steps=2", "train.steps=3"]},
+     "finetune_overrides: train.steps: given twice as an override; give it once"),
+    ({"pretrain_overrides": ["train.steps=2", "train.steps=3"]},
+     "pretrain_overrides: train.steps: given twice as an override; give it once"),
+    ({"finetune_overrides": ["train.steps=2", "train={steps: 3}"]},
+     "finetune_overrides: train.steps: given twice as an override; give it once"),
 ])
 def test_a_value_no_study_can_use_is_refused_before_anything_is_made(changes, message):
     """Each of these built every phantom set (or ran the whole study) before failing or reporting wrong

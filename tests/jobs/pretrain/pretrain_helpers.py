@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from override_helpers import once
+
 REPO = Path(__file__).resolve().parents[3]
 ENTRY = str(REPO / "pretrain" / "pretrain.py")
 
@@ -32,8 +34,8 @@ def env_for(devices: int) -> dict:
 
 
 def command(store: str, workdir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, ENTRY, "--config", "vit_tiny", "--data", store, "--workdir", str(workdir), *FAST,
-            *overrides]
+    return [sys.executable, ENTRY, "--config", "vit_tiny", "--data", store, "--workdir", str(workdir),
+            *once(FAST, overrides)]
 
 
 def start(store: str, workdir: Path, *overrides: str, devices: int = 8) -> subprocess.Popen:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from override_helpers import once
 from pretrain_helpers import FAST, checkpoint_steps, finish, losses, output, start, wait_for
 
 from lnfm.jobs import pretrain
@@ -220,7 +221,7 @@ def test_a_resume_that_changes_how_the_run_trains_is_refused_and_the_record_hold
                                                                                           "false)"),
                         ("train.global_batch=16", "train.global_batch=8 (new: 16)")]:
         capsys.readouterr()
-        assert run_job("pretrain", args + [extra]) == 2, extra
+        assert run_job("pretrain", once(args, [extra])) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"the run to resume has {says}" in err[0], (extra, err)
         assert tree_digest(wd) == before, extra
@@ -240,7 +241,7 @@ def test_a_resume_that_changes_how_the_run_trains_is_refused_and_the_record_hold
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{wd / 'data.json'}: the run to resume recorded other data (store_1 " in err[0], err
     assert tree_digest(wd) == before
-    assert run_job("pretrain", args + ["train.steps=3"]) == 0
+    assert run_job("pretrain", once(args, ["train.steps=3"])) == 0
     assert "resumed from step 2" in (wd / "log.txt").read_text()
 
 
@@ -249,9 +250,9 @@ def two_step_run(phantom_store, tmp_path_factory):
     """A finished pretraining run of 2 steps, a checkpoint at each, and `argv(workdir, *overrides)`, the command
     that made it; tests resume copies of it."""
     def argv(wd, *extra):
-        return ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(wd), "data.workers=0",
-                "train.global_batch=8", "model.depth=2", "train.image_every=0", "train.steps=2", "checkpoint.every=1",
-                *extra]
+        return ["--config", "vit_tiny", "--data", phantom_store, "--workdir", str(wd),
+                *once(["data.workers=0", "train.global_batch=8", "model.depth=2", "train.image_every=0",
+                       "train.steps=2", "checkpoint.every=1"], extra)]
 
     wd = tmp_path_factory.mktemp("two_steps") / "wd"
     assert run_job("pretrain", argv(wd)) == 0
