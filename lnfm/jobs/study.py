@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from lnfm.config import (ConfigError, check_unique_overrides, load_config, parse_args_once, preset_path, read_yaml,
-                         to_dict)
+from lnfm.config import (ConfigError, check_unique_overrides, load_config, override_keys, parse_args_once, preset_path,
+                         read_yaml, to_dict)
 from lnfm.data import synth
 from lnfm.data.benchmark import BenchmarkSpec
 from lnfm.data.benchmark import build as build_data
@@ -145,6 +145,14 @@ def _check_jobs(cfg: StudyConfig) -> None:
             check_unique_overrides(getattr(cfg, name))
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}") from None
+    grid = cell_keys(cfg)
+    for key in sorted(override_keys(cfg.finetune_overrides)):
+        if key in grid:  # the cell would replace it without a word
+            raise ConfigError(f"finetune_overrides: {key} is set in each cell by the study's {grid[key]}; drop it "
+                              f"from finetune_overrides")
+        if key.startswith("model.") and "scratch" in cfg.inits:
+            raise ConfigError(f"finetune_overrides: {key}: the scratch cells take the pretraining model's "
+                              f"(pretrain_config / pretrain_overrides); set it there")
     where = "pretrain_config / pretrain_overrides" if cfg.pretrain_overrides else "pretrain_config"
     try:
         pre = load_pretrain_config(cfg.pretrain_config, cfg.pretrain_overrides)
@@ -165,6 +173,14 @@ def _check_jobs(cfg: StudyConfig) -> None:
                 raise ConfigError(f"spacing {list(cfg.spacing)} differs from the site.spacing "
                                   f"{list(ft.site.spacing)} finetuning uses (site {cfg.site}): every cell would "
                                   f"refuse the data; make them equal (site.spacing in finetune_overrides)")
+
+
+def cell_keys(cfg: StudyConfig) -> dict[str, str]:
+    """The finetuning keys each cell sets itself (key -> the study's option that sets it): its head and strategy."""
+    keys = {"head.kind": "heads"}
+    for name in cfg.strategies:
+        keys |= {key: f"strategies ({name}: {text})" for text in STRATEGIES[name] for key in override_keys([text])}
+    return keys
 
 
 def check(cfg: StudyConfig) -> None:

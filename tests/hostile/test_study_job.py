@@ -134,6 +134,9 @@ ROWS = [
           ("pretrain_overrides", "train.steps must be at least 1")),
     study("finetune-override-unknown-key", ['finetune_overrides=["head.knd=light"]'],
           ("finetune_overrides", "unknown config key 'head.knd'")),
+    # a key the grid sets: each cell replaced it without a word, and study.md recorded it as given
+    study("finetune-override-head-kind", ['finetune_overrides=["head.kind=unetr"]'],
+          ("finetune_overrides: head.kind is set in each cell by the study's heads",)),
     # the last of the two won without a word
     Case("study-override-twice", "study", lambda w, inp, out: (["--quick", "--workdir", out / "wd", "--out",
                                                                 out / "results", *TINY, "repeats=2"], None),

@@ -92,6 +92,18 @@ def test_invalid_study_config_is_rejected():
      "pretrain_overrides: train.steps: given twice as an override; give it once"),
     ({"finetune_overrides": ["train.steps=2", "train={steps: 3}"]},
      "finetune_overrides: train.steps: given twice as an override; give it once"),
+    # a key each cell sets: the cell replaced it without a word (study.md recorded it as given)
+    ({"finetune_overrides": ["head.kind=light"]}, "finetune_overrides: head.kind is set in each cell by the study's "
+                                                  "heads; drop it from finetune_overrides"),
+    ({"finetune_overrides": ["head={kind: light}"]}, "finetune_overrides: head.kind is set in each cell by the"),
+    ({"finetune_overrides": ["strategy.freeze=none"]}, "finetune_overrides: strategy.freeze is set in each cell by "
+                                                       "the study's strategies (lora: strategy.freeze=lora)"),
+    ({"finetune_overrides": ["strategy.k=3"], "strategies": ["freeze_all", "first_k"]},
+     "finetune_overrides: strategy.k is set in each cell by the study's strategies (first_k: strategy.k=2); drop it"),
+    ({"finetune_overrides": ["strategy.llrd=0.5"], "strategies": ["full_llrd"]},
+     "finetune_overrides: strategy.llrd is set in each cell by the study's strategies (full_llrd: strategy.llrd=0.75)"),
+    ({"finetune_overrides": ["model.depth=3"], "inits": ["scratch"]},
+     "finetune_overrides: model.depth: the scratch cells take the pretraining model's"),
 ])
 def test_a_value_no_study_can_use_is_refused_before_anything_is_made(changes, message):
     """Each of these built every phantom set (or ran the whole study) before failing or reporting wrong
@@ -106,6 +118,8 @@ def test_what_the_checks_allow():
     S.check(S.StudyConfig(inits=["scratch"], pretrain_overrides=["train.steps=0"], num_labeled=[1]))
     S.check(S.StudyConfig(spacing=(2.0, 2.0, 2.0), finetune_overrides=["site.spacing=[2,2,2]"], num_labeled=[1]))
     S.check(S.StudyConfig(labelled=4, num_labeled=[4], val=1, test=1, unlabelled=1, shape=(16, 16, 16)))
+    # a strategy key no listed strategy sets is the study's to choose (first_k alone sets strategy.k)
+    S.check(S.StudyConfig(strategies=["full_llrd"], finetune_overrides=["strategy.k=3"], num_labeled=[1]))
 
 
 def test_a_file_where_a_folder_goes_is_refused(tmp_path):
