@@ -147,7 +147,7 @@ def _check_jobs(cfg: StudyConfig) -> None:
             raise ConfigError(f"{name}: {e}") from None
     grid = cell_keys(cfg)
     for key in sorted(override_keys(cfg.finetune_overrides)):
-        if key in grid:  # the cell would replace it without a word
+        if key in grid:  # the cell would replace it without a word, or its finetune refuse it after the data
             raise ConfigError(f"finetune_overrides: {key} is set in each cell by the study's {grid[key]}; drop it "
                               f"from finetune_overrides")
         if key.startswith("model.") and "scratch" in cfg.inits:
@@ -176,8 +176,9 @@ def _check_jobs(cfg: StudyConfig) -> None:
 
 
 def cell_keys(cfg: StudyConfig) -> dict[str, str]:
-    """The finetuning keys each cell sets itself (key -> the study's option that sets it): its head and strategy."""
-    keys = {"head.kind": "heads"}
+    """The finetuning keys each cell sets itself (key -> the study's option that sets it): its head, strategy,
+    labelled count (--num-labeled) and repeats (--repeats)."""
+    keys = {"head.kind": "heads", "train.num_labeled": "num_labeled", "train.repeats": "repeats"}
     for name in cfg.strategies:
         keys |= {key: f"strategies ({name}: {text})" for text in STRATEGIES[name] for key in override_keys([text])}
     return keys

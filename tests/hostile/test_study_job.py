@@ -134,6 +134,9 @@ ROWS = [
           ("pretrain_overrides", "train.steps must be at least 1")),
     study("finetune-override-unknown-key", ['finetune_overrides=["head.knd=light"]'],
           ("finetune_overrides", "unknown config key 'head.knd'")),
+    # refused by the first cell only, after the data was made
+    study("finetune-override-num-labeled", ['finetune_overrides=["train.num_labeled=1"]'],
+          ("finetune_overrides: train.num_labeled is set in each cell by the study's num_labeled",)),
     # a key the grid sets: each cell replaced it without a word, and study.md recorded it as given
     study("finetune-override-head-kind", ['finetune_overrides=["head.kind=unetr"]'],
           ("finetune_overrides: head.kind is set in each cell by the study's heads",)),

@@ -92,7 +92,8 @@ def test_invalid_study_config_is_rejected():
      "pretrain_overrides: train.steps: given twice as an override; give it once"),
     ({"finetune_overrides": ["train.steps=2", "train={steps: 3}"]},
      "finetune_overrides: train.steps: given twice as an override; give it once"),
-    # a key each cell sets: the cell replaced it without a word (study.md recorded it as given)
+    # a key each cell sets: the cell replaced it without a word (study.md recorded it as given), or its
+    # finetune refused it after the data (and the pretraining) were made
     ({"finetune_overrides": ["head.kind=light"]}, "finetune_overrides: head.kind is set in each cell by the study's "
                                                   "heads; drop it from finetune_overrides"),
     ({"finetune_overrides": ["head={kind: light}"]}, "finetune_overrides: head.kind is set in each cell by the"),
@@ -102,6 +103,10 @@ def test_invalid_study_config_is_rejected():
      "finetune_overrides: strategy.k is set in each cell by the study's strategies (first_k: strategy.k=2); drop it"),
     ({"finetune_overrides": ["strategy.llrd=0.5"], "strategies": ["full_llrd"]},
      "finetune_overrides: strategy.llrd is set in each cell by the study's strategies (full_llrd: strategy.llrd=0.75)"),
+    ({"finetune_overrides": ["train.num_labeled=1"]}, "finetune_overrides: train.num_labeled is set in each cell by "
+                                                      "the study's num_labeled; drop it from finetune_overrides"),
+    ({"finetune_overrides": ["train.repeats=2"]}, "finetune_overrides: train.repeats is set in each cell by the "
+                                                  "study's repeats"),
     ({"finetune_overrides": ["model.depth=3"], "inits": ["scratch"]},
      "finetune_overrides: model.depth: the scratch cells take the pretraining model's"),
 ])
