@@ -555,8 +555,8 @@ def test_a_resume_over_a_store_prepared_again_with_other_labels_under_the_same_i
     data, wd = str(tmp_path / "store"), tmp_path / "ft"
     prep = PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, split_fractions=(0.6, 0.0, 0.4))
     assert prepare_dataset(str(tmp_path / "raw"), data, prep, show_progress=False).ok
-    base = ["--site", "pelvis", "--data", data, "--init", "scratch", "--workdir", str(wd), *TINY, "checkpoint.every=2"]
-    assert run_job("finetune", base) == 0
+    base = ["--site", "pelvis", "--data", data, "--init", "scratch", "--workdir", str(wd)]
+    assert run_job("finetune", base + once(TINY, ["checkpoint.every=2"])) == 0
     splits = (wd / "splits.json").read_bytes()
     labels = sorted((tmp_path / "raw" / "labelsTr").glob("*.nii.gz"))
     for path in labels[:2]:  # corrected labels: each node a voxel wider
@@ -568,7 +568,7 @@ def test_a_resume_over_a_store_prepared_again_with_other_labels_under_the_same_i
     assert prepare_dataset(str(tmp_path / "raw"), data, prep, show_progress=False).ok
     before = tree_digest(wd)
     capsys.readouterr()
-    assert run_job("finetune", base + ["train.steps=4"]) == 2
+    assert run_job("finetune", base + once(TINY, ["checkpoint.every=2", "train.steps=4"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     first = labels[0].name.removesuffix(".nii.gz")
     assert err == [f"lnfm finetune: error: {wd / 'content.json'}: the run to resume recorded other content for case "
