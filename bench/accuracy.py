@@ -67,6 +67,7 @@ from lnfm.jobs import finetune as F
 from lnfm.jobs import pretrain as P
 from lnfm.jobs.export import export_model
 from lnfm.jobs.export_meta import read_meta
+from lnfm.jobs.finetune_config import model_overrides
 from lnfm.jobs.heldout import evaluate, paste_hosts, train_and_score_peer
 from lnfm.jobs.predict import load_predictor
 from lnfm.segmentation.fewshot import select_subset
@@ -153,8 +154,7 @@ def finetune_config(preset: Preset, bench: B.Benchmark, init: str, n: int, seed:
         over.append(f"site.patch=[{preset.patch},{preset.patch},{preset.patch}]")
     if init == "scratch":  # a random encoder is trained whole: freezing random layers helps no one
         over.append("strategy.freeze=none")
-        model = to_dict(P.load_pretrain_config(preset.pretrain_config, _pretrain_overrides(preset)).model)
-        over += [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
+        over += model_overrides(P.load_pretrain_config(preset.pretrain_config, _pretrain_overrides(preset)).model)
     over += list(extra)
     return F.load_finetune_config(site, over, init=init, data=[str(bench.labelled_store)], num_labeled=n,
                                   repeats=1, quick=preset.quick)

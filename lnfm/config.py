@@ -189,6 +189,26 @@ def refuse_derived(overrides, derived: dict[str, str], job: str) -> None:
             raise ConfigError(f"{key}: {job} sets it from {derived[key]}; set that instead")
 
 
+def unread_in_mode(section: str, mode_key: str, mode: str, reads: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """The `section` keys that `section.mode_key=mode` never reads -> why, for `refuse_unread`; `reads` maps each
+    mode-dependent key to the modes that read it."""
+    return {f"{section}.{key}": f"read only with {section}.{mode_key}={' or '.join(modes)}, and {section}.{mode_key} "
+                                f"is {mode}" for key, modes in reads.items() if mode not in modes}
+
+
+def refuse_unread(given: dict[str, Path | None], unread: dict[str, str]) -> None:
+    """Refuse a key the user set (`given_keys`: key -> their file, None for an override) that the chosen mode never
+    reads (`unread`: key -> why): the run would record it in config.yaml and never use it. A value from a preset
+    or a job's defaults is not refused."""
+    keys = sorted(k for k in unread if k in given)
+    if keys:
+        first = keys[0]
+        same = [k for k in keys if (unread[k], given[k]) == (unread[first], given[first])]
+        where = f"{given[first]}: " if given[first] else ""
+        raise ConfigError(f"{where}{', '.join(same)}: {unread[first]} (the run would record a value it never "
+                          f"uses); drop {'it' if len(same) == 1 else 'them'}")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=1e-3' -> (['train', 'lr'], 0.001). Values are parsed as YAML."""
     if "=" not in text:
@@ -325,6 +345,57 @@ def config_data(cls: type, source: str | Path | None = None, overrides: list[str
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
     return apply_overrides(data, list(overrides))
+
+
+def given_keys(cls: type, source: str | Path | None, overrides: list[str] = (), *, kind: str = "",
+               defaults: dict | None = None, preset_key: str | None = None) -> dict[str, Path | None]:
+    """The dotted keys the user set -> their file (None: an override). An override's whatever its value; a key of
+    the user's own YAML files (`source` when it is a path, and the files outside the packaged presets its `base:`
+    chain names) when its value differs from the one `defaults`, the packaged base and the dataclass give (a run's
+    config.yaml, given again, records every key). A packaged preset's keys and `defaults` are not the user's; nor
+    is what a job adds (--quick), which the caller leaves out of `overrides`. Call it after `config_data` has
+    loaded `source` (which refuses a missing file or a looping chain). `preset_key` (e.g. `site.name`) names the
+    packaged preset of a chain with no packaged base: a run's config.yaml records the preset's values of keys its
+    mode never reads, and given again they are still the preset's, not the user's."""
+    own, path = [], preset_path(kind, str(source)) if source else None
+    while path is not None and not path.resolve().is_relative_to(CONFIG_DIR.resolve()):
+        own.append((path, read_yaml(path)))
+        path = preset_path(kind, own[-1][1]["base"]) if own[-1][1].get("base") else None
+    if path is None and own and preset_key:
+        name = _lookup(own[-1][1], preset_key)
+        if isinstance(name, str) and (CONFIG_DIR / kind / f"{name}.yaml").is_file():
+            path = CONFIG_DIR / kind / f"{name}.yaml"
+    baseline = _merge(to_dict(cls()), _merge(dict(defaults or {}), load_yaml_with_base(path, kind) if path else {}))
+    keys: dict[str, Path | None] = {}
+    for file, data in reversed(own):  # the file nearest to `source` wins, as in the merge
+        keys |= {key: file for key, value in _leaves({k: v for k, v in data.items() if k != "base"})
+                 if to_dict(value) != _lookup(baseline, key)}
+    for text in overrides:  # a section given whole (`strategy={k: 5}`) sets each key it holds
+        path, value = parse_override(text)
+        key = ".".join(path)
+        keys |= dict.fromkeys([key, *(k for k, _ in _leaves(value, key + "."))] if isinstance(value, dict) else [key])
+    return keys
+
+
+def _leaves(data: dict, prefix: str = ""):
+    """(dotted key, value) of each leaf of a nested mapping."""
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _lookup(data: dict, key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return to_dict(node)
+
+
+_MISSING = object()
 
 
 def dump_yaml(cfg: Any) -> str:

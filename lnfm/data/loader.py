@@ -62,7 +62,8 @@ class LoaderConfig:
 
 # The settings `PatchSampler` reads only for labelled patches (`labels=True`): node-centred and look-alike
 # patches, node paste. A job that draws unlabelled patches (pretraining) never reads them.
-LABEL_ONLY_KEYS = ("fg_fraction", "hard_negative_fraction", "paste_p", "paste_margin", "paste_flip", "paste_zoom")
+PASTE_KEYS = ("paste_p", "paste_margin", "paste_flip", "paste_zoom")  # read only when given host scans (--paste-into)
+LABEL_ONLY_KEYS = ("fg_fraction", "hard_negative_fraction", *PASTE_KEYS)
 
 
 def check_loader(cfg: LoaderConfig, where: str = "loader") -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lnfm.config import ConfigError, check_in
+from lnfm.config import ConfigError, check_in, unread_in_mode
 from lnfm.eval.detection import Detection, Node, axial_diameters, detect_nodes
 from lnfm.eval.froc import Froc, froc
 from lnfm.eval.surface import (
@@ -46,6 +46,7 @@ __all__ = [
     "CASE_KEYS",
     "EvalConfig",
     "check_metrics",
+    "unread_keys",
 ]
 
 @dataclass
@@ -61,6 +62,12 @@ class EvalConfig:
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `evaluate_case`."""
         return asdict(self)
+
+
+def unread_keys(cfg: EvalConfig) -> dict[str, str]:
+    """The metrics keys cfg.criterion never reads -> why (`lnfm.config.refuse_unread`)."""
+    return unread_in_mode("metrics", "criterion", cfg.criterion,
+                          {"min_overlap": ("overlap",), "max_distance_mm": ("centroid",)})
 
 
 def check_metrics(cfg: EvalConfig) -> None:

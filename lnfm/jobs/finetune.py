@@ -46,8 +46,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, parse_args_once,
-                         override_keys, read_yaml, refuse_derived, to_dict)
+from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, given_keys,
+                         parse_args_once, override_keys, read_yaml, refuse_derived, refuse_unread, to_dict)
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
@@ -60,7 +60,7 @@ from lnfm.eval.inference import window_problem
 from lnfm.eval.postprocess import PostprocessConfig, postprocess_problem, tune_size_prior, without_size_prior
 from lnfm.eval.predictor import Predictor, softmax_fn
 from lnfm.eval.surface import dice as dice_score
-from lnfm.jobs.finetune_config import FinetuneConfig, FinetuneTrainConfig, HeadConfig
+from lnfm.jobs.finetune_config import FinetuneConfig, FinetuneTrainConfig, HeadConfig, unread_keys
 from lnfm.jobs.finetune_cpu import QUICK, check_memory, cpu_notice
 from lnfm.jobs.export_meta import read_meta
 from lnfm.io import write_nifti
@@ -201,6 +201,9 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
             raise ConfigError(f"model.arch={model['arch']}: the --init encoder {cfg.init} is a {arch} encoder and "
                               f"finetuning keeps its architecture; drop model.arch")
         cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, model, "model"))
+    # A key the user set that the chosen modes never read; a preset's, DEFAULTS', QUICK's or --init's are not theirs.
+    refuse_unread(given_keys(FinetuneConfig, site, overrides, kind="sites", defaults=DEFAULTS,
+                             preset_key="site.name"), unread_keys(cfg))
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
     if norm is not None and "loader.pet_scale" in keys:

@@ -6,20 +6,27 @@ Apart from the job so that export can read a run's config without importing the 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Literal
 
-from lnfm.data.loader import LoaderConfig
+from lnfm.config import to_dict
+from lnfm.data.loader import PASTE_KEYS, LoaderConfig
 from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.metrics import EvalConfig
+from lnfm.eval.metrics import unread_keys as metrics_unread
 from lnfm.eval.postprocess import PostprocessConfig
 from lnfm.models import ModelConfig
+from lnfm.models.build import unread_keys as model_unread
 from lnfm.models.heads.config import HeadConfig
 from lnfm.models.sharding import MeshConfig
 from lnfm.segmentation.losses import LossConfig
+from lnfm.segmentation.losses import unread_keys as loss_unread
 from lnfm.segmentation.sites import SiteConfig
 from lnfm.segmentation.strategies import StrategyConfig
+from lnfm.segmentation.strategies import unread_keys as strategy_unread
 from lnfm.train.checkpoint import CheckpointConfig
 from lnfm.train.optim import OptimConfig
+from lnfm.train.optim import unread_keys as optim_unread
 
 
 @dataclasses.dataclass
@@ -65,3 +72,19 @@ class FinetuneConfig:
     metrics: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # test metrics settings
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh and sharding rules
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax saving
+
+
+def unread_keys(cfg: FinetuneConfig) -> dict[str, str]:
+    """Every key this run's modes never read -> why: the strategy's, loss's, test metrics', LR schedule's, node
+    paste's and the model keys only pretraining reads (`lnfm.config.refuse_unread` refuses those the user set)."""
+    paste = {} if cfg.paste_into else {f"loader.{k}": "read only with --paste-into (node paste), which is not given"
+                                       for k in PASTE_KEYS}
+    return {**strategy_unread(cfg.strategy), **loss_unread(cfg.loss), **metrics_unread(cfg.metrics),
+            **optim_unread(cfg.optim), **model_unread(cfg.model, finetuning=True), **paste}
+
+
+def model_overrides(model: ModelConfig) -> list[str]:
+    """A pretraining config's model section as finetuning overrides (a scratch run with its architecture), less
+    the keys finetuning never reads, which it refuses as overrides (the encoder is the same without them)."""
+    unread = model_unread(model, finetuning=True)
+    return [f"model.{k}={json.dumps(v)}" for k, v in to_dict(model).items() if f"model.{k}" not in unread]

@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import ConfigError, load_config, override_keys, parse_args_once, refuse_derived, to_dict
+from lnfm.config import (ConfigError, given_keys, load_config, override_keys, parse_args_once, refuse_derived,
+                         refuse_unread, to_dict)
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.pseudo_labels import scan_fingerprint
 from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, check_weights, make_loader
@@ -32,6 +33,7 @@ from lnfm.data.store import check_stores, content_fingerprint
 from lnfm.errors import DataError
 from lnfm.models import ModelConfig
 from lnfm.models.build import build_ssl_model
+from lnfm.models.build import unread_keys as model_unread
 from lnfm.runs import PretrainRun
 from lnfm.models.mae import num_visible, patchify, reconstruct, unpatchify
 from lnfm.models.sharding import MeshConfig, abstract_sharded_model, batch_sharding, create_sharded_model, use_rules
@@ -42,6 +44,7 @@ from lnfm.train.loop import Hook, LoopResult, Throughput, parse_profile_steps
 from lnfm.train.memory import cpu_host_memory, judge_host_memory, memory_figures, worth_compiling
 from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
+from lnfm.train.optim import unread_keys as optim_unread
 from lnfm.train.state import create_train_state, merge_model, step_key
 from lnfm.train.job import Checked, check_channels, check_run_config, device_batch, fit, run_training_job
 from lnfm.train.step import make_train_step
@@ -98,6 +101,9 @@ def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> Pretra
         it = "them" if len(unread) > 1 else "it"
         raise ConfigError(f"{', '.join(unread)}: the loader reads {it} only for labelled patches and pretraining draws "
                           f"unlabelled ones (the run would record {it} and never use {it}); drop {it}")
+    # A model or optim key the user set that the chosen arch or schedule never reads (a preset's are not theirs).
+    refuse_unread(given_keys(PretrainConfig, name_or_yaml, overrides, kind="pretrain"),
+                  {**model_unread(cfg.model, finetuning=False), **optim_unread(cfg.optim)})
     return cfg
 
 

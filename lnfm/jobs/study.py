@@ -41,6 +41,7 @@ from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.errors import LnfmError
 from lnfm.jobs.finetune import load_finetune_config
 from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretrain_config
+from lnfm.jobs.finetune_config import model_overrides
 from lnfm.runs import FinetuneRun, model_folder_around
 from lnfm.workdir import (WorkdirError, atomic_write_csv, atomic_write_text, check_config_is_this_jobs,
                           check_job_folder, check_resume, differences, file_sha256, job_folder, lock_folder,
@@ -261,8 +262,8 @@ def cell_dir(workdir: Path, c: dict) -> Path:
 
 def scratch_model_overrides(cfg: StudyConfig) -> list[str]:
     """Scratch cells use the pretrained model's architecture, so only the init differs."""
-    model = to_dict(load_config(PretrainConfig, cfg.pretrain_config, cfg.pretrain_overrides, kind="pretrain").model)
-    return [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
+    return model_overrides(load_config(PretrainConfig, cfg.pretrain_config, cfg.pretrain_overrides,
+                                       kind="pretrain").model)
 
 
 def finetune_args(cfg: StudyConfig, strategy: str, head: str) -> list[str]:

@@ -21,6 +21,23 @@ VIT_ONLY = ("depth", "heads", "mlp_dim", "cls_token", "pos_embed", "decoder_widt
 SWIN_ONLY = ("window_size", "swin_patch_size")
 
 
+# Keys only masked pretraining reads (the MAE / SimMIM around the encoder); finetuning builds the encoder alone.
+PRETRAIN_ONLY = ("mask_ratio", "norm_pix", "decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_dim")
+
+
+def unread_keys(cfg: ModelConfig, *, finetuning: bool) -> dict[str, str]:
+    """Model keys the job never reads -> why (`lnfm.config.refuse_unread`, for a value the user set: a preset,
+    --quick or the --init checkpoint's config records them all). The other family's keys with a value other
+    than the default are `check_model`'s."""
+    unread = {}
+    if cfg.arch == "swin":  # not in VIT_ONLY: finetuning's --quick sets it whatever the arch
+        unread["model.patch_size"] = ("read only by the ViT backbone (Swin's is model.swin_patch_size), and "
+                                      "model.arch is swin")
+    if finetuning:
+        unread.update({f"model.{k}": "read only by masked pretraining, not by finetuning" for k in PRETRAIN_ONLY})
+    return unread
+
+
 def check_model(cfg: ModelConfig) -> None:
     """Model values the types accept but no network is built from, refused before anything is written
     (the build failed with a traceback after the workdir was written): an attention width its heads do

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from lnfm.config import ConfigError, check_in
+from lnfm.config import ConfigError, check_in, unread_in_mode
 
 
 @dataclasses.dataclass
@@ -34,6 +34,19 @@ class LossConfig:
     tversky_alpha: float = 0.3  # Tversky weight of false positives
     tversky_beta: float = 0.7  # Tversky weight of false negatives (>alpha favours sensitivity)
     deep_supervision_decay: float = 0.5  # weight of deep-supervision output i is decay**i (normalised)
+
+
+# The loss keys one family reads -> those families (`segmentation_loss`); the rest are read by all.
+_REGION = ("dice_ce", "dice_focal", "tversky")  # the Dice / Tversky term's settings
+READ_BY = {"dice_weight": ("dice_ce", "dice_focal"), "ce_weight": ("dice_ce", "dice_focal"),
+           "include_background": _REGION, "batch_dice": _REGION, "smooth": _REGION,
+           "focal_gamma": ("dice_focal", "focal"), "focal_alpha": ("dice_focal", "focal"),
+           "tversky_alpha": ("tversky",), "tversky_beta": ("tversky",)}
+
+
+def unread_keys(cfg: LossConfig) -> dict[str, str]:
+    """The loss keys cfg.name never reads -> why (`lnfm.config.refuse_unread`)."""
+    return unread_in_mode("loss", "name", cfg.name, READ_BY)
 
 
 def check_loss(cfg: LossConfig) -> None:

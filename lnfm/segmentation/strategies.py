@@ -26,7 +26,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from lnfm.config import ConfigError
+from lnfm.config import ConfigError, unread_in_mode
 from lnfm.models.lora import LoRAParam
 
 
@@ -40,6 +40,14 @@ class StrategyConfig:
 
 
 Path = tuple
+
+# The strategy keys one freeze mode reads -> those modes (the layer-wise decay scales trainable encoder units).
+READ_BY = {"k": ("first_k",), "llrd": ("first_k", "none"), "lora_rank": ("lora",), "lora_alpha": ("lora",)}
+
+
+def unread_keys(cfg: StrategyConfig) -> dict[str, str]:
+    """The strategy keys cfg.freeze never reads -> why (`lnfm.config.refuse_unread`)."""
+    return unread_in_mode("strategy", "freeze", cfg.freeze, READ_BY)
 
 
 def check_strategy(cfg: StrategyConfig, num_units: int | None = None) -> None:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lnfm.config import ConfigError, check_in
+from lnfm.config import ConfigError, check_in, unread_in_mode
 from lnfm.train.state import path_str
 
 
@@ -104,6 +104,11 @@ class ParamsEMAState(NamedTuple):
 def check_ema_decay(decay: float) -> None:
     if not 0.0 <= decay < 1.0:  # NaN fails too
         raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = off), got {decay:g}")
+
+
+def unread_keys(cfg: OptimConfig) -> dict[str, str]:
+    """The optim keys cfg.schedule never reads -> why (`lnfm.config.refuse_unread`)."""
+    return unread_in_mode("optim", "schedule", cfg.schedule, {"min_lr_ratio": ("cosine",)})
 
 
 def check_optim(cfg: OptimConfig) -> None:

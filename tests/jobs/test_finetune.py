@@ -13,7 +13,7 @@ import yaml
 from override_helpers import once
 from sphere_cases import write_spheres
 
-from lnfm.config import ConfigError
+from lnfm.config import ConfigError, dump_yaml
 from lnfm.data.contract import ContractError
 from lnfm.cli import run_job
 from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, make_splits, resolve_init,
@@ -97,6 +97,78 @@ def test_a_size_prior_override_is_refused_while_it_is_tuned():
         load_finetune_config("pelvis", [prior[0], "tune_postprocess=true"])
     post = load_finetune_config("pelvis", [*prior, "tune_postprocess=false"]).postprocess
     assert (post.min_short_axis_mm, post.max_elongation) == (5.0, 3.0)
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["strategy.freeze=lora", "strategy.k=5"], r"strategy.k: read only with strategy.freeze=first_k, and "
+                                               r"strategy.freeze is lora"),
+    (["strategy={freeze: lora, k: 5}"], r"strategy.k: .*, and strategy.freeze is lora"),  # a whole section
+    (["strategy.freeze=all", "strategy.llrd=0.5"], r"strategy.llrd: read only with strategy.freeze=first_k or none, "
+                                                   r"and strategy.freeze is all"),
+    (["strategy.freeze=lora", "strategy.llrd=1"], r"strategy.llrd: .* strategy.freeze is lora"),  # 1 is the default
+    (["strategy.lora_rank=4"], r"strategy.lora_rank: read only with strategy.freeze=lora, and strategy.freeze is "
+                               r"first_k"),
+    (["loss.focal_gamma=5", "loss.tversky_alpha=0.9"], r"loss.focal_gamma: read only with loss.name=dice_focal or "
+                                                       r"focal, and loss.name is dice_ce"),
+    (["loss.name=ce", "loss.dice_weight=3"], r"loss.dice_weight: read only with loss.name=dice_ce or dice_focal, and "
+                                             r"loss.name is ce"),
+    (["loss.name=ce", "loss.include_background=true"], r"loss.include_background: .* loss.name is ce"),
+    (["metrics.max_distance_mm=3"], r"metrics.max_distance_mm: read only with metrics.criterion=centroid, and "
+                                    r"metrics.criterion is overlap"),
+    (["metrics.criterion=centroid", "metrics.min_overlap=0.9"], r"metrics.min_overlap: .* metrics.criterion is "
+                                                                r"centroid"),
+    (["loader.paste_zoom=0.2", "loader.paste_flip=true"], r"loader.paste_flip, loader.paste_zoom: read only with "
+                                                          r"--paste-into \(node paste\), which is not given"),
+    (["model.mask_ratio=0.5", "model.decoder_width=128"], r"model.decoder_width, model.mask_ratio: read only by "
+                                                          r"masked pretraining, not by finetuning"),
+    (["model.arch=swin", "model.patch_size=[16,16,16]"], r"model.patch_size: read only by the ViT backbone .*, and "
+                                                         r"model.arch is swin"),
+    (["optim.schedule=constant", "optim.min_lr_ratio=0.5"], r"optim.min_lr_ratio: read only with "
+                                                            r"optim.schedule=cosine, and optim.schedule is constant"),
+])
+def test_a_key_the_chosen_mode_never_reads_is_refused(overrides, says):
+    """A key the user set that the chosen strategy, loss, metric criterion, schedule, arch or finetuning itself
+    never reads was recorded in config.yaml without a word: refused in one line, whatever its value."""
+    with pytest.raises(ConfigError, match=rf"^{says} \(the run would record a value it never uses\); drop (it|them)$"):
+        load_finetune_config("pelvis", overrides, quick=True)
+
+
+def test_a_preset_s_value_the_mode_never_reads_is_not_refused(tmp_path):
+    """Only the user's keys are refused: the preset's strategy.k / llrd under the user's freeze, DEFAULTS'
+    min_lr_ratio under a constant schedule, --quick's model.patch_size with Swin, the --init run's pretraining
+    keys, and a site file's packaged base; the site file's own keys are the user's."""
+    cfg = load_finetune_config("pelvis", ["strategy.freeze=lora"])
+    assert (cfg.strategy.k, cfg.strategy.llrd) == (2, 0.75)  # recorded as the preset gave them
+    assert load_finetune_config("mediastinum", ["strategy.freeze=all"]).strategy.llrd == 0.75
+    assert load_finetune_config("pelvis", ["optim.schedule=constant"]).optim.min_lr_ratio == 0.1
+    assert load_finetune_config("pelvis", ["model.arch=swin"], quick=True).model.patch_size == (8, 8, 8)
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    (pre / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"arch": "vit", "size": "tiny", "patch_size": [8, 8, 8], "img_size": [32, 32, 32], "mask_ratio": 0.5,
+                  "decoder_width": 96}, "data": {"hu_window": [-900, 900], "pet_scale": 5.0}}))
+    assert load_finetune_config("pelvis", init=str(pre), quick=True).model.mask_ratio == 0.5
+    with pytest.raises(ConfigError, match=r"^model.mask_ratio: read only by masked pretraining"):
+        load_finetune_config("pelvis", ["model.mask_ratio=0.6"], init=str(pre), quick=True)
+    site = tmp_path / "site.yaml"
+    site.write_text("base: pelvis\nstrategy: {freeze: lora}\n")
+    assert load_finetune_config(str(site)).strategy.k == 2
+    own = tmp_path / "own.yaml"
+    own.write_text(f"base: {site}\nloss: {{name: ce, include_background: false}}\n")  # false: the default
+    assert load_finetune_config(str(own)).loss.name == "ce"
+    site.write_text("base: pelvis\nstrategy: {freeze: lora, k: 5}\n")  # the base file is the user's too, named
+    with pytest.raises(ConfigError, match=rf"^{site}: strategy.k: read only with strategy.freeze=first_k, and "
+                                          r"strategy.freeze is lora \(the run would record"):
+        load_finetune_config(str(own))
+    # A run's config.yaml records its preset's strategy.llrd under freeze=all; given back as --site it loads, and
+    # a value edited into it is the user's.
+    recorded = tmp_path / "config.yaml"
+    recorded.write_text(dump_yaml(load_finetune_config("pelvis", ["strategy.freeze=all"])))
+    assert load_finetune_config(str(recorded)).strategy.llrd == 0.75
+    recorded.write_text(recorded.read_text().replace("llrd: 0.75", "llrd: 0.5"))
+    with pytest.raises(ConfigError, match=rf"^{recorded}: strategy.llrd: read only with strategy.freeze=first_k or "
+                                          r"none, and strategy.freeze is all"):
+        load_finetune_config(str(recorded))
 
 
 @pytest.mark.parametrize("labels, says", [

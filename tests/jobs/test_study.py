@@ -174,6 +174,11 @@ def test_the_report_s_command_names_no_folder(tmp_path, monkeypatch):
 def test_scratch_cells_use_the_pretrained_architecture():
     over = S.scratch_model_overrides(S.StudyConfig(pretrain_config="vit_tiny"))
     assert "model.patch_size=[8, 8, 8]" in over and 'model.size="tiny"' in over
+    # less the keys finetuning never reads and refuses as overrides (every cell failed at its config)
+    assert not [o for o in over if o.startswith(("model.mask_ratio=", "model.norm_pix=", "model.decoder_"))]
+    swin = S.StudyConfig(pretrain_config="swin_b", inits=["scratch"], num_labeled=[1])
+    assert not [o for o in S.scratch_model_overrides(swin) if o.startswith("model.patch_size=")]
+    S.check(swin)  # every cell's finetuning config loads
 
 
 def test_aggregate_table_and_plots(tmp_path):

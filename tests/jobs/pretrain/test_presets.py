@@ -40,3 +40,24 @@ def test_label_only_loader_keys_are_refused_and_a_run_s_own_config_loads(tmp_pat
     own.write_text(own.read_text().replace("paste_zoom: 0.0", "paste_zoom: 0.25"))
     with pytest.raises(ConfigError, match=r"^data.paste_zoom: the loader reads it only for labelled patches"):
         load_pretrain_config(str(own))
+
+
+def test_a_model_or_optim_key_the_arch_or_schedule_never_reads_is_refused(tmp_path):
+    """model.patch_size is the ViT's (Swin's is model.swin_patch_size) and optim.min_lr_ratio is the cosine's: an
+    override of one the run would not read is refused whatever its value; a run's own config.yaml (every key,
+    patch_size at its default) loads, and a value other than the default in it is refused."""
+    from lnfm.config import dump_yaml
+
+    with pytest.raises(ConfigError, match=r"^model.patch_size: read only by the ViT backbone \(Swin's is "
+                                          r"model.swin_patch_size\), and model.arch is swin \(the run would record a "
+                                          r"value it never uses\); drop it$"):
+        load_pretrain_config("swin_b", ["model.patch_size=[16,16,16]"])  # the default
+    with pytest.raises(ConfigError, match=r"^optim.min_lr_ratio: read only with optim.schedule=cosine, and "
+                                          r"optim.schedule is constant"):
+        load_pretrain_config("vit_tiny", ["optim.schedule=constant", "optim.min_lr_ratio=0.0"])
+    own = tmp_path / "config.yaml"
+    own.write_text(dump_yaml(load_pretrain_config("swin_b", ["train.steps=7", "optim.schedule=constant"])))
+    assert load_pretrain_config(str(own)).train.steps == 7
+    own.write_text(own.read_text().replace("\n  patch_size: [16, 16, 16]", "\n  patch_size: [8, 8, 8]"))
+    with pytest.raises(ConfigError, match=rf"^{own}: model.patch_size: read only by the ViT backbone"):
+        load_pretrain_config(str(own))
