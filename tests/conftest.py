@@ -42,10 +42,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.shared)
-    # Modules with a slow test first, each kept whole (its module fixtures set up once): `make test`'s
-    # two workers then end on short tests instead of one waiting out a minutes-long test started last.
-    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)
 
 
 @pytest.fixture(scope="session")
