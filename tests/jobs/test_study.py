@@ -123,8 +123,11 @@ def test_what_the_checks_allow():
     S.check(S.StudyConfig(inits=["scratch"], pretrain_overrides=["train.steps=0"], num_labeled=[1]))
     S.check(S.StudyConfig(spacing=(2.0, 2.0, 2.0), finetune_overrides=["site.spacing=[2,2,2]"], num_labeled=[1]))
     S.check(S.StudyConfig(labelled=4, num_labeled=[4], val=1, test=1, unlabelled=1, shape=(16, 16, 16)))
-    # a strategy key no listed strategy sets is the study's to choose (first_k alone sets strategy.k)
-    S.check(S.StudyConfig(strategies=["full_llrd"], finetune_overrides=["strategy.k=3"], num_labeled=[1]))
+    # a strategy key no listed strategy sets, and one reads, is the study's to choose (lora sets only the freeze)
+    S.check(S.StudyConfig(strategies=["lora"], finetune_overrides=["strategy.lora_rank=4"], num_labeled=[1]))
+    with pytest.raises(ConfigError, match=r"strategy.k: read only with strategy.freeze=first_k, and strategy.freeze "
+                                          r"is none"):  # full_llrd never reads strategy.k
+        S.check(S.StudyConfig(strategies=["full_llrd"], finetune_overrides=["strategy.k=3"], num_labeled=[1]))
 
 
 def test_a_file_where_a_folder_goes_is_refused(tmp_path):
