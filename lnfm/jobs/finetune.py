@@ -85,7 +85,8 @@ from lnfm.train.loop import Hook, Throughput
 from lnfm.train.optim import ema_params, layer_lr_scales, make_optimizer
 from lnfm.jobs.preprocessing import encoder_normalization, training_preprocessing
 from lnfm.train.state import create_train_state, merge_model, split_model
-from lnfm.train.job import Checked, check_channels, check_run_config, device_batch, fit, run_training_job
+from lnfm.train.job import (Checked, check_channels, check_run_config, content_keys, device_batch, fit,
+                            run_training_job)
 from lnfm.train.step import make_train_step
 from lnfm.workdir import MetricsWriter, lock_folder, open_workdir
 
@@ -874,7 +875,12 @@ def _check(cfg: FinetuneConfig) -> Checked:
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
         cfg.loader, patch_size=tuple(cfg.site.patch), batch_size=cfg.train.global_batch // jax.process_count()))
     used = splits.pool + splits.val + splits.test
-    content = [(s, {i: content_fingerprint(records[i][1]) for i in used if records[i][0] == s}) for s in cfg.data]
+    content = [(key, s, {i: content_fingerprint(records[i][1]) for i in used if records[i][0] == s})
+               for key, s in content_keys("store", cfg.data)]
+    # the scans read from --unlabelled / --paste-into (pseudo-labelled, pasted into) on every resume too
+    for flag, extra in (("unlabelled", unlabelled), ("paste_into", paste_into)):
+        content += [(key, s, {r["case_id"]: content_fingerprint(r) for st, r in extra if st == s})
+                    for key, s in content_keys(flag, getattr(cfg, flag))]
     return Checked(cfg, prep, _Data(records, splits, unlabelled, paste_into),
                    records={SPLITS_RECORD: {"train": splits.pool, "val": splits.val, "test": splits.test}},
                    content=content)

@@ -46,7 +46,8 @@ from lnfm.train.mfu import forward_flops, train_flops
 from lnfm.train.optim import OptimConfig, make_optimizer
 from lnfm.train.optim import unread_keys as optim_unread
 from lnfm.train.state import create_train_state, merge_model, step_key
-from lnfm.train.job import Checked, check_channels, check_run_config, device_batch, fit, run_training_job
+from lnfm.train.job import (Checked, check_channels, check_run_config, content_keys, device_batch, fit,
+                            run_training_job)
 from lnfm.train.step import make_train_step
 from lnfm.workdir import MetricsWriter, check_job_folder, read_metrics, remove_stale_temps, temp_file
 
@@ -322,7 +323,8 @@ def run(cfg: PretrainConfig, stores: list[str], workdir: str | Path, profile_ste
         used = [[r for r in m if cfg.data.split is None or r.get("split") == cfg.data.split] for m in manifests]
         cases = {f"store_{i + 1}": sorted(r["case_id"] for r in rs) for i, rs in enumerate(used)}
         counts = [len(c) for c in cases.values()]
-        content = [(s, {r["case_id"]: content_fingerprint(r) for r in rs}) for s, rs in zip(stores, used)]
+        content = [(key, s, {r["case_id"]: content_fingerprint(r) for r in rs})
+                   for (key, s), rs in zip(content_keys("store", stores), used)]
         return Checked(cfg, prep, _Data(stores, manifests, weights, counts, profile), records={DATA_RECORD: cases},
                        content=content)
 

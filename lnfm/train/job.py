@@ -140,14 +140,20 @@ class Checked:
     # JSON files the run records beside config.yaml, file name -> value, that a resumed run must find
     # unchanged (finetuning: its cases per split; a store that gained cases would move one between them)
     records: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Per --data store (as given, in order), the content fingerprint of each case the run trains on
-    # (`content_fingerprint`), recorded in CONTENT_RECORD by position: a store prepared again in place under the
-    # same ids (other labels, other images) passes the records above, not this
-    content: list[tuple[str, dict[str, str]]] = dataclasses.field(default_factory=list)
+    # Per store the run reads (--data, finetune's --unlabelled and --paste-into), (its key in CONTENT_RECORD, by
+    # flag and position, never by path; the store as given; the content fingerprint of each case the run reads,
+    # `content_fingerprint`): a store prepared again in place under the same ids (other labels, other images) passes
+    # the records above, not this
+    content: list[tuple[str, str, dict[str, str]]] = dataclasses.field(default_factory=list)
 
 
-# The cases' content fingerprints of each --data store, by position in --data (never by path)
+# The cases' content fingerprints of each store a run reads, by flag and position (never by path)
 CONTENT_RECORD = "content.json"
+
+
+def content_keys(prefix: str, stores: list[str]) -> list[tuple[str, str]]:
+    """(record key, store) of each store of one flag, by position: --data's are store_1.., as first recorded."""
+    return [(f"{prefix}_{i + 1}", s) for i, s in enumerate(stores)]
 
 
 # What a resumed run may change: how long it trains, how often it logs, validates and checkpoints, and the
@@ -191,14 +197,15 @@ def check_resume_record(path: Path, value: Any) -> None:
                        f"data changed since it started; resume with the data it had, or choose a new --workdir")
 
 
-def content_record(content: list[tuple[str, dict[str, str]]]) -> dict[str, dict[str, str]]:
-    return {f"store_{i + 1}": dict(sorted(cases.items())) for i, (_, cases) in enumerate(content)}
+def content_record(content: list[tuple[str, str, dict[str, str]]]) -> dict[str, dict[str, str]]:
+    return {key: dict(sorted(cases.items())) for key, _, cases in content}
 
 
-def check_resume_content(path: Path, content: list[tuple[str, dict[str, str]]]) -> None:
-    """Refuse to resume a run one of whose cases (by id, in the same store position) has other content now than
-    `path` records: it would go on training on other labels or images under the same ids. A run from before the record
-    resumes unchecked (the resume records the content it trains on from then on)."""
+def check_resume_content(path: Path, content: list[tuple[str, str, dict[str, str]]]) -> None:
+    """Refuse to resume a run one of whose cases (by id, in the same store key) has other content now than `path`
+    records: it would go on training on other labels or images under the same ids. A run from before the record, or
+    a store it does not record (an lnfm that recorded --data only), resumes unchecked (the resume records the content
+    it reads from then on)."""
     old = _recorded(path)
     if old is None:
         log.info("the run to resume records no case content (%s: it started before lnfm kept one): resuming without "
@@ -206,7 +213,10 @@ def check_resume_content(path: Path, content: list[tuple[str, dict[str, str]]]) 
         return
     if not isinstance(old, dict):
         raise WorkdirError(f"{path}: not a record of the cases' content; choose a new --workdir")
-    for key, (store, cases) in zip(content_record(content), content):
+    if unrecorded := [key for key, _, cases in content if cases and key not in old]:
+        log.info("the run to resume records no case content for %s (%s: it started before lnfm kept one): resuming "
+                 "without comparing their cases; recorded now for later resumes", ", ".join(unrecorded), path.name)
+    for key, store, cases in content:
         was = old.get(key) if isinstance(old.get(key), dict) else {}
         changed = sorted(cid for cid, fp in cases.items() if cid in was and was[cid] != fp)
         if changed:
