@@ -30,6 +30,7 @@ from lnfm.data import store as st
 from lnfm.data.cases import SALT_ENV, CaseSpec, assign_split, discover, drop_duplicates, hashed_id, resolve_salt
 from lnfm.data.contract import (CONTRACT, CONTRACT_VERSION, CT_STORAGE, ORIENTATION, ContractError,
                                 PrepareContract, contract_problem, read_contract, write_contract)
+from lnfm.data.prepare_memory import case_memory_problem
 from lnfm.data.geometry import (axial_diameters, body_bbox, canonical_grid, crop_affine, orientation_of,
                                 resample_to_grid, resample_to_spacing, spacing_of, to_canonical)
 from lnfm.data.scan_checks import (ScanError, check_ct, check_field_of_view, check_pet, check_source_spacing,
@@ -482,7 +483,13 @@ def convert_case(case: CaseSpec, output: str, cfg: PrepareConfig, contract: Prep
 
     The record's source digest and stat are taken before the files are read, and the stat again once the arrays
     are written: a file replaced meanwhile (a corrected label) fails the case, with no record, so that a rerun
-    converts it, instead of a record that names the new file over arrays of the old one."""
+    converts it, instead of a record that names the new file over arrays of the old one.
+    A case this host cannot hold is refused from its files' headers first, none of it read (`prepare_memory`)."""
+    found = case_memory_problem(case.images, case.series, contract.spacing)
+    if found is not None:
+        if found[2]:
+            raise CaseError(found[0], found[1])
+        log.warning("case %s: %s", case.case_id, found[1])
     input_stats = _stats_or_none(case)
     try:
         source = {} if input_stats is None else {"source_stat": source_stat(case, input_stats),

@@ -92,3 +92,8 @@ def image_grid(path: str | Path, series: str | None = None) -> Grid | None:
     except _BAD_HEADER:  # reading the scan names the problem in one line
         return None
     return None
+
+
+def grid_voxels(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> int:
+    """Voxels of the scan's extent on the `target` grid (a model's, a store's) before the body crop (upper bound)."""
+    return math.prod(math.ceil(n * s / t) for n, s, t in zip(shape[:3], spacing, target))

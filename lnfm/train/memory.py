@@ -8,56 +8,17 @@ written and refuse it here. Accelerators report their own out-of-memory when the
 from __future__ import annotations
 
 import logging
-import re
-from pathlib import Path
 
 from lnfm.config import ConfigError
+from lnfm.io.host_memory import GIB, host_memory
 
 log = logging.getLogger("lnfm")
 
-GIB = 1024**3
-CGROUP = Path("/sys/fs/cgroup")
 # XLA temporaries per voxel of a patch, forward and backward, above every step measured on a CPU (2026-12-06):
 # finetuning at 2 x 32^3, ViT-tiny with the linear head 73 B, fine 1092 B, UNETR 2544 B, light 6756 B, Swin-tiny
 # with UNETR 14333 B; pretraining, vit_tiny 62 B, vit_b 266 B, swin_b 6639 B. A step below half the free memory
 # at this figure is not compiled to check (5-30 s); its batches are always counted.
 HEAVIEST_PER_VOXEL = 16 * 1024
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max" (v2) has no limit
-
-
-def host_memory(meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path("/proc/self/cgroup"),
-                root: Path = CGROUP) -> tuple[int, int] | None:
-    """(total, available) bytes for this process: `meminfo`, capped by its cgroup's limit (a container's
-    or a SLURM job's, v1 or v2, under `root`); None where `meminfo` cannot be read."""
-    try:
-        info = dict(re.findall(r"^(\w+):\s+(\d+) kB", meminfo.read_text(), re.M))
-        total, available = int(info["MemTotal"]) * 1024, int(info["MemAvailable"]) * 1024
-    except (OSError, KeyError):
-        return None
-    try:
-        groups = cgroups.read_text().splitlines()
-    except OSError:
-        groups = []
-    for line in groups:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "":  # v2
-            folder = root / path.lstrip("/")
-            limit, used = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
-        elif "memory" in controllers.split(","):  # v1
-            folder = root / "memory" / path.lstrip("/")
-            limit, used = _read_int(folder / "memory.limit_in_bytes"), _read_int(folder / "memory.usage_in_bytes")
-        else:
-            continue
-        if limit is not None and limit < total:
-            total, available = limit, min(available, limit - (used or 0))
-    return total, available
 
 
 def cpu_host_memory(memory: tuple[int, int] | None = None) -> tuple[int, int] | None:

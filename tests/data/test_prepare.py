@@ -1069,3 +1069,42 @@ def test_a_case_killed_between_its_arrays_and_its_record_is_refused_by_readers_a
     assert [r["case_id"] for r in read_manifest(store)] == ["a", "b"]
     for got, want in zip(read_manifest(store), read_manifest(clean)):
         assert all(np.array_equal(x, y) for x, y in zip(read_case(store, got), read_case(clean, want)))
+
+
+def test_a_scan_or_pet_too_large_for_the_host_is_a_failed_line_from_its_header_none_of_it_read(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """A case whose scan (or PET) the host cannot hold was read whole first: a compressed one inflated until the
+    kernel killed prepare (exit 137, no message, the batch's other cases with it). Its header's grid refuses it,
+    as predict's does, in the case's FAILED line naming the file and the size; the others convert."""
+    from scan_bombs import nifti_bomb
+
+    from lnfm.data import prepare as prep
+    from lnfm.data import prepare_memory
+
+    monkeypatch.setattr(prepare_memory, "host_memory", lambda: (16 * 1024**3, 16 * 1024**3))
+    img, lab = phantom()
+    aff = affine_lps()
+    huge_ct, huge_pet = nifti_bomb(tmp_path / "huge_ct.nii.gz"), nifti_bomb(tmp_path / "huge_pet.nii.gz")
+    read = prep._read3d
+
+    def read_unless_huge(path, series=None):
+        if "huge" in str(path):
+            pytest.fail(f"{path} was read before its size was checked")
+        return read(path, series)
+
+    monkeypatch.setattr(prep, "_read3d", read_unless_huge)
+    ct = save(tmp_path / "ct.nii.gz", img, aff)
+    pet = save(tmp_path / "pet.nii.gz", (lab * 6.0 + 1.0).astype(np.float32), aff)
+    label = save(tmp_path / "lab.nii.gz", lab, aff)
+    rows = [{"case_id": "good", "image": ct, "pet": pet, "label": label},
+            {"case_id": "bigct", "image": huge_ct, "pet": pet, "label": label},
+            {"case_id": "bigpet", "image": ct, "pet": huge_pet, "label": label}]
+    store = tmp_path / "store"
+    rc = main(["--input", str(write_csv(tmp_path / "cases.csv", rows)), "--output", str(store), "--workers", "0",
+               "salt=s", "spacing=[1.5,1.5,1.5]"])
+    failed = sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED "))
+    assert rc == 1 and len(failed) == 2, failed
+    for line, path in zip(failed, (huge_ct, huge_pet)):
+        assert line.startswith(f"FAILED {path}: converting this case needs about "), line
+        assert "(4000x4000x2000 voxels in this file, " in line and line.endswith("more than this host's 16.0 GiB")
+    assert [r["case_id"] for r in read_manifest(str(store))] == ["good"]

@@ -11,6 +11,7 @@ from harness import Case, run_case
 from inputs import (AFFINE, MIRRORED_X, NONUNIFORM_DICOM, body, csv_file, dicom_copy, dicom_edited, dicom_with_garbage,
                     good_pair, nhdr, nii, nii_forms, nnunet, nrrd_in_units, outside_secret, real_ct, not_hu_scans,
                     real_ln_mask, two_series)
+from scan_bombs import nifti_bomb
 
 
 def prep(inp_path, out: Path, *extra) -> list:
@@ -239,6 +240,9 @@ BAD_CASES = [
     bad_case("text-named-nii", lambda inp: _file(inp, "notes.nii", b"this is not an image " * 30), ("unreadable",)),
     bad_case("truncated-real-ct", _truncated, ("unreadable",)),
     bad_case("unknown-extension", lambda inp: _file(inp, "scan.png", b"\x89PNG"), ("unknown image format",)),
+    # a header claiming 30000^3 voxels (1.6 PB as int16) in a 1 kB file: refused from it, none of it read
+    bad_case("header-claims-a-huge-grid", lambda inp: _as_image(Path(nifti_bomb(inp / "huge.nii.gz", (30000,) * 3))),
+             ("converting this case needs about", "30000x30000x30000 voxels in this file", "more than this host's")),
     bad_case("image-missing", lambda inp: ({"image": inp / "gone.nii.gz"}, inp / "gone.nii.gz"), ("not found",)),
     bad_case("nan-voxel", lambda inp: _img(inp, _with(IMG, (3, 3, 3), np.nan, np.float32)), ("NaN or Inf",)),
     bad_case("inf-voxel", lambda inp: _img(inp, _with(IMG, (3, 3, 3), np.inf, np.float32)), ("NaN or Inf",)),

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
-
-import nibabel as nib
-import numpy as np
 import pytest
 from export_helpers import tiny  # noqa: F401  (session fixture)
+from scan_bombs import nifti_bomb
 
 from lnfm.cli import run_job
 from lnfm.jobs import predict as pr
@@ -67,19 +64,6 @@ def test_a_batchs_case_too_large_fails_on_its_own_line(tiny, tmp_path, capsys, m
     assert not list((tmp_path / "masks").glob("*.nii.gz"))
 
 
-def _bomb(path):
-    """A NIfTI whose header claims 4000x4000x2000 int16 voxels (64 GB) in a 1 kB file; nothing reads them here."""
-    header = nib.Nifti1Header()
-    header.set_data_shape((4000, 4000, 2000))
-    header.set_data_dtype(np.int16)
-    header.set_qform(np.diag([0.5, 0.5, 1.0, 1.0]), 1)
-    header.set_sform(np.diag([0.5, 0.5, 1.0, 1.0]), 1)
-    header["vox_offset"] = 352
-    with gzip.open(path, "wb") as f:
-        f.write(header.binaryblock + bytes(4 + 1024))
-    return str(path)
-
-
 def _no_read(*args, **kwargs):
     pytest.fail("the scan's voxels were read before its size was checked")
 
@@ -89,7 +73,7 @@ def test_a_scan_too_large_is_refused_from_its_header_before_a_voxel_is_read(tiny
     before the same sentence refused it."""
     monkeypatch.setattr(pm, "host_memory", lambda: (16 * pm.GIB, 16 * pm.GIB))
     monkeypatch.setattr(pr, "read_channels", _no_read)
-    scan = _bomb(tmp_path / "bomb.nii.gz")
+    scan = nifti_bomb(tmp_path / "bomb.nii.gz")
     assert run_job("predict", ["--model", str(tiny.orbax), "--input", scan, "--output", str(tmp_path / "m.nii.gz")]) \
         == 2
     err = capsys.readouterr().err.strip().splitlines()
