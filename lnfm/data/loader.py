@@ -87,6 +87,14 @@ def check_loader(cfg: LoaderConfig, where: str = "loader") -> None:
         raise ConfigError(f"{where}.seed must be in [0, 2**32), got {cfg.seed}")
 
 
+def unread_keys(patch, where: str, patch_key: str) -> dict[str, str]:
+    """The loader keys a job with this patch never reads -> why (`lnfm.config.refuse_unread`): a 90-degree turn
+    would change a patch whose in-plane sides differ, so `flip_rot90` turns only square ones."""
+    if patch[0] == patch[1]:
+        return {}
+    return {f"{where}.rot90": f"read only for a patch with equal in-plane sides, and {patch_key} is {list(patch)}"}
+
+
 def check_weights(weights: list[float], stores: int, where: str = "weights") -> None:
     """One finite, non-negative mixing weight per store, not all zero (a NaN reached the sampler's draw)."""
     if len(weights) != stores:

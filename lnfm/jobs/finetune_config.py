@@ -11,6 +11,7 @@ from typing import Literal
 
 from lnfm.config import to_dict
 from lnfm.data.loader import PASTE_KEYS, LoaderConfig
+from lnfm.data.loader import unread_keys as loader_unread
 from lnfm.eval.inference import InferenceConfig
 from lnfm.eval.metrics import EvalConfig
 from lnfm.eval.metrics import unread_keys as metrics_unread
@@ -76,11 +77,15 @@ class FinetuneConfig:
 
 def unread_keys(cfg: FinetuneConfig) -> dict[str, str]:
     """Every key this run's modes never read -> why: the strategy's, loss's, test metrics', LR schedule's, node
-    paste's and the model keys only pretraining reads (`lnfm.config.refuse_unread` refuses those the user set)."""
+    paste's, deep supervision's, a non-square patch's rot90 and the model keys only pretraining reads
+    (`lnfm.config.refuse_unread` refuses those the user set)."""
     paste = {} if cfg.paste_into else {f"loader.{k}": "read only with --paste-into (node paste), which is not given"
                                        for k in PASTE_KEYS}
+    deep = {} if cfg.head.deep_supervision else {
+        "loss.deep_supervision_decay": "read only with head.deep_supervision=true, and head.deep_supervision is false"}
     return {**strategy_unread(cfg.strategy), **loss_unread(cfg.loss), **metrics_unread(cfg.metrics),
-            **optim_unread(cfg.optim), **model_unread(cfg.model, finetuning=True), **paste}
+            **optim_unread(cfg.optim), **model_unread(cfg.model, finetuning=True), **paste, **deep,
+            **loader_unread(cfg.site.patch, "loader", "site.patch")}
 
 
 def model_overrides(model: ModelConfig) -> list[str]:

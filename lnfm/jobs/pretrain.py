@@ -29,6 +29,7 @@ from lnfm.config import (ConfigError, given_keys, load_config, override_keys, pa
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.pseudo_labels import scan_fingerprint
 from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, check_weights, make_loader
+from lnfm.data.loader import unread_keys as loader_unread
 from lnfm.data.store import check_stores, content_fingerprint
 from lnfm.errors import DataError
 from lnfm.models import ModelConfig
@@ -104,7 +105,8 @@ def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> Pretra
                           f"unlabelled ones (the run would record {it} and never use {it}); drop {it}")
     # A model or optim key the user set that the chosen arch or schedule never reads (a preset's are not theirs).
     refuse_unread(given_keys(PretrainConfig, name_or_yaml, overrides, kind="pretrain"),
-                  {**model_unread(cfg.model, finetuning=False), **optim_unread(cfg.optim)})
+                  {**model_unread(cfg.model, finetuning=False), **optim_unread(cfg.optim),
+                   **loader_unread(cfg.model.img_size, "data", "model.img_size")})
     return cfg
 
 

@@ -125,6 +125,10 @@ def test_a_size_prior_override_is_refused_while_it_is_tuned():
                                                          r"model.arch is swin"),
     (["optim.schedule=constant", "optim.min_lr_ratio=0.5"], r"optim.min_lr_ratio: read only with "
                                                             r"optim.schedule=cosine, and optim.schedule is constant"),
+    (["loss.deep_supervision_decay=0.7"], r"loss.deep_supervision_decay: read only with head.deep_supervision=true, "
+                                          r"and head.deep_supervision is false"),
+    (["site.patch=[32,16,32]", "loader.rot90=true"], r"loader.rot90: read only for a patch with equal in-plane "
+                                                     r"sides, and site.patch is \[32, 16, 32\]"),
 ])
 def test_a_key_the_chosen_mode_never_reads_is_refused(overrides, says):
     """A key the user set that the chosen strategy, loss, metric criterion, schedule, arch or finetuning itself
@@ -142,6 +146,9 @@ def test_a_preset_s_value_the_mode_never_reads_is_not_refused(tmp_path):
     assert load_finetune_config("mediastinum", ["strategy.freeze=all"]).strategy.llrd == 0.75
     assert load_finetune_config("pelvis", ["optim.schedule=constant"]).optim.min_lr_ratio == 0.1
     assert load_finetune_config("pelvis", ["model.arch=swin"], quick=True).model.patch_size == (8, 8, 8)
+    assert load_finetune_config("pelvis", ["head.deep_supervision=true", "loss.deep_supervision_decay=0.7"]
+                                ).loss.deep_supervision_decay == 0.7  # read: the mode that reads it
+    assert not load_finetune_config("pelvis", ["site.patch=[32,32,16]", "loader.rot90=false"]).loader.rot90
     pre = tmp_path / "pre"
     (pre / "checkpoints").mkdir(parents=True)
     (pre / "config.yaml").write_text(yaml.safe_dump({

@@ -61,3 +61,14 @@ def test_a_model_or_optim_key_the_arch_or_schedule_never_reads_is_refused(tmp_pa
     own.write_text(own.read_text().replace("\n  patch_size: [16, 16, 16]", "\n  patch_size: [8, 8, 8]"))
     with pytest.raises(ConfigError, match=rf"^{own}: model.patch_size: read only by the ViT backbone"):
         load_pretrain_config(str(own))
+
+
+def test_rot90_with_a_patch_whose_in_plane_sides_differ_is_refused():
+    """The loader turns only a patch with equal in-plane sides (flip_rot90): data.rot90 the user set over another
+    patch was recorded and never read. A preset's (vit_b sets rot90: true) is not the user's."""
+    with pytest.raises(ConfigError, match=r"^data.rot90: read only for a patch with equal in-plane sides, and "
+                                          r"model.img_size is \[32, 16, 32\] \(the run would record a value it "
+                                          r"never uses\); drop it$"):
+        load_pretrain_config("vit_tiny", ["model.img_size=[32,16,32]", "data.rot90=false"])
+    assert load_pretrain_config("vit_b", ["model.img_size=[96,48,96]"]).data.rot90
+    assert not load_pretrain_config("vit_tiny", ["model.img_size=[32,32,16]", "data.rot90=false"]).data.rot90
