@@ -47,7 +47,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, given_keys,
-                         parse_args_once, override_keys, read_yaml, refuse_derived, refuse_unread, to_dict)
+                         override_keys, parse_args_once, parse_override, read_yaml, refuse_derived, refuse_unread,
+                         to_dict)
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
@@ -148,9 +149,9 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
                          quick: bool = False, unlabelled: list[str] = (), paste_into: list[str] = ()
                          ) -> FinetuneConfig:
     """Dataclass defaults <- DEFAULTS <- site preset <- QUICK (with quick) <- overrides; with a
-    checkpoint --init the model section is the checkpoint's, plus any model.* overrides. The
-    sliding window `inference.roi` is `site.patch` (what validation, test and the export use)
-    unless set, and `check_config` refuses a set one that differs."""
+    checkpoint --init the model section is the checkpoint's, plus any model overrides (model.KEY=... or
+    "model={KEY: ...}"). The sliding window `inference.roi` is `site.patch` (what validation, test and the
+    export use) unless set, and `check_config` refuses a set one that differs."""
     extra = [f"init={json.dumps(init)}", f"data={json.dumps(list(data))}"]
     if unlabelled:
         extra.append(f"unlabelled={json.dumps(list(unlabelled))}")
@@ -197,7 +198,9 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     kind, _, model = resolve_init(cfg.init)
     if model is not None:  # only the model section changes: the others were read above
         arch = model.get("arch", ModelConfig.arch)
-        model = apply_overrides(model, [o.split(".", 1)[1] for o in overrides if o.startswith("model.")])
+        # model.depth=3 and model={depth: 3} alike: the latter merges into the encoder's section
+        mine = [o for o in overrides if parse_override(o)[0][0] == "model"]
+        model = apply_overrides({"model": model}, mine)["model"]
         if model.get("arch", ModelConfig.arch) != arch:  # check_model would blame the encoder's own keys
             raise ConfigError(f"model.arch={model['arch']}: the --init encoder {cfg.init} is a {arch} encoder and "
                               f"finetuning keeps its architecture; drop model.arch")

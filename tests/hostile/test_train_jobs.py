@@ -167,6 +167,10 @@ FINETUNE = [
     finetune("init-override-changes-encoder-shapes", ["model.depth=3", "site.spacing=[1.5,1.5,2.0]"],
              ("model.depth", "change the shapes"), named=lambda w, inp: str(inp / "export_safetensors"),
              init=lambda w, inp: str(_export_copy(w, inp))),
+    # a model mapping override under --init was dropped without a word; it is refused as its dotted keys are
+    finetune("init-mapping-override-changes-encoder-shapes", ["model={depth: 3}", "site.spacing=[1.5,1.5,2.0]"],
+             ("model.depth", "change the shapes"), named=lambda w, inp: str(inp / "export_safetensors"),
+             init=lambda w, inp: str(_export_copy(w, inp))),
     # the seventh audit (I10): a typed site.window was ignored for the encoder's window under normalization=encoder
     finetune("site-window-under-the-encoder-normalization", ["site.window=[-100,200]", "site.spacing=[1.5,1.5,2.0]"],
              ("site.window: with normalization=encoder", "[-160.0, 240.0]", "set normalization=site"),

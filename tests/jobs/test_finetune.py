@@ -252,6 +252,25 @@ def test_init_takes_the_model_from_the_checkpoint_config(tmp_path):
         resolve_init(str(tmp_path / "missing"))
 
 
+def test_a_model_mapping_override_under_init_is_applied_as_its_dotted_keys_are(tmp_path):
+    """With --init the model section is the encoder's plus the model.* overrides; "model={depth: 3}" was dropped
+    without a word (config.yaml recorded the encoder's depth). It now acts as model.depth=3 does, refusals too."""
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    model = {"arch": "vit", "size": "tiny", "width": 48, "depth": 2, "patch_size": [4, 4, 4], "img_size": [24, 24, 24]}
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
+                                                                              "pet_scale": 10.0}}))
+    dotted = load_finetune_config("pelvis", ["model.depth=3", "model.remat=full"], init=str(pre)).model
+    mapped = load_finetune_config("pelvis", ["model={depth: 3, remat: full}"], init=str(pre)).model
+    assert (mapped.depth, mapped.remat, mapped.width) == (3, "full", 48)  # merged into the encoder's section
+    assert mapped == dotted
+    for form in (["model.arch=swin"], ["model={arch: swin}"]):
+        with pytest.raises(ConfigError, match=r"^model.arch=swin: the --init encoder .*pre is a vit encoder"):
+            load_finetune_config("pelvis", form, init=str(pre))
+    with pytest.raises(ConfigError, match=r"^model.mask_ratio: read only by masked pretraining"):
+        load_finetune_config("pelvis", ["model={mask_ratio: 0.6}"], init=str(pre))
+
+
 def test_a_site_window_override_is_refused_under_the_encoder_normalization(tmp_path):
     """A typed site.window was ignored under normalization=encoder (training used the encoder's window, config.yaml
     recorded the typed one); it is refused as loader.pet_scale is, and taken with normalization=site."""
