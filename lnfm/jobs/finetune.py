@@ -79,7 +79,8 @@ from lnfm.runs import (BEST_JSON, SPLITS, SUMMARY, ExportFolder, FinetuneRun, Pr
 from lnfm.segmentation.strategies import (check_strategy, check_units, count_params, layer_index_fn,
                                           trainable_filter)
 from lnfm.safety import check_apart
-from lnfm.train.checkpoint import CheckpointConfig, Checkpointer, has_checkpoints, restore_params
+from lnfm.train.checkpoint import (CheckpointConfig, Checkpointer, check_latest_step, has_checkpoints,
+                                   restore_params)
 from lnfm.train.distributed import initialize
 from lnfm.train.distributed import add_arguments as add_distributed_arguments
 from lnfm.train.loop import Hook, Throughput
@@ -828,6 +829,10 @@ def _check(cfg: FinetuneConfig) -> Checked:
     if kind == "pretrain" and not has_checkpoints(PretrainRun(init_path).checkpoints):
         raise ConfigError(f"{cfg.init}: the pretraining run has no saved checkpoint in its checkpoints/ (it stopped "
                           f"before its first save); give a run that has saved one, or --init scratch")
+    if kind == "pretrain":  # a damaged step failed the restore in build_model, after the workdir was written
+        with lock_folder(init_path, shared=True, enabled=jax.process_index() == 0,  # as build_model reads it
+                         then="finetune from it when it has finished"):
+            check_latest_step(PretrainRun(init_path).checkpoints)
     if kind == "export":  # a damaged export fails before the workdir is written
         try:
             check_weights_export(init_path)

@@ -383,6 +383,22 @@ class Checkpointer:
         self.close()
 
 
+def _unreadable(directory: Path, step: int) -> CheckpointError:
+    return CheckpointError(f"{directory}: checkpoint step {step} cannot be read (a file of it is damaged, truncated "
+                           f"or missing); it has no {CHECKSUMS} (saved by an older lnfm) to name which: copy the run "
+                           f"again if it was copied")
+
+
+def check_latest_step(directory: str | Path) -> None:
+    """Refuse the step `restore_params` reads by default (the newest) when a file of it is damaged, in its words,
+    so that a job refuses it before writing anything: its checksum list, or for a step without one (an older
+    lnfm's) a read-back of its files (`_reads_back`). Nothing to check without a committed step."""
+    directory = Path(directory).absolute()
+    steps = committed_steps(directory)
+    if steps and not verify_checksums(directory / str(steps[-1])) and not _reads_back(directory / str(steps[-1])):
+        raise _unreadable(directory, steps[-1])
+
+
 def restore_params(directory: str | Path, target: Any, step: int | None = None, key: str = "params") -> Any:
     """Read only `state[key]` (e.g. the pretrained params) of a checkpoint into `target` (abstract).
 
@@ -410,7 +426,5 @@ def restore_params(directory: str | Path, target: Any, step: int | None = None, 
         except Exception:
             if verified or _reads_back(directory / str(step)):
                 raise  # its files are whole: the target does not fit them, or a bug
-            raise CheckpointError(f"{directory}: checkpoint step {step} cannot be read (a file of it is damaged, "
-                                  f"truncated or missing); it has no {CHECKSUMS} (saved by an older lnfm) to name "
-                                  f"which: copy the run again if it was copied") from None
+            raise _unreadable(directory, step) from None
     return restored["state"][key]

@@ -1080,3 +1080,45 @@ def test_a_scratch_model_in_channels_that_contradicts_the_store_is_refused(store
     assert rc == 2 and len(err) == 1, err
     assert "the data has 1 channel(s) but model.in_channels (leave it unset to take the data's) takes 2" in err[0]
     assert not wd.exists()
+
+
+def test_init_from_a_damaged_pretraining_step_is_refused_before_anything_is_written(store, tmp_path, capsys):
+    """An older lnfm's step (no checksum list) with a file cut short failed the restore in one line, but after the
+    finetuning workdir was written: the check reads it back first (a step whose checksum list fails, too). A whole
+    one of the same run still trains."""
+    import shutil
+
+    from flax import nnx
+
+    from lnfm.models.segmenter import segmenter_from_config
+    from lnfm.train.checkpoint import CHECKSUMS, CheckpointConfig, Checkpointer
+
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    model = {"arch": "vit", "size": "tiny", "depth": 2, "patch_size": [8, 8, 8], "img_size": [16, 16, 16]}
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-900, 900],
+                                                                              "pet_scale": 5.0}}))
+    cfg = load_finetune_config("pelvis", TINY, init=str(pre))
+    encoder = nnx.state(segmenter_from_config(cfg.model, cfg.head, 2, nnx.Rngs(0)).encoder, nnx.Param)
+    ckpt = Checkpointer(pre / "checkpoints", CheckpointConfig(keep=3, async_save=False))
+    for step in (1, 2, 3):
+        ckpt.save(step, {"params": nnx.State({"encoder": encoder})})
+    ckpt.close()
+    for step in (1, 2):
+        (pre / "checkpoints" / str(step) / CHECKSUMS).unlink()  # as an older lnfm saved it
+    for data in (f for f in (pre / "checkpoints" / "2" / "state").rglob("*") if f.is_file() and f.parent.name == "d"):
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # the arrays' data files, cut short
+    flipped = next(f for f in (pre / "checkpoints" / "3" / "state").rglob("*") if f.is_file() and f.parent.name == "d")
+    flipped.write_bytes(bytes([flipped.read_bytes()[0] ^ 0xFF]) + flipped.read_bytes()[1:])
+    wd = tmp_path / "wd"
+    for says in (f"{flipped}: checksum mismatch",
+                 f"{pre / 'checkpoints'}: checkpoint step 2 cannot be read (a file of it is damaged, truncated or "
+                 f"missing); it has no {CHECKSUMS}"):
+        rc = run_job("finetune", ["--site", "pelvis", "--data", store, "--init", str(pre), "--workdir", str(wd),
+                                  *TINY])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
+        assert not wd.exists()
+        shutil.rmtree(pre / "checkpoints" / ("3" if "mismatch" in says else "2"))  # the newest step next: whole
+    assert run_job("finetune", ["--site", "pelvis", "--data", store, "--init", str(pre), "--workdir", str(wd),
+                                *TINY]) == 0
