@@ -7,12 +7,17 @@ peak RSS over the process before it): to 0.8 mm (98.3 M voxels on the target gri
 822 MiB: 9.0 bytes per scan voxel and 10.3 per target-grid voxel. The estimate takes 16 per voxel of each channel
 file (a float64 file reads 6 more than an int16's 2), counting a channel on a coarser grid at the first file's
 voxels (it is resampled onto them), and 12 per target-grid voxel and channel; plus this process's memory now.
+
+A DICOM series is not estimated: its slices hold the voxels they claim, so it is as large on disk as in memory (no
+small file inflates), and its headers, read first, would make every slice be read twice (prepare's workers read each
+once). A NIfTI or NRRD channel beside it is estimated on its own grid.
 """
 
 from __future__ import annotations
 
 import math
 
+from lnfm.io import is_dicom_path
 from lnfm.io.grid import grid_voxels, image_grid
 from lnfm.io.host_memory import host_memory, memory_verdict, process_bytes
 
@@ -24,13 +29,14 @@ def case_memory_problem(images: list[str], series: str | None, spacing: tuple[fl
                         memory: tuple[int, int] | None = None) -> tuple[str, str, bool] | None:
     """(the file to name, the sentence, whether it refuses) when converting the case of channel files `images`
     to `spacing` (None: kept) needs more than the host's memory (refused) or than is free now (a warning); None
-    when it fits, or where the first file's headers give no grid (the read names the problem) or the host's
-    memory cannot be read. The file named is the one of most voxels (a huge PET beside its CT: the PET)."""
-    grids = [image_grid(p, series) for p in images]
+    when it fits, or where no channel's headers give a grid (a DICOM series, see above; a bad file, which the read
+    names) or the host's memory cannot be read. The file named is the one of most voxels (a huge PET beside its CT: the PET)."""
+    grids = [None if is_dicom_path(p) else image_grid(p, series) for p in images]
     memory = memory or host_memory()
-    if grids[0] is None or memory is None:
+    known = [g for g in grids if g is not None]
+    if not known or memory is None:
         return None
-    shape, vox = grids[0]
+    shape, vox = grids[0] or max(known, key=lambda g: math.prod(g[0][:3]))  # a DICOM first channel: the largest
     first = math.prod(shape[:3])
     sizes = [math.prod(g[0][:3]) if g is not None else 0 for g in grids]
     grid = grid_voxels(shape, vox, spacing or vox)
