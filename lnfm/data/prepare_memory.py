@@ -30,7 +30,8 @@ def case_memory_problem(images: list[str], series: str | None, spacing: tuple[fl
     """(the file to name, the sentence, whether it refuses) when converting the case of channel files `images`
     to `spacing` (None: kept) needs more than the host's memory (refused) or than is free now (a warning); None
     when it fits, or where no channel's headers give a grid (a DICOM series, see above; a bad file, which the read
-    names) or the host's memory cannot be read. The file named is the one of most voxels (a huge PET beside its CT: the PET)."""
+    names) or the host's memory cannot be read. The file named is the one of most voxels (a huge PET beside its
+    CT: the PET)."""
     grids = [None if is_dicom_path(p) else image_grid(p, series) for p in images]
     memory = memory or host_memory()
     known = [g for g in grids if g is not None]
