@@ -23,8 +23,9 @@ from lnfm.io.nrrd_io import mm_per_space_unit
 Grid = tuple[tuple[int, int, int], tuple[float, float, float]]
 # What a bad file's headers raise (tried on empty, cut, damaged and foreign files of each format): OSError (gzip's
 # BadGzipFile too), EOFError and zlib.error (a .gz cut short or damaged), ValueError (ImageReadError; text where a
-# number belongs), the libraries' own errors, and pydicom's struct.error and NotImplementedError (an element cut
-# short, an unknown VR). Any other is a bug.
+# number belongs), the libraries' own errors, and what pydicom raises on a damaged element: struct.error (an element
+# cut short) and NotImplementedError (a VR it does not know, as a bad byte makes one; pydicom's, not a stub here).
+# Any other is a bug.
 _BAD_HEADER = (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError, nrrd.NRRDError,
                InvalidDicomError, BytesLengthException, struct.error, NotImplementedError)
 
