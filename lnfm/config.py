@@ -370,11 +370,7 @@ def given_keys(cls: type, source: str | Path | None, overrides: list[str] = (), 
     for file, data in reversed(own):  # the file nearest to `source` wins, as in the merge
         keys |= {key: file for key, value in _leaves({k: v for k, v in data.items() if k != "base"})
                  if to_dict(value) != _lookup(baseline, key)}
-    for text in overrides:  # a section given whole (`strategy={k: 5}`) sets each key it holds
-        path, value = parse_override(text)
-        key = ".".join(path)
-        keys |= dict.fromkeys([key, *(k for k, _ in _leaves(value, key + "."))] if isinstance(value, dict) else [key])
-    return keys
+    return keys | dict.fromkeys(override_key_list(overrides))  # a section given whole sets each key it holds
 
 
 def _leaves(data: dict, prefix: str = ""):
