@@ -30,9 +30,16 @@ demo: $(VENV)/.installed-dev
 	$(BIN)/python -m lnfm demo --out $(DEMO_DIR)
 
 # Lint first: a layering or style break fails fast, before the suite runs. The second pytest run is
-# a user's fresh clone: the tests that depend on ../shared/data again, with it hidden.
+# a user's fresh clone: the tests that depend on ../shared/data again, with it hidden. Both runs share
+# one JAX compilation cache (tests/conftest.py makes one per run otherwise), so the second compiles
+# nothing the first already did; it is removed afterwards, and a cache set by the caller is kept.
 test: lint
-	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	@set -e; cache="$${JAX_COMPILATION_CACHE_DIR:-$$(mktemp -d /tmp/lnfm-tests-jax-cache-XXXXXX)}"; \
+	[ -n "$$JAX_COMPILATION_CACHE_DIR" ] || trap 'rm -rf "$$cache"' EXIT; \
+	export JAX_COMPILATION_CACHE_DIR="$$cache"; \
+	echo "$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)"; \
+	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS); \
+	echo "LNFM_SHARED_DATA= $(BIN)/python -m pytest -n 2 -m shared $(PYTEST_ARGS)"; \
 	LNFM_SHARED_DATA= $(BIN)/python -m pytest -n 2 -m shared $(PYTEST_ARGS)
 
 # ruff, and the import-layer contracts of pyproject.toml ([tool.importlinter]).
