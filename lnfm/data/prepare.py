@@ -757,8 +757,8 @@ def check_rescans(output: str, todo: list[CaseSpec], given: set[str]) -> None:
     give (`given`): ids hashed under another salt (a CSV without case_id, a DICOM folder) or files renamed added
     every scan again, one scan under two ids, in two splits (training on a validation case). Matched by the
     records' stat digest (`source_stat`: no file read), else by the bytes' (`source_fingerprint`: the new cases'
-    files read once more, only into a store holding cases). Copies the input lists under two ids it gives are let
-    be, as in a first run."""
+    files read once more, only into a store holding cases). Copies the input lists under two ids it gives are
+    `repeated_scan`'s, as in a first run."""
     records = [r for r in st.read_records(output) if r.get("case_id") not in given] if todo else []
     by_stat = {r["source_stat"]: r["case_id"] for r in records if r.get("source_stat")}
     by_source = {r["source"]: r["case_id"] for r in records if r.get("source")}
@@ -776,6 +776,19 @@ def check_rescans(output: str, todo: list[CaseSpec], given: set[str]) -> None:
                            f"label files, here under the id {case.case_id}){more}: ids hashed under another salt or "
                            f"files renamed would add each scan again under a new id; repeat the store's salt "
                            f"(--salt, {SALT_ENV}) and file names, or prepare into a new --output")
+
+
+def repeated_scan(case: CaseSpec, record: dict, first: dict[str, str]) -> dict | None:
+    """The failure of a case just converted whose files are, byte for byte, those of a case converted before it
+    (`first`: each source digest's first case, the store's then this run's as they finish; this case's noted there
+    when new), else None. `drop_duplicates` finds a file listed twice; a copy of it under another name and id was
+    converted twice, one scan in two splits (a training scan among the test cases)."""
+    source = record.get("source")
+    twin = first.setdefault(source, case.case_id) if source else case.case_id
+    if twin == case.case_id:
+        return None
+    return _case_failure(case, case.images[0], f"case '{case.case_id}' holds a copy of the image and label files of "
+                                               f"case '{twin}' (the same bytes); each scan may be prepared once")
 
 
 def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int = 1, shard_index: int = 0,
@@ -825,8 +838,16 @@ def prepare_dataset(input: str, output: str, cfg: PrepareConfig, num_shards: int
                 "its image or label files changed since this case was prepared into the store: "
                 "the store keeps the first version; prepare into a new --output")))
     bar = progress(total=len(todo), desc="prepare", disable=not show_progress)
+    first: dict[str, str] = {}  # each source digest's first case, for repeated_scan
+    for record in st.read_records(output) if todo else []:
+        if record.get("source"):
+            first.setdefault(record["source"], record["case_id"])
+    todo_ids = {c.case_id: c for c in todo}
 
     def finish(status: str, payload: dict) -> None:
+        repeat = repeated_scan(todo_ids[payload["case_id"]], payload, first) if status == "ok" else None
+        if repeat is not None:  # its arrays are written: deleted below, as a failed case's
+            status, payload = "failed", repeat
         if status == "ok":
             st.write_record(output, payload)  # last: only now is the case part of the dataset
             result.converted += 1

@@ -155,10 +155,9 @@ def test_interrupted_sharded_conversion_resumes_to_the_same_result(tmp_path):
 
 
 def test_split_column_overrides_and_hash_split_is_deterministic(tmp_path):
-    img, lab = phantom()
-    # one file per case: the same image listed under several ids is refused (it could land in two splits)
-    csv_path = write_csv(tmp_path / "c.csv", [{"case_id": f"k{i}", "image": save(tmp_path / f"a{i}.nii.gz", img,
-                                                                                 affine_lps()),
+    # one scan per case: the same image under several ids is refused (it could land in two splits)
+    csv_path = write_csv(tmp_path / "c.csv", [{"case_id": f"k{i}", "image": save(tmp_path / f"a{i}.nii.gz",
+                                                                                 phantom(seed=i)[0], affine_lps()),
                                                "split": "val" if i == 0 else ""} for i in range(3)])
     prepare_dataset(str(csv_path), str(tmp_path / "s"), CFG, show_progress=False)
     splits = {r["case_id"]: r["split"] for r in read_manifest(str(tmp_path / "s"))}
@@ -646,10 +645,12 @@ def test_an_option_and_an_override_of_one_key_are_refused(tmp_path, capsys):
 
 
 def _two_cases(tmp_path):
-    """Cases a and b, the same phantom, listed in a CSV: (image, label, CSV, store path, config)."""
-    img, lab = phantom()
-    rows = [{"case_id": cid, "image": save(tmp_path / f"{cid}.nii.gz", img, affine_lps()),
-             "label": save(tmp_path / f"{cid}_lab.nii.gz", lab, affine_lps())} for cid in ("a", "b")]
+    """Cases a and b, one phantom's label on two scans (its noise seeds 0 and 1), listed in a CSV: (a's image, the
+    label, CSV, store path, config)."""
+    (img, lab), (other, _) = phantom(), phantom(seed=1)
+    rows = [{"case_id": cid, "image": save(tmp_path / f"{cid}.nii.gz", scan, affine_lps()),
+             "label": save(tmp_path / f"{cid}_lab.nii.gz", lab, affine_lps())}
+            for cid, scan in (("a", img), ("b", other))]
     return img, lab, str(write_csv(tmp_path / "cases.csv", rows)), str(tmp_path / "store"), PrepareConfig(workers=0,
                                                                                                           salt="s")
 
@@ -764,6 +765,33 @@ def test_a_rerun_under_another_salt_is_refused_naming_the_scan_it_would_add_agai
     assert tree_digest(store) == before
     monkeypatch.setenv("LNFM_ID_SALT", "aaa")
     assert main(args) == 0 and "converted 0, skipped 4" in capsys.readouterr().out
+
+
+def test_a_copy_of_a_scan_under_another_id_is_a_failed_line_naming_the_case_it_copies(tmp_path, capsys):
+    """drop_duplicates refuses one file listed under two ids; a copy of its files under other names (a study
+    exported twice, a folder copied) was converted under both ids, one scan in two splits (rc 0, 'converted 3').
+    The later case is now a FAILED line naming the case it copies, its arrays removed and its stored reason
+    without paths; a rerun fails it again against the store's record."""
+    import shutil
+
+    _two_cases(tmp_path)
+    for suffix in (".nii.gz", "_lab.nii.gz"):
+        shutil.copy(tmp_path / f"a{suffix}", tmp_path / f"copy{suffix}")
+    rows = [{"case_id": cid, "image": str(tmp_path / f"{name}.nii.gz"), "label": str(tmp_path / f"{name}_lab.nii.gz")}
+            for cid, name in (("a", "a"), ("b", "b"), ("c", "copy"))]
+    store = str(tmp_path / "store")
+    args = ["--input", str(write_csv(tmp_path / "cases.csv", rows)), "--output", store, "--workers", "0", "--salt", "s"]
+    reason = "case 'c' holds a copy of the image and label files of case 'a' (the same bytes); each scan may be " \
+             "prepared once"
+    assert main(args) == 1
+    assert capsys.readouterr().out.splitlines() == ["converted 2, skipped 0 (already done), failed 1",
+                                                    f"FAILED {tmp_path / 'copy.nii.gz'}: {reason}"]
+    assert sorted(r["case_id"] for r in read_manifest(store)) == ["a", "b"]
+    assert not [f for f in (Path(store) / "cases" / "c").rglob("*") if f.is_file()]
+    assert [(f["case_id"], f["reason"]) for f in read_failures(store)] == [("c", reason)]
+    assert main(args) == 1
+    assert capsys.readouterr().out.splitlines() == ["converted 0, skipped 2 (already done), failed 1",
+                                                    f"FAILED {tmp_path / 'copy.nii.gz'}: {reason}"]
 
 
 def test_a_rerun_refuses_a_case_whose_files_changed_since_it_was_prepared(tmp_path):

@@ -203,8 +203,9 @@ def real_ln_mask(inp: Path) -> Path:
 def labelled_store(raw: Path, store: Path, splits=("train", "train", "val", "test"), prefix: str = "ft",
                    copy_of: dict[int, int] | None = None, label_of=None, spacing=None) -> str:
     """A prepared store of `body` phantoms (raw files under `raw`), case i in split splits[i]; case i in
-    `copy_of` is a copy of case copy_of[i]'s scan (the same scan under another id); `label_of(i, label)`
-    alters a case's label; `spacing` resamples (None: the phantoms' own)."""
+    `copy_of` is a copy of case copy_of[i]'s scan (the same scan under another id, saved uncompressed: prepare
+    fails a byte-for-byte copy); `label_of(i, label)` alters a case's label; `spacing` resamples (None: the
+    phantoms' own)."""
     from lnfm.data.prepare import PrepareConfig, prepare_dataset
 
     copy_of = copy_of or {}
@@ -212,8 +213,9 @@ def labelled_store(raw: Path, store: Path, splits=("train", "train", "val", "tes
     for i, split in enumerate(splits):
         image, label = body(seed=copy_of.get(i, i))
         label = label_of(i, label) if label_of else label
-        rows.append({"case_id": f"{prefix}{i}", "image": nii(raw / f"{prefix}{i}.nii.gz", image),
-                     "label": nii(raw / f"{prefix}{i}_label.nii.gz", label), "split": split})
+        ext = ".nii" if i in copy_of else ".nii.gz"
+        rows.append({"case_id": f"{prefix}{i}", "image": nii(raw / f"{prefix}{i}{ext}", image),
+                     "label": nii(raw / f"{prefix}{i}_label{ext}", label), "split": split})
     res = prepare_dataset(str(csv_file(raw / "cases.csv", rows)), str(store),
                           PrepareConfig(workers=0, salt="s", spacing=spacing), show_progress=False)
     assert res.ok, res.failures
