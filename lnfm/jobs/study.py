@@ -471,14 +471,21 @@ def out_study(out: Path) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def check_out_files(out: Path, study: str) -> None:
+def check_out_files(out: Path, study: str, before_ids: bool) -> None:
     """Refuse an existing file of --out that the study would write and did not (or that changed since), and
-    the report of another study (another --workdir): `study` is this one's id."""
+    the report of another study (another --workdir): `study` is this one's id. A record an lnfm before the ids
+    wrote names no study: it is this study's only when its workdir too was started before them (`before_ids`:
+    started, with no STUDY_ID), as the study that wrote such a report was; any other took it over unsaid."""
     present = [name for name in OUT_FILES if os.path.lexists(out / name)]
-    if present and out_study(out) not in (None, study):
+    recorded = recorded_digests(out / OUT_RECORD)
+    owner = out_study(out)
+    if present and owner not in (None, study):
         raise ConfigError(f"--out {out}: holds the report of another study ({', '.join(present)}, from another "
                           f"--workdir or one made anew); move those files away or choose another --out")
-    recorded = recorded_digests(out / OUT_RECORD)
+    if present and owner is None and recorded and not before_ids:
+        raise ConfigError(f"--out {out}: holds the report of a study an earlier lnfm ran ({', '.join(present)}, its "
+                          f"record names no study), which only that study's --workdir replaces; move those files away "
+                          f"or choose another --out")
     for name in OUT_FILES:
         path = out / name
         if os.path.lexists(path) and (path.is_symlink() or not path.is_file()
@@ -510,15 +517,17 @@ def run(cfg: StudyConfig, workdir: str | Path, out: str | Path, command: str) ->
     # folder moved while the study runs ends it in one line, remade nowhere (`job_folder`)
     with lock_folder(workdir), lock_folder(out, OUT_LOCK), job_folder(workdir), job_folder(out):
         remove_stale_temps(out)  # a killed study's half-written plot
-        check_resume(workdir, cfg, RESUME_KEYS, has_run=(workdir / "data").exists() or (workdir / "runs").exists())
+        started = (workdir / "data").exists() or (workdir / "runs").exists()
+        check_resume(workdir, cfg, RESUME_KEYS, has_run=started)
         check_config_is_this_jobs(workdir, cfg)
+        before_ids = started and study_id(workdir) is None  # a study an lnfm before the ids started
         study = study_id(workdir) or secrets.token_hex(8)
-        check_out_files(out, study)
+        check_out_files(out, study, before_ids)
         out.mkdir(parents=True, exist_ok=True)
-        return _study(cfg, workdir, out, command, study)
+        return _study(cfg, workdir, out, command, study, before_ids)
 
 
-def _study(cfg: StudyConfig, workdir: Path, out: Path, command: str, study: str) -> int:
+def _study(cfg: StudyConfig, workdir: Path, out: Path, command: str, study: str, before_ids: bool) -> int:
     with open_workdir(workdir, cfg, tensorboard=False) as writer:  # its log handler ends on a failed stage too
         if study_id(workdir) is None:  # the first start: what --out's record names this study by
             atomic_write_text(workdir / STUDY_ID, study + "\n")
@@ -535,7 +544,7 @@ def _study(cfg: StudyConfig, workdir: Path, out: Path, command: str, study: str)
                 writer.write(i, **{k: summary.get(k) for k in ("dice", "node_sensitivity")}, **c)
                 bar.update(1)
         agg = aggregate(rows)
-        check_out_files(out, study)  # again: the study took an hour, in which a file may have appeared there
+        check_out_files(out, study, before_ids)  # again: a file may have appeared there in the study's hour
         writes = {"study.csv": lambda p: atomic_write_csv(p, rows),
                   "study_summary.csv": lambda p: atomic_write_csv(p, agg),
                   "dice_vs_labelled.png": lambda p: plot(agg, "dice", "Dice", p),

@@ -301,7 +301,8 @@ def test_a_second_study_writing_the_same_out_is_refused_while_the_first_runs(tmp
 def test_a_second_study_with_another_workdir_keeps_the_first_s_report(tmp_path, monkeypatch):
     """A second study (another --workdir) with the first's --out replaced its report without a word; --out's
     record names the study that wrote it by the random id its workdir keeps (no path), and only that study
-    replaces it. A record lnfm wrote before the ids is taken over."""
+    replaces it. A record lnfm wrote before the ids (none named) was taken over by any study: only a workdir
+    started before them, as the study that wrote it was, replaces it now; another is refused the same way."""
     import json
 
     from tree_helpers import tree_digest
@@ -323,8 +324,16 @@ def test_a_second_study_with_another_workdir_keeps_the_first_s_report(tmp_path, 
     assert S.run(cfg, tmp_path / "wd", out, "cmd") == 0  # the study that wrote it replaces it
     assert (tmp_path / "wd" / S.STUDY_ID).read_text().strip() == first
     (out / S.OUT_RECORD).write_text(json.dumps({"files": record["files"]}))  # as lnfm wrote it before the ids
-    assert S.run(cfg, tmp_path / "wd3", out, "cmd") == 0
-    assert json.loads((out / S.OUT_RECORD).read_text())["study"] == (tmp_path / "wd3" / S.STUDY_ID).read_text().strip()
+    before = tree_digest(out)
+    for workdir in (tmp_path / "wd3", tmp_path / "wd"):  # a new study's, and one started since the ids
+        with pytest.raises(ConfigError, match=rf"^--out {out}: holds the report of a study an earlier lnfm ran "
+                                              r"\(study.csv, .*study.md, its record names no study\), which only"):
+            S.run(cfg, workdir, out, "cmd")
+    assert tree_digest(out) == before and not (tmp_path / "wd3").exists()
+    (tmp_path / "wd" / S.STUDY_ID).unlink()  # its workdir as an lnfm before the ids left it: started, no id
+    (tmp_path / "wd" / "runs").mkdir()
+    assert S.run(cfg, tmp_path / "wd", out, "cmd") == 0
+    assert json.loads((out / S.OUT_RECORD).read_text())["study"] == (tmp_path / "wd" / S.STUDY_ID).read_text().strip()
 
 
 def test_a_study_whose_workdir_is_moved_ends_in_one_line_remade_nowhere(tmp_path, monkeypatch):
