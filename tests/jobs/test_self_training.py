@@ -83,3 +83,52 @@ def test_unlabelled_scans_that_are_held_out_or_already_labelled(stores, tmp_path
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "nothing to pseudo-label" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "wd").exists()
+
+
+def test_a_resume_after_the_unlabelled_store_was_prepared_again_with_other_scans_is_refused(stores, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """--unlabelled's content check (content.json) is --paste-into's code, tested end to end here too: a run
+    stopped in its teacher's first step, its --unlabelled store removed and prepared again in place from other scans
+    under the same case ids, then the same command, is refused in one line naming the store and the case, its
+    workdir unchanged (the resume pseudo-labelled the other scans)."""
+    import os
+    import shutil
+    import signal
+
+    from sphere_cases import write_spheres
+    from tree_helpers import tree_digest
+
+    import lnfm.jobs.finetune as ft
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+
+    labelled, _, _ = stores
+    raw, unl, wd = tmp_path / "unl", str(tmp_path / "unlabelled"), tmp_path / "st"
+    images = [raw / "imagesTr" / f"u{i:02d}_0000.nii.gz" for i in range(2)]
+    (tmp_path / "unl.csv").write_text("case_id,image,label,site,split\n"
+                                      + "".join(f"u{i:02d},{p},,pelvis,train\n" for i, p in enumerate(images)))
+    prep = PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, crop_body=False)
+    write_spheres(raw, 2, seed=21, prefix="u")
+    assert prepare_dataset(str(tmp_path / "unl.csv"), unl, prep, show_progress=False).ok
+    real = ft.make_train_step
+
+    def stopped(*args, **kwargs):  # SIGTERM in the first step: the loop saves it and returns, a run to resume
+        step = real(*args, **kwargs)
+        return lambda state, batch: os.kill(os.getpid(), signal.SIGTERM) or step(state, batch)
+
+    monkeypatch.setattr(ft, "make_train_step", stopped)
+    argv = ["--site", "pelvis", "--data", labelled, "--unlabelled", unl, "--init", "scratch", "--workdir", str(wd),
+            *BASE]
+    assert run_job("finetune", argv) == 0 and not (wd / "summary.json").exists()
+    assert sorted(json.loads((wd / "content.json").read_text())["unlabelled_1"]) == ["u00", "u01"]
+    monkeypatch.setattr(ft, "make_train_step", real)
+    write_spheres(raw, 2, seed=22, prefix="u")  # other scans under the same file names, so the same case ids
+    shutil.rmtree(unl)
+    assert prepare_dataset(str(tmp_path / "unl.csv"), unl, prep, show_progress=False).ok
+    before = tree_digest(wd)
+    capsys.readouterr()
+    assert run_job("finetune", argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"lnfm finetune: error: {wd / 'content.json'}: the run to resume recorded other content for case u00 (and 1 "
+        f"more) of {unl} (prepared again since, from other images or labels): its data changed since it started; "
+        f"resume with the data it had, or choose a new --workdir"]
+    assert tree_digest(wd) == before
