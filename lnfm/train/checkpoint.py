@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -98,20 +99,49 @@ def write_checksums(step_dir: str | Path) -> None:
         os.replace(tmp, step_dir / CHECKSUMS)
 
 
+# (step folder, its list) -> the listed files' stat when this process last found them matching the list: a job
+# that checks a step and then restores it (finetune --init, once per repeat; a resume's `newest_intact_step`)
+# hashes it once.
+_verified: dict[tuple[str, str], tuple] = {}
+# File times tick coarser than the clock (and an NFS server's clock is not ours): a file changed within this
+# long before a check could change again keeping its stat, so such a step is hashed at each check.
+_SETTLED_NS = 2_000_000_000
+
+
+def _stamp(step_dir: Path, rels: list[str]) -> tuple | None:
+    """(size, ctime, inode) of each listed file (ctime: a write or a copy sets it and no tool can set it back),
+    or None when one is missing or changed within `_SETTLED_NS`."""
+    settled = time.time_ns() - _SETTLED_NS
+    try:
+        stats = [os.stat(step_dir / rel) for rel in rels]
+    except OSError:
+        return None
+    if any(s.st_ctime_ns > settled for s in stats):
+        return None
+    return tuple((s.st_size, s.st_ctime_ns, s.st_ino, s.st_dev) for s in stats)
+
+
 def verify_checksums(step_dir: str | Path) -> bool:
     """Raise CheckpointError naming the first file that is missing or differs from the step's list.
-    Returns False (nothing checked) when the step has no list."""
+    Returns False (nothing checked) when the step has no list. A step found whole before in this process and
+    unchanged since (`_stamp`) is not hashed again."""
     step_dir = Path(step_dir)
     listing = step_dir / CHECKSUMS
     if not listing.is_file():
         return False
-    for line in listing.read_text().splitlines():
-        digest, _, rel = line.partition("  ")
+    text = listing.read_text()
+    entries = [line.partition("  ")[::2] for line in text.splitlines()]
+    key, stamp = (str(step_dir.absolute()), text), _stamp(step_dir, [rel for _, rel in entries])  # before the reads
+    if stamp is not None and _verified.get(key) == stamp:
+        return True
+    for digest, rel in entries:
         path = step_dir / rel
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in {CHECKSUMS} but missing")
         if _sha256(path) != digest:
             raise CheckpointError(f"{path}: checksum mismatch (the file changed or is corrupt)")
+    if stamp is not None:
+        _verified[key] = stamp
     return True
 
 

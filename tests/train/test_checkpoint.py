@@ -273,3 +273,38 @@ def test_a_bit_flip_is_caught_by_the_checksums_and_the_previous_step_restores(tm
     assert step == 1 and int(state["step"]) == 0 and leaves_equal(state["params"], setup["state"]["params"])
     assert "checkpoint 2" in caplog.text and "checksum mismatch" in caplog.text and "falling back" in caplog.text
     assert (tmp_path / "ck" / "corrupt_2").is_dir()
+
+
+def test_a_step_checked_then_restored_is_hashed_once_and_a_file_changed_since_is_hashed_again(tmp_path, mesh8,
+                                                                                             monkeypatch):
+    """finetune --init checks the step (`check_latest_step`, before the workdir is written) and restores it (once
+    per repeat): each hashed every file of it again. A step settled on disk is hashed once; one written just now
+    (a file time could not tell a change in the same tick) or changed since is hashed at each check."""
+    from lnfm.train import checkpoint
+    from lnfm.train.checkpoint import check_latest_step
+
+    setup = toy_setup(mesh8)
+    ck = Checkpointer(tmp_path / "ck", CheckpointConfig())
+    ck.save(3, setup["state"])
+    ck.close()
+    target = st.abstract_state(setup["state"], setup["shardings"])["params"]
+    files = len((tmp_path / "ck" / "3" / CHECKSUMS).read_text().splitlines())
+    hashed = []
+    sha256 = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: hashed.append(path) or sha256(path))
+
+    for settled_ns, hashes in ((10**18, 3 * files), (0, files)):  # written just now, or long ago
+        monkeypatch.setattr(checkpoint, "_SETTLED_NS", settled_ns, raising=False)
+        hashed.clear()
+        check_latest_step(tmp_path / "ck")
+        for _ in range(2):
+            assert leaves_equal(restore_params(tmp_path / "ck", target), setup["state"]["params"])
+        assert len(hashed) == hashes, settled_ns
+
+    data = max((f for f in (tmp_path / "ck" / "3" / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    (tmp_path / "flipped").write_bytes(bytes(raw))
+    (tmp_path / "flipped").replace(data)  # same size, as a copy tool writes it
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        restore_params(tmp_path / "ck", target)
