@@ -138,12 +138,12 @@ def test_dry_run_prints_the_srun_command(slurm, repo_root):
     assert calls() == []
 
 
-PER_NODE_SRUN = "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpu-bind=none bash -c $'\\ngpus="
+PER_NODE_SRUN = "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpu-bind=none bash -c $'\\nlnfm_coordinator () "
 USER_COMMAND = [".venv/bin/python", "pretrain/pretrain.py", "--workdir", "/shared/runs/vit b"]
 
 
-def _per_node_dry_run(repo_root, env) -> list[str]:
-    proc = subprocess.run(["bash", str(repo_root / "launch" / "slurm" / "per_node.sbatch"), *USER_COMMAND],
+def _per_node_dry_run(repo_root, env, command=tuple(USER_COMMAND)) -> list[str]:
+    proc = subprocess.run(["bash", str(repo_root / "launch" / "slurm" / "per_node.sbatch"), *command],
                           env={**env, "LNFM_DRY_RUN": "1"}, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stderr == "", proc.stdout + proc.stderr
     return proc.stdout.splitlines()
@@ -160,12 +160,38 @@ def test_per_node_dry_run_prints_the_rendezvous_and_the_srun_command(slurm, repo
     for extra, head in (({}, "FIRST_NODE:PORT"),
                         ({"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-node-[007-008]"}, "gpu-node-007:24242")):
         lines = _per_node_dry_run(repo_root, {**env, **extra})
-        assert lines[0] == f"lnfm: rendezvous LNFM_HEAD={head} (process 0 on the allocation's first node)"
+        assert lines[0] == (f"lnfm: rendezvous LNFM_COORDINATOR={head} (process 0 on the allocation's first node; "
+                            f"each task derives it)")
         (srun,) = [line for line in lines if line.startswith("srun ")]
-        assert srun.startswith(PER_NODE_SRUN) and "export LNFM_COORDINATOR=$LNFM_HEAD" in srun
+        assert srun.startswith(PER_NODE_SRUN) and "export LNFM_COORDINATOR=$coordinator" in srun
         assert srun.endswith("' lnfm-task .venv/bin/python pretrain/pretrain.py --workdir /shared/runs/vit\\ b")
         assert not any(c.startswith(("srun", "scancel", "scontrol requeue")) for c in calls())
     assert calls() == ["scontrol show hostnames gpu-node-[007-008]"]
+
+
+def test_the_per_node_dry_run_srun_line_runs_as_printed_in_an_allocation(slurm, repo_root, tmp_path, monkeypatch):
+    """The printed task read LNFM_HEAD, which only the batch script sets: pasted into another allocation's shell it
+    gave each task an empty LNFM_COORDINATOR, refused with the rank as not set together. Each task now derives the
+    rendezvous from its step's SLURM_JOB_NODELIST and SLURM_JOB_ID, and the job's check takes it."""
+    from lnfm.train.distributed import detect
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LNFM_"))}
+    env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
+               FAKE_LOG=str(tmp_path / "calls.log"))
+    lines = _per_node_dry_run(repo_root, {**env, "LNFM_ROOT": str(repo_root)}, ("env",))  # on a login node
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    proc = subprocess.run(["bash", "-c", srun], env={**env, "SLURM_JOB_ID": "4242",
+                                                       "SLURM_JOB_NODELIST": "gpu-node-[007-008]"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    task_env = dict(line.split("=", 1) for line in proc.stdout.splitlines() if line.startswith("LNFM_"))
+    for name in [k for k in os.environ if k.startswith(("LNFM_", "SLURM_"))]:
+        monkeypatch.delenv(name)
+    for name, value in task_env.items():
+        monkeypatch.setenv(name, value)
+    spec = detect()
+    assert (spec.coordinator, spec.num_processes, spec.process_id) == ("gpu-node-007:24242", 1, 0)
+    assert spec.local_device_ids == (0, 1, 2, 3) and spec.source == "env"
 
 
 def test_per_node_prints_its_multi_line_task_as_one_quoted_line(repo_root):
