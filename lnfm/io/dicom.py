@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
+import traceback
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from lnfm.io.volume import LPS_TO_RAS, ImageReadError, Volume, check_affine
 
@@ -32,6 +35,22 @@ _RAW_GROUPS = (0x0002, 0x0008)
 _RAW_MAX_ELEMENT = 0x0020
 # A refusal names at most this many of pydicom's warnings about the slice, each cut to this many characters.
 _WARNINGS_SHOWN, _WARNING_CHARS = 2, 160
+# What reading a damaged, cut or foreign file's header raises (tried on thousands of mutated and cut slices of
+# the real series under ../shared/data, SEG and RTSTRUCT outputs, datasets without preamble): OSError and
+# struct.error (a file or an element cut short; a file gone since it was listed), InvalidDicomError (no DICM
+# prefix), NotImplementedError (an unknown VR), BytesLengthException and ValueError (a value that does not fit
+# its VR, a null in SpecificCharacterSet), and TypeError where a damaged VR makes SpecificCharacterSet a number,
+# only from pydicom's own code (`damaged`). Any other is a bug.
+BAD_DICOM = (OSError, struct.error, InvalidDicomError, NotImplementedError, BytesLengthException, ValueError,
+             TypeError)
+_PYDICOM = os.path.dirname(pydicom.__file__) + os.sep
+
+
+def damaged(e: BaseException) -> bool:
+    """Whether `e`, caught as one of `BAD_DICOM`, says the file is damaged: a TypeError only when raised within
+    pydicom (ours is a bug, to keep its traceback)."""
+    return not isinstance(e, TypeError) or any(frame.f_code.co_filename.startswith(_PYDICOM)
+                                               for frame, _ in traceback.walk_tb(e.__traceback__))
 
 
 @contextlib.contextmanager
@@ -180,7 +199,9 @@ def series_of(files: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
     for f in files:
         try:
             uid = _series_uid_of(f)
-        except Exception:  # read_dicom_series reports it, as a file of the series it reads
+        except BAD_DICOM as e:  # read_dicom_series reports it, as a file of the series it reads
+            if not damaged(e):
+                raise
             unreadable.append(f)
             continue
         groups.setdefault(uid, []).append(f)
@@ -217,7 +238,9 @@ def select_series(path: Path, series: str | None = None) -> tuple[str, list[Path
 def series_uid_of_file(path: Path) -> str:
     try:
         return str(slice_header(path).get("SeriesInstanceUID", ""))
-    except Exception:
+    except BAD_DICOM as e:  # reading the file names it
+        if not damaged(e):
+            raise
         return ""
 
 
@@ -232,8 +255,9 @@ def _instance_uids(folder: str) -> set[str]:
     for f in dicom_files(Path(folder)):
         try:
             found.add(str(slice_header(f).get("SOPInstanceUID", "")))
-        except Exception:  # the folder's reading names such a file
-            continue
+        except BAD_DICOM as e:  # the folder's reading names such a file
+            if not damaged(e):
+                raise
     return found - {""}
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from lnfm.io import ImageReadError, SeriesChoiceError, read_image
@@ -86,3 +87,52 @@ def test_prepare_refuses_the_folder_or_takes_the_chosen_series(shared_data, tmp_
     image, _ = read_case(str(tmp_path / "st2"), record)
     # Stored RAS (the series is LPS: x and y flipped), same voxels as SimpleITK's series B.
     np.testing.assert_array_equal(image[::-1, ::-1, :, 0], sitk_series(root / "scans", UID_B))
+
+
+def test_damaged_slices_are_left_to_the_read_and_a_bug_in_the_lookups_keeps_its_traceback(shared_data, tmp_path,
+                                                                                        monkeypatch):
+    """What a damaged, cut or foreign slice's header raises (found by reading thousands of such files) leaves it
+    out of the series lookups (series_of, series_uid_of_file, _instance_uids) for the read to name, a TypeError
+    too when pydicom raises it (a damaged VR makes SpecificCharacterSet a number). Any other error was read that
+    way too, a bug inside the lookups included."""
+    import shutil
+    import struct
+
+    from pydicom.errors import BytesLengthException
+
+    from lnfm.io import dicom
+
+    good = shared_data / "dicom_small/lungmask/0.dcm"
+    raw = good.read_bytes()
+    bad = {"cut.dcm": (raw[:152], struct.error), "cut_value.dcm": (raw[:141], BytesLengthException),
+           "empty.dcm": (b"", InvalidDicomError),
+           "random.dcm": (bytes(range(256)) * 4, InvalidDicomError),
+           "charset_vr.dcm": (raw.replace(b"\x08\x00\x05\x00CS", b"\x08\x00\x05\x00US", 1), TypeError),
+           "charset_null.dcm": (raw.replace(b"ISO_IR 100", b"ISO_IR\x00100", 1), ValueError),
+           "uid_vr.dcm": (raw.replace(b"\x20\x00\x0e\x00UI", b"\x20\x00\x0e\x00Uf", 1), NotImplementedError)}
+    folder = tmp_path / "series"
+    folder.mkdir()
+    shutil.copy(good, folder / "good.dcm")
+    for name, (data, raises) in bad.items():
+        (folder / name).write_bytes(data)
+        with pytest.raises(raises):  # what each is
+            dicom.slice_header(folder / name)
+            dicom.slice_header(folder / name).get("SeriesInstanceUID")
+        assert dicom.series_uid_of_file(folder / name) == "", name
+    ds = pydicom.dcmread(good, stop_before_pixels=True)
+    groups, unreadable = dicom.series_of(dicom.dicom_files(folder) + [folder / "gone.dcm"])
+    assert groups == {ds.SeriesInstanceUID: [folder / "good.dcm"]}
+    assert sorted(p.name for p in unreadable) == sorted([*bad, "gone.dcm"])
+    assert dicom._instance_uids(str(folder)) == {ds.SOPInstanceUID}
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug inside the read")
+
+    fresh = tmp_path / "fresh"  # headers not read yet
+    fresh.mkdir()
+    shutil.copy(good, fresh / "good.dcm")
+    monkeypatch.setattr(dicom, "read_dataset", bug)
+    for lookup in (lambda: dicom.series_of([fresh / "good.dcm"]), lambda: dicom.series_uid_of_file(fresh / "good.dcm"),
+                   lambda: dicom._instance_uids(str(fresh))):
+        with pytest.raises(TypeError, match="a bug inside the read"):
+            lookup()
