@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
+from nibabel.spatialimages import HeaderDataError
 
 from lnfm.io.volume import ImageReadError, Volume, check_affine
 from lnfm.workdir import check_job_folder, temp_file
 
+
+# What loading a damaged, cut or foreign .nii or .nii.gz raises (tried on thousands of them): OSError (gzip's
+# BadGzipFile, data cut short), EOFError and zlib.error (a .gz cut short or damaged), nibabel's errors, ValueError
+# (a NaN or negative size) and OverflowError (a memory map of a size the header cannot give). Any other is a bug.
+BAD_NIFTI = (OSError, EOFError, zlib.error, ValueError, OverflowError, ImageFileError, HeaderDataError)
 
 # qform and sform may differ by what float32 storage of the qform's quaternion loses: near a 180-degree
 # rotation up to 1.3e-3 of an axis's length (measured over 20,000 random rotations), about four times

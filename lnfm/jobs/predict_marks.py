@@ -25,8 +25,9 @@ import nibabel as nib
 import numpy as np
 
 from lnfm.eval.report import OVERLAY_SOFTWARE, report_is_unchanged
-from lnfm.io.nifti import nifti_image, stored_header
+from lnfm.io.dicom import BAD_DICOM, damaged
 from lnfm.io.dicom_source import MANUFACTURER
+from lnfm.io.nifti import BAD_NIFTI, nifti_image, stored_header
 
 NIFTI_MARK = "lnfm predict v2"  # the start of the NIfTI header's 80-byte description
 EARLIER_NIFTI_MARK = "lnfm predict sha256:"  # before v2: a digest of the voxels alone
@@ -153,18 +154,30 @@ def made_by_predict(path: str | Path) -> bool:
     if path.is_symlink() or not path.is_file():
         return False
     name = path.name.lower()
-    try:
-        if name.endswith((".nii", ".nii.gz")):
+    if name.endswith((".nii", ".nii.gz")):
+        try:
             return _nifti_is_predicts(path)
-        if name.endswith(".csv"):
-            return report_is_unchanged(path.read_text(encoding="utf-8", errors="replace"))
-        if name.endswith(".png"):
-            from PIL import Image
+        except (*BAD_NIFTI, MemoryError):  # not a NIfTI, or a damaged one (MemoryError: the huge size it claims)
+            return False
+    if name.endswith(".csv"):
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+        return report_is_unchanged(text)
+    if name.endswith(".png"):
+        from PIL import Image
 
+        try:
             with Image.open(path) as image:
                 return getattr(image, "text", {}).get("Software") == OVERLAY_SOFTWARE
-        if name.endswith(".dcm"):
+        except (OSError, SyntaxError, Image.DecompressionBombError):  # PIL's, on a cut, damaged or foreign file
+            return False
+    if name.endswith(".dcm"):
+        try:
             return _dicom_is_predicts(path)
-    except Exception:  # a file that does not parse as its kind (any reader's error) is not one predict wrote
-        return False
+        except BAD_DICOM as e:
+            if not damaged(e):
+                raise
+            return False
     return False

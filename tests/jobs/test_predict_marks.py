@@ -4,6 +4,7 @@ segmentation mask, a scanner's DICOM slice, a CSV, a PNG saved without the mark,
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -167,3 +168,90 @@ def test_a_bad_nifti_is_no_earlier_mark_and_a_bug_keeps_its_traceback(tmp_path, 
     monkeypatch.setattr(predict_marks, "stored_header", bug)
     with pytest.raises(TypeError, match="a bug inside the read"):
         earlier_nifti_mark(tmp_path / "old.nii.gz")
+
+
+def test_a_bad_file_of_each_kind_is_not_predicts_and_a_bug_keeps_its_traceback(tmp_path, shared_data, monkeypatch):
+    """What a damaged, cut or foreign file of each kind predict writes raises (found by reading thousands of them)
+    is not predict's: nibabel's and gzip's errors (a MemoryError for the size a damaged header claims), PIL's (a
+    broken chunk is a SyntaxError, a size damaged in IHDR a DecompressionBombError), pydicom's (a TypeError too,
+    where a damaged VR makes SpecificCharacterSet a number). Any other error was read as 'not predict's' too, a bug
+    inside the check included."""
+    import gzip
+    import struct
+    import zlib
+
+    from PIL import Image, PngImagePlugin
+
+    from lnfm.eval.report import OVERLAY_SOFTWARE
+    from lnfm.io.dicom_source import MANUFACTURER
+    from lnfm.jobs import predict_marks
+    from lnfm.jobs.predict_marks import seal_dicom
+
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[2:4, 2:4, 1:3] = 1
+    write_nifti(tmp_path / "mask.nii", labels, np.eye(4), nifti_descrip(labels, np.eye(4)))
+    nii = (tmp_path / "mask.nii").read_bytes()
+    (tmp_path / "mask.nii.gz").write_bytes(gzip.compress(nii, mtime=0))
+    (tmp_path / "nodes.csv").write_text(report_csv(node_table(labels, np.eye(4), labels * 40.0, labels * 0.9,
+                                                              ["background", "lymph_node"])))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", OVERLAY_SOFTWARE)
+    Image.new("RGB", (8, 8)).save(tmp_path / "view.png", pnginfo=info)
+    png = (tmp_path / "view.png").read_bytes()
+    ds = pydicom.dcmread(shared_data / "dicom_small/pydicom_CT_small.dcm")
+    ds.Manufacturer = MANUFACTURER
+    ds.save_as(tmp_path / "case.seg.dcm")
+    seal_dicom(tmp_path / "case.seg.dcm")
+    dcm = (tmp_path / "case.seg.dcm").read_bytes()
+    for name in ("mask.nii", "mask.nii.gz", "nodes.csv", "view.png", "case.seg.dcm"):
+        assert made_by_predict(tmp_path / name), name
+
+    def at(raw: bytes, offset: int, value: bytes) -> bytes:  # `value` written over the bytes at `offset`
+        return raw[:offset] + value + raw[offset + len(value):]
+
+    idat = png.index(b"IDAT") - 4  # its length 8 short: the next chunk's type is read from the data
+    ihdr = png[12:16] + struct.pack(">II", 1 << 20, 1 << 20) + png[24:29]
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+    from pydicom.errors import InvalidDicomError
+
+    deflate = gzip.compress(nii, mtime=0)
+    bad = {"cut.nii": (nii[:360], OSError),
+           "nan_offset.nii": (at(nii, 108, struct.pack("<f", float("nan"))), ValueError),
+           "huge_offset.nii": (at(nii, 108, struct.pack("<f", 1e30)), OverflowError),
+           "dtype.nii": (at(nii, 70, struct.pack("<h", 99)), HeaderDataError),
+           "negative_dim.nii": (at(nii, 42, struct.pack("<h", -7)), ValueError),
+           "huge.nii": (at(nii, 42, struct.pack("<hhh", 32767, 32767, 32767)), (MemoryError, OSError)),  # 35 TB:
+           # nibabel's buffer for it fails, or under overcommit the read finds the file short
+           "magic.nii": (at(nii, 344, b"xyz\0"), ImageFileError), "cut.nii.gz": (deflate[:100], EOFError),
+           "deflate.nii.gz": (at(deflate, 10, bytes([deflate[10] | 6])), zlib.error),  # a reserved block type
+           "plain.nii.gz": (nii, OSError),
+           "cut.png": (png[:60], OSError), "text.png": (b"hello", OSError),
+           "chunk.png": (at(png, idat, struct.pack(">I", struct.unpack(">I", png[idat:idat + 4])[0] - 8)), SyntaxError),
+           "bomb.png": (at(png, 12, ihdr + struct.pack(">I", zlib.crc32(ihdr))), Image.DecompressionBombError),
+           "charset_vr.dcm": (dcm.replace(b"\x08\x00\x05\x00CS", b"\x08\x00\x05\x00US", 1), TypeError),
+           "unknown_vr.dcm": (dcm.replace(b"\x08\x00\x70\x00LO", b"\x08\x00\x70\x00Lx", 1), NotImplementedError),
+           "cut.dcm": (dcm[:152], struct.error), "text.dcm": (b"hello", InvalidDicomError)}
+
+    def png_text(path):
+        with Image.open(path) as image:
+            return image.text
+
+    reads = {".nii": predict_marks._nifti_is_predicts, ".gz": predict_marks._nifti_is_predicts, ".png": png_text,
+             ".dcm": predict_marks._dicom_is_predicts}
+    for name, (data, raises) in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(raises):  # what each is
+            reads[Path(name).suffix](tmp_path / name)
+        assert not made_by_predict(tmp_path / name), name
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug inside the check")
+
+    for where, name, path in ((predict_marks, "nifti_digest", "mask.nii.gz"), (predict_marks, "nifti_digest",
+                              "mask.nii"), (predict_marks, "report_is_unchanged", "nodes.csv"),
+                              (Image, "open", "view.png"), (predict_marks, "dicom_digest", "case.seg.dcm")):
+        with monkeypatch.context() as m:
+            m.setattr(where, name, bug)
+            with pytest.raises(TypeError, match="a bug inside the check"):
+                made_by_predict(tmp_path / path)
