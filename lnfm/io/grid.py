@@ -5,29 +5,22 @@ about 1000 times its size)."""
 from __future__ import annotations
 
 import math
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import nrrd
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
-from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from lnfm.io.dicom import is_dicom_file, select_series, slice_geometry, slice_header, stack_geometry
-from lnfm.io.nifti import affine_mm, load_header
+from lnfm.io.dicom import (BAD_DICOM, damaged, is_dicom_file, select_series, slice_geometry, slice_header,
+                           stack_geometry)
+from lnfm.io.nifti import BAD_NIFTI, affine_mm, load_header
 from lnfm.io.nrrd_io import mm_per_space_unit
 
 Grid = tuple[tuple[int, int, int], tuple[float, float, float]]
-# What a bad file's headers raise (tried on empty, cut, damaged and foreign files of each format): OSError (gzip's
-# BadGzipFile too), EOFError and zlib.error (a .gz cut short or damaged), ValueError (ImageReadError; text where a
-# number belongs), the libraries' own errors, and what pydicom raises on a damaged element: struct.error (an element
-# cut short) and NotImplementedError (a VR it does not know, as a bad byte makes one; pydicom's, not a stub here).
-# Any other is a bug.
-_BAD_HEADER = (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError, nrrd.NRRDError,
-               InvalidDicomError, BytesLengthException, struct.error, NotImplementedError)
+# What a bad file's headers raise (tried on empty, cut, damaged and foreign files of each format): the NIfTI and
+# DICOM readers' (`BAD_NIFTI`; `BAD_DICOM`, a TypeError only from within pydicom: `damaged`) and pynrrd's. Any
+# other is a bug.
+_BAD_HEADER = (*BAD_NIFTI, *BAD_DICOM, nrrd.NRRDError)
 
 
 def _grid(shape, spacing) -> Grid | None:
@@ -90,7 +83,9 @@ def image_grid(path: str | Path, series: str | None = None) -> Grid | None:
                 return _nrrd_grid(path)
             if path.is_dir() or (path.is_file() and is_dicom_file(path)):  # as read_image tells a DICOM
                 return _dicom_grid(path, series)
-    except _BAD_HEADER:  # reading the scan names the problem in one line
+    except _BAD_HEADER as e:  # reading the scan names the problem in one line
+        if not damaged(e):
+            raise
         return None
     return None
 
