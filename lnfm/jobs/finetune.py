@@ -167,10 +167,10 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     # The options set these keys after the overrides: an override of one would be ignored without a word.
     options = {"init": "--init", "data": "--data", "unlabelled": "--unlabelled", "paste_into": "--paste-into",
                "train.num_labeled": "--num-labeled", "train.repeats": "--repeats"}
-    given = {"init", "data"} | {k for k, v in (("unlabelled", unlabelled), ("paste_into", paste_into),
-                                               ("train.num_labeled", num_labeled), ("train.repeats", repeats))
-                                if v not in (None, [], ())}
-    for key in sorted(keys & given):
+    by_option = {"init", "data"} | {k for k, v in (("unlabelled", unlabelled), ("paste_into", paste_into),
+                                                   ("train.num_labeled", num_labeled), ("train.repeats", repeats))
+                                    if v not in (None, [], ())}
+    for key in sorted(keys & by_option):
         raise ConfigError(f"{key}: set by {options[key]}; give it there, not as an override as well")
     for key in sorted(keys):
         if key.startswith("data."):  # pretraining's data section; here `data` is the list of stores (--data)
@@ -183,11 +183,14 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     if "optim.base_lr" in keys:  # DEFAULTS, a preset or --quick set optim.lr, which would replace the user's base_lr
         data["optim"] = {**(data.get("optim") or {}), "lr": None}
     cfg = from_dict(FinetuneConfig, data)
-    prior = sorted(keys & {"postprocess.min_short_axis_mm", "postprocess.max_elongation"})
+    # The keys the user set, on the command line or in their own --site file; a preset's, DEFAULTS', QUICK's or
+    # --init's are not theirs (the refusals below and refuse_unread read this one notion).
+    given = given_keys(FinetuneConfig, site, overrides, kind="sites", defaults=DEFAULTS, preset_key="site.name")
+    prior = sorted(k for k in ("postprocess.max_elongation", "postprocess.min_short_axis_mm") if k in given)
     if prior and cfg.tune_postprocess:  # the tuned prior would replace the user's in postprocess.json and the export
-        default = "" if "tune_postprocess" in keys else " (the default)"
-        raise ConfigError(f"{', '.join(prior)}: tune_postprocess=true{default} replaces the size prior with the one "
-                          f"tuned on the validation cases; set tune_postprocess=false to keep yours")
+        default = "" if "tune_postprocess" in given else " (the default)"
+        raise ConfigError(f"{_where(given, prior)}: tune_postprocess=true{default} replaces the size prior with the "
+                          f"one tuned on the validation cases; set tune_postprocess=false to keep yours")
     if "roi" not in (data.get("inference") or {}):  # config.yaml records the window the run uses
         cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, roi=tuple(cfg.site.patch)))
     elif not keys & {"inference", "inference.roi"} and tuple(cfg.inference.roi) != tuple(cfg.site.patch):
@@ -206,23 +209,31 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
             raise ConfigError(f"model.arch={model['arch']}: the --init encoder {cfg.init} is a {arch} encoder and "
                               f"finetuning keeps its architecture; drop model.arch")
         cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, model, "model"))
-    # A key the user set that the chosen modes never read; a preset's, DEFAULTS', QUICK's or --init's are not theirs.
-    refuse_unread(given_keys(FinetuneConfig, site, overrides, kind="sites", defaults=DEFAULTS,
-                             preset_key="site.name"), unread_keys(cfg))
+    refuse_unread(given, unread_keys(cfg))  # a key the user set that the chosen modes never read
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
-    if norm is not None and "loader.pet_scale" in keys:
-        raise ConfigError("loader.pet_scale: with normalization=encoder finetuning uses the encoder's pretraining "
-                          "value; set normalization=site to choose it")
-    # The site preset's window gives way to the encoder's silently; a different one the user typed may not.
-    if norm is not None and "site.window" in keys and tuple(cfg.site.window) != tuple(norm.hu_window):
-        raise ConfigError(f"site.window: with normalization=encoder finetuning uses the encoder's pretraining window "
-                          f"{[float(v) for v in norm.hu_window]}; set normalization=site to choose it")
+    # The preset's window and PET scale give way to the encoder's silently; different ones the user set may not (a
+    # run's config.yaml, given back as --site, records the encoder's pet_scale).
+    if norm is not None and "loader.pet_scale" in given and cfg.loader.pet_scale != norm.pet_scale:
+        raise ConfigError(f"{_where(given, ['loader.pet_scale'])}: with normalization=encoder finetuning uses the "
+                          f"encoder's pretraining value {float(norm.pet_scale):g}; set normalization=site to choose it")
+    if norm is not None and "site.window" in given and tuple(cfg.site.window) != tuple(norm.hu_window):
+        raise ConfigError(f"{_where(given, ['site.window'])}: with normalization=encoder finetuning uses the encoder's "
+                          f"pretraining window {[float(v) for v in norm.hu_window]}; set normalization=site to "
+                          f"choose it")
     window, pet_scale = (norm.hu_window, norm.pet_scale) if norm else (cfg.site.window, cfg.loader.pet_scale)
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, hu_window=tuple(window),
                                                               pet_scale=float(pet_scale)))
     check_config(cfg)
     return cfg
+
+
+def _where(given: dict[str, Path | None], keys: list[str]) -> str:
+    """`keys` as a refusal names them: those set where the first was (`given_keys`), after its file if a file
+    set it."""
+    file = given[keys[0]]
+    same = ", ".join(k for k in keys if given[k] == file)
+    return f"{file}: {same}" if file else same
 
 
 def check_site(cfg: FinetuneConfig) -> None:

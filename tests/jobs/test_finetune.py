@@ -99,6 +99,21 @@ def test_a_size_prior_override_is_refused_while_it_is_tuned():
     assert (post.min_short_axis_mm, post.max_elongation) == (5.0, 3.0)
 
 
+def test_a_size_prior_in_the_site_file_is_refused_while_it_is_tuned(tmp_path):
+    """The user's --site file is theirs as an override is (`given_keys`, as refuse_unread reads it): its size prior
+    was replaced by the tuned one without a word. A run's config.yaml given back records the preset's prior."""
+    site = tmp_path / "site.yaml"
+    site.write_text("base: pelvis\npostprocess: {min_short_axis_mm: 5}\n")
+    with pytest.raises(ConfigError, match=rf"^{site}: postprocess.min_short_axis_mm: tune_postprocess=true \(the "
+                                          r"default\) replaces the size prior .*; set tune_postprocess=false"):
+        load_finetune_config(str(site))
+    site.write_text("base: pelvis\npostprocess: {min_short_axis_mm: 5}\ntune_postprocess: false\n")
+    assert load_finetune_config(str(site)).postprocess.min_short_axis_mm == 5.0
+    recorded = tmp_path / "config.yaml"
+    recorded.write_text(dump_yaml(load_finetune_config("pelvis")))
+    assert load_finetune_config(str(recorded)).tune_postprocess
+
+
 @pytest.mark.parametrize("overrides, says", [
     (["strategy.freeze=lora", "strategy.k=5"], r"strategy.k: read only with strategy.freeze=first_k, and "
                                                r"strategy.freeze is lora"),
@@ -288,6 +303,31 @@ def test_a_site_window_override_is_refused_under_the_encoder_normalization(tmp_p
     assert load_finetune_config("pelvis", ["site.window=[-175,250]"], init=str(pre)).loader.hu_window == (-175.0, 250.0)
     assert load_finetune_config("pelvis", init=str(pre)).loader.hu_window == (-175.0, 250.0)
     assert load_finetune_config("pelvis", ["site.window=[-100,200]"]).loader.hu_window == (-100.0, 200.0)
+
+
+def test_a_site_window_or_pet_scale_in_the_site_file_is_refused_under_the_encoder_normalization(tmp_path):
+    """The user's --site file is theirs as an override is (`given_keys`): its site.window and loader.pet_scale gave
+    way to the encoder's without a word. A run's config.yaml given back (the preset's window, the encoder's
+    pet_scale) loads."""
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    model = {"arch": "vit", "size": "tiny", "width": 48, "patch_size": [4, 4, 4], "img_size": [24, 24, 24]}
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
+                                                                              "pet_scale": 7.0}}))
+    site = tmp_path / "site.yaml"
+    site.write_text("base: pelvis\nsite: {window: [-100, 200]}\n")
+    with pytest.raises(ConfigError, match=rf"^{site}: site.window: with normalization=encoder finetuning uses the "
+                                          r"encoder's pretraining window \[-175.0, 250.0\]; set normalization=site"):
+        load_finetune_config(str(site), init=str(pre))
+    assert load_finetune_config(str(site), ["normalization=site"], init=str(pre)).loader.hu_window == (-100.0, 200.0)
+    site.write_text("base: pelvis\nloader: {pet_scale: 3.0}\n")
+    with pytest.raises(ConfigError, match=rf"^{site}: loader.pet_scale: with normalization=encoder finetuning uses "
+                                          r"the encoder's pretraining value 7; set normalization=site"):
+        load_finetune_config(str(site), init=str(pre))
+    recorded = tmp_path / "config.yaml"
+    recorded.write_text(dump_yaml(load_finetune_config("pelvis", init=str(pre))))
+    cfg = load_finetune_config(str(recorded), init=str(pre))
+    assert (cfg.loader.hu_window, cfg.loader.pet_scale) == ((-175.0, 250.0), 7.0)
 
 
 def test_refusals_under_init_and_a_site_file_name_the_real_cause(tmp_path):
