@@ -348,7 +348,8 @@ def config_data(cls: type, source: str | Path | None = None, overrides: list[str
 
 
 def given_keys(cls: type, source: str | Path | None, overrides: list[str] = (), *, kind: str = "",
-               defaults: dict | None = None, preset_key: str | None = None) -> dict[str, Path | None]:
+               defaults: dict | None = None, preset_key: str | None = None,
+               replaced: dict | None = None) -> dict[str, Path | None]:
     """The dotted keys the user set -> their file (None: an override). An override's whatever its value; a key of
     the user's own YAML files (`source` when it is a path, and the files outside the packaged presets its `base:`
     chain names) when its value differs from the one `defaults`, the packaged base and the dataclass give (a run's
@@ -356,7 +357,9 @@ def given_keys(cls: type, source: str | Path | None, overrides: list[str] = (), 
     is what a job adds (--quick), which the caller leaves out of `overrides`. Call it after `config_data` has
     loaded `source` (which refuses a missing file or a looping chain). `preset_key` (e.g. `site.name`) names the
     packaged preset of a chain with no packaged base: a run's config.yaml records the preset's values of keys its
-    mode never reads, and given again they are still the preset's, not the user's."""
+    mode never reads, and given again they are still the preset's, not the user's. `replaced` holds what the job
+    puts in place of the files' values (finetuning's model section under --init, the encoder's): a file's key
+    there is the user's where it differs from that."""
     own, path = [], preset_path(kind, str(source)) if source else None
     while path is not None and not path.resolve().is_relative_to(CONFIG_DIR.resolve()):
         own.append((path, read_yaml(path)))
@@ -366,6 +369,7 @@ def given_keys(cls: type, source: str | Path | None, overrides: list[str] = (), 
         if isinstance(name, str) and (CONFIG_DIR / kind / f"{name}.yaml").is_file():
             path = CONFIG_DIR / kind / f"{name}.yaml"
     baseline = _merge(to_dict(cls()), _merge(dict(defaults or {}), load_yaml_with_base(path, kind) if path else {}))
+    baseline = _merge(baseline, replaced or {})
     keys: dict[str, Path | None] = {}
     for file, data in reversed(own):  # the file nearest to `source` wins, as in the merge
         keys |= {key: file for key, value in _leaves({k: v for k, v in data.items() if k != "base"})

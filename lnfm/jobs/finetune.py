@@ -47,8 +47,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, given_keys,
-                         override_keys, parse_args_once, parse_override, read_yaml, refuse_derived, refuse_unread,
-                         to_dict)
+                         load_yaml_with_base, override_keys, parse_args_once, parse_override, preset_path, read_yaml,
+                         refuse_derived, refuse_unread, to_dict)
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
@@ -67,6 +67,7 @@ from lnfm.jobs.export_meta import read_meta
 from lnfm.io import write_nifti
 from lnfm.jobs.export import ExportError, check_weights_export, load_export
 from lnfm.models import ModelConfig
+from lnfm.models.build import build_encoder
 from lnfm.models.lora import apply_lora
 from lnfm.models.heads.registry import head_flops, head_options, head_param_count
 from lnfm.models.segmenter import load_encoder_state, segmenter_from_config
@@ -149,10 +150,10 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
                          num_labeled: int | None = None, repeats: int | None = None,
                          quick: bool = False, unlabelled: list[str] = (), paste_into: list[str] = ()
                          ) -> FinetuneConfig:
-    """Dataclass defaults <- DEFAULTS <- site preset <- QUICK (with quick) <- overrides; with a
-    checkpoint --init the model section is the checkpoint's, plus any model overrides (model.KEY=... or
-    "model={KEY: ...}"). The sliding window `inference.roi` is `site.patch` (what validation, test and the
-    export use) unless set, and `check_config` refuses a set one that differs."""
+    """Dataclass defaults <- DEFAULTS <- site preset <- QUICK (with quick) <- overrides; with a checkpoint --init
+    the model section is the checkpoint's, plus the model keys of the user's own --site file and the model
+    overrides (model.KEY=... or "model={KEY: ...}"). The sliding window `inference.roi` is `site.patch` (what
+    validation, test and the export use) unless set, and `check_config` refuses a set one that differs."""
     extra = [f"init={json.dumps(init)}", f"data={json.dumps(list(data))}"]
     if unlabelled:
         extra.append(f"unlabelled={json.dumps(list(unlabelled))}")
@@ -183,9 +184,12 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     if "optim.base_lr" in keys:  # DEFAULTS, a preset or --quick set optim.lr, which would replace the user's base_lr
         data["optim"] = {**(data.get("optim") or {}), "lr": None}
     cfg = from_dict(FinetuneConfig, data)
+    encoder = resolve_init(cfg.init)[2]
+    encoder = None if encoder is None else to_dict(from_dict(ModelConfig, encoder, "model"))
     # The keys the user set, on the command line or in their own --site file; a preset's, DEFAULTS', QUICK's or
     # --init's are not theirs (the refusals below and refuse_unread read this one notion).
-    given = given_keys(FinetuneConfig, site, overrides, kind="sites", defaults=DEFAULTS, preset_key="site.name")
+    given = given_keys(FinetuneConfig, site, overrides, kind="sites", defaults=DEFAULTS, preset_key="site.name",
+                       replaced=encoder and {"model": encoder})
     prior = sorted(k for k in ("postprocess.max_elongation", "postprocess.min_short_axis_mm") if k in given)
     if prior and cfg.tune_postprocess:  # the tuned prior would replace the user's in postprocess.json and the export
         default = "" if "tune_postprocess" in given else " (the default)"
@@ -199,16 +203,8 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
         raise ConfigError(f"{site}: inference.roi {list(cfg.inference.roi)} differs from site.patch "
                           f"{list(cfg.site.patch)}{by}; this --site file sets inference.roi, and finetuning windows "
                           f"are site.patch: remove inference.roi from the file")
-    kind, _, model = resolve_init(cfg.init)
-    if model is not None:  # only the model section changes: the others were read above
-        arch = model.get("arch", ModelConfig.arch)
-        # model.depth=3 and model={depth: 3} alike: the latter merges into the encoder's section
-        mine = [o for o in overrides if parse_override(o)[0][0] == "model"]
-        model = apply_overrides({"model": model}, mine)["model"]
-        if model.get("arch", ModelConfig.arch) != arch:  # check_model would blame the encoder's own keys
-            raise ConfigError(f"model.arch={model['arch']}: the --init encoder {cfg.init} is a {arch} encoder and "
-                              f"finetuning keeps its architecture; drop model.arch")
-        cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, model, "model"))
+    if encoder is not None:  # only the model section changes: the others were read above
+        cfg = dataclasses.replace(cfg, model=_init_model(cfg, site, encoder, given, overrides))
     refuse_unread(given, unread_keys(cfg))  # a key the user set that the chosen modes never read
     # The loader and every evaluation normalise with the resolved values; config.yaml records them.
     norm = encoder_normalization(cfg.init) if cfg.normalization == "encoder" else None
@@ -226,6 +222,31 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
                                                               pet_scale=float(pet_scale)))
     check_config(cfg)
     return cfg
+
+
+def _init_model(cfg: FinetuneConfig, site: str, encoder: dict, given: dict[str, Path | None], overrides: list[str]
+                ) -> ModelConfig:
+    """The model under --init: the encoder's, then the model keys of the user's --site file (`given_keys`: those
+    that differ from the encoder's), then the model overrides. A file key that changes the encoder's weight shapes
+    is refused here, naming the file (an override's is, by `check_encoder_fits`)."""
+    keys = [k.split(".", 1)[1] for k, file in given.items() if file and k.startswith("model.")]
+    chain = load_yaml_with_base(preset_path("sites", site), "sites") if keys else {}
+    from_file = {k: chain["model"][k] for k in keys}  # the value the files give (the nearest one's)
+    # model.depth=3 and model={depth: 3} alike: the latter merges into the encoder's section
+    overrides = [o for o in overrides if parse_override(o)[0][0] == "model"]
+    model = apply_overrides({"model": {**encoder, **from_file}}, overrides)["model"]
+    if model["arch"] != encoder["arch"]:  # check_model would blame the encoder's own keys
+        raise ConfigError(f"{_where(given, ['model.arch'])}={model['arch']}: the --init encoder {cfg.init} is a "
+                          f"{encoder['arch']} encoder and finetuning keeps its architecture; drop model.arch")
+    layout = from_file and _encoder_layout(from_dict(ModelConfig, encoder, "model"))
+    if from_file and _encoder_layout(from_dict(ModelConfig, {**encoder, **from_file}, "model")) != layout:
+        shaped = [f"model.{k}" for k, v in from_file.items()  # name only those that change shapes (not remat)
+                  if _encoder_layout(from_dict(ModelConfig, {**encoder, k: v}, "model")) != layout]
+        shaped = shaped or [f"model.{k}" for k in from_file]  # only together
+        raise ConfigError(f"{_where(given, shaped)}: the --init encoder {cfg.init} has other weight shapes; "
+                          f"finetuning keeps the encoder as it was pretrained: remove "
+                          f"{'it' if len(shaped) == 1 else 'them'} from the file")
+    return from_dict(ModelConfig, model, "model")
 
 
 def _where(given: dict[str, Path | None], keys: list[str]) -> str:
@@ -374,11 +395,11 @@ def load_cases(stores: list[str], records: dict[str, tuple[str, dict]], ids: lis
 # ----------------------------------------------------------------------------- model
 
 
-def _encoder_layout(cfg: FinetuneConfig, model: ModelConfig) -> list[tuple]:
-    """(path, shape) of every encoder parameter of the segmenter `cfg` builds with `model` (abstract: nothing
-    is allocated or compiled)."""
-    seg = nnx.eval_shape(lambda: segmenter_from_config(model, cfg.head, len(cfg.site.labels), nnx.Rngs(0)))
-    return sorted((tuple(map(str, path)), tuple(v.shape)) for path, v in nnx.to_flat_state(nnx.state(seg.encoder,
+def _encoder_layout(model: ModelConfig) -> list[tuple]:
+    """(path, shape) of every parameter of the encoder `model` describes (abstract: nothing is allocated or
+    compiled; the encoder alone, a third of the segmenter's time)."""
+    encoder = nnx.eval_shape(lambda: build_encoder(model, nnx.Rngs(0)))
+    return sorted((tuple(map(str, path)), tuple(v.shape)) for path, v in nnx.to_flat_state(nnx.state(encoder,
                                                                                                    nnx.Param)))
 
 
@@ -393,7 +414,7 @@ def check_encoder_fits(cfg: FinetuneConfig) -> None:
         original = from_dict(ModelConfig, init_model)
     except ConfigError:
         return  # read as the run's config was: the build itself reports it
-    if _encoder_layout(cfg, original) != _encoder_layout(cfg, cfg.model):
+    if _encoder_layout(original) != _encoder_layout(cfg.model):
         changed = [k for k, v in to_dict(cfg.model).items() if to_dict(original).get(k) != v]
         raise ConfigError(f"{cfg.init}: model overrides ({', '.join(f'model.{k}' for k in changed)}) change the "
                           f"shapes of the --init encoder's weights; finetune it as it was pretrained (drop them)")

@@ -286,6 +286,41 @@ def test_a_model_mapping_override_under_init_is_applied_as_its_dotted_keys_are(t
         load_finetune_config("pelvis", ["model={mask_ratio: 0.6}"], init=str(pre))
 
 
+def test_the_site_file_s_model_keys_under_init_go_as_the_model_overrides_do(tmp_path):
+    """Under --init the --site file's model section was replaced by the encoder's without a word: its keys now go
+    over the encoder's as model overrides do, and one that changes the encoder's weight shapes is refused naming
+    the file. A run's config.yaml given back (the encoder's model, pretraining keys included) loads."""
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    model = {"arch": "vit", "size": "tiny", "width": 48, "depth": 2, "patch_size": [4, 4, 4], "img_size": [24, 24, 24],
+             "mask_ratio": 0.5, "decoder_width": 96, "remat": "full"}
+    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
+                                                                              "pet_scale": 10.0}}))
+    site = tmp_path / "site.yaml"
+    site.write_text("base: pelvis\nmodel: {remat: none, depth: 2}\n")  # none: the dataclass default, not the encoder's
+    cfg = load_finetune_config(str(site), init=str(pre)).model
+    assert (cfg.remat, cfg.depth, cfg.width) == ("none", 2, 48)
+    over = tmp_path / "over.yaml"  # the nearest file's value, the encoder's, is the one the chain gives
+    over.write_text(f"base: {site}\nmodel: {{remat: full}}\n")
+    assert load_finetune_config(str(over), init=str(pre)).model.remat == "full"
+    site.write_text("base: pelvis\nmodel: {depth: 3, width: 48, remat: full}\n")
+    with pytest.raises(ConfigError, match=rf"^{site}: model.depth: the --init encoder .*pre has other weight "
+                                          r"shapes; finetuning keeps the encoder as it was pretrained: remove it "
+                                          r"from the file$"):
+        load_finetune_config(str(site), init=str(pre))
+    assert load_finetune_config(str(site), ["model.depth=2"], init=str(pre)).model.depth == 2  # the override wins
+    site.write_text("base: pelvis\nmodel: {arch: swin}\n")
+    with pytest.raises(ConfigError, match=rf"^{site}: model.arch=swin: the --init encoder .*pre is a vit encoder"):
+        load_finetune_config(str(site), init=str(pre))
+    site.write_text("base: pelvis\nmodel: {mask_ratio: 0.6}\n")
+    with pytest.raises(ConfigError, match=rf"^{site}: model.mask_ratio: read only by masked pretraining"):
+        load_finetune_config(str(site), init=str(pre))
+    recorded = tmp_path / "config.yaml"
+    recorded.write_text(dump_yaml(load_finetune_config("pelvis", ["model.remat=none"], init=str(pre))))
+    again = load_finetune_config(str(recorded), init=str(pre)).model
+    assert (again.remat, again.depth, again.mask_ratio) == ("none", 2, 0.5)
+
+
 def test_a_site_window_override_is_refused_under_the_encoder_normalization(tmp_path):
     """A typed site.window was ignored under normalization=encoder (training used the encoder's window, config.yaml
     recorded the typed one); it is refused as loader.pet_scale is, and taken with normalization=site."""
