@@ -153,32 +153,50 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base: dict, extra: dict, cls: type | None = None, path: tuple[str, ...] = ()) -> dict:
+    """`extra` over `base`, deep; a mapping over a dict-valued field of config `cls` (at `path`) replaces it."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and _is_section(cls, [*path, k]):
+            out[k] = _merge(out[k], v, cls, (*path, k))
         else:
             out[k] = v
     return out
 
 
-def _set_keys(path: list[str], value: Any) -> list[str]:
+def _is_section(cls: type | None, path: list[str]) -> bool:
+    """Whether `path` of config dataclass `cls` is a section (a dataclass: a mapping given to it merges) rather
+    than a value (a dict-valued field such as head.options: a mapping given to it replaces it). Without `cls`,
+    every path a mapping is given to is taken for a section."""
+    if cls is None:
+        return True
+    tp: Any = cls
+    for part in path:
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            return False
+        tp = hints[part]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `Section | None`
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    return dataclasses.is_dataclass(tp)
+
+
+def _set_keys(path: list[str], value: Any, cls: type | None = None) -> list[str]:
     """The dotted keys one override sets: a section given as a mapping sets each of its keys (merged into
-    the section, `apply_overrides`), not the section whole."""
-    if isinstance(value, dict) and value:
-        return [key for sub, v in value.items() for key in _set_keys([*path, str(sub)], v)]
+    the section, `apply_overrides`), not the section whole; a dict-valued field of `cls` is set whole."""
+    if isinstance(value, dict) and value and _is_section(cls, path):
+        return [key for sub, v in value.items() for key in _set_keys([*path, str(sub)], v, cls)]
     return [".".join(path)]
 
 
-def override_key_list(overrides) -> list[str]:
-    """The dotted keys `key.sub=value` overrides set, in order, a key as often as it is set."""
-    return [key for text in overrides for key in _set_keys(*parse_override(text))]
+def override_key_list(overrides, cls: type | None = None) -> list[str]:
+    """The dotted keys `key.sub=value` overrides of config `cls` set, in order, a key as often as it is set."""
+    return [key for text in overrides for key in _set_keys(*parse_override(text), cls)]
 
 
-def override_keys(overrides) -> set[str]:
-    """The dotted keys `key.sub=value` overrides set."""
-    return set(override_key_list(overrides))
+def override_keys(overrides, cls: type | None = None) -> set[str]:
+    """The dotted keys `key.sub=value` overrides of config `cls` set."""
+    return set(override_key_list(overrides, cls))
 
 
 def refuse_derived(overrides, derived: dict[str, str], job: str) -> None:
@@ -224,17 +242,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def check_unique_overrides(overrides) -> None:
-    """Refuse a key given twice among the user's overrides: the last one would win without a word. (Internal
+def check_unique_overrides(overrides, cls: type | None = None) -> None:
+    """Refuse a key given twice among the user's overrides of config `cls`, or given whole and a key inside it
+    given as well (`head.options={...}` replaces the field): the last one would win without a word. (Internal
     callers layer override lists on purpose, later ones over earlier ones: `apply_overrides` keeps the last.)"""
-    seen: set[str] = set()
-    for key in override_key_list(overrides):  # `train={steps: 1}` sets train.steps
+    seen: list[str] = []
+    for key in override_key_list(overrides, cls):  # `train={steps: 1}` sets train.steps
         if key in seen:
             raise ConfigError(f"{key}: given twice as an override; give it once")
-        seen.add(key)
+        inner = next((k for k in seen if k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if inner is not None:
+            whole, part = sorted((key, inner), key=len)
+            if not _is_section(cls, whole.split(".")):  # a section given a value is apply_overrides' to refuse
+                raise ConfigError(f"{whole}: given whole and as {part} among the overrides; give it once")
+        seen.append(key)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -> dict:
+    """`data` with the overrides set, in order. A mapping given to a section merges into it, as a file over its
+    base: does; one given to a dict-valued field of `cls` (head.options) replaces it, so `head.options={}` clears
+    it."""
     data = dict(data)
     for text in overrides:
         path, value = parse_override(text)
@@ -247,11 +274,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             child = dict(child) if isinstance(child, dict) else {}
             node[part] = child
             node = child
-        if isinstance(node.get(path[-1]), dict) and not isinstance(value, dict):
+        section = isinstance(node.get(path[-1]), dict) and _is_section(cls, path)
+        if section and not isinstance(value, dict):
             raise ConfigError(f"{'.'.join(path)}: is a config section, not a value (set its keys, "
                               f"e.g. {'.'.join(path)}.{next(iter(node[path[-1]]), 'KEY')}=...)")
-        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):  # `train={steps: 1}` sets train.steps
-            value = _merge(node[path[-1]], value)  # and keeps the section's other keys, as a file over its base: does
+        if section:  # `train={steps: 1}` sets train.steps and keeps the section's other keys
+            value = _merge(node[path[-1]], value, cls, tuple(path))
         node[path[-1]] = value
     return data
 
@@ -306,9 +334,10 @@ def read_yaml(path: str | Path, *, allow_empty: bool = True) -> dict:
     return data
 
 
-def load_yaml_with_base(path: Path, kind: str, _chain: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML config; a top-level `base: NAME` inherits from another preset. A file that is its own
-    base, directly or through others, is refused naming the files of the loop."""
+def load_yaml_with_base(path: Path, kind: str, _chain: tuple[Path, ...] = (), cls: type | None = None) -> dict:
+    """Read a YAML config of dataclass `cls`; a top-level `base: NAME` inherits from another preset (its sections
+    merged, its dict-valued fields replaced: `_merge`). A file that is its own base, directly or through others,
+    is refused naming the files of the loop."""
     resolved = Path(path).resolve()
     if resolved in _chain:
         loop = [*_chain[_chain.index(resolved):], resolved]
@@ -317,7 +346,7 @@ def load_yaml_with_base(path: Path, kind: str, _chain: tuple[Path, ...] = ()) ->
     data = read_yaml(path, allow_empty=False)
     base = data.pop("base", None)
     if base:
-        data = _merge(load_yaml_with_base(preset_path(kind, base), kind, (*_chain, resolved)), data)
+        data = _merge(load_yaml_with_base(preset_path(kind, base), kind, (*_chain, resolved), cls), data, cls)
     return data
 
 
@@ -338,13 +367,13 @@ def config_data(cls: type, source: str | Path | None = None, overrides: list[str
                           f"YAML path")
     if source:
         path = preset_path(kind, str(source))
-        data = _merge(data, load_yaml_with_base(path, kind))
+        data = _merge(data, load_yaml_with_base(path, kind, cls=cls), cls)
         if Path(str(source)).suffix in (".yaml", ".yml"):
             try:  # a bad key or value in the user's own file: name the file
                 from_dict(cls, data)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
-    return apply_overrides(data, list(overrides))
+    return apply_overrides(data, list(overrides), cls)
 
 
 def given_keys(cls: type, source: str | Path | None, overrides: list[str] = (), *, kind: str = "",
@@ -368,13 +397,13 @@ def given_keys(cls: type, source: str | Path | None, overrides: list[str] = (), 
         name = _lookup(own[-1][1], preset_key)
         if isinstance(name, str) and (CONFIG_DIR / kind / f"{name}.yaml").is_file():
             path = CONFIG_DIR / kind / f"{name}.yaml"
-    baseline = _merge(to_dict(cls()), _merge(dict(defaults or {}), load_yaml_with_base(path, kind) if path else {}))
-    baseline = _merge(baseline, replaced or {})
+    base = load_yaml_with_base(path, kind, cls=cls) if path else {}
+    baseline = _merge(_merge(to_dict(cls()), _merge(dict(defaults or {}), base, cls), cls), replaced or {}, cls)
     keys: dict[str, Path | None] = {}
     for file, data in reversed(own):  # the file nearest to `source` wins, as in the merge
         keys |= {key: file for key, value in _leaves({k: v for k, v in data.items() if k != "base"})
                  if to_dict(value) != _lookup(baseline, key)}
-    return keys | dict.fromkeys(override_key_list(overrides))  # a section given whole sets each key it holds
+    return keys | dict.fromkeys(override_key_list(overrides, cls))  # a section given whole sets each key it holds
 
 
 def _leaves(data: dict, prefix: str = ""):
@@ -406,13 +435,14 @@ def replace(cfg: T, **changes: Any) -> T:
     return dataclasses.replace(cfg, **changes)
 
 
-def parse_args_once(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args_once(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                    cls: type | None = None) -> argparse.Namespace:
     """`parser.parse_args(argv)`, refusing a single-value option given twice: argparse keeps the last one,
     so `--input a --input b` would segment b alone without a word (repeatable options are `append`); and
-    refusing a key given twice among the `overrides` key=value arguments, for the same reason."""
+    refusing a key given twice among the `overrides` key=value arguments (of config `cls`), for the same reason."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    check_unique_overrides(getattr(args, "overrides", None) or [])  # the jobs' positional key=value list
+    check_unique_overrides(getattr(args, "overrides", None) or [], cls)  # the jobs' positional key=value list
     for action in parser._actions:  # argparse has no public listing of its actions
         if not isinstance(action, argparse._StoreAction) or not action.option_strings:
             continue

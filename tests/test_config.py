@@ -168,6 +168,30 @@ def test_a_section_given_as_a_mapping_keeps_the_presets_other_keys():
     assert C.override_keys(["a={b: {c: 5}, e: 1}", "f.g=2"]) == {"a.b.c", "a.e", "f.g"}
 
 
+@dataclasses.dataclass
+class Head:
+    kind: str = "a"
+    options: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class WithHead:
+    head: Head | None = dataclasses.field(default_factory=Head)
+
+
+def test_a_mapping_given_to_a_dict_valued_field_replaces_it():
+    """Since sections merge (I14), a mapping merged into a dict-valued field too, so `head.options={}` could not
+    clear it; given the config class, only a section merges, and the field is one key, set whole."""
+    data = {"head": {"kind": "b", "options": {"x": 1}}}
+    assert C.apply_overrides(data, ["head.options={y: 2}"], WithHead)["head"] == {"kind": "b", "options": {"y": 2}}
+    assert C.apply_overrides(data, ["head={options: {}}"], WithHead)["head"] == {"kind": "b", "options": {}}
+    assert C.apply_overrides(data, ["head.options.y=2"], WithHead)["head"]["options"] == {"x": 1, "y": 2}
+    assert C.override_key_list(["head={kind: c, options: {y: 2}}"], WithHead) == ["head.kind", "head.options"]
+    with pytest.raises(C.ConfigError, match=r"^head.options: given whole and as head.options.y among the "
+                                            r"overrides; give it once$"):
+        C.check_unique_overrides(["head.options.y=1", "head.options={}"], WithHead)
+
+
 def test_a_single_value_option_given_twice_is_refused():
     import argparse
 

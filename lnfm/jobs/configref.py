@@ -88,9 +88,11 @@ def render() -> str:
            "Generated from the config dataclasses by `python -m lnfm.jobs.configref`; do not edit by hand.",
            "Every key can be set in a YAML file or on the command line as `key.sub=value`, each key once. A section",
            "given as a mapping, `\"train={steps: 1}\"`, sets the keys it lists and keeps the others (as a YAML file",
-           "does over its `base:`). A key you set that the chosen mode never reads (`strategy.k` with",
-           "`strategy.freeze=lora`, `loss.focal_gamma` with `loss.name=dice_ce`, `model.patch_size` with",
-           "`model.arch=swin`, ...) is refused; a preset's value of one is not.", ""]
+           "does over its `base:`); a mapping given to a key whose type is a `dict` (`head.options`) replaces it, on",
+           "the command line and in a file over its base, so `\"head.options={}\"` clears it. A key you set that the",
+           "chosen mode never reads (`strategy.k` with `strategy.freeze=lora`, `loss.focal_gamma` with",
+           "`loss.name=dice_ce`, `model.patch_size` with `model.arch=swin`, ...) is refused; a preset's value of one",
+           "is not.", ""]
     for title, target in SECTIONS:
         module, name = target.split(":")
         cls = getattr(importlib.import_module(module), name)

@@ -164,7 +164,7 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     if repeats is not None:
         extra.append(f"train.repeats={repeats}")
     refuse_derived(overrides, DERIVED_LOADER_KEYS, "finetuning")
-    keys = override_keys(overrides)
+    keys = override_keys(overrides, FinetuneConfig)
     # The options set these keys after the overrides: an override of one would be ignored without a word.
     options = {"init": "--init", "data": "--data", "unlabelled": "--unlabelled", "paste_into": "--paste-into",
                "train.num_labeled": "--num-labeled", "train.repeats": "--repeats"}
@@ -230,11 +230,11 @@ def _init_model(cfg: FinetuneConfig, site: str, encoder: dict, given: dict[str, 
     that differ from the encoder's), then the model overrides. A file key that changes the encoder's weight shapes
     is refused here, naming the file (an override's is, by `check_encoder_fits`)."""
     keys = [k.split(".", 1)[1] for k, file in given.items() if file and k.startswith("model.")]
-    chain = load_yaml_with_base(preset_path("sites", site), "sites") if keys else {}
+    chain = load_yaml_with_base(preset_path("sites", site), "sites", cls=FinetuneConfig) if keys else {}
     from_file = {k: chain["model"][k] for k in keys}  # the value the files give (the nearest one's)
     # model.depth=3 and model={depth: 3} alike: the latter merges into the encoder's section
     overrides = [o for o in overrides if parse_override(o)[0][0] == "model"]
-    model = apply_overrides({"model": {**encoder, **from_file}}, overrides)["model"]
+    model = apply_overrides({"model": {**encoder, **from_file}}, overrides, FinetuneConfig)["model"]
     if model["arch"] != encoder["arch"]:  # check_model would blame the encoder's own keys
         raise ConfigError(f"{_where(given, ['model.arch'])}={model['arch']}: the --init encoder {cfg.init} is a "
                           f"{encoder['arch']} encoder and finetuning keeps its architecture; drop model.arch")
@@ -982,7 +982,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the CPU recipe (lnfm.jobs.finetune_cpu.QUICK: 32^3 patches, 2800 steps, the fine head)")
     add_distributed_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=500")
-    return parse_args_once(ap, argv)
+    return parse_args_once(ap, argv, FinetuneConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

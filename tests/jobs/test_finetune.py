@@ -16,8 +16,8 @@ from sphere_cases import write_spheres
 from lnfm.config import ConfigError, dump_yaml
 from lnfm.data.contract import ContractError
 from lnfm.cli import run_job
-from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, make_splits, resolve_init,
-                                run)
+from lnfm.jobs.finetune import (QUICK, build_training, load_finetune_config, load_finetuned, make_splits, parse_args,
+                                resolve_init, run)
 from lnfm.runs import RepeatRun
 from lnfm.segmentation.sites import SITES, site_names
 from lnfm.train.optim import peak_lr
@@ -1117,6 +1117,28 @@ def test_a_head_option_the_head_does_not_take_is_one_line_naming_its_options():
         load_finetune_config("pelvis", ["head.kind=fine", "head.options={bogus: 3}"])
     cfg = load_finetune_config("pelvis", ["head.kind=fine", "head.options={conv_levels: 2}"])
     assert cfg.head.options == {"conv_levels": 2}
+
+
+def test_a_mapping_given_to_head_options_replaces_it_and_a_section_still_merges(tmp_path):
+    """head.options is a value (the head's keyword arguments), not a section, yet since sections merge (I14) a
+    mapping merged into it: "head.options={}" could not clear a file's options, nor a file over its base the base's
+    options for another head (which check_head then refused). A mapping replaces a dict-valued field, on the command
+    line and in a file over its base; a section given as a mapping still keeps its other keys."""
+    unetr = tmp_path / "unetr.yaml"
+    unetr.write_text("base: pelvis\nhead: {kind: unetr, options: {feature_size: 8}}\n")
+    assert load_finetune_config(str(unetr), ["head.options={}"]).head.options == {}
+    head = load_finetune_config(str(unetr), ["head={options: {num_aux: 1}}"]).head
+    assert (head.kind, head.options) == ("unetr", {"num_aux": 1})
+    assert load_finetune_config(str(unetr), ["head.options.num_aux=1"]).head.options == {"feature_size": 8,
+                                                                                        "num_aux": 1}
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(f"base: {unetr}\nhead: {{kind: fine, options: {{conv_levels: 2}}}}\n")
+    assert load_finetune_config(str(fine)).head.options == {"conv_levels": 2}
+    # replaced whole, it is one key: with a key inside it as well, one of them would be lost without a word
+    with pytest.raises(ConfigError, match=r"^head.options: given whole and as head.options.num_aux among the "
+                                          r"overrides; give it once$"):
+        parse_args(["--site", str(unetr), "--data", "x", "--init", "scratch", "--workdir", "w",
+                    "head.options.num_aux=1", "head.options={}"])
 
 
 def test_a_patch_that_is_no_whole_number_of_tokens_is_refused_before_anything_is_written(store, tmp_path, capsys):
