@@ -41,7 +41,7 @@ from lnfm.eval.stats import fmt_ci, fmt_p, mean_ci, paired
 from lnfm.errors import LnfmError
 from lnfm.jobs.finetune import load_finetune_config
 from lnfm.jobs.pretrain import PretrainConfig, check_pretrain_config, load_pretrain_config
-from lnfm.jobs.finetune_config import model_overrides
+from lnfm.jobs.finetune_config import FinetuneConfig, model_overrides
 from lnfm.runs import FinetuneRun, model_folder_around
 from lnfm.workdir import (WorkdirError, atomic_write_csv, atomic_write_text, check_config_is_this_jobs,
                           check_job_folder, check_resume, differences, file_sha256, job_folder, lock_folder,
@@ -141,9 +141,9 @@ def _check_jobs(cfg: StudyConfig) -> None:
     except ConfigError as e:
         raise ConfigError(f"pretrain_config: {e}") from None
     # The stages run the finetune / pretrain CLIs, which refuse a key given twice: refused here, before the data
-    for name in ("pretrain_overrides", "finetune_overrides"):
+    for name, cls in (("pretrain_overrides", PretrainConfig), ("finetune_overrides", FinetuneConfig)):
         try:
-            check_unique_overrides(getattr(cfg, name))
+            check_unique_overrides(getattr(cfg, name), cls)  # the class: a dict field given whole is one key
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}") from None
     grid = cell_keys(cfg)

@@ -92,6 +92,8 @@ def test_invalid_study_config_is_rejected():
      "pretrain_overrides: train.steps: given twice as an override; give it once"),
     ({"finetune_overrides": ["train.steps=2", "train={steps: 3}"]},
      "finetune_overrides: train.steps: given twice as an override; give it once"),
+    ({"finetune_overrides": ["head.options.b=2", "head.options={}"]},
+     "finetune_overrides: head.options: given whole and as head.options.b among the overrides; give it once"),
     # a key each cell sets: the cell replaced it without a word (study.md recorded it as given), or its
     # finetune refused it after the data (and the pretraining) were made
     ({"finetune_overrides": ["head.kind=light"]}, "finetune_overrides: head.kind is set in each cell by the study's "
