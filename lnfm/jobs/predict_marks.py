@@ -65,9 +65,30 @@ def _description(header) -> str:
     return bytes(header["descrip"]).rstrip(b"\0").decode("ascii", "replace")
 
 
+# Deflate packs at most about 1032 bytes into one, so a .nii.gz cannot hold more voxel bytes than this times its size.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _claimed_bytes(header: nib.Nifti1Header) -> int:
+    """The voxel bytes the header claims; 0 for an unknown datatype code, which nibabel's load then refuses."""
+    try:
+        itemsize = header.get_data_dtype().itemsize
+    except KeyError:
+        return 0
+    return int(np.prod([int(n) for n in header.get_data_shape()], dtype=object)) * itemsize
+
+
+def _most_bytes(path: Path) -> int:
+    """The most voxel bytes the file at `path` can hold."""
+    size = path.stat().st_size
+    return size * _DEFLATE_MAX_RATIO if path.name.lower().endswith(".gz") else size
+
+
 def _nifti_is_predicts(path: Path) -> bool:
     header = stored_header(str(path))  # as written: nibabel's loader mends some fields in memory
     if header is None or not _description(header).startswith(f"{NIFTI_MARK} sha256:"):
+        return False
+    if _claimed_bytes(header) > _most_bytes(path):  # a damaged size: reading it would fill the memory, not fail
         return False
     voxels = nib.load(str(path)).dataobj.get_unscaled()  # as stored
     return _description(header) == f"{NIFTI_MARK} sha256:{nifti_digest(header, voxels)}"

@@ -255,3 +255,29 @@ def test_a_bad_file_of_each_kind_is_not_predicts_and_a_bug_keeps_its_traceback(t
             m.setattr(where, name, bug)
             with pytest.raises(TypeError, match="a bug inside the check"):
                 made_by_predict(tmp_path / path)
+
+
+@pytest.mark.parametrize("name", ["mask.nii.gz", "mask.nii"])
+def test_a_marked_nifti_claiming_more_voxels_than_its_file_holds_is_not_read(tmp_path, monkeypatch, name):
+    """A damaged header of predict's mask that claims 64 GB was read whole: nibabel allocated and zero-filled
+    it, which ends in the kernel's out-of-memory kill rather than an error. Such a file is not predict's,
+    and is told so from its size (deflate packs at most about 1032 bytes into one) without reading it."""
+    import gzip
+
+    import lnfm.jobs.predict_marks as M
+
+    labels = np.zeros((12, 10, 8), np.uint8)
+    labels[3:7, 3:6, 2:5] = 1
+    path = tmp_path / name
+    write_nifti(path, labels, np.eye(4), nifti_descrip(labels, np.eye(4)))
+    assert made_by_predict(path)
+    raw = bytearray(gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes())
+    raw[42:48] = np.array([4000, 4000, 4000], "<i2").tobytes()  # dim[1:4] of the NIfTI-1 header
+    path.write_bytes(gzip.compress(bytes(raw)) if name.endswith(".gz") else bytes(raw))
+    assert M.stored_header(str(path)).get_data_shape() == (4000, 4000, 4000)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the voxels were read")
+
+    monkeypatch.setattr(M.nib, "load", no_read)
+    assert not made_by_predict(path)
