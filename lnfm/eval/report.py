@@ -25,6 +25,7 @@ from lnfm.workdir import temp_file
 COLUMNS = ("node", "label", "centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm", "volume_ml",
            "short_axis_mm", "long_axis_mm", "mean_hu", "max_probability", "voxels")
 OVERLAY_SOFTWARE = "lnfm predict"  # the PNG text chunk that marks an overlay as predict's own
+OVERLAY_DIGEST = "LNFM digest"  # and the digest of its pixels: an edited copy that kept the text chunks is not
 HEADER_COMMENT = ("# lnfm predict node report. Centroids are world coordinates in mm, RAS+ "
                   "(x increases towards the patient's right, y anterior, z superior; nibabel convention). "
                   "Short/long axis: axial diameters in mm. Volume in mL.")
@@ -138,8 +139,23 @@ def write_overlay(path: str | Path, hu: np.ndarray, labels: np.ndarray, affine: 
     fig.tight_layout()
     path = Path(path)
     try:
-        with temp_file(path.with_name(path.stem), ".png") as tmp:  # a full disk: no partial file is left behind
-            fig.savefig(tmp, dpi=80, metadata={"Software": OVERLAY_SOFTWARE})  # predict's mark, read by --force
-            os.replace(tmp, path)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=80, format="png")
     finally:
         plt.close(fig)
+    from PIL import Image, PngImagePlugin
+
+    with Image.open(buffer) as image:
+        mark = PngImagePlugin.PngInfo()  # predict's mark, read by --force
+        mark.add_text("Software", OVERLAY_SOFTWARE)
+        mark.add_text(OVERLAY_DIGEST, overlay_digest(image))
+        with temp_file(path.with_name(path.stem), ".png") as tmp:  # a full disk: no partial file is left behind
+            image.save(tmp, format="png", pnginfo=mark)
+            os.replace(tmp, path)
+
+
+def overlay_digest(image) -> str:
+    """The digest of a PIL image's pixels, as its mode and size decode them."""
+    h = hashlib.sha256(f"{image.mode} {image.size}\n".encode())
+    h.update(image.tobytes())
+    return f"sha256:{h.hexdigest()}"

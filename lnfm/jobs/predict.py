@@ -64,7 +64,7 @@ from lnfm.jobs.export_meta import ExportError, ExportMeta, read_meta, verify_exp
 from lnfm.io import ImageReadError, Volume, is_dicom_path, series_uid, write_nifti
 from lnfm.io.dicom import split_series, split_series_reason
 from lnfm.io.grid import image_grid
-from lnfm.jobs.predict_marks import earlier_nifti_mark, made_by_predict, nifti_descrip
+from lnfm.jobs.predict_marks import earlier_mark, made_by_predict, nifti_descrip
 from lnfm.jobs.predict_memory import memory_problem
 from lnfm.jobs.predict_dicom import (FORMATS, OutputFormats, check_outside_inputs, export_digest, output_paths,
                                      parse_formats, source_series, write_dicom_outputs)
@@ -730,9 +730,9 @@ def check_not_there(paths, force: bool) -> None:
         if not force:
             raise PredictError(f"{path}: exists already (pass --force to replace it, or choose another output)")
         if not made_by_predict(path):
-            why = ("marked by an earlier lnfm predict, whose mark does not cover the geometry: a corrected affine "
-                   "cannot be told; remove it yourself if it is unchanged" if earlier_nifti_mark(path) else
-                   "no mark of predict's, or changed since predict wrote it")
+            earlier = earlier_mark(path)
+            why = (f"marked by an earlier lnfm predict, {earlier}; remove it yourself if it is unchanged" if earlier
+                   else "no mark of predict's, or changed since predict wrote it")
             raise PredictError(f"{path}: exists and is not an unchanged output of lnfm predict ({why}); --force "
                                f"replaces only predict's own files (choose another output)")
 

@@ -4,14 +4,15 @@ Every file predict writes carries a mark no input of a user carries: the NIfTI h
 (mask and probabilities), the report's first comment line, the overlay PNG's Software text chunk,
 and the DICOM outputs' Manufacturer. None holds a path or a patient identifier.
 
-The NIfTI, CSV and DICOM marks also hold a digest of the file's content as written. A user who
+The NIfTI, CSV, PNG and DICOM marks also hold a digest of the file's content as written. A user who
 corrects a predicted mask in nibabel (passing its header along), annotates a report, or renames and
 approves an RTSTRUCT's ROI in a planning system keeps the mark's text, so the text alone would let
 `--force` replace (or, for an RTSTRUCT with no node left, remove) their work; with the digest, a
 changed file is no longer predict's. A NIfTI's digest covers its voxels and its geometry (qform,
 sform, voxel sizes, units, scaling), so a mask moved into place by a corrected affine is the user's
 too; marks of an earlier predict ("lnfm predict sha256:...", voxels only) cannot tell that, so their
-files are refused (`earlier_nifti_mark`). A DICOM output's digest lies in a private element of its own
+files are refused (`earlier_mark`), as are overlays of an earlier predict, whose Software chunk had no digest
+beside it. An overlay's digest covers its decoded pixels. A DICOM output's digest lies in a private element of its own
 (`seal_dicom`), over every other element's value as read back from the file (geometry included).
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from lnfm.eval.report import OVERLAY_SOFTWARE, report_is_unchanged
+from lnfm.eval.report import OVERLAY_DIGEST, OVERLAY_SOFTWARE, overlay_digest, report_is_unchanged
 from lnfm.io.dicom import BAD_DICOM, damaged
 from lnfm.io.dicom_source import MANUFACTURER
 from lnfm.io.nifti import BAD_NIFTI, nifti_image, stored_header
@@ -105,6 +106,28 @@ def earlier_nifti_mark(path: str | Path) -> bool:
     except (OSError, EOFError, zlib.error):  # unreadable, or a .gz that is not one, cut short or damaged
         return False
     return header is not None and _description(header).startswith(EARLIER_NIFTI_MARK)
+
+
+def _earlier_overlay_mark(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {})
+    except (OSError, SyntaxError, Image.DecompressionBombError):  # PIL's, on a cut, damaged or foreign file
+        return False
+    return text.get("Software") == OVERLAY_SOFTWARE and OVERLAY_DIGEST not in text
+
+
+def earlier_mark(path: str | Path) -> str | None:
+    """Why `path` is not replaced although an earlier predict marked it (its mark cannot tell an edited copy
+    from its own file), or None."""
+    path = Path(path)
+    if earlier_nifti_mark(path):
+        return "whose mark does not cover the geometry: a corrected affine cannot be told"
+    if not path.is_symlink() and path.is_file() and path.name.lower().endswith(".png") and _earlier_overlay_mark(path):
+        return "whose overlay mark holds no digest of its pixels: an edited copy cannot be told"
+    return None
 
 
 # The private block a DICOM output's digest lies in (an odd group; the creator string reserves the block).
@@ -191,7 +214,8 @@ def made_by_predict(path: str | Path) -> bool:
 
         try:
             with Image.open(path) as image:
-                return getattr(image, "text", {}).get("Software") == OVERLAY_SOFTWARE
+                text = getattr(image, "text", {})
+                return text.get("Software") == OVERLAY_SOFTWARE and text.get(OVERLAY_DIGEST) == overlay_digest(image)
         except (OSError, SyntaxError, Image.DecompressionBombError):  # PIL's, on a cut, damaged or foreign file
             return False
     if name.endswith(".dcm"):

@@ -182,7 +182,7 @@ def test_a_bad_file_of_each_kind_is_not_predicts_and_a_bug_keeps_its_traceback(t
 
     from PIL import Image, PngImagePlugin
 
-    from lnfm.eval.report import OVERLAY_SOFTWARE
+    from lnfm.eval.report import OVERLAY_DIGEST, OVERLAY_SOFTWARE, overlay_digest
     from lnfm.io.dicom_source import MANUFACTURER
     from lnfm.jobs import predict_marks
     from lnfm.jobs.predict_marks import seal_dicom
@@ -196,6 +196,7 @@ def test_a_bad_file_of_each_kind_is_not_predicts_and_a_bug_keeps_its_traceback(t
                                                               ["background", "lymph_node"])))
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", OVERLAY_SOFTWARE)
+    info.add_text(OVERLAY_DIGEST, overlay_digest(Image.new("RGB", (8, 8))))
     Image.new("RGB", (8, 8)).save(tmp_path / "view.png", pnginfo=info)
     png = (tmp_path / "view.png").read_bytes()
     ds = pydicom.dcmread(shared_data / "dicom_small/pydicom_CT_small.dcm")
@@ -283,3 +284,33 @@ def test_a_marked_nifti_claiming_more_voxels_than_its_file_holds_is_not_read(tmp
 
     monkeypatch.setattr(M.nib, "load", no_read)
     assert not made_by_predict(path)
+
+
+def test_an_overlay_edited_with_its_text_chunks_kept_is_no_longer_predicts(tmp_path):
+    """The overlay's mark was its Software text alone: an annotated copy saved with its text chunks kept (as
+    PIL does when given them back) was replaced by `--force`. The mark now holds a digest of the pixels; an
+    overlay of an earlier predict (Software alone) is refused, naming why, as earlier NIfTI marks are."""
+    from PIL import Image, ImageDraw, PngImagePlugin
+
+    from lnfm.jobs.predict_marks import earlier_mark
+
+    labels = np.zeros((12, 10, 8), np.uint8)
+    labels[3:7, 3:6, 2:5] = 1
+    write_overlay(tmp_path / "view.png", labels * 40.0, labels, np.diag([0.8, 0.8, 2.0, 1.0]))
+    assert made_by_predict(tmp_path / "view.png") and earlier_mark(tmp_path / "view.png") is None
+    with Image.open(tmp_path / "view.png") as image:
+        text = dict(image.text)
+        edited = image.copy()
+    assert text["Software"] == "lnfm predict" and text["LNFM digest"].startswith("sha256:")
+    ImageDraw.Draw(edited).line([(5, 5), (40, 40)], fill=(255, 255, 0, 255), width=3)  # a user's annotation
+    kept = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        kept.add_text(key, value)
+    edited.save(tmp_path / "annotated.png", pnginfo=kept)
+    assert not made_by_predict(tmp_path / "annotated.png") and earlier_mark(tmp_path / "annotated.png") is None
+    earlier = PngImagePlugin.PngInfo()
+    earlier.add_text("Software", "lnfm predict")
+    edited.save(tmp_path / "earlier.png", pnginfo=earlier)
+    assert not made_by_predict(tmp_path / "earlier.png")
+    assert earlier_mark(tmp_path / "earlier.png") == ("whose overlay mark holds no digest of its pixels: an edited "
+                                                      "copy cannot be told")
