@@ -207,6 +207,17 @@ def refuse_derived(overrides, derived: dict[str, str], job: str) -> None:
             raise ConfigError(f"{key}: {job} sets it from {derived[key]}; set that instead")
 
 
+def refuse_derived_in_files(given: dict[str, Path | None], derived: dict[str, tuple[str, Any, Any]], job: str
+                            ) -> None:
+    """Refuse a derived key the user's own file sets (`given`: key -> their file) to a value other than the one
+    `job` derives (`derived`: key -> (source, the file's value, the derived value)); a run's config.yaml records
+    the derived values, so an equal one is accepted (an override of one is `refuse_derived`'s)."""
+    for key, (source, value, used) in sorted(derived.items()):
+        if given.get(key) and [float(v) for v in value] != [float(v) for v in used]:
+            raise ConfigError(f"{given[key]}: {key} {list(value)} differs from {list(used)}, which {job} sets it "
+                              f"to from {source}; remove it from the file and set that instead")
+
+
 def unread_in_mode(section: str, mode_key: str, mode: str, reads: dict[str, tuple[str, ...]]) -> dict[str, str]:
     """The `section` keys that `section.mode_key=mode` never reads -> why, for `refuse_unread`; `reads` maps each
     mode-dependent key to the modes that read it."""

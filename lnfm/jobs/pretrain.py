@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import (ConfigError, given_keys, load_config, override_keys, parse_args_once, refuse_derived,
-                         refuse_unread, to_dict)
+                         refuse_derived_in_files, refuse_unread, to_dict)
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.pseudo_labels import scan_fingerprint
 from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, check_weights, make_loader
@@ -104,9 +104,11 @@ def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> Pretra
         raise ConfigError(f"{', '.join(unread)}: the loader reads {it} only for labelled patches and pretraining draws "
                           f"unlabelled ones (the run would record {it} and never use {it}); drop {it}")
     # A model or optim key the user set that the chosen arch or schedule never reads (a preset's are not theirs).
-    refuse_unread(given_keys(PretrainConfig, name_or_yaml, overrides, kind="pretrain"),
-                  {**model_unread(cfg.model, finetuning=False), **optim_unread(cfg.optim),
-                   **loader_unread(cfg.model.img_size, "data", "model.img_size")})
+    user = given_keys(PretrainConfig, name_or_yaml, overrides, kind="pretrain")
+    refuse_unread(user, {**model_unread(cfg.model, finetuning=False), **optim_unread(cfg.optim),
+                         **loader_unread(cfg.model.img_size, "data", "model.img_size")})
+    refuse_derived_in_files(user, {"data.patch_size": ("model.img_size", cfg.data.patch_size, cfg.model.img_size)},
+                            "pretraining")
     return cfg
 
 

@@ -4,6 +4,7 @@ few-shot repeats with summary.json, the saved best model, and one-line input err
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import jax
@@ -364,6 +365,35 @@ def test_a_site_window_or_pet_scale_in_the_site_file_is_refused_under_the_encode
     cfg = load_finetune_config(str(recorded), init=str(pre))
     assert (cfg.loader.hu_window, cfg.loader.pet_scale) == ((-175.0, 250.0), 7.0)
 
+
+def test_a_derived_loader_key_in_the_site_file_must_equal_what_finetuning_derives(tmp_path):
+    """loader.patch_size and loader.hu_window come from site.patch and the window; set in the user's --site file
+    (an override of them is refused) they were replaced without a word, and config.yaml recorded the other value. A
+    run's config.yaml, which records the derived values, loads; so does a pretraining --config's own data keys."""
+    from lnfm.jobs.pretrain import load_pretrain_config
+
+    site = tmp_path / "site.yaml"
+    site.write_text("base: pelvis\nloader: {patch_size: [64, 64, 64]}\n")
+    patch = list(load_finetune_config("pelvis").site.patch)
+    with pytest.raises(ConfigError, match=rf"^{site}: loader.patch_size \[64, 64, 64\] differs from {re.escape(str(patch))}, which "
+                                          r"finetuning sets it to from site.patch; remove it from the file"):
+        load_finetune_config(str(site))
+    site.write_text("base: pelvis\nloader: {hu_window: [-100, 200]}\n")
+    with pytest.raises(ConfigError, match=rf"^{site}: loader.hu_window \[-100.0, 200.0\] differs from "):
+        load_finetune_config(str(site))
+    cfg = load_finetune_config("pelvis")
+    recorded = tmp_path / "config.yaml"  # what a run records: the derived patch and window
+    recorded.write_text(dump_yaml(dataclasses.replace(cfg, loader=dataclasses.replace(
+        cfg.loader, patch_size=tuple(cfg.site.patch)))))
+    assert load_finetune_config(str(recorded)).loader.patch_size == tuple(cfg.site.patch)
+    conf = tmp_path / "pre.yaml"
+    conf.write_text("base: vit_tiny\ndata: {patch_size: [16, 16, 16]}\n")
+    with pytest.raises(ConfigError, match=rf"^{conf}: data.patch_size \[16, 16, 16\] differs from .*, which "
+                                          r"pretraining sets it to from model.img_size"):
+        load_pretrain_config(str(conf))
+    img = load_pretrain_config("vit_tiny").model.img_size
+    conf.write_text(f"base: vit_tiny\ndata: {{patch_size: {list(img)}}}\n")
+    assert tuple(load_pretrain_config(str(conf)).model.img_size) == tuple(img)
 
 def test_refusals_under_init_and_a_site_file_name_the_real_cause(tmp_path):
     """An arch override against a Swin --init blamed model.window_size (the encoder's own key), and a site.patch
