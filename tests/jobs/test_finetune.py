@@ -375,8 +375,8 @@ def test_a_derived_loader_key_in_the_site_file_must_equal_what_finetuning_derive
     site = tmp_path / "site.yaml"
     site.write_text("base: pelvis\nloader: {patch_size: [64, 64, 64]}\n")
     patch = list(load_finetune_config("pelvis").site.patch)
-    with pytest.raises(ConfigError, match=rf"^{site}: loader.patch_size \[64, 64, 64\] differs from {re.escape(str(patch))}, which "
-                                          r"finetuning sets it to from site.patch; remove it from the file"):
+    says = rf"^{site}: loader.patch_size \[64, 64, 64\] differs from {re.escape(str(patch))}, which finetuning sets it"
+    with pytest.raises(ConfigError, match=says + r" to from site.patch; remove it from the file"):
         load_finetune_config(str(site))
     site.write_text("base: pelvis\nloader: {hu_window: [-100, 200]}\n")
     with pytest.raises(ConfigError, match=rf"^{site}: loader.hu_window \[-100.0, 200.0\] differs from "):
