@@ -2,6 +2,7 @@
 few hundred steps (shared by the finetuning and self-training tests)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +37,20 @@ def write_spheres(raw: Path, count: int, seed: int, prefix: str = "s") -> None:
             lab[inside] = 1
         nib.save(nib.Nifti1Image(img.astype(np.int16), AFFINE), raw / "imagesTr" / f"{prefix}{i:02d}_0000.nii.gz")
         nib.save(nib.Nifti1Image(lab, AFFINE), raw / "labelsTr" / f"{prefix}{i:02d}.nii.gz")
+
+
+def unlabelled_store(raw: Path, store: str, count: int, seed: int) -> list[Path]:
+    """`count` sphere scans (ids u00, u01, ...) written under `raw`, listed without labels in `raw`.csv beside it
+    and prepared at 1.5 mm into `store`, which is made anew (another seed: other scans under the same ids).
+    Returns the scans' image paths."""
+    from lnfm.data.prepare import PrepareConfig, prepare_dataset
+
+    write_spheres(raw, count, seed=seed, prefix="u")
+    images = [raw / "imagesTr" / f"u{i:02d}_0000.nii.gz" for i in range(count)]
+    csv = raw.parent / f"{raw.name}.csv"
+    csv.write_text("case_id,image,label,site,split\n" + "".join(f"u{i:02d},{p},,pelvis,train\n"
+                                                               for i, p in enumerate(images)))
+    shutil.rmtree(store, ignore_errors=True)
+    prep = PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, crop_body=False)
+    assert prepare_dataset(str(csv), store, prep, show_progress=False).ok
+    return images

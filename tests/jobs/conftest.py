@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from sphere_cases import write_spheres
+from sphere_cases import unlabelled_store, write_spheres
 
 from lnfm.data.prepare import PrepareConfig, prepare_dataset
 
@@ -18,13 +18,8 @@ def stores(tmp_path_factory):
     labelled = str(root / "labelled")
     prepare_dataset(str(root / "lab"), labelled, PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, crop_body=False,
                                                                split_fractions=(0.6, 0.2, 0.2)), show_progress=False)
-    write_spheres(root / "unl", 6, seed=11, prefix="u")
-    images = [root / "unl" / "imagesTr" / f"u{i:02d}_0000.nii.gz" for i in range(6)]
-    (root / "unl.csv").write_text("case_id,image,label,site,split\n" + "".join(f"u{i:02d},{p},,pelvis,train\n"
-                                                                             for i, p in enumerate(images)))
     unlabelled = str(root / "unlabelled")
-    assert prepare_dataset(str(root / "unl.csv"), unlabelled, PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0,
-                                                                         crop_body=False), show_progress=False).ok
+    images = unlabelled_store(root / "unl", unlabelled, 6, seed=11)
     truths = [(np.asarray(nib.load(p).dataobj), np.asarray(nib.load(str(p).replace("imagesTr", "labelsTr")
                                                                    .replace("_0000", "")).dataobj)) for p in images]
     return labelled, unlabelled, truths

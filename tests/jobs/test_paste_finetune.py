@@ -6,6 +6,7 @@ import json
 
 import pytest
 from sphere_cases import TINY_FINETUNE as BASE
+from sphere_cases import unlabelled_store
 
 from lnfm.cli import run_job
 from lnfm.jobs.export import export_model
@@ -50,29 +51,19 @@ def test_a_resume_after_the_paste_store_was_prepared_again_with_other_scans_is_r
     """The --paste-into store removed and prepared again in place from other scans under the same case ids: the
     resumed run read them (content.json recorded --data only) and resumed (rc 0). Its cases' content is recorded
     too; a changed one is refused in one line naming the store and the case, nothing written."""
-    import shutil
 
     from override_helpers import once
-    from sphere_cases import write_spheres
     from tree_helpers import tree_digest
 
-    from lnfm.data.prepare import PrepareConfig, prepare_dataset
 
     labelled, _, _ = stores
     raw, paste, wd = tmp_path / "unl", str(tmp_path / "paste"), tmp_path / "ft"
-    images = [raw / "imagesTr" / f"u{i:02d}_0000.nii.gz" for i in range(4)]
-    (tmp_path / "unl.csv").write_text("case_id,image,label,site,split\n"
-                                      + "".join(f"u{i:02d},{p},,pelvis,train\n" for i, p in enumerate(images)))
-    prep = PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, crop_body=False)
-    write_spheres(raw, 4, seed=21, prefix="u")
-    assert prepare_dataset(str(tmp_path / "unl.csv"), paste, prep, show_progress=False).ok
+    unlabelled_store(raw, paste, 4, seed=21)
     base = ["--site", "pelvis", "--data", labelled, "--paste-into", paste, "--init", "scratch", "--workdir", str(wd)]
     tiny = ["train.steps=2", "checkpoint.every=2", "train.eval_every=0", "train.log_every=1"]
     assert run_job("finetune", base + once(BASE, tiny)) == 0
     assert sorted(json.loads((wd / "content.json").read_text())["paste_into_1"]) == ["u00", "u01", "u02", "u03"]
-    write_spheres(raw, 4, seed=22, prefix="u")  # other scans under the same file names, so the same case ids
-    shutil.rmtree(paste)
-    assert prepare_dataset(str(tmp_path / "unl.csv"), paste, prep, show_progress=False).ok
+    unlabelled_store(raw, paste, 4, seed=22)  # other scans under the same file names, so the same case ids
     before = tree_digest(wd)
     capsys.readouterr()
     assert run_job("finetune", base + once(BASE, tiny, ["train.steps=4"])) == 2

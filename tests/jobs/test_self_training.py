@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from sphere_cases import TINY_FINETUNE as BASE
+from sphere_cases import unlabelled_store
 
 from lnfm.cli import run_job
 from lnfm.data.store import read_case, read_manifest
@@ -92,23 +93,15 @@ def test_a_resume_after_the_unlabelled_store_was_prepared_again_with_other_scans
     under the same case ids, then the same command, is refused in one line naming the store and the case, its
     workdir unchanged (the resume pseudo-labelled the other scans)."""
     import os
-    import shutil
     import signal
 
-    from sphere_cases import write_spheres
     from tree_helpers import tree_digest
 
     import lnfm.jobs.finetune as ft
-    from lnfm.data.prepare import PrepareConfig, prepare_dataset
 
     labelled, _, _ = stores
     raw, unl, wd = tmp_path / "unl", str(tmp_path / "unlabelled"), tmp_path / "st"
-    images = [raw / "imagesTr" / f"u{i:02d}_0000.nii.gz" for i in range(2)]
-    (tmp_path / "unl.csv").write_text("case_id,image,label,site,split\n"
-                                      + "".join(f"u{i:02d},{p},,pelvis,train\n" for i, p in enumerate(images)))
-    prep = PrepareConfig(spacing=(1.5, 1.5, 1.5), workers=0, crop_body=False)
-    write_spheres(raw, 2, seed=21, prefix="u")
-    assert prepare_dataset(str(tmp_path / "unl.csv"), unl, prep, show_progress=False).ok
+    unlabelled_store(raw, unl, 2, seed=21)
     real = ft.make_train_step
 
     def stopped(*args, **kwargs):  # SIGTERM in the first step: the loop saves it and returns, a run to resume
@@ -121,9 +114,7 @@ def test_a_resume_after_the_unlabelled_store_was_prepared_again_with_other_scans
     assert run_job("finetune", argv) == 0 and not (wd / "summary.json").exists()
     assert sorted(json.loads((wd / "content.json").read_text())["unlabelled_1"]) == ["u00", "u01"]
     monkeypatch.setattr(ft, "make_train_step", real)
-    write_spheres(raw, 2, seed=22, prefix="u")  # other scans under the same file names, so the same case ids
-    shutil.rmtree(unl)
-    assert prepare_dataset(str(tmp_path / "unl.csv"), unl, prep, show_progress=False).ok
+    unlabelled_store(raw, unl, 2, seed=22)  # other scans under the same file names, so the same case ids
     before = tree_digest(wd)
     capsys.readouterr()
     assert run_job("finetune", argv) == 2
