@@ -46,6 +46,14 @@ def store(tmp_path_factory):
     return out
 
 
+def pretrain_run(tmp_path: Path, config: dict) -> Path:
+    """A pretraining run's folder as --init reads it before any restore: its config.yaml and checkpoints/."""
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    (pre / "config.yaml").write_text(yaml.safe_dump(config))
+    return pre
+
+
 def test_every_site_preset_loads_with_rationale():
     assert sorted(SITES) == site_names()
     for site in SITES:
@@ -165,11 +173,9 @@ def test_a_preset_s_value_the_mode_never_reads_is_not_refused(tmp_path):
     assert load_finetune_config("pelvis", ["head.deep_supervision=true", "loss.deep_supervision_decay=0.7"]
                                 ).loss.deep_supervision_decay == 0.7  # read: the mode that reads it
     assert not load_finetune_config("pelvis", ["site.patch=[32,32,16]", "loader.rot90=false"]).loader.rot90
-    pre = tmp_path / "pre"
-    (pre / "checkpoints").mkdir(parents=True)
-    (pre / "config.yaml").write_text(yaml.safe_dump({
+    pre = pretrain_run(tmp_path, {
         "model": {"arch": "vit", "size": "tiny", "patch_size": [8, 8, 8], "img_size": [32, 32, 32], "mask_ratio": 0.5,
-                  "decoder_width": 96}, "data": {"hu_window": [-900, 900], "pet_scale": 5.0}}))
+                  "decoder_width": 96}, "data": {"hu_window": [-900, 900], "pet_scale": 5.0}})
     assert load_finetune_config("pelvis", init=str(pre), quick=True).model.mask_ratio == 0.5
     with pytest.raises(ConfigError, match=r"^model.mask_ratio: read only by masked pretraining"):
         load_finetune_config("pelvis", ["model.mask_ratio=0.6"], init=str(pre), quick=True)
@@ -234,10 +240,8 @@ def test_inference_roi_is_the_training_patch(tmp_path):
 
 
 def test_init_takes_the_model_from_the_checkpoint_config(tmp_path):
-    pre = tmp_path / "pre"
-    (pre / "checkpoints").mkdir(parents=True)
     model = {"arch": "vit", "size": "tiny", "width": 48, "patch_size": [4, 4, 4], "img_size": [24, 24, 24]}
-    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    pre = pretrain_run(tmp_path, {"model": model})
     with pytest.raises(ContractError, match="records no intensity normalisation"):
         load_finetune_config("pelvis", init=str(pre))
     (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-900, 900],
@@ -271,11 +275,8 @@ def test_init_takes_the_model_from_the_checkpoint_config(tmp_path):
 def test_a_model_mapping_override_under_init_is_applied_as_its_dotted_keys_are(tmp_path):
     """With --init the model section is the encoder's plus the model.* overrides; "model={depth: 3}" was dropped
     without a word (config.yaml recorded the encoder's depth). It now acts as model.depth=3 does, refusals too."""
-    pre = tmp_path / "pre"
-    (pre / "checkpoints").mkdir(parents=True)
     model = {"arch": "vit", "size": "tiny", "width": 48, "depth": 2, "patch_size": [4, 4, 4], "img_size": [24, 24, 24]}
-    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
-                                                                              "pet_scale": 10.0}}))
+    pre = pretrain_run(tmp_path, {"model": model, "data": {"hu_window": [-175, 250], "pet_scale": 10.0}})
     dotted = load_finetune_config("pelvis", ["model.depth=3", "model.remat=full"], init=str(pre)).model
     mapped = load_finetune_config("pelvis", ["model={depth: 3, remat: full}"], init=str(pre)).model
     assert (mapped.depth, mapped.remat, mapped.width) == (3, "full", 48)  # merged into the encoder's section
@@ -291,12 +292,9 @@ def test_the_site_file_s_model_keys_under_init_go_as_the_model_overrides_do(tmp_
     """Under --init the --site file's model section was replaced by the encoder's without a word: its keys now go
     over the encoder's as model overrides do, and one that changes the encoder's weight shapes is refused naming
     the file. A run's config.yaml given back (the encoder's model, pretraining keys included) loads."""
-    pre = tmp_path / "pre"
-    (pre / "checkpoints").mkdir(parents=True)
     model = {"arch": "vit", "size": "tiny", "width": 48, "depth": 2, "patch_size": [4, 4, 4], "img_size": [24, 24, 24],
              "mask_ratio": 0.5, "decoder_width": 96, "remat": "full"}
-    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
-                                                                              "pet_scale": 10.0}}))
+    pre = pretrain_run(tmp_path, {"model": model, "data": {"hu_window": [-175, 250], "pet_scale": 10.0}})
     site = tmp_path / "site.yaml"
     site.write_text("base: pelvis\nmodel: {remat: none, depth: 2}\n")  # none: the dataclass default, not the encoder's
     cfg = load_finetune_config(str(site), init=str(pre)).model
@@ -325,11 +323,8 @@ def test_the_site_file_s_model_keys_under_init_go_as_the_model_overrides_do(tmp_
 def test_a_site_window_override_is_refused_under_the_encoder_normalization(tmp_path):
     """A typed site.window was ignored under normalization=encoder (training used the encoder's window, config.yaml
     recorded the typed one); it is refused as loader.pet_scale is, and taken with normalization=site."""
-    pre = tmp_path / "pre"
-    (pre / "checkpoints").mkdir(parents=True)
     model = {"arch": "vit", "size": "tiny", "width": 48, "patch_size": [4, 4, 4], "img_size": [24, 24, 24]}
-    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
-                                                                              "pet_scale": 10.0}}))
+    pre = pretrain_run(tmp_path, {"model": model, "data": {"hu_window": [-175, 250], "pet_scale": 10.0}})
     with pytest.raises(ConfigError, match=r"^site.window: with normalization=encoder finetuning uses the encoder's "
                                           r"pretraining window \[-175.0, 250.0\]; set normalization=site to choose"):
         load_finetune_config("pelvis", ["site.window=[-100,200]"], init=str(pre))
@@ -345,11 +340,8 @@ def test_a_site_window_or_pet_scale_in_the_site_file_is_refused_under_the_encode
     """The user's --site file is theirs as an override is (`given_keys`): its site.window and loader.pet_scale gave
     way to the encoder's without a word. A run's config.yaml given back (the preset's window, the encoder's
     pet_scale) loads."""
-    pre = tmp_path / "pre"
-    (pre / "checkpoints").mkdir(parents=True)
     model = {"arch": "vit", "size": "tiny", "width": 48, "patch_size": [4, 4, 4], "img_size": [24, 24, 24]}
-    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
-                                                                              "pet_scale": 7.0}}))
+    pre = pretrain_run(tmp_path, {"model": model, "data": {"hu_window": [-175, 250], "pet_scale": 7.0}})
     site = tmp_path / "site.yaml"
     site.write_text("base: pelvis\nsite: {window: [-100, 200]}\n")
     with pytest.raises(ConfigError, match=rf"^{site}: site.window: with normalization=encoder finetuning uses the "
@@ -398,11 +390,8 @@ def test_a_derived_loader_key_in_the_site_file_must_equal_what_finetuning_derive
 def test_refusals_under_init_and_a_site_file_name_the_real_cause(tmp_path):
     """An arch override against a Swin --init blamed model.window_size (the encoder's own key), and a site.patch
     override of a run's config.yaml told the user to leave unset an inference.roi the file had set."""
-    pre = tmp_path / "pre"
-    (pre / "checkpoints").mkdir(parents=True)
     model = {"arch": "swin", "size": "tiny", "window_size": [2, 2, 2], "img_size": [32, 32, 32]}
-    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-175, 250],
-                                                                              "pet_scale": 10.0}}))
+    pre = pretrain_run(tmp_path, {"model": model, "data": {"hu_window": [-175, 250], "pet_scale": 10.0}})
     with pytest.raises(ConfigError, match=r"^model.arch=vit: the --init encoder .*pre is a swin encoder and "
                                           r"finetuning keeps its architecture; drop model.arch$"):
         load_finetune_config("pelvis", ["model.arch=vit"], init=str(pre))
@@ -1187,11 +1176,8 @@ def test_init_from_a_pretraining_run_without_a_checkpoint_is_refused_before_anyt
                                                                                                 capsys):
     """A pretraining run killed before its first save was taken as an --init: FileNotFoundError traceback at the
     restore, after the workdir was written."""
-    pre = tmp_path / "pre"
-    (pre / "checkpoints").mkdir(parents=True)
     model = {"arch": "vit", "size": "tiny", "depth": 2, "patch_size": [8, 8, 8], "img_size": [16, 16, 16]}
-    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-900, 900],
-                                                                              "pet_scale": 5.0}}))
+    pre = pretrain_run(tmp_path, {"model": model, "data": {"hu_window": [-900, 900], "pet_scale": 5.0}})
     wd = tmp_path / "wd"
     rc = run_job("finetune", ["--site", "pelvis", "--data", store, "--init", str(pre), "--workdir", str(wd),
                               *TINY])
@@ -1220,11 +1206,8 @@ def test_init_from_a_damaged_pretraining_step_is_refused_before_anything_is_writ
     from lnfm.models.segmenter import segmenter_from_config
     from lnfm.train.checkpoint import CHECKSUMS, CheckpointConfig, Checkpointer
 
-    pre = tmp_path / "pre"
-    (pre / "checkpoints").mkdir(parents=True)
     model = {"arch": "vit", "size": "tiny", "depth": 2, "patch_size": [8, 8, 8], "img_size": [16, 16, 16]}
-    (pre / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"hu_window": [-900, 900],
-                                                                              "pet_scale": 5.0}}))
+    pre = pretrain_run(tmp_path, {"model": model, "data": {"hu_window": [-900, 900], "pet_scale": 5.0}})
     cfg = load_finetune_config("pelvis", TINY, init=str(pre))
     encoder = nnx.state(segmenter_from_config(cfg.model, cfg.head, 2, nnx.Rngs(0)).encoder, nnx.Param)
     ckpt = Checkpointer(pre / "checkpoints", CheckpointConfig(keep=3, async_save=False))
