@@ -39,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from lnfm.models.mae import decoder_dims
+from lnfm.models.onednn import available as onednn_available
 from lnfm.models.sharding import MeshConfig, batch_sharding, make_mesh, use_rules
 from lnfm.models.vit import vit_dims
 from lnfm.jobs.pretrain import build_training, load_pretrain_config, step_flops
@@ -291,10 +293,9 @@ def torch_same_net_step(arm: FinetuneArm, attention: str = "sdpa"):
     return run, first, float(counter.get_total_flops()), sum(p.numel() for p in params)
 
 
-def bench_same_net(args) -> None:
-    """LNFM's finetuning step of the CPU preset's network against the same network in PyTorch."""
-    import statistics
-
+def serve_arm(args) -> None:
+    """One arm in its own process (--serve --only ARM): built and warmed up, its facts printed as one
+    JSON line; then each line on stdin times --steps steps and prints the seconds per step."""
     import torch
 
     torch.set_num_threads(args.torch_threads)
@@ -303,39 +304,80 @@ def bench_same_net(args) -> None:
                              devices=args.cpu_devices)
     run_torch, torch_first, flops_torch, n_torch = torch_same_net_step(arm, args.torch_attention)
     lnfm_first = float(arm.run(1)["loss"])  # both arms start from the same weights and batch
-    for run in (arm.run, run_torch):
-        run(args.warmup)  # compilation, allocator warm-up
+    run = arm.run if args.only == "lnfm" else run_torch
+    run(args.warmup)  # compilation, allocator warm-up
+    print(json.dumps({"first_step_loss": {"lnfm": round(lnfm_first, 6), "torch": round(float(torch_first), 6)},
+                      "trainable_params": {"lnfm": arm.trainable_params, "torch": n_torch},
+                      "lnfm_gflops": round((arm.flops or 0) / 1e9, 2), "torch_gflops": round(flops_torch / 1e9, 2),
+                      "onednn_convs": onednn_available(), "cfg": {
+                          "network": f"vit_{arm.cfg.model.size} patch {arm.cfg.model.patch_size[0]} + "
+                                     f"{arm.cfg.head.kind} head",
+                          "loss": arm.cfg.loss.name, "strategy": arm.cfg.strategy.freeze
+                          + (f" k={arm.cfg.strategy.k}" if arm.cfg.strategy.freeze == "first_k" else "")
+                          + f", llrd {arm.cfg.strategy.llrd}"},
+                      "torch_threads": torch.get_num_threads(),
+                      "mkldnn": bool(torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available())}),
+          flush=True)
+    for _ in sys.stdin:
+        t0 = time.perf_counter()
+        run(args.steps)
+        print((time.perf_counter() - t0) / args.steps, flush=True)
+
+
+def bench_same_net(args) -> None:
+    """LNFM's finetuning step of the CPU preset's network against the same network in PyTorch.
+
+    Each arm runs in its own process, and the parent alternates them round by round. In one
+    process the two would share libgomp (oneDNN's OpenMP runtime, in PyTorch and in LNFM's oneDNN
+    convolutions alike): once XLA's threads have started OpenMP teams of their own, libgomp counts
+    more threads than cores and stops spinning for every team, and PyTorch's step slowed from
+    0.07 to 0.10-0.15 s. The PyTorch process never loads LNFM's oneDNN library (LNFM_ONEDNN=0)."""
+    import statistics
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--serve", "--finetune", args.finetune, "--same-net",
+           "--ft-patch", str(args.ft_patch), "--batch", str(args.batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--ft-freeze", args.ft_freeze, "--torch-threads", str(args.torch_threads),
+           "--torch-attention", args.torch_attention, "--cpu-devices", str(args.cpu_devices)]
+    procs, facts = {}, {}
+    for name in ("lnfm", "torch"):  # one after the other: each compiles on both cores
+        env = dict(os.environ, **({"LNFM_ONEDNN": "0"} if name == "torch" else {}))
+        procs[name] = subprocess.Popen([*cmd, "--only", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True, env=env)
+        facts[name] = json.loads(procs[name].stdout.readline())
     times = {"lnfm": [], "torch": []}
     for _ in range(args.rounds):
-        for name, run in (("lnfm", arm.run), ("torch", run_torch)):
-            t0 = time.perf_counter()
-            run(args.steps)
-            times[name].append((time.perf_counter() - t0) / args.steps)
+        for name, proc in procs.items():
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            times[name].append(float(proc.stdout.readline()))
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
     t_l, t_t = statistics.median(times["lnfm"]), statistics.median(times["torch"])
-    cfg = arm.cfg
-    strategy = cfg.strategy.freeze + (f" k={cfg.strategy.k}" if cfg.strategy.freeze == "first_k" else "")
+    lf = facts["lnfm"]
     print(json.dumps({
-        "site": args.finetune, "preset": "--quick (CPU)",
-        "network": f"vit_{cfg.model.size} patch {cfg.model.patch_size[0]} + {cfg.head.kind} head",
-        "patch": args.ft_patch, "batch": args.batch, "loss": cfg.loss.name,
-        "strategy": f"{strategy}, llrd {cfg.strategy.llrd}",
-        "trainable_params": {"lnfm": arm.trainable_params, "torch": n_torch},
-        "first_step_loss": {"lnfm": round(lnfm_first, 6), "torch": round(float(torch_first), 6)},
+        "site": args.finetune, "preset": "--quick (CPU)", "network": lf["cfg"]["network"],
+        "patch": args.ft_patch, "batch": args.batch, "loss": lf["cfg"]["loss"], "strategy": lf["cfg"]["strategy"],
+        "trainable_params": lf["trainable_params"],
+        "first_step_loss": {"lnfm": lf["first_step_loss"]["lnfm"], "torch": facts["torch"]["first_step_loss"]["torch"]},
         "lnfm_step_s": round(t_l, 4), "torch_step_s": round(t_t, 4), "torch_time_over_lnfm": round(t_t / t_l, 2),
-        "lnfm_gflops": round((arm.flops or 0) / 1e9, 2), "torch_gflops": round(flops_torch / 1e9, 2),
+        # XLA's cost analysis does not count custom calls: with oneDNN's convolutions on, lnfm_gflops omits them
+        "lnfm_gflops": lf["lnfm_gflops"], "torch_gflops": facts["torch"]["torch_gflops"],
+        "onednn_convs": lf["onednn_convs"], "arms": "separate processes, alternated",
         "rounds": {k: [round(v, 4) for v in t] for k, t in times.items()},
         # each round times both arms back to back, within a second: its ratio is the one the VM's slow and fast
         # phases (which move XLA's step by up to 25 % and PyTorch's less) disturb least
         "torch_time_over_lnfm_per_round_median": round(statistics.median(
             t / l for l, t in zip(times["lnfm"], times["torch"])), 2),
         "lnfm_cpu_devices": args.cpu_devices, "xla_flags": os.environ.get("XLA_FLAGS"),
-        "torch_threads": torch.get_num_threads(), "torch_attention": args.torch_attention,
-        "mkldnn": bool(torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()),
+        "torch_threads": facts["torch"]["torch_threads"], "torch_attention": args.torch_attention,
+        "mkldnn": facts["torch"]["mkldnn"],
         # OpenMP threads spin while waiting: on a loaded machine PyTorch's step slows several-fold
         # unless OMP_WAIT_POLICY=PASSIVE; the load average says how busy the machine was.
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "jax": jax.__version__}))
+        "torch": __import__("torch").__version__, "jax": jax.__version__}))
 
 
 def main() -> None:
@@ -361,6 +403,8 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=2, help="with --same-net: PyTorch intra-op threads")
     ap.add_argument("--torch-attention", default="sdpa", choices=("sdpa", "einsum"),
                     help="with --same-net: MONAI attention through F.scaled_dot_product_attention or its einsum")
+    ap.add_argument("--only", default=None, choices=("lnfm", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # one arm's process (serve_arm)
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="with --finetune: CPU devices LNFM's step is split over (data parallel, a slice of the batch "
                          "each; jax_num_cpu_devices), as the finetune command would on that many devices")
@@ -368,6 +412,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.finetune and args.cpu_devices > 1:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before any JAX operation
+    if args.finetune and args.serve:
+        serve_arm(args)
+        return
     if args.finetune:
         (bench_same_net if args.same_net else bench_finetune)(args)
         return

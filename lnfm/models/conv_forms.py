@@ -40,6 +40,8 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
+from lnfm.models import onednn
+
 _NATIVE = contextvars.ContextVar("lnfm_native_convs", default=False)
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -169,6 +171,8 @@ def dense_conv(x: jax.Array, w: jax.Array) -> jax.Array:
         return native_conv(x, w)
     if w.shape[:3] == (1, 1, 1):
         return x @ w[0, 0, 0]
+    if w.shape[0] % 2 and onednn.usable(x, w):
+        return onednn.onednn_conv(x, w)
     if w.shape[0] % 2 and x.shape[1] * x.shape[2] * x.shape[3] >= SLICE_MIN_VOXELS:
         return slice_conv(x, w)
     if w.shape[0] ** 3 * w.shape[3] <= IM2COL_MAX_COLUMNS:

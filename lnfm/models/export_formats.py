@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from lnfm.errors import LnfmError, WeightsMismatch
+from lnfm.models import onednn
 from lnfm.models.interop import to_monai_vit
 
 PARAMS_DIR = "params"  # orbax: the parameter tree
@@ -204,7 +205,8 @@ def write_stablehlo(path: Path, model: nnx.Module, patch: tuple[int, int, int], 
     limit = jax.config.jax_traceback_in_locations_limit
     jax.config.update("jax_traceback_in_locations_limit", 0)
     try:
-        exported = jax.export.export(jax.jit(infer), platforms=STABLEHLO_PLATFORMS)(spec)
+        with onednn.disabled():  # XLA's own convolutions: the file must run wherever jax does
+            exported = jax.export.export(jax.jit(infer), platforms=STABLEHLO_PLATFORMS)(spec)
     finally:
         jax.config.update("jax_traceback_in_locations_limit", limit)
     path.write_bytes(exported.serialize())
