@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import jax
 
+from lnfm.models import onednn
+
 # (substring of device_kind, peak bf16 dense FLOP/s), most specific first.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("h200", 989.4e12),
@@ -68,7 +70,10 @@ def expected_step_time(flops_per_step: float | None, device_kind: str, num_devic
 
 def forward_flops(fn: Callable, *args: Any) -> float | None:
     """FLOPs of one call `fn(*args)` (args may be ShapeDtypeStructs); None if XLA reports none."""
-    cost = jax.jit(fn).lower(*args).cost_analysis()
+    # XLA's own convolutions: it counts no FLOPs inside a custom call (oneDNN's, lnfm.models.onednn). A new
+    # function, so that jit's trace cache cannot hand back a trace of `fn` made with oneDNN on.
+    with onednn.disabled():
+        cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     flops = float((cost or {}).get("flops", 0.0))

@@ -117,10 +117,15 @@ with onednn.disabled():
     ref_calls = ref_step.lower(params).as_text().count("lnfm_conv3d_")
     ref = ref_step(params)
 got = step(params)
+from lnfm.train.mfu import forward_flops
+flops = forward_flops(loss, params)  # counted with oneDNN on: must still see the convolutions' FLOPs
+with onednn.disabled():
+    xla_flops = jax.jit(lambda p: loss(p)).lower(params).cost_analysis()["flops"]
 grads = [(float(jnp.abs(a - b).max()), float(jnp.abs(b).max()))
          for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1]))]
 print(json.dumps({"devices": jax.device_count(), "calls": calls, "ref_calls": ref_calls,
-                  "loss": [float(got[0]), float(ref[0])], "grads": grads}))
+                  "loss": [float(got[0]), float(ref[0])], "grads": grads,
+                  "flops": [flops, float(xla_flops)]}))
 """
 
 
@@ -142,3 +147,4 @@ def test_the_cpu_segmenter_on_one_device_trains_through_onednn():
     assert abs(res["loss"][0] - res["loss"][1]) <= 1e-5 * abs(res["loss"][1])
     for err, size in res["grads"]:
         assert err <= 2e-3 * size + 1e-7
+    assert res["flops"][0] == res["flops"][1] > 1e9  # the planner's FLOPs still count the convolutions
