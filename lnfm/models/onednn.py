@@ -91,7 +91,7 @@ def disabled():
 def usable(x: jax.Array, w: jax.Array) -> bool:
     """oneDNN takes this convolution: float32 on a one-device CPU run, with the library built.
     (On several devices XLA's partitioner cannot split a custom call by the mesh.)"""
-    return (not _OFF.get() and x.dtype == w.dtype == jnp.float32 and jax.default_backend() == "cpu"
+    return (not _OFF.get() and x.size > 0 and x.dtype == w.dtype == jnp.float32 and jax.default_backend() == "cpu"
             and jax.device_count() == 1 and available())
 
 
