@@ -7,6 +7,11 @@ The segmenter of `bench/train_step.py --finetune pelvis --same-net` (ViT-tiny wi
 the same weights): medians over interleaved rounds of the JAX step, forward and forward + backward
 (cross-entropy), the encoder's and the head's forward, and the head's conv blocks against PyTorch's
 conv + instance norm + LeakyReLU of the same shapes, forward alone and forward + backward.
+
+Both frameworks run in this one process. With LNFM's oneDNN convolutions built (lnfm/models/onednn.py)
+they share libgomp, and once XLA's threads have run oneDNN's OpenMP teams PyTorch's figures here run
+slow (libgomp stops spinning when it counts more threads than cores); `bench/train_step.py --same-net`
+times each arm in its own process. `LNFM_ONEDNN=0` gives the comparison with XLA's own forms.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ def _torch_fwd_bwd(conv, norm, z, cotangent) -> None:
 
 
 def main() -> None:
+    from lnfm.models.onednn import available
+
+    if available():
+        print("oneDNN convolutions on: PyTorch's figures below share libgomp with them and run slow "
+              "(LNFM_ONEDNN=0 for XLA's forms; bench/train_step.py --same-net separates the processes)")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
