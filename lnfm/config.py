@@ -218,6 +218,15 @@ def refuse_derived_in_files(given: dict[str, Path | None], derived: dict[str, tu
                               f"to from {source}; remove it from the file and set that instead")
 
 
+def refuse_batch_in_file(given: dict[str, Path | None], key: str, value: int, global_batch: int, job: str) -> None:
+    """Refuse a per-process batch `key` the user's own file sets that no process count makes of train.global_batch:
+    `job` sets it to global_batch / processes (which a run's config.yaml records, so a share of it is accepted)."""
+    if given.get(key) and (value <= 0 or global_batch % value):
+        raise ConfigError(f"{given[key]}: {key} {value} is not a per-process share of train.global_batch "
+                          f"({global_batch}), which {job} sets it from; remove it from the file and set "
+                          f"train.global_batch instead")
+
+
 def unread_in_mode(section: str, mode_key: str, mode: str, reads: dict[str, tuple[str, ...]]) -> dict[str, str]:
     """The `section` keys that `section.mode_key=mode` never reads -> why, for `refuse_unread`; `reads` maps each
     mode-dependent key to the modes that read it."""

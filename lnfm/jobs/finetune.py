@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lnfm.config import (ConfigError, apply_overrides, config_data, dump_yaml, from_dict, given_keys,
                          load_yaml_with_base, override_keys, parse_args_once, parse_override, preset_path, read_yaml,
-                         refuse_derived, refuse_derived_in_files, refuse_unread, to_dict)
+                         refuse_batch_in_file, refuse_derived, refuse_derived_in_files, refuse_unread, to_dict)
 from lnfm.data import pseudo_labels
 from lnfm.data.contract import Normalization, hu_window_problem, normalize
 from lnfm.data.loader import LoaderConfig, check_loader, make_loader
@@ -221,6 +221,7 @@ def load_finetune_config(site: str, overrides: list[str] = (), *, init: str = "s
     refuse_derived_in_files(given, {"loader.patch_size": ("site.patch", cfg.loader.patch_size, cfg.site.patch),
                                     "loader.hu_window": (DERIVED_LOADER_KEYS["loader.hu_window"], cfg.loader.hu_window,
                                                          window)}, "finetuning")
+    refuse_batch_in_file(given, "loader.batch_size", cfg.loader.batch_size, cfg.train.global_batch, "finetuning")
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, hu_window=tuple(window),
                                                               pet_scale=float(pet_scale)))
     check_config(cfg)

@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lnfm.config import (ConfigError, given_keys, load_config, override_keys, parse_args_once, refuse_derived,
-                         refuse_derived_in_files, refuse_unread, to_dict)
+from lnfm.config import (ConfigError, given_keys, load_config, override_keys, parse_args_once, refuse_batch_in_file,
+                         refuse_derived, refuse_derived_in_files, refuse_unread, to_dict)
 from lnfm.data.contract import Normalization, Preprocessing, common_contract
 from lnfm.data.pseudo_labels import scan_fingerprint
 from lnfm.data.loader import LABEL_ONLY_KEYS, LoaderConfig, check_loader, check_weights, make_loader
@@ -109,6 +109,7 @@ def load_pretrain_config(name_or_yaml: str, overrides: list[str] = ()) -> Pretra
                          **loader_unread(cfg.model.img_size, "data", "model.img_size")})
     refuse_derived_in_files(user, {"data.patch_size": ("model.img_size", cfg.data.patch_size, cfg.model.img_size)},
                             "pretraining")
+    refuse_batch_in_file(user, "data.batch_size", cfg.data.batch_size, cfg.train.global_batch, "pretraining")
     return cfg
 
 

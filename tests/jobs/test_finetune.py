@@ -387,6 +387,31 @@ def test_a_derived_loader_key_in_the_site_file_must_equal_what_finetuning_derive
     conf.write_text(f"base: vit_tiny\ndata: {{patch_size: {list(img)}}}\n")
     assert tuple(load_pretrain_config(str(conf)).model.img_size) == tuple(img)
 
+def test_a_batch_size_in_a_user_file_must_be_a_share_of_the_global_batch(tmp_path):
+    """loader.batch_size (and pretraining's data.batch_size) is train.global_batch over the processes; set in the
+    user's file to another value it was replaced without a word. A run's config.yaml records global / processes."""
+    from lnfm.jobs.pretrain import load_pretrain_config
+
+    site = tmp_path / "site.yaml"
+    site.write_text("base: pelvis\ntrain: {global_batch: 2}\nloader: {batch_size: 4}\n")
+    with pytest.raises(ConfigError, match=rf"^{site}: loader.batch_size 4 is not a per-process share of "
+                                          r"train.global_batch \(2\), which finetuning sets it from; remove it"):
+        load_finetune_config(str(site))
+    site.write_text("base: pelvis\ntrain: {global_batch: 8}\nloader: {batch_size: 3}\n")
+    with pytest.raises(ConfigError, match=r"loader.batch_size 3 is not a per-process share"):
+        load_finetune_config(str(site))
+    for share in (8, 4):  # a run's record, from one or two processes
+        site.write_text(f"base: pelvis\ntrain: {{global_batch: 8}}\nloader: {{batch_size: {share}}}\n")
+        assert load_finetune_config(str(site)).train.global_batch == 8
+    conf = tmp_path / "pre.yaml"
+    conf.write_text("base: vit_tiny\ntrain: {global_batch: 4}\ndata: {batch_size: 6}\n")
+    with pytest.raises(ConfigError, match=rf"^{conf}: data.batch_size 6 is not a per-process share of "
+                                          r"train.global_batch \(4\), which pretraining sets it from"):
+        load_pretrain_config(str(conf))
+    conf.write_text("base: vit_tiny\ntrain: {global_batch: 4}\ndata: {batch_size: 4}\n")
+    assert load_pretrain_config(str(conf)).train.global_batch == 4
+
+
 def test_refusals_under_init_and_a_site_file_name_the_real_cause(tmp_path):
     """An arch override against a Swin --init blamed model.window_size (the encoder's own key), and a site.patch
     override of a run's config.yaml told the user to leave unset an inference.roi the file had set."""

@@ -15,8 +15,8 @@ from scipy import ndimage
 
 from lnfm.models import conv_forms, onednn
 
-pytestmark = pytest.mark.skipif(not onednn.available(),
-                                reason="oneDNN library not built (apt install libdnnl-dev; make dev-install)")
+needs_library = pytest.mark.skipif(not onednn.available(),
+                                   reason="oneDNN library not built (apt install libdnnl-dev; make dev-install)")
 
 
 def _case(b, shape, cin, cout, k, seed=0):
@@ -38,6 +38,7 @@ def _scipy_conv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
+@needs_library
 @pytest.mark.parametrize("b, shape, cin, cout, k", [
     (2, (9, 7, 6), 3, 5, 3),  # odd, unequal sides
     (1, (8, 8, 8), 1, 8, 3),  # the image stem's one channel
@@ -49,6 +50,7 @@ def test_forward_equals_scipy(b, shape, cin, cout, k):
     np.testing.assert_allclose(got, _scipy_conv(x, w), rtol=1e-4, atol=1e-4)
 
 
+@needs_library
 @pytest.mark.parametrize("b, shape, cin, cout, k", [
     (2, (10, 8, 6), 16, 8, 3),  # the fine head's full-resolution block's channels
     (1, (6, 7, 5), 3, 4, 5),
@@ -66,6 +68,7 @@ def test_gradients_equal_xla(b, shape, cin, cout, k):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-3 * float(jnp.abs(r).max()))
 
 
+@needs_library
 def test_dense_conv_takes_onednn_and_export_does_not(monkeypatch):
     """The heads' dense convolutions go to oneDNN on one device; inside `disabled()` (the StableHLO
     export) and `native_convs()` (ONNX), or on several devices, no custom call is traced."""
@@ -83,6 +86,7 @@ def test_dense_conv_takes_onednn_and_export_does_not(monkeypatch):
     assert not calls(conv_forms.native_convs())
 
 
+@needs_library
 def test_vmapped_and_batched_calls_agree():
     x, w = _case(3, (5, 6, 7), 2, 2, 3, seed=3)
     batched = jax.jit(onednn.onednn_conv)(x, w)
@@ -129,6 +133,7 @@ print(json.dumps({"devices": jax.device_count(), "calls": calls, "ref_calls": re
 """
 
 
+@needs_library
 def test_the_cpu_segmenter_on_one_device_trains_through_onednn():
     """On one CPU device (a finetune job's mesh here) the CPU preset's segmenter runs its dense
     convolutions through oneDNN, and its loss and every gradient equal those of XLA's forms."""
@@ -148,3 +153,16 @@ def test_the_cpu_segmenter_on_one_device_trains_through_onednn():
     for err, size in res["grads"]:
         assert err <= 2e-3 * size + 1e-7
     assert res["flops"][0] == res["flops"][1] > 1e9  # the planner's FLOPs still count the convolutions
+
+
+def test_build_if_available_without_onednn_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """`make` runs `build --if-available` on every machine: where no compiler finds oneDNN's header it prints one
+    line and succeeds, and no library appears (runs without the library built too)."""
+    monkeypatch.setattr(onednn, "SOURCE", tmp_path / "onednn_conv.cc")
+    onednn.SOURCE.write_text("// not built here\n")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert onednn.main(["build", "--if-available"]) == 0
+    assert capsys.readouterr().out == ("oneDNN not found (Debian/Ubuntu: apt install libdnnl-dev): 3D convolutions "
+                                       "keep XLA's forms\n")
+    assert list(tmp_path.iterdir()) == [onednn.SOURCE]
+    assert onednn.main(["bulid"]) == 2
