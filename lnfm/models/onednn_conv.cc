@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <tuple>
 
 #include "xla/ffi/api/ffi.h"
@@ -161,13 +162,22 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   return ffi::Error::Success();
 }
 
+// Each call runs on a thread of its own, which exits when the call ends. oneDNN's OpenMP runtime (libgomp, which
+// PyTorch shares when both are in one process) keeps a team of worker threads for every thread that starts a
+// parallel region; teams kept by XLA's threads would count more threads than cores, and libgomp then stops spinning
+// for every team, PyTorch's too (its step ran 2x slower after one of ours). A thread that exits frees its team.
 template <typename F>
 ffi::Error Guarded(F&& f) {
-  try {
-    return f();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  }
+  ffi::Error result = ffi::Error::Success();
+  std::thread worker([&] {
+    try {
+      result = f();
+    } catch (const dnnl::error& e) {
+      result = ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+    }
+  });
+  worker.join();
+  return result;
 }
 
 ffi::Error ForwardChecked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
