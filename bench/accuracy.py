@@ -59,6 +59,7 @@ import jax
 import numpy as np
 import torch
 
+from lnfm.models import onednn
 from lnfm.config import to_dict
 from lnfm.data import benchmark as B
 from lnfm.eval.metrics import summarize
@@ -466,6 +467,9 @@ def run(preset_name: str, preset: Preset, workdir: Path, out: Path, command: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    # LNFM and the PyTorch peers share this process: LNFM's oneDNN convolutions would leave OpenMP teams that slow
+    # PyTorch's steps 2x (lnfm.models.onednn), so LNFM runs XLA's own forms here, as before they existed
+    onednn.keep_off()
     ap = argparse.ArgumentParser(description="LN segmentation accuracy: LNFM vs MONAI peers on held-out phantoms.")
     ap.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny run of every arm (the test suite); needs --out")

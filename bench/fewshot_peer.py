@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lnfm.models import onednn
 from lnfm.data.synth import SynthConfig, case_seed, generate_case
 from lnfm.eval import dice, sliding_window_inference
 
@@ -159,6 +160,9 @@ def evaluate(arm, test, patch: int) -> tuple[list[float], float]:
 
 
 def main(argv=None) -> int:
+    # LNFM and the PyTorch peers share this process: LNFM's oneDNN convolutions would leave OpenMP teams that slow
+    # PyTorch's steps 2x (lnfm.models.onednn), so LNFM runs XLA's own forms here, as before they existed
+    onednn.keep_off()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--labelled", type=int, default=4)
     ap.add_argument("--test", type=int, default=6)

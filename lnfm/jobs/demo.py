@@ -35,6 +35,7 @@ from lnfm.eval.metrics import summarize
 from lnfm.jobs import heldout
 from lnfm.jobs.finetune_config import FinetuneConfig
 from lnfm.jobs.predict import load_predictor
+from lnfm.models import onednn
 from lnfm.runs import FinetuneRun
 from lnfm.safety import check_apart
 from lnfm.workdir import atomic_write_text
@@ -210,6 +211,7 @@ def compare_with_unet(export: Path, run: Path, store: Path, summary: dict, test:
     if heldout.peers is None:
         print("U-Net: skipped (torch and MONAI are the dev extra: pip install 'lnfm[dev]')")
         return
+    onednn.keep_off()  # the U-Nets train in this process: LNFM's oneDNN teams would slow PyTorch (lnfm.models.onednn)
     fn, meta = load_predictor(export)
     overlap = float(meta.inference.overlap)
     cfg = from_dict(FinetuneConfig, read_yaml(FinetuneRun(run).config))

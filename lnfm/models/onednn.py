@@ -75,6 +75,14 @@ def available() -> bool:
 
 
 _OFF = contextvars.ContextVar("lnfm_onednn_off", default=False)
+_KEPT_OFF = [False]
+
+
+def keep_off() -> None:
+    """XLA's own forms for the rest of this process; its subprocesses are not affected. For a process that also
+    trains PyTorch models (the demo's and the benchmarks' U-Nets): oneDNN's OpenMP teams, kept by XLA's threads,
+    share libgomp with PyTorch and made its step 2x slower, an unfair equal-time race."""
+    _KEPT_OFF[0] = True
 
 
 @contextlib.contextmanager
@@ -91,8 +99,8 @@ def disabled():
 def usable(x: jax.Array, w: jax.Array) -> bool:
     """oneDNN takes this convolution: float32 on a one-device CPU run, with the library built.
     (On several devices XLA's partitioner cannot split a custom call by the mesh.)"""
-    return (not _OFF.get() and x.size > 0 and x.dtype == w.dtype == jnp.float32 and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and available())
+    return (not _OFF.get() and not _KEPT_OFF[0] and x.size > 0 and x.dtype == w.dtype == jnp.float32
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 
 def _call(target: str, shape, *args) -> jax.Array:

@@ -11,7 +11,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <tuple>
 
 #include "xla/ffi/api/ffi.h"
@@ -162,22 +161,18 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   return ffi::Error::Success();
 }
 
-// Each call runs on a thread of its own, which exits when the call ends. oneDNN's OpenMP runtime (libgomp, which
-// PyTorch shares when both are in one process) keeps a team of worker threads for every thread that starts a
-// parallel region; teams kept by XLA's threads would count more threads than cores, and libgomp then stops spinning
-// for every team, PyTorch's too (its step ran 2x slower after one of ours). A thread that exits frees its team.
+// oneDNN runs on libgomp's OpenMP teams, one kept per thread that starts a parallel region (here XLA's threads).
+// PyTorch in the same process shares libgomp: once those teams count more threads than cores, libgomp stops spinning
+// for every team, and PyTorch's step ran 2x slower after one of ours. A thread of our own per call frees its team
+// but made the finetune job's step 3x slower (0.17 against 0.054 s), so a process that trains PyTorch models beside
+// LNFM's calls `onednn.keep_off()` instead (lnfm/models/onednn.py).
 template <typename F>
 ffi::Error Guarded(F&& f) {
-  ffi::Error result = ffi::Error::Success();
-  std::thread worker([&] {
-    try {
-      result = f();
-    } catch (const dnnl::error& e) {
-      result = ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-    }
-  });
-  worker.join();
-  return result;
+  try {
+    return f();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  }
 }
 
 ffi::Error ForwardChecked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,

@@ -84,6 +84,9 @@ def test_dense_conv_takes_onednn_and_export_does_not(monkeypatch):
     assert calls()
     assert not calls(onednn.disabled())
     assert not calls(conv_forms.native_convs())
+    monkeypatch.setattr(onednn, "_KEPT_OFF", [False])  # keep_off() lasts for the process: undone after the test
+    onednn.keep_off()
+    assert not calls()
 
 
 @needs_library
