@@ -169,3 +169,15 @@ def test_build_if_available_without_onednn_says_so_and_writes_nothing(tmp_path, 
                                        "keep XLA's forms\n")
     assert list(tmp_path.iterdir()) == [onednn.SOURCE]
     assert onednn.main(["bulid"]) == 2
+
+
+def test_a_failed_build_says_so_in_one_line_and_leaves_no_library(tmp_path, monkeypatch, capsys):
+    """Headers found but the compile fails (here: a source that does not compile): `make`'s `--if-available`
+    goes on, a build asked for by hand exits 1; neither leaves a library or a temporary file."""
+    monkeypatch.setattr(onednn, "SOURCE", tmp_path / "onednn_conv.cc")
+    onednn.SOURCE.write_text("this is not C++\n")
+    monkeypatch.setattr(onednn, "headers_found", lambda: True)
+    assert onednn.main(["build", "--if-available"]) == 0
+    assert capsys.readouterr().out.startswith("oneDNN kernels not built (")
+    assert onednn.main(["build"]) == 1
+    assert list(tmp_path.iterdir()) == [onednn.SOURCE]
