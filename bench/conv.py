@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lnfm.models import conv_forms
+from lnfm.models import conv_forms, onednn
 from lnfm.models.heads import blocks
 from lnfm.models.heads.blocks import Conv3D, UpConv3D
 
@@ -288,6 +288,10 @@ def bench_flags(args) -> None:
 
 
 def main() -> None:
+    # PyTorch runs in this process: LNFM's oneDNN convolutions (lnfm.models.onednn) would leave OpenMP teams in
+    # the shared libgomp that slow PyTorch's arms 2x, so LNFM's JAX arms run XLA's own forms here;
+    # bench/train_step.py --same-net times oneDNN's against PyTorch in separate processes
+    onednn.keep_off()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--channels", type=int, default=32)

@@ -266,6 +266,8 @@ def bench_pipeline(args) -> None:
     """Stage times of `lnfm predict` per backend, and the sliding window against MONAI + a UNet of equal cost."""
     import statistics
 
+    keep_onednn_off()
+
     import jax
     import jax.numpy as jnp
     import torch
@@ -474,6 +476,16 @@ def bench_onnx_files(args) -> None:
               f"{', '.join(f'{t:.3f}' for t in times[path])})", flush=True)
 
 
+def keep_onednn_off() -> None:
+    """For the modes that run PyTorch in this process: LNFM's oneDNN convolutions (lnfm.models.onednn) would leave
+    OpenMP teams in the shared libgomp that slow PyTorch's arms 2x, so LNFM's JAX arms run XLA's own forms there;
+    bench/train_step.py --same-net times oneDNN's against PyTorch in separate processes. (Imported here: the
+    predict timings' own processes must not pay for JAX.)"""
+    from lnfm.models import onednn
+
+    onednn.keep_off()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="160,160,96")
@@ -530,6 +542,7 @@ def main() -> None:
     if args.predict:
         bench_predict(args)
         return
+    keep_onednn_off()  # the default mode: lnfm's sliding window against MONAI's, in this process
     shape = tuple(int(s) for s in args.shape.split(","))
     roi = tuple(int(s) for s in args.roi.split(","))
 
