@@ -28,6 +28,7 @@ enum class Op { kForward, kInputGrad, kKernelGrad };
 struct Plan {
   std::mutex lock;
   dnnl::primitive conv;
+  memory::desc src, dst;  // the activations, channels-last as JAX holds them: (B, X, Y, Z, Cin) and (..., Cout)
   memory::desc user_w, conv_w;
   std::unique_ptr<memory> blocked_w;  // null when oneDNN takes the user's kernel layout as it is
   dnnl::reorder to_blocked, from_blocked;
@@ -54,8 +55,10 @@ Plan& PlanFor(Op op, int64_t b, int64_t x, int64_t y, int64_t z, int64_t cin, in
   const memory::dims strides{1, 1, 1}, lo{(k - 1) / 2, (k - 1) / 2, (k - 1) / 2},
       hi{k / 2, k / 2, k / 2};
   const auto f32 = memory::data_type::f32;
-  const memory::desc src_md(src, f32, tag::ndhwc), dst_md(dst, f32, tag::ndhwc),
-      any_w(wei, f32, tag::any);
+  plan->src = memory::desc(src, f32, tag::ndhwc);
+  plan->dst = memory::desc(dst, f32, tag::ndhwc);
+  const memory::desc &src_md = plan->src, &dst_md = plan->dst;
+  const memory::desc any_w(wei, f32, tag::any);
   plan->user_w = memory::desc(wei, f32, tag::dhwio);
 
   const auto algo = dnnl::algorithm::convolution_direct;
@@ -103,15 +106,11 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   Plan& p = PlanFor(Op::kForward, xd[0], xd[1], xd[2], xd[3], cin, cout, k);
   std::lock_guard<std::mutex> guard(p.lock);
   dnnl::stream s(Engine());
-  const memory::desc src(memory::dims{xd[0], cin, xd[1], xd[2], xd[3]}, memory::data_type::f32,
-                         tag::ndhwc);
-  const memory::desc dst(memory::dims{xd[0], cout, xd[1], xd[2], xd[3]}, memory::data_type::f32,
-                         tag::ndhwc);
   memory user_w = Wrap(p.user_w, w.untyped_data());
   if (p.blocked_w) p.to_blocked.execute(s, user_w, *p.blocked_w);
-  p.conv.execute(s, {{DNNL_ARG_SRC, Wrap(src, x.untyped_data())},
+  p.conv.execute(s, {{DNNL_ARG_SRC, Wrap(p.src, x.untyped_data())},
                      {DNNL_ARG_WEIGHTS, p.blocked_w ? *p.blocked_w : user_w},
-                     {DNNL_ARG_DST, Wrap(dst, y->untyped_data())}});
+                     {DNNL_ARG_DST, Wrap(p.dst, y->untyped_data())}});
   s.wait();
   return ffi::Error::Success();
 }
@@ -125,15 +124,11 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   Plan& p = PlanFor(Op::kInputGrad, yd[0], yd[1], yd[2], yd[3], cin, cout, k);
   std::lock_guard<std::mutex> guard(p.lock);
   dnnl::stream s(Engine());
-  const memory::desc src(memory::dims{yd[0], cin, yd[1], yd[2], yd[3]}, memory::data_type::f32,
-                         tag::ndhwc);
-  const memory::desc dst(memory::dims{yd[0], cout, yd[1], yd[2], yd[3]}, memory::data_type::f32,
-                         tag::ndhwc);
   memory user_w = Wrap(p.user_w, w.untyped_data());
   if (p.blocked_w) p.to_blocked.execute(s, user_w, *p.blocked_w);
-  p.conv.execute(s, {{DNNL_ARG_DIFF_DST, Wrap(dst, dy.untyped_data())},
+  p.conv.execute(s, {{DNNL_ARG_DIFF_DST, Wrap(p.dst, dy.untyped_data())},
                      {DNNL_ARG_WEIGHTS, p.blocked_w ? *p.blocked_w : user_w},
-                     {DNNL_ARG_DIFF_SRC, Wrap(src, dx->untyped_data())}});
+                     {DNNL_ARG_DIFF_SRC, Wrap(p.src, dx->untyped_data())}});
   s.wait();
   return ffi::Error::Success();
 }
@@ -148,13 +143,9 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   Plan& p = PlanFor(Op::kKernelGrad, xd[0], xd[1], xd[2], xd[3], cin, cout, k);
   std::lock_guard<std::mutex> guard(p.lock);
   dnnl::stream s(Engine());
-  const memory::desc src(memory::dims{xd[0], cin, xd[1], xd[2], xd[3]}, memory::data_type::f32,
-                         tag::ndhwc);
-  const memory::desc dst(memory::dims{xd[0], cout, xd[1], xd[2], xd[3]}, memory::data_type::f32,
-                         tag::ndhwc);
   memory user_w = Wrap(p.user_w, dw->untyped_data());
-  p.conv.execute(s, {{DNNL_ARG_SRC, Wrap(src, x.untyped_data())},
-                     {DNNL_ARG_DIFF_DST, Wrap(dst, dy.untyped_data())},
+  p.conv.execute(s, {{DNNL_ARG_SRC, Wrap(p.src, x.untyped_data())},
+                     {DNNL_ARG_DIFF_DST, Wrap(p.dst, dy.untyped_data())},
                      {DNNL_ARG_DIFF_WEIGHTS, p.blocked_w ? *p.blocked_w : user_w}});
   if (p.blocked_w) p.from_blocked.execute(s, *p.blocked_w, user_w);
   s.wait();
